@@ -1,0 +1,1 @@
+"""Command line: ``fairswitch <command>``; one module per command."""

@@ -1,0 +1,78 @@
+"""``fairswitch generate``: run prompts through the engine offline and print the completions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from fairswitch.config import EngineConfig, add_engine_args
+
+
+def add_parser(subs: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subs.add_parser("generate", help="generate completions for prompts (offline)",
+                        description="Generate completions for one or more prompts.")
+    p.add_argument("prompts", nargs="*", help="prompt text(s)")
+    p.add_argument("--prompts-file", type=Path, default=None,
+                   help="file with one prompt per line (or a .jsonl of {\"prompt\": ...})")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--max-tokens", type=int, default=32, help="tokens to generate (default: 32)")
+    s.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy (default: 0)")
+    s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1)")
+    s.add_argument("--top-k", type=int, default=0, help="0 = disabled (default: 0)")
+    s.add_argument("--sampling-seed", type=int, default=None,
+                   help="per-request sampling seed (same seed, same output)")
+    s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    s.add_argument("--stop-token-ids", type=int, nargs="*", default=[], help="stop token ids")
+    s.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_engine_args(p)
+    p.set_defaults(run=run)
+    return p
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompts)
+    if args.prompts_file is not None:
+        if not args.prompts_file.is_file():
+            raise FileNotFoundError(f"prompts file {args.prompts_file} does not exist")
+        for n, line in enumerate(args.prompts_file.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            if args.prompts_file.suffix == ".jsonl":
+                try:
+                    prompts.append(json.loads(line)["prompt"])
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise ValueError(f"{args.prompts_file}:{n}: expected {{\"prompt\": ...}}: {e}")
+            else:
+                prompts.append(line)
+    if not prompts:
+        raise ValueError("no prompts given (pass them as arguments or with --prompts-file)")
+    return prompts
+
+
+def run(args: argparse.Namespace) -> int:
+    from fairswitch.engine.llm import LLM
+    from fairswitch.sampling_params import SamplingParams
+
+    prompts = _read_prompts(args)
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, seed=args.sampling_seed, stop=args.stop, stop_token_ids=args.stop_token_ids,
+        ignore_eos=args.ignore_eos)
+    llm = LLM.from_config(EngineConfig.from_cli_args(args))
+    outputs = llm.generate(prompts, params, use_tqdm=not args.no_progress)
+    for out in outputs:
+        c = out.outputs[0]
+        if args.json:
+            print(json.dumps({"prompt": out.prompt, "text": c.text, "token_ids": c.token_ids,
+                              "finish_reason": c.finish_reason}))
+        else:
+            print(f"{out.prompt}{c.text}")
+            print(f"  [{len(c.token_ids)} tokens, finish_reason={c.finish_reason}]",
+                  file=sys.stderr)
+    return 0
+

@@ -1,0 +1,152 @@
+"""All engine configuration in one place: dataclasses validated on construction, and their CLI.
+
+Every field carries its help text in ``metadata``; ``add_engine_args`` turns the dataclasses into
+argparse options (``max_num_seqs`` -> ``--max-num-seqs``) so the CLI and the Python API can never
+drift apart. Nothing here reads environment variables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+_DTYPES = ("auto", "float32", "float16", "bfloat16")
+_LOAD_FORMATS = ("auto", "safetensors", "dummy")
+
+
+def _opt(default: Any, help: str, choices: tuple | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class ModelConfig:
+    model: str = _opt(
+        "fairswitch-tiny",
+        "HF checkpoint directory, the embedded default 'fairswitch-tiny', or a shipped config name "
+        "(llama-3-8b, llama-3.1-8b, qwen2.5-7b, qwen2.5-32b) with --load-format dummy",
+    )
+    tokenizer: str | None = _opt(None, "tokenizer directory (default: the model's)")
+    load_format: str = _opt(
+        "auto", "auto: read *.safetensors; dummy: random weights from the config", _LOAD_FORMATS
+    )
+    dtype: str = _opt("auto", "weight/activation dtype (auto: bfloat16 on CUDA, float32 on CPU)",
+                      _DTYPES)
+    device: str = _opt("auto", "cuda, cuda:N or cpu (auto: cuda when available)")
+    max_model_len: int | None = _opt(None, "max prompt+output tokens (default: the model's)")
+    seed: int = _opt(0, "seed for dummy weights and for sampling without a per-request seed")
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.load_format not in _LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {_LOAD_FORMATS}, got {self.load_format!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = _opt(16, "tokens per KV block")
+    num_gpu_blocks: int | None = _opt(
+        None, "number of KV blocks on the device (overrides the memory-based sizing)"
+    )
+    gpu_memory_utilization: float = _opt(
+        0.9, "fraction of GPU memory the engine may use (weights + activations + KV cache)"
+    )
+    kv_cache_memory_gib: float | None = _opt(
+        None, "KV cache size in GiB (default on CPU: 1; on CUDA: from --gpu-memory-utilization)"
+    )
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.num_gpu_blocks is not None and self.num_gpu_blocks < 1:
+            raise ValueError(f"num_gpu_blocks must be >= 1, got {self.num_gpu_blocks}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.kv_cache_memory_gib is not None and self.kv_cache_memory_gib <= 0:
+            raise ValueError(f"kv_cache_memory_gib must be > 0, got {self.kv_cache_memory_gib}")
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = _opt(256, "max requests running in one step")
+    max_num_batched_tokens: int = _opt(
+        2048, "token budget of one step; longer prompts are prefilled in chunks"
+    )
+    max_waiting: int | None = _opt(None, "max queued requests; more are refused (default: no cap)")
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
+            )
+        if self.max_waiting is not None and self.max_waiting < 0:
+            raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
+
+
+_SECTIONS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
+
+
+@dataclass
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
+        """Flat keyword arguments (``model=..., block_size=...``) -> nested config."""
+        parts: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+        for key, value in kwargs.items():
+            section = _section_of(key)
+            if section is None:
+                raise TypeError(f"unknown engine option {key!r}; known: {sorted(_all_fields())}")
+            parts[section][key] = value
+        return cls(**{name: klass(**parts[name]) for name, klass in _SECTIONS.items()})
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> EngineConfig:
+        return cls.from_kwargs(**{k: getattr(args, k) for k in _all_fields() if hasattr(args, k)})
+
+
+def _all_fields() -> dict[str, str]:
+    return {f.name: section for section, klass in _SECTIONS.items()
+            for f in dataclasses.fields(klass)}
+
+
+def _section_of(key: str) -> str | None:
+    return _all_fields().get(key)
+
+
+def _arg_type(f: dataclasses.Field) -> Any:
+    annotation = str(f.type)
+    if "int" in annotation:
+        return int
+    if "float" in annotation:
+        return float
+    return str
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Add one option per config field, with its help text and default."""
+    for section, klass in _SECTIONS.items():
+        group = parser.add_argument_group(f"engine ({section})")
+        for f in dataclasses.fields(klass):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            group.add_argument(
+                "--" + f.name.replace("_", "-"),
+                dest=f.name,
+                type=_arg_type(f),
+                default=default,
+                choices=f.metadata.get("choices"),
+                help=f"{f.metadata['help']} (default: {default})",
+            )

@@ -1,0 +1,186 @@
+"""AsyncEngine: the engine stepping in its own thread, one async output stream per request.
+
+The engine is single-threaded. Adds and aborts travel to its thread as commands executed between
+steps (so validation errors come back to the caller as exceptions); outputs travel back to each
+request's asyncio.Queue on the caller's event loop. Leaving ``generate()`` early (the consumer
+breaks, or its task is cancelled, e.g. the HTTP client went away) aborts the request, which frees
+its KV blocks before the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fairswitch.config import EngineConfig
+from fairswitch.engine.engine import Engine
+from fairswitch.outputs import RequestOutput
+from fairswitch.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread failed; no request can be served any more."""
+
+
+@dataclass(slots=True)
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._stopping = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="fairswitch-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> AsyncEngine:
+        return cls(Engine(config))
+
+    # ---- caller side (event loop) ---------------------------------------------------------
+
+    async def _call(self, fn: Callable[[], Any]) -> Any:
+        if self._error is not None:
+            raise EngineDeadError(f"engine failed: {self._error!r}") from self._error
+        if self._stopping:
+            raise EngineDeadError("engine is shut down")
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put((fn, fut))
+        self._wake.set()
+        return await asyncio.wrap_future(fut)
+
+    async def generate(self, prompt: str | list[int] | None,
+                       params: SamplingParams | None = None, *, request_id: str | None = None,
+                       prompt_token_ids: list[int] | None = None, priority: int = 0,
+                       client_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yield the request's outputs as they come; the last one has ``finished=True``."""
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._streams[request_id] = stream
+        finished = False
+        try:
+            await self._call(lambda: self.engine.add_request(
+                prompt, params, request_id=request_id, prompt_token_ids=prompt_token_ids,
+                priority=priority, client_id=client_id))
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise EngineDeadError(f"engine failed: {item!r}") from item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._submit(lambda: self.engine.abort_request(request_id))
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a request and wait until its blocks are free."""
+        await self._call(lambda: self._abort_and_notify(request_id))
+
+    async def sync(self) -> None:
+        """Wait until every command submitted before this call has run (e.g. aborts)."""
+        await self._call(lambda: None)
+
+    async def run_in_engine(self, fn: Callable[[Engine], Any]) -> Any:
+        """Run fn(engine) on the engine thread between steps (for stats and tests)."""
+        return await self._call(lambda: fn(self.engine))
+
+    def _submit(self, fn: Callable[[], Any]) -> None:
+        self._commands.put((fn, None))
+        self._wake.set()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Abort everything in flight and stop the engine thread."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout)
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and self._error is None
+
+    # ---- engine thread --------------------------------------------------------------------
+
+    def _abort_and_notify(self, request_id: str) -> None:
+        out = self.engine.abort_request(request_id)
+        if out is not None:
+            self._deliver(out)
+
+    def _deliver(self, item: RequestOutput | BaseException, request_id: str | None = None) -> None:
+        rid = request_id if request_id is not None else item.request_id  # type: ignore[union-attr]
+        stream = self._streams.get(rid)
+        if stream is not None:
+            try:
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+            except RuntimeError:  # the caller's loop is closed: nobody is listening
+                pass
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                fn, fut = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                result = fn()
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                if fut is not None:
+                    fut.set_exception(e)
+                else:
+                    logger.exception("engine command failed")
+            else:
+                if fut is not None:
+                    fut.set_result(result)
+
+    def _loop(self) -> None:
+        engine = self.engine
+        try:
+            while not self._stopping:
+                self._run_commands()
+                if not engine.has_unfinished_requests():
+                    self._wake.wait(0.5)
+                    self._wake.clear()
+                    continue
+                for out in engine.step():
+                    self._deliver(out)
+        except BaseException as e:  # noqa: BLE001 - every waiting stream must hear of it
+            logger.exception("engine step failed")
+            self._error = e
+            for rid in list(self._streams):
+                self._deliver(e, rid)
+        finally:
+            for rid in list(engine.requests):
+                out = engine.abort_request(rid)
+                if out is not None and self._error is None:
+                    self._deliver(out)
+            self._fail_pending_commands()
+
+    def _fail_pending_commands(self) -> None:
+        while True:
+            try:
+                _, fut = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if fut is not None and not fut.done():
+                fut.set_exception(EngineDeadError("engine is shut down"))

@@ -1,0 +1,208 @@
+"""The synchronous engine: validate and queue requests, then step: schedule -> run -> outputs.
+
+Everything a request needs is checked in ``add_request`` before it is queued, so a bad request
+raises there (``ValueError`` naming the problem) and never disturbs the ones already running.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import time
+from typing import Any
+
+import torch
+
+from fairswitch.config import EngineConfig
+from fairswitch.engine.output_processor import OutputProcessor
+from fairswitch.kv.cache_manager import KVCacheManager
+from fairswitch.model import loader
+from fairswitch.outputs import RequestOutput
+from fairswitch.request import Request, RequestStatus
+from fairswitch.runner.attention import get_attention_backend
+from fairswitch.runner.model_runner import ModelRunner
+from fairswitch.sampling_params import SamplingParams
+from fairswitch.scheduler.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+class Engine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        mc = config.model
+        self.device = resolve_device(mc.device)
+        self.dtype = resolve_dtype(mc.dtype, self.device)
+        source = loader.resolve_model(mc.model)
+        if source.checkpoint_dir is None and mc.load_format != "dummy":
+            raise ValueError(f"{mc.model!r} is a shipped config without weights: use "
+                             "load_format='dummy' (--load-format dummy) or a checkpoint directory")
+        self.hf_config = loader.load_hf_config(source)
+        self.tokenizer = loader.load_tokenizer(self._tokenizer_path(source))
+        self.max_model_len = self._max_model_len()
+        backend = get_attention_backend("auto", self.device)
+        t0 = time.perf_counter()
+        model = loader.build_model(self.hf_config, backend, self.max_model_len, self.dtype,
+                                   self.device)
+        if mc.load_format == "dummy":
+            loader.fill_dummy_weights(model, mc.seed)
+        else:
+            loader.load_weights(model, source.checkpoint_dir)
+        logger.info("loaded %s (%s, %s) in %.1fs", mc.model, self.dtype, self.device,
+                    time.perf_counter() - t0)
+        self.runner = ModelRunner(model, backend, config.cache, config.scheduler,
+                                  self.max_model_len, self.device, self.dtype, mc.seed)
+        self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size)
+        self.scheduler = Scheduler(config.scheduler, self.kv)
+        self.output_processor = OutputProcessor(self.tokenizer, self._eos_ids(source),
+                                                self.max_model_len)
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+
+    def _tokenizer_path(self, source: loader.ModelSource) -> Any:
+        if self.config.model.tokenizer is not None:
+            return self.config.model.tokenizer
+        if source.checkpoint_dir is not None:
+            return source.checkpoint_dir
+        # Shipped configs have no tokenizer of their own: use the embedded model's
+        # (cl100k_base, whose ids are the first 100k of Llama 3's vocabulary).
+        from fairswitch.model.default_model import ensure_default_model
+
+        return ensure_default_model()
+
+    def _max_model_len(self) -> int:
+        limit = self.hf_config.max_position_embeddings
+        window = getattr(self.hf_config, "sliding_window", None)
+        if window and getattr(self.hf_config, "use_sliding_window", True):
+            # No sliding-window attention here: stay within the window, where it equals full.
+            limit = min(limit, window)
+        wanted = self.config.model.max_model_len
+        if wanted is None:
+            return limit
+        if wanted > limit:
+            raise ValueError(f"max_model_len={wanted} exceeds the model's limit of {limit} tokens")
+        return wanted
+
+    def _eos_ids(self, source: loader.ModelSource) -> set[int]:
+        ids: set[int] = set()
+        for value in (getattr(self.hf_config, "eos_token_id", None), self.tokenizer.eos_token_id):
+            ids.update(value if isinstance(value, list) else [value] if value is not None else [])
+        gen_cfg = source.checkpoint_dir / "generation_config.json" if source.checkpoint_dir else None
+        if gen_cfg is not None and gen_cfg.is_file():
+            value = json.loads(gen_cfg.read_text()).get("eos_token_id")
+            ids.update(value if isinstance(value, list) else [value] if value is not None else [])
+        return ids
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def add_request(self, prompt: str | list[int] | None = None,
+                    params: SamplingParams | None = None, *, request_id: str | None = None,
+                    prompt_token_ids: list[int] | None = None, priority: int = 0,
+                    client_id: str | None = None, arrival_time: float | None = None) -> str:
+        """Validate and queue a request; return its id. Raises ValueError on bad input."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        text, ids = self._tokenize(prompt, prompt_token_ids)
+        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        req = Request(request_id, ids, params,
+                      arrival_time if arrival_time is not None else time.monotonic(),
+                      prompt=text, priority=priority, client_id=client_id)
+        self.output_processor.init_request(req)
+        self.scheduler.add_request(req)  # may raise QueueFullError: nothing registered yet
+        self.requests[request_id] = req
+        return request_id
+
+    def _tokenize(self, prompt: str | list[int] | None,
+                  prompt_token_ids: list[int] | None) -> tuple[str | None, list[int]]:
+        if prompt_token_ids is None and isinstance(prompt, list):
+            prompt, prompt_token_ids = None, prompt
+        if prompt_token_ids is not None:
+            ids = list(prompt_token_ids)
+            vocab = self.hf_config.vocab_size
+            bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool)
+                   or not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]}")
+            text = prompt
+        elif isinstance(prompt, str):
+            ids, text = self.tokenizer.encode(prompt), prompt
+        else:
+            raise ValueError(f"prompt must be a string or a list of token ids, got {prompt!r:.80}")
+        if not ids or (text is not None and not text):
+            raise ValueError("prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}: "
+                f"at most {self.max_model_len - 1} prompt tokens leave room for one output token")
+        return text, ids
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        req.status = RequestStatus.FINISHED_ABORTED
+        req.metrics.finished_time = time.monotonic()
+        self.scheduler.finish(req)
+        return self.output_processor.make_output(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    # ---- the step -------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            return []
+        sampled = self.runner.execute(sched)
+        now = time.monotonic()
+        outputs = []
+        for req, n in sched.scheduled:
+            req.num_computed_tokens += n
+            token = sampled.get(req)
+            if token is None:
+                continue
+            self.output_processor.append_token(req, token)
+            m = req.metrics
+            if m.first_token_time is None:
+                m.first_token_time = now
+            m.last_token_time = now
+            if req.is_finished:
+                m.finished_time = now
+                self.scheduler.finish(req)
+                del self.requests[req.request_id]
+            outputs.append(self.output_processor.make_output(req))
+        return outputs
+
+    def check_accounting(self) -> None:
+        """Raise if KV blocks leaked: every block is free or owned by a live request, once."""
+        self.kv.pool.check()
+        owned = sum(len(r.block_table) for r in self.requests.values())
+        if owned != self.kv.pool.num_used_blocks:
+            raise AssertionError(f"{self.kv.pool.num_used_blocks} blocks in use but live "
+                                 f"requests own {owned}")

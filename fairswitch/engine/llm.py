@@ -1,0 +1,77 @@
+"""Offline batch API: ``LLM(model=...).generate(prompts, params)`` -> outputs in prompt order."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from fairswitch.config import EngineConfig
+from fairswitch.engine.engine import Engine
+from fairswitch.outputs import RequestOutput
+from fairswitch.sampling_params import SamplingParams
+
+
+class LLM:
+    def __init__(self, model: str = "fairswitch-tiny", **engine_options: Any) -> None:
+        self.engine = Engine(EngineConfig.from_kwargs(model=model, **engine_options))
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> LLM:
+        llm = cls.__new__(cls)
+        llm.engine = Engine(config)
+        return llm
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: str | Sequence[str] | Sequence[list[int]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (text, or a list of token ids); block until all finish.
+
+        Invalid input raises ValueError before anything runs.
+        """
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = ([sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams)
+                  else list(sampling_params))
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        engine = self.engine
+        # Tokenize and validate everything first so a bad prompt queues nothing.
+        checked = [engine._tokenize(*((None, p) if isinstance(p, list) else (p, None)))
+                   for p in prompts]
+        ids = [engine.add_request(text, p, prompt_token_ids=toks)
+               for (text, toks), p in zip(checked, params)]
+        index = {rid: i for i, rid in enumerate(ids)}
+        results: list[RequestOutput | None] = [None] * len(ids)
+        bar = _progress(len(ids), use_tqdm)
+        try:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished and out.request_id in index:
+                        results[index[out.request_id]] = out
+                        if bar is not None:
+                            bar.update(1)
+        except BaseException:
+            for rid in ids:
+                engine.abort_request(rid)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return results  # type: ignore[return-value]
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled or total < 2:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="generating", unit="req", dynamic_ncols=True)

@@ -1,0 +1,98 @@
+"""Shared fixtures: small real checkpoints written by the tests themselves, and engine factories."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from fairswitch.model.default_model import ensure_default_model
+
+VOCAB = 100352  # the embedded tokenizer's ids fit; padded like fairswitch-tiny
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir() -> Path:
+    return ensure_default_model()
+
+
+def _write_checkpoint(path: Path, arch: str, tokenizer_dir: Path, **overrides) -> Path:
+    """A random small HF model saved as a real checkpoint dir (config + safetensors + tokenizer)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                  max_position_embeddings=1024, eos_token_id=100257, bos_token_id=None,
+                  initializer_range=0.08)
+    common.update(overrides)
+    torch.manual_seed(1234)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    model.save_pretrained(path, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    # Llama 3.1 rope scaling, separate lm_head.
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 256,
+            "rope_theta": 500000.0}
+    return _write_checkpoint(tmp_path_factory.mktemp("llama"), "llama", tokenizer_dir,
+                             rope_scaling=rope, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="session")
+def qwen_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    # q/k/v biases, tied embeddings.
+    return _write_checkpoint(tmp_path_factory.mktemp("qwen2"), "qwen2", tokenizer_dir,
+                             tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def write_checkpoint(tokenizer_dir):
+    def write(path: Path, arch: str = "llama", **overrides) -> Path:
+        return _write_checkpoint(path, arch, tokenizer_dir, **overrides)
+    return write
+
+
+def hf_greedy(model_dir: Path, prompt_ids: list[int], n: int, dtype=torch.float32,
+              device: str = "cpu") -> list[int]:
+    """Reference: transformers' own model, full recompute each step, plain argmax."""
+    model = _hf_model(model_dir, dtype, device)
+    ids = torch.tensor([prompt_ids], device=device)
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(model(ids).logits[0, -1].float().argmax())
+            out.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]], device=device)], dim=1)
+    return out
+
+
+_HF_CACHE: dict = {}
+
+
+def _hf_model(model_dir: Path, dtype, device):
+    key = (str(model_dir), dtype, device)
+    if key not in _HF_CACHE:
+        from transformers import AutoModelForCausalLM
+
+        _HF_CACHE[key] = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype).to(device).eval()
+    return _HF_CACHE[key]
