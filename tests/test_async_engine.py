@@ -1,0 +1,112 @@
+"""AsyncEngine: per-request async streams, concurrency, cancellation frees KV blocks."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from fairswitch import SamplingParams
+from fairswitch.config import EngineConfig
+from fairswitch.engine.async_engine import AsyncEngine
+
+NUM_BLOCKS = 256
+
+
+@pytest.fixture(scope="module")
+def engine():
+    eng = AsyncEngine.from_config(EngineConfig.from_kwargs(num_gpu_blocks=NUM_BLOCKS))
+    yield eng
+    eng.shutdown()
+
+
+def free_blocks(engine: AsyncEngine):
+    return engine.run_in_engine(lambda e: e.kv.num_free_blocks)
+
+
+async def collect(engine, prompt, n, **kw):
+    outs = [o async for o in engine.generate(
+        prompt, SamplingParams(max_tokens=n, ignore_eos=True, temperature=0.0), **kw)]
+    return outs
+
+
+def test_stream_yields_tokens_and_finishes(engine):
+    async def main():
+        outs = await collect(engine, "stream me", 8)
+        assert outs[-1].finished and not any(o.finished for o in outs[:-1])
+        assert len(outs[-1].outputs[0].token_ids) == 8
+        assert sum(len(o.outputs[0].new_token_ids) for o in outs) == 8
+        assert "".join(o.outputs[0].new_text for o in outs) == outs[-1].outputs[0].text
+    asyncio.run(main())
+
+
+def test_many_concurrent_streams(engine):
+    async def main():
+        results = await asyncio.gather(*(collect(engine, f"prompt {i}", 4 + i % 5)
+                                         for i in range(24)))
+        for i, outs in enumerate(results):
+            assert len(outs[-1].outputs[0].token_ids) == 4 + i % 5
+        assert await free_blocks(engine) == NUM_BLOCKS
+    asyncio.run(main())
+
+
+def test_cancel_mid_stream_frees_blocks(engine):
+    async def main():
+        async def consume():
+            async for _ in engine.generate("cancel me " * 10,
+                                           SamplingParams(max_tokens=10_000, ignore_eos=True),
+                                           request_id="victim"):
+                pass
+        task = asyncio.create_task(consume())
+        for _ in range(200):
+            await asyncio.sleep(0.01)
+            if await free_blocks(engine) < NUM_BLOCKS:
+                break
+        assert await free_blocks(engine) < NUM_BLOCKS  # it is running and holds blocks
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await engine.sync()
+        assert await free_blocks(engine) == NUM_BLOCKS
+        assert await engine.run_in_engine(lambda e: len(e.requests)) == 0
+    asyncio.run(main())
+
+
+def test_breaking_out_of_the_stream_aborts(engine):
+    async def main():
+        gen = engine.generate("break early", SamplingParams(max_tokens=10_000, ignore_eos=True))
+        async for out in gen:
+            if len(out.outputs[0].token_ids) >= 3:
+                break
+        await gen.aclose()
+        await engine.sync()
+        assert await free_blocks(engine) == NUM_BLOCKS
+    asyncio.run(main())
+
+
+def test_explicit_abort_ends_stream(engine):
+    async def main():
+        outs = []
+
+        async def consume():
+            async for o in engine.generate("abort me", SamplingParams(max_tokens=10_000,
+                                                                      ignore_eos=True),
+                                           request_id="to-abort"):
+                outs.append(o)
+        task = asyncio.create_task(consume())
+        while not outs:
+            await asyncio.sleep(0.01)
+        await engine.abort("to-abort")
+        await asyncio.wait_for(task, 10)
+        assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "abort"
+        assert await free_blocks(engine) == NUM_BLOCKS
+    asyncio.run(main())
+
+
+def test_bad_request_raises_and_engine_keeps_serving(engine):
+    async def main():
+        with pytest.raises(ValueError, match="prompt is empty"):
+            await collect(engine, "", 4)
+        outs = await collect(engine, "still alive", 3)
+        assert len(outs[-1].outputs[0].token_ids) == 3
+    asyncio.run(main())

@@ -1,0 +1,136 @@
+"""Bad input raises a clear error naming the problem, and the engine keeps serving."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from fairswitch import LLM, SamplingParams
+from fairswitch.config import EngineConfig
+from fairswitch.engine.engine import Engine
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(num_gpu_blocks=128, max_model_len=64)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"max_tokens": 0}, "max_tokens must be at least 1"),
+    ({"max_tokens": -3}, "max_tokens must be at least 1"),
+    ({"temperature": -0.5}, "temperature must be >= 0"),
+    ({"top_p": 0.0}, "top_p must be in"),
+    ({"top_p": 1.5}, "top_p must be in"),
+    ({"top_k": -2}, "top_k"),
+    ({"max_tokens": 2.5}, "max_tokens must be an integer"),
+    ({"stop": [""]}, "stop strings"),
+])
+def test_bad_sampling_params(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_empty_prompt(llm):
+    with pytest.raises(ValueError, match="prompt is empty"):
+        llm.generate("", use_tqdm=False)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        llm.generate([[]], use_tqdm=False)
+
+
+def test_prompt_longer_than_max_model_len(llm):
+    with pytest.raises(ValueError, match=r"prompt has \d+ tokens but max_model_len is 64"):
+        llm.generate("word " * 200, use_tqdm=False)
+
+
+def test_bad_token_ids(llm):
+    with pytest.raises(ValueError, match="token ids must be integers"):
+        llm.generate([[1, 2, 10**9]], use_tqdm=False)
+
+
+def test_bad_prompt_in_batch_queues_nothing(llm):
+    with pytest.raises(ValueError):
+        llm.generate(["fine", ""], use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_engine_keeps_serving_while_bad_requests_arrive(llm):
+    engine = llm.engine
+    good = engine.add_request("a good request", SamplingParams(max_tokens=10, ignore_eos=True))
+    engine.step()
+    for bad in ("", "x " * 500):
+        with pytest.raises(ValueError):
+            engine.add_request(bad, SamplingParams(max_tokens=4))
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("dup", SamplingParams(), request_id=good)
+    done = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done = out
+    assert done is not None and done.request_id == good
+    assert len(done.outputs[0].token_ids) == 10
+    engine.check_accounting()
+
+
+def test_unknown_architecture(tmp_path, llama_dir):
+    shutil.copytree(llama_dir, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="unsupported model architecture 'GPT2LMHeadModel'"):
+        LLM(model=str(tmp_path / "m"))
+
+
+def test_missing_weights(tmp_path, llama_dir):
+    shutil.copytree(llama_dir, tmp_path / "m")
+    for f in (tmp_path / "m").glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(FileNotFoundError, match="no \\*.safetensors weights"):
+        LLM(model=str(tmp_path / "m"))
+
+
+def test_missing_config(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        LLM(model=str(tmp_path / "empty"))
+
+
+def test_path_does_not_exist(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither an existing directory nor a known name"):
+        LLM(model=str(tmp_path / "nope"))
+
+
+def test_truncated_weights_name_the_missing_tensors(tmp_path, write_checkpoint):
+    from safetensors.torch import load_file, save_file
+
+    path = write_checkpoint(tmp_path / "m")
+    f = next(path.glob("*.safetensors"))
+    tensors = load_file(f)
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, f, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="layers.1.mlp.down_proj.weight"):
+        LLM(model=str(path))
+
+
+def test_shipped_config_needs_dummy():
+    with pytest.raises(ValueError, match="load_format='dummy'"):
+        Engine(EngineConfig.from_kwargs(model="llama-3-8b"))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"block_size": 12}, "power of two"),
+    ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization"),
+    ({"max_num_seqs": 0}, "max_num_seqs"),
+    ({"dtype": "int8"}, "dtype must be one of"),
+    ({"bogus_option": 1}, "unknown engine option"),
+])
+def test_bad_engine_config(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        EngineConfig.from_kwargs(**kwargs)
+
+
+def test_kv_cache_smaller_than_max_model_len():
+    with pytest.raises(ValueError, match="less than max_model_len"):
+        LLM(num_gpu_blocks=2, block_size=4, max_model_len=64)

@@ -1,0 +1,125 @@
+"""Sampling and stopping semantics on the embedded model."""
+
+from __future__ import annotations
+
+import pytest
+
+from fairswitch import LLM, SamplingParams
+
+PROMPTS = ["Once upon a time", "The capital of France is", "1, 2, 3,"]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(num_gpu_blocks=512)
+
+
+def texts(outs):
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def test_same_seed_same_output_regardless_of_batch(llm):
+    p = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True)
+    alone = llm.generate([PROMPTS[0]], p, use_tqdm=False)
+    batched = llm.generate(PROMPTS, [p, SamplingParams(max_tokens=5, temperature=1.5),
+                                     SamplingParams(max_tokens=9, temperature=0.7)],
+                           use_tqdm=False)
+    assert texts(alone)[0] == texts(batched)[0]
+
+
+def test_different_seeds_differ(llm):
+    outs = llm.generate([PROMPTS[0]] * 2, [
+        SamplingParams(max_tokens=16, temperature=1.0, seed=1, ignore_eos=True),
+        SamplingParams(max_tokens=16, temperature=1.0, seed=2, ignore_eos=True)], use_tqdm=False)
+    a, b = texts(outs)
+    assert a != b
+
+
+def test_top_k_1_equals_greedy(llm):
+    greedy = llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
+                          use_tqdm=False)
+    topk = llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=1.3, top_k=1,
+                                                ignore_eos=True), use_tqdm=False)
+    assert texts(greedy) == texts(topk)
+
+
+def test_tiny_top_p_equals_greedy(llm):
+    greedy = llm.generate(PROMPTS, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True),
+                          use_tqdm=False)
+    nucleus = llm.generate(PROMPTS, SamplingParams(max_tokens=8, temperature=1.0, top_p=1e-6,
+                                                   ignore_eos=True), use_tqdm=False)
+    assert texts(greedy) == texts(nucleus)
+
+
+def test_sampling_is_random_without_seed(llm):
+    p = SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True)
+    a, b = texts(llm.generate([PROMPTS[1]] * 2, p, use_tqdm=False))
+    assert a != b
+
+
+def test_max_tokens_and_length_finish(llm):
+    out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=5, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 5 and out.finish_reason == "length"
+
+
+def test_stop_strings_cut_exactly(llm):
+    base = llm.generate(PROMPTS[0], SamplingParams(max_tokens=24, temperature=0.0,
+                                                   ignore_eos=True), use_tqdm=False)[0]
+    full = base.outputs[0].text
+    assert len(full) > 12
+    stop = full[5:9]
+    cut_at = full.find(stop)
+    out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=24, temperature=0.0, stop=[stop],
+                                                  ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    assert out.text == full[:cut_at]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    out = llm.generate(PROMPTS[0], SamplingParams(
+        max_tokens=24, temperature=0.0, stop=[stop], include_stop_str_in_output=True,
+        ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    assert out.text == full[:cut_at + len(stop)]
+
+
+def test_stop_token_ids(llm):
+    base = llm.generate(PROMPTS[2], SamplingParams(max_tokens=10, temperature=0.0,
+                                                   ignore_eos=True), use_tqdm=False)[0]
+    ids = base.outputs[0].token_ids
+    target = ids[4]
+    first = ids.index(target)
+    out = llm.generate(PROMPTS[2], SamplingParams(max_tokens=10, temperature=0.0,
+                                                  stop_token_ids=[target], ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == ids[: first + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == target
+
+
+def test_eos_stops_unless_ignored(llm):
+    eos = next(iter(llm.engine.output_processor.eos_token_ids))
+    tok_ids = llm.generate(PROMPTS[0], SamplingParams(max_tokens=6, temperature=0.0,
+                                                      ignore_eos=True), use_tqdm=False)
+    first = tok_ids[0].outputs[0].token_ids[0]
+    # Pretend the first greedy token is EOS: the request must stop right there.
+    llm.engine.output_processor.eos_token_ids = {first}
+    try:
+        out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=6, temperature=0.0),
+                           use_tqdm=False)[0].outputs[0]
+        assert out.token_ids == [first] and out.finish_reason == "stop"
+        out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=6, temperature=0.0,
+                                                      ignore_eos=True), use_tqdm=False)[0]
+        assert len(out.outputs[0].token_ids) == 6
+    finally:
+        llm.engine.output_processor.eos_token_ids = {eos}
+
+
+def test_streamed_text_concatenates_to_final_text(llm):
+    engine = llm.engine
+    rid = engine.add_request("Tell me a story", SamplingParams(max_tokens=20, temperature=0.0,
+                                                               stop=["zzzz"], ignore_eos=True))
+    pieces, final = [], None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.request_id == rid:
+                pieces.append(out.outputs[0].new_text)
+                final = out
+    assert final is not None and final.finished
+    assert "".join(pieces) == final.outputs[0].text
