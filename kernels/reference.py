@@ -40,16 +40,18 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            scale: float | None = None) -> torch.Tensor:
     """One query token per sequence, q [num_seqs, num_heads, head_dim] -> same shape."""
     num_seqs, max_blocks = block_tables.shape
-    block_size = k_cache.shape[1]
+    block_size, num_kv_heads, head_dim = k_cache.shape[1:]
+    group = q.shape[1] // num_kv_heads
     k = k_cache[block_tables.long()].flatten(1, 2)  # [S, max_blocks * block_size, Hkv, D]
     v = v_cache[block_tables.long()].flatten(1, 2)
     positions = torch.arange(max_blocks * block_size, device=q.device)
     mask = (positions[None, :] < seq_lens[:, None].to(q.device))[:, None, None, :]
+    # GQA without copying KV: the query heads sharing a KV head become that head's "query rows".
     out = F.scaled_dot_product_attention(
-        q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale,
-        enable_gqa=q.shape[1] != k.shape[2],
+        q.view(num_seqs, num_kv_heads, group, head_dim), k.transpose(1, 2), v.transpose(1, 2),
+        attn_mask=mask, scale=scale,
     )
-    return out.squeeze(2)
+    return out.reshape(num_seqs, num_kv_heads * group, head_dim)
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -77,12 +77,16 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        # q: [T, Hq, D], k: [T, Hkv, D]; rotate-half convention of HF Llama checkpoints.
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        """cos, sin [T, 1, D] for the step's positions: looked up once, used by every layer."""
+        return (self.cos[positions].unsqueeze(1).to(dtype),
+                self.sin[positions].unsqueeze(1).to(dtype))
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [T, H, D]; rotate-half convention of HF Llama checkpoints.
+    return x * cos + _rotate_half(x) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -105,14 +109,14 @@ class Attention(nn.Module):
                              bias=bool(getattr(config, "attention_bias", False)))
         self.backend = backend
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 kv_layer: tuple[torch.Tensor, torch.Tensor], meta: Any) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = rope(positions, q, k)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         out = self.backend.forward(q, k, v, kv_layer, meta)
         return self.o_proj(out.reshape(-1, self.q_size))
 
@@ -137,9 +141,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 kv_layer: tuple[torch.Tensor, torch.Tensor], meta: Any) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, kv_layer, meta)
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv_layer, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -160,8 +164,9 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_layers: list[tuple[torch.Tensor, torch.Tensor]], meta: Any) -> torch.Tensor:
         x = F.embedding(input_ids, self.embed_tokens)
+        rope = self.rope(positions, x.dtype)
         for layer, kv_layer in zip(self.layers, kv_layers):
-            x = layer(x, positions, self.rope, kv_layer, meta)
+            x = layer(x, rope, kv_layer, meta)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
