@@ -73,7 +73,7 @@ class ModelRunner:
                         self.block_size, self.model.config.num_key_value_heads,
                         head_dim_of(self.model.config), self.dtype, self.device)
         blocks = list(range(probe.num_blocks))
-        meta = self._metadata([], [(blocks, 0, n)], torch.arange(n, device=self.device))
+        meta = self._metadata([], [(blocks, n, n)], torch.arange(n, device=self.device))
         with torch.inference_mode():
             hidden = self.model(torch.zeros(n, dtype=torch.long, device=self.device),
                                 torch.arange(n, device=self.device) % self.model.rope.cos.shape[0],

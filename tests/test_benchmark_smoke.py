@@ -1,0 +1,51 @@
+"""Smoke test of benchmarks/throughput.py at tiny CPU scale: it runs end to end, both engines produce
+exactly the requested tokens, and the recorded JSON carries what a claim needs. No timing checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def test_throughput_smoke(tmp_path, monkeypatch, tokenizer_dir):
+    # The script imports its sibling results_io as a top-level module, as when run directly.
+    monkeypatch.syspath_prepend(str(BENCH_DIR))
+    import throughput
+    from fairswitch.model.loader import load_tokenizer
+
+    out = tmp_path / "results" / "throughput.json"
+    argv = ["--model", "fairswitch-tiny", "--device", "cpu", "--num-prompts", "8",
+            "--max-prompt-len", "64", "--max-output-len", "16", "--hf-batch-size", "4",
+            "--disable-tqdm", "--output", str(out)]
+    returned = throughput.main(argv)
+
+    result = json.loads(out.read_text())
+    assert result == returned
+    for key in ("device", "date", "commit", "command"):
+        assert isinstance(result[key], str) and result[key]
+    assert result["device"].startswith("cpu: ")
+    claims = {c["name"]: c for c in result["claims"]}
+    assert set(claims) == {"throughput_vs_transformers", "fairswitch_output_tok_s",
+                           "transformers_output_tok_s"}
+    assert claims["throughput_vs_transformers"]["unit"] == "x"
+    assert all(c["value"] > 0 for c in claims.values())
+
+    # The same seeded workload, rebuilt: each engine must have produced exactly its tokens.
+    workload = throughput.sample_workload(load_tokenizer(tokenizer_dir), 8, 64, 16, seed=0)
+    assert len(workload) == 8
+    assert all(4 <= len(p) <= 64 and 4 <= n <= 16 for p, n in workload)
+    wanted_out = sum(n for _, n in workload)
+    wanted_prompt = sum(len(p) for p, _ in workload)
+    figures = result["figures"]
+    for engine in ("fairswitch", "transformers"):
+        f = figures[engine]
+        assert f["num_requests"] == 8
+        assert f["output_tokens"] == wanted_out
+        assert f["prompt_tokens"] == wanted_prompt
+        assert all(f[k] > 0 for k in ("elapsed_s", "requests_per_s", "output_tok_s",
+                                       "total_tok_s"))
+    # Static batches generate up to their longest request: never less than what was asked.
+    assert figures["transformers"]["generated_tokens_incl_padding"] >= wanted_out
+    assert figures["comparison"] == "same requests"
