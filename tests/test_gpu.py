@@ -56,3 +56,14 @@ def _hf_next_tokens(model_dir, prompt: list[int], ours: list[int]) -> list[int]:
     with torch.no_grad():
         logits = model(ids).logits[0, len(prompt) - 1: len(prompt) - 1 + len(ours)]
     return logits.float().argmax(-1).tolist()
+
+
+def test_kv_cache_sized_from_gpu_memory(llama_dir):
+    llm = LLM(model=str(llama_dir), device="cuda", gpu_memory_utilization=0.3)
+    free, total = torch.cuda.mem_get_info()
+    runner = llm.engine.runner
+    kv_bytes = runner.num_blocks * runner.block_bytes
+    assert kv_bytes > 0.1 * total  # most of the 30% goes to the KV cache of a tiny model
+    assert torch.cuda.memory_allocated() < 0.31 * total
+    out = llm.generate("sized", SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
