@@ -14,6 +14,7 @@ from typing import Any
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _LOAD_FORMATS = ("auto", "safetensors", "dummy")
+_BACKENDS = ("auto", "torch", "triton")
 
 
 def _opt(default: Any, help: str, choices: tuple | None = None) -> Any:
@@ -36,6 +37,9 @@ class ModelConfig:
     device: str = _opt("auto", "cuda, cuda:N or cpu (auto: cuda when available)")
     max_model_len: int | None = _opt(None, "max prompt+output tokens (default: the model's)")
     seed: int = _opt(0, "seed for dummy weights and for sampling without a per-request seed")
+    attention_backend: str = _opt(
+        "auto", "auto: Triton kernels on CUDA, pure torch on CPU", _BACKENDS)
+    enforce_eager: bool = _opt(False, "never use CUDA graphs (they capture decode-only steps)")
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -44,6 +48,9 @@ class ModelConfig:
             raise ValueError(f"load_format must be one of {_LOAD_FORMATS}, got {self.load_format!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.attention_backend not in _BACKENDS:
+            raise ValueError(f"attention_backend must be one of {_BACKENDS}, "
+                             f"got {self.attention_backend!r}")
         if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
 
@@ -129,6 +136,8 @@ def _section_of(key: str) -> str | None:
 
 def _arg_type(f: dataclasses.Field) -> Any:
     annotation = str(f.type)
+    if annotation == "bool":
+        return None
     if "int" in annotation:
         return int
     if "float" in annotation:
@@ -142,11 +151,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group(f"engine ({section})")
         for f in dataclasses.fields(klass):
             default = f.default if f.default is not dataclasses.MISSING else None
-            group.add_argument(
-                "--" + f.name.replace("_", "-"),
-                dest=f.name,
-                type=_arg_type(f),
-                default=default,
-                choices=f.metadata.get("choices"),
-                help=f"{f.metadata['help']} (default: {default})",
-            )
+            flag = "--" + f.name.replace("_", "-")
+            help = f"{f.metadata['help']} (default: {default})"
+            if _arg_type(f) is None:
+                group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                   default=default, help=help)
+                continue
+            group.add_argument(flag, dest=f.name, type=_arg_type(f), default=default,
+                               choices=f.metadata.get("choices"), help=help)

@@ -10,6 +10,7 @@ import itertools
 import json
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -45,6 +46,25 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+@dataclass
+class StepStats:
+    """Cumulative wall time per phase of ``step()`` (perf_counter; a step ends with a device
+    sync when tokens are sampled, so execute_s includes the GPU time)."""
+
+    num_steps: int = 0
+    schedule_s: float = 0.0
+    execute_s: float = 0.0  # input preparation + forward + sampling
+    prepare_s: float = 0.0  # the input-preparation part of execute_s (host only)
+    output_s: float = 0.0  # detokenize, stop checks, outputs
+
+    def add(self, schedule: float, execute: float, output: float, prepare: float) -> None:
+        self.num_steps += 1
+        self.schedule_s += schedule
+        self.execute_s += execute
+        self.output_s += output
+        self.prepare_s += prepare
+
+
 class Engine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -58,7 +78,7 @@ class Engine:
         self.hf_config = loader.load_hf_config(source)
         self.tokenizer = loader.load_tokenizer(self._tokenizer_path(source))
         self.max_model_len = self._max_model_len()
-        backend = get_attention_backend("auto", self.device)
+        backend = get_attention_backend(mc.attention_backend, self.device)
         t0 = time.perf_counter()
         model = loader.build_model(self.hf_config, backend, self.max_model_len, self.dtype,
                                    self.device)
@@ -70,12 +90,15 @@ class Engine:
                     time.perf_counter() - t0)
         self.runner = ModelRunner(model, backend, config.cache, config.scheduler,
                                   self.max_model_len, self.device, self.dtype, mc.seed)
+        if self.device.type == "cuda" and backend.name == "triton" and not mc.enforce_eager:
+            self.runner.capture_cuda_graphs(config.scheduler.max_num_seqs, self.max_model_len)
         self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size)
         self.scheduler = Scheduler(config.scheduler, self.kv)
         self.output_processor = OutputProcessor(self.tokenizer, self._eos_ids(source),
                                                 self.max_model_len)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
+        self.stats = StepStats()
 
     def _tokenizer_path(self, source: loader.ModelSource) -> Any:
         if self.config.model.tokenizer is not None:
@@ -176,10 +199,13 @@ class Engine:
     # ---- the step -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
         sched = self.scheduler.schedule()
         if not sched.scheduled:
             return []
+        t1 = time.perf_counter()
         sampled = self.runner.execute(sched)
+        t2 = time.perf_counter()
         now = time.monotonic()
         outputs = []
         for req, n in sched.scheduled:
@@ -197,6 +223,7 @@ class Engine:
                 self.scheduler.finish(req)
                 del self.requests[req.request_id]
             outputs.append(self.output_processor.make_output(req))
+        self.stats.add(t1 - t0, t2 - t1, time.perf_counter() - t2, self.runner.last_prepare_s)
         return outputs
 
     def check_accounting(self) -> None:

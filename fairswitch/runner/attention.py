@@ -17,13 +17,17 @@ from fairswitch.kernels import reference
 
 @dataclass(slots=True)
 class AttentionMetadata:
-    slot_mapping: torch.Tensor  # [num_tokens] long, -1 = padding
+    slot_mapping: torch.Tensor  # [num_tokens] long, -1 = padding (CUDA-graph buckets)
     num_decodes: int  # the first num_decodes requests (and tokens) are single-token decodes
     decode_block_tables: torch.Tensor  # [num_decodes, max_blocks] int32
-    decode_seq_lens: torch.Tensor  # [num_decodes] int32
+    decode_seq_lens: torch.Tensor  # [num_decodes] int32, 0 for padding rows
     prefill_block_tables: torch.Tensor  # [num_prefills, max_blocks] int32
-    prefill_query_start_loc: list[int]  # offsets into the prefill tokens, len num_prefills + 1
-    prefill_seq_lens: list[int]
+    prefill_query_start_loc: torch.Tensor  # [num_prefills + 1] int32, offsets into prefill tokens
+    prefill_seq_lens: torch.Tensor  # [num_prefills] int32
+    # Host copies of the prefill layout (the torch backend loops over sequences on the host).
+    prefill_query_start_loc_host: list[int]
+    prefill_seq_lens_host: list[int]
+    max_query_len: int
 
 
 class AttentionBackend(ABC):
@@ -53,12 +57,52 @@ class TorchAttentionBackend(AttentionBackend):
             out[:n] = reference.paged_decode_attention(
                 q[:n], k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens)
         out[n:] = reference.paged_prefill_attention(
-            q[n:], k_cache, v_cache, meta.prefill_block_tables, meta.prefill_query_start_loc,
-            meta.prefill_seq_lens)
+            q[n:], k_cache, v_cache, meta.prefill_block_tables,
+            meta.prefill_query_start_loc_host, meta.prefill_seq_lens_host)
         return out
 
 
+class TritonAttentionBackend(AttentionBackend):
+    """Triton paged attention (kernels/paged_attention.py): split-KV decode, varlen prefill.
+
+    Launch grids depend only on tensor shapes, so decode steps can be captured in CUDA graphs.
+    """
+
+    name = "triton"
+
+    def __init__(self) -> None:
+        from fairswitch.kernels import paged_attention
+
+        self._k = paged_attention
+
+    def forward(self, q, k, v, kv_layer, meta):
+        k_cache, v_cache = kv_layer
+        self._k.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        n = meta.num_decodes
+        if n == q.shape[0]:
+            return self._k.paged_decode_attention(q, k_cache, v_cache, meta.decode_block_tables,
+                                                  meta.decode_seq_lens)
+        out = torch.empty_like(q)
+        if n:
+            out[:n] = self._k.paged_decode_attention(
+                q[:n], k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens)
+        out[n:] = self._k.paged_prefill_attention(
+            q[n:], k_cache, v_cache, meta.prefill_block_tables, meta.prefill_query_start_loc,
+            meta.prefill_seq_lens, meta.max_query_len)
+        return out
+
+
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
+
+
 def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:
-    if name in ("auto", "torch"):
+    """auto: Triton kernels on CUDA, the torch reference elsewhere."""
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "torch":
         return TorchAttentionBackend()
-    raise ValueError(f"unknown attention backend {name!r} (available: torch)")
+    if name == "triton":
+        if device.type != "cuda":
+            raise ValueError("the triton attention backend needs a CUDA device")
+        return TritonAttentionBackend()
+    raise ValueError(f"unknown attention backend {name!r} (available: {ATTENTION_BACKENDS})")

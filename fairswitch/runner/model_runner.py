@@ -1,15 +1,12 @@
-"""Owns the model, its KV cache and the sampler; turns a scheduled batch into one forward pass.
+"""Owns the model, its KV cache, its CUDA graphs and the sampler; runs one step's forward pass.
 
-Input layout of a step (decodes first, then prefill chunks, no padding):
-
-    input_ids:    [ d0 d1 ... dN-1 | p0 p0 p0 p0 | p1 p1 ... ]
-    positions:    each token's position in its request
-    slot_mapping: each token's KV slot = block_table[pos // block_size] * block_size + pos % bs
+Inputs are laid out by input_batch.py; decode-only steps replay a CUDA graph when captured.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import numpy as np
 import torch
 
@@ -18,6 +15,8 @@ from fairswitch.kv.kv_cache import KVCache, kv_block_bytes
 from fairswitch.model.llama import LlamaForCausalLM, head_dim_of
 from fairswitch.request import Request
 from fairswitch.runner.attention import AttentionBackend, AttentionMetadata
+from fairswitch.runner.cuda_graph import DecodeGraphs
+from fairswitch.runner.input_batch import InputBatch, build_input_batch
 from fairswitch.runner.sampler import Sampler
 from fairswitch.scheduler.scheduler import SchedulerOutput
 
@@ -47,6 +46,8 @@ class ModelRunner:
         self.kv_cache = KVCache(num_blocks, cfg.num_hidden_layers, cache.block_size,
                                 cfg.num_key_value_heads, head_dim_of(cfg), dtype, device)
         self.sampler = Sampler(device, seed)
+        self.graphs: DecodeGraphs | None = None
+        self.last_prepare_s = 0.0
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, cache.block_size,
                     num_blocks * self.block_bytes / _GiB)
 
@@ -72,12 +73,19 @@ class ModelRunner:
         probe = KVCache(-(-n // self.block_size), self.model.config.num_hidden_layers,
                         self.block_size, self.model.config.num_key_value_heads,
                         head_dim_of(self.model.config), self.dtype, self.device)
-        blocks = list(range(probe.num_blocks))
-        meta = self._metadata([], [(blocks, n, n)], torch.arange(n, device=self.device))
+        table = np.arange(probe.num_blocks, dtype=np.int32)[None, :]
+        positions = np.arange(n, dtype=np.int64) % self.model.rope.cos.shape[0]
+        batch = InputBatch(
+            input_ids=np.zeros(n, dtype=np.int64), positions=positions,
+            slot_mapping=np.arange(n, dtype=np.int64), num_decodes=0,
+            decode_block_tables=np.zeros((0, 1), dtype=np.int32),
+            decode_seq_lens=np.zeros(0, dtype=np.int32), prefill_block_tables=table,
+            prefill_query_start_loc=np.array([0, n], dtype=np.int32),
+            prefill_seq_lens=np.array([n], dtype=np.int32), sample_rows=[], sample_requests=[])
         with torch.inference_mode():
-            hidden = self.model(torch.zeros(n, dtype=torch.long, device=self.device),
-                                torch.arange(n, device=self.device) % self.model.rope.cos.shape[0],
-                                probe.layer_views, meta)
+            hidden = self.model(self._to_device(batch.input_ids),
+                                self._to_device(batch.positions), probe.layer_views,
+                                self._metadata(batch))
             self.model.compute_logits(hidden[: min(n, sched.max_num_seqs)])
         torch.cuda.synchronize(self.device)
         del probe, hidden
@@ -89,64 +97,44 @@ class ModelRunner:
                 f"{total / _GiB:.1f} GiB, gpu_memory_utilization={cache.gpu_memory_utilization}")
         return int(budget // self.block_bytes)
 
-    def _metadata(self, decodes: list[tuple[list[int], int]],
-                  prefills: list[tuple[list[int], int, int]],
-                  slot_mapping: torch.Tensor) -> AttentionMetadata:
-        """decodes: (block_table, seq_len); prefills: (block_table, query_len, seq_len)."""
+    def _to_device(self, arr: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(arr).to(self.device, non_blocking=True)
+
+    def _metadata(self, batch: InputBatch) -> AttentionMetadata:
         return AttentionMetadata(
-            slot_mapping=slot_mapping,
-            num_decodes=len(decodes),
-            decode_block_tables=self._pad_tables([bt for bt, _ in decodes]),
-            decode_seq_lens=torch.tensor([s for _, s in decodes], dtype=torch.int32,
-                                         device=self.device),
-            prefill_block_tables=self._pad_tables([bt for bt, _, _ in prefills]),
-            prefill_query_start_loc=np.concatenate(
-                [[0], np.cumsum([q for _, q, _ in prefills], dtype=np.int64)]).tolist(),
-            prefill_seq_lens=[s for _, _, s in prefills],
+            slot_mapping=self._to_device(batch.slot_mapping),
+            num_decodes=batch.num_decodes,
+            decode_block_tables=self._to_device(batch.decode_block_tables),
+            decode_seq_lens=self._to_device(batch.decode_seq_lens),
+            prefill_block_tables=self._to_device(batch.prefill_block_tables),
+            prefill_query_start_loc=self._to_device(batch.prefill_query_start_loc),
+            prefill_seq_lens=self._to_device(batch.prefill_seq_lens),
+            prefill_query_start_loc_host=batch.prefill_query_start_loc.tolist(),
+            prefill_seq_lens_host=batch.prefill_seq_lens.tolist(),
+            max_query_len=int(np.diff(batch.prefill_query_start_loc).max(initial=0)),
         )
 
-    def _pad_tables(self, tables: list[list[int]]) -> torch.Tensor:
-        width = max((len(t) for t in tables), default=1)
-        arr = np.zeros((len(tables), width), dtype=np.int32)
-        for i, t in enumerate(tables):
-            arr[i, : len(t)] = t
-        return torch.from_numpy(arr).to(self.device, non_blocking=True)
+    def capture_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
+        self.graphs = DecodeGraphs(self.model, self.kv_cache.layer_views, max_batch,
+                                   -(-max_model_len // self.block_size), self.device)
+        self.graphs.capture()
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> dict[Request, int]:
         """Run one step; return the token sampled for each request that reached its last token."""
-        bs = self.block_size
-        batch = sorted(out.scheduled, key=lambda rn: rn[1] != 1)  # decodes first, stable
-        input_ids: list[int] = []
-        positions: list[np.ndarray] = []
-        slots: list[np.ndarray] = []
-        decodes, prefills = [], []
-        sample_rows: list[int] = []
-        sample_reqs: list[Request] = []
-        for req, n in batch:
-            start = req.num_computed_tokens
-            end = start + n
-            input_ids.extend(req.token_ids[start:end])
-            pos = np.arange(start, end, dtype=np.int64)
-            table = np.asarray(req.block_table, dtype=np.int64)
-            positions.append(pos)
-            slots.append(table[pos // bs] * bs + pos % bs)
-            if n == 1:
-                decodes.append((req.block_table, end))
-            else:
-                prefills.append((req.block_table, n, end))
-            if end == req.num_tokens:
-                sample_rows.append(len(input_ids) - 1)
-                sample_reqs.append(req)
-        slot_mapping = torch.from_numpy(np.concatenate(slots)).to(self.device, non_blocking=True)
-        meta = self._metadata(decodes, prefills, slot_mapping)
-        ids = torch.tensor(input_ids, dtype=torch.long).to(self.device, non_blocking=True)
-        pos_t = torch.from_numpy(np.concatenate(positions)).to(self.device, non_blocking=True)
-        hidden = self.model(ids, pos_t, self.kv_cache.layer_views, meta)
-        if not sample_reqs:
+        t0 = time.perf_counter()
+        batch = build_input_batch(out.scheduled, self.block_size)
+        if self.graphs is not None and self.graphs.can_run(batch):
+            self.last_prepare_s = time.perf_counter() - t0
+            hidden = self.graphs.run(batch)
+        else:
+            ids, pos = self._to_device(batch.input_ids), self._to_device(batch.positions)
+            meta = self._metadata(batch)
+            self.last_prepare_s = time.perf_counter() - t0
+            hidden = self.model(ids, pos, self.kv_cache.layer_views, meta)
+        if not batch.sample_requests:
             return {}
-        rows = torch.tensor(sample_rows, dtype=torch.long).to(self.device, non_blocking=True)
+        rows = torch.tensor(batch.sample_rows, dtype=torch.long).to(self.device, non_blocking=True)
         logits = self.model.compute_logits(hidden[rows])
-        tokens = self.sampler(logits, sample_reqs)
-        return dict(zip(sample_reqs, tokens))
-
+        tokens = self.sampler(logits, batch.sample_requests)
+        return dict(zip(batch.sample_requests, tokens))

@@ -1,0 +1,138 @@
+"""Engine decode step vs the memory roofline, and the host's share of a step (GPU).
+
+What is measured, in one run on one model (default Llama-3-8B shapes, dummy weights, bf16):
+- the device-copy bandwidth: a large tensor ``copy_`` (read + write bytes / time);
+- for each batch size B: B requests with ~``--ctx`` prompt tokens are prefilled, then ``--steps``
+  decode steps of the full engine (``Engine.step``: schedule, inputs, forward via CUDA graph or
+  eager, sampling, outputs) are timed with a device sync each step (sampling syncs anyway);
+- roofline time of a decode step = (weight bytes + KV bytes read by attention) / copy bandwidth;
+  the claim ``decode_step_vs_roofline_b64`` = measured step time / roofline time at B=64;
+- ``sched_cpu_fraction_b256``: (scheduler + input preparation host time) / step wall time at B=256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fairswitch.config import EngineConfig  # noqa: E402
+from fairswitch.engine.engine import Engine  # noqa: E402
+from fairswitch.sampling_params import SamplingParams  # noqa: E402
+from results_io import command_line, write_results  # noqa: E402
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30) -> float:
+    """Bytes moved (read + write) per second by a device-to-device copy."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    reps = 10
+    for _ in range(reps):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize(device)
+    secs = start.elapsed_time(end) / 1e3 / reps
+    del src, dst
+    return 2 * nbytes / secs
+
+
+def run_batch(engine: Engine, batch: int, ctx: int, steps: int, seed: int) -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(seed + batch)
+    vocab = min(engine.hf_config.vocab_size, 100_000)
+    params = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True,
+                            detokenize=False)
+    ids = [engine.add_request(prompt_token_ids=torch.randint(0, vocab, (ctx,), generator=gen)
+                              .tolist(), params=params) for _ in range(batch)]
+    # Prefill everyone (and take the first decode step, which may warm up a graph bucket).
+    while any(engine.requests[r].num_output_tokens < 2 for r in ids):
+        engine.step()
+    running = len(engine.scheduler.running)
+    assert running == batch, f"only {running} of {batch} requests fit the KV cache"
+    engine.stats = type(engine.stats)()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    wall = (time.perf_counter() - t0) / steps
+    st = engine.stats
+    seq_lens = [engine.requests[r].num_tokens for r in ids]
+    for r in ids:
+        engine.abort_request(r)
+    return {"batch": batch, "step_ms": wall * 1e3, "mean_seq_len": sum(seq_lens) / batch,
+            "kv_tokens_read": sum(seq_lens),
+            "schedule_ms": st.schedule_s / st.num_steps * 1e3,
+            "prepare_ms": st.prepare_s / st.num_steps * 1e3,
+            "output_ms": st.output_s / st.num_steps * 1e3,
+            "host_fraction": (st.schedule_s + st.prepare_s) / (wall * st.num_steps),
+            "tok_s": batch / wall}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="llama-3-8b")
+    p.add_argument("--batches", default="1,16,64,256")
+    p.add_argument("--ctx", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default="benchmarks/results/decode_step.json")
+    p.add_argument("--commit", default=None)
+    args = p.parse_args(argv)
+    batches = [int(b) for b in args.batches.split(",")]
+    device = torch.device("cuda")
+    bw = copy_bandwidth(device)
+    engine = Engine(EngineConfig.from_kwargs(
+        model=args.model, load_format="dummy", max_num_seqs=max(batches),
+        max_model_len=args.ctx + args.steps + 64, max_num_batched_tokens=8192,
+        enforce_eager=args.enforce_eager, attention_backend=args.attention_backend,
+        seed=args.seed))
+    cfg = engine.hf_config
+    weight_bytes = sum(t.numel() * t.element_size() for t in engine.runner.model.parameters())
+    kv_token_bytes = engine.runner.block_bytes // engine.config.cache.block_size
+    rows = []
+    for b in batches:
+        r = run_batch(engine, b, args.ctx, args.steps, args.seed)
+        r["roofline_ms"] = (weight_bytes + r["kv_tokens_read"] * kv_token_bytes) / bw * 1e3
+        r["vs_roofline"] = r["step_ms"] / r["roofline_ms"]
+        rows.append(r)
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s; weights {weight_bytes / 1e9:.2f} GB; "
+          f"KV {kv_token_bytes} B/token")
+    print(f"{'B':>5}{'step ms':>10}{'roofline ms':>13}{'x roofline':>12}{'sched+prep ms':>15}"
+          f"{'host frac':>11}{'tok/s':>10}")
+    for r in rows:
+        print(f"{r['batch']:>5}{r['step_ms']:>10.2f}{r['roofline_ms']:>13.2f}"
+              f"{r['vs_roofline']:>12.2f}{r['schedule_ms'] + r['prepare_ms']:>15.3f}"
+              f"{r['host_fraction']:>11.3f}{r['tok_s']:>10.0f}")
+    by_b = {r["batch"]: r for r in rows}
+    claims = []
+    if 64 in by_b:
+        claims.append({"name": "decode_step_vs_roofline_b64", "value": by_b[64]["vs_roofline"],
+                       "unit": "x"})
+    if 256 in by_b:
+        claims.append({"name": "sched_cpu_fraction_b256", "value": by_b[256]["host_fraction"],
+                       "unit": "fraction"})
+    figures = {"model": args.model, "dtype": str(engine.dtype), "model_arch": cfg.architectures,
+               "copy_bandwidth_bytes_s": bw, "weight_bytes": weight_bytes,
+               "kv_bytes_per_token": kv_token_bytes, "ctx": args.ctx, "steps": args.steps,
+               "cuda_graphs": engine.runner.graphs is not None,
+               "attention_backend": engine.runner.backend.name, "rows": rows}
+    result = write_results(args.output, command=command_line(), figures=figures, claims=claims,
+                           commit=args.commit)
+    print(f"wrote {args.output}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

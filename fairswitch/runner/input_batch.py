@@ -1,0 +1,103 @@
+"""Host-side inputs of one step, built from the scheduled requests (no device work here).
+
+Layout (decodes first, then prefill chunks; no padding):
+
+    input_ids:    [ d0 d1 ... dN-1 | p0 p0 p0 p0 | p1 p1 ... ]
+    positions:    each token's position in its request
+    slot_mapping: each token's KV slot = block_table[pos // block_size] * block_size + pos % bs
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fairswitch.request import Request
+
+
+@dataclass(slots=True)
+class InputBatch:
+    input_ids: np.ndarray  # [num_tokens] int64
+    positions: np.ndarray  # [num_tokens] int64
+    slot_mapping: np.ndarray  # [num_tokens] int64
+    num_decodes: int
+    decode_block_tables: np.ndarray  # [num_decodes, width] int32
+    decode_seq_lens: np.ndarray  # [num_decodes] int32
+    prefill_block_tables: np.ndarray  # [num_prefills, width] int32
+    prefill_query_start_loc: np.ndarray  # [num_prefills + 1] int32
+    prefill_seq_lens: np.ndarray  # [num_prefills] int32
+    sample_rows: list[int]  # rows of the hidden states to sample from
+    sample_requests: list[Request]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.num_decodes == len(self.input_ids)
+
+
+def block_table_array(tables: list[list[int]], width: int | None = None) -> np.ndarray:
+    width = width or max((len(t) for t in tables), default=1)
+    arr = np.zeros((len(tables), max(width, 1)), dtype=np.int32)
+    for i, t in enumerate(tables):
+        arr[i, : len(t)] = t
+    return arr
+
+
+def build_input_batch(scheduled: list[tuple[Request, int]], block_size: int) -> InputBatch:
+    decodes = [(r, n) for r, n in scheduled if n == 1]
+    prefills = [(r, n) for r, n in scheduled if n != 1]
+    nd = len(decodes)
+    ids: list[int] = []
+    pos: list[int] = []
+    slots: list[int] = []
+    sample_rows: list[int] = []
+    sample_reqs: list[Request] = []
+    # Decodes: one token each, plain Python is cheaper than numpy for single elements.
+    for req, _ in decodes:
+        p = req.num_computed_tokens
+        ids.append(req.token_ids[p])
+        pos.append(p)
+        slots.append(req.block_table[p // block_size] * block_size + p % block_size)
+        if p + 1 == req.num_tokens:
+            sample_rows.append(len(ids) - 1)
+            sample_reqs.append(req)
+    input_ids = np.array(ids, dtype=np.int64)
+    positions = np.array(pos, dtype=np.int64)
+    slot_mapping = np.array(slots, dtype=np.int64)
+    decode_seq_lens = (positions + 1).astype(np.int32)
+    if prefills:
+        chunk_ids, chunk_pos, chunk_slots = [input_ids], [positions], [slot_mapping]
+        offset = nd
+        for req, n in prefills:
+            start, end = req.num_computed_tokens, req.num_computed_tokens + n
+            p = np.arange(start, end, dtype=np.int64)
+            table = np.asarray(req.block_table, dtype=np.int64)
+            chunk_ids.append(np.asarray(req.token_ids[start:end], dtype=np.int64))
+            chunk_pos.append(p)
+            chunk_slots.append(table[p // block_size] * block_size + p % block_size)
+            offset += n
+            if end == req.num_tokens:
+                sample_rows.append(offset - 1)
+                sample_reqs.append(req)
+        input_ids = np.concatenate(chunk_ids)
+        positions = np.concatenate(chunk_pos)
+        slot_mapping = np.concatenate(chunk_slots)
+    query_lens = [n for _, n in prefills]
+    return InputBatch(
+        input_ids=input_ids,
+        positions=positions,
+        slot_mapping=slot_mapping,
+        num_decodes=nd,
+        decode_block_tables=block_table_array([r.block_table for r, _ in decodes]),
+        decode_seq_lens=decode_seq_lens,
+        prefill_block_tables=block_table_array([r.block_table for r, _ in prefills]),
+        prefill_query_start_loc=np.concatenate([[0], np.cumsum(query_lens)]).astype(np.int32),
+        prefill_seq_lens=np.array([r.num_computed_tokens + n for r, n in prefills],
+                                  dtype=np.int32),
+        sample_rows=sample_rows,
+        sample_requests=sample_reqs,
+    )

@@ -1,0 +1,69 @@
+"""Step input layout, CUDA-graph buckets and backend selection (host side, CPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fairswitch.config import EngineConfig
+from fairswitch.request import Request
+from fairswitch.runner.attention import get_attention_backend
+from fairswitch.runner.cuda_graph import batch_buckets
+from fairswitch.runner.input_batch import build_input_batch
+from fairswitch.sampling_params import SamplingParams
+
+
+def _req(rid: str, n_prompt: int, n_computed: int, table: list[int], n_out: int = 0) -> Request:
+    r = Request(rid, list(range(100, 100 + n_prompt)), SamplingParams(), 0.0)
+    r.token_ids += list(range(500, 500 + n_out))
+    r.num_computed_tokens = n_computed
+    r.block_table = table
+    return r
+
+
+def test_input_batch_layout_decodes_first():
+    bs = 4
+    prefill = _req("p", 10, 4, [7, 3, 9])  # chunk of 6 tokens: positions 4..9, last chunk
+    decode = _req("d", 5, 5, [2, 8], n_out=1)  # position 5 -> block 8, offset 1
+    partial = _req("c", 12, 0, [1, 5])  # first chunk of 8 tokens: no sample yet
+    b = build_input_batch([(prefill, 6), (decode, 1), (partial, 8)], bs)
+    assert b.num_decodes == 1
+    assert b.input_ids.tolist() == [500] + list(range(104, 110)) + list(range(100, 108))
+    assert b.positions.tolist() == [5] + list(range(4, 10)) + list(range(8))
+    # slot = table[pos // 4] * 4 + pos % 4
+    assert b.slot_mapping[0] == 8 * 4 + 1
+    assert b.slot_mapping[1:7].tolist() == [3 * 4 + 0, 3 * 4 + 1, 3 * 4 + 2, 3 * 4 + 3, 9 * 4, 9 * 4 + 1]
+    assert b.decode_seq_lens.tolist() == [6]
+    assert b.prefill_query_start_loc.tolist() == [0, 6, 14]
+    assert b.prefill_seq_lens.tolist() == [10, 8]
+    assert b.prefill_block_tables.tolist() == [[7, 3, 9], [1, 5, 0]]
+    assert b.sample_rows == [0, 6] and [r.request_id for r in b.sample_requests] == ["d", "p"]
+    assert b.slot_mapping.dtype == np.int64 and b.decode_block_tables.dtype == np.int32
+
+
+def test_graph_buckets_cover_every_batch_size():
+    for max_batch in (1, 7, 64, 100, 256):
+        buckets = batch_buckets(max_batch)
+        assert buckets[-1] == max_batch and buckets == sorted(set(buckets))
+        assert all(any(b >= n for b in buckets) for n in range(1, max_batch + 1))
+
+
+def test_backend_selection():
+    assert get_attention_backend("auto", torch.device("cpu")).name == "torch"
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        get_attention_backend("triton", torch.device("cpu"))
+    with pytest.raises(ValueError, match="attention_backend must be one of"):
+        EngineConfig.from_kwargs(attention_backend="flash")
+
+
+def test_bool_cli_flags():
+    import argparse
+
+    from fairswitch.config import add_engine_args
+
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    assert EngineConfig.from_cli_args(parser.parse_args([])).model.enforce_eager is False
+    args = parser.parse_args(["--enforce-eager"])
+    assert EngineConfig.from_cli_args(args).model.enforce_eager is True
