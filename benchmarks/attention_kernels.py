@@ -1,0 +1,149 @@
+"""Triton paged attention vs torch SDPA on the same K/V laid out contiguously (GPU).
+
+Decode: for B x ctx, time ``paged_decode_attention`` over a shuffled block table and SDPA over
+contiguous [B, Hkv, ctx, D] tensors; report KV-read bandwidth (K and V bytes / time), its fraction
+of the device-copy bandwidth measured in the same run (read + write bytes / time of a large copy),
+and our time / SDPA's time. Claim ``decode_kernel_fraction_of_copy_bw`` at B=64, ctx=2048.
+
+Prefill: causal attention of S sequences of L new tokens (no cached prefix) by
+``paged_prefill_attention`` reading the paged cache, vs SDPA's flash backend on contiguous tensors;
+TFLOP/s of each (4 * Hq * D * L * (L + 1) / 2 FLOPs per sequence). Claim ``prefill_kernel_vs_sdpa``
+= our TFLOP/s / SDPA's, at the largest prefill shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fairswitch.kernels import paged_attention  # noqa: E402
+from results_io import command_line, write_results  # noqa: E402
+from decode_step import copy_bandwidth  # noqa: E402
+
+
+def bench(fn, reps: int = 50) -> float:
+    """Median seconds per call (CUDA events)."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=10, rep=reps, return_mode="median") / 1e3
+
+
+def paged_pool(batch: int, ctx: int, hkv: int, d: int, bs: int, dtype, gen: torch.Generator):
+    """A one-layer pool holding batch x ctx tokens in shuffled blocks, and the same K/V
+    contiguous."""
+    blocks_per_seq = -(-ctx // bs)
+    num_blocks = batch * blocks_per_seq
+    pool = torch.randn((num_blocks, 1, 2, bs, hkv, d), dtype=dtype, device="cuda",
+                       generator=gen)
+    perm = torch.randperm(num_blocks, device="cuda", generator=gen)
+    tables = perm.view(batch, blocks_per_seq).to(torch.int32)
+    k_cache, v_cache = pool[:, 0, 0], pool[:, 0, 1]
+    k = k_cache[tables.long()].flatten(1, 2)[:, :ctx].transpose(1, 2).contiguous()
+    v = v_cache[tables.long()].flatten(1, 2)[:, :ctx].transpose(1, 2).contiguous()
+    return k_cache, v_cache, tables, k, v
+
+
+def decode_rows(batches, ctxs, hq, hkv, d, bs, dtype, copy_bw) -> list[dict[str, Any]]:
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+    for b in batches:
+        for ctx in ctxs:
+            if b * ctx * hkv * d * 2 * 2 * 2 > 40 << 30:  # pool + contiguous copy must fit
+                continue
+            k_cache, v_cache, tables, k, v = paged_pool(b, ctx, hkv, d, bs, dtype, gen)
+            q = torch.randn((b, hq, d), dtype=dtype, device="cuda", generator=gen)
+            seq_lens = torch.full((b,), ctx, dtype=torch.int32, device="cuda")
+            ours = bench(lambda: paged_attention.paged_decode_attention(
+                q, k_cache, v_cache, tables, seq_lens))
+            q4 = q.unsqueeze(2)
+            sdpa = bench(lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=True))
+            kv_bytes = 2 * b * ctx * hkv * d * k.element_size()
+            rows.append({"batch": b, "ctx": ctx, "ours_ms": ours * 1e3, "sdpa_ms": sdpa * 1e3,
+                         "ours_kv_bw": kv_bytes / ours, "sdpa_kv_bw": kv_bytes / sdpa,
+                         "ours_fraction_of_copy_bw": kv_bytes / ours / copy_bw,
+                         "ours_vs_sdpa_time": ours / sdpa})
+            del k_cache, v_cache, k, v
+            torch.cuda.empty_cache()
+    return rows
+
+
+def prefill_rows(shapes, hq, hkv, d, bs, dtype) -> list[dict[str, Any]]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    rows = []
+    for seqs, length in shapes:
+        k_cache, v_cache, tables, k, v = paged_pool(seqs, length, hkv, d, bs, dtype, gen)
+        q = torch.randn((seqs * length, hq, d), dtype=dtype, device="cuda", generator=gen)
+        qsl = torch.arange(0, (seqs + 1) * length, length, dtype=torch.int32, device="cuda")
+        seq_lens = torch.full((seqs,), length, dtype=torch.int32, device="cuda")
+        ours = bench(lambda: paged_attention.paged_prefill_attention(
+            q, k_cache, v_cache, tables, qsl, seq_lens, length))
+        q4 = q.view(seqs, length, hq, d).transpose(1, 2)
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            sdpa = bench(lambda: F.scaled_dot_product_attention(q4, k, v, is_causal=True,
+                                                                enable_gqa=True))
+        flops = 4 * hq * d * seqs * length * (length + 1) / 2
+        rows.append({"seqs": seqs, "len": length, "ours_ms": ours * 1e3, "sdpa_ms": sdpa * 1e3,
+                     "ours_tflops": flops / ours / 1e12, "sdpa_tflops": flops / sdpa / 1e12,
+                     "ours_vs_sdpa": sdpa / ours})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batches", default="1,16,64,256")
+    p.add_argument("--ctxs", default="512,2048,8192,32768")
+    p.add_argument("--prefill-shapes", default="16x512,8x1024,4x2048,2x4096")
+    p.add_argument("--heads", default="32,8,128", help="query heads, kv heads, head dim")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--output", default="benchmarks/results/attention_kernels.json")
+    p.add_argument("--commit", default=None)
+    args = p.parse_args(argv)
+    hq, hkv, d = (int(x) for x in args.heads.split(","))
+    dtype = torch.bfloat16
+    copy_bw = copy_bandwidth(torch.device("cuda"))
+    dec = decode_rows([int(x) for x in args.batches.split(",")],
+                      [int(x) for x in args.ctxs.split(",")], hq, hkv, d, args.block_size, dtype,
+                      copy_bw)
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.prefill_shapes.split(",")]
+    pre = prefill_rows(shapes, hq, hkv, d, args.block_size, dtype)
+    print(f"device copy bandwidth (read+write): {copy_bw / 1e12:.2f} TB/s")
+    print(f"{'B':>5}{'ctx':>7}{'ours ms':>10}{'sdpa ms':>10}{'ours TB/s':>11}{'of copy':>9}"
+          f"{'ours/sdpa':>11}")
+    for r in dec:
+        print(f"{r['batch']:>5}{r['ctx']:>7}{r['ours_ms']:>10.4f}{r['sdpa_ms']:>10.4f}"
+              f"{r['ours_kv_bw'] / 1e12:>11.2f}{r['ours_fraction_of_copy_bw']:>9.2f}"
+              f"{r['ours_vs_sdpa_time']:>11.2f}")
+    print(f"{'seqs':>5}{'len':>7}{'ours ms':>10}{'sdpa ms':>10}{'ours TF/s':>11}{'sdpa TF/s':>11}"
+          f"{'ratio':>8}")
+    for r in pre:
+        print(f"{r['seqs']:>5}{r['len']:>7}{r['ours_ms']:>10.3f}{r['sdpa_ms']:>10.3f}"
+              f"{r['ours_tflops']:>11.1f}{r['sdpa_tflops']:>11.1f}{r['ours_vs_sdpa']:>8.2f}")
+    claims = []
+    anchor = [r for r in dec if r["batch"] == 64 and r["ctx"] == 2048]
+    if anchor:
+        claims.append({"name": "decode_kernel_fraction_of_copy_bw",
+                       "value": anchor[0]["ours_fraction_of_copy_bw"], "unit": "fraction"})
+    if pre:
+        biggest = max(pre, key=lambda r: r["seqs"] * r["len"] ** 2)
+        claims.append({"name": "prefill_kernel_vs_sdpa", "value": biggest["ours_vs_sdpa"],
+                       "unit": "x"})
+    figures = {"dtype": "bfloat16", "heads": {"q": hq, "kv": hkv, "dim": d},
+               "block_size": args.block_size, "copy_bandwidth_bytes_s": copy_bw,
+               "decode": dec, "prefill": pre}
+    result = write_results(args.output, command=command_line(), figures=figures, claims=claims,
+                           commit=args.commit)
+    print(f"wrote {args.output}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
