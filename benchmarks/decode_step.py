@@ -50,7 +50,8 @@ def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30) -> float:
 def run_batch(engine: Engine, batch: int, ctx: int, steps: int, seed: int) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(seed + batch)
     vocab = min(engine.hf_config.vocab_size, 100_000)
-    params = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True,
+    # Generous max_tokens: early-admitted requests decode while later ones still prefill.
+    params = SamplingParams(max_tokens=steps + 200, temperature=0.0, ignore_eos=True,
                             detokenize=False)
     ids = [engine.add_request(prompt_token_ids=torch.randint(0, vocab, (ctx,), generator=gen)
                               .tolist(), params=params) for _ in range(batch)]
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     bw = copy_bandwidth(device)
     engine = Engine(EngineConfig.from_kwargs(
         model=args.model, load_format="dummy", max_num_seqs=max(batches),
-        max_model_len=args.ctx + args.steps + 64, max_num_batched_tokens=8192,
+        max_model_len=args.ctx + args.steps + 256, max_num_batched_tokens=8192,
         enforce_eager=args.enforce_eager, attention_backend=args.attention_backend,
         seed=args.seed))
     cfg = engine.hf_config
