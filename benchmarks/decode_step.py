@@ -47,7 +47,8 @@ def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30) -> float:
     return 2 * nbytes / secs
 
 
-def run_batch(engine: Engine, batch: int, ctx: int, steps: int, seed: int) -> dict[str, Any]:
+def prefill_batch(engine: Engine, batch: int, ctx: int, steps: int, seed: int) -> list[str]:
+    """Add ``batch`` requests of ``ctx`` random prompt tokens and run until all are decoding."""
     gen = torch.Generator().manual_seed(seed + batch)
     vocab = min(engine.hf_config.vocab_size, 100_000)
     # Generous max_tokens: early-admitted requests decode while later ones still prefill.
@@ -55,11 +56,16 @@ def run_batch(engine: Engine, batch: int, ctx: int, steps: int, seed: int) -> di
                             detokenize=False)
     ids = [engine.add_request(prompt_token_ids=torch.randint(0, vocab, (ctx,), generator=gen)
                               .tolist(), params=params) for _ in range(batch)]
-    # Prefill everyone (and take the first decode step, which may warm up a graph bucket).
     while any(engine.requests[r].num_output_tokens < 2 for r in ids):
         engine.step()
     running = len(engine.scheduler.running)
     assert running == batch, f"only {running} of {batch} requests fit the KV cache"
+    return ids
+
+
+def time_steps(engine: Engine, ids: list[str], steps: int) -> dict[str, Any]:
+    """Time ``steps`` decode steps of the running batch, then abort it."""
+    batch = len(ids)
     engine.stats = type(engine.stats)()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -104,7 +110,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     kv_token_bytes = engine.runner.block_bytes // engine.config.cache.block_size
     rows = []
     for b in batches:
-        r = run_batch(engine, b, args.ctx, args.steps, args.seed)
+        r = time_steps(engine, prefill_batch(engine, b, args.ctx, args.steps, args.seed),
+                       args.steps)
         r["roofline_ms"] = (weight_bytes + r["kv_tokens_read"] * kv_token_bytes) / bw * 1e3
         r["vs_roofline"] = r["step_ms"] / r["roofline_ms"]
         rows.append(r)

@@ -1,0 +1,47 @@
+"""Where a decode step's GPU time goes: kernel-level profile of engine steps at one batch size.
+
+Not a claim benchmark: a tool for finding what to fuse or fix next. Prints the top kernels by
+total CUDA time over ``--steps`` steps of the engine after the batch is prefilled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from decode_step import prefill_batch, time_steps  # noqa: E402
+from fairswitch.config import EngineConfig  # noqa: E402
+from fairswitch.engine.engine import Engine  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="llama-3-8b")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--ctx", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--rows", type=int, default=25)
+    args = p.parse_args()
+    engine = Engine(EngineConfig.from_kwargs(
+        model=args.model, load_format="dummy", max_num_seqs=args.batch,
+        max_model_len=args.ctx + 512, max_num_batched_tokens=8192,
+        enforce_eager=args.enforce_eager))
+    ids = prefill_batch(engine, args.batch, args.ctx, args.steps + 3, 0)
+    for _ in range(3):
+        engine.step()  # warm up this batch size
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        r = time_steps(engine, ids, args.steps)
+    print(f"step {r['step_ms']:.2f} ms (profiled)")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows,
+                                    max_name_column_width=70))
+
+
+if __name__ == "__main__":
+    main()
