@@ -79,3 +79,32 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                                            scale=scale, enable_gqa=qi.shape[1] != k.shape[1])
         out[start:end] = o.squeeze(0).transpose(0, 1)
     return out
+
+
+def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                eps: float) -> torch.Tensor:
+    """rmsnorm(residual + x) * weight; ``residual`` (if given) becomes residual + x in place.
+
+    Normalize in fp32, round, then scale by the weight in the activation dtype (as HF Llama)."""
+    if residual is not None:
+        residual.add_(x)
+        x = residual
+    xf = x.float()
+    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return weight * normed
+
+
+def rope_(q: torch.Tensor, k: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,
+          positions: torch.Tensor) -> None:
+    """Rotate-half RoPE of q [T, Hq, D] and k [T, Hkv, D] in place (cos/sin caches [pos, D])."""
+    cos = cos_cache[positions].unsqueeze(1).to(q.dtype)
+    sin = sin_cache[positions].unsqueeze(1).to(q.dtype)
+    for x in (q, k):
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        x.copy_(x * cos + rotated * sin)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up

@@ -81,7 +81,7 @@ class Engine:
         backend = get_attention_backend(mc.attention_backend, self.device)
         t0 = time.perf_counter()
         model = loader.build_model(self.hf_config, backend, self.max_model_len, self.dtype,
-                                   self.device)
+                                   self.device, ops=self._elementwise_ops(backend.name))
         if mc.load_format == "dummy":
             loader.fill_dummy_weights(model, mc.seed)
         else:
@@ -99,6 +99,17 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.stats = StepStats()
+
+    @staticmethod
+    def _elementwise_ops(backend: str) -> Any:
+        # The Triton path fuses norms, RoPE and SiLU too; the torch path stays pure torch.
+        if backend == "triton":
+            from fairswitch.kernels import fused_ops
+
+            return fused_ops
+        from fairswitch.kernels import reference
+
+        return reference
 
     def _tokenizer_path(self, source: loader.ModelSource) -> Any:
         if self.config.model.tokenizer is not None:

@@ -31,17 +31,17 @@ class Linear(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    """Holds the weight; ``ops.add_rmsnorm`` does the (fused residual-add +) normalization."""
+
+    def __init__(self, dim: int, eps: float, ops: Any) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
         self.eps = eps
+        self.ops = ops
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Same arithmetic as the reference implementation: normalize in fp32, scale in x's dtype.
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """rmsnorm(residual + x); residual, if given, becomes residual + x in place."""
+        return self.ops.add_rmsnorm(x, residual, self.weight, self.eps)
 
 
 def rope_inv_freq(config: Any, head_dim: int) -> torch.Tensor:
@@ -74,30 +74,17 @@ class RotaryEmbedding(nn.Module):
         inv_freq = rope_inv_freq(config, head_dim)
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
-
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T, 1, D] for the step's positions: looked up once, used by every layer."""
-        return (self.cos[positions].unsqueeze(1).to(dtype),
-                self.sin[positions].unsqueeze(1).to(dtype))
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [T, H, D]; rotate-half convention of HF Llama checkpoints.
-    return x * cos + _rotate_half(x) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        # float32 caches [max_positions, head_dim], created on the model's device. Plain
+        # attributes, not buffers, so casting the model to bf16 leaves them in fp32.
+        self.cos = emb.cos()
+        self.sin = emb.sin()
 
 
 class Attention(nn.Module):
-    def __init__(self, config: Any, layer_idx: int, backend: Any) -> None:
+    def __init__(self, config: Any, layer_idx: int, backend: Any, ops: Any) -> None:
         super().__init__()
         self.layer_idx = layer_idx
+        self.ops = ops
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = head_dim_of(config)
@@ -109,53 +96,66 @@ class Attention(nn.Module):
                              bias=bool(getattr(config, "attention_bias", False)))
         self.backend = backend
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
                 kv_layer: tuple[torch.Tensor, torch.Tensor], meta: Any) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        self.ops.rope_(q, k, rope.cos, rope.sin, positions)  # rotates inside qkv
         out = self.backend.forward(q, k, v, kv_layer, meta)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
 class MLP(nn.Module):
-    def __init__(self, hidden: int, intermediate: int) -> None:
+    def __init__(self, hidden: int, intermediate: int, ops: Any) -> None:
         super().__init__()
-        self.intermediate = intermediate
         self.gate_up_proj = Linear(hidden, 2 * intermediate)
         self.down_proj = Linear(intermediate, hidden)
+        self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.ops.silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: Any, layer_idx: int, backend: Any) -> None:
-        super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer_idx, backend)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config.hidden_size, config.intermediate_size)
+    """Pre-norm block. The residual stream is carried separately so each norm fuses the add:
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                kv_layer: tuple[torch.Tensor, torch.Tensor], meta: Any) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, kv_layer, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        residual += h_prev; x = norm(residual); a = attn(x)
+        residual += a;      x = norm(residual); h = mlp(x)      -> (h, residual)
+    """
+
+    def __init__(self, config: Any, layer_idx: int, backend: Any, ops: Any) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
+        self.self_attn = Attention(config, layer_idx, backend, ops)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size, ops)
+
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+                rope: RotaryEmbedding, kv_layer: tuple[torch.Tensor, torch.Tensor], meta: Any
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:  # first layer: the embeddings are the residual stream
+            residual = h
+            x = self.input_layernorm(h)
+        else:
+            x = self.input_layernorm(h, residual)
+        a = self.self_attn(x, positions, rope, kv_layer, meta)
+        x = self.post_attention_layernorm(a, residual)
+        return self.mlp(x), residual
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: Any, backend: Any, max_positions: int) -> None:
+    def __init__(self, config: Any, backend: Any, max_positions: int, ops: Any) -> None:
+        """``ops``: fairswitch.kernels.reference (torch) or .fused_ops (Triton), same functions."""
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Parameter(
             torch.empty(config.vocab_size, config.hidden_size), requires_grad=False)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, backend) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+            DecoderLayer(config, i, backend, ops) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = None if self.tie_word_embeddings else Linear(
             config.hidden_size, config.vocab_size)
@@ -163,11 +163,11 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_layers: list[tuple[torch.Tensor, torch.Tensor]], meta: Any) -> torch.Tensor:
-        x = F.embedding(input_ids, self.embed_tokens)
-        rope = self.rope(positions, x.dtype)
+        h = F.embedding(input_ids, self.embed_tokens)
+        residual = None
         for layer, kv_layer in zip(self.layers, kv_layers):
-            x = layer(x, rope, kv_layer, meta)
-        return self.norm(x)
+            h, residual = layer(h, residual, positions, self.rope, kv_layer, meta)
+        return self.norm(h, residual)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens if self.lm_head is None else self.lm_head.weight

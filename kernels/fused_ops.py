@@ -1,0 +1,143 @@
+"""Triton fusions of the decoder's elementwise work (see reference.py for the torch versions).
+
+A decode step of an 8B model at batch 64 spent ~2.7 ms of ~9 ms GPU time in ~700 tiny unfused
+kernels (RMSNorm's fp32 upcast/mean/rsqrt/scale chain, RoPE's rotate-half/cat, SiLU*up). Each op
+here is one launch. Numerics follow the reference implementation: the residual sum is rounded to
+the activation dtype before it is normalized, the normalized value is rounded before the weight
+multiplies it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _add_rmsnorm_kernel(
+    x_ptr,  # [T, N] input (the sublayer output)
+    res_ptr,  # [T, N] residual stream, updated in place to res + x (if HAS_RESIDUAL)
+    w_ptr,  # [N] norm weight
+    out_ptr,  # [T, N] normalized output
+    N, eps,
+    stride_x, stride_r, stride_o,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # grid: (T,)
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < N
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(r.dtype)
+        tl.store(res_ptr + row * stride_r + offs, x, mask=mask)
+    xf = x.to(tl.float32)
+    var = tl.sum(xf * xf, axis=0) / N
+    normed = (xf * tl.rsqrt(var + eps)).to(x.dtype)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    out = (normed.to(tl.float32) * w.to(tl.float32)).to(x.dtype)
+    tl.store(out_ptr + row * stride_o + offs, out, mask=mask)
+
+
+def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                eps: float) -> torch.Tensor:
+    """rmsnorm(residual + x) * weight; ``residual`` (if given) becomes residual + x in place."""
+    assert x.dim() == 2 and x.stride(-1) == 1 and weight.is_contiguous()
+    T, N = x.shape
+    out = torch.empty((T, N), dtype=x.dtype, device=x.device)
+    if T == 0:
+        return out
+    res = residual if residual is not None else x
+    assert res.shape == x.shape and res.stride(-1) == 1 and res.dtype == x.dtype
+    _add_rmsnorm_kernel[(T,)](x, res, weight, out, N, eps, x.stride(0), res.stride(0),
+                              out.stride(0), HAS_RESIDUAL=residual is not None,
+                              BLOCK=triton.next_power_of_2(N))
+    return out
+
+
+@triton.jit
+def _rope_kernel(
+    q_ptr,  # [T, Hq, D] (strided view of the fused qkv output), rotated in place
+    k_ptr,  # [T, Hkv, D] (strided view), rotated in place
+    cos_ptr,  # [max_pos, D] float32
+    sin_ptr,  # [max_pos, D] float32
+    pos_ptr,  # [T] int64
+    num_q_heads, num_k_heads,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_c,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    # grid: (T, cdiv(Hq + Hkv, BLOCK_H)); rotate-half: x' = x * cos + [-x2, x1] * sin
+    t = tl.program_id(0).to(tl.int64)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    offs = tl.arange(0, HALF)
+    cos1 = tl.load(cos_ptr + pos * stride_c + offs)[None, :]
+    cos2 = tl.load(cos_ptr + pos * stride_c + HALF + offs)[None, :]
+    sin1 = tl.load(sin_ptr + pos * stride_c + offs)[None, :]
+    sin2 = tl.load(sin_ptr + pos * stride_c + HALF + offs)[None, :]
+    is_q = heads < num_q_heads
+    is_k = (heads >= num_q_heads) & (heads < num_q_heads + num_k_heads)
+    kh = tl.where(is_k, heads - num_q_heads, 0)
+    qh = tl.where(is_q, heads, 0)
+    base = tl.where(is_q[:, None], q_ptr + t * stride_qt + qh[:, None] * stride_qh,
+                    k_ptr + t * stride_kt + kh[:, None] * stride_kh)
+    mask = (is_q | is_k)[:, None]
+    x1 = tl.load(base + offs[None, :], mask=mask, other=0.0)
+    x2 = tl.load(base + HALF + offs[None, :], mask=mask, other=0.0)
+    x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
+    o1 = x1f * cos1 - x2f * sin1
+    o2 = x2f * cos2 + x1f * sin2
+    tl.store(base + offs[None, :], o1.to(x1.dtype), mask=mask)
+    tl.store(base + HALF + offs[None, :], o2.to(x1.dtype), mask=mask)
+
+
+def rope_(q: torch.Tensor, k: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,
+          positions: torch.Tensor) -> None:
+    """Rotate q [T, Hq, D] and k [T, Hkv, D] in place for their positions."""
+    T, hq, d = q.shape
+    hk = k.shape[1]
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and d % 2 == 0 and (d & (d - 1)) == 0
+    assert cos_cache.is_contiguous() and cos_cache.dtype == torch.float32
+    if T == 0:
+        return
+    block_h = min(16, triton.next_power_of_2(hq + hk))
+    grid = (T, triton.cdiv(hq + hk, block_h))
+    _rope_kernel[grid](q, k, cos_cache, sin_cache, positions, hq, hk, q.stride(0), q.stride(1),
+                       k.stride(0), k.stride(1), cos_cache.stride(0), HALF=d // 2,
+                       BLOCK_H=block_h)
+
+
+@triton.jit
+def _silu_mul_kernel(
+    gate_up_ptr,  # [T, 2 * I]: gate | up
+    out_ptr,  # [T, I]
+    inter, stride_g, stride_o,
+    BLOCK: tl.constexpr,
+):
+    # grid: (T, cdiv(I, BLOCK))
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < inter
+    g = tl.load(gate_up_ptr + t * stride_g + offs, mask=mask, other=0.0)
+    u = tl.load(gate_up_ptr + t * stride_g + inter + offs, mask=mask, other=0.0)
+    gf = g.to(tl.float32)
+    out = gf / (1.0 + tl.exp(-gf)) * u.to(tl.float32)
+    tl.store(out_ptr + t * stride_o + offs, out.to(g.dtype), mask=mask)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up = [gate | up] along the last dim."""
+    assert gate_up.dim() == 2 and gate_up.stride(-1) == 1 and gate_up.shape[1] % 2 == 0
+    T, two_i = gate_up.shape
+    inter = two_i // 2
+    out = torch.empty((T, inter), dtype=gate_up.dtype, device=gate_up.device)
+    if T == 0:
+        return out
+    block = 1024
+    _silu_mul_kernel[(T, triton.cdiv(inter, block))](gate_up, out, inter, gate_up.stride(0),
+                                                     out.stride(0), BLOCK=block)
+    return out
