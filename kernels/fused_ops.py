@@ -88,11 +88,16 @@ def _rope_kernel(
     mask = (is_q | is_k)[:, None]
     x1 = tl.load(base + offs[None, :], mask=mask, other=0.0)
     x2 = tl.load(base + HALF + offs[None, :], mask=mask, other=0.0)
+    dt = x1.dtype
+    # Round where the reference rounds (cos/sin to the activation dtype, each product, the sum):
+    # then bf16 outputs match transformers' bit for bit instead of drifting by an ulp.
+    c1, c2 = cos1.to(dt).to(tl.float32), cos2.to(dt).to(tl.float32)
+    s1, s2 = sin1.to(dt).to(tl.float32), sin2.to(dt).to(tl.float32)
     x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
-    o1 = x1f * cos1 - x2f * sin1
-    o2 = x2f * cos2 + x1f * sin2
-    tl.store(base + offs[None, :], o1.to(x1.dtype), mask=mask)
-    tl.store(base + HALF + offs[None, :], o2.to(x1.dtype), mask=mask)
+    o1 = (x1f * c1).to(dt).to(tl.float32) + (-x2f * s1).to(dt).to(tl.float32)
+    o2 = (x2f * c2).to(dt).to(tl.float32) + (x1f * s2).to(dt).to(tl.float32)
+    tl.store(base + offs[None, :], o1.to(dt), mask=mask)
+    tl.store(base + HALF + offs[None, :], o2.to(dt), mask=mask)
 
 
 def rope_(q: torch.Tensor, k: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,
@@ -125,7 +130,8 @@ def _silu_mul_kernel(
     g = tl.load(gate_up_ptr + t * stride_g + offs, mask=mask, other=0.0)
     u = tl.load(gate_up_ptr + t * stride_g + inter + offs, mask=mask, other=0.0)
     gf = g.to(tl.float32)
-    out = gf / (1.0 + tl.exp(-gf)) * u.to(tl.float32)
+    act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)  # rounded like the reference's silu output
+    out = act.to(tl.float32) * u.to(tl.float32)
     tl.store(out_ptr + t * stride_o + offs, out.to(g.dtype), mask=mask)
 
 
