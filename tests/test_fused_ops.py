@@ -72,3 +72,19 @@ def test_empty_batches():
     x = torch.zeros((0, 64), device=DEVICE)
     assert fused.add_rmsnorm(x, None, torch.ones(64, device=DEVICE), 1e-5).shape == (0, 64)
     assert fused.silu_mul(torch.zeros((0, 64), device=DEVICE)).shape == (0, 32)
+
+
+def test_engine_with_fused_ops_matches_transformers_fp32(monkeypatch, llama_dir):
+    """The whole model on the fused kernels (interpreted on CPU) keeps greedy parity in fp32."""
+    from fairswitch import LLM, SamplingParams
+    from fairswitch.engine.engine import Engine
+    from tests.conftest import hf_greedy
+
+    monkeypatch.setattr(Engine, "_elementwise_ops", staticmethod(lambda backend: fused))
+    llm = LLM(model=str(llama_dir), num_gpu_blocks=64, device=str(DEVICE), dtype="float32",
+              attention_backend="torch", enforce_eager=True)
+    assert llm.engine.runner.model.layers[0].mlp.ops is fused
+    ids = llm.get_tokenizer().encode("The quick brown fox")
+    out = llm.generate([ids], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True),
+                       use_tqdm=False)
+    assert out[0].outputs[0].token_ids == hf_greedy(llama_dir, ids, 8, device=str(DEVICE))
