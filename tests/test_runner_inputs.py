@@ -67,3 +67,31 @@ def test_bool_cli_flags():
     assert EngineConfig.from_cli_args(parser.parse_args([])).model.enforce_eager is False
     args = parser.parse_args(["--enforce-eager"])
     assert EngineConfig.from_cli_args(args).model.enforce_eager is True
+
+
+def test_triton_backend_matches_torch_backend_on_a_mixed_step():
+    """Both backends behind one interface, on a step of decodes + prefill chunks (the Triton one
+    in the interpreter on CPU)."""
+    from fairswitch.kv.kv_cache import KVCache
+    from fairswitch.runner.attention import TorchAttentionBackend, TritonAttentionBackend
+    from fairswitch.runner.model_runner import ModelRunner
+
+    bs, hkv, hq, d = 8, 2, 4, 32
+    reqs = [_req("d0", 11, 11, [3, 1], n_out=1), _req("d1", 17, 17, [0, 5, 2], n_out=1),
+            _req("p0", 20, 3, [4, 6, 7]), _req("p1", 5, 0, [8])]
+    sched = [(reqs[0], 1), (reqs[1], 1), (reqs[2], 17), (reqs[3], 5)]
+    batch = build_input_batch(sched, bs)
+    runner = ModelRunner.__new__(ModelRunner)
+    runner.device = torch.device("cpu")
+    meta = runner._metadata(batch)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn((batch.num_tokens, hq, d), generator=g)
+    k = torch.randn((batch.num_tokens, hkv, d), generator=g)
+    v = torch.randn((batch.num_tokens, hkv, d), generator=g)
+    outs = []
+    for backend in (TorchAttentionBackend(), TritonAttentionBackend()):
+        cache = KVCache(10, 2, bs, hkv, d, torch.float32, torch.device("cpu"))
+        prefix = torch.Generator().manual_seed(1)
+        cache.tensor.copy_(torch.randn(cache.tensor.shape, generator=prefix))  # cached prefixes
+        outs.append(backend.forward(q, k, v, cache.layer_views[1], meta))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)

@@ -79,6 +79,9 @@ class Engine:
         self.tokenizer = loader.load_tokenizer(self._tokenizer_path(source))
         self.max_model_len = self._max_model_len()
         backend = get_attention_backend(mc.attention_backend, self.device)
+        if backend.name == "triton" and config.cache.block_size < 8:
+            raise ValueError(f"block_size={config.cache.block_size}: the Triton attention kernels "
+                             "need block_size >= 8")
         t0 = time.perf_counter()
         model = loader.build_model(self.hf_config, backend, self.max_model_len, self.dtype,
                                    self.device, ops=self._elementwise_ops(backend.name))
@@ -155,7 +158,7 @@ class Engine:
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
-        text, ids = self._tokenize(prompt, prompt_token_ids)
+        text, ids = self.validate_prompt(prompt, prompt_token_ids)
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -167,8 +170,9 @@ class Engine:
         self.requests[request_id] = req
         return request_id
 
-    def _tokenize(self, prompt: str | list[int] | None,
-                  prompt_token_ids: list[int] | None) -> tuple[str | None, list[int]]:
+    def validate_prompt(self, prompt: str | list[int] | None,
+                        prompt_token_ids: list[int] | None) -> tuple[str | None, list[int]]:
+        """(text, token ids) of a prompt; ValueError if it is empty, too long or out of vocab."""
         if prompt_token_ids is None and isinstance(prompt, list):
             prompt, prompt_token_ids = None, prompt
         if prompt_token_ids is not None:

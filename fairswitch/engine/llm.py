@@ -45,7 +45,7 @@ class LLM:
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
         engine = self.engine
         # Tokenize and validate everything first so a bad prompt queues nothing.
-        checked = [engine._tokenize(*((None, p) if isinstance(p, list) else (p, None)))
+        checked = [engine.validate_prompt(*((None, p) if isinstance(p, list) else (p, None)))
                    for p in prompts]
         ids = [engine.add_request(text, p, prompt_token_ids=toks)
                for (text, toks), p in zip(checked, params)]

@@ -31,13 +31,33 @@ class AttentionMetadata:
 
 
 class AttentionBackend(ABC):
+    """Writes a step's K/V into the paged cache, then attends: decodes and prefills separately."""
+
     name: str
 
-    @abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_layer: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
                 ) -> torch.Tensor:
-        """Write this step's k, v into the cache, then attend; q [T, Hq, D] -> [T, Hq, D]."""
+        """q [T, Hq, D], k/v [T, Hkv, D] of this step -> attention output [T, Hq, D]."""
+        k_cache, v_cache = kv_layer
+        self.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        n = meta.num_decodes
+        if n == q.shape[0]:
+            return self.decode(q, k_cache, v_cache, meta)
+        out = torch.empty_like(q)
+        if n:
+            out[:n] = self.decode(q[:n], k_cache, v_cache, meta)
+        out[n:] = self.prefill(q[n:], k_cache, v_cache, meta)
+        return out
+
+    @abstractmethod
+    def write_kv(self, k_cache, v_cache, k, v, slot_mapping) -> None: ...
+
+    @abstractmethod
+    def decode(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor: ...
+
+    @abstractmethod
+    def prefill(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor: ...
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -45,21 +65,18 @@ class TorchAttentionBackend(AttentionBackend):
 
     name = "torch"
 
-    def forward(self, q, k, v, kv_layer, meta):
-        k_cache, v_cache = kv_layer
-        reference.write_kv(k_cache, v_cache, k, v, meta.slot_mapping, has_padding=False)
-        n = meta.num_decodes
-        if n == q.shape[0]:
-            return reference.paged_decode_attention(
-                q, k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens)
-        out = torch.empty_like(q)
-        if n:
-            out[:n] = reference.paged_decode_attention(
-                q[:n], k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens)
-        out[n:] = reference.paged_prefill_attention(
-            q[n:], k_cache, v_cache, meta.prefill_block_tables,
-            meta.prefill_query_start_loc_host, meta.prefill_seq_lens_host)
-        return out
+    def write_kv(self, k_cache, v_cache, k, v, slot_mapping):
+        # The eager runner never pads (only CUDA-graph buckets do, and they use Triton).
+        reference.write_kv(k_cache, v_cache, k, v, slot_mapping, has_padding=False)
+
+    def decode(self, q, k_cache, v_cache, meta):
+        return reference.paged_decode_attention(q, k_cache, v_cache, meta.decode_block_tables,
+                                                meta.decode_seq_lens)
+
+    def prefill(self, q, k_cache, v_cache, meta):
+        return reference.paged_prefill_attention(
+            q, k_cache, v_cache, meta.prefill_block_tables, meta.prefill_query_start_loc_host,
+            meta.prefill_seq_lens_host)
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -75,21 +92,17 @@ class TritonAttentionBackend(AttentionBackend):
 
         self._k = paged_attention
 
-    def forward(self, q, k, v, kv_layer, meta):
-        k_cache, v_cache = kv_layer
-        self._k.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-        n = meta.num_decodes
-        if n == q.shape[0]:
-            return self._k.paged_decode_attention(q, k_cache, v_cache, meta.decode_block_tables,
-                                                  meta.decode_seq_lens)
-        out = torch.empty_like(q)
-        if n:
-            out[:n] = self._k.paged_decode_attention(
-                q[:n], k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens)
-        out[n:] = self._k.paged_prefill_attention(
-            q[n:], k_cache, v_cache, meta.prefill_block_tables, meta.prefill_query_start_loc,
+    def write_kv(self, k_cache, v_cache, k, v, slot_mapping):
+        self._k.write_kv(k_cache, v_cache, k, v, slot_mapping)
+
+    def decode(self, q, k_cache, v_cache, meta):
+        return self._k.paged_decode_attention(q, k_cache, v_cache, meta.decode_block_tables,
+                                              meta.decode_seq_lens)
+
+    def prefill(self, q, k_cache, v_cache, meta):
+        return self._k.paged_prefill_attention(
+            q, k_cache, v_cache, meta.prefill_block_tables, meta.prefill_query_start_loc,
             meta.prefill_seq_lens, meta.max_query_len)
-        return out
 
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
