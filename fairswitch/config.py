@@ -67,6 +67,9 @@ class CacheConfig:
     kv_cache_memory_gib: float | None = _opt(
         None, "KV cache size in GiB (default on CPU: 1; on CUDA: from --gpu-memory-utilization)"
     )
+    swap_space: float = _opt(
+        4.0, "CPU swap space in GiB for the KV of preempted requests (0: never swap, recompute)"
+    )
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -79,6 +82,8 @@ class CacheConfig:
             )
         if self.kv_cache_memory_gib is not None and self.kv_cache_memory_gib <= 0:
             raise ValueError(f"kv_cache_memory_gib must be > 0, got {self.kv_cache_memory_gib}")
+        if self.swap_space < 0:
+            raise ValueError(f"swap_space must be >= 0 GiB, got {self.swap_space}")
 
 
 @dataclass
@@ -88,6 +93,12 @@ class SchedulerConfig:
         2048, "token budget of one step; longer prompts are prefilled in chunks"
     )
     max_waiting: int | None = _opt(None, "max queued requests; more are refused (default: no cap)")
+    preemption_mode: str = _opt(
+        "auto", "how a preempted request gives up its KV: auto (cheaper by the cost model), "
+        "swap (to CPU), recompute", ("auto", "swap", "recompute"))
+    swap_link_gb_s: float = _opt(25.0, "host link bandwidth the swap cost model assumes (GB/s)")
+    prefill_tokens_per_s: float = _opt(
+        20000.0, "prefill throughput the recompute cost model assumes (tokens/s)")
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -98,6 +109,11 @@ class SchedulerConfig:
             )
         if self.max_waiting is not None and self.max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
+        if self.preemption_mode not in ("auto", "swap", "recompute"):
+            raise ValueError("preemption_mode must be one of auto, swap, recompute, got "
+                             f"{self.preemption_mode!r}")
+        if self.swap_link_gb_s <= 0 or self.prefill_tokens_per_s <= 0:
+            raise ValueError("swap_link_gb_s and prefill_tokens_per_s must be > 0")
 
 
 _SECTIONS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}

@@ -22,9 +22,10 @@ from fairswitch.sampling_params import SamplingParams
 class RequestStatus(enum.IntEnum):
     WAITING = 0
     RUNNING = 1
-    FINISHED_STOPPED = 2
-    FINISHED_LENGTH = 3
-    FINISHED_ABORTED = 4
+    SWAPPED = 2  # preempted with its KV in the CPU swap space (or on its way back)
+    FINISHED_STOPPED = 3
+    FINISHED_LENGTH = 4
+    FINISHED_ABORTED = 5
 
     @property
     def finished(self) -> bool:
@@ -51,6 +52,9 @@ class Request:
     token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
+    # KV saved in the CPU swap space: blocks, and how many leading tokens they hold validly.
+    cpu_block_table: list[int] = field(default_factory=list)
+    num_cpu_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     # Owned by the output processor (detokenizer state) and the sampler (torch.Generator).

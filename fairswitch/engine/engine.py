@@ -18,6 +18,8 @@ import torch
 from fairswitch.config import EngineConfig
 from fairswitch.engine.output_processor import OutputProcessor
 from fairswitch.kv.cache_manager import KVCacheManager
+from fairswitch.kv.copy_backend import SyncCopyBackend, TorchStreamCopyBackend
+from fairswitch.kv.swap_manager import SwapManager
 from fairswitch.model import loader
 from fairswitch.outputs import RequestOutput
 from fairswitch.request import Request, RequestStatus
@@ -96,12 +98,26 @@ class Engine:
         if self.device.type == "cuda" and backend.name == "triton" and not mc.enforce_eager:
             self.runner.capture_cuda_graphs(config.scheduler.max_num_seqs, self.max_model_len)
         self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size)
-        self.scheduler = Scheduler(config.scheduler, self.kv)
+        self.swap = self._swap_manager()
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.swap)
         self.output_processor = OutputProcessor(self.tokenizer, self._eos_ids(source),
                                                 self.max_model_len)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.stats = StepStats()
+
+    def _swap_manager(self) -> SwapManager | None:
+        gib = self.config.cache.swap_space
+        num_cpu_blocks = int(gib * (1 << 30)) // self.runner.block_bytes
+        if num_cpu_blocks == 0:
+            return None
+        gpu_tensor = self.runner.kv_cache.tensor
+        on_cuda = self.device.type == "cuda"
+        # Pinned on CUDA so copies are DMA; never read before written, so left uninitialized.
+        cpu_tensor = torch.empty((num_cpu_blocks, *gpu_tensor.shape[1:]), dtype=gpu_tensor.dtype,
+                                 pin_memory=on_cuda)
+        backend = TorchStreamCopyBackend(self.device) if on_cuda else SyncCopyBackend()
+        return SwapManager(self.kv, gpu_tensor, num_cpu_blocks, cpu_tensor, backend)
 
     @staticmethod
     def _elementwise_ops(backend: str) -> Any:
@@ -215,7 +231,7 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
-        sched = self.scheduler.schedule()
+        sched = self.scheduler.schedule()  # also retires swap copies that have landed
         if not sched.scheduled:
             return []
         t1 = time.perf_counter()
@@ -245,6 +261,15 @@ class Engine:
         """Raise if KV blocks leaked: every block is free or owned by a live request, once."""
         self.kv.pool.check()
         owned = sum(len(r.block_table) for r in self.requests.values())
-        if owned != self.kv.pool.num_used_blocks:
-            raise AssertionError(f"{self.kv.pool.num_used_blocks} blocks in use but live "
-                                 f"requests own {owned}")
+        in_flight = self.swap.num_gpu_blocks_in_flight() if self.swap is not None else 0
+        if owned + in_flight != self.kv.pool.num_used_blocks:
+            raise AssertionError(f"{self.kv.pool.num_used_blocks} GPU blocks in use but live "
+                                 f"requests own {owned} and copies hold {in_flight}")
+        if self.swap is not None:
+            cpu = self.swap.cpu_pool
+            cpu.check()
+            owned = sum(len(r.cpu_block_table) for r in self.requests.values())
+            in_flight = self.swap.num_cpu_blocks_in_flight()
+            if owned + in_flight != cpu.num_used_blocks:
+                raise AssertionError(f"{cpu.num_used_blocks} CPU blocks in use but live "
+                                     f"requests own {owned} and copies hold {in_flight}")

@@ -1,0 +1,48 @@
+"""Per-victim choice of how to preempt: swap the KV to the CPU, or drop it and recompute later.
+
+Cost model: swapping moves the blocks not yet saved out and every block back in over the host
+link; recomputing prefills every computed token again. Pick the cheaper; recompute when there is
+no swap space, the CPU pool cannot take the request, or the context is too short to be worth a
+switch. ``mode`` can force either.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fairswitch.kv.swap_manager import SwapManager
+from fairswitch.request import Request
+
+SWAP, RECOMPUTE = "swap", "recompute"
+MODES = ("auto", SWAP, RECOMPUTE)
+
+
+@dataclass
+class PreemptionPolicy:
+    mode: str = "auto"
+    link_bytes_per_s: float = 25e9  # host link, one direction
+    prefill_tokens_per_s: float = 20_000.0
+    min_swap_tokens: int = 1  # contexts shorter than this are always recomputed
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"preemption_mode must be one of {MODES}, got {self.mode!r}")
+
+    def swap_seconds(self, req: Request, swap: SwapManager) -> float:
+        blocks_out = swap.swap_out_blocks(req)
+        blocks_in = swap.gpu.blocks_needed(req.num_computed_tokens)
+        return (blocks_out + blocks_in) * swap.block_bytes / self.link_bytes_per_s
+
+    def recompute_seconds(self, req: Request) -> float:
+        return req.num_computed_tokens / self.prefill_tokens_per_s
+
+    def choose(self, req: Request, swap: SwapManager | None) -> str:
+        if swap is None or self.mode == RECOMPUTE or req.num_computed_tokens == 0:
+            return RECOMPUTE
+        if not swap.can_swap_out(req):
+            return RECOMPUTE  # the CPU pool is full
+        if self.mode == SWAP:
+            return SWAP
+        if req.num_computed_tokens < self.min_swap_tokens:
+            return RECOMPUTE
+        return SWAP if self.swap_seconds(req, swap) < self.recompute_seconds(req) else RECOMPUTE

@@ -1,0 +1,163 @@
+"""Context switches: swap vs recompute preemption, async copies, incremental swap-out, accounting."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from fairswitch import LLM, SamplingParams
+from fairswitch.kv.copy_backend import DelayedCopyBackend, SyncCopyBackend
+from fairswitch.kv.extents import copy_extents, num_extents
+from fairswitch.request import Request
+from fairswitch.scheduler.preemption import PreemptionPolicy
+
+PROMPTS = ["The quick brown fox jumps over the lazy dog because", "def fibonacci(n):",
+           "Paged attention stores the KV cache in fixed-size blocks, so that memory is "
+           "allocated on demand", "Hi"]
+N_OUT = 12
+
+
+def greedy(n: int = N_OUT) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def expected(llama_dir):
+    llm = LLM(model=str(llama_dir), num_gpu_blocks=256, swap_space=0)
+    outs = llm.generate(PROMPTS, greedy(), use_tqdm=False)
+    assert llm.engine.scheduler.num_preemptions == 0
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def tight_llm(llama_dir, mode: str, delay: int = 0, swap_space: float = 0.01) -> LLM:
+    # 12 blocks of 4 tokens cannot hold all four requests at once: constant preemption.
+    llm = LLM(model=str(llama_dir), num_gpu_blocks=12, block_size=4, max_model_len=48,
+              preemption_mode=mode, swap_space=swap_space)
+    if delay:
+        llm.engine.swap.backend = DelayedCopyBackend(delay)
+    return llm
+
+
+@pytest.mark.parametrize("mode, delay", [("swap", 0), ("swap", 3), ("recompute", 0),
+                                         ("auto", 0), ("auto", 2)])
+def test_outputs_identical_under_forced_preemption(llama_dir, expected, mode, delay):
+    llm = tight_llm(llama_dir, mode, delay)
+    outs = llm.generate(PROMPTS, greedy(), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    sched = llm.engine.scheduler
+    assert sched.num_preemptions > 0
+    if mode == "swap":
+        assert sched.preemptions_by_mode == {"swap": sched.num_preemptions, "recompute": 0}
+        assert llm.engine.swap.backend.stats.bytes_out > 0
+    if mode == "recompute":
+        assert sched.preemptions_by_mode["swap"] == 0
+    engine = llm.engine
+    engine.check_accounting()
+    assert engine.kv.num_free_blocks == 12
+    assert engine.swap.cpu_pool.num_free_blocks == engine.swap.cpu_pool.num_blocks
+
+
+def test_full_cpu_pool_falls_back_to_recompute(llama_dir, expected):
+    # Room for one small request's KV on the CPU: the rest must be recomputed.
+    block_bytes = 2 * 2 * 4 * 2 * 16 * 4  # layers x K/V x tokens x kv heads x dim x fp32
+    llm = tight_llm(llama_dir, "swap", swap_space=3 * block_bytes / 2**30)
+    assert llm.engine.runner.block_bytes == block_bytes
+    assert llm.engine.swap.cpu_pool.num_blocks == 3
+    outs = llm.generate(PROMPTS, greedy(), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    assert llm.engine.scheduler.preemptions_by_mode["recompute"] > 0
+    llm.engine.check_accounting()
+
+
+def test_aborts_mid_copy_and_random_churn_keep_pools_whole(llama_dir):
+    llm = tight_llm(llama_dir, "swap", delay=2)
+    engine = llm.engine
+    rng = random.Random(7)
+    ids = [engine.add_request(PROMPTS[i % 4] * rng.randint(1, 2),
+                              SamplingParams(max_tokens=rng.randint(2, 12), ignore_eos=True))
+           for i in range(10)]
+    steps = 0
+    aborted_in_flight = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        engine.check_accounting()
+        steps += 1
+        if steps % 4 == 0:
+            in_flight = [r.request_id for r in (*engine.swap.outgoing, *engine.swap.incoming)]
+            victim = in_flight[0] if in_flight else rng.choice(ids)
+            aborted_in_flight += bool(in_flight)
+            engine.abort_request(victim)
+    assert aborted_in_flight > 0  # the interesting case happened
+    assert not engine.swap.has_in_flight()
+    assert engine.kv.num_free_blocks == 12
+    assert engine.swap.cpu_pool.num_free_blocks == engine.swap.cpu_pool.num_blocks
+
+
+def test_incremental_swap_out_moves_only_new_blocks(llama_dir):
+    llm = LLM(model=str(llama_dir), num_gpu_blocks=64, block_size=4, max_model_len=64,
+              swap_space=0.01)
+    engine = llm.engine
+    swap, sched = engine.swap, engine.scheduler
+    rid = engine.add_request(prompt_token_ids=list(range(1000, 1018)), params=greedy(30))
+    req = engine.requests[rid]
+    while req.num_output_tokens < 2:
+        engine.step()
+    block = swap.block_bytes
+    # First swap-out: every computed token's block (19 tokens -> 5 blocks).
+    sched.running.remove(req)
+    swap.swap_out(req)
+    swap.poll()
+    assert swap.backend.stats.bytes_out == 5 * block
+    assert swap.backend.stats.num_copies == 1  # 5 consecutive blocks -> one extent
+    swap.swap_in(req)
+    sched._land(swap.poll())
+    for _ in range(6):
+        engine.step()  # 6 more tokens: positions 19..24
+    before = swap.backend.stats.bytes_out
+    sched.running.remove(req)
+    swap.swap_out(req)
+    # Saved: 19 tokens = 4 full blocks + a partial one; now 25 computed -> blocks 4..6 move.
+    assert swap.backend.stats.bytes_out - before == 3 * block
+    swap.poll()
+    swap.swap_in(req)
+    sched._land(swap.poll())
+    while engine.has_unfinished_requests():
+        engine.step()
+    engine.check_accounting()
+
+
+def test_copy_extents_coalesce_and_baseline_copies_per_layer():
+    assert copy_extents([7, 8, 9, 2, 3], [40, 41, 42, 43, 44]) == [(7, 40, 3), (2, 43, 2)]
+    assert copy_extents([], []) == []
+    assert num_extents([3, 4, 5, 9, 10, 1]) == 3
+    import torch
+
+    src = torch.randn(10, 3, 2, 4, 2, 8)
+    dst = torch.zeros(10, 3, 2, 4, 2, 8)
+    fast, base = SyncCopyBackend(), SyncCopyBackend(per_layer=True)
+    fast.submit(src, dst, copy_extents([0, 1, 2], [5, 6, 7]), to_host=True)
+    assert torch.equal(dst[5:8], src[0:3]) and fast.stats.num_copies == 1
+    base.submit(src, dst, copy_extents([0, 1, 2], [5, 6, 7]), to_host=True)
+    assert base.stats.num_copies == 3 * 3 * 2  # blocks x layers x K/V
+    assert base.stats.bytes_out == fast.stats.bytes_out
+
+
+def test_policy_prefers_cheaper_mode(llama_dir):
+    llm = LLM(model=str(llama_dir), num_gpu_blocks=64, block_size=4, max_model_len=64,
+              swap_space=0.01)
+    swap = llm.engine.swap
+    req = Request("x", list(range(40)), SamplingParams(), 0.0)
+    req.num_computed_tokens = 40
+    req.block_table = list(range(10))
+    slow_link = PreemptionPolicy("auto", link_bytes_per_s=1.0, prefill_tokens_per_s=1e6)
+    fast_link = PreemptionPolicy("auto", link_bytes_per_s=1e12, prefill_tokens_per_s=10.0)
+    assert slow_link.choose(req, swap) == "recompute"
+    assert fast_link.choose(req, swap) == "swap"
+    assert PreemptionPolicy("swap").choose(req, None) == "recompute"  # no swap space
+    assert PreemptionPolicy("recompute").choose(req, swap) == "recompute"
+    short = PreemptionPolicy("auto", link_bytes_per_s=1e12, prefill_tokens_per_s=10.0,
+                             min_swap_tokens=100)
+    assert short.choose(req, swap) == "recompute"
+    with pytest.raises(ValueError, match="preemption_mode"):
+        PreemptionPolicy("sometimes")
