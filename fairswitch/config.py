@@ -67,6 +67,8 @@ class CacheConfig:
     kv_cache_memory_gib: float | None = _opt(
         None, "KV cache size in GiB (default on CPU: 1; on CUDA: from --gpu-memory-utilization)"
     )
+    enable_prefix_caching: bool = _opt(
+        True, "keep finished requests' KV keyed by token prefix and reuse it (multi-turn)")
     swap_space: float = _opt(
         4.0, "CPU swap space in GiB for the KV of preempted requests (0: never swap, recompute)"
     )

@@ -55,6 +55,7 @@ class Request:
     # KV saved in the CPU swap space: blocks, and how many leading tokens they hold validly.
     cpu_block_table: list[int] = field(default_factory=list)
     num_cpu_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens whose KV was reused from the prefix cache
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     # Owned by the output processor (detokenizer state) and the sampler (torch.Generator).

@@ -7,6 +7,7 @@ raises there (``ValueError`` naming the problem) and never disturbs the ones alr
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 import json
 import logging
 import time
@@ -97,7 +98,8 @@ class Engine:
                                   self.max_model_len, self.device, self.dtype, mc.seed)
         if self.device.type == "cuda" and backend.name == "triton" and not mc.enforce_eager:
             self.runner.capture_cuda_graphs(config.scheduler.max_num_seqs, self.max_model_len)
-        self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size)
+        self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size,
+                                 config.cache.enable_prefix_caching)
         self.swap = self._swap_manager()
         self.scheduler = Scheduler(config.scheduler, self.kv, self.swap)
         self.output_processor = OutputProcessor(self.tokenizer, self._eos_ids(source),
@@ -260,11 +262,22 @@ class Engine:
     def check_accounting(self) -> None:
         """Raise if KV blocks leaked: every block is free or owned by a live request, once."""
         self.kv.pool.check()
-        owned = sum(len(r.block_table) for r in self.requests.values())
-        in_flight = self.swap.num_gpu_blocks_in_flight() if self.swap is not None else 0
-        if owned + in_flight != self.kv.pool.num_used_blocks:
-            raise AssertionError(f"{self.kv.pool.num_used_blocks} GPU blocks in use but live "
-                                 f"requests own {owned} and copies hold {in_flight}")
+        refs = Counter(b for r in self.requests.values() for b in r.block_table)
+        if self.swap is not None:
+            refs.update(self.swap.gpu_blocks_in_flight())
+        pc = self.kv.prefix_cache
+        if pc is not None:
+            wrong = [b for b in range(self.kv.num_blocks) if pc.refs[b] != refs.get(b, 0)]
+            if wrong:
+                raise AssertionError(f"reference counts off for blocks {wrong[:8]}")
+            held = len(refs) + len(pc.evictable)
+        else:
+            if any(n > 1 for n in refs.values()):
+                raise AssertionError("a block is in two block tables without prefix caching")
+            held = len(refs)
+        if held != self.kv.pool.num_used_blocks:
+            raise AssertionError(f"{self.kv.pool.num_used_blocks} GPU blocks in use but requests, "
+                                 f"copies and the prefix cache hold {held}")
         if self.swap is not None:
             cpu = self.swap.cpu_pool
             cpu.check()

@@ -111,4 +111,5 @@ class OutputProcessor:
             outputs=[completion],
             finished=finished,
             metrics=request.metrics,
+            num_cached_tokens=request.num_cached_tokens,
         )

@@ -107,7 +107,7 @@ class SwapManager:
         """Start copying ``req``'s KV back; it may run once ``poll`` reports it ready."""
         assert self.can_swap_in(req) and not req.block_table
         total = self.gpu.blocks_needed(req.num_cpu_tokens)
-        req.block_table = self.gpu.pool.allocate(total)
+        req.block_table = self.gpu.allocate_blocks(total)
         extents = copy_extents(req.cpu_block_table[:total], req.block_table)
         handle = self.backend.submit(self.cpu_tensor, self.gpu_tensor, extents, to_host=False)
         self.incoming[req] = _Transfer(handle)
@@ -117,7 +117,7 @@ class SwapManager:
         """Retire finished copies; return the requests whose swap-in has landed."""
         for req, t in list(self.outgoing.items()):
             if self.backend.done(t.handle):
-                self.gpu.pool.free(t.gpu_blocks_to_free)
+                self.gpu.release_blocks(t.gpu_blocks_to_free)
                 del self.outgoing[req]
         ready = [req for req, t in self.incoming.items() if self.backend.done(t.handle)]
         for req in ready:
@@ -134,7 +134,7 @@ class SwapManager:
     def _retire_orphan(self, t: _Transfer) -> bool:
         if not self.backend.done(t.handle):
             return False
-        self.gpu.pool.free(t.gpu_blocks_to_free)
+        self.gpu.release_blocks(t.gpu_blocks_to_free)
         self.cpu_pool.free(t.cpu_blocks_to_free)
         return True
 
@@ -164,8 +164,9 @@ class SwapManager:
     def has_in_flight(self) -> bool:
         return bool(self.outgoing or self.incoming or self._orphans)
 
-    def num_gpu_blocks_in_flight(self) -> int:
-        return sum(len(t.gpu_blocks_to_free) for t in [*self.outgoing.values(), *self._orphans])
+    def gpu_blocks_in_flight(self) -> list[int]:
+        """GPU blocks held by copies (draining swap-outs, aborted requests' transfers)."""
+        return [b for t in [*self.outgoing.values(), *self._orphans] for b in t.gpu_blocks_to_free]
 
     def num_cpu_blocks_in_flight(self) -> int:
         return sum(len(t.cpu_blocks_to_free) for t in self._orphans)

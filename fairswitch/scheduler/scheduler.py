@@ -49,6 +49,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.preemptions_by_mode = {SWAP: 0, RECOMPUTE: 0}
         self.switch_stall_s = 0.0  # time spent blocked on swap-ins with nothing else to run
+        self.num_reused_tokens = 0  # prompt tokens whose KV came from the prefix cache
 
     def add_request(self, request: Request) -> None:
         if self.config.max_waiting is not None and len(self.waiting) >= self.config.max_waiting:
@@ -126,9 +127,16 @@ class Scheduler:
         while (self.waiting and budget > 0
                and len(self.running) + in_flight < self.config.max_num_seqs):
             req = self.waiting[0]
+            reused = self.kv.attach_cached_prefix(req)
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if not self.kv.allocate_slots(req, n):
+                if reused:  # let go of the shared prefix while it waits
+                    self.kv.free(req)
+                    req.num_computed_tokens = 0
                 break
+            if reused:
+                req.num_cached_tokens += reused
+                self.num_reused_tokens += reused
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             if req.metrics.first_scheduled_time is None:

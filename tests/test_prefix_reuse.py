@@ -1,0 +1,85 @@
+"""Multi-turn KV reuse: the next turn's prompt starts with the whole history and skips its prefill."""
+
+from __future__ import annotations
+
+import pytest
+
+from fairswitch import LLM, SamplingParams
+from fairswitch.kv import prefix_cache as pcmod
+from fairswitch.kv.block_pool import BlockPool
+from fairswitch.kv.prefix_cache import PrefixCache
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+
+
+def conversation(llm: LLM) -> tuple[list[list[int]], list[int]]:
+    """Three turns; each prompt = previous prompt + previous answer + a new user message."""
+    tok = llm.get_tokenizer()
+    history = tok.encode("System: you are terse.\nUser: tell me about paged attention please.")
+    outputs, cached = [], []
+    for msg in ["\nUser: and swapping?", "\nUser: and fairness?", ""]:
+        out = llm.generate([history], GREEDY, use_tqdm=False)[0]
+        outputs.append(out.outputs[0].token_ids)
+        cached.append(out.num_cached_tokens)
+        history = history + out.outputs[0].token_ids + tok.encode(msg) if msg else history
+    return outputs, cached
+
+
+def test_next_turn_reuses_kv_and_outputs_are_unchanged(llama_dir):
+    plain = LLM(model=str(llama_dir), num_gpu_blocks=128, block_size=4, max_model_len=256,
+                enable_prefix_caching=False)
+    reuse = LLM(model=str(llama_dir), num_gpu_blocks=128, block_size=4, max_model_len=256)
+    want, cached_plain = conversation(plain)
+    got, cached = conversation(reuse)
+    assert got == want
+    assert cached_plain == [0, 0, 0]
+    assert cached[0] == 0 and cached[1] > 0 and cached[2] > cached[1]
+    pc = reuse.engine.kv.prefix_cache
+    assert pc.num_hit_blocks * 4 == sum(cached) == reuse.engine.scheduler.num_reused_tokens
+    reuse.engine.check_accounting()
+
+
+def test_cached_blocks_never_block_live_requests(llama_dir):
+    llm = LLM(model=str(llama_dir), num_gpu_blocks=16, block_size=4, max_model_len=60,
+              swap_space=0)
+    tok = llm.get_tokenizer()
+    for i in range(6):  # fill the cache with unrelated finished requests
+        llm.generate(f"cache filler number {i} with some words", GREEDY, use_tqdm=False)
+    pc = llm.engine.kv.prefix_cache
+    assert pc.num_cached_blocks > 0 and llm.engine.kv.num_free_blocks == 16
+    big = tok.encode("a long prompt " * 14)[:50]
+    out = llm.generate([big], SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 8  # needed 15 of 16 blocks: cache was evicted
+    assert llm.engine.scheduler.num_preemptions == 0
+    llm.engine.check_accounting()
+
+
+def test_full_prompt_hit_still_computes_last_token(llama_dir):
+    llm = LLM(model=str(llama_dir), num_gpu_blocks=64, block_size=4, max_model_len=128)
+    ids = list(range(1000, 1016))  # exactly 4 full blocks
+    a = llm.generate([ids], GREEDY, use_tqdm=False)[0]
+    b = llm.generate([ids], GREEDY, use_tqdm=False)[0]
+    assert b.num_cached_tokens == 12  # 3 blocks: the last block holds the token to sample from
+    assert a.outputs[0].token_ids == b.outputs[0].token_ids
+
+
+def test_hash_collision_is_caught_by_token_check(monkeypatch):
+    cache = PrefixCache(BlockPool(8), block_size=2)
+    monkeypatch.setattr(pcmod, "block_hashes", lambda t, n, bs: [42] * (n // bs))
+    cache.register([1, 2, 3, 4], 4, [5, 6])
+    assert cache.match([1, 2, 9, 9, 0], 4) == [5]  # second block's hash matches, tokens do not
+    assert cache.match([7, 7, 3, 4], 4) == []
+
+
+def test_lru_eviction_order():
+    pool = BlockPool(4)
+    cache = PrefixCache(pool, block_size=1)
+    blocks = pool.allocate(3)
+    for b in blocks:
+        cache.take(b)
+    cache.register([10, 11, 12], 3, blocks)
+    for b in (blocks[1], blocks[0], blocks[2]):  # released in this order: LRU first
+        assert cache.release(b) is False
+    assert [cache.evict() for _ in range(3)] == [blocks[1], blocks[0], blocks[2]]
+    with pytest.raises(KeyError):
+        cache.evict()
