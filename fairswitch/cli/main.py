@@ -7,7 +7,7 @@ import logging
 import sys
 
 from fairswitch import __version__
-from fairswitch.cli import generate
+from fairswitch.cli import generate, serve
 
 
 class _FullHelp(argparse.Action):
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     subs = parser.add_subparsers(dest="command", metavar="COMMAND")
     parser._commands = {  # type: ignore[attr-defined]
         "generate": generate.add_parser(subs),
+        "serve": serve.add_parser(subs),
     }
     return parser
 

@@ -1,0 +1,77 @@
+"""``fairswitch serve``: the OpenAI-compatible HTTP server (see README, "HTTP API")."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from pathlib import Path
+
+from fairswitch.config import EngineConfig, add_engine_args
+
+logger = logging.getLogger(__name__)
+
+
+def add_parser(subs: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from fairswitch.server.settings import DEFAULT_MAX_BODY_BYTES
+
+    p = subs.add_parser("serve", help="serve the OpenAI-compatible HTTP API",
+                        description="Serve /v1/completions, /v1/chat/completions and friends "
+                                    "over HTTP (Server-Sent Events for streams).")
+    s = p.add_argument_group("server")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; 0.0.0.0 for every interface (default: 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one "
+                   "(default: 8000)")
+    s.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every route but /health, "
+                        "/version and /metrics (default: no key)")
+    s.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="model name(s) clients send in 'model'; the first is reported in "
+                        "responses (default: the --model value)")
+    s.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                   help=f"largest request body accepted; larger ones get 413 "
+                        f"(default: {DEFAULT_MAX_BODY_BYTES})")
+    s.add_argument("--chat-template", default=None,
+                   help="Jinja chat template (a file, or the template itself) replacing the "
+                        "tokenizer's (default: the tokenizer's, else a plain-text one)")
+    s.add_argument("--shutdown-timeout", type=float, default=5.0,
+                   help="seconds in-flight requests may keep running after SIGTERM/SIGINT "
+                        "before they are aborted (default: 5)")
+    add_engine_args(p)
+    p.set_defaults(run=run)
+    return p
+
+
+def _chat_template(value: str | None) -> str | None:
+    if value is None:
+        return None
+    path = Path(value)
+    if "{" not in value and not path.is_file():
+        raise FileNotFoundError(f"chat template file {value} does not exist")
+    return path.read_text() if "{" not in value else value
+
+
+def run(args: argparse.Namespace) -> int:
+    from fairswitch.engine.async_engine import AsyncEngine
+    from fairswitch.server import ServerSettings, build_app, serve_forever
+
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    settings = ServerSettings(
+        served_model_names=args.served_model_name or [args.model], api_key=args.api_key,
+        max_body_bytes=args.max_body_bytes, chat_template=_chat_template(args.chat_template))
+    engine = AsyncEngine.from_config(EngineConfig.from_cli_args(args))
+    app = build_app(engine, settings)
+
+    def started(url: str) -> None:
+        # Printed (not logged) so that scripts can wait for it; port 0 shows the chosen port.
+        print(f"fairswitch serve: {settings.served_model_names[0]} on {url}", flush=True)
+
+    try:
+        asyncio.run(serve_forever(app, args.host, args.port,
+                                  shutdown_timeout=args.shutdown_timeout, on_started=started))
+    finally:
+        engine.shutdown()  # no-op when the app's cleanup already stopped it
+    print("fairswitch serve: stopped", flush=True)
+    return 0

@@ -1,0 +1,297 @@
+"""The aiohttp application: OpenAI-compatible routes over one ``AsyncEngine``.
+
+A generation request goes: body -> ``protocol`` (typed, validated) -> prompt token ids (the
+tokenizer's chat template for chat) -> ``AsyncEngine.generate(priority=, client_id=)`` -> one JSON
+body, or an SSE stream. The first output is awaited before the response starts, so a request the
+engine refuses (bad prompt, queue full) still gets its HTTP status; after that, errors travel
+in-band as ``data: {"error": ...}``. The output iterator is always closed when the handler ends,
+whether it finished, failed, or was cancelled because the client went away: closing it aborts
+the request and frees its KV blocks.
+
+The tokenizer is used on the event-loop thread as well as on the engine thread: encoding and
+decoding only read the (Rust) tokenizer, which is safe from several threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from fairswitch import __version__
+from fairswitch.engine.async_engine import AsyncEngine, EngineDeadError
+from fairswitch.outputs import RequestOutput
+from fairswitch.scheduler.scheduler import QueueFullError
+from fairswitch.server import protocol, streaming
+from fairswitch.server.chat import ChatTemplate
+from fairswitch.server.errors import APIError, Handler, bad_request, error_middleware
+from fairswitch.server.metrics import CONTENT_TYPE, ServerMetrics, engine_snapshot
+from fairswitch.server.settings import ServerSettings
+
+logger = logging.getLogger(__name__)
+
+PUBLIC_PATHS = frozenset({"/health", "/version", "/metrics"})  # no API key needed
+
+
+def _auth_middleware(api_key: str) -> Any:
+    expected = api_key.encode()
+
+    @web.middleware
+    async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path not in PUBLIC_PATHS:
+            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not token:
+                raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'",
+                               headers={"WWW-Authenticate": "Bearer"})
+            if not hmac.compare_digest(token.strip().encode(), expected):
+                raise APIError(401, "incorrect API key", headers={"WWW-Authenticate": "Bearer"})
+        return await handler(request)
+
+    return auth
+
+
+class OpenAIServer:
+    """Route handlers; everything they share (engine, tokenizer, metrics) lives here."""
+
+    def __init__(self, engine: AsyncEngine, settings: ServerSettings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.model_name = settings.served_model_names[0]
+        core = engine.engine  # read-only use: tokenizer, limits, prompt validation
+        self.core = core
+        self.tokenizer = core.tokenizer
+        self.chat_template = ChatTemplate(core.tokenizer, settings.chat_template)
+        self.metrics = ServerMetrics(self.model_name)
+        self.created = int(time.time())
+
+    # ---- shared steps -------------------------------------------------------------------------
+
+    async def _json(self, request: web.Request) -> Any:
+        limit = self.settings.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise APIError(413, f"request body is {request.content_length} bytes; the limit is "
+                           f"{limit} bytes")
+        raw = await request.read()  # aiohttp raises 413 itself past client_max_size (chunked)
+        try:
+            return json.loads(raw, parse_constant=_reject_constant)
+        except (ValueError, RecursionError) as e:
+            raise bad_request(f"the request body is not valid JSON: {e}") from None
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model not in self.settings.served_model_names:
+            raise APIError(404, f"The model `{model}` does not exist; this server serves "
+                           f"{', '.join(self.settings.served_model_names)}.", param="model",
+                           code="model_not_found")
+
+    def _validate_prompt(self, text: str | None, ids: list[int] | None,
+                         param: str) -> tuple[str | None, list[int]]:
+        try:
+            return self.core.validate_prompt(text, ids)
+        except ValueError as e:
+            raise bad_request(str(e), param) from e
+
+    # ---- generation ---------------------------------------------------------------------------
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        req = protocol.parse_completion(await self._json(request))
+        self._check_model(req.model)
+        if isinstance(req.prompt, str):
+            text, ids = self._validate_prompt(req.prompt, None, "prompt")
+        else:
+            text, ids = self._validate_prompt(None, req.prompt, "prompt")
+        max_tokens = protocol.resolve_max_tokens(req.max_tokens, len(ids), self.core.max_model_len,
+                                                 protocol.DEFAULT_COMPLETION_MAX_TOKENS)
+        return await self._generate(request, req, protocol.COMPLETION, text, ids, max_tokens)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        req = protocol.parse_chat(await self._json(request))
+        self._check_model(req.model)
+        text, ids = self.chat_template.encode(req.messages, req.add_generation_prompt)
+        text, ids = self._validate_prompt(text, ids, "messages")
+        max_tokens = protocol.resolve_max_tokens(req.max_tokens, len(ids), self.core.max_model_len,
+                                                 None)
+        return await self._generate(request, req, protocol.CHAT, text, ids, max_tokens)
+
+    async def _generate(self, request: web.Request, req: protocol.GenerationRequest,
+                        fmt: protocol.ResponseFormat, text: str | None, ids: list[int],
+                        max_tokens: int) -> web.StreamResponse:
+        response_id = fmt.id_prefix + uuid.uuid4().hex
+        client_id = request.headers.get("X-Client-Id") or req.user
+        outputs = self.engine.generate(
+            text, req.sampling_params(max_tokens), request_id=response_id, prompt_token_ids=ids,
+            priority=req.priority, client_id=client_id)
+        tracker = self.metrics.track()
+        reply = _Reply(response_id, int(time.time()), self.model_name, fmt)
+        # Closing the iterator aborts the request in the engine unless it finished: on errors,
+        # on a client that went away, and when aiohttp cancels this handler.
+        async with contextlib.aclosing(outputs):
+            try:
+                first = await _next_output(outputs)
+                if req.stream:
+                    return await self._stream(request, req, reply, first, outputs, tracker)
+                return await self._whole(reply, first, outputs, tracker)
+            finally:
+                tracker.close()
+
+    async def _whole(self, reply: _Reply, out: RequestOutput,
+                     outputs: AsyncIterator[RequestOutput], tracker: Any) -> web.Response:
+        tracker.observe(out)
+        while not out.finished:
+            out = await _next_output(outputs)
+            tracker.observe(out)
+        c = out.outputs[0]
+        if c.finish_reason == "abort":
+            raise _aborted()
+        body = reply.body([reply.fmt.choice(c.text, c.finish_reason, c.stop_reason)],
+                          usage=protocol.usage(len(out.prompt_token_ids), len(c.token_ids)))
+        return web.json_response(body, dumps=streaming.dumps)
+
+    async def _stream(self, request: web.Request, req: protocol.GenerationRequest, reply: _Reply,
+                      out: RequestOutput, outputs: AsyncIterator[RequestOutput],
+                      tracker: Any) -> web.StreamResponse:
+        resp = await streaming.open_stream(request)
+        # With include_usage every chunk carries "usage": null until the final usage chunk.
+        extra = {"usage": None} if req.include_usage else {}
+        try:
+            try:
+                opening = reply.fmt.opening_choices()
+                if opening:
+                    await streaming.send(resp, reply.body(opening, chunk=True, **extra))
+                while True:
+                    tracker.observe(out)
+                    c = out.outputs[0]
+                    if c.finish_reason == "abort":
+                        raise _aborted()
+                    if c.new_text or out.finished:
+                        finish = c.finish_reason if out.finished else None
+                        choice = reply.fmt.delta_choice(c.new_text, finish, c.stop_reason)
+                        await streaming.send(resp, reply.body([choice], chunk=True, **extra))
+                    if out.finished:
+                        break
+                    out = await _next_output(outputs)
+                if req.include_usage:
+                    usage = protocol.usage(len(out.prompt_token_ids), len(c.token_ids))
+                    await streaming.send(resp, reply.body([], chunk=True, usage=usage))
+            except APIError as e:  # the status line is sent: report the error in-band
+                await streaming.send(resp, e.body())
+            await streaming.send_done(resp)
+        except ConnectionResetError:
+            logger.debug("client went away during %s", reply.response_id)
+        return resp
+
+    # ---- other routes -------------------------------------------------------------------------
+
+    async def models(self, request: web.Request) -> web.Response:
+        data = [{"id": name, "object": "model", "created": self.created, "owned_by": "fairswitch",
+                 "root": self.core.config.model.model, "parent": None,
+                 "max_model_len": self.core.max_model_len, "permission": []}
+                for name in self.settings.served_model_names]
+        return web.json_response({"object": "list", "data": data})
+
+    async def health(self, request: web.Request) -> web.Response:
+        if not self.engine.is_running:
+            raise APIError(503, "the engine is not running")
+        return web.Response(status=200)
+
+    async def version(self, request: web.Request) -> web.Response:
+        return web.json_response({"version": __version__})
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        try:
+            snapshot = await self.engine.run_in_engine(engine_snapshot)
+        except EngineDeadError as e:
+            raise APIError(503, f"the engine is not running: {e}") from e
+        return web.Response(body=self.metrics.render(snapshot).encode(),
+                            headers={"Content-Type": CONTENT_TYPE})
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        req = protocol.parse_tokenize(await self._json(request))
+        self._check_model(req.model)
+        if req.messages is not None:
+            text = self.chat_template.render(req.messages, req.add_generation_prompt)
+        else:
+            text = req.prompt
+        ids = self.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
+        strs = self.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+        return web.json_response({"count": len(ids), "max_model_len": self.core.max_model_len,
+                                  "tokens": ids, "token_strs": strs})
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        model, ids = protocol.parse_detokenize(await self._json(request),
+                                               self.core.hf_config.vocab_size)
+        self._check_model(model)
+        return web.json_response({"prompt": self.tokenizer.decode(ids)})
+
+
+@dataclass(slots=True)
+class _Reply:
+    """The envelope every body/chunk of one response shares."""
+
+    response_id: str
+    created: int
+    model: str
+    fmt: protocol.ResponseFormat
+
+    def body(self, choices: list[dict], chunk: bool = False, **extra: Any) -> dict[str, Any]:
+        return self.fmt.envelope(self.response_id, self.created, self.model, choices, chunk,
+                                 **extra)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _aborted() -> APIError:
+    return APIError(503, "the request was aborted: the server is shutting down")
+
+
+async def _next_output(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
+    """The next output; the engine's refusals become API errors."""
+    try:
+        return await outputs.__anext__()
+    except QueueFullError as e:
+        raise APIError(503, f"the server is at capacity ({e}); retry later",
+                       code="queue_full", headers={"Retry-After": "1"}) from e
+    except EngineDeadError as e:
+        raise APIError(503, f"the engine is not running: {e}") from e
+    except ValueError as e:  # add_request's validation
+        raise bad_request(str(e)) from e
+
+
+def build_app(engine: AsyncEngine, settings: ServerSettings | None = None, *,
+              shutdown_engine: bool = True) -> web.Application:
+    """The application. With ``shutdown_engine`` the app owns the engine: its cleanup (after
+    in-flight requests were given their grace period and cancelled) shuts the engine down."""
+    settings = settings or ServerSettings()
+    middlewares = [error_middleware]
+    if settings.api_key:
+        middlewares.append(_auth_middleware(settings.api_key))
+    # client_max_size: aiohttp refuses larger bodies (413) even when they come chunked.
+    app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
+    server = OpenAIServer(engine, settings)
+    app[SERVER_KEY] = server
+    app.router.add_post("/v1/completions", server.completions)
+    app.router.add_post("/v1/chat/completions", server.chat_completions)
+    app.router.add_get("/v1/models", server.models)
+    app.router.add_get("/health", server.health)
+    app.router.add_get("/version", server.version)
+    app.router.add_get("/metrics", server.prometheus)
+    app.router.add_post("/tokenize", server.tokenize)
+    app.router.add_post("/detokenize", server.detokenize)
+    if shutdown_engine:
+        async def stop_engine(app: web.Application) -> None:
+            await asyncio.to_thread(engine.shutdown)
+        app.on_cleanup.append(stop_engine)
+    return app
+
+
+SERVER_KEY = web.AppKey("server", OpenAIServer)

@@ -1,0 +1,42 @@
+"""Chat messages -> prompt text and token ids, through the tokenizer's chat template.
+
+A tokenizer without a template gets a plain-text one (``Role: content`` lines, then
+``Assistant:``) that needs no special tokens, so it works with any vocabulary. The rendered text is
+tokenized without adding special tokens: templates write their own BOS where the model wants one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jinja2
+
+from fairswitch.server.errors import bad_request
+
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['role'] | capitalize }}: {{ message['content'] }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+class ChatTemplate:
+    def __init__(self, tokenizer: Any, template: str | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.template = template or getattr(tokenizer, "chat_template", None) \
+            or DEFAULT_CHAT_TEMPLATE
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, chat_template=self.template, tokenize=False,
+                add_generation_prompt=add_generation_prompt)
+        except jinja2.TemplateError as e:  # e.g. a template that insists roles alternate
+            raise bad_request(f"the chat template rejected the messages: {e}", "messages") from e
+
+    def encode(self, messages: list[dict[str, str]],
+               add_generation_prompt: bool = True) -> tuple[str, list[int]]:
+        """(prompt text, prompt token ids) of a conversation."""
+        text = self.render(messages, add_generation_prompt)
+        return text, self.tokenizer.encode(text, add_special_tokens=False)

@@ -1,0 +1,75 @@
+"""Errors in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, and the middleware
+that turns every failure of a handler into one.
+
+Handlers raise ``APIError`` for anything the client did wrong (or must retry); aiohttp's own HTTP
+exceptions (404 unknown route, 405 wrong method, 413 body too large) are reshaped here too, so a
+client only ever sees one error format. Anything else is a bug: it is logged with its traceback
+and answered with a 500 in the same shape, and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from aiohttp import web
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# OpenAI's error types: "invalid_request_error" for what the client can fix, "server_error" else.
+_CODES = {400: "invalid_request", 401: "invalid_api_key", 404: "not_found",
+          405: "method_not_allowed", 413: "request_too_large", 500: "internal_error",
+          503: "service_unavailable"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code or _CODES.get(status)
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": self.message, "type": kind, "param": self.param,
+                          "code": self.code}}
+
+    def response(self) -> web.Response:
+        return web.json_response(self.body(), status=self.status, headers=self.headers)
+
+
+def bad_request(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, param=param)
+
+
+def _from_http_exception(request: web.Request, exc: web.HTTPException) -> APIError:
+    if exc.status == 404:
+        message = f"no route {request.method} {request.path}"
+    elif exc.status == 405:
+        message = (f"method {request.method} is not allowed on {request.path}; "
+                   f"allowed: {exc.headers.get('Allow', '')}")
+    elif exc.status == 413:
+        message = f"request body is too large: {exc.text}"
+    else:
+        message = exc.text or exc.reason
+    headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+    return APIError(exc.status, message, headers=headers)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except APIError as e:
+        return e.response()
+    except web.HTTPException as e:
+        if e.status < 400:  # redirects and the like are not errors
+            raise
+        return _from_http_exception(request, e).response()
+    except Exception:
+        logger.exception("unhandled error in %s %s", request.method, request.path)
+        return APIError(500, "internal server error (logged on the server)").response()

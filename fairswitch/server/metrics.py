@@ -1,0 +1,213 @@
+"""/metrics: Prometheus text format (version 0.0.4) with vLLM-like names under ``fairswitch:``.
+
+Two sources. Engine-side gauges and counters (queue lengths, KV usage, preemptions) are read on
+the engine thread between steps when /metrics is scraped. Latency histograms and token counters
+are fed by the server as outputs stream by, one ``RequestTracker`` per request:
+
+- TTFT = first_token_time - arrival_time (engine clock: both fields are set once);
+- TBT (``time_per_output_token_seconds``) = every gap between consecutive tokens of a request, timed
+  when the server receives each output (``RequestOutput.metrics`` is the request's live record,
+  so its ``last_token_time`` may already belong to a later token when a stream lags);
+- E2E = finished_time - arrival_time, for requests that finished (stop or length).
+
+KV-reuse hits are exported as 0 until the engine has reuse, so dashboards can be built against
+the final set of names.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import time
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+from fairswitch.outputs import RequestOutput
+
+PREFIX = "fairswitch:"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+TBT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
+               2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+               120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+
+Sample = tuple[str, dict[str, str], float]  # (name suffix, labels, value)
+
+
+# ---- the text format ---------------------------------------------------------------------------
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if math.isnan(value):
+        return "NaN"
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def format_family(name: str, kind: str, help: str, samples: Iterable[Sample]) -> str:
+    """One metric family: its HELP and TYPE lines, then one line per sample."""
+    lines = [f"# HELP {name} {help.replace(chr(92), chr(92) * 2).replace(chr(10), ' ')}",
+             f"# TYPE {name} {kind}"]
+    for suffix, labels, value in samples:
+        label_text = ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels.items())
+        lines.append(f"{name}{suffix}{{{label_text}}} {_number(value)}" if label_text
+                     else f"{name}{suffix} {_number(value)}")
+    return "\n".join(lines) + "\n"
+
+
+class Histogram:
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets = tuple(sorted(buckets))
+        self.counts = [0] * (len(self.buckets) + 1)  # the last one is +Inf
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def samples(self, labels: dict[str, str]) -> list[Sample]:
+        out: list[Sample] = []
+        cumulative = 0
+        for bound, n in zip((*self.buckets, math.inf), self.counts):
+            cumulative += n
+            out.append(("_bucket", {**labels, "le": _number(bound)}, cumulative))
+        out.append(("_sum", labels, self.sum))
+        out.append(("_count", labels, self.count))
+        return out
+
+
+# ---- what the server records -------------------------------------------------------------------
+
+class ServerMetrics:
+    def __init__(self, model_name: str) -> None:
+        self.labels = {"model_name": model_name}
+        self.ttft = Histogram(TTFT_BUCKETS)
+        self.tbt = Histogram(TBT_BUCKETS)
+        self.e2e = Histogram(E2E_BUCKETS)
+        self.num_prompt_tokens = 0
+        self.num_generation_tokens = 0
+        self.num_finished: Counter[str] = Counter()
+        self.num_aborted = 0
+
+    def track(self) -> RequestTracker:
+        return RequestTracker(self)
+
+    def render(self, engine: dict[str, Any]) -> str:
+        """The exposition text, given ``engine_snapshot()`` taken on the engine thread."""
+        lab = self.labels
+
+        def one(name: str, kind: str, help: str, value: float, **labels: str) -> str:
+            return format_family(PREFIX + name, kind, help, [("", {**lab, **labels}, value)])
+
+        parts = [
+            one("num_requests_running", "gauge", "Requests in the running batch.",
+                engine["num_running"]),
+            one("num_requests_waiting", "gauge", "Requests waiting to be scheduled.",
+                engine["num_waiting"]),
+            one("num_requests_swapped", "gauge", "Requests whose KV cache is swapped to CPU.",
+                engine["num_swapped"]),
+            one("gpu_cache_usage_perc", "gauge", "Fraction of device KV blocks in use (0 to 1).",
+                engine["gpu_cache_usage"]),
+            one("cpu_cache_usage_perc", "gauge", "Fraction of CPU KV blocks in use (0 to 1).",
+                engine["cpu_cache_usage"]),
+            format_family(PREFIX + "num_preemptions_total", "counter",
+                          "Preemptions, by how the victim's KV is restored (swap or recompute).",
+                          [("", {**lab, "mode": mode}, n)
+                           for mode, n in sorted(engine["preemptions"].items())]),
+            format_family(PREFIX + "swap_bytes_total", "counter",
+                          "KV cache bytes copied between device and CPU.",
+                          [("", {**lab, "direction": d}, engine[f"swap_{d}_bytes"])
+                           for d in ("out", "in")]),
+            one("switch_stall_seconds_total", "counter", "Device time spent idle waiting on "
+                "swap copies.", engine["switch_stall_s"]),
+            format_family(PREFIX + "kv_reuse_hits_total", "counter",
+                          "Prompt tokens whose KV was reused from an earlier request.",
+                          [("", {**lab, "tier": t}, engine[f"reuse_{t}_hits"])
+                           for t in ("gpu", "cpu")]),
+            one("prompt_tokens_total", "counter", "Prefilled prompt tokens.",
+                self.num_prompt_tokens),
+            one("generation_tokens_total", "counter", "Generated tokens.",
+                self.num_generation_tokens),
+            format_family(PREFIX + "request_success_total", "counter",
+                          "Requests that finished, by finish reason.",
+                          [("", {**lab, "finished_reason": r}, self.num_finished[r])
+                           for r in ("stop", "length")]),
+            one("request_aborted_total", "counter", "Requests aborted before they finished "
+                "(client went away, shutdown).", self.num_aborted),
+            format_family(PREFIX + "time_to_first_token_seconds", "histogram",
+                          "Time to first token.", self.ttft.samples(lab)),
+            format_family(PREFIX + "time_per_output_token_seconds", "histogram",
+                          "Time between consecutive tokens of a request (every gap).",
+                          self.tbt.samples(lab)),
+            format_family(PREFIX + "e2e_request_latency_seconds", "histogram",
+                          "Arrival to last token of finished requests.", self.e2e.samples(lab)),
+        ]
+        return "".join(parts)
+
+
+def engine_snapshot(engine: Any) -> dict[str, Any]:
+    """Engine-side values; run on the engine thread (``AsyncEngine.run_in_engine``)."""
+    sched, swap = engine.scheduler, engine.swap
+    cpu_pool = swap.cpu_pool if swap is not None else None
+    copies = swap.backend.stats if swap is not None else None
+    return {
+        "num_running": len(sched.running), "num_waiting": len(sched.waiting),
+        "num_swapped": len(sched.swapped),
+        "gpu_cache_usage": engine.kv.usage(),
+        "cpu_cache_usage": cpu_pool.num_used_blocks / cpu_pool.num_blocks if cpu_pool else 0.0,
+        "preemptions": dict(sched.preemptions_by_mode),
+        "swap_out_bytes": copies.bytes_out if copies else 0,
+        "swap_in_bytes": copies.bytes_in if copies else 0,
+        "switch_stall_s": sched.switch_stall_s,
+        # KV reuse across requests is not in the engine yet: exported as 0 until it is.
+        "reuse_gpu_hits": 0, "reuse_cpu_hits": 0,
+    }
+
+
+class RequestTracker:
+    """Feeds one request's outputs into ServerMetrics; ``close()`` when the stream ends."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self.metrics = metrics
+        self.last_token_time: float | None = None  # server clock
+        self.finished = False
+
+    def observe(self, out: RequestOutput) -> None:
+        m = self.metrics
+        num_new = len(out.outputs[0].new_token_ids)
+        now = time.monotonic()
+        if num_new and self.last_token_time is None:
+            m.num_prompt_tokens += len(out.prompt_token_ids)
+            if out.metrics is not None and out.metrics.first_token_time is not None:
+                m.ttft.observe(out.metrics.first_token_time - out.metrics.arrival_time)
+        elif num_new:
+            gap = (now - self.last_token_time) / num_new
+            for _ in range(num_new):
+                m.tbt.observe(gap)
+        if num_new:
+            self.last_token_time = now
+        m.num_generation_tokens += num_new
+        if out.finished:
+            self.finished = True
+            reason = out.outputs[0].finish_reason
+            if reason == "abort":
+                m.num_aborted += 1
+                return
+            m.num_finished[reason or "stop"] += 1
+            if out.metrics is not None and out.metrics.finished_time is not None:
+                m.e2e.observe(out.metrics.finished_time - out.metrics.arrival_time)
+
+    def close(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.metrics.num_aborted += 1

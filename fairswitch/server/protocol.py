@@ -1,0 +1,378 @@
+"""OpenAI request bodies -> typed requests (every field's type and range checked here, with messages
+that name the field), and the response/chunk bodies of the OpenAI (and vLLM) API.
+
+Unknown fields are ignored, as vLLM does; known fields this engine cannot honour (``n > 1``,
+``logprobs``, penalties, tools...) are refused with a 400 naming them rather than silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from fairswitch.sampling_params import SamplingParams
+from fairswitch.server.errors import bad_request
+
+# Larger integers would overflow the int64 tensors and generators the engine builds from them.
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's (and vLLM's) default for /v1/completions
+
+
+def _describe(value: Any) -> str:
+    kind = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
+            dict: "object", type(None): "null"}.get(type(value), type(value).__name__)
+    text = json.dumps(value)
+    return f"{kind} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def _int(body: dict, name: str, default: int | None = None, *,
+         low: int | None = None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise bad_request(f"'{name}' must be an integer, got {_describe(value)}", name)
+    if not _INT64_MIN <= value <= _INT64_MAX:
+        raise bad_request(f"'{name}' must fit in a signed 64-bit integer, got {value}", name)
+    if low is not None and value < low:
+        raise bad_request(f"'{name}' must be at least {low}, got {value}", name)
+    return value
+
+
+def _number(body: dict, name: str, default: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise bad_request(f"'{name}' must be a number, got {_describe(value)}", name)
+    return float(value)
+
+
+def _bool(body: dict, name: str, default: bool) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise bad_request(f"'{name}' must be a boolean, got {_describe(value)}", name)
+    return value
+
+
+def _str(body: dict, name: str) -> str | None:
+    value = body.get(name)
+    if value is not None and not isinstance(value, str):
+        raise bad_request(f"'{name}' must be a string, got {_describe(value)}", name)
+    return value
+
+
+def _stop(body: dict) -> list[str]:
+    value = body.get("stop")
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+        raise bad_request(f"'stop' must be a string or a list of strings, got {_describe(value)}",
+                          "stop")
+    if any(not s for s in items):
+        raise bad_request("'stop' strings must not be empty", "stop")
+    return items
+
+
+def _int_list(body: dict, name: str) -> list[int]:
+    value = body.get(name)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= _INT64_MAX for t in value):
+        raise bad_request(f"'{name}' must be a list of non-negative integers, "
+                          f"got {_describe(value)}", name)
+    return value
+
+
+# (field, value that means "off"): any other value is refused, since it would be ignored.
+_UNSUPPORTED_COMMON = (("best_of", (1,)), ("presence_penalty", (0,)), ("frequency_penalty", (0,)),
+                       ("repetition_penalty", (1,)), ("logit_bias", ({},)), ("min_tokens", (0,)),
+                       ("min_p", (0,)), ("use_beam_search", (False,)))
+_UNSUPPORTED_COMPLETION = (("logprobs", ()), ("echo", (False,)), ("suffix", ("",)))
+_UNSUPPORTED_CHAT = (("logprobs", (False,)), ("top_logprobs", (0,)), ("tools", ([],)),
+                     ("tool_choice", ("none",)), ("functions", ([],)), ("function_call", ("none",)),
+                     ("response_format", ({"type": "text"},)))
+
+
+def _refuse_unsupported(body: dict, fields: tuple) -> None:
+    for name, off in fields:
+        value = body.get(name)
+        # 0 == False in Python: a boolean only matches a boolean.
+        if value is not None and not any(
+                value == o and isinstance(value, bool) == isinstance(o, bool) for o in off):
+            raise bad_request(f"'{name}' is not supported by this server "
+                              f"(got {_describe(value)})", name)
+
+
+@dataclass(kw_only=True)
+class GenerationRequest:
+    """The fields /v1/completions and /v1/chat/completions share."""
+
+    model: str | None
+    stream: bool
+    include_usage: bool
+    max_tokens: int | None  # None: the endpoint's default
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    stop: list[str]
+    stop_token_ids: list[int]
+    ignore_eos: bool
+    include_stop_str_in_output: bool
+    skip_special_tokens: bool
+    priority: int
+    user: str | None
+
+    def sampling_params(self, max_tokens: int) -> SamplingParams:
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
+                top_k=self.top_k, seed=self.seed, stop=self.stop,
+                stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
+                include_stop_str_in_output=self.include_stop_str_in_output,
+                skip_special_tokens=self.skip_special_tokens)
+        except ValueError as e:  # the checks above should have caught it; still the client's fault
+            raise bad_request(str(e)) from e
+
+
+@dataclass(kw_only=True)
+class CompletionRequest(GenerationRequest):
+    prompt: str | list[int]
+
+
+@dataclass(kw_only=True)
+class ChatRequest(GenerationRequest):
+    messages: list[dict[str, str]]
+    add_generation_prompt: bool
+
+
+def _common(body: Any, unsupported: tuple) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise bad_request(f"the request body must be a JSON object, got {_describe(body)}")
+    n = _int(body, "n", 1)
+    if n != 1:
+        raise bad_request(f"n={n} is not supported: only n=1 (send one request per choice)", "n")
+    _refuse_unsupported(body, _UNSUPPORTED_COMMON + unsupported)
+    stream = _bool(body, "stream", False)
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise bad_request(f"'stream_options' must be an object, got {_describe(options)}",
+                          "stream_options")
+    if options is not None and not stream:
+        raise bad_request("'stream_options' is only allowed with stream=true", "stream_options")
+    include_usage = _bool(options or {}, "include_usage", False)
+    temperature = _number(body, "temperature", 1.0)
+    if temperature < 0:
+        raise bad_request(f"'temperature' must be >= 0, got {temperature}", "temperature")
+    top_p = _number(body, "top_p", 1.0)
+    if not 0.0 < top_p <= 1.0:
+        raise bad_request(f"'top_p' must be in (0, 1], got {top_p}", "top_p")
+    top_k = _int(body, "top_k", 0)
+    if top_k < -1:
+        raise bad_request(f"'top_k' must be -1 or 0 (disabled) or positive, got {top_k}", "top_k")
+    max_tokens = _int(body, "max_completion_tokens", None, low=1)
+    if max_tokens is None:
+        max_tokens = _int(body, "max_tokens", None, low=1)
+    return dict(
+        model=_str(body, "model"), stream=stream, include_usage=include_usage,
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+        seed=_int(body, "seed"), stop=_stop(body), stop_token_ids=_int_list(body, "stop_token_ids"),
+        ignore_eos=_bool(body, "ignore_eos", False),
+        include_stop_str_in_output=_bool(body, "include_stop_str_in_output", False),
+        skip_special_tokens=_bool(body, "skip_special_tokens", True),
+        priority=_int(body, "priority", 0), user=_str(body, "user"))
+
+
+def _is_token_ids(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+def parse_prompt(value: Any, name: str = "prompt") -> str | list[int]:
+    """A string or a list of token ids; a list holding exactly one of those is unwrapped."""
+    if isinstance(value, list) and len(value) == 1 and (
+            isinstance(value[0], str) or _is_token_ids(value[0])):
+        value = value[0]
+    if isinstance(value, str) or _is_token_ids(value):
+        if not value:
+            raise bad_request(f"'{name}' must not be empty", name)
+        return value
+    if value is None:
+        raise bad_request(f"'{name}' is required", name)
+    if value == []:
+        raise bad_request(f"'{name}' must not be empty", name)
+    if isinstance(value, list) and all(isinstance(p, str) or _is_token_ids(p) for p in value):
+        raise bad_request(f"batched prompts ({len(value)} in one request) are not supported: "
+                          "send one prompt per request", name)
+    raise bad_request(f"'{name}' must be a string or a list of token ids, got {_describe(value)}",
+                      name)
+
+
+def parse_completion(body: Any) -> CompletionRequest:
+    common = _common(body, _UNSUPPORTED_COMPLETION)
+    return CompletionRequest(prompt=parse_prompt(body.get("prompt")), **common)
+
+
+def parse_messages(value: Any) -> list[dict[str, str]]:
+    """Chat messages with string content (text content parts are joined with newlines)."""
+    if value is None:
+        raise bad_request("'messages' is required", "messages")
+    if not isinstance(value, list):
+        raise bad_request(f"'messages' must be an array, got {_describe(value)}", "messages")
+    if not value:
+        raise bad_request("'messages' must not be empty", "messages")
+    messages = []
+    for i, m in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise bad_request(f"'{where}' must be an object, got {_describe(m)}", where)
+        role, content = m.get("role"), m.get("content")
+        if not isinstance(role, str) or not role:
+            raise bad_request(f"'{where}.role' must be a non-empty string, got {_describe(role)}",
+                              f"{where}.role")
+        if isinstance(content, list):
+            parts = []
+            for j, part in enumerate(content):
+                if not (isinstance(part, dict) and part.get("type") == "text"
+                        and isinstance(part.get("text"), str)):
+                    raise bad_request(f"'{where}.content[{j}]' must be a text part "
+                                      "({\"type\": \"text\", \"text\": ...}): only text is "
+                                      "supported", f"{where}.content")
+                parts.append(part["text"])
+            content = "\n".join(parts)
+        elif content is None and role == "assistant":
+            content = ""
+        elif not isinstance(content, str):
+            raise bad_request(f"'{where}.content' must be a string or an array of text parts, "
+                              f"got {_describe(content)}", f"{where}.content")
+        message = {"role": role, "content": content}
+        name = m.get("name")
+        if name is not None:
+            if not isinstance(name, str):
+                raise bad_request(f"'{where}.name' must be a string", f"{where}.name")
+            message["name"] = name
+        messages.append(message)
+    return messages
+
+
+def parse_chat(body: Any) -> ChatRequest:
+    common = _common(body, _UNSUPPORTED_CHAT)
+    return ChatRequest(messages=parse_messages(body.get("messages")),
+                       add_generation_prompt=_bool(body, "add_generation_prompt", True), **common)
+
+
+def resolve_max_tokens(requested: int | None, num_prompt_tokens: int, max_model_len: int,
+                       default: int | None) -> int:
+    """The request's max_tokens: refused (with the numbers) when prompt + max_tokens does not fit;
+    absent: ``default``, or whatever room the context leaves when default is None."""
+    room = max_model_len - num_prompt_tokens
+    if requested is None:
+        return room if default is None else min(default, room)
+    if requested > room:
+        raise bad_request(
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {num_prompt_tokens + requested} tokens ({num_prompt_tokens} in the "
+            f"prompt, {requested} for the completion). Please reduce the length of the prompt "
+            "or the completion.", "max_tokens")
+    return requested
+
+
+# ---- response bodies --------------------------------------------------------------------------
+
+def usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_completion_tokens,
+            "total_tokens": num_prompt_tokens + num_completion_tokens}
+
+
+@dataclass
+class ResponseFormat:
+    """How one endpoint shapes its choices, whole and streamed (one choice, index 0)."""
+
+    object: str  # "text_completion" | "chat.completion"
+    chunk_object: str  # "text_completion" | "chat.completion.chunk"
+    id_prefix: str
+    chat: bool
+
+    def envelope(self, response_id: str, created: int, model: str, choices: list[dict],
+                 chunk: bool, **extra: Any) -> dict[str, Any]:
+        return {"id": response_id, "object": self.chunk_object if chunk else self.object,
+                "created": created, "model": model, "choices": choices, **extra}
+
+    def choice(self, text: str, finish_reason: str | None,
+               stop_reason: int | str | None) -> dict[str, Any]:
+        body = ({"message": {"role": "assistant", "content": text}} if self.chat
+                else {"text": text})
+        return {"index": 0, **body, "logprobs": None, "finish_reason": finish_reason,
+                "stop_reason": stop_reason}
+
+    def opening_choices(self) -> list[dict[str, Any]]:
+        """Chat streams open with a chunk that only names the role."""
+        if not self.chat:
+            return []
+        return [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                 "finish_reason": None}]
+
+    def delta_choice(self, text: str, finish_reason: str | None,
+                     stop_reason: int | str | None) -> dict[str, Any]:
+        if self.chat:
+            body: dict[str, Any] = {"delta": {"content": text} if text else {}}
+        else:
+            body = {"text": text}
+        choice = {"index": 0, **body, "logprobs": None, "finish_reason": finish_reason}
+        if finish_reason is not None:
+            choice["stop_reason"] = stop_reason
+        return choice
+
+
+COMPLETION = ResponseFormat("text_completion", "text_completion", "cmpl-", chat=False)
+CHAT = ResponseFormat("chat.completion", "chat.completion.chunk", "chatcmpl-", chat=True)
+
+
+# ---- /tokenize and /detokenize (vLLM's shapes) -------------------------------------------------
+
+@dataclass(kw_only=True)
+class TokenizeRequest:
+    model: str | None
+    prompt: str | None  # either a prompt...
+    messages: list[dict[str, str]] | None  # ...or a conversation rendered by the chat template
+    add_generation_prompt: bool
+    add_special_tokens: bool
+    return_token_strs: bool
+
+
+def parse_tokenize(body: Any) -> TokenizeRequest:
+    if not isinstance(body, dict):
+        raise bad_request(f"the request body must be a JSON object, got {_describe(body)}")
+    messages = body.get("messages")
+    prompt = None
+    if messages is not None:
+        messages = parse_messages(messages)
+    else:
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str):
+            raise bad_request(f"'prompt' (a string) or 'messages' is required, got "
+                              f"{_describe(prompt)}", "prompt")
+    return TokenizeRequest(
+        model=_str(body, "model"), prompt=prompt, messages=messages,
+        add_generation_prompt=_bool(body, "add_generation_prompt", True),
+        # Chat templates write their own special tokens; a plain prompt gets the tokenizer's.
+        add_special_tokens=_bool(body, "add_special_tokens", messages is None),
+        return_token_strs=_bool(body, "return_token_strs", False))
+
+
+def parse_detokenize(body: Any, vocab_size: int) -> tuple[str | None, list[int]]:
+    """(model, token ids)."""
+    if not isinstance(body, dict):
+        raise bad_request(f"the request body must be a JSON object, got {_describe(body)}")
+    tokens = body.get("tokens")
+    if not isinstance(tokens, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in tokens):
+        raise bad_request(f"'tokens' must be a list of token ids in [0, {vocab_size}), got "
+                          f"{_describe(tokens)}", "tokens")
+    return _str(body, "model"), tokens

@@ -1,0 +1,104 @@
+"""Running the application: in the foreground until SIGTERM/SIGINT (``fairswitch serve``), or in a
+background thread (tests, benchmark harnesses that want a real HTTP server in-process).
+
+Shutdown order (aiohttp's ``AppRunner.cleanup``): stop listening, close idle connections, give
+in-flight requests ``shutdown_timeout`` seconds to finish, cancel the rest (their outputs
+iterators close, which aborts them in the engine), then run the app's cleanup (the engine stops).
+
+Handlers are cancelled when their client disconnects (``handler_cancellation``): a non-streaming
+request whose client gave up is aborted at once instead of running to completion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+from collections.abc import Callable
+
+from aiohttp import web
+
+
+async def start_site(app: web.Application, host: str, port: int,
+                     shutdown_timeout: float) -> tuple[web.AppRunner, str]:
+    """Listen on host:port (0: any free port); returns the runner and the base URL."""
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=shutdown_timeout,
+                           access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    bound_host, bound_port = runner.addresses[0][:2]
+    if ":" in bound_host:
+        bound_host = f"[{bound_host}]"
+    return runner, f"http://{bound_host}:{bound_port}"
+
+
+async def serve_forever(app: web.Application, host: str, port: int, *,
+                        shutdown_timeout: float = 5.0,
+                        on_started: Callable[[str], None] | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runner, url = await start_site(app, host, port, shutdown_timeout)
+    try:
+        if on_started is not None:
+            on_started(url)
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await runner.cleanup()
+
+
+class BackgroundServer:
+    """The app served from a thread with its own event loop; ``url`` once started."""
+
+    def __init__(self, app: web.Application, host: str = "127.0.0.1", port: int = 0, *,
+                 shutdown_timeout: float = 1.0) -> None:
+        self.app = app
+        self.url = ""
+        self._loop = asyncio.new_event_loop()
+        self._runner: web.AppRunner | None = None
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(host, port, shutdown_timeout),
+                                        name="fairswitch-http", daemon=True)
+
+    def start(self, timeout: float = 30.0) -> BackgroundServer:
+        self._thread.start()
+        if not self._started.wait(timeout):
+            raise TimeoutError("the HTTP server did not start")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def _run(self, host: str, port: int, shutdown_timeout: float) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._runner, self.url = self._loop.run_until_complete(
+                start_site(self.app, host, port, shutdown_timeout))
+        except BaseException as e:  # noqa: BLE001 - handed to start()
+            self._error = e
+            self._started.set()
+            return
+        self._started.set()
+        self._loop.run_forever()
+        self._loop.run_until_complete(self._runner.cleanup())
+        self._loop.close()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout)
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,23 @@
+"""Server settings (no heavy imports: the CLI reads the defaults while building its parser)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fairswitch.model.default_model import DEFAULT_MODEL_NAME
+
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+
+
+@dataclass
+class ServerSettings:
+    served_model_names: list[str] = field(default_factory=lambda: [DEFAULT_MODEL_NAME])
+    api_key: str | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    chat_template: str | None = None  # default: the tokenizer's
+
+    def __post_init__(self) -> None:
+        if not self.served_model_names:
+            raise ValueError("served_model_names must name at least one model")
+        if self.max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
