@@ -72,8 +72,19 @@ class CacheConfig:
     swap_space: float = _opt(
         4.0, "CPU swap space in GiB for the KV of preempted requests (0: never swap, recompute)"
     )
+    async_swap: bool = _opt(True, "swap copies overlap compute (off: the step waits for them)")
+    incremental_swap: bool = _opt(
+        True, "keep a resumed request's CPU copy so its next swap-out moves only new blocks")
+    per_layer_swap: bool = _opt(
+        False, "one copy per block per layer per K/V instead of one per extent (ablation)")
+    baseline: bool = _opt(
+        False, "reproduce vLLM 0.3.3's context switches: block size 16, per-block-per-layer "
+        "synchronous copies, no incremental swap, no prefix caching (overrides those options)")
 
     def __post_init__(self) -> None:
+        if self.baseline:
+            self.block_size, self.enable_prefix_caching = 16, False
+            self.async_swap, self.incremental_swap, self.per_layer_swap = False, False, True
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.num_gpu_blocks is not None and self.num_gpu_blocks < 1:

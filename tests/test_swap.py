@@ -161,3 +161,39 @@ def test_policy_prefers_cheaper_mode(llama_dir):
     assert short.choose(req, swap) == "recompute"
     with pytest.raises(ValueError, match="preemption_mode"):
         PreemptionPolicy("sometimes")
+
+
+def test_baseline_mode_and_ablations_same_outputs_more_copies(llama_dir, expected):
+    """vLLM-0.3.3-style switching gives the same tokens, with many more, smaller copies."""
+    metrics = {}
+    for name, opts in {"fairswitch": {}, "baseline": {"baseline": True},
+                       "no_incremental": {"incremental_swap": False},
+                       "sync": {"async_swap": False}}.items():
+        # The baseline's 16-token blocks: 2 of them still force preemptions.
+        small = dict(num_gpu_blocks=2, max_model_len=32) if name == "baseline" else dict(
+            num_gpu_blocks=12, max_model_len=48)
+        llm = LLM(model=str(llama_dir), block_size=4, preemption_mode="swap", swap_space=0.01,
+                  **small, **opts)
+        outs = llm.generate(PROMPTS, greedy(), use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == expected, name
+        llm.engine.check_accounting()
+        metrics[name] = llm.engine.switch_metrics()
+    base, fast = metrics["baseline"], metrics["fairswitch"]
+    assert base["preemptions_swap"] > 0 and fast["preemptions_swap"] > 0
+    # Baseline: every copy is one layer's K or V of one 16-token block (16 x 2 heads x 16 x 4 B).
+    base_bytes = base["swap_bytes_out"] + base["swap_bytes_in"]
+    assert base["swap_copies"] == base_bytes / 2048
+    # fairswitch: every copy is at least one whole block across all layers (2 KiB at 4 tokens),
+    # and consecutive blocks share a copy.
+    fast_bytes = fast["swap_bytes_out"] + fast["swap_bytes_in"]
+    assert fast["swap_copies"] * 2048 <= fast_bytes
+    assert metrics["sync"]["switch_stall_s"] >= 0.0
+    assert metrics["no_incremental"]["swap_bytes_out"] >= fast["swap_bytes_out"]
+
+
+def test_baseline_overrides_switch_options():
+    from fairswitch.config import EngineConfig
+
+    cc = EngineConfig.from_kwargs(baseline=True, block_size=4).cache
+    assert (cc.block_size, cc.enable_prefix_caching, cc.async_swap, cc.incremental_swap,
+            cc.per_layer_swap) == (16, False, False, False, True)

@@ -20,6 +20,7 @@ from fairswitch.config import EngineConfig
 from fairswitch.engine.output_processor import OutputProcessor
 from fairswitch.kv.cache_manager import KVCacheManager
 from fairswitch.kv.copy_backend import SyncCopyBackend, TorchStreamCopyBackend
+from fairswitch.kv.extents import num_extents
 from fairswitch.kv.swap_manager import SwapManager
 from fairswitch.model import loader
 from fairswitch.outputs import RequestOutput
@@ -118,8 +119,11 @@ class Engine:
         # Pinned on CUDA so copies are DMA; never read before written, so left uninitialized.
         cpu_tensor = torch.empty((num_cpu_blocks, *gpu_tensor.shape[1:]), dtype=gpu_tensor.dtype,
                                  pin_memory=on_cuda)
-        backend = TorchStreamCopyBackend(self.device) if on_cuda else SyncCopyBackend()
-        return SwapManager(self.kv, gpu_tensor, num_cpu_blocks, cpu_tensor, backend)
+        cc = self.config.cache
+        backend = (TorchStreamCopyBackend(self.device, cc.per_layer_swap) if on_cuda
+                   else SyncCopyBackend(cc.per_layer_swap))
+        return SwapManager(self.kv, gpu_tensor, num_cpu_blocks, cpu_tensor, backend,
+                           async_copies=cc.async_swap, incremental=cc.incremental_swap)
 
     @staticmethod
     def _elementwise_ops(backend: str) -> Any:
@@ -258,6 +262,34 @@ class Engine:
             outputs.append(self.output_processor.make_output(req))
         self.stats.add(t1 - t0, t2 - t1, time.perf_counter() - t2, self.runner.last_prepare_s)
         return outputs
+
+    def switch_metrics(self) -> dict[str, float]:
+        """Context-switch, reuse and KV-layout counters (cumulative since start)."""
+        sched, swap, pc = self.scheduler, self.swap, self.kv.prefix_cache
+        running = [r for r in sched.running if r.block_table]
+        stats = swap.backend.stats if swap is not None else None
+        token_bytes = self.runner.block_bytes / self.kv.block_size
+        return {
+            "preemptions_swap": sched.preemptions_by_mode["swap"],
+            "preemptions_recompute": sched.preemptions_by_mode["recompute"],
+            "swap_bytes_out": stats.bytes_out if stats else 0,
+            "swap_bytes_in": stats.bytes_in if stats else 0,
+            "swap_copies": stats.num_copies if stats else 0,
+            "swap_bytes_per_copy": stats.bytes_per_copy if stats else 0.0,
+            "switch_stall_s": sched.switch_stall_s + (swap.blocking_copy_s if swap else 0.0),
+            "num_swapped": len(sched.swapped),
+            "gpu_kv_usage": self.kv.usage(),
+            "cpu_kv_usage": swap.cpu_pool.num_used_blocks / swap.cpu_pool.num_blocks
+            if swap else 0.0,
+            "reuse_hit_blocks": pc.num_hit_blocks if pc else 0,
+            "reuse_queried_blocks": pc.num_queried_blocks if pc else 0,
+            "reused_tokens": sched.num_reused_tokens,
+            "reuse_bytes_saved": sched.num_reused_tokens * token_bytes,
+            "extents_per_request": sum(num_extents(r.block_table) for r in running) / len(running)
+            if running else 0.0,
+            "kv_utilization": sum(r.num_computed_tokens for r in running) / (
+                sum(len(r.block_table) for r in running) * self.kv.block_size) if running else 1.0,
+        }
 
     def check_accounting(self) -> None:
         """Raise if KV blocks leaked: every block is free or owned by a live request, once."""

@@ -17,6 +17,7 @@ swap-out copies only blocks from the first one not fully saved (incremental swap
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -38,7 +39,10 @@ class _Transfer:
 
 class SwapManager:
     def __init__(self, gpu: KVCacheManager, gpu_tensor: torch.Tensor, num_cpu_blocks: int,
-                 cpu_tensor: torch.Tensor, backend: CopyBackend) -> None:
+                 cpu_tensor: torch.Tensor, backend: CopyBackend, async_copies: bool = True,
+                 incremental: bool = True) -> None:
+        self.async_copies = async_copies
+        self.incremental = incremental
         self.gpu = gpu
         self.gpu_tensor = gpu_tensor
         self.cpu_pool = BlockPool(num_cpu_blocks)
@@ -49,6 +53,7 @@ class SwapManager:
         self.incoming: dict[Request, _Transfer] = {}
         self._orphans: list[_Transfer] = []  # transfers of aborted requests, still in flight
         self.cpu_resident: set[Request] = set()  # requests holding CPU blocks
+        self.blocking_copy_s = 0.0  # time steps waited on copies (async_copies=False)
 
     @property
     def block_bytes(self) -> int:
@@ -93,7 +98,7 @@ class SwapManager:
             req.cpu_block_table.extend(self.cpu_pool.allocate(need))
         first = self._first_dirty_block(req)
         extents = copy_extents(req.block_table[first:total], req.cpu_block_table[first:total])
-        handle = self.backend.submit(self.gpu_tensor, self.cpu_tensor, extents, to_host=True)
+        handle = self._submit(self.gpu_tensor, self.cpu_tensor, extents, to_host=True)
         self.outgoing[req] = _Transfer(handle, gpu_blocks_to_free=req.block_table)
         req.block_table = []
         req.num_cpu_tokens = req.num_computed_tokens
@@ -109,9 +114,18 @@ class SwapManager:
         total = self.gpu.blocks_needed(req.num_cpu_tokens)
         req.block_table = self.gpu.allocate_blocks(total)
         extents = copy_extents(req.cpu_block_table[:total], req.block_table)
-        handle = self.backend.submit(self.cpu_tensor, self.gpu_tensor, extents, to_host=False)
+        handle = self._submit(self.cpu_tensor, self.gpu_tensor, extents, to_host=False)
         self.incoming[req] = _Transfer(handle)
         req.num_computed_tokens = req.num_cpu_tokens
+
+    def _submit(self, src: torch.Tensor, dst: torch.Tensor, extents: list[tuple[int, int, int]],
+                to_host: bool) -> CopyHandle:
+        handle = self.backend.submit(src, dst, extents, to_host)
+        if not self.async_copies:  # the baseline: the step stalls until the bytes have moved
+            t0 = time.perf_counter()
+            self.backend.wait(handle)
+            self.blocking_copy_s += time.perf_counter() - t0
+        return handle
 
     def poll(self) -> list[Request]:
         """Retire finished copies; return the requests whose swap-in has landed."""
@@ -122,6 +136,8 @@ class SwapManager:
         ready = [req for req, t in self.incoming.items() if self.backend.done(t.handle)]
         for req in ready:
             del self.incoming[req]
+            if not self.incremental:  # vLLM 0.3.3 frees the CPU copy on swap-in
+                self.drop_cpu_copy(req)
         self._orphans = [t for t in self._orphans if not self._retire_orphan(t)]
         return ready
 
