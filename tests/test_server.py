@@ -364,3 +364,13 @@ def test_many_concurrent_streams(server, engine):
             return await asyncio.gather(*(one(s, i) for i in range(48)))
     assert run(main()) == [3 + i % 5 for i in range(48)]
     wait_idle(engine)
+
+
+def test_reused_prefix_is_reported_in_usage(server):
+    prompt = "A long shared system prompt that repeats itself. " * 6  # > 2 KV blocks
+    body = {"prompt": prompt, "max_tokens": 2, "ignore_eos": True}
+    first = run(post(f"{server.url}/v1/completions", body))[1]["usage"]
+    second = run(post(f"{server.url}/v1/completions", body))[1]["usage"]
+    assert "prompt_tokens_details" not in first
+    cached = second["prompt_tokens_details"]["cached_tokens"]
+    assert 16 <= cached < second["prompt_tokens"] and cached % 16 == 0

@@ -21,7 +21,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,8 +78,8 @@ class OpenAIServer:
     async def _json(self, request: web.Request) -> Any:
         limit = self.settings.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
-            raise APIError(413, f"request body is {request.content_length} bytes; the limit is "
-                           f"{limit} bytes")
+            raise APIError(413, f"request body is too large: {request.content_length} bytes; "
+                           f"the limit is {limit} bytes")
         raw = await request.read()  # aiohttp raises 413 itself past client_max_size (chunked)
         try:
             return json.loads(raw, parse_constant=_reject_constant)
@@ -131,16 +131,16 @@ class OpenAIServer:
             priority=req.priority, client_id=client_id)
         tracker = self.metrics.track()
         reply = _Reply(response_id, int(time.time()), self.model_name, fmt)
-        # Closing the iterator aborts the request in the engine unless it finished: on errors,
-        # on a client that went away, and when aiohttp cancels this handler.
-        async with contextlib.aclosing(outputs):
-            try:
-                first = await _next_output(outputs)
+        try:
+            first = await _first_output(outputs)
+            # Closing the iterator aborts the request in the engine unless it finished: on
+            # errors, on a client that went away, and when aiohttp cancels this handler.
+            async with contextlib.aclosing(outputs):
                 if req.stream:
                     return await self._stream(request, req, reply, first, outputs, tracker)
                 return await self._whole(reply, first, outputs, tracker)
-            finally:
-                tracker.close()
+        finally:
+            tracker.close()
 
     async def _whole(self, reply: _Reply, out: RequestOutput,
                      outputs: AsyncIterator[RequestOutput], tracker: Any) -> web.Response:
@@ -152,7 +152,7 @@ class OpenAIServer:
         if c.finish_reason == "abort":
             raise _aborted()
         body = reply.body([reply.fmt.choice(c.text, c.finish_reason, c.stop_reason)],
-                          usage=protocol.usage(len(out.prompt_token_ids), len(c.token_ids)))
+                          usage=_usage(out))
         return web.json_response(body, dumps=streaming.dumps)
 
     async def _stream(self, request: web.Request, req: protocol.GenerationRequest, reply: _Reply,
@@ -179,8 +179,7 @@ class OpenAIServer:
                         break
                     out = await _next_output(outputs)
                 if req.include_usage:
-                    usage = protocol.usage(len(out.prompt_token_ids), len(c.token_ids))
-                    await streaming.send(resp, reply.body([], chunk=True, usage=usage))
+                    await streaming.send(resp, reply.body([], chunk=True, usage=_usage(out)))
             except APIError as e:  # the status line is sent: report the error in-band
                 await streaming.send(resp, e.body())
             await streaming.send_done(resp)
@@ -207,7 +206,8 @@ class OpenAIServer:
 
     async def prometheus(self, request: web.Request) -> web.Response:
         try:
-            snapshot = await self.engine.run_in_engine(engine_snapshot)
+            # Shielded: cancelling an engine command kills the engine thread (see _first_output).
+            snapshot = await asyncio.shield(self.engine.run_in_engine(engine_snapshot))
         except EngineDeadError as e:
             raise APIError(503, f"the engine is not running: {e}") from e
         return web.Response(body=self.metrics.render(snapshot).encode(),
@@ -246,6 +246,11 @@ class _Reply:
                                  **extra)
 
 
+def _usage(out: RequestOutput) -> dict[str, Any]:
+    return protocol.usage(len(out.prompt_token_ids), len(out.outputs[0].token_ids),
+                          out.num_cached_tokens)
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
@@ -265,6 +270,33 @@ async def _next_output(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
         raise APIError(503, f"the engine is not running: {e}") from e
     except ValueError as e:  # add_request's validation
         raise bad_request(str(e)) from e
+
+
+_closing: set[asyncio.Task] = set()  # strong references to close-later tasks
+
+
+async def _first_output(outputs: AsyncGenerator[RequestOutput, None]) -> RequestOutput:
+    """The first output, in a task that cancellation of the handler does not reach.
+
+    The first step of ``AsyncEngine.generate`` awaits the engine thread's acknowledgement of the
+    add (a concurrent Future); cancelling that await cancels the Future, and the engine thread
+    then dies on ``set_result`` (InvalidStateError) taking every request with it. So the step is
+    shielded; when the handler is cancelled meanwhile (the client left), the iterator is closed,
+    aborting the request, as soon as the step is over.
+    """
+    step = asyncio.ensure_future(_next_output(outputs))
+    try:
+        return await asyncio.shield(step)
+    except asyncio.CancelledError:
+        step.add_done_callback(lambda _: _close_later(step, outputs))
+        raise
+
+
+def _close_later(step: asyncio.Future, outputs: AsyncGenerator[RequestOutput, None]) -> None:
+    if not step.cancelled() and step.exception() is None:  # else the iterator is over already
+        task = asyncio.ensure_future(outputs.aclose())
+        _closing.add(task)
+        task.add_done_callback(_closing.discard)
 
 
 def build_app(engine: AsyncEngine, settings: ServerSettings | None = None, *,

@@ -10,8 +10,8 @@ are fed by the server as outputs stream by, one ``RequestTracker`` per request:
   so its ``last_token_time`` may already belong to a later token when a stream lags);
 - E2E = finished_time - arrival_time, for requests that finished (stop or length).
 
-KV-reuse hits are exported as 0 until the engine has reuse, so dashboards can be built against
-the final set of names.
+Reuse hits from KV kept on the CPU are exported as 0 until the engine has them, so dashboards can
+be built against the final set of names.
 """
 
 from __future__ import annotations
@@ -134,7 +134,8 @@ class ServerMetrics:
                           "Prompt tokens whose KV was reused from an earlier request.",
                           [("", {**lab, "tier": t}, engine[f"reuse_{t}_hits"])
                            for t in ("gpu", "cpu")]),
-            one("prompt_tokens_total", "counter", "Prefilled prompt tokens.",
+            one("prompt_tokens_total", "counter", "Prompt tokens of requests that started "
+                "generating (reused ones included).",
                 self.num_prompt_tokens),
             one("generation_tokens_total", "counter", "Generated tokens.",
                 self.num_generation_tokens),
@@ -169,8 +170,8 @@ def engine_snapshot(engine: Any) -> dict[str, Any]:
         "swap_out_bytes": copies.bytes_out if copies else 0,
         "swap_in_bytes": copies.bytes_in if copies else 0,
         "switch_stall_s": sched.switch_stall_s,
-        # KV reuse across requests is not in the engine yet: exported as 0 until it is.
-        "reuse_gpu_hits": 0, "reuse_cpu_hits": 0,
+        "reuse_gpu_hits": sched.num_reused_tokens,
+        "reuse_cpu_hits": 0,  # reuse from KV kept on the CPU is not in the engine yet
     }
 
 

@@ -285,9 +285,14 @@ def resolve_max_tokens(requested: int | None, num_prompt_tokens: int, max_model_
 
 # ---- response bodies --------------------------------------------------------------------------
 
-def usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_completion_tokens,
-            "total_tokens": num_prompt_tokens + num_completion_tokens}
+def usage(num_prompt_tokens: int, num_completion_tokens: int,
+          num_cached_tokens: int = 0) -> dict[str, Any]:
+    body: dict[str, Any] = {"prompt_tokens": num_prompt_tokens,
+                            "completion_tokens": num_completion_tokens,
+                            "total_tokens": num_prompt_tokens + num_completion_tokens}
+    if num_cached_tokens:  # prompt tokens whose KV came from the prefix cache
+        body["prompt_tokens_details"] = {"cached_tokens": num_cached_tokens}
+    return body
 
 
 @dataclass

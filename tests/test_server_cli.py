@@ -1,0 +1,81 @@
+"""`fairswitch serve` as a real process: it starts, answers the openai client, and on SIGTERM
+stops accepting, ends the in-flight stream after its grace period and exits cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import aiohttp
+import openai
+import pytest
+
+from fairswitch.cli.main import main
+
+
+def test_serve_help_lists_server_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = capsys.readouterr().out
+    for opt in ("--host", "--port", "--api-key", "--served-model-name", "--max-body-bytes",
+                "--chat-template", "--shutdown-timeout", "--model", "--max-num-seqs",
+                "--num-gpu-blocks", "--max-waiting"):
+        assert opt in text, opt
+
+
+def _lines(stream, out: queue.Queue) -> None:
+    for line in stream:
+        out.put(line)
+    out.put(None)
+
+
+def test_serve_process_and_sigterm():
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fairswitch.cli.main", "serve", "--port", "0", "--api-key", "k",
+         "--served-model-name", "tiny", "--num-gpu-blocks", "128", "--max-model-len", "256",
+         "--shutdown-timeout", "0.2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=_lines, args=(proc.stdout, lines), daemon=True).start()
+    try:
+        line = lines.get(timeout=180)
+        assert line and line.startswith("fairswitch serve: tiny on http://127.0.0.1:"), \
+            (line, proc.stderr.read() if line is None else "")
+        url = line.rsplit(" ", 1)[1].strip()
+
+        with openai.OpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0, timeout=60) as c:
+            out = c.chat.completions.create(model="tiny", max_tokens=3,
+                                            messages=[{"role": "user", "content": "hi"}])
+            assert out.usage.completion_tokens <= 3 and out.model == "tiny"
+
+        async def stream_then_sigterm() -> tuple[str, float]:
+            async with aiohttp.ClientSession(headers={"Authorization": "Bearer k"}) as s:
+                async with s.post(f"{url}/v1/completions", json={
+                        "prompt": "long", "max_tokens": 250, "ignore_eos": True,
+                        "stream": True}) as r:
+                    assert r.status == 200
+                    await r.content.readline()
+                    t0 = time.monotonic()
+                    proc.send_signal(signal.SIGTERM)
+                    try:
+                        body = (await r.content.read()).decode()
+                    except aiohttp.ClientPayloadError:  # cut mid-chunk
+                        body = ""
+                    return body, time.monotonic() - t0
+        body, waited = asyncio.run(stream_then_sigterm())
+        # The stream was cut after the 0.2 s grace period, long before its 250 tokens.
+        assert "[DONE]" not in body and waited < 20
+        assert proc.wait(timeout=60) == 0
+        rest = []
+        while (line := lines.get(timeout=10)) is not None:
+            rest.append(line)
+        assert "fairswitch serve: stopped\n" in rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

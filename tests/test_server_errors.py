@@ -1,0 +1,304 @@
+"""Every way a request can be wrong gets its status and an OpenAI-shaped error naming the problem;
+random bodies and garbage bytes never take the server down (nor produce a 500)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+
+import aiohttp
+import pytest
+
+from fairswitch.config import EngineConfig
+from fairswitch.engine.async_engine import AsyncEngine
+from fairswitch.server import BackgroundServer, ServerSettings, build_app
+from fairswitch.server.app import SERVER_KEY
+
+KEY = "sk-errors"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+MAX_BODY = 64 * 1024
+CHAT = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    # One running request at a time and one waiting: the third is refused (queue full).
+    eng = AsyncEngine.from_config(EngineConfig.from_kwargs(
+        num_gpu_blocks=256, max_model_len=256, max_num_seqs=1, max_waiting=1))
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    settings = ServerSettings(served_model_names=["tiny", "tiny-alias"], api_key=KEY,
+                              max_body_bytes=MAX_BODY)
+    with BackgroundServer(build_app(engine, settings, shutdown_engine=False)) as srv:
+        yield srv
+
+
+async def request(url: str, method: str = "POST", *, body=None, data: bytes | None = None,
+                  headers=None, auth: bool = True) -> tuple[int, dict, object]:
+    hdrs = {**(AUTH if auth else {}), **(headers or {})}
+    if body is not None:
+        data = json.dumps(body).encode()
+        hdrs.setdefault("Content-Type", "application/json")
+    async with aiohttp.ClientSession() as s:
+        async with s.request(method, url, data=data, headers=hdrs) as r:
+            json_body = r.content_type == "application/json"
+            return r.status, dict(r.headers), await r.json() if json_body else await r.text()
+
+
+def call(server, path: str, **kw) -> tuple[int, dict, object]:
+    return asyncio.run(request(server.url + path, **kw))
+
+
+def assert_error(result, status: int, *fragments: str, param: str | None = None) -> dict:
+    got, headers, body = result
+    assert got == status, body
+    assert headers["Content-Type"].startswith("application/json")
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["type"] == ("invalid_request_error" if status < 500 else "server_error")
+    for f in fragments:
+        assert f in err["message"], (f, err["message"])
+    if param is not None:
+        assert err["param"] == param
+    return err
+
+
+# (path, body, status, fragments of the message, param)
+BAD = [
+    ("/v1/completions", {"prompt": "x", "max_tokens": "5"}, 400, ["'max_tokens'", "integer"],
+     "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, ["'max_tokens'", "at least 1"],
+     "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 2.5}, 400, ["'max_tokens'"], "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": True}, 400, ["'max_tokens'"], "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, ["'temperature'", "number"],
+     "temperature"),
+    ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, ["'temperature'", ">= 0"],
+     "temperature"),
+    ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, ["'top_p'"], "top_p"),
+    ("/v1/completions", {"prompt": "x", "top_p": [1]}, 400, ["'top_p'", "number"], "top_p"),
+    ("/v1/completions", {"prompt": "x", "top_k": -2}, 400, ["'top_k'"], "top_k"),
+    ("/v1/completions", {"prompt": "x", "top_k": 2**70}, 400, ["'top_k'", "64-bit"], "top_k"),
+    ("/v1/completions", {"prompt": "x", "seed": 2**64}, 400, ["'seed'", "64-bit"], "seed"),
+    ("/v1/completions", {"prompt": "x", "seed": "1"}, 400, ["'seed'", "integer"], "seed"),
+    ("/v1/completions", {"prompt": "x", "stop": 3}, 400, ["'stop'"], "stop"),
+    ("/v1/completions", {"prompt": "x", "stop": ["a", ""]}, 400, ["'stop'", "empty"], "stop"),
+    ("/v1/completions", {"prompt": "x", "ignore_eos": "yes"}, 400, ["'ignore_eos'", "boolean"],
+     "ignore_eos"),
+    ("/v1/completions", {"prompt": "x", "stream": 1}, 400, ["'stream'", "boolean"], "stream"),
+    ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, 400,
+     ["stream=true"], "stream_options"),
+    ("/v1/completions", {"prompt": "x", "stream": True, "stream_options": []}, 400,
+     ["'stream_options'"], "stream_options"),
+    ("/v1/completions", {"prompt": "x", "priority": "high"}, 400, ["'priority'", "integer"],
+     "priority"),
+    ("/v1/completions", {"prompt": "x", "user": 7}, 400, ["'user'", "string"], "user"),
+    ("/v1/completions", {"prompt": "x", "model": 3}, 400, ["'model'", "string"], "model"),
+    ("/v1/completions", {"prompt": "x", "n": 2}, 400, ["n=2", "not supported"], "n"),
+    ("/v1/completions", {"prompt": "x", "n": "2"}, 400, ["'n'", "integer"], "n"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 1}, 400, ["'logprobs'", "not supported"],
+     "logprobs"),
+    ("/v1/completions", {"prompt": "x", "echo": True}, 400, ["'echo'", "not supported"], "echo"),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, 400, ["'presence_penalty'"],
+     "presence_penalty"),
+    ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, ["'best_of'"], "best_of"),
+    ("/v1/completions", {"prompt": "x", "stop_token_ids": [-1]}, 400, ["'stop_token_ids'"],
+     "stop_token_ids"),
+    ("/v1/completions", {}, 400, ["'prompt' is required"], "prompt"),
+    ("/v1/completions", {"prompt": ""}, 400, ["'prompt' must not be empty"], "prompt"),
+    ("/v1/completions", {"prompt": []}, 400, ["'prompt' must not be empty"], "prompt"),
+    ("/v1/completions", {"prompt": ["a", "b"]}, 400, ["batched prompts (2", "one prompt"],
+     "prompt"),
+    ("/v1/completions", {"prompt": [[1, 2], [3]]}, 400, ["batched prompts"], "prompt"),
+    ("/v1/completions", {"prompt": {"text": "x"}}, 400, ["'prompt' must be a string"], "prompt"),
+    ("/v1/completions", {"prompt": [1, "a"]}, 400, ["'prompt'"], "prompt"),
+    ("/v1/completions", {"prompt": [1, 10**9]}, 400, ["token ids must be integers in [0,"],
+     "prompt"),
+    ("/v1/completions", {"prompt": [15339] * 300}, 400, ["300 tokens", "max_model_len is 256"],
+     "prompt"),
+    ("/v1/completions", {"prompt": [15339] * 100, "max_tokens": 200}, 400,
+     ["maximum context length is 256", "300 tokens (100 in the prompt, 200 for the completion)"],
+     "max_tokens"),
+    ("/v1/chat/completions", {}, 400, ["'messages' is required"], "messages"),
+    ("/v1/chat/completions", {"messages": []}, 400, ["'messages' must not be empty"], "messages"),
+    ("/v1/chat/completions", {"messages": "hi"}, 400, ["'messages' must be an array"],
+     "messages"),
+    ("/v1/chat/completions", {"messages": ["hi"]}, 400, ["'messages[0]' must be an object"],
+     "messages[0]"),
+    ("/v1/chat/completions", {"messages": [{"content": "hi"}]}, 400, ["'messages[0].role'"],
+     "messages[0].role"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400,
+     ["'messages[0].content'"], "messages[0].content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+     400, ["only text is supported"], "messages[0].content"),
+    ("/v1/chat/completions", {"messages": CHAT, "logprobs": True}, 400, ["'logprobs'"],
+     "logprobs"),
+    ("/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function"}]}, 400,
+     ["'tools'", "not supported"], "tools"),
+    ("/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": -1}, 400,
+     ["'max_completion_tokens'"], "max_completion_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 300}]}, 400,
+     ["tokens but max_model_len is 256"], "messages"),
+    ("/tokenize", {"prompt": 5}, 400, ["'prompt'"], "prompt"),
+    ("/detokenize", {"tokens": [1, -1]}, 400, ["'tokens'"], "tokens"),
+    ("/detokenize", {"tokens": "abc"}, 400, ["'tokens'"], "tokens"),
+    ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, ["`gpt-4` does not exist",
+                                                                "tiny"], "model"),
+    ("/v1/chat/completions", {"messages": CHAT, "model": "nope"}, 404, ["`nope`"], "model"),
+    ("/tokenize", {"prompt": "x", "model": "nope"}, 404, ["`nope`"], "model"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,fragments,param", BAD,
+                         ids=[f"{p}:{json.dumps(b)[:40]}" for p, b, *_ in BAD])
+def test_bad_request(server, path, body, status, fragments, param):
+    assert_error(call(server, path, body=body), status, *fragments, param=param)
+
+
+def test_bad_json_and_body_shapes(server):
+    for data in (b"{not json", b"", b"\xff\xfe\x00", b"[1, 2", b'{"prompt": NaN}',
+                 b'{"prompt": "x", "temperature": Infinity}', b"[" * 60_000):
+        assert_error(call(server, "/v1/completions", data=data), 400, "not valid JSON")
+    for body in ([], "text", 3, None):
+        assert_error(call(server, "/v1/completions", data=json.dumps(body).encode()), 400,
+                     "must be a JSON object")
+
+
+def test_model_names_and_default(server):
+    for model in ("tiny", "tiny-alias", None):
+        status, _, body = call(server, "/v1/completions", body={"prompt": "x", "max_tokens": 1,
+                                                                "model": model})
+        assert status == 200 and body["model"] == "tiny"  # the first name is reported
+
+
+def test_api_key(server):
+    assert_error(call(server, "/v1/completions", body={"prompt": "x"}, auth=False), 401,
+                 "missing API key")
+    result = call(server, "/v1/completions", body={"prompt": "x"}, auth=False,
+                  headers={"Authorization": "Bearer wrong"})
+    assert_error(result, 401, "incorrect API key")
+    assert result[1]["WWW-Authenticate"] == "Bearer"
+    assert_error(call(server, "/v1/models", method="GET", auth=False,
+                      headers={"Authorization": f"Basic {KEY}"}), 401)
+    assert_error(call(server, "/tokenize", body={"prompt": "x"}, auth=False), 401)
+    for path in ("/health", "/version", "/metrics"):  # public
+        assert call(server, path, method="GET", auth=False)[0] == 200
+
+
+def test_oversized_body(server):
+    big = {"prompt": "x" * MAX_BODY}
+    assert_error(call(server, "/v1/completions", body=big), 413, "too large")
+
+    async def chunked() -> tuple[int, dict, object]:  # no Content-Length: aiohttp counts
+        async def gen():
+            for _ in range(MAX_BODY // 1024 + 2):
+                yield b" " * 1024
+        async with aiohttp.ClientSession(headers=AUTH) as s:
+            async with s.post(server.url + "/v1/completions", data=gen()) as r:
+                return r.status, dict(r.headers), await r.json()
+    assert_error(asyncio.run(chunked()), 413, "too large")
+
+
+def test_unknown_route_and_method(server):
+    assert_error(call(server, "/v1/nothing", body={}), 404, "no route POST /v1/nothing")
+    assert_error(call(server, "/", method="GET"), 404)
+    result = call(server, "/v1/completions", method="GET")
+    assert_error(result, 405, "GET is not allowed")
+    assert "POST" in result[1]["Allow"]
+    assert_error(call(server, "/health", method="DELETE"), 405)
+
+
+def test_queue_full_is_503_with_retry_after(server, engine):
+    long = {"prompt": "busy", "max_tokens": 200, "ignore_eos": True}
+
+    async def main():
+        async with aiohttp.ClientSession(headers=AUTH) as s:
+            running = await s.post(server.url + "/v1/completions", json={**long, "stream": True})
+            await running.content.readline()  # it runs: the one seat is taken
+            waiting = asyncio.create_task(s.post(server.url + "/v1/completions", json=long))
+            for _ in range(500):
+                await asyncio.sleep(0.01)
+                if await engine.run_in_engine(lambda e: len(e.scheduler.waiting)) == 1:
+                    break
+            refused = await request(server.url + "/v1/completions", body=long)
+            running.close()
+            waiting.cancel()
+            return refused
+    err = assert_error(asyncio.run(main()), 503, "retry later")
+    assert err["code"] == "queue_full"
+
+
+def test_unexpected_exception_is_500_and_logged(server, caplog):
+    chat = server.app[SERVER_KEY].chat_template
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("template exploded")
+    original, chat.render = chat.render, broken
+    try:
+        with caplog.at_level(logging.ERROR, logger="fairswitch.server.errors"):
+            err = assert_error(call(server, "/v1/chat/completions", body={"messages": CHAT}), 500)
+    finally:
+        chat.render = original
+    assert "template exploded" not in err["message"]  # details stay in the log
+    assert any(r.exc_info and "template exploded" in str(r.exc_info[1]) for r in caplog.records)
+    assert call(server, "/v1/chat/completions",
+                body={"messages": CHAT, "max_tokens": 1})[0] == 200
+
+
+# ---- fuzz ----------------------------------------------------------------------------------------
+
+_VALUES = [None, True, False, 0, 1, -1, 2, 7, 2**63, -(2**63) - 1, 0.5, -0.5, 1e308, "", "x",
+           "stop", [], [1], [1, 2, 3], ["a"], ["a", "b"], [[1]], [None], {}, {"a": 1},
+           {"include_usage": True}, {"include_usage": "yes"}, [{"role": "user"}],
+           [{"role": "user", "content": "hi"}], [{"role": 1, "content": []}], "\u0000\ud7ff"]
+_FIELDS = ["prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
+           "top_k", "seed", "stop", "n", "stream", "stream_options", "logprobs", "user",
+           "priority", "model", "ignore_eos", "echo", "tokens", "add_generation_prompt",
+           "stop_token_ids", "response_format"]
+_PATHS = ["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"]
+
+
+def _random_body(rng: random.Random) -> object:
+    base: dict = rng.choice([{"prompt": "fuzz", "max_tokens": 2},
+                             {"messages": [{"role": "user", "content": "f"}], "max_tokens": 2},
+                             {"tokens": [1, 2]}, {}])
+    for _ in range(rng.randint(0, 4)):
+        base[rng.choice(_FIELDS)] = rng.choice(_VALUES)
+    return rng.choice([base] * 8 + [rng.choice(_VALUES)])
+
+
+def test_fuzz_random_shapes_and_garbage_keep_the_server_up(server, engine):
+    rng = random.Random(1234)
+    statuses: dict[int, int] = {}
+
+    async def main():
+        async with aiohttp.ClientSession(headers=AUTH) as s:
+            for i in range(300):
+                path = rng.choice(_PATHS)
+                if i % 3 == 0:  # garbage bytes, sometimes with a misleading Content-Type
+                    data = rng.randbytes(rng.randint(0, 300))
+                    headers = {"Content-Type": rng.choice(["application/json", "text/plain",
+                                                           "application/x-www-form-urlencoded"])}
+                else:
+                    data = json.dumps(_random_body(rng)).encode()
+                    headers = {"Content-Type": "application/json"}
+                async with s.post(server.url + path, data=data, headers=headers) as r:
+                    body = await r.read()
+                    statuses[r.status] = statuses.get(r.status, 0) + 1
+                    assert r.status in (200, 400, 404), (path, data[:200], body[:300])
+                    if r.status != 200:
+                        assert set(json.loads(body)["error"]) == {"message", "type", "param",
+                                                                   "code"}
+    asyncio.run(main())
+    assert statuses.get(400, 0) > 100 and statuses.get(200, 0) > 10, statuses
+    status, _, body = call(server, "/v1/completions", body={"prompt": "still here",
+                                                            "max_tokens": 3, "ignore_eos": True})
+    assert status == 200 and body["usage"]["completion_tokens"] == 3
+    assert call(server, "/health", method="GET")[0] == 200
+    assert asyncio.run(engine.run_in_engine(lambda e: len(e.requests))) == 0
