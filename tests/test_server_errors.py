@@ -232,6 +232,16 @@ def test_queue_full_is_503_with_retry_after(server, engine):
             return refused
     err = assert_error(asyncio.run(main()), 503, "retry later")
     assert err["code"] == "queue_full"
+    assert call(server, "/health", method="GET")[0] == 200
+
+    async def idle() -> int:  # both clients left: both requests are aborted, promptly
+        for _ in range(100):
+            await engine.sync()
+            if not await engine.run_in_engine(lambda e: len(e.requests)):
+                return 0
+            await asyncio.sleep(0.05)
+        return await engine.run_in_engine(lambda e: len(e.requests))
+    assert asyncio.run(idle()) == 0
 
 
 def test_unexpected_exception_is_500_and_logged(server, caplog):
