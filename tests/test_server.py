@@ -374,3 +374,25 @@ def test_reused_prefix_is_reported_in_usage(server):
     assert "prompt_tokens_details" not in first
     cached = second["prompt_tokens_details"]["cached_tokens"]
     assert 16 <= cached < second["prompt_tokens"] and cached % 16 == 0
+
+
+def test_clients_leaving_during_the_add_do_not_kill_the_engine(server, engine):
+    # A handler cancelled while AsyncEngine awaits the engine's acknowledgement of the add must
+    # not cancel that engine command (the engine thread would die on it).
+    async def impatient(s: aiohttp.ClientSession, delay: float) -> None:
+        try:
+            async with asyncio.timeout(delay):
+                async with s.post(f"{server.url}/v1/completions",
+                                  json={"prompt": "quick", "max_tokens": 50}) as r:
+                    await r.read()
+        except TimeoutError:
+            pass
+
+    async def main():
+        async with aiohttp.ClientSession(headers=AUTH) as s:
+            await asyncio.gather(*(impatient(s, i * 0.0005) for i in range(120)))
+    run(main())
+    assert engine.is_running
+    wait_idle(engine)
+    status, body = run(post(f"{server.url}/v1/completions", {"prompt": "alive", "max_tokens": 2}))
+    assert status == 200, body
