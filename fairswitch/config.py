@@ -67,6 +67,8 @@ class CacheConfig:
     kv_cache_memory_gib: float | None = _opt(
         None, "KV cache size in GiB (default on CPU: 1; on CUDA: from --gpu-memory-utilization)"
     )
+    block_groups: bool = _opt(
+        True, "allocate runs of consecutive blocks sized to each request's expected length")
     enable_prefix_caching: bool = _opt(
         True, "keep finished requests' KV keyed by token prefix and reuse it (multi-turn)")
     swap_space: float = _opt(
@@ -79,11 +81,12 @@ class CacheConfig:
         False, "one copy per block per layer per K/V instead of one per extent (ablation)")
     baseline: bool = _opt(
         False, "reproduce vLLM 0.3.3's context switches: block size 16, per-block-per-layer "
-        "synchronous copies, no incremental swap, no prefix caching (overrides those options)")
+        "synchronous copies, no block groups, no incremental swap, no prefix caching "
+        "(overrides those options)")
 
     def __post_init__(self) -> None:
         if self.baseline:
-            self.block_size, self.enable_prefix_caching = 16, False
+            self.block_size, self.enable_prefix_caching, self.block_groups = 16, False, False
             self.async_swap, self.incremental_swap, self.per_layer_swap = False, False, True
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")

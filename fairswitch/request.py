@@ -56,6 +56,7 @@ class Request:
     cpu_block_table: list[int] = field(default_factory=list)
     num_cpu_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens whose KV was reused from the prefix cache
+    grouped: bool = False  # has a block group been reserved for it (kv/cache_manager.py)
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     # Owned by the output processor (detokenizer state) and the sampler (torch.Generator).

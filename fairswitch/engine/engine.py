@@ -100,7 +100,8 @@ class Engine:
         if self.device.type == "cuda" and backend.name == "triton" and not mc.enforce_eager:
             self.runner.capture_cuda_graphs(config.scheduler.max_num_seqs, self.max_model_len)
         self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size,
-                                 config.cache.enable_prefix_caching)
+                                 config.cache.enable_prefix_caching, config.cache.block_groups,
+                                 self.max_model_len)
         self.swap = self._swap_manager()
         self.scheduler = Scheduler(config.scheduler, self.kv, self.swap)
         self.output_processor = OutputProcessor(self.tokenizer, self._eos_ids(source),
@@ -295,6 +296,7 @@ class Engine:
         """Raise if KV blocks leaked: every block is free or owned by a live request, once."""
         self.kv.pool.check()
         refs = Counter(b for r in self.requests.values() for b in r.block_table)
+        refs.update(b for tail in self.kv.reserved.values() for b in tail)
         if self.swap is not None:
             refs.update(self.swap.gpu_blocks_in_flight())
         pc = self.kv.prefix_cache
@@ -307,6 +309,8 @@ class Engine:
             if any(n > 1 for n in refs.values()):
                 raise AssertionError("a block is in two block tables without prefix caching")
             held = len(refs)
+        if self.kv.num_reserved_blocks != sum(map(len, self.kv.reserved.values())):
+            raise AssertionError("reserved block count out of step with the reservations")
         if held != self.kv.pool.num_used_blocks:
             raise AssertionError(f"{self.kv.pool.num_used_blocks} GPU blocks in use but requests, "
                                  f"copies and the prefix cache hold {held}")

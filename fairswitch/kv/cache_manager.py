@@ -1,28 +1,40 @@
 """Per-request block tables on top of the block pool: the scheduler's only view of KV memory.
 
+Block groups (block_groups.py): a request's first allocation reserves a run of consecutive blocks
+sized to its expected length (prompt + max_tokens); it grows into that run, then in place after
+its last block. Unused reserved blocks are reclaimed (most recent reservation first) the moment
+anyone needs them, so contiguity never costs capacity.
+
 With prefix caching, blocks are reference counted: a block may sit in several block tables (a
-shared prefix) and unreferenced blocks with known content stay cached until evicted. Free
-capacity is therefore ``pool free + evictable cached``.
+shared prefix) and unreferenced blocks with known content stay cached until evicted.
+
+Free capacity = free blocks + unused reservations + evictable cached blocks.
 """
 
 from __future__ import annotations
 
+from fairswitch.kv.block_groups import ExtentAllocator
 from fairswitch.kv.block_pool import BlockPool
 from fairswitch.kv.prefix_cache import PrefixCache
 from fairswitch.request import Request
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False
-                 ) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False,
+                 block_groups: bool = False, max_model_len: int | None = None) -> None:
         self.block_size = block_size
-        self.pool = BlockPool(num_blocks)
+        self.pool: BlockPool | ExtentAllocator = (ExtentAllocator(num_blocks) if block_groups
+                                                  else BlockPool(num_blocks))
+        self.block_groups = block_groups
+        self.max_model_len = max_model_len
         self.prefix_cache = PrefixCache(self.pool, block_size) if enable_prefix_caching else None
+        self.reserved: dict[Request, list[int]] = {}  # unused tails of groups, oldest first
+        self.num_reserved_blocks = 0
 
     @property
     def num_free_blocks(self) -> int:
         evictable = len(self.prefix_cache.evictable) if self.prefix_cache else 0
-        return self.pool.num_free_blocks + evictable
+        return self.pool.num_free_blocks + evictable + self.num_reserved_blocks
 
     @property
     def num_blocks(self) -> int:
@@ -35,27 +47,73 @@ class KVCacheManager:
         total = request.num_computed_tokens + num_new_tokens
         return max(0, self.blocks_needed(total) - len(request.block_table))
 
-    def allocate_blocks(self, n: int) -> list[int]:
-        """n blocks for one owner; evicts cached blocks (LRU) only when the pool runs dry."""
+    def allocate_blocks(self, n: int, after: int | None = None) -> list[int]:
+        """n blocks for one owner, consecutive where possible (after ``after`` if given).
+
+        Takes free blocks, then reclaims others' unused reservations, then evicts cached blocks
+        (least recently used): the caller must have checked ``num_free_blocks``.
+        """
+        while self.pool.num_free_blocks < n and self.reserved:
+            self._reclaim(next(reversed(self.reserved)))
         pc = self.prefix_cache
-        if pc is None:
-            return self.pool.allocate(n)
-        take = min(n, self.pool.num_free_blocks)
-        blocks = self.pool.allocate(take)
+        blocks = self.pool.allocate(min(n, self.pool.num_free_blocks), after)
         while len(blocks) < n:
-            blocks.append(pc.evict())
-        for b in blocks:
-            pc.take(b)
+            blocks.append(pc.evict())  # type: ignore[union-attr]
+        if pc is not None:
+            for b in blocks:
+                pc.take(b)
         return blocks
+
+    def _reclaim(self, request: Request) -> None:
+        tail = self.reserved.pop(request)
+        self.num_reserved_blocks -= len(tail)
+        self.release_blocks(tail)
+
+    def _expected_blocks(self, request: Request, n: int) -> int:
+        if not self.block_groups:
+            return n
+        limit = request.num_prompt_tokens + request.sampling_params.max_tokens
+        if self.max_model_len is not None:
+            limit = min(limit, self.max_model_len)
+        return max(n, self.blocks_needed(limit) - len(request.block_table))
 
     def allocate_slots(self, request: Request, num_new_tokens: int) -> bool:
         """Grow the request's block table to hold ``num_new_tokens`` more; False if out of blocks."""
         n = self.num_new_blocks(request, num_new_tokens)
+        if n == 0:
+            return True
+        tail = self.reserved.get(request)
+        if tail:
+            take = tail[:n]
+            del tail[:n]
+            self.num_reserved_blocks -= len(take)
+            if not tail:
+                del self.reserved[request]
+            request.block_table.extend(take)
+            n -= len(take)
+            if n == 0:
+                return True
         if n > self.num_free_blocks:
             return False
-        if n:
-            request.block_table.extend(self.allocate_blocks(n))
+        if self.block_groups and request not in self.reserved and not request.grouped:
+            # First own allocation: reserve the whole expected group, keep the unused tail.
+            request.grouped = True
+            want = min(self._expected_blocks(request, n),
+                       self.pool.num_free_blocks + len(self.prefix_cache.evictable
+                                                       if self.prefix_cache else ()))
+            blocks = self.allocate_blocks(max(want, n))
+            request.block_table.extend(blocks[:n])
+            if len(blocks) > n:
+                self.reserved[request] = blocks[n:]
+                self.num_reserved_blocks += len(blocks) - n
+            return True
+        last = request.block_table[-1] if request.block_table else None
+        request.block_table.extend(self.allocate_blocks(n, after=last))
         return True
+
+    def drop_reservation(self, request: Request) -> None:
+        if request in self.reserved:
+            self._reclaim(request)
 
     def release_blocks(self, blocks: list[int]) -> None:
         pc = self.prefix_cache
@@ -66,6 +124,8 @@ class KVCacheManager:
 
     def free(self, request: Request) -> None:
         """Drop the request's blocks; with prefix caching its computed full blocks stay cached."""
+        self.drop_reservation(request)
+        request.grouped = False
         if not request.block_table:
             return
         if self.prefix_cache is not None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fairswitch.kv.block_pool import BlockPool
+from fairswitch.kv.block_groups import ExtentAllocator
 from fairswitch.kv.cache_manager import KVCacheManager
 from fairswitch.kv.copy_backend import CopyBackend, CopyHandle
 from fairswitch.kv.extents import copy_extents
@@ -45,7 +45,7 @@ class SwapManager:
         self.incremental = incremental
         self.gpu = gpu
         self.gpu_tensor = gpu_tensor
-        self.cpu_pool = BlockPool(num_cpu_blocks)
+        self.cpu_pool = ExtentAllocator(num_cpu_blocks)
         self.cpu_tensor = cpu_tensor
         self.backend = backend
         self.block_size = gpu.block_size
@@ -95,7 +95,9 @@ class SwapManager:
         need = self.cpu_blocks_needed(req)
         if need:
             self._reserve_cpu(need, exclude=req)
-            req.cpu_block_table.extend(self.cpu_pool.allocate(need))
+            last = req.cpu_block_table[-1] if req.cpu_block_table else None
+            req.cpu_block_table.extend(self.cpu_pool.allocate(need, after=last))
+        self.gpu.drop_reservation(req)  # unused tail of its group: nothing to copy
         first = self._first_dirty_block(req)
         extents = copy_extents(req.block_table[first:total], req.cpu_block_table[first:total])
         handle = self._submit(self.gpu_tensor, self.cpu_tensor, extents, to_host=True)
@@ -112,7 +114,7 @@ class SwapManager:
         """Start copying ``req``'s KV back; it may run once ``poll`` reports it ready."""
         assert self.can_swap_in(req) and not req.block_table
         total = self.gpu.blocks_needed(req.num_cpu_tokens)
-        req.block_table = self.gpu.allocate_blocks(total)
+        req.block_table = self.gpu.allocate_blocks(total)  # one run where possible
         extents = copy_extents(req.cpu_block_table[:total], req.block_table)
         handle = self._submit(self.cpu_tensor, self.gpu_tensor, extents, to_host=False)
         self.incoming[req] = _Transfer(handle)
