@@ -74,6 +74,9 @@ class CacheConfig:
     swap_space: float = _opt(
         4.0, "CPU swap space in GiB for the KV of preempted requests (0: never swap, recompute)"
     )
+    swap_copy_backend: str = _opt(
+        "auto", "swap copies: torch (CUDA streams), cupy (raw memcpyAsync per extent; needs "
+        "cupy), auto (torch on CUDA)", ("auto", "torch", "cupy"))
     async_swap: bool = _opt(True, "swap copies overlap compute (off: the step waits for them)")
     incremental_swap: bool = _opt(
         True, "keep a resumed request's CPU copy so its next swap-out moves only new blocks")
@@ -98,6 +101,9 @@ class CacheConfig:
             )
         if self.kv_cache_memory_gib is not None and self.kv_cache_memory_gib <= 0:
             raise ValueError(f"kv_cache_memory_gib must be > 0, got {self.kv_cache_memory_gib}")
+        if self.swap_copy_backend not in ("auto", "torch", "cupy"):
+            raise ValueError("swap_copy_backend must be one of auto, torch, cupy, got "
+                             f"{self.swap_copy_backend!r}")
         if self.swap_space < 0:
             raise ValueError(f"swap_space must be >= 0 GiB, got {self.swap_space}")
 

@@ -97,3 +97,25 @@ def test_llama3_8b_shapes_generate_with_graphs():
     outs = llm.generate(["Hello"] * 40, SamplingParams(max_tokens=16, ignore_eos=True),
                         use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == 16 for o in outs)
+
+
+@pytest.mark.parametrize("copy_backend", ["torch", "cupy"])
+@pytest.mark.parametrize("mode", ["swap", "recompute"])
+def test_preemption_on_gpu_keeps_outputs(copy_backend, mode, llama_dir):
+    """Forced preemption with async swap copies (CUDA streams / CuPy) leaves greedy outputs and
+    the pools unchanged."""
+    if copy_backend == "cupy":
+        pytest.importorskip("cupy")
+    prompts = [p * (i + 1) for i, p in enumerate(PROMPTS)]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    ref = LLM(model=str(llama_dir), device="cuda", dtype="float32", num_gpu_blocks=512)
+    want = [o.outputs[0].token_ids for o in ref.generate(prompts, params, use_tqdm=False)]
+    llm = LLM(model=str(llama_dir), device="cuda", dtype="float32", num_gpu_blocks=12,
+              block_size=8, max_model_len=96, preemption_mode=mode, swap_space=0.01,
+              swap_copy_backend=copy_backend)
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert got == want
+    m = llm.engine.switch_metrics()
+    assert m[f"preemptions_{mode}"] > 0
+    llm.engine.check_accounting()
+    assert llm.engine.kv.num_free_blocks == 12

@@ -19,7 +19,7 @@ import torch
 from fairswitch.config import EngineConfig
 from fairswitch.engine.output_processor import OutputProcessor
 from fairswitch.kv.cache_manager import KVCacheManager
-from fairswitch.kv.copy_backend import SyncCopyBackend, TorchStreamCopyBackend
+from fairswitch.kv.copy_backend import make_copy_backend
 from fairswitch.kv.extents import num_extents
 from fairswitch.kv.swap_manager import SwapManager
 from fairswitch.model import loader
@@ -121,8 +121,7 @@ class Engine:
         cpu_tensor = torch.empty((num_cpu_blocks, *gpu_tensor.shape[1:]), dtype=gpu_tensor.dtype,
                                  pin_memory=on_cuda)
         cc = self.config.cache
-        backend = (TorchStreamCopyBackend(self.device, cc.per_layer_swap) if on_cuda
-                   else SyncCopyBackend(cc.per_layer_swap))
+        backend = make_copy_backend(cc.swap_copy_backend, self.device, cc.per_layer_swap)
         return SwapManager(self.kv, gpu_tensor, num_cpu_blocks, cpu_tensor, backend,
                            async_copies=cc.async_swap, incremental=cc.incremental_swap)
 

@@ -3,6 +3,8 @@
 - ``SyncCopyBackend``: copies at submit time (CPU-only machines, tests): every handle is done.
 - ``TorchStreamCopyBackend``: asynchronous copies on a dedicated CUDA stream, ordered after the
   compute stream's work with an event, completion polled with ``event.query()``.
+- ``CupyCopyBackend``: the same on a CuPy stream with one raw ``cudaMemcpyAsync`` per extent
+  (byte ranges of the block-contiguous pools, no tensor views, no per-copy Python tensor work).
 - ``per_layer=True`` (baseline mode) splits each block into one copy per layer and K/V, as
   vLLM 0.3.3 did, to measure what coalescing buys.
 """
@@ -106,6 +108,56 @@ class TorchStreamCopyBackend(CopyBackend):
             handle.event.synchronize()
 
 
+class CupyCopyBackend(CopyBackend):
+    """Raw memcpyAsync per extent on a CuPy stream, ordered after torch's compute stream."""
+
+    def __init__(self, device: torch.device, per_layer: bool = False) -> None:
+        import cupy
+
+        super().__init__(per_layer)
+        self._cp = cupy
+        self.device = device
+        with cupy.cuda.Device(device.index or 0):
+            self.stream = cupy.cuda.Stream(non_blocking=True)
+
+    def submit(self, src, dst, extents, to_host):
+        cp = self._cp
+        # Wait for the compute stream's pending writes (this step's KV) before reading blocks.
+        compute = cp.cuda.ExternalStream(torch.cuda.current_stream(self.device).cuda_stream)
+        ready = cp.cuda.Event(disable_timing=True)
+        ready.record(compute)
+        self.stream.wait_event(ready)
+        block = src[0].numel() * src.element_size()
+        piece = src[0, 0, 0].numel() * src.element_size()  # one layer's K (or V) of a block
+        pieces = src.shape[1] * 2
+        memcpy = cp.cuda.runtime.memcpyAsync
+        nbytes = 0
+        for s, d, n in extents:
+            src_ptr, dst_ptr = src.data_ptr() + s * block, dst.data_ptr() + d * block
+            if self.per_layer:
+                for i in range(n * pieces):
+                    memcpy(dst_ptr + i * piece, src_ptr + i * piece, piece, 4, self.stream.ptr)
+                self.stats.num_copies += n * pieces
+            else:
+                memcpy(dst_ptr, src_ptr, n * block, 4, self.stream.ptr)  # 4: cudaMemcpyDefault
+                self.stats.num_copies += 1
+            nbytes += n * block
+        if to_host:
+            self.stats.bytes_out += nbytes
+        else:
+            self.stats.bytes_in += nbytes
+        event = cp.cuda.Event(disable_timing=True)
+        event.record(self.stream)
+        return CopyHandle(event=event, nbytes=nbytes)
+
+    def done(self, handle: CopyHandle) -> bool:
+        return handle.event is None or handle.event.done
+
+    def wait(self, handle: CopyHandle) -> None:
+        if handle.event is not None:
+            handle.event.synchronize()
+
+
 class DelayedCopyBackend(CopyBackend):
     """Test double for a slow link: the bytes move only when a handle completes, after ``delay``
     polls. A block reused while its copy is in flight therefore corrupts data visibly."""
@@ -136,3 +188,14 @@ class DelayedCopyBackend(CopyBackend):
         handle.polls_left = 0
         for src, dst in handle.extra.pop("copies", []):
             dst.copy_(src)
+
+
+def make_copy_backend(name: str, device: torch.device, per_layer: bool) -> CopyBackend:
+    """auto: torch streams on CUDA (CuPy is opt-in until its GPU tests have run), sync on CPU."""
+    if device.type != "cuda":
+        if name == "cupy":
+            raise ValueError("the cupy swap copy backend needs a CUDA device")
+        return SyncCopyBackend(per_layer)
+    if name == "cupy":
+        return CupyCopyBackend(device, per_layer)
+    return TorchStreamCopyBackend(device, per_layer)
