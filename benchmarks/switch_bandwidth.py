@@ -1,0 +1,162 @@
+"""Context-switch bandwidth: swap a batch of requests' KV out to pinned CPU memory and back.
+
+Measured in one run on one KV geometry (default Llama-3-8B: 32 layers, 8 KV heads, head dim 128,
+bf16, 16-token blocks = 2 MiB per block):
+- peak: one large pinned copy each way (the link's limit for this machine);
+- fairswitch: block groups (requests' blocks are runs), one async copy per extent, CUDA streams
+  (or CuPy with --copy-backend cupy);
+- baseline (vLLM 0.3.3): blocks from a plain free list after churn, one synchronous copy per block
+  per layer per K/V.
+Each mode allocates the same requests (lengths drawn from --min-tokens..--max-tokens) after the
+same churn of short-lived allocations, swaps all of them out, then all back in; bandwidth = bytes
+moved / wall time until the last copy has landed. Claims: ``switch_bw_fraction_of_peak`` and
+``switch_bw_baseline_fraction_of_peak`` (swap-out and swap-in averaged).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fairswitch.kv.cache_manager import KVCacheManager  # noqa: E402
+from fairswitch.kv.copy_backend import make_copy_backend  # noqa: E402
+from fairswitch.kv.extents import num_extents  # noqa: E402
+from fairswitch.kv.swap_manager import SwapManager  # noqa: E402
+from fairswitch.request import Request  # noqa: E402
+from fairswitch.sampling_params import SamplingParams  # noqa: E402
+from results_io import command_line, write_results  # noqa: E402
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_bandwidth(gpu: torch.device, nbytes: int) -> tuple[float, float]:
+    """(device->host, host->device) bytes/s of one large pinned copy."""
+    pin = gpu.type == "cuda"
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device=gpu)
+    rates = []
+    for dst, src in ((host, dev), (dev, host)):
+        dst.copy_(src, non_blocking=True)
+        _sync(gpu)
+        t0 = time.perf_counter()
+        for _ in range(3):
+            dst.copy_(src, non_blocking=True)
+        _sync(gpu)
+        rates.append(3 * nbytes / (time.perf_counter() - t0))
+    return rates[0], rates[1]
+
+
+def run_mode(name: str, args: argparse.Namespace, gpu_pool: torch.Tensor,
+             cpu_pool: torch.Tensor, lengths: list[int]) -> dict[str, Any]:
+    baseline = name == "baseline"
+    device = gpu_pool.device
+    kv = KVCacheManager(gpu_pool.shape[0], args.block_size, block_groups=not baseline)
+    backend = make_copy_backend("torch" if baseline else args.copy_backend, device,
+                                per_layer=baseline)
+    swap = SwapManager(kv, gpu_pool, cpu_pool.shape[0], cpu_pool, backend,
+                       async_copies=not baseline, incremental=not baseline)
+    rng = random.Random(args.seed)
+    # Churn: short-lived requests come and go first, as in a running server.
+    live = []
+    for i in range(400):
+        r = Request(f"churn{i}", [0] * rng.randint(16, 512), SamplingParams(max_tokens=64), 0.0)
+        if kv.allocate_slots(r, r.num_prompt_tokens):
+            live.append(r)
+        if live and (rng.random() < 0.6 or len(live) > 12):
+            kv.free(live.pop(rng.randrange(len(live))))
+    reqs = []
+    for i, n in enumerate(lengths):
+        r = Request(f"r{i}", [0] * n, SamplingParams(max_tokens=1), 0.0)
+        assert kv.allocate_slots(r, n), "GPU pool too small for the batch"
+        r.num_computed_tokens = n
+        reqs.append(r)
+    nbytes = sum(kv.blocks_needed(n) for n in lengths) * swap.block_bytes
+    _sync(device)
+    t0 = time.perf_counter()
+    for r in reqs:
+        swap.swap_out(r)
+    for t in list(swap.outgoing.values()):
+        backend.wait(t.handle)
+    swap.poll()
+    t_out = time.perf_counter() - t0
+    for r in live:  # the churn requests leave: room to bring the batch back
+        kv.free(r)
+    t0 = time.perf_counter()
+    for r in reqs:
+        swap.swap_in(r)
+    landed = swap.wait_incoming()
+    t_in = time.perf_counter() - t0
+    assert len(landed) == len(reqs)
+    return {"mode": name, "bytes": nbytes, "out_s": t_out, "in_s": t_in,
+            "out_bw": nbytes / t_out, "in_bw": nbytes / t_in,
+            "copies": backend.stats.num_copies, "bytes_per_copy": backend.stats.bytes_per_copy,
+            "extents_after_swap_in": sum(num_extents(r.block_table) for r in reqs)}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--requests", type=int, default=8)
+    p.add_argument("--min-tokens", type=int, default=1024)
+    p.add_argument("--max-tokens", type=int, default=8192)
+    p.add_argument("--copy-backend", default="torch", choices=("torch", "cupy"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default="benchmarks/results/switch_bandwidth.json")
+    p.add_argument("--commit", default=None)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rng = random.Random(args.seed)
+    lengths = [rng.randint(args.min_tokens, args.max_tokens) for _ in range(args.requests)]
+    shape = (args.layers, 2, args.block_size, args.kv_heads, args.head_dim)
+    # Room for the batch, twice over, plus the churn's live requests (12 x up to 36 blocks).
+    blocks = 2 * sum(-(-n // args.block_size) for n in lengths) + 12 * 36 + 64
+    gpu_pool = torch.zeros((blocks, *shape), dtype=dtype, device=device)
+    cpu_pool = torch.empty((blocks, *shape), dtype=dtype, pin_memory=device.type == "cuda")
+    peak_out, peak_in = peak_bandwidth(device, min(1 << 30, gpu_pool.numel()
+                                                   * gpu_pool.element_size() // 2))
+    rows = [run_mode(m, args, gpu_pool, cpu_pool, lengths) for m in ("fairswitch", "baseline")]
+    for r in rows:
+        r["fraction_of_peak"] = (r["out_bw"] / peak_out + r["in_bw"] / peak_in) / 2
+    print(f"peak pinned copy: out {peak_out / 1e9:.1f} GB/s, in {peak_in / 1e9:.1f} GB/s")
+    print(f"{'mode':<11}{'GB':>7}{'out GB/s':>10}{'in GB/s':>9}{'of peak':>9}{'copies':>9}"
+          f"{'KiB/copy':>10}{'extents':>9}")
+    for r in rows:
+        print(f"{r['mode']:<11}{r['bytes'] / 1e9:>7.2f}{r['out_bw'] / 1e9:>10.1f}"
+              f"{r['in_bw'] / 1e9:>9.1f}{r['fraction_of_peak']:>9.2f}{r['copies']:>9}"
+              f"{r['bytes_per_copy'] / 1024:>10.0f}{r['extents_after_swap_in']:>9}")
+    fast, base = rows
+    claims = [
+        {"name": "switch_bw_fraction_of_peak", "value": fast["fraction_of_peak"],
+         "unit": "fraction"},
+        {"name": "switch_bw_baseline_fraction_of_peak", "value": base["fraction_of_peak"],
+         "unit": "fraction"},
+    ]
+    figures = {"geometry": {"layers": args.layers, "kv_heads": args.kv_heads,
+                            "head_dim": args.head_dim, "block_size": args.block_size,
+                            "dtype": str(dtype)},
+               "request_tokens": lengths, "peak_out_bw": peak_out, "peak_in_bw": peak_in,
+               "copy_backend": args.copy_backend, "modes": rows}
+    result = write_results(args.output, command=command_line(), figures=figures, claims=claims,
+                           commit=args.commit)
+    print(f"wrote {args.output}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
