@@ -289,7 +289,7 @@ def test_tokenize_detokenize(server, engine):
     assert status == 200 and chat["tokens"] == expected
 
 
-# ---- scheduling fields, disconnects, concurrency --------------------------------------------------
+# ---- scheduling fields, disconnects, concurrency -------------------------------------------------
 
 async def _live_request_fields(url: str, engine, body: dict, headers=None) -> list:
     """Open a long stream, read one chunk, and read the live Request's scheduling fields."""
@@ -396,3 +396,17 @@ def test_clients_leaving_during_the_add_do_not_kill_the_engine(server, engine):
     wait_idle(engine)
     status, body = run(post(f"{server.url}/v1/completions", {"prompt": "alive", "max_tokens": 2}))
     assert status == 200, body
+
+
+def test_prometheus_text_formatter():
+    from fairswitch.server.metrics import Histogram, format_family
+
+    text = format_family("fairswitch:x", "counter", 'a\\b\nc "q"', [("", {"l": 'q"\\\n'}, 1.5)])
+    assert text == ('# HELP fairswitch:x a\\\\b\\nc "q"\n# TYPE fairswitch:x counter\n'
+                    'fairswitch:x{l="q\\"\\\\\\n"} 1.5\n')
+    h = Histogram((0.1, 1.0))
+    for v in (0.05, 0.1, 0.5, 5.0):
+        h.observe(v)
+    assert h.samples({}) == [("_bucket", {"le": "0.1"}, 2), ("_bucket", {"le": "1.0"}, 3),
+                             ("_bucket", {"le": "+Inf"}, 4), ("_sum", {}, 5.65),
+                             ("_count", {}, 4)]

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 from pathlib import Path
 
 from fairswitch.config import EngineConfig, add_engine_args
-
-logger = logging.getLogger(__name__)
 
 
 def add_parser(subs: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -34,7 +34,8 @@ from fairswitch.scheduler.scheduler import QueueFullError
 from fairswitch.server import protocol, streaming
 from fairswitch.server.chat import ChatTemplate
 from fairswitch.server.errors import APIError, Handler, bad_request, error_middleware
-from fairswitch.server.metrics import CONTENT_TYPE, ServerMetrics, engine_snapshot
+from fairswitch.server.metrics import (CONTENT_TYPE, RequestTracker, ServerMetrics,
+                                       engine_snapshot)
 from fairswitch.server.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -66,10 +67,9 @@ class OpenAIServer:
         self.engine = engine
         self.settings = settings
         self.model_name = settings.served_model_names[0]
-        core = engine.engine  # read-only use: tokenizer, limits, prompt validation
-        self.core = core
-        self.tokenizer = core.tokenizer
-        self.chat_template = ChatTemplate(core.tokenizer, settings.chat_template)
+        self.core = engine.engine  # read-only use: tokenizer, limits, prompt validation
+        self.tokenizer = self.core.tokenizer
+        self.chat_template = ChatTemplate(self.tokenizer, settings.chat_template)
         self.metrics = ServerMetrics(self.model_name)
         self.created = int(time.time())
 
@@ -104,10 +104,7 @@ class OpenAIServer:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         req = protocol.parse_completion(await self._json(request))
         self._check_model(req.model)
-        if isinstance(req.prompt, str):
-            text, ids = self._validate_prompt(req.prompt, None, "prompt")
-        else:
-            text, ids = self._validate_prompt(None, req.prompt, "prompt")
+        text, ids = self._validate_prompt(req.prompt, None, "prompt")  # text or token ids
         max_tokens = protocol.resolve_max_tokens(req.max_tokens, len(ids), self.core.max_model_len,
                                                  protocol.DEFAULT_COMPLETION_MAX_TOKENS)
         return await self._generate(request, req, protocol.COMPLETION, text, ids, max_tokens)
@@ -143,7 +140,8 @@ class OpenAIServer:
             tracker.close()
 
     async def _whole(self, reply: _Reply, out: RequestOutput,
-                     outputs: AsyncIterator[RequestOutput], tracker: Any) -> web.Response:
+                     outputs: AsyncIterator[RequestOutput],
+                     tracker: RequestTracker) -> web.Response:
         tracker.observe(out)
         while not out.finished:
             out = await _next_output(outputs)
@@ -157,7 +155,7 @@ class OpenAIServer:
 
     async def _stream(self, request: web.Request, req: protocol.GenerationRequest, reply: _Reply,
                       out: RequestOutput, outputs: AsyncIterator[RequestOutput],
-                      tracker: Any) -> web.StreamResponse:
+                      tracker: RequestTracker) -> web.StreamResponse:
         resp = await streaming.open_stream(request)
         # With include_usage every chunk carries "usage": null until the final usage chunk.
         extra = {"usage": None} if req.include_usage else {}

@@ -40,8 +40,9 @@ Sample = tuple[str, dict[str, str], float]  # (name suffix, labels, value)
 
 # ---- the text format ---------------------------------------------------------------------------
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
+def _escape(value: str, quote: bool = True) -> str:
+    value = value.replace("\\", "\\\\").replace("\n", "\\n")
+    return value.replace("\"", "\\\"") if quote else value
 
 
 def _number(value: float) -> str:
@@ -54,7 +55,7 @@ def _number(value: float) -> str:
 
 def format_family(name: str, kind: str, help: str, samples: Iterable[Sample]) -> str:
     """One metric family: its HELP and TYPE lines, then one line per sample."""
-    lines = [f"# HELP {name} {help.replace(chr(92), chr(92) * 2).replace(chr(10), ' ')}",
+    lines = [f"# HELP {name} {_escape(help, quote=False)}",
              f"# TYPE {name} {kind}"]
     for suffix, labels, value in samples:
         label_text = ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels.items())
@@ -80,7 +81,8 @@ class Histogram:
         cumulative = 0
         for bound, n in zip((*self.buckets, math.inf), self.counts):
             cumulative += n
-            out.append(("_bucket", {**labels, "le": _number(bound)}, cumulative))
+            le = "+Inf" if math.isinf(bound) else repr(float(bound))  # "1.0", as client_python
+            out.append(("_bucket", {**labels, "le": le}, cumulative))
         out.append(("_sum", labels, self.sum))
         out.append(("_count", labels, self.count))
         return out
