@@ -79,3 +79,30 @@ def test_serve_process_and_sigterm():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_app_cleanup_cuts_streams_and_shuts_the_engine_down():
+    from fairswitch.config import EngineConfig
+    from fairswitch.engine.async_engine import AsyncEngine
+    from fairswitch.server import BackgroundServer, build_app
+
+    engine = AsyncEngine.from_config(EngineConfig.from_kwargs(num_gpu_blocks=64,
+                                                              max_model_len=256))
+    server = BackgroundServer(build_app(engine), shutdown_timeout=0.2).start()
+
+    async def stream_then_stop() -> str:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"{server.url}/v1/completions", json={
+                    "prompt": "long", "max_tokens": 250, "ignore_eos": True, "stream": True}) as r:
+                await r.content.readline()
+                await asyncio.to_thread(server.stop)
+                try:
+                    return (await r.content.read()).decode()
+                except aiohttp.ClientPayloadError:
+                    return ""
+    try:
+        assert "[DONE]" not in asyncio.run(stream_then_stop())
+        assert not engine.is_running  # the app owned the engine: its cleanup stopped it
+    finally:
+        server.stop()
+        engine.shutdown()
