@@ -110,3 +110,27 @@ def test_bad_request_raises_and_engine_keeps_serving(engine):
         outs = await collect(engine, "still alive", 3)
         assert len(outs[-1].outputs[0].token_ids) == 3
     asyncio.run(main())
+
+
+def test_cancelled_add_neither_kills_the_engine_nor_leaks(engine):
+    """Cancelling generate() while the add is still queued on the engine thread: the command is
+    skipped or, if it already ran, the request is aborted; the engine keeps running."""
+    async def main():
+        async def impatient(i):
+            async for _ in engine.generate(f"cancel {i}", SamplingParams(max_tokens=10_000,
+                                                                         ignore_eos=True)):
+                pass
+        tasks = [asyncio.create_task(impatient(i)) for i in range(60)]
+        for i, t in enumerate(tasks):
+            if i % 3 == 0:
+                await asyncio.sleep(0)
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await engine.sync()
+        await engine.sync()
+        assert engine.is_running
+        assert await engine.run_in_engine(lambda e: len(e.requests)) == 0
+        assert await free_blocks(engine) == NUM_BLOCKS
+        outs = await collect(engine, "still alive", 3)
+        assert len(outs[-1].outputs[0].token_ids) == 3
+    asyncio.run(main())

@@ -142,6 +142,10 @@ class AsyncEngine:
                 fn, fut = self._commands.get_nowait()
             except queue.Empty:
                 return
+            # The caller gave up on this command (its task was cancelled): skip it. Once marked
+            # running it can no longer be cancelled, so setting its result below is safe.
+            if fut is not None and not fut.set_running_or_notify_cancel():
+                continue
             try:
                 result = fn()
             except BaseException as e:  # noqa: BLE001 - handed to the caller
