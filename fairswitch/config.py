@@ -121,6 +121,29 @@ class SchedulerConfig:
     swap_link_gb_s: float = _opt(25.0, "host link bandwidth the swap cost model assumes (GB/s)")
     prefill_tokens_per_s: float = _opt(
         20000.0, "prefill throughput the recompute cost model assumes (tokens/s)")
+    policy: str = _opt(
+        "fcfs", "who runs first: fcfs, priority (per-request, lower first), vtc (per-client "
+        "virtual token counters), trace (priorities redrawn while requests run)",
+        ("fcfs", "priority", "vtc", "trace"))
+    preempt_threshold: float = _opt(
+        0.0, "a queued request preempts a running one only if it ranks better by more than this "
+        "(score units: seconds for fcfs, levels for priority/trace, tokens for vtc)")
+    min_run_steps: int = _opt(
+        4, "steps a request runs after (re)admission before a better-ranked one may preempt it")
+    max_starvation_s: float | None = _opt(
+        60.0, "a request kept out of the batch longer than this ranks first until it has run "
+        "(0: no bound)")
+    vtc_input_weight: float = _opt(1.0, "VTC cost of one input (prefill) token")
+    vtc_output_weight: float = _opt(2.0, "VTC cost of one output token")
+    client_weights: str | None = _opt(
+        None, "VTC client weights, e.g. 'a=2,b=1' (counters advance by cost / weight; default 1)")
+    priority_updates: str = _opt(
+        "random", "trace policy: how a priority changes: random (any level) or markov "
+        "(a neighbouring level)", ("random", "markov"))
+    priority_update_prob: float = _opt(
+        0.01, "trace policy: probability that a request's priority changes in one iteration")
+    num_priority_levels: int = _opt(4, "trace policy: priority levels 0 (best) .. K-1")
+    priority_update_seed: int = _opt(0, "trace policy: seed of the priority updates")
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -136,6 +159,25 @@ class SchedulerConfig:
                              f"{self.preemption_mode!r}")
         if self.swap_link_gb_s <= 0 or self.prefill_tokens_per_s <= 0:
             raise ValueError("swap_link_gb_s and prefill_tokens_per_s must be > 0")
+        if self.policy not in ("fcfs", "priority", "vtc", "trace"):
+            raise ValueError(f"policy must be one of fcfs, priority, vtc, trace, got {self.policy!r}")
+        if self.preempt_threshold < 0 or self.min_run_steps < 0:
+            raise ValueError("preempt_threshold and min_run_steps must be >= 0")
+        if self.max_starvation_s is not None and self.max_starvation_s < 0:
+            raise ValueError(f"max_starvation_s must be >= 0, got {self.max_starvation_s}")
+        if self.vtc_input_weight < 0 or self.vtc_output_weight < 0:
+            raise ValueError("vtc_input_weight and vtc_output_weight must be >= 0")
+        if self.priority_updates not in ("random", "markov"):
+            raise ValueError("priority_updates must be random or markov, got "
+                             f"{self.priority_updates!r}")
+        if not 0.0 <= self.priority_update_prob <= 1.0:
+            raise ValueError(f"priority_update_prob must be in [0, 1], got "
+                             f"{self.priority_update_prob}")
+        if self.num_priority_levels < 1:
+            raise ValueError(f"num_priority_levels must be >= 1, got {self.num_priority_levels}")
+        from fairswitch.scheduler.policy import parse_client_weights
+
+        parse_client_weights(self.client_weights)  # raises ValueError naming the bad item
 
 
 _SECTIONS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}

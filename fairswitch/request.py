@@ -59,6 +59,14 @@ class Request:
     grouped: bool = False  # has a block group been reserved for it (kv/cache_manager.py)
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
+    # Scheduler bookkeeping (scheduler.py): arrival order, when it was last kept out of the batch,
+    # steps run since (re)admission, starvation, and the service already charged to its client.
+    seq: int = 0
+    kept_out_since: float | None = None
+    num_run_steps: int = 0
+    starving: bool = False
+    num_charged_prompt_tokens: int = 0
+    num_charged_output_tokens: int = 0
     # Owned by the output processor (detokenizer state) and the sampler (torch.Generator).
     detokenizer: Any = None
     generator: Any = None

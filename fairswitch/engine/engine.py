@@ -260,6 +260,7 @@ class Engine:
                 self.scheduler.finish(req)
                 del self.requests[req.request_id]
             outputs.append(self.output_processor.make_output(req))
+        self.scheduler.update(sched)  # charge the service to the ranking policy
         self.stats.add(t1 - t0, t2 - t1, time.perf_counter() - t2, self.runner.last_prepare_s)
         return outputs
 

@@ -1,27 +1,44 @@
-"""Iteration-level scheduler: continuous batching with chunked prefill under a token budget.
+"""Iteration-level scheduler: continuous batching with chunked prefill under a token budget, and
+preemption so that the batch converges to the best-ranked requests that fit.
 
-Each step every running request asks for the tokens it has not computed yet (a prompt chunk, or
-the single token sampled last step), oldest first, within ``max_num_batched_tokens``. When KV
-blocks run out, the most recently admitted running request is preempted until the request at hand
-fits; how (swap its KV to the CPU, or drop it and recompute) is the preemption policy's call
-(preemption.py). In a step that preempted nobody, swapped requests are brought back first; new
-requests are admitted only when none is waiting to come back.
+Who is best is the ranking policy's call (policy.py: fcfs, priority, vtc, trace); this module only
+compares ranks. Each step:
 
-Queues: ``waiting`` (new, or preempted by recompute: they prefill again), ``swapped`` (KV on the
-CPU; FIFO), ``running``. Swap-ins in flight belong to the swap manager until they land.
+1. swap-ins that landed rejoin ``running``; the policy updates ranks (trace priorities); requests
+   kept out longer than ``max_starvation_s`` become *starving* and rank first until they have run.
+2. Priority preemption: while the best queued request finds no room (batch at ``max_num_seqs`` or
+   too few KV blocks) and outranks the worst running request that has run ``min_run_steps`` by more
+   than ``preempt_threshold``, that running request is preempted (threshold + minimum run =
+   hysteresis: priorities flipping every step do not thrash).
+3. Running requests, best first, ask for the tokens they have not computed (a prompt chunk or the
+   token sampled last step) within ``max_num_batched_tokens``; when KV blocks run out the
+   lowest-ranked running request is preempted.
+4. If step 3 preempted nobody: queued requests in rank order, swapped ones first unless a new one
+   outranks them by more than the threshold; resumed requests are scheduled before new prefills;
+   the first that does not fit stops admission (no overtaking).
+
+Preempted requests swap out or are recomputed per victim (preemption.py). Queues: ``waiting`` (new,
+or preempted by recompute), ``swapped`` (KV on the CPU), both ranked (queues.py); ``running`` (a
+list, sorted by rank each step). Swap-ins in flight belong to the swap manager until they land.
+``update(out)`` after the model ran charges the service to the policy (VTC counters).
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fairswitch.config import SchedulerConfig
 from fairswitch.kv.cache_manager import KVCacheManager
 from fairswitch.kv.swap_manager import SwapManager
 from fairswitch.request import Request, RequestStatus
+from fairswitch.scheduler.policy import make_policy
 from fairswitch.scheduler.preemption import RECOMPUTE, SWAP, PreemptionPolicy
+from fairswitch.scheduler.queues import ClientQueue, HeapQueue
 
 
 class QueueFullError(RuntimeError):
@@ -37,16 +54,22 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager,
-                 swap: SwapManager | None = None) -> None:
+                 swap: SwapManager | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.kv = kv
         self.swap = swap
+        self.clock = clock
         self.policy = PreemptionPolicy(config.preemption_mode, config.swap_link_gb_s * 1e9,
                                        config.prefill_tokens_per_s)
-        self.waiting: deque[Request] = deque()
-        self.swapped: deque[Request] = deque()
+        self.ranking = make_policy(config)
+        self.waiting = self.ranking.make_queue()
+        self.swapped = self.ranking.make_queue()
         self.running: list[Request] = []
+        self._kept_out: deque[tuple[float, Request]] = deque()  # (since, request), oldest first
+        self._seq = itertools.count()
         self.num_preemptions = 0
+        self.num_rank_preemptions = 0  # of which: for a better-ranked request (not memory)
         self.preemptions_by_mode = {SWAP: 0, RECOMPUTE: 0}
         self.switch_stall_s = 0.0  # time spent blocked on swap-ins with nothing else to run
         self.num_reused_tokens = 0  # prompt tokens whose KV came from the prefix cache
@@ -54,7 +77,9 @@ class Scheduler:
     def add_request(self, request: Request) -> None:
         if self.config.max_waiting is not None and len(self.waiting) >= self.config.max_waiting:
             raise QueueFullError(f"waiting queue is full ({self.config.max_waiting} requests)")
-        self.waiting.append(request)
+        request.seq = next(self._seq)
+        self.ranking.on_arrival(request)
+        self._keep_out(request, self.waiting)
 
     def has_unfinished(self) -> bool:
         # Copies still in flight count: their blocks return to the pools only when they land.
@@ -65,11 +90,12 @@ class Scheduler:
         out = SchedulerOutput()
         if self.swap is not None:
             self._land(self.swap.poll())
-        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
-        if not out.preempted:
-            budget = self._resume_swapped(out, budget)
-            if not self.swapped:
-                self._admit_waiting(out, budget)
+        self._update_ranks()
+        self.running.sort(key=self.ranking.sort_key)
+        self._preempt_for_rank(out)
+        budget, short = self._schedule_running(out, self.config.max_num_batched_tokens)
+        if not short:
+            self._admit(out, budget)
         if not out.scheduled and self.swap is not None and self.swap.incoming:
             # Nothing can run until a swap-in lands: waiting is the only option left.
             t0 = time.perf_counter()
@@ -79,8 +105,124 @@ class Scheduler:
         out.num_batched_tokens = sum(n for _, n in out.scheduled)
         return out
 
-    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+    def update(self, out: SchedulerOutput) -> None:
+        """After the step ran (computed tokens advanced, tokens appended): charge the service."""
+        min_run = max(1, self.config.min_run_steps)
+        for req, _ in out.scheduled:
+            req.num_run_steps += 1
+            prompt = min(req.num_computed_tokens, req.num_prompt_tokens)
+            num_in = max(0, prompt - req.num_charged_prompt_tokens)
+            num_out = max(0, req.num_output_tokens - req.num_charged_output_tokens)
+            if num_in or num_out:
+                req.num_charged_prompt_tokens += num_in
+                req.num_charged_output_tokens += num_out
+                self.ranking.on_served(req, num_in, num_out)
+            if req.starving and req.num_run_steps >= min_run:
+                req.starving = False
+
+    # ---- ranks ----------------------------------------------------------------------------
+
+    def _keep_out(self, req: Request, queue: HeapQueue | ClientQueue) -> None:
+        req.kept_out_since = self.clock()
+        if self.config.max_starvation_s:
+            self._kept_out.append((req.kept_out_since, req))
+        queue.push(req)
+
+    def _requeue(self, req: Request) -> None:
+        for queue in (self.waiting, self.swapped):
+            if req in queue:
+                queue.update(req)
+
+    def _update_ranks(self) -> None:
+        for req in self.ranking.on_step():
+            self._requeue(req)
+        bound = self.config.max_starvation_s
+        if not bound:
+            return
+        now = self.clock()
+        kept_out = self._kept_out
+        while kept_out and now - kept_out[0][0] > bound:
+            since, req = kept_out.popleft()
+            if req.kept_out_since == since and not req.starving:  # still out since then
+                req.starving = True
+                self._requeue(req)
+
+    def _outranks(self, a: Request, b: Request) -> bool:
+        ra, rb = self.ranking.rank(a), self.ranking.rank(b)
+        return ra < rb - self.config.preempt_threshold or (ra == -math.inf and rb > ra)
+
+    def _next_kept_out(self) -> Request | None:
+        """Best queued request: the swapped head unless the waiting head outranks it."""
+        w, s = self.waiting.peek(), self.swapped.peek()
+        if w is None or s is None:
+            return s if w is None else w
+        return w if self._outranks(w, s) else s
+
+    # ---- preemption -------------------------------------------------------------------------
+
+    def _blocks_to_start(self, req: Request) -> int:
+        if req in self.swapped:
+            return self.kv.blocks_needed(req.num_cpu_tokens + 1)
+        n = min(req.num_tokens - req.num_computed_tokens, self.config.max_num_batched_tokens)
+        return self.kv.num_new_blocks(req, n)
+
+    def _preempt_for_rank(self, out: SchedulerOutput) -> None:
+        swap = self.swap
+        seats = self.config.max_num_seqs - len(self.running) - (len(swap.incoming) if swap else 0)
+        # Blocks of swap-outs still draining will be free soon: counting them stops a request
+        # that waits for them from preempting one victim per step.
+        free = self.kv.num_free_blocks + (len(swap.gpu_blocks_in_flight()) if swap else 0)
+        min_run = self.config.min_run_steps
+        held: list[tuple[Request, HeapQueue | ClientQueue]] = []  # room counted for them
+        while (cand := self._next_kept_out()) is not None:
+            need = self._blocks_to_start(cand)
+            if seats > 0 and need <= free:
+                if not out.preempted:
+                    break  # there was room all along: admission takes it
+                # A victim's seat: set the candidate aside and look at the next one.
+                queue = self.swapped if cand in self.swapped else self.waiting
+                queue.remove(cand)
+                held.append((cand, queue))
+                seats -= 1
+                free -= need
+                continue
+            victim = next((r for r in reversed(self.running)
+                           if r.num_run_steps >= min_run and not r.starving), None)
+            if victim is None or not self._outranks(cand, victim):
+                break
+            free += len(victim.block_table)
+            seats += 1
+            self._preempt(victim)
+            out.preempted.append(victim)
+            self.num_rank_preemptions += 1
+        for cand, queue in held:
+            queue.push(cand)
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        mode = self.policy.choose(req, self.swap)
+        if mode == SWAP:
+            self.swap.swap_out(req)  # type: ignore[union-attr]
+            req.status = RequestStatus.SWAPPED
+            self._keep_out(req, self.swapped)
+        else:
+            # Recompute: drop the KV; the prompt and the tokens generated so far prefill again.
+            self.kv.free(req)
+            if self.swap is not None:
+                self.swap.drop_cpu_copy(req)
+            req.num_computed_tokens = 0
+            req.status = RequestStatus.WAITING
+            self._keep_out(req, self.waiting)
+        req.metrics.num_preemptions += 1
+        self.num_preemptions += 1
+        self.preemptions_by_mode[mode] += 1
+
+    # ---- running and admission ----------------------------------------------------------------
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> tuple[int, bool]:
+        """Schedule running requests not scheduled yet, in list order; (budget left, preempted?)."""
         scheduled = {id(r) for r, _ in out.scheduled}
+        short = False
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
@@ -89,80 +231,88 @@ class Scheduler:
                 continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             while not self.kv.allocate_slots(req, n):
-                victim = self.running[-1]
+                victim = self.running[-1]  # the lowest ranked (sorted at the start of the step)
+                if id(victim) in scheduled:  # a resumed request scheduled earlier this step
+                    k = next(k for k, (r, _) in enumerate(out.scheduled) if r is victim)
+                    budget += out.scheduled.pop(k)[1]
                 self._preempt(victim)
                 out.preempted.append(victim)
+                short = True
                 if victim is req:
-                    return budget  # everyone after it is gone too
+                    return budget, True  # everyone after it is gone too
             out.scheduled.append((req, n))
+            scheduled.add(id(req))
             budget -= n
             i += 1
-        return budget
+        return budget, short
 
     def _land(self, ready: list[Request]) -> None:
         """Swap-ins that landed rejoin the running set (ahead of new admissions)."""
         for req in ready:
             req.status = RequestStatus.RUNNING
+            req.num_run_steps = 0
             self.running.append(req)
 
-    def _resume_swapped(self, out: SchedulerOutput, budget: int) -> int:
-        while (self.swapped and self.swap is not None
-               and len(self.running) + len(self.swap.incoming) < self.config.max_num_seqs):
-            req = self.swapped[0]
-            # Room for its saved KV plus the token it computes next.
-            if not self.swap.can_swap_in(req) or self.kv.blocks_needed(
-                    req.num_cpu_tokens + 1) > self.kv.num_free_blocks:
+    def _admit(self, out: SchedulerOutput, budget: int) -> None:
+        swap, max_seqs = self.swap, self.config.max_num_seqs
+        now = self.clock()
+        resuming = False  # swap-ins started here: scheduled before any new prefill
+        next_token_blocks = 0  # blocks the resumed requests' next tokens will take
+        while budget > 0:
+            req = self._next_kept_out()
+            if req is None or len(self.running) + (len(swap.incoming) if swap else 0) >= max_seqs:
                 break
-            self.swapped.popleft()
-            self.swap.swap_in(req)
+            if req in self.swapped:
+                # Room for its saved KV plus the token it computes next (and theirs before it).
+                saved = self.kv.blocks_needed(req.num_cpu_tokens)
+                extra = self.kv.blocks_needed(req.num_cpu_tokens + 1) - saved
+                if (swap is None or not swap.can_swap_in(req) or saved + extra
+                        > self.kv.num_free_blocks - next_token_blocks):
+                    break
+                self.swapped.remove(req)
+                req.kept_out_since = None
+                swap.swap_in(req)
+                next_token_blocks += extra
+                resuming = True
+                continue
+            if resuming:
+                budget, short = self._land_resumed(out, budget)
+                resuming = False
+                if short or budget <= 0:
+                    return
+            if not self._admit_waiting(req, out, budget, now):
+                break
+            budget -= out.scheduled[-1][1]
+        if resuming:
+            self._land_resumed(out, budget)
+
+    def _land_resumed(self, out: SchedulerOutput, budget: int) -> tuple[int, bool]:
         landed = self.swap.poll() if self.swap is not None else []
-        if landed:
-            self._land(landed)
-            budget = self._schedule_running(out, budget)
-        return budget
+        if not landed:
+            return budget, False
+        self._land(landed)
+        return self._schedule_running(out, budget)
 
-    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        now = time.monotonic()
-        in_flight = len(self.swap.incoming) if self.swap is not None else 0
-        while (self.waiting and budget > 0
-               and len(self.running) + in_flight < self.config.max_num_seqs):
-            req = self.waiting[0]
-            reused = self.kv.attach_cached_prefix(req)
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
-            if not self.kv.allocate_slots(req, n):
-                if reused:  # let go of the shared prefix while it waits
-                    self.kv.free(req)
-                    req.num_computed_tokens = 0
-                break
-            if reused:
-                req.num_cached_tokens += reused
-                self.num_reused_tokens += reused
-            self.waiting.popleft()
-            req.status = RequestStatus.RUNNING
-            if req.metrics.first_scheduled_time is None:
-                req.metrics.first_scheduled_time = now
-            self.running.append(req)
-            out.scheduled.append((req, n))
-            budget -= n
-
-    def _preempt(self, req: Request) -> None:
-        self.running.remove(req)
-        mode = self.policy.choose(req, self.swap)
-        if mode == SWAP:
-            self.swap.swap_out(req)  # type: ignore[union-attr]
-            req.status = RequestStatus.SWAPPED
-            self.swapped.append(req)
-        else:
-            # Recompute: drop the KV; the prompt and the tokens generated so far prefill again.
-            self.kv.free(req)
-            if self.swap is not None:
-                self.swap.drop_cpu_copy(req)
-            req.num_computed_tokens = 0
-            req.status = RequestStatus.WAITING
-            self.waiting.appendleft(req)
-        req.metrics.num_preemptions += 1
-        self.num_preemptions += 1
-        self.preemptions_by_mode[mode] += 1
+    def _admit_waiting(self, req: Request, out: SchedulerOutput, budget: int, now: float) -> bool:
+        reused = self.kv.attach_cached_prefix(req)
+        n = min(req.num_tokens - req.num_computed_tokens, budget)
+        if not self.kv.allocate_slots(req, n):
+            if reused:  # let go of the shared prefix while it waits
+                self.kv.free(req)
+                req.num_computed_tokens = 0
+            return False
+        if reused:
+            req.num_cached_tokens += reused
+            self.num_reused_tokens += reused
+        self.waiting.remove(req)
+        req.kept_out_since = None
+        req.num_run_steps = 0
+        req.status = RequestStatus.RUNNING
+        if req.metrics.first_scheduled_time is None:
+            req.metrics.first_scheduled_time = now
+        self.running.append(req)
+        out.scheduled.append((req, n))
+        return True
 
     def finish(self, req: Request) -> None:
         """Remove a finished or aborted request from the queues and free its blocks."""
@@ -170,6 +320,8 @@ class Scheduler:
             if req in queue:
                 queue.remove(req)
                 break
+        req.kept_out_since = None
+        self.ranking.on_finish(req)
         if self.swap is not None:
             self.swap.release(req)
         else:

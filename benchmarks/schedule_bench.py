@@ -1,0 +1,103 @@
+"""Scheduler overhead per iteration: ``schedule()`` + ``update()`` host time, no model (CPU).
+
+For each policy and each running-set size R (64/256/1024), R requests run (decoding) while
+``--waiting`` (10k) more wait; outputs are fabricated (every scheduled request computes its tokens
+and samples one; none finishes). Default scheduler settings (threshold 0, min_run_steps 4), so the
+policies' own preemptions are part of the cost (reported as preemptions per step). Priorities are
+random over 4 levels; VTC has 16 clients. Claim: ``schedule_ms_256_running`` = mean ms per
+iteration with VTC, 256 running and 10k waiting (target < 1 ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fairswitch.config import SchedulerConfig  # noqa: E402
+from fairswitch.kv.cache_manager import KVCacheManager  # noqa: E402
+from fairswitch.request import Request  # noqa: E402
+from fairswitch.sampling_params import SamplingParams  # noqa: E402
+from fairswitch.scheduler.scheduler import Scheduler  # noqa: E402
+from results_io import command_line, write_results  # noqa: E402
+
+PROMPT_LEN, BLOCK_SIZE = 32, 16
+
+
+def bench(policy: str, num_running: int, num_waiting: int, warmup: int, steps: int) -> dict:
+    rng = random.Random(0)
+    config = SchedulerConfig(policy=policy, max_num_seqs=num_running,
+                             max_num_batched_tokens=max(4096, num_running * PROMPT_LEN),
+                             priority_update_prob=0.01)
+    kv = KVCacheManager(num_blocks=(num_running * 4 + 1000) * 16, block_size=BLOCK_SIZE)
+    sched = Scheduler(config, kv)
+    params = SamplingParams(max_tokens=1 << 20, ignore_eos=True)
+
+    def add(i: int) -> None:
+        sched.add_request(Request(str(i), [1] * PROMPT_LEN, params, float(i),
+                                  priority=rng.randint(0, 3), client_id=f"c{i % 16}"))
+
+    def step() -> tuple[float, int]:
+        t0 = time.perf_counter()
+        out = sched.schedule()
+        t1 = time.perf_counter()
+        for req, n in out.scheduled:  # the model's part
+            req.num_computed_tokens += n
+            if req.num_computed_tokens == req.num_tokens:
+                req.token_ids.append(2)
+        t2 = time.perf_counter()
+        sched.update(out)
+        return (t1 - t0) + (time.perf_counter() - t2), len(out.preempted)
+
+    for i in range(num_running):
+        add(i)
+    step()  # they all start
+    for i in range(num_running, num_running + num_waiting):
+        add(i)
+    for _ in range(warmup):
+        step()
+    times, preempted = [], 0
+    for _ in range(steps):
+        dt, n = step()
+        times.append(dt * 1e3)
+        preempted += n
+    return {"policy": policy, "running": num_running, "waiting": len(sched.waiting),
+            "mean_ms": statistics.fmean(times), "p50_ms": statistics.median(times),
+            "max_ms": max(times), "preemptions_per_step": preempted / steps}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--running", type=int, nargs="+", default=[64, 256, 1024])
+    parser.add_argument("--waiting", type=int, default=10_000)
+    parser.add_argument("--policies", nargs="+", default=["fcfs", "priority", "vtc", "trace"])
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"
+                                             / "schedule_bench.json"))
+    args = parser.parse_args()
+    rows = []
+    print(f"{'policy':>9} {'running':>8} {'waiting':>8} {'mean ms':>8} {'p50 ms':>8} "
+          f"{'max ms':>8} {'preempt/step':>12}")
+    for policy in args.policies:
+        for num_running in args.running:
+            row = bench(policy, num_running, args.waiting, args.warmup, args.steps)
+            rows.append(row)
+            print(f"{policy:>9} {num_running:>8} {row['waiting']:>8} {row['mean_ms']:>8.3f} "
+                  f"{row['p50_ms']:>8.3f} {row['max_ms']:>8.3f} "
+                  f"{row['preemptions_per_step']:>12.2f}", flush=True)
+    claims = [{"name": "schedule_ms_256_running", "value": row["mean_ms"], "unit": "ms"}
+              for row in rows if row["policy"] == "vtc" and row["running"] == 256]
+    if claims:
+        print(f"claim schedule_ms_256_running (vtc, {args.waiting} waiting): "
+              f"{claims[0]['value']:.3f} ms (target < 1 ms)")
+    write_results(args.out, command=command_line(), figures={"rows": rows}, claims=claims)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""Ranking policies: who should run. The scheduler only compares ranks; it knows no policy.
+
+``score(req)`` is a float, lower = better; ties break on (arrival time, arrival order). A starving
+request (scheduler.py) ranks first whatever its score. Hooks let a policy keep state:
+``on_arrival`` / ``on_finish`` (request enters / leaves the scheduler), ``on_served`` (tokens it
+was served this step), ``on_step`` (once per schedule(): returns requests whose score changed, so
+that queued ones are re-ranked).
+
+- fcfs: score = arrival time (seconds).
+- priority: score = ``req.priority`` (lower first, like vLLM's ``priority``).
+- vtc: Virtual Token Counter (Sheng et al., "Fairness in Serving Large Language Models", OSDI'24).
+  Each client has a counter advanced by the service its requests get, input tokens x w_in + output
+  tokens x w_out, divided by the client's weight; score = the client's counter. A client that becomes
+  backlogged (its first live request) is lifted to the minimum counter of the backlogged clients,
+  so idling earns no credit and a newcomer is neither starved nor allowed to monopolize.
+- trace: priorities change while requests run (FastSwitch's evaluation): every iteration each live
+  request's priority is redrawn with probability p over K levels, uniformly (random) or to a
+  neighbouring level (markov), seeded. Score = the current ``req.priority``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+
+from fairswitch.config import SchedulerConfig
+from fairswitch.request import Request
+from fairswitch.scheduler.queues import ClientQueue, HeapQueue
+
+POLICIES = ("fcfs", "priority", "vtc", "trace")
+
+
+class Policy:
+    """FCFS; the base of the others."""
+
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+
+    def score(self, req: Request) -> float:
+        return req.arrival_time
+
+    def rank(self, req: Request) -> float:
+        return -math.inf if req.starving else self.score(req)
+
+    def sort_key(self, req: Request) -> tuple[float, float, int]:
+        return (self.rank(req), req.arrival_time, req.seq)
+
+    def make_queue(self) -> HeapQueue | ClientQueue:
+        return HeapQueue(self.sort_key)
+
+    def on_arrival(self, req: Request) -> None:
+        pass
+
+    def on_finish(self, req: Request) -> None:
+        pass
+
+    def on_served(self, req: Request, num_prefill_tokens: int, num_output_tokens: int) -> None:
+        pass
+
+    def on_step(self) -> list[Request]:
+        return []
+
+
+class PriorityPolicy(Policy):
+    def score(self, req: Request) -> float:
+        return float(req.priority)
+
+
+def parse_client_weights(spec: str | None) -> dict[str, float]:
+    """``"a=2,b=1"`` -> {"a": 2.0, "b": 1.0}."""
+    weights: dict[str, float] = {}
+    for item in (spec or "").split(","):
+        if not item.strip():
+            continue
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"client weight {item!r} is not CLIENT=WEIGHT")
+        weight = float(value)
+        if not weight > 0:
+            raise ValueError(f"client weight of {name.strip()!r} must be > 0, got {value}")
+        weights[name.strip()] = weight
+    return weights
+
+
+class VTCPolicy(Policy):
+    def __init__(self, config: SchedulerConfig) -> None:
+        super().__init__(config)
+        self.w_in = config.vtc_input_weight
+        self.w_out = config.vtc_output_weight
+        self.weights = parse_client_weights(config.client_weights)
+        self.counters: dict[str | None, float] = {}
+        self.num_live: dict[str | None, int] = {}  # unfinished requests per backlogged client
+        self._floor = 0.0  # lift for a client arriving when nobody is backlogged
+
+    def client_score(self, client: str | None) -> float:
+        return self.counters.get(client, 0.0)
+
+    def score(self, req: Request) -> float:
+        return self.counters.get(req.client_id, 0.0)
+
+    def make_queue(self) -> ClientQueue:
+        return ClientQueue(self.client_score)
+
+    def on_arrival(self, req: Request) -> None:
+        client = req.client_id
+        if client not in self.num_live:
+            floor = min((self.counters[c] for c in self.num_live), default=self._floor)
+            self.counters[client] = max(self.counters.get(client, 0.0), floor)
+            self.num_live[client] = 0
+        self.num_live[client] += 1
+
+    def on_finish(self, req: Request) -> None:
+        client = req.client_id
+        self.num_live[client] -= 1
+        if not self.num_live[client]:
+            del self.num_live[client]
+            if not self.num_live:
+                self._floor = max(self._floor, self.counters[client])
+
+    def on_served(self, req: Request, num_prefill_tokens: int, num_output_tokens: int) -> None:
+        cost = self.w_in * num_prefill_tokens + self.w_out * num_output_tokens
+        client = req.client_id
+        weight = self.weights.get(client, 1.0) if client is not None else 1.0
+        self.counters[client] = self.counters.get(client, 0.0) + cost / weight
+
+
+class TracePolicy(PriorityPolicy):
+    def __init__(self, config: SchedulerConfig) -> None:
+        super().__init__(config)
+        self.rng = random.Random(config.priority_update_seed)
+        self.p = config.priority_update_prob
+        self.levels = config.num_priority_levels
+        self.markov = config.priority_updates == "markov"
+        self.step = 0
+        self._due: list[tuple[int, int, Request]] = []  # (step of next update, seq, request)
+        self._live: set[Request] = set()
+
+    def _schedule_update(self, req: Request) -> None:
+        if self.p <= 0:
+            return
+        # Steps until the next update: geometric, so each step costs O(updates), not O(requests).
+        gap = 1 if self.p >= 1 else 1 + int(math.log(1.0 - self.rng.random()) / math.log(1 - self.p))
+        heapq.heappush(self._due, (self.step + gap, req.seq, req))
+
+    def on_arrival(self, req: Request) -> None:
+        req.priority = min(max(req.priority, 0), self.levels - 1)
+        self._live.add(req)
+        self._schedule_update(req)
+
+    def on_finish(self, req: Request) -> None:
+        self._live.discard(req)
+
+    def _redraw(self, level: int) -> int:
+        if self.levels == 1:
+            return level
+        if self.markov:  # a neighbouring level, reflected at the ends
+            step = self.rng.choice((-1, 1))
+            new = level + step
+            return new if 0 <= new < self.levels else level - step
+        new = self.rng.randrange(self.levels - 1)  # uniform over the other levels
+        return new + (new >= level)
+
+    def on_step(self) -> list[Request]:
+        self.step += 1
+        changed = []
+        due = self._due
+        while due and due[0][0] <= self.step:
+            _, _, req = heapq.heappop(due)
+            if req not in self._live:
+                continue
+            req.priority = self._redraw(req.priority)
+            changed.append(req)
+            self._schedule_update(req)
+        return changed
+
+
+def make_policy(config: SchedulerConfig) -> Policy:
+    return {"fcfs": Policy, "priority": PriorityPolicy, "vtc": VTCPolicy,
+            "trace": TracePolicy}[config.policy](config)
