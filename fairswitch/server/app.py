@@ -21,7 +21,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,16 +128,16 @@ class OpenAIServer:
             priority=req.priority, client_id=client_id)
         tracker = self.metrics.track()
         reply = _Reply(response_id, int(time.time()), self.model_name, fmt)
-        try:
-            first = await _first_output(self.engine, outputs)
-            # Closing the iterator aborts the request in the engine unless it finished: on
-            # errors, on a client that went away, and when aiohttp cancels this handler.
-            async with contextlib.aclosing(outputs):
+        # Closing the iterator aborts the request in the engine unless it finished: on errors,
+        # on a client that went away, and when aiohttp cancels this handler.
+        async with contextlib.aclosing(outputs):
+            try:
+                first = await _next_output(outputs)
                 if req.stream:
                     return await self._stream(request, req, reply, first, outputs, tracker)
                 return await self._whole(reply, first, outputs, tracker)
-        finally:
-            tracker.close()
+            finally:
+                tracker.close()
 
     async def _whole(self, reply: _Reply, out: RequestOutput,
                      outputs: AsyncIterator[RequestOutput],
@@ -204,8 +204,7 @@ class OpenAIServer:
 
     async def prometheus(self, request: web.Request) -> web.Response:
         try:
-            # Shielded: a cancelled engine command kills the engine thread (see _first_output).
-            snapshot = await asyncio.shield(self.engine.run_in_engine(engine_snapshot))
+            snapshot = await self.engine.run_in_engine(engine_snapshot)
         except EngineDeadError as e:
             raise APIError(503, f"the engine is not running: {e}") from e
         return web.Response(body=self.metrics.render(snapshot).encode(),
@@ -268,42 +267,6 @@ async def _next_output(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
         raise APIError(503, f"the engine is not running: {e}") from e
     except ValueError as e:  # add_request's validation
         raise bad_request(str(e)) from e
-
-
-_background: set[asyncio.Task] = set()  # strong references to fire-and-forget tasks
-
-
-async def _first_output(engine: AsyncEngine,
-                        outputs: AsyncGenerator[RequestOutput, None]) -> RequestOutput:
-    """The first output, in a task that cancellation of the handler does not reach.
-
-    The first step of ``AsyncEngine.generate`` awaits the engine thread's acknowledgement of the
-    add (a concurrent Future); cancelling that await cancels the Future, and the engine thread
-    then dies on ``set_result`` (InvalidStateError), failing every request. So the step is
-    shielded, and a cancelled handler (the client left) hands it to ``_abandon``.
-    """
-    step = asyncio.ensure_future(_next_output(outputs))
-    try:
-        return await asyncio.shield(step)
-    except asyncio.CancelledError:
-        task = asyncio.ensure_future(_abandon(engine, step, outputs))
-        _background.add(task)
-        task.add_done_callback(_background.discard)
-        raise
-
-
-async def _abandon(engine: AsyncEngine, step: asyncio.Future,
-                   outputs: AsyncGenerator[RequestOutput, None]) -> None:
-    """Abort a request whose handler went away during its first step."""
-    if not step.done():
-        # Once every command sent so far has run, the add is acknowledged and the step waits
-        # on its output queue, where cancelling it is safe (and aborts the request).
-        with contextlib.suppress(EngineDeadError):
-            await engine.sync()
-        step.cancel()
-    await asyncio.wait([step])
-    if not step.cancelled() and step.exception() is None:  # it had its first output: close
-        await outputs.aclose()
 
 
 def build_app(engine: AsyncEngine, settings: ServerSettings | None = None, *,

@@ -119,23 +119,26 @@ class ServerMetrics:
             one("num_requests_swapped", "gauge", "Requests whose KV cache is swapped to CPU.",
                 engine["num_swapped"]),
             one("gpu_cache_usage_perc", "gauge", "Fraction of device KV blocks in use (0 to 1).",
-                engine["gpu_cache_usage"]),
+                engine["gpu_kv_usage"]),
             one("cpu_cache_usage_perc", "gauge", "Fraction of CPU KV blocks in use (0 to 1).",
-                engine["cpu_cache_usage"]),
+                engine["cpu_kv_usage"]),
             format_family(PREFIX + "num_preemptions_total", "counter",
                           "Preemptions, by how the victim's KV is restored (swap or recompute).",
-                          [("", {**lab, "mode": mode}, n)
-                           for mode, n in sorted(engine["preemptions"].items())]),
+                          [("", {**lab, "mode": mode}, engine[f"preemptions_{mode}"])
+                           for mode in ("recompute", "swap")]),
             format_family(PREFIX + "swap_bytes_total", "counter",
                           "KV cache bytes copied between device and CPU.",
-                          [("", {**lab, "direction": d}, engine[f"swap_{d}_bytes"])
+                          [("", {**lab, "direction": d}, engine[f"swap_bytes_{d}"])
                            for d in ("out", "in")]),
+            one("swap_copies_total", "counter", "Copies issued to move KV between device and "
+                "CPU.", engine["swap_copies"]),
             one("switch_stall_seconds_total", "counter", "Device time spent idle waiting on "
                 "swap copies.", engine["switch_stall_s"]),
             format_family(PREFIX + "kv_reuse_hits_total", "counter",
-                          "Prompt tokens whose KV was reused from an earlier request.",
-                          [("", {**lab, "tier": t}, engine[f"reuse_{t}_hits"])
-                           for t in ("gpu", "cpu")]),
+                          "Prompt tokens whose KV was reused from an earlier request, by where "
+                          "it was kept (the CPU tier is 0 until the engine has it).",
+                          [("", {**lab, "tier": "gpu"}, engine["reused_tokens"]),
+                           ("", {**lab, "tier": "cpu"}, 0)]),
             one("prompt_tokens_total", "counter", "Prompt tokens of requests that started "
                 "generating (reused ones included).",
                 self.num_prompt_tokens),
@@ -159,22 +162,11 @@ class ServerMetrics:
 
 
 def engine_snapshot(engine: Any) -> dict[str, Any]:
-    """Engine-side values; run on the engine thread (``AsyncEngine.run_in_engine``)."""
-    sched, swap = engine.scheduler, engine.swap
-    cpu_pool = swap.cpu_pool if swap is not None else None
-    copies = swap.backend.stats if swap is not None else None
-    return {
-        "num_running": len(sched.running), "num_waiting": len(sched.waiting),
-        "num_swapped": len(sched.swapped),
-        "gpu_cache_usage": engine.kv.usage(),
-        "cpu_cache_usage": cpu_pool.num_used_blocks / cpu_pool.num_blocks if cpu_pool else 0.0,
-        "preemptions": dict(sched.preemptions_by_mode),
-        "swap_out_bytes": copies.bytes_out if copies else 0,
-        "swap_in_bytes": copies.bytes_in if copies else 0,
-        "switch_stall_s": sched.switch_stall_s,
-        "reuse_gpu_hits": sched.num_reused_tokens,
-        "reuse_cpu_hits": 0,  # reuse from KV kept on the CPU is not in the engine yet
-    }
+    """Queue lengths and ``Engine.switch_metrics()``; run on the engine thread
+    (``AsyncEngine.run_in_engine``)."""
+    sched = engine.scheduler
+    return {"num_running": len(sched.running), "num_waiting": len(sched.waiting),
+            **engine.switch_metrics()}
 
 
 class RequestTracker:
