@@ -139,10 +139,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     figures = {"dtype": "bfloat16", "heads": {"q": hq, "kv": hkv, "dim": d},
                "block_size": args.block_size, "copy_bandwidth_bytes_s": copy_bw,
                "decode": dec, "prefill": pre}
-    result = write_results(args.output, command=command_line(), figures=figures, claims=claims,
+    return write_results(args.output, command=command_line(), figures=figures, claims=claims,
                            commit=args.commit)
-    print(f"wrote {args.output}")
-    return result
 
 
 if __name__ == "__main__":

@@ -136,10 +136,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "kv_bytes_per_token": kv_token_bytes, "ctx": args.ctx, "steps": args.steps,
                "cuda_graphs": engine.runner.graphs is not None,
                "attention_backend": engine.runner.backend.name, "rows": rows}
-    result = write_results(args.output, command=command_line(), figures=figures, claims=claims,
+    return write_results(args.output, command=command_line(), figures=figures, claims=claims,
                            commit=args.commit)
-    print(f"wrote {args.output}")
-    return result
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def git_commit() -> str:
 
 def write_results(path: str | Path, *, command: str, figures: dict[str, Any],
                   claims: list[dict[str, Any]], commit: str | None = None) -> dict[str, Any]:
-    """Write one result object to ``path`` (parents created) and return it."""
+    """Write one result object to ``path`` (parents created), say so, and return it."""
     for claim in claims:
         missing = {"name", "value", "unit"} - claim.keys()
         if missing:
@@ -58,4 +58,5 @@ def write_results(path: str | Path, *, command: str, figures: dict[str, Any],
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
     return result

@@ -152,10 +152,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             "dtype": str(dtype)},
                "request_tokens": lengths, "peak_out_bw": peak_out, "peak_in_bw": peak_in,
                "copy_backend": args.copy_backend, "modes": rows}
-    result = write_results(args.output, command=command_line(), figures=figures, claims=claims,
+    return write_results(args.output, command=command_line(), figures=figures, claims=claims,
                            commit=args.commit)
-    print(f"wrote {args.output}")
-    return result
 
 
 if __name__ == "__main__":

@@ -242,10 +242,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         {"name": "transformers_output_tok_s", "value": hf["output_tok_s"], "unit": "tok/s"},
     ]
     _print_table(fs, hf, ratio)
-    result = write_results(args.output, command=command_line(), figures=figures, claims=claims,
+    return write_results(args.output, command=command_line(), figures=figures, claims=claims,
                            commit=args.commit)
-    print(f"wrote {args.output}")
-    return result
 
 
 def _print_table(fs: dict[str, Any], hf: dict[str, Any], ratio: float) -> None:
