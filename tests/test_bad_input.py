@@ -26,6 +26,8 @@ def llm():
     ({"top_k": -2}, "top_k"),
     ({"max_tokens": 2.5}, "max_tokens must be an integer"),
     ({"stop": [""]}, "stop strings"),
+    ({"seed": 2**70}, "seed must fit in 64 bits"),
+    ({"top_k": 2**40}, "top_k must be"),
 ])
 def test_bad_sampling_params(kwargs, match):
     with pytest.raises(ValueError, match=match):
