@@ -12,7 +12,7 @@ largest extents first. Same interface as BlockPool, so either serves the KV cach
 
 from __future__ import annotations
 
-from fairswitch.kv.block_pool import OutOfBlocksError
+from fairswitch.kv.block_pool import OutOfBlocksError, mark_free
 
 
 class ExtentAllocator:
@@ -71,10 +71,7 @@ class ExtentAllocator:
         return ids
 
     def free(self, ids: list[int]) -> None:
-        for b in ids:
-            if not self._in_use[b]:
-                raise RuntimeError(f"KV block {b} freed twice or never allocated")
-            self._in_use[b] = 0
+        mark_free(self._in_use, ids)
         for start, length in _runs(sorted(ids)):
             end = start + length
             if start in self._start_of_end:  # merge with the free extent just before

@@ -12,6 +12,14 @@ class OutOfBlocksError(RuntimeError):
     pass
 
 
+def mark_free(in_use: bytearray, ids: list[int]) -> None:
+    """Clear the in-use flags of ``ids``; a block not in use means a double free: raise."""
+    for b in ids:
+        if not in_use[b]:
+            raise RuntimeError(f"KV block {b} freed twice or never allocated")
+        in_use[b] = 0
+
+
 class BlockPool:
     def __init__(self, num_blocks: int) -> None:
         if num_blocks < 1:
@@ -40,10 +48,7 @@ class BlockPool:
         return ids
 
     def free(self, ids: list[int]) -> None:
-        for b in ids:
-            if not self._in_use[b]:
-                raise RuntimeError(f"KV block {b} freed twice or never allocated")
-            self._in_use[b] = 0
+        mark_free(self._in_use, ids)
         self._free.extend(reversed(ids))
 
     def check(self) -> None:
