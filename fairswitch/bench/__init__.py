@@ -1,0 +1,1 @@
+"""Benchmark library: traces, request timing records, SLO/fairness metrics, reports, replay clients."""
