@@ -24,3 +24,22 @@ def test_switch_bandwidth_smoke(tmp_path, monkeypatch):
     assert fast["bytes"] == base["bytes"] > 0
     assert fast["copies"] * 10 < base["copies"]
     assert fast["extents_after_swap_in"] == 4  # every request is back in one run of blocks
+
+
+def test_switch_stall_smoke(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH_DIR))
+    import switch_stall
+
+    out = tmp_path / "stall.json"
+    switch_stall.main(["--model", "fairswitch-tiny", "--device", "cpu", "--requests", "6",
+                       "--min-prompt", "20", "--max-prompt", "60", "--output-tokens", "12",
+                       "--max-num-seqs", "2", "--kv-cache-gib", "0.05", "--swap-space", "0.05",
+                       "--update-prob", "0.3", "--output", str(out)])
+    result = json.loads(out.read_text())
+    names = {c["name"] for c in result["claims"]}
+    assert names == {"switch_stall_fraction", "switch_stall_fraction_baseline"}
+    fast, base = result["figures"]["modes"]
+    for r in (fast, base):
+        assert r["output_tokens"] == 6 * 12
+        assert r["preemptions_swap"] > 0 and 0 <= r["stall_fraction"] < 1
+    assert base["block_size"] == 16 and base["swap_bytes_per_copy"] < fast["swap_bytes_per_copy"]

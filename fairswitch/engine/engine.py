@@ -277,7 +277,11 @@ class Engine:
             "swap_bytes_in": stats.bytes_in if stats else 0,
             "swap_copies": stats.num_copies if stats else 0,
             "swap_bytes_per_copy": stats.bytes_per_copy if stats else 0.0,
-            "switch_stall_s": sched.switch_stall_s + (swap.blocking_copy_s if swap else 0.0),
+            # GPU idle for switches: all host time in the swap manager (the step is synchronous);
+            # of which blocked waiting on copies (sync baseline copies, swap-ins with nothing
+            # else to run).
+            "switch_stall_s": swap.stall_s if swap else 0.0,
+            "switch_wait_s": sched.switch_stall_s + (swap.blocking_copy_s if swap else 0.0),
             "num_swapped": len(sched.swapped),
             "gpu_kv_usage": self.kv.usage(),
             "cpu_kv_usage": swap.cpu_pool.num_used_blocks / swap.cpu_pool.num_blocks

@@ -17,8 +17,11 @@ swap-out copies only blocks from the first one not fully saved (incremental swap
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 
@@ -27,6 +30,28 @@ from fairswitch.kv.cache_manager import KVCacheManager
 from fairswitch.kv.copy_backend import CopyBackend, CopyHandle
 from fairswitch.kv.extents import copy_extents
 from fairswitch.request import Request
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _stalls(fn: _F) -> _F:
+    """Count the call's host time as switch stall: the engine's step is synchronous with the
+    GPU, so while the manager plans, submits, polls or waits, the GPU has nothing queued."""
+
+    @functools.wraps(fn)
+    def timed(self: SwapManager, *args: Any, **kwargs: Any) -> Any:
+        if self._timing:  # nested (wait_incoming -> poll): the outer call counts it
+            return fn(self, *args, **kwargs)
+        self._timing = True
+        t0 = time.perf_counter()
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            self.stall_s += time.perf_counter() - t0
+            self._timing = False
+
+    return timed  # type: ignore[return-value]
 
 
 @dataclass(slots=True)
@@ -54,6 +79,8 @@ class SwapManager:
         self._orphans: list[_Transfer] = []  # transfers of aborted requests, still in flight
         self.cpu_resident: set[Request] = set()  # requests holding CPU blocks
         self.blocking_copy_s = 0.0  # time steps waited on copies (async_copies=False)
+        self._timing = False
+        self.stall_s = 0.0  # host time in swap_out/swap_in/poll/wait_incoming (see _stalls)
 
     @property
     def block_bytes(self) -> int:
@@ -89,6 +116,7 @@ class SwapManager:
 
     # ---- transfers --------------------------------------------------------------------------
 
+    @_stalls
     def swap_out(self, req: Request) -> None:
         """Start copying ``req``'s KV to the CPU; its GPU blocks drain until the copy lands."""
         total = self.gpu.blocks_needed(req.num_computed_tokens)
@@ -110,6 +138,7 @@ class SwapManager:
         return (req not in self.outgoing and self.gpu.blocks_needed(req.num_cpu_tokens)
                 <= self.gpu.num_free_blocks)
 
+    @_stalls
     def swap_in(self, req: Request) -> None:
         """Start copying ``req``'s KV back; it may run once ``poll`` reports it ready."""
         assert self.can_swap_in(req) and not req.block_table
@@ -129,6 +158,7 @@ class SwapManager:
             self.blocking_copy_s += time.perf_counter() - t0
         return handle
 
+    @_stalls
     def poll(self) -> list[Request]:
         """Retire finished copies; return the requests whose swap-in has landed."""
         for req, t in list(self.outgoing.items()):
@@ -143,6 +173,7 @@ class SwapManager:
         self._orphans = [t for t in self._orphans if not self._retire_orphan(t)]
         return ready
 
+    @_stalls
     def wait_incoming(self) -> list[Request]:
         """Block until every swap-in has landed (only when the GPU has nothing else to run)."""
         for t in self.incoming.values():

@@ -134,7 +134,11 @@ class ModelRunner:
             hidden = self.model(ids, pos, self.kv_cache.layer_views, meta)
         if not batch.sample_requests:
             return {}
-        rows = torch.tensor(batch.sample_rows, dtype=torch.long).to(self.device, non_blocking=True)
-        logits = self.model.compute_logits(hidden[rows])
+        if len(batch.sample_rows) == len(hidden):  # every row samples (decode-only steps)
+            logits = self.model.compute_logits(hidden)
+        else:
+            rows = torch.tensor(batch.sample_rows, dtype=torch.long).to(self.device,
+                                                                        non_blocking=True)
+            logits = self.model.compute_logits(hidden[rows])
         tokens = self.sampler(logits, batch.sample_requests)
         return dict(zip(batch.sample_requests, tokens))

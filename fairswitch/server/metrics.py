@@ -132,8 +132,11 @@ class ServerMetrics:
                            for d in ("out", "in")]),
             one("swap_copies_total", "counter", "Copies issued to move KV between device and "
                 "CPU.", engine["swap_copies"]),
-            one("switch_stall_seconds_total", "counter", "Device time spent idle waiting on "
-                "swap copies.", engine["switch_stall_s"]),
+            one("switch_stall_seconds_total", "counter", "Time the device sat idle for context "
+                "switches (host time in the swap manager, copy waits included).",
+                engine["switch_stall_s"]),
+            one("switch_wait_seconds_total", "counter", "Of the stall: time blocked waiting "
+                "for copies to land.", engine["switch_wait_s"]),
             format_family(PREFIX + "kv_reuse_hits_total", "counter",
                           "Prompt tokens whose KV was reused from an earlier request, by where "
                           "it was kept (the CPU tier is 0 until the engine has it).",
