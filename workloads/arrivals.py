@@ -13,9 +13,12 @@ import math
 import numpy as np
 
 
-def _check_rate(rate: float) -> None:
+def check_process(rate: float, cv: float = 1.0) -> None:
+    """ValueError unless ``rate`` (per second) and ``cv`` are finite and > 0."""
     if not (isinstance(rate, (int, float)) and math.isfinite(rate) and rate > 0):
-        raise ValueError(f"arrival rate must be a finite number > 0 (requests/s), got {rate!r}")
+        raise ValueError(f"arrival rate must be a finite number > 0 (per second), got {rate!r}")
+    if not (isinstance(cv, (int, float)) and math.isfinite(cv) and cv > 0):
+        raise ValueError(f"cv (burstiness) must be a finite number > 0, got {cv!r}")
 
 
 def _check_count(n: int) -> None:
@@ -25,28 +28,24 @@ def _check_count(n: int) -> None:
 
 def poisson_gaps(rng: np.random.Generator, rate: float, n: int) -> np.ndarray:
     """``n`` exponential gaps (seconds) of a Poisson process at ``rate`` per second."""
-    _check_rate(rate)
+    check_process(rate)
     _check_count(n)
     return rng.exponential(1.0 / rate, size=n)
 
 
 def gamma_gaps(rng: np.random.Generator, rate: float, cv: float, n: int) -> np.ndarray:
     """``n`` gamma gaps (seconds): mean ``1/rate``, coefficient of variation ``cv``."""
-    _check_rate(rate)
+    check_process(rate, cv)
     _check_count(n)
-    if not (isinstance(cv, (int, float)) and math.isfinite(cv) and cv > 0):
-        raise ValueError(f"cv (burstiness) must be a finite number > 0, got {cv!r}")
     shape = 1.0 / (cv * cv)
     return rng.gamma(shape, 1.0 / (rate * shape), size=n)
 
 
 def arrival_times(rng: np.random.Generator, rate: float, n: int, cv: float = 1.0) -> np.ndarray:
-    """Times (seconds, ascending) of ``n`` arrivals at ``rate``/s with gap CV ``cv``.
+    """Times (seconds, ascending) of the first ``n`` arrivals of a process started at 0.
 
-    The first arrival is at 0 so that a replay does not open with an idle gap; the other n-1
-    follow it by independent gaps (exponential when cv == 1, gamma otherwise).
+    Gaps are exponential when cv == 1 (Poisson), gamma otherwise; the first arrival comes one
+    gap after 0, so independent per-client streams do not all fire at once at the start.
     """
-    _check_count(n)
-    m = max(n - 1, 0)
-    gaps = poisson_gaps(rng, rate, m) if cv == 1 else gamma_gaps(rng, rate, cv, m)
-    return np.concatenate(([0.0], np.cumsum(gaps)))[:n]
+    gaps = poisson_gaps(rng, rate, n) if cv == 1 else gamma_gaps(rng, rate, cv, n)
+    return np.cumsum(gaps)

@@ -17,6 +17,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+def stream_rng(seed: int, *keys: int) -> np.random.Generator:
+    """An independent generator per (seed, purpose): changing how think times are drawn must not
+    move the arrivals of the same seed."""
+    return np.random.default_rng([seed, *keys])
+
+
 _ARITY = {"fixed": 1, "uniform": 2, "exponential": 1, "lognormal": 2}
 
 
