@@ -88,7 +88,8 @@ def iter_sharegpt_conversations(tokenizer: Any, limits: Limits,
         if not cid or cid in seen:
             stats["bad_id"] += 1
             continue
-        turns = fit_turns(exchanges, tokenizer, limits) if len(exchanges) >= limits.min_turns else []
+        enough = len(exchanges) >= limits.min_turns
+        turns = fit_turns(exchanges, tokenizer, limits) if enough else []
         if len(turns) < limits.min_turns:
             stats["too_few_turns"] += 1
             continue

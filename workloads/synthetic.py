@@ -78,7 +78,8 @@ def synthetic_conversations(num: int, shape: Shape, limits: Limits, tokenizer: A
     """``num`` conversations ``syn-00000``.. (arrival 0, no think time: see streams.py)."""
     one_turn = limits.max_input_tokens + limits.max_output_tokens + TURN_OVERHEAD_TOKENS
     if one_turn > limits.max_context:
-        raise ValueError("max_context must hold one turn of max_input_tokens + max_output_tokens")
+        raise ValueError(f"max_context ({limits.max_context}) must hold one whole turn: "
+                         f"max_input_tokens + max_output_tokens + {TURN_OVERHEAD_TOKENS}")
     rng = stream_rng(seed, _STREAM)
     pool = word_pool(tokenizer)
     num_turns = shape.turns.sample_int(rng, num, 1, limits.max_turns)

@@ -6,6 +6,7 @@ harness reads are the ones the engine will see for that model family.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +58,7 @@ def turns_within(lengths: Iterable[tuple[int, int]], max_context: int) -> int:
     return num
 
 
+@functools.cache  # loading takes seconds; builders only read the tokenizer
 def load_tokenizer(path: str | None = None) -> tuple[Any, str]:
     """(HF tokenizer, its name for trace_meta); default: the default model's (cl100k_base)."""
     from fairswitch.model.loader import load_tokenizer as load_hf
