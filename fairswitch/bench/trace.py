@@ -15,11 +15,12 @@ for (sent as max_tokens with ignore_eos, as benchmark harnesses do)::
 is the pause between the end of the previous turn's answer and this turn (0 for the first).
 ``input_tokens`` counts the user message alone, measured with the tokenizer named in the header.
 An optional first line ``{"trace_meta": {...}}`` records how the trace was made (command, seed,
-tokenizer); readers pass it through.
+tokenizer); readers pass it through. A path ending in ``.gz`` is gzip-compressed JSONL.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -117,7 +118,8 @@ def read_trace(path: str | Path) -> Trace:
     convs: list[Conversation] = []
     meta: dict[str, Any] = {}
     seen: set[str] = set()
-    with open(path, encoding="utf-8") as f:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -144,9 +146,10 @@ def write_trace(path: str | Path, conversations: list[Conversation],
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        if meta:
-            f.write(json.dumps({"trace_meta": meta}, ensure_ascii=False) + "\n")
-        for conv in conversations:
-            f.write(json.dumps(asdict(conv), ensure_ascii=False) + "\n")
+    lines = [json.dumps({"trace_meta": meta}, ensure_ascii=False) + "\n"] if meta else []
+    lines += [json.dumps(asdict(conv), ensure_ascii=False) + "\n" for conv in conversations]
+    data = "".join(lines).encode("utf-8")
+    # Multi-turn text compresses ~4x, which keeps committed traces of whole ShareGPT conversations
+    # small; mtime=0 so that the same trace gives the same bytes.
+    tmp.write_bytes(gzip.compress(data, mtime=0) if path.suffix == ".gz" else data)
     tmp.replace(path)
