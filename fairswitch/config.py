@@ -76,7 +76,7 @@ class CacheConfig:
     )
     swap_copy_backend: str = _opt(
         "auto", "swap copies: torch (CUDA streams), cupy (raw memcpyAsync per extent; needs "
-        "cupy), auto (torch on CUDA)", ("auto", "torch", "cupy"))
+        "cupy), auto (cupy on CUDA when installed, else torch)", ("auto", "torch", "cupy"))
     async_swap: bool = _opt(True, "swap copies overlap compute (off: the step waits for them)")
     incremental_swap: bool = _opt(
         True, "keep a resumed request's CPU copy so its next swap-out moves only new blocks")

@@ -122,11 +122,12 @@ class CupyCopyBackend(CopyBackend):
 
     def submit(self, src, dst, extents, to_host):
         cp = self._cp
-        # Wait for the compute stream's pending writes (this step's KV) before reading blocks.
-        compute = cp.cuda.ExternalStream(torch.cuda.current_stream(self.device).cuda_stream)
-        ready = cp.cuda.Event(disable_timing=True)
-        ready.record(compute)
-        self.stream.wait_event(ready)
+        # Wait for the compute stream's pending writes (this step's KV) before reading blocks:
+        # a torch event on the compute stream, waited on by the copy stream through the runtime
+        # (the wait is enqueued at call time, so the event may be dropped afterwards).
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(self.device))
+        cp.cuda.runtime.streamWaitEvent(self.stream.ptr, ready.cuda_event, 0)
         block = src[0].numel() * src.element_size()
         piece = src[0, 0, 0].numel() * src.element_size()  # one layer's K (or V) of a block
         pieces = src.shape[1] * 2
@@ -191,11 +192,19 @@ class DelayedCopyBackend(CopyBackend):
 
 
 def make_copy_backend(name: str, device: torch.device, per_layer: bool) -> CopyBackend:
-    """auto: torch streams on CUDA (CuPy is opt-in until its GPU tests have run), sync on CPU."""
+    """auto: CuPy raw copies on CUDA when CuPy is installed, else torch streams; sync on CPU."""
     if device.type != "cuda":
         if name == "cupy":
             raise ValueError("the cupy swap copy backend needs a CUDA device")
         return SyncCopyBackend(per_layer)
-    if name == "cupy":
+    if name == "cupy" or (name == "auto" and _has_cupy()):
         return CupyCopyBackend(device, per_layer)
     return TorchStreamCopyBackend(device, per_layer)
+
+
+def _has_cupy() -> bool:
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return False
+    return True
