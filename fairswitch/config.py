@@ -82,6 +82,10 @@ class CacheConfig:
         True, "keep a resumed request's CPU copy so its next swap-out moves only new blocks")
     per_layer_swap: bool = _opt(
         False, "one copy per block per layer per K/V instead of one per extent (ablation)")
+    cpu_kv_reuse: bool = _opt(
+        True, "multi-turn reuse's CPU tier: finished requests' KV is also copied to the swap "
+        "space in the background, and a later prompt continuing it fetches it instead of "
+        "recomputing (needs prefix caching and swap space)")
     baseline: bool = _opt(
         False, "reproduce vLLM 0.3.3's context switches: block size 16, per-block-per-layer "
         "synchronous copies, no block groups, no incremental swap, no prefix caching "
@@ -90,6 +94,7 @@ class CacheConfig:
     def __post_init__(self) -> None:
         if self.baseline:
             self.block_size, self.enable_prefix_caching, self.block_groups = 16, False, False
+            self.cpu_kv_reuse = False
             self.async_swap, self.incremental_swap, self.per_layer_swap = False, False, True
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")

@@ -83,3 +83,68 @@ def test_lru_eviction_order():
     assert [cache.evict() for _ in range(3)] == [blocks[1], blocks[0], blocks[2]]
     with pytest.raises(KeyError):
         cache.evict()
+
+
+def evict_gpu_cache(llm: LLM) -> None:
+    """An unrelated request that needs almost the whole GPU pool: at most 4 blocks cached before
+    it survive on the GPU (its own blocks are cached after it; fresh tokens every call)."""
+    kv = llm.engine.kv
+    evict_gpu_cache.calls = getattr(evict_gpu_cache, "calls", 0) + 1
+    start = 2000 + 1000 * evict_gpu_cache.calls
+    filler = list(range(start, start + kv.num_blocks * kv.block_size - 16))
+    llm.generate([filler], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
+    assert kv.prefix_cache.num_cached_blocks - len(filler) // kv.block_size <= 4
+
+
+@pytest.mark.parametrize("delay", [0, 3])
+def test_cpu_tier_hit_fetches_instead_of_recomputing(llama_dir, delay):
+    from fairswitch.kv.copy_backend import DelayedCopyBackend
+
+    opts = dict(num_gpu_blocks=40, block_size=4, max_model_len=160)
+    plain = LLM(model=str(llama_dir), enable_prefix_caching=False, swap_space=0, **opts)
+    tiered = LLM(model=str(llama_dir), swap_space=0.01, **opts)
+    if delay:  # slow link: write-backs and fetches land several polls later
+        tiered.engine.swap.backend = DelayedCopyBackend(delay)
+    tok = plain.get_tokenizer()
+    history = tok.encode("User: explain how a CPU tier keeps KV for the next turn, briefly.")
+    for msg in ["\nUser: and when the GPU cache was evicted?", "\nUser: thanks"]:
+        want = plain.generate([history], GREEDY, use_tqdm=False)[0]
+        got = tiered.generate([history], GREEDY, use_tqdm=False)[0]
+        assert got.outputs[0].token_ids == want.outputs[0].token_ids
+        evict_gpu_cache(tiered)  # the next turn's history survives only on the CPU
+        tiered.engine.check_accounting()
+        history = history + want.outputs[0].token_ids + tok.encode(msg)
+    final = tiered.generate([history], GREEDY, use_tqdm=False)[0]
+    assert final.outputs[0].token_ids == plain.generate([history], GREEDY,
+                                                        use_tqdm=False)[0].outputs[0].token_ids
+    m = tiered.engine.switch_metrics()
+    assert m["reused_tokens_cpu"] > 0 and m["cpu_tier_blocks"] > 0
+    assert final.num_cached_tokens >= len(history) - 2 * 4 - 1  # all but the last blocks
+    tiered.engine.check_accounting()
+
+
+def test_abort_during_cpu_tier_fetch_keeps_pools_whole(llama_dir):
+    from fairswitch.kv.copy_backend import DelayedCopyBackend
+
+    llm = LLM(model=str(llama_dir), num_gpu_blocks=40, block_size=4, max_model_len=160,
+              swap_space=0.01)
+    engine = llm.engine
+    engine.swap.backend = DelayedCopyBackend(4)
+    prompt = list(range(3000, 3050))
+    llm.generate([prompt], GREEDY, use_tqdm=False)
+    evict_gpu_cache(llm)
+    # Something else runs meanwhile, so the scheduler does not wait for the fetch to land.
+    engine.add_request(prompt_token_ids=[5, 6, 7], params=SamplingParams(max_tokens=8,
+                                                                         ignore_eos=True))
+    engine.step()
+    rid = engine.add_request(prompt_token_ids=prompt + [7, 8, 9], params=GREEDY)
+    engine.step()
+    assert engine.requests[rid] in engine.swap.incoming  # fetching from the CPU tier
+    engine.abort_request(rid)
+    engine.check_accounting()
+    while engine.has_unfinished_requests():
+        engine.step()
+    engine.check_accounting()
+    tier = engine.swap.tier
+    assert tier.num_blocks == len(tier.evictable) > 0  # the fetch's pins were dropped
+    assert engine.kv.num_free_blocks == 40

@@ -20,6 +20,7 @@ from fairswitch.config import EngineConfig
 from fairswitch.engine.output_processor import OutputProcessor
 from fairswitch.kv.cache_manager import KVCacheManager
 from fairswitch.kv.copy_backend import make_copy_backend
+from fairswitch.kv.cpu_tier import CpuKVTier
 from fairswitch.kv.extents import num_extents
 from fairswitch.kv.swap_manager import SwapManager
 from fairswitch.model import loader
@@ -122,8 +123,10 @@ class Engine:
                                  pin_memory=on_cuda)
         cc = self.config.cache
         backend = make_copy_backend(cc.swap_copy_backend, self.device, cc.per_layer_swap)
+        tier = CpuKVTier(cc.block_size) if cc.enable_prefix_caching and cc.cpu_kv_reuse else None
         return SwapManager(self.kv, gpu_tensor, num_cpu_blocks, cpu_tensor, backend,
-                           async_copies=cc.async_swap, incremental=cc.incremental_swap)
+                           async_copies=cc.async_swap, incremental=cc.incremental_swap,
+                           cpu_tier=tier)
 
     @staticmethod
     def _elementwise_ops(backend: str) -> Any:
@@ -289,7 +292,10 @@ class Engine:
             "reuse_hit_blocks": pc.num_hit_blocks if pc else 0,
             "reuse_queried_blocks": pc.num_queried_blocks if pc else 0,
             "reused_tokens": sched.num_reused_tokens,
-            "reuse_bytes_saved": sched.num_reused_tokens * token_bytes,
+            "reused_tokens_cpu": sched.num_reused_tokens_cpu,
+            "cpu_tier_blocks": swap.tier.num_blocks if swap and swap.tier else 0,
+            "reuse_bytes_saved": (sched.num_reused_tokens + sched.num_reused_tokens_cpu)
+            * token_bytes,
             "extents_per_request": sum(num_extents(r.block_table) for r in running) / len(running)
             if running else 0.0,
             "kv_utilization": sum(r.num_computed_tokens for r in running) / (
@@ -323,6 +329,7 @@ class Engine:
             cpu.check()
             owned = sum(len(r.cpu_block_table) for r in self.requests.values())
             in_flight = self.swap.num_cpu_blocks_in_flight()
-            if owned + in_flight != cpu.num_used_blocks:
-                raise AssertionError(f"{cpu.num_used_blocks} CPU blocks in use but live "
-                                     f"requests own {owned} and copies hold {in_flight}")
+            tier = self.swap.tier.num_blocks if self.swap.tier is not None else 0
+            if owned + in_flight + tier != cpu.num_used_blocks:
+                raise AssertionError(f"{cpu.num_used_blocks} CPU blocks in use but live requests "
+                                     f"own {owned}, copies hold {in_flight}, the tier {tier}")

@@ -28,7 +28,9 @@ import torch
 from fairswitch.kv.block_groups import ExtentAllocator
 from fairswitch.kv.cache_manager import KVCacheManager
 from fairswitch.kv.copy_backend import CopyBackend, CopyHandle
+from fairswitch.kv.cpu_tier import CpuKVTier
 from fairswitch.kv.extents import copy_extents
+from fairswitch.kv.prefix_cache import block_hashes
 from fairswitch.request import Request
 
 
@@ -59,13 +61,15 @@ class _Transfer:
     handle: CopyHandle
     gpu_blocks_to_free: list[int] = field(default_factory=list)
     cpu_blocks_to_free: list[int] = field(default_factory=list)
-    aborted: bool = False
+    cpu_blocks_to_unpin: list[int] = field(default_factory=list)  # CPU-tier blocks being fetched
+    # Write-back to the CPU tier: (prefix hash, tokens, CPU block), registered once landed.
+    tier_entries: list[tuple[int, tuple[int, ...], int]] = field(default_factory=list)
 
 
 class SwapManager:
     def __init__(self, gpu: KVCacheManager, gpu_tensor: torch.Tensor, num_cpu_blocks: int,
                  cpu_tensor: torch.Tensor, backend: CopyBackend, async_copies: bool = True,
-                 incremental: bool = True) -> None:
+                 incremental: bool = True, cpu_tier: CpuKVTier | None = None) -> None:
         self.async_copies = async_copies
         self.incremental = incremental
         self.gpu = gpu
@@ -77,6 +81,8 @@ class SwapManager:
         self.outgoing: dict[Request, _Transfer] = {}
         self.incoming: dict[Request, _Transfer] = {}
         self._orphans: list[_Transfer] = []  # transfers of aborted requests, still in flight
+        self.tier = cpu_tier  # finished requests' KV kept on the CPU (multi-turn reuse)
+        self._writebacks: list[_Transfer] = []
         self.cpu_resident: set[Request] = set()  # requests holding CPU blocks
         self.blocking_copy_s = 0.0  # time steps waited on copies (async_copies=False)
         self._timing = False
@@ -100,7 +106,15 @@ class SwapManager:
 
     def can_swap_out(self, req: Request) -> bool:
         return self.cpu_blocks_needed(req) <= self.cpu_pool.num_free_blocks + \
-            self._reclaimable_cpu_blocks(exclude=req)
+            self._reclaimable_cpu_blocks(exclude=req) + self._evictable_tier_blocks()
+
+    def _evictable_tier_blocks(self) -> int:
+        return len(self.tier.evictable) if self.tier is not None else 0
+
+    def _evict_tier(self, n: int) -> None:
+        """Evict cached CPU-tier blocks until ``n`` CPU blocks are free (or none is left)."""
+        while self.cpu_pool.num_free_blocks < n and self._evictable_tier_blocks():
+            self.cpu_pool.free([self.tier.evict()])  # type: ignore[union-attr]
 
     def _reclaimable_cpu_blocks(self, exclude: Request) -> int:
         # Stale-but-valid copies of requests that are on the GPU can be dropped at any time.
@@ -108,6 +122,7 @@ class SwapManager:
                    if r is not exclude and r.block_table and r not in self.incoming)
 
     def _reserve_cpu(self, n: int, exclude: Request) -> None:
+        self._evict_tier(n)  # cached KV first: it never takes room from a live request
         for r in list(self.cpu_resident):
             if self.cpu_pool.num_free_blocks >= n:
                 return
@@ -149,6 +164,44 @@ class SwapManager:
         self.incoming[req] = _Transfer(handle)
         req.num_computed_tokens = req.num_cpu_tokens
 
+    @_stalls
+    def fetch_cached(self, req: Request, cpu_blocks: list[int]) -> None:
+        """Start copying CPU-tier blocks that continue ``req``'s prefix into new GPU blocks; the
+        request joins like a swap-in once ``poll`` reports it, with those tokens computed."""
+        last = req.block_table[-1] if req.block_table else None
+        blocks = self.gpu.allocate_blocks(len(cpu_blocks), after=last)
+        self.tier.pin(cpu_blocks)  # type: ignore[union-attr]
+        handle = self._submit(self.cpu_tensor, self.gpu_tensor, copy_extents(cpu_blocks, blocks),
+                              to_host=False)
+        req.block_table.extend(blocks)
+        req.num_computed_tokens = len(req.block_table) * self.block_size
+        self.incoming[req] = _Transfer(handle, cpu_blocks_to_unpin=list(cpu_blocks))
+
+    def _write_back(self, req: Request) -> None:
+        """Copy a finished request's full blocks that the CPU tier lacks to free CPU blocks.
+
+        Its GPU blocks stay referenced until the copy lands (they may be evicted from the GPU
+        cache right after the request is gone); only free or cached CPU blocks are used.
+        """
+        tier, bs = self.tier, self.block_size
+        hashes = block_hashes(req.token_ids, req.num_computed_tokens, bs)
+        missing = [i for i, h in enumerate(hashes) if h not in tier]  # type: ignore[operator]
+        room = self.cpu_pool.num_free_blocks + self._evictable_tier_blocks()
+        missing = missing[:room]
+        if not missing:
+            return
+        self._evict_tier(len(missing))
+        gpu_blocks = [req.block_table[i] for i in missing]
+        cpu_blocks = self.cpu_pool.allocate(len(missing))
+        for b in gpu_blocks:
+            self.gpu.prefix_cache.take(b)  # type: ignore[union-attr]
+        handle = self._submit(self.gpu_tensor, self.cpu_tensor,
+                              copy_extents(gpu_blocks, cpu_blocks), to_host=True)
+        entries = [(hashes[i], tuple(req.token_ids[i * bs:(i + 1) * bs]), c)
+                   for i, c in zip(missing, cpu_blocks)]
+        self._writebacks.append(_Transfer(handle, gpu_blocks_to_free=gpu_blocks,
+                                          tier_entries=entries))
+
     def _submit(self, src: torch.Tensor, dst: torch.Tensor, extents: list[tuple[int, int, int]],
                 to_host: bool) -> CopyHandle:
         handle = self.backend.submit(src, dst, extents, to_host)
@@ -167,11 +220,23 @@ class SwapManager:
                 del self.outgoing[req]
         ready = [req for req, t in self.incoming.items() if self.backend.done(t.handle)]
         for req in ready:
-            del self.incoming[req]
+            t = self.incoming.pop(req)
+            if t.cpu_blocks_to_unpin:
+                self.tier.unpin(t.cpu_blocks_to_unpin)  # type: ignore[union-attr]
             if not self.incremental:  # vLLM 0.3.3 frees the CPU copy on swap-in
                 self.drop_cpu_copy(req)
         self._orphans = [t for t in self._orphans if not self._retire_orphan(t)]
+        self._writebacks = [t for t in self._writebacks if not self._land_write_back(t)]
         return ready
+
+    def _land_write_back(self, t: _Transfer) -> bool:
+        if not self.backend.done(t.handle):
+            return False
+        self.gpu.release_blocks(t.gpu_blocks_to_free)
+        for h, tokens, block in t.tier_entries:
+            if not self.tier.add(h, tokens, block):  # type: ignore[union-attr]
+                self.cpu_pool.free([block])  # another request's write-back got there first
+        return True
 
     @_stalls
     def wait_incoming(self) -> list[Request]:
@@ -185,6 +250,8 @@ class SwapManager:
             return False
         self.gpu.release_blocks(t.gpu_blocks_to_free)
         self.cpu_pool.free(t.cpu_blocks_to_free)
+        if t.cpu_blocks_to_unpin:
+            self.tier.unpin(t.cpu_blocks_to_unpin)  # type: ignore[union-attr]
         return True
 
     # ---- releasing ----------------------------------------------------------------------------
@@ -196,10 +263,13 @@ class SwapManager:
         req.num_cpu_tokens = 0
         self.cpu_resident.discard(req)
 
+    @_stalls
     def release(self, req: Request) -> None:
         """The request is finished or aborted: free everything, after any copy in flight lands."""
         t = self.outgoing.pop(req, None) or self.incoming.pop(req, None)
         if t is None:
+            if self.tier is not None and req.block_table:
+                self._write_back(req)
             self.gpu.free(req)
             self.drop_cpu_copy(req)
             return
@@ -211,11 +281,15 @@ class SwapManager:
         self._orphans.append(t)
 
     def has_in_flight(self) -> bool:
-        return bool(self.outgoing or self.incoming or self._orphans)
+        return bool(self.outgoing or self.incoming or self._orphans or self._writebacks)
 
     def gpu_blocks_in_flight(self) -> list[int]:
-        """GPU blocks held by copies (draining swap-outs, aborted requests' transfers)."""
-        return [b for t in [*self.outgoing.values(), *self._orphans] for b in t.gpu_blocks_to_free]
+        """GPU blocks held by copies (draining swap-outs, aborted requests' transfers,
+        write-backs to the CPU tier)."""
+        return [b for t in [*self.outgoing.values(), *self._orphans, *self._writebacks]
+                for b in t.gpu_blocks_to_free]
 
     def num_cpu_blocks_in_flight(self) -> int:
-        return sum(len(t.cpu_blocks_to_free) for t in self._orphans)
+        """CPU blocks owned by copies: aborted requests' and write-backs not yet in the tier."""
+        return sum(len(t.cpu_blocks_to_free) for t in self._orphans) + sum(
+            len(t.tier_entries) for t in self._writebacks)

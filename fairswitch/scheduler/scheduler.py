@@ -73,6 +73,7 @@ class Scheduler:
         self.preemptions_by_mode = {SWAP: 0, RECOMPUTE: 0}
         self.switch_stall_s = 0.0  # time spent blocked on swap-ins with nothing else to run
         self.num_reused_tokens = 0  # prompt tokens whose KV came from the prefix cache
+        self.num_reused_tokens_cpu = 0  # ... from its CPU tier (fetched instead of recomputed)
 
     def add_request(self, request: Request) -> None:
         if self.config.max_waiting is not None and len(self.waiting) >= self.config.max_waiting:
@@ -280,9 +281,13 @@ class Scheduler:
                 resuming = False
                 if short or budget <= 0:
                     return
-            if not self._admit_waiting(req, out, budget, now):
+            n = self._admit_waiting(req, out, budget, now)
+            if n is None:
                 break
-            budget -= out.scheduled[-1][1]
+            if n == 0:  # its cached KV is coming back from the CPU tier: lands like a swap-in
+                resuming = True
+                continue
+            budget -= n
         if resuming:
             self._land_resumed(out, budget)
 
@@ -293,26 +298,45 @@ class Scheduler:
         self._land(landed)
         return self._schedule_running(out, budget)
 
-    def _admit_waiting(self, req: Request, out: SchedulerOutput, budget: int, now: float) -> bool:
+    def _admit_waiting(self, req: Request, out: SchedulerOutput, budget: int,
+                       now: float) -> int | None:
+        """Admit a waiting request: tokens scheduled, 0 if it waits for a CPU-tier fetch, None
+        if it does not fit."""
         reused = self.kv.attach_cached_prefix(req)
+        fetched = self._fetch_from_cpu_tier(req)
         n = min(req.num_tokens - req.num_computed_tokens, budget)
-        if not self.kv.allocate_slots(req, n):
+        if not fetched and not self.kv.allocate_slots(req, n):
             if reused:  # let go of the shared prefix while it waits
                 self.kv.free(req)
                 req.num_computed_tokens = 0
-            return False
-        if reused:
-            req.num_cached_tokens += reused
-            self.num_reused_tokens += reused
+            return None
+        req.num_cached_tokens += reused + fetched
+        self.num_reused_tokens += reused
+        self.num_reused_tokens_cpu += fetched
         self.waiting.remove(req)
         req.kept_out_since = None
         req.num_run_steps = 0
-        req.status = RequestStatus.RUNNING
         if req.metrics.first_scheduled_time is None:
             req.metrics.first_scheduled_time = now
+        if fetched:
+            req.status = RequestStatus.SWAPPED
+            return 0
+        req.status = RequestStatus.RUNNING
         self.running.append(req)
         out.scheduled.append((req, n))
-        return True
+        return n
+
+    def _fetch_from_cpu_tier(self, req: Request) -> int:
+        """Start fetching CPU-tier blocks that continue the request's GPU hits; tokens fetched."""
+        tier = self.swap.tier if self.swap is not None else None
+        if tier is None:
+            return 0
+        hits = tier.match(req.token_ids, len(req.block_table), req.num_tokens - 1)
+        # Room for the fetched blocks and the block its next token needs.
+        if not hits or len(hits) + 1 > self.kv.num_free_blocks:
+            return 0
+        self.swap.fetch_cached(req, hits)  # type: ignore[union-attr]
+        return len(hits) * self.kv.block_size
 
     def finish(self, req: Request) -> None:
         """Remove a finished or aborted request from the queues and free its blocks."""

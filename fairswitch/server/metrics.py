@@ -139,9 +139,9 @@ class ServerMetrics:
                 "for copies to land.", engine["switch_wait_s"]),
             format_family(PREFIX + "kv_reuse_hits_total", "counter",
                           "Prompt tokens whose KV was reused from an earlier request, by where "
-                          "it was kept (the CPU tier is 0 until the engine has it).",
+                          "it was kept (GPU prefix cache, or its CPU tier: fetched back).",
                           [("", {**lab, "tier": "gpu"}, engine["reused_tokens"]),
-                           ("", {**lab, "tier": "cpu"}, 0)]),
+                           ("", {**lab, "tier": "cpu"}, engine["reused_tokens_cpu"])]),
             one("prompt_tokens_total", "counter", "Prompt tokens of requests that started "
                 "generating (reused ones included).",
                 self.num_prompt_tokens),
