@@ -67,6 +67,8 @@ class Request:
     starving: bool = False
     num_charged_prompt_tokens: int = 0
     num_charged_output_tokens: int = 0
+    # Owned by input_batch.py: (the block_table list it mirrors, that list as an int32 array).
+    block_table_array: Any = None
     # Owned by the output processor (detokenizer state) and the sampler (torch.Generator).
     detokenizer: Any = None
     generator: Any = None
