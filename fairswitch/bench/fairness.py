@@ -86,7 +86,7 @@ def service_windows(records: Sequence[RequestRecord], window_s: float,
     n = max(1, math.ceil((t_end - t0) / window_s))
 
     def window_of(times: np.ndarray) -> np.ndarray:
-        # Clipped: an event exactly at t_end (or a rounding hair past it) belongs to the last window.
+        # Clipped: an event exactly at t_end (or a rounding hair past it) is in the last window.
         return np.clip(np.floor((times - t0) / window_s).astype(np.int64), 0, n - 1)
 
     service = np.zeros((len(clients), n))

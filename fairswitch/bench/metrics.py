@@ -66,6 +66,10 @@ class SLO:
     def met(self, rec: RequestRecord) -> bool:
         return self.meets_ttft(rec) and self.meets_tbt(rec)
 
+    def check(self, rec: RequestRecord) -> tuple[bool, bool]:
+        """(meets the TTFT target, meets the TBT target); a failed request meets neither."""
+        return self.meets_ttft(rec), self.meets_tbt(rec)
+
 
 def latency_stats(values_s: Sequence[float] | np.ndarray) -> dict[str, float | int | None]:
     """count, mean, percentiles and max of latencies given in seconds, reported in ms."""
@@ -90,22 +94,29 @@ def _fraction(num: int, den: int) -> float | None:
     return num / den if den else None
 
 
-def slo_attainment(records: Sequence[RequestRecord], slo: SLO | None) -> dict | None:
-    """Fractions of all requests meeting each target and both; None without targets."""
+def slo_attainment(checks: Sequence[tuple[bool, bool]], slo: SLO | None) -> dict | None:
+    """Fractions of all requests meeting each target and both, from their ``SLO.check``
+    results; None without targets."""
     if slo is None or not slo.is_set:
         return None
-    n = len(records)
-    num_met = sum(slo.met(r) for r in records)
+    n = len(checks)
+    num_met = sum(t and b for t, b in checks)
     return {
-        "ttft": None if slo.ttft_s is None else _fraction(sum(map(slo.meets_ttft, records)), n),
-        "tbt": None if slo.tbt_s is None else _fraction(sum(map(slo.meets_tbt, records)), n),
+        "ttft": None if slo.ttft_s is None else _fraction(sum(t for t, _ in checks), n),
+        "tbt": None if slo.tbt_s is None else _fraction(sum(b for _, b in checks), n),
         "both": _fraction(num_met, n),
         "num_met": num_met,
     }
 
 
-def group_summary(records: Sequence[RequestRecord], slo: SLO | None) -> dict:
-    """Counts, token totals, latency stats and SLO attainment of one set of requests."""
+def group_summary(records: Sequence[RequestRecord], slo: SLO | None,
+                  checks: Sequence[tuple[bool, bool]] | None = None) -> dict:
+    """Counts, token totals, latency stats and SLO attainment of one set of requests.
+
+    ``checks`` are the records' ``slo.check`` results when the caller already has them.
+    """
+    if slo is not None and slo.is_set and checks is None:
+        checks = [slo.check(r) for r in records]
     ok = [r for r in records if r.ok]
     return {
         "completed": len(ok),
@@ -116,7 +127,7 @@ def group_summary(records: Sequence[RequestRecord], slo: SLO | None) -> dict:
         "tpot": latency_stats([r.tpot_s for r in ok if r.tpot_s is not None]),
         "tbt": latency_stats(_tbt_gaps(ok)),
         "e2el": latency_stats([r.e2e_s for r in ok]),
-        "slo_attainment": slo_attainment(records, slo),
+        "slo_attainment": slo_attainment(checks or [], slo),
     }
 
 
@@ -132,12 +143,14 @@ def _rate(count: float, duration_s: float | None) -> float | None:
 
 
 def _split(records: Sequence[RequestRecord], key: Callable[[RequestRecord], Hashable],
-           slo: SLO | None) -> dict[str, dict]:
-    groups: dict[Hashable, list[RequestRecord]] = defaultdict(list)
-    for rec in records:
-        groups[key(rec)].append(rec)
+           slo: SLO | None, checks: Sequence[tuple[bool, bool]] | None) -> dict[str, dict]:
+    groups: dict[Hashable, list[int]] = defaultdict(list)
+    for i, rec in enumerate(records):
+        groups[key(rec)].append(i)
     # JSON keys are strings; sort on the original key so priorities order numerically.
-    return {str(k): group_summary(groups[k], slo) for k in sorted(groups)}
+    return {str(k): group_summary([records[i] for i in groups[k]], slo,
+                                  None if checks is None else [checks[i] for i in groups[k]])
+            for k in sorted(groups)}
 
 
 def summarize(records: list[RequestRecord], duration_s: float | None = None,
@@ -152,7 +165,9 @@ def summarize(records: list[RequestRecord], duration_s: float | None = None,
     _check_positive(window_s, "window_s")
     duration = duration_s if duration_s is not None else run_span(records)
     duration = duration if duration else None  # a zero span has no rate
-    overall = group_summary(records, slo)
+    # Checked once per request: the TBT check walks every gap, and the splits reuse the result.
+    checks = [slo.check(r) for r in records] if slo is not None and slo.is_set else None
+    overall = group_summary(records, slo, checks)
     attainment = overall["slo_attainment"]
     return {
         "num_requests": len(records),
@@ -169,7 +184,7 @@ def summarize(records: list[RequestRecord], duration_s: float | None = None,
         "slo": None if attainment is None else {"ttft_s": slo.ttft_s, "tbt_s": slo.tbt_s},
         "goodput": None if attainment is None else _rate(attainment["num_met"], duration),
         "slo_attainment": attainment,
-        "by_priority": _split(records, lambda r: r.priority, slo),
-        "by_client": _split(records, lambda r: r.client, slo),
+        "by_priority": _split(records, lambda r: r.priority, slo, checks),
+        "by_client": _split(records, lambda r: r.client, slo, checks),
         "fairness": fairness_summary(records, window_s, weights),
     }

@@ -154,7 +154,8 @@ def _ratio(num: float | None, den: float | None) -> float | None:
     return None if num is None or den is None or den == 0 else num / den
 
 
-def comparison_ratios(summaries: dict[str, dict], baseline: str) -> dict[str, dict[str, float | None]]:
+def comparison_ratios(summaries: dict[str, dict],
+                      baseline: str) -> dict[str, dict[str, float | None]]:
     """Per run and key figure: baseline/run for latencies, run/baseline for throughputs.
 
     Either way a ratio above 1 means the run did better than the baseline; None where a figure is
