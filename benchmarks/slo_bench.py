@@ -18,6 +18,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from fairswitch.bench.report import _get  # noqa: E402
 from fairswitch.cli.bench import DESCRIPTION, add_bench_args, bench  # noqa: E402
 from results_io import command_line, write_results  # noqa: E402
 
@@ -25,15 +26,9 @@ from results_io import command_line, write_results  # noqa: E402
 RUN_CLAIMS = (("ttft_p99_ms", ("ttft", "p99_ms"), "ms"), ("tbt_p99_ms", ("tbt", "p99_ms"), "ms"),
               ("output_tok_s", ("output_throughput",), "tok/s"),
               ("slo_attainment", ("slo_attainment", "both"), "fraction"),
-              ("goodput_req_s", ("goodput",), "req/s"), ("jain_index", ("fairness", "jain"), ""))
+              ("goodput_req_s", ("goodput",), "req/s"), ("jain_index", ("fairness", "jain"), "index"))
 RATIO_CLAIMS = (("p99_ttft_vs", "P99 TTFT (ms)"), ("p99_tbt_vs", "P99 TBT (ms)"),
                 ("output_tok_s_vs", "Output throughput (tok/s)"))
-
-
-def _get(d: Any, path: tuple[str, ...]) -> Any:
-    for key in path:
-        d = d.get(key) if isinstance(d, dict) else None
-    return d
 
 
 def claims(report: dict[str, Any]) -> list[dict[str, Any]]:

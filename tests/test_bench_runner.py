@@ -223,15 +223,18 @@ def test_sse_merged_chunks_are_counted_from_usage():
     assert t[0] < t[1] < t[2] == t[3] == t[4]  # the 2 merged tokens sit at the last chunk
 
 
-def test_sse_error_in_stream_fails_the_request():
-    events = [chunk(None), chunk("a"), json.dumps({"error": {"message": "engine died"}}),
-              "[DONE]"]
+@pytest.mark.parametrize("events, message", [
+    ([chunk(None), chunk("a"), json.dumps({"error": {"message": "engine died"}}), "[DONE]"],
+     "engine died"),
+    ([chunk(None), chunk("a"), chunk("b")], "[DONE]"),  # cut short
+])
+def test_sse_error_in_stream_fails_the_request(events, message):
     trace = Trace([Conversation("s", 0.0, [Turn("hi", 5), Turn("next", 5)], client="alice",
                                 priority=1)])
     with BackgroundServer(scripted_app(events)) as srv:
         result = replay_http(trace, srv.url, ReplayOptions(progress=False), warmup_requests=0)
     [rec] = result.records
-    assert not rec.ok and "engine died" in rec.error and result.num_skipped_turns == 1
+    assert not rec.ok and message in rec.error and result.num_skipped_turns == 1
 
 
 def test_ablation_names_map_to_config_switches():
@@ -328,3 +331,9 @@ def test_compare_refuses_url(trace_file, capsys):
     assert main(["bench", "--trace", str(trace_file), "--url", "http://127.0.0.1:9",
                  "--compare", "full,baseline"]) == 2
     assert "--compare" in capsys.readouterr().err
+
+
+def test_unreachable_server_is_a_clean_error(trace_file, capsys):
+    assert main(["bench", "--trace", str(trace_file), "--url", "http://127.0.0.1:9",
+                 "--no-progress"]) == 2
+    assert "cannot use the server at http://127.0.0.1:9" in capsys.readouterr().err

@@ -54,8 +54,10 @@ async def sse_events(resp: aiohttp.ClientResponse):
         if payload == "[DONE]":
             return
         yield json.loads(payload)
-    if data and data != ["[DONE]"]:
-        raise HTTPRequestError("the stream ended in the middle of an event")
+    if data == ["[DONE]"]:  # a last event without its blank line
+        return
+    # The server ends every stream with [DONE]; without it the answer may be cut short.
+    raise HTTPRequestError("the stream ended before 'data: [DONE]'")
 
 
 class HTTPClient:
@@ -80,7 +82,11 @@ class HTTPClient:
             headers=self._headers, timeout=self._timeout,
             connector=aiohttp.TCPConnector(limit=0))
         if self.model is None:
-            models = await self._get_json("/v1/models")
+            try:
+                models = await self._get_json("/v1/models")
+            except (aiohttp.ClientError, HTTPRequestError) as e:
+                await self._session.close()
+                raise ConnectionError(f"cannot use the server at {self.base_url}: {e}") from e
             self.model = models["data"][0]["id"]
         return self
 

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad input, missing files, unreachable servers
         print(f"fairswitch {args.command}: error: {e}", file=sys.stderr)
         return 2
 
