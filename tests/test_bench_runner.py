@@ -12,7 +12,6 @@ import pytest
 from aiohttp import web
 
 from fairswitch.bench.ablations import ABLATIONS, ablation_config, parse_names
-from fairswitch.bench.http_client import HTTPClient
 from fairswitch.bench.inproc_client import InProcClient
 from fairswitch.bench.records import RequestRecord
 from fairswitch.bench.replay import ReplayOptions, replay

@@ -17,7 +17,7 @@ from typing import Any
 from fairswitch.bench import scrape
 from fairswitch.bench.ablations import ablation_config
 from fairswitch.bench.records import RequestRecord
-from fairswitch.bench.replay import ReplayOptions, TurnSender, replay
+from fairswitch.bench.replay import ReplayOptions, ReplayResult, TurnSender, replay
 from fairswitch.bench.trace import Conversation, Trace, Turn
 from fairswitch.config import EngineConfig
 
@@ -32,6 +32,16 @@ class RunResult:
     switch_metrics: dict[str, float] = field(default_factory=dict)
     target: str = ""  # the URL, or "in-process"
     engine_config: EngineConfig | None = None  # in-process runs
+
+    def summarize(self, slo: Any = None, window_s: float = 10.0,
+                  weights: dict[str, float] | None = None) -> dict[str, Any]:
+        """``metrics.summarize`` of the records, with the switch metrics as ``engine``."""
+        from fairswitch.bench.metrics import summarize
+
+        summary = summarize(self.records, self.duration_s or None, slo, window_s, weights)
+        summary["engine"] = self.switch_metrics
+        summary["skipped_turns"] = self.num_skipped_turns
+        return summary
 
 
 async def warm_up(sender: TurnSender, num_requests: int) -> None:
@@ -62,7 +72,10 @@ def replay_http(trace: Trace, url: str, options: ReplayOptions | None = None, *,
 
     async def main() -> RunResult:
         async with HTTPClient(url, **client_kw) as client:
-            await warm_up(client, warmup_requests)
+            try:
+                await warm_up(client, warmup_requests)
+            except HTTPRequestError as e:
+                raise ConnectionError(f"the warm-up request to {url} failed: {e}") from e
             before = await scrape_text(client)
             result = await replay(trace, client, options, desc=desc)
             after = await scrape_text(client)
@@ -82,19 +95,24 @@ def replay_engine(trace: Trace, config: EngineConfig, options: ReplayOptions | N
 
     engine = AsyncEngine.from_config(config)
     try:
-        async def main() -> RunResult:
-            client = InProcClient(engine, **client_kw)
-            await warm_up(client, warmup_requests)
-            result = await replay(trace, client, options, desc=desc)
-            metrics = await engine.run_in_engine(lambda e: e.switch_metrics())
-            return RunResult(result.records, result.duration_s, result.num_skipped_turns,
-                             metrics, target="in-process", engine_config=config)
-
-        return asyncio.run(main())
+        client = InProcClient(engine, **client_kw)
+        result, metrics = asyncio.run(_replay_in_process(engine, client, trace, options, desc,
+                                                         warmup_requests))
+        del client
     finally:
         engine.shutdown()
         del engine
         _free_memory()
+    return RunResult(result.records, result.duration_s, result.num_skipped_turns, metrics,
+                     target="in-process", engine_config=config)
+
+
+async def _replay_in_process(engine: Any, client: TurnSender, trace: Trace,
+                             options: ReplayOptions | None, desc: str,
+                             warmup_requests: int) -> tuple[ReplayResult, dict[str, float]]:
+    await warm_up(client, warmup_requests)
+    result = await replay(trace, client, options, desc=desc)
+    return result, await engine.run_in_engine(lambda e: e.switch_metrics())
 
 
 def compare_engines(trace: Trace, base: EngineConfig, names: list[str],

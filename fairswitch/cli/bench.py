@@ -9,8 +9,12 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from fairswitch.bench.ablations import ABLATIONS, parse_names
+from fairswitch.bench.runner import RunResult, compare_engines
+from fairswitch.bench.trace import Trace
 from fairswitch.cli.replay_args import (add_replay_args, config_json, engine_run_kwargs, load_trace,
                                         replay_options, report_header, run_target)
+from fairswitch.config import EngineConfig
 
 
 DESCRIPTION = ("Replay a trace against a server (--url) or an in-process engine and report "
@@ -27,8 +31,6 @@ def add_parser(subs: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
     """Every option of ``fairswitch bench`` (benchmarks/slo_bench.py takes the same)."""
-    from fairswitch.bench.ablations import ABLATIONS
-
     s = p.add_argument_group("report")
     s.add_argument("--ttft-slo-ms", type=float, default=None,
                    help="TTFT target in ms (SLO attainment, goodput) (default: none)")
@@ -47,27 +49,26 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     add_replay_args(p)
 
 
+def _seconds(ms: float | None) -> float | None:
+    return None if ms is None else ms / 1000.0
+
+
 def _slo(args: argparse.Namespace) -> Any:
     from fairswitch.bench.metrics import SLO
 
     if args.ttft_slo_ms is None and args.tbt_slo_ms is None:
         return None
-    ms = lambda v: None if v is None else v / 1000.0  # noqa: E731
-    return SLO(ttft_s=ms(args.ttft_slo_ms), tbt_s=ms(args.tbt_slo_ms))
+    return SLO(ttft_s=_seconds(args.ttft_slo_ms), tbt_s=_seconds(args.tbt_slo_ms))
 
 
-def _summary(args: argparse.Namespace, result: Any) -> dict[str, Any]:
-    from fairswitch.bench.metrics import summarize
+def _summary(args: argparse.Namespace, result: RunResult) -> dict[str, Any]:
     from fairswitch.scheduler.policy import parse_client_weights
 
-    summary = summarize(result.records, result.duration_s or None, _slo(args), args.window_s,
-                        parse_client_weights(args.client_weights) or None)
-    summary["engine"] = result.switch_metrics
-    summary["skipped_turns"] = result.num_skipped_turns
-    return summary
+    return result.summarize(_slo(args), args.window_s,
+                            parse_client_weights(args.client_weights) or None)
 
 
-def _plots(args: argparse.Namespace, runs: dict[str, Any]) -> list[str]:
+def _plots(args: argparse.Namespace, runs: dict[str, RunResult]) -> list[str]:
     if args.plots_dir is None:
         return []
     from fairswitch.bench.plots import write_plots
@@ -96,12 +97,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-def _compare(args: argparse.Namespace, trace: Any) -> dict[str, Any]:
-    from fairswitch.bench.ablations import parse_names
+def _compare(args: argparse.Namespace, trace: Trace) -> dict[str, Any]:
     from fairswitch.bench.report import compare, comparison_ratios, format_table, write_json
-    from fairswitch.bench.runner import compare_engines
-    from fairswitch.config import EngineConfig
-
     if args.url is not None:
         raise ValueError("--compare builds each engine in-process: it cannot be used with --url")
     names = parse_names(args.compare)

@@ -24,15 +24,13 @@ def add_parser(subs: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def replay(args: argparse.Namespace) -> dict[str, Any]:
     """Run, print the report, write the JSON when asked; returns the JSON report."""
-    from fairswitch.bench.metrics import summarize
     from fairswitch.bench.report import format_table, write_json
     from fairswitch.bench.turns import format_reuse, format_turns, reuse_summary, turn_summary
+    from fairswitch.scheduler.policy import parse_client_weights
 
     trace = load_trace(args)
     result = run_target(args, trace, "replay")
-    summary = summarize(result.records, result.duration_s or None)
-    summary["engine"] = result.switch_metrics
-    summary["skipped_turns"] = result.num_skipped_turns
+    summary = result.summarize(weights=parse_client_weights(args.client_weights) or None)
     turns = turn_summary(result.records)
     reuse = reuse_summary(result.records, result.switch_metrics)
     print(format_table(summary, "Multi-turn Replay Result"))

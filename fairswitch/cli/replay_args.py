@@ -12,6 +12,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fairswitch.bench.replay import ReplayOptions
+from fairswitch.bench.runner import RunResult, replay_engine, replay_http
+from fairswitch.bench.trace import Trace, read_trace
+from fairswitch.cli.serve import read_chat_template
 from fairswitch.config import EngineConfig, add_engine_args
 
 
@@ -56,9 +60,7 @@ def add_replay_args(p: argparse.ArgumentParser) -> None:
     add_engine_args(p)
 
 
-def load_trace(args: argparse.Namespace) -> Any:
-    from fairswitch.bench.trace import Trace, read_trace
-
+def load_trace(args: argparse.Namespace) -> Trace:
     if not args.trace.is_file():
         raise FileNotFoundError(f"trace {args.trace} does not exist")
     trace = read_trace(args.trace)
@@ -70,9 +72,7 @@ def load_trace(args: argparse.Namespace) -> Any:
     return trace
 
 
-def replay_options(args: argparse.Namespace) -> Any:
-    from fairswitch.bench.replay import ReplayOptions
-
+def replay_options(args: argparse.Namespace) -> ReplayOptions:
     return ReplayOptions(time_scale=args.time_scale, request_rate=args.request_rate,
                          seed=args.arrival_seed, max_concurrency=args.max_concurrency,
                          progress=not args.no_progress)
@@ -80,16 +80,12 @@ def replay_options(args: argparse.Namespace) -> Any:
 
 def engine_run_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments of ``runner.replay_engine`` / ``compare_engines`` beyond the config."""
-    from fairswitch.cli.serve import read_chat_template
-
     return {"chat_template": read_chat_template(args.chat_template),
             "temperature": args.temperature, "warmup_requests": args.warmup_requests}
 
 
-def run_target(args: argparse.Namespace, trace: Any, desc: str) -> Any:
-    """One replay of ``trace`` against the target the options name; a ``RunResult``."""
-    from fairswitch.bench.runner import replay_engine, replay_http
-
+def run_target(args: argparse.Namespace, trace: Trace, desc: str) -> RunResult:
+    """One replay of ``trace`` against the target the options name."""
     if args.url is not None:
         return replay_http(trace, args.url, replay_options(args), desc=desc,
                            warmup_requests=args.warmup_requests, api_key=args.api_key,
@@ -99,7 +95,7 @@ def run_target(args: argparse.Namespace, trace: Any, desc: str) -> Any:
                          desc=desc, **engine_run_kwargs(args))
 
 
-def report_header(args: argparse.Namespace, trace: Any) -> dict[str, Any]:
+def report_header(args: argparse.Namespace, trace: Trace) -> dict[str, Any]:
     """What every JSON report starts with: how it was made and on what workload."""
     rate = args.request_rate
     return {
