@@ -26,7 +26,8 @@ from results_io import command_line, write_results  # noqa: E402
 RUN_CLAIMS = (("ttft_p99_ms", ("ttft", "p99_ms"), "ms"), ("tbt_p99_ms", ("tbt", "p99_ms"), "ms"),
               ("output_tok_s", ("output_throughput",), "tok/s"),
               ("slo_attainment", ("slo_attainment", "both"), "fraction"),
-              ("goodput_req_s", ("goodput",), "req/s"), ("jain_index", ("fairness", "jain"), "index"))
+              ("goodput_req_s", ("goodput",), "req/s"),
+              ("jain_index", ("fairness", "jain"), "index"))
 RATIO_CLAIMS = (("p99_ttft_vs", "P99 TTFT (ms)"), ("p99_tbt_vs", "P99 TBT (ms)"),
                 ("output_tok_s_vs", "Output throughput (tok/s)"))
 

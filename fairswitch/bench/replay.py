@@ -3,11 +3,11 @@
 Both replay clients (HTTP and in-process) share this loop; a client only knows how to send one
 turn and fill in its ``RequestRecord``. Each conversation is one task:
 
-    arrival_s (scaled) ──> turn 0 sent ... answer complete ──> think_s (scaled) ──> turn 1 sent ...
+    arrival_s (scaled) -> turn 0 sent ... answer done -> think_s (scaled) -> turn 1 sent ...
 
 so a conversation never has two turns in flight, and many conversations overlap. A turn that
-fails is recorded with its error and ends its conversation (its later turns would carry a history
-the engine never produced an answer for); every other conversation goes on.
+fails is recorded with its error and ends its conversation (a user who got no answer does not ask
+the follow-up); every other conversation goes on.
 
 ``max_concurrency`` bounds the requests in flight, client side, as ``vllm bench serve`` does: a
 request that waits for a slot is sent (and its ``arrival_s`` taken) when it gets one.
