@@ -7,7 +7,7 @@ import logging
 import sys
 
 from fairswitch import __version__
-from fairswitch.cli import generate, serve
+from fairswitch.cli import bench, generate, replay, serve
 
 
 class _FullHelp(argparse.Action):
@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser._commands = {  # type: ignore[attr-defined]
         "generate": generate.add_parser(subs),
         "serve": serve.add_parser(subs),
+        "bench": bench.add_parser(subs),
+        "replay": replay.add_parser(subs),
     }
     return parser
 
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad input, missing files, unreachable servers
         print(f"fairswitch {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -40,7 +40,8 @@ def add_parser(subs: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-def _chat_template(value: str | None) -> str | None:
+def read_chat_template(value: str | None) -> str | None:
+    """The --chat-template value: a file's text, or the template itself."""
     if value is None:
         return None
     path = Path(value)
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
     settings = ServerSettings(
         served_model_names=args.served_model_name or [args.model], api_key=args.api_key,
-        max_body_bytes=args.max_body_bytes, chat_template=_chat_template(args.chat_template))
+        max_body_bytes=args.max_body_bytes, chat_template=read_chat_template(args.chat_template))
     engine = AsyncEngine.from_config(EngineConfig.from_cli_args(args))
     app = build_app(engine, settings)
 

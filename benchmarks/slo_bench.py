@@ -1,0 +1,67 @@
+"""SLO benchmark: ``fairswitch bench`` recorded as a result file (device, date, commit, command).
+
+Takes every option of ``fairswitch bench`` (trace, target, SLOs, ``--compare``) plus ``--output``.
+Claims: for one run its TTFT/TBT tails, throughput and SLO attainment; with ``--compare``, each
+configuration's P99 TTFT, P99 TBT and throughput as ratios against the baseline (above 1: better
+than the baseline), the figures ``fairswitch bench`` prints.
+
+    python3 benchmarks/slo_bench.py --trace workloads/traces/T.jsonl --compare full,baseline \\
+        --ttft-slo-ms 2000 --tbt-slo-ms 200 --output benchmarks/results/slo_compare.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fairswitch.bench.report import _get  # noqa: E402
+from fairswitch.cli.bench import DESCRIPTION, add_bench_args, bench  # noqa: E402
+from results_io import command_line, write_results  # noqa: E402
+
+# (claim suffix, path into a summary, unit)
+RUN_CLAIMS = (("ttft_p99_ms", ("ttft", "p99_ms"), "ms"), ("tbt_p99_ms", ("tbt", "p99_ms"), "ms"),
+              ("output_tok_s", ("output_throughput",), "tok/s"),
+              ("slo_attainment", ("slo_attainment", "both"), "fraction"),
+              ("goodput_req_s", ("goodput",), "req/s"),
+              ("jain_index", ("fairness", "jain"), "index"))
+RATIO_CLAIMS = (("p99_ttft_vs", "P99 TTFT (ms)"), ("p99_tbt_vs", "P99 TBT (ms)"),
+                ("output_tok_s_vs", "Output throughput (tok/s)"))
+
+
+def claims(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Named values of the report; figures that do not exist (no SLO given) are left out."""
+    runs = report["runs"] if "runs" in report else {"": {"summary": report["summary"]}}
+    out = []
+    for name, run in runs.items():
+        for suffix, path, unit in RUN_CLAIMS:
+            value = _get(run["summary"], path)
+            if value is not None:
+                out.append({"name": f"{name}_{suffix}" if name else suffix, "value": value,
+                            "unit": unit})
+    baseline = report.get("baseline")
+    for name, ratios in report.get("ratios", {}).items():
+        for prefix, label in RATIO_CLAIMS if name != baseline else ():
+            if ratios[label] is not None:
+                out.append({"name": f"{name}_{prefix}_{baseline}", "value": ratios[label],
+                            "unit": "x"})
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=DESCRIPTION)
+    p.add_argument("--output", type=Path, default=Path("benchmarks/results/slo_bench.json"),
+                   help="result file (default: benchmarks/results/slo_bench.json)")
+    p.add_argument("--commit", default=None, help="commit to record (default: git HEAD)")
+    add_bench_args(p)
+    args = p.parse_args(argv)
+    report = bench(args)
+    return write_results(args.output, command=command_line(), figures=report,
+                         claims=claims(report), commit=args.commit)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""The engine configurations a comparison run can name (``fairswitch bench --compare``).
+
+Each name sets every context-switch mechanism explicitly, so a comparison means the same thing
+whatever switches the base command line carried: ``full`` has them all on, ``baseline`` is
+vLLM 0.3.3's switching (``CacheConfig.baseline``), and each ``no-*`` is ``full`` with one mechanism
+off. Everything else (model, KV size, scheduler, policy) comes from the base configuration.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
+from fairswitch.config import EngineConfig
+
+_FULL: dict[str, Any] = {"baseline": False, "block_groups": True, "enable_prefix_caching": True,
+                         "async_swap": True, "incremental_swap": True, "per_layer_swap": False}
+
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "full": {},
+    "baseline": {"baseline": True},
+    "no-groups": {"block_groups": False},
+    "no-async": {"async_swap": False},
+    "no-incremental": {"incremental_swap": False},
+    "no-reuse": {"enable_prefix_caching": False},
+    "per-layer": {"per_layer_swap": True},
+}
+
+
+def parse_names(text: str) -> list[str]:
+    """``"full,baseline"`` -> ``["full", "baseline"]``; unknown or repeated names are refused."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ABLATIONS]
+    if unknown:
+        raise ValueError(f"unknown configuration(s) {', '.join(unknown)}; "
+                         f"known: {', '.join(ABLATIONS)}")
+    if len(set(names)) != len(names) or not names:
+        raise ValueError(f"--compare needs distinct configuration names, got {text!r}")
+    return names
+
+
+def ablation_config(name: str, base: EngineConfig) -> EngineConfig:
+    """``base`` with the mechanisms ``name`` stands for (a new object; ``base`` is untouched)."""
+    config = copy.deepcopy(base)
+    # replace() runs CacheConfig.__post_init__ again, which applies what baseline implies.
+    config.cache = dataclasses.replace(config.cache, **{**_FULL, **ABLATIONS[name]})
+    return config

@@ -1,0 +1,134 @@
+"""One replay run against a target, with the engine's switch metrics; and comparison runs.
+
+A target is a server already running (its URL) or an engine built here from an ``EngineConfig``
+and shut down when the run ends. Comparison runs build, replay and shut down one engine after
+another in this process, freeing its memory before the next is built, so every configuration
+sees the same trace on the same machine in one command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from fairswitch.bench import scrape
+from fairswitch.bench.ablations import ablation_config
+from fairswitch.bench.records import RequestRecord
+from fairswitch.bench.replay import ReplayOptions, ReplayResult, TurnSender, replay
+from fairswitch.bench.trace import Conversation, Trace, Turn
+from fairswitch.config import EngineConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class RunResult:
+    records: list[RequestRecord]
+    duration_s: float
+    num_skipped_turns: int = 0
+    switch_metrics: dict[str, float] = field(default_factory=dict)
+    target: str = ""  # the URL, or "in-process"
+    engine_config: EngineConfig | None = None  # in-process runs
+
+    def summarize(self, slo: Any = None, window_s: float = 10.0,
+                  weights: dict[str, float] | None = None) -> dict[str, Any]:
+        """``metrics.summarize`` of the records, with the switch metrics as ``engine``."""
+        from fairswitch.bench.metrics import summarize
+
+        summary = summarize(self.records, self.duration_s or None, slo, window_s, weights)
+        summary["engine"] = self.switch_metrics
+        summary["skipped_turns"] = self.num_skipped_turns
+        return summary
+
+
+async def warm_up(sender: TurnSender, num_requests: int) -> None:
+    """Send short requests outside the measured run: the first requests of a process pay one-time
+    costs (allocator growth, lazy initialization) that would land on whichever run comes first.
+    The prompt is shorter than a KV block, so it leaves nothing in the prefix cache to reuse."""
+    if num_requests < 0:
+        raise ValueError(f"warmup_requests must be >= 0, got {num_requests}")
+    for i in range(num_requests):
+        conv = Conversation(f"warmup-{i}", 0.0, [Turn("Hi", output_tokens=4)])
+        rec = RequestRecord(f"warmup-{i}", conv.id, 0, conv.client, 0, 0.0)
+        await sender.send(conv, 0, rec, lambda: 0.0)
+
+
+def replay_http(trace: Trace, url: str, options: ReplayOptions | None = None, *,
+                desc: str = "replay", warmup_requests: int = 1, **client_kw: Any) -> RunResult:
+    """Replay through a running server; ``client_kw`` go to ``HTTPClient`` (api_key, model,
+    endpoint, temperature). Switch metrics are the growth of its ``/metrics`` counters over the
+    run (empty when the server exports none)."""
+    from fairswitch.bench.http_client import HTTPClient, HTTPRequestError
+
+    async def scrape_text(client: HTTPClient) -> str | None:
+        try:
+            return await client.metrics_text()
+        except (HTTPRequestError, OSError) as e:
+            logger.warning("cannot scrape %s/metrics: %s", url, e)
+            return None
+
+    async def main() -> RunResult:
+        async with HTTPClient(url, **client_kw) as client:
+            try:
+                await warm_up(client, warmup_requests)
+            except HTTPRequestError as e:
+                raise ConnectionError(f"the warm-up request to {url} failed: {e}") from e
+            before = await scrape_text(client)
+            result = await replay(trace, client, options, desc=desc)
+            after = await scrape_text(client)
+        metrics = scrape.switch_metrics_delta(before, after) if before and after else {}
+        return RunResult(result.records, result.duration_s, result.num_skipped_turns, metrics,
+                         target=url)
+
+    return asyncio.run(main())
+
+
+def replay_engine(trace: Trace, config: EngineConfig, options: ReplayOptions | None = None, *,
+                  desc: str = "replay", warmup_requests: int = 1, **client_kw: Any) -> RunResult:
+    """Build an engine from ``config``, replay through it in-process (``client_kw`` go to
+    ``InProcClient``: chat_template, temperature), read its switch metrics, shut it down."""
+    from fairswitch.bench.inproc_client import InProcClient
+    from fairswitch.engine.async_engine import AsyncEngine
+
+    engine = AsyncEngine.from_config(config)
+    try:
+        client = InProcClient(engine, **client_kw)
+        result, metrics = asyncio.run(_replay_in_process(engine, client, trace, options, desc,
+                                                         warmup_requests))
+        del client
+    finally:
+        engine.shutdown()
+        del engine
+        _free_memory()
+    return RunResult(result.records, result.duration_s, result.num_skipped_turns, metrics,
+                     target="in-process", engine_config=config)
+
+
+async def _replay_in_process(engine: Any, client: TurnSender, trace: Trace,
+                             options: ReplayOptions | None, desc: str,
+                             warmup_requests: int) -> tuple[ReplayResult, dict[str, float]]:
+    await warm_up(client, warmup_requests)
+    result = await replay(trace, client, options, desc=desc)
+    return result, await engine.run_in_engine(lambda e: e.switch_metrics())
+
+
+def compare_engines(trace: Trace, base: EngineConfig, names: list[str],
+                    options: ReplayOptions | None = None, **client_kw: Any) -> dict[str, RunResult]:
+    """Replay ``trace`` once per named configuration (see ``ablations``), one after another."""
+    runs: dict[str, RunResult] = {}
+    for name in names:
+        runs[name] = replay_engine(trace, ablation_config(name, base), options, desc=name,
+                                   **client_kw)
+    return runs
+
+
+def _free_memory() -> None:
+    # The next engine sizes its KV cache from free device memory: the last one's must be gone.
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,53 @@
+"""benchmarks/slo_bench.py at tiny CPU scale: one in-process run of a hand-built trace is recorded
+with device/date/commit/command, the bench report as figures, and claims named after it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fairswitch.bench.trace import Conversation, Turn, write_trace
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def test_slo_bench_smoke(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH_DIR))  # it imports its sibling results_io
+    import slo_bench
+
+    trace = tmp_path / "t.jsonl"
+    write_trace(trace, [Conversation(f"c{i}", 0.05 * i, [Turn(f"question {i}", 4)],
+                                     client=f"u{i % 2}") for i in range(4)])
+    out = tmp_path / "results" / "slo.json"
+    returned = slo_bench.main(["--trace", str(trace), "--num-gpu-blocks", "64",
+                               "--max-model-len", "128", "--swap-space", "0.05",
+                               "--no-progress", "--ttft-slo-ms", "60000", "--output", str(out)])
+    result = json.loads(out.read_text())
+    assert result == returned
+    assert all(isinstance(result[k], str) and result[k] for k in ("device", "date", "commit",
+                                                                  "command"))
+    assert result["figures"]["summary"]["completed"] == 4
+    claims = {c["name"]: c for c in result["claims"]}
+    assert claims["slo_attainment"]["value"] == 1.0
+    assert claims["ttft_p99_ms"]["unit"] == "ms" and claims["ttft_p99_ms"]["value"] > 0
+    assert claims["output_tok_s"]["value"] > 0 and "jain_index" in claims
+
+
+def test_compare_claims_are_ratios_against_the_baseline(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH_DIR))
+    import slo_bench
+
+    def summary(ttft: float) -> dict:
+        return {"ttft": {"p99_ms": ttft}, "tbt": {"p99_ms": None}, "output_throughput": 10.0}
+    report = {"baseline": "baseline",
+              "runs": {"full": {"summary": summary(50.0)}, "baseline": {"summary": summary(200.0)}},
+              "ratios": {"full": {"P99 TTFT (ms)": 4.0, "P99 TBT (ms)": None,
+                                  "Output throughput (tok/s)": 1.0},
+                         "baseline": {"P99 TTFT (ms)": 1.0, "P99 TBT (ms)": None,
+                                      "Output throughput (tok/s)": 1.0}}}
+    claims = {c["name"]: (c["value"], c["unit"]) for c in slo_bench.claims(report)}
+    assert claims == {"full_ttft_p99_ms": (50.0, "ms"), "baseline_ttft_p99_ms": (200.0, "ms"),
+                      "full_output_tok_s": (10.0, "tok/s"),
+                      "baseline_output_tok_s": (10.0, "tok/s"),
+                      "full_p99_ttft_vs_baseline": (4.0, "x"),
+                      "full_output_tok_s_vs_baseline": (1.0, "x")}
