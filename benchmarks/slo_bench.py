@@ -32,6 +32,12 @@ RATIO_CLAIMS = (("p99_ttft_vs", "P99 TTFT (ms)"), ("p99_tbt_vs", "P99 TBT (ms)")
                 ("output_tok_s_vs", "Output throughput (tok/s)"))
 
 
+# The issue's names for fairswitch (``full``) against ``baseline``: label in comparison ratios.
+HEADLINE_CLAIMS = (("p99_ttft_speedup_vs_baseline", "P99 TTFT (ms)"),
+                   ("p999_tbt_speedup_vs_baseline", "P99.9 TBT (ms)"),
+                   ("throughput_ratio_vs_baseline", "Output throughput (tok/s)"))
+
+
 def claims(report: dict[str, Any]) -> list[dict[str, Any]]:
     """Named values of the report; figures that do not exist (no SLO given) are left out."""
     runs = report["runs"] if "runs" in report else {"": {"summary": report["summary"]}}
@@ -43,6 +49,10 @@ def claims(report: dict[str, Any]) -> list[dict[str, Any]]:
                 out.append({"name": f"{name}_{suffix}" if name else suffix, "value": value,
                             "unit": unit})
     baseline = report.get("baseline")
+    full = report.get("ratios", {}).get("full") if baseline == "baseline" else None
+    for name, label in HEADLINE_CLAIMS if full else ():
+        if full[label] is not None:
+            out.append({"name": name, "value": full[label], "unit": "x"})
     for name, ratios in report.get("ratios", {}).items():
         for prefix, label in RATIO_CLAIMS if name != baseline else ():
             if ratios[label] is not None:

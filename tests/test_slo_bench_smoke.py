@@ -42,12 +42,17 @@ def test_compare_claims_are_ratios_against_the_baseline(monkeypatch):
     report = {"baseline": "baseline",
               "runs": {"full": {"summary": summary(50.0)}, "baseline": {"summary": summary(200.0)}},
               "ratios": {"full": {"P99 TTFT (ms)": 4.0, "P99 TBT (ms)": None,
-                                  "Output throughput (tok/s)": 1.0},
+                                  "P99.9 TBT (ms)": 6.0, "Output throughput (tok/s)": 1.0},
                          "baseline": {"P99 TTFT (ms)": 1.0, "P99 TBT (ms)": None,
+                                      "P99.9 TBT (ms)": 1.0,
                                       "Output throughput (tok/s)": 1.0}}}
     claims = {c["name"]: (c["value"], c["unit"]) for c in slo_bench.claims(report)}
     assert claims == {"full_ttft_p99_ms": (50.0, "ms"), "baseline_ttft_p99_ms": (200.0, "ms"),
                       "full_output_tok_s": (10.0, "tok/s"),
                       "baseline_output_tok_s": (10.0, "tok/s"),
                       "full_p99_ttft_vs_baseline": (4.0, "x"),
-                      "full_output_tok_s_vs_baseline": (1.0, "x")}
+                      "full_output_tok_s_vs_baseline": (1.0, "x"),
+                      # the headline names: full against baseline
+                      "p99_ttft_speedup_vs_baseline": (4.0, "x"),
+                      "p999_tbt_speedup_vs_baseline": (6.0, "x"),
+                      "throughput_ratio_vs_baseline": (1.0, "x")}

@@ -15,7 +15,8 @@ from typing import Any
 from fairswitch.config import EngineConfig
 
 _FULL: dict[str, Any] = {"baseline": False, "block_groups": True, "enable_prefix_caching": True,
-                         "async_swap": True, "incremental_swap": True, "per_layer_swap": False}
+                         "cpu_kv_reuse": True, "async_swap": True, "incremental_swap": True,
+                         "per_layer_swap": False}
 
 ABLATIONS: dict[str, dict[str, Any]] = {
     "full": {},
@@ -23,7 +24,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "no-groups": {"block_groups": False},
     "no-async": {"async_swap": False},
     "no-incremental": {"incremental_swap": False},
-    "no-reuse": {"enable_prefix_caching": False},
+    "no-reuse": {"enable_prefix_caching": False},  # both tiers
+    "no-cpu-reuse": {"cpu_kv_reuse": False},  # GPU prefix cache only
     "per-layer": {"per_layer_swap": True},
 }
 

@@ -1,0 +1,96 @@
+"""VTC-style fairness: clients with unequal rates overload the engine; VTC vs FCFS vs priority.
+
+One run: the same trace (default ``workloads/traces/clients_overload.jsonl.gz``: 4 clients at
+rates 4:2:1:1) replayed in-process against one engine configuration per scheduling policy, built
+one after another. Per policy: per-client service (input tokens + 2 x output tokens), the max
+service difference between backlogged clients per window (VTC's fairness measure), Jain's index
+over the run and per window, throughput and TTFT tails. Claim ``vtc_service_diff_reduction_vs_fcfs``
+= FCFS's max service difference / VTC's (the largest over windows, same workload).
+
+    python3 benchmarks/fairness_bench.py --model llama-3-8b --load-format dummy \\
+        --num-conversations 300 --time-scale 1.0
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fairswitch.bench.replay import ReplayOptions  # noqa: E402
+from fairswitch.bench.runner import replay_engine  # noqa: E402
+from fairswitch.bench.trace import Trace, read_trace  # noqa: E402
+from fairswitch.config import EngineConfig, add_engine_args  # noqa: E402
+from results_io import command_line, write_results  # noqa: E402
+
+DEFAULT_TRACE = Path(__file__).resolve().parents[1] / "workloads/traces/clients_overload.jsonl.gz"
+
+
+def run_policy(policy: str, trace: Trace, base: EngineConfig,
+               args: argparse.Namespace) -> dict[str, Any]:
+    config = dataclasses.replace(base, scheduler=dataclasses.replace(base.scheduler,
+                                                                     policy=policy))
+    options = ReplayOptions(time_scale=args.time_scale, progress=not args.no_progress)
+    result = replay_engine(trace, config, options, desc=policy)
+    s = result.summarize(window_s=args.window_s)
+    fair = s["fairness"]
+    return {"policy": policy, "completed": s["completed"], "failed": s["failed"],
+            "duration_s": s["duration_s"], "output_throughput": s["output_throughput"],
+            "request_throughput": s["request_throughput"],
+            "ttft_p50_ms": s["ttft"]["median_ms"], "ttft_p99_ms": s["ttft"]["p99_ms"],
+            "max_service_diff": fair["max_service_diff"]["max"],
+            "mean_service_diff": fair["max_service_diff"]["mean"],
+            "jain": fair["jain"], "window_jain_min": fair["window_jain"]["min"],
+            "window_jain_mean": fair["window_jain"]["mean"], "service": fair["service"],
+            "by_client": {c: {"completed": v["completed"], "ttft_p99_ms": v["ttft"]["p99_ms"]}
+                          for c, v in s["by_client"].items()},
+            "engine": s["engine"]}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--trace", type=Path, default=DEFAULT_TRACE)
+    p.add_argument("--num-conversations", type=int, default=None)
+    p.add_argument("--time-scale", type=float, default=1.0)
+    p.add_argument("--window-s", type=float, default=10.0)
+    p.add_argument("--policies", default="fcfs,vtc,priority")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--output", type=Path, default=Path("benchmarks/results/fairness_bench.json"))
+    p.add_argument("--commit", default=None)
+    add_engine_args(p)
+    args = p.parse_args(argv)
+    trace = read_trace(args.trace)
+    if args.num_conversations is not None:
+        trace = Trace(trace.conversations[: args.num_conversations], trace.meta)
+    base = EngineConfig.from_cli_args(args)
+    policies = [x.strip() for x in args.policies.split(",") if x.strip()]
+    rows = [run_policy(policy, trace, base, args) for policy in policies]
+    print(f"{'policy':<10}{'done':>6}{'tok/s':>9}{'P99 TTFT ms':>13}{'max svc diff':>14}"
+          f"{'mean svc diff':>15}{'Jain':>7}{'Jain win min':>14}")
+    for r in rows:
+        print(f"{r['policy']:<10}{r['completed']:>6}{r['output_throughput'] or 0:>9.0f}"
+              f"{r['ttft_p99_ms'] or 0:>13.0f}{r['max_service_diff'] or 0:>14.0f}"
+              f"{r['mean_service_diff'] or 0:>15.0f}{r['jain'] or 0:>7.3f}"
+              f"{r['window_jain_min'] or 0:>14.3f}")
+    by = {r["policy"]: r for r in rows}
+    claims = []
+    if "fcfs" in by and "vtc" in by and by["vtc"]["max_service_diff"]:
+        ratio = by["fcfs"]["max_service_diff"] / by["vtc"]["max_service_diff"]
+        print(f"max service difference: FCFS / VTC = {ratio:.2f}x")
+        claims.append({"name": "vtc_service_diff_reduction_vs_fcfs", "value": ratio,
+                       "unit": "x"})
+    figures = {"trace": str(args.trace), "trace_meta": trace.meta,
+               "num_conversations": len(trace.conversations),
+               "num_requests": trace.num_requests, "time_scale": args.time_scale,
+               "window_s": args.window_s, "engine_config": dataclasses.asdict(base),
+               "policies": rows}
+    return write_results(args.output, command=command_line(), figures=figures, claims=claims,
+                         commit=args.commit)
+
+
+if __name__ == "__main__":
+    main()
