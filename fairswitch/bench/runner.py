@@ -45,15 +45,26 @@ class RunResult:
 
 
 async def warm_up(sender: TurnSender, num_requests: int) -> None:
-    """Send short requests outside the measured run: the first requests of a process pay one-time
-    costs (allocator growth, lazy initialization) that would land on whichever run comes first.
-    The prompt is shorter than a KV block, so it leaves nothing in the prefix cache to reuse."""
+    """Send requests outside the measured run: the first requests of a process pay one-time
+    costs (allocator growth, lazy initialization, kernel compilation for a prefill over a cached
+    prefix) that would land on whichever run comes first. Each is a two-turn conversation, the
+    i-th with a first message of 16 x 4^i words, so the second turn reuses a prefix."""
     if num_requests < 0:
         raise ValueError(f"warmup_requests must be >= 0, got {num_requests}")
     for i in range(num_requests):
-        conv = Conversation(f"warmup-{i}", 0.0, [Turn("Hi", output_tokens=4)])
-        rec = RequestRecord(f"warmup-{i}", conv.id, 0, conv.client, 0, 0.0)
-        await sender.send(conv, 0, rec, lambda: 0.0)
+        first = Turn(" ".join(["warm"] * (16 * 4**i)), output_tokens=4, assistant="ok")
+        conv = Conversation(f"warmup-{i}", 0.0, [first, Turn("Hi", output_tokens=4)])
+        for turn in range(len(conv.turns)):
+            rec = RequestRecord(f"warmup-{i}-{turn}", conv.id, turn, conv.client, 0, 0.0)
+            await sender.send(conv, turn, rec, lambda: 0.0)
+
+
+def _counter_growth(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Switch metrics over the measured run: counters minus their value after the warm-up."""
+    counters = set(scrape.COUNTERS.values()) | {"switch_wait_s", "reuse_hit_blocks",
+                                                 "reuse_queried_blocks", "reuse_bytes_saved"}
+    grown = {k: v - before.get(k, 0.0) if k in counters else v for k, v in after.items()}
+    return scrape.with_derived(grown)
 
 
 def replay_http(trace: Trace, url: str, options: ReplayOptions | None = None, *,
@@ -111,8 +122,10 @@ async def _replay_in_process(engine: Any, client: TurnSender, trace: Trace,
                              options: ReplayOptions | None, desc: str,
                              warmup_requests: int) -> tuple[ReplayResult, dict[str, float]]:
     await warm_up(client, warmup_requests)
+    before = await engine.run_in_engine(lambda e: e.switch_metrics())
     result = await replay(trace, client, options, desc=desc)
-    return result, await engine.run_in_engine(lambda e: e.switch_metrics())
+    after = await engine.run_in_engine(lambda e: e.switch_metrics())
+    return result, _counter_growth(before, after)
 
 
 def compare_engines(trace: Trace, base: EngineConfig, names: list[str],

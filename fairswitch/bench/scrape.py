@@ -73,7 +73,7 @@ def _select(samples, table) -> dict[str, float]:
 def switch_metrics(text: str) -> dict[str, float]:
     """Counters (cumulative) and gauges of one scrape, with derived ``swap_bytes_per_copy``."""
     samples = parse_samples(text)
-    return _with_derived({**_select(samples, COUNTERS), **_select(samples, GAUGES)})
+    return with_derived({**_select(samples, COUNTERS), **_select(samples, GAUGES)})
 
 
 def switch_metrics_delta(before: str, after: str) -> dict[str, float]:
@@ -81,10 +81,10 @@ def switch_metrics_delta(before: str, after: str) -> dict[str, float]:
     first, last = parse_samples(before), parse_samples(after)
     start, end = _select(first, COUNTERS), _select(last, COUNTERS)
     delta = {key: value - start.get(key, 0.0) for key, value in end.items()}
-    return _with_derived({**delta, **_select(last, GAUGES)})
+    return with_derived({**delta, **_select(last, GAUGES)})
 
 
-def _with_derived(metrics: dict[str, float]) -> dict[str, float]:
+def with_derived(metrics: dict[str, float]) -> dict[str, float]:
     if "swap_copies" in metrics:
         copies = metrics["swap_copies"]
         moved = metrics.get("swap_bytes_out", 0.0) + metrics.get("swap_bytes_in", 0.0)

@@ -38,9 +38,9 @@ def add_replay_args(p: argparse.ArgumentParser) -> None:
                    help="most requests in flight at once, client side (default: no bound)")
     w.add_argument("--temperature", type=float, default=0.0,
                    help="sampling temperature of every request (default: 0, greedy)")
-    w.add_argument("--warmup-requests", type=int, default=1,
-                   help="short requests sent before the measured replay (one-time costs of a "
-                        "fresh process or engine stay out of the figures) (default: 1)")
+    w.add_argument("--warmup-requests", type=int, default=2,
+                   help="two-turn warm-up conversations sent before the measured replay (one-time "
+                        "costs of a fresh process or engine stay out of the figures) (default: 2)")
     w.add_argument("--output-json", type=Path, default=None, help="write the report as JSON")
     w.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     t = p.add_argument_group("target")

@@ -19,7 +19,7 @@ import torch
 from fairswitch.config import EngineConfig
 from fairswitch.engine.output_processor import OutputProcessor
 from fairswitch.kv.cache_manager import KVCacheManager
-from fairswitch.kv.copy_backend import make_copy_backend
+from fairswitch.kv.copy_backend import CopyStats, make_copy_backend
 from fairswitch.kv.cpu_tier import CpuKVTier
 from fairswitch.kv.extents import num_extents
 from fairswitch.kv.swap_manager import SwapManager
@@ -124,9 +124,13 @@ class Engine:
         cc = self.config.cache
         backend = make_copy_backend(cc.swap_copy_backend, self.device, cc.per_layer_swap)
         tier = CpuKVTier(cc.block_size) if cc.enable_prefix_caching and cc.cpu_kv_reuse else None
-        return SwapManager(self.kv, gpu_tensor, num_cpu_blocks, cpu_tensor, backend,
+        swap = SwapManager(self.kv, gpu_tensor, num_cpu_blocks, cpu_tensor, backend,
                            async_copies=cc.async_swap, incremental=cc.incremental_swap,
                            cpu_tier=tier)
+        if tier is not None and on_cuda:
+            swap.writeback_backend = make_copy_backend(cc.swap_copy_backend, self.device,
+                                                       cc.per_layer_swap)
+        return swap
 
     @staticmethod
     def _elementwise_ops(backend: str) -> Any:
@@ -271,7 +275,7 @@ class Engine:
         """Context-switch, reuse and KV-layout counters (cumulative since start)."""
         sched, swap, pc = self.scheduler, self.swap, self.kv.prefix_cache
         running = [r for r in sched.running if r.block_table]
-        stats = swap.backend.stats if swap is not None else None
+        stats = CopyStats.total(swap.copy_stats()) if swap is not None else None
         token_bytes = self.runner.block_bytes / self.kv.block_size
         return {
             "preemptions_swap": sched.preemptions_by_mode["swap"],

@@ -23,6 +23,11 @@ class CopyStats:
     bytes_out: int = 0  # device -> host
     bytes_in: int = 0  # host -> device
 
+    @staticmethod
+    def total(stats: list[CopyStats]) -> CopyStats:
+        return CopyStats(sum(s.num_copies for s in stats), sum(s.bytes_out for s in stats),
+                         sum(s.bytes_in for s in stats))
+
     @property
     def bytes_per_copy(self) -> float:
         return (self.bytes_out + self.bytes_in) / self.num_copies if self.num_copies else 0.0

@@ -27,7 +27,7 @@ import torch
 
 from fairswitch.kv.block_groups import ExtentAllocator
 from fairswitch.kv.cache_manager import KVCacheManager
-from fairswitch.kv.copy_backend import CopyBackend, CopyHandle
+from fairswitch.kv.copy_backend import CopyBackend, CopyHandle, CopyStats
 from fairswitch.kv.cpu_tier import CpuKVTier
 from fairswitch.kv.extents import copy_extents
 from fairswitch.kv.prefix_cache import block_hashes
@@ -83,6 +83,9 @@ class SwapManager:
         self._orphans: list[_Transfer] = []  # transfers of aborted requests, still in flight
         self.tier = cpu_tier  # finished requests' KV kept on the CPU (multi-turn reuse)
         self._writebacks: list[_Transfer] = []
+        # Write-backs are background traffic: on their own stream (when set) so that a swap-in
+        # or fetch someone waits for never queues behind them.
+        self.writeback_backend: CopyBackend | None = None
         self.cpu_resident: set[Request] = set()  # requests holding CPU blocks
         self.blocking_copy_s = 0.0  # time steps waited on copies (async_copies=False)
         self._timing = False
@@ -196,18 +199,28 @@ class SwapManager:
         for b in gpu_blocks:
             self.gpu.prefix_cache.take(b)  # type: ignore[union-attr]
         handle = self._submit(self.gpu_tensor, self.cpu_tensor,
-                              copy_extents(gpu_blocks, cpu_blocks), to_host=True)
+                              copy_extents(gpu_blocks, cpu_blocks), to_host=True,
+                              backend=self._bg_backend)
         entries = [(hashes[i], tuple(req.token_ids[i * bs:(i + 1) * bs]), c)
                    for i, c in zip(missing, cpu_blocks)]
         self._writebacks.append(_Transfer(handle, gpu_blocks_to_free=gpu_blocks,
                                           tier_entries=entries))
 
+    @property
+    def _bg_backend(self) -> CopyBackend:
+        return self.writeback_backend or self.backend
+
+    def copy_stats(self) -> list[CopyStats]:
+        bg = self.writeback_backend
+        return [self.backend.stats] + ([bg.stats] if bg is not None else [])
+
     def _submit(self, src: torch.Tensor, dst: torch.Tensor, extents: list[tuple[int, int, int]],
-                to_host: bool) -> CopyHandle:
-        handle = self.backend.submit(src, dst, extents, to_host)
+                to_host: bool, backend: CopyBackend | None = None) -> CopyHandle:
+        backend = backend or self.backend
+        handle = backend.submit(src, dst, extents, to_host)
         if not self.async_copies:  # the baseline: the step stalls until the bytes have moved
             t0 = time.perf_counter()
-            self.backend.wait(handle)
+            backend.wait(handle)
             self.blocking_copy_s += time.perf_counter() - t0
         return handle
 
@@ -230,7 +243,7 @@ class SwapManager:
         return ready
 
     def _land_write_back(self, t: _Transfer) -> bool:
-        if not self.backend.done(t.handle):
+        if not self._bg_backend.done(t.handle):
             return False
         self.gpu.release_blocks(t.gpu_blocks_to_free)
         for h, tokens, block in t.tier_entries:
