@@ -18,7 +18,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fairswitch.bench.report import _get  # noqa: E402
+from fairswitch.bench.report import get_path  # noqa: E402
 from fairswitch.cli.bench import DESCRIPTION, add_bench_args, bench  # noqa: E402
 from results_io import command_line, write_results  # noqa: E402
 
@@ -44,7 +44,7 @@ def claims(report: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for name, run in runs.items():
         for suffix, path, unit in RUN_CLAIMS:
-            value = _get(run["summary"], path)
+            value = get_path(run["summary"], path)
             if value is not None:
                 out.append({"name": f"{name}_{suffix}" if name else suffix, "value": value,
                             "unit": unit})

@@ -37,7 +37,7 @@ KEY_FIGURES: tuple[tuple[str, tuple[str, ...], bool], ...] = (
 )
 
 
-def _fmt(value: Any, digits: int = 2) -> str:
+def fmt_value(value: Any, digits: int = 2) -> str:
     if value is None:
         return "n/a"
     if isinstance(value, bool) or isinstance(value, int):
@@ -49,7 +49,7 @@ def _fmt(value: Any, digits: int = 2) -> str:
 
 
 def _row(label: str, value: Any, digits: int = 2) -> str:
-    return "{:<40} {:<10}".format(label, _fmt(value, digits)).rstrip()
+    return "{:<40} {:<10}".format(label, fmt_value(value, digits)).rstrip()
 
 
 def _header(text: str, fill: str = "-") -> str:
@@ -108,9 +108,9 @@ def format_table(summary: dict, title: str = "Serving Benchmark Result") -> str:
         lines.append(_row("Jain's index (service, run):", fair["jain"], 4))
         lines.append(_row("Jain's index (window min):", fair["window_jain"]["min"], 4))
         lines.append(_row("Jain's index (window mean):", fair["window_jain"]["mean"], 4))
-        lines.append(_row(f"Max service diff (max, {_fmt(fair['window_s'])} s win):",
+        lines.append(_row(f"Max service diff (max, {fmt_value(fair['window_s'])} s win):",
                           fair["max_service_diff"]["max"]))
-        lines.append(_row(f"Max service diff (mean, {_fmt(fair['window_s'])} s win):",
+        lines.append(_row(f"Max service diff (mean, {fmt_value(fair['window_s'])} s win):",
                           fair["max_service_diff"]["mean"]))
     if s.get("engine"):
         lines.append(_header("Engine"))
@@ -138,12 +138,12 @@ def format_breakdown(summary: dict, by: str = "priority") -> str:
                  _pct(att["both"]) if att else None]
         if by == "client":
             cells.append(service.get(name))
-        lines.append(f"{name:<{name_w}} " + " ".join(f"{_fmt(c, 1):>10}" for c in cells))
+        lines.append(f"{name:<{name_w}} " + " ".join(f"{fmt_value(c, 1):>10}" for c in cells))
     lines.append("(latencies in ms; SLO % = share of the group's requests meeting every target)")
     return "\n".join(lines)
 
 
-def _get(summary: dict, path: tuple[str, ...]) -> float | None:
+def get_path(summary: dict, path: tuple[str, ...]) -> float | None:
     value: Any = summary
     for key in path:
         value = value.get(key) if isinstance(value, dict) else None
@@ -168,7 +168,7 @@ def comparison_ratios(summaries: dict[str, dict],
     for name, s in summaries.items():
         ratios: dict[str, float | None] = {}
         for label, path, higher_better in KEY_FIGURES:
-            b, r = _get(base, path), _get(s, path)
+            b, r = get_path(base, path), get_path(s, path)
             ratios[label] = _ratio(r, b) if higher_better else _ratio(b, r)
         out[name] = ratios
     return out
@@ -183,9 +183,9 @@ def compare(summaries: dict[str, dict], baseline: str) -> str:
     head = f"{'':<{label_w}} " + " ".join(f"{n:>{col_w}}" for n in names)
     lines = [head, "-" * len(head)]
     for label, path, higher_better in KEY_FIGURES:
-        values = [_fmt(_get(summaries[n], path)) for n in names]
+        values = [fmt_value(get_path(summaries[n], path)) for n in names]
         lines.append(f"{label:<{label_w}} " + " ".join(f"{v:>{col_w}}" for v in values))
-        marks = [_fmt(ratios[n][label]) + "x" if ratios[n][label] is not None else "n/a"
+        marks = [fmt_value(ratios[n][label]) + "x" if ratios[n][label] is not None else "n/a"
                  for n in names]
         how = "run/base" if higher_better else "base/run"
         lines.append(f"{'  ratio ' + how:<{label_w}} " + " ".join(f"{m:>{col_w}}" for m in marks))

@@ -15,7 +15,7 @@ from typing import Any
 
 from fairswitch.bench.metrics import latency_stats
 from fairswitch.bench.records import RequestRecord
-from fairswitch.bench.report import _fmt
+from fairswitch.bench.report import fmt_value
 
 REUSE_COUNTERS = ("reused_tokens", "reuse_hit_blocks", "reuse_queried_blocks",
                   "reuse_bytes_saved", "reused_tokens_cpu")
@@ -78,7 +78,7 @@ def format_turns(turns: dict[str, dict[str, Any]]) -> str:
                  t["ttft"]["p99_ms"], t["e2el"]["median_ms"], t["e2el"]["p90_ms"],
                  t["e2el"]["p99_ms"], t["prompt_tokens"], t["cached_tokens"],
                  None if frac is None else 100.0 * frac]
-        lines.append(f"{turn:>4} " + " ".join(f"{_fmt(c, 1):>9}" for c in cells))
+        lines.append(f"{turn:>4} " + " ".join(f"{fmt_value(c, 1):>9}" for c in cells))
     lines.append("(latencies in ms; prompt and cached: tokens summed over the turn's completed "
                  "requests)")
     return "\n".join(lines)
@@ -96,5 +96,5 @@ def format_reuse(reuse: dict[str, Any]) -> str:
     engine = reuse["engine"]
     if engine:
         lines.append("engine reuse counters: " + ", ".join(
-            f"{k}={pct(v) if k == 'block_hit_rate' else _fmt(v, 0)}" for k, v in engine.items()))
+            f"{k}={pct(v) if k == 'block_hit_rate' else fmt_value(v, 0)}" for k, v in engine.items()))
     return "\n".join(lines)
