@@ -123,9 +123,12 @@ class SchedulerConfig:
     preemption_mode: str = _opt(
         "auto", "how a preempted request gives up its KV: auto (cheaper by the cost model), "
         "swap (to CPU), recompute", ("auto", "swap", "recompute"))
-    swap_link_gb_s: float = _opt(25.0, "host link bandwidth the swap cost model assumes (GB/s)")
+    swap_link_gb_s: float = _opt(
+        25.0, "host link bandwidth the swap cost model starts from (GB/s); replaced by a probe "
+        "copy when the swap space is set up")
     prefill_tokens_per_s: float = _opt(
-        20000.0, "prefill throughput the recompute cost model assumes (tokens/s)")
+        20000.0, "prefill throughput the recompute cost model starts from (tokens/s); then a "
+        "moving average of the engine's prefill-heavy steps")
     policy: str = _opt(
         "fcfs", "who runs first: fcfs, priority (per-request, lower first), vtc (per-client "
         "virtual token counters), trace (priorities redrawn while requests run)",

@@ -128,3 +128,28 @@ def test_preemption_on_gpu_keeps_outputs(copy_backend, mode, llama_dir):
     assert m[f"preemptions_{mode}"] > 0
     llm.engine.check_accounting()
     assert llm.engine.kv.num_free_blocks == 12
+
+
+@pytest.mark.parametrize("copy_backend", ["torch", "cupy"])
+def test_cpu_tier_fetch_on_gpu_keeps_outputs(copy_backend, llama_dir):
+    """Multi-turn reuse through the CPU tier with async write-backs (their own stream) and
+    fetches: each turn's greedy output equals a run without any reuse."""
+    from tests.test_prefix_reuse import evict_gpu_cache
+
+    if copy_backend == "cupy":
+        pytest.importorskip("cupy")
+    opts = dict(device="cuda", dtype="float32", num_gpu_blocks=40, block_size=4,
+                max_model_len=160)
+    plain = LLM(model=str(llama_dir), enable_prefix_caching=False, swap_space=0, **opts)
+    tiered = LLM(model=str(llama_dir), swap_space=0.01, swap_copy_backend=copy_backend, **opts)
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    tok = plain.get_tokenizer()
+    history = tok.encode("User: explain how a CPU tier keeps KV for the next turn, briefly.")
+    for msg in ["\nUser: and after an eviction?", "\nUser: thanks", ""]:
+        want = plain.generate([history], params, use_tqdm=False)[0].outputs[0].token_ids
+        got = tiered.generate([history], params, use_tqdm=False)[0].outputs[0].token_ids
+        assert got == want
+        evict_gpu_cache(tiered)
+        history = history + want + tok.encode(msg)
+    assert tiered.engine.switch_metrics()["reused_tokens_cpu"] > 0
+    tiered.engine.check_accounting()

@@ -171,6 +171,28 @@ def test_policy_prefers_cheaper_mode(llama_dir):
         PreemptionPolicy("sometimes")
 
 
+def test_cost_model_rates_are_measured(llama_dir):
+    """The link rate comes from a probe copy at startup and prefill throughput from prefill-heavy
+    steps: neither stays at the configured starting values, and the probe leaves no trace."""
+    llm = LLM(model=str(llama_dir), num_gpu_blocks=128, block_size=4, max_model_len=512,
+              swap_space=0.01, swap_link_gb_s=1e-6, prefill_tokens_per_s=1e-3)
+    policy, swap = llm.engine.scheduler.policy, llm.engine.swap
+    assert policy.num_link_samples == 1 and policy.link_bytes_per_s > 1e3
+    assert swap.backend.stats.num_copies == 0 and swap.cpu_pool.num_used_blocks == 0
+    llm.generate([list(range(100, 400))], greedy(2), use_tqdm=False)  # one 300-token prefill
+    assert policy.num_prefill_samples >= 1 and policy.prefill_tokens_per_s > 1.0
+    m = llm.engine.switch_metrics()
+    assert m["link_gb_s"] == policy.link_bytes_per_s / 1e9
+    with pytest.raises(RuntimeError, match="empty"):
+        llm.engine.add_request(prompt_token_ids=[1, 2, 3], params=greedy(4))
+        llm.engine.step()
+        swap.probe_link()
+    # A sample that cannot be a rate leaves the average alone.
+    before = policy.prefill_tokens_per_s
+    policy.observe_prefill(100, 0.0)
+    assert policy.prefill_tokens_per_s == before
+
+
 def test_baseline_mode_and_ablations_same_outputs_more_copies(llama_dir, expected):
     """vLLM-0.3.3-style switching gives the same tokens, with many more, smaller copies."""
     metrics = {}

@@ -105,6 +105,8 @@ class Engine:
                                  self.max_model_len)
         self.swap = self._swap_manager()
         self.scheduler = Scheduler(config.scheduler, self.kv, self.swap)
+        if self.swap is not None:  # the swap-or-recompute cost model uses this machine's link
+            self.scheduler.policy.observe_link(*self.swap.probe_link())
         self.output_processor = OutputProcessor(self.tokenizer, self._eos_ids(source),
                                                 self.max_model_len)
         self.requests: dict[str, Request] = {}
@@ -250,6 +252,7 @@ class Engine:
         t1 = time.perf_counter()
         sampled = self.runner.execute(sched)
         t2 = time.perf_counter()
+        self._observe_prefill(sched.scheduled, t2 - t1)
         now = time.monotonic()
         outputs = []
         for req, n in sched.scheduled:
@@ -271,6 +274,12 @@ class Engine:
         self.stats.add(t1 - t0, t2 - t1, time.perf_counter() - t2, self.runner.last_prepare_s)
         return outputs
 
+    def _observe_prefill(self, scheduled: list[tuple[Request, int]], seconds: float) -> None:
+        """Prefill-heavy steps tell the cost model how fast recomputing is on this machine."""
+        num_prefill = sum(n for _, n in scheduled if n > 1)
+        if num_prefill >= 256 and 2 * num_prefill >= sum(n for _, n in scheduled):
+            self.scheduler.policy.observe_prefill(num_prefill, seconds)
+
     def switch_metrics(self) -> dict[str, float]:
         """Context-switch, reuse and KV-layout counters (cumulative since start)."""
         sched, swap, pc = self.scheduler, self.swap, self.kv.prefix_cache
@@ -288,6 +297,8 @@ class Engine:
             # of which blocked waiting on copies (sync baseline copies, swap-ins with nothing
             # else to run).
             "switch_stall_s": swap.stall_s if swap else 0.0,
+            "link_gb_s": sched.policy.link_bytes_per_s / 1e9,  # as measured (cost model)
+            "prefill_tokens_per_s": sched.policy.prefill_tokens_per_s,
             "switch_wait_s": sched.switch_stall_s + (swap.blocking_copy_s if swap else 0.0),
             "num_swapped": len(sched.swapped),
             "gpu_kv_usage": self.kv.usage(),

@@ -132,6 +132,26 @@ class SwapManager:
             if r is not exclude and r.block_table and r not in self.incoming:
                 self.drop_cpu_copy(r)
 
+    def probe_link(self, max_bytes: int = 256 << 20) -> tuple[int, float]:
+        """Time one extent copy GPU -> CPU through the real backend, at startup while every block
+        of both pools is free (nothing is read back): (bytes, seconds). Not counted in the copy
+        statistics."""
+        if self.gpu.pool.num_free_blocks != self.gpu.num_blocks or self.cpu_pool.num_used_blocks:
+            raise RuntimeError("probe_link runs only while both pools are empty")
+        n = max(1, min(max_bytes // self.block_bytes, self.gpu.pool.num_free_blocks,
+                       self.cpu_pool.num_free_blocks))
+        saved, self.backend.stats = self.backend.stats, CopyStats()
+        try:
+            self.backend.wait(self.backend.submit(self.gpu_tensor, self.cpu_tensor,
+                                                  [(0, 0, 1)], True))  # warm-up
+            t0 = time.perf_counter()
+            self.backend.wait(self.backend.submit(self.gpu_tensor, self.cpu_tensor,
+                                                  [(0, 0, n)], True))
+            seconds = time.perf_counter() - t0
+        finally:
+            self.backend.stats = saved
+        return n * self.block_bytes, seconds
+
     # ---- transfers --------------------------------------------------------------------------
 
     @_stalls

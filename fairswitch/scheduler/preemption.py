@@ -4,6 +4,10 @@ Cost model: swapping moves the blocks not yet saved out and every block back in 
 link; recomputing prefills every computed token again. Pick the cheaper; recompute when there is
 no swap space, the CPU pool cannot take the request, or the context is too short to be worth a
 switch. ``mode`` can force either.
+
+Both rates are measured on the machine: the link by a probe copy when the swap space is set up
+(``SwapManager.probe_link``), prefill throughput from the engine's prefill-heavy steps (a moving
+average). The configured values are only where they start.
 """
 
 from __future__ import annotations
@@ -24,9 +28,24 @@ class PreemptionPolicy:
     prefill_tokens_per_s: float = 20_000.0
     min_swap_tokens: int = 1  # contexts shorter than this are always recomputed
 
+    num_link_samples: int = 0
+    num_prefill_samples: int = 0
+
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"preemption_mode must be one of {MODES}, got {self.mode!r}")
+
+    def observe_link(self, nbytes: int, seconds: float) -> None:
+        if seconds > 0:  # a clock too coarse for the copy tells nothing
+            self.link_bytes_per_s = _average(self.link_bytes_per_s, nbytes / seconds,
+                                             self.num_link_samples)
+            self.num_link_samples += 1
+
+    def observe_prefill(self, num_tokens: int, seconds: float) -> None:
+        if seconds > 0:
+            self.prefill_tokens_per_s = _average(self.prefill_tokens_per_s,
+                                                 num_tokens / seconds, self.num_prefill_samples)
+            self.num_prefill_samples += 1
 
     def swap_seconds(self, req: Request, swap: SwapManager) -> float:
         blocks_out = swap.swap_out_blocks(req)
@@ -46,3 +65,8 @@ class PreemptionPolicy:
         if req.num_computed_tokens < self.min_swap_tokens:
             return RECOMPUTE
         return SWAP if self.swap_seconds(req, swap) < self.recompute_seconds(req) else RECOMPUTE
+
+
+def _average(current: float, sample: float, num_samples: int, weight: float = 0.2) -> float:
+    """The first measurement replaces the configured prior; later ones move an average."""
+    return sample if num_samples == 0 else (1 - weight) * current + weight * sample
