@@ -229,3 +229,92 @@ def test_baseline_overrides_switch_options():
     cc = EngineConfig.from_kwargs(baseline=True, block_size=4).cache
     assert (cc.block_size, cc.enable_prefix_caching, cc.async_swap, cc.incremental_swap,
             cc.per_layer_swap) == (16, False, False, False, True)
+
+
+def _counting_steps(engine) -> list[int]:
+    """Count the engine's steps and check its accounting after every one."""
+    steps: list[int] = []
+    step = engine.step
+
+    def counted():
+        out = step()
+        engine.check_accounting()
+        steps.append(1)
+        return out
+
+    engine.step = counted
+    return steps
+
+
+@pytest.mark.parametrize("mode", ["swap", "auto"])
+def test_early_swap_in_same_outputs_fewer_steps(llama_dir, expected, mode):
+    """With early landing a resumed request runs in the step its swap-in is issued (the double
+    moves the bytes when compute is ordered after the copy, the host sees it done 3 polls later):
+    same tokens, and the host never blocks on a swap-in, where without it every step that has
+    nothing else to run waits for the copy."""
+    waits = {}
+    for early in (False, True):
+        llm = LLM(model=str(llama_dir), num_gpu_blocks=12, block_size=4, max_model_len=48,
+                  preemption_mode=mode, swap_space=0.01, early_swap_in=early)
+        llm.engine.swap.backend = DelayedCopyBackend(3)
+        assert llm.engine.swap.early_landing == early
+        counted = _counting_steps(llm.engine)
+        outs = llm.generate(PROMPTS, greedy(), use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == expected, early
+        assert llm.engine.scheduler.preemptions_by_mode["swap"] > 0
+        assert cpu_pool_whole(llm.engine) and llm.engine.kv.num_free_blocks == 12
+        assert len(counted) > 0
+        waits[early] = llm.engine.scheduler.switch_stall_s
+    assert waits[True] == 0.0 < waits[False]
+
+
+def test_early_landed_requests_preempted_or_aborted_mid_copy_keep_pools_whole(llama_dir):
+    """Aborts and recompute preemptions of running requests whose swap-in is still in flight
+    (the host has not seen it land): no request lands twice, the transfers keep their blocks until
+    they land, the pools come back whole, and the survivors' tokens match a run without
+    preemption."""
+    rng = random.Random(3)
+    prompts = [PROMPTS[i % 4] * rng.randint(1, 2) for i in range(12)]
+    params = [SamplingParams(max_tokens=rng.randint(2, 12), ignore_eos=True, temperature=0.0)
+              for _ in prompts]
+    roomy = LLM(model=str(llama_dir), num_gpu_blocks=256, swap_space=0)
+    want = [o.outputs[0].token_ids for o in roomy.generate(prompts, params, use_tqdm=False)]
+    llm = LLM(model=str(llama_dir), num_gpu_blocks=12, block_size=4, max_model_len=48,
+              preemption_mode="auto", swap_space=0.01, early_swap_in=True)
+    engine = llm.engine
+    engine.swap.backend = DelayedCopyBackend(4)
+    _counting_steps(engine)
+    drops_mid_copy = []
+    drop_gpu = engine.swap.drop_gpu
+
+    def counted_drop(req):  # recompute preemption of a request whose swap-in is in flight
+        drops_mid_copy.append(req in engine.swap.incoming)
+        drop_gpu(req)
+
+    engine.swap.drop_gpu = counted_drop
+    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+    got: dict[str, list[int]] = {}
+    aborted: set[str] = set()
+    hit = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                got[out.request_id] = out.outputs[0].token_ids
+        early = [r for r, t in engine.swap.incoming.items()
+                 if t.landed_early and r in engine.scheduler.running]
+        if early and rng.random() < 0.5:  # a running request whose swap-in is still in flight
+            hit += 1
+            if hit % 2:
+                aborted.add(early[0].request_id)
+                engine.abort_request(early[0].request_id)
+            else:  # preempted for recompute: its blocks must outlive the copy
+                sched = engine.scheduler
+                sched.policy.mode = "recompute"
+                sched._preempt(early[0])
+                sched.policy.mode = "auto"
+    assert hit > 0 and any(drops_mid_copy)
+    survivors = [i for i, rid in enumerate(ids) if rid not in aborted]
+    assert len(survivors) >= 6
+    assert [got[ids[i]] for i in survivors] == [want[i] for i in survivors]
+    assert not engine.swap.has_in_flight()
+    assert cpu_pool_whole(engine) and engine.kv.num_free_blocks == 12

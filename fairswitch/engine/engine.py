@@ -129,6 +129,7 @@ class Engine:
         swap = SwapManager(self.kv, gpu_tensor, num_cpu_blocks, cpu_tensor, backend,
                            async_copies=cc.async_swap, incremental=cc.incremental_swap,
                            cpu_tier=tier)
+        swap.early_landing = cc.early_swap_in and cc.async_swap
         if tier is not None and on_cuda:
             swap.writeback_backend = make_copy_backend(cc.swap_copy_backend, self.device,
                                                        cc.per_layer_swap)

@@ -79,6 +79,10 @@ class CopyBackend:
     def wait(self, handle: CopyHandle) -> None:
         pass
 
+    def order_compute_after(self, handle: CopyHandle) -> None:
+        """Make work queued on the compute stream from now on run after this copy (on the
+        device: the host does not wait). Synchronous copies are complete already."""
+
 
 class SyncCopyBackend(CopyBackend):
     """Everything completes inside ``submit``."""
@@ -107,6 +111,10 @@ class TorchStreamCopyBackend(CopyBackend):
 
     def done(self, handle: CopyHandle) -> bool:
         return handle.event is None or handle.event.query()
+
+    def order_compute_after(self, handle: CopyHandle) -> None:
+        if handle.event is not None:
+            torch.cuda.current_stream(self.device).wait_event(handle.event)
 
     def wait(self, handle: CopyHandle) -> None:
         if handle.event is not None:
@@ -159,6 +167,11 @@ class CupyCopyBackend(CopyBackend):
     def done(self, handle: CopyHandle) -> bool:
         return handle.event is None or handle.event.done
 
+    def order_compute_after(self, handle: CopyHandle) -> None:
+        if handle.event is not None:
+            compute = torch.cuda.current_stream(self.device).cuda_stream
+            self._cp.cuda.runtime.streamWaitEvent(compute, handle.event.ptr, 0)
+
     def wait(self, handle: CopyHandle) -> None:
         if handle.event is not None:
             handle.event.synchronize()
@@ -166,24 +179,33 @@ class CupyCopyBackend(CopyBackend):
 
 class DelayedCopyBackend(CopyBackend):
     """Test double for a slow link: the bytes move only when a handle completes, after ``delay``
-    polls. A block reused while its copy is in flight therefore corrupts data visibly."""
+    polls. A block reused while its copy is in flight therefore corrupts data visibly. Copies
+    complete in submission order, as on one CUDA stream: a handle is done only with all before
+    it."""
 
     def __init__(self, delay: int, per_layer: bool = False) -> None:
         super().__init__(per_layer)
         self.delay = delay
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._queue: list[CopyHandle] = []  # submitted, not landed, oldest first
 
     def submit(self, src, dst, extents, to_host):
         self._pending = []
         handle = super().submit(src, dst, extents, to_host)
         handle.extra["copies"], self._pending = self._pending, []
         handle.polls_left = self.delay
+        self._queue.append(handle)
         return handle
 
     def _copy(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         self._pending.append((src, dst))
 
+    def _queued(self, handle: CopyHandle) -> bool:
+        return any(h is handle for h in self._queue)  # identity: handles compare by fields
+
     def done(self, handle: CopyHandle) -> bool:
+        if not self._queued(handle):
+            return True
         if handle.polls_left > 0:
             handle.polls_left -= 1
             return False
@@ -191,9 +213,24 @@ class DelayedCopyBackend(CopyBackend):
         return True
 
     def wait(self, handle: CopyHandle) -> None:
-        handle.polls_left = 0
-        for src, dst in handle.extra.pop("copies", []):
-            dst.copy_(src)
+        while self._queued(handle):
+            first = self._queue.pop(0)
+            first.polls_left = 0
+            for src, dst in first.extra.pop("copies", []):
+                dst.copy_(src)
+
+    def order_compute_after(self, handle: CopyHandle) -> None:
+        # The compute stream waits on the device: every compute launched from now on sees the
+        # bytes of this copy and of every earlier one, while the host still sees the copy in
+        # flight for ``delay`` polls (its blocks stay protected until then).
+        while self._queued(handle):
+            h = self._queue[0]
+            for src, dst in h.extra.pop("copies", []):
+                dst.copy_(src)
+            if h is handle:
+                break
+            self._queue.pop(0)
+            h.polls_left = 0
 
 
 def make_copy_backend(name: str, device: torch.device, per_layer: bool) -> CopyBackend:

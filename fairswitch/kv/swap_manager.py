@@ -64,6 +64,7 @@ class _Transfer:
     cpu_blocks_to_unpin: list[int] = field(default_factory=list)  # CPU-tier blocks being fetched
     # Write-back to the CPU tier: (prefix hash, tokens, CPU block), registered once landed.
     tier_entries: list[tuple[int, tuple[int, ...], int]] = field(default_factory=list)
+    landed_early: bool = False  # its request already runs (compute ordered after the copy)
 
 
 class SwapManager:
@@ -86,6 +87,11 @@ class SwapManager:
         # Write-backs are background traffic: on their own stream (when set) so that a swap-in
         # or fetch someone waits for never queues behind them.
         self.writeback_backend: CopyBackend | None = None
+        # Early landing: a swap-in (or CPU-tier fetch) lets its request run in the step it is
+        # issued, the compute stream waiting for the copy on the device; the transfer stays in
+        # ``incoming`` until the host sees it done, so its blocks keep their copy's protection.
+        self.early_landing = False
+        self._ready_now: list[Request] = []
         self.cpu_resident: set[Request] = set()  # requests holding CPU blocks
         self.blocking_copy_s = 0.0  # time steps waited on copies (async_copies=False)
         self._timing = False
@@ -184,7 +190,7 @@ class SwapManager:
         req.block_table = self.gpu.allocate_blocks(total)  # one run where possible
         extents = copy_extents(req.cpu_block_table[:total], req.block_table)
         handle = self._submit(self.cpu_tensor, self.gpu_tensor, extents, to_host=False)
-        self.incoming[req] = _Transfer(handle)
+        self._incoming(req, _Transfer(handle))
         req.num_computed_tokens = req.num_cpu_tokens
 
     @_stalls
@@ -198,7 +204,19 @@ class SwapManager:
                               to_host=False)
         req.block_table.extend(blocks)
         req.num_computed_tokens = len(req.block_table) * self.block_size
-        self.incoming[req] = _Transfer(handle, cpu_blocks_to_unpin=list(cpu_blocks))
+        self._incoming(req, _Transfer(handle, cpu_blocks_to_unpin=list(cpu_blocks)))
+
+    def _incoming(self, req: Request, t: _Transfer) -> None:
+        self.incoming[req] = t
+        if self.early_landing and not self.backend.done(t.handle):
+            self.backend.order_compute_after(t.handle)
+            t.landed_early = True
+            self._ready_now.append(req)
+
+    @property
+    def num_pending_in(self) -> int:
+        """Swap-ins whose requests wait for them (early-landed ones already run)."""
+        return sum(not t.landed_early for t in self.incoming.values())
 
     def _write_back(self, req: Request) -> None:
         """Copy a finished request's full blocks that the CPU tier lacks to free CPU blocks.
@@ -223,8 +241,9 @@ class SwapManager:
                               backend=self._bg_backend)
         entries = [(hashes[i], tuple(req.token_ids[i * bs:(i + 1) * bs]), c)
                    for i, c in zip(missing, cpu_blocks)]
-        self._writebacks.append(_Transfer(handle, gpu_blocks_to_free=gpu_blocks,
-                                          tier_entries=entries))
+        t = _Transfer(handle, gpu_blocks_to_free=gpu_blocks, tier_entries=entries)
+        if not self._land_write_back(t):  # a synchronous copy has landed already
+            self._writebacks.append(t)
 
     @property
     def _bg_backend(self) -> CopyBackend:
@@ -251,13 +270,17 @@ class SwapManager:
             if self.backend.done(t.handle):
                 self.gpu.release_blocks(t.gpu_blocks_to_free)
                 del self.outgoing[req]
-        ready = [req for req, t in self.incoming.items() if self.backend.done(t.handle)]
-        for req in ready:
-            t = self.incoming.pop(req)
+        ready, self._ready_now = self._ready_now, []
+        for req, t in list(self.incoming.items()):
+            if not self.backend.done(t.handle):
+                continue
+            del self.incoming[req]
             if t.cpu_blocks_to_unpin:
                 self.tier.unpin(t.cpu_blocks_to_unpin)  # type: ignore[union-attr]
             if not self.incremental:  # vLLM 0.3.3 frees the CPU copy on swap-in
                 self.drop_cpu_copy(req)
+            if not t.landed_early:
+                ready.append(req)
         self._orphans = [t for t in self._orphans if not self._retire_orphan(t)]
         self._writebacks = [t for t in self._writebacks if not self._land_write_back(t)]
         return ready
@@ -275,7 +298,8 @@ class SwapManager:
     def wait_incoming(self) -> list[Request]:
         """Block until every swap-in has landed (only when the GPU has nothing else to run)."""
         for t in self.incoming.values():
-            self.backend.wait(t.handle)
+            if not t.landed_early:
+                self.backend.wait(t.handle)
         return self.poll()
 
     def _retire_orphan(self, t: _Transfer) -> bool:
@@ -295,6 +319,22 @@ class SwapManager:
         req.cpu_block_table = []
         req.num_cpu_tokens = 0
         self.cpu_resident.discard(req)
+
+    def drop_gpu(self, req: Request) -> None:
+        """Recompute preemption: free the request's GPU blocks, after a swap-in still writing
+        them (an early-landed one) has landed."""
+        t = self.incoming.pop(req, None)
+        if t is None:
+            self.gpu.free(req)
+            return
+        self.gpu.drop_reservation(req)
+        req.grouped = False
+        # The copy still writes these GPU blocks and reads these CPU blocks: they go with it.
+        t.gpu_blocks_to_free += req.block_table
+        t.cpu_blocks_to_free += req.cpu_block_table
+        req.block_table, req.cpu_block_table, req.num_cpu_tokens = [], [], 0
+        self.cpu_resident.discard(req)
+        self._orphans.append(t)
 
     @_stalls
     def release(self, req: Request) -> None:

@@ -97,7 +97,7 @@ class Scheduler:
         budget, short = self._schedule_running(out, self.config.max_num_batched_tokens)
         if not short:
             self._admit(out, budget)
-        if not out.scheduled and self.swap is not None and self.swap.incoming:
+        if not out.scheduled and self.swap is not None and self.swap.num_pending_in:
             # Nothing can run until a swap-in lands: waiting is the only option left.
             t0 = time.perf_counter()
             self._land(self.swap.wait_incoming())
@@ -169,7 +169,7 @@ class Scheduler:
 
     def _preempt_for_rank(self, out: SchedulerOutput) -> None:
         swap = self.swap
-        seats = self.config.max_num_seqs - len(self.running) - (len(swap.incoming) if swap else 0)
+        seats = self.config.max_num_seqs - len(self.running) - (swap.num_pending_in if swap else 0)
         # Blocks of swap-outs still draining will be free soon: counting them stops a request
         # that waits for them from preempting one victim per step.
         free = self.kv.num_free_blocks + (len(swap.gpu_blocks_in_flight()) if swap else 0)
@@ -208,9 +208,11 @@ class Scheduler:
             self._keep_out(req, self.swapped)
         else:
             # Recompute: drop the KV; the prompt and the tokens generated so far prefill again.
-            self.kv.free(req)
             if self.swap is not None:
+                self.swap.drop_gpu(req)
                 self.swap.drop_cpu_copy(req)
+            else:
+                self.kv.free(req)
             req.num_computed_tokens = 0
             req.status = RequestStatus.WAITING
             self._keep_out(req, self.waiting)
@@ -261,7 +263,7 @@ class Scheduler:
         next_token_blocks = 0  # blocks the resumed requests' next tokens will take
         while budget > 0:
             req = self._next_kept_out()
-            if req is None or len(self.running) + (len(swap.incoming) if swap else 0) >= max_seqs:
+            if req is None or len(self.running) + (swap.num_pending_in if swap else 0) >= max_seqs:
                 break
             if req in self.swapped:
                 # Room for its saved KV plus the token it computes next (and theirs before it).
