@@ -147,6 +147,21 @@ def test_backlogged_windows_and_max_service_difference():
     assert f["window_jain"]["mean"] == approx(sum(window_jain) / 3)
 
 
+def test_continuously_backlogged_windows():
+    # The schedule above: x pending [0, 2.5), y [0.2, 0.9), z [1.2, 2.9); windows end 1, 2, 2.9.
+    sw = service_windows(windows_schedule(), window_s=1.0)
+    assert sw.continuous.tolist() == [[True, True, False], [False, False, False],
+                                      [False, False, True]]
+    f = summarize(windows_schedule(), window_s=1.0)["fairness"]
+    assert f["max_service_diff_continuous"] == {"max": None, "mean": None, "num_windows": 0}
+    # Two clients pending over the whole run (one of them through two back-to-back requests).
+    records = [rec("a1", "a", 0, 0.0, 0, [0.1, 0.2], 1.0), rec("a2", "a", 0, 1.0, 0, [1.5], 2.0),
+               rec("b", "b", 0, 0.0, 0, [0.5, 1.6, 1.7, 1.8], 2.0)]
+    f = summarize(records, window_s=1.0)["fairness"]
+    # service a: 4, 2; b: 2, 6 -> differences 2 and 4
+    assert f["max_service_diff_continuous"] == {"max": 4.0, "mean": 3.0, "num_windows": 2}
+
+
 def test_backlog_interval_is_half_open_and_lone_clients_have_no_difference():
     # x is done at 1.0 exactly, when y arrives: they are never backlogged in one window.
     records = [rec("x", "x", 0, 0.0, 1, [0.5], 1.0), rec("y", "y", 0, 1.0, 1, [1.5], 2.0)]

@@ -56,3 +56,24 @@ def test_compare_claims_are_ratios_against_the_baseline(monkeypatch):
                       "p99_ttft_speedup_vs_baseline": (4.0, "x"),
                       "p999_tbt_speedup_vs_baseline": (6.0, "x"),
                       "throughput_ratio_vs_baseline": (1.0, "x")}
+
+
+def test_fairness_bench_smoke(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH_DIR))
+    import fairness_bench
+
+    out = tmp_path / "fair.json"
+    trace = BENCH_DIR.parent / "workloads" / "traces" / "tiny.jsonl"
+    fairness_bench.main(["--trace", str(trace), "--policies", "fcfs,vtc", "--time-scale", "0",
+                         "--window-s", "0.5", "--model", "fairswitch-tiny", "--device", "cpu",
+                         "--max-num-seqs", "2", "--no-progress", "--output", str(out)])
+    result = json.loads(out.read_text())
+    rows = {r["policy"]: r for r in result["figures"]["policies"]}
+    assert set(rows) == {"fcfs", "vtc"}
+    for r in rows.values():
+        assert r["failed"] == 0 and r["completed"] == result["figures"]["num_requests"]
+        assert set(r["service"]) == {"client-0", "client-1"}
+    # Everyone arrives at once: both clients are backlogged together, so the ratio exists.
+    (claim,) = result["claims"]
+    assert claim["name"] == "vtc_service_diff_reduction_vs_fcfs" and claim["value"] > 0
+    assert claim["value"] == rows["fcfs"]["max_service_diff"] / rows["vtc"]["max_service_diff"]

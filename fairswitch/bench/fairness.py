@@ -10,7 +10,11 @@ still credited: the engine spent the work and the client received them.
 Time is cut into windows ``[t0 + k*w, t0 + (k+1)*w)`` from the first arrival to the last finish
 (the final window may be partial). A client is *backlogged* in a window when one of its requests
 is pending, i.e. its interval ``[arrival, finish)`` overlaps the window: a client with nothing
-pending cannot be starved, so unfairness is only measured between backlogged clients.
+pending cannot be starved, so unfairness is only measured between backlogged clients. VTC's bound
+(Sheng et al., OSDI'24, Thm 4.1) is stated for clients backlogged during a whole interval, so the
+max difference is also reported over windows that both clients' pending intervals cover entirely
+(``continuously_backlogged``): a client whose few requests end early in a window got little
+service there without having been treated unfairly.
 ``finish`` is ``end_s``, else the last token time, else the arrival (a request that never got an
 answer nor an end time has no pending interval we can trust).
 """
@@ -62,7 +66,8 @@ class ServiceWindows:
     window_s: float
     clients: list[str]          # sorted; row order of the arrays
     service: np.ndarray         # [num_clients, num_windows] weighted service credited per window
-    backlogged: np.ndarray      # [num_clients, num_windows] bool
+    backlogged: np.ndarray      # [num_clients, num_windows] bool: pending at some time in it
+    continuous: np.ndarray      # [num_clients, num_windows] bool: pending during all of it
 
     @property
     def num_windows(self) -> int:
@@ -78,7 +83,8 @@ def service_windows(records: Sequence[RequestRecord], window_s: float,
         raise ValueError(f"window_s must be finite and > 0, got {window_s}")
     clients = sorted({r.client for r in records})
     if not records:
-        return ServiceWindows(0.0, window_s, [], np.zeros((0, 0)), np.zeros((0, 0), dtype=bool))
+        empty = np.zeros((0, 0), dtype=bool)
+        return ServiceWindows(0.0, window_s, [], np.zeros((0, 0)), empty, empty)
     row = {c: i for i, c in enumerate(clients)}
     t0 = min(r.arrival_s for r in records)
     t_end = max(max(finish_time(r) for r in records),
@@ -104,7 +110,29 @@ def service_windows(records: Sequence[RequestRecord], window_s: float,
             hi = min(n - 1, math.ceil((fin - t0) / window_s) - 1)
             backlogged[i, lo:hi + 1] = True
     service /= client_weights(clients, weights)[:, None]
-    return ServiceWindows(t0, window_s, clients, service, backlogged)
+    continuous = np.zeros_like(backlogged)
+    ends = [min(t0 + (k + 1) * window_s, t_end) for k in range(n)]  # the last may be partial
+    for i, client in enumerate(clients):
+        pending = [(r.arrival_s, finish_time(r)) for r in records if r.client == client]
+        for lo, hi in _merged(pending):
+            # Windows [t0 + k*w, t0 + (k+1)*w) that lie inside [lo, hi).
+            first = math.ceil((lo - t0) / window_s)
+            for k in range(max(0, first), n):
+                if ends[k] > hi:
+                    break
+                continuous[i, k] = True
+    return ServiceWindows(t0, window_s, clients, service, backlogged, continuous)
+
+
+def _merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Union of half-open intervals as disjoint ones, in order (empty ones dropped)."""
+    out: list[tuple[float, float]] = []
+    for lo, hi in sorted(i for i in intervals if i[1] > i[0]):
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
 
 
 def _mean(values: list[float]) -> float | None:
@@ -123,7 +151,11 @@ def fairness_summary(records: Sequence[RequestRecord], window_s: float,
     windows: list[dict] = []
     diffs: list[float] = []
     jains: list[float] = []
+    strict: list[float] = []  # between clients backlogged during the whole window
     for k in range(sw.num_windows):
+        both = sw.service[np.flatnonzero(sw.continuous[:, k]), k]
+        if both.size >= 2:
+            strict.append(float(both.max() - both.min()))
         rows = np.flatnonzero(sw.backlogged[:, k])
         served = sw.service[rows, k]
         diff = float(served.max() - served.min()) if rows.size >= 2 else None
@@ -148,5 +180,7 @@ def fairness_summary(records: Sequence[RequestRecord], window_s: float,
                              "num_windows": len(diffs)},
         "window_jain": {"min": min(jains) if jains else None, "mean": _mean(jains),
                         "num_windows": len(jains)},
+        "max_service_diff_continuous": {"max": max(strict) if strict else None,
+                                        "mean": _mean(strict), "num_windows": len(strict)},
         "windows": windows,
     }

@@ -112,6 +112,8 @@ def format_table(summary: dict, title: str = "Serving Benchmark Result") -> str:
                           fair["max_service_diff"]["max"]))
         lines.append(_row(f"Max service diff (mean, {fmt_value(fair['window_s'])} s win):",
                           fair["max_service_diff"]["mean"]))
+        lines.append(_row("Max service diff (max, whole-window backlog):",
+                          fair["max_service_diff_continuous"]["max"]))
     if s.get("engine"):
         lines.append(_header("Engine"))
         lines.extend(_row(f"{k}:", v) for k, v in _flatten(s["engine"]))
