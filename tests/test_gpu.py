@@ -109,10 +109,11 @@ def test_llama3_8b_shapes_generate_with_graphs():
 
 
 @pytest.mark.parametrize("copy_backend", ["torch", "cupy"])
-@pytest.mark.parametrize("mode", ["swap", "recompute"])
-def test_preemption_on_gpu_keeps_outputs(copy_backend, mode, llama_dir):
+@pytest.mark.parametrize("mode, early", [("swap", False), ("recompute", False), ("swap", True)])
+def test_preemption_on_gpu_keeps_outputs(copy_backend, mode, early, llama_dir):
     """Forced preemption with async swap copies (CUDA streams / CuPy) leaves greedy outputs and
-    the pools unchanged."""
+    the pools unchanged; with ``early``, resumed requests run in the step their swap-in is
+    issued, the compute stream waiting on the copy's event."""
     if copy_backend == "cupy":
         pytest.importorskip("cupy")
     prompts = [p * (i + 1) for i, p in enumerate(PROMPTS)]
@@ -121,7 +122,7 @@ def test_preemption_on_gpu_keeps_outputs(copy_backend, mode, llama_dir):
     want = [o.outputs[0].token_ids for o in ref.generate(prompts, params, use_tqdm=False)]
     llm = LLM(model=str(llama_dir), device="cuda", dtype="float32", num_gpu_blocks=12,
               block_size=8, max_model_len=96, preemption_mode=mode, swap_space=0.01,
-              swap_copy_backend=copy_backend)
+              swap_copy_backend=copy_backend, early_swap_in=early)
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     assert got == want
     m = llm.engine.switch_metrics()
@@ -153,23 +154,3 @@ def test_cpu_tier_fetch_on_gpu_keeps_outputs(copy_backend, llama_dir):
         history = history + want + tok.encode(msg)
     assert tiered.engine.switch_metrics()["reused_tokens_cpu"] > 0
     tiered.engine.check_accounting()
-
-
-@pytest.mark.parametrize("copy_backend", ["torch", "cupy"])
-def test_early_swap_in_on_gpu_keeps_outputs(copy_backend, llama_dir):
-    """Resumed requests run in the step their swap-in is issued, the compute stream waiting on
-    the copy's event: greedy outputs unchanged, pools whole."""
-    if copy_backend == "cupy":
-        pytest.importorskip("cupy")
-    prompts = [p * (i + 1) for i, p in enumerate(PROMPTS)]
-    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-    ref = LLM(model=str(llama_dir), device="cuda", dtype="float32", num_gpu_blocks=512)
-    want = [o.outputs[0].token_ids for o in ref.generate(prompts, params, use_tqdm=False)]
-    llm = LLM(model=str(llama_dir), device="cuda", dtype="float32", num_gpu_blocks=12,
-              block_size=8, max_model_len=96, preemption_mode="swap", swap_space=0.01,
-              swap_copy_backend=copy_backend, early_swap_in=True)
-    got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    assert got == want
-    assert llm.engine.switch_metrics()["preemptions_swap"] > 0
-    llm.engine.check_accounting()
-    assert llm.engine.kv.num_free_blocks == 12
