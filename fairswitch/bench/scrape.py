@@ -23,6 +23,7 @@ COUNTERS: dict[tuple[str, tuple[str, str] | None], str] = {
     ("swap_bytes_total", ("direction", "in")): "swap_bytes_in",
     ("swap_copies_total", None): "swap_copies",
     ("switch_stall_seconds_total", None): "switch_stall_s",
+    ("switch_wait_seconds_total", None): "switch_wait_s",
     ("kv_reuse_hits_total", ("tier", "gpu")): "reused_tokens",
     ("kv_reuse_hits_total", ("tier", "cpu")): "reused_tokens_cpu",
 }
