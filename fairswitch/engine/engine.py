@@ -29,7 +29,7 @@ from fairswitch.request import Request, RequestStatus
 from fairswitch.runner.attention import get_attention_backend
 from fairswitch.runner.model_runner import ModelRunner
 from fairswitch.sampling_params import SamplingParams
-from fairswitch.scheduler.scheduler import Scheduler
+from fairswitch.scheduler.scheduler import Scheduler, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -253,7 +253,7 @@ class Engine:
         t1 = time.perf_counter()
         sampled = self.runner.execute(sched)
         t2 = time.perf_counter()
-        self._observe_prefill(sched.scheduled, t2 - t1)
+        self._observe_prefill(sched, t2 - t1)
         now = time.monotonic()
         outputs = []
         for req, n in sched.scheduled:
@@ -275,10 +275,10 @@ class Engine:
         self.stats.add(t1 - t0, t2 - t1, time.perf_counter() - t2, self.runner.last_prepare_s)
         return outputs
 
-    def _observe_prefill(self, scheduled: list[tuple[Request, int]], seconds: float) -> None:
+    def _observe_prefill(self, sched: SchedulerOutput, seconds: float) -> None:
         """Prefill-heavy steps tell the cost model how fast recomputing is on this machine."""
-        num_prefill = sum(n for _, n in scheduled if n > 1)
-        if num_prefill >= 256 and 2 * num_prefill >= sum(n for _, n in scheduled):
+        num_prefill = sum(n for _, n in sched.scheduled if n > 1)
+        if num_prefill >= 256 and 2 * num_prefill >= sched.num_batched_tokens:
             self.scheduler.policy.observe_prefill(num_prefill, seconds)
 
     def switch_metrics(self) -> dict[str, float]:
