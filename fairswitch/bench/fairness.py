@@ -97,6 +97,7 @@ def service_windows(records: Sequence[RequestRecord], window_s: float,
 
     service = np.zeros((len(clients), n))
     backlogged = np.zeros((len(clients), n), dtype=bool)
+    pending: list[list[tuple[float, float]]] = [[] for _ in clients]  # [arrival, finish) each
     for rec in records:
         i = row[rec.client]
         if rec.token_times_s:
@@ -104,6 +105,7 @@ def service_windows(records: Sequence[RequestRecord], window_s: float,
             service[i] += np.bincount(window_of(times), minlength=n) * OUTPUT_TOKEN_COST
             service[i, window_of(times[:1])[0]] += rec.prompt_tokens * INPUT_TOKEN_COST
         fin = finish_time(rec)
+        pending[i].append((rec.arrival_s, fin))
         if fin > rec.arrival_s:
             lo = int(window_of(np.array([rec.arrival_s]))[0])
             # Last window whose start lies before the finish: [arrival, finish) is half-open.
@@ -112,9 +114,8 @@ def service_windows(records: Sequence[RequestRecord], window_s: float,
     service /= client_weights(clients, weights)[:, None]
     continuous = np.zeros_like(backlogged)
     ends = [min(t0 + (k + 1) * window_s, t_end) for k in range(n)]  # the last may be partial
-    for i, client in enumerate(clients):
-        pending = [(r.arrival_s, finish_time(r)) for r in records if r.client == client]
-        for lo, hi in _merged(pending):
+    for i, intervals in enumerate(pending):
+        for lo, hi in _merged(intervals):
             # Windows [t0 + k*w, t0 + (k+1)*w) that lie inside [lo, hi).
             first = math.ceil((lo - t0) / window_s)
             for k in range(max(0, first), n):
