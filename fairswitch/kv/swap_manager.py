@@ -125,18 +125,21 @@ class SwapManager:
         while self.cpu_pool.num_free_blocks < n and self._evictable_tier_blocks():
             self.cpu_pool.free([self.tier.evict()])  # type: ignore[union-attr]
 
+    def _droppable_copies(self, exclude: Request) -> list[Request]:
+        # Stale-but-valid copies of requests that are on the GPU (and not being read by their
+        # swap-in) can be dropped at any time.
+        return [r for r in self.cpu_resident
+                if r is not exclude and r.block_table and r not in self.incoming]
+
     def _reclaimable_cpu_blocks(self, exclude: Request) -> int:
-        # Stale-but-valid copies of requests that are on the GPU can be dropped at any time.
-        return sum(len(r.cpu_block_table) for r in self.cpu_resident
-                   if r is not exclude and r.block_table and r not in self.incoming)
+        return sum(len(r.cpu_block_table) for r in self._droppable_copies(exclude))
 
     def _reserve_cpu(self, n: int, exclude: Request) -> None:
         self._evict_tier(n)  # cached KV first: it never takes room from a live request
-        for r in list(self.cpu_resident):
+        for r in self._droppable_copies(exclude):
             if self.cpu_pool.num_free_blocks >= n:
                 return
-            if r is not exclude and r.block_table and r not in self.incoming:
-                self.drop_cpu_copy(r)
+            self.drop_cpu_copy(r)
 
     def probe_link(self, max_bytes: int = 256 << 20) -> tuple[int, float]:
         """Time one extent copy GPU -> CPU through the real backend, at startup while every block
