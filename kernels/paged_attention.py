@@ -136,7 +136,9 @@ def _attend_tile(
 # Decode
 
 
-@triton.jit
+# Arguments that vary from step to step are not specialized on (Triton otherwise compiles a new
+# variant when one becomes 1 or a multiple of 16: a second-long stall in the middle of serving).
+@triton.jit(do_not_specialize=["num_splits", "stride_bt"])
 def _decode_split_kernel(
     q_ptr,  # [B, Hq, D]
     k_cache_ptr,  # [num_blocks, block_size, Hkv, D] (strided view)
@@ -195,7 +197,7 @@ def _decode_split_kernel(
         tl.store(part_lse_ptr + part, lse, mask=g_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(
     part_o_ptr,  # [B, Hq, num_splits, D] fp32
     part_lse_ptr,  # [B, Hq, num_splits] fp32
@@ -308,7 +310,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
             part_o, part_lse, out, num_splits, out.stride(0), out.stride(1), HEAD_DIM=head_dim,
-            BLOCK_S=max(2, triton.next_power_of_2(num_splits)), num_warps=4,
+            BLOCK_S=max(32, triton.next_power_of_2(num_splits)), num_warps=4,  # one variant
         )
     return out
 
@@ -317,7 +319,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 # Prefill (varlen, causal over cached prefix + new tokens)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])
 def _prefill_kernel(
     q_ptr,  # [T, Hq, D]
     k_cache_ptr,  # [num_blocks, block_size, Hkv, D] (strided view)
