@@ -79,7 +79,7 @@ class CacheConfig:
         "cupy), auto (cupy on CUDA when installed, else torch)", ("auto", "torch", "cupy"))
     async_swap: bool = _opt(True, "swap copies overlap compute (off: the step waits for them)")
     early_swap_in: bool = _opt(
-        False, "a resumed request (swap-in or CPU-tier fetch) runs in the step its copy is "
+        True, "a resumed request (swap-in or CPU-tier fetch) runs in the step its copy is "
         "issued, the compute stream waiting for the copy on the device, instead of joining "
         "the step after the host sees the copy done")
     incremental_swap: bool = _opt(

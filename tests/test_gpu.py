@@ -132,9 +132,11 @@ def test_preemption_on_gpu_keeps_outputs(copy_backend, mode, early, llama_dir):
 
 
 @pytest.mark.parametrize("copy_backend", ["torch", "cupy"])
-def test_cpu_tier_fetch_on_gpu_keeps_outputs(copy_backend, llama_dir):
+@pytest.mark.parametrize("early", [False, True])
+def test_cpu_tier_fetch_on_gpu_keeps_outputs(copy_backend, early, llama_dir):
     """Multi-turn reuse through the CPU tier with async write-backs (their own stream) and
-    fetches: each turn's greedy output equals a run without any reuse."""
+    fetches: each turn's greedy output equals a run without any reuse; with ``early``, the
+    fetching request runs in the step its copy is issued."""
     from tests.test_prefix_reuse import evict_gpu_cache
 
     if copy_backend == "cupy":
@@ -142,7 +144,8 @@ def test_cpu_tier_fetch_on_gpu_keeps_outputs(copy_backend, llama_dir):
     opts = dict(device="cuda", dtype="float32", num_gpu_blocks=40, block_size=4,
                 max_model_len=160)
     plain = LLM(model=str(llama_dir), enable_prefix_caching=False, swap_space=0, **opts)
-    tiered = LLM(model=str(llama_dir), swap_space=0.01, swap_copy_backend=copy_backend, **opts)
+    tiered = LLM(model=str(llama_dir), swap_space=0.01, swap_copy_backend=copy_backend,
+                 early_swap_in=early, **opts)
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
     tok = plain.get_tokenizer()
     history = tok.encode("User: explain how a CPU tier keeps KV for the next turn, briefly.")

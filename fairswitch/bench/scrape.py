@@ -19,6 +19,7 @@ _LABEL_ESCAPE = re.compile(r"\\(.)")
 COUNTERS: dict[tuple[str, tuple[str, str] | None], str] = {
     ("num_preemptions_total", ("mode", "swap")): "preemptions_swap",
     ("num_preemptions_total", ("mode", "recompute")): "preemptions_recompute",
+    ("num_rank_preemptions_total", None): "preemptions_rank",
     ("swap_bytes_total", ("direction", "out")): "swap_bytes_out",
     ("swap_bytes_total", ("direction", "in")): "swap_bytes_in",
     ("swap_copies_total", None): "swap_copies",

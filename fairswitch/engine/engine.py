@@ -290,6 +290,8 @@ class Engine:
         return {
             "preemptions_swap": sched.preemptions_by_mode["swap"],
             "preemptions_recompute": sched.preemptions_by_mode["recompute"],
+            # of which for a better-ranked queued request (the rest: KV blocks ran out)
+            "preemptions_rank": sched.num_rank_preemptions,
             "swap_bytes_out": stats.bytes_out if stats else 0,
             "swap_bytes_in": stats.bytes_in if stats else 0,
             "swap_copies": stats.num_copies if stats else 0,

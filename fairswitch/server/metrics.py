@@ -126,6 +126,9 @@ class ServerMetrics:
                           "Preemptions, by how the victim's KV is restored (swap or recompute).",
                           [("", {**lab, "mode": mode}, engine[f"preemptions_{mode}"])
                            for mode in ("recompute", "swap")]),
+            one("num_rank_preemptions_total", "counter", "Of the preemptions: those made for "
+                "a better-ranked queued request (the others: KV blocks ran out).",
+                engine["preemptions_rank"]),
             format_family(PREFIX + "swap_bytes_total", "counter",
                           "KV cache bytes copied between device and CPU.",
                           [("", {**lab, "direction": d}, engine[f"swap_bytes_{d}"])
