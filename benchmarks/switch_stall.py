@@ -33,7 +33,9 @@ from fairswitch.engine.engine import Engine  # noqa: E402
 from fairswitch.sampling_params import SamplingParams  # noqa: E402
 from results_io import command_line, write_results  # noqa: E402
 
-MODES = {"fairswitch": {}, "baseline": {"baseline": True}}
+MODES = {"fairswitch": {}, "baseline": {"baseline": True},
+         # ablation: a resumed request joins the step after the host sees its swap-in land
+         "fairswitch-late": {"early_swap_in": False}}
 
 
 def run_mode(name: str, args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, Any]:
@@ -82,24 +84,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--swap-space", type=float, default=16.0)
     p.add_argument("--update-prob", type=float, default=0.02)
     p.add_argument("--copy-backend", default="auto", choices=("auto", "torch", "cupy"))
+    p.add_argument("--modes", default="fairswitch,baseline",
+                   help=f"engines to run, comma-separated, from {', '.join(MODES)} (fairswitch "
+                   "and baseline are required: the claims compare them)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="benchmarks/results/switch_stall.json")
     p.add_argument("--commit", default=None)
     args = p.parse_args(argv)
+    modes = args.modes.split(",")
+    if not {"fairswitch", "baseline"} <= set(modes) or not set(modes) <= set(MODES):
+        p.error(f"--modes {args.modes!r}: fairswitch and baseline, plus any of {', '.join(MODES)}")
     rng = random.Random(args.seed)
     prompts = [[rng.randrange(1000, 30000) for _ in range(rng.randint(args.min_prompt,
                                                                       args.max_prompt))]
                for _ in range(args.requests)]
-    rows = [run_mode(name, args, prompts) for name in MODES]
-    print(f"{'mode':<11}{'wall s':>8}{'tok/s':>8}{'preempt':>9}{'GB moved':>10}{'copies':>9}"
+    rows = [run_mode(name, args, prompts) for name in modes]
+    print(f"{'mode':<16}{'wall s':>8}{'tok/s':>8}{'preempt':>9}{'GB moved':>10}{'copies':>9}"
           f"{'KiB/copy':>10}{'stall s':>9}{'stall %':>9}{'wait %':>8}")
     for r in rows:
         moved = (r["swap_bytes_out"] + r["swap_bytes_in"]) / 1e9
-        print(f"{r['mode']:<11}{r['wall_s']:>8.2f}{r['tok_s']:>8.0f}"
+        print(f"{r['mode']:<16}{r['wall_s']:>8.2f}{r['tok_s']:>8.0f}"
               f"{r['preemptions_swap']:>9}{moved:>10.2f}{r['swap_copies']:>9}"
               f"{r['swap_bytes_per_copy'] / 1024:>10.0f}{r['switch_stall_s']:>9.3f}"
               f"{100 * r['stall_fraction']:>9.2f}{100 * r['wait_fraction']:>8.2f}")
-    fast, base = rows
+    fast, base = (next(r for r in rows if r["mode"] == m) for m in ("fairswitch", "baseline"))
     print(f"stall fraction: fairswitch {fast['stall_fraction']:.4f}, baseline "
           f"{base['stall_fraction']:.4f}; throughput ratio {fast['tok_s'] / base['tok_s']:.2f}x")
     claims = [

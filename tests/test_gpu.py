@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -157,3 +159,21 @@ def test_cpu_tier_fetch_on_gpu_keeps_outputs(copy_backend, early, llama_dir):
         history = history + want + tok.encode(msg)
     assert tiered.engine.switch_metrics()["reused_tokens_cpu"] > 0
     tiered.engine.check_accounting()
+
+
+def test_pinned_swap_space_is_page_locked_and_released():
+    """The swap space is registered (page-locked) at its exact size; async copies through it
+    are right; dropping it unregisters the memory."""
+    from fairswitch.kv.host_memory import pinned_empty
+
+    host = pinned_empty((3, 5, 7), torch.float16)
+    assert host.shape == (3, 5, 7) and host.is_pinned() and not host.any()
+    src = torch.randn(3, 5, 7, device="cuda", dtype=torch.float16)
+    host.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(host.cuda(), src)
+    view = host[1]
+    del host
+    gc.collect()
+    assert not view.is_pinned() and view.shape == (5, 7)  # unregistered, still readable
+    assert torch.equal(view.cuda(), src[1])

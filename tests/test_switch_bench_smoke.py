@@ -34,12 +34,14 @@ def test_switch_stall_smoke(tmp_path, monkeypatch):
     switch_stall.main(["--model", "fairswitch-tiny", "--device", "cpu", "--requests", "6",
                        "--min-prompt", "20", "--max-prompt", "60", "--output-tokens", "12",
                        "--max-num-seqs", "2", "--kv-cache-gib", "0.05", "--swap-space", "0.05",
-                       "--update-prob", "0.3", "--output", str(out)])
+                       "--update-prob", "0.3", "--modes", "fairswitch,baseline,fairswitch-late",
+                       "--output", str(out)])
     result = json.loads(out.read_text())
     names = {c["name"] for c in result["claims"]}
     assert names == {"switch_stall_fraction", "switch_stall_fraction_baseline"}
-    fast, base = result["figures"]["modes"]
-    for r in (fast, base):
+    fast, base, late = result["figures"]["modes"]
+    assert late["mode"] == "fairswitch-late"
+    for r in (fast, base, late):
         assert r["output_tokens"] == 6 * 12
         assert r["preemptions_swap"] > 0 and 0 <= r["stall_fraction"] < 1
     assert base["block_size"] == 16 and base["swap_bytes_per_copy"] < fast["swap_bytes_per_copy"]

@@ -22,6 +22,7 @@ from fairswitch.kv.cache_manager import KVCacheManager
 from fairswitch.kv.copy_backend import CopyStats, make_copy_backend
 from fairswitch.kv.cpu_tier import CpuKVTier
 from fairswitch.kv.extents import num_extents
+from fairswitch.kv.host_memory import pinned_empty
 from fairswitch.kv.swap_manager import SwapManager
 from fairswitch.model import loader
 from fairswitch.outputs import RequestOutput
@@ -120,9 +121,13 @@ class Engine:
             return None
         gpu_tensor = self.runner.kv_cache.tensor
         on_cuda = self.device.type == "cuda"
-        # Pinned on CUDA so copies are DMA; never read before written, so left uninitialized.
-        cpu_tensor = torch.empty((num_cpu_blocks, *gpu_tensor.shape[1:]), dtype=gpu_tensor.dtype,
-                                 pin_memory=on_cuda)
+        shape = (num_cpu_blocks, *gpu_tensor.shape[1:])
+        # Pinned on CUDA so copies are DMA; elsewhere never read before written: uninitialized.
+        t0 = time.perf_counter()
+        cpu_tensor = (pinned_empty(shape, gpu_tensor.dtype) if on_cuda
+                      else torch.empty(shape, dtype=gpu_tensor.dtype))
+        logger.info("swap space: %.1f GiB in %.1fs", cpu_tensor.numel()
+                    * cpu_tensor.element_size() / (1 << 30), time.perf_counter() - t0)
         cc = self.config.cache
         backend = make_copy_backend(cc.swap_copy_backend, self.device, cc.per_layer_swap)
         tier = CpuKVTier(cc.block_size) if cc.enable_prefix_caching and cc.cpu_kv_reuse else None
