@@ -79,7 +79,7 @@ class CacheConfig:
         "cupy), auto (cupy on CUDA when installed, else torch)", ("auto", "torch", "cupy"))
     async_swap: bool = _opt(True, "swap copies overlap compute (off: the step waits for them)")
     early_swap_in: bool = _opt(
-        True, "a resumed request (swap-in or CPU-tier fetch) runs in the step its copy is "
+        False, "a resumed request (swap-in or CPU-tier fetch) runs in the step its copy is "
         "issued, the compute stream waiting for the copy on the device, instead of joining "
         "the step after the host sees the copy done")
     incremental_swap: bool = _opt(
@@ -124,6 +124,10 @@ class SchedulerConfig:
         2048, "token budget of one step; longer prompts are prefilled in chunks"
     )
     max_waiting: int | None = _opt(None, "max queued requests; more are refused (default: no cap)")
+    growth_headroom: int = _opt(
+        1, "KV blocks kept free per running request when a queued request is admitted or "
+        "resumed: room for the batch to grow, so that a resumed request does not push another "
+        "out a few steps later (0: admit whenever the request itself fits)")
     preemption_mode: str = _opt(
         "auto", "how a preempted request gives up its KV: auto (cheaper by the cost model), "
         "swap (to CPU), recompute", ("auto", "swap", "recompute"))
@@ -164,6 +168,8 @@ class SchedulerConfig:
             raise ValueError(
                 f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
             )
+        if self.growth_headroom < 0:
+            raise ValueError(f"growth_headroom must be >= 0, got {self.growth_headroom}")
         if self.max_waiting is not None and self.max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
         if self.preemption_mode not in ("auto", "swap", "recompute"):

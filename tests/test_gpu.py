@@ -143,8 +143,8 @@ def test_cpu_tier_fetch_on_gpu_keeps_outputs(copy_backend, early, llama_dir):
 
     if copy_backend == "cupy":
         pytest.importorskip("cupy")
-    opts = dict(device="cuda", dtype="float32", num_gpu_blocks=40, block_size=4,
-                max_model_len=160)
+    opts = dict(device="cuda", dtype="float32", num_gpu_blocks=20, block_size=8,
+                max_model_len=160)  # Triton kernels: blocks of 8 tokens at least
     plain = LLM(model=str(llama_dir), enable_prefix_caching=False, swap_space=0, **opts)
     tiered = LLM(model=str(llama_dir), swap_space=0.01, swap_copy_backend=copy_backend,
                  early_swap_in=early, **opts)

@@ -199,9 +199,10 @@ def test_baseline_mode_and_ablations_same_outputs_more_copies(llama_dir, expecte
     for name, opts in {"fairswitch": {}, "baseline": {"baseline": True},
                        "no_incremental": {"incremental_swap": False},
                        "sync": {"async_swap": False}}.items():
-        # The baseline's 16-token blocks: 2 of them still force preemptions.
-        small = dict(num_gpu_blocks=2, max_model_len=32) if name == "baseline" else dict(
-            num_gpu_blocks=12, max_model_len=48)
+        # The baseline's 16-token blocks: 2 of them still force preemptions (when no headroom
+        # is kept: with it, one request at a time would fit).
+        small = dict(num_gpu_blocks=2, max_model_len=32, growth_headroom=0) if (
+            name == "baseline") else dict(num_gpu_blocks=12, max_model_len=48)
         llm = LLM(model=str(llama_dir), block_size=4, preemption_mode="swap", swap_space=0.01,
                   **small, **opts)
         outs = llm.generate(PROMPTS, greedy(), use_tqdm=False)
@@ -318,3 +319,22 @@ def test_early_landed_requests_preempted_or_aborted_mid_copy_keep_pools_whole(ll
     assert [got[ids[i]] for i in survivors] == [want[i] for i in survivors]
     assert not engine.swap.has_in_flight()
     assert cpu_pool_whole(engine) and engine.kv.num_free_blocks == 12
+
+
+def test_growth_headroom_same_outputs_fewer_preemptions(llama_dir):
+    """Admitting or resuming a request only while a free block per running request is left
+    stops the preempt / resume ping-pong of a full cache: same tokens, fewer preemptions."""
+    rng = random.Random(1)
+    prompts = [[rng.randrange(100, 5000) for _ in range(rng.randint(4, 24))] for _ in range(16)]
+    params = greedy(24)
+    roomy = LLM(model=str(llama_dir), num_gpu_blocks=256, swap_space=0)
+    want = [o.outputs[0].token_ids for o in roomy.generate(prompts, params, use_tqdm=False)]
+    preemptions = {}
+    for headroom in (0, 1):
+        llm = LLM(model=str(llama_dir), num_gpu_blocks=24, block_size=4, max_model_len=64,
+                  preemption_mode="swap", swap_space=0.05, growth_headroom=headroom)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == want, headroom
+        llm.engine.check_accounting()
+        preemptions[headroom] = llm.engine.switch_metrics()["preemptions_swap"]
+    assert 0 < preemptions[1] < preemptions[0]

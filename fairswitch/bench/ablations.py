@@ -3,7 +3,7 @@
 Each name sets every context-switch mechanism explicitly, so a comparison means the same thing
 whatever switches the base command line carried: ``full`` has them all on, ``baseline`` is
 vLLM 0.3.3's switching (``CacheConfig.baseline``), and each ``no-*`` is ``full`` with one mechanism
-off. Everything else (model, KV size, scheduler, policy) comes from the base configuration.
+off (``early-swap-in``: ``full`` with that option on). Everything else (model, KV size, scheduler, policy) comes from the base configuration.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from fairswitch.config import EngineConfig
 
 _FULL: dict[str, Any] = {"baseline": False, "block_groups": True, "enable_prefix_caching": True,
                          "cpu_kv_reuse": True, "async_swap": True, "incremental_swap": True,
-                         "per_layer_swap": False}
+                         "per_layer_swap": False, "early_swap_in": False}
 
 ABLATIONS: dict[str, dict[str, Any]] = {
     "full": {},
@@ -27,6 +27,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "no-reuse": {"enable_prefix_caching": False},  # both tiers
     "no-cpu-reuse": {"cpu_kv_reuse": False},  # GPU prefix cache only
     "per-layer": {"per_layer_swap": True},
+    "early-swap-in": {"early_swap_in": True},  # full plus an option that is off by default
 }
 
 

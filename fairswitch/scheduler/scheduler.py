@@ -15,7 +15,10 @@ compares ranks. Each step:
    lowest-ranked running request is preempted.
 4. If step 3 preempted nobody: queued requests in rank order, swapped ones first unless a new one
    outranks them by more than the threshold; resumed requests are scheduled before new prefills;
-   the first that does not fit stops admission (no overtaking).
+   the first that does not fit stops admission (no overtaking). A queued request fits when the
+   blocks it needs leave ``growth_headroom`` free blocks per running request (steps 2 and 4
+   alike): without that room the batch's next block would preempt someone again at once, and a
+   full cache would swap the same requests in and out every few steps.
 
 Preempted requests swap out or are recomputed per victim (preemption.py). Queues: ``waiting`` (new,
 or preempted by recompute), ``swapped`` (KV on the CPU), both ranked (queues.py); ``running`` (a
@@ -161,6 +164,14 @@ class Scheduler:
 
     # ---- preemption -------------------------------------------------------------------------
 
+    def _headroom(self, num_running: int) -> int:
+        """Free blocks to leave for the growth of ``num_running`` requests (none when idle)."""
+        return self.config.growth_headroom * num_running
+
+    def _batch_headroom(self) -> int:
+        pending = self.swap.num_pending_in if self.swap is not None else 0
+        return self._headroom(len(self.running) + pending)
+
     def _blocks_to_start(self, req: Request) -> int:
         if req in self.swapped:
             return self.kv.blocks_needed(req.num_cpu_tokens + 1)
@@ -177,7 +188,8 @@ class Scheduler:
         held: list[tuple[Request, HeapQueue | ClientQueue]] = []  # room counted for them
         while (cand := self._next_kept_out()) is not None:
             need = self._blocks_to_start(cand)
-            if seats > 0 and need <= free:
+            headroom = self._headroom(self.config.max_num_seqs - seats)
+            if seats > 0 and need + headroom <= free:
                 if not out.preempted:
                     break  # there was room all along: admission takes it
                 # A victim's seat: set the candidate aside and look at the next one.
@@ -269,8 +281,8 @@ class Scheduler:
                 # Room for its saved KV plus the token it computes next (and theirs before it).
                 saved = self.kv.blocks_needed(req.num_cpu_tokens)
                 extra = self.kv.blocks_needed(req.num_cpu_tokens + 1) - saved
-                if (swap is None or not swap.can_swap_in(req) or saved + extra
-                        > self.kv.num_free_blocks - next_token_blocks):
+                if swap is None or not swap.can_swap_in(req) or saved + extra > (
+                        self.kv.num_free_blocks - next_token_blocks - self._batch_headroom()):
                     break
                 self.swapped.remove(req)
                 req.kept_out_since = None
@@ -305,9 +317,11 @@ class Scheduler:
         """Admit a waiting request: tokens scheduled, 0 if it waits for a CPU-tier fetch, None
         if it does not fit."""
         reused = self.kv.attach_cached_prefix(req)
-        fetched = self._fetch_from_cpu_tier(req)
+        headroom = self._batch_headroom()
+        fetched = self._fetch_from_cpu_tier(req, headroom)
         n = min(req.num_tokens - req.num_computed_tokens, budget)
-        if not fetched and not self.kv.allocate_slots(req, n):
+        if not fetched and (self.kv.num_new_blocks(req, n) + headroom > self.kv.num_free_blocks
+                            or not self.kv.allocate_slots(req, n)):
             if reused:  # let go of the shared prefix while it waits
                 self.kv.free(req)
                 req.num_computed_tokens = 0
@@ -328,14 +342,14 @@ class Scheduler:
         out.scheduled.append((req, n))
         return n
 
-    def _fetch_from_cpu_tier(self, req: Request) -> int:
+    def _fetch_from_cpu_tier(self, req: Request, headroom: int) -> int:
         """Start fetching CPU-tier blocks that continue the request's GPU hits; tokens fetched."""
         tier = self.swap.tier if self.swap is not None else None
         if tier is None:
             return 0
         hits = tier.match(req.token_ids, len(req.block_table), req.num_tokens - 1)
         # Room for the fetched blocks and the block its next token needs.
-        if not hits or len(hits) + 1 > self.kv.num_free_blocks:
+        if not hits or len(hits) + 1 + headroom > self.kv.num_free_blocks:
             return 0
         self.swap.fetch_cached(req, hits)  # type: ignore[union-attr]
         return len(hits) * self.kv.block_size
