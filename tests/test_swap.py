@@ -252,11 +252,13 @@ def test_early_swap_in_same_outputs_fewer_steps(llama_dir, expected, mode):
     """With early landing a resumed request runs in the step its swap-in is issued (the double
     moves the bytes when compute is ordered after the copy, the host sees it done 3 polls later):
     same tokens, and the host never blocks on a swap-in, where without it every step that has
-    nothing else to run waits for the copy."""
-    waits = {}
+    nothing else to run waits for the copy. Two seats and priorities redrawn often: many
+    swap-ins."""
+    waits, steps = {}, {}
     for early in (False, True):
         llm = LLM(model=str(llama_dir), num_gpu_blocks=12, block_size=4, max_model_len=48,
-                  preemption_mode=mode, swap_space=0.01, early_swap_in=early)
+                  preemption_mode=mode, swap_space=0.01, early_swap_in=early, max_num_seqs=2,
+                  policy="trace", priority_update_prob=0.5, min_run_steps=1)
         llm.engine.swap.backend = DelayedCopyBackend(3)
         assert llm.engine.swap.early_landing == early
         counted = _counting_steps(llm.engine)
@@ -266,7 +268,9 @@ def test_early_swap_in_same_outputs_fewer_steps(llama_dir, expected, mode):
         assert cpu_pool_whole(llm.engine) and llm.engine.kv.num_free_blocks == 12
         assert len(counted) > 0
         waits[early] = llm.engine.scheduler.switch_stall_s
+        steps[early] = len(counted)
     assert waits[True] == 0.0 < waits[False]
+    assert steps[True] < steps[False]
 
 
 def test_early_landed_requests_preempted_or_aborted_mid_copy_keep_pools_whole(llama_dir):
@@ -338,3 +342,32 @@ def test_growth_headroom_same_outputs_fewer_preemptions(llama_dir):
         llm.engine.check_accounting()
         preemptions[headroom] = llm.engine.switch_metrics()["preemptions_swap"]
     assert 0 < preemptions[1] < preemptions[0]
+
+
+def test_memory_pressure_waits_for_draining_copies_before_another_victim(llama_dir, expected):
+    """When a running request needs a block and copies still hold some (a swap-out draining),
+    the scheduler waits for them instead of preempting one more request: fewer preemptions
+    than when every shortage takes a victim, same tokens, pools whole."""
+    from fairswitch.kv.swap_manager import SwapManager
+
+    preemptions, reclaimed = {}, {}
+    for wait in (True, False):
+        llm = LLM(model=str(llama_dir), num_gpu_blocks=12, block_size=4, max_model_len=48,
+                  preemption_mode="swap", swap_space=0.01, growth_headroom=0)
+        swap = llm.engine.swap
+        swap.backend = DelayedCopyBackend(6)
+        calls = []
+
+        def reclaim(self=swap, wait=wait, calls=calls):
+            calls.append(wait and SwapManager.reclaim_in_flight(self))
+            return calls[-1]
+
+        swap.reclaim_in_flight = reclaim
+        outs = llm.generate(PROMPTS, greedy(), use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == expected, wait
+        llm.engine.check_accounting()
+        assert cpu_pool_whole(llm.engine) and llm.engine.kv.num_free_blocks == 12
+        preemptions[wait] = llm.engine.switch_metrics()["preemptions_swap"]
+        reclaimed[wait] = sum(calls)
+    assert reclaimed[True] > 0
+    assert 0 < preemptions[True] < preemptions[False]

@@ -269,10 +269,7 @@ class SwapManager:
     @_stalls
     def poll(self) -> list[Request]:
         """Retire finished copies; return the requests whose swap-in has landed."""
-        for req, t in list(self.outgoing.items()):
-            if self.backend.done(t.handle):
-                self.gpu.release_blocks(t.gpu_blocks_to_free)
-                del self.outgoing[req]
+        self._release_outgoing()
         ready, self._ready_now = self._ready_now, []
         for req, t in list(self.incoming.items()):
             if not self.backend.done(t.handle):
@@ -284,9 +281,32 @@ class SwapManager:
                 self.drop_cpu_copy(req)
             if not t.landed_early:
                 ready.append(req)
+        return ready
+
+    def _release_outgoing(self) -> None:
+        """Free the GPU blocks of finished swap-outs, aborted transfers and write-backs."""
+        for req, t in list(self.outgoing.items()):
+            if self.backend.done(t.handle):
+                self.gpu.release_blocks(t.gpu_blocks_to_free)
+                del self.outgoing[req]
         self._orphans = [t for t in self._orphans if not self._retire_orphan(t)]
         self._writebacks = [t for t in self._writebacks if not self._land_write_back(t)]
-        return ready
+
+    @_stalls
+    def reclaim_in_flight(self) -> bool:
+        """Wait for the copies that hold GPU blocks (swap-outs, aborted transfers, write-backs)
+        and free those blocks; False if none held any. The scheduler calls this before it
+        preempts for memory: a few milliseconds of copy beat another victim's round trip."""
+        if not self.gpu_blocks_in_flight():
+            return False
+        t0 = time.perf_counter()
+        for t in [*self.outgoing.values(), *self._orphans]:
+            self.backend.wait(t.handle)
+        for t in self._writebacks:
+            self._bg_backend.wait(t.handle)
+        self.blocking_copy_s += time.perf_counter() - t0
+        self._release_outgoing()
+        return True
 
     def _land_write_back(self, t: _Transfer) -> bool:
         if not self._bg_backend.done(t.handle):

@@ -11,8 +11,9 @@ compares ranks. Each step:
    than ``preempt_threshold``, that running request is preempted (threshold + minimum run =
    hysteresis: priorities flipping every step do not thrash).
 3. Running requests, best first, ask for the tokens they have not computed (a prompt chunk or the
-   token sampled last step) within ``max_num_batched_tokens``; when KV blocks run out the
-   lowest-ranked running request is preempted.
+   token sampled last step) within ``max_num_batched_tokens``; when KV blocks run out, copies
+   still holding blocks (swap-outs, write-backs) are waited for first, then the lowest-ranked
+   running request is preempted.
 4. If step 3 preempted nobody: queued requests in rank order, swapped ones first unless a new one
    outranks them by more than the threshold; resumed requests are scheduled before new prefills;
    the first that does not fit stops admission (no overtaking). A queued request fits when the
@@ -246,6 +247,8 @@ class Scheduler:
                 continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             while not self.kv.allocate_slots(req, n):
+                if self.swap is not None and self.swap.reclaim_in_flight():
+                    continue  # blocks held by copies came back: no victim needed yet
                 victim = self.running[-1]  # the lowest ranked (sorted at the start of the step)
                 if id(victim) in scheduled:  # a resumed request scheduled earlier this step
                     k = next(k for k, (r, _) in enumerate(out.scheduled) if r is victim)
@@ -348,8 +351,9 @@ class Scheduler:
         if tier is None:
             return 0
         hits = tier.match(req.token_ids, len(req.block_table), req.num_tokens - 1)
-        # Room for the fetched blocks and the block its next token needs.
-        if not hits or len(hits) + 1 + headroom > self.kv.num_free_blocks:
+        # Room for the fetched blocks and the rest of the prompt with its next token.
+        need = self.kv.blocks_needed(req.num_tokens + 1) - len(req.block_table)
+        if not hits or need + headroom > self.kv.num_free_blocks:
             return 0
         self.swap.fetch_cached(req, hits)  # type: ignore[union-attr]
         return len(hits) * self.kv.block_size
