@@ -67,6 +67,9 @@ class Request:
     starving: bool = False
     num_charged_prompt_tokens: int = 0
     num_charged_output_tokens: int = 0
+    # Chained hashes of its full blocks computed so far (prefix_cache.block_hashes extends them;
+    # tokens are only ever appended, so they stay valid).
+    block_hashes: list[int] = field(default_factory=list)
     # Owned by input_batch.py: (the block_table list it mirrors, that list as an int32 array).
     block_table_array: Any = None
     # Owned by the output processor (detokenizer state) and the sampler (torch.Generator).

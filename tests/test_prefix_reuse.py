@@ -65,7 +65,7 @@ def test_full_prompt_hit_still_computes_last_token(llama_dir):
 
 def test_hash_collision_is_caught_by_token_check(monkeypatch):
     cache = PrefixCache(BlockPool(8), block_size=2)
-    monkeypatch.setattr(pcmod, "block_hashes", lambda t, n, bs: [42] * (n // bs))
+    monkeypatch.setattr(pcmod, "block_hashes", lambda t, n, bs, known=None: [42] * (n // bs))
     cache.register([1, 2, 3, 4], 4, [5, 6])
     assert cache.match([1, 2, 9, 9, 0], 4) == [5]  # second block's hash matches, tokens do not
     assert cache.match([7, 7, 3, 4], 4) == []
@@ -148,3 +148,21 @@ def test_abort_during_cpu_tier_fetch_keeps_pools_whole(llama_dir):
     tier = engine.swap.tier
     assert tier.num_blocks == len(tier.evictable) > 0  # the fetch's pins were dropped
     assert engine.kv.num_free_blocks == 40
+
+
+def test_block_hashes_extend_a_requests_known_hashes():
+    """A request's hashes are computed once: later calls hash only blocks past the known ones
+    (appended in place), with the same result as hashing from block 0."""
+    from fairswitch.kv.prefix_cache import block_hashes
+
+    tokens = list(range(100, 150))
+    known: list[int] = []
+    assert block_hashes(tokens, 3, 4, known) == [] and known == []
+    first = block_hashes(tokens, 21, 4, known)  # 5 full blocks
+    assert first == block_hashes(tokens, 21, 4) and known == first
+    known[0] = -1  # the known ones are trusted, not recomputed
+    assert block_hashes(tokens, 12, 4, known) == [-1, *first[1:3]]
+    known[0] = first[0]
+    tokens += [7] * 6  # tokens are appended as the request generates
+    assert block_hashes(tokens, 56, 4, known) == block_hashes(tokens, 56, 4)
+    assert len(known) == 14

@@ -130,7 +130,7 @@ class KVCacheManager:
             return
         if self.prefix_cache is not None:
             self.prefix_cache.register(request.token_ids, request.num_computed_tokens,
-                                       request.block_table)
+                                       request.block_table, request.block_hashes)
         self.release_blocks(request.block_table)
         request.block_table = []
 
@@ -142,7 +142,7 @@ class KVCacheManager:
         pc = self.prefix_cache
         if pc is None or request.num_computed_tokens or request.block_table:
             return 0
-        hits = pc.match(request.token_ids, request.num_tokens - 1)
+        hits = pc.match(request.token_ids, request.num_tokens - 1, request.block_hashes)
         for b in hits:
             pc.take(b)
         request.block_table = hits

@@ -46,11 +46,14 @@ class CpuKVTier:
         self.evictable[block] = None
         return True
 
-    def match(self, token_ids: list[int], first_block: int, max_tokens: int) -> list[int]:
-        """CPU blocks continuing a prefix: blocks first_block.. of ``token_ids[:max_tokens]``."""
+    def match(self, token_ids: list[int], first_block: int, max_tokens: int,
+              known: list[int] | None = None) -> list[int]:
+        """CPU blocks continuing a prefix: blocks first_block.. of ``token_ids[:max_tokens]``
+        (``known``: hashes computed before, see ``block_hashes``)."""
         hits = []
         bs = self.block_size
-        for i, h in enumerate(block_hashes(token_ids, max_tokens, bs)[first_block:], first_block):
+        hashes = block_hashes(token_ids, max_tokens, bs, known)
+        for i, h in enumerate(hashes[first_block:], first_block):
             b = self._block_of.get(h)
             if b is None or self._key_of[b][1] != tuple(token_ids[i * bs:(i + 1) * bs]):
                 break

@@ -15,13 +15,19 @@ from collections import OrderedDict
 from fairswitch.kv.block_pool import BlockPool
 
 
-def block_hashes(token_ids: list[int], num_tokens: int, block_size: int) -> list[int]:
-    """Chained hashes of the full blocks among the first ``num_tokens`` tokens."""
-    hashes, parent = [], 0
-    for start in range(0, num_tokens - block_size + 1, block_size):
-        parent = hash((parent, tuple(token_ids[start:start + block_size])))
+def block_hashes(token_ids: list[int], num_tokens: int, block_size: int,
+                 known: list[int] | None = None) -> list[int]:
+    """Chained hashes of the full blocks among the first ``num_tokens`` tokens.
+
+    ``known``: hashes of the same token list computed before (a request's ``block_hashes``);
+    only blocks past them are hashed, and they are appended to it."""
+    hashes = known if known is not None else []
+    parent = hashes[-1] if hashes else 0
+    num_blocks = max(0, num_tokens) // block_size
+    for i in range(len(hashes), num_blocks):
+        parent = hash((parent, tuple(token_ids[i * block_size:(i + 1) * block_size])))
         hashes.append(parent)
-    return hashes
+    return hashes[:num_blocks]
 
 
 class PrefixCache:
@@ -54,8 +60,9 @@ class PrefixCache:
             return False
         return True
 
-    def register(self, token_ids: list[int], num_tokens: int, blocks: list[int]) -> None:
-        for i, h in enumerate(block_hashes(token_ids, num_tokens, self.block_size)):
+    def register(self, token_ids: list[int], num_tokens: int, blocks: list[int],
+                 known: list[int] | None = None) -> None:
+        for i, h in enumerate(block_hashes(token_ids, num_tokens, self.block_size, known)):
             b = blocks[i]
             if h in self._block_of or b in self._key_of:
                 continue
@@ -63,10 +70,11 @@ class PrefixCache:
             self._block_of[h] = b
             self._key_of[b] = (h, tokens)
 
-    def match(self, token_ids: list[int], max_tokens: int) -> list[int]:
+    def match(self, token_ids: list[int], max_tokens: int,
+              known: list[int] | None = None) -> list[int]:
         """Cached blocks holding the longest prefix of ``token_ids[:max_tokens]``."""
         hits = []
-        hashes = block_hashes(token_ids, max_tokens, self.block_size)
+        hashes = block_hashes(token_ids, max_tokens, self.block_size, known)
         for i, h in enumerate(hashes):
             b = self._block_of.get(h)
             if b is None:

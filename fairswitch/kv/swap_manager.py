@@ -228,7 +228,7 @@ class SwapManager:
         cache right after the request is gone); only free or cached CPU blocks are used.
         """
         tier, bs = self.tier, self.block_size
-        hashes = block_hashes(req.token_ids, req.num_computed_tokens, bs)
+        hashes = block_hashes(req.token_ids, req.num_computed_tokens, bs, req.block_hashes)
         missing = [i for i, h in enumerate(hashes) if h not in tier]  # type: ignore[operator]
         room = self.cpu_pool.num_free_blocks + self._evictable_tier_blocks()
         missing = missing[:room]
