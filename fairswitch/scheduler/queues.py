@@ -22,39 +22,33 @@ from typing import Any
 from fairswitch.request import Request
 
 
-class HeapQueue:
-    def __init__(self, key: Callable[[Request], Any]) -> None:
-        self._key = key
-        self._heap: list[list] = []  # [key, push order, request | None]
-        self._entries: dict[Request, list] = {}
-        self._order = itertools.count()  # a re-pushed request's stale entry never compares it
+class _Queue:
+    """What both queues share: membership through ``_members`` (request -> where it is kept),
+    and ``update`` / ``pop`` in terms of the subclass's ``push``, ``remove`` and ``peek``."""
+
+    _members: dict[Request, Any]
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._members)
 
     def __contains__(self, req: Request) -> bool:
-        return req in self._entries
+        return req in self._members
 
     def __iter__(self) -> Iterator[Request]:
-        return iter(list(self._entries))  # unordered
+        return iter(list(self._members))  # unordered
 
     def push(self, req: Request) -> None:
-        entry = [self._key(req), next(self._order), req]
-        self._entries[req] = entry
-        heapq.heappush(self._heap, entry)
+        raise NotImplementedError
 
     def remove(self, req: Request) -> None:
-        self._entries.pop(req)[2] = None
+        raise NotImplementedError
+
+    def peek(self) -> Request | None:
+        raise NotImplementedError
 
     def update(self, req: Request) -> None:
         self.remove(req)
         self.push(req)
-
-    def peek(self) -> Request | None:
-        heap = self._heap
-        while heap and heap[0][2] is None:
-            heapq.heappop(heap)
-        return heap[0][2] if heap else None
 
     def pop(self) -> Request:
         req = self.peek()
@@ -64,27 +58,40 @@ class HeapQueue:
         return req
 
 
+class HeapQueue(_Queue):
+    def __init__(self, key: Callable[[Request], Any]) -> None:
+        self._key = key
+        self._heap: list[list] = []  # [key, push order, request | None]
+        self._members: dict[Request, list] = {}  # request -> its heap entry
+        self._order = itertools.count()  # a re-pushed request's stale entry never compares it
+
+    def push(self, req: Request) -> None:
+        entry = [self._key(req), next(self._order), req]
+        self._members[req] = entry
+        heapq.heappush(self._heap, entry)
+
+    def remove(self, req: Request) -> None:
+        self._members.pop(req)[2] = None
+
+    def peek(self) -> Request | None:
+        heap = self._heap
+        while heap and heap[0][2] is None:
+            heapq.heappop(heap)
+        return heap[0][2] if heap else None
+
+
 def _arrival_key(req: Request) -> tuple[float, int]:
     return (req.arrival_time, req.seq)
 
 
-class ClientQueue:
+class ClientQueue(_Queue):
     """Per-client FIFOs; the head is the oldest request of the client the policy ranks first."""
 
     def __init__(self, client_score: Callable[[str | None], float]) -> None:
         self._client_score = client_score
         self._clients: dict[str | None, HeapQueue] = {}
         self._urgent = HeapQueue(_arrival_key)  # starving requests, whatever their client
-        self._where: dict[Request, HeapQueue] = {}
-
-    def __len__(self) -> int:
-        return len(self._where)
-
-    def __contains__(self, req: Request) -> bool:
-        return req in self._where
-
-    def __iter__(self) -> Iterator[Request]:
-        return iter(list(self._where))  # unordered
+        self._members: dict[Request, HeapQueue] = {}  # request -> the queue holding it
 
     def push(self, req: Request) -> None:
         if req.starving:
@@ -94,17 +101,13 @@ class ClientQueue:
             if q is None:
                 q = self._clients[req.client_id] = HeapQueue(_arrival_key)
         q.push(req)
-        self._where[req] = q
+        self._members[req] = q
 
     def remove(self, req: Request) -> None:
-        q = self._where.pop(req)
+        q = self._members.pop(req)
         q.remove(req)
         if q is not self._urgent and not len(q):
             del self._clients[req.client_id]
-
-    def update(self, req: Request) -> None:
-        self.remove(req)
-        self.push(req)
 
     def peek(self) -> Request | None:
         head = self._urgent.peek()
@@ -117,10 +120,3 @@ class ClientQueue:
             if best is None or key < best[0]:
                 best = (key, req)
         return best[1] if best else None
-
-    def pop(self) -> Request:
-        req = self.peek()
-        if req is None:
-            raise IndexError("pop from an empty queue")
-        self.remove(req)
-        return req
