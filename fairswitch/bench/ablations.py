@@ -3,7 +3,8 @@
 Each name sets every context-switch mechanism explicitly, so a comparison means the same thing
 whatever switches the base command line carried: ``full`` has them all on, ``baseline`` is
 vLLM 0.3.3's switching (``CacheConfig.baseline``), and each ``no-*`` is ``full`` with one mechanism
-off (``early-swap-in``: ``full`` with that option on). Everything else (model, KV size, scheduler, policy) comes from the base configuration.
+off (``early-swap-in``: ``full`` with that option on). Everything else (model, KV size,
+scheduler, policy) comes from the base configuration.
 """
 
 from __future__ import annotations
