@@ -141,9 +141,11 @@ class SchedulerConfig:
         "fcfs", "who runs first: fcfs, priority (per-request, lower first), vtc (per-client "
         "virtual token counters), trace (priorities redrawn while requests run)",
         ("fcfs", "priority", "vtc", "trace"))
-    preempt_threshold: float = _opt(
-        0.0, "a queued request preempts a running one only if it ranks better by more than this "
-        "(score units: seconds for fcfs, levels for priority/trace, tokens for vtc)")
+    preempt_threshold: float | None = _opt(
+        None, "a queued request preempts a running one only if it ranks better by more than this "
+        "(score units: seconds for fcfs, levels for priority/trace, service for vtc; default: 0, "
+        "and for vtc the service of one full step at the output weight, vtc_output_weight x "
+        "max_num_batched_tokens)")
     min_run_steps: int = _opt(
         4, "steps a request runs after (re)admission before a better-ranked one may preempt it")
     max_starvation_s: float | None = _opt(
@@ -179,7 +181,8 @@ class SchedulerConfig:
             raise ValueError("swap_link_gb_s and prefill_tokens_per_s must be > 0")
         if self.policy not in ("fcfs", "priority", "vtc", "trace"):
             raise ValueError(f"policy must be one of fcfs, priority, vtc, trace, got {self.policy!r}")
-        if self.preempt_threshold < 0 or self.min_run_steps < 0:
+        if (self.preempt_threshold is not None and self.preempt_threshold < 0) \
+                or self.min_run_steps < 0:
             raise ValueError("preempt_threshold and min_run_steps must be >= 0")
         if self.max_starvation_s is not None and self.max_starvation_s < 0:
             raise ValueError(f"max_starvation_s must be >= 0, got {self.max_starvation_s}")

@@ -185,10 +185,10 @@ def _service(reqs: list[Request], client: str) -> float:
                for r in reqs if r.client_id == client)
 
 
-@pytest.mark.parametrize("policy", ["vtc", "fcfs"])
-def test_vtc_service_difference_bounded_for_backlogged_clients(policy):
+@pytest.mark.parametrize("policy,threshold", [("vtc", 0.0), ("vtc", None), ("fcfs", None)])
+def test_vtc_service_difference_bounded_for_backlogged_clients(policy, threshold):
     prompt, out_len, seats = 8, 8, 4
-    h = Harness(policy, max_num_seqs=seats, cpu_blocks=1000)
+    h = Harness(policy, max_num_seqs=seats, cpu_blocks=1000, preempt_threshold=threshold)
     reqs: list[Request] = []
     worst = 0.0
     for step in range(400):
@@ -200,14 +200,42 @@ def test_vtc_service_difference_bounded_for_backlogged_clients(policy):
         worst = max(worst, abs(_service(reqs, "a") - _service(reqs, "b")))
     # Bound (after Sheng et al. 2024, Thm 4.1): U = w_in * max_input + w_out * max_output is the
     # most one request adds to its client's counter. A request is admitted (or keeps running
-    # against a queued one) only while its client is at most preempt_threshold (0) ahead, so the
-    # lead of a client is at most the remaining service of its in-flight requests: <= seats * U;
-    # counters charge a step only after it ran, hence another U of slack.
-    bound = (seats + 1) * (1 * prompt + 2 * out_len)
+    # against a queued one) only while its client is at most preempt_threshold ahead, so the
+    # lead of a client is at most that plus the remaining service of its in-flight requests:
+    # seats * U; counters charge a step only after it ran, hence another U of slack.
+    bound = (seats + 1) * (1 * prompt + 2 * out_len) + h.sched.ranking.preempt_threshold
     if policy == "vtc":
         assert worst <= bound
     else:
         assert worst > 3 * bound  # FCFS serves in arrival ratio: the gap grows without bound
+
+
+def test_vtc_default_threshold_stops_ping_pong_within_the_bound():
+    prompt, out_len, seats = 8, 64, 4
+
+    def run(threshold: float | None) -> tuple[Harness, float]:
+        h = Harness("vtc", max_num_seqs=seats, num_blocks=4000, cpu_blocks=4000,
+                    preempt_threshold=threshold)
+        reqs: list[Request] = []
+        worst = 0.0
+        for step in range(600):
+            reqs.append(h.add(prompt, out_len, client="a"))
+            if step % 3 == 0:
+                reqs.append(h.add(prompt, out_len, client="b"))
+            h.step()
+            worst = max(worst, abs(_service(reqs, "a") - _service(reqs, "b")))
+        return h, worst
+
+    eager, _ = run(0.0)
+    # Long requests of two clients served side by side: their counters cross every few steps,
+    # and with no margin each crossing swaps requests (min_run_steps is the only brake).
+    assert eager.sched.num_preemptions > 300
+    calm, worst = run(None)
+    threshold = calm.sched.ranking.preempt_threshold
+    assert threshold == 2.0 * 256  # vtc_output_weight x max_num_batched_tokens
+    assert calm.sched.num_preemptions <= 5
+    assert worst <= (seats + 1) * (prompt + 2 * out_len) + threshold
+    assert len(calm.finished) >= len(eager.finished)  # and no service is lost to switching
 
 
 def test_vtc_new_client_is_lifted_not_starved_nor_favoured():

@@ -13,6 +13,8 @@ that queued ones are re-ranked).
   tokens x w_out, divided by the client's weight; score = the client's counter. A client that becomes
   backlogged (its first live request) is lifted to the minimum counter of the backlogged clients,
   so idling earns no credit and a newcomer is neither starved nor allowed to monopolize.
+  A queued client preempts a running one only once it is behind by one full step's worth of
+  output service (``default_preempt_threshold``), not at every crossing of two counters.
 - trace: priorities change while requests run (FastSwitch's evaluation): every iteration each live
   request's priority is redrawn with probability p over K levels, uniformly (random) or to a
   neighbouring level (markov), seeded. Score = the current ``req.priority``.
@@ -36,6 +38,12 @@ class Policy:
 
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
+        threshold = config.preempt_threshold
+        self.preempt_threshold = self.default_preempt_threshold() if threshold is None \
+            else threshold
+
+    def default_preempt_threshold(self) -> float:
+        return 0.0  # any better rank (fcfs: earlier arrival; priority: a better level)
 
     def score(self, req: Request) -> float:
         return req.arrival_time
@@ -92,6 +100,13 @@ class VTCPolicy(Policy):
         self.counters: dict[str | None, float] = {}
         self.num_live: dict[str | None, int] = {}  # unfinished requests per backlogged client
         self._floor = 0.0  # lift for a client arriving when nobody is backlogged
+
+    def default_preempt_threshold(self) -> float:
+        # Counters of clients served side by side cross each other every few steps: with no
+        # margin their requests would swap places at every crossing (measured on the H200: 12.6k
+        # preemptions for 704 requests). A lead worth one full step of output is required first;
+        # the service difference bound grows by the same amount.
+        return self.config.vtc_output_weight * self.config.max_num_batched_tokens
 
     def client_score(self, client: str | None) -> float:
         return self.counters.get(client, 0.0)

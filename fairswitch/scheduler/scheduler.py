@@ -154,7 +154,7 @@ class Scheduler:
 
     def _outranks(self, a: Request, b: Request) -> bool:
         ra, rb = self.ranking.rank(a), self.ranking.rank(b)
-        return ra < rb - self.config.preempt_threshold or (ra == -math.inf and rb > ra)
+        return ra < rb - self.ranking.preempt_threshold or (ra == -math.inf and rb > ra)
 
     def _next_kept_out(self) -> Request | None:
         """Best queued request: the swapped head unless the waiting head outranks it."""
