@@ -371,3 +371,28 @@ def test_memory_pressure_waits_for_draining_copies_before_another_victim(llama_d
         reclaimed[wait] = sum(calls)
     assert reclaimed[True] > 0
     assert 0 < preemptions[True] < preemptions[False]
+
+
+def test_reclaim_waits_for_the_oldest_copy_only():
+    """Short of blocks, the scheduler asks the swap manager to reclaim: it waits for one copy at
+    a time, oldest first (copies on one stream land in order), not for every copy in flight."""
+    import torch
+
+    from fairswitch.kv.cache_manager import KVCacheManager
+    from fairswitch.kv.swap_manager import SwapManager
+
+    kv = KVCacheManager(16, 4)
+    swap = SwapManager(kv, torch.zeros(16, 1), 16, torch.zeros(16, 1), DelayedCopyBackend(10**6))
+    reqs = []
+    for i in range(2):
+        req = Request(f"r{i}", [1] * 16, greedy(), 0.0)
+        assert kv.allocate_slots(req, 16)
+        req.num_computed_tokens = 16
+        swap.swap_out(req)
+        reqs.append(req)
+    assert kv.num_free_blocks == 8  # both requests' blocks drain
+    assert swap.reclaim_in_flight()
+    assert kv.num_free_blocks == 12 and list(swap.outgoing) == [reqs[1]]
+    assert swap.reclaim_in_flight()
+    assert kv.num_free_blocks == 16 and not swap.outgoing
+    assert not swap.reclaim_in_flight()

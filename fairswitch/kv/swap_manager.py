@@ -18,6 +18,7 @@ swap-out copies only blocks from the first one not fully saved (incremental swap
 from __future__ import annotations
 
 import functools
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from fairswitch.request import Request
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+_submission_order = itertools.count()
 
 
 def _stalls(fn: _F) -> _F:
@@ -65,6 +67,7 @@ class _Transfer:
     # Write-back to the CPU tier: (prefix hash, tokens, CPU block), registered once landed.
     tier_entries: list[tuple[int, tuple[int, ...], int]] = field(default_factory=list)
     landed_early: bool = False  # its request already runs (compute ordered after the copy)
+    order: int = field(default_factory=lambda: next(_submission_order))  # oldest lands first
 
 
 class SwapManager:
@@ -294,16 +297,24 @@ class SwapManager:
 
     @_stalls
     def reclaim_in_flight(self) -> bool:
-        """Wait for the copies that hold GPU blocks (swap-outs, aborted transfers, write-backs)
-        and free those blocks; False if none held any. The scheduler calls this before it
-        preempts for memory: a few milliseconds of copy beat another victim's round trip."""
-        if not self.gpu_blocks_in_flight():
+        """Free the GPU blocks of copies that have landed, or else wait for the oldest copy that
+        holds GPU blocks (a swap-out, an aborted transfer or a write-back) and free its blocks;
+        False if no copy holds any. The scheduler calls this, once per missing allocation,
+        before it preempts for memory: a few milliseconds of copy beat another victim's round
+        trip, and waiting for one copy at a time (not all of them) keeps the step's stall to
+        what the allocation needs."""
+        before = self.gpu.num_free_blocks
+        self._release_outgoing()
+        if self.gpu.num_free_blocks > before:
+            return True
+        holders = [(t, self.backend) for t in (*self.outgoing.values(), *self._orphans)
+                   if t.gpu_blocks_to_free]
+        holders += [(t, self._bg_backend) for t in self._writebacks]
+        if not holders:
             return False
+        oldest, backend = min(holders, key=lambda h: h[0].order)
         t0 = time.perf_counter()
-        for t in [*self.outgoing.values(), *self._orphans]:
-            self.backend.wait(t.handle)
-        for t in self._writebacks:
-            self._bg_backend.wait(t.handle)
+        backend.wait(oldest.handle)
         self.blocking_copy_s += time.perf_counter() - t0
         self._release_outgoing()
         return True
