@@ -5,7 +5,9 @@ rates 4:2:1:1) replayed in-process against one engine configuration per scheduli
 one after another. Per policy: per-client service (input tokens + 2 x output tokens), the max
 service difference between backlogged clients per window (VTC's fairness measure), Jain's index
 over the run and per window, throughput and TTFT tails. Claim ``vtc_service_diff_reduction_vs_fcfs``
-= FCFS's max service difference / VTC's (the largest over windows, same workload).
+= FCFS's max service difference / VTC's (the largest over windows between clients backlogged for the
+whole window, same workload); the same ratio over clients pending at any time in a window is
+printed and recorded beside it.
 
     python3 benchmarks/fairness_bench.py --model llama-3-8b --load-format dummy \\
         --num-conversations 300 --time-scale 1.0
@@ -82,14 +84,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{r['window_jain_min'] or 0:>14.3f}")
     by = {r["policy"]: r for r in rows}
     claims = []
-    if "fcfs" in by and "vtc" in by and by["vtc"]["max_service_diff"]:
-        ratio = by["fcfs"]["max_service_diff"] / by["vtc"]["max_service_diff"]
-        print(f"max service difference: FCFS / VTC = {ratio:.2f}x")
+    ratios = {}
+    for key in ("max_service_diff_continuous", "max_service_diff"):
+        if "fcfs" in by and "vtc" in by and by["vtc"][key] and by["fcfs"][key] is not None:
+            ratios[key] = by["fcfs"][key] / by["vtc"][key]
+    if "max_service_diff" in ratios:
+        print(f"max service difference, clients pending at any time in the window: FCFS / VTC = "
+              f"{ratios['max_service_diff']:.2f}x")
+    if "max_service_diff_continuous" in ratios:
+        # The claim is VTC's own measure: clients backlogged over the whole window (its bound's
+        # setting); a client that arrives or runs dry inside a window is not wronged there.
+        ratio = ratios["max_service_diff_continuous"]
+        print(f"max service difference, clients backlogged the whole window: FCFS / VTC = "
+              f"{ratio:.2f}x")
         claims.append({"name": "vtc_service_diff_reduction_vs_fcfs", "value": ratio,
                        "unit": "x"})
-    strict = {p: by[p]["max_service_diff_continuous"] for p in ("fcfs", "vtc") if p in by}
-    figures = {"continuous_diff_ratio_fcfs_over_vtc": strict["fcfs"] / strict["vtc"]
-               if len(strict) == 2 and strict["vtc"] and strict["fcfs"] is not None else None,
+    figures = {"continuous_diff_ratio_fcfs_over_vtc": ratios.get("max_service_diff_continuous"),
+               "any_time_diff_ratio_fcfs_over_vtc": ratios.get("max_service_diff"),
                "trace": str(args.trace), "trace_meta": trace.meta,
                "num_conversations": len(trace.conversations),
                "num_requests": trace.num_requests, "time_scale": args.time_scale,
