@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from fairswitch.bench.trace import Conversation, Turn, write_trace
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -83,3 +85,39 @@ def test_fairness_bench_smoke(tmp_path, monkeypatch):
     assert figures["continuous_diff_ratio_fcfs_over_vtc"] == claim["value"]
     assert figures["any_time_diff_ratio_fcfs_over_vtc"] == (rows["fcfs"]["max_service_diff"]
                                                             / rows["vtc"]["max_service_diff"])
+
+
+def test_load_sweep_compares_engines_at_every_point(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(BENCH_DIR))
+    import load_sweep
+
+    trace = tmp_path / "t.jsonl"
+    write_trace(trace, [Conversation(f"c{i}", 0.05 * i, [Turn(f"question {i}", 4)],
+                                     client=f"u{i % 2}") for i in range(4)])
+    out = tmp_path / "sweep.json"
+    engine = ["--trace", str(trace), "--num-gpu-blocks", "64", "--max-model-len", "128",
+              "--swap-space", "0.05", "--no-progress", "--output", str(out)]
+    common = [*engine, "--compare", "full,baseline"]
+    result = load_sweep.main(["--sweep", "max-num-seqs=1,4", *common])
+    assert json.loads(out.read_text()) == result
+    figures = result["figures"]
+    assert figures["sweep"] == "max-num-seqs" and figures["values"] == ["1", "4"]
+    for value in ("1", "4"):
+        point = figures["points"][value]
+        for name in ("full", "baseline"):
+            run = point["runs"][name]
+            assert run["summary"]["completed"] == 4
+            assert run["engine_config"]["scheduler"]["max_num_seqs"] == int(value)
+    claims = {c["name"]: c for c in result["claims"]}
+    for value in ("1", "4"):
+        claim = claims[f"throughput_ratio_vs_baseline@max-num-seqs={value}"]
+        assert claim["unit"] == "x" and claim["value"] == \
+            figures["points"][value]["ratios"]["full"]["Output throughput (tok/s)"]
+    assert "Sweep of max-num-seqs" in capsys.readouterr().out
+
+    for bad in ("max-num-seqs", "max-num-seqs=", "max-num-seqs=1,1", "output=x",
+                "no-such-option=1", "max-num-seqs=zero"):
+        with pytest.raises(SystemExit):
+            load_sweep.main(["--sweep", bad, *common])
+    with pytest.raises(SystemExit):  # nothing to compare at each point
+        load_sweep.main(["--sweep", "max-num-seqs=1", *engine])
