@@ -51,6 +51,7 @@ def run_policy(policy: str, trace: Trace, base: EngineConfig,
             "mean_service_diff_continuous": fair["max_service_diff_continuous"]["mean"],
             "jain": fair["jain"], "window_jain_min": fair["window_jain"]["min"],
             "window_jain_mean": fair["window_jain"]["mean"], "service": fair["service"],
+            "windows": fair["windows"],  # per window: service per client, who was backlogged
             "by_client": {c: {"completed": v["completed"], "ttft_p99_ms": v["ttft"]["p99_ms"]}
                           for c, v in s["by_client"].items()},
             "engine": s["engine"]}

@@ -75,6 +75,7 @@ def test_fairness_bench_smoke(tmp_path, monkeypatch):
     for r in rows.values():
         assert r["failed"] == 0 and r["completed"] == result["figures"]["num_requests"]
         assert set(r["service"]) == {"client-0", "client-1"}
+        assert r["windows"] and set(r["windows"][0]["service"]) == {"client-0", "client-1"}
     # Everyone arrives at once: both clients are backlogged together, so the ratio exists.
     (claim,) = result["claims"]
     assert claim["name"] == "vtc_service_diff_reduction_vs_fcfs" and claim["value"] > 0
