@@ -27,6 +27,7 @@ from fairswitch.bench.replay import ReplayOptions  # noqa: E402
 from fairswitch.bench.runner import replay_engine  # noqa: E402
 from fairswitch.bench.trace import Trace, read_trace  # noqa: E402
 from fairswitch.config import EngineConfig, add_engine_args  # noqa: E402
+from fairswitch.kv.host_memory import keep_pinned  # noqa: E402
 from results_io import command_line, write_results  # noqa: E402
 
 DEFAULT_TRACE = Path(__file__).resolve().parents[1] / "workloads/traces/clients_overload.jsonl.gz"
@@ -74,7 +75,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         trace = Trace(trace.conversations[: args.num_conversations], trace.meta)
     base = EngineConfig.from_cli_args(args)
     policies = [x.strip() for x in args.policies.split(",") if x.strip()]
-    rows = [run_policy(policy, trace, base, args) for policy in policies]
+    with keep_pinned():  # one pinned swap space serves the engines built one after another
+        rows = [run_policy(policy, trace, base, args) for policy in policies]
     print(f"{'policy':<10}{'done':>6}{'tok/s':>9}{'P99 TTFT ms':>13}{'max svc diff':>14}"
           f"{'mean svc diff':>15}{'max (cont.)':>13}{'Jain':>7}{'Jain win min':>14}")
     for r in rows:

@@ -29,6 +29,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fairswitch.cli.bench import add_bench_args, bench  # noqa: E402
+from fairswitch.kv.host_memory import keep_pinned  # noqa: E402
 from results_io import command_line, write_results  # noqa: E402
 from slo_bench import claims as bench_claims  # noqa: E402
 
@@ -85,12 +86,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     points: dict[str, dict[str, Any]] = {}
     claims: list[dict[str, Any]] = []
-    for value in values:
-        print(f"\n=== {option} = {value} ===", flush=True)
-        report = bench(point_args(parser, argv, option, value))
-        points[value] = report
-        claims += [{**c, "name": f"{c['name']}@{option}={value}"}
-                   for c in bench_claims(report) if c["unit"] == "x"]
+    with keep_pinned():  # one pinned swap space serves every engine of every point
+        for value in values:
+            print(f"\n=== {option} = {value} ===", flush=True)
+            report = bench(point_args(parser, argv, option, value))
+            points[value] = report
+            claims += [{**c, "name": f"{c['name']}@{option}={value}"}
+                       for c in bench_claims(report) if c["unit"] == "x"]
 
     print(f"\nSweep of {option} (ratios: the baseline's figure over the configuration's, "
           "throughput the other way; above 1 = better than the baseline)")

@@ -177,3 +177,24 @@ def test_pinned_swap_space_is_page_locked_and_released():
     gc.collect()
     assert not view.is_pinned() and view.shape == (5, 7)  # unregistered, still readable
     assert torch.equal(view.cuda(), src[1])
+
+
+def test_keep_pinned_serves_the_next_swap_space_without_pinning_again():
+    from fairswitch.kv.host_memory import keep_pinned, pinned_empty
+
+    with keep_pinned():
+        first = pinned_empty((64, 1024), torch.float16)
+        ptr = first.data_ptr()
+        del first
+        gc.collect()
+        second = pinned_empty((32, 1024), torch.bfloat16)
+        assert second.data_ptr() == ptr and second.is_pinned()
+        src = torch.randn(32, 1024, device="cuda", dtype=torch.bfloat16)
+        second.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        assert torch.equal(second.cuda(), src)
+        view = second[0]
+        del second
+        gc.collect()
+        assert view.is_pinned()  # kept registered for the next engine
+    assert not view.is_pinned()  # the scope is over: unused kept memory is unregistered

@@ -131,11 +131,15 @@ async def _replay_in_process(engine: Any, client: TurnSender, trace: Trace,
 
 def compare_engines(trace: Trace, base: EngineConfig, names: list[str],
                     options: ReplayOptions | None = None, **client_kw: Any) -> dict[str, RunResult]:
-    """Replay ``trace`` once per named configuration (see ``ablations``), one after another."""
+    """Replay ``trace`` once per named configuration (see ``ablations``), one after another
+    (the pinned swap space of one engine serves the next: ``keep_pinned``)."""
+    from fairswitch.kv.host_memory import keep_pinned
+
     runs: dict[str, RunResult] = {}
-    for name in names:
-        runs[name] = replay_engine(trace, ablation_config(name, base), options, desc=name,
-                                   **client_kw)
+    with keep_pinned():
+        for name in names:
+            runs[name] = replay_engine(trace, ablation_config(name, base), options, desc=name,
+                                       **client_kw)
     return runs
 
 
