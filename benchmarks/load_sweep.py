@@ -66,6 +66,9 @@ def point_args(parser: argparse.ArgumentParser, argv: list[str], option: str,
     args = parser.parse_args([*argv, f"--{option}", value])
     if args.plots_dir is not None:
         args.plots_dir = Path(args.plots_dir) / f"{option}={value}"
+    if args.output_json is not None:  # one report per point
+        path = Path(args.output_json)
+        args.output_json = path.with_name(f"{path.stem}_{option}={value}{path.suffix}")
     return args
 
 

@@ -99,8 +99,12 @@ def test_load_sweep_compares_engines_at_every_point(tmp_path, monkeypatch, capsy
     engine = ["--trace", str(trace), "--num-gpu-blocks", "64", "--max-model-len", "128",
               "--swap-space", "0.05", "--no-progress", "--output", str(out)]
     common = [*engine, "--compare", "full,baseline"]
-    result = load_sweep.main(["--sweep", "max-num-seqs=1,4", *common])
+    result = load_sweep.main(["--sweep", "max-num-seqs=1,4", *common,
+                              "--output-json", str(tmp_path / "report.json")])
     assert json.loads(out.read_text()) == result
+    for value in ("1", "4"):  # each point's own report
+        report = json.loads((tmp_path / f"report_max-num-seqs={value}.json").read_text())
+        assert report == result["figures"]["points"][value]
     figures = result["figures"]
     assert figures["sweep"] == "max-num-seqs" and figures["values"] == ["1", "4"]
     for value in ("1", "4"):
