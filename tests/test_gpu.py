@@ -161,6 +161,15 @@ def test_cpu_tier_fetch_on_gpu_keeps_outputs(copy_backend, early, llama_dir):
     tiered.engine.check_accounting()
 
 
+def _async_copy_round_trip(host: torch.Tensor) -> torch.Tensor:
+    """Copy random data into ``host`` asynchronously and check it landed; returns the source."""
+    src = torch.randn(host.shape, device="cuda", dtype=host.dtype)
+    host.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(host.cuda(), src)
+    return src
+
+
 def test_pinned_swap_space_is_page_locked_and_released():
     """The swap space is registered (page-locked) at its exact size; async copies through it
     are right; dropping it unregisters the memory."""
@@ -168,10 +177,7 @@ def test_pinned_swap_space_is_page_locked_and_released():
 
     host = pinned_empty((3, 5, 7), torch.float16)
     assert host.shape == (3, 5, 7) and host.is_pinned() and not host.any()
-    src = torch.randn(3, 5, 7, device="cuda", dtype=torch.float16)
-    host.copy_(src, non_blocking=True)
-    torch.cuda.synchronize()
-    assert torch.equal(host.cuda(), src)
+    src = _async_copy_round_trip(host)
     view = host[1]
     del host
     gc.collect()
@@ -189,10 +195,7 @@ def test_keep_pinned_serves_the_next_swap_space_without_pinning_again():
         gc.collect()
         second = pinned_empty((32, 1024), torch.bfloat16)
         assert second.data_ptr() == ptr and second.is_pinned()
-        src = torch.randn(32, 1024, device="cuda", dtype=torch.bfloat16)
-        second.copy_(src, non_blocking=True)
-        torch.cuda.synchronize()
-        assert torch.equal(second.cuda(), src)
+        _async_copy_round_trip(second)
         view = second[0]
         del second
         gc.collect()
