@@ -363,12 +363,7 @@ class SwapManager:
             return
         self.gpu.drop_reservation(req)
         req.grouped = False
-        # The copy still writes these GPU blocks and reads these CPU blocks: they go with it.
-        t.gpu_blocks_to_free += req.block_table
-        t.cpu_blocks_to_free += req.cpu_block_table
-        req.block_table, req.cpu_block_table, req.num_cpu_tokens = [], [], 0
-        self.cpu_resident.discard(req)
-        self._orphans.append(t)
+        self._orphan(req, t)
 
     @_stalls
     def release(self, req: Request) -> None:
@@ -380,7 +375,11 @@ class SwapManager:
             self.gpu.free(req)
             self.drop_cpu_copy(req)
             return
-        # The copy still reads or writes these blocks: hand them to the transfer.
+        self._orphan(req, t)
+
+    def _orphan(self, req: Request, t: _Transfer) -> None:
+        """The copy still reads or writes the request's blocks: hand them all to the transfer,
+        freed when it lands."""
         t.gpu_blocks_to_free += req.block_table
         t.cpu_blocks_to_free += req.cpu_block_table
         req.block_table, req.cpu_block_table, req.num_cpu_tokens = [], [], 0

@@ -169,9 +169,13 @@ class Scheduler:
         """Free blocks to leave for the growth of ``num_running`` requests (none when idle)."""
         return self.config.growth_headroom * num_running
 
-    def _batch_headroom(self) -> int:
+    def _num_seated(self) -> int:
+        """Requests holding a seat in the batch: running, or waiting for their swap-in."""
         pending = self.swap.num_pending_in if self.swap is not None else 0
-        return self._headroom(len(self.running) + pending)
+        return len(self.running) + pending
+
+    def _batch_headroom(self) -> int:
+        return self._headroom(self._num_seated())
 
     def _blocks_to_start(self, req: Request) -> int:
         if req in self.swapped:
@@ -181,7 +185,7 @@ class Scheduler:
 
     def _preempt_for_rank(self, out: SchedulerOutput) -> None:
         swap = self.swap
-        seats = self.config.max_num_seqs - len(self.running) - (swap.num_pending_in if swap else 0)
+        seats = self.config.max_num_seqs - self._num_seated()
         # Blocks of swap-outs still draining will be free soon: counting them stops a request
         # that waits for them from preempting one victim per step.
         free = self.kv.num_free_blocks + (len(swap.gpu_blocks_in_flight()) if swap else 0)
@@ -278,7 +282,7 @@ class Scheduler:
         next_token_blocks = 0  # blocks the resumed requests' next tokens will take
         while budget > 0:
             req = self._next_kept_out()
-            if req is None or len(self.running) + (swap.num_pending_in if swap else 0) >= max_seqs:
+            if req is None or self._num_seated() >= max_seqs:
                 break
             if req in self.swapped:
                 # Room for its saved KV plus the token it computes next (and theirs before it).
