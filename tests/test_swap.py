@@ -396,3 +396,34 @@ def test_reclaim_waits_for_the_oldest_copy_only():
     assert swap.reclaim_in_flight()
     assert kv.num_free_blocks == 16 and not swap.outgoing
     assert not swap.reclaim_in_flight()
+
+
+def test_release_during_an_early_landed_fetch_gives_back_the_group_reservation():
+    """A request aborted while its CPU-tier fetch is still in flight (it already runs, early
+    landing) hands its blocks to the copy and gives back its group's unused tail at once, as a
+    request released with no copy in flight does."""
+    import torch
+
+    from fairswitch.kv.cache_manager import KVCacheManager
+    from fairswitch.kv.cpu_tier import CpuKVTier
+    from fairswitch.kv.prefix_cache import block_hashes
+    from fairswitch.kv.swap_manager import SwapManager
+
+    kv = KVCacheManager(32, 4, block_groups=True)
+    tier = CpuKVTier(4)
+    swap = SwapManager(kv, torch.zeros(32, 1), 16, torch.zeros(16, 1), DelayedCopyBackend(10**6),
+                       cpu_tier=tier)
+    swap.early_landing = True
+    tokens = [5, 6, 7, 8]
+    (cached,) = swap.cpu_pool.allocate(1)
+    tier.add(block_hashes(tokens, 4, 4)[0], tuple(tokens), cached)
+    req = Request("r", tokens + [9, 10, 11, 12], greedy(40), 0.0)
+    swap.fetch_cached(req, [cached])
+    assert req in swap.incoming and swap.num_pending_in == 0  # it runs already
+    assert kv.allocate_slots(req, 4)  # the rest of its prompt: a group with a reserved tail
+    assert kv.reserved[req]
+    swap.release(req)
+    assert req not in kv.reserved and kv.num_reserved_blocks == 0
+    while swap.reclaim_in_flight():
+        pass
+    assert kv.pool.num_free_blocks == 32 and not swap.has_in_flight()

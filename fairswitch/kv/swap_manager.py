@@ -361,8 +361,6 @@ class SwapManager:
         if t is None:
             self.gpu.free(req)
             return
-        self.gpu.drop_reservation(req)
-        req.grouped = False
         self._orphan(req, t)
 
     @_stalls
@@ -379,7 +377,9 @@ class SwapManager:
 
     def _orphan(self, req: Request, t: _Transfer) -> None:
         """The copy still reads or writes the request's blocks: hand them all to the transfer,
-        freed when it lands."""
+        freed when it lands; the unused tail of its group goes back now (as in ``gpu.free``)."""
+        self.gpu.drop_reservation(req)
+        req.grouped = False
         t.gpu_blocks_to_free += req.block_table
         t.cpu_blocks_to_free += req.cpu_block_table
         req.block_table, req.cpu_block_table, req.num_cpu_tokens = [], [], 0
