@@ -64,11 +64,14 @@ def point_args(parser: argparse.ArgumentParser, argv: list[str], option: str,
                value: str) -> argparse.Namespace:
     """The command line with ``--option value`` appended: parsed, typed and checked like any."""
     args = parser.parse_args([*argv, f"--{option}", value])
+    point = f"{option}_{value}"  # plain file names (no '=')
     if args.plots_dir is not None:
-        args.plots_dir = Path(args.plots_dir) / f"{option}={value}"
+        args.plots_dir = Path(args.plots_dir) / point
+    if args.step_log is not None:
+        args.step_log = Path(args.step_log) / point
     if args.output_json is not None:  # one report per point
         path = Path(args.output_json)
-        args.output_json = path.with_name(f"{path.stem}_{option}={value}{path.suffix}")
+        args.output_json = path.with_name(f"{path.stem}_{point}{path.suffix}")
     return args
 
 

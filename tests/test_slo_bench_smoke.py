@@ -100,11 +100,17 @@ def test_load_sweep_compares_engines_at_every_point(tmp_path, monkeypatch, capsy
               "--swap-space", "0.05", "--no-progress", "--output", str(out)]
     common = [*engine, "--compare", "full,baseline"]
     result = load_sweep.main(["--sweep", "max-num-seqs=1,4", *common,
-                              "--output-json", str(tmp_path / "report.json")])
+                              "--output-json", str(tmp_path / "report.json"),
+                              "--step-log", str(tmp_path / "steps")])
     assert json.loads(out.read_text()) == result
-    for value in ("1", "4"):  # each point's own report
-        report = json.loads((tmp_path / f"report_max-num-seqs={value}.json").read_text())
+    for value in ("1", "4"):  # each point's own report and step logs
+        report = json.loads((tmp_path / f"report_max-num-seqs_{value}.json").read_text())
         assert report == result["figures"]["points"][value]
+        for name in ("full", "baseline"):
+            log = json.loads((tmp_path / "steps" / f"max-num-seqs_{value}" / f"{name}.json")
+                             .read_text())
+            seqs = log["columns"].index("seqs")
+            assert log["rows"] and max(r[seqs] for r in log["rows"]) <= int(value)
     figures = result["figures"]
     assert figures["sweep"] == "max-num-seqs" and figures["values"] == ["1", "4"]
     for value in ("1", "4"):

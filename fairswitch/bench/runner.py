@@ -12,6 +12,7 @@ import asyncio
 import gc
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fairswitch.bench import scrape
@@ -20,6 +21,7 @@ from fairswitch.bench.records import RequestRecord
 from fairswitch.bench.replay import ReplayOptions, ReplayResult, TurnSender, replay
 from fairswitch.bench.trace import Conversation, Trace, Turn
 from fairswitch.config import EngineConfig
+from fairswitch.engine.step_log import StepLog
 
 logger = logging.getLogger(__name__)
 
@@ -99,17 +101,20 @@ def replay_http(trace: Trace, url: str, options: ReplayOptions | None = None, *,
 
 
 def replay_engine(trace: Trace, config: EngineConfig, options: ReplayOptions | None = None, *,
-                  desc: str = "replay", warmup_requests: int = 1, **client_kw: Any) -> RunResult:
+                  desc: str = "replay", warmup_requests: int = 1,
+                  step_log_dir: Path | None = None, **client_kw: Any) -> RunResult:
     """Build an engine from ``config``, replay through it in-process (``client_kw`` go to
-    ``InProcClient``: chat_template, temperature), read its switch metrics, shut it down."""
+    ``InProcClient``: chat_template, temperature), read its switch metrics, shut it down.
+    ``step_log_dir``: record every step of the measured replay to ``<dir>/<desc>.json``."""
     from fairswitch.bench.inproc_client import InProcClient
     from fairswitch.engine.async_engine import AsyncEngine
 
     engine = AsyncEngine.from_config(config)
     try:
         client = InProcClient(engine, **client_kw)
+        step_log = Path(step_log_dir) / f"{desc}.json" if step_log_dir is not None else None
         result, metrics = asyncio.run(_replay_in_process(engine, client, trace, options, desc,
-                                                         warmup_requests))
+                                                         warmup_requests, step_log))
         del client
     finally:
         engine.shutdown()
@@ -121,11 +126,18 @@ def replay_engine(trace: Trace, config: EngineConfig, options: ReplayOptions | N
 
 async def _replay_in_process(engine: Any, client: TurnSender, trace: Trace,
                              options: ReplayOptions | None, desc: str,
-                             warmup_requests: int) -> tuple[ReplayResult, dict[str, float]]:
+                             warmup_requests: int, step_log: Path | None
+                             ) -> tuple[ReplayResult, dict[str, float]]:
     await warm_up(client, warmup_requests)
     before = await engine.run_in_engine(lambda e: e.switch_metrics())
+    if step_log is not None:
+        await engine.run_in_engine(lambda e: setattr(e, "step_log", StepLog()))
     result = await replay(trace, client, options, desc=desc)
     after = await engine.run_in_engine(lambda e: e.switch_metrics())
+    if step_log is not None:
+        log = await engine.run_in_engine(lambda e: e.step_log)
+        log.write(step_log)
+        logger.info("step log: %s (%d steps)", step_log, len(log.rows))
     return result, _counter_growth(before, after)
 
 

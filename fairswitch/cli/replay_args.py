@@ -43,6 +43,10 @@ def add_replay_args(p: argparse.ArgumentParser) -> None:
                         "costs of a fresh process or engine stay out of the figures) (default: 2)")
     w.add_argument("--output-json", type=Path, default=None, help="write the report as JSON")
     w.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    w.add_argument("--step-log", type=Path, default=None, metavar="DIR",
+                   help="in-process only: write every engine step of the measured replay (batch, "
+                        "queues, free KV blocks, preemptions, timings) to DIR/<run>.json "
+                        "(fairswitch/engine/step_log.py)")
     t = p.add_argument_group("target")
     t.add_argument("--url", default=None,
                    help="base URL of a running OpenAI-compatible server, e.g. "
@@ -81,12 +85,16 @@ def replay_options(args: argparse.Namespace) -> ReplayOptions:
 def engine_run_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments of ``runner.replay_engine`` / ``compare_engines`` beyond the config."""
     return {"chat_template": read_chat_template(args.chat_template),
-            "temperature": args.temperature, "warmup_requests": args.warmup_requests}
+            "temperature": args.temperature, "warmup_requests": args.warmup_requests,
+            "step_log_dir": args.step_log}
 
 
 def run_target(args: argparse.Namespace, trace: Trace, desc: str) -> RunResult:
     """One replay of ``trace`` against the target the options name."""
     if args.url is not None:
+        if args.step_log is not None:
+            raise ValueError("--step-log records an in-process engine: it cannot be used with "
+                             "--url")
         return replay_http(trace, args.url, replay_options(args), desc=desc,
                            warmup_requests=args.warmup_requests, api_key=args.api_key,
                            model=args.served_model_name, endpoint=args.endpoint,

@@ -18,6 +18,7 @@ import torch
 
 from fairswitch.config import EngineConfig
 from fairswitch.engine.output_processor import OutputProcessor
+from fairswitch.engine.step_log import StepLog
 from fairswitch.kv.cache_manager import KVCacheManager
 from fairswitch.kv.copy_backend import CopyStats, make_copy_backend
 from fairswitch.kv.cpu_tier import CpuKVTier
@@ -113,6 +114,7 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.stats = StepStats()
+        self.step_log: StepLog | None = None  # set to record every step (step_log.py)
 
     def _swap_manager(self) -> SwapManager | None:
         gib = self.config.cache.swap_space
@@ -277,7 +279,10 @@ class Engine:
                 del self.requests[req.request_id]
             outputs.append(self.output_processor.make_output(req))
         self.scheduler.update(sched)  # charge the service to the ranking policy
-        self.stats.add(t1 - t0, t2 - t1, time.perf_counter() - t2, self.runner.last_prepare_s)
+        t3 = time.perf_counter()
+        self.stats.add(t1 - t0, t2 - t1, t3 - t2, self.runner.last_prepare_s)
+        if self.step_log is not None:
+            self.step_log.record(self, sched, t0, t1, t3)
         return outputs
 
     def _observe_prefill(self, sched: SchedulerOutput, seconds: float) -> None:

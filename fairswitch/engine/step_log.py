@@ -1,0 +1,69 @@
+"""A per-step record of what the engine did and the state it left: the trace to read when a tail
+latency needs explaining (a stall, a burst of preemptions, a full KV cache), step by step.
+
+Off unless asked for (``fairswitch bench --step-log DIR``): one row per step that ran a batch,
+kept in memory and written as one JSON object ``{"columns": [...], "rows": [[...], ...]}``.
+
+    t_s       seconds since the log started, at the step's start
+    step_s    the step's wall time (schedule + model + outputs)
+    sched_s   of which scheduling (incl. waiting for swap copies)
+    seqs      requests in the batch; tokens: tokens in the batch; prefill: of which prompt tokens
+    running / waiting / swapped / pending_in: queue lengths after scheduling
+    free      free KV blocks as the scheduler counts them (free + reserved + evictable)
+    evictable cached blocks nobody references; reserved: unused tails of block groups
+    in_flight GPU blocks held by copies (draining swap-outs, write-backs)
+    preempted requests preempted in the step; rank_total: rank preemptions so far
+    stall_s   swap-manager host time so far (switch_stall_s)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+COLUMNS = ("t_s", "step_s", "sched_s", "seqs", "tokens", "prefill", "running", "waiting",
+           "swapped", "pending_in", "free", "evictable", "reserved", "in_flight", "preempted",
+           "rank_total", "stall_s")
+
+
+class StepLog:
+    def __init__(self, max_rows: int = 2_000_000) -> None:
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        self.t0 = time.perf_counter()
+        self.max_rows = max_rows
+        self.rows: list[tuple[float | int, ...]] = []
+        self.num_dropped = 0  # rows past max_rows
+
+    def record(self, engine: Any, sched: Any, t_start: float, t_sched: float,
+               t_end: float) -> None:
+        """One step of ``engine`` (an ``Engine``) that ran ``sched`` (its ``SchedulerOutput``)."""
+        if len(self.rows) >= self.max_rows:
+            self.num_dropped += 1
+            return
+        s, kv, swap = engine.scheduler, engine.kv, engine.swap
+        pc = kv.prefix_cache
+        self.rows.append((
+            round(t_start - self.t0, 6), round(t_end - t_start, 6), round(t_sched - t_start, 6),
+            len(sched.scheduled), sched.num_batched_tokens,
+            sum(n for _, n in sched.scheduled if n > 1),
+            len(s.running), len(s.waiting), len(s.swapped),
+            swap.num_pending_in if swap is not None else 0,
+            kv.num_free_blocks, len(pc.evictable) if pc is not None else 0,
+            kv.num_reserved_blocks,
+            len(swap.gpu_blocks_in_flight()) if swap is not None else 0,
+            len(sched.preempted), s.num_rank_preemptions,
+            round(swap.stall_s, 6) if swap is not None else 0.0,
+        ))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"columns": list(COLUMNS), "rows": [list(r) for r in self.rows],
+                "num_dropped": self.num_dropped}
+
+    def write(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), separators=(",", ":")))
+        return path
