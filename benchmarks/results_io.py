@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -40,6 +41,30 @@ def git_commit() -> str:
     return out.stdout.strip() or "unknown"
 
 
+def resolve_commit(commit: str | None) -> str:
+    """The commit to record: HEAD when none is given; a given one (full or abbreviated hash)
+    expanded to its full hash where this checkout's git knows it, else recorded as given (the
+    device machine has no git) with a warning if it is no hash or git here does not know it.
+    Never raises: this runs when the measurement is done (tests/test_results_files.py checks
+    every recorded commit against the repository)."""
+    if commit is None:
+        return git_commit()
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{commit}^{{commit}}"],
+                             cwd=here, capture_output=True, text=True, timeout=10)
+        inside = subprocess.run(["git", "rev-parse", "--git-dir"], cwd=here,
+                                capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        out, inside = None, False
+    if out is not None and out.returncode == 0 and out.stdout.strip():
+        return out.stdout.strip()
+    if inside or not re.fullmatch(r"[0-9a-f]{7,40}", commit):
+        print(f"warning: --commit {commit!r} names no commit of this repository; recorded as "
+              "given", file=sys.stderr)
+    return commit
+
+
 def write_results(path: str | Path, *, command: str, figures: dict[str, Any],
                   claims: list[dict[str, Any]], commit: str | None = None) -> dict[str, Any]:
     """Write one result object to ``path`` (parents created), say so, and return it."""
@@ -50,7 +75,7 @@ def write_results(path: str | Path, *, command: str, figures: dict[str, Any],
     result = {
         "device": device_name(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit or git_commit(),
+        "commit": resolve_commit(commit),
         "command": command,
         "figures": figures,
         "claims": [{"name": c["name"], "value": c["value"], "unit": c["unit"]} for c in claims],
