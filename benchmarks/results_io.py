@@ -53,8 +53,9 @@ def resolve_commit(commit: str | None) -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{commit}^{{commit}}"],
                              cwd=here, capture_output=True, text=True, timeout=10)
-        inside = subprocess.run(["git", "rev-parse", "--git-dir"], cwd=here,
-                                capture_output=True, timeout=10).returncode == 0
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=here,
+                             capture_output=True, text=True, timeout=10)
+        inside = top.returncode == 0 and Path(top.stdout.strip()) == here.parent
     except (OSError, subprocess.SubprocessError):
         out, inside = None, False
     if out is not None and out.returncode == 0 and out.stdout.strip():
