@@ -46,3 +46,70 @@ def test_step_log_stops_at_its_bound():
     assert len(log.rows) == 3 and log.num_dropped == engine.stats.num_steps - 3
     with pytest.raises(ValueError, match="max_rows"):
         StepLog(max_rows=0)
+
+
+def _log(rows: list[dict], num_blocks: int | None = 100) -> dict:
+    base = dict.fromkeys(COLUMNS, 0)
+    return {"columns": list(COLUMNS), "rows": [[{**base, **r}[c] for c in COLUMNS] for r in rows],
+            "meta": {"num_gpu_blocks": num_blocks} if num_blocks else {}, "num_dropped": 0}
+
+
+def test_step_summary_and_windows_by_hand():
+    from fairswitch.bench.step_report import step_windows, summarize_steps
+
+    log = _log([
+        dict(t_s=0.0, step_s=0.010, sched_s=0.001, seqs=4, tokens=4, running=4, free=50),
+        dict(t_s=0.5, step_s=0.030, sched_s=0.002, seqs=3, tokens=40, prefill=38, running=3,
+             waiting=2, free=5, preempted=1),
+        dict(t_s=1.2, step_s=0.020, sched_s=0.001, seqs=2, tokens=2, running=2, swapped=1,
+             free=4, preempted=2),
+    ])
+    s = summarize_steps(log, full_fraction=0.05)
+    assert s["num_steps"] == 3 and s["span_s"] == pytest.approx(1.22)
+    assert s["busy_s"] == pytest.approx(0.06) and s["schedule_s"] == pytest.approx(0.004)
+    assert s["decode_steps"] == {"count": 2, "mean_ms": pytest.approx(15.0),
+                                 "total_s": pytest.approx(0.03), "mean_seqs": 3.0}
+    assert s["prompt_steps"] == {"count": 1, "mean_ms": pytest.approx(30.0),
+                                 "total_s": pytest.approx(0.03), "prompt_tokens": 38}
+    assert s["preempted"] == 3 and s["min_free_blocks"] == 4 and s["max_waiting"] == 2
+    # free <= 5 of 100 blocks: the last two steps
+    assert s["cache_full_steps"] == 2 and s["cache_full_s"] == pytest.approx(0.05)
+    assert "cache_full_s" not in summarize_steps(_log([dict(seqs=1)], num_blocks=None))
+    w = step_windows(log, window_s=1.0)
+    assert [r["start_s"] for r in w] == [0.0, 1.0]
+    assert w[0]["steps"] == 2 and w[0]["running"] == 3.5 and w[0]["tok_s"] == 7.0
+    assert w[0]["step_ms"] == pytest.approx(20.0) and w[1]["preempted"] == 2
+    assert summarize_steps(_log([]))["num_steps"] == 0 and step_windows(_log([])) == []
+    with pytest.raises(ValueError):
+        step_windows(log, 0)
+    with pytest.raises(ValueError):
+        summarize_steps(log, 1.0)
+
+
+def test_steps_cli_reads_an_engine_log_and_refuses_bad_files(tmp_path, capsys):
+    from fairswitch.cli.main import main
+
+    llm = LLM(num_gpu_blocks=24, block_size=4, max_model_len=96, swap_space=0.01)
+    engine = llm.engine
+    engine.step_log = StepLog(meta={"num_gpu_blocks": 24})
+    for i in range(4):
+        engine.add_request(f"prompt {i} " * 8, SamplingParams(max_tokens=20, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+    path = engine.step_log.write(tmp_path / "full.json")
+    out_json = tmp_path / "report.json"
+    assert main(["steps", str(path), "--window-s", "0.5", "--output-json", str(out_json)]) == 0
+    printed = capsys.readouterr().out
+    assert "full:" in printed and "KV cache full" in printed and "ms/step" in printed
+    report = json.loads(out_json.read_text())["full"]
+    assert report["summary"]["num_steps"] == engine.stats.num_steps
+    assert report["summary"]["preempted"] == engine.scheduler.num_preemptions
+
+    bad = tmp_path / "bad.json"
+    for text, message in (("{", "not JSON"), ('{"a": 1}', "not a step log"),
+                          ('{"columns": ["t_s"], "rows": []}', "lacks columns"),
+                          (json.dumps({"columns": list(COLUMNS), "rows": [[1, 2]]}),
+                           "row 0 has 2 values")):
+        bad.write_text(text)
+        assert main(["steps", str(bad)]) == 2
+        assert message in capsys.readouterr().err

@@ -131,7 +131,8 @@ async def _replay_in_process(engine: Any, client: TurnSender, trace: Trace,
     await warm_up(client, warmup_requests)
     before = await engine.run_in_engine(lambda e: e.switch_metrics())
     if step_log is not None:
-        await engine.run_in_engine(lambda e: setattr(e, "step_log", StepLog()))
+        await engine.run_in_engine(lambda e: setattr(e, "step_log", StepLog(meta={
+            "num_gpu_blocks": e.kv.num_blocks, "block_size": e.kv.block_size})))
     result = await replay(trace, client, options, desc=desc)
     after = await engine.run_in_engine(lambda e: e.switch_metrics())
     if step_log is not None:

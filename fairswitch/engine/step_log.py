@@ -2,7 +2,9 @@
 latency needs explaining (a stall, a burst of preemptions, a full KV cache), step by step.
 
 Off unless asked for (``fairswitch bench --step-log DIR``): one row per step that ran a batch,
-kept in memory and written as one JSON object ``{"columns": [...], "rows": [[...], ...]}``.
+kept in memory and written as one JSON object ``{"columns": [...], "rows": [[...], ...],
+"meta": {...}}`` (meta: ``num_gpu_blocks``, ``block_size``); ``fairswitch steps`` reads it
+(bench/step_report.py).
 
     t_s       seconds since the log started, at the step's start
     step_s    the step's wall time (schedule + model + outputs)
@@ -29,9 +31,10 @@ COLUMNS = ("t_s", "step_s", "sched_s", "seqs", "tokens", "prefill", "running", "
 
 
 class StepLog:
-    def __init__(self, max_rows: int = 2_000_000) -> None:
+    def __init__(self, max_rows: int = 2_000_000, meta: dict[str, Any] | None = None) -> None:
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        self.meta = dict(meta or {})
         self.t0 = time.perf_counter()
         self.max_rows = max_rows
         self.rows: list[tuple[float | int, ...]] = []
@@ -60,10 +63,33 @@ class StepLog:
 
     def to_json(self) -> dict[str, Any]:
         return {"columns": list(COLUMNS), "rows": [list(r) for r in self.rows],
-                "num_dropped": self.num_dropped}
+                "num_dropped": self.num_dropped, "meta": self.meta}
 
     def write(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_json(), separators=(",", ":")))
         return path
+
+
+def read_step_log(path: str | Path) -> dict[str, Any]:
+    """A written step log, checked: ``{"columns", "rows", "meta", "num_dropped"}``; a file that
+    is not one raises ValueError naming the file and what is wrong."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from e
+    if not isinstance(data, dict) or not {"columns", "rows"} <= data.keys():
+        raise ValueError(f"{path}: not a step log (no 'columns' and 'rows')")
+    missing = [c for c in COLUMNS if c not in data["columns"]]
+    if missing:
+        raise ValueError(f"{path}: step log lacks columns {missing}")
+    width = len(data["columns"])
+    for i, row in enumerate(data["rows"]):
+        if not isinstance(row, list) or len(row) != width:
+            raise ValueError(f"{path}: row {i} has {len(row) if isinstance(row, list) else '?'} "
+                             f"values, expected {width}")
+    data.setdefault("meta", {})
+    data.setdefault("num_dropped", 0)
+    return data
