@@ -336,7 +336,10 @@ class Engine:
         refs = Counter(b for r in self.requests.values() for b in r.block_table)
         refs.update(b for tail in self.kv.reserved.values() for b in tail)
         if self.swap is not None:
-            refs.update(self.swap.gpu_blocks_in_flight())
+            gpu_in_flight = self.swap.gpu_blocks_in_flight()
+            if self.swap.num_gpu_blocks_in_flight() != len(gpu_in_flight):
+                raise AssertionError("copies' GPU block count disagrees with their blocks")
+            refs.update(gpu_in_flight)
         pc = self.kv.prefix_cache
         if pc is not None:
             wrong = [b for b in range(self.kv.num_blocks) if pc.refs[b] != refs.get(b, 0)]

@@ -56,7 +56,7 @@ class StepLog:
             swap.num_pending_in if swap is not None else 0,
             kv.num_free_blocks, len(pc.evictable) if pc is not None else 0,
             kv.num_reserved_blocks,
-            len(swap.gpu_blocks_in_flight()) if swap is not None else 0,
+            swap.num_gpu_blocks_in_flight() if swap is not None else 0,
             len(sched.preempted), s.num_rank_preemptions,
             round(swap.stall_s, 6) if swap is not None else 0.0,
         ))

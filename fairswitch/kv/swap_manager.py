@@ -395,6 +395,12 @@ class SwapManager:
         return [b for t in [*self.outgoing.values(), *self._orphans, *self._writebacks]
                 for b in t.gpu_blocks_to_free]
 
+    def num_gpu_blocks_in_flight(self) -> int:
+        """How many GPU blocks copies hold (``gpu_blocks_in_flight`` without building the list:
+        the scheduler asks every step)."""
+        return sum(len(t.gpu_blocks_to_free)
+                   for t in (*self.outgoing.values(), *self._orphans, *self._writebacks))
+
     def num_cpu_blocks_in_flight(self) -> int:
         """CPU blocks owned by copies: aborted requests' and write-backs not yet in the tier."""
         return sum(len(t.cpu_blocks_to_free) for t in self._orphans) + sum(

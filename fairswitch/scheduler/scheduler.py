@@ -188,7 +188,7 @@ class Scheduler:
         seats = self.config.max_num_seqs - self._num_seated()
         # Blocks of swap-outs still draining will be free soon: counting them stops a request
         # that waits for them from preempting one victim per step.
-        free = self.kv.num_free_blocks + (len(swap.gpu_blocks_in_flight()) if swap else 0)
+        free = self.kv.num_free_blocks + (swap.num_gpu_blocks_in_flight() if swap else 0)
         min_run = self.config.min_run_steps
         held: list[tuple[Request, HeapQueue | ClientQueue]] = []  # room counted for them
         while (cand := self._next_kept_out()) is not None:
