@@ -102,6 +102,10 @@ class Engine:
                                   self.max_model_len, self.device, self.dtype, mc.seed)
         if self.device.type == "cuda" and backend.name == "triton" and not mc.enforce_eager:
             self.runner.capture_cuda_graphs(config.scheduler.max_num_seqs, self.max_model_len)
+            if mc.mixed_cuda_graphs:
+                self.runner.capture_mixed_graphs(config.scheduler.max_num_batched_tokens,
+                                                 config.scheduler.max_num_seqs,
+                                                 self.max_model_len)
         self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size,
                                  config.cache.enable_prefix_caching, config.cache.block_groups,
                                  self.max_model_len)

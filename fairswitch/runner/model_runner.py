@@ -16,6 +16,7 @@ from fairswitch.model.llama import LlamaForCausalLM, head_dim_of
 from fairswitch.request import Request
 from fairswitch.runner.attention import AttentionBackend, AttentionMetadata
 from fairswitch.runner.cuda_graph import DecodeGraphs
+from fairswitch.runner.mixed_graphs import MixedGraphs
 from fairswitch.runner.input_batch import InputBatch, build_input_batch
 from fairswitch.runner.sampler import Sampler
 from fairswitch.scheduler.scheduler import SchedulerOutput
@@ -47,6 +48,7 @@ class ModelRunner:
                                 cfg.num_key_value_heads, head_dim_of(cfg), dtype, device)
         self.sampler = Sampler(device, seed)
         self.graphs: DecodeGraphs | None = None
+        self.mixed_graphs: MixedGraphs | None = None
         self.last_prepare_s = 0.0
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, cache.block_size,
                     num_blocks * self.block_bytes / _GiB)
@@ -119,14 +121,25 @@ class ModelRunner:
                                    -(-max_model_len // self.block_size), self.device)
         self.graphs.capture()
 
+    def capture_mixed_graphs(self, max_tokens: int, max_seqs: int, max_model_len: int) -> None:
+        self.mixed_graphs = MixedGraphs(self.model, self.kv_cache.layer_views, max_tokens,
+                                        max_seqs, -(-max_model_len // self.block_size),
+                                        self.device)
+        self.mixed_graphs.capture()
+
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> dict[Request, int]:
         """Run one step; return the token sampled for each request that reached its last token."""
         t0 = time.perf_counter()
         batch = build_input_batch(out.scheduled, self.block_size)
+        mixed = (self.mixed_graphs.bucket(batch) if self.mixed_graphs is not None
+                 and not batch.is_decode_only else None)
         if self.graphs is not None and self.graphs.can_run(batch):
             self.last_prepare_s = time.perf_counter() - t0
             hidden = self.graphs.run(batch)
+        elif mixed is not None:
+            self.last_prepare_s = time.perf_counter() - t0
+            hidden = self.mixed_graphs.run(batch, mixed)  # type: ignore[union-attr]
         else:
             ids, pos = self._to_device(batch.input_ids), self._to_device(batch.positions)
             meta = self._metadata(batch)

@@ -1,0 +1,163 @@
+"""CUDA graphs for steps that carry prompt tokens (prefill chunks, alone or beside decodes).
+
+Such steps ran eagerly: on the H200, Llama-3-8B, a step with even a few prompt tokens took
+20-25 ms against 6-8 ms for a graphed decode step (the launch overhead of ~15 kernels per layer),
+a quarter of the busy phase of the FastSwitch-style runs (README, step logs).
+
+One graph per (token bucket T, sequence bucket S). Every sequence of the step, decodes included,
+goes through the prefill attention kernel as a chunk of its query length (a decode is a chunk of
+1), so one kernel with a grid fixed by (T, S) serves any mix:
+
+    tokens:     [ d0 d1 d2 | p0 p0 p0 p0 p0 | p1 p1 | pad pad pad ]        T = bucket
+    sequences:  [ 1  1  1  | 5             | 2     | 0 0 ... ]  q_len    S = bucket
+    seq_lens:   each sequence's length after the step; 0 for padding sequences
+
+Padding tokens have KV slot -1 (not written) and belong to no sequence (their attention output is
+never written; rows are independent through every other layer, so whatever they hold stays in
+their own rows). Padding sequences have q_len 0 and length 0: their programs return at once.
+The grid's token dimension covers T (``max_query_len`` = T), programs past a sequence's query
+return at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from fairswitch.runner.attention import AttentionMetadata
+from fairswitch.runner.input_batch import InputBatch
+
+logger = logging.getLogger(__name__)
+
+
+def token_buckets(max_tokens: int, smallest: int = 64) -> list[int]:
+    """Powers of two from ``smallest`` up to (and including) ``max_tokens``."""
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    buckets, b = [], min(smallest, max_tokens)
+    while b < max_tokens:
+        buckets.append(b)
+        b *= 2
+    return buckets + [max_tokens]
+
+
+def seq_buckets(max_seqs: int) -> list[int]:
+    return sorted({b for b in (4, 16) if b < max_seqs} | {max_seqs})
+
+
+@dataclass(slots=True)
+class MixedLayout:
+    """A step's inputs padded to (T, S) with every sequence as a chunk (host arrays)."""
+
+    input_ids: np.ndarray  # [T] int64, padding 0
+    positions: np.ndarray  # [T] int64, padding 0
+    slot_mapping: np.ndarray  # [T] int64, padding -1
+    query_start_loc: np.ndarray  # [S + 1] int32, padding sequences repeat the end
+    seq_lens: np.ndarray  # [S] int32, padding 0
+    block_tables: np.ndarray  # [S, width] int32, padding rows 0
+
+
+def mixed_layout(batch: InputBatch, num_tokens: int, num_seqs: int, width: int) -> MixedLayout:
+    """Lay ``batch`` out for the graph of bucket (num_tokens, num_seqs) with block tables
+    ``width`` wide. Token order is the batch's (decodes first), so sample rows are unchanged."""
+    n, nd = batch.num_tokens, batch.num_decodes
+    nseq = nd + len(batch.prefill_seq_lens)
+    if n > num_tokens or nseq > num_seqs:
+        raise ValueError(f"a step of {n} tokens / {nseq} sequences does not fit the bucket "
+                         f"({num_tokens}, {num_seqs})")
+    ids = np.zeros(num_tokens, dtype=np.int64)
+    pos = np.zeros(num_tokens, dtype=np.int64)
+    slots = np.full(num_tokens, -1, dtype=np.int64)
+    ids[:n], pos[:n], slots[:n] = batch.input_ids, batch.positions, batch.slot_mapping
+    q_lens = np.concatenate([np.ones(nd, dtype=np.int64),
+                             np.diff(batch.prefill_query_start_loc).astype(np.int64)])
+    qsl = np.full(num_seqs + 1, n, dtype=np.int32)
+    qsl[0] = 0
+    qsl[1:nseq + 1] = np.cumsum(q_lens)
+    lens = np.zeros(num_seqs, dtype=np.int32)
+    lens[:nd] = batch.decode_seq_lens
+    lens[nd:nseq] = batch.prefill_seq_lens
+    tables = np.zeros((num_seqs, width), dtype=np.int32)
+    for rows, start in ((batch.decode_block_tables[:nd], 0),
+                        (batch.prefill_block_tables[:nseq - nd], nd)):
+        if len(rows):
+            if rows.shape[1] > width:
+                raise ValueError(f"block tables of {rows.shape[1]} blocks exceed width {width}")
+            tables[start:start + len(rows), :rows.shape[1]] = rows
+    return MixedLayout(ids, pos, slots, qsl, lens, tables)
+
+
+class MixedGraphs:
+    def __init__(self, model: Any, kv_layers: list, max_tokens: int, max_seqs: int,
+                 max_blocks_per_seq: int, device: torch.device) -> None:
+        self.model = model
+        self.kv_layers = kv_layers
+        self.device = device
+        self.token_buckets = token_buckets(max_tokens)
+        self.seq_buckets = seq_buckets(max_seqs)
+        self.width = max_blocks_per_seq
+        T, S = self.token_buckets[-1], self.seq_buckets[-1]
+        z = dict(device=device)
+        self.input_ids = torch.zeros(T, dtype=torch.int64, **z)
+        self.positions = torch.zeros(T, dtype=torch.int64, **z)
+        self.slot_mapping = torch.full((T,), -1, dtype=torch.int64, **z)
+        self.query_start_loc = torch.zeros(S + 1, dtype=torch.int32, **z)
+        self.seq_lens = torch.zeros(S, dtype=torch.int32, **z)
+        self.block_tables = torch.zeros((S, self.width), dtype=torch.int32, **z)
+        self._empty_i32 = torch.zeros(0, dtype=torch.int32, **z)
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def _meta(self, t: int, s: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:t], num_decodes=0,
+            decode_block_tables=self._empty_i32.view(0, 1), decode_seq_lens=self._empty_i32,
+            prefill_block_tables=self.block_tables[:s],
+            prefill_query_start_loc=self.query_start_loc[:s + 1],
+            prefill_seq_lens=self.seq_lens[:s],
+            prefill_query_start_loc_host=[], prefill_seq_lens_host=[],  # Triton reads the device
+            max_query_len=t)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.device)
+        for t in reversed(self.token_buckets):  # largest first: the pool's memory is reused
+            for s in reversed(self.seq_buckets):
+                meta = self._meta(t, s)
+                args = (self.input_ids[:t], self.positions[:t], self.kv_layers, meta)
+                stream.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(stream):
+                    self.model(*args)  # warm-up outside the capture (Triton compiles here)
+                torch.cuda.current_stream(self.device).wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    out = self.model(*args)
+                self._graphs[(t, s)] = (graph, out)
+        torch.cuda.synchronize(self.device)
+        logger.info("captured prefill/mixed CUDA graphs for tokens %s x sequences %s",
+                    self.token_buckets, self.seq_buckets)
+
+    def bucket(self, batch: InputBatch) -> tuple[int, int] | None:
+        nseq = batch.num_decodes + len(batch.prefill_seq_lens)
+        t = next((x for x in self.token_buckets if x >= batch.num_tokens), None)
+        s = next((x for x in self.seq_buckets if x >= nseq), None)
+        if t is None or s is None or batch.prefill_block_tables.shape[1] > self.width:
+            return None
+        return (t, s) if (t, s) in self._graphs else None
+
+    def run(self, batch: InputBatch, bucket: tuple[int, int]) -> torch.Tensor:
+        """Hidden states [num_tokens, hidden] of the step, by replaying graph ``bucket``."""
+        t, s = bucket
+        lay = mixed_layout(batch, t, s, self.width)
+        for dst, src in ((self.input_ids, lay.input_ids), (self.positions, lay.positions),
+                         (self.slot_mapping, lay.slot_mapping),
+                         (self.query_start_loc, lay.query_start_loc),
+                         (self.seq_lens, lay.seq_lens), (self.block_tables, lay.block_tables)):
+            dst[:len(src)].copy_(torch.from_numpy(src))
+        graph, out = self._graphs[bucket]
+        graph.replay()
+        return out[:batch.num_tokens]
