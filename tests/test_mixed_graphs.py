@@ -106,3 +106,42 @@ def test_mixed_graphs_give_the_eager_tokens(tmp_path):
         del llm
         torch.cuda.empty_cache()
     assert outs[True] == outs[False]
+
+
+def test_model_on_the_padded_layout_gives_the_eager_hidden_states():
+    """The whole model (tiny, CPU, torch attention) on a real mixed step laid out for a graph
+    bucket: the real rows equal the normal eager step's (padding rows stay in their rows)."""
+    from fairswitch import LLM, SamplingParams
+    from fairswitch.runner.attention import AttentionMetadata
+    from fairswitch.runner.input_batch import build_input_batch
+
+    llm = LLM(num_gpu_blocks=64, block_size=8, max_model_len=256, max_num_batched_tokens=64)
+    engine = llm.engine
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    engine.add_request("a short one", params)
+    engine.step()
+    engine.step()  # now decoding
+    engine.add_request("a longer prompt that will be chunked " * 6, params)
+    engine.add_request("and a third", params)
+    sched = engine.scheduler.schedule()
+    batch = build_input_batch(sched.scheduled, engine.kv.block_size)
+    assert 0 < batch.num_decodes < batch.num_tokens  # decodes and prompt tokens together
+    runner = engine.runner
+    with torch.inference_mode():
+        ids, pos = runner._to_device(batch.input_ids), runner._to_device(batch.positions)
+        eager = runner.model(ids, pos, runner.kv_cache.layer_views, runner._metadata(batch))
+        T, S, width = 128, 8, 256 // 8
+        lay = mixed_layout(batch, T, S, width)
+        empty = torch.zeros(0, dtype=torch.int32)
+        meta = AttentionMetadata(
+            slot_mapping=torch.from_numpy(lay.slot_mapping), num_decodes=0,
+            decode_block_tables=empty.view(0, 1), decode_seq_lens=empty,
+            prefill_block_tables=torch.from_numpy(lay.block_tables),
+            prefill_query_start_loc=torch.from_numpy(lay.query_start_loc),
+            prefill_seq_lens=torch.from_numpy(lay.seq_lens),
+            prefill_query_start_loc_host=lay.query_start_loc.tolist(),
+            prefill_seq_lens_host=lay.seq_lens.tolist(), max_query_len=T)
+        padded = runner.model(torch.from_numpy(lay.input_ids), torch.from_numpy(lay.positions),
+                              runner.kv_cache.layer_views, meta)
+    n = batch.num_tokens
+    torch.testing.assert_close(padded[:n], eager, atol=1e-4, rtol=1e-4)
