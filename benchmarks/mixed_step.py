@@ -1,0 +1,105 @@
+"""Steps with prompt tokens: eager vs CUDA graphs (``--mixed-cuda-graphs``), side by side (GPU).
+
+For each batch B and prompt chunk K: B requests decode while, every step, one new request of K
+prompt tokens is prefilled beside them (it is aborted after its step, so every timed step has B
+decodes + one K-token chunk). The same steps run on two engines built one after the other,
+without and with the prefill/mixed graphs; a decode-only step of the same batch is timed as the
+floor. Claim ``mixed_step_speedup_graphs``: eager step time / graphed step time, mean over the
+(B, K) points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from decode_step import prefill_batch  # noqa: E402
+from fairswitch.config import EngineConfig  # noqa: E402
+from fairswitch.engine.engine import Engine  # noqa: E402
+from fairswitch.sampling_params import SamplingParams  # noqa: E402
+from results_io import command_line, write_results  # noqa: E402
+
+
+def time_mixed(engine: Engine, batch: int, chunk: int, ctx: int, steps: int, seed: int
+               ) -> dict[str, float]:
+    ids = prefill_batch(engine, batch, ctx, 2 * steps + 10, seed)
+    gen = torch.Generator().manual_seed(seed)
+    vocab = min(engine.hf_config.vocab_size, 100_000)
+    params = SamplingParams(max_tokens=4, ignore_eos=True, detokenize=False)
+
+    def one(with_chunk: bool) -> float:
+        rid = None
+        if with_chunk:
+            rid = engine.add_request(
+                prompt_token_ids=torch.randint(0, vocab, (chunk,), generator=gen).tolist(),
+                params=params)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        engine.step()
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        if rid is not None:
+            engine.abort_request(rid)
+        return dt
+
+    for _ in range(3):
+        one(True)  # warm-up
+    mixed = [one(True) for _ in range(steps)]
+    decode = [one(False) for _ in range(steps)]
+    for r in ids:
+        engine.abort_request(r)
+    return {"batch": batch, "chunk": chunk, "mixed_ms": statistics.median(mixed) * 1e3,
+            "decode_ms": statistics.median(decode) * 1e3}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="llama-3-8b")
+    p.add_argument("--batches", default="8,32")
+    p.add_argument("--chunks", default="16,256")
+    p.add_argument("--ctx", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default="benchmarks/results/mixed_step.json")
+    p.add_argument("--commit", default=None)
+    args = p.parse_args(argv)
+    batches = [int(b) for b in args.batches.split(",")]
+    chunks = [int(k) for k in args.chunks.split(",")]
+    runs: dict[str, list[dict[str, float]]] = {}
+    for mode in ("eager", "graphs"):
+        engine = Engine(EngineConfig.from_kwargs(
+            model=args.model, load_format="dummy", max_num_seqs=max(batches) + 1,
+            max_model_len=args.ctx + 2 * args.steps + 256,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            mixed_cuda_graphs=mode == "graphs", seed=args.seed))
+        assert (engine.runner.mixed_graphs is not None) == (mode == "graphs")
+        runs[mode] = [time_mixed(engine, b, k, args.ctx, args.steps, args.seed)
+                      for b in batches for k in chunks]
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
+    print(f"{'B':>4}{'K':>6}{'eager ms':>10}{'graphs ms':>11}{'speedup':>9}{'decode ms':>11}")
+    speedups = []
+    for e, g in zip(runs["eager"], runs["graphs"]):
+        speedups.append(e["mixed_ms"] / g["mixed_ms"])
+        print(f"{e['batch']:>4}{e['chunk']:>6}{e['mixed_ms']:>10.2f}{g['mixed_ms']:>11.2f}"
+              f"{speedups[-1]:>8.2f}x{g['decode_ms']:>11.2f}")
+    claims = [{"name": "mixed_step_speedup_graphs", "value": statistics.mean(speedups),
+               "unit": "x"}]
+    figures = {"model": args.model, "ctx": args.ctx, "steps": args.steps, "runs": runs}
+    return write_results(args.output, command=command_line(), figures=figures, claims=claims,
+                         commit=args.commit)
+
+
+if __name__ == "__main__":
+    main()
