@@ -85,7 +85,7 @@ def prefill_rows(shapes, hq, hkv, d, bs, dtype) -> list[dict[str, Any]]:
         qsl = torch.arange(0, (seqs + 1) * length, length, dtype=torch.int32, device="cuda")
         seq_lens = torch.full((seqs,), length, dtype=torch.int32, device="cuda")
         ours = bench(lambda: paged_attention.paged_prefill_attention(
-            q, k_cache, v_cache, tables, qsl, seq_lens, length))
+            q, k_cache, v_cache, tables, qsl, seq_lens))
         q4 = q.view(seqs, length, hq, d).transpose(1, 2)
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             sdpa = bench(lambda: F.scaled_dot_product_attention(q4, k, v, is_causal=True,

@@ -319,7 +319,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 # Prefill (varlen, causal over cached prefix + new tokens)
 
 
-@triton.jit(do_not_specialize=["stride_bt"])
+@triton.jit(do_not_specialize=["stride_bt", "num_seqs", "num_slots", "search_steps"])
 def _prefill_kernel(
     q_ptr,  # [T, Hq, D]
     k_cache_ptr,  # [num_blocks, block_size, Hkv, D] (strided view)
@@ -334,19 +334,33 @@ def _prefill_kernel(
     stride_vb, stride_vs, stride_vh,
     stride_bt,
     stride_ot, stride_oh,
+    num_seqs, num_slots, search_steps,  # search_steps = ceil(log2(num_seqs))
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    # grid: (cdiv(max_query_len, BLOCK_M // GROUP), S, Hkv)
-    # The M rows of a program are TOKENS consecutive query tokens x the GROUP query heads of one
-    # KV head (row r = token r // GROUP, head r % GROUP), so each KV tile is loaded once per group.
+    # grid: (num_slots = T // TOKENS + S, Hkv). The M rows of a program are TOKENS consecutive
+    # query tokens x the GROUP query heads of one KV head (row r = token r // GROUP, head
+    # r % GROUP), so each KV tile is loaded once per group.
+    # Sequence i owns the slots [first(i), first(i + 1)) with first(i) = qsl[i] // TOKENS + i:
+    # at least cdiv(q_len_i, TOKENS) of them, so the grid depends only on (T, S) and a CUDA graph
+    # of a (T, S) bucket serves any mix of query lengths. Slots run in reverse so that the last
+    # (longest, causal) tiles of the sequences start first.
     TOKENS: tl.constexpr = BLOCK_M // GROUP
-    tile = tl.program_id(0)
-    seq = tl.program_id(1)
-    kvh = tl.program_id(2)
+    slot = num_slots - 1 - tl.program_id(0)
+    kvh = tl.program_id(1)
+    # The sequence owning the slot: the largest i < S with first(i) <= slot (binary search;
+    # first() is strictly increasing and first(0) = 0).
+    lo = num_seqs * 0
+    hi = num_seqs
+    for _ in range(search_steps):
+        mid = (lo + hi) // 2
+        first_mid = tl.load(query_start_loc_ptr + mid) // TOKENS + mid
+        lo = tl.where(first_mid <= slot, mid, lo)  # once hi = lo + 1, mid = lo: no change
+        hi = tl.where(first_mid <= slot, hi, mid)
+    seq = lo
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    t0 = tile * TOKENS
+    t0 = (slot - (q_start // TOKENS + seq)) * TOKENS
     if t0 >= q_len:
         return
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -398,13 +412,14 @@ PREFILL_LAUNCH = {
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, query_start_loc: torch.Tensor,
-                            seq_lens: torch.Tensor, max_query_len: int,
-                            scale: float | None = None) -> torch.Tensor:
+                            seq_lens: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its cached prefix plus themselves.
 
     q [T, Hq, D] holds sequence i's query_len = query_start_loc[i+1] - query_start_loc[i] newest
     tokens (absolute positions seq_len - query_len .. seq_len - 1), whose K/V are already in the
-    cache. One launch for the whole batch; ``max_query_len`` (host int) only sizes the grid.
+    cache. One launch for the whole batch, its grid sized by the shapes only (T and S): query
+    rows past query_start_loc[S] are never read, sequences of query length 0 (graph padding) do
+    nothing.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
@@ -418,19 +433,20 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     assert seq_lens.dtype == torch.int32 and seq_lens.is_contiguous()
     assert query_start_loc.is_contiguous()
     out = torch.empty_like(q)
-    if num_tokens == 0 or num_seqs == 0 or max_query_len <= 0:
+    if num_tokens == 0 or num_seqs == 0:
         return out
     group = num_heads // num_kv_heads
     launch = dict(PREFILL_LAUNCH[q.element_size()])
     launch["BLOCK_M"] = max(launch["BLOCK_M"], triton.next_power_of_2(group))
     scale = head_dim ** -0.5 if scale is None else scale
-    grid = (triton.cdiv(max_query_len, launch["BLOCK_M"] // group), num_seqs, num_kv_heads)
-    _prefill_kernel[grid](
+    num_slots = prefill_slots(num_tokens, num_seqs, launch["BLOCK_M"] // group)
+    _prefill_kernel[(num_slots, num_kv_heads)](
         q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out, scale * _LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
+        num_seqs, num_slots, (num_seqs - 1).bit_length(),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         DOT_PRECISION=_dot_precision(q.dtype), **launch,
     )
@@ -438,6 +454,12 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def prefill_slots(num_tokens: int, num_seqs: int, tokens_per_tile: int) -> int:
+    """Query-tile slots of a prefill launch: enough for any split of ``num_tokens`` among
+    ``num_seqs`` sequences (sequence i owns qsl[i] // tokens_per_tile + i onwards)."""
+    return num_tokens // tokens_per_tile + num_seqs
 
 
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, num_kv_heads: int,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -186,7 +187,7 @@ def run_prefill(query_lens, seq_lens, group, head_dim, block_size, dtype=torch.f
     query_start_loc = torch.tensor(starts, dtype=torch.int32, device=DEVICE)
     seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
     out = pa.paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc,
-                                     seq_lens_t, max(query_lens), scale=scale)
+                                     seq_lens_t, scale=scale)
     kf, vf, bt = compact_fp32(k_cache, v_cache, block_tables)
     expected = ref.paged_prefill_attention(q.float(), kf, vf, bt, starts, seq_lens, scale=scale)
     assert out.shape == q.shape and out.dtype == dtype
@@ -205,6 +206,30 @@ def test_prefill_matches_reference(group, head_dim, block_size):
     # ending exactly on a block edge, a zero-length entry.
     pairs = [(7, 7), (5, 40), (1, 17), (37, 100), (0, 9), (16, 16 + 3 * block_size), (1, 1)]
     run_prefill([p[0] for p in pairs], [p[1] for p in pairs], group, head_dim, block_size)
+
+
+def test_prefill_many_sequences_share_the_slot_grid():
+    """Decodes (query 1), chunks that straddle tile edges and empty (padding) sequences in one
+    launch, as a mixed-step CUDA graph lays them out: the grid is T // tile + S slots and each
+    sequence finds its own slots by binary search."""
+    torch.manual_seed(7)
+    pairs = ([(1, 30 + i) for i in range(10)] + [(0, 0), (17, 50), (8, 8), (0, 0), (1, 5),
+                                                  (9, 100), (23, 23)] + [(0, 0)] * 3)
+    run_prefill([p[0] for p in pairs], [p[1] for p in pairs], group=4, head_dim=32,
+                block_size=8)
+
+
+@pytest.mark.parametrize("tile", [1, 4, 16])
+def test_prefill_slots_cover_any_split(tile):
+    rng = np.random.default_rng(tile)
+    for _ in range(200):
+        num_seqs = int(rng.integers(1, 12))
+        q_lens = rng.integers(0, 3 * tile + 2, num_seqs)
+        qsl = np.concatenate([[0], np.cumsum(q_lens)])
+        num_tokens = int(qsl[-1] + rng.integers(0, 2 * tile))  # padding tokens past the end
+        first = qsl // tile + np.arange(num_seqs + 1)
+        first[-1] = pa.prefill_slots(num_tokens, num_seqs, tile)
+        assert (np.diff(first) >= -(-q_lens // tile)).all(), (q_lens, num_tokens)
 
 
 def test_prefill_long_prefix():
@@ -305,7 +330,7 @@ def test_int32_overflow_pool():
     q = torch.randn(41, group, head_dim, device=DEVICE).half()
     out = pa.paged_prefill_attention(q, k_cache, v_cache, block_tables,
                                      torch.tensor(starts, dtype=torch.int32, device=DEVICE),
-                                     seq_lens_t, 40)
+                                     seq_lens_t)
     # The reference covers the two non-empty sequences; the third is (0 queries, 0 tokens).
     expected = ref.paged_prefill_attention(q.float(), kf, vf, bt[:2], starts[:3], seq_lens[:2])
     assert_close(out, expected, dtype)

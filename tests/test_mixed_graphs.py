@@ -82,7 +82,7 @@ def test_prefill_kernel_on_the_padded_layout_matches_the_reference():
     out = pa.paged_prefill_attention(
         q, k_cache, v_cache, torch.from_numpy(lay.block_tables).to(DEVICE),
         torch.from_numpy(lay.query_start_loc).to(DEVICE),
-        torch.from_numpy(lay.seq_lens).to(DEVICE), max_query_len=T)
+        torch.from_numpy(lay.seq_lens).to(DEVICE))
     kf, vf, bt = compact_fp32(k_cache, v_cache, tables_t)
     starts = [int(x) for x in lay.query_start_loc[:len(lens) + 1]]
     expected = ref.paged_prefill_attention(q[:n], kf, vf, bt, starts, lens)
@@ -140,7 +140,7 @@ def test_model_on_the_padded_layout_gives_the_eager_hidden_states():
             prefill_query_start_loc=torch.from_numpy(lay.query_start_loc),
             prefill_seq_lens=torch.from_numpy(lay.seq_lens),
             prefill_query_start_loc_host=lay.query_start_loc.tolist(),
-            prefill_seq_lens_host=lay.seq_lens.tolist(), max_query_len=T)
+            prefill_seq_lens_host=lay.seq_lens.tolist())
         padded = runner.model(torch.from_numpy(lay.input_ids), torch.from_numpy(lay.positions),
                               runner.kv_cache.layer_views, meta)
     n = batch.num_tokens

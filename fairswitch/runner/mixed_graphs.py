@@ -14,9 +14,9 @@ goes through the prefill attention kernel as a chunk of its query length (a deco
 
 Padding tokens have KV slot -1 (not written) and belong to no sequence (their attention output is
 never written; rows are independent through every other layer, so whatever they hold stays in
-their own rows). Padding sequences have q_len 0 and length 0: their programs return at once.
-The grid's token dimension covers T (``max_query_len`` = T), programs past a sequence's query
-return at once.
+their own rows). Padding sequences have q_len 0 and length 0: their programs return at once. The
+prefill kernel's grid is T // tile + S query-tile slots per KV head whatever the mix (see
+kernels/paged_attention.py), so idle programs stay few even at the largest bucket.
 """
 
 from __future__ import annotations
@@ -118,8 +118,7 @@ class MixedGraphs:
             prefill_block_tables=self.block_tables[:s],
             prefill_query_start_loc=self.query_start_loc[:s + 1],
             prefill_seq_lens=self.seq_lens[:s],
-            prefill_query_start_loc_host=[], prefill_seq_lens_host=[],  # Triton reads the device
-            max_query_len=t)
+            prefill_query_start_loc_host=[], prefill_seq_lens_host=[])  # Triton reads the device
 
     @torch.inference_mode()
     def capture(self) -> None:
