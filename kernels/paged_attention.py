@@ -334,33 +334,38 @@ def _prefill_kernel(
     stride_vb, stride_vs, stride_vh,
     stride_bt,
     stride_ot, stride_oh,
-    num_seqs, num_slots, search_steps,  # search_steps = ceil(log2(num_seqs))
+    num_seqs, num_slots, search_steps,  # FLAT_GRID only; search_steps = ceil(log2(num_seqs))
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FLAT_GRID: tl.constexpr,
 ):
-    # grid: (num_slots = T // TOKENS + S, Hkv). The M rows of a program are TOKENS consecutive
-    # query tokens x the GROUP query heads of one KV head (row r = token r // GROUP, head
-    # r % GROUP), so each KV tile is loaded once per group.
-    # Sequence i owns the slots [first(i), first(i + 1)) with first(i) = qsl[i] // TOKENS + i:
-    # at least cdiv(q_len_i, TOKENS) of them, so the grid depends only on (T, S) and a CUDA graph
-    # of a (T, S) bucket serves any mix of query lengths. Slots run in reverse so that the last
-    # (longest, causal) tiles of the sequences start first.
+    # The M rows of a program are TOKENS consecutive query tokens x the GROUP query heads of one
+    # KV head (row r = token r // GROUP, head r % GROUP), so each KV tile is loaded once per group.
     TOKENS: tl.constexpr = BLOCK_M // GROUP
-    slot = num_slots - 1 - tl.program_id(0)
-    kvh = tl.program_id(1)
-    # The sequence owning the slot: the largest i < S with first(i) <= slot (binary search;
-    # first() is strictly increasing and first(0) = 0).
-    lo = num_seqs * 0
-    hi = num_seqs
-    for _ in range(search_steps):
-        mid = (lo + hi) // 2
-        first_mid = tl.load(query_start_loc_ptr + mid) // TOKENS + mid
-        lo = tl.where(first_mid <= slot, mid, lo)  # once hi = lo + 1, mid = lo: no change
-        hi = tl.where(first_mid <= slot, hi, mid)
-    seq = lo
-    q_start = tl.load(query_start_loc_ptr + seq)
+    if FLAT_GRID:
+        # grid: (num_slots = T // TOKENS + S, Hkv), fixed by the shapes (CUDA graphs). Sequence
+        # i owns the slots [first(i), first(i + 1)), first(i) = qsl[i] // TOKENS + i: at least
+        # cdiv(q_len_i, TOKENS) of them. Find the largest i < S with first(i) <= slot by binary
+        # search (first() is strictly increasing, first(0) = 0).
+        slot = tl.program_id(0)
+        kvh = tl.program_id(1)
+        lo = num_seqs * 0
+        hi = num_seqs
+        for _ in range(search_steps):
+            mid = (lo + hi) // 2
+            first_mid = tl.load(query_start_loc_ptr + mid) // TOKENS + mid
+            lo = tl.where(first_mid <= slot, mid, lo)  # once hi = lo + 1, mid = lo: no change
+            hi = tl.where(first_mid <= slot, hi, mid)
+        seq = lo
+        q_start = tl.load(query_start_loc_ptr + seq)
+        t0 = (slot - (q_start // TOKENS + seq)) * TOKENS
+    else:
+        # grid: (cdiv(max_query_len, TOKENS), S, Hkv)
+        seq = tl.program_id(1)
+        kvh = tl.program_id(2)
+        q_start = tl.load(query_start_loc_ptr + seq)
+        t0 = tl.program_id(0) * TOKENS
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    t0 = (slot - (q_start // TOKENS + seq)) * TOKENS
     if t0 >= q_len:
         return
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -412,14 +417,16 @@ PREFILL_LAUNCH = {
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, query_start_loc: torch.Tensor,
-                            seq_lens: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+                            seq_lens: torch.Tensor, max_query_len: int | None,
+                            scale: float | None = None) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its cached prefix plus themselves.
 
     q [T, Hq, D] holds sequence i's query_len = query_start_loc[i+1] - query_start_loc[i] newest
     tokens (absolute positions seq_len - query_len .. seq_len - 1), whose K/V are already in the
-    cache. One launch for the whole batch, its grid sized by the shapes only (T and S): query
-    rows past query_start_loc[S] are never read, sequences of query length 0 (graph padding) do
-    nothing.
+    cache; rows of q past query_start_loc[S] are never read. One launch for the whole batch.
+    ``max_query_len`` (host int) sizes the grid per sequence; None sizes it by the shapes alone
+    (T // tile + S query tiles, each finding its sequence by binary search: a few percent slower,
+    but one launch serves any mix of query lengths, as a CUDA graph of a (T, S) bucket needs).
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
@@ -439,8 +446,15 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     launch = dict(PREFILL_LAUNCH[q.element_size()])
     launch["BLOCK_M"] = max(launch["BLOCK_M"], triton.next_power_of_2(group))
     scale = head_dim ** -0.5 if scale is None else scale
-    num_slots = prefill_slots(num_tokens, num_seqs, launch["BLOCK_M"] // group)
-    _prefill_kernel[(num_slots, num_kv_heads)](
+    tokens_per_tile = launch["BLOCK_M"] // group
+    num_slots = prefill_slots(num_tokens, num_seqs, tokens_per_tile)
+    if max_query_len is None:
+        grid: tuple[int, ...] = (num_slots, num_kv_heads)
+    elif max_query_len <= 0:
+        return out
+    else:
+        grid = (triton.cdiv(max_query_len, tokens_per_tile), num_seqs, num_kv_heads)
+    _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out, scale * _LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -448,7 +462,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         block_tables.stride(0), out.stride(0), out.stride(1),
         num_seqs, num_slots, (num_seqs - 1).bit_length(),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        DOT_PRECISION=_dot_precision(q.dtype), **launch,
+        DOT_PRECISION=_dot_precision(q.dtype), FLAT_GRID=max_query_len is None, **launch,
     )
     return out
 

@@ -171,7 +171,7 @@ def test_num_splits_heuristic_is_static():
 
 
 def run_prefill(query_lens, seq_lens, group, head_dim, block_size, dtype=torch.float32,
-                num_kv_heads=2, num_blocks=None, first_block=0, scale=None):
+                num_kv_heads=2, num_blocks=None, first_block=0, scale=None, flat_grid=False):
     max_blocks = -(-max(seq_lens) // block_size)
     num_blocks = num_blocks or len(seq_lens) * max_blocks + 5
     pool, k_cache, v_cache = make_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype)
@@ -187,7 +187,8 @@ def run_prefill(query_lens, seq_lens, group, head_dim, block_size, dtype=torch.f
     query_start_loc = torch.tensor(starts, dtype=torch.int32, device=DEVICE)
     seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
     out = pa.paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc,
-                                     seq_lens_t, scale=scale)
+                                     seq_lens_t, None if flat_grid else max(query_lens),
+                                     scale=scale)
     kf, vf, bt = compact_fp32(k_cache, v_cache, block_tables)
     expected = ref.paged_prefill_attention(q.float(), kf, vf, bt, starts, seq_lens, scale=scale)
     assert out.shape == q.shape and out.dtype == dtype
@@ -199,24 +200,27 @@ PREFILL_CASES = [(1, 64, 16), (1, 128, 32), (4, 128, 32), (8, 64, 16), (8, 128, 
                  (7, 64, 32)]
 
 
+@pytest.mark.parametrize("flat_grid", [False, True])
 @pytest.mark.parametrize("group,head_dim,block_size", PREFILL_CASES)
-def test_prefill_matches_reference(group, head_dim, block_size):
+def test_prefill_matches_reference(group, head_dim, block_size, flat_grid):
     torch.manual_seed(4)
     # (query_len, seq_len): whole prompts, chunks over a cached prefix, single tokens, a chunk
     # ending exactly on a block edge, a zero-length entry.
     pairs = [(7, 7), (5, 40), (1, 17), (37, 100), (0, 9), (16, 16 + 3 * block_size), (1, 1)]
-    run_prefill([p[0] for p in pairs], [p[1] for p in pairs], group, head_dim, block_size)
+    run_prefill([p[0] for p in pairs], [p[1] for p in pairs], group, head_dim, block_size,
+                flat_grid=flat_grid)
 
 
-def test_prefill_many_sequences_share_the_slot_grid():
+@pytest.mark.parametrize("flat_grid", [False, True])
+def test_prefill_many_sequences(flat_grid):
     """Decodes (query 1), chunks that straddle tile edges and empty (padding) sequences in one
-    launch, as a mixed-step CUDA graph lays them out: the grid is T // tile + S slots and each
-    sequence finds its own slots by binary search."""
+    launch, as a mixed-step CUDA graph lays them out (flat grid: T // tile + S slots, each
+    finding its sequence by binary search)."""
     torch.manual_seed(7)
     pairs = ([(1, 30 + i) for i in range(10)] + [(0, 0), (17, 50), (8, 8), (0, 0), (1, 5),
                                                   (9, 100), (23, 23)] + [(0, 0)] * 3)
     run_prefill([p[0] for p in pairs], [p[1] for p in pairs], group=4, head_dim=32,
-                block_size=8)
+                block_size=8, flat_grid=flat_grid)
 
 
 @pytest.mark.parametrize("tile", [1, 4, 16])
@@ -276,10 +280,12 @@ def test_decode_gpu_large(dtype, group, head_dim, block_size, num_splits):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("group,head_dim,block_size", [(1, 128, 16), (4, 128, 32), (8, 64, 16),
                                                        (7, 128, 16)])
-def test_prefill_gpu_large(dtype, group, head_dim, block_size):
+@pytest.mark.parametrize("flat_grid", [False, True])
+def test_prefill_gpu_large(dtype, group, head_dim, block_size, flat_grid):
     torch.manual_seed(11)
     pairs = [(2048, 2048), (512, 8300), (1, 5000), (300, 300), (129, 4000), (0, 64)]
-    run_prefill([p[0] for p in pairs], [p[1] for p in pairs], group, head_dim, block_size, dtype)
+    run_prefill([p[0] for p in pairs], [p[1] for p in pairs], group, head_dim, block_size, dtype,
+                flat_grid=flat_grid)
 
 
 @pytest.mark.gpu
@@ -330,7 +336,7 @@ def test_int32_overflow_pool():
     q = torch.randn(41, group, head_dim, device=DEVICE).half()
     out = pa.paged_prefill_attention(q, k_cache, v_cache, block_tables,
                                      torch.tensor(starts, dtype=torch.int32, device=DEVICE),
-                                     seq_lens_t)
+                                     seq_lens_t, 40)
     # The reference covers the two non-empty sequences; the third is (0 queries, 0 tokens).
     expected = ref.paged_prefill_attention(q.float(), kf, vf, bt[:2], starts[:3], seq_lens[:2])
     assert_close(out, expected, dtype)

@@ -16,8 +16,11 @@ from test_kernels import (DEVICE, assert_close, compact_fp32, fill_blocks, make_
 
 
 def test_buckets():
-    assert token_buckets(2048) == [64, 128, 256, 512, 1024, 2048]
+    assert token_buckets(2048) == [64, 128, 192, 256, 320, 384, 448, 512, 768, 1024, 1280, 1536,
+                                   1792, 2048]
     assert token_buckets(100) == [64, 100] and token_buckets(8) == [8]
+    assert token_buckets(512) == [64, 128, 192, 256, 320, 384, 448, 512]
+    assert token_buckets(3000)[-4:] == [1792, 2048, 2560, 3000] and len(token_buckets(8192)) == 26
     assert seq_buckets(64) == [4, 16, 64] and seq_buckets(4) == [4] and seq_buckets(2) == [2]
     with pytest.raises(ValueError):
         token_buckets(0)
@@ -82,7 +85,7 @@ def test_prefill_kernel_on_the_padded_layout_matches_the_reference():
     out = pa.paged_prefill_attention(
         q, k_cache, v_cache, torch.from_numpy(lay.block_tables).to(DEVICE),
         torch.from_numpy(lay.query_start_loc).to(DEVICE),
-        torch.from_numpy(lay.seq_lens).to(DEVICE))
+        torch.from_numpy(lay.seq_lens).to(DEVICE), max_query_len=None)
     kf, vf, bt = compact_fp32(k_cache, v_cache, tables_t)
     starts = [int(x) for x in lay.query_start_loc[:len(lens) + 1]]
     expected = ref.paged_prefill_attention(q[:n], kf, vf, bt, starts, lens)
@@ -140,7 +143,7 @@ def test_model_on_the_padded_layout_gives_the_eager_hidden_states():
             prefill_query_start_loc=torch.from_numpy(lay.query_start_loc),
             prefill_seq_lens=torch.from_numpy(lay.seq_lens),
             prefill_query_start_loc_host=lay.query_start_loc.tolist(),
-            prefill_seq_lens_host=lay.seq_lens.tolist())
+            prefill_seq_lens_host=lay.seq_lens.tolist(), max_query_len=None)
         padded = runner.model(torch.from_numpy(lay.input_ids), torch.from_numpy(lay.positions),
                               runner.kv_cache.layer_views, meta)
     n = batch.num_tokens

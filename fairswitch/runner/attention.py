@@ -27,6 +27,7 @@ class AttentionMetadata:
     # Host copies of the prefill layout (the torch backend loops over sequences on the host).
     prefill_query_start_loc_host: list[int]
     prefill_seq_lens_host: list[int]
+    max_query_len: int | None  # None: the prefill kernel's grid sized by shapes alone (graphs)
 
 
 class AttentionBackend(ABC):
@@ -101,7 +102,7 @@ class TritonAttentionBackend(AttentionBackend):
     def prefill(self, q, k_cache, v_cache, meta):
         return self._k.paged_prefill_attention(
             q, k_cache, v_cache, meta.prefill_block_tables, meta.prefill_query_start_loc,
-            meta.prefill_seq_lens)
+            meta.prefill_seq_lens, meta.max_query_len)
 
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton")

@@ -66,7 +66,7 @@ class DecodeGraphs:
             prefill_block_tables=self._empty_i32.view(0, 1),
             prefill_query_start_loc=torch.zeros(1, dtype=torch.int32, device=self.device),
             prefill_seq_lens=self._empty_i32, prefill_query_start_loc_host=[0],
-            prefill_seq_lens_host=[])
+            prefill_seq_lens_host=[], max_query_len=0)
 
     @torch.inference_mode()
     def capture(self) -> None:

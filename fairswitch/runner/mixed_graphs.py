@@ -22,6 +22,7 @@ kernels/paged_attention.py), so idle programs stay few even at the largest bucke
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,14 +35,23 @@ from fairswitch.runner.input_batch import InputBatch
 logger = logging.getLogger(__name__)
 
 
-def token_buckets(max_tokens: int, smallest: int = 64) -> list[int]:
-    """Powers of two from ``smallest`` up to (and including) ``max_tokens``."""
+# Token bucket spacing by size: a step padded to its bucket computes the padding too, so the
+# spacing keeps the waste below the eager launch overhead it saves (H200, Llama-3-8B: ~9 ms per
+# step eager; 256 tokens of padding ~6 ms; graph replay 5.6 ms at 64 tokens, 12.7 at 512,
+# 24 at 1024, 42 at 2048).
+_TOKEN_SPACING = ((512, 64), (2048, 256), (None, 512))  # (up to, spacing)
+
+
+def token_buckets(max_tokens: int) -> list[int]:
+    """Token counts with a graph: multiples of 64 up to 512, of 256 up to 2048, of 512 beyond,
+    and ``max_tokens`` itself (the largest step)."""
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-    buckets, b = [], min(smallest, max_tokens)
-    while b < max_tokens:
-        buckets.append(b)
-        b *= 2
+    buckets, b = [], 0
+    for limit, spacing in _TOKEN_SPACING:
+        while b + spacing < max_tokens and (limit is None or b + spacing <= limit):
+            b += spacing
+            buckets.append(b)
     return buckets + [max_tokens]
 
 
@@ -110,6 +120,7 @@ class MixedGraphs:
         self.block_tables = torch.zeros((S, self.width), dtype=torch.int32, **z)
         self._empty_i32 = torch.zeros(0, dtype=torch.int32, **z)
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.capture_s = 0.0
 
     def _meta(self, t: int, s: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -118,10 +129,12 @@ class MixedGraphs:
             prefill_block_tables=self.block_tables[:s],
             prefill_query_start_loc=self.query_start_loc[:s + 1],
             prefill_seq_lens=self.seq_lens[:s],
-            prefill_query_start_loc_host=[], prefill_seq_lens_host=[])  # Triton reads the device
+            prefill_query_start_loc_host=[], prefill_seq_lens_host=[],  # Triton reads the device
+            max_query_len=None)
 
     @torch.inference_mode()
     def capture(self) -> None:
+        t0 = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
         for t in reversed(self.token_buckets):  # largest first: the pool's memory is reused
@@ -137,8 +150,9 @@ class MixedGraphs:
                     out = self.model(*args)
                 self._graphs[(t, s)] = (graph, out)
         torch.cuda.synchronize(self.device)
-        logger.info("captured prefill/mixed CUDA graphs for tokens %s x sequences %s",
-                    self.token_buckets, self.seq_buckets)
+        self.capture_s = time.perf_counter() - t0
+        logger.info("captured %d prefill/mixed CUDA graphs (tokens %s x sequences %s) in %.1f s",
+                    len(self._graphs), self.token_buckets, self.seq_buckets, self.capture_s)
 
     def bucket(self, batch: InputBatch) -> tuple[int, int] | None:
         nseq = batch.num_decodes + len(batch.prefill_seq_lens)

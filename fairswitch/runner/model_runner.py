@@ -113,6 +113,7 @@ class ModelRunner:
             prefill_seq_lens=self._to_device(batch.prefill_seq_lens),
             prefill_query_start_loc_host=batch.prefill_query_start_loc.tolist(),
             prefill_seq_lens_host=batch.prefill_seq_lens.tolist(),
+            max_query_len=int(np.diff(batch.prefill_query_start_loc).max(initial=0)),
         )
 
     def capture_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
