@@ -41,8 +41,8 @@ class ModelConfig:
         "auto", "auto: Triton kernels on CUDA, pure torch on CPU", _BACKENDS)
     enforce_eager: bool = _opt(False, "never use CUDA graphs (they capture decode-only steps)")
     mixed_cuda_graphs: bool = _opt(
-        False, "also capture CUDA graphs for steps with prompt tokens, per (tokens, sequences) "
-        "bucket (experimental: not yet measured on a GPU)")
+        False, "also capture CUDA graphs for steps with prompt tokens (up to 512 tokens), per "
+        "(tokens, sequences) bucket")
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:

@@ -4,7 +4,8 @@ Such steps ran eagerly: on the H200, Llama-3-8B, a step with even a few prompt t
 20-25 ms against 6-8 ms for a graphed decode step (the launch overhead of ~15 kernels per layer),
 a quarter of the busy phase of the FastSwitch-style runs (README, step logs).
 
-One graph per (token bucket T, sequence bucket S). Every sequence of the step, decodes included,
+One graph per (token bucket T, sequence bucket S), for steps of up to MAX_GRAPH_TOKENS tokens
+(longer ones run eagerly: see the measurements above MAX_GRAPH_TOKENS). Every sequence of the step, decodes included,
 goes through the prefill attention kernel as a chunk of its query length (a decode is a chunk of
 1), so one kernel with a grid fixed by (T, S) serves any mix:
 
@@ -35,24 +36,23 @@ from fairswitch.runner.input_batch import InputBatch
 logger = logging.getLogger(__name__)
 
 
-# Token bucket spacing by size: a step padded to its bucket computes the padding too, so the
-# spacing keeps the waste below the eager launch overhead it saves (H200, Llama-3-8B: ~9 ms per
-# step eager; 256 tokens of padding ~6 ms; graph replay 5.6 ms at 64 tokens, 12.7 at 512,
-# 24 at 1024, 42 at 2048).
-_TOKEN_SPACING = ((512, 64), (2048, 256), (None, 512))  # (up to, spacing)
+# Graphs pay off only while the GPU finishes a step before the host has launched it eagerly
+# (~15 kernels per layer). H200, Llama-3-8B, 1-32 decodes beside a prompt chunk
+# (benchmarks/mixed_step.py): up to 288 tokens, graphed steps 6.8-11 ms against 15.5-36 ms eager;
+# from ~600 tokens the GPU's work hides the launches and eager is as fast or faster (no padding):
+# 601 tokens eager 16.8 ms vs 18.9 ms graphed at 768. So buckets every 64 tokens up to 512;
+# longer steps run eagerly.
+MAX_GRAPH_TOKENS = 512
+_TOKEN_SPACING = 64
 
 
 def token_buckets(max_tokens: int) -> list[int]:
-    """Token counts with a graph: multiples of 64 up to 512, of 256 up to 2048, of 512 beyond,
-    and ``max_tokens`` itself (the largest step)."""
+    """Token counts with a graph: multiples of 64 up to MAX_GRAPH_TOKENS, capped by (and ending
+    at) ``max_tokens``."""
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-    buckets, b = [], 0
-    for limit, spacing in _TOKEN_SPACING:
-        while b + spacing < max_tokens and (limit is None or b + spacing <= limit):
-            b += spacing
-            buckets.append(b)
-    return buckets + [max_tokens]
+    top = min(max_tokens, MAX_GRAPH_TOKENS)
+    return list(range(_TOKEN_SPACING, top, _TOKEN_SPACING)) + [top]
 
 
 def seq_buckets(max_seqs: int) -> list[int]:
