@@ -39,10 +39,10 @@ class ModelConfig:
     seed: int = _opt(0, "seed for dummy weights and for sampling without a per-request seed")
     attention_backend: str = _opt(
         "auto", "auto: Triton kernels on CUDA, pure torch on CPU", _BACKENDS)
-    enforce_eager: bool = _opt(False, "never use CUDA graphs (they capture decode-only steps)")
+    enforce_eager: bool = _opt(False, "never use CUDA graphs")
     mixed_cuda_graphs: bool = _opt(
-        False, "also capture CUDA graphs for steps with prompt tokens (up to 512 tokens), per "
-        "(tokens, sequences) bucket")
+        True, "CUDA graphs also for steps with prompt tokens (up to 512 tokens), per (tokens, "
+        "sequences) bucket; off: only decode-only steps are graphed")
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:

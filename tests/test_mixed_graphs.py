@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from fairswitch.runner.input_batch import InputBatch
-from fairswitch.runner.mixed_graphs import mixed_layout, seq_buckets, token_buckets
+from fairswitch.runner.mixed_graphs import (fill_mixed_layout, mixed_layout, seq_buckets,
+                                            token_buckets)
 
 from test_kernels import (DEVICE, assert_close, compact_fp32, fill_blocks, make_cache,  # noqa: F401
                           pa, random_block_tables, ref)
@@ -62,6 +63,22 @@ def test_layout_pads_tokens_and_sequences_and_keeps_the_token_order():
         mixed_layout(batch, num_tokens=16, num_seqs=3, width=5)
     with pytest.raises(ValueError, match="exceed width"):
         mixed_layout(batch, num_tokens=16, num_seqs=6, width=2)
+
+
+def test_refilling_the_staging_layout_leaves_nothing_of_the_previous_step_that_is_read():
+    """The graphs refill one staging buffer each step: after a large step, a smaller one in a
+    smaller bucket reads only its own values (entries past its bucket are not read)."""
+    tables = np.arange(6 * 4, dtype=np.int32).reshape(6, 4) + 1
+    big = mixed_batch([5, 9, 3], [(6, 6), (4, 20), (2, 30)], tables)  # 15 tokens, 6 sequences
+    small = mixed_batch([7], [(3, 11)], tables[:2, :2] + 100)  # 4 tokens, 2 sequences
+    dst = mixed_layout(big, num_tokens=16, num_seqs=8, width=4)
+    assert fill_mixed_layout(small, 8, 4, dst) == 2
+    fresh = mixed_layout(small, num_tokens=8, num_seqs=4, width=4)
+    for name in ("input_ids", "positions", "slot_mapping", "seq_lens"):
+        assert list(getattr(dst, name)[:len(getattr(fresh, name))]) == list(
+            getattr(fresh, name)), name
+    assert list(dst.query_start_loc[:5]) == list(fresh.query_start_loc) == [0, 1, 4, 4, 4]
+    assert (dst.block_tables[:2, :2] == tables[:2, :2] + 100).all()
 
 
 def test_prefill_kernel_on_the_padded_layout_matches_the_reference():

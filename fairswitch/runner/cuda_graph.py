@@ -4,7 +4,8 @@ A decode step of B requests runs the graph of the smallest bucket >= B. The rows
 padding: token 0 at position 0, KV slot -1 (the KV write skips it) and sequence length 0 (the
 attention kernel reads nothing for it); their hidden states are computed and ignored. Block tables
 have a fixed width (max_model_len / block_size) so the decode kernel's grid never changes.
-Prefill and mixed steps, and batches above the largest bucket, run eagerly.
+Steps with prompt tokens go to runner/mixed_graphs.py (or run eagerly), as do batches above the
+largest bucket.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class DecodeGraphs:
         self._host = torch.zeros(total, dtype=torch.uint8, pin_memory=True)
         self._dev = torch.zeros(total, dtype=torch.uint8, device=device)
         self._copied = torch.cuda.Event()
-        fields = _Fields(self._host, self._dev)
+        fields = StagingFields(self._host, self._dev)
         self.input_ids, self._h_ids = fields.take(torch.int64, n)
         self.positions, self._h_pos = fields.take(torch.int64, n)
         self.slot_mapping, self._h_slots = fields.take(torch.int64, n)
@@ -112,7 +113,7 @@ class DecodeGraphs:
         return out[:n]
 
 
-class _Fields:
+class StagingFields:
     """Typed views of consecutive fields of a (host, device) pair of byte buffers."""
 
     _NP = {torch.int64: np.int64, torch.int32: np.int32}

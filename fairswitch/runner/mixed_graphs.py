@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from fairswitch.runner.attention import AttentionMetadata
+from fairswitch.runner.cuda_graph import StagingFields
 from fairswitch.runner.input_batch import InputBatch
 
 logger = logging.getLogger(__name__)
@@ -61,44 +62,59 @@ def seq_buckets(max_seqs: int) -> list[int]:
 
 @dataclass(slots=True)
 class MixedLayout:
-    """A step's inputs padded to (T, S) with every sequence as a chunk (host arrays)."""
+    """A step's inputs padded to (T, S) with every sequence as a chunk (host arrays at least
+    T / S / S + 1 long; the graph of bucket (T, S) reads their first T / S / S + 1 entries)."""
 
     input_ids: np.ndarray  # [T] int64, padding 0
     positions: np.ndarray  # [T] int64, padding 0
     slot_mapping: np.ndarray  # [T] int64, padding -1
     query_start_loc: np.ndarray  # [S + 1] int32, padding sequences repeat the end
     seq_lens: np.ndarray  # [S] int32, padding 0
-    block_tables: np.ndarray  # [S, width] int32, padding rows 0
+    block_tables: np.ndarray  # [S, width] int32, rows of padding sequences never read
 
 
-def mixed_layout(batch: InputBatch, num_tokens: int, num_seqs: int, width: int) -> MixedLayout:
-    """Lay ``batch`` out for the graph of bucket (num_tokens, num_seqs) with block tables
-    ``width`` wide. Token order is the batch's (decodes first), so sample rows are unchanged."""
+def fill_mixed_layout(batch: InputBatch, num_tokens: int, num_seqs: int, dst: MixedLayout
+                      ) -> int:
+    """Write ``batch`` into ``dst`` for the graph of bucket (num_tokens, num_seqs); returns the
+    number of real sequences. Token order is the batch's (decodes first), so sample rows are
+    unchanged. Block-table entries past a sequence's length and rows past the real sequences
+    are left as they were: the kernels never read them."""
     n, nd = batch.num_tokens, batch.num_decodes
     nseq = nd + len(batch.prefill_seq_lens)
     if n > num_tokens or nseq > num_seqs:
         raise ValueError(f"a step of {n} tokens / {nseq} sequences does not fit the bucket "
                          f"({num_tokens}, {num_seqs})")
-    ids = np.zeros(num_tokens, dtype=np.int64)
-    pos = np.zeros(num_tokens, dtype=np.int64)
-    slots = np.full(num_tokens, -1, dtype=np.int64)
-    ids[:n], pos[:n], slots[:n] = batch.input_ids, batch.positions, batch.slot_mapping
-    q_lens = np.concatenate([np.ones(nd, dtype=np.int64),
-                             np.diff(batch.prefill_query_start_loc).astype(np.int64)])
-    qsl = np.full(num_seqs + 1, n, dtype=np.int32)
-    qsl[0] = 0
-    qsl[1:nseq + 1] = np.cumsum(q_lens)
-    lens = np.zeros(num_seqs, dtype=np.int32)
-    lens[:nd] = batch.decode_seq_lens
-    lens[nd:nseq] = batch.prefill_seq_lens
-    tables = np.zeros((num_seqs, width), dtype=np.int32)
-    for rows, start in ((batch.decode_block_tables[:nd], 0),
-                        (batch.prefill_block_tables[:nseq - nd], nd)):
+    width = dst.block_tables.shape[1]
+    tables = ((batch.decode_block_tables[:nd], 0), (batch.prefill_block_tables[:nseq - nd], nd))
+    for rows, _ in tables:
+        if len(rows) and rows.shape[1] > width:
+            raise ValueError(f"block tables of {rows.shape[1]} blocks exceed width {width}")
+    for rows, first in tables:
         if len(rows):
-            if rows.shape[1] > width:
-                raise ValueError(f"block tables of {rows.shape[1]} blocks exceed width {width}")
-            tables[start:start + len(rows), :rows.shape[1]] = rows
-    return MixedLayout(ids, pos, slots, qsl, lens, tables)
+            dst.block_tables[first:first + len(rows), :rows.shape[1]] = rows
+    dst.input_ids[:n], dst.positions[:n] = batch.input_ids, batch.positions
+    dst.slot_mapping[:n] = batch.slot_mapping
+    dst.input_ids[n:num_tokens], dst.positions[n:num_tokens] = 0, 0
+    dst.slot_mapping[n:num_tokens] = -1
+    qsl = dst.query_start_loc
+    qsl[0] = 0
+    qsl[1:nd + 1] = np.arange(1, nd + 1)
+    qsl[nd + 1:nseq + 1] = nd + batch.prefill_query_start_loc[1:]
+    qsl[nseq + 1:num_seqs + 1] = n
+    dst.seq_lens[:nd] = batch.decode_seq_lens
+    dst.seq_lens[nd:nseq] = batch.prefill_seq_lens
+    dst.seq_lens[nseq:num_seqs] = 0
+    return nseq
+
+
+def mixed_layout(batch: InputBatch, num_tokens: int, num_seqs: int, width: int) -> MixedLayout:
+    """``batch`` laid out for bucket (num_tokens, num_seqs) in new arrays (unused table entries
+    zero)."""
+    lay = MixedLayout(np.zeros(num_tokens, np.int64), np.zeros(num_tokens, np.int64),
+                      np.full(num_tokens, -1, np.int64), np.zeros(num_seqs + 1, np.int32),
+                      np.zeros(num_seqs, np.int32), np.zeros((num_seqs, width), np.int32))
+    fill_mixed_layout(batch, num_tokens, num_seqs, lay)
+    return lay
 
 
 class MixedGraphs:
@@ -111,14 +127,28 @@ class MixedGraphs:
         self.seq_buckets = seq_buckets(max_seqs)
         self.width = max_blocks_per_seq
         T, S = self.token_buckets[-1], self.seq_buckets[-1]
-        z = dict(device=device)
-        self.input_ids = torch.zeros(T, dtype=torch.int64, **z)
-        self.positions = torch.zeros(T, dtype=torch.int64, **z)
-        self.slot_mapping = torch.full((T,), -1, dtype=torch.int64, **z)
-        self.query_start_loc = torch.zeros(S + 1, dtype=torch.int32, **z)
-        self.seq_lens = torch.zeros(S, dtype=torch.int32, **z)
-        self.block_tables = torch.zeros((S, self.width), dtype=torch.int32, **z)
-        self._empty_i32 = torch.zeros(0, dtype=torch.int32, **z)
+        # One staging buffer, pinned on the host and mirrored on the device, so a step's inputs
+        # go over in one copy (as DecodeGraphs). Layout, 8-byte aligned where it matters:
+        #   [ input_ids i64 x T | positions i64 x T | slot_mapping i64 x T
+        #     | query_start_loc i32 x (S + 1) | seq_lens i32 x S | block_tables i32 x S x width ]
+        # (block-table rows last: a step copies only the rows of its real sequences)
+        self._header_bytes = 8 * 3 * T + 4 * (2 * S + 1)
+        self._row_bytes = 4 * self.width
+        total = self._header_bytes + S * self._row_bytes
+        self._host = torch.zeros(total, dtype=torch.uint8, pin_memory=True)
+        self._dev = torch.zeros(total, dtype=torch.uint8, device=device)
+        self._copied = torch.cuda.Event()
+        fields = StagingFields(self._host, self._dev)
+        self.input_ids, h_ids = fields.take(torch.int64, T)
+        self.positions, h_pos = fields.take(torch.int64, T)
+        self.slot_mapping, h_slots = fields.take(torch.int64, T)
+        self.query_start_loc, h_qsl = fields.take(torch.int32, S + 1)
+        self.seq_lens, h_lens = fields.take(torch.int32, S)
+        self.block_tables, h_tables = fields.take(torch.int32, S, self.width)
+        self._staged = MixedLayout(h_ids, h_pos, h_slots, h_qsl, h_lens, h_tables)
+        h_slots.fill(-1)  # capture warm-ups write no KV (every sequence has query length 0)
+        self._dev.copy_(self._host)
+        self._empty_i32 = torch.zeros(0, dtype=torch.int32, device=device)
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_s = 0.0
 
@@ -165,12 +195,11 @@ class MixedGraphs:
     def run(self, batch: InputBatch, bucket: tuple[int, int]) -> torch.Tensor:
         """Hidden states [num_tokens, hidden] of the step, by replaying graph ``bucket``."""
         t, s = bucket
-        lay = mixed_layout(batch, t, s, self.width)
-        for dst, src in ((self.input_ids, lay.input_ids), (self.positions, lay.positions),
-                         (self.slot_mapping, lay.slot_mapping),
-                         (self.query_start_loc, lay.query_start_loc),
-                         (self.seq_lens, lay.seq_lens), (self.block_tables, lay.block_tables)):
-            dst[:len(src)].copy_(torch.from_numpy(src))
+        self._copied.synchronize()  # the previous step's copy has read the host buffer
+        nseq = fill_mixed_layout(batch, t, s, self._staged)
+        end = self._header_bytes + nseq * self._row_bytes
+        self._dev[:end].copy_(self._host[:end], non_blocking=True)
+        self._copied.record()
         graph, out = self._graphs[bucket]
         graph.replay()
         return out[:batch.num_tokens]
