@@ -19,13 +19,12 @@ FILES = sorted(RESULTS.glob("*.json"))
 
 
 # Runs whose --commit was typed by hand as a full hash with a wrong tail: the run was at the
-# commit the first seven characters name (2b9c8f2 "VTC: a queued client preempts only once ...",
-# e149ad9 "Swap manager: a request released while its copy is in flight ..."). Kept because
+# commit the first seven characters name (2b9c8f2 "VTC: a queued client preempts only once ..."). Kept because
 # results files are never edited by hand; results_io now records a short --commit as given and
 # expands it where git is at hand, so no new file should need this.
 MISTYPED_COMMIT = {f"fastswitch_{name}.json" for name in (
     "compare_random", "compare_reclaim_all", "sweep60_markov_p01", "sweep60_markov_p05",
-    "sweep60_random_p01", "sweep60_random_p05", "load_sweep_13")}
+    "sweep60_random_p01", "sweep60_random_p05")}
 
 
 def _full_history() -> bool:

@@ -40,6 +40,7 @@ def summarize_steps(log: dict[str, Any], full_fraction: float = 0.05) -> dict[st
         "span_s": float(a[-1, c["t_s"]] + step[-1] - a[0, c["t_s"]]),
         "busy_s": float(step.sum()),
         "schedule_s": float(a[:, c["sched_s"]].sum()),
+        "model_s": float(a[:, c["exec_s"]].sum()) if "exec_s" in c else None,
         "decode_steps": {"count": int((~prompt).sum()), "mean_ms": _ms(step[~prompt]),
                          "total_s": float(step[~prompt].sum()),
                          "mean_seqs": float(a[~prompt, c["seqs"]].mean()) if (~prompt).any()
@@ -91,9 +92,10 @@ def format_summary(name: str, s: dict[str, Any]) -> str:
     if not s["num_steps"]:
         return f"{name}: no steps recorded"
     d, p = s["decode_steps"], s["prompt_steps"]
+    model = "" if s.get("model_s") is None else f", model {s['model_s']:.1f} s"
     lines = [
         f"{name}: {s['num_steps']} steps over {s['span_s']:.1f} s, busy {s['busy_s']:.1f} s "
-        f"(scheduling {s['schedule_s']:.1f} s)",
+        f"(scheduling {s['schedule_s']:.1f} s{model})",
         f"  decode-only steps:      {d['count']:>7} x {d['mean_ms']:6.2f} ms = "
         f"{d['total_s']:7.1f} s (mean batch {d['mean_seqs']:.1f})",
         f"  steps with prompt tokens: {p['count']:>5} x {p['mean_ms']:6.2f} ms = "

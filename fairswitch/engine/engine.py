@@ -286,7 +286,7 @@ class Engine:
         t3 = time.perf_counter()
         self.stats.add(t1 - t0, t2 - t1, t3 - t2, self.runner.last_prepare_s)
         if self.step_log is not None:
-            self.step_log.record(self, sched, t0, t1, t3)
+            self.step_log.record(self, sched, t0, t1, t2, t3)
         return outputs
 
     def _observe_prefill(self, sched: SchedulerOutput, seconds: float) -> None:

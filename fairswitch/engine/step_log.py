@@ -9,6 +9,9 @@ kept in memory and written as one JSON object ``{"columns": [...], "rows": [[...
     t_s       seconds since the log started, at the step's start
     step_s    the step's wall time (schedule + model + outputs)
     sched_s   of which scheduling (incl. waiting for swap copies)
+    exec_s    of which the model step: inputs, forward, sampling (waits for the GPU); the rest
+              of step_s is the host's handling of the outputs (absent from logs written before
+              it was added)
     seqs      requests in the batch; tokens: tokens in the batch; prefill: of which prompt tokens
     running / waiting / swapped / pending_in: queue lengths after scheduling
     free      free KV blocks as the scheduler counts them (free + reserved + evictable)
@@ -25,9 +28,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-COLUMNS = ("t_s", "step_s", "sched_s", "seqs", "tokens", "prefill", "running", "waiting",
+COLUMNS = ("t_s", "step_s", "sched_s", "exec_s", "seqs", "tokens", "prefill", "running", "waiting",
            "swapped", "pending_in", "free", "evictable", "reserved", "in_flight", "preempted",
            "rank_total", "stall_s")
+_ADDED_LATER = ("exec_s",)  # logs written before these columns are still read
 
 
 class StepLog:
@@ -40,7 +44,7 @@ class StepLog:
         self.rows: list[tuple[float | int, ...]] = []
         self.num_dropped = 0  # rows past max_rows
 
-    def record(self, engine: Any, sched: Any, t_start: float, t_sched: float,
+    def record(self, engine: Any, sched: Any, t_start: float, t_sched: float, t_exec: float,
                t_end: float) -> None:
         """One step of ``engine`` (an ``Engine``) that ran ``sched`` (its ``SchedulerOutput``)."""
         if len(self.rows) >= self.max_rows:
@@ -50,6 +54,7 @@ class StepLog:
         pc = kv.prefix_cache
         self.rows.append((
             round(t_start - self.t0, 6), round(t_end - t_start, 6), round(t_sched - t_start, 6),
+            round(t_exec - t_sched, 6),
             len(sched.scheduled), sched.num_batched_tokens,
             sum(n for _, n in sched.scheduled if n > 1),
             len(s.running), len(s.waiting), len(s.swapped),
@@ -82,7 +87,7 @@ def read_step_log(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path}: not JSON ({e})") from e
     if not isinstance(data, dict) or not {"columns", "rows"} <= data.keys():
         raise ValueError(f"{path}: not a step log (no 'columns' and 'rows')")
-    missing = [c for c in COLUMNS if c not in data["columns"]]
+    missing = [c for c in COLUMNS if c not in data["columns"] and c not in _ADDED_LATER]
     if missing:
         raise ValueError(f"{path}: step log lacks columns {missing}")
     width = len(data["columns"])
