@@ -2,6 +2,8 @@
 counters, written as columns + rows JSON."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -124,3 +126,16 @@ def test_steps_cli_reads_an_engine_log_and_refuses_bad_files(tmp_path, capsys):
         bad.write_text(text)
         assert main(["steps", str(bad)]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_steps_cli_stops_quietly_when_its_reader_does(tmp_path):
+    """``fairswitch steps LOG | head``: the closed pipe ends the command without an error."""
+    path = tmp_path / "long.json"
+    path.write_text(json.dumps(_log([dict(t_s=float(i), step_s=0.01, seqs=1, tokens=1)
+                                     for i in range(5000)])))
+    proc = subprocess.Popen([sys.executable, "-m", "fairswitch.cli.main", "steps", str(path),
+                             "--window-s", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline().startswith(b"long:")
+    proc.stdout.close()
+    err = proc.communicate(timeout=60)[1].decode()
+    assert proc.returncode == 1 and "error" not in err and "Exception" not in err, err
