@@ -2,6 +2,7 @@
 counters, written as columns + rows JSON."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -33,7 +34,10 @@ def test_step_log_rows_match_the_engine(tmp_path):
     assert times == sorted(times) and all(r[col["step_s"]] >= r[col["sched_s"]] >= 0
                                           for r in rows)
     assert all(r[col["exec_s"]] > 0 and r[col["sched_s"]] + r[col["exec_s"]]
-               <= r[col["step_s"]] + 1e-5 for r in rows)
+               <= r[col["step_s"]] + 1e-5 and r[col["cpu_s"]] > 0 for r in rows)
+    # CPU time spans all threads (torch's intra-op pool on CPU): bounded by wall x cores.
+    cores = os.cpu_count() or 1
+    assert all(r[col["cpu_s"]] <= r[col["step_s"]] * cores + 0.01 for r in rows)
 
     data = json.loads(log.write(tmp_path / "a" / "full.json").read_text())
     assert data["columns"] == list(COLUMNS) and data["rows"] == [list(r) for r in rows]
@@ -109,11 +113,11 @@ def test_steps_cli_reads_an_engine_log_and_refuses_bad_files(tmp_path, capsys):
     assert report["summary"]["num_steps"] == engine.stats.num_steps
     assert report["summary"]["preempted"] == engine.scheduler.num_preemptions
 
-    # A log written before exec_s existed is still read; its summary has no model time.
+    # A log written before exec_s and cpu_s existed is still read; its summary has no model time.
     old = json.loads(path.read_text())
-    k = old["columns"].index("exec_s")
-    old = {**old, "columns": old["columns"][:k] + old["columns"][k + 1:],
-           "rows": [r[:k] + r[k + 1:] for r in old["rows"]]}
+    keep = [i for i, name in enumerate(old["columns"]) if name not in ("exec_s", "cpu_s")]
+    old = {**old, "columns": [old["columns"][i] for i in keep],
+           "rows": [[r[i] for i in keep] for r in old["rows"]]}
     (tmp_path / "old.json").write_text(json.dumps(old))
     assert main(["steps", str(tmp_path / "old.json")]) == 0
     assert "model" not in capsys.readouterr().out.splitlines()[0]

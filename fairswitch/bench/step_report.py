@@ -41,6 +41,7 @@ def summarize_steps(log: dict[str, Any], full_fraction: float = 0.05) -> dict[st
         "busy_s": float(step.sum()),
         "schedule_s": float(a[:, c["sched_s"]].sum()),
         "model_s": float(a[:, c["exec_s"]].sum()) if "exec_s" in c else None,
+        "cpu_s": float(a[:, c["cpu_s"]].sum()) if "cpu_s" in c else None,
         "decode_steps": {"count": int((~prompt).sum()), "mean_ms": _ms(step[~prompt]),
                          "total_s": float(step[~prompt].sum()),
                          "mean_seqs": float(a[~prompt, c["seqs"]].mean()) if (~prompt).any()
@@ -93,6 +94,7 @@ def format_summary(name: str, s: dict[str, Any]) -> str:
         return f"{name}: no steps recorded"
     d, p = s["decode_steps"], s["prompt_steps"]
     model = "" if s.get("model_s") is None else f", model {s['model_s']:.1f} s"
+    model += "" if s.get("cpu_s") is None else f", process CPU {s['cpu_s']:.1f} s"
     lines = [
         f"{name}: {s['num_steps']} steps over {s['span_s']:.1f} s, busy {s['busy_s']:.1f} s "
         f"(scheduling {s['schedule_s']:.1f} s{model})",

@@ -258,6 +258,7 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
+        cpu0 = time.process_time() if self.step_log is not None else 0.0
         sched = self.scheduler.schedule()  # also retires swap copies that have landed
         if not sched.scheduled:
             return []
@@ -286,7 +287,7 @@ class Engine:
         t3 = time.perf_counter()
         self.stats.add(t1 - t0, t2 - t1, t3 - t2, self.runner.last_prepare_s)
         if self.step_log is not None:
-            self.step_log.record(self, sched, t0, t1, t2, t3)
+            self.step_log.record(self, sched, t0, t1, t2, t3, time.process_time() - cpu0)
         return outputs
 
     def _observe_prefill(self, sched: SchedulerOutput, seconds: float) -> None:

@@ -12,6 +12,8 @@ kept in memory and written as one JSON object ``{"columns": [...], "rows": [[...
     exec_s    of which the model step: inputs, forward, sampling (waits for the GPU); the rest
               of step_s is the host's handling of the outputs (absent from logs written before
               it was added)
+    cpu_s     CPU time the process used during the step, all threads (absent likewise): well
+              below step_s means the process was waiting, descheduled or blocked, not working
     seqs      requests in the batch; tokens: tokens in the batch; prefill: of which prompt tokens
     running / waiting / swapped / pending_in: queue lengths after scheduling
     free      free KV blocks as the scheduler counts them (free + reserved + evictable)
@@ -28,10 +30,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-COLUMNS = ("t_s", "step_s", "sched_s", "exec_s", "seqs", "tokens", "prefill", "running", "waiting",
+COLUMNS = ("t_s", "step_s", "sched_s", "exec_s", "cpu_s", "seqs", "tokens", "prefill", "running", "waiting",
            "swapped", "pending_in", "free", "evictable", "reserved", "in_flight", "preempted",
            "rank_total", "stall_s")
-_ADDED_LATER = ("exec_s",)  # logs written before these columns are still read
+_ADDED_LATER = ("exec_s", "cpu_s")  # logs written before these columns are still read
 
 
 class StepLog:
@@ -45,7 +47,7 @@ class StepLog:
         self.num_dropped = 0  # rows past max_rows
 
     def record(self, engine: Any, sched: Any, t_start: float, t_sched: float, t_exec: float,
-               t_end: float) -> None:
+               t_end: float, cpu_s: float) -> None:
         """One step of ``engine`` (an ``Engine``) that ran ``sched`` (its ``SchedulerOutput``)."""
         if len(self.rows) >= self.max_rows:
             self.num_dropped += 1
@@ -54,7 +56,7 @@ class StepLog:
         pc = kv.prefix_cache
         self.rows.append((
             round(t_start - self.t0, 6), round(t_end - t_start, 6), round(t_sched - t_start, 6),
-            round(t_exec - t_sched, 6),
+            round(t_exec - t_sched, 6), round(cpu_s, 6),
             len(sched.scheduled), sched.num_batched_tokens,
             sum(n for _, n in sched.scheduled if n > 1),
             len(s.running), len(s.waiting), len(s.swapped),
