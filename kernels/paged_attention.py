@@ -423,7 +423,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
     q [T, Hq, D] holds sequence i's query_len = query_start_loc[i+1] - query_start_loc[i] newest
     tokens (absolute positions seq_len - query_len .. seq_len - 1), whose K/V are already in the
-    cache; rows of q past query_start_loc[S] are never read. One launch for the whole batch.
+    cache; query_start_loc[0] is 0 and rows of q past query_start_loc[S] are never read. One
+    launch for the whole batch.
     ``max_query_len`` (host int) sizes the grid per sequence; None sizes it by the shapes alone
     (T // tile + S query tiles, each finding its sequence by binary search: a few percent slower,
     but one launch serves any mix of query lengths, as a CUDA graph of a (T, S) bucket needs).

@@ -137,9 +137,12 @@ def test_steps_cli_stops_quietly_when_its_reader_does(tmp_path):
     path = tmp_path / "long.json"
     path.write_text(json.dumps(_log([dict(t_s=float(i), step_s=0.01, seqs=1, tokens=1)
                                      for i in range(5000)])))
+    report = tmp_path / "report.json"
     proc = subprocess.Popen([sys.executable, "-m", "fairswitch.cli.main", "steps", str(path),
-                             "--window-s", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             "--window-s", "1", "--output-json", str(report)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout.readline().startswith(b"long:")
     proc.stdout.close()
     err = proc.communicate(timeout=60)[1].decode()
     assert proc.returncode == 1 and "error" not in err and "Exception" not in err, err
+    assert len(json.loads(report.read_text())["long"]["windows"]) == 5000  # the work completed

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 from fairswitch import __version__
@@ -53,9 +52,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.run(args)
-    except BrokenPipeError:  # whoever read the output stopped (``fairswitch steps LOG | head``)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush
-        return 1
     except (ValueError, OSError) as e:  # bad input, missing files, unreachable servers
         print(f"fairswitch {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from pathlib import Path
 
 from fairswitch.bench.step_report import (format_summary, format_windows, step_windows,
@@ -30,7 +32,28 @@ def add_parser(subs: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
+class _Stdout:
+    """Prints until whoever reads stdout stops (``fairswitch steps LOG | head``), then stays
+    quiet: the work (the --output-json file) still completes."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def print(self, text: str = "") -> None:
+        if self.closed:
+            return
+        try:
+            print(text)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            self.closed = True
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush goes nowhere
+            os.close(devnull)
+
+
 def run(args: argparse.Namespace) -> int:
+    out = _Stdout()
     report = {}
     for path in args.logs:
         log = read_step_log(path)
@@ -40,12 +63,12 @@ def run(args: argparse.Namespace) -> int:
         if name in report:
             name = str(path)
         report[name] = {"summary": summary, "windows": windows}
-        print(format_summary(name, summary))
+        out.print(format_summary(name, summary))
         if not args.no_windows and windows:
-            print(format_windows(windows))
-        print()
+            out.print(format_windows(windows))
+        out.print()
     if args.output_json is not None:
         args.output_json.parent.mkdir(parents=True, exist_ok=True)
         args.output_json.write_text(json.dumps(report, indent=1) + "\n")
-        print(f"wrote {args.output_json}")
-    return 0
+        out.print(f"wrote {args.output_json}")
+    return 1 if out.closed else 0

@@ -188,7 +188,8 @@ class MixedGraphs:
         nseq = batch.num_decodes + len(batch.prefill_seq_lens)
         t = next((x for x in self.token_buckets if x >= batch.num_tokens), None)
         s = next((x for x in self.seq_buckets if x >= nseq), None)
-        if t is None or s is None or batch.prefill_block_tables.shape[1] > self.width:
+        widest = max(batch.decode_block_tables.shape[1], batch.prefill_block_tables.shape[1])
+        if t is None or s is None or widest > self.width:
             return None
         return (t, s) if (t, s) in self._graphs else None
 
