@@ -75,16 +75,8 @@ class DecodeGraphs:
         stream = torch.cuda.Stream(self.device)
         # Largest first: smaller graphs then reuse the memory of the larger ones in the pool.
         for b in reversed(self.buckets):
-            meta = self._meta(b)
-            args = (self.input_ids[:b], self.positions[:b], self.kv_layers, meta)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                self.model(*args)  # warm up: Triton compiles and autotunes outside the capture
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream):
-                out = self.model(*args)
-            self._graphs[b] = (graph, out)
+            args = (self.input_ids[:b], self.positions[:b], self.kv_layers, self._meta(b))
+            self._graphs[b] = capture_graph(self.model, args, pool, stream, self.device)
         torch.cuda.synchronize(self.device)
         logger.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
 
@@ -111,6 +103,20 @@ class DecodeGraphs:
         graph, out = self._graphs[b]
         graph.replay()
         return out[:n]
+
+
+def capture_graph(model: Any, args: tuple, pool: Any, stream: torch.cuda.Stream,
+                  device: torch.device) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """Run ``model(*args)`` once on ``stream`` (warm-up: Triton compiles and autotunes outside
+    the capture), then capture it into a graph drawing on memory ``pool``; (graph, output)."""
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        model(*args)
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, stream=stream):
+        out = model(*args)
+    return graph, out
 
 
 class StagingFields:

@@ -5,9 +5,9 @@ Such steps ran eagerly: on the H200, Llama-3-8B, a step with even a few prompt t
 a quarter of the busy phase of the FastSwitch-style runs (README, step logs).
 
 One graph per (token bucket T, sequence bucket S), for steps of up to MAX_GRAPH_TOKENS tokens
-(longer ones run eagerly: see the measurements above MAX_GRAPH_TOKENS). Every sequence of the step, decodes included,
-goes through the prefill attention kernel as a chunk of its query length (a decode is a chunk of
-1), so one kernel with a grid fixed by (T, S) serves any mix:
+(longer ones run eagerly: see the measurements above MAX_GRAPH_TOKENS). Every sequence of the
+step, decodes included, goes through the prefill attention kernel as a chunk of its query length
+(a decode is a chunk of 1), so one kernel with a grid fixed by (T, S) serves any mix:
 
     tokens:     [ d0 d1 d2 | p0 p0 p0 p0 p0 | p1 p1 | pad pad pad ]        T = bucket
     sequences:  [ 1  1  1  | 5             | 2     | 0 0 ... ]  q_len    S = bucket
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from fairswitch.runner.attention import AttentionMetadata
-from fairswitch.runner.cuda_graph import StagingFields
+from fairswitch.runner.cuda_graph import StagingFields, capture_graph
 from fairswitch.runner.input_batch import InputBatch
 
 logger = logging.getLogger(__name__)
@@ -169,16 +169,8 @@ class MixedGraphs:
         stream = torch.cuda.Stream(self.device)
         for t in reversed(self.token_buckets):  # largest first: the pool's memory is reused
             for s in reversed(self.seq_buckets):
-                meta = self._meta(t, s)
-                args = (self.input_ids[:t], self.positions[:t], self.kv_layers, meta)
-                stream.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(stream):
-                    self.model(*args)  # warm-up outside the capture (Triton compiles here)
-                torch.cuda.current_stream(self.device).wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    out = self.model(*args)
-                self._graphs[(t, s)] = (graph, out)
+                args = (self.input_ids[:t], self.positions[:t], self.kv_layers, self._meta(t, s))
+                self._graphs[(t, s)] = capture_graph(self.model, args, pool, stream, self.device)
         torch.cuda.synchronize(self.device)
         self.capture_s = time.perf_counter() - t0
         logger.info("captured %d prefill/mixed CUDA graphs (tokens %s x sequences %s) in %.1f s",
