@@ -30,9 +30,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-COLUMNS = ("t_s", "step_s", "sched_s", "exec_s", "cpu_s", "seqs", "tokens", "prefill", "running", "waiting",
-           "swapped", "pending_in", "free", "evictable", "reserved", "in_flight", "preempted",
-           "rank_total", "stall_s")
+COLUMNS = ("t_s", "step_s", "sched_s", "exec_s", "cpu_s", "seqs", "tokens", "prefill", "running",
+           "waiting", "swapped", "pending_in", "free", "evictable", "reserved", "in_flight",
+           "preempted", "rank_total", "stall_s")
 _ADDED_LATER = ("exec_s", "cpu_s")  # logs written before these columns are still read
 
 
