@@ -35,6 +35,7 @@ def test_step_log_rows_match_the_engine(tmp_path):
                                           for r in rows)
     assert all(r[col["exec_s"]] > 0 and r[col["sched_s"]] + r[col["exec_s"]]
                <= r[col["step_s"]] + 1e-5 and r[col["cpu_s"]] > 0 for r in rows)
+    assert all(0 <= r[col["gc_s"]] <= r[col["step_s"]] + 1e-5 for r in rows)
     # CPU time spans all threads (torch's intra-op pool on CPU): bounded by wall x cores.
     cores = os.cpu_count() or 1
     assert all(r[col["cpu_s"]] <= r[col["step_s"]] * cores + 0.01 for r in rows)
@@ -68,13 +69,14 @@ def test_step_summary_and_windows_by_hand():
     log = _log([
         dict(t_s=0.0, step_s=0.010, sched_s=0.001, seqs=4, tokens=4, running=4, free=50),
         dict(t_s=0.5, step_s=0.030, sched_s=0.002, seqs=3, tokens=40, prefill=38, running=3,
-             waiting=2, free=5, preempted=1),
+             waiting=2, free=5, preempted=1, gc_s=0.012),
         dict(t_s=1.2, step_s=0.020, sched_s=0.001, seqs=2, tokens=2, running=2, swapped=1,
              free=4, preempted=2),
     ])
     s = summarize_steps(log, full_fraction=0.05)
     assert s["num_steps"] == 3 and s["span_s"] == pytest.approx(1.22)
     assert s["busy_s"] == pytest.approx(0.06) and s["schedule_s"] == pytest.approx(0.004)
+    assert s["gc_s"] == pytest.approx(0.012) and s["gc_max_s"] == pytest.approx(0.012)
     assert s["decode_steps"] == {"count": 2, "mean_ms": pytest.approx(15.0),
                                  "total_s": pytest.approx(0.03), "mean_seqs": 3.0}
     assert s["prompt_steps"] == {"count": 1, "mean_ms": pytest.approx(30.0),
@@ -113,9 +115,10 @@ def test_steps_cli_reads_an_engine_log_and_refuses_bad_files(tmp_path, capsys):
     assert report["summary"]["num_steps"] == engine.stats.num_steps
     assert report["summary"]["preempted"] == engine.scheduler.num_preemptions
 
-    # A log written before exec_s and cpu_s existed is still read; its summary has no model time.
+    # A log written before exec_s, cpu_s and gc_s existed is still read; its summary has no
+    # model time.
     old = json.loads(path.read_text())
-    keep = [i for i, name in enumerate(old["columns"]) if name not in ("exec_s", "cpu_s")]
+    keep = [i for i, name in enumerate(old["columns"]) if name not in ("exec_s", "cpu_s", "gc_s")]
     old = {**old, "columns": [old["columns"][i] for i in keep],
            "rows": [[r[i] for i in keep] for r in old["rows"]]}
     (tmp_path / "old.json").write_text(json.dumps(old))

@@ -27,6 +27,7 @@ COUNTERS: dict[tuple[str, tuple[str, str] | None], str] = {
     ("switch_wait_seconds_total", None): "switch_wait_s",
     ("kv_reuse_hits_total", ("tier", "gpu")): "reused_tokens",
     ("kv_reuse_hits_total", ("tier", "cpu")): "reused_tokens_cpu",
+    ("gc_pause_seconds_total", None): "gc_pause_s",
 }
 GAUGES: dict[tuple[str, tuple[str, str] | None], str] = {
     ("num_requests_swapped", None): "num_swapped",

@@ -42,6 +42,9 @@ def summarize_steps(log: dict[str, Any], full_fraction: float = 0.05) -> dict[st
         "schedule_s": float(a[:, c["sched_s"]].sum()),
         "model_s": float(a[:, c["exec_s"]].sum()) if "exec_s" in c else None,
         "cpu_s": float(a[:, c["cpu_s"]].sum()) if "cpu_s" in c else None,
+        # garbage-collector pauses inside steps: their total and the longest step's share
+        "gc_s": float(a[:, c["gc_s"]].sum()) if "gc_s" in c else None,
+        "gc_max_s": float(a[:, c["gc_s"]].max()) if "gc_s" in c else None,
         "decode_steps": {"count": int((~prompt).sum()), "mean_ms": _ms(step[~prompt]),
                          "total_s": float(step[~prompt].sum()),
                          "mean_seqs": float(a[~prompt, c["seqs"]].mean()) if (~prompt).any()
@@ -95,6 +98,8 @@ def format_summary(name: str, s: dict[str, Any]) -> str:
     d, p = s["decode_steps"], s["prompt_steps"]
     model = "" if s.get("model_s") is None else f", model {s['model_s']:.1f} s"
     model += "" if s.get("cpu_s") is None else f", process CPU {s['cpu_s']:.1f} s"
+    model += "" if s.get("gc_s") is None else (f", garbage collection {s['gc_s']:.2f} s, "
+                                               f"at most {s['gc_max_s'] * 1e3:.0f} ms a step")
     lines = [
         f"{name}: {s['num_steps']} steps over {s['span_s']:.1f} s, busy {s['busy_s']:.1f} s "
         f"(scheduling {s['schedule_s']:.1f} s{model})",

@@ -2,7 +2,8 @@
 
 The engine is single-threaded. Adds and aborts travel to its thread as commands executed between
 steps (so validation errors come back to the caller as exceptions); outputs travel back to each
-request's asyncio.Queue on the caller's event loop. Leaving ``generate()`` early (the consumer
+request's asyncio.Queue on the caller's event loop. While it runs, the objects alive at its start
+are frozen out of the garbage collector's full collections (``freeze_gc``, gc_control.py). Leaving ``generate()`` early (the consumer
 breaks, or its task is cancelled, e.g. the HTTP client went away) aborts the request, which frees
 its KV blocks before the next step.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import queue
 import threading
@@ -21,6 +23,7 @@ from typing import Any
 
 from fairswitch.config import EngineConfig
 from fairswitch.engine.engine import Engine
+from fairswitch.engine.gc_control import GC_CLOCK, frozen_heap
 from fairswitch.outputs import RequestOutput
 from fairswitch.sampling_params import SamplingParams
 
@@ -45,6 +48,10 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self._stopping = False
         self._error: BaseException | None = None
+        GC_CLOCK.install()
+        self._frozen = contextlib.ExitStack()
+        if engine.config.model.freeze_gc:
+            self._frozen.enter_context(frozen_heap())
         self._thread = threading.Thread(target=self._loop, name="fairswitch-engine", daemon=True)
         self._thread.start()
 
@@ -115,6 +122,7 @@ class AsyncEngine:
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout)
+        self._frozen.close()  # the engine's memory can be collected again
 
     @property
     def is_running(self) -> bool:

@@ -18,6 +18,7 @@ import torch
 
 from fairswitch.config import EngineConfig
 from fairswitch.engine.output_processor import OutputProcessor
+from fairswitch.engine.gc_control import GC_CLOCK
 from fairswitch.engine.step_log import StepLog
 from fairswitch.kv.cache_manager import KVCacheManager
 from fairswitch.kv.copy_backend import CopyStats, make_copy_backend
@@ -259,6 +260,7 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
         cpu0 = time.process_time() if self.step_log is not None else 0.0
+        gc0 = GC_CLOCK.total_s
         sched = self.scheduler.schedule()  # also retires swap copies that have landed
         if not sched.scheduled:
             return []
@@ -287,7 +289,8 @@ class Engine:
         t3 = time.perf_counter()
         self.stats.add(t1 - t0, t2 - t1, t3 - t2, self.runner.last_prepare_s)
         if self.step_log is not None:
-            self.step_log.record(self, sched, t0, t1, t2, t3, time.process_time() - cpu0)
+            self.step_log.record(self, sched, t0, t1, t2, t3, time.process_time() - cpu0,
+                                 GC_CLOCK.total_s - gc0)
         return outputs
 
     def _observe_prefill(self, sched: SchedulerOutput, seconds: float) -> None:
@@ -331,6 +334,10 @@ class Engine:
             * token_bytes,
             "extents_per_request": sum(num_extents(r.block_table) for r in running) / len(running)
             if running else 0.0,
+            # Garbage-collector pauses in this process (all threads; measured once an
+            # AsyncEngine or a step log has installed the clock: gc_control.py).
+            "gc_pause_s": GC_CLOCK.total_s,
+            "gc_full_collections": GC_CLOCK.count[2],
             "kv_utilization": sum(r.num_computed_tokens for r in running) / (
                 sum(len(r.block_table) for r in running) * self.kv.block_size) if running else 1.0,
         }

@@ -145,6 +145,9 @@ class ServerMetrics:
                           "it was kept (GPU prefix cache, or its CPU tier: fetched back).",
                           [("", {**lab, "tier": "gpu"}, engine["reused_tokens"]),
                            ("", {**lab, "tier": "cpu"}, engine["reused_tokens_cpu"])]),
+            one("gc_pause_seconds_total", "counter", "Time the process spent in garbage "
+                "collections (they hold the GIL: the engine's step waits).",
+                engine["gc_pause_s"]),
             one("prompt_tokens_total", "counter", "Prompt tokens of requests that started "
                 "generating (reused ones included).",
                 self.num_prompt_tokens),
