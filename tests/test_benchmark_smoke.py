@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -50,3 +52,24 @@ def test_throughput_smoke(tmp_path, monkeypatch, tokenizer_dir):
     # Static batches generate up to their longest request: never less than what was asked.
     assert figures["transformers"]["generated_tokens_incl_padding"] >= wanted_out
     assert figures["comparison"] == "same requests"
+
+
+def test_gc_pause_smoke(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH_DIR))
+    import gc
+
+    import gc_pause
+
+    out = tmp_path / "gc_pause.json"
+    result = gc_pause.main(["--model", "fairswitch-tiny", "--device", "cpu", "--requests", "4",
+                            "--prompt-tokens", "16", "--output-tokens", "4", "--max-model-len",
+                            "128", "--repeats", "2", "--output", str(out)])
+    assert json.loads(out.read_text()) == result
+    assert gc.get_freeze_count() == 0  # the benchmark leaves nothing frozen behind
+    f = result["figures"]
+    assert f["frozen_objects"] > f["serving_objects"] > 0 and f["startup_objects"] > 0
+    claims = {c["name"]: c["value"] for c in result["claims"]}
+    assert set(claims) == {"gc_full_collection_ms", "gc_full_collection_ms_frozen",
+                           "gc_pause_reduction_frozen"}
+    assert claims["gc_pause_reduction_frozen"] == pytest.approx(
+        claims["gc_full_collection_ms"] / claims["gc_full_collection_ms_frozen"])
