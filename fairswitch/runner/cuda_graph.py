@@ -37,26 +37,20 @@ class DecodeGraphs:
         self.buckets = batch_buckets(max_batch)
         self.max_batch = self.buckets[-1]
         n, width = self.max_batch, max_blocks_per_seq
-        # Every input lives in one staging buffer, pinned on the host and mirrored on the device,
-        # so a step's inputs go over in one copy (separate small pageable copies and pad fills
-        # cost ~10 us each of GPU idle time per step). Layout, 8-byte aligned throughout:
+        # Layout, 8-byte aligned throughout:
         #   [ input_ids i64 x n | positions i64 x n | slot_mapping i64 x n | seq_lens i32 x n
         #     | block_tables i32 x n x width ]   (rows of block_tables last: copy only b of them)
         self._header_bytes = 8 * 3 * n + 4 * n + (4 * n) % 8
         self._row_bytes = 4 * width
-        total = self._header_bytes + n * self._row_bytes
-        self._host = torch.zeros(total, dtype=torch.uint8, pin_memory=True)
-        self._dev = torch.zeros(total, dtype=torch.uint8, device=device)
-        self._copied = torch.cuda.Event()
-        fields = StagingFields(self._host, self._dev)
-        self.input_ids, self._h_ids = fields.take(torch.int64, n)
-        self.positions, self._h_pos = fields.take(torch.int64, n)
-        self.slot_mapping, self._h_slots = fields.take(torch.int64, n)
-        self.seq_lens, self._h_lens = fields.take(torch.int32, n)
-        fields.offset = self._header_bytes
-        self.block_tables, self._h_tables = fields.take(torch.int32, n, width)
+        self._staging = staging = StagingBuffer(self._header_bytes + n * self._row_bytes, device)
+        self.input_ids, self._h_ids = staging.take(torch.int64, n)
+        self.positions, self._h_pos = staging.take(torch.int64, n)
+        self.slot_mapping, self._h_slots = staging.take(torch.int64, n)
+        self.seq_lens, self._h_lens = staging.take(torch.int32, n)
+        staging.offset = self._header_bytes
+        self.block_tables, self._h_tables = staging.take(torch.int32, n, width)
         self._h_slots.fill(-1)  # graph warm-up and padding rows write no KV
-        self._dev.copy_(self._host)
+        staging.send()
         self._empty_i32 = torch.zeros(0, dtype=torch.int32, device=device)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
@@ -88,7 +82,7 @@ class DecodeGraphs:
         """Hidden states [num_tokens, hidden] of a decode-only batch, by graph replay."""
         n = batch.num_tokens
         b = next(x for x in self.buckets if x >= n)
-        self._copied.synchronize()  # the previous step's copy has read the host buffer
+        self._staging.wait_sent()
         _fill(self._h_ids, batch.input_ids, b, 0)
         _fill(self._h_pos, batch.positions, b, 0)
         _fill(self._h_slots, batch.slot_mapping, b, -1)
@@ -97,9 +91,7 @@ class DecodeGraphs:
         self._h_tables[:n, : tables.shape[1]] = tables
         # Columns past this batch's widest table keep stale ids: they lie beyond every
         # sequence's length and are never read. Rows past b are not used by graph b.
-        end = self._header_bytes + b * self._row_bytes
-        self._dev[:end].copy_(self._host[:end], non_blocking=True)
-        self._copied.record()
+        self._staging.send(self._header_bytes + b * self._row_bytes)
         graph, out = self._graphs[b]
         graph.replay()
         return out[:n]
@@ -119,20 +111,40 @@ def capture_graph(model: Any, args: tuple, pool: Any, stream: torch.cuda.Stream,
     return graph, out
 
 
-class StagingFields:
-    """Typed views of consecutive fields of a (host, device) pair of byte buffers."""
+class StagingBuffer:
+    """A graph's inputs in one byte buffer, pinned on the host and mirrored on the device, so a
+    step's inputs go over in one copy (separate small pageable copies and pad fills cost ~10 us
+    each of GPU idle time per step). ``take`` hands out consecutive typed fields (device view,
+    host numpy view) from ``offset``; a step waits until the previous copy has read the host
+    buffer (``wait_sent``), writes the host views, then ``send``s the bytes its graph reads."""
 
     _NP = {torch.int64: np.int64, torch.int32: np.int32}
 
-    def __init__(self, host: torch.Tensor, dev: torch.Tensor) -> None:
-        self.host_np, self.dev, self.offset = host.numpy(), dev, 0
+    def __init__(self, nbytes: int, device: torch.device) -> None:
+        self._host = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=True)
+        self._dev = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+        self._host_np = self._host.numpy()
+        self._sent = torch.cuda.Event()
+        self.offset = 0
 
     def take(self, dtype: torch.dtype, *shape: int) -> tuple[torch.Tensor, np.ndarray]:
         size = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
         lo, hi = self.offset, self.offset + size
+        if hi > len(self._host_np):
+            raise ValueError(f"fields up to byte {hi} overflow the {len(self._host_np)}-byte "
+                             "staging buffer")
         self.offset = hi
-        return (self.dev[lo:hi].view(dtype).view(shape),
-                self.host_np[lo:hi].view(self._NP[dtype]).reshape(shape))
+        return (self._dev[lo:hi].view(dtype).view(shape),
+                self._host_np[lo:hi].view(self._NP[dtype]).reshape(shape))
+
+    def wait_sent(self) -> None:
+        self._sent.synchronize()
+
+    def send(self, nbytes: int | None = None) -> None:
+        """Copy the first ``nbytes`` (all by default) to the device, in stream order."""
+        end = len(self._host_np) if nbytes is None else nbytes
+        self._dev[:end].copy_(self._host[:end], non_blocking=True)
+        self._sent.record()
 
 
 def _fill(dst: np.ndarray, src: np.ndarray, bucket: int, pad: int) -> None:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from fairswitch.runner.attention import AttentionMetadata
-from fairswitch.runner.cuda_graph import StagingFields, capture_graph
+from fairswitch.runner.cuda_graph import StagingBuffer, capture_graph
 from fairswitch.runner.input_batch import InputBatch
 
 logger = logging.getLogger(__name__)
@@ -127,27 +127,22 @@ class MixedGraphs:
         self.seq_buckets = seq_buckets(max_seqs)
         self.width = max_blocks_per_seq
         T, S = self.token_buckets[-1], self.seq_buckets[-1]
-        # One staging buffer, pinned on the host and mirrored on the device, so a step's inputs
-        # go over in one copy (as DecodeGraphs). Layout, 8-byte aligned where it matters:
+        # Inputs in one staging buffer (as DecodeGraphs). Layout, 8-byte aligned where it matters:
         #   [ input_ids i64 x T | positions i64 x T | slot_mapping i64 x T
         #     | query_start_loc i32 x (S + 1) | seq_lens i32 x S | block_tables i32 x S x width ]
         # (block-table rows last: a step copies only the rows of its real sequences)
         self._header_bytes = 8 * 3 * T + 4 * (2 * S + 1)
         self._row_bytes = 4 * self.width
-        total = self._header_bytes + S * self._row_bytes
-        self._host = torch.zeros(total, dtype=torch.uint8, pin_memory=True)
-        self._dev = torch.zeros(total, dtype=torch.uint8, device=device)
-        self._copied = torch.cuda.Event()
-        fields = StagingFields(self._host, self._dev)
-        self.input_ids, h_ids = fields.take(torch.int64, T)
-        self.positions, h_pos = fields.take(torch.int64, T)
-        self.slot_mapping, h_slots = fields.take(torch.int64, T)
-        self.query_start_loc, h_qsl = fields.take(torch.int32, S + 1)
-        self.seq_lens, h_lens = fields.take(torch.int32, S)
-        self.block_tables, h_tables = fields.take(torch.int32, S, self.width)
+        self._staging = staging = StagingBuffer(self._header_bytes + S * self._row_bytes, device)
+        self.input_ids, h_ids = staging.take(torch.int64, T)
+        self.positions, h_pos = staging.take(torch.int64, T)
+        self.slot_mapping, h_slots = staging.take(torch.int64, T)
+        self.query_start_loc, h_qsl = staging.take(torch.int32, S + 1)
+        self.seq_lens, h_lens = staging.take(torch.int32, S)
+        self.block_tables, h_tables = staging.take(torch.int32, S, self.width)
         self._staged = MixedLayout(h_ids, h_pos, h_slots, h_qsl, h_lens, h_tables)
         h_slots.fill(-1)  # capture warm-ups write no KV (every sequence has query length 0)
-        self._dev.copy_(self._host)
+        staging.send()
         self._empty_i32 = torch.zeros(0, dtype=torch.int32, device=device)
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_s = 0.0
@@ -188,11 +183,9 @@ class MixedGraphs:
     def run(self, batch: InputBatch, bucket: tuple[int, int]) -> torch.Tensor:
         """Hidden states [num_tokens, hidden] of the step, by replaying graph ``bucket``."""
         t, s = bucket
-        self._copied.synchronize()  # the previous step's copy has read the host buffer
+        self._staging.wait_sent()
         nseq = fill_mixed_layout(batch, t, s, self._staged)
-        end = self._header_bytes + nseq * self._row_bytes
-        self._dev[:end].copy_(self._host[:end], non_blocking=True)
-        self._copied.record()
+        self._staging.send(self._header_bytes + nseq * self._row_bytes)
         graph, out = self._graphs[bucket]
         graph.replay()
         return out[:batch.num_tokens]
