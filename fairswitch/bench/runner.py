@@ -65,7 +65,8 @@ def _counter_growth(before: dict[str, float], after: dict[str, float]) -> dict[s
     """Switch metrics over the measured run: counters minus their value after the warm-up."""
     # The /metrics counters, and the cumulative figures /metrics does not export.
     counters = set(scrape.COUNTERS.values()) | {"reuse_hit_blocks", "reuse_queried_blocks",
-                                                 "reuse_bytes_saved", "gc_full_collections"}
+                                                 "reuse_bytes_saved", "gc_full_collections",
+                                                 "kernel_compiles", "kernel_compile_s"}
     grown = {k: v - before.get(k, 0.0) if k in counters else v for k, v in after.items()}
     return scrape.with_derived(grown)
 

@@ -45,6 +45,9 @@ def summarize_steps(log: dict[str, Any], full_fraction: float = 0.05) -> dict[st
         # garbage-collector pauses inside steps: their total and the longest step's share
         "gc_s": float(a[:, c["gc_s"]].sum()) if "gc_s" in c else None,
         "gc_max_s": float(a[:, c["gc_s"]].max()) if "gc_s" in c else None,
+        # Triton compiles inside steps (new kernel specializations after start-up)
+        "jit_s": float(a[:, c["jit_s"]].sum()) if "jit_s" in c else None,
+        "jit_steps": int((a[:, c["jit_s"]] > 0).sum()) if "jit_s" in c else None,
         "decode_steps": {"count": int((~prompt).sum()), "mean_ms": _ms(step[~prompt]),
                          "total_s": float(step[~prompt].sum()),
                          "mean_seqs": float(a[~prompt, c["seqs"]].mean()) if (~prompt).any()
@@ -100,6 +103,8 @@ def format_summary(name: str, s: dict[str, Any]) -> str:
     model += "" if s.get("cpu_s") is None else f", process CPU {s['cpu_s']:.1f} s"
     model += "" if s.get("gc_s") is None else (f", garbage collection {s['gc_s']:.2f} s, "
                                                f"at most {s['gc_max_s'] * 1e3:.0f} ms a step")
+    model += "" if not s.get("jit_steps") else (f", Triton compiles {s['jit_s']:.2f} s in "
+                                                f"{s['jit_steps']} steps")
     lines = [
         f"{name}: {s['num_steps']} steps over {s['span_s']:.1f} s, busy {s['busy_s']:.1f} s "
         f"(scheduling {s['schedule_s']:.1f} s{model})",

@@ -20,6 +20,7 @@ from fairswitch.config import EngineConfig
 from fairswitch.engine.output_processor import OutputProcessor
 from fairswitch.engine.gc_control import GC_CLOCK
 from fairswitch.engine.step_log import StepLog
+from fairswitch.runner.jit_watch import JIT_CLOCK
 from fairswitch.kv.cache_manager import KVCacheManager
 from fairswitch.kv.copy_backend import CopyStats, make_copy_backend
 from fairswitch.kv.cpu_tier import CpuKVTier
@@ -77,6 +78,8 @@ class Engine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         mc = config.model
+        JIT_CLOCK.install()
+        JIT_CLOCK.serving = False  # compiles while building (warm-up, graph capture) are expected
         self.device = resolve_device(mc.device)
         self.dtype = resolve_dtype(mc.dtype, self.device)
         source = loader.resolve_model(mc.model)
@@ -120,6 +123,7 @@ class Engine:
         self._ids = itertools.count()
         self.stats = StepStats()
         self.step_log: StepLog | None = None  # set to record every step (step_log.py)
+        JIT_CLOCK.serving = True
 
     def _swap_manager(self) -> SwapManager | None:
         gib = self.config.cache.swap_space
@@ -260,7 +264,7 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
         cpu0 = time.process_time() if self.step_log is not None else 0.0
-        gc0 = GC_CLOCK.total_s
+        gc0, jit0 = GC_CLOCK.total_s, JIT_CLOCK.total_s
         sched = self.scheduler.schedule()  # also retires swap copies that have landed
         if not sched.scheduled:
             return []
@@ -290,7 +294,7 @@ class Engine:
         self.stats.add(t1 - t0, t2 - t1, t3 - t2, self.runner.last_prepare_s)
         if self.step_log is not None:
             self.step_log.record(self, sched, t0, t1, t2, t3, time.process_time() - cpu0,
-                                 GC_CLOCK.total_s - gc0)
+                                 GC_CLOCK.total_s - gc0, JIT_CLOCK.total_s - jit0)
         return outputs
 
     def _observe_prefill(self, sched: SchedulerOutput, seconds: float) -> None:
@@ -338,6 +342,10 @@ class Engine:
             # AsyncEngine or a step log has installed the clock: gc_control.py).
             "gc_pause_s": GC_CLOCK.total_s,
             "gc_full_collections": GC_CLOCK.count[2],
+            # Triton compiles in this process (runner/jit_watch.py): after start-up, each one
+            # stalled a step
+            "kernel_compiles": JIT_CLOCK.count,
+            "kernel_compile_s": JIT_CLOCK.total_s,
             "kv_utilization": sum(r.num_computed_tokens for r in running) / (
                 sum(len(r.block_table) for r in running) * self.kv.block_size) if running else 1.0,
         }

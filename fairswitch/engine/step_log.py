@@ -16,6 +16,8 @@ kept in memory and written as one JSON object ``{"columns": [...], "rows": [[...
               below step_s means the process was waiting, descheduled or blocked, not working
     gc_s      time in garbage collections during the step, any thread (absent likewise; they
               hold the GIL, so the step waits for them)
+    jit_s     time compiling Triton kernels during the step (absent likewise; after start-up a
+              compile is a new kernel specialization: runner/jit_watch.py)
     seqs      requests in the batch; tokens: tokens in the batch; prefill: of which prompt tokens
     running / waiting / swapped / pending_in: queue lengths after scheduling
     free      free KV blocks as the scheduler counts them (free + reserved + evictable)
@@ -34,10 +36,10 @@ from typing import Any
 
 from fairswitch.engine.gc_control import GC_CLOCK
 
-COLUMNS = ("t_s", "step_s", "sched_s", "exec_s", "cpu_s", "gc_s", "seqs", "tokens", "prefill",
-           "running", "waiting", "swapped", "pending_in", "free", "evictable", "reserved",
-           "in_flight", "preempted", "rank_total", "stall_s")
-_ADDED_LATER = ("exec_s", "cpu_s", "gc_s")  # logs written before these columns are still read
+COLUMNS = ("t_s", "step_s", "sched_s", "exec_s", "cpu_s", "gc_s", "jit_s", "seqs", "tokens",
+           "prefill", "running", "waiting", "swapped", "pending_in", "free", "evictable",
+           "reserved", "in_flight", "preempted", "rank_total", "stall_s")
+_ADDED_LATER = ("exec_s", "cpu_s", "gc_s", "jit_s")  # logs written before these columns are still read
 
 
 class StepLog:
@@ -52,7 +54,7 @@ class StepLog:
         GC_CLOCK.install()  # for the gc_s column
 
     def record(self, engine: Any, sched: Any, t_start: float, t_sched: float, t_exec: float,
-               t_end: float, cpu_s: float, gc_s: float) -> None:
+               t_end: float, cpu_s: float, gc_s: float, jit_s: float) -> None:
         """One step of ``engine`` (an ``Engine``) that ran ``sched`` (its ``SchedulerOutput``)."""
         if len(self.rows) >= self.max_rows:
             self.num_dropped += 1
@@ -61,7 +63,7 @@ class StepLog:
         pc = kv.prefix_cache
         self.rows.append((
             round(t_start - self.t0, 6), round(t_end - t_start, 6), round(t_sched - t_start, 6),
-            round(t_exec - t_sched, 6), round(cpu_s, 6), round(gc_s, 6),
+            round(t_exec - t_sched, 6), round(cpu_s, 6), round(gc_s, 6), round(jit_s, 6),
             len(sched.scheduled), sched.num_batched_tokens,
             sum(n for _, n in sched.scheduled if n > 1),
             len(s.running), len(s.waiting), len(s.swapped),

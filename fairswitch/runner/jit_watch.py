@@ -1,0 +1,73 @@
+"""Triton compiles while serving: how many, how long, which kernel specialization.
+
+Triton compiles a kernel the first time it is launched with a new specialization (constexprs,
+and for plain integer and pointer arguments whether they equal 1 or are 16-aligned). A compile
+takes 0.3-1 s of host time during which the step waits and the GPU idles, so one that happens
+after start-up is a first-token or token-gap outlier of that size. ``JIT_CLOCK`` times every
+compile through Triton's JIT hooks; the engine reports the count and time (switch metrics
+``kernel_compiles`` / ``kernel_compile_s``, the step log's ``jit_s``) and logs each compile that
+happens while serving with the kernel's signature, so the specialization can be warmed up or
+made not to matter.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+class JitClock:
+    def __init__(self) -> None:
+        self.count = 0
+        self.total_s = 0.0
+        self.serving = False  # set once the engine has started: compiles from then on are logged
+        self._start: float | None = None
+        self._installed = False
+        self._previous: tuple[Any, Any] = (None, None)
+
+    def install(self) -> bool:
+        """Hook Triton's JIT (idempotent); False where this Triton has no hooks to set."""
+        if self._installed:
+            return True
+        try:
+            from triton import knobs
+        except ImportError:
+            return False
+        runtime = getattr(knobs, "runtime", None)
+        if runtime is None or not hasattr(runtime, "jit_post_compile_hook"):
+            return False
+        self._previous = (runtime.jit_cache_hook, runtime.jit_post_compile_hook)
+        runtime.jit_cache_hook = self._before
+        runtime.jit_post_compile_hook = self._after
+        self._installed = True
+        return True
+
+    def uninstall(self) -> None:
+        if self._installed:
+            from triton import knobs
+
+            knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = self._previous
+            self._installed = False
+
+    def _before(self, **kw: Any) -> Any:
+        self._start = time.perf_counter()
+        previous = self._previous[0]
+        return previous(**kw) if previous is not None else False  # False: go on and compile
+
+    def _after(self, **kw: Any) -> Any:
+        if self._start is not None:
+            seconds = time.perf_counter() - self._start
+            self._start = None
+            self.count += 1
+            self.total_s += seconds
+            if self.serving:
+                logger.warning("Triton compiled a kernel while serving (%.2f s, the step waited): "
+                               "%s", seconds, kw.get("repr", "?"))
+        previous = self._previous[1]
+        return previous(**kw) if previous is not None else None
+
+
+JIT_CLOCK = JitClock()

@@ -1,0 +1,75 @@
+"""Triton compiles timed through Triton's JIT hooks; after start-up each is logged by kernel."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from fairswitch.runner.jit_watch import JitClock
+
+knobs = pytest.importorskip("triton").knobs
+
+
+@pytest.fixture
+def hooks():
+    saved = (knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook)
+    yield
+    knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = saved
+
+
+def test_clock_times_compiles_chains_hooks_and_logs_those_while_serving(hooks, caplog):
+    calls = []
+    knobs.runtime.jit_cache_hook = lambda **kw: calls.append(("before", kw["repr"])) or False
+    knobs.runtime.jit_post_compile_hook = lambda **kw: calls.append(("after", kw["repr"]))
+    clock = JitClock()
+    assert clock.install() and clock.install()  # idempotent
+    assert knobs.runtime.jit_cache_hook == clock._before
+
+    # Triton calls the hooks around a compile, with keyword arguments
+    assert knobs.runtime.jit_cache_hook(repr="_k1(a: i32)", key=1) is False  # compile goes on
+    knobs.runtime.jit_post_compile_hook(repr="_k1(a: i32)", key=1)
+    assert clock.count == 1 and clock.total_s > 0
+    assert not [r for r in caplog.records if "Triton compiled" in r.message]  # start-up
+
+    clock.serving = True
+    with caplog.at_level(logging.WARNING, logger="fairswitch.runner.jit_watch"):
+        knobs.runtime.jit_cache_hook(repr="_k2(a: i32:16)", key=2)
+        knobs.runtime.jit_post_compile_hook(repr="_k2(a: i32:16)", key=2)
+    assert clock.count == 2
+    assert any("_k2(a: i32:16)" in r.message for r in caplog.records)
+    assert calls == [("before", "_k1(a: i32)"), ("after", "_k1(a: i32)"),
+                     ("before", "_k2(a: i32:16)"), ("after", "_k2(a: i32:16)")]
+
+    clock.uninstall()
+    assert knobs.runtime.jit_cache_hook is not clock._before  # the previous hooks are back
+    knobs.runtime.jit_post_compile_hook(repr="x")
+    assert clock.count == 2
+
+
+def test_engine_reports_compiles_and_the_step_log_has_their_column():
+    from fairswitch import LLM, SamplingParams
+    from fairswitch.engine.step_log import COLUMNS, StepLog
+    from fairswitch.runner.jit_watch import JIT_CLOCK
+
+    llm = LLM(num_gpu_blocks=32, block_size=4, max_model_len=64)
+    engine = llm.engine
+    engine.step_log = log = StepLog()
+    execute = engine.runner.execute
+
+    def execute_and_compile(sched):  # a compile of 10 ms inside the step, as Triton reports one
+        import time
+        knobs.runtime.jit_cache_hook(repr="_k(x)", key=0)
+        time.sleep(0.01)
+        knobs.runtime.jit_post_compile_hook(repr="_k(x)", key=0)
+        return execute(sched)
+
+    engine.runner.execute = execute_and_compile
+    before = engine.switch_metrics()["kernel_compiles"]
+    engine.add_request("compile", SamplingParams(max_tokens=2, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+    col = COLUMNS.index("jit_s")
+    assert len(log.rows) == 2 and all(r[col] >= 0.009 for r in log.rows)
+    metrics = engine.switch_metrics()
+    assert metrics["kernel_compiles"] == before + 2 and JIT_CLOCK.serving
