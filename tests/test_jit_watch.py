@@ -73,3 +73,19 @@ def test_engine_reports_compiles_and_the_step_log_has_their_column():
     assert len(log.rows) == 2 and all(r[col] >= 0.009 for r in log.rows)
     metrics = engine.switch_metrics()
     assert metrics["kernel_compiles"] == before + 2 and JIT_CLOCK.serving
+
+
+def test_describe_names_the_kernel_and_its_specialized_arguments():
+    from fairswitch.runner.jit_watch import describe
+
+    class Jit:
+        arg_names = ["q_ptr", "k_ptr", "num_seqs"]
+
+    class Fn:
+        name, jit_function = "_prefill_kernel", Jit()
+
+    text = describe({"fn": Fn(), "compile": {"constants": {(2,): 1},
+                                             "configs": [{(0,): [["tt.divisibility", 16]]}]}})
+    assert text == ("_prefill_kernel constants={'num_seqs': 1} "
+                    "specialized={'q_ptr': [['tt.divisibility', 16]]}")
+    assert describe({"repr": "_k[num_warps=4](x: i32)"}).startswith("_k constants={}")

@@ -64,10 +64,33 @@ class JitClock:
             self.count += 1
             self.total_s += seconds
             if self.serving:
-                logger.warning("Triton compiled a kernel while serving (%.2f s, the step waited): "
-                               "%s", seconds, kw.get("repr", "?"))
+                logger.warning("Triton compiled a kernel while serving (%.2f s, the step "
+                               "waited): %s", seconds, describe(kw))
         previous = self._previous[1]
         return previous(**kw) if previous is not None else None
+
+
+def describe(kw: dict[str, Any]) -> str:
+    """The compiled kernel's name and specialization, from the hook's keyword arguments: the
+    constexpr values and, per argument index, the attributes Triton specialized on (16-byte
+    alignment / divisibility; arguments equal to 1 appear among the constants)."""
+    fn = kw.get("fn")
+    name = getattr(fn, "name", None) or kw.get("repr", "?").split("[", 1)[0]
+    compile_kw = kw.get("compile") or {}
+    names = list(getattr(getattr(fn, "jit_function", None), "arg_names", None) or [])
+
+    def named(d: Any) -> dict[str, Any]:
+        if not isinstance(d, dict):
+            return {}
+        out = {}
+        for k, v in d.items():
+            i = k[0] if isinstance(k, tuple) and len(k) == 1 else k
+            out[names[i] if isinstance(i, int) and i < len(names) else str(k)] = v
+        return out
+
+    constants = named(compile_kw.get("constants"))
+    configs = compile_kw.get("configs") or [{}]
+    return f"{name} constants={constants} specialized={named(configs[0])}"
 
 
 JIT_CLOCK = JitClock()
