@@ -95,3 +95,38 @@ def test_triton_backend_matches_torch_backend_on_a_mixed_step():
         cache.tensor.copy_(torch.randn(cache.tensor.shape, generator=prefix))  # cached prefixes
         outs.append(backend.forward(q, k, v, cache.layer_views[1], meta))
     torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
+
+
+def test_eager_warm_up_runs_every_case_and_changes_no_output():
+    """The start-up warm-up of the eager kernel variants (Engine runs it on CUDA with Triton)
+    writes only into the unowned block 0: generation afterwards is token for token the same."""
+    from fairswitch import LLM
+
+    prompts = ["warm up " * 9, "the cache stays clean"]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+    def generate(warm: bool) -> list[list[int]]:
+        llm = LLM(num_gpu_blocks=64, block_size=4, max_model_len=96)
+        runner = llm.engine.runner
+        if warm:
+            runner.kv_cache.tensor.normal_()  # garbage everywhere, as uninitialized memory
+            assert runner.warm_up_eager(llm.engine.max_model_len) == 5
+        outs = llm.generate(prompts, params)
+        llm.engine.check_accounting()
+        return [o.outputs[0].token_ids for o in outs]
+
+    assert generate(True) == generate(False)
+
+
+def test_warm_up_batches_are_consistent_layouts():
+    from fairswitch import LLM
+
+    runner = LLM(num_gpu_blocks=16, block_size=4, max_model_len=32).engine.runner
+    b = runner._warm_up_batch(2, 32, 7, 11)
+    assert b.num_tokens == 9 and b.num_decodes == 2
+    assert b.positions.tolist() == [31, 31, 4, 5, 6, 7, 8, 9, 10]
+    assert b.slot_mapping.tolist() == [p % 4 for p in b.positions.tolist()]
+    assert b.decode_block_tables.shape == (2, 8) and b.prefill_block_tables.shape == (1, 3)
+    assert b.prefill_query_start_loc.tolist() == [0, 7] and b.prefill_seq_lens.tolist() == [11]
+    only = runner._warm_up_batch(3, 4, 0, 0)
+    assert only.is_decode_only and only.prefill_query_start_loc.tolist() == [0]

@@ -110,6 +110,10 @@ class Engine:
                 self.runner.capture_mixed_graphs(config.scheduler.max_num_batched_tokens,
                                                  config.scheduler.max_num_seqs,
                                                  self.max_model_len)
+        if self.device.type == "cuda" and backend.name == "triton":
+            t0 = time.perf_counter()
+            self.runner.warm_up_eager(self.max_model_len)
+            logger.info("eager kernel variants warmed up in %.1f s", time.perf_counter() - t0)
         self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size,
                                  config.cache.enable_prefix_caching, config.cache.block_groups,
                                  self.max_model_len)

@@ -116,6 +116,49 @@ class ModelRunner:
             max_query_len=int(np.diff(batch.prefill_query_start_loc).max(initial=0)),
         )
 
+    @torch.inference_mode()
+    def warm_up_eager(self, max_model_len: int) -> int:
+        """Run the eager path once per kernel specialization a served step can reach, before
+        serving; returns the number of forwards run.
+
+        Triton compiles a kernel the first time it runs with a new specialization, and the step
+        waits: on the H200 the eager prefill kernel compiled at the first step above the graphs'
+        512 tokens took 1.1 s, that request's first token (runner/jit_watch.py logged it). The
+        graphs compile only their own variants, and with ``kv_cache_memory_gib`` no profiling
+        step runs eagerly. The forwards below cover the eager variants: decode-only steps (graphs
+        off or too small), decodes over a short (one split) and a long (split) context, prompt
+        chunks with and without a cached prefix. Their K/V land in block 0, which no request owns
+        yet (every slot is written before it is read once a request owns it); nothing samples.
+        """
+        bs, long_ctx = self.block_size, max_model_len
+        cases = (  # (decodes, decode context, prompt tokens, prompt's context incl. them)
+            (1, bs, 0, 0), (3, long_ctx, 0, 0), (2, bs, bs + 3, 2 * bs + 3),
+            (2, long_ctx, 5, long_ctx), (0, 0, bs + 1, bs + 1))
+        for decodes, dctx, q, pctx in cases:
+            batch = self._warm_up_batch(decodes, min(dctx, long_ctx), q, min(pctx, long_ctx))
+            self.model(self._to_device(batch.input_ids), self._to_device(batch.positions),
+                       self.kv_cache.layer_views, self._metadata(batch))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return len(cases)
+
+    def _warm_up_batch(self, decodes: int, dctx: int, q: int, pctx: int) -> InputBatch:
+        """A step of ``decodes`` decodes at context ``dctx`` and, if ``q``, one prompt chunk of
+        ``q`` tokens ending at context ``pctx``; every block-table entry is block 0."""
+        bs = self.block_size
+        positions = [dctx - 1] * decodes + list(range(pctx - q, pctx))
+        pos = np.array(positions, dtype=np.int64)
+        prefills = 1 if q else 0
+        return InputBatch(
+            input_ids=np.zeros(len(pos), dtype=np.int64), positions=pos,
+            slot_mapping=pos % bs, num_decodes=decodes,
+            decode_block_tables=np.zeros((decodes, max(1, -(-dctx // bs))), dtype=np.int32),
+            decode_seq_lens=np.full(decodes, dctx, dtype=np.int32),
+            prefill_block_tables=np.zeros((prefills, max(1, -(-pctx // bs))), dtype=np.int32),
+            prefill_query_start_loc=np.array([0, q][:prefills + 1], dtype=np.int32),
+            prefill_seq_lens=np.full(prefills, pctx, dtype=np.int32),
+            sample_rows=[], sample_requests=[])
+
     def capture_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
         self.graphs = DecodeGraphs(self.model, self.kv_cache.layer_views, max_batch,
                                    -(-max_model_len // self.block_size), self.device)
