@@ -3,9 +3,9 @@
 The engine is single-threaded. Adds and aborts travel to its thread as commands executed between
 steps (so validation errors come back to the caller as exceptions); outputs travel back to each
 request's asyncio.Queue on the caller's event loop. While it runs, the objects alive at its start
-are frozen out of the garbage collector's full collections (``freeze_gc``, gc_control.py). Leaving ``generate()`` early (the consumer
-breaks, or its task is cancelled, e.g. the HTTP client went away) aborts the request, which frees
-its KV blocks before the next step.
+are frozen out of the garbage collector's full collections (``freeze_gc``, gc_control.py).
+Leaving ``generate()`` early (the consumer breaks, or its task is cancelled, e.g. the HTTP client
+went away) aborts the request, which frees its KV blocks before the next step.
 """
 
 from __future__ import annotations

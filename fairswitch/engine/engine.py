@@ -17,10 +17,9 @@ from typing import Any
 import torch
 
 from fairswitch.config import EngineConfig
-from fairswitch.engine.output_processor import OutputProcessor
 from fairswitch.engine.gc_control import GC_CLOCK
+from fairswitch.engine.output_processor import OutputProcessor
 from fairswitch.engine.step_log import StepLog
-from fairswitch.runner.jit_watch import JIT_CLOCK
 from fairswitch.kv.cache_manager import KVCacheManager
 from fairswitch.kv.copy_backend import CopyStats, make_copy_backend
 from fairswitch.kv.cpu_tier import CpuKVTier
@@ -31,6 +30,7 @@ from fairswitch.model import loader
 from fairswitch.outputs import RequestOutput
 from fairswitch.request import Request, RequestStatus
 from fairswitch.runner.attention import get_attention_backend
+from fairswitch.runner.jit_watch import JIT_CLOCK
 from fairswitch.runner.model_runner import ModelRunner
 from fairswitch.sampling_params import SamplingParams
 from fairswitch.scheduler.scheduler import Scheduler, SchedulerOutput

@@ -39,7 +39,8 @@ from fairswitch.engine.gc_control import GC_CLOCK
 COLUMNS = ("t_s", "step_s", "sched_s", "exec_s", "cpu_s", "gc_s", "jit_s", "seqs", "tokens",
            "prefill", "running", "waiting", "swapped", "pending_in", "free", "evictable",
            "reserved", "in_flight", "preempted", "rank_total", "stall_s")
-_ADDED_LATER = ("exec_s", "cpu_s", "gc_s", "jit_s")  # logs written before these columns are still read
+# Logs written before these columns existed are still read.
+_ADDED_LATER = ("exec_s", "cpu_s", "gc_s", "jit_s")
 
 
 class StepLog:
