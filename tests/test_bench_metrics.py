@@ -285,3 +285,20 @@ def test_write_plots_names_the_extra_without_matplotlib(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import fail
     with pytest.raises(ImportError, match=r"fairswitch\[plots\]"):
         write_plots({"base": schedule()}, tmp_path, "demo")
+
+
+def test_scraped_metrics_carry_the_engines_switch_metrics():
+    """Every counter and gauge that HTTP runs read from /metrics renders the engine's value
+    under the key ``Engine.switch_metrics()`` uses, so both kinds of run report the same."""
+    from fairswitch import LLM, SamplingParams
+    from fairswitch.bench import scrape
+    from fairswitch.server.metrics import ServerMetrics, engine_snapshot
+
+    llm = LLM(num_gpu_blocks=32, block_size=4, max_model_len=64, swap_space=0.01)
+    llm.generate(["scrape me"], SamplingParams(max_tokens=3, ignore_eos=True))
+    snapshot = engine_snapshot(llm.engine)
+    scraped = scrape.switch_metrics(ServerMetrics("m").render(snapshot))
+    keys = set(scrape.COUNTERS.values()) | set(scrape.GAUGES.values())
+    assert keys <= scraped.keys()
+    for key in keys:
+        assert scraped[key] == pytest.approx(snapshot[key]), key

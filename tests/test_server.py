@@ -256,7 +256,8 @@ def test_metrics_prometheus_text(server):
     after = scrape()
     lab = '{model_name="fairswitch-tiny"}'
     for name in ("num_requests_running", "num_requests_waiting", "num_requests_swapped",
-                 "gpu_cache_usage_perc", "cpu_cache_usage_perc", "switch_stall_seconds_total"):
+                 "gpu_cache_usage_perc", "cpu_cache_usage_perc", "switch_stall_seconds_total",
+                 "gc_pause_seconds_total", "kernel_compile_seconds_total"):
         assert f"fairswitch:{name}{lab}" in after, name
     assert f'fairswitch:num_preemptions_total{{model_name="{MODEL}",mode="recompute"}}' in after
     assert f'fairswitch:swap_bytes_total{{model_name="{MODEL}",direction="out"}}' in after

@@ -28,6 +28,7 @@ COUNTERS: dict[tuple[str, tuple[str, str] | None], str] = {
     ("kv_reuse_hits_total", ("tier", "gpu")): "reused_tokens",
     ("kv_reuse_hits_total", ("tier", "cpu")): "reused_tokens_cpu",
     ("gc_pause_seconds_total", None): "gc_pause_s",
+    ("kernel_compile_seconds_total", None): "kernel_compile_s",
 }
 GAUGES: dict[tuple[str, tuple[str, str] | None], str] = {
     ("num_requests_swapped", None): "num_swapped",

@@ -148,6 +148,9 @@ class ServerMetrics:
             one("gc_pause_seconds_total", "counter", "Time the process spent in garbage "
                 "collections (they hold the GIL: the engine's step waits).",
                 engine["gc_pause_s"]),
+            one("kernel_compile_seconds_total", "counter", "Time spent compiling Triton kernels "
+                "(after start-up each compile stalls a step: a new kernel specialization).",
+                engine["kernel_compile_s"]),
             one("prompt_tokens_total", "counter", "Prompt tokens of requests that started "
                 "generating (reused ones included).",
                 self.num_prompt_tokens),
