@@ -287,7 +287,7 @@ def test_write_plots_names_the_extra_without_matplotlib(tmp_path, monkeypatch):
         write_plots({"base": schedule()}, tmp_path, "demo")
 
 
-def test_scraped_metrics_carry_the_engines_switch_metrics():
+def test_scraped_metrics_carry_the_engines_switch_metrics(monkeypatch):
     """Every counter and gauge that HTTP runs read from /metrics renders the engine's value
     under the key ``Engine.switch_metrics()`` uses, so both kinds of run report the same."""
     from fairswitch import LLM, SamplingParams
@@ -296,7 +296,14 @@ def test_scraped_metrics_carry_the_engines_switch_metrics():
 
     llm = LLM(num_gpu_blocks=32, block_size=4, max_model_len=64, swap_space=0.01)
     llm.generate(["scrape me"], SamplingParams(max_tokens=3, ignore_eos=True))
+    from fairswitch.engine.gc_control import GC_CLOCK
+    from fairswitch.runner.jit_watch import JIT_CLOCK
+
+    # distinct values, so that two counters swapped in the rendering would show
+    monkeypatch.setattr(GC_CLOCK, "total_s", 1.25)
+    monkeypatch.setattr(JIT_CLOCK, "total_s", 2.5)
     snapshot = engine_snapshot(llm.engine)
+    assert snapshot["gc_pause_s"] == 1.25 and snapshot["kernel_compile_s"] == 2.5
     scraped = scrape.switch_metrics(ServerMetrics("m").render(snapshot))
     keys = set(scrape.COUNTERS.values()) | set(scrape.GAUGES.values())
     assert keys <= scraped.keys()

@@ -66,6 +66,8 @@ def test_async_engine_freezes_while_serving_and_can_be_collected_after():
     kv = weakref.ref(engine.engine.runner.kv_cache)
     engine.shutdown()
     assert gc_control._num_frozen == before
+    if before == 0:
+        assert gc.get_freeze_count() == 0  # shut down: nothing stays frozen
     del engine
     gc.collect()
     if before == 0:

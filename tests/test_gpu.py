@@ -201,3 +201,21 @@ def test_keep_pinned_serves_the_next_swap_space_without_pinning_again():
         gc.collect()
         assert view.is_pinned()  # kept registered for the next engine
     assert not view.is_pinned()  # the scope is over: unused kept memory is unregistered
+
+
+def test_no_triton_compile_while_serving_after_start_up(llama_dir):
+    """The start-up warm-up compiles every eager variant a step can reach: steps above the mixed
+    graphs' 512 tokens, prompts over a cached prefix, decodes beside them, graphed steps."""
+    from fairswitch.runner.jit_watch import JIT_CLOCK
+
+    llm = LLM(model=str(llama_dir), dtype="bfloat16", max_model_len=2048, max_num_seqs=16,
+              enable_prefix_caching=True)
+    assert JIT_CLOCK.install()  # this Triton has the hooks
+    compiled = JIT_CLOCK.count
+    history = "a longer history of the conversation " * 100  # ~700 tokens: an eager step
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    llm.generate([history + "first", "short one", "another short one"], params, use_tqdm=False)
+    # a follow-up over the cached history, next to fresh decodes; then a mix at odd sizes
+    llm.generate([history + "first and then more words " * 30, "x " * 7] + ["y"] * 9, params,
+                 use_tqdm=False)
+    assert JIT_CLOCK.count == compiled, "a kernel compiled after start-up"

@@ -20,8 +20,14 @@ def hooks():
 
 def test_clock_times_compiles_chains_hooks_and_logs_those_while_serving(hooks, caplog):
     calls = []
-    knobs.runtime.jit_cache_hook = lambda **kw: calls.append(("before", kw["repr"])) or False
-    knobs.runtime.jit_post_compile_hook = lambda **kw: calls.append(("after", kw["repr"]))
+    def before(**kw):
+        calls.append(("before", kw["repr"]))
+        return False
+
+    def after(**kw):
+        calls.append(("after", kw["repr"]))
+
+    knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = before, after
     clock = JitClock()
     assert clock.install() and clock.install()  # idempotent
     assert knobs.runtime.jit_cache_hook == clock._before
@@ -29,6 +35,7 @@ def test_clock_times_compiles_chains_hooks_and_logs_those_while_serving(hooks, c
     # Triton calls the hooks around a compile, with keyword arguments
     assert knobs.runtime.jit_cache_hook(repr="_k1(a: i32)", key=1) is False  # compile goes on
     knobs.runtime.jit_post_compile_hook(repr="_k1(a: i32)", key=1)
+    knobs.runtime.jit_post_compile_hook(repr="_k1(a: i32)", key=9)  # no start seen: not counted
     assert clock.count == 1 and clock.total_s > 0
     assert not [r for r in caplog.records if "Triton compiled" in r.message]  # start-up
 
@@ -39,12 +46,29 @@ def test_clock_times_compiles_chains_hooks_and_logs_those_while_serving(hooks, c
     assert clock.count == 2
     assert any("_k2(a: i32:16)" in r.message for r in caplog.records)
     assert calls == [("before", "_k1(a: i32)"), ("after", "_k1(a: i32)"),
+                     ("after", "_k1(a: i32)"),  # the previous hook still hears of it
                      ("before", "_k2(a: i32:16)"), ("after", "_k2(a: i32:16)")]
 
     clock.uninstall()
-    assert knobs.runtime.jit_cache_hook is not clock._before  # the previous hooks are back
-    knobs.runtime.jit_post_compile_hook(repr="x")
+    assert knobs.runtime.jit_cache_hook is before and knobs.runtime.jit_post_compile_hook is after
+    knobs.runtime.jit_cache_hook(repr="x", key=3)
+    knobs.runtime.jit_post_compile_hook(repr="x", key=3)
+    assert clock.count == 2 and calls[-1] == ("after", "x")
+
+
+def test_overlapping_compiles_are_each_timed_and_a_replaced_hook_is_left_alone(hooks):
+    knobs.runtime.jit_cache_hook = knobs.runtime.jit_post_compile_hook = None
+    clock = JitClock()
+    clock.install()
+    knobs.runtime.jit_cache_hook(key=("a",))
+    knobs.runtime.jit_cache_hook(key=("b",))  # a second compile starts before the first ends
+    knobs.runtime.jit_post_compile_hook(key=("a",))
+    knobs.runtime.jit_post_compile_hook(key=("b",))
     assert clock.count == 2
+    mine = knobs.runtime.jit_post_compile_hook
+    knobs.runtime.jit_post_compile_hook = theirs = lambda **kw: None  # another library's
+    clock.uninstall()
+    assert knobs.runtime.jit_post_compile_hook is theirs and mine is not theirs
 
 
 def test_engine_reports_compiles_and_the_step_log_has_their_column():

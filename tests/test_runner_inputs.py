@@ -128,5 +128,8 @@ def test_warm_up_batches_are_consistent_layouts():
     assert b.slot_mapping.tolist() == [p % 4 for p in b.positions.tolist()]
     assert b.decode_block_tables.shape == (2, 8) and b.prefill_block_tables.shape == (1, 3)
     assert b.prefill_query_start_loc.tolist() == [0, 7] and b.prefill_seq_lens.tolist() == [11]
+    clamped = runner._warm_up_batch(0, 0, 19, 16)  # a chunk never outgrows its context
+    assert clamped.positions.tolist() == list(range(16))
+    assert clamped.prefill_query_start_loc.tolist() == [0, 16]
     only = runner._warm_up_batch(3, 4, 0, 0)
     assert only.is_decode_only and only.prefill_query_start_loc.tolist() == [0]

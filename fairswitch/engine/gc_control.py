@@ -18,6 +18,9 @@ import time
 from collections.abc import Iterator
 
 
+_install_lock = threading.Lock()
+
+
 class GCClock:
     """Accumulates the time the process spends in garbage collections (all threads)."""
 
@@ -30,9 +33,10 @@ class GCClock:
 
     def install(self) -> None:
         """Start measuring (idempotent): a ``gc.callbacks`` hook, two clock reads a collection."""
-        if not self._installed:
-            gc.callbacks.append(self._callback)
-            self._installed = True
+        with _install_lock:
+            if not self._installed:
+                gc.callbacks.append(self._callback)
+                self._installed = True
 
     def uninstall(self) -> None:
         if self._installed:

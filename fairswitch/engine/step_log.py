@@ -14,8 +14,8 @@ kept in memory and written as one JSON object ``{"columns": [...], "rows": [[...
               it was added)
     cpu_s     CPU time the process used during the step, all threads (absent likewise): well
               below step_s means the process was waiting, descheduled or blocked, not working
-    gc_s      time in garbage collections during the step, any thread (absent likewise; they
-              hold the GIL, so the step waits for them)
+    gc_s      time in garbage collections during the step, any thread's (absent likewise; one
+              holds the GIL: the step waits for it unless it is waiting on the GPU meanwhile)
     jit_s     time compiling Triton kernels during the step (absent likewise; after start-up a
               compile is a new kernel specialization: runner/jit_watch.py)
     seqs      requests in the batch; tokens: tokens in the batch; prefill: of which prompt tokens

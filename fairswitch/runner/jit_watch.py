@@ -24,7 +24,7 @@ class JitClock:
         self.count = 0
         self.total_s = 0.0
         self.serving = False  # set once the engine has started: compiles from then on are logged
-        self._start: float | None = None
+        self._starts: dict[Any, float] = {}  # by compile key: Triton may compile concurrently
         self._installed = False
         self._previous: tuple[Any, Any] = (None, None)
 
@@ -46,26 +46,43 @@ class JitClock:
         return True
 
     def uninstall(self) -> None:
+        """Put back the hooks found at install, unless someone replaced ours since."""
         if self._installed:
             from triton import knobs
 
-            knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = self._previous
+            rt = knobs.runtime
+            if rt.jit_cache_hook == self._before and rt.jit_post_compile_hook == self._after:
+                rt.jit_cache_hook, rt.jit_post_compile_hook = self._previous
             self._installed = False
+            self._starts.clear()
+
+    @staticmethod
+    def _key(kw: dict[str, Any]) -> Any:
+        key = kw.get("key")
+        try:
+            hash(key)
+        except TypeError:
+            key = repr(key)
+        return key
 
     def _before(self, **kw: Any) -> Any:
-        self._start = time.perf_counter()
+        self._starts[self._key(kw)] = time.perf_counter()
         previous = self._previous[0]
         return previous(**kw) if previous is not None else False  # False: go on and compile
 
     def _after(self, **kw: Any) -> Any:
-        if self._start is not None:
-            seconds = time.perf_counter() - self._start
-            self._start = None
+        start = self._starts.pop(self._key(kw), None)
+        if start is not None:
+            seconds = time.perf_counter() - start
             self.count += 1
             self.total_s += seconds
             if self.serving:
+                try:
+                    what = describe(kw)
+                except Exception:  # noqa: BLE001 - never fail Triton's compile for a log line
+                    what = str(kw.get("repr", "?"))
                 logger.warning("Triton compiled a kernel while serving (%.2f s, the step "
-                               "waited): %s", seconds, describe(kw))
+                               "waited): %s", seconds, what)
         previous = self._previous[1]
         return previous(**kw) if previous is not None else None
 

@@ -146,6 +146,7 @@ class ModelRunner:
         """A step of ``decodes`` decodes at context ``dctx`` and, if ``q``, one prompt chunk of
         ``q`` tokens ending at context ``pctx``; every block-table entry is block 0."""
         bs = self.block_size
+        q = min(q, pctx)  # a chunk is never longer than its context (tiny max_model_len)
         positions = [dctx - 1] * decodes + list(range(pctx - q, pctx))
         pos = np.array(positions, dtype=np.int64)
         prefills = 1 if q else 0
