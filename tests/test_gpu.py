@@ -208,11 +208,11 @@ def test_no_triton_compile_while_serving_after_start_up(llama_dir):
     graphs' 512 tokens, prompts over a cached prefix, decodes beside them, graphed steps."""
     from fairswitch.runner.jit_watch import JIT_CLOCK
 
-    llm = LLM(model=str(llama_dir), dtype="bfloat16", max_model_len=2048, max_num_seqs=16,
+    llm = LLM(model=str(llama_dir), dtype="bfloat16", max_model_len=1024, max_num_seqs=16,
               enable_prefix_caching=True)
     assert JIT_CLOCK.install()  # this Triton has the hooks
     compiled = JIT_CLOCK.count
-    history = "a longer history of the conversation " * 100  # ~700 tokens: an eager step
+    history = "a longer history of the conversation " * 100  # ~600 tokens: an eager step
     params = SamplingParams(max_tokens=24, ignore_eos=True)
     llm.generate([history + "first", "short one", "another short one"], params, use_tqdm=False)
     # a follow-up over the cached history, next to fresh decodes; then a mix at odd sizes
