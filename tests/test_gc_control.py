@@ -98,3 +98,18 @@ def test_a_collection_inside_a_step_shows_in_its_gc_column():
     assert len(log.rows) == 3 and all(r[gc_col] > 0 for r in log.rows)
     metrics = engine.switch_metrics()
     assert metrics["gc_full_collections"] >= full_before + 3 and metrics["gc_pause_s"] > 0
+
+
+def test_an_async_engine_dropped_without_shutdown_unfreezes_once_its_thread_ends():
+    # frozen_heap() is a generator context: collecting the engine (and its ExitStack) closes it,
+    # which runs its finally clause
+    before = gc_control._num_frozen
+    engine = AsyncEngine.from_config(EngineConfig.from_kwargs(num_gpu_blocks=64,
+                                                              max_model_len=256))
+    assert gc_control._num_frozen == before + 1
+    engine._stopping = True  # its thread ends, as after a failure, but shutdown() never runs
+    engine._wake.set()
+    engine._thread.join(10)
+    del engine
+    gc.collect()
+    assert gc_control._num_frozen == before
