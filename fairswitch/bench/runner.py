@@ -66,7 +66,7 @@ def _counter_growth(before: dict[str, float], after: dict[str, float]) -> dict[s
     # The /metrics counters, and the cumulative figures /metrics does not export.
     counters = set(scrape.COUNTERS.values()) | {"reuse_hit_blocks", "reuse_queried_blocks",
                                                  "reuse_bytes_saved", "gc_full_collections",
-                                                 "kernel_compiles", "kernel_compile_s"}
+                                                 "kernel_compiles"}
     grown = {k: v - before.get(k, 0.0) if k in counters else v for k, v in after.items()}
     return scrape.with_derived(grown)
 

@@ -104,13 +104,14 @@ class Engine:
                     time.perf_counter() - t0)
         self.runner = ModelRunner(model, backend, config.cache, config.scheduler,
                                   self.max_model_len, self.device, self.dtype, mc.seed)
-        if self.device.type == "cuda" and backend.name == "triton" and not mc.enforce_eager:
-            self.runner.capture_cuda_graphs(config.scheduler.max_num_seqs, self.max_model_len)
-            if mc.mixed_cuda_graphs:
-                self.runner.capture_mixed_graphs(config.scheduler.max_num_batched_tokens,
-                                                 config.scheduler.max_num_seqs,
-                                                 self.max_model_len)
         if self.device.type == "cuda" and backend.name == "triton":
+            if not mc.enforce_eager:
+                self.runner.capture_cuda_graphs(config.scheduler.max_num_seqs,
+                                                self.max_model_len)
+                if mc.mixed_cuda_graphs:
+                    self.runner.capture_mixed_graphs(config.scheduler.max_num_batched_tokens,
+                                                     config.scheduler.max_num_seqs,
+                                                     self.max_model_len)
             t0 = time.perf_counter()
             self.runner.warm_up_eager(self.max_model_len)
             logger.info("eager kernel variants warmed up in %.1f s", time.perf_counter() - t0)
@@ -267,8 +268,8 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
-        cpu0 = time.process_time() if self.step_log is not None else 0.0
-        gc0, jit0 = GC_CLOCK.total_s, JIT_CLOCK.total_s
+        if self.step_log is not None:  # the clocks its row reads
+            cpu0, gc0, jit0 = time.process_time(), GC_CLOCK.total_s, JIT_CLOCK.total_s
         sched = self.scheduler.schedule()  # also retires swap copies that have landed
         if not sched.scheduled:
             return []

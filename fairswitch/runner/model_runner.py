@@ -85,9 +85,7 @@ class ModelRunner:
             prefill_query_start_loc=np.array([0, n], dtype=np.int32),
             prefill_seq_lens=np.array([n], dtype=np.int32), sample_rows=[], sample_requests=[])
         with torch.inference_mode():
-            hidden = self.model(self._to_device(batch.input_ids),
-                                self._to_device(batch.positions), probe.layer_views,
-                                self._metadata(batch))
+            hidden = self._forward(batch, probe.layer_views)
             self.model.compute_logits(hidden[: min(n, sched.max_num_seqs)])
         torch.cuda.synchronize(self.device)
         del probe, hidden
@@ -98,6 +96,11 @@ class ModelRunner:
                 f"no GPU memory left for the KV cache: {(total - free) / _GiB:.1f} GiB in use of "
                 f"{total / _GiB:.1f} GiB, gpu_memory_utilization={cache.gpu_memory_utilization}")
         return int(budget // self.block_bytes)
+
+    def _forward(self, batch: InputBatch, layer_views: list) -> torch.Tensor:
+        """Hidden states of ``batch`` run eagerly over the KV ``layer_views`` (no sampling)."""
+        return self.model(self._to_device(batch.input_ids), self._to_device(batch.positions),
+                          layer_views, self._metadata(batch))
 
     def _to_device(self, arr: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(arr).to(self.device, non_blocking=True)
@@ -136,8 +139,7 @@ class ModelRunner:
             (2, long_ctx, 5, long_ctx), (0, 0, bs + 1, bs + 1))
         for decodes, dctx, q, pctx in cases:
             batch = self._warm_up_batch(decodes, min(dctx, long_ctx), q, min(pctx, long_ctx))
-            self.model(self._to_device(batch.input_ids), self._to_device(batch.positions),
-                       self.kv_cache.layer_views, self._metadata(batch))
+            self._forward(batch, self.kv_cache.layer_views)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return len(cases)
