@@ -134,3 +134,43 @@ def test_cancelled_add_neither_kills_the_engine_nor_leaks(engine):
         outs = await collect(engine, "still alive", 3)
         assert len(outs[-1].outputs[0].token_ids) == 3
     asyncio.run(main())
+
+
+def test_outputs_go_out_in_one_batch_while_the_next_step_runs():
+    """A step's outputs reach the event loop in one hand-over, made once the next step is
+    launched and before the engine waits for it; the last step's when nothing is left to run."""
+    eng = AsyncEngine.from_config(EngineConfig.from_kwargs(num_gpu_blocks=NUM_BLOCKS))
+    events: list = []
+    runner, real_execute, real_deliver = eng.engine.runner, eng.engine.runner.execute, eng._deliver
+
+    def execute(sched, before_wait=None):
+        def launched():
+            events.append("launched")
+            if before_wait is not None:
+                before_wait()
+        result = real_execute(sched, launched)
+        events.append("returned")
+        return result
+
+    def deliver(items, request_ids=None):
+        events.append(("deliver", len(items)))
+        real_deliver(items, request_ids)
+
+    async def main():
+        # Adds run between steps: hold the engine until all four are queued, so they share steps.
+        await eng.run_in_engine(lambda e: None)
+        return await asyncio.gather(*(collect(eng, "same length prompt", 6) for _ in range(4)))
+
+    runner.execute, eng._deliver = execute, deliver
+    try:
+        results = asyncio.run(main())
+    finally:
+        eng.shutdown()
+    assert all(len(outs[-1].outputs[0].token_ids) == 6 for outs in results)
+    delivered = [(i, e[1]) for i, e in enumerate(events) if isinstance(e, tuple)]
+    assert sum(n for _, n in delivered) == sum(len(outs) for outs in results)
+    steps_with_tokens = events.count("launched")
+    assert len(delivered) <= steps_with_tokens + 1  # one hand-over per step, not per request
+    *during, (last, _) = delivered
+    assert during and all(events[i - 1] == "launched" for i, _ in during)
+    assert events[last - 1] == "returned"  # the final outputs: after the last step

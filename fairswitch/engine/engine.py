@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
+from collections.abc import Callable
 import json
 import logging
 import time
@@ -266,7 +267,9 @@ class Engine:
 
     # ---- the step -------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, before_wait: Callable[[], None] | None = None) -> list[RequestOutput]:
+        """Schedule, run and turn the sampled tokens into outputs. ``before_wait`` runs while the
+        GPU computes the step, before the host waits for its tokens (ModelRunner.execute)."""
         t0 = time.perf_counter()
         if self.step_log is not None:  # the clocks its row reads
             cpu0, gc0, jit0 = time.process_time(), GC_CLOCK.total_s, JIT_CLOCK.total_s
@@ -274,7 +277,7 @@ class Engine:
         if not sched.scheduled:
             return []
         t1 = time.perf_counter()
-        sampled = self.runner.execute(sched)
+        sampled = self.runner.execute(sched, before_wait)
         t2 = time.perf_counter()
         self._observe_prefill(sched, t2 - t1)
         now = time.monotonic()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 import numpy as np
 import torch
 
@@ -174,8 +175,13 @@ class ModelRunner:
         self.mixed_graphs.capture()
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> dict[Request, int]:
-        """Run one step; return the token sampled for each request that reached its last token."""
+    def execute(self, out: SchedulerOutput,
+                before_wait: Callable[[], None] | None = None) -> dict[Request, int]:
+        """Run one step; return the token sampled for each request that reached its last token.
+
+        ``before_wait`` runs once the step's GPU work is launched, before the host waits for the
+        sampled tokens (not at all when nothing samples): host work put there overlaps the GPU's.
+        """
         t0 = time.perf_counter()
         batch = build_input_batch(out.scheduled, self.block_size)
         mixed = (self.mixed_graphs.bucket(batch) if self.mixed_graphs is not None
@@ -199,5 +205,7 @@ class ModelRunner:
             rows = torch.tensor(batch.sample_rows, dtype=torch.long).to(self.device,
                                                                         non_blocking=True)
             logits = self.model.compute_logits(hidden[rows])
-        tokens = self.sampler(logits, batch.sample_requests)
-        return dict(zip(batch.sample_requests, tokens))
+        tokens = self.sampler.sample(logits, batch.sample_requests)
+        if before_wait is not None:
+            before_wait()
+        return dict(zip(batch.sample_requests, tokens.tolist()))

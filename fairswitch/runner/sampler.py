@@ -17,11 +17,12 @@ class Sampler:
         self.device = device
         self._generator = torch.Generator(device=device).manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
-        """logits [num_requests, vocab] float32 -> one token id per request."""
+    def sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """logits [num_requests, vocab] float32 -> one token id per request, on the logits'
+        device: launched, not waited for."""
         params = [r.sampling_params for r in requests]
         if all(p.greedy for p in params):
-            return logits.argmax(dim=-1).tolist()
+            return logits.argmax(dim=-1)
         greedy_ids = logits.argmax(dim=-1)
         temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params],
                              dtype=torch.float32, device=logits.device)
@@ -50,7 +51,7 @@ class Sampler:
         if order is not None:
             picked = order.gather(1, picked[:, None]).squeeze(1)
         is_greedy = torch.tensor([p.greedy for p in params], device=logits.device)
-        return torch.where(is_greedy, greedy_ids, picked).tolist()
+        return torch.where(is_greedy, greedy_ids, picked)
 
     def _generator_of(self, req: Request) -> torch.Generator:
         seed = req.sampling_params.seed

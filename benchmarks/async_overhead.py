@@ -1,0 +1,161 @@
+"""Serving-path overhead: the decode step's period when outputs stream to asyncio consumers
+(``AsyncEngine``, as the server and the in-process bench run it) against the engine stepped
+directly in one thread with nobody listening (the physical limit of this engine and batch).
+
+The engine thread and the event loop's thread share the GIL: the loop's work per step (one
+callback and one consumer wake-up per request) competes with the engine's scheduling and input
+preparation. The engine is built once (default Llama-3-8B shapes, dummy weights, CUDA graphs);
+then ``--requests`` requests of ``--prompt-tokens`` random tokens decode ``--output-tokens``
+tokens each, ignoring EOS, first stepped directly, then through an ``AsyncEngine`` with one
+asyncio consumer per request recording each token's arrival time (what ``InProcClient`` does),
+``--rounds`` times alternately. Timed: the interval between the starts of consecutive steps in
+which every request decodes (the full batch's steady state), median and mean per mode.
+
+Claims: ``async_decode_step_ms``, ``direct_decode_step_ms`` (medians) and
+``async_step_overhead`` = async / direct (1.0 = streaming costs the engine nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fairswitch.config import EngineConfig  # noqa: E402
+from fairswitch.engine.async_engine import AsyncEngine  # noqa: E402
+from fairswitch.engine.engine import Engine  # noqa: E402
+from fairswitch.sampling_params import SamplingParams  # noqa: E402
+from results_io import command_line, write_results  # noqa: E402
+
+
+class StepTimer:
+    """Wraps ``engine.step``: the start time and output count of every step."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.rows: list[tuple[float, int]] = []
+        self._step = engine.step
+        engine.step = self._timed  # type: ignore[method-assign]
+
+    def _timed(self, **kwargs: Any) -> list:
+        t = time.perf_counter()
+        outputs = self._step(**kwargs)
+        self.rows.append((t, len(outputs)))
+        return outputs
+
+    def full_batch_periods(self, batch: int) -> list[float]:
+        """Seconds between consecutive step starts where both steps gave every request a token."""
+        rows = self.rows
+        return [b[0] - a[0] for a, b in zip(rows, rows[1:]) if a[1] == batch and b[1] == batch]
+
+
+def prompts(n: int, length: int, rng: random.Random) -> list[list[int]]:
+    return [[rng.randrange(1000, 30000) for _ in range(length)] for _ in range(n)]
+
+
+def run_direct(engine: Engine, ids: list[list[int]], params: SamplingParams) -> list[float]:
+    timer = StepTimer(engine)
+    try:
+        for p in ids:
+            engine.add_request(prompt_token_ids=p, params=params)
+        while engine.has_unfinished_requests():
+            engine.step()
+    finally:
+        del engine.step  # the instance attribute goes; the class's method shows again
+    return timer.full_batch_periods(len(ids))
+
+
+async def _consume(engine: AsyncEngine, ids: list[int], params: SamplingParams) -> list[float]:
+    times: list[float] = []
+    async for out in engine.generate(None, params, prompt_token_ids=ids):
+        now = time.perf_counter()
+        times.extend([now] * len(out.outputs[0].new_token_ids))
+    return times
+
+
+def run_async(engine: Engine, ids: list[list[int]], params: SamplingParams) -> list[float]:
+    timer = StepTimer(engine)
+    server = AsyncEngine(engine)
+
+    async def main() -> list[list[float]]:
+        return await asyncio.gather(*(_consume(server, p, params) for p in ids))
+
+    try:
+        token_times = asyncio.run(main())
+    finally:
+        server.shutdown()
+        del engine.step
+    if any(len(t) != params.max_tokens for t in token_times):
+        raise RuntimeError("a request ended early: the measurement is not of a full batch")
+    return timer.full_batch_periods(len(ids))
+
+
+def summary(periods: list[float]) -> dict[str, float]:
+    if not periods:
+        raise RuntimeError("no full-batch decode steps were timed: raise --output-tokens")
+    ms = [p * 1e3 for p in periods]
+    return {"steps": len(ms), "median_ms": statistics.median(ms), "mean_ms": statistics.fmean(ms),
+            "p90_ms": sorted(ms)[int(0.9 * (len(ms) - 1))]}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="llama-3-8b")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--kv-cache-gib", type=float, default=8.0)
+    p.add_argument("--max-model-len", type=int, default=4608)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--output-tokens", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default="benchmarks/results/async_overhead.json")
+    p.add_argument("--commit", default=None)
+    args = p.parse_args(argv)
+    if args.requests < 1 or args.rounds < 1 or args.output_tokens < 3:
+        p.error("--requests and --rounds must be >= 1, --output-tokens >= 3")
+    if args.requests > args.max_num_seqs:
+        p.error("--requests must fit in one batch (<= --max-num-seqs)")
+
+    engine = Engine(EngineConfig.from_kwargs(
+        model=args.model, load_format="dummy", device=args.device, seed=args.seed,
+        kv_cache_memory_gib=args.kv_cache_gib, max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs, swap_space=0))
+    rng = random.Random(args.seed)
+    params = SamplingParams(max_tokens=args.output_tokens, temperature=0.0, ignore_eos=True)
+    periods: dict[str, list[float]] = {"direct": [], "async": []}
+    run_direct(engine, prompts(2, args.prompt_tokens, rng), params)  # first-use costs, untimed
+    for _ in range(args.rounds):
+        periods["direct"] += run_direct(engine, prompts(args.requests, args.prompt_tokens, rng),
+                                        params)
+        periods["async"] += run_async(engine, prompts(args.requests, args.prompt_tokens, rng),
+                                      params)
+    stats = {mode: summary(v) for mode, v in periods.items()}
+    ratio = stats["async"]["median_ms"] / stats["direct"]["median_ms"]
+    for mode, s in stats.items():
+        print(f"{mode:>6}: decode step period median {s['median_ms']:.3f} ms, mean "
+              f"{s['mean_ms']:.3f} ms, p90 {s['p90_ms']:.3f} ms over {s['steps']} steps")
+    print(f"streaming to asyncio consumers: {ratio:.3f}x the direct step period "
+          f"(batch {args.requests}, context {args.prompt_tokens}-"
+          f"{args.prompt_tokens + args.output_tokens})")
+    figures = {"model": args.model, "requests": args.requests,
+               "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens,
+               "rounds": args.rounds, "switch_interval_s": sys.getswitchinterval(), **stats}
+    claims = [
+        {"name": "async_decode_step_ms", "value": stats["async"]["median_ms"], "unit": "ms"},
+        {"name": "direct_decode_step_ms", "value": stats["direct"]["median_ms"], "unit": "ms"},
+        {"name": "async_step_overhead", "value": ratio, "unit": "x"},
+    ]
+    return write_results(args.output, command=command_line(), figures=figures, claims=claims,
+                         commit=args.commit)
+
+
+if __name__ == "__main__":
+    main()
