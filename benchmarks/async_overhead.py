@@ -5,14 +5,14 @@ directly in one thread with nobody listening (the physical limit of this engine 
 The engine thread and the event loop's thread share the GIL: the loop's work per step (one
 callback and one consumer wake-up per request) competes with the engine's scheduling and input
 preparation. The engine is built once (default Llama-3-8B shapes, dummy weights, CUDA graphs);
-then ``--requests`` requests of ``--prompt-tokens`` random tokens decode ``--output-tokens``
-tokens each, ignoring EOS, first stepped directly, then through an ``AsyncEngine`` with one
+then, for each batch size in ``--requests``, that many requests of ``--prompt-tokens`` random
+tokens decode ``--output-tokens`` tokens each, ignoring EOS, first stepped directly, then through an ``AsyncEngine`` with one
 asyncio consumer per request recording each token's arrival time (what ``InProcClient`` does),
 ``--rounds`` times alternately. Timed: the interval between the starts of consecutive steps in
 which every request decodes (the full batch's steady state), median and mean per mode.
 
-Claims: ``async_decode_step_ms``, ``direct_decode_step_ms`` (medians) and
-``async_step_overhead`` = async / direct (1.0 = streaming costs the engine nothing).
+Claims, per batch size B: ``async_decode_step_ms_bB``, ``direct_decode_step_ms_bB`` (medians)
+and ``async_step_overhead_bB`` = async / direct (1.0 = streaming costs the engine nothing).
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--kv-cache-gib", type=float, default=8.0)
     p.add_argument("--max-model-len", type=int, default=4608)
     p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--requests", default="32,64", help="batch sizes, comma-separated")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--output-tokens", type=int, default=256)
     p.add_argument("--rounds", type=int, default=3)
@@ -119,9 +119,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--output", default="benchmarks/results/async_overhead.json")
     p.add_argument("--commit", default=None)
     args = p.parse_args(argv)
-    if args.requests < 1 or args.rounds < 1 or args.output_tokens < 3:
+    try:
+        batches = [int(b) for b in args.requests.split(",")]
+    except ValueError:
+        p.error(f"--requests must be comma-separated integers, got {args.requests!r}")
+    if min(batches) < 1 or args.rounds < 1 or args.output_tokens < 3:
         p.error("--requests and --rounds must be >= 1, --output-tokens >= 3")
-    if args.requests > args.max_num_seqs:
+    if max(batches) > args.max_num_seqs:
         p.error("--requests must fit in one batch (<= --max-num-seqs)")
 
     engine = Engine(EngineConfig.from_kwargs(
@@ -130,29 +134,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         max_num_seqs=args.max_num_seqs, swap_space=0))
     rng = random.Random(args.seed)
     params = SamplingParams(max_tokens=args.output_tokens, temperature=0.0, ignore_eos=True)
-    periods: dict[str, list[float]] = {"direct": [], "async": []}
     run_direct(engine, prompts(2, args.prompt_tokens, rng), params)  # first-use costs, untimed
-    for _ in range(args.rounds):
-        periods["direct"] += run_direct(engine, prompts(args.requests, args.prompt_tokens, rng),
-                                        params)
-        periods["async"] += run_async(engine, prompts(args.requests, args.prompt_tokens, rng),
-                                      params)
-    stats = {mode: summary(v) for mode, v in periods.items()}
-    ratio = stats["async"]["median_ms"] / stats["direct"]["median_ms"]
-    for mode, s in stats.items():
-        print(f"{mode:>6}: decode step period median {s['median_ms']:.3f} ms, mean "
-              f"{s['mean_ms']:.3f} ms, p90 {s['p90_ms']:.3f} ms over {s['steps']} steps")
-    print(f"streaming to asyncio consumers: {ratio:.3f}x the direct step period "
-          f"(batch {args.requests}, context {args.prompt_tokens}-"
-          f"{args.prompt_tokens + args.output_tokens})")
-    figures = {"model": args.model, "requests": args.requests,
-               "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens,
-               "rounds": args.rounds, "switch_interval_s": sys.getswitchinterval(), **stats}
-    claims = [
-        {"name": "async_decode_step_ms", "value": stats["async"]["median_ms"], "unit": "ms"},
-        {"name": "direct_decode_step_ms", "value": stats["direct"]["median_ms"], "unit": "ms"},
-        {"name": "async_step_overhead", "value": ratio, "unit": "x"},
-    ]
+    rows, claims = [], []
+    for batch in batches:
+        periods: dict[str, list[float]] = {"direct": [], "async": []}
+        for _ in range(args.rounds):
+            periods["direct"] += run_direct(engine, prompts(batch, args.prompt_tokens, rng),
+                                            params)
+            periods["async"] += run_async(engine, prompts(batch, args.prompt_tokens, rng),
+                                          params)
+        stats = {mode: summary(v) for mode, v in periods.items()}
+        ratio = stats["async"]["median_ms"] / stats["direct"]["median_ms"]
+        for mode, s in stats.items():
+            print(f"batch {batch} {mode:>6}: decode step period median {s['median_ms']:.3f} ms, "
+                  f"mean {s['mean_ms']:.3f} ms, p90 {s['p90_ms']:.3f} ms over {s['steps']} steps")
+        print(f"batch {batch}: streaming to asyncio consumers: {ratio:.3f}x the direct step "
+              f"period (context {args.prompt_tokens}-{args.prompt_tokens + args.output_tokens})")
+        rows.append({"batch": batch, **stats, "async_step_overhead": ratio})
+        claims += [
+            {"name": f"async_decode_step_ms_b{batch}", "value": stats["async"]["median_ms"],
+             "unit": "ms"},
+            {"name": f"direct_decode_step_ms_b{batch}", "value": stats["direct"]["median_ms"],
+             "unit": "ms"},
+            {"name": f"async_step_overhead_b{batch}", "value": ratio, "unit": "x"},
+        ]
+    figures = {"model": args.model, "prompt_tokens": args.prompt_tokens,
+               "output_tokens": args.output_tokens, "rounds": args.rounds,
+               "switch_interval_s": sys.getswitchinterval(), "rows": rows}
     return write_results(args.output, command=command_line(), figures=figures, claims=claims,
                          commit=args.commit)
 

@@ -73,3 +73,27 @@ def test_gc_pause_smoke(tmp_path, monkeypatch):
                            "gc_pause_reduction_frozen"}
     assert claims["gc_pause_reduction_frozen"] == pytest.approx(
         claims["gc_full_collection_ms"] / claims["gc_full_collection_ms_frozen"])
+
+
+def test_async_overhead_smoke(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH_DIR))
+    import async_overhead
+
+    out = tmp_path / "async_overhead.json"
+    result = async_overhead.main(["--model", "fairswitch-tiny", "--device", "cpu", "--requests",
+                                  "2,3", "--prompt-tokens", "8", "--output-tokens", "6",
+                                  "--rounds", "1", "--max-model-len", "128", "--kv-cache-gib",
+                                  "0.01", "--output", str(out)])
+    assert json.loads(out.read_text()) == result
+    rows = result["figures"]["rows"]
+    assert [r["batch"] for r in rows] == [2, 3]
+    for r in rows:
+        # 6 tokens each: the prompt step and 5 decode steps give every request a token, so 5
+        # periods between full-batch step starts; streamed, an add may miss the first step
+        # (adds travel to the engine thread), which leaves 4.
+        assert r["direct"]["steps"] == 5 and r["async"]["steps"] in (4, 5)
+    claims = {c["name"]: c["value"] for c in result["claims"]}
+    assert claims["async_step_overhead_b3"] == pytest.approx(
+        claims["async_decode_step_ms_b3"] / claims["direct_decode_step_ms_b3"])
+    with pytest.raises(SystemExit):
+        async_overhead.main(["--requests", "2,x", "--output", str(out)])
