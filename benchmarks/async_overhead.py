@@ -6,10 +6,11 @@ The engine thread and the event loop's thread share the GIL: the loop's work per
 callback and one consumer wake-up per request) competes with the engine's scheduling and input
 preparation. The engine is built once (default Llama-3-8B shapes, dummy weights, CUDA graphs);
 then, for each batch size in ``--requests``, that many requests of ``--prompt-tokens`` random
-tokens decode ``--output-tokens`` tokens each, ignoring EOS, first stepped directly, then through an ``AsyncEngine`` with one
-asyncio consumer per request recording each token's arrival time (what ``InProcClient`` does),
-``--rounds`` times alternately. Timed: the interval between the starts of consecutive steps in
-which every request decodes (the full batch's steady state), median and mean per mode.
+tokens decode ``--output-tokens`` tokens each, ignoring EOS, first stepped directly, then
+through an ``AsyncEngine`` with one asyncio consumer per request recording each token's arrival
+time (what ``InProcClient`` does), ``--rounds`` times alternately. Timed: the interval between
+the starts of consecutive steps in which every request decodes (the full batch's steady state),
+median and mean per mode.
 
 Claims, per batch size B: ``async_decode_step_ms_bB``, ``direct_decode_step_ms_bB`` (medians)
 and ``async_step_overhead_bB`` = async / direct (1.0 = streaming costs the engine nothing).

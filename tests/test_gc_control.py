@@ -85,9 +85,9 @@ def test_a_collection_inside_a_step_shows_in_its_gc_column():
     engine.step_log = log = StepLog()
     execute = engine.runner.execute
 
-    def execute_and_collect(sched):
+    def execute_and_collect(sched, before_wait=None):
         gc.collect()
-        return execute(sched)
+        return execute(sched, before_wait)
 
     engine.runner.execute = execute_and_collect
     engine.add_request("collect me", SamplingParams(max_tokens=3, ignore_eos=True))

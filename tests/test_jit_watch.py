@@ -81,12 +81,13 @@ def test_engine_reports_compiles_and_the_step_log_has_their_column():
     engine.step_log = log = StepLog()
     execute = engine.runner.execute
 
-    def execute_and_compile(sched):  # a compile of 10 ms inside the step, as Triton reports one
+    def execute_and_compile(sched, before_wait=None):
+        # a compile of 10 ms inside the step, as Triton reports one
         import time
         knobs.runtime.jit_cache_hook(repr="_k(x)", key=0)
         time.sleep(0.01)
         knobs.runtime.jit_post_compile_hook(repr="_k(x)", key=0)
-        return execute(sched)
+        return execute(sched, before_wait)
 
     engine.runner.execute = execute_and_compile
     before = engine.switch_metrics()["kernel_compiles"]

@@ -2,11 +2,12 @@
 
 The engine is single-threaded. Adds and aborts travel to its thread as commands executed between
 steps (so validation errors come back to the caller as exceptions); outputs travel back to each
-request's asyncio.Queue on the caller's event loop, one step's outputs in one callback per loop,
-handed over while the GPU computes the next step: the loop's work (waking every consumer) then
-runs while the engine thread waits for the GPU instead of contending for the GIL with the
-engine's scheduling (benchmarks/async_overhead.py measures the difference). While it runs, the objects alive at its start
-are frozen out of the garbage collector's full collections (``freeze_gc``, gc_control.py).
+request's asyncio.Queue on the caller's event loop: one step's outputs in one callback per loop,
+handed over once the next step is launched on the GPU, so that the loop's work (waking every
+consumer) runs while the engine thread waits for the GPU rather than contending for the GIL with
+its scheduling (benchmarks/async_overhead.py measures it). While it runs, the objects alive at
+its start are frozen out of the garbage collector's full collections (``freeze_gc``,
+gc_control.py).
 Leaving ``generate()`` early (the consumer breaks, or its task is cancelled, e.g. the HTTP client
 went away) aborts the request, which frees its KV blocks before the next step.
 """
