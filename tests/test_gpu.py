@@ -110,6 +110,31 @@ def test_llama3_8b_shapes_generate_with_graphs():
     assert all(len(o.outputs[0].token_ids) == 16 for o in outs)
 
 
+def test_gpu_memory_utilization_covers_the_cuda_graphs():
+    """Sized from gpu_memory_utilization, the device memory in use after serving (weights, KV
+    cache, the CUDA graphs' pools, cached activations) stays within that fraction: the graphs
+    are weighed (a trial capture over the profiling cache) before the KV cache takes the rest."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    util, gib = 0.5, 1 << 30
+    llm = LLM(model="llama-3-8b", load_format="dummy", max_model_len=4096, max_num_seqs=64,
+              gpu_memory_utilization=util)
+    runner = llm.engine.runner
+    assert runner.graphs is not None and runner.mixed_graphs is not None
+    # The largest steps: full-budget prompt chunks, then a full batch of decodes.
+    prompts = [[1000 + i] * 3000 for i in range(2)] + [[7 + i] * 20 for i in range(62)]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 8 for o in outs)
+    torch.cuda.synchronize()
+    free, total = torch.cuda.mem_get_info()
+    over = (total - free) - util * total
+    kv = runner.num_blocks * runner.block_bytes
+    print(f"graphs {runner.graph_bytes / gib:.2f} GiB, KV {kv / gib:.1f} GiB, in use "
+          f"{(total - free) / gib:.1f} of {total / gib:.1f} GiB, {over / gib:.2f} GiB over")
+    assert runner.graph_bytes > 0
+    assert over <= 0.25 * gib
+
+
 @pytest.mark.parametrize("copy_backend", ["torch", "cupy"])
 @pytest.mark.parametrize("mode, early", [("swap", False), ("recompute", False), ("swap", True)])
 def test_preemption_on_gpu_keeps_outputs(copy_backend, mode, early, llama_dir):

@@ -32,7 +32,7 @@ from fairswitch.outputs import RequestOutput
 from fairswitch.request import Request, RequestStatus
 from fairswitch.runner.attention import get_attention_backend
 from fairswitch.runner.jit_watch import JIT_CLOCK
-from fairswitch.runner.model_runner import ModelRunner
+from fairswitch.runner.model_runner import GraphPlan, ModelRunner
 from fairswitch.sampling_params import SamplingParams
 from fairswitch.scheduler.scheduler import Scheduler, SchedulerOutput
 
@@ -103,16 +103,12 @@ class Engine:
             loader.load_weights(model, source.checkpoint_dir)
         logger.info("loaded %s (%s, %s) in %.1fs", mc.model, self.dtype, self.device,
                     time.perf_counter() - t0)
+        cuda_triton = self.device.type == "cuda" and backend.name == "triton"
+        graphs = GraphPlan(decode=cuda_triton and not mc.enforce_eager,
+                           mixed=cuda_triton and not mc.enforce_eager and mc.mixed_cuda_graphs)
         self.runner = ModelRunner(model, backend, config.cache, config.scheduler,
-                                  self.max_model_len, self.device, self.dtype, mc.seed)
-        if self.device.type == "cuda" and backend.name == "triton":
-            if not mc.enforce_eager:
-                self.runner.capture_cuda_graphs(config.scheduler.max_num_seqs,
-                                                self.max_model_len)
-                if mc.mixed_cuda_graphs:
-                    self.runner.capture_mixed_graphs(config.scheduler.max_num_batched_tokens,
-                                                     config.scheduler.max_num_seqs,
-                                                     self.max_model_len)
+                                  self.max_model_len, self.device, self.dtype, mc.seed, graphs)
+        if cuda_triton:
             t0 = time.perf_counter()
             self.runner.warm_up_eager(self.max_model_len)
             logger.info("eager kernel variants warmed up in %.1f s", time.perf_counter() - t0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 import numpy as np
 import torch
 
@@ -27,10 +28,17 @@ logger = logging.getLogger(__name__)
 _GiB = 1 << 30
 
 
+@dataclass(frozen=True)
+class GraphPlan:
+    """Which CUDA graphs the runner captures once its KV cache exists."""
+    decode: bool = False  # decode-only steps, batch sizes up to max_num_seqs
+    mixed: bool = False  # steps with prompt tokens, up to 512 tokens (mixed_graphs.py)
+
+
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, backend: AttentionBackend, cache: CacheConfig,
                  sched: SchedulerConfig, max_model_len: int, device: torch.device,
-                 dtype: torch.dtype, seed: int) -> None:
+                 dtype: torch.dtype, seed: int, graphs: GraphPlan = GraphPlan()) -> None:
         self.model = model
         self.backend = backend
         self.device = device
@@ -39,6 +47,8 @@ class ModelRunner:
         cfg = model.config
         self.block_bytes = kv_block_bytes(cfg.num_hidden_layers, cache.block_size,
                                           cfg.num_key_value_heads, head_dim_of(cfg), dtype)
+        self.graph_plan = graphs
+        self.graph_bytes = 0  # device memory the CUDA graphs' pools took (measured on CUDA)
         num_blocks = self._num_blocks(cache, sched, max_model_len)
         if num_blocks * cache.block_size < max_model_len:
             raise ValueError(
@@ -48,11 +58,11 @@ class ModelRunner:
         self.kv_cache = KVCache(num_blocks, cfg.num_hidden_layers, cache.block_size,
                                 cfg.num_key_value_heads, head_dim_of(cfg), dtype, device)
         self.sampler = Sampler(device, seed)
-        self.graphs: DecodeGraphs | None = None
-        self.mixed_graphs: MixedGraphs | None = None
         self.last_prepare_s = 0.0
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, cache.block_size,
                     num_blocks * self.block_bytes / _GiB)
+        self.graphs, self.mixed_graphs = self._capture(self.kv_cache.layer_views, sched,
+                                                       max_model_len)
 
     @property
     def num_blocks(self) -> int:
@@ -66,11 +76,13 @@ class ModelRunner:
             # Never more than every running request at full length could use.
             cap = sched.max_num_seqs * -(-max_model_len // cache.block_size)
             return max(1, min(int(gib * _GiB) // self.block_bytes, cap))
-        return self._profile_gpu_blocks(cache, sched)
+        return self._profile_gpu_blocks(cache, sched, max_model_len)
 
-    def _profile_gpu_blocks(self, cache: CacheConfig, sched: SchedulerConfig) -> int:
+    def _profile_gpu_blocks(self, cache: CacheConfig, sched: SchedulerConfig,
+                            max_model_len: int) -> int:
         # Run the largest step we will ever run (a full-budget prefill plus logits for a full
-        # batch), then give the KV cache what is left of the allowed fraction of the device.
+        # batch) and capture the CUDA graphs once over the probe's small cache to weigh their
+        # pools; then give the KV cache what is left of the allowed fraction of the device.
         torch.cuda.synchronize(self.device)
         n = sched.max_num_batched_tokens
         probe = KVCache(-(-n // self.block_size), self.model.config.num_hidden_layers,
@@ -89,13 +101,21 @@ class ModelRunner:
             hidden = self._forward(batch, probe.layer_views)
             self.model.compute_logits(hidden[: min(n, sched.max_num_seqs)])
         torch.cuda.synchronize(self.device)
-        del probe, hidden
+        del hidden
+        # In use now: weights, the CUDA context and the peak step's activations, which the
+        # allocator keeps cached for the steps to come.
         free, total = torch.cuda.mem_get_info(self.device)
-        budget = cache.gpu_memory_utilization * total - (total - free)
+        in_use = total - free
+        trial = self._capture(probe.layer_views, sched, max_model_len)
+        graph_bytes = self.graph_bytes
+        del trial, probe
+        torch.cuda.empty_cache()  # the trial's pools: the real graphs take as much again
+        budget = cache.gpu_memory_utilization * total - in_use - graph_bytes
         if budget < self.block_bytes:
             raise RuntimeError(
-                f"no GPU memory left for the KV cache: {(total - free) / _GiB:.1f} GiB in use of "
-                f"{total / _GiB:.1f} GiB, gpu_memory_utilization={cache.gpu_memory_utilization}")
+                f"no GPU memory left for the KV cache: {in_use / _GiB:.1f} GiB in use and "
+                f"{graph_bytes / _GiB:.2f} GiB for CUDA graphs of {total / _GiB:.1f} GiB, "
+                f"gpu_memory_utilization={cache.gpu_memory_utilization}")
         return int(budget // self.block_bytes)
 
     def _forward(self, batch: InputBatch, layer_views: list) -> torch.Tensor:
@@ -163,16 +183,27 @@ class ModelRunner:
             prefill_seq_lens=np.full(prefills, pctx, dtype=np.int32),
             sample_rows=[], sample_requests=[])
 
-    def capture_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
-        self.graphs = DecodeGraphs(self.model, self.kv_cache.layer_views, max_batch,
-                                   -(-max_model_len // self.block_size), self.device)
-        self.graphs.capture()
-
-    def capture_mixed_graphs(self, max_tokens: int, max_seqs: int, max_model_len: int) -> None:
-        self.mixed_graphs = MixedGraphs(self.model, self.kv_cache.layer_views, max_tokens,
-                                        max_seqs, -(-max_model_len // self.block_size),
-                                        self.device)
-        self.mixed_graphs.capture()
+    def _capture(self, layer_views: list, sched: SchedulerConfig, max_model_len: int
+                 ) -> tuple[DecodeGraphs | None, MixedGraphs | None]:
+        """The graphs of ``self.graph_plan`` captured over ``layer_views``; on CUDA the memory
+        they took is recorded in ``graph_bytes``."""
+        plan = self.graph_plan
+        if not (plan.decode or plan.mixed):
+            return None, None
+        free = torch.cuda.mem_get_info(self.device)[0]
+        max_blocks = -(-max_model_len // self.block_size)
+        decode = mixed = None
+        if plan.decode:
+            decode = DecodeGraphs(self.model, layer_views, sched.max_num_seqs, max_blocks,
+                                  self.device)
+            decode.capture()
+        if plan.mixed:
+            mixed = MixedGraphs(self.model, layer_views, sched.max_num_batched_tokens,
+                                sched.max_num_seqs, max_blocks, self.device)
+            mixed.capture()
+        self.graph_bytes = max(0, free - torch.cuda.mem_get_info(self.device)[0])
+        logger.info("CUDA graphs: %.2f GiB of device memory", self.graph_bytes / _GiB)
+        return decode, mixed
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput,
