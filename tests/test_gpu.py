@@ -132,7 +132,7 @@ def test_gpu_memory_utilization_covers_the_cuda_graphs():
     print(f"graphs {runner.graph_bytes / gib:.2f} GiB, KV {kv / gib:.1f} GiB, in use "
           f"{(total - free) / gib:.1f} of {total / gib:.1f} GiB, {over / gib:.2f} GiB over")
     assert runner.graph_bytes > 0
-    assert over <= 0.25 * gib
+    assert -1.0 * gib <= over <= 0.25 * gib  # within the fraction, and not far below it
 
 
 @pytest.mark.parametrize("copy_backend", ["torch", "cupy"])
