@@ -84,9 +84,11 @@ class ModelRunner:
         # batch) and capture the CUDA graphs once over the probe's small cache to weigh their
         # pools; then give the KV cache what is left of the allowed fraction of the device.
         torch.cuda.synchronize(self.device)
-        # Cached blocks nobody uses (e.g. the dummy weights' initialization left 14 GiB of the
-        # 8B model's) would read as in use and shrink the KV cache for nothing.
+        # Cached blocks nobody uses (left by loading, or by engines built before in this
+        # process) would read as in use and shrink the KV cache for nothing.
+        unused = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
         torch.cuda.empty_cache()
+        logger.info("profiling: released %.2f GiB of cached, unused device memory", unused / _GiB)
         n = sched.max_num_batched_tokens
         probe = KVCache(-(-n // self.block_size), self.model.config.num_hidden_layers,
                         self.block_size, self.model.config.num_key_value_heads,
