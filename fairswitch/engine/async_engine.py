@@ -143,6 +143,7 @@ class AsyncEngine:
     def _abort_and_notify(self, request_id: str) -> None:
         out = self.engine.abort_request(request_id)
         if out is not None:
+            self._flush()  # the abort's output must not overtake the request's last tokens
             self._deliver([out])
 
     def _deliver(self, items: list[RequestOutput | BaseException],
@@ -192,9 +193,7 @@ class AsyncEngine:
         engine = self.engine
         try:
             while not self._stopping:
-                if not self._commands.empty():
-                    self._flush()  # an abort's output must not overtake the request's tokens
-                    self._run_commands()
+                self._run_commands()
                 if not engine.has_unfinished_requests():
                     self._flush()
                     self._wake.wait(0.5)
