@@ -1,6 +1,7 @@
 """Serving-path overhead: the decode step's period when outputs stream to asyncio consumers
-(``AsyncEngine``, as the server and the in-process bench run it) against the engine stepped
-directly in one thread with nobody listening (the physical limit of this engine and batch).
+(``AsyncEngine``, as the in-process bench runs it) and to HTTP clients (the OpenAI server, SSE)
+against the engine stepped directly in one thread with nobody listening (the physical limit of
+this engine and batch).
 
 The engine thread and the event loop's thread share the GIL: the loop's work per step (one
 callback and one consumer wake-up per request) competes with the engine's scheduling and input
@@ -8,18 +9,24 @@ preparation. The engine is built once (default Llama-3-8B shapes, dummy weights,
 then, for each batch size in ``--requests``, that many requests of ``--prompt-tokens`` random
 tokens decode ``--output-tokens`` tokens each, ignoring EOS, first stepped directly, then
 through an ``AsyncEngine`` with one asyncio consumer per request recording each token's arrival
-time (what ``InProcClient`` does), ``--rounds`` times alternately. Timed: the interval between
+time (what ``InProcClient`` does), then through the HTTP server (in this process, on its own
+thread, as ``fairswitch serve`` runs it) with one streaming ``/v1/completions`` client per
+request in a separate process, ``--rounds`` times in turn. Timed: the interval between
 the starts of consecutive steps in which every request decodes (the full batch's steady state),
 median and mean per mode.
 
-Claims, per batch size B: ``async_decode_step_ms_bB``, ``direct_decode_step_ms_bB`` (medians)
-and ``async_step_overhead_bB`` = async / direct (1.0 = streaming costs the engine nothing).
+Claims, per batch size B: ``direct_decode_step_ms_bB``, ``async_decode_step_ms_bB``,
+``http_decode_step_ms_bB`` (medians), ``async_step_overhead_bB`` = async / direct and
+``http_step_overhead_bB`` = http / direct (1.0 = streaming costs the engine nothing).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
+import json
+import multiprocessing
 import random
 import statistics
 import sys
@@ -33,6 +40,7 @@ from fairswitch.config import EngineConfig  # noqa: E402
 from fairswitch.engine.async_engine import AsyncEngine  # noqa: E402
 from fairswitch.engine.engine import Engine  # noqa: E402
 from fairswitch.sampling_params import SamplingParams  # noqa: E402
+from fairswitch.server import BackgroundServer, ServerSettings, build_app  # noqa: E402
 from results_io import command_line, write_results  # noqa: E402
 
 
@@ -97,6 +105,51 @@ def run_async(engine: Engine, ids: list[list[int]], params: SamplingParams) -> l
     return timer.full_batch_periods(len(ids))
 
 
+async def _stream_completions(url: str, model: str, ids: list[list[int]],
+                              max_tokens: int) -> list[int]:
+    import aiohttp
+
+    async def one(session: aiohttp.ClientSession, prompt: list[int]) -> int:
+        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+                "ignore_eos": True, "stream": True}
+        chunks, finish = 0, None
+        async with session.post(f"{url}/v1/completions", json=body) as resp:
+            if resp.status != 200:
+                raise RuntimeError(f"HTTP {resp.status}: {await resp.text()}")
+            async for line in resp.content:
+                if line.startswith(b"data: {"):
+                    chunks += 1
+                    finish = json.loads(line[6:])["choices"][0]["finish_reason"] or finish
+        if finish != "length":
+            raise RuntimeError(f"a stream ended with finish_reason {finish!r}, not 'length'")
+        return chunks
+
+    timeout = aiohttp.ClientTimeout(total=None)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                     timeout=timeout) as session:
+        return await asyncio.gather(*(one(session, p) for p in ids))
+
+
+def http_clients(url: str, model: str, ids: list[list[int]], max_tokens: int) -> list[int]:
+    """Run in a child process: stream every prompt at once; the chunks each stream carried."""
+    return asyncio.run(_stream_completions(url, model, ids, max_tokens))
+
+
+def run_http(engine: Engine, ids: list[list[int]], params: SamplingParams,
+             clients: concurrent.futures.Executor) -> list[float]:
+    timer = StepTimer(engine)
+    server = AsyncEngine(engine)
+    name = engine.config.model.model
+    app = build_app(server, ServerSettings(served_model_names=[name]), shutdown_engine=False)
+    try:
+        with BackgroundServer(app) as http:
+            clients.submit(http_clients, http.url, name, ids, params.max_tokens).result()
+    finally:
+        server.shutdown()
+        del engine.step
+    return timer.full_batch_periods(len(ids))
+
+
 def summary(periods: list[float]) -> dict[str, float]:
     if not periods:
         raise RuntimeError("no full-batch decode steps were timed: raise --output-tokens")
@@ -137,28 +190,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     params = SamplingParams(max_tokens=args.output_tokens, temperature=0.0, ignore_eos=True)
     run_direct(engine, prompts(2, args.prompt_tokens, rng), params)  # first-use costs, untimed
     rows, claims = [], []
-    for batch in batches:
-        periods: dict[str, list[float]] = {"direct": [], "async": []}
-        for _ in range(args.rounds):
-            periods["direct"] += run_direct(engine, prompts(batch, args.prompt_tokens, rng),
-                                            params)
-            periods["async"] += run_async(engine, prompts(batch, args.prompt_tokens, rng),
-                                          params)
-        stats = {mode: summary(v) for mode, v in periods.items()}
-        ratio = stats["async"]["median_ms"] / stats["direct"]["median_ms"]
-        for mode, s in stats.items():
-            print(f"batch {batch} {mode:>6}: decode step period median {s['median_ms']:.3f} ms, "
-                  f"mean {s['mean_ms']:.3f} ms, p90 {s['p90_ms']:.3f} ms over {s['steps']} steps")
-        print(f"batch {batch}: streaming to asyncio consumers: {ratio:.3f}x the direct step "
-              f"period (context {args.prompt_tokens}-{args.prompt_tokens + args.output_tokens})")
-        rows.append({"batch": batch, **stats, "async_step_overhead": ratio})
-        claims += [
-            {"name": f"async_decode_step_ms_b{batch}", "value": stats["async"]["median_ms"],
-             "unit": "ms"},
-            {"name": f"direct_decode_step_ms_b{batch}", "value": stats["direct"]["median_ms"],
-             "unit": "ms"},
-            {"name": f"async_step_overhead_b{batch}", "value": ratio, "unit": "x"},
-        ]
+    # The HTTP clients run in another process, so that they do not share the server's GIL.
+    with concurrent.futures.ProcessPoolExecutor(
+            1, mp_context=multiprocessing.get_context("spawn")) as clients:
+        for batch in batches:
+            periods: dict[str, list[float]] = {"direct": [], "async": [], "http": []}
+            for _ in range(args.rounds):
+                periods["direct"] += run_direct(engine, prompts(batch, args.prompt_tokens, rng),
+                                                params)
+                periods["async"] += run_async(engine, prompts(batch, args.prompt_tokens, rng),
+                                              params)
+                periods["http"] += run_http(engine, prompts(batch, args.prompt_tokens, rng),
+                                            params, clients)
+            stats = {mode: summary(v) for mode, v in periods.items()}
+            direct = stats["direct"]["median_ms"]
+            row = {"batch": batch, **stats}
+            for mode, s in stats.items():
+                print(f"batch {batch} {mode:>6}: decode step period median {s['median_ms']:.3f} "
+                      f"ms, mean {s['mean_ms']:.3f} ms, p90 {s['p90_ms']:.3f} ms over "
+                      f"{s['steps']} steps")
+                claims.append({"name": f"{mode}_decode_step_ms_b{batch}",
+                               "value": s["median_ms"], "unit": "ms"})
+            for mode in ("async", "http"):
+                row[f"{mode}_step_overhead"] = ratio = stats[mode]["median_ms"] / direct
+                claims.append({"name": f"{mode}_step_overhead_b{batch}", "value": ratio,
+                               "unit": "x"})
+            print(f"batch {batch}: streaming to asyncio consumers {row['async_step_overhead']:.3f}x"
+                  f", to HTTP clients {row['http_step_overhead']:.3f}x the direct step period "
+                  f"(context {args.prompt_tokens}-{args.prompt_tokens + args.output_tokens})")
+            rows.append(row)
     figures = {"model": args.model, "prompt_tokens": args.prompt_tokens,
                "output_tokens": args.output_tokens, "rounds": args.rounds,
                "switch_interval_s": sys.getswitchinterval(), "rows": rows}
