@@ -153,6 +153,16 @@ def run_http(engine: Engine, ids: list[list[int]], params: SamplingParams,
 def summary(periods: list[float]) -> dict[str, float]:
     if not periods:
         raise RuntimeError("no full-batch decode steps were timed: raise --output-tokens")
+
+
+def check_fits(engine: Engine, batches: list[int], tokens: int) -> None:
+    """Every batch must fit the KV cache whole, or it never decodes as one batch."""
+    runner = engine.runner
+    per_request = -(-tokens // runner.block_size)
+    if max(batches) * per_request > runner.num_blocks:
+        raise SystemExit(f"a batch of {max(batches)} requests of {tokens} tokens needs "
+                         f"{max(batches) * per_request} KV blocks, the cache has "
+                         f"{runner.num_blocks}: raise --kv-cache-gib")
     ms = [p * 1e3 for p in periods]
     return {"steps": len(ms), "median_ms": statistics.median(ms), "mean_ms": statistics.fmean(ms),
             "p90_ms": sorted(ms)[int(0.9 * (len(ms) - 1))]}
@@ -186,6 +196,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model=args.model, load_format="dummy", device=args.device, seed=args.seed,
         kv_cache_memory_gib=args.kv_cache_gib, max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, swap_space=0))
+    check_fits(engine, batches, args.prompt_tokens + args.output_tokens)
     rng = random.Random(args.seed)
     params = SamplingParams(max_tokens=args.output_tokens, temperature=0.0, ignore_eos=True)
     run_direct(engine, prompts(2, args.prompt_tokens, rng), params)  # first-use costs, untimed
