@@ -153,6 +153,9 @@ def run_http(engine: Engine, ids: list[list[int]], params: SamplingParams,
 def summary(periods: list[float]) -> dict[str, float]:
     if not periods:
         raise RuntimeError("no full-batch decode steps were timed: raise --output-tokens")
+    ms = [p * 1e3 for p in periods]
+    return {"steps": len(ms), "median_ms": statistics.median(ms), "mean_ms": statistics.fmean(ms),
+            "p90_ms": sorted(ms)[int(0.9 * (len(ms) - 1))]}
 
 
 def check_fits(engine: Engine, batches: list[int], tokens: int) -> None:
@@ -163,9 +166,6 @@ def check_fits(engine: Engine, batches: list[int], tokens: int) -> None:
         raise SystemExit(f"a batch of {max(batches)} requests of {tokens} tokens needs "
                          f"{max(batches) * per_request} KV blocks, the cache has "
                          f"{runner.num_blocks}: raise --kv-cache-gib")
-    ms = [p * 1e3 for p in periods]
-    return {"steps": len(ms), "median_ms": statistics.median(ms), "mean_ms": statistics.fmean(ms),
-            "p90_ms": sorted(ms)[int(0.9 * (len(ms) - 1))]}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
