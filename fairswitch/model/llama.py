@@ -21,10 +21,13 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCa
 class Linear(nn.Module):
     """nn.Linear without the initializer: weights always come from a checkpoint or dummy fill."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype),
+                                   requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype),
+                                 requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -33,9 +36,9 @@ class Linear(nn.Module):
 class RMSNorm(nn.Module):
     """Holds the weight; ``ops.add_rmsnorm`` does the (fused residual-add +) normalization."""
 
-    def __init__(self, dim: int, eps: float, ops: Any) -> None:
+    def __init__(self, dim: int, eps: float, ops: Any, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
+        self.weight = nn.Parameter(torch.empty(dim, dtype=dtype), requires_grad=False)
         self.eps = eps
         self.ops = ops
 
@@ -75,13 +78,14 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
         # float32 caches [max_positions, head_dim], created on the model's device. Plain
-        # attributes, not buffers, so casting the model to bf16 leaves them in fp32.
+        # attributes, not buffers: a cast of the model (.to(dtype)) leaves them in fp32.
         self.cos = emb.cos()
         self.sin = emb.sin()
 
 
 class Attention(nn.Module):
-    def __init__(self, config: Any, layer_idx: int, backend: Any, ops: Any) -> None:
+    def __init__(self, config: Any, layer_idx: int, backend: Any, ops: Any,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.ops = ops
@@ -91,9 +95,10 @@ class Attention(nn.Module):
         bias = qkv_bias_of(config)
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=bias,
+                               dtype=dtype)
         self.o_proj = Linear(self.q_size, config.hidden_size,
-                             bias=bool(getattr(config, "attention_bias", False)))
+                             bias=bool(getattr(config, "attention_bias", False)), dtype=dtype)
         self.backend = backend
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
@@ -109,10 +114,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, hidden: int, intermediate: int, ops: Any) -> None:
+    def __init__(self, hidden: int, intermediate: int, ops: Any,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.gate_up_proj = Linear(hidden, 2 * intermediate)
-        self.down_proj = Linear(intermediate, hidden)
+        self.gate_up_proj = Linear(hidden, 2 * intermediate, dtype=dtype)
+        self.down_proj = Linear(intermediate, hidden, dtype=dtype)
         self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,12 +132,14 @@ class DecoderLayer(nn.Module):
         residual += a;      x = norm(residual); h = mlp(x)      -> (h, residual)
     """
 
-    def __init__(self, config: Any, layer_idx: int, backend: Any, ops: Any) -> None:
+    def __init__(self, config: Any, layer_idx: int, backend: Any, ops: Any,
+                 dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
-        self.self_attn = Attention(config, layer_idx, backend, ops)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
-        self.mlp = MLP(config.hidden_size, config.intermediate_size, ops)
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, ops, dtype)
+        self.self_attn = Attention(config, layer_idx, backend, ops, dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, ops, dtype)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size, ops, dtype)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
                 rope: RotaryEmbedding, kv_layer: tuple[torch.Tensor, torch.Tensor], meta: Any
@@ -147,18 +155,22 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: Any, backend: Any, max_positions: int, ops: Any) -> None:
-        """``ops``: fairswitch.kernels.reference (torch) or .fused_ops (Triton), same functions."""
+    def __init__(self, config: Any, backend: Any, max_positions: int, ops: Any,
+                 dtype: torch.dtype | None = None) -> None:
+        """``ops``: fairswitch.kernels.reference (torch) or .fused_ops (Triton), same functions.
+        ``dtype``: of the weights, allocated so (default: torch's default dtype); building in
+        float32 and casting would need 3x the bf16 weights' memory at the peak."""
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Parameter(
-            torch.empty(config.vocab_size, config.hidden_size), requires_grad=False)
+            torch.empty(config.vocab_size, config.hidden_size, dtype=dtype), requires_grad=False)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, backend, ops) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
+            DecoderLayer(config, i, backend, ops, dtype)
+            for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, dtype)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = None if self.tie_word_embeddings else Linear(
-            config.hidden_size, config.vocab_size)
+            config.hidden_size, config.vocab_size, dtype=dtype)
         self.rope = RotaryEmbedding(config, head_dim_of(config), max_positions)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,

@@ -75,12 +75,13 @@ def load_tokenizer(path: str | Path) -> Any:
 
 def build_model(config: Any, backend: Any, max_positions: int, dtype: torch.dtype,
                 device: torch.device, ops: Any = None) -> LlamaForCausalLM:
-    """Build on ``device`` (no copy). ``ops``: the elementwise implementation (default: torch)."""
+    """Build on ``device`` in ``dtype`` (no copy, no cast). ``ops``: the elementwise
+    implementation (default: torch)."""
     if ops is None:
         from fairswitch.kernels import reference as ops
     with torch.device(device):
-        model = LlamaForCausalLM(config, backend, max_positions, ops)
-    return model.to(dtype=dtype).eval()
+        model = LlamaForCausalLM(config, backend, max_positions, ops, dtype)
+    return model.eval()
 
 
 # HF parameter name (suffix) -> (our parameter, slice index within a fused projection)
