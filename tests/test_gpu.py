@@ -110,6 +110,23 @@ def test_llama3_8b_shapes_generate_with_graphs():
     assert all(len(o.outputs[0].token_ids) == 16 for o in outs)
 
 
+def test_building_llama3_8b_takes_only_its_bf16_weights():
+    from fairswitch.model import loader
+    from fairswitch.runner.attention import TorchAttentionBackend
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    cfg = loader.load_hf_config(loader.resolve_model("llama-3-8b"))
+    model = loader.build_model(cfg, TorchAttentionBackend(), 4096, torch.bfloat16,
+                               torch.device("cuda"))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    peak = torch.cuda.max_memory_allocated() - base
+    print(f"weights {weights / 2**30:.2f} GiB, build peak {peak / 2**30:.2f} GiB")
+    assert weights > 15 * 2**30 and peak <= weights + 64 * 2**20  # + the rotary caches
+
+
 def test_gpu_memory_utilization_covers_the_cuda_graphs():
     """Sized from gpu_memory_utilization, the device memory in use after serving (weights, KV
     cache, the CUDA graphs' pools, cached activations) stays within that fraction: the graphs

@@ -55,7 +55,7 @@ def test_shipped_configs_build_real_shapes(name, params_b):
 
 def test_weights_are_allocated_in_the_model_dtype(monkeypatch):
     """Every weight is allocated in bf16 from the start: building in float32 and casting made
-    the 8B model peak at 48 GB on the device (3x its bf16 weights), more than a 24-40 GB card."""
+    the 8B model peak at 2x its bf16 weights on the device (32 GB: more than a 24 GB card)."""
     asked, real_empty = [], torch.empty
 
     def empty(*args, **kwargs):
