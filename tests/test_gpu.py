@@ -124,7 +124,7 @@ def test_building_llama3_8b_takes_only_its_bf16_weights():
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     peak = torch.cuda.max_memory_allocated() - base
     print(f"weights {weights / 2**30:.2f} GiB, build peak {peak / 2**30:.2f} GiB")
-    assert weights > 15 * 2**30 and peak <= weights + 64 * 2**20  # + the rotary caches
+    assert weights > 14 * 2**30 and peak <= weights + 64 * 2**20  # + the rotary caches
 
 
 def test_gpu_memory_utilization_covers_the_cuda_graphs():
