@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fairswitch.config import EngineConfig  # noqa: E402
 from fairswitch.engine.async_engine import AsyncEngine  # noqa: E402
 from fairswitch.engine.engine import Engine  # noqa: E402
+from fairswitch.engine.gc_control import frozen_heap  # noqa: E402
 from fairswitch.sampling_params import SamplingParams  # noqa: E402
 from fairswitch.server import BackgroundServer, ServerSettings, build_app  # noqa: E402
 from results_io import command_line, write_results  # noqa: E402
@@ -55,11 +56,15 @@ class StepTimer:
     def _timed(self, **kwargs: Any) -> list:
         t = time.perf_counter()
         outputs = self._step(**kwargs)
-        self.rows.append((t, len(outputs)))
+        # Decodes only: every output's request had its first token from an earlier step.
+        decodes = sum(len(o.outputs[0].token_ids) >= 2 for o in outputs)
+        self.rows.append((t, decodes if decodes == len(outputs) else -1))
         return outputs
 
     def full_batch_periods(self, batch: int) -> list[float]:
-        """Seconds between consecutive step starts where both steps gave every request a token."""
+        """Seconds between consecutive step starts where both steps were decode-only steps of
+        the whole batch (the step that finishes the prompts gives every request a token too,
+        but is not one)."""
         rows = self.rows
         return [b[0] - a[0] for a, b in zip(rows, rows[1:]) if a[1] == batch and b[1] == batch]
 
@@ -71,10 +76,11 @@ def prompts(n: int, length: int, rng: random.Random) -> list[list[int]]:
 def run_direct(engine: Engine, ids: list[list[int]], params: SamplingParams) -> list[float]:
     timer = StepTimer(engine)
     try:
-        for p in ids:
-            engine.add_request(prompt_token_ids=p, params=params)
-        while engine.has_unfinished_requests():
-            engine.step()
+        with frozen_heap():  # as an AsyncEngine freezes it while it serves (gc_control.py)
+            for p in ids:
+                engine.add_request(prompt_token_ids=p, params=params)
+            while engine.has_unfinished_requests():
+                engine.step()
     finally:
         del engine.step  # the instance attribute goes; the class's method shows again
     return timer.full_batch_periods(len(ids))

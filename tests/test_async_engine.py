@@ -156,8 +156,17 @@ def test_outputs_go_out_in_one_batch_while_the_next_step_runs():
         events.append(("deliver", len(items)))
         real_deliver(items, request_ids)
 
+    handovers = []
+
     async def main():
-        # Adds run between steps: hold the engine until all four are queued, so they share steps.
+        loop = asyncio.get_running_loop()
+        real_call = loop.call_soon_threadsafe
+
+        def call_soon_threadsafe(callback, *args, **kwargs):
+            handovers.append(len(args[0]) if args and isinstance(args[0], list) else None)
+            return real_call(callback, *args, **kwargs)
+
+        loop.call_soon_threadsafe = call_soon_threadsafe
         await eng.run_in_engine(lambda e: None)
         return await asyncio.gather(*(collect(eng, "same length prompt", 6) for _ in range(4)))
 
@@ -174,3 +183,25 @@ def test_outputs_go_out_in_one_batch_while_the_next_step_runs():
     *during, (last, _) = delivered
     assert during and all(events[i - 1] == "launched" for i, _ in during)
     assert events[last - 1] == "returned"  # the final outputs: after the last step
+    # One callback into the loop per hand-over, carrying all of it (not one per output).
+    token_handovers = [n for n in handovers if n is not None]
+    assert token_handovers == [n for _, n in delivered]
+
+
+def test_with_synchronous_swaps_outputs_go_out_before_scheduling():
+    """The baseline's scheduling waits for its swap copies: the last step's outputs must not
+    wait with it."""
+    from fairswitch import LLM
+
+    llm = LLM(num_gpu_blocks=NUM_BLOCKS, baseline=True)
+    engine, order = llm.engine, []
+    real_schedule = engine.scheduler.schedule
+
+    def schedule():
+        order.append("schedule")
+        return real_schedule()
+
+    engine.scheduler.schedule = schedule
+    engine.add_request("sync swaps", SamplingParams(max_tokens=3, ignore_eos=True))
+    engine.step(before_wait=lambda: order.append("handover"))
+    assert order == ["handover", "schedule"]

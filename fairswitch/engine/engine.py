@@ -265,8 +265,12 @@ class Engine:
 
     def step(self, before_wait: Callable[[], None] | None = None) -> list[RequestOutput]:
         """Schedule, run and turn the sampled tokens into outputs. ``before_wait`` runs while the
-        GPU computes the step, before the host waits for its tokens (ModelRunner.execute)."""
+        GPU computes the step, before the host waits for its tokens (ModelRunner.execute); with
+        synchronous swaps, whose copies scheduling waits for, before scheduling instead."""
         t0 = time.perf_counter()
+        if before_wait is not None and not self.config.cache.async_swap:
+            before_wait()
+            before_wait = None
         if self.step_log is not None:  # the clocks its row reads
             cpu0, gc0, jit0 = time.process_time(), GC_CLOCK.total_s, JIT_CLOCK.total_s
         sched = self.scheduler.schedule()  # also retires swap copies that have landed
