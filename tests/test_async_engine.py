@@ -205,3 +205,67 @@ def test_with_synchronous_swaps_outputs_go_out_before_scheduling():
     engine.add_request("sync swaps", SamplingParams(max_tokens=3, ignore_eos=True))
     engine.step(before_wait=lambda: order.append("handover"))
     assert order == ["handover", "schedule"]
+
+
+def _recording(eng: AsyncEngine) -> list:
+    """Every hand-over as the list of (request id, number of tokens, finished) it carried."""
+    handed: list = []
+    real_deliver = eng._deliver
+
+    def deliver(items, request_ids=None):
+        handed.append([(o.request_id, len(o.outputs[0].token_ids), o.finished) for o in items])
+        real_deliver(items, request_ids)
+
+    eng._deliver = deliver
+    return handed
+
+
+def test_an_abort_hands_over_the_held_back_outputs_first():
+    eng = AsyncEngine.from_config(EngineConfig.from_kwargs(num_gpu_blocks=NUM_BLOCKS))
+    handed = _recording(eng)
+
+    def held_then_abort(engine):
+        rid = engine.add_request("abort me", SamplingParams(max_tokens=50, ignore_eos=True))
+        eng._pending = engine.step()  # as if the engine thread held this step's outputs back
+        eng._abort_and_notify(rid)
+        return rid
+
+    try:
+        rid = asyncio.run(eng.run_in_engine(held_then_abort))
+    finally:
+        eng.shutdown()
+    assert handed == [[(rid, 1, False)], [(rid, 1, True)]]  # the token first, then the abort
+
+
+def test_a_step_that_samples_nothing_hands_over_the_last_steps_outputs():
+    """A prompt chunk that samples nothing gives the engine no moment to hand over in; the last
+    step's outputs go out right after it rather than waiting for a step that samples."""
+    eng = AsyncEngine.from_config(EngineConfig.from_kwargs(
+        num_gpu_blocks=NUM_BLOCKS, max_num_batched_tokens=16, block_size=4, max_model_len=512))
+    handed, steps = _recording(eng), []
+    real_step = eng.engine.step
+
+    def step(**kwargs):
+        steps.append(len(handed))  # hand-overs made before this step started
+        return real_step(**kwargs)
+
+    eng.engine.step = step
+
+    async def main():
+        def add(engine):
+            engine.add_request(prompt_token_ids=[5] * 8, request_id="short",
+                               params=SamplingParams(max_tokens=1, ignore_eos=True))
+            engine.add_request(prompt_token_ids=[6] * 60, request_id="long",
+                               params=SamplingParams(max_tokens=1, ignore_eos=True))
+        await eng.run_in_engine(add)
+        while await eng.run_in_engine(lambda e: e.has_unfinished_requests()):
+            await asyncio.sleep(0.01)
+
+    try:
+        asyncio.run(main())
+    finally:
+        eng.shutdown()
+    # Step 1 runs "short" whole (it finishes) and the first 8 tokens of "long"; steps 2-4 are
+    # chunks of "long" that sample nothing: "short"'s output must be out before step 3.
+    short = next(i for i, h in enumerate(handed) if any(r == "short" for r, _, _ in h))
+    assert len(steps) >= 4 and steps[2] > short
