@@ -199,7 +199,7 @@ class AsyncEngine:
                     self._wake.wait(0.5)
                     self._wake.clear()
                     continue
-                # The last step's outputs go out once this step is launched on the GPU.
+                # The last step's outputs go out while this step runs (when: Engine.step).
                 outputs = engine.step(before_wait=self._flush)
                 self._flush()  # this step had nothing to wait for: they go out now
                 self._pending = outputs
