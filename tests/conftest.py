@@ -102,3 +102,26 @@ def _hf_model(model_dir: Path, dtype, device):
         _HF_CACHE[key] = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=dtype).to(device).eval()
     return _HF_CACHE[key]
+
+
+def run_logged(inside_each_step, max_tokens: int):
+    """A tiny engine with a step log serves one request of ``max_tokens`` tokens to the end,
+    calling ``inside_each_step()`` inside every model step; returns the engine, its step log
+    and its switch metrics from before serving."""
+    from fairswitch import LLM, SamplingParams
+    from fairswitch.engine.step_log import StepLog
+
+    engine = LLM(num_gpu_blocks=32, block_size=4, max_model_len=64).engine
+    engine.step_log = log = StepLog()
+    execute = engine.runner.execute
+
+    def execute_with(*args, **kwargs):
+        inside_each_step()
+        return execute(*args, **kwargs)
+
+    engine.runner.execute = execute_with
+    engine.add_request("logged", SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    before = engine.switch_metrics()
+    while engine.has_unfinished_requests():
+        engine.step()
+    return engine, log, before

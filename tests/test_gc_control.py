@@ -6,12 +6,12 @@ from __future__ import annotations
 import gc
 import weakref
 
-from fairswitch import LLM, SamplingParams
 from fairswitch.config import EngineConfig
 from fairswitch.engine import gc_control
 from fairswitch.engine.async_engine import AsyncEngine
-from fairswitch.engine.gc_control import GC_CLOCK, GCClock, frozen_heap
-from fairswitch.engine.step_log import COLUMNS, StepLog
+from fairswitch.engine.gc_control import GCClock, frozen_heap
+from fairswitch.engine.step_log import COLUMNS
+from tests.conftest import run_logged
 
 
 class _Cycle:
@@ -80,24 +80,12 @@ def test_async_engine_freezes_while_serving_and_can_be_collected_after():
 
 
 def test_a_collection_inside_a_step_shows_in_its_gc_column():
-    llm = LLM(num_gpu_blocks=32, block_size=4, max_model_len=64)
-    engine = llm.engine
-    engine.step_log = log = StepLog()
-    execute = engine.runner.execute
-
-    def execute_and_collect(sched, before_wait=None):
-        gc.collect()
-        return execute(sched, before_wait)
-
-    engine.runner.execute = execute_and_collect
-    engine.add_request("collect me", SamplingParams(max_tokens=3, ignore_eos=True))
-    full_before = GC_CLOCK.count[2]
-    while engine.has_unfinished_requests():
-        engine.step()
+    engine, log, before = run_logged(gc.collect, max_tokens=3)
     gc_col = COLUMNS.index("gc_s")
     assert len(log.rows) == 3 and all(r[gc_col] > 0 for r in log.rows)
     metrics = engine.switch_metrics()
-    assert metrics["gc_full_collections"] >= full_before + 3 and metrics["gc_pause_s"] > 0
+    assert metrics["gc_full_collections"] >= before["gc_full_collections"] + 3
+    assert metrics["gc_pause_s"] > 0
 
 
 def test_an_async_engine_dropped_without_shutdown_unfreezes_once_its_thread_ends():

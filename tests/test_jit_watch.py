@@ -72,32 +72,22 @@ def test_overlapping_compiles_are_each_timed_and_a_replaced_hook_is_left_alone(h
 
 
 def test_engine_reports_compiles_and_the_step_log_has_their_column():
-    from fairswitch import LLM, SamplingParams
-    from fairswitch.engine.step_log import COLUMNS, StepLog
+    import time
+
+    from fairswitch.engine.step_log import COLUMNS
     from fairswitch.runner.jit_watch import JIT_CLOCK
+    from tests.conftest import run_logged
 
-    llm = LLM(num_gpu_blocks=32, block_size=4, max_model_len=64)
-    engine = llm.engine
-    engine.step_log = log = StepLog()
-    execute = engine.runner.execute
-
-    def execute_and_compile(sched, before_wait=None):
-        # a compile of 10 ms inside the step, as Triton reports one
-        import time
+    def compile_10_ms():  # as Triton reports a compile
         knobs.runtime.jit_cache_hook(repr="_k(x)", key=0)
         time.sleep(0.01)
         knobs.runtime.jit_post_compile_hook(repr="_k(x)", key=0)
-        return execute(sched, before_wait)
 
-    engine.runner.execute = execute_and_compile
-    before = engine.switch_metrics()["kernel_compiles"]
-    engine.add_request("compile", SamplingParams(max_tokens=2, ignore_eos=True))
-    while engine.has_unfinished_requests():
-        engine.step()
+    engine, log, before = run_logged(compile_10_ms, max_tokens=2)
     col = COLUMNS.index("jit_s")
     assert len(log.rows) == 2 and all(r[col] >= 0.009 for r in log.rows)
     metrics = engine.switch_metrics()
-    assert metrics["kernel_compiles"] == before + 2 and JIT_CLOCK.serving
+    assert metrics["kernel_compiles"] == before["kernel_compiles"] + 2 and JIT_CLOCK.serving
 
 
 def test_describe_names_the_kernel_and_its_specialized_arguments():
