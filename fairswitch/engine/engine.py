@@ -104,8 +104,8 @@ class Engine:
         logger.info("loaded %s (%s, %s) in %.1fs", mc.model, self.dtype, self.device,
                     time.perf_counter() - t0)
         cuda_triton = self.device.type == "cuda" and backend.name == "triton"
-        graphs = GraphPlan(decode=cuda_triton and not mc.enforce_eager,
-                           mixed=cuda_triton and not mc.enforce_eager and mc.mixed_cuda_graphs)
+        graphed = cuda_triton and not mc.enforce_eager
+        graphs = GraphPlan(decode=graphed, mixed=graphed and mc.mixed_cuda_graphs)
         self.runner = ModelRunner(model, backend, config.cache, config.scheduler,
                                   self.max_model_len, self.device, self.dtype, mc.seed, graphs)
         if cuda_triton:
