@@ -46,12 +46,20 @@ from results_io import command_line, write_results  # noqa: E402
 
 
 class StepTimer:
-    """Wraps ``engine.step``: the start time and output count of every step."""
+    """Wraps ``engine.step`` while in its ``with`` block: the start time and output count of
+    every step."""
 
     def __init__(self, engine: Engine) -> None:
         self.rows: list[tuple[float, int]] = []
+        self._engine = engine
         self._step = engine.step
-        engine.step = self._timed  # type: ignore[method-assign]
+
+    def __enter__(self) -> StepTimer:
+        self._engine.step = self._timed  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        del self._engine.step  # the instance attribute goes; the class's method shows again
 
     def _timed(self, **kwargs: Any) -> list:
         t = time.perf_counter()
@@ -74,15 +82,12 @@ def prompts(n: int, length: int, rng: random.Random) -> list[list[int]]:
 
 
 def run_direct(engine: Engine, ids: list[list[int]], params: SamplingParams) -> list[float]:
-    timer = StepTimer(engine)
-    try:
-        with frozen_heap():  # as an AsyncEngine freezes it while it serves (gc_control.py)
-            for p in ids:
-                engine.add_request(prompt_token_ids=p, params=params)
-            while engine.has_unfinished_requests():
-                engine.step()
-    finally:
-        del engine.step  # the instance attribute goes; the class's method shows again
+    # frozen_heap: as an AsyncEngine freezes it while it serves (gc_control.py)
+    with StepTimer(engine) as timer, frozen_heap():
+        for p in ids:
+            engine.add_request(prompt_token_ids=p, params=params)
+        while engine.has_unfinished_requests():
+            engine.step()
     return timer.full_batch_periods(len(ids))
 
 
@@ -95,17 +100,15 @@ async def _consume(engine: AsyncEngine, ids: list[int], params: SamplingParams) 
 
 
 def run_async(engine: Engine, ids: list[list[int]], params: SamplingParams) -> list[float]:
-    timer = StepTimer(engine)
-    server = AsyncEngine(engine)
-
     async def main() -> list[list[float]]:
         return await asyncio.gather(*(_consume(server, p, params) for p in ids))
 
-    try:
-        token_times = asyncio.run(main())
-    finally:
-        server.shutdown()
-        del engine.step
+    with StepTimer(engine) as timer:
+        server = AsyncEngine(engine)
+        try:
+            token_times = asyncio.run(main())
+        finally:
+            server.shutdown()
     if any(len(t) != params.max_tokens for t in token_times):
         raise RuntimeError("a request ended early: the measurement is not of a full batch")
     return timer.full_batch_periods(len(ids))
@@ -143,16 +146,15 @@ def http_clients(url: str, model: str, ids: list[list[int]], max_tokens: int) ->
 
 def run_http(engine: Engine, ids: list[list[int]], params: SamplingParams,
              clients: concurrent.futures.Executor) -> list[float]:
-    timer = StepTimer(engine)
-    server = AsyncEngine(engine)
     name = engine.config.model.model
-    app = build_app(server, ServerSettings(served_model_names=[name]), shutdown_engine=False)
-    try:
-        with BackgroundServer(app) as http:
-            clients.submit(http_clients, http.url, name, ids, params.max_tokens).result()
-    finally:
-        server.shutdown()
-        del engine.step
+    with StepTimer(engine) as timer:
+        server = AsyncEngine(engine)
+        app = build_app(server, ServerSettings(served_model_names=[name]), shutdown_engine=False)
+        try:
+            with BackgroundServer(app) as http:
+                clients.submit(http_clients, http.url, name, ids, params.max_tokens).result()
+        finally:
+            server.shutdown()
     return timer.full_batch_periods(len(ids))
 
 
