@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from fairswitch.runner.attention import AttentionMetadata
+from fairswitch.runner.host_link import StagingBuffer
 from fairswitch.runner.input_batch import InputBatch
 
 logger = logging.getLogger(__name__)
@@ -109,42 +110,6 @@ def capture_graph(model: Any, args: tuple, pool: Any, stream: torch.cuda.Stream,
     with torch.cuda.graph(graph, pool=pool, stream=stream):
         out = model(*args)
     return graph, out
-
-
-class StagingBuffer:
-    """A graph's inputs in one byte buffer, pinned on the host and mirrored on the device, so a
-    step's inputs go over in one copy (separate small pageable copies and pad fills cost ~10 us
-    each of GPU idle time per step). ``take`` hands out consecutive typed fields (device view,
-    host numpy view) from ``offset``; a step waits until the previous copy has read the host
-    buffer (``wait_sent``), writes the host views, then ``send``s the bytes its graph reads."""
-
-    _NP = {torch.int64: np.int64, torch.int32: np.int32}
-
-    def __init__(self, nbytes: int, device: torch.device) -> None:
-        self._host = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=True)
-        self._dev = torch.zeros(nbytes, dtype=torch.uint8, device=device)
-        self._host_np = self._host.numpy()
-        self._sent = torch.cuda.Event()
-        self.offset = 0
-
-    def take(self, dtype: torch.dtype, *shape: int) -> tuple[torch.Tensor, np.ndarray]:
-        size = int(np.prod(shape)) * torch.empty(0, dtype=dtype).element_size()
-        lo, hi = self.offset, self.offset + size
-        if hi > len(self._host_np):
-            raise ValueError(f"fields up to byte {hi} overflow the {len(self._host_np)}-byte "
-                             "staging buffer")
-        self.offset = hi
-        return (self._dev[lo:hi].view(dtype).view(shape),
-                self._host_np[lo:hi].view(self._NP[dtype]).reshape(shape))
-
-    def wait_sent(self) -> None:
-        self._sent.synchronize()
-
-    def send(self, nbytes: int | None = None) -> None:
-        """Copy the first ``nbytes`` (all by default) to the device, in stream order."""
-        end = len(self._host_np) if nbytes is None else nbytes
-        self._dev[:end].copy_(self._host[:end], non_blocking=True)
-        self._sent.record()
 
 
 def _fill(dst: np.ndarray, src: np.ndarray, bucket: int, pad: int) -> None:

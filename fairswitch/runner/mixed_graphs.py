@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from fairswitch.runner.attention import AttentionMetadata
-from fairswitch.runner.cuda_graph import StagingBuffer, capture_graph
+from fairswitch.runner.cuda_graph import capture_graph
+from fairswitch.runner.host_link import StagingBuffer
 from fairswitch.runner.input_batch import InputBatch
 
 logger = logging.getLogger(__name__)

@@ -18,6 +18,7 @@ from fairswitch.model.llama import LlamaForCausalLM, head_dim_of
 from fairswitch.request import Request
 from fairswitch.runner.attention import AttentionBackend, AttentionMetadata
 from fairswitch.runner.cuda_graph import DecodeGraphs
+from fairswitch.runner.host_link import SampleRowsBuffer, TokenReturn
 from fairswitch.runner.mixed_graphs import MixedGraphs
 from fairswitch.runner.input_batch import InputBatch, build_input_batch
 from fairswitch.runner.sampler import Sampler
@@ -58,6 +59,10 @@ class ModelRunner:
         self.kv_cache = KVCache(num_blocks, cfg.num_hidden_layers, cache.block_size,
                                 cfg.num_key_value_heads, head_dim_of(cfg), dtype, device)
         self.sampler = Sampler(device, seed)
+        # On CUDA, sample rows go in and tokens come back by kernel copies (host_link.py).
+        on_cuda = device.type == "cuda"
+        self._rows = SampleRowsBuffer(sched.max_num_seqs, device) if on_cuda else None
+        self._tokens = TokenReturn(sched.max_num_seqs) if on_cuda else None
         self.last_prepare_s = 0.0
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, cache.block_size,
                     num_blocks * self.block_bytes / _GiB)
@@ -251,8 +256,12 @@ class ModelRunner:
         if len(batch.sample_rows) == len(hidden):  # every row samples (decode-only steps)
             logits = self.model.compute_logits(hidden)
         else:
-            rows = torch.tensor(batch.sample_rows, dtype=torch.long).to(self.device,
-                                                                        non_blocking=True)
-            logits = self.model.compute_logits(hidden[rows])
+            logits = self.model.compute_logits(hidden[self._sample_rows(batch.sample_rows)])
         tokens = self.sampler.sample(logits, batch.sample_requests)
-        return dict(zip(batch.sample_requests, tokens.tolist()))
+        ids = self._tokens.fetch(tokens) if self._tokens is not None else tokens.tolist()
+        return dict(zip(batch.sample_requests, ids))
+
+    def _sample_rows(self, rows: list[int]) -> torch.Tensor:
+        if self._rows is not None:
+            return self._rows.send(rows)
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
