@@ -21,7 +21,8 @@ import triton.language as tl
 BLOCK = 1024  # words per program
 
 
-@triton.jit
+# n varies every step: unspecialized, so that no new variant compiles while serving.
+@triton.jit(do_not_specialize=["n"])
 def _copy_words_kernel(
     src_ptr,  # [>= n] int32, pinned host or device
     dst_ptr,  # [>= n] int32, pinned host or device
