@@ -82,6 +82,7 @@ class TokenReturn:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._host = torch.zeros(capacity, dtype=torch.int64, pin_memory=True)
+        self._host_words = self._host.view(torch.int32)
         self._host_np = self._host.numpy()
         self._done = torch.cuda.Event()
 
@@ -91,7 +92,7 @@ class TokenReturn:
         if n > self.capacity:
             raise ValueError(f"{n} sampled tokens exceed the buffer's {self.capacity}")
         words = tokens.to(torch.int64).contiguous().view(torch.int32)
-        copy_words(words, self._host.view(torch.int32), 2 * n)
+        copy_words(words, self._host_words, 2 * n)
         self._done.record()
         self._done.synchronize()
         return self._host_np[:n].tolist()
