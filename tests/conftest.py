@@ -113,13 +113,13 @@ def run_logged(inside_each_step, max_tokens: int):
 
     engine = LLM(num_gpu_blocks=32, block_size=4, max_model_len=64).engine
     engine.step_log = log = StepLog()
-    execute = engine.runner.execute
+    launch = engine.runner.launch  # every step launches (execute = launch + collect)
 
-    def execute_with(*args, **kwargs):
+    def launch_with(*args, **kwargs):
         inside_each_step()
-        return execute(*args, **kwargs)
+        return launch(*args, **kwargs)
 
-    engine.runner.execute = execute_with
+    engine.runner.launch = launch_with
     engine.add_request("logged", SamplingParams(max_tokens=max_tokens, ignore_eos=True))
     before = engine.switch_metrics()
     while engine.has_unfinished_requests():

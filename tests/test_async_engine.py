@@ -136,20 +136,31 @@ def test_cancelled_add_neither_kills_the_engine_nor_leaks(engine):
     asyncio.run(main())
 
 
-def test_outputs_go_out_in_one_batch_while_the_next_step_runs():
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_outputs_go_out_in_one_batch_while_the_next_step_runs(async_scheduling):
     """A step's outputs reach the event loop in one hand-over, made once the next step is
-    launched and before the engine waits for it; the last step's when nothing is left to run."""
-    eng = AsyncEngine.from_config(EngineConfig.from_kwargs(num_gpu_blocks=NUM_BLOCKS))
+    launched and before the engine waits for it; the last step's when nothing is left to run.
+    With async scheduling the engine makes the hand-over itself after launching (and
+    scheduling ahead); without, the runner does, from inside the launch."""
+    eng = AsyncEngine.from_config(EngineConfig.from_kwargs(
+        num_gpu_blocks=NUM_BLOCKS, async_scheduling=async_scheduling))
     events: list = []
-    runner, real_execute, real_deliver = eng.engine.runner, eng.engine.runner.execute, eng._deliver
+    runner, real_deliver = eng.engine.runner, eng._deliver
+    real_launch, real_collect = runner.launch, runner.collect
 
-    def execute(sched, before_wait=None):
+    def launch(sched, before_wait=None):
         def launched():
             events.append("launched")
-            if before_wait is not None:
-                before_wait()
-        result = real_execute(sched, launched)
-        events.append("returned")
+            before_wait()
+        pending = real_launch(sched, launched if before_wait is not None else None)
+        if before_wait is None and pending.requests:
+            events.append("launched")
+        return pending
+
+    def collect_tokens(pending):
+        result = real_collect(pending)
+        if pending.requests:
+            events.append("returned")
         return result
 
     def deliver(items, request_ids=None):
@@ -170,7 +181,7 @@ def test_outputs_go_out_in_one_batch_while_the_next_step_runs():
         await eng.run_in_engine(lambda e: None)
         return await asyncio.gather(*(collect(eng, "same length prompt", 6) for _ in range(4)))
 
-    runner.execute, eng._deliver = execute, deliver
+    runner.launch, runner.collect, eng._deliver = launch, collect_tokens, deliver
     try:
         results = asyncio.run(main())
     finally:

@@ -249,6 +249,10 @@ def test_ablation_names_map_to_config_switches():
     b = ablation_config("baseline", base).cache
     assert (b.block_size, b.per_layer_swap, b.block_groups, b.async_swap) == (16, True, False,
                                                                               False)
+    base.scheduler.async_scheduling = False
+    assert ablation_config("full", base).scheduler.async_scheduling is True
+    off = ablation_config("no-async-sched", base)
+    assert off.scheduler.async_scheduling is False and off.cache.async_swap is True
     assert base.cache.enable_prefix_caching is False and base.cache.block_size == 32  # untouched
     assert parse_names("full, baseline") == ["full", "baseline"]
     for bad in ("full,full", "full,turbo", ""):

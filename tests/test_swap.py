@@ -30,10 +30,11 @@ def expected(llama_dir):
     return [o.outputs[0].token_ids for o in outs]
 
 
-def tight_llm(llama_dir, mode: str, delay: int = 0, swap_space: float = 0.01) -> LLM:
+def tight_llm(llama_dir, mode: str, delay: int = 0, swap_space: float = 0.01,
+              async_scheduling: bool = True) -> LLM:
     # 12 blocks of 4 tokens cannot hold all four requests at once: constant preemption.
     llm = LLM(model=str(llama_dir), num_gpu_blocks=12, block_size=4, max_model_len=48,
-              preemption_mode=mode, swap_space=swap_space)
+              preemption_mode=mode, swap_space=swap_space, async_scheduling=async_scheduling)
     if delay:
         llm.engine.swap.backend = DelayedCopyBackend(delay)
     return llm
@@ -78,8 +79,9 @@ def test_full_cpu_pool_falls_back_to_recompute(llama_dir, expected):
     llm.engine.check_accounting()
 
 
-def test_aborts_mid_copy_and_random_churn_keep_pools_whole(llama_dir):
-    llm = tight_llm(llama_dir, "swap", delay=2)
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_aborts_mid_copy_and_random_churn_keep_pools_whole(llama_dir, async_scheduling):
+    llm = tight_llm(llama_dir, "swap", delay=2, async_scheduling=async_scheduling)
     engine = llm.engine
     rng = random.Random(7)
     ids = [engine.add_request(PROMPTS[i % 4] * rng.randint(1, 2),
@@ -91,8 +93,8 @@ def test_aborts_mid_copy_and_random_churn_keep_pools_whole(llama_dir):
         engine.step()
         engine.check_accounting()
         steps += 1
-        if steps % 4 == 0:
-            in_flight = [r.request_id for r in (*engine.swap.outgoing, *engine.swap.incoming)]
+        in_flight = [r.request_id for r in (*engine.swap.outgoing, *engine.swap.incoming)]
+        if steps % 4 == 0 or in_flight:  # every copy in flight, and churn every 4th step
             victim = in_flight[0] if in_flight else rng.choice(ids)
             aborted_in_flight += bool(in_flight)
             engine.abort_request(victim)

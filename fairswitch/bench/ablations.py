@@ -2,8 +2,9 @@
 
 Each name sets every context-switch mechanism explicitly, so a comparison means the same thing
 whatever switches the base command line carried: ``full`` has them all on, ``baseline`` is
-vLLM 0.3.3's switching (``CacheConfig.baseline``), and each ``no-*`` is ``full`` with one mechanism
-off (``early-swap-in``: ``full`` with that option on). Everything else (model, KV size,
+vLLM 0.3.3's switching (``CacheConfig.baseline``; its synchronous swaps also mean no async
+scheduling), and each ``no-*`` is ``full`` with one mechanism off (``early-swap-in``: ``full``
+with that option on). Everything else (model, KV size,
 scheduler, policy) comes from the base configuration.
 """
 
@@ -17,7 +18,9 @@ from fairswitch.config import EngineConfig
 
 _FULL: dict[str, Any] = {"baseline": False, "block_groups": True, "enable_prefix_caching": True,
                          "cpu_kv_reuse": True, "async_swap": True, "incremental_swap": True,
-                         "per_layer_swap": False, "early_swap_in": False}
+                         "per_layer_swap": False, "early_swap_in": False,
+                         "async_scheduling": True}
+_SCHEDULER_KEYS = {"async_scheduling"}  # the rest are CacheConfig's
 
 ABLATIONS: dict[str, dict[str, Any]] = {
     "full": {},
@@ -29,6 +32,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "no-cpu-reuse": {"cpu_kv_reuse": False},  # GPU prefix cache only
     "per-layer": {"per_layer_swap": True},
     "early-swap-in": {"early_swap_in": True},  # full plus an option that is off by default
+    "no-async-sched": {"async_scheduling": False},
 }
 
 
@@ -47,6 +51,10 @@ def parse_names(text: str) -> list[str]:
 def ablation_config(name: str, base: EngineConfig) -> EngineConfig:
     """``base`` with the mechanisms ``name`` stands for (a new object; ``base`` is untouched)."""
     config = copy.deepcopy(base)
+    settings = {**_FULL, **ABLATIONS[name]}
     # replace() runs CacheConfig.__post_init__ again, which applies what baseline implies.
-    config.cache = dataclasses.replace(config.cache, **{**_FULL, **ABLATIONS[name]})
+    config.cache = dataclasses.replace(config.cache, **{
+        k: v for k, v in settings.items() if k not in _SCHEDULER_KEYS})
+    config.scheduler = dataclasses.replace(config.scheduler, **{
+        k: v for k, v in settings.items() if k in _SCHEDULER_KEYS})
     return config

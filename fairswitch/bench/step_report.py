@@ -41,6 +41,8 @@ def summarize_steps(log: dict[str, Any], full_fraction: float = 0.05) -> dict[st
         "busy_s": float(step.sum()),
         "schedule_s": float(a[:, c["sched_s"]].sum()),
         "model_s": float(a[:, c["exec_s"]].sum()) if "exec_s" in c else None,
+        # scheduling the next step while the GPU ran this one (async scheduling; in model_s)
+        "ahead_s": float(a[:, c["ahead_s"]].sum()) if "ahead_s" in c else None,
         "cpu_s": float(a[:, c["cpu_s"]].sum()) if "cpu_s" in c else None,
         # garbage-collector pauses inside steps: their total and the longest step's share
         "gc_s": float(a[:, c["gc_s"]].sum()) if "gc_s" in c else None,
@@ -100,6 +102,8 @@ def format_summary(name: str, s: dict[str, Any]) -> str:
         return f"{name}: no steps recorded"
     d, p = s["decode_steps"], s["prompt_steps"]
     model = "" if s.get("model_s") is None else f", model {s['model_s']:.1f} s"
+    model += "" if not s.get("ahead_s") else (f" (of which scheduling ahead "
+                                              f"{s['ahead_s']:.1f} s)")
     model += "" if s.get("cpu_s") is None else f", process CPU {s['cpu_s']:.1f} s"
     model += "" if s.get("gc_s") is None else (f", garbage collection {s['gc_s']:.2f} s, "
                                                f"at most {s['gc_max_s'] * 1e3:.0f} ms a step")

@@ -38,6 +38,10 @@ from fairswitch.scheduler.scheduler import Scheduler, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
+# Stands in a request's token list for a token its launched step has not returned yet (async
+# scheduling): never an input, since the step that would read it is launched after the token is.
+PLACEHOLDER_TOKEN = -1
+
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -59,11 +63,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 @dataclass
 class StepStats:
     """Cumulative wall time per phase of ``step()`` (perf_counter; a step ends with a device
-    sync when tokens are sampled, so execute_s includes the GPU time)."""
+    sync when tokens are sampled, so execute_s includes the GPU time). With async scheduling
+    the next step's scheduling runs inside execute_s, while the GPU computes: it counts in
+    schedule_s too."""
 
     num_steps: int = 0
     schedule_s: float = 0.0
-    execute_s: float = 0.0  # input preparation + forward + sampling
+    execute_s: float = 0.0  # input preparation + forward + sampling (+ scheduling ahead)
     prepare_s: float = 0.0  # the input-preparation part of execute_s (host only)
     output_s: float = 0.0  # detokenize, stop checks, outputs
 
@@ -125,6 +131,9 @@ class Engine:
         self._ids = itertools.count()
         self.stats = StepStats()
         self.step_log: StepLog | None = None  # set to record every step (step_log.py)
+        # Async scheduling: the next step, scheduled while this one ran (_step_ahead).
+        self._schedule_ahead = config.scheduler.async_scheduling and config.cache.async_swap
+        self._ahead: SchedulerOutput | None = None
         JIT_CLOCK.serving = True
 
     def _swap_manager(self) -> SwapManager | None:
@@ -251,7 +260,7 @@ class Engine:
             return None
         req.status = RequestStatus.FINISHED_ABORTED
         req.metrics.finished_time = time.monotonic()
-        self.scheduler.finish(req)
+        self._finish(req)
         return self.output_processor.make_output(req)
 
     def has_unfinished_requests(self) -> bool:
@@ -264,15 +273,20 @@ class Engine:
     # ---- the step -------------------------------------------------------------------------
 
     def step(self, before_wait: Callable[[], None] | None = None) -> list[RequestOutput]:
-        """Schedule, run and turn the sampled tokens into outputs. ``before_wait`` runs while the
-        GPU computes the step, before the host waits for its tokens (ModelRunner.execute); with
-        synchronous swaps, whose copies scheduling waits for, before scheduling instead."""
+        """Run one step and turn its sampled tokens into outputs.
+
+        ``before_wait`` runs while the GPU computes the step, before the host waits for its
+        tokens; with synchronous swaps, whose copies scheduling waits for, before scheduling
+        instead. With async scheduling (``SchedulerConfig.async_scheduling``, asynchronous swaps)
+        the next step is scheduled while this one runs: see ``_step_ahead``.
+        """
+        if self._schedule_ahead:
+            return self._step_ahead(before_wait)
         t0 = time.perf_counter()
         if before_wait is not None and not self.config.cache.async_swap:
             before_wait()
             before_wait = None
-        if self.step_log is not None:  # the clocks its row reads
-            cpu0, gc0, jit0 = time.process_time(), GC_CLOCK.total_s, JIT_CLOCK.total_s
+        clocks = self._clocks()
         sched = self.scheduler.schedule()  # also retires swap copies that have landed
         if not sched.scheduled:
             return []
@@ -280,10 +294,64 @@ class Engine:
         sampled = self.runner.execute(sched, before_wait)
         t2 = time.perf_counter()
         self._observe_prefill(sched, t2 - t1)
-        now = time.monotonic()
-        outputs = []
+        self._advance(sched)
+        outputs = self._outputs(sched, sampled)
+        t3 = time.perf_counter()
+        self._account(sched, clocks, t0, t1, t2, t3, 0.0)
+        return outputs
+
+    def _step_ahead(self, before_wait: Callable[[], None] | None) -> list[RequestOutput]:
+        """One step with the next one scheduled while the GPU runs it:
+
+            launch N -> advance N's requests (a placeholder for each token N samples)
+              -> schedule N+1 (overlaps the GPU) -> before_wait -> wait for N's tokens
+              -> placeholders become the tokens -> outputs; N+1 loses requests N finished
+
+        N+1 is launched by the next call, so between calls no placeholder exists and adds and
+        aborts act on settled state (an abort also drops the request from N+1). A request that
+        N finishes by EOS or a stop string was scheduled in N+1 for nothing; swap copies
+        submitted while N runs are ordered after it on the device (the copy backends wait for
+        the compute stream), since N may still write the blocks they read or reuse.
+        """
+        t0 = time.perf_counter()
+        clocks = self._clocks()
+        sched, self._ahead = self._ahead, None
+        if sched is None:  # nothing scheduled ahead (start, or after an idle step)
+            sched = self.scheduler.schedule()
+        elif any(r.status != RequestStatus.RUNNING for r, _ in sched.scheduled):
+            # Preempted since it was scheduled (from outside the scheduler's step): not run.
+            self._drop_from_ahead(sched, lambda r: r.status != RequestStatus.RUNNING)
+        if not sched.scheduled:
+            return []
+        t1 = time.perf_counter()
+        pending = self.runner.launch(sched)
+        self._advance(sched)
+        for req in pending.requests:
+            req.token_ids.append(PLACEHOLDER_TOKEN)
+        ta = time.perf_counter()
+        self._ahead = self.scheduler.schedule()
+        ahead_s = time.perf_counter() - ta
+        if before_wait is not None:
+            before_wait()
+        sampled = self.runner.collect(pending)
+        for req in pending.requests:
+            req.token_ids.pop()
+        t2 = time.perf_counter()
+        self._observe_prefill(sched, t2 - t1)
+        outputs = self._outputs(sched, sampled)
+        t3 = time.perf_counter()
+        self._account(sched, clocks, t0, t1, t2, t3, ahead_s)
+        return outputs
+
+    def _advance(self, sched: SchedulerOutput) -> None:
         for req, n in sched.scheduled:
             req.num_computed_tokens += n
+
+    def _outputs(self, sched: SchedulerOutput, sampled: dict[Request, int]) -> list[RequestOutput]:
+        """Append the sampled tokens, finish the requests that stop, charge the service."""
+        now = time.monotonic()
+        outputs = []
+        for req, _ in sched.scheduled:
             token = sampled.get(req)
             if token is None:
                 continue
@@ -294,16 +362,37 @@ class Engine:
             m.last_token_time = now
             if req.is_finished:
                 m.finished_time = now
-                self.scheduler.finish(req)
+                self._finish(req)
                 del self.requests[req.request_id]
             outputs.append(self.output_processor.make_output(req))
         self.scheduler.update(sched)  # charge the service to the ranking policy
-        t3 = time.perf_counter()
-        self.stats.add(t1 - t0, t2 - t1, t3 - t2, self.runner.last_prepare_s)
-        if self.step_log is not None:
-            self.step_log.record(self, sched, t0, t1, t2, t3, time.process_time() - cpu0,
-                                 GC_CLOCK.total_s - gc0, JIT_CLOCK.total_s - jit0)
         return outputs
+
+    def _finish(self, req: Request) -> None:
+        """Remove a finished or aborted request from the scheduler and the step scheduled
+        ahead."""
+        self.scheduler.finish(req)
+        if self._ahead is not None and any(r is req for r, _ in self._ahead.scheduled):
+            self._drop_from_ahead(self._ahead, lambda r: r is req)
+
+    @staticmethod
+    def _drop_from_ahead(sched: SchedulerOutput, drop: Callable[[Request], bool]) -> None:
+        sched.scheduled = [(r, n) for r, n in sched.scheduled if not drop(r)]
+        sched.num_batched_tokens = sum(n for _, n in sched.scheduled)
+
+    def _clocks(self) -> tuple[float, float, float] | None:
+        """The clocks a step-log row reads, at the step's start."""
+        if self.step_log is None:
+            return None
+        return time.process_time(), GC_CLOCK.total_s, JIT_CLOCK.total_s
+
+    def _account(self, sched: SchedulerOutput, clocks: tuple[float, float, float] | None,
+                 t0: float, t1: float, t2: float, t3: float, ahead_s: float) -> None:
+        self.stats.add(t1 - t0 + ahead_s, t2 - t1, t3 - t2, self.runner.last_prepare_s)
+        if self.step_log is not None and clocks is not None:
+            cpu0, gc0, jit0 = clocks
+            self.step_log.record(self, sched, t0, t1, t2, t3, time.process_time() - cpu0,
+                                 GC_CLOCK.total_s - gc0, JIT_CLOCK.total_s - jit0, ahead_s)
 
     def _observe_prefill(self, sched: SchedulerOutput, seconds: float) -> None:
         """Prefill-heavy steps tell the cost model how fast recomputing is on this machine."""

@@ -25,6 +25,9 @@ kept in memory and written as one JSON object ``{"columns": [...], "rows": [[...
     in_flight GPU blocks held by copies (draining swap-outs, write-backs)
     preempted requests preempted in the step; rank_total: rank preemptions so far
     stall_s   swap-manager host time so far (switch_stall_s)
+    ahead_s   time scheduling the next step while this one ran (async scheduling; part of
+              exec_s, not of sched_s, which is then only the time to schedule a step nobody
+              scheduled ahead; absent from older logs)
 """
 
 from __future__ import annotations
@@ -38,9 +41,9 @@ from fairswitch.engine.gc_control import GC_CLOCK
 
 COLUMNS = ("t_s", "step_s", "sched_s", "exec_s", "cpu_s", "gc_s", "jit_s", "seqs", "tokens",
            "prefill", "running", "waiting", "swapped", "pending_in", "free", "evictable",
-           "reserved", "in_flight", "preempted", "rank_total", "stall_s")
+           "reserved", "in_flight", "preempted", "rank_total", "stall_s", "ahead_s")
 # Logs written before these columns existed are still read.
-_ADDED_LATER = ("exec_s", "cpu_s", "gc_s", "jit_s")
+_ADDED_LATER = ("exec_s", "cpu_s", "gc_s", "jit_s", "ahead_s")
 
 
 class StepLog:
@@ -55,7 +58,8 @@ class StepLog:
         GC_CLOCK.install()  # for the gc_s column
 
     def record(self, engine: Any, sched: Any, t_start: float, t_sched: float, t_exec: float,
-               t_end: float, cpu_s: float, gc_s: float, jit_s: float) -> None:
+               t_end: float, cpu_s: float, gc_s: float, jit_s: float,
+               ahead_s: float = 0.0) -> None:
         """One step of ``engine`` (an ``Engine``) that ran ``sched`` (its ``SchedulerOutput``)."""
         if len(self.rows) >= self.max_rows:
             self.num_dropped += 1
@@ -73,7 +77,7 @@ class StepLog:
             kv.num_reserved_blocks,
             swap.num_gpu_blocks_in_flight() if swap is not None else 0,
             len(sched.preempted), s.num_rank_preemptions,
-            round(swap.stall_s, 6) if swap is not None else 0.0,
+            round(swap.stall_s, 6) if swap is not None else 0.0, round(ahead_s, 6),
         ))
 
     def to_json(self) -> dict[str, Any]:

@@ -86,13 +86,23 @@ class TokenReturn:
         self._host_np = self._host.numpy()
         self._done = torch.cuda.Event()
 
-    def fetch(self, tokens: torch.Tensor) -> list[int]:
-        """Wait for ``tokens`` (1-D, on the device, this stream) and return them as ints."""
+    def send(self, tokens: torch.Tensor) -> int:
+        """Queue the copy of ``tokens`` (1-D, on the device, this stream) to the host; return
+        their count for ``receive``. Queued with the step, so work the stream is told to wait for
+        later (a swap-in's event) does not hold the tokens back."""
         n = len(tokens)
         if n > self.capacity:
             raise ValueError(f"{n} sampled tokens exceed the buffer's {self.capacity}")
         words = tokens.to(torch.int64).contiguous().view(torch.int32)
         copy_words(words, self._host_words, 2 * n)
         self._done.record()
+        return n
+
+    def receive(self, n: int) -> list[int]:
+        """Wait for the copy ``send`` queued and return its ``n`` tokens as ints."""
         self._done.synchronize()
         return self._host_np[:n].tolist()
+
+    def fetch(self, tokens: torch.Tensor) -> list[int]:
+        """``send`` then ``receive``: the tokens as ints, once the step has produced them."""
+        return self.receive(self.send(tokens))

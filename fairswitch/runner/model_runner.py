@@ -36,6 +36,15 @@ class GraphPlan:
     mixed: bool = False  # steps with prompt tokens, up to 512 tokens (mixed_graphs.py)
 
 
+@dataclass
+class PendingStep:
+    """A launched step: the requests that sample, in order, and where their tokens will be (a
+    device tensor, or ``num_sent`` tokens on their way to the host: host_link.TokenReturn)."""
+    requests: list[Request]
+    tokens: torch.Tensor | None
+    num_sent: int = 0
+
+
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, backend: AttentionBackend, cache: CacheConfig,
                  sched: SchedulerConfig, max_model_len: int, device: torch.device,
@@ -219,7 +228,6 @@ class ModelRunner:
         logger.info("CUDA graphs: %.2f GiB of device memory", self.graph_bytes / _GiB)
         return decode, mixed
 
-    @torch.inference_mode()
     def execute(self, out: SchedulerOutput,
                 before_wait: Callable[[], None] | None = None) -> dict[Request, int]:
         """Run one step; return the token sampled for each request that reached its last token.
@@ -230,6 +238,13 @@ class ModelRunner:
         kernel launches are host work of their own (15-36 ms above 512 tokens), to be held up
         by less than they would hold it up.
         """
+        return self.collect(self.launch(out, before_wait))
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput,
+               before_wait: Callable[[], None] | None = None) -> PendingStep:
+        """Queue one step on the device (on CPU: run it) without waiting for its tokens;
+        ``collect`` returns them. ``before_wait`` as in ``execute``."""
         t0 = time.perf_counter()
         batch = build_input_batch(out.scheduled, self.block_size)
         mixed = (self.mixed_graphs.bucket(batch) if self.mixed_graphs is not None
@@ -252,14 +267,25 @@ class ModelRunner:
         if hook is not None:
             hook()
         if not batch.sample_requests:
-            return {}
+            return PendingStep([], None)
         if len(batch.sample_rows) == len(hidden):  # every row samples (decode-only steps)
             logits = self.model.compute_logits(hidden)
         else:
             logits = self.model.compute_logits(hidden[self._sample_rows(batch.sample_rows)])
         tokens = self.sampler.sample(logits, batch.sample_requests)
-        ids = self._tokens.fetch(tokens) if self._tokens is not None else tokens.tolist()
-        return dict(zip(batch.sample_requests, ids))
+        if self._tokens is not None:  # the copy back is queued now, with the step
+            return PendingStep(batch.sample_requests, None, self._tokens.send(tokens))
+        return PendingStep(batch.sample_requests, tokens)
+
+    def collect(self, pending: PendingStep) -> dict[Request, int]:
+        """Wait for a launched step's sampled tokens: {request: token} for those that sampled."""
+        if not pending.requests:
+            return {}
+        if pending.tokens is not None:
+            ids = pending.tokens.tolist()
+        else:
+            ids = self._tokens.receive(pending.num_sent)  # type: ignore[union-attr]
+        return dict(zip(pending.requests, ids))
 
     def _sample_rows(self, rows: list[int]) -> torch.Tensor:
         if self._rows is not None:

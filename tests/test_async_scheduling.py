@@ -1,0 +1,164 @@
+"""Async scheduling (engine.py ``_step_ahead``): the next step is scheduled while the current one
+runs. Same tokens as scheduling in turn; requests that stop are not run again; aborts and
+preemptions between steps never reach the device; no placeholder token ever leaves a step."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from fairswitch import LLM, SamplingParams
+from fairswitch.engine.engine import PLACEHOLDER_TOKEN
+from fairswitch.request import RequestStatus
+
+PROMPTS = ["Once upon a time", "The capital of France is", "1, 2, 3,", "def main():"]
+
+
+def tokens(outs):
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def make_llm(async_scheduling: bool, **kwargs) -> LLM:
+    return LLM(num_gpu_blocks=kwargs.pop("num_gpu_blocks", 512),
+               async_scheduling=async_scheduling, **kwargs)
+
+
+def test_on_by_default_and_off_with_synchronous_swaps():
+    assert make_llm(True).engine._schedule_ahead
+    assert not make_llm(False).engine._schedule_ahead
+    assert not make_llm(True, async_swap=False).engine._schedule_ahead
+    assert not make_llm(True, baseline=True).engine._schedule_ahead
+
+
+def test_schedules_the_next_step_between_launch_and_wait():
+    llm = make_llm(True)
+    engine, events = llm.engine, []
+    runner, scheduler = engine.runner, engine.scheduler
+    launch, collect, schedule = runner.launch, runner.collect, scheduler.schedule
+    runner.launch = lambda *a, **k: (events.append("launch"), launch(*a, **k))[1]
+    runner.collect = lambda *a, **k: (events.append("collect"), collect(*a, **k))[1]
+    scheduler.schedule = lambda: (events.append("schedule"), schedule())[1]
+    engine.add_request(PROMPTS[0], SamplingParams(max_tokens=3, ignore_eos=True))
+    for _ in range(3):
+        engine.step(before_wait=lambda: events.append("before_wait"))
+    cycle = ["launch", "schedule", "before_wait", "collect"]
+    assert events == ["schedule"] + cycle * 3  # only the first step is scheduled in turn
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_same_tokens_as_scheduling_in_turn(seed):
+    """Greedy, seeded sampling, stop strings, stop tokens and EOS: every request ends exactly as
+    with scheduling in turn, under a cache small enough to preempt."""
+    rng = random.Random(seed)
+    base = make_llm(False).generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0.0,
+                                                            ignore_eos=True), use_tqdm=False)
+    texts = [o.outputs[0].text for o in base]
+    params = []
+    for i in range(12):
+        kind = i % 4
+        if kind == 0:
+            params.append(SamplingParams(max_tokens=rng.randint(1, 20), temperature=0.0,
+                                         ignore_eos=True))
+        elif kind == 1:
+            params.append(SamplingParams(max_tokens=20, temperature=1.0, seed=rng.randint(0, 99),
+                                         ignore_eos=True))
+        elif kind == 2:  # stops on a string from the middle of its greedy text
+            text = texts[i % 4]
+            params.append(SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True,
+                                         stop=[text[6:9]]))
+        else:  # stops on its greedy run's fourth token
+            params.append(SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True,
+                                         stop_token_ids=[base[i % 4].outputs[0].token_ids[3]]))
+    prompts = [PROMPTS[i % 4] for i in range(12)]
+    runs = {}
+    for ahead in (False, True):
+        llm = make_llm(ahead, num_gpu_blocks=16, block_size=4, max_model_len=48, swap_space=0.01,
+                       preemption_mode="auto", growth_headroom=0)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        runs[ahead] = [(o.outputs[0].token_ids, o.outputs[0].text, o.outputs[0].finish_reason)
+                       for o in outs]
+        assert llm.engine.scheduler.num_preemptions > 0
+        llm.engine.check_accounting()
+        assert llm.engine.kv.num_free_blocks == 16
+    assert runs[True] == runs[False]
+    assert {r for _, _, r in runs[True]} == {"stop", "length"}
+
+
+def test_a_request_that_stops_is_not_run_again():
+    """The step scheduled ahead loses a request its running step finished (here by EOS): the
+    request gets no token past its stop and its blocks come back."""
+    llm = make_llm(True)
+    engine = llm.engine
+    first = llm.generate(PROMPTS[1], SamplingParams(max_tokens=4, temperature=0.0,
+                                                    ignore_eos=True), use_tqdm=False)[0]
+    ids = first.outputs[0].token_ids
+    eos = ids[2]
+    engine.output_processor.eos_token_ids = {eos}
+    rid = engine.add_request(PROMPTS[1], SamplingParams(max_tokens=8, temperature=0.0))
+    other = engine.add_request(PROMPTS[0], SamplingParams(max_tokens=6, ignore_eos=True))
+    seen, done = [], {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            seen.append(out.request_id)
+            if out.finished:
+                done[out.request_id] = out.outputs[0]
+        ahead = engine._ahead
+        assert ahead is None or all(not r.is_finished for r, _ in ahead.scheduled)
+    assert done[rid].token_ids == ids[:ids.index(eos) + 1]
+    assert done[rid].finish_reason == "stop"
+    assert seen.count(rid) == ids.index(eos) + 1 and len(done[other].token_ids) == 6
+    engine.check_accounting()
+    assert engine.kv.num_free_blocks == 512
+
+
+def test_aborts_and_preemptions_between_steps_never_reach_the_device():
+    """A request scheduled ahead and then aborted, or preempted by a caller of the scheduler, is
+    not launched; the survivors' tokens are those of a run without either."""
+    rng = random.Random(5)
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    prompts = [PROMPTS[i % 4] * rng.randint(1, 2) for i in range(10)]
+    want = tokens(make_llm(False).generate(prompts, params, use_tqdm=False))
+    llm = make_llm(True, num_gpu_blocks=40, block_size=4, max_model_len=64, swap_space=0.01)
+    engine = llm.engine
+    ids = [engine.add_request(p, params) for p in prompts]
+    launched = []
+    launch = engine.runner.launch
+
+    def recording_launch(sched, *args, **kwargs):
+        launched.append({r.request_id for r, _ in sched.scheduled})
+        assert all(r.status == RequestStatus.RUNNING for r, _ in sched.scheduled)
+        return launch(sched, *args, **kwargs)
+
+    engine.runner.launch = recording_launch
+    got, gone, hits = {}, set(), 0
+
+    def step():
+        for out in engine.step():
+            assert PLACEHOLDER_TOKEN not in out.outputs[0].token_ids
+            if out.finished:
+                got[out.request_id] = out.outputs[0].token_ids
+        assert all(PLACEHOLDER_TOKEN not in r.token_ids for r in engine.requests.values())
+        engine.check_accounting()
+
+    while engine.has_unfinished_requests():
+        step()
+        ahead = [r for r, _ in engine._ahead.scheduled] if engine._ahead else []
+        if ahead and rng.random() < 0.3:
+            victim = rng.choice(ahead)
+            hits += 1
+            if hits % 2:
+                gone.add(victim.request_id)
+                engine.abort_request(victim.request_id)
+            else:  # recompute preemption from outside the step: it starts over later
+                engine.scheduler.policy.mode = "recompute"
+                engine.scheduler._preempt(victim)
+                engine.scheduler.policy.mode = "auto"
+            next_launch = len(launched)
+            step()
+            assert len(launched) == next_launch or victim.request_id not in launched[next_launch]
+    assert hits >= 2
+    for i, rid in enumerate(ids):
+        if rid not in gone:
+            assert got[rid] == want[i], rid
+    assert engine.kv.num_free_blocks == 40 and not engine.swap.has_in_flight()
