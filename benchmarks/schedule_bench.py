@@ -51,6 +51,7 @@ def bench(policy: str, num_running: int, num_waiting: int, warmup: int, steps: i
             if req.num_computed_tokens == req.num_tokens:
                 req.token_ids.append(2)
         t2 = time.perf_counter()
+        sched.on_launch(out)
         sched.update(out)
         return (t1 - t0) + (time.perf_counter() - t2), len(out.preempted)
 

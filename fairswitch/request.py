@@ -67,6 +67,9 @@ class Request:
     starving: bool = False
     num_charged_prompt_tokens: int = 0
     num_charged_output_tokens: int = 0
+    # Async scheduling: the token its launched step is computing ends it by length, so the
+    # step scheduled meanwhile neither runs it nor preempts it (engine.py, _step_ahead).
+    finishing: bool = False
     # Chained hashes of its full blocks computed so far (prefix_cache.block_hashes extends them;
     # tokens are only ever appended, so they stay valid).
     block_hashes: list[int] = field(default_factory=list)

@@ -25,6 +25,7 @@ def make_llm(async_scheduling: bool, **kwargs) -> LLM:
 
 
 def test_on_by_default_and_off_with_synchronous_swaps():
+    assert LLM(num_gpu_blocks=512).engine._schedule_ahead
     assert make_llm(True).engine._schedule_ahead
     assert not make_llm(False).engine._schedule_ahead
     assert not make_llm(True, async_swap=False).engine._schedule_ahead
@@ -97,7 +98,10 @@ def test_a_request_that_stops_is_not_run_again():
     engine.output_processor.eos_token_ids = {eos}
     rid = engine.add_request(PROMPTS[1], SamplingParams(max_tokens=8, temperature=0.0))
     other = engine.add_request(PROMPTS[0], SamplingParams(max_tokens=6, ignore_eos=True))
-    seen, done = [], {}
+    seen, done, launches = [], {}, []
+    launch = engine.runner.launch
+    engine.runner.launch = lambda sched, *a, **k: (
+        launches.append([r.request_id for r, _ in sched.scheduled]), launch(sched, *a, **k))[1]
     while engine.has_unfinished_requests():
         for out in engine.step():
             seen.append(out.request_id)
@@ -108,6 +112,9 @@ def test_a_request_that_stops_is_not_run_again():
     assert done[rid].token_ids == ids[:ids.index(eos) + 1]
     assert done[rid].finish_reason == "stop"
     assert seen.count(rid) == ids.index(eos) + 1 and len(done[other].token_ids) == 6
+    # Launched for its prompt and each decode up to the stop: the step scheduled ahead while
+    # the stopping token was computed lost it before its launch.
+    assert sum(rid in ids for ids in launches) == ids.index(eos) + 1
     engine.check_accounting()
     assert engine.kv.num_free_blocks == 512
 
@@ -147,18 +154,80 @@ def test_aborts_and_preemptions_between_steps_never_reach_the_device():
         if ahead and rng.random() < 0.3:
             victim = rng.choice(ahead)
             hits += 1
+            next_launch = len(launched)
             if hits % 2:
                 gone.add(victim.request_id)
                 engine.abort_request(victim.request_id)
-            else:  # recompute preemption from outside the step: it starts over later
+                step()
+                assert all(victim.request_id not in ids for ids in launched[next_launch:])
+            else:  # recompute preemption from outside the step: it starts over (a fresh schedule
+                # may take it back at once; recording_launch checks it runs only as RUNNING)
                 engine.scheduler.policy.mode = "recompute"
                 engine.scheduler._preempt(victim)
                 engine.scheduler.policy.mode = "auto"
-            next_launch = len(launched)
-            step()
-            assert len(launched) == next_launch or victim.request_id not in launched[next_launch]
+                step()
     assert hits >= 2
     for i, rid in enumerate(ids):
         if rid not in gone:
             assert got[rid] == want[i], rid
     assert engine.kv.num_free_blocks == 40 and not engine.swap.has_in_flight()
+
+
+def test_a_request_at_its_length_limit_is_neither_scheduled_ahead_nor_preempted():
+    """While the token that ends a request by max_tokens is computed, the step scheduled ahead
+    leaves it out (no block for a token it will never have) and never picks it as a victim."""
+    llm = make_llm(True, num_gpu_blocks=16, block_size=4, max_model_len=48, swap_space=0.01,
+                   growth_headroom=0)
+    engine = llm.engine
+    schedule, finishing_seen = engine.scheduler.schedule, []
+
+    def checked_schedule():
+        out = schedule()
+        finishing = [r for r in engine.scheduler.running if r.finishing]
+        finishing_seen.extend(finishing)
+        assert not any(r.finishing for r, _ in out.scheduled)
+        assert not any(r.finishing for r in out.preempted)
+        return out
+
+    engine.scheduler.schedule = checked_schedule
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+              for n in (1, 3, 5, 9, 14, 20) * 2]
+    prompts = [PROMPTS[i % 4] for i in range(len(params))]
+    want = tokens(make_llm(False).generate(prompts, params, use_tqdm=False))
+    assert tokens(llm.generate(prompts, params, use_tqdm=False)) == want
+    assert finishing_seen and engine.scheduler.num_preemptions > 0
+    assert not any(r.finishing for r in finishing_seen)  # cleared once their tokens came back
+    engine.check_accounting()
+
+
+def test_a_step_that_raises_after_its_launch_leaves_the_engine_steppable():
+    """An error while the step is in flight (here from before_wait) loses that step's tokens,
+    not the requests: the next steps compute them again and every request ends as without it."""
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    prompts = PROMPTS * 3
+    want = tokens(make_llm(False).generate(prompts, params, use_tqdm=False))
+    llm = make_llm(True, num_gpu_blocks=16, block_size=4, max_model_len=48, swap_space=0.01,
+                   growth_headroom=0)
+    engine = llm.engine
+    ids = [engine.add_request(p, params) for p in prompts]
+    got, raised, step = {}, 0, 0
+
+    def fail():
+        raise KeyboardInterrupt
+
+    while engine.has_unfinished_requests():
+        step += 1
+        try:
+            outs = engine.step(before_wait=fail if step % 3 == 2 else None)
+        except KeyboardInterrupt:
+            raised += 1
+            assert engine._ahead is None
+            outs = []
+        for out in outs:
+            if out.finished:
+                got[out.request_id] = out.outputs[0].token_ids
+        assert all(PLACEHOLDER_TOKEN not in r.token_ids and not r.finishing
+                   for r in engine.requests.values())
+        engine.check_accounting()
+    assert raised >= 2 and engine.scheduler.num_preemptions > 0
+    assert [got[i] for i in ids] == want

@@ -69,6 +69,7 @@ class Harness:
                     req.status = RequestStatus.FINISHED_LENGTH
                     self.sched.finish(req)
                     self.finished.append(req)
+        self.sched.on_launch(out)
         self.sched.update(out)
         self.kv.pool.check()  # never over-committed, never double-owned
         if self.sched.swap is not None:

@@ -32,7 +32,7 @@ from fairswitch.outputs import RequestOutput
 from fairswitch.request import Request, RequestStatus
 from fairswitch.runner.attention import get_attention_backend
 from fairswitch.runner.jit_watch import JIT_CLOCK
-from fairswitch.runner.model_runner import GraphPlan, ModelRunner
+from fairswitch.runner.model_runner import GraphPlan, ModelRunner, PendingStep
 from fairswitch.sampling_params import SamplingParams
 from fairswitch.scheduler.scheduler import Scheduler, SchedulerOutput
 
@@ -308,19 +308,21 @@ class Engine:
               -> placeholders become the tokens -> outputs; N+1 loses requests N finished
 
         N+1 is launched by the next call, so between calls no placeholder exists and adds and
-        aborts act on settled state (an abort also drops the request from N+1). A request that
-        N finishes by EOS or a stop string was scheduled in N+1 for nothing; swap copies
+        aborts act on settled state (an abort also drops the request from N+1). A request whose
+        token in N reaches its length limit is left out of N+1 (``Request.finishing``); one that
+        N finishes by EOS or a stop string was scheduled in N+1 for nothing. Swap copies
         submitted while N runs are ordered after it on the device (the copy backends wait for
-        the compute stream), since N may still write the blocks they read or reuse.
+        the compute stream), since N may still write the blocks they read or reuse. If the step
+        raises after its launch, ``_abandon`` puts its requests back as they were before it.
         """
         t0 = time.perf_counter()
         clocks = self._clocks()
         sched, self._ahead = self._ahead, None
-        if sched is None:  # nothing scheduled ahead (start, or after an idle step)
-            sched = self.scheduler.schedule()
-        elif any(r.status != RequestStatus.RUNNING for r, _ in sched.scheduled):
+        if sched is not None and any(r.status != RequestStatus.RUNNING for r, _ in sched.scheduled):
             # Preempted since it was scheduled (from outside the scheduler's step): not run.
             self._drop_from_ahead(sched, lambda r: r.status != RequestStatus.RUNNING)
+        if sched is None or not sched.scheduled:  # nothing ahead: start, idle, or all finished
+            sched = self.scheduler.schedule()
         if not sched.scheduled:
             return []
         t1 = time.perf_counter()
@@ -328,14 +330,18 @@ class Engine:
         self._advance(sched)
         for req in pending.requests:
             req.token_ids.append(PLACEHOLDER_TOKEN)
-        ta = time.perf_counter()
-        self._ahead = self.scheduler.schedule()
-        ahead_s = time.perf_counter() - ta
-        if before_wait is not None:
-            before_wait()
-        sampled = self.runner.collect(pending)
-        for req in pending.requests:
-            req.token_ids.pop()
+            req.finishing = self.output_processor.at_length_limit(req)
+        try:
+            ta = time.perf_counter()
+            self._ahead = self.scheduler.schedule()
+            ahead_s = time.perf_counter() - ta
+            if before_wait is not None:
+                before_wait()
+            sampled = self.runner.collect(pending)
+        except BaseException:
+            self._abandon(sched, pending)
+            raise
+        self._settle(pending)
         t2 = time.perf_counter()
         self._observe_prefill(sched, t2 - t1)
         outputs = self._outputs(sched, sampled)
@@ -343,9 +349,30 @@ class Engine:
         self._account(sched, clocks, t0, t1, t2, t3, ahead_s)
         return outputs
 
+    @staticmethod
+    def _settle(pending: PendingStep) -> None:
+        """The launched step's tokens are back (or lost): its placeholders go."""
+        for req in pending.requests:
+            if req.token_ids and req.token_ids[-1] == PLACEHOLDER_TOKEN:
+                req.token_ids.pop()
+            req.finishing = False
+
+    def _abandon(self, sched: SchedulerOutput, pending: PendingStep) -> None:
+        """A step raised after its launch (while scheduling ahead, handing outputs over or
+        waiting): its tokens are lost, so its requests go back to where they were before it (the
+        KV it wrote is computed again) and nothing stays scheduled ahead. The engine can step on.
+        """
+        self._settle(pending)
+        self._ahead = None
+        for req, n in sched.scheduled:
+            req.num_computed_tokens = max(0, req.num_computed_tokens - n)
+            req.num_cpu_tokens = min(req.num_cpu_tokens, req.num_computed_tokens)
+
     def _advance(self, sched: SchedulerOutput) -> None:
+        """The step is launched: its tokens count as computed, its requests as run once more."""
         for req, n in sched.scheduled:
             req.num_computed_tokens += n
+        self.scheduler.on_launch(sched)
 
     def _outputs(self, sched: SchedulerOutput, sampled: dict[Request, int]) -> list[RequestOutput]:
         """Append the sampled tokens, finish the requests that stop, charge the service."""

@@ -57,8 +57,13 @@ class OutputProcessor:
             delta = state.detokenizer.add(token_id)
             if delta and self._check_stop_strings(request, state, delta):
                 return
-        if request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.max_model_len:
+        if self.at_length_limit(request):
             request.status = RequestStatus.FINISHED_LENGTH
+
+    def at_length_limit(self, request: Request) -> bool:
+        """Has the request as many tokens as it may have (``max_tokens``, ``max_model_len``)?"""
+        return (request.num_output_tokens >= request.sampling_params.max_tokens
+                or request.num_tokens >= self.max_model_len)
 
     @staticmethod
     def _check_stop_strings(request: Request, state: _TextState, delta: str) -> bool:

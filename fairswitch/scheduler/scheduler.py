@@ -110,11 +110,18 @@ class Scheduler:
         out.num_batched_tokens = sum(n for _, n in out.scheduled)
         return out
 
-    def update(self, out: SchedulerOutput) -> None:
-        """After the step ran (computed tokens advanced, tokens appended): charge the service."""
+    def on_launch(self, out: SchedulerOutput) -> None:
+        """The step is launched: its requests have run one more step (``min_run_steps``, the
+        starvation bound), counted before the next step is scheduled."""
         min_run = max(1, self.config.min_run_steps)
         for req, _ in out.scheduled:
             req.num_run_steps += 1
+            if req.starving and req.num_run_steps >= min_run:
+                req.starving = False
+
+    def update(self, out: SchedulerOutput) -> None:
+        """After the step ran (computed tokens advanced, tokens appended): charge the service."""
+        for req, _ in out.scheduled:
             prompt = min(req.num_computed_tokens, req.num_prompt_tokens)
             num_in = max(0, prompt - req.num_charged_prompt_tokens)
             num_out = max(0, req.num_output_tokens - req.num_charged_output_tokens)
@@ -122,8 +129,6 @@ class Scheduler:
                 req.num_charged_prompt_tokens += num_in
                 req.num_charged_output_tokens += num_out
                 self.ranking.on_served(req, num_in, num_out)
-            if req.starving and req.num_run_steps >= min_run:
-                req.starving = False
 
     # ---- ranks ----------------------------------------------------------------------------
 
@@ -204,8 +209,8 @@ class Scheduler:
                 seats -= 1
                 free -= need
                 continue
-            victim = next((r for r in reversed(self.running)
-                           if r.num_run_steps >= min_run and not r.starving), None)
+            victim = next((r for r in reversed(self.running) if r.num_run_steps >= min_run
+                           and not r.starving and not r.finishing), None)
             if victim is None or not self._outranks(cand, victim):
                 break
             free += len(victim.block_table)
@@ -246,14 +251,15 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            if id(req) in scheduled:
+            if id(req) in scheduled or req.finishing:  # its last token is being computed
                 i += 1
                 continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             while not self.kv.allocate_slots(req, n):
                 if self.swap is not None and self.swap.reclaim_in_flight():
                     continue  # blocks held by copies came back: no victim needed yet
-                victim = self.running[-1]  # the lowest ranked (sorted at the start of the step)
+                # The lowest ranked (sorted at the start of the step) that will run again.
+                victim = next(r for r in reversed(self.running) if not r.finishing or r is req)
                 if id(victim) in scheduled:  # a resumed request scheduled earlier this step
                     k = next(k for k, (r, _) in enumerate(out.scheduled) if r is victim)
                     budget += out.scheduled.pop(k)[1]
