@@ -20,12 +20,15 @@ def tokens(outs):
 
 
 def make_llm(async_scheduling: bool, **kwargs) -> LLM:
-    return LLM(num_gpu_blocks=kwargs.pop("num_gpu_blocks", 512),
+    # On the CPU in float32 wherever the tests run: they compare tokens between engines whose
+    # batches differ, which bfloat16 on a GPU does not keep bit-exact (test_gpu.py checks
+    # preemption with async scheduling on CUDA in float32).
+    return LLM(num_gpu_blocks=kwargs.pop("num_gpu_blocks", 512), device="cpu",
                async_scheduling=async_scheduling, **kwargs)
 
 
 def test_on_by_default_and_off_with_synchronous_swaps():
-    assert LLM(num_gpu_blocks=512).engine._schedule_ahead
+    assert LLM(num_gpu_blocks=512, device="cpu").engine._schedule_ahead
     assert make_llm(True).engine._schedule_ahead
     assert not make_llm(False).engine._schedule_ahead
     assert not make_llm(True, async_swap=False).engine._schedule_ahead
