@@ -318,8 +318,7 @@ class Engine:
         t0 = time.perf_counter()
         clocks = self._clocks()
         sched, self._ahead = self._ahead, None
-        if sched is not None and any(r.status != RequestStatus.RUNNING for r, _ in sched.scheduled):
-            # Preempted since it was scheduled (from outside the scheduler's step): not run.
+        if sched is not None:  # preempted since it was scheduled (from outside the step): not run
             self._drop_from_ahead(sched, lambda r: r.status != RequestStatus.RUNNING)
         if sched is None or not sched.scheduled:  # nothing ahead: start, idle, or all finished
             sched = self.scheduler.schedule()
@@ -399,13 +398,15 @@ class Engine:
         """Remove a finished or aborted request from the scheduler and the step scheduled
         ahead."""
         self.scheduler.finish(req)
-        if self._ahead is not None and any(r is req for r, _ in self._ahead.scheduled):
+        if self._ahead is not None:
             self._drop_from_ahead(self._ahead, lambda r: r is req)
 
     @staticmethod
     def _drop_from_ahead(sched: SchedulerOutput, drop: Callable[[Request], bool]) -> None:
-        sched.scheduled = [(r, n) for r, n in sched.scheduled if not drop(r)]
-        sched.num_batched_tokens = sum(n for _, n in sched.scheduled)
+        kept = [(r, n) for r, n in sched.scheduled if not drop(r)]
+        if len(kept) < len(sched.scheduled):
+            sched.scheduled = kept
+            sched.num_batched_tokens = sum(n for _, n in kept)
 
     def _clocks(self) -> tuple[float, float, float] | None:
         """The clocks a step-log row reads, at the step's start."""
