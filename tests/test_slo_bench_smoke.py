@@ -80,7 +80,9 @@ def test_fairness_bench_smoke(tmp_path, monkeypatch, scheduling):
         assert r["windows"] and set(r["windows"][0]["service"]) == {"client-0", "client-1"}
     # Everyone arrives at once: both clients are backlogged together, so VTC's own measure
     # (clients backlogged the whole window) exists; the claim is FCFS's over VTC's unless VTC's
-    # is 0 (no ratio: no claim). The any-time measure sits beside it.
+    # is 0 (no ratio: no claim). The any-time measure sits beside it. On this tiny trace the
+    # windows hold a few tokens each and wall-clock timing decides which, so either policy can
+    # come out ahead: FCFS's difference can be 0 (a claim of 0x), never negative.
     figures = result["figures"]
     fcfs_diff = rows["fcfs"]["max_service_diff_continuous"]
     vtc_diff = rows["vtc"]["max_service_diff_continuous"]
@@ -89,11 +91,12 @@ def test_fairness_bench_smoke(tmp_path, monkeypatch, scheduling):
         assert result["claims"] == [] and figures["continuous_diff_ratio_fcfs_over_vtc"] is None
     else:
         (claim,) = result["claims"]
-        assert claim["name"] == "vtc_service_diff_reduction_vs_fcfs" and claim["value"] > 0
+        assert claim["name"] == "vtc_service_diff_reduction_vs_fcfs" and claim["value"] >= 0
         assert claim["value"] == fcfs_diff / vtc_diff
         assert figures["continuous_diff_ratio_fcfs_over_vtc"] == claim["value"]
-    assert figures["any_time_diff_ratio_fcfs_over_vtc"] == (rows["fcfs"]["max_service_diff"]
-                                                            / rows["vtc"]["max_service_diff"])
+    any_fcfs, any_vtc = rows["fcfs"]["max_service_diff"], rows["vtc"]["max_service_diff"]
+    assert figures["any_time_diff_ratio_fcfs_over_vtc"] == (any_fcfs / any_vtc if any_vtc
+                                                            else None)
 
 
 def test_load_sweep_compares_engines_at_every_point(tmp_path, monkeypatch, capsys):
