@@ -145,8 +145,8 @@ class SchedulerConfig:
         20000.0, "prefill throughput the recompute cost model starts from (tokens/s); then a "
         "moving average of the engine's prefill-heavy steps")
     async_scheduling: bool = _opt(
-        True, "schedule the next step while the GPU runs this one (its requests' new tokens "
-        "stand in as placeholders until sampled); applies with asynchronous swaps only: with "
+        True, "schedule and launch the next step while the GPU runs this one (its requests' new "
+        "tokens stand in as placeholders, read on the device); applies with asynchronous swaps only: with "
         "synchronous ones (--baseline, --no-async-swap) every step runs its phases in turn")
     policy: str = _opt(
         "fcfs", "who runs first: fcfs, priority (per-request, lower first), vtc (per-client "

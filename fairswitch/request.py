@@ -19,6 +19,11 @@ from fairswitch.outputs import RequestMetrics
 from fairswitch.sampling_params import SamplingParams
 
 
+# Stands in ``token_ids`` for a token its launched step has not returned yet (async scheduling,
+# engine.py); a step launched behind that one reads it from the device (model_runner.py).
+PLACEHOLDER_TOKEN = -1
+
+
 class RequestStatus(enum.IntEnum):
     WAITING = 0
     RUNNING = 1
@@ -68,7 +73,7 @@ class Request:
     num_charged_prompt_tokens: int = 0
     num_charged_output_tokens: int = 0
     # Async scheduling: the token its launched step is computing ends it by length, so the
-    # step scheduled meanwhile neither runs it nor preempts it (engine.py, _step_ahead).
+    # step scheduled meanwhile neither runs it nor preempts it (engine.py, _step_pipelined).
     finishing: bool = False
     # Chained hashes of its full blocks computed so far (prefix_cache.block_hashes extends them;
     # tokens are only ever appended, so they stay valid).

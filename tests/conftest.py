@@ -107,11 +107,12 @@ def _hf_model(model_dir: Path, dtype, device):
 def run_logged(inside_each_step, max_tokens: int):
     """A tiny engine with a step log serves one request of ``max_tokens`` tokens to the end,
     calling ``inside_each_step()`` inside every model step; returns the engine, its step log
-    and its switch metrics from before serving."""
+    and its switch metrics from before serving. Its steps run in turn (no async scheduling), so
+    each step-log row holds exactly one launch."""
     from fairswitch import LLM, SamplingParams
     from fairswitch.engine.step_log import StepLog
 
-    engine = LLM(num_gpu_blocks=32, block_size=4, max_model_len=64).engine
+    engine = LLM(num_gpu_blocks=32, block_size=4, max_model_len=64, async_scheduling=False).engine
     engine.step_log = log = StepLog()
     launch = engine.runner.launch  # every step launches (execute = launch + collect)
 

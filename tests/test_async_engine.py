@@ -138,21 +138,21 @@ def test_cancelled_add_neither_kills_the_engine_nor_leaks(engine):
 
 @pytest.mark.parametrize("async_scheduling", [True, False])
 def test_outputs_go_out_in_one_batch_while_the_next_step_runs(async_scheduling):
-    """A step's outputs reach the event loop in one hand-over, made once the next step is
-    launched and before the engine waits for it; the last step's when nothing is left to run.
-    With async scheduling the engine makes the hand-over itself after launching (and
-    scheduling ahead); without, the runner does, from inside the launch."""
+    """A step's outputs reach the event loop in one hand-over, made while a later step runs on
+    the device; the last step's when nothing is left to run. Without async scheduling the runner
+    makes it from inside the next step's launch; with it, the engine hands them over as soon as
+    it returns them, the next step being launched already."""
     eng = AsyncEngine.from_config(EngineConfig.from_kwargs(
         num_gpu_blocks=NUM_BLOCKS, async_scheduling=async_scheduling))
     events: list = []
     runner, real_deliver = eng.engine.runner, eng._deliver
     real_launch, real_collect = runner.launch, runner.collect
 
-    def launch(sched, before_wait=None):
+    def launch(sched, before_wait=None, *args):
         def launched():
             events.append("launched")
             before_wait()
-        pending = real_launch(sched, launched if before_wait is not None else None)
+        pending = real_launch(sched, launched if before_wait is not None else None, *args)
         if before_wait is None and pending.requests:
             events.append("launched")
         return pending
@@ -192,8 +192,10 @@ def test_outputs_go_out_in_one_batch_while_the_next_step_runs(async_scheduling):
     steps_with_tokens = events.count("launched")
     assert len(delivered) <= steps_with_tokens + 1  # one hand-over per step, not per request
     *during, (last, _) = delivered
-    assert during and all(events[i - 1] == "launched" for i, _ in during)
-    assert events[last - 1] == "returned"  # the final outputs: after the last step
+    # Steps launched and not yet returned when each hand-over was made.
+    in_flight = [events[:i].count("launched") - events[:i].count("returned") for i, _ in delivered]
+    assert during and all(n > 0 for n in in_flight[:-1])
+    assert in_flight[-1] == 0 and events[last - 1] == "returned"  # the final outputs: at the end
     # One callback into the loop per hand-over, carrying all of it (not one per output).
     token_handovers = [n for n in handovers if n is not None]
     assert token_handovers == [n for _, n in delivered]

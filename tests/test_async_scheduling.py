@@ -1,6 +1,8 @@
-"""Async scheduling (engine.py ``_step_ahead``): the next step is scheduled while the current one
-runs. Same tokens as scheduling in turn; requests that stop are not run again; aborts and
-preemptions between steps never reach the device; no placeholder token ever leaves a step."""
+"""Async scheduling (engine.py ``_step_pipelined``): the next step is scheduled and launched
+before the current one's tokens are waited for, its inputs that the current one samples copied
+over on the device. Same tokens as scheduling in turn; a request that stops runs at most one step
+more; aborts and preemptions between steps lose nothing; no placeholder token ever leaves the
+engine, and between steps placeholders stand only for tokens of the step in flight."""
 
 from __future__ import annotations
 
@@ -28,26 +30,57 @@ def make_llm(async_scheduling: bool, **kwargs) -> LLM:
 
 
 def test_on_by_default_and_off_with_synchronous_swaps():
-    assert LLM(num_gpu_blocks=512, device="cpu").engine._schedule_ahead
-    assert make_llm(True).engine._schedule_ahead
-    assert not make_llm(False).engine._schedule_ahead
-    assert not make_llm(True, async_swap=False).engine._schedule_ahead
-    assert not make_llm(True, baseline=True).engine._schedule_ahead
+    assert LLM(num_gpu_blocks=512, device="cpu").engine._pipelined
+    assert make_llm(True).engine._pipelined
+    assert not make_llm(False).engine._pipelined
+    assert not make_llm(True, async_swap=False).engine._pipelined
+    assert not make_llm(True, baseline=True).engine._pipelined
 
 
-def test_schedules_the_next_step_between_launch_and_wait():
+def in_flight_requests(engine):
+    step = engine._in_flight
+    return step.pending.requests if step is not None else []
+
+
+def assert_placeholders_only_in_flight(engine):
+    """Between steps, a placeholder ends exactly the requests the step in flight samples."""
+    flying = {id(r) for r in in_flight_requests(engine)}
+    for r in engine.requests.values():
+        n = r.token_ids.count(PLACEHOLDER_TOKEN)
+        assert n == (id(r) in flying), r.request_id
+        assert not n or r.token_ids[-1] == PLACEHOLDER_TOKEN
+        assert r.num_computed_tokens < r.num_tokens or not n
+
+
+def test_launches_the_next_step_before_waiting_for_this_one():
+    """Each call schedules and launches the next step behind the one in flight, hands over
+    (before_wait, called by the runner once the launch is queued) and only then waits; the next
+    step is launched behind the previous one, whose tokens it reads on the device."""
     llm = make_llm(True)
-    engine, events = llm.engine, []
+    engine, events, afters = llm.engine, [], []
     runner, scheduler = engine.runner, engine.scheduler
     launch, collect, schedule = runner.launch, runner.collect, scheduler.schedule
-    runner.launch = lambda *a, **k: (events.append("launch"), launch(*a, **k))[1]
+
+    def recording_launch(sched, before_wait=None, after=None):
+        events.append("launch")
+        afters.append(after)
+        pending = launch(sched, before_wait, after)
+        launched.append(pending)
+        return pending
+
+    launched: list = []
+    runner.launch = recording_launch
     runner.collect = lambda *a, **k: (events.append("collect"), collect(*a, **k))[1]
     scheduler.schedule = lambda: (events.append("schedule"), schedule())[1]
-    engine.add_request(PROMPTS[0], SamplingParams(max_tokens=3, ignore_eos=True))
-    for _ in range(3):
-        engine.step(before_wait=lambda: events.append("before_wait"))
-    cycle = ["launch", "schedule", "before_wait", "collect"]
-    assert events == ["schedule"] + cycle * 3  # only the first step is scheduled in turn
+    rid = engine.add_request(PROMPTS[0], SamplingParams(max_tokens=3, ignore_eos=True))
+    outs = [engine.step(before_wait=lambda: events.append("before_wait")) for _ in range(3)]
+    assert events == (["schedule", "launch"]  # nothing in flight yet: the prompt's step
+                      + ["schedule", "launch", "before_wait", "collect"] * 2
+                      # at its length limit: nothing to launch behind the last token's step
+                      + ["schedule", "before_wait", "collect"])
+    assert afters == [None, launched[0], launched[1]]  # each behind the one before
+    assert [len(o[0].outputs[0].token_ids) for o in outs] == [1, 2, 3]
+    assert outs[-1][0].finished and rid not in engine.requests and not engine.step_in_flight
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -89,9 +122,9 @@ def test_same_tokens_as_scheduling_in_turn(seed):
     assert {r for _, _, r in runs[True]} == {"stop", "length"}
 
 
-def test_a_request_that_stops_is_not_run_again():
-    """The step scheduled ahead loses a request its running step finished (here by EOS): the
-    request gets no token past its stop and its blocks come back."""
+def test_a_request_that_stops_runs_one_step_more_at_most():
+    """A request that a step ends by EOS was launched once more behind it (its stop was not
+    known yet); that token is dropped, it is never launched again and its blocks come back."""
     llm = make_llm(True)
     engine = llm.engine
     first = llm.generate(PROMPTS[1], SamplingParams(max_tokens=4, temperature=0.0,
@@ -110,21 +143,21 @@ def test_a_request_that_stops_is_not_run_again():
             seen.append(out.request_id)
             if out.finished:
                 done[out.request_id] = out.outputs[0]
-        ahead = engine._ahead
-        assert ahead is None or all(not r.is_finished for r, _ in ahead.scheduled)
+        assert_placeholders_only_in_flight(engine)
     assert done[rid].token_ids == ids[:ids.index(eos) + 1]
     assert done[rid].finish_reason == "stop"
     assert seen.count(rid) == ids.index(eos) + 1 and len(done[other].token_ids) == 6
-    # Launched for its prompt and each decode up to the stop: the step scheduled ahead while
-    # the stopping token was computed lost it before its launch.
-    assert sum(rid in ids for ids in launches) == ids.index(eos) + 1
+    # Launched for its prompt, each decode up to the stop, and once behind the stopping step.
+    assert sum(rid in ids for ids in launches) == ids.index(eos) + 2
     engine.check_accounting()
     assert engine.kv.num_free_blocks == 512
 
 
-def test_aborts_and_preemptions_between_steps_never_reach_the_device():
-    """A request scheduled ahead and then aborted, or preempted by a caller of the scheduler, is
-    not launched; the survivors' tokens are those of a run without either."""
+def test_aborts_and_preemptions_between_steps_lose_nothing():
+    """A request in the step in flight that is aborted, or preempted by a caller of the
+    scheduler (it starts over: its prompt and tokens prefill again, the last one read from the
+    step in flight), between steps: the aborted one is never launched again, and every other
+    request's tokens are those of a run without either."""
     rng = random.Random(5)
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
     prompts = [PROMPTS[i % 4] * rng.randint(1, 2) for i in range(10)]
@@ -148,19 +181,21 @@ def test_aborts_and_preemptions_between_steps_never_reach_the_device():
             assert PLACEHOLDER_TOKEN not in out.outputs[0].token_ids
             if out.finished:
                 got[out.request_id] = out.outputs[0].token_ids
-        assert all(PLACEHOLDER_TOKEN not in r.token_ids for r in engine.requests.values())
+        assert_placeholders_only_in_flight(engine)
         engine.check_accounting()
 
     while engine.has_unfinished_requests():
         step()
-        ahead = [r for r, _ in engine._ahead.scheduled] if engine._ahead else []
-        if ahead and rng.random() < 0.3:
-            victim = rng.choice(ahead)
+        flying = [r for r in in_flight_requests(engine) if not r.is_finished]
+        if flying and rng.random() < 0.4:
+            victim = rng.choice(flying)
             hits += 1
             next_launch = len(launched)
             if hits % 2:
                 gone.add(victim.request_id)
-                engine.abort_request(victim.request_id)
+                out = engine.abort_request(victim.request_id)
+                assert PLACEHOLDER_TOKEN not in out.outputs[0].token_ids
+                assert PLACEHOLDER_TOKEN not in victim.token_ids
                 step()
                 assert all(victim.request_id not in ids for ids in launched[next_launch:])
             else:  # recompute preemption from outside the step: it starts over (a fresh schedule
@@ -169,16 +204,50 @@ def test_aborts_and_preemptions_between_steps_never_reach_the_device():
                 engine.scheduler._preempt(victim)
                 engine.scheduler.policy.mode = "auto"
                 step()
-    assert hits >= 2
+    assert hits >= 3
     for i, rid in enumerate(ids):
         if rid not in gone:
             assert got[rid] == want[i], rid
     assert engine.kv.num_free_blocks == 40 and not engine.swap.has_in_flight()
 
 
+def test_a_restarted_prompt_ends_in_the_token_the_step_in_flight_samples():
+    """Preempted (recompute) while its next token is in flight, a request is taken back at once:
+    the prefill of its prompt and tokens is launched behind that step and reads the token from
+    it on the device. Its output is that of a run without the preemption."""
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    want = tokens(make_llm(False).generate([PROMPTS[2]], params, use_tqdm=False))
+    engine = make_llm(True).engine
+    rid = engine.add_request(PROMPTS[2], params)
+    feeds, launch = [], engine.runner.launch
+
+    def recording_launch(sched, *args, **kwargs):
+        pending = launch(sched, *args, **kwargs)
+        feeds.append([(n, r.token_ids[r.num_computed_tokens + n - 1] == PLACEHOLDER_TOKEN)
+                      for r, n in sched.scheduled])
+        return pending
+
+    engine.runner.launch = recording_launch
+    outs = engine.step()
+    assert len(outs[0].outputs[0].token_ids) == 1 and engine.step_in_flight
+    req = engine.requests[rid]
+    engine.scheduler.policy.mode = "recompute"
+    engine.scheduler._preempt(req)
+    engine.scheduler.policy.mode = "auto"
+    assert req.num_computed_tokens == 0 and req.token_ids[-1] == PLACEHOLDER_TOKEN
+    last = None
+    while engine.has_unfinished_requests():
+        last = engine.step() or last
+    prompt_len = len(req.prompt_token_ids)
+    # prompt; first decode (reads token 1 from the prompt's step); the restarted prefill of the
+    # prompt + token 1 + token 2 (read from the decode step in flight)
+    assert feeds[:3] == [[(prompt_len, False)], [(1, True)], [(prompt_len + 2, True)]]
+    assert [last[0].outputs[0].token_ids] == want
+
+
 def test_a_request_at_its_length_limit_is_neither_scheduled_ahead_nor_preempted():
-    """While the token that ends a request by max_tokens is computed, the step scheduled ahead
-    leaves it out (no block for a token it will never have) and never picks it as a victim."""
+    """While the token that ends a request by max_tokens is computed, the step scheduled behind
+    it leaves it out (no block for a token it will never have) and never picks it as a victim."""
     llm = make_llm(True, num_gpu_blocks=16, block_size=4, max_model_len=48, swap_space=0.01,
                    growth_headroom=0)
     engine = llm.engine
@@ -224,13 +293,14 @@ def test_a_step_that_raises_after_its_launch_leaves_the_engine_steppable():
             outs = engine.step(before_wait=fail if step % 3 == 2 else None)
         except KeyboardInterrupt:
             raised += 1
-            assert engine._ahead is None
+            assert not engine.step_in_flight
+            assert all(PLACEHOLDER_TOKEN not in r.token_ids and not r.finishing
+                       for r in engine.requests.values())
             outs = []
         for out in outs:
             if out.finished:
                 got[out.request_id] = out.outputs[0].token_ids
-        assert all(PLACEHOLDER_TOKEN not in r.token_ids and not r.finishing
-                   for r in engine.requests.values())
+        assert_placeholders_only_in_flight(engine)
         engine.check_accounting()
     assert raised >= 2 and engine.scheduler.num_preemptions > 0
     assert [got[i] for i in ids] == want

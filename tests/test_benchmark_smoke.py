@@ -90,8 +90,8 @@ def test_async_overhead_smoke(tmp_path, monkeypatch):
     for r in rows:
         # 6 tokens each: after the prompt step, 5 decode steps of the whole batch, so 4 periods
         # between their starts; streamed, an add may miss the first step (adds travel to the
-        # engine thread), or two with async scheduling (the step in flight and the one already
-        # scheduled ahead), which leaves 3 or 2.
+        # engine thread), or two with async scheduling (the step in flight and the one launched
+        # behind it), which leaves 3 or 2.
         assert r["direct"]["steps"] == 4
         assert r["async"]["steps"] in (2, 3, 4) and r["http"]["steps"] in (2, 3, 4)
     claims = {c["name"]: c["value"] for c in result["claims"]}

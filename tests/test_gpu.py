@@ -157,12 +157,15 @@ def test_gpu_memory_utilization_covers_the_cuda_graphs():
 def test_preemption_on_gpu_keeps_outputs(copy_backend, mode, early, llama_dir):
     """Forced preemption with async swap copies (CUDA streams / CuPy) leaves greedy outputs and
     the pools unchanged; with ``early``, resumed requests run in the step their swap-in is
-    issued, the compute stream waiting on the copy's event."""
+    issued, the compute stream waiting on the copy's event. The reference runs its steps in
+    turn; the engine under test launches each step behind the one in flight (async scheduling,
+    graphed decode steps reading their inputs from it on the device)."""
     if copy_backend == "cupy":
         pytest.importorskip("cupy")
     prompts = [p * (i + 1) for i, p in enumerate(PROMPTS)]
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-    ref = LLM(model=str(llama_dir), device="cuda", dtype="float32", num_gpu_blocks=512)
+    ref = LLM(model=str(llama_dir), device="cuda", dtype="float32", num_gpu_blocks=512,
+              async_scheduling=False)
     want = [o.outputs[0].token_ids for o in ref.generate(prompts, params, use_tqdm=False)]
     llm = LLM(model=str(llama_dir), device="cuda", dtype="float32", num_gpu_blocks=12,
               block_size=8, max_model_len=96, preemption_mode=mode, swap_space=0.01,

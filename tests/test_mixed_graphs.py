@@ -110,7 +110,9 @@ def test_prefill_kernel_on_the_padded_layout_matches_the_reference():
 @pytest.mark.gpu
 def test_mixed_graphs_give_the_eager_tokens(tmp_path):
     """Greedy outputs of a batch whose steps mix prefills and decodes: identical with the
-    prefill/mixed graphs and without them (fp32, so no rounding differences)."""
+    prefill/mixed graphs and without them (fp32, so no rounding differences). Without them the
+    steps also run in turn; with them each is launched behind the one in flight (async
+    scheduling: graph inputs read from its tokens on the device)."""
     from fairswitch import LLM, SamplingParams
 
     prompts = [f"question {i}: " + "word " * (5 + 37 * i) for i in range(6)]
@@ -118,7 +120,8 @@ def test_mixed_graphs_give_the_eager_tokens(tmp_path):
     outs = {}
     for mixed in (False, True):
         llm = LLM(model="fairswitch-tiny", dtype="float32", max_num_seqs=8,
-                  max_num_batched_tokens=256, mixed_cuda_graphs=mixed, max_model_len=512)
+                  max_num_batched_tokens=256, mixed_cuda_graphs=mixed, max_model_len=512,
+                  async_scheduling=mixed)
         assert (llm.engine.runner.mixed_graphs is not None) == mixed
         outs[mixed] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
         del llm
@@ -133,7 +136,9 @@ def test_model_on_the_padded_layout_gives_the_eager_hidden_states():
     from fairswitch.runner.attention import AttentionMetadata
     from fairswitch.runner.input_batch import build_input_batch
 
-    llm = LLM(num_gpu_blocks=64, block_size=8, max_model_len=256, max_num_batched_tokens=64)
+    # Steps in turn: the step scheduled below by hand has no step in flight to read tokens from.
+    llm = LLM(num_gpu_blocks=64, block_size=8, max_model_len=256, max_num_batched_tokens=64,
+              async_scheduling=False)
     engine = llm.engine
     params = SamplingParams(max_tokens=8, ignore_eos=True)
     engine.add_request("a short one", params)

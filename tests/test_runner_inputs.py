@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fairswitch.config import EngineConfig
-from fairswitch.request import Request
+from fairswitch.request import PLACEHOLDER_TOKEN, Request
 from fairswitch.runner.attention import get_attention_backend
 from fairswitch.runner.cuda_graph import batch_buckets
 from fairswitch.runner.input_batch import build_input_batch
@@ -40,6 +40,47 @@ def test_input_batch_layout_decodes_first():
     assert b.prefill_block_tables.tolist() == [[7, 3, 9], [1, 5, 0]]
     assert b.sample_rows == [0, 6] and [r.request_id for r in b.sample_requests] == ["d", "p"]
     assert b.slot_mapping.dtype == np.int64 and b.decode_block_tables.dtype == np.int32
+
+
+def test_placeholder_inputs_are_listed_to_feed():
+    """A request's last token that is still a placeholder, as a decode's input or a prefill
+    chunk's last, is listed with its row; a chunk that stops short of it is not."""
+    ph = PLACEHOLDER_TOKEN
+    decode = _req("d", 5, 5, [2, 8], n_out=1)
+    decode.token_ids[-1] = ph
+    plain = _req("e", 5, 5, [4, 6], n_out=1)
+    restart = _req("r", 6, 0, [1, 5])
+    restart.token_ids.append(ph)
+    chunk = _req("c", 6, 0, [3, 7])
+    chunk.token_ids.append(ph)
+    b = build_input_batch([(plain, 1), (restart, 7), (decode, 1), (chunk, 4)], 4, ph)
+    assert b.feed_rows == [1, 8] and [r.request_id for r in b.feed_requests] == ["d", "r"]
+    assert b.input_ids[[1, 8]].tolist() == [ph, ph]
+    # Without a placeholder value nothing is listed (the serial engine never has one).
+    assert build_input_batch([(plain, 1)], 4).feed_rows == []
+
+
+def test_placeholder_inputs_need_the_step_that_samples_them():
+    from fairswitch.engine.llm import LLM
+    from fairswitch.runner.model_runner import PendingStep
+
+    runner = LLM(num_gpu_blocks=64, max_model_len=256, device="cpu").engine.runner
+    req = _req("d", 5, 5, [2, 8], n_out=1)
+    req.token_ids[-1] = PLACEHOLDER_TOKEN
+    batch = build_input_batch([(req, 1)], 4, PLACEHOLDER_TOKEN)
+    with pytest.raises(RuntimeError, match="no step in flight samples"):
+        runner._feed(batch, None)
+    with pytest.raises(RuntimeError, match="no step in flight samples"):
+        runner._feed(batch, PendingStep([_req("x", 3, 3, [1])], torch.tensor([7])))
+    other = _req("o", 3, 3, [1])
+    feed = runner._feed(batch, PendingStep([other, req], torch.tensor([7, 42])))
+    ids = torch.from_numpy(batch.input_ids.copy())
+    feed(ids)
+    assert ids.tolist() == [42]
+    batch.input_ids[0] = PLACEHOLDER_TOKEN  # a placeholder that is not a request's last token
+    batch.feed_rows, batch.feed_requests = [], []
+    with pytest.raises(RuntimeError, match="placeholders"):
+        runner._feed(batch, None)
 
 
 def test_graph_buckets_cover_every_batch_size():

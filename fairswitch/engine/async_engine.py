@@ -203,6 +203,8 @@ class AsyncEngine:
                 outputs = engine.step(before_wait=self._flush)
                 self._flush()  # this step had nothing to wait for: they go out now
                 self._pending = outputs
+                if engine.step_in_flight:  # the GPU already runs the next one: no need to wait
+                    self._flush()
         except BaseException as e:  # noqa: BLE001 - every waiting stream must hear of it
             logger.exception("engine step failed")
             self._error = e

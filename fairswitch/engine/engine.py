@@ -29,7 +29,7 @@ from fairswitch.kv.host_memory import pinned_empty
 from fairswitch.kv.swap_manager import SwapManager
 from fairswitch.model import loader
 from fairswitch.outputs import RequestOutput
-from fairswitch.request import Request, RequestStatus
+from fairswitch.request import PLACEHOLDER_TOKEN, Request, RequestStatus
 from fairswitch.runner.attention import get_attention_backend
 from fairswitch.runner.jit_watch import JIT_CLOCK
 from fairswitch.runner.model_runner import GraphPlan, ModelRunner, PendingStep
@@ -37,10 +37,6 @@ from fairswitch.sampling_params import SamplingParams
 from fairswitch.scheduler.scheduler import Scheduler, SchedulerOutput
 
 logger = logging.getLogger(__name__)
-
-# Stands in a request's token list for a token its launched step has not returned yet (async
-# scheduling): never an input, since the step that would read it is launched after the token is.
-PLACEHOLDER_TOKEN = -1
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -58,6 +54,23 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return _DTYPES[name]
+
+
+@dataclass
+@dataclass(slots=True)
+class LaunchedStep:
+    """A step launched with async scheduling, its tokens not collected yet."""
+    sched: SchedulerOutput
+    pending: PendingStep
+    launched_s: float  # perf_counter at its launch
+
+
+@dataclass(slots=True)
+class LaunchedStep:
+    """A step launched with async scheduling, its tokens not collected yet."""
+    sched: SchedulerOutput
+    pending: PendingStep
+    launched_s: float  # perf_counter at its launch
 
 
 @dataclass
@@ -131,9 +144,10 @@ class Engine:
         self._ids = itertools.count()
         self.stats = StepStats()
         self.step_log: StepLog | None = None  # set to record every step (step_log.py)
-        # Async scheduling: the next step, scheduled while this one ran (_step_ahead).
-        self._schedule_ahead = config.scheduler.async_scheduling and config.cache.async_swap
-        self._ahead: SchedulerOutput | None = None
+        # Async scheduling: steps are launched one ahead of their outputs (_step_pipelined).
+        self._pipelined = config.scheduler.async_scheduling and config.cache.async_swap
+        self._in_flight: LaunchedStep | None = None  # launched, tokens not collected yet
+        self._last_collected_s = 0.0
         JIT_CLOCK.serving = True
 
     def _swap_manager(self) -> SwapManager | None:
@@ -278,10 +292,11 @@ class Engine:
         ``before_wait`` runs while the GPU computes the step, before the host waits for its
         tokens; with synchronous swaps, whose copies scheduling waits for, before scheduling
         instead. With async scheduling (``SchedulerConfig.async_scheduling``, asynchronous swaps)
-        the next step is scheduled while this one runs: see ``_step_ahead``.
+        the next step is scheduled and launched before this one's tokens are waited for: see
+        ``_step_pipelined``.
         """
-        if self._schedule_ahead:
-            return self._step_ahead(before_wait)
+        if self._pipelined:
+            return self._step_pipelined(before_wait)
         t0 = time.perf_counter()
         if before_wait is not None and not self.config.cache.async_swap:
             before_wait()
@@ -300,72 +315,105 @@ class Engine:
         self._account(sched, clocks, t0, t1, t2, t3, 0.0)
         return outputs
 
-    def _step_ahead(self, before_wait: Callable[[], None] | None) -> list[RequestOutput]:
-        """One step with the next one scheduled while the GPU runs it:
+    def _step_pipelined(self, before_wait: Callable[[], None] | None) -> list[RequestOutput]:
+        """The outputs of step N, launched by the previous call, with N+1 launched behind it:
 
-            launch N -> advance N's requests (a placeholder for each token N samples)
-              -> schedule N+1 (overlaps the GPU) -> before_wait -> wait for N's tokens
-              -> placeholders become the tokens -> outputs; N+1 loses requests N finished
+            [N in flight] -> schedule N+1 (overlaps the GPU) -> launch N+1 (an input N samples
+              is copied from N's tokens on the device) -> before_wait -> wait for N's tokens
+              -> N's placeholders become its tokens -> outputs -> [N+1 in flight]
 
-        N+1 is launched by the next call, so between calls no placeholder exists and adds and
-        aborts act on settled state (an abort also drops the request from N+1). A request whose
-        token in N reaches its length limit is left out of N+1 (``Request.finishing``); one that
-        N finishes by EOS or a stop string was scheduled in N+1 for nothing. Swap copies
-        submitted while N runs are ordered after it on the device (the copy backends wait for
-        the compute stream), since N may still write the blocks they read or reuse. If the step
-        raises after its launch, ``_abandon`` puts its requests back as they were before it.
+        The GPU runs N+1 right after N, without waiting for the host. Between calls one step
+        may be in flight: a token it samples is a placeholder (PLACEHOLDER_TOKEN) at the end
+        of its request's ``token_ids``, and counts as computed; an abort drops it, and the
+        collected token of a finished request is dropped. A request that N ends by EOS or a
+        stop string ran in N+1 for nothing; one that N ends by length is left out of N+1
+        (``Request.finishing``). Swap copies submitted while N runs are ordered after it on the
+        device (the copy backends wait for the compute stream). If the call raises once a step
+        is launched, ``_abandon`` puts the requests back as they were before both steps.
         """
         t0 = time.perf_counter()
         clocks = self._clocks()
-        sched, self._ahead = self._ahead, None
-        if sched is not None:  # preempted since it was scheduled (from outside the step): not run
-            self._drop_from_ahead(sched, lambda r: r.status != RequestStatus.RUNNING)
-        if sched is None or not sched.scheduled:  # nothing ahead: start, idle, or all finished
+        prev, self._in_flight = self._in_flight, None
+        if prev is None:  # nothing in flight (start, idle, or after an error): launch one now
             sched = self.scheduler.schedule()
-        if not sched.scheduled:
-            return []
+            if not sched.scheduled:
+                return []
+            prev = self._launch(sched, None, None)
         t1 = time.perf_counter()
-        pending = self.runner.launch(sched)
+        handed_over = before_wait is None
+
+        def hand_over() -> None:  # once the next step is queued (the runner calls it), or below
+            nonlocal handed_over
+            handed_over = True
+            before_wait()  # type: ignore[misc]
+
+        try:
+            nxt = self.scheduler.schedule()
+            ahead_s = time.perf_counter() - t1
+            if nxt.scheduled:
+                self._in_flight = self._launch(nxt, prev, None if handed_over else hand_over)
+            if not handed_over:  # nothing launched, or a step that samples nothing
+                hand_over()
+            sampled = self.runner.collect(prev.pending)
+        except BaseException:
+            self._abandon(prev)
+            raise
+        t2 = time.perf_counter()
+        # prev ran on the GPU from its launch or the end of the step before, whichever came last
+        self._observe_prefill(prev.sched, t2 - max(prev.launched_s, self._last_collected_s))
+        self._last_collected_s = t2
+        held = self._in_flight.pending.requests if self._in_flight is not None else []
+        for req in held:  # the step in flight's placeholders, set aside while prev's settle
+            req.token_ids.pop()
+        self._settle(prev.pending, keep_finishing={id(r) for r in held})
+        outputs = self._outputs(prev.sched, sampled)
+        for req in held:
+            if not req.is_finished:
+                req.token_ids.append(PLACEHOLDER_TOKEN)
+        t3 = time.perf_counter()
+        self._account(prev.sched, clocks, t0, t1, t2, t3, ahead_s)
+        return outputs
+
+    def _launch(self, sched: SchedulerOutput, after: LaunchedStep | None,
+                before_wait: Callable[[], None] | None) -> LaunchedStep:
+        """Launch ``sched`` behind ``after`` (in flight): its requests advance, each token it
+        samples is a placeholder until collected."""
+        pending = self.runner.launch(sched, before_wait,
+                                     after.pending if after is not None else None)
         self._advance(sched)
         for req in pending.requests:
             req.token_ids.append(PLACEHOLDER_TOKEN)
             req.finishing = self.output_processor.at_length_limit(req)
-        try:
-            ta = time.perf_counter()
-            self._ahead = self.scheduler.schedule()
-            ahead_s = time.perf_counter() - ta
-            if before_wait is not None:
-                before_wait()
-            sampled = self.runner.collect(pending)
-        except BaseException:
-            self._abandon(sched, pending)
-            raise
-        self._settle(pending)
-        t2 = time.perf_counter()
-        self._observe_prefill(sched, t2 - t1)
-        outputs = self._outputs(sched, sampled)
-        t3 = time.perf_counter()
-        self._account(sched, clocks, t0, t1, t2, t3, ahead_s)
-        return outputs
+        return LaunchedStep(sched, pending, time.perf_counter())
+
+    @property
+    def step_in_flight(self) -> bool:
+        """Is a step launched whose tokens the next call collects (async scheduling)?"""
+        return self._in_flight is not None
 
     @staticmethod
-    def _settle(pending: PendingStep) -> None:
-        """The launched step's tokens are back (or lost): its placeholders go."""
+    def _settle(pending: PendingStep, keep_finishing: set[int] = frozenset()) -> None:
+        """The launched step's tokens are back (or lost): its placeholders go. ``finishing``
+        stays set for the requests in ``keep_finishing`` (their next token is in flight)."""
         for req in pending.requests:
             if req.token_ids and req.token_ids[-1] == PLACEHOLDER_TOKEN:
                 req.token_ids.pop()
-            req.finishing = False
+            if id(req) not in keep_finishing:
+                req.finishing = False
 
-    def _abandon(self, sched: SchedulerOutput, pending: PendingStep) -> None:
-        """A step raised after its launch (while scheduling ahead, handing outputs over or
-        waiting): its tokens are lost, so its requests go back to where they were before it (the
-        KV it wrote is computed again) and nothing stays scheduled ahead. The engine can step on.
-        """
-        self._settle(pending)
-        self._ahead = None
-        for req, n in sched.scheduled:
-            req.num_computed_tokens = max(0, req.num_computed_tokens - n)
-            req.num_cpu_tokens = min(req.num_cpu_tokens, req.num_computed_tokens)
+    def _abandon(self, prev: LaunchedStep) -> None:
+        """The call raised once ``prev`` was launched (scheduling or launching the next step,
+        handing outputs over, or waiting): the tokens of ``prev`` and of the step launched after
+        it are lost, so their requests go back to where they were before them (the KV they
+        wrote is computed again) and nothing stays in flight. The engine can step on."""
+        for step in (self._in_flight, prev):  # newest first: its placeholders are last
+            if step is None:
+                continue
+            self._settle(step.pending)
+            for req, n in step.sched.scheduled:
+                req.num_computed_tokens = max(0, req.num_computed_tokens - n)
+                req.num_cpu_tokens = min(req.num_cpu_tokens, req.num_computed_tokens)
+        self._in_flight = None
 
     def _advance(self, sched: SchedulerOutput) -> None:
         """The step is launched: its tokens count as computed, its requests as run once more."""
@@ -374,12 +422,13 @@ class Engine:
         self.scheduler.on_launch(sched)
 
     def _outputs(self, sched: SchedulerOutput, sampled: dict[Request, int]) -> list[RequestOutput]:
-        """Append the sampled tokens, finish the requests that stop, charge the service."""
+        """Append the sampled tokens, finish the requests that stop, charge the service. The
+        token of a request that finished since its step was launched (an abort) is dropped."""
         now = time.monotonic()
         outputs = []
         for req, _ in sched.scheduled:
             token = sampled.get(req)
-            if token is None:
+            if token is None or req.is_finished:
                 continue
             self.output_processor.append_token(req, token)
             m = req.metrics
@@ -395,18 +444,12 @@ class Engine:
         return outputs
 
     def _finish(self, req: Request) -> None:
-        """Remove a finished or aborted request from the scheduler and the step scheduled
-        ahead."""
+        """Remove a finished or aborted request from the scheduler; its placeholder, if a step
+        in flight computes its next token, goes (that token is dropped when collected)."""
+        while req.token_ids and req.token_ids[-1] == PLACEHOLDER_TOKEN:
+            req.token_ids.pop()
+        req.finishing = False
         self.scheduler.finish(req)
-        if self._ahead is not None:
-            self._drop_from_ahead(self._ahead, lambda r: r is req)
-
-    @staticmethod
-    def _drop_from_ahead(sched: SchedulerOutput, drop: Callable[[Request], bool]) -> None:
-        kept = [(r, n) for r, n in sched.scheduled if not drop(r)]
-        if len(kept) < len(sched.scheduled):
-            sched.scheduled = kept
-            sched.num_batched_tokens = sum(n for _, n in kept)
 
     def _clocks(self) -> tuple[float, float, float] | None:
         """The clocks a step-log row reads, at the step's start."""

@@ -27,7 +27,8 @@ kept in memory and written as one JSON object ``{"columns": [...], "rows": [[...
     stall_s   swap-manager host time so far (switch_stall_s)
     ahead_s   time scheduling the next step while this one ran (async scheduling; part of
               exec_s, not of sched_s, which is then only the time to schedule a step nobody
-              scheduled ahead; absent from older logs)
+              scheduled ahead; absent from older logs). With async scheduling a row is the step
+              whose tokens the call collected; exec_s also holds launching the next one
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ largest bucket.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -79,8 +80,10 @@ class DecodeGraphs:
         return batch.is_decode_only and 0 < batch.num_tokens <= self.max_batch and bool(
             self._graphs)
 
-    def run(self, batch: InputBatch) -> torch.Tensor:
-        """Hidden states [num_tokens, hidden] of a decode-only batch, by graph replay."""
+    def run(self, batch: InputBatch, feed: Callable[[torch.Tensor], None] | None = None
+            ) -> torch.Tensor:
+        """Hidden states [num_tokens, hidden] of a decode-only batch, by graph replay; ``feed``
+        writes the inputs the host does not know yet into the input ids on the device."""
         n = batch.num_tokens
         b = next(x for x in self.buckets if x >= n)
         self._staging.wait_sent()
@@ -93,6 +96,8 @@ class DecodeGraphs:
         # Columns past this batch's widest table keep stale ids: they lie beyond every
         # sequence's length and are never read. Rows past b are not used by graph b.
         self._staging.send(self._header_bytes + b * self._row_bytes)
+        if feed is not None:
+            feed(self.input_ids)
         graph, out = self._graphs[b]
         graph.replay()
         return out[:n]

@@ -77,31 +77,38 @@ class SampleRowsBuffer:
 
 class TokenReturn:
     """Sampled token ids back to the host: a kernel writes them into pinned memory, the host waits
-    for it and reads them (``tensor.tolist()`` would copy by DMA, behind any swap-out)."""
+    for it and reads them (``tensor.tolist()`` would copy by DMA, behind any swap-out).
 
-    def __init__(self, capacity: int) -> None:
+    ``depth`` slots are used in turn, so that many sends may await their ``receive`` at once (a
+    pipelined engine launches a step before it receives the one before: depth 2)."""
+
+    def __init__(self, capacity: int, depth: int = 2) -> None:
         self.capacity = capacity
-        self._host = torch.zeros(capacity, dtype=torch.int64, pin_memory=True)
+        self._host = torch.zeros(depth, capacity, dtype=torch.int64, pin_memory=True)
         self._host_words = self._host.view(torch.int32)
         self._host_np = self._host.numpy()
-        self._done = torch.cuda.Event()
+        self._done = [torch.cuda.Event() for _ in range(depth)]
+        self._next = 0
 
-    def send(self, tokens: torch.Tensor) -> int:
-        """Queue the copy of ``tokens`` (1-D, on the device, this stream) to the host; return
-        their count for ``receive``. Queued with the step, so work the stream is told to wait for
+    def send(self, tokens: torch.Tensor) -> tuple[int, int]:
+        """Queue the copy of ``tokens`` (1-D, on the device, this stream) to the host; return the
+        handle ``receive`` takes. Queued with the step, so work the stream is told to wait for
         later (a swap-in's event) does not hold the tokens back."""
         n = len(tokens)
         if n > self.capacity:
             raise ValueError(f"{n} sampled tokens exceed the buffer's {self.capacity}")
+        slot = self._next
+        self._next = (slot + 1) % len(self._done)
         words = tokens.to(torch.int64).contiguous().view(torch.int32)
-        copy_words(words, self._host_words, 2 * n)
-        self._done.record()
-        return n
+        copy_words(words, self._host_words[slot], 2 * n)
+        self._done[slot].record()
+        return slot, n
 
-    def receive(self, n: int) -> list[int]:
-        """Wait for the copy ``send`` queued and return its ``n`` tokens as ints."""
-        self._done.synchronize()
-        return self._host_np[:n].tolist()
+    def receive(self, handle: tuple[int, int]) -> list[int]:
+        """Wait for the copy ``send`` queued and return its tokens as ints."""
+        slot, n = handle
+        self._done[slot].synchronize()
+        return self._host_np[slot, :n].tolist()
 
     def fetch(self, tokens: torch.Tensor) -> list[int]:
         """``send`` then ``receive``: the tokens as ints, once the step has produced them."""

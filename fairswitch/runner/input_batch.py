@@ -5,11 +5,14 @@ Layout (decodes first, then prefill chunks; no padding):
     input_ids:    [ d0 d1 ... dN-1 | p0 p0 p0 p0 | p1 p1 ... ]
     positions:    each token's position in its request
     slot_mapping: each token's KV slot = block_table[pos // block_size] * block_size + pos % bs
+
+An input token that the step in flight is still sampling (a request's last token, a placeholder:
+engine.py) is listed in ``feed_rows`` / ``feed_requests``: the runner fills it in on the device.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -29,6 +32,9 @@ class InputBatch:
     prefill_seq_lens: np.ndarray  # [num_prefills] int32
     sample_rows: list[int]  # rows of the hidden states to sample from
     sample_requests: list[Request]
+    # Rows whose input token is the one the step in flight samples for that request.
+    feed_rows: list[int] = field(default_factory=list)
+    feed_requests: list[Request] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -66,7 +72,10 @@ def _table_row(req: Request) -> np.ndarray:
     return arr
 
 
-def build_input_batch(scheduled: list[tuple[Request, int]], block_size: int) -> InputBatch:
+def build_input_batch(scheduled: list[tuple[Request, int]], block_size: int,
+                      placeholder: int | None = None) -> InputBatch:
+    """The step's inputs; tokens equal to ``placeholder`` (a request's last token only) are
+    listed as rows to feed from the step in flight."""
     decodes = [(r, n) for r, n in scheduled if n == 1]
     prefills = [(r, n) for r, n in scheduled if n != 1]
     nd = len(decodes)
@@ -75,10 +84,16 @@ def build_input_batch(scheduled: list[tuple[Request, int]], block_size: int) -> 
     slots: list[int] = []
     sample_rows: list[int] = []
     sample_reqs: list[Request] = []
+    feed_rows: list[int] = []
+    feed_reqs: list[Request] = []
     # Decodes: one token each, plain Python is cheaper than numpy for single elements.
     for req, _ in decodes:
         p = req.num_computed_tokens
-        ids.append(req.token_ids[p])
+        token = req.token_ids[p]
+        if token == placeholder:
+            feed_rows.append(len(ids))
+            feed_reqs.append(req)
+        ids.append(token)
         pos.append(p)
         slots.append(req.block_table[p // block_size] * block_size + p % block_size)
         if p + 1 == req.num_tokens:
@@ -99,6 +114,9 @@ def build_input_batch(scheduled: list[tuple[Request, int]], block_size: int) -> 
             chunk_pos.append(p)
             chunk_slots.append(table[p // block_size] * block_size + p % block_size)
             offset += n
+            if placeholder is not None and req.token_ids[end - 1] == placeholder:
+                feed_rows.append(offset - 1)
+                feed_reqs.append(req)
             if end == req.num_tokens:
                 sample_rows.append(offset - 1)
                 sample_reqs.append(req)
@@ -119,4 +137,6 @@ def build_input_batch(scheduled: list[tuple[Request, int]], block_size: int) -> 
                                   dtype=np.int32),
         sample_rows=sample_rows,
         sample_requests=sample_reqs,
+        feed_rows=feed_rows,
+        feed_requests=feed_reqs,
     )

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -181,12 +182,16 @@ class MixedGraphs:
             return None
         return (t, s) if (t, s) in self._graphs else None
 
-    def run(self, batch: InputBatch, bucket: tuple[int, int]) -> torch.Tensor:
-        """Hidden states [num_tokens, hidden] of the step, by replaying graph ``bucket``."""
+    def run(self, batch: InputBatch, bucket: tuple[int, int],
+            feed: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+        """Hidden states [num_tokens, hidden] of the step, by replaying graph ``bucket``;
+        ``feed`` as in ``DecodeGraphs.run``."""
         t, s = bucket
         self._staging.wait_sent()
         nseq = fill_mixed_layout(batch, t, s, self._staged)
         self._staging.send(self._header_bytes + nseq * self._row_bytes)
+        if feed is not None:
+            feed(self.input_ids)
         graph, out = self._graphs[bucket]
         graph.replay()
         return out[:batch.num_tokens]

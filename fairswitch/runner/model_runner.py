@@ -15,7 +15,7 @@ import torch
 from fairswitch.config import CacheConfig, SchedulerConfig
 from fairswitch.kv.kv_cache import KVCache, kv_block_bytes
 from fairswitch.model.llama import LlamaForCausalLM, head_dim_of
-from fairswitch.request import Request
+from fairswitch.request import PLACEHOLDER_TOKEN, Request
 from fairswitch.runner.attention import AttentionBackend, AttentionMetadata
 from fairswitch.runner.cuda_graph import DecodeGraphs
 from fairswitch.runner.host_link import SampleRowsBuffer, TokenReturn
@@ -38,11 +38,12 @@ class GraphPlan:
 
 @dataclass
 class PendingStep:
-    """A launched step: the requests that sample, in order, and where their tokens will be (a
-    device tensor, or ``num_sent`` tokens on their way to the host: host_link.TokenReturn)."""
+    """A launched step: the requests that sample, in order, their tokens on the device (what a
+    step launched after it reads its inputs from), and, when they are on their way to the host
+    by host_link.TokenReturn, that copy's handle."""
     requests: list[Request]
     tokens: torch.Tensor | None
-    num_sent: int = 0
+    returned: tuple[int, int] | None = None
 
 
 class ModelRunner:
@@ -71,6 +72,8 @@ class ModelRunner:
         # On CUDA, sample rows go in and tokens come back by kernel copies (host_link.py).
         on_cuda = device.type == "cuda"
         self._rows = SampleRowsBuffer(sched.max_num_seqs, device) if on_cuda else None
+        # Inputs fed from the step in flight: their rows, then their tokens' index in it.
+        self._feeds = SampleRowsBuffer(2 * sched.max_num_seqs, device) if on_cuda else None
         self._tokens = TokenReturn(sched.max_num_seqs) if on_cuda else None
         self.last_prepare_s = 0.0
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, cache.block_size,
@@ -241,23 +244,29 @@ class ModelRunner:
         return self.collect(self.launch(out, before_wait))
 
     @torch.inference_mode()
-    def launch(self, out: SchedulerOutput,
-               before_wait: Callable[[], None] | None = None) -> PendingStep:
+    def launch(self, out: SchedulerOutput, before_wait: Callable[[], None] | None = None,
+               after: PendingStep | None = None) -> PendingStep:
         """Queue one step on the device (on CPU: run it) without waiting for its tokens;
-        ``collect`` returns them. ``before_wait`` as in ``execute``."""
+        ``collect`` returns them. ``before_wait`` as in ``execute``. Inputs that are still
+        placeholders (PLACEHOLDER_TOKEN) are the tokens step ``after``, launched before and not
+        collected yet, samples for the same requests: they are copied over on the device, in
+        stream order, so this step can be queued behind that one without the host waiting."""
         t0 = time.perf_counter()
-        batch = build_input_batch(out.scheduled, self.block_size)
+        batch = build_input_batch(out.scheduled, self.block_size, PLACEHOLDER_TOKEN)
+        feed = self._feed(batch, after)
         mixed = (self.mixed_graphs.bucket(batch) if self.mixed_graphs is not None
                  and not batch.is_decode_only else None)
         hook = before_wait if batch.sample_requests else None
         if self.graphs is not None and self.graphs.can_run(batch):
             self.last_prepare_s = time.perf_counter() - t0
-            hidden = self.graphs.run(batch)
+            hidden = self.graphs.run(batch, feed)
         elif mixed is not None:
             self.last_prepare_s = time.perf_counter() - t0
-            hidden = self.mixed_graphs.run(batch, mixed)  # type: ignore[union-attr]
+            hidden = self.mixed_graphs.run(batch, mixed, feed)  # type: ignore[union-attr]
         else:
             ids, pos = self._to_device(batch.input_ids), self._to_device(batch.positions)
+            if feed is not None:
+                feed(ids)
             meta = self._metadata(batch)
             self.last_prepare_s = time.perf_counter() - t0
             if hook is not None:
@@ -274,17 +283,45 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[self._sample_rows(batch.sample_rows)])
         tokens = self.sampler.sample(logits, batch.sample_requests)
         if self._tokens is not None:  # the copy back is queued now, with the step
-            return PendingStep(batch.sample_requests, None, self._tokens.send(tokens))
+            return PendingStep(batch.sample_requests, tokens, self._tokens.send(tokens))
         return PendingStep(batch.sample_requests, tokens)
+
+    def _feed(self, batch: InputBatch, after: PendingStep | None
+              ) -> Callable[[torch.Tensor], None] | None:
+        """What writes the placeholder inputs of ``batch`` from ``after``'s tokens, on the device
+        (None if it has none)."""
+        num_placeholders = int(np.count_nonzero(batch.input_ids == PLACEHOLDER_TOKEN))
+        if num_placeholders != len(batch.feed_rows):
+            raise RuntimeError(f"{num_placeholders} input tokens are placeholders but only "
+                               f"{len(batch.feed_rows)} are a request's last token")
+        if not batch.feed_rows:
+            return None
+        index = {id(r): i for i, r in enumerate(after.requests)} if after is not None else {}
+        missing = [r.request_id for r in batch.feed_requests if id(r) not in index]
+        if missing or after is None or after.tokens is None:
+            raise RuntimeError(f"requests {missing[:4]} have inputs that no step in flight samples")
+        rows_and_src = batch.feed_rows + [index[id(r)] for r in batch.feed_requests]
+        if self._feeds is not None:
+            both = self._feeds.send(rows_and_src)
+        else:
+            both = torch.tensor(rows_and_src, dtype=torch.long, device=self.device)
+        k = len(batch.feed_rows)
+        rows, src = both[:k], both[k:]
+        tokens = after.tokens
+
+        def feed(ids: torch.Tensor) -> None:
+            ids.index_copy_(0, rows, tokens.index_select(0, src).to(ids.dtype))
+
+        return feed
 
     def collect(self, pending: PendingStep) -> dict[Request, int]:
         """Wait for a launched step's sampled tokens: {request: token} for those that sampled."""
         if not pending.requests:
             return {}
-        if pending.tokens is not None:
-            ids = pending.tokens.tolist()
+        if pending.returned is not None:
+            ids = self._tokens.receive(pending.returned)  # type: ignore[union-attr]
         else:
-            ids = self._tokens.receive(pending.num_sent)  # type: ignore[union-attr]
+            ids = pending.tokens.tolist()  # type: ignore[union-attr]
         return dict(zip(pending.requests, ids))
 
     def _sample_rows(self, rows: list[int]) -> torch.Tensor:
