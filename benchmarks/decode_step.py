@@ -8,11 +8,17 @@ What is measured, in one run on one model (default Llama-3-8B shapes, dummy weig
 - roofline time of a decode step = (weight bytes + KV bytes read by attention) / copy bandwidth;
   the claim ``decode_step_vs_roofline_b64`` = measured step time / roofline time at B=64;
 - ``sched_cpu_fraction_b256``: (scheduler + input preparation host time) / step wall time at B=256.
+
+With ``--compare-async`` every batch size is also timed on an engine whose steps run in turn
+(``--no-async-scheduling``), built after the first is freed: claim ``pipelined_decode_speedup_b64``
+= step time in turn / step time with async scheduling (each step launched behind the one in
+flight) at B=64.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 from pathlib import Path
@@ -85,6 +91,38 @@ def time_steps(engine: Engine, ids: list[str], steps: int) -> dict[str, Any]:
             "tok_s": batch / wall}
 
 
+def build_engine(args: argparse.Namespace, batches: list[int], async_scheduling: bool) -> Engine:
+    return Engine(EngineConfig.from_kwargs(
+        model=args.model, load_format="dummy", max_num_seqs=max(batches),
+        max_model_len=args.ctx + args.steps + 256, max_num_batched_tokens=8192,
+        enforce_eager=args.enforce_eager, attention_backend=args.attention_backend,
+        seed=args.seed, async_scheduling=async_scheduling))
+
+
+def time_batches(engine: Engine, batches: list[int], args: argparse.Namespace, bw: float
+                 ) -> list[dict[str, Any]]:
+    weight_bytes = sum(t.numel() * t.element_size() for t in engine.runner.model.parameters())
+    kv_token_bytes = engine.runner.block_bytes // engine.config.cache.block_size
+    rows = []
+    for b in batches:
+        r = time_steps(engine, prefill_batch(engine, b, args.ctx, args.steps, args.seed),
+                       args.steps)
+        r["roofline_ms"] = (weight_bytes + r["kv_tokens_read"] * kv_token_bytes) / bw * 1e3
+        r["vs_roofline"] = r["step_ms"] / r["roofline_ms"]
+        r["async_scheduling"] = engine.config.scheduler.async_scheduling
+        rows.append(r)
+    return rows
+
+
+def print_rows(rows: list[dict[str, Any]]) -> None:
+    print(f"{'B':>5}{'step ms':>10}{'roofline ms':>13}{'x roofline':>12}{'sched+prep ms':>15}"
+          f"{'host frac':>11}{'tok/s':>10}")
+    for r in rows:
+        print(f"{r['batch']:>5}{r['step_ms']:>10.2f}{r['roofline_ms']:>13.2f}"
+              f"{r['vs_roofline']:>12.2f}{r['schedule_ms'] + r['prepare_ms']:>15.3f}"
+              f"{r['host_fraction']:>11.3f}{r['tok_s']:>10.0f}")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="llama-3-8b")
@@ -94,35 +132,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compare-async", action="store_true",
+                   help="also time every batch with the steps in turn (no async scheduling)")
     p.add_argument("--output", default="benchmarks/results/decode_step.json")
     p.add_argument("--commit", default=None)
     args = p.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
     device = torch.device("cuda")
     bw = copy_bandwidth(device)
-    engine = Engine(EngineConfig.from_kwargs(
-        model=args.model, load_format="dummy", max_num_seqs=max(batches),
-        max_model_len=args.ctx + args.steps + 256, max_num_batched_tokens=8192,
-        enforce_eager=args.enforce_eager, attention_backend=args.attention_backend,
-        seed=args.seed))
+    engine = build_engine(args, batches, True)
     cfg = engine.hf_config
     weight_bytes = sum(t.numel() * t.element_size() for t in engine.runner.model.parameters())
     kv_token_bytes = engine.runner.block_bytes // engine.config.cache.block_size
-    rows = []
-    for b in batches:
-        r = time_steps(engine, prefill_batch(engine, b, args.ctx, args.steps, args.seed),
-                       args.steps)
-        r["roofline_ms"] = (weight_bytes + r["kv_tokens_read"] * kv_token_bytes) / bw * 1e3
-        r["vs_roofline"] = r["step_ms"] / r["roofline_ms"]
-        rows.append(r)
+    figures = {"model": args.model, "dtype": str(engine.dtype), "model_arch": cfg.architectures,
+               "copy_bandwidth_bytes_s": bw, "weight_bytes": weight_bytes,
+               "kv_bytes_per_token": kv_token_bytes, "ctx": args.ctx, "steps": args.steps,
+               "cuda_graphs": engine.runner.graphs is not None,
+               "attention_backend": engine.runner.backend.name}
+    rows = time_batches(engine, batches, args, bw)
+    in_turn: list[dict[str, Any]] = []
+    if args.compare_async:
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
+        in_turn = time_batches(build_engine(args, batches, False), batches, args, bw)
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s; weights {weight_bytes / 1e9:.2f} GB; "
           f"KV {kv_token_bytes} B/token")
-    print(f"{'B':>5}{'step ms':>10}{'roofline ms':>13}{'x roofline':>12}{'sched+prep ms':>15}"
-          f"{'host frac':>11}{'tok/s':>10}")
-    for r in rows:
-        print(f"{r['batch']:>5}{r['step_ms']:>10.2f}{r['roofline_ms']:>13.2f}"
-              f"{r['vs_roofline']:>12.2f}{r['schedule_ms'] + r['prepare_ms']:>15.3f}"
-              f"{r['host_fraction']:>11.3f}{r['tok_s']:>10.0f}")
+    print_rows(rows)
+    if in_turn:
+        print("steps in turn (no async scheduling):")
+        print_rows(in_turn)
+        for a, b in zip(rows, in_turn):
+            print(f"B={a['batch']}: step in turn / async = {b['step_ms'] / a['step_ms']:.2f}x")
     by_b = {r["batch"]: r for r in rows}
     claims = []
     if 64 in by_b:
@@ -131,11 +172,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if 256 in by_b:
         claims.append({"name": "sched_cpu_fraction_b256", "value": by_b[256]["host_fraction"],
                        "unit": "fraction"})
-    figures = {"model": args.model, "dtype": str(engine.dtype), "model_arch": cfg.architectures,
-               "copy_bandwidth_bytes_s": bw, "weight_bytes": weight_bytes,
-               "kv_bytes_per_token": kv_token_bytes, "ctx": args.ctx, "steps": args.steps,
-               "cuda_graphs": engine.runner.graphs is not None,
-               "attention_backend": engine.runner.backend.name, "rows": rows}
+    if in_turn and 64 in by_b:
+        serial = next(r for r in in_turn if r["batch"] == 64)
+        claims.append({"name": "pipelined_decode_speedup_b64",
+                       "value": serial["step_ms"] / by_b[64]["step_ms"], "unit": "x"})
+    figures.update(rows=rows, rows_in_turn=in_turn)
     return write_results(args.output, command=command_line(), figures=figures, claims=claims,
                            commit=args.commit)
 
