@@ -304,3 +304,63 @@ def test_a_step_that_raises_after_its_launch_leaves_the_engine_steppable():
         engine.check_accounting()
     assert raised >= 2 and engine.scheduler.num_preemptions > 0
     assert [got[i] for i in ids] == want
+
+
+def test_a_step_collected_after_an_idle_spell_does_not_time_the_idle_spell():
+    """Aborts can leave a step in flight with nobody left in it; the engine then idles with it
+    uncollected. Collected later, it is not taken as a prefill that ran that long."""
+    import time
+
+    engine = make_llm(True, num_gpu_blocks=256, max_model_len=1024,
+                      max_num_batched_tokens=512).engine
+    policy = engine.scheduler.policy
+    params = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)
+    a = engine.add_request(prompt_token_ids=[5] * 100, params=params)
+    engine.step()
+    b = engine.add_request(prompt_token_ids=list(range(10, 410)), params=params)
+    engine.step()  # b's 400-token prefill is in flight behind a's decode
+    assert any(n == 400 for _, n in engine._in_flight.sched.scheduled)
+    samples, rate = policy.num_prefill_samples, policy.prefill_tokens_per_s
+    engine.abort_request(a)
+    engine.abort_request(b)
+    assert not engine.has_unfinished_requests() and engine.step_in_flight
+    time.sleep(0.5)
+    engine.add_request(prompt_token_ids=[7] * 10, params=params)
+    engine.step()
+    assert (policy.num_prefill_samples, policy.prefill_tokens_per_s) == (samples, rate)
+    # A live prefill-heavy step is observed, timed by its own run (on the CPU: its launch).
+    engine.add_request(prompt_token_ids=list(range(20, 420)), params=params)
+    while policy.num_prefill_samples == samples:
+        engine.step()
+    assert policy.prefill_tokens_per_s > 1000
+
+
+def test_outputs_that_raise_leave_the_step_in_flight_its_placeholders():
+    """If handing a step's outputs over raises (here for its last request, whose token is
+    appended by then), the requests of the step in flight keep their placeholders, so the next
+    call settles that step correctly and every request ends as without the error."""
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    want = tokens(make_llm(False).generate(PROMPTS[:2], params, use_tqdm=False))
+    engine = make_llm(True).engine
+    ids = [engine.add_request(p, params) for p in PROMPTS[:2]]
+    engine.step()
+    real = engine.output_processor.make_output
+    calls = {"n": 0}
+
+    def failing_once(req):
+        calls["n"] += 1
+        if calls["n"] == 2:  # two requests per step: the second is the step's last
+            raise RuntimeError("detokenizer broke")
+        return real(req)
+
+    engine.output_processor.make_output = failing_once
+    with pytest.raises(RuntimeError, match="detokenizer"):
+        engine.step()
+    engine.output_processor.make_output = real
+    assert_placeholders_only_in_flight(engine)
+    got = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                got[out.request_id] = out.outputs[0].token_ids
+    assert [got[i] for i in ids] == want

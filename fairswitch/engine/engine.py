@@ -56,21 +56,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
-@dataclass
 @dataclass(slots=True)
 class LaunchedStep:
     """A step launched with async scheduling, its tokens not collected yet."""
     sched: SchedulerOutput
     pending: PendingStep
-    launched_s: float  # perf_counter at its launch
-
-
-@dataclass(slots=True)
-class LaunchedStep:
-    """A step launched with async scheduling, its tokens not collected yet."""
-    sched: SchedulerOutput
-    pending: PendingStep
-    launched_s: float  # perf_counter at its launch
+    launched_s: float  # perf_counter at the end of its launch
+    launch_s: float  # how long the launch took (on the CPU: the whole step)
 
 
 @dataclass
@@ -359,17 +351,17 @@ class Engine:
             self._abandon(prev)
             raise
         t2 = time.perf_counter()
-        # prev ran on the GPU from its launch or the end of the step before, whichever came last
-        self._observe_prefill(prev.sched, t2 - max(prev.launched_s, self._last_collected_s))
-        self._last_collected_s = t2
+        self._observe_launched(prev, t2)
         held = self._in_flight.pending.requests if self._in_flight is not None else []
         for req in held:  # the step in flight's placeholders, set aside while prev's settle
             req.token_ids.pop()
-        self._settle(prev.pending, keep_finishing={id(r) for r in held})
-        outputs = self._outputs(prev.sched, sampled)
-        for req in held:
-            if not req.is_finished:
-                req.token_ids.append(PLACEHOLDER_TOKEN)
+        try:
+            self._settle(prev.pending, keep_finishing={id(r) for r in held})
+            outputs = self._outputs(prev.sched, sampled)
+        finally:  # even if making the outputs raised: the step in flight still owns them
+            for req in held:
+                if not req.is_finished:
+                    req.token_ids.append(PLACEHOLDER_TOKEN)
         t3 = time.perf_counter()
         self._account(prev.sched, clocks, t0, t1, t2, t3, ahead_s)
         return outputs
@@ -378,13 +370,27 @@ class Engine:
                 before_wait: Callable[[], None] | None) -> LaunchedStep:
         """Launch ``sched`` behind ``after`` (in flight): its requests advance, each token it
         samples is a placeholder until collected."""
+        t0 = time.perf_counter()
         pending = self.runner.launch(sched, before_wait,
                                      after.pending if after is not None else None)
         self._advance(sched)
         for req in pending.requests:
             req.token_ids.append(PLACEHOLDER_TOKEN)
             req.finishing = self.output_processor.at_length_limit(req)
-        return LaunchedStep(sched, pending, time.perf_counter())
+        t1 = time.perf_counter()
+        return LaunchedStep(sched, pending, t1, t1 - t0)
+
+    def _observe_launched(self, step: LaunchedStep, collected_s: float) -> None:
+        """Tell the cost model how long a collected step ran: on a GPU from its launch or the
+        end of the step before, whichever came last, to its tokens; on the CPU, which runs it
+        inside the launch, its launch. A step whose requests all finished before it was
+        collected (aborted) may have waited through an idle engine: not observed."""
+        started = max(step.launched_s, self._last_collected_s)
+        self._last_collected_s = collected_s
+        if all(r.is_finished for r, _ in step.sched.scheduled):
+            return
+        on_cpu = self.runner.device.type == "cpu"
+        self._observe_prefill(step.sched, step.launch_s if on_cpu else collected_s - started)
 
     @property
     def step_in_flight(self) -> bool:
