@@ -99,10 +99,15 @@ def build_engine(args: argparse.Namespace, batches: list[int], async_scheduling:
         seed=args.seed, async_scheduling=async_scheduling))
 
 
+def model_bytes(engine: Engine) -> tuple[int, int]:
+    """(weight bytes, KV bytes per token) of the engine's model: what a decode step reads."""
+    weight_bytes = sum(t.numel() * t.element_size() for t in engine.runner.model.parameters())
+    return weight_bytes, engine.runner.block_bytes // engine.config.cache.block_size
+
+
 def time_batches(engine: Engine, batches: list[int], args: argparse.Namespace, bw: float
                  ) -> list[dict[str, Any]]:
-    weight_bytes = sum(t.numel() * t.element_size() for t in engine.runner.model.parameters())
-    kv_token_bytes = engine.runner.block_bytes // engine.config.cache.block_size
+    weight_bytes, kv_token_bytes = model_bytes(engine)
     rows = []
     for b in batches:
         r = time_steps(engine, prefill_batch(engine, b, args.ctx, args.steps, args.seed),
@@ -142,8 +147,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     bw = copy_bandwidth(device)
     engine = build_engine(args, batches, True)
     cfg = engine.hf_config
-    weight_bytes = sum(t.numel() * t.element_size() for t in engine.runner.model.parameters())
-    kv_token_bytes = engine.runner.block_bytes // engine.config.cache.block_size
+    weight_bytes, kv_token_bytes = model_bytes(engine)
     figures = {"model": args.model, "dtype": str(engine.dtype), "model_arch": cfg.architectures,
                "copy_bandwidth_bytes_s": bw, "weight_bytes": weight_bytes,
                "kv_bytes_per_token": kv_token_bytes, "ctx": args.ctx, "steps": args.steps,

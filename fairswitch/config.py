@@ -146,8 +146,8 @@ class SchedulerConfig:
         "moving average of the engine's prefill-heavy steps")
     async_scheduling: bool = _opt(
         True, "schedule and launch the next step while the GPU runs this one (its requests' new "
-        "tokens stand in as placeholders, read on the device); applies with asynchronous swaps only: with "
-        "synchronous ones (--baseline, --no-async-swap) every step runs its phases in turn")
+        "tokens stand in as placeholders, read on the device); applies with asynchronous swaps "
+        "only: with synchronous ones (--baseline, --no-async-swap) every step runs its phases in turn")
     policy: str = _opt(
         "fcfs", "who runs first: fcfs, priority (per-request, lower first), vtc (per-client "
         "virtual token counters), trace (priorities redrawn while requests run)",

@@ -56,6 +56,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+def _drop_placeholder(req: Request) -> None:
+    """Remove the placeholder ending ``req.token_ids``, if any (between steps there is at most
+    one: the step in flight's)."""
+    if req.token_ids and req.token_ids[-1] == PLACEHOLDER_TOKEN:
+        req.token_ids.pop()
+
+
 @dataclass(slots=True)
 class LaunchedStep:
     """A step launched with async scheduling, its tokens not collected yet."""
@@ -354,7 +361,7 @@ class Engine:
         self._observe_launched(prev, t2)
         held = self._in_flight.pending.requests if self._in_flight is not None else []
         for req in held:  # the step in flight's placeholders, set aside while prev's settle
-            req.token_ids.pop()
+            _drop_placeholder(req)
         try:
             self._settle(prev.pending, keep_finishing={id(r) for r in held})
             outputs = self._outputs(prev.sched, sampled)
@@ -402,8 +409,7 @@ class Engine:
         """The launched step's tokens are back (or lost): its placeholders go. ``finishing``
         stays set for the requests in ``keep_finishing`` (their next token is in flight)."""
         for req in pending.requests:
-            if req.token_ids and req.token_ids[-1] == PLACEHOLDER_TOKEN:
-                req.token_ids.pop()
+            _drop_placeholder(req)
             if id(req) not in keep_finishing:
                 req.finishing = False
 
@@ -452,8 +458,7 @@ class Engine:
     def _finish(self, req: Request) -> None:
         """Remove a finished or aborted request from the scheduler; its placeholder, if a step
         in flight computes its next token, goes (that token is dropped when collected)."""
-        while req.token_ids and req.token_ids[-1] == PLACEHOLDER_TOKEN:
-            req.token_ids.pop()
+        _drop_placeholder(req)
         req.finishing = False
         self.scheduler.finish(req)
 

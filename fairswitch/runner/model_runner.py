@@ -298,7 +298,7 @@ class ModelRunner:
             return None
         index = {id(r): i for i, r in enumerate(after.requests)} if after is not None else {}
         missing = [r.request_id for r in batch.feed_requests if id(r) not in index]
-        if missing or after is None or after.tokens is None:
+        if missing:  # (a step with requests that sample has their tokens)
             raise RuntimeError(f"requests {missing[:4]} have inputs that no step in flight samples")
         rows_and_src = batch.feed_rows + [index[id(r)] for r in batch.feed_requests]
         if self._feeds is not None:
@@ -307,7 +307,7 @@ class ModelRunner:
             both = torch.tensor(rows_and_src, dtype=torch.long, device=self.device)
         k = len(batch.feed_rows)
         rows, src = both[:k], both[k:]
-        tokens = after.tokens
+        tokens = after.tokens  # type: ignore[union-attr]
 
         def feed(ids: torch.Tensor) -> None:
             ids.index_copy_(0, rows, tokens.index_select(0, src).to(ids.dtype))
