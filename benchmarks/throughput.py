@@ -89,8 +89,8 @@ def sample_workload(tokenizer: Any, num_prompts: int, max_prompt_len: int, max_o
     workload: Workload = []
     for start in range(0, len(pool), num_prompts):
         batch = pool[start:start + num_prompts]
-        prompts = tokenizer([p for p, _ in batch], verbose=False).input_ids
-        outputs = tokenizer([o for _, o in batch], verbose=False).input_ids
+        prompts = tokenizer([p for p, _ in batch])["input_ids"]
+        outputs = tokenizer([o for _, o in batch])["input_ids"]
         for prompt, output in zip(prompts, outputs):
             if len(prompt) < MIN_LEN or len(output) < MIN_LEN:
                 continue
@@ -132,9 +132,10 @@ def run_fairswitch(llm: LLM, workload: Workload, use_tqdm: bool) -> dict[str, An
 
 
 def build_hf_model(model: str, dtype: torch.dtype, device: torch.device, seed: int) -> Any:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = loader.load_hf_config(loader.resolve_model(model))
+    raw = dict(loader.load_checkpoint_config(loader.resolve_model(model)).raw)
+    cfg = AutoConfig.for_model(raw.pop("model_type"), **raw)
     # Built directly on the device so an 8B model never goes through a slow CPU init.
     with torch.device(device):
         hf = AutoModelForCausalLM.from_config(cfg, dtype=dtype)

@@ -264,7 +264,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         for f in dataclasses.fields(klass):
             default = f.default if f.default is not dataclasses.MISSING else None
             flag = "--" + f.name.replace("_", "-")
-            help = f"{f.metadata['help']} (default: {default})"
+            help = f.metadata["help"]
+            if "default" not in help:  # a help text that explains its default says it once
+                help += f" (default: {default})"
             if _arg_type(f) is None:
                 group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                    default=default, help=help)

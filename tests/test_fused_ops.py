@@ -40,8 +40,7 @@ def test_add_rmsnorm(dtype, n, with_residual):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hq, hk, d", [(4, 2, 32), (8, 1, 64), (7, 1, 128)])
 def test_rope_in_place_on_fused_qkv_views(dtype, hq, hk, d):
-    cfg = type("Cfg", (), {"rope_theta": 10000.0})()
-    inv = rope_inv_freq(cfg, d)
+    inv = rope_inv_freq(10000.0, None, d)
     freqs = torch.outer(torch.arange(512, dtype=torch.float32), inv)
     emb = torch.cat((freqs, freqs), dim=-1)
     cos, sin = emb.cos().to(DEVICE), emb.sin().to(DEVICE)
@@ -78,7 +77,7 @@ def test_engine_with_fused_ops_matches_transformers_fp32(monkeypatch, llama_dir)
     """The whole model on the fused kernels (interpreted on CPU) keeps greedy parity in fp32."""
     from fairswitch import LLM, SamplingParams
     from fairswitch.engine.engine import Engine
-    from tests.conftest import hf_greedy
+    from helpers import hf_greedy
 
     monkeypatch.setattr(Engine, "_elementwise_ops", staticmethod(lambda backend: fused))
     llm = LLM(model=str(llama_dir), num_gpu_blocks=64, device=str(DEVICE), dtype="float32",

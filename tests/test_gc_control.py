@@ -11,7 +11,7 @@ from fairswitch.engine import gc_control
 from fairswitch.engine.async_engine import AsyncEngine
 from fairswitch.engine.gc_control import GCClock, frozen_heap
 from fairswitch.engine.step_log import COLUMNS
-from tests.conftest import run_logged
+from helpers import run_logged
 
 
 class _Cycle:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fairswitch import LLM, SamplingParams
-from tests.conftest import hf_greedy
+from helpers import hf_greedy
 
 pytestmark = pytest.mark.gpu
 
@@ -60,9 +60,9 @@ def test_fp32_cuda_exact(llama_dir):
 
 def _hf_next_logits(model_dir, prompt: list[int], ours: list[int]) -> torch.Tensor:
     """HF's logits [len(ours), vocab] (float32) at each position where we produced a token."""
-    from tests.conftest import _hf_model
+    from helpers import hf_model
 
-    model = _hf_model(model_dir, torch.bfloat16, "cuda")
+    model = hf_model(model_dir, torch.bfloat16, "cuda")
     ids = torch.tensor([prompt + ours], device="cuda")
     with torch.no_grad():
         logits = model(ids).logits[0, len(prompt) - 1: len(prompt) - 1 + len(ours)]
@@ -118,7 +118,7 @@ def test_building_llama3_8b_takes_only_its_bf16_weights():
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    cfg = loader.load_hf_config(loader.resolve_model("llama-3-8b"))
+    cfg = loader.load_checkpoint_config(loader.resolve_model("llama-3-8b"))
     model = loader.build_model(cfg, TorchAttentionBackend(), 4096, torch.bfloat16,
                                torch.device("cuda"))
     weights = sum(p.numel() * p.element_size() for p in model.parameters())

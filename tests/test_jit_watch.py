@@ -76,13 +76,14 @@ def test_engine_reports_compiles_and_the_step_log_has_their_column():
 
     from fairswitch.engine.step_log import COLUMNS
     from fairswitch.runner.jit_watch import JIT_CLOCK
-    from tests.conftest import run_logged
+    from helpers import run_logged
 
     def compile_10_ms():  # as Triton reports a compile
         knobs.runtime.jit_cache_hook(repr="_k(x)", key=0)
         time.sleep(0.01)
         knobs.runtime.jit_post_compile_hook(repr="_k(x)", key=0)
 
+    JIT_CLOCK.install()  # the engine hooks Triton when its kernels run; this one runs torch's
     engine, log, before = run_logged(compile_10_ms, max_tokens=2)
     col = COLUMNS.index("jit_s")
     assert len(log.rows) == 2 and all(r[col] >= 0.009 for r in log.rows)

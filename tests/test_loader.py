@@ -46,7 +46,7 @@ def test_missing_shard_is_named(tmp_path, write_checkpoint):
 ])
 def test_shipped_configs_build_real_shapes(name, params_b):
     source = loader.resolve_model(name)
-    cfg = loader.load_hf_config(source)
+    cfg = loader.load_checkpoint_config(source)
     model = loader.build_model(cfg, TorchAttentionBackend(), 128, torch.bfloat16,
                                torch.device("meta"))
     n = sum(p.numel() for p in model.parameters())
@@ -63,7 +63,7 @@ def test_weights_are_allocated_in_the_model_dtype(monkeypatch):
         return real_empty(*args, **kwargs)
 
     monkeypatch.setattr(torch, "empty", empty)
-    cfg = loader.load_hf_config(loader.resolve_model("llama-3-8b"))
+    cfg = loader.load_checkpoint_config(loader.resolve_model("llama-3-8b"))
     model = loader.build_model(cfg, TorchAttentionBackend(), 128, torch.bfloat16,
                                torch.device("meta"))
     assert None not in asked
@@ -77,3 +77,77 @@ def test_dummy_weights_are_seeded(tokenizer_dir):
     runs = [LLM(model="fairswitch-tiny", load_format="dummy", seed=s, num_gpu_blocks=256)
             .generate("dummy", p, use_tqdm=False)[0].outputs[0].token_ids for s in (3, 3, 4)]
     assert runs[0] == runs[1] != runs[2]
+
+
+def _transformers_view(raw: dict) -> dict:
+    """What transformers' own config class makes of a config.json, in CheckpointConfig's terms."""
+    from transformers import AutoConfig
+
+    raw = dict(raw)
+    hf = AutoConfig.for_model(raw.pop("model_type"), **raw)
+    rope = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
+    theta = rope.pop("rope_theta", getattr(hf, "rope_theta", None))
+    window = getattr(hf, "sliding_window", None)
+    if not getattr(hf, "use_sliding_window", True):
+        window = None
+    return {
+        "hidden_size": hf.hidden_size, "intermediate_size": hf.intermediate_size,
+        "num_hidden_layers": hf.num_hidden_layers,
+        "num_attention_heads": hf.num_attention_heads,
+        "num_key_value_heads": hf.num_key_value_heads,
+        "head_dim": getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
+        "vocab_size": hf.vocab_size, "max_position_embeddings": hf.max_position_embeddings,
+        "rms_norm_eps": hf.rms_norm_eps, "rope_theta": theta,
+        "rope_type": rope.get("rope_type", rope.get("type", "default")),
+        "tie_word_embeddings": hf.tie_word_embeddings, "sliding_window": window,
+    }
+
+
+def _ours(cfg: loader.CheckpointConfig) -> dict:
+    rope_type = (cfg.rope_scaling or {}).get("rope_type", "default")
+    return {
+        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
+        "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta, "rope_type": rope_type,
+        "tie_word_embeddings": cfg.tie_word_embeddings, "sliding_window": cfg.sliding_window,
+    }
+
+
+@pytest.mark.parametrize("name", loader.shipped_config_names())
+def test_checkpoint_config_reads_shipped_configs_as_transformers_does(name):
+    cfg = loader.load_checkpoint_config(loader.resolve_model(name))
+    assert _ours(cfg) == _transformers_view(cfg.raw)
+
+
+@pytest.mark.parametrize("model_type, arch", [
+    ("llama", "LlamaForCausalLM"), ("mistral", "MistralForCausalLM"), ("qwen2", "Qwen2ForCausalLM"),
+])
+def test_checkpoint_config_defaults_match_transformers(model_type, arch):
+    """A config.json that leaves the optional fields out means what transformers' defaults say."""
+    raw = {"architectures": [arch], "model_type": model_type, "hidden_size": 64,
+           "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "vocab_size": 1000}
+    assert _ours(loader.CheckpointConfig.from_dict(raw)) == _transformers_view(raw)
+
+
+def test_checkpoint_config_reads_a_checkpoint_transformers_wrote(llama_dir):
+    cfg = loader.CheckpointConfig.from_file(llama_dir / "config.json")
+    assert _ours(cfg) == _transformers_view(cfg.raw)
+    assert cfg.rope_scaling["rope_type"] == "llama3" and cfg.rope_theta == 500000.0
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"architectures": ["GPT2LMHeadModel"]}, "unsupported model architecture"),
+    ({"model_type": "gpt2"}, "model_type"),
+    ({"hidden_size": None}, "lacks hidden_size"),
+])
+def test_checkpoint_config_refuses_what_it_cannot_serve(change, message):
+    raw = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+           "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "vocab_size": 1000}
+    raw.update(change)
+    with pytest.raises(ValueError, match=message):
+        loader.CheckpointConfig.from_dict(raw)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fairswitch import LLM, SamplingParams
-from tests.conftest import hf_greedy
+from helpers import hf_greedy
 
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog because",

@@ -63,7 +63,11 @@ def run(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, seed=args.sampling_seed, stop=args.stop, stop_token_ids=args.stop_token_ids,
         ignore_eos=args.ignore_eos)
-    llm = LLM.from_config(EngineConfig.from_cli_args(args))
+    config = EngineConfig.from_cli_args(args)
+    # No more requests than prompts ever run at once; on a CPU this also sizes the KV cache
+    # (every running request at full length) to what the prompts can use.
+    config.scheduler.max_num_seqs = min(config.scheduler.max_num_seqs, len(prompts))
+    llm = LLM.from_config(config)
     outputs = llm.generate(prompts, params, use_tqdm=not args.no_progress)
     for out in outputs:
         c = out.outputs[0]

@@ -97,7 +97,6 @@ class Engine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         mc = config.model
-        JIT_CLOCK.install()
         JIT_CLOCK.serving = False  # compiles while building (warm-up, graph capture) are expected
         self.device = resolve_device(mc.device)
         self.dtype = resolve_dtype(mc.dtype, self.device)
@@ -105,13 +104,15 @@ class Engine:
         if source.checkpoint_dir is None and mc.load_format != "dummy":
             raise ValueError(f"{mc.model!r} is a shipped config without weights: use "
                              "load_format='dummy' (--load-format dummy) or a checkpoint directory")
-        self.hf_config = loader.load_hf_config(source)
+        self.hf_config = loader.load_checkpoint_config(source)
         self.tokenizer = loader.load_tokenizer(self._tokenizer_path(source))
         self.max_model_len = self._max_model_len()
         backend = get_attention_backend(mc.attention_backend, self.device)
         if backend.name == "triton" and config.cache.block_size < 8:
             raise ValueError(f"block_size={config.cache.block_size}: the Triton attention kernels "
                              "need block_size >= 8")
+        if backend.name == "triton":  # the torch backend runs no Triton kernel: nothing to time
+            JIT_CLOCK.install()
         t0 = time.perf_counter()
         model = loader.build_model(self.hf_config, backend, self.max_model_len, self.dtype,
                                    self.device, ops=self._elementwise_ops(backend.name))
@@ -199,8 +200,8 @@ class Engine:
 
     def _max_model_len(self) -> int:
         limit = self.hf_config.max_position_embeddings
-        window = getattr(self.hf_config, "sliding_window", None)
-        if window and getattr(self.hf_config, "use_sliding_window", True):
+        window = self.hf_config.sliding_window
+        if window:
             # No sliding-window attention here: stay within the window, where it equals full.
             limit = min(limit, window)
         wanted = self.config.model.max_model_len
@@ -212,7 +213,7 @@ class Engine:
 
     def _eos_ids(self, source: loader.ModelSource) -> set[int]:
         ids: set[int] = set()
-        for value in (getattr(self.hf_config, "eos_token_id", None), self.tokenizer.eos_token_id):
+        for value in (self.hf_config.eos_token_id, self.tokenizer.eos_token_id):
             ids.update(value if isinstance(value, list) else [value] if value is not None else [])
         gen_cfg = source.checkpoint_dir / "generation_config.json" if source.checkpoint_dir else None
         if gen_cfg is not None and gen_cfg.is_file():

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+from fairswitch.model.checkpoint_config import CheckpointConfig
+
 
 
 class Linear(nn.Module):
@@ -47,10 +48,8 @@ class RMSNorm(nn.Module):
         return self.ops.add_rmsnorm(x, residual, self.weight, self.eps)
 
 
-def rope_inv_freq(config: Any, head_dim: int) -> torch.Tensor:
-    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
-                  or {})
-    theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+def rope_inv_freq(theta: float, scaling: dict[str, Any] | None, head_dim: int) -> torch.Tensor:
+    params = scaling or {}
     rope_type = params.get("rope_type", params.get("type", "default"))
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     if rope_type == "default":
@@ -72,9 +71,9 @@ def rope_inv_freq(config: Any, head_dim: int) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, config: Any, head_dim: int, max_positions: int) -> None:
+    def __init__(self, config: CheckpointConfig, max_positions: int) -> None:
         super().__init__()
-        inv_freq = rope_inv_freq(config, head_dim)
+        inv_freq = rope_inv_freq(config.rope_theta, config.rope_scaling, config.head_dim)
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
         # float32 caches [max_positions, head_dim], created on the model's device. Plain
@@ -84,21 +83,21 @@ class RotaryEmbedding(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: Any, layer_idx: int, backend: Any, ops: Any,
+    def __init__(self, config: CheckpointConfig, layer_idx: int, backend: Any, ops: Any,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.ops = ops
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = head_dim_of(config)
-        bias = qkv_bias_of(config)
+        self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=bias,
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size,
+                               bias=config.qkv_bias,
                                dtype=dtype)
-        self.o_proj = Linear(self.q_size, config.hidden_size,
-                             bias=bool(getattr(config, "attention_bias", False)), dtype=dtype)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias,
+                             dtype=dtype)
         self.backend = backend
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
@@ -132,7 +131,7 @@ class DecoderLayer(nn.Module):
         residual += a;      x = norm(residual); h = mlp(x)      -> (h, residual)
     """
 
-    def __init__(self, config: Any, layer_idx: int, backend: Any, ops: Any,
+    def __init__(self, config: CheckpointConfig, layer_idx: int, backend: Any, ops: Any,
                  dtype: torch.dtype | None = None) -> None:
         super().__init__()
         eps = config.rms_norm_eps
@@ -155,7 +154,7 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: Any, backend: Any, max_positions: int, ops: Any,
+    def __init__(self, config: CheckpointConfig, backend: Any, max_positions: int, ops: Any,
                  dtype: torch.dtype | None = None) -> None:
         """``ops``: fairswitch.kernels.reference (torch) or .fused_ops (Triton), same functions.
         ``dtype``: of the weights, allocated so (default: torch's default dtype); building in
@@ -168,10 +167,10 @@ class LlamaForCausalLM(nn.Module):
             DecoderLayer(config, i, backend, ops, dtype)
             for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, dtype)
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.tie_word_embeddings = config.tie_word_embeddings
         self.lm_head = None if self.tie_word_embeddings else Linear(
             config.hidden_size, config.vocab_size, dtype=dtype)
-        self.rope = RotaryEmbedding(config, head_dim_of(config), max_positions)
+        self.rope = RotaryEmbedding(config, max_positions)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_layers: list[tuple[torch.Tensor, torch.Tensor]], meta: Any) -> torch.Tensor:
@@ -184,13 +183,3 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, weight).float()
-
-
-def head_dim_of(config: Any) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def qkv_bias_of(config: Any) -> bool:
-    # Qwen2 always has q/k/v biases; Llama-style configs say so with attention_bias.
-    return config.architectures[0] == "Qwen2ForCausalLM" or bool(
-        getattr(config, "attention_bias", False))

@@ -15,7 +15,9 @@ from typing import Any
 
 import torch
 
-from fairswitch.model.llama import SUPPORTED_ARCHITECTURES, LlamaForCausalLM
+from fairswitch.model.checkpoint_config import CheckpointConfig
+from fairswitch.model.llama import LlamaForCausalLM
+from fairswitch.model.tokenizer import load_tokenizer  # noqa: F401  (the loader's API)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -50,30 +52,11 @@ def resolve_model(model: str) -> ModelSource:
     )
 
 
-def load_hf_config(source: ModelSource) -> Any:
-    from transformers import AutoConfig
-
-    with open(source.config_path) as f:
-        raw = json.load(f)
-    archs = raw.get("architectures") or []
-    if not archs or archs[0] not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(
-            f"unsupported model architecture {archs[0] if archs else None!r} in "
-            f"{source.config_path} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
-        )
-    model_type = raw.pop("model_type", None)
-    if model_type is None:
-        raise ValueError(f"{source.config_path} has no model_type")
-    return AutoConfig.for_model(model_type, **raw)
+def load_checkpoint_config(source: ModelSource) -> CheckpointConfig:
+    return CheckpointConfig.from_file(source.config_path)
 
 
-def load_tokenizer(path: str | Path) -> Any:
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path))
-
-
-def build_model(config: Any, backend: Any, max_positions: int, dtype: torch.dtype,
+def build_model(config: CheckpointConfig, backend: Any, max_positions: int, dtype: torch.dtype,
                 device: torch.device, ops: Any = None) -> LlamaForCausalLM:
     """Build on ``device`` in ``dtype`` (no copy, no cast). ``ops``: the elementwise
     implementation (default: torch)."""

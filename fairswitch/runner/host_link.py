@@ -11,10 +11,18 @@ the step with them. Kernel copies read and write the pinned buffers over PCIe di
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
-from fairswitch.kernels.host_copy import copy_words
+
+def _copy_words() -> Callable[[torch.Tensor, torch.Tensor, int], None]:
+    # Triton is imported where a buffer is built (on CUDA), not by importing this module: the
+    # CPU engine runs without it.
+    from fairswitch.kernels.host_copy import copy_words
+
+    return copy_words
 
 
 class StagingBuffer:
@@ -34,6 +42,7 @@ class StagingBuffer:
         self._dev_words = self._dev.view(torch.int32)
         self._host_np = self._host.numpy()
         self._sent = torch.cuda.Event()
+        self._copy = _copy_words()
         self.offset = 0
 
     def take(self, dtype: torch.dtype, *shape: int) -> tuple[torch.Tensor, np.ndarray]:
@@ -52,7 +61,7 @@ class StagingBuffer:
     def send(self, nbytes: int | None = None) -> None:
         """Copy the first ``nbytes`` (all by default) to the device, in stream order."""
         end = len(self._host_np) if nbytes is None else nbytes
-        copy_words(self._host_words, self._dev_words, -(-end // 4))
+        self._copy(self._host_words, self._dev_words, -(-end // 4))
         self._sent.record()
 
 
@@ -88,6 +97,7 @@ class TokenReturn:
         self._host_words = self._host.view(torch.int32)
         self._host_np = self._host.numpy()
         self._done = [torch.cuda.Event() for _ in range(depth)]
+        self._copy = _copy_words()
         self._next = 0
 
     def send(self, tokens: torch.Tensor) -> tuple[int, int]:
@@ -100,7 +110,7 @@ class TokenReturn:
         slot = self._next
         self._next = (slot + 1) % len(self._done)
         words = tokens.to(torch.int64).contiguous().view(torch.int32)
-        copy_words(words, self._host_words[slot], 2 * n)
+        self._copy(words, self._host_words[slot], 2 * n)
         self._done[slot].record()
         return slot, n
 

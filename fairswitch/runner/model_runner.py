@@ -14,7 +14,7 @@ import torch
 
 from fairswitch.config import CacheConfig, SchedulerConfig
 from fairswitch.kv.kv_cache import KVCache, kv_block_bytes
-from fairswitch.model.llama import LlamaForCausalLM, head_dim_of
+from fairswitch.model.llama import LlamaForCausalLM
 from fairswitch.request import PLACEHOLDER_TOKEN, Request
 from fairswitch.runner.attention import AttentionBackend, AttentionMetadata
 from fairswitch.runner.cuda_graph import DecodeGraphs
@@ -57,7 +57,7 @@ class ModelRunner:
         self.block_size = cache.block_size
         cfg = model.config
         self.block_bytes = kv_block_bytes(cfg.num_hidden_layers, cache.block_size,
-                                          cfg.num_key_value_heads, head_dim_of(cfg), dtype)
+                                          cfg.num_key_value_heads, cfg.head_dim, dtype)
         self.graph_plan = graphs
         self.graph_bytes = 0  # device memory the CUDA graphs' pools took (measured on CUDA)
         num_blocks = self._num_blocks(cache, sched, max_model_len)
@@ -67,7 +67,7 @@ class ModelRunner:
                 f"{num_blocks * cache.block_size} tokens, less than max_model_len={max_model_len}; "
                 "give it more memory or lower --max-model-len")
         self.kv_cache = KVCache(num_blocks, cfg.num_hidden_layers, cache.block_size,
-                                cfg.num_key_value_heads, head_dim_of(cfg), dtype, device)
+                                cfg.num_key_value_heads, cfg.head_dim, dtype, device)
         self.sampler = Sampler(device, seed)
         # On CUDA, sample rows go in and tokens come back by kernel copies (host_link.py).
         on_cuda = device.type == "cuda"
@@ -109,7 +109,7 @@ class ModelRunner:
         n = sched.max_num_batched_tokens
         probe = KVCache(-(-n // self.block_size), self.model.config.num_hidden_layers,
                         self.block_size, self.model.config.num_key_value_heads,
-                        head_dim_of(self.model.config), self.dtype, self.device)
+                        self.model.config.head_dim, self.dtype, self.device)
         table = np.arange(probe.num_blocks, dtype=np.int32)[None, :]
         positions = np.arange(n, dtype=np.int64) % self.model.rope.cos.shape[0]
         batch = InputBatch(

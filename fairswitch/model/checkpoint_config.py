@@ -1,0 +1,98 @@
+"""A checkpoint's ``config.json``: the decoder's shape, read without importing transformers.
+
+Importing transformers' config classes pulls in most of transformers and torch.distributed (over
+a second of start-up on a small CPU). The Llama family needs a dozen fields; this reads them with
+the defaults transformers' config classes give when a field is absent, so a checkpoint means the
+same here as there (tests/test_loader.py compares both on every shipped config).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+# transformers' defaults that differ between the model types (LlamaConfig, MistralConfig,
+# Qwen2Config): KV heads (None: as many as query heads), context length, sliding window.
+_TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {"num_key_value_heads": None, "max_position_embeddings": 2048,
+              "sliding_window": None, "use_sliding_window": False},
+    "mistral": {"num_key_value_heads": 8, "max_position_embeddings": 4096 * 32,
+                "sliding_window": 4096, "use_sliding_window": True},
+    "qwen2": {"num_key_value_heads": 32, "max_position_embeddings": 32768,
+              "sliding_window": None, "use_sliding_window": False},
+}
+_REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "vocab_size")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    architecture: str
+    model_type: str
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None  # rope_type and its parameters; None: plain RoPE
+    tie_word_embeddings: bool
+    qkv_bias: bool  # Qwen2 always; Llama-style models when attention_bias says so
+    o_proj_bias: bool  # attention_bias (Llama-style models only)
+    sliding_window: int | None  # None: full attention
+    eos_token_id: int | list[int] | None
+    bos_token_id: int | None
+    raw: dict[str, Any] = field(repr=False, compare=False)  # config.json as read
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], where: str = "config.json") -> CheckpointConfig:
+        archs = raw.get("architectures") or []
+        if not archs or archs[0] not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"unsupported model architecture {archs[0] if archs else None!r} in {where} "
+                f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+        model_type = raw.get("model_type")
+        if model_type not in _TYPE_DEFAULTS:
+            raise ValueError(f"{where}: model_type {model_type!r} is not one of "
+                             f"{', '.join(_TYPE_DEFAULTS)}")
+        missing = [k for k in _REQUIRED if raw.get(k) is None]
+        if missing:
+            raise ValueError(f"{where} lacks {', '.join(missing)}")
+        defaults = _TYPE_DEFAULTS[model_type]
+        get = lambda key, default=None: raw[key] if raw.get(key) is not None else default  # noqa: E731
+        heads = int(raw["num_attention_heads"])
+        # transformers 5 writes rope_parameters (with rope_theta inside), 4.x rope_scaling.
+        rope = dict(get("rope_parameters") or get("rope_scaling") or {})
+        theta = float(rope.pop("rope_theta", get("rope_theta", 10000.0)))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        use_window = get("use_sliding_window", defaults["use_sliding_window"])
+        return cls(
+            architecture=archs[0], model_type=model_type,
+            hidden_size=int(raw["hidden_size"]), intermediate_size=int(raw["intermediate_size"]),
+            num_hidden_layers=int(raw["num_hidden_layers"]), num_attention_heads=heads,
+            num_key_value_heads=int(get("num_key_value_heads",
+                                        defaults["num_key_value_heads"] or heads)),
+            head_dim=int(get("head_dim", int(raw["hidden_size"]) // heads)),
+            vocab_size=int(raw["vocab_size"]),
+            max_position_embeddings=int(get("max_position_embeddings",
+                                            defaults["max_position_embeddings"])),
+            rms_norm_eps=float(get("rms_norm_eps", 1e-6)), rope_theta=theta,
+            rope_scaling=None if rope_type == "default" else rope,
+            tie_word_embeddings=bool(get("tie_word_embeddings", False)),
+            qkv_bias=archs[0] == "Qwen2ForCausalLM" or bool(get("attention_bias", False)),
+            o_proj_bias=bool(get("attention_bias", False)),
+            sliding_window=get("sliding_window", defaults["sliding_window"]) if use_window else None,
+            eos_token_id=get("eos_token_id"), bos_token_id=get("bos_token_id"), raw=raw)
+
+    @classmethod
+    def from_file(cls, path: Path) -> CheckpointConfig:
+        with open(path) as f:
+            return cls.from_dict(json.load(f), str(path))

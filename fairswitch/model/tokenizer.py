@@ -1,0 +1,157 @@
+"""A checkpoint's tokenizer, read from its ``tokenizer.json`` by the Rust ``tokenizers`` library.
+
+Loading it through ``transformers.AutoTokenizer`` imports most of transformers first (seconds of
+start-up on a small CPU, more than the rest of a short ``generate``). What the engine and the server
+use of a tokenizer is small: encode, decode, the special tokens, and the chat template. This class
+gives those with transformers' semantics (``tests/test_tokenizer.py`` compares both):
+
+- ``encode(text, add_special_tokens=True)``: the tokenizer.json post-processor adds BOS/EOS, as
+  transformers' fast tokenizers do;
+- ``decode``: transformers' clean-up of spaces before punctuation only where the config asks for
+  it and the model is not BPE (transformers skips it for BPE, which it would corrupt);
+- ``apply_chat_template``: the Jinja environment transformers renders templates in (sandboxed,
+  ``trim_blocks``/``lstrip_blocks``, ``loopcontrols``, ``tojson``, ``raise_exception``,
+  ``strftime_now``, the ``{% generation %}`` tag), with the special tokens as variables.
+
+A checkpoint without ``tokenizer.json`` (a SentencePiece model only) is loaded by transformers.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+_SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token",
+            "mask_token")
+_CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+            (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    path = Path(path)
+    if (path / "tokenizer.json").is_file():
+        return Tokenizer(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"tokenizer directory {path} does not exist")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _token_text(value: Any) -> str | None:
+    # tokenizer_config.json writes a special token as a string or as an AddedToken dict.
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _chat_template(path: Path, config: dict[str, Any]) -> str | None:
+    if (path / "chat_template.jinja").is_file():
+        return (path / "chat_template.jinja").read_text()
+    template = config.get("chat_template") or _read_json(path / "chat_template.json").get(
+        "chat_template")
+    if isinstance(template, list):  # named templates: the default one
+        named = {t["name"]: t["template"] for t in template}
+        template = named.get("default")
+    return template
+
+
+class Tokenizer:
+    def __init__(self, path: Path) -> None:
+        from tokenizers import Tokenizer as RustTokenizer
+
+        self._tok = RustTokenizer.from_file(str(path / "tokenizer.json"))
+        config = _read_json(path / "tokenizer_config.json")
+        special_map = _read_json(path / "special_tokens_map.json")
+        self.special_tokens = {name: _token_text(config.get(name, special_map.get(name)))
+                               for name in _SPECIAL}
+        self.chat_template = _chat_template(path, config)
+        self._cleanup = bool(config.get("clean_up_tokenization_spaces", False)) and \
+            type(self._tok.model).__name__ != "BPE"
+        self._templates: dict[str, Any] = {}
+
+    def __len__(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def _token_id(self, name: str) -> int | None:
+        text = self.special_tokens[name]
+        return None if text is None else self._tok.token_to_id(text)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._token_id("eos_token")
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._token_id("bos_token")
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def __call__(self, text: str | list[str], add_special_tokens: bool = True,
+                 **_: Any) -> dict[str, Any]:
+        """transformers' batch call, ids only: ``{"input_ids": ids or [ids, ...]}``."""
+        if isinstance(text, str):
+            return {"input_ids": self.encode(text, add_special_tokens)}
+        batch = self._tok.encode_batch(text, add_special_tokens=add_special_tokens)
+        return {"input_ids": [e.ids for e in batch]}
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        text = self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+        if self._cleanup:
+            for old, new in _CLEANUP:
+                text = text.replace(old, new)
+        return text
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str | None]:
+        return [self._tok.id_to_token(i) for i in ids]
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], chat_template: str | None = None,
+                            tokenize: bool = True, add_generation_prompt: bool = False,
+                            **kwargs: Any) -> str | list[int]:
+        source = chat_template or self.chat_template
+        if source is None:
+            raise ValueError("this tokenizer has no chat template; pass chat_template")
+        if source not in self._templates:
+            self._templates[source] = _compile(source)
+        variables = {name: text for name, text in self.special_tokens.items() if text is not None}
+        # tools and documents are None, not undefined, when absent: templates test "is not none".
+        variables.update(tools=None, documents=None, **kwargs)
+        text = self._templates[source].render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+def _compile(source: str) -> Any:
+    import jinja2
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationTag(Extension):
+        # {% generation %}...{% endgeneration %} marks assistant text (for training masks);
+        # rendering for inference keeps its body as it is.
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.Scope(body, lineno=lineno)
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
+               separators: Any = None, sort_keys: bool = False) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[GenerationTag, loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(source)

@@ -1,0 +1,58 @@
+"""Helpers the tests share (imported as ``helpers``: pytest puts tests/ on sys.path)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def hf_greedy(model_dir: Path, prompt_ids: list[int], n: int, dtype=torch.float32,
+              device: str = "cpu") -> list[int]:
+    """Reference: transformers' own model, full recompute each step, plain argmax."""
+    model = hf_model(model_dir, dtype, device)
+    ids = torch.tensor([prompt_ids], device=device)
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(model(ids).logits[0, -1].float().argmax())
+            out.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]], device=device)], dim=1)
+    return out
+
+
+_HF_CACHE: dict = {}
+
+
+def hf_model(model_dir: Path, dtype, device):
+    key = (str(model_dir), dtype, device)
+    if key not in _HF_CACHE:
+        from transformers import AutoModelForCausalLM
+
+        _HF_CACHE[key] = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype).to(device).eval()
+    return _HF_CACHE[key]
+
+
+def run_logged(inside_each_step, max_tokens: int):
+    """A tiny engine with a step log serves one request of ``max_tokens`` tokens to the end,
+    calling ``inside_each_step()`` inside every model step; returns the engine, its step log
+    and its switch metrics from before serving. Its steps run in turn (no async scheduling), so
+    each step-log row holds exactly one launch."""
+    from fairswitch import LLM, SamplingParams
+    from fairswitch.engine.step_log import StepLog
+
+    engine = LLM(num_gpu_blocks=32, block_size=4, max_model_len=64, async_scheduling=False).engine
+    engine.step_log = log = StepLog()
+    launch = engine.runner.launch  # every step launches (execute = launch + collect)
+
+    def launch_with(*args, **kwargs):
+        inside_each_step()
+        return launch(*args, **kwargs)
+
+    engine.runner.launch = launch_with
+    engine.add_request("logged", SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    before = engine.switch_metrics()
+    while engine.has_unfinished_requests():
+        engine.step()
+    return engine, log, before
