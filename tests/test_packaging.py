@@ -64,4 +64,5 @@ def test_generate_on_a_cpu_imports_neither_transformers_nor_triton(tmp_path):
     code = ("import sys; from fairswitch.cli.main import main;"
             "main(['generate', 'Hi', '--max-tokens', '2', '--device', 'cpu', '--no-progress']);"
             "print(sorted(m for m in ('transformers', 'triton') if m in sys.modules))")
-    assert _python(code, tmp_path).splitlines()[-1] == "[]"
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])  # a source tree too
+    assert _python(code, tmp_path, PYTHONPATH=path).splitlines()[-1] == "[]"
