@@ -29,10 +29,15 @@ class LLM:
         prompts: str | Sequence[str] | Sequence[list[int]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        priority: int | Sequence[int] = 0,
+        client_id: str | None | Sequence[str | None] = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt (text, or a list of token ids); block until all finish.
 
-        Invalid input raises ValueError before anything runs.
+        ``priority`` (lower runs first, with ``policy="priority"``) and ``client_id`` (whose
+        service VTC evens out, with ``policy="vtc"``) go to the scheduler as the server's
+        ``priority`` field and ``X-Client-Id`` header do: one value for every prompt, or one per
+        prompt. Invalid input raises ValueError before anything runs.
         """
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
@@ -43,12 +48,22 @@ class LLM:
                   else list(sampling_params))
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        priorities = _per_prompt(priority, len(prompts), "priority", _is_int)
+        clients = _per_prompt(client_id, len(prompts), "client_id",
+                              lambda c: c is None or isinstance(c, str))
         engine = self.engine
         # Tokenize and validate everything first so a bad prompt queues nothing.
         checked = [engine.validate_prompt(*((None, p) if isinstance(p, list) else (p, None)))
                    for p in prompts]
-        ids = [engine.add_request(text, p, prompt_token_ids=toks)
-               for (text, toks), p in zip(checked, params)]
+        ids: list[str] = []
+        try:
+            for (text, toks), p, prio, client in zip(checked, params, priorities, clients):
+                ids.append(engine.add_request(text, p, prompt_token_ids=toks, priority=prio,
+                                              client_id=client))
+        except BaseException:  # e.g. the waiting queue is full: take back what was queued
+            for rid in ids:
+                engine.abort_request(rid)
+            raise
         index = {rid: i for i, rid in enumerate(ids)}
         results: list[RequestOutput | None] = [None] * len(ids)
         bar = _progress(len(ids), use_tqdm)
@@ -67,6 +82,21 @@ class LLM:
             if bar is not None:
                 bar.close()
         return results  # type: ignore[return-value]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _per_prompt(value: Any, n: int, name: str, valid: Any) -> list[Any]:
+    """One value per prompt from a scalar or a sequence of ``n``; ValueError naming ``name``."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * n
+    if len(values) != n:
+        raise ValueError(f"{n} prompts but {len(values)} values of {name}")
+    bad = [v for v in values if not valid(v)]
+    if bad:
+        raise ValueError(f"{name} has invalid values: {bad[:5]!r}")
+    return values
 
 
 def _progress(total: int, enabled: bool) -> Any:

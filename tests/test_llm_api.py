@@ -1,0 +1,57 @@
+"""The offline API reaches the scheduler: per-prompt priorities and client ids."""
+
+from __future__ import annotations
+
+import pytest
+
+from fairswitch import LLM, SamplingParams
+
+PARAMS = SamplingParams(max_tokens=4, ignore_eos=True)
+
+
+def _finish_order(outs) -> list[int]:
+    return sorted(range(len(outs)), key=lambda i: outs[i].metrics.finished_time)
+
+
+def test_priorities_per_prompt_decide_who_runs_first():
+    # One request at a time: the order they finish in is the order the scheduler ranked them.
+    llm = LLM(num_gpu_blocks=64, max_model_len=64, max_num_seqs=1, policy="priority")
+    prompts = ["first queued", "second queued", "third queued"]
+    outs = llm.generate(prompts, PARAMS, use_tqdm=False, priority=[2, 0, 1])
+    assert _finish_order(outs) == [1, 2, 0]
+    assert [o.prompt for o in outs] == prompts  # results stay in prompt order
+    outs = llm.generate(prompts, PARAMS, use_tqdm=False)  # default: one priority, FCFS order
+    assert _finish_order(outs) == [0, 1, 2]
+
+
+def test_client_ids_reach_the_fairness_policy():
+    # VTC serves the client with the least service first: client b, whose three requests
+    # queued behind a's, takes turns with a (FCFS would serve a's three first).
+    llm = LLM(num_gpu_blocks=64, max_model_len=64, max_num_seqs=1, policy="vtc")
+    prompts = ["a one", "a two", "a three", "b one", "b two", "b three"]
+    outs = llm.generate(prompts, PARAMS, use_tqdm=False, client_id=["a"] * 3 + ["b"] * 3)
+    assert _finish_order(outs) == [0, 3, 1, 4, 2, 5]
+    counters = llm.engine.scheduler.ranking.counters
+    assert set(counters) == {"a", "b"} and min(counters.values()) > 0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"priority": [0, 1]}, "3 prompts but 2 values of priority"),
+    ({"priority": 1.5}, "priority has invalid values"),
+    ({"priority": True}, "priority has invalid values"),
+    ({"client_id": ["a", 7, "c"]}, "client_id has invalid values"),
+])
+def test_bad_priorities_and_client_ids_queue_nothing(kwargs, match):
+    llm = LLM(num_gpu_blocks=64, max_model_len=64)
+    with pytest.raises(ValueError, match=match):
+        llm.generate(["x", "y", "z"], PARAMS, use_tqdm=False, **kwargs)
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_a_full_queue_midway_takes_back_what_was_queued():
+    from fairswitch.scheduler.scheduler import QueueFullError
+
+    llm = LLM(num_gpu_blocks=64, max_model_len=64, max_waiting=2)
+    with pytest.raises(QueueFullError):
+        llm.generate(["x", "y", "z"], PARAMS, use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests() and not llm.engine.requests
