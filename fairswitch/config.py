@@ -207,9 +207,23 @@ class SchedulerConfig:
                              f"{self.priority_update_prob}")
         if self.num_priority_levels < 1:
             raise ValueError(f"num_priority_levels must be >= 1, got {self.num_priority_levels}")
-        from fairswitch.scheduler.policy import parse_client_weights
-
         parse_client_weights(self.client_weights)  # raises ValueError naming the bad item
+
+
+def parse_client_weights(spec: str | None) -> dict[str, float]:
+    """``"a=2,b=1"`` -> {"a": 2.0, "b": 1.0}."""
+    weights: dict[str, float] = {}
+    for item in (spec or "").split(","):
+        if not item.strip():
+            continue
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"client weight {item!r} is not CLIENT=WEIGHT")
+        weight = float(value)
+        if not weight > 0:
+            raise ValueError(f"client weight of {name.strip()!r} must be > 0, got {value}")
+        weights[name.strip()] = weight
+    return weights
 
 
 _SECTIONS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}

@@ -200,9 +200,9 @@ def test_aborts_and_preemptions_between_steps_lose_nothing():
                 assert all(victim.request_id not in ids for ids in launched[next_launch:])
             else:  # recompute preemption from outside the step: it starts over (a fresh schedule
                 # may take it back at once; recording_launch checks it runs only as RUNNING)
-                engine.scheduler.policy.mode = "recompute"
+                engine.scheduler.preemption.mode = "recompute"
                 engine.scheduler._preempt(victim)
-                engine.scheduler.policy.mode = "auto"
+                engine.scheduler.preemption.mode = "auto"
                 step()
     assert hits >= 3
     for i, rid in enumerate(ids):
@@ -231,9 +231,9 @@ def test_a_restarted_prompt_ends_in_the_token_the_step_in_flight_samples():
     outs = engine.step()
     assert len(outs[0].outputs[0].token_ids) == 1 and engine.step_in_flight
     req = engine.requests[rid]
-    engine.scheduler.policy.mode = "recompute"
+    engine.scheduler.preemption.mode = "recompute"
     engine.scheduler._preempt(req)
-    engine.scheduler.policy.mode = "auto"
+    engine.scheduler.preemption.mode = "auto"
     assert req.num_computed_tokens == 0 and req.token_ids[-1] == PLACEHOLDER_TOKEN
     last = None
     while engine.has_unfinished_requests():
@@ -313,7 +313,7 @@ def test_a_step_collected_after_an_idle_spell_does_not_time_the_idle_spell():
 
     engine = make_llm(True, num_gpu_blocks=256, max_model_len=1024,
                       max_num_batched_tokens=512).engine
-    policy = engine.scheduler.policy
+    policy = engine.scheduler.preemption
     params = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)
     a = engine.add_request(prompt_token_ids=[5] * 100, params=params)
     engine.step()

@@ -16,7 +16,7 @@ from fairswitch.kv.copy_backend import SyncCopyBackend
 from fairswitch.kv.swap_manager import SwapManager
 from fairswitch.request import Request, RequestStatus
 from fairswitch.sampling_params import SamplingParams
-from fairswitch.scheduler.policy import parse_client_weights
+from fairswitch.config import parse_client_weights
 from fairswitch.scheduler.scheduler import Scheduler
 
 

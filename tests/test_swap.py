@@ -178,7 +178,7 @@ def test_cost_model_rates_are_measured(llama_dir):
     steps: neither stays at the configured starting values, and the probe leaves no trace."""
     llm = LLM(model=str(llama_dir), num_gpu_blocks=128, block_size=4, max_model_len=512,
               swap_space=0.01, swap_link_gb_s=1e-6, prefill_tokens_per_s=1e-3)
-    policy, swap = llm.engine.scheduler.policy, llm.engine.swap
+    policy, swap = llm.engine.scheduler.preemption, llm.engine.swap
     assert policy.num_link_samples == 1 and policy.link_bytes_per_s > 1e3
     assert swap.backend.stats.num_copies == 0 and swap.cpu_pool.num_used_blocks == 0
     llm.generate([list(range(100, 400))], greedy(2), use_tqdm=False)  # one 300-token prefill
@@ -316,9 +316,9 @@ def test_early_landed_requests_preempted_or_aborted_mid_copy_keep_pools_whole(ll
                 engine.abort_request(early[0].request_id)
             else:  # preempted for recompute: its blocks must outlive the copy
                 sched = engine.scheduler
-                sched.policy.mode = "recompute"
+                sched.preemption.mode = "recompute"
                 sched._preempt(early[0])
-                sched.policy.mode = "auto"
+                sched.preemption.mode = "auto"
     assert hit > 0 and any(drops_mid_copy)
     survivors = [i for i, rid in enumerate(ids) if rid not in aborted]
     assert len(survivors) >= 6

@@ -62,7 +62,7 @@ def _slo(args: argparse.Namespace) -> Any:
 
 
 def _summary(args: argparse.Namespace, result: RunResult) -> dict[str, Any]:
-    from fairswitch.scheduler.policy import parse_client_weights
+    from fairswitch.config import parse_client_weights
 
     return result.summarize(_slo(args), args.window_s,
                             parse_client_weights(args.client_weights) or None)

@@ -26,7 +26,7 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
     """Run, print the report, write the JSON when asked; returns the JSON report."""
     from fairswitch.bench.report import format_table, write_json
     from fairswitch.bench.turns import format_reuse, format_turns, reuse_summary, turn_summary
-    from fairswitch.scheduler.policy import parse_client_weights
+    from fairswitch.config import parse_client_weights
 
     trace = load_trace(args)
     result = run_target(args, trace, "replay")

@@ -137,7 +137,7 @@ class Engine:
         self.swap = self._swap_manager()
         self.scheduler = Scheduler(config.scheduler, self.kv, self.swap)
         if self.swap is not None:  # the swap-or-recompute cost model uses this machine's link
-            self.scheduler.policy.observe_link(*self.swap.probe_link())
+            self.scheduler.preemption.observe_link(*self.swap.probe_link())
         self.output_processor = OutputProcessor(self.tokenizer, self._eos_ids(source),
                                                 self.max_model_len)
         self.requests: dict[str, Request] = {}
@@ -481,7 +481,7 @@ class Engine:
         """Prefill-heavy steps tell the cost model how fast recomputing is on this machine."""
         num_prefill = sum(n for _, n in sched.scheduled if n > 1)
         if num_prefill >= 256 and 2 * num_prefill >= sched.num_batched_tokens:
-            self.scheduler.policy.observe_prefill(num_prefill, seconds)
+            self.scheduler.preemption.observe_prefill(num_prefill, seconds)
 
     def switch_metrics(self) -> dict[str, float]:
         """Context-switch, reuse and KV-layout counters (cumulative since start)."""
@@ -502,8 +502,8 @@ class Engine:
             # of which blocked waiting on copies (sync baseline copies, swap-ins with nothing
             # else to run).
             "switch_stall_s": swap.stall_s if swap else 0.0,
-            "link_gb_s": sched.policy.link_bytes_per_s / 1e9,  # as measured (cost model)
-            "prefill_tokens_per_s": sched.policy.prefill_tokens_per_s,
+            "link_gb_s": sched.preemption.link_bytes_per_s / 1e9,  # as measured (cost model)
+            "prefill_tokens_per_s": sched.preemption.prefill_tokens_per_s,
             "switch_wait_s": sched.switch_stall_s + (swap.blocking_copy_s if swap else 0.0),
             "num_swapped": len(sched.swapped),
             "gpu_kv_usage": self.kv.usage(),

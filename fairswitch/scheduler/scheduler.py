@@ -1,7 +1,7 @@
 """Iteration-level scheduler: continuous batching with chunked prefill under a token budget, and
 preemption so that the batch converges to the best-ranked requests that fit.
 
-Who is best is the ranking policy's call (policy.py: fcfs, priority, vtc, trace); this module only
+Who is best is the ranking policy's call (ranking.py: fcfs, priority, vtc, trace); this module only
 compares ranks. Each step:
 
 1. swap-ins that landed rejoin ``running``; the policy updates ranks (trace priorities); requests
@@ -40,7 +40,7 @@ from fairswitch.config import SchedulerConfig
 from fairswitch.kv.cache_manager import KVCacheManager
 from fairswitch.kv.swap_manager import SwapManager
 from fairswitch.request import Request, RequestStatus
-from fairswitch.scheduler.policy import make_policy
+from fairswitch.scheduler.ranking import make_ranking
 from fairswitch.scheduler.preemption import RECOMPUTE, SWAP, PreemptionPolicy
 from fairswitch.scheduler.queues import ClientQueue, HeapQueue
 
@@ -64,9 +64,9 @@ class Scheduler:
         self.kv = kv
         self.swap = swap
         self.clock = clock
-        self.policy = PreemptionPolicy(config.preemption_mode, config.swap_link_gb_s * 1e9,
+        self.preemption = PreemptionPolicy(config.preemption_mode, config.swap_link_gb_s * 1e9,
                                        config.prefill_tokens_per_s)
-        self.ranking = make_policy(config)
+        self.ranking = make_ranking(config)
         self.waiting = self.ranking.make_queue()
         self.swapped = self.ranking.make_queue()
         self.running: list[Request] = []
@@ -223,7 +223,7 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
-        mode = self.policy.choose(req, self.swap)
+        mode = self.preemption.choose(req, self.swap)
         if mode == SWAP:
             self.swap.swap_out(req)  # type: ignore[union-attr]
             req.status = RequestStatus.SWAPPED

@@ -1,4 +1,5 @@
-"""Ranking policies: who should run. The scheduler only compares ranks; it knows no policy.
+"""Ranking policies: who should run (preemption.py decides how a preempted request gives up its
+KV). The scheduler only compares ranks; it knows no policy.
 
 ``score(req)`` is a float, lower = better; ties break on (arrival time, arrival order). A starving
 request (scheduler.py) ranks first whatever its score. Hooks let a policy keep state:
@@ -26,15 +27,13 @@ import heapq
 import math
 import random
 
-from fairswitch.config import SchedulerConfig
+from fairswitch.config import SchedulerConfig, parse_client_weights
 from fairswitch.request import Request
 from fairswitch.scheduler.queues import ClientQueue, HeapQueue
 
-POLICIES = ("fcfs", "priority", "vtc", "trace")
-
-
-class Policy:
-    """FCFS; the base of the others."""
+class RankingPolicy:
+    """The interface, and what every policy shares: the preemption threshold, starving requests
+    first, ties broken by arrival."""
 
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
@@ -46,7 +45,7 @@ class Policy:
         return 0.0  # any better rank (fcfs: earlier arrival; priority: a better level)
 
     def score(self, req: Request) -> float:
-        return req.arrival_time
+        raise NotImplementedError
 
     def rank(self, req: Request) -> float:
         return -math.inf if req.starving else self.score(req)
@@ -70,28 +69,17 @@ class Policy:
         return []
 
 
-class PriorityPolicy(Policy):
+class FCFSRanking(RankingPolicy):
+    def score(self, req: Request) -> float:
+        return req.arrival_time
+
+
+class PriorityRanking(RankingPolicy):
     def score(self, req: Request) -> float:
         return float(req.priority)
 
 
-def parse_client_weights(spec: str | None) -> dict[str, float]:
-    """``"a=2,b=1"`` -> {"a": 2.0, "b": 1.0}."""
-    weights: dict[str, float] = {}
-    for item in (spec or "").split(","):
-        if not item.strip():
-            continue
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip():
-            raise ValueError(f"client weight {item!r} is not CLIENT=WEIGHT")
-        weight = float(value)
-        if not weight > 0:
-            raise ValueError(f"client weight of {name.strip()!r} must be > 0, got {value}")
-        weights[name.strip()] = weight
-    return weights
-
-
-class VTCPolicy(Policy):
+class VTCRanking(RankingPolicy):
     def __init__(self, config: SchedulerConfig) -> None:
         super().__init__(config)
         self.w_in = config.vtc_input_weight
@@ -140,7 +128,7 @@ class VTCPolicy(Policy):
         self.counters[client] = self.counters.get(client, 0.0) + cost / weight
 
 
-class TracePolicy(PriorityPolicy):
+class TraceRanking(PriorityRanking):
     def __init__(self, config: SchedulerConfig) -> None:
         super().__init__(config)
         self.rng = random.Random(config.priority_update_seed)
@@ -190,6 +178,6 @@ class TracePolicy(PriorityPolicy):
         return changed
 
 
-def make_policy(config: SchedulerConfig) -> Policy:
-    return {"fcfs": Policy, "priority": PriorityPolicy, "vtc": VTCPolicy,
-            "trace": TracePolicy}[config.policy](config)
+def make_ranking(config: SchedulerConfig) -> RankingPolicy:
+    return {"fcfs": FCFSRanking, "priority": PriorityRanking, "vtc": VTCRanking,
+            "trace": TraceRanking}[config.policy](config)
