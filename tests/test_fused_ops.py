@@ -76,10 +76,10 @@ def test_empty_batches():
 def test_engine_with_fused_ops_matches_transformers_fp32(monkeypatch, llama_dir):
     """The whole model on the fused kernels (interpreted on CPU) keeps greedy parity in fp32."""
     from fairswitch import LLM, SamplingParams
-    from fairswitch.engine.engine import Engine
+    from fairswitch.runner.attention import TorchAttentionBackend
     from helpers import hf_greedy
 
-    monkeypatch.setattr(Engine, "_elementwise_ops", staticmethod(lambda backend: fused))
+    monkeypatch.setattr(TorchAttentionBackend, "ops", fused)
     llm = LLM(model=str(llama_dir), num_gpu_blocks=64, device=str(DEVICE), dtype="float32",
               attention_backend="torch", enforce_eager=True)
     assert llm.engine.runner.model.layers[0].mlp.ops is fused

@@ -115,7 +115,7 @@ class Engine:
             JIT_CLOCK.install()
         t0 = time.perf_counter()
         model = loader.build_model(self.hf_config, backend, self.max_model_len, self.dtype,
-                                   self.device, ops=self._elementwise_ops(backend.name))
+                                   self.device)
         if mc.load_format == "dummy":
             loader.fill_dummy_weights(model, mc.seed)
         else:
@@ -175,17 +175,6 @@ class Engine:
             swap.writeback_backend = make_copy_backend(cc.swap_copy_backend, self.device,
                                                        cc.per_layer_swap)
         return swap
-
-    @staticmethod
-    def _elementwise_ops(backend: str) -> Any:
-        # The Triton path fuses norms, RoPE and SiLU too; the torch path stays pure torch.
-        if backend == "triton":
-            from fairswitch.kernels import fused_ops
-
-            return fused_ops
-        from fairswitch.kernels import reference
-
-        return reference
 
     def _tokenizer_path(self, source: loader.ModelSource) -> Any:
         if self.config.model.tokenizer is not None:

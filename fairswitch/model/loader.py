@@ -57,13 +57,10 @@ def load_checkpoint_config(source: ModelSource) -> CheckpointConfig:
 
 
 def build_model(config: CheckpointConfig, backend: Any, max_positions: int, dtype: torch.dtype,
-                device: torch.device, ops: Any = None) -> LlamaForCausalLM:
-    """Build on ``device`` in ``dtype`` (no copy, no cast). ``ops``: the elementwise
-    implementation (default: torch)."""
-    if ops is None:
-        from fairswitch.kernels import reference as ops
+                device: torch.device) -> LlamaForCausalLM:
+    """Build on ``device`` in ``dtype`` (no copy, no cast), running ``backend``'s kernels."""
     with torch.device(device):
-        model = LlamaForCausalLM(config, backend, max_positions, ops, dtype)
+        model = LlamaForCausalLM(config, backend, max_positions, backend.ops, dtype)
     return model.eval()
 
 

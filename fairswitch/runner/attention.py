@@ -1,4 +1,8 @@
-"""Attention backend interface and its pure-torch implementation.
+"""Attention backend interface and its implementations: the kernels a model runs.
+
+A backend is the model's attention (paged KV write, decode and prefill attention) and, as
+``ops``, the elementwise kernels that go with it (norms, RoPE, SiLU): the torch references, or
+Triton's fused kernels beside the Triton attention.
 
 The runner builds one ``AttentionMetadata`` per step; every layer's attention call receives it with
 that layer's KV views. Requests are ordered decodes first (one query token each), then prefills
@@ -9,6 +13,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -34,6 +39,7 @@ class AttentionBackend(ABC):
     """Writes a step's K/V into the paged cache, then attends: decodes and prefills separately."""
 
     name: str
+    ops: Any  # the elementwise kernels' module: kernels/reference.py or kernels/fused_ops.py
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_layer: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
@@ -64,6 +70,7 @@ class TorchAttentionBackend(AttentionBackend):
     """Gathers KV through the block tables and runs SDPA; correct everywhere, fast nowhere."""
 
     name = "torch"
+    ops = reference
 
     def write_kv(self, k_cache, v_cache, k, v, slot_mapping):
         # The eager runner never pads (only CUDA-graph buckets do, and they use Triton).
@@ -88,9 +95,10 @@ class TritonAttentionBackend(AttentionBackend):
     name = "triton"
 
     def __init__(self) -> None:
-        from fairswitch.kernels import paged_attention
+        from fairswitch.kernels import fused_ops, paged_attention
 
         self._k = paged_attention
+        self.ops = fused_ops
 
     def write_kv(self, k_cache, v_cache, k, v, slot_mapping):
         self._k.write_kv(k_cache, v_cache, k, v, slot_mapping)
