@@ -75,7 +75,7 @@ class Request:
     # Async scheduling: the token its launched step is computing ends it by length, so the
     # step scheduled meanwhile neither runs it nor preempts it (engine.py, _step_pipelined).
     finishing: bool = False
-    # Chained hashes of its full blocks computed so far (prefix_cache.block_hashes extends them;
+    # Chained hashes of its full blocks computed so far (reuse_index.block_hashes extends them;
     # tokens are only ever appended, so they stay valid).
     block_hashes: list[int] = field(default_factory=list)
     # Owned by input_batch.py: (the block_table list it mirrors, that list as an int32 array).

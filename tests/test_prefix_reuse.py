@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from fairswitch import LLM, SamplingParams
-from fairswitch.kv import prefix_cache as pcmod
+from fairswitch.kv import reuse_index as pcmod
 from fairswitch.kv.block_pool import BlockPool
-from fairswitch.kv.prefix_cache import PrefixCache
+from fairswitch.kv.reuse_index import ReuseTier
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 
@@ -46,7 +46,7 @@ def test_cached_blocks_never_block_live_requests(llama_dir):
     for i in range(6):  # fill the cache with unrelated finished requests
         llm.generate(f"cache filler number {i} with some words", GREEDY, use_tqdm=False)
     pc = llm.engine.kv.prefix_cache
-    assert pc.num_cached_blocks > 0 and llm.engine.kv.num_free_blocks == 16
+    assert pc.num_blocks > 0 and llm.engine.kv.num_free_blocks == 16
     big = tok.encode("a long prompt " * 14)[:50]
     out = llm.generate([big], SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 8  # needed 15 of 16 blocks: cache was evicted
@@ -64,7 +64,7 @@ def test_full_prompt_hit_still_computes_last_token(llama_dir):
 
 
 def test_hash_collision_is_caught_by_token_check(monkeypatch):
-    cache = PrefixCache(BlockPool(8), block_size=2)
+    cache = ReuseTier(block_size=2)
     monkeypatch.setattr(pcmod, "block_hashes", lambda t, n, bs, known=None: [42] * (n // bs))
     cache.register([1, 2, 3, 4], 4, [5, 6])
     assert cache.match([1, 2, 9, 9, 0], 4) == [5]  # second block's hash matches, tokens do not
@@ -73,7 +73,7 @@ def test_hash_collision_is_caught_by_token_check(monkeypatch):
 
 def test_lru_eviction_order():
     pool = BlockPool(4)
-    cache = PrefixCache(pool, block_size=1)
+    cache = ReuseTier(block_size=1)
     blocks = pool.allocate(3)
     for b in blocks:
         cache.take(b)
@@ -93,7 +93,7 @@ def evict_gpu_cache(llm: LLM) -> None:
     start = 2000 + 1000 * evict_gpu_cache.calls
     filler = list(range(start, start + kv.num_blocks * kv.block_size - 16))
     llm.generate([filler], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
-    assert kv.prefix_cache.num_cached_blocks - len(filler) // kv.block_size <= 4
+    assert kv.prefix_cache.num_blocks - len(filler) // kv.block_size <= 4
 
 
 @pytest.mark.parametrize("delay", [0, 3])
@@ -153,7 +153,7 @@ def test_abort_during_cpu_tier_fetch_keeps_pools_whole(llama_dir):
 def test_block_hashes_extend_a_requests_known_hashes():
     """A request's hashes are computed once: later calls hash only blocks past the known ones
     (appended in place), with the same result as hashing from block 0."""
-    from fairswitch.kv.prefix_cache import block_hashes
+    from fairswitch.kv.reuse_index import block_hashes
 
     tokens = list(range(100, 150))
     known: list[int] = []
@@ -166,3 +166,24 @@ def test_block_hashes_extend_a_requests_known_hashes():
     tokens += [7] * 6  # tokens are appended as the request generates
     assert block_hashes(tokens, 56, 4, known) == block_hashes(tokens, 56, 4)
     assert len(known) == 14
+
+
+def test_one_tier_class_serves_both_tiers():
+    """The GPU tier indexes blocks still referenced (evictable once released); the CPU tier
+    indexes written-back blocks (evictable at once, pinned while a fetch reads them); a CPU
+    match continues where the GPU hits stop."""
+    tokens = list(range(16))
+    gpu, cpu = ReuseTier(block_size=4), ReuseTier(block_size=4)
+    for b in (10, 11):
+        gpu.take(b)
+    gpu.register(tokens, 8, [10, 11])
+    assert not gpu.evictable and gpu.release(10) is False and list(gpu.evictable) == [10]
+    for i, h in enumerate(pcmod.block_hashes(tokens, 16, 4)):
+        assert cpu.add(h, tuple(tokens[4 * i:4 * i + 4]), 20 + i)
+    assert list(cpu.evictable) == [20, 21, 22, 23]
+    assert not cpu.add(pcmod.block_hashes(tokens, 4, 4)[0], tuple(tokens[:4]), 99)
+    first = len(gpu.match(tokens, 15))
+    assert first == 2 and cpu.match(tokens, 15, first_block=first) == [22]  # 3 full blocks < 15
+    cpu.take(22)
+    assert 22 not in cpu.evictable and [cpu.evict() for _ in range(3)] == [20, 21, 23]
+    assert cpu.release(22) is False and cpu.evict() == 22 and cpu.num_blocks == 0

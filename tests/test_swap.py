@@ -407,12 +407,11 @@ def test_release_during_an_early_landed_fetch_gives_back_the_group_reservation()
     import torch
 
     from fairswitch.kv.cache_manager import KVCacheManager
-    from fairswitch.kv.cpu_tier import CpuKVTier
-    from fairswitch.kv.prefix_cache import block_hashes
+    from fairswitch.kv.reuse_index import ReuseTier, block_hashes
     from fairswitch.kv.swap_manager import SwapManager
 
     kv = KVCacheManager(32, 4, block_groups=True)
-    tier = CpuKVTier(4)
+    tier = ReuseTier(4)
     swap = SwapManager(kv, torch.zeros(32, 1), 16, torch.zeros(16, 1), DelayedCopyBackend(10**6),
                        cpu_tier=tier)
     swap.early_landing = True

@@ -23,9 +23,9 @@ from fairswitch.engine.output_processor import OutputProcessor
 from fairswitch.engine.step_log import StepLog
 from fairswitch.kv.cache_manager import KVCacheManager
 from fairswitch.kv.copy_backend import CopyStats, make_copy_backend
-from fairswitch.kv.cpu_tier import CpuKVTier
 from fairswitch.kv.extents import num_extents
 from fairswitch.kv.host_memory import pinned_empty
+from fairswitch.kv.reuse_index import ReuseTier
 from fairswitch.kv.swap_manager import SwapManager
 from fairswitch.model import loader
 from fairswitch.outputs import RequestOutput
@@ -166,7 +166,7 @@ class Engine:
                     * cpu_tensor.element_size() / (1 << 30), time.perf_counter() - t0)
         cc = self.config.cache
         backend = make_copy_backend(cc.swap_copy_backend, self.device, cc.per_layer_swap)
-        tier = CpuKVTier(cc.block_size) if cc.enable_prefix_caching and cc.cpu_kv_reuse else None
+        tier = ReuseTier(cc.block_size) if cc.enable_prefix_caching and cc.cpu_kv_reuse else None
         swap = SwapManager(self.kv, gpu_tensor, num_cpu_blocks, cpu_tensor, backend,
                            async_copies=cc.async_swap, incremental=cc.incremental_swap,
                            cpu_tier=tier)
@@ -531,7 +531,7 @@ class Engine:
             refs.update(gpu_in_flight)
         pc = self.kv.prefix_cache
         if pc is not None:
-            wrong = [b for b in range(self.kv.num_blocks) if pc.refs[b] != refs.get(b, 0)]
+            wrong = [b for b in range(self.kv.num_blocks) if pc.refs.get(b, 0) != refs.get(b, 0)]
             if wrong:
                 raise AssertionError(f"reference counts off for blocks {wrong[:8]}")
             held = len(refs) + len(pc.evictable)

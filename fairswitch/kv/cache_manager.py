@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from fairswitch.kv.block_groups import ExtentAllocator
 from fairswitch.kv.block_pool import BlockPool
-from fairswitch.kv.prefix_cache import PrefixCache
+from fairswitch.kv.reuse_index import ReuseTier
 from fairswitch.request import Request
 
 
@@ -27,7 +27,8 @@ class KVCacheManager:
                                                   else BlockPool(num_blocks))
         self.block_groups = block_groups
         self.max_model_len = max_model_len
-        self.prefix_cache = PrefixCache(self.pool, block_size) if enable_prefix_caching else None
+        # The GPU tier of multi-turn reuse (reuse_index.py)
+        self.prefix_cache = ReuseTier(block_size) if enable_prefix_caching else None
         self.reserved: dict[Request, list[int]] = {}  # unused tails of groups, oldest first
         self.num_reserved_blocks = 0
 

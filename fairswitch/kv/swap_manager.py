@@ -29,9 +29,8 @@ import torch
 from fairswitch.kv.block_groups import ExtentAllocator
 from fairswitch.kv.cache_manager import KVCacheManager
 from fairswitch.kv.copy_backend import CopyBackend, CopyHandle, CopyStats
-from fairswitch.kv.cpu_tier import CpuKVTier
 from fairswitch.kv.extents import copy_extents
-from fairswitch.kv.prefix_cache import block_hashes
+from fairswitch.kv.reuse_index import ReuseTier, block_hashes
 from fairswitch.request import Request
 
 
@@ -73,7 +72,7 @@ class _Transfer:
 class SwapManager:
     def __init__(self, gpu: KVCacheManager, gpu_tensor: torch.Tensor, num_cpu_blocks: int,
                  cpu_tensor: torch.Tensor, backend: CopyBackend, async_copies: bool = True,
-                 incremental: bool = True, cpu_tier: CpuKVTier | None = None) -> None:
+                 incremental: bool = True, cpu_tier: ReuseTier | None = None) -> None:
         self.async_copies = async_copies
         self.incremental = incremental
         self.gpu = gpu
@@ -205,12 +204,17 @@ class SwapManager:
         request joins like a swap-in once ``poll`` reports it, with those tokens computed."""
         last = req.block_table[-1] if req.block_table else None
         blocks = self.gpu.allocate_blocks(len(cpu_blocks), after=last)
-        self.tier.pin(cpu_blocks)  # type: ignore[union-attr]
+        for b in cpu_blocks:  # read by the fetch: not evictable until it lands
+            self.tier.take(b)  # type: ignore[union-attr]
         handle = self._submit(self.cpu_tensor, self.gpu_tensor, copy_extents(cpu_blocks, blocks),
                               to_host=False)
         req.block_table.extend(blocks)
         req.num_computed_tokens = len(req.block_table) * self.block_size
         self._incoming(req, _Transfer(handle, cpu_blocks_to_unpin=list(cpu_blocks)))
+
+    def _unpin(self, cpu_blocks: list[int]) -> None:
+        for b in cpu_blocks:  # indexed blocks: released, they stay in the tier (evictable)
+            self.tier.release(b)  # type: ignore[union-attr]
 
     def _incoming(self, req: Request, t: _Transfer) -> None:
         self.incoming[req] = t
@@ -279,7 +283,7 @@ class SwapManager:
                 continue
             del self.incoming[req]
             if t.cpu_blocks_to_unpin:
-                self.tier.unpin(t.cpu_blocks_to_unpin)  # type: ignore[union-attr]
+                self._unpin(t.cpu_blocks_to_unpin)
             if not self.incremental:  # vLLM 0.3.3 frees the CPU copy on swap-in
                 self.drop_cpu_copy(req)
             if not t.landed_early:
@@ -342,7 +346,7 @@ class SwapManager:
         self.gpu.release_blocks(t.gpu_blocks_to_free)
         self.cpu_pool.free(t.cpu_blocks_to_free)
         if t.cpu_blocks_to_unpin:
-            self.tier.unpin(t.cpu_blocks_to_unpin)  # type: ignore[union-attr]
+            self._unpin(t.cpu_blocks_to_unpin)
         return True
 
     # ---- releasing ----------------------------------------------------------------------------

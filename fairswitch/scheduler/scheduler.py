@@ -360,8 +360,8 @@ class Scheduler:
         tier = self.swap.tier if self.swap is not None else None
         if tier is None:
             return 0
-        hits = tier.match(req.token_ids, len(req.block_table), req.num_tokens - 1,
-                          req.block_hashes)
+        hits = tier.match(req.token_ids, req.num_tokens - 1, req.block_hashes,
+                          first_block=len(req.block_table))
         # Room for the fetched blocks and the rest of the prompt with its next token.
         need = self.kv.blocks_needed(req.num_tokens + 1) - len(req.block_table)
         if not hits or need + headroom > self.kv.num_free_blocks:
