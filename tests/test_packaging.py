@@ -21,8 +21,9 @@ def _python(code: str, cwd: Path, **env: str) -> str:
     return out.stdout.strip()
 
 
-def _inside_repo(path: str | None) -> bool:
-    return path is not None and Path(path).resolve().is_relative_to(ROOT)
+def _ours(path: str | None) -> bool:
+    """Is ``path`` this repository's kernels/ (not, say, a virtual environment inside it)?"""
+    return path is not None and Path(path).resolve().is_relative_to(ROOT / "kernels")
 
 
 def test_kernels_directory_is_not_a_top_level_package():
@@ -32,7 +33,7 @@ def test_kernels_directory_is_not_a_top_level_package():
     # namespace portion, which any installed regular package of that name wins over.
     origin = _python("import importlib.util as u; s = u.find_spec('kernels');"
                      "print(s.origin if s else None)", ROOT)
-    assert not _inside_repo(None if origin == "None" else origin), origin
+    assert not _ours(None if origin == "None" else origin), origin
 
 
 def test_an_installed_kernels_package_wins_from_the_repository_root(tmp_path):
@@ -48,7 +49,7 @@ def test_an_installed_kernels_package_wins_from_the_repository_root(tmp_path):
                     reason="Hugging Face's kernels package is not installed")
 def test_huggingface_kernels_resolves_to_its_distribution_from_the_root():
     path = _python("import kernels; print(kernels.__file__)", ROOT)
-    assert not _inside_repo(path), path
+    assert not _ours(path), path
     _python("import transformers.integrations.hub_kernels", ROOT)  # what failed before
 
 
