@@ -1,6 +1,7 @@
 """The recorded benchmark results: every file in benchmarks/results/ is one JSON object in the
 format the benchmarks write (device, ISO date, commit, command, figures, claims of name/value/
-unit), and every results file or plot folder the README cites exists."""
+unit); the README and docs/ cite every results file and plot folder, and each one they cite
+exists."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ FILES = sorted(RESULTS.glob("*.json"))
 # results files are never edited by hand; results_io now records a short --commit as given and
 # expands it where git is at hand, so no new file should need this.
 MISTYPED_COMMIT = {f"fastswitch_{name}.json" for name in (
-    "compare_random", "compare_reclaim_all", "sweep60_markov_p01", "sweep60_markov_p05",
+    "compare_random", "sweep60_markov_p01", "sweep60_markov_p05",
     "sweep60_random_p01", "sweep60_random_p05")}
 
 
@@ -65,12 +66,37 @@ def test_results_file_format(path):
         assert isinstance(claim["unit"], str) and claim["unit"]
 
 
-def test_readme_cites_only_recorded_files():
-    readme = (ROOT / "README.md").read_text()
-    cited = set(re.findall(r"`([\w\-*]+\.json|plots/[\w\-]+/)`", readme))
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# A results file is cited by its name in inline code (`x.json`), a plot folder by its path
+# under results/ (plots/x); names in example commands (r.json) are not citations.
+_CITED = re.compile(r"`([\w\-]+\.json)`|(?<![\w/-])(plots/[\w\-]+)")
+
+
+def _cited() -> set[str]:
+    text = "\n".join(p.read_text() for p in DOCS)
+    return {name or plot for name, plot in _CITED.findall(text)}
+
+
+def test_docs_cite_only_recorded_files():
+    cited = _cited()
     assert "fastswitch_compare.json" in cited
-    for name in cited:
-        assert list(RESULTS.glob(name)), f"README cites {name}, not in benchmarks/results/"
+    recorded = {p.name for p in FILES} | {f"plots/{p.name}" for p in (RESULTS / "plots").iterdir()}
+    missing = sorted(cited - recorded)
+    assert not missing, f"cited but not in benchmarks/results/: {missing}"
+
+
+def test_every_results_file_is_cited():
+    """One current file per cited configuration: a file nobody cites is a superseded run (git
+    keeps it) or a result nobody explains."""
+    cited = _cited()
+    uncited = sorted(p.name for p in FILES if p.name not in cited)
+    uncited += sorted(f"plots/{p.name}" for p in (RESULTS / "plots").iterdir()
+                      if f"plots/{p.name}" not in cited)
+    assert not uncited, f"in benchmarks/results/ but cited nowhere: {uncited}"
+
+
+def test_readme_stays_short():
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 220
 
 
 def test_a_given_commit_is_recorded_in_full(monkeypatch, capsys):
