@@ -68,7 +68,7 @@ def _count_builds(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
 def test_checkpoint_layout(ckpt: Path) -> None:
     from safetensors import safe_open
 
-    assert ckpt.name == "fairswitch-tiny-v1"
+    assert ckpt.name == "fairswitch-tiny-v2"
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                  "generation_config.json", dm._MARKER):
         assert (ckpt / name).is_file(), name

@@ -3,7 +3,7 @@
 Why it exists: the engine, its tests and its benchmarks must run on a fresh machine without network
 access or a Hugging Face token. So the default model is a small Llama (4 layers, hidden 256, GQA 8/2,
 tied embeddings, ~28.5M parameters) whose random weights and tokenizer are generated on first use into
-``<cache>/fairswitch-tiny-v1/`` as an ordinary HF checkpoint directory. Every code path that loads a
+``<cache>/fairswitch-tiny-v2/`` as an ordinary HF checkpoint directory. Every code path that loads a
 real model (``AutoConfig``, ``AutoTokenizer``, ``LlamaForCausalLM.from_pretrained``, our own loader)
 therefore loads it too; nothing is special-cased downstream.
 
@@ -31,6 +31,7 @@ wins, the others discard their copy (the result is byte-identical anyway).
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import shutil
@@ -45,7 +46,7 @@ import numpy as np
 DEFAULT_MODEL_NAME = "fairswitch-tiny"
 
 # Bump when anything that goes into the checkpoint changes: the directory name is the cache key.
-_CHECKPOINT_VERSION = 1
+_CHECKPOINT_VERSION = 2  # 2: config.json records transformers_version
 _CHECKPOINT_DIRNAME = f"{DEFAULT_MODEL_NAME}-v{_CHECKPOINT_VERSION}"
 _MARKER = ".fairswitch-complete.json"
 _SEED = 0x5EED_F5
@@ -158,10 +159,22 @@ def _remove_stale_tmp_dirs(cache: Path) -> None:
                 pass
 
 
+def _with_writer_version(config: dict) -> dict:
+    """The config with ``transformers_version``, as every checkpoint transformers writes has it:
+    the version installed now, if any. Without it, transformers (5.x up to at least 5.17) takes
+    any local tokenizer for a Mistral one whose pre-tokenizer regex it must warn about, and
+    prints "incorrect regex pattern" on every load of ours, whose regex is cl100k's
+    (tests/test_default_model.py checks it against tiktoken)."""
+    try:
+        version = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        return config
+    return {**config, "transformers_version": version}
+
+
 def _build_checkpoint(out: Path) -> None:
-    config_text = _CONFIG_PATH.read_text()
-    config = json.loads(config_text)
-    (out / "config.json").write_text(config_text)
+    config = json.loads(_CONFIG_PATH.read_text())
+    (out / "config.json").write_text(json.dumps(_with_writer_version(config), indent=2) + "\n")
     _write_weights(config, out / "model.safetensors")
     _write_tokenizer(config, out)
     generation = {
