@@ -93,7 +93,10 @@ class TokenReturn:
 
     def __init__(self, capacity: int, depth: int = 2) -> None:
         self.capacity = capacity
-        self._host = torch.zeros(depth, capacity, dtype=torch.int64, pin_memory=True)
+        # Rows of an even number of int64s: every slot starts 16-byte aligned, as Triton
+        # specializes the copy kernel on it (an odd capacity compiled a variant while serving).
+        row = -(-capacity // 2) * 2
+        self._host = torch.zeros(depth, row, dtype=torch.int64, pin_memory=True)
         self._host_words = self._host.view(torch.int32)
         self._host_np = self._host.numpy()
         self._done = [torch.cuda.Event() for _ in range(depth)]
