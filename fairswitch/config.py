@@ -46,7 +46,7 @@ class ModelConfig:
     freeze_gc: bool = _opt(
         True, "serving (server, bench): after start-up, move every live object to the garbage "
         "collector's permanent generation, so that full collections skip the hundreds of "
-        "thousands of objects of torch and the model (a 50-100 ms pause mid-step otherwise)")
+        "thousands of objects of torch and the model (otherwise each one pauses a step)")
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:

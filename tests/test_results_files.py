@@ -1,7 +1,6 @@
 """The recorded benchmark results: every file in benchmarks/results/ is one JSON object in the
 format the benchmarks write (device, ISO date, commit, command, figures, claims of name/value/
-unit); the README and docs/ cite every results file and plot folder, and each one they cite
-exists."""
+unit). That the README and docs/ cite exactly the recorded files: test_results_cited.py."""
 
 from __future__ import annotations
 
@@ -64,39 +63,6 @@ def test_results_file_format(path):
         assert set(claim) == {"name", "value", "unit"}
         assert isinstance(claim["value"], (int, float)) and math.isfinite(claim["value"])
         assert isinstance(claim["unit"], str) and claim["unit"]
-
-
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-# A results file is cited by its name in inline code (`x.json`), a plot folder by its path
-# under results/ (plots/x); names in example commands (r.json) are not citations.
-_CITED = re.compile(r"`([\w\-]+\.json)`|(?<![\w/-])(plots/[\w\-]+)")
-
-
-def _cited() -> set[str]:
-    text = "\n".join(p.read_text() for p in DOCS)
-    return {name or plot for name, plot in _CITED.findall(text)}
-
-
-def test_docs_cite_only_recorded_files():
-    cited = _cited()
-    assert "fastswitch_compare.json" in cited
-    recorded = {p.name for p in FILES} | {f"plots/{p.name}" for p in (RESULTS / "plots").iterdir()}
-    missing = sorted(cited - recorded)
-    assert not missing, f"cited but not in benchmarks/results/: {missing}"
-
-
-def test_every_results_file_is_cited():
-    """One current file per cited configuration: a file nobody cites is a superseded run (git
-    keeps it) or a result nobody explains."""
-    cited = _cited()
-    uncited = sorted(p.name for p in FILES if p.name not in cited)
-    uncited += sorted(f"plots/{p.name}" for p in (RESULTS / "plots").iterdir()
-                      if f"plots/{p.name}" not in cited)
-    assert not uncited, f"in benchmarks/results/ but cited nowhere: {uncited}"
-
-
-def test_readme_stays_short():
-    assert len((ROOT / "README.md").read_text().splitlines()) <= 220
 
 
 def test_a_given_commit_is_recorded_in_full(monkeypatch, capsys):
