@@ -128,24 +128,3 @@ def test_without_a_template_the_tokenizer_says_so(tmp_path, tokenizer_dir):
     assert ours.chat_template is None and ours.eos_token_id is None
     with pytest.raises(ValueError, match="no chat template"):
         ours.apply_chat_template(MESSAGES[0], tokenize=False)
-
-
-def test_loading_the_embedded_checkpoint_warns_nothing(tokenizer_dir, caplog, recwarn):
-    """transformers (5.x up to at least 5.17) warns about a Mistral regex on any local
-    tokenizer whose config.json lacks transformers_version; ours records it, and the engine's
-    own loader does not go through transformers at all."""
-    import logging
-
-    from transformers.utils import logging as hf_logging
-
-    config = json.loads((tokenizer_dir / "config.json").read_text())
-    assert "transformers_version" in config
-    hf_logging.enable_propagation()
-    try:
-        with caplog.at_level(logging.WARNING):
-            load_tokenizer(tokenizer_dir).encode("Hello")
-            _hf(tokenizer_dir).encode("Hello")
-    finally:
-        hf_logging.disable_propagation()
-    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert not [str(w.message) for w in recwarn]

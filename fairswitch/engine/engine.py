@@ -108,10 +108,10 @@ class Engine:
         self.tokenizer = loader.load_tokenizer(self._tokenizer_path(source))
         self.max_model_len = self._max_model_len()
         backend = get_attention_backend(mc.attention_backend, self.device)
-        if backend.name == "triton" and config.cache.block_size < 8:
-            raise ValueError(f"block_size={config.cache.block_size}: the Triton attention kernels "
-                             "need block_size >= 8")
-        if backend.name == "triton":  # the torch backend runs no Triton kernel: nothing to time
+        if backend.name == "triton":  # (the torch backend runs no Triton kernel to time)
+            if config.cache.block_size < 8:
+                raise ValueError(f"block_size={config.cache.block_size}: the Triton attention "
+                                 "kernels need block_size >= 8")
             JIT_CLOCK.install()
         t0 = time.perf_counter()
         model = loader.build_model(self.hf_config, backend, self.max_model_len, self.dtype,
