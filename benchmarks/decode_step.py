@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     engine = build_engine(args, batches, True)
     cfg = engine.hf_config
     weight_bytes, kv_token_bytes = model_bytes(engine)
-    figures = {"model": args.model, "dtype": str(engine.dtype), "model_arch": cfg.architectures,
+    figures = {"model": args.model, "dtype": str(engine.dtype), "model_arch": [cfg.architecture],
                "copy_bandwidth_bytes_s": bw, "weight_bytes": weight_bytes,
                "kv_bytes_per_token": kv_token_bytes, "ctx": args.ctx, "steps": args.steps,
                "cuda_graphs": engine.runner.graphs is not None,
