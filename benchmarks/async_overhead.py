@@ -31,18 +31,16 @@ import random
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fairswitch.config import EngineConfig  # noqa: E402
-from fairswitch.engine.async_engine import AsyncEngine  # noqa: E402
-from fairswitch.engine.engine import Engine  # noqa: E402
-from fairswitch.engine.gc_control import frozen_heap  # noqa: E402
-from fairswitch.sampling_params import SamplingParams  # noqa: E402
-from fairswitch.server import BackgroundServer, ServerSettings, build_app  # noqa: E402
-from results_io import command_line, write_results  # noqa: E402
+from fairswitch.config import EngineConfig
+from fairswitch.engine.async_engine import AsyncEngine
+from fairswitch.engine.engine import Engine
+from fairswitch.engine.gc_control import frozen_heap
+from fairswitch.sampling_params import SamplingParams
+from fairswitch.server import BackgroundServer, ServerSettings, build_app
+from results_io import command_line, write_results
 
 
 class StepTimer:

@@ -15,18 +15,15 @@ TFLOP/s / SDPA's, at the largest prefill shape.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fairswitch.kernels import paged_attention  # noqa: E402
-from results_io import command_line, write_results  # noqa: E402
-from decode_step import copy_bandwidth  # noqa: E402
+from fairswitch.kernels import paged_attention
+from results_io import command_line, write_results
+from decode_step import copy_bandwidth
 
 
 def bench(fn, reps: int = 50) -> float:

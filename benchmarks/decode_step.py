@@ -19,19 +19,16 @@ from __future__ import annotations
 
 import argparse
 import gc
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fairswitch.config import EngineConfig  # noqa: E402
-from fairswitch.engine.engine import Engine  # noqa: E402
-from fairswitch.sampling_params import SamplingParams  # noqa: E402
-from results_io import command_line, write_results  # noqa: E402
+from fairswitch.config import EngineConfig
+from fairswitch.engine.engine import Engine
+from fairswitch.sampling_params import SamplingParams
+from results_io import command_line, write_results
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30) -> float:
@@ -102,7 +99,7 @@ def build_engine(args: argparse.Namespace, batches: list[int], async_scheduling:
 def model_bytes(engine: Engine) -> tuple[int, int]:
     """(weight bytes, KV bytes per token) of the engine's model: what a decode step reads."""
     weight_bytes = sum(t.numel() * t.element_size() for t in engine.runner.model.parameters())
-    return weight_bytes, engine.runner.block_bytes // engine.config.cache.block_size
+    return weight_bytes, engine.kv.layout.block_bytes // engine.config.cache.block_size
 
 
 def time_batches(engine: Engine, batches: list[int], args: argparse.Namespace, bw: float

@@ -17,18 +17,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fairswitch.bench.replay import ReplayOptions  # noqa: E402
-from fairswitch.bench.runner import replay_engine  # noqa: E402
-from fairswitch.bench.trace import Trace, read_trace  # noqa: E402
-from fairswitch.config import EngineConfig, add_engine_args  # noqa: E402
-from fairswitch.kv.host_memory import keep_pinned  # noqa: E402
-from results_io import command_line, write_results  # noqa: E402
+from fairswitch.bench.replay import ReplayOptions
+from fairswitch.bench.runner import replay_engine
+from fairswitch.bench.trace import Trace, read_trace
+from fairswitch.config import EngineConfig, add_engine_args
+from fairswitch.kv.host_memory import keep_pinned
+from results_io import command_line, write_results
 
 DEFAULT_TRACE = Path(__file__).resolve().parents[1] / "workloads/traces/clients_overload.jsonl.gz"
 

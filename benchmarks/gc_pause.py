@@ -18,17 +18,14 @@ import argparse
 import gc
 import random
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fairswitch.config import EngineConfig  # noqa: E402
-from fairswitch.engine.engine import Engine  # noqa: E402
-from fairswitch.sampling_params import SamplingParams  # noqa: E402
-from results_io import command_line, write_results  # noqa: E402
+from fairswitch.config import EngineConfig
+from fairswitch.engine.engine import Engine
+from fairswitch.sampling_params import SamplingParams
+from results_io import command_line, write_results
 
 
 def full_collection_ms(repeats: int) -> float:

@@ -26,12 +26,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fairswitch.cli.bench import add_bench_args, bench  # noqa: E402
-from fairswitch.kv.host_memory import keep_pinned  # noqa: E402
-from results_io import command_line, write_results  # noqa: E402
-from slo_bench import claims as bench_claims  # noqa: E402
+from fairswitch.cli.bench import add_bench_args, bench
+from fairswitch.kv.host_memory import keep_pinned
+from results_io import command_line, write_results
+from slo_bench import claims as bench_claims
 
 COLUMNS = (("P99 TTFT", "P99 TTFT (ms)"), ("P99.9 TBT", "P99.9 TBT (ms)"),
            ("throughput", "Output throughput (tok/s)"))

@@ -13,20 +13,17 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from decode_step import prefill_batch  # noqa: E402
-from fairswitch.config import EngineConfig  # noqa: E402
-from fairswitch.engine.engine import Engine  # noqa: E402
-from fairswitch.sampling_params import SamplingParams  # noqa: E402
-from results_io import command_line, write_results  # noqa: E402
+from decode_step import prefill_batch
+from fairswitch.config import EngineConfig
+from fairswitch.engine.engine import Engine
+from fairswitch.sampling_params import SamplingParams
+from results_io import command_line, write_results
 
 
 def time_mixed(engine: Engine, batch: int, chunk: int, ctx: int, steps: int, seed: int,

@@ -7,16 +7,13 @@ total CUDA time over ``--steps`` steps of the engine after the batch is prefille
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from decode_step import prefill_batch, time_steps  # noqa: E402
-from fairswitch.config import EngineConfig  # noqa: E402
-from fairswitch.engine.engine import Engine  # noqa: E402
+from decode_step import prefill_batch, time_steps
+from fairswitch.config import EngineConfig
+from fairswitch.engine.engine import Engine
 
 
 def main() -> None:

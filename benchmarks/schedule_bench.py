@@ -1,4 +1,5 @@
-"""Scheduler overhead per iteration: ``schedule()`` + ``update()`` host time, no model (CPU).
+"""Scheduler overhead per iteration: ``schedule()`` + ``update_from_output()`` host time, no model
+(CPU).
 
 For each policy and each running-set size R (64/256/1024), R requests run (decoding) while
 ``--waiting`` (10k) more wait; outputs are fabricated (every scheduled request computes its tokens
@@ -13,18 +14,20 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fairswitch.config import SchedulerConfig  # noqa: E402
-from fairswitch.kv.cache_manager import KVCacheManager  # noqa: E402
-from fairswitch.request import Request  # noqa: E402
-from fairswitch.sampling_params import SamplingParams  # noqa: E402
-from fairswitch.scheduler.scheduler import Scheduler  # noqa: E402
-from results_io import command_line, write_results  # noqa: E402
+import torch
+
+from fairswitch.config import CacheConfig, SchedulerConfig
+from fairswitch.engine.output_processor import OutputProcessor
+from fairswitch.kv.kv_cache import KVLayout
+from fairswitch.kv.memory import KVMemory
+from fairswitch.request import Request
+from fairswitch.sampling_params import SamplingParams
+from fairswitch.scheduler.scheduler import Scheduler
+from results_io import command_line, write_results
 
 PROMPT_LEN, BLOCK_SIZE = 32, 16
 
@@ -34,25 +37,29 @@ def bench(policy: str, num_running: int, num_waiting: int, warmup: int, steps: i
     config = SchedulerConfig(policy=policy, max_num_seqs=num_running,
                              max_num_batched_tokens=max(4096, num_running * PROMPT_LEN),
                              priority_update_prob=0.01)
-    kv = KVCacheManager(num_blocks=(num_running * 4 + 1000) * 16, block_size=BLOCK_SIZE)
-    sched = Scheduler(config, kv)
+    # A KV pool of one-element heads: the scheduler's block accounting at full size, no memory.
+    num_blocks = (num_running * 4 + 1000) * 16
+    cache = CacheConfig(block_size=BLOCK_SIZE, block_groups=False, enable_prefix_caching=False,
+                        swap_space=0)
+    kv = KVMemory(cache, KVLayout(1, BLOCK_SIZE, 1, 1, torch.float32), num_blocks,
+                  torch.device("cpu"), max_model_len=1 << 21)
+    tokens = OutputProcessor(None, set(), 1 << 21)
+    sched = Scheduler(config, kv, tokens)
     params = SamplingParams(max_tokens=1 << 20, ignore_eos=True)
 
     def add(i: int) -> None:
-        sched.add_request(Request(str(i), [1] * PROMPT_LEN, params, float(i),
-                                  priority=rng.randint(0, 3), client_id=f"c{i % 16}"))
+        req = Request(str(i), [1] * PROMPT_LEN, params, float(i), priority=rng.randint(0, 3),
+                      client_id=f"c{i % 16}")
+        tokens.init_request(req)
+        sched.add_request(req)
 
     def step() -> tuple[float, int]:
         t0 = time.perf_counter()
         out = sched.schedule()
         t1 = time.perf_counter()
-        for req, n in out.scheduled:  # the model's part
-            req.num_computed_tokens += n
-            if req.num_computed_tokens == req.num_tokens:
-                req.token_ids.append(2)
+        sampled = {req: 2 for req, _, _, samples in out.chunks() if samples}  # the model's part
         t2 = time.perf_counter()
-        sched.on_launch(out)
-        sched.update(out)
+        sched.update_from_output(out, sampled)
         return (t1 - t0) + (time.perf_counter() - t2), len(out.preempted)
 
     for i in range(num_running):

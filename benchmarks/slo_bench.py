@@ -12,15 +12,13 @@ than the baseline), the figures ``fairswitch bench`` prints.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fairswitch.bench.report import get_path  # noqa: E402
-from fairswitch.cli.bench import DESCRIPTION, add_bench_args, bench  # noqa: E402
-from results_io import command_line, write_results  # noqa: E402
+from fairswitch.bench.report import get_path
+from fairswitch.cli.bench import DESCRIPTION, add_bench_args, bench
+from results_io import command_line, write_results
 
 # (claim suffix, path into a summary, unit)
 RUN_CLAIMS = (("ttft_p99_ms", ("ttft", "p99_ms"), "ms"), ("tbt_p99_ms", ("tbt", "p99_ms"), "ms"),

@@ -23,18 +23,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fairswitch.runner.host_link import StagingBuffer, TokenReturn  # noqa: E402
-from results_io import command_line, write_results  # noqa: E402
+from fairswitch.runner.host_link import StagingBuffer, TokenReturn
+from results_io import command_line, write_results
 
 CONDITIONS = ("idle", "swap-in", "swap-out")
 WAYS = ("dma", "kernel")

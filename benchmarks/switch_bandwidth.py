@@ -17,22 +17,20 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fairswitch.kv.cache_manager import KVCacheManager  # noqa: E402
-from fairswitch.kv.copy_backend import make_copy_backend  # noqa: E402
-from fairswitch.kv.extents import num_extents  # noqa: E402
-from fairswitch.kv.swap_manager import SwapManager  # noqa: E402
-from fairswitch.request import Request  # noqa: E402
-from fairswitch.sampling_params import SamplingParams  # noqa: E402
-from results_io import command_line, write_results  # noqa: E402
+from fairswitch.kv.cache_manager import KVCacheManager
+from fairswitch.kv.copy_backend import make_copy_backend
+from fairswitch.kv.extents import num_extents
+from fairswitch.kv.kv_cache import KVLayout
+from fairswitch.kv.swap_manager import SwapManager
+from fairswitch.request import Request
+from fairswitch.sampling_params import SamplingParams
+from results_io import command_line, write_results
 
 
 def _sync(device: torch.device) -> None:
@@ -57,14 +55,14 @@ def peak_bandwidth(gpu: torch.device, nbytes: int) -> tuple[float, float]:
     return rates[0], rates[1]
 
 
-def run_mode(name: str, args: argparse.Namespace, gpu_pool: torch.Tensor,
+def run_mode(name: str, args: argparse.Namespace, layout: KVLayout, gpu_pool: torch.Tensor,
              cpu_pool: torch.Tensor, lengths: list[int]) -> dict[str, Any]:
     baseline = name == "baseline"
     device = gpu_pool.device
     kv = KVCacheManager(gpu_pool.shape[0], args.block_size, block_groups=not baseline)
     backend = make_copy_backend("torch" if baseline else args.copy_backend, device,
                                 per_layer=baseline)
-    swap = SwapManager(kv, gpu_pool, cpu_pool.shape[0], cpu_pool, backend,
+    swap = SwapManager(kv, gpu_pool, cpu_pool, backend, block_bytes=layout.block_bytes,
                        async_copies=not baseline, incremental=not baseline)
     rng = random.Random(args.seed)
     # Churn: short-lived requests come and go first, as in a running server.
@@ -123,14 +121,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     rng = random.Random(args.seed)
     lengths = [rng.randint(args.min_tokens, args.max_tokens) for _ in range(args.requests)]
-    shape = (args.layers, 2, args.block_size, args.kv_heads, args.head_dim)
+    layout = KVLayout(args.layers, args.block_size, args.kv_heads, args.head_dim, dtype)
     # Room for the batch, twice over, plus the churn's live requests (12 x up to 36 blocks).
     blocks = 2 * sum(-(-n // args.block_size) for n in lengths) + 12 * 36 + 64
-    gpu_pool = torch.zeros((blocks, *shape), dtype=dtype, device=device)
-    cpu_pool = torch.empty((blocks, *shape), dtype=dtype, pin_memory=device.type == "cuda")
+    gpu_pool = torch.zeros(layout.shape(blocks), dtype=dtype, device=device)
+    cpu_pool = torch.empty(layout.shape(blocks), dtype=dtype, pin_memory=device.type == "cuda")
     peak_out, peak_in = peak_bandwidth(device, min(1 << 30, gpu_pool.numel()
                                                    * gpu_pool.element_size() // 2))
-    rows = [run_mode(m, args, gpu_pool, cpu_pool, lengths) for m in ("fairswitch", "baseline")]
+    rows = [run_mode(m, args, layout, gpu_pool, cpu_pool, lengths)
+            for m in ("fairswitch", "baseline")]
     for r in rows:
         r["fraction_of_peak"] = (r["out_bw"] / peak_out + r["in_bw"] / peak_in) / 2
     print(f"peak pinned copy: out {peak_out / 1e9:.1f} GB/s, in {peak_in / 1e9:.1f} GB/s")

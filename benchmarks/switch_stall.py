@@ -19,19 +19,16 @@ from __future__ import annotations
 import argparse
 import gc
 import random
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fairswitch.config import EngineConfig  # noqa: E402
-from fairswitch.engine.engine import Engine  # noqa: E402
-from fairswitch.sampling_params import SamplingParams  # noqa: E402
-from results_io import command_line, write_results  # noqa: E402
+from fairswitch.config import EngineConfig
+from fairswitch.engine.engine import Engine
+from fairswitch.sampling_params import SamplingParams
+from results_io import command_line, write_results
 
 MODES = {"fairswitch": {}, "baseline": {"baseline": True},
          # ablation: a resumed request joins the step after the host sees its swap-in land

@@ -22,23 +22,18 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import random
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # workloads/ of this checkout
-
-from fairswitch.engine.engine import resolve_device, resolve_dtype  # noqa: E402
-from fairswitch.engine.llm import LLM  # noqa: E402
-from fairswitch.model import loader  # noqa: E402
-from fairswitch.sampling_params import SamplingParams  # noqa: E402
-from results_io import command_line, write_results  # noqa: E402
-from workloads.sharegpt import DEFAULT_PAIRS_TRACE, iter_text_pairs, read_pairs_trace  # noqa: E402
+from fairswitch.engine.builder import resolve_device, resolve_dtype
+from fairswitch.engine.llm import LLM
+from fairswitch.model import loader
+from fairswitch.sampling_params import SamplingParams
+from results_io import command_line, write_results
+from workloads.sharegpt import DEFAULT_PAIRS_TRACE, iter_text_pairs, read_pairs_trace
 
 MIN_LEN = 4  # vLLM's filter: drop pairs with fewer prompt or output tokens than this
 

@@ -73,7 +73,7 @@ class Request:
     num_charged_prompt_tokens: int = 0
     num_charged_output_tokens: int = 0
     # Async scheduling: the token its launched step is computing ends it by length, so the
-    # step scheduled meanwhile neither runs it nor preempts it (engine.py, _step_pipelined).
+    # step scheduled meanwhile neither runs it nor preempts it (scheduler.py, engine.py).
     finishing: bool = False
     # Chained hashes of its full blocks computed so far (reuse_index.block_hashes extends them;
     # tokens are only ever appended, so they stay valid).

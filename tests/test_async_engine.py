@@ -21,7 +21,7 @@ def engine():
 
 
 def free_blocks(engine: AsyncEngine):
-    return engine.run_in_engine(lambda e: e.kv.num_free_blocks)
+    return engine.run_in_engine(lambda e: e.kv.blocks.num_free_blocks)
 
 
 async def collect(engine, prompt, n, **kw):
@@ -148,13 +148,21 @@ def test_outputs_go_out_in_one_batch_while_the_next_step_runs(async_scheduling):
     runner, real_deliver = eng.engine.runner, eng._deliver
     real_launch, real_collect = runner.launch, runner.collect
 
-    def launch(sched, before_wait=None, *args):
-        def launched():
+    launching = [False]  # inside a launch; set back once the launch counted itself
+
+    def launched():  # the step event, fired before the hand-over's own callback
+        if launching[0]:
             events.append("launched")
-            before_wait()
-        pending = real_launch(sched, launched if before_wait is not None else None, *args)
-        if before_wait is None and pending.requests:
+            launching[0] = False
+
+    eng.engine.events.on_gpu_busy.insert(0, launched)
+
+    def launch(sched, *args):
+        launching[0] = True
+        pending = real_launch(sched, *args)
+        if launching[0] and pending.requests:  # the launch fired no event
             events.append("launched")
+        launching[0] = False
         return pending
 
     def collect_tokens(pending):
@@ -215,8 +223,9 @@ def test_with_synchronous_swaps_outputs_go_out_before_scheduling():
         return real_schedule()
 
     engine.scheduler.schedule = schedule
+    engine.events.on_gpu_busy.append(lambda: order.append("handover"))
     engine.add_request("sync swaps", SamplingParams(max_tokens=3, ignore_eos=True))
-    engine.step(before_wait=lambda: order.append("handover"))
+    engine.step()
     assert order == ["handover", "schedule"]
 
 

@@ -1,4 +1,4 @@
-"""Async scheduling (engine.py ``_step_pipelined``): the next step is scheduled and launched
+"""Async scheduling (engine.py ``Engine.step``): the next step is scheduled and launched
 before the current one's tokens are waited for, its inputs that the current one samples copied
 over on the device. Same tokens as scheduling in turn; a request that stops runs at most one step
 more; aborts and preemptions between steps lose nothing; no placeholder token ever leaves the
@@ -11,7 +11,7 @@ import random
 import pytest
 
 from fairswitch import LLM, SamplingParams
-from fairswitch.engine.engine import PLACEHOLDER_TOKEN
+from fairswitch.request import PLACEHOLDER_TOKEN
 from fairswitch.request import RequestStatus
 
 PROMPTS = ["Once upon a time", "The capital of France is", "1, 2, 3,", "def main():"]
@@ -54,17 +54,18 @@ def assert_placeholders_only_in_flight(engine):
 
 def test_launches_the_next_step_before_waiting_for_this_one():
     """Each call schedules and launches the next step behind the one in flight, hands over
-    (before_wait, called by the runner once the launch is queued) and only then waits; the next
-    step is launched behind the previous one, whose tokens it reads on the device."""
+    (the gpu_busy step event, fired by the runner once the launch is queued) and only then
+    waits; the next step is launched behind the previous one, whose tokens it reads on the
+    device."""
     llm = make_llm(True)
     engine, events, afters = llm.engine, [], []
     runner, scheduler = engine.runner, engine.scheduler
     launch, collect, schedule = runner.launch, runner.collect, scheduler.schedule
 
-    def recording_launch(sched, before_wait=None, after=None):
+    def recording_launch(sched, after=None):
         events.append("launch")
         afters.append(after)
-        pending = launch(sched, before_wait, after)
+        pending = launch(sched, after)
         launched.append(pending)
         return pending
 
@@ -72,12 +73,13 @@ def test_launches_the_next_step_before_waiting_for_this_one():
     runner.launch = recording_launch
     runner.collect = lambda *a, **k: (events.append("collect"), collect(*a, **k))[1]
     scheduler.schedule = lambda: (events.append("schedule"), schedule())[1]
+    engine.events.on_gpu_busy.append(lambda: events.append("gpu_busy"))
     rid = engine.add_request(PROMPTS[0], SamplingParams(max_tokens=3, ignore_eos=True))
-    outs = [engine.step(before_wait=lambda: events.append("before_wait")) for _ in range(3)]
+    outs = [engine.step() for _ in range(3)]
     assert events == (["schedule", "launch"]  # nothing in flight yet: the prompt's step
-                      + ["schedule", "launch", "before_wait", "collect"] * 2
+                      + ["schedule", "launch", "gpu_busy", "collect"] * 2
                       # at its length limit: nothing to launch behind the last token's step
-                      + ["schedule", "before_wait", "collect"])
+                      + ["schedule", "gpu_busy", "collect"])
     assert afters == [None, launched[0], launched[1]]  # each behind the one before
     assert [len(o[0].outputs[0].token_ids) for o in outs] == [1, 2, 3]
     assert outs[-1][0].finished and rid not in engine.requests and not engine.step_in_flight
@@ -117,7 +119,7 @@ def test_same_tokens_as_scheduling_in_turn(seed):
                        for o in outs]
         assert llm.engine.scheduler.num_preemptions > 0
         llm.engine.check_accounting()
-        assert llm.engine.kv.num_free_blocks == 16
+        assert llm.engine.kv.blocks.num_free_blocks == 16
     assert runs[True] == runs[False]
     assert {r for _, _, r in runs[True]} == {"stop", "length"}
 
@@ -150,7 +152,7 @@ def test_a_request_that_stops_runs_one_step_more_at_most():
     # Launched for its prompt, each decode up to the stop, and once behind the stopping step.
     assert sum(rid in ids for ids in launches) == ids.index(eos) + 2
     engine.check_accounting()
-    assert engine.kv.num_free_blocks == 512
+    assert engine.kv.blocks.num_free_blocks == 512
 
 
 def test_aborts_and_preemptions_between_steps_lose_nothing():
@@ -208,7 +210,7 @@ def test_aborts_and_preemptions_between_steps_lose_nothing():
     for i, rid in enumerate(ids):
         if rid not in gone:
             assert got[rid] == want[i], rid
-    assert engine.kv.num_free_blocks == 40 and not engine.swap.has_in_flight()
+    assert engine.kv.blocks.num_free_blocks == 40 and not engine.kv.swap.has_in_flight()
 
 
 def test_a_restarted_prompt_ends_in_the_token_the_step_in_flight_samples():
@@ -223,8 +225,8 @@ def test_a_restarted_prompt_ends_in_the_token_the_step_in_flight_samples():
 
     def recording_launch(sched, *args, **kwargs):
         pending = launch(sched, *args, **kwargs)
-        feeds.append([(n, r.token_ids[r.num_computed_tokens + n - 1] == PLACEHOLDER_TOKEN)
-                      for r, n in sched.scheduled])
+        feeds.append([(n, r.token_ids[start + n - 1] == PLACEHOLDER_TOKEN)
+                      for r, start, n, _ in sched.chunks()])
         return pending
 
     engine.runner.launch = recording_launch
@@ -254,11 +256,11 @@ def test_a_request_at_its_length_limit_is_neither_scheduled_ahead_nor_preempted(
     schedule, finishing_seen = engine.scheduler.schedule, []
 
     def checked_schedule():
-        out = schedule()
-        finishing = [r for r in engine.scheduler.running if r.finishing]
+        finishing = [r for r in engine.scheduler.running if r.finishing]  # last token in flight
         finishing_seen.extend(finishing)
-        assert not any(r.finishing for r, _ in out.scheduled)
-        assert not any(r.finishing for r in out.preempted)
+        out = schedule()
+        assert not any(r in finishing for r, _ in out.scheduled)
+        assert not any(r in finishing for r in out.preempted)
         return out
 
     engine.scheduler.schedule = checked_schedule
@@ -273,8 +275,9 @@ def test_a_request_at_its_length_limit_is_neither_scheduled_ahead_nor_preempted(
 
 
 def test_a_step_that_raises_after_its_launch_leaves_the_engine_steppable():
-    """An error while the step is in flight (here from before_wait) loses that step's tokens,
-    not the requests: the next steps compute them again and every request ends as without it."""
+    """An error while the step is in flight (here from a gpu_busy callback) loses that step's
+    tokens, not the requests: the next steps compute them again and every request ends as
+    without it."""
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     prompts = PROMPTS * 3
     want = tokens(make_llm(False).generate(prompts, params, use_tqdm=False))
@@ -285,12 +288,14 @@ def test_a_step_that_raises_after_its_launch_leaves_the_engine_steppable():
     got, raised, step = {}, 0, 0
 
     def fail():
-        raise KeyboardInterrupt
+        if step % 3 == 2:
+            raise KeyboardInterrupt
 
+    engine.events.on_gpu_busy.append(fail)
     while engine.has_unfinished_requests():
         step += 1
         try:
-            outs = engine.step(before_wait=fail if step % 3 == 2 else None)
+            outs = engine.step()
         except KeyboardInterrupt:
             raised += 1
             assert not engine.step_in_flight

@@ -73,7 +73,7 @@ def test_kv_cache_sized_from_gpu_memory(llama_dir):
     llm = LLM(model=str(llama_dir), device="cuda", gpu_memory_utilization=0.3)
     free, total = torch.cuda.mem_get_info()
     runner = llm.engine.runner
-    kv_bytes = runner.num_blocks * runner.block_bytes
+    kv_bytes = runner.num_blocks * llm.engine.kv.layout.block_bytes
     assert kv_bytes > 0.1 * total  # most of the 30% goes to the KV cache of a tiny model
     assert torch.cuda.memory_allocated() < 0.31 * total
     out = llm.generate("sized", SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
@@ -145,7 +145,7 @@ def test_gpu_memory_utilization_covers_the_cuda_graphs():
     torch.cuda.synchronize()
     free, total = torch.cuda.mem_get_info()
     over = (total - free) - util * total
-    kv = runner.num_blocks * runner.block_bytes
+    kv = runner.num_blocks * llm.engine.kv.layout.block_bytes
     print(f"graphs {runner.graph_bytes / gib:.2f} GiB, KV {kv / gib:.1f} GiB, in use "
           f"{(total - free) / gib:.1f} of {total / gib:.1f} GiB, {over / gib:.2f} GiB over")
     assert runner.graph_bytes > 0
@@ -175,7 +175,7 @@ def test_preemption_on_gpu_keeps_outputs(copy_backend, mode, early, llama_dir):
     m = llm.engine.switch_metrics()
     assert m[f"preemptions_{mode}"] > 0
     llm.engine.check_accounting()
-    assert llm.engine.kv.num_free_blocks == 12
+    assert llm.engine.kv.blocks.num_free_blocks == 12
 
 
 @pytest.mark.parametrize("copy_backend", ["torch", "cupy"])

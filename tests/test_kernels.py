@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
 
 from fairswitch.kernels import paged_attention as pa  # noqa: E402
 from fairswitch.kernels import reference as ref  # noqa: E402
-from fairswitch.kv.kv_cache import KVCache  # noqa: E402
+from fairswitch.kv.kv_cache import KVCache, KVLayout  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TOL = {torch.float32: 2e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}
@@ -29,7 +29,8 @@ def make_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: in
                dtype=torch.float32, num_layers: int = 2, layer: int = 1
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(pool, K view, V view) of one layer of a multi-layer pool: the views are strided."""
-    cache = KVCache(num_blocks, num_layers, block_size, num_kv_heads, head_dim, dtype, DEVICE)
+    cache = KVCache(KVLayout(num_layers, block_size, num_kv_heads, head_dim, dtype), num_blocks,
+                    DEVICE)
     k_cache, v_cache = cache.layer_views[layer]
     assert not k_cache.is_contiguous()
     return cache.tensor, k_cache, v_cache

@@ -63,6 +63,6 @@ def test_engine_frees_every_block_after_finish_and_abort():
         if steps in (2, 5, 9):
             for rid in rng.sample(ids, 2):
                 engine.abort_request(rid)  # waiting, running or already finished: all fine
-    assert engine.kv.num_free_blocks == 64
+    assert engine.kv.blocks.num_free_blocks == 64
     assert not engine.requests
-    engine.kv.pool.check()
+    engine.kv.blocks.pool.check()

@@ -147,7 +147,7 @@ def test_model_on_the_padded_layout_gives_the_eager_hidden_states():
     engine.add_request("a longer prompt that will be chunked " * 6, params)
     engine.add_request("and a third", params)
     sched = engine.scheduler.schedule()
-    batch = build_input_batch(sched.scheduled, engine.kv.block_size)
+    batch = build_input_batch(sched, engine.kv.block_size)
     assert 0 < batch.num_decodes < batch.num_tokens  # decodes and prompt tokens together
     runner = engine.runner
     with torch.inference_mode():

@@ -85,4 +85,4 @@ def test_preemption_by_recompute_keeps_outputs(model_dir, expected):
     assert [o.outputs[0].token_ids for o in outs] == want
     assert llm.engine.scheduler.num_preemptions > 0
     llm.engine.check_accounting()
-    assert llm.engine.kv.num_free_blocks == 12
+    assert llm.engine.kv.blocks.num_free_blocks == 12

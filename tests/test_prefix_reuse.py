@@ -34,7 +34,7 @@ def test_next_turn_reuses_kv_and_outputs_are_unchanged(llama_dir):
     assert got == want
     assert cached_plain == [0, 0, 0]
     assert cached[0] == 0 and cached[1] > 0 and cached[2] > cached[1]
-    pc = reuse.engine.kv.prefix_cache
+    pc = reuse.engine.kv.blocks.prefix_cache
     assert pc.num_hit_blocks * 4 == sum(cached) == reuse.engine.scheduler.num_reused_tokens
     reuse.engine.check_accounting()
 
@@ -45,8 +45,8 @@ def test_cached_blocks_never_block_live_requests(llama_dir):
     tok = llm.get_tokenizer()
     for i in range(6):  # fill the cache with unrelated finished requests
         llm.generate(f"cache filler number {i} with some words", GREEDY, use_tqdm=False)
-    pc = llm.engine.kv.prefix_cache
-    assert pc.num_blocks > 0 and llm.engine.kv.num_free_blocks == 16
+    pc = llm.engine.kv.blocks.prefix_cache
+    assert pc.num_blocks > 0 and llm.engine.kv.blocks.num_free_blocks == 16
     big = tok.encode("a long prompt " * 14)[:50]
     out = llm.generate([big], SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 8  # needed 15 of 16 blocks: cache was evicted
@@ -93,7 +93,7 @@ def evict_gpu_cache(llm: LLM) -> None:
     start = 2000 + 1000 * evict_gpu_cache.calls
     filler = list(range(start, start + kv.num_blocks * kv.block_size - 16))
     llm.generate([filler], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
-    assert kv.prefix_cache.num_blocks - len(filler) // kv.block_size <= 4
+    assert kv.blocks.prefix_cache.num_blocks - len(filler) // kv.block_size <= 4
 
 
 @pytest.mark.parametrize("delay", [0, 3])
@@ -104,7 +104,7 @@ def test_cpu_tier_hit_fetches_instead_of_recomputing(llama_dir, delay):
     plain = LLM(model=str(llama_dir), enable_prefix_caching=False, swap_space=0, **opts)
     tiered = LLM(model=str(llama_dir), swap_space=0.01, **opts)
     if delay:  # slow link: write-backs and fetches land several polls later
-        tiered.engine.swap.backend = DelayedCopyBackend(delay)
+        tiered.engine.kv.swap.backend = DelayedCopyBackend(delay)
     tok = plain.get_tokenizer()
     history = tok.encode("User: explain how a CPU tier keeps KV for the next turn, briefly.")
     for msg in ["\nUser: and when the GPU cache was evicted?", "\nUser: thanks"]:
@@ -129,7 +129,7 @@ def test_abort_during_cpu_tier_fetch_keeps_pools_whole(llama_dir):
     llm = LLM(model=str(llama_dir), num_gpu_blocks=40, block_size=4, max_model_len=160,
               swap_space=0.01)
     engine = llm.engine
-    engine.swap.backend = DelayedCopyBackend(4)
+    engine.kv.swap.backend = DelayedCopyBackend(4)
     prompt = list(range(3000, 3050))
     llm.generate([prompt], GREEDY, use_tqdm=False)
     evict_gpu_cache(llm)
@@ -139,15 +139,15 @@ def test_abort_during_cpu_tier_fetch_keeps_pools_whole(llama_dir):
     engine.step()
     rid = engine.add_request(prompt_token_ids=prompt + [7, 8, 9], params=GREEDY)
     engine.step()
-    assert engine.requests[rid] in engine.swap.incoming  # fetching from the CPU tier
+    assert engine.requests[rid] in engine.kv.swap.incoming  # fetching from the CPU tier
     engine.abort_request(rid)
     engine.check_accounting()
     while engine.has_unfinished_requests():
         engine.step()
     engine.check_accounting()
-    tier = engine.swap.tier
+    tier = engine.kv.swap.tier
     assert tier.num_blocks == len(tier.evictable) > 0  # the fetch's pins were dropped
-    assert engine.kv.num_free_blocks == 40
+    assert engine.kv.blocks.num_free_blocks == 40
 
 
 def test_block_hashes_extend_a_requests_known_hashes():

@@ -11,6 +11,7 @@ from fairswitch.request import PLACEHOLDER_TOKEN, Request
 from fairswitch.runner.attention import get_attention_backend
 from fairswitch.runner.cuda_graph import batch_buckets
 from fairswitch.runner.input_batch import build_input_batch
+from fairswitch.scheduler.scheduler import SchedulerOutput
 from fairswitch.sampling_params import SamplingParams
 
 
@@ -27,7 +28,7 @@ def test_input_batch_layout_decodes_first():
     prefill = _req("p", 10, 4, [7, 3, 9])  # chunk of 6 tokens: positions 4..9, last chunk
     decode = _req("d", 5, 5, [2, 8], n_out=1)  # position 5 -> block 8, offset 1
     partial = _req("c", 12, 0, [1, 5])  # first chunk of 8 tokens: no sample yet
-    b = build_input_batch([(prefill, 6), (decode, 1), (partial, 8)], bs)
+    b = build_input_batch(SchedulerOutput.planned([(prefill, 6), (decode, 1), (partial, 8)]), bs)
     assert b.num_decodes == 1
     assert b.input_ids.tolist() == [500] + list(range(104, 110)) + list(range(100, 108))
     assert b.positions.tolist() == [5] + list(range(4, 10)) + list(range(8))
@@ -53,11 +54,12 @@ def test_placeholder_inputs_are_listed_to_feed():
     restart.token_ids.append(ph)
     chunk = _req("c", 6, 0, [3, 7])
     chunk.token_ids.append(ph)
-    b = build_input_batch([(plain, 1), (restart, 7), (decode, 1), (chunk, 4)], 4, ph)
+    planned = SchedulerOutput.planned([(plain, 1), (restart, 7), (decode, 1), (chunk, 4)])
+    b = build_input_batch(planned, 4, ph)
     assert b.feed_rows == [1, 8] and [r.request_id for r in b.feed_requests] == ["d", "r"]
     assert b.input_ids[[1, 8]].tolist() == [ph, ph]
     # Without a placeholder value nothing is listed (the serial engine never has one).
-    assert build_input_batch([(plain, 1)], 4).feed_rows == []
+    assert build_input_batch(SchedulerOutput.planned([(plain, 1)]), 4).feed_rows == []
 
 
 def test_placeholder_inputs_need_the_step_that_samples_them():
@@ -67,7 +69,7 @@ def test_placeholder_inputs_need_the_step_that_samples_them():
     runner = LLM(num_gpu_blocks=64, max_model_len=256, device="cpu").engine.runner
     req = _req("d", 5, 5, [2, 8], n_out=1)
     req.token_ids[-1] = PLACEHOLDER_TOKEN
-    batch = build_input_batch([(req, 1)], 4, PLACEHOLDER_TOKEN)
+    batch = build_input_batch(SchedulerOutput.planned([(req, 1)]), 4, PLACEHOLDER_TOKEN)
     with pytest.raises(RuntimeError, match="no step in flight samples"):
         runner._feed(batch, None)
     with pytest.raises(RuntimeError, match="no step in flight samples"):
@@ -113,7 +115,7 @@ def test_bool_cli_flags():
 def test_triton_backend_matches_torch_backend_on_a_mixed_step():
     """Both backends behind one interface, on a step of decodes + prefill chunks (the Triton one
     in the interpreter on CPU)."""
-    from fairswitch.kv.kv_cache import KVCache
+    from fairswitch.kv.kv_cache import KVCache, KVLayout
     from fairswitch.runner.attention import TorchAttentionBackend, TritonAttentionBackend
     from fairswitch.runner.model_runner import ModelRunner
 
@@ -121,7 +123,7 @@ def test_triton_backend_matches_torch_backend_on_a_mixed_step():
     reqs = [_req("d0", 11, 11, [3, 1], n_out=1), _req("d1", 17, 17, [0, 5, 2], n_out=1),
             _req("p0", 20, 3, [4, 6, 7]), _req("p1", 5, 0, [8])]
     sched = [(reqs[0], 1), (reqs[1], 1), (reqs[2], 17), (reqs[3], 5)]
-    batch = build_input_batch(sched, bs)
+    batch = build_input_batch(SchedulerOutput.planned(sched), bs)
     runner = ModelRunner.__new__(ModelRunner)
     runner.device = torch.device("cpu")
     meta = runner._metadata(batch)
@@ -131,7 +133,7 @@ def test_triton_backend_matches_torch_backend_on_a_mixed_step():
     v = torch.randn((batch.num_tokens, hkv, d), generator=g)
     outs = []
     for backend in (TorchAttentionBackend(), TritonAttentionBackend()):
-        cache = KVCache(10, 2, bs, hkv, d, torch.float32, torch.device("cpu"))
+        cache = KVCache(KVLayout(2, bs, hkv, d, torch.float32), 10, torch.device("cpu"))
         prefix = torch.Generator().manual_seed(1)
         cache.tensor.copy_(torch.randn(cache.tensor.shape, generator=prefix))  # cached prefixes
         outs.append(backend.forward(q, k, v, cache.layer_views[1], meta))
@@ -151,7 +153,7 @@ def test_eager_warm_up_runs_every_case_and_changes_no_output():
         runner = llm.engine.runner
         if warm:
             runner.kv_cache.tensor.normal_()  # garbage everywhere, as uninitialized memory
-            assert runner.warm_up_eager(llm.engine.max_model_len) == 5
+            assert runner.warm_up_eager() == 5
         outs = llm.generate(prompts, params)
         llm.engine.check_accounting()
         return [o.outputs[0].token_ids for o in outs]

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from fairswitch import LLM
-from fairswitch.config import SchedulerConfig
-from fairswitch.kv.cache_manager import KVCacheManager
-from fairswitch.kv.copy_backend import SyncCopyBackend
-from fairswitch.kv.swap_manager import SwapManager
-from fairswitch.request import Request, RequestStatus
+from fairswitch.config import CacheConfig, SchedulerConfig
+from fairswitch.engine.output_processor import OutputProcessor
+from fairswitch.kv.kv_cache import KVLayout
+from fairswitch.kv.memory import KVMemory
+from fairswitch.request import Request
 from fairswitch.sampling_params import SamplingParams
 from fairswitch.config import parse_client_weights
 from fairswitch.scheduler.scheduler import Scheduler
@@ -29,21 +29,24 @@ class Clock:
 
 
 class Harness:
-    """A scheduler over a fake KV cache; ``step`` plays the model: computed tokens catch up and a
-    token is sampled whenever a request's tokens are all computed."""
+    """A scheduler over a small KV memory on the CPU (one layer, one head of width 1; no prefix
+    caching, no block groups), driven through its two-call contract; the model is played by
+    ``step``: every token a step samples is 2."""
 
     def __init__(self, policy: str = "fcfs", num_blocks: int = 1000, block_size: int = 4,
                  cpu_blocks: int = 0, dt: float = 0.01, **config) -> None:
         config.setdefault("max_num_batched_tokens", 256)
         self.clock = Clock()
         self.dt = dt
-        self.kv = KVCacheManager(num_blocks, block_size)
-        swap = None
-        if cpu_blocks:
-            swap = SwapManager(self.kv, torch.zeros(num_blocks, 1), cpu_blocks,
-                               torch.zeros(cpu_blocks, 1), SyncCopyBackend())
-        self.sched = Scheduler(SchedulerConfig(policy=policy, **config), self.kv, swap,
-                               clock=self.clock)
+        layout = KVLayout(1, block_size, 1, 1, torch.float32)
+        cache = CacheConfig(block_size=block_size, block_groups=False,
+                            enable_prefix_caching=False,
+                            swap_space=cpu_blocks * layout.block_bytes / 2**30)
+        self.memory = KVMemory(cache, layout, num_blocks, torch.device("cpu"), 4096)
+        self.kv = self.memory.blocks
+        self.sched = Scheduler(SchedulerConfig(policy=policy, **config), self.memory,
+                               OutputProcessor(None, set(), 4096), clock=self.clock)
+        self.live: list[Request] = []
         self.finished: list[Request] = []
         self.admitted: list[Request] = []  # first admissions, in order
         self._n = 0
@@ -54,26 +57,22 @@ class Harness:
                       SamplingParams(max_tokens=max_tokens, ignore_eos=True), self.clock.t,
                       priority=priority, client_id=client)
         self._n += 1
+        self.sched.tokens.init_request(req)
         self.sched.add_request(req)
+        self.live.append(req)
         return req
 
     def step(self):
         out = self.sched.schedule()
-        for req, n in out.scheduled:
+        for req, _ in out.scheduled:
             if req.metrics.first_scheduled_time is not None and req not in self.admitted:
                 self.admitted.append(req)
-            req.num_computed_tokens += n
-            if req.num_computed_tokens == req.num_tokens:
-                req.token_ids.append(2)
-                if req.num_output_tokens >= req.sampling_params.max_tokens:
-                    req.status = RequestStatus.FINISHED_LENGTH
-                    self.sched.finish(req)
-                    self.finished.append(req)
-        self.sched.on_launch(out)
-        self.sched.update(out)
-        self.kv.pool.check()  # never over-committed, never double-owned
-        if self.sched.swap is not None:
-            self.sched.swap.cpu_pool.check()
+        sampled = {req: 2 for req, _, _, samples in out.chunks() if samples}
+        for req in self.sched.update_from_output(out, sampled):
+            if req.is_finished:
+                self.finished.append(req)
+                self.live.remove(req)
+        self.memory.check(self.live)  # never over-committed, never double-owned, no leak
         self.clock.t += self.dt
         return out
 

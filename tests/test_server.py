@@ -78,7 +78,7 @@ def engine_idle(engine) -> tuple[int, int, int]:
     async def check():
         await engine.sync()
         return await engine.run_in_engine(
-            lambda e: (e.kv.num_free_blocks, e.kv.num_blocks, len(e.requests)))
+            lambda e: (e.kv.blocks.num_free_blocks, e.kv.num_blocks, len(e.requests)))
     return run(check())
 
 
@@ -326,7 +326,7 @@ def test_disconnect_mid_stream_frees_blocks(server, engine):
                 for _ in range(3):
                     await r.content.readline()
                 free, total, live = await engine.run_in_engine(
-                    lambda e: (e.kv.num_free_blocks, e.kv.num_blocks, len(e.requests)))
+                    lambda e: (e.kv.blocks.num_free_blocks, e.kv.num_blocks, len(e.requests)))
                 assert live == 1 and free < total
                 r.close()  # drop the connection mid-stream
     run(main())
@@ -340,7 +340,7 @@ def test_disconnect_while_waiting_for_whole_response_frees_blocks(server, engine
                 "prompt": "slow " * 20, "max_tokens": 200, "ignore_eos": True}))
             for _ in range(500):
                 await asyncio.sleep(0.01)
-                if await engine.run_in_engine(lambda e: e.kv.num_free_blocks < e.kv.num_blocks):
+                if await engine.run_in_engine(lambda e: e.kv.blocks.num_free_blocks < e.kv.num_blocks):
                     break
             else:
                 pytest.fail("the request never ran")

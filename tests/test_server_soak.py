@@ -117,7 +117,7 @@ def test_soak(server, engine):
             await asyncio.sleep(0.05)
         await engine.run_in_engine(lambda e: e.check_accounting())
         return await engine.run_in_engine(lambda e: (
-            e.kv.num_free_blocks, e.kv.num_blocks, len(e.requests), e.scheduler.num_preemptions))
+            e.kv.blocks.num_free_blocks, e.kv.num_blocks, len(e.requests), e.scheduler.num_preemptions))
     free, total, live, preemptions = asyncio.run(idle())
     assert (free, live) == (total, 0)
 

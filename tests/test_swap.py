@@ -9,6 +9,7 @@ import pytest
 from fairswitch import LLM, SamplingParams
 from fairswitch.kv.copy_backend import DelayedCopyBackend, SyncCopyBackend
 from fairswitch.kv.extents import copy_extents, num_extents
+from fairswitch.kv.no_swap import NoSwapSpace
 from fairswitch.request import Request
 from fairswitch.scheduler.preemption import PreemptionPolicy
 
@@ -36,7 +37,7 @@ def tight_llm(llama_dir, mode: str, delay: int = 0, swap_space: float = 0.01,
     llm = LLM(model=str(llama_dir), num_gpu_blocks=12, block_size=4, max_model_len=48,
               preemption_mode=mode, swap_space=swap_space, async_scheduling=async_scheduling)
     if delay:
-        llm.engine.swap.backend = DelayedCopyBackend(delay)
+        llm.engine.kv.swap.backend = DelayedCopyBackend(delay)
     return llm
 
 
@@ -50,18 +51,18 @@ def test_outputs_identical_under_forced_preemption(llama_dir, expected, mode, de
     assert sched.num_preemptions > 0
     if mode == "swap":
         assert sched.preemptions_by_mode == {"swap": sched.num_preemptions, "recompute": 0}
-        assert llm.engine.swap.backend.stats.bytes_out > 0
+        assert llm.engine.kv.swap.backend.stats.bytes_out > 0
     if mode == "recompute":
         assert sched.preemptions_by_mode["swap"] == 0
     engine = llm.engine
     engine.check_accounting()
-    assert engine.kv.num_free_blocks == 12
+    assert engine.kv.blocks.num_free_blocks == 12
     assert cpu_pool_whole(engine)
 
 
 def cpu_pool_whole(engine) -> bool:
     """Every CPU block is free or cached by the CPU reuse tier, evictable (no fetch pins it)."""
-    swap = engine.swap
+    swap = engine.kv.swap
     cached = len(swap.tier.evictable) if swap.tier is not None else 0
     assert swap.tier is None or swap.tier.num_blocks == cached
     return swap.cpu_pool.num_free_blocks + cached == swap.cpu_pool.num_blocks
@@ -71,8 +72,8 @@ def test_full_cpu_pool_falls_back_to_recompute(llama_dir, expected):
     # Room for one small request's KV on the CPU: the rest must be recomputed.
     block_bytes = 2 * 2 * 4 * 2 * 16 * 4  # layers x K/V x tokens x kv heads x dim x fp32
     llm = tight_llm(llama_dir, "swap", swap_space=3 * block_bytes / 2**30)
-    assert llm.engine.runner.block_bytes == block_bytes
-    assert llm.engine.swap.cpu_pool.num_blocks == 3
+    assert llm.engine.kv.layout.block_bytes == block_bytes
+    assert llm.engine.kv.swap.cpu_pool.num_blocks == 3
     outs = llm.generate(PROMPTS, greedy(), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == expected
     assert llm.engine.scheduler.preemptions_by_mode["recompute"] > 0
@@ -93,14 +94,14 @@ def test_aborts_mid_copy_and_random_churn_keep_pools_whole(llama_dir, async_sche
         engine.step()
         engine.check_accounting()
         steps += 1
-        in_flight = [r.request_id for r in (*engine.swap.outgoing, *engine.swap.incoming)]
+        in_flight = [r.request_id for r in (*engine.kv.swap.outgoing, *engine.kv.swap.incoming)]
         if steps % 4 == 0 or in_flight:  # every copy in flight, and churn every 4th step
             victim = in_flight[0] if in_flight else rng.choice(ids)
             aborted_in_flight += bool(in_flight)
             engine.abort_request(victim)
     assert aborted_in_flight > 0  # the interesting case happened
-    assert not engine.swap.has_in_flight()
-    assert engine.kv.num_free_blocks == 12
+    assert not engine.kv.swap.has_in_flight()
+    assert engine.kv.blocks.num_free_blocks == 12
     assert cpu_pool_whole(engine)
 
 
@@ -108,7 +109,7 @@ def test_incremental_swap_out_moves_only_new_blocks(llama_dir):
     llm = LLM(model=str(llama_dir), num_gpu_blocks=64, block_size=4, max_model_len=64,
               swap_space=0.01)
     engine = llm.engine
-    swap, sched = engine.swap, engine.scheduler
+    swap, sched = engine.kv.swap, engine.scheduler
     rid = engine.add_request(prompt_token_ids=list(range(1000, 1018)), params=greedy(30))
     req = engine.requests[rid]
     while req.num_output_tokens < 2:
@@ -156,7 +157,7 @@ def test_copy_extents_coalesce_and_baseline_copies_per_layer():
 def test_policy_prefers_cheaper_mode(llama_dir):
     llm = LLM(model=str(llama_dir), num_gpu_blocks=64, block_size=4, max_model_len=64,
               swap_space=0.01)
-    swap = llm.engine.swap
+    swap = llm.engine.kv.swap
     req = Request("x", list(range(40)), SamplingParams(), 0.0)
     req.num_computed_tokens = 40
     req.block_table = list(range(10))
@@ -164,7 +165,7 @@ def test_policy_prefers_cheaper_mode(llama_dir):
     fast_link = PreemptionPolicy("auto", link_bytes_per_s=1e12, prefill_tokens_per_s=10.0)
     assert slow_link.choose(req, swap) == "recompute"
     assert fast_link.choose(req, swap) == "swap"
-    assert PreemptionPolicy("swap").choose(req, None) == "recompute"  # no swap space
+    assert PreemptionPolicy("swap").choose(req, NoSwapSpace(swap.gpu)) == "recompute"  # no space
     assert PreemptionPolicy("recompute").choose(req, swap) == "recompute"
     short = PreemptionPolicy("auto", link_bytes_per_s=1e12, prefill_tokens_per_s=10.0,
                              min_swap_tokens=100)
@@ -178,7 +179,7 @@ def test_cost_model_rates_are_measured(llama_dir):
     steps: neither stays at the configured starting values, and the probe leaves no trace."""
     llm = LLM(model=str(llama_dir), num_gpu_blocks=128, block_size=4, max_model_len=512,
               swap_space=0.01, swap_link_gb_s=1e-6, prefill_tokens_per_s=1e-3)
-    policy, swap = llm.engine.scheduler.preemption, llm.engine.swap
+    policy, swap = llm.engine.scheduler.preemption, llm.engine.kv.swap
     assert policy.num_link_samples == 1 and policy.link_bytes_per_s > 1e3
     assert swap.backend.stats.num_copies == 0 and swap.cpu_pool.num_used_blocks == 0
     llm.generate([list(range(100, 400))], greedy(2), use_tqdm=False)  # one 300-token prefill
@@ -261,13 +262,13 @@ def test_early_swap_in_same_outputs_fewer_steps(llama_dir, expected, mode):
         llm = LLM(model=str(llama_dir), num_gpu_blocks=12, block_size=4, max_model_len=48,
                   preemption_mode=mode, swap_space=0.01, early_swap_in=early, max_num_seqs=2,
                   policy="trace", priority_update_prob=0.5, min_run_steps=1)
-        llm.engine.swap.backend = DelayedCopyBackend(3)
-        assert llm.engine.swap.early_landing == early
+        llm.engine.kv.swap.backend = DelayedCopyBackend(3)
+        assert llm.engine.kv.swap.early_landing == early
         counted = _counting_steps(llm.engine)
         outs = llm.generate(PROMPTS, greedy(), use_tqdm=False)
         assert [o.outputs[0].token_ids for o in outs] == expected, early
         assert llm.engine.scheduler.preemptions_by_mode["swap"] > 0
-        assert cpu_pool_whole(llm.engine) and llm.engine.kv.num_free_blocks == 12
+        assert cpu_pool_whole(llm.engine) and llm.engine.kv.blocks.num_free_blocks == 12
         assert len(counted) > 0
         waits[early] = llm.engine.scheduler.switch_stall_s
         steps[early] = len(counted)
@@ -289,16 +290,16 @@ def test_early_landed_requests_preempted_or_aborted_mid_copy_keep_pools_whole(ll
     llm = LLM(model=str(llama_dir), num_gpu_blocks=12, block_size=4, max_model_len=48,
               preemption_mode="auto", swap_space=0.01, early_swap_in=True)
     engine = llm.engine
-    engine.swap.backend = DelayedCopyBackend(4)
+    engine.kv.swap.backend = DelayedCopyBackend(4)
     _counting_steps(engine)
     drops_mid_copy = []
-    drop_gpu = engine.swap.drop_gpu
+    drop_gpu = engine.kv.swap.drop_gpu
 
     def counted_drop(req):  # recompute preemption of a request whose swap-in is in flight
-        drops_mid_copy.append(req in engine.swap.incoming)
+        drops_mid_copy.append(req in engine.kv.swap.incoming)
         drop_gpu(req)
 
-    engine.swap.drop_gpu = counted_drop
+    engine.kv.swap.drop_gpu = counted_drop
     ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
     got: dict[str, list[int]] = {}
     aborted: set[str] = set()
@@ -307,7 +308,7 @@ def test_early_landed_requests_preempted_or_aborted_mid_copy_keep_pools_whole(ll
         for out in engine.step():
             if out.finished:
                 got[out.request_id] = out.outputs[0].token_ids
-        early = [r for r, t in engine.swap.incoming.items()
+        early = [r for r, t in engine.kv.swap.incoming.items()
                  if t.landed_early and r in engine.scheduler.running]
         if early and rng.random() < 0.5:  # a running request whose swap-in is still in flight
             hit += 1
@@ -323,8 +324,8 @@ def test_early_landed_requests_preempted_or_aborted_mid_copy_keep_pools_whole(ll
     survivors = [i for i, rid in enumerate(ids) if rid not in aborted]
     assert len(survivors) >= 6
     assert [got[ids[i]] for i in survivors] == [want[i] for i in survivors]
-    assert not engine.swap.has_in_flight()
-    assert cpu_pool_whole(engine) and engine.kv.num_free_blocks == 12
+    assert not engine.kv.swap.has_in_flight()
+    assert cpu_pool_whole(engine) and engine.kv.blocks.num_free_blocks == 12
 
 
 def test_growth_headroom_same_outputs_fewer_preemptions(llama_dir):
@@ -356,7 +357,7 @@ def test_memory_pressure_waits_for_draining_copies_before_another_victim(llama_d
     for wait in (True, False):
         llm = LLM(model=str(llama_dir), num_gpu_blocks=12, block_size=4, max_model_len=48,
                   preemption_mode="swap", swap_space=0.01, growth_headroom=0)
-        swap = llm.engine.swap
+        swap = llm.engine.kv.swap
         swap.backend = DelayedCopyBackend(6)
         calls = []
 
@@ -368,7 +369,7 @@ def test_memory_pressure_waits_for_draining_copies_before_another_victim(llama_d
         outs = llm.generate(PROMPTS, greedy(), use_tqdm=False)
         assert [o.outputs[0].token_ids for o in outs] == expected, wait
         llm.engine.check_accounting()
-        assert cpu_pool_whole(llm.engine) and llm.engine.kv.num_free_blocks == 12
+        assert cpu_pool_whole(llm.engine) and llm.engine.kv.blocks.num_free_blocks == 12
         preemptions[wait] = llm.engine.switch_metrics()["preemptions_swap"]
         reclaimed[wait] = sum(calls)
     assert reclaimed[True] > 0
@@ -384,7 +385,8 @@ def test_reclaim_waits_for_the_oldest_copy_only():
     from fairswitch.kv.swap_manager import SwapManager
 
     kv = KVCacheManager(16, 4)
-    swap = SwapManager(kv, torch.zeros(16, 1), 16, torch.zeros(16, 1), DelayedCopyBackend(10**6))
+    swap = SwapManager(kv, torch.zeros(16, 1), torch.zeros(16, 1), DelayedCopyBackend(10**6),
+                       block_bytes=4)
     reqs = []
     for i in range(2):
         req = Request(f"r{i}", [1] * 16, greedy(), 0.0)
@@ -412,9 +414,8 @@ def test_release_during_an_early_landed_fetch_gives_back_the_group_reservation()
 
     kv = KVCacheManager(32, 4, block_groups=True)
     tier = ReuseTier(4)
-    swap = SwapManager(kv, torch.zeros(32, 1), 16, torch.zeros(16, 1), DelayedCopyBackend(10**6),
-                       cpu_tier=tier)
-    swap.early_landing = True
+    swap = SwapManager(kv, torch.zeros(32, 1), torch.zeros(16, 1), DelayedCopyBackend(10**6),
+                       block_bytes=4, cpu_tier=tier, early_landing=True)
     tokens = [5, 6, 7, 8]
     (cached,) = swap.cpu_pool.allocate(1)
     tier.add(block_hashes(tokens, 4, 4)[0], tuple(tokens), cached)

@@ -58,6 +58,8 @@ class AsyncEngine:
         self._pending: list[RequestOutput] = []  # the last step's outputs, not yet delivered
         self._stopping = False
         self._error: BaseException | None = None
+        # The last step's outputs go out while the GPU computes the next (Engine.step).
+        engine.events.on_gpu_busy.append(self._flush)
         GC_CLOCK.install()
         self._frozen = contextlib.ExitStack()
         if engine.config.model.freeze_gc:
@@ -199,8 +201,7 @@ class AsyncEngine:
                     self._wake.wait(0.5)
                     self._wake.clear()
                     continue
-                # The last step's outputs go out while this step runs (when: Engine.step).
-                outputs = engine.step(before_wait=self._flush)
+                outputs = engine.step()  # the last step's go out in it (gpu_busy)
                 self._flush()  # this step had nothing to wait for: they go out now
                 self._pending = outputs
                 if engine.step_in_flight:  # the GPU already runs the next one: no need to wait
@@ -213,6 +214,7 @@ class AsyncEngine:
             self._deliver([e] * len(rids), rids)
         finally:
             self._flush()
+            engine.events.on_gpu_busy.remove(self._flush)  # (no cycle keeps this object alive)
             aborted = [out for rid in list(engine.requests)
                        if (out := engine.abort_request(rid)) is not None]
             if aborted and self._error is None:

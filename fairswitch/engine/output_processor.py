@@ -13,7 +13,7 @@ from typing import Any
 
 from fairswitch.engine.detokenizer import IncrementalDetokenizer
 from fairswitch.outputs import CompletionOutput, RequestOutput
-from fairswitch.request import Request, RequestStatus
+from fairswitch.request import PLACEHOLDER_TOKEN, Request, RequestStatus
 
 
 @dataclass(slots=True)
@@ -99,6 +99,8 @@ class OutputProcessor:
         new_text = text[state.num_emitted_chars:]
         state.num_emitted_chars = visible
         out_ids = request.output_token_ids
+        while out_ids and out_ids[-1] == PLACEHOLDER_TOKEN:  # a step in flight computes them
+            out_ids.pop()
         completion = CompletionOutput(
             index=0,
             text=text,

@@ -65,7 +65,7 @@ class StepLog:
         if len(self.rows) >= self.max_rows:
             self.num_dropped += 1
             return
-        s, kv, swap = engine.scheduler, engine.kv, engine.swap
+        s, kv, swap = engine.scheduler, engine.kv.blocks, engine.kv.swap
         pc = kv.prefix_cache
         self.rows.append((
             round(t_start - self.t0, 6), round(t_end - t_start, 6), round(t_sched - t_start, 6),
@@ -73,12 +73,12 @@ class StepLog:
             len(sched.scheduled), sched.num_batched_tokens,
             sum(n for _, n in sched.scheduled if n > 1),
             len(s.running), len(s.waiting), len(s.swapped),
-            swap.num_pending_in if swap is not None else 0,
+            swap.num_pending_in,
             kv.num_free_blocks, len(pc.evictable) if pc is not None else 0,
             kv.num_reserved_blocks,
-            swap.num_gpu_blocks_in_flight() if swap is not None else 0,
+            swap.num_gpu_blocks_in_flight(),
             len(sched.preempted), s.num_rank_preemptions,
-            round(swap.stall_s, 6) if swap is not None else 0.0, round(ahead_s, 6),
+            round(swap.stall_s, 6), round(ahead_s, 6),
         ))
 
     def to_json(self) -> dict[str, Any]:

@@ -70,17 +70,23 @@ class _Transfer:
 
 
 class SwapManager:
-    def __init__(self, gpu: KVCacheManager, gpu_tensor: torch.Tensor, num_cpu_blocks: int,
-                 cpu_tensor: torch.Tensor, backend: CopyBackend, async_copies: bool = True,
-                 incremental: bool = True, cpu_tier: ReuseTier | None = None) -> None:
+    """The swap space: CPU blocks for preempted requests' KV and the CPU reuse tier, and the
+    copies between it and the GPU pool. Built by ``KVMemory`` (memory.py)."""
+
+    def __init__(self, gpu: KVCacheManager, gpu_tensor: torch.Tensor, cpu_tensor: torch.Tensor,
+                 backend: CopyBackend, *, block_bytes: int, async_copies: bool = True,
+                 incremental: bool = True, cpu_tier: ReuseTier | None = None,
+                 early_landing: bool = False,
+                 writeback_backend: CopyBackend | None = None) -> None:
         self.async_copies = async_copies
         self.incremental = incremental
         self.gpu = gpu
         self.gpu_tensor = gpu_tensor
-        self.cpu_pool = ExtentAllocator(num_cpu_blocks)
+        self.cpu_pool = ExtentAllocator(cpu_tensor.shape[0])
         self.cpu_tensor = cpu_tensor
         self.backend = backend
         self.block_size = gpu.block_size
+        self.block_bytes = block_bytes
         self.outgoing: dict[Request, _Transfer] = {}
         self.incoming: dict[Request, _Transfer] = {}
         self._orphans: list[_Transfer] = []  # transfers of aborted requests, still in flight
@@ -88,20 +94,16 @@ class SwapManager:
         self._writebacks: list[_Transfer] = []
         # Write-backs are background traffic: on their own stream (when set) so that a swap-in
         # or fetch someone waits for never queues behind them.
-        self.writeback_backend: CopyBackend | None = None
+        self.writeback_backend = writeback_backend
         # Early landing: a swap-in (or CPU-tier fetch) lets its request run in the step it is
         # issued, the compute stream waiting for the copy on the device; the transfer stays in
         # ``incoming`` until the host sees it done, so its blocks keep their copy's protection.
-        self.early_landing = False
+        self.early_landing = early_landing
         self._ready_now: list[Request] = []
         self.cpu_resident: set[Request] = set()  # requests holding CPU blocks
         self.blocking_copy_s = 0.0  # time steps waited on copies (async_copies=False)
         self._timing = False
         self.stall_s = 0.0  # host time in swap_out/swap_in/poll/wait_incoming (see _stalls)
-
-    @property
-    def block_bytes(self) -> int:
-        return self.gpu_tensor[0].numel() * self.gpu_tensor.element_size()
 
     # ---- planning ---------------------------------------------------------------------------
 

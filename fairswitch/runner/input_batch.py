@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fairswitch.request import Request
+from fairswitch.scheduler.scheduler import SchedulerOutput
 
 
 @dataclass(slots=True)
@@ -72,12 +73,13 @@ def _table_row(req: Request) -> np.ndarray:
     return arr
 
 
-def build_input_batch(scheduled: list[tuple[Request, int]], block_size: int,
+def build_input_batch(out: SchedulerOutput, block_size: int,
                       placeholder: int | None = None) -> InputBatch:
-    """The step's inputs; tokens equal to ``placeholder`` (a request's last token only) are
+    """The inputs of step ``out`` (each chunk from where it starts; the requests may have
+    advanced past it since); tokens equal to ``placeholder`` (a request's last token only) are
     listed as rows to feed from the step in flight."""
-    decodes = [(r, n) for r, n in scheduled if n == 1]
-    prefills = [(r, n) for r, n in scheduled if n != 1]
+    decodes = [(r, p, x) for r, p, n, x in out.chunks() if n == 1]
+    prefills = [(r, p, n, x) for r, p, n, x in out.chunks() if n != 1]
     nd = len(decodes)
     ids: list[int] = []
     pos: list[int] = []
@@ -87,8 +89,7 @@ def build_input_batch(scheduled: list[tuple[Request, int]], block_size: int,
     feed_rows: list[int] = []
     feed_reqs: list[Request] = []
     # Decodes: one token each, plain Python is cheaper than numpy for single elements.
-    for req, _ in decodes:
-        p = req.num_computed_tokens
+    for req, p, samples in decodes:
         token = req.token_ids[p]
         if token == placeholder:
             feed_rows.append(len(ids))
@@ -96,7 +97,7 @@ def build_input_batch(scheduled: list[tuple[Request, int]], block_size: int,
         ids.append(token)
         pos.append(p)
         slots.append(req.block_table[p // block_size] * block_size + p % block_size)
-        if p + 1 == req.num_tokens:
+        if samples:
             sample_rows.append(len(ids) - 1)
             sample_reqs.append(req)
     input_ids = np.array(ids, dtype=np.int64)
@@ -106,8 +107,8 @@ def build_input_batch(scheduled: list[tuple[Request, int]], block_size: int,
     if prefills:
         chunk_ids, chunk_pos, chunk_slots = [input_ids], [positions], [slot_mapping]
         offset = nd
-        for req, n in prefills:
-            start, end = req.num_computed_tokens, req.num_computed_tokens + n
+        for req, start, n, samples in prefills:
+            end = start + n
             p = np.arange(start, end, dtype=np.int64)
             table = np.asarray(req.block_table, dtype=np.int64)
             chunk_ids.append(np.asarray(req.token_ids[start:end], dtype=np.int64))
@@ -117,24 +118,23 @@ def build_input_batch(scheduled: list[tuple[Request, int]], block_size: int,
             if placeholder is not None and req.token_ids[end - 1] == placeholder:
                 feed_rows.append(offset - 1)
                 feed_reqs.append(req)
-            if end == req.num_tokens:
+            if samples:
                 sample_rows.append(offset - 1)
                 sample_reqs.append(req)
         input_ids = np.concatenate(chunk_ids)
         positions = np.concatenate(chunk_pos)
         slot_mapping = np.concatenate(chunk_slots)
-    query_lens = [n for _, n in prefills]
+    query_lens = [n for _, _, n, _ in prefills]
     return InputBatch(
         input_ids=input_ids,
         positions=positions,
         slot_mapping=slot_mapping,
         num_decodes=nd,
-        decode_block_tables=_stack([_table_row(r) for r, _ in decodes]),
+        decode_block_tables=_stack([_table_row(r) for r, _, _ in decodes]),
         decode_seq_lens=decode_seq_lens,
-        prefill_block_tables=block_table_array([r.block_table for r, _ in prefills]),
+        prefill_block_tables=block_table_array([r.block_table for r, _, _, _ in prefills]),
         prefill_query_start_loc=np.concatenate([[0], np.cumsum(query_lens)]).astype(np.int32),
-        prefill_seq_lens=np.array([r.num_computed_tokens + n for r, n in prefills],
-                                  dtype=np.int32),
+        prefill_seq_lens=np.array([p + n for _, p, n, _ in prefills], dtype=np.int32),
         sample_rows=sample_rows,
         sample_requests=sample_reqs,
         feed_rows=feed_rows,

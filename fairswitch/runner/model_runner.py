@@ -1,4 +1,5 @@
-"""Owns the model, its KV cache, its CUDA graphs and the sampler; runs one step's forward pass.
+"""Owns the model, its CUDA graphs and the sampler; runs one step's forward pass over the KV cache
+it is bound to (the cache itself belongs to kv/memory.py, sized by ``profile_kv_bytes`` on CUDA).
 
 Inputs are laid out by input_batch.py; decode-only steps replay a CUDA graph when captured.
 """
@@ -12,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fairswitch.config import CacheConfig, SchedulerConfig
-from fairswitch.kv.kv_cache import KVCache, kv_block_bytes
+from fairswitch.config import SchedulerConfig
+from fairswitch.kv.kv_cache import KVCache, KVLayout
 from fairswitch.model.llama import LlamaForCausalLM
 from fairswitch.request import PLACEHOLDER_TOKEN, Request
 from fairswitch.runner.attention import AttentionBackend, AttentionMetadata
@@ -22,6 +23,7 @@ from fairswitch.runner.host_link import SampleRowsBuffer, TokenReturn
 from fairswitch.runner.mixed_graphs import MixedGraphs
 from fairswitch.runner.input_batch import InputBatch, build_input_batch
 from fairswitch.runner.sampler import Sampler
+from fairswitch.runner.step_events import StepEvents
 from fairswitch.scheduler.scheduler import SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -47,27 +49,23 @@ class PendingStep:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, backend: AttentionBackend, cache: CacheConfig,
+    def __init__(self, model: LlamaForCausalLM, backend: AttentionBackend,
                  sched: SchedulerConfig, max_model_len: int, device: torch.device,
-                 dtype: torch.dtype, seed: int, graphs: GraphPlan = GraphPlan()) -> None:
+                 dtype: torch.dtype, seed: int, graphs: GraphPlan = GraphPlan(),
+                 events: StepEvents | None = None) -> None:
         self.model = model
         self.backend = backend
         self.device = device
         self.dtype = dtype
-        self.block_size = cache.block_size
-        cfg = model.config
-        self.block_bytes = kv_block_bytes(cfg.num_hidden_layers, cache.block_size,
-                                          cfg.num_key_value_heads, cfg.head_dim, dtype)
+        self.sched = sched
+        self.max_model_len = max_model_len
+        self.events = events if events is not None else StepEvents()
         self.graph_plan = graphs
         self.graph_bytes = 0  # device memory the CUDA graphs' pools took (measured on CUDA)
-        num_blocks = self._num_blocks(cache, sched, max_model_len)
-        if num_blocks * cache.block_size < max_model_len:
-            raise ValueError(
-                f"the KV cache holds {num_blocks} blocks x {cache.block_size} tokens = "
-                f"{num_blocks * cache.block_size} tokens, less than max_model_len={max_model_len}; "
-                "give it more memory or lower --max-model-len")
-        self.kv_cache = KVCache(num_blocks, cfg.num_hidden_layers, cache.block_size,
-                                cfg.num_key_value_heads, cfg.head_dim, dtype, device)
+        self.kv_cache: KVCache | None = None  # bind_kv_cache
+        self.block_size = 0
+        self.graphs: DecodeGraphs | None = None
+        self.mixed_graphs: MixedGraphs | None = None
         self.sampler = Sampler(device, seed)
         # On CUDA, sample rows go in and tokens come back by kernel copies (host_link.py).
         on_cuda = device.type == "cuda"
@@ -76,30 +74,23 @@ class ModelRunner:
         self._feeds = SampleRowsBuffer(2 * sched.max_num_seqs, device) if on_cuda else None
         self._tokens = TokenReturn(sched.max_num_seqs) if on_cuda else None
         self.last_prepare_s = 0.0
-        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, cache.block_size,
-                    num_blocks * self.block_bytes / _GiB)
-        self.graphs, self.mixed_graphs = self._capture(self.kv_cache.layer_views, sched,
-                                                       max_model_len)
+
+    def bind_kv_cache(self, kv_cache: KVCache) -> None:
+        """Run over ``kv_cache`` from now on; the CUDA graphs of the plan are captured over it."""
+        self.kv_cache = kv_cache
+        self.block_size = kv_cache.block_size
+        self.graphs, self.mixed_graphs = self._capture(kv_cache.layer_views, self.block_size)
 
     @property
     def num_blocks(self) -> int:
-        return self.kv_cache.num_blocks
+        return self.kv_cache.num_blocks if self.kv_cache is not None else 0
 
-    def _num_blocks(self, cache: CacheConfig, sched: SchedulerConfig, max_model_len: int) -> int:
-        if cache.num_gpu_blocks is not None:
-            return cache.num_gpu_blocks
-        if cache.kv_cache_memory_gib is not None or self.device.type != "cuda":
-            gib = cache.kv_cache_memory_gib or 1.0
-            # Never more than every running request at full length could use.
-            cap = sched.max_num_seqs * -(-max_model_len // cache.block_size)
-            return max(1, min(int(gib * _GiB) // self.block_bytes, cap))
-        return self._profile_gpu_blocks(cache, sched, max_model_len)
-
-    def _profile_gpu_blocks(self, cache: CacheConfig, sched: SchedulerConfig,
-                            max_model_len: int) -> int:
-        # Run the largest step we will ever run (a full-budget prefill plus logits for a full
-        # batch) and capture the CUDA graphs once over the probe's small cache to weigh their
-        # pools; then give the KV cache what is left of the allowed fraction of the device.
+    def profile_kv_bytes(self, layout: KVLayout, gpu_memory_utilization: float) -> float:
+        """Device memory left for the KV cache (CUDA): run the largest step we will ever run (a
+        full-budget prefill plus logits for a full batch) and capture the CUDA graphs once over
+        the probe's small cache to weigh their pools; what is left of the allowed fraction of
+        the device after weights, activations and graphs."""
+        sched = self.sched
         torch.cuda.synchronize(self.device)
         # Cached blocks nobody uses (left by loading, or by engines built before in this
         # process) would read as in use and shrink the KV cache for nothing.
@@ -107,9 +98,7 @@ class ModelRunner:
         torch.cuda.empty_cache()
         logger.info("profiling: released %.2f GiB of cached, unused device memory", unused / _GiB)
         n = sched.max_num_batched_tokens
-        probe = KVCache(-(-n // self.block_size), self.model.config.num_hidden_layers,
-                        self.block_size, self.model.config.num_key_value_heads,
-                        self.model.config.head_dim, self.dtype, self.device)
+        probe = KVCache(layout, -(-n // layout.block_size), self.device)
         table = np.arange(probe.num_blocks, dtype=np.int32)[None, :]
         positions = np.arange(n, dtype=np.int64) % self.model.rope.cos.shape[0]
         batch = InputBatch(
@@ -127,18 +116,18 @@ class ModelRunner:
         # In use now: weights, the CUDA context, the peak step's activations (cached by the
         # allocator, as they will be while serving) and the probe's cache, freed below.
         free, total = torch.cuda.mem_get_info(self.device)
-        in_use = total - free - probe.num_blocks * self.block_bytes
-        trial = self._capture(probe.layer_views, sched, max_model_len)
+        in_use = total - free - probe.num_blocks * layout.block_bytes
+        trial = self._capture(probe.layer_views, layout.block_size)
         graph_bytes = self.graph_bytes
         del trial, probe
         torch.cuda.empty_cache()  # the trial's pools: the real graphs take as much again
-        budget = cache.gpu_memory_utilization * total - in_use - graph_bytes
-        if budget < self.block_bytes:
+        budget = gpu_memory_utilization * total - in_use - graph_bytes
+        if budget < layout.block_bytes:
             raise RuntimeError(
                 f"no GPU memory left for the KV cache: {in_use / _GiB:.1f} GiB in use and "
                 f"{graph_bytes / _GiB:.2f} GiB for CUDA graphs of {total / _GiB:.1f} GiB, "
-                f"gpu_memory_utilization={cache.gpu_memory_utilization}")
-        return int(budget // self.block_bytes)
+                f"gpu_memory_utilization={gpu_memory_utilization}")
+        return budget
 
     def _forward(self, batch: InputBatch, layer_views: list) -> torch.Tensor:
         """Hidden states of ``batch`` run eagerly over the KV ``layer_views`` (no sampling)."""
@@ -163,7 +152,7 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def warm_up_eager(self, max_model_len: int) -> int:
+    def warm_up_eager(self) -> int:
         """Run the eager path once per kernel specialization a served step can reach, before
         serving; returns the number of forwards run.
 
@@ -176,7 +165,7 @@ class ModelRunner:
         chunks with and without a cached prefix. Their K/V land in block 0, which no request owns
         yet (every slot is written before it is read once a request owns it); nothing samples.
         """
-        bs, long_ctx = self.block_size, max_model_len
+        bs, long_ctx = self.block_size, self.max_model_len
         cases = (  # (decodes, decode context, prompt tokens, prompt's context incl. them)
             (1, bs, 0, 0), (3, long_ctx, 0, 0), (2, bs, bs + 3, 2 * bs + 3),
             (2, long_ctx, 5, long_ctx), (0, 0, bs + 1, bs + 1))
@@ -205,11 +194,11 @@ class ModelRunner:
             prefill_seq_lens=np.full(prefills, pctx, dtype=np.int32),
             sample_rows=[], sample_requests=[])
 
-    def _capture(self, layer_views: list, sched: SchedulerConfig, max_model_len: int
+    def _capture(self, layer_views: list, block_size: int
                  ) -> tuple[DecodeGraphs | None, MixedGraphs | None]:
         """The graphs of ``self.graph_plan`` captured over ``layer_views``; on CUDA the memory
         they took is recorded in ``graph_bytes``."""
-        plan = self.graph_plan
+        plan, sched = self.graph_plan, self.sched
         if not (plan.decode or plan.mixed):
             return None, None
         # Capturing empties the allocator's cache (torch.cuda.graph does): empty it first, so
@@ -217,7 +206,7 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
         free = torch.cuda.mem_get_info(self.device)[0]
-        max_blocks = -(-max_model_len // self.block_size)
+        max_blocks = -(-self.max_model_len // block_size)
         decode = mixed = None
         if plan.decode:
             decode = DecodeGraphs(self.model, layer_views, sched.max_num_seqs, max_blocks,
@@ -231,32 +220,25 @@ class ModelRunner:
         logger.info("CUDA graphs: %.2f GiB of device memory", self.graph_bytes / _GiB)
         return decode, mixed
 
-    def execute(self, out: SchedulerOutput,
-                before_wait: Callable[[], None] | None = None) -> dict[Request, int]:
-        """Run one step; return the token sampled for each request that reached its last token.
-
-        ``before_wait`` runs once while the GPU computes the step, before the host waits for the
-        sampled tokens (not at all when nothing samples): host work put there overlaps the GPU's.
-        A graphed step calls it right after the replay; an eager one before the forward, whose
-        kernel launches are host work of their own (15-36 ms above 512 tokens), to be held up
-        by less than they would hold it up.
-        """
-        return self.collect(self.launch(out, before_wait))
-
     @torch.inference_mode()
-    def launch(self, out: SchedulerOutput, before_wait: Callable[[], None] | None = None,
-               after: PendingStep | None = None) -> PendingStep:
+    def launch(self, out: SchedulerOutput, after: PendingStep | None = None) -> PendingStep:
         """Queue one step on the device (on CPU: run it) without waiting for its tokens;
-        ``collect`` returns them. ``before_wait`` as in ``execute``. Inputs that are still
-        placeholders (PLACEHOLDER_TOKEN) are the tokens step ``after``, launched before and not
-        collected yet, samples for the same requests: they are copied over on the device, in
-        stream order, so this step can be queued behind that one without the host waiting."""
+        ``collect`` returns them: the token sampled for each request whose chunk reaches its
+        last token. Inputs that are still placeholders (PLACEHOLDER_TOKEN) are the tokens step
+        ``after``, launched before and not collected yet, samples for the same requests: they
+        are copied over on the device, in stream order, so this step can be queued behind that
+        one without the host waiting.
+
+        A step that samples fires the ``gpu_busy`` step event (step_events.py) while the GPU
+        computes it: a graphed step right after the replay; an eager one before the forward,
+        whose kernel launches are host work of their own (15-36 ms above 512 tokens), to be
+        held up by less than they would hold it up."""
         t0 = time.perf_counter()
-        batch = build_input_batch(out.scheduled, self.block_size, PLACEHOLDER_TOKEN)
+        batch = build_input_batch(out, self.block_size, PLACEHOLDER_TOKEN)
         feed = self._feed(batch, after)
         mixed = (self.mixed_graphs.bucket(batch) if self.mixed_graphs is not None
                  and not batch.is_decode_only else None)
-        hook = before_wait if batch.sample_requests else None
+        hook = self.events.gpu_busy if batch.sample_requests else None
         if self.graphs is not None and self.graphs.can_run(batch):
             self.last_prepare_s = time.perf_counter() - t0
             hidden = self.graphs.run(batch, feed)

@@ -6,7 +6,7 @@ no swap space, the CPU pool cannot take the request, or the context is too short
 switch. ``mode`` can force either.
 
 Both rates are measured on the machine: the link by a probe copy when the swap space is set up
-(``SwapManager.probe_link``), prefill throughput from the engine's prefill-heavy steps (a moving
+(``SwapManager.probe_link``, run by ``KVMemory``), prefill throughput from the engine's prefill-heavy steps (a moving
 average). The configured values are only where they start.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fairswitch.kv.no_swap import NoSwapSpace
 from fairswitch.kv.swap_manager import SwapManager
 from fairswitch.request import Request
 
@@ -55,11 +56,11 @@ class PreemptionPolicy:
     def recompute_seconds(self, req: Request) -> float:
         return req.num_computed_tokens / self.prefill_tokens_per_s
 
-    def choose(self, req: Request, swap: SwapManager | None) -> str:
-        if swap is None or self.mode == RECOMPUTE or req.num_computed_tokens == 0:
+    def choose(self, req: Request, swap: SwapManager | NoSwapSpace) -> str:
+        if self.mode == RECOMPUTE or req.num_computed_tokens == 0:
             return RECOMPUTE
         if not swap.can_swap_out(req):
-            return RECOMPUTE  # the CPU pool is full
+            return RECOMPUTE  # no swap space, or the CPU pool is full
         if self.mode == SWAP:
             return SWAP
         if req.num_computed_tokens < self.min_swap_tokens:

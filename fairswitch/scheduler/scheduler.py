@@ -24,7 +24,18 @@ compares ranks. Each step:
 Preempted requests swap out or are recomputed per victim (preemption.py). Queues: ``waiting`` (new,
 or preempted by recompute), ``swapped`` (KV on the CPU), both ranked (queues.py); ``running`` (a
 list, sorted by rank each step). Swap-ins in flight belong to the swap manager until they land.
-``update(out)`` after the model ran charges the service to the policy (VTC counters).
+
+The contract is two calls per step (plus ``add_request`` and ``finish`` for arrivals and aborts):
+
+    out = schedule()                   the step's chunks; their tokens count as computed now, and
+                                       each token the step samples is a placeholder
+                                       (PLACEHOLDER_TOKEN) at the end of its request's tokens
+    ... the runner runs ``out`` (it may run a later step before this one's tokens are back) ...
+    update_from_output(out, sampled)   placeholders become the sampled tokens, stop checks run,
+                                       finished requests leave and free their KV, service is
+                                       charged to the ranking policy (VTC counters)
+
+``revert(out)`` undoes a scheduled step whose tokens were lost (an error while it ran).
 """
 
 from __future__ import annotations
@@ -36,10 +47,11 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from typing import Protocol
+
 from fairswitch.config import SchedulerConfig
-from fairswitch.kv.cache_manager import KVCacheManager
-from fairswitch.kv.swap_manager import SwapManager
-from fairswitch.request import Request, RequestStatus
+from fairswitch.kv.memory import KVMemory
+from fairswitch.request import PLACEHOLDER_TOKEN, Request, RequestStatus
 from fairswitch.scheduler.ranking import make_ranking
 from fairswitch.scheduler.preemption import RECOMPUTE, SWAP, PreemptionPolicy
 from fairswitch.scheduler.queues import ClientQueue, HeapQueue
@@ -49,23 +61,52 @@ class QueueFullError(RuntimeError):
     """The waiting queue is at ``max_waiting``; the caller should retry later."""
 
 
+class TokenSink(Protocol):
+    """What a sampled token does to its request (engine/output_processor.py: detokenize, stop
+    checks); the scheduler calls it and frees the requests it finishes."""
+
+    def append_token(self, request: Request, token_id: int) -> None: ...
+
+    def at_length_limit(self, request: Request) -> bool: ...
+
+
 @dataclass
 class SchedulerOutput:
     scheduled: list[tuple[Request, int]] = field(default_factory=list)  # (request, new tokens)
     num_batched_tokens: int = 0
     preempted: list[Request] = field(default_factory=list)
+    # Per scheduled request: tokens computed before this step (where its chunk starts), and
+    # whether the chunk reaches its last token (the step samples the next one).
+    starts: list[int] = field(default_factory=list)
+    samples: list[bool] = field(default_factory=list)
+
+    @classmethod
+    def planned(cls, scheduled: list[tuple[Request, int]]) -> SchedulerOutput:
+        """An output for ``scheduled`` as the requests stand now (chunks start at their computed
+        tokens); ``Scheduler.schedule`` then advances them."""
+        out = cls(scheduled, sum(n for _, n in scheduled))
+        out.starts = [r.num_computed_tokens for r, _ in scheduled]
+        out.samples = [r.num_computed_tokens + n == r.num_tokens for r, n in scheduled]
+        return out
+
+    def chunks(self):
+        """(request, start, tokens, samples) per scheduled request."""
+        return ((r, s, n, x) for (r, n), s, x in zip(self.scheduled, self.starts, self.samples))
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager,
-                 swap: SwapManager | None = None,
+    def __init__(self, config: SchedulerConfig, kv: KVMemory, tokens: TokenSink,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
-        self.kv = kv
-        self.swap = swap
+        self.kv = kv.blocks
+        self.swap = kv.swap
+        self.tokens = tokens
         self.clock = clock
+        self.kv_token_bytes = kv.layout.block_bytes / kv.block_size
         self.preemption = PreemptionPolicy(config.preemption_mode, config.swap_link_gb_s * 1e9,
-                                       config.prefill_tokens_per_s)
+                                           config.prefill_tokens_per_s)
+        if kv.link_probe is not None:  # the cost model starts from this machine's link
+            self.preemption.observe_link(*kv.link_probe)
         self.ranking = make_ranking(config)
         self.waiting = self.ranking.make_queue()
         self.swapped = self.ranking.make_queue()
@@ -88,39 +129,110 @@ class Scheduler:
 
     def has_unfinished(self) -> bool:
         # Copies still in flight count: their blocks return to the pools only when they land.
-        busy = self.swap is not None and self.swap.has_in_flight()
-        return bool(self.waiting or self.running or self.swapped or busy)
+        return bool(self.waiting or self.running or self.swapped or self.swap.has_in_flight())
 
     def schedule(self) -> SchedulerOutput:
+        """The next step (empty when nothing can run); its requests advance as it is decided:
+        see the module's docstring."""
         out = SchedulerOutput()
-        if self.swap is not None:
-            self._land(self.swap.poll())
+        self._land(self.swap.poll())
         self._update_ranks()
         self.running.sort(key=self.ranking.sort_key)
         self._preempt_for_rank(out)
         budget, short = self._schedule_running(out, self.config.max_num_batched_tokens)
         if not short:
             self._admit(out, budget)
-        if not out.scheduled and self.swap is not None and self.swap.num_pending_in:
+        if not out.scheduled and self.swap.num_pending_in:
             # Nothing can run until a swap-in lands: waiting is the only option left.
             t0 = time.perf_counter()
             self._land(self.swap.wait_incoming())
             self.switch_stall_s += time.perf_counter() - t0
             self._schedule_running(out, self.config.max_num_batched_tokens)
-        out.num_batched_tokens = sum(n for _, n in out.scheduled)
-        return out
+        planned = SchedulerOutput.planned(out.scheduled)
+        planned.preempted = out.preempted
+        self._advance(planned)
+        return planned
 
-    def on_launch(self, out: SchedulerOutput) -> None:
-        """The step is launched: its requests have run one more step (``min_run_steps``, the
-        starvation bound), counted before the next step is scheduled."""
+    def _advance(self, out: SchedulerOutput) -> None:
+        """The step will run: its tokens count as computed; each token it samples is a
+        placeholder until ``update_from_output``; its requests have run one more step
+        (``min_run_steps``, the starvation bound). A request whose placeholder ends it by length
+        is ``finishing``: a step scheduled before its token is back neither runs nor preempts it."""
         min_run = max(1, self.config.min_run_steps)
-        for req, _ in out.scheduled:
+        for req, start, n, samples in out.chunks():
+            req.num_computed_tokens = start + n
             req.num_run_steps += 1
             if req.starving and req.num_run_steps >= min_run:
                 req.starving = False
+            if samples:
+                req.token_ids.append(PLACEHOLDER_TOKEN)
+                req.finishing = self.tokens.at_length_limit(req)
 
-    def update(self, out: SchedulerOutput) -> None:
-        """After the step ran (computed tokens advanced, tokens appended): charge the service."""
+    def update_from_output(self, out: SchedulerOutput,
+                           sampled: dict[Request, int]) -> list[Request]:
+        """The step's sampled tokens are back: each replaces its request's placeholder (one of
+        a step scheduled after this one stays, after it), stop conditions are checked, finished
+        requests leave and free their KV, and the service is charged. Returns the requests that
+        got a token, in step order; the token of a request finished since (an abort) is dropped."""
+        now = self.clock()
+        updated = []
+        for req, _, _, samples in out.chunks():
+            if not samples or req.is_finished:
+                continue
+            token = sampled.get(req)
+            if token is None:
+                raise RuntimeError(f"the step sampled no token for request {req.request_id!r}")
+            num_placeholders = _drop_placeholders(req)
+            self.tokens.append_token(req, token)
+            m = req.metrics
+            if m.first_token_time is None:
+                m.first_token_time = now
+            m.last_token_time = now
+            if req.is_finished:
+                m.finished_time = now
+                self.finish(req)
+            else:  # a later step in flight samples the next ones
+                req.token_ids.extend([PLACEHOLDER_TOKEN] * (num_placeholders - 1))
+                req.finishing = num_placeholders > 1 and self.tokens.at_length_limit(req)
+            updated.append(req)
+        self._charge(out)
+        return updated
+
+    def revert(self, out: SchedulerOutput) -> None:
+        """The step's tokens are lost (an error while it ran): its requests go back to where they
+        were before it (the KV it wrote is computed again). Revert newest step first."""
+        for req, start, _, samples in out.chunks():
+            if samples and req.token_ids and req.token_ids[-1] == PLACEHOLDER_TOKEN:
+                req.token_ids.pop()
+            req.finishing = False
+            req.num_computed_tokens = min(req.num_computed_tokens, start)
+            req.num_cpu_tokens = min(req.num_cpu_tokens, req.num_computed_tokens)
+
+    def observe_step(self, out: SchedulerOutput, seconds: float) -> None:
+        """Prefill-heavy steps tell the cost model how fast recomputing is on this machine."""
+        num_prefill = sum(n for _, n in out.scheduled if n > 1)
+        if num_prefill >= 256 and 2 * num_prefill >= out.num_batched_tokens:
+            self.preemption.observe_prefill(num_prefill, seconds)
+
+    def metrics(self) -> dict[str, float]:
+        """Preemption and reuse counters (cumulative since start)."""
+        return {
+            "preemptions_swap": self.preemptions_by_mode[SWAP],
+            "preemptions_recompute": self.preemptions_by_mode[RECOMPUTE],
+            # of which for a better-ranked queued request (the rest: KV blocks ran out)
+            "preemptions_rank": self.num_rank_preemptions,
+            "link_gb_s": self.preemption.link_bytes_per_s / 1e9,  # as measured (cost model)
+            "prefill_tokens_per_s": self.preemption.prefill_tokens_per_s,
+            "switch_wait_s": self.switch_stall_s + self.swap.blocking_copy_s,
+            "num_swapped": len(self.swapped),
+            "reused_tokens": self.num_reused_tokens,
+            "reused_tokens_cpu": self.num_reused_tokens_cpu,
+            "reuse_bytes_saved": (self.num_reused_tokens + self.num_reused_tokens_cpu)
+            * self.kv_token_bytes,
+        }
+
+    def _charge(self, out: SchedulerOutput) -> None:
+        """Charge the service the step gave (prompt tokens computed, tokens output)."""
         for req, _ in out.scheduled:
             prompt = min(req.num_computed_tokens, req.num_prompt_tokens)
             num_in = max(0, prompt - req.num_charged_prompt_tokens)
@@ -176,8 +288,7 @@ class Scheduler:
 
     def _num_seated(self) -> int:
         """Requests holding a seat in the batch: running, or waiting for their swap-in."""
-        pending = self.swap.num_pending_in if self.swap is not None else 0
-        return len(self.running) + pending
+        return len(self.running) + self.swap.num_pending_in
 
     def _batch_headroom(self) -> int:
         return self._headroom(self._num_seated())
@@ -193,7 +304,7 @@ class Scheduler:
         seats = self.config.max_num_seqs - self._num_seated()
         # Blocks of swap-outs still draining will be free soon: counting them stops a request
         # that waits for them from preempting one victim per step.
-        free = self.kv.num_free_blocks + (swap.num_gpu_blocks_in_flight() if swap else 0)
+        free = self.kv.num_free_blocks + swap.num_gpu_blocks_in_flight()
         min_run = self.config.min_run_steps
         held: list[tuple[Request, HeapQueue | ClientQueue]] = []  # room counted for them
         while (cand := self._next_kept_out()) is not None:
@@ -225,16 +336,13 @@ class Scheduler:
         self.running.remove(req)
         mode = self.preemption.choose(req, self.swap)
         if mode == SWAP:
-            self.swap.swap_out(req)  # type: ignore[union-attr]
+            self.swap.swap_out(req)
             req.status = RequestStatus.SWAPPED
             self._keep_out(req, self.swapped)
         else:
             # Recompute: drop the KV; the prompt and the tokens generated so far prefill again.
-            if self.swap is not None:
-                self.swap.drop_gpu(req)
-                self.swap.drop_cpu_copy(req)
-            else:
-                self.kv.free(req)
+            self.swap.drop_gpu(req)
+            self.swap.drop_cpu_copy(req)
             req.num_computed_tokens = 0
             req.status = RequestStatus.WAITING
             self._keep_out(req, self.waiting)
@@ -256,7 +364,7 @@ class Scheduler:
                 continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             while not self.kv.allocate_slots(req, n):
-                if self.swap is not None and self.swap.reclaim_in_flight():
+                if self.swap.reclaim_in_flight():
                     continue  # blocks held by copies came back: no victim needed yet
                 # The lowest ranked (sorted at the start of the step) that will run again.
                 victim = next(r for r in reversed(self.running) if not r.finishing or r is req)
@@ -294,7 +402,7 @@ class Scheduler:
                 # Room for its saved KV plus the token it computes next (and theirs before it).
                 saved = self.kv.blocks_needed(req.num_cpu_tokens)
                 extra = self.kv.blocks_needed(req.num_cpu_tokens + 1) - saved
-                if swap is None or not swap.can_swap_in(req) or saved + extra > (
+                if not swap.can_swap_in(req) or saved + extra > (
                         self.kv.num_free_blocks - next_token_blocks - self._batch_headroom()):
                     break
                 self.swapped.remove(req)
@@ -319,7 +427,7 @@ class Scheduler:
             self._land_resumed(out, budget)
 
     def _land_resumed(self, out: SchedulerOutput, budget: int) -> tuple[int, bool]:
-        landed = self.swap.poll() if self.swap is not None else []
+        landed = self.swap.poll()
         if not landed:
             return budget, False
         self._land(landed)
@@ -357,7 +465,7 @@ class Scheduler:
 
     def _fetch_from_cpu_tier(self, req: Request, headroom: int) -> int:
         """Start fetching CPU-tier blocks that continue the request's GPU hits; tokens fetched."""
-        tier = self.swap.tier if self.swap is not None else None
+        tier = self.swap.tier
         if tier is None:
             return 0
         hits = tier.match(req.token_ids, req.num_tokens - 1, req.block_hashes,
@@ -366,18 +474,28 @@ class Scheduler:
         need = self.kv.blocks_needed(req.num_tokens + 1) - len(req.block_table)
         if not hits or need + headroom > self.kv.num_free_blocks:
             return 0
-        self.swap.fetch_cached(req, hits)  # type: ignore[union-attr]
+        self.swap.fetch_cached(req, hits)
         return len(hits) * self.kv.block_size
 
     def finish(self, req: Request) -> None:
-        """Remove a finished or aborted request from the queues and free its blocks."""
+        """Remove a finished or aborted request from the queues and free its blocks (after any
+        copy still reading them lands); a placeholder it has goes (a step in flight computes its
+        next token, which ``update_from_output`` then drops)."""
         for queue in (self.running, self.waiting, self.swapped):
             if req in queue:
                 queue.remove(req)
                 break
+        _drop_placeholders(req)
+        req.finishing = False
         req.kept_out_since = None
         self.ranking.on_finish(req)
-        if self.swap is not None:
-            self.swap.release(req)
-        else:
-            self.kv.free(req)
+        self.swap.release(req)
+
+
+def _drop_placeholders(req: Request) -> int:
+    """Remove the placeholders ending ``req.token_ids``; how many there were."""
+    n = 0
+    while req.token_ids and req.token_ids[-1] == PLACEHOLDER_TOKEN:
+        req.token_ids.pop()
+        n += 1
+    return n

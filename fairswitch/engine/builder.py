@@ -1,0 +1,146 @@
+"""Assembles an engine's parts from an ``EngineConfig``, in the order they depend on each other:
+
+    checkpoint config, tokenizer, max_model_len
+    -> model (weights or dummy) and its ModelRunner
+    -> KVMemory: GPU pool sized from the runner's profiling step (CUDA), swap space, reuse tiers
+    -> runner bound to the GPU pool (CUDA graphs captured), eager kernels warmed up
+    -> OutputProcessor (detokenize, stop checks) and Scheduler (over KVMemory)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fairswitch.config import EngineConfig
+from fairswitch.engine.output_processor import OutputProcessor
+from fairswitch.kv.kv_cache import KVLayout
+from fairswitch.kv.memory import KVMemory, num_gpu_blocks
+from fairswitch.model import loader
+from fairswitch.model.checkpoint_config import CheckpointConfig
+from fairswitch.runner.attention import get_attention_backend
+from fairswitch.runner.jit_watch import JIT_CLOCK
+from fairswitch.runner.model_runner import GraphPlan, ModelRunner
+from fairswitch.runner.step_events import StepEvents
+from fairswitch.scheduler.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+@dataclass
+class EngineParts:
+    device: torch.device
+    dtype: torch.dtype
+    hf_config: CheckpointConfig
+    tokenizer: Any
+    max_model_len: int
+    runner: ModelRunner
+    kv: KVMemory
+    scheduler: Scheduler
+    output_processor: OutputProcessor
+    events: StepEvents
+
+
+def build_engine_parts(config: EngineConfig) -> EngineParts:
+    mc, cc = config.model, config.cache
+    JIT_CLOCK.serving = False  # compiles while building (warm-up, graph capture) are expected
+    device = resolve_device(mc.device)
+    dtype = resolve_dtype(mc.dtype, device)
+    source = loader.resolve_model(mc.model)
+    if source.checkpoint_dir is None and mc.load_format != "dummy":
+        raise ValueError(f"{mc.model!r} is a shipped config without weights: use "
+                         "load_format='dummy' (--load-format dummy) or a checkpoint directory")
+    hf_config = loader.load_checkpoint_config(source)
+    tokenizer = loader.load_tokenizer(_tokenizer_path(config, source))
+    max_model_len = _max_model_len(hf_config, mc.max_model_len)
+    backend = get_attention_backend(mc.attention_backend, device)
+    if backend.name == "triton":  # (the torch backend runs no Triton kernel to time)
+        if cc.block_size < 8:
+            raise ValueError(f"block_size={cc.block_size}: the Triton attention kernels need "
+                             "block_size >= 8")
+        JIT_CLOCK.install()
+    t0 = time.perf_counter()
+    model = loader.build_model(hf_config, backend, max_model_len, dtype, device)
+    if mc.load_format == "dummy":
+        loader.fill_dummy_weights(model, mc.seed)
+    else:
+        loader.load_weights(model, source.checkpoint_dir)
+    logger.info("loaded %s (%s, %s) in %.1fs", mc.model, dtype, device, time.perf_counter() - t0)
+    cuda_triton = device.type == "cuda" and backend.name == "triton"
+    graphed = cuda_triton and not mc.enforce_eager
+    events = StepEvents()
+    runner = ModelRunner(model, backend, config.scheduler, max_model_len, device, dtype, mc.seed,
+                         GraphPlan(decode=graphed, mixed=graphed and mc.mixed_cuda_graphs), events)
+    layout = KVLayout.of_model(hf_config, cc.block_size, dtype)
+    profile = ((lambda: runner.profile_kv_bytes(layout, cc.gpu_memory_utilization))
+               if device.type == "cuda" else None)
+    num_blocks = num_gpu_blocks(cc, layout, config.scheduler.max_num_seqs, max_model_len, profile)
+    kv = KVMemory(cc, layout, num_blocks, device, max_model_len)
+    runner.bind_kv_cache(kv.cache)
+    if cuda_triton:
+        t0 = time.perf_counter()
+        runner.warm_up_eager()
+        logger.info("eager kernel variants warmed up in %.1f s", time.perf_counter() - t0)
+    output_processor = OutputProcessor(tokenizer, _eos_ids(hf_config, tokenizer, source),
+                                       max_model_len)
+    scheduler = Scheduler(config.scheduler, kv, output_processor)
+    JIT_CLOCK.serving = True
+    return EngineParts(device, dtype, hf_config, tokenizer, max_model_len, runner, kv, scheduler,
+                       output_processor, events)
+
+
+def _tokenizer_path(config: EngineConfig, source: loader.ModelSource) -> Any:
+    if config.model.tokenizer is not None:
+        return config.model.tokenizer
+    if source.checkpoint_dir is not None:
+        return source.checkpoint_dir
+    # Shipped configs have no tokenizer of their own: use the embedded model's
+    # (cl100k_base, whose ids are the first 100k of Llama 3's vocabulary).
+    from fairswitch.model.default_model import ensure_default_model
+
+    return ensure_default_model()
+
+
+def _max_model_len(hf_config: CheckpointConfig, wanted: int | None) -> int:
+    limit = hf_config.max_position_embeddings
+    if hf_config.sliding_window:
+        # No sliding-window attention here: stay within the window, where it equals full.
+        limit = min(limit, hf_config.sliding_window)
+    if wanted is None:
+        return limit
+    if wanted > limit:
+        raise ValueError(f"max_model_len={wanted} exceeds the model's limit of {limit} tokens")
+    return wanted
+
+
+def _eos_ids(hf_config: CheckpointConfig, tokenizer: Any, source: loader.ModelSource) -> set[int]:
+    ids: set[int] = set()
+    for value in (hf_config.eos_token_id, tokenizer.eos_token_id):
+        ids.update(value if isinstance(value, list) else [value] if value is not None else [])
+    gen_cfg = source.checkpoint_dir / "generation_config.json" if source.checkpoint_dir else None
+    if gen_cfg is not None and gen_cfg.is_file():
+        value = json.loads(gen_cfg.read_text()).get("eos_token_id")
+        ids.update(value if isinstance(value, list) else [value] if value is not None else [])
+    return ids
