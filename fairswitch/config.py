@@ -238,17 +238,19 @@ class EngineConfig:
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
         """Flat keyword arguments (``model=..., block_size=...``) -> nested config."""
-        parts: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
-        for key, value in kwargs.items():
-            section = _section_of(key)
-            if section is None:
-                raise TypeError(f"unknown engine option {key!r}; known: {sorted(_all_fields())}")
-            parts[section][key] = value
+        parts = _by_section(kwargs)
         return cls(**{name: klass(**parts[name]) for name, klass in _SECTIONS.items()})
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> EngineConfig:
         return cls.from_kwargs(**{k: getattr(args, k) for k in _all_fields() if hasattr(args, k)})
+
+    def with_options(self, **kwargs: Any) -> EngineConfig:
+        """A copy with flat options replaced (``max_num_seqs=..., block_size=...``), validated
+        again (``baseline`` re-applies what it implies)."""
+        parts = _by_section(kwargs)
+        return EngineConfig(**{name: dataclasses.replace(getattr(self, name), **parts[name])
+                               for name in _SECTIONS})
 
 
 def _all_fields() -> dict[str, str]:
@@ -258,6 +260,17 @@ def _all_fields() -> dict[str, str]:
 
 def _section_of(key: str) -> str | None:
     return _all_fields().get(key)
+
+
+def _by_section(kwargs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Flat options grouped by the config section that holds each; TypeError for unknown ones."""
+    parts: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    for key, value in kwargs.items():
+        section = _section_of(key)
+        if section is None:
+            raise TypeError(f"unknown engine option {key!r}; known: {sorted(_all_fields())}")
+        parts[section][key] = value
+    return parts
 
 
 def _arg_type(f: dataclasses.Field) -> Any:
