@@ -17,7 +17,7 @@ from fairswitch.config import EngineConfig
 from fairswitch.engine.builder import build_engine_parts
 from fairswitch.engine.gc_control import GC_CLOCK
 from fairswitch.engine.input_processor import InputProcessor
-from fairswitch.engine.step_log import StepLog
+from fairswitch.engine.step_log import StepLog, StepStats
 from fairswitch.outputs import RequestOutput
 from fairswitch.request import Request, RequestStatus
 from fairswitch.runner.jit_watch import JIT_CLOCK
@@ -33,27 +33,6 @@ class LaunchedStep:
     pending: PendingStep
     started_s: float  # perf_counter at the start of its launch
     launch_s: float  # how long the launch took (on the CPU: the whole step)
-
-
-@dataclass
-class StepStats:
-    """Cumulative wall time per phase of ``step()`` (perf_counter; a step ends with a device
-    sync when tokens are sampled, so execute_s includes the GPU time). With async scheduling
-    the next step's scheduling runs inside execute_s, while the GPU computes: it counts in
-    schedule_s too."""
-
-    num_steps: int = 0
-    schedule_s: float = 0.0
-    execute_s: float = 0.0  # input preparation + forward + sampling (+ scheduling ahead)
-    prepare_s: float = 0.0  # the input-preparation part of execute_s (host only)
-    output_s: float = 0.0  # detokenize, stop checks, outputs
-
-    def add(self, schedule: float, execute: float, output: float, prepare: float) -> None:
-        self.num_steps += 1
-        self.schedule_s += schedule
-        self.execute_s += execute
-        self.output_s += output
-        self.prepare_s += prepare
 
 
 class Engine:

@@ -27,7 +27,8 @@ class InputProcessor:
             bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool)
                    or not 0 <= t < vocab]
             if bad:
-                raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]}")
+                raise ValueError(
+                    f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]}")
             text = prompt
         elif isinstance(prompt, str):
             ids, text = self.tokenizer.encode(prompt), prompt

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,27 @@ COLUMNS = ("t_s", "step_s", "sched_s", "exec_s", "cpu_s", "gc_s", "jit_s", "seqs
            "reserved", "in_flight", "preempted", "rank_total", "stall_s", "ahead_s")
 # Logs written before these columns existed are still read.
 _ADDED_LATER = ("exec_s", "cpu_s", "gc_s", "jit_s", "ahead_s")
+
+
+@dataclass
+class StepStats:
+    """Cumulative wall time per phase of ``step()`` (perf_counter; a step ends with a device
+    sync when tokens are sampled, so execute_s includes the GPU time). With async scheduling
+    the next step's scheduling runs inside execute_s, while the GPU computes: it counts in
+    schedule_s too."""
+
+    num_steps: int = 0
+    schedule_s: float = 0.0
+    execute_s: float = 0.0  # input preparation + forward + sampling (+ scheduling ahead)
+    prepare_s: float = 0.0  # the input-preparation part of execute_s (host only)
+    output_s: float = 0.0  # detokenize, stop checks, outputs
+
+    def add(self, schedule: float, execute: float, output: float, prepare: float) -> None:
+        self.num_steps += 1
+        self.schedule_s += schedule
+        self.execute_s += execute
+        self.output_s += output
+        self.prepare_s += prepare
 
 
 class StepLog:

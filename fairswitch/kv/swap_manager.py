@@ -33,7 +33,6 @@ from fairswitch.kv.extents import copy_extents
 from fairswitch.kv.reuse_index import ReuseTier, block_hashes
 from fairswitch.request import Request
 
-
 _F = TypeVar("_F", bound=Callable[..., Any])
 _submission_order = itertools.count()
 

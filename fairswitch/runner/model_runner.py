@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -20,8 +21,8 @@ from fairswitch.request import PLACEHOLDER_TOKEN, Request
 from fairswitch.runner.attention import AttentionBackend, AttentionMetadata
 from fairswitch.runner.cuda_graph import DecodeGraphs
 from fairswitch.runner.host_link import SampleRowsBuffer, TokenReturn
-from fairswitch.runner.mixed_graphs import MixedGraphs
 from fairswitch.runner.input_batch import InputBatch, build_input_batch
+from fairswitch.runner.mixed_graphs import MixedGraphs
 from fairswitch.runner.sampler import Sampler
 from fairswitch.runner.step_events import StepEvents
 from fairswitch.scheduler.scheduler import SchedulerOutput

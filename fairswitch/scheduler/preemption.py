@@ -6,8 +6,9 @@ no swap space, the CPU pool cannot take the request, or the context is too short
 switch. ``mode`` can force either.
 
 Both rates are measured on the machine: the link by a probe copy when the swap space is set up
-(``SwapManager.probe_link``, run by ``KVMemory``), prefill throughput from the engine's prefill-heavy steps (a moving
-average). The configured values are only where they start.
+(``SwapManager.probe_link``, run by ``KVMemory``), prefill throughput from the engine's
+prefill-heavy steps (a moving average, ``Scheduler.observe_step``). The configured values are only
+where they start.
 """
 
 from __future__ import annotations

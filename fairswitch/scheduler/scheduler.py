@@ -82,12 +82,17 @@ class SchedulerOutput:
 
     @classmethod
     def planned(cls, scheduled: list[tuple[Request, int]]) -> SchedulerOutput:
-        """An output for ``scheduled`` as the requests stand now (chunks start at their computed
-        tokens); ``Scheduler.schedule`` then advances them."""
-        out = cls(scheduled, sum(n for _, n in scheduled))
-        out.starts = [r.num_computed_tokens for r, _ in scheduled]
-        out.samples = [r.num_computed_tokens + n == r.num_tokens for r, n in scheduled]
+        """An output for ``scheduled`` as the requests stand now (see ``plan``)."""
+        out = cls(scheduled)
+        out.plan()
         return out
+
+    def plan(self) -> None:
+        """Record where each chunk starts (the request's computed tokens now) and whether it
+        reaches the request's last token; ``Scheduler.schedule`` then advances the requests."""
+        self.starts = [r.num_computed_tokens for r, _ in self.scheduled]
+        self.samples = [r.num_computed_tokens + n == r.num_tokens for r, n in self.scheduled]
+        self.num_batched_tokens = sum(n for _, n in self.scheduled)
 
     def chunks(self):
         """(request, start, tokens, samples) per scheduled request."""
@@ -148,10 +153,9 @@ class Scheduler:
             self._land(self.swap.wait_incoming())
             self.switch_stall_s += time.perf_counter() - t0
             self._schedule_running(out, self.config.max_num_batched_tokens)
-        planned = SchedulerOutput.planned(out.scheduled)
-        planned.preempted = out.preempted
-        self._advance(planned)
-        return planned
+        out.plan()
+        self._advance(out)
+        return out
 
     def _advance(self, out: SchedulerOutput) -> None:
         """The step will run: its tokens count as computed; each token it samples is a
@@ -191,9 +195,11 @@ class Scheduler:
             if req.is_finished:
                 m.finished_time = now
                 self.finish(req)
-            else:  # a later step in flight samples the next ones
+            elif num_placeholders > 1:  # a later step in flight samples the next ones
                 req.token_ids.extend([PLACEHOLDER_TOKEN] * (num_placeholders - 1))
-                req.finishing = num_placeholders > 1 and self.tokens.at_length_limit(req)
+                req.finishing = self.tokens.at_length_limit(req)
+            else:
+                req.finishing = False
             updated.append(req)
         self._charge(out)
         return updated
