@@ -34,6 +34,7 @@ import time
 from typing import Any
 
 
+from engine_options import add_engine_options
 from fairswitch.config import EngineConfig
 from fairswitch.engine.async_engine import AsyncEngine
 from fairswitch.engine.engine import Engine
@@ -171,21 +172,17 @@ def check_fits(engine: Engine, batches: list[int], tokens: int) -> None:
     if max(batches) * per_request > runner.num_blocks:
         raise SystemExit(f"a batch of {max(batches)} requests of {tokens} tokens needs "
                          f"{max(batches) * per_request} KV blocks, the cache has "
-                         f"{runner.num_blocks}: raise --kv-cache-gib")
+                         f"{runner.num_blocks}: raise --kv-cache-memory-gib")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="llama-3-8b")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--kv-cache-gib", type=float, default=8.0)
-    p.add_argument("--max-model-len", type=int, default=4608)
-    p.add_argument("--max-num-seqs", type=int, default=64)
+    add_engine_options(p, model="llama-3-8b", load_format="dummy", kv_cache_memory_gib=8.0,
+                       max_model_len=4608, max_num_seqs=64, swap_space=0)
     p.add_argument("--requests", default="32,64", help="batch sizes, comma-separated")
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--output-tokens", type=int, default=256)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="benchmarks/results/async_overhead.json")
     p.add_argument("--commit", default=None)
     args = p.parse_args(argv)
@@ -198,10 +195,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if max(batches) > args.max_num_seqs:
         p.error("--requests must fit in one batch (<= --max-num-seqs)")
 
-    engine = Engine(EngineConfig.from_kwargs(
-        model=args.model, load_format="dummy", device=args.device, seed=args.seed,
-        kv_cache_memory_gib=args.kv_cache_gib, max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs, swap_space=0))
+    engine = Engine(EngineConfig.from_cli_args(args))
     check_fits(engine, batches, args.prompt_tokens + args.output_tokens)
     rng = random.Random(args.seed)
     params = SamplingParams(max_tokens=args.output_tokens, temperature=0.0, ignore_eos=True)

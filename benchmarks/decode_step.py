@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 
-from fairswitch.config import EngineConfig
+from engine_options import add_engine_options, engine_config
 from fairswitch.engine.engine import Engine
 from fairswitch.sampling_params import SamplingParams
 from results_io import command_line, write_results
@@ -88,14 +88,6 @@ def time_steps(engine: Engine, ids: list[str], steps: int) -> dict[str, Any]:
             "tok_s": batch / wall}
 
 
-def build_engine(args: argparse.Namespace, batches: list[int], async_scheduling: bool) -> Engine:
-    return Engine(EngineConfig.from_kwargs(
-        model=args.model, load_format="dummy", max_num_seqs=max(batches),
-        max_model_len=args.ctx + args.steps + 256, max_num_batched_tokens=8192,
-        enforce_eager=args.enforce_eager, attention_backend=args.attention_backend,
-        seed=args.seed, async_scheduling=async_scheduling))
-
-
 def model_bytes(engine: Engine) -> tuple[int, int]:
     """(weight bytes, KV bytes per token) of the engine's model: what a decode step reads."""
     weight_bytes = sum(t.numel() * t.element_size() for t in engine.runner.model.parameters())
@@ -127,22 +119,25 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="llama-3-8b")
+    add_engine_options(p, fixed={"max_num_seqs": "the largest of --batches",
+                                 "max_model_len": "--ctx + --steps + 256"},
+                       model="llama-3-8b", load_format="dummy", max_num_batched_tokens=8192)
     p.add_argument("--batches", default="1,16,64,256")
     p.add_argument("--ctx", type=int, default=1024)
     p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--enforce-eager", action="store_true")
-    p.add_argument("--attention-backend", default="auto")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compare-async", action="store_true",
                    help="also time every batch with the steps in turn (no async scheduling)")
     p.add_argument("--output", default="benchmarks/results/decode_step.json")
     p.add_argument("--commit", default=None)
     args = p.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
+    base = engine_config(p, args, max_num_seqs=max(batches),
+                         max_model_len=args.ctx + args.steps + 256)
+    if args.compare_async and not base.scheduler.async_scheduling:
+        p.error("--compare-async compares against async scheduling: drop --no-async-scheduling")
     device = torch.device("cuda")
     bw = copy_bandwidth(device)
-    engine = build_engine(args, batches, True)
+    engine = Engine(base)
     cfg = engine.hf_config
     weight_bytes, kv_token_bytes = model_bytes(engine)
     figures = {"model": args.model, "dtype": str(engine.dtype), "model_arch": [cfg.architecture],
@@ -156,7 +151,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         del engine
         gc.collect()
         torch.cuda.empty_cache()
-        in_turn = time_batches(build_engine(args, batches, False), batches, args, bw)
+        in_turn = time_batches(Engine(base.with_options(async_scheduling=False)), batches, args,
+                               bw)
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s; weights {weight_bytes / 1e9:.2f} GB; "
           f"KV {kv_token_bytes} B/token")
     print_rows(rows)

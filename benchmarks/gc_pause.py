@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 
+from engine_options import add_engine_options
 from fairswitch.config import EngineConfig
 from fairswitch.engine.engine import Engine
 from fairswitch.sampling_params import SamplingParams
@@ -51,27 +52,21 @@ def serve(engine: Engine, args: argparse.Namespace) -> list[Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="llama-3-8b")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--kv-cache-gib", type=float, default=3.0)
-    p.add_argument("--max-model-len", type=int, default=4608)
-    p.add_argument("--max-num-seqs", type=int, default=64)
+    add_engine_options(p, model="llama-3-8b", load_format="dummy", kv_cache_memory_gib=3.0,
+                       max_model_len=4608, max_num_seqs=64, swap_space=0)
     p.add_argument("--requests", type=int, default=256)
     p.add_argument("--prompt-tokens", type=int, default=256)
     p.add_argument("--output-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="benchmarks/results/gc_pause.json")
     p.add_argument("--commit", default=None)
     args = p.parse_args(argv)
     if args.repeats < 1 or args.requests < 0:
         p.error("--repeats must be >= 1 and --requests >= 0")
+    config = EngineConfig.from_cli_args(args)
 
     t0 = time.perf_counter()
-    engine = Engine(EngineConfig.from_kwargs(
-        model=args.model, load_format="dummy", device=args.device, seed=args.seed,
-        kv_cache_memory_gib=args.kv_cache_gib, max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs, swap_space=0))
+    engine = Engine(config)
     build_s = time.perf_counter() - t0
     startup_objects = len(gc.get_objects())
     gc.collect()

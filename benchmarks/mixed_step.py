@@ -20,7 +20,7 @@ import torch
 
 
 from decode_step import prefill_batch
-from fairswitch.config import EngineConfig
+from engine_options import add_engine_options, engine_config
 from fairswitch.engine.engine import Engine
 from fairswitch.sampling_params import SamplingParams
 from results_io import command_line, write_results
@@ -61,26 +61,27 @@ def time_mixed(engine: Engine, batch: int, chunk: int, ctx: int, steps: int, see
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="llama-3-8b")
+    add_engine_options(
+        p, fixed={"max_num_seqs": "the largest of --batches + 1",
+                  "max_model_len": "max(--ctx + 2 x --steps + 256, the largest of --chunks + 16)",
+                  "mixed_cuda_graphs": "off, then on", "enforce_eager": "off"},
+        model="llama-3-8b", load_format="dummy", max_num_batched_tokens=2048)
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--chunks", default="16,64,200,256,600,1024,2000")
     p.add_argument("--ctx", type=int, default=1024)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="benchmarks/results/mixed_step.json")
     p.add_argument("--commit", default=None)
     args = p.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
     chunks = [int(k) for k in args.chunks.split(",")]
+    base = engine_config(p, args, max_num_seqs=max(batches) + 1,
+                         max_model_len=max(args.ctx + 2 * args.steps + 256, max(chunks) + 16),
+                         mixed_cuda_graphs=True, enforce_eager=False)
     runs: dict[str, list[dict[str, float]]] = {}
     capture_s = 0.0
     for mode in ("eager", "graphs"):
-        engine = Engine(EngineConfig.from_kwargs(
-            model=args.model, load_format="dummy", max_num_seqs=max(batches) + 1,
-            max_model_len=max(args.ctx + 2 * args.steps + 256, max(chunks) + 16),
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            mixed_cuda_graphs=mode == "graphs", seed=args.seed))
+        engine = Engine(base.with_options(mixed_cuda_graphs=mode == "graphs"))
         assert (engine.runner.mixed_graphs is not None) == (mode == "graphs")
         gen = torch.Generator().manual_seed(args.seed)
         runs[mode] = [time_mixed(engine, b, k, args.ctx, args.steps, args.seed, gen)

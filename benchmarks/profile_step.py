@@ -12,23 +12,21 @@ import torch
 
 
 from decode_step import prefill_batch, time_steps
-from fairswitch.config import EngineConfig
+from engine_options import add_engine_options, engine_config
 from fairswitch.engine.engine import Engine
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="llama-3-8b")
+    add_engine_options(p, fixed={"max_num_seqs": "--batch", "max_model_len": "--ctx + 512"},
+                       model="llama-3-8b", load_format="dummy", max_num_batched_tokens=8192)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--ctx", type=int, default=1024)
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--rows", type=int, default=25)
-    args = p.parse_args()
-    engine = Engine(EngineConfig.from_kwargs(
-        model=args.model, load_format="dummy", max_num_seqs=args.batch,
-        max_model_len=args.ctx + 512, max_num_batched_tokens=8192,
-        enforce_eager=args.enforce_eager))
+    args = p.parse_args(argv)
+    engine = Engine(engine_config(p, args, max_num_seqs=args.batch,
+                                  max_model_len=args.ctx + 512))
     ids = prefill_batch(engine, args.batch, args.ctx, args.steps + 3, 0)
     for _ in range(3):
         engine.step()  # warm up this batch size

@@ -6,7 +6,8 @@ baseline mode (vLLM 0.3.3: 16-token blocks from a free list, per-block-per-layer
 copies, no incremental swap). The workload: ``--requests`` requests of random prompts
 (``--min-prompt``..``--max-prompt`` tokens) decoding ``--output-tokens`` each, at most
 ``--max-num-seqs`` at a time, under the ``trace`` policy (priorities redrawn at random every
-iteration with probability ``--update-prob``), every victim swapped (``--preemption-mode swap``).
+iteration with probability ``--priority-update-prob``), every victim swapped
+(``--preemption-mode swap``).
 
 The engine's step is synchronous with the GPU (sampling reads the tokens back), so host time spent
 in the swap manager (planning, submitting copies, polling, waiting for copies) is time the GPU has
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 
 
+from engine_options import add_engine_options, engine_config
 from fairswitch.config import EngineConfig
 from fairswitch.engine.engine import Engine
 from fairswitch.sampling_params import SamplingParams
@@ -35,15 +37,9 @@ MODES = {"fairswitch": {}, "baseline": {"baseline": True},
          "fairswitch-late": {"early_swap_in": False}}
 
 
-def run_mode(name: str, args: argparse.Namespace, prompts: list[list[int]]) -> dict[str, Any]:
-    engine = Engine(EngineConfig.from_kwargs(
-        model=args.model, load_format="dummy", device=args.device, seed=args.seed,
-        max_model_len=args.max_prompt + args.output_tokens + 16,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        kv_cache_memory_gib=args.kv_cache_gib, swap_space=args.swap_space,
-        swap_copy_backend=args.copy_backend, preemption_mode="swap", policy="trace",
-        priority_update_prob=args.update_prob, priority_update_seed=args.seed,
-        enable_prefix_caching=False, **MODES[name]))
+def run_mode(name: str, config: EngineConfig, args: argparse.Namespace,
+             prompts: list[list[int]]) -> dict[str, Any]:
+    engine = Engine(config.with_options(**MODES[name]))
     params = SamplingParams(max_tokens=args.output_tokens, temperature=0.0, ignore_eos=True,
                             detokenize=False)
     for p in prompts:
@@ -69,33 +65,32 @@ def run_mode(name: str, args: argparse.Namespace, prompts: list[list[int]]) -> d
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="llama-3-8b")
-    p.add_argument("--device", default="auto")
+    add_engine_options(
+        p, fixed={"max_model_len": "--max-prompt + --output-tokens + 16",
+                  "priority_update_seed": "--seed", "baseline": "--modes"},
+        model="llama-3-8b", load_format="dummy", max_num_seqs=16, max_num_batched_tokens=8192,
+        kv_cache_memory_gib=8.0, swap_space=16.0, preemption_mode="swap", policy="trace",
+        priority_update_prob=0.02, enable_prefix_caching=False)
     p.add_argument("--requests", type=int, default=48)
     p.add_argument("--min-prompt", type=int, default=512)
     p.add_argument("--max-prompt", type=int, default=1536)
     p.add_argument("--output-tokens", type=int, default=192)
-    p.add_argument("--max-num-seqs", type=int, default=16)
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    p.add_argument("--kv-cache-gib", type=float, default=8.0)
-    p.add_argument("--swap-space", type=float, default=16.0)
-    p.add_argument("--update-prob", type=float, default=0.02)
-    p.add_argument("--copy-backend", default="auto", choices=("auto", "torch", "cupy"))
     p.add_argument("--modes", default="fairswitch,baseline",
                    help=f"engines to run, comma-separated, from {', '.join(MODES)} (fairswitch "
                    "and baseline are required: the claims compare them)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="benchmarks/results/switch_stall.json")
     p.add_argument("--commit", default=None)
     args = p.parse_args(argv)
     modes = args.modes.split(",")
     if not {"fairswitch", "baseline"} <= set(modes) or not set(modes) <= set(MODES):
         p.error(f"--modes {args.modes!r}: fairswitch and baseline, plus any of {', '.join(MODES)}")
+    config = engine_config(p, args, max_model_len=args.max_prompt + args.output_tokens + 16,
+                           priority_update_seed=args.seed, baseline=False)
     rng = random.Random(args.seed)
     prompts = [[rng.randrange(1000, 30000) for _ in range(rng.randint(args.min_prompt,
                                                                       args.max_prompt))]
                for _ in range(args.requests)]
-    rows = [run_mode(name, args, prompts) for name in modes]
+    rows = [run_mode(name, config, args, prompts) for name in modes]
     print(f"{'mode':<16}{'wall s':>8}{'tok/s':>8}{'preempt':>9}{'GB moved':>10}{'copies':>9}"
           f"{'KiB/copy':>10}{'stall s':>9}{'stall %':>9}{'wait %':>8}")
     for r in rows:
@@ -114,8 +109,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ]
     figures = {"model": args.model, "requests": args.requests,
                "prompt_tokens": [len(x) for x in prompts], "output_tokens": args.output_tokens,
-               "max_num_seqs": args.max_num_seqs, "kv_cache_gib": args.kv_cache_gib,
-               "update_prob": args.update_prob, "copy_backend": args.copy_backend,
+               "max_num_seqs": config.scheduler.max_num_seqs,
+               "kv_cache_gib": config.cache.kv_cache_memory_gib,
+               "update_prob": config.scheduler.priority_update_prob,
+               "copy_backend": config.cache.swap_copy_backend,
                "throughput_ratio": fast["tok_s"] / base["tok_s"], "modes": rows}
     return write_results(args.output, command=command_line(), figures=figures, claims=claims,
                          commit=args.commit)

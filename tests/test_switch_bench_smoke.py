@@ -33,9 +33,9 @@ def test_switch_stall_smoke(tmp_path, monkeypatch):
     out = tmp_path / "stall.json"
     switch_stall.main(["--model", "fairswitch-tiny", "--device", "cpu", "--requests", "6",
                        "--min-prompt", "20", "--max-prompt", "60", "--output-tokens", "12",
-                       "--max-num-seqs", "2", "--kv-cache-gib", "0.05", "--swap-space", "0.05",
-                       "--update-prob", "0.3", "--modes", "fairswitch,baseline,fairswitch-late",
-                       "--output", str(out)])
+                       "--max-num-seqs", "2", "--kv-cache-memory-gib", "0.05", "--swap-space",
+                       "0.05", "--priority-update-prob", "0.3", "--modes",
+                       "fairswitch,baseline,fairswitch-late", "--output", str(out)])
     result = json.loads(out.read_text())
     names = {c["name"] for c in result["claims"]}
     assert names == {"switch_stall_fraction", "switch_stall_fraction_baseline"}
