@@ -4,6 +4,13 @@ The batch is the concatenation of every scheduled request's new tokens (``[num_t
 no padding; attention is the only place that needs per-request structure, and it gets it from the
 attention backend's metadata. Projections are fused (q|k|v, gate|up) and split column-wise, so they
 shard along the output dimension for tensor parallelism.
+
+Tensor parallelism (``tp``, Megatron-style; distributed/shard_plan.py says which slice each rank
+holds): a rank holds its query heads, its KV heads, its slice of the intermediate dim and of the
+vocabulary. Column-parallel projections need no communication; the row-parallel ones (o_proj,
+down_proj) and the embedding lookup sum their partial outputs over the ranks, the LM head gathers
+its vocabulary slices. The attention backend runs unchanged on the local heads. With one rank the
+layers are the plain ones: no collective and no masking run.
 """
 
 from __future__ import annotations
@@ -15,16 +22,21 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from fairswitch.distributed.parallel_state import SINGLE, TPGroup
+from fairswitch.distributed.shard_plan import Shard, ShardPlan, split_intermediate
 from fairswitch.model.checkpoint_config import CheckpointConfig
 
 
-
 class Linear(nn.Module):
-    """nn.Linear without the initializer: weights always come from a checkpoint or dummy fill."""
+    """nn.Linear without the initializer: weights always come from a checkpoint or dummy fill.
+
+    ``shard``: which slice of the TP=1 weight this rank's is (None: all of it), for the loader;
+    a bias splits with the weight's output rows, and is whole when the input columns split."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, shard: Shard | None = None) -> None:
         super().__init__()
+        self.shard = shard
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype),
                                    requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype),
@@ -32,6 +44,29 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(Linear):
+    """The input columns split over the ranks: each computes a partial product, the sum of the
+    partials over the ranks is the output. The bias, whole on every rank, is added once, after
+    the sum."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool,
+                 dtype: torch.dtype | None, shard: Shard, tp: TPGroup) -> None:
+        super().__init__(in_features, out_features, bias, dtype, shard)
+        self.tp = tp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.tp.all_reduce(F.linear(x, self.weight))
+        return out if self.bias is None else out.add_(self.bias)
+
+
+def row_parallel(in_features: int, out_features: int, bias: bool, dtype: torch.dtype | None,
+                 shard: Shard, tp: TPGroup) -> Linear:
+    """A row-parallel layer, or a plain ``Linear`` with one rank (nothing to sum)."""
+    if tp.size == 1:
+        return Linear(in_features, out_features, bias, dtype, shard)
+    return RowParallelLinear(in_features, out_features, bias, dtype, shard, tp)
 
 
 class RMSNorm(nn.Module):
@@ -83,21 +118,24 @@ class RotaryEmbedding(nn.Module):
 
 
 class Attention(nn.Module):
+    """This rank's heads: ``num_heads`` / ``num_kv_heads`` are the local counts, so the backend
+    and this rank's KV cache see only them."""
+
     def __init__(self, config: CheckpointConfig, layer_idx: int, backend: Any, ops: Any,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, tp: TPGroup = SINGLE) -> None:
         super().__init__()
+        plan = ShardPlan.of(config, tp.size, tp.rank)
         self.layer_idx = layer_idx
         self.ops = ops
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        self.num_heads = plan.num_heads
+        self.num_kv_heads = plan.num_kv_heads
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size,
-                               bias=config.qkv_bias,
-                               dtype=dtype)
-        self.o_proj = Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias,
-                             dtype=dtype)
+                               bias=config.qkv_bias, dtype=dtype, shard=plan.qkv())
+        self.o_proj = row_parallel(self.q_size, config.hidden_size, config.o_proj_bias, dtype,
+                                   plan.attn_out(), tp)
         self.backend = backend
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
@@ -113,11 +151,15 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """``intermediate``: the model's (TP=1) size; this rank holds its slice of it."""
+
     def __init__(self, hidden: int, intermediate: int, ops: Any,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, tp: TPGroup = SINGLE) -> None:
         super().__init__()
-        self.gate_up_proj = Linear(hidden, 2 * intermediate, dtype=dtype)
-        self.down_proj = Linear(intermediate, hidden, dtype=dtype)
+        gate_up, down = split_intermediate(intermediate, tp.rank, tp.size)
+        local = intermediate // tp.size
+        self.gate_up_proj = Linear(hidden, 2 * local, dtype=dtype, shard=gate_up)
+        self.down_proj = row_parallel(local, hidden, False, dtype, down, tp)
         self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,13 +174,13 @@ class DecoderLayer(nn.Module):
     """
 
     def __init__(self, config: CheckpointConfig, layer_idx: int, backend: Any, ops: Any,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, tp: TPGroup = SINGLE) -> None:
         super().__init__()
         eps = config.rms_norm_eps
         self.input_layernorm = RMSNorm(config.hidden_size, eps, ops, dtype)
-        self.self_attn = Attention(config, layer_idx, backend, ops, dtype)
+        self.self_attn = Attention(config, layer_idx, backend, ops, dtype, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, ops, dtype)
-        self.mlp = MLP(config.hidden_size, config.intermediate_size, ops, dtype)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size, ops, dtype, tp)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
                 rope: RotaryEmbedding, kv_layer: tuple[torch.Tensor, torch.Tensor], meta: Any
@@ -155,31 +197,52 @@ class DecoderLayer(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     def __init__(self, config: CheckpointConfig, backend: Any, max_positions: int, ops: Any,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, tp: TPGroup = SINGLE) -> None:
         """``ops``: fairswitch.kernels.reference (torch) or .fused_ops (Triton), same functions.
         ``dtype``: of the weights, allocated so (default: torch's default dtype); building in
-        float32 and casting peaked at 2x the bf16 weights' memory (measured)."""
+        float32 and casting peaked at 2x the bf16 weights' memory (measured).
+        ``tp``: this rank's tensor-parallel group; raises ValueError if the heads, KV heads or
+        intermediate size do not split over it (before allocating anything)."""
         super().__init__()
         self.config = config
+        self.tp = tp
+        # The embedding and LM head rows: this rank's vocabulary slice, zero-padded.
+        self.vocab_shard = ShardPlan.of(config, tp.size, tp.rank).vocab()
+        rows = self.vocab_shard.size
         self.embed_tokens = nn.Parameter(
-            torch.empty(config.vocab_size, config.hidden_size, dtype=dtype), requires_grad=False)
+            torch.empty(rows, config.hidden_size, dtype=dtype), requires_grad=False)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, backend, ops, dtype)
+            DecoderLayer(config, i, backend, ops, dtype, tp)
             for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, dtype)
         self.tie_word_embeddings = config.tie_word_embeddings
         self.lm_head = None if self.tie_word_embeddings else Linear(
-            config.hidden_size, config.vocab_size, dtype=dtype)
+            config.hidden_size, rows, dtype=dtype, shard=self.vocab_shard)
         self.rope = RotaryEmbedding(config, max_positions)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Embeddings of ``input_ids``: with several ranks, each looks up the ids in its slice
+        (zeros for the others' ids) and the sum over the ranks has every row exactly once."""
+        if self.tp.size == 1:
+            return F.embedding(input_ids, self.embed_tokens)
+        local = input_ids - self.vocab_shard.pieces[0][0]
+        outside = (local < 0) | (local >= self.vocab_shard.size)
+        h = F.embedding(local.masked_fill(outside, 0), self.embed_tokens)
+        return self.tp.all_reduce(h.masked_fill_(outside.unsqueeze(-1), 0))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_layers: list[tuple[torch.Tensor, torch.Tensor]], meta: Any) -> torch.Tensor:
-        h = F.embedding(input_ids, self.embed_tokens)
+        h = self.embed(input_ids)
         residual = None
         for layer, kv_layer in zip(self.layers, kv_layers):
             h, residual = layer(h, residual, positions, self.rope, kv_layer, meta)
         return self.norm(h, residual)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits ``[tokens, vocab_size]``: with several ranks, the ranks' vocabulary
+        slices gathered in rank order, the padding rows cut off."""
         weight = self.embed_tokens if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        if self.tp.size == 1:
+            return F.linear(hidden, weight).float()
+        logits = self.tp.all_gather(F.linear(hidden, weight), dim=-1)
+        return logits[..., :self.config.vocab_size].float().contiguous()

@@ -4,17 +4,24 @@
 (created and cached on first use); or a shipped config name (``llama-3-8b`` ...) for dummy weights.
 Weights come from ``*.safetensors`` (single file or sharded with an index), or are random
 (``load_format="dummy"``) with realistic scales, for benchmarks at real model shapes.
+
+Under tensor parallelism a rank reads only its slice of each checkpoint tensor (lazily, through
+``get_slice``), and its dummy weights are its slice of the TP=1 dummy weights: every parameter is
+drawn whole, with the TP=1 generator sequence, then cut (``Shard``, distributed/shard_plan.py).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fairswitch.distributed.parallel_state import SINGLE, TPGroup
+from fairswitch.distributed.shard_plan import Shard
 from fairswitch.model.checkpoint_config import CheckpointConfig
 from fairswitch.model.llama import LlamaForCausalLM
 from fairswitch.model.tokenizer import load_tokenizer  # noqa: F401  (the loader's API)
@@ -57,53 +64,69 @@ def load_checkpoint_config(source: ModelSource) -> CheckpointConfig:
 
 
 def build_model(config: CheckpointConfig, backend: Any, max_positions: int, dtype: torch.dtype,
-                device: torch.device) -> LlamaForCausalLM:
-    """Build on ``device`` in ``dtype`` (no copy, no cast), running ``backend``'s kernels."""
+                device: torch.device, tp: TPGroup = SINGLE) -> LlamaForCausalLM:
+    """Build on ``device`` in ``dtype`` (no copy, no cast), running ``backend``'s kernels;
+    with ``tp`` of several ranks, this rank's shard of the model."""
     with torch.device(device):
-        model = LlamaForCausalLM(config, backend, max_positions, backend.ops, dtype)
+        model = LlamaForCausalLM(config, backend, max_positions, backend.ops, dtype, tp)
     return model.eval()
 
 
-# HF parameter name (suffix) -> (our parameter, slice index within a fused projection)
-def _target(name: str, model: LlamaForCausalLM) -> tuple[torch.Tensor, int | None] | None:
+@dataclass(frozen=True)
+class _Target:
+    """Where a checkpoint tensor goes: ``param`` (this rank's), ``shard`` (its slice of the TP=1
+    parameter; None: whole), ``part``: the (start, length) rows of the TP=1 fused parameter
+    (q|k|v, gate|up) the tensor is; None: all of it."""
+    param: torch.Tensor
+    shard: Shard | None
+    part: tuple[int, int] | None
+
+
+def _shard_of(model: LlamaForCausalLM, name: str) -> Shard | None:
+    """Our parameter ``name``'s slice of the TP=1 parameter (None: whole on every rank)."""
+    if name in ("embed_tokens", "lm_head.weight"):
+        return model.vocab_shard
+    owner, _, kind = name.rpartition(".")
+    shard = getattr(model.get_submodule(owner), "shard", None)
+    # A bias follows the output rows; a row-parallel layer's bias is whole (added once).
+    return None if shard is None or (kind == "bias" and shard.dim != 0) else shard
+
+
+# HF parameter name (suffix) -> our parameter, its shard, and its part of a fused projection
+def _target(name: str, model: LlamaForCausalLM) -> _Target | None:
     if name == "model.embed_tokens.weight":
-        return model.embed_tokens, None
+        return _Target(model.embed_tokens, model.vocab_shard, None)
     if name == "model.norm.weight":
-        return model.norm.weight, None
+        return _Target(model.norm.weight, None, None)
     if name == "lm_head.weight":
-        return (model.lm_head.weight, None) if model.lm_head is not None else None
+        return (_Target(model.lm_head.weight, model.vocab_shard, None)
+                if model.lm_head is not None else None)
     if not name.startswith("model.layers."):
         return None
     parts = name.split(".")
-    layer = model.layers[int(parts[2])]
+    layer_idx = int(parts[2])
     sub, kind = ".".join(parts[3:-1]), parts[-1]
-    attn = layer.self_attn
-    fused = {
-        "self_attn.q_proj": (attn.qkv_proj, 0), "self_attn.k_proj": (attn.qkv_proj, 1),
-        "self_attn.v_proj": (attn.qkv_proj, 2), "mlp.gate_proj": (layer.mlp.gate_up_proj, 0),
-        "mlp.up_proj": (layer.mlp.gate_up_proj, 1),
+    cfg = model.config
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    inter = cfg.intermediate_size
+    fused = {  # our fused module, the part's (start, length) rows in the TP=1 parameter
+        "self_attn.q_proj": ("self_attn.qkv_proj", (0, q)),
+        "self_attn.k_proj": ("self_attn.qkv_proj", (q, kv)),
+        "self_attn.v_proj": ("self_attn.qkv_proj", (q + kv, kv)),
+        "mlp.gate_proj": ("mlp.gate_up_proj", (0, inter)),
+        "mlp.up_proj": ("mlp.gate_up_proj", (inter, inter)),
     }
-    plain = {"self_attn.o_proj": attn.o_proj, "mlp.down_proj": layer.mlp.down_proj,
-             "input_layernorm": layer.input_layernorm,
-             "post_attention_layernorm": layer.post_attention_layernorm}
+    plain = ("self_attn.o_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")
     if sub in fused:
-        module, shard = fused[sub]
-        param = getattr(module, kind, None)
-        return None if param is None else (param, shard)
-    if sub in plain:
-        param = getattr(plain[sub], kind, None)
-        return None if param is None else (param, None)
-    return None
-
-
-def _shard_slice(model: LlamaForCausalLM, param: torch.Tensor, shard: int) -> torch.Tensor:
-    attn = model.layers[0].self_attn
-    if param.shape[0] == attn.q_size + 2 * attn.kv_size:
-        sizes = [attn.q_size, attn.kv_size, attn.kv_size]
+        ours, part = fused[sub]
+    elif sub in plain:
+        ours, part = sub, None
     else:
-        sizes = [param.shape[0] // 2] * 2
-    start = sum(sizes[:shard])
-    return param[start:start + sizes[shard]]
+        return None
+    param = getattr(model.layers[layer_idx].get_submodule(ours), kind, None)
+    if param is None:
+        return None
+    return _Target(param, _shard_of(model, f"layers.{layer_idx}.{ours}.{kind}"), part)
 
 
 def _checkpoint_files(ckpt: Path) -> list[Path]:
@@ -122,6 +145,34 @@ def _checkpoint_files(ckpt: Path) -> list[Path]:
     return files
 
 
+def _copy_shard(param: torch.Tensor, shard: Shard, span: tuple[int, int],
+                read: Callable[[int, int], torch.Tensor]) -> None:
+    """Fill ``param`` with its pieces that fall in ``span`` (start, length) of the TP=1 dim;
+    ``read(offset, n)``: the span's ``[offset, offset + n)`` along that dim. Pads with zeros."""
+    for local, offset, n in shard.overlaps(*span):
+        param.narrow(shard.dim, local, n).copy_(read(offset, n))
+    pad_at, pad = shard.padding
+    if pad:
+        param.narrow(shard.dim, pad_at, pad).zero_()
+
+
+def _read_into(target: _Target, tensor: Any, name: str, file: Path) -> None:
+    """Copy this rank's rows/columns of the checkpoint ``tensor`` (a lazy safetensors slice)
+    into ``target.param``, reading only those bytes."""
+    param = target.param
+    shard = target.shard or Shard.whole(param.shape[0])
+    expected = list(shard.full_shape(tuple(param.shape)))
+    if target.part is not None:  # q, k, v, gate or up: rows of a fused TP=1 parameter
+        expected[0] = target.part[1]
+    if list(tensor.get_shape()) != expected:
+        raise ValueError(f"{file.name}: {name} has shape {tuple(tensor.get_shape())}, "
+                         f"the model expects {tuple(expected)}")
+    # Fused parameters shard by rows, so a part's rows on this rank are the shard's overlaps.
+    span = target.part or (0, shard.full_size)
+    lead = (slice(None),) * shard.dim
+    _copy_shard(param, shard, span, lambda offset, n: tensor[lead + (slice(offset, offset + n),)])
+
+
 def load_weights(model: LlamaForCausalLM, ckpt: Path) -> None:
     from safetensors import safe_open
 
@@ -134,14 +185,9 @@ def load_weights(model: LlamaForCausalLM, ckpt: Path) -> None:
                 target = _target(name, model)
                 if target is None:
                     continue
-                param, shard = target
-                dst = param if shard is None else _shard_slice(model, param, shard)
-                src = f.get_tensor(name)
-                if tuple(src.shape) != tuple(dst.shape):
-                    raise ValueError(f"{file.name}: {name} has shape {tuple(src.shape)}, "
-                                     f"the model expects {tuple(dst.shape)}")
-                dst.copy_(src)
-                if shard is None:
+                _read_into(target, f.get_slice(name), name, file)
+                param = target.param
+                if target.part is None:
                     filled.add(id(param))
                 else:
                     partial[id(param)] = partial.get(id(param), 0) + 1
@@ -156,6 +202,9 @@ def load_weights(model: LlamaForCausalLM, ckpt: Path) -> None:
 
 
 def fill_dummy_weights(model: LlamaForCausalLM, seed: int) -> None:
+    """Random weights of realistic scale, the same for a seed whatever the tensor-parallel size:
+    a sharded parameter is drawn whole (the TP=1 shape, so the generator advances as at TP=1 and
+    the values match) and this rank keeps its slice; one full parameter at a time is transient."""
     gen = torch.Generator(device=model.embed_tokens.device).manual_seed(seed)
     for name, param in model.named_parameters():
         if name.endswith("layernorm.weight") or name == "norm.weight":
@@ -163,4 +212,12 @@ def fill_dummy_weights(model: LlamaForCausalLM, seed: int) -> None:
         elif name.endswith(".bias"):
             param.zero_()
         else:
-            param.normal_(0.0, 0.02, generator=gen)
+            shard = _shard_of(model, name)
+            if shard is None or shard.is_whole:
+                param.normal_(0.0, 0.02, generator=gen)
+                continue
+            full = param.new_empty(shard.full_shape(tuple(param.shape)))
+            full.normal_(0.0, 0.02, generator=gen)
+            _copy_shard(param, shard, (0, shard.full_size),
+                        lambda offset, n: full.narrow(shard.dim, offset, n))
+            del full  # freed before the next parameter's is drawn
