@@ -71,18 +71,20 @@ def test_placeholder_inputs_need_the_step_that_samples_them():
     req.token_ids[-1] = PLACEHOLDER_TOKEN
     batch = build_input_batch(SchedulerOutput.planned([(req, 1)]), 4, PLACEHOLDER_TOKEN)
     with pytest.raises(RuntimeError, match="no step in flight samples"):
-        runner._feed(batch, None)
+        runner._feed_sources(batch, None)
     with pytest.raises(RuntimeError, match="no step in flight samples"):
-        runner._feed(batch, PendingStep([_req("x", 3, 3, [1])], torch.tensor([7])))
+        runner._feed_sources(batch, PendingStep([_req("x", 3, 3, [1])], torch.tensor([7])))
     other = _req("o", 3, 3, [1])
-    feed = runner._feed(batch, PendingStep([other, req], torch.tensor([7, 42])))
+    src = runner._feed_sources(batch, PendingStep([other, req], torch.tensor([7, 42])))
+    assert src == [1]
+    feed = runner._feeder(batch.feed_rows, src, torch.tensor([7, 42]))
     ids = torch.from_numpy(batch.input_ids.copy())
     feed(ids)
     assert ids.tolist() == [42]
     batch.input_ids[0] = PLACEHOLDER_TOKEN  # a placeholder that is not a request's last token
     batch.feed_rows, batch.feed_requests = [], []
     with pytest.raises(RuntimeError, match="placeholders"):
-        runner._feed(batch, None)
+        runner._feed_sources(batch, None)
 
 
 def test_graph_buckets_cover_every_batch_size():

@@ -55,5 +55,11 @@ class TPGroup:
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=dim)
 
+    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """``x`` of rank ``src`` on every rank, in place (the tokens the driver sampled)."""
+        if self.size > 1:
+            dist.broadcast(x, src=src, group=self.group)
+        return x
+
 
 SINGLE = TPGroup(rank=0, size=1, group=None)

@@ -6,6 +6,7 @@ Inputs are laid out by input_batch.py; decode-only steps replay a CUDA graph whe
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from fairswitch.config import SchedulerConfig
+from fairswitch.distributed.parallel_state import SINGLE, TPGroup
 from fairswitch.kv.kv_cache import KVCache, KVLayout
 from fairswitch.model.llama import LlamaForCausalLM
 from fairswitch.request import PLACEHOLDER_TOKEN, Request
@@ -49,12 +51,28 @@ class PendingStep:
     returned: tuple[int, int] | None = None
 
 
+@dataclass
+class StepPlan:
+    """One step as every tensor-parallel rank runs it: its inputs and, for each placeholder
+    input (``batch.feed_rows``), the index of its token among the tokens of the step before."""
+    batch: InputBatch
+    feed_src: list[int]
+
+    def for_workers(self) -> StepPlan:
+        """The plan without the Request objects (the driver's alone: they sample there)."""
+        return StepPlan(dataclasses.replace(self.batch, sample_requests=[], feed_requests=[]),
+                        self.feed_src)
+
+
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, backend: AttentionBackend,
                  sched: SchedulerConfig, max_model_len: int, device: torch.device,
                  dtype: torch.dtype, seed: int, graphs: GraphPlan = GraphPlan(),
-                 events: StepEvents | None = None) -> None:
+                 events: StepEvents | None = None, tp: TPGroup = SINGLE) -> None:
         self.model = model
+        self.tp = tp
+        # Tensor parallelism, on the driver (rank 0): hands each step's plan to the other ranks.
+        self.send_plan: Callable[[StepPlan], None] | None = None
         self.backend = backend
         self.device = device
         self.dtype = dtype
@@ -230,16 +248,47 @@ class ModelRunner:
         are copied over on the device, in stream order, so this step can be queued behind that
         one without the host waiting.
 
+        With tensor parallelism the step's plan (inputs without the requests, where its
+        placeholders come from) goes to the other ranks first (``send_plan``); every rank runs
+        it (``run_plan``), this one samples and the tokens are broadcast to the others.
+
         A step that samples fires the ``gpu_busy`` step event (step_events.py) while the GPU
         computes it: a graphed step right after the replay; an eager one before the forward,
         whose kernel launches are host work of their own (15-36 ms above 512 tokens), to be
         held up by less than they would hold it up."""
         t0 = time.perf_counter()
         batch = build_input_batch(out, self.block_size, PLACEHOLDER_TOKEN)
-        feed = self._feed(batch, after)
+        plan = StepPlan(batch, self._feed_sources(batch, after))
+        if self.send_plan is not None:
+            self.send_plan(plan.for_workers())
+        hook = self.events.gpu_busy if batch.sample_requests else None
+        logits = self._forward_plan(plan, after.tokens if after is not None else None, t0, hook)
+        if logits is None:
+            return PendingStep([], None)
+        tokens = self.sampler.sample(logits, batch.sample_requests)
+        self.tp.broadcast(tokens)
+        if self._tokens is not None:  # the copy back is queued now, with the step
+            return PendingStep(batch.sample_requests, tokens, self._tokens.send(tokens))
+        return PendingStep(batch.sample_requests, tokens)
+
+    @torch.inference_mode()
+    def run_plan(self, plan: StepPlan, prev_tokens: torch.Tensor | None) -> torch.Tensor | None:
+        """A tensor-parallel worker's step: run ``plan`` (its placeholders from
+        ``prev_tokens``, the tokens of the plan before) and return the tokens the driver
+        sampled and broadcast (None if nothing samples)."""
+        if self._forward_plan(plan, prev_tokens, time.perf_counter(), None) is None:
+            return None
+        tokens = torch.empty(len(plan.batch.sample_rows), dtype=torch.long, device=self.device)
+        return self.tp.broadcast(tokens)
+
+    def _forward_plan(self, plan: StepPlan, prev_tokens: torch.Tensor | None, t0: float,
+                      hook: Callable[[], None] | None) -> torch.Tensor | None:
+        """Logits of the plan's sampled rows (None if none samples), the hook fired while the
+        device computes."""
+        batch = plan.batch
+        feed = self._feeder(batch.feed_rows, plan.feed_src, prev_tokens)
         mixed = (self.mixed_graphs.bucket(batch) if self.mixed_graphs is not None
                  and not batch.is_decode_only else None)
-        hook = self.events.gpu_busy if batch.sample_requests else None
         if self.graphs is not None and self.graphs.can_run(batch):
             self.last_prepare_s = time.perf_counter() - t0
             hidden = self.graphs.run(batch, feed)
@@ -258,42 +307,42 @@ class ModelRunner:
             hidden = self.model(ids, pos, self.kv_cache.layer_views, meta)
         if hook is not None:
             hook()
-        if not batch.sample_requests:
-            return PendingStep([], None)
+        if not batch.sample_rows:
+            return None
         if len(batch.sample_rows) == len(hidden):  # every row samples (decode-only steps)
-            logits = self.model.compute_logits(hidden)
-        else:
-            logits = self.model.compute_logits(hidden[self._sample_rows(batch.sample_rows)])
-        tokens = self.sampler.sample(logits, batch.sample_requests)
-        if self._tokens is not None:  # the copy back is queued now, with the step
-            return PendingStep(batch.sample_requests, tokens, self._tokens.send(tokens))
-        return PendingStep(batch.sample_requests, tokens)
+            return self.model.compute_logits(hidden)
+        return self.model.compute_logits(hidden[self._sample_rows(batch.sample_rows)])
 
-    def _feed(self, batch: InputBatch, after: PendingStep | None
-              ) -> Callable[[torch.Tensor], None] | None:
-        """What writes the placeholder inputs of ``batch`` from ``after``'s tokens, on the device
-        (None if it has none)."""
+    @staticmethod
+    def _feed_sources(batch: InputBatch, after: PendingStep | None) -> list[int]:
+        """For each placeholder input of ``batch``, its token's index in step ``after``."""
         num_placeholders = int(np.count_nonzero(batch.input_ids == PLACEHOLDER_TOKEN))
         if num_placeholders != len(batch.feed_rows):
             raise RuntimeError(f"{num_placeholders} input tokens are placeholders but only "
                                f"{len(batch.feed_rows)} are a request's last token")
         if not batch.feed_rows:
-            return None
+            return []
         index = {id(r): i for i, r in enumerate(after.requests)} if after is not None else {}
         missing = [r.request_id for r in batch.feed_requests if id(r) not in index]
         if missing:  # (a step with requests that sample has their tokens)
             raise RuntimeError(f"requests {missing[:4]} have inputs that no step in flight samples")
-        rows_and_src = batch.feed_rows + [index[id(r)] for r in batch.feed_requests]
+        return [index[id(r)] for r in batch.feed_requests]
+
+    def _feeder(self, rows: list[int], src: list[int], tokens: torch.Tensor | None
+                ) -> Callable[[torch.Tensor], None] | None:
+        """What writes input rows ``rows`` from ``tokens[src]``, on the device (None if no
+        input is a placeholder)."""
+        if not rows:
+            return None
         if self._feeds is not None:
-            both = self._feeds.send(rows_and_src)
+            both = self._feeds.send(rows + src)
         else:
-            both = torch.tensor(rows_and_src, dtype=torch.long, device=self.device)
-        k = len(batch.feed_rows)
-        rows, src = both[:k], both[k:]
-        tokens = after.tokens  # type: ignore[union-attr]
+            both = torch.tensor(rows + src, dtype=torch.long, device=self.device)
+        k = len(rows)
+        rows_t, src_t = both[:k], both[k:]
 
         def feed(ids: torch.Tensor) -> None:
-            ids.index_copy_(0, rows, tokens.index_select(0, src).to(ids.dtype))
+            ids.index_copy_(0, rows_t, tokens.index_select(0, src_t).to(ids.dtype))
 
         return feed
 
