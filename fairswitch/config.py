@@ -43,6 +43,10 @@ class ModelConfig:
     mixed_cuda_graphs: bool = _opt(
         True, "CUDA graphs also for steps with prompt tokens (up to 512 tokens), per (tokens, "
         "sequences) bucket; off: only decode-only steps are graphed")
+    tensor_parallel_size: int = _opt(
+        1, "GPUs (or CPU processes) the model is split over, Megatron-style: each rank holds its "
+        "share of the heads, of the MLP and of the vocabulary, and of every KV block; the "
+        "engine starts the other ranks itself (NCCL on CUDA with a GPU per rank, else gloo)")
     freeze_gc: bool = _opt(
         True, "serving (server, bench): after start-up, move every live object to the garbage "
         "collector's permanent generation, so that full collections skip the hundreds of "
@@ -58,6 +62,8 @@ class ModelConfig:
         if self.attention_backend not in _BACKENDS:
             raise ValueError(f"attention_backend must be one of {_BACKENDS}, "
                              f"got {self.attention_backend!r}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
 

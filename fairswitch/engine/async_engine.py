@@ -135,6 +135,8 @@ class AsyncEngine:
         self._wake.set()
         self._thread.join(timeout)
         self._frozen.close()  # the engine's memory can be collected again
+        if not self._thread.is_alive():  # (a step still running owns the other ranks)
+            self.engine.shutdown()
 
     @property
     def is_running(self) -> bool:

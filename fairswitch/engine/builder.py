@@ -1,10 +1,11 @@
 """Assembles an engine's parts from an ``EngineConfig``, in the order they depend on each other:
 
-    checkpoint config, tokenizer, max_model_len
-    -> model (weights or dummy) and its ModelRunner
-    -> KVMemory: GPU pool sized from the runner's profiling step (CUDA), swap space, reuse tiers
-    -> runner bound to the GPU pool (CUDA graphs captured), eager kernels warmed up
-    -> OutputProcessor (detokenize, stop checks) and Scheduler (over KVMemory)
+    checkpoint config checked (weights, heads split by the tensor-parallel size)
+    -> the other tensor-parallel ranks started (distributed/workers.py), if any
+    -> build_rank, what every rank builds alike: model share (weights or dummy), ModelRunner,
+       KVMemory (GPU pool sized from the runner's profiling step on CUDA, the minimum over the
+       ranks; swap space, reuse tiers), runner bound to the pool (CUDA graphs), eager warm-up
+    -> tokenizer, OutputProcessor (detokenize, stop checks), Scheduler (over KVMemory)
 """
 
 from __future__ import annotations
@@ -12,12 +13,16 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from fairswitch.config import EngineConfig
+from fairswitch.distributed.parallel_state import SINGLE, TPGroup
+from fairswitch.distributed.shard_plan import ShardPlan
+from fairswitch.distributed.workers import WorkerGroup, rank_device
 from fairswitch.engine.output_processor import OutputProcessor
 from fairswitch.kv.kv_cache import KVLayout
 from fairswitch.kv.memory import KVMemory, num_gpu_blocks
@@ -61,19 +66,70 @@ class EngineParts:
     scheduler: Scheduler
     output_processor: OutputProcessor
     events: StepEvents
+    workers: WorkerGroup | None  # the other tensor-parallel ranks
+
+
+@dataclass
+class RankParts:
+    """What every tensor-parallel rank builds alike: its share of the model and of the KV pools."""
+    dtype: torch.dtype
+    hf_config: CheckpointConfig
+    source: loader.ModelSource
+    max_model_len: int
+    runner: ModelRunner
+    kv: KVMemory
 
 
 def build_engine_parts(config: EngineConfig) -> EngineParts:
-    mc, cc = config.model, config.cache
     JIT_CLOCK.serving = False  # compiles while building (warm-up, graph capture) are expected
-    device = resolve_device(mc.device)
-    dtype = resolve_dtype(mc.dtype, device)
+    device = resolve_device(config.model.device)
+    check_model(config)  # before any rank starts
+    workers = tp = None
+    if config.model.tensor_parallel_size > 1:
+        workers = WorkerGroup(config, device)
+        tp = workers.tp
+        device = rank_device(device, 0)
+    events = StepEvents()
+    try:
+        part = build_rank(config, tp or SINGLE, device, workers.agree if workers else None,
+                          workers.copy_log if workers else None, events)
+    except BaseException:
+        if workers is not None:
+            workers.shutdown()
+        raise
+    if workers is not None:
+        part.runner.send_plan = workers.send
+    tokenizer = loader.load_tokenizer(_tokenizer_path(config, part.source))
+    output_processor = OutputProcessor(tokenizer, _eos_ids(part.hf_config, tokenizer, part.source),
+                                       part.max_model_len)
+    scheduler = Scheduler(config.scheduler, part.kv, output_processor)
+    JIT_CLOCK.serving = True
+    return EngineParts(device, part.dtype, part.hf_config, tokenizer, part.max_model_len,
+                       part.runner, part.kv, scheduler, output_processor, events, workers)
+
+
+def check_model(config: EngineConfig) -> CheckpointConfig:
+    """The checkpoint's config, checked against the engine's: raises ValueError for a model
+    without weights asked to load them, or a tensor-parallel size its heads do not divide."""
+    mc = config.model
     source = loader.resolve_model(mc.model)
     if source.checkpoint_dir is None and mc.load_format != "dummy":
         raise ValueError(f"{mc.model!r} is a shipped config without weights: use "
                          "load_format='dummy' (--load-format dummy) or a checkpoint directory")
     hf_config = loader.load_checkpoint_config(source)
-    tokenizer = loader.load_tokenizer(_tokenizer_path(config, source))
+    ShardPlan.of(hf_config, mc.tensor_parallel_size)  # raises if the heads do not split
+    return hf_config
+
+
+def build_rank(config: EngineConfig, tp: TPGroup, device: torch.device,
+               agree: Callable[[int], int] | None = None, copy_log: list | None = None,
+               events: StepEvents | None = None) -> RankParts:
+    """Rank ``tp.rank``'s model share, runner and KV memory. ``agree``: the number of GPU
+    blocks all ranks can hold, from this rank's own; ``copy_log``: the driver's swap-copy log."""
+    mc, cc = config.model, config.cache
+    dtype = resolve_dtype(mc.dtype, device)
+    source = loader.resolve_model(mc.model)
+    hf_config = check_model(config)
     max_model_len = _max_model_len(hf_config, mc.max_model_len)
     backend = get_attention_backend(mc.attention_backend, device)
     if backend.name == "triton":  # (the torch backend runs no Triton kernel to time)
@@ -82,7 +138,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
                              "block_size >= 8")
         JIT_CLOCK.install()
     t0 = time.perf_counter()
-    model = loader.build_model(hf_config, backend, max_model_len, dtype, device)
+    model = loader.build_model(hf_config, backend, max_model_len, dtype, device, tp)
     if mc.load_format == "dummy":
         loader.fill_dummy_weights(model, mc.seed)
     else:
@@ -90,25 +146,22 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     logger.info("loaded %s (%s, %s) in %.1fs", mc.model, dtype, device, time.perf_counter() - t0)
     cuda_triton = device.type == "cuda" and backend.name == "triton"
     graphed = cuda_triton and not mc.enforce_eager
-    events = StepEvents()
     runner = ModelRunner(model, backend, config.scheduler, max_model_len, device, dtype, mc.seed,
-                         GraphPlan(decode=graphed, mixed=graphed and mc.mixed_cuda_graphs), events)
-    layout = KVLayout.of_model(hf_config, cc.block_size, dtype)
+                         GraphPlan(decode=graphed, mixed=graphed and mc.mixed_cuda_graphs), events,
+                         tp)
+    layout = KVLayout.of_model(hf_config, cc.block_size, dtype, tp.size)
     profile = ((lambda: runner.profile_kv_bytes(layout, cc.gpu_memory_utilization))
                if device.type == "cuda" else None)
     num_blocks = num_gpu_blocks(cc, layout, config.scheduler.max_num_seqs, max_model_len, profile)
-    kv = KVMemory(cc, layout, num_blocks, device, max_model_len)
+    if agree is not None:
+        num_blocks = agree(num_blocks)
+    kv = KVMemory(cc, layout, num_blocks, device, max_model_len, copy_log)
     runner.bind_kv_cache(kv.cache)
     if cuda_triton:
         t0 = time.perf_counter()
         runner.warm_up_eager()
         logger.info("eager kernel variants warmed up in %.1f s", time.perf_counter() - t0)
-    output_processor = OutputProcessor(tokenizer, _eos_ids(hf_config, tokenizer, source),
-                                       max_model_len)
-    scheduler = Scheduler(config.scheduler, kv, output_processor)
-    JIT_CLOCK.serving = True
-    return EngineParts(device, dtype, hf_config, tokenizer, max_model_len, runner, kv, scheduler,
-                       output_processor, events)
+    return RankParts(dtype, hf_config, source, max_model_len, runner, kv)
 
 
 def _tokenizer_path(config: EngineConfig, source: loader.ModelSource) -> Any:

@@ -44,6 +44,7 @@ class Engine:
         self.max_model_len = parts.max_model_len
         self.runner, self.kv, self.scheduler = parts.runner, parts.kv, parts.scheduler
         self.output_processor, self.events = parts.output_processor, parts.events
+        self.workers = parts.workers  # the other tensor-parallel ranks (None: one rank)
         self.inputs = InputProcessor(self.tokenizer, self.hf_config.vocab_size, self.max_model_len)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -226,6 +227,12 @@ class Engine:
             "kernel_compiles": JIT_CLOCK.count,
             "kernel_compile_s": JIT_CLOCK.total_s,
         }
+
+    def shutdown(self) -> None:
+        """Stop the other tensor-parallel ranks (nothing to do with one rank); the engine is
+        unusable after it."""
+        if self.workers is not None:
+            self.workers.shutdown()
 
     def check_accounting(self) -> None:
         """Raise if KV blocks leaked: every block is free or owned by a live request, once."""

@@ -21,6 +21,11 @@ class LLM:
         llm.engine = Engine(config)
         return llm
 
+    def shutdown(self) -> None:
+        """Stop the engine's other tensor-parallel ranks, if any (they also end with this
+        process)."""
+        self.engine.shutdown()
+
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
 

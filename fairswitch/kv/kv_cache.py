@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fairswitch.distributed.shard_plan import local_kv_heads
+
 
 @dataclass(frozen=True)
 class KVLayout:
@@ -31,10 +33,11 @@ class KVLayout:
                            * self.num_kv_heads * self.head_dim * elem)
 
     @classmethod
-    def of_model(cls, config, block_size: int, dtype: torch.dtype) -> KVLayout:
-        """The layout of a model config (num_hidden_layers, num_key_value_heads, head_dim)."""
-        return cls(config.num_hidden_layers, block_size, config.num_key_value_heads,
-                   config.head_dim, dtype)
+    def of_model(cls, config, block_size: int, dtype: torch.dtype,
+                 tensor_parallel_size: int = 1) -> KVLayout:
+        """The layout of one rank's pool for a model config: its share of the KV heads."""
+        return cls(config.num_hidden_layers, block_size,
+                   local_kv_heads(config, tensor_parallel_size), config.head_dim, dtype)
 
     def shape(self, num_blocks: int) -> tuple[int, ...]:
         return (num_blocks, self.num_layers, 2, self.block_size, self.num_kv_heads,

@@ -18,10 +18,12 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
 from fairswitch.config import CacheConfig
+from fairswitch.distributed.copy_mirror import MirroredCopyBackend
 from fairswitch.kv.cache_manager import KVCacheManager
 from fairswitch.kv.copy_backend import CopyStats, make_copy_backend
 from fairswitch.kv.extents import num_extents
@@ -62,14 +64,19 @@ def num_gpu_blocks(cache: CacheConfig, layout: KVLayout, max_num_seqs: int, max_
 
 class KVMemory:
     def __init__(self, cache: CacheConfig, layout: KVLayout, num_blocks: int,
-                 device: torch.device, max_model_len: int) -> None:
+                 device: torch.device, max_model_len: int,
+                 copy_log: list[tuple] | None = None) -> None:
+        """``copy_log``: on a tensor-parallel driver, where the swap copies are logged for the
+        other ranks to replay (distributed/copy_mirror.py)."""
         self.layout = layout
+        self._copy_log = copy_log
         self.block_size = layout.block_size
         self.cache = KVCache(layout, num_blocks, device)
         self.blocks = KVCacheManager(num_blocks, layout.block_size, cache.enable_prefix_caching,
                                      cache.block_groups, max_model_len)
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, layout.block_size,
                     num_blocks * layout.block_bytes / _GiB)
+        self.copy_backends: dict[int, Any] = {}  # the swap space's, by stream
         self.swap: SwapManager | NoSwapSpace = self._swap_space(cache, device)
         # (bytes, seconds) of one copy through the swap backend, timed at start-up: the
         # scheduler's swap-or-recompute cost model starts from this machine's link.
@@ -92,10 +99,15 @@ class KVMemory:
         logger.info("swap space: %.1f GiB in %.1fs", num_cpu_blocks * self.layout.block_bytes
                     / _GiB, time.perf_counter() - t0)
         tier = ReuseTier(cc.block_size) if cc.enable_prefix_caching and cc.cpu_kv_reuse else None
+        backend = make_copy_backend(cc.swap_copy_backend, device, cc.per_layer_swap)
         writeback = (make_copy_backend(cc.swap_copy_backend, device, cc.per_layer_swap)
                      if tier is not None and on_cuda else None)
-        return SwapManager(self.blocks, self.cache.tensor, cpu_tensor,
-                           make_copy_backend(cc.swap_copy_backend, device, cc.per_layer_swap),
+        self.copy_backends = {0: backend, 1: writeback or backend}  # by stream (copy_mirror.py)
+        if self._copy_log is not None:
+            backend = MirroredCopyBackend(backend, 0, self._copy_log)
+            if writeback is not None:
+                writeback = MirroredCopyBackend(writeback, 1, self._copy_log)
+        return SwapManager(self.blocks, self.cache.tensor, cpu_tensor, backend,
                            block_bytes=self.layout.block_bytes, async_copies=cc.async_swap,
                            incremental=cc.incremental_swap, cpu_tier=tier,
                            early_landing=cc.early_swap_in and cc.async_swap,

@@ -14,6 +14,7 @@ from fairswitch.request import Request
 class NoSwapSpace:
     tier = None  # no CPU reuse tier
     cpu_pool = None  # no CPU blocks
+    cpu_tensor = None
     stall_s = 0.0
     blocking_copy_s = 0.0
     num_pending_in = 0

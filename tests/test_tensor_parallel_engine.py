@@ -1,0 +1,177 @@
+"""Tensor parallelism end to end on the CPU (gloo): the engine starts its worker ranks, and every
+request ends exactly as with one rank, under forced swap and recompute preemptions, with and
+without async scheduling, with reuse from the GPU and CPU tiers; bad sizes fail before anything
+starts, and a dead worker fails the step instead of hanging it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from fairswitch import LLM, SamplingParams
+
+PROMPTS = ["The quick brown fox jumps over the lazy dog because", "def fibonacci(n):",
+           "Paged attention stores the KV cache in fixed-size blocks, so that memory is "
+           "allocated on demand", "Hi"]
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+def tokens(outs):
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.fixture(scope="module")
+def expected(llama_dir):
+    llm = LLM(model=str(llama_dir), num_gpu_blocks=256, swap_space=0)
+    return tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False))
+
+
+@pytest.mark.parametrize("tp, mode, async_scheduling", [
+    (2, "swap", True), (2, "recompute", False), (4, "swap", False), (2, "auto", True)])
+def test_same_tokens_as_one_rank_under_preemption(llama_dir, expected, tp, mode,
+                                                  async_scheduling):
+    # 12 blocks of 4 tokens cannot hold the four requests at once: constant preemption.
+    llm = LLM(model=str(llama_dir), tensor_parallel_size=tp, num_gpu_blocks=12, block_size=4,
+              max_model_len=48, swap_space=0.01, preemption_mode=mode,
+              async_scheduling=async_scheduling)
+    try:
+        assert tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == expected
+        sched = llm.engine.scheduler
+        assert sched.num_preemptions > 0
+        if mode == "swap":
+            assert sched.preemptions_by_mode["swap"] > 0
+        llm.engine.check_accounting()
+    finally:
+        llm.shutdown()
+    assert not any(p.is_alive() for p in llm.engine.workers.procs)
+
+
+def test_multi_turn_reuse_from_both_tiers(llama_dir):
+    """A second turn continuing the first reuses its KV (GPU tier, then the CPU tier after the
+    GPU copy was evicted): the same tokens as one rank."""
+    first = "Once upon a time in a land far away there lived a"
+    results = {}
+    for tp in (1, 2):
+        llm = LLM(model=str(llama_dir), tensor_parallel_size=tp, num_gpu_blocks=40, block_size=4,
+                  max_model_len=160, swap_space=0.01)
+        try:
+            out = llm.generate([first], GREEDY, use_tqdm=False)[0]
+            turn2 = list(out.prompt_token_ids) + list(out.outputs[0].token_ids) + [11, 12, 13]
+            a = tokens(llm.generate([turn2], GREEDY, use_tqdm=False))
+            filler = list(range(2000, 2000 + 36 * 4))  # evicts the cached turn from the GPU
+            llm.generate([filler], SamplingParams(max_tokens=2, ignore_eos=True),
+                         use_tqdm=False)
+            b = tokens(llm.generate([turn2], GREEDY, use_tqdm=False))
+            metrics = llm.engine.switch_metrics()
+            llm.engine.check_accounting()
+        finally:
+            llm.shutdown()
+        results[tp] = (a, b)
+        assert metrics["reused_tokens"] > 0
+        if tp == 2:
+            assert metrics["reused_tokens_cpu"] > 0
+    assert results[1] == results[2]
+
+
+def test_sizes_the_heads_do_not_split_fail_before_anything_starts(llama_dir):
+    with pytest.raises(ValueError, match="not divisible by tensor_parallel_size=3"):
+        LLM(model=str(llama_dir), tensor_parallel_size=3, num_gpu_blocks=64)
+    with pytest.raises(ValueError, match="tensor_parallel_size must be >= 1"):
+        LLM(model=str(llama_dir), tensor_parallel_size=0)
+
+
+def test_a_dead_worker_fails_the_step(llama_dir):
+    llm = LLM(model=str(llama_dir), tensor_parallel_size=2, num_gpu_blocks=64, max_model_len=64)
+    try:
+        worker = llm.engine.workers.procs[0]
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join(10)
+        with pytest.raises(RuntimeError, match="worker"):
+            llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False)
+        assert not llm.engine.has_unfinished_requests()  # generate aborted what it added
+    finally:
+        llm.shutdown()
+
+
+def _children(pid: int) -> set[int]:
+    kids = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        kids.add(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+    return kids
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a zombie is an exited child its parent has not reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline") as f:
+            return f.read().replace("\0", " ")
+    except FileNotFoundError:
+        return ""
+
+
+def test_serve_with_two_ranks_answers_as_one_rank_and_leaves_no_process():
+    """``fairswitch serve --tensor-parallel-size 2`` on the embedded model: a greedy completion
+    through the OpenAI client equals the one-rank engine's, and SIGTERM stops every rank."""
+    import queue
+    import subprocess
+    import sys
+    import threading
+
+    import openai
+
+    prompt = "The capital of France is"
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    want = LLM(num_gpu_blocks=128, max_model_len=256).generate([prompt], params,
+                                                              use_tqdm=False)[0].outputs[0].text
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fairswitch.cli.main", "serve", "--port", "0",
+         "--served-model-name", "tiny", "--num-gpu-blocks", "128", "--max-model-len", "256",
+         "--tensor-parallel-size", "2", "--shutdown-timeout", "0.2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue = queue.Queue()
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        line = lines.get(timeout=180)
+        assert line and line.startswith("fairswitch serve: tiny on http://"), \
+            (line, proc.stderr.read() if line is None else "")
+        workers = _children(proc.pid)
+        assert workers  # the second rank (and multiprocessing's helper)
+        url = line.rsplit(" ", 1)[1].strip()
+        with openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0,
+                           timeout=60) as client:
+            out = client.completions.create(model="tiny", prompt=prompt, max_tokens=16,
+                                            temperature=0.0, extra_body={"ignore_eos": True})
+        assert out.choices[0].text == want
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        deadline = time.monotonic() + 20  # (multiprocessing's resource tracker exits on EOF)
+        while (left := [pid for pid in workers if _running(pid)]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not left, [_cmdline(pid) for pid in left]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
