@@ -175,3 +175,26 @@ def test_serve_with_two_ranks_answers_as_one_rank_and_leaves_no_process():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.gpu
+def test_two_ranks_on_one_gpu_give_one_ranks_tokens(llama_dir):
+    """The CUDA path (Triton kernels, CUDA copy streams, swaps) with two ranks sharing the one
+    GPU over gloo (NCCL wants a GPU per rank; gloo's collectives cannot be graphed, so these
+    steps run eagerly), float32 so that the sums' order cannot flip a greedy token."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    opts = dict(model=str(llama_dir), device="cuda", dtype="float32", block_size=8,
+                max_model_len=48, num_gpu_blocks=7, swap_space=0.01, preemption_mode="swap",
+                policy="trace", priority_update_prob=0.5, min_run_steps=1, max_num_seqs=2)
+    want = tokens(LLM(**opts).generate(PROMPTS, GREEDY, use_tqdm=False))
+    llm = LLM(tensor_parallel_size=2, **opts)
+    try:
+        assert llm.engine.runner.graphs is None  # gloo: eager steps
+        assert tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == want
+        assert llm.engine.scheduler.preemptions_by_mode["swap"] > 0
+        llm.engine.check_accounting()
+    finally:
+        llm.shutdown()

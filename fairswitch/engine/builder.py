@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from fairswitch.config import EngineConfig
 from fairswitch.distributed.parallel_state import SINGLE, TPGroup
@@ -145,7 +146,9 @@ def build_rank(config: EngineConfig, tp: TPGroup, device: torch.device,
         loader.load_weights(model, source.checkpoint_dir)
     logger.info("loaded %s (%s, %s) in %.1fs", mc.model, dtype, device, time.perf_counter() - t0)
     cuda_triton = device.type == "cuda" and backend.name == "triton"
-    graphed = cuda_triton and not mc.enforce_eager
+    # A graph replays the collectives it captured: NCCL's can be, gloo's (host-side) cannot.
+    graphed = cuda_triton and not mc.enforce_eager and (
+        tp.size == 1 or dist.get_backend(tp.group) == "nccl")
     runner = ModelRunner(model, backend, config.scheduler, max_model_len, device, dtype, mc.seed,
                          GraphPlan(decode=graphed, mixed=graphed and mc.mixed_cuda_graphs), events,
                          tp)
