@@ -49,6 +49,19 @@ def test_same_tokens_as_one_rank_under_preemption(llama_dir, expected, tp, mode,
     assert not any(p.is_alive() for p in llm.engine.workers.procs)
 
 
+def test_chunked_prefill_and_four_ranks_with_replicated_kv_heads(llama_dir, expected):
+    """Prompts prefilled in chunks of 8 tokens; at 4 ranks each holds one of the 2 KV heads,
+    replicated."""
+    llm = LLM(model=str(llama_dir), tensor_parallel_size=4, num_gpu_blocks=64,
+              max_num_batched_tokens=8, max_num_seqs=2, max_model_len=64)
+    try:
+        assert llm.engine.kv.layout.num_kv_heads == 1
+        assert tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == expected
+        llm.engine.check_accounting()
+    finally:
+        llm.shutdown()
+
+
 def test_multi_turn_reuse_from_both_tiers(llama_dir):
     """A second turn continuing the first reuses its KV (GPU tier, then the CPU tier after the
     GPU copy was evicted): the same tokens as one rank."""
@@ -92,6 +105,9 @@ def test_a_dead_worker_fails_the_step(llama_dir):
         with pytest.raises(RuntimeError, match="worker"):
             llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False)
         assert not llm.engine.has_unfinished_requests()  # generate aborted what it added
+        assert not llm.engine.workers.alive()  # the other ranks were stopped
+        with pytest.raises(RuntimeError, match="worker"):  # and stays failed, no hang
+            llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)
     finally:
         llm.shutdown()
 

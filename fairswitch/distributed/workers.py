@@ -96,9 +96,11 @@ class WorkerGroup:
 
     def _broadcast(self, message: Any) -> None:
         if not self.alive():
-            raise RuntimeError("a tensor-parallel worker has died: "
-                               + ", ".join(f"{p.name} exit code {p.exitcode}"
-                                           for p in self.procs if not p.is_alive()))
+            dead = ", ".join(f"{p.name} exit code {p.exitcode}"
+                             for p in self.procs if not p.is_alive())
+            self.shutdown()  # the others cannot go on without it
+            raise RuntimeError(f"a tensor-parallel worker has died ({dead}): the engine is "
+                               "shut down")
         dist.broadcast_object_list([message], src=0, group=self.control)
 
     def alive(self) -> bool:
