@@ -214,3 +214,24 @@ def test_two_ranks_on_one_gpu_give_one_ranks_tokens(llama_dir):
         llm.engine.check_accounting()
     finally:
         llm.shutdown()
+
+
+def test_ranks_started_by_a_launcher_meet_by_env(tmp_path):
+    """torchrun starts both ranks (``env://``, as across hosts): rank 0 runs the command, rank 1
+    becomes a worker; the output is one rank's and every process ends."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["-m", "fairswitch.cli.main", "generate", "--num-gpu-blocks", "128",
+            "--max-model-len", "256", "--max-tokens", "12", "--ignore-eos", "--no-progress",
+            "--json", "The capital of France is"]
+    one = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(port), *args, "--tensor-parallel-size", "2"],
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout == one.stdout and '"token_ids"' in one.stdout

@@ -9,6 +9,10 @@ scheduler, the KV bookkeeping, sampling) and workers (ranks 1..N-1, processes it
               run the plan, sample, broadcast the tokens ---> keep them (next plan's placeholders)
     shutdown: broadcast None --------------------> exit
 
+The driver spawns the workers on its host, or, when a launcher started every rank (torchrun,
+across hosts: ``env://``), rank 0 is the driver and every other rank becomes a worker as soon as
+it builds its engine, whatever command it was started with (``serve_as_worker``).
+
 Plans and copy logs go over a gloo group (host objects); the model's collectives and the tokens over
 the tensor-parallel group (NCCL with a GPU per rank, else gloo). If a worker dies, the driver's next
 collective raises (its peer's connection is gone) and ``alive`` says so: the engine fails the
@@ -17,9 +21,11 @@ requests in flight instead of waiting.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import multiprocessing as mp
+import os
 import socket
 from typing import Any
 
@@ -34,18 +40,20 @@ _TIMEOUT = datetime.timedelta(minutes=10)  # first-step compiles and graph captu
 
 
 def rank_device(device: torch.device, rank: int) -> torch.device:
-    """A rank's device: on CUDA the rank-th GPU (sharing GPU 0's index space when there are
-    fewer GPUs than ranks, for tests: then the ranks talk over gloo)."""
+    """A rank's device: on CUDA its GPU on this host (LOCAL_RANK under a launcher; GPUs shared
+    round-robin when there are fewer than ranks, for tests: then the ranks talk over gloo)."""
     if device.type != "cuda":
         return device
+    local = int(os.environ.get("LOCAL_RANK", rank))
     count = torch.cuda.device_count()
-    base = device.index or 0
-    return torch.device("cuda", (base + rank) % max(1, count))
+    return torch.device("cuda", ((device.index or 0) + local) % max(1, count))
 
 
 def collective_backend(device: torch.device, size: int) -> str:
-    """NCCL when every rank has a GPU of its own, else gloo (CPU, or ranks sharing a GPU)."""
-    if device.type == "cuda" and torch.cuda.device_count() >= size:
+    """NCCL when every rank of this host has a GPU of its own, else gloo (CPU, or ranks sharing
+    a GPU)."""
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", size))
+    if device.type == "cuda" and torch.cuda.device_count() >= local_ranks:
         return "nccl"
     return "gloo"
 
@@ -64,25 +72,59 @@ def init_rank(rank: int, size: int, init_method: str, backend: str) -> tuple[TPG
     return TPGroup(rank, size, dist.group.WORLD), control
 
 
+def launched_rank(size: int) -> int | None:
+    """This process's rank when a launcher started every rank (torchrun: RANK and WORLD_SIZE
+    in the environment, the group met by ``env://``), else None (the driver spawns them)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    world = int(os.environ["WORLD_SIZE"])
+    if world != size:
+        raise ValueError(f"the launcher started {world} processes but tensor_parallel_size is "
+                         f"{size}: they must be equal")
+    return int(os.environ["RANK"])
+
+
+def serve_as_worker(config: Any, rank: int) -> None:
+    """A launched rank other than 0: be a worker until the driver stops, then end the process
+    (the command it was started with runs on rank 0 only)."""
+    device = resolve_base_device(config)
+    _worker_main(rank, config.model.tensor_parallel_size, config, "env://",
+                 collective_backend(device, config.model.tensor_parallel_size))
+    raise SystemExit(0)
+
+
+def resolve_base_device(config: Any) -> torch.device:
+    from fairswitch.engine.builder import resolve_device
+
+    return resolve_device(config.model.device)
+
+
 class WorkerGroup:
-    """Started by the driver before it builds its own share of the model."""
+    """Started by the driver before it builds its own share of the model: it spawns ranks
+    1..N-1 on this host, or, under a launcher (torchrun, several hosts), meets the ranks the
+    launcher started (``env://``)."""
 
     def __init__(self, config: Any, device: torch.device) -> None:
         size = config.model.tensor_parallel_size
         if dist.is_initialized():
             raise RuntimeError("tensor parallelism starts its own process group: this process "
                                "already has one (one tensor-parallel engine per process)")
-        init_method = f"tcp://127.0.0.1:{_free_port()}"
         backend = collective_backend(device, size)
-        ctx = mp.get_context("spawn")
-        self.procs = [ctx.Process(target=_worker_main, name=f"fairswitch-tp{r}", daemon=True,
-                                  args=(r, size, config, init_method, backend))
-                      for r in range(1, size)]
-        for p in self.procs:
-            p.start()
+        self.procs: list[Any] = []  # the spawned ranks (none under a launcher)
+        if launched_rank(size) is not None:
+            init_method = "env://"
+        else:
+            init_method = f"tcp://127.0.0.1:{_free_port()}"
+            ctx = mp.get_context("spawn")
+            self.procs = [ctx.Process(target=_worker_main, name=f"fairswitch-tp{r}",
+                                      daemon=True, args=(r, size, config, init_method, backend))
+                          for r in range(1, size)]
+            for p in self.procs:
+                p.start()
         self.tp, self.control = init_rank(0, size, init_method, backend)
         self.copy_log: list[tuple] = []  # swap copies since the last plan (copy_mirror.py)
         self._stopped = False
+        atexit.register(self.shutdown)  # workers end with the driver, also on a plain exit
         logger.info("tensor parallelism: %d ranks over %s", size, backend)
 
     def agree(self, num_blocks: int) -> int:
@@ -104,6 +146,8 @@ class WorkerGroup:
         dist.broadcast_object_list([message], src=0, group=self.control)
 
     def alive(self) -> bool:
+        """Are the spawned ranks alive? (Launched ones are not watched: a collective with a
+        dead one raises.)"""
         return all(p.is_alive() for p in self.procs)
 
     def shutdown(self, timeout: float = 10.0) -> None:
@@ -123,6 +167,7 @@ class WorkerGroup:
                 p.join(timeout)
         if dist.is_initialized():
             dist.destroy_process_group()
+        atexit.unregister(self.shutdown)
 
 
 def _min_over_ranks(n: int, group: Any) -> int:
@@ -133,11 +178,11 @@ def _min_over_ranks(n: int, group: Any) -> int:
 
 def _worker_main(rank: int, size: int, config: Any, init_method: str, backend: str) -> None:
     from fairswitch.distributed.copy_mirror import CopyReplay
-    from fairswitch.engine.builder import build_rank, resolve_device
+    from fairswitch.engine.builder import build_rank
 
     tp, control = init_rank(rank, size, init_method, backend)
     try:
-        device = rank_device(resolve_device(config.model.device), rank)
+        device = rank_device(resolve_base_device(config), rank)
         if device.type == "cuda":
             torch.cuda.set_device(device)
         part = build_rank(config, tp, device, lambda n: _min_over_ranks(n, control))

@@ -23,7 +23,8 @@ import torch.distributed as dist
 from fairswitch.config import EngineConfig
 from fairswitch.distributed.parallel_state import SINGLE, TPGroup
 from fairswitch.distributed.shard_plan import ShardPlan
-from fairswitch.distributed.workers import WorkerGroup, rank_device
+from fairswitch.distributed.workers import (WorkerGroup, launched_rank, rank_device,
+                                             serve_as_worker)
 from fairswitch.engine.output_processor import OutputProcessor
 from fairswitch.kv.kv_cache import KVLayout
 from fairswitch.kv.memory import KVMemory, num_gpu_blocks
@@ -87,6 +88,9 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     check_model(config)  # before any rank starts
     workers = tp = None
     if config.model.tensor_parallel_size > 1:
+        rank = launched_rank(config.model.tensor_parallel_size)
+        if rank:  # a launcher's rank other than 0: a worker until the driver stops
+            serve_as_worker(config, rank)
         workers = WorkerGroup(config, device)
         tp = workers.tp
         device = rank_device(device, 0)
