@@ -85,7 +85,7 @@ class RankParts:
 def build_engine_parts(config: EngineConfig) -> EngineParts:
     JIT_CLOCK.serving = False  # compiles while building (warm-up, graph capture) are expected
     device = resolve_device(config.model.device)
-    check_model(config)  # before any rank starts
+    checked = check_model(config)  # before any rank starts
     workers = tp = None
     if config.model.tensor_parallel_size > 1:
         rank = launched_rank(config.model.tensor_parallel_size)
@@ -97,7 +97,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     events = StepEvents()
     try:
         part = build_rank(config, tp or SINGLE, device, workers.agree if workers else None,
-                          workers.copy_log if workers else None, events)
+                          workers.copy_log if workers else None, events, checked)
     except BaseException:
         if workers is not None:
             workers.shutdown()
@@ -113,9 +113,10 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
                        part.runner, part.kv, scheduler, output_processor, events, workers)
 
 
-def check_model(config: EngineConfig) -> CheckpointConfig:
-    """The checkpoint's config, checked against the engine's: raises ValueError for a model
-    without weights asked to load them, or a tensor-parallel size its heads do not divide."""
+def check_model(config: EngineConfig) -> tuple[loader.ModelSource, CheckpointConfig]:
+    """The model's source and checkpoint config, checked against the engine's: raises
+    ValueError for a model without weights asked to load them, or a tensor-parallel size its
+    heads do not divide."""
     mc = config.model
     source = loader.resolve_model(mc.model)
     if source.checkpoint_dir is None and mc.load_format != "dummy":
@@ -123,18 +124,19 @@ def check_model(config: EngineConfig) -> CheckpointConfig:
                          "load_format='dummy' (--load-format dummy) or a checkpoint directory")
     hf_config = loader.load_checkpoint_config(source)
     ShardPlan.of(hf_config, mc.tensor_parallel_size)  # raises if the heads do not split
-    return hf_config
+    return source, hf_config
 
 
 def build_rank(config: EngineConfig, tp: TPGroup, device: torch.device,
                agree: Callable[[int], int] | None = None, copy_log: list | None = None,
-               events: StepEvents | None = None) -> RankParts:
+               events: StepEvents | None = None,
+               checked: tuple[loader.ModelSource, CheckpointConfig] | None = None) -> RankParts:
     """Rank ``tp.rank``'s model share, runner and KV memory. ``agree``: the number of GPU
-    blocks all ranks can hold, from this rank's own; ``copy_log``: the driver's swap-copy log."""
+    blocks all ranks can hold, from this rank's own; ``copy_log``: the driver's swap-copy log;
+    ``checked``: ``check_model(config)`` if the caller has it already."""
     mc, cc = config.model, config.cache
     dtype = resolve_dtype(mc.dtype, device)
-    source = loader.resolve_model(mc.model)
-    hf_config = check_model(config)
+    source, hf_config = checked if checked is not None else check_model(config)
     max_model_len = _max_model_len(hf_config, mc.max_model_len)
     backend = get_attention_backend(mc.attention_backend, device)
     if backend.name == "triton":  # (the torch backend runs no Triton kernel to time)
