@@ -47,6 +47,10 @@ class ModelConfig:
         1, "GPUs (or CPU processes) the model is split over, Megatron-style: each rank holds its "
         "share of the heads, of the MLP and of the vocabulary, and of every KV block; the "
         "engine starts the other ranks itself (NCCL on CUDA with a GPU per rank, else gloo)")
+    distributed_timeout_s: float = _opt(
+        600.0, "tensor parallelism: how long a rank may take to join a collective (start-up, "
+        "first-step compiles and graph capture included); a rank that dies or does not answer "
+        "in time fails the engine: the requests in flight get an error and every rank stops")
     freeze_gc: bool = _opt(
         True, "serving (server, bench): after start-up, move every live object to the garbage "
         "collector's permanent generation, so that full collections skip the hundreds of "
@@ -64,6 +68,8 @@ class ModelConfig:
                              f"got {self.attention_backend!r}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if not self.distributed_timeout_s > 0:
+            raise ValueError(f"distributed_timeout_s must be > 0, got {self.distributed_timeout_s}")
         if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
 

@@ -1,12 +1,17 @@
 """Tensor parallelism end to end on the CPU (gloo): the engine starts its worker ranks, and every
 request ends exactly as with one rank, under forced swap and recompute preemptions, with and
 without async scheduling, with reuse from the GPU and CPU tiers; bad sizes fail before anything
-starts, and a dead worker fails the step instead of hanging it."""
+starts, and a dead or hung worker fails the step instead of hanging it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
 import signal
+import subprocess
+import sys
+import threading
 import time
 
 import pytest
@@ -112,6 +117,26 @@ def test_a_dead_worker_fails_the_step(llama_dir):
         llm.shutdown()
 
 
+def test_a_hung_worker_fails_the_step_after_the_timeout(llama_dir):
+    llm = LLM(model=str(llama_dir), tensor_parallel_size=2, num_gpu_blocks=64, max_model_len=64,
+              distributed_timeout_s=10.0)  # (start-up must fit in it too)
+    worker = llm.engine.workers.procs[0]
+    try:
+        assert tokens(llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False))  # the ranks work
+        os.kill(worker.pid, signal.SIGSTOP)  # alive, but it never answers again
+        with pytest.raises(RuntimeError, match="tensor-parallel"):
+            llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False)
+        assert not llm.engine.has_unfinished_requests()
+        worker.join(10)
+        assert not worker.is_alive()  # stopped (killed) with the others
+        with pytest.raises(RuntimeError, match="stopped"):  # and the engine stays failed
+            llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)
+    finally:
+        if worker.is_alive():
+            os.kill(worker.pid, signal.SIGKILL)
+        llm.shutdown()
+
+
 def _children(pid: int) -> set[int]:
     kids = set()
     for entry in os.listdir("/proc"):
@@ -142,20 +167,10 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def test_serve_with_two_ranks_answers_as_one_rank_and_leaves_no_process():
-    """``fairswitch serve --tensor-parallel-size 2`` on the embedded model: a greedy completion
-    through the OpenAI client equals the one-rank engine's, and SIGTERM stops every rank."""
-    import queue
-    import subprocess
-    import sys
-    import threading
-
-    import openai
-
-    prompt = "The capital of France is"
-    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
-    want = LLM(num_gpu_blocks=128, max_model_len=256).generate([prompt], params,
-                                                              use_tqdm=False)[0].outputs[0].text
+@contextlib.contextmanager
+def _serve_two_ranks():
+    """``fairswitch serve --tensor-parallel-size 2`` on the embedded model, in a subprocess:
+    (process, base URL, its children: the second rank and multiprocessing's helper)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "fairswitch.cli.main", "serve", "--port", "0",
          "--served-model-name", "tiny", "--num-gpu-blocks", "128", "--max-model-len", "256",
@@ -173,24 +188,57 @@ def test_serve_with_two_ranks_answers_as_one_rank_and_leaves_no_process():
         line = lines.get(timeout=180)
         assert line and line.startswith("fairswitch serve: tiny on http://"), \
             (line, proc.stderr.read() if line is None else "")
-        workers = _children(proc.pid)
-        assert workers  # the second rank (and multiprocessing's helper)
-        url = line.rsplit(" ", 1)[1].strip()
-        with openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0,
-                           timeout=60) as client:
-            out = client.completions.create(model="tiny", prompt=prompt, max_tokens=16,
-                                            temperature=0.0, extra_body={"ignore_eos": True})
-        assert out.choices[0].text == want
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
-        deadline = time.monotonic() + 20  # (multiprocessing's resource tracker exits on EOF)
-        while (left := [pid for pid in workers if _running(pid)]) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not left, [_cmdline(pid) for pid in left]
+        children = _children(proc.pid)
+        assert children
+        yield proc, line.rsplit(" ", 1)[1].strip(), children
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _assert_gone(pids: set[int]) -> None:
+    deadline = time.monotonic() + 20  # (multiprocessing's resource tracker exits on EOF)
+    while (left := [pid for pid in pids if _running(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, [_cmdline(pid) for pid in left]
+
+
+def _client(url: str):
+    import openai
+
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+
+
+def test_serve_with_two_ranks_answers_as_one_rank_and_leaves_no_process():
+    """A greedy completion through the OpenAI client equals the one-rank engine's, and SIGTERM
+    stops every rank."""
+    prompt = "The capital of France is"
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    want = LLM(num_gpu_blocks=128, max_model_len=256).generate([prompt], params,
+                                                              use_tqdm=False)[0].outputs[0].text
+    with _serve_two_ranks() as (proc, url, children), _client(url) as client:
+        out = client.completions.create(model="tiny", prompt=prompt, max_tokens=16,
+                                        temperature=0.0, extra_body={"ignore_eos": True})
+        assert out.choices[0].text == want
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        _assert_gone(children)
+
+
+def test_serve_answers_503_and_exits_when_a_rank_dies():
+    """A dead worker: the request gets a 503 (not a hang), the server exits with status 1 and
+    leaves no process behind."""
+    import openai
+
+    with _serve_two_ranks() as (proc, url, children), _client(url) as client:
+        worker = next(pid for pid in children if "multiprocessing.spawn" in _cmdline(pid))
+        os.kill(worker, signal.SIGKILL)
+        with pytest.raises(openai.APIStatusError) as err:
+            client.completions.create(model="tiny", prompt="Hello", max_tokens=8)
+        assert err.value.status_code == 503, err.value
+        assert proc.wait(timeout=60) == 1
+        _assert_gone(children)
 
 
 @pytest.mark.gpu

@@ -67,9 +67,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"fairswitch serve: {settings.served_model_names[0]} on {url}", flush=True)
 
     try:
-        asyncio.run(serve_forever(app, args.host, args.port,
-                                  shutdown_timeout=args.shutdown_timeout, on_started=started))
+        healthy = asyncio.run(serve_forever(
+            app, args.host, args.port, shutdown_timeout=args.shutdown_timeout,
+            on_started=started, engine_alive=lambda: engine.is_running))
     finally:
         engine.shutdown()  # no-op when the app's cleanup already stopped it
-    print("fairswitch serve: stopped", flush=True)
-    return 0
+    print("fairswitch serve: stopped" if healthy else "fairswitch serve: the engine failed",
+          flush=True)
+    return 0 if healthy else 1

@@ -14,9 +14,12 @@ across hosts: ``env://``), rank 0 is the driver and every other rank becomes a w
 it builds its engine, whatever command it was started with (``serve_as_worker``).
 
 Plans and copy logs go over a gloo group (host objects); the model's collectives and the tokens over
-the tensor-parallel group (NCCL with a GPU per rank, else gloo). If a worker dies, the driver's next
-collective raises (its peer's connection is gone) and ``alive`` says so: the engine fails the
-requests in flight instead of waiting.
+the tensor-parallel group (NCCL with a GPU per rank, else gloo). Failures: a worker that dies makes
+the driver's next collective raise (its peer's connection is gone; ``alive`` says so before the
+plan goes out), and one that hangs makes it raise once ``distributed_timeout_s`` has passed (gloo;
+NCCL's watchdog ends the process instead). Either way the step raises, ``fail`` stops every worker
+(the ranks cannot be known to agree after a step that broke off) and the engine stays failed: the
+requests in flight get the error instead of waiting.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from fairswitch.distributed.parallel_state import TPGroup
 
 logger = logging.getLogger(__name__)
 
-_TIMEOUT = datetime.timedelta(minutes=10)  # first-step compiles and graph capture fit in it
+class RanksStoppedError(RuntimeError):
+    """A tensor-parallel step broke off and the workers were stopped: the engine is shut down."""
 
 
 def rank_device(device: torch.device, rank: int) -> torch.device:
@@ -64,11 +68,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_rank(rank: int, size: int, init_method: str, backend: str) -> tuple[TPGroup, Any]:
-    """Join the group: (the tensor-parallel group, the gloo group for plans)."""
+def init_rank(rank: int, size: int, init_method: str, backend: str,
+              timeout_s: float) -> tuple[TPGroup, Any]:
+    """Join the group: (the tensor-parallel group, the gloo group for plans). A collective that
+    waits longer than ``timeout_s`` for a rank raises."""
+    timeout = datetime.timedelta(seconds=timeout_s)
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
-                            timeout=_TIMEOUT)
-    control = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
+                            timeout=timeout)
+    control = (dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo"
+               else dist.group.WORLD)
     return TPGroup(rank, size, dist.group.WORLD), control
 
 
@@ -89,7 +97,8 @@ def serve_as_worker(config: Any, rank: int) -> None:
     (the command it was started with runs on rank 0 only)."""
     device = resolve_base_device(config)
     _worker_main(rank, config.model.tensor_parallel_size, config, "env://",
-                 collective_backend(device, config.model.tensor_parallel_size))
+                 collective_backend(device, config.model.tensor_parallel_size),
+                 config.model.distributed_timeout_s)
     raise SystemExit(0)
 
 
@@ -105,7 +114,7 @@ class WorkerGroup:
     launcher started (``env://``)."""
 
     def __init__(self, config: Any, device: torch.device) -> None:
-        size = config.model.tensor_parallel_size
+        size, timeout_s = config.model.tensor_parallel_size, config.model.distributed_timeout_s
         if dist.is_initialized():
             raise RuntimeError("tensor parallelism starts its own process group: this process "
                                "already has one (one tensor-parallel engine per process)")
@@ -117,12 +126,14 @@ class WorkerGroup:
             init_method = f"tcp://127.0.0.1:{_free_port()}"
             ctx = mp.get_context("spawn")
             self.procs = [ctx.Process(target=_worker_main, name=f"fairswitch-tp{r}",
-                                      daemon=True, args=(r, size, config, init_method, backend))
+                                      daemon=True,
+                                      args=(r, size, config, init_method, backend, timeout_s))
                           for r in range(1, size)]
             for p in self.procs:
                 p.start()
-        self.tp, self.control = init_rank(0, size, init_method, backend)
+        self.tp, self.control = init_rank(0, size, init_method, backend, timeout_s)
         self.copy_log: list[tuple] = []  # swap copies since the last plan (copy_mirror.py)
+        self.failure: str | None = None  # why the workers were stopped (``fail``)
         self._stopped = False
         atexit.register(self.shutdown)  # workers end with the driver, also on a plain exit
         logger.info("tensor parallelism: %d ranks over %s", size, backend)
@@ -137,13 +148,34 @@ class WorkerGroup:
         self._broadcast((plan, ops))
 
     def _broadcast(self, message: Any) -> None:
+        if self.failure is not None:
+            raise RanksStoppedError(f"the tensor-parallel workers were stopped ({self.failure}): the "
+                               "engine is shut down")
         if not self.alive():
             dead = ", ".join(f"{p.name} exit code {p.exitcode}"
                              for p in self.procs if not p.is_alive())
-            self.shutdown()  # the others cannot go on without it
-            raise RuntimeError(f"a tensor-parallel worker has died ({dead}): the engine is "
+            self.fail(f"a tensor-parallel worker has died: {dead}")
+            raise RanksStoppedError(f"a tensor-parallel worker has died ({dead}): the engine is "
                                "shut down")
         dist.broadcast_object_list([message], src=0, group=self.control)
+
+    def fail(self, cause: BaseException | str) -> None:
+        """A step broke off (a rank died or did not answer, or the driver raised mid-step): the
+        ranks cannot be known to agree any more, so every worker is stopped, without waiting
+        for any of them, and every later plan raises."""
+        if self.failure is not None:
+            return
+        self.failure = str(cause) or type(cause).__name__
+        logger.error("tensor parallelism: stopping every rank after a failed step: %s",
+                     self.failure)
+        self._stopped = True
+        for p in self.procs:
+            p.kill()  # (SIGKILL: also ends a stopped or hung process)
+        for p in self.procs:
+            p.join(10.0)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        atexit.unregister(self.shutdown)
 
     def alive(self) -> bool:
         """Are the spawned ranks alive? (Launched ones are not watched: a collective with a
@@ -163,7 +195,7 @@ class WorkerGroup:
         for p in self.procs:
             p.join(timeout)
             if p.is_alive():
-                p.terminate()
+                p.kill()  # (a hung worker, or one that never heard the farewell)
                 p.join(timeout)
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -176,11 +208,12 @@ def _min_over_ranks(n: int, group: Any) -> int:
     return int(t.item())
 
 
-def _worker_main(rank: int, size: int, config: Any, init_method: str, backend: str) -> None:
+def _worker_main(rank: int, size: int, config: Any, init_method: str, backend: str,
+                 timeout_s: float) -> None:
     from fairswitch.distributed.copy_mirror import CopyReplay
     from fairswitch.engine.builder import build_rank
 
-    tp, control = init_rank(rank, size, init_method, backend)
+    tp, control = init_rank(rank, size, init_method, backend, timeout_s)
     try:
         device = rank_device(resolve_base_device(config), rank)
         if device.type == "cuda":

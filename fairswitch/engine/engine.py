@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 from fairswitch.config import EngineConfig
+from fairswitch.distributed.workers import RanksStoppedError
 from fairswitch.engine.builder import build_engine_parts
 from fairswitch.engine.gc_control import GC_CLOCK
 from fairswitch.engine.input_processor import InputProcessor
@@ -117,8 +118,22 @@ class Engine:
         The ``gpu_busy`` step event (``self.events``) fires once while the GPU computes; with
         synchronous swaps, whose copies scheduling waits for, before scheduling instead. If the
         call raises once a step is launched, the requests go back to where they were before it
-        and the step after it (``_abandon``): the engine can step on.
+        and the step after it (``_abandon``): the engine can step on; with tensor parallelism
+        it cannot (the ranks cannot be known to agree after a step that broke off): the other
+        ranks are stopped and every later step raises.
         """
+        if self.workers is None:
+            return self._step()
+        try:
+            return self._step()
+        except BaseException as e:
+            self.workers.fail(e)
+            if isinstance(e, Exception) and not isinstance(e, RanksStoppedError):
+                raise RanksStoppedError(f"a tensor-parallel step failed ({e}): every worker is "
+                                        "stopped and the engine is shut down") from e
+            raise
+
+    def _step(self) -> list[RequestOutput]:
         t0 = time.perf_counter()
         clocks = self._clocks()
         events, sync_copies = self.events, not self.config.cache.async_swap

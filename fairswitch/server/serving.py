@@ -1,6 +1,10 @@
 """Running the application: in the foreground until SIGTERM/SIGINT (``fairswitch serve``), or in a
 background thread (tests, benchmark harnesses that want a real HTTP server in-process).
 
+``fairswitch serve`` also stops, with exit status 1, when the engine fails (e.g. a
+tensor-parallel rank died): requests in flight have their error by then, and a supervisor restarts
+the process rather than leaving a server that can only answer 503.
+
 Shutdown order (aiohttp's ``AppRunner.cleanup``): stop listening, close idle connections, give
 in-flight requests ``shutdown_timeout`` seconds to finish, cancel the rest (their outputs
 iterators close, which aborts them in the engine), then run the app's cleanup (the engine stops).
@@ -12,11 +16,15 @@ request whose client gave up is aborted at once instead of running to completion
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import signal
 import threading
 from collections.abc import Callable
 
 from aiohttp import web
+
+logger = logging.getLogger(__name__)
 
 
 async def start_site(app: web.Application, host: str, port: int,
@@ -39,8 +47,11 @@ async def start_site(app: web.Application, host: str, port: int,
 
 async def serve_forever(app: web.Application, host: str, port: int, *,
                         shutdown_timeout: float = 5.0,
-                        on_started: Callable[[str], None] | None = None) -> None:
-    """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+                        on_started: Callable[[str], None] | None = None,
+                        engine_alive: Callable[[], bool] | None = None) -> bool:
+    """Serve until SIGTERM or SIGINT, or until ``engine_alive()`` turns false (checked every
+    0.5 s: the engine failed, its streams have their error), then shut down gracefully.
+    Returns False if the engine failed."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -49,7 +60,13 @@ async def serve_forever(app: web.Application, host: str, port: int, *,
     try:
         if on_started is not None:
             on_started(url)
-        await stop.wait()
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.5)
+            if engine_alive is not None and not engine_alive():
+                logger.error("the engine has failed: stopping the server")
+                return False
+        return True
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
