@@ -97,6 +97,10 @@ class CacheConfig:
         "auto", "swap copies: torch (CUDA streams), cupy (raw memcpyAsync per extent; needs "
         "cupy), auto (cupy on CUDA when installed, else torch)", ("auto", "torch", "cupy"))
     async_swap: bool = _opt(True, "swap copies overlap compute (off: the step waits for them)")
+    duplex_swap: bool = _opt(
+        True, "full duplex: swap-outs on a device-to-host stream, swap-ins and CPU-tier fetches "
+        "on a host-to-device stream, so both directions move at once and a swap-in never waits "
+        "behind a swap-out (off: one stream for both, as before)")
     early_swap_in: bool = _opt(
         False, "a resumed request (swap-in or CPU-tier fetch) runs in the step its copy is "
         "issued, the compute stream waiting for the copy on the device, instead of joining "
@@ -111,14 +115,15 @@ class CacheConfig:
         "recomputing (needs prefix caching and swap space)")
     baseline: bool = _opt(
         False, "reproduce vLLM 0.3.3's context switches: block size 16, per-block-per-layer "
-        "synchronous copies, no block groups, no incremental swap, no prefix caching "
-        "(overrides those options)")
+        "synchronous copies on one stream, no block groups, no incremental swap, no prefix "
+        "caching (overrides those options)")
 
     def __post_init__(self) -> None:
         if self.baseline:
             self.block_size, self.enable_prefix_caching, self.block_groups = 16, False, False
             self.cpu_kv_reuse = False
             self.async_swap, self.incremental_swap, self.per_layer_swap = False, False, True
+            self.duplex_swap = False
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.num_gpu_blocks is not None and self.num_gpu_blocks < 1:

@@ -56,3 +56,17 @@ def run_logged(inside_each_step, max_tokens: int):
     while engine.has_unfinished_requests():
         engine.step()
     return engine, log, before
+
+
+def slow_link(swap, delay: int, duplex: bool = True) -> None:
+    """Every swap copy lands ``delay`` polls late or later (copy_backend.DelayedCopyBackend).
+    Duplex: swap-outs, swap-ins and write-backs each on a stream of their own, at different
+    delays, so that copies land out of submission order across streams; else one stream."""
+    from fairswitch.kv.copy_backend import DelayedCopyBackend
+
+    if duplex:
+        swap.set_backends(DelayedCopyBackend(delay), DelayedCopyBackend(delay + 1),
+                          DelayedCopyBackend(delay + 2))
+    else:
+        one = DelayedCopyBackend(delay)
+        swap.set_backends(one, one, one)

@@ -98,13 +98,13 @@ def evict_gpu_cache(llm: LLM) -> None:
 
 @pytest.mark.parametrize("delay", [0, 3])
 def test_cpu_tier_hit_fetches_instead_of_recomputing(llama_dir, delay):
-    from fairswitch.kv.copy_backend import DelayedCopyBackend
+    from helpers import slow_link
 
     opts = dict(num_gpu_blocks=40, block_size=4, max_model_len=160)
     plain = LLM(model=str(llama_dir), enable_prefix_caching=False, swap_space=0, **opts)
     tiered = LLM(model=str(llama_dir), swap_space=0.01, **opts)
     if delay:  # slow link: write-backs and fetches land several polls later
-        tiered.engine.kv.swap.backend = DelayedCopyBackend(delay)
+        slow_link(tiered.engine.kv.swap, delay)
     tok = plain.get_tokenizer()
     history = tok.encode("User: explain how a CPU tier keeps KV for the next turn, briefly.")
     for msg in ["\nUser: and when the GPU cache was evicted?", "\nUser: thanks"]:
@@ -124,12 +124,12 @@ def test_cpu_tier_hit_fetches_instead_of_recomputing(llama_dir, delay):
 
 
 def test_abort_during_cpu_tier_fetch_keeps_pools_whole(llama_dir):
-    from fairswitch.kv.copy_backend import DelayedCopyBackend
+    from helpers import slow_link
 
     llm = LLM(model=str(llama_dir), num_gpu_blocks=40, block_size=4, max_model_len=160,
               swap_space=0.01)
     engine = llm.engine
-    engine.kv.swap.backend = DelayedCopyBackend(4)
+    slow_link(engine.kv.swap, 4)
     prompt = list(range(3000, 3050))
     llm.generate([prompt], GREEDY, use_tqdm=False)
     evict_gpu_cache(llm)

@@ -8,10 +8,11 @@ import pytest
 
 from fairswitch import LLM, SamplingParams
 from fairswitch.kv.copy_backend import DelayedCopyBackend, SyncCopyBackend
-from fairswitch.kv.extents import copy_extents, num_extents
+from fairswitch.kv.extents import copy_extents, num_extents, split_extents
 from fairswitch.kv.no_swap import NoSwapSpace
 from fairswitch.request import Request
 from fairswitch.scheduler.preemption import PreemptionPolicy
+from helpers import slow_link
 
 PROMPTS = ["The quick brown fox jumps over the lazy dog because", "def fibonacci(n):",
            "Paged attention stores the KV cache in fixed-size blocks, so that memory is "
@@ -32,26 +33,27 @@ def expected(llama_dir):
 
 
 def tight_llm(llama_dir, mode: str, delay: int = 0, swap_space: float = 0.01,
-              async_scheduling: bool = True) -> LLM:
+              async_scheduling: bool = True, duplex: bool = True) -> LLM:
     # 12 blocks of 4 tokens cannot hold all four requests at once: constant preemption.
     llm = LLM(model=str(llama_dir), num_gpu_blocks=12, block_size=4, max_model_len=48,
               preemption_mode=mode, swap_space=swap_space, async_scheduling=async_scheduling)
     if delay:
-        llm.engine.kv.swap.backend = DelayedCopyBackend(delay)
+        slow_link(llm.engine.kv.swap, delay, duplex)
     return llm
 
 
-@pytest.mark.parametrize("mode, delay", [("swap", 0), ("swap", 3), ("recompute", 0),
-                                         ("auto", 0), ("auto", 2)])
-def test_outputs_identical_under_forced_preemption(llama_dir, expected, mode, delay):
-    llm = tight_llm(llama_dir, mode, delay)
+@pytest.mark.parametrize("mode, delay, duplex", [
+    ("swap", 0, True), ("swap", 3, True), ("swap", 3, False), ("recompute", 0, True),
+    ("auto", 0, True), ("auto", 2, True), ("auto", 2, False)])
+def test_outputs_identical_under_forced_preemption(llama_dir, expected, mode, delay, duplex):
+    llm = tight_llm(llama_dir, mode, delay, duplex=duplex)
     outs = llm.generate(PROMPTS, greedy(), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == expected
     sched = llm.engine.scheduler
     assert sched.num_preemptions > 0
     if mode == "swap":
         assert sched.preemptions_by_mode == {"swap": sched.num_preemptions, "recompute": 0}
-        assert llm.engine.kv.swap.backend.stats.bytes_out > 0
+        assert llm.engine.kv.swap.out_backend.stats.bytes_out > 0
     if mode == "recompute":
         assert sched.preemptions_by_mode["swap"] == 0
     engine = llm.engine
@@ -119,17 +121,17 @@ def test_incremental_swap_out_moves_only_new_blocks(llama_dir):
     sched.running.remove(req)
     swap.swap_out(req)
     swap.poll()
-    assert swap.backend.stats.bytes_out == 5 * block
-    assert swap.backend.stats.num_copies == 1  # 5 consecutive blocks -> one extent
+    assert swap.out_backend.stats.bytes_out == 5 * block
+    assert swap.out_backend.stats.num_copies == 1  # 5 consecutive blocks -> one extent
     swap.swap_in(req)
     sched._land(swap.poll())
     for _ in range(6):
         engine.step()  # 6 more tokens: positions 19..24
-    before = swap.backend.stats.bytes_out
+    before = swap.out_backend.stats.bytes_out
     sched.running.remove(req)
     swap.swap_out(req)
     # Saved: 19 tokens = 4 full blocks + a partial one; now 25 computed -> blocks 4..6 move.
-    assert swap.backend.stats.bytes_out - before == 3 * block
+    assert swap.out_backend.stats.bytes_out - before == 3 * block
     swap.poll()
     swap.swap_in(req)
     sched._land(swap.poll())
@@ -161,9 +163,9 @@ def test_policy_prefers_cheaper_mode(llama_dir):
     req = Request("x", list(range(40)), SamplingParams(), 0.0)
     req.num_computed_tokens = 40
     req.block_table = list(range(10))
-    slow_link = PreemptionPolicy("auto", link_bytes_per_s=1.0, prefill_tokens_per_s=1e6)
+    slow = PreemptionPolicy("auto", link_bytes_per_s=1.0, prefill_tokens_per_s=1e6)
     fast_link = PreemptionPolicy("auto", link_bytes_per_s=1e12, prefill_tokens_per_s=10.0)
-    assert slow_link.choose(req, swap) == "recompute"
+    assert slow.choose(req, swap) == "recompute"
     assert fast_link.choose(req, swap) == "swap"
     assert PreemptionPolicy("swap").choose(req, NoSwapSpace(swap.gpu)) == "recompute"  # no space
     assert PreemptionPolicy("recompute").choose(req, swap) == "recompute"
@@ -181,7 +183,7 @@ def test_cost_model_rates_are_measured(llama_dir):
               swap_space=0.01, swap_link_gb_s=1e-6, prefill_tokens_per_s=1e-3)
     policy, swap = llm.engine.scheduler.preemption, llm.engine.kv.swap
     assert policy.num_link_samples == 1 and policy.link_bytes_per_s > 1e3
-    assert swap.backend.stats.num_copies == 0 and swap.cpu_pool.num_used_blocks == 0
+    assert swap.out_backend.stats.num_copies == 0 and swap.cpu_pool.num_used_blocks == 0
     llm.generate([list(range(100, 400))], greedy(2), use_tqdm=False)  # one 300-token prefill
     assert policy.num_prefill_samples >= 1 and policy.prefill_tokens_per_s > 1.0
     m = llm.engine.switch_metrics()
@@ -262,7 +264,7 @@ def test_early_swap_in_same_outputs_fewer_steps(llama_dir, expected, mode):
         llm = LLM(model=str(llama_dir), num_gpu_blocks=12, block_size=4, max_model_len=48,
                   preemption_mode=mode, swap_space=0.01, early_swap_in=early, max_num_seqs=2,
                   policy="trace", priority_update_prob=0.5, min_run_steps=1)
-        llm.engine.kv.swap.backend = DelayedCopyBackend(3)
+        slow_link(llm.engine.kv.swap, 3)
         assert llm.engine.kv.swap.early_landing == early
         counted = _counting_steps(llm.engine)
         outs = llm.generate(PROMPTS, greedy(), use_tqdm=False)
@@ -290,7 +292,7 @@ def test_early_landed_requests_preempted_or_aborted_mid_copy_keep_pools_whole(ll
     llm = LLM(model=str(llama_dir), num_gpu_blocks=12, block_size=4, max_model_len=48,
               preemption_mode="auto", swap_space=0.01, early_swap_in=True)
     engine = llm.engine
-    engine.kv.swap.backend = DelayedCopyBackend(4)
+    slow_link(engine.kv.swap, 4)
     _counting_steps(engine)
     drops_mid_copy = []
     drop_gpu = engine.kv.swap.drop_gpu
@@ -358,7 +360,7 @@ def test_memory_pressure_waits_for_draining_copies_before_another_victim(llama_d
         llm = LLM(model=str(llama_dir), num_gpu_blocks=12, block_size=4, max_model_len=48,
                   preemption_mode="swap", swap_space=0.01, growth_headroom=0)
         swap = llm.engine.kv.swap
-        swap.backend = DelayedCopyBackend(6)
+        slow_link(swap, 6)
         calls = []
 
         def reclaim(self=swap, wait=wait, calls=calls):
@@ -374,6 +376,73 @@ def test_memory_pressure_waits_for_draining_copies_before_another_victim(llama_d
         reclaimed[wait] = sum(calls)
     assert reclaimed[True] > 0
     assert 0 < preemptions[True] < preemptions[False]
+
+
+def test_split_extents_keeps_every_copy_in_bounded_pieces():
+    assert split_extents([(0, 10, 5), (7, 3, 2)], 2) == [(0, 10, 2), (2, 12, 2), (4, 14, 1),
+                                                         (7, 3, 2)]
+    assert split_extents([(4, 0, 3)], 8) == [(4, 0, 3)]
+
+
+@pytest.mark.parametrize("duplex", [True, False])
+def test_a_swap_in_lands_while_a_swap_out_is_in_flight_only_in_full_duplex(duplex):
+    """A rank preemption: A swaps out, B (on the CPU) swaps in. Full duplex, B's copy is on its
+    own stream and lands while A's is still in flight; on one stream it lands only after A's.
+    Either way B's bytes arrive intact and the pools come back whole."""
+    import torch
+
+    from fairswitch.kv.cache_manager import KVCacheManager
+    from fairswitch.kv.swap_manager import SwapManager
+
+    kv = KVCacheManager(16, 4)
+    gpu, cpu = torch.zeros(16, 1), torch.zeros(16, 1)
+    out = DelayedCopyBackend(10**6)
+    swap = SwapManager(kv, gpu, cpu, out, block_bytes=4,
+                       in_backend=DelayedCopyBackend(2) if duplex else out)
+    a, b = (Request(name, [1] * 16, greedy(), 0.0) for name in "ab")
+    for req in (b, a):
+        assert kv.allocate_slots(req, 16)
+        req.num_computed_tokens = 16
+    gpu[b.block_table] = 7.0
+    swap.swap_out(b)
+    out.wait(swap.outgoing[b].handle)
+    swap.poll()
+    assert not swap.outgoing and b.cpu_block_table
+    swap.swap_out(a)  # its copy will not land by itself
+    swap.swap_in(b)
+    landed = [r for _ in range(4) for r in swap.poll()]
+    if duplex:
+        assert landed == [b] and a in swap.outgoing
+        out.wait(swap.outgoing[a].handle)
+    else:
+        assert landed == []  # queued behind A's swap-out
+        assert swap.wait_incoming() == [b] and a not in swap.outgoing  # A's landed first
+    assert torch.equal(gpu[b.block_table], torch.full((4, 1), 7.0))
+    swap.poll()
+    swap.release(a)
+    swap.release(b)
+    assert kv.num_free_blocks == 16 and swap.cpu_pool.num_used_blocks == 0
+
+
+def test_full_duplex_is_a_stream_per_direction(llama_dir):
+    """The engine's swap space: swap-outs, swap-ins and write-backs on streams of their own
+    (one per direction and one for background traffic), or swaps on one stream without duplex;
+    the copy counters add up every stream."""
+    for duplex in (True, False):
+        llm = LLM(model=str(llama_dir), num_gpu_blocks=12, block_size=4, max_model_len=48,
+                  preemption_mode="swap", swap_space=0.01, duplex_swap=duplex)
+        swap = llm.engine.kv.swap
+        assert (swap.in_backend is not swap.out_backend) == duplex
+        assert swap.writeback_backend not in (swap.in_backend, swap.out_backend)
+        assert len(swap.copy_stats()) == 2 + duplex
+        llm.generate(PROMPTS, greedy(), use_tqdm=False)
+        m = llm.engine.switch_metrics()
+        moved = sum(b.stats.bytes_out + b.stats.bytes_in for b in
+                    {id(b): b for b in (swap.out_backend, swap.in_backend,
+                                        swap.writeback_backend)}.values())
+        assert m["swap_bytes_in"] > 0 and m["swap_bytes_out"] + m["swap_bytes_in"] == moved
+        if duplex:
+            assert swap.in_backend.stats.bytes_out == 0 and swap.out_backend.stats.bytes_in == 0
 
 
 def test_reclaim_waits_for_the_oldest_copy_only():

@@ -45,3 +45,20 @@ def test_switch_stall_smoke(tmp_path, monkeypatch):
         assert r["output_tokens"] == 6 * 12
         assert r["preemptions_swap"] > 0 and 0 <= r["stall_fraction"] < 1
     assert base["block_size"] == 16 and base["swap_bytes_per_copy"] < fast["swap_bytes_per_copy"]
+
+
+def test_duplex_switch_smoke(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH_DIR))
+    import duplex_switch
+
+    out = tmp_path / "duplex.json"
+    duplex_switch.main(["--device", "cpu", "--layers", "2", "--kv-heads", "2", "--head-dim",
+                        "32", "--requests", "3", "--min-tokens", "64", "--max-tokens", "256",
+                        "--repeats", "2", "--output", str(out)])
+    result = json.loads(out.read_text())
+    names = {c["name"] for c in result["claims"]}
+    assert {"duplex_switch_bw_fraction_of_peak", "swap_in_latency_under_swap_out"} <= names
+    duplex, single = result["figures"]["modes"]
+    assert (duplex["mode"], single["mode"]) == ("duplex", "single-stream")
+    assert duplex["bytes_each_way"] == single["bytes_each_way"] > 0
+    assert set(result["figures"]["peak_bw"]) == {"out", "in", "both"}

@@ -17,7 +17,8 @@ from typing import Any
 from fairswitch.config import EngineConfig
 
 _FULL: dict[str, Any] = {"baseline": False, "block_groups": True, "enable_prefix_caching": True,
-                         "cpu_kv_reuse": True, "async_swap": True, "incremental_swap": True,
+                         "cpu_kv_reuse": True, "async_swap": True, "duplex_swap": True,
+                         "incremental_swap": True,
                          "per_layer_swap": False, "early_swap_in": False,
                          "async_scheduling": True}
 _SCHEDULER_KEYS = {"async_scheduling"}  # the rest are CacheConfig's
@@ -27,6 +28,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "baseline": {"baseline": True},
     "no-groups": {"block_groups": False},
     "no-async": {"async_swap": False},
+    "no-duplex": {"duplex_swap": False},  # swap-outs and swap-ins on one stream
     "no-incremental": {"incremental_swap": False},
     "no-reuse": {"enable_prefix_caching": False},  # both tiers
     "no-cpu-reuse": {"cpu_kv_reuse": False},  # GPU prefix cache only

@@ -4,7 +4,8 @@ own share of the pools, over its own link, on its own copy stream, in the same e
 The driver's swap manager copies through a ``MirroredCopyBackend``: each copy runs on the driver
 as always and is logged, with what the driver later learns or asks about it:
 
-    ("copy", k, stream, to_host, extents)  copy k on stream 0 (swaps, fetches) or 1 (write-backs)
+    ("copy", k, stream, to_host, extents)  copy k on stream 0 (swap-outs), 1 (write-backs) or
+                                           2 (swap-ins, fetches; one stream with 0 if not duplex)
     ("order", k)                           compute from now on runs after copy k (early landing)
     ("landed", k)                          the driver saw its copy k land: its blocks may be reused
                                            or read by the next steps

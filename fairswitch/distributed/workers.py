@@ -149,14 +149,14 @@ class WorkerGroup:
 
     def _broadcast(self, message: Any) -> None:
         if self.failure is not None:
-            raise RanksStoppedError(f"the tensor-parallel workers were stopped ({self.failure}): the "
-                               "engine is shut down")
+            raise RanksStoppedError(f"the tensor-parallel workers were stopped "
+                                    f"({self.failure}): the engine is shut down")
         if not self.alive():
             dead = ", ".join(f"{p.name} exit code {p.exitcode}"
                              for p in self.procs if not p.is_alive())
             self.fail(f"a tensor-parallel worker has died: {dead}")
-            raise RanksStoppedError(f"a tensor-parallel worker has died ({dead}): the engine is "
-                               "shut down")
+            raise RanksStoppedError(f"a tensor-parallel worker has died ({dead}): the engine "
+                                    "is shut down")
         dist.broadcast_object_list([message], src=0, group=self.control)
 
     def fail(self, cause: BaseException | str) -> None:

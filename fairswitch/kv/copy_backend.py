@@ -7,10 +7,17 @@
   (byte ranges of the block-contiguous pools, no tensor views, no per-copy Python tensor work).
 - ``per_layer=True`` (baseline mode) splits each block into one copy per layer and K/V, as
   vLLM 0.3.3 did, to measure what coalescing buys.
+
+A backend is one stream, so one direction at a time per backend: the swap manager runs
+swap-outs and swap-ins on two (full duplex: both copy engines busy at once, swap_manager.py).
+On CUDA every submission is timed on the device: ``CopyStats`` adds up each direction's busy
+time (the copy itself) and queued time (from when the compute stream allowed the copy to start
+to when it started: waiting behind earlier copies of its stream).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,11 +29,23 @@ class CopyStats:
     num_copies: int = 0
     bytes_out: int = 0  # device -> host
     bytes_in: int = 0  # host -> device
+    busy_s_out: float = 0.0  # device time copying (CUDA backends; 0 for synchronous copies)
+    busy_s_in: float = 0.0
+    queued_s_out: float = 0.0  # device time ready to start but waiting behind earlier copies
+    queued_s_in: float = 0.0
 
     @staticmethod
     def total(stats: list[CopyStats]) -> CopyStats:
-        return CopyStats(sum(s.num_copies for s in stats), sum(s.bytes_out for s in stats),
-                         sum(s.bytes_in for s in stats))
+        return CopyStats(*(sum(getattr(s, f.name) for s in stats)
+                           for f in dataclasses.fields(CopyStats)))
+
+    def add_timing(self, to_host: bool, busy_s: float, queued_s: float) -> None:
+        if to_host:
+            self.busy_s_out += busy_s
+            self.queued_s_out += queued_s
+        else:
+            self.busy_s_in += busy_s
+            self.queued_s_in += queued_s
 
     @property
     def bytes_per_copy(self) -> float:
@@ -39,6 +58,10 @@ class CopyHandle:
     polls_left: int = 0  # used by DelayedCopyBackend (tests)
     nbytes: int = 0
     extra: dict = field(default_factory=dict)
+    to_host: bool = True
+    # CUDA timing: when the compute stream let the copy start, when it started (None: untimed)
+    ready: Any = None
+    start: Any = None
 
 
 class CopyBackend:
@@ -65,13 +88,22 @@ class CopyBackend:
             self.stats.bytes_out += nbytes
         else:
             self.stats.bytes_in += nbytes
-        return self._finish(nbytes)
+        return self._finish(nbytes, to_host)
 
     def _copy(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         dst.copy_(src)
 
-    def _finish(self, nbytes: int) -> CopyHandle:
-        return CopyHandle(nbytes=nbytes)
+    def _finish(self, nbytes: int, to_host: bool) -> CopyHandle:
+        return CopyHandle(nbytes=nbytes, to_host=to_host)
+
+    def _time(self, handle: CopyHandle) -> None:
+        """Add a landed copy's device times to the statistics, once."""
+        if handle.start is None:
+            return
+        busy_ms = handle.start.elapsed_time(handle.event)
+        queued_ms = handle.ready.elapsed_time(handle.start)
+        handle.ready = handle.start = None
+        self.stats.add_timing(handle.to_host, busy_ms / 1e3, max(0.0, queued_ms) / 1e3)
 
     def done(self, handle: CopyHandle) -> bool:
         return True
@@ -95,22 +127,33 @@ class TorchStreamCopyBackend(CopyBackend):
         super().__init__(per_layer)
         self.device = device
         self.stream = torch.cuda.Stream(device)
+        self._marks: tuple[Any, Any] | None = None
 
     def submit(self, src, dst, extents, to_host):
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        ready, start = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+        ready.record(torch.cuda.current_stream(self.device))
+        self.stream.wait_event(ready)  # after the compute stream's pending writes
+        start.record(self.stream)
+        self._marks = (ready, start)
         with torch.cuda.stream(self.stream):
             return super().submit(src, dst, extents, to_host)
 
     def _copy(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         dst.copy_(src, non_blocking=True)
 
-    def _finish(self, nbytes: int) -> CopyHandle:
-        event = torch.cuda.Event()
+    def _finish(self, nbytes: int, to_host: bool) -> CopyHandle:
+        event = torch.cuda.Event(enable_timing=True)
         event.record(self.stream)
-        return CopyHandle(event=event, nbytes=nbytes)
+        ready, start = self._marks or (None, None)
+        return CopyHandle(event=event, nbytes=nbytes, to_host=to_host, ready=ready, start=start)
 
     def done(self, handle: CopyHandle) -> bool:
-        return handle.event is None or handle.event.query()
+        if handle.event is None:
+            return True
+        if not handle.event.query():
+            return False
+        self._time(handle)
+        return True
 
     def order_compute_after(self, handle: CopyHandle) -> None:
         if handle.event is not None:
@@ -119,6 +162,7 @@ class TorchStreamCopyBackend(CopyBackend):
     def wait(self, handle: CopyHandle) -> None:
         if handle.event is not None:
             handle.event.synchronize()
+            self._time(handle)
 
 
 class CupyCopyBackend(CopyBackend):
@@ -135,12 +179,13 @@ class CupyCopyBackend(CopyBackend):
 
     def submit(self, src, dst, extents, to_host):
         cp = self._cp
-        # Wait for the compute stream's pending writes (this step's KV) before reading blocks:
-        # a torch event on the compute stream, waited on by the copy stream through the runtime
-        # (the wait is enqueued at call time, so the event may be dropped afterwards).
-        ready = torch.cuda.Event()
-        ready.record(torch.cuda.current_stream(self.device))
-        cp.cuda.runtime.streamWaitEvent(self.stream.ptr, ready.cuda_event, 0)
+        # Wait for the compute stream's pending work (this step's KV; the last readers of
+        # blocks now reused) before copying: an event on the compute stream, waited on by the
+        # copy stream; a second one marks when the copy starts (timing, ``_time``).
+        ready, start = cp.cuda.Event(), cp.cuda.Event()
+        cp.cuda.runtime.eventRecord(ready.ptr, torch.cuda.current_stream(self.device).cuda_stream)
+        cp.cuda.runtime.streamWaitEvent(self.stream.ptr, ready.ptr, 0)
+        start.record(self.stream)
         block = src[0].numel() * src.element_size()
         piece = src[0, 0, 0].numel() * src.element_size()  # one layer's K (or V) of a block
         pieces = src.shape[1] * 2
@@ -160,12 +205,17 @@ class CupyCopyBackend(CopyBackend):
             self.stats.bytes_out += nbytes
         else:
             self.stats.bytes_in += nbytes
-        event = cp.cuda.Event(disable_timing=True)
+        event = cp.cuda.Event()
         event.record(self.stream)
-        return CopyHandle(event=event, nbytes=nbytes)
+        return CopyHandle(event=event, nbytes=nbytes, to_host=to_host, ready=ready, start=start)
 
     def done(self, handle: CopyHandle) -> bool:
-        return handle.event is None or handle.event.done
+        if handle.event is None:
+            return True
+        if not handle.event.done:
+            return False
+        self._time(handle)
+        return True
 
     def order_compute_after(self, handle: CopyHandle) -> None:
         if handle.event is not None:
@@ -175,6 +225,16 @@ class CupyCopyBackend(CopyBackend):
     def wait(self, handle: CopyHandle) -> None:
         if handle.event is not None:
             handle.event.synchronize()
+            self._time(handle)
+
+    def _time(self, handle: CopyHandle) -> None:
+        if handle.start is None:
+            return
+        elapsed = self._cp.cuda.get_elapsed_time  # milliseconds
+        busy_ms, queued_ms = elapsed(handle.start, handle.event), elapsed(handle.ready,
+                                                                          handle.start)
+        handle.ready = handle.start = None
+        self.stats.add_timing(handle.to_host, busy_ms / 1e3, max(0.0, queued_ms) / 1e3)
 
 
 class DelayedCopyBackend(CopyBackend):

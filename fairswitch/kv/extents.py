@@ -26,3 +26,10 @@ def copy_extents(src_ids: list[int], dst_ids: list[int]) -> list[tuple[int, int,
 def num_extents(ids: list[int]) -> int:
     """How many runs of consecutive ids a block table has (1 = fully contiguous)."""
     return sum(1 for i, b in enumerate(ids) if i == 0 or b != ids[i - 1] + 1)
+
+
+def split_extents(extents: list[tuple[int, int, int]],
+                  max_blocks: int) -> list[tuple[int, int, int]]:
+    """The same copies in extents of at most ``max_blocks`` blocks."""
+    return [(s + i, d + i, min(max_blocks, n - i))
+            for s, d, n in extents for i in range(0, n, max_blocks)]

@@ -99,19 +99,23 @@ class KVMemory:
         logger.info("swap space: %.1f GiB in %.1fs", num_cpu_blocks * self.layout.block_bytes
                     / _GiB, time.perf_counter() - t0)
         tier = ReuseTier(cc.block_size) if cc.enable_prefix_caching and cc.cpu_kv_reuse else None
-        backend = make_copy_backend(cc.swap_copy_backend, device, cc.per_layer_swap)
-        writeback = (make_copy_backend(cc.swap_copy_backend, device, cc.per_layer_swap)
-                     if tier is not None and on_cuda else None)
-        self.copy_backends = {0: backend, 1: writeback or backend}  # by stream (copy_mirror.py)
+        def stream() -> Any:
+            return make_copy_backend(cc.swap_copy_backend, device, cc.per_layer_swap)
+
+        # Streams: swap-outs (0), write-backs (1), swap-ins and fetches (2; with 0 when not
+        # full duplex). On the CPU every copy is synchronous: the streams only keep the books.
+        out = stream()
+        writeback = stream() if tier is not None else None
+        in_ = stream() if cc.duplex_swap else None
+        self.copy_backends = {0: out, 1: writeback or out, 2: in_ or out}  # copy_mirror.py
         if self._copy_log is not None:
-            backend = MirroredCopyBackend(backend, 0, self._copy_log)
-            if writeback is not None:
-                writeback = MirroredCopyBackend(writeback, 1, self._copy_log)
-        return SwapManager(self.blocks, self.cache.tensor, cpu_tensor, backend,
+            out, writeback, in_ = (MirroredCopyBackend(b, k, self._copy_log) if b is not None
+                                   else None for k, b in enumerate((out, writeback, in_)))
+        return SwapManager(self.blocks, self.cache.tensor, cpu_tensor, out,
                            block_bytes=self.layout.block_bytes, async_copies=cc.async_swap,
                            incremental=cc.incremental_swap, cpu_tier=tier,
                            early_landing=cc.early_swap_in and cc.async_swap,
-                           writeback_backend=writeback)
+                           writeback_backend=writeback, in_backend=in_)
 
     # ---- accounting -----------------------------------------------------------------------
 
@@ -166,6 +170,12 @@ class KVMemory:
             "swap_bytes_in": stats.bytes_in,
             "swap_copies": stats.num_copies,
             "swap_bytes_per_copy": stats.bytes_per_copy,
+            # Device time per direction (CUDA): copying, and ready but queued behind earlier
+            # copies of the same stream (a swap-in behind a swap-out when not full duplex).
+            "swap_busy_s_out": stats.busy_s_out,
+            "swap_busy_s_in": stats.busy_s_in,
+            "swap_queued_s_out": stats.queued_s_out,
+            "swap_queued_s_in": stats.queued_s_in,
             # GPU idle for switches: all host time in the swap manager (the step is synchronous);
             # of which blocked waiting on copies (sync baseline copies, swap-ins with nothing
             # else to run).

@@ -10,6 +10,16 @@ Who owns a block at any time (what ``check`` verifies):
 KV of past tokens never changes, so a CPU copy stays valid while the request runs again: the next
 swap-out copies only blocks from the first one not fully saved (incremental swap-out).
 
+Full duplex: swap-outs go device-to-host on one stream (``out_backend``), swap-ins and CPU-tier
+fetches host-to-device on another (``in_backend``), so both directions' copy engines run at once
+and a swap-in never queues behind a swap-out; write-backs to the CPU tier, background traffic, go
+on a third stream in pieces of at most ``BACKGROUND_PIECE_BYTES``, so that they hold a swap-out
+of the same direction back by one piece at most (stream priorities do not apply to copies). Every
+copy starts after the compute stream's work queued before it, and a request runs (so can be
+swapped out again) only once the host has seen its swap-in land or, with early landing, once the
+compute stream waits for it: a request's swap-out always follows its swap-in. Blocks a copy holds
+are freed only once the host has seen that copy land, whatever its stream.
+
     block_table:     [ g0 g1 g2 g3 g4 ]      num_computed_tokens = 75 (block_size 16)
     cpu_block_table: [ c0 c1 c2 ]            num_cpu_tokens = 40: c0, c1 full, c2 partial
     swap-out copies g2..g4 -> c2..c4 only
@@ -29,12 +39,13 @@ import torch
 from fairswitch.kv.block_groups import ExtentAllocator
 from fairswitch.kv.cache_manager import KVCacheManager
 from fairswitch.kv.copy_backend import CopyBackend, CopyHandle, CopyStats
-from fairswitch.kv.extents import copy_extents
+from fairswitch.kv.extents import copy_extents, split_extents
 from fairswitch.kv.reuse_index import ReuseTier, block_hashes
 from fairswitch.request import Request
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 _submission_order = itertools.count()
+BACKGROUND_PIECE_BYTES = 32 << 20  # a write-back copy's largest piece (full link rate above ~4 MiB)
 
 
 def _stalls(fn: _F) -> _F:
@@ -59,6 +70,7 @@ def _stalls(fn: _F) -> _F:
 @dataclass(slots=True)
 class _Transfer:
     handle: CopyHandle
+    backend: CopyBackend  # the stream it runs on
     gpu_blocks_to_free: list[int] = field(default_factory=list)
     cpu_blocks_to_free: list[int] = field(default_factory=list)
     cpu_blocks_to_unpin: list[int] = field(default_factory=list)  # CPU-tier blocks being fetched
@@ -76,14 +88,18 @@ class SwapManager:
                  backend: CopyBackend, *, block_bytes: int, async_copies: bool = True,
                  incremental: bool = True, cpu_tier: ReuseTier | None = None,
                  early_landing: bool = False,
-                 writeback_backend: CopyBackend | None = None) -> None:
+                 writeback_backend: CopyBackend | None = None,
+                 in_backend: CopyBackend | None = None) -> None:
+        """``backend`` copies swap-outs, ``in_backend`` swap-ins and fetches (default: the same
+        stream, half duplex), ``writeback_backend`` write-backs (default: ``backend``)."""
         self.async_copies = async_copies
         self.incremental = incremental
         self.gpu = gpu
         self.gpu_tensor = gpu_tensor
         self.cpu_pool = ExtentAllocator(cpu_tensor.shape[0])
         self.cpu_tensor = cpu_tensor
-        self.backend = backend
+        self.out_backend = backend
+        self.in_backend = in_backend or backend
         self.block_size = gpu.block_size
         self.block_bytes = block_bytes
         self.outgoing: dict[Request, _Transfer] = {}
@@ -91,8 +107,8 @@ class SwapManager:
         self._orphans: list[_Transfer] = []  # transfers of aborted requests, still in flight
         self.tier = cpu_tier  # finished requests' KV kept on the CPU (multi-turn reuse)
         self._writebacks: list[_Transfer] = []
-        # Write-backs are background traffic: on their own stream (when set) so that a swap-in
-        # or fetch someone waits for never queues behind them.
+        # Write-backs are background traffic: on their own stream (when set) so that a swap-out
+        # (or, half duplex, a swap-in) someone waits for never queues behind them.
         self.writeback_backend = writeback_backend
         # Early landing: a swap-in (or CPU-tier fetch) lets its request run in the step it is
         # issued, the compute stream waiting for the copy on the device; the transfer stays in
@@ -152,16 +168,16 @@ class SwapManager:
             raise RuntimeError("probe_link runs only while both pools are empty")
         n = max(1, min(max_bytes // self.block_bytes, self.gpu.pool.num_free_blocks,
                        self.cpu_pool.num_free_blocks))
-        saved, self.backend.stats = self.backend.stats, CopyStats()
+        backend = self.out_backend
+        saved, backend.stats = backend.stats, CopyStats()
         try:
-            self.backend.wait(self.backend.submit(self.gpu_tensor, self.cpu_tensor,
-                                                  [(0, 0, 1)], True))  # warm-up
+            backend.wait(backend.submit(self.gpu_tensor, self.cpu_tensor,
+                                        [(0, 0, 1)], True))  # warm-up
             t0 = time.perf_counter()
-            self.backend.wait(self.backend.submit(self.gpu_tensor, self.cpu_tensor,
-                                                  [(0, 0, n)], True))
+            backend.wait(backend.submit(self.gpu_tensor, self.cpu_tensor, [(0, 0, n)], True))
             seconds = time.perf_counter() - t0
         finally:
-            self.backend.stats = saved
+            backend.stats = saved
         return n * self.block_bytes, seconds
 
     # ---- transfers --------------------------------------------------------------------------
@@ -178,8 +194,8 @@ class SwapManager:
         self.gpu.drop_reservation(req)  # unused tail of its group: nothing to copy
         first = self._first_dirty_block(req)
         extents = copy_extents(req.block_table[first:total], req.cpu_block_table[first:total])
-        handle = self._submit(self.gpu_tensor, self.cpu_tensor, extents, to_host=True)
-        self.outgoing[req] = _Transfer(handle, gpu_blocks_to_free=req.block_table)
+        self.outgoing[req] = self._submit(self.gpu_tensor, self.cpu_tensor, extents,
+                                          self.out_backend, gpu_blocks_to_free=req.block_table)
         req.block_table = []
         req.num_cpu_tokens = req.num_computed_tokens
         self.cpu_resident.add(req)
@@ -195,8 +211,8 @@ class SwapManager:
         total = self.gpu.blocks_needed(req.num_cpu_tokens)
         req.block_table = self.gpu.allocate_blocks(total)  # one run where possible
         extents = copy_extents(req.cpu_block_table[:total], req.block_table)
-        handle = self._submit(self.cpu_tensor, self.gpu_tensor, extents, to_host=False)
-        self._incoming(req, _Transfer(handle))
+        self._incoming(req, self._submit(self.cpu_tensor, self.gpu_tensor, extents,
+                                         self.in_backend))
         req.num_computed_tokens = req.num_cpu_tokens
 
     @_stalls
@@ -207,11 +223,11 @@ class SwapManager:
         blocks = self.gpu.allocate_blocks(len(cpu_blocks), after=last)
         for b in cpu_blocks:  # read by the fetch: not evictable until it lands
             self.tier.take(b)  # type: ignore[union-attr]
-        handle = self._submit(self.cpu_tensor, self.gpu_tensor, copy_extents(cpu_blocks, blocks),
-                              to_host=False)
+        t = self._submit(self.cpu_tensor, self.gpu_tensor, copy_extents(cpu_blocks, blocks),
+                         self.in_backend, cpu_blocks_to_unpin=list(cpu_blocks))
         req.block_table.extend(blocks)
         req.num_computed_tokens = len(req.block_table) * self.block_size
-        self._incoming(req, _Transfer(handle, cpu_blocks_to_unpin=list(cpu_blocks)))
+        self._incoming(req, t)
 
     def _unpin(self, cpu_blocks: list[int]) -> None:
         for b in cpu_blocks:  # indexed blocks: released, they stay in the tier (evictable)
@@ -219,8 +235,8 @@ class SwapManager:
 
     def _incoming(self, req: Request, t: _Transfer) -> None:
         self.incoming[req] = t
-        if self.early_landing and not self.backend.done(t.handle):
-            self.backend.order_compute_after(t.handle)
+        if self.early_landing and not t.backend.done(t.handle):
+            t.backend.order_compute_after(t.handle)
             t.landed_early = True
             self._ready_now.append(req)
 
@@ -247,32 +263,41 @@ class SwapManager:
         cpu_blocks = self.cpu_pool.allocate(len(missing))
         for b in gpu_blocks:
             self.gpu.prefix_cache.take(b)  # type: ignore[union-attr]
-        handle = self._submit(self.gpu_tensor, self.cpu_tensor,
-                              copy_extents(gpu_blocks, cpu_blocks), to_host=True,
-                              backend=self._bg_backend)
         entries = [(hashes[i], tuple(req.token_ids[i * bs:(i + 1) * bs]), c)
                    for i, c in zip(missing, cpu_blocks)]
-        t = _Transfer(handle, gpu_blocks_to_free=gpu_blocks, tier_entries=entries)
+        pieces = split_extents(copy_extents(gpu_blocks, cpu_blocks),
+                               max(1, BACKGROUND_PIECE_BYTES // self.block_bytes))
+        t = self._submit(self.gpu_tensor, self.cpu_tensor, pieces, self._bg_backend,
+                         gpu_blocks_to_free=gpu_blocks, tier_entries=entries)
         if not self._land_write_back(t):  # a synchronous copy has landed already
             self._writebacks.append(t)
 
     @property
     def _bg_backend(self) -> CopyBackend:
-        return self.writeback_backend or self.backend
+        return self.writeback_backend or self.out_backend
+
+    def set_backends(self, out: CopyBackend, in_: CopyBackend,
+                     writeback: CopyBackend | None) -> None:
+        """Replace the copy streams (tests: slow links), with no copy in flight."""
+        assert not self.has_in_flight()
+        self.out_backend, self.in_backend, self.writeback_backend = out, in_, writeback
 
     def copy_stats(self) -> list[CopyStats]:
-        bg = self.writeback_backend
-        return [self.backend.stats] + ([bg.stats] if bg is not None else [])
+        """One per stream."""
+        streams = {id(b): b for b in (self.out_backend, self.in_backend, self.writeback_backend)
+                   if b is not None}
+        return [b.stats for b in streams.values()]
 
     def _submit(self, src: torch.Tensor, dst: torch.Tensor, extents: list[tuple[int, int, int]],
-                to_host: bool, backend: CopyBackend | None = None) -> CopyHandle:
-        backend = backend or self.backend
-        handle = backend.submit(src, dst, extents, to_host)
+                backend: CopyBackend, **holds: Any) -> _Transfer:
+        """Copy on ``backend``'s stream; ``holds``: the blocks the transfer holds until it
+        lands (``_Transfer`` fields)."""
+        handle = backend.submit(src, dst, extents, src is self.gpu_tensor)
         if not self.async_copies:  # the baseline: the step stalls until the bytes have moved
             t0 = time.perf_counter()
             backend.wait(handle)
             self.blocking_copy_s += time.perf_counter() - t0
-        return handle
+        return _Transfer(handle, backend, **holds)
 
     @_stalls
     def poll(self) -> list[Request]:
@@ -280,7 +305,7 @@ class SwapManager:
         self._release_outgoing()
         ready, self._ready_now = self._ready_now, []
         for req, t in list(self.incoming.items()):
-            if not self.backend.done(t.handle):
+            if not t.backend.done(t.handle):
                 continue
             del self.incoming[req]
             if t.cpu_blocks_to_unpin:
@@ -294,7 +319,7 @@ class SwapManager:
     def _release_outgoing(self) -> None:
         """Free the GPU blocks of finished swap-outs, aborted transfers and write-backs."""
         for req, t in list(self.outgoing.items()):
-            if self.backend.done(t.handle):
+            if t.backend.done(t.handle):
                 self.gpu.release_blocks(t.gpu_blocks_to_free)
                 del self.outgoing[req]
         self._orphans = [t for t in self._orphans if not self._retire_orphan(t)]
@@ -312,20 +337,19 @@ class SwapManager:
         self._release_outgoing()
         if self.gpu.num_free_blocks > before:
             return True
-        holders = [(t, self.backend) for t in (*self.outgoing.values(), *self._orphans)
+        holders = [t for t in (*self.outgoing.values(), *self._orphans, *self._writebacks)
                    if t.gpu_blocks_to_free]
-        holders += [(t, self._bg_backend) for t in self._writebacks]
         if not holders:
             return False
-        oldest, backend = min(holders, key=lambda h: h[0].order)
+        oldest = min(holders, key=lambda t: t.order)
         t0 = time.perf_counter()
-        backend.wait(oldest.handle)
+        oldest.backend.wait(oldest.handle)
         self.blocking_copy_s += time.perf_counter() - t0
         self._release_outgoing()
         return True
 
     def _land_write_back(self, t: _Transfer) -> bool:
-        if not self._bg_backend.done(t.handle):
+        if not t.backend.done(t.handle):
             return False
         self.gpu.release_blocks(t.gpu_blocks_to_free)
         for h, tokens, block in t.tier_entries:
@@ -338,11 +362,11 @@ class SwapManager:
         """Block until every swap-in has landed (only when the GPU has nothing else to run)."""
         for t in self.incoming.values():
             if not t.landed_early:
-                self.backend.wait(t.handle)
+                t.backend.wait(t.handle)
         return self.poll()
 
     def _retire_orphan(self, t: _Transfer) -> bool:
-        if not self.backend.done(t.handle):
+        if not t.backend.done(t.handle):
             return False
         self.gpu.release_blocks(t.gpu_blocks_to_free)
         self.cpu_pool.free(t.cpu_blocks_to_free)

@@ -135,6 +135,16 @@ class ServerMetrics:
                            for d in ("out", "in")]),
             one("swap_copies_total", "counter", "Copies issued to move KV between device and "
                 "CPU.", engine["swap_copies"]),
+            format_family(PREFIX + "swap_busy_seconds_total", "counter",
+                          "Device time spent copying KV, by direction (CUDA only; the two "
+                          "directions overlap when swaps run full duplex).",
+                          [("", {**lab, "direction": d}, engine[f"swap_busy_s_{d}"])
+                           for d in ("out", "in")]),
+            format_family(PREFIX + "swap_queued_seconds_total", "counter",
+                          "Device time copies were ready to start but waited behind earlier "
+                          "copies on their stream, by direction (in: swap-ins and fetches).",
+                          [("", {**lab, "direction": d}, engine[f"swap_queued_s_{d}"])
+                           for d in ("out", "in")]),
             one("switch_stall_seconds_total", "counter", "Time the device sat idle for context "
                 "switches (host time in the swap manager, copy waits included).",
                 engine["switch_stall_s"]),

@@ -1,0 +1,206 @@
+"""Full-duplex context switches: one batch of requests swaps out while another swaps in.
+
+Measured in one run on one KV geometry (default Llama-3-8B: 32 layers, 8 KV heads, head dim 128,
+bf16, 16-token blocks = 2 MiB per block), through the engine's own swap manager and copy streams:
+- peaks: one large pinned copy each way alone, and both at once on two streams (the link's
+  full-duplex limit);
+- for each switching mode (``duplex``: swap-outs and swap-ins on their own streams, the engine's
+  default; ``single-stream``: both on one stream, as before): batch B (on the CPU) swaps in alone;
+  then batch A (on the GPU, as many bytes) swaps out and B swaps in, submitted together, the
+  swap-outs first (a rank preemption: the loser leaves, the winner returns).
+Claims: ``duplex_switch_bw_fraction_of_peak`` (A's and B's bytes over the time until both landed,
+over the two-stream peak) and ``swap_in_latency_under_swap_out`` (B's swap-in time with A's
+swap-out in flight over B's alone), both for the duplex mode; the single-stream figures beside.
+Each figure is the median of ``--repeats`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from fairswitch.kv.cache_manager import KVCacheManager
+from fairswitch.kv.copy_backend import make_copy_backend
+from fairswitch.kv.kv_cache import KVLayout
+from fairswitch.kv.swap_manager import SwapManager
+from fairswitch.request import Request
+from fairswitch.sampling_params import SamplingParams
+from results_io import command_line, write_results
+
+MODES = ("duplex", "single-stream")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_bandwidth(device: torch.device, nbytes: int, repeats: int = 3) -> dict[str, float]:
+    """Bytes/s of large pinned copies: each direction alone, and both at once on two streams."""
+    on_cuda = device.type == "cuda"
+    host_out = torch.empty(nbytes, dtype=torch.uint8, pin_memory=on_cuda)
+    host_in = torch.empty(nbytes, dtype=torch.uint8, pin_memory=on_cuda)
+    dev_out = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dev_in = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    streams = [torch.cuda.Stream(device) for _ in range(2)] if on_cuda else [None, None]
+
+    def run(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            for (dst, src), stream in zip(pairs, streams):
+                if stream is None:
+                    dst.copy_(src)
+                    continue
+                with torch.cuda.stream(stream):
+                    dst.copy_(src, non_blocking=True)
+        _sync(device)
+        return repeats * nbytes * len(pairs) / (time.perf_counter() - t0)
+
+    out, in_ = (host_out, dev_out), (dev_in, host_in)
+    run([out, in_])  # warm-up
+    return {"out": run([out]), "in": run([in_]), "both": run([out, in_])}
+
+
+def _batch(kv: KVCacheManager, name: str, lengths: list[int]) -> list[Request]:
+    reqs = []
+    for i, n in enumerate(lengths):
+        r = Request(f"{name}{i}", [0] * n, SamplingParams(max_tokens=1), 0.0)
+        assert kv.allocate_slots(r, n), "GPU pool too small for the batches"
+        r.num_computed_tokens = n
+        reqs.append(r)
+    return reqs
+
+
+def _setup(mode: str, args: argparse.Namespace, layout: KVLayout, gpu_pool: torch.Tensor,
+           cpu_pool: torch.Tensor, lengths: list[int]) -> tuple[SwapManager, list, list]:
+    """A fresh swap manager: batch A on the GPU, batch B swapped out (landed)."""
+    device = gpu_pool.device
+    kv = KVCacheManager(gpu_pool.shape[0], args.block_size, block_groups=True)
+    out = make_copy_backend(args.copy_backend, device, per_layer=False)
+    in_ = make_copy_backend(args.copy_backend, device, per_layer=False) if mode == "duplex" \
+        else out
+    swap = SwapManager(kv, gpu_pool, cpu_pool, out, block_bytes=layout.block_bytes,
+                       in_backend=in_)
+    a, b = _batch(kv, "a", lengths), _batch(kv, "b", lengths)
+    for r in b:
+        swap.swap_out(r)
+    for t in list(swap.outgoing.values()):
+        t.backend.wait(t.handle)
+    swap.poll()
+    assert not swap.outgoing
+    return swap, a, b
+
+
+def _swap_in(swap: SwapManager, b: list[Request]) -> float:
+    """Submit B's swap-ins; seconds until the last has landed (from the first submission)."""
+    t0 = time.perf_counter()
+    for r in b:
+        swap.swap_in(r)
+    for r in b:
+        t = swap.incoming[r]
+        t.backend.wait(t.handle)
+    return time.perf_counter() - t0
+
+
+def run_mode(mode: str, args: argparse.Namespace, layout: KVLayout, gpu_pool: torch.Tensor,
+             cpu_pool: torch.Tensor, lengths: list[int]) -> dict[str, Any]:
+    device = gpu_pool.device
+    alone, under, both, queued_in = [], [], [], []
+    for _ in range(args.repeats):
+        swap, _, b = _setup(mode, args, layout, gpu_pool, cpu_pool, lengths)
+        _sync(device)
+        alone.append(_swap_in(swap, b))
+        swap, a, b = _setup(mode, args, layout, gpu_pool, cpu_pool, lengths)
+        stats_before = swap.in_backend.stats.queued_s_in
+        _sync(device)
+        t0 = time.perf_counter()
+        for r in a:
+            swap.swap_out(r)
+        under.append(_swap_in(swap, b))
+        for t in list(swap.outgoing.values()):
+            t.backend.wait(t.handle)
+        both.append(time.perf_counter() - t0)
+        swap.poll()
+        queued_in.append(swap.in_backend.stats.queued_s_in - stats_before)
+    nbytes = sum(-(-n // args.block_size) for n in lengths) * layout.block_bytes
+    row = {"mode": mode, "bytes_each_way": nbytes,
+           "swap_in_alone_s": statistics.median(alone),
+           "swap_in_under_swap_out_s": statistics.median(under),
+           "both_landed_s": statistics.median(both),
+           "swap_in_queued_device_s": statistics.median(queued_in),
+           "runs": {"alone": alone, "under": under, "both": both}}
+    row["aggregate_bw"] = 2 * nbytes / row["both_landed_s"]
+    row["swap_in_latency_ratio"] = row["swap_in_under_swap_out_s"] / row["swap_in_alone_s"]
+    return row
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--requests", type=int, default=8, help="requests per batch")
+    p.add_argument("--min-tokens", type=int, default=1024)
+    p.add_argument("--max-tokens", type=int, default=8192)
+    p.add_argument("--copy-backend", default="auto", choices=("auto", "torch", "cupy"))
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default="benchmarks/results/duplex_switch.json")
+    p.add_argument("--commit", default=None)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rng = random.Random(args.seed)
+    lengths = [rng.randint(args.min_tokens, args.max_tokens) for _ in range(args.requests)]
+    layout = KVLayout(args.layers, args.block_size, args.kv_heads, args.head_dim, dtype)
+    batch_blocks = sum(-(-n // args.block_size) for n in lengths)
+    blocks = 2 * batch_blocks + 64  # both batches at once, as in the middle of a switch
+    gpu_pool = torch.zeros(layout.shape(blocks), dtype=dtype, device=device)
+    cpu_pool = torch.empty(layout.shape(blocks), dtype=dtype, pin_memory=device.type == "cuda")
+    peak = peak_bandwidth(device, min(1 << 30, batch_blocks * layout.block_bytes))
+    rows = [run_mode(m, args, layout, gpu_pool, cpu_pool, lengths) for m in MODES]
+    for r in rows:
+        r["fraction_of_duplex_peak"] = r["aggregate_bw"] / peak["both"]
+    print(f"peak pinned copy: out {peak['out'] / 1e9:.1f} GB/s, in {peak['in'] / 1e9:.1f} GB/s, "
+          f"both at once {peak['both'] / 1e9:.1f} GB/s")
+    print(f"{'mode':<15}{'GB each':>8}{'in alone ms':>12}{'in under out':>13}{'ratio':>7}"
+          f"{'both ms':>9}{'GB/s':>7}{'of peak':>9}")
+    for r in rows:
+        print(f"{r['mode']:<15}{r['bytes_each_way'] / 1e9:>8.2f}"
+              f"{r['swap_in_alone_s'] * 1e3:>12.1f}{r['swap_in_under_swap_out_s'] * 1e3:>13.1f}"
+              f"{r['swap_in_latency_ratio']:>7.2f}{r['both_landed_s'] * 1e3:>9.1f}"
+              f"{r['aggregate_bw'] / 1e9:>7.1f}{r['fraction_of_duplex_peak']:>9.2f}")
+    duplex, single = rows
+    faster_in = single["swap_in_under_swap_out_s"] / duplex["swap_in_under_swap_out_s"]
+    faster_both = single["both_landed_s"] / duplex["both_landed_s"]
+    print(f"duplex vs single stream: the swap-in under a swap-out {faster_in:.2f}x faster, "
+          f"both batches landed {faster_both:.2f}x faster")
+    claims = [
+        {"name": "duplex_switch_bw_fraction_of_peak", "value": duplex["fraction_of_duplex_peak"],
+         "unit": "fraction"},
+        {"name": "swap_in_latency_under_swap_out", "value": duplex["swap_in_latency_ratio"],
+         "unit": "x"},
+        {"name": "single_stream_switch_bw_fraction_of_peak",
+         "value": single["fraction_of_duplex_peak"], "unit": "fraction"},
+        {"name": "single_stream_swap_in_latency_under_swap_out",
+         "value": single["swap_in_latency_ratio"], "unit": "x"},
+    ]
+    figures = {"geometry": {"layers": args.layers, "kv_heads": args.kv_heads,
+                            "head_dim": args.head_dim, "block_size": args.block_size,
+                            "dtype": str(dtype)},
+               "request_tokens": lengths, "peak_bw": peak, "copy_backend": args.copy_backend,
+               "repeats": args.repeats, "modes": rows}
+    return write_results(args.output, command=command_line(), figures=figures, claims=claims,
+                         commit=args.commit)
+
+
+if __name__ == "__main__":
+    main()
