@@ -2,8 +2,8 @@
 
 Measured in one run on one KV geometry (default Llama-3-8B: 32 layers, 8 KV heads, head dim 128,
 bf16, 16-token blocks = 2 MiB per block), through the engine's own swap manager and copy streams:
-- peaks: one large pinned copy each way alone, and both at once on two streams (the link's
-  full-duplex limit);
+- peaks: large pinned copies each way alone, and both at once on two streams (the link's
+  full-duplex limit; the best of several ways to copy);
 - for each switching mode (``duplex``: swap-outs and swap-ins on their own streams, the engine's
   default; ``single-stream``: both on one stream, as before): batch B (on the CPU) swaps in alone;
   then batch A (on the GPU, as many bytes) swaps out and B swaps in, submitted together, the
@@ -40,31 +40,76 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def peak_bandwidth(device: torch.device, nbytes: int, repeats: int = 3) -> dict[str, float]:
-    """Bytes/s of large pinned copies: each direction alone, and both at once on two streams."""
+def peak_bandwidth(device: torch.device, nbytes: int, repeats: int = 3) -> dict[str, Any]:
+    """Bytes/s of large pinned copies: each direction alone, and both at once on two streams;
+    the best of torch copies and raw memcpyAsync on CuPy streams (where CuPy is installed), in
+    one piece and in 64 MiB pieces, so that the limit is the link's and not one API's."""
     on_cuda = device.type == "cuda"
     host_out = torch.empty(nbytes, dtype=torch.uint8, pin_memory=on_cuda)
     host_in = torch.empty(nbytes, dtype=torch.uint8, pin_memory=on_cuda)
     dev_out = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dev_in = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    streams = [torch.cuda.Stream(device) for _ in range(2)] if on_cuda else [None, None]
-
-    def run(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            for (dst, src), stream in zip(pairs, streams):
-                if stream is None:
-                    dst.copy_(src)
-                    continue
-                with torch.cuda.stream(stream):
-                    dst.copy_(src, non_blocking=True)
-        _sync(device)
-        return repeats * nbytes * len(pairs) / (time.perf_counter() - t0)
-
     out, in_ = (host_out, dev_out), (dev_in, host_in)
-    run([out, in_])  # warm-up
-    return {"out": run([out]), "in": run([in_]), "both": run([out, in_])}
+    methods = {"torch": _torch_copier(device)}
+    if on_cuda and _has_cupy():
+        methods["cupy"] = _cupy_copier(device)
+    found: dict[str, float] = {}
+    for name, (copy, sync) in methods.items():
+        for piece in (nbytes, 64 << 20):
+            def run(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+                sync()
+                t0 = time.perf_counter()
+                for _ in range(repeats):
+                    for k, (dst, src) in enumerate(pairs):
+                        for at in range(0, nbytes, piece):
+                            copy(k, dst, src, at, min(piece, nbytes - at))
+                sync()
+                return repeats * nbytes * len(pairs) / (time.perf_counter() - t0)
+
+            run([out, in_])  # warm-up
+            for key, pairs in (("out", [out]), ("in", [in_]), ("both", [out, in_])):
+                found[f"{key}/{name}/{piece >> 20}MiB"] = run(pairs)
+    best = {key: max(v for k, v in found.items() if k.startswith(key + "/"))
+            for key in ("out", "in", "both")}
+    return {**best, "measured": found}
+
+
+def _torch_copier(device: torch.device) -> tuple[Any, Any]:
+    if device.type != "cuda":
+        def copy(k, dst, src, at, n):
+            dst[at:at + n].copy_(src[at:at + n])
+        return copy, lambda: None
+    streams = [torch.cuda.Stream(device) for _ in range(2)]
+
+    def copy(k, dst, src, at, n):
+        with torch.cuda.stream(streams[k]):
+            dst[at:at + n].copy_(src[at:at + n], non_blocking=True)
+    return copy, lambda: torch.cuda.synchronize(device)
+
+
+def _cupy_copier(device: torch.device) -> tuple[Any, Any]:
+    import cupy
+
+    with cupy.cuda.Device(device.index or 0):
+        streams = [cupy.cuda.Stream(non_blocking=True) for _ in range(2)]
+    memcpy = cupy.cuda.runtime.memcpyAsync
+
+    def copy(k, dst, src, at, n):
+        memcpy(dst.data_ptr() + at, src.data_ptr() + at, n, 4, streams[k].ptr)
+
+    def sync():
+        for s in streams:
+            s.synchronize()
+        torch.cuda.synchronize(device)
+    return copy, sync
+
+
+def _has_cupy() -> bool:
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _batch(kv: KVCacheManager, name: str, lengths: list[int]) -> list[Request]:
