@@ -61,4 +61,4 @@ def test_duplex_switch_smoke(tmp_path, monkeypatch):
     duplex, single = result["figures"]["modes"]
     assert (duplex["mode"], single["mode"]) == ("duplex", "single-stream")
     assert duplex["bytes_each_way"] == single["bytes_each_way"] > 0
-    assert set(result["figures"]["peak_bw"]) == {"out", "in", "both"}
+    assert set(result["figures"]["peak_bw"]) == {"out", "in", "both", "measured"}
