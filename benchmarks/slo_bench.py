@@ -3,7 +3,8 @@
 Takes every option of ``fairswitch bench`` (trace, target, SLOs, ``--compare``) plus ``--output``.
 Claims: for one run its TTFT/TBT tails, throughput and SLO attainment; with ``--compare``, each
 configuration's P99 TTFT, P99 TBT and throughput as ratios against the baseline (above 1: better
-than the baseline), the figures ``fairswitch bench`` prints.
+than the baseline), the figures ``fairswitch bench`` prints, and ``full`` against every other
+configuration compared (``full_p99_ttft_vs_no-duplex``...), printed after them.
 
     python3 benchmarks/slo_bench.py --trace workloads/traces/T.jsonl --compare full,baseline \\
         --ttft-slo-ms 2000 --tbt-slo-ms 200 --output benchmarks/results/slo_compare.json
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 
-from fairswitch.bench.report import get_path
+from fairswitch.bench.report import comparison_ratios, get_path
 from fairswitch.cli.bench import DESCRIPTION, add_bench_args, bench
 from results_io import command_line, write_results
 
@@ -56,7 +57,23 @@ def claims(report: dict[str, Any]) -> list[dict[str, Any]]:
             if ratios[label] is not None:
                 out.append({"name": f"{name}_{prefix}_{baseline}", "value": ratios[label],
                             "unit": "x"})
+    for other, ratios in full_against_others(report).items():
+        for prefix, label in RATIO_CLAIMS:
+            if ratios[label] is not None:
+                out.append({"name": f"full_{prefix}_{other}", "value": ratios[label],
+                            "unit": "x"})
     return out
+
+
+def full_against_others(report: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+    """``full`` against each compared configuration other than the baseline (an ablation):
+    the same ratios, with that configuration as the denominator."""
+    runs = report.get("runs", {})
+    if "full" not in runs:
+        return {}
+    summaries = {name: run["summary"] for name, run in runs.items()}
+    return {other: comparison_ratios(summaries, other)["full"] for other in runs
+            if other not in ("full", report.get("baseline"))}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -67,6 +84,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     add_bench_args(p)
     args = p.parse_args(argv)
     report = bench(args)
+    for other, ratios in full_against_others(report).items():
+        print(f"full vs {other}: " + ", ".join(
+            f"{label} {value:.2f}x" for label, value in ratios.items() if value is not None))
     return write_results(args.output, command=command_line(), figures=report,
                          claims=claims(report), commit=args.commit)
 

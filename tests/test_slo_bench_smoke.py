@@ -60,6 +60,22 @@ def test_compare_claims_are_ratios_against_the_baseline(monkeypatch):
                       "throughput_ratio_vs_baseline": (1.0, "x")}
 
 
+def test_full_is_also_compared_with_each_ablation(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH_DIR))
+    import slo_bench
+
+    def summary(ttft: float, tok_s: float) -> dict:
+        return {"ttft": {"p99_ms": ttft}, "tbt": {"p99_ms": None}, "output_throughput": tok_s}
+    report = {"baseline": "baseline",
+              "runs": {"full": {"summary": summary(50.0, 30.0)},
+                       "baseline": {"summary": summary(200.0, 10.0)},
+                       "no-duplex": {"summary": summary(100.0, 20.0)}}}
+    claims = {c["name"]: c["value"] for c in slo_bench.claims(report)}
+    assert claims["full_p99_ttft_vs_no-duplex"] == 2.0
+    assert claims["full_output_tok_s_vs_no-duplex"] == 1.5
+    assert not any(name.startswith("full_") and name.endswith("_vs_full") for name in claims)
+
+
 @pytest.mark.parametrize("scheduling", ["--async-scheduling", "--no-async-scheduling"])
 def test_fairness_bench_smoke(tmp_path, monkeypatch, scheduling):
     monkeypatch.syspath_prepend(str(BENCH_DIR))
