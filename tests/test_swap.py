@@ -238,9 +238,11 @@ def test_baseline_overrides_switch_options():
 
 
 def _counting_steps(engine) -> list[int]:
-    """Count the engine's steps and check its accounting after every one."""
+    """Count the engine's steps and check its accounting after every one, and that no step
+    seats more requests than ``max_num_seqs`` (swap-ins landing early included)."""
     steps: list[int] = []
-    step = engine.step
+    step, schedule = engine.step, engine.scheduler.schedule
+    max_seqs = engine.config.scheduler.max_num_seqs
 
     def counted():
         out = step()
@@ -248,7 +250,12 @@ def _counting_steps(engine) -> list[int]:
         steps.append(1)
         return out
 
-    engine.step = counted
+    def seated():
+        out = schedule()
+        assert len(out.scheduled) <= max_seqs, (len(out.scheduled), max_seqs)
+        return out
+
+    engine.step, engine.scheduler.schedule = counted, seated
     return steps
 
 
@@ -276,6 +283,20 @@ def test_early_swap_in_same_outputs_fewer_steps(llama_dir, expected, mode):
         steps[early] = len(counted)
     assert waits[True] == 0.0 < waits[False]
     assert steps[True] < steps[False]
+
+
+def test_early_landed_swap_ins_hold_their_seats(llama_dir, expected):
+    """Several swapped requests resuming in one step, each running before the host sees its
+    copy land: each takes a seat from its swap-in on, so the step never holds more than
+    max_num_seqs requests (on the GPU its sampling buffers would overflow); same tokens."""
+    llm = LLM(model=str(llama_dir), num_gpu_blocks=24, block_size=4, max_model_len=48,
+              preemption_mode="swap", swap_space=0.01, early_swap_in=True, max_num_seqs=2,
+              policy="trace", priority_update_prob=0.5, min_run_steps=1)
+    slow_link(llm.engine.kv.swap, 3)
+    _counting_steps(llm.engine)  # asserts the seats
+    outs = llm.generate(PROMPTS * 2, greedy(), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected * 2
+    assert llm.engine.scheduler.preemptions_by_mode["swap"] > 0
 
 
 def test_early_landed_requests_preempted_or_aborted_mid_copy_keep_pools_whole(llama_dir):
@@ -490,7 +511,9 @@ def test_release_during_an_early_landed_fetch_gives_back_the_group_reservation()
     tier.add(block_hashes(tokens, 4, 4)[0], tuple(tokens), cached)
     req = Request("r", tokens + [9, 10, 11, 12], greedy(40), 0.0)
     swap.fetch_cached(req, [cached])
-    assert req in swap.incoming and swap.num_pending_in == 0  # it runs already
+    assert swap.num_pending_in == 1  # it holds a seat until handed over
+    assert swap.poll() == [req]  # it runs already, its copy in flight
+    assert req in swap.incoming and swap.num_pending_in == 0
     assert kv.allocate_slots(req, 4)  # the rest of its prompt: a group with a reserved tail
     assert kv.reserved[req]
     swap.release(req)

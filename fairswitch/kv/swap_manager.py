@@ -242,8 +242,10 @@ class SwapManager:
 
     @property
     def num_pending_in(self) -> int:
-        """Swap-ins whose requests wait for them (early-landed ones already run)."""
-        return sum(not t.landed_early for t in self.incoming.values())
+        """Requests a swap-in (or fetch) brings back that the scheduler has not seated yet:
+        those waiting for their copy, and early-landed ones until ``poll`` hands them over
+        (they hold a seat from their swap-in on)."""
+        return sum(not t.landed_early for t in self.incoming.values()) + len(self._ready_now)
 
     def _write_back(self, req: Request) -> None:
         """Copy a finished request's full blocks that the CPU tier lacks to free CPU blocks.
