@@ -6,6 +6,19 @@ from dataclasses import dataclass, field
 
 
 @dataclass
+class Logprob:
+    """A token's log-probability under the model's raw logits, its rank among the vocabulary
+    (1: the most likely), and its text."""
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# Per position: the token there (sampled, or the prompt's) and the most likely ones.
+PositionLogprobs = dict[int, Logprob]
+
+
+@dataclass
 class CompletionOutput:
     index: int
     text: str  # cumulative, stop string already cut
@@ -14,6 +27,9 @@ class CompletionOutput:
     stop_reason: int | str | None = None  # the stop token id or stop string that matched
     new_text: str = ""  # text added by this step (for streaming)
     new_token_ids: list[int] = field(default_factory=list)
+    logprobs: list[PositionLogprobs] | None = None  # cumulative, one per token (if asked)
+    cumulative_logprob: float | None = None
+    new_logprobs: list[PositionLogprobs] = field(default_factory=list)  # this step's
 
 
 @dataclass
@@ -35,3 +51,5 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0
+    # One per prompt token (None for the first, which nothing predicts), if asked.
+    prompt_logprobs: list[PositionLogprobs | None] | None = None

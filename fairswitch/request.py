@@ -83,11 +83,21 @@ class Request:
     # Owned by the output processor (detokenizer state) and the sampler (torch.Generator).
     detokenizer: Any = None
     generator: Any = None
+    # Asked-for logprobs (SamplingParams.logprobs / prompt_logprobs): one entry per output
+    # token, {token id: (logprob, rank)}, and per prompt position (None at 0; filled by the
+    # runner as the prompt is computed).
+    logprobs: list[dict[int, tuple[float, int]]] | None = None
+    prompt_logprobs: list[dict[int, tuple[float, int]] | None] | None = None
     metrics: RequestMetrics = field(init=False)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
         self.metrics = RequestMetrics(arrival_time=self.arrival_time)
+        params = self.sampling_params
+        if params.logprobs is not None:
+            self.logprobs = []
+        if params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None] * len(self.prompt_token_ids)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -2,22 +2,40 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 
 @dataclass
 class SamplingParams:
+    """As vLLM defines them. Penalties follow vLLM (and OpenAI): ``presence_penalty`` is
+    subtracted from the logit of every token the output contains, ``frequency_penalty`` once per
+    occurrence in the output, and ``repetition_penalty`` divides a positive logit (multiplies a
+    negative one) of every token of the prompt or the output. ``logprobs`` / ``prompt_logprobs``:
+    how many most likely tokens to return beside the sampled (or prompt) token, each with its
+    log-probability under the model's raw logits (before penalties and temperature); None: no
+    logprobs. ``n`` copies of a request are sampled independently (``LLM.generate``; a seed gives
+    copy i the seed ``seed + i``)."""
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: disabled
+    min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    min_tokens: int = 0  # no EOS, stop token or stop string before this many output tokens
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     detokenize: bool = True
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    n: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -49,10 +67,77 @@ class SamplingParams:
                 raise ValueError(f"stop_token_ids must be >= 0, got {t}")
         if self.stop and not self.detokenize:
             raise ValueError("stop strings need detokenize=True")
+        _check_number("min_p", self.min_p, 0.0, 1.0)
+        _check_int("min_tokens", self.min_tokens)
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], "
+                             f"got {self.min_tokens}")
+        _check_number("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _check_number("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        _check_number("repetition_penalty", self.repetition_penalty, 0.0, float("inf"))
+        if self.repetition_penalty == 0.0:
+            raise ValueError("repetition_penalty must be > 0, got 0")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise ValueError(f"logit_bias must map token ids to numbers, got "
+                                 f"{self.logit_bias!r}")
+            self.logit_bias = {_token_id(t): _bias(b) for t, b in self.logit_bias.items()}
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_int(name, value)
+                if not 0 <= value <= MAX_LOGPROBS:
+                    raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}], got {value}")
+        _check_int("n", self.n)
+        if not 1 <= self.n <= MAX_N:
+            raise ValueError(f"n must be in [1, {MAX_N}], got {self.n}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    def copies(self) -> list[SamplingParams]:
+        """The ``n`` one-sequence requests this stands for: copy i seeded ``seed + i``."""
+        if self.n == 1:
+            return [self]
+        return [dataclasses.replace(self, n=1, seed=None if self.seed is None else self.seed + i)
+                for i in range(self.n)]
+
+    @property
+    def has_penalties(self) -> bool:
+        """Does sampling depend on the tokens so far (all of them known, none in flight)?"""
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.repetition_penalty != 1.0)
+
+    @property
+    def shapes_logits(self) -> bool:
+        """Is anything done to the logits before temperature (bias, penalties, min_tokens)?"""
+        return bool(self.logit_bias) or self.has_penalties or self.min_tokens > 0
+
+
+MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit
+MAX_N = 64
+
+
+def _check_number(name: str, value: object, low: float, high: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+
+
+def _token_id(value: object) -> int:
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)  # JSON object keys are strings
+    _check_int("logit_bias token id", value)
+    if value < 0:  # (the vocabulary's upper bound is checked against the model)
+        raise ValueError(f"logit_bias token ids must be >= 0, got {value}")
+    return value  # type: ignore[return-value]
+
+
+def _bias(value: object) -> float:
+    _check_number("logit_bias value", value, -100.0, 100.0)
+    return float(value)  # type: ignore[arg-type]
 
 
 def _check_int(name: str, value: object) -> None:

@@ -105,8 +105,9 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     if workers is not None:
         part.runner.send_plan = workers.send
     tokenizer = loader.load_tokenizer(_tokenizer_path(config, part.source))
-    output_processor = OutputProcessor(tokenizer, _eos_ids(part.hf_config, tokenizer, part.source),
-                                       part.max_model_len)
+    eos_ids = _eos_ids(part.hf_config, tokenizer, part.source)
+    part.runner.sampler.eos_token_ids = eos_ids  # masked before a request's min_tokens
+    output_processor = OutputProcessor(tokenizer, eos_ids, part.max_model_len)
     scheduler = Scheduler(config.scheduler, part.kv, output_processor)
     JIT_CLOCK.serving = True
     return EngineParts(device, part.dtype, part.hf_config, tokenizer, part.max_model_len,

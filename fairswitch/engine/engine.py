@@ -66,6 +66,7 @@ class Engine:
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+        self.inputs.check_params(params)
         text, ids = self.inputs.validate(prompt, prompt_token_ids)
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
         if request_id in self.requests:
@@ -156,18 +157,19 @@ class Engine:
         try:
             if self._pipelined:
                 events.arm()
+            if self._pipelined and not _samples_from_history(prev.sched):
                 nxt = self.scheduler.schedule()
                 ahead_s = time.perf_counter() - t1
                 if nxt.scheduled:
                     self._in_flight = self._launch(nxt, prev)
             events.gpu_busy()  # if no launch fired it: nothing samples, nothing launched
-            sampled = self.runner.collect(prev.pending)
+            sampled, logprobs = self.runner.collect(prev.pending)
         except BaseException:
             self._abandon(prev)
             raise
         t2 = time.perf_counter()
         self._observe(prev, t2)
-        updated = self.scheduler.update_from_output(prev.sched, sampled)
+        updated = self.scheduler.update_from_output(prev.sched, sampled, logprobs)
         for req in updated:
             if req.is_finished:
                 del self.requests[req.request_id]
@@ -252,3 +254,9 @@ class Engine:
     def check_accounting(self) -> None:
         """Raise if KV blocks leaked: every block is free or owned by a live request, once."""
         self.kv.check(self.requests.values())
+
+
+def _samples_from_history(sched: SchedulerOutput) -> bool:
+    """Does a request of ``sched`` sample from all its tokens (penalties)? Then the next step
+    waits for this one's tokens instead of being launched behind it with a placeholder."""
+    return any(r.sampling_params.has_penalties for r, _ in sched.scheduled)

@@ -9,12 +9,25 @@ from __future__ import annotations
 
 from typing import Any
 
+from fairswitch.sampling_params import SamplingParams
+
 
 class InputProcessor:
     def __init__(self, tokenizer: Any, vocab_size: int, max_model_len: int) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
+
+    def check_params(self, params: SamplingParams) -> None:
+        """What ``SamplingParams`` cannot check alone: token ids against this vocabulary, and
+        ``n`` (one engine request is one sequence: ``LLM.generate`` and the server fan out)."""
+        bad = [t for t in (params.logit_bias or {}) if t >= self.vocab_size]
+        if bad:
+            raise ValueError(f"logit_bias token ids must be in [0, {self.vocab_size}), got "
+                             f"{bad[:5]}")
+        if params.n != 1:
+            raise ValueError(f"an engine request samples one sequence (n=1), got n={params.n}: "
+                             "LLM.generate and the server add n requests for it")
 
     def validate(self, prompt: str | list[int] | None,
                  prompt_token_ids: list[int] | None) -> tuple[str | None, list[int]]:

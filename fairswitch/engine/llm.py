@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -61,22 +62,26 @@ class LLM:
         checked = [engine.validate_prompt(*((None, p) if isinstance(p, list) else (p, None)))
                    for p in prompts]
         ids: list[str] = []
+        index: dict[str, tuple[int, int]] = {}  # request id -> (prompt, copy)
         try:
-            for (text, toks), p, prio, client in zip(checked, params, priorities, clients):
-                ids.append(engine.add_request(text, p, prompt_token_ids=toks, priority=prio,
-                                              client_id=client))
+            for i, ((text, toks), p, prio, client) in enumerate(
+                    zip(checked, params, priorities, clients)):
+                for j, copy in enumerate(p.copies()):  # n > 1: one request per copy
+                    ids.append(engine.add_request(text, copy, prompt_token_ids=toks,
+                                                  priority=prio, client_id=client))
+                    index[ids[-1]] = (i, j)
         except BaseException:  # e.g. the waiting queue is full: take back what was queued
             for rid in ids:
                 engine.abort_request(rid)
             raise
-        index = {rid: i for i, rid in enumerate(ids)}
-        results: list[RequestOutput | None] = [None] * len(ids)
+        done: list[list[RequestOutput | None]] = [[None] * p.n for p in params]
         bar = _progress(len(ids), use_tqdm)
         try:
             while engine.has_unfinished_requests():
                 for out in engine.step():
                     if out.finished and out.request_id in index:
-                        results[index[out.request_id]] = out
+                        i, j = index[out.request_id]
+                        done[i][j] = out
                         if bar is not None:
                             bar.update(1)
         except BaseException:
@@ -86,7 +91,16 @@ class LLM:
         finally:
             if bar is not None:
                 bar.close()
-        return results  # type: ignore[return-value]
+        return [_merged(copies) for copies in done]  # type: ignore[arg-type]
+
+
+def _merged(copies: list[RequestOutput]) -> RequestOutput:
+    """One prompt's output: its copies' completions, numbered."""
+    first = copies[0]
+    if len(copies) > 1:
+        first.outputs = [dataclasses.replace(c.outputs[0], index=j)
+                         for j, c in enumerate(copies)]
+    return first
 
 
 def _is_int(value: Any) -> bool:

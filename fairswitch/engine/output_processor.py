@@ -2,7 +2,8 @@
 
 Stop conditions, checked after each appended token in this order: a stop token id, EOS (unless
 ``ignore_eos``), a stop string in the text (the text is cut there), ``max_tokens``, the model's
-``max_model_len``. While a request runs, the last ``len(longest stop string) - 1`` characters are
+``max_model_len``; the first three only once ``min_tokens`` tokens are out (the sampler masks
+EOS and stop ids before that, so only a stop string can be passed over). While a request runs, the last ``len(longest stop string) - 1`` characters are
 held back from streaming so a stop string is never half-sent.
 """
 
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fairswitch.engine.detokenizer import IncrementalDetokenizer
-from fairswitch.outputs import CompletionOutput, RequestOutput
+from fairswitch.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from fairswitch.request import PLACEHOLDER_TOKEN, Request, RequestStatus
 
 
@@ -24,6 +25,9 @@ class _TextState:
     num_emitted_chars: int = 0
     num_emitted_tokens: int = 0
     hold_back: int = 0
+    logprobs: list[PositionLogprobs] | None = None  # user-facing, one per output token
+    cumulative_logprob: float = 0.0
+    prompt_logprobs_sent: bool = False
 
 
 class OutputProcessor:
@@ -40,13 +44,28 @@ class OutputProcessor:
             detok = IncrementalDetokenizer(self._tokenizer, self._vocab_size,
                                            request.prompt_token_ids, params.skip_special_tokens)
         hold = max((len(s) for s in params.stop), default=1) - 1
-        request.detokenizer = _TextState(detok, hold_back=hold)
+        request.detokenizer = _TextState(detok, hold_back=hold,
+                                         logprobs=[] if params.logprobs is not None else None)
 
-    def append_token(self, request: Request, token_id: int) -> None:
-        """Record one sampled token; set the request's finished status if it must stop."""
+    def append_token(self, request: Request, token_id: int,
+                     logprobs: dict[int, tuple[float, int]] | None = None) -> None:
+        """Record one sampled token (and its logprobs, if the request asked for them); set the
+        request's finished status if it must stop."""
         request.token_ids.append(token_id)
         params = request.sampling_params
         state: _TextState = request.detokenizer
+        if state.logprobs is not None:
+            if logprobs is None:
+                raise RuntimeError(f"request {request.request_id!r} asked for logprobs but the "
+                                   "step returned none")
+            state.logprobs.append(self._position(logprobs, params.logprobs))
+            state.cumulative_logprob += logprobs[token_id][0]
+        if request.num_output_tokens < params.min_tokens:
+            if state.detokenizer is not None:
+                state.text += state.detokenizer.add(token_id)
+            if self.at_length_limit(request):
+                request.status = RequestStatus.FINISHED_LENGTH
+            return
         if token_id in params.stop_token_ids:
             request.status, request.stop_reason = RequestStatus.FINISHED_STOPPED, token_id
             return
@@ -59,6 +78,18 @@ class OutputProcessor:
                 return
         if self.at_length_limit(request):
             request.status = RequestStatus.FINISHED_LENGTH
+
+    def _position(self, entry: dict[int, tuple[float, int]], k: int) -> PositionLogprobs:
+        """The user-facing logprobs of one position: its token (the first key) and the k most
+        likely tokens, each with its text."""
+        first = next(iter(entry))
+        return {t: Logprob(lp, rank, self._token_text(t)) for t, (lp, rank) in entry.items()
+                if t == first or rank <= k}
+
+    def _token_text(self, token_id: int) -> str | None:
+        if self._tokenizer is None or not 0 <= token_id < self._vocab_size:
+            return None
+        return self._tokenizer.decode([token_id])
 
     def at_length_limit(self, request: Request) -> bool:
         """Has the request as many tokens as it may have (``max_tokens``, ``max_model_len``)?"""
@@ -101,6 +132,7 @@ class OutputProcessor:
         out_ids = request.output_token_ids
         while out_ids and out_ids[-1] == PLACEHOLDER_TOKEN:  # a step in flight computes them
             out_ids.pop()
+        logprobs = state.logprobs[:len(out_ids)] if state.logprobs is not None else None
         completion = CompletionOutput(
             index=0,
             text=text,
@@ -109,6 +141,9 @@ class OutputProcessor:
             stop_reason=request.stop_reason,
             new_text=new_text,
             new_token_ids=out_ids[state.num_emitted_tokens:],
+            logprobs=logprobs,
+            cumulative_logprob=state.cumulative_logprob if logprobs is not None else None,
+            new_logprobs=logprobs[state.num_emitted_tokens:] if logprobs is not None else [],
         )
         state.num_emitted_tokens = len(out_ids)
         return RequestOutput(
@@ -119,4 +154,16 @@ class OutputProcessor:
             finished=finished,
             metrics=request.metrics,
             num_cached_tokens=request.num_cached_tokens,
+            prompt_logprobs=self._prompt_logprobs(request, state),
         )
+
+    def _prompt_logprobs(self, request: Request, state: _TextState
+                         ) -> list[PositionLogprobs | None] | None:
+        """The prompt's logprobs, in the request's first output (its prompt is computed by
+        then), and again in the last."""
+        if request.prompt_logprobs is None or (state.prompt_logprobs_sent
+                                               and not request.is_finished):
+            return None
+        state.prompt_logprobs_sent = True
+        k = request.sampling_params.prompt_logprobs
+        return [None if e is None else self._position(e, k) for e in request.prompt_logprobs]

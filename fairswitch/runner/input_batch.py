@@ -36,6 +36,10 @@ class InputBatch:
     # Rows whose input token is the one the step in flight samples for that request.
     feed_rows: list[int] = field(default_factory=list)
     feed_requests: list[Request] = field(default_factory=list)
+    # Prompt logprobs (SamplingParams.prompt_logprobs): rows whose logits predict a prompt
+    # token, and (request, that token's position).
+    prompt_logprob_rows: list[int] = field(default_factory=list)
+    prompt_logprob_at: list[tuple[Request, int]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -73,6 +77,16 @@ def _table_row(req: Request) -> np.ndarray:
     return arr
 
 
+def _prompt_logprob_rows(req: Request, start: int, n: int, first_row: int,
+                         rows: list[int], at: list[tuple[Request, int]]) -> None:
+    """Rows of a chunk (positions ``start``..) whose logits predict the prompt's next token."""
+    if req.prompt_logprobs is None:
+        return
+    for p in range(start, min(start + n, req.num_prompt_tokens - 1)):
+        rows.append(first_row + p - start)
+        at.append((req, p + 1))
+
+
 def build_input_batch(out: SchedulerOutput, block_size: int,
                       placeholder: int | None = None) -> InputBatch:
     """The inputs of step ``out`` (each chunk from where it starts; the requests may have
@@ -88,6 +102,8 @@ def build_input_batch(out: SchedulerOutput, block_size: int,
     sample_reqs: list[Request] = []
     feed_rows: list[int] = []
     feed_reqs: list[Request] = []
+    lp_rows: list[int] = []
+    lp_at: list[tuple[Request, int]] = []
     # Decodes: one token each, plain Python is cheaper than numpy for single elements.
     for req, p, samples in decodes:
         token = req.token_ids[p]
@@ -100,6 +116,8 @@ def build_input_batch(out: SchedulerOutput, block_size: int,
         if samples:
             sample_rows.append(len(ids) - 1)
             sample_reqs.append(req)
+        if req.prompt_logprobs is not None:  # (a one-token chunk of a prompt)
+            _prompt_logprob_rows(req, p, 1, len(ids) - 1, lp_rows, lp_at)
     input_ids = np.array(ids, dtype=np.int64)
     positions = np.array(pos, dtype=np.int64)
     slot_mapping = np.array(slots, dtype=np.int64)
@@ -114,6 +132,7 @@ def build_input_batch(out: SchedulerOutput, block_size: int,
             chunk_ids.append(np.asarray(req.token_ids[start:end], dtype=np.int64))
             chunk_pos.append(p)
             chunk_slots.append(table[p // block_size] * block_size + p % block_size)
+            _prompt_logprob_rows(req, start, n, offset, lp_rows, lp_at)
             offset += n
             if placeholder is not None and req.token_ids[end - 1] == placeholder:
                 feed_rows.append(offset - 1)
@@ -139,4 +158,6 @@ def build_input_batch(out: SchedulerOutput, block_size: int,
         sample_requests=sample_reqs,
         feed_rows=feed_rows,
         feed_requests=feed_reqs,
+        prompt_logprob_rows=lp_rows,
+        prompt_logprob_at=lp_at,
     )

@@ -25,7 +25,7 @@ from fairswitch.runner.cuda_graph import DecodeGraphs
 from fairswitch.runner.host_link import SampleRowsBuffer, TokenReturn
 from fairswitch.runner.input_batch import InputBatch, build_input_batch
 from fairswitch.runner.mixed_graphs import MixedGraphs
-from fairswitch.runner.sampler import Sampler
+from fairswitch.runner.sampler import SampledLogprobs, Sampler, token_logprobs
 from fairswitch.runner.step_events import StepEvents
 from fairswitch.scheduler.scheduler import SchedulerOutput
 
@@ -45,10 +45,16 @@ class GraphPlan:
 class PendingStep:
     """A launched step: the requests that sample, in order, their tokens on the device (what a
     step launched after it reads its inputs from), and, when they are on their way to the host
-    by host_link.TokenReturn, that copy's handle."""
+    by host_link.TokenReturn, that copy's handle; the logprobs asked for, on the device."""
     requests: list[Request]
     tokens: torch.Tensor | None
     returned: tuple[int, int] | None = None
+    logprobs: SampledLogprobs | None = None
+    prompt_logprobs: tuple[list[tuple[Request, int]], SampledLogprobs] | None = None
+
+
+# Per sampled token of a request that asked: {token id: (logprob, rank)}, the sampled first.
+TokenLogprobs = dict[int, tuple[float, int]]
 
 
 @dataclass
@@ -262,29 +268,36 @@ class ModelRunner:
         if self.send_plan is not None:
             self.send_plan(plan.for_workers())
         hook = self.events.gpu_busy if batch.sample_requests else None
-        logits = self._forward_plan(plan, after.tokens if after is not None else None, t0, hook)
+        logits, prompt_logits = self._forward_plan(
+            plan, after.tokens if after is not None else None, t0, hook)
+        prompt_lp = None
+        if prompt_logits is not None:
+            at = batch.prompt_logprob_at
+            targets = torch.tensor([r.prompt_token_ids[p] for r, p in at], device=self.device)
+            k = max(r.sampling_params.prompt_logprobs for r, _ in at)
+            prompt_lp = (at, token_logprobs(prompt_logits, targets, k))
         if logits is None:
-            return PendingStep([], None)
-        tokens = self.sampler.sample(logits, batch.sample_requests)
+            return PendingStep([], None, prompt_logprobs=prompt_lp)
+        tokens, logprobs = self.sampler.sample(logits, batch.sample_requests)
         self.tp.broadcast(tokens)
-        if self._tokens is not None:  # the copy back is queued now, with the step
-            return PendingStep(batch.sample_requests, tokens, self._tokens.send(tokens))
-        return PendingStep(batch.sample_requests, tokens)
+        returned = self._tokens.send(tokens) if self._tokens is not None else None
+        return PendingStep(batch.sample_requests, tokens, returned, logprobs, prompt_lp)
 
     @torch.inference_mode()
     def run_plan(self, plan: StepPlan, prev_tokens: torch.Tensor | None) -> torch.Tensor | None:
         """A tensor-parallel worker's step: run ``plan`` (its placeholders from
         ``prev_tokens``, the tokens of the plan before) and return the tokens the driver
         sampled and broadcast (None if nothing samples)."""
-        if self._forward_plan(plan, prev_tokens, time.perf_counter(), None) is None:
+        if self._forward_plan(plan, prev_tokens, time.perf_counter(), None)[0] is None:
             return None
         tokens = torch.empty(len(plan.batch.sample_rows), dtype=torch.long, device=self.device)
         return self.tp.broadcast(tokens)
 
     def _forward_plan(self, plan: StepPlan, prev_tokens: torch.Tensor | None, t0: float,
-                      hook: Callable[[], None] | None) -> torch.Tensor | None:
-        """Logits of the plan's sampled rows (None if none samples), the hook fired while the
-        device computes."""
+                      hook: Callable[[], None] | None
+                      ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Logits of the plan's sampled rows and of its prompt-logprob rows (None where there
+        are none), the hook fired while the device computes."""
         batch = plan.batch
         feed = self._feeder(batch.feed_rows, plan.feed_src, prev_tokens)
         mixed = (self.mixed_graphs.bucket(batch) if self.mixed_graphs is not None
@@ -307,11 +320,17 @@ class ModelRunner:
             hidden = self.model(ids, pos, self.kv_cache.layer_views, meta)
         if hook is not None:
             hook()
+        lp_rows = batch.prompt_logprob_rows
+        if lp_rows:  # (one LM-head pass: under tensor parallelism it is a collective)
+            both = self.model.compute_logits(hidden[self._sample_rows(batch.sample_rows
+                                                                      + lp_rows)])
+            k = len(batch.sample_rows)
+            return (both[:k] if k else None), both[k:]
         if not batch.sample_rows:
-            return None
+            return None, None
         if len(batch.sample_rows) == len(hidden):  # every row samples (decode-only steps)
-            return self.model.compute_logits(hidden)
-        return self.model.compute_logits(hidden[self._sample_rows(batch.sample_rows)])
+            return self.model.compute_logits(hidden), None
+        return self.model.compute_logits(hidden[self._sample_rows(batch.sample_rows)]), None
 
     @staticmethod
     def _feed_sources(batch: InputBatch, after: PendingStep | None) -> list[int]:
@@ -346,17 +365,48 @@ class ModelRunner:
 
         return feed
 
-    def collect(self, pending: PendingStep) -> dict[Request, int]:
-        """Wait for a launched step's sampled tokens: {request: token} for those that sampled."""
+    def collect(self, pending: PendingStep
+                ) -> tuple[dict[Request, int], dict[Request, TokenLogprobs]]:
+        """Wait for a launched step's sampled tokens: {request: token} for those that sampled,
+        and the logprobs of those that asked; prompt logprobs go to their requests."""
+        if pending.prompt_logprobs is not None:
+            at, lp = pending.prompt_logprobs
+            for (req, pos), entry in zip(at, _entries(lp, pending_ids(at))):
+                if req.prompt_logprobs is not None and req.prompt_logprobs[pos] is None:
+                    req.prompt_logprobs[pos] = entry
         if not pending.requests:
-            return {}
+            return {}, {}
         if pending.returned is not None:
             ids = self._tokens.receive(pending.returned)  # type: ignore[union-attr]
         else:
             ids = pending.tokens.tolist()  # type: ignore[union-attr]
-        return dict(zip(pending.requests, ids))
+        tokens = dict(zip(pending.requests, ids))
+        if pending.logprobs is None:
+            return tokens, {}
+        return tokens, {req: entry for req, entry in zip(pending.requests,
+                                                          _entries(pending.logprobs, ids))
+                        if req.sampling_params.logprobs is not None}
 
     def _sample_rows(self, rows: list[int]) -> torch.Tensor:
         if self._rows is not None:
             return self._rows.send(rows)
         return torch.tensor(rows, dtype=torch.long, device=self.device)
+
+
+def pending_ids(at: list[tuple[Request, int]]) -> list[int]:
+    """The prompt tokens whose logprobs the rows ``at`` hold."""
+    return [req.prompt_token_ids[pos] for req, pos in at]
+
+
+def _entries(lp: SampledLogprobs, ids: list[int]) -> list[TokenLogprobs]:
+    """Host dicts {token: (logprob, rank)} per row: the row's token first, then its top k
+    (ranks 1..k); one device-to-host copy per tensor."""
+    chosen, ranks = lp.token_logprobs.tolist(), lp.token_ranks.tolist()
+    top_ids, top_lp = lp.top_ids.tolist(), lp.top_logprobs.tolist()
+    out = []
+    for i, token in enumerate(ids):
+        entry = {token: (chosen[i], ranks[i])}
+        for rank, (t, v) in enumerate(zip(top_ids[i], top_lp[i]), start=1):
+            entry.setdefault(t, (v, rank))
+        out.append(entry)
+    return out

@@ -1,45 +1,96 @@
-"""Token sampling: greedy, temperature, top-k, top-p, per-request seeds.
+"""Token sampling for a whole batch on the device, as vLLM defines each parameter.
+
+    raw logits --> logprobs (asked-for rows: the sampled token's, its rank, the top k)
+        |
+        +--> logit_bias, min_tokens (EOS and stop ids masked), penalties (repetition,
+             frequency, presence: from the request's tokens)
+        +--> greedy rows: argmax
+        +--> temperature, min_p, top-k, top-p --> random rows: exponential race
 
 Random rows sample with the exponential-race trick (argmax of p / E, E ~ Exp(1)), which needs one
 vector of noise per row: a request with a seed draws its noise from its own generator, so its
-output does not depend on what else is in the batch.
+output does not depend on what else is in the batch. Every step is one set of batched tensor
+operations whatever the mix of parameters; a stage runs only when some row needs it.
+
+Penalties read the request's output tokens from the host, so they must all be known: the engine
+does not launch a step while one with such a request is in flight (engine.py).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from fairswitch.request import Request
 
 
+@dataclass
+class SampledLogprobs:
+    """Per sampled row (all rows of the step, when any asked): the sampled token's raw
+    logprob and rank, and the ``k`` most likely tokens (k: the most any row asked for)."""
+    token_logprobs: torch.Tensor  # [rows] float32
+    token_ranks: torch.Tensor  # [rows] int64, 1 = most likely
+    top_ids: torch.Tensor  # [rows, k]
+    top_logprobs: torch.Tensor  # [rows, k]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> SampledLogprobs:
+    """Logprobs of ``tokens`` (one per row) under raw ``logits``, with ranks and the top ``k``."""
+    lp = logits.float().log_softmax(dim=-1)
+    chosen = lp.gather(1, tokens[:, None]).squeeze(1)
+    ranks = (lp > chosen[:, None]).sum(dim=-1) + 1
+    top_lp, top_ids = lp.topk(k, dim=-1) if k else (lp[:, :0], tokens[:, None][:, :0])
+    return SampledLogprobs(chosen, ranks, top_ids, top_lp)
+
+
 class Sampler:
     def __init__(self, device: torch.device, seed: int) -> None:
         self.device = device
         self._generator = torch.Generator(device=device).manual_seed(seed)
+        self.eos_token_ids: set[int] = set()  # masked before min_tokens (set by the builder)
 
-    def sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    def sample(self, logits: torch.Tensor, requests: list[Request]
+               ) -> tuple[torch.Tensor, SampledLogprobs | None]:
         """logits [num_requests, vocab] float32 -> one token id per request, on the logits'
-        device: launched, not waited for."""
+        device (launched, not waited for), and the logprobs asked for (None if none were)."""
+        params = [r.sampling_params for r in requests]
+        raw = logits
+        if any(p.shapes_logits for p in params):
+            logits = self._shape(logits.clone(), requests)
+        tokens = self._pick(logits, requests)
+        asked = [p.logprobs for p in params if p.logprobs is not None]
+        if not asked:
+            return tokens, None
+        return tokens, token_logprobs(raw, tokens, max(asked))
+
+    def _pick(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         params = [r.sampling_params for r in requests]
         if all(p.greedy for p in params):
             return logits.argmax(dim=-1)
         greedy_ids = logits.argmax(dim=-1)
+        dev = logits.device
         temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params],
-                             dtype=torch.float32, device=logits.device)
+                             dtype=torch.float32, device=dev)
         logits = logits / temps[:, None]
+        if any(p.min_p > 0.0 for p in params):
+            probs = logits.softmax(dim=-1)
+            min_ps = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev)
+            floor = probs.amax(dim=-1, keepdim=True) * min_ps[:, None]
+            logits = logits.masked_fill(probs < floor, float("-inf"))
         top_ks = [p.top_k if p.top_k > 0 else 0 for p in params]
         top_ps = [p.top_p for p in params]
         vocab = logits.shape[-1]
         if any(top_ks) or any(tp < 1.0 for tp in top_ps):
             logits, order = logits.sort(dim=-1, descending=True)
             if any(top_ks):
-                ks = torch.tensor([k or vocab for k in top_ks], device=logits.device)
-                ranks = torch.arange(vocab, device=logits.device)
+                ks = torch.tensor([k or vocab for k in top_ks], device=dev)
+                ranks = torch.arange(vocab, device=dev)
                 logits = logits.masked_fill(ranks[None, :] >= ks[:, None], float("-inf"))
             if any(tp < 1.0 for tp in top_ps):
                 probs = logits.softmax(dim=-1)
                 before = probs.cumsum(dim=-1) - probs  # mass of strictly better tokens
-                ps = torch.tensor(top_ps, dtype=torch.float32, device=logits.device)
+                ps = torch.tensor(top_ps, dtype=torch.float32, device=dev)
                 logits = logits.masked_fill(before >= ps[:, None], float("-inf"))
         else:
             order = None
@@ -50,8 +101,62 @@ class Sampler:
         picked = (probs / noise).argmax(dim=-1)
         if order is not None:
             picked = order.gather(1, picked[:, None]).squeeze(1)
-        is_greedy = torch.tensor([p.greedy for p in params], device=logits.device)
+        is_greedy = torch.tensor([p.greedy for p in params], device=dev)
         return torch.where(is_greedy, greedy_ids, picked)
+
+    def _shape(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """Logit bias, min_tokens and penalties, in place on a copy of the logits."""
+        vocab = logits.shape[-1]
+        rows: list[int] = []  # (row, token, value) to add, then to mask
+        ids: list[int] = []
+        values: list[float] = []
+        masked_rows: list[int] = []
+        masked_ids: list[int] = []
+        for i, req in enumerate(requests):
+            p = req.sampling_params
+            for t, b in (p.logit_bias or {}).items():
+                rows.append(i)
+                ids.append(t)
+                values.append(b)
+            # The placeholder of the token sampled now counts: tokens before it = count - 1.
+            if req.num_output_tokens - 1 < p.min_tokens:
+                stops = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
+                for t in stops:
+                    if t < vocab:
+                        masked_rows.append(i)
+                        masked_ids.append(t)
+        dev = logits.device
+        if rows:
+            logits.index_put_((torch.tensor(rows, device=dev), torch.tensor(ids, device=dev)),
+                              torch.tensor(values, dtype=logits.dtype, device=dev),
+                              accumulate=True)
+        if masked_rows:
+            logits[torch.tensor(masked_rows, device=dev),
+                   torch.tensor(masked_ids, device=dev)] = float("-inf")
+        penalized = [i for i, r in enumerate(requests) if r.sampling_params.has_penalties]
+        if penalized:
+            logits[penalized] = self._penalize(logits[penalized],
+                                               [requests[i] for i in penalized])
+        return logits
+
+    def _penalize(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """Repetition (prompt and output), frequency and presence (output) penalties."""
+        vocab, dev = logits.shape[-1], logits.device
+        outputs = [[t for t in r.output_token_ids if t >= 0] for r in requests]  # no placeholder
+        counts = _token_counts([*outputs], vocab, dev)
+        seen = counts > 0
+        rep = torch.tensor([r.sampling_params.repetition_penalty for r in requests],
+                           dtype=logits.dtype, device=dev)
+        if bool((rep != 1.0).any()):
+            in_prompt = _token_counts([r.prompt_token_ids for r in requests], vocab, dev) > 0
+            hit = seen | in_prompt
+            scaled = torch.where(logits > 0, logits / rep[:, None], logits * rep[:, None])
+            logits = torch.where(hit, scaled, logits)
+        freq = torch.tensor([r.sampling_params.frequency_penalty for r in requests],
+                            dtype=logits.dtype, device=dev)
+        pres = torch.tensor([r.sampling_params.presence_penalty for r in requests],
+                            dtype=logits.dtype, device=dev)
+        return logits - freq[:, None] * counts.to(logits.dtype) - pres[:, None] * seen
 
     def _generator_of(self, req: Request) -> torch.Generator:
         seed = req.sampling_params.seed
@@ -60,3 +165,16 @@ class Sampler:
         if req.generator is None:
             req.generator = torch.Generator(device=self.device).manual_seed(seed)
         return req.generator
+
+
+def _token_counts(token_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """[rows, vocab] occurrences of each token id in each row's list (one scatter)."""
+    width = max(1, max(map(len, token_lists), default=1))
+    padded = torch.full((len(token_lists), width), vocab, dtype=torch.long)
+    for i, ids in enumerate(token_lists):
+        if ids:
+            padded[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+    padded = padded.to(device, non_blocking=True)
+    counts = torch.zeros(len(token_lists), vocab + 1, dtype=torch.int32, device=device)
+    counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.int32))
+    return counts[:, :vocab]

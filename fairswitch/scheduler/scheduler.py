@@ -65,7 +65,8 @@ class TokenSink(Protocol):
     """What a sampled token does to its request (engine/output_processor.py: detokenize, stop
     checks); the scheduler calls it and frees the requests it finishes."""
 
-    def append_token(self, request: Request, token_id: int) -> None: ...
+    def append_token(self, request: Request, token_id: int,
+                     logprobs: dict[int, tuple[float, int]] | None = None) -> None: ...
 
     def at_length_limit(self, request: Request) -> bool: ...
 
@@ -172,8 +173,9 @@ class Scheduler:
                 req.token_ids.append(PLACEHOLDER_TOKEN)
                 req.finishing = self.tokens.at_length_limit(req)
 
-    def update_from_output(self, out: SchedulerOutput,
-                           sampled: dict[Request, int]) -> list[Request]:
+    def update_from_output(self, out: SchedulerOutput, sampled: dict[Request, int],
+                           logprobs: dict[Request, dict[int, tuple[float, int]]] | None = None
+                           ) -> list[Request]:
         """The step's sampled tokens are back: each replaces its request's placeholder (one of
         a step scheduled after this one stays, after it), stop conditions are checked, finished
         requests leave and free their KV, and the service is charged. Returns the requests that
@@ -187,7 +189,7 @@ class Scheduler:
             if token is None:
                 raise RuntimeError(f"the step sampled no token for request {req.request_id!r}")
             num_placeholders = _drop_placeholders(req)
-            self.tokens.append_token(req, token)
+            self.tokens.append_token(req, token, logprobs.get(req) if logprobs else None)
             m = req.metrics
             if m.first_token_time is None:
                 m.first_token_time = now
@@ -443,9 +445,11 @@ class Scheduler:
                        now: float) -> int | None:
         """Admit a waiting request: tokens scheduled, 0 if it waits for a CPU-tier fetch, None
         if it does not fit."""
-        reused = self.kv.attach_cached_prefix(req)
+        # Prompt logprobs need the logits of every prompt position: nothing reused.
+        computes_all = req.prompt_logprobs is not None
+        reused = 0 if computes_all else self.kv.attach_cached_prefix(req)
         headroom = self._batch_headroom()
-        fetched = self._fetch_from_cpu_tier(req, headroom)
+        fetched = 0 if computes_all else self._fetch_from_cpu_tier(req, headroom)
         n = min(req.num_tokens - req.num_computed_tokens, budget)
         if not fetched and (self.kv.num_new_blocks(req, n) + headroom > self.kv.num_free_blocks
                             or not self.kv.allocate_slots(req, n)):
