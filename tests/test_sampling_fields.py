@@ -177,9 +177,21 @@ def test_penalized_greedy_decoding_matches_a_reference_loop(llama_dir, async_sch
     assert 1 <= want.count(777) < favoured.count(777) - 3  # pushed away once repeated
 
 
-def test_n_copies_are_sampled_independently(llm):
+def test_n_copies_are_sampled_independently_and_share_the_prompt(llama_dir):
+    llm = LLM(model=str(llama_dir), num_gpu_blocks=128, max_model_len=96, block_size=4)
     params = SamplingParams(max_tokens=6, temperature=1.0, seed=7, n=3, ignore_eos=True)
+    cached = []
+    step = llm.engine.step
+
+    def watched():
+        outs = step()
+        cached.extend(o.num_cached_tokens for o in outs if o.finished)
+        return outs
+
+    llm.engine.step = watched
     out = llm.generate([PROMPT], params, use_tqdm=False)[0]
+    assert sorted(cached) == [0, 16, 16]  # copies 1 and 2 reuse copy 0's full prompt blocks
+    llm.engine.step = step
     assert [c.index for c in out.outputs] == [0, 1, 2]
     assert len({tuple(c.token_ids) for c in out.outputs}) > 1
     again = llm.generate([PROMPT], params, use_tqdm=False)[0]

@@ -63,22 +63,34 @@ class LLM:
                    for p in prompts]
         ids: list[str] = []
         index: dict[str, tuple[int, int]] = {}  # request id -> (prompt, copy)
+        # n > 1: one request per copy; copies 1.. join once copy 0's prompt is computed, so
+        # that they share its KV (prefix caching) instead of computing it n times.
+        later: dict[str, Any] = {}
+
+        def add(i: int, j: int, copy: SamplingParams) -> str:
+            (text, toks), prio, client = checked[i], priorities[i], clients[i]
+            ids.append(engine.add_request(text, copy, prompt_token_ids=toks, priority=prio,
+                                          client_id=client))
+            index[ids[-1]] = (i, j)
+            return ids[-1]
+
         try:
-            for i, ((text, toks), p, prio, client) in enumerate(
-                    zip(checked, params, priorities, clients)):
-                for j, copy in enumerate(p.copies()):  # n > 1: one request per copy
-                    ids.append(engine.add_request(text, copy, prompt_token_ids=toks,
-                                                  priority=prio, client_id=client))
-                    index[ids[-1]] = (i, j)
+            for i, p in enumerate(params):
+                copies = p.copies()
+                later[add(i, 0, copies[0])] = (i, copies)
         except BaseException:  # e.g. the waiting queue is full: take back what was queued
             for rid in ids:
                 engine.abort_request(rid)
             raise
         done: list[list[RequestOutput | None]] = [[None] * p.n for p in params]
-        bar = _progress(len(ids), use_tqdm)
+        bar = _progress(sum(p.n for p in params), use_tqdm)
         try:
             while engine.has_unfinished_requests():
                 for out in engine.step():
+                    if out.request_id in later:  # its first output: the prompt is computed
+                        i, copies = later.pop(out.request_id)
+                        for j, copy in enumerate(copies[1:], start=1):
+                            add(i, j, copy)
                     if out.finished and out.request_id in index:
                         i, j = index[out.request_id]
                         done[i][j] = out

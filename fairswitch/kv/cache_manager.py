@@ -16,7 +16,7 @@ from __future__ import annotations
 from fairswitch.kv.block_groups import ExtentAllocator
 from fairswitch.kv.block_pool import BlockPool
 from fairswitch.kv.reuse_index import ReuseTier
-from fairswitch.request import Request
+from fairswitch.request import Request, RequestStatus
 
 
 class KVCacheManager:
@@ -134,6 +134,16 @@ class KVCacheManager:
                                        request.block_table, request.block_hashes)
         self.release_blocks(request.block_table)
         request.block_table = []
+
+    def cache_prompt(self, request: Request) -> None:
+        """Index the full blocks of a request's computed prompt while it runs (its KV never
+        changes), so that a request with the same prompt arriving now shares them: the
+        ``n`` copies of one request, a system prompt many clients send."""
+        resident = request.status == RequestStatus.RUNNING and request.block_table
+        if self.prefix_cache is not None and resident and request.num_computed_tokens >= \
+                request.num_prompt_tokens:  # (not meanwhile preempted, nor coming back)
+            self.prefix_cache.register(request.token_ids, request.num_prompt_tokens,
+                                       request.block_table, request.block_hashes)
 
     def attach_cached_prefix(self, request: Request) -> int:
         """Share cached blocks holding a prefix of a new request's tokens; return tokens reused.

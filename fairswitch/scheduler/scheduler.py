@@ -190,6 +190,8 @@ class Scheduler:
                 raise RuntimeError(f"the step sampled no token for request {req.request_id!r}")
             num_placeholders = _drop_placeholders(req)
             self.tokens.append_token(req, token, logprobs.get(req) if logprobs else None)
+            if req.num_output_tokens == 1:  # its prompt is computed: others may share it
+                self.kv.cache_prompt(req)
             m = req.metrics
             if m.first_token_time is None:
                 m.first_token_time = now
