@@ -312,8 +312,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
             if "default" not in help:  # a help text that explains its default says it once
                 help += f" (default: {default})"
             if _arg_type(f) is None:
-                group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                   default=default, help=help)
+                action = group.add_argument(flag, dest=f.name,
+                                            action=argparse.BooleanOptionalAction,
+                                            default=default, help=help)
+                action.help = help  # Python < 3.11 appends its own "(default: ...)"
                 continue
             group.add_argument(flag, dest=f.name, type=_arg_type(f), default=default,
                                choices=f.metadata.get("choices"), help=help)

@@ -1,5 +1,6 @@
 """`fairswitch serve` as a real process: it starts, answers the openai client, and on SIGTERM
-stops accepting, ends the in-flight stream after its grace period and exits cleanly."""
+stops accepting, ends the in-flight stream after its grace period (an in-band error, then
+[DONE]) and exits cleanly. tests/test_server_hardening.py times the whole sequence."""
 
 from __future__ import annotations
 
@@ -68,8 +69,8 @@ def test_serve_process_and_sigterm():
                         body = ""
                     return body, time.monotonic() - t0
         body, waited = asyncio.run(stream_then_sigterm())
-        # The stream was cut after the 0.2 s grace period, long before its 250 tokens.
-        assert "[DONE]" not in body and waited < 20
+        # The stream was aborted after the 0.2 s grace period, long before its 250 tokens.
+        assert body.endswith("data: [DONE]\n\n") and "shutting down" in body and waited < 20
         assert proc.wait(timeout=60) == 0
         rest = []
         while (line := lines.get(timeout=10)) is not None:
@@ -101,7 +102,8 @@ def test_app_cleanup_cuts_streams_and_shuts_the_engine_down():
                 except aiohttp.ClientPayloadError:
                     return ""
     try:
-        assert "[DONE]" not in asyncio.run(stream_then_stop())
+        body = asyncio.run(stream_then_stop())
+        assert body.endswith("data: [DONE]\n\n") and "shutting down" in body
         assert not engine.is_running  # the app owned the engine: its cleanup stopped it
     finally:
         server.stop()

@@ -154,12 +154,19 @@ class HTTPClient:
 
 
 def _carries_token(event: dict[str, Any]) -> bool:
+    """The server sends one chunk per token, with empty text where the text is held back (a
+    possible stop string, an incomplete character): every choice chunk but chat's opening one
+    (the role) carries a token; so does a last chunk that only says why it finished."""
     choices = event.get("choices") or []
     if not choices:
         return False  # the usage chunk
     choice = choices[0]
-    text = choice["delta"].get("content") if "delta" in choice else choice.get("text")
-    return bool(text) or choice.get("finish_reason") is not None
+    if "delta" in choice:
+        delta = choice["delta"]
+        carries = "content" in delta and "role" not in delta
+    else:
+        carries = "text" in choice
+    return carries or choice.get("finish_reason") is not None
 
 
 def _apply_usage(record: RequestRecord, usage: dict[str, Any]) -> None:

@@ -30,8 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="fairswitch: a fairness-aware, preemptive LLM serving engine.")
     parser.add_argument("-h", "--help", action=_FullHelp, help="show this help (all commands)")
     parser.add_argument("--version", action="version", version=f"fairswitch {__version__}")
-    parser.add_argument("--log-level", default="WARNING",
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="logging verbosity")
+    parser.add_argument("--log-level", type=str.lower, choices=serve.LOG_LEVELS, default=None,
+                        help="logging verbosity (default: warning; serve: info)")
     subs = parser.add_subparsers(dest="command", metavar="COMMAND")
     parser._commands = {  # type: ignore[attr-defined]
         "generate": generate.add_parser(subs),
@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=(args.log_level or "warning").upper(),
+                        format="%(levelname)s %(name)s: %(message)s")
     if args.command is None:
         parser.print_help()
         return 2

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 from pathlib import Path
 
 from fairswitch.config import EngineConfig, add_engine_args
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def add_parser(subs: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -33,8 +36,15 @@ def add_parser(subs: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="Jinja chat template (a file, or the template itself) replacing the "
                         "tokenizer's (default: the tokenizer's, else a plain-text one)")
     s.add_argument("--shutdown-timeout", type=float, default=5.0,
-                   help="seconds in-flight requests may keep running after SIGTERM/SIGINT "
-                        "before they are aborted (default: 5)")
+                   help="seconds in total in-flight requests may keep running after "
+                        "SIGTERM/SIGINT before they are aborted (streams end with an error "
+                        "event, the others get a 503) (default: 5)")
+    # SUPPRESS: `fairswitch --log-level X serve` (main.py) is not overwritten by a default here.
+    s.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default=argparse.SUPPRESS,
+                   help="verbosity of fairswitch's loggers (default: info: one access line "
+                        "per request, refusals with their cause)")
+    s.add_argument("--disable-log-requests", action="store_true",
+                   help="no access line per request (refusals are still logged)")
     add_engine_args(p)
     p.set_defaults(run=run)
     return p
@@ -56,9 +66,11 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    logging.getLogger("fairswitch").setLevel((args.log_level or "info").upper())
     settings = ServerSettings(
         served_model_names=args.served_model_name or [args.model], api_key=args.api_key,
-        max_body_bytes=args.max_body_bytes, chat_template=read_chat_template(args.chat_template))
+        max_body_bytes=args.max_body_bytes, chat_template=read_chat_template(args.chat_template),
+        log_requests=not args.disable_log_requests)
     engine = AsyncEngine.from_config(EngineConfig.from_cli_args(args))
     app = build_app(engine, settings)
 

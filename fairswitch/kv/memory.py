@@ -164,6 +164,12 @@ class KVMemory:
         swap, pc = self.swap, self.blocks.prefix_cache
         stats = CopyStats.total(swap.copy_stats())
         cpu_pool = swap.cpu_pool
+        num_cpu_blocks = cpu_pool.num_blocks if cpu_pool else 1
+        tier_blocks = swap.tier.num_blocks if swap.tier else 0
+        # CPU blocks that live requests own (as ``check`` counts them): neither the reuse tier
+        # nor blocks held by copies (aborted requests', write-backs on their way to the tier).
+        live_cpu_blocks = (cpu_pool.num_used_blocks - tier_blocks - swap.num_cpu_blocks_in_flight()
+                           if cpu_pool else 0)
         running = [r for r in running if r.block_table]
         return {
             "swap_bytes_out": stats.bytes_out,
@@ -180,11 +186,15 @@ class KVMemory:
             # of which blocked waiting on copies (sync baseline copies, swap-ins with nothing
             # else to run).
             "switch_stall_s": swap.stall_s,
+            # Usage: live requests' KV (on the GPU: copies in flight too); reuse: KV kept for
+            # later requests that no live request holds, evicted when the pool needs room.
             "gpu_kv_usage": self.blocks.usage(),
-            "cpu_kv_usage": cpu_pool.num_used_blocks / cpu_pool.num_blocks if cpu_pool else 0.0,
+            "cpu_kv_usage": live_cpu_blocks / num_cpu_blocks,
+            "gpu_kv_reuse": len(pc.evictable) / self.num_blocks if pc else 0.0,
+            "cpu_kv_reuse": tier_blocks / num_cpu_blocks,
             "reuse_hit_blocks": pc.num_hit_blocks if pc else 0,
             "reuse_queried_blocks": pc.num_queried_blocks if pc else 0,
-            "cpu_tier_blocks": swap.tier.num_blocks if swap.tier else 0,
+            "cpu_tier_blocks": tier_blocks,
             "extents_per_request": sum(num_extents(r.block_table) for r in running) / len(running)
             if running else 0.0,
             "kv_utilization": sum(r.num_computed_tokens for r in running) / (

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP service (aiohttp, Server-Sent Events) over an ``AsyncEngine``.
 
 Modules: ``app`` (routes and wiring), ``protocol`` (request validation, response bodies),
-``chat`` (chat template), ``streaming`` (SSE), ``errors`` (OpenAI error shape), ``metrics``
+``prompts`` (bodies to token ids off the event loop), ``chat`` (chat template), ``streaming``
+(SSE), ``errors`` (OpenAI error shape), ``inflight`` (access log, graceful drain), ``metrics``
 (Prometheus), ``serving`` (run in the foreground with signal handling, or in a thread),
 ``settings``.
 """

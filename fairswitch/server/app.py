@@ -4,12 +4,16 @@ A generation request goes: body -> ``protocol`` (typed, validated) -> prompt tok
 tokenizer's chat template for chat) -> ``AsyncEngine.generate(priority=, client_id=)`` -> one JSON
 body, or an SSE stream. The first output is awaited before the response starts, so a request the
 engine refuses (bad prompt, queue full) still gets its HTTP status; after that, errors travel
-in-band as ``data: {"error": ...}``. The output iterator is always closed when the handler ends,
-whether it finished, failed, or was cancelled because the client went away: closing it aborts
-the request and frees its KV blocks.
+in-band as ``data: {"error": ...}``. A stream sends one chunk per output that carries tokens, even
+when their text is held back (a possible stop string, an incomplete character): clients count
+chunks as tokens. The output iterator is always closed when the handler ends, whether it
+finished, failed, or was cancelled because the client went away: closing it aborts the request
+and frees its KV blocks.
 
-The tokenizer is used on the event-loop thread as well as on the engine thread: encoding and
-decoding only read the (Rust) tokenizer, which is safe from several threads.
+Everything up to the prompt's token ids (JSON, chat template, tokenizer) runs on the prompt
+worker's threads (prompts.py), never on the event loop; the engine thread detokenizes. The (Rust)
+tokenizer is only read, which is safe from several threads. Requests in flight, their access
+lines and the graceful shutdown are inflight.py's.
 """
 
 from __future__ import annotations
@@ -29,13 +33,17 @@ from aiohttp import web
 
 from fairswitch import __version__
 from fairswitch.engine.async_engine import AsyncEngine, EngineDeadError
-from fairswitch.outputs import RequestOutput
+from fairswitch.outputs import CompletionOutput, RequestOutput
 from fairswitch.scheduler.scheduler import QueueFullError
 from fairswitch.server import protocol, streaming
 from fairswitch.server.chat import ChatTemplate
-from fairswitch.server.errors import APIError, Handler, bad_request, error_middleware
+from fairswitch.server.errors import (APIError, Handler, bad_request, error_middleware,
+                                      log_refusal)
+from fairswitch.server.inflight import InFlight
 from fairswitch.server.metrics import (CONTENT_TYPE, RequestTracker, ServerMetrics,
                                        engine_snapshot)
+from fairswitch.server.prompts import PromptWorker
+from fairswitch.server.serving import DRAIN_KEY
 from fairswitch.server.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -70,21 +78,19 @@ class OpenAIServer:
         self.core = engine.engine  # read-only use: tokenizer, limits, prompt validation
         self.tokenizer = self.core.tokenizer
         self.chat_template = ChatTemplate(self.tokenizer, settings.chat_template)
+        self.prompts = PromptWorker(self.tokenizer, self.core.max_model_len)
         self.metrics = ServerMetrics(self.model_name)
+        self.in_flight = InFlight(settings.log_requests)
         self.created = int(time.time())
 
     # ---- shared steps -------------------------------------------------------------------------
 
-    async def _json(self, request: web.Request) -> Any:
+    async def _body(self, request: web.Request) -> bytes:
         limit = self.settings.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             raise APIError(413, f"request body is too large: {request.content_length} bytes; "
                            f"the limit is {limit} bytes")
-        raw = await request.read()  # aiohttp raises 413 itself past client_max_size (chunked)
-        try:
-            return json.loads(raw, parse_constant=_reject_constant)
-        except (ValueError, RecursionError) as e:
-            raise bad_request(f"the request body is not valid JSON: {e}") from None
+        return await request.read()  # aiohttp raises 413 itself past client_max_size (chunked)
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model not in self.settings.served_model_names:
@@ -102,42 +108,66 @@ class OpenAIServer:
     # ---- generation ---------------------------------------------------------------------------
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        req = protocol.parse_completion(await self._json(request))
-        self._check_model(req.model)
-        text, ids = self._validate_prompt(req.prompt, None, "prompt")  # text or token ids
+        req, text, ids = await self.prompts.run(self._completion_prompt, await self._body(request))
         max_tokens = protocol.resolve_max_tokens(req.max_tokens, len(ids), self.core.max_model_len,
                                                  protocol.DEFAULT_COMPLETION_MAX_TOKENS)
         return await self._generate(request, req, protocol.COMPLETION, text, ids, max_tokens)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        req = protocol.parse_chat(await self._json(request))
-        self._check_model(req.model)
-        text, ids = self.chat_template.encode(req.messages, req.add_generation_prompt)
-        text, ids = self._validate_prompt(text, ids, "messages")
+        req, text, ids = await self.prompts.run(self._chat_prompt, await self._body(request))
         max_tokens = protocol.resolve_max_tokens(req.max_tokens, len(ids), self.core.max_model_len,
                                                  None)
         return await self._generate(request, req, protocol.CHAT, text, ids, max_tokens)
 
+    def _completion_prompt(self, raw: bytes) -> tuple[protocol.CompletionRequest, str | None,
+                                                        list[int]]:
+        """(request, prompt text, prompt token ids); on a prompt worker thread."""
+        req = protocol.parse_completion(_loads(raw))
+        self._check_model(req.model)
+        if not isinstance(req.prompt, str):  # token ids
+            return req, *self._validate_prompt(None, req.prompt, "prompt")
+        self.prompts.check_length(req.prompt, "prompt")
+        ids = self.prompts.encode(req.prompt, add_special_tokens=True)
+        return req, *self._validate_prompt(req.prompt, ids, "prompt")
+
+    def _chat_prompt(self, raw: bytes) -> tuple[protocol.ChatRequest, str | None, list[int]]:
+        """(request, prompt text, prompt token ids); on a prompt worker thread."""
+        req = protocol.parse_chat(_loads(raw))
+        self._check_model(req.model)
+        text = self.chat_template.render(req.messages, req.add_generation_prompt)
+        self.prompts.check_length(text, "messages")
+        # Templates write their own special tokens (chat.py).
+        ids = self.prompts.encode(text, add_special_tokens=False)
+        return req, *self._validate_prompt(text, ids, "messages")
+
     async def _generate(self, request: web.Request, req: protocol.GenerationRequest,
                         fmt: protocol.ResponseFormat, text: str | None, ids: list[int],
                         max_tokens: int) -> web.StreamResponse:
+        if self.in_flight.aborting:  # shutting down: requests still running are being aborted
+            raise _aborted()
         response_id = fmt.id_prefix + uuid.uuid4().hex
         client_id = request.headers.get("X-Client-Id") or req.user
+        record = self.in_flight.record(request)
+        record.request_id, record.client_id, record.priority = response_id, client_id, req.priority
+        record.num_prompt_tokens = len(ids)
         outputs = self.engine.generate(
             text, req.sampling_params(max_tokens), request_id=response_id, prompt_token_ids=ids,
             priority=req.priority, client_id=client_id)
-        tracker = self.metrics.track()
+        tracker = record.tracker = self.metrics.track()
         reply = _Reply(response_id, int(time.time()), self.model_name, fmt)
         # Closing the iterator aborts the request in the engine unless it finished: on errors,
         # on a client that went away, and when aiohttp cancels this handler.
         async with contextlib.aclosing(outputs):
             try:
                 first = await _next_output(outputs)
+                if first.outputs[0].finish_reason == "abort":  # before it began: a status
+                    raise _aborted()
                 if req.stream:
                     return await self._stream(request, req, reply, first, outputs, tracker)
                 return await self._whole(reply, first, outputs, tracker)
             finally:
                 tracker.close()
+                record.request_id = None
 
     async def _whole(self, reply: _Reply, out: RequestOutput,
                      outputs: AsyncIterator[RequestOutput],
@@ -169,9 +199,8 @@ class OpenAIServer:
                     c = out.outputs[0]
                     if c.finish_reason == "abort":
                         raise _aborted()
-                    if c.new_text or out.finished:
-                        finish = c.finish_reason if out.finished else None
-                        choice = reply.fmt.delta_choice(c.new_text, finish, c.stop_reason)
+                    if c.new_token_ids or out.finished:
+                        choice = _delta_choice(reply.fmt, c, out.finished)
                         await streaming.send(resp, reply.body([choice], chunk=True, **extra))
                     if out.finished:
                         break
@@ -179,6 +208,8 @@ class OpenAIServer:
                 if req.include_usage:
                     await streaming.send(resp, reply.body([], chunk=True, usage=_usage(out)))
             except APIError as e:  # the status line is sent: report the error in-band
+                self.in_flight.record(request).error = e.message
+                log_refusal(request, e, in_band=True)
                 await streaming.send(resp, e.body())
             await streaming.send_done(resp)
         except ConnectionResetError:
@@ -211,22 +242,43 @@ class OpenAIServer:
                             headers={"Content-Type": CONTENT_TYPE})
 
     async def tokenize(self, request: web.Request) -> web.Response:
-        req = protocol.parse_tokenize(await self._json(request))
+        body = await self.prompts.run(self._tokenize, await self._body(request))
+        return web.Response(text=body, content_type="application/json")
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        body = await self.prompts.run(self._detokenize, await self._body(request))
+        return web.Response(text=body, content_type="application/json")
+
+    def _tokenize(self, raw: bytes) -> str:
+        """The response body; on a prompt worker thread. No length limit: counting the tokens
+        of a prompt too long for the model is what /tokenize is for."""
+        req = protocol.parse_tokenize(_loads(raw))
         self._check_model(req.model)
         if req.messages is not None:
             text = self.chat_template.render(req.messages, req.add_generation_prompt)
         else:
             text = req.prompt
-        ids = self.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
+        ids = self.prompts.encode(text, add_special_tokens=req.add_special_tokens)
         strs = self.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
-        return web.json_response({"count": len(ids), "max_model_len": self.core.max_model_len,
-                                  "tokens": ids, "token_strs": strs})
+        return json.dumps({"count": len(ids), "max_model_len": self.core.max_model_len,
+                           "tokens": ids, "token_strs": strs})
 
-    async def detokenize(self, request: web.Request) -> web.Response:
-        model, ids = protocol.parse_detokenize(await self._json(request),
-                                               self.core.hf_config.vocab_size)
+    def _detokenize(self, raw: bytes) -> str:
+        """The response body; on a prompt worker thread."""
+        model, ids = protocol.parse_detokenize(_loads(raw), self.core.hf_config.vocab_size)
         self._check_model(model)
-        return web.json_response({"prompt": self.tokenizer.decode(ids)})
+        return json.dumps({"prompt": self.tokenizer.decode(ids)})
+
+    # ---- shutdown -----------------------------------------------------------------------------
+
+    async def drain(self, timeout: float) -> None:
+        """Shutdown (serving.py): new requests are refused; those in flight may run for
+        ``timeout`` seconds, then the engine aborts the rest and their handlers end them."""
+        await self.in_flight.drain(timeout, self._abort)
+
+    async def _abort(self, request_id: str) -> None:
+        with contextlib.suppress(EngineDeadError):  # then every request has its error already
+            await self.engine.abort(request_id)
 
 
 @dataclass(slots=True)
@@ -243,6 +295,16 @@ class _Reply:
                                  **extra)
 
 
+def _delta_choice(fmt: protocol.ResponseFormat, c: CompletionOutput,
+                  finished: bool) -> dict[str, Any]:
+    """One output's stream choice. A chat chunk whose tokens' text is held back carries
+    ``"content": ""`` (as vLLM's), not an empty delta: one chunk per token either way."""
+    choice = fmt.delta_choice(c.new_text, c.finish_reason if finished else None, c.stop_reason)
+    if fmt.chat and c.new_token_ids:
+        choice["delta"] = {"content": c.new_text}
+    return choice
+
+
 def _usage(out: RequestOutput) -> dict[str, Any]:
     return protocol.usage(len(out.prompt_token_ids), len(out.outputs[0].token_ids),
                           out.num_cached_tokens)
@@ -250,6 +312,13 @@ def _usage(out: RequestOutput) -> dict[str, Any]:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
+
+
+def _loads(raw: bytes) -> Any:
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:
+        raise bad_request(f"the request body is not valid JSON: {e}") from None
 
 
 def _aborted() -> APIError:
@@ -272,15 +341,16 @@ async def _next_output(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
 def build_app(engine: AsyncEngine, settings: ServerSettings | None = None, *,
               shutdown_engine: bool = True) -> web.Application:
     """The application. With ``shutdown_engine`` the app owns the engine: its cleanup (after
-    in-flight requests were given their grace period and cancelled) shuts the engine down."""
+    in-flight requests were given their grace period and aborted) shuts the engine down."""
     settings = settings or ServerSettings()
-    middlewares = [error_middleware]
+    server = OpenAIServer(engine, settings)
+    middlewares = [server.in_flight.middleware, error_middleware]
     if settings.api_key:
         middlewares.append(_auth_middleware(settings.api_key))
     # client_max_size: aiohttp refuses larger bodies (413) even when they come chunked.
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
-    server = OpenAIServer(engine, settings)
     app[SERVER_KEY] = server
+    app[DRAIN_KEY] = server.drain
     app.router.add_post("/v1/completions", server.completions)
     app.router.add_post("/v1/chat/completions", server.chat_completions)
     app.router.add_get("/v1/models", server.models)
@@ -289,6 +359,10 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None, *,
     app.router.add_get("/metrics", server.prometheus)
     app.router.add_post("/tokenize", server.tokenize)
     app.router.add_post("/detokenize", server.detokenize)
+
+    async def stop_prompt_workers(app: web.Application) -> None:
+        server.prompts.close()
+    app.on_cleanup.append(stop_prompt_workers)
     if shutdown_engine:
         async def stop_engine(app: web.Application) -> None:
             await asyncio.to_thread(engine.shutdown)

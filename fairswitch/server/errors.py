@@ -3,14 +3,16 @@ that turns every failure of a handler into one.
 
 Handlers raise ``APIError`` for anything the client did wrong (or must retry); aiohttp's own HTTP
 exceptions (404 unknown route, 405 wrong method, 413 body too large) are reshaped here too, so a
-client only ever sees one error format. Anything else is a bug: it is logged with its traceback
-and answered with a 500 in the same shape, and the server keeps serving.
+client only ever sees one error format. Every refusal is logged with its cause (``log_refusal``:
+INFO for the client's mistakes, WARNING for 5xx). Anything else is a bug: it is logged with its
+traceback and answered with a 500 in the same shape, and the server keeps serving.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+
 from aiohttp import web
 
 logger = logging.getLogger(__name__)
@@ -46,6 +48,13 @@ def bad_request(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, param=param)
 
 
+def log_refusal(request: web.Request, err: APIError, in_band: bool = False) -> None:
+    """Why a request was refused, or failed once its stream had started (``in_band``)."""
+    where = " in the stream" if in_band else ""
+    logger.log(logging.WARNING if err.status >= 500 else logging.INFO, "%s %s: %d%s: %s",
+               request.method, request.rel_url.raw_path, err.status, where, err.message)
+
+
 def _from_http_exception(request: web.Request, exc: web.HTTPException) -> APIError:
     if exc.status == 404:
         message = f"no route {request.method} {request.path}"
@@ -65,11 +74,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except APIError as e:
-        return e.response()
+        err = e
     except web.HTTPException as e:
         if e.status < 400:  # redirects and the like are not errors
             raise
-        return _from_http_exception(request, e).response()
+        err = _from_http_exception(request, e)
     except Exception:
         logger.exception("unhandled error in %s %s", request.method, request.path)
         return APIError(500, "internal server error (logged on the server)").response()
+    log_refusal(request, err)
+    return err.response()

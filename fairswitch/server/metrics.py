@@ -118,10 +118,17 @@ class ServerMetrics:
                 engine["num_waiting"]),
             one("num_requests_swapped", "gauge", "Requests whose KV cache is swapped to CPU.",
                 engine["num_swapped"]),
-            one("gpu_cache_usage_perc", "gauge", "Fraction of device KV blocks in use (0 to 1).",
+            one("gpu_cache_usage_perc", "gauge", "Fraction of device KV blocks holding live "
+                "requests' KV, or copies in flight (0 to 1; blocks kept for reuse excluded).",
                 engine["gpu_kv_usage"]),
-            one("cpu_cache_usage_perc", "gauge", "Fraction of CPU KV blocks in use (0 to 1).",
+            one("cpu_cache_usage_perc", "gauge", "Fraction of CPU KV blocks holding live "
+                "requests' KV: swapped out, or kept for the next swap-out (0 to 1).",
                 engine["cpu_kv_usage"]),
+            one("gpu_cache_reuse_perc", "gauge", "Fraction of device KV blocks kept for reuse: "
+                "finished requests' prefixes no live request holds (evicted when needed).",
+                engine["gpu_kv_reuse"]),
+            one("cpu_cache_reuse_perc", "gauge", "Fraction of CPU KV blocks kept for reuse: the "
+                "CPU tier of the prefix cache (evicted when needed).", engine["cpu_kv_reuse"]),
             format_family(PREFIX + "num_preemptions_total", "counter",
                           "Preemptions, by how the victim's KV is restored (swap or recompute).",
                           [("", {**lab, "mode": mode}, engine[f"preemptions_{mode}"])
@@ -192,12 +199,15 @@ def engine_snapshot(engine: Any) -> dict[str, Any]:
 
 
 class RequestTracker:
-    """Feeds one request's outputs into ServerMetrics; ``close()`` when the stream ends."""
+    """Feeds one request's outputs into ServerMetrics; ``close()`` when the stream ends. Keeps
+    the request's own output token count and TTFT for its access line."""
 
     def __init__(self, metrics: ServerMetrics) -> None:
         self.metrics = metrics
         self.last_token_time: float | None = None  # server clock
         self.finished = False
+        self.num_output_tokens = 0
+        self.ttft_s: float | None = None
 
     def observe(self, out: RequestOutput) -> None:
         m = self.metrics
@@ -206,13 +216,15 @@ class RequestTracker:
         if num_new and self.last_token_time is None:
             m.num_prompt_tokens += len(out.prompt_token_ids)
             if out.metrics is not None and out.metrics.first_token_time is not None:
-                m.ttft.observe(out.metrics.first_token_time - out.metrics.arrival_time)
+                self.ttft_s = out.metrics.first_token_time - out.metrics.arrival_time
+                m.ttft.observe(self.ttft_s)
         elif num_new:
             gap = (now - self.last_token_time) / num_new
             for _ in range(num_new):
                 m.tbt.observe(gap)
         if num_new:
             self.last_token_time = now
+        self.num_output_tokens += num_new
         m.num_generation_tokens += num_new
         if out.finished:
             self.finished = True

@@ -1,8 +1,13 @@
 """OpenAI request bodies -> typed requests (every field's type and range checked here, with messages
 that name the field), and the response/chunk bodies of the OpenAI (and vLLM) API.
 
-Unknown fields are ignored, as vLLM does; known fields this engine cannot honour (``n > 1``,
-``logprobs``, penalties, tools...) are refused with a 400 naming them rather than silently dropped.
+Unknown fields are ignored, as vLLM does; known fields this engine cannot honour (``best_of``,
+beam search, tools...) are refused with a 400 naming them rather than silently dropped.
+
+Logprobs come back in OpenAI's shapes: completions ``{"tokens", "token_logprobs",
+"top_logprobs", "text_offset"}`` (with ``echo``, the prompt's first, with None for its first
+token), chat ``{"content": [{"token", "logprob", "bytes", "top_logprobs"}]}``. A logprob of
+-inf is sent as -9999.0 (JSON has no infinity), as vLLM does.
 """
 
 from __future__ import annotations
@@ -11,7 +16,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from fairswitch.sampling_params import SamplingParams
+from fairswitch.outputs import Logprob, PositionLogprobs
+from fairswitch.sampling_params import MAX_LOGPROBS, MAX_N, SamplingParams
 from fairswitch.server.errors import bad_request
 
 # Larger integers would overflow the int64 tensors and generators the engine builds from them.
@@ -47,6 +53,13 @@ def _number(body: dict, name: str, default: float) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise bad_request(f"'{name}' must be a number, got {_describe(value)}", name)
     return float(value)
+
+
+def _ranged(body: dict, name: str, default: float, low: float, high: float) -> float:
+    value = _number(body, name, default)
+    if not low <= value <= high:
+        raise bad_request(f"'{name}' must be in [{low:g}, {high:g}], got {value:g}", name)
+    return value
 
 
 def _bool(body: dict, name: str, default: bool) -> bool:
@@ -90,13 +103,10 @@ def _int_list(body: dict, name: str) -> list[int]:
 
 
 # (field, value that means "off"): any other value is refused, since it would be ignored.
-_UNSUPPORTED_COMMON = (("best_of", (1,)), ("presence_penalty", (0,)), ("frequency_penalty", (0,)),
-                       ("repetition_penalty", (1,)), ("logit_bias", ({},)), ("min_tokens", (0,)),
-                       ("min_p", (0,)), ("use_beam_search", (False,)))
-_UNSUPPORTED_COMPLETION = (("logprobs", ()), ("echo", (False,)), ("suffix", ("",)))
-_UNSUPPORTED_CHAT = (("logprobs", (False,)), ("top_logprobs", (0,)), ("tools", ([],)),
-                     ("tool_choice", ("none",)), ("functions", ([],)), ("function_call", ("none",)),
-                     ("response_format", ({"type": "text"},)))
+_UNSUPPORTED_COMMON = (("best_of", (1,)), ("use_beam_search", (False,)))
+_UNSUPPORTED_COMPLETION = (("suffix", ("",)),)
+_UNSUPPORTED_CHAT = (("tools", ([],)), ("tool_choice", ("none",)), ("functions", ([],)),
+                     ("function_call", ("none",)), ("response_format", ({"type": "text"},)))
 
 
 def _refuse_unsupported(body: dict, fields: tuple) -> None:
@@ -128,22 +138,38 @@ class GenerationRequest:
     skip_special_tokens: bool
     priority: int
     user: str | None
+    n: int
+    min_tokens: int
+    min_p: float
+    presence_penalty: float
+    frequency_penalty: float
+    repetition_penalty: float
+    logit_bias: dict[int, float] | None
+    logprobs: int | None  # top logprobs per token (None: no logprobs)
+    prompt_logprobs: int | None  # vLLM's extension (completions: also set by echo + logprobs)
 
     def sampling_params(self, max_tokens: int) -> SamplingParams:
+        """One choice's parameters (``n`` copies are separate engine requests: ``copies``)."""
         try:
             return SamplingParams(
                 max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
                 top_k=self.top_k, seed=self.seed, stop=self.stop,
                 stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
                 include_stop_str_in_output=self.include_stop_str_in_output,
-                skip_special_tokens=self.skip_special_tokens)
-        except ValueError as e:  # the checks above should have caught it; still the client's fault
+                skip_special_tokens=self.skip_special_tokens, n=self.n,
+                # (a default max_tokens, the context's room, may be below min_tokens)
+                min_tokens=min(self.min_tokens, max_tokens), min_p=self.min_p,
+                presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                repetition_penalty=self.repetition_penalty, logit_bias=self.logit_bias,
+                logprobs=self.logprobs, prompt_logprobs=self.prompt_logprobs)
+        except ValueError as e:  # e.g. a bias or penalty out of range: the client's fault
             raise bad_request(str(e)) from e
 
 
 @dataclass(kw_only=True)
 class CompletionRequest(GenerationRequest):
     prompt: str | list[int]
+    echo: bool  # the prompt comes back before the completion (with its logprobs, if asked)
 
 
 @dataclass(kw_only=True)
@@ -156,8 +182,8 @@ def _common(body: Any, unsupported: tuple) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise bad_request(f"the request body must be a JSON object, got {_describe(body)}")
     n = _int(body, "n", 1)
-    if n != 1:
-        raise bad_request(f"n={n} is not supported: only n=1 (send one request per choice)", "n")
+    if not 1 <= n <= MAX_N:
+        raise bad_request(f"'n' must be in [1, {MAX_N}], got {n}", "n")
     _refuse_unsupported(body, _UNSUPPORTED_COMMON + unsupported)
     stream = _bool(body, "stream", False)
     options = body.get("stream_options")
@@ -177,9 +203,24 @@ def _common(body: Any, unsupported: tuple) -> dict[str, Any]:
     if top_k < -1:
         raise bad_request(f"'top_k' must be -1 or 0 (disabled) or positive, got {top_k}", "top_k")
     max_tokens = _int(body, "max_completion_tokens", None, low=1)
-    if max_tokens is None:
-        max_tokens = _int(body, "max_tokens", None, low=1)
+    if max_tokens is None:  # (0 only with echo: the prompt's logprobs, nothing generated)
+        max_tokens = _int(body, "max_tokens", None, low=0 if body.get("echo") is True else 1)
+    min_tokens = _int(body, "min_tokens", 0, low=0)
+    if max_tokens is not None and min_tokens > max_tokens:
+        raise bad_request(f"'min_tokens' ({min_tokens}) must not exceed 'max_tokens' "
+                          f"({max_tokens})", "min_tokens")
+    bias = body.get("logit_bias")
+    if bias is not None and not isinstance(bias, dict):
+        raise bad_request(f"'logit_bias' must be an object mapping token ids to numbers, got "
+                          f"{_describe(bias)}", "logit_bias")
     return dict(
+        n=n, min_tokens=min_tokens,
+        min_p=_ranged(body, "min_p", 0.0, 0.0, 1.0),
+        presence_penalty=_ranged(body, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=_ranged(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        repetition_penalty=_ranged(body, "repetition_penalty", 1.0, 1e-6, 100.0),
+        logit_bias=bias or None,
+        prompt_logprobs=_logprob_count(body, "prompt_logprobs"),
         model=_str(body, "model"), stream=stream, include_usage=include_usage,
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
         seed=_int(body, "seed"), stop=_stop(body), stop_token_ids=_int_list(body, "stop_token_ids"),
@@ -214,9 +255,21 @@ def parse_prompt(value: Any, name: str = "prompt") -> str | list[int]:
                       name)
 
 
+def _logprob_count(body: dict, name: str) -> int | None:
+    value = _int(body, name, None, low=0)
+    if value is not None and value > MAX_LOGPROBS:
+        raise bad_request(f"'{name}' must be at most {MAX_LOGPROBS}, got {value}", name)
+    return value
+
+
 def parse_completion(body: Any) -> CompletionRequest:
     common = _common(body, _UNSUPPORTED_COMPLETION)
-    return CompletionRequest(prompt=parse_prompt(body.get("prompt")), **common)
+    logprobs = _logprob_count(body, "logprobs")
+    echo = _bool(body, "echo", False)
+    if echo and logprobs is not None and common["prompt_logprobs"] is None:
+        common["prompt_logprobs"] = logprobs  # the echoed prompt comes with its logprobs
+    return CompletionRequest(prompt=parse_prompt(body.get("prompt")), echo=echo,
+                             logprobs=logprobs, **common)
 
 
 def parse_messages(value: Any) -> list[dict[str, str]]:
@@ -263,8 +316,13 @@ def parse_messages(value: Any) -> list[dict[str, str]]:
 
 def parse_chat(body: Any) -> ChatRequest:
     common = _common(body, _UNSUPPORTED_CHAT)
+    top = _logprob_count(body, "top_logprobs")
+    if top is not None and not body.get("logprobs"):
+        raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    logprobs = (top or 0) if _bool(body, "logprobs", False) else None
     return ChatRequest(messages=parse_messages(body.get("messages")),
-                       add_generation_prompt=_bool(body, "add_generation_prompt", True), **common)
+                       add_generation_prompt=_bool(body, "add_generation_prompt", True),
+                       logprobs=logprobs, **common)
 
 
 def resolve_max_tokens(requested: int | None, num_prompt_tokens: int, max_model_len: int,
@@ -381,3 +439,50 @@ def parse_detokenize(body: Any, vocab_size: int) -> tuple[str | None, list[int]]
         raise bad_request(f"'tokens' must be a list of token ids in [0, {vocab_size}), got "
                           f"{_describe(tokens)}", "tokens")
     return _str(body, "model"), tokens
+
+
+# ---- logprobs ---------------------------------------------------------------------------------
+
+def _finite(logprob: float) -> float:
+    return max(logprob, -9999.0)
+
+
+def completion_logprobs(token_ids: list[int], entries: list[PositionLogprobs | None],
+                        text_of: Any, text_offset: int = 0) -> dict[str, Any]:
+    """OpenAI's completions shape for tokens ``token_ids`` with their ``entries`` (None: the
+    prompt's first token, which nothing predicts); ``text_of(id)``: a token's text."""
+    tokens, token_lps, tops, offsets = [], [], [], []
+    for token, entry in zip(token_ids, entries):
+        text = entry[token].decoded_token if entry and entry[token].decoded_token is not None \
+            else text_of(token)
+        tokens.append(text)
+        offsets.append(text_offset)
+        text_offset += len(text)
+        if entry is None:
+            token_lps.append(None)
+            tops.append(None)
+            continue
+        token_lps.append(_finite(entry[token].logprob))
+        tops.append({_text(lp, t, text_of): _finite(lp.logprob) for t, lp in entry.items()})
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
+            "text_offset": offsets}
+
+
+def chat_logprobs(token_ids: list[int], entries: list[PositionLogprobs], top: int,
+                  text_of: Any) -> dict[str, Any]:
+    """OpenAI's chat shape: per token its text, logprob, UTF-8 bytes and ``top`` alternatives."""
+    content = []
+    for token, entry in zip(token_ids, entries):
+        text = _text(entry[token], token, text_of)
+        ranked = sorted((lp.rank or 0, t, lp) for t, lp in entry.items() if lp.rank
+                        and lp.rank <= top)
+        content.append({"token": text, "logprob": _finite(entry[token].logprob),
+                        "bytes": list(text.encode()),
+                        "top_logprobs": [{"token": (s := _text(lp, t, text_of)),
+                                          "logprob": _finite(lp.logprob),
+                                          "bytes": list(s.encode())} for _, t, lp in ranked]})
+    return {"content": content}
+
+
+def _text(lp: Logprob, token: int, text_of: Any) -> str:
+    return lp.decoded_token if lp.decoded_token is not None else text_of(token)

@@ -5,9 +5,12 @@ background thread (tests, benchmark harnesses that want a real HTTP server in-pr
 tensor-parallel rank died): requests in flight have their error by then, and a supervisor restarts
 the process rather than leaving a server that can only answer 503.
 
-Shutdown order (aiohttp's ``AppRunner.cleanup``): stop listening, close idle connections, give
-in-flight requests ``shutdown_timeout`` seconds to finish, cancel the rest (their outputs
-iterators close, which aborts them in the engine), then run the app's cleanup (the engine stops).
+Shutdown (``stop_site``): stop listening and close idle connections at once, give the requests in
+flight ``shutdown_timeout`` seconds in total, abort the rest, then run the app's cleanup (the
+engine stops). An app that can end its requests itself registers a drain under ``DRAIN_KEY``
+(build_app: each stream ends with an in-band error and ``[DONE]``, the others with a 503) and
+aiohttp's own wait only backs it up, for handlers stuck writing to a client that does not read.
+Without one, aiohttp waits ``shutdown_timeout`` twice and cancels the handlers still running.
 
 Handlers are cancelled when their client disconnects (``handler_cancellation``): a non-streaming
 request whose client gave up is aborted at once instead of running to completion.
@@ -20,17 +23,22 @@ import contextlib
 import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 logger = logging.getLogger(__name__)
 
+Drain = Callable[[float], Awaitable[None]]  # (seconds the requests in flight may still run)
+DRAIN_KEY = web.AppKey[Drain]("drain")
+BACKSTOP_S = 1.0  # aiohttp's wait for handlers that did not end when a drain aborted them
+
 
 async def start_site(app: web.Application, host: str, port: int,
                      shutdown_timeout: float) -> tuple[web.AppRunner, str]:
     """Listen on host:port (0: any free port); returns the runner and the base URL."""
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=shutdown_timeout,
+    wait_s = BACKSTOP_S if DRAIN_KEY in app else shutdown_timeout
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=wait_s,
                            access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
@@ -43,6 +51,19 @@ async def start_site(app: web.Application, host: str, port: int,
     if ":" in bound_host:
         bound_host = f"[{bound_host}]"
     return runner, f"http://{bound_host}:{bound_port}"
+
+
+async def stop_site(runner: web.AppRunner, shutdown_timeout: float) -> None:
+    """Stop listening and close idle connections, drain the requests in flight (``DRAIN_KEY``),
+    then clean up: aiohttp's wait, the app's cleanup."""
+    for site in list(runner.sites):
+        await site.stop()
+    if runner.server is not None:
+        runner.server.pre_shutdown()
+    drain = runner.app.get(DRAIN_KEY)
+    if drain is not None:
+        await drain(shutdown_timeout)
+    await runner.cleanup()
 
 
 async def serve_forever(app: web.Application, host: str, port: int, *,
@@ -70,7 +91,7 @@ async def serve_forever(app: web.Application, host: str, port: int, *,
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-        await runner.cleanup()
+        await stop_site(runner, shutdown_timeout)
 
 
 class BackgroundServer:
@@ -106,7 +127,7 @@ class BackgroundServer:
             return
         self._started.set()
         self._loop.run_forever()
-        self._loop.run_until_complete(self._runner.cleanup())
+        self._loop.run_until_complete(stop_site(self._runner, shutdown_timeout))
         self._loop.close()
 
     def stop(self, timeout: float = 60.0) -> None:

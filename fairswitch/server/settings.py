@@ -15,6 +15,7 @@ class ServerSettings:
     api_key: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     chat_template: str | None = None  # default: the tokenizer's
+    log_requests: bool = True  # one access line per request (INFO, fairswitch.server.access)
 
     def __post_init__(self) -> None:
         if not self.served_model_names:
