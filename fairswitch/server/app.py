@@ -33,10 +33,11 @@ from aiohttp import web
 
 from fairswitch import __version__
 from fairswitch.engine.async_engine import AsyncEngine, EngineDeadError
-from fairswitch.outputs import CompletionOutput, RequestOutput
+from fairswitch.outputs import RequestOutput
 from fairswitch.scheduler.scheduler import QueueFullError
 from fairswitch.server import protocol, streaming
 from fairswitch.server.chat import ChatTemplate
+from fairswitch.server.choices import ChoiceShaper, choice_outputs
 from fairswitch.server.errors import (APIError, Handler, bad_request, error_middleware,
                                       log_refusal)
 from fairswitch.server.inflight import InFlight
@@ -150,17 +151,23 @@ class OpenAIServer:
         record = self.in_flight.record(request)
         record.request_id, record.client_id, record.priority = response_id, client_id, req.priority
         record.num_prompt_tokens = len(ids)
-        outputs = self.engine.generate(
-            text, req.sampling_params(max_tokens), request_id=response_id, prompt_token_ids=ids,
+        echo = isinstance(req, protocol.CompletionRequest) and req.echo
+        shaper = ChoiceShaper(
+            fmt, req.logprobs,
+            (text if text is not None else await self.prompts.run(self.tokenizer.decode, ids))
+            if echo else None, echo and max_tokens == 0, self._token_text)
+        # (echo without generation: the engine samples one token, which is not shown)
+        outputs = choice_outputs(
+            self.engine, text, ids, req.sampling_params(max(max_tokens, 1)), response_id,
             priority=req.priority, client_id=client_id)
         tracker = record.tracker = self.metrics.track()
-        reply = _Reply(response_id, int(time.time()), self.model_name, fmt)
-        # Closing the iterator aborts the request in the engine unless it finished: on errors,
-        # on a client that went away, and when aiohttp cancels this handler.
+        reply = _Reply(response_id, int(time.time()), self.model_name, fmt, shaper, req.n)
+        # Closing the iterator aborts the requests in the engine unless they finished: on
+        # errors, on a client that went away, and when aiohttp cancels this handler.
         async with contextlib.aclosing(outputs):
             try:
                 first = await _next_output(outputs)
-                if first.outputs[0].finish_reason == "abort":  # before it began: a status
+                if first[1].outputs[0].finish_reason == "abort":  # before it began: a status
                     raise _aborted()
                 if req.stream:
                     return await self._stream(request, req, reply, first, outputs, tracker)
@@ -169,44 +176,56 @@ class OpenAIServer:
                 tracker.close()
                 record.request_id = None
 
-    async def _whole(self, reply: _Reply, out: RequestOutput,
-                     outputs: AsyncIterator[RequestOutput],
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    async def _whole(self, reply: _Reply, item: tuple[int, RequestOutput],
+                     outputs: AsyncIterator[tuple[int, RequestOutput]],
                      tracker: RequestTracker) -> web.Response:
-        tracker.observe(out)
-        while not out.finished:
-            out = await _next_output(outputs)
-            tracker.observe(out)
-        c = out.outputs[0]
-        if c.finish_reason == "abort":
+        done: dict[int, RequestOutput] = {}
+        while True:
+            index, out = item
+            _observe(tracker, index, out)
+            if out.finished:
+                done[index] = out
+                if len(done) == reply.n:
+                    break
+            item = await _next_output(outputs)
+        if any(out.outputs[0].finish_reason == "abort" for out in done.values()):
             raise _aborted()
-        body = reply.body([reply.fmt.choice(c.text, c.finish_reason, c.stop_reason)],
-                          usage=_usage(out))
-        return web.json_response(body, dumps=streaming.dumps)
+        choices = [reply.shaper.whole(i, done[i]) for i in range(reply.n)]
+        return web.json_response(reply.body(choices, usage=_usage(reply, done)),
+                                 dumps=streaming.dumps)
 
     async def _stream(self, request: web.Request, req: protocol.GenerationRequest, reply: _Reply,
-                      out: RequestOutput, outputs: AsyncIterator[RequestOutput],
+                      item: tuple[int, RequestOutput],
+                      outputs: AsyncIterator[tuple[int, RequestOutput]],
                       tracker: RequestTracker) -> web.StreamResponse:
         resp = await streaming.open_stream(request)
         # With include_usage every chunk carries "usage": null until the final usage chunk.
         extra = {"usage": None} if req.include_usage else {}
+        done: dict[int, RequestOutput] = {}
         try:
             try:
-                opening = reply.fmt.opening_choices()
+                opening = reply.fmt.opening_choices(reply.n)
                 if opening:
                     await streaming.send(resp, reply.body(opening, chunk=True, **extra))
                 while True:
-                    tracker.observe(out)
-                    c = out.outputs[0]
-                    if c.finish_reason == "abort":
+                    index, out = item
+                    _observe(tracker, index, out)
+                    if out.outputs[0].finish_reason == "abort":
                         raise _aborted()
-                    if c.new_token_ids or out.finished:
-                        choice = _delta_choice(reply.fmt, c, out.finished)
+                    choice = reply.shaper.delta(index, out)
+                    if choice is not None:
                         await streaming.send(resp, reply.body([choice], chunk=True, **extra))
                     if out.finished:
-                        break
-                    out = await _next_output(outputs)
+                        done[index] = out
+                        if len(done) == reply.n:
+                            break
+                    item = await _next_output(outputs)
                 if req.include_usage:
-                    await streaming.send(resp, reply.body([], chunk=True, usage=_usage(out)))
+                    await streaming.send(resp, reply.body([], chunk=True,
+                                                          usage=_usage(reply, done)))
             except APIError as e:  # the status line is sent: report the error in-band
                 self.in_flight.record(request).error = e.message
                 log_refusal(request, e, in_band=True)
@@ -283,31 +302,33 @@ class OpenAIServer:
 
 @dataclass(slots=True)
 class _Reply:
-    """The envelope every body/chunk of one response shares."""
+    """The envelope every body/chunk of one response shares, and how its choices look."""
 
     response_id: str
     created: int
     model: str
     fmt: protocol.ResponseFormat
+    shaper: ChoiceShaper
+    n: int
 
     def body(self, choices: list[dict], chunk: bool = False, **extra: Any) -> dict[str, Any]:
         return self.fmt.envelope(self.response_id, self.created, self.model, choices, chunk,
                                  **extra)
 
 
-def _delta_choice(fmt: protocol.ResponseFormat, c: CompletionOutput,
-                  finished: bool) -> dict[str, Any]:
-    """One output's stream choice. A chat chunk whose tokens' text is held back carries
-    ``"content": ""`` (as vLLM's), not an empty delta: one chunk per token either way."""
-    choice = fmt.delta_choice(c.new_text, c.finish_reason if finished else None, c.stop_reason)
-    if fmt.chat and c.new_token_ids:
-        choice["delta"] = {"content": c.new_text}
-    return choice
+def _observe(tracker: RequestTracker, index: int, out: RequestOutput) -> None:
+    """Choice 0 times the request (TTFT, gaps, finish); the others add their tokens."""
+    if index == 0:
+        tracker.observe(out)
+    else:
+        tracker.count_tokens(out)
 
 
-def _usage(out: RequestOutput) -> dict[str, Any]:
-    return protocol.usage(len(out.prompt_token_ids), len(out.outputs[0].token_ids),
-                          out.num_cached_tokens)
+def _usage(reply: _Reply, done: dict[int, RequestOutput]) -> dict[str, Any]:
+    first = done[0]
+    return protocol.usage(len(first.prompt_token_ids),
+                          sum(reply.shaper.num_shown_tokens(out) for out in done.values()),
+                          first.num_cached_tokens)
 
 
 def _reject_constant(name: str) -> Any:
@@ -325,7 +346,7 @@ def _aborted() -> APIError:
     return APIError(503, "the request was aborted: the server is shutting down")
 
 
-async def _next_output(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
+async def _next_output(outputs: AsyncIterator[Any]) -> Any:
     """The next output; the engine's refusals become API errors."""
     try:
         return await outputs.__anext__()

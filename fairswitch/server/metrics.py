@@ -236,6 +236,12 @@ class RequestTracker:
             if out.metrics is not None and out.metrics.finished_time is not None:
                 m.e2e.observe(out.metrics.finished_time - out.metrics.arrival_time)
 
+    def count_tokens(self, out: RequestOutput) -> None:
+        """Another choice of the same request (n > 1): its tokens count, its timing does not."""
+        num_new = len(out.outputs[0].new_token_ids)
+        self.num_output_tokens += num_new
+        self.metrics.num_generation_tokens += num_new
+
     def close(self) -> None:
         if not self.finished:
             self.finished = True

@@ -367,27 +367,30 @@ class ResponseFormat:
         return {"id": response_id, "object": self.chunk_object if chunk else self.object,
                 "created": created, "model": model, "choices": choices, **extra}
 
-    def choice(self, text: str, finish_reason: str | None,
-               stop_reason: int | str | None) -> dict[str, Any]:
+    def choice(self, text: str, finish_reason: str | None, stop_reason: int | str | None,
+               index: int = 0, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
         body = ({"message": {"role": "assistant", "content": text}} if self.chat
                 else {"text": text})
-        return {"index": 0, **body, "logprobs": None, "finish_reason": finish_reason,
+        return {"index": index, **body, "logprobs": logprobs, "finish_reason": finish_reason,
                 "stop_reason": stop_reason}
 
-    def opening_choices(self) -> list[dict[str, Any]]:
-        """Chat streams open with a chunk that only names the role."""
+    def opening_choices(self, n: int = 1) -> list[dict[str, Any]]:
+        """Chat streams open with a chunk per choice that only names the role."""
         if not self.chat:
             return []
-        return [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                 "finish_reason": None}]
+        return [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                 "finish_reason": None} for i in range(n)]
 
-    def delta_choice(self, text: str, finish_reason: str | None,
-                     stop_reason: int | str | None) -> dict[str, Any]:
+    def delta_choice(self, text: str, finish_reason: str | None, stop_reason: int | str | None,
+                     index: int = 0, logprobs: dict[str, Any] | None = None,
+                     has_tokens: bool = True) -> dict[str, Any]:
+        """One chunk's choice: a chunk per token, so a chat chunk whose token's text is held
+        back says ``"content": ""`` (a chunk with no token, only a finish, has no content)."""
         if self.chat:
-            body: dict[str, Any] = {"delta": {"content": text} if text else {}}
+            body: dict[str, Any] = {"delta": {"content": text} if has_tokens else {}}
         else:
             body = {"text": text}
-        choice = {"index": 0, **body, "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": index, **body, "logprobs": logprobs, "finish_reason": finish_reason}
         if finish_reason is not None:
             choice["stop_reason"] = stop_reason
         return choice

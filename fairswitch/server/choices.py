@@ -1,0 +1,138 @@
+"""The ``n`` choices of one API request: one stream of ``(index, output)``, and their bodies.
+
+Each choice is its own engine request (``SamplingParams.copies``: copy i seeded ``seed + i``).
+Choices 1.. are added once choice 0's first output is out: its prompt is computed by then and
+indexed in the prefix cache, so they share its KV instead of computing the prompt n times. With
+``n = 1`` the engine's stream is passed through as is.
+
+Closing the stream (the response is done, failed, or its client went away) closes every choice's
+engine stream, which aborts whatever has not finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fairswitch.engine.async_engine import AsyncEngine
+from fairswitch.outputs import RequestOutput
+from fairswitch.sampling_params import SamplingParams
+from fairswitch.server.protocol import ResponseFormat, chat_logprobs, completion_logprobs
+
+_END = object()
+
+
+async def choice_outputs(engine: AsyncEngine, text: str | None, ids: list[int],
+                         params: SamplingParams, request_id: str, **scheduling: Any
+                         ) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Every choice's outputs as they come; each choice's last one has ``finished=True``.
+    ``scheduling``: ``priority`` and ``client_id``, the same for every choice."""
+    copies = params.copies()
+
+    def start(j: int) -> AsyncIterator[RequestOutput]:
+        rid = request_id if j == 0 else f"{request_id}-{j}"
+        return engine.generate(text, copies[j], request_id=rid, prompt_token_ids=ids,
+                               **scheduling)
+
+    if len(copies) == 1:
+        async with contextlib.aclosing(start(0)) as outputs:
+            async for out in outputs:
+                yield 0, out
+        return
+    merged: asyncio.Queue = asyncio.Queue()
+
+    async def pump(j: int) -> None:
+        try:
+            async with contextlib.aclosing(start(j)) as outputs:
+                async for out in outputs:
+                    merged.put_nowait((j, out))
+                    if j == 0 and len(tasks) == 1:  # its prompt is computed: the rest join
+                        tasks.extend(asyncio.create_task(pump(k)) for k in range(1, len(copies)))
+        except Exception as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            merged.put_nowait((j, e))
+        merged.put_nowait((j, _END))
+
+    tasks = [asyncio.create_task(pump(0))]
+    try:
+        running = len(copies)
+        while running:
+            j, item = await merged.get()
+            if item is _END:
+                running -= 1
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            yield j, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@dataclass
+class ChoiceShaper:
+    """One response's choices from the engine's outputs: the text (with ``echo``, the prompt's
+    first), finish, and the logprobs asked for, whole or one chunk at a time.
+
+    ``echo_only``: completions with ``echo`` and ``max_tokens`` 0 show the prompt alone (the
+    engine samples one token for it, which is left out, as vLLM does)."""
+
+    fmt: ResponseFormat
+    logprobs: int | None  # top alternatives per token (None: no logprobs)
+    echo_text: str | None  # completions with echo: the prompt's text
+    echo_only: bool
+    text_of: Callable[[int], str]  # a token's text
+    _echoed: set[int] = field(default_factory=set)  # streamed choices whose prompt went out
+    _offsets: dict[int, int] = field(default_factory=dict)  # completions: chars sent per choice
+
+    def whole(self, index: int, out: RequestOutput) -> dict[str, Any]:
+        c = out.outputs[0]
+        ids, entries = self._shown(c.token_ids, c.logprobs)
+        text = "" if self.echo_only else c.text
+        if self.echo_text is not None:
+            text = self.echo_text + text
+            ids, entries = out.prompt_token_ids + ids, self._prompt_entries(out) + entries
+        return self.fmt.choice(text, c.finish_reason, c.stop_reason, index,
+                               self._logprobs(ids, entries, 0))
+
+    def delta(self, index: int, out: RequestOutput) -> dict[str, Any] | None:
+        """The chunk of this output (None: nothing to send)."""
+        c = out.outputs[0]
+        finish = c.finish_reason if out.finished else None
+        ids, entries = self._shown(c.new_token_ids, c.new_logprobs)
+        text = "" if self.echo_only else c.new_text
+        if self.echo_text is not None and index not in self._echoed:
+            self._echoed.add(index)
+            text = self.echo_text + text
+            ids, entries = out.prompt_token_ids + ids, self._prompt_entries(out) + entries
+        if not ids and finish is None:
+            return None
+        offset = self._offsets.get(index, 0)
+        self._offsets[index] = offset + len(text)
+        return self.fmt.delta_choice(text, finish, c.stop_reason, index,
+                                     self._logprobs(ids, entries, offset), bool(ids))
+
+    def num_shown_tokens(self, out: RequestOutput) -> int:
+        return 0 if self.echo_only else len(out.outputs[0].token_ids)
+
+    def _shown(self, ids: list[int], entries: list | None) -> tuple[list[int], list]:
+        if self.echo_only:
+            return [], []
+        return list(ids), list(entries or [])
+
+    def _prompt_entries(self, out: RequestOutput) -> list:
+        if self.logprobs is None:
+            return []
+        if out.prompt_logprobs is None:
+            raise RuntimeError("echo with logprobs but the output has no prompt logprobs")
+        return list(out.prompt_logprobs)
+
+    def _logprobs(self, ids: list[int], entries: list, offset: int) -> dict[str, Any] | None:
+        if self.logprobs is None:
+            return None
+        if self.fmt.chat:
+            return chat_logprobs(ids, entries, self.logprobs, self.text_of)
+        return completion_logprobs(ids, entries, self.text_of, offset)

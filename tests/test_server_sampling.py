@@ -1,0 +1,109 @@
+"""The sampling fields through the HTTP API with the real `openai` client: n choices (whole and
+streamed), logprobs in both endpoints' shapes, echo (with max_tokens 0: the prompt's logprobs,
+what evaluation harnesses score), min_tokens and penalties; values equal the engine's own."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from fairswitch import LLM, SamplingParams
+from fairswitch.config import EngineConfig
+from fairswitch.engine.async_engine import AsyncEngine
+from fairswitch.server import BackgroundServer, ServerSettings, build_app
+
+MODEL = "fairswitch-tiny"
+PROMPT = "The capital of France is"
+OPTS = dict(num_gpu_blocks=256, max_model_len=256)
+
+
+@pytest.fixture(scope="module")
+def client():
+    engine = AsyncEngine.from_config(EngineConfig.from_kwargs(**OPTS))
+    app = build_app(engine, ServerSettings(), shutdown_engine=False)
+    with BackgroundServer(app) as srv, openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x",
+                                                      max_retries=0, timeout=60) as c:
+        yield c
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(**OPTS)
+
+
+def test_n_choices_whole_and_streamed(client):
+    out = client.completions.create(model=MODEL, prompt=PROMPT, n=3, max_tokens=5,
+                                    temperature=1.0, seed=3, extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in out.choices) == [0, 1, 2]
+    assert len({c.text for c in out.choices}) > 1
+    assert out.usage.completion_tokens == 15
+    again = client.completions.create(model=MODEL, prompt=PROMPT, n=3, max_tokens=5,
+                                      temperature=1.0, seed=3, extra_body={"ignore_eos": True})
+    assert [c.text for c in again.choices] == [c.text for c in out.choices]
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], n=2, max_tokens=4,
+        stream=True, seed=5, extra_body={"ignore_eos": True}))
+    for i in (0, 1):
+        mine = [ch for c in chunks for ch in c.choices if ch.index == i]
+        assert mine[0].delta.role == "assistant"
+        assert sum(1 for c in mine[1:] if c.delta.content is not None) == 4  # a chunk per token
+        assert mine[-1].finish_reason == "length"
+
+
+def test_completion_logprobs_equal_the_engines(client, llm):
+    out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0.0,
+                                    logprobs=2, extra_body={"ignore_eos": True})
+    lp = out.choices[0].logprobs
+    want = llm.generate([PROMPT], SamplingParams(max_tokens=4, temperature=0.0, logprobs=2,
+                                                 ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    assert lp.token_logprobs == pytest.approx(
+        [e[t].logprob for t, e in zip(want.token_ids, want.logprobs)], abs=1e-4)
+    assert all(2 <= len(top) <= 3 for top in lp.top_logprobs)
+    assert "".join(lp.tokens) == out.choices[0].text
+    assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(4)]
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt(client, llm):
+    """lm-evaluation-harness's loglikelihood request: the prompt back with its logprobs."""
+    ids = llm.get_tokenizer().encode(PROMPT)
+    out = client.completions.create(model=MODEL, prompt=ids, max_tokens=0, echo=True,
+                                    logprobs=1, temperature=0.0)
+    choice = out.choices[0]
+    assert choice.text == PROMPT and out.usage.completion_tokens == 0
+    want = llm.generate([ids], SamplingParams(max_tokens=1, prompt_logprobs=1),
+                        use_tqdm=False)[0].prompt_logprobs
+    assert choice.logprobs.token_logprobs[0] is None
+    assert choice.logprobs.token_logprobs[1:] == pytest.approx(
+        [want[i][ids[i]].logprob for i in range(1, len(ids))], abs=1e-4)
+    echoed = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, echo=True,
+                                       temperature=0.0, extra_body={"ignore_eos": True})
+    plain = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, temperature=0.0,
+                                      extra_body={"ignore_eos": True})
+    assert echoed.choices[0].text == PROMPT + plain.choices[0].text
+
+
+def test_chat_logprobs(client):
+    out = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+        temperature=0.0, logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    content = out.choices[0].logprobs.content
+    assert len(content) == 3
+    for entry in content:
+        assert len(entry.top_logprobs) == 2
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)  # greedy
+        assert entry.bytes == list(entry.token.encode())
+    assert "".join(e.token for e in content) == out.choices[0].message.content
+
+
+def test_min_tokens_and_penalties_are_honoured(client, llm):
+    first = llm.generate([PROMPT], SamplingParams(max_tokens=1, temperature=0.0),
+                         use_tqdm=False)[0].outputs[0].token_ids[0]
+    stops = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0.0,
+                                      extra_body={"stop_token_ids": [first]})
+    assert stops.usage.completion_tokens == 1 and stops.choices[0].finish_reason == "stop"
+    held = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0.0, presence_penalty=1.0,
+        frequency_penalty=0.5, extra_body={"min_tokens": 3, "repetition_penalty": 1.2,
+                                           "stop_token_ids": [first]})
+    assert held.usage.completion_tokens >= 3
