@@ -36,6 +36,9 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     n: int = 1
+    # Derived once (the sampler and the engine ask every step, for every request).
+    has_penalties: bool = field(init=False, repr=False, compare=False)
+    shapes_logits: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -91,6 +94,11 @@ class SamplingParams:
         _check_int("n", self.n)
         if not 1 <= self.n <= MAX_N:
             raise ValueError(f"n must be in [1, {MAX_N}], got {self.n}")
+        # Does sampling depend on the tokens so far (all of them known, none in flight)? Is
+        # anything done to the logits before temperature (bias, penalties, min_tokens)?
+        self.has_penalties = (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                              or self.repetition_penalty != 1.0)
+        self.shapes_logits = bool(self.logit_bias) or self.has_penalties or self.min_tokens > 0
 
     @property
     def greedy(self) -> bool:
@@ -103,16 +111,6 @@ class SamplingParams:
         return [dataclasses.replace(self, n=1, seed=None if self.seed is None else self.seed + i)
                 for i in range(self.n)]
 
-    @property
-    def has_penalties(self) -> bool:
-        """Does sampling depend on the tokens so far (all of them known, none in flight)?"""
-        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
-                or self.repetition_penalty != 1.0)
-
-    @property
-    def shapes_logits(self) -> bool:
-        """Is anything done to the logits before temperature (bias, penalties, min_tokens)?"""
-        return bool(self.logit_bias) or self.has_penalties or self.min_tokens > 0
 
 
 MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit

@@ -54,15 +54,18 @@ class Sampler:
                ) -> tuple[torch.Tensor, SampledLogprobs | None]:
         """logits [num_requests, vocab] float32 -> one token id per request, on the logits'
         device (launched, not waited for), and the logprobs asked for (None if none were)."""
-        params = [r.sampling_params for r in requests]
-        raw = logits
-        if any(p.shapes_logits for p in params):
+        raw, shaped, top = logits, False, -1
+        for r in requests:  # (one pass: this runs every step)
+            p = r.sampling_params
+            shaped = shaped or p.shapes_logits
+            if p.logprobs is not None and p.logprobs > top:
+                top = p.logprobs
+        if shaped:
             logits = self._shape(logits.clone(), requests)
         tokens = self._pick(logits, requests)
-        asked = [p.logprobs for p in params if p.logprobs is not None]
-        if not asked:
+        if top < 0:
             return tokens, None
-        return tokens, token_logprobs(raw, tokens, max(asked))
+        return tokens, token_logprobs(raw, tokens, top)
 
     def _pick(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         params = [r.sampling_params for r in requests]
