@@ -322,8 +322,10 @@ class ModelRunner:
             hook()
         lp_rows = batch.prompt_logprob_rows
         if lp_rows:  # (one LM-head pass: under tensor parallelism it is a collective)
-            both = self.model.compute_logits(hidden[self._sample_rows(batch.sample_rows
-                                                                      + lp_rows)])
+            # A prompt's rows can outnumber the sample-rows buffer (max_num_seqs): a plain copy.
+            rows = torch.tensor(batch.sample_rows + lp_rows, dtype=torch.long,
+                                device=self.device)
+            both = self.model.compute_logits(hidden[rows])
             k = len(batch.sample_rows)
             return (both[:k] if k else None), both[k:]
         if not batch.sample_rows:
