@@ -264,3 +264,25 @@ def test_no_triton_compile_while_serving_after_start_up(llama_dir):
     llm.generate([history + "first and then more words " * 30, "x " * 7] + ["y"] * 9, params,
                  use_tqdm=False)
     assert JIT_CLOCK.count == compiled, "a kernel compiled after start-up"
+
+
+def test_sampling_fields_on_gpu_match_the_cpu(llama_dir):
+    """Logprobs, prompt logprobs of a prompt longer than max_num_seqs rows (they bypass the
+    sample-rows buffer), penalties (their steps wait for the one in flight) and min_tokens on
+    the CUDA path (graphs, async scheduling) give the CPU engine's tokens and values."""
+    prompt = list(range(1000, 1090))
+    params = [SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=3,
+                             prompt_logprobs=2),
+              SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True,
+                             logit_bias={777: 4.0}, repetition_penalty=1.5,
+                             frequency_penalty=0.7, presence_penalty=0.4, min_tokens=4)]
+    opts = dict(model=str(llama_dir), dtype="float32", num_gpu_blocks=256, max_num_seqs=8)
+    gpu = LLM(device="cuda", **opts).generate([prompt, prompt[:30]], params, use_tqdm=False)
+    cpu = LLM(device="cpu", **opts).generate([prompt, prompt[:30]], params, use_tqdm=False)
+    for g, c in zip(gpu, cpu):
+        assert g.outputs[0].token_ids == c.outputs[0].token_ids
+    for g, c in zip(gpu[0].outputs[0].logprobs, cpu[0].outputs[0].logprobs):
+        assert set(g) == set(c)
+        assert all(abs(g[t].logprob - c[t].logprob) < 1e-3 for t in g)
+    for g, c in zip(gpu[0].prompt_logprobs[1:], cpu[0].prompt_logprobs[1:]):
+        assert all(abs(g[t].logprob - c[t].logprob) < 1e-3 for t in set(g) & set(c))
