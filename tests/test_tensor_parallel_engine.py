@@ -54,6 +54,27 @@ def test_same_tokens_as_one_rank_under_preemption(llama_dir, expected, tp, mode,
     assert not any(p.is_alive() for p in llm.engine.workers.procs)
 
 
+def test_logprobs_and_penalties_with_two_ranks(llama_dir):
+    """The LM head's extra rows for prompt logprobs run on every rank (a collective), and
+    penalized sampling on the driver: same tokens and values as one rank."""
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=2,
+                            prompt_logprobs=1, repetition_penalty=1.3, min_tokens=2)
+    one = LLM(model=str(llama_dir), num_gpu_blocks=64, max_model_len=64)
+    want = one.generate(PROMPTS, params, use_tqdm=False)
+    llm = LLM(model=str(llama_dir), tensor_parallel_size=2, num_gpu_blocks=64, max_model_len=64)
+    try:
+        got = llm.generate(PROMPTS, params, use_tqdm=False)
+    finally:
+        llm.shutdown()
+    assert tokens(got) == tokens(want)
+    for g, w in zip(got, want):
+        def chosen(out):
+            return [e[t].logprob for e, t in zip(out.outputs[0].logprobs,
+                                                  out.outputs[0].token_ids)]
+        assert chosen(g) == pytest.approx(chosen(w), abs=1e-4)
+        assert len(g.prompt_logprobs) == len(w.prompt_logprobs)
+
+
 def test_chunked_prefill_and_four_ranks_with_replicated_kv_heads(llama_dir, expected):
     """Prompts prefilled in chunks of 8 tokens; at 4 ranks each holds one of the 2 KV heads,
     replicated."""

@@ -66,8 +66,8 @@ class StepPlan:
 
     def for_workers(self) -> StepPlan:
         """The plan without the Request objects (the driver's alone: they sample there)."""
-        return StepPlan(dataclasses.replace(self.batch, sample_requests=[], feed_requests=[]),
-                        self.feed_src)
+        return StepPlan(dataclasses.replace(self.batch, sample_requests=[], feed_requests=[],
+                                            prompt_logprob_at=[]), self.feed_src)
 
 
 class ModelRunner:
