@@ -273,7 +273,7 @@ class ModelRunner:
         prompt_lp = None
         if prompt_logits is not None:
             at = batch.prompt_logprob_at
-            targets = torch.tensor([r.prompt_token_ids[p] for r, p in at], device=self.device)
+            targets = torch.tensor(_prompt_targets(at), device=self.device)
             k = max(r.sampling_params.prompt_logprobs for r, _ in at)
             prompt_lp = (at, token_logprobs(prompt_logits, targets, k))
         if logits is None:
@@ -373,7 +373,7 @@ class ModelRunner:
         and the logprobs of those that asked; prompt logprobs go to their requests."""
         if pending.prompt_logprobs is not None:
             at, lp = pending.prompt_logprobs
-            for (req, pos), entry in zip(at, _entries(lp, pending_ids(at))):
+            for (req, pos), entry in zip(at, _entries(lp, _prompt_targets(at))):
                 if req.prompt_logprobs is not None and req.prompt_logprobs[pos] is None:
                     req.prompt_logprobs[pos] = entry
         if not pending.requests:
@@ -395,7 +395,7 @@ class ModelRunner:
         return torch.tensor(rows, dtype=torch.long, device=self.device)
 
 
-def pending_ids(at: list[tuple[Request, int]]) -> list[int]:
+def _prompt_targets(at: list[tuple[Request, int]]) -> list[int]:
     """The prompt tokens whose logprobs the rows ``at`` hold."""
     return [req.prompt_token_ids[pos] for req, pos in at]
 
