@@ -17,7 +17,6 @@ Each figure is the median of ``--repeats`` runs.
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import time
 from typing import Any
@@ -25,12 +24,13 @@ from typing import Any
 import torch
 
 from fairswitch.kv.cache_manager import KVCacheManager
-from fairswitch.kv.copy_backend import make_copy_backend
+from fairswitch.kv.copy_backend import cupy_available, make_copy_backend
 from fairswitch.kv.kv_cache import KVLayout
 from fairswitch.kv.swap_manager import SwapManager
 from fairswitch.request import Request
 from fairswitch.sampling_params import SamplingParams
 from results_io import command_line, write_results
+from switch_setup import SwitchSetup, add_switch_args
 
 MODES = ("duplex", "single-stream")
 
@@ -51,7 +51,7 @@ def peak_bandwidth(device: torch.device, nbytes: int, repeats: int = 3) -> dict[
     dev_in = torch.empty(nbytes, dtype=torch.uint8, device=device)
     out, in_ = (host_out, dev_out), (dev_in, host_in)
     methods = {"torch": _torch_copier(device)}
-    if on_cuda and _has_cupy():
+    if on_cuda and cupy_available():
         methods["cupy"] = _cupy_copier(device)
     found: dict[str, float] = {}
     for name, (copy, sync) in methods.items():
@@ -102,14 +102,6 @@ def _cupy_copier(device: torch.device) -> tuple[Any, Any]:
             s.synchronize()
         torch.cuda.synchronize(device)
     return copy, sync
-
-
-def _has_cupy() -> bool:
-    try:
-        import cupy  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _batch(kv: KVCacheManager, name: str, lengths: list[int]) -> list[Request]:
@@ -187,29 +179,14 @@ def run_mode(mode: str, args: argparse.Namespace, layout: KVLayout, gpu_pool: to
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--layers", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--requests", type=int, default=8, help="requests per batch")
-    p.add_argument("--min-tokens", type=int, default=1024)
-    p.add_argument("--max-tokens", type=int, default=8192)
-    p.add_argument("--copy-backend", default="auto", choices=("auto", "torch", "cupy"))
+    add_switch_args(p, ("auto", "torch", "cupy"), "auto")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="benchmarks/results/duplex_switch.json")
-    p.add_argument("--commit", default=None)
     args = p.parse_args(argv)
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    rng = random.Random(args.seed)
-    lengths = [rng.randint(args.min_tokens, args.max_tokens) for _ in range(args.requests)]
-    layout = KVLayout(args.layers, args.block_size, args.kv_heads, args.head_dim, dtype)
-    batch_blocks = sum(-(-n // args.block_size) for n in lengths)
-    blocks = 2 * batch_blocks + 64  # both batches at once, as in the middle of a switch
-    gpu_pool = torch.zeros(layout.shape(blocks), dtype=dtype, device=device)
-    cpu_pool = torch.empty(layout.shape(blocks), dtype=dtype, pin_memory=device.type == "cuda")
+    setup = SwitchSetup.from_args(args)
+    device, lengths, layout = setup.device, setup.lengths, setup.layout
+    batch_blocks = setup.batch_blocks
+    gpu_pool, cpu_pool = setup.pools(2 * batch_blocks + 64)  # both batches at once
     peak = peak_bandwidth(device, min(1 << 30, batch_blocks * layout.block_bytes))
     rows = [run_mode(m, args, layout, gpu_pool, cpu_pool, lengths) for m in MODES]
     for r in rows:
@@ -238,9 +215,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         {"name": "single_stream_swap_in_latency_under_swap_out",
          "value": single["swap_in_latency_ratio"], "unit": "x"},
     ]
-    figures = {"geometry": {"layers": args.layers, "kv_heads": args.kv_heads,
-                            "head_dim": args.head_dim, "block_size": args.block_size,
-                            "dtype": str(dtype)},
+    figures = {"geometry": setup.geometry(args),
                "request_tokens": lengths, "peak_bw": peak, "copy_backend": args.copy_backend,
                "repeats": args.repeats, "modes": rows}
     return write_results(args.output, command=command_line(), figures=figures, claims=claims,

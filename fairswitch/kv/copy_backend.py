@@ -96,15 +96,6 @@ class CopyBackend:
     def _finish(self, nbytes: int, to_host: bool) -> CopyHandle:
         return CopyHandle(nbytes=nbytes, to_host=to_host)
 
-    def _time(self, handle: CopyHandle) -> None:
-        """Add a landed copy's device times to the statistics, once."""
-        if handle.start is None:
-            return
-        busy_ms = handle.start.elapsed_time(handle.event)
-        queued_ms = handle.ready.elapsed_time(handle.start)
-        handle.ready = handle.start = None
-        self.stats.add_timing(handle.to_host, busy_ms / 1e3, max(0.0, queued_ms) / 1e3)
-
     def done(self, handle: CopyHandle) -> bool:
         return True
 
@@ -120,7 +111,40 @@ class SyncCopyBackend(CopyBackend):
     """Everything completes inside ``submit``."""
 
 
-class TorchStreamCopyBackend(CopyBackend):
+class _StreamCopyBackend(CopyBackend):
+    """A CUDA stream's copies, each ending in an event; ready/start events time them once
+    landed (``CopyStats``)."""
+
+    def done(self, handle: CopyHandle) -> bool:
+        if handle.event is None:
+            return True
+        if not self._event_done(handle.event):
+            return False
+        self._time(handle)
+        return True
+
+    def wait(self, handle: CopyHandle) -> None:
+        if handle.event is not None:
+            handle.event.synchronize()
+            self._time(handle)
+
+    def _time(self, handle: CopyHandle) -> None:
+        """Add a landed copy's device times to the statistics, once."""
+        if handle.start is None:
+            return
+        busy_ms = self._elapsed_ms(handle.start, handle.event)
+        queued_ms = self._elapsed_ms(handle.ready, handle.start)
+        handle.ready = handle.start = None
+        self.stats.add_timing(handle.to_host, busy_ms / 1e3, max(0.0, queued_ms) / 1e3)
+
+    def _event_done(self, event: Any) -> bool:
+        raise NotImplementedError
+
+    def _elapsed_ms(self, first: Any, second: Any) -> float:
+        raise NotImplementedError
+
+
+class TorchStreamCopyBackend(_StreamCopyBackend):
     """Copies on a side CUDA stream; the compute stream's pending writes are awaited first."""
 
     def __init__(self, device: torch.device, per_layer: bool = False) -> None:
@@ -147,25 +171,18 @@ class TorchStreamCopyBackend(CopyBackend):
         ready, start = self._marks or (None, None)
         return CopyHandle(event=event, nbytes=nbytes, to_host=to_host, ready=ready, start=start)
 
-    def done(self, handle: CopyHandle) -> bool:
-        if handle.event is None:
-            return True
-        if not handle.event.query():
-            return False
-        self._time(handle)
-        return True
+    def _event_done(self, event: Any) -> bool:
+        return event.query()
+
+    def _elapsed_ms(self, first: Any, second: Any) -> float:
+        return first.elapsed_time(second)
 
     def order_compute_after(self, handle: CopyHandle) -> None:
         if handle.event is not None:
             torch.cuda.current_stream(self.device).wait_event(handle.event)
 
-    def wait(self, handle: CopyHandle) -> None:
-        if handle.event is not None:
-            handle.event.synchronize()
-            self._time(handle)
 
-
-class CupyCopyBackend(CopyBackend):
+class CupyCopyBackend(_StreamCopyBackend):
     """Raw memcpyAsync per extent on a CuPy stream, ordered after torch's compute stream."""
 
     def __init__(self, device: torch.device, per_layer: bool = False) -> None:
@@ -209,32 +226,16 @@ class CupyCopyBackend(CopyBackend):
         event.record(self.stream)
         return CopyHandle(event=event, nbytes=nbytes, to_host=to_host, ready=ready, start=start)
 
-    def done(self, handle: CopyHandle) -> bool:
-        if handle.event is None:
-            return True
-        if not handle.event.done:
-            return False
-        self._time(handle)
-        return True
+    def _event_done(self, event: Any) -> bool:
+        return event.done
+
+    def _elapsed_ms(self, first: Any, second: Any) -> float:
+        return self._cp.cuda.get_elapsed_time(first, second)
 
     def order_compute_after(self, handle: CopyHandle) -> None:
         if handle.event is not None:
             compute = torch.cuda.current_stream(self.device).cuda_stream
             self._cp.cuda.runtime.streamWaitEvent(compute, handle.event.ptr, 0)
-
-    def wait(self, handle: CopyHandle) -> None:
-        if handle.event is not None:
-            handle.event.synchronize()
-            self._time(handle)
-
-    def _time(self, handle: CopyHandle) -> None:
-        if handle.start is None:
-            return
-        elapsed = self._cp.cuda.get_elapsed_time  # milliseconds
-        busy_ms, queued_ms = elapsed(handle.start, handle.event), elapsed(handle.ready,
-                                                                          handle.start)
-        handle.ready = handle.start = None
-        self.stats.add_timing(handle.to_host, busy_ms / 1e3, max(0.0, queued_ms) / 1e3)
 
 
 class DelayedCopyBackend(CopyBackend):
@@ -299,12 +300,12 @@ def make_copy_backend(name: str, device: torch.device, per_layer: bool) -> CopyB
         if name == "cupy":
             raise ValueError("the cupy swap copy backend needs a CUDA device")
         return SyncCopyBackend(per_layer)
-    if name == "cupy" or (name == "auto" and _has_cupy()):
+    if name == "cupy" or (name == "auto" and cupy_available()):
         return CupyCopyBackend(device, per_layer)
     return TorchStreamCopyBackend(device, per_layer)
 
 
-def _has_cupy() -> bool:
+def cupy_available() -> bool:
     try:
         import cupy  # noqa: F401
     except ImportError:
