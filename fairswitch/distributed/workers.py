@@ -171,11 +171,7 @@ class WorkerGroup:
         self._stopped = True
         for p in self.procs:
             p.kill()  # (SIGKILL: also ends a stopped or hung process)
-        for p in self.procs:
-            p.join(10.0)
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        atexit.unregister(self.shutdown)
+        self._end(10.0)
 
     def alive(self) -> bool:
         """Are the spawned ranks alive? (Launched ones are not watched: a collective with a
@@ -192,10 +188,15 @@ class WorkerGroup:
                 self._broadcast(None)
         except Exception:  # noqa: BLE001 - a dead peer: the others are terminated below
             logger.exception("stopping the tensor-parallel workers")
+        self._end(timeout)
+
+    def _end(self, timeout: float) -> None:
+        """Reap the workers (killing any still running after ``timeout``: a hung one, or one
+        that never heard the farewell) and leave the group."""
         for p in self.procs:
             p.join(timeout)
             if p.is_alive():
-                p.kill()  # (a hung worker, or one that never heard the farewell)
+                p.kill()
                 p.join(timeout)
         if dist.is_initialized():
             dist.destroy_process_group()

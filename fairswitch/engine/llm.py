@@ -77,7 +77,9 @@ class LLM:
         try:
             for i, p in enumerate(params):
                 copies = p.copies()
-                later[add(i, 0, copies[0])] = (i, copies)
+                rid = add(i, 0, copies[0])
+                if len(copies) > 1:
+                    later[rid] = (i, copies)
         except BaseException:  # e.g. the waiting queue is full: take back what was queued
             for rid in ids:
                 engine.abort_request(rid)
