@@ -31,6 +31,7 @@ from fairswitch.kv.swap_manager import SwapManager
 from fairswitch.request import Request
 from fairswitch.sampling_params import SamplingParams
 from results_io import command_line, write_results
+from switch_setup import SwitchSetup, add_switch_args
 
 
 def _sync(device: torch.device) -> None:
@@ -104,28 +105,13 @@ def run_mode(name: str, args: argparse.Namespace, layout: KVLayout, gpu_pool: to
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--layers", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--requests", type=int, default=8)
-    p.add_argument("--min-tokens", type=int, default=1024)
-    p.add_argument("--max-tokens", type=int, default=8192)
-    p.add_argument("--copy-backend", default="torch", choices=("torch", "cupy"))
-    p.add_argument("--seed", type=int, default=0)
+    add_switch_args(p, ("torch", "cupy"), "torch")
     p.add_argument("--output", default="benchmarks/results/switch_bandwidth.json")
-    p.add_argument("--commit", default=None)
     args = p.parse_args(argv)
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    rng = random.Random(args.seed)
-    lengths = [rng.randint(args.min_tokens, args.max_tokens) for _ in range(args.requests)]
-    layout = KVLayout(args.layers, args.block_size, args.kv_heads, args.head_dim, dtype)
+    setup = SwitchSetup.from_args(args)
+    device, lengths, layout = setup.device, setup.lengths, setup.layout
     # Room for the batch, twice over, plus the churn's live requests (12 x up to 36 blocks).
-    blocks = 2 * sum(-(-n // args.block_size) for n in lengths) + 12 * 36 + 64
-    gpu_pool = torch.zeros(layout.shape(blocks), dtype=dtype, device=device)
-    cpu_pool = torch.empty(layout.shape(blocks), dtype=dtype, pin_memory=device.type == "cuda")
+    gpu_pool, cpu_pool = setup.pools(2 * setup.batch_blocks + 12 * 36 + 64)
     peak_out, peak_in = peak_bandwidth(device, min(1 << 30, gpu_pool.numel()
                                                    * gpu_pool.element_size() // 2))
     rows = [run_mode(m, args, layout, gpu_pool, cpu_pool, lengths)
@@ -146,9 +132,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         {"name": "switch_bw_baseline_fraction_of_peak", "value": base["fraction_of_peak"],
          "unit": "fraction"},
     ]
-    figures = {"geometry": {"layers": args.layers, "kv_heads": args.kv_heads,
-                            "head_dim": args.head_dim, "block_size": args.block_size,
-                            "dtype": str(dtype)},
+    figures = {"geometry": setup.geometry(args),
                "request_tokens": lengths, "peak_out_bw": peak_out, "peak_in_bw": peak_in,
                "copy_backend": args.copy_backend, "modes": rows}
     return write_results(args.output, command=command_line(), figures=figures, claims=claims,
