@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from collections.abc import Iterable, Iterator
 from itertools import islice
@@ -154,12 +155,19 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
+    if device.type == "cuda":  # the same bits from the same seed (cuBLAS needs a fixed workspace)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
     texts = [t for t in (chatml(c) for c in islice(iter_conversations(), args.num_conversations))
              if t is not None]
     train_texts, val_texts = split_texts(texts, args.val_every)
+    print(f"{len(texts)} conversations read  {time.perf_counter() - t0:.0f}s", flush=True)
     tokenizer = train_tokenizer(train_texts, args.vocab_size)
+    print(f"tokenizer trained  {time.perf_counter() - t0:.0f}s", flush=True)
     train_tokens, val_tokens = token_stream(tokenizer, train_texts), token_stream(tokenizer,
                                                                                   val_texts)
+    print(f"{len(train_tokens)} training tokens, {len(val_tokens)} held out  "
+          f"{time.perf_counter() - t0:.0f}s", flush=True)
     config = model_config(args, tokenizer)
     model = LlamaForCausalLM(config).to(device)
     untrained = validation_loss(model, val_tokens, args.seq_len, args.batch, device,
@@ -217,7 +225,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-positions", type=int, default=4096)
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--steps", type=int, default=7000)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--val-windows", type=int, default=256)
