@@ -34,7 +34,7 @@ import time
 from typing import Any
 
 
-from engine_options import add_engine_options
+from engine_options import add_engine_options, random_token_ids
 from fairswitch.config import EngineConfig
 from fairswitch.engine.async_engine import AsyncEngine
 from fairswitch.engine.engine import Engine
@@ -76,8 +76,8 @@ class StepTimer:
         return [b[0] - a[0] for a, b in zip(rows, rows[1:]) if a[1] == batch and b[1] == batch]
 
 
-def prompts(n: int, length: int, rng: random.Random) -> list[list[int]]:
-    return [[rng.randrange(1000, 30000) for _ in range(length)] for _ in range(n)]
+def prompts(n: int, length: int, rng: random.Random, vocab: int) -> list[list[int]]:
+    return [random_token_ids(rng, length, vocab) for _ in range(n)]
 
 
 def run_direct(engine: Engine, ids: list[list[int]], params: SamplingParams) -> list[float]:
@@ -196,10 +196,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         p.error("--requests must fit in one batch (<= --max-num-seqs)")
 
     engine = Engine(EngineConfig.from_cli_args(args))
+    vocab = engine.hf_config.vocab_size
     check_fits(engine, batches, args.prompt_tokens + args.output_tokens)
     rng = random.Random(args.seed)
     params = SamplingParams(max_tokens=args.output_tokens, temperature=0.0, ignore_eos=True)
-    run_direct(engine, prompts(2, args.prompt_tokens, rng), params)  # first-use costs, untimed
+    run_direct(engine, prompts(2, args.prompt_tokens, rng, vocab), params)  # first-use costs, untimed
     rows, claims = [], []
     # The HTTP clients run in another process, so that they do not share the server's GIL.
     with concurrent.futures.ProcessPoolExecutor(
@@ -207,11 +208,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for batch in batches:
             periods: dict[str, list[float]] = {"direct": [], "async": [], "http": []}
             for _ in range(args.rounds):
-                periods["direct"] += run_direct(engine, prompts(batch, args.prompt_tokens, rng),
+                periods["direct"] += run_direct(engine, prompts(batch, args.prompt_tokens, rng, vocab),
                                                 params)
-                periods["async"] += run_async(engine, prompts(batch, args.prompt_tokens, rng),
+                periods["async"] += run_async(engine, prompts(batch, args.prompt_tokens, rng, vocab),
                                               params)
-                periods["http"] += run_http(engine, prompts(batch, args.prompt_tokens, rng),
+                periods["http"] += run_http(engine, prompts(batch, args.prompt_tokens, rng, vocab),
                                             params, clients)
             stats = {mode: summary(v) for mode, v in periods.items()}
             direct = stats["direct"]["median_ms"]

@@ -18,6 +18,7 @@ giving it on the command line is an error rather than silently overridden.
 from __future__ import annotations
 
 import argparse
+import random
 import re
 from typing import Any
 
@@ -59,3 +60,18 @@ def engine_config(p: argparse.ArgumentParser, args: argparse.Namespace,
         p.error(", ".join("--" + name.replace("_", "-") for name in given)
                 + ": set by this benchmark itself (see --help)")
     return EngineConfig.from_cli_args(args).with_options(**fixed)
+
+
+def random_token_ids(rng: random.Random, length: int, vocab_size: int) -> list[int]:
+    """A random prompt: ids 1000-29999, ordinary text tokens of Llama 3's vocabulary (what the
+    recorded runs drew); in a smaller vocabulary, its upper three quarters."""
+    low, high = min(1000, vocab_size // 4), min(30000, vocab_size)
+    return [rng.randrange(low, high) for _ in range(length)]
+
+
+def vocab_size(model: str) -> int:
+    """The vocabulary size of ``model`` (a checkpoint directory, fairswitch-tiny or a shipped
+    config name), read from its config without building anything."""
+    from fairswitch.model.loader import load_checkpoint_config, resolve_model
+
+    return load_checkpoint_config(resolve_model(model)).vocab_size

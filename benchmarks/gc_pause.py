@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 
-from engine_options import add_engine_options
+from engine_options import add_engine_options, random_token_ids
 from fairswitch.config import EngineConfig
 from fairswitch.engine.engine import Engine
 from fairswitch.sampling_params import SamplingParams
@@ -42,8 +42,9 @@ def serve(engine: Engine, args: argparse.Namespace) -> list[Any]:
     rng = random.Random(args.seed)
     params = SamplingParams(max_tokens=args.output_tokens, temperature=0.0, ignore_eos=True)
     for _ in range(args.requests):
-        engine.add_request(prompt_token_ids=[rng.randrange(1000, 30000)
-                                             for _ in range(args.prompt_tokens)], params=params)
+        engine.add_request(prompt_token_ids=random_token_ids(rng, args.prompt_tokens,
+                                                             engine.hf_config.vocab_size),
+                           params=params)
     outputs = []
     while engine.has_unfinished_requests():
         outputs.extend(engine.step())

@@ -18,9 +18,20 @@ from pathlib import Path
 from typing import Any
 
 
+_ROOT = Path(__file__).resolve().parents[1]
+
+
 def command_line() -> str:
-    """The command that started this process, as one pastable shell line."""
-    return shlex.join(["python3", *sys.argv])
+    """The command that started this process, as one pastable shell line from the repository
+    root: ``python3 -m package.module ...`` when run as a module, a script inside the repository
+    by its path from the root."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        head = ["-m", spec.name.removesuffix(".__main__")]
+    else:
+        script = Path(sys.argv[0]).resolve()
+        head = [str(script.relative_to(_ROOT)) if script.is_relative_to(_ROOT) else sys.argv[0]]
+    return shlex.join(["python3", *head, *sys.argv[1:]])
 
 
 def device_name() -> str:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 
-from engine_options import add_engine_options, engine_config
+from engine_options import add_engine_options, engine_config, random_token_ids, vocab_size
 from fairswitch.config import EngineConfig
 from fairswitch.engine.engine import Engine
 from fairswitch.sampling_params import SamplingParams
@@ -87,8 +87,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = engine_config(p, args, max_model_len=args.max_prompt + args.output_tokens + 16,
                            priority_update_seed=args.seed, baseline=False)
     rng = random.Random(args.seed)
-    prompts = [[rng.randrange(1000, 30000) for _ in range(rng.randint(args.min_prompt,
-                                                                      args.max_prompt))]
+    vocab = vocab_size(args.model)
+    prompts = [random_token_ids(rng, rng.randint(args.min_prompt, args.max_prompt), vocab)
                for _ in range(args.requests)]
     rows = [run_mode(name, config, args, prompts) for name in modes]
     print(f"{'mode':<16}{'wall s':>8}{'tok/s':>8}{'preempt':>9}{'GB moved':>10}{'copies':>9}"

@@ -14,9 +14,9 @@ if not torch.cuda.is_available():
     # kernels run in Triton's interpreter, so their tests run in CI too.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from fairswitch.model.default_model import ensure_default_model
+from fairswitch.model.cl100k import ensure_cl100k_tokenizer
 
-VOCAB = 100352  # the embedded tokenizer's ids fit; padded like fairswitch-tiny
+VOCAB = 100352  # cl100k_base's ids, padded to a multiple of 128 (model/cl100k.py)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -30,7 +30,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tokenizer_dir() -> Path:
-    return ensure_default_model()
+    return ensure_cl100k_tokenizer()
 
 
 def _write_checkpoint(path: Path, arch: str, tokenizer_dir: Path, **overrides) -> Path:

@@ -11,10 +11,11 @@ import pytest
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def test_throughput_smoke(tmp_path, monkeypatch, tokenizer_dir):
+def test_throughput_smoke(tmp_path, monkeypatch):
     # The script imports its sibling results_io as a top-level module, as when run directly.
     monkeypatch.syspath_prepend(str(BENCH_DIR))
     import throughput
+    from fairswitch.model.default_model import default_model_dir
     from fairswitch.model.loader import load_tokenizer
 
     out = tmp_path / "results" / "throughput.json"
@@ -35,7 +36,7 @@ def test_throughput_smoke(tmp_path, monkeypatch, tokenizer_dir):
     assert all(c["value"] > 0 for c in claims.values())
 
     # The same seeded workload, rebuilt: each engine must have produced exactly its tokens.
-    workload = throughput.sample_workload(load_tokenizer(tokenizer_dir), 8, 64, 16, seed=0,
+    workload = throughput.sample_workload(load_tokenizer(default_model_dir()), 8, 64, 16, seed=0,
                                           trace=str(throughput.DEFAULT_PAIRS_TRACE))
     assert len(workload) == 8
     assert all(4 <= len(p) <= 64 and 4 <= n <= 16 for p, n in workload)

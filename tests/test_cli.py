@@ -35,6 +35,20 @@ def test_generate_json(capsys, tmp_path):
     assert all(len(x["token_ids"]) == 5 and x["finish_reason"] == "length" for x in lines)
 
 
+def test_generate_chat_replies_through_the_template(capsys):
+    from fairswitch import LLM, SamplingParams
+
+    rc = main(["generate", "--chat", "--json", "--no-progress", "--max-tokens", "12",
+               "What is the capital of France?"])
+    assert rc == 0
+    (line,) = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    want = LLM().chat(messages, SamplingParams(max_tokens=12, temperature=0.0),
+                      use_tqdm=False)[0].outputs[0]
+    assert line["token_ids"] == want.token_ids and line["text"] == want.text
+    assert "France" in want.text  # the default model is trained: it answers in kind
+
+
 def test_generate_errors_are_clear(capsys):
     assert main(["generate", "--no-progress", "--max-tokens", "0", "hi"]) == 2
     assert "max_tokens must be at least 1" in capsys.readouterr().err

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from fairswitch import LLM, SamplingParams
-from fairswitch.model.default_model import ensure_default_model
+from fairswitch.model.default_model import default_model_dir
 
 pytest.importorskip("lm_eval")
 
@@ -47,7 +47,7 @@ def _samples(out: Path, task: str) -> list[dict]:
 
 
 def test_lm_eval_local_completions_runs_both_task_kinds(server, tmp_path):
-    tokenizer = ensure_default_model()
+    tokenizer = default_model_dir()
     out = tmp_path / "out"
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
            "HF_HOME": str(tmp_path / "hf"), "TOKENIZERS_PARALLELISM": "false"}

@@ -55,7 +55,9 @@ def test_results_file_format(path):
         found = subprocess.run(["git", "cat-file", "-e", f"{ref}^{{commit}}"], cwd=ROOT,
                                capture_output=True, timeout=10)
         assert found.returncode == 0, f"commit {commit} is not in this repository"
-    assert result["command"].startswith("python3 benchmarks/")
+    # A script of the repository (train_tiny.json's, run as a module, records its absolute path).
+    assert re.match(r"python3 (benchmarks/|-m (benchmarks|workloads)\.|\S*/workloads/\w+\.py )",
+                    result["command"]), result["command"]
     assert isinstance(result["figures"], dict)
     names = [c["name"] for c in result["claims"]]
     assert len(names) == len(set(names)), "a claim is recorded twice"
@@ -76,3 +78,17 @@ def test_a_given_commit_is_recorded_in_full(monkeypatch, capsys):
     assert "warning" not in capsys.readouterr().err
     assert resolve_commit("0" * 40) == "0" * 40  # unknown: as given, with a warning
     assert "names no commit" in capsys.readouterr().err
+
+
+def test_command_line_is_pastable_from_the_repository_root(monkeypatch):
+    import sys
+    import types
+
+    from benchmarks.results_io import command_line
+
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "benchmarks" / "x.py"), "--a", "b c"])
+    monkeypatch.setitem(sys.modules, "__main__", types.SimpleNamespace(__spec__=None))
+    assert command_line() == "python3 benchmarks/x.py --a 'b c'"
+    module = types.SimpleNamespace(__spec__=types.SimpleNamespace(name="workloads.train_tiny"))
+    monkeypatch.setitem(sys.modules, "__main__", module)
+    assert command_line() == "python3 -m workloads.train_tiny --a 'b c'"

@@ -1,25 +1,27 @@
-"""First run, no noise (issue 19): building the embedded checkpoint and loading its tokenizer, the
-engine's way and through transformers' AutoTokenizer, prints, logs and warns nothing; and the
-tokenizer splits and encodes like tiktoken's cl100k_base on several hundred varied strings.
+"""First run, no noise (issue 19): building the cl100k_base tokenizer and loading it, and loading the
+default model's tokenizer, the engine's way and through transformers' AutoTokenizer, prints, logs
+and warns nothing; and the cl100k tokenizer splits and encodes like tiktoken's cl100k_base on
+several hundred varied strings.
 
-Why the first can fail: transformers 5.x (seen on 5.17; fixed by 5.25) treats a local checkpoint
-whose config.json has no ``transformers_version`` as a Mistral one and logs "incorrect regex pattern
-... fix_mistral_regex=True" on every AutoTokenizer load of a vocabulary over 100k, whatever its
-regex. Ours is cl100k's (the parity test below), so that warning is a false alarm, and following it
-would break the tokenizer (it swaps in Mistral's pattern, which splits digits one by one). The
-checkpoint's config.json records ``transformers_version``, as every config transformers writes does.
-``tests/test_tokenizer.py`` checks the same through transformers' logging propagation and the
-engine/AutoTokenizer agreement; ``tests/test_default_model.py`` the ids of a few fixed texts."""
+Why the first can fail: transformers 5.x (seen on 5.17; fixed by 5.25) takes a local directory
+whose config.json has no ``transformers_version`` for a Mistral one and logs "incorrect regex
+pattern ... fix_mistral_regex=True" on every AutoTokenizer load of a vocabulary over 100k, whatever
+its regex. Ours is cl100k's (the parity test below), so that warning would be a false alarm, and
+following it would break the tokenizer (it swaps in Mistral's pattern, which splits digits one by
+one). The cl100k directory has no config.json, and every checkpoint transformers writes records
+its version. ``tests/test_tokenizer.py`` checks the same through transformers' logging propagation
+and the engine/AutoTokenizer agreement; ``tests/test_cl100k_tokenizer.py`` the ids of a few fixed
+texts."""
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import warnings
 from pathlib import Path
 
-from fairswitch.model.default_model import _byte_to_unicode, ensure_default_model
+from fairswitch.model.cl100k import _byte_to_unicode, ensure_cl100k_tokenizer
+from fairswitch.model.default_model import default_model_dir
 from fairswitch.model.tokenizer import load_tokenizer
 
 IM = {"<|im_start|>": 100264, "<|im_end|>": 100265}  # ChatML, as tiktoken's cl100k_im
@@ -36,7 +38,6 @@ class _Records(logging.Handler):
 
 
 def test_first_build_and_load_print_nothing(tmp_path: Path, capfd) -> None:
-    from packaging import version
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -52,13 +53,14 @@ def test_first_build_and_load_print_nothing(tmp_path: Path, capfd) -> None:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            ckpt = ensure_default_model(tmp_path / "cache")  # a first run: built here
-            ours = load_tokenizer(ckpt)
-            ours.encode("Hello, world")
-            ours.apply_chat_template(CONVERSATION, add_generation_prompt=True)
-            hf = AutoTokenizer.from_pretrained(str(ckpt))  # where transformers 5.17 warned
-            hf.encode("Hello, world")
-            hf.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True)
+            cl100k = ensure_cl100k_tokenizer(tmp_path / "cache")  # a first run: built here
+            for path in (cl100k, default_model_dir()):
+                ours = load_tokenizer(path)
+                ours.encode("Hello, world")
+                ours.apply_chat_template(CONVERSATION, add_generation_prompt=True)
+                hf = AutoTokenizer.from_pretrained(str(path))  # where transformers 5.17 warned
+                hf.encode("Hello, world")
+                hf.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True)
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logger.removeHandler(records)
@@ -66,9 +68,6 @@ def test_first_build_and_load_print_nothing(tmp_path: Path, capfd) -> None:
     assert records.messages == []
     assert [f"{w.category.__name__}: {w.message}" for w in caught] == []
     assert (out, err) == ("", "")
-    # What keeps transformers 5.x from taking the checkpoint for a Mistral one.
-    config = json.loads((ckpt / "config.json").read_text())
-    assert version.parse(config["transformers_version"]) >= version.parse("4.0")
 
 
 def _varied_texts(n: int = 500, seed: int = 19) -> list[str]:

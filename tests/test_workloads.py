@@ -232,7 +232,7 @@ def test_cli_writes_a_readable_trace_with_meta(tmp_path, capsys):
     trace = read_trace(out)
     meta = trace.meta
     assert meta["command"].startswith("python -m workloads.build synthetic") and meta["seed"] == 4
-    assert meta["tokenizer"] == "fairswitch-tiny" and meta["params"]["turns"] == "uniform:1,3"
+    assert meta["tokenizer"] == "cl100k_base" and meta["params"]["turns"] == "uniform:1,3"
     assert meta["counts"]["conversations"] == 12 == len(trace.conversations)
     assert meta["counts"]["requests"] == trace.num_requests
     assert SchedulerConfig(**meta["scheduler"]).priority_updates == "markov"

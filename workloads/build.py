@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     a("--output", type=Path, required=True, help="trace path (.jsonl, or .jsonl.gz compressed)")
     a("--seed", type=int, default=0, help="seed of every random draw (>= 0)")
     a("--num-conversations", type=int, default=1000)
-    a("--tokenizer", default=None, help="HF tokenizer directory (default: fairswitch-tiny's)")
+    a("--tokenizer", default=None, help="HF tokenizer directory (default: cl100k_base)")
     a("--max-input-tokens", type=int, default=1024, help="clip of one user message")
     a("--max-output-tokens", type=int, default=512, help="clip of one reply / output_tokens")
     a("--max-context", type=int, default=4096, help="a conversation's whole history, outputs too")

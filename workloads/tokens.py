@@ -60,13 +60,14 @@ def turns_within(lengths: Iterable[tuple[int, int]], max_context: int) -> int:
 
 @functools.cache  # loading takes seconds; builders only read the tokenizer
 def load_tokenizer(path: str | None = None) -> tuple[Any, str]:
-    """(HF tokenizer, its name for trace_meta); default: the default model's (cl100k_base)."""
+    """(HF tokenizer, its name for trace_meta); default: cl100k_base, the tokenizer of the model
+    shapes the benchmarks run (llama-3-8b ...)."""
     from fairswitch.model.loader import load_tokenizer as load_hf
 
     if path is None:
-        from fairswitch.model.default_model import DEFAULT_MODEL_NAME, ensure_default_model
+        from fairswitch.model.cl100k import NAME, ensure_cl100k_tokenizer
 
-        return load_hf(ensure_default_model()), DEFAULT_MODEL_NAME
+        return load_hf(ensure_cl100k_tokenizer()), NAME
     return load_hf(path), str(path)
 
 

@@ -16,7 +16,6 @@ command, device and commit.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import time

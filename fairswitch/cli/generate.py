@@ -27,6 +27,8 @@ def add_parser(subs: argparse._SubParsersAction) -> argparse.ArgumentParser:
     s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     s.add_argument("--stop-token-ids", type=int, nargs="*", default=[], help="stop token ids")
     s.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
+    p.add_argument("--chat", action="store_true",
+                   help="each prompt is a user message: reply through the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_engine_args(p)
@@ -68,12 +70,18 @@ def run(args: argparse.Namespace) -> int:
     # (every running request at full length) to what the prompts can use.
     config.scheduler.max_num_seqs = min(config.scheduler.max_num_seqs, len(prompts))
     llm = LLM.from_config(config)
-    outputs = llm.generate(prompts, params, use_tqdm=not args.no_progress)
-    for out in outputs:
+    if args.chat:
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params,
+                           use_tqdm=not args.no_progress)
+    else:
+        outputs = llm.generate(prompts, params, use_tqdm=not args.no_progress)
+    for prompt, out in zip(prompts, outputs):
         c = out.outputs[0]
         if args.json:
-            print(json.dumps({"prompt": out.prompt, "text": c.text, "token_ids": c.token_ids,
+            print(json.dumps({"prompt": prompt, "text": c.text, "token_ids": c.token_ids,
                               "finish_reason": c.finish_reason}))
+        elif args.chat:
+            print(f"> {prompt}\n{c.text}")
         else:
             print(f"{out.prompt}{c.text}")
             print(f"  [{len(c.token_ids)} tokens, finish_reason={c.finish_reason}]",

@@ -179,11 +179,11 @@ def _tokenizer_path(config: EngineConfig, source: loader.ModelSource) -> Any:
         return config.model.tokenizer
     if source.checkpoint_dir is not None:
         return source.checkpoint_dir
-    # Shipped configs have no tokenizer of their own: use the embedded model's
-    # (cl100k_base, whose ids are the first 100k of Llama 3's vocabulary).
-    from fairswitch.model.default_model import ensure_default_model
+    # Shipped configs have no tokenizer of their own: cl100k_base, whose ids are the first 100k
+    # of Llama 3's vocabulary.
+    from fairswitch.model.cl100k import ensure_cl100k_tokenizer
 
-    return ensure_default_model()
+    return ensure_cl100k_tokenizer()
 
 
 def _max_model_len(hf_config: CheckpointConfig, wanted: int | None) -> int:

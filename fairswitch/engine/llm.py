@@ -107,6 +107,33 @@ class LLM:
                 bar.close()
         return [_merged(copies) for copies in done]  # type: ignore[arg-type]
 
+    def chat(
+        self,
+        messages: Sequence[dict[str, Any]] | Sequence[Sequence[dict[str, Any]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        **generate_options: Any,
+    ) -> list[RequestOutput]:
+        """Reply to one conversation (a list of ``{"role", "content"}`` messages) or to several
+        (a list of such lists): each is rendered with the tokenizer's chat template (or
+        ``chat_template``) and generated from; ``priority``/``client_id`` as in ``generate``."""
+        conversations = ([messages] if messages and isinstance(messages[0], dict)
+                         else list(messages))
+        tokenizer = self.engine.tokenizer
+        prompts = []
+        for conversation in conversations:
+            if not isinstance(conversation, (list, tuple)) or not all(
+                    isinstance(m, dict) and "role" in m and "content" in m for m in conversation):
+                raise ValueError("each conversation must be a list of {'role', 'content'} dicts")
+            text = tokenizer.apply_chat_template(
+                list(conversation), chat_template=chat_template, tokenize=False,
+                add_generation_prompt=add_generation_prompt)
+            # The template writes the special tokens itself.
+            prompts.append(tokenizer.encode(text, add_special_tokens=False))
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, **generate_options)
+
 
 def _merged(copies: list[RequestOutput]) -> RequestOutput:
     """One prompt's output: its copies' completions, numbered."""

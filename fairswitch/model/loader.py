@@ -1,7 +1,8 @@
 """Find a model, read its config and tokenizer, build it on the device and fill its weights.
 
-``model`` may be: a local HF checkpoint directory; the embedded default ``fairswitch-tiny``
-(created and cached on first use); or a shipped config name (``llama-3-8b`` ...) for dummy weights.
+``model`` may be: a local HF checkpoint directory; the embedded default ``fairswitch-tiny`` (a
+checkpoint directory inside the package); or a shipped config name (``llama-3-8b`` ...) for dummy
+weights, with the cl100k_base tokenizer (model/cl100k.py).
 Weights come from ``*.safetensors`` (single file or sharded with an index), or are random
 (``load_format="dummy"``) with realistic scales, for benchmarks at real model shapes.
 
@@ -41,10 +42,10 @@ def shipped_config_names() -> list[str]:
 
 
 def resolve_model(model: str) -> ModelSource:
-    from fairswitch.model.default_model import ensure_default_model, is_default_model_name
+    from fairswitch.model.default_model import default_model_dir, is_default_model_name
 
     if is_default_model_name(model):
-        path = ensure_default_model()
+        path = default_model_dir()
         return ModelSource(model, path, path / "config.json")
     path = Path(model).expanduser()
     if path.is_dir():
