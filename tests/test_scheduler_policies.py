@@ -202,8 +202,8 @@ def test_vtc_service_difference_bounded_for_backlogged_clients(policy, threshold
     # most one request adds to its client's counter. A request is admitted (or keeps running
     # against a queued one) only while its client is at most preempt_threshold ahead, so the
     # lead of a client is at most that plus the remaining service of its in-flight requests:
-    # seats * U; counters charge a step only after it ran, hence another U of slack.
-    bound = (seats + 1) * (1 * prompt + 2 * out_len) + h.sched.ranking.preempt_threshold
+    # seats * U (a step is charged as it is scheduled, so no decision lags its charge).
+    bound = seats * (1 * prompt + 2 * out_len) + h.sched.ranking.preempt_threshold
     if policy == "vtc":
         assert worst <= bound
     else:

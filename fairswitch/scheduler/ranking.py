@@ -4,14 +4,17 @@ KV). The scheduler only compares ranks; it knows no policy.
 ``score(req)`` is a float, lower = better; ties break on (arrival time, arrival order). A starving
 request (scheduler.py) ranks first whatever its score. Hooks let a policy keep state:
 ``on_arrival`` / ``on_finish`` (request enters / leaves the scheduler), ``on_served`` (tokens it
-was served this step), ``on_step`` (once per schedule(): returns requests whose score changed, so
-that queued ones are re-ranked).
+is served by a step being scheduled, negative when taken back: ``Scheduler._charge`` says which),
+``on_step`` (once per schedule(): returns requests whose score changed, so that queued ones are
+re-ranked).
 
 - fcfs: score = arrival time (seconds).
 - priority: score = ``req.priority`` (lower first, like vLLM's ``priority``).
 - vtc: Virtual Token Counter (Sheng et al., "Fairness in Serving Large Language Models", OSDI'24).
   Each client has a counter advanced by the service its requests get, input tokens x w_in + output
-  tokens x w_out, divided by the client's weight; score = the client's counter. A client that becomes
+  tokens x w_out, divided by the client's weight, charged as steps are scheduled (so a decision
+  counts the step in flight) and never for recomputation; score = the client's counter, so
+  ``req.priority`` plays no part (requests of one client go by arrival). A client that becomes
   backlogged (its first live request) is lifted to the minimum counter of the backlogged clients,
   so idling earns no credit and a newcomer is neither starved nor allowed to monopolize.
   A queued client preempts a running one only once it is behind by one full step's worth of
@@ -30,6 +33,7 @@ import random
 from fairswitch.config import SchedulerConfig, parse_client_weights
 from fairswitch.request import Request
 from fairswitch.scheduler.queues import ClientQueue, HeapQueue
+
 
 class RankingPolicy:
     """The interface, and what every policy shares: the preemption threshold, starving requests

@@ -27,15 +27,16 @@ list, sorted by rank each step). Swap-ins in flight belong to the swap manager u
 
 The contract is two calls per step (plus ``add_request`` and ``finish`` for arrivals and aborts):
 
-    out = schedule()                   the step's chunks; their tokens count as computed now, and
+    out = schedule()                   the step's chunks; their tokens count as computed now,
                                        each token the step samples is a placeholder
-                                       (PLACEHOLDER_TOKEN) at the end of its request's tokens
+                                       (PLACEHOLDER_TOKEN) at the end of its request's tokens,
+                                       and their service is charged to the ranking policy
     ... the runner runs ``out`` (it may run a later step before this one's tokens are back) ...
     update_from_output(out, sampled)   placeholders become the sampled tokens, stop checks run,
-                                       finished requests leave and free their KV, service is
-                                       charged to the ranking policy (VTC counters)
+                                       finished requests leave and free their KV
 
-``revert(out)`` undoes a scheduled step whose tokens were lost (an error while it ran).
+``revert(out)`` undoes a scheduled step whose tokens were lost (an error while it ran), its
+charge included. What is charged, and when, is decided in ``_charge``.
 """
 
 from __future__ import annotations
@@ -46,15 +47,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
 from typing import Protocol
 
 from fairswitch.config import SchedulerConfig
 from fairswitch.kv.memory import KVMemory
 from fairswitch.request import PLACEHOLDER_TOKEN, Request, RequestStatus
-from fairswitch.scheduler.ranking import make_ranking
 from fairswitch.scheduler.preemption import RECOMPUTE, SWAP, PreemptionPolicy
 from fairswitch.scheduler.queues import ClientQueue, HeapQueue
+from fairswitch.scheduler.ranking import make_ranking
 
 
 class QueueFullError(RuntimeError):
@@ -80,6 +80,9 @@ class SchedulerOutput:
     # whether the chunk reaches its last token (the step samples the next one).
     starts: list[int] = field(default_factory=list)
     samples: list[bool] = field(default_factory=list)
+    # Per scheduled request: prompt tokens the step charged to its client (``revert`` takes them
+    # back; the output token a sampling step charged goes with its placeholder).
+    prompt_charges: list[int] = field(default_factory=list)
 
     @classmethod
     def planned(cls, scheduled: list[tuple[Request, int]]) -> SchedulerOutput:
@@ -162,9 +165,15 @@ class Scheduler:
         """The step will run: its tokens count as computed; each token it samples is a
         placeholder until ``update_from_output``; its requests have run one more step
         (``min_run_steps``, the starvation bound). A request whose placeholder ends it by length
-        is ``finishing``: a step scheduled before its token is back neither runs nor preempts it."""
+        is ``finishing``: a step scheduled before its token is back neither runs nor preempts it.
+        Its service is charged now (``_charge``)."""
         min_run = max(1, self.config.min_run_steps)
         for req, start, n, samples in out.chunks():
+            # Prompt tokens past the ones charged before (a recomputed prompt is not charged again).
+            num_prompt = max(0, min(start + n, req.num_prompt_tokens)
+                             - req.num_charged_prompt_tokens)
+            out.prompt_charges.append(num_prompt)
+            self._charge(req, num_prompt, int(samples))
             req.num_computed_tokens = start + n
             req.num_run_steps += 1
             if req.starving and req.num_run_steps >= min_run:
@@ -198,6 +207,8 @@ class Scheduler:
             m.last_token_time = now
             if req.is_finished:
                 m.finished_time = now
+                # The tokens that later steps in flight sample for it will be dropped: not served.
+                self._charge(req, 0, 1 - num_placeholders)
                 self.finish(req)
             elif num_placeholders > 1:  # a later step in flight samples the next ones
                 req.token_ids.extend([PLACEHOLDER_TOKEN] * (num_placeholders - 1))
@@ -205,15 +216,19 @@ class Scheduler:
             else:
                 req.finishing = False
             updated.append(req)
-        self._charge(out)
         return updated
 
     def revert(self, out: SchedulerOutput) -> None:
         """The step's tokens are lost (an error while it ran): its requests go back to where they
-        were before it (the KV it wrote is computed again). Revert newest step first."""
-        for req, start, _, samples in out.chunks():
+        were before it (the KV it wrote is computed again) and its charge is taken back. Revert
+        newest step first."""
+        for (req, start, _, samples), num_prompt in zip(out.chunks(), out.prompt_charges,
+                                                        strict=True):
+            num_output = 0  # its placeholder is gone already if the request finished since
             if samples and req.token_ids and req.token_ids[-1] == PLACEHOLDER_TOKEN:
                 req.token_ids.pop()
+                num_output = 1
+            self._charge(req, -num_prompt, -num_output)
             req.finishing = False
             req.num_computed_tokens = min(req.num_computed_tokens, start)
             req.num_cpu_tokens = min(req.num_cpu_tokens, req.num_computed_tokens)
@@ -241,16 +256,28 @@ class Scheduler:
             * self.kv_token_bytes,
         }
 
-    def _charge(self, out: SchedulerOutput) -> None:
-        """Charge the service the step gave (prompt tokens computed, tokens output)."""
-        for req, _ in out.scheduled:
-            prompt = min(req.num_computed_tokens, req.num_prompt_tokens)
-            num_in = max(0, prompt - req.num_charged_prompt_tokens)
-            num_out = max(0, req.num_output_tokens - req.num_charged_output_tokens)
-            if num_in or num_out:
-                req.num_charged_prompt_tokens += num_in
-                req.num_charged_output_tokens += num_out
-                self.ranking.on_served(req, num_in, num_out)
+    def _charge(self, req: Request, num_prompt: int, num_output: int) -> None:
+        """Charge ``req``'s client for prompt and output tokens (negative: take a charge back).
+
+        The rule (VTC's service, Sheng et al. 2024, as delivered to the client, once):
+        - when: as the step is scheduled (``_advance``), so the next ``schedule()`` already
+          counts the step in flight; with async scheduling a charge after the tokens are back
+          would lag one step behind the decisions.
+        - prompt: each prompt token once, when its KV first becomes the request's, computed or
+          reused from the prefix cache (the client gets the same service either way).
+        - output: each token the request is given, once, when the step sampling it is scheduled.
+        - preemption: recomputing a prompt and the tokens generated so far is the server's cost,
+          not charged again (``num_charged_prompt_tokens`` is a high-water mark; prefilled
+          output tokens are not output); a swap-out and swap-in compute nothing, charge nothing.
+        - what is not served is taken back: a reverted step's tokens (``revert``), and a token
+          sampled for a request that finished while it was in flight (dropped: ``finish``).
+        So ``num_charged_output_tokens == num_output_tokens`` (placeholders included) always,
+        and the client's counter advances by (w_in x prompt + w_out x output) / its weight.
+        """
+        if num_prompt or num_output:
+            req.num_charged_prompt_tokens += num_prompt
+            req.num_charged_output_tokens += num_output
+            self.ranking.on_served(req, num_prompt, num_output)
 
     # ---- ranks ----------------------------------------------------------------------------
 
@@ -497,7 +524,7 @@ class Scheduler:
             if req in queue:
                 queue.remove(req)
                 break
-        _drop_placeholders(req)
+        self._charge(req, 0, -_drop_placeholders(req))  # tokens in flight for it: never served
         req.finishing = False
         req.kept_out_since = None
         self.ranking.on_finish(req)
