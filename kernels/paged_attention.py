@@ -20,6 +20,13 @@ can be captured in a CUDA graph; seq_len 0 rows (graph padding) produce zeros an
       partial (m, l, acc) per split ──► _decode_reduce_kernel ──► out
 
 Decode with one split writes the output directly and skips the reduction launch.
+
+FP8 cache (float8_e4m3fn, see reference.py): write_kv quantizes; attention loads 1-byte tiles and
+widens them in registers to the query dtype, fp16 for bf16 queries (exact: every e4m3 value is an
+fp16 value). The per-tensor scales are factored out of the sums: K's multiplies the softmax
+scale, V's the normalized output. Scales are read through 1-element device tensors, so a captured
+graph follows a recalibration. A bf16/fp16/fp32 cache compiles to the same code as without FP8
+(KV_FP8 is a constexpr).
 """
 
 from __future__ import annotations
@@ -31,11 +38,39 @@ import torch
 import triton
 import triton.language as tl
 
+from fairswitch.kernels import reference
+
 _LOG2E = 1.4426950408889634
+_FP8_MAX = tl.constexpr(reference.FP8_MAX)
 
 
 # ---------------------------------------------------------------------------------------------
 # write_kv
+
+
+@triton.jit
+def _quantize_e4m3(x, scale):
+    """x / scale clamped to +-448 and rounded to nearest e4m3 (ties to even), as fp8.
+
+    The rounding is done in fp32 arithmetic that is exact (powers of two, small integers), so
+    the final cast only changes the type: the bytes equal torch's cast on the GPU and under
+    Triton's interpreter, whose own fp32 -> fp8 cast rounds ties away and can lose a carry.
+    """
+    y = tl.clamp(tl.div_rn(x.to(tl.float32), scale), -_FP8_MAX, _FP8_MAX)  # IEEE division
+    bits = y.to(tl.int32, bitcast=True)
+    # e4m3 keeps 3 mantissa bits: spacing 2^(e-3) for |y| in [2^e, 2^(e+1)), and 2^-9 below
+    # 2^-6 (subnormals). Biased fp32 exponent 121 is 2^-6.
+    exp = tl.maximum((bits >> 23) & 0xFF, 121)
+    ulp = ((exp - 3) << 23).to(tl.float32, bitcast=True)
+    inv_ulp = ((257 - exp) << 23).to(tl.float32, bitcast=True)
+    n = tl.abs(y) * inv_ulp  # in [0, 16)
+    whole = tl.floor(n)
+    frac = n - whole
+    odd = (whole.to(tl.int32) & 1) == 1
+    rounded = (whole + ((frac > 0.5) | ((frac == 0.5) & odd)).to(tl.float32)) * ulp
+    sign = bits & -2147483648  # keeps -0.0 negative, as torch does
+    return (rounded.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True).to(
+        tl.float8e4nv)
 
 
 @triton.jit
@@ -44,6 +79,7 @@ def _write_kv_kernel(
     v_ptr,  # [T, Hkv, D]
     k_cache_ptr,  # [num_blocks, block_size, Hkv, D] (strided view)
     v_cache_ptr,  # [num_blocks, block_size, Hkv, D] (strided view)
+    k_scale_ptr, v_scale_ptr,  # [1] fp32, read only when KV_FP8
     slot_mapping_ptr,  # [T] int32/int64, -1 = padding
     num_kv_heads,
     stride_kt, stride_kh,
@@ -53,6 +89,7 @@ def _write_kv_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     # grid: (T, cdiv(Hkv, BLOCK_H))
     t = tl.program_id(0)
@@ -67,6 +104,9 @@ def _write_kv_kernel(
     t64 = t.to(tl.int64)
     k = tl.load(k_ptr + t64 * stride_kt + heads[:, None] * stride_kh + offs_d[None, :], mask=mask)
     v = tl.load(v_ptr + t64 * stride_vt + heads[:, None] * stride_vh + offs_d[None, :], mask=mask)
+    if KV_FP8:
+        k = _quantize_e4m3(k, tl.load(k_scale_ptr))
+        v = _quantize_e4m3(v, tl.load(v_scale_ptr))
     kc = k_cache_ptr + block * stride_kcb + row * stride_kcs
     vc = v_cache_ptr + block * stride_vcb + row * stride_vcs
     tl.store(kc + heads[:, None] * stride_kch + offs_d[None, :], k, mask=mask)
@@ -74,11 +114,16 @@ def _write_kv_kernel(
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Store k, v [T, Hkv, D] at slot = block * block_size + row; slot -1 is skipped."""
+             slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+             v_scale: torch.Tensor | None = None) -> None:
+    """Store k, v [T, Hkv, D] at slot = block * block_size + row; slot -1 is skipped.
+
+    An fp8 cache stores quantize_fp8(k, k_scale), quantize_fp8(v, v_scale) (reference.py)."""
     num_tokens, num_kv_heads, head_dim = k.shape
     _check_cache(k_cache, v_cache, num_kv_heads, head_dim)
-    assert v.shape == k.shape and k.dtype == v.dtype == k_cache.dtype, (k.shape, v.shape, k.dtype)
+    kv_fp8 = reference.check_kv_scales(k_cache.dtype, k_scale, v_scale)
+    assert v.shape == k.shape and k.dtype == v.dtype, (k.shape, v.shape, k.dtype, v.dtype)
+    assert kv_fp8 or k.dtype == k_cache.dtype, (k.dtype, k_cache.dtype)
     assert k.stride(-1) == 1 and v.stride(-1) == 1, "head_dim must be contiguous"
     assert slot_mapping.shape == (num_tokens,), (slot_mapping.shape, num_tokens)
     assert slot_mapping.dtype in (torch.int32, torch.int64), slot_mapping.dtype
@@ -87,11 +132,11 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     block_h = min(triton.next_power_of_2(num_kv_heads), max(1, 4096 // head_dim))
     grid = (num_tokens, triton.cdiv(num_kv_heads, block_h))
     _write_kv_kernel[grid](
-        k, v, k_cache, v_cache, slot_mapping, num_kv_heads,
+        k, v, k_cache, v_cache, *_scale_ptrs(k_scale, v_scale, k), slot_mapping, num_kv_heads,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1], BLOCK_H=block_h,
+        HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1], BLOCK_H=block_h, KV_FP8=kv_fp8,
     )
 
 
@@ -100,9 +145,19 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 
 
 @triton.jit
+def _fp8_compute_dtype(q):
+    """The queries in the dtype fp8 tiles widen to: fp16 for bf16 queries, since fp8 -> fp16 is
+    one instruction for two values and fp8 -> bf16 several. Exact for |q| in [2^-14, 65504],
+    where fp16 has more mantissa bits than bf16."""
+    if q.dtype == tl.bfloat16:
+        q = q.to(tl.float16)
+    return q
+
+
+@triton.jit
 def _attend_tile(
     q, acc, m_i, l_i,  # q [M, D]; acc [M, D] fp32; m_i, l_i [M] fp32 (log2 domain)
-    k_cache_ptr, v_cache_ptr,  # [num_blocks, block_size, Hkv, D] (strided views)
+    k_cache_ptr, v_cache_ptr,  # [num_blocks, block_size, Hkv, D] (strided views), any dtype
     block_table_ptr,  # [max_blocks] int32, this sequence's row
     n0, kv_end, kvh, row_pos, qk_scale,  # row_pos [M]: absolute position of each query row
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
@@ -115,7 +170,9 @@ def _attend_tile(
     page = tl.load(block_table_ptr + pos // BLOCK_SIZE, mask=kv_mask, other=0).to(tl.int64)
     row = pos % BLOCK_SIZE
     k_off = page * stride_kb + row * stride_ks + kvh * stride_kh
-    k = tl.load(k_cache_ptr + k_off[:, None] + offs_d[None, :], mask=kv_mask[:, None], other=0.0)
+    # .to(q.dtype): an fp8 tile widens in registers (a no-op for a cache in the query dtype).
+    k = tl.load(k_cache_ptr + k_off[:, None] + offs_d[None, :], mask=kv_mask[:, None],
+                other=0.0).to(q.dtype)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     visible = kv_mask[None, :]
     if CAUSAL:
@@ -127,8 +184,9 @@ def _attend_tile(
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     v_off = page * stride_vb + row * stride_vs + kvh * stride_vh
-    v = tl.load(v_cache_ptr + v_off[:, None] + offs_d[None, :], mask=kv_mask[:, None], other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    v = tl.load(v_cache_ptr + v_off[:, None] + offs_d[None, :], mask=kv_mask[:, None],
+                other=0.0).to(q.dtype)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
 
@@ -143,6 +201,7 @@ def _decode_split_kernel(
     q_ptr,  # [B, Hq, D]
     k_cache_ptr,  # [num_blocks, block_size, Hkv, D] (strided view)
     v_cache_ptr,  # [num_blocks, block_size, Hkv, D] (strided view)
+    k_scale_ptr, v_scale_ptr,  # [1] fp32, read only when KV_FP8
     block_tables_ptr,  # [B, max_blocks] int32
     seq_lens_ptr,  # [B] int32
     out_ptr,  # [B, Hq, D], written only when WRITE_OUT
@@ -157,7 +216,7 @@ def _decode_split_kernel(
     stride_ob, stride_oh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_OUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     # grid: (B, Hkv, num_splits); WRITE_OUT (num_splits == 1): normalize into out directly
     b = tl.program_id(0)
@@ -174,6 +233,9 @@ def _decode_split_kernel(
     heads = kvh * GROUP + offs_g
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=g_mask[:, None], other=0.0)
+    if KV_FP8:
+        q = _fp8_compute_dtype(q)
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
@@ -186,6 +248,8 @@ def _decode_split_kernel(
 
     has_keys = l_i > 0  # false for an empty split (seq_len 0 or a short sequence's tail splits)
     o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    if KV_FP8:
+        o = o * tl.load(v_scale_ptr)
     if WRITE_OUT:
         tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
@@ -224,10 +288,13 @@ def _decode_reduce_kernel(
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
 
 
-# Launch configuration by element size; fp32 tiles take twice the shared memory. On the H200,
-# B64 x 32 heads (8 kv) x ctx 2048 x d128 bf16: 64/4/2 reads KV at 0.94 of the device-copy
-# bandwidth (= SDPA on contiguous KV); 128/4/3 0.90, 64/8/3 0.70, 256/8/3 0.74.
+# Launch configuration by the cache's element size; fp32 tiles take twice the shared memory. On
+# the H200, B64 x 32 heads (8 kv) x ctx 2048 x d128 bf16: 64/4/2 reads KV at 0.94 of the
+# device-copy bandwidth (= SDPA on contiguous KV); 128/4/3 0.90, 64/8/3 0.70, 256/8/3 0.74.
+# fp8 (bf16 queries), same shape: 128/4/3 0.51, the best of BLOCK_N 64/128/256 x 4/8 warps x
+# 2-4 stages (64/4/2 0.31): widening and staging the tiles for tl.dot costs more than the reads.
 DECODE_LAUNCH = {
+    1: dict(BLOCK_N=128, num_warps=4, num_stages=3),
     2: dict(BLOCK_N=64, num_warps=4, num_stages=2),
     4: dict(BLOCK_N=32, num_warps=4, num_stages=2),
 }
@@ -267,13 +334,16 @@ def default_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms:
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor,
                            scale: float | None = None, num_splits: int | None = None,
-                           out: torch.Tensor | None = None) -> torch.Tensor:
+                           out: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
+                           v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One query token per sequence: q [B, Hq, D] -> [B, Hq, D] (into ``out`` if given)."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     block_size = _check_cache(k_cache, v_cache, num_kv_heads, head_dim)
+    kv_fp8 = reference.check_kv_scales(k_cache.dtype, k_scale, v_scale)
     assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
-    assert q.dtype == k_cache.dtype and q.stride(-1) == 1, (q.dtype, k_cache.dtype, q.stride())
+    assert kv_fp8 or q.dtype == k_cache.dtype, (q.dtype, k_cache.dtype)
+    assert q.stride(-1) == 1, q.stride()
     assert block_tables.dtype == torch.int32 and block_tables.dim() == 2, block_tables.dtype
     assert block_tables.shape[0] == batch and block_tables.stride(1) == 1, block_tables.shape
     assert seq_lens.dtype == torch.int32 and seq_lens.shape == (batch,), seq_lens.shape
@@ -284,7 +354,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if batch == 0:
         return out
     group = num_heads // num_kv_heads
-    launch = DECODE_LAUNCH[q.element_size()]
+    launch = DECODE_LAUNCH[k_cache.element_size()]
     if num_splits is None:
         num_splits = default_num_splits(batch, num_kv_heads, block_tables.shape[1] * block_size,
                                         _num_sms(q.device), launch["BLOCK_N"])
@@ -298,14 +368,15 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     else:
         part_o = part_lse = out  # unused by the kernel
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, part_o, part_lse, scale * _LOG2E,
+        q, k_cache, v_cache, *_scale_ptrs(k_scale, v_scale, q), block_tables, seq_lens, out,
+        part_o, part_lse, scale * _LOG2E,
         num_splits, q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, WRITE_OUT=num_splits == 1, DOT_PRECISION=_dot_precision(q.dtype),
-        **launch,
+        KV_FP8=kv_fp8, **launch,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
@@ -324,6 +395,7 @@ def _prefill_kernel(
     q_ptr,  # [T, Hq, D]
     k_cache_ptr,  # [num_blocks, block_size, Hkv, D] (strided view)
     v_cache_ptr,  # [num_blocks, block_size, Hkv, D] (strided view)
+    k_scale_ptr, v_scale_ptr,  # [1] fp32, read only when KV_FP8
     block_tables_ptr,  # [S, max_blocks] int32
     query_start_loc_ptr,  # [S + 1] int32
     seq_lens_ptr,  # [S] int32
@@ -337,7 +409,7 @@ def _prefill_kernel(
     num_seqs, num_slots, search_steps,  # FLAT_GRID only; search_steps = ceil(log2(num_seqs))
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    FLAT_GRID: tl.constexpr,
+    FLAT_GRID: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     # The M rows of a program are TOKENS consecutive query tokens x the GROUP query heads of one
     # KV head (row r = token r // GROUP, head r % GROUP), so each KV tile is loaded once per group.
@@ -380,6 +452,9 @@ def _prefill_kernel(
     tok = (q_start + t).to(tl.int64)
     q = tl.load(q_ptr + tok[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :])
     row_pos = prefix_len + t
+    if KV_FP8:
+        q = _fp8_compute_dtype(q)
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -402,6 +477,8 @@ def _prefill_kernel(
             HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION)
 
     o = acc / l_i[:, None]
+    if KV_FP8:
+        o = o * tl.load(v_scale_ptr)
     tl.store(out_ptr + tok[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
              o.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
 
@@ -418,7 +495,8 @@ PREFILL_LAUNCH = {
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, query_start_loc: torch.Tensor,
                             seq_lens: torch.Tensor, max_query_len: int | None,
-                            scale: float | None = None) -> torch.Tensor:
+                            scale: float | None = None, k_scale: torch.Tensor | None = None,
+                            v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its cached prefix plus themselves.
 
     q [T, Hq, D] holds sequence i's query_len = query_start_loc[i+1] - query_start_loc[i] newest
@@ -432,8 +510,10 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     block_size = _check_cache(k_cache, v_cache, num_kv_heads, head_dim)
+    kv_fp8 = reference.check_kv_scales(k_cache.dtype, k_scale, v_scale)
     assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
-    assert q.dtype == k_cache.dtype and q.stride(-1) == 1, (q.dtype, k_cache.dtype, q.stride())
+    assert kv_fp8 or q.dtype == k_cache.dtype, (q.dtype, k_cache.dtype)
+    assert q.stride(-1) == 1, q.stride()
     num_seqs = seq_lens.shape[0]
     assert block_tables.dtype == torch.int32 and block_tables.shape[0] == num_seqs
     assert block_tables.stride(1) == 1, block_tables.stride()
@@ -456,14 +536,16 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     else:
         grid = (triton.cdiv(max_query_len, tokens_per_tile), num_seqs, num_kv_heads)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out, scale * _LOG2E,
+        q, k_cache, v_cache, *_scale_ptrs(k_scale, v_scale, q), block_tables, query_start_loc,
+        seq_lens, out, scale * _LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         num_seqs, num_slots, (num_seqs - 1).bit_length(),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        DOT_PRECISION=_dot_precision(q.dtype), FLAT_GRID=max_query_len is None, **launch,
+        DOT_PRECISION=_dot_precision(q.dtype), FLAT_GRID=max_query_len is None, KV_FP8=kv_fp8,
+        **launch,
     )
     return out
 
@@ -488,6 +570,23 @@ def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, num_kv_heads: int
     assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, f"head_dim {head_dim}: power of 2"
     assert block_size >= 8 and block_size & (block_size - 1) == 0, f"block_size {block_size}"
     return block_size
+
+
+def decode_kv_bytes(k_cache: torch.Tensor, num_cached_tokens: int) -> int:
+    """K and V bytes a decode reads for ``num_cached_tokens`` (the sum of seq_lens), in the
+    cache's dtype (1 byte an element for fp8): what a bandwidth figure divides by the time.
+    Block tables, queries and scales are not counted (a fraction of a percent)."""
+    num_kv_heads, head_dim = k_cache.shape[2:]
+    return 2 * num_cached_tokens * num_kv_heads * head_dim * k_cache.element_size()
+
+
+def _scale_ptrs(k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
+                placeholder: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scale pointers to launch with: a placeholder (never read) for a non-fp8 cache."""
+    if k_scale is None:
+        return placeholder, placeholder
+    assert k_scale.device == v_scale.device == placeholder.device, (k_scale.device, v_scale.device)
+    return k_scale, v_scale
 
 
 def _dot_precision(dtype: torch.dtype) -> str:

@@ -6,6 +6,11 @@ against. Shapes (per layer):
     seq_lens:         [num_seqs] int, tokens in the cache for each sequence (this step included)
 
 Grouped-query attention: query head h reads KV head h // (num_heads // num_kv_heads).
+
+FP8 KV cache: a cache of dtype float8_e4m3fn stores x / scale, clamped to e4m3's +-448 and rounded
+to nearest (ties to even); it reads back as stored * scale. Each layer has one float32 scale for K
+and one for V (1-element tensors, so a captured CUDA graph sees a scale calibrated later). Every
+function below takes them as ``k_scale`` / ``v_scale``: required for an fp8 cache, None otherwise.
 """
 
 from __future__ import annotations
@@ -13,14 +18,47 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite e4m3 value
+
+
+def quantize_fp8(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """x / scale (in fp32) clamped to +-FP8_MAX, rounded to float8_e4m3fn."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def dequantize_fp8(x: torch.Tensor, scale: torch.Tensor | float,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The values an fp8 cache holds: x.float() * scale, in ``dtype``."""
+    return (x.float() * scale).to(dtype)
+
+
+def check_kv_scales(cache_dtype: torch.dtype, k_scale: torch.Tensor | None,
+                    v_scale: torch.Tensor | None) -> bool:
+    """Whether the cache is fp8; asserts its scales are given (1-element float32) or absent."""
+    if cache_dtype != FP8_DTYPE:
+        assert k_scale is None and v_scale is None, f"scales given for a {cache_dtype} cache"
+        return False
+    for scale in (k_scale, v_scale):
+        assert scale is not None, "an fp8 KV cache needs k_scale and v_scale"
+        assert scale.dtype == torch.float32 and scale.numel() == 1, (scale.dtype, scale.shape)
+    return True
+
+
+def _read_kv(cache: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    return cache if scale is None else dequantize_fp8(cache, scale, dtype)
+
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor, has_padding: bool = True) -> None:
+             slot_mapping: torch.Tensor, has_padding: bool = True,
+             k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
     """Store k, v [num_tokens, num_kv_heads, head_dim] at their slots; slot -1 is padding.
 
     ``has_padding=False`` promises no -1 slots and skips the filter (a device sync on GPU).
     """
     block_size = k_cache.shape[1]
+    if check_kv_scales(k_cache.dtype, k_scale, v_scale):
+        k, v = quantize_fp8(k, k_scale), quantize_fp8(v, v_scale)
     if has_padding:
         keep = slot_mapping >= 0
         slot_mapping, k, v = slot_mapping[keep], k[keep], v[keep]
@@ -37,13 +75,16 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> t
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                           scale: float | None = None) -> torch.Tensor:
+                           scale: float | None = None, k_scale: torch.Tensor | None = None,
+                           v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One query token per sequence, q [num_seqs, num_heads, head_dim] -> same shape."""
+    check_kv_scales(k_cache.dtype, k_scale, v_scale)
     num_seqs, max_blocks = block_tables.shape
     block_size, num_kv_heads, head_dim = k_cache.shape[1:]
     group = q.shape[1] // num_kv_heads
-    k = k_cache[block_tables.long()].flatten(1, 2)  # [S, max_blocks * block_size, Hkv, D]
-    v = v_cache[block_tables.long()].flatten(1, 2)
+    # [S, max_blocks * block_size, Hkv, D]
+    k = _read_kv(k_cache[block_tables.long()].flatten(1, 2), k_scale, q.dtype)
+    v = _read_kv(v_cache[block_tables.long()].flatten(1, 2), v_scale, q.dtype)
     positions = torch.arange(max_blocks * block_size, device=q.device)
     mask = (positions[None, :] < seq_lens[:, None].to(q.device))[:, None, None, :]
     # GQA without copying KV: the query heads sharing a KV head become that head's "query rows".
@@ -56,18 +97,22 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, query_start_loc: list[int],
-                            seq_lens: list[int], scale: float | None = None) -> torch.Tensor:
+                            seq_lens: list[int], scale: float | None = None,
+                            k_scale: torch.Tensor | None = None,
+                            v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of new tokens over a cached prefix plus themselves.
 
     q [num_tokens, num_heads, head_dim] holds each sequence's query_len = query_start_loc[i+1] -
     query_start_loc[i] newest tokens; they sit at positions seq_len - query_len ... seq_len - 1.
     """
+    check_kv_scales(k_cache.dtype, k_scale, v_scale)
     out = torch.empty_like(q)
     for i, seq_len in enumerate(seq_lens):
         start, end = query_start_loc[i], query_start_loc[i + 1]
         q_len = end - start
-        k = gather_kv(k_cache, block_tables[i], seq_len).transpose(0, 1).unsqueeze(0)
-        v = gather_kv(v_cache, block_tables[i], seq_len).transpose(0, 1).unsqueeze(0)
+        k = _read_kv(gather_kv(k_cache, block_tables[i], seq_len), k_scale, q.dtype)
+        v = _read_kv(gather_kv(v_cache, block_tables[i], seq_len), v_scale, q.dtype)
+        k, v = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
         qi = q[start:end].transpose(0, 1).unsqueeze(0)
         if q_len == seq_len:
             mask, causal = None, True

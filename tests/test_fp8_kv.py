@@ -1,0 +1,392 @@
+"""FP8 (e4m3) KV cache: quantization, write_kv, and decode/prefill attention over an fp8 cache, the
+Triton kernels (kernels/paged_attention.py) against the torch reference (kernels/reference.py).
+
+Triton's interpreter runs the fp8 kernels on the CPU (loads of fp8 tiles, their widening, the
+quantizing store), with fp32 and fp16 queries: its bf16 ``tl.dot`` is wrong whatever the cache, so
+bf16 queries are ``-m gpu`` tests, as are long contexts and graph capture.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_kernels import DEVICE, assert_close, make_cache, random_block_tables
+
+from fairswitch.kernels import paged_attention as pa
+from fairswitch.kernels import reference as ref
+
+FP8 = torch.float8_e4m3fn
+
+
+def scales(k_scale: float, v_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.tensor([k_scale], device=DEVICE), torch.tensor([v_scale], device=DEVICE))
+
+
+def as_bytes(x: torch.Tensor) -> torch.Tensor:
+    return x.view(torch.uint8)  # torch.equal has no fp8 kernel on the CPU
+
+
+def realistic(shape, num_outliers: int, gen: torch.Generator) -> torch.Tensor:
+    """N(0, 1) values with a few outliers of magnitude 10-20, like activations' K and V."""
+    x = torch.randn(shape, generator=gen)
+    at = torch.randint(0, x.numel(), (num_outliers,), generator=gen)
+    sign = torch.randint(0, 2, (num_outliers,), generator=gen) * 2 - 1
+    x.view(-1)[at] = sign * (10 + 10 * torch.rand(num_outliers, generator=gen))
+    return x
+
+
+def fill_fp8(pool: torch.Tensor, block_tables: torch.Tensor, k_scale: torch.Tensor,
+             v_scale: torch.Tensor) -> None:
+    """N(0, 1) K and V, quantized, in the used blocks of layer 1 (pool [blocks, layers, 2, ...])."""
+    used = block_tables.flatten().long()
+    for i, scale in enumerate((k_scale, v_scale)):
+        pool[used, 1, i] = ref.quantize_fp8(torch.randn(pool[used, 1, i].shape, device=DEVICE),
+                                            scale)
+
+
+def dequantized(k_cache, v_cache, block_tables, k_scale, v_scale):
+    """The referenced blocks as fp32 caches holding what the fp8 cache means, tables renumbered."""
+    used, remapped = torch.unique(block_tables.long(), return_inverse=True)
+    return (ref.dequantize_fp8(k_cache[used], k_scale), ref.dequantize_fp8(v_cache[used], v_scale),
+            remapped.to(torch.int32))
+
+
+# -------------------------------------------------------------------------------------------
+# quantize / dequantize
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.037, 3.0])
+def test_round_trip_error_bounds(scale):
+    # |x| / scale over e4m3's whole range, both signs; scale as a float and as a tensor.
+    magnitudes = torch.logspace(-12, 9, 20001, base=2.0, dtype=torch.float64)
+    x = (torch.cat([magnitudes, -magnitudes]) * scale).float()
+    for s in (scale, torch.tensor([scale])):
+        q = ref.quantize_fp8(x, s)
+        assert q.dtype == FP8
+        back = ref.dequantize_fp8(q, s)
+        err = (back - x).abs()
+        scaled = x.abs() / scale
+        normal = (scaled >= 2.0 ** -6) & (scaled <= ref.FP8_MAX)
+        assert (err[normal] <= 2.0 ** -4 * x.abs()[normal] * (1 + 1e-6)).all()  # 3 mantissa bits
+        subnormal = scaled < 2.0 ** -6  # spacing 2^-9: half of it at most
+        assert (err[subnormal] <= 2.0 ** -10 * scale * (1 + 1e-6)).all()
+        saturated = scaled > ref.FP8_MAX
+        assert torch.equal(back[saturated], torch.sign(x[saturated]) * ref.FP8_MAX * scale)
+        assert torch.isfinite(back).all()
+
+
+def test_quantize_is_nearest_even_and_saturates():
+    grid = torch.arange(256, dtype=torch.uint8).view(FP8).float()
+    grid = grid[torch.isfinite(grid)].unique()  # the 253 finite values, -0 merged with 0
+    assert torch.equal(ref.dequantize_fp8(ref.quantize_fp8(grid, 1.0), 1.0), grid)
+    mids = (grid[1:] + grid[:-1]) / 2
+    # A tie goes to the neighbour whose code (so mantissa) is even.
+    lower_even = as_bytes(ref.quantize_fp8(grid[:-1], 1.0)) % 2 == 0
+    expected = torch.where(lower_even, grid[:-1], grid[1:])
+    assert torch.equal(ref.dequantize_fp8(ref.quantize_fp8(mids, 1.0), 1.0), expected)
+    big = torch.tensor([449.0, 1e6, float("inf"), -float("inf")])
+    assert ref.dequantize_fp8(ref.quantize_fp8(big, 1.0), 1.0).tolist() == [448, 448, 448, -448]
+
+
+def test_scales_are_required_exactly_for_fp8():
+    _, k_cache, v_cache = make_cache(4, 8, 1, 16, dtype=FP8)
+    k = torch.randn(2, 1, 16, device=DEVICE)
+    slots = torch.tensor([0, 9], device=DEVICE)
+    k_scale, v_scale = scales(1.0, 1.0)
+    for write in (pa.write_kv, ref.write_kv):
+        with pytest.raises(AssertionError, match="needs k_scale"):
+            write(k_cache, v_cache, k, k, slots)
+        with pytest.raises(AssertionError):  # a float64 scale
+            write(k_cache, v_cache, k, k, slots, k_scale=k_scale.double(), v_scale=v_scale)
+    _, k32, v32 = make_cache(4, 8, 1, 16)
+    with pytest.raises(AssertionError, match="scales given"):
+        pa.write_kv(k32, v32, k, k, slots, k_scale=k_scale, v_scale=v_scale)
+
+
+# -------------------------------------------------------------------------------------------
+# write_kv
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_write_kv_fp8_stores_reference_bytes(dtype):
+    gen = torch.Generator().manual_seed(20)
+    num_blocks, block_size, num_kv_heads, head_dim = 10, 16, 3, 32
+    pool, k_cache, v_cache = make_cache(num_blocks, block_size, num_kv_heads, head_dim, FP8)
+    pool.view(torch.uint8).copy_(torch.randint(0, 120, pool.shape, generator=gen))
+    expected = pool.clone()
+    num_tokens = 19
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
+    slots[[0, 7]] = -1  # graph-bucket padding
+    k = realistic((num_tokens, num_kv_heads, head_dim), 12, gen)
+    v = realistic((num_tokens, num_kv_heads, head_dim), 12, gen)
+    # A power of two keeps the special values below exact; outliers of K and V saturate.
+    k_scale, v_scale = scales(2.0 ** -5, 0.011)
+    # Ties between e4m3 neighbours, subnormals, signed zeros, values past the range.
+    grid = torch.arange(256, dtype=torch.uint8).view(FP8).float()
+    grid = grid[torch.isfinite(grid)].unique()
+    special = torch.cat([(grid[1:] + grid[:-1]) / 2, grid, torch.tensor([-0.0, 1e-30, 1e4])])
+    k.view(-1)[:special.numel()] = special * k_scale.cpu()
+    k, v = k.to(dtype).to(DEVICE), v.to(dtype).to(DEVICE)
+    slots = slots.to(DEVICE)
+    pa.write_kv(k_cache, v_cache, k, v, slots, k_scale=k_scale, v_scale=v_scale)
+    ref.write_kv(expected[:, 1, 0], expected[:, 1, 1], k, v, slots, k_scale=k_scale,
+                 v_scale=v_scale)
+    assert torch.equal(as_bytes(pool), as_bytes(expected))  # layer 0 and other slots untouched
+    kept = slots >= 0
+    blocks, rows = slots[kept] // block_size, slots[kept] % block_size
+    for cache, x, scale in ((k_cache, k, k_scale), (v_cache, v, v_scale)):
+        stored = as_bytes(cache[blocks, rows])
+        assert torch.equal(stored, as_bytes(ref.quantize_fp8(x, scale)[kept]))
+
+
+# -------------------------------------------------------------------------------------------
+# attention over an fp8 cache: the kernels against the reference on the dequantized cache
+
+
+@pytest.mark.parametrize("group,head_dim,block_size,num_splits,dtype", [
+    (1, 64, 16, 1, torch.float32), (4, 128, 32, 3, torch.float32), (8, 64, 16, None, torch.float32),
+    (7, 64, 16, 2, torch.float32), (4, 64, 16, 2, torch.float16)])
+def test_decode_fp8_matches_reference(group, head_dim, block_size, num_splits, dtype):
+    torch.manual_seed(21)
+    num_kv_heads, max_blocks = 2, 10
+    seq_lens = [0, 1, block_size + 1, max_blocks * block_size - 3]
+    num_blocks = len(seq_lens) * max_blocks + 3
+    pool, k_cache, v_cache = make_cache(num_blocks, block_size, num_kv_heads, head_dim, FP8)
+    block_tables = random_block_tables(len(seq_lens), max_blocks, num_blocks)
+    k_scale, v_scale = scales(0.012, 0.009)
+    fill_fp8(pool, block_tables, k_scale, v_scale)
+    q = torch.randn(len(seq_lens), num_kv_heads * group, head_dim, device=DEVICE).to(dtype)
+    seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    out = pa.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens_t,
+                                    num_splits=num_splits, k_scale=k_scale, v_scale=v_scale)
+    kf, vf, bt = dequantized(k_cache, v_cache, block_tables, k_scale, v_scale)
+    expected = ref.paged_decode_attention(q.float(), kf, vf, bt, seq_lens_t)
+    assert out.dtype == dtype and torch.all(out[0] == 0)
+    assert_close(out[1:], expected[1:], dtype)
+    # The reference's own fp8 path reads the same values.
+    own = ref.paged_decode_attention(q.float(), k_cache, v_cache, block_tables, seq_lens_t,
+                                     k_scale=k_scale, v_scale=v_scale)
+    assert_close(own[1:], expected[1:], torch.float32)
+
+
+def test_scales_are_read_at_launch():
+    """Scales live in device memory: a captured graph follows a recalibration. Doubling V's scale
+    doubles the output exactly; a new K scale gives the reference's answer for it."""
+    torch.manual_seed(22)
+    block_size, head_dim, group = 16, 64, 4
+    pool, k_cache, v_cache = make_cache(12, block_size, 1, head_dim, FP8)
+    block_tables = random_block_tables(2, 5, 12)
+    k_scale, v_scale = scales(0.012, 0.02)
+    fill_fp8(pool, block_tables, k_scale, v_scale)
+    q = torch.randn(2, group, head_dim, device=DEVICE)
+    seq_lens = torch.tensor([70, 33], dtype=torch.int32, device=DEVICE)
+
+    def decode():
+        return pa.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens,
+                                         num_splits=2, k_scale=k_scale, v_scale=v_scale)
+
+    before = decode()
+    v_scale.mul_(2)
+    assert torch.equal(decode(), 2 * before)
+    k_scale.fill_(0.02)
+    expected = ref.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens,
+                                          k_scale=k_scale, v_scale=v_scale)
+    assert_close(decode(), expected, torch.float32)
+
+
+@pytest.mark.parametrize("flat_grid", [False, True])
+@pytest.mark.parametrize("group,head_dim,block_size,dtype", [
+    (1, 64, 16, torch.float32), (4, 128, 32, torch.float32), (7, 64, 16, torch.float32),
+    (4, 64, 16, torch.float16)])
+def test_prefill_fp8_matches_reference(group, head_dim, block_size, dtype, flat_grid):
+    torch.manual_seed(23)
+    pairs = [(7, 7), (5, 40), (1, 17), (0, 9), (20, 20 + 2 * block_size)]
+    run_prefill_fp8(pairs, group, head_dim, block_size, dtype, flat_grid)
+
+
+def run_prefill_fp8(pairs, group, head_dim, block_size, dtype, flat_grid, num_kv_heads=2):
+    query_lens, seq_lens = [p[0] for p in pairs], [p[1] for p in pairs]
+    max_blocks = -(-max(seq_lens) // block_size)
+    num_blocks = len(pairs) * max_blocks + 3
+    pool, k_cache, v_cache = make_cache(num_blocks, block_size, num_kv_heads, head_dim, FP8)
+    block_tables = random_block_tables(len(pairs), max_blocks, num_blocks)
+    k_scale, v_scale = scales(0.012, 0.009)
+    fill_fp8(pool, block_tables, k_scale, v_scale)
+    num_tokens = sum(query_lens)
+    q = torch.randn(num_tokens, num_kv_heads * group, head_dim, device=DEVICE).to(dtype)
+    starts = [0]
+    for n in query_lens:
+        starts.append(starts[-1] + n)
+    out = pa.paged_prefill_attention(
+        q, k_cache, v_cache, block_tables, torch.tensor(starts, dtype=torch.int32, device=DEVICE),
+        torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+        None if flat_grid else max(query_lens), k_scale=k_scale, v_scale=v_scale)
+    kf, vf, bt = dequantized(k_cache, v_cache, block_tables, k_scale, v_scale)
+    expected = ref.paged_prefill_attention(q.float(), kf, vf, bt, starts, seq_lens)
+    assert out.dtype == dtype
+    assert_close(out, expected, dtype)
+    own = ref.paged_prefill_attention(q.float(), k_cache, v_cache, block_tables, starts, seq_lens,
+                                      k_scale=k_scale, v_scale=v_scale)
+    assert_close(own, expected, torch.float32)
+
+
+def test_decode_kv_bytes_counts_the_cache_dtype():
+    # As benchmarks/attention_kernels.py counts: 2 (K, V) x tokens x Hkv x D x element size.
+    for dtype, elem in ((torch.bfloat16, 2), (FP8, 1)):
+        _, k_cache, _ = make_cache(4, 16, 8, 128, dtype)
+        assert pa.decode_kv_bytes(k_cache, 64 * 2048) == 2 * 64 * 2048 * 8 * 128 * elem
+
+
+# -------------------------------------------------------------------------------------------
+# accuracy of an fp8 cache on realistic values (the reference: same values as the kernels)
+
+
+def attention_errors(ctx: int, head_dim: int, group: int, q_dtype: torch.dtype,
+                     gen: torch.Generator, num_seqs: int = 4, query_len: int = 32) -> dict:
+    """{(kind, cache): (max |err|, mean |err| / rms(exact))} of decode and prefill (each
+    sequence's last ``query_len`` tokens) over an fp8 cache (per-tensor scales = amax / 448) and a
+    bf16 cache, against fp32 attention on the unquantized K/V. V's rms is about 1, so the max is
+    also relative to the scale of the values that attention averages."""
+    num_kv_heads, block_size = 2, 16
+    num_blocks = num_seqs * ctx // block_size
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    num_outliers = max(4, num_blocks * block_size * num_kv_heads * head_dim // 10000)
+    k, v = realistic(shape, num_outliers, gen), realistic(shape, num_outliers, gen)
+    k_scale = (k.abs().amax() / ref.FP8_MAX).reshape(1)
+    v_scale = (v.abs().amax() / ref.FP8_MAX).reshape(1)
+    caches = {
+        "fp32": (k, v, {}),
+        "fp8": (ref.quantize_fp8(k, k_scale), ref.quantize_fp8(v, v_scale),
+                {"k_scale": k_scale, "v_scale": v_scale}),
+        "bf16": (k.bfloat16().to(q_dtype), v.bfloat16().to(q_dtype), {}),
+    }
+    block_tables = torch.randperm(num_blocks, generator=gen).view(num_seqs, -1).to(torch.int32)
+    seq_lens = torch.full((num_seqs,), ctx, dtype=torch.int32)
+    q_decode = torch.randn(num_seqs, num_kv_heads * group, head_dim, generator=gen)
+    q_prefill = torch.randn(num_seqs * query_len, num_kv_heads * group, head_dim, generator=gen)
+    starts = list(range(0, (num_seqs + 1) * query_len, query_len))
+
+    def attend(kind, name):
+        kc, vc, kv_scales = caches[name]
+        if kind == "decode":
+            q = q_decode if name == "fp32" else q_decode.to(q_dtype)
+            return ref.paged_decode_attention(q, kc, vc, block_tables, seq_lens, **kv_scales)
+        q = q_prefill if name == "fp32" else q_prefill.to(q_dtype)
+        return ref.paged_prefill_attention(q, kc, vc, block_tables, starts, [ctx] * num_seqs,
+                                           **kv_scales)
+
+    errors = {}
+    for kind in ("decode", "prefill"):
+        exact = attend(kind, "fp32")
+        rms = exact.pow(2).mean().sqrt()
+        for name in ("fp8", "bf16"):
+            err = (attend(kind, name).float() - exact).abs()
+            errors[kind, name] = (err.max().item(), (err.mean() / rms).item())
+    return errors
+
+
+@pytest.mark.parametrize("ctx,head_dim,group,q_dtype", [
+    (256, 64, 4, torch.float32), (2048, 128, 4, torch.float32), (2048, 128, 4, torch.bfloat16)])
+def test_fp8_attention_error_on_realistic_values(ctx, head_dim, group, q_dtype):
+    errors = attention_errors(ctx, head_dim, group, q_dtype, torch.Generator().manual_seed(24))
+    for (kind, name), (max_err, mean_err) in errors.items():
+        print(f"ctx {ctx} d {head_dim} q {q_dtype} {kind} {name} cache: max |err| {max_err:.3f}"
+              f", mean |err| / rms(out) {mean_err:.4f}")
+    for kind in ("decode", "prefill"):
+        (max_fp8, mean_fp8), (_, mean_bf16) = errors[kind, "fp8"], errors[kind, "bf16"]
+        # e4m3 keeps 3 mantissa bits, bf16 7: an error of a few percent, several times bf16's.
+        # The max comes from outlier keys: a 1/16 error of a key of 20 moves its logit.
+        assert mean_fp8 < 0.05 and max_fp8 < 0.5
+        assert mean_bf16 < mean_fp8 / 5
+
+
+# -------------------------------------------------------------------------------------------
+# GPU: bf16 queries, long contexts, the hardware's fp8 conversions, graph capture
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_write_kv_fp8_gpu_bytes(dtype):
+    gen = torch.Generator().manual_seed(30)
+    pool, k_cache, v_cache = make_cache(300, 16, 8, 128, FP8)
+    slots = torch.randperm(300 * 16, generator=gen)[:1000].to(DEVICE)
+    k = (realistic((1000, 8, 128), 100, gen) * 3).to(dtype).to(DEVICE)
+    v = realistic((1000, 8, 128), 100, gen).to(dtype).to(DEVICE)
+    k_scale, v_scale = scales(0.05, 0.01)
+    expected = pool.clone()
+    pa.write_kv(k_cache, v_cache, k, v, slots, k_scale=k_scale, v_scale=v_scale)
+    ref.write_kv(expected[:, 1, 0], expected[:, 1, 1], k, v, slots, k_scale=k_scale,
+                 v_scale=v_scale)
+    assert torch.equal(as_bytes(pool), as_bytes(expected))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group,head_dim,block_size", [(1, 128, 16), (4, 128, 16), (8, 64, 32)])
+@pytest.mark.parametrize("num_splits", [None, 1, 8])
+def test_decode_fp8_gpu_large(group, head_dim, block_size, num_splits):
+    torch.manual_seed(31)
+    num_seqs, num_kv_heads, max_ctx = 64, 2, 8192 + 100
+    max_blocks = -(-max_ctx // block_size)
+    num_blocks = num_seqs * max_blocks + 11
+    pool, k_cache, v_cache = make_cache(num_blocks, block_size, num_kv_heads, head_dim, FP8)
+    block_tables = random_block_tables(num_seqs, max_blocks, num_blocks)
+    k_scale, v_scale = scales(0.012, 0.009)
+    fill_fp8(pool, block_tables, k_scale, v_scale)
+    seq_lens = torch.randint(1, max_ctx + 1, (num_seqs,), dtype=torch.int32)
+    seq_lens[:4] = torch.tensor([0, 1, max_ctx, block_size * 7])
+    seq_lens = seq_lens.to(DEVICE)
+    q = torch.randn(num_seqs, num_kv_heads * group, head_dim, device=DEVICE).bfloat16()
+    out = pa.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens,
+                                    num_splits=num_splits, k_scale=k_scale, v_scale=v_scale)
+    kf, vf, bt = dequantized(k_cache, v_cache, block_tables, k_scale, v_scale)
+    expected = ref.paged_decode_attention(q.float(), kf, vf, bt, seq_lens)
+    assert torch.all(out[0] == 0)
+    assert_close(out[1:], expected[1:], torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("group,head_dim,block_size", [(1, 128, 16), (4, 128, 32), (7, 128, 16)])
+@pytest.mark.parametrize("flat_grid", [False, True])
+def test_prefill_fp8_gpu_large(group, head_dim, block_size, flat_grid):
+    torch.manual_seed(32)
+    pairs = [(2048, 2048), (512, 8300), (1, 5000), (300, 300), (129, 4000), (0, 64)]
+    run_prefill_fp8(pairs, group, head_dim, block_size, torch.bfloat16, flat_grid)
+
+
+@pytest.mark.gpu
+def test_decode_fp8_cuda_graph_replay_and_recalibration():
+    torch.manual_seed(33)
+    block_size, head_dim, group, num_kv_heads = 16, 128, 4, 2
+    num_seqs, max_blocks, num_blocks = 8, 64, 8 * 64 + 3
+    pool, k_cache, v_cache = make_cache(num_blocks, block_size, num_kv_heads, head_dim, FP8)
+    k_scale, v_scale = scales(0.01, 0.02)
+    fill_fp8(pool, torch.arange(num_blocks, device=DEVICE)[None], k_scale, v_scale)
+    q = torch.randn(num_seqs, num_kv_heads * group, head_dim, device=DEVICE).bfloat16()
+    block_tables = random_block_tables(num_seqs, max_blocks, num_blocks)
+    seq_lens = torch.ones(num_seqs, dtype=torch.int32, device=DEVICE)
+    out = torch.empty_like(q)
+
+    def decode():
+        pa.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, out=out,
+                                  k_scale=k_scale, v_scale=v_scale)
+
+    decode()  # compile
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        decode()
+    for trial in range(3):
+        q.copy_(torch.randn_like(q))
+        block_tables.copy_(random_block_tables(num_seqs, max_blocks, num_blocks))
+        lens = torch.randint(0, max_blocks * block_size + 1, (num_seqs,), dtype=torch.int32)
+        lens[trial] = 0
+        seq_lens.copy_(lens)
+        k_scale.fill_(0.01 * (trial + 1))  # recalibrated after capture
+        v_scale.fill_(0.02 / (trial + 1))
+        graph.replay()
+        expected = ref.paged_decode_attention(q.float(), ref.dequantize_fp8(k_cache, k_scale),
+                                              ref.dequantize_fp8(v_cache, v_scale), block_tables,
+                                              seq_lens)
+        live = lens.to(DEVICE) > 0
+        assert torch.all(out[~live] == 0)
+        assert_close(out[live], expected[live], torch.bfloat16)
