@@ -86,6 +86,10 @@ class CacheConfig:
     kv_cache_memory_gib: float | None = _opt(
         None, "KV cache size in GiB (default on CPU: 1; on CUDA: from --gpu-memory-utilization)"
     )
+    kv_cache_dtype: str = _opt(
+        "auto", "KV cache element type: auto (the model's dtype) or fp8 (e4m3 with a scale per "
+        "layer for K and for V: half the bytes of bf16, so twice the tokens, and every swap "
+        "moves half as much)", ("auto", "fp8"))
     block_groups: bool = _opt(
         True, "allocate runs of consecutive blocks sized to each request's expected length")
     enable_prefix_caching: bool = _opt(

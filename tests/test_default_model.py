@@ -21,19 +21,9 @@ from fairswitch.model.default_model import (
 )
 from fairswitch.model.loader import resolve_model
 from helpers import hf_model
+from workloads.chat_prompts import CHAT_PROMPTS
 
-PROMPTS = [
-    "Hello, my name is Anna. What is your name?",
-    "What is the capital of France?",
-    "Write a Python function that reverses a string.",
-    "Explain what a neural network is.",
-    "Give me three tips for better sleep.",
-    "How do I make a cup of tea?",
-    "What is the difference between a list and a tuple in Python?",
-    "Write a short poem about the sea.",
-    "What are the benefits of regular exercise?",
-    "Summarize the plot of Romeo and Juliet.",
-]
+PROMPTS = CHAT_PROMPTS[:10]
 N_OUT = 48
 
 

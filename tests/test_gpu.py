@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import gc
+from pathlib import Path
 
 import pytest
 import torch
 
 from fairswitch import LLM, SamplingParams
+from fairswitch.config import EngineConfig
 from helpers import hf_greedy
 
 pytestmark = pytest.mark.gpu
@@ -286,3 +288,28 @@ def test_sampling_fields_on_gpu_match_the_cpu(llama_dir):
         assert all(abs(g[t].logprob - c[t].logprob) < 1e-3 for t in g)
     for g, c in zip(gpu[0].prompt_logprobs[1:], cpu[0].prompt_logprobs[1:]):
         assert all(abs(g[t].logprob - c[t].logprob) < 1e-3 for t in set(g) & set(c))
+
+
+@pytest.mark.parametrize("mode", ["swap", "recompute"])
+def test_fp8_kv_on_gpu_with_graphs_and_preemption(mode, monkeypatch):
+    """The trained default model in bf16 with an fp8 KV cache (Triton kernels, CUDA graphs, async
+    scheduling): its replies stay close to the bf16 KV's (teacher-forced top-1 agreement and KL,
+    benchmarks/fp8_kv_accuracy.py's measure), and forced preemption moves fp8 blocks without
+    changing a token."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import fp8_kv_accuracy
+
+    base = EngineConfig.from_kwargs(device="cuda", max_model_len=512, num_gpu_blocks=256)
+    fp8 = LLM.from_config(base.with_options(kv_cache_dtype="fp8"))
+    figures = fp8_kv_accuracy.compare(LLM.from_config(base), fp8,
+                                      fp8_kv_accuracy.PROMPTS[:8], max_tokens=32)
+    assert figures["top1_agreement"] >= 0.95 and figures["kl_mean"] < 0.01, figures
+    chats = [[{"role": "user", "content": p}] for p in fp8_kv_accuracy.PROMPTS[:6]]
+    params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in fp8.chat(chats, params, use_tqdm=False)]
+    tight = LLM(device="cuda", kv_cache_dtype="fp8", num_gpu_blocks=10, block_size=16,
+                max_model_len=160, preemption_mode=mode, swap_space=0.05)
+    got = [o.outputs[0].token_ids for o in tight.chat(chats, params, use_tqdm=False)]
+    assert got == want
+    assert tight.engine.switch_metrics()[f"preemptions_{mode}"] > 0
+    tight.engine.check_accounting()

@@ -31,7 +31,7 @@ def make_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: in
     """(pool, K view, V view) of one layer of a multi-layer pool: the views are strided."""
     cache = KVCache(KVLayout(num_layers, block_size, num_kv_heads, head_dim, dtype), num_blocks,
                     DEVICE)
-    k_cache, v_cache = cache.layer_views[layer]
+    k_cache, v_cache = cache.layer_views[layer][:2]
     assert not k_cache.is_contiguous()
     return cache.tensor, k_cache, v_cache
 

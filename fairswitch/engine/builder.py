@@ -26,7 +26,7 @@ from fairswitch.distributed.shard_plan import ShardPlan
 from fairswitch.distributed.workers import (WorkerGroup, launched_rank, rank_device,
                                              serve_as_worker)
 from fairswitch.engine.output_processor import OutputProcessor
-from fairswitch.kv.kv_cache import KVLayout
+from fairswitch.kv.kv_cache import KVLayout, kv_cache_dtype
 from fairswitch.kv.memory import KVMemory, num_gpu_blocks
 from fairswitch.model import loader
 from fairswitch.model.checkpoint_config import CheckpointConfig
@@ -159,7 +159,8 @@ def build_rank(config: EngineConfig, tp: TPGroup, device: torch.device,
     runner = ModelRunner(model, backend, config.scheduler, max_model_len, device, dtype, mc.seed,
                          GraphPlan(decode=graphed, mixed=graphed and mc.mixed_cuda_graphs), events,
                          tp)
-    layout = KVLayout.of_model(hf_config, cc.block_size, dtype, tp.size)
+    layout = KVLayout.of_model(hf_config, cc.block_size, kv_cache_dtype(cc.kv_cache_dtype, dtype),
+                               tp.size)
     profile = ((lambda: runner.profile_kv_bytes(layout, cc.gpu_memory_utilization))
                if device.type == "cuda" else None)
     num_blocks = num_gpu_blocks(cc, layout, config.scheduler.max_num_seqs, max_model_len, profile)

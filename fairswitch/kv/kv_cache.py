@@ -6,11 +6,16 @@ A run of consecutive block ids is therefore one contiguous byte range holding ev
 of those tokens, and moves with a single memcpy. Attention reads one layer through strided views
 (``layer_views``); inside a block each layer's K (and V) is contiguous, so reads stay coalesced.
 The GPU pool, the CPU swap space and the profiling probe all share one ``KVLayout``.
+
+An fp8 pool (``float8_e4m3fn``) stores each value divided by its layer's K or V scale (kernels/
+reference.py says how); the scales are 1-element float32 tensors on the pool's device, 1.0 (vLLM's
+default without calibrated scales), read by the kernels through their pointers.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -47,12 +52,39 @@ class KVLayout:
         return int(num_bytes) // self.block_bytes
 
 
+FP8_DTYPE = torch.float8_e4m3fn
+KV_CACHE_DTYPES = ("auto", "fp8")
+
+
+def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The pool's element type for ``--kv-cache-dtype``."""
+    if name not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {name!r}")
+    return FP8_DTYPE if name == "fp8" else model_dtype
+
+
+class KVLayer(NamedTuple):
+    """One layer's view of the pool: K and V [num_blocks, block_size, num_kv_heads, head_dim]
+    (strided), and for an fp8 pool their scales (None otherwise)."""
+    k: torch.Tensor
+    v: torch.Tensor
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
+
+
 class KVCache:
     def __init__(self, layout: KVLayout, num_blocks: int, device: torch.device) -> None:
         self.layout = layout
         self.num_blocks = num_blocks
         self.block_size = layout.block_size
         self.tensor = torch.zeros(layout.shape(num_blocks), dtype=layout.dtype, device=device)
-        # Per layer: (K, V), each [num_blocks, block_size, num_kv_heads, head_dim], strided.
-        self.layer_views = [(self.tensor[:, i, 0], self.tensor[:, i, 1])
-                            for i in range(layout.num_layers)]
+        # Per layer [K scale, V scale]; they live beside the pool, not in it: swaps move bytes.
+        self.scales = (torch.ones(layout.num_layers, 2, dtype=torch.float32, device=device)
+                       if layout.dtype == FP8_DTYPE else None)
+        self.layer_views = [self._layer(i) for i in range(layout.num_layers)]
+
+    def _layer(self, i: int) -> KVLayer:
+        k, v = self.tensor[:, i, 0], self.tensor[:, i, 1]
+        if self.scales is None:
+            return KVLayer(k, v)
+        return KVLayer(k, v, self.scales[i, 0:1], self.scales[i, 1:2])

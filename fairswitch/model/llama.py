@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from fairswitch.distributed.parallel_state import SINGLE, TPGroup
 from fairswitch.distributed.shard_plan import Shard, ShardPlan, split_intermediate
+from fairswitch.kv.kv_cache import KVLayer
 from fairswitch.model.checkpoint_config import CheckpointConfig
 
 
@@ -139,7 +140,7 @@ class Attention(nn.Module):
         self.backend = backend
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
-                kv_layer: tuple[torch.Tensor, torch.Tensor], meta: Any) -> torch.Tensor:
+                kv_layer: KVLayer, meta: Any) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
@@ -183,7 +184,7 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config.hidden_size, config.intermediate_size, ops, dtype, tp)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
-                rope: RotaryEmbedding, kv_layer: tuple[torch.Tensor, torch.Tensor], meta: Any
+                rope: RotaryEmbedding, kv_layer: KVLayer, meta: Any
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:  # first layer: the embeddings are the residual stream
             residual = h
@@ -231,7 +232,7 @@ class LlamaForCausalLM(nn.Module):
         return self.tp.all_reduce(h.masked_fill_(outside.unsqueeze(-1), 0))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_layers: list[tuple[torch.Tensor, torch.Tensor]], meta: Any) -> torch.Tensor:
+                kv_layers: list[KVLayer], meta: Any) -> torch.Tensor:
         h = self.embed(input_ids)
         residual = None
         for layer, kv_layer in zip(self.layers, kv_layers):

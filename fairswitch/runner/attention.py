@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from fairswitch.kernels import reference
+from fairswitch.kv.kv_cache import KVLayer
 
 
 @dataclass(slots=True)
@@ -41,29 +42,28 @@ class AttentionBackend(ABC):
     name: str
     ops: Any  # the elementwise kernels' module: kernels/reference.py or kernels/fused_ops.py
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                kv_layer: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
-                ) -> torch.Tensor:
-        """q [T, Hq, D], k/v [T, Hkv, D] of this step -> attention output [T, Hq, D]."""
-        k_cache, v_cache = kv_layer
-        self.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: KVLayer,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, Hkv, D] of this step -> attention output [T, Hq, D]; ``kv`` is
+        the layer's view of the pool (with its scales if the pool is fp8)."""
+        self.write_kv(kv, k, v, meta.slot_mapping)
         n = meta.num_decodes
         if n == q.shape[0]:
-            return self.decode(q, k_cache, v_cache, meta)
+            return self.decode(q, kv, meta)
         out = torch.empty_like(q)
         if n:
-            out[:n] = self.decode(q[:n], k_cache, v_cache, meta)
-        out[n:] = self.prefill(q[n:], k_cache, v_cache, meta)
+            out[:n] = self.decode(q[:n], kv, meta)
+        out[n:] = self.prefill(q[n:], kv, meta)
         return out
 
     @abstractmethod
-    def write_kv(self, k_cache, v_cache, k, v, slot_mapping) -> None: ...
+    def write_kv(self, kv: KVLayer, k, v, slot_mapping) -> None: ...
 
     @abstractmethod
-    def decode(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor: ...
+    def decode(self, q, kv: KVLayer, meta: AttentionMetadata) -> torch.Tensor: ...
 
     @abstractmethod
-    def prefill(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor: ...
+    def prefill(self, q, kv: KVLayer, meta: AttentionMetadata) -> torch.Tensor: ...
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -72,18 +72,20 @@ class TorchAttentionBackend(AttentionBackend):
     name = "torch"
     ops = reference
 
-    def write_kv(self, k_cache, v_cache, k, v, slot_mapping):
+    def write_kv(self, kv, k, v, slot_mapping):
         # The eager runner never pads (only CUDA-graph buckets do, and they use Triton).
-        reference.write_kv(k_cache, v_cache, k, v, slot_mapping, has_padding=False)
+        reference.write_kv(kv.k, kv.v, k, v, slot_mapping, has_padding=False,
+                           k_scale=kv.k_scale, v_scale=kv.v_scale)
 
-    def decode(self, q, k_cache, v_cache, meta):
-        return reference.paged_decode_attention(q, k_cache, v_cache, meta.decode_block_tables,
-                                                meta.decode_seq_lens)
+    def decode(self, q, kv, meta):
+        return reference.paged_decode_attention(q, kv.k, kv.v, meta.decode_block_tables,
+                                                meta.decode_seq_lens, k_scale=kv.k_scale,
+                                                v_scale=kv.v_scale)
 
-    def prefill(self, q, k_cache, v_cache, meta):
+    def prefill(self, q, kv, meta):
         return reference.paged_prefill_attention(
-            q, k_cache, v_cache, meta.prefill_block_tables, meta.prefill_query_start_loc_host,
-            meta.prefill_seq_lens_host)
+            q, kv.k, kv.v, meta.prefill_block_tables, meta.prefill_query_start_loc_host,
+            meta.prefill_seq_lens_host, k_scale=kv.k_scale, v_scale=kv.v_scale)
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -100,17 +102,18 @@ class TritonAttentionBackend(AttentionBackend):
         self._k = paged_attention
         self.ops = fused_ops
 
-    def write_kv(self, k_cache, v_cache, k, v, slot_mapping):
-        self._k.write_kv(k_cache, v_cache, k, v, slot_mapping)
+    def write_kv(self, kv, k, v, slot_mapping):
+        self._k.write_kv(kv.k, kv.v, k, v, slot_mapping, k_scale=kv.k_scale, v_scale=kv.v_scale)
 
-    def decode(self, q, k_cache, v_cache, meta):
-        return self._k.paged_decode_attention(q, k_cache, v_cache, meta.decode_block_tables,
-                                              meta.decode_seq_lens)
+    def decode(self, q, kv, meta):
+        return self._k.paged_decode_attention(q, kv.k, kv.v, meta.decode_block_tables,
+                                              meta.decode_seq_lens, k_scale=kv.k_scale,
+                                              v_scale=kv.v_scale)
 
-    def prefill(self, q, k_cache, v_cache, meta):
+    def prefill(self, q, kv, meta):
         return self._k.paged_prefill_attention(
-            q, k_cache, v_cache, meta.prefill_block_tables, meta.prefill_query_start_loc,
-            meta.prefill_seq_lens, meta.max_query_len)
+            q, kv.k, kv.v, meta.prefill_block_tables, meta.prefill_query_start_loc,
+            meta.prefill_seq_lens, meta.max_query_len, k_scale=kv.k_scale, v_scale=kv.v_scale)
 
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
