@@ -6,11 +6,16 @@ order given, take the merged arrivals one by one; so a client's share of the tra
 of the rate, as in VTC's experiments with unequal client rates. Priorities are static classes
 drawn per conversation; runtime priority *changes* are the scheduler's ``trace`` policy, and
 ``priority_update_config`` only records the settings for it (no second mechanism here).
+
+``timed_arrivals`` is the other way round: every arrival of each client's stream over a stated
+time, Poisson at the client's rate while it is on (``OnOff``: clients that join and leave), for
+workloads whose load is a rate held for a duration rather than a number of conversations.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -124,3 +129,55 @@ def priority_update_config(pattern: str, prob: float, num_levels: int, seed: int
         raise ValueError(f"priority classes {outside} are outside the {num_levels} levels "
                          f"0..{num_levels - 1} that priority updates move between")
     return fields
+
+
+@dataclass(frozen=True, slots=True)
+class OnOff:
+    """A client that sends only while on: during ``[phase + k*(on + off), phase + k*(on + off) +
+    on)`` for every integer k (so with a phase it may start in the middle of an off period)."""
+
+    on_s: float
+    off_s: float
+    phase_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.on_s) and self.on_s > 0 and math.isfinite(self.off_s)
+                and self.off_s >= 0 and math.isfinite(self.phase_s)):
+            raise ValueError(f"on/off periods must be finite, on > 0 and off >= 0, got {self}")
+
+    @property
+    def duty(self) -> float:
+        """The fraction of the time the client is on."""
+        return self.on_s / (self.on_s + self.off_s)
+
+    def is_on(self, times: np.ndarray) -> np.ndarray:
+        return np.mod(np.asarray(times, dtype=float) - self.phase_s,
+                      self.on_s + self.off_s) < self.on_s
+
+
+def timed_arrivals(rates: Sequence[float], duration_s: float, seed: int,
+                   on_off: Sequence[OnOff | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(times, client index) of every arrival in ``[0, duration_s)``, ascending: client i is a
+    Poisson stream at ``rates[i]`` per second while it is on (``on_off[i]``; None: always on).
+
+    A Poisson process over an interval is a Poisson number of points placed uniformly; thinning
+    it to the on periods keeps it Poisson there. Each client draws from its own generator, so
+    adding a client does not move the others' arrivals.
+    """
+    if not (math.isfinite(duration_s) and duration_s > 0):
+        raise ValueError(f"duration_s must be finite and > 0, got {duration_s}")
+    on_off = list(on_off) if on_off is not None else [None] * len(rates)
+    if len(on_off) != len(rates):
+        raise ValueError(f"{len(rates)} rates but {len(on_off)} on/off patterns")
+    times, owners = [np.zeros(0)], [np.zeros(0, dtype=np.int64)]
+    for i, (rate, pattern) in enumerate(zip(rates, on_off)):
+        check_process(rate)
+        rng = stream_rng(seed, _ARRIVALS, i)
+        t = np.sort(rng.uniform(0.0, duration_s, size=rng.poisson(rate * duration_s)))
+        if pattern is not None:
+            t = t[pattern.is_on(t)]
+        times.append(t)
+        owners.append(np.full(t.size, i, dtype=np.int64))
+    all_times, all_owners = np.concatenate(times), np.concatenate(owners)
+    order = np.argsort(all_times, kind="stable")
+    return all_times[order], all_owners[order]

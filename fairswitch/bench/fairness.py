@@ -115,7 +115,7 @@ def service_windows(records: Sequence[RequestRecord], window_s: float,
     continuous = np.zeros_like(backlogged)
     ends = [min(t0 + (k + 1) * window_s, t_end) for k in range(n)]  # the last may be partial
     for i, intervals in enumerate(pending):
-        for lo, hi in _merged(intervals):
+        for lo, hi in merge_intervals(intervals):
             # Windows [t0 + k*w, t0 + (k+1)*w) that lie inside [lo, hi).
             first = math.ceil((lo - t0) / window_s)
             for k in range(max(0, first), n):
@@ -125,7 +125,7 @@ def service_windows(records: Sequence[RequestRecord], window_s: float,
     return ServiceWindows(t0, window_s, clients, service, backlogged, continuous)
 
 
-def _merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+def merge_intervals(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """Union of half-open intervals as disjoint ones, in order (empty ones dropped)."""
     out: list[tuple[float, float]] = []
     for lo, hi in sorted(i for i in intervals if i[1] > i[0]):

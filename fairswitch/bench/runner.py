@@ -61,7 +61,7 @@ async def warm_up(sender: TurnSender, num_requests: int) -> None:
             await sender.send(conv, turn, rec, lambda: 0.0)
 
 
-def _counter_growth(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+def counter_growth(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     """Switch metrics over the measured run: counters minus their value after the warm-up."""
     # The /metrics counters, and the cumulative figures /metrics does not export.
     counters = set(scrape.COUNTERS.values()) | {"reuse_hit_blocks", "reuse_queried_blocks",
@@ -120,7 +120,7 @@ def replay_engine(trace: Trace, config: EngineConfig, options: ReplayOptions | N
     finally:
         engine.shutdown()
         del engine
-        _free_memory()
+        free_memory()
     return RunResult(result.records, result.duration_s, result.num_skipped_turns, metrics,
                      target="in-process", engine_config=config)
 
@@ -140,7 +140,7 @@ async def _replay_in_process(engine: Any, client: TurnSender, trace: Trace,
         log = await engine.run_in_engine(lambda e: e.step_log)
         log.write(step_log)
         logger.info("step log: %s (%d steps)", step_log, len(log.rows))
-    return result, _counter_growth(before, after)
+    return result, counter_growth(before, after)
 
 
 def compare_engines(trace: Trace, base: EngineConfig, names: list[str],
@@ -157,7 +157,7 @@ def compare_engines(trace: Trace, base: EngineConfig, names: list[str],
     return runs
 
 
-def _free_memory() -> None:
+def free_memory() -> None:
     # The next engine sizes its KV cache from free device memory: the last one's must be gone.
     gc.collect()
     import torch
