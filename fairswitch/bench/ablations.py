@@ -4,8 +4,8 @@ Each name sets every context-switch mechanism explicitly, so a comparison means 
 whatever switches the base command line carried: ``full`` has them all on, ``baseline`` is
 vLLM 0.3.3's switching (``CacheConfig.baseline``; its synchronous swaps also mean no async
 scheduling), and each ``no-*`` is ``full`` with one mechanism off (``early-swap-in``: ``full``
-with that option on). Everything else (model, KV size,
-scheduler, policy) comes from the base configuration.
+with that option on; ``full-fp8``: ``full`` with an fp8 KV cache). Everything else (model, KV
+size and, but for ``full-fp8``, KV dtype, scheduler, policy) comes from the base configuration.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "per-layer": {"per_layer_swap": True},
     "early-swap-in": {"early_swap_in": True},  # full plus an option that is off by default
     "no-async-sched": {"async_scheduling": False},
+    "full-fp8": {"kv_cache_dtype": "fp8"},  # half the bytes per token: twice the tokens per GiB
 }
 
 

@@ -1,0 +1,86 @@
+"""benchmarks/capacity.py: the bisection on a fake probe, the claims, and one tiny CPU run of
+every default configuration (full-fp8 included) recorded as a results file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fairswitch.bench.ablations import ablation_config, parse_names
+from fairswitch.config import EngineConfig
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+TINY_TRACE = Path(__file__).resolve().parents[1] / "workloads" / "traces" / "tiny.jsonl"
+
+
+@pytest.fixture
+def capacity(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH_DIR))  # it imports its sibling results_io
+    import capacity
+    return capacity
+
+
+@pytest.mark.parametrize("threshold", [1.3, 2.0, 7.77, 15.9])
+def test_bisection_brackets_the_threshold(capacity, threshold):
+    seen = []
+
+    def probe(load):
+        seen.append(load)
+        return {"load_conv_s": load, "pass": load <= threshold}
+    cap, bracketed, probes = capacity.bisect_capacity(probe, 1.0, 16.0, 5)
+    assert bracketed and [p["load_conv_s"] for p in probes] == seen and len(seen) == 7
+    assert cap <= threshold < cap + (16.0 - 1.0) / 2 ** 5
+
+
+def test_bisection_outside_the_bracket(capacity):
+    def fake(threshold):
+        return lambda load: {"load_conv_s": load, "pass": load <= threshold}
+    assert capacity.bisect_capacity(fake(0.5), 1.0, 16.0, 5)[:2] == (None, True)
+    cap, bracketed, probes = capacity.bisect_capacity(fake(20.0), 1.0, 16.0, 5)
+    assert (cap, bracketed, len(probes)) == (16.0, False, 2)
+    with pytest.raises(ValueError):
+        capacity.bisect_capacity(fake(1.0), 2.0, 1.0, 3)
+
+
+def test_claims_are_capacity_ratios(capacity):
+    claims = {c["name"]: c["value"] for c in capacity.claims(
+        {"full": 8.0, "full-fp8": 12.0, "baseline": 2.0})}
+    assert claims["capacity_at_slo_vs_baseline"] == 4.0
+    assert claims["capacity_at_slo_fp8_vs_bf16"] == 1.5
+    assert claims["baseline_capacity_conv_s"] == 2.0
+    assert "capacity_at_slo_vs_baseline" not in {  # no capacity: no ratio
+        c["name"] for c in capacity.claims({"full": 8.0, "baseline": None})}
+
+
+def test_full_fp8_is_a_configuration():
+    assert parse_names("full,full-fp8,baseline") == ["full", "full-fp8", "baseline"]
+    base = EngineConfig()
+    assert ablation_config("full-fp8", base).cache.kv_cache_dtype == "fp8"
+    assert ablation_config("full", base).cache.kv_cache_dtype == base.cache.kv_cache_dtype
+
+
+def test_capacity_smoke(capacity, tmp_path):
+    out = tmp_path / "results" / "capacity.json"
+    returned = capacity.main([
+        "--trace", str(TINY_TRACE), "--device", "cpu", "--num-gpu-blocks", "64",
+        "--max-model-len", "256", "--swap-space", "0.05", "--no-progress",
+        "--warmup-requests", "0", "--low", "4", "--high", "40", "--steps", "2",
+        "--ttft-slo-ms", "60000", "--tpot-slo-ms", "10000", "--output", str(out)])
+    result = json.loads(out.read_text())
+    assert result == returned
+    assert all(isinstance(result[k], str) and result[k] for k in ("device", "date", "commit",
+                                                                  "command"))
+    configs = result["figures"]["configs"]
+    assert list(configs) == ["full", "full-fp8", "baseline"]
+    for run in configs.values():  # generous SLOs: the highest load passes
+        assert run["capacity_conv_s"] == 40.0 and not run["bracketed"]
+        assert [p["load_conv_s"] for p in run["probes"]] == [4.0, 40.0]
+        assert all(p["pass"] and p["ttft_p99_ms"] > 0 for p in run["probes"])
+        assert set(run["by_priority_at_capacity"]) == {"0", "1"}
+    claims = {c["name"]: c["value"] for c in result["claims"]}
+    assert claims["capacity_at_slo_vs_baseline"] == 1.0
+    assert claims["capacity_at_slo_fp8_vs_bf16"] == 1.0
+    plot = result["figures"]["plot"]  # beside the results file, None without matplotlib
+    assert plot is None or Path(plot) == tmp_path / "results/plots/capacity/capacity.png"
