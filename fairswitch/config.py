@@ -143,6 +143,8 @@ class CacheConfig:
                              f"{self.swap_copy_backend!r}")
         if self.swap_space < 0:
             raise ValueError(f"swap_space must be >= 0 GiB, got {self.swap_space}")
+        if self.kv_cache_dtype not in ("auto", "fp8"):
+            raise ValueError(f"kv_cache_dtype must be one of auto, fp8, got {self.kv_cache_dtype!r}")
 
 
 @dataclass

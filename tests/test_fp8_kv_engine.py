@@ -81,3 +81,5 @@ def test_preemption_moves_fp8_blocks_without_changing_a_token(fp8_replies, optio
 def test_an_unknown_kv_cache_dtype_is_refused():
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         LLM(kv_cache_dtype="int4")
+    with pytest.raises(ValueError, match="kv_cache_dtype"):  # by the config, before any loading
+        EngineConfig.from_kwargs(kv_cache_dtype="int4")
