@@ -27,16 +27,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from fairswitch.model.chatml import CHAT_TEMPLATE, ENDOFTEXT, IM_END, IM_START
 from workloads.sharegpt import iter_conversations
 
-ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END]
 ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
 def chatml(conversation: dict[str, Any]) -> str | None:

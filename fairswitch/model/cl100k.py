@@ -33,6 +33,8 @@ import time
 import uuid
 from pathlib import Path
 
+from fairswitch.model.chatml import CHAT_TEMPLATE, ENDOFTEXT, IM_END, IM_START
+
 NAME = "cl100k_base"
 VOCAB_SIZE = 100352  # cl100k's 100277 ids, padded to a multiple of 128 with reserved specials
 EOS_ID = 100257
@@ -44,23 +46,7 @@ _MODEL_MAX_LENGTH = 131072
 _STALE_TMP_AGE_S = 3600.0
 
 # Ids inside the padded range that carry named tokens; the rest become <|reserved_{id}|>.
-_IM_START, _IM_END = "<|im_start|>", "<|im_end|>"
-_EXTRA_SPECIAL = {100264: _IM_START, 100265: _IM_END}
-_EXTRA_SPECIAL_ID = {tok: i for i, tok in _EXTRA_SPECIAL.items()}
-_EOS = "<|endoftext|>"
-
-# Plain string content, or OpenAI-style content parts (only the text parts are rendered).
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+_EXTRA_SPECIAL = {100264: IM_START, 100265: IM_END}
 
 
 def default_cache_dir() -> Path:
@@ -211,14 +197,14 @@ def _write_tokenizer(out: Path) -> None:
             raise RuntimeError(f"special token {s!r} landed on id {tok.token_to_id(s)}, not {i}")
     tok.save(str(out / "tokenizer.json"))
 
-    extra = [s for i, s in sorted(named.items()) if s != _EOS]
+    extra = [s for i, s in sorted(named.items()) if s != ENDOFTEXT]
     tokenizer_config = {
         # The generic fast class: beside a Llama config.json AutoTokenizer would otherwise pick
         # LlamaTokenizer, whose conventions (BOS insertion, metaspace) do not fit cl100k.
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": None,
-        "eos_token": _EOS,
-        "pad_token": _EOS,
+        "eos_token": ENDOFTEXT,
+        "pad_token": ENDOFTEXT,
         "unk_token": None,
         "additional_special_tokens": extra,
         "clean_up_tokenization_spaces": False,
