@@ -22,7 +22,7 @@ import numpy as np
 
 from fairswitch.bench.records import RequestRecord
 from fairswitch.bench.replay import Clock, ReplayOptions, TurnSender, replay
-from fairswitch.bench.runner import counter_growth, free_memory, warm_up
+from fairswitch.bench.runner import counter_growth, run_in_process, warm_up
 from fairswitch.bench.trace import Conversation, Trace
 from fairswitch.config import EngineConfig
 
@@ -84,19 +84,8 @@ class EngineFacts:
 def timed_runs(config: EngineConfig, jobs: Sequence[TimedJob], *,
                warmup_requests: int = 1) -> tuple[EngineFacts, list[TimedRun]]:
     """Build one engine, warm it up, run the jobs one after another, shut it down."""
-    from fairswitch.bench.inproc_client import InProcClient
-    from fairswitch.engine.async_engine import AsyncEngine
-
-    engine = AsyncEngine.from_config(config)
-    try:
-        client = InProcClient(engine)
-        facts, runs = asyncio.run(_run_all(engine, client, jobs, warmup_requests))
-        del client
-    finally:
-        engine.shutdown()
-        del engine
-        free_memory()
-    return facts, runs
+    return run_in_process(config, lambda engine, client: _run_all(engine, client, jobs,
+                                                                  warmup_requests))
 
 
 async def _run_all(engine: AsyncEngine, client: TurnSender, jobs: Sequence[TimedJob],

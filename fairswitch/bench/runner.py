@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fairswitch.bench import scrape
 from fairswitch.bench.ablations import ablation_config
@@ -22,6 +23,8 @@ from fairswitch.bench.replay import ReplayOptions, ReplayResult, TurnSender, rep
 from fairswitch.bench.trace import Conversation, Trace, Turn
 from fairswitch.config import EngineConfig
 from fairswitch.engine.step_log import StepLog
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -107,22 +110,34 @@ def replay_engine(trace: Trace, config: EngineConfig, options: ReplayOptions | N
     """Build an engine from ``config``, replay through it in-process (``client_kw`` go to
     ``InProcClient``: chat_template, temperature), read its switch metrics, shut it down.
     ``step_log_dir``: record every step of the measured replay to ``<dir>/<desc>.json``."""
+    step_log = Path(step_log_dir) / f"{desc}.json" if step_log_dir is not None else None
+    result, metrics = run_in_process(
+        config, lambda engine, client: _replay_in_process(engine, client, trace, options, desc,
+                                                          warmup_requests, step_log),
+        **client_kw)
+    return RunResult(result.records, result.duration_s, result.num_skipped_turns, metrics,
+                     target="in-process", engine_config=config)
+
+
+def run_in_process(config: EngineConfig,
+                   work: Callable[[Any, TurnSender], Coroutine[Any, Any, T]],
+                   **client_kw: Any) -> T:
+    """Build an ``AsyncEngine`` from ``config``, run ``work(engine, client)`` (``client_kw`` go to
+    its ``InProcClient``), shut the engine down and free its memory: the next engine sizes its
+    KV cache from what is free."""
     from fairswitch.bench.inproc_client import InProcClient
     from fairswitch.engine.async_engine import AsyncEngine
 
     engine = AsyncEngine.from_config(config)
     try:
         client = InProcClient(engine, **client_kw)
-        step_log = Path(step_log_dir) / f"{desc}.json" if step_log_dir is not None else None
-        result, metrics = asyncio.run(_replay_in_process(engine, client, trace, options, desc,
-                                                         warmup_requests, step_log))
+        out = asyncio.run(work(engine, client))
         del client
     finally:
         engine.shutdown()
         del engine
         free_memory()
-    return RunResult(result.records, result.duration_s, result.num_skipped_turns, metrics,
-                     target="in-process", engine_config=config)
+    return out
 
 
 async def _replay_in_process(engine: Any, client: TurnSender, trace: Trace,
