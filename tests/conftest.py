@@ -28,6 +28,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="module")
+def server(engine):
+    """The OpenAI server in a background thread over the module's ``engine`` fixture (the engine
+    outlives it: modules share one engine across their tests)."""
+    from fairswitch.server import BackgroundServer, ServerSettings, build_app
+
+    with BackgroundServer(build_app(engine, ServerSettings(), shutdown_engine=False)) as srv:
+        yield srv
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir() -> Path:
     return ensure_cl100k_tokenizer()

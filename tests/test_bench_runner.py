@@ -20,7 +20,7 @@ from fairswitch.bench.trace import Conversation, Trace, Turn, write_trace
 from fairswitch.cli.main import main
 from fairswitch.config import EngineConfig
 from fairswitch.engine.async_engine import AsyncEngine
-from fairswitch.server import BackgroundServer, ServerSettings, build_app
+from fairswitch.server import BackgroundServer
 
 MAX_MODEL_LEN = 256
 ENGINE_ARGS = ["--num-gpu-blocks", "256", "--max-model-len", str(MAX_MODEL_LEN),
@@ -57,12 +57,6 @@ def engine():
         num_gpu_blocks=256, max_model_len=MAX_MODEL_LEN, swap_space=0.05))
     yield eng
     eng.shutdown()
-
-
-@pytest.fixture(scope="module")
-def server(engine):
-    with BackgroundServer(build_app(engine, ServerSettings(), shutdown_engine=False)) as srv:
-        yield srv
 
 
 def by_id(records: list[RequestRecord]) -> dict[str, RequestRecord]:

@@ -46,12 +46,6 @@ def engine():
     eng.shutdown()
 
 
-@pytest.fixture(scope="module")
-def server(engine):
-    with BackgroundServer(build_app(engine, ServerSettings(), shutdown_engine=False)) as srv:
-        yield srv
-
-
 async def _stream_chunks(s: aiohttp.ClientSession, url: str, body: dict,
                          out: list[tuple[float, dict]]) -> None:
     """(arrival time, event) of every event of a stream but [DONE], as they come."""

@@ -15,7 +15,6 @@ import pytest
 
 from fairswitch.config import EngineConfig
 from fairswitch.engine.async_engine import AsyncEngine
-from fairswitch.server import BackgroundServer, ServerSettings, build_app
 
 NUM_REQUESTS = 2000
 NUM_CLIENTS = 64
@@ -28,12 +27,6 @@ def engine():
         num_gpu_blocks=NUM_BLOCKS, max_model_len=256, max_num_seqs=NUM_CLIENTS))
     yield eng
     eng.shutdown()
-
-
-@pytest.fixture(scope="module")
-def server(engine):
-    with BackgroundServer(build_app(engine, ServerSettings(), shutdown_engine=False)) as srv:
-        yield srv
 
 
 async def _one(s: aiohttp.ClientSession, url: str, rng: random.Random, i: int) -> str:
