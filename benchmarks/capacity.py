@@ -68,8 +68,8 @@ def bisect_capacity(probe: Probe, low: float, high: float, steps: int
 def trace_rate(trace: Trace) -> float:
     """Conversations per second of the trace's own arrivals."""
     arrivals = [c.arrival_s for c in trace.conversations]
-    span = max(arrivals) - min(arrivals)
-    if len(arrivals) < 2 or span <= 0:
+    span = max(arrivals) - min(arrivals) if len(arrivals) >= 2 else 0.0
+    if span <= 0:
         raise ValueError("the trace's arrivals have no pace (fewer than two, or all at once)")
     return (len(arrivals) - 1) / span
 
@@ -96,7 +96,7 @@ def engine_probe(args: argparse.Namespace, name: str, rate: float) -> Probe:
         a = copy.copy(args)
         a.compare, a.time_scale = name, rate / load
         a.plots_dir = a.output_json = None
-        a.ttft_slo_ms, a.tbt_slo_ms = args.ttft_slo_ms, None
+        a.tbt_slo_ms = None
         if args.step_log is not None:
             a.step_log = Path(args.step_log) / f"{name}_{load:.3f}"
         print(f"\n=== {name} at {load:.3f} conv/s (time-scale {a.time_scale:.4f}) ===", flush=True)
