@@ -285,6 +285,30 @@ def test_two_ranks_on_one_gpu_give_one_ranks_tokens(llama_dir):
         llm.shutdown()
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_two_ranks_on_two_gpus_over_nccl_with_graphs(llama_dir, async_scheduling):
+    """A GPU per rank: NCCL, the collectives captured in the CUDA graphs, each rank swapping
+    its own share over its own link; the tokens are one rank's (float32) under forced swaps."""
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    opts = dict(model=str(llama_dir), device="cuda", dtype="float32", block_size=8,
+                max_model_len=48, num_gpu_blocks=7, swap_space=0.01, preemption_mode="swap",
+                policy="trace", priority_update_prob=0.5, min_run_steps=1, max_num_seqs=2,
+                async_scheduling=async_scheduling)
+    want = tokens(LLM(**opts).generate(PROMPTS, GREEDY, use_tqdm=False))
+    llm = LLM(tensor_parallel_size=2, **opts)
+    try:
+        assert llm.engine.runner.graphs is not None  # NCCL: decode steps graphed
+        assert tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == want
+        assert llm.engine.scheduler.preemptions_by_mode["swap"] > 0
+        llm.engine.check_accounting()
+    finally:
+        llm.shutdown()
+
+
 def test_ranks_started_by_a_launcher_meet_by_env(tmp_path):
     """torchrun starts both ranks (``env://``, as across hosts): rank 0 runs the command, rank 1
     becomes a worker; the output is one rank's and every process ends."""
