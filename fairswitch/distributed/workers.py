@@ -13,8 +13,9 @@ The driver spawns the workers on its host, or, when a launcher started every ran
 across hosts: ``env://``), rank 0 is the driver and every other rank becomes a worker as soon as
 it builds its engine, whatever command it was started with (``serve_as_worker``).
 
-Plans and copy logs go over a gloo group (host objects); the model's collectives and the tokens over
-the tensor-parallel group (NCCL with a GPU per rank, else gloo). Failures: a worker that dies makes
+Plans and copy logs go to spawned workers through shared memory (``plan_queue.py``), to launched
+ranks (other hosts) over a gloo group; the model's collectives and the tokens over the
+tensor-parallel group (NCCL with a GPU per rank, else gloo). Failures: a worker that dies makes
 the driver's next collective raise (its peer's connection is gone; ``alive`` says so before the
 plan goes out), and one that hangs makes it raise once ``distributed_timeout_s`` has passed (gloo;
 NCCL's watchdog ends the process instead). Either way the step raises, ``fail`` stops every worker
@@ -30,12 +31,14 @@ import logging
 import multiprocessing as mp
 import os
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from fairswitch.distributed.parallel_state import TPGroup
+from fairswitch.distributed.plan_queue import PlanReader, PlanWriter, QueueHandle
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +101,7 @@ def serve_as_worker(config: Any, rank: int) -> None:
     device = resolve_base_device(config)
     _worker_main(rank, config.model.tensor_parallel_size, config, "env://",
                  collective_backend(device, config.model.tensor_parallel_size),
-                 config.model.distributed_timeout_s)
+                 config.model.distributed_timeout_s, None)
     raise SystemExit(0)
 
 
@@ -120,18 +123,26 @@ class WorkerGroup:
                                "already has one (one tensor-parallel engine per process)")
         backend = collective_backend(device, size)
         self.procs: list[Any] = []  # the spawned ranks (none under a launcher)
+        self.plans: PlanWriter | None = None  # to spawned ranks (launched ones: gloo)
+        self.timeout_s = timeout_s
         if launched_rank(size) is not None:
             init_method = "env://"
         else:
             init_method = f"tcp://127.0.0.1:{_free_port()}"
+            self.plans = PlanWriter(num_readers=size - 1)
             ctx = mp.get_context("spawn")
             self.procs = [ctx.Process(target=_worker_main, name=f"fairswitch-tp{r}",
                                       daemon=True,
-                                      args=(r, size, config, init_method, backend, timeout_s))
+                                      args=(r, size, config, init_method, backend, timeout_s,
+                                            self.plans.handle))
                           for r in range(1, size)]
             for p in self.procs:
                 p.start()
-        self.tp, self.control = init_rank(0, size, init_method, backend, timeout_s)
+        try:
+            self.tp, self.control = init_rank(0, size, init_method, backend, timeout_s)
+        finally:
+            if self.plans is not None:  # every worker mapped it before joining the group
+                self.plans.unlink()
         self.copy_log: list[tuple] = []  # swap copies since the last plan (copy_mirror.py)
         self.failure: str | None = None  # why the workers were stopped (``fail``)
         self._stopped = False
@@ -157,7 +168,19 @@ class WorkerGroup:
             self.fail(f"a tensor-parallel worker has died: {dead}")
             raise RanksStoppedError(f"a tensor-parallel worker has died ({dead}): the engine "
                                     "is shut down")
+        if self.plans is None:
+            self._broadcast_over_gloo(message)
+        else:
+            self.plans.put(message, self.timeout_s, self._check_alive,
+                           self._broadcast_over_gloo)
+
+    def _broadcast_over_gloo(self, message: Any) -> None:
         dist.broadcast_object_list([message], src=0, group=self.control)
+
+    def _check_alive(self) -> None:
+        if not self.alive():
+            raise RanksStoppedError("a tensor-parallel worker died while the driver waited "
+                                    "for it to take a plan")
 
     def fail(self, cause: BaseException | str) -> None:
         """A step broke off (a rank died or did not answer, or the driver raised mid-step): the
@@ -209,12 +232,35 @@ def _min_over_ranks(n: int, group: Any) -> int:
     return int(t.item())
 
 
+def _receive_plans(reader: PlanReader | None, control: Any) -> Callable[[], Any]:
+    """The worker's source of the driver's messages: shared memory (spawned by the driver,
+    which it outlives by no more than a look: it exits once its parent has gone) or gloo."""
+
+    def over_gloo() -> Any:
+        box: list[Any] = [None]
+        dist.broadcast_object_list(box, src=0, group=control)
+        return box[0]
+
+    if reader is None:
+        return over_gloo
+    parent = os.getppid()
+
+    def driver_alive() -> None:
+        if os.getppid() != parent:
+            raise SystemExit("the tensor-parallel driver has gone")
+
+    return lambda: reader.get(driver_alive, over_gloo)
+
+
 def _worker_main(rank: int, size: int, config: Any, init_method: str, backend: str,
-                 timeout_s: float) -> None:
+                 timeout_s: float, plans: QueueHandle | None) -> None:
     from fairswitch.distributed.copy_mirror import CopyReplay
     from fairswitch.engine.builder import build_rank
 
+    # Mapped before joining the group: once every rank has joined, the driver unlinks it.
+    reader = PlanReader(plans, rank - 1) if plans is not None else None
     tp, control = init_rank(rank, size, init_method, backend, timeout_s)
+    receive = _receive_plans(reader, control)
     try:
         device = rank_device(resolve_base_device(config), rank)
         if device.type == "cuda":
@@ -225,11 +271,10 @@ def _worker_main(rank: int, size: int, config: Any, init_method: str, backend: s
                             part.kv.copy_backends)
         tokens = None
         while True:
-            box: list[Any] = [None]
-            dist.broadcast_object_list(box, src=0, group=control)
-            if box[0] is None:
+            message = receive()
+            if message is None:
                 break
-            plan, ops = box[0]
+            plan, ops = message
             replay.apply(ops)
             tokens = part.runner.run_plan(plan, tokens)
     finally:
