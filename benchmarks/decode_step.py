@@ -9,6 +9,12 @@ What is measured, in one run on one model (default Llama-3-8B shapes, dummy weig
   the claim ``decode_step_vs_roofline_b64`` = measured step time / roofline time at B=64;
 - ``sched_cpu_fraction_b256``: (scheduler + input preparation host time) / step wall time at B=256.
 
+With tensor parallelism (``--tensor-parallel-size N``) the figures are rank 0's: its share of the
+weights and of the KV heads against one GPU's copy bandwidth (the ranks run in lockstep), and the
+claim is ``tp_decode_step_vs_roofline_b64``. A few more steps per batch size then run under the
+profiler: ``allreduce_fraction`` = the time rank 0's GPU spends in NCCL kernels (the all-reduces,
+including any wait for the other ranks to reach them) / the steps' wall time.
+
 With ``--compare-async`` every batch size is also timed on an engine whose steps run in turn
 (``--no-async-scheduling``), built after the first is freed: claim ``pipelined_decode_speedup_b64``
 = step time in turn / step time with async scheduling (each step launched behind the one in
@@ -88,6 +94,18 @@ def time_steps(engine: Engine, ids: list[str], steps: int) -> dict[str, Any]:
             "tok_s": batch / wall}
 
 
+def collective_fraction(engine: Engine, batch: int, args: argparse.Namespace,
+                        steps: int = 5) -> float:
+    """Share of the wall time of ``steps`` decode steps that rank 0's GPU spends in NCCL
+    kernels (profiled apart from the timed steps: the profiler slows the host)."""
+    ids = prefill_batch(engine, batch, args.ctx, steps, args.seed)
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        r = time_steps(engine, ids, steps)
+    nccl_us = sum(e.device_time_total for e in prof.key_averages() if "nccl" in e.key.lower())
+    return nccl_us / 1e3 / (r["step_ms"] * steps)
+
+
 def model_bytes(engine: Engine) -> tuple[int, int]:
     """(weight bytes, KV bytes per token) of the engine's model: what a decode step reads."""
     weight_bytes = sum(t.numel() * t.element_size() for t in engine.runner.model.parameters())
@@ -104,17 +122,20 @@ def time_batches(engine: Engine, batches: list[int], args: argparse.Namespace, b
         r["roofline_ms"] = (weight_bytes + r["kv_tokens_read"] * kv_token_bytes) / bw * 1e3
         r["vs_roofline"] = r["step_ms"] / r["roofline_ms"]
         r["async_scheduling"] = engine.config.scheduler.async_scheduling
+        if engine.config.model.tensor_parallel_size > 1:
+            r["allreduce_fraction"] = collective_fraction(engine, b, args)
         rows.append(r)
     return rows
 
 
 def print_rows(rows: list[dict[str, Any]]) -> None:
     print(f"{'B':>5}{'step ms':>10}{'roofline ms':>13}{'x roofline':>12}{'sched+prep ms':>15}"
-          f"{'host frac':>11}{'tok/s':>10}")
+          f"{'host frac':>11}{'tok/s':>10}{'allreduce':>11}")
     for r in rows:
+        share = f"{r['allreduce_fraction']:>11.3f}" if "allreduce_fraction" in r else ""
         print(f"{r['batch']:>5}{r['step_ms']:>10.2f}{r['roofline_ms']:>13.2f}"
               f"{r['vs_roofline']:>12.2f}{r['schedule_ms'] + r['prepare_ms']:>15.3f}"
-              f"{r['host_fraction']:>11.3f}{r['tok_s']:>10.0f}")
+              f"{r['host_fraction']:>11.3f}{r['tok_s']:>10.0f}{share}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -144,7 +165,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "copy_bandwidth_bytes_s": bw, "weight_bytes": weight_bytes,
                "kv_bytes_per_token": kv_token_bytes, "ctx": args.ctx, "steps": args.steps,
                "cuda_graphs": engine.runner.graphs is not None,
-               "attention_backend": engine.runner.backend.name}
+               "attention_backend": engine.runner.backend.name,
+               "tensor_parallel_size": base.model.tensor_parallel_size}
     rows = time_batches(engine, batches, args, bw)
     in_turn: list[dict[str, Any]] = []
     if args.compare_async:
@@ -163,9 +185,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"B={a['batch']}: step in turn / async = {b['step_ms'] / a['step_ms']:.2f}x")
     by_b = {r["batch"]: r for r in rows}
     claims = []
+    tp = base.model.tensor_parallel_size
+    prefix = "tp_" if tp > 1 else ""
     if 64 in by_b:
-        claims.append({"name": "decode_step_vs_roofline_b64", "value": by_b[64]["vs_roofline"],
-                       "unit": "x"})
+        claims.append({"name": f"{prefix}decode_step_vs_roofline_b64",
+                       "value": by_b[64]["vs_roofline"], "unit": "x"})
+    for b in by_b if tp > 1 else ():
+        claims.append({"name": f"tp_allreduce_fraction_b{b}",
+                       "value": by_b[b]["allreduce_fraction"], "unit": "fraction"})
     if 256 in by_b:
         claims.append({"name": "sched_cpu_fraction_b256", "value": by_b[256]["host_fraction"],
                        "unit": "fraction"})

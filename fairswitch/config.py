@@ -26,7 +26,7 @@ class ModelConfig:
     model: str = _opt(
         "fairswitch-tiny",
         "HF checkpoint directory, the embedded default 'fairswitch-tiny', or a shipped config name "
-        "(llama-3-8b, llama-3.1-8b, qwen2.5-7b, qwen2.5-32b) with --load-format dummy",
+        "(llama-3-8b, llama-3.1-8b, llama-3-70b, qwen2.5-7b, qwen2.5-32b) with --load-format dummy",
     )
     tokenizer: str | None = _opt(None, "tokenizer directory (default: the model's)")
     load_format: str = _opt(

@@ -42,7 +42,8 @@ def test_missing_shard_is_named(tmp_path, write_checkpoint):
 
 
 @pytest.mark.parametrize("name, params_b", [
-    ("llama-3-8b", 8.03), ("llama-3.1-8b", 8.03), ("qwen2.5-7b", 7.62), ("qwen2.5-32b", 32.76),
+    ("llama-3-8b", 8.03), ("llama-3.1-8b", 8.03), ("llama-3-70b", 70.55), ("qwen2.5-7b", 7.62),
+    ("qwen2.5-32b", 32.76),
 ])
 def test_shipped_configs_build_real_shapes(name, params_b):
     source = loader.resolve_model(name)
