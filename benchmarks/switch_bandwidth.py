@@ -18,20 +18,20 @@ from __future__ import annotations
 import argparse
 import random
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-
+from results_io import command_line, write_results
+from switch_setup import SwitchSetup, add_switch_args
 
 from fairswitch.kv.cache_manager import KVCacheManager
-from fairswitch.kv.copy_backend import make_copy_backend
+from fairswitch.kv.copy_backend import CopyBackend, make_copy_backend
 from fairswitch.kv.extents import num_extents
 from fairswitch.kv.kv_cache import KVLayout
 from fairswitch.kv.swap_manager import SwapManager
 from fairswitch.request import Request
 from fairswitch.sampling_params import SamplingParams
-from results_io import command_line, write_results
-from switch_setup import SwitchSetup, add_switch_args
 
 
 def _sync(device: torch.device) -> None:
@@ -39,29 +39,89 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def pinned_pair(gpu: torch.device, nbytes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(host buffer, pinned on CUDA; device buffer) of ``nbytes`` bytes each."""
+    return (torch.empty(nbytes, dtype=torch.uint8, pin_memory=gpu.type == "cuda"),
+            torch.empty(nbytes, dtype=torch.uint8, device=gpu))
+
+
+def timed_copies(dst: torch.Tensor, src: torch.Tensor, gpu: torch.device,
+                 repeats: int) -> tuple[float, float]:
+    """(start, end) ``time.perf_counter`` of ``repeats`` back-to-back copies src -> dst, end once
+    the last has landed."""
+    _sync(gpu)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        dst.copy_(src, non_blocking=True)
+    _sync(gpu)
+    return t0, time.perf_counter()
+
+
 def peak_bandwidth(gpu: torch.device, nbytes: int) -> tuple[float, float]:
     """(device->host, host->device) bytes/s of one large pinned copy."""
-    pin = gpu.type == "cuda"
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
-    dev = torch.empty(nbytes, dtype=torch.uint8, device=gpu)
+    host, dev = pinned_pair(gpu, nbytes)
     rates = []
     for dst, src in ((host, dev), (dev, host)):
-        dst.copy_(src, non_blocking=True)
-        _sync(gpu)
-        t0 = time.perf_counter()
-        for _ in range(3):
-            dst.copy_(src, non_blocking=True)
-        _sync(gpu)
-        rates.append(3 * nbytes / (time.perf_counter() - t0))
+        timed_copies(dst, src, gpu, 1)  # warm-up
+        t0, t1 = timed_copies(dst, src, gpu, 3)
+        rates.append(3 * nbytes / (t1 - t0))
     return rates[0], rates[1]
 
 
-def run_mode(name: str, args: argparse.Namespace, layout: KVLayout, gpu_pool: torch.Tensor,
-             cpu_pool: torch.Tensor, lengths: list[int]) -> dict[str, Any]:
+def pool_blocks(setup: SwitchSetup) -> int:
+    """GPU (and CPU) pool size for ``prepare_mode``: room for the batch, twice over, plus the
+    churn's live requests (12 x up to 36 blocks)."""
+    return 2 * setup.batch_blocks + 12 * 36 + 64
+
+
+@dataclass
+class SwitchRun:
+    """One mode's batch, allocated after the churn and ready to swap. ``swap_out`` and then
+    ``swap_in`` each return the (start, end) ``time.perf_counter`` of their phase, end once the
+    last copy has landed; ``row`` turns their durations into the mode's figures."""
+    name: str
+    kv: KVCacheManager
+    backend: CopyBackend
+    swap: SwapManager
+    reqs: list[Request]
+    churn: list[Request]  # the churn's live requests, freed between the two phases
+    nbytes: int  # the batch's KV, moved each way
+
+    def swap_out(self) -> tuple[float, float]:
+        _sync(self.swap.gpu_tensor.device)
+        t0 = time.perf_counter()
+        for r in self.reqs:
+            self.swap.swap_out(r)
+        for t in list(self.swap.outgoing.values()):
+            self.backend.wait(t.handle)
+        self.swap.poll()
+        return t0, time.perf_counter()
+
+    def swap_in(self) -> tuple[float, float]:
+        for r in self.churn:  # the churn requests leave: room to bring the batch back
+            self.kv.free(r)
+        t0 = time.perf_counter()
+        for r in self.reqs:
+            self.swap.swap_in(r)
+        landed = self.swap.wait_incoming()
+        t1 = time.perf_counter()
+        assert len(landed) == len(self.reqs)
+        return t0, t1
+
+    def row(self, t_out: float, t_in: float) -> dict[str, Any]:
+        return {"mode": self.name, "bytes": self.nbytes, "out_s": t_out, "in_s": t_in,
+                "out_bw": self.nbytes / t_out, "in_bw": self.nbytes / t_in,
+                "copies": self.backend.stats.num_copies,
+                "bytes_per_copy": self.backend.stats.bytes_per_copy,
+                "extents_after_swap_in": sum(num_extents(r.block_table) for r in self.reqs)}
+
+
+def prepare_mode(name: str, args: argparse.Namespace, layout: KVLayout, gpu_pool: torch.Tensor,
+                 cpu_pool: torch.Tensor, lengths: list[int]) -> SwitchRun:
+    """Mode ``name`` (fairswitch or baseline) on the pools: the churn, then the batch."""
     baseline = name == "baseline"
-    device = gpu_pool.device
     kv = KVCacheManager(gpu_pool.shape[0], args.block_size, block_groups=not baseline)
-    backend = make_copy_backend("torch" if baseline else args.copy_backend, device,
+    backend = make_copy_backend("torch" if baseline else args.copy_backend, gpu_pool.device,
                                 per_layer=baseline)
     swap = SwapManager(kv, gpu_pool, cpu_pool, backend, block_bytes=layout.block_bytes,
                        async_copies=not baseline, incremental=not baseline)
@@ -81,26 +141,16 @@ def run_mode(name: str, args: argparse.Namespace, layout: KVLayout, gpu_pool: to
         r.num_computed_tokens = n
         reqs.append(r)
     nbytes = sum(kv.blocks_needed(n) for n in lengths) * swap.block_bytes
-    _sync(device)
-    t0 = time.perf_counter()
-    for r in reqs:
-        swap.swap_out(r)
-    for t in list(swap.outgoing.values()):
-        backend.wait(t.handle)
-    swap.poll()
-    t_out = time.perf_counter() - t0
-    for r in live:  # the churn requests leave: room to bring the batch back
-        kv.free(r)
-    t0 = time.perf_counter()
-    for r in reqs:
-        swap.swap_in(r)
-    landed = swap.wait_incoming()
-    t_in = time.perf_counter() - t0
-    assert len(landed) == len(reqs)
-    return {"mode": name, "bytes": nbytes, "out_s": t_out, "in_s": t_in,
-            "out_bw": nbytes / t_out, "in_bw": nbytes / t_in,
-            "copies": backend.stats.num_copies, "bytes_per_copy": backend.stats.bytes_per_copy,
-            "extents_after_swap_in": sum(num_extents(r.block_table) for r in reqs)}
+    return SwitchRun(name, kv, backend, swap, reqs, live, nbytes)
+
+
+def run_mode(name: str, args: argparse.Namespace, layout: KVLayout, gpu_pool: torch.Tensor,
+             cpu_pool: torch.Tensor, lengths: list[int]) -> dict[str, Any]:
+    """Mode ``name``'s figures: its batch swapped out, then back in."""
+    run = prepare_mode(name, args, layout, gpu_pool, cpu_pool, lengths)
+    out_start, out_end = run.swap_out()
+    in_start, in_end = run.swap_in()
+    return run.row(out_end - out_start, in_end - in_start)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -110,8 +160,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     setup = SwitchSetup.from_args(args)
     device, lengths, layout = setup.device, setup.lengths, setup.layout
-    # Room for the batch, twice over, plus the churn's live requests (12 x up to 36 blocks).
-    gpu_pool, cpu_pool = setup.pools(2 * setup.batch_blocks + 12 * 36 + 64)
+    gpu_pool, cpu_pool = setup.pools(pool_blocks(setup))
     peak_out, peak_in = peak_bandwidth(device, min(1 << 30, gpu_pool.numel()
                                                    * gpu_pool.element_size() // 2))
     rows = [run_mode(m, args, layout, gpu_pool, cpu_pool, lengths)

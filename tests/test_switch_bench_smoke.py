@@ -1,10 +1,16 @@
-"""Smoke test of benchmarks/switch_bandwidth.py at tiny CPU scale: runs end to end, records its
-claims, and fairswitch moves the same bytes as the baseline with far fewer copies. No timing."""
+"""Smoke tests of the switch benchmarks at tiny CPU scale: each runs end to end and records its
+claims; switch_bandwidth's fairswitch moves the same bytes as the baseline with far fewer copies,
+tp_switch_bandwidth's ranks each move their share of the heads. No timing."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+
+import torch
+
+from fairswitch.kv.kv_cache import KVLayout
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -24,6 +30,28 @@ def test_switch_bandwidth_smoke(tmp_path, monkeypatch):
     assert fast["bytes"] == base["bytes"] > 0
     assert fast["copies"] * 10 < base["copies"]
     assert fast["extents_after_swap_in"] == 4  # every request is back in one run of blocks
+
+
+def test_tp_switch_bandwidth_smoke(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH_DIR))
+    import tp_switch_bandwidth
+
+    out = tmp_path / "tp_switch.json"
+    tp_switch_bandwidth.main(["--device", "cpu", "--tensor-parallel-size", "2", "--layers", "2",
+                              "--kv-heads", "4", "--head-dim", "32", "--requests", "3",
+                              "--min-tokens", "64", "--max-tokens", "256", "--output", str(out)])
+    result = json.loads(out.read_text())
+    claims = {c["name"]: c["value"] for c in result["claims"]}
+    fraction = claims["tp_switch_bw_fraction_of_peak"]
+    assert math.isfinite(fraction) and fraction > 0
+    figures = result["figures"]
+    ranks = [r["fairswitch"] for r in figures["ranks"]]
+    assert [r["kv_heads"] for r in figures["ranks"]] == [2, 2]
+    # One rank holding all 4 heads (float32 on the CPU) would move this much.
+    blocks = sum(-(-n // 16) for n in figures["request_tokens"])
+    all_heads = blocks * KVLayout(2, 16, 4, 32, torch.float32).block_bytes
+    assert ranks[0]["bytes"] == ranks[1]["bytes"] == all_heads // 2 > 0
+    assert figures["total"]["fairswitch"]["bytes"] == all_heads
 
 
 def test_switch_stall_smoke(tmp_path, monkeypatch):

@@ -195,6 +195,11 @@ class CupyCopyBackend(_StreamCopyBackend):
             self.stream = cupy.cuda.Stream(non_blocking=True)
 
     def submit(self, src, dst, extents, to_host):
+        # Events are made on CuPy's current device: this rank's, whatever the thread's is.
+        with self._cp.cuda.Device(self.device.index or 0):
+            return self._submit(src, dst, extents, to_host)
+
+    def _submit(self, src, dst, extents, to_host):
         cp = self._cp
         # Wait for the compute stream's pending work (this step's KV; the last readers of
         # blocks now reused) before copying: an event on the compute stream, waited on by the
