@@ -71,13 +71,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_rank(rank: int, size: int, init_method: str, backend: str,
-              timeout_s: float) -> tuple[TPGroup, Any]:
+def init_rank(rank: int, size: int, init_method: str, backend: str, timeout_s: float,
+              device: torch.device) -> tuple[TPGroup, Any]:
     """Join the group: (the tensor-parallel group, the gloo group for plans). A collective that
-    waits longer than ``timeout_s`` for a rank raises."""
+    waits longer than ``timeout_s`` for a rank raises. With NCCL the communicator is made here,
+    on ``device`` (this rank's GPU), not lazily by the first collective: that one may be in a
+    CUDA graph being captured, where making a communicator is not allowed."""
     timeout = datetime.timedelta(seconds=timeout_s)
+    nccl = backend == "nccl"
+    if nccl:
+        torch.cuda.set_device(device)
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
-                            timeout=timeout)
+                            timeout=timeout, device_id=device if nccl else None)
     control = (dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo"
                else dist.group.WORLD)
     return TPGroup(rank, size, dist.group.WORLD), control
@@ -139,7 +144,8 @@ class WorkerGroup:
             for p in self.procs:
                 p.start()
         try:
-            self.tp, self.control = init_rank(0, size, init_method, backend, timeout_s)
+            self.tp, self.control = init_rank(0, size, init_method, backend, timeout_s,
+                                              rank_device(device, 0))
         finally:
             if self.plans is not None:  # every worker mapped it before joining the group
                 self.plans.unlink()
@@ -259,12 +265,12 @@ def _worker_main(rank: int, size: int, config: Any, init_method: str, backend: s
 
     # Mapped before joining the group: once every rank has joined, the driver unlinks it.
     reader = PlanReader(plans, rank - 1) if plans is not None else None
-    tp, control = init_rank(rank, size, init_method, backend, timeout_s)
+    device = rank_device(resolve_base_device(config), rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    tp, control = init_rank(rank, size, init_method, backend, timeout_s, device)
     receive = _receive_plans(reader, control)
     try:
-        device = rank_device(resolve_base_device(config), rank)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
         part = build_rank(config, tp, device, lambda n: _min_over_ranks(n, control))
         swap = part.kv.swap
         replay = CopyReplay(part.kv.cache.tensor, swap.cpu_tensor,
