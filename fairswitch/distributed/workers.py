@@ -215,6 +215,9 @@ class WorkerGroup:
         try:
             if self.alive():
                 self._broadcast(None)
+                # Each worker leaves the group as soon as it reads None; leaving can take every
+                # rank (NCCL), so the driver leaves now too, before it waits for them to exit.
+                dist.destroy_process_group()
         except Exception:  # noqa: BLE001 - a dead peer: the others are terminated below
             logger.exception("stopping the tensor-parallel workers")
         self._end(timeout)
