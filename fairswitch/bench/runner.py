@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,9 +167,15 @@ def compare_engines(trace: Trace, base: EngineConfig, names: list[str],
 
     runs: dict[str, RunResult] = {}
     with keep_pinned():
-        for name in names:
-            runs[name] = replay_engine(trace, ablation_config(name, base), options, desc=name,
-                                       **client_kw)
+        for i, name in enumerate(names):
+            t0 = time.perf_counter()
+            runs[name] = run = replay_engine(trace, ablation_config(name, base), options,
+                                             desc=name, **client_kw)
+            # A line per configuration as it ends: a long comparison cut short shows how far
+            # it got, also with progress bars off.
+            print(f"[{i + 1}/{len(names)}] {name}: {len(run.records)} requests replayed in "
+                  f"{run.duration_s:.0f} s ({time.perf_counter() - t0:.0f} s with start-up)",
+                  flush=True)
     return runs
 
 
