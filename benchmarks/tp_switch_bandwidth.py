@@ -38,7 +38,7 @@ from switch_bandwidth import (
 )
 from switch_setup import SwitchSetup, add_switch_args
 
-from fairswitch.distributed.workers import _free_port
+from fairswitch.distributed.workers import free_port
 
 
 def single_link_peak(rank: int, size: int, device: torch.device, nbytes: int) -> dict[str, float]:
@@ -113,7 +113,7 @@ def _rank_main(rank: int, args: argparse.Namespace, init_method: str, out_dir: s
 def run_ranks(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Spawn the N ranks; their figures, in rank order."""
     size = args.tensor_parallel_size
-    init_method = f"tcp://127.0.0.1:{_free_port()}"
+    init_method = f"tcp://127.0.0.1:{free_port()}"
     with tempfile.TemporaryDirectory() as out_dir:
         mp.spawn(_rank_main, args=(args, init_method, out_dir), nprocs=size, join=True)
         return [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(size)]

@@ -8,7 +8,6 @@ heads (divided, and replicated at 4 ranks), a vocabulary of 1003 (padded at 2 an
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fairswitch.distributed.parallel_state import SINGLE, TPGroup, local_kv_heads
+from fairswitch.distributed.workers import free_port
 from fairswitch.kv.kv_cache import KVCache, KVLayout
 from fairswitch.model import loader
 from fairswitch.model.checkpoint_config import CheckpointConfig
@@ -107,12 +107,6 @@ def _rank_main(rank: int, world: int, port: int, dirs: dict[str, Path], out: Pat
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _randomize_biases(ckpt: Path) -> None:
     """HF initializes biases to zero; random ones show the o_proj bias is added once."""
     from safetensors.torch import load_file, save_file
@@ -150,7 +144,7 @@ def single(dirs) -> dict:
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_tensor_parallel_logits_equal_single_rank(world, dirs, single, tmp_path):
-    mp.spawn(_rank_main, args=(world, _free_port(), dirs, tmp_path), nprocs=world, join=True)
+    mp.spawn(_rank_main, args=(world, free_port(), dirs, tmp_path), nprocs=world, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     for case, want in single.items():
         got = ranks[0][case]

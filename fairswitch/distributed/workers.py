@@ -65,7 +65,7 @@ def collective_backend(device: torch.device, size: int) -> str:
     return "gloo"
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -133,7 +133,7 @@ class WorkerGroup:
         if launched_rank(size) is not None:
             init_method = "env://"
         else:
-            init_method = f"tcp://127.0.0.1:{_free_port()}"
+            init_method = f"tcp://127.0.0.1:{free_port()}"
             self.plans = PlanWriter(num_readers=size - 1)
             ctx = mp.get_context("spawn")
             self.procs = [ctx.Process(target=_worker_main, name=f"fairswitch-tp{r}",
