@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import time
 from typing import Any
 
 import torch
@@ -129,8 +130,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     workload: Workload | None = None
     runs: dict[int, dict[str, Any]] = {}
     for n, config in configs.items():
+        t0 = time.perf_counter()
         workload, figures = run_size(config, args, num_prompts, workload)
         runs[n] = {**figures, **release(device)}
+        print(f"TP={n}: {figures['output_tok_s']:.0f} output tok/s "
+              f"({time.perf_counter() - t0:.0f} s with start-up)", flush=True)
     assert workload is not None
 
     rates = {n: f["output_tok_s"] for n, f in runs.items()}
