@@ -149,9 +149,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    if device.type == "cuda":  # the same bits from the same seed (cuBLAS needs a fixed workspace)
+    if device.type == "cuda":  # the same bits from the same seed (cuBLAS needs a fixed workspace);
+        # an op with no deterministic variant is an error, not a warning lost in the log
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.use_deterministic_algorithms(True)
     texts = [t for t in (chatml(c) for c in islice(iter_conversations(), args.num_conversations))
              if t is not None]
     train_texts, val_texts = split_texts(texts, args.val_every)
@@ -163,7 +164,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     print(f"{len(train_tokens)} training tokens, {len(val_tokens)} held out  "
           f"{time.perf_counter() - t0:.0f}s", flush=True)
     config = model_config(args, tokenizer)
-    model = LlamaForCausalLM(config).to(device)
+    # Attention as matmuls and a softmax: SDPA's fused backward (flash attention) sums with
+    # atomics, in an order that changes from run to run.
+    model = LlamaForCausalLM._from_config(config, attn_implementation="eager").to(device)
     untrained = validation_loss(model, val_tokens, args.seq_len, args.batch, device,
                                 args.val_windows)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
