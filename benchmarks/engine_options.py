@@ -34,9 +34,7 @@ def add_engine_options(p: argparse.ArgumentParser, fixed: dict[str, str] | None 
     replacing the engine's. ``fixed``: option -> how the benchmark sets it (see ``engine_config``);
     ``shown``: option -> how ``--help`` describes a default that is not a plain value."""
     fixed, shown = fixed or {}, shown or {}
-    before = {id(a) for a in p._actions}
-    add_engine_args(p)
-    actions = {a.dest: a for a in p._actions if id(a) not in before}
+    actions = add_engine_args(p)
     unknown = (set(defaults) | set(fixed) | set(shown)) - set(actions)
     if unknown:  # a misspelt default would be ignored by EngineConfig.from_cli_args
         raise TypeError(f"not engine options: {sorted(unknown)}")

@@ -307,8 +307,10 @@ def _arg_type(f: dataclasses.Field) -> Any:
     return str
 
 
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    """Add one option per config field, with its help text and default."""
+def add_engine_args(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """Add one option per config field, with its help text and default; returns the options
+    added, by field name."""
+    actions: dict[str, argparse.Action] = {}
     for section, klass in _SECTIONS.items():
         group = parser.add_argument_group(f"engine ({section})")
         for f in dataclasses.fields(klass):
@@ -322,6 +324,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                                             action=argparse.BooleanOptionalAction,
                                             default=default, help=help)
                 action.help = help  # Python < 3.11 appends its own "(default: ...)"
-                continue
-            group.add_argument(flag, dest=f.name, type=_arg_type(f), default=default,
-                               choices=f.metadata.get("choices"), help=help)
+            else:
+                action = group.add_argument(flag, dest=f.name, type=_arg_type(f),
+                                            default=default, choices=f.metadata.get("choices"),
+                                            help=help)
+            actions[f.name] = action
+    return actions
