@@ -138,15 +138,18 @@ def test_a_dead_worker_fails_the_step(llama_dir):
         llm.shutdown()
 
 
-def test_a_hung_worker_fails_the_step_after_the_timeout(llama_dir):
+def test_a_hung_worker_fails_the_step_after_the_timeout(llama_dir, capfd):
+    """...and, half-way through the timeout, the driver says where it waits (stall_report)."""
     llm = LLM(model=str(llama_dir), tensor_parallel_size=2, num_gpu_blocks=64, max_model_len=64,
               distributed_timeout_s=10.0)  # (start-up must fit in it too)
     worker = llm.engine.workers.procs[0]
     try:
         assert tokens(llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False))  # the ranks work
+        capfd.readouterr()
         os.kill(worker.pid, signal.SIGSTOP)  # alive, but it never answers again
         with pytest.raises(RuntimeError, match="tensor-parallel"):
             llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False)
+        assert "in _step" in capfd.readouterr().err  # the driver's stack, from within the step
         assert not llm.engine.has_unfinished_requests()
         worker.join(10)
         assert not worker.is_alive()  # stopped (killed) with the others

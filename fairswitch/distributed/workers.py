@@ -39,6 +39,7 @@ import torch.distributed as dist
 
 from fairswitch.distributed.parallel_state import TPGroup
 from fairswitch.distributed.plan_queue import PlanReader, PlanWriter, QueueHandle
+from fairswitch.distributed.stall_report import report_stall
 
 logger = logging.getLogger(__name__)
 
@@ -284,7 +285,8 @@ def _worker_main(rank: int, size: int, config: Any, init_method: str, backend: s
             if message is None:
                 break
             plan, ops = message
-            replay.apply(ops)
-            tokens = part.runner.run_plan(plan, tokens)
+            with report_stall(timeout_s / 2):
+                replay.apply(ops)
+                tokens = part.runner.run_plan(plan, tokens)
     finally:
         dist.destroy_process_group()

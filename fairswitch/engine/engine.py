@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 from fairswitch.config import EngineConfig
+from fairswitch.distributed.stall_report import report_stall
 from fairswitch.distributed.workers import RanksStoppedError
 from fairswitch.engine.builder import build_engine_parts
 from fairswitch.engine.gc_control import GC_CLOCK
@@ -126,7 +127,8 @@ class Engine:
         if self.workers is None:
             return self._step()
         try:
-            return self._step()
+            with report_stall(self.config.model.distributed_timeout_s / 2):
+                return self._step()
         except BaseException as e:
             self.workers.fail(e)
             if isinstance(e, Exception) and not isinstance(e, RanksStoppedError):
