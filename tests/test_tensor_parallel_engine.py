@@ -300,7 +300,8 @@ def test_two_ranks_on_two_gpus_over_nccl_with_graphs(llama_dir, async_scheduling
     opts = dict(model=str(llama_dir), device="cuda", dtype="float32", block_size=8,
                 max_model_len=48, num_gpu_blocks=7, swap_space=0.01, preemption_mode="swap",
                 policy="trace", priority_update_prob=0.5, min_run_steps=1, max_num_seqs=2,
-                async_scheduling=async_scheduling)
+                async_scheduling=async_scheduling,
+                distributed_timeout_s=90)  # a stall: stacks at 45 s, an error at 90 s
     want = tokens(LLM(**opts).generate(PROMPTS, GREEDY, use_tqdm=False))
     llm = LLM(tensor_parallel_size=2, **opts)
     try:
