@@ -10,6 +10,11 @@ Prefill: causal attention of S sequences of L new tokens (no cached prefix) by
 TFLOP/s of each (4 * Hq * D * L * (L + 1) / 2 FLOPs per sequence), and our kernel's time on the
 flat grid that CUDA graphs use (``max_query_len=None``). Claim ``prefill_kernel_vs_sdpa`` = our
 TFLOP/s / SDPA's, at the largest prefill shape.
+
+``--kv-cache-dtype fp8``: the same with the paged cache in e4m3 (the bf16 draws quantized, scales
+1), our kernels dequantizing in registers; bytes read are the fp8 bytes, SDPA still reads the
+bf16 tensors (what a bf16 cache would give). Claims ``fp8_kv_decode_kernel_fraction_of_copy_bw``
+and ``fp8_kv_prefill_kernel_vs_sdpa``.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 
-from fairswitch.kernels import paged_attention
+from fairswitch.kernels import paged_attention, reference
 from results_io import command_line, write_results
 from decode_step import copy_bandwidth
 
@@ -33,9 +38,10 @@ def bench(fn, reps: int = 50) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=reps, return_mode="median") / 1e3
 
 
-def paged_pool(batch: int, ctx: int, hkv: int, d: int, bs: int, dtype, gen: torch.Generator):
-    """A one-layer pool holding batch x ctx tokens in shuffled blocks, and the same K/V
-    contiguous."""
+def paged_pool(batch: int, ctx: int, hkv: int, d: int, bs: int, dtype, gen: torch.Generator,
+               fp8: bool = False):
+    """A one-layer pool holding batch x ctx tokens in shuffled blocks (in e4m3 if ``fp8``), and
+    the same K/V contiguous in ``dtype``."""
     blocks_per_seq = -(-ctx // bs)
     num_blocks = batch * blocks_per_seq
     pool = torch.randn((num_blocks, 1, 2, bs, hkv, d), dtype=dtype, device="cuda",
@@ -45,24 +51,37 @@ def paged_pool(batch: int, ctx: int, hkv: int, d: int, bs: int, dtype, gen: torc
     k_cache, v_cache = pool[:, 0, 0], pool[:, 0, 1]
     k = k_cache[tables.long()].flatten(1, 2)[:, :ctx].transpose(1, 2).contiguous()
     v = v_cache[tables.long()].flatten(1, 2)[:, :ctx].transpose(1, 2).contiguous()
+    if fp8:
+        pool = reference.quantize_fp8(pool, 1.0)
+        k_cache, v_cache = pool[:, 0, 0], pool[:, 0, 1]
     return k_cache, v_cache, tables, k, v
 
 
-def decode_rows(batches, ctxs, hq, hkv, d, bs, dtype, copy_bw) -> list[dict[str, Any]]:
+def kv_scales(fp8: bool) -> dict[str, torch.Tensor]:
+    """The kernels' k_scale/v_scale arguments: 1-element tensors for an fp8 cache, else none."""
+    if not fp8:
+        return {}
+    one = torch.ones(1, dtype=torch.float32, device="cuda")
+    return {"k_scale": one, "v_scale": one}
+
+
+def decode_rows(batches, ctxs, hq, hkv, d, bs, dtype, copy_bw, fp8=False
+                ) -> list[dict[str, Any]]:
     gen = torch.Generator(device="cuda").manual_seed(0)
+    scales = kv_scales(fp8)
     rows = []
     for b in batches:
         for ctx in ctxs:
             if b * ctx * hkv * d * 2 * 2 * 2 > 40 << 30:  # pool + contiguous copy must fit
                 continue
-            k_cache, v_cache, tables, k, v = paged_pool(b, ctx, hkv, d, bs, dtype, gen)
+            k_cache, v_cache, tables, k, v = paged_pool(b, ctx, hkv, d, bs, dtype, gen, fp8)
             q = torch.randn((b, hq, d), dtype=dtype, device="cuda", generator=gen)
             seq_lens = torch.full((b,), ctx, dtype=torch.int32, device="cuda")
             ours = bench(lambda: paged_attention.paged_decode_attention(
-                q, k_cache, v_cache, tables, seq_lens))
+                q, k_cache, v_cache, tables, seq_lens, **scales))
             q4 = q.unsqueeze(2)
             sdpa = bench(lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=True))
-            kv_bytes = 2 * b * ctx * hkv * d * k.element_size()
+            kv_bytes = 2 * b * ctx * hkv * d * k_cache.element_size()
             rows.append({"batch": b, "ctx": ctx, "ours_ms": ours * 1e3, "sdpa_ms": sdpa * 1e3,
                          "ours_kv_bw": kv_bytes / ours, "sdpa_kv_bw": kv_bytes / sdpa,
                          "ours_fraction_of_copy_bw": kv_bytes / ours / copy_bw,
@@ -72,20 +91,21 @@ def decode_rows(batches, ctxs, hq, hkv, d, bs, dtype, copy_bw) -> list[dict[str,
     return rows
 
 
-def prefill_rows(shapes, hq, hkv, d, bs, dtype) -> list[dict[str, Any]]:
+def prefill_rows(shapes, hq, hkv, d, bs, dtype, fp8=False) -> list[dict[str, Any]]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     gen = torch.Generator(device="cuda").manual_seed(1)
+    scales = kv_scales(fp8)
     rows = []
     for seqs, length in shapes:
-        k_cache, v_cache, tables, k, v = paged_pool(seqs, length, hkv, d, bs, dtype, gen)
+        k_cache, v_cache, tables, k, v = paged_pool(seqs, length, hkv, d, bs, dtype, gen, fp8)
         q = torch.randn((seqs * length, hq, d), dtype=dtype, device="cuda", generator=gen)
         qsl = torch.arange(0, (seqs + 1) * length, length, dtype=torch.int32, device="cuda")
         seq_lens = torch.full((seqs,), length, dtype=torch.int32, device="cuda")
         ours = bench(lambda: paged_attention.paged_prefill_attention(
-            q, k_cache, v_cache, tables, qsl, seq_lens, length))
+            q, k_cache, v_cache, tables, qsl, seq_lens, length, **scales))
         flat = bench(lambda: paged_attention.paged_prefill_attention(  # the CUDA-graph grid
-            q, k_cache, v_cache, tables, qsl, seq_lens, None))
+            q, k_cache, v_cache, tables, qsl, seq_lens, None, **scales))
         q4 = q.view(seqs, length, hq, d).transpose(1, 2)
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             sdpa = bench(lambda: F.scaled_dot_product_attention(q4, k, v, is_causal=True,
@@ -105,17 +125,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--prefill-shapes", default="16x512,8x1024,4x2048,2x4096")
     p.add_argument("--heads", default="32,8,128", help="query heads, kv heads, head dim")
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--output", default="benchmarks/results/attention_kernels.json")
+    p.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+                   help="the paged cache's dtype: auto (bf16, the queries') or fp8 (e4m3)")
+    p.add_argument("--output", default=None, help="default: benchmarks/results/"
+                   "attention_kernels.json (attention_kernels_fp8.json with fp8)")
     p.add_argument("--commit", default=None)
     args = p.parse_args(argv)
+    fp8 = args.kv_cache_dtype == "fp8"
+    output = args.output or ("benchmarks/results/attention_kernels"
+                             + ("_fp8" if fp8 else "") + ".json")
     hq, hkv, d = (int(x) for x in args.heads.split(","))
     dtype = torch.bfloat16
     copy_bw = copy_bandwidth(torch.device("cuda"))
     dec = decode_rows([int(x) for x in args.batches.split(",")],
                       [int(x) for x in args.ctxs.split(",")], hq, hkv, d, args.block_size, dtype,
-                      copy_bw)
+                      copy_bw, fp8)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.prefill_shapes.split(",")]
-    pre = prefill_rows(shapes, hq, hkv, d, args.block_size, dtype)
+    pre = prefill_rows(shapes, hq, hkv, d, args.block_size, dtype, fp8)
     print(f"device copy bandwidth (read+write): {copy_bw / 1e12:.2f} TB/s")
     print(f"{'B':>5}{'ctx':>7}{'ours ms':>10}{'sdpa ms':>10}{'ours TB/s':>11}{'of copy':>9}"
           f"{'ours/sdpa':>11}")
@@ -130,18 +156,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{r['ours_tflops']:>11.1f}{r['sdpa_tflops']:>11.1f}{r['ours_vs_sdpa']:>8.2f}"
               f"{r['flat_grid_vs_sdpa']:>10.2f}x")
     claims = []
+    prefix = "fp8_kv_" if fp8 else ""
     anchor = [r for r in dec if r["batch"] == 64 and r["ctx"] == 2048]
     if anchor:
-        claims.append({"name": "decode_kernel_fraction_of_copy_bw",
+        claims.append({"name": f"{prefix}decode_kernel_fraction_of_copy_bw",
                        "value": anchor[0]["ours_fraction_of_copy_bw"], "unit": "fraction"})
     if pre:
         biggest = max(pre, key=lambda r: r["seqs"] * r["len"] ** 2)
-        claims.append({"name": "prefill_kernel_vs_sdpa", "value": biggest["ours_vs_sdpa"],
-                       "unit": "x"})
-    figures = {"dtype": "bfloat16", "heads": {"q": hq, "kv": hkv, "dim": d},
+        claims.append({"name": f"{prefix}prefill_kernel_vs_sdpa",
+                       "value": biggest["ours_vs_sdpa"], "unit": "x"})
+    figures = {"dtype": "bfloat16", "kv_cache_dtype": "float8_e4m3fn" if fp8 else "bfloat16",
+               "heads": {"q": hq, "kv": hkv, "dim": d},
                "block_size": args.block_size, "copy_bandwidth_bytes_s": copy_bw,
                "decode": dec, "prefill": pre}
-    return write_results(args.output, command=command_line(), figures=figures, claims=claims,
+    return write_results(output, command=command_line(), figures=figures, claims=claims,
                            commit=args.commit)
 
 

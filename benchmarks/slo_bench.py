@@ -4,7 +4,9 @@ Takes every option of ``fairswitch bench`` (trace, target, SLOs, ``--compare``) 
 Claims: for one run its TTFT/TBT tails, throughput and SLO attainment; with ``--compare``, each
 configuration's P99 TTFT, P99 TBT and throughput as ratios against the baseline (above 1: better
 than the baseline), the figures ``fairswitch bench`` prints, and ``full`` against every other
-configuration compared (``full_p99_ttft_vs_no-duplex``...), printed after them.
+configuration compared (``full_p99_ttft_vs_no-duplex``...), printed after them; with ``full``
+and ``full-fp8`` both compared, ``fp8_kv_throughput_vs_bf16``. ``--claim-prefix`` names a
+setting's claims apart (``qwen32b_p99_ttft_speedup_vs_baseline``).
 
     python3 benchmarks/slo_bench.py --trace workloads/traces/T.jsonl --compare full,baseline \\
         --ttft-slo-ms 2000 --tbt-slo-ms 200 --output benchmarks/results/slo_compare.json
@@ -62,6 +64,11 @@ def claims(report: dict[str, Any]) -> list[dict[str, Any]]:
             if ratios[label] is not None:
                 out.append({"name": f"full_{prefix}_{other}", "value": ratios[label],
                             "unit": "x"})
+    runs = report.get("runs", {})
+    if "full" in runs and "full-fp8" in runs:  # the same engine with its KV cache in fp8
+        fp8, bf16 = (get_path(runs[n]["summary"], ("output_throughput",))
+                     for n in ("full-fp8", "full"))
+        out.append({"name": "fp8_kv_throughput_vs_bf16", "value": fp8 / bf16, "unit": "x"})
     return out
 
 
@@ -81,14 +88,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--output", type=Path, default=Path("benchmarks/results/slo_bench.json"),
                    help="result file (default: benchmarks/results/slo_bench.json)")
     p.add_argument("--commit", default=None, help="commit to record (default: git HEAD)")
+    p.add_argument("--claim-prefix", default="",
+                   help="put before every claim's name, for a setting of its own (qwen32b_)")
     add_bench_args(p)
     args = p.parse_args(argv)
     report = bench(args)
     for other, ratios in full_against_others(report).items():
         print(f"full vs {other}: " + ", ".join(
             f"{label} {value:.2f}x" for label, value in ratios.items() if value is not None))
-    return write_results(args.output, command=command_line(), figures=report,
-                         claims=claims(report), commit=args.commit)
+    named = [{**c, "name": args.claim_prefix + c["name"]} for c in claims(report)]
+    for c in named:
+        if c["unit"] == "x":
+            print(f"{c['name']}: {c['value']:.2f}x")
+    return write_results(args.output, command=command_line(), figures=report, claims=named,
+                         commit=args.commit)
 
 
 if __name__ == "__main__":

@@ -23,13 +23,15 @@ def test_slo_bench_smoke(tmp_path, monkeypatch):
     out = tmp_path / "results" / "slo.json"
     returned = slo_bench.main(["--trace", str(trace), "--num-gpu-blocks", "64",
                                "--max-model-len", "128", "--swap-space", "0.05",
-                               "--no-progress", "--ttft-slo-ms", "60000", "--output", str(out)])
+                               "--no-progress", "--ttft-slo-ms", "60000", "--output", str(out),
+                               "--claim-prefix", "tiny_"])
     result = json.loads(out.read_text())
     assert result == returned
     assert all(isinstance(result[k], str) and result[k] for k in ("device", "date", "commit",
                                                                   "command"))
     assert result["figures"]["summary"]["completed"] == 4
-    claims = {c["name"]: c for c in result["claims"]}
+    claims = {c["name"].removeprefix("tiny_"): c for c in result["claims"]}
+    assert all(c["name"].startswith("tiny_") for c in result["claims"])  # --claim-prefix
     assert claims["slo_attainment"]["value"] == 1.0
     assert claims["ttft_p99_ms"]["unit"] == "ms" and claims["ttft_p99_ms"]["value"] > 0
     assert claims["output_tok_s"]["value"] > 0 and "jain_index" in claims
@@ -74,6 +76,18 @@ def test_full_is_also_compared_with_each_ablation(monkeypatch):
     assert claims["full_p99_ttft_vs_no-duplex"] == 2.0
     assert claims["full_output_tok_s_vs_no-duplex"] == 1.5
     assert not any(name.startswith("full_") and name.endswith("_vs_full") for name in claims)
+
+
+def test_fp8_kv_throughput_claim_when_full_and_full_fp8_are_compared(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH_DIR))
+    import slo_bench
+
+    def summary(tok_s: float) -> dict:
+        return {"ttft": {"p99_ms": 1.0}, "tbt": {"p99_ms": None}, "output_throughput": tok_s}
+    report = {"baseline": "full",
+              "runs": {"full": {"summary": summary(20.0)}, "full-fp8": {"summary": summary(33.0)}}}
+    claims = {c["name"]: c["value"] for c in slo_bench.claims(report)}
+    assert claims["fp8_kv_throughput_vs_bf16"] == 33.0 / 20.0
 
 
 def test_load_sweep_compares_engines_at_every_point(tmp_path, monkeypatch, capsys):
