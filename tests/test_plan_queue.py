@@ -78,3 +78,18 @@ def test_a_check_that_raises_ends_the_wait():
     writer.put("a", 5, _never, _never)
     with pytest.raises(RuntimeError, match="peer gone"):
         writer.put("b", 60, gone, _never)  # the reader never took "a"
+
+
+def test_no_room_for_the_ring_is_an_error_and_leaves_no_file(monkeypatch, tmp_path):
+    monkeypatch.setattr("fairswitch.distributed.plan_queue.os.path.isdir", lambda p: False)
+    monkeypatch.setattr("fairswitch.distributed.plan_queue.tempfile.gettempdir",
+                        lambda: str(tmp_path))
+
+    def full(fd, offset, length):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("fairswitch.distributed.plan_queue.os.posix_fallocate", full,
+                        raising=False)
+    with pytest.raises(OSError, match="No space"):
+        PlanWriter(num_readers=1)
+    assert list(tmp_path.iterdir()) == []

@@ -138,6 +138,19 @@ def test_a_dead_worker_fails_the_step(llama_dir):
         llm.shutdown()
 
 
+def test_without_shared_memory_plans_go_over_gloo(llama_dir, expected, monkeypatch):
+    def no_room(num_readers):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("fairswitch.distributed.workers.PlanWriter", no_room)
+    llm = LLM(model=str(llama_dir), tensor_parallel_size=2, num_gpu_blocks=256, swap_space=0)
+    try:
+        assert llm.engine.workers.plans is None
+        assert tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == expected
+    finally:
+        llm.shutdown()
+
+
 def test_a_hung_worker_fails_the_step_after_the_timeout(llama_dir, capfd):
     """...and, half-way through the timeout, the driver says where it waits (stall_report)."""
     llm = LLM(model=str(llama_dir), tensor_parallel_size=2, num_gpu_blocks=64, max_model_len=64,

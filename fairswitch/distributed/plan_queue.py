@@ -100,8 +100,16 @@ class PlanWriter:
         self.handle = QueueHandle(path, num_readers, slot_bytes, num_slots)
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
-            os.ftruncate(fd, _ring_bytes(self.handle))
+            # Reserved now: a write to a mapped page a full tmpfs cannot back is SIGBUS later
+            # (a container's /dev/shm can be small), here it is an OSError.
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, _ring_bytes(self.handle))
+            else:
+                os.ftruncate(fd, _ring_bytes(self.handle))
             self._ring = _Ring(self.handle, mmap.mmap(fd, _ring_bytes(self.handle)))
+        except BaseException:
+            os.unlink(path)
+            raise
         finally:
             os.close(fd)
         for seq in range(1, num_slots + 1):  # every slot free

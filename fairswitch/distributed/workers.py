@@ -135,12 +135,16 @@ class WorkerGroup:
             init_method = "env://"
         else:
             init_method = f"tcp://127.0.0.1:{free_port()}"
-            self.plans = PlanWriter(num_readers=size - 1)
+            try:
+                self.plans = PlanWriter(num_readers=size - 1)
+            except OSError as e:  # no room in shared memory: plans go over gloo instead
+                logger.warning("tensor parallelism: no shared-memory plan queue (%s); plans "
+                               "go over gloo, about a millisecond a step", e)
             ctx = mp.get_context("spawn")
             self.procs = [ctx.Process(target=_worker_main, name=f"fairswitch-tp{r}",
                                       daemon=True,
                                       args=(r, size, config, init_method, backend, timeout_s,
-                                            self.plans.handle))
+                                            self.plans.handle if self.plans else None))
                           for r in range(1, size)]
             for p in self.procs:
                 p.start()
