@@ -14,15 +14,16 @@ shared memory a worker sees a plan as soon as it is written.
 
 Message n goes to slot (n - 1) % num_slots, so the driver can run num_slots plans ahead of the
 slowest worker before it waits. A plan larger than a slot goes by the fallback (gloo) instead:
-its slot carries nbytes = -1, telling the readers to take it from there. The order of the writes
-is the order in which other processes see them on x86-64 (total store order) and, in CPython,
-wherever the interpreter's own atomic operations between them act as barriers (aarch64).
+its slot carries nbytes = -1, telling the readers to take it from there. The protocol needs other
+processes to see the writes in the order they are made, with no fence in Python to ask for it:
+x86-64's total store order gives it (``ORDERED_STORES``); elsewhere (aarch64) plans go by gloo.
 
 The file is unlinked as soon as every rank has mapped it (``unlink``): the mapping lives as long
 as the processes, so nothing is left behind when one of them is killed. Waiting spins for a
 while, then sleeps in short steps: a busy engine hears of a plan within microseconds, an idle
-server costs no CPU. A reader waits as long as its driver lives (an idle server sends no plan);
-the writer waits for a slot at most ``timeout_s``, then raises.
+server costs little CPU (a look every half millisecond). A reader waits as long as its driver
+lives (an idle server sends no plan); the writer waits for a slot at most ``timeout_s``, then
+raises.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from __future__ import annotations
 import mmap
 import os
 import pickle
+import platform
 import secrets
 import struct
 import tempfile
@@ -37,6 +39,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+# Do other processes see this machine's stores in program order (x86-64's total store order)?
+ORDERED_STORES = platform.machine().lower() in ("x86_64", "amd64")
 
 _HEADER = struct.Struct("<qq")  # seq, nbytes
 _OVERSIZE = -1  # nbytes of a message that went by the fallback

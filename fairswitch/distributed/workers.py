@@ -31,6 +31,9 @@ import logging
 import multiprocessing as mp
 import os
 import socket
+import sys
+import threading
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -38,7 +41,8 @@ import torch
 import torch.distributed as dist
 
 from fairswitch.distributed.parallel_state import TPGroup
-from fairswitch.distributed.plan_queue import PlanReader, PlanWriter, QueueHandle
+from fairswitch.distributed.plan_queue import (ORDERED_STORES, PlanReader, PlanWriter,
+                                                QueueHandle)
 from fairswitch.distributed.stall_report import report_stall
 
 logger = logging.getLogger(__name__)
@@ -128,6 +132,8 @@ class WorkerGroup:
             raise RuntimeError("tensor parallelism starts its own process group: this process "
                                "already has one (one tensor-parallel engine per process)")
         backend = collective_backend(device, size)
+        # Plans, failure and shutdown come from the engine's thread and from atexit's.
+        self._lock = threading.RLock()
         self.procs: list[Any] = []  # the spawned ranks (none under a launcher)
         self.plans: PlanWriter | None = None  # to spawned ranks (launched ones: gloo)
         self.timeout_s = timeout_s
@@ -136,7 +142,7 @@ class WorkerGroup:
         else:
             init_method = f"tcp://127.0.0.1:{free_port()}"
             try:
-                self.plans = PlanWriter(num_readers=size - 1)
+                self.plans = PlanWriter(num_readers=size - 1) if ORDERED_STORES else None
             except OSError as e:  # no room in shared memory: plans go over gloo instead
                 logger.warning("tensor parallelism: no shared-memory plan queue (%s); plans "
                                "go over gloo, about a millisecond a step", e)
@@ -146,11 +152,17 @@ class WorkerGroup:
                                       args=(r, size, config, init_method, backend, timeout_s,
                                             self.plans.handle if self.plans else None))
                           for r in range(1, size)]
+        try:
             for p in self.procs:
                 p.start()
-        try:
             self.tp, self.control = init_rank(0, size, init_method, backend, timeout_s,
                                               rank_device(device, 0))
+        except BaseException:
+            for p in self.procs:
+                if p.pid is not None:
+                    p.kill()
+                    p.join(10)
+            raise
         finally:
             if self.plans is not None:  # every worker mapped it before joining the group
                 self.plans.unlink()
@@ -166,8 +178,9 @@ class WorkerGroup:
 
     def send(self, plan: Any) -> None:
         """Hand a step's plan, with the swap copies logged since the last one, to the workers."""
-        ops, self.copy_log[:] = list(self.copy_log), []
-        self._broadcast((plan, ops))
+        with self._lock:
+            ops, self.copy_log[:] = list(self.copy_log), []
+            self._broadcast((plan, ops))
 
     def _broadcast(self, message: Any) -> None:
         if self.failure is not None:
@@ -197,15 +210,18 @@ class WorkerGroup:
         """A step broke off (a rank died or did not answer, or the driver raised mid-step): the
         ranks cannot be known to agree any more, so every worker is stopped, without waiting
         for any of them, and every later plan raises."""
-        if self.failure is not None:
-            return
-        self.failure = str(cause) or type(cause).__name__
-        logger.error("tensor parallelism: stopping every rank after a failed step: %s",
-                     self.failure)
-        self._stopped = True
-        for p in self.procs:
-            p.kill()  # (SIGKILL: also ends a stopped or hung process)
-        self._end(10.0)
+        with self._lock:
+            if self.failure is not None:
+                return
+            self.failure = str(cause) or type(cause).__name__
+            # Said before anything that could block: this is often the only trace of the cause.
+            logger.error("tensor parallelism: stopping every rank after a failed step: %s",
+                         self.failure, exc_info=cause if isinstance(cause, BaseException)
+                         else None)
+            self._stopped = True
+            for p in self.procs:
+                p.kill()  # (SIGKILL: also ends a stopped or hung process)
+            self._end(10.0, abort=True)
 
     def alive(self) -> bool:
         """Are the spawned ranks alive? (Launched ones are not watched: a collective with a
@@ -214,30 +230,44 @@ class WorkerGroup:
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the workers (they exit after their current step) and leave the group."""
-        if self._stopped:
-            return
-        self._stopped = True
-        try:
-            if self.alive():
-                self._broadcast(None)
-                # Each worker leaves the group as soon as it reads None; leaving can take every
-                # rank (NCCL), so the driver leaves now too, before it waits for them to exit.
-                dist.destroy_process_group()
-        except Exception:  # noqa: BLE001 - a dead peer: the others are terminated below
-            logger.exception("stopping the tensor-parallel workers")
-        self._end(timeout)
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            try:
+                if self.alive():
+                    self._broadcast(None)
+                    # Each worker leaves the group as soon as it reads None; leaving can take
+                    # every rank (NCCL), so the driver leaves now too, then waits for them.
+                    dist.destroy_process_group()
+            except Exception:  # noqa: BLE001 - a dead peer: the others are terminated below
+                logger.exception("stopping the tensor-parallel workers")
+            self._end(timeout)
 
-    def _end(self, timeout: float) -> None:
+    def _end(self, timeout: float, abort: bool = False) -> None:
         """Reap the workers (killing any still running after ``timeout``: a hung one, or one
-        that never heard the farewell) and leave the group."""
+        that never heard the farewell) and leave the group; ``abort``: the peers are gone or
+        cannot be trusted, so the group is aborted (NCCL's destroy would wait for collectives
+        they never join)."""
         for p in self.procs:
             p.join(timeout)
             if p.is_alive():
                 p.kill()
                 p.join(timeout)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_group(abort)
         atexit.unregister(self.shutdown)
+
+
+def leave_group(abort: bool) -> None:
+    """Leave the process group: destroy it (an orderly exit, every rank leaving), or abort it
+    (peers dead or out of step: NCCL's destroy would wait for collectives they never join)."""
+    if not dist.is_initialized():
+        return
+    abort_group = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    if abort and abort_group is not None and dist.get_backend() == "nccl":
+        abort_group()
+    else:
+        dist.destroy_process_group()
 
 
 def _min_over_ranks(n: int, group: Any) -> int:
@@ -292,5 +322,11 @@ def _worker_main(rank: int, size: int, config: Any, init_method: str, backend: s
             with report_stall(timeout_s / 2):
                 replay.apply(ops)
                 tokens = part.runner.run_plan(plan, tokens)
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        # Said first, then gone: leaving an NCCL group out of step with the others can block
+        # for ever, and the driver notices a dead worker.
+        traceback.print_exc()
+        sys.stderr.flush()
+        leave_group(abort=True)
+        os._exit(1)
+    leave_group(abort=False)
