@@ -105,9 +105,6 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         raise
     if workers is not None:
         part.runner.send_plan = workers.send
-        # The link probe's copies (submitted and landed while building) are the driver's
-        # measurement: the workers need not replay them.
-        workers.copy_log.clear()
     eos_ids = _eos_ids(part.hf_config, tokenizer, part.source)
     part.runner.sampler.eos_token_ids = eos_ids  # masked before a request's min_tokens
     output_processor = OutputProcessor(tokenizer, eos_ids, part.max_model_len)

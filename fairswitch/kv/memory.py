@@ -82,6 +82,8 @@ class KVMemory:
         # scheduler's swap-or-recompute cost model starts from this machine's link.
         self.link_probe = (self.swap.probe_link() if isinstance(self.swap, SwapManager)
                            else None)
+        if copy_log is not None:  # the probe's copies (landed) are this rank's measurement:
+            copy_log.clear()      # the other ranks have nothing to replay
 
     @property
     def num_blocks(self) -> int:
