@@ -79,9 +79,17 @@ class _Ring:
     def header(self, seq: int) -> tuple[int, int]:
         return _HEADER.unpack_from(self.mm, self.base(seq))
 
+    def flags_at(self, seq: int) -> int:
+        """Offset of the readers' done flags in ``seq``'s slot."""
+        return self.base(seq) + _HEADER.size
+
     def flags(self, seq: int) -> bytes:
-        start = self.base(seq) + _HEADER.size
+        start = self.flags_at(seq)
         return self.mm[start:start + self.handle.num_readers]
+
+    def set_flags(self, seq: int, value: int) -> None:
+        start = self.flags_at(seq)
+        self.mm[start:start + self.handle.num_readers] = bytes([value]) * self.handle.num_readers
 
 
 def _wait(ready: Callable[[], bool], give_up: Callable[[], None]) -> None:
@@ -118,8 +126,7 @@ class PlanWriter:
         finally:
             os.close(fd)
         for seq in range(1, num_slots + 1):  # every slot free
-            start = self._ring.base(seq) + _HEADER.size
-            self._ring.mm[start:start + num_readers] = b"\x01" * num_readers
+            self._ring.set_flags(seq, 1)
         self._seq = 0
 
     def unlink(self) -> None:
@@ -147,7 +154,7 @@ class PlanWriter:
         base = ring.base(seq)
         if not oversize:
             ring.mm[base + ring.data_offset:base + ring.data_offset + len(data)] = data
-        ring.mm[base + _HEADER.size:base + _HEADER.size + n] = b"\x00" * n
+        ring.set_flags(seq, 0)
         struct.pack_into("<q", ring.mm, base + 8, _OVERSIZE if oversize else len(data))
         struct.pack_into("<q", ring.mm, base, seq)  # the publish, written last
         self._seq = seq
@@ -178,6 +185,6 @@ class PlanReader:
         else:
             start = base + ring.data_offset
             message = pickle.loads(ring.mm[start:start + nbytes])
-        ring.mm[base + _HEADER.size + self._reader] = 1
+        ring.mm[ring.flags_at(seq) + self._reader] = 1
         self._seq = seq
         return message
