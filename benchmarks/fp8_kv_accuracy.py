@@ -3,7 +3,9 @@ model's own dtype (bf16 on CUDA, fp32 on the CPU), in one run.
 
     python3 benchmarks/fp8_kv_accuracy.py --output benchmarks/results/fp8_kv_accuracy.json
 
-Two engines, one per KV dtype, same weights. First each replies greedily to the same chat
+Two engines, one per KV dtype, same weights, in one process: each takes a fixed KV cache
+(``--kv-cache-memory-gib``, 2 GiB here), since sizing from free memory would leave the second
+nothing. First each replies greedily to the same chat
 prompts: how many replies are identical, and where the others first differ. Then both read the
 reference engine's conversations (prompt + its reply) teacher-forced, and at every position of
 the replies the two next-token distributions are compared: KL(reference || fp8), and whether
@@ -83,7 +85,7 @@ def compare(reference: LLM, fp8: LLM, prompts: list[str], max_tokens: int) -> di
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_engine_options(p, fixed={"kv_cache_dtype": "auto, then fp8"}, model="fairswitch-tiny",
-                       max_model_len=1024)
+                       max_model_len=1024, kv_cache_memory_gib=2.0)
     p.add_argument("--max-tokens", type=int, default=64, help="reply length (default: 64)")
     p.add_argument("--num-prompts", type=int, default=len(PROMPTS),
                    help=f"the first N of the built-in prompts (default: {len(PROMPTS)})")
