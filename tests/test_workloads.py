@@ -36,6 +36,36 @@ def test_parser_stops_cleanly_at_a_truncated_tail(tmp_path, monkeypatch):
     assert [c["id"] for c in sharegpt.iter_conversations()] == ["a"]
 
 
+def test_conversations_from_a_file_json_or_json_lines_plain_or_compressed(tmp_path):
+    import gzip
+    import lzma
+
+    convs = [{"id": str(i), "conversations": [{"from": "human", "value": f"q{i}"}]}
+             for i in range(3)]
+    lines = "".join(json.dumps(c) + "\n" for c in convs) + "\n"  # a blank line is skipped
+    files = {"a.jsonl": lines.encode(), "a.json": json.dumps(convs).encode(),
+             "a.jsonl.gz": gzip.compress(lines.encode()),
+             "a.json.xz": lzma.compress(json.dumps(convs).encode())}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        assert list(sharegpt.iter_conversations(tmp_path / name)) == convs, name
+    # the array is read incrementally: a truncated tail ends it, as in the package's file
+    (tmp_path / "cut.json").write_text(json.dumps(convs)[:-10])
+    assert [c["id"] for c in sharegpt.iter_conversations(tmp_path / "cut.json")] == ["0", "1"]
+
+
+def test_a_bad_conversations_file_is_named_in_the_error(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"id": "a", "conversations": []}\n{"id": \n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not a JSON conversation"):
+        list(sharegpt.iter_conversations(tmp_path / "bad.jsonl"))
+    (tmp_path / "list.jsonl").write_text("[1, 2]\n")
+    with pytest.raises(ValueError, match=r"list.jsonl:1: a conversation is a JSON object"):
+        list(sharegpt.iter_conversations(tmp_path / "list.jsonl"))
+    (tmp_path / "a.txt").write_text("{}")
+    with pytest.raises(ValueError, match=r"a.txt: a conversations file is .json"):
+        list(sharegpt.iter_conversations(tmp_path / "a.txt"))
+
+
 def test_pairs_trace_roundtrip_and_bad_line(tmp_path):
     path = tmp_path / "pairs.jsonl"
     assert sharegpt.write_pairs_trace(path, 5) == 5

