@@ -160,9 +160,10 @@ def _attend_tile(
     k_cache_ptr, v_cache_ptr,  # [num_blocks, block_size, Hkv, D] (strided views), any dtype
     block_table_ptr,  # [max_blocks] int32, this sequence's row
     n0, kv_end, kvh, row_pos, qk_scale,  # row_pos [M]: absolute position of each query row
+    v_scale,  # multiplies the widened V tile when SCALE_V (else unused)
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, SCALE_V: tl.constexpr,
 ):
     pos = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -186,6 +187,13 @@ def _attend_tile(
     v_off = page * stride_vb + row * stride_vs + kvh * stride_vh
     v = tl.load(v_cache_ptr + v_off[:, None] + offs_d[None, :], mask=kv_mask[:, None],
                 other=0.0).to(q.dtype)
+    if SCALE_V:
+        # The product with P reduces over V's rows, so the MMA wants V transposed, and ldmatrix
+        # transposes only 16-bit elements: a bare widening is moved by Triton into the MMA
+        # operand layout, which then reads the fp8 tile from shared memory a byte at a time
+        # (sm_90 SASS: 128 LDS.U8 per thread per 128-token tile). With the scale multiplied
+        # here the tile widens in registers and is staged as fp16 for ldmatrix.trans instead.
+        v = v * v_scale.to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
@@ -233,9 +241,11 @@ def _decode_split_kernel(
     heads = kvh * GROUP + offs_g
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=g_mask[:, None], other=0.0)
+    v_scale = 1.0
     if KV_FP8:
         q = _fp8_compute_dtype(q)
         qk_scale = qk_scale * tl.load(k_scale_ptr)
+        v_scale = tl.load(v_scale_ptr)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
@@ -243,13 +253,11 @@ def _decode_split_kernel(
     for n0 in range(start, end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
             q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_row, n0, end, kvh, offs_g, qk_scale,
-            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-            HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION)
+            v_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+            HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, KV_FP8)
 
     has_keys = l_i > 0  # false for an empty split (seq_len 0 or a short sequence's tail splits)
     o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    if KV_FP8:
-        o = o * tl.load(v_scale_ptr)
     if WRITE_OUT:
         tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
@@ -469,13 +477,13 @@ def _prefill_kernel(
     for n0 in range(0, full_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
             q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_row, n0, full_end, kvh, row_pos,
-            qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-            HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION)
+            qk_scale, 1.0, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+            HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, False)
     for n0 in range(full_end, last_pos + 1, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
             q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_row, n0, last_pos + 1, kvh, row_pos,
-            qk_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-            HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION)
+            qk_scale, 1.0, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+            HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION, False)
 
     o = acc / l_i[:, None]
     if KV_FP8:
