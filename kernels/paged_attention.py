@@ -301,7 +301,8 @@ def _decode_reduce_kernel(
 # device-copy bandwidth (= SDPA on contiguous KV); 128/4/3 0.90, 64/8/3 0.70, 256/8/3 0.74.
 # fp8 (bf16 queries), same shape: 128/4/3 0.51; BLOCK_N 32-256 x 2/4/8 warps x 1-4 stages span
 # 0.20-0.52 (64/2/3 0.52, 64/4/2 0.36): in a CUDA graph the fp8 kernel takes as long per tile as
-# bf16 (122 vs 128 us), bound by widening and staging the tiles for tl.dot, not by the reads.
+# bf16 (122 vs 128 us), bound by widening and staging the tiles for tl.dot, not by the reads:
+# its V tile was read from shared memory bytewise (see _attend_tile's SCALE_V; not re-swept since).
 DECODE_LAUNCH = {
     1: dict(BLOCK_N=128, num_warps=4, num_stages=3),
     2: dict(BLOCK_N=64, num_warps=4, num_stages=2),
