@@ -1,13 +1,20 @@
-"""Engine decode step vs the memory roofline, and the host's share of a step (GPU).
+"""Engine decode step vs its roofline, and the host's share of a step (GPU).
 
 What is measured, in one run on one model (default Llama-3-8B shapes, dummy weights, bf16):
 - the device-copy bandwidth: a large tensor ``copy_`` (read + write bytes / time);
 - for each batch size B: B requests with ~``--ctx`` prompt tokens are prefilled, then ``--steps``
   decode steps of the full engine (``Engine.step``: schedule, inputs, forward via CUDA graph or
   eager, sampling, outputs) are timed with a device sync each step (sampling syncs anyway);
-- roofline time of a decode step = (weight bytes + KV bytes read by attention) / copy bandwidth;
-  the claims ``decode_step_vs_roofline_b64`` (and ``_b256``) = measured step time / roofline
-  time at B=64 (B=256);
+- the bf16 matmul peak: a large square matmul's FLOP/s;
+- roofline time of a decode step, each part at its own bound: the matmuls (every linear layer
+  and the LM head) take max(their weight bytes / copy bandwidth, 2 x B x their parameters /
+  matmul peak): below a batch of about peak / bandwidth (~185 on the H200) they are bound by
+  reading the weights, above it by the tensor cores; the other weights (norms), the B embedding
+  rows looked up (a gather: the table is not read whole) and the KV bytes attention reads are
+  bytes / copy bandwidth. The claims ``decode_step_vs_roofline_b64`` (and ``_b256``) = measured
+  step time / roofline time at B=64 (B=256); ``vs_memory_roofline`` beside it counts every byte
+  at the copy bandwidth and no compute (what the claim was before it counted the matmuls'
+  compute, and with the whole embedding table);
 - ``sched_cpu_fraction_b256``: (scheduler + input preparation host time) / step wall time at B=256.
 
 With tensor parallelism (``--tensor-parallel-size N``) the figures are rank 0's: its share of the
@@ -34,6 +41,7 @@ import torch
 
 from engine_options import add_engine_options, engine_config
 from fairswitch.engine.engine import Engine
+from fairswitch.model.llama import Linear
 from fairswitch.sampling_params import SamplingParams
 from results_io import command_line, write_results
 
@@ -107,21 +115,73 @@ def collective_fraction(engine: Engine, batch: int, args: argparse.Namespace,
     return nccl_us / 1e3 / (r["step_ms"] * steps)
 
 
-def model_bytes(engine: Engine) -> tuple[int, int]:
-    """(weight bytes, KV bytes per token) of the engine's model: what a decode step reads."""
-    weight_bytes = sum(t.numel() * t.element_size() for t in engine.runner.model.parameters())
-    return weight_bytes, engine.kv.layout.block_bytes // engine.config.cache.block_size
+def matmul_peak_flops(device: torch.device, n: int = 8192) -> float:
+    """FLOP/s of an n x n x n bf16 matmul: what the tensor cores sustain."""
+    a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    reps = 20
+    start.record()
+    for _ in range(reps):
+        a @ b
+    end.record()
+    torch.cuda.synchronize(device)
+    return 2 * n ** 3 / (start.elapsed_time(end) / 1e3 / reps)
 
 
-def time_batches(engine: Engine, batches: list[int], args: argparse.Namespace, bw: float
-                 ) -> list[dict[str, Any]]:
-    weight_bytes, kv_token_bytes = model_bytes(engine)
+def step_traffic(model: torch.nn.Module, kv_token_bytes: int) -> dict[str, int]:
+    """What one decode step of ``model`` (this rank's shard) must read and multiply, by kind:
+    ``matmul_params``/``matmul_bytes``: the linear layers' weights and the LM head (the embedding
+    table when tied); ``embedding_row_bytes``: one looked-up row of an untied embedding table (a
+    gather reads B of them); ``other_bytes``: every other weight (norms); ``kv_token_bytes``."""
+    matmul = [m.weight for m in model.modules() if isinstance(m, Linear)]
+    embed = model.embed_tokens
+    if model.lm_head is None:  # tied: the LM head multiplies by the embedding table
+        matmul.append(embed)
+    counted = {id(p) for p in matmul} | {id(embed)}
+    return {"matmul_params": sum(p.numel() for p in matmul),
+            "matmul_bytes": sum(p.numel() * p.element_size() for p in matmul),
+            "embedding_row_bytes": embed.shape[1] * embed.element_size(),
+            "other_bytes": sum(p.numel() * p.element_size() for p in model.parameters()
+                               if id(p) not in counted),
+            "all_weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+            "kv_token_bytes": kv_token_bytes}
+
+
+def step_roofline(traffic: dict[str, int], batch: int, kv_tokens: int, copy_bw: float,
+                  peak_flops: float) -> dict[str, float]:
+    """Roofline milliseconds of a decode step of ``batch`` sequences reading ``kv_tokens`` KV
+    entries: ``roofline_ms`` with the matmuls at the slower of their weight reads and their
+    FLOPs, ``memory_roofline_ms`` with every weight (the whole embedding table too, as before)
+    and KV byte at the copy bandwidth and no compute."""
+    read = (traffic["other_bytes"] + batch * traffic["embedding_row_bytes"]
+            + kv_tokens * traffic["kv_token_bytes"]) / copy_bw
+    matmul_memory = traffic["matmul_bytes"] / copy_bw
+    matmul_compute = 2 * batch * traffic["matmul_params"] / peak_flops
+    return {"roofline_ms": (max(matmul_memory, matmul_compute) + read) * 1e3,
+            "matmul_compute_bound": matmul_compute > matmul_memory,
+            "memory_roofline_ms": (traffic["all_weight_bytes"]
+                                   + kv_tokens * traffic["kv_token_bytes"]) / copy_bw * 1e3}
+
+
+def model_traffic(engine: Engine) -> dict[str, int]:
+    return step_traffic(engine.runner.model,
+                        engine.kv.layout.block_bytes // engine.config.cache.block_size)
+
+
+def time_batches(engine: Engine, batches: list[int], args: argparse.Namespace, bw: float,
+                 peak_flops: float) -> list[dict[str, Any]]:
+    traffic = model_traffic(engine)
     rows = []
     for b in batches:
         r = time_steps(engine, prefill_batch(engine, b, args.ctx, args.steps, args.seed),
                        args.steps)
-        r["roofline_ms"] = (weight_bytes + r["kv_tokens_read"] * kv_token_bytes) / bw * 1e3
+        r.update(step_roofline(traffic, b, r["kv_tokens_read"], bw, peak_flops))
         r["vs_roofline"] = r["step_ms"] / r["roofline_ms"]
+        r["vs_memory_roofline"] = r["step_ms"] / r["memory_roofline_ms"]
         r["async_scheduling"] = engine.config.scheduler.async_scheduling
         if engine.config.model.tensor_parallel_size > 1:
             r["allreduce_fraction"] = collective_fraction(engine, b, args)
@@ -130,12 +190,13 @@ def time_batches(engine: Engine, batches: list[int], args: argparse.Namespace, b
 
 
 def print_rows(rows: list[dict[str, Any]]) -> None:
-    print(f"{'B':>5}{'step ms':>10}{'roofline ms':>13}{'x roofline':>12}{'sched+prep ms':>15}"
-          f"{'host frac':>11}{'tok/s':>10}{'allreduce':>11}")
+    print(f"{'B':>5}{'step ms':>10}{'roofline ms':>13}{'x roofline':>12}{'x memory':>10}"
+          f"{'sched+prep ms':>15}{'host frac':>11}{'tok/s':>10}{'allreduce':>11}")
     for r in rows:
         share = f"{r['allreduce_fraction']:>11.3f}" if "allreduce_fraction" in r else ""
         print(f"{r['batch']:>5}{r['step_ms']:>10.2f}{r['roofline_ms']:>13.2f}"
-              f"{r['vs_roofline']:>12.2f}{r['schedule_ms'] + r['prepare_ms']:>15.3f}"
+              f"{r['vs_roofline']:>12.2f}{r['vs_memory_roofline']:>10.2f}"
+              f"{r['schedule_ms'] + r['prepare_ms']:>15.3f}"
               f"{r['host_fraction']:>11.3f}{r['tok_s']:>10.0f}{share}")
 
 
@@ -159,25 +220,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         p.error("--compare-async compares against async scheduling: drop --no-async-scheduling")
     device = torch.device("cuda")
     bw = copy_bandwidth(device)
+    peak_flops = matmul_peak_flops(device)
     engine = Engine(base)
     cfg = engine.hf_config
-    weight_bytes, kv_token_bytes = model_bytes(engine)
+    traffic = model_traffic(engine)
     figures = {"model": args.model, "dtype": str(engine.dtype), "model_arch": [cfg.architecture],
-               "copy_bandwidth_bytes_s": bw, "weight_bytes": weight_bytes,
-               "kv_bytes_per_token": kv_token_bytes, "ctx": args.ctx, "steps": args.steps,
+               "copy_bandwidth_bytes_s": bw, "matmul_peak_flops": peak_flops,
+               "weight_bytes": traffic["all_weight_bytes"], "traffic": traffic,
+               "kv_bytes_per_token": traffic["kv_token_bytes"], "ctx": args.ctx,
+               "steps": args.steps,
                "cuda_graphs": engine.runner.graphs is not None,
                "attention_backend": engine.runner.backend.name,
                "tensor_parallel_size": base.model.tensor_parallel_size}
-    rows = time_batches(engine, batches, args, bw)
+    rows = time_batches(engine, batches, args, bw, peak_flops)
     in_turn: list[dict[str, Any]] = []
     if args.compare_async:
         del engine
         gc.collect()
         torch.cuda.empty_cache()
         in_turn = time_batches(Engine(base.with_options(async_scheduling=False)), batches, args,
-                               bw)
-    print(f"copy bandwidth {bw / 1e12:.2f} TB/s; weights {weight_bytes / 1e9:.2f} GB; "
-          f"KV {kv_token_bytes} B/token")
+                               bw, peak_flops)
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s; matmul peak {peak_flops / 1e12:.0f} TFLOP/s; "
+          f"weights {traffic['all_weight_bytes'] / 1e9:.2f} GB (matmuls "
+          f"{traffic['matmul_bytes'] / 1e9:.2f}); KV {traffic['kv_token_bytes']} B/token")
     print_rows(rows)
     if in_turn:
         print("steps in turn (no async scheduling):")
