@@ -1,19 +1,50 @@
 """Where a decode step's GPU time goes: kernel-level profile of engine steps at one batch size.
 
 Not a claim benchmark: a tool for finding what to fuse or fix next. Prints the top kernels by
-total CUDA time over ``--steps`` steps of the engine after the batch is prefilled.
+total CUDA time over ``--steps`` steps of the engine after the batch is prefilled, then the time
+per step by kind of kernel (matmuls, attention, KV writes, norms/RoPE/activation, sampling,
+collectives, copies and gathers, other) and the GPU's idle time within a step.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 
 import torch
-
 
 from decode_step import prefill_batch, time_steps
 from engine_options import add_engine_options, engine_config
 from fairswitch.engine.engine import Engine
+
+
+# (kind, pattern on a kernel's name), the first match wins.
+KINDS = [
+    ("attention", r"_decode_split_kernel|_decode_reduce_kernel|_prefill_kernel|flash|fmha"),
+    ("kv write", r"_write_kv_kernel|reshape_and_cache"),
+    ("norm/rope/act", r"_add_rmsnorm_kernel|_rope_kernel|_silu_mul_kernel|rms_?norm|silu"),
+    ("collective", r"nccl"),
+    ("matmul", r"gemm|cutlass|nvjet|xmma|cublas|sm\d+_.*_(tn|nt|nn|tt)\b|matmul"),
+    ("sampling", r"argmax|softmax|topk|sort|multinomial|exponential|log_softmax|cumsum"),
+    ("copy/gather", r"memcpy|memset|copy|_copy_words_kernel|CatArrayBatched|index"),
+]
+
+
+def kind_of(kernel: str) -> str:
+    """The kind of work a kernel's name says it does (``other`` if none matches)."""
+    for kind, pattern in KINDS:
+        if re.search(pattern, kernel, re.IGNORECASE):
+            return kind
+    return "other"
+
+
+def per_kind_ms(kernel_us: dict[str, float], steps: int) -> dict[str, float]:
+    """Milliseconds per step by kind, from each kernel's total device microseconds."""
+    out: dict[str, float] = {}
+    for name, us in kernel_us.items():
+        kind = kind_of(name)
+        out[kind] = out.get(kind, 0.0) + us / 1e3 / steps
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,6 +67,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"step {r['step_ms']:.2f} ms (profiled)")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows,
                                     max_name_column_width=70))
+    kernels = {e.key: e.device_time_total for e in prof.key_averages()
+               if e.device_time_total > 0 and e.device_type == torch.autograd.DeviceType.CUDA}
+    kinds = per_kind_ms(kernels, args.steps)
+    busy = sum(kinds.values())
+    print("per step, by kind (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in kinds.items()))
+    print(f"GPU busy {busy:.3f} ms of a {r['step_ms']:.3f} ms step: idle "
+          f"{max(0.0, r['step_ms'] - busy):.3f} ms")
 
 
 if __name__ == "__main__":

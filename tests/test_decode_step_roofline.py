@@ -18,7 +18,8 @@ BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 def bench_imports(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH_DIR))  # the script imports its siblings
     yield
-    sys.modules.pop("decode_step", None)
+    for name in ("decode_step", "profile_step"):
+        sys.modules.pop(name, None)
 
 
 @pytest.mark.parametrize("fixture, tied", [("llama_dir", False), ("qwen_dir", True)])
@@ -64,3 +65,24 @@ def test_roofline_takes_the_slower_of_reads_and_flops_for_the_matmuls():
     assert big["matmul_compute_bound"]
     assert big["roofline_ms"] == pytest.approx((flops + rest) * 1e3)
     assert big["roofline_ms"] > (1e9 / bw + rest) * 1e3  # more than the reads alone
+
+
+def test_profile_step_sorts_kernels_by_kind():
+    from profile_step import kind_of, per_kind_ms
+
+    names = {
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1": "matmul",
+        "nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT": "matmul",
+        "_decode_split_kernel": "attention", "_decode_reduce_kernel": "attention",
+        "_write_kv_kernel": "kv write", "_add_rmsnorm_kernel": "norm/rope/act",
+        "ncclDevKernel_AllReduce_Sum_bf16_RING_LL(ncclDevKernelArgsStorage<4096ul>)": "collective",
+        "Memcpy DtoD (Device -> Device)": "copy/gather",
+        "void at::native::(anonymous namespace)::indexSelectLargeIndex<float>": "copy/gather",
+        "void at::native::reduce_kernel<512, 1, ArgMaxOps<float>>": "sampling",
+        "void at::native::vectorized_elementwise_kernel<4, FillFunctor<float>>": "other",
+    }
+    assert {n: kind_of(n) for n in names} == names
+    assert per_kind_ms({"_rope_kernel": 3000.0, "nvjet_x": 9000.0, "_silu_mul_kernel": 3000.0},
+                       steps=3) == {"matmul": 3.0, "norm/rope/act": 2.0}
+    assert list(per_kind_ms({"_rope_kernel": 3000.0, "nvjet_x": 9000.0}, 3)) == [
+        "matmul", "norm/rope/act"]
