@@ -160,10 +160,10 @@ def _attend_tile(
     k_cache_ptr, v_cache_ptr,  # [num_blocks, block_size, Hkv, D] (strided views), any dtype
     block_table_ptr,  # [max_blocks] int32, this sequence's row
     n0, kv_end, kvh, row_pos, qk_scale,  # row_pos [M]: absolute position of each query row
-    v_scale,  # multiplies the widened V tile when SCALE_V (else unused)
+    one,  # 1.0, a value the compiler cannot see: multiplies the widened V tile when STAGE_V
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, SCALE_V: tl.constexpr,
+    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, STAGE_V: tl.constexpr,
 ):
     pos = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -187,13 +187,14 @@ def _attend_tile(
     v_off = page * stride_vb + row * stride_vs + kvh * stride_vh
     v = tl.load(v_cache_ptr + v_off[:, None] + offs_d[None, :], mask=kv_mask[:, None],
                 other=0.0).to(q.dtype)
-    if SCALE_V:
+    if STAGE_V:
         # The product with P reduces over V's rows, so the MMA wants V transposed, and ldmatrix
         # transposes only 16-bit elements: a bare widening is moved by Triton into the MMA
         # operand layout, which then reads the fp8 tile from shared memory a byte at a time
-        # (sm_90 SASS: 128 LDS.U8 per thread per 128-token tile). With the scale multiplied
-        # here the tile widens in registers and is staged as fp16 for ldmatrix.trans instead.
-        v = v * v_scale.to(q.dtype)
+        # (sm_90 SASS: 128 LDS.U8 per thread per 128-token tile). Multiplied by a run-time 1.0
+        # (exact: the values do not change) the tile widens in registers instead and is staged
+        # as fp16 for ldmatrix.trans (tests/test_kernel_codegen.py).
+        v = v * tl.cast(one, q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
@@ -216,6 +217,7 @@ def _decode_split_kernel(
     part_o_ptr,  # [B, Hq, num_splits, D] fp32, normalized partial outputs
     part_lse_ptr,  # [B, Hq, num_splits] fp32, log2-sum-exp2 of each split (-inf: empty)
     qk_scale,  # softmax scale * log2(e)
+    one,  # 1.0 (see _attend_tile's STAGE_V)
     num_splits,
     stride_qb, stride_qh,
     stride_kb, stride_ks, stride_kh,
@@ -241,11 +243,9 @@ def _decode_split_kernel(
     heads = kvh * GROUP + offs_g
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=g_mask[:, None], other=0.0)
-    v_scale = 1.0
     if KV_FP8:
         q = _fp8_compute_dtype(q)
         qk_scale = qk_scale * tl.load(k_scale_ptr)
-        v_scale = tl.load(v_scale_ptr)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
@@ -253,11 +253,13 @@ def _decode_split_kernel(
     for n0 in range(start, end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
             q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_row, n0, end, kvh, offs_g, qk_scale,
-            v_scale, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+            one, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
             HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, KV_FP8)
 
     has_keys = l_i > 0  # false for an empty split (seq_len 0 or a short sequence's tail splits)
     o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    if KV_FP8:
+        o = o * tl.load(v_scale_ptr)
     if WRITE_OUT:
         tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
@@ -302,7 +304,7 @@ def _decode_reduce_kernel(
 # fp8 (bf16 queries), same shape: 128/4/3 0.51; BLOCK_N 32-256 x 2/4/8 warps x 1-4 stages span
 # 0.20-0.52 (64/2/3 0.52, 64/4/2 0.36): in a CUDA graph the fp8 kernel takes as long per tile as
 # bf16 (122 vs 128 us), bound by widening and staging the tiles for tl.dot, not by the reads:
-# its V tile was read from shared memory bytewise (see _attend_tile's SCALE_V; not re-swept since).
+# its V tile was read from shared memory bytewise (see _attend_tile's STAGE_V; not re-swept since).
 DECODE_LAUNCH = {
     1: dict(BLOCK_N=128, num_warps=4, num_stages=3),
     2: dict(BLOCK_N=64, num_warps=4, num_stages=2),
@@ -379,7 +381,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         part_o = part_lse = out  # unused by the kernel
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, *_scale_ptrs(k_scale, v_scale, q), block_tables, seq_lens, out,
-        part_o, part_lse, scale * _LOG2E,
+        part_o, part_lse, scale * _LOG2E, 1.0,
         num_splits, q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),

@@ -69,7 +69,7 @@ def _compile_decode_sass(kv_dtype: str) -> str:
                            else f"*{kv_dtype}" if name in ("k_cache_ptr", "v_cache_ptr")
                            else "*i32" if name in ("block_tables_ptr", "seq_lens_ptr")
                            else "*fp32" if name.endswith("_ptr")
-                           else "fp32" if name == "qk_scale" else "i32")
+                           else "fp32" if name in ("qk_scale", "one") else "i32")
         if signature[name].startswith("*") or (name.startswith("stride")
                                                  and name != "stride_bt"):
             # as Triton specializes them at launch (stride_bt is not specialized on)
