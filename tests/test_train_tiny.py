@@ -76,8 +76,27 @@ def test_a_run_stopped_by_its_time_limit_resumes_to_the_same_bits(tmp_path, conv
     assert result["val_loss"] == whole["val_loss"]
     assert result["untrained_val_loss"] == whole["untrained_val_loss"]
     assert [e["step"] for e in result["log"]] == [e["step"] for e in whole["log"]]
-    assert (tmp_path / "pieces" / "model.safetensors").read_bytes() == \
-        (tmp_path / "whole" / "model.safetensors").read_bytes()
+    files = sorted(p.name for p in (tmp_path / "whole").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "pieces").iterdir())
+    for name in files:  # the checkpoint, tokenizer files and configs alike
+        assert (tmp_path / "pieces" / name).read_bytes() == \
+            (tmp_path / "whole" / name).read_bytes(), name
+    assert not any((tmp_path / "state").iterdir())  # finished: nothing left to resume
+
+
+def test_a_fresh_run_saves_its_own_data_over_a_stale_state(tmp_path, conversations):
+    """A state dir whose state.pt is gone (a run killed while saving it, or removed by hand)
+    still holds the old run's tokens: a new run must not train on them."""
+    state = ["--state-dir", str(tmp_path / "state"), "--time-limit-s", "0"]
+    out = ["--output", str(tmp_path / "out")]
+    assert not train_tiny.main([*out, *state, *TOY, *conversations])["finished"]
+    (tmp_path / "state" / "state.pt").unlink()
+    other = list(TOY)
+    other[TOY.index("--val-every") + 1] = "3"
+    assert not train_tiny.main([*out, *state, *other, *conversations])["finished"]
+    while not (result := train_tiny.main([*out, *state, *other, *conversations]))["finished"]:
+        pass
+    assert result["conversations"] == {"train": 40, "val": 20}
 
 
 def test_resuming_with_other_options_or_without_a_state_dir_is_refused(tmp_path, conversations):

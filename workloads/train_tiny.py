@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -170,10 +171,17 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in sorted(vars(args).items()) if k not in _RUN_OPTIONS}
 
 
-def save_state(state_dir: Path, data: dict[str, Any], state: dict[str, Any]) -> None:
-    """The data (tokenizer, token arrays; once) and the training state, written atomically."""
+_STATE_FILES = ("state.pt", "tokens.npz", "tokenizer")
+
+
+def save_state(state_dir: Path, data: dict[str, Any], state: dict[str, Any],
+               with_data: bool) -> None:
+    """The training state, and with ``with_data`` (a run that prepared its data rather than
+    resuming) the data it trains on: tokenizer and token arrays. Data first, then the state,
+    each replaced atomically, so a ``state.pt`` always goes with its own run's data."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    if not (state_dir / "tokens.npz").exists():
+    if with_data:
+        (state_dir / "state.pt").unlink(missing_ok=True)
         data["tokenizer"].save_pretrained(state_dir / "tokenizer")
         with open(state_dir / "tokens.tmp.npz", "wb") as f:
             np.savez(f, train=data["train_tokens"], val=data["val_tokens"],
@@ -188,17 +196,40 @@ def load_state(state_dir: Path, args: argparse.Namespace) -> tuple[dict[str, Any
     """(data, training state) saved in ``state_dir`` by a run with the same options."""
     from transformers import PreTrainedTokenizerFast
 
-    state = torch.load(state_dir / "state.pt", weights_only=True)
+    state = torch.load(state_dir / "state.pt", weights_only=True, map_location="cpu")
     differ = {k: (state["options"].get(k), v) for k, v in _options(args).items()
               if state["options"].get(k) != v}
     if differ:
         raise ValueError(f"{state_dir} holds a run with other options (saved, given): {differ}; "
                          "give another --state-dir or the same options")
-    tokens = np.load(state_dir / "tokens.npz")
-    data = {"tokenizer": PreTrainedTokenizerFast.from_pretrained(state_dir / "tokenizer"),
-            "train_tokens": tokens["train"], "val_tokens": tokens["val"],
-            "conversations": dict(zip(("train", "val"), tokens["conversations"].tolist()))}
+    with np.load(state_dir / "tokens.npz") as tokens:
+        data = {"tokenizer": PreTrainedTokenizerFast.from_pretrained(state_dir / "tokenizer"),
+                "tokenizer_dir": state_dir / "tokenizer",
+                "train_tokens": tokens["train"], "val_tokens": tokens["val"],
+                "conversations": dict(zip(("train", "val"), tokens["conversations"].tolist()))}
     return data, state
+
+
+def write_tokenizer(data: dict[str, Any], out: Path) -> None:
+    """The tokenizer's files into ``out``: as saved when the run began (a tokenizer reloaded
+    from them would write its config with loading options added)."""
+    saved = data.get("tokenizer_dir")
+    if saved is None:
+        data["tokenizer"].save_pretrained(out)
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    for path in Path(saved).iterdir():
+        shutil.copy2(path, out / path.name)
+
+
+def clear_state(state_dir: Path) -> None:
+    """Remove what ``save_state`` wrote (the run finished: nothing to resume)."""
+    for name in _STATE_FILES:
+        path = state_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
@@ -262,7 +293,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             save_state(state_dir, data, {
                 "options": _options(args), "step": step + 1, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                "untrained_val_loss": untrained, "log": log, "seconds": seconds})
+                "untrained_val_loss": untrained, "log": log, "seconds": seconds},
+                with_data=not resumed)
             print(f"stopped after step {step} of {args.steps} (--time-limit-s "
                   f"{args.time_limit_s:g}); the same command goes on from {state_dir}", flush=True)
             return {"finished": False, "step": step + 1}
@@ -270,7 +302,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                               args.val_windows)
     out = Path(args.output)
     model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    write_tokenizer(data, out)
+    if resumed:
+        clear_state(state_dir)
     GenerationConfig(eos_token_id=[config.eos_token_id, tokenizer.convert_tokens_to_ids(IM_END)],
                      pad_token_id=config.eos_token_id).save_pretrained(out)
     print(f"validation loss: untrained {untrained:.3f}, trained {trained:.3f}; wrote {out}")
@@ -301,7 +335,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--time-limit-s", type=float, default=None,
                    help=f"stop after the step that passes this many seconds, save to "
                    f"--state-dir and exit with status {EXIT_RESUMABLE}; running the same command "
-                   "again goes on where it stopped, to the same bits")
+                   "again goes on where it stopped, to the same bits as an uninterrupted run on "
+                   "the same device")
     p.add_argument("--num-conversations", type=int, default=20000, help="all there are: ~17.6k")
     p.add_argument("--val-every", type=int, default=50)
     p.add_argument("--vocab-size", type=int, default=12288)
