@@ -49,9 +49,8 @@ def test_conversations_from_a_file_json_or_json_lines_plain_or_compressed(tmp_pa
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
         assert list(sharegpt.iter_conversations(tmp_path / name)) == convs, name
-    # the array is read incrementally: a truncated tail ends it, as in the package's file
-    (tmp_path / "cut.json").write_text(json.dumps(convs)[:-10])
-    assert [c["id"] for c in sharegpt.iter_conversations(tmp_path / "cut.json")] == ["0", "1"]
+    (tmp_path / "bom.JSON").write_bytes(b"\xef\xbb\xbf" + json.dumps(convs).encode())
+    assert list(sharegpt.iter_conversations(tmp_path / "bom.JSON")) == convs
 
 
 def test_a_bad_conversations_file_is_named_in_the_error(tmp_path):
@@ -63,7 +62,25 @@ def test_a_bad_conversations_file_is_named_in_the_error(tmp_path):
         list(sharegpt.iter_conversations(tmp_path / "list.jsonl"))
     (tmp_path / "a.txt").write_text("{}")
     with pytest.raises(ValueError, match=r"a.txt: a conversations file is .json"):
-        list(sharegpt.iter_conversations(tmp_path / "a.txt"))
+        sharegpt.iter_conversations(tmp_path / "a.txt")  # at once, not when first read
+    # a file of your own is checked, not read up to its first fault as the package's is
+    (tmp_path / "bad.json").write_text('[{"id": "a"}, {"id": oops}, {"id": "c"}]')
+    with pytest.raises(ValueError, match=r"bad.json: not a JSON array of conversations"):
+        list(sharegpt.iter_conversations(tmp_path / "bad.json"))
+    (tmp_path / "cut.json").write_text('[{"id": "a"}, {"id": "b", "conversations": [')
+    with pytest.raises(ValueError, match=r"cut.json: not a JSON array"):
+        list(sharegpt.iter_conversations(tmp_path / "cut.json"))
+    (tmp_path / "nums.json").write_text('[{"id": "a"}, 3]')
+    with pytest.raises(ValueError, match=r"nums.json: element 1: a conversation is a JSON obj"):
+        list(sharegpt.iter_conversations(tmp_path / "nums.json"))
+    import gzip
+
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(b'{"id": "a"}\n' * 100)[:-20])
+    with pytest.raises(ValueError, match=r"cut.jsonl.gz: cannot be read \(EOFError"):
+        list(sharegpt.iter_conversations(tmp_path / "cut.jsonl.gz"))
+    (tmp_path / "plain.json.gz").write_text("[]")
+    with pytest.raises(ValueError, match=r"plain.json.gz: cannot be read \(BadGzipFile"):
+        list(sharegpt.iter_conversations(tmp_path / "plain.json.gz"))
 
 
 def test_pairs_trace_roundtrip_and_bad_line(tmp_path):

