@@ -1,6 +1,8 @@
 """Triton paged attention vs torch SDPA on the same K/V laid out contiguously (GPU).
 
-Every time is per call of a CUDA graph holding ten calls, as the engine runs attention.
+Every time is per call of a CUDA graph holding ten calls, as the engine runs attention; a decode
+shape whose data is smaller than twice the L2 cache takes copies of it in turn, so that no call
+reads what the call before it left in L2 (the engine's layers each read their own KV).
 
 Decode: for B x ctx, time ``paged_decode_attention`` over a shuffled block table and SDPA over
 contiguous [B, Hkv, ctx, D] tensors; report KV-read bandwidth (K and V bytes / time), its fraction
@@ -33,22 +35,33 @@ from results_io import command_line, write_results
 from decode_step import copy_bandwidth
 
 
-def bench(fn, reps: int = 50, calls: int = 10) -> float:
-    """Median seconds per call of ``fn`` replayed ``calls`` at a time from a CUDA graph, as the
-    engine runs attention: timed eagerly, a small shape measures the host's launch instead (on
-    the H200 host about 120 us a launch, against 10-40 us of kernel at B <= 16, ctx <= 2k)."""
+def bench(fns, reps: int = 50, calls: int = 10) -> float:
+    """Median seconds per call of ``fns`` (a callable, or several taken in turn) replayed
+    ``calls`` at a time from a CUDA graph, as the engine runs attention: timed eagerly, a small
+    shape measures the host's launch instead (on the H200 host about 120 us a launch, against
+    10-40 us of kernel at B <= 16, ctx <= 2k). Several callables over different data keep the
+    calls from finding the previous call's data in L2 (``num_copies``)."""
     import triton.testing
 
-    fn()  # compiles the Triton kernels outside the capture
+    fns = list(fns) if isinstance(fns, (list, tuple)) else [fns]
+    for fn in fns:
+        fn()  # compiles the Triton kernels outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
+        for i in range(calls):
+            fns[i % len(fns)]()
     seconds = triton.testing.do_bench(graph.replay, warmup=10, rep=reps,
                                       return_mode="median") / 1e3 / calls
     del graph
     return seconds
+
+
+def num_copies(data_bytes: int, calls: int = 10) -> int:
+    """Copies of a call's data to take in turn so that together they are twice the L2 cache:
+    one call then never reads what the call before it left there (at most ``calls``)."""
+    l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
+    return max(1, min(calls, -(-2 * l2 // max(1, data_bytes))))
 
 
 def paged_pool(batch: int, ctx: int, hkv: int, d: int, bs: int, dtype, gen: torch.Generator,
@@ -87,19 +100,22 @@ def decode_rows(batches, ctxs, hq, hkv, d, bs, dtype, copy_bw, fp8=False
         for ctx in ctxs:
             if b * ctx * hkv * d * 2 * 2 * 2 > 40 << 30:  # pool + contiguous copy must fit
                 continue
-            k_cache, v_cache, tables, k, v = paged_pool(b, ctx, hkv, d, bs, dtype, gen, fp8)
+            kv_bytes = 2 * b * ctx * hkv * d * (1 if fp8 else dtype.itemsize)
+            # each copy: the paged pool and the contiguous K/V SDPA reads (bf16)
+            pools = [paged_pool(b, ctx, hkv, d, bs, dtype, gen, fp8)
+                     for _ in range(num_copies(kv_bytes + 2 * b * ctx * hkv * d * 2))]
             q = torch.randn((b, hq, d), dtype=dtype, device="cuda", generator=gen)
             seq_lens = torch.full((b,), ctx, dtype=torch.int32, device="cuda")
-            ours = bench(lambda: paged_attention.paged_decode_attention(
-                q, k_cache, v_cache, tables, seq_lens, **scales))
+            ours = bench([lambda pool=pool: paged_attention.paged_decode_attention(
+                q, pool[0], pool[1], pool[2], seq_lens, **scales) for pool in pools])
             q4 = q.unsqueeze(2)
-            sdpa = bench(lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=True))
-            kv_bytes = 2 * b * ctx * hkv * d * k_cache.element_size()
+            sdpa = bench([lambda pool=pool: F.scaled_dot_product_attention(
+                q4, pool[3], pool[4], enable_gqa=True) for pool in pools])
             rows.append({"batch": b, "ctx": ctx, "ours_ms": ours * 1e3, "sdpa_ms": sdpa * 1e3,
                          "ours_kv_bw": kv_bytes / ours, "sdpa_kv_bw": kv_bytes / sdpa,
                          "ours_fraction_of_copy_bw": kv_bytes / ours / copy_bw,
-                         "ours_vs_sdpa_time": ours / sdpa})
-            del k_cache, v_cache, k, v
+                         "ours_vs_sdpa_time": ours / sdpa, "data_copies": len(pools)})
+            del pools
             torch.cuda.empty_cache()
     return rows
 
