@@ -12,9 +12,9 @@ What is measured, in one run on one model (default Llama-3-8B shapes, dummy weig
   reading the weights, above it by the tensor cores; the other weights (norms), the B embedding
   rows looked up (a gather: the table is not read whole) and the KV bytes attention reads are
   bytes / copy bandwidth. The claims ``decode_step_vs_roofline_b64`` (and ``_b256``) = measured
-  step time / roofline time at B=64 (B=256); ``vs_memory_roofline`` beside it counts every byte
-  at the copy bandwidth and no compute (what the claim was before it counted the matmuls'
-  compute, and with the whole embedding table);
+  step time / roofline time at B=64 (B=256); ``decode_step_vs_memory_roofline_b*`` beside them
+  count every weight byte (the whole embedding table too) and KV byte at the copy bandwidth and
+  no compute: what ``decode_step_vs_roofline_b*`` measured before c92837a;
 - ``sched_cpu_fraction_b256``: (scheduler + input preparation host time) / step wall time at B=256.
 
 With tensor parallelism (``--tensor-parallel-size N``) the figures are rank 0's: its share of the
@@ -144,7 +144,9 @@ def step_traffic(model: torch.nn.Module, kv_token_bytes: int) -> dict[str, int]:
     counted = {id(p) for p in matmul} | {id(embed)}
     return {"matmul_params": sum(p.numel() for p in matmul),
             "matmul_bytes": sum(p.numel() * p.element_size() for p in matmul),
-            "embedding_row_bytes": embed.shape[1] * embed.element_size(),
+            # tied: the LM head reads the whole table, which holds the rows looked up
+            "embedding_row_bytes": 0 if model.lm_head is None else
+            embed.shape[1] * embed.element_size(),
             "other_bytes": sum(p.numel() * p.element_size() for p in model.parameters()
                                if id(p) not in counted),
             "all_weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
@@ -257,6 +259,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if b in by_b:
             claims.append({"name": f"{prefix}decode_step_vs_roofline_b{b}",
                            "value": by_b[b]["vs_roofline"], "unit": "x"})
+            claims.append({"name": f"{prefix}decode_step_vs_memory_roofline_b{b}",
+                           "value": by_b[b]["vs_memory_roofline"], "unit": "x"})
     for b in by_b if tp > 1 else ():
         claims.append({"name": f"tp_allreduce_fraction_b{b}",
                        "value": by_b[b]["allreduce_fraction"], "unit": "fraction"})

@@ -24,7 +24,7 @@ KINDS = [
     ("kv write", r"_write_kv_kernel|reshape_and_cache"),
     ("norm/rope/act", r"_add_rmsnorm_kernel|_rope_kernel|_silu_mul_kernel|rms_?norm|silu"),
     ("collective", r"nccl"),
-    ("matmul", r"gemm|cutlass|nvjet|xmma|cublas|sm\d+_.*_(tn|nt|nn|tt)\b|matmul"),
+    ("matmul", r"gemm|gemv|cutlass|nvjet|xmma|cublas|sm\d+_.*_(tn|nt|nn|tt)\b|matmul"),
     ("sampling", r"argmax|softmax|topk|sort|multinomial|exponential|log_softmax|cumsum"),
     ("copy/gather", r"memcpy|memset|copy|_copy_words_kernel|CatArrayBatched|index"),
 ]

@@ -301,7 +301,7 @@ def _decode_reduce_kernel(
 # Launch configuration by the cache's element size; fp32 tiles take twice the shared memory. On
 # the H200, B64 x 32 heads (8 kv) x ctx 2048 x d128 bf16: 64/4/2 reads KV at 0.94 of the
 # device-copy bandwidth (= SDPA on contiguous KV); 128/4/3 0.90, 64/8/3 0.70, 256/8/3 0.74.
-# fp8 (bf16 queries), same shape: 128/4/3 0.51; BLOCK_N 32-256 x 2/4/8 warps x 1-4 stages span
+# fp8 (bf16 queries), same shape: 128/4/3 0.51; BLOCK_N 32-128 x 2/4/8 warps x 1-4 stages span
 # 0.20-0.52 (64/2/3 0.52, 64/4/2 0.36): in a CUDA graph the fp8 kernel takes as long per tile as
 # bf16 (122 vs 128 us), bound by widening and staging the tiles for tl.dot, not by the reads:
 # its V tile was read from shared memory bytewise (see _attend_tile's STAGE_V; not re-swept since).
