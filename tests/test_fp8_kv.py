@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_kernels import DEVICE, assert_close, make_cache, random_block_tables
+from test_kernels import (DEVICE, assert_close, large_decode_case, make_cache,
+                          random_block_tables)
 
 from fairswitch.kernels import paged_attention as pa
 from fairswitch.kernels import reference as ref
@@ -325,17 +326,10 @@ def test_write_kv_fp8_gpu_bytes(dtype):
 @pytest.mark.parametrize("num_splits", [None, 1, 8])
 def test_decode_fp8_gpu_large(group, head_dim, block_size, num_splits):
     torch.manual_seed(31)
-    num_seqs, num_kv_heads, max_ctx = 64, 2, 8192 + 100
-    max_blocks = -(-max_ctx // block_size)
-    num_blocks = num_seqs * max_blocks + 11
-    pool, k_cache, v_cache = make_cache(num_blocks, block_size, num_kv_heads, head_dim, FP8)
-    block_tables = random_block_tables(num_seqs, max_blocks, num_blocks)
+    pool, k_cache, v_cache, block_tables, seq_lens, q = large_decode_case(
+        block_size, head_dim, group, FP8, torch.bfloat16)
     k_scale, v_scale = scales(0.012, 0.009)
     fill_fp8(pool, block_tables, k_scale, v_scale)
-    seq_lens = torch.randint(1, max_ctx + 1, (num_seqs,), dtype=torch.int32)
-    seq_lens[:4] = torch.tensor([0, 1, max_ctx, block_size * 7])
-    seq_lens = seq_lens.to(DEVICE)
-    q = torch.randn(num_seqs, num_kv_heads * group, head_dim, device=DEVICE).bfloat16()
     out = pa.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens,
                                     num_splits=num_splits, k_scale=k_scale, v_scale=v_scale)
     kf, vf, bt = dequantized(k_cache, v_cache, block_tables, k_scale, v_scale)

@@ -253,22 +253,32 @@ def test_prefill_fp16():
 # GPU: long contexts, half precision, large batches, int32 overflow, graph capture
 
 
+def large_decode_case(block_size: int, head_dim: int, group: int, cache_dtype: torch.dtype,
+                      q_dtype: torch.dtype):
+    """A large decode batch for the GPU tests: 64 sequences of up to 8292 tokens over 2 KV
+    heads in shuffled blocks, the first four of lengths 0, 1, the longest and 7 blocks; the
+    pool unfilled. Returns (pool, k_cache, v_cache, block_tables, seq_lens, q)."""
+    num_seqs, num_kv_heads, max_ctx = 64, 2, 8192 + 100
+    max_blocks = -(-max_ctx // block_size)
+    num_blocks = num_seqs * max_blocks + 11
+    pool, k_cache, v_cache = make_cache(num_blocks, block_size, num_kv_heads, head_dim,
+                                        cache_dtype)
+    block_tables = random_block_tables(num_seqs, max_blocks, num_blocks)
+    seq_lens = torch.randint(1, max_ctx + 1, (num_seqs,), dtype=torch.int32)
+    seq_lens[:4] = torch.tensor([0, 1, max_ctx, block_size * 7])
+    q = torch.randn(num_seqs, num_kv_heads * group, head_dim, device=DEVICE).to(q_dtype)
+    return pool, k_cache, v_cache, block_tables, seq_lens.to(DEVICE), q
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("group,head_dim,block_size", [(1, 128, 16), (4, 128, 32), (8, 64, 16)])
 @pytest.mark.parametrize("num_splits", [None, 1, 8])
 def test_decode_gpu_large(dtype, group, head_dim, block_size, num_splits):
     torch.manual_seed(10)
-    num_seqs, num_kv_heads, max_ctx = 64, 2, 8192 + 100
-    max_blocks = -(-max_ctx // block_size)
-    num_blocks = num_seqs * max_blocks + 11
-    pool, k_cache, v_cache = make_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype)
-    block_tables = random_block_tables(num_seqs, max_blocks, num_blocks)
+    pool, k_cache, v_cache, block_tables, seq_lens, q = large_decode_case(
+        block_size, head_dim, group, dtype, dtype)
     fill_blocks(pool, block_tables)
-    seq_lens = torch.randint(1, max_ctx + 1, (num_seqs,), dtype=torch.int32)
-    seq_lens[:4] = torch.tensor([0, 1, max_ctx, block_size * 7])
-    seq_lens = seq_lens.to(DEVICE)
-    q = torch.randn(num_seqs, num_kv_heads * group, head_dim, device=DEVICE).to(dtype)
     out = pa.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens,
                                     num_splits=num_splits)
     kf, vf, bt = compact_fp32(k_cache, v_cache, block_tables)
