@@ -54,33 +54,27 @@ def test_conversations_from_a_file_json_or_json_lines_plain_or_compressed(tmp_pa
 
 
 def test_a_bad_conversations_file_is_named_in_the_error(tmp_path):
-    (tmp_path / "bad.jsonl").write_text('{"id": "a", "conversations": []}\n{"id": \n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: not a JSON conversation"):
-        list(sharegpt.iter_conversations(tmp_path / "bad.jsonl"))
-    (tmp_path / "list.jsonl").write_text("[1, 2]\n")
-    with pytest.raises(ValueError, match=r"list.jsonl:1: a conversation is a JSON object"):
-        list(sharegpt.iter_conversations(tmp_path / "list.jsonl"))
-    (tmp_path / "a.txt").write_text("{}")
-    with pytest.raises(ValueError, match=r"a.txt: a conversations file is .json"):
-        sharegpt.iter_conversations(tmp_path / "a.txt")  # at once, not when first read
-    # a file of your own is checked, not read up to its first fault as the package's is
-    (tmp_path / "bad.json").write_text('[{"id": "a"}, {"id": oops}, {"id": "c"}]')
-    with pytest.raises(ValueError, match=r"bad.json: not a JSON array of conversations"):
-        list(sharegpt.iter_conversations(tmp_path / "bad.json"))
-    (tmp_path / "cut.json").write_text('[{"id": "a"}, {"id": "b", "conversations": [')
-    with pytest.raises(ValueError, match=r"cut.json: not a JSON array"):
-        list(sharegpt.iter_conversations(tmp_path / "cut.json"))
-    (tmp_path / "nums.json").write_text('[{"id": "a"}, 3]')
-    with pytest.raises(ValueError, match=r"nums.json: element 1: a conversation is a JSON obj"):
-        list(sharegpt.iter_conversations(tmp_path / "nums.json"))
     import gzip
 
-    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(b'{"id": "a"}\n' * 100)[:-20])
-    with pytest.raises(ValueError, match=r"cut.jsonl.gz: cannot be read \(EOFError"):
-        list(sharegpt.iter_conversations(tmp_path / "cut.jsonl.gz"))
-    (tmp_path / "plain.json.gz").write_text("[]")
-    with pytest.raises(ValueError, match=r"plain.json.gz: cannot be read \(BadGzipFile"):
-        list(sharegpt.iter_conversations(tmp_path / "plain.json.gz"))
+    # a file of your own is checked, not read up to its first fault as the package's is
+    bad = {
+        "bad.jsonl": (b'{"id": "a", "conversations": []}\n{"id": \n',
+                      r"bad.jsonl:2: not a JSON conversation"),
+        "list.jsonl": (b"[1, 2]\n", r"list.jsonl:1: a conversation is a JSON object"),
+        "bad.json": (b'[{"id": "a"}, {"id": oops}, {"id": "c"}]',
+                     r"bad.json: not a JSON array of conversations"),
+        "cut.json": (b'[{"id": "a"}, {"id": "b", "conversations": [', r"cut.json: not a JSON"),
+        "nums.json": (b'[{"id": "a"}, 3]', r"nums.json: element 1: a conversation is a JSON"),
+        "cut.jsonl.gz": (gzip.compress(b'{"id": "a"}\n' * 100)[:-20],
+                         r"cut.jsonl.gz: cannot be read \(EOFError"),
+        "plain.json.gz": (b"[]", r"plain.json.gz: cannot be read \(BadGzipFile"),
+    }
+    for name, (data, error) in bad.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=error):
+            list(sharegpt.iter_conversations(tmp_path / name))
+    with pytest.raises(ValueError, match=r"a.txt: a conversations file is .json"):
+        sharegpt.iter_conversations(tmp_path / "a.txt")  # at once, not when first read
 
 
 def test_pairs_trace_roundtrip_and_bad_line(tmp_path):
