@@ -138,6 +138,67 @@ def test_a_dead_worker_fails_the_step(llama_dir):
         llm.shutdown()
 
 
+@pytest.mark.parametrize("dies", [False, True])
+def test_the_driver_destroys_its_graphs_before_leaving_the_group(llama_dir, monkeypatch, dies):
+    """NCCL's destroy and abort wait for ever while a CUDA graph that captured one of the
+    group's collectives lives: the driver releases its graphs first, waiting for the device on
+    an orderly shutdown and not after a failure. (CPU: no graphs; the order is what is tested.)"""
+    import torch.distributed as dist
+
+    from fairswitch.distributed import workers as workers_mod
+
+    llm = LLM(model=str(llama_dir), tensor_parallel_size=2, num_gpu_blocks=64, max_model_len=64)
+    group = llm.engine.workers
+    assert group.release_graphs == llm.engine.runner.release_graphs  # set by the builder
+    calls = []
+    group.release_graphs = lambda wait: calls.append(("release graphs", wait))
+    destroy, leave = dist.destroy_process_group, workers_mod.leave_group
+    monkeypatch.setattr(dist, "destroy_process_group",
+                        lambda *a: (calls.append(("destroy",)), destroy(*a))[1])
+    monkeypatch.setattr(workers_mod, "leave_group",
+                        lambda abort: (calls.append(("leave", abort)), leave(abort))[1])
+    if dies:
+        os.kill(group.procs[0].pid, signal.SIGKILL)
+        group.procs[0].join(10)
+        with pytest.raises(RuntimeError, match="worker"):
+            llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)
+        assert calls[:2] == [("release graphs", False), ("leave", True)]
+    else:
+        llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)
+        llm.shutdown()
+        assert calls[:2] == [("release graphs", True), ("destroy",)]
+    llm.shutdown()
+    assert not group.alive()
+
+
+def test_release_graphs_resets_every_graph_and_leaves_the_runner_eager():
+    from fairswitch.runner.cuda_graph import release_graphs
+
+    class Graph:
+        def __init__(self):
+            self.reset_calls = 0
+
+        def reset(self):
+            self.reset_calls += 1
+
+    graphs = {1: (Graph(), None), 2: (Graph(), None)}
+    held = [g for g, _ in graphs.values()]
+    release_graphs(graphs)
+    assert graphs == {} and [g.reset_calls for g in held] == [1, 1]
+
+    class Holder:
+        released = 0
+
+        def release(self):
+            Holder.released += 1
+
+    runner = LLM(model="fairswitch-tiny", num_gpu_blocks=64, max_model_len=64).engine.runner
+    runner.graphs, runner.mixed_graphs = Holder(), Holder()
+    runner.release_graphs(wait=False)
+    assert Holder.released == 2 and runner.graphs is None and runner.mixed_graphs is None
+    runner.release_graphs(wait=True)  # nothing left: no device wait either
+
+
 def test_without_shared_memory_plans_go_over_gloo(llama_dir, expected, monkeypatch):
     def no_room(num_readers):
         raise OSError(28, "No space left on device")

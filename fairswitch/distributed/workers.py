@@ -137,6 +137,9 @@ class WorkerGroup:
         self.procs: list[Any] = []  # the spawned ranks (none under a launcher)
         self.plans: PlanWriter | None = None  # to spawned ranks (launched ones: gloo)
         self.timeout_s = timeout_s
+        # This rank's CUDA graphs, destroyed before it leaves the group (the builder sets it to
+        # the runner's release_graphs; argument: wait for the device first).
+        self.release_graphs: Callable[[bool], None] | None = None
         if launched_rank(size) is not None:
             init_method = "env://"
         else:
@@ -239,6 +242,7 @@ class WorkerGroup:
                     self._broadcast(None)
                     # Each worker leaves the group as soon as it reads None; leaving can take
                     # every rank (NCCL), so the driver leaves now too, then waits for them.
+                    self._release_graphs(wait=True)
                     dist.destroy_process_group()
             except Exception:  # noqa: BLE001 - a dead peer: the others are terminated below
                 logger.exception("stopping the tensor-parallel workers")
@@ -254,8 +258,21 @@ class WorkerGroup:
             if p.is_alive():
                 p.kill()
                 p.join(timeout)
+        self._release_graphs(wait=not abort)
         leave_group(abort)
         atexit.unregister(self.shutdown)
+
+    def _release_graphs(self, wait: bool) -> None:
+        """Destroy this rank's CUDA graphs, if any, before it leaves the group: NCCL's destroy
+        and abort both wait, for ever and in a C call, while a graph that captured one of the
+        group's collectives is alive (NCCL >= 2.26)."""
+        if self.release_graphs is None:
+            return
+        try:
+            self.release_graphs(wait)
+        except Exception:  # noqa: BLE001 - leaving the group matters more
+            logger.exception("tensor parallelism: destroying the CUDA graphs")
+        self.release_graphs = None
 
 
 def leave_group(abort: bool) -> None:
@@ -322,11 +339,14 @@ def _worker_main(rank: int, size: int, config: Any, init_method: str, backend: s
             with report_stall(timeout_s / 2):
                 replay.apply(ops)
                 tokens = part.runner.run_plan(plan, tokens)
+        # The graphs first: NCCL's destroy waits for ever while one holding its collectives
+        # lives (cuda_graph.release_graphs).
+        part.runner.release_graphs(wait=True)
     except BaseException:
-        # Said first, then gone: leaving an NCCL group out of step with the others can block
-        # for ever, and the driver notices a dead worker.
+        # Said first, then gone, without leaving the group: leaving an NCCL group out of step
+        # with the others can block for ever (graphs alive, collectives unmatched), and the
+        # driver notices a dead worker.
         traceback.print_exc()
         sys.stderr.flush()
-        leave_group(abort=True)
         os._exit(1)
     leave_group(abort=False)

@@ -76,6 +76,9 @@ class DecodeGraphs:
         torch.cuda.synchronize(self.device)
         logger.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
 
+    def release(self) -> None:
+        release_graphs(self._graphs)
+
     def can_run(self, batch: InputBatch) -> bool:
         return batch.is_decode_only and 0 < batch.num_tokens <= self.max_batch and bool(
             self._graphs)
@@ -101,6 +104,16 @@ class DecodeGraphs:
         graph, out = self._graphs[b]
         graph.replay()
         return out[:n]
+
+
+def release_graphs(graphs: dict[Any, tuple[torch.cuda.CUDAGraph, torch.Tensor]]) -> None:
+    """Destroy captured graphs now, not when the garbage collector gets to them. A graph that
+    captured NCCL collectives holds its communicator: NCCL's destroy and abort wait, in a C
+    call, until every such graph is gone (NCCL >= 2.26), so a tensor-parallel rank releases its
+    graphs before it leaves the process group."""
+    for graph, _ in graphs.values():
+        graph.reset()
+    graphs.clear()
 
 
 def capture_graph(model: Any, args: tuple, pool: Any, stream: torch.cuda.Stream,

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from fairswitch.runner.attention import AttentionMetadata
-from fairswitch.runner.cuda_graph import capture_graph
+from fairswitch.runner.cuda_graph import capture_graph, release_graphs
 from fairswitch.runner.host_link import StagingBuffer
 from fairswitch.runner.input_batch import InputBatch
 
@@ -172,6 +172,9 @@ class MixedGraphs:
         self.capture_s = time.perf_counter() - t0
         logger.info("captured %d prefill/mixed CUDA graphs (tokens %s x sequences %s) in %.1f s",
                     len(self._graphs), self.token_buckets, self.seq_buckets, self.capture_s)
+
+    def release(self) -> None:
+        release_graphs(self._graphs)
 
     def bucket(self, batch: InputBatch) -> tuple[int, int] | None:
         nseq = batch.num_decodes + len(batch.prefill_seq_lens)

@@ -106,6 +106,21 @@ class ModelRunner:
         self.block_size = kv_cache.block_size
         self.graphs, self.mixed_graphs = self._capture(kv_cache.layer_views, self.block_size)
 
+    def release_graphs(self, wait: bool = True) -> None:
+        """Destroy the CUDA graphs (the runner steps eagerly after this): before a
+        tensor-parallel rank leaves its NCCL group, whose teardown waits for the graphs that
+        captured its collectives (cuda_graph.release_graphs). ``wait``: first let the device
+        finish what it was given (an orderly exit; not after a failure, where a collective may
+        never end)."""
+        if self.graphs is None and self.mixed_graphs is None:
+            return
+        if wait:
+            torch.cuda.synchronize(self.device)
+        for graphs in (self.graphs, self.mixed_graphs):
+            if graphs is not None:
+                graphs.release()
+        self.graphs = self.mixed_graphs = None
+
     @property
     def num_blocks(self) -> int:
         return self.kv_cache.num_blocks if self.kv_cache is not None else 0
