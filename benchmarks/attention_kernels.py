@@ -100,10 +100,12 @@ def decode_rows(batches, ctxs, hq, hkv, d, bs, dtype, copy_bw, fp8=False
         for ctx in ctxs:
             if b * ctx * hkv * d * 2 * 2 * 2 > 40 << 30:  # pool + contiguous copy must fit
                 continue
-            kv_bytes = 2 * b * ctx * hkv * d * (1 if fp8 else dtype.itemsize)
-            # each copy: the paged pool and the contiguous K/V SDPA reads (bf16)
-            pools = [paged_pool(b, ctx, hkv, d, bs, dtype, gen, fp8)
-                     for _ in range(num_copies(kv_bytes + 2 * b * ctx * hkv * d * 2))]
+            first = paged_pool(b, ctx, hkv, d, bs, dtype, gen, fp8)
+            kv_bytes = paged_attention.decode_kv_bytes(first[0], b * ctx)
+            # each copy: the paged pool and the contiguous K/V SDPA reads
+            copies = num_copies(kv_bytes + first[3].nbytes + first[4].nbytes)
+            pools = [first, *(paged_pool(b, ctx, hkv, d, bs, dtype, gen, fp8)
+                              for _ in range(copies - 1))]
             q = torch.randn((b, hq, d), dtype=dtype, device="cuda", generator=gen)
             seq_lens = torch.full((b,), ctx, dtype=torch.int32, device="cuda")
             ours = bench([lambda pool=pool: paged_attention.paged_decode_attention(

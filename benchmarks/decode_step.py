@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import gc
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -46,23 +47,27 @@ from fairswitch.sampling_params import SamplingParams
 from results_io import command_line, write_results
 
 
+def device_seconds(device: torch.device, fn: Callable[[], Any], reps: int,
+                   warmup: int = 3) -> float:
+    """Seconds ``fn``'s device work takes per call: ``warmup`` calls, then ``reps`` timed
+    between CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize(device)
+    return start.elapsed_time(end) / 1e3 / reps
+
+
 def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30) -> float:
     """Bytes moved (read + write) per second by a device-to-device copy."""
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
     dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    torch.cuda.synchronize(device)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    reps = 10
-    for _ in range(reps):
-        dst.copy_(src)
-    end.record()
-    torch.cuda.synchronize(device)
-    secs = start.elapsed_time(end) / 1e3 / reps
-    del src, dst
-    return 2 * nbytes / secs
+    return 2 * nbytes / device_seconds(device, lambda: dst.copy_(src), reps=10)
 
 
 def prefill_batch(engine: Engine, batch: int, ctx: int, steps: int, seed: int) -> list[str]:
@@ -119,17 +124,7 @@ def matmul_peak_flops(device: torch.device, n: int = 8192) -> float:
     """FLOP/s of an n x n x n bf16 matmul: what the tensor cores sustain."""
     a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
     b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize(device)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    reps = 20
-    start.record()
-    for _ in range(reps):
-        a @ b
-    end.record()
-    torch.cuda.synchronize(device)
-    return 2 * n ** 3 / (start.elapsed_time(end) / 1e3 / reps)
+    return 2 * n ** 3 / device_seconds(device, lambda: a @ b, reps=20)
 
 
 def step_traffic(model: torch.nn.Module, kv_token_bytes: int) -> dict[str, int]:
