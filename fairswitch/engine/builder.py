@@ -95,20 +95,18 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         tp = workers.tp
         device = rank_device(device, 0)
     events = StepEvents()
-    part = None
     try:
         part = build_rank(config, tp or SINGLE, device, workers.agree if workers else None,
                           workers.copy_log if workers else None, events, checked)
+        if workers is not None:  # its graphs go before it leaves the group, however it ends
+            workers.release_graphs = part.runner.release_graphs
         tokenizer = loader.load_tokenizer(_tokenizer_path(config, part.source))
     except BaseException as e:
         if workers is not None:  # they may wait in a collective this rank never reaches
-            if part is not None:  # its graphs would keep NCCL's abort waiting
-                workers.release_graphs = part.runner.release_graphs
             workers.fail(e)
         raise
     if workers is not None:
         part.runner.send_plan = workers.send
-        workers.release_graphs = part.runner.release_graphs
     eos_ids = _eos_ids(part.hf_config, tokenizer, part.source)
     part.runner.sampler.eos_token_ids = eos_ids  # masked before a request's min_tokens
     output_processor = OutputProcessor(tokenizer, eos_ids, part.max_model_len)
