@@ -87,18 +87,21 @@ def prefill_batch(engine: Engine, batch: int, ctx: int, steps: int, seed: int) -
 
 
 def time_steps(engine: Engine, ids: list[str], steps: int) -> dict[str, Any]:
-    """Time ``steps`` decode steps of the running batch, then abort it."""
+    """Time ``steps`` decode steps of the running batch ``ids`` (left running: ``abort_all``).
+
+    One untimed step first: with async scheduling each call collects the step the call before
+    launched, so timing from the first call after a sync would count a step that ran before
+    the clock started (a call of ~4 ms instead of ~16 at B=256). From a call's end the engine is
+    in its steady state, in turn or pipelined: the mean call is the step period."""
     batch = len(ids)
+    engine.step()
     engine.stats = type(engine.stats)()
-    torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(steps):
         engine.step()
     wall = (time.perf_counter() - t0) / steps
     st = engine.stats
     seq_lens = [engine.requests[r].num_tokens for r in ids]
-    for r in ids:
-        engine.abort_request(r)
     return {"batch": batch, "step_ms": wall * 1e3, "mean_seq_len": sum(seq_lens) / batch,
             "kv_tokens_read": sum(seq_lens),
             "schedule_ms": st.schedule_s / st.num_steps * 1e3,
@@ -108,14 +111,21 @@ def time_steps(engine: Engine, ids: list[str], steps: int) -> dict[str, Any]:
             "tok_s": batch / wall}
 
 
+def abort_all(engine: Engine, ids: list[str]) -> None:
+    """End the timed batch (its KV may be written to the CPU tier: not part of any timing)."""
+    for r in ids:
+        engine.abort_request(r)
+
+
 def collective_fraction(engine: Engine, batch: int, args: argparse.Namespace,
                         steps: int = 5) -> float:
     """Share of the wall time of ``steps`` decode steps that rank 0's GPU spends in NCCL
     kernels (profiled apart from the timed steps: the profiler slows the host)."""
-    ids = prefill_batch(engine, batch, args.ctx, steps, args.seed)
+    ids = prefill_batch(engine, batch, args.ctx, steps + 1, args.seed)
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
         r = time_steps(engine, ids, steps)
+    abort_all(engine, ids)
     nccl_us = sum(e.device_time_total for e in prof.key_averages() if "nccl" in e.key.lower())
     return nccl_us / 1e3 / (r["step_ms"] * steps)
 
@@ -174,8 +184,9 @@ def time_batches(engine: Engine, batches: list[int], args: argparse.Namespace, b
     traffic = model_traffic(engine)
     rows = []
     for b in batches:
-        r = time_steps(engine, prefill_batch(engine, b, args.ctx, args.steps, args.seed),
-                       args.steps)
+        ids = prefill_batch(engine, b, args.ctx, args.steps + 1, args.seed)
+        r = time_steps(engine, ids, args.steps)
+        abort_all(engine, ids)
         r.update(step_roofline(traffic, b, r["kv_tokens_read"], bw, peak_flops))
         r["vs_roofline"] = r["step_ms"] / r["roofline_ms"]
         r["vs_memory_roofline"] = r["step_ms"] / r["memory_roofline_ms"]

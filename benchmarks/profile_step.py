@@ -13,7 +13,7 @@ import re
 
 import torch
 
-from decode_step import prefill_batch, time_steps
+from decode_step import abort_all, prefill_batch, time_steps
 from engine_options import add_engine_options, engine_config
 from fairswitch.engine.engine import Engine
 
@@ -47,6 +47,13 @@ def per_kind_ms(kernel_us: dict[str, float], steps: int) -> dict[str, float]:
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
+def profiled_steps(kernel_calls: dict[str, int], num_layers: int, default: int) -> int:
+    """Decode steps whose kernels the profile holds: each writes its KV once per layer (a step
+    launched before the profile started or still in flight at its end may be partly in it)."""
+    writes = sum(n for name, n in kernel_calls.items() if kind_of(name) == "kv write")
+    return round(writes / num_layers) if writes else default
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_engine_options(p, fixed={"max_num_seqs": "--batch", "max_model_len": "--ctx + 512"},
@@ -58,20 +65,24 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     engine = Engine(engine_config(p, args, max_num_seqs=args.batch,
                                   max_model_len=args.ctx + 512))
-    ids = prefill_batch(engine, args.batch, args.ctx, args.steps + 3, 0)
+    ids = prefill_batch(engine, args.batch, args.ctx, args.steps + 4, 0)
     for _ in range(3):
         engine.step()  # warm up this batch size
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
         r = time_steps(engine, ids, args.steps)
+    abort_all(engine, ids)  # outside the profile: its KV written to the CPU tier is not a step's
     print(f"step {r['step_ms']:.2f} ms (profiled)")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows,
                                     max_name_column_width=70))
     kernels = {e.key: e.device_time_total for e in prof.key_averages()
                if e.device_time_total > 0 and e.device_type == torch.autograd.DeviceType.CUDA}
-    kinds = per_kind_ms(kernels, args.steps)
+    calls = {e.key: e.count for e in prof.key_averages()
+             if e.device_type == torch.autograd.DeviceType.CUDA}
+    steps = profiled_steps(calls, engine.hf_config.num_hidden_layers, args.steps)
+    kinds = per_kind_ms(kernels, steps)
     busy = sum(kinds.values())
-    print("per step, by kind (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in kinds.items()))
+    print(f"per step ({steps} steps' kernels), by kind (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in kinds.items()))
     print(f"GPU busy {busy:.3f} ms of a {r['step_ms']:.3f} ms step: idle "
           f"{max(0.0, r['step_ms'] - busy):.3f} ms")
 

@@ -87,3 +87,11 @@ def test_profile_step_sorts_kernels_by_kind():
                        steps=3) == {"matmul": 3.0, "norm/rope/act": 2.0}
     assert list(per_kind_ms({"_rope_kernel": 3000.0, "nvjet_x": 9000.0}, 3)) == [
         "matmul", "norm/rope/act"]
+
+
+def test_profile_step_counts_steps_by_kv_writes():
+    from profile_step import profiled_steps
+
+    calls = {"_write_kv_kernel": 6 * 32, "nvjet_x": 4 * 6 * 32, "_rope_kernel": 6 * 32}
+    assert profiled_steps(calls, num_layers=32, default=5) == 6
+    assert profiled_steps({"nvjet_x": 10}, num_layers=32, default=5) == 5
