@@ -301,12 +301,14 @@ def _decode_reduce_kernel(
 # Launch configuration by the cache's element size; fp32 tiles take twice the shared memory. On
 # the H200, B64 x 32 heads (8 kv) x ctx 2048 x d128 bf16: 64/4/2 reads KV at 0.94 of the
 # device-copy bandwidth (= SDPA on contiguous KV); 128/4/3 0.90, 64/8/3 0.70, 256/8/3 0.74.
-# fp8 (bf16 queries), same shape: 128/4/3 0.51; BLOCK_N 32-128 x 2/4/8 warps x 1-4 stages span
-# 0.20-0.52 (64/2/3 0.52, 64/4/2 0.36): in a CUDA graph the fp8 kernel takes as long per tile as
-# bf16 (122 vs 128 us), bound by widening and staging the tiles for tl.dot, not by the reads:
-# its V tile was read from shared memory bytewise (see _attend_tile's STAGE_V; not re-swept since).
+# fp8 (bf16 queries): in a CUDA graph the fp8 kernel took as long per tile as bf16 (122 vs 128 us
+# at B=64, ctx 2k), bound by widening and staging the tiles for tl.dot, not by the reads; its V
+# tile was read from shared memory bytewise until _attend_tile's STAGE_V. Swept after that fix
+# (H200, d2b9a3b, fraction of the copy bandwidth at B=64/16/256 x ctx 2k): 64/2/3 0.60/0.45/0.61,
+# 64/2/2 0.60/0.45/0.61, 64/4/3 0.59/0.45/0.61, 128/4/3 0.51/0.40/0.62, 128/4/2 0.51/0.41/0.65,
+# 64/8/x 0.35/0.31/0.45.
 DECODE_LAUNCH = {
-    1: dict(BLOCK_N=128, num_warps=4, num_stages=3),
+    1: dict(BLOCK_N=64, num_warps=2, num_stages=3),
     2: dict(BLOCK_N=64, num_warps=4, num_stages=2),
     4: dict(BLOCK_N=32, num_warps=4, num_stages=2),
 }
