@@ -130,10 +130,10 @@ def collective_fraction(engine: Engine, batch: int, args: argparse.Namespace,
     return nccl_us / 1e3 / (r["step_ms"] * steps)
 
 
-def matmul_peak_flops(device: torch.device, n: int = 8192) -> float:
-    """FLOP/s of an n x n x n bf16 matmul: what the tensor cores sustain."""
-    a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
-    b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 8192) -> float:
+    """FLOP/s of an n x n x n matmul in ``dtype`` (the model's): what the tensor cores sustain."""
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
     return 2 * n ** 3 / device_seconds(device, lambda: a @ b, reps=20)
 
 
@@ -228,8 +228,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         p.error("--compare-async compares against async scheduling: drop --no-async-scheduling")
     device = torch.device("cuda")
     bw = copy_bandwidth(device)
-    peak_flops = matmul_peak_flops(device)
     engine = Engine(base)
+    peak_flops = matmul_peak_flops(device, engine.dtype)
     cfg = engine.hf_config
     traffic = model_traffic(engine)
     figures = {"model": args.model, "dtype": str(engine.dtype), "model_arch": [cfg.architecture],
