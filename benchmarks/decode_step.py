@@ -5,7 +5,7 @@ What is measured, in one run on one model (default Llama-3-8B shapes, dummy weig
 - for each batch size B: B requests with ~``--ctx`` prompt tokens are prefilled, then ``--steps``
   decode steps of the full engine (``Engine.step``: schedule, inputs, forward via CUDA graph or
   eager, sampling, outputs) are timed with a device sync each step (sampling syncs anyway);
-- the bf16 matmul peak: a large square matmul's FLOP/s;
+- the matmul peak: a large square matmul's FLOP/s in the model's dtype;
 - roofline time of a decode step, each part at its own bound: the matmuls (every linear layer
   and the LM head) take max(their weight bytes / copy bandwidth, 2 x B x their parameters /
   matmul peak): below a batch of about peak / bandwidth (~185 on the H200) they are bound by
@@ -119,15 +119,18 @@ def abort_all(engine: Engine, ids: list[str]) -> None:
 
 def collective_fraction(engine: Engine, batch: int, args: argparse.Namespace,
                         steps: int = 5) -> float:
-    """Share of the wall time of ``steps`` decode steps that rank 0's GPU spends in NCCL
-    kernels (profiled apart from the timed steps: the profiler slows the host)."""
+    """Share of the wall time of ``steps`` decode steps (and ``time_steps``'s untimed one)
+    that rank 0's GPU spends in NCCL kernels, profiled apart from the timed steps (the profiler
+    slows the host)."""
     ids = prefill_batch(engine, batch, args.ctx, steps + 1, args.seed)
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
-        r = time_steps(engine, ids, steps)
+        t0 = time.perf_counter()
+        time_steps(engine, ids, steps)
+        wall_s = time.perf_counter() - t0
     abort_all(engine, ids)
     nccl_us = sum(e.device_time_total for e in prof.key_averages() if "nccl" in e.key.lower())
-    return nccl_us / 1e3 / (r["step_ms"] * steps)
+    return nccl_us / 1e6 / wall_s
 
 
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 8192) -> float:

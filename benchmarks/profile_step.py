@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
         r = time_steps(engine, ids, args.steps)
-    abort_all(engine, ids)  # outside the profile: its KV written to the CPU tier is not a step's
+    abort_all(engine, ids)  # outside the profile: the KV it writes to the CPU tier is no step's
     print(f"step {r['step_ms']:.2f} ms (profiled)")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows,
                                     max_name_column_width=70))
@@ -79,10 +79,12 @@ def main(argv: list[str] | None = None) -> None:
                if e.device_time_total > 0 and e.device_type == torch.autograd.DeviceType.CUDA}
     calls = {e.key: e.count for e in prof.key_averages()
              if e.device_type == torch.autograd.DeviceType.CUDA}
-    steps = profiled_steps(calls, engine.hf_config.num_hidden_layers, args.steps)
+    # (time_steps's untimed step runs in the profile too)
+    steps = profiled_steps(calls, engine.hf_config.num_hidden_layers, args.steps + 1)
     kinds = per_kind_ms(kernels, steps)
     busy = sum(kinds.values())
-    print(f"per step ({steps} steps' kernels), by kind (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in kinds.items()))
+    print(f"per step ({steps} steps' kernels), by kind (ms): "
+          + ", ".join(f"{k} {v:.3f}" for k, v in kinds.items()))
     print(f"GPU busy {busy:.3f} ms of a {r['step_ms']:.3f} ms step: idle "
           f"{max(0.0, r['step_ms'] - busy):.3f} ms")
 

@@ -300,7 +300,8 @@ def _decode_reduce_kernel(
 
 # Launch configuration by the cache's element size; fp32 tiles take twice the shared memory. On
 # the H200, B64 x 32 heads (8 kv) x ctx 2048 x d128 bf16: 64/4/2 reads KV at 0.94 of the
-# device-copy bandwidth (= SDPA on contiguous KV); 128/4/3 0.90, 64/8/3 0.70, 256/8/3 0.74.
+# device-copy bandwidth timed eagerly (= SDPA on contiguous KV; 0.97 in CUDA graphs at d2b9a3b);
+# 128/4/3 0.90, 64/8/3 0.70, 256/8/3 0.74.
 # fp8 (bf16 queries): in a CUDA graph the fp8 kernel took as long per tile as bf16 (122 vs 128 us
 # at B=64, ctx 2k), bound by widening and staging the tiles for tl.dot, not by the reads; its V
 # tile was read from shared memory bytewise until _attend_tile's STAGE_V. Swept after that fix
