@@ -60,7 +60,7 @@ class OutputProcessor:
                                    "step returned none")
             state.logprobs.append(self._position(logprobs, params.logprobs))
             state.cumulative_logprob += logprobs[token_id][0]
-        if request.num_output_tokens < params.min_tokens:
+        if params.min_tokens and request.num_output_tokens < params.min_tokens:
             if state.detokenizer is not None:
                 state.text += state.detokenizer.add(token_id)
             if self.at_length_limit(request):
@@ -93,8 +93,10 @@ class OutputProcessor:
 
     def at_length_limit(self, request: Request) -> bool:
         """Has the request as many tokens as it may have (``max_tokens``, ``max_model_len``)?"""
-        return (request.num_output_tokens >= request.sampling_params.max_tokens
-                or request.num_tokens >= self.max_model_len)
+        # Per request and step, twice: lengths read directly rather than through properties.
+        num_tokens = len(request.token_ids)
+        return (num_tokens - len(request.prompt_token_ids) >= request.sampling_params.max_tokens
+                or num_tokens >= self.max_model_len)
 
     @staticmethod
     def _check_stop_strings(request: Request, state: _TextState, delta: str) -> bool:
