@@ -73,12 +73,11 @@ def main(argv: list[str] | None = None) -> None:
         r = time_steps(engine, ids, args.steps)
     abort_all(engine, ids)  # outside the profile: the KV it writes to the CPU tier is no step's
     print(f"step {r['step_ms']:.2f} ms (profiled)")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows,
-                                    max_name_column_width=70))
-    kernels = {e.key: e.device_time_total for e in prof.key_averages()
-               if e.device_time_total > 0 and e.device_type == torch.autograd.DeviceType.CUDA}
-    calls = {e.key: e.count for e in prof.key_averages()
-             if e.device_type == torch.autograd.DeviceType.CUDA}
+    events = prof.key_averages()
+    print(events.table(sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=70))
+    device_events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = {e.key: e.device_time_total for e in device_events if e.device_time_total > 0}
+    calls = {e.key: e.count for e in device_events}
     # (time_steps's untimed step runs in the profile too)
     steps = profiled_steps(calls, engine.hf_config.num_hidden_layers, args.steps + 1)
     kinds = per_kind_ms(kernels, steps)

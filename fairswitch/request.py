@@ -117,4 +117,4 @@ class Request:
 
     @property
     def is_finished(self) -> bool:
-        return self.status >= RequestStatus.FINISHED_STOPPED  # (status.finished, one call less)
+        return self.status.finished

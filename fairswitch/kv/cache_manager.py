@@ -80,9 +80,8 @@ class KVCacheManager:
 
     def allocate_slots(self, request: Request, num_new_tokens: int) -> bool:
         """Grow the request's block table to hold ``num_new_tokens`` more; False if out of blocks."""
-        total = request.num_computed_tokens + num_new_tokens
-        n = -(-total // self.block_size) - len(request.block_table)  # (num_new_blocks, inlined:
-        if n <= 0:  # a decode step's call for each request, which mostly finds room)
+        n = self.num_new_blocks(request, num_new_tokens)
+        if n == 0:
             return True
         tail = self.reserved.get(request)
         if tail:
