@@ -6,20 +6,26 @@ Takes every option of ``fairswitch bench`` (trace, engine) plus ``--configs`` (n
 ``--compare``; default ``full,full-fp8,baseline``), ``--low``/``--high`` (a bracket in
 conversations per second) and ``--steps``. A load L replays the trace at ``--time-scale`` =
 (the trace's own rate) / L, arrivals and think times alike, the trace's own rate being
-(conversations - 1) / (last arrival - first arrival). Each configuration is bisected on its own:
-one replay per probe, first at ``--low`` and ``--high``, then ``--steps`` midpoints; a probe
-passes when no request failed and both P99s are within the targets. The capacity is the highest
-passing load (resolution (high - low) / 2^steps); none when ``--low`` fails, and only a lower
-bound when ``--high`` passes (``bracketed``: false).
+(conversations - 1) / (last arrival - first arrival). Each configuration is bisected on its own,
+one replay per probe: first at ``--high``, then ``--steps`` midpoints, and at ``--low`` only if
+none of them passed (passing is taken to be monotone in the load, and a passing replay, which
+runs to its end, is the slow kind); a probe passes when no request failed and both P99s are
+within the targets. The capacity is the highest passing load (resolution (high - low) /
+2^steps); none when ``--low`` fails, and only a lower bound when ``--high`` passes
+(``bracketed``: false). A probe stops as soon as it has certainly failed (a request failed, or
+enough requests are over a target that the P99 is: ``fairswitch.bench.slo_stop``), which takes
+seconds above the capacity where a whole replay takes minutes; ``--run-to-end`` replays every
+probe to its end.
 
-Figures: every probe (load, time-scale, P99 TTFT/TPOT, pass) and, at each capacity, the
-per-priority-class figures. Plot: P99 TTFT and P99 TPOT vs load, a line per configuration
+Figures: every probe (load, time-scale, P99 TTFT/TPOT, pass, and why it stopped early: its
+P99s are then over the requests finished by then) and, at each capacity, the per-priority-class
+figures. Plot: P99 TTFT and P99 TPOT vs load, a line per configuration
 (``plots/<output name>/capacity.png``; needs matplotlib). Claims: each ``<config>_capacity_conv_s``,
 ``capacity_at_slo_vs_baseline`` (full / baseline) and ``capacity_at_slo_fp8_vs_bf16``
 (full-fp8 / full).
 
     python3 benchmarks/capacity.py --trace workloads/traces/sharegpt_multiturn.jsonl.gz \\
-        --num-conversations 180 --low 2 --high 16 --steps 4 --model llama-3-8b \\
+        --num-conversations 180 --low 2 --high 5 --steps 3 --model llama-3-8b \\
         --load-format dummy --kv-cache-memory-gib 3 --swap-space 60 --max-model-len 4608 \\
         --max-num-seqs 64 --policy trace --priority-updates markov --priority-update-prob 0.01 \\
         --preemption-mode swap --no-progress --output benchmarks/results/capacity.json
@@ -33,12 +39,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fairswitch.bench.ablations import parse_names
-from fairswitch.bench.trace import Trace
-from fairswitch.cli.bench import add_bench_args, bench
-from fairswitch.cli.replay_args import load_trace
-from fairswitch.kv.host_memory import keep_pinned
 from results_io import command_line, write_results
+
+from fairswitch.bench.ablations import ablation_config, parse_names
+from fairswitch.bench.runner import replay_engine
+from fairswitch.bench.slo_stop import SloStop
+from fairswitch.bench.trace import Trace
+from fairswitch.cli.bench import add_bench_args
+from fairswitch.cli.replay_args import engine_run_kwargs, load_trace, replay_options
+from fairswitch.config import EngineConfig
+from fairswitch.kv.host_memory import keep_pinned
 
 Probe = Callable[[float], dict[str, Any]]  # load (conv/s) -> a record with a bool "pass"
 
@@ -47,14 +57,12 @@ def bisect_capacity(probe: Probe, low: float, high: float, steps: int
                     ) -> tuple[float | None, bool, list[dict[str, Any]]]:
     """(highest passing load, whether [low, high] bracketed it, every probe in order).
 
-    Assumes passing is monotone in the load. ``low`` failing gives None; ``high`` passing gives
-    ``high`` unbracketed (the capacity is at least that)."""
+    Assumes passing is monotone in the load, so ``low`` is probed only when no midpoint passed.
+    ``low`` failing gives None; ``high`` passing gives ``high`` unbracketed (the capacity is at
+    least that)."""
     if not 0 < low < high:
         raise ValueError(f"need 0 < low < high, got {low}, {high}")
-    probes = [probe(low)]
-    if not probes[-1]["pass"]:
-        return None, True, probes
-    probes.append(probe(high))
+    probes = [probe(high)]
     if probes[-1]["pass"]:
         return high, False, probes
     ok, bad = low, high
@@ -62,6 +70,10 @@ def bisect_capacity(probe: Probe, low: float, high: float, steps: int
         mid = (ok + bad) / 2
         probes.append(probe(mid))
         ok, bad = (mid, bad) if probes[-1]["pass"] else (ok, mid)
+    if ok == low:
+        probes.append(probe(low))
+        if not probes[-1]["pass"]:
+            return None, True, probes
     return ok, True, probes
 
 
@@ -90,24 +102,33 @@ def by_priority(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
             for cls, g in summary["by_priority"].items()}
 
 
-def engine_probe(args: argparse.Namespace, name: str, rate: float) -> Probe:
-    """One replay of the trace through configuration ``name`` at a load, as a probe record."""
+def engine_probe(args: argparse.Namespace, name: str, trace: Trace, rate: float) -> Probe:
+    """One replay of ``trace`` through configuration ``name`` at a load, as a probe record."""
+    config = ablation_config(name, EngineConfig.from_cli_args(args))
+
     def probe(load: float) -> dict[str, Any]:
         a = copy.copy(args)
-        a.compare, a.time_scale = name, rate / load
-        a.plots_dir = a.output_json = None
-        a.tbt_slo_ms = None
+        a.time_scale = rate / load
         if args.step_log is not None:
             a.step_log = Path(args.step_log) / f"{name}_{load:.3f}"
-        print(f"\n=== {name} at {load:.3f} conv/s (time-scale {a.time_scale:.4f}) ===", flush=True)
-        summary = bench(a)["runs"][name]["summary"]
+        options = replay_options(a)
+        if not args.run_to_end:
+            options.stop_when = SloStop(trace.num_requests, args.ttft_slo_ms / 1e3,
+                                        args.tpot_slo_ms / 1e3)
+        print(f"=== {name} at {load:.3f} conv/s (time-scale {a.time_scale:.4f})", flush=True)
+        run = replay_engine(trace, config, options, desc=name, **engine_run_kwargs(a))
+        summary = run.summarize(window_s=args.window_s)
         record = {"load_conv_s": load, "time_scale": a.time_scale,
                   "ttft_p99_ms": _p99(summary, "ttft"), "tpot_p99_ms": _p99(summary, "tpot"),
                   "completed": summary["completed"], "failed": summary["failed"],
-                  "pass": passes(summary, args.ttft_slo_ms, args.tpot_slo_ms),
+                  "duration_s": run.duration_s, "stopped": run.stopped,
+                  "pass": run.stopped is None and passes(summary, args.ttft_slo_ms,
+                                                         args.tpot_slo_ms),
                   "by_priority": by_priority(summary)}
+        outcome = ("pass" if record["pass"] else "fail") + (
+            f" (stopped after {run.duration_s:.0f} s: {run.stopped})" if run.stopped else "")
         print(f"{name} at {load:.3f} conv/s: P99 TTFT {record['ttft_p99_ms']} ms, P99 TPOT "
-              f"{record['tpot_p99_ms']} ms: {'pass' if record['pass'] else 'fail'}", flush=True)
+              f"{record['tpot_p99_ms']} ms: {outcome}", flush=True)
         return record
     return probe
 
@@ -136,7 +157,7 @@ def plot(configs: dict[str, dict[str, Any]], path: Path, ttft_slo_ms: float,
                                 (axes[1], "tpot_p99_ms", tpot_slo_ms, "P99 TPOT (ms)")):
         for name, result in configs.items():
             points = sorted((p["load_conv_s"], p[key]) for p in result["probes"]
-                            if p[key] is not None)
+                            if p[key] is not None and not p["stopped"])  # whole replays only
             if points:
                 ax.plot(*zip(*points), marker="o", label=name)
         ax.axhline(slo, color="grey", linestyle="--", label="SLO")
@@ -161,6 +182,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=5, help="bisection steps (default: 5)")
     p.add_argument("--tpot-slo-ms", type=float, default=100.0,
                    help="P99 TPOT target in ms (default: 100)")
+    p.add_argument("--run-to-end", action="store_true",
+                   help="replay every probe to its end (default: stop a probe once it has "
+                        "certainly missed a target)")
     p.add_argument("--output", type=Path, default=Path("benchmarks/results/capacity.json"),
                    help="result file (default: benchmarks/results/capacity.json)")
     p.add_argument("--commit", default=None, help="commit to record (default: git HEAD)")
@@ -180,13 +204,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error("give the configurations with --configs (in-process only)")
     if args.steps < 0 or not 0 < args.low < args.high:
         parser.error("need --steps >= 0 and 0 < --low < --high")
-    rate = trace_rate(load_trace(args))
+    trace = load_trace(args)
+    rate = trace_rate(trace)
 
     configs: dict[str, dict[str, Any]] = {}
     with keep_pinned():  # one pinned swap space serves every engine
         for name in names:
-            cap, bracketed, probes = bisect_capacity(engine_probe(args, name, rate), args.low,
-                                                     args.high, args.steps)
+            cap, bracketed, probes = bisect_capacity(engine_probe(args, name, trace, rate),
+                                                     args.low, args.high, args.steps)
             at_cap = next((p for p in probes if p["load_conv_s"] == cap and p["pass"]), None)
             configs[name] = {"capacity_conv_s": cap, "bracketed": bracketed, "probes": probes,
                              "by_priority_at_capacity": at_cap and at_cap["by_priority"]}

@@ -173,6 +173,44 @@ def test_request_rate_override_and_concurrency_bound():
     assert 0.15 - EARLY_S <= result.duration_s < 1.0
 
 
+def test_stop_rule_ends_the_replay_and_records_why():
+    trace = spaced_trace(6, 0.0, turns=3)  # all at once; every answer would take 10 s
+    sender = FakeSender(10.0)
+    seen = []
+
+    def stop_when(records, now):
+        seen.append((len(records), now))
+        return "enough" if now > 0.3 else None
+
+    result = asyncio.run(replay(trace, sender, ReplayOptions(progress=False,
+                                                             stop_when=stop_when)))
+    assert result.stopped == "enough"
+    assert sender.in_flight == 0 and len(result.records) == 6  # the first turns, cancelled
+    assert all(not r.ok and r.error == "replay stopped: enough" and r.end_s >= 0.3
+               for r in result.records)
+    assert result.num_skipped_turns == 12 and seen[-1][0] == 6
+    done = asyncio.run(replay(spaced_trace(2, 0.0), FakeSender(0.01),
+                              ReplayOptions(progress=False, stop_when=lambda r, now: None)))
+    assert done.stopped is None and all(r.ok for r in done.records)
+
+
+def test_a_broken_stop_rule_raises_without_waiting_for_the_answers():
+    answered = []
+
+    class Sender(FakeSender):
+        async def send(self, conv, turn, record, clock):
+            await super().send(conv, turn, record, clock)
+            answered.append(record.request_id)
+
+    def stop_when(records, now):
+        raise KeyError("bug")
+
+    with pytest.raises(KeyError, match="bug"):
+        asyncio.run(replay(spaced_trace(3, 0.0), Sender(10.0),
+                           ReplayOptions(progress=False, stop_when=stop_when)))
+    assert answered == []  # cancelled, not waited for
+
+
 def scripted_app(events: list[str]) -> web.Application:
     """A server whose chat stream is ``events`` verbatim (plus /v1/models)."""
     async def chat(request: web.Request) -> web.StreamResponse:

@@ -30,16 +30,20 @@ def test_bisection_brackets_the_threshold(capacity, threshold):
         seen.append(load)
         return {"load_conv_s": load, "pass": load <= threshold}
     cap, bracketed, probes = capacity.bisect_capacity(probe, 1.0, 16.0, 5)
-    assert bracketed and [p["load_conv_s"] for p in probes] == seen and len(seen) == 7
+    assert bracketed and [p["load_conv_s"] for p in probes] == seen
     assert cap <= threshold < cap + (16.0 - 1.0) / 2 ** 5
+    # --high first, then the midpoints; --low only when no midpoint passed
+    assert seen[0] == 16.0 and len(seen) == (7 if cap == 1.0 else 6)
+    assert (1.0 in seen) == (cap == 1.0)
 
 
 def test_bisection_outside_the_bracket(capacity):
     def fake(threshold):
         return lambda load: {"load_conv_s": load, "pass": load <= threshold}
-    assert capacity.bisect_capacity(fake(0.5), 1.0, 16.0, 5)[:2] == (None, True)
+    cap, bracketed, probes = capacity.bisect_capacity(fake(0.5), 1.0, 16.0, 5)
+    assert (cap, bracketed, probes[-1]["load_conv_s"], len(probes)) == (None, True, 1.0, 7)
     cap, bracketed, probes = capacity.bisect_capacity(fake(20.0), 1.0, 16.0, 5)
-    assert (cap, bracketed, len(probes)) == (16.0, False, 2)
+    assert (cap, bracketed, len(probes)) == (16.0, False, 1)
     with pytest.raises(ValueError):
         capacity.bisect_capacity(fake(1.0), 2.0, 1.0, 3)
 
@@ -76,11 +80,28 @@ def test_capacity_smoke(capacity, tmp_path):
     assert list(configs) == ["full", "full-fp8", "baseline"]
     for run in configs.values():  # generous SLOs: the highest load passes
         assert run["capacity_conv_s"] == 40.0 and not run["bracketed"]
-        assert [p["load_conv_s"] for p in run["probes"]] == [4.0, 40.0]
-        assert all(p["pass"] and p["ttft_p99_ms"] > 0 for p in run["probes"])
+        assert [p["load_conv_s"] for p in run["probes"]] == [40.0]
+        assert all(p["pass"] and p["ttft_p99_ms"] > 0 and p["stopped"] is None
+                   for p in run["probes"])
         assert set(run["by_priority_at_capacity"]) == {"0", "1"}
     claims = {c["name"]: c["value"] for c in result["claims"]}
     assert claims["capacity_at_slo_vs_baseline"] == 1.0
     assert claims["capacity_at_slo_fp8_vs_bf16"] == 1.0
     plot = result["figures"]["plot"]  # beside the results file, None without matplotlib
     assert plot is None or Path(plot) == tmp_path / "results/plots/capacity/capacity.png"
+
+
+def test_a_probe_that_misses_its_target_stops_early(capacity, tmp_path):
+    """A TTFT target no CPU run can meet: every probe is stopped once its P99 is certainly over
+    it (the engine aborts the requests in flight), and nothing passes."""
+    out = tmp_path / "capacity.json"
+    capacity.main([
+        "--trace", str(TINY_TRACE), "--device", "cpu", "--num-gpu-blocks", "64",
+        "--max-model-len", "256", "--swap-space", "0.05", "--no-progress",
+        "--warmup-requests", "0", "--configs", "full", "--low", "4", "--high", "40",
+        "--steps", "1", "--ttft-slo-ms", "0.001", "--output", str(out)])
+    run = json.loads(out.read_text())["figures"]["configs"]["full"]
+    assert run["capacity_conv_s"] is None
+    assert [p["load_conv_s"] for p in run["probes"]] == [40.0, 22.0, 4.0]
+    for p in run["probes"]:
+        assert not p["pass"] and "over the TTFT target of 0.001 ms" in p["stopped"]

@@ -11,6 +11,10 @@ the follow-up); every other conversation goes on.
 
 ``max_concurrency`` bounds the requests in flight, client side, as ``vllm bench serve`` does: a
 request that waits for a slot is sent (and its ``arrival_s`` taken) when it gets one.
+
+``stop_when`` (e.g. ``slo_stop.SloStop``) is asked every ``STOP_CHECK_S`` while the replay runs;
+once it names a reason, every conversation is cancelled (the client aborts its requests), the
+requests in flight are recorded as failed with that reason and the rest are never sent.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import asyncio
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -29,6 +33,9 @@ from fairswitch.bench.records import RequestRecord
 from fairswitch.bench.trace import Conversation, Trace
 
 Clock = Callable[[], float]  # seconds since the replay started
+# (records so far, clock) -> why the replay should stop now, or None
+StopRule = Callable[[Sequence[RequestRecord], float], str | None]
+STOP_CHECK_S = 0.25
 
 
 class TurnSender(Protocol):
@@ -45,6 +52,7 @@ class ReplayOptions:
     seed: int = 0                         # of the Poisson arrivals
     max_concurrency: int | None = None    # requests in flight at once (None: no bound)
     progress: bool = True
+    stop_when: StopRule | None = None     # asked while the replay runs: stop it early
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.time_scale) and self.time_scale >= 0):
@@ -60,7 +68,8 @@ class ReplayOptions:
 class ReplayResult:
     records: list[RequestRecord]   # one per request sent, in send order
     duration_s: float              # first arrival to the last response
-    num_skipped_turns: int = 0     # turns never sent because an earlier turn of theirs failed
+    num_skipped_turns: int = 0     # turns never sent (an earlier turn failed, or a stop)
+    stopped: str | None = None     # why ``stop_when`` stopped the replay; None: it ran to the end
 
 
 def arrival_times(trace: Trace, options: ReplayOptions) -> list[float]:
@@ -129,11 +138,39 @@ async def replay(trace: Trace, sender: TurnSender, options: ReplayOptions | None
                 bar.set_postfix(failed=num_failed)
                 return
 
+    tasks = [asyncio.ensure_future(conversation(c, t)) for c, t in
+             zip(trace.conversations, arrival_times(trace, options))]
+    stopped: str | None = None
+    stop_rule = options.stop_when
+
+    async def watch() -> None:
+        nonlocal stopped
+        try:
+            while stopped is None:
+                await asyncio.sleep(STOP_CHECK_S)
+                stopped = stop_rule(records, clock())
+        finally:  # also when the rule raises (a bug: raised below, once the replay has ended)
+            for task in tasks:
+                task.cancel()
+
+    watcher = asyncio.ensure_future(watch()) if stop_rule is not None else None
     try:
-        await asyncio.gather(*(conversation(c, t) for c, t in
-                               zip(trace.conversations, arrival_times(trace, options))))
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
     finally:
+        if watcher is not None:
+            watcher.cancel()
         bar.close()
+    if watcher is not None and watcher.done() and not watcher.cancelled() and watcher.exception():
+        raise watcher.exception()
+    for outcome in outcomes:  # a conversation raises only when cancelled by the stop
+        if isinstance(outcome, BaseException) and not isinstance(outcome, asyncio.CancelledError):
+            raise outcome
+    if stopped is not None:
+        now = clock()
+        for r in records:
+            if r.end_s is None:
+                r.error, r.end_s = f"replay stopped: {stopped}", now
+        num_skipped = trace.num_requests - len(records)
     first = min((r.arrival_s for r in records), default=0.0)
     last = max((r.end_s or r.arrival_s for r in records), default=first)
-    return ReplayResult(records, last - first, num_skipped)
+    return ReplayResult(records, last - first, num_skipped, stopped)

@@ -38,6 +38,7 @@ class RunResult:
     switch_metrics: dict[str, float] = field(default_factory=dict)
     target: str = ""  # the URL, or "in-process"
     engine_config: EngineConfig | None = None  # in-process runs
+    stopped: str | None = None  # why the replay's stop rule stopped it early (ReplayResult)
 
     def summarize(self, slo: Any = None, window_s: float = 10.0,
                   weights: dict[str, float] | None = None) -> dict[str, Any]:
@@ -47,6 +48,8 @@ class RunResult:
         summary = summarize(self.records, self.duration_s or None, slo, window_s, weights)
         summary["engine"] = self.switch_metrics
         summary["skipped_turns"] = self.num_skipped_turns
+        if self.stopped is not None:
+            summary["stopped"] = self.stopped
         return summary
 
 
@@ -100,7 +103,7 @@ def replay_http(trace: Trace, url: str, options: ReplayOptions | None = None, *,
             after = await scrape_text(client)
         metrics = scrape.switch_metrics_delta(before, after) if before and after else {}
         return RunResult(result.records, result.duration_s, result.num_skipped_turns, metrics,
-                         target=url)
+                         target=url, stopped=result.stopped)
 
     return asyncio.run(main())
 
@@ -117,7 +120,7 @@ def replay_engine(trace: Trace, config: EngineConfig, options: ReplayOptions | N
                                                           warmup_requests, step_log),
         **client_kw)
     return RunResult(result.records, result.duration_s, result.num_skipped_turns, metrics,
-                     target="in-process", engine_config=config)
+                     target="in-process", engine_config=config, stopped=result.stopped)
 
 
 def run_in_process(config: EngineConfig,
