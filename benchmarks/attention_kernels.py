@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 
 from fairswitch.kernels import paged_attention, reference
+from fairswitch.kv.kv_cache import transposed_v_view
 from results_io import command_line, write_results
 from decode_step import copy_bandwidth
 
@@ -66,8 +67,9 @@ def num_copies(data_bytes: int, calls: int = 10) -> int:
 
 def paged_pool(batch: int, ctx: int, hkv: int, d: int, bs: int, dtype, gen: torch.Generator,
                fp8: bool = False):
-    """A one-layer pool holding batch x ctx tokens in shuffled blocks (in e4m3 if ``fp8``), and
-    the same K/V contiguous in ``dtype``."""
+    """A one-layer pool holding batch x ctx tokens in shuffled blocks (in e4m3 if ``fp8``, V
+    stored transposed in each block as the engine's fp8 pools do), and the same K/V contiguous
+    in ``dtype``."""
     blocks_per_seq = -(-ctx // bs)
     num_blocks = batch * blocks_per_seq
     pool = torch.randn((num_blocks, 1, 2, bs, hkv, d), dtype=dtype, device="cuda",
@@ -78,8 +80,9 @@ def paged_pool(batch: int, ctx: int, hkv: int, d: int, bs: int, dtype, gen: torc
     k = k_cache[tables.long()].flatten(1, 2)[:, :ctx].transpose(1, 2).contiguous()
     v = v_cache[tables.long()].flatten(1, 2)[:, :ctx].transpose(1, 2).contiguous()
     if fp8:
-        pool = reference.quantize_fp8(pool, 1.0)
-        k_cache, v_cache = pool[:, 0, 0], pool[:, 0, 1]
+        q8 = reference.quantize_fp8(pool, 1.0)
+        k_cache, v_cache = q8[:, 0, 0], transposed_v_view(q8[:, 0, 1])
+        v_cache.copy_(reference.quantize_fp8(pool[:, 0, 1], 1.0))  # the same V, transposed
     return k_cache, v_cache, tables, k, v
 
 

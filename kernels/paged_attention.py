@@ -27,6 +27,13 @@ fp16 value). The per-tensor scales are factored out of the sums: K's multiplies 
 scale, V's the normalized output. Scales are read through 1-element device tensors, so a captured
 graph follows a recalibration. A bf16/fp16/fp32 cache compiles to the same code as without FP8
 (KV_FP8 is a constexpr).
+
+V may be stored transposed in each block, [Hkv, D, block_size] (fp8 pools are: see
+fairswitch/kv/kv_cache.py), which the V view's strides say (stride over tokens 1, over D
+block_size; V_T is a constexpr). The product with P sums over tokens, so the MMA wants V with
+tokens contiguous: a 16-bit tile is transposed by ldmatrix on its way from shared memory, a 1-byte
+one cannot be and was staged through shared memory again as fp16. Transposed in the cache, V is
+loaded as V^T [D, BLOCK_N] in whole pages (16-byte copies) and takes K's path to the MMA.
 """
 
 from __future__ import annotations
@@ -50,13 +57,15 @@ _FP8_MAX = tl.constexpr(reference.FP8_MAX)
 
 @triton.jit
 def _quantize_e4m3(x, scale):
-    """x / scale clamped to +-448 and rounded to nearest e4m3 (ties to even), as fp8.
+    """x / scale clamped to +-448 and rounded to nearest e4m3 (ties to even), as fp8; NaN
+    stores 0 (the pool holds only finite values: transposed V is read in whole pages).
 
     The rounding is done in fp32 arithmetic that is exact (powers of two, small integers), so
     the final cast only changes the type: the bytes equal torch's cast on the GPU and under
     Triton's interpreter, whose own fp32 -> fp8 cast rounds ties away and can lose a carry.
     """
-    y = tl.clamp(tl.div_rn(x.to(tl.float32), scale), -_FP8_MAX, _FP8_MAX)  # IEEE division
+    y = tl.div_rn(x.to(tl.float32), scale)  # IEEE division
+    y = tl.clamp(tl.where(y == y, y, 0.0), -_FP8_MAX, _FP8_MAX)  # noqa: PLR0124 (NaN)
     bits = y.to(tl.int32, bitcast=True)
     # e4m3 keeps 3 mantissa bits: spacing 2^(e-3) for |y| in [2^e, 2^(e+1)), and 2^-9 below
     # 2^-6 (subnormals). Biased fp32 exponent 121 is 2^-6.
@@ -90,6 +99,7 @@ def _write_kv_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_H: tl.constexpr,
     KV_FP8: tl.constexpr,
+    V_T: tl.constexpr,  # V stored [Hkv, D, block_size] per block (module docstring)
 ):
     # grid: (T, cdiv(Hkv, BLOCK_H))
     t = tl.program_id(0)
@@ -110,7 +120,8 @@ def _write_kv_kernel(
     kc = k_cache_ptr + block * stride_kcb + row * stride_kcs
     vc = v_cache_ptr + block * stride_vcb + row * stride_vcs
     tl.store(kc + heads[:, None] * stride_kch + offs_d[None, :], k, mask=mask)
-    tl.store(vc + heads[:, None] * stride_vch + offs_d[None, :], v, mask=mask)
+    stride_vcd: tl.constexpr = BLOCK_SIZE if V_T else 1
+    tl.store(vc + heads[:, None] * stride_vch + offs_d[None, :] * stride_vcd, v, mask=mask)
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -137,6 +148,7 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1], BLOCK_H=block_h, KV_FP8=kv_fp8,
+        V_T=_v_transposed(v_cache, k_cache.shape[1]),
     )
 
 
@@ -164,12 +176,14 @@ def _attend_tile(
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, STAGE_V: tl.constexpr,
+    V_T: tl.constexpr,
 ):
     pos = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     kv_mask = pos < kv_end
-    page = tl.load(block_table_ptr + pos // BLOCK_SIZE, mask=kv_mask, other=0).to(tl.int64)
     row = pos % BLOCK_SIZE
+    page_mask = pos - row < kv_end  # whole pages: the last one's rows past kv_end too
+    page = tl.load(block_table_ptr + pos // BLOCK_SIZE, mask=page_mask, other=0).to(tl.int64)
     k_off = page * stride_kb + row * stride_ks + kvh * stride_kh
     # .to(q.dtype): an fp8 tile widens in registers (a no-op for a cache in the query dtype).
     k = tl.load(k_cache_ptr + k_off[:, None] + offs_d[None, :], mask=kv_mask[:, None],
@@ -184,10 +198,21 @@ def _attend_tile(
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v_off = page * stride_vb + row * stride_vs + kvh * stride_vh
-    v = tl.load(v_cache_ptr + v_off[:, None] + offs_d[None, :], mask=kv_mask[:, None],
-                other=0.0).to(q.dtype)
-    if STAGE_V:
+    if V_T:
+        # V^T [D, BLOCK_N]: element (d, token) at page * stride_vb + kvh * stride_vh +
+        # d * BLOCK_SIZE + row. Whole pages are read (the rows past kv_end of the last page
+        # hold finite values, old or zero, and P is 0 there), and the hints say what the
+        # block-table gather hides: a page's tokens are contiguous.
+        PAGE: tl.constexpr = min(BLOCK_SIZE, BLOCK_N)
+        vt_off = (page * stride_vb + row + kvh * stride_vh)[None, :] + offs_d[:, None] * BLOCK_SIZE
+        vt_off = tl.max_contiguous(tl.multiple_of(vt_off, [PAGE, PAGE]), [1, PAGE])
+        v_mask = tl.max_constancy(page_mask, [PAGE])
+        v = tl.trans(tl.load(v_cache_ptr + vt_off, mask=v_mask[None, :], other=0.0).to(q.dtype))
+    else:
+        v_off = page * stride_vb + row * stride_vs + kvh * stride_vh
+        v = tl.load(v_cache_ptr + v_off[:, None] + offs_d[None, :], mask=kv_mask[:, None],
+                    other=0.0).to(q.dtype)
+    if STAGE_V and not V_T:
         # The product with P reduces over V's rows, so the MMA wants V transposed, and ldmatrix
         # transposes only 16-bit elements: a bare widening is moved by Triton into the MMA
         # operand layout, which then reads the fp8 tile from shared memory a byte at a time
@@ -226,7 +251,7 @@ def _decode_split_kernel(
     stride_ob, stride_oh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_OUT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, V_T: tl.constexpr,
 ):
     # grid: (B, Hkv, num_splits); WRITE_OUT (num_splits == 1): normalize into out directly
     b = tl.program_id(0)
@@ -254,7 +279,7 @@ def _decode_split_kernel(
         acc, m_i, l_i = _attend_tile(
             q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_row, n0, end, kvh, offs_g, qk_scale,
             one, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-            HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, KV_FP8)
+            HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, KV_FP8, V_T)
 
     has_keys = l_i > 0  # false for an empty split (seq_len 0 or a short sequence's tail splits)
     o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
@@ -391,7 +416,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, WRITE_OUT=num_splits == 1, DOT_PRECISION=_dot_precision(q.dtype),
-        KV_FP8=kv_fp8, **launch,
+        KV_FP8=kv_fp8, V_T=_v_transposed(v_cache, block_size), **launch,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
@@ -424,7 +449,7 @@ def _prefill_kernel(
     num_seqs, num_slots, search_steps,  # FLAT_GRID only; search_steps = ceil(log2(num_seqs))
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    FLAT_GRID: tl.constexpr, KV_FP8: tl.constexpr,
+    FLAT_GRID: tl.constexpr, KV_FP8: tl.constexpr, V_T: tl.constexpr,
 ):
     # The M rows of a program are TOKENS consecutive query tokens x the GROUP query heads of one
     # KV head (row r = token r // GROUP, head r % GROUP), so each KV tile is loaded once per group.
@@ -484,12 +509,12 @@ def _prefill_kernel(
         acc, m_i, l_i = _attend_tile(
             q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_row, n0, full_end, kvh, row_pos,
             qk_scale, 1.0, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-            HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, False)
+            HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, False, V_T)
     for n0 in range(full_end, last_pos + 1, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
             q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_row, n0, last_pos + 1, kvh, row_pos,
             qk_scale, 1.0, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-            HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION, False)
+            HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION, False, V_T)
 
     o = acc / l_i[:, None]
     if KV_FP8:
@@ -560,7 +585,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         num_seqs, num_slots, (num_seqs - 1).bit_length(),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         DOT_PRECISION=_dot_precision(q.dtype), FLAT_GRID=max_query_len is None, KV_FP8=kv_fp8,
-        **launch,
+        V_T=_v_transposed(v_cache, block_size), **launch,
     )
     return out
 
@@ -580,11 +605,23 @@ def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, num_kv_heads: int
     assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, (k_cache.shape, v_cache.shape)
     assert k_cache.dtype == v_cache.dtype, (k_cache.dtype, v_cache.dtype)
     assert k_cache.shape[2:] == (num_kv_heads, head_dim), (k_cache.shape, num_kv_heads, head_dim)
-    assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1, "head_dim must be contiguous"
+    assert k_cache.stride(-1) == 1, "K's head_dim must be contiguous"
     block_size = k_cache.shape[1]
+    _v_transposed(v_cache, block_size)  # V: head_dim contiguous, or transposed blocks
     assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, f"head_dim {head_dim}: power of 2"
     assert block_size >= 8 and block_size & (block_size - 1) == 0, f"block_size {block_size}"
     return block_size
+
+
+def _v_transposed(v_cache: torch.Tensor, block_size: int) -> bool:
+    """Whether the V view is of blocks stored [Hkv, D, block_size] (else head_dim contiguous)."""
+    if v_cache.stride(-1) == 1:
+        return False
+    head_dim = v_cache.shape[3]
+    assert v_cache.stride()[1:] == (1, head_dim * block_size, block_size), (
+        f"V must have head_dim contiguous or blocks stored [Hkv, D, block_size], got strides "
+        f"{v_cache.stride()}")
+    return True
 
 
 def decode_kv_bytes(k_cache: torch.Tensor, num_cached_tokens: int) -> int:

@@ -8,7 +8,7 @@ against. Shapes (per layer):
 Grouped-query attention: query head h reads KV head h // (num_heads // num_kv_heads).
 
 FP8 KV cache: a cache of dtype float8_e4m3fn stores x / scale, clamped to e4m3's +-448 and rounded
-to nearest (ties to even); it reads back as stored * scale. Each layer has one float32 scale for K
+to nearest (ties to even), NaN as 0; it reads back as stored * scale. Each layer has one float32 scale for K
 and one for V (1-element tensors, so a captured CUDA graph sees a scale calibrated later). Every
 function below takes them as ``k_scale`` / ``v_scale``: required for an fp8 cache, None otherwise.
 """
@@ -23,8 +23,9 @@ FP8_MAX = 448.0  # largest finite e4m3 value
 
 
 def quantize_fp8(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
-    """x / scale (in fp32) clamped to +-FP8_MAX, rounded to float8_e4m3fn."""
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    """x / scale (in fp32) clamped to +-FP8_MAX, rounded to float8_e4m3fn; NaN stores 0, so an
+    fp8 pool holds only finite values (the kernels read the last page of a sequence whole)."""
+    return torch.nan_to_num(x.float() / scale, nan=0.0).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
 def dequantize_fp8(x: torch.Tensor, scale: torch.Tensor | float,

@@ -15,6 +15,7 @@ from test_kernels import (DEVICE, assert_close, large_decode_case, make_cache,
 
 from fairswitch.kernels import paged_attention as pa
 from fairswitch.kernels import reference as ref
+from fairswitch.kv.kv_cache import transposed_v_view
 
 FP8 = torch.float8_e4m3fn
 
@@ -127,32 +128,45 @@ def test_write_kv_fp8_stores_reference_bytes(dtype):
     grid = grid[torch.isfinite(grid)].unique()
     special = torch.cat([(grid[1:] + grid[:-1]) / 2, grid, torch.tensor([-0.0, 1e-30, 1e4])])
     k.view(-1)[:special.numel()] = special * k_scale.cpu()
+    v.view(-1)[[101, 295]] = float("nan")  # tokens 1 and 3 (not padding): stored as 0
     k, v = k.to(dtype).to(DEVICE), v.to(dtype).to(DEVICE)
     slots = slots.to(DEVICE)
     pa.write_kv(k_cache, v_cache, k, v, slots, k_scale=k_scale, v_scale=v_scale)
-    ref.write_kv(expected[:, 1, 0], expected[:, 1, 1], k, v, slots, k_scale=k_scale,
-                 v_scale=v_scale)
+    assert v_cache.stride(-1) == block_size  # an fp8 pool stores V transposed (kv_cache.py)
+    ref.write_kv(expected[:, 1, 0], transposed_v_view(expected[:, 1, 1]), k, v, slots,
+                 k_scale=k_scale, v_scale=v_scale)
     assert torch.equal(as_bytes(pool), as_bytes(expected))  # layer 0 and other slots untouched
     kept = slots >= 0
     blocks, rows = slots[kept] // block_size, slots[kept] % block_size
     for cache, x, scale in ((k_cache, k, k_scale), (v_cache, v, v_scale)):
         stored = as_bytes(cache[blocks, rows])
         assert torch.equal(stored, as_bytes(ref.quantize_fp8(x, scale)[kept]))
+    assert torch.isfinite(pool.float()).all()
 
 
 # -------------------------------------------------------------------------------------------
 # attention over an fp8 cache: the kernels against the reference on the dequantized cache
 
 
+def v_view(pool: torch.Tensor, v_cache: torch.Tensor, v_transposed: bool) -> torch.Tensor:
+    """The pool's V view (transposed blocks, as fp8 pools store V), or the same bytes read with
+    head_dim contiguous (the layout the kernels also take)."""
+    assert v_cache.stride(-1) != 1
+    return v_cache if v_transposed else pool[:, 1, 1]
+
+
+@pytest.mark.parametrize("v_transposed", [True, False])
 @pytest.mark.parametrize("group,head_dim,block_size,num_splits,dtype", [
     (1, 64, 16, 1, torch.float32), (4, 128, 32, 3, torch.float32), (8, 64, 16, None, torch.float32),
     (7, 64, 16, 2, torch.float32), (4, 64, 16, 2, torch.float16)])
-def test_decode_fp8_matches_reference(group, head_dim, block_size, num_splits, dtype):
+def test_decode_fp8_matches_reference(group, head_dim, block_size, num_splits, dtype,
+                                      v_transposed):
     torch.manual_seed(21)
     num_kv_heads, max_blocks = 2, 10
     seq_lens = [0, 1, block_size + 1, max_blocks * block_size - 3]
     num_blocks = len(seq_lens) * max_blocks + 3
     pool, k_cache, v_cache = make_cache(num_blocks, block_size, num_kv_heads, head_dim, FP8)
+    v_cache = v_view(pool, v_cache, v_transposed)
     block_tables = random_block_tables(len(seq_lens), max_blocks, num_blocks)
     k_scale, v_scale = scales(0.012, 0.009)
     fill_fp8(pool, block_tables, k_scale, v_scale)
@@ -195,21 +209,54 @@ def test_scales_are_read_at_launch():
     assert_close(decode(), expected, torch.float32)
 
 
-@pytest.mark.parametrize("flat_grid", [False, True])
+def test_transposed_v_reads_whole_pages_but_weighs_only_the_sequence():
+    """With V transposed the kernels read the last page whole: rows past the sequence hold
+    whatever an earlier request left (finite), and must get weight 0. Filled with e4m3's
+    largest value, any weight on them would show."""
+    torch.manual_seed(24)
+    block_size, head_dim, group = 16, 64, 4
+    pool, k_cache, v_cache = make_cache(12, block_size, 1, head_dim, FP8)
+    block_tables = random_block_tables(2, 4, 12)
+    k_scale, v_scale = scales(0.012, 0.02)
+    fill_fp8(pool, block_tables, k_scale, v_scale)
+    seq_lens = [37, 50]
+    for i, n in enumerate(seq_lens):  # the last page's rows past the sequence, K and V
+        last = block_tables[i, (n - 1) // block_size].long()
+        for cache in (k_cache, v_cache):
+            cache[last, n % block_size:] = torch.tensor(ref.FP8_MAX).to(FP8)
+    q = torch.randn(2, group, head_dim, device=DEVICE)
+    seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    kf, vf, bt = dequantized(k_cache, v_cache, block_tables, k_scale, v_scale)
+    out = pa.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens_t,
+                                    num_splits=1, k_scale=k_scale, v_scale=v_scale)
+    assert_close(out, ref.paged_decode_attention(q, kf, vf, bt, seq_lens_t), torch.float32)
+    starts = torch.tensor([0, 5, 8], dtype=torch.int32, device=DEVICE)  # last 5 and 3 tokens
+    qp = torch.randn(8, group, head_dim, device=DEVICE)
+    out = pa.paged_prefill_attention(qp, k_cache, v_cache, block_tables, starts, seq_lens_t, 5,
+                                     k_scale=k_scale, v_scale=v_scale)
+    expected = ref.paged_prefill_attention(qp, kf, vf, bt, [0, 5, 8], seq_lens)
+    assert_close(out, expected, torch.float32)
+
+
+@pytest.mark.parametrize("flat_grid,v_transposed", [(False, True), (True, True), (True, False)])
 @pytest.mark.parametrize("group,head_dim,block_size,dtype", [
     (1, 64, 16, torch.float32), (4, 128, 32, torch.float32), (7, 64, 16, torch.float32),
     (4, 64, 16, torch.float16)])
-def test_prefill_fp8_matches_reference(group, head_dim, block_size, dtype, flat_grid):
+def test_prefill_fp8_matches_reference(group, head_dim, block_size, dtype, flat_grid,
+                                       v_transposed):
     torch.manual_seed(23)
     pairs = [(7, 7), (5, 40), (1, 17), (0, 9), (20, 20 + 2 * block_size)]
-    run_prefill_fp8(pairs, group, head_dim, block_size, dtype, flat_grid)
+    run_prefill_fp8(pairs, group, head_dim, block_size, dtype, flat_grid,
+                    v_transposed=v_transposed)
 
 
-def run_prefill_fp8(pairs, group, head_dim, block_size, dtype, flat_grid, num_kv_heads=2):
+def run_prefill_fp8(pairs, group, head_dim, block_size, dtype, flat_grid, num_kv_heads=2,
+                    v_transposed=True):
     query_lens, seq_lens = [p[0] for p in pairs], [p[1] for p in pairs]
     max_blocks = -(-max(seq_lens) // block_size)
     num_blocks = len(pairs) * max_blocks + 3
     pool, k_cache, v_cache = make_cache(num_blocks, block_size, num_kv_heads, head_dim, FP8)
+    v_cache = v_view(pool, v_cache, v_transposed)
     block_tables = random_block_tables(len(pairs), max_blocks, num_blocks)
     k_scale, v_scale = scales(0.012, 0.009)
     fill_fp8(pool, block_tables, k_scale, v_scale)
@@ -316,8 +363,8 @@ def test_write_kv_fp8_gpu_bytes(dtype):
     k_scale, v_scale = scales(0.05, 0.01)
     expected = pool.clone()
     pa.write_kv(k_cache, v_cache, k, v, slots, k_scale=k_scale, v_scale=v_scale)
-    ref.write_kv(expected[:, 1, 0], expected[:, 1, 1], k, v, slots, k_scale=k_scale,
-                 v_scale=v_scale)
+    ref.write_kv(expected[:, 1, 0], transposed_v_view(expected[:, 1, 1]), k, v, slots,
+                 k_scale=k_scale, v_scale=v_scale)
     assert torch.equal(as_bytes(pool), as_bytes(expected))
 
 

@@ -4,7 +4,10 @@ Triton's bundled ptxas and nvdisasm compile and disassemble without a GPU, so a 
 regression that no CPU test of the results can see is caught here. The fp8 decode kernel once read
 its V tile from shared memory a byte at a time (128 ``LDS.U8`` per thread per 128-token tile),
 because the product with P wants V transposed and ldmatrix transposes only 16-bit elements; it
-read its bytes at half the device's copy bandwidth. Not a timing: the instructions themselves.
+read its bytes at half the device's copy bandwidth. Then it widened V in registers and staged it
+through shared memory again as fp16 for a transposing ldmatrix; an fp8 pool now stores V
+transposed (kv_cache.py), and V takes K's path: 16-byte copies of whole pages, widened on the way
+to the MMA. Not a timing: the instructions themselves.
 The compile runs in a child process, since the test session runs Triton in interpreter mode
 (TRITON_INTERPRET=1), which compiles nothing.
 """
@@ -30,22 +33,22 @@ def _nvidia_bin(name: str) -> Path | None:
     return path if path.exists() else (Path(p) if (p := shutil.which(name)) else None)
 
 
-def decode_sass(kv_dtype: str) -> str:
+def decode_sass(kv_dtype: str, v_transposed: bool = False) -> str:
     """SASS of the decode kernel with the shipped launch configuration, for sm_90, compiled in a
     child process without the interpreter."""
     if _nvidia_bin("nvdisasm") is None or _nvidia_bin("ptxas") is None:
         pytest.skip("no ptxas/nvdisasm for the CUDA backend")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    child = subprocess.run([sys.executable, __file__, kv_dtype], capture_output=True, env=env,
-                           cwd=ROOT, timeout=300)
+    child = subprocess.run([sys.executable, __file__, kv_dtype, str(int(v_transposed))],
+                           capture_output=True, env=env, cwd=ROOT, timeout=300)
     if child.returncode == 3:
         pytest.skip(child.stderr.decode().strip().splitlines()[-1])
     assert child.returncode == 0, child.stderr.decode()[-3000:]
     return child.stdout.decode()
 
 
-def _compile_decode_sass(kv_dtype: str) -> str:
+def _compile_decode_sass(kv_dtype: str, v_transposed: bool) -> str:
     try:
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
@@ -59,7 +62,7 @@ def _compile_decode_sass(kv_dtype: str) -> str:
     launch = dict(pa.DECODE_LAUNCH[1 if fp8 else 2])
     constexprs = dict(GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_SIZE=16,
                       BLOCK_N=launch.pop("BLOCK_N"), WRITE_OUT=True, DOT_PRECISION="tf32",
-                      KV_FP8=fp8)
+                      KV_FP8=fp8, V_T=v_transposed)
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -86,9 +89,18 @@ def _compile_decode_sass(kv_dtype: str) -> str:
                               capture_output=True, check=True).stdout.decode()
 
 
-def test_fp8_decode_reads_its_tiles_with_ldmatrix_not_byte_loads():
-    sass = decode_sass("fp8e4nv")
+def test_fp8_decode_reads_transposed_v_like_k():
+    """As the engine runs it (V transposed in the pool): no tile is read bytewise (as V was when
+    the compiler could not see that a page's tokens are contiguous), and none is staged for a
+    transposing ldmatrix."""
+    sass = decode_sass("fp8e4nv", v_transposed=True)
     assert "HMMA" in sass  # it did compile the kernel's matmuls
+    assert not re.search(r"\b(LDS|LDG\.E)\.U8\b", sass), "fp8 tiles read bytewise"
+    assert not re.search(r"\bLDSM\.16\.MT88", sass), "V staged for a transposing ldmatrix"
+
+
+def test_fp8_decode_over_untransposed_v_stages_it_for_ldmatrix():
+    sass = decode_sass("fp8e4nv")
     assert not re.search(r"\bLDS\.U8\b", sass), "fp8 tiles read from shared memory bytewise"
     assert re.search(r"\bLDSM\.16\.MT88", sass), "V not staged for a transposing ldmatrix"
 
@@ -99,4 +111,4 @@ def test_bf16_decode_reads_v_with_a_transposing_ldmatrix():
 
 
 if __name__ == "__main__":
-    print(_compile_decode_sass(sys.argv[1]))
+    print(_compile_decode_sass(sys.argv[1], sys.argv[2] == "1"))

@@ -10,6 +10,13 @@ The GPU pool, the CPU swap space and the profiling probe all share one ``KVLayou
 An fp8 pool (``float8_e4m3fn``) stores each value divided by its layer's K or V scale (kernels/
 reference.py says how); the scales are 1-element float32 tensors on the pool's device, 1.0 (vLLM's
 default without calibrated scales), read by the kernels through their pointers.
+
+An fp8 pool also stores each block's V transposed, [num_kv_heads, head_dim, block_size] where
+the layout above says [block_size, num_kv_heads, head_dim] (same bytes, same place): the product
+of the attention weights with V sums over tokens, so the tensor cores want a page's tokens
+contiguous, and 1-byte elements cannot be transposed on the way (kernels/paged_attention.py).
+The V view keeps the [num_blocks, block_size, num_kv_heads, head_dim] indexing (its strides say
+where each element is), so nothing but the kernels' address arithmetic sees the difference.
 """
 
 from __future__ import annotations
@@ -51,8 +58,22 @@ class KVLayout:
     def blocks_in(self, num_bytes: float) -> int:
         return int(num_bytes) // self.block_bytes
 
+    @property
+    def v_transposed(self) -> bool:
+        """Whether each block's V is stored [num_kv_heads, head_dim, block_size] (fp8 pools)."""
+        return self.dtype == FP8_DTYPE
+
 
 FP8_DTYPE = torch.float8_e4m3fn
+
+
+def transposed_v_view(v: torch.Tensor) -> torch.Tensor:
+    """The [num_blocks, block_size, Hkv, D] view of V regions stored [Hkv, D, block_size] per
+    block: ``v`` is the same regions viewed untransposed (each block's region contiguous)."""
+    block_size, head_dim = v.shape[1], v.shape[3]
+    assert v[0].is_contiguous(), v.stride()
+    return v.as_strided(v.shape, (v.stride(0), 1, head_dim * block_size, block_size),
+                        v.storage_offset())
 
 
 def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
@@ -82,6 +103,8 @@ class KVCache:
 
     def _layer(self, i: int) -> KVLayer:
         k, v = self.tensor[:, i, 0], self.tensor[:, i, 1]
+        if self.layout.v_transposed:
+            v = transposed_v_view(v)
         if self.scales is None:
             return KVLayer(k, v)
         return KVLayer(k, v, self.scales[i, 0:1], self.scales[i, 1:2])
