@@ -205,7 +205,7 @@ def _attend_tile(
         # block-table gather hides: a page's tokens are contiguous.
         PAGE: tl.constexpr = min(BLOCK_SIZE, BLOCK_N)
         vt_off = (page * stride_vb + row + kvh * stride_vh)[None, :] + offs_d[:, None] * BLOCK_SIZE
-        vt_off = tl.max_contiguous(tl.multiple_of(vt_off, [PAGE, PAGE]), [1, PAGE])
+        vt_off = tl.max_contiguous(tl.multiple_of(vt_off, [1, PAGE]), [1, PAGE])
         v_mask = tl.max_constancy(page_mask, [PAGE])
         v = tl.trans(tl.load(v_cache_ptr + vt_off, mask=v_mask[None, :], other=0.0).to(q.dtype))
     else:
