@@ -184,16 +184,22 @@ def test_decode_fp8_matches_reference(group, head_dim, block_size, num_splits, d
     assert_close(own[1:], expected[1:], torch.float32)
 
 
+def one_head_fp8_cache(max_blocks: int):
+    """A 12-block fp8 pool (block 16, one KV head of 64) filled for two sequences of up to
+    ``max_blocks`` blocks: (pool, K view, V view, block tables, K scale, V scale)."""
+    pool, k_cache, v_cache = make_cache(12, 16, 1, 64, FP8)
+    block_tables = random_block_tables(2, max_blocks, 12)
+    k_scale, v_scale = scales(0.012, 0.02)
+    fill_fp8(pool, block_tables, k_scale, v_scale)
+    return pool, k_cache, v_cache, block_tables, k_scale, v_scale
+
+
 def test_scales_are_read_at_launch():
     """Scales live in device memory: a captured graph follows a recalibration. Doubling V's scale
     doubles the output exactly; a new K scale gives the reference's answer for it."""
     torch.manual_seed(22)
-    block_size, head_dim, group = 16, 64, 4
-    pool, k_cache, v_cache = make_cache(12, block_size, 1, head_dim, FP8)
-    block_tables = random_block_tables(2, 5, 12)
-    k_scale, v_scale = scales(0.012, 0.02)
-    fill_fp8(pool, block_tables, k_scale, v_scale)
-    q = torch.randn(2, group, head_dim, device=DEVICE)
+    pool, k_cache, v_cache, block_tables, k_scale, v_scale = one_head_fp8_cache(5)
+    q = torch.randn(2, 4, 64, device=DEVICE)
     seq_lens = torch.tensor([70, 33], dtype=torch.int32, device=DEVICE)
 
     def decode():
@@ -215,10 +221,7 @@ def test_transposed_v_reads_whole_pages_but_weighs_only_the_sequence():
     largest value, any weight on them would show."""
     torch.manual_seed(24)
     block_size, head_dim, group = 16, 64, 4
-    pool, k_cache, v_cache = make_cache(12, block_size, 1, head_dim, FP8)
-    block_tables = random_block_tables(2, 4, 12)
-    k_scale, v_scale = scales(0.012, 0.02)
-    fill_fp8(pool, block_tables, k_scale, v_scale)
+    pool, k_cache, v_cache, block_tables, k_scale, v_scale = one_head_fp8_cache(4)
     seq_lens = [37, 50]
     for i, n in enumerate(seq_lens):  # the last page's rows past the sequence, K and V
         last = block_tables[i, (n - 1) // block_size].long()
