@@ -204,6 +204,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error("give the configurations with --configs (in-process only)")
     if args.steps < 0 or not 0 < args.low < args.high:
         parser.error("need --steps >= 0 and 0 < --low < --high")
+    if not (args.ttft_slo_ms > 0 and args.tpot_slo_ms > 0):
+        parser.error("need --ttft-slo-ms > 0 and --tpot-slo-ms > 0")
     trace = load_trace(args)
     rate = trace_rate(trace)
 

@@ -70,8 +70,8 @@ FP8_DTYPE = torch.float8_e4m3fn
 def transposed_v_view(v: torch.Tensor) -> torch.Tensor:
     """The [num_blocks, block_size, Hkv, D] view of V regions stored [Hkv, D, block_size] per
     block: ``v`` is the same regions viewed untransposed (each block's region contiguous)."""
-    block_size, head_dim = v.shape[1], v.shape[3]
-    assert v[0].is_contiguous(), v.stride()
+    _, block_size, num_kv_heads, head_dim = v.shape
+    assert v.stride()[1:] == (num_kv_heads * head_dim, head_dim, 1), v.stride()
     return v.as_strided(v.shape, (v.stride(0), 1, head_dim * block_size, block_size),
                         v.storage_offset())
 
