@@ -131,7 +131,7 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 
     An fp8 cache stores quantize_fp8(k, k_scale), quantize_fp8(v, v_scale) (reference.py)."""
     num_tokens, num_kv_heads, head_dim = k.shape
-    _check_cache(k_cache, v_cache, num_kv_heads, head_dim)
+    block_size, v_t = _check_cache(k_cache, v_cache, num_kv_heads, head_dim)
     kv_fp8 = reference.check_kv_scales(k_cache.dtype, k_scale, v_scale)
     assert v.shape == k.shape and k.dtype == v.dtype, (k.shape, v.shape, k.dtype, v.dtype)
     assert kv_fp8 or k.dtype == k_cache.dtype, (k.dtype, k_cache.dtype)
@@ -147,8 +147,7 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1], BLOCK_H=block_h, KV_FP8=kv_fp8,
-        V_T=_v_transposed(v_cache, k_cache.shape[1]),
+        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_H=block_h, KV_FP8=kv_fp8, V_T=v_t,
     )
 
 
@@ -379,7 +378,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """One query token per sequence: q [B, Hq, D] -> [B, Hq, D] (into ``out`` if given)."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
-    block_size = _check_cache(k_cache, v_cache, num_kv_heads, head_dim)
+    block_size, v_t = _check_cache(k_cache, v_cache, num_kv_heads, head_dim)
     kv_fp8 = reference.check_kv_scales(k_cache.dtype, k_scale, v_scale)
     assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
     assert kv_fp8 or q.dtype == k_cache.dtype, (q.dtype, k_cache.dtype)
@@ -416,7 +415,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, WRITE_OUT=num_splits == 1, DOT_PRECISION=_dot_precision(q.dtype),
-        KV_FP8=kv_fp8, V_T=_v_transposed(v_cache, block_size), **launch,
+        KV_FP8=kv_fp8, V_T=v_t, **launch,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
@@ -549,7 +548,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
-    block_size = _check_cache(k_cache, v_cache, num_kv_heads, head_dim)
+    block_size, v_t = _check_cache(k_cache, v_cache, num_kv_heads, head_dim)
     kv_fp8 = reference.check_kv_scales(k_cache.dtype, k_scale, v_scale)
     assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
     assert kv_fp8 or q.dtype == k_cache.dtype, (q.dtype, k_cache.dtype)
@@ -585,7 +584,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         num_seqs, num_slots, (num_seqs - 1).bit_length(),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         DOT_PRECISION=_dot_precision(q.dtype), FLAT_GRID=max_query_len is None, KV_FP8=kv_fp8,
-        V_T=_v_transposed(v_cache, block_size), **launch,
+        V_T=v_t, **launch,
     )
     return out
 
@@ -600,17 +599,18 @@ def prefill_slots(num_tokens: int, num_seqs: int, tokens_per_tile: int) -> int:
 
 
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, num_kv_heads: int,
-                 head_dim: int) -> int:
-    """Assert the [num_blocks, block_size, Hkv, D] views agree; returns block_size."""
+                 head_dim: int) -> tuple[int, bool]:
+    """Assert the [num_blocks, block_size, Hkv, D] views agree; returns block_size and whether
+    V's blocks are stored transposed."""
     assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, (k_cache.shape, v_cache.shape)
     assert k_cache.dtype == v_cache.dtype, (k_cache.dtype, v_cache.dtype)
     assert k_cache.shape[2:] == (num_kv_heads, head_dim), (k_cache.shape, num_kv_heads, head_dim)
     assert k_cache.stride(-1) == 1, "K's head_dim must be contiguous"
     block_size = k_cache.shape[1]
-    _v_transposed(v_cache, block_size)  # V: head_dim contiguous, or transposed blocks
+    v_t = _v_transposed(v_cache, block_size)  # V: head_dim contiguous, or transposed blocks
     assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, f"head_dim {head_dim}: power of 2"
     assert block_size >= 8 and block_size & (block_size - 1) == 0, f"block_size {block_size}"
-    return block_size
+    return block_size, v_t
 
 
 def _v_transposed(v_cache: torch.Tensor, block_size: int) -> bool:

@@ -8,9 +8,10 @@ against. Shapes (per layer):
 Grouped-query attention: query head h reads KV head h // (num_heads // num_kv_heads).
 
 FP8 KV cache: a cache of dtype float8_e4m3fn stores x / scale, clamped to e4m3's +-448 and rounded
-to nearest (ties to even), NaN as 0; it reads back as stored * scale. Each layer has one float32 scale for K
-and one for V (1-element tensors, so a captured CUDA graph sees a scale calibrated later). Every
-function below takes them as ``k_scale`` / ``v_scale``: required for an fp8 cache, None otherwise.
+to nearest (ties to even), NaN as 0; it reads back as stored * scale. Each layer has one float32
+scale for K and one for V (1-element tensors, so a captured CUDA graph sees a scale calibrated
+later). Every function below takes them as ``k_scale`` / ``v_scale``: required for an fp8 cache,
+None otherwise.
 """
 
 from __future__ import annotations
