@@ -7,11 +7,12 @@ Takes every option of ``fairswitch bench`` (trace, engine) plus ``--configs`` (n
 conversations per second) and ``--steps``. A load L replays the trace at ``--time-scale`` =
 (the trace's own rate) / L, arrivals and think times alike, the trace's own rate being
 (conversations - 1) / (last arrival - first arrival). Each configuration is bisected on its own,
-one replay per probe: first at ``--high``, then ``--steps`` midpoints, and at ``--low`` only if
-none of them passed (passing is taken to be monotone in the load, and a passing replay, which
-runs to its end, is the slow kind); a probe passes when no request failed and both P99s are
-within the targets. The capacity is the highest passing load (resolution (high - low) /
-2^steps); none when ``--low`` fails, and only a lower bound when ``--high`` passes
+one replay per probe: first at ``--high`` (while it passes, the bracket moves up by its width,
+at most ``--grow`` times), then ``--steps`` midpoints, and at ``--low`` only if none of them
+passed (passing is taken to be monotone in the load, and a passing replay, which runs to its
+end, is the slow kind); a probe passes when no request failed and both P99s are within the
+targets. The capacity is the highest passing load (resolution (high - low) / 2^steps); none
+when ``--low`` fails, and only a lower bound when the bracket's top still passes
 (``bracketed``: false). A probe stops as soon as it has certainly failed (a request failed, or
 enough requests are over a target that the P99 is: ``fairswitch.bench.slo_stop``), which takes
 seconds above the capacity where a whole replay takes minutes; ``--run-to-end`` replays every
@@ -53,16 +54,23 @@ from fairswitch.kv.host_memory import keep_pinned
 Probe = Callable[[float], dict[str, Any]]  # load (conv/s) -> a record with a bool "pass"
 
 
-def bisect_capacity(probe: Probe, low: float, high: float, steps: int
+def bisect_capacity(probe: Probe, low: float, high: float, steps: int, grow: int = 0
                     ) -> tuple[float | None, bool, list[dict[str, Any]]]:
-    """(highest passing load, whether [low, high] bracketed it, every probe in order).
+    """(highest passing load, whether the bracket held it, every probe in order).
 
     Assumes passing is monotone in the load, so ``low`` is probed only when no midpoint passed.
-    ``low`` failing gives None; ``high`` passing gives ``high`` unbracketed (the capacity is at
-    least that)."""
+    While ``high`` passes, the bracket moves up by its width (the old ``high`` its new ``low``),
+    at most ``grow`` times. ``low`` failing gives None; the last ``high`` passing gives that
+    ``high`` unbracketed (the capacity is at least that)."""
     if not 0 < low < high:
         raise ValueError(f"need 0 < low < high, got {low}, {high}")
+    width, low_passed = high - low, False
     probes = [probe(high)]
+    for _ in range(grow):
+        if not probes[-1]["pass"]:
+            break
+        low, high, low_passed = high, high + width, True
+        probes.append(probe(high))
     if probes[-1]["pass"]:
         return high, False, probes
     ok, bad = low, high
@@ -70,7 +78,7 @@ def bisect_capacity(probe: Probe, low: float, high: float, steps: int
         mid = (ok + bad) / 2
         probes.append(probe(mid))
         ok, bad = (mid, bad) if probes[-1]["pass"] else (ok, mid)
-    if ok == low:
+    if ok == low and not low_passed:
         probes.append(probe(low))
         if not probes[-1]["pass"]:
             return None, True, probes
@@ -180,6 +188,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--high", type=float, default=16.0,
                    help="upper end of the bracket, conversations/s (default: 16)")
     p.add_argument("--steps", type=int, default=5, help="bisection steps (default: 5)")
+    p.add_argument("--grow", type=int, default=2,
+                   help="while --high passes, move the bracket up by its width, at most this "
+                        "many times (default: 2)")
     p.add_argument("--tpot-slo-ms", type=float, default=100.0,
                    help="P99 TPOT target in ms (default: 100)")
     p.add_argument("--run-to-end", action="store_true",
@@ -202,8 +213,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(str(e))
     if args.compare is not None or args.url is not None:
         parser.error("give the configurations with --configs (in-process only)")
-    if args.steps < 0 or not 0 < args.low < args.high:
-        parser.error("need --steps >= 0 and 0 < --low < --high")
+    if args.steps < 0 or args.grow < 0 or not 0 < args.low < args.high:
+        parser.error("need --steps >= 0, --grow >= 0 and 0 < --low < --high")
     if not (args.ttft_slo_ms > 0 and args.tpot_slo_ms > 0):
         parser.error("need --ttft-slo-ms > 0 and --tpot-slo-ms > 0")
     trace = load_trace(args)
@@ -213,7 +224,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with keep_pinned():  # one pinned swap space serves every engine
         for name in names:
             cap, bracketed, probes = bisect_capacity(engine_probe(args, name, trace, rate),
-                                                     args.low, args.high, args.steps)
+                                                     args.low, args.high, args.steps,
+                                                     args.grow)
             at_cap = next((p for p in probes if p["load_conv_s"] == cap and p["pass"]), None)
             configs[name] = {"capacity_conv_s": cap, "bracketed": bracketed, "probes": probes,
                              "by_priority_at_capacity": at_cap and at_cap["by_priority"]}
@@ -223,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{(args.high - args.low) / 2 ** args.steps:.3f} conv/s)")
     for name, result in configs.items():
         cap = result["capacity_conv_s"]
-        note = "" if result["bracketed"] else " (at least: --high passed)"
+        note = "" if result["bracketed"] else " (at least: the bracket's top passed)"
         print(f"{name:>12}: {'below --low' if cap is None else f'{cap:.3f} conv/s'}{note}")
         for cls, g in (result["by_priority_at_capacity"] or {}).items():
             print(f"{'priority ' + cls:>24}: P99 TTFT {g['ttft_p99_ms']} ms, "
@@ -237,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     path = plot(configs, Path(plots_dir) / "capacity.png", args.ttft_slo_ms, args.tpot_slo_ms)
     figures = {"slo": {"ttft_p99_ms": args.ttft_slo_ms, "tpot_p99_ms": args.tpot_slo_ms},
                "trace_rate_conv_s": rate, "low": args.low, "high": args.high,
-               "steps": args.steps, "configs": configs, "plot": path and str(path)}
+               "steps": args.steps, "grow": args.grow, "configs": configs, "plot": path and str(path)}
     return write_results(args.output, command=command_line(), figures=figures, claims=out,
                          commit=args.commit)
 

@@ -48,6 +48,20 @@ def test_bisection_outside_the_bracket(capacity):
         capacity.bisect_capacity(fake(1.0), 2.0, 1.0, 3)
 
 
+@pytest.mark.parametrize("threshold, cap, loads", [
+    (20.0, 19.9375, [16.0, 19.0, 22.0, 20.5, 19.75, 20.125, 19.9375]),  # moved up twice
+    # every midpoint fails: the moved bracket's low end (19) passed already, not probed again
+    (19.05, 19.0, [16.0, 19.0, 22.0, 20.5, 19.75, 19.375, 19.1875]),
+    (40.0, 22.0, [16.0, 19.0, 22.0]),  # still passing after two moves: a lower bound
+])
+def test_bracket_moves_up_while_high_passes(capacity, threshold, cap, loads):
+    def probe(load):
+        return {"load_conv_s": load, "pass": load <= threshold}
+    got, bracketed, probes = capacity.bisect_capacity(probe, 13.0, 16.0, 4, grow=2)
+    assert [p["load_conv_s"] for p in probes] == loads
+    assert got == cap and bracketed == (threshold < 22.0)
+
+
 def test_claims_are_capacity_ratios(capacity):
     claims = {c["name"]: c["value"] for c in capacity.claims(
         {"full": 8.0, "full-fp8": 12.0, "baseline": 2.0})}
@@ -70,7 +84,7 @@ def test_capacity_smoke(capacity, tmp_path):
     returned = capacity.main([
         "--trace", str(TINY_TRACE), "--device", "cpu", "--num-gpu-blocks", "64",
         "--max-model-len", "256", "--swap-space", "0.05", "--no-progress",
-        "--warmup-requests", "0", "--low", "4", "--high", "40", "--steps", "2",
+        "--warmup-requests", "0", "--low", "4", "--high", "40", "--steps", "2", "--grow", "0",
         "--ttft-slo-ms", "60000", "--tpot-slo-ms", "10000", "--output", str(out)])
     result = json.loads(out.read_text())
     assert result == returned
