@@ -23,7 +23,7 @@ P99s are then over the requests finished by then) and, at each capacity, the per
 figures. Plot: P99 TTFT and P99 TPOT vs load, a line per configuration
 (``plots/<output name>/capacity.png``; needs matplotlib). Claims: each ``<config>_capacity_conv_s``,
 ``capacity_at_slo_vs_baseline`` (full / baseline) and ``capacity_at_slo_fp8_vs_bf16``
-(full-fp8 / full).
+(full-fp8 / full), each only from bracketed capacities.
 
     python3 benchmarks/capacity.py --trace workloads/traces/sharegpt_multiturn.jsonl.gz \\
         --num-conversations 180 --low 2 --high 5 --steps 3 --model llama-3-8b \\
@@ -142,6 +142,8 @@ def engine_probe(args: argparse.Namespace, name: str, trace: Trace, rate: float)
 
 
 def claims(capacities: dict[str, float | None]) -> list[dict[str, Any]]:
+    """A claim per capacity found and per ratio of two; ``capacities`` holds only the bracketed
+    ones (a load the bracket's top still passed is a bound, kept in the figures)."""
     out = [{"name": f"{name}_capacity_conv_s", "value": cap, "unit": "conv/s"}
            for name, cap in capacities.items() if cap is not None]
     for claim, num, den in (("capacity_at_slo_vs_baseline", "full", "baseline"),
@@ -240,8 +242,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for cls, g in (result["by_priority_at_capacity"] or {}).items():
             print(f"{'priority ' + cls:>24}: P99 TTFT {g['ttft_p99_ms']} ms, "
                   f"P99 TPOT {g['tpot_p99_ms']} ms, {g['completed']} requests")
-    capacities = {name: r["capacity_conv_s"] for name, r in configs.items()}
-    out = claims(capacities)
+    out = claims({name: r["capacity_conv_s"] for name, r in configs.items() if r["bracketed"]})
     for c in out:
         if c["unit"] == "x":
             print(f"{c['name']}: {c['value']:.2f}x")

@@ -98,9 +98,7 @@ def test_capacity_smoke(capacity, tmp_path):
         assert all(p["pass"] and p["ttft_p99_ms"] > 0 and p["stopped"] is None
                    for p in run["probes"])
         assert set(run["by_priority_at_capacity"]) == {"0", "1"}
-    claims = {c["name"]: c["value"] for c in result["claims"]}
-    assert claims["capacity_at_slo_vs_baseline"] == 1.0
-    assert claims["capacity_at_slo_fp8_vs_bf16"] == 1.0
+    assert result["claims"] == []  # bounds only: no capacity, no ratio claimed
     plot = result["figures"]["plot"]  # beside the results file, None without matplotlib
     assert plot is None or Path(plot) == tmp_path / "results/plots/capacity/capacity.png"
 
