@@ -20,8 +20,8 @@ probe to its end.
 
 Figures: every probe (load, time-scale, P99 TTFT/TPOT, pass, and why it stopped early: its
 P99s are then over the requests finished by then) and, at each capacity, the per-priority-class
-figures. Plot: P99 TTFT and P99 TPOT vs load, a line per configuration
-(``plots/<output name>/capacity.png``; needs matplotlib). Claims: each ``<config>_capacity_conv_s``,
+figures. Plot: P99 TTFT and P99 TPOT vs load of the whole replays, a line per configuration and
+a dotted line at its capacity (``plots/<output name>/capacity.png``; needs matplotlib). Claims: each ``<config>_capacity_conv_s``,
 ``capacity_at_slo_vs_baseline`` (full / baseline) and ``capacity_at_slo_fp8_vs_bf16``
 (full-fp8 / full), each only from bracketed capacities.
 
@@ -169,7 +169,9 @@ def plot(configs: dict[str, dict[str, Any]], path: Path, ttft_slo_ms: float,
             points = sorted((p["load_conv_s"], p[key]) for p in result["probes"]
                             if p[key] is not None and not p["stopped"])  # whole replays only
             if points:
-                ax.plot(*zip(*points), marker="o", label=name)
+                line, = ax.plot(*zip(*points), marker="o", label=name)
+                if result["capacity_conv_s"] is not None:  # dotted: the capacity found
+                    ax.axvline(result["capacity_conv_s"], color=line.get_color(), linestyle=":")
         ax.axhline(slo, color="grey", linestyle="--", label="SLO")
         ax.set(xlabel="load (conversations/s)", ylabel=label, yscale="log")
         ax.legend()
