@@ -34,6 +34,8 @@ block_size; V_T is a constexpr). The product with P sums over tokens, so the MMA
 tokens contiguous: a 16-bit tile is transposed by ldmatrix on its way from shared memory, a 1-byte
 one cannot be and was staged through shared memory again as fp16. Transposed in the cache, V is
 loaded as V^T [D, BLOCK_N] in whole pages (16-byte copies) and takes K's path to the MMA.
+Decode over fp8 K and transposed V swaps the operands (_attend_tile_t): the tile's tokens are
+the MMA's M dimension and the GQA group its N, so both products run on sm_90's wgmma.
 """
 
 from __future__ import annotations
@@ -166,6 +168,35 @@ def _fp8_compute_dtype(q):
 
 
 @triton.jit
+def _tile_pages(block_table_ptr, n0, kv_end, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Positions n0 .. n0 + BLOCK_N (n0 a multiple of BLOCK_N): (row within its block, valid
+    below kv_end, its whole page valid, the page's block id as int64). The page mask says that it
+    is constant over a page here, where it is computed: a hint on a function's argument would be
+    lost (Triton attaches hints to the operation that defines the value)."""
+    PAGE: tl.constexpr = min(BLOCK_SIZE, BLOCK_N)
+    pos = n0 + tl.arange(0, BLOCK_N)
+    kv_mask = pos < kv_end
+    row = pos % BLOCK_SIZE
+    page_mask = tl.max_constancy(pos - row < kv_end, [PAGE])  # the last page's rows past kv_end
+    page = tl.load(block_table_ptr + pos // BLOCK_SIZE, mask=page_mask, other=0).to(tl.int64)
+    return row, kv_mask, page_mask, page
+
+
+@triton.jit
+def _load_vt(v_cache_ptr, page, row, page_mask, kvh, stride_vb, stride_vh,
+             HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """V^T [D, BLOCK_N] from a pool that stores V transposed: element (d, token) at page *
+    stride_vb + kvh * stride_vh + d * BLOCK_SIZE + row. Whole pages are read (the rows past
+    kv_end of the last page hold finite values, old or zero, and P is 0 there), and the hints
+    say what the block-table gather hides: a page's tokens are contiguous."""
+    PAGE: tl.constexpr = min(BLOCK_SIZE, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    vt_off = (page * stride_vb + row + kvh * stride_vh)[None, :] + offs_d[:, None] * BLOCK_SIZE
+    vt_off = tl.max_contiguous(tl.multiple_of(vt_off, [1, PAGE]), [1, PAGE])
+    return tl.load(v_cache_ptr + vt_off, mask=page_mask[None, :], other=0.0)
+
+
+@triton.jit
 def _attend_tile(
     q, acc, m_i, l_i,  # q [M, D]; acc [M, D] fp32; m_i, l_i [M] fp32 (log2 domain)
     k_cache_ptr, v_cache_ptr,  # [num_blocks, block_size, Hkv, D] (strided views), any dtype
@@ -179,10 +210,7 @@ def _attend_tile(
 ):
     pos = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    kv_mask = pos < kv_end
-    row = pos % BLOCK_SIZE
-    page_mask = pos - row < kv_end  # whole pages: the last one's rows past kv_end too
-    page = tl.load(block_table_ptr + pos // BLOCK_SIZE, mask=page_mask, other=0).to(tl.int64)
+    row, kv_mask, page_mask, page = _tile_pages(block_table_ptr, n0, kv_end, BLOCK_SIZE, BLOCK_N)
     k_off = page * stride_kb + row * stride_ks + kvh * stride_kh
     # .to(q.dtype): an fp8 tile widens in registers (a no-op for a cache in the query dtype).
     k = tl.load(k_cache_ptr + k_off[:, None] + offs_d[None, :], mask=kv_mask[:, None],
@@ -198,15 +226,8 @@ def _attend_tile(
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if V_T:
-        # V^T [D, BLOCK_N]: element (d, token) at page * stride_vb + kvh * stride_vh +
-        # d * BLOCK_SIZE + row. Whole pages are read (the rows past kv_end of the last page
-        # hold finite values, old or zero, and P is 0 there), and the hints say what the
-        # block-table gather hides: a page's tokens are contiguous.
-        PAGE: tl.constexpr = min(BLOCK_SIZE, BLOCK_N)
-        vt_off = (page * stride_vb + row + kvh * stride_vh)[None, :] + offs_d[:, None] * BLOCK_SIZE
-        vt_off = tl.max_contiguous(tl.multiple_of(vt_off, [1, PAGE]), [1, PAGE])
-        v_mask = tl.max_constancy(page_mask, [PAGE])
-        v = tl.trans(tl.load(v_cache_ptr + vt_off, mask=v_mask[None, :], other=0.0).to(q.dtype))
+        v = tl.trans(_load_vt(v_cache_ptr, page, row, page_mask, kvh, stride_vb, stride_vh,
+                              HEAD_DIM, BLOCK_SIZE, BLOCK_N).to(q.dtype))
     else:
         v_off = page * stride_vb + row * stride_vs + kvh * stride_vh
         v = tl.load(v_cache_ptr + v_off[:, None] + offs_d[None, :], mask=kv_mask[:, None],
@@ -221,6 +242,38 @@ def _attend_tile(
         v = v * tl.cast(one, q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
+
+
+@triton.jit
+def _attend_tile_t(
+    q, acc_t, m_i, l_i,  # q [G, D]; acc_t [D, G] fp32 (the output transposed); m_i, l_i [G]
+    k_cache_ptr, v_cache_ptr, block_table_ptr, n0, kv_end, kvh, qk_scale, one,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vh,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """_attend_tile with the operands swapped, for a cache of fp8 K and transposed V: the tile's
+    BLOCK_N tokens are the MMA's M dimension and the GQA group its N, S^T = K . Q^T and
+    O^T += V^T . P^T, so that sm_90 runs both on wgmma, which needs M >= 64 (a group of 4 padded
+    to 16 rows wastes three quarters of each product, and mma.sync has half wgmma's rate). K and
+    V^T are widened in registers (times a run-time 1.0, which the compiler cannot fold: see
+    STAGE_V) and staged as fp16 for the wgmma's shared-memory operands."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    row, kv_mask, page_mask, page = _tile_pages(block_table_ptr, n0, kv_end, BLOCK_SIZE, BLOCK_N)
+    k_off = page * stride_kb + row * stride_ks + kvh * stride_kh
+    # Whole pages, as V^T: the masked scores below give the rows past kv_end no weight.
+    k = tl.load(k_cache_ptr + k_off[:, None] + offs_d[None, :], mask=page_mask[:, None],
+                other=0.0).to(q.dtype) * tl.cast(one, q.dtype)
+    st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, G]
+    st = tl.where(kv_mask[:, None], st, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(st, 0))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(st - m_new[None, :])
+    l_i = l_i * alpha + tl.sum(p, 0)
+    vt = _load_vt(v_cache_ptr, page, row, page_mask, kvh, stride_vb, stride_vh,
+                  HEAD_DIM, BLOCK_SIZE, BLOCK_N).to(q.dtype) * tl.cast(one, q.dtype)
+    acc_t = acc_t * alpha[None, :] + tl.dot(vt, p.to(q.dtype), input_precision=DOT_PRECISION)
+    return acc_t, m_new, l_i
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,6 +304,7 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_OUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, V_T: tl.constexpr,
+    SWAP_AB: tl.constexpr,  # fp8 K and transposed V: _attend_tile_t
 ):
     # grid: (B, Hkv, num_splits); WRITE_OUT (num_splits == 1): normalize into out directly
     b = tl.program_id(0)
@@ -272,13 +326,22 @@ def _decode_split_kernel(
         qk_scale = qk_scale * tl.load(k_scale_ptr)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
     bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
-    for n0 in range(start, end, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(
-            q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_row, n0, end, kvh, offs_g, qk_scale,
-            one, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-            HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, KV_FP8, V_T)
+    if SWAP_AB:
+        acc_t = tl.zeros([HEAD_DIM, BLOCK_G], tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            acc_t, m_i, l_i = _attend_tile_t(
+                q, acc_t, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_row, n0, end, kvh, qk_scale,
+                one, stride_kb, stride_ks, stride_kh, stride_vb, stride_vh,
+                HEAD_DIM, BLOCK_SIZE, BLOCK_N, DOT_PRECISION)
+        acc = tl.trans(acc_t)
+    else:
+        acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(
+                q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_row, n0, end, kvh, offs_g,
+                qk_scale, one, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, KV_FP8, V_T)
 
     has_keys = l_i > 0  # false for an empty split (seq_len 0 or a short sequence's tail splits)
     o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
@@ -337,6 +400,8 @@ DECODE_LAUNCH = {
     2: dict(BLOCK_N=64, num_warps=4, num_stages=2),
     4: dict(BLOCK_N=32, num_warps=4, num_stages=2),
 }
+# fp8 K with transposed V (the engine's fp8 pools): _attend_tile_t, one warpgroup for wgmma.
+DECODE_LAUNCH_SWAP_AB = dict(BLOCK_N=64, num_warps=4, num_stages=3)
 
 
 @functools.lru_cache(maxsize=None)
@@ -393,7 +458,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if batch == 0:
         return out
     group = num_heads // num_kv_heads
-    launch = DECODE_LAUNCH[k_cache.element_size()]
+    swap_ab = kv_fp8 and v_t
+    launch = DECODE_LAUNCH_SWAP_AB if swap_ab else DECODE_LAUNCH[k_cache.element_size()]
     if num_splits is None:
         num_splits = default_num_splits(batch, num_kv_heads, block_tables.shape[1] * block_size,
                                         _num_sms(q.device), launch["BLOCK_N"])
@@ -415,7 +481,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, WRITE_OUT=num_splits == 1, DOT_PRECISION=_dot_precision(q.dtype),
-        KV_FP8=kv_fp8, V_T=v_t, **launch,
+        KV_FP8=kv_fp8, V_T=v_t, SWAP_AB=swap_ab, **launch,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](

@@ -59,10 +59,11 @@ def _compile_decode_sass(kv_dtype: str, v_transposed: bool) -> str:
 
     fn = pa._decode_split_kernel
     fp8 = kv_dtype == "fp8e4nv"
-    launch = dict(pa.DECODE_LAUNCH[1 if fp8 else 2])
+    swap_ab = fp8 and v_transposed
+    launch = dict(pa.DECODE_LAUNCH_SWAP_AB if swap_ab else pa.DECODE_LAUNCH[1 if fp8 else 2])
     constexprs = dict(GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_SIZE=16,
                       BLOCK_N=launch.pop("BLOCK_N"), WRITE_OUT=True, DOT_PRECISION="tf32",
-                      KV_FP8=fp8, V_T=v_transposed)
+                      KV_FP8=fp8, V_T=v_transposed, SWAP_AB=swap_ab)
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -90,12 +91,12 @@ def _compile_decode_sass(kv_dtype: str, v_transposed: bool) -> str:
 
 
 def test_fp8_decode_reads_transposed_v_like_k():
-    """As the engine runs it (V transposed in the pool): no tile is read bytewise (as V was when
-    the compiler could not see that a page's tokens are contiguous), and none is staged for a
-    transposing ldmatrix."""
+    """As the engine runs it (V transposed in the pool, operands swapped): both products on
+    wgmma, no tile read bytewise (as V was when the compiler could not see that a page's tokens
+    are contiguous) or 16 bits at a time, and none staged for a transposing ldmatrix."""
     sass = decode_sass("fp8e4nv", v_transposed=True)
-    assert "HMMA" in sass  # it did compile the kernel's matmuls
-    assert not re.search(r"\b(LDS|LDG\.E)\.U8\b", sass), "fp8 tiles read bytewise"
+    assert len(re.findall(r"\bHGMMA\.", sass)) >= 2 and "HMMA." not in sass
+    assert not re.search(r"\b(LDS|LDG\.E)\.U(8|16)\b", sass), "fp8 tiles read bytewise"
     assert not re.search(r"\bLDSM\.16\.MT88", sass), "V staged for a transposing ldmatrix"
 
 
