@@ -34,8 +34,9 @@ block_size; V_T is a constexpr). The product with P sums over tokens, so the MMA
 tokens contiguous: a 16-bit tile is transposed by ldmatrix on its way from shared memory, a 1-byte
 one cannot be and was staged through shared memory again as fp16. Transposed in the cache, V is
 loaded as V^T [D, BLOCK_N] in whole pages (16-byte copies) and takes K's path to the MMA.
-Decode over fp8 K and transposed V swaps the operands (_attend_tile_t): the tile's tokens are
-the MMA's M dimension and the GQA group its N, so both products run on sm_90's wgmma.
+Decode over fp8 K and transposed V can swap the operands (_attend_tile_t, FP8_DECODE_SWAP_AB):
+the tile's tokens are then the MMA's M dimension and the GQA group its N, so both products run
+on sm_90's wgmma.
 """
 
 from __future__ import annotations
@@ -400,7 +401,11 @@ DECODE_LAUNCH = {
     2: dict(BLOCK_N=64, num_warps=4, num_stages=2),
     4: dict(BLOCK_N=32, num_warps=4, num_stages=2),
 }
-# fp8 K with transposed V (the engine's fp8 pools): _attend_tile_t, one warpgroup for wgmma.
+# Decode over fp8 K and transposed V (the engine's fp8 pools) with the operands swapped
+# (_attend_tile_t, one warpgroup for wgmma): off until timed on the GPU beside the default path.
+# Read offline (sm_90 SASS, Triton 3.6): 580 instructions a warp per 64-token tile at 4 warps,
+# against 833 at 2 warps, with both products on HGMMA instead of 64 HMMA.16816 a warp.
+FP8_DECODE_SWAP_AB = False
 DECODE_LAUNCH_SWAP_AB = dict(BLOCK_N=64, num_warps=4, num_stages=3)
 
 
@@ -458,7 +463,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if batch == 0:
         return out
     group = num_heads // num_kv_heads
-    swap_ab = kv_fp8 and v_t
+    swap_ab = FP8_DECODE_SWAP_AB and kv_fp8 and v_t
     launch = DECODE_LAUNCH_SWAP_AB if swap_ab else DECODE_LAUNCH[k_cache.element_size()]
     if num_splits is None:
         num_splits = default_num_splits(batch, num_kv_heads, block_tables.shape[1] * block_size,

@@ -155,12 +155,13 @@ def v_view(pool: torch.Tensor, v_cache: torch.Tensor, v_transposed: bool) -> tor
     return v_cache if v_transposed else pool[:, 1, 1]
 
 
-@pytest.mark.parametrize("v_transposed", [True, False])
+@pytest.mark.parametrize("v_transposed,swap_ab", [(True, False), (True, True), (False, False)])
 @pytest.mark.parametrize("group,head_dim,block_size,num_splits,dtype", [
     (1, 64, 16, 1, torch.float32), (4, 128, 32, 3, torch.float32), (8, 64, 16, None, torch.float32),
     (7, 64, 16, 2, torch.float32), (4, 64, 16, 2, torch.float16)])
 def test_decode_fp8_matches_reference(group, head_dim, block_size, num_splits, dtype,
-                                      v_transposed):
+                                      v_transposed, swap_ab, monkeypatch):
+    monkeypatch.setattr(pa, "FP8_DECODE_SWAP_AB", swap_ab)
     torch.manual_seed(21)
     num_kv_heads, max_blocks = 2, 10
     seq_lens = [0, 1, block_size + 1, max_blocks * block_size - 3]
@@ -374,7 +375,9 @@ def test_write_kv_fp8_gpu_bytes(dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("group,head_dim,block_size", [(1, 128, 16), (4, 128, 16), (8, 64, 32)])
 @pytest.mark.parametrize("num_splits", [None, 1, 8])
-def test_decode_fp8_gpu_large(group, head_dim, block_size, num_splits):
+@pytest.mark.parametrize("swap_ab", [False, True])
+def test_decode_fp8_gpu_large(group, head_dim, block_size, num_splits, swap_ab, monkeypatch):
+    monkeypatch.setattr(pa, "FP8_DECODE_SWAP_AB", swap_ab)
     torch.manual_seed(31)
     pool, k_cache, v_cache, block_tables, seq_lens, q = large_decode_case(
         block_size, head_dim, group, FP8, torch.bfloat16)

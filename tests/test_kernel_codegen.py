@@ -33,14 +33,15 @@ def _nvidia_bin(name: str) -> Path | None:
     return path if path.exists() else (Path(p) if (p := shutil.which(name)) else None)
 
 
-def decode_sass(kv_dtype: str, v_transposed: bool = False) -> str:
+def decode_sass(kv_dtype: str, v_transposed: bool = False, swap_ab: bool = False) -> str:
     """SASS of the decode kernel with the shipped launch configuration, for sm_90, compiled in a
     child process without the interpreter."""
     if _nvidia_bin("nvdisasm") is None or _nvidia_bin("ptxas") is None:
         pytest.skip("no ptxas/nvdisasm for the CUDA backend")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    child = subprocess.run([sys.executable, __file__, kv_dtype, str(int(v_transposed))],
+    child = subprocess.run([sys.executable, __file__, kv_dtype, str(int(v_transposed)),
+                            str(int(swap_ab))],
                            capture_output=True, env=env, cwd=ROOT, timeout=300)
     if child.returncode == 3:
         pytest.skip(child.stderr.decode().strip().splitlines()[-1])
@@ -48,7 +49,7 @@ def decode_sass(kv_dtype: str, v_transposed: bool = False) -> str:
     return child.stdout.decode()
 
 
-def _compile_decode_sass(kv_dtype: str, v_transposed: bool) -> str:
+def _compile_decode_sass(kv_dtype: str, v_transposed: bool, swap_ab: bool) -> str:
     try:
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
@@ -59,7 +60,6 @@ def _compile_decode_sass(kv_dtype: str, v_transposed: bool) -> str:
 
     fn = pa._decode_split_kernel
     fp8 = kv_dtype == "fp8e4nv"
-    swap_ab = fp8 and v_transposed
     launch = dict(pa.DECODE_LAUNCH_SWAP_AB if swap_ab else pa.DECODE_LAUNCH[1 if fp8 else 2])
     constexprs = dict(GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_SIZE=16,
                       BLOCK_N=launch.pop("BLOCK_N"), WRITE_OUT=True, DOT_PRECISION="tf32",
@@ -91,13 +91,23 @@ def _compile_decode_sass(kv_dtype: str, v_transposed: bool) -> str:
 
 
 def test_fp8_decode_reads_transposed_v_like_k():
-    """As the engine runs it (V transposed in the pool, operands swapped): both products on
-    wgmma, no tile read bytewise (as V was when the compiler could not see that a page's tokens
-    are contiguous) or 16 bits at a time, and none staged for a transposing ldmatrix."""
+    """As the engine runs it (V transposed in the pool): no tile is read bytewise (as V was when
+    the compiler could not see that a page's tokens are contiguous, or when the page mask's hint
+    was set on a function's argument, where Triton drops it), and none is staged for a
+    transposing ldmatrix."""
     sass = decode_sass("fp8e4nv", v_transposed=True)
-    assert len(re.findall(r"\bHGMMA\.", sass)) >= 2 and "HMMA." not in sass
-    assert not re.search(r"\b(LDS|LDG\.E)\.U(8|16)\b", sass), "fp8 tiles read bytewise"
+    assert "HMMA" in sass  # it did compile the kernel's matmuls
+    assert not re.search(r"\b(LDS|LDG\.E)\.U8\b", sass), "fp8 tiles read bytewise"
     assert not re.search(r"\bLDSM\.16\.MT88", sass), "V staged for a transposing ldmatrix"
+
+
+def test_fp8_decode_with_swapped_operands_runs_both_products_on_wgmma():
+    """FP8_DECODE_SWAP_AB: the tile's tokens as wgmma's M dimension, K and V^T in 16-byte copies,
+    nothing read 8 or 16 bits at a time, no mma.sync."""
+    sass = decode_sass("fp8e4nv", v_transposed=True, swap_ab=True)
+    assert len(re.findall(r"\bHGMMA\.", sass)) >= 2 and "HMMA." not in sass
+    assert len(re.findall(r"\bLDGSTS\.E\.BYPASS\.128\b", sass)) >= 2
+    assert not re.search(r"\b(LDS|LDG\.E)\.U(8|16)\b", sass), "fp8 tiles read bytewise"
 
 
 def test_fp8_decode_over_untransposed_v_stages_it_for_ldmatrix():
@@ -112,4 +122,4 @@ def test_bf16_decode_reads_v_with_a_transposing_ldmatrix():
 
 
 if __name__ == "__main__":
-    print(_compile_decode_sass(sys.argv[1], sys.argv[2] == "1"))
+    print(_compile_decode_sass(sys.argv[1], sys.argv[2] == "1", sys.argv[3] == "1"))
