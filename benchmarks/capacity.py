@@ -21,8 +21,8 @@ probe to its end.
 Figures: every probe (load, time-scale, P99 TTFT/TPOT, pass, and why it stopped early: its
 P99s are then over the requests finished by then) and, at each capacity, the per-priority-class
 figures. Plot: P99 TTFT and P99 TPOT vs load of the whole replays, a line per configuration and
-a dotted line at its capacity (``plots/<output name>/capacity.png``; needs matplotlib). Claims: each ``<config>_capacity_conv_s``,
-``capacity_at_slo_vs_baseline`` (full / baseline) and ``capacity_at_slo_fp8_vs_bf16``
+a dotted line at its capacity (``plots/<output name>/capacity.png``; needs matplotlib). Claims:
+each ``<config>_capacity_conv_s``, ``capacity_at_slo_vs_baseline`` (full / baseline) and ``capacity_at_slo_fp8_vs_bf16``
 (full-fp8 / full), each only from bracketed capacities.
 
     python3 benchmarks/capacity.py --trace workloads/traces/sharegpt_multiturn.jsonl.gz \\
@@ -252,7 +252,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     path = plot(configs, Path(plots_dir) / "capacity.png", args.ttft_slo_ms, args.tpot_slo_ms)
     figures = {"slo": {"ttft_p99_ms": args.ttft_slo_ms, "tpot_p99_ms": args.tpot_slo_ms},
                "trace_rate_conv_s": rate, "low": args.low, "high": args.high,
-               "steps": args.steps, "grow": args.grow, "configs": configs, "plot": path and str(path)}
+               "steps": args.steps, "grow": args.grow, "configs": configs,
+               "plot": path and str(path)}
     return write_results(args.output, command=command_line(), figures=figures, claims=out,
                          commit=args.commit)
 
