@@ -22,8 +22,8 @@ Figures: every probe (load, time-scale, P99 TTFT/TPOT, pass, and why it stopped 
 P99s are then over the requests finished by then) and, at each capacity, the per-priority-class
 figures. Plot: P99 TTFT and P99 TPOT vs load of the whole replays, a line per configuration and
 a dotted line at its capacity (``plots/<output name>/capacity.png``; needs matplotlib). Claims:
-each ``<config>_capacity_conv_s``, ``capacity_at_slo_vs_baseline`` (full / baseline) and ``capacity_at_slo_fp8_vs_bf16``
-(full-fp8 / full), each only from bracketed capacities.
+each ``<config>_capacity_conv_s``, ``capacity_at_slo_vs_baseline`` (full / baseline) and
+``capacity_at_slo_fp8_vs_bf16`` (full-fp8 / full), each only from bracketed capacities.
 
     python3 benchmarks/capacity.py --trace workloads/traces/sharegpt_multiturn.jsonl.gz \\
         --num-conversations 180 --low 2 --high 5 --steps 3 --model llama-3-8b \\
