@@ -255,8 +255,8 @@ def _attend_tile_t(
 ):
     """_attend_tile with the operands swapped, for a cache of fp8 K and transposed V: the tile's
     BLOCK_N tokens are the MMA's M dimension and the GQA group its N, S^T = K . Q^T and
-    O^T += V^T . P^T, so that sm_90 runs both on wgmma, which needs M >= 64 (a group of 4 padded
-    to 16 rows wastes three quarters of each product, and mma.sync has half wgmma's rate). K and
+    O^T += V^T . P^T, so that sm_90 can run both on wgmma, which needs M >= 64 (the default path
+    pads a group of 4 to mma.sync's 16 rows, three quarters of each product wasted). K and
     V^T are widened in registers (times a run-time 1.0, which the compiler cannot fold: see
     STAGE_V) and staged as fp16 for the wgmma's shared-memory operands."""
     offs_d = tl.arange(0, HEAD_DIM)
