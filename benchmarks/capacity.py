@@ -21,9 +21,10 @@ probe to its end.
 Figures: every probe (load, time-scale, P99 TTFT/TPOT, pass, and why it stopped early: its
 P99s are then over the requests finished by then) and, at each capacity, the per-priority-class
 figures. Plot: P99 TTFT and P99 TPOT vs load of the whole replays, a line per configuration and
-a dotted line at its capacity (``plots/<output name>/capacity.png``; needs matplotlib). Claims:
-each ``<config>_capacity_conv_s``, ``capacity_at_slo_vs_baseline`` (full / baseline) and
-``capacity_at_slo_fp8_vs_bf16`` (full-fp8 / full), each only from bracketed capacities.
+a dotted line at its capacity if bracketed (``plots/<output name>/capacity.png``; needs
+matplotlib). Claims: each ``<config>_capacity_conv_s``, ``capacity_at_slo_vs_baseline`` (full /
+baseline) and ``capacity_at_slo_fp8_vs_bf16`` (full-fp8 / full), each only from bracketed
+capacities.
 
     python3 benchmarks/capacity.py --trace workloads/traces/sharegpt_multiturn.jsonl.gz \\
         --num-conversations 180 --low 2 --high 5 --steps 3 --model llama-3-8b \\
@@ -170,7 +171,8 @@ def plot(configs: dict[str, dict[str, Any]], path: Path, ttft_slo_ms: float,
                             if p[key] is not None and not p["stopped"])  # whole replays only
             if points:
                 line, = ax.plot(*zip(*points), marker="o", label=name)
-                if result["capacity_conv_s"] is not None:  # dotted: the capacity found
+                if result["bracketed"] and result["capacity_conv_s"] is not None:
+                    # dotted: the capacity found (not a bound the bracket's top still passed)
                     ax.axvline(result["capacity_conv_s"], color=line.get_color(), linestyle=":")
         ax.axhline(slo, color="grey", linestyle="--", label="SLO")
         ax.set(xlabel="load (conversations/s)", ylabel=label, yscale="log")
