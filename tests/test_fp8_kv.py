@@ -185,6 +185,31 @@ def test_decode_fp8_matches_reference(group, head_dim, block_size, num_splits, d
     assert_close(own[1:], expected[1:], torch.float32)
 
 
+@pytest.mark.parametrize("block_n,block_size,group", [(16, 32, 17), (128, 16, 3)])
+def test_decode_fp8_swapped_operands_tiles_and_pages(block_n, block_size, group, monkeypatch):
+    """FP8_DECODE_SWAP_AB with tiles smaller and larger than a page, a group past 16 and odd,
+    sequences ending mid-page and mid-tile, splits on."""
+    monkeypatch.setattr(pa, "FP8_DECODE_SWAP_AB", True)
+    monkeypatch.setattr(pa, "DECODE_LAUNCH_SWAP_AB",
+                        {"BLOCK_N": block_n, "num_warps": 4, "num_stages": 2})
+    torch.manual_seed(23)
+    num_kv_heads, max_blocks, head_dim = 1, 9, 64
+    seq_lens = [1, block_n - 1, block_size + 1, max_blocks * block_size - 5]
+    num_blocks = len(seq_lens) * max_blocks + 2
+    pool, k_cache, v_cache = make_cache(num_blocks, block_size, num_kv_heads, head_dim, FP8)
+    block_tables = random_block_tables(len(seq_lens), max_blocks, num_blocks)
+    k_scale, v_scale = scales(0.012, 0.009)
+    fill_fp8(pool, block_tables, k_scale, v_scale)
+    q = torch.randn(len(seq_lens), num_kv_heads * group, head_dim, device=DEVICE)
+    seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    kf, vf, bt = dequantized(k_cache, v_cache, block_tables, k_scale, v_scale)
+    expected = ref.paged_decode_attention(q, kf, vf, bt, seq_lens_t)
+    for num_splits in (1, 3):
+        out = pa.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens_t,
+                                        num_splits=num_splits, k_scale=k_scale, v_scale=v_scale)
+        assert_close(out, expected, torch.float32)
+
+
 def one_head_fp8_cache(max_blocks: int):
     """A 12-block fp8 pool (block 16, one KV head of 64) filled for two sequences of up to
     ``max_blocks`` blocks: (pool, K view, V view, block tables, K scale, V scale)."""
