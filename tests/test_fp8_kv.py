@@ -155,6 +155,23 @@ def v_view(pool: torch.Tensor, v_cache: torch.Tensor, v_transposed: bool) -> tor
     return v_cache if v_transposed else pool[:, 1, 1]
 
 
+def fp8_decode_case(seq_lens, max_blocks, spare_blocks, num_kv_heads, group, head_dim,
+                    block_size, dtype, v_transposed=True):
+    """A filled fp8 cache for ``seq_lens`` and queries in ``dtype``: (q, K view, V view, block
+    tables, seq lens, K scale, V scale, fp32 attention over the dequantized cache)."""
+    num_blocks = len(seq_lens) * max_blocks + spare_blocks
+    pool, k_cache, v_cache = make_cache(num_blocks, block_size, num_kv_heads, head_dim, FP8)
+    v_cache = v_view(pool, v_cache, v_transposed)
+    block_tables = random_block_tables(len(seq_lens), max_blocks, num_blocks)
+    k_scale, v_scale = scales(0.012, 0.009)
+    fill_fp8(pool, block_tables, k_scale, v_scale)
+    q = torch.randn(len(seq_lens), num_kv_heads * group, head_dim, device=DEVICE).to(dtype)
+    seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    kf, vf, bt = dequantized(k_cache, v_cache, block_tables, k_scale, v_scale)
+    expected = ref.paged_decode_attention(q.float(), kf, vf, bt, seq_lens_t)
+    return q, k_cache, v_cache, block_tables, seq_lens_t, k_scale, v_scale, expected
+
+
 @pytest.mark.parametrize("v_transposed,swap_ab", [(True, False), (True, True), (False, False)])
 @pytest.mark.parametrize("group,head_dim,block_size,num_splits,dtype", [
     (1, 64, 16, 1, torch.float32), (4, 128, 32, 3, torch.float32), (8, 64, 16, None, torch.float32),
@@ -163,20 +180,12 @@ def test_decode_fp8_matches_reference(group, head_dim, block_size, num_splits, d
                                       v_transposed, swap_ab, monkeypatch):
     monkeypatch.setattr(pa, "FP8_DECODE_SWAP_AB", swap_ab)
     torch.manual_seed(21)
-    num_kv_heads, max_blocks = 2, 10
-    seq_lens = [0, 1, block_size + 1, max_blocks * block_size - 3]
-    num_blocks = len(seq_lens) * max_blocks + 3
-    pool, k_cache, v_cache = make_cache(num_blocks, block_size, num_kv_heads, head_dim, FP8)
-    v_cache = v_view(pool, v_cache, v_transposed)
-    block_tables = random_block_tables(len(seq_lens), max_blocks, num_blocks)
-    k_scale, v_scale = scales(0.012, 0.009)
-    fill_fp8(pool, block_tables, k_scale, v_scale)
-    q = torch.randn(len(seq_lens), num_kv_heads * group, head_dim, device=DEVICE).to(dtype)
-    seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    max_blocks = 10
+    q, k_cache, v_cache, block_tables, seq_lens_t, k_scale, v_scale, expected = fp8_decode_case(
+        [0, 1, block_size + 1, max_blocks * block_size - 3], max_blocks, 3, 2, group, head_dim,
+        block_size, dtype, v_transposed)
     out = pa.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens_t,
                                     num_splits=num_splits, k_scale=k_scale, v_scale=v_scale)
-    kf, vf, bt = dequantized(k_cache, v_cache, block_tables, k_scale, v_scale)
-    expected = ref.paged_decode_attention(q.float(), kf, vf, bt, seq_lens_t)
     assert out.dtype == dtype and torch.all(out[0] == 0)
     assert_close(out[1:], expected[1:], dtype)
     # The reference's own fp8 path reads the same values.
@@ -193,17 +202,10 @@ def test_decode_fp8_swapped_operands_tiles_and_pages(block_n, block_size, group,
     monkeypatch.setattr(pa, "DECODE_LAUNCH_SWAP_AB",
                         {"BLOCK_N": block_n, "num_warps": 4, "num_stages": 2})
     torch.manual_seed(23)
-    num_kv_heads, max_blocks, head_dim = 1, 9, 64
-    seq_lens = [1, block_n - 1, block_size + 1, max_blocks * block_size - 5]
-    num_blocks = len(seq_lens) * max_blocks + 2
-    pool, k_cache, v_cache = make_cache(num_blocks, block_size, num_kv_heads, head_dim, FP8)
-    block_tables = random_block_tables(len(seq_lens), max_blocks, num_blocks)
-    k_scale, v_scale = scales(0.012, 0.009)
-    fill_fp8(pool, block_tables, k_scale, v_scale)
-    q = torch.randn(len(seq_lens), num_kv_heads * group, head_dim, device=DEVICE)
-    seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
-    kf, vf, bt = dequantized(k_cache, v_cache, block_tables, k_scale, v_scale)
-    expected = ref.paged_decode_attention(q, kf, vf, bt, seq_lens_t)
+    max_blocks = 9
+    q, k_cache, v_cache, block_tables, seq_lens_t, k_scale, v_scale, expected = fp8_decode_case(
+        [1, block_n - 1, block_size + 1, max_blocks * block_size - 5], max_blocks, 2, 1, group,
+        64, block_size, torch.float32)
     for num_splits in (1, 3):
         out = pa.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens_t,
                                         num_splits=num_splits, k_scale=k_scale, v_scale=v_scale)
