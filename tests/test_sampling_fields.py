@@ -69,6 +69,25 @@ def test_min_p_keeps_only_tokens_near_the_best():
     assert seen == {0, 1}  # 0.15 and 0.05 are below 0.4 x 0.5
 
 
+def test_extreme_temperatures_sample_sanely():
+    """Below 1e-5 a temperature samples greedily (vLLM's rule; 1e-39 would underflow float32 to
+    0 and every logit become inf); above float32's range it gives the uniform distribution over
+    the tokens left, never a masked one (-inf / inf would be NaN)."""
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(4, VOCAB, generator=gen) * 3
+    sampler = Sampler(torch.device("cpu"), seed=0)
+    sampler.eos_token_ids = {0}
+    cold = [_request(SamplingParams(temperature=t, seed=3), [1], []) for t in (1e-39, 1e-300)]
+    assert sampler.sample(logits[:2], cold)[0].tolist() == logits[:2].argmax(-1).tolist()
+    hot = _request(SamplingParams(temperature=1e39, min_tokens=5, stop_token_ids=[7], seed=4,
+                                  max_tokens=10), [1], [])
+    seen = [int(sampler.sample(logits[2:3], [hot])[0]) for _ in range(300)]
+    assert not {0, 7} & set(seen) and len(set(seen)) > VOCAB // 2
+    for t in (float("inf"), float("nan"), -1e-9):
+        with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+            SamplingParams(temperature=t)
+
+
 def test_logprobs_are_the_raw_log_softmax_with_ranks_and_top_k():
     gen = torch.Generator().manual_seed(1)
     logits = torch.randn(3, VOCAB, generator=gen)

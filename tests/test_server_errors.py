@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import random
+import re
 
 import aiohttp
 import pytest
@@ -81,6 +82,8 @@ BAD = [
      "temperature"),
     ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, ["'temperature'", ">= 0"],
      "temperature"),
+    ("/v1/completions", {"prompt": "x", "temperature": 10**400}, 400,
+     ["'temperature'", "finite"], "temperature"),
     ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, ["'top_p'"], "top_p"),
     ("/v1/completions", {"prompt": "x", "top_p": [1]}, 400, ["'top_p'", "number"], "top_p"),
     ("/v1/completions", {"prompt": "x", "top_k": -2}, 400, ["'top_k'"], "top_k"),
@@ -150,6 +153,8 @@ BAD = [
      ["'top_logprobs' needs 'logprobs'"], "top_logprobs"),
     ("/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function"}]}, 400,
      ["'tools'", "not supported"], "tools"),
+    ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 0, "echo": True}, 400,
+     ["'max_tokens'", "at least 1"], "max_tokens"),  # (0 is for a completion's echo only)
     ("/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": -1}, 400,
      ["'max_completion_tokens'"], "max_completion_tokens"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 300}]}, 400,
@@ -174,9 +179,31 @@ def test_bad_json_and_body_shapes(server):
     for data in (b"{not json", b"", b"\xff\xfe\x00", b"[1, 2", b'{"prompt": NaN}',
                  b'{"prompt": "x", "temperature": Infinity}', b"[" * 60_000):
         assert_error(call(server, "/v1/completions", data=data), 400, "not valid JSON")
+    # Numbers past float's range parse to inf: refused as not finite, not sampled with.
+    for name in ("temperature", "top_p", "presence_penalty"):
+        assert_error(call(server, "/v1/completions",
+                          data=b'{"prompt": "x", "%s": 1e999}' % name.encode()), 400,
+                     f"'{name}' must be a finite number", param=name)
     for body in ([], "text", 3, None):
         assert_error(call(server, "/v1/completions", data=json.dumps(body).encode()), 400,
                      "must be a JSON object")
+
+
+def test_lone_surrogates_are_refused(server):
+    """JSON's \\ud800 escapes and the UTF-8 bytes of a surrogate parse to strings that no
+    tokenizer takes: a 400 naming them, not a 500."""
+    cases = [("/v1/completions", b'{"prompt": "\\ud800", "max_tokens": 2}'),
+             ("/v1/completions", b'{"prompt": "a\xed\xa0\x80b", "max_tokens": 2}'),
+             ("/v1/chat/completions", b'{"messages": [{"role": "\\udc80", "content": "x"}]}'),
+             ("/v1/chat/completions",
+              b'{"messages": [{"role": "user", "content": [{"type": "text", '
+              b'"text": "\\ud83d"}]}]}'),
+             ("/tokenize", b'{"prompt": "\\ud800"}')]
+    for path, data in cases:
+        assert_error(call(server, path, data=data), 400, "lone UTF-16 surrogate")
+    status, _, body = call(server, "/v1/completions",  # a pair is one character: fine
+                           data=b'{"prompt": "\\ud83d\\ude00", "max_tokens": 1}')
+    assert status == 200, body
 
 
 def test_model_names_and_default(server):
@@ -198,6 +225,21 @@ def test_api_key(server):
     assert_error(call(server, "/tokenize", body={"prompt": "x"}, auth=False), 401)
     for path in ("/health", "/version", "/metrics"):  # public
         assert call(server, path, method="GET", auth=False)[0] == 200
+    # A key that is not UTF-8 is just a wrong key (aiohttp's client sends only text headers).
+    head = asyncio.run(raw_request(server, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n"
+                                   b"Authorization: Bearer sk-\xff\xfe\r\n"
+                                   b"Connection: close\r\n\r\n")).split(b"\r\n", 1)[0]
+    assert head == b"HTTP/1.1 401 Unauthorized", head
+
+
+async def raw_request(server, data: bytes) -> bytes:
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(data)
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    return answer
 
 
 def test_oversized_body(server):
@@ -239,6 +281,7 @@ def test_queue_full_is_503_with_retry_after(server, engine):
             running.close()
             waiting.cancel()
             return refused
+    aborted = num_aborted(server)
     err = assert_error(asyncio.run(main()), 503, "retry later")
     assert err["code"] == "queue_full"
     assert call(server, "/health", method="GET")[0] == 200
@@ -251,6 +294,16 @@ def test_queue_full_is_503_with_retry_after(server, engine):
             await asyncio.sleep(0.05)
         return await engine.run_in_engine(lambda e: len(e.requests))
     assert asyncio.run(idle()) == 0
+    # The two that left count as aborted, the one refused does not; a 400 does not either.
+    assert_error(call(server, "/v1/completions", body={"prompt": "x", "logit_bias": {"99999": 1}}),
+                 400)
+    assert num_aborted(server) == aborted + 2
+
+
+def num_aborted(server) -> int:
+    text = call(server, "/metrics", method="GET")[2]
+    return int(float(re.search(r"^fairswitch:request_aborted_total\{.*\} (\S+)$", text,
+                               re.MULTILINE)[1]))
 
 
 def test_unexpected_exception_is_500_and_logged(server, caplog):

@@ -338,17 +338,24 @@ async def _sigterm_during_requests(proc: subprocess.Popen, url: str) -> dict:
         streams = [await s.post(url + COMPLETIONS, json={**long, "stream": True})
                    for _ in range(4)]
         assert [r.status for r in streams] == [200] * 4
-        whole = asyncio.create_task(s.post(url + COMPLETIONS, json=long))
-        while await _num_running(s, url) < 5:
+        # Whole requests of one choice and of two (each choice is an engine request to abort).
+        wholes = [asyncio.create_task(_answer(s, url + COMPLETIONS, {**long, "n": n}))
+                  for n in (1, 2)]
+        while await _num_running(s, url) < 4 + 1 + 2:
             await asyncio.sleep(0.05)
         signalled = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         readers = [asyncio.create_task(_events(r)) for r in streams]
         refused = await _refused(host, int(port), signalled + 10)
-        answer = await whole
         return {"signalled": signalled, "refused": refused,
                 "streams": await asyncio.gather(*readers),
-                "whole": (answer.status, await answer.json(), time.monotonic())}
+                "wholes": await asyncio.gather(*wholes)}
+
+
+async def _answer(s: aiohttp.ClientSession, url: str, body: dict) -> tuple[int, dict, float]:
+    """(status, JSON body, when it came) of a whole (not streamed) request."""
+    async with s.post(url, json=body) as r:
+        return r.status, await r.json(), time.monotonic()
 
 
 def test_serve_shutdown_keeps_its_word():
@@ -380,9 +387,9 @@ def test_serve_shutdown_keeps_its_word():
         assert done == "[DONE]" and "shutting down" in json.loads(error)["error"]["message"]
         assert 0.9 * timeout_s < t_error - t0 < 1.6 * timeout_s, t_error - t0
         assert all("error" not in json.loads(e) for _, e in events[:-2])
-    status, body, t_whole = seen["whole"]
-    assert status == 503 and "shutting down" in body["error"]["message"]
-    assert 0.9 * timeout_s < t_whole - t0 < 1.6 * timeout_s, t_whole - t0
+    for status, body, t_whole in seen["wholes"]:
+        assert status == 503 and "shutting down" in body["error"]["message"]
+        assert 0.9 * timeout_s < t_whole - t0 < 1.6 * timeout_s, t_whole - t0
     stdout = list(iter(lines.get, None))
     assert stdout == ["fairswitch serve: stopped\n"]
     # serve logs at INFO: the requests have their access lines, with how they ended.

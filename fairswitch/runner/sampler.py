@@ -73,7 +73,10 @@ class Sampler:
             return logits.argmax(dim=-1)
         greedy_ids = logits.argmax(dim=-1)
         dev = logits.device
-        temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params],
+        # Above float32's largest value a temperature gives the uniform distribution that the
+        # largest value gives: clamped so that it does not become inf (and -inf / inf NaN).
+        top = torch.finfo(torch.float32).max
+        temps = torch.tensor([min(p.temperature, top) if not p.greedy else 1.0 for p in params],
                              dtype=torch.float32, device=dev)
         logits = logits / temps[:, None]
         if any(p.min_p > 0.0 for p in params):

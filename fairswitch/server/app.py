@@ -37,7 +37,7 @@ from fairswitch.outputs import RequestOutput
 from fairswitch.scheduler.scheduler import QueueFullError
 from fairswitch.server import protocol, streaming
 from fairswitch.server.chat import ChatTemplate
-from fairswitch.server.choices import ChoiceShaper, choice_outputs
+from fairswitch.server.choices import ChoiceShaper, choice_outputs, choice_request_ids
 from fairswitch.server.errors import (APIError, Handler, bad_request, error_middleware,
                                       log_refusal)
 from fairswitch.server.inflight import InFlight
@@ -62,7 +62,9 @@ def _auth_middleware(api_key: str) -> Any:
             if scheme.lower() != "bearer" or not token:
                 raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'",
                                headers={"WWW-Authenticate": "Bearer"})
-            if not hmac.compare_digest(token.strip().encode(), expected):
+            # aiohttp decodes header bytes that are not UTF-8 as surrogates: compare the bytes
+            if not hmac.compare_digest(token.strip().encode("utf-8", "surrogateescape"),
+                                       expected):
                 raise APIError(401, "incorrect API key", headers={"WWW-Authenticate": "Bearer"})
         return await handler(request)
 
@@ -149,7 +151,8 @@ class OpenAIServer:
         response_id = fmt.id_prefix + uuid.uuid4().hex
         client_id = request.headers.get("X-Client-Id") or req.user
         record = self.in_flight.record(request)
-        record.request_id, record.client_id, record.priority = response_id, client_id, req.priority
+        record.client_id, record.priority = client_id, req.priority
+        record.request_ids = choice_request_ids(response_id, req.n)
         record.num_prompt_tokens = len(ids)
         echo = isinstance(req, protocol.CompletionRequest) and req.echo
         shaper = ChoiceShaper(
@@ -166,7 +169,11 @@ class OpenAIServer:
         # errors, on a client that went away, and when aiohttp cancels this handler.
         async with contextlib.aclosing(outputs):
             try:
-                first = await _next_output(outputs)
+                try:
+                    first = await _next_output(outputs)
+                except APIError:
+                    tracker.refused()
+                    raise
                 if first[1].outputs[0].finish_reason == "abort":  # before it began: a status
                     raise _aborted()
                 if req.stream:
@@ -174,7 +181,7 @@ class OpenAIServer:
                 return await self._whole(reply, first, outputs, tracker)
             finally:
                 tracker.close()
-                record.request_id = None
+                record.request_ids = []
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
@@ -187,12 +194,12 @@ class OpenAIServer:
             index, out = item
             _observe(tracker, index, out)
             if out.finished:
+                if out.outputs[0].finish_reason == "abort":  # closing aborts the other choices
+                    raise _aborted()
                 done[index] = out
                 if len(done) == reply.n:
                     break
             item = await _next_output(outputs)
-        if any(out.outputs[0].finish_reason == "abort" for out in done.values()):
-            raise _aborted()
         choices = [reply.shaper.whole(i, done[i]) for i in range(reply.n)]
         return web.json_response(reply.body(choices, usage=_usage(reply, done)),
                                  dumps=streaming.dumps)
@@ -337,9 +344,31 @@ def _reject_constant(name: str) -> Any:
 
 def _loads(raw: bytes) -> Any:
     try:
-        return json.loads(raw, parse_constant=_reject_constant)
+        body = json.loads(raw, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as e:
         raise bad_request(f"the request body is not valid JSON: {e}") from None
+    _check_text(body)
+    return body
+
+
+def _check_text(body: Any) -> None:
+    """Refuse strings that are not Unicode text: JSON's ``\\ud800`` escapes (and UTF-8 bytes
+    of a surrogate, which ``json.loads`` lets through) give lone surrogates, which no tokenizer
+    or encoder takes."""
+    stack = [body]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode()
+            except UnicodeEncodeError as e:
+                raise bad_request(f"the request body holds a lone UTF-16 surrogate "
+                                  f"({item[e.start]!a}), which is not Unicode text") from None
 
 
 def _aborted() -> APIError:

@@ -25,16 +25,21 @@ from fairswitch.server.protocol import ResponseFormat, chat_logprobs, completion
 _END = object()
 
 
+def choice_request_ids(request_id: str, n: int) -> list[str]:
+    """The engine request ids of a response's ``n`` choices: choice 0 takes the response's id."""
+    return [request_id] + [f"{request_id}-{j}" for j in range(1, n)]
+
+
 async def choice_outputs(engine: AsyncEngine, text: str | None, ids: list[int],
                          params: SamplingParams, request_id: str, **scheduling: Any
                          ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Every choice's outputs as they come; each choice's last one has ``finished=True``.
     ``scheduling``: ``priority`` and ``client_id``, the same for every choice."""
     copies = params.copies()
+    request_ids = choice_request_ids(request_id, len(copies))
 
     def start(j: int) -> AsyncIterator[RequestOutput]:
-        rid = request_id if j == 0 else f"{request_id}-{j}"
-        return engine.generate(text, copies[j], request_id=rid, prompt_token_ids=ids,
+        return engine.generate(text, copies[j], request_id=request_ids[j], prompt_token_ids=ids,
                                **scheduling)
 
     if len(copies) == 1:

@@ -8,9 +8,9 @@ off)::
     POST /v1/completions 200 client='team-a' priority=-1 prompt_tokens=31 output_tokens=64
         ttft=0.042s duration=1.310s
 
-A generation handler fills in its request's ``AccessRecord``: who sent it, its engine request (what
-a shutdown aborts) and its ``RequestTracker`` (tokens, TTFT). A client that went away is logged
-with status 499, nginx's "client closed request".
+A generation handler fills in its request's ``AccessRecord``: who sent it, its engine requests (one
+per choice: what a shutdown aborts) and its ``RequestTracker`` (tokens, TTFT). A client that went
+away is logged with status 499, nginx's "client closed request".
 
 Shutdown (``drain``): refuse new requests, give those in flight ``timeout`` seconds in total, then
 abort the engine requests still running: their handlers end them the usual way (a stream's
@@ -24,7 +24,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
@@ -42,7 +42,7 @@ CLIENT_CLOSED = 499
 class AccessRecord:
     """What a generation handler adds to its request's access line."""
 
-    request_id: str | None = None  # the engine request, while it may run
+    request_ids: list[str] = field(default_factory=list)  # its choices', while they may run
     client_id: str | None = None
     priority: int | None = None
     num_prompt_tokens: int | None = None
@@ -103,12 +103,12 @@ class InFlight:
 
     async def drain(self, timeout: float, abort: Callable[[str], Awaitable[None]]) -> None:
         """Refuse new requests, wait up to ``timeout`` seconds for those in flight, then
-        ``abort(request_id)`` every engine request still running."""
+        ``abort(request_id)`` every engine request still running (every choice of each)."""
         self.draining = True
         if await self._wait_idle(timeout):
             return
         self.aborting = True
-        ids = [r.request_id for r in self._records.values() if r.request_id is not None]
+        ids = [rid for r in self._records.values() for rid in r.request_ids]
         logger.warning("shutdown: %d requests still in flight after %.3g s: aborting %d engine "
                        "requests", len(self._records), timeout, len(ids))
         await asyncio.gather(*map(abort, ids))  # at once: the engine runs them between two steps

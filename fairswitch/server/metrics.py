@@ -242,6 +242,11 @@ class RequestTracker:
         self.num_output_tokens += num_new
         self.metrics.num_generation_tokens += num_new
 
+    def refused(self) -> None:
+        """The engine refused the request (a 400 or 503 before it began): it counts as nothing,
+        not as an abort."""
+        self.finished = True
+
     def close(self) -> None:
         if not self.finished:
             self.finished = True

@@ -13,6 +13,7 @@ token), chat ``{"content": [{"token", "logprob", "bytes", "top_logprobs"}]}``. A
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,7 +53,13 @@ def _number(body: dict, name: str, default: float) -> float:
         return default
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise bad_request(f"'{name}' must be a number, got {_describe(value)}", name)
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer past float's range
+        number = math.inf
+    if not math.isfinite(number):  # JSON's 1e999 parses to inf
+        raise bad_request(f"'{name}' must be a finite number, got {_describe(value)}", name)
+    return number
 
 
 def _ranged(body: dict, name: str, default: float, low: float, high: float) -> float:
@@ -178,7 +185,7 @@ class ChatRequest(GenerationRequest):
     add_generation_prompt: bool
 
 
-def _common(body: Any, unsupported: tuple) -> dict[str, Any]:
+def _common(body: Any, unsupported: tuple, echo: bool = False) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise bad_request(f"the request body must be a JSON object, got {_describe(body)}")
     n = _int(body, "n", 1)
@@ -203,8 +210,8 @@ def _common(body: Any, unsupported: tuple) -> dict[str, Any]:
     if top_k < -1:
         raise bad_request(f"'top_k' must be -1 or 0 (disabled) or positive, got {top_k}", "top_k")
     max_tokens = _int(body, "max_completion_tokens", None, low=1)
-    if max_tokens is None:  # (0 only with echo: the prompt's logprobs, nothing generated)
-        max_tokens = _int(body, "max_tokens", None, low=0 if body.get("echo") is True else 1)
+    if max_tokens is None:  # (0 only with a completion's echo: the prompt, nothing generated)
+        max_tokens = _int(body, "max_tokens", None, low=0 if echo else 1)
     min_tokens = _int(body, "min_tokens", 0, low=0)
     if max_tokens is not None and min_tokens > max_tokens:
         raise bad_request(f"'min_tokens' ({min_tokens}) must not exceed 'max_tokens' "
@@ -263,9 +270,9 @@ def _logprob_count(body: dict, name: str) -> int | None:
 
 
 def parse_completion(body: Any) -> CompletionRequest:
-    common = _common(body, _UNSUPPORTED_COMPLETION)
+    echo = isinstance(body, dict) and _bool(body, "echo", False)
+    common = _common(body, _UNSUPPORTED_COMPLETION, echo)
     logprobs = _logprob_count(body, "logprobs")
-    echo = _bool(body, "echo", False)
     if echo and logprobs is not None and common["prompt_logprobs"] is None:
         common["prompt_logprobs"] = logprobs  # the echoed prompt comes with its logprobs
     return CompletionRequest(prompt=parse_prompt(body.get("prompt")), echo=echo,
