@@ -64,6 +64,19 @@ def test_completion_logprobs_equal_the_engines(client, llm):
     assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(4)]
 
 
+def test_streamed_text_offsets_equal_the_whole_responses(client):
+    """Characters split across tokens (accents, emoji): offsets count each token's text, streamed
+    or not."""
+    body = dict(model=MODEL, prompt="Über naïve café 🙂 ok", echo=True, logprobs=1, max_tokens=12,
+                temperature=0.0, extra_body={"ignore_eos": True})
+    whole = client.completions.create(**body).choices[0].logprobs
+    chunks = [c.choices[0].logprobs for c in client.completions.create(**body, stream=True)]
+    streamed = [o for lp in chunks if lp is not None for o in lp.text_offset]
+    assert streamed == whole.text_offset
+    assert whole.text_offset == [sum(map(len, whole.tokens[:i]))
+                                 for i in range(len(whole.tokens))]
+
+
 def test_echo_with_max_tokens_0_scores_the_prompt(client, llm):
     """lm-evaluation-harness's loglikelihood request: the prompt back with its logprobs."""
     ids = llm.get_tokenizer().encode(PROMPT)

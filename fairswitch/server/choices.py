@@ -115,10 +115,12 @@ class ChoiceShaper:
             ids, entries = out.prompt_token_ids + ids, self._prompt_entries(out) + entries
         if not ids and finish is None:
             return None
-        offset = self._offsets.get(index, 0)
-        self._offsets[index] = offset + len(text)
-        return self.fmt.delta_choice(text, finish, c.stop_reason, index,
-                                     self._logprobs(ids, entries, offset), bool(ids))
+        logprobs = self._logprobs(ids, entries, self._offsets.get(index, 0))
+        if logprobs is not None and logprobs.get("text_offset"):
+            # Offsets count the tokens' own texts, as a whole response's do (and vLLM's): a
+            # character split across tokens counts once per piece.
+            self._offsets[index] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
+        return self.fmt.delta_choice(text, finish, c.stop_reason, index, logprobs, bool(ids))
 
     def num_shown_tokens(self, out: RequestOutput) -> int:
         return 0 if self.echo_only else len(out.outputs[0].token_ids)
