@@ -31,7 +31,7 @@ import pytest
 from fairswitch.cli.main import build_parser
 from fairswitch.config import EngineConfig
 from fairswitch.engine.async_engine import AsyncEngine
-from fairswitch.server import BackgroundServer, ServerSettings, build_app
+from fairswitch.server import BackgroundServer, ServerSettings, build_app, inflight
 
 MAX_MODEL_LEN = 4096  # the embedded model's context
 CHAT = "/v1/chat/completions"
@@ -398,6 +398,27 @@ def test_serve_shutdown_keeps_its_word():
                      r"output_tokens=\d+ ttft=[\d.]+s duration=[\d.]+s error='the request was "
                      r"aborted: the server is shutting down'", stderr), stderr
     assert re.search(r"POST /v1/completions 503 client=None .* duration=", stderr), stderr
+
+
+def test_drain_does_not_wait_for_aborts_a_stuck_engine_never_takes(monkeypatch):
+    """Every choice's engine request is aborted, and a drain whose aborts are not taken (the
+    engine's step is stuck) gives up after the grace period instead of hanging the shutdown."""
+    monkeypatch.setattr(inflight, "ABORT_GRACE_S", 0.2)
+
+    async def main() -> tuple[list[str], float]:
+        flight = inflight.InFlight(log_requests=False)
+        flight._records[1] = inflight.AccessRecord(request_ids=["a", "a-1"])
+        flight._idle.clear()
+        asked: list[str] = []
+
+        async def abort(request_id: str) -> None:
+            asked.append(request_id)
+            await asyncio.Event().wait()  # never taken
+        start = time.monotonic()
+        await asyncio.wait_for(flight.drain(0.05, abort), 30)
+        return asked, time.monotonic() - start
+    asked, took = asyncio.run(main())
+    assert asked == ["a", "a-1"] and took < 10
 
 
 def test_serve_log_options():

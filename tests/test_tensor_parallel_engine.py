@@ -5,6 +5,7 @@ starts, and a dead or hung worker fails the step instead of hanging it."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import queue
@@ -14,9 +15,12 @@ import sys
 import threading
 import time
 
+import openai
 import pytest
 
 from fairswitch import LLM, SamplingParams
+from fairswitch.config import EngineConfig
+from fairswitch.engine.async_engine import AsyncEngine
 
 PROMPTS = ["The quick brown fox jumps over the lazy dog because", "def fibonacci(n):",
            "Paged attention stores the KV cache in fixed-size blocks, so that memory is "
@@ -122,6 +126,81 @@ def test_sizes_the_heads_do_not_split_fail_before_anything_starts(llama_dir):
         LLM(model=str(llama_dir), tensor_parallel_size=0)
 
 
+def test_a_worker_that_dies_starting_fails_at_once_and_says_why(tmp_path):
+    """A script without a main guard: its spawned worker re-runs it and dies before joining the
+    group. The driver says so as soon as it happens, not after distributed_timeout_s."""
+    script = tmp_path / "no_guard.py"
+    script.write_text("from fairswitch import LLM\n"
+                      "LLM(tensor_parallel_size=2, num_gpu_blocks=64, max_model_len=64, "
+                      "distributed_timeout_s=600)\n")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 1
+    last = run.stderr.strip().splitlines()[-1]
+    assert "fairswitch-tp1 (exit code 1) exited during start-up" in last
+    assert "if __name__ == '__main__':" in last
+
+
+def test_a_step_that_fails_on_a_worker_names_it(tmp_path):
+    """The driver's side of the broken collective only says "connection closed": the error
+    names the worker that exited, whose own error is on stderr."""
+    script = tmp_path / "worker_fails.py"
+    script.write_text(
+        "from fairswitch import LLM, SamplingParams\n"
+        "from fairswitch.runner.model_runner import ModelRunner\n"
+        "if __name__ == '__mp_main__':  # the spawned worker's copy of this script\n"
+        "    run, calls = ModelRunner.run_plan, []\n"
+        "    def failing(self, plan, tokens):\n"
+        "        calls.append(1)\n"
+        "        if len(calls) == 3:\n"
+        "            raise RuntimeError('boom on the worker')\n"
+        "        return run(self, plan, tokens)\n"
+        "    ModelRunner.run_plan = failing\n"
+        "if __name__ == '__main__':\n"
+        "    llm = LLM(tensor_parallel_size=2, num_gpu_blocks=64, max_model_len=64)\n"
+        "    try:\n"
+        "        llm.generate(['Hi'], SamplingParams(max_tokens=8), use_tqdm=False)\n"
+        "    except RuntimeError as e:\n"
+        "        print('driver:', e)\n")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=300)
+    assert "boom on the worker" in run.stderr
+    assert "driver: a tensor-parallel step failed (fairswitch-tp1 exit code 1, its error on " \
+           "stderr" in run.stdout, (run.stdout, run.stderr[-2000:])
+
+
+def test_shutdown_kills_the_workers_when_a_step_is_stuck(llama_dir):
+    """A rank stops answering mid-step: shutdown does not wait out distributed_timeout_s (the
+    step waits in a collective), it kills the workers, which fails the step."""
+    engine = AsyncEngine.from_config(EngineConfig.from_kwargs(
+        model=str(llama_dir), tensor_parallel_size=2, num_gpu_blocks=64, max_model_len=64,
+        distributed_timeout_s=300))
+    worker = engine.engine.workers.procs[0]
+
+    async def main() -> BaseException | None:
+        os.kill(worker.pid, signal.SIGSTOP)  # alive, but it never answers again
+        stream = engine.generate("Hi", GREEDY, request_id="stuck")
+        task = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(1.0)  # the step waits for the worker
+        await asyncio.to_thread(engine.shutdown, 1.0)
+        try:
+            while True:
+                await task
+                task = asyncio.ensure_future(stream.__anext__())
+        except StopAsyncIteration:
+            return None
+        except Exception as e:  # noqa: BLE001
+            return e
+    try:
+        error = asyncio.run(asyncio.wait_for(main(), 120))  # (not the 300 s timeout)
+    finally:
+        if worker.is_alive():
+            os.kill(worker.pid, signal.SIGKILL)
+    assert engine.failed and isinstance(error, RuntimeError), error
+    worker.join(10)
+    assert not worker.is_alive()
+
+
 def test_a_dead_worker_fails_the_step(llama_dir):
     llm = LLM(model=str(llama_dir), tensor_parallel_size=2, num_gpu_blocks=64, max_model_len=64)
     try:
@@ -204,9 +283,16 @@ def test_without_shared_memory_plans_go_over_gloo(llama_dir, expected, monkeypat
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("fairswitch.distributed.workers.PlanWriter", no_room)
-    llm = LLM(model=str(llama_dir), tensor_parallel_size=2, num_gpu_blocks=256, swap_space=0)
+    timeout_s = 8.0  # (start-up must fit in it too)
+    llm = LLM(model=str(llama_dir), tensor_parallel_size=2, num_gpu_blocks=256, swap_space=0,
+              distributed_timeout_s=timeout_s)
     try:
         assert llm.engine.workers.plans is None
+        assert tokens(llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False)) == expected[:2]
+        # Idle for longer than the timeout: the worker waits for the next plan as long as it
+        # takes (an idle server is not a hung rank).
+        time.sleep(timeout_s + 1)
+        assert llm.engine.workers.alive()
         assert tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == expected
     finally:
         llm.shutdown()
@@ -273,7 +359,8 @@ def _serve_two_ranks():
         [sys.executable, "-m", "fairswitch.cli.main", "serve", "--port", "0",
          "--served-model-name", "tiny", "--num-gpu-blocks", "128", "--max-model-len", "256",
          "--tensor-parallel-size", "2", "--shutdown-timeout", "0.2"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)  # its own process group, as a terminal or supervisor makes
     lines: queue.Queue = queue.Queue()
 
     def read() -> None:
@@ -303,14 +390,13 @@ def _assert_gone(pids: set[int]) -> None:
 
 
 def _client(url: str):
-    import openai
-
     return openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
 
 
 def test_serve_with_two_ranks_answers_as_one_rank_and_leaves_no_process():
-    """A greedy completion through the OpenAI client equals the one-rank engine's, and SIGTERM
-    stops every rank."""
+    """A greedy completion through the OpenAI client equals the one-rank engine's, and a Ctrl-C
+    (SIGINT to the whole process group, workers included) drains the server as with one rank:
+    the running stream ends with the shutdown's in-band error, then every rank stops."""
     prompt = "The capital of France is"
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     want = LLM(num_gpu_blocks=128, max_model_len=256).generate([prompt], params,
@@ -319,7 +405,12 @@ def test_serve_with_two_ranks_answers_as_one_rank_and_leaves_no_process():
         out = client.completions.create(model="tiny", prompt=prompt, max_tokens=16,
                                         temperature=0.0, extra_body={"ignore_eos": True})
         assert out.choices[0].text == want
-        proc.send_signal(signal.SIGTERM)
+        stream = client.completions.create(model="tiny", prompt=prompt, max_tokens=200,
+                                           stream=True, extra_body={"ignore_eos": True})
+        next(iter(stream))
+        os.killpg(proc.pid, signal.SIGINT)
+        with pytest.raises(openai.APIError, match="shutting down"):
+            list(stream)
         assert proc.wait(timeout=60) == 0
         _assert_gone(children)
 
@@ -327,8 +418,6 @@ def test_serve_with_two_ranks_answers_as_one_rank_and_leaves_no_process():
 def test_serve_answers_503_and_exits_when_a_rank_dies():
     """A dead worker: the request gets a 503 (not a hang), the server exits with status 1 and
     leaves no process behind."""
-    import openai
-
     with _serve_two_ranks() as (proc, url, children), _client(url) as client:
         worker = next(pid for pid in children if "multiprocessing.spawn" in _cmdline(pid))
         os.kill(worker, signal.SIGKILL)

@@ -84,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
             on_started=started, engine_alive=lambda: engine.is_running))
     finally:
         engine.shutdown()  # no-op when the app's cleanup already stopped it
+    healthy = healthy and not engine.failed  # (also a step that broke off during the drain)
     print("fairswitch serve: stopped" if healthy else "fairswitch serve: the engine failed",
           flush=True)
     return 0 if healthy else 1

@@ -20,7 +20,8 @@ the driver's next collective raise (its peer's connection is gone; ``alive`` say
 plan goes out), and one that hangs makes it raise once ``distributed_timeout_s`` has passed (gloo;
 NCCL's watchdog ends the process instead). Either way the step raises, ``fail`` stops every worker
 (the ranks cannot be known to agree after a step that broke off) and the engine stays failed: the
-requests in flight get the error instead of waiting.
+requests in flight get the error instead of waiting. A spawned worker that exits before it joins
+the group fails the driver's start-up at once (``wait_for_spawned``), not after the timeout.
 """
 
 from __future__ import annotations
@@ -29,10 +30,13 @@ import atexit
 import datetime
 import logging
 import multiprocessing as mp
+import multiprocessing.connection
 import os
 import socket
 import sys
+import signal
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -70,27 +74,85 @@ def collective_backend(device: torch.device, size: int) -> str:
     return "gloo"
 
 
+def share_cpu_threads(device: torch.device, size: int) -> None:
+    """On the CPU, give each of this host's ranks its share of the cores for torch's intra-op
+    threads (each would take them all: oversubscribed ranks that wait for each other at every
+    collective ran 20x slower than with a share), unless OMP_NUM_THREADS says how many."""
+    if device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(max(1, (cores or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", size))))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def init_rank(rank: int, size: int, init_method: str, backend: str, timeout_s: float,
-              device: torch.device) -> tuple[TPGroup, Any]:
-    """Join the group: (the tensor-parallel group, the gloo group for plans). A collective that
-    waits longer than ``timeout_s`` for a rank raises. With NCCL the communicator is made here,
-    on ``device`` (this rank's GPU), not lazily by the first collective: that one may be in a
-    CUDA graph being captured, where making a communicator is not allowed."""
-    timeout = datetime.timedelta(seconds=timeout_s)
-    nccl = backend == "nccl"
-    if nccl:
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
-                            timeout=timeout, device_id=device if nccl else None)
-    control = (dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo"
-               else dist.group.WORLD)
-    return TPGroup(rank, size, dist.group.WORLD), control
+# How long a worker waits for the driver's next plan over gloo: as long as the driver lives (an
+# idle engine sends none; a driver that dies closes its connections, which ends the wait at once).
+PLAN_WAIT = datetime.timedelta(days=365)
+
+
+class Ranks:
+    """What a rank has once it joined: the tensor-parallel group (the model's collectives), a gloo
+    group that times out after ``distributed_timeout_s`` (start-up agreements) and a gloo group
+    for plans, which waits for the next one as long as it takes (``PLAN_WAIT``)."""
+
+    def __init__(self, rank: int, size: int, rendezvous: str | Any, backend: str,
+                 timeout_s: float, device: torch.device) -> None:
+        """``rendezvous``: an init method (``env://``) or a store. A collective that waits longer
+        than ``timeout_s`` for a rank raises. With NCCL the communicator is made here, on
+        ``device`` (this rank's GPU), not lazily by the first collective: that one may be in a
+        CUDA graph being captured, where making a communicator is not allowed."""
+        timeout = datetime.timedelta(seconds=timeout_s)
+        nccl = backend == "nccl"
+        if nccl:
+            torch.cuda.set_device(device)
+        meet = ({"init_method": rendezvous} if isinstance(rendezvous, str)
+                else {"store": rendezvous})
+        dist.init_process_group(backend, rank=rank, world_size=size, timeout=timeout,
+                                device_id=device if nccl else None, **meet)
+        self.tp = TPGroup(rank, size, dist.group.WORLD)
+        self.control = (dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo"
+                        else dist.group.WORLD)
+        self.plans = dist.new_group(backend="gloo", timeout=PLAN_WAIT)
+
+
+def _started_key(rank: int) -> str:
+    return f"fairswitch/started/{rank}"
+
+
+def spawned_store(port: int, size: int, timeout_s: float, rank: int) -> Any:
+    """The rendezvous of the ranks the driver spawns: rank 0 (the driver) hosts it and returns
+    at once; a worker connects and says it started (``wait_for_spawned``)."""
+    store = dist.TCPStore("127.0.0.1", port, size, is_master=rank == 0,
+                          timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
+    if rank:
+        store.set(_started_key(rank), "1")
+    return store
+
+
+def wait_for_spawned(store: Any, procs: list[Any], timeout_s: float) -> None:
+    """Until every spawned rank has started (joining the group is next), or raise at once when
+    one exits first: the driver would otherwise wait ``timeout_s`` for it in the group's
+    rendezvous, and then not say why."""
+    keys = [_started_key(r) for r in range(1, len(procs) + 1)]
+    deadline = time.monotonic() + timeout_s
+    while not store.check(keys):
+        mp.connection.wait([p.sentinel for p in procs], timeout=0.05)
+        dead = [p for p in procs if p.exitcode is not None]
+        if dead:
+            raise RuntimeError(
+                "tensor-parallel worker " + ", ".join(f"{p.name} (exit code {p.exitcode})"
+                                                      for p in dead)
+                + " exited during start-up (its error is above, on stderr). A script that "
+                "starts an engine with tensor_parallel_size > 1 needs an `if __name__ == "
+                "'__main__':` guard: the workers are spawned, and re-run the script's top level")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the tensor-parallel workers did not start within {timeout_s:g} "
+                               "s (distributed_timeout_s)")
 
 
 def launched_rank(size: int) -> int | None:
@@ -111,7 +173,7 @@ def serve_as_worker(config: Any, rank: int) -> None:
     device = resolve_base_device(config)
     _worker_main(rank, config.model.tensor_parallel_size, config, "env://",
                  collective_backend(device, config.model.tensor_parallel_size),
-                 config.model.distributed_timeout_s, None)
+                 config.model.distributed_timeout_s, reader=None)
     raise SystemExit(0)
 
 
@@ -132,6 +194,7 @@ class WorkerGroup:
             raise RuntimeError("tensor parallelism starts its own process group: this process "
                                "already has one (one tensor-parallel engine per process)")
         backend = collective_backend(device, size)
+        share_cpu_threads(device, size)
         # Plans, failure and shutdown come from the engine's thread and from atexit's.
         self._lock = threading.RLock()
         self.procs: list[Any] = []  # the spawned ranks (none under a launcher)
@@ -140,26 +203,28 @@ class WorkerGroup:
         # This rank's CUDA graphs, destroyed before it leaves the group (the builder sets it to
         # the runner's release_graphs; argument: wait for the device first).
         self.release_graphs: Callable[[bool], None] | None = None
-        if launched_rank(size) is not None:
-            init_method = "env://"
-        else:
-            init_method = f"tcp://127.0.0.1:{free_port()}"
+        rendezvous: str | Any = "env://"
+        if launched_rank(size) is None:
+            port = free_port()
             try:
                 self.plans = PlanWriter(num_readers=size - 1) if ORDERED_STORES else None
             except OSError as e:  # no room in shared memory: plans go over gloo instead
                 logger.warning("tensor parallelism: no shared-memory plan queue (%s); plans "
                                "go over gloo, about a millisecond a step", e)
             ctx = mp.get_context("spawn")
-            self.procs = [ctx.Process(target=_worker_main, name=f"fairswitch-tp{r}",
+            self.procs = [ctx.Process(target=_spawned_worker_main, name=f"fairswitch-tp{r}",
                                       daemon=True,
-                                      args=(r, size, config, init_method, backend, timeout_s,
+                                      args=(r, size, config, port, backend, timeout_s,
                                             self.plans.handle if self.plans else None))
                           for r in range(1, size)]
         try:
             for p in self.procs:
                 p.start()
-            self.tp, self.control = init_rank(0, size, init_method, backend, timeout_s,
-                                              rank_device(device, 0))
+            if self.procs:
+                rendezvous = spawned_store(port, size, timeout_s, rank=0)
+                wait_for_spawned(rendezvous, self.procs, timeout_s)
+            ranks = Ranks(0, size, rendezvous, backend, timeout_s, rank_device(device, 0))
+            self.tp, self.control, self.plan_group = ranks.tp, ranks.control, ranks.plans
         except BaseException:
             for p in self.procs:
                 if p.pid is not None:
@@ -202,7 +267,7 @@ class WorkerGroup:
                            self._broadcast_over_gloo)
 
     def _broadcast_over_gloo(self, message: Any) -> None:
-        dist.broadcast_object_list([message], src=0, group=self.control)
+        dist.broadcast_object_list([message], src=0, group=self.plan_group)
 
     def _check_alive(self) -> None:
         if not self.alive():
@@ -225,6 +290,25 @@ class WorkerGroup:
             for p in self.procs:
                 p.kill()  # (SIGKILL: also ends a stopped or hung process)
             self._end(10.0, abort=True)
+
+    def exits(self) -> str:
+        """The spawned ranks that ended by themselves (not killed by ``fail``), with their exit
+        codes: after a failed collective, the ones whose error (on stderr) is the cause."""
+        return ", ".join(f"{p.name} exit code {p.exitcode}" for p in self.procs
+                         if p.exitcode not in (None, -signal.SIGKILL))
+
+    def failure_cause(self, error: BaseException) -> str:
+        """``error`` (the driver's side of a failed collective: often just "connection closed"),
+        led by the ranks that exited by themselves, if any."""
+        exits = self.exits()
+        return f"{exits}, its error on stderr; the driver's: {error}" if exits else str(error)
+
+    def kill(self) -> None:
+        """SIGKILL the spawned ranks now, without the lock (a step waiting on them may hold it):
+        for a shutdown that cannot wait for a step stuck in a collective, which then fails."""
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
 
     def alive(self) -> bool:
         """Are the spawned ranks alive? (Launched ones are not watched: a collective with a
@@ -293,13 +377,13 @@ def _min_over_ranks(n: int, group: Any) -> int:
     return int(t.item())
 
 
-def _receive_plans(reader: PlanReader | None, control: Any) -> Callable[[], Any]:
+def _receive_plans(reader: PlanReader | None, group: Any) -> Callable[[], Any]:
     """The worker's source of the driver's messages: shared memory (spawned by the driver,
     which it outlives by no more than a look: it exits once its parent has gone) or gloo."""
 
     def over_gloo() -> Any:
         box: list[Any] = [None]
-        dist.broadcast_object_list(box, src=0, group=control)
+        dist.broadcast_object_list(box, src=0, group=group)
         return box[0]
 
     if reader is None:
@@ -313,20 +397,33 @@ def _receive_plans(reader: PlanReader | None, control: Any) -> Callable[[], Any]
     return lambda: reader.get(driver_alive, over_gloo)
 
 
-def _worker_main(rank: int, size: int, config: Any, init_method: str, backend: str,
-                 timeout_s: float, plans: QueueHandle | None) -> None:
+def _spawned_worker_main(rank: int, size: int, config: Any, port: int, backend: str,
+                         timeout_s: float, plans: QueueHandle | None) -> None:
+    """A rank the driver spawned. It ignores SIGINT and SIGTERM: a terminal's Ctrl-C or a
+    supervisor signals the whole process group, and the driver, which drains its requests
+    first, ends its workers itself (a farewell plan, or SIGKILL; they also exit when it dies)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Mapped before joining the group: once every rank has joined, the driver unlinks it.
+    reader = PlanReader(plans, rank - 1) if plans is not None else None
+    _worker_main(rank, size, config, spawned_store(port, size, timeout_s, rank), backend,
+                 timeout_s, reader)
+
+
+def _worker_main(rank: int, size: int, config: Any, rendezvous: str | Any, backend: str,
+                 timeout_s: float, reader: PlanReader | None) -> None:
     from fairswitch.distributed.copy_mirror import CopyReplay
     from fairswitch.engine.builder import build_rank
 
-    # Mapped before joining the group: once every rank has joined, the driver unlinks it.
-    reader = PlanReader(plans, rank - 1) if plans is not None else None
     device = rank_device(resolve_base_device(config), rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    tp, control = init_rank(rank, size, init_method, backend, timeout_s, device)
-    receive = _receive_plans(reader, control)
+    share_cpu_threads(device, size)
+    ranks = Ranks(rank, size, rendezvous, backend, timeout_s, device)
+    receive = _receive_plans(reader, ranks.plans)
     try:
-        part = build_rank(config, tp, device, lambda n: _min_over_ranks(n, control))
+        part = build_rank(config, ranks.tp, device,
+                          lambda n: _min_over_ranks(n, ranks.control))
         swap = part.kv.swap
         replay = CopyReplay(part.kv.cache.tensor, swap.cpu_tensor,
                             part.kv.copy_backends)

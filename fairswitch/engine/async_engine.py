@@ -128,15 +128,28 @@ class AsyncEngine:
         self._wake.set()
 
     def shutdown(self, timeout: float = 30.0) -> None:
-        """Abort everything in flight and stop the engine thread."""
+        """Abort everything in flight and stop the engine thread, waiting ``timeout`` seconds
+        for its step. A step that takes longer with tensor parallelism is stuck in a collective
+        (a rank hangs): the workers are killed, which fails it, and the engine has failed."""
         if self._stopping:
             return
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout)
+        workers = self.engine.workers
+        if self._thread.is_alive() and workers is not None:
+            logger.error("shutdown: the engine's step did not end within %.3g s: killing the "
+                         "tensor-parallel workers", timeout)
+            workers.kill()
+            self._thread.join(timeout)
         self._frozen.close()  # the engine's memory can be collected again
         if not self._thread.is_alive():  # (a step still running owns the other ranks)
             self.engine.shutdown()
+
+    @property
+    def failed(self) -> bool:
+        """Did a step raise (the engine thread stopped with an error)?"""
+        return self._error is not None
 
     @property
     def is_running(self) -> bool:

@@ -23,8 +23,8 @@ import torch.distributed as dist
 from fairswitch.config import EngineConfig
 from fairswitch.distributed.parallel_state import SINGLE, TPGroup
 from fairswitch.distributed.shard_plan import ShardPlan
-from fairswitch.distributed.workers import (WorkerGroup, launched_rank, rank_device,
-                                             serve_as_worker)
+from fairswitch.distributed.workers import (RanksStoppedError, WorkerGroup, launched_rank,
+                                             rank_device, serve_as_worker)
 from fairswitch.engine.output_processor import OutputProcessor
 from fairswitch.kv.kv_cache import KVLayout, kv_cache_dtype
 from fairswitch.kv.memory import KVMemory, num_gpu_blocks
@@ -104,6 +104,9 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     except BaseException as e:
         if workers is not None:  # they may wait in a collective this rank never reaches
             workers.fail(e)
+            if workers.exits() and isinstance(e, Exception):  # a worker's error caused it
+                raise RanksStoppedError(f"tensor-parallel start-up failed "
+                                        f"({workers.failure_cause(e)})") from e
         raise
     if workers is not None:
         part.runner.send_plan = workers.send

@@ -132,7 +132,8 @@ class Engine:
         except BaseException as e:
             self.workers.fail(e)
             if isinstance(e, Exception) and not isinstance(e, RanksStoppedError):
-                raise RanksStoppedError(f"a tensor-parallel step failed ({e}): every worker is "
+                raise RanksStoppedError(f"a tensor-parallel step failed "
+                                        f"({self.workers.failure_cause(e)}): every worker is "
                                         "stopped and the engine is shut down") from e
             raise
 

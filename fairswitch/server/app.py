@@ -52,6 +52,11 @@ logger = logging.getLogger(__name__)
 PUBLIC_PATHS = frozenset({"/health", "/version", "/metrics"})  # no API key needed
 
 
+# The wait for the engine's last step once the drain has aborted the requests; a step still
+# running then is stuck (AsyncEngine.shutdown).
+ENGINE_STOP_S = 5.0
+
+
 def _auth_middleware(api_key: str) -> Any:
     expected = api_key.encode()
 
@@ -415,7 +420,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None, *,
     app.on_cleanup.append(stop_prompt_workers)
     if shutdown_engine:
         async def stop_engine(app: web.Application) -> None:
-            await asyncio.to_thread(engine.shutdown)
+            await asyncio.to_thread(engine.shutdown, ENGINE_STOP_S)
         app.on_cleanup.append(stop_engine)
     return app
 

@@ -111,7 +111,12 @@ class InFlight:
         ids = [rid for r in self._records.values() for rid in r.request_ids]
         logger.warning("shutdown: %d requests still in flight after %.3g s: aborting %d engine "
                        "requests", len(self._records), timeout, len(ids))
-        await asyncio.gather(*map(abort, ids))  # at once: the engine runs them between two steps
+        try:  # at once: the engine runs them between two steps
+            await asyncio.wait_for(asyncio.gather(*map(abort, ids)), ABORT_GRACE_S)
+        except asyncio.TimeoutError:
+            logger.error("shutdown: the engine did not take the aborts within %.3g s (a step "
+                         "is stuck): stopping anyway", ABORT_GRACE_S)
+            return
         if not await self._wait_idle(ABORT_GRACE_S):
             logger.warning("shutdown: %d requests did not end once aborted: their connections "
                            "are closed", len(self._records))
