@@ -274,11 +274,13 @@ def test_a_request_at_its_length_limit_is_neither_scheduled_ahead_nor_preempted(
     engine.check_accounting()
 
 
-def test_a_step_that_raises_after_its_launch_leaves_the_engine_steppable():
+@pytest.mark.parametrize("seed", [None, 7])
+def test_a_step_that_raises_after_its_launch_leaves_the_engine_steppable(seed):
     """An error while the step is in flight (here from a gpu_busy callback) loses that step's
     tokens, not the requests: the next steps compute them again and every request ends as
-    without it."""
-    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    without it, greedy or seeded (a lost draw is drawn again the same)."""
+    params = SamplingParams(max_tokens=16, temperature=0.0 if seed is None else 0.8, seed=seed,
+                            ignore_eos=True)
     prompts = PROMPTS * 3
     want = tokens(make_llm(False).generate(prompts, params, use_tqdm=False))
     llm = make_llm(True, num_gpu_blocks=16, block_size=4, max_model_len=48, swap_space=0.01,

@@ -20,7 +20,7 @@ def llm():
 @pytest.mark.parametrize("kwargs, match", [
     ({"max_tokens": 0}, "max_tokens must be at least 1"),
     ({"max_tokens": -3}, "max_tokens must be at least 1"),
-    ({"temperature": -0.5}, "temperature must be >= 0"),
+    ({"temperature": -0.5}, "temperature must be a finite number >= 0"),
     ({"top_p": 0.0}, "top_p must be in"),
     ({"top_p": 1.5}, "top_p must be in"),
     ({"top_k": -2}, "top_k"),
@@ -66,10 +66,15 @@ def test_engine_keeps_serving_while_bad_requests_arrive(llm):
             engine.add_request(bad, SamplingParams(max_tokens=4))
     with pytest.raises(ValueError, match="already in use"):
         engine.add_request("dup", SamplingParams(), request_id=good)
+    # A caller's id that is a number the engine would pick next: the engine picks another.
+    mine = engine.add_request("mine", SamplingParams(max_tokens=2),
+                              request_id=str(int(good) + 1))
+    auto = engine.add_request("auto", SamplingParams(max_tokens=2))
+    assert auto not in (good, mine)
     done = None
     while engine.has_unfinished_requests():
         for out in engine.step():
-            if out.finished:
+            if out.finished and out.request_id == good:
                 done = out
     assert done is not None and done.request_id == good
     assert len(done.outputs[0].token_ids) == 10

@@ -95,3 +95,23 @@ def test_reservations_are_reclaimed_when_memory_is_tight():
     assert not kv.allocate_slots(a, 5)  # a's growth now has to wait for memory
     kv.free(b)
     assert kv.allocate_slots(a, 5) and num_extents(a.block_table) <= 2
+
+
+def test_a_reservation_takes_only_free_blocks_not_cached_ones_or_others_reservations():
+    """The unused tail of a group is speculative: it must not evict the prefix cache (the next
+    turn of a conversation would recompute) nor take another request's reservation."""
+    kv = KVCacheManager(16, 4, enable_prefix_caching=True, block_groups=True, max_model_len=64)
+    turn = Request("turn1", list(range(100, 120)), SamplingParams(max_tokens=1), 0.0)
+    assert kv.allocate_slots(turn, 20)
+    turn.num_computed_tokens = 20
+    kv.free(turn)  # its 5 full blocks stay cached
+    cached = len(kv.prefix_cache.evictable)
+    assert cached == 5 and kv.pool.num_free_blocks == 11
+    a = Request("a", [7] * 3, SamplingParams(max_tokens=60), 0.0)  # expects 16 blocks
+    assert kv.allocate_slots(a, 3)
+    assert len(kv.prefix_cache.evictable) == cached  # nothing evicted
+    assert len(a.block_table) == 1 and kv.num_reserved_blocks == 10  # the free blocks only
+    b = Request("b", [8] * 3, SamplingParams(max_tokens=60), 0.0)
+    assert kv.allocate_slots(b, 3)  # needs one block: a's tail gives it back, b reserves none
+    assert len(b.block_table) == 1 and b not in kv.reserved
+    assert len(kv.prefix_cache.evictable) == cached

@@ -64,7 +64,7 @@ def test_shaped_logits_match_the_reference():
 def test_min_p_keeps_only_tokens_near_the_best():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     sampler = Sampler(torch.device("cpu"), seed=0)
-    req = _request(SamplingParams(temperature=1.0, min_p=0.4, seed=1), [1], [])
+    req = _request(SamplingParams(temperature=1.0, min_p=0.4), [1], [])
     seen = {int(sampler.sample(logits, [req])[0]) for _ in range(200)}
     assert seen == {0, 1}  # 0.15 and 0.05 are below 0.4 x 0.5
 
@@ -79,7 +79,7 @@ def test_extreme_temperatures_sample_sanely():
     sampler.eos_token_ids = {0}
     cold = [_request(SamplingParams(temperature=t, seed=3), [1], []) for t in (1e-39, 1e-300)]
     assert sampler.sample(logits[:2], cold)[0].tolist() == logits[:2].argmax(-1).tolist()
-    hot = _request(SamplingParams(temperature=1e39, min_tokens=5, stop_token_ids=[7], seed=4,
+    hot = _request(SamplingParams(temperature=1e39, min_tokens=5, stop_token_ids=[7],
                                   max_tokens=10), [1], [])
     seen = [int(sampler.sample(logits[2:3], [hot])[0]) for _ in range(300)]
     assert not {0, 7} & set(seen) and len(set(seen)) > VOCAB // 2

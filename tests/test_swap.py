@@ -521,3 +521,39 @@ def test_release_during_an_early_landed_fetch_gives_back_the_group_reservation()
     while swap.reclaim_in_flight():
         pass
     assert kv.pool.num_free_blocks == 32 and not swap.has_in_flight()
+
+
+def test_without_incremental_swap_a_request_out_again_before_its_swap_in_lands_keeps_its_copy(
+        llama_dir):
+    """vLLM-style swaps (no incremental swap) free the CPU copy once a swap-in lands, but not
+    when the request, run early, was swapped out again meanwhile: that copy is then its only one
+    (and its new swap-out still writes it)."""
+    llm = LLM(model=str(llama_dir), num_gpu_blocks=64, block_size=4, max_model_len=64,
+              swap_space=0.01, incremental_swap=False, early_swap_in=True,
+              async_scheduling=False)
+    engine, params = llm.engine, greedy(20)
+    swap, sched = engine.kv.swap, engine.scheduler
+    slow_link(swap, 3)
+    req = engine.requests[engine.add_request(PROMPTS[0], params)]
+    while req.num_output_tokens < 3:
+        engine.step()
+    sched._preempt(req)  # swapped out; wait for it to land
+    while req in swap.outgoing:
+        swap.poll()
+    sched.swapped.remove(req)
+    swap.swap_in(req)  # lands early: runs before its copy is seen to land
+    sched._land(swap.poll())
+    assert req in swap.incoming and req in sched.running
+    sched._preempt(req)  # out again, before the host has seen the swap-in land
+    assert req in swap.outgoing
+    while req in swap.incoming:
+        swap.poll()
+    assert req.cpu_block_table and req.num_cpu_tokens >= len(PROMPTS[0]) // 4
+    got = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            got = out.outputs[0].token_ids
+    engine.check_accounting()
+    want = LLM(model=str(llama_dir), num_gpu_blocks=64, swap_space=0).generate(
+        [PROMPTS[0]], params, use_tqdm=False)[0].outputs[0].token_ids
+    assert got == want

@@ -69,7 +69,10 @@ class Engine:
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         self.inputs.check_params(params)
         text, ids = self.inputs.validate(prompt, prompt_token_ids)
-        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        if request_id is None:  # the next number no caller-chosen id holds
+            while (request_id := str(next(self._ids))) in self.requests:
+                pass
+        request_id = str(request_id)
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         req = Request(request_id, ids, params,

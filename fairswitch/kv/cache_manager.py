@@ -97,11 +97,11 @@ class KVCacheManager:
         if n > self.num_free_blocks:
             return False
         if self.block_groups and request not in self.reserved and not request.grouped:
-            # First own allocation: reserve the whole expected group, keep the unused tail.
+            # First own allocation: reserve the whole expected group, keep the unused tail. The
+            # tail is speculative: it takes free blocks only, never a cached block (the next turn
+            # of a conversation would lose its KV) or another request's reservation.
             request.grouped = True
-            want = min(self._expected_blocks(request, n),
-                       self.pool.num_free_blocks + len(self.prefix_cache.evictable
-                                                       if self.prefix_cache else ()))
+            want = min(self._expected_blocks(request, n), self.pool.num_free_blocks)
             blocks = self.allocate_blocks(max(want, n))
             request.block_table.extend(blocks[:n])
             if len(blocks) > n:

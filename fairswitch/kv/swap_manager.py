@@ -312,7 +312,9 @@ class SwapManager:
             del self.incoming[req]
             if t.cpu_blocks_to_unpin:
                 self._unpin(t.cpu_blocks_to_unpin)
-            if not self.incremental:  # vLLM 0.3.3 frees the CPU copy on swap-in
+            # vLLM 0.3.3 frees the CPU copy on swap-in; not if the request left the GPU again
+            # meanwhile (an early landing, then a swap-out): it is its only copy then
+            if not self.incremental and req.block_table and req not in self.outgoing:
                 self.drop_cpu_copy(req)
             if not t.landed_early:
                 ready.append(req)

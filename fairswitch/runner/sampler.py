@@ -165,12 +165,21 @@ class Sampler:
         return logits - freq[:, None] * counts.to(logits.dtype) - pres[:, None] * seen
 
     def _generator_of(self, req: Request) -> torch.Generator:
+        """The shared generator, or a seeded request's own, seeded for the output position
+        being sampled (the last token, a placeholder now): a draw depends on (seed, position)
+        only, so a step lost to an error (``Scheduler.revert``) draws the same again."""
         seed = req.sampling_params.seed
         if seed is None:
             return self._generator
         if req.generator is None:
-            req.generator = torch.Generator(device=self.device).manual_seed(seed)
-        return req.generator
+            req.generator = torch.Generator(device=self.device)
+        return req.generator.manual_seed(position_seed(seed, req.num_output_tokens - 1))
+
+
+def position_seed(seed: int, position: int) -> int:
+    """A 64-bit seed for a request's draw at an output position: distinct for the positions of
+    one seed, and for the copies of an ``n`` request (seeds seed, seed + 1, ...)."""
+    return (seed * 0x9E3779B97F4A7C15 + position) % 2**64
 
 
 def _token_counts(token_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
