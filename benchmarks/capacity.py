@@ -219,6 +219,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(str(e))
     if args.compare is not None or args.url is not None:
         parser.error("give the configurations with --configs (in-process only)")
+    if args.request_rate is not None or args.max_concurrency is not None:
+        parser.error("--request-rate and --max-concurrency would set the arrivals that the "
+                     "load does: the load scales the trace's own arrivals")
     if args.steps < 0 or args.grow < 0 or not 0 < args.low < args.high:
         parser.error("need --steps >= 0, --grow >= 0 and 0 < --low < --high")
     if not (args.ttft_slo_ms > 0 and args.tpot_slo_ms > 0):

@@ -80,6 +80,10 @@ def test_slo_attainment_and_goodput():
     s = summarize(schedule(), slo=SLO(tbt_s=0.2))  # a gap equal to the target meets it
     assert s["slo_attainment"] == {"ttft": None, "tbt": 0.75, "both": 0.75, "num_met": 3}
     assert s["slo"] == {"ttft_s": None, "tbt_s": 0.2}
+    # Turns never sent (their conversation's earlier turn failed) are misses: failing a turn
+    # must not raise the attainment by dropping the turns after it from the count.
+    s = summarize(schedule(), slo=SLO(tbt_s=0.2), num_unsent=2)
+    assert s["slo_attainment"] == {"ttft": None, "tbt": 0.5, "both": 0.5, "num_met": 3}
     plain = summarize(schedule())
     assert plain["slo"] is None and plain["goodput"] is None and plain["slo_attainment"] is None
     with pytest.raises(ValueError, match="ttft_s"):

@@ -79,6 +79,13 @@ def test_full_fp8_is_a_configuration():
     assert ablation_config("full", base).cache.kv_cache_dtype == base.cache.kv_cache_dtype
 
 
+@pytest.mark.parametrize("option", [["--request-rate", "3"], ["--max-concurrency", "4"]])
+def test_options_that_would_set_the_arrivals_are_refused(capacity, option, capsys):
+    with pytest.raises(SystemExit):
+        capacity.main(["--trace", str(TINY_TRACE), *option])
+    assert "the load scales the trace's own arrivals" in capsys.readouterr().err
+
+
 def test_capacity_smoke(capacity, tmp_path):
     out = tmp_path / "results" / "capacity.json"
     returned = capacity.main([

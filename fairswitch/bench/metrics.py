@@ -94,12 +94,14 @@ def _fraction(num: int, den: int) -> float | None:
     return num / den if den else None
 
 
-def slo_attainment(checks: Sequence[tuple[bool, bool]], slo: SLO | None) -> dict | None:
+def slo_attainment(checks: Sequence[tuple[bool, bool]], slo: SLO | None,
+                   num_unsent: int = 0) -> dict | None:
     """Fractions of all requests meeting each target and both, from their ``SLO.check``
-    results; None without targets."""
+    results and ``num_unsent`` requests that were never sent (turns after a failed one: each a
+    miss, or failing one turn would drop the rest from the count); None without targets."""
     if slo is None or not slo.is_set:
         return None
-    n = len(checks)
+    n = len(checks) + num_unsent
     num_met = sum(t and b for t, b in checks)
     return {
         "ttft": None if slo.ttft_s is None else _fraction(sum(t for t, _ in checks), n),
@@ -110,10 +112,12 @@ def slo_attainment(checks: Sequence[tuple[bool, bool]], slo: SLO | None) -> dict
 
 
 def group_summary(records: Sequence[RequestRecord], slo: SLO | None,
-                  checks: Sequence[tuple[bool, bool]] | None = None) -> dict:
+                  checks: Sequence[tuple[bool, bool]] | None = None,
+                  num_unsent: int = 0) -> dict:
     """Counts, token totals, latency stats and SLO attainment of one set of requests.
 
-    ``checks`` are the records' ``slo.check`` results when the caller already has them.
+    ``checks`` are the records' ``slo.check`` results when the caller already has them;
+    ``num_unsent``: requests of the set never sent (``slo_attainment``).
     """
     if slo is not None and slo.is_set and checks is None:
         checks = [slo.check(r) for r in records]
@@ -127,7 +131,7 @@ def group_summary(records: Sequence[RequestRecord], slo: SLO | None,
         "tpot": latency_stats([r.tpot_s for r in ok if r.tpot_s is not None]),
         "tbt": latency_stats(_tbt_gaps(ok)),
         "e2el": latency_stats([r.e2e_s for r in ok]),
-        "slo_attainment": slo_attainment(checks or [], slo),
+        "slo_attainment": slo_attainment(checks or [], slo, num_unsent),
     }
 
 
@@ -155,11 +159,12 @@ def _split(records: Sequence[RequestRecord], key: Callable[[RequestRecord], Hash
 
 def summarize(records: list[RequestRecord], duration_s: float | None = None,
               slo: SLO | None = None, window_s: float = 10.0,
-              weights: dict[str, float] | None = None) -> dict:
+              weights: dict[str, float] | None = None, num_unsent: int = 0) -> dict:
     """Everything a benchmark reports about one run, as a JSON-serializable dict.
 
     ``duration_s`` defaults to the first arrival to the last finish. No records gives zero counts
-    and None for every value that needs a sample or a duration.
+    and None for every value that needs a sample or a duration. ``num_unsent``: the trace's
+    requests never sent (the replay's skipped turns), misses in the SLO attainment.
     """
     _check_positive(duration_s, "duration_s")
     _check_positive(window_s, "window_s")
@@ -167,7 +172,7 @@ def summarize(records: list[RequestRecord], duration_s: float | None = None,
     duration = duration if duration else None  # a zero span has no rate
     # Checked once per request: the TBT check walks every gap, and the splits reuse the result.
     checks = [slo.check(r) for r in records] if slo is not None and slo.is_set else None
-    overall = group_summary(records, slo, checks)
+    overall = group_summary(records, slo, checks, num_unsent)
     attainment = overall["slo_attainment"]
     return {
         "num_requests": len(records),

@@ -45,7 +45,8 @@ class RunResult:
         """``metrics.summarize`` of the records, with the switch metrics as ``engine``."""
         from fairswitch.bench.metrics import summarize
 
-        summary = summarize(self.records, self.duration_s or None, slo, window_s, weights)
+        summary = summarize(self.records, self.duration_s or None, slo, window_s, weights,
+                            num_unsent=self.num_skipped_turns)
         summary["engine"] = self.switch_metrics
         summary["skipped_turns"] = self.num_skipped_turns
         if self.stopped is not None:
