@@ -32,9 +32,9 @@ import logging
 import multiprocessing as mp
 import multiprocessing.connection
 import os
+import signal
 import socket
 import sys
-import signal
 import threading
 import time
 import traceback
