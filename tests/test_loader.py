@@ -41,6 +41,20 @@ def test_missing_shard_is_named(tmp_path, write_checkpoint):
         loader._checkpoint_files(tmp_path / "s")
 
 
+def test_a_tensor_the_config_has_no_place_for_is_refused(tmp_path, write_checkpoint):
+    """A bias that config.json does not declare is refused, not silently dropped."""
+    from safetensors.torch import load_file, save_file
+
+    ckpt = write_checkpoint(tmp_path / "ckpt")
+    file = ckpt / "model.safetensors"
+    tensors = load_file(str(file))
+    rows = tensors["model.layers.0.mlp.down_proj.weight"].shape[0]
+    tensors["model.layers.0.mlp.down_proj.bias"] = torch.zeros(rows)
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="model.layers.0.mlp.down_proj.bias"):
+        LLM(model=str(ckpt), num_gpu_blocks=64)
+
+
 @pytest.mark.parametrize("name, params_b", [
     ("llama-3-8b", 8.03), ("llama-3.1-8b", 8.03), ("llama-3-70b", 70.55), ("qwen2.5-7b", 7.62),
     ("qwen2.5-32b", 32.76),
@@ -91,6 +105,9 @@ def _transformers_view(raw: dict) -> dict:
     window = getattr(hf, "sliding_window", None)
     if not getattr(hf, "use_sliding_window", True):
         window = None
+    types = getattr(hf, "layer_types", None)
+    if types is not None and "sliding_attention" not in types:  # (mixed: refused by ours)
+        window = None
     return {
         "hidden_size": hf.hidden_size, "intermediate_size": hf.intermediate_size,
         "num_hidden_layers": hf.num_hidden_layers,
@@ -140,10 +157,31 @@ def test_checkpoint_config_reads_a_checkpoint_transformers_wrote(llama_dir):
     assert cfg.rope_scaling["rope_type"] == "llama3" and cfg.rope_theta == 500000.0
 
 
+@pytest.mark.parametrize("model_type, arch, change", [
+    ("mistral", "MistralForCausalLM", {"sliding_window": None}),  # Mistral-7B v0.2+: no window
+    ("mistral", "MistralForCausalLM", {"sliding_window": 32}),
+    ("qwen2", "Qwen2ForCausalLM", {"use_sliding_window": True, "max_window_layers": 0}),
+    ("qwen2", "Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 32,
+                                   "max_window_layers": 2}),  # no layer past the 2 slides
+    ("qwen2", "Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 32,
+                                   "max_window_layers": 0}),
+])
+def test_checkpoint_config_windows_and_nulls_match_transformers(model_type, arch, change):
+    """An explicit null is not a missing key; Qwen2 slides only from max_window_layers on."""
+    raw = {"architectures": [arch], "model_type": model_type, "hidden_size": 64,
+           "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "vocab_size": 1000, **change}
+    assert _ours(loader.CheckpointConfig.from_dict(raw)) == _transformers_view(raw)
+
+
 @pytest.mark.parametrize("change, message", [
     ({"architectures": ["GPT2LMHeadModel"]}, "unsupported model architecture"),
     ({"model_type": "gpt2"}, "model_type"),
     ({"hidden_size": None}, "lacks hidden_size"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
+    ({"mlp_bias": True}, "mlp_bias is not supported"),
+    ({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "num_hidden_layers": 4,
+      "use_sliding_window": True, "max_window_layers": 2}, "2 of 4 layers"),
 ])
 def test_checkpoint_config_refuses_what_it_cannot_serve(change, message):
     raw = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,

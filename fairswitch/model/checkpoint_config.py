@@ -23,8 +23,9 @@ _TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
     "mistral": {"num_key_value_heads": 8, "max_position_embeddings": 4096 * 32,
                 "sliding_window": 4096, "use_sliding_window": True},
     "qwen2": {"num_key_value_heads": 32, "max_position_embeddings": 32768,
-              "sliding_window": None, "use_sliding_window": False},
+              "sliding_window": 4096, "use_sliding_window": False},
 }
+_ACTIVATIONS = ("silu", "swish")  # the MLP's gate activation (the same function)
 _REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "vocab_size")
 
@@ -68,18 +69,25 @@ class CheckpointConfig:
             raise ValueError(f"{where} lacks {', '.join(missing)}")
         defaults = _TYPE_DEFAULTS[model_type]
         get = lambda key, default=None: raw[key] if raw.get(key) is not None else default  # noqa: E731
+        if get("hidden_act", "silu") not in _ACTIVATIONS:
+            raise ValueError(f"{where}: hidden_act {raw['hidden_act']!r} is not supported "
+                             f"(only {' / '.join(_ACTIVATIONS)})")
+        if get("mlp_bias", False):
+            raise ValueError(f"{where}: mlp_bias is not supported")
         heads = int(raw["num_attention_heads"])
         # transformers 5 writes rope_parameters (with rope_theta inside), 4.x rope_scaling.
         rope = dict(get("rope_parameters") or get("rope_scaling") or {})
         theta = float(rope.pop("rope_theta", get("rope_theta", 10000.0)))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        use_window = get("use_sliding_window", defaults["use_sliding_window"])
+        layers = int(raw["num_hidden_layers"])
         return cls(
             architecture=archs[0], model_type=model_type,
             hidden_size=int(raw["hidden_size"]), intermediate_size=int(raw["intermediate_size"]),
             num_hidden_layers=int(raw["num_hidden_layers"]), num_attention_heads=heads,
-            num_key_value_heads=int(get("num_key_value_heads",
-                                        defaults["num_key_value_heads"] or heads)),
+            # (an explicit null means "as many as query heads", as in transformers)
+            num_key_value_heads=int(raw["num_key_value_heads"] or heads
+                                    if "num_key_value_heads" in raw
+                                    else defaults["num_key_value_heads"] or heads),
             head_dim=int(get("head_dim", int(raw["hidden_size"]) // heads)),
             vocab_size=int(raw["vocab_size"]),
             max_position_embeddings=int(get("max_position_embeddings",
@@ -89,10 +97,34 @@ class CheckpointConfig:
             tie_word_embeddings=bool(get("tie_word_embeddings", False)),
             qkv_bias=archs[0] == "Qwen2ForCausalLM" or bool(get("attention_bias", False)),
             o_proj_bias=bool(get("attention_bias", False)),
-            sliding_window=get("sliding_window", defaults["sliding_window"]) if use_window else None,
+            sliding_window=_sliding_window(raw, defaults, layers, where),
             eos_token_id=get("eos_token_id"), bos_token_id=get("bos_token_id"), raw=raw)
 
     @classmethod
     def from_file(cls, path: Path) -> CheckpointConfig:
         with open(path) as f:
             return cls.from_dict(json.load(f), str(path))
+
+
+def _sliding_window(raw: dict[str, Any], defaults: dict[str, Any], num_layers: int,
+                    where: str) -> int | None:
+    """The attention window every layer uses (None: full attention), as transformers reads it:
+    an explicit null ``sliding_window`` is no window; Qwen2 slides only when
+    ``use_sliding_window``, and only layers from ``max_window_layers`` on (``layer_types``
+    says which, where present). One window for some layers and none for others is refused."""
+    window = raw["sliding_window"] if "sliding_window" in raw else defaults["sliding_window"]
+    use = raw.get("use_sliding_window")
+    if window is None or not (defaults["use_sliding_window"] if use is None else use):
+        return None
+    if "layer_types" in raw:
+        sliding = sum(t == "sliding_attention" for t in raw["layer_types"])
+    elif raw.get("model_type") == "qwen2":
+        sliding = max(0, num_layers - int(raw.get("max_window_layers", 28)))
+    else:
+        sliding = num_layers
+    if sliding == 0:
+        return None
+    if sliding != num_layers:
+        raise ValueError(f"{where}: a sliding window on {sliding} of {num_layers} layers is not "
+                         "supported (one window for every layer, or none)")
+    return int(window)

@@ -125,8 +125,9 @@ def _target(name: str, model: LlamaForCausalLM) -> _Target | None:
     else:
         return None
     param = getattr(model.layers[layer_idx].get_submodule(ours), kind, None)
-    if param is None:
-        return None
+    if param is None:  # e.g. a bias config.json does not declare: refused, not dropped
+        raise ValueError(f"the checkpoint has {name}, for which the model that config.json "
+                         f"describes has no parameter")
     return _Target(param, _shard_of(model, f"layers.{layer_idx}.{ours}.{kind}"), part)
 
 
