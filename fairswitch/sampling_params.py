@@ -46,8 +46,14 @@ class SamplingParams:
     shapes_logits: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
+        # vLLM's forms: None for none, one string or one id for a list of one
+        if self.stop is None or isinstance(self.stop, str):
+            self.stop = [] if self.stop is None else [self.stop]
+        if self.stop_token_ids is None or isinstance(self.stop_token_ids, int):
+            self.stop_token_ids = [] if self.stop_token_ids is None else [self.stop_token_ids]
+        for name in ("stop", "stop_token_ids"):
+            if not isinstance(getattr(self, name), (list, tuple)):
+                raise ValueError(f"{name} must be a list, got {getattr(self, name)!r}")
         self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids)
         _check_int("max_tokens", self.max_tokens)

@@ -40,6 +40,16 @@ def test_stream_yields_tokens_and_finishes(engine):
     asyncio.run(main())
 
 
+def test_request_ids_that_are_not_strings_or_are_zero(engine):
+    """The engine keys requests by str: an int id streams (it hung, its outputs dropped), and
+    0 is an id like any other (not replaced by a random one)."""
+    async def main():
+        for rid in (5, 0):
+            outs = await asyncio.wait_for(collect(engine, "ids", 3, request_id=rid), 60)
+            assert outs[-1].finished and outs[-1].request_id == str(rid)
+    asyncio.run(main())
+
+
 def test_many_concurrent_streams(engine):
     async def main():
         results = await asyncio.gather(*(collect(engine, f"prompt {i}", 4 + i % 5)

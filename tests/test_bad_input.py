@@ -141,3 +141,12 @@ def test_bad_engine_config(kwargs, match):
 def test_kv_cache_smaller_than_max_model_len():
     with pytest.raises(ValueError, match="less than max_model_len"):
         LLM(num_gpu_blocks=2, block_size=4, max_model_len=64)
+
+
+@pytest.mark.parametrize("device, message", [("cuda:x", "is not a device"),
+                                             ("nonsense", "is not a device")])
+def test_a_bad_device_is_a_value_error(device, message):
+    from fairswitch.engine.builder import resolve_device
+
+    with pytest.raises(ValueError, match=message):
+        resolve_device(device)

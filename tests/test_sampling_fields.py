@@ -224,10 +224,18 @@ def test_n_copies_are_sampled_independently_and_share_the_prompt(llama_dir):
     (dict(min_tokens=20, max_tokens=10), "min_tokens"), (dict(presence_penalty=3), "presence"),
     (dict(repetition_penalty=0.0), "repetition"), (dict(min_p=1.5), "min_p"),
     (dict(logprobs=21), "logprobs"), (dict(logit_bias={"x": 1}), "logit_bias"),
-    (dict(logit_bias={3: 500}), "logit_bias"), (dict(n=0), "n must")])
+    (dict(logit_bias={3: 500}), "logit_bias"), (dict(n=0), "n must"),
+    (dict(stop=5), "stop must be a list"), (dict(stop_token_ids="7"), "stop_token_ids must")])
 def test_bad_fields_are_refused(bad, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**bad)
+
+
+def test_vllm_forms_of_stop_fields():
+    """None for none, one string or one id for a list of one (vLLM's defaults are None)."""
+    assert SamplingParams(stop=None, stop_token_ids=None).stop == []
+    assert SamplingParams(stop=None, stop_token_ids=None).stop_token_ids == []
+    assert SamplingParams(stop="x", stop_token_ids=5).stop_token_ids == [5]
 
 
 def test_logit_bias_outside_the_vocabulary_is_refused(llm):

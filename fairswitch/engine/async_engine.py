@@ -88,7 +88,8 @@ class AsyncEngine:
                        prompt_token_ids: list[int] | None = None, priority: int = 0,
                        client_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs as they come; the last one has ``finished=True``."""
-        request_id = request_id or uuid.uuid4().hex
+        # (as the engine keys it: a str; 0 is an id like any other)
+        request_id = uuid.uuid4().hex if request_id is None else str(request_id)
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
@@ -113,7 +114,7 @@ class AsyncEngine:
 
     async def abort(self, request_id: str) -> None:
         """Abort a request and wait until its blocks are free."""
-        await self._call(lambda: self._abort_and_notify(request_id))
+        await self._call(lambda: self._abort_and_notify(str(request_id)))
 
     async def sync(self) -> None:
         """Wait until every command submitted before this call has run (e.g. aborts)."""
