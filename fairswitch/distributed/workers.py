@@ -287,8 +287,7 @@ class WorkerGroup:
                          self.failure, exc_info=cause if isinstance(cause, BaseException)
                          else None)
             self._stopped = True
-            for p in self.procs:
-                p.kill()  # (SIGKILL: also ends a stopped or hung process)
+            self.kill()
             self._end(10.0, abort=True)
 
     def exits(self) -> str:
@@ -304,8 +303,9 @@ class WorkerGroup:
         return f"{exits}, its error on stderr; the driver's: {error}" if exits else str(error)
 
     def kill(self) -> None:
-        """SIGKILL the spawned ranks now, without the lock (a step waiting on them may hold it):
-        for a shutdown that cannot wait for a step stuck in a collective, which then fails."""
+        """SIGKILL the spawned ranks now (it also ends a stopped or hung process), without the
+        lock (a step waiting on them may hold it): ``fail``, and a shutdown that cannot wait for
+        a step stuck in a collective, which then fails."""
         for p in self.procs:
             if p.is_alive():
                 p.kill()

@@ -83,7 +83,7 @@ class CheckpointConfig:
         return cls(
             architecture=archs[0], model_type=model_type,
             hidden_size=int(raw["hidden_size"]), intermediate_size=int(raw["intermediate_size"]),
-            num_hidden_layers=int(raw["num_hidden_layers"]), num_attention_heads=heads,
+            num_hidden_layers=layers, num_attention_heads=heads,
             # (an explicit null means "as many as query heads", as in transformers)
             num_key_value_heads=int(raw["num_key_value_heads"] or heads
                                     if "num_key_value_heads" in raw
