@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +21,23 @@ _BACKENDS = ("auto", "torch", "triton")
 
 def _opt(default: Any, help: str, choices: tuple | None = None) -> Any:
     return field(default=default, metadata={"help": help, "choices": choices})
+
+
+def _check_types(config: Any) -> None:
+    """TypeError for a field whose value is not of its annotated type (``max_num_seqs="8"``,
+    ``enforce_eager="no"``), ValueError for a float that is not finite; ints pass as floats,
+    bools pass only as bools."""
+    for f in dataclasses.fields(config):
+        value, annotation = getattr(config, f.name), str(f.type)
+        if value is None and annotation.endswith("| None"):
+            continue
+        kind = annotation.split(" |")[0]
+        expected = {"bool": bool, "int": numbers.Integral, "float": numbers.Real, "str": str}[kind]
+        if not isinstance(value, expected) or (kind != "bool" and isinstance(value, bool)):
+            allowed = kind + (" or None" if annotation.endswith("| None") else "")
+            raise TypeError(f"{f.name} must be {allowed}, got {value!r}")
+        if kind == "float" and not math.isfinite(value):
+            raise ValueError(f"{f.name} must be a finite number, got {value!r}")
 
 
 @dataclass
@@ -57,6 +76,7 @@ class ModelConfig:
         "thousands of objects of torch and the model (otherwise each one pauses a step)")
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         if self.load_format not in _LOAD_FORMATS:
@@ -123,6 +143,7 @@ class CacheConfig:
         "caching (overrides those options)")
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if self.baseline:
             self.block_size, self.enable_prefix_caching, self.block_groups = 16, False, False
             self.cpu_kv_reuse = False
@@ -198,6 +219,7 @@ class SchedulerConfig:
     priority_update_seed: int = _opt(0, "trace policy: seed of the priority updates")
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:

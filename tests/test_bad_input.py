@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from fairswitch import LLM, SamplingParams
@@ -136,6 +137,28 @@ def test_shipped_config_needs_dummy():
 def test_bad_engine_config(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         EngineConfig.from_kwargs(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"max_num_seqs": "8"}, TypeError, "max_num_seqs must be int, got '8'"),
+    ({"max_num_seqs": True}, TypeError, "max_num_seqs must be int"),
+    ({"enforce_eager": "no"}, TypeError, "enforce_eager must be bool"),
+    ({"seed": "a"}, TypeError, "seed must be int"),
+    ({"device": None}, TypeError, "device must be str"),
+    ({"max_model_len": 1.5}, TypeError, "max_model_len must be int or None"),
+    ({"swap_space": float("nan")}, ValueError, "swap_space must be a finite number"),
+    ({"max_starvation_s": float("inf")}, ValueError, "max_starvation_s must be a finite"),
+])
+def test_engine_options_are_type_checked(kwargs, error, match):
+    """A wrong type failed late or meant something else ("no" is true, NaN passes every
+    comparison): each option is checked against its annotation."""
+    with pytest.raises(error, match=match):
+        EngineConfig.from_kwargs(**kwargs)
+
+
+def test_engine_options_take_numeric_kin():
+    config = EngineConfig.from_kwargs(swap_space=4, max_num_seqs=np.int64(8), max_model_len=None)
+    assert config.cache.swap_space == 4 and config.scheduler.max_num_seqs == 8
 
 
 def test_kv_cache_smaller_than_max_model_len():
