@@ -321,6 +321,48 @@ def test_bench_cli_in_process(trace_file, tmp_path, capsys):
     assert all((plots / p.split("/")[-1]).stat().st_size > 0 for p in report["plots"])
 
 
+@pytest.mark.parametrize("options, message", [
+    (["--window-s", "0"], "--window-s must be finite and > 0"),
+    (["--window-s", "nan"], "--window-s must be finite and > 0"),
+    (["--ttft-slo-ms", "-5"], "SLO ttft_s must be finite and > 0"),
+    (["--client-weights", "a=0"], "client weight of 'a' must be > 0"),
+    (["--plots-dir", "PLOTS"], "--plots-dir: plots need matplotlib"),
+])
+def test_bench_refuses_bad_report_options_before_the_replay(trace_file, tmp_path, capsys,
+                                                            monkeypatch, options, message):
+    """These were refused only after the whole replay (or, for plots, lost its JSON)."""
+    import fairswitch.bench.plots as plots
+    import fairswitch.cli.bench as cli_bench
+
+    def no_matplotlib():
+        raise ImportError("plots need matplotlib: pip install 'fairswitch[plots]'")
+
+    def no_replay(*args, **kwargs):
+        raise AssertionError("replayed before refusing its options")
+
+    monkeypatch.setattr(plots, "figure_class", no_matplotlib)
+    monkeypatch.setattr(cli_bench, "run_target", no_replay)
+    options = [str(tmp_path / "plots") if o == "PLOTS" else o for o in options]
+    assert main(["bench", "--trace", str(trace_file), *ENGINE_ARGS, *options]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_failed_plot_keeps_the_report(trace_file, tmp_path, capsys, monkeypatch):
+    import fairswitch.bench.plots as plots
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(plots, "write_plots", full_disk)
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--trace", str(trace_file), *ENGINE_ARGS, "--output-json", str(out),
+                 "--plots-dir", str(tmp_path / "plots")]) == 1
+    assert "plots not written: OSError" in capsys.readouterr().err
+    report = json.loads(out.read_text())
+    assert report["summary"]["completed"] == 5 and report["plots"] == []
+    assert "No space left" in report["plots_error"]
+
+
 def test_bench_cli_http(trace_file, server, tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--trace", str(trace_file), "--url", server.url, "--no-progress",

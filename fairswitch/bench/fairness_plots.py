@@ -15,13 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-
-def _figure_class() -> Any:
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as e:
-        raise ImportError("fairness plots need matplotlib: pip install 'fairswitch[plots]'") from e
-    return Figure
+from fairswitch.bench.plots import figure_class
 
 
 def write_fairness_plots(rows: Mapping[str, Mapping[str, Any]], bound: float, window_s: float,
@@ -29,7 +23,7 @@ def write_fairness_plots(rows: Mapping[str, Mapping[str, Any]], bound: float, wi
     """``rows``: policy -> its run figures. Returns the paths written."""
     if not rows:
         raise ValueError("write_fairness_plots needs at least one run")
-    figure = _figure_class()
+    figure = figure_class()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     return [_service(figure, rows, out_dir / f"{prefix}_service.png"),

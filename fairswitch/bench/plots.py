@@ -20,11 +20,11 @@ from fairswitch.bench.records import RequestRecord
 MAX_LEGEND_CLIENTS = 12
 
 
-def _figure_class() -> Any:
+def figure_class() -> Any:
     try:
         from matplotlib.figure import Figure
     except ImportError as e:
-        raise ImportError("fairswitch.bench.plots needs matplotlib: "
+        raise ImportError("plots need matplotlib: "
                           "pip install 'fairswitch[plots]'") from e
     return Figure
 
@@ -139,7 +139,7 @@ def write_plots(runs: dict[str, list[RequestRecord]], out_dir: Path, prefix: str
         raise ValueError("write_plots needs at least one run")
     if not window_s > 0:
         raise ValueError(f"window_s must be > 0, got {window_s}")
-    fig_cls = _figure_class()
+    fig_cls = figure_class()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ttft = {name: _ttft(recs)[1] for name, recs in runs.items()}

@@ -6,6 +6,8 @@ and the report compares them with the first named baseline."""
 from __future__ import annotations
 
 import argparse
+import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -68,20 +70,55 @@ def _summary(args: argparse.Namespace, result: RunResult) -> dict[str, Any]:
                             parse_client_weights(args.client_weights) or None)
 
 
-def _plots(args: argparse.Namespace, runs: dict[str, RunResult]) -> list[str]:
-    if args.plots_dir is None:
-        return []
-    from fairswitch.bench.plots import write_plots
+def check_report_args(args: argparse.Namespace) -> None:
+    """Refuse, before the replay, what the report would refuse after it: the SLOs, the window,
+    the client weights, and plots without matplotlib or with a directory that cannot be made."""
+    from fairswitch.bench.metrics import SLO
+    from fairswitch.config import parse_client_weights
 
-    paths = write_plots({name: r.records for name, r in runs.items()}, args.plots_dir,
-                        args.trace.stem, window_s=args.window_s)
-    return [str(p) for p in paths]
+    SLO(ttft_s=_seconds(args.ttft_slo_ms), tbt_s=_seconds(args.tbt_slo_ms))
+    if not (math.isfinite(args.window_s) and args.window_s > 0):
+        raise ValueError(f"--window-s must be finite and > 0, got {args.window_s}")
+    parse_client_weights(args.client_weights)
+    if args.plots_dir is not None:
+        from fairswitch.bench.plots import figure_class
+
+        try:
+            figure_class()
+        except ImportError as e:
+            raise ValueError(f"--plots-dir: {e}") from e
+        args.plots_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _finish(args: argparse.Namespace, report: dict[str, Any],
+            runs: dict[str, RunResult]) -> dict[str, Any]:
+    """Write the report, then the plots, then the report again naming them: a plot that fails
+    (a full disk) costs the plots, not the run; its error goes into the report and stderr."""
+    from fairswitch.bench.report import write_json
+
+    report["plots"] = []
+    if args.output_json is not None:
+        write_json(args.output_json, report)
+    if args.plots_dir is not None:
+        from fairswitch.bench.plots import write_plots
+
+        try:
+            paths = write_plots({name: r.records for name, r in runs.items()}, args.plots_dir,
+                                args.trace.stem, window_s=args.window_s)
+            report["plots"] = [str(p) for p in paths]
+        except Exception as e:  # noqa: BLE001 - any plot failure: keep the figures, say why
+            report["plots_error"] = f"{type(e).__name__}: {e}"
+            print(f"error: plots not written: {report['plots_error']}", file=sys.stderr)
+    if args.output_json is not None:
+        print(f"wrote {write_json(args.output_json, report)}")
+    return report
 
 
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     """Run, print the report, write what was asked for; returns the JSON report."""
-    from fairswitch.bench.report import format_breakdown, format_table, write_json
+    from fairswitch.bench.report import format_breakdown, format_table
 
+    check_report_args(args)
     trace = load_trace(args)
     if args.compare is not None:
         return _compare(args, trace)
@@ -91,14 +128,13 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     for by in ("priority", "client"):
         print(f"\nBy {by}:\n{format_breakdown(summary, by)}")
     report = {**report_header(args, trace), "engine_config": config_json(result.engine_config),
-              "summary": summary, "plots": _plots(args, {"bench": result})}
-    if args.output_json is not None:
-        print(f"wrote {write_json(args.output_json, report)}")
-    return report
+              "summary": summary}
+    return _finish(args, report, {"bench": result})
 
 
 def _compare(args: argparse.Namespace, trace: Trace) -> dict[str, Any]:
-    from fairswitch.bench.report import compare, comparison_ratios, format_table, write_json
+    from fairswitch.bench.report import compare, comparison_ratios, format_table
+
     if args.url is not None:
         raise ValueError("--compare builds each engine in-process: it cannot be used with --url")
     names = parse_names(args.compare)
@@ -112,13 +148,9 @@ def _compare(args: argparse.Namespace, trace: Trace) -> dict[str, Any]:
     report = {**report_header(args, trace), "baseline": baseline,
               "runs": {name: {"engine_config": config_json(runs[name].engine_config),
                               "summary": summaries[name]} for name in names},
-              "ratios": comparison_ratios(summaries, baseline),
-              "plots": _plots(args, runs)}
-    if args.output_json is not None:
-        print(f"wrote {write_json(args.output_json, report)}")
-    return report
+              "ratios": comparison_ratios(summaries, baseline)}
+    return _finish(args, report, runs)
 
 
 def run(args: argparse.Namespace) -> int:
-    bench(args)
-    return 0
+    return 1 if "plots_error" in bench(args) else 0
