@@ -402,8 +402,8 @@ DECODE_LAUNCH = {
     4: dict(BLOCK_N=32, num_warps=4, num_stages=2),
 }
 # Decode over fp8 K and transposed V (the engine's fp8 pools) with the operands swapped
-# (_attend_tile_t, one warpgroup for wgmma): off until timed on the GPU beside the default path.
-# Read offline (sm_90 SASS, Triton 3.6): 580 instructions a warp per 64-token tile at 4 warps,
+# (_attend_tile_t, one warpgroup for wgmma): off, since timed on the H200 it reads at 0.38-0.48
+# of the copy rate against the default path's 0.48-0.75 (docs/benchmarks.md). Read offline (sm_90 SASS, Triton 3.6): 580 instructions a warp per 64-token tile at 4 warps,
 # against 833 at 2 warps, with both products on HGMMA instead of 64 HMMA.16816 a warp.
 FP8_DECODE_SWAP_AB = False
 DECODE_LAUNCH_SWAP_AB = dict(BLOCK_N=64, num_warps=4, num_stages=3)
