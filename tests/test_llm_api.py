@@ -48,10 +48,38 @@ def test_bad_priorities_and_client_ids_queue_nothing(kwargs, match):
     assert not llm.engine.has_unfinished_requests()
 
 
-def test_a_full_queue_midway_takes_back_what_was_queued():
+def test_more_prompts_than_the_queue_holds_join_as_it_frees():
+    """Offline, max_waiting caps the queue, not the batch: the rest join as it frees (this
+    raised QueueFullError), in prompt order, n > 1 copies included."""
+    prompts = [f"prompt {i}" for i in range(7)]
+    params = SamplingParams(max_tokens=4, n=2, temperature=0.0, ignore_eos=True)
+    capped = LLM(num_gpu_blocks=64, max_model_len=64, max_waiting=2, max_num_seqs=2)
+    outs = capped.generate(prompts, params, use_tqdm=False)
+    free = LLM(num_gpu_blocks=64, max_model_len=64).generate(prompts, params, use_tqdm=False)
+    assert [o.prompt for o in outs] == prompts
+    assert [[c.token_ids for c in o.outputs] for o in outs] == \
+        [[c.token_ids for c in o.outputs] for o in free]
+    assert not capped.engine.has_unfinished_requests() and not capped.engine.requests
+
+
+def test_a_queue_that_never_frees_queues_nothing():
     from fairswitch.scheduler.scheduler import QueueFullError
 
-    llm = LLM(num_gpu_blocks=64, max_model_len=64, max_waiting=2)
+    llm = LLM(num_gpu_blocks=64, max_model_len=64, max_waiting=0)
     with pytest.raises(QueueFullError):
         llm.generate(["x", "y", "z"], PARAMS, use_tqdm=False)
     assert not llm.engine.has_unfinished_requests() and not llm.engine.requests
+
+
+def test_an_error_midway_takes_back_what_was_queued(monkeypatch):
+    llm = LLM(num_gpu_blocks=64, max_model_len=64)
+    calls = []
+
+    def interrupted():
+        calls.append(1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(llm.engine, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(["x", "y", "z"], PARAMS, use_tqdm=False)
+    assert calls and not llm.engine.has_unfinished_requests() and not llm.engine.requests

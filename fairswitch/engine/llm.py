@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,6 +11,7 @@ from fairswitch.config import EngineConfig
 from fairswitch.engine.engine import Engine
 from fairswitch.outputs import RequestOutput
 from fairswitch.sampling_params import SamplingParams
+from fairswitch.scheduler.scheduler import QueueFullError
 
 
 class LLM:
@@ -66,39 +68,42 @@ class LLM:
         # n > 1: one request per copy; copies 1.. join once copy 0's prompt is computed, so
         # that they share its KV (prefix caching) instead of computing it n times.
         later: dict[str, Any] = {}
+        # What is not yet queued: with max_waiting set, requests join as the queue frees.
+        pending = deque((i, 0, p.copies()) for i, p in enumerate(params))
 
-        def add(i: int, j: int, copy: SamplingParams) -> str:
-            (text, toks), prio, client = checked[i], priorities[i], clients[i]
-            ids.append(engine.add_request(text, copy, prompt_token_ids=toks, priority=prio,
-                                          client_id=client))
-            index[ids[-1]] = (i, j)
-            return ids[-1]
-
-        try:
-            for i, p in enumerate(params):
-                copies = p.copies()
-                rid = add(i, 0, copies[0])
-                if len(copies) > 1:
+        def feed() -> None:
+            while pending:
+                i, j, copies = pending[0]
+                (text, toks), prio, client = checked[i], priorities[i], clients[i]
+                try:
+                    rid = engine.add_request(text, copies[j], prompt_token_ids=toks,
+                                             priority=prio, client_id=client)
+                except QueueFullError:
+                    if not engine.has_unfinished_requests():  # max_waiting 0: never frees
+                        raise
+                    return
+                pending.popleft()
+                ids.append(rid)
+                index[rid] = (i, j)
+                if j == 0 and len(copies) > 1:
                     later[rid] = (i, copies)
-        except BaseException:  # e.g. the waiting queue is full: take back what was queued
-            for rid in ids:
-                engine.abort_request(rid)
-            raise
+
         done: list[list[RequestOutput | None]] = [[None] * p.n for p in params]
         bar = _progress(sum(p.n for p in params), use_tqdm)
         try:
+            feed()
             while engine.has_unfinished_requests():
                 for out in engine.step():
                     if out.request_id in later:  # its first output: the prompt is computed
                         i, copies = later.pop(out.request_id)
-                        for j, copy in enumerate(copies[1:], start=1):
-                            add(i, j, copy)
+                        pending.extendleft((i, j, copies) for j in range(len(copies) - 1, 0, -1))
                     if out.finished and out.request_id in index:
                         i, j = index[out.request_id]
                         done[i][j] = out
                         if bar is not None:
                             bar.update(1)
-        except BaseException:
+                feed()
+        except BaseException:  # an error, or Ctrl-C: take back what was queued
             for rid in ids:
                 engine.abort_request(rid)
             raise
