@@ -120,6 +120,9 @@ def test_chat_is_generate_on_the_rendered_template(llm, prompts, replies):
     outs = llm.chat(conversations, greedy(), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == replies[:2]
     assert outs[0].prompt_token_ids == prompts[0]
+    # The output's prompt is the rendered text (vLLM's), not None.
+    assert llm.get_tokenizer().encode(outs[0].prompt, add_special_tokens=False) == prompts[0]
+    assert PROMPTS[0] in outs[0].prompt
     # OpenAI-style content parts: their text is the message (the template is the shared ChatML).
     parts = [{"role": "user", "content": [{"type": "text", "text": PROMPTS[0]}]}]
     assert llm.chat(parts, greedy(), use_tqdm=False)[0].prompt_token_ids == prompts[0]

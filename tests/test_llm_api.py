@@ -83,3 +83,11 @@ def test_an_error_midway_takes_back_what_was_queued(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         llm.generate(["x", "y", "z"], PARAMS, use_tqdm=False)
     assert calls and not llm.engine.has_unfinished_requests() and not llm.engine.requests
+
+
+@pytest.mark.parametrize("params", [{"max_tokens": 4}, [PARAMS, {"max_tokens": 4}]])
+def test_sampling_params_of_the_wrong_type_are_refused(params):
+    llm = LLM(num_gpu_blocks=64, max_model_len=64)
+    with pytest.raises(TypeError, match="sampling_params must be a SamplingParams"):
+        llm.generate(["x", "y"], params, use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()

@@ -54,6 +54,9 @@ class LLM:
             sampling_params = SamplingParams()
         params = ([sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams)
                   else list(sampling_params))
+        if not all(isinstance(p, SamplingParams) for p in params):
+            raise TypeError("sampling_params must be a SamplingParams or a list of them, got "
+                            f"{type(sampling_params).__name__}")
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
         priorities = _per_prompt(priority, len(prompts), "priority", _is_int)
@@ -127,7 +130,7 @@ class LLM:
         conversations = ([messages] if messages and isinstance(messages[0], dict)
                          else list(messages))
         tokenizer = self.engine.tokenizer
-        prompts = []
+        prompts, texts = [], []
         for conversation in conversations:
             if not isinstance(conversation, (list, tuple)) or not all(
                     isinstance(m, dict) and "role" in m and "content" in m for m in conversation):
@@ -137,7 +140,9 @@ class LLM:
                 add_generation_prompt=add_generation_prompt)
             # The template writes the special tokens itself.
             prompts.append(tokenizer.encode(text, add_special_tokens=False))
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, **generate_options)
+            texts.append(text)
+        outs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm, **generate_options)
+        return [dataclasses.replace(out, prompt=text) for out, text in zip(outs, texts)]
 
 
 def _merged(copies: list[RequestOutput]) -> RequestOutput:
