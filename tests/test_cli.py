@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from fairswitch.cli.main import build_parser, main
 from fairswitch.config import _all_fields
 
@@ -54,6 +56,14 @@ def test_generate_errors_are_clear(capsys):
     assert "max_tokens must be at least 1" in capsys.readouterr().err
     assert main(["generate", "--model", "/no/such/dir", "hi"]) == 2
     assert "neither an existing directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("line", ['{"prompt": 5}', '{"prompt": ["a", "b"]}', '{"prompt": null}'])
+def test_a_jsonl_prompt_must_be_a_string(capsys, tmp_path, line):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "fine"}\n' + line + "\n")
+    assert main(["generate", "--prompts-file", str(prompts), "--no-progress"]) == 2
+    assert f"p.jsonl:2: \"prompt\" must be a string" in capsys.readouterr().err
 
 
 def test_console_script_runs():

@@ -46,9 +46,13 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
                 continue
             if args.prompts_file.suffix == ".jsonl":
                 try:
-                    prompts.append(json.loads(line)["prompt"])
+                    prompt = json.loads(line)["prompt"]
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
                     raise ValueError(f"{args.prompts_file}:{n}: expected {{\"prompt\": ...}}: {e}")
+                if not isinstance(prompt, str):
+                    raise ValueError(f"{args.prompts_file}:{n}: \"prompt\" must be a string, "
+                                     f"got {prompt!r}")
+                prompts.append(prompt)
             else:
                 prompts.append(line)
     if not prompts:
