@@ -99,3 +99,16 @@ def test_with_options_replaces_and_validates_again():
         base.with_options(max_seqs=2)
     with pytest.raises(ValueError, match="block_size"):
         base.with_options(block_size=3)
+
+
+def test_a_swap_space_past_the_hosts_memory_is_refused(monkeypatch):
+    """It ended in the allocator's traceback (or the OOM killer) instead of naming the option."""
+    import fairswitch.kv.memory as memory
+
+    monkeypatch.setattr(memory, "host_memory_bytes", lambda: 100 * LAYOUT.block_bytes)
+    with pytest.raises(ValueError, match="swap_space .* is more than 90% of this host's"):
+        KVMemory(CacheConfig(block_size=4, swap_space=95 * LAYOUT.block_bytes / 2**30),
+                 LAYOUT, 16, CPU, max_model_len=64)
+    fits = KVMemory(CacheConfig(block_size=4, swap_space=90 * LAYOUT.block_bytes / 2**30),
+                    LAYOUT, 16, CPU, max_model_len=64)
+    assert fits.swap.cpu_pool.num_blocks == 90

@@ -15,6 +15,7 @@ the switch and reuse counters.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -62,6 +63,13 @@ def num_gpu_blocks(cache: CacheConfig, layout: KVLayout, max_num_seqs: int, max_
     return n
 
 
+HOST_SHARE = 0.9  # of the host's memory the swap space may take (the rest: the process, the OS)
+
+
+def host_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 class KVMemory:
     def __init__(self, cache: CacheConfig, layout: KVLayout, num_blocks: int,
                  device: torch.device, max_model_len: int,
@@ -93,6 +101,11 @@ class KVMemory:
         num_cpu_blocks = self.layout.blocks_in(cc.swap_space * _GiB)
         if num_cpu_blocks == 0:
             return NoSwapSpace(self.blocks)
+        nbytes, host = num_cpu_blocks * self.layout.block_bytes, host_memory_bytes()
+        if nbytes > HOST_SHARE * host:
+            raise ValueError(
+                f"swap_space {cc.swap_space:g} GiB is more than {HOST_SHARE:.0%} of this host's "
+                f"{host / _GiB:.1f} GiB of memory: lower --swap-space")
         on_cuda = device.type == "cuda"
         shape, dtype = self.layout.shape(num_cpu_blocks), self.layout.dtype
         # Pinned on CUDA so copies are DMA; elsewhere never read before written: uninitialized.
