@@ -174,7 +174,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int = _opt(
         2048, "token budget of one step; longer prompts are prefilled in chunks"
     )
-    max_waiting: int | None = _opt(None, "max queued requests; more are refused (default: no cap)")
+    max_waiting: int | None = _opt(
+        None, "max queued requests; more are refused (the server's 503; LLM.generate queues "
+        "the rest as the queue frees) (default: no cap)")
     growth_headroom: int = _opt(
         1, "KV blocks kept free per running request when a queued request is admitted or "
         "resumed: room for the batch to grow, so that a resumed request does not push another "
