@@ -136,7 +136,7 @@ def _check_number(name: str, value: object, low: float, high: float) -> None:
 
 
 def _token_id(value: object) -> int:
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    if isinstance(value, str) and value.isascii() and value.strip().lstrip("-").isdigit():
         value = int(value)  # JSON object keys are strings
     _check_int("logit_bias token id", value)
     if value < 0:  # (the vocabulary's upper bound is checked against the model)

@@ -62,6 +62,27 @@ def test_more_prompts_than_the_queue_holds_join_as_it_frees():
     assert not capped.engine.has_unfinished_requests() and not capped.engine.requests
 
 
+def test_n_choices_are_admitted_together():
+    """The server's n choices: the first needs n places in the queue, the others none (they
+    were admitted with it), so a full queue refuses a request before any choice has begun."""
+    from fairswitch.scheduler.scheduler import QueueFullError
+
+    engine = LLM(num_gpu_blocks=64, max_model_len=64, max_waiting=3).engine
+    with pytest.raises(ValueError, match="4 choices of one request need 4 places .* holds 3"):
+        engine.add_request("a", PARAMS, queue_places=4)
+    engine.add_request("a", PARAMS, request_id="a")
+    with pytest.raises(QueueFullError):
+        engine.add_request("b", PARAMS, queue_places=3)  # 2 places left
+    engine.add_request("b", PARAMS, request_id="b", queue_places=2)
+    engine.add_request("b", PARAMS, request_id="b-1", queue_places=0)  # b's second choice
+    with pytest.raises(QueueFullError):
+        engine.add_request("c", PARAMS)
+    assert sorted(engine.requests) == ["a", "b", "b-1"] and len(engine.scheduler.waiting) == 3
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert not engine.requests
+
+
 def test_a_queue_that_never_frees_queues_nothing():
     from fairswitch.scheduler.scheduler import QueueFullError
 

@@ -29,10 +29,12 @@ def test_same_seed_same_output(llm):
     assert texts(twins)[0] == texts(twins)[1]
 
 
-def test_different_seeds_differ(llm):
+@pytest.mark.parametrize("seeds", [(1, 2), (-1, 2**63 - 1), (5, 5 + 2**32)])
+def test_different_seeds_differ(llm, seeds):
+    """Every bit of a seed counts (the CPU generator keeps 32: -1 and 2**63 - 1 drew alike)."""
     outs = llm.generate([PROMPTS[0]] * 2, [
-        SamplingParams(max_tokens=16, temperature=1.0, seed=1, ignore_eos=True),
-        SamplingParams(max_tokens=16, temperature=1.0, seed=2, ignore_eos=True)], use_tqdm=False)
+        SamplingParams(max_tokens=16, temperature=1.0, seed=s, ignore_eos=True) for s in seeds],
+        use_tqdm=False)
     a, b = texts(outs)
     assert a != b
 

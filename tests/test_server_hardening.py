@@ -428,3 +428,40 @@ def test_serve_log_options():
     assert parse(["--log-level", "error", "serve"]).log_level == "error"  # not overwritten
     args = parse(["serve"])
     assert args.log_level is None and not args.disable_log_requests  # serve then logs at info
+
+
+def test_n_choices_find_the_queue_full_before_their_stream_opens():
+    """The n choices are admitted together: a streamed n=2 request that the queue cannot take
+    is a 503 with Retry-After (this was a 200 whose second choice failed in the stream)."""
+    eng = AsyncEngine.from_config(EngineConfig.from_kwargs(
+        num_gpu_blocks=256, max_model_len=256, max_num_seqs=1, max_waiting=2))
+    long = {"prompt": "busy", "max_tokens": 200, "ignore_eos": True}
+    pair = {"prompt": "x", "max_tokens": 3, "n": 2, "ignore_eos": True, "stream": True}
+
+    async def main(url: str) -> tuple:
+        async with aiohttp.ClientSession() as s:
+            running = await s.post(url, json={**long, "stream": True})
+            await running.content.readline()  # it runs: the one seat is taken
+            waiting = asyncio.create_task(s.post(url, json=long))  # one place of two left
+            for _ in range(500):
+                await asyncio.sleep(0.01)
+                if await eng.run_in_engine(lambda e: len(e.scheduler.waiting)) == 1:
+                    break
+            async with s.post(url, json=pair) as r:
+                refused = r.status, r.headers.get("Retry-After"), await r.json()
+            running.close()
+            waiting.cancel()
+            await asyncio.sleep(0.2)
+            async with s.post(url, json=pair) as r:  # the queue is free again: both run
+                events = [line for line in (await r.text()).splitlines() if line]
+            return refused, r.status, events
+
+    try:
+        with BackgroundServer(build_app(eng, ServerSettings(), shutdown_engine=False)) as srv:
+            (status, retry, body), ok, events = asyncio.run(main(srv.url + COMPLETIONS))
+    finally:
+        eng.shutdown()
+    assert (status, retry, body["error"]["code"]) == (503, "1", "queue_full")
+    assert ok == 200 and events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[len("data: "):]) for e in events[:-1]]
+    assert sorted(c["choices"][0]["index"] for c in chunks) == [0, 0, 0, 1, 1, 1]

@@ -96,6 +96,31 @@ def test_echo_with_max_tokens_0_scores_the_prompt(client, llm):
     assert echoed.choices[0].text == PROMPT + plain.choices[0].text
 
 
+def test_prompt_logprobs_come_back_as_vllm_returns_them(client, llm):
+    """Completions: each choice's ``prompt_logprobs``; chat: the response's. Token id -> logprob,
+    rank, text; the first position None."""
+    ids = llm.get_tokenizer().encode(PROMPT)
+    want = llm.generate([ids], SamplingParams(max_tokens=1, prompt_logprobs=1),
+                        use_tqdm=False)[0].prompt_logprobs
+    out = client.completions.create(model=MODEL, prompt=ids, max_tokens=2, n=2,
+                                    extra_body={"prompt_logprobs": 1})
+    for choice in out.choices:
+        got = choice.model_extra["prompt_logprobs"]
+        assert len(got) == len(ids) and got[0] is None
+        for i in range(1, len(ids)):
+            entry = got[i][str(ids[i])]
+            assert entry["logprob"] == pytest.approx(want[i][ids[i]].logprob, abs=1e-4)
+            assert entry["rank"] == want[i][ids[i]].rank and entry["decoded_token"]
+            assert 1 <= len(got[i]) <= 2  # the prompt's token, and the most likely if not it
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=1, extra_body={"prompt_logprobs": 0})
+    got = chat.model_extra["prompt_logprobs"]
+    assert got[0] is None and all(len(e) == 1 for e in got[1:])
+    assert chat.usage.prompt_tokens == len(got)
+    plain = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=1)
+    assert "prompt_logprobs" not in (plain.choices[0].model_extra or {})
+
+
 def test_chat_logprobs(client):
     out = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3,

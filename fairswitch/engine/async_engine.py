@@ -86,8 +86,10 @@ class AsyncEngine:
     async def generate(self, prompt: str | list[int] | None,
                        params: SamplingParams | None = None, *, request_id: str | None = None,
                        prompt_token_ids: list[int] | None = None, priority: int = 0,
-                       client_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Yield the request's outputs as they come; the last one has ``finished=True``."""
+                       client_id: str | None = None,
+                       queue_places: int = 1) -> AsyncIterator[RequestOutput]:
+        """Yield the request's outputs as they come; the last one has ``finished=True``.
+        ``queue_places``: Scheduler.add_request (n choices admitted together)."""
         # (as the engine keys it: a str; 0 is an id like any other)
         request_id = uuid.uuid4().hex if request_id is None else str(request_id)
         if request_id in self._streams:
@@ -98,7 +100,7 @@ class AsyncEngine:
         try:
             await self._call(lambda: self.engine.add_request(
                 prompt, params, request_id=request_id, prompt_token_ids=prompt_token_ids,
-                priority=priority, client_id=client_id))
+                priority=priority, client_id=client_id, queue_places=queue_places))
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):

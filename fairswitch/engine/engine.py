@@ -62,8 +62,10 @@ class Engine:
     def add_request(self, prompt: str | list[int] | None = None,
                     params: SamplingParams | None = None, *, request_id: str | None = None,
                     prompt_token_ids: list[int] | None = None, priority: int = 0,
-                    client_id: str | None = None, arrival_time: float | None = None) -> str:
-        """Validate and queue a request; return its id. Raises ValueError on bad input."""
+                    client_id: str | None = None, arrival_time: float | None = None,
+                    queue_places: int = 1) -> str:
+        """Validate and queue a request; return its id. Raises ValueError on bad input,
+        QueueFullError when the waiting queue has no room (``queue_places``: Scheduler.add_request)."""
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -79,7 +81,7 @@ class Engine:
                       arrival_time if arrival_time is not None else time.monotonic(),
                       prompt=text, priority=priority, client_id=client_id)
         self.output_processor.init_request(req)
-        self.scheduler.add_request(req)  # may raise QueueFullError: nothing registered yet
+        self.scheduler.add_request(req, queue_places)  # may raise QueueFullError: nothing registered yet
         self.requests[request_id] = req
         return request_id
 

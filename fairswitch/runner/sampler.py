@@ -176,10 +176,20 @@ class Sampler:
         return req.generator.manual_seed(position_seed(seed, req.num_output_tokens - 1))
 
 
+_M64 = 2**64 - 1
+
+
 def position_seed(seed: int, position: int) -> int:
     """A 64-bit seed for a request's draw at an output position: distinct for the positions of
-    one seed, and for the copies of an ``n`` request (seeds seed, seed + 1, ...)."""
-    return (seed * 0x9E3779B97F4A7C15 + position) % 2**64
+    one seed, and for the copies of an ``n`` request (seeds seed, seed + 1, ...).
+
+    Mixed (splitmix64's finalizer) so that every bit of the seed reaches the low 32: the CPU
+    generator (mt19937) keeps only those, and seeds such as -1 and 2**63 - 1, equal below bit 63
+    once multiplied, drew the same tokens there."""
+    z = (seed * 0x9E3779B97F4A7C15 + position) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
 
 
 def _token_counts(token_lists: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:

@@ -129,9 +129,19 @@ class Scheduler:
         self.num_reused_tokens = 0  # prompt tokens whose KV came from the prefix cache
         self.num_reused_tokens_cpu = 0  # ... from its CPU tier (fetched instead of recomputed)
 
-    def add_request(self, request: Request) -> None:
-        if self.config.max_waiting is not None and len(self.waiting) >= self.config.max_waiting:
-            raise QueueFullError(f"waiting queue is full ({self.config.max_waiting} requests)")
+    def add_request(self, request: Request, queue_places: int = 1) -> None:
+        """Queue a request. ``queue_places``: how many free places in the waiting queue
+        (``max_waiting``) admitting it takes: 1; n for the first of n choices admitted together,
+        whose others then pass 0 (they were admitted with it, and join once its prompt is in
+        the prefix cache). QueueFullError if the queue has not that many; ValueError if it never
+        can (a group larger than the queue)."""
+        cap = self.config.max_waiting
+        if cap is not None and queue_places:
+            if queue_places > 1 and queue_places > cap:
+                raise ValueError(f"{queue_places} choices of one request need {queue_places} "
+                                 f"places in the waiting queue, which holds {cap} (max_waiting)")
+            if len(self.waiting) + queue_places > cap:
+                raise QueueFullError(f"waiting queue is full ({cap} requests)")
         request.seq = next(self._seq)
         self.ranking.on_arrival(request)
         self._keep_out(request, self.waiting)

@@ -153,6 +153,8 @@ class OpenAIServer:
                         max_tokens: int) -> web.StreamResponse:
         if self.in_flight.aborting:  # shutting down: requests still running are being aborted
             raise _aborted()
+        self._check_n(req.n)
+        req.check_min_tokens(max(max_tokens, 1))
         response_id = fmt.id_prefix + uuid.uuid4().hex
         client_id = request.headers.get("X-Client-Id") or req.user
         record = self.in_flight.record(request)
@@ -188,6 +190,14 @@ class OpenAIServer:
                 tracker.close()
                 record.request_ids = []
 
+    def _check_n(self, n: int) -> None:
+        """The n choices are admitted together (choices.py): more than the waiting queue holds
+        could never be, so that is the request's error, not a retry-later."""
+        cap = self.core.config.scheduler.max_waiting
+        if n > 1 and cap is not None and n > cap:
+            raise bad_request(f"n={n} choices need {n} places in the waiting queue, which holds "
+                              f"{cap} on this server (--max-waiting)", "n")
+
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
 
@@ -206,7 +216,10 @@ class OpenAIServer:
                     break
             item = await _next_output(outputs)
         choices = [reply.shaper.whole(i, done[i]) for i in range(reply.n)]
-        return web.json_response(reply.body(choices, usage=_usage(reply, done)),
+        extra = {}
+        if reply.fmt.chat and done[0].prompt_logprobs is not None:  # vLLM's place for chat
+            extra["prompt_logprobs"] = reply.shaper.prompt_logprobs(done[0])
+        return web.json_response(reply.body(choices, usage=_usage(reply, done), **extra),
                                  dumps=streaming.dumps)
 
     async def _stream(self, request: web.Request, req: protocol.GenerationRequest, reply: _Reply,

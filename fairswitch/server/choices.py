@@ -2,7 +2,10 @@
 
 Each choice is its own engine request (``SamplingParams.copies``: copy i seeded ``seed + i``).
 Choices 1.. are added once choice 0's first output is out: its prompt is computed by then and
-indexed in the prefix cache, so they share its KV instead of computing the prompt n times. With
+indexed in the prefix cache, so they share its KV instead of computing the prompt n times. The n
+choices are admitted together: choice 0 takes n places in the waiting queue (``max_waiting``) and
+the others none, so a full queue refuses the request before its response begins, never a choice
+in the middle of a stream. With
 ``n = 1`` the engine's stream is passed through as is.
 
 Closing the stream (the response is done, failed, or its client went away) closes every choice's
@@ -20,7 +23,8 @@ from typing import Any
 from fairswitch.engine.async_engine import AsyncEngine
 from fairswitch.outputs import RequestOutput
 from fairswitch.sampling_params import SamplingParams
-from fairswitch.server.protocol import ResponseFormat, chat_logprobs, completion_logprobs
+from fairswitch.server.protocol import (ResponseFormat, chat_logprobs, completion_logprobs,
+                                        prompt_logprobs)
 
 _END = object()
 
@@ -40,7 +44,7 @@ async def choice_outputs(engine: AsyncEngine, text: str | None, ids: list[int],
 
     def start(j: int) -> AsyncIterator[RequestOutput]:
         return engine.generate(text, copies[j], request_id=request_ids[j], prompt_token_ids=ids,
-                               **scheduling)
+                               queue_places=len(copies) if j == 0 else 0, **scheduling)
 
     if len(copies) == 1:
         async with contextlib.aclosing(start(0)) as outputs:
@@ -100,8 +104,17 @@ class ChoiceShaper:
         if self.echo_text is not None:
             text = self.echo_text + text
             ids, entries = out.prompt_token_ids + ids, self._prompt_entries(out) + entries
-        return self.fmt.choice(text, c.finish_reason, c.stop_reason, index,
-                               self._logprobs(ids, entries, 0))
+        choice = self.fmt.choice(text, c.finish_reason, c.stop_reason, index,
+                                 self._logprobs(ids, entries, 0))
+        if not self.fmt.chat and out.prompt_logprobs is not None:  # (chat: the response's)
+            choice["prompt_logprobs"] = self.prompt_logprobs(out)
+        return choice
+
+    def prompt_logprobs(self, out: RequestOutput) -> list[dict[str, Any] | None] | None:
+        """vLLM's ``prompt_logprobs`` field (None: not asked for)."""
+        if out.prompt_logprobs is None:
+            return None
+        return prompt_logprobs(out.prompt_logprobs, self.text_of)
 
     def delta(self, index: int, out: RequestOutput) -> dict[str, Any] | None:
         """The chunk of this output (None: nothing to send)."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from fairswitch.outputs import Logprob, PositionLogprobs
@@ -164,13 +164,31 @@ class GenerationRequest:
                 stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
                 include_stop_str_in_output=self.include_stop_str_in_output,
                 skip_special_tokens=self.skip_special_tokens, n=self.n,
-                # (a default max_tokens, the context's room, may be below min_tokens)
-                min_tokens=min(self.min_tokens, max_tokens), min_p=self.min_p,
+                min_tokens=self.min_tokens, min_p=self.min_p,
                 presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                 repetition_penalty=self.repetition_penalty, logit_bias=self.logit_bias,
                 logprobs=self.logprobs, prompt_logprobs=self.prompt_logprobs)
         except ValueError as e:  # e.g. a bias or penalty out of range: the client's fault
-            raise bad_request(str(e)) from e
+            raise bad_request(str(e), _named_field(str(e))) from e
+
+    def check_min_tokens(self, max_tokens: int) -> None:
+        """``min_tokens`` within the ``max_tokens`` the request gets: the one it gave (checked
+        when parsed), else the default, or the context's room (vLLM refuses it too)."""
+        if self.min_tokens > max_tokens:
+            limit = (f"'max_tokens' ({max_tokens})" if self.max_tokens is not None else
+                     f"the {max_tokens} tokens this request may generate (no 'max_tokens' given: "
+                     "the default, or the room the prompt leaves in the context)")
+            raise bad_request(f"'min_tokens' ({self.min_tokens}) must not exceed {limit}",
+                              "min_tokens")
+
+
+def _named_field(message: str) -> str | None:
+    """The request field a SamplingParams error names first (its messages start with it)."""
+    word = message.split(" ", 1)[0]
+    return word if word in _FIELD_NAMES else None
+
+
+_FIELD_NAMES = frozenset(f.name for f in fields(GenerationRequest))
 
 
 @dataclass(kw_only=True)
@@ -200,6 +218,9 @@ def _common(body: Any, unsupported: tuple, echo: bool = False) -> dict[str, Any]
     if options is not None and not stream:
         raise bad_request("'stream_options' is only allowed with stream=true", "stream_options")
     include_usage = _bool(options or {}, "include_usage", False)
+    if stream and body.get("prompt_logprobs") is not None:  # (as vLLM: whole responses only)
+        raise bad_request("'prompt_logprobs' is not available with stream=true",
+                          "prompt_logprobs")
     temperature = _number(body, "temperature", 1.0)
     if temperature < 0:
         raise bad_request(f"'temperature' must be >= 0, got {temperature}", "temperature")
@@ -476,6 +497,16 @@ def completion_logprobs(token_ids: list[int], entries: list[PositionLogprobs | N
         tops.append({_text(lp, t, text_of): _finite(lp.logprob) for t, lp in entry.items()})
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
             "text_offset": offsets}
+
+
+def prompt_logprobs(entries: list[PositionLogprobs | None], text_of: Any
+                    ) -> list[dict[str, Any] | None]:
+    """vLLM's ``prompt_logprobs``: per prompt token (None for the first, which nothing
+    predicts) the token's and the top alternatives' ``{id: {logprob, rank, decoded_token}}``."""
+    return [None if entry is None else
+            {str(t): {"logprob": _finite(lp.logprob), "rank": lp.rank,
+                      "decoded_token": _text(lp, t, text_of)} for t, lp in entry.items()}
+            for entry in entries]
 
 
 def chat_logprobs(token_ids: list[int], entries: list[PositionLogprobs], top: int,
