@@ -63,7 +63,7 @@ def test_a_jsonl_prompt_must_be_a_string(capsys, tmp_path, line):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "fine"}\n' + line + "\n")
     assert main(["generate", "--prompts-file", str(prompts), "--no-progress"]) == 2
-    assert f"p.jsonl:2: \"prompt\" must be a string" in capsys.readouterr().err
+    assert "p.jsonl:2: \"prompt\" must be a string" in capsys.readouterr().err
 
 
 def test_console_script_runs():

@@ -92,6 +92,8 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "seed": "1"}, 400, ["'seed'", "integer"], "seed"),
     ("/v1/completions", {"prompt": "x", "stop": 3}, 400, ["'stop'"], "stop"),
     ("/v1/completions", {"prompt": "x", "stop": ["a", ""]}, 400, ["'stop'", "empty"], "stop"),
+    ("/v1/completions", {"prompt": "x", "stop": ["a"] * 257}, 400,
+     ["'stop' holds 257 strings; at most 256"], "stop"),
     ("/v1/completions", {"prompt": "x", "ignore_eos": "yes"}, 400, ["'ignore_eos'", "boolean"],
      "ignore_eos"),
     ("/v1/completions", {"prompt": "x", "stream": 1}, 400, ["'stream'", "boolean"], "stream"),
@@ -253,6 +255,22 @@ async def raw_request(server, data: bytes) -> bytes:
     answer = await reader.read()
     writer.close()
     return answer
+
+
+def test_malformed_http_is_a_400_and_one_info_line(server, caplog):
+    """aiohttp's own 400s (before any handler): no ERROR with a traceback in the log."""
+    caplog.set_level(logging.DEBUG, logger="aiohttp.server")
+    for data in (b"GARBAGE\r\n\r\n",
+                 b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
+                 b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n"):
+        answer = asyncio.run(raw_request(server, data))
+        assert re.match(rb"HTTP/1\.[01] 4\d\d ", answer), answer[:80]
+    records = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert records and all(r.levelno <= logging.INFO and r.exc_info is None for r in records), \
+        [(r.levelname, r.getMessage()) for r in records]
+    assert any("malformed HTTP (400)" in r.getMessage() for r in records)
+    assert all("\n" not in r.getMessage() for r in records)
+    assert call(server, "/health", method="GET")[0] == 200
 
 
 def test_oversized_body(server):

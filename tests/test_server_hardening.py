@@ -220,6 +220,11 @@ def test_every_request_has_an_access_line_and_every_refusal_its_cause(server, ca
                             "max_model_len is 4096"), cause
     (line,) = _records(caplog, "fairswitch.server.access")
     assert re.fullmatch(r"POST /v1/completions 400 duration=\d+\.\d{3}s", line), line
+    caplog.clear()  # a long client id is cut in the log (not for the scheduler)
+    assert asyncio.run(_post(server.url + COMPLETIONS, {"prompt": "x", "max_tokens": 1},
+                             headers={"X-Client-Id": "z" * 5000})) == 200
+    (line,) = _records(caplog, "fairswitch.server.access")
+    assert f"client='{'z' * 64}...(5000 chars)' " in line and len(line) < 300, line
 
 
 def test_access_lines_can_be_turned_off(engine, caplog):

@@ -39,9 +39,9 @@ class Ledger:
         add_request, schedule, revert = sched.add_request, sched.schedule, sched.revert
         counters = getattr(sched.ranking, "counters", {})
 
-        def tracked_add_request(req):
+        def tracked_add_request(req, *args):
             before = counters.get(req.client_id, 0.0)
-            add_request(req)
+            add_request(req, *args)
             lift = counters.get(req.client_id, 0.0) - before
             self.lifts[req.client_id] = self.lifts.get(req.client_id, 0.0) + lift
 
@@ -385,3 +385,35 @@ def test_engine_counters_equal_the_service(stop_tokens, async_scheduling, mode):
     final = final_service(reqs, engine.scheduler)
     assert engine.scheduler.ranking.counters == pytest.approx(final, rel=1e-12)
     engine.check_accounting()
+
+
+def test_idle_clients_are_forgotten_without_changing_any_lift(monkeypatch):
+    """Requests naming ever new clients leave a bounded number of counters behind, and a client
+    that comes back after its counter was dropped is lifted exactly as if it had been kept."""
+    from types import SimpleNamespace
+
+    from fairswitch.config import SchedulerConfig
+    from fairswitch.scheduler.ranking import VTCRanking
+
+    def run(keep_idle: int) -> tuple[list[float], int]:
+        monkeypatch.setattr(VTCRanking, "KEEP_IDLE", keep_idle)
+        ranking = VTCRanking(SchedulerConfig(policy="vtc"))
+        rng = random.Random(0)
+        live, arrivals, most = [], [], 0
+        for i in range(4000):
+            client = f"new{i}" if i % 3 == 0 else f"c{rng.randrange(300)}"
+            req = SimpleNamespace(client_id=client)
+            ranking.on_arrival(req)
+            arrivals.append(ranking.counters[client])
+            live.append(req)
+            for r in live:
+                ranking.on_served(r, rng.randrange(20), rng.randrange(1, 4))
+            while len(live) > 8 or (live and rng.random() < 0.5):
+                ranking.on_finish(live.pop(rng.randrange(len(live))))
+            most = max(most, len(ranking.counters))
+        return arrivals, most
+
+    kept, grew_to = run(10**9)
+    forgot, bounded = run(16)
+    assert forgot == kept  # every arrival's lifted counter
+    assert grew_to > 1500 and bounded <= 2 * 9 + 16 + 1

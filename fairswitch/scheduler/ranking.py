@@ -124,6 +124,21 @@ class VTCRanking(RankingPolicy):
             del self.num_live[client]
             if not self.num_live:
                 self._floor = max(self._floor, self.counters[client])
+            if len(self.counters) > 2 * len(self.num_live) + self.KEEP_IDLE:
+                self._forget_idle()
+
+    KEEP_IDLE = 1024  # idle clients' counters kept before a sweep (amortized O(1) a request)
+
+    def _forget_idle(self) -> None:
+        """Drop the counters of clients with nothing backlogged that are at or below the floor
+        (the least backlogged counter, or the last one when none is): one of them arriving
+        again would be lifted to a floor at least as high (it never falls), so its counter tells
+        nothing. Without this a server whose requests name ever new clients (``user``,
+        ``X-Client-Id``) keeps a counter for each forever."""
+        floor = min((self.counters[c] for c in self.num_live), default=self._floor)
+        for client in [c for c, v in self.counters.items()
+                       if v <= floor and c not in self.num_live]:
+            del self.counters[client]
 
     def on_served(self, req: Request, num_prefill_tokens: int, num_output_tokens: int) -> None:
         cost = self.w_in * num_prefill_tokens + self.w_out * num_output_tokens

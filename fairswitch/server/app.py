@@ -39,7 +39,7 @@ from fairswitch.server import protocol, streaming
 from fairswitch.server.chat import ChatTemplate
 from fairswitch.server.choices import ChoiceShaper, choice_outputs, choice_request_ids
 from fairswitch.server.errors import (APIError, Handler, bad_request, error_middleware,
-                                      log_refusal)
+                                      log_refusal, quiet_protocol_errors)
 from fairswitch.server.inflight import InFlight
 from fairswitch.server.metrics import (CONTENT_TYPE, RequestTracker, ServerMetrics,
                                        engine_snapshot)
@@ -411,6 +411,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None, *,
     """The application. With ``shutdown_engine`` the app owns the engine: its cleanup (after
     in-flight requests were given their grace period and aborted) shuts the engine down."""
     settings = settings or ServerSettings()
+    quiet_protocol_errors()
     server = OpenAIServer(engine, settings)
     middlewares = [server.in_flight.middleware, error_middleware]
     if settings.api_key:

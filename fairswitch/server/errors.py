@@ -6,6 +6,10 @@ exceptions (404 unknown route, 405 wrong method, 413 body too large) are reshape
 client only ever sees one error format. Every refusal is logged with its cause (``log_refusal``:
 INFO for the client's mistakes, WARNING for 5xx). Anything else is a bug: it is logged with its
 traceback and answered with a 500 in the same shape, and the server keeps serving.
+
+Requests too malformed to reach a handler (a garbage request line, a header over aiohttp's limit,
+a bad Content-Length) get aiohttp's plain-text 400; aiohttp logs each as an ERROR with a
+traceback, which ``quiet_protocol_errors`` turns into one INFO line: the client's mistake too.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +28,26 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _CODES = {400: "invalid_request", 401: "invalid_api_key", 404: "not_found",
           405: "method_not_allowed", 413: "request_too_large", 500: "internal_error",
           503: "service_unavailable"}
+
+
+class _ProtocolErrorsAsInfo(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        detail = " ".join(str(exc.message).split())  # (aiohttp's points at the bad byte)
+        record.msg = f"{record.getMessage()}: malformed HTTP ({exc.code}): {detail}"
+        record.args, record.exc_info, record.exc_text = (), None, None
+        record.levelno = min(record.levelno, logging.INFO)  # (a bad method is DEBUG already)
+        record.levelname = logging.getLevelName(record.levelno)
+        return logging.getLogger(record.name).isEnabledFor(record.levelno)
+
+
+def quiet_protocol_errors() -> None:
+    """aiohttp's server logger: malformed requests become one INFO line each (idempotent)."""
+    server_logger = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _ProtocolErrorsAsInfo) for f in server_logger.filters):
+        server_logger.addFilter(_ProtocolErrorsAsInfo())
 
 
 class APIError(Exception):

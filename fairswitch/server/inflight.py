@@ -38,6 +38,9 @@ ABORT_GRACE_S = 2.0  # for aborted handlers to send their last bytes
 CLIENT_CLOSED = 499
 
 
+LOGGED_CLIENT_CHARS = 64
+
+
 @dataclass(slots=True)
 class AccessRecord:
     """What a generation handler adds to its request's access line."""
@@ -52,7 +55,10 @@ class AccessRecord:
     def fields(self) -> str:
         if self.num_prompt_tokens is None:
             return ""
-        text = (f" client={self.client_id!r} priority={self.priority} "
+        client = self.client_id
+        if client is not None and len(client) > LOGGED_CLIENT_CHARS:  # (a header may be 8 KB)
+            client = f"{client[:LOGGED_CLIENT_CHARS]}...({len(client)} chars)"
+        text = (f" client={client!r} priority={self.priority} "
                 f"prompt_tokens={self.num_prompt_tokens}")
         if self.tracker is not None:
             text += f" output_tokens={self.tracker.num_output_tokens}"

@@ -85,6 +85,9 @@ def _str(body: dict, name: str) -> str | None:
     return value
 
 
+MAX_STOP_STRINGS = 256
+
+
 def _stop(body: dict) -> list[str]:
     value = body.get("stop")
     if value is None:
@@ -95,6 +98,9 @@ def _stop(body: dict) -> list[str]:
                           "stop")
     if any(not s for s in items):
         raise bad_request("'stop' strings must not be empty", "stop")
+    if len(items) > MAX_STOP_STRINGS:  # each is searched for after every token, on the engine
+        raise bad_request(f"'stop' holds {len(items)} strings; at most {MAX_STOP_STRINGS} are "
+                          "allowed", "stop")
     return items
 
 
