@@ -65,7 +65,8 @@ class Engine:
                     client_id: str | None = None, arrival_time: float | None = None,
                     queue_places: int = 1) -> str:
         """Validate and queue a request; return its id. Raises ValueError on bad input,
-        QueueFullError when the waiting queue has no room (``queue_places``: Scheduler.add_request)."""
+        QueueFullError when the waiting queue has no room (``queue_places``:
+        Scheduler.add_request)."""
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -81,7 +82,8 @@ class Engine:
                       arrival_time if arrival_time is not None else time.monotonic(),
                       prompt=text, priority=priority, client_id=client_id)
         self.output_processor.init_request(req)
-        self.scheduler.add_request(req, queue_places)  # may raise QueueFullError: nothing registered yet
+        # May raise QueueFullError: nothing is registered yet.
+        self.scheduler.add_request(req, queue_places)
         self.requests[request_id] = req
         return request_id
 
