@@ -109,10 +109,8 @@ class ChoiceShaper:
             choice["prompt_logprobs"] = self.prompt_logprobs(out)
         return choice
 
-    def prompt_logprobs(self, out: RequestOutput) -> list[dict[str, Any] | None] | None:
-        """vLLM's ``prompt_logprobs`` field (None: not asked for)."""
-        if out.prompt_logprobs is None:
-            return None
+    def prompt_logprobs(self, out: RequestOutput) -> list[dict[str, Any] | None]:
+        """vLLM's ``prompt_logprobs`` field, of an output that has them."""
         return prompt_logprobs(out.prompt_logprobs, self.text_of)
 
     def delta(self, index: int, out: RequestOutput) -> dict[str, Any] | None:
