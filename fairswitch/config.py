@@ -230,8 +230,8 @@ class SchedulerConfig:
             )
         if self.growth_headroom < 0:
             raise ValueError(f"growth_headroom must be >= 0, got {self.growth_headroom}")
-        if self.max_waiting is not None and self.max_waiting < 0:
-            raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
+        if self.max_waiting is not None and self.max_waiting < 1:  # 0: nothing could ever run
+            raise ValueError(f"max_waiting must be >= 1 (default: no cap), got {self.max_waiting}")
         if self.preemption_mode not in ("auto", "swap", "recompute"):
             raise ValueError("preemption_mode must be one of auto, swap, recompute, got "
                              f"{self.preemption_mode!r}")

@@ -56,6 +56,8 @@ def test_generate_errors_are_clear(capsys):
     assert "max_tokens must be at least 1" in capsys.readouterr().err
     assert main(["generate", "--model", "/no/such/dir", "hi"]) == 2
     assert "neither an existing directory" in capsys.readouterr().err
+    assert main(["generate", "--max-waiting", "0", "hi"]) == 2  # (no request could ever run)
+    assert "error: max_waiting must be >= 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("line", ['{"prompt": 5}', '{"prompt": ["a", "b"]}', '{"prompt": null}'])

@@ -83,13 +83,12 @@ def test_n_choices_are_admitted_together():
     assert not engine.requests
 
 
-def test_a_queue_that_never_frees_queues_nothing():
-    from fairswitch.scheduler.scheduler import QueueFullError
-
-    llm = LLM(num_gpu_blocks=64, max_model_len=64, max_waiting=0)
-    with pytest.raises(QueueFullError):
-        llm.generate(["x", "y", "z"], PARAMS, use_tqdm=False)
-    assert not llm.engine.has_unfinished_requests() and not llm.engine.requests
+@pytest.mark.parametrize("max_waiting", [0, -1])
+def test_a_queue_that_holds_nothing_is_refused(max_waiting):
+    """max_waiting 0 was accepted, and then no request could ever be queued: generate raised
+    QueueFullError, the server answered 503 to everything."""
+    with pytest.raises(ValueError, match=f"max_waiting must be >= 1 .*got {max_waiting}"):
+        LLM(num_gpu_blocks=64, max_model_len=64, max_waiting=max_waiting)
 
 
 def test_an_error_midway_takes_back_what_was_queued(monkeypatch):

@@ -81,9 +81,7 @@ class LLM:
                 try:
                     rid = engine.add_request(text, copies[j], prompt_token_ids=toks,
                                              priority=prio, client_id=client)
-                except QueueFullError:
-                    if not engine.has_unfinished_requests():  # max_waiting 0: never frees
-                        raise
+                except QueueFullError:  # joins as the queue frees (max_waiting >= 1: it will)
                     return
                 pending.popleft()
                 ids.append(rid)
