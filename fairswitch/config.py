@@ -265,10 +265,15 @@ def parse_client_weights(spec: str | None) -> dict[str, float]:
             continue
         name, sep, value = item.partition("=")
         if not sep or not name.strip():
-            raise ValueError(f"client weight {item!r} is not CLIENT=WEIGHT")
-        weight = float(value)
-        if not weight > 0:
-            raise ValueError(f"client weight of {name.strip()!r} must be > 0, got {value}")
+            raise ValueError(f"client_weights: {item!r} is not CLIENT=WEIGHT")
+        try:
+            weight = float(value)
+        except ValueError:
+            raise ValueError(f"client_weights: {item!r}: the weight {value.strip()!r} is not "
+                             "a number") from None
+        if not (math.isfinite(weight) and weight > 0):
+            raise ValueError(f"client_weights: the weight of {name.strip()!r} must be finite "
+                             f"and > 0, got {value.strip()}")
         weights[name.strip()] = weight
     return weights
 
