@@ -201,6 +201,8 @@ def write_json(path: str | Path, obj: Any) -> Path:
     NaN and infinities are refused (they are not JSON; summaries use None instead).
     """
     path = Path(path)
+    if path.is_dir():  # (os.replace would name the temporary file)
+        raise IsADirectoryError(f"{path} is a directory, not a file")
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -23,6 +23,8 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import zlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,12 +121,13 @@ def read_trace(path: str | Path) -> Trace:
     meta: dict[str, Any] = {}
     seen: set[str] = set()
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    # Bytes, decoded line by line: a line that is not UTF-8 is named like any other bad line.
+    with opener(path, "rb") as f:
+        for n, line in enumerate(_lines(f, path), 1):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(line.decode("utf-8"))
                 if n == 1 and isinstance(obj, dict) and "trace_meta" in obj:
                     meta = dict(obj["trace_meta"])
                     continue
@@ -138,6 +141,13 @@ def read_trace(path: str | Path) -> Trace:
         raise TraceError(f"{path}: the trace holds no conversations")
     convs.sort(key=lambda c: (c.arrival_s, c.id))
     return Trace(convs, meta)
+
+
+def _lines(f: Any, path: Path) -> Iterator[bytes]:
+    try:
+        yield from f
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise TraceError(f"{path}: not a valid gzip file ({e})") from e
 
 
 def write_trace(path: str | Path, conversations: list[Conversation],

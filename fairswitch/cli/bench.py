@@ -14,8 +14,10 @@ from typing import Any
 from fairswitch.bench.ablations import ABLATIONS, parse_names
 from fairswitch.bench.runner import RunResult, compare_engines
 from fairswitch.bench.trace import Trace
-from fairswitch.cli.replay_args import (add_replay_args, config_json, engine_run_kwargs, load_trace,
-                                        replay_options, report_header, run_target)
+from fairswitch.cli.files import check_writable
+from fairswitch.cli.replay_args import (add_replay_args, check_outputs, config_json,
+                                        engine_run_kwargs, load_trace, replay_options,
+                                        report_header, run_target)
 from fairswitch.config import EngineConfig
 
 
@@ -72,7 +74,7 @@ def _summary(args: argparse.Namespace, result: RunResult) -> dict[str, Any]:
 
 def check_report_args(args: argparse.Namespace) -> None:
     """Refuse, before the replay, what the report would refuse after it: the SLOs, the window,
-    the client weights, and plots without matplotlib or with a directory that cannot be made."""
+    the client weights, output paths that cannot be written, and plots without matplotlib."""
     from fairswitch.bench.metrics import SLO
     from fairswitch.config import parse_client_weights
 
@@ -80,6 +82,7 @@ def check_report_args(args: argparse.Namespace) -> None:
     if not (math.isfinite(args.window_s) and args.window_s > 0):
         raise ValueError(f"--window-s must be finite and > 0, got {args.window_s}")
     parse_client_weights(args.client_weights)
+    check_outputs(args)
     if args.plots_dir is not None:
         from fairswitch.bench.plots import figure_class
 
@@ -87,7 +90,7 @@ def check_report_args(args: argparse.Namespace) -> None:
             figure_class()
         except ImportError as e:
             raise ValueError(f"--plots-dir: {e}") from e
-        args.plots_dir.mkdir(parents=True, exist_ok=True)
+        check_writable(args.plots_dir, "--plots-dir", directory=True)
 
 
 def _finish(args: argparse.Namespace, report: dict[str, Any],

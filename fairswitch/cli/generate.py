@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from fairswitch.cli.files import read_text
 from fairswitch.config import EngineConfig, add_engine_args
 
 
@@ -39,25 +40,31 @@ def add_parser(subs: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompts)
     if args.prompts_file is not None:
-        if not args.prompts_file.is_file():
-            raise FileNotFoundError(f"prompts file {args.prompts_file} does not exist")
-        for n, line in enumerate(args.prompts_file.read_text().splitlines(), 1):
+        for n, line in enumerate(read_text(args.prompts_file, "prompts file").splitlines(), 1):
             if not line.strip():
                 continue
             if args.prompts_file.suffix == ".jsonl":
-                try:
-                    prompt = json.loads(line)["prompt"]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise ValueError(f"{args.prompts_file}:{n}: expected {{\"prompt\": ...}}: {e}")
-                if not isinstance(prompt, str):
-                    raise ValueError(f"{args.prompts_file}:{n}: \"prompt\" must be a string, "
-                                     f"got {prompt!r}")
-                prompts.append(prompt)
+                prompts.append(_jsonl_prompt(line, f"{args.prompts_file}:{n}"))
             else:
                 prompts.append(line)
     if not prompts:
         raise ValueError("no prompts given (pass them as arguments or with --prompts-file)")
     return prompts
+
+
+def _jsonl_prompt(line: str, where: str) -> str:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not JSON ({e})") from e
+    if not isinstance(obj, dict) or "prompt" not in obj:
+        raise ValueError(f"{where}: expected {{\"prompt\": ...}}, got {line.strip()[:80]}")
+    prompt = obj["prompt"]
+    if not isinstance(prompt, str):
+        raise ValueError(f"{where}: \"prompt\" must be a string, got {prompt!r}")
+    if not prompt:
+        raise ValueError(f"{where}: \"prompt\" is empty")
+    return prompt
 
 
 def run(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from typing import Any
 from fairswitch.bench.replay import ReplayOptions
 from fairswitch.bench.runner import RunResult, replay_engine, replay_http
 from fairswitch.bench.trace import Trace, read_trace
+from fairswitch.cli.files import check_input_file, check_writable
 from fairswitch.cli.serve import read_chat_template
 from fairswitch.config import EngineConfig, add_engine_args
 
@@ -64,10 +65,16 @@ def add_replay_args(p: argparse.ArgumentParser) -> None:
     add_engine_args(p)
 
 
+def check_outputs(args: argparse.Namespace) -> None:
+    """Refuse, before the replay, output paths that could not be written after it."""
+    if args.output_json is not None:
+        check_writable(args.output_json, "--output-json")
+    if args.step_log is not None and args.url is None:  # (with --url: refused by run_target)
+        check_writable(args.step_log, "--step-log", directory=True)
+
+
 def load_trace(args: argparse.Namespace) -> Trace:
-    if not args.trace.is_file():
-        raise FileNotFoundError(f"trace {args.trace} does not exist")
-    trace = read_trace(args.trace)
+    trace = read_trace(check_input_file(args.trace, "trace"))
     n = args.num_conversations
     if n is not None:
         if n < 1:

@@ -7,6 +7,7 @@ import asyncio
 import logging
 from pathlib import Path
 
+from fairswitch.cli.files import read_text
 from fairswitch.config import EngineConfig, add_engine_args
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -52,12 +53,9 @@ def add_parser(subs: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def read_chat_template(value: str | None) -> str | None:
     """The --chat-template value: a file's text, or the template itself."""
-    if value is None:
-        return None
-    path = Path(value)
-    if "{" not in value and not path.is_file():
-        raise FileNotFoundError(f"chat template file {value} does not exist")
-    return path.read_text() if "{" not in value else value
+    if value is None or "{" in value:
+        return value
+    return read_text(Path(value), "chat template file")
 
 
 def run(args: argparse.Namespace) -> int:

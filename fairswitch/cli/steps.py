@@ -12,6 +12,7 @@ from pathlib import Path
 
 from fairswitch.bench.step_report import (format_summary, format_windows, step_windows,
                                           summarize_steps)
+from fairswitch.cli.files import check_input_file, check_writable
 from fairswitch.engine.step_log import read_step_log
 
 
@@ -53,6 +54,10 @@ class _Stdout:
 
 
 def run(args: argparse.Namespace) -> int:
+    for path in args.logs:
+        check_input_file(path, "step log")
+    if args.output_json is not None:
+        check_writable(args.output_json, "--output-json")
     out = _Stdout()
     report = {}
     for path in args.logs:

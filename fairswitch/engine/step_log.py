@@ -119,7 +119,9 @@ def read_step_log(path: str | Path) -> dict[str, Any]:
     is not one raises ValueError naming the file and what is wrong."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a step log (not UTF-8 text: {e.reason})") from e
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not JSON ({e})") from e
     if not isinstance(data, dict) or not {"columns", "rows"} <= data.keys():
