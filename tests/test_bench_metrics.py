@@ -12,8 +12,8 @@ from fairswitch.bench.fairness import jain_index, service_windows
 from fairswitch.bench.metrics import SLO, group_summary, latency_stats, summarize
 from fairswitch.bench.plots import write_plots
 from fairswitch.bench.records import RequestRecord
-from fairswitch.bench.report import (comparison_ratios, compare, format_breakdown, format_table,
-                                     write_json)
+from fairswitch.bench.report import (comparison_ratios, compare, format_breakdown,
+                                     format_failures, format_table, write_json)
 
 approx = pytest.approx
 
@@ -246,6 +246,21 @@ def test_breakdown_tables():
 def _scaled(records, k):
     return [rec(r.request_id, r.client, r.priority, r.arrival_s * k, r.prompt_tokens,
                 [t * k for t in r.token_times_s], r.end_s * k, r.error) for r in records]
+
+
+def test_failures_keep_each_error_and_the_report_counts_them():
+    """A failed request was only counted: the summary now says which and why."""
+    s = summarize(schedule())
+    assert s["failures"] == [{"request_id": "C", "conversation_id": "C", "turn": 0,
+                              "error": "stream cut"}]
+    assert summarize([rec("E", "b", 0, 0.0, 5, [], 0.1)])["failures"][0]["error"] == "no tokens"
+    errors = [{"error": e} for e in ["ValueError: too long"] * 3 + ["boom"] + [f"e{i}" for i in
+                                                                            range(6)]]
+    lines = format_failures(errors, max_lines=3).splitlines()
+    assert lines[:2] == ["     3 x ValueError: too long", "     1 x boom"]
+    assert len(lines) == 4 and lines[-1].endswith("... and 5 other errors")
+    assert format_failures([{"error": "x" * 500 + "\nsecond line"}], width=40) == \
+        "     1 x " + "x" * 37 + "..."
 
 
 def test_compare_ratios():

@@ -364,6 +364,22 @@ def test_a_failed_plot_keeps_the_report(trace_file, tmp_path, capsys, monkeypatc
     assert "No space left" in report["plots_error"]
 
 
+@pytest.mark.parametrize("command", ["bench", "replay"])
+def test_failed_requests_say_why(tmp_path, capsys, command):
+    """Failed requests were only counted ("Failed requests: 1"), in the table and the JSON."""
+    trace, out = tmp_path / "long.jsonl", tmp_path / "report.json"
+    write_trace(trace, chat_trace("why", too_long=True).conversations)
+    assert main([command, "--trace", str(trace), *ENGINE_ARGS, "--num-conversations", "2",
+                 "--warmup-requests", "0", "--output-json", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"{command}: failed requests: 1 (later turns not sent: 1), errors:" in err
+    assert "1 x ValueError: prompt has" in err and f"max_model_len is {MAX_MODEL_LEN}" in err
+    (failure,) = json.loads(out.read_text())["summary"]["failures"]
+    assert (failure["request_id"], failure["conversation_id"], failure["turn"]) == ("long:0",
+                                                                                  "long", 0)
+    assert failure["error"].startswith("ValueError: prompt has")
+
+
 def test_bench_cli_http(trace_file, server, tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--trace", str(trace_file), "--url", server.url, "--no-progress",

@@ -9,6 +9,7 @@ Choices the design leaves open:
 - A request failed when ``not record.ok``. Failed requests are counted, left out of latency stats
   and throughput, and count as missing the SLO: attainment fractions are over *all* requests, so a
   server cannot raise its attainment by dropping requests.
+- Each failed request's error is kept (``failures``): a count alone does not say what went wrong.
 - Values that do not exist (no samples, zero duration, no SLO given) are None, never NaN.
 - Callers add engine counters as ``summary["engine"]`` (a flat dict); the reports print it.
 """
@@ -135,6 +136,12 @@ def group_summary(records: Sequence[RequestRecord], slo: SLO | None,
     }
 
 
+def failures(records: Sequence[RequestRecord]) -> list[dict]:
+    """Each failed request and why (its error; a response without tokens has none)."""
+    return [{"request_id": r.request_id, "conversation_id": r.conversation_id, "turn": r.turn,
+             "error": r.error or "no tokens"} for r in records if not r.ok]
+
+
 def run_span(records: Sequence[RequestRecord]) -> float | None:
     """First arrival to last finish (end time, else last token); None without records."""
     if not records:
@@ -178,6 +185,7 @@ def summarize(records: list[RequestRecord], duration_s: float | None = None,
         "num_requests": len(records),
         "completed": overall["completed"],
         "failed": overall["failed"],
+        "failures": failures(records),
         "duration_s": duration,
         "total_input_tokens": overall["input_tokens"],
         "total_output_tokens": overall["output_tokens"],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +194,20 @@ def compare(summaries: dict[str, dict], baseline: str) -> str:
         lines.append(f"{'  ratio ' + how:<{label_w}} " + " ".join(f"{m:>{col_w}}" for m in marks))
     lines.append(f"(baseline: {baseline}; a ratio above 1 means better than the baseline)")
     return "\n".join(lines)
+
+
+def format_failures(failures: list[dict], max_lines: int = 5, width: int = 160) -> str:
+    """The distinct errors of failed requests (``metrics.failures``), most frequent first."""
+    counts = Counter(f["error"] for f in failures)
+    lines = [f"{n:>6} x {_cut(error, width)}" for error, n in counts.most_common(max_lines)]
+    if len(counts) > max_lines:
+        lines.append(f"{'':>6}   ... and {len(counts) - max_lines} other errors")
+    return "\n".join(lines)
+
+
+def _cut(text: str, width: int) -> str:
+    text = " ".join(text.split())  # one line
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def write_json(path: str | Path, obj: Any) -> Path:

@@ -16,8 +16,8 @@ from fairswitch.bench.runner import RunResult, compare_engines
 from fairswitch.bench.trace import Trace
 from fairswitch.cli.files import check_writable
 from fairswitch.cli.replay_args import (add_replay_args, check_outputs, config_json,
-                                        engine_run_kwargs, load_trace, replay_options,
-                                        report_header, run_target)
+                                        engine_run_kwargs, load_trace, print_failures,
+                                        replay_options, report_header, run_target)
 from fairswitch.config import EngineConfig
 
 
@@ -130,6 +130,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     print(format_table(summary, "Serving Benchmark Result"))
     for by in ("priority", "client"):
         print(f"\nBy {by}:\n{format_breakdown(summary, by)}")
+    print_failures(summary, "bench")
     report = {**report_header(args, trace), "engine_config": config_json(result.engine_config),
               "summary": summary}
     return _finish(args, report, {"bench": result})
@@ -147,6 +148,7 @@ def _compare(args: argparse.Namespace, trace: Trace) -> dict[str, Any]:
     summaries = {name: _summary(args, r) for name, r in runs.items()}
     for name, summary in summaries.items():
         print(format_table(summary, f"{name}"))
+        print_failures(summary, name)
     print(f"\nComparison:\n{compare(summaries, baseline)}")
     report = {**report_header(args, trace), "baseline": baseline,
               "runs": {name: {"engine_config": config_json(runs[name].engine_config),

@@ -9,7 +9,7 @@ import argparse
 from typing import Any
 
 from fairswitch.cli.replay_args import (add_replay_args, check_outputs, config_json, load_trace,
-                                        report_header, run_target)
+                                        print_failures, report_header, run_target)
 
 
 def add_parser(subs: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -38,6 +38,7 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
     print(format_table(summary, "Multi-turn Replay Result"))
     print(f"\nBy turn:\n{format_turns(turns)}")
     print(f"\nKV reuse:\n{format_reuse(reuse)}")
+    print_failures(summary, "replay")
     report = {**report_header(args, trace), "engine_config": config_json(result.engine_config),
               "summary": summary, "turns": turns, "reuse": reuse}
     if args.output_json is not None:

@@ -110,6 +110,17 @@ def run_target(args: argparse.Namespace, trace: Trace, desc: str) -> RunResult:
                          desc=desc, **engine_run_kwargs(args))
 
 
+def print_failures(summary: dict[str, Any], name: str) -> None:
+    """Why requests failed, on stderr (the table only counts them; the JSON lists each)."""
+    from fairswitch.bench.report import format_failures
+
+    if summary["failures"]:
+        skipped = summary.get("skipped_turns")
+        print(f"{name}: failed requests: {summary['failed']}"
+              + (f" (later turns not sent: {skipped})" if skipped else "") + ", errors:\n"
+              + format_failures(summary["failures"]), file=sys.stderr)
+
+
 def report_header(args: argparse.Namespace, trace: Trace) -> dict[str, Any]:
     """What every JSON report starts with: how it was made and on what workload."""
     rate = args.request_rate
