@@ -133,10 +133,10 @@ class CacheConfig:
         True, "keep a resumed request's CPU copy so its next swap-out moves only new blocks")
     per_layer_swap: bool = _opt(
         False, "one copy per block per layer per K/V instead of one per extent (ablation)")
-    cpu_kv_reuse: bool = _opt(
-        True, "multi-turn reuse's CPU tier: finished requests' KV is also copied to the swap "
+    cpu_kv_reuse: bool | None = _opt(
+        None, "multi-turn reuse's CPU tier: finished requests' KV is also copied to the swap "
         "space in the background, and a later prompt continuing it fetches it instead of "
-        "recomputing (needs prefix caching and swap space)")
+        "recomputing (needs prefix caching and swap space; default: on where both are)")
     baseline: bool = _opt(
         False, "reproduce vLLM 0.3.3's context switches: block size 16, per-block-per-layer "
         "synchronous copies on one stream, no block groups, no incremental swap, no prefix "
@@ -166,6 +166,15 @@ class CacheConfig:
             raise ValueError(f"swap_space must be >= 0 GiB, got {self.swap_space}")
         if self.kv_cache_dtype not in ("auto", "fp8"):
             raise ValueError(f"kv_cache_dtype must be one of auto, fp8, got {self.kv_cache_dtype!r}")
+        if self.cpu_kv_reuse and not (self.enable_prefix_caching and self.swap_space > 0):
+            raise ValueError("cpu_kv_reuse is the prefix cache's tier in the swap space: it needs "
+                             "enable_prefix_caching and swap_space > 0")
+
+    @property
+    def cpu_kv_reuse_on(self) -> bool:
+        """The CPU tier of reuse runs (where the swap space holds a block): asked for, or left
+        to its default with prefix caching on."""
+        return self.enable_prefix_caching and self.cpu_kv_reuse is not False
 
 
 @dataclass
@@ -183,7 +192,8 @@ class SchedulerConfig:
         "out a few steps later (0: admit whenever the request itself fits)")
     preemption_mode: str = _opt(
         "auto", "how a preempted request gives up its KV: auto (cheaper by the cost model), "
-        "swap (to CPU), recompute", ("auto", "swap", "recompute"))
+        "swap (to CPU; needs swap space, recompute while it is full), recompute",
+        ("auto", "swap", "recompute"))
     swap_link_gb_s: float = _opt(
         25.0, "host link bandwidth the swap cost model starts from (GB/s); replaced by a probe "
         "copy when the swap space is set up")
@@ -287,6 +297,12 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
+    def __post_init__(self) -> None:
+        # What one section asks of another. (vLLM fails at the first preemption instead.)
+        if self.scheduler.preemption_mode == "swap" and self.cache.swap_space == 0:
+            raise ValueError("preemption_mode 'swap' needs swap space, and swap_space is 0: "
+                             "give swap_space > 0, or preemption_mode recompute or auto")
+
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
         """Flat keyword arguments (``model=..., block_size=...``) -> nested config."""
@@ -327,7 +343,7 @@ def _by_section(kwargs: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def _arg_type(f: dataclasses.Field) -> Any:
     annotation = str(f.type)
-    if annotation == "bool":
+    if annotation.split(" |")[0] == "bool":
         return None
     if "int" in annotation:
         return int

@@ -133,10 +133,29 @@ def test_shipped_config_needs_dummy():
     ({"max_num_seqs": 0}, "max_num_seqs"),
     ({"dtype": "int8"}, "dtype must be one of"),
     ({"bogus_option": 1}, "unknown engine option"),
+    ({"max_waiting": 0}, "max_waiting must be >= 1"),
+    ({"swap_space": 0, "preemption_mode": "swap"}, "'swap' needs swap space, and swap_space is 0"),
+    ({"enable_prefix_caching": False, "cpu_kv_reuse": True}, "cpu_kv_reuse .* needs"),
+    ({"swap_space": 0, "cpu_kv_reuse": True}, "cpu_kv_reuse .* needs"),
 ])
 def test_bad_engine_config(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         EngineConfig.from_kwargs(**kwargs)
+
+
+def test_the_cpu_tier_is_on_where_it_can_be():
+    """cpu_kv_reuse asked for without prefix caching or swap space was silently ignored; left
+    to its default, it follows them (so --no-enable-prefix-caching alone still works)."""
+    from fairswitch.cli.main import build_parser
+
+    assert EngineConfig().cache.cpu_kv_reuse_on
+    for off in ({"enable_prefix_caching": False}, {"cpu_kv_reuse": False}, {"baseline": True}):
+        assert not EngineConfig.from_kwargs(**off).cache.cpu_kv_reuse_on, off
+    assert not EngineConfig().with_options(enable_prefix_caching=False).cache.cpu_kv_reuse_on
+    assert EngineConfig.from_kwargs(swap_space=0, preemption_mode="recompute")  # (no tier)
+    for flags, value in (([], None), (["--cpu-kv-reuse"], True), (["--no-cpu-kv-reuse"], False)):
+        args = build_parser().parse_args(["generate", "hi", *flags])
+        assert EngineConfig.from_cli_args(args).cache.cpu_kv_reuse is value
 
 
 @pytest.mark.parametrize("kwargs, error, match", [

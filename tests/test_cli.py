@@ -58,6 +58,10 @@ def test_generate_errors_are_clear(capsys):
     assert "neither an existing directory" in capsys.readouterr().err
     assert main(["generate", "--max-waiting", "0", "hi"]) == 2  # (no request could ever run)
     assert "error: max_waiting must be >= 1" in capsys.readouterr().err
+    assert main(["generate", "--swap-space", "0", "--preemption-mode", "swap", "hi"]) == 2
+    assert "error: preemption_mode 'swap' needs swap space" in capsys.readouterr().err
+    assert main(["generate", "--no-enable-prefix-caching", "--cpu-kv-reuse", "hi"]) == 2
+    assert "error: cpu_kv_reuse is the prefix cache's tier" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("line", ['{"prompt": 5}', '{"prompt": ["a", "b"]}', '{"prompt": null}'])

@@ -59,8 +59,9 @@ def test_engine_without_swap_space_preempts_by_recompute(llama_dir):
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     roomy = LLM(model=str(llama_dir), num_gpu_blocks=256, swap_space=0)
     want = [o.outputs[0].token_ids for o in roomy.generate(prompts, params, use_tqdm=False)]
+    # Asks for swaps, and there is no space: less than one block (swap_space=0 is refused).
     tight = LLM(model=str(llama_dir), num_gpu_blocks=12, block_size=4, max_model_len=48,
-                swap_space=0, preemption_mode="swap")  # asks for swaps: there is no space
+                swap_space=1e-9, preemption_mode="swap")
     outs = tight.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == want
     sched = tight.engine.scheduler

@@ -16,8 +16,9 @@ from typing import Any
 
 from fairswitch.config import EngineConfig
 
+# cpu_kv_reuse None: on wherever it can be (not with --swap-space 0, nor in no-reuse).
 _FULL: dict[str, Any] = {"baseline": False, "block_groups": True, "enable_prefix_caching": True,
-                         "cpu_kv_reuse": True, "async_swap": True, "duplex_swap": True,
+                         "cpu_kv_reuse": None, "async_swap": True, "duplex_swap": True,
                          "incremental_swap": True,
                          "per_layer_swap": False, "early_swap_in": False,
                          "async_scheduling": True}

@@ -3,7 +3,8 @@
 Cost model: swapping moves the blocks not yet saved out and every block back in over the host
 link; recomputing prefills every computed token again. Pick the cheaper; recompute when there is
 no swap space, the CPU pool cannot take the request, or the context is too short to be worth a
-switch. ``mode`` can force either.
+switch. ``mode`` can force either (a forced swap still recomputes while the CPU pool is full;
+the config refuses it with no swap space at all).
 
 Both rates are measured on the machine: the link by a probe copy when the swap space is set up
 (``SwapManager.probe_link``, run by ``KVMemory``), prefill throughput from the engine's
