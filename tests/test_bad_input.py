@@ -25,7 +25,6 @@ def llm():
     ({"top_p": 0.0}, "top_p must be in"),
     ({"top_p": 1.5}, "top_p must be in"),
     ({"top_k": -2}, "top_k"),
-    ({"max_tokens": 2.5}, "max_tokens must be an integer"),
     ({"stop": [""]}, "stop strings"),
     ({"seed": 2**70}, "seed must fit in 64 bits"),
     ({"top_k": 2**40}, "top_k must be"),

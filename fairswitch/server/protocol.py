@@ -174,7 +174,7 @@ class GenerationRequest:
                 presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                 repetition_penalty=self.repetition_penalty, logit_bias=self.logit_bias,
                 logprobs=self.logprobs, prompt_logprobs=self.prompt_logprobs)
-        except ValueError as e:  # e.g. a bias or penalty out of range: the client's fault
+        except (TypeError, ValueError) as e:  # e.g. a logit bias not a number, or out of range
             raise bad_request(str(e), _named_field(str(e))) from e
 
     def check_min_tokens(self, max_tokens: int) -> None:
