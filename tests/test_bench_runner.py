@@ -325,7 +325,7 @@ def test_bench_cli_in_process(trace_file, tmp_path, capsys):
     (["--window-s", "0"], "--window-s must be finite and > 0"),
     (["--window-s", "nan"], "--window-s must be finite and > 0"),
     (["--ttft-slo-ms", "-5"], "SLO ttft_s must be finite and > 0"),
-    (["--client-weights", "a=0"], "client weight of 'a' must be > 0"),
+    (["--client-weights", "a=0"], "client weight of 'a' must be a finite number > 0"),
     (["--plots-dir", "PLOTS"], "--plots-dir: plots need matplotlib"),
 ])
 def test_bench_refuses_bad_report_options_before_the_replay(trace_file, tmp_path, capsys,
