@@ -57,6 +57,38 @@ def test_bad_prompt_in_batch_queues_nothing(llm):
     assert not llm.engine.has_unfinished_requests()
 
 
+def _still_serves(llm):
+    """Nothing of a refused call is left, and the next good call runs."""
+    assert not llm.engine.has_unfinished_requests() and not llm.engine.requests
+    out = llm.generate(["still", "serving"], SamplingParams(max_tokens=2, ignore_eos=True),
+                       use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in out] == [2, 2]
+
+
+@pytest.mark.parametrize("prompts, match", [
+    (None, "^prompts must be a str, a list of token ids, or a list of those, got NoneType"),
+    (5, "^prompts must be .* got int"),
+    ({"prompt": "hi"}, "^prompts must be .* got dict"),
+    (b"hi", "^prompts must be .* got bytes"),
+    (["fine", None], r"^prompts\[1\] must be a str or a list of token ids, got NoneType"),
+    (["fine", 5], r"^prompts\[1\] must be a str or a list of token ids, got int"),
+    ([[1, 2], [3, "x"]], r"^prompts\[1\]\[1\] must be an int token id, got 'x'"),
+    ([1, 2, True], r"^prompts\[2\] must be an int token id, got True"),
+])
+def test_prompts_of_the_wrong_type_are_named(llm, prompts, match):
+    with pytest.raises(TypeError, match=match):
+        llm.generate(prompts, use_tqdm=False)
+    _still_serves(llm)
+
+
+def test_every_prompt_form_is_accepted(llm):
+    params = SamplingParams(max_tokens=1, ignore_eos=True)
+    ids = llm.get_tokenizer().encode("hello")
+    for prompts, count in (("hello", 1), (["hello", "again"], 2), (("hello",), 1), (ids, 1),
+                           ([ids, ids], 2), (tuple(ids), 1), ([], 0)):
+        assert len(llm.generate(prompts, params, use_tqdm=False)) == count
+
+
 def test_engine_keeps_serving_while_bad_requests_arrive(llm):
     engine = llm.engine
     good = engine.add_request("a good request", SamplingParams(max_tokens=10, ignore_eos=True))

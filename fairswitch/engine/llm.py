@@ -34,22 +34,21 @@ class LLM:
 
     def generate(
         self,
-        prompts: str | Sequence[str] | Sequence[list[int]],
+        prompts: str | list[int] | Sequence[str | list[int]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         priority: int | Sequence[int] = 0,
         client_id: str | None | Sequence[str | None] = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt (text, or a list of token ids); block until all finish.
+        ``prompts`` is one prompt or a list of them.
 
         ``priority`` (lower runs first, with ``policy="priority"``) and ``client_id`` (whose
         service VTC evens out, with ``policy="vtc"``) go to the scheduler as the server's
         ``priority`` field and ``X-Client-Id`` header do: one value for every prompt, or one per
-        prompt. Invalid input raises ValueError before anything runs.
+        prompt. Invalid input raises TypeError (a wrong type) or ValueError before anything runs.
         """
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        prompts = list(prompts)
+        prompts = _prompt_list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
         params = ([sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams)
@@ -156,6 +155,35 @@ def _merged(copies: list[RequestOutput]) -> RequestOutput:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _prompt_list(prompts: Any) -> list[str | list[int]]:
+    """``generate``'s prompts as a list: one text, one list of token ids, or a list of those."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError("prompts must be a str, a list of token ids, or a list of those, got "
+                        f"{type(prompts).__name__}")
+    if prompts and _is_int(prompts[0]):  # one prompt's token ids
+        return [_token_ids(prompts, "prompts")]
+    checked: list[str | list[int]] = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            checked.append(prompt)
+        elif isinstance(prompt, (list, tuple)):
+            checked.append(_token_ids(prompt, f"prompts[{i}]"))
+        else:
+            raise TypeError(f"prompts[{i}] must be a str or a list of token ids, got "
+                            f"{type(prompt).__name__}")
+    return checked
+
+
+def _token_ids(prompt: list | tuple, name: str) -> list[int]:
+    """(Their range is the engine's to check, against the vocabulary.)"""
+    bad = next((j for j, t in enumerate(prompt) if not _is_int(t)), None)
+    if bad is not None:
+        raise TypeError(f"{name}[{bad}] must be an int token id, got {prompt[bad]!r:.40}")
+    return list(prompt)
 
 
 def _per_prompt(value: Any, n: int, name: str, valid: Any) -> list[Any]:
