@@ -89,6 +89,60 @@ def test_every_prompt_form_is_accepted(llm):
         assert len(llm.generate(prompts, params, use_tqdm=False)) == count
 
 
+USER = {"role": "user", "content": "hi"}
+
+
+@pytest.mark.parametrize("messages, error, match", [
+    (USER, TypeError, "^messages must be a list of message dicts .* got dict: put a single "
+                      "message in a list"),
+    (None, TypeError, "^messages must be a list .* got NoneType"),
+    ("hi", TypeError, "^messages must be a list .* got str"),
+    ([USER, "hi"], TypeError, r"^'messages\[1\]' must be an object \(a dict"),
+    ([{"role": "user", "content": None}], TypeError,
+     r"^'messages\[0\].content' must be a string or a list of text parts \(only an "
+     r"assistant's may be none\), got None"),
+    ([{"role": "user"}], TypeError, r"^'messages\[0\].content' .* got None"),
+    ([{"role": "user", "content": 5}], TypeError, r"^'messages\[0\].content' .* got 5"),
+    ([USER, {"role": None, "content": "x"}], TypeError,
+     r"^'messages\[1\].role' must be a non-empty string, got None"),
+    ([{"role": 3, "content": "x"}], TypeError, r"^'messages\[0\].role' .* got 3"),
+    ([{"content": "x"}], TypeError, r"^'messages\[0\].role' .* but it is missing"),
+    ([{"role": "", "content": "x"}], ValueError, r"^'messages\[0\].role' must be a non-empty"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}], ValueError,
+     r"^'messages\[0\].content\[0\]' must be a text part .* only text is supported"),
+    ([{"role": "user", "content": [5]}], TypeError,
+     r"^'messages\[0\].content\[0\]' must be a text part"),
+    ([{"role": "user", "content": "x", "name": 5}], TypeError, r"^'messages\[0\].name'"),
+    ([[USER], [USER, {"role": "user", "content": None}]], TypeError,
+     r"^'messages\[1\]\[1\].content'"),
+    ([[USER], []], ValueError, r"^'messages\[1\]' must not be empty"),
+    ([[USER], USER], TypeError, r"^messages\[1\] must be a conversation"),
+])
+def test_bad_chat_messages_are_named(llm, messages, error, match):
+    """A bare message, or a message whose role or content is missing, None or not a string, was
+    a raw TypeError/KeyError from inside, or a prompt with "None" in it."""
+    with pytest.raises(error, match=match):
+        llm.chat(messages, SamplingParams(max_tokens=2), use_tqdm=False)
+    _still_serves(llm)
+
+
+def test_chat_renders_messages_as_the_server_does(llm):
+    """Both check and normalize messages in chat_messages.py: text parts joined by newlines (the
+    template joined them with nothing here), an assistant turn with no content empty."""
+    from fairswitch.server.chat import ChatTemplate
+    from fairswitch.server.protocol import parse_messages
+
+    conversation = [{"role": "user", "content": [{"type": "text", "text": "one"},
+                                                 {"type": "text", "text": "two"}]},
+                    {"role": "assistant", "content": None},
+                    {"role": "user", "content": "three", "name": "bob"}]
+    out = llm.chat(conversation, SamplingParams(max_tokens=1), use_tqdm=False)[0]
+    assert out.prompt == ChatTemplate(llm.get_tokenizer()).render(parse_messages(conversation))
+    assert "one\ntwo" in out.prompt and "assistant\n<|im_end|>" in out.prompt
+    several = llm.chat([conversation, [USER]], SamplingParams(max_tokens=1), use_tqdm=False)
+    assert several[0].prompt == out.prompt
+
+
 def test_engine_keeps_serving_while_bad_requests_arrive(llm):
     engine = llm.engine
     good = engine.add_request("a good request", SamplingParams(max_tokens=10, ignore_eos=True))

@@ -7,6 +7,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
+from fairswitch.chat_messages import parse_conversation
 from fairswitch.config import EngineConfig
 from fairswitch.engine.engine import Engine
 from fairswitch.outputs import RequestOutput
@@ -125,17 +126,14 @@ class LLM:
     ) -> list[RequestOutput]:
         """Reply to one conversation (a list of ``{"role", "content"}`` messages) or to several
         (a list of such lists): each is rendered with the tokenizer's chat template (or
-        ``chat_template``) and generated from; ``priority``/``client_id`` as in ``generate``."""
-        conversations = ([messages] if messages and isinstance(messages[0], dict)
-                         else list(messages))
+        ``chat_template``) and generated from; ``priority``/``client_id`` as in ``generate``.
+        Messages are checked as the server checks them (chat_messages.py): TypeError or
+        ValueError naming the message and field, before anything runs."""
         tokenizer = self.engine.tokenizer
         prompts, texts = [], []
-        for conversation in conversations:
-            if not isinstance(conversation, (list, tuple)) or not all(
-                    isinstance(m, dict) and "role" in m and "content" in m for m in conversation):
-                raise ValueError("each conversation must be a list of {'role', 'content'} dicts")
+        for conversation in _conversations(messages):
             text = tokenizer.apply_chat_template(
-                list(conversation), chat_template=chat_template, tokenize=False,
+                conversation, chat_template=chat_template, tokenize=False,
                 add_generation_prompt=add_generation_prompt)
             # The template writes the special tokens itself.
             prompts.append(tokenizer.encode(text, add_special_tokens=False))
@@ -184,6 +182,24 @@ def _token_ids(prompt: list | tuple, name: str) -> list[int]:
     if bad is not None:
         raise TypeError(f"{name}[{bad}] must be an int token id, got {prompt[bad]!r:.40}")
     return list(prompt)
+
+
+def _conversations(messages: Any) -> list[list[dict[str, str]]]:
+    """``chat``'s messages as a list of checked conversations: one (a list of message dicts) or
+    several (a list of such lists)."""
+    if not isinstance(messages, (list, tuple)):
+        hint = ": put a single message in a list" if isinstance(messages, dict) else ""
+        raise TypeError("messages must be a list of message dicts (one conversation) or a list of "
+                        f"such lists, got {type(messages).__name__}{hint}")
+    if not messages or not isinstance(messages[0], (list, tuple)):
+        return [parse_conversation(messages)] if messages else []
+    conversations = []
+    for k, conversation in enumerate(messages):
+        if not isinstance(conversation, (list, tuple)):
+            raise TypeError(f"messages[{k}] must be a conversation (a list of message dicts) "
+                            f"like messages[0], got {type(conversation).__name__}")
+        conversations.append(parse_conversation(conversation, f"messages[{k}]"))
+    return conversations
 
 
 def _per_prompt(value: Any, n: int, name: str, valid: Any) -> list[Any]:
