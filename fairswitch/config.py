@@ -32,6 +32,8 @@ def _check_types(config: Any) -> None:
         if value is None and annotation.endswith("| None"):
             continue
         kind = annotation.split(" |")[0]
+        if kind == "dict":  # its section's own parser checks it (client_weights)
+            continue
         expected = {"bool": bool, "int": numbers.Integral, "float": numbers.Real, "str": str}[kind]
         if not isinstance(value, expected) or (kind != "bool" and isinstance(value, bool)):
             allowed = kind + (" or None" if annotation.endswith("| None") else "")
@@ -220,7 +222,7 @@ class SchedulerConfig:
         "(0: no bound)")
     vtc_input_weight: float = _opt(1.0, "VTC cost of one input (prefill) token")
     vtc_output_weight: float = _opt(2.0, "VTC cost of one output token")
-    client_weights: str | None = _opt(
+    client_weights: dict | str | None = _opt(  # (a dict {"a": 2} from the Python API)
         None, "VTC client weights, e.g. 'a=2,b=1' (counters advance by cost / weight; default 1)")
     priority_updates: str = _opt(
         "random", "trace policy: how a priority changes: random (any level) or markov "
@@ -264,27 +266,42 @@ class SchedulerConfig:
                              f"{self.priority_update_prob}")
         if self.num_priority_levels < 1:
             raise ValueError(f"num_priority_levels must be >= 1, got {self.num_priority_levels}")
-        parse_client_weights(self.client_weights)  # raises ValueError naming the bad item
+        parse_client_weights(self.client_weights)  # raises naming the bad client
 
 
-def parse_client_weights(spec: str | None) -> dict[str, float]:
-    """``"a=2,b=1"`` -> {"a": 2.0, "b": 1.0}."""
+def parse_client_weights(spec: dict | str | None) -> dict[str, float]:
+    """``"a=2,b=1"`` (the CLI's form) or ``{"a": 2, "b": 1}`` -> {"a": 2.0, "b": 1.0}. Each weight
+    is a finite number > 0: ValueError (TypeError for a wrong type) naming its client."""
+    if spec is None:
+        return {}
+    if isinstance(spec, dict):
+        items = list(spec.items())
+    elif isinstance(spec, str):
+        items = []
+        for item in spec.split(","):
+            if not item.strip():
+                continue
+            name, sep, value = item.partition("=")
+            if not sep or not name.strip():
+                raise ValueError(f"client weight {item!r} is not CLIENT=WEIGHT")
+            try:
+                items.append((name.strip(), float(value)))
+            except ValueError:
+                raise ValueError(f"client weight of {name.strip()!r} must be a number, "
+                                 f"got {value.strip()!r}") from None
+    else:
+        raise TypeError("client_weights must be a dict of client -> weight, a 'CLIENT=WEIGHT,...' "
+                        f"string or None, got {spec!r}")
     weights: dict[str, float] = {}
-    for item in (spec or "").split(","):
-        if not item.strip():
-            continue
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip():
-            raise ValueError(f"client_weights: {item!r} is not CLIENT=WEIGHT")
-        try:
-            weight = float(value)
-        except ValueError:
-            raise ValueError(f"client_weights: {item!r}: the weight {value.strip()!r} is not "
-                             "a number") from None
-        if not (math.isfinite(weight) and weight > 0):
-            raise ValueError(f"client_weights: the weight of {name.strip()!r} must be finite "
-                             f"and > 0, got {value.strip()}")
-        weights[name.strip()] = weight
+    for name, weight in items:
+        if not isinstance(name, str):
+            raise TypeError(f"client_weights' client ids must be strings, got {name!r}")
+        if not isinstance(weight, numbers.Real) or isinstance(weight, bool):
+            raise TypeError(f"client weight of {name!r} must be a number, got {weight!r}")
+        if not (weight > 0 and math.isfinite(weight)):
+            raise ValueError(f"client weight of {name!r} must be a finite number > 0, "
+                             f"got {weight!r}")
+        weights[name] = float(weight)
     return weights
 
 

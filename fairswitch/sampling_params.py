@@ -1,4 +1,6 @@
-"""Per-request sampling and stopping parameters, validated on construction (vLLM's field names)."""
+"""Per-request sampling and stopping parameters, validated on construction (vLLM's field names):
+a field of the wrong type is a TypeError, a value out of range a ValueError, each naming the field
+first (the server turns either into a 400 naming it)."""
 
 from __future__ import annotations
 
@@ -53,17 +55,21 @@ class SamplingParams:
             self.stop_token_ids = [] if self.stop_token_ids is None else [self.stop_token_ids]
         for name in ("stop", "stop_token_ids"):
             if not isinstance(getattr(self, name), (list, tuple)):
-                raise ValueError(f"{name} must be a list, got {getattr(self, name)!r}")
+                raise TypeError(f"{name} must be a list, got {getattr(self, name)!r}")
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens",
+                     "detokenize"):
+            if not isinstance(getattr(self, name), bool):  # "no" would be true
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids)
         _check_int("max_tokens", self.max_tokens)
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool):
-            raise ValueError(f"temperature must be a number, got {self.temperature!r}")
+        _check_is_number("temperature", self.temperature)
         if not (self.temperature >= 0.0 and math.isfinite(self.temperature)):
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+        _check_is_number("top_p", self.top_p)
+        if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         _check_int("top_k", self.top_k)
         if not -1 <= self.top_k < 2**31:
@@ -73,8 +79,10 @@ class SamplingParams:
             if not -(2**63) <= self.seed < 2**64:  # what a torch.Generator accepts
                 raise ValueError(f"seed must fit in 64 bits, got {self.seed}")
         for s in self.stop:
-            if not isinstance(s, str) or not s:
-                raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
+            if not isinstance(s, str):
+                raise TypeError(f"stop strings must be strings, got {s!r}")
+            if not s:
+                raise ValueError("stop strings must not be empty")
         for t in self.stop_token_ids:
             _check_int("stop_token_ids entry", t)
             if t < 0:
@@ -93,8 +101,8 @@ class SamplingParams:
             raise ValueError("repetition_penalty must be > 0, got 0")
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
-                raise ValueError(f"logit_bias must map token ids to numbers, got "
-                                 f"{self.logit_bias!r}")
+                raise TypeError(f"logit_bias must map token ids to numbers, got "
+                                f"{self.logit_bias!r}")
             self.logit_bias = {_token_id(t): _bias(b) for t, b in self.logit_bias.items()}
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
@@ -128,10 +136,14 @@ MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit
 MAX_N = 64
 
 
+def _check_is_number(name: str, value: object) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+
+
 def _check_number(name: str, value: object, low: float, high: float) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    if not low <= value <= high:
+    _check_is_number(name, value)
+    if not low <= value <= high:  # (NaN is in no range)
         raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
 
 
@@ -151,4 +163,4 @@ def _bias(value: object) -> float:
 
 def _check_int(name: str, value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+        raise TypeError(f"{name} must be an integer, got {value!r}")

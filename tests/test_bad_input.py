@@ -25,7 +25,6 @@ def llm():
     ({"top_p": 0.0}, "top_p must be in"),
     ({"top_p": 1.5}, "top_p must be in"),
     ({"top_k": -2}, "top_k"),
-    ({"max_tokens": 2.5}, "max_tokens must be an integer"),
     ({"stop": [""]}, "stop strings"),
     ({"seed": 2**70}, "seed must fit in 64 bits"),
     ({"top_k": 2**40}, "top_k must be"),
@@ -56,6 +55,92 @@ def test_bad_prompt_in_batch_queues_nothing(llm):
     with pytest.raises(ValueError):
         llm.generate(["fine", ""], use_tqdm=False)
     assert not llm.engine.has_unfinished_requests()
+
+
+def _still_serves(llm):
+    """Nothing of a refused call is left, and the next good call runs."""
+    assert not llm.engine.has_unfinished_requests() and not llm.engine.requests
+    out = llm.generate(["still", "serving"], SamplingParams(max_tokens=2, ignore_eos=True),
+                       use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in out] == [2, 2]
+
+
+@pytest.mark.parametrize("prompts, match", [
+    (None, "^prompts must be a str, a list of token ids, or a list of those, got NoneType"),
+    (5, "^prompts must be .* got int"),
+    ({"prompt": "hi"}, "^prompts must be .* got dict"),
+    (b"hi", "^prompts must be .* got bytes"),
+    (["fine", None], r"^prompts\[1\] must be a str or a list of token ids, got NoneType"),
+    (["fine", 5], r"^prompts\[1\] must be a str or a list of token ids, got int"),
+    ([[1, 2], [3, "x"]], r"^prompts\[1\]\[1\] must be an int token id, got 'x'"),
+    ([1, 2, True], r"^prompts\[2\] must be an int token id, got True"),
+])
+def test_prompts_of_the_wrong_type_are_named(llm, prompts, match):
+    with pytest.raises(TypeError, match=match):
+        llm.generate(prompts, use_tqdm=False)
+    _still_serves(llm)
+
+
+def test_every_prompt_form_is_accepted(llm):
+    params = SamplingParams(max_tokens=1, ignore_eos=True)
+    ids = llm.get_tokenizer().encode("hello")
+    for prompts, count in (("hello", 1), (["hello", "again"], 2), (("hello",), 1), (ids, 1),
+                           ([ids, ids], 2), (tuple(ids), 1), ([], 0)):
+        assert len(llm.generate(prompts, params, use_tqdm=False)) == count
+
+
+USER = {"role": "user", "content": "hi"}
+
+
+@pytest.mark.parametrize("messages, error, match", [
+    (USER, TypeError, "^messages must be a list of message dicts .* got dict: put a single "
+                      "message in a list"),
+    (None, TypeError, "^messages must be a list .* got NoneType"),
+    ("hi", TypeError, "^messages must be a list .* got str"),
+    ([USER, "hi"], TypeError, r"^'messages\[1\]' must be an object \(a dict"),
+    ([{"role": "user", "content": None}], TypeError,
+     r"^'messages\[0\].content' must be a string or a list of text parts \(only an "
+     r"assistant's may be none\), got None"),
+    ([{"role": "user"}], TypeError, r"^'messages\[0\].content' .* got None"),
+    ([{"role": "user", "content": 5}], TypeError, r"^'messages\[0\].content' .* got 5"),
+    ([USER, {"role": None, "content": "x"}], TypeError,
+     r"^'messages\[1\].role' must be a non-empty string, got None"),
+    ([{"role": 3, "content": "x"}], TypeError, r"^'messages\[0\].role' .* got 3"),
+    ([{"content": "x"}], TypeError, r"^'messages\[0\].role' .* but it is missing"),
+    ([{"role": "", "content": "x"}], ValueError, r"^'messages\[0\].role' must be a non-empty"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}], ValueError,
+     r"^'messages\[0\].content\[0\]' must be a text part .* only text is supported"),
+    ([{"role": "user", "content": [5]}], TypeError,
+     r"^'messages\[0\].content\[0\]' must be a text part"),
+    ([{"role": "user", "content": "x", "name": 5}], TypeError, r"^'messages\[0\].name'"),
+    ([[USER], [USER, {"role": "user", "content": None}]], TypeError,
+     r"^'messages\[1\]\[1\].content'"),
+    ([[USER], []], ValueError, r"^'messages\[1\]' must not be empty"),
+    ([[USER], USER], TypeError, r"^messages\[1\] must be a conversation"),
+])
+def test_bad_chat_messages_are_named(llm, messages, error, match):
+    """A bare message, or a message whose role or content is missing, None or not a string, was
+    a raw TypeError/KeyError from inside, or a prompt with "None" in it."""
+    with pytest.raises(error, match=match):
+        llm.chat(messages, SamplingParams(max_tokens=2), use_tqdm=False)
+    _still_serves(llm)
+
+
+def test_chat_renders_messages_as_the_server_does(llm):
+    """Both check and normalize messages in chat_messages.py: text parts joined by newlines (the
+    template joined them with nothing here), an assistant turn with no content empty."""
+    from fairswitch.server.chat import ChatTemplate
+    from fairswitch.server.protocol import parse_messages
+
+    conversation = [{"role": "user", "content": [{"type": "text", "text": "one"},
+                                                 {"type": "text", "text": "two"}]},
+                    {"role": "assistant", "content": None},
+                    {"role": "user", "content": "three", "name": "bob"}]
+    out = llm.chat(conversation, SamplingParams(max_tokens=1), use_tqdm=False)[0]
+    assert out.prompt == ChatTemplate(llm.get_tokenizer()).render(parse_messages(conversation))
+    assert "one\ntwo" in out.prompt and "assistant\n<|im_end|>" in out.prompt
+    several = llm.chat([conversation, [USER]], SamplingParams(max_tokens=1), use_tqdm=False)
+    assert several[0].prompt == out.prompt
 
 
 def test_engine_keeps_serving_while_bad_requests_arrive(llm):

@@ -325,8 +325,8 @@ def test_bench_cli_in_process(trace_file, tmp_path, capsys):
     (["--window-s", "0"], "--window-s must be finite and > 0"),
     (["--window-s", "nan"], "--window-s must be finite and > 0"),
     (["--ttft-slo-ms", "-5"], "SLO ttft_s must be finite and > 0"),
-    (["--client-weights", "a=0"], "client_weights: the weight of 'a' must be finite and > 0"),
-    (["--client-weights", "a=x"], "client_weights: 'a=x': the weight 'x' is not a number"),
+    (["--client-weights", "a=0"], "client weight of 'a' must be a finite number > 0"),
+    (["--client-weights", "a=x"], "client weight of 'a' must be a number, got 'x'"),
     (["--plots-dir", "PLOTS"], "--plots-dir: plots need matplotlib"),
 ])
 def test_bench_refuses_bad_report_options_before_the_replay(trace_file, tmp_path, capsys,

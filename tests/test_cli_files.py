@@ -136,6 +136,6 @@ def test_write_json_onto_a_directory_names_it(tmp_path):
 
 
 def test_replay_refuses_bad_client_weights_before_the_replay(capsys, trace_file, no_replay):
-    assert "client_weights: 'a=x': the weight 'x' is not a number" in error_of(
+    assert "client weight of 'a' must be a number, got 'x'" in error_of(
         capsys, ["replay", "--trace", str(trace_file), "--url", "http://127.0.0.1:9",
                  "--client-weights", "a=x"])

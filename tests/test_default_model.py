@@ -126,7 +126,7 @@ def test_chat_is_generate_on_the_rendered_template(llm, prompts, replies):
     # OpenAI-style content parts: their text is the message (the template is the shared ChatML).
     parts = [{"role": "user", "content": [{"type": "text", "text": PROMPTS[0]}]}]
     assert llm.chat(parts, greedy(), use_tqdm=False)[0].prompt_token_ids == prompts[0]
-    with pytest.raises(ValueError, match="role"):
+    with pytest.raises(TypeError, match=r"'messages\[0\]\[0\].role' .* missing"):
         llm.chat([[{"content": "no role"}]], greedy())
 
 

@@ -35,6 +35,15 @@ def test_client_ids_reach_the_fairness_policy():
     assert set(counters) == {"a", "b"} and min(counters.values()) > 0
 
 
+def test_client_weights_take_a_dict():
+    """``LLM(client_weights={"a": 2})`` was refused: only the CLI's "a=2" string was taken."""
+    llm = LLM(num_gpu_blocks=64, max_model_len=64, max_num_seqs=1, policy="vtc",
+              client_weights={"a": 2, "b": 1.0})
+    assert llm.engine.scheduler.ranking.weights == {"a": 2.0, "b": 1.0}
+    with pytest.raises(ValueError, match="client weight of 'b' must be a finite number > 0"):
+        LLM(num_gpu_blocks=64, max_model_len=64, policy="vtc", client_weights={"a": 2, "b": -1})
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"priority": [0, 1]}, "3 prompts but 2 values of priority"),
     ({"priority": 1.5}, "priority has invalid values"),

@@ -223,11 +223,36 @@ def test_n_copies_are_sampled_independently_and_share_the_prompt(llama_dir):
 @pytest.mark.parametrize("bad, match", [
     (dict(min_tokens=20, max_tokens=10), "min_tokens"), (dict(presence_penalty=3), "presence"),
     (dict(repetition_penalty=0.0), "repetition"), (dict(min_p=1.5), "min_p"),
-    (dict(logprobs=21), "logprobs"), (dict(logit_bias={"x": 1}), "logit_bias"),
-    (dict(logit_bias={3: 500}), "logit_bias"), (dict(n=0), "n must"),
-    (dict(stop=5), "stop must be a list"), (dict(stop_token_ids="7"), "stop_token_ids must")])
-def test_bad_fields_are_refused(bad, match):
+    (dict(logprobs=21), "logprobs"), (dict(logit_bias={3: 500}), "logit_bias"),
+    (dict(n=0), "n must"), (dict(min_p=float("nan")), "min_p must be in"),
+    (dict(top_p=float("nan")), "top_p must be in"), (dict(stop=[""]), "stop strings")])
+def test_bad_values_are_refused(bad, match):
     with pytest.raises(ValueError, match=match):
+        SamplingParams(**bad)
+
+
+@pytest.mark.parametrize("bad, match", [
+    *[({name: value}, f"^{name} must be a bool, got {value!r}")
+      for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "detokenize")
+      for value in ("yes", 1, None)],
+    (dict(logit_bias={"x": 1}), "^logit_bias token id must be an integer"),
+    (dict(logit_bias={3: "1"}), "^logit_bias value must be a number"),
+    (dict(logit_bias=[1]), "^logit_bias must map"),
+    (dict(stop=5), "^stop must be a list"), (dict(stop=[5]), "^stop strings must be strings"),
+    (dict(stop_token_ids="7"), "^stop_token_ids must be a list"),
+    (dict(stop_token_ids=[True]), "^stop_token_ids entry must be an integer"),
+    (dict(max_tokens=2.5), "^max_tokens must be an integer"),
+    (dict(max_tokens=True), "^max_tokens must be an integer"),
+    (dict(top_k=1.0), "^top_k must be an integer"), (dict(seed="1"), "^seed must be an integer"),
+    (dict(n=2.0), "^n must be an integer"), (dict(logprobs=True), "^logprobs must be an integer"),
+    (dict(temperature="1"), "^temperature must be a number"),
+    (dict(top_p=True), "^top_p must be a number"), (dict(top_p="1"), "^top_p must be a number"),
+    (dict(min_p=True), "^min_p must be a number"),
+    (dict(presence_penalty=None), "^presence_penalty must be a number")])
+def test_fields_of_the_wrong_type_are_type_errors(bad, match):
+    """A wrong type is a TypeError whose message starts with the field (the server's 400 names
+    the field it starts with); "yes" for ignore_eos was taken, and top_p=True meant 1."""
+    with pytest.raises(TypeError, match=match):
         SamplingParams(**bad)
 
 

@@ -120,6 +120,29 @@ def test_vtc_client_weights_and_parsing():
     assert served["a"] >= 2 * served["b"]  # weight 3 gets ~3x the service
 
 
+def test_client_weights_as_a_dict():
+    """The Python API's form (only the CLI's string was taken); every weight a finite number > 0,
+    an error naming the client otherwise (``a=x`` was float()'s bare message, ``a=inf`` taken)."""
+    weights = {"a": 2, "b": 0.5, "c=d, e": 1}  # (a client id the string form cannot hold)
+    assert parse_client_weights(weights) == {"a": 2.0, "b": 0.5, "c=d, e": 1.0}
+    assert SchedulerConfig(client_weights=weights).client_weights == weights
+    assert parse_client_weights({}) == parse_client_weights(None) == {}
+    for bad, error, match in [({"a": True}, TypeError, "client weight of 'a' must be a number"),
+                              ({"a": "2"}, TypeError, "client weight of 'a' must be a number"),
+                              ({"a": None}, TypeError, "client weight of 'a' must be a number"),
+                              ({1: 2}, TypeError, "client ids must be strings, got 1"),
+                              ({"a": 0}, ValueError, "of 'a' must be a finite number > 0, got 0"),
+                              ({"a": -1.5}, ValueError, "of 'a' must be a finite number > 0"),
+                              ({"a": float("inf")}, ValueError, "of 'a' must be a finite"),
+                              ({"a": float("nan")}, ValueError, "of 'a' must be a finite"),
+                              ("a=inf", ValueError, "of 'a' must be a finite number > 0"),
+                              ("a=x", ValueError, "client weight of 'a' must be a number, got 'x'"),
+                              (5, TypeError, "client_weights must be a dict .* got 5"),
+                              (["a=2"], TypeError, "client_weights must be a dict")]:
+        with pytest.raises(error, match=match):
+            SchedulerConfig(client_weights=bad)
+
+
 def test_high_priority_arrival_preempts_lowest_ranked_when_batch_full():
     h = Harness("priority", max_num_seqs=3, min_run_steps=2, cpu_blocks=200)
     running = [h.add(priority=p, max_tokens=50) for p in (1, 3, 2)]

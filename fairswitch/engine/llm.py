@@ -7,6 +7,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
+from fairswitch.chat_messages import parse_conversation
 from fairswitch.config import EngineConfig
 from fairswitch.engine.engine import Engine
 from fairswitch.outputs import RequestOutput
@@ -34,22 +35,21 @@ class LLM:
 
     def generate(
         self,
-        prompts: str | Sequence[str] | Sequence[list[int]],
+        prompts: str | list[int] | Sequence[str | list[int]],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         priority: int | Sequence[int] = 0,
         client_id: str | None | Sequence[str | None] = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt (text, or a list of token ids); block until all finish.
+        ``prompts`` is one prompt or a list of them.
 
         ``priority`` (lower runs first, with ``policy="priority"``) and ``client_id`` (whose
         service VTC evens out, with ``policy="vtc"``) go to the scheduler as the server's
         ``priority`` field and ``X-Client-Id`` header do: one value for every prompt, or one per
-        prompt. Invalid input raises ValueError before anything runs.
+        prompt. Invalid input raises TypeError (a wrong type) or ValueError before anything runs.
         """
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        prompts = list(prompts)
+        prompts = _prompt_list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
         params = ([sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams)
@@ -124,17 +124,14 @@ class LLM:
     ) -> list[RequestOutput]:
         """Reply to one conversation (a list of ``{"role", "content"}`` messages) or to several
         (a list of such lists): each is rendered with the tokenizer's chat template (or
-        ``chat_template``) and generated from; ``priority``/``client_id`` as in ``generate``."""
-        conversations = ([messages] if messages and isinstance(messages[0], dict)
-                         else list(messages))
+        ``chat_template``) and generated from; ``priority``/``client_id`` as in ``generate``.
+        Messages are checked as the server checks them (chat_messages.py): TypeError or
+        ValueError naming the message and field, before anything runs."""
         tokenizer = self.engine.tokenizer
         prompts, texts = [], []
-        for conversation in conversations:
-            if not isinstance(conversation, (list, tuple)) or not all(
-                    isinstance(m, dict) and "role" in m and "content" in m for m in conversation):
-                raise ValueError("each conversation must be a list of {'role', 'content'} dicts")
+        for conversation in _conversations(messages):
             text = tokenizer.apply_chat_template(
-                list(conversation), chat_template=chat_template, tokenize=False,
+                conversation, chat_template=chat_template, tokenize=False,
                 add_generation_prompt=add_generation_prompt)
             # The template writes the special tokens itself.
             prompts.append(tokenizer.encode(text, add_special_tokens=False))
@@ -154,6 +151,53 @@ def _merged(copies: list[RequestOutput]) -> RequestOutput:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _prompt_list(prompts: Any) -> list[str | list[int]]:
+    """``generate``'s prompts as a list: one text, one list of token ids, or a list of those."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise TypeError("prompts must be a str, a list of token ids, or a list of those, got "
+                        f"{type(prompts).__name__}")
+    if prompts and _is_int(prompts[0]):  # one prompt's token ids
+        return [_token_ids(prompts, "prompts")]
+    checked: list[str | list[int]] = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            checked.append(prompt)
+        elif isinstance(prompt, (list, tuple)):
+            checked.append(_token_ids(prompt, f"prompts[{i}]"))
+        else:
+            raise TypeError(f"prompts[{i}] must be a str or a list of token ids, got "
+                            f"{type(prompt).__name__}")
+    return checked
+
+
+def _token_ids(prompt: list | tuple, name: str) -> list[int]:
+    """(Their range is the engine's to check, against the vocabulary.)"""
+    bad = next((j for j, t in enumerate(prompt) if not _is_int(t)), None)
+    if bad is not None:
+        raise TypeError(f"{name}[{bad}] must be an int token id, got {prompt[bad]!r:.40}")
+    return list(prompt)
+
+
+def _conversations(messages: Any) -> list[list[dict[str, str]]]:
+    """``chat``'s messages as a list of checked conversations: one (a list of message dicts) or
+    several (a list of such lists)."""
+    if not isinstance(messages, (list, tuple)):
+        hint = ": put a single message in a list" if isinstance(messages, dict) else ""
+        raise TypeError("messages must be a list of message dicts (one conversation) or a list of "
+                        f"such lists, got {type(messages).__name__}{hint}")
+    if not messages or not isinstance(messages[0], (list, tuple)):
+        return [parse_conversation(messages)] if messages else []
+    conversations = []
+    for k, conversation in enumerate(messages):
+        if not isinstance(conversation, (list, tuple)):
+            raise TypeError(f"messages[{k}] must be a conversation (a list of message dicts) "
+                            f"like messages[0], got {type(conversation).__name__}")
+        conversations.append(parse_conversation(conversation, f"messages[{k}]"))
+    return conversations
 
 
 def _per_prompt(value: Any, n: int, name: str, valid: Any) -> list[Any]:

@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
+from fairswitch.chat_messages import MessageError, parse_conversation
 from fairswitch.outputs import Logprob, PositionLogprobs
 from fairswitch.sampling_params import MAX_LOGPROBS, MAX_N, SamplingParams
 from fairswitch.server.errors import bad_request
@@ -174,7 +175,7 @@ class GenerationRequest:
                 presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                 repetition_penalty=self.repetition_penalty, logit_bias=self.logit_bias,
                 logprobs=self.logprobs, prompt_logprobs=self.prompt_logprobs)
-        except ValueError as e:  # e.g. a bias or penalty out of range: the client's fault
+        except (TypeError, ValueError) as e:  # e.g. a logit bias not a number, or out of range
             raise bad_request(str(e), _named_field(str(e))) from e
 
     def check_min_tokens(self, max_tokens: int) -> None:
@@ -307,45 +308,15 @@ def parse_completion(body: Any) -> CompletionRequest:
 
 
 def parse_messages(value: Any) -> list[dict[str, str]]:
-    """Chat messages with string content (text content parts are joined with newlines)."""
+    """Chat messages with string content, checked as ``LLM.chat`` checks them (chat_messages.py)."""
     if value is None:
         raise bad_request("'messages' is required", "messages")
     if not isinstance(value, list):
         raise bad_request(f"'messages' must be an array, got {_describe(value)}", "messages")
-    if not value:
-        raise bad_request("'messages' must not be empty", "messages")
-    messages = []
-    for i, m in enumerate(value):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise bad_request(f"'{where}' must be an object, got {_describe(m)}", where)
-        role, content = m.get("role"), m.get("content")
-        if not isinstance(role, str) or not role:
-            raise bad_request(f"'{where}.role' must be a non-empty string, got {_describe(role)}",
-                              f"{where}.role")
-        if isinstance(content, list):
-            parts = []
-            for j, part in enumerate(content):
-                if not (isinstance(part, dict) and part.get("type") == "text"
-                        and isinstance(part.get("text"), str)):
-                    raise bad_request(f"'{where}.content[{j}]' must be a text part "
-                                      "({\"type\": \"text\", \"text\": ...}): only text is "
-                                      "supported", f"{where}.content")
-                parts.append(part["text"])
-            content = "\n".join(parts)
-        elif content is None and role == "assistant":
-            content = ""
-        elif not isinstance(content, str):
-            raise bad_request(f"'{where}.content' must be a string or an array of text parts, "
-                              f"got {_describe(content)}", f"{where}.content")
-        message = {"role": role, "content": content}
-        name = m.get("name")
-        if name is not None:
-            if not isinstance(name, str):
-                raise bad_request(f"'{where}.name' must be a string", f"{where}.name")
-            message["name"] = name
-        messages.append(message)
-    return messages
+    try:
+        return parse_conversation(value, "messages", _describe)
+    except MessageError as e:
+        raise bad_request(str(e), e.field) from e
 
 
 def parse_chat(body: Any) -> ChatRequest:
