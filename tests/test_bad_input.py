@@ -66,12 +66,16 @@ def _still_serves(llm):
 
 
 @pytest.mark.parametrize("prompts, match", [
-    (None, "^prompts must be a str, a list of token ids, or a list of those, got NoneType"),
+    (None, "^prompts must be a str, a list of token ids, .* or a list of those, got NoneType"),
     (5, "^prompts must be .* got int"),
-    ({"prompt": "hi"}, "^prompts must be .* got dict"),
     (b"hi", "^prompts must be .* got bytes"),
-    (["fine", None], r"^prompts\[1\] must be a str or a list of token ids, got NoneType"),
-    (["fine", 5], r"^prompts\[1\] must be a str or a list of token ids, got int"),
+    (["fine", None], r"^prompts\[1\] must be a str, a list of token ids or a prompt dict, got "
+                     "NoneType"),
+    (["fine", 5], r"^prompts\[1\] must be a str, .* got int"),
+    ({"prompt": 5}, r"^prompts\['prompt'\] must be a str, got int"),
+    ([{"prompt_token_ids": "12"}], r"^prompts\[0\]\['prompt_token_ids'\] must be a list"),
+    ([{"prompt_token_ids": [1, 2.0]}], r"^prompts\[0\]\['prompt_token_ids'\]\[1\] must be an "
+                                        "int token id"),
     ([[1, 2], [3, "x"]], r"^prompts\[1\]\[1\] must be an int token id, got 'x'"),
     ([1, 2, True], r"^prompts\[2\] must be an int token id, got True"),
 ])
@@ -85,8 +89,27 @@ def test_every_prompt_form_is_accepted(llm):
     params = SamplingParams(max_tokens=1, ignore_eos=True)
     ids = llm.get_tokenizer().encode("hello")
     for prompts, count in (("hello", 1), (["hello", "again"], 2), (("hello",), 1), (ids, 1),
-                           ([ids, ids], 2), (tuple(ids), 1), ([], 0)):
+                           ([ids, ids], 2), (tuple(ids), 1), ([], 0), ({"prompt": "hello"}, 1),
+                           ([{"prompt_token_ids": ids}, "again", ids], 3)):
         assert len(llm.generate(prompts, params, use_tqdm=False)) == count
+
+
+def test_vllm_prompt_dicts_are_the_same_prompts(llm):
+    greedy = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    ids = llm.get_tokenizer().encode("The capital of France is")
+    plain = llm.generate(["The capital of France is", ids], greedy, use_tqdm=False)
+    dicts = llm.generate([{"prompt": "The capital of France is"}, {"prompt_token_ids": ids}],
+                         greedy, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in dicts] == [o.outputs[0].token_ids for o in plain]
+    assert [o.prompt_token_ids for o in dicts] == [o.prompt_token_ids for o in plain]
+
+
+@pytest.mark.parametrize("prompt", [{}, {"prompt": "a", "prompt_token_ids": [1]},
+                                    {"prompt": "a", "multi_modal_data": {}}])
+def test_a_prompt_dict_holds_one_known_key(llm, prompt):
+    with pytest.raises(ValueError, match=r"^prompts\[0\] must hold exactly one of 'prompt'"):
+        llm.generate([prompt], use_tqdm=False)
+    _still_serves(llm)
 
 
 USER = {"role": "user", "content": "hi"}

@@ -73,7 +73,7 @@ def test_a_jsonl_prompt_must_be_a_string(capsys, tmp_path, line):
 
 
 def test_console_script_runs():
-    out = subprocess.run([sys.executable, "-m", "fairswitch.cli.main", "generate", "Hello",
+    out = subprocess.run([sys.executable, "-m", "fairswitch", "generate", "Hello",
                           "--max-tokens", "4", "--no-progress"], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr

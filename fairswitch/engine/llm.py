@@ -35,14 +35,15 @@ class LLM:
 
     def generate(
         self,
-        prompts: str | list[int] | Sequence[str | list[int]],
+        prompts: str | list[int] | dict | Sequence[str | list[int] | dict],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
         priority: int | Sequence[int] = 0,
         client_id: str | None | Sequence[str | None] = None,
     ) -> list[RequestOutput]:
-        """Generate for every prompt (text, or a list of token ids); block until all finish.
-        ``prompts`` is one prompt or a list of them.
+        """Generate for every prompt (text, a list of token ids, or as vLLM ``{"prompt": text}``
+        / ``{"prompt_token_ids": ids}``); block until all finish. ``prompts`` is one prompt or a
+        list of them.
 
         ``priority`` (lower runs first, with ``policy="priority"``) and ``client_id`` (whose
         service VTC evens out, with ``policy="vtc"``) go to the scheduler as the server's
@@ -154,24 +155,41 @@ def _is_int(value: Any) -> bool:
 
 
 def _prompt_list(prompts: Any) -> list[str | list[int]]:
-    """``generate``'s prompts as a list: one text, one list of token ids, or a list of those."""
-    if isinstance(prompts, str):
-        return [prompts]
+    """``generate``'s prompts as a list: one prompt or a list of them, each a text, a list of
+    token ids, or vLLM's dict forms ``{"prompt": text}`` / ``{"prompt_token_ids": ids}``."""
+    if isinstance(prompts, (str, dict)):
+        return [_one_prompt(prompts, "prompts")]
     if not isinstance(prompts, (list, tuple)):
-        raise TypeError("prompts must be a str, a list of token ids, or a list of those, got "
+        raise TypeError("prompts must be a str, a list of token ids, a {'prompt': ...} / "
+                        "{'prompt_token_ids': ...} dict, or a list of those, got "
                         f"{type(prompts).__name__}")
     if prompts and _is_int(prompts[0]):  # one prompt's token ids
         return [_token_ids(prompts, "prompts")]
-    checked: list[str | list[int]] = []
-    for i, prompt in enumerate(prompts):
-        if isinstance(prompt, str):
-            checked.append(prompt)
-        elif isinstance(prompt, (list, tuple)):
-            checked.append(_token_ids(prompt, f"prompts[{i}]"))
-        else:
-            raise TypeError(f"prompts[{i}] must be a str or a list of token ids, got "
-                            f"{type(prompt).__name__}")
-    return checked
+    return [_one_prompt(prompt, f"prompts[{i}]") for i, prompt in enumerate(prompts)]
+
+
+def _one_prompt(prompt: Any, name: str) -> str | list[int]:
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, (list, tuple)):
+        return _token_ids(prompt, name)
+    if not isinstance(prompt, dict):
+        raise TypeError(f"{name} must be a str, a list of token ids or a prompt dict, got "
+                        f"{type(prompt).__name__}")
+    keys = set(prompt)
+    if len(keys) != 1 or not keys <= {"prompt", "prompt_token_ids"}:
+        raise ValueError(f"{name} must hold exactly one of 'prompt' (a text) or "
+                         f"'prompt_token_ids' (a list of ids), got the keys {sorted(keys)}")
+    if "prompt" in prompt:
+        if not isinstance(prompt["prompt"], str):
+            raise TypeError(f"{name}['prompt'] must be a str, got "
+                            f"{type(prompt['prompt']).__name__}")
+        return prompt["prompt"]
+    ids = prompt["prompt_token_ids"]
+    if not isinstance(ids, (list, tuple)):
+        raise TypeError(f"{name}['prompt_token_ids'] must be a list of token ids, got "
+                        f"{type(ids).__name__}")
+    return _token_ids(ids, f"{name}['prompt_token_ids']")
 
 
 def _token_ids(prompt: list | tuple, name: str) -> list[int]:

@@ -1,0 +1,7 @@
+"""``python -m fairswitch ...``: the ``fairswitch`` console script."""
+
+import sys
+
+from fairswitch.cli.main import main
+
+sys.exit(main())
