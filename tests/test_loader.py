@@ -144,9 +144,10 @@ def test_checkpoint_config_reads_shipped_configs_as_transformers_does(name):
     ("llama", "LlamaForCausalLM"), ("mistral", "MistralForCausalLM"), ("qwen2", "Qwen2ForCausalLM"),
 ])
 def test_checkpoint_config_defaults_match_transformers(model_type, arch):
-    """A config.json that leaves the optional fields out means what transformers' defaults say."""
+    """A config.json that leaves the optional fields out means what transformers' defaults say.
+    (32 query heads: a multiple of every type's default KV heads, 8 for Mistral, 32 for Qwen2.)"""
     raw = {"architectures": [arch], "model_type": model_type, "hidden_size": 64,
-           "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 32,
            "vocab_size": 1000}
     assert _ours(loader.CheckpointConfig.from_dict(raw)) == _transformers_view(raw)
 
@@ -169,7 +170,7 @@ def test_checkpoint_config_reads_a_checkpoint_transformers_wrote(llama_dir):
 def test_checkpoint_config_windows_and_nulls_match_transformers(model_type, arch, change):
     """An explicit null is not a missing key; Qwen2 slides only from max_window_layers on."""
     raw = {"architectures": [arch], "model_type": model_type, "hidden_size": 64,
-           "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 32,
            "vocab_size": 1000, **change}
     assert _ours(loader.CheckpointConfig.from_dict(raw)) == _transformers_view(raw)
 
@@ -182,6 +183,25 @@ def test_checkpoint_config_windows_and_nulls_match_transformers(model_type, arch
     ({"mlp_bias": True}, "mlp_bias is not supported"),
     ({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "num_hidden_layers": 4,
       "use_sliding_window": True, "max_window_layers": 2}, "2 of 4 layers"),
+    # Values of the wrong type or range are named, not cast (int(64.5)) or left to fail later
+    # as a shape error or a traceback in the model.
+    ({"hidden_size": 64.5}, "hidden_size must be a positive integer, got 64.5"),
+    ({"hidden_size": "64"}, "hidden_size must be a positive integer, got '64'"),
+    ({"num_attention_heads": -4}, "num_attention_heads must be a positive integer"),
+    ({"num_hidden_layers": 0}, "num_hidden_layers must be a positive integer, got 0"),
+    ({"num_key_value_heads": 0}, "num_key_value_heads must be a positive integer, got 0"),
+    ({"max_position_embeddings": "x"}, "max_position_embeddings must be a positive integer"),
+    ({"rms_norm_eps": "x"}, "rms_norm_eps must be a positive number"),
+    ({"eos_token_id": "</s>"}, "eos_token_id must be a token id"),
+    ({"architectures": "LlamaForCausalLM"}, "architectures must be a list"),
+    ({"num_key_value_heads": 3},
+     "num_attention_heads=4 is not a multiple of num_key_value_heads=3"),
+    ({"num_attention_heads": 2, "num_key_value_heads": 2, "hidden_size": 66},
+     "head_dim=33 .* is not a positive even number"),
+    ({"rope_scaling": "yarn"}, "rope_scaling must be an object"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope type 'yarn' is not supported"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+     "llama3 rope scaling lacks low_freq_factor"),
 ])
 def test_checkpoint_config_refuses_what_it_cannot_serve(change, message):
     raw = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
@@ -190,3 +210,16 @@ def test_checkpoint_config_refuses_what_it_cannot_serve(change, message):
     raw.update(change)
     with pytest.raises(ValueError, match=message):
         loader.CheckpointConfig.from_dict(raw)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"{not json", "is not valid JSON"), (b"", "is not valid JSON"),
+    (b'\xff\xfe{"a": 1}', "is not UTF-8 text"), (b"[1, 2]", "expected a JSON object, got list"),
+])
+def test_a_config_json_that_is_not_a_json_object_is_named(tmp_path, content, message):
+    """json's own messages ("Expecting value: line 1 column 1") and an AttributeError for a
+    list did not say which file."""
+    path = tmp_path / "config.json"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=f"{path}.*{message}"):
+        loader.CheckpointConfig.from_file(path)

@@ -28,6 +28,44 @@ _TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
 _ACTIVATIONS = ("silu", "swish")  # the MLP's gate activation (the same function)
 _REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "vocab_size")
+_COUNTS = (*_REQUIRED, "num_key_value_heads", "head_dim", "max_position_embeddings")
+# The RoPE variants llama.py implements, and the parameters each one reads.
+_ROPE_PARAMS = {"default": (), "linear": ("factor",),
+                "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                           "original_max_position_embeddings")}
+
+
+def read_json(path: Path) -> Any:
+    """The JSON in the file ``path``; ValueError naming the file if it is not UTF-8 JSON."""
+    data = path.read_bytes()
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+
+
+def _check_types(raw: dict[str, Any], where: str) -> None:
+    """A field of the wrong type or range is refused here, naming it, not cast (``int(64.5)``)
+    or left to fail as a shape error or a traceback deep in the model."""
+    for key in _COUNTS:
+        value = raw.get(key)
+        if value is not None and (type(value) is not int or value < 1):
+            raise ValueError(f"{where}: {key} must be a positive integer, got {value!r}")
+    eps = raw.get("rms_norm_eps")
+    if eps is not None and (type(eps) not in (int, float) or not eps > 0):
+        raise ValueError(f"{where}: rms_norm_eps must be a positive number, got {eps!r}")
+    for key in ("rope_parameters", "rope_scaling"):
+        if raw.get(key) is not None and not isinstance(raw[key], dict):
+            raise ValueError(f"{where}: {key} must be an object, got {raw[key]!r}")
+    for key in ("eos_token_id", "bos_token_id"):
+        value = raw.get(key)
+        ids = value if isinstance(value, list) and key == "eos_token_id" else [value]
+        if value is not None and not all(type(i) is int and i >= 0 for i in ids):
+            raise ValueError(f"{where}: {key} must be a token id"
+                             f"{' or a list of them' if key == 'eos_token_id' else ''}, "
+                             f"got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -55,7 +93,11 @@ class CheckpointConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str = "config.json") -> CheckpointConfig:
+        if not isinstance(raw, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(raw).__name__}")
         archs = raw.get("architectures") or []
+        if not isinstance(archs, list):
+            raise ValueError(f"{where}: architectures must be a list, got {archs!r}")
         if not archs or archs[0] not in SUPPORTED_ARCHITECTURES:
             raise ValueError(
                 f"unsupported model architecture {archs[0] if archs else None!r} in {where} "
@@ -67,6 +109,7 @@ class CheckpointConfig:
         missing = [k for k in _REQUIRED if raw.get(k) is None]
         if missing:
             raise ValueError(f"{where} lacks {', '.join(missing)}")
+        _check_types(raw, where)
         defaults = _TYPE_DEFAULTS[model_type]
         get = lambda key, default=None: raw[key] if raw.get(key) is not None else default  # noqa: E731
         if get("hidden_act", "silu") not in _ACTIVATIONS:
@@ -77,10 +120,17 @@ class CheckpointConfig:
         heads = int(raw["num_attention_heads"])
         # transformers 5 writes rope_parameters (with rope_theta inside), 4.x rope_scaling.
         rope = dict(get("rope_parameters") or get("rope_scaling") or {})
-        theta = float(rope.pop("rope_theta", get("rope_theta", 10000.0)))
+        theta = rope.pop("rope_theta", get("rope_theta", 10000.0))
+        if type(theta) not in (int, float) or not theta > 0:
+            raise ValueError(f"{where}: rope_theta must be a positive number, got {theta!r}")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in _ROPE_PARAMS:
+            raise ValueError(f"{where}: rope type {rope_type!r} is not supported "
+                             f"(supported: {', '.join(_ROPE_PARAMS)})")
+        if absent := [k for k in _ROPE_PARAMS[rope_type] if k not in rope]:
+            raise ValueError(f"{where}: {rope_type} rope scaling lacks {', '.join(absent)}")
         layers = int(raw["num_hidden_layers"])
-        return cls(
+        config = cls(
             architecture=archs[0], model_type=model_type,
             hidden_size=int(raw["hidden_size"]), intermediate_size=int(raw["intermediate_size"]),
             num_hidden_layers=layers, num_attention_heads=heads,
@@ -92,18 +142,25 @@ class CheckpointConfig:
             vocab_size=int(raw["vocab_size"]),
             max_position_embeddings=int(get("max_position_embeddings",
                                             defaults["max_position_embeddings"])),
-            rms_norm_eps=float(get("rms_norm_eps", 1e-6)), rope_theta=theta,
+            rms_norm_eps=float(get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
             rope_scaling=None if rope_type == "default" else rope,
             tie_word_embeddings=bool(get("tie_word_embeddings", False)),
             qkv_bias=archs[0] == "Qwen2ForCausalLM" or bool(get("attention_bias", False)),
             o_proj_bias=bool(get("attention_bias", False)),
             sliding_window=_sliding_window(raw, defaults, layers, where),
             eos_token_id=get("eos_token_id"), bos_token_id=get("bos_token_id"), raw=raw)
+        if config.num_attention_heads % config.num_key_value_heads:
+            raise ValueError(f"{where}: num_attention_heads={config.num_attention_heads} is not a "
+                             f"multiple of num_key_value_heads={config.num_key_value_heads}")
+        if config.head_dim % 2 or not config.head_dim:  # RoPE rotates pairs of dimensions
+            implied = "" if "head_dim" in raw else " (hidden_size // num_attention_heads)"
+            raise ValueError(f"{where}: head_dim={config.head_dim}{implied} is not a positive "
+                             "even number")
+        return config
 
     @classmethod
     def from_file(cls, path: Path) -> CheckpointConfig:
-        with open(path) as f:
-            return cls.from_dict(json.load(f), str(path))
+        return cls.from_dict(read_json(path), str(path))
 
 
 def _sliding_window(raw: dict[str, Any], defaults: dict[str, Any], num_layers: int,
