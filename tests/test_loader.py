@@ -55,6 +55,93 @@ def test_a_tensor_the_config_has_no_place_for_is_refused(tmp_path, write_checkpo
         LLM(model=str(ckpt), num_gpu_blocks=64)
 
 
+def _edit_tensors(file, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(file))
+    edit(tensors)
+    save_file(tensors, str(file), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("name, shape", [
+    ("model.foo.weight", (3,)),  # no such module
+    ("model.layers.0.mlp.experts.0.w1.weight", (3,)),  # a MoE checkpoint under a Llama config
+    ("model.layers.7.mlp.down_proj.weight", (64, 128)),  # a layer past num_hidden_layers (2)
+])
+def test_a_tensor_the_model_has_no_parameter_for_is_refused(tmp_path, write_checkpoint, name,
+                                                            shape):
+    """Such tensors were dropped silently (the last one with an IndexError traceback): the
+    checkpoint is not the model config.json describes."""
+    ckpt = write_checkpoint(tmp_path / "ckpt")
+    _edit_tensors(ckpt / "model.safetensors", lambda t: t.update({name: torch.zeros(shape)}))
+    with pytest.raises(ValueError, match=f"no parameter for: \\['{name}'\\]"):
+        LLM(model=str(ckpt), num_gpu_blocks=64)
+
+
+def test_what_is_no_weight_of_the_model_is_not_refused(tmp_path, write_checkpoint):
+    """RoPE tables some Llama checkpoints carry, and the Mistral-format copy of the weights
+    (consolidated.safetensors) that Mistral's repositories keep beside the HF files."""
+    from safetensors.torch import save_file
+
+    ckpt = write_checkpoint(tmp_path / "ckpt")
+    _edit_tensors(ckpt / "model.safetensors", lambda t: t.update(
+        {"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)}))
+    save_file({"layers.0.attention.wq.weight": torch.zeros(64, 64)},
+              str(ckpt / "consolidated.safetensors"))
+    LLM(model=str(ckpt), num_gpu_blocks=64)
+
+
+def test_a_tensor_in_two_shards_is_refused(tmp_path, write_checkpoint):
+    """The later file's copy won silently; a fused part (k_proj) twice read as 'lacks weights'."""
+    ckpt = write_checkpoint(tmp_path / "ckpt")
+    (ckpt / "model.safetensors").rename(ckpt / "model-1.safetensors")
+    name = "model.layers.0.self_attn.k_proj.weight"
+    from safetensors.torch import load_file, save_file
+
+    save_file({name: load_file(str(ckpt / "model-1.safetensors"))[name]},
+              str(ckpt / "model-2.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"{name} is in both model-1.safetensors and "
+                                         "model-2.safetensors"):
+        LLM(model=str(ckpt), num_gpu_blocks=64)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: f.write_bytes(f.read_bytes()[: f.stat().st_size // 2]), "not fully covered"),
+    (lambda f: f.write_bytes(b""), "header too small"),
+    (lambda f: f.write_bytes(b"version https://git-lfs.github.com/spec/v1\n"),
+     "Git LFS pointer"),
+])
+def test_an_unreadable_weight_file_is_named_before_any_rank_starts(tmp_path, write_checkpoint,
+                                                                   damage, message):
+    """safetensors' own error (SafetensorError, a traceback) did not name the file, and under
+    tensor parallelism came from every rank after the workers had started."""
+    from fairswitch.config import EngineConfig
+    from fairswitch.engine.builder import check_model
+
+    ckpt = write_checkpoint(tmp_path / "ckpt")
+    damage(ckpt / "model.safetensors")
+    config = EngineConfig.from_kwargs(model=str(ckpt), tensor_parallel_size=2)
+    with pytest.raises(ValueError, match=f"{ckpt / 'model.safetensors'} is not a readable "
+                                         f"safetensors file.*{message}"):
+        check_model(config)
+
+
+@pytest.mark.parametrize("index", ["{oops", '{"metadata": {}}', "[1]"])
+def test_a_bad_shard_index_is_named(tmp_path, write_checkpoint, index):
+    ckpt = write_checkpoint(tmp_path / "ckpt")
+    (ckpt / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(ValueError, match="model.safetensors.index.json (is not valid JSON|has no "
+                                         "weight_map)"):
+        loader._checkpoint_files(ckpt)
+
+
+def test_a_pytorch_bin_checkpoint_is_named(tmp_path, write_checkpoint):
+    ckpt = write_checkpoint(tmp_path / "ckpt")
+    (ckpt / "model.safetensors").rename(ckpt / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="only safetensors are read, not pytorch_model.bin"):
+        loader._checkpoint_files(ckpt)
+
+
 @pytest.mark.parametrize("name, params_b", [
     ("llama-3-8b", 8.03), ("llama-3.1-8b", 8.03), ("llama-3-70b", 70.55), ("qwen2.5-7b", 7.62),
     ("qwen2.5-32b", 32.76),

@@ -124,8 +124,8 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
 
 def check_model(config: EngineConfig) -> tuple[loader.ModelSource, CheckpointConfig]:
     """The model's source and checkpoint config, checked against the engine's: raises
-    ValueError for a model without weights asked to load them, or a tensor-parallel size its
-    heads do not divide."""
+    ValueError for a model without weights asked to load them, weight files that are missing
+    or unreadable, or a tensor-parallel size its heads do not divide."""
     mc = config.model
     source = loader.resolve_model(mc.model)
     if source.checkpoint_dir is None and mc.load_format != "dummy":
@@ -133,6 +133,8 @@ def check_model(config: EngineConfig) -> tuple[loader.ModelSource, CheckpointCon
                          "load_format='dummy' (--load-format dummy) or a checkpoint directory")
     hf_config = loader.load_checkpoint_config(source)
     ShardPlan.of(hf_config, mc.tensor_parallel_size)  # raises if the heads do not split
+    if mc.load_format != "dummy":
+        loader.check_weight_files(source.checkpoint_dir)  # (headers only)
     return source, hf_config
 
 

@@ -13,7 +13,6 @@ drawn whole, with the TP=1 generator sequence, then cut (``Shard``, distributed/
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +22,14 @@ import torch
 
 from fairswitch.distributed.parallel_state import SINGLE, TPGroup
 from fairswitch.distributed.shard_plan import Shard
-from fairswitch.model.checkpoint_config import CheckpointConfig
+from fairswitch.model.checkpoint_config import CheckpointConfig, read_json
 from fairswitch.model.llama import LlamaForCausalLM
 from fairswitch.model.tokenizer import load_tokenizer  # noqa: F401  (the loader's API)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+# Checkpoint tensors that are no weights: RoPE tables some Llama checkpoints carry.
+_IGNORED = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+_LFS_POINTER = b"version https://git-lfs"
 
 
 @dataclass
@@ -105,6 +107,8 @@ def _target(name: str, model: LlamaForCausalLM) -> _Target | None:
     if not name.startswith("model.layers."):
         return None
     parts = name.split(".")
+    if len(parts) < 5 or not parts[2].isdigit() or int(parts[2]) >= len(model.layers):
+        return None  # (a layer config.json does not have)
     layer_idx = int(parts[2])
     sub, kind = ".".join(parts[3:-1]), parts[-1]
     cfg = model.config
@@ -134,17 +138,47 @@ def _target(name: str, model: LlamaForCausalLM) -> _Target | None:
 def _checkpoint_files(ckpt: Path) -> list[Path]:
     index = ckpt / "model.safetensors.index.json"
     if index.is_file():
-        with open(index) as f:
-            names = sorted(set(json.load(f)["weight_map"].values()))
+        weight_map = read_json(index)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index} has no weight_map of tensor name -> file name")
+        names = sorted(set(weight_map.values()))
         missing = [n for n in names if not (ckpt / n).is_file()]
         if missing:
             raise FileNotFoundError(f"{ckpt}: shards listed in the index are missing: {missing}")
         return [ckpt / n for n in names]
     files = sorted(ckpt.glob("*.safetensors"))
+    # Mistral's repositories carry the weights in Mistral's own format too (other tensor names).
+    files = [f for f in files if not f.name.startswith("consolidated")] or files
     if not files:
+        other = sorted(p.name for p in ckpt.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
         raise FileNotFoundError(
-            f"no *.safetensors weights in {ckpt} (use load_format='dummy' for random weights)")
+            f"no *.safetensors weights in {ckpt}"
+            + (f": only safetensors are read, not {', '.join(other[:3])}" if other else "")
+            + " (use load_format='dummy' for random weights)")
     return files
+
+
+def _open(file: Path) -> Any:
+    """``safe_open`` of ``file``; ValueError naming it if its header is not safetensors."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except SafetensorError as e:
+        with open(file, "rb") as f:
+            pointer = f.read(len(_LFS_POINTER)) == _LFS_POINTER
+        hint = " (a Git LFS pointer, not the weights: run `git lfs pull`)" if pointer else ""
+        raise ValueError(f"{file} is not a readable safetensors file{hint}: {e}") from None
+
+
+def check_weight_files(ckpt: Path) -> None:
+    """Every weight file of ``ckpt`` is there and has a safetensors header (reads headers only):
+    a bad checkpoint fails before tensor-parallel workers start, naming the file."""
+    for file in _checkpoint_files(ckpt):
+        with _open(file):
+            pass
 
 
 def _copy_shard(param: torch.Tensor, shard: Shard, span: tuple[int, int],
@@ -176,16 +210,24 @@ def _read_into(target: _Target, tensor: Any, name: str, file: Path) -> None:
 
 
 def load_weights(model: LlamaForCausalLM, ckpt: Path) -> None:
-    from safetensors import safe_open
-
+    """Fill ``model`` from the checkpoint; ValueError for a tensor it lacks, one it has no
+    parameter for (dropping it would serve a different model), or one found twice."""
     expected = {id(p): n for n, p in model.named_parameters()}
     filled: set[int] = set()
     partial: dict[int, int] = {}  # fused params filled shard by shard
+    seen: dict[str, str] = {}  # checkpoint tensor -> the file it came from
+    unknown: list[str] = []
     for file in _checkpoint_files(ckpt):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        with _open(file) as f:
             for name in f.keys():
+                if name in seen:
+                    raise ValueError(f"{ckpt}: {name} is in both {seen[name]} and {file.name}")
+                seen[name] = file.name
                 target = _target(name, model)
                 if target is None:
+                    if not name.endswith(_IGNORED) and not (
+                            name == "lm_head.weight" and model.lm_head is None):  # (tied)
+                        unknown.append(name)
                     continue
                 _read_into(target, f.get_slice(name), name, file)
                 param = target.param
@@ -197,6 +239,11 @@ def load_weights(model: LlamaForCausalLM, ckpt: Path) -> None:
     for pid, count in partial.items():
         if count == (3 if pid in qkv_ids else 2):  # q|k|v or gate|up all present
             filled.add(pid)
+    if unknown:
+        cfg = model.config
+        raise ValueError(f"checkpoint {ckpt} has tensors the model that config.json describes "
+                         f"({cfg.architecture}, {cfg.num_hidden_layers} layers) has no parameter "
+                         f"for: {unknown[:8]}" + (" ..." if len(unknown) > 8 else ""))
     missing = [n for pid, n in expected.items() if pid not in filled]
     if missing:
         raise ValueError(f"checkpoint {ckpt} lacks weights for: {missing[:8]}"
