@@ -230,6 +230,26 @@ def test_truncated_weights_name_the_missing_tensors(tmp_path, write_checkpoint):
         LLM(model=str(path))
 
 
+def test_a_bad_tokenizer_fails_before_the_weights_load(tmp_path, llama_dir, monkeypatch):
+    """The tokenizer was loaded after every rank had built its model (the weights read, the
+    workers started): a checkpoint without one failed only then."""
+    from fairswitch.model import loader
+
+    shutil.copytree(llama_dir, tmp_path / "m")
+    for f in (tmp_path / "m").glob("tokenizer*"):
+        f.unlink()
+    monkeypatch.setattr(loader, "build_model", lambda *a, **k: pytest.fail("model built"))
+    with pytest.raises(FileNotFoundError, match="has no tokenizer"):
+        LLM(model=str(tmp_path / "m"), tensor_parallel_size=2)
+
+
+def test_a_corrupt_generation_config_is_named(tmp_path, llama_dir):
+    shutil.copytree(llama_dir, tmp_path / "m")
+    (tmp_path / "m" / "generation_config.json").write_text("{bad")
+    with pytest.raises(ValueError, match="generation_config.json is not valid JSON"):
+        LLM(model=str(tmp_path / "m"), num_gpu_blocks=64)
+
+
 def test_shipped_config_needs_dummy():
     with pytest.raises(ValueError, match="load_format='dummy'"):
         Engine(EngineConfig.from_kwargs(model="llama-3-8b"))

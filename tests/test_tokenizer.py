@@ -122,6 +122,29 @@ def test_missing_tokenizer_directory_is_named(tmp_path):
         load_tokenizer(tmp_path / "nowhere")
 
 
+def test_a_directory_without_tokenizer_files_is_named(tmp_path):
+    """transformers' message ("Couldn't instantiate the backend tokenizer from one of: ...")
+    named neither the directory nor the way out."""
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path} has no tokenizer .*--tokenizer"):
+        load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("tokenizer.json", "{bad", "tokenizer.json is not a readable tokenizer"),
+    ("tokenizer_config.json", "{bad", "tokenizer_config.json is not valid JSON"),
+    ("tokenizer_config.json", "[1]", "tokenizer_config.json: expected a JSON object"),
+])
+def test_a_corrupt_tokenizer_file_is_named(tmp_path, tokenizer_dir, name, content, message):
+    """A corrupt tokenizer.json raised the Rust library's bare Exception (a traceback), a
+    corrupt tokenizer_config.json json's message without the file."""
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / f, tmp_path / f)
+    (tmp_path / name).write_text(content)
+    with pytest.raises(ValueError, match=message):
+        load_tokenizer(tmp_path)
+
+
 def test_without_a_template_the_tokenizer_says_so(tmp_path, tokenizer_dir):
     shutil.copy(tokenizer_dir / "tokenizer.json", tmp_path / "tokenizer.json")
     ours = load_tokenizer(tmp_path)

@@ -1,16 +1,15 @@
 """Assembles an engine's parts from an ``EngineConfig``, in the order they depend on each other:
 
-    checkpoint config checked (weights, heads split by the tensor-parallel size)
+    checkpoint config checked (weight files, heads split by the tensor-parallel size), tokenizer
     -> the other tensor-parallel ranks started (distributed/workers.py), if any
     -> build_rank, what every rank builds alike: model share (weights or dummy), ModelRunner,
        KVMemory (GPU pool sized from the runner's profiling step on CUDA, the minimum over the
        ranks; swap space, reuse tiers), runner bound to the pool (CUDA graphs), eager warm-up
-    -> tokenizer, OutputProcessor (detokenize, stop checks), Scheduler (over KVMemory)
+    -> OutputProcessor (detokenize, stop checks), Scheduler (over KVMemory)
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from fairswitch.engine.output_processor import OutputProcessor
 from fairswitch.kv.kv_cache import KVLayout, kv_cache_dtype
 from fairswitch.kv.memory import KVMemory, num_gpu_blocks
 from fairswitch.model import loader
-from fairswitch.model.checkpoint_config import CheckpointConfig
+from fairswitch.model.checkpoint_config import CheckpointConfig, read_json
 from fairswitch.runner.attention import get_attention_backend
 from fairswitch.runner.jit_watch import JIT_CLOCK
 from fairswitch.runner.model_runner import GraphPlan, ModelRunner
@@ -89,6 +88,8 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     JIT_CLOCK.serving = False  # compiles while building (warm-up, graph capture) are expected
     device = resolve_device(config.model.device)
     checked = check_model(config)  # before any rank starts
+    # (and the tokenizer too: a bad one fails before the weights load and the workers start)
+    tokenizer = loader.load_tokenizer(_tokenizer_path(config, checked[0]))
     workers = tp = None
     if config.model.tensor_parallel_size > 1:
         rank = launched_rank(config.model.tensor_parallel_size)
@@ -103,7 +104,6 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
                           workers.copy_log if workers else None, events, checked)
         if workers is not None:  # its graphs go before it leaves the group, however it ends
             workers.release_graphs = part.runner.release_graphs
-        tokenizer = loader.load_tokenizer(_tokenizer_path(config, part.source))
     except BaseException as e:
         if workers is not None:  # they may wait in a collective this rank never reaches
             workers.fail(e)
@@ -215,6 +215,7 @@ def _eos_ids(hf_config: CheckpointConfig, tokenizer: Any, source: loader.ModelSo
         ids.update(value if isinstance(value, list) else [value] if value is not None else [])
     gen_cfg = source.checkpoint_dir / "generation_config.json" if source.checkpoint_dir else None
     if gen_cfg is not None and gen_cfg.is_file():
-        value = json.loads(gen_cfg.read_text()).get("eos_token_id")
+        gen = read_json(gen_cfg)
+        value = gen.get("eos_token_id") if isinstance(gen, dict) else None
         ids.update(value if isinstance(value, list) else [value] if value is not None else [])
     return ids

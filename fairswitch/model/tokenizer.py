@@ -23,10 +23,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from fairswitch.model.checkpoint_config import read_json
+
 _SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token",
             "mask_token")
 _CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
             (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
+# What a tokenizer's vocabulary comes in: tokenizers', SentencePiece's, BPE's, WordPiece's.
+_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
 def load_tokenizer(path: str | Path) -> Any:
@@ -35,13 +41,24 @@ def load_tokenizer(path: str | Path) -> Any:
         return Tokenizer(path)
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer directory {path} does not exist")
+    if not any((path / name).is_file() for name in _VOCAB_FILES):
+        raise FileNotFoundError(f"{path} has no tokenizer (none of {', '.join(_VOCAB_FILES)}): "
+                                "pass a tokenizer directory with --tokenizer / tokenizer=")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path))
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load the tokenizer in {path}: {e}") from e
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    value = read_json(path)
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _token_text(value: Any) -> str | None:
@@ -64,7 +81,11 @@ class Tokenizer:
     def __init__(self, path: Path) -> None:
         from tokenizers import Tokenizer as RustTokenizer
 
-        self._tok = RustTokenizer.from_file(str(path / "tokenizer.json"))
+        try:
+            self._tok = RustTokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as e:  # (the Rust library raises a bare Exception)
+            raise ValueError(f"{path / 'tokenizer.json'} is not a readable tokenizer: "
+                             f"{e}") from None
         config = _read_json(path / "tokenizer_config.json")
         special_map = _read_json(path / "special_tokens_map.json")
         self.special_tokens = {name: _token_text(config.get(name, special_map.get(name)))
