@@ -79,6 +79,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
+        if not self.model.strip():  # (Path("") is the working directory)
+            raise ValueError("model must be a checkpoint directory or a model name, "
+                             f"got {self.model!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         if self.load_format not in _LOAD_FORMATS:

@@ -250,6 +250,12 @@ def test_a_corrupt_generation_config_is_named(tmp_path, llama_dir):
         LLM(model=str(tmp_path / "m"), num_gpu_blocks=64)
 
 
+def test_max_model_len_past_the_models_limit_names_the_field(llama_dir):
+    with pytest.raises(ValueError, match="max_model_len=4096 exceeds the model's limit of 1024 "
+                                         "tokens \\(max_position_embeddings in its config.json"):
+        LLM(model=str(llama_dir), max_model_len=4096)
+
+
 def test_shipped_config_needs_dummy():
     with pytest.raises(ValueError, match="load_format='dummy'"):
         Engine(EngineConfig.from_kwargs(model="llama-3-8b"))
@@ -265,6 +271,7 @@ def test_shipped_config_needs_dummy():
     ({"swap_space": 0, "preemption_mode": "swap"}, "'swap' needs swap space, and swap_space is 0"),
     ({"enable_prefix_caching": False, "cpu_kv_reuse": True}, "cpu_kv_reuse .* needs"),
     ({"swap_space": 0, "cpu_kv_reuse": True}, "cpu_kv_reuse .* needs"),
+    ({"model": " "}, "model must be a checkpoint directory or a model name, got ' '"),
 ])
 def test_bad_engine_config(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):

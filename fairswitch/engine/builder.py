@@ -198,14 +198,15 @@ def _tokenizer_path(config: EngineConfig, source: loader.ModelSource) -> Any:
 
 
 def _max_model_len(hf_config: CheckpointConfig, wanted: int | None) -> int:
-    limit = hf_config.max_position_embeddings
-    if hf_config.sliding_window:
+    limit, field = hf_config.max_position_embeddings, "max_position_embeddings"
+    if hf_config.sliding_window and hf_config.sliding_window < limit:
         # No sliding-window attention here: stay within the window, where it equals full.
-        limit = min(limit, hf_config.sliding_window)
+        limit, field = hf_config.sliding_window, "sliding_window"
     if wanted is None:
         return limit
     if wanted > limit:
-        raise ValueError(f"max_model_len={wanted} exceeds the model's limit of {limit} tokens")
+        raise ValueError(f"max_model_len={wanted} exceeds the model's limit of {limit} tokens "
+                         f"({field} in its config.json)")
     return wanted
 
 
