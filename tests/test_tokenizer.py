@@ -122,6 +122,12 @@ def test_missing_tokenizer_directory_is_named(tmp_path):
         load_tokenizer(tmp_path / "nowhere")
 
 
+def test_a_tokenizer_file_in_place_of_its_directory_is_named(tokenizer_dir):
+    """It was reported as a directory that does not exist."""
+    with pytest.raises(NotADirectoryError, match="tokenizer.json is a file: pass the directory"):
+        load_tokenizer(tokenizer_dir / "tokenizer.json")
+
+
 def test_a_directory_without_tokenizer_files_is_named(tmp_path):
     """transformers' message ("Couldn't instantiate the backend tokenizer from one of: ...")
     named neither the directory nor the way out."""

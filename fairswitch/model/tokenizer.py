@@ -39,6 +39,8 @@ def load_tokenizer(path: str | Path) -> Any:
     path = Path(path)
     if (path / "tokenizer.json").is_file():
         return Tokenizer(path)
+    if path.is_file():
+        raise NotADirectoryError(f"tokenizer {path} is a file: pass the directory that holds it")
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer directory {path} does not exist")
     if not any((path / name).is_file() for name in _VOCAB_FILES):
