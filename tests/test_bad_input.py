@@ -166,6 +166,25 @@ def test_chat_renders_messages_as_the_server_does(llm):
     assert several[0].prompt == out.prompt
 
 
+@pytest.mark.parametrize("policy", ["fcfs", "priority", "vtc"])
+@pytest.mark.parametrize("kwargs, match", [
+    ({"priority": "high"}, "priority must be an int, got 'high'"),
+    ({"priority": 1.5}, "priority must be an int"),
+    ({"priority": None}, "priority must be an int"),
+    ({"priority": True}, "priority must be an int"),
+    ({"client_id": 5}, "client_id must be a str or None, got 5"),
+    ({"client_id": ["a"]}, "client_id must be a str or None"),
+])
+def test_scheduling_arguments_of_the_wrong_type_are_named(policy, kwargs, match):
+    """Engine.add_request checks them itself: the policies would fail on them mid-queue (a
+    priority policy comparing "high" with a number, VTC keying an unhashable client) or take
+    them silently (fcfs)."""
+    engine = LLM(num_gpu_blocks=16, max_model_len=64, policy=policy).engine
+    with pytest.raises(ValueError, match=match):
+        engine.add_request("hi", SamplingParams(max_tokens=2), **kwargs)
+    assert not engine.requests and not engine.has_unfinished_requests()
+
+
 def test_engine_keeps_serving_while_bad_requests_arrive(llm):
     engine = llm.engine
     good = engine.add_request("a good request", SamplingParams(max_tokens=10, ignore_eos=True))

@@ -71,6 +71,12 @@ class Engine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         self.inputs.check_params(params)
+        # The ranking policies compare priorities and key clients: a wrong type would fail
+        # there, mid-queue (or under another policy, pass unnoticed).
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ValueError(f"priority must be an int, got {priority!r:.40}")
+        if client_id is not None and not isinstance(client_id, str):
+            raise ValueError(f"client_id must be a str or None, got {client_id!r:.40}")
         text, ids = self.inputs.validate(prompt, prompt_token_ids)
         if request_id is None:  # the next number no caller-chosen id holds
             while (request_id := str(next(self._ids))) in self.requests:
