@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 
 import pytest
 
 from fairswitch import SamplingParams
 from fairswitch.config import EngineConfig
-from fairswitch.engine.async_engine import AsyncEngine
+from fairswitch.engine.async_engine import AsyncEngine, EngineDeadError
 
 NUM_BLOCKS = 256
 
@@ -301,3 +302,60 @@ def test_a_step_that_samples_nothing_hands_over_the_last_steps_outputs():
     # chunks of "long" that sample nothing: "short"'s output must be out before step 3.
     short = next(i for i, h in enumerate(handed) if any(r == "short" for r, _, _ in h))
     assert len(steps) >= 4 and steps[2] > short
+
+
+def test_a_command_that_comes_as_the_engine_stops_is_refused_not_lost():
+    """A caller that passed the shut-down check just before the engine thread stopped: its
+    command lands after the thread failed what was queued; it must fail too, not hang."""
+    eng = AsyncEngine.from_config(EngineConfig.from_kwargs(num_gpu_blocks=NUM_BLOCKS))
+    commands = eng._commands
+
+    class StopsFirst:
+        def put(self, item):
+            eng.shutdown()  # the engine thread stops between the caller's check and its put
+            commands.put(item)
+
+        def get_nowait(self):
+            return commands.get_nowait()
+
+    eng._commands = StopsFirst()
+
+    async def main():
+        with pytest.raises(EngineDeadError, match="shut down"):
+            await asyncio.wait_for(eng.sync(), 10)
+        with pytest.raises(EngineDeadError, match="shut down"):
+            await asyncio.wait_for(collect(eng, "too late", 3), 10)
+    asyncio.run(main())
+
+
+def test_a_failed_step_ends_every_stream_and_names_the_failure():
+    """A step that raises stops the engine thread: every stream, every command still queued and
+    every later call gets an EngineDeadError naming the failure, and the KV blocks are freed."""
+    eng = AsyncEngine.from_config(EngineConfig.from_kwargs(num_gpu_blocks=NUM_BLOCKS))
+    real_launch, launches, queued = eng.engine.runner.launch, [], []
+
+    def launch(*args, **kwargs):
+        launches.append(1)
+        if len(launches) == 4:
+            fut = concurrent.futures.Future()  # a caller's command, queued as the step fails
+            queued.append(fut)
+            eng._commands.put((lambda: None, fut))
+            raise RuntimeError("injected launch failure")
+        return real_launch(*args, **kwargs)
+
+    eng.engine.runner.launch = launch
+
+    async def main():
+        results = await asyncio.wait_for(asyncio.gather(
+            *(collect(eng, f"doomed {i}", 100) for i in range(3)), return_exceptions=True), 30)
+        assert all(isinstance(r, EngineDeadError) and "injected" in str(r) for r in results)
+        assert eng.failed and not eng.is_running
+        with pytest.raises(EngineDeadError, match="injected"):
+            await asyncio.wait_for(collect(eng, "later", 3), 10)
+
+    try:
+        asyncio.run(main())
+    finally:
+        eng.shutdown()
+    assert "injected" in str(queued[0].exception(timeout=10))
+    assert eng.engine.kv.blocks.num_free_blocks == NUM_BLOCKS and not eng.engine.requests

@@ -58,6 +58,7 @@ class AsyncEngine:
         self._pending: list[RequestOutput] = []  # the last step's outputs, not yet delivered
         self._stopping = False
         self._error: BaseException | None = None
+        self._closed = False  # the engine thread takes no more commands
         # The last step's outputs go out while the GPU computes the next (Engine.step).
         engine.events.on_gpu_busy.append(self._flush)
         GC_CLOCK.install()
@@ -74,14 +75,21 @@ class AsyncEngine:
     # ---- caller side (event loop) ---------------------------------------------------------
 
     async def _call(self, fn: Callable[[], Any]) -> Any:
-        if self._error is not None:
-            raise EngineDeadError(f"engine failed: {self._error!r}") from self._error
-        if self._stopping:
-            raise EngineDeadError("engine is shut down")
+        if self._error is not None or self._stopping:
+            raise self._dead_error()
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._commands.put((fn, fut))
         self._wake.set()
+        if self._closed:  # the engine thread stopped after the check above: it never runs fn
+            self._fail_pending_commands()
         return await asyncio.wrap_future(fut)
+
+    def _dead_error(self) -> EngineDeadError:
+        if self._error is None:
+            return EngineDeadError("engine is shut down")
+        err = EngineDeadError(f"engine failed: {self._error!r}")
+        err.__cause__ = self._error
+        return err
 
     async def generate(self, prompt: str | list[int] | None,
                        params: SamplingParams | None = None, *, request_id: str | None = None,
@@ -231,6 +239,7 @@ class AsyncEngine:
             rids = list(self._streams)
             self._deliver([e] * len(rids), rids)
         finally:
+            self._closed = True  # (before the commands are failed: _call checks it after)
             self._flush()
             engine.events.on_gpu_busy.remove(self._flush)  # (no cycle keeps this object alive)
             aborted = [out for rid in list(engine.requests)
@@ -240,10 +249,12 @@ class AsyncEngine:
             self._fail_pending_commands()
 
     def _fail_pending_commands(self) -> None:
+        """Fail the commands left queued (run by the engine thread as it stops, and by a
+        caller whose command came after that)."""
         while True:
             try:
                 _, fut = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if fut is not None and not fut.done():
-                fut.set_exception(EngineDeadError("engine is shut down"))
+            if fut is not None and fut.set_running_or_notify_cancel():
+                fut.set_exception(self._dead_error())
