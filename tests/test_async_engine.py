@@ -304,6 +304,21 @@ def test_a_step_that_samples_nothing_hands_over_the_last_steps_outputs():
     assert len(steps) >= 4 and steps[2] > short
 
 
+def test_a_refused_generate_leaves_the_request_of_its_id_alone(engine):
+    """A generate() whose add is refused (the id is taken in the engine) aborts nothing: the
+    request holding the id is another caller's."""
+    async def main():
+        await engine.run_in_engine(lambda e: e.add_request(
+            "first", SamplingParams(max_tokens=10_000, ignore_eos=True), request_id="taken"))
+        with pytest.raises(ValueError, match="already in use"):
+            await asyncio.wait_for(collect(engine, "second", 3, request_id="taken"), 30)
+        await engine.sync()
+        assert await engine.run_in_engine(lambda e: list(e.requests)) == ["taken"]
+        await engine.abort("taken")
+        assert await free_blocks(engine) == NUM_BLOCKS
+    asyncio.run(main())
+
+
 def test_a_command_that_comes_as_the_engine_stops_is_refused_not_lost():
     """A caller that passed the shut-down check just before the engine thread stopped: its
     command lands after the thread failed what was queued; it must fail too, not hang."""

@@ -100,15 +100,21 @@ class AsyncEngine:
         ``queue_places``: Scheduler.add_request (n choices admitted together)."""
         # (as the engine keys it: a str; 0 is an id like any other)
         request_id = uuid.uuid4().hex if request_id is None else str(request_id)
-        if request_id in self._streams:
-            raise ValueError(f"request id {request_id!r} is already in use")
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        self._streams[request_id] = stream
+        # (one step: callers on other threads' loops may claim the same id at once)
+        if self._streams.setdefault(request_id, stream) is not stream:
+            raise ValueError(f"request id {request_id!r} is already in use")
         finished = False
         try:
-            await self._call(lambda: self.engine.add_request(
-                prompt, params, request_id=request_id, prompt_token_ids=prompt_token_ids,
-                priority=priority, client_id=client_id, queue_places=queue_places))
+            try:
+                await self._call(lambda: self.engine.add_request(
+                    prompt, params, request_id=request_id, prompt_token_ids=prompt_token_ids,
+                    priority=priority, client_id=client_id, queue_places=queue_places))
+            except Exception:
+                # Not added: nothing to abort, and a request the engine holds under this id
+                # is another caller's. (Cancelled, the add may have run: it is aborted below.)
+                finished = True
+                raise
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
@@ -118,7 +124,8 @@ class AsyncEngine:
                 if finished:
                     return
         finally:
-            self._streams.pop(request_id, None)
+            if self._streams.get(request_id) is stream:
+                del self._streams[request_id]
             if not finished:
                 self._submit(lambda: self.engine.abort_request(request_id))
 
