@@ -374,3 +374,28 @@ def test_a_failed_step_ends_every_stream_and_names_the_failure():
         eng.shutdown()
     assert "injected" in str(queued[0].exception(timeout=10))
     assert eng.engine.kv.blocks.num_free_blocks == NUM_BLOCKS and not eng.engine.requests
+
+
+def test_a_stream_whose_event_loop_closed_is_aborted(engine):
+    """A loop closed without finalizing its async generators leaves a stream nobody reads: its
+    request is aborted (it ran on to max_tokens, holding its KV blocks)."""
+    loop = asyncio.new_event_loop()
+
+    async def start():
+        outputs = engine.generate("orphan", SamplingParams(max_tokens=10_000, ignore_eos=True),
+                                  request_id="orphan")
+        await outputs.__anext__()
+        return outputs
+
+    orphan = loop.run_until_complete(start())
+    loop.close()
+
+    async def main():
+        for _ in range(500):
+            if not await engine.run_in_engine(lambda e: list(e.requests)):
+                break
+            await asyncio.sleep(0.01)
+        assert await engine.run_in_engine(lambda e: list(e.requests)) == []
+        assert await free_blocks(engine) == NUM_BLOCKS
+    asyncio.run(main())
+    del orphan

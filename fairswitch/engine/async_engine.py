@@ -195,7 +195,15 @@ class AsyncEngine:
             try:
                 loop.call_soon_threadsafe(_put_all, puts)
             except RuntimeError:  # the caller's loop is closed: nobody is listening
-                pass
+                self._drop_streams_of(loop)
+
+    def _drop_streams_of(self, loop: asyncio.AbstractEventLoop) -> None:
+        """A loop closed with streams still open (it did not finalize its async generators, as
+        asyncio.run does): their requests would run to the end for nobody, holding KV blocks.
+        They are aborted between steps (this may run inside one)."""
+        for rid, stream in list(self._streams.items()):
+            if stream.loop is loop and self._streams.pop(rid, None) is not None:
+                self._submit(lambda rid=rid: self.engine.abort_request(rid))
 
     def _flush(self) -> None:
         """Deliver the outputs held back from the last step."""
