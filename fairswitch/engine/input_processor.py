@@ -27,7 +27,8 @@ class InputProcessor:
                              f"{bad[:5]}")
         if params.n != 1:
             raise ValueError(f"an engine request samples one sequence (n=1), got n={params.n}: "
-                             "LLM.generate and the server add n requests for it")
+                             "add one request per SamplingParams.copies() (LLM.generate and "
+                             "the server do)")
 
     def validate(self, prompt: str | list[int] | None,
                  prompt_token_ids: list[int] | None) -> tuple[str | None, list[int]]:
