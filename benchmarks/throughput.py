@@ -31,7 +31,7 @@ from engine_options import add_engine_options
 from results_io import command_line, write_results
 
 from fairswitch.config import EngineConfig
-from fairswitch.engine.builder import resolve_device, resolve_dtype
+from fairswitch.engine.builder import resolve_device
 from fairswitch.engine.llm import LLM
 from fairswitch.model import loader
 from fairswitch.sampling_params import SamplingParams
@@ -215,11 +215,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # transformers gets the engine's model, dtype, device and seed
     model, load_format, seed = config.model.model, config.model.load_format, config.model.seed
     device = resolve_device(config.model.device)
-    dtype = resolve_dtype(config.model.dtype, device)
     num_prompts = args.num_prompts or (1000 if device.type == "cuda" else 16)
     hf_num_prompts = min(args.hf_num_prompts or num_prompts, num_prompts)
 
     llm = LLM.from_config(config)
+    dtype = llm.engine.dtype
     workload = sample_workload(llm.get_tokenizer(), num_prompts, args.max_prompt_len,
                                args.max_output_len, args.seed, args.trace)
     fs = run_fairswitch(llm, workload, use_tqdm=not args.disable_tqdm)

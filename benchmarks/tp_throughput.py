@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ratios = {n: rates[n] / rates[1] for n in sizes if n > 1}
     figures = {
         "model": base.model.model, "load_format": base.model.load_format,
-        "dtype": str(resolve_dtype(base.model.dtype, device)).removeprefix("torch."),
+        "dtype": str(resolve_dtype(base.model.dtype, device, check_model(base)[1].dtype)
+                     ).removeprefix("torch."),
         "workload": workload_figures(args, workload),
         "engine_options": engine_option_figures(base),
         "tp_sizes": sizes,

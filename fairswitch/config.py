@@ -53,8 +53,10 @@ class ModelConfig:
     load_format: str = _opt(
         "auto", "auto: read *.safetensors; dummy: random weights from the config", _LOAD_FORMATS
     )
-    dtype: str = _opt("auto", "weight/activation dtype (auto: bfloat16 on CUDA, float32 on CPU)",
-                      _DTYPES)
+    dtype: str = _opt(
+        "auto", "weight/activation dtype. auto: on CUDA the dtype the checkpoint's config.json "
+        "declares (dtype or torch_dtype), bfloat16 where that is float32 or absent; float32 on "
+        "CPU", _DTYPES)
     device: str = _opt("auto", "cuda, cuda:N or cpu (auto: cuda when available)")
     max_model_len: int | None = _opt(None, "max prompt+output tokens (default: the model's)")
     seed: int = _opt(0, "seed for dummy weights and for sampling without a per-request seed")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -205,6 +206,7 @@ def _transformers_view(raw: dict) -> dict:
         "rms_norm_eps": hf.rms_norm_eps, "rope_theta": theta,
         "rope_type": rope.get("rope_type", rope.get("type", "default")),
         "tie_word_embeddings": hf.tie_word_embeddings, "sliding_window": window,
+        "dtype": str(hf.dtype).removeprefix("torch.") if hf.dtype is not None else None,
     }
 
 
@@ -218,6 +220,7 @@ def _ours(cfg: loader.CheckpointConfig) -> dict:
         "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_position_embeddings,
         "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta, "rope_type": rope_type,
         "tie_word_embeddings": cfg.tie_word_embeddings, "sliding_window": cfg.sliding_window,
+        "dtype": cfg.dtype,
     }
 
 
@@ -289,6 +292,10 @@ def test_checkpoint_config_windows_and_nulls_match_transformers(model_type, arch
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope type 'yarn' is not supported"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
      "llama3 rope scaling lacks low_freq_factor"),
+    ({"torch_dtype": "float8"}, "torch_dtype must be one of float32, float16, bfloat16, got "
+                                "'float8'"),
+    ({"torch_dtype": 16}, "torch_dtype must be one of .*, got 16"),
+    ({"dtype": ["bfloat16"], "torch_dtype": "bfloat16"}, "dtype must be one of .*, got \\['bf"),
 ])
 def test_checkpoint_config_refuses_what_it_cannot_serve(change, message):
     raw = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
@@ -310,3 +317,71 @@ def test_a_config_json_that_is_not_a_json_object_is_named(tmp_path, content, mes
     path.write_bytes(content)
     with pytest.raises(ValueError, match=f"{path}.*{message}"):
         loader.CheckpointConfig.from_file(path)
+
+
+# --- the model's dtype: the checkpoint's, read by --dtype auto on CUDA -----------------------------
+
+CUDA, CPU = torch.device("cuda", 1), torch.device("cpu")  # (a device object needs no GPU)
+
+
+def _edit_config(ckpt, **fields) -> None:
+    path = ckpt / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
+
+@pytest.mark.parametrize("name, device, declared, expected", [
+    ("auto", CUDA, "float16", torch.float16), ("auto", CUDA, "bfloat16", torch.bfloat16),
+    # float32 runs in bfloat16 on a GPU, as in vLLM; so does a checkpoint that declares nothing
+    ("auto", CUDA, "float32", torch.bfloat16), ("auto", CUDA, None, torch.bfloat16),
+    ("auto", CPU, "float16", torch.float32), ("auto", CPU, "bfloat16", torch.float32),
+    ("auto", CPU, None, torch.float32),
+    # an explicit --dtype is what runs, whatever the checkpoint declares
+    ("float32", CUDA, "float16", torch.float32), ("bfloat16", CUDA, "float16", torch.bfloat16),
+    ("float16", CPU, "bfloat16", torch.float16),
+])
+def test_dtype_auto_on_cuda_is_the_checkpoints(name, device, declared, expected):
+    from fairswitch.engine.builder import resolve_dtype
+
+    assert resolve_dtype(name, device, declared) == expected
+
+
+@pytest.mark.parametrize("name", [*loader.shipped_config_names(), "fairswitch-tiny"])
+def test_dtype_auto_on_cuda_is_bfloat16_for_the_shipped_models(name):
+    """The dummy-weight presets (and the embedded default) declare bfloat16."""
+    from fairswitch.engine.builder import resolve_dtype
+
+    cfg = loader.load_checkpoint_config(loader.resolve_model(name))
+    assert resolve_dtype("auto", CUDA, cfg.dtype) == torch.bfloat16
+
+
+@pytest.mark.parametrize("fields, declared", [
+    ({"dtype": "float16"}, "float16"),
+    ({"dtype": None, "torch_dtype": "float16"}, "float16"),  # transformers 4.x's key
+    ({"dtype": "bfloat16", "torch_dtype": "float16"}, "bfloat16"),  # dtype first, as transformers
+    ({"dtype": None}, None),
+])
+def test_the_checkpoint_dtype_comes_from_its_config_json(tmp_path, write_checkpoint, fields,
+                                                         declared):
+    """What every rank reads (check_model), so that all resolve rank 0's dtype."""
+    from fairswitch.config import EngineConfig
+    from fairswitch.engine.builder import check_model
+
+    ckpt = write_checkpoint(tmp_path / "ckpt")
+    _edit_config(ckpt, **fields)
+    _, cfg = check_model(EngineConfig.from_kwargs(model=str(ckpt), tensor_parallel_size=2))
+    assert cfg.dtype == declared
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"dtype": None, "torch_dtype": "float8"}, "torch_dtype must be one of float32, float16, "
+                                               "bfloat16, got 'float8'"),
+    ({"dtype": 16}, "dtype must be one of float32, float16, bfloat16, got 16"),
+])
+def test_a_bad_checkpoint_dtype_is_named(tmp_path, write_checkpoint, fields, message):
+    from fairswitch.config import EngineConfig
+    from fairswitch.engine.builder import check_model
+
+    ckpt = write_checkpoint(tmp_path / "ckpt")
+    _edit_config(ckpt, **fields)
+    with pytest.raises(ValueError, match=f"{re.escape(str(ckpt / 'config.json'))}: {message}"):
+        check_model(EngineConfig.from_kwargs(model=str(ckpt)))

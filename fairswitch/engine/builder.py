@@ -52,10 +52,18 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[name]
+def resolve_dtype(name: str, device: torch.device, checkpoint_dtype: str | None) -> torch.dtype:
+    """The dtype ``--dtype name`` runs the model in. "auto" follows vLLM on CUDA: the dtype the
+    checkpoint declares (``CheckpointConfig.dtype``), except that a float32 checkpoint, or one
+    that declares none, runs in bfloat16 (half the memory of float32, the range of float32);
+    on the CPU it is float32, the dtype the engine's CPU path runs in."""
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type != "cuda":
+        return torch.float32
+    if checkpoint_dtype in (None, "float32"):
+        return torch.bfloat16
+    return _DTYPES[checkpoint_dtype]
 
 
 @dataclass
@@ -146,8 +154,9 @@ def build_rank(config: EngineConfig, tp: TPGroup, device: torch.device,
     blocks all ranks can hold, from this rank's own; ``copy_log``: the driver's swap-copy log;
     ``checked``: ``check_model(config)`` if the caller has it already."""
     mc, cc = config.model, config.cache
-    dtype = resolve_dtype(mc.dtype, device)
+    # Every rank reads the same config.json (check_model), so all resolve rank 0's dtype.
     source, hf_config = checked if checked is not None else check_model(config)
+    dtype = resolve_dtype(mc.dtype, device, hf_config.dtype)
     max_model_len = _max_model_len(hf_config, mc.max_model_len)
     backend = get_attention_backend(mc.attention_backend, device)
     if backend.name == "triton":  # (the torch backend runs no Triton kernel to time)

@@ -33,6 +33,7 @@ _COUNTS = (*_REQUIRED, "num_key_value_heads", "head_dim", "max_position_embeddin
 _ROPE_PARAMS = {"default": (), "linear": ("factor",),
                 "llama3": ("factor", "low_freq_factor", "high_freq_factor",
                            "original_max_position_embeddings")}
+WEIGHT_DTYPES = ("float32", "float16", "bfloat16")  # the dtypes a checkpoint may declare
 
 
 def read_json(path: Path) -> Any:
@@ -89,6 +90,7 @@ class CheckpointConfig:
     sliding_window: int | None  # None: full attention
     eos_token_id: int | list[int] | None
     bos_token_id: int | None
+    dtype: str | None  # one of WEIGHT_DTYPES, as the checkpoint declares it; None: it does not
     raw: dict[str, Any] = field(repr=False, compare=False)  # config.json as read
 
     @classmethod
@@ -148,7 +150,8 @@ class CheckpointConfig:
             qkv_bias=archs[0] == "Qwen2ForCausalLM" or bool(get("attention_bias", False)),
             o_proj_bias=bool(get("attention_bias", False)),
             sliding_window=_sliding_window(raw, defaults, layers, where),
-            eos_token_id=get("eos_token_id"), bos_token_id=get("bos_token_id"), raw=raw)
+            eos_token_id=get("eos_token_id"), bos_token_id=get("bos_token_id"),
+            dtype=_weight_dtype(raw, where), raw=raw)
         if config.num_attention_heads % config.num_key_value_heads:
             raise ValueError(f"{where}: num_attention_heads={config.num_attention_heads} is not a "
                              f"multiple of num_key_value_heads={config.num_key_value_heads}")
@@ -161,6 +164,17 @@ class CheckpointConfig:
     @classmethod
     def from_file(cls, path: Path) -> CheckpointConfig:
         return cls.from_dict(read_json(path), str(path))
+
+
+def _weight_dtype(raw: dict[str, Any], where: str) -> str | None:
+    """The weights' dtype the checkpoint declares, as transformers reads it: ``dtype``
+    (transformers 5), else ``torch_dtype`` (4.x); an explicit null is no declaration."""
+    key = "dtype" if raw.get("dtype") is not None else "torch_dtype"
+    value = raw.get(key)
+    if value is not None and value not in WEIGHT_DTYPES:
+        raise ValueError(f"{where}: {key} must be one of {', '.join(WEIGHT_DTYPES)}, "
+                         f"got {value!r}")
+    return value
 
 
 def _sliding_window(raw: dict[str, Any], defaults: dict[str, Any], num_layers: int,
