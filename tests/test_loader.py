@@ -292,7 +292,7 @@ def test_checkpoint_config_windows_and_nulls_match_transformers(model_type, arch
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope type 'yarn' is not supported"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
      "llama3 rope scaling lacks low_freq_factor"),
-    ({"torch_dtype": "float8"}, "torch_dtype must be one of float32, float16, bfloat16, got "
+    ({"torch_dtype": "float8"}, "torch_dtype must be one of float32, float64, float16, bfloat16, got "
                                 "'float8'"),
     ({"torch_dtype": 16}, "torch_dtype must be one of .*, got 16"),
     ({"dtype": ["bfloat16"], "torch_dtype": "bfloat16"}, "dtype must be one of .*, got \\['bf"),
@@ -332,7 +332,8 @@ def _edit_config(ckpt, **fields) -> None:
 @pytest.mark.parametrize("name, device, declared, expected", [
     ("auto", CUDA, "float16", torch.float16), ("auto", CUDA, "bfloat16", torch.bfloat16),
     # float32 runs in bfloat16 on a GPU, as in vLLM; so does a checkpoint that declares nothing
-    ("auto", CUDA, "float32", torch.bfloat16), ("auto", CUDA, None, torch.bfloat16),
+    ("auto", CUDA, "float32", torch.bfloat16), ("auto", CUDA, "float64", torch.bfloat16),
+    ("auto", CUDA, None, torch.bfloat16),
     ("auto", CPU, "float16", torch.float32), ("auto", CPU, "bfloat16", torch.float32),
     ("auto", CPU, None, torch.float32),
     # an explicit --dtype is what runs, whatever the checkpoint declares
@@ -373,9 +374,9 @@ def test_the_checkpoint_dtype_comes_from_its_config_json(tmp_path, write_checkpo
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"dtype": None, "torch_dtype": "float8"}, "torch_dtype must be one of float32, float16, "
+    ({"dtype": None, "torch_dtype": "float8"}, "torch_dtype must be one of float32, float64, float16, "
                                                "bfloat16, got 'float8'"),
-    ({"dtype": 16}, "dtype must be one of float32, float16, bfloat16, got 16"),
+    ({"dtype": 16}, "dtype must be one of float32, float64, float16, bfloat16, got 16"),
 ])
 def test_a_bad_checkpoint_dtype_is_named(tmp_path, write_checkpoint, fields, message):
     from fairswitch.config import EngineConfig

@@ -54,16 +54,16 @@ def resolve_device(name: str) -> torch.device:
 
 def resolve_dtype(name: str, device: torch.device, checkpoint_dtype: str | None) -> torch.dtype:
     """The dtype ``--dtype name`` runs the model in. "auto" follows vLLM on CUDA: the dtype the
-    checkpoint declares (``CheckpointConfig.dtype``), except that a float32 checkpoint, or one
-    that declares none, runs in bfloat16 (half the memory of float32, the range of float32);
+    checkpoint declares (``CheckpointConfig.dtype``) if it is float16 or bfloat16, else
+    (float32, float64, none declared) bfloat16 (half the memory of float32, the range of float32);
     on the CPU it is float32, the dtype the engine's CPU path runs in."""
     if name != "auto":
         return _DTYPES[name]
     if device.type != "cuda":
         return torch.float32
-    if checkpoint_dtype in (None, "float32"):
-        return torch.bfloat16
-    return _DTYPES[checkpoint_dtype]
+    if checkpoint_dtype in ("float16", "bfloat16"):
+        return _DTYPES[checkpoint_dtype]
+    return torch.bfloat16
 
 
 @dataclass

@@ -33,7 +33,7 @@ _COUNTS = (*_REQUIRED, "num_key_value_heads", "head_dim", "max_position_embeddin
 _ROPE_PARAMS = {"default": (), "linear": ("factor",),
                 "llama3": ("factor", "low_freq_factor", "high_freq_factor",
                            "original_max_position_embeddings")}
-WEIGHT_DTYPES = ("float32", "float16", "bfloat16")  # the dtypes a checkpoint may declare
+WEIGHT_DTYPES = ("float32", "float64", "float16", "bfloat16")  # the dtypes a checkpoint may declare
 
 
 def read_json(path: Path) -> Any:
