@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -21,10 +23,22 @@ def top1_agreement(a: list[int], b: list[int]) -> float:
     return sum(x == y for x, y in zip(a, b)) / max(len(a), 1)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_bf16_greedy_agrees_with_transformers(arch, llama_dir, qwen_dir):
+@pytest.mark.parametrize("arch, declared", [("llama", None), ("qwen2", None),
+                                             ("llama", "float16")])
+def test_bf16_and_fp16_greedy_agree_with_transformers(arch, declared, llama_dir, qwen_dir, tmp_path):
+    """bf16, or (declared float16) --dtype auto on a checkpoint whose config.json says float16,
+    which runs in float16 and is compared with transformers in float16."""
     model_dir = llama_dir if arch == "llama" else qwen_dir
-    llm = LLM(model=str(model_dir), device="cuda", dtype="bfloat16", num_gpu_blocks=512)
+    dtype = torch.bfloat16
+    if declared is not None:
+        model_dir = Path(shutil.copytree(model_dir, tmp_path / "declared"))
+        config = json.loads((model_dir / "config.json").read_text())
+        config.update(dtype=declared, torch_dtype=declared)
+        (model_dir / "config.json").write_text(json.dumps(config))
+        dtype = getattr(torch, declared)
+    llm = LLM(model=str(model_dir), device="cuda", dtype="auto" if declared else "bfloat16",
+              num_gpu_blocks=512)
+    assert llm.engine.dtype == dtype
     tok = llm.get_tokenizer()
     ids = [tok.encode(p) for p in PROMPTS]
     n = 32
@@ -35,7 +49,7 @@ def test_bf16_greedy_agrees_with_transformers(arch, llama_dir, qwen_dir):
         ours = o.outputs[0].token_ids
         # Teacher-forced reference: HF's logits after our own prefix, so one early flip of a
         # near-tie does not count as every later token disagreeing.
-        logits = _hf_next_logits(model_dir, p, ours)
+        logits = _hf_next_logits(model_dir, p, ours, dtype)
         ref = logits.argmax(-1)
         agree += sum(x == y for x, y in zip(ours, ref.tolist()))
         total += n
@@ -60,11 +74,11 @@ def test_fp32_cuda_exact(llama_dir):
                                                          "cuda")
 
 
-def _hf_next_logits(model_dir, prompt: list[int], ours: list[int]) -> torch.Tensor:
+def _hf_next_logits(model_dir, prompt: list[int], ours: list[int], dtype) -> torch.Tensor:
     """HF's logits [len(ours), vocab] (float32) at each position where we produced a token."""
     from helpers import hf_model
 
-    model = hf_model(model_dir, torch.bfloat16, "cuda")
+    model = hf_model(model_dir, dtype, "cuda")
     ids = torch.tensor([prompt + ours], device="cuda")
     with torch.no_grad():
         logits = model(ids).logits[0, len(prompt) - 1: len(prompt) - 1 + len(ours)]
