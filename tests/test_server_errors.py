@@ -14,7 +14,7 @@ import pytest
 
 from fairswitch.config import EngineConfig
 from fairswitch.engine.async_engine import AsyncEngine
-from fairswitch.server import BackgroundServer, ServerSettings, build_app
+from fairswitch.server import BackgroundServer, ServerSettings, build_app, protocol
 from fairswitch.server.app import SERVER_KEY
 
 KEY = "sk-errors"
@@ -352,6 +352,22 @@ def test_unexpected_exception_is_500_and_logged(server, caplog):
     assert any(r.exc_info and "template exploded" in str(r.exc_info[1]) for r in caplog.records)
     assert call(server, "/v1/chat/completions",
                 body={"messages": CHAT, "max_tokens": 1})[0] == 200
+
+
+def test_a_prompt_the_engine_finds_of_the_wrong_type_is_a_400(server, monkeypatch):
+    """The engine raises TypeError for a prompt of the wrong type (as LLM.generate does): where
+    the server meets it, checking the prompt or adding the request, it is a 400, not a 500.
+    (The protocol lets no such prompt through: one is forced past it here.)"""
+    body = {"prompt": "x", "max_tokens": 1}
+    monkeypatch.setattr(protocol, "parse_prompt", lambda value, name="prompt": [1, "x"])
+    assert_error(call(server, "/v1/completions", body=body), 400,
+                 "prompt token ids must be ints, got 'x' at index 1", param="prompt")
+    monkeypatch.setattr(server.app[SERVER_KEY].core, "validate_prompt", lambda text, ids:
+                        (text, ids))  # unchecked: the engine's add_request finds it
+    assert_error(call(server, "/v1/completions", body=body), 400,
+                 "prompt token ids must be ints, got 'x' at index 1")
+    monkeypatch.undo()
+    assert call(server, "/v1/completions", body=body)[0] == 200
 
 
 # ---- fuzz ----------------------------------------------------------------------------------------
