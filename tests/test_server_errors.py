@@ -168,7 +168,7 @@ BAD = [
      ["'top_logprobs' needs 'logprobs'"], "top_logprobs"),
     ("/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function"}]}, 400,
      ["'tools'", "not supported"], "tools"),
-    ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 0, "echo": True}, 400,
+    ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 0}, 400,
      ["'max_tokens'", "at least 1"], "max_tokens"),  # (0 is for a completion's echo only)
     ("/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": -1}, 400,
      ["'max_completion_tokens'"], "max_completion_tokens"),
@@ -188,6 +188,38 @@ BAD = [
                          ids=[f"{p}:{json.dumps(b)[:40]}" for p, b, *_ in BAD])
 def test_bad_request(server, path, body, status, fragments, param):
     assert_error(call(server, path, body=body), status, *fragments, param=param)
+
+
+# vLLM's fields that change what is generated, which this server does not implement: refused,
+# never ignored. (path, field, a value it would honour, its default, which is accepted)
+UNSUPPORTED = [
+    ("/v1/completions", "response_format", {"type": "json_object"}, {"type": "text"}),
+    ("/v1/completions", "guided_json", {"type": "object"}, None),
+    ("/v1/chat/completions", "guided_choice", ["yes", "no"], None),
+    ("/v1/completions", "guided_regex", "[0-9]+", None),
+    ("/v1/chat/completions", "structured_outputs", {"json": {}}, None),
+    ("/v1/completions", "truncate_prompt_tokens", 8, None),
+    ("/v1/chat/completions", "allowed_token_ids", [1, 2], None),
+    ("/v1/completions", "bad_words", ["bad"], []),
+    ("/v1/completions", "add_special_tokens", False, True),
+    ("/v1/chat/completions", "add_special_tokens", True, False),
+    ("/v1/chat/completions", "echo", True, False),
+    ("/v1/chat/completions", "continue_final_message", True, False),
+    ("/v1/chat/completions", "chat_template", "{{ messages }}", None),
+    ("/v1/chat/completions", "chat_template_kwargs", {"enable_thinking": False}, {}),
+    ("/v1/chat/completions", "tool_choice", "auto", "none"),
+]
+
+
+@pytest.mark.parametrize("path,name,value,default", UNSUPPORTED,
+                         ids=[f"{p}:{n}" for p, n, *_ in UNSUPPORTED])
+def test_vllm_fields_this_server_does_not_honour_are_refused(server, path, name, value,
+                                                             default):
+    base = {"prompt": "x"} if path == "/v1/completions" else {"messages": CHAT}
+    assert_error(call(server, path, body={**base, name: value, "max_tokens": 1}), 400,
+                 f"'{name}' is not supported", param=name)
+    status, _, body = call(server, path, body={**base, name: default, "max_tokens": 1})
+    assert status == 200, body
 
 
 def test_bad_json_and_body_shapes(server):

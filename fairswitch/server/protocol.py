@@ -2,7 +2,8 @@
 that name the field), and the response/chunk bodies of the OpenAI (and vLLM) API.
 
 Unknown fields are ignored, as vLLM does; known fields this engine cannot honour (``best_of``,
-beam search, tools...) are refused with a 400 naming them rather than silently dropped.
+beam search, tools, vLLM's structured output...) are refused with a 400 naming them rather than
+silently dropped.
 
 Logprobs come back in OpenAI's shapes: completions ``{"tokens", "token_logprobs",
 "top_logprobs", "text_offset"}`` (with ``echo``, the prompt's first, with None for its first
@@ -116,11 +117,21 @@ def _int_list(body: dict, name: str) -> list[int]:
     return value
 
 
-# (field, value that means "off"): any other value is refused, since it would be ignored.
-_UNSUPPORTED_COMMON = (("best_of", (1,)), ("use_beam_search", (False,)))
-_UNSUPPORTED_COMPLETION = (("suffix", ("",)),)
+# (field, values that mean "off"): any other value is refused, since it would be ignored. Beside
+# OpenAI's, vLLM's own fields that change what is generated: structured output (guided_*),
+# prompt truncation, vocabulary restrictions, and the chat template's controls.
+_UNSUPPORTED_COMMON = (
+    ("best_of", (1,)), ("use_beam_search", (False,)), ("response_format", ({"type": "text"},)),
+    ("guided_json", ()), ("guided_regex", ()), ("guided_choice", ()), ("guided_grammar", ()),
+    ("structural_tag", ()), ("structured_outputs", ()), ("truncate_prompt_tokens", ()),
+    ("allowed_token_ids", ()), ("bad_words", ([],)), ("logits_processors", ([],)),
+    ("return_tokens_as_token_ids", (False,)))
+_UNSUPPORTED_COMPLETION = (("suffix", ("",)), ("add_special_tokens", (True,)),
+                           ("prompt_embeds", ()))
 _UNSUPPORTED_CHAT = (("tools", ([],)), ("tool_choice", ("none",)), ("functions", ([],)),
-                     ("function_call", ("none",)), ("response_format", ({"type": "text"},)))
+                     ("function_call", ("none",)), ("echo", (False,)),
+                     ("continue_final_message", (False,)), ("add_special_tokens", (False,)),
+                     ("chat_template", ()), ("chat_template_kwargs", ({},)), ("documents", ([],)))
 
 
 def _refuse_unsupported(body: dict, fields: tuple) -> None:
