@@ -222,6 +222,46 @@ def test_vllm_fields_this_server_does_not_honour_are_refused(server, path, name,
     assert status == 200, body
 
 
+IGNORED_LOG = "fairswitch.server.protocol"
+
+
+def test_unknown_fields_are_ignored_and_named_in_a_warning(server, caplog):
+    caplog.set_level(logging.WARNING, logger=IGNORED_LOG)
+    for path, base in (("/v1/completions", {"prompt": "x"}), ("/v1/chat/completions",
+                                                             {"messages": CHAT})):
+        caplog.clear()
+        status, _, body = call(server, path, body={**base, "max_tokens": 1, "max_token": 9,
+                                                   "store": False})
+        assert status == 200, body
+        (record,) = [r for r in caplog.records if r.name == IGNORED_LOG]
+        assert record.levelno == logging.WARNING
+        assert record.getMessage().endswith("ignored: 'max_token', 'store'")
+    caplog.clear()
+    call(server, "/v1/completions", body={"prompt": "x", "max_tokens": 1,
+                                          **{f"f{i:02}": 1 for i in range(25)}})
+    (record,) = [r for r in caplog.records if r.name == IGNORED_LOG]
+    assert record.getMessage().endswith("'f09' and 15 more")
+
+
+def test_fields_the_server_reads_or_refuses_are_not_reported_ignored(caplog):
+    common = {"model": "m", "stream": True, "stream_options": {"include_usage": True}, "n": 1,
+              "temperature": 0, "top_p": 1, "top_k": 0, "max_tokens": 2,
+              "max_completion_tokens": 2, "min_tokens": 0, "min_p": 0, "presence_penalty": 0,
+              "frequency_penalty": 0, "repetition_penalty": 1, "logit_bias": {},
+              "prompt_logprobs": None, "seed": 1, "stop": [], "stop_token_ids": [],
+              "ignore_eos": False, "include_stop_str_in_output": False,
+              "skip_special_tokens": True, "priority": 0, "user": "u", "best_of": 1,
+              "use_beam_search": False, "response_format": {"type": "text"},
+              "guided_json": None, "bad_words": []}
+    caplog.set_level(logging.WARNING, logger=IGNORED_LOG)
+    protocol.parse_completion({**common, "prompt": "x", "echo": False, "logprobs": 1,
+                               "suffix": "", "add_special_tokens": True})
+    protocol.parse_chat({**common, "messages": CHAT, "add_generation_prompt": True,
+                         "logprobs": True, "top_logprobs": 1, "tools": [], "echo": False,
+                         "tool_choice": "none", "chat_template_kwargs": {}})
+    assert not [r for r in caplog.records if r.name == IGNORED_LOG]
+
+
 def test_bad_json_and_body_shapes(server):
     for data in (b"{not json", b"", b"\xff\xfe\x00", b"[1, 2", b'{"prompt": NaN}',
                  b'{"prompt": "x", "temperature": Infinity}', b"[" * 60_000):

@@ -1,9 +1,9 @@
 """OpenAI request bodies -> typed requests (every field's type and range checked here, with messages
 that name the field), and the response/chunk bodies of the OpenAI (and vLLM) API.
 
-Unknown fields are ignored, as vLLM does; known fields this engine cannot honour (``best_of``,
-beam search, tools, vLLM's structured output...) are refused with a 400 naming them rather than
-silently dropped.
+Unknown fields are ignored with a warning that names them, as vLLM does; known fields this
+engine cannot honour (``best_of``, beam search, tools, vLLM's structured output...) are refused
+with a 400 naming them rather than silently dropped.
 
 Logprobs come back in OpenAI's shapes: completions ``{"tokens", "token_logprobs",
 "top_logprobs", "text_offset"}`` (with ``echo``, the prompt's first, with None for its first
@@ -14,6 +14,7 @@ token), chat ``{"content": [{"token", "logprob", "bytes", "top_logprobs"}]}``. A
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, fields
 from typing import Any
@@ -22,6 +23,8 @@ from fairswitch.chat_messages import MessageError, parse_conversation
 from fairswitch.outputs import Logprob, PositionLogprobs
 from fairswitch.sampling_params import MAX_LOGPROBS, MAX_N, SamplingParams
 from fairswitch.server.errors import bad_request
+
+logger = logging.getLogger(__name__)
 
 # Larger integers would overflow the int64 tensors and generators the engine builds from them.
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
@@ -132,6 +135,30 @@ _UNSUPPORTED_CHAT = (("tools", ([],)), ("tool_choice", ("none",)), ("functions",
                      ("function_call", ("none",)), ("echo", (False,)),
                      ("continue_final_message", (False,)), ("add_special_tokens", (False,)),
                      ("chat_template", ()), ("chat_template_kwargs", ({},)), ("documents", ([],)))
+
+
+# The fields the parsers read or refuse; any other is ignored, and logged.
+_READ_COMMON = frozenset({
+    "model", "stream", "stream_options", "n", "temperature", "top_p", "top_k", "max_tokens",
+    "max_completion_tokens", "min_tokens", "min_p", "presence_penalty", "frequency_penalty",
+    "repetition_penalty", "logit_bias", "prompt_logprobs", "seed", "stop", "stop_token_ids",
+    "ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "priority", "user"})
+_KNOWN_COMPLETION = _READ_COMMON | {"prompt", "echo", "logprobs"} | {
+    name for name, _ in _UNSUPPORTED_COMMON + _UNSUPPORTED_COMPLETION}
+_KNOWN_CHAT = _READ_COMMON | {"messages", "add_generation_prompt", "logprobs", "top_logprobs"} | {
+    name for name, _ in _UNSUPPORTED_COMMON + _UNSUPPORTED_CHAT}
+_MAX_LOGGED_FIELDS = 10
+
+
+def _log_ignored(body: dict, known: frozenset[str]) -> None:
+    """Unknown fields are ignored, but named in a warning (as vLLM does): a misspelt field
+    (``max_token``) shows in the server's log."""
+    ignored = sorted(body.keys() - known)
+    if ignored:
+        names = ", ".join(repr(name[:40]) for name in ignored[:_MAX_LOGGED_FIELDS])
+        more = len(ignored) - _MAX_LOGGED_FIELDS
+        logger.warning("request fields this server does not know were ignored: %s%s", names,
+                       f" and {more} more" if more > 0 else "")
 
 
 def _refuse_unsupported(body: dict, fields: tuple) -> None:
@@ -314,8 +341,9 @@ def parse_completion(body: Any) -> CompletionRequest:
     logprobs = _logprob_count(body, "logprobs")
     if echo and logprobs is not None and common["prompt_logprobs"] is None:
         common["prompt_logprobs"] = logprobs  # the echoed prompt comes with its logprobs
-    return CompletionRequest(prompt=parse_prompt(body.get("prompt")), echo=echo,
-                             logprobs=logprobs, **common)
+    prompt = parse_prompt(body.get("prompt"))
+    _log_ignored(body, _KNOWN_COMPLETION)
+    return CompletionRequest(prompt=prompt, echo=echo, logprobs=logprobs, **common)
 
 
 def parse_messages(value: Any) -> list[dict[str, str]]:
@@ -336,8 +364,10 @@ def parse_chat(body: Any) -> ChatRequest:
     if top is not None and not body.get("logprobs"):
         raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     logprobs = (top or 0) if _bool(body, "logprobs", False) else None
-    return ChatRequest(messages=parse_messages(body.get("messages")),
-                       add_generation_prompt=_bool(body, "add_generation_prompt", True),
+    messages = parse_messages(body.get("messages"))
+    add_generation_prompt = _bool(body, "add_generation_prompt", True)
+    _log_ignored(body, _KNOWN_CHAT)
+    return ChatRequest(messages=messages, add_generation_prompt=add_generation_prompt,
                        logprobs=logprobs, **common)
 
 
