@@ -74,12 +74,14 @@ def _ranged(body: dict, name: str, default: float, low: float, high: float) -> f
     return value
 
 
-def _bool(body: dict, name: str, default: bool) -> bool:
+def _bool(body: dict, name: str, default: bool, *, field: str | None = None) -> bool:
+    """``field``: the name errors give, where ``body`` is an object inside the request."""
     value = body.get(name)
     if value is None:
         return default
     if not isinstance(value, bool):
-        raise bad_request(f"'{name}' must be a boolean, got {_describe(value)}", name)
+        field = field or name
+        raise bad_request(f"'{field}' must be a boolean, got {_describe(value)}", field)
     return value
 
 
@@ -262,7 +264,8 @@ def _common(body: Any, unsupported: tuple, echo: bool = False) -> dict[str, Any]
                           "stream_options")
     if options is not None and not stream:
         raise bad_request("'stream_options' is only allowed with stream=true", "stream_options")
-    include_usage = _bool(options or {}, "include_usage", False)
+    include_usage = _bool(options or {}, "include_usage", False,
+                          field="stream_options.include_usage")
     if stream and body.get("prompt_logprobs") is not None:  # (as vLLM: whole responses only)
         raise bad_request("'prompt_logprobs' is not available with stream=true",
                           "prompt_logprobs")
