@@ -266,6 +266,10 @@ def _common(body: Any, unsupported: tuple, echo: bool = False) -> dict[str, Any]
         raise bad_request("'stream_options' is only allowed with stream=true", "stream_options")
     include_usage = _bool(options or {}, "include_usage", False,
                           field="stream_options.include_usage")
+    continuous = "stream_options.continuous_usage_stats"  # (vLLM's: usage in every chunk)
+    if _bool(options or {}, "continuous_usage_stats", False, field=continuous):
+        raise bad_request(f"'{continuous}' is not supported by this server: usage comes in the "
+                          "last chunk only ('include_usage')", continuous)
     if stream and body.get("prompt_logprobs") is not None:  # (as vLLM: whole responses only)
         raise bad_request("'prompt_logprobs' is not available with stream=true",
                           "prompt_logprobs")
