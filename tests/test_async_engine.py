@@ -123,6 +123,26 @@ def test_bad_request_raises_and_engine_keeps_serving(engine):
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("prompt, kw, match", [
+    (None, {}, "^prompt must be a str or a list of token ids, got NoneType"),
+    (5, {}, "^prompt must be a str or a list of token ids, got int"),
+    ((1, 2), {}, "^prompt must be a str or a list of token ids, got tuple"),
+    ([1, "x"], {}, "^prompt token ids must be ints, got 'x' at index 1"),
+    ([1, True], {}, "^prompt token ids must be ints, got True at index 1"),
+    (None, {"prompt_token_ids": 7}, "^prompt_token_ids must be a list of token ids, got int"),
+    (3, {"prompt_token_ids": [1, 2]}, "^prompt must be a str or None with prompt_token_ids"),
+])
+def test_a_prompt_of_the_wrong_type_is_a_type_error_as_in_llm_generate(engine, prompt, kw,
+                                                                       match):
+    async def main():
+        with pytest.raises(TypeError, match=match):
+            await collect(engine, prompt, 2, **kw)
+        outs = await collect(engine, "still alive", 2)
+        assert len(outs[-1].outputs[0].token_ids) == 2
+        assert await free_blocks(engine) == NUM_BLOCKS
+    asyncio.run(main())
+
+
 def test_cancelled_add_neither_kills_the_engine_nor_leaks(engine):
     """Cancelling generate() while the add is still queued on the engine thread: the command is
     skipped or, if it already ran, the request is aborted; the engine keeps running."""

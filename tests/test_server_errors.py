@@ -14,7 +14,7 @@ import pytest
 
 from fairswitch.config import EngineConfig
 from fairswitch.engine.async_engine import AsyncEngine
-from fairswitch.server import BackgroundServer, ServerSettings, build_app
+from fairswitch.server import BackgroundServer, ServerSettings, build_app, protocol
 from fairswitch.server.app import SERVER_KEY
 
 KEY = "sk-errors"
@@ -101,6 +101,13 @@ BAD = [
      ["stream=true"], "stream_options"),
     ("/v1/completions", {"prompt": "x", "stream": True, "stream_options": []}, 400,
      ["'stream_options'"], "stream_options"),
+    ("/v1/chat/completions", {"messages": CHAT, "stream": True,
+                              "stream_options": {"include_usage": "yes"}}, 400,
+     ["'stream_options.include_usage' must be a boolean"], "stream_options.include_usage"),
+    ("/v1/completions", {"prompt": "x", "stream": True,
+                         "stream_options": {"continuous_usage_stats": True}}, 400,
+     ["'stream_options.continuous_usage_stats' is not supported"],
+     "stream_options.continuous_usage_stats"),
     ("/v1/completions", {"prompt": "x", "priority": "high"}, 400, ["'priority'", "integer"],
      "priority"),
     ("/v1/completions", {"prompt": "x", "user": 7}, 400, ["'user'", "string"], "user"),
@@ -168,7 +175,7 @@ BAD = [
      ["'top_logprobs' needs 'logprobs'"], "top_logprobs"),
     ("/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function"}]}, 400,
      ["'tools'", "not supported"], "tools"),
-    ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 0, "echo": True}, 400,
+    ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 0}, 400,
      ["'max_tokens'", "at least 1"], "max_tokens"),  # (0 is for a completion's echo only)
     ("/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": -1}, 400,
      ["'max_completion_tokens'"], "max_completion_tokens"),
@@ -188,6 +195,78 @@ BAD = [
                          ids=[f"{p}:{json.dumps(b)[:40]}" for p, b, *_ in BAD])
 def test_bad_request(server, path, body, status, fragments, param):
     assert_error(call(server, path, body=body), status, *fragments, param=param)
+
+
+# vLLM's fields that change what is generated, which this server does not implement: refused,
+# never ignored. (path, field, a value it would honour, its default, which is accepted)
+UNSUPPORTED = [
+    ("/v1/completions", "response_format", {"type": "json_object"}, {"type": "text"}),
+    ("/v1/completions", "guided_json", {"type": "object"}, None),
+    ("/v1/chat/completions", "guided_choice", ["yes", "no"], None),
+    ("/v1/completions", "guided_regex", "[0-9]+", None),
+    ("/v1/chat/completions", "structured_outputs", {"json": {}}, None),
+    ("/v1/completions", "truncate_prompt_tokens", 8, None),
+    ("/v1/chat/completions", "allowed_token_ids", [1, 2], None),
+    ("/v1/completions", "bad_words", ["bad"], []),
+    ("/v1/completions", "add_special_tokens", False, True),
+    ("/v1/chat/completions", "add_special_tokens", True, False),
+    ("/v1/chat/completions", "echo", True, False),
+    ("/v1/chat/completions", "continue_final_message", True, False),
+    ("/v1/chat/completions", "chat_template", "{{ messages }}", None),
+    ("/v1/chat/completions", "chat_template_kwargs", {"enable_thinking": False}, {}),
+    ("/v1/chat/completions", "tool_choice", "auto", "none"),
+]
+
+
+@pytest.mark.parametrize("path,name,value,default", UNSUPPORTED,
+                         ids=[f"{p}:{n}" for p, n, *_ in UNSUPPORTED])
+def test_vllm_fields_this_server_does_not_honour_are_refused(server, path, name, value,
+                                                             default):
+    base = {"prompt": "x"} if path == "/v1/completions" else {"messages": CHAT}
+    assert_error(call(server, path, body={**base, name: value, "max_tokens": 1}), 400,
+                 f"'{name}' is not supported", param=name)
+    status, _, body = call(server, path, body={**base, name: default, "max_tokens": 1})
+    assert status == 200, body
+
+
+IGNORED_LOG = "fairswitch.server.protocol"
+
+
+def test_unknown_fields_are_ignored_and_named_in_a_warning(server, caplog):
+    caplog.set_level(logging.WARNING, logger=IGNORED_LOG)
+    for path, base in (("/v1/completions", {"prompt": "x"}), ("/v1/chat/completions",
+                                                             {"messages": CHAT})):
+        caplog.clear()
+        status, _, body = call(server, path, body={**base, "max_tokens": 1, "max_token": 9,
+                                                   "store": False})
+        assert status == 200, body
+        (record,) = [r for r in caplog.records if r.name == IGNORED_LOG]
+        assert record.levelno == logging.WARNING
+        assert record.getMessage().endswith("ignored: 'max_token', 'store'")
+    caplog.clear()
+    call(server, "/v1/completions", body={"prompt": "x", "max_tokens": 1,
+                                          **{f"f{i:02}": 1 for i in range(25)}})
+    (record,) = [r for r in caplog.records if r.name == IGNORED_LOG]
+    assert record.getMessage().endswith("'f09' and 15 more")
+
+
+def test_fields_the_server_reads_or_refuses_are_not_reported_ignored(caplog):
+    common = {"model": "m", "stream": True, "stream_options": {"include_usage": True}, "n": 1,
+              "temperature": 0, "top_p": 1, "top_k": 0, "max_tokens": 2,
+              "max_completion_tokens": 2, "min_tokens": 0, "min_p": 0, "presence_penalty": 0,
+              "frequency_penalty": 0, "repetition_penalty": 1, "logit_bias": {},
+              "prompt_logprobs": None, "seed": 1, "stop": [], "stop_token_ids": [],
+              "ignore_eos": False, "include_stop_str_in_output": False,
+              "skip_special_tokens": True, "priority": 0, "user": "u", "best_of": 1,
+              "use_beam_search": False, "response_format": {"type": "text"},
+              "guided_json": None, "bad_words": []}
+    caplog.set_level(logging.WARNING, logger=IGNORED_LOG)
+    protocol.parse_completion({**common, "prompt": "x", "echo": False, "logprobs": 1,
+                               "suffix": "", "add_special_tokens": True})
+    protocol.parse_chat({**common, "messages": CHAT, "add_generation_prompt": True,
+                         "logprobs": True, "top_logprobs": 1, "tools": [], "echo": False,
+                         "tool_choice": "none", "chat_template_kwargs": {}})
+    assert not [r for r in caplog.records if r.name == IGNORED_LOG]
 
 
 def test_bad_json_and_body_shapes(server):
@@ -352,6 +431,22 @@ def test_unexpected_exception_is_500_and_logged(server, caplog):
     assert any(r.exc_info and "template exploded" in str(r.exc_info[1]) for r in caplog.records)
     assert call(server, "/v1/chat/completions",
                 body={"messages": CHAT, "max_tokens": 1})[0] == 200
+
+
+def test_a_prompt_the_engine_finds_of_the_wrong_type_is_a_400(server, monkeypatch):
+    """The engine raises TypeError for a prompt of the wrong type (as LLM.generate does): where
+    the server meets it, checking the prompt or adding the request, it is a 400, not a 500.
+    (The protocol lets no such prompt through: one is forced past it here.)"""
+    body = {"prompt": "x", "max_tokens": 1}
+    monkeypatch.setattr(protocol, "parse_prompt", lambda value, name="prompt": [1, "x"])
+    assert_error(call(server, "/v1/completions", body=body), 400,
+                 "prompt token ids must be ints, got 'x' at index 1", param="prompt")
+    monkeypatch.setattr(server.app[SERVER_KEY].core, "validate_prompt", lambda text, ids:
+                        (text, ids))  # unchecked: the engine's add_request finds it
+    assert_error(call(server, "/v1/completions", body=body), 400,
+                 "prompt token ids must be ints, got 'x' at index 1")
+    monkeypatch.undo()
+    assert call(server, "/v1/completions", body=body)[0] == 200
 
 
 # ---- fuzz ----------------------------------------------------------------------------------------

@@ -64,9 +64,9 @@ class Engine:
                     prompt_token_ids: list[int] | None = None, priority: int = 0,
                     client_id: str | None = None, arrival_time: float | None = None,
                     queue_places: int = 1) -> str:
-        """Validate and queue a request; return its id. Raises ValueError on bad input,
-        QueueFullError when the waiting queue has no room (``queue_places``:
-        Scheduler.add_request)."""
+        """Validate and queue a request; return its id. Raises TypeError for a prompt of the
+        wrong type, ValueError on other bad input, QueueFullError when the waiting queue has no
+        room (``queue_places``: Scheduler.add_request)."""
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -95,7 +95,8 @@ class Engine:
 
     def validate_prompt(self, prompt: str | list[int] | None,
                         prompt_token_ids: list[int] | None) -> tuple[str | None, list[int]]:
-        """(text, token ids) of a prompt; ValueError if it is empty, too long or out of vocab."""
+        """(text, token ids) of a prompt; TypeError if one is of the wrong type, ValueError if it
+        is empty, too long or out of vocab."""
         return self.inputs.validate(prompt, prompt_token_ids)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:

@@ -1,8 +1,9 @@
 """Prompts -> token ids, checked before anything is queued (the mirror of output_processor.py).
 
 A prompt is text (tokenized here) or a list of token ids; it must be non-empty, in the vocabulary,
-and short enough to leave room for one output token within ``max_model_len``. Anything else is a
-``ValueError`` naming the problem, raised before the request exists.
+and short enough to leave room for one output token within ``max_model_len``. A prompt of the wrong
+type is a ``TypeError`` (as ``LLM.generate`` raises it), anything else a ``ValueError``; both name
+the problem and are raised before the request exists.
 """
 
 from __future__ import annotations
@@ -32,22 +33,34 @@ class InputProcessor:
 
     def validate(self, prompt: str | list[int] | None,
                  prompt_token_ids: list[int] | None) -> tuple[str | None, list[int]]:
-        """(text, token ids) of a prompt; ValueError if it is empty, too long or out of vocab."""
+        """(text, token ids) of a prompt; TypeError if one is of the wrong type, ValueError if it
+        is empty, too long or out of vocab."""
         if prompt_token_ids is None and isinstance(prompt, list):
             prompt, prompt_token_ids = None, prompt
+        if prompt_token_ids is None and not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str or a list of token ids, got "
+                            f"{type(prompt).__name__}")
+        if prompt is not None and not isinstance(prompt, str):  # (the text of the ids)
+            raise TypeError(f"prompt must be a str or None with prompt_token_ids, got "
+                            f"{type(prompt).__name__}")
         if prompt_token_ids is not None:
+            if not isinstance(prompt_token_ids, (list, tuple)):
+                raise TypeError(f"prompt_token_ids must be a list of token ids, got "
+                                f"{type(prompt_token_ids).__name__}")
             ids = list(prompt_token_ids)
+            wrong = next((j for j, t in enumerate(ids) if not isinstance(t, int)
+                          or isinstance(t, bool)), None)
+            if wrong is not None:
+                raise TypeError(f"prompt token ids must be ints, got {ids[wrong]!r:.40} at "
+                                f"index {wrong}")
             vocab = self.vocab_size
-            bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool)
-                   or not 0 <= t < vocab]
+            bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
                 raise ValueError(
                     f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]}")
             text = prompt
-        elif isinstance(prompt, str):
-            ids, text = self.tokenizer.encode(prompt), prompt
         else:
-            raise ValueError(f"prompt must be a string or a list of token ids, got {prompt!r:.80}")
+            ids, text = self.tokenizer.encode(prompt), prompt
         if not ids or (text is not None and not text):
             raise ValueError("prompt is empty")
         if len(ids) >= self.max_model_len:

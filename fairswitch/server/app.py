@@ -110,7 +110,7 @@ class OpenAIServer:
                          param: str) -> tuple[str | None, list[int]]:
         try:
             return self.core.validate_prompt(text, ids)
-        except ValueError as e:
+        except (TypeError, ValueError) as e:
             raise bad_request(str(e), param) from e
 
     # ---- generation ---------------------------------------------------------------------------
@@ -402,7 +402,7 @@ async def _next_output(outputs: AsyncIterator[Any]) -> Any:
                        code="queue_full", headers={"Retry-After": "1"}) from e
     except EngineDeadError as e:
         raise APIError(503, f"the engine is not running: {e}") from e
-    except ValueError as e:  # add_request's validation
+    except (TypeError, ValueError) as e:  # add_request's validation
         raise bad_request(str(e)) from e
 
 

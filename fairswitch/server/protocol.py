@@ -1,8 +1,9 @@
 """OpenAI request bodies -> typed requests (every field's type and range checked here, with messages
 that name the field), and the response/chunk bodies of the OpenAI (and vLLM) API.
 
-Unknown fields are ignored, as vLLM does; known fields this engine cannot honour (``best_of``,
-beam search, tools...) are refused with a 400 naming them rather than silently dropped.
+Unknown fields are ignored with a warning that names them, as vLLM does; known fields this
+engine cannot honour (``best_of``, beam search, tools, vLLM's structured output...) are refused
+with a 400 naming them rather than silently dropped.
 
 Logprobs come back in OpenAI's shapes: completions ``{"tokens", "token_logprobs",
 "top_logprobs", "text_offset"}`` (with ``echo``, the prompt's first, with None for its first
@@ -13,6 +14,7 @@ token), chat ``{"content": [{"token", "logprob", "bytes", "top_logprobs"}]}``. A
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, fields
 from typing import Any
@@ -21,6 +23,8 @@ from fairswitch.chat_messages import MessageError, parse_conversation
 from fairswitch.outputs import Logprob, PositionLogprobs
 from fairswitch.sampling_params import MAX_LOGPROBS, MAX_N, SamplingParams
 from fairswitch.server.errors import bad_request
+
+logger = logging.getLogger(__name__)
 
 # Larger integers would overflow the int64 tensors and generators the engine builds from them.
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
@@ -70,12 +74,14 @@ def _ranged(body: dict, name: str, default: float, low: float, high: float) -> f
     return value
 
 
-def _bool(body: dict, name: str, default: bool) -> bool:
+def _bool(body: dict, name: str, default: bool, *, field: str | None = None) -> bool:
+    """``field``: the name errors give, where ``body`` is an object inside the request."""
     value = body.get(name)
     if value is None:
         return default
     if not isinstance(value, bool):
-        raise bad_request(f"'{name}' must be a boolean, got {_describe(value)}", name)
+        field = field or name
+        raise bad_request(f"'{field}' must be a boolean, got {_describe(value)}", field)
     return value
 
 
@@ -116,11 +122,45 @@ def _int_list(body: dict, name: str) -> list[int]:
     return value
 
 
-# (field, value that means "off"): any other value is refused, since it would be ignored.
-_UNSUPPORTED_COMMON = (("best_of", (1,)), ("use_beam_search", (False,)))
-_UNSUPPORTED_COMPLETION = (("suffix", ("",)),)
+# (field, values that mean "off"): any other value is refused, since it would be ignored. Beside
+# OpenAI's, vLLM's own fields that change what is generated: structured output (guided_*),
+# prompt truncation, vocabulary restrictions, and the chat template's controls.
+_UNSUPPORTED_COMMON = (
+    ("best_of", (1,)), ("use_beam_search", (False,)), ("response_format", ({"type": "text"},)),
+    ("guided_json", ()), ("guided_regex", ()), ("guided_choice", ()), ("guided_grammar", ()),
+    ("structural_tag", ()), ("structured_outputs", ()), ("truncate_prompt_tokens", ()),
+    ("allowed_token_ids", ()), ("bad_words", ([],)), ("logits_processors", ([],)),
+    ("return_tokens_as_token_ids", (False,)))
+_UNSUPPORTED_COMPLETION = (("suffix", ("",)), ("add_special_tokens", (True,)),
+                           ("prompt_embeds", ()))
 _UNSUPPORTED_CHAT = (("tools", ([],)), ("tool_choice", ("none",)), ("functions", ([],)),
-                     ("function_call", ("none",)), ("response_format", ({"type": "text"},)))
+                     ("function_call", ("none",)), ("echo", (False,)),
+                     ("continue_final_message", (False,)), ("add_special_tokens", (False,)),
+                     ("chat_template", ()), ("chat_template_kwargs", ({},)), ("documents", ([],)))
+
+
+# The fields the parsers read or refuse; any other is ignored, and logged.
+_READ_COMMON = frozenset({
+    "model", "stream", "stream_options", "n", "temperature", "top_p", "top_k", "max_tokens",
+    "max_completion_tokens", "min_tokens", "min_p", "presence_penalty", "frequency_penalty",
+    "repetition_penalty", "logit_bias", "prompt_logprobs", "seed", "stop", "stop_token_ids",
+    "ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "priority", "user"})
+_KNOWN_COMPLETION = _READ_COMMON | {"prompt", "echo", "logprobs"} | {
+    name for name, _ in _UNSUPPORTED_COMMON + _UNSUPPORTED_COMPLETION}
+_KNOWN_CHAT = _READ_COMMON | {"messages", "add_generation_prompt", "logprobs", "top_logprobs"} | {
+    name for name, _ in _UNSUPPORTED_COMMON + _UNSUPPORTED_CHAT}
+_MAX_LOGGED_FIELDS = 10
+
+
+def _log_ignored(body: dict, known: frozenset[str]) -> None:
+    """Unknown fields are ignored, but named in a warning (as vLLM does): a misspelt field
+    (``max_token``) shows in the server's log."""
+    ignored = sorted(body.keys() - known)
+    if ignored:
+        names = ", ".join(repr(name[:40]) for name in ignored[:_MAX_LOGGED_FIELDS])
+        more = len(ignored) - _MAX_LOGGED_FIELDS
+        logger.warning("request fields this server does not know were ignored: %s%s", names,
+                       f" and {more} more" if more > 0 else "")
 
 
 def _refuse_unsupported(body: dict, fields: tuple) -> None:
@@ -224,7 +264,12 @@ def _common(body: Any, unsupported: tuple, echo: bool = False) -> dict[str, Any]
                           "stream_options")
     if options is not None and not stream:
         raise bad_request("'stream_options' is only allowed with stream=true", "stream_options")
-    include_usage = _bool(options or {}, "include_usage", False)
+    include_usage = _bool(options or {}, "include_usage", False,
+                          field="stream_options.include_usage")
+    continuous = "stream_options.continuous_usage_stats"  # (vLLM's: usage in every chunk)
+    if _bool(options or {}, "continuous_usage_stats", False, field=continuous):
+        raise bad_request(f"'{continuous}' is not supported by this server: usage comes in the "
+                          "last chunk only ('include_usage')", continuous)
     if stream and body.get("prompt_logprobs") is not None:  # (as vLLM: whole responses only)
         raise bad_request("'prompt_logprobs' is not available with stream=true",
                           "prompt_logprobs")
@@ -303,8 +348,9 @@ def parse_completion(body: Any) -> CompletionRequest:
     logprobs = _logprob_count(body, "logprobs")
     if echo and logprobs is not None and common["prompt_logprobs"] is None:
         common["prompt_logprobs"] = logprobs  # the echoed prompt comes with its logprobs
-    return CompletionRequest(prompt=parse_prompt(body.get("prompt")), echo=echo,
-                             logprobs=logprobs, **common)
+    prompt = parse_prompt(body.get("prompt"))
+    _log_ignored(body, _KNOWN_COMPLETION)
+    return CompletionRequest(prompt=prompt, echo=echo, logprobs=logprobs, **common)
 
 
 def parse_messages(value: Any) -> list[dict[str, str]]:
@@ -325,8 +371,10 @@ def parse_chat(body: Any) -> ChatRequest:
     if top is not None and not body.get("logprobs"):
         raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     logprobs = (top or 0) if _bool(body, "logprobs", False) else None
-    return ChatRequest(messages=parse_messages(body.get("messages")),
-                       add_generation_prompt=_bool(body, "add_generation_prompt", True),
+    messages = parse_messages(body.get("messages"))
+    add_generation_prompt = _bool(body, "add_generation_prompt", True)
+    _log_ignored(body, _KNOWN_CHAT)
+    return ChatRequest(messages=messages, add_generation_prompt=add_generation_prompt,
                        logprobs=logprobs, **common)
 
 
