@@ -4,8 +4,15 @@ that both accept the same conversations and render them alike.
 A message is ``{"role": str, "content": ...}`` with an optional ``"name": str``. Its content is a
 string, or OpenAI's content parts of which only text is supported (``[{"type": "text", "text":
 ...}]``, joined with newlines); an assistant turn may have none (None or absent: empty, as in
-OpenAI's API, where a turn that called tools has no content). Other keys are dropped, so the chat
-template sees string content only.
+OpenAI's API, where a turn that called tools has no content). Other keys are dropped (the chat
+template sees string content only), except OpenAI's tool-call fields, kept as vLLM gives them to
+templates: an assistant's ``tool_calls`` (``[{"id", "type": "function", "function": {"name",
+"arguments"}}]``, the arguments' JSON string parsed into a dict, which templates such as Llama
+3.1's index) and a tool message's ``tool_call_id``.
+
+Only a template that renders tool calls gets them: ``check_template_renders_tools`` refuses a
+conversation with tool calls or tool results for a template whose source never mentions
+``tool_calls``, which would render it without them.
 
 A wrong type is a ``MessageTypeError``, a bad value a ``MessageValueError`` (a TypeError and a
 ValueError); each names the field, in its text and in ``field`` (``messages[2].content``), which
@@ -14,6 +21,7 @@ the server reports as the error's ``param``.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -38,7 +46,7 @@ def _short_repr(value: Any) -> str:
 
 
 def parse_conversation(messages: Sequence[Any], where: str = "messages",
-                       describe: Callable[[Any], str] = _short_repr) -> list[dict[str, str]]:
+                       describe: Callable[[Any], str] = _short_repr) -> list[dict[str, Any]]:
     """The messages of one conversation (``where`` names it in errors), checked and normalized;
     ``describe`` writes a bad value into an error (the server's says it in JSON's terms)."""
     if not messages:
@@ -46,7 +54,7 @@ def parse_conversation(messages: Sequence[Any], where: str = "messages",
     return [_parse_message(m, f"{where}[{i}]", describe) for i, m in enumerate(messages)]
 
 
-def _parse_message(m: Any, where: str, describe: Callable[[Any], str]) -> dict[str, str]:
+def _parse_message(m: Any, where: str, describe: Callable[[Any], str]) -> dict[str, Any]:
     if not isinstance(m, dict):
         raise MessageTypeError(f"'{where}' must be an object (a dict with 'role' and 'content'), "
                                f"got {describe(m)}", where)
@@ -64,14 +72,99 @@ def _parse_message(m: Any, where: str, describe: Callable[[Any], str]) -> dict[s
         only = " (only an assistant's may be none)" if content is None else ""
         raise MessageTypeError(f"'{where}.content' must be a string or a list of text parts{only}, "
                                f"got {describe(content)}", f"{where}.content")
-    message = {"role": role, "content": content}
-    name = m.get("name")
-    if name is not None:
-        if not isinstance(name, str):
-            raise MessageTypeError(f"'{where}.name' must be a string, got {describe(name)}",
-                                   f"{where}.name")
-        message["name"] = name
+    message: dict[str, Any] = {"role": role, "content": content}
+    for key in ("name", "tool_call_id"):
+        value = m.get(key)
+        if value is not None:
+            if not isinstance(value, str):
+                raise MessageTypeError(f"'{where}.{key}' must be a string, got {describe(value)}",
+                                       f"{where}.{key}")
+            message[key] = value
+    if "tool_call_id" in message and role != "tool":
+        raise MessageValueError(f"'{where}.tool_call_id': only a tool message (role 'tool') may "
+                                f"have one, this is a {role!r} message", f"{where}.tool_call_id")
+    tool_calls = m.get("tool_calls")
+    if tool_calls is not None:
+        if not isinstance(tool_calls, list):
+            raise MessageTypeError(f"'{where}.tool_calls' must be a list, got "
+                                   f"{describe(tool_calls)}", f"{where}.tool_calls")
+        if tool_calls and role != "assistant":
+            raise MessageValueError(f"'{where}.tool_calls': only an assistant message may have "
+                                    f"them, this is a {role!r} message", f"{where}.tool_calls")
+        if tool_calls:  # (an empty list, as some clients send, is no tool calls)
+            message["tool_calls"] = [_tool_call(call, f"{where}.tool_calls[{j}]", describe)
+                                     for j, call in enumerate(tool_calls)]
     return message
+
+
+def _tool_call(call: Any, where: str, describe: Callable[[Any], str]) -> dict[str, Any]:
+    """``{"id"?, "type": "function", "function": {"name", "arguments": dict}}``."""
+    if not isinstance(call, dict):
+        raise MessageTypeError(f"'{where}' must be an object (a dict with 'function'), got "
+                               f"{describe(call)}", where)
+    kind = call.get("type")
+    if kind is not None and kind != "function":
+        error = MessageValueError if isinstance(kind, str) else MessageTypeError
+        raise error(f"'{where}.type' must be 'function', got {describe(kind)}", f"{where}.type")
+    function = call.get("function")
+    if not isinstance(function, dict):
+        got = f"got {describe(function)}" if "function" in call else "but it is missing"
+        raise MessageTypeError(f"'{where}.function' must be an object (a dict with 'name' and "
+                               f"'arguments'), {got}", f"{where}.function")
+    name, arguments = function.get("name"), function.get("arguments")
+    if not isinstance(name, str) or not name:
+        error = MessageValueError if isinstance(name, str) else MessageTypeError
+        got = f"got {describe(name)}" if "name" in function else "but it is missing"
+        raise error(f"'{where}.function.name' must be a non-empty string, {got}",
+                    f"{where}.function.name")
+    if isinstance(arguments, str):
+        arguments = _json_object(arguments, f"{where}.function.arguments", describe)
+    elif not isinstance(arguments, dict):
+        got = f"got {describe(arguments)}" if "arguments" in function else "but it is missing"
+        raise MessageTypeError(f"'{where}.function.arguments' must be a JSON string or an object, "
+                               f"{got}", f"{where}.function.arguments")
+    parsed: dict[str, Any] = {"type": "function",
+                              "function": {"name": name, "arguments": arguments}}
+    call_id = call.get("id")
+    if call_id is not None:
+        if not isinstance(call_id, str):
+            raise MessageTypeError(f"'{where}.id' must be a string, got {describe(call_id)}",
+                                   f"{where}.id")
+        parsed = {"id": call_id, **parsed}
+    return parsed
+
+
+def _json_object(text: str, where: str, describe: Callable[[Any], str]) -> dict[str, Any]:
+    if not text.strip():  # no arguments, as vLLM reads them
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise MessageValueError(f"'{where}' must be the JSON text of an object, got "
+                                f"{describe(text)}", where)
+    return value
+
+
+def check_template_renders_tools(conversation: list[dict[str, Any]], template: str | None,
+                                 where: str = "messages") -> None:
+    """Refuse a conversation with tool calls or tool results (its first, named) when ``template``
+    (the chat template's source; None: none) never mentions ``tool_calls``: it would render the
+    conversation without them, and the model would reply to a different one."""
+    for i, m in enumerate(conversation):
+        if "tool_calls" in m:
+            field, what = f"{where}[{i}].tool_calls", "has tool calls"
+        elif m["role"] == "tool":
+            field, what = f"{where}[{i}].role", "is a tool's result (role 'tool')"
+        else:
+            continue
+        if template is not None and "tool_calls" in template:
+            return
+        raise MessageValueError(
+            f"'{field}': the message {what}, but this chat template does not render tool calls "
+            "(its source never mentions 'tool_calls'), so the model would not see them; use a "
+            "chat template that does", field)
 
 
 def _text(part: Any, where: str, j: int, describe: Callable[[Any], str]) -> str:

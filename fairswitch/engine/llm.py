@@ -7,7 +7,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-from fairswitch.chat_messages import parse_conversation
+from fairswitch.chat_messages import check_template_renders_tools, parse_conversation
 from fairswitch.config import EngineConfig
 from fairswitch.engine.engine import Engine
 from fairswitch.outputs import RequestOutput
@@ -127,10 +127,13 @@ class LLM:
         (a list of such lists): each is rendered with the tokenizer's chat template (or
         ``chat_template``) and generated from; ``priority``/``client_id`` as in ``generate``.
         Messages are checked as the server checks them (chat_messages.py): TypeError or
-        ValueError naming the message and field, before anything runs."""
+        ValueError naming the message and field, before anything runs; so is a conversation with
+        tool calls for a chat template that would render it without them."""
         tokenizer = self.engine.tokenizer
+        template = chat_template or _template_source(tokenizer)
         prompts, texts = [], []
-        for conversation in _conversations(messages):
+        for where, conversation in _conversations(messages):
+            check_template_renders_tools(conversation, template, where)
             text = tokenizer.apply_chat_template(
                 conversation, chat_template=chat_template, tokenize=False,
                 add_generation_prompt=add_generation_prompt)
@@ -200,22 +203,29 @@ def _token_ids(prompt: list | tuple, name: str) -> list[int]:
     return list(prompt)
 
 
-def _conversations(messages: Any) -> list[list[dict[str, str]]]:
-    """``chat``'s messages as a list of checked conversations: one (a list of message dicts) or
-    several (a list of such lists)."""
+def _conversations(messages: Any) -> list[tuple[str, list[dict[str, Any]]]]:
+    """``chat``'s messages as a list of checked conversations, each with the name errors give it:
+    one (a list of message dicts) or several (a list of such lists)."""
     if not isinstance(messages, (list, tuple)):
         hint = ": put a single message in a list" if isinstance(messages, dict) else ""
         raise TypeError("messages must be a list of message dicts (one conversation) or a list of "
                         f"such lists, got {type(messages).__name__}{hint}")
     if not messages or not isinstance(messages[0], (list, tuple)):
-        return [parse_conversation(messages)] if messages else []
+        return [("messages", parse_conversation(messages))] if messages else []
     conversations = []
     for k, conversation in enumerate(messages):
         if not isinstance(conversation, (list, tuple)):
             raise TypeError(f"messages[{k}] must be a conversation (a list of message dicts) "
                             f"like messages[0], got {type(conversation).__name__}")
-        conversations.append(parse_conversation(conversation, f"messages[{k}]"))
+        conversations.append((f"messages[{k}]",
+                              parse_conversation(conversation, f"messages[{k}]")))
     return conversations
+
+
+def _template_source(tokenizer: Any) -> str | None:
+    """The tokenizer's own chat template (transformers' may be named ones: the default)."""
+    template = getattr(tokenizer, "chat_template", None)
+    return template.get("default") if isinstance(template, dict) else template
 
 
 def _per_prompt(value: Any, n: int, name: str, valid: Any) -> list[Any]:

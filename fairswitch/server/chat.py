@@ -11,6 +11,7 @@ from typing import Any
 
 import jinja2
 
+from fairswitch.chat_messages import MessageError, check_template_renders_tools
 from fairswitch.server.errors import bad_request
 
 DEFAULT_CHAT_TEMPLATE = (
@@ -27,7 +28,11 @@ class ChatTemplate:
         self.template = template or getattr(tokenizer, "chat_template", None) \
             or DEFAULT_CHAT_TEMPLATE
 
-    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        try:
+            check_template_renders_tools(messages, self.template)
+        except MessageError as e:
+            raise bad_request(str(e), e.field) from e
         try:
             return self.tokenizer.apply_chat_template(
                 messages, chat_template=self.template, tokenize=False,
@@ -35,7 +40,7 @@ class ChatTemplate:
         except jinja2.TemplateError as e:  # e.g. a template that insists roles alternate
             raise bad_request(f"the chat template rejected the messages: {e}", "messages") from e
 
-    def encode(self, messages: list[dict[str, str]],
+    def encode(self, messages: list[dict[str, Any]],
                add_generation_prompt: bool = True) -> tuple[str, list[int]]:
         """(prompt text, prompt token ids) of a conversation."""
         text = self.render(messages, add_generation_prompt)

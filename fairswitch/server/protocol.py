@@ -246,7 +246,7 @@ class CompletionRequest(GenerationRequest):
 
 @dataclass(kw_only=True)
 class ChatRequest(GenerationRequest):
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     add_generation_prompt: bool
 
 
@@ -353,8 +353,8 @@ def parse_completion(body: Any) -> CompletionRequest:
     return CompletionRequest(prompt=prompt, echo=echo, logprobs=logprobs, **common)
 
 
-def parse_messages(value: Any) -> list[dict[str, str]]:
-    """Chat messages with string content, checked as ``LLM.chat`` checks them (chat_messages.py)."""
+def parse_messages(value: Any) -> list[dict[str, Any]]:
+    """Chat messages with string content (and tool calls), checked as ``LLM.chat`` checks them (chat_messages.py)."""
     if value is None:
         raise bad_request("'messages' is required", "messages")
     if not isinstance(value, list):
@@ -459,7 +459,7 @@ CHAT = ResponseFormat("chat.completion", "chat.completion.chunk", "chatcmpl-", c
 class TokenizeRequest:
     model: str | None
     prompt: str | None  # either a prompt...
-    messages: list[dict[str, str]] | None  # ...or a conversation rendered by the chat template
+    messages: list[dict[str, Any]] | None  # ...or a conversation rendered by the chat template
     add_generation_prompt: bool
     add_special_tokens: bool
     return_token_strs: bool

@@ -1,0 +1,176 @@
+"""Tool calls in a conversation's history (an assistant's ``tool_calls``, a tool message's
+``tool_call_id``) reach a chat template that renders them, in vLLM's shape (arguments parsed into
+a dict), through ``LLM.chat`` and the server alike; a template that would drop them (the default
+model's ChatML) gets the conversation refused, naming the first, instead of a reply to a
+different conversation. They used to be dropped silently."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import openai
+import pytest
+
+from fairswitch import LLM, SamplingParams
+from fairswitch.config import EngineConfig
+from fairswitch.engine.async_engine import AsyncEngine
+from fairswitch.server import BackgroundServer, ServerSettings, build_app
+
+# ChatML, plus the tool calls and the id of the call a tool message answers.
+TOOL_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+    "{% for call in m.tool_calls or [] %}"
+    "<tool_call>{{ call.id }} {{ call.function.name }} {{ call.function.arguments | tojson }}"
+    "</tool_call>"
+    "{% endfor %}"
+    "{% if m.tool_call_id %} (answers {{ m.tool_call_id }}){% endif %}"
+    "<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+CALL = {"id": "call_1", "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}
+CONVERSATION = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": None, "tool_calls": [CALL]},
+                {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}]
+RENDERED = ("<|im_start|>user\nWeather in Paris?<|im_end|>\n"
+            '<|im_start|>assistant\n<tool_call>call_1 get_weather {"city": "Paris"}</tool_call>'
+            "<|im_end|>\n"
+            "<|im_start|>tool\nsunny (answers call_1)<|im_end|>\n"
+            "<|im_start|>assistant\n")
+ONE = SamplingParams(max_tokens=1)
+
+
+def with_call(**changes) -> list[dict]:
+    """CONVERSATION with its tool call's fields changed (``function`` merged)."""
+    call = {**CALL, **changes}
+    if "function" in changes and isinstance(changes["function"], dict):
+        call["function"] = {**CALL["function"], **changes["function"]}
+    return [CONVERSATION[0], {**CONVERSATION[1], "tool_calls": [call]}]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(num_gpu_blocks=64, max_model_len=128)
+
+
+def test_a_template_that_renders_tool_calls_gets_them(llm):
+    out = llm.chat(CONVERSATION, ONE, chat_template=TOOL_TEMPLATE, use_tqdm=False)[0]
+    assert out.prompt == RENDERED  # arguments parsed: the template wrote them as a dict
+    as_object = with_call(function={"arguments": {"city": "Paris"}}) + CONVERSATION[2:]
+    assert llm.chat(as_object, ONE, chat_template=TOOL_TEMPLATE,
+                    use_tqdm=False)[0].prompt == RENDERED
+    # No arguments (an empty string, as vLLM reads it) is an empty object; an empty tool_calls
+    # list is no tool calls.
+    no_args = llm.chat(with_call(function={"arguments": ""}), ONE, chat_template=TOOL_TEMPLATE,
+                       use_tqdm=False)[0].prompt
+    assert "get_weather {}</tool_call>" in no_args
+    plain = [CONVERSATION[0], {"role": "assistant", "content": "hi", "tool_calls": []}]
+    assert llm.chat(plain, ONE, use_tqdm=False)[0].prompt == llm.chat(
+        [CONVERSATION[0], {"role": "assistant", "content": "hi"}], ONE, use_tqdm=False)[0].prompt
+
+
+@pytest.mark.parametrize("messages, field", [
+    (CONVERSATION, r"messages\[1\].tool_calls"),
+    ([CONVERSATION[0], CONVERSATION[2]], r"messages\[1\].role"),  # a tool result alone
+    ([[CONVERSATION[0]], CONVERSATION], r"messages\[1\]\[1\].tool_calls"),
+])
+def test_a_template_that_would_drop_tool_calls_refuses_them(llm, messages, field):
+    """The default model's ChatML template never mentions tool_calls."""
+    assert "tool_calls" not in llm.get_tokenizer().chat_template
+    with pytest.raises(ValueError, match=f"^'{field}': .* this chat template does not render "
+                       "tool calls"):
+        llm.chat(messages, ONE, use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("messages, error, match", [
+    ([CONVERSATION[0], {**CONVERSATION[1], "tool_calls": CALL}], TypeError,
+     r"'messages\[1\].tool_calls' must be a list"),
+    ([CONVERSATION[0], {**CONVERSATION[1], "tool_calls": ["f"]}], TypeError,
+     r"'messages\[1\].tool_calls\[0\]' must be an object"),
+    (with_call(type="tool"), ValueError, r"'messages\[1\].tool_calls\[0\].type' must be "
+     "'function'"),
+    (with_call(id=1), TypeError, r"'messages\[1\].tool_calls\[0\].id' must be a string"),
+    (with_call(function="get_weather"), TypeError,
+     r"'messages\[1\].tool_calls\[0\].function' must be an object"),
+    (with_call(function={"name": None}), TypeError,
+     r"'messages\[1\].tool_calls\[0\].function.name' must be a non-empty string, got None"),
+    (with_call(function={"name": ""}), ValueError,
+     r"'messages\[1\].tool_calls\[0\].function.name' must be a non-empty string"),
+    (with_call(function={"arguments": 3}), TypeError,
+     r"'messages\[1\].tool_calls\[0\].function.arguments' must be a JSON string or an object"),
+    (with_call(function={"arguments": "{city: Paris}"}), ValueError,
+     r"'messages\[1\].tool_calls\[0\].function.arguments' must be the JSON text of an object"),
+    (with_call(function={"arguments": "[1]"}), ValueError,
+     r"'messages\[1\].tool_calls\[0\].function.arguments' must be the JSON text"),
+    ([{**CONVERSATION[0], "tool_calls": [CALL]}], ValueError,
+     r"'messages\[0\].tool_calls': only an assistant message"),
+    ([{**CONVERSATION[2], "tool_call_id": 7}], TypeError,
+     r"'messages\[0\].tool_call_id' must be a string"),
+    ([{**CONVERSATION[0], "tool_call_id": "call_1"}], ValueError,
+     r"'messages\[0\].tool_call_id': only a tool message"),
+])
+def test_bad_tool_call_fields_are_named(llm, messages, error, match):
+    with pytest.raises(error, match=f"^{match}"):
+        llm.chat(messages, ONE, chat_template=TOOL_TEMPLATE, use_tqdm=False)
+
+
+# ---- the server -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def engine():
+    eng = AsyncEngine.from_config(EngineConfig.from_kwargs(num_gpu_blocks=64, max_model_len=128))
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tool_server(engine):
+    app = build_app(engine, ServerSettings(chat_template=TOOL_TEMPLATE), shutdown_engine=False)
+    with BackgroundServer(app) as srv:
+        yield srv
+
+
+def post(url: str, body: dict) -> tuple[int, dict]:
+    async def go():
+        async with aiohttp.ClientSession() as s:
+            async with s.post(url, json=body) as r:
+                return r.status, await r.json()
+    return asyncio.run(go())
+
+
+def test_server_renders_tool_calls_with_a_template_that_does(tool_server, engine):
+    status, body = post(f"{tool_server.url}/tokenize", {"messages": CONVERSATION})
+    assert status == 200, body
+    assert engine.engine.tokenizer.decode(body["tokens"]) == RENDERED
+    status, body = post(f"{tool_server.url}/v1/chat/completions",
+                        {"messages": CONVERSATION, "max_tokens": 1})
+    assert status == 200, body
+    assert body["usage"]["prompt_tokens"] == len(engine.engine.tokenizer.encode(
+        RENDERED, add_special_tokens=False))
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/tokenize"])
+def test_server_refuses_tool_calls_its_template_would_drop(server, path):
+    for messages, param in ((CONVERSATION, "messages[1].tool_calls"),
+                            ([CONVERSATION[0], CONVERSATION[2]], "messages[1].role")):
+        status, body = post(server.url + path, {"messages": messages, "max_tokens": 1})
+        assert status == 400, body
+        err = body["error"]
+        assert err["type"] == "invalid_request_error" and err["param"] == param
+        assert err["message"].startswith(f"'{param}': ")
+        assert "does not render tool calls" in err["message"]
+
+
+def test_openai_client_sees_the_refusal_and_the_bad_field(server, tool_server):
+    for srv, messages, param in (
+            (server, CONVERSATION, "messages[1].tool_calls"),
+            (tool_server, with_call(function={"name": 5}),
+             "messages[1].tool_calls[0].function.name")):
+        with openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=0) as client:
+            with pytest.raises(openai.BadRequestError) as info:
+                client.chat.completions.create(model="fairswitch-tiny", messages=messages,
+                                               max_tokens=1)
+        assert info.value.body["param"] == param, json.dumps(info.value.body)
