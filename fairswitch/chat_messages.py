@@ -149,14 +149,15 @@ def _json_object(text: str, where: str, describe: Callable[[Any], str]) -> dict[
 
 def check_template_renders_tools(conversation: list[dict[str, Any]], template: str | None,
                                  where: str = "messages") -> None:
-    """Refuse a conversation with tool calls or tool results (its first, named) when ``template``
-    (the chat template's source; None: none) never mentions ``tool_calls``: it would render the
-    conversation without them, and the model would reply to a different one."""
+    """Refuse a conversation with tool calls, or tool results that answer one (``tool_call_id``),
+    its first named, when ``template`` (the chat template's source; None: none) never mentions
+    ``tool_calls``: it would render the conversation without them, and the model would reply to
+    a different one. A tool message with content alone renders whole, as any other role."""
     for i, m in enumerate(conversation):
         if "tool_calls" in m:
             field, what = f"{where}[{i}].tool_calls", "has tool calls"
-        elif m["role"] == "tool":
-            field, what = f"{where}[{i}].role", "is a tool's result (role 'tool')"
+        elif "tool_call_id" in m:
+            field, what = f"{where}[{i}].tool_call_id", "answers a tool call"
         else:
             continue
         if template is not None and "tool_calls" in template:

@@ -73,7 +73,7 @@ def test_a_template_that_renders_tool_calls_gets_them(llm):
 
 @pytest.mark.parametrize("messages, field", [
     (CONVERSATION, r"messages\[1\].tool_calls"),
-    ([CONVERSATION[0], CONVERSATION[2]], r"messages\[1\].role"),  # a tool result alone
+    ([CONVERSATION[0], CONVERSATION[2]], r"messages\[1\].tool_call_id"),  # a tool result alone
     ([[CONVERSATION[0]], CONVERSATION], r"messages\[1\]\[1\].tool_calls"),
 ])
 def test_a_template_that_would_drop_tool_calls_refuses_them(llm, messages, field):
@@ -155,7 +155,7 @@ def test_server_renders_tool_calls_with_a_template_that_does(tool_server, engine
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/tokenize"])
 def test_server_refuses_tool_calls_its_template_would_drop(server, path):
     for messages, param in ((CONVERSATION, "messages[1].tool_calls"),
-                            ([CONVERSATION[0], CONVERSATION[2]], "messages[1].role")):
+                            ([CONVERSATION[0], CONVERSATION[2]], "messages[1].tool_call_id")):
         status, body = post(server.url + path, {"messages": messages, "max_tokens": 1})
         assert status == 400, body
         err = body["error"]
@@ -174,3 +174,10 @@ def test_openai_client_sees_the_refusal_and_the_bad_field(server, tool_server):
                 client.chat.completions.create(model="fairswitch-tiny", messages=messages,
                                                max_tokens=1)
         assert info.value.body["param"] == param, json.dumps(info.value.body)
+
+
+def test_a_tool_message_with_content_alone_renders_as_before(llm):
+    """Nothing would be lost: ChatML renders its role and content, as it always has."""
+    tool = {"role": "tool", "content": "sunny"}
+    prompt = llm.chat([CONVERSATION[0], tool], ONE, use_tqdm=False)[0].prompt
+    assert "<|im_start|>tool\nsunny<|im_end|>" in prompt
