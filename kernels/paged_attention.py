@@ -396,13 +396,8 @@ def _decode_reduce_kernel(
 # (H200, d2b9a3b, fraction of the copy bandwidth at B=64/16/256 x ctx 2k): 64/2/3 0.60/0.45/0.61,
 # 64/2/2 0.60/0.45/0.61, 64/4/3 0.59/0.45/0.61, 128/4/3 0.51/0.40/0.62, 128/4/2 0.51/0.41/0.65,
 # 64/8/x 0.35/0.31/0.45.
-# fp8 num_stages 5: the loop's loads form a chain (the block table's page ids, then the K/V
-# tiles they address), so the pipeliner gives K and V one shared buffer each below 5 stages (3
-# and 4 compile alike, 22.8 KB), and a tile's copy is issued only once the previous tile has
-# been read out; Nsight Compute (H100, 64/2/3) found 45% of the warps' stall samples waiting for
-# the tile at the loop's top. 5 stages give two buffers each (39.4 KB).
 DECODE_LAUNCH = {
-    1: dict(BLOCK_N=64, num_warps=2, num_stages=5),
+    1: dict(BLOCK_N=64, num_warps=2, num_stages=3),
     2: dict(BLOCK_N=64, num_warps=4, num_stages=2),
     4: dict(BLOCK_N=32, num_warps=4, num_stages=2),
 }
