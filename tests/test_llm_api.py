@@ -120,3 +120,20 @@ def test_sampling_params_of_the_wrong_type_are_refused(params):
     with pytest.raises(TypeError, match="sampling_params must be a SamplingParams"):
         llm.generate(["x", "y"], params, use_tqdm=False)
     assert not llm.engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("policy, warned", [("fcfs", True), ("vtc", True), ("priority", False),
+                                            ("trace", False)])
+def test_a_priority_the_policy_ignores_is_named_once(policy, warned, caplog):
+    """vLLM refuses a priority when it does not schedule by priority; here it is accepted (a
+    trace replayed under fcfs for comparison carries its priorities) but said, once."""
+    llm = LLM(num_gpu_blocks=64, max_model_len=64, max_num_seqs=1, policy=policy)
+    with caplog.at_level("WARNING", logger="fairswitch.engine.engine"):
+        llm.generate(["a", "b", "c"], PARAMS, use_tqdm=False, priority=[0, 2, 1])
+    said = [r.getMessage() for r in caplog.records if "is ignored" in r.getMessage()]
+    if warned:
+        assert said == [f"request priority 2 is ignored: policy '{policy}' does not rank by "
+                        "priority (--policy priority or trace does); further ones are not "
+                        "reported"]
+    else:
+        assert said == []

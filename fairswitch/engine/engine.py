@@ -10,6 +10,7 @@ wait for the tokens, hand them back.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import dataclass
 
@@ -26,6 +27,8 @@ from fairswitch.runner.jit_watch import JIT_CLOCK
 from fairswitch.runner.model_runner import PendingStep
 from fairswitch.sampling_params import SamplingParams
 from fairswitch.scheduler.scheduler import SchedulerOutput
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -56,6 +59,7 @@ class Engine:
         self._pipelined = config.scheduler.async_scheduling and config.cache.async_swap
         self._in_flight: LaunchedStep | None = None  # launched, tokens not collected yet
         self._last_collected_s = 0.0
+        self._priority_ignored_said = False  # (warned once: see _say_if_priority_ignored)
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -78,6 +82,7 @@ class Engine:
         if client_id is not None and not isinstance(client_id, str):
             raise ValueError(f"client_id must be a str or None, got {client_id!r:.40}")
         text, ids = self.inputs.validate(prompt, prompt_token_ids)
+        self._say_if_priority_ignored(priority)
         if request_id is None:  # the next number no caller-chosen id holds
             while (request_id := str(next(self._ids))) in self.requests:
                 pass
@@ -92,6 +97,17 @@ class Engine:
         self.scheduler.add_request(req, queue_places)
         self.requests[request_id] = req
         return request_id
+
+    def _say_if_priority_ignored(self, priority: int) -> None:
+        """A priority the ranking policy does not use is accepted (a trace replayed under fcfs
+        or vtc for comparison carries its priorities), but the first one is named in a warning:
+        vLLM refuses it, and a user who sets one expects it to count."""
+        if priority == 0 or self._priority_ignored_said or self.scheduler.ranking.uses_priority:
+            return
+        self._priority_ignored_said = True
+        logger.warning("request priority %d is ignored: policy %r does not rank by priority "
+                       "(--policy priority or trace does); further ones are not reported",
+                       priority, self.config.scheduler.policy)
 
     def validate_prompt(self, prompt: str | list[int] | None,
                         prompt_token_ids: list[int] | None) -> tuple[str | None, list[int]]:

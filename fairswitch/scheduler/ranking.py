@@ -39,6 +39,8 @@ class RankingPolicy:
     """The interface, and what every policy shares: the preemption threshold, starving requests
     first, ties broken by arrival."""
 
+    uses_priority = False  # whether a request's own priority plays a part in its rank
+
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
         threshold = config.preempt_threshold
@@ -79,6 +81,8 @@ class FCFSRanking(RankingPolicy):
 
 
 class PriorityRanking(RankingPolicy):
+    uses_priority = True
+
     def score(self, req: Request) -> float:
         return float(req.priority)
 
