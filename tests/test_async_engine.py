@@ -143,6 +143,15 @@ def test_a_prompt_of_the_wrong_type_is_a_type_error_as_in_llm_generate(engine, p
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("params", ["x", {"max_tokens": 2}])
+def test_params_of_the_wrong_type_are_a_type_error_as_in_llm_generate(engine, params):
+    async def main():
+        with pytest.raises(TypeError, match="^params must be SamplingParams, got "):
+            [o async for o in engine.generate("hi", params)]
+        assert await free_blocks(engine) == NUM_BLOCKS
+    asyncio.run(main())
+
+
 def test_cancelled_add_neither_kills_the_engine_nor_leaks(engine):
     """Cancelling generate() while the add is still queued on the engine thread: the command is
     skipped or, if it already ran, the request is aborted; the engine keeps running."""

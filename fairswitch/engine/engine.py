@@ -73,7 +73,7 @@ class Engine:
         room (``queue_places``: Scheduler.add_request)."""
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
-            raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         self.inputs.check_params(params)
         # The ranking policies compare priorities and key clients: a wrong type would fail
         # there, mid-queue (or under another policy, pass unnoticed).
