@@ -305,3 +305,17 @@ def test_committed_traces_parse(name, clients):
     assert len({c.client for c in trace.conversations}) == clients
     assert all(_context(c) <= trace.meta["params"]["max_context"] for c in trace.conversations)
     assert (TRACES / name).stat().st_size < 2_000_000
+
+
+@pytest.mark.parametrize("name", ["tiny.jsonl", "clients_overload.jsonl.gz"])
+def test_committed_trace_is_what_its_recorded_command_builds(name, tmp_path, monkeypatch):
+    """workloads/README.md: the same command gives the same bytes (trace_meta included, so its
+    `tokenizer` names the tokenizer that measured the trace)."""
+    import shlex
+
+    command = read_trace(TRACES / name).meta["command"]
+    argv = shlex.split(command)[3:]  # after "python -m workloads.build"
+    (tmp_path / "workloads" / "traces").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)  # the recorded --output is relative to the repository root
+    build.main(argv)
+    assert (tmp_path / "workloads" / "traces" / name).read_bytes() == (TRACES / name).read_bytes()
