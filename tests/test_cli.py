@@ -26,6 +26,26 @@ def test_help_documents_every_option(capsys):
         assert opt in text, opt
 
 
+
+def test_cli_md_names_every_option_and_only_real_ones():
+    """docs/cli.md lists every option of every command (a boolean pair by either spelling or
+    `--[no-]x`), and names no option the commands do not have."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "cli.md").read_text()
+    named = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", doc))
+    for stem in re.findall(r"--\[no-\]([a-z0-9-]+)", doc):
+        named |= {"--" + stem, "--no-" + stem}
+    parser = build_parser()
+    real = {o for a in parser._actions for o in a.option_strings}
+    for name, sub in parser._commands.items():  # type: ignore[attr-defined]
+        for action in sub._actions:
+            opts = [o for o in action.option_strings if o.startswith("--") and o != "--help"]
+            real |= set(opts)
+            assert not opts or set(opts) & named, (name, opts)
+    assert named <= real, sorted(named - real)
+
 def test_generate_json(capsys, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("first prompt\n\nsecond prompt\n")
