@@ -53,6 +53,18 @@ def test_no_swap_space_recomputes_and_holds_no_cpu_block():
     assert memory.metrics([])["cpu_kv_usage"] == 0.0
 
 
+def test_a_swap_space_smaller_than_one_block_is_named_in_a_warning(caplog):
+    """It became no swap space without a word: --preemption-mode swap recomputed every victim."""
+    with caplog.at_level("WARNING", logger="fairswitch.kv.memory"):
+        memory = KVMemory(CacheConfig(block_size=4, swap_space=0.5 * LAYOUT.block_bytes / 2**30),
+                          LAYOUT, 16, CPU, 64)
+    assert isinstance(memory.swap, NoSwapSpace)
+    assert "holds no KV block" in caplog.text and "recomputed" in caplog.text
+    caplog.clear()
+    KVMemory(CacheConfig(block_size=4, swap_space=0), LAYOUT, 16, CPU, 64)  # asked for none
+    assert not caplog.text
+
+
 def test_engine_without_swap_space_preempts_by_recompute(llama_dir):
     prompts = ["The quick brown fox jumps over the lazy dog because", "def fibonacci(n):",
                "Hi there", "Paged attention stores the KV cache in fixed-size blocks"]

@@ -100,6 +100,10 @@ class KVMemory:
     def _swap_space(self, cc: CacheConfig, device: torch.device) -> SwapManager | NoSwapSpace:
         num_cpu_blocks = self.layout.blocks_in(cc.swap_space * _GiB)
         if num_cpu_blocks == 0:
+            if cc.swap_space > 0:  # asked for, and less than a block: it would go unnoticed
+                logger.warning("swap_space %g GiB holds no KV block (one is %d bytes): there is "
+                               "no swap space, every preempted request is recomputed and the "
+                               "CPU reuse tier is off", cc.swap_space, self.layout.block_bytes)
             return NoSwapSpace(self.blocks)
         nbytes, host = num_cpu_blocks * self.layout.block_bytes, host_memory_bytes()
         if nbytes > HOST_SHARE * host:
