@@ -500,3 +500,12 @@ def test_fuzz_random_shapes_and_garbage_keep_the_server_up(server, engine):
     assert status == 200 and body["usage"]["completion_tokens"] == 3
     assert call(server, "/health", method="GET")[0] == 200
     assert asyncio.run(engine.run_in_engine(lambda e: len(e.requests))) == 0
+
+
+@pytest.mark.parametrize("parse, body", [
+    (protocol.parse_completion, {"prompt": "x"}), (protocol.parse_chat, {"messages": CHAT})])
+def test_empty_stream_options_without_stream_are_no_options(parse, body):
+    """vLLM refuses stream options without stream=true only where some are set: clients that
+    always send {} (or null) are served."""
+    for options in ({}, None):
+        assert parse({**body, "stream_options": options}).include_usage is False

@@ -262,7 +262,7 @@ def _common(body: Any, unsupported: tuple, echo: bool = False) -> dict[str, Any]
     if options is not None and not isinstance(options, dict):
         raise bad_request(f"'stream_options' must be an object, got {_describe(options)}",
                           "stream_options")
-    if options is not None and not stream:
+    if options and not stream:  # (an empty object or null is no option: vLLM accepts them)
         raise bad_request("'stream_options' is only allowed with stream=true", "stream_options")
     include_usage = _bool(options or {}, "include_usage", False,
                           field="stream_options.include_usage")
