@@ -34,7 +34,7 @@ from throughput import (
 )
 
 from fairswitch.config import EngineConfig
-from fairswitch.engine.builder import check_model, resolve_device, resolve_dtype
+from fairswitch.engine.builder import check_model, resolve_device
 from fairswitch.engine.llm import LLM
 from workloads.sharegpt import DEFAULT_PAIRS_TRACE
 
@@ -102,7 +102,8 @@ def run_size(config: EngineConfig, args: argparse.Namespace, num_prompts: int,
         figures = run_fairswitch(llm, workload, use_tqdm=not args.disable_tqdm)
         kv = llm.engine.kv
         return workload, {"tensor_parallel_size": config.model.tensor_parallel_size, **figures,
-                          "kv_tokens": kv.num_blocks * kv.block_size}
+                          "kv_tokens": kv.num_blocks * kv.block_size,
+                          "dtype": str(llm.engine.dtype).removeprefix("torch.")}
     finally:
         llm.shutdown()
 
@@ -141,8 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ratios = {n: rates[n] / rates[1] for n in sizes if n > 1}
     figures = {
         "model": base.model.model, "load_format": base.model.load_format,
-        "dtype": str(resolve_dtype(base.model.dtype, device, check_model(base)[1].dtype)
-                     ).removeprefix("torch."),
+        "dtype": runs[sizes[0]]["dtype"],  # (every size resolves the same checkpoint's)
         "workload": workload_figures(args, workload),
         "engine_options": engine_option_figures(base),
         "tp_sizes": sizes,
