@@ -147,12 +147,16 @@ def _json_object(text: str, where: str, describe: Callable[[Any], str]) -> dict[
     return value
 
 
-def check_template_renders_tools(conversation: list[dict[str, Any]], template: str | None,
+def check_template_renders_tools(conversation: list[dict[str, Any]],
+                                 template: str | dict[str, str] | None,
                                  where: str = "messages") -> None:
     """Refuse a conversation with tool calls, or tool results that answer one (``tool_call_id``),
-    its first named, when ``template`` (the chat template's source; None: none) never mentions
-    ``tool_calls``: it would render the conversation without them, and the model would reply to
-    a different one. A tool message with content alone renders whole, as any other role."""
+    its first named, when ``template`` (the chat template's source, or a tokenizer's named
+    templates, of which the default renders; None: none) never mentions ``tool_calls``: it would
+    render the conversation without them, and the model would reply to a different one. A tool
+    message with content alone renders whole, as any other role."""
+    if isinstance(template, dict):
+        template = template.get("default")
     for i, m in enumerate(conversation):
         if "tool_calls" in m:
             field, what = f"{where}[{i}].tool_calls", "has tool calls"

@@ -181,3 +181,14 @@ def test_a_tool_message_with_content_alone_renders_as_before(llm):
     tool = {"role": "tool", "content": "sunny"}
     prompt = llm.chat([CONVERSATION[0], tool], ONE, use_tqdm=False)[0].prompt
     assert "<|im_start|>tool\nsunny<|im_end|>" in prompt
+
+
+def test_named_templates_are_judged_by_the_default_one():
+    """A tokenizer may hold named chat templates (a dict); the default renders, so it decides,
+    for LLM.chat and the server alike (their keys never mention tool_calls)."""
+    from fairswitch.chat_messages import check_template_renders_tools, parse_conversation
+
+    conversation = parse_conversation(CONVERSATION)
+    check_template_renders_tools(conversation, {"default": TOOL_TEMPLATE, "rag": "{{ x }}"})
+    with pytest.raises(ValueError, match=r"^'messages\[1\]\.tool_calls': "):
+        check_template_renders_tools(conversation, {"default": "{{ x }}", "tool_calls": "y"})

@@ -130,7 +130,7 @@ class LLM:
         ValueError naming the message and field, before anything runs; so is a conversation with
         tool calls for a chat template that would render it without them."""
         tokenizer = self.engine.tokenizer
-        template = chat_template or _template_source(tokenizer)
+        template = chat_template or getattr(tokenizer, "chat_template", None)
         prompts, texts = [], []
         for where, conversation in _conversations(messages):
             check_template_renders_tools(conversation, template, where)
@@ -220,12 +220,6 @@ def _conversations(messages: Any) -> list[tuple[str, list[dict[str, Any]]]]:
         conversations.append((f"messages[{k}]",
                               parse_conversation(conversation, f"messages[{k}]")))
     return conversations
-
-
-def _template_source(tokenizer: Any) -> str | None:
-    """The tokenizer's own chat template (transformers' may be named ones: the default)."""
-    template = getattr(tokenizer, "chat_template", None)
-    return template.get("default") if isinstance(template, dict) else template
 
 
 def _per_prompt(value: Any, n: int, name: str, valid: Any) -> list[Any]:
