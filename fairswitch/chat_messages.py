@@ -61,7 +61,7 @@ def _parse_message(m: Any, where: str, describe: Callable[[Any], str]) -> dict[s
     role, content = m.get("role"), m.get("content")
     if not isinstance(role, str) or not role:
         error = MessageValueError if isinstance(role, str) else MessageTypeError
-        got = f"got {describe(role)}" if "role" in m else "but it is missing"
+        got = _got(m, "role", describe)
         raise error(f"'{where}.role' must be a non-empty string, {got}", f"{where}.role")
     if isinstance(content, list):
         content = "\n".join(_text(part, f"{where}.content", j, describe)
@@ -108,19 +108,19 @@ def _tool_call(call: Any, where: str, describe: Callable[[Any], str]) -> dict[st
         raise error(f"'{where}.type' must be 'function', got {describe(kind)}", f"{where}.type")
     function = call.get("function")
     if not isinstance(function, dict):
-        got = f"got {describe(function)}" if "function" in call else "but it is missing"
+        got = _got(call, "function", describe)
         raise MessageTypeError(f"'{where}.function' must be an object (a dict with 'name' and "
                                f"'arguments'), {got}", f"{where}.function")
     name, arguments = function.get("name"), function.get("arguments")
     if not isinstance(name, str) or not name:
         error = MessageValueError if isinstance(name, str) else MessageTypeError
-        got = f"got {describe(name)}" if "name" in function else "but it is missing"
+        got = _got(function, "name", describe)
         raise error(f"'{where}.function.name' must be a non-empty string, {got}",
                     f"{where}.function.name")
     if isinstance(arguments, str):
         arguments = _json_object(arguments, f"{where}.function.arguments", describe)
     elif not isinstance(arguments, dict):
-        got = f"got {describe(arguments)}" if "arguments" in function else "but it is missing"
+        got = _got(function, "arguments", describe)
         raise MessageTypeError(f"'{where}.function.arguments' must be a JSON string or an object, "
                                f"{got}", f"{where}.function.arguments")
     parsed: dict[str, Any] = {"type": "function",
@@ -170,6 +170,11 @@ def check_template_renders_tools(conversation: list[dict[str, Any]],
             f"'{field}': the message {what}, but this chat template does not render tool calls "
             "(its source never mentions 'tool_calls'), so the model would not see them; use a "
             "chat template that does", field)
+
+
+def _got(obj: dict[str, Any], key: str, describe: Callable[[Any], str]) -> str:
+    """How an error says what ``obj[key]`` held: its value, or that it is missing."""
+    return f"got {describe(obj[key])}" if key in obj else "but it is missing"
 
 
 def _text(part: Any, where: str, j: int, describe: Callable[[Any], str]) -> str:
