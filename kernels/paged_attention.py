@@ -389,7 +389,9 @@ def _decode_reduce_kernel(
 # Launch configuration by the cache's element size; fp32 tiles take twice the shared memory. On
 # the H200, B64 x 32 heads (8 kv) x ctx 2048 x d128 bf16: 64/4/2 reads KV at 0.94 of the
 # device-copy bandwidth timed eagerly (= SDPA on contiguous KV; 0.97 in CUDA graphs at d2b9a3b);
-# 128/4/3 0.90, 64/8/3 0.70, 256/8/3 0.74.
+# 128/4/3 0.90, 64/8/3 0.70, 256/8/3 0.74. In CUDA graphs at bb25c03 (H200), 64/4/3 against
+# 64/4/2: B=256 ctx 1k/2k 0.99/1.01 vs 0.92/0.93, B=128 0.93 vs 0.90, B=16 0.75 alike, B=64
+# 0.92-0.97 alike (within 0.01), so bf16 tiles take 3 stages.
 # fp8 (bf16 queries): in a CUDA graph the fp8 kernel took as long per tile as bf16 (122 vs 128 us
 # at B=64, ctx 2k), bound by widening and staging the tiles for tl.dot, not by the reads; its V
 # tile was read from shared memory bytewise until _attend_tile's STAGE_V. Swept after that fix
@@ -398,7 +400,7 @@ def _decode_reduce_kernel(
 # 64/8/x 0.35/0.31/0.45.
 DECODE_LAUNCH = {
     1: dict(BLOCK_N=64, num_warps=2, num_stages=3),
-    2: dict(BLOCK_N=64, num_warps=4, num_stages=2),
+    2: dict(BLOCK_N=64, num_warps=4, num_stages=3),
     4: dict(BLOCK_N=32, num_warps=4, num_stages=2),
 }
 # Decode over fp8 K and transposed V (the engine's fp8 pools) with the operands swapped
