@@ -34,9 +34,9 @@ block_size; V_T is a constexpr). The product with P sums over tokens, so the MMA
 tokens contiguous: a 16-bit tile is transposed by ldmatrix on its way from shared memory, a 1-byte
 one cannot be and was staged through shared memory again as fp16. Transposed in the cache, V is
 loaded as V^T [D, BLOCK_N] in whole pages (16-byte copies) and takes K's path to the MMA.
-Decode over fp8 K and transposed V can swap the operands (_attend_tile_t, FP8_DECODE_SWAP_AB):
-the tile's tokens are then the MMA's M dimension and the GQA group its N, so both products run
-on sm_90's wgmma.
+Decode over fp8 K and transposed V can run a tile as STREAMS smaller tiles, one per warp, each
+with its own online softmax (_attend_streams, FP8_DECODE_STREAMS), merged once at the end; with
+one stream the warps split a tile's tokens and exchange row maxima and sums through shared memory.
 """
 
 from __future__ import annotations
@@ -246,35 +246,54 @@ def _attend_tile(
 
 
 @triton.jit
-def _attend_tile_t(
-    q, acc_t, m_i, l_i,  # q [G, D]; acc_t [D, G] fp32 (the output transposed); m_i, l_i [G]
-    k_cache_ptr, v_cache_ptr, block_table_ptr, n0, kv_end, kvh, qk_scale, one,
+def _attend_streams(
+    q3, acc, m_i, l_i,  # q3 [S, G, D] (q for each stream); acc [S, G, D] fp32; m_i, l_i [S, G]
+    k_cache_ptr, v_cache_ptr, block_table_ptr, n0, kv_end, kvh, qk_scale,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vh,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    STREAMS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """_attend_tile with the operands swapped, for a cache of fp8 K and transposed V: the tile's
-    BLOCK_N tokens are the MMA's M dimension and the GQA group its N, S^T = K . Q^T and
-    O^T += V^T . P^T, so that sm_90 can run both on wgmma, which needs M >= 64 (the default path
-    pads a group of 4 to mma.sync's 16 rows, three quarters of each product wasted). K and
-    V^T are widened in registers (times a run-time 1.0, which the compiler cannot fold: see
-    STAGE_V) and staged as fp16 for the wgmma's shared-memory operands."""
+    """_attend_tile over fp8 K and transposed V for STREAMS tiles at once, tile s holding the
+    BLOCK_N positions from n0 + s * BLOCK_N, each with its own online softmax (_merge_streams
+    joins them). Both products are one batched tl.dot whose batch dimension the warps split, so
+    a warp keeps its tile's row maxima, sums and P in registers: nothing is exchanged between
+    warps through shared memory and P is not re-laid out for the second product."""
+    PAGE: tl.constexpr = min(BLOCK_SIZE, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    row, kv_mask, page_mask, page = _tile_pages(block_table_ptr, n0, kv_end, BLOCK_SIZE, BLOCK_N)
+    pos = n0 + tl.arange(0, STREAMS)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    kv_mask = pos < kv_end
+    row = pos % BLOCK_SIZE
+    page_mask = tl.max_constancy(pos - row < kv_end, [1, PAGE])  # as in _tile_pages
+    page = tl.load(block_table_ptr + pos // BLOCK_SIZE, mask=page_mask, other=0).to(tl.int64)
     k_off = page * stride_kb + row * stride_ks + kvh * stride_kh
-    # Whole pages, as V^T: the masked scores below give the rows past kv_end no weight.
-    k = tl.load(k_cache_ptr + k_off[:, None] + offs_d[None, :], mask=page_mask[:, None],
-                other=0.0).to(q.dtype) * tl.cast(one, q.dtype)
-    st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, G]
-    st = tl.where(kv_mask[:, None], st, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(st, 0))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(st - m_new[None, :])
-    l_i = l_i * alpha + tl.sum(p, 0)
-    vt = _load_vt(v_cache_ptr, page, row, page_mask, kvh, stride_vb, stride_vh,
-                  HEAD_DIM, BLOCK_SIZE, BLOCK_N).to(q.dtype) * tl.cast(one, q.dtype)
-    acc_t = acc_t * alpha[None, :] + tl.dot(vt, p.to(q.dtype), input_precision=DOT_PRECISION)
-    return acc_t, m_new, l_i
+    k = tl.load(k_cache_ptr + k_off[:, :, None] + offs_d[None, None, :],
+                mask=kv_mask[:, :, None], other=0.0).to(q3.dtype)
+    s = tl.dot(q3, tl.trans(k, 0, 2, 1), input_precision=DOT_PRECISION) * qk_scale
+    s = tl.where(kv_mask[:, None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 2))
+    # A stream may meet its first key tiles after another does (a short sequence: never), so its
+    # maximum can still be -inf here: exp2 is taken against 0 then (every p and alpha is 0).
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, :, None])
+    l_i = l_i * alpha + tl.sum(p, 2)
+    # V^T [S, D, BLOCK_N] in whole pages, as _load_vt
+    vt_off = ((page * stride_vb + row + kvh * stride_vh)[:, None, :]
+              + offs_d[None, :, None] * BLOCK_SIZE)
+    vt_off = tl.max_contiguous(tl.multiple_of(vt_off, [1, 1, PAGE]), [1, 1, PAGE])
+    vt = tl.load(v_cache_ptr + vt_off, mask=page_mask[:, None, :], other=0.0).to(q3.dtype)
+    acc = acc * alpha[:, :, None] + tl.dot(p.to(q3.dtype), tl.trans(vt, 0, 2, 1),
+                                           input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _merge_streams(acc, m_i, l_i):
+    """The (acc [G, D], m [G], l [G]) of one online softmax from STREAMS of them ([S, ...], log2
+    domain); m is -inf where no stream saw a key."""
+    m = tl.max(m_i, 0)
+    w = tl.exp2(m_i - tl.where(m == float("-inf"), 0.0, m)[None, :])
+    return tl.sum(acc * w[:, :, None], 0), m, tl.sum(l_i * w, 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,7 +324,7 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_OUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, V_T: tl.constexpr,
-    SWAP_AB: tl.constexpr,  # fp8 K and transposed V: _attend_tile_t
+    STREAMS: tl.constexpr,  # > 1: fp8 K and transposed V by _attend_streams
 ):
     # grid: (B, Hkv, num_splits); WRITE_OUT (num_splits == 1): normalize into out directly
     b = tl.program_id(0)
@@ -328,14 +347,17 @@ def _decode_split_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
-    if SWAP_AB:
-        acc_t = tl.zeros([HEAD_DIM, BLOCK_G], tl.float32)
-        for n0 in range(start, end, BLOCK_N):
-            acc_t, m_i, l_i = _attend_tile_t(
-                q, acc_t, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_row, n0, end, kvh, qk_scale,
-                one, stride_kb, stride_ks, stride_kh, stride_vb, stride_vh,
-                HEAD_DIM, BLOCK_SIZE, BLOCK_N, DOT_PRECISION)
-        acc = tl.trans(acc_t)
+    if STREAMS > 1:
+        q3 = tl.broadcast_to(q[None, :, :], [STREAMS, BLOCK_G, HEAD_DIM])
+        acc3 = tl.zeros([STREAMS, BLOCK_G, HEAD_DIM], tl.float32)
+        m3 = tl.full([STREAMS, BLOCK_G], float("-inf"), tl.float32)
+        l3 = tl.zeros([STREAMS, BLOCK_G], tl.float32)
+        for n0 in range(start, end, STREAMS * BLOCK_N):
+            acc3, m3, l3 = _attend_streams(
+                q3, acc3, m3, l3, k_cache_ptr, v_cache_ptr, bt_row, n0, end, kvh, qk_scale,
+                stride_kb, stride_ks, stride_kh, stride_vb, stride_vh,
+                HEAD_DIM, BLOCK_SIZE, BLOCK_N, STREAMS, DOT_PRECISION)
+        acc, m_i, l_i = _merge_streams(acc3, m3, l3)
     else:
         acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
         for n0 in range(start, end, BLOCK_N):
@@ -403,13 +425,13 @@ DECODE_LAUNCH = {
     2: dict(BLOCK_N=64, num_warps=4, num_stages=3),
     4: dict(BLOCK_N=32, num_warps=4, num_stages=2),
 }
-# Decode over fp8 K and transposed V (the engine's fp8 pools) with the operands swapped
-# (_attend_tile_t, one warpgroup for wgmma): off, since timed on the H200 it reads at 0.38-0.48
-# of the copy rate against the default path's 0.48-0.75 (docs/benchmarks.md). Read offline (sm_90 SASS, Triton 3.6): 580 instructions a warp per 64-token tile at 4 warps,
-# against 833 at 2 warps, with both products on HGMMA instead of 64 HMMA.16816 a warp.
-FP8_DECODE_SWAP_AB = False
-DECODE_LAUNCH_SWAP_AB = dict(BLOCK_N=64, num_warps=4, num_stages=3)
-
+# Decode over fp8 K and transposed V (the engine's fp8 pools) as two 32-token streams a 64-token
+# tile, one per warp (_attend_streams): off until timed on the GPU. Read offline (sm_90 SASS, Triton
+# 3.9, against the default 64/2/3): 616 instead of 682 instructions a warp per 64 tokens, 4 barriers
+# a tile instead of 10, no STSM, 17 instead of 23 KB of shared memory, 168 registers instead of 128.
+# (Operands swapped for wgmma, S^T = K Q^T, was timed and lost: docs/benchmarks.md.)
+FP8_DECODE_STREAMS = False
+DECODE_LAUNCH_STREAMS = dict(STREAMS=2, BLOCK_N=32, num_warps=2, num_stages=3)
 
 @functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
@@ -465,11 +487,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if batch == 0:
         return out
     group = num_heads // num_kv_heads
-    swap_ab = FP8_DECODE_SWAP_AB and kv_fp8 and v_t
-    launch = DECODE_LAUNCH_SWAP_AB if swap_ab else DECODE_LAUNCH[k_cache.element_size()]
+    streams = FP8_DECODE_STREAMS and kv_fp8 and v_t
+    launch = {"STREAMS": 1, **(DECODE_LAUNCH_STREAMS if streams else
+                               DECODE_LAUNCH[k_cache.element_size()])}
     if num_splits is None:
         num_splits = default_num_splits(batch, num_kv_heads, block_tables.shape[1] * block_size,
-                                        _num_sms(q.device), launch["BLOCK_N"])
+                                        _num_sms(q.device), launch["BLOCK_N"] * launch["STREAMS"])
     assert num_splits >= 1, num_splits
     scale = head_dim ** -0.5 if scale is None else scale
     if num_splits > 1:
@@ -488,7 +511,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, WRITE_OUT=num_splits == 1, DOT_PRECISION=_dot_precision(q.dtype),
-        KV_FP8=kv_fp8, V_T=v_t, SWAP_AB=swap_ab, **launch,
+        KV_FP8=kv_fp8, V_T=v_t, **launch,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](

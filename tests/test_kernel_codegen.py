@@ -33,7 +33,7 @@ def _nvidia_bin(name: str) -> Path | None:
     return path if path.exists() else (Path(p) if (p := shutil.which(name)) else None)
 
 
-def decode_sass(kv_dtype: str, v_transposed: bool = False, swap_ab: bool = False) -> str:
+def decode_sass(kv_dtype: str, v_transposed: bool = False, streams: bool = False) -> str:
     """SASS of the decode kernel with the shipped launch configuration, for sm_90, compiled in a
     child process without the interpreter."""
     if _nvidia_bin("nvdisasm") is None or _nvidia_bin("ptxas") is None:
@@ -41,7 +41,7 @@ def decode_sass(kv_dtype: str, v_transposed: bool = False, swap_ab: bool = False
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     child = subprocess.run([sys.executable, __file__, kv_dtype, str(int(v_transposed)),
-                            str(int(swap_ab))],
+                            str(int(streams))],
                            capture_output=True, env=env, cwd=ROOT, timeout=300)
     if child.returncode == 3:
         pytest.skip(child.stderr.decode().strip().splitlines()[-1])
@@ -49,7 +49,7 @@ def decode_sass(kv_dtype: str, v_transposed: bool = False, swap_ab: bool = False
     return child.stdout.decode()
 
 
-def _compile_decode_sass(kv_dtype: str, v_transposed: bool, swap_ab: bool) -> str:
+def _compile_decode_sass(kv_dtype: str, v_transposed: bool, streams: bool) -> str:
     try:
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
@@ -60,10 +60,10 @@ def _compile_decode_sass(kv_dtype: str, v_transposed: bool, swap_ab: bool) -> st
 
     fn = pa._decode_split_kernel
     fp8 = kv_dtype == "fp8e4nv"
-    launch = dict(pa.DECODE_LAUNCH_SWAP_AB if swap_ab else pa.DECODE_LAUNCH[1 if fp8 else 2])
+    launch = dict(pa.DECODE_LAUNCH_STREAMS if streams else pa.DECODE_LAUNCH[1 if fp8 else 2])
     constexprs = dict(GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_SIZE=16,
                       BLOCK_N=launch.pop("BLOCK_N"), WRITE_OUT=True, DOT_PRECISION="tf32",
-                      KV_FP8=fp8, V_T=v_transposed, SWAP_AB=swap_ab)
+                      KV_FP8=fp8, V_T=v_transposed, STREAMS=launch.pop("STREAMS", 1))
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -90,6 +90,22 @@ def _compile_decode_sass(kv_dtype: str, v_transposed: bool, swap_ab: bool) -> st
                               capture_output=True, check=True).stdout.decode()
 
 
+def main_loop(sass: str) -> str:
+    """The longest loop of a kernel's SASS: from a label to the branch back to it."""
+    lines = sass.splitlines()
+    best = ""
+    for i, line in enumerate(lines):
+        label = re.match(r"^(\.L_x_\d+):", line)
+        if not label:
+            continue
+        for j in range(i + 1, len(lines)):
+            if re.search(r"\bBRA\b.*`\(" + re.escape(label.group(1)) + r"\)", lines[j]):
+                body = "\n".join(lines[i:j + 1])
+                best = body if len(body) > len(best) else best
+                break
+    return best
+
+
 def test_fp8_decode_reads_transposed_v_like_k():
     """As the engine runs it (V transposed in the pool): no tile is read bytewise (as V was when
     the compiler could not see that a page's tokens are contiguous, or when the page mask's hint
@@ -101,11 +117,16 @@ def test_fp8_decode_reads_transposed_v_like_k():
     assert not re.search(r"\bLDSM\.16\.MT88", sass), "V staged for a transposing ldmatrix"
 
 
-def test_fp8_decode_with_swapped_operands_runs_both_products_on_wgmma():
-    """FP8_DECODE_SWAP_AB: the tile's tokens as wgmma's M dimension, K and V^T in 16-byte copies,
-    nothing read 8 or 16 bits at a time, no mma.sync."""
-    sass = decode_sass("fp8e4nv", v_transposed=True, swap_ab=True)
-    assert len(re.findall(r"\bHGMMA\.", sass)) >= 2 and "HMMA." not in sass
+def test_fp8_decode_streams_keep_the_softmax_in_each_warp():
+    """FP8_DECODE_STREAMS: a warp per stream, so the loop never re-lays P out through shared
+    memory (the default path's STSM) and has fewer barriers (the streams are merged once, after
+    it); the tiles still arrive in 16-byte copies and nothing is read a byte at a time."""
+    sass = decode_sass("fp8e4nv", v_transposed=True, streams=True)
+    default = decode_sass("fp8e4nv", v_transposed=True)
+    loop, default_loop = main_loop(sass), main_loop(default)
+    assert "HMMA" in loop and "STSM" in default_loop and "STSM" not in loop
+    barriers = len(re.findall(r"\bBAR\.SYNC", loop))
+    assert barriers < len(re.findall(r"\bBAR\.SYNC", default_loop)), barriers
     assert len(re.findall(r"\bLDGSTS\.E\.BYPASS\.128\b", sass)) >= 2
     assert not re.search(r"\b(LDS|LDG\.E)\.U(8|16)\b", sass), "fp8 tiles read bytewise"
 
