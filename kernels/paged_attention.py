@@ -271,8 +271,8 @@ def _attend_streams(
     s = tl.dot(q3, tl.trans(k, 0, 2, 1), input_precision=DOT_PRECISION) * qk_scale
     s = tl.where(kv_mask[:, None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 2))
-    # A stream may meet its first key tiles after another does (a short sequence: never), so its
-    # maximum can still be -inf here: exp2 is taken against 0 then (every p and alpha is 0).
+    # A stream may meet its first key a tile later than another, or never (a short sequence),
+    # so its maximum can still be -inf here: exp2 is taken against 0 then (every p and alpha 0).
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_use)
     p = tl.exp2(s - m_use[:, :, None])
@@ -432,6 +432,7 @@ DECODE_LAUNCH = {
 # (Operands swapped for wgmma, S^T = K Q^T, was timed and lost: docs/benchmarks.md.)
 FP8_DECODE_STREAMS = False
 DECODE_LAUNCH_STREAMS = dict(STREAMS=2, BLOCK_N=32, num_warps=2, num_stages=3)
+
 
 @functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
