@@ -161,13 +161,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
                    help="the paged cache's dtype: auto (bf16, the queries') or fp8 (e4m3)")
+    p.add_argument("--fp8-decode-streams", action="store_true",
+                   help="fp8 decode by paged_attention.FP8_DECODE_STREAMS (a warp per stream)")
     p.add_argument("--output", default=None, help="default: benchmarks/results/"
-                   "attention_kernels.json (attention_kernels_fp8.json with fp8)")
+                   "attention_kernels.json (attention_kernels_fp8[_streams].json with fp8)")
     p.add_argument("--commit", default=None)
     args = p.parse_args(argv)
     fp8 = args.kv_cache_dtype == "fp8"
-    output = args.output or ("benchmarks/results/attention_kernels"
-                             + ("_fp8" if fp8 else "") + ".json")
+    if args.fp8_decode_streams and not fp8:
+        p.error("--fp8-decode-streams needs --kv-cache-dtype fp8")
+    paged_attention.FP8_DECODE_STREAMS = args.fp8_decode_streams
+    output = args.output or ("benchmarks/results/attention_kernels" + ("_fp8" if fp8 else "")
+                             + ("_streams" if args.fp8_decode_streams else "") + ".json")
     hq, hkv, d = (int(x) for x in args.heads.split(","))
     dtype = torch.bfloat16
     copy_bw = copy_bandwidth(torch.device("cuda"))
@@ -202,6 +207,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     figures = {"dtype": "bfloat16", "kv_cache_dtype": "float8_e4m3fn" if fp8 else "bfloat16",
                "heads": {"q": hq, "kv": hkv, "dim": d},
                "block_size": args.block_size, "copy_bandwidth_bytes_s": copy_bw,
+               "decode_launch": (paged_attention.DECODE_LAUNCH_STREAMS if args.fp8_decode_streams
+                                 else paged_attention.DECODE_LAUNCH[1 if fp8 else 2]),
                "decode": dec, "prefill": pre}
     return write_results(output, command=command_line(), figures=figures, claims=claims,
                            commit=args.commit)
