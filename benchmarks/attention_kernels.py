@@ -66,10 +66,11 @@ def num_copies(data_bytes: int, calls: int = 10) -> int:
 
 
 def paged_pool(batch: int, ctx: int, hkv: int, d: int, bs: int, dtype, gen: torch.Generator,
-               fp8: bool = False):
+               fp8: bool = False, k_head_major: bool = False):
     """A one-layer pool holding batch x ctx tokens in shuffled blocks (in e4m3 if ``fp8``, V
     stored transposed in each block as the engine's fp8 pools do), and the same K/V contiguous
-    in ``dtype``."""
+    in ``dtype``. ``k_head_major``: each block's K stored [Hkv, block_size, D] (a head's page
+    contiguous), which the kernels read through the K view's strides."""
     blocks_per_seq = -(-ctx // bs)
     num_blocks = batch * blocks_per_seq
     pool = torch.randn((num_blocks, 1, 2, bs, hkv, d), dtype=dtype, device="cuda",
@@ -83,6 +84,9 @@ def paged_pool(batch: int, ctx: int, hkv: int, d: int, bs: int, dtype, gen: torc
         q8 = reference.quantize_fp8(pool, 1.0)
         k_cache, v_cache = q8[:, 0, 0], transposed_v_view(q8[:, 0, 1])
         v_cache.copy_(reference.quantize_fp8(pool[:, 0, 1], 1.0))  # the same V, transposed
+    if k_head_major:
+        store = torch.empty((num_blocks, hkv, bs, d), dtype=k_cache.dtype, device="cuda")
+        k_cache = store.permute(0, 2, 1, 3).copy_(k_cache)
     return k_cache, v_cache, tables, k, v
 
 
@@ -94,7 +98,7 @@ def kv_scales(fp8: bool) -> dict[str, torch.Tensor]:
     return {"k_scale": one, "v_scale": one}
 
 
-def decode_rows(batches, ctxs, hq, hkv, d, bs, dtype, copy_bw, fp8=False
+def decode_rows(batches, ctxs, hq, hkv, d, bs, dtype, copy_bw, fp8=False, k_head_major=False
                 ) -> list[dict[str, Any]]:
     gen = torch.Generator(device="cuda").manual_seed(0)
     scales = kv_scales(fp8)
@@ -103,11 +107,11 @@ def decode_rows(batches, ctxs, hq, hkv, d, bs, dtype, copy_bw, fp8=False
         for ctx in ctxs:
             if b * ctx * hkv * d * 2 * 2 * 2 > 40 << 30:  # pool + contiguous copy must fit
                 continue
-            first = paged_pool(b, ctx, hkv, d, bs, dtype, gen, fp8)
+            first = paged_pool(b, ctx, hkv, d, bs, dtype, gen, fp8, k_head_major)
             kv_bytes = paged_attention.decode_kv_bytes(first[0], b * ctx)
             # each copy: the paged pool and the contiguous K/V SDPA reads
             copies = num_copies(kv_bytes + first[3].nbytes + first[4].nbytes)
-            pools = [first, *(paged_pool(b, ctx, hkv, d, bs, dtype, gen, fp8)
+            pools = [first, *(paged_pool(b, ctx, hkv, d, bs, dtype, gen, fp8, k_head_major)
                               for _ in range(copies - 1))]
             q = torch.randn((b, hq, d), dtype=dtype, device="cuda", generator=gen)
             seq_lens = torch.full((b,), ctx, dtype=torch.int32, device="cuda")
@@ -125,14 +129,16 @@ def decode_rows(batches, ctxs, hq, hkv, d, bs, dtype, copy_bw, fp8=False
     return rows
 
 
-def prefill_rows(shapes, hq, hkv, d, bs, dtype, fp8=False) -> list[dict[str, Any]]:
+def prefill_rows(shapes, hq, hkv, d, bs, dtype, fp8=False, k_head_major=False
+                 ) -> list[dict[str, Any]]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     gen = torch.Generator(device="cuda").manual_seed(1)
     scales = kv_scales(fp8)
     rows = []
     for seqs, length in shapes:
-        k_cache, v_cache, tables, k, v = paged_pool(seqs, length, hkv, d, bs, dtype, gen, fp8)
+        k_cache, v_cache, tables, k, v = paged_pool(seqs, length, hkv, d, bs, dtype, gen, fp8,
+                                                    k_head_major)
         q = torch.randn((seqs * length, hq, d), dtype=dtype, device="cuda", generator=gen)
         qsl = torch.arange(0, (seqs + 1) * length, length, dtype=torch.int32, device="cuda")
         seq_lens = torch.full((seqs,), length, dtype=torch.int32, device="cuda")
@@ -161,10 +167,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
                    help="the paged cache's dtype: auto (bf16, the queries') or fp8 (e4m3)")
+    p.add_argument("--k-head-major", action="store_true",
+                   help="K stored [Hkv, block_size, D] in each block (the engine's pools: "
+                   "[block_size, Hkv, D])")
     p.add_argument("--fp8-decode-streams", action="store_true",
                    help="fp8 decode by paged_attention.FP8_DECODE_STREAMS (a warp per stream)")
     p.add_argument("--output", default=None, help="default: benchmarks/results/"
-                   "attention_kernels.json (attention_kernels_fp8[_streams].json with fp8)")
+                   "attention_kernels[_fp8][_streams][_k_head_major].json")
     p.add_argument("--commit", default=None)
     args = p.parse_args(argv)
     fp8 = args.kv_cache_dtype == "fp8"
@@ -172,15 +181,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         p.error("--fp8-decode-streams needs --kv-cache-dtype fp8")
     paged_attention.FP8_DECODE_STREAMS = args.fp8_decode_streams
     output = args.output or ("benchmarks/results/attention_kernels" + ("_fp8" if fp8 else "")
-                             + ("_streams" if args.fp8_decode_streams else "") + ".json")
+                             + ("_streams" if args.fp8_decode_streams else "")
+                             + ("_k_head_major" if args.k_head_major else "") + ".json")
     hq, hkv, d = (int(x) for x in args.heads.split(","))
     dtype = torch.bfloat16
     copy_bw = copy_bandwidth(torch.device("cuda"))
     dec = decode_rows([int(x) for x in args.batches.split(",")],
                       [int(x) for x in args.ctxs.split(",")], hq, hkv, d, args.block_size, dtype,
-                      copy_bw, fp8)
+                      copy_bw, fp8, args.k_head_major)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.prefill_shapes.split(",")]
-    pre = prefill_rows(shapes, hq, hkv, d, args.block_size, dtype, fp8)
+    pre = prefill_rows(shapes, hq, hkv, d, args.block_size, dtype, fp8, args.k_head_major)
     print(f"device copy bandwidth (read+write): {copy_bw / 1e12:.2f} TB/s")
     print(f"{'B':>5}{'ctx':>7}{'ours ms':>10}{'sdpa ms':>10}{'ours TB/s':>11}{'of copy':>9}"
           f"{'ours/sdpa':>11}")
@@ -207,6 +217,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     figures = {"dtype": "bfloat16", "kv_cache_dtype": "float8_e4m3fn" if fp8 else "bfloat16",
                "heads": {"q": hq, "kv": hkv, "dim": d},
                "block_size": args.block_size, "copy_bandwidth_bytes_s": copy_bw,
+               "k_layout": "[Hkv, block_size, D]" if args.k_head_major else "[block_size, Hkv, D]",
                "decode_launch": (paged_attention.DECODE_LAUNCH_STREAMS if args.fp8_decode_streams
                                  else paged_attention.DECODE_LAUNCH[1 if fp8 else 2]),
                "decode": dec, "prefill": pre}
