@@ -218,8 +218,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "heads": {"q": hq, "kv": hkv, "dim": d},
                "block_size": args.block_size, "copy_bandwidth_bytes_s": copy_bw,
                "k_layout": "[Hkv, block_size, D]" if args.k_head_major else "[block_size, Hkv, D]",
-               "decode_launch": (paged_attention.DECODE_LAUNCH_STREAMS if args.fp8_decode_streams
-                                 else paged_attention.DECODE_LAUNCH[1 if fp8 else 2]),
+               "decode_launch": paged_attention.decode_launch(1 if fp8 else 2,
+                                                              args.fp8_decode_streams),
                "decode": dec, "prefill": pre}
     return write_results(output, command=command_line(), figures=figures, claims=claims,
                            commit=args.commit)

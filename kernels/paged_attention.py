@@ -434,6 +434,12 @@ FP8_DECODE_STREAMS = False
 DECODE_LAUNCH_STREAMS = dict(STREAMS=2, BLOCK_N=32, num_warps=2, num_stages=3)
 
 
+def decode_launch(element_size: int, streams: bool = False) -> dict:
+    """The decode kernel's launch (STREAMS, BLOCK_N, num_warps, num_stages) for a cache of
+    ``element_size``-byte elements, or for the streams path (fp8 K, transposed V)."""
+    return {"STREAMS": 1, **(DECODE_LAUNCH_STREAMS if streams else DECODE_LAUNCH[element_size])}
+
+
 @functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
@@ -488,9 +494,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if batch == 0:
         return out
     group = num_heads // num_kv_heads
-    streams = FP8_DECODE_STREAMS and kv_fp8 and v_t
-    launch = {"STREAMS": 1, **(DECODE_LAUNCH_STREAMS if streams else
-                               DECODE_LAUNCH[k_cache.element_size()])}
+    launch = decode_launch(k_cache.element_size(), FP8_DECODE_STREAMS and kv_fp8 and v_t)
     if num_splits is None:
         num_splits = default_num_splits(batch, num_kv_heads, block_tables.shape[1] * block_size,
                                         _num_sms(q.device), launch["BLOCK_N"] * launch["STREAMS"])

@@ -60,10 +60,10 @@ def _compile_decode_sass(kv_dtype: str, v_transposed: bool, streams: bool) -> st
 
     fn = pa._decode_split_kernel
     fp8 = kv_dtype == "fp8e4nv"
-    launch = dict(pa.DECODE_LAUNCH_STREAMS if streams else pa.DECODE_LAUNCH[1 if fp8 else 2])
+    launch = pa.decode_launch(1 if fp8 else 2, streams)
     constexprs = dict(GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_SIZE=16,
                       BLOCK_N=launch.pop("BLOCK_N"), WRITE_OUT=True, DOT_PRECISION="tf32",
-                      KV_FP8=fp8, V_T=v_transposed, STREAMS=launch.pop("STREAMS", 1))
+                      KV_FP8=fp8, V_T=v_transposed, STREAMS=launch.pop("STREAMS"))
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
