@@ -254,18 +254,17 @@ def _attend_streams(
     STREAMS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """_attend_tile over fp8 K and transposed V for STREAMS tiles at once, tile s holding the
-    BLOCK_N positions from n0 + s * BLOCK_N, each with its own online softmax (_merge_streams
-    joins them). Both products are one batched tl.dot whose batch dimension the warps split, so
-    a warp keeps its tile's row maxima, sums and P in registers: nothing is exchanged between
-    warps through shared memory and P is not re-laid out for the second product."""
-    PAGE: tl.constexpr = min(BLOCK_SIZE, BLOCK_N)
+    BLOCK_N positions from n0 + s * BLOCK_N (read as one tile by _tile_pages and _load_vt),
+    each with its own online softmax (_merge_streams joins them). Both products are one batched
+    tl.dot whose batch dimension the warps split, so a warp keeps its tile's row maxima, sums
+    and P in registers: nothing is exchanged between warps through shared memory and P is not
+    re-laid out for the second product."""
     offs_d = tl.arange(0, HEAD_DIM)
-    pos = n0 + tl.arange(0, STREAMS)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    kv_mask = pos < kv_end
-    row = pos % BLOCK_SIZE
-    page_mask = tl.max_constancy(pos - row < kv_end, [1, PAGE])  # as in _tile_pages
-    page = tl.load(block_table_ptr + pos // BLOCK_SIZE, mask=page_mask, other=0).to(tl.int64)
-    k_off = page * stride_kb + row * stride_ks + kvh * stride_kh
+    # One tile of STREAMS * BLOCK_N positions (n0 a multiple of it), split into the streams.
+    row, kv_mask, page_mask, page = _tile_pages(block_table_ptr, n0, kv_end, BLOCK_SIZE,
+                                                STREAMS * BLOCK_N)
+    k_off = tl.reshape(page * stride_kb + row * stride_ks + kvh * stride_kh, [STREAMS, BLOCK_N])
+    kv_mask = tl.reshape(kv_mask, [STREAMS, BLOCK_N])
     k = tl.load(k_cache_ptr + k_off[:, :, None] + offs_d[None, None, :],
                 mask=kv_mask[:, :, None], other=0.0).to(q3.dtype)
     s = tl.dot(q3, tl.trans(k, 0, 2, 1), input_precision=DOT_PRECISION) * qk_scale
@@ -277,13 +276,10 @@ def _attend_streams(
     alpha = tl.exp2(m_i - m_use)
     p = tl.exp2(s - m_use[:, :, None])
     l_i = l_i * alpha + tl.sum(p, 2)
-    # V^T [S, D, BLOCK_N] in whole pages, as _load_vt
-    vt_off = ((page * stride_vb + row + kvh * stride_vh)[:, None, :]
-              + offs_d[None, :, None] * BLOCK_SIZE)
-    vt_off = tl.max_contiguous(tl.multiple_of(vt_off, [1, 1, PAGE]), [1, 1, PAGE])
-    vt = tl.load(v_cache_ptr + vt_off, mask=page_mask[:, None, :], other=0.0).to(q3.dtype)
-    acc = acc * alpha[:, :, None] + tl.dot(p.to(q3.dtype), tl.trans(vt, 0, 2, 1),
-                                           input_precision=DOT_PRECISION)
+    vt = _load_vt(v_cache_ptr, page, row, page_mask, kvh, stride_vb, stride_vh, HEAD_DIM,
+                  BLOCK_SIZE, STREAMS * BLOCK_N)
+    v = tl.permute(tl.reshape(vt, [HEAD_DIM, STREAMS, BLOCK_N]), (1, 2, 0)).to(q3.dtype)
+    acc = acc * alpha[:, :, None] + tl.dot(p.to(q3.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
 
@@ -331,7 +327,8 @@ def _decode_split_kernel(
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
-    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    TILE: tl.constexpr = STREAMS * BLOCK_N  # positions an iteration reads
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), TILE) * TILE
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
@@ -352,7 +349,7 @@ def _decode_split_kernel(
         acc3 = tl.zeros([STREAMS, BLOCK_G, HEAD_DIM], tl.float32)
         m3 = tl.full([STREAMS, BLOCK_G], float("-inf"), tl.float32)
         l3 = tl.zeros([STREAMS, BLOCK_G], tl.float32)
-        for n0 in range(start, end, STREAMS * BLOCK_N):
+        for n0 in range(start, end, TILE):
             acc3, m3, l3 = _attend_streams(
                 q3, acc3, m3, l3, k_cache_ptr, v_cache_ptr, bt_row, n0, end, kvh, qk_scale,
                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vh,
@@ -427,7 +424,7 @@ DECODE_LAUNCH = {
 }
 # Decode over fp8 K and transposed V (the engine's fp8 pools) as two 32-token streams a 64-token
 # tile, one per warp (_attend_streams): off until timed on the GPU. Read offline (sm_90 SASS, Triton
-# 3.9, against the default 64/2/3): 616 instead of 682 instructions a warp per 64 tokens, 4 barriers
+# 3.9, against the default 64/2/3): 593 instead of 682 instructions a warp per 64 tokens, 4 barriers
 # a tile instead of 10, no STSM, 17 instead of 23 KB of shared memory, 168 registers instead of 128.
 # (Operands swapped for wgmma, S^T = K Q^T, was timed and lost: docs/benchmarks.md.)
 FP8_DECODE_STREAMS = False
