@@ -475,16 +475,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One query token per sequence: q [B, Hq, D] -> [B, Hq, D] (into ``out`` if given)."""
     batch, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
-    block_size, v_t = _check_cache(k_cache, v_cache, num_kv_heads, head_dim)
-    kv_fp8 = reference.check_kv_scales(k_cache.dtype, k_scale, v_scale)
-    assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
-    assert kv_fp8 or q.dtype == k_cache.dtype, (q.dtype, k_cache.dtype)
-    assert q.stride(-1) == 1, q.stride()
-    assert block_tables.dtype == torch.int32 and block_tables.dim() == 2, block_tables.dtype
-    assert block_tables.shape[0] == batch and block_tables.stride(1) == 1, block_tables.shape
-    assert seq_lens.dtype == torch.int32 and seq_lens.shape == (batch,), seq_lens.shape
-    assert seq_lens.is_contiguous()
+    num_kv_heads, block_size, v_t, kv_fp8 = _check_inputs(q, k_cache, v_cache, block_tables,
+                                                          seq_lens, k_scale, v_scale)
+    assert seq_lens.shape == (batch,), (seq_lens.shape, batch)
     if out is None:
         out = torch.empty_like(q)
     assert out.shape == q.shape and out.dtype == q.dtype and out.stride(-1) == 1, out.shape
@@ -645,17 +638,10 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     but one launch serves any mix of query lengths, as a CUDA graph of a (T, S) bucket needs).
     """
     num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
-    block_size, v_t = _check_cache(k_cache, v_cache, num_kv_heads, head_dim)
-    kv_fp8 = reference.check_kv_scales(k_cache.dtype, k_scale, v_scale)
-    assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
-    assert kv_fp8 or q.dtype == k_cache.dtype, (q.dtype, k_cache.dtype)
-    assert q.stride(-1) == 1, q.stride()
+    num_kv_heads, block_size, v_t, kv_fp8 = _check_inputs(q, k_cache, v_cache, block_tables,
+                                                          seq_lens, k_scale, v_scale)
     num_seqs = seq_lens.shape[0]
-    assert block_tables.dtype == torch.int32 and block_tables.shape[0] == num_seqs
-    assert block_tables.stride(1) == 1, block_tables.stride()
     assert query_start_loc.dtype == torch.int32 and query_start_loc.shape == (num_seqs + 1,)
-    assert seq_lens.dtype == torch.int32 and seq_lens.is_contiguous()
     assert query_start_loc.is_contiguous()
     out = torch.empty_like(q)
     if num_tokens == 0 or num_seqs == 0:
@@ -709,6 +695,28 @@ def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, num_kv_heads: int
     assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, f"head_dim {head_dim}: power of 2"
     assert block_size >= 8 and block_size & (block_size - 1) == 0, f"block_size {block_size}"
     return block_size, v_t
+
+
+def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                  k_scale: torch.Tensor | None, v_scale: torch.Tensor | None
+                  ) -> tuple[int, int, bool, bool]:
+    """Assert what the decode and prefill launches share (q [*, Hq, D], the cache views, one
+    block-table row and one int32 length a sequence); returns num_kv_heads, block_size, whether
+    V's blocks are stored transposed and whether the cache is fp8."""
+    num_heads, head_dim = q.shape[1:]
+    num_kv_heads = k_cache.shape[2]
+    block_size, v_t = _check_cache(k_cache, v_cache, num_kv_heads, head_dim)
+    kv_fp8 = reference.check_kv_scales(k_cache.dtype, k_scale, v_scale)
+    assert num_heads % num_kv_heads == 0, (num_heads, num_kv_heads)
+    assert kv_fp8 or q.dtype == k_cache.dtype, (q.dtype, k_cache.dtype)
+    assert q.stride(-1) == 1, q.stride()
+    assert block_tables.dtype == torch.int32 and block_tables.dim() == 2, block_tables.dtype
+    assert block_tables.stride(1) == 1, block_tables.stride()
+    assert seq_lens.dtype == torch.int32 and seq_lens.dim() == 1, seq_lens.shape
+    assert block_tables.shape[0] == seq_lens.shape[0], (block_tables.shape, seq_lens.shape)
+    assert seq_lens.is_contiguous()
+    return num_kv_heads, block_size, v_t, kv_fp8
 
 
 def _v_transposed(v_cache: torch.Tensor, block_size: int) -> bool:
