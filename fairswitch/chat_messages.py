@@ -25,6 +25,8 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from fairswitch.unicode_text import lone_surrogate, not_text_message
+
 
 class MessageError(Exception):
     def __init__(self, message: str, field: str) -> None:
@@ -94,6 +96,11 @@ def _parse_message(m: Any, where: str, describe: Callable[[Any], str]) -> dict[s
         if tool_calls:  # (an empty list, as some clients send, is no tool calls)
             message["tool_calls"] = [_tool_call(call, f"{where}.tool_calls[{j}]", describe)
                                      for j, call in enumerate(tool_calls)]
+    for key, value in message.items():  # (no tokenizer takes them, nor says which field)
+        char = lone_surrogate(value)
+        if char is not None:
+            raise MessageValueError(f"'{where}.{key}' holds {not_text_message(char)}",
+                                    f"{where}.{key}")
     return message
 
 
@@ -139,11 +146,14 @@ def _json_object(text: str, where: str, describe: Callable[[Any], str]) -> dict[
         return {}
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # (nested deeper than Python's recursion limit)
         value = None
     if not isinstance(value, dict):
         raise MessageValueError(f"'{where}' must be the JSON text of an object, got "
                                 f"{describe(text)}", where)
+    char = lone_surrogate(value)  # its \\ud800 escapes were not seen as one until parsed
+    if char is not None:
+        raise MessageValueError(f"'{where}' holds {not_text_message(char)}", where)
     return value
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 
 # Temperatures below this sample greedily, as in vLLM: the distribution is the argmax's to within
@@ -148,8 +149,14 @@ def _check_number(name: str, value: object, low: float, high: float) -> None:
 
 
 def _token_id(value: object) -> int:
-    if isinstance(value, str) and value.isascii() and value.strip().lstrip("-").isdigit():
-        value = int(value)  # JSON object keys are strings
+    if isinstance(value, str):  # JSON object keys are strings
+        digits = value.strip()
+        if not re.fullmatch(r"-?[0-9]+", digits):
+            raise TypeError(f"logit_bias token id must be an integer, got {value!r:.40}")
+        if len(digits) > 18:  # (int() refuses past 4300 digits; no vocabulary comes near)
+            raise ValueError(f"logit_bias token ids must be in the vocabulary, got one of "
+                             f"{len(digits)} digits")
+        value = int(digits)
     _check_int("logit_bias token id", value)
     if value < 0:  # (the vocabulary's upper bound is checked against the model)
         raise ValueError(f"logit_bias token ids must be >= 0, got {value}")

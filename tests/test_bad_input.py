@@ -46,6 +46,17 @@ def test_prompt_longer_than_max_model_len(llm):
         llm.generate("word " * 200, use_tqdm=False)
 
 
+def test_lone_surrogates_are_named(llm):
+    """Python strings may hold them; no tokenizer takes them (it raised its own TypeError)."""
+    with pytest.raises(ValueError, match=r"^prompt holds a lone UTF-16 surrogate \('\\ud800'\)"):
+        llm.generate("a\ud800b", use_tqdm=False)
+    with pytest.raises(ValueError, match=r"^'messages\[1\].content' holds a lone UTF-16 "):
+        llm.chat([{"role": "system", "content": "s"}, {"role": "user", "content": "x\udc00"}],
+                 use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.generate("a\U0001F600b", SamplingParams(max_tokens=1), use_tqdm=False)  # a pair
+
+
 def test_bad_token_ids(llm):
     with pytest.raises(ValueError, match="token ids must be integers"):
         llm.generate([[1, 2, 10**9]], use_tqdm=False)

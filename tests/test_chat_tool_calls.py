@@ -105,6 +105,10 @@ def test_a_template_that_would_drop_tool_calls_refuses_them(llm, messages, field
      r"'messages\[1\].tool_calls\[0\].function.arguments' must be the JSON text of an object"),
     (with_call(function={"arguments": "[1]"}), ValueError,
      r"'messages\[1\].tool_calls\[0\].function.arguments' must be the JSON text"),
+    (with_call(function={"arguments": '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}"}),
+     ValueError, r"'messages\[1\].tool_calls\[0\].function.arguments' must be the JSON text"),
+    (with_call(function={"arguments": '{"a": "\\ud800"}'}), ValueError,
+     r"'messages\[1\].tool_calls\[0\].function.arguments' holds a lone UTF-16 surrogate"),
     ([{**CONVERSATION[0], "tool_calls": [CALL]}], ValueError,
      r"'messages\[0\].tool_calls': only an assistant message"),
     ([{**CONVERSATION[2], "tool_call_id": 7}], TypeError,
@@ -162,6 +166,20 @@ def test_server_refuses_tool_calls_its_template_would_drop(server, path):
         assert err["type"] == "invalid_request_error" and err["param"] == param
         assert err["message"].startswith(f"'{param}': ")
         assert "does not render tool calls" in err["message"]
+
+
+def test_tool_call_arguments_that_no_template_could_take_are_named(server, tool_server):
+    """Nested past Python's recursion limit, or a lone surrogate once parsed (the body's own
+    check sees an escaped string): each a 400 naming the arguments, as any bad JSON there."""
+    param = "messages[1].tool_calls[0].function.arguments"
+    for srv, arguments, message in (
+            (server, '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}", "must be the JSON text"),
+            (tool_server, '{"a": "\\ud800"}', "holds a lone UTF-16 surrogate")):
+        for path in ("/v1/chat/completions", "/tokenize"):
+            status, body = post(srv.url + path, {"messages": with_call(
+                function={"arguments": arguments}), "max_tokens": 1})
+            assert status == 400, body
+            assert body["error"]["param"] == param and message in body["error"]["message"]
 
 
 def test_openai_client_sees_the_refusal_and_the_bad_field(server, tool_server):

@@ -224,6 +224,7 @@ def test_n_copies_are_sampled_independently_and_share_the_prompt(llama_dir):
     (dict(min_tokens=20, max_tokens=10), "min_tokens"), (dict(presence_penalty=3), "presence"),
     (dict(repetition_penalty=0.0), "repetition"), (dict(min_p=1.5), "min_p"),
     (dict(logprobs=21), "logprobs"), (dict(logit_bias={3: 500}), "logit_bias"),
+    (dict(logit_bias={"1" * 19: 1}), "^logit_bias token ids must be in the vocabulary"),
     (dict(n=0), "n must"), (dict(min_p=float("nan")), "min_p must be in"),
     (dict(top_p=float("nan")), "top_p must be in"), (dict(stop=[""]), "stop strings")])
 def test_bad_values_are_refused(bad, match):
@@ -236,6 +237,8 @@ def test_bad_values_are_refused(bad, match):
       for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "detokenize")
       for value in ("yes", 1, None)],
     (dict(logit_bias={"x": 1}), "^logit_bias token id must be an integer"),
+    (dict(logit_bias={"--5": 1}), "^logit_bias token id must be an integer, got '--5'"),
+    (dict(logit_bias={" 5x": 1}), "^logit_bias token id must be an integer"),
     (dict(logit_bias={3: "1"}), "^logit_bias value must be a number"),
     (dict(logit_bias=[1]), "^logit_bias must map"),
     (dict(stop=5), "^stop must be a list"), (dict(stop=[5]), "^stop strings must be strings"),

@@ -139,6 +139,13 @@ BAD = [
      ["logit_bias token id must be an integer"], "logit_bias"),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"5": "a"}}, 400,
      ["logit_bias value"], "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"--5": 1}}, 400,
+     ["logit_bias token id must be an integer, got '--5'"], "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"7" * 4400: 1}}, 400,
+     ["logit_bias token ids must be in the vocabulary, got one of 4400 digits"], "logit_bias"),
+    # Checked against the model's vocabulary by the engine, still named.
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"999999": 1}}, 400,
+     ["logit_bias token ids must be in [0, "], "logit_bias"),
     ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, ["'best_of'"], "best_of"),
     ("/v1/completions", {"prompt": "x", "stop_token_ids": [-1]}, 400, ["'stop_token_ids'"],
      "stop_token_ids"),

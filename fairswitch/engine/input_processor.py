@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from fairswitch.sampling_params import SamplingParams
+from fairswitch.unicode_text import lone_surrogate, not_text_message
 
 
 class InputProcessor:
@@ -60,6 +61,9 @@ class InputProcessor:
                     f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]}")
             text = prompt
         else:
+            char = lone_surrogate(prompt)
+            if char is not None:
+                raise ValueError(f"prompt holds {not_text_message(char)}")
             ids, text = self.tokenizer.encode(prompt), prompt
         if not ids or (text is not None and not text):
             raise ValueError("prompt is empty")

@@ -46,6 +46,7 @@ from fairswitch.server.metrics import (CONTENT_TYPE, RequestTracker, ServerMetri
 from fairswitch.server.prompts import PromptWorker
 from fairswitch.server.serving import DRAIN_KEY
 from fairswitch.server.settings import ServerSettings
+from fairswitch.unicode_text import lone_surrogate, not_text_message
 
 logger = logging.getLogger(__name__)
 
@@ -371,22 +372,10 @@ def _loads(raw: bytes) -> Any:
 
 def _check_text(body: Any) -> None:
     """Refuse strings that are not Unicode text: JSON's ``\\ud800`` escapes (and UTF-8 bytes
-    of a surrogate, which ``json.loads`` lets through) give lone surrogates, which no tokenizer
-    or encoder takes."""
-    stack = [body]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-        elif isinstance(item, str):
-            try:
-                item.encode()
-            except UnicodeEncodeError as e:
-                raise bad_request(f"the request body holds a lone UTF-16 surrogate "
-                                  f"({item[e.start]!a}), which is not Unicode text") from None
+    of a surrogate, which ``json.loads`` lets through) give lone surrogates."""
+    char = lone_surrogate(body)
+    if char is not None:
+        raise bad_request(f"the request body holds {not_text_message(char)}")
 
 
 def _aborted() -> APIError:
@@ -403,7 +392,7 @@ async def _next_output(outputs: AsyncIterator[Any]) -> Any:
     except EngineDeadError as e:
         raise APIError(503, f"the engine is not running: {e}") from e
     except (TypeError, ValueError) as e:  # add_request's validation
-        raise bad_request(str(e)) from e
+        raise bad_request(str(e), protocol.named_field(str(e))) from e
 
 
 def build_app(engine: AsyncEngine, settings: ServerSettings | None = None, *,

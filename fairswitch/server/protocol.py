@@ -216,7 +216,7 @@ class GenerationRequest:
                 repetition_penalty=self.repetition_penalty, logit_bias=self.logit_bias,
                 logprobs=self.logprobs, prompt_logprobs=self.prompt_logprobs)
         except (TypeError, ValueError) as e:  # e.g. a logit bias not a number, or out of range
-            raise bad_request(str(e), _named_field(str(e))) from e
+            raise bad_request(str(e), named_field(str(e))) from e
 
     def check_min_tokens(self, max_tokens: int) -> None:
         """``min_tokens`` within the ``max_tokens`` the request gets: the one it gave (checked
@@ -229,8 +229,9 @@ class GenerationRequest:
                               "min_tokens")
 
 
-def _named_field(message: str) -> str | None:
-    """The request field a SamplingParams error names first (its messages start with it)."""
+def named_field(message: str) -> str | None:
+    """The request field that a SamplingParams error, or the engine's check of a request, names
+    first (their messages start with it)."""
     word = message.split(" ", 1)[0]
     return word if word in _FIELD_NAMES else None
 
