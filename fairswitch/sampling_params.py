@@ -114,6 +114,9 @@ class SamplingParams:
         _check_int("n", self.n)
         if not 1 <= self.n <= MAX_N:
             raise ValueError(f"n must be in [1, {MAX_N}], got {self.n}")
+        if self.seed is not None and self.seed + self.n - 1 >= 2**64:  # copy i: seed + i
+            raise ValueError(f"seed must fit in 64 bits for each of the n={self.n} copies "
+                             f"(seed + {self.n - 1} at most {2**64 - 1}), got {self.seed}")
         # Does sampling depend on the tokens so far (all of them known, none in flight)? Is
         # anything done to the logits before temperature (bias, penalties, min_tokens)?
         self.has_penalties = (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0

@@ -27,6 +27,7 @@ def llm():
     ({"top_k": -2}, "top_k"),
     ({"stop": [""]}, "stop strings"),
     ({"seed": 2**70}, "seed must fit in 64 bits"),
+    ({"seed": 2**64 - 1, "n": 2}, r"seed must fit in 64 bits for each of the n=2 copies"),
     ({"top_k": 2**40}, "top_k must be"),
 ])
 def test_bad_sampling_params(kwargs, match):
@@ -66,6 +67,20 @@ def test_bad_prompt_in_batch_queues_nothing(llm):
     with pytest.raises(ValueError):
         llm.generate(["fine", ""], use_tqdm=False)
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_params_the_model_refuses_are_refused_before_anything_runs():
+    """A logit_bias id past the vocabulary is the engine's check; with a waiting queue of one,
+    the last prompt used to be checked only when it joined, after the others had run."""
+    llm = LLM(num_gpu_blocks=64, max_model_len=64, max_waiting=1, max_num_seqs=1)
+    steps = []
+    step = llm.engine.step
+    llm.engine.step = lambda: steps.append(1) or step()
+    good = SamplingParams(max_tokens=8, ignore_eos=True)
+    with pytest.raises(ValueError, match=r"^logit_bias token ids must be in \[0, "):
+        llm.generate(["a", "b", "c"], [good, good, SamplingParams(logit_bias={10**6: 1.0})],
+                     use_tqdm=False)
+    assert not steps and not llm.engine.has_unfinished_requests()
 
 
 def _still_serves(llm):

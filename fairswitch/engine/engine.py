@@ -109,6 +109,11 @@ class Engine:
                        "(--policy priority or trace does); further ones are not reported",
                        priority, self.config.scheduler.policy)
 
+    def validate_params(self, params: SamplingParams) -> None:
+        """ValueError if ``params`` (one sequence: n=1) does not suit this model (token ids past
+        its vocabulary), as ``add_request`` checks it."""
+        self.inputs.check_params(params)
+
     def validate_prompt(self, prompt: str | list[int] | None,
                         prompt_token_ids: list[int] | None) -> tuple[str | None, list[int]]:
         """(text, token ids) of a prompt; TypeError if one is of the wrong type, ValueError if it

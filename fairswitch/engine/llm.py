@@ -67,28 +67,31 @@ class LLM:
         # Tokenize and validate everything first so a bad prompt queues nothing.
         checked = [engine.validate_prompt(*((None, p) if isinstance(p, list) else (p, None)))
                    for p in prompts]
+        copies = [p.copies() for p in params]
+        for c in copies:
+            engine.validate_params(c[0])  # (the copies differ in their seeds alone)
         ids: list[str] = []
         index: dict[str, tuple[int, int]] = {}  # request id -> (prompt, copy)
         # n > 1: one request per copy; copies 1.. join once copy 0's prompt is computed, so
         # that they share its KV (prefix caching) instead of computing it n times.
         later: dict[str, Any] = {}
         # What is not yet queued: with max_waiting set, requests join as the queue frees.
-        pending = deque((i, 0, p.copies()) for i, p in enumerate(params))
+        pending = deque((i, 0, c) for i, c in enumerate(copies))
 
         def feed() -> None:
             while pending:
-                i, j, copies = pending[0]
+                i, j, seqs = pending[0]
                 (text, toks), prio, client = checked[i], priorities[i], clients[i]
                 try:
-                    rid = engine.add_request(text, copies[j], prompt_token_ids=toks,
+                    rid = engine.add_request(text, seqs[j], prompt_token_ids=toks,
                                              priority=prio, client_id=client)
                 except QueueFullError:  # joins as the queue frees (max_waiting >= 1: it will)
                     return
                 pending.popleft()
                 ids.append(rid)
                 index[rid] = (i, j)
-                if j == 0 and len(copies) > 1:
-                    later[rid] = (i, copies)
+                if j == 0 and len(seqs) > 1:
+                    later[rid] = (i, seqs)
 
         done: list[list[RequestOutput | None]] = [[None] * p.n for p in params]
         bar = _progress(sum(p.n for p in params), use_tqdm)
@@ -97,8 +100,8 @@ class LLM:
             while engine.has_unfinished_requests():
                 for out in engine.step():
                     if out.request_id in later:  # its first output: the prompt is computed
-                        i, copies = later.pop(out.request_id)
-                        pending.extendleft((i, j, copies) for j in range(len(copies) - 1, 0, -1))
+                        i, seqs = later.pop(out.request_id)
+                        pending.extendleft((i, j, seqs) for j in range(len(seqs) - 1, 0, -1))
                     if out.finished and out.request_id in index:
                         i, j = index[out.request_id]
                         done[i][j] = out
@@ -112,7 +115,7 @@ class LLM:
         finally:
             if bar is not None:
                 bar.close()
-        return [_merged(copies) for copies in done]  # type: ignore[arg-type]
+        return [_merged(outs) for outs in done]  # type: ignore[arg-type]
 
     def chat(
         self,
