@@ -328,6 +328,11 @@ def test_bench_cli_in_process(trace_file, tmp_path, capsys):
     (["--client-weights", "a=0"], "client weight of 'a' must be a finite number > 0"),
     (["--client-weights", "a=x"], "client weight of 'a' must be a number, got 'x'"),
     (["--plots-dir", "PLOTS"], "--plots-dir: plots need matplotlib"),
+    # Every request, or the warm-up, would fail (a bench of failures, exit status 0).
+    (["--temperature", "-1"], "--temperature must be a finite number >= 0, got -1.0"),
+    (["--temperature", "nan"], "--temperature must be a finite number >= 0, got nan"),
+    (["--warmup-requests", "-1"], "--warmup-requests must be >= 0, got -1"),
+    (["--chat-template", "{% if %}"], "--chat-template is not a Jinja template: "),
 ])
 def test_bench_refuses_bad_report_options_before_the_replay(trace_file, tmp_path, capsys,
                                                             monkeypatch, options, message):

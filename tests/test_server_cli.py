@@ -29,6 +29,33 @@ def test_serve_help_lists_server_options(capsys):
         assert opt in text, opt
 
 
+@pytest.mark.parametrize("options, message", [
+    (["--shutdown-timeout", "nan"], "--shutdown-timeout must be a finite number of seconds >= 0"),
+    (["--shutdown-timeout", "-1"], "--shutdown-timeout must be a finite number of seconds >= 0"),
+    (["--chat-template", "{% for m in messages %}"], "--chat-template is not a Jinja template"),
+])
+def test_serve_refuses_bad_server_options_before_building_the_engine(capsys, monkeypatch,
+                                                                     options, message):
+    """A NaN timeout never ended a drain; a template that does not parse failed every chat
+    request as the client's error (400)."""
+    from fairswitch.engine.async_engine import AsyncEngine
+
+    def no_engine(*args, **kwargs):
+        raise AssertionError("built an engine before refusing the options")
+
+    monkeypatch.setattr(AsyncEngine, "from_config", no_engine)
+    assert main(["serve", *options]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_templates_with_transformers_statements_are_taken():
+    from fairswitch.cli.serve import read_chat_template
+
+    template = ("{% for m in messages %}{% if loop.index > 9 %}{% break %}{% endif %}"
+                "{% generation %}{{ m.content }}{% endgeneration %}{% endfor %}")
+    assert read_chat_template(template) == template
+
+
 def _lines(stream, out: queue.Queue) -> None:
     for line in stream:
         out.put(line)

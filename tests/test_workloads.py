@@ -296,6 +296,16 @@ def test_read_trace_names_the_corrupt_line(tmp_path, line, what):
         read_trace(path)
 
 
+def test_a_trace_meta_that_is_not_json_is_refused(tmp_path):
+    """Python's NaN in the meta line used to pass, and the report that repeats the meta could
+    not be written once the run had ended."""
+    path = tmp_path / "meta.jsonl"
+    write_trace(path, _bare(1))
+    path.write_text('{"trace_meta": {"rate": NaN}}\n' + path.read_text())
+    with pytest.raises(TraceError, match=r"meta\.jsonl:1: .*NaN is not a JSON number"):
+        read_trace(path)
+
+
 @pytest.mark.parametrize("name,clients", [("sharegpt_multiturn.jsonl.gz", 1),
                                           ("clients_overload.jsonl.gz", 4), ("tiny.jsonl", 2)])
 def test_committed_traces_parse(name, clients):

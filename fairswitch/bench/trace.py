@@ -114,6 +114,10 @@ def parse_conversation(obj: Any) -> Conversation:
                         turns=[_turn(t, i) for i, t in enumerate(turns)])
 
 
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def read_trace(path: str | Path) -> Trace:
     """Parse a trace; a bad line raises TraceError naming ``path:line`` and what is wrong."""
     path = Path(path)
@@ -127,7 +131,9 @@ def read_trace(path: str | Path) -> Trace:
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line.decode("utf-8"))
+                # NaN and Infinity are Python's extensions of JSON: a report repeating the
+                # trace's meta could not be written (after the whole run).
+                obj = json.loads(line.decode("utf-8"), parse_constant=_not_json)
                 if n == 1 and isinstance(obj, dict) and "trace_meta" in obj:
                     meta = dict(obj["trace_meta"])
                     continue

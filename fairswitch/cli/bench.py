@@ -15,7 +15,7 @@ from fairswitch.bench.ablations import ABLATIONS, parse_names
 from fairswitch.bench.runner import RunResult, compare_engines
 from fairswitch.bench.trace import Trace
 from fairswitch.cli.files import check_writable
-from fairswitch.cli.replay_args import (add_replay_args, check_outputs, config_json,
+from fairswitch.cli.replay_args import (add_replay_args, check_replay_args, config_json,
                                         engine_run_kwargs, load_trace, print_failures,
                                         replay_options, report_header, run_target)
 from fairswitch.config import EngineConfig
@@ -82,7 +82,7 @@ def check_report_args(args: argparse.Namespace) -> None:
     if not (math.isfinite(args.window_s) and args.window_s > 0):
         raise ValueError(f"--window-s must be finite and > 0, got {args.window_s}")
     parse_client_weights(args.client_weights)
-    check_outputs(args)
+    check_replay_args(args)
     if args.plots_dir is not None:
         from fairswitch.bench.plots import figure_class
 

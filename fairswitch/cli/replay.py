@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from fairswitch.cli.replay_args import (add_replay_args, check_outputs, config_json, load_trace,
-                                        print_failures, report_header, run_target)
+from fairswitch.cli.replay_args import (add_replay_args, check_replay_args, config_json,
+                                        load_trace, print_failures, report_header, run_target)
 
 
 def add_parser(subs: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -29,7 +29,7 @@ def replay(args: argparse.Namespace) -> dict[str, Any]:
     from fairswitch.config import parse_client_weights
 
     weights = parse_client_weights(args.client_weights) or None  # (refused before the run)
-    check_outputs(args)
+    check_replay_args(args)
     trace = load_trace(args)
     result = run_target(args, trace, "replay")
     summary = result.summarize(weights=weights)

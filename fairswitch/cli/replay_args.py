@@ -65,8 +65,15 @@ def add_replay_args(p: argparse.ArgumentParser) -> None:
     add_engine_args(p)
 
 
-def check_outputs(args: argparse.Namespace) -> None:
-    """Refuse, before the replay, output paths that could not be written after it."""
+def check_replay_args(args: argparse.Namespace) -> None:
+    """Refuse, before an engine is built, what would fail the warm-up or every request (the
+    sampling temperature, the chat template), and output paths that could not be written
+    after the replay."""
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ValueError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if args.warmup_requests < 0:
+        raise ValueError(f"--warmup-requests must be >= 0, got {args.warmup_requests}")
+    read_chat_template(args.chat_template)
     if args.output_json is not None:
         check_writable(args.output_json, "--output-json")
     if args.step_log is not None and args.url is None:  # (with --url: refused by run_target)

@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 from pathlib import Path
+
+import jinja2
+import jinja2.ext
 
 from fairswitch.cli.files import read_text
 from fairswitch.config import EngineConfig, add_engine_args
@@ -52,10 +56,32 @@ def add_parser(subs: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def read_chat_template(value: str | None) -> str | None:
-    """The --chat-template value: a file's text, or the template itself."""
-    if value is None or "{" in value:
-        return value
-    return read_text(Path(value), "chat template file")
+    """The --chat-template value: a file's text, or the template itself; refused here if it is
+    not Jinja (else every chat request would fail, each as if the client had erred)."""
+    if value is None:
+        return None
+    text = value if "{" in value else read_text(Path(value), "chat template file")
+    try:
+        _template_parser().parse(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"--chat-template is not a Jinja template: {e.message} (line "
+                         f"{e.lineno})") from None
+    return text
+
+
+def _template_parser() -> jinja2.Environment:
+    """Jinja with the statements transformers' chat templates may use: loop controls, and
+    ``{% generation %}...{% endgeneration %}`` (which marks the assistant's tokens)."""
+
+    class Generation(jinja2.ext.Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.Scope(body, lineno=lineno)
+
+    return jinja2.Environment(extensions=[Generation, jinja2.ext.loopcontrols])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,6 +90,9 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    if not (math.isfinite(args.shutdown_timeout) and args.shutdown_timeout >= 0):
+        raise ValueError(f"--shutdown-timeout must be a finite number of seconds >= 0, got "
+                         f"{args.shutdown_timeout}")
     logging.getLogger("fairswitch").setLevel((args.log_level or "info").upper())
     settings = ServerSettings(
         served_model_names=args.served_model_name or [args.model], api_key=args.api_key,
