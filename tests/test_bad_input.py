@@ -288,10 +288,18 @@ def test_a_bad_tokenizer_fails_before_the_weights_load(tmp_path, llama_dir, monk
         LLM(model=str(tmp_path / "m"), tensor_parallel_size=2)
 
 
-def test_a_corrupt_generation_config_is_named(tmp_path, llama_dir):
+@pytest.mark.parametrize("text, message", [
+    ("{bad", "generation_config.json is not valid JSON"),
+    # A negative id masked the logits' last entry, a string failed the first request.
+    ('{"eos_token_id": -1}', "generation_config.json: eos_token_id must be a token id or a list "
+                             "of them, got -1"),
+    ('{"eos_token_id": [2, "x"]}', r"eos_token_id must be a token id .*, got \[2, 'x'\]"),
+    ('{"eos_token_id": 1.5}', "eos_token_id must be a token id"),
+])
+def test_a_corrupt_generation_config_is_named(tmp_path, llama_dir, text, message):
     shutil.copytree(llama_dir, tmp_path / "m")
-    (tmp_path / "m" / "generation_config.json").write_text("{bad")
-    with pytest.raises(ValueError, match="generation_config.json is not valid JSON"):
+    (tmp_path / "m" / "generation_config.json").write_text(text)
+    with pytest.raises(ValueError, match=message):
         LLM(model=str(tmp_path / "m"), num_gpu_blocks=64)
 
 

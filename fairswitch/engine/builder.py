@@ -28,7 +28,7 @@ from fairswitch.engine.output_processor import OutputProcessor
 from fairswitch.kv.kv_cache import KVLayout, kv_cache_dtype
 from fairswitch.kv.memory import KVMemory, num_gpu_blocks
 from fairswitch.model import loader
-from fairswitch.model.checkpoint_config import CheckpointConfig, read_json
+from fairswitch.model.checkpoint_config import CheckpointConfig, check_token_ids, read_json
 from fairswitch.runner.attention import get_attention_backend
 from fairswitch.runner.jit_watch import JIT_CLOCK
 from fairswitch.runner.model_runner import GraphPlan, ModelRunner
@@ -227,5 +227,6 @@ def _eos_ids(hf_config: CheckpointConfig, tokenizer: Any, source: loader.ModelSo
     if gen_cfg is not None and gen_cfg.is_file():
         gen = read_json(gen_cfg)
         value = gen.get("eos_token_id") if isinstance(gen, dict) else None
+        check_token_ids(value, "eos_token_id", str(gen_cfg), many=True)
         ids.update(value if isinstance(value, list) else [value] if value is not None else [])
     return ids

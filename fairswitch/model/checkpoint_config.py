@@ -61,12 +61,16 @@ def _check_types(raw: dict[str, Any], where: str) -> None:
         if raw.get(key) is not None and not isinstance(raw[key], dict):
             raise ValueError(f"{where}: {key} must be an object, got {raw[key]!r}")
     for key in ("eos_token_id", "bos_token_id"):
-        value = raw.get(key)
-        ids = value if isinstance(value, list) and key == "eos_token_id" else [value]
-        if value is not None and not all(type(i) is int and i >= 0 for i in ids):
-            raise ValueError(f"{where}: {key} must be a token id"
-                             f"{' or a list of them' if key == 'eos_token_id' else ''}, "
-                             f"got {value!r}")
+        check_token_ids(raw.get(key), key, where, many=key == "eos_token_id")
+
+
+def check_token_ids(value: Any, key: str, where: str, many: bool) -> None:
+    """``value`` (of ``key`` in the file ``where``) is None, a token id, or with ``many`` a list
+    of them; else ValueError naming it (a negative id would index the logits from the end)."""
+    ids = value if isinstance(value, list) and many else [value]
+    if value is not None and not all(type(i) is int and i >= 0 for i in ids):
+        raise ValueError(f"{where}: {key} must be a token id{' or a list of them' if many else ''}"
+                         f", got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,10 @@ class CheckpointConfig:
                              f"(supported: {', '.join(_ROPE_PARAMS)})")
         if absent := [k for k in _ROPE_PARAMS[rope_type] if k not in rope]:
             raise ValueError(f"{where}: {rope_type} rope scaling lacks {', '.join(absent)}")
+        for key in _ROPE_PARAMS[rope_type]:
+            if type(rope[key]) not in (int, float) or not 0 < rope[key] < float("inf"):
+                raise ValueError(f"{where}: the {rope_type} rope scaling's {key} must be a "
+                                 f"positive number, got {rope[key]!r}")
         layers = int(raw["num_hidden_layers"])
         config = cls(
             architecture=archs[0], model_type=model_type,
@@ -187,10 +195,19 @@ def _sliding_window(raw: dict[str, Any], defaults: dict[str, Any], num_layers: i
     use = raw.get("use_sliding_window")
     if window is None or not (defaults["use_sliding_window"] if use is None else use):
         return None
+    if type(window) is not int or window < 1:
+        raise ValueError(f"{where}: sliding_window must be a positive integer or null, got "
+                         f"{window!r}")
     if "layer_types" in raw:
+        if not isinstance(raw["layer_types"], list):
+            raise ValueError(f"{where}: layer_types must be a list, got {raw['layer_types']!r}")
         sliding = sum(t == "sliding_attention" for t in raw["layer_types"])
     elif raw.get("model_type") == "qwen2":
-        sliding = max(0, num_layers - int(raw.get("max_window_layers", 28)))
+        first = raw.get("max_window_layers", 28)
+        if type(first) is not int or first < 0:
+            raise ValueError(f"{where}: max_window_layers must be an integer >= 0, got "
+                             f"{first!r}")
+        sliding = max(0, num_layers - first)
     else:
         sliding = num_layers
     if sliding == 0:
@@ -198,4 +215,4 @@ def _sliding_window(raw: dict[str, Any], defaults: dict[str, Any], num_layers: i
     if sliding != num_layers:
         raise ValueError(f"{where}: a sliding window on {sliding} of {num_layers} layers is not "
                          "supported (one window for every layer, or none)")
-    return int(window)
+    return window
