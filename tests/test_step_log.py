@@ -128,12 +128,28 @@ def test_steps_cli_reads_an_engine_log_and_refuses_bad_files(tmp_path, capsys):
 
     bad = tmp_path / "bad.json"
     for text, message in (("{", "not JSON"), ('{"a": 1}', "not a step log"),
-                          ('{"columns": ["t_s"], "rows": []}', "lacks columns"),
+                          ('{"columns": ["t_s"], "rows": []}', "step log lacks columns"),
                           (json.dumps({"columns": list(COLUMNS), "rows": [[1, 2]]}),
-                           "row 0 has 2 values")):
+                           "row 0 has 2 values"),
+                          # Used to raise from numpy or the summary, without the file's name.
+                          (json.dumps({**old, "rows": [["x"] * len(old["columns"])]}),
+                           "row 0 holds 'x', not a finite number"),
+                          (json.dumps({**old, "meta": [1, 2]}), "'meta' must be an object"),
+                          (json.dumps({**old, "meta": {"num_gpu_blocks": "x"}}),
+                           "meta's num_gpu_blocks must be an integer >= 0, got 'x'")):
         bad.write_text(text)
         assert main(["steps", str(bad)]) == 2
-        assert message in capsys.readouterr().err
+        assert f"{bad}: {message}" in capsys.readouterr().err
+    for option in (["--window-s", "nan"], ["--window-s", "inf"], ["--full-fraction", "1"]):
+        assert main(["steps", str(path), *option]) == 2
+        assert f"{option[0]} must be" in capsys.readouterr().err
+
+    # One step hours after the others: two windows, not a walk through every empty one between.
+    late = {**old, "rows": [old["rows"][0], [1e9, *old["rows"][0][1:]]]}
+    (tmp_path / "late.json").write_text(json.dumps(late))
+    assert main(["steps", str(tmp_path / "late.json"), "--output-json", str(out_json)]) == 0
+    assert [w["start_s"] for w in json.loads(out_json.read_text())["late"]["windows"]] == [
+        0.0, 1e9]
 
 
 def test_steps_cli_stops_quietly_when_its_reader_does(tmp_path):

@@ -10,6 +10,7 @@ chunk: counted as a batch's sequences, an upper bound by the chunks that do not 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -72,19 +73,17 @@ def summarize_steps(log: dict[str, Any], full_fraction: float = 0.05) -> dict[st
 
 
 def step_windows(log: dict[str, Any], window_s: float = 10.0) -> list[dict[str, float]]:
-    if window_s <= 0:
-        raise ValueError(f"window_s must be > 0, got {window_s}")
+    if not (math.isfinite(window_s) and window_s > 0):
+        raise ValueError(f"window_s must be finite and > 0, got {window_s}")
     c, a = _cols(log)
     if not len(a):
         return []
-    which = np.floor(a[:, c["t_s"]] / window_s).astype(int)
+    which = np.floor(a[:, c["t_s"]] / window_s)
     rows = []
-    for w in range(int(which.max()) + 1):
+    for w in np.unique(which):  # (the windows with steps: a gap of hours is not iterated)
         r = a[which == w]
-        if not len(r):
-            continue
         rows.append({
-            "start_s": w * window_s,
+            "start_s": float(w * window_s),
             "running": float(r[:, c["running"]].mean()),
             "waiting": float(r[:, c["waiting"]].mean()),
             "swapped": float(r[:, c["swapped"]].mean()),

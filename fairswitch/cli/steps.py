@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -54,6 +55,10 @@ class _Stdout:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not (math.isfinite(args.window_s) and args.window_s > 0):
+        raise ValueError(f"--window-s must be finite and > 0, got {args.window_s}")
+    if not 0 <= args.full_fraction < 1:
+        raise ValueError(f"--full-fraction must be in [0, 1), got {args.full_fraction}")
     for path in args.logs:
         check_input_file(path, "step log")
     if args.output_json is not None:
@@ -74,6 +79,6 @@ def run(args: argparse.Namespace) -> int:
         out.print()
     if args.output_json is not None:
         args.output_json.parent.mkdir(parents=True, exist_ok=True)
-        args.output_json.write_text(json.dumps(report, indent=1) + "\n")
+        args.output_json.write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
         out.print(f"wrote {args.output_json}")
     return 1 if out.closed else 0

@@ -34,6 +34,7 @@ kept in memory and written as one JSON object ``{"columns": [...], "rows": [[...
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,10 +131,28 @@ def read_step_log(path: str | Path) -> dict[str, Any]:
     if missing:
         raise ValueError(f"{path}: step log lacks columns {missing}")
     width = len(data["columns"])
+    if not isinstance(data["rows"], list):
+        raise ValueError(f"{path}: not a step log ('rows' is not a list)")
     for i, row in enumerate(data["rows"]):
         if not isinstance(row, list) or len(row) != width:
             raise ValueError(f"{path}: row {i} has {len(row) if isinstance(row, list) else '?'} "
                              f"values, expected {width}")
+        bad = next((v for v in row if not _finite_number(v)), row)
+        if bad is not row:
+            raise ValueError(f"{path}: row {i} holds {bad!r:.40}, not a finite number")
     data.setdefault("meta", {})
     data.setdefault("num_dropped", 0)
+    if not isinstance(data["meta"], dict):
+        raise ValueError(f"{path}: 'meta' must be an object, got {data['meta']!r:.40}")
+    blocks = data["meta"].get("num_gpu_blocks")
+    if blocks is not None and (type(blocks) is not int or blocks < 0):
+        raise ValueError(f"{path}: meta's num_gpu_blocks must be an integer >= 0, got "
+                         f"{blocks!r:.40}")
+    if type(data["num_dropped"]) is not int or data["num_dropped"] < 0:
+        raise ValueError(f"{path}: num_dropped must be an integer >= 0, got "
+                         f"{data['num_dropped']!r:.40}")
     return data
+
+
+def _finite_number(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
