@@ -119,9 +119,14 @@ def test_a_swap_space_past_the_hosts_memory_is_refused(monkeypatch):
     import fairswitch.kv.memory as memory
 
     monkeypatch.setattr(memory, "host_memory_bytes", lambda: 100 * LAYOUT.block_bytes)
-    with pytest.raises(ValueError, match="swap_space .* is more than 90% of this host's"):
-        KVMemory(CacheConfig(block_size=4, swap_space=95 * LAYOUT.block_bytes / 2**30),
+    # On a CPU the 16 blocks of the engine's own cache are host memory too.
+    with pytest.raises(ValueError, match="swap_space .* beside the KV cache .* is more than 90% "
+                       "of this host's"):
+        KVMemory(CacheConfig(block_size=4, swap_space=75 * LAYOUT.block_bytes / 2**30),
                  LAYOUT, 16, CPU, max_model_len=64)
-    fits = KVMemory(CacheConfig(block_size=4, swap_space=90 * LAYOUT.block_bytes / 2**30),
+    fits = KVMemory(CacheConfig(block_size=4, swap_space=74 * LAYOUT.block_bytes / 2**30),
                     LAYOUT, 16, CPU, max_model_len=64)
-    assert fits.swap.cpu_pool.num_blocks == 90
+    assert fits.swap.cpu_pool.num_blocks == 74
+    with pytest.raises(ValueError, match=r"^a KV cache of 91 blocks \(.* GiB\) is more than 90% "
+                       "of this host's .*: lower --num-gpu-blocks or --kv-cache-memory-gib"):
+        KVMemory(CacheConfig(block_size=4), LAYOUT, 91, CPU, max_model_len=64)

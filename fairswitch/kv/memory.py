@@ -70,6 +70,15 @@ def host_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def _check_host_room(nbytes: int, what: str, remedy: str) -> None:
+    """ValueError before allocating ``nbytes`` of host memory past ``HOST_SHARE`` of it (the
+    allocator's own error would come as a traceback, or the OS would kill the process)."""
+    host = host_memory_bytes()
+    if nbytes > HOST_SHARE * host:
+        raise ValueError(f"{what} ({nbytes / _GiB:.1f} GiB) is more than {HOST_SHARE:.0%} of "
+                         f"this host's {host / _GiB:.1f} GiB of memory: {remedy}")
+
+
 class KVMemory:
     def __init__(self, cache: CacheConfig, layout: KVLayout, num_blocks: int,
                  device: torch.device, max_model_len: int,
@@ -79,6 +88,10 @@ class KVMemory:
         self.layout = layout
         self._copy_log = copy_log
         self.block_size = layout.block_size
+        # On a CPU the "device" cache is host memory too: the swap space's bound covers both.
+        self._host_bytes = num_blocks * layout.block_bytes if device.type == "cpu" else 0
+        _check_host_room(self._host_bytes, f"a KV cache of {num_blocks} blocks",
+                         "lower --num-gpu-blocks or --kv-cache-memory-gib")
         self.cache = KVCache(layout, num_blocks, device)
         self.blocks = KVCacheManager(num_blocks, layout.block_size, cache.enable_prefix_caching,
                                      cache.block_groups, max_model_len)
@@ -105,11 +118,9 @@ class KVMemory:
                                "no swap space, every preempted request is recomputed and the "
                                "CPU reuse tier is off", cc.swap_space, self.layout.block_bytes)
             return NoSwapSpace(self.blocks)
-        nbytes, host = num_cpu_blocks * self.layout.block_bytes, host_memory_bytes()
-        if nbytes > HOST_SHARE * host:
-            raise ValueError(
-                f"swap_space {cc.swap_space:g} GiB is more than {HOST_SHARE:.0%} of this host's "
-                f"{host / _GiB:.1f} GiB of memory: lower --swap-space")
+        also = " beside the KV cache" if self._host_bytes else ""
+        _check_host_room(self._host_bytes + num_cpu_blocks * self.layout.block_bytes,
+                         f"swap_space {cc.swap_space:g} GiB{also}", "lower --swap-space")
         on_cuda = device.type == "cuda"
         shape, dtype = self.layout.shape(num_cpu_blocks), self.layout.dtype
         # Pinned on CUDA so copies are DMA; elsewhere never read before written: uninitialized.
