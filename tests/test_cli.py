@@ -102,3 +102,18 @@ def test_console_script_runs():
 
 def test_parser_builds():
     assert build_parser().prog == "fairswitch"
+
+
+def test_stop_token_ids_take_one_value_and_leave_the_prompt(tmp_path):
+    """With nargs="*" the prompt after them was read as one more id ("invalid int value")."""
+    from fairswitch.cli.generate import _read_prompts
+
+    args = build_parser().parse_args(["generate", "--stop-token-ids", "5", "Hello",
+                                      "--stop-token-ids", "7,8"])
+    assert args.prompts == ["Hello"] and args.stop_token_ids == [5, 7, 8]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--stop-token-ids", "5,x", "Hello"])
+    upper = tmp_path / "P.JSONL"  # read as JSONL whatever the case of its suffix
+    upper.write_text('{"prompt": "fine"}\n')
+    args.prompts_file = upper
+    assert _read_prompts(args) == ["Hello", "fine"]

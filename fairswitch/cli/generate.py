@@ -26,7 +26,10 @@ def add_parser(subs: argparse._SubParsersAction) -> argparse.ArgumentParser:
     s.add_argument("--sampling-seed", type=int, default=None,
                    help="per-request sampling seed (same seed, same output)")
     s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    s.add_argument("--stop-token-ids", type=int, nargs="*", default=[], help="stop token ids")
+    s.add_argument("--stop-token-ids", type=_token_ids, action="extend", default=[],
+                   metavar="ID[,ID...]",
+                   help="stop token ids, comma-separated (repeatable; one value each, so a "
+                        "prompt after it stays a prompt)")
     s.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
     p.add_argument("--chat", action="store_true",
                    help="each prompt is a user message: reply through the chat template")
@@ -37,13 +40,20 @@ def add_parser(subs: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
+def _token_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected token ids like 5 or 5,7, got {text!r}") from None
+
+
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompts)
     if args.prompts_file is not None:
         for n, line in enumerate(read_text(args.prompts_file, "prompts file").splitlines(), 1):
             if not line.strip():
                 continue
-            if args.prompts_file.suffix == ".jsonl":
+            if args.prompts_file.suffix.lower() == ".jsonl":
                 prompts.append(_jsonl_prompt(line, f"{args.prompts_file}:{n}"))
             else:
                 prompts.append(line)
