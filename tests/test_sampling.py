@@ -29,6 +29,19 @@ def test_same_seed_same_output(llm):
     assert texts(twins)[0] == texts(twins)[1]
 
 
+@pytest.mark.parametrize("mate", [dict(top_p=0.9), dict(top_k=50), dict(min_p=0.1),
+                                  dict(temperature=0.0, top_k=5)])
+@pytest.mark.parametrize("own", [{}, dict(top_p=0.8), dict(top_k=40)])
+def test_a_seeded_request_draws_alike_whatever_its_batch_mates_filter(llm, own, mate):
+    """A batch-mate's top-k or top-p sorted every row, and the seeded noise then fell on sorted
+    positions instead of token ids: the same request drew other tokens beside it."""
+    p = SamplingParams(max_tokens=12, temperature=1.0, seed=644, ignore_eos=True, **own)
+    alone = texts(llm.generate([PROMPTS[0]], p, use_tqdm=False))[0]
+    other = SamplingParams(max_tokens=12, seed=1, ignore_eos=True, **{"temperature": 1.0, **mate})
+    beside = texts(llm.generate(PROMPTS[:2], [p, other], use_tqdm=False))[0]
+    assert beside == alone
+
+
 @pytest.mark.parametrize("seeds", [(1, 2), (-1, 2**63 - 1), (5, 5 + 2**32)])
 def test_different_seeds_differ(llm, seeds):
     """Every bit of a seed counts (the CPU generator keeps 32: -1 and 2**63 - 1 drew alike)."""

@@ -88,25 +88,26 @@ class Sampler:
         top_ps = [p.top_p for p in params]
         vocab = logits.shape[-1]
         if any(top_ks) or any(tp < 1.0 for tp in top_ps):
-            logits, order = logits.sort(dim=-1, descending=True)
+            ranked, order = logits.sort(dim=-1, descending=True)
             if any(top_ks):
                 ks = torch.tensor([k or vocab for k in top_ks], device=dev)
                 ranks = torch.arange(vocab, device=dev)
-                logits = logits.masked_fill(ranks[None, :] >= ks[:, None], float("-inf"))
+                ranked = ranked.masked_fill(ranks[None, :] >= ks[:, None], float("-inf"))
             if any(tp < 1.0 for tp in top_ps):
-                probs = logits.softmax(dim=-1)
+                probs = ranked.softmax(dim=-1)
                 before = probs.cumsum(dim=-1) - probs  # mass of strictly better tokens
-                ps = torch.tensor(top_ps, dtype=torch.float32, device=dev)
-                logits = logits.masked_fill(before >= ps[:, None], float("-inf"))
-        else:
-            order = None
+                # (a row without top_p masks nothing, not even where rounding reaches 1.0)
+                ps = torch.tensor([tp if tp < 1.0 else 2.0 for tp in top_ps],
+                                  dtype=torch.float32, device=dev)
+                ranked = ranked.masked_fill(before >= ps[:, None], float("-inf"))
+            # Back in token order: each request's noise below is drawn over token ids, so a
+            # seeded request's draws do not depend on whether a batch-mate asked for top-k/p.
+            logits = torch.empty_like(ranked).scatter_(1, order, ranked)
         probs = logits.softmax(dim=-1)
         noise = torch.empty_like(probs)
         for i, req in enumerate(requests):
             noise[i].exponential_(generator=self._generator_of(req))
         picked = (probs / noise).argmax(dim=-1)
-        if order is not None:
-            picked = order.gather(1, picked[:, None]).squeeze(1)
         is_greedy = torch.tensor([p.greedy for p in params], device=dev)
         return torch.where(is_greedy, greedy_ids, picked)
 
