@@ -63,6 +63,25 @@ def test_full_prompt_hit_still_computes_last_token(llama_dir):
     assert a.outputs[0].token_ids == b.outputs[0].token_ids
 
 
+def test_a_recomputed_request_finding_its_own_blocks_reuses_nothing():
+    """Preempted by recompute, a request's blocks (its output tokens' too) stay in the prefix
+    cache, and on readmission it found them again: each time they were added to its
+    num_cached_tokens (the usage's cached_tokens: 36 for a 25-token prompt) and to the
+    scheduler's reuse counter, as if another request's KV had been reused."""
+    import random
+
+    llm = LLM(num_gpu_blocks=24, block_size=4, max_model_len=96, preemption_mode="recompute",
+              swap_space=0, async_scheduling=False, max_num_seqs=8)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 12000) for _ in range(rng.randint(5, 30))] for _ in range(8)]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=40, ignore_eos=True),
+                        use_tqdm=False)
+    assert sum(o.metrics.num_preemptions for o in outs) > 0
+    assert all(o.num_cached_tokens == 0 for o in outs)  # no prompt shares a block with another
+    assert llm.engine.scheduler.num_reused_tokens == 0
+    llm.engine.check_accounting()
+
+
 def test_hash_collision_is_caught_by_token_check(monkeypatch):
     cache = ReuseTier(block_size=2)
     monkeypatch.setattr(pcmod, "block_hashes", lambda t, n, bs, known=None: [42] * (n // bs))

@@ -496,14 +496,18 @@ class Scheduler:
                 self.kv.free(req)
                 req.num_computed_tokens = 0
             return None
-        req.num_cached_tokens += reused + fetched
-        self.num_reused_tokens += reused
-        self.num_reused_tokens_cpu += fetched
+        if req.metrics.first_scheduled_time is None:
+            # Reuse of an earlier request's KV is counted once, at the first admission: a
+            # request recomputed after a preemption that finds its own blocks still cached
+            # (its output tokens' too) reused nothing of anyone's (and its usage's
+            # cached_tokens would pass its prompt).
+            req.num_cached_tokens = reused + fetched
+            self.num_reused_tokens += reused
+            self.num_reused_tokens_cpu += fetched
+            req.metrics.first_scheduled_time = now
         self.waiting.remove(req)
         req.kept_out_since = None
         req.num_run_steps = 0
-        if req.metrics.first_scheduled_time is None:
-            req.metrics.first_scheduled_time = now
         if fetched:
             req.status = RequestStatus.SWAPPED
             return 0
