@@ -224,7 +224,7 @@ class SchedulerConfig:
         4, "steps a request runs after (re)admission before a better-ranked one may preempt it")
     max_starvation_s: float | None = _opt(
         60.0, "a request kept out of the batch longer than this ranks first until it has run "
-        "(0: no bound)")
+        "min_run_steps and sampled a token (0: no bound)")
     vtc_input_weight: float = _opt(1.0, "VTC cost of one input (prefill) token")
     vtc_output_weight: float = _opt(2.0, "VTC cost of one output token")
     client_weights: dict | str | None = _opt(  # (a dict {"a": 2} from the Python API)

@@ -202,6 +202,19 @@ def test_starvation_bound_under_adversarial_arrivals(policy):
     assert waited is not None and waited <= bound + (min_run + 2) * dt
 
 
+@pytest.mark.parametrize("bound", [0.005, 0.05])
+def test_starving_requests_that_cannot_fit_together_both_finish_by_recompute(bound):
+    """Two prompts that fit only one at a time, prefilled in more chunks than min_run_steps,
+    recompute preemption only: each, starving, preempted the other once that had run
+    min_run_steps, part way through its prefill, and neither ever sampled (a livelock)."""
+    h = Harness("fcfs", num_blocks=5, block_size=16, max_num_seqs=2, max_num_batched_tokens=8,
+                min_run_steps=4, max_starvation_s=bound, preemption_mode="recompute")
+    a, b = h.add(prompt_len=58, max_tokens=2), h.add(prompt_len=58, max_tokens=2)
+    h.run(max_steps=200)
+    assert h.finished == [a, b] or h.finished == [b, a]
+    assert h.sched.num_rank_preemptions > 0  # the bound did cut in: each got its turn
+
+
 def _service(reqs: list[Request], client: str) -> float:
     # VTC's service measure: input tokens x 1 + output tokens x 2.
     return sum(r.num_charged_prompt_tokens + 2 * r.num_charged_output_tokens

@@ -5,7 +5,8 @@ Who is best is the ranking policy's call (ranking.py: fcfs, priority, vtc, trace
 compares ranks. Each step:
 
 1. swap-ins that landed rejoin ``running``; the policy updates ranks (trace priorities); requests
-   kept out longer than ``max_starvation_s`` become *starving* and rank first until they have run.
+   kept out longer than ``max_starvation_s`` become *starving* and rank first until they have run
+   ``min_run_steps`` and sampled a token.
 2. Priority preemption: while the best queued request finds no room (batch at ``max_num_seqs`` or
    too few KV blocks) and outranks the worst running request that has run ``min_run_steps`` by more
    than ``preempt_threshold``, that running request is preempted (threshold + minimum run =
@@ -174,7 +175,7 @@ class Scheduler:
     def _advance(self, out: SchedulerOutput) -> None:
         """The step will run: its tokens count as computed; each token it samples is a
         placeholder until ``update_from_output``; its requests have run one more step
-        (``min_run_steps``, the starvation bound). A request whose placeholder ends it by length
+        (``min_run_steps``, the starvation bound: served once it has also sampled). A request whose placeholder ends it by length
         is ``finishing``: a step scheduled before its token is back neither runs nor preempts it.
         Its service is charged now (``_charge``)."""
         min_run = max(1, self.config.min_run_steps)
@@ -186,7 +187,11 @@ class Scheduler:
             self._charge(req, num_prompt, int(samples))
             req.num_computed_tokens = start + n
             req.num_run_steps += 1
-            if req.starving and req.num_run_steps >= min_run:
+            # A starving request is served once it has sampled: a prompt (or a recomputed
+            # context) prefilled in more chunks than min_run_steps would otherwise lose its
+            # protection part way, and two requests that cannot fit together could preempt
+            # each other by recompute forever, neither finishing its prefill.
+            if req.starving and req.num_run_steps >= min_run and samples:
                 req.starving = False
             if samples:
                 req.token_ids.append(PLACEHOLDER_TOKEN)
