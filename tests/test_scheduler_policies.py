@@ -296,6 +296,37 @@ def test_vtc_new_client_is_lifted_not_starved_nor_favoured():
     assert all(after[c] > before[c] for c in "ab")  # and it does not monopolize the batch
 
 
+def test_vtc_lifts_to_the_queued_clients_not_to_one_whose_request_only_runs():
+    """Client a's one long request runs (nothing of a's queued: not backlogged in VTC's
+    sense) while b keeps a queue. The lift floor was the lowest counter of every client with
+    an unfinished request, a's: a newcomer c, and a itself queueing again, then took every
+    seat for as long as a had run, while b, backlogged throughout, waited."""
+    h = Harness("vtc", max_num_seqs=4, num_blocks=1100, cpu_blocks=2000)
+    policy = h.sched.ranking
+    h.add(prompt_len=8, max_tokens=4000, client="a")
+
+    def top_up(client: str) -> None:
+        queued = sum(r.client_id == client for r in h.sched.waiting)
+        for _ in range(4 - queued):
+            h.add(prompt_len=8, max_tokens=8, client=client)
+
+    for _ in range(300):
+        top_up("b")
+        h.step()
+    a, b = policy.counters["a"], policy.counters["b"]
+    assert a < b - 1000 and not any(r.client_id == "a" for r in h.sched.waiting)
+    top_up("c")
+    assert policy.counters["c"] == b  # the lowest queued counter, not a's
+    h.add(prompt_len=8, max_tokens=8, client="a")
+    assert policy.counters["a"] == b  # a had nothing queued: lifted too
+    starved = 0
+    for _ in range(100):
+        top_up("b")
+        top_up("c")
+        starved += not any(r.client_id == "b" for r, _ in h.step().scheduled)
+    assert starved < 50  # b, queued throughout, shares the seats
+
+
 @pytest.mark.parametrize("policy", ["fcfs", "priority", "vtc", "trace"])
 def test_memory_pressure_never_overcommits_and_swapped_resume_first(policy):
     rng = random.Random(3)
@@ -311,8 +342,8 @@ def test_memory_pressure_never_overcommits_and_swapped_resume_first(policy):
         return ok
 
     h.sched._admit_waiting = spy
-    for i in range(40):
-        h.add(rng.randint(2, 12), rng.randint(2, 12), priority=rng.randint(0, 3),
+    for i in range(40):  # (outputs long enough that the cache runs out, whatever the ranks)
+        h.add(rng.randint(2, 12), rng.randint(2, 30), priority=rng.randint(0, 3),
               client=rng.choice("xyz"))
         if i % 2:
             h.step()

@@ -109,6 +109,10 @@ class ClientQueue(_Queue):
         if q is not self._urgent and not len(q):
             del self._clients[req.client_id]
 
+    def clients(self) -> set[str | None]:
+        """The clients with a request in this queue (starving ones included)."""
+        return set(self._clients).union(r.client_id for r in self._urgent)
+
     def peek(self) -> Request | None:
         head = self._urgent.peek()
         if head is not None:

@@ -94,8 +94,9 @@ class VTCRanking(RankingPolicy):
         self.w_out = config.vtc_output_weight
         self.weights = parse_client_weights(config.client_weights)
         self.counters: dict[str | None, float] = {}
-        self.num_live: dict[str | None, int] = {}  # unfinished requests per backlogged client
-        self._floor = 0.0  # lift for a client arriving when nobody is backlogged
+        self.num_live: dict[str | None, int] = {}  # unfinished requests per client with any
+        self._floor = 0.0  # lift for a client arriving when nobody is live
+        self._queues: list[ClientQueue] = []  # waiting and swapped: who is backlogged
 
     def default_preempt_threshold(self) -> float:
         # Counters of clients served side by side cross each other every few steps: with no
@@ -111,15 +112,23 @@ class VTCRanking(RankingPolicy):
         return self.counters.get(req.client_id, 0.0)
 
     def make_queue(self) -> ClientQueue:
-        return ClientQueue(self.client_score)
+        queue = ClientQueue(self.client_score)
+        self._queues.append(queue)
+        return queue
 
     def on_arrival(self, req: Request) -> None:
+        """VTC's lift (Sheng et al. 2024, Algorithm 2): a client with nothing queued starts
+        from at least the lowest counter of the clients that are (backlogged: kept out of the
+        batch, waiting or swapped), so neither idling nor a request running for a long time
+        banks service that a backlogged client would then wait for. With nobody queued, from
+        the lowest counter of the clients with unfinished requests, else from the last one."""
         client = req.client_id
-        if client not in self.num_live:
-            floor = min((self.counters[c] for c in self.num_live), default=self._floor)
+        backlogged = set().union(*(q.clients() for q in self._queues))
+        if client not in backlogged:
+            floor = min((self.counters[c] for c in backlogged or self.num_live),
+                        default=self._floor)
             self.counters[client] = max(self.counters.get(client, 0.0), floor)
-            self.num_live[client] = 0
-        self.num_live[client] += 1
+        self.num_live[client] = self.num_live.get(client, 0) + 1
 
     def on_finish(self, req: Request) -> None:
         client = req.client_id
