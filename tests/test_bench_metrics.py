@@ -82,8 +82,19 @@ def test_slo_attainment_and_goodput():
     assert s["slo"] == {"ttft_s": None, "tbt_s": 0.2}
     # Turns never sent (their conversation's earlier turn failed) are misses: failing a turn
     # must not raise the attainment by dropping the turns after it from the count.
-    s = summarize(schedule(), slo=SLO(tbt_s=0.2), num_unsent=2)
+    s = summarize(schedule(), slo=SLO(tbt_s=0.2), unsent={(0, "a"): 2})
     assert s["slo_attainment"] == {"ttft": None, "tbt": 0.5, "both": 0.5, "num_met": 3}
+    # ... in their priority's and client's attainment too (they were left out there), and a
+    # group that sent nothing at all is reported.
+    plain = summarize(schedule(), slo=SLO(tbt_s=0.2))
+    for split, key in (("by_priority", "0"), ("by_client", "a")):
+        group, before = s[split][key], plain[split][key]
+        n = before["completed"] + before["failed"]
+        assert group["slo_attainment"]["both"] == approx(
+            before["slo_attainment"]["num_met"] / (n + 2))
+    s = summarize(schedule(), slo=SLO(tbt_s=0.2), unsent={(5, "z"): 3})
+    assert s["by_priority"]["5"]["slo_attainment"]["both"] == 0.0
+    assert s["by_client"]["z"]["completed"] == 0
     plain = summarize(schedule())
     assert plain["slo"] is None and plain["goodput"] is None and plain["slo_attainment"] is None
     with pytest.raises(ValueError, match="ttft_s"):

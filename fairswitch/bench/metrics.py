@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -153,33 +153,50 @@ def _rate(count: float, duration_s: float | None) -> float | None:
     return count / duration_s if duration_s else None
 
 
+Unsent = Mapping[tuple[int, str], int]  # (priority, client) -> a trace's turns never sent
+
+
 def _split(records: Sequence[RequestRecord], key: Callable[[RequestRecord], Hashable],
-           slo: SLO | None, checks: Sequence[tuple[bool, bool]] | None) -> dict[str, dict]:
+           slo: SLO | None, checks: Sequence[tuple[bool, bool]] | None,
+           unsent: dict[Hashable, int]) -> dict[str, dict]:
     groups: dict[Hashable, list[int]] = defaultdict(list)
     for i, rec in enumerate(records):
         groups[key(rec)].append(i)
+    for k in unsent:  # (a group may have had nothing sent at all)
+        groups.setdefault(k, [])
     # JSON keys are strings; sort on the original key so priorities order numerically.
     return {str(k): group_summary([records[i] for i in groups[k]], slo,
-                                  None if checks is None else [checks[i] for i in groups[k]])
+                                  None if checks is None else [checks[i] for i in groups[k]],
+                                  unsent.get(k, 0))
             for k in sorted(groups)}
+
+
+def _unsent_by(unsent: Unsent, which: int) -> dict[Hashable, int]:
+    """The unsent turns summed by priority (``which`` 0) or by client (1)."""
+    out: dict[Hashable, int] = defaultdict(int)
+    for key, n in unsent.items():
+        out[key[which]] += n
+    return out
 
 
 def summarize(records: list[RequestRecord], duration_s: float | None = None,
               slo: SLO | None = None, window_s: float = 10.0,
-              weights: dict[str, float] | None = None, num_unsent: int = 0) -> dict:
+              weights: dict[str, float] | None = None, unsent: Unsent | None = None) -> dict:
     """Everything a benchmark reports about one run, as a JSON-serializable dict.
 
     ``duration_s`` defaults to the first arrival to the last finish. No records gives zero counts
-    and None for every value that needs a sample or a duration. ``num_unsent``: the trace's
-    requests never sent (the replay's skipped turns), misses in the SLO attainment.
+    and None for every value that needs a sample or a duration. ``unsent``: the trace's requests
+    never sent (the replay's skipped turns) by (priority, client), misses in the SLO attainment
+    overall and in the priority's and the client's.
     """
+    unsent = unsent or {}
     _check_positive(duration_s, "duration_s")
     _check_positive(window_s, "window_s")
     duration = duration_s if duration_s is not None else run_span(records)
     duration = duration if duration else None  # a zero span has no rate
     # Checked once per request: the TBT check walks every gap, and the splits reuse the result.
     checks = [slo.check(r) for r in records] if slo is not None and slo.is_set else None
-    overall = group_summary(records, slo, checks, num_unsent)
+    overall = group_summary(records, slo, checks, sum(unsent.values()))
     attainment = overall["slo_attainment"]
     return {
         "num_requests": len(records),
@@ -197,7 +214,7 @@ def summarize(records: list[RequestRecord], duration_s: float | None = None,
         "slo": None if attainment is None else {"ttft_s": slo.ttft_s, "tbt_s": slo.tbt_s},
         "goodput": None if attainment is None else _rate(attainment["num_met"], duration),
         "slo_attainment": attainment,
-        "by_priority": _split(records, lambda r: r.priority, slo, checks),
-        "by_client": _split(records, lambda r: r.client, slo, checks),
+        "by_priority": _split(records, lambda r: r.priority, slo, checks, _unsent_by(unsent, 0)),
+        "by_client": _split(records, lambda r: r.client, slo, checks, _unsent_by(unsent, 1)),
         "fairness": fairness_summary(records, window_s, weights),
     }

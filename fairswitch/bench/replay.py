@@ -23,8 +23,9 @@ import asyncio
 import math
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from tqdm import tqdm
@@ -68,8 +69,13 @@ class ReplayOptions:
 class ReplayResult:
     records: list[RequestRecord]   # one per request sent, in send order
     duration_s: float              # first arrival to the last response
-    num_skipped_turns: int = 0     # turns never sent (an earlier turn failed, or a stop)
+    # Turns never sent (an earlier turn failed, or a stop), by (priority, client).
+    unsent: dict[tuple[int, str], int] = field(default_factory=dict)
     stopped: str | None = None     # why ``stop_when`` stopped the replay; None: it ran to the end
+
+    @property
+    def num_skipped_turns(self) -> int:
+        return sum(self.unsent.values())
 
 
 def arrival_times(trace: Trace, options: ReplayOptions) -> list[float]:
@@ -94,7 +100,7 @@ async def replay(trace: Trace, sender: TurnSender, options: ReplayOptions | None
     records: list[RequestRecord] = []
     slots = asyncio.Semaphore(options.max_concurrency) if options.max_concurrency else None
     bar = tqdm(total=trace.num_requests, desc=desc, unit="req", disable=not options.progress)
-    num_failed = num_skipped = 0
+    num_failed = 0
     start = time.monotonic()
 
     def clock() -> float:
@@ -120,7 +126,7 @@ async def replay(trace: Trace, sender: TurnSender, options: ReplayOptions | None
         return rec
 
     async def conversation(conv: Conversation, arrival: float) -> None:
-        nonlocal num_failed, num_skipped
+        nonlocal num_failed
         await sleep_until(arrival)
         for i, turn in enumerate(conv.turns):
             if i > 0:
@@ -133,7 +139,6 @@ async def replay(trace: Trace, sender: TurnSender, options: ReplayOptions | None
             bar.update(1)
             if not rec.ok:
                 num_failed += 1
-                num_skipped += len(conv.turns) - i - 1
                 bar.update(len(conv.turns) - i - 1)
                 bar.set_postfix(failed=num_failed)
                 return
@@ -170,7 +175,16 @@ async def replay(trace: Trace, sender: TurnSender, options: ReplayOptions | None
         for r in records:
             if r.end_s is None:
                 r.error, r.end_s = f"replay stopped: {stopped}", now
-        num_skipped = trace.num_requests - len(records)
     first = min((r.arrival_s for r in records), default=0.0)
     last = max((r.end_s or r.arrival_s for r in records), default=first)
-    return ReplayResult(records, last - first, num_skipped, stopped)
+    return ReplayResult(records, last - first, _unsent(trace, records), stopped)
+
+
+def _unsent(trace: Trace, records: list[RequestRecord]) -> dict[tuple[int, str], int]:
+    """The turns of ``trace`` without a record, by (priority, client)."""
+    sent = Counter(r.conversation_id for r in records)
+    unsent: Counter[tuple[int, str]] = Counter()
+    for conv in trace.conversations:
+        if len(conv.turns) > sent[conv.id]:
+            unsent[conv.priority, conv.client] += len(conv.turns) - sent[conv.id]
+    return dict(unsent)

@@ -34,11 +34,15 @@ logger = logging.getLogger(__name__)
 class RunResult:
     records: list[RequestRecord]
     duration_s: float
-    num_skipped_turns: int = 0
+    unsent: dict[tuple[int, str], int] = field(default_factory=dict)  # ReplayResult's
     switch_metrics: dict[str, float] = field(default_factory=dict)
     target: str = ""  # the URL, or "in-process"
     engine_config: EngineConfig | None = None  # in-process runs
     stopped: str | None = None  # why the replay's stop rule stopped it early (ReplayResult)
+
+    @property
+    def num_skipped_turns(self) -> int:
+        return sum(self.unsent.values())
 
     def summarize(self, slo: Any = None, window_s: float = 10.0,
                   weights: dict[str, float] | None = None) -> dict[str, Any]:
@@ -46,7 +50,7 @@ class RunResult:
         from fairswitch.bench.metrics import summarize
 
         summary = summarize(self.records, self.duration_s or None, slo, window_s, weights,
-                            num_unsent=self.num_skipped_turns)
+                            unsent=self.unsent)
         summary["engine"] = self.switch_metrics
         summary["skipped_turns"] = self.num_skipped_turns
         if self.stopped is not None:
@@ -103,7 +107,7 @@ def replay_http(trace: Trace, url: str, options: ReplayOptions | None = None, *,
             result = await replay(trace, client, options, desc=desc)
             after = await scrape_text(client)
         metrics = scrape.switch_metrics_delta(before, after) if before and after else {}
-        return RunResult(result.records, result.duration_s, result.num_skipped_turns, metrics,
+        return RunResult(result.records, result.duration_s, result.unsent, metrics,
                          target=url, stopped=result.stopped)
 
     return asyncio.run(main())
@@ -120,7 +124,7 @@ def replay_engine(trace: Trace, config: EngineConfig, options: ReplayOptions | N
         config, lambda engine, client: _replay_in_process(engine, client, trace, options, desc,
                                                           warmup_requests, step_log),
         **client_kw)
-    return RunResult(result.records, result.duration_s, result.num_skipped_turns, metrics,
+    return RunResult(result.records, result.duration_s, result.unsent, metrics,
                      target="in-process", engine_config=config, stopped=result.stopped)
 
 
