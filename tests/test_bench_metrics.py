@@ -339,3 +339,16 @@ def test_scraped_metrics_carry_the_engines_switch_metrics(monkeypatch):
     assert keys <= scraped.keys()
     for key in keys:
         assert scraped[key] == pytest.approx(snapshot[key]), key
+
+
+def test_a_runs_copy_times_are_its_own():
+    """The swap copies' busy and queued seconds are totals since start-up, as the other
+    counters: a run's figures used to include every earlier run's on the same engine (and an
+    HTTP run, scraping /metrics, did not get them at all)."""
+    from fairswitch.bench import scrape
+    from fairswitch.bench.runner import counter_growth
+
+    keys = ("swap_busy_s_out", "swap_busy_s_in", "swap_queued_s_out", "swap_queued_s_in")
+    assert set(keys) <= set(scrape.COUNTERS.values())
+    grown = counter_growth({k: 5.0 for k in keys}, {k: 7.0 for k in keys})
+    assert all(grown[k] == 2.0 for k in keys)
