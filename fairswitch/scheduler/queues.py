@@ -92,6 +92,7 @@ class ClientQueue(_Queue):
         self._clients: dict[str | None, HeapQueue] = {}
         self._urgent = HeapQueue(_arrival_key)  # starving requests, whatever their client
         self._members: dict[Request, HeapQueue] = {}  # request -> the queue holding it
+        self.num_queued: dict[str | None, int] = {}  # requests a client has here, starving too
 
     def push(self, req: Request) -> None:
         if req.starving:
@@ -102,16 +103,18 @@ class ClientQueue(_Queue):
                 q = self._clients[req.client_id] = HeapQueue(_arrival_key)
         q.push(req)
         self._members[req] = q
+        self.num_queued[req.client_id] = self.num_queued.get(req.client_id, 0) + 1
 
     def remove(self, req: Request) -> None:
         q = self._members.pop(req)
         q.remove(req)
         if q is not self._urgent and not len(q):
             del self._clients[req.client_id]
-
-    def clients(self) -> set[str | None]:
-        """The clients with a request in this queue (starving ones included)."""
-        return set(self._clients).union(r.client_id for r in self._urgent)
+        left = self.num_queued[req.client_id] - 1
+        if left:
+            self.num_queued[req.client_id] = left
+        else:
+            del self.num_queued[req.client_id]
 
     def peek(self) -> Request | None:
         head = self._urgent.peek()

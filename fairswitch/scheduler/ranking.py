@@ -123,8 +123,8 @@ class VTCRanking(RankingPolicy):
         banks service that a backlogged client would then wait for. With nobody queued, from
         the lowest counter of the clients with unfinished requests, else from the last one."""
         client = req.client_id
-        backlogged = set().union(*(q.clients() for q in self._queues))
-        if client not in backlogged:
+        if not any(client in q.num_queued for q in self._queues):
+            backlogged = [c for q in self._queues for c in q.num_queued]
             floor = min((self.counters[c] for c in backlogged or self.num_live),
                         default=self._floor)
             self.counters[client] = max(self.counters.get(client, 0.0), floor)
