@@ -301,9 +301,12 @@ def test_a_trace_meta_that_is_not_json_is_refused(tmp_path):
     not be written once the run had ended."""
     path = tmp_path / "meta.jsonl"
     write_trace(path, _bare(1))
-    path.write_text('{"trace_meta": {"rate": NaN}}\n' + path.read_text())
-    with pytest.raises(TraceError, match=r"meta\.jsonl:1: .*NaN is not a JSON number"):
-        read_trace(path)
+    body = path.read_text()
+    for meta, message in (("NaN", "NaN is not a JSON number"),
+                          ("1e999", "1e999 is out of a float's range")):
+        path.write_text(f'{{"trace_meta": {{"rate": {meta}}}}}\n' + body)
+        with pytest.raises(TraceError, match=rf"meta\.jsonl:1: .*{message}"):
+            read_trace(path)
 
 
 @pytest.mark.parametrize("name,clients", [("sharegpt_multiturn.jsonl.gz", 1),

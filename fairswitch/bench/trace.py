@@ -118,6 +118,13 @@ def _not_json(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 is valid JSON, and inf once read
+        raise ValueError(f"{text} is out of a float's range")
+    return value
+
+
 def read_trace(path: str | Path) -> Trace:
     """Parse a trace; a bad line raises TraceError naming ``path:line`` and what is wrong."""
     path = Path(path)
@@ -133,7 +140,8 @@ def read_trace(path: str | Path) -> Trace:
             try:
                 # NaN and Infinity are Python's extensions of JSON: a report repeating the
                 # trace's meta could not be written (after the whole run).
-                obj = json.loads(line.decode("utf-8"), parse_constant=_not_json)
+                obj = json.loads(line.decode("utf-8"), parse_constant=_not_json,
+                                 parse_float=_finite_float)
                 if n == 1 and isinstance(obj, dict) and "trace_meta" in obj:
                     meta = dict(obj["trace_meta"])
                     continue
