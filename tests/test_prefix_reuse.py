@@ -79,6 +79,7 @@ def test_a_recomputed_request_finding_its_own_blocks_reuses_nothing():
     assert sum(o.metrics.num_preemptions for o in outs) > 0
     assert all(o.num_cached_tokens == 0 for o in outs)  # no prompt shares a block with another
     assert llm.engine.scheduler.num_reused_tokens == 0
+    assert llm.engine.kv.blocks.prefix_cache.num_hit_blocks == 0  # (the block hit rate's)
     llm.engine.check_accounting()
 
 

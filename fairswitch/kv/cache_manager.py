@@ -160,5 +160,14 @@ class KVCacheManager:
         request.num_computed_tokens = len(hits) * self.block_size
         return request.num_computed_tokens
 
+    def count_lookup(self, request: Request, reused: int) -> None:
+        """The prefix cache's block hit rate counts a request's lookup once, at its first
+        admission (``reused`` tokens found), as the scheduler's reuse counters do: not each
+        step it waits for room, nor a readmission that finds its own blocks."""
+        pc = self.prefix_cache
+        if pc is not None:
+            pc.num_queried_blocks += (request.num_tokens - 1) // self.block_size
+            pc.num_hit_blocks += reused // self.block_size
+
     def usage(self) -> float:
         return 1.0 - self.num_free_blocks / self.pool.num_blocks

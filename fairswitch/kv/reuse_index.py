@@ -47,6 +47,7 @@ class ReuseTier:
         self._block_of: dict[int, int] = {}  # prefix hash -> block
         self._key_of: dict[int, tuple[int, tuple[int, ...]]] = {}  # block -> (hash, tokens)
         self.evictable: OrderedDict[int, None] = OrderedDict()  # unreferenced indexed, LRU first
+        # Requests' lookups at their first admission (the cache manager's count_lookup).
         self.num_hit_blocks = 0
         self.num_queried_blocks = 0
 
@@ -109,8 +110,6 @@ class ReuseTier:
             if b is None or self._key_of[b][1] != tuple(token_ids[i * bs:(i + 1) * bs]):
                 break  # absent, or a hash collision: not this prefix
             hits.append(b)
-        self.num_queried_blocks += len(hashes) - first_block
-        self.num_hit_blocks += len(hits)
         return hits
 
     def evict(self) -> int:

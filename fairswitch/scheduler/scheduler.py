@@ -509,6 +509,8 @@ class Scheduler:
             req.num_cached_tokens = reused + fetched
             self.num_reused_tokens += reused
             self.num_reused_tokens_cpu += fetched
+            if not computes_all:
+                self.kv.count_lookup(req, reused)
             req.metrics.first_scheduled_time = now
         self.waiting.remove(req)
         req.kept_out_since = None
