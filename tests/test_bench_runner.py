@@ -194,6 +194,24 @@ def test_stop_rule_ends_the_replay_and_records_why():
     assert done.stopped is None and all(r.ok for r in done.records)
 
 
+def test_turns_never_sent_are_counted_by_conversation_priority_and_client():
+    """By conversation, not by id (a Trace built in Python may repeat one): the unsent turns
+    of each class and client, for their SLO attainment."""
+
+    class FailsFirstTurnOf(FakeSender):
+        async def send(self, conv, turn, record, clock):
+            if conv.priority == 1 and turn == 0:
+                raise RuntimeError("refused")
+            await super().send(conv, turn, record, clock)
+
+    turns = [Turn("x", 2) for _ in range(3)]
+    trace = Trace([Conversation("x", 0.0, turns, priority=1, client="a"),
+                   Conversation("x", 0.0, turns, priority=0, client="b"),
+                   Conversation("y", 0.0, turns, priority=1, client="b")])
+    result = asyncio.run(replay(trace, FailsFirstTurnOf(0.01), ReplayOptions(progress=False)))
+    assert result.unsent == {(1, "a"): 2, (1, "b"): 2} and result.num_skipped_turns == 4
+
+
 def test_a_broken_stop_rule_raises_without_waiting_for_the_answers():
     answered = []
 

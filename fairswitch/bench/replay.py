@@ -111,10 +111,13 @@ async def replay(trace: Trace, sender: TurnSender, options: ReplayOptions | None
         if delay > 0:
             await asyncio.sleep(delay)
 
-    async def one_turn(conv: Conversation, i: int) -> RequestRecord:
+    num_sent = [0] * len(trace.conversations)  # turns sent, by conversation
+
+    async def one_turn(k: int, conv: Conversation, i: int) -> RequestRecord:
         rec = RequestRecord(request_id=f"{conv.id}:{i}", conversation_id=conv.id, turn=i,
                             client=conv.client, priority=conv.priority, arrival_s=clock())
         records.append(rec)
+        num_sent[k] += 1
         try:
             await sender.send(conv, i, rec, clock)
             if not rec.token_times_s:
@@ -125,17 +128,17 @@ async def replay(trace: Trace, sender: TurnSender, options: ReplayOptions | None
             rec.end_s = clock()
         return rec
 
-    async def conversation(conv: Conversation, arrival: float) -> None:
+    async def conversation(k: int, conv: Conversation, arrival: float) -> None:
         nonlocal num_failed
         await sleep_until(arrival)
         for i, turn in enumerate(conv.turns):
             if i > 0:
                 await asyncio.sleep(turn.think_s * options.time_scale)
             if slots is None:
-                rec = await one_turn(conv, i)
+                rec = await one_turn(k, conv, i)
             else:
                 async with slots:
-                    rec = await one_turn(conv, i)
+                    rec = await one_turn(k, conv, i)
             bar.update(1)
             if not rec.ok:
                 num_failed += 1
@@ -143,8 +146,8 @@ async def replay(trace: Trace, sender: TurnSender, options: ReplayOptions | None
                 bar.set_postfix(failed=num_failed)
                 return
 
-    tasks = [asyncio.ensure_future(conversation(c, t)) for c, t in
-             zip(trace.conversations, arrival_times(trace, options))]
+    tasks = [asyncio.ensure_future(conversation(k, c, t)) for k, (c, t) in
+             enumerate(zip(trace.conversations, arrival_times(trace, options)))]
     stopped: str | None = None
     stop_rule = options.stop_when
 
@@ -177,14 +180,8 @@ async def replay(trace: Trace, sender: TurnSender, options: ReplayOptions | None
                 r.error, r.end_s = f"replay stopped: {stopped}", now
     first = min((r.arrival_s for r in records), default=0.0)
     last = max((r.end_s or r.arrival_s for r in records), default=first)
-    return ReplayResult(records, last - first, _unsent(trace, records), stopped)
-
-
-def _unsent(trace: Trace, records: list[RequestRecord]) -> dict[tuple[int, str], int]:
-    """The turns of ``trace`` without a record, by (priority, client)."""
-    sent = Counter(r.conversation_id for r in records)
     unsent: Counter[tuple[int, str]] = Counter()
-    for conv in trace.conversations:
-        if len(conv.turns) > sent[conv.id]:
-            unsent[conv.priority, conv.client] += len(conv.turns) - sent[conv.id]
-    return dict(unsent)
+    for conv, n in zip(trace.conversations, num_sent):
+        if len(conv.turns) > n:
+            unsent[conv.priority, conv.client] += len(conv.turns) - n
+    return ReplayResult(records, last - first, dict(unsent), stopped)
