@@ -296,9 +296,13 @@ def test_a_bad_tokenizer_fails_before_the_weights_load(tmp_path, llama_dir, monk
     ('{"eos_token_id": [2, "x"]}', r"eos_token_id must be a token id .*, got \[2, 'x'\]"),
     ('{"eos_token_id": 1.5}', "eos_token_id must be a token id"),
 ])
-def test_a_corrupt_generation_config_is_named(tmp_path, llama_dir, text, message):
+def test_a_corrupt_generation_config_is_named(tmp_path, llama_dir, monkeypatch, text, message):
+    """... before the weights load (it was read once the model and KV cache were built)."""
+    from fairswitch.model import loader
+
     shutil.copytree(llama_dir, tmp_path / "m")
     (tmp_path / "m" / "generation_config.json").write_text(text)
+    monkeypatch.setattr(loader, "build_model", lambda *a, **k: pytest.fail("model built"))
     with pytest.raises(ValueError, match=message):
         LLM(model=str(tmp_path / "m"), num_gpu_blocks=64)
 

@@ -140,6 +140,7 @@ def check_model(config: EngineConfig) -> tuple[loader.ModelSource, CheckpointCon
         raise ValueError(f"{mc.model!r} is a shipped config without weights: use "
                          "load_format='dummy' (--load-format dummy) or a checkpoint directory")
     hf_config = loader.load_checkpoint_config(source)
+    _generation_eos(source)  # (a bad one named before any rank loads weights)
     ShardPlan.of(hf_config, mc.tensor_parallel_size)  # raises if the heads do not split
     if mc.load_format != "dummy":
         loader.check_weight_files(source.checkpoint_dir)  # (headers only)
@@ -223,10 +224,18 @@ def _eos_ids(hf_config: CheckpointConfig, tokenizer: Any, source: loader.ModelSo
     ids: set[int] = set()
     for value in (hf_config.eos_token_id, tokenizer.eos_token_id):
         ids.update(value if isinstance(value, list) else [value] if value is not None else [])
-    gen_cfg = source.checkpoint_dir / "generation_config.json" if source.checkpoint_dir else None
-    if gen_cfg is not None and gen_cfg.is_file():
-        gen = read_json(gen_cfg)
-        value = gen.get("eos_token_id") if isinstance(gen, dict) else None
-        check_token_ids(value, "eos_token_id", str(gen_cfg), many=True)
-        ids.update(value if isinstance(value, list) else [value] if value is not None else [])
+    value = _generation_eos(source)
+    ids.update(value if isinstance(value, list) else [value] if value is not None else [])
     return ids
+
+
+def _generation_eos(source: loader.ModelSource) -> int | list[int] | None:
+    """The checkpoint's generation_config.json's eos_token_id (None: no file, or none in it),
+    checked: ValueError naming the file if it is not JSON or not token ids."""
+    gen_cfg = source.checkpoint_dir / "generation_config.json" if source.checkpoint_dir else None
+    if gen_cfg is None or not gen_cfg.is_file():
+        return None
+    gen = read_json(gen_cfg)
+    value = gen.get("eos_token_id") if isinstance(gen, dict) else None
+    check_token_ids(value, "eos_token_id", str(gen_cfg), many=True)
+    return value
