@@ -130,3 +130,10 @@ def test_a_swap_space_past_the_hosts_memory_is_refused(monkeypatch):
     with pytest.raises(ValueError, match=r"^a KV cache of 91 blocks \(.* GiB\) is more than 90% "
                        "of this host's .*: lower --num-gpu-blocks or --kv-cache-memory-gib"):
         KVMemory(CacheConfig(block_size=4), LAYOUT, 91, CPU, max_model_len=64)
+    # Tensor-parallel ranks on one host each hold theirs: bounded together.
+    with pytest.raises(ValueError, match=r"^a KV cache of 46 blocks on each of this host's 2 "
+                       r"ranks \(.* GiB\) is more than 90%"):
+        KVMemory(CacheConfig(block_size=4), LAYOUT, 46, CPU, max_model_len=64, ranks_on_host=2)
+    with pytest.raises(ValueError, match=r"^swap_space .* on each of this host's 2 ranks"):
+        KVMemory(CacheConfig(block_size=4, swap_space=30 * LAYOUT.block_bytes / 2**30),
+                 LAYOUT, 16, CPU, max_model_len=64, ranks_on_host=2)

@@ -65,11 +65,15 @@ def rank_device(device: torch.device, rank: int) -> torch.device:
     return torch.device("cuda", ((device.index or 0) + local) % max(1, count))
 
 
+def local_world_size(size: int) -> int:
+    """How many of a group of ``size`` ranks run on this host: all, unless a launcher says."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", size))
+
+
 def collective_backend(device: torch.device, size: int) -> str:
     """NCCL when every rank of this host has a GPU of its own, else gloo (CPU, or ranks sharing
     a GPU)."""
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", size))
-    if device.type == "cuda" and torch.cuda.device_count() >= local_ranks:
+    if device.type == "cuda" and torch.cuda.device_count() >= local_world_size(size):
         return "nccl"
     return "gloo"
 
@@ -81,7 +85,7 @@ def share_cpu_threads(device: torch.device, size: int) -> None:
     if device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(max(1, (cores or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", size))))
+    torch.set_num_threads(max(1, (cores or 1) // local_world_size(size)))
 
 
 def free_port() -> int:

@@ -23,7 +23,7 @@ from fairswitch.config import EngineConfig
 from fairswitch.distributed.parallel_state import SINGLE, TPGroup
 from fairswitch.distributed.shard_plan import ShardPlan
 from fairswitch.distributed.workers import (RanksStoppedError, WorkerGroup, launched_rank,
-                                             rank_device, serve_as_worker)
+                                             local_world_size, rank_device, serve_as_worker)
 from fairswitch.engine.output_processor import OutputProcessor
 from fairswitch.kv.kv_cache import KVLayout, kv_cache_dtype
 from fairswitch.kv.memory import KVMemory, num_gpu_blocks
@@ -186,7 +186,8 @@ def build_rank(config: EngineConfig, tp: TPGroup, device: torch.device,
     num_blocks = num_gpu_blocks(cc, layout, config.scheduler.max_num_seqs, max_model_len, profile)
     if agree is not None:
         num_blocks = agree(num_blocks)
-    kv = KVMemory(cc, layout, num_blocks, device, max_model_len, copy_log)
+    kv = KVMemory(cc, layout, num_blocks, device, max_model_len, copy_log,
+                  ranks_on_host=local_world_size(tp.size))
     runner.bind_kv_cache(kv.cache)
     if cuda_triton:
         t0 = time.perf_counter()

@@ -82,16 +82,18 @@ def _check_host_room(nbytes: int, what: str, remedy: str) -> None:
 class KVMemory:
     def __init__(self, cache: CacheConfig, layout: KVLayout, num_blocks: int,
                  device: torch.device, max_model_len: int,
-                 copy_log: list[tuple] | None = None) -> None:
+                 copy_log: list[tuple] | None = None, ranks_on_host: int = 1) -> None:
         """``copy_log``: on a tensor-parallel driver, where the swap copies are logged for the
-        other ranks to replay (distributed/copy_mirror.py)."""
+        other ranks to replay (distributed/copy_mirror.py). ``ranks_on_host``: the ranks of this
+        host allocating the same (their host memory is bounded together)."""
         self.layout = layout
         self._copy_log = copy_log
         self.block_size = layout.block_size
+        self._ranks = ranks_on_host
         # On a CPU the "device" cache is host memory too: the swap space's bound covers both.
         self._host_bytes = num_blocks * layout.block_bytes if device.type == "cpu" else 0
-        _check_host_room(self._host_bytes, f"a KV cache of {num_blocks} blocks",
-                         "lower --num-gpu-blocks or --kv-cache-memory-gib")
+        _check_host_room(self._host_bytes * self._ranks, self._per_rank(
+            f"a KV cache of {num_blocks} blocks"), "lower --num-gpu-blocks or --kv-cache-memory-gib")
         self.cache = KVCache(layout, num_blocks, device)
         self.blocks = KVCacheManager(num_blocks, layout.block_size, cache.enable_prefix_caching,
                                      cache.block_groups, max_model_len)
@@ -110,6 +112,9 @@ class KVMemory:
     def num_blocks(self) -> int:
         return self.cache.num_blocks
 
+    def _per_rank(self, what: str) -> str:
+        return what if self._ranks == 1 else f"{what} on each of this host's {self._ranks} ranks"
+
     def _swap_space(self, cc: CacheConfig, device: torch.device) -> SwapManager | NoSwapSpace:
         num_cpu_blocks = self.layout.blocks_in(cc.swap_space * _GiB)
         if num_cpu_blocks == 0:
@@ -119,8 +124,9 @@ class KVMemory:
                                "CPU reuse tier is off", cc.swap_space, self.layout.block_bytes)
             return NoSwapSpace(self.blocks)
         also = " beside the KV cache" if self._host_bytes else ""
-        _check_host_room(self._host_bytes + num_cpu_blocks * self.layout.block_bytes,
-                         f"swap_space {cc.swap_space:g} GiB{also}", "lower --swap-space")
+        _check_host_room((self._host_bytes + num_cpu_blocks * self.layout.block_bytes)
+                         * self._ranks, self._per_rank(f"swap_space {cc.swap_space:g} GiB{also}"),
+                         "lower --swap-space")
         on_cuda = device.type == "cuda"
         shape, dtype = self.layout.shape(num_cpu_blocks), self.layout.dtype
         # Pinned on CUDA so copies are DMA; elsewhere never read before written: uninitialized.
