@@ -112,11 +112,17 @@ def test_multi_turn_reuse_from_both_tiers(llama_dir):
             llm.engine.check_accounting()
         finally:
             llm.shutdown()
-        results[tp] = (a, b)
+        results[tp] = (a, b, {k: metrics[k] for k in ("swap_bytes_out", "swap_bytes_in",
+                                                      "reuse_bytes_saved", "reused_tokens_cpu")},
+                       metrics["swap_copies"])
         assert metrics["reused_tokens"] > 0
         if tp == 2:
             assert metrics["reused_tokens_cpu"] > 0
-    assert results[1] == results[2]
+    assert results[1][:2] == results[2][:2]
+    # The same switches, so the same bytes: every rank's (the driver's alone read half of one
+    # rank's figures), in as many copies on each rank's link.
+    assert results[1][2] == results[2][2] and results[1][2]["swap_bytes_in"] > 0
+    assert results[2][3] == 2 * results[1][3]
 
 
 def test_sizes_the_heads_do_not_split_fail_before_anything_starts(llama_dir):

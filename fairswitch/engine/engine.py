@@ -31,6 +31,11 @@ from fairswitch.scheduler.scheduler import SchedulerOutput
 logger = logging.getLogger(__name__)
 
 
+# Switch counters of which the driver counts its own share: a tensor-parallel rank holds its
+# heads' KV, and every rank copies (and reuses) as many bytes in as many copies.
+_EVERY_RANKS = ("swap_bytes_out", "swap_bytes_in", "swap_copies", "reuse_bytes_saved")
+
+
 @dataclass(slots=True)
 class LaunchedStep:
     """A step launched, its tokens not collected yet."""
@@ -270,9 +275,13 @@ class Engine:
     # ---- state ----------------------------------------------------------------------------
 
     def switch_metrics(self) -> dict[str, float]:
-        """Context-switch, reuse and KV-layout counters (cumulative since start)."""
+        """Context-switch, reuse and KV-layout counters (cumulative since start); bytes and
+        copies are every rank's (the driver counts its share: each rank moves as much)."""
+        metrics = {**self.scheduler.metrics(), **self.kv.metrics(self.scheduler.running)}
+        for key in _EVERY_RANKS:
+            metrics[key] *= self.config.model.tensor_parallel_size
         return {
-            **self.scheduler.metrics(), **self.kv.metrics(self.scheduler.running),
+            **metrics,
             # Garbage-collector pauses in this process (all threads; measured once an
             # AsyncEngine or a step log has installed the clock: gc_control.py).
             "gc_pause_s": GC_CLOCK.total_s,

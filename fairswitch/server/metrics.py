@@ -137,11 +137,12 @@ class ServerMetrics:
                 "a better-ranked queued request (the others: KV blocks ran out).",
                 engine["preemptions_rank"]),
             format_family(PREFIX + "swap_bytes_total", "counter",
-                          "KV cache bytes copied between device and CPU.",
+                          "KV cache bytes copied between device and CPU (every "
+                          "tensor-parallel rank's).",
                           [("", {**lab, "direction": d}, engine[f"swap_bytes_{d}"])
                            for d in ("out", "in")]),
             one("swap_copies_total", "counter", "Copies issued to move KV between device and "
-                "CPU.", engine["swap_copies"]),
+                "CPU (every tensor-parallel rank's).", engine["swap_copies"]),
             format_family(PREFIX + "swap_busy_seconds_total", "counter",
                           "Device time spent copying KV, by direction (CUDA only; the two "
                           "directions overlap when swaps run full duplex).",
