@@ -125,6 +125,27 @@ def test_multi_turn_reuse_from_both_tiers(llama_dir):
     assert results[2][3] == 2 * results[1][3]
 
 
+def test_an_engine_dropped_without_shutdown_stops_its_workers(llama_dir):
+    """atexit's hold on the worker group kept the workers, this rank's KV cache and the
+    process group alive until the process ended: a second engine could not start."""
+    import gc
+    import weakref
+
+    llm = LLM(model=str(llama_dir), tensor_parallel_size=2, num_gpu_blocks=32, block_size=4,
+              max_model_len=64)
+    first = tokens(llm.generate(["dropped"], GREEDY, use_tqdm=False))
+    procs, kv = llm.engine.workers.procs, weakref.ref(llm.engine.kv.cache.tensor)
+    del llm
+    gc.collect()
+    assert kv() is None and not any(p.is_alive() for p in procs)
+    again = LLM(model=str(llama_dir), tensor_parallel_size=2, num_gpu_blocks=32, block_size=4,
+                max_model_len=64)
+    try:
+        assert tokens(again.generate(["dropped"], GREEDY, use_tqdm=False)) == first
+    finally:
+        again.shutdown()
+
+
 def test_sizes_the_heads_do_not_split_fail_before_anything_starts(llama_dir):
     with pytest.raises(ValueError, match="not divisible by tensor_parallel_size=3"):
         LLM(model=str(llama_dir), tensor_parallel_size=3, num_gpu_blocks=64)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+import weakref
 from dataclasses import dataclass
 
 from fairswitch.config import EngineConfig
@@ -55,6 +56,11 @@ class Engine:
         self.runner, self.kv, self.scheduler = parts.runner, parts.kv, parts.scheduler
         self.output_processor, self.events = parts.output_processor, parts.events
         self.workers = parts.workers  # the other tensor-parallel ranks (None: one rank)
+        if self.workers is not None:
+            # Dropped without shutdown(), the engine stops its workers as it is collected:
+            # atexit's hold on them kept them, this rank's model and KV cache and the process
+            # group (no second tensor-parallel engine can start) to the end of the process.
+            weakref.finalize(self, self.workers.shutdown)
         self.inputs = InputProcessor(self.tokenizer, self.hf_config.vocab_size, self.max_model_len)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
