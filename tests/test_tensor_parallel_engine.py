@@ -146,6 +146,21 @@ def test_an_engine_dropped_without_shutdown_stops_its_workers(llama_dir):
         again.shutdown()
 
 
+def test_a_worker_whose_driver_is_gone_exits_and_removes_the_plan_file(tmp_path):
+    """A driver killed while its ranks were starting left each worker waiting in the
+    rendezvous for distributed_timeout_s (600 s by default), and the plan queue's file in
+    /dev/shm for good. The worker's watch ends it once the driver's pid is not its parent's."""
+    plans = tmp_path / "plans"
+    plans.write_bytes(b"ring")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])  # a driver that has exited
+    gone.wait()
+    code = ("from fairswitch.distributed.plan_queue import QueueHandle\n"
+            "from fairswitch.distributed.workers import _exit_with_driver\n"
+            f"_exit_with_driver({gone.pid}, QueueHandle({str(plans)!r}, 1, 1, 1), 0.01)")
+    out = subprocess.run([sys.executable, "-c", code], timeout=120, capture_output=True)
+    assert out.returncode == 1 and not plans.exists(), out.stderr[-1000:]
+
+
 def test_sizes_the_heads_do_not_split_fail_before_anything_starts(llama_dir):
     with pytest.raises(ValueError, match="not divisible by tensor_parallel_size=3"):
         LLM(model=str(llama_dir), tensor_parallel_size=3, num_gpu_blocks=64)

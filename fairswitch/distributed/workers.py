@@ -27,6 +27,7 @@ the group fails the driver's start-up at once (``wait_for_spawned``), not after 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import logging
 import multiprocessing as mp
@@ -219,7 +220,8 @@ class WorkerGroup:
             self.procs = [ctx.Process(target=_spawned_worker_main, name=f"fairswitch-tp{r}",
                                       daemon=True,
                                       args=(r, size, config, port, backend, timeout_s,
-                                            self.plans.handle if self.plans else None))
+                                            self.plans.handle if self.plans else None,
+                                            os.getpid()))
                           for r in range(1, size)]
         try:
             for p in self.procs:
@@ -401,13 +403,29 @@ def _receive_plans(reader: PlanReader | None, group: Any) -> Callable[[], Any]:
     return lambda: reader.get(driver_alive, over_gloo)
 
 
+def _exit_with_driver(driver: int, plans: QueueHandle | None, poll_s: float = 0.5) -> None:
+    """A spawned worker's watch: once its driver is gone (killed, say, while the ranks were
+    starting), end the worker at once, whatever it waits in (the rendezvous, a collective:
+    up to distributed_timeout_s), and remove the plan queue's file if the driver had no time
+    to. A step's plan read notices sooner (``driver_alive``)."""
+    while os.getppid() == driver:
+        time.sleep(poll_s)
+    if plans is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(plans.path)
+    os._exit(1)
+
+
 def _spawned_worker_main(rank: int, size: int, config: Any, port: int, backend: str,
-                         timeout_s: float, plans: QueueHandle | None) -> None:
+                         timeout_s: float, plans: QueueHandle | None, driver: int) -> None:
     """A rank the driver spawned. It ignores SIGINT and SIGTERM: a terminal's Ctrl-C or a
     supervisor signals the whole process group, and the driver, which drains its requests
     first, ends its workers itself (a farewell plan, or SIGKILL; they also exit when it dies)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # (The driver's pid, not getppid(): the driver may have died while this process started.)
+    threading.Thread(target=_exit_with_driver, args=(driver, plans), daemon=True,
+                     name="fairswitch-driver-watch").start()
     # Mapped before joining the group: once every rank has joined, the driver unlinks it.
     reader = PlanReader(plans, rank - 1) if plans is not None else None
     _worker_main(rank, size, config, spawned_store(port, size, timeout_s, rank), backend,
