@@ -249,12 +249,27 @@ def test_a_dead_worker_fails_the_step(llama_dir):
         worker = llm.engine.workers.procs[0]
         os.kill(worker.pid, signal.SIGKILL)
         worker.join(10)
-        with pytest.raises(RuntimeError, match="worker"):
+        with pytest.raises(RuntimeError, match=r"fairswitch-tp1 exit code -9 \(SIGKILL: out of "
+                           "memory\?\)"):
             llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False)
         assert not llm.engine.has_unfinished_requests()  # generate aborted what it added
         assert not llm.engine.workers.alive()  # the other ranks were stopped
         with pytest.raises(RuntimeError, match="worker"):  # and stays failed, no hang
             llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)
+    finally:
+        llm.shutdown()
+
+
+def test_a_worker_killed_mid_step_is_named(llama_dir):
+    """Killed in a collective (the OOM killer, say), it was left out of the error as one of the
+    ranks the driver itself had killed: the message was gloo's "connection reset" alone."""
+    llm = LLM(model=str(llama_dir), tensor_parallel_size=2, num_gpu_blocks=64, max_model_len=64)
+    try:
+        worker = llm.engine.workers.procs[0]
+        threading.Timer(1.0, os.kill, (worker.pid, signal.SIGKILL)).start()
+        with pytest.raises(RuntimeError, match=r"fairswitch-tp1 exit code -9 \(SIGKILL"):
+            for _ in range(1000):  # (steps until the kill lands)
+                llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False)
     finally:
         llm.shutdown()
 

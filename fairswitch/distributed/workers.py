@@ -188,6 +188,13 @@ def resolve_base_device(config: Any) -> torch.device:
     return resolve_device(config.model.device)
 
 
+def _how_it_ended(proc: Any) -> str:
+    """A spawned rank's name and exit code; a SIGKILL it did not get from ``kill`` is most
+    often the kernel's out-of-memory killer."""
+    oom = " (SIGKILL: out of memory?)" if proc.exitcode == -signal.SIGKILL else ""
+    return f"{proc.name} exit code {proc.exitcode}{oom}"
+
+
 class WorkerGroup:
     """Started by the driver before it builds its own share of the model: it spawns ranks
     1..N-1 on this host, or, under a launcher (torchrun, several hosts), meets the ranks the
@@ -203,6 +210,7 @@ class WorkerGroup:
         # Plans, failure and shutdown come from the engine's thread and from atexit's.
         self._lock = threading.RLock()
         self.procs: list[Any] = []  # the spawned ranks (none under a launcher)
+        self._killed: set[int] = set()  # pids of the ranks ``kill`` ended
         self.plans: PlanWriter | None = None  # to spawned ranks (launched ones: gloo)
         self.timeout_s = timeout_s
         # This rank's CUDA graphs, destroyed before it leaves the group (the builder sets it to
@@ -261,8 +269,7 @@ class WorkerGroup:
             raise RanksStoppedError(f"the tensor-parallel workers were stopped "
                                     f"({self.failure}): the engine is shut down")
         if not self.alive():
-            dead = ", ".join(f"{p.name} exit code {p.exitcode}"
-                             for p in self.procs if not p.is_alive())
+            dead = ", ".join(_how_it_ended(p) for p in self.procs if not p.is_alive())
             self.fail(f"a tensor-parallel worker has died: {dead}")
             raise RanksStoppedError(f"a tensor-parallel worker has died ({dead}): the engine "
                                     "is shut down")
@@ -299,8 +306,8 @@ class WorkerGroup:
     def exits(self) -> str:
         """The spawned ranks that ended by themselves (not killed by ``fail``), with their exit
         codes: after a failed collective, the ones whose error (on stderr) is the cause."""
-        return ", ".join(f"{p.name} exit code {p.exitcode}" for p in self.procs
-                         if p.exitcode not in (None, -signal.SIGKILL))
+        return ", ".join(_how_it_ended(p) for p in self.procs
+                         if p.exitcode is not None and p.pid not in self._killed)
 
     def failure_cause(self, error: BaseException) -> str:
         """``error`` (the driver's side of a failed collective: often just "connection closed"),
@@ -314,6 +321,7 @@ class WorkerGroup:
         a step stuck in a collective, which then fails."""
         for p in self.procs:
             if p.is_alive():
+                self._killed.add(p.pid)
                 p.kill()
 
     def alive(self) -> bool:
