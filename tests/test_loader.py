@@ -190,8 +190,10 @@ def _transformers_view(raw: dict) -> dict:
     hf = AutoConfig.for_model(raw.pop("model_type"), **raw)
     rope = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
     theta = rope.pop("rope_theta", getattr(hf, "rope_theta", None))
-    window = getattr(hf, "sliding_window", None)
-    if not getattr(hf, "use_sliding_window", True):
+    # As the models read it: Llama never slides, Mistral on sliding_window alone, Qwen2 only
+    # with use_sliding_window.
+    window = None if hf.model_type == "llama" else getattr(hf, "sliding_window", None)
+    if hf.model_type == "qwen2" and not getattr(hf, "use_sliding_window", False):
         window = None
     types = getattr(hf, "layer_types", None)
     if types is not None and "sliding_attention" not in types:  # (mixed: refused by ours)
@@ -256,6 +258,12 @@ def test_checkpoint_config_reads_a_checkpoint_transformers_wrote(llama_dir):
                                    "max_window_layers": 2}),  # no layer past the 2 slides
     ("qwen2", "Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 32,
                                    "max_window_layers": 0}),
+    # Mistral's model slides whatever use_sliding_window says (it was read as no window, and
+    # every position past it attended too far); Llama's never does (it was capped to it).
+    ("mistral", "MistralForCausalLM", {"sliding_window": 32, "use_sliding_window": False}),
+    ("llama", "LlamaForCausalLM", {"sliding_window": 8, "use_sliding_window": True}),
+    ("qwen2", "Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 32,
+                                   "max_window_layers": 0, "layer_types": None}),  # derived
 ])
 def test_checkpoint_config_windows_and_nulls_match_transformers(model_type, arch, change):
     """An explicit null is not a missing key; Qwen2 slides only from max_window_layers on."""

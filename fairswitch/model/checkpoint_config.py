@@ -19,9 +19,9 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCa
 # Qwen2Config): KV heads (None: as many as query heads), context length, sliding window.
 _TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": {"num_key_value_heads": None, "max_position_embeddings": 2048,
-              "sliding_window": None, "use_sliding_window": False},
+              "sliding_window": None},
     "mistral": {"num_key_value_heads": 8, "max_position_embeddings": 4096 * 32,
-                "sliding_window": 4096, "use_sliding_window": True},
+                "sliding_window": 4096},
     "qwen2": {"num_key_value_heads": 32, "max_position_embeddings": 32768,
               "sliding_window": 4096, "use_sliding_window": False},
 }
@@ -187,22 +187,29 @@ def _weight_dtype(raw: dict[str, Any], where: str) -> str | None:
 
 def _sliding_window(raw: dict[str, Any], defaults: dict[str, Any], num_layers: int,
                     where: str) -> int | None:
-    """The attention window every layer uses (None: full attention), as transformers reads it:
-    an explicit null ``sliding_window`` is no window; Qwen2 slides only when
-    ``use_sliding_window``, and only layers from ``max_window_layers`` on (``layer_types``
-    says which, where present). One window for some layers and none for others is refused."""
+    """The attention window every layer uses (None: full attention), as transformers' models
+    do: Llama never slides; Mistral slides on ``sliding_window`` whatever
+    ``use_sliding_window`` says; Qwen2 only when ``use_sliding_window``, and only layers from
+    ``max_window_layers`` on. ``layer_types`` says which layers, where present; an explicit null
+    ``sliding_window`` is no window. One window for some layers and none for others is
+    refused."""
+    model_type = raw.get("model_type")
+    if model_type == "llama":  # transformers' Llama attends to every position, whatever it says
+        return None
     window = raw["sliding_window"] if "sliding_window" in raw else defaults["sliding_window"]
-    use = raw.get("use_sliding_window")
-    if window is None or not (defaults["use_sliding_window"] if use is None else use):
+    use = raw.get("use_sliding_window")  # (only Qwen2 reads it: Mistral slides on the window)
+    if window is None or (model_type == "qwen2"
+                          and not (defaults["use_sliding_window"] if use is None else use)):
         return None
     if type(window) is not int or window < 1:
         raise ValueError(f"{where}: sliding_window must be a positive integer or null, got "
                          f"{window!r}")
-    if "layer_types" in raw:
-        if not isinstance(raw["layer_types"], list):
-            raise ValueError(f"{where}: layer_types must be a list, got {raw['layer_types']!r}")
-        sliding = sum(t == "sliding_attention" for t in raw["layer_types"])
-    elif raw.get("model_type") == "qwen2":
+    layer_types = raw.get("layer_types")  # (null: derived, as when absent)
+    if layer_types is not None:
+        if not isinstance(layer_types, list):
+            raise ValueError(f"{where}: layer_types must be a list, got {layer_types!r}")
+        sliding = sum(t == "sliding_attention" for t in layer_types)
+    elif model_type == "qwen2":
         first = raw.get("max_window_layers", 28)
         if type(first) is not int or first < 0:
             raise ValueError(f"{where}: max_window_layers must be an integer >= 0, got "
