@@ -275,6 +275,25 @@ def test_truncated_weights_name_the_missing_tensors(tmp_path, write_checkpoint):
         LLM(model=str(path))
 
 
+def test_a_tied_models_lm_head_must_be_its_embedding(tmp_path, qwen_dir):
+    """A tied config with an lm_head.weight in the file: the same tensor is served (tied), a
+    different one was silently dropped (transformers 5 serves it, untied): refused."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(qwen_dir, tmp_path / "m")
+    f = next((tmp_path / "m").glob("*.safetensors"))
+    tensors = load_file(f)
+    assert "lm_head.weight" not in tensors
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, f, metadata={"format": "pt"})
+    LLM(model=str(tmp_path / "m"), num_gpu_blocks=16, max_model_len=64)
+    tensors["lm_head.weight"][7] += 1.0
+    save_file(tensors, f, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="ties the output layer to the embeddings .* its "
+                       "lm_head.weight differs .* set tie_word_embeddings to false"):
+        LLM(model=str(tmp_path / "m"), num_gpu_blocks=16, max_model_len=64)
+
+
 def test_a_bad_tokenizer_fails_before_the_weights_load(tmp_path, llama_dir, monkeypatch):
     """The tokenizer was loaded after every rank had built its model (the weights read, the
     workers started): a checkpoint without one failed only then."""

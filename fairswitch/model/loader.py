@@ -217,6 +217,7 @@ def load_weights(model: LlamaForCausalLM, ckpt: Path) -> None:
     partial: dict[int, int] = {}  # fused params filled shard by shard
     seen: dict[str, str] = {}  # checkpoint tensor -> the file it came from
     unknown: list[str] = []
+    tied_head: torch.Tensor | None = None  # a tied model's lm_head.weight, if the file has one
     for file in _checkpoint_files(ckpt):
         with _open(file) as f:
             for name in f.keys():
@@ -224,9 +225,13 @@ def load_weights(model: LlamaForCausalLM, ckpt: Path) -> None:
                     raise ValueError(f"{ckpt}: {name} is in both {seen[name]} and {file.name}")
                 seen[name] = file.name
                 target = _target(name, model)
+                if target is None and name == "lm_head.weight":  # tied: must be the embedding
+                    tied_head = torch.empty_like(model.embed_tokens)
+                    target = _Target(tied_head, model.vocab_shard, None)
+                    _read_into(target, f.get_slice(name), name, file)
+                    continue
                 if target is None:
-                    if not name.endswith(_IGNORED) and not (
-                            name == "lm_head.weight" and model.lm_head is None):  # (tied)
+                    if not name.endswith(_IGNORED):
                         unknown.append(name)
                     continue
                 _read_into(target, f.get_slice(name), name, file)
@@ -248,6 +253,11 @@ def load_weights(model: LlamaForCausalLM, ckpt: Path) -> None:
     if missing:
         raise ValueError(f"checkpoint {ckpt} lacks weights for: {missing[:8]}"
                          + (" ..." if len(missing) > 8 else ""))
+    if tied_head is not None and not torch.equal(tied_head, model.embed_tokens):
+        raise ValueError(f"checkpoint {ckpt}: config.json ties the output layer to the "
+                         "embeddings (tie_word_embeddings), but its lm_head.weight differs from "
+                         "model.embed_tokens.weight (transformers 5 serves that lm_head, untied): "
+                         "set tie_word_embeddings to false in config.json to serve it")
 
 
 def fill_dummy_weights(model: LlamaForCausalLM, seed: int) -> None:
