@@ -300,6 +300,13 @@ class WorkerGroup:
                          self.failure, exc_info=cause if isinstance(cause, BaseException)
                          else None)
             self._stopped = True
+            # A rank that died by itself (often the cause) is told from those ``kill`` ends by
+            # having ended first: its exit can reach the driver (a collective's closed socket)
+            # a moment before it can be reaped.
+            ended = mp.connection.wait([p.sentinel for p in self.procs], timeout=0.5)
+            for p in self.procs:
+                if p.sentinel in ended:
+                    p.join(1.0)
             self.kill()
             self._end(10.0, abort=True)
 
