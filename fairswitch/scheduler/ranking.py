@@ -118,10 +118,11 @@ class VTCRanking(RankingPolicy):
 
     def on_arrival(self, req: Request) -> None:
         """VTC's lift (Sheng et al. 2024, Algorithm 2): a client with nothing queued starts
-        from at least the lowest counter of the clients that are (backlogged: kept out of the
-        batch, waiting or swapped), so neither idling nor a request running for a long time
-        banks service that a backlogged client would then wait for. With nobody queued, from
-        the lowest counter of the clients with unfinished requests, else from the last one."""
+        from at least the lowest counter among the backlogged clients (those with a request
+        kept out of the batch: waiting or swapped), so neither idling nor a request running
+        for a long time banks service that a backlogged client would then wait for. With nobody
+        queued, from the lowest counter of the clients with unfinished requests, else from the
+        last one's."""
         client = req.client_id
         if not any(client in q.num_queued for q in self._queues):
             backlogged = [c for q in self._queues for c in q.num_queued]
