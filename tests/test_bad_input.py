@@ -194,10 +194,11 @@ def test_chat_renders_messages_as_the_server_does(llm):
 
 @pytest.mark.parametrize("policy", ["fcfs", "priority", "vtc"])
 @pytest.mark.parametrize("kwargs, match", [
-    ({"priority": "high"}, "priority must be an int, got 'high'"),
+    ({"priority": "high"}, "priority must be an int of 64 bits, got 'high'"),
     ({"priority": 1.5}, "priority must be an int"),
     ({"priority": None}, "priority must be an int"),
     ({"priority": True}, "priority must be an int"),
+    ({"priority": 10**400}, "priority must be an int of 64 bits"),  # (was an OverflowError)
     ({"client_id": 5}, "client_id must be a str or None, got 5"),
     ({"client_id": ["a"]}, "client_id must be a str or None"),
 ])

@@ -48,6 +48,7 @@ def test_client_weights_take_a_dict():
     ({"priority": [0, 1]}, "3 prompts but 2 values of priority"),
     ({"priority": 1.5}, "priority has invalid values"),
     ({"priority": True}, "priority has invalid values"),
+    ({"priority": 2**63}, "priority has invalid values"),
     ({"client_id": ["a", 7, "c"]}, "client_id has invalid values"),
 ])
 def test_bad_priorities_and_client_ids_queue_nothing(kwargs, match):

@@ -37,6 +37,13 @@ logger = logging.getLogger(__name__)
 _EVERY_RANKS = ("swap_bytes_out", "swap_bytes_in", "swap_copies", "reuse_bytes_saved")
 
 
+def is_priority(value: object) -> bool:
+    """An int of 64 bits, as the server takes it (the priority policy ranks by its float: a
+    larger one raised OverflowError inside the scheduler)."""
+    return (isinstance(value, int) and not isinstance(value, bool)
+            and -(2**63) <= value < 2**63)
+
+
 @dataclass(slots=True)
 class LaunchedStep:
     """A step launched, its tokens not collected yet."""
@@ -88,8 +95,8 @@ class Engine:
         self.inputs.check_params(params)
         # The ranking policies compare priorities and key clients: a wrong type would fail
         # there, mid-queue (or under another policy, pass unnoticed).
-        if not isinstance(priority, int) or isinstance(priority, bool):
-            raise ValueError(f"priority must be an int, got {priority!r:.40}")
+        if not is_priority(priority):
+            raise ValueError(f"priority must be an int of 64 bits, got {priority!r:.40}")
         if client_id is not None and not isinstance(client_id, str):
             raise ValueError(f"client_id must be a str or None, got {client_id!r:.40}")
         text, ids = self.inputs.validate(prompt, prompt_token_ids)

@@ -9,7 +9,7 @@ from typing import Any
 
 from fairswitch.chat_messages import check_template_renders_tools, parse_conversation
 from fairswitch.config import EngineConfig
-from fairswitch.engine.engine import Engine
+from fairswitch.engine.engine import Engine, is_priority
 from fairswitch.outputs import RequestOutput
 from fairswitch.sampling_params import SamplingParams
 from fairswitch.scheduler.scheduler import QueueFullError
@@ -60,7 +60,7 @@ class LLM:
                             f"{type(sampling_params).__name__}")
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
-        priorities = _per_prompt(priority, len(prompts), "priority", _is_int)
+        priorities = _per_prompt(priority, len(prompts), "priority", is_priority)
         clients = _per_prompt(client_id, len(prompts), "client_id",
                               lambda c: c is None or isinstance(c, str))
         engine = self.engine
