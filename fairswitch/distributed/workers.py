@@ -303,7 +303,8 @@ class WorkerGroup:
             # A rank that died by itself (often the cause) is told from those ``kill`` ends by
             # having ended first: its exit can reach the driver (a collective's closed socket)
             # a moment before it can be reaped.
-            ended = mp.connection.wait([p.sentinel for p in self.procs], timeout=0.5)
+            ended = (mp.connection.wait([p.sentinel for p in self.procs], timeout=0.5)
+                     if self.procs else [])
             for p in self.procs:
                 if p.sentinel in ended:
                     p.join(1.0)
