@@ -69,19 +69,21 @@ def read_chat_template(value: str | None) -> str | None:
     return text
 
 
+class _Generation(jinja2.ext.Extension):
+    """transformers' ``{% generation %}...{% endgeneration %}`` (it marks the assistant's
+    tokens), parsed as a plain block."""
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.Scope(body, lineno=lineno)
+
+
 def _template_parser() -> jinja2.Environment:
-    """Jinja with the statements transformers' chat templates may use: loop controls, and
-    ``{% generation %}...{% endgeneration %}`` (which marks the assistant's tokens)."""
-
-    class Generation(jinja2.ext.Extension):
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.Scope(body, lineno=lineno)
-
-    return jinja2.Environment(extensions=[Generation, jinja2.ext.loopcontrols])
+    """Jinja with the statements transformers' chat templates may use: loop controls and
+    ``generation``."""
+    return jinja2.Environment(extensions=[_Generation, jinja2.ext.loopcontrols])
 
 
 def run(args: argparse.Namespace) -> int:
