@@ -41,13 +41,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from results_io import command_line, write_results
+from results_io import check_output, command_line, write_results
 
 from fairswitch.bench.ablations import ablation_config, parse_names
 from fairswitch.bench.runner import replay_engine
 from fairswitch.bench.slo_stop import SloStop
 from fairswitch.bench.trace import Trace
-from fairswitch.cli.bench import add_bench_args
+from fairswitch.cli.bench import add_bench_args, check_report_args
 from fairswitch.cli.replay_args import engine_run_kwargs, load_trace, replay_options
 from fairswitch.config import EngineConfig
 from fairswitch.kv.host_memory import keep_pinned
@@ -226,6 +226,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error("need --steps >= 0, --grow >= 0 and 0 < --low < --high")
     if not (args.ttft_slo_ms > 0 and args.tpot_slo_ms > 0):
         parser.error("need --ttft-slo-ms > 0 and --tpot-slo-ms > 0")
+    if args.tbt_slo_ms is not None:
+        parser.error("the targets here are P99 TTFT and P99 TPOT: give --tpot-slo-ms, not "
+                     "--tbt-slo-ms")
+    try:  # what the probes' reports or the result file would refuse after a run
+        check_report_args(args)
+        check_output(args.output)
+    except (ValueError, OSError) as e:
+        parser.error(str(e))
     trace = load_trace(args)
     rate = trace_rate(trace)
 

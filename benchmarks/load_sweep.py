@@ -29,7 +29,7 @@ from typing import Any
 
 from fairswitch.cli.bench import add_bench_args, bench
 from fairswitch.kv.host_memory import keep_pinned
-from results_io import command_line, write_results
+from results_io import check_output, command_line, write_results
 from slo_bench import claims as bench_claims
 
 COLUMNS = (("P99 TTFT", "P99 TTFT (ms)"), ("P99.9 TBT", "P99.9 TBT (ms)"),
@@ -88,6 +88,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error("--sweep compares engine configurations at each point: give --compare")
     for value in values:  # every point's command line is checked (unknown option, bad value)
         point_args(parser, argv, option, value)
+    try:
+        check_output(args.output)
+    except OSError as e:
+        parser.error(str(e))
 
     points: dict[str, dict[str, Any]] = {}
     claims: list[dict[str, Any]] = []

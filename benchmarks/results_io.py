@@ -77,6 +77,14 @@ def resolve_commit(commit: str | None) -> str:
     return commit
 
 
+def check_output(path: str | Path) -> None:
+    """Refuse, before a run, an ``--output`` that ``write_results`` could not write after it
+    (a directory, a read-only folder): a long run is not lost to a typo."""
+    from fairswitch.cli.files import check_writable
+
+    check_writable(Path(path), "--output")
+
+
 def write_results(path: str | Path, *, command: str, figures: dict[str, Any],
                   claims: list[dict[str, Any]], commit: str | None = None) -> dict[str, Any]:
     """Write one result object to ``path`` (parents created), say so, and return it."""

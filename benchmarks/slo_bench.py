@@ -21,7 +21,7 @@ from typing import Any
 
 from fairswitch.bench.report import comparison_ratios, get_path
 from fairswitch.cli.bench import DESCRIPTION, add_bench_args, bench
-from results_io import command_line, write_results
+from results_io import check_output, command_line, write_results
 
 # (claim suffix, path into a summary, unit)
 RUN_CLAIMS = (("ttft_p99_ms", ("ttft", "p99_ms"), "ms"), ("tbt_p99_ms", ("tbt", "p99_ms"), "ms"),
@@ -68,7 +68,8 @@ def claims(report: dict[str, Any]) -> list[dict[str, Any]]:
     if "full" in runs and "full-fp8" in runs:  # the same engine with its KV cache in fp8
         fp8, bf16 = (get_path(runs[n]["summary"], ("output_throughput",))
                      for n in ("full-fp8", "full"))
-        out.append({"name": "fp8_kv_throughput_vs_bf16", "value": fp8 / bf16, "unit": "x"})
+        if fp8 is not None and bf16:  # none when full finished nothing (its failures say why)
+            out.append({"name": "fp8_kv_throughput_vs_bf16", "value": fp8 / bf16, "unit": "x"})
     return out
 
 
@@ -92,6 +93,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="put before every claim's name, for a setting of its own (qwen32b_)")
     add_bench_args(p)
     args = p.parse_args(argv)
+    try:
+        check_output(args.output)
+    except OSError as e:
+        p.error(str(e))
     report = bench(args)
     for other, ratios in full_against_others(report).items():
         print(f"full vs {other}: " + ", ".join(

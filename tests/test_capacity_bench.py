@@ -86,6 +86,18 @@ def test_options_that_would_set_the_arrivals_are_refused(capacity, option, capsy
     assert "the load scales the trace's own arrivals" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option,message", [
+    (["--window-s", "0"], "--window-s must be finite and > 0"),
+    (["--temperature", "-1"], "--temperature"),
+    (["--output", "."], "is a directory, not a file"),
+    (["--tbt-slo-ms", "100"], "give --tpot-slo-ms, not --tbt-slo-ms")])
+def test_options_a_probe_would_refuse_are_refused_before_any(capacity, option, message, capsys):
+    """They failed after the first probe's replay, or (--output) after every probe."""
+    with pytest.raises(SystemExit):
+        capacity.main(["--trace", "no-such-trace.jsonl", *option])
+    assert message in capsys.readouterr().err
+
+
 def test_capacity_smoke(capacity, tmp_path):
     out = tmp_path / "results" / "capacity.json"
     returned = capacity.main([

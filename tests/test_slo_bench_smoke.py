@@ -88,6 +88,22 @@ def test_fp8_kv_throughput_claim_when_full_and_full_fp8_are_compared(monkeypatch
               "runs": {"full": {"summary": summary(20.0)}, "full-fp8": {"summary": summary(33.0)}}}
     claims = {c["name"]: c["value"] for c in slo_bench.claims(report)}
     assert claims["fp8_kv_throughput_vs_bf16"] == 33.0 / 20.0
+    report["runs"]["full"]["summary"] = summary(0.0)  # full finished nothing: no ratio, no crash
+    assert "fp8_kv_throughput_vs_bf16" not in {c["name"] for c in slo_bench.claims(report)}
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_the_run(tmp_path, monkeypatch,
+                                                                    capsys):
+    monkeypatch.syspath_prepend(str(BENCH_DIR))
+    import load_sweep
+    import slo_bench
+
+    with pytest.raises(SystemExit):
+        slo_bench.main(["--trace", "no-such-trace.jsonl", "--output", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        load_sweep.main(["--trace", "no-such-trace.jsonl", "--compare", "full",
+                         "--sweep", "time-scale=1", "--output", str(tmp_path)])
+    assert capsys.readouterr().err.count("is a directory, not a file") == 2
 
 
 def test_load_sweep_compares_engines_at_every_point(tmp_path, monkeypatch, capsys):

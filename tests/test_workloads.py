@@ -138,6 +138,9 @@ def test_distribution_specs():
     assert parse_dist("7").sample_int(rng, 3).tolist() == [7, 7, 7]
     assert parse_dist("exponential:4").sample(rng, 100_000).mean() == pytest.approx(4, rel=0.03)
     assert parse_dist("lognormal:100,1").sample_int(rng, 1000, 1, 300).max() <= 300
+    # a sample past int64 is clipped to the top, not wrapped to the bottom
+    assert parse_dist("fixed:1e19").sample_int(rng, 3, 1, 1024).tolist() == [1024] * 3
+    assert parse_dist("fixed:1e19").sample_int(rng, 1).item() == 2 ** 62
     for bad in ("normal:1", "uniform:5,2", "lognormal:0,1", "fixed:x", "fixed:1,2", "fixed:-1"):
         with pytest.raises(ValueError, match="bad distribution"):
             parse_dist(bad)
@@ -287,6 +290,8 @@ def test_cli_writes_a_readable_trace_with_meta(tmp_path, capsys):
     ('{"id": "x", "arrival_s": 1, "turns": [{"user": "u"}]}', "output_tokens"),
     ('{"id": "x", "arrival_s": 1, "turns": [{"user": "u", "output_tokens": -3}]}', "output_tokens"),
     ('{"id": "x", "turns": [{"user": "u", "output_tokens": 3}]}', "arrival_s"),
+    ('{"id": "x", "arrival_s": 1%s, "turns": [{"user": "u", "output_tokens": 3}]}' % ("0" * 400),
+     "arrival_s must be finite and >= 0, got an integer too large"),  # was an OverflowError
 ])
 def test_read_trace_names_the_corrupt_line(tmp_path, line, what):
     path = tmp_path / "bad.jsonl"

@@ -76,8 +76,9 @@ class Dist:
             if a > b:
                 raise ValueError(f"{self}: holds no integer")
             values = rng.integers(a, b + 1, size=n)
-        else:
-            values = np.rint(self.sample(rng, n)).astype(np.int64)
+        else:  # clipped as floats: a sample past int64 would wrap to its lowest value
+            values = np.rint(self.sample(rng, n))
+            return np.clip(values, lo, hi if hi is not None else 2.0 ** 62).astype(np.int64)
         return np.clip(values, lo, hi if hi is not None else np.iinfo(np.int64).max)
 
 

@@ -78,8 +78,13 @@ def _check(cond: bool, what: str) -> None:
 
 def _finite_nonneg(value: Any, name: str) -> float:
     _check(isinstance(value, (int, float)) and not isinstance(value, bool), f"{name} must be a number")
-    _check(math.isfinite(value) and value >= 0, f"{name} must be finite and >= 0, got {value}")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer past a float's range
+        raise ValueError(f"{name} must be finite and >= 0, got an integer too large for a "
+                         "float") from None
+    _check(math.isfinite(number) and number >= 0, f"{name} must be finite and >= 0, got {value}")
+    return number
 
 
 def _int(value: Any, name: str, minimum: int) -> int:
