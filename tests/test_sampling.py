@@ -97,6 +97,44 @@ def test_stop_strings_cut_exactly(llm):
     assert out.text == full[:cut_at + len(stop)]
 
 
+# cl100k token 2275 is 'о' (Cyrillic o) and the first byte of the next character; 198 is '\n'.
+_O_AND_A_BYTE, _NEWLINE = 2275, 198
+
+
+@pytest.fixture(scope="module")
+def cl100k_llm(llama_dir):
+    return LLM(model=str(llama_dir), num_gpu_blocks=64, max_model_len=96)
+
+
+def test_text_before_an_unfinished_character_is_emitted_and_checked(cl100k_llm, tokenizer_dir):
+    """Every window of 2275s ends in an incomplete character: nothing was emitted until the
+    request ended, when the text was flushed unchecked (a stop string 'о' in it, finish
+    'length'). The whole characters before the incomplete one come out at once now."""
+    from fairswitch.engine.detokenizer import IncrementalDetokenizer
+    from fairswitch.model.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    detok = IncrementalDetokenizer(tok, len(tok), tok.encode("Hello"))
+    deltas = [detok.add(_O_AND_A_BYTE) for _ in range(3)]
+    assert deltas[0] == "о" and all(deltas)
+    assert "".join(deltas) + detok.flush() == tok.decode([_O_AND_A_BYTE] * 3) == detok.text
+    forced = {"max_tokens": 3, "temperature": 0.0, "ignore_eos": True,
+              "logit_bias": {_O_AND_A_BYTE: 100.0}}
+    out = cl100k_llm.generate("Hello", SamplingParams(**forced, stop=["о"]),
+                              use_tqdm=False)[0].outputs[0]
+    assert (out.text, out.finish_reason, out.stop_reason) == ("", "stop", "о")
+
+
+def test_a_stop_string_in_the_min_tokens_text_is_passed_over(cl100k_llm):
+    """The first check after min_tokens searched from the longest stop string's reach back,
+    so a shorter one inside the min_tokens text matched: an unrelated 'abc' moved the cut."""
+    for stop in (["\n"], ["\n", "abc"]):
+        out = cl100k_llm.generate("Hello", SamplingParams(
+            max_tokens=8, min_tokens=3, temperature=0.0, stop=stop,
+            logit_bias={_NEWLINE: 100.0}), use_tqdm=False)[0].outputs[0]
+        assert (out.text, out.finish_reason) == ("\n\n", "stop")
+
+
 def test_stop_token_ids(llm):
     base = llm.generate(PROMPTS[2], SamplingParams(max_tokens=10, temperature=0.0,
                                                    ignore_eos=True), use_tqdm=False)[0]

@@ -2,8 +2,9 @@
 
 Decoding token by token breaks multi-byte characters and tokenizers that merge spaces, so each step
 decodes a short window that starts a few tokens back and emits only what that window adds past the
-text already emitted. A window whose text ends in U+FFFD is an incomplete UTF-8 sequence: emit
-nothing and wait for the next token.
+text already emitted. A window whose text ends in U+FFFD ends in an incomplete UTF-8 sequence: the
+whole characters before it are emitted (a stop string among them is found now, not only once the
+request ends) and the window waits for the token that completes the last one.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class IncrementalDetokenizer:
         self._ids = [t for t in prompt_token_ids[-_CONTEXT_TOKENS:] if t < vocab_size]
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
+        self._pending_emitted = 0  # characters emitted of the window past read_offset
         self.text = ""
 
     def _decode(self, ids: list[int]) -> str:
@@ -35,11 +37,19 @@ class IncrementalDetokenizer:
         self._ids.append(token_id)
         prefix = self._decode(self._ids[self._prefix_offset:self._read_offset])
         full = self._decode(self._ids[self._prefix_offset:])
-        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+        if len(full) <= len(prefix):
             return ""
-        delta = full[len(prefix):]
-        self._prefix_offset = self._read_offset
-        self._read_offset = len(self._ids)
+        if full.endswith("\ufffd"):  # the whole characters before the incomplete one, once
+            whole = full[len(prefix):].rstrip("\ufffd")
+            if not full.startswith(prefix) or len(whole) <= self._pending_emitted:
+                return ""
+            delta = whole[self._pending_emitted:]
+            self._pending_emitted = len(whole)
+        else:
+            delta = full[len(prefix) + self._pending_emitted:]
+            self._prefix_offset = self._read_offset
+            self._read_offset = len(self._ids)
+            self._pending_emitted = 0
         self.text += delta
         return delta
 
@@ -49,7 +59,8 @@ class IncrementalDetokenizer:
             return ""
         prefix = self._decode(self._ids[self._prefix_offset:self._read_offset])
         full = self._decode(self._ids[self._prefix_offset:])
-        delta = full[len(prefix):] if full.startswith(prefix) else ""
+        delta = full[len(prefix) + self._pending_emitted:] if full.startswith(prefix) else ""
         self._prefix_offset = self._read_offset = len(self._ids)
+        self._pending_emitted = 0
         self.text += delta
         return delta

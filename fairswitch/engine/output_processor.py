@@ -105,11 +105,11 @@ class OutputProcessor:
         state.text += delta
         if not params.stop:
             return False
-        # A stop string may straddle the previous text and this delta.
-        window_start = max(0, start - state.hold_back)
+        # A stop string may straddle the previous text and this delta, but must end in the
+        # delta: the text before was checked already, or came while min_tokens held stops off.
         best: tuple[int, str] | None = None
         for stop in params.stop:
-            pos = state.text.find(stop, window_start)
+            pos = state.text.find(stop, max(0, start - len(stop) + 1))
             if pos >= 0 and (best is None or pos < best[0]):
                 best = (pos, stop)
         if best is None:
