@@ -192,6 +192,19 @@ def test_chat_renders_messages_as_the_server_does(llm):
     assert several[0].prompt == out.prompt
 
 
+def test_chat_continues_the_final_message(llm):
+    """LLM.chat took continue_final_message to generate() (a TypeError); it is transformers'
+    rendering now, and refused beside add_generation_prompt before anything runs."""
+    conversation = [USER, {"role": "assistant", "content": "The answer is"}]
+    out = llm.chat(conversation, SamplingParams(max_tokens=1), add_generation_prompt=False,
+                   continue_final_message=True, use_tqdm=False)[0]
+    closed = llm.chat(conversation, SamplingParams(max_tokens=1), add_generation_prompt=False,
+                      use_tqdm=False)[0]
+    assert out.prompt.endswith("The answer is") and closed.prompt.startswith(out.prompt)
+    with pytest.raises(ValueError, match="cannot both be set"):
+        llm.chat(conversation, continue_final_message=True, use_tqdm=False)
+
+
 @pytest.mark.parametrize("policy", ["fcfs", "priority", "vtc"])
 @pytest.mark.parametrize("kwargs, match", [
     ({"priority": "high"}, "priority must be an int of 64 bits, got 'high'"),

@@ -290,6 +290,28 @@ def test_tokenize_detokenize(server, engine):
     assert status == 200 and chat["tokens"] == expected
 
 
+def test_continue_final_message(server, engine):
+    """vLLM's continue_final_message: the prompt ends inside the assistant's message, no end of
+    turn after it; with add_generation_prompt (its default, true) it is a 400."""
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Well, I"}]
+    fields = {"messages": messages, "continue_final_message": True,
+              "add_generation_prompt": False}
+    status, tokens = run(post(f"{server.url}/tokenize", fields))
+    expected = engine.engine.tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=False)
+    assert status == 200 and expected.startswith(text := engine.engine.tokenizer.decode(
+        tokens["tokens"])) and text.endswith("Well, I") and len(text) < len(expected)
+    status, body = run(post(f"{server.url}/v1/chat/completions",
+                            {**fields, "max_tokens": 2, "ignore_eos": True}))
+    assert status == 200 and body["usage"]["prompt_tokens"] == tokens["count"], body
+    for path in ("/v1/chat/completions", "/tokenize"):
+        status, body = run(post(f"{server.url}{path}", {**fields, "add_generation_prompt": True}))
+        assert status == 400 and body["error"]["param"] == "continue_final_message", body
+    status, body = run(post(f"{server.url}/v1/chat/completions", {
+        **fields, "messages": [{"role": "user", "content": " "}]}))
+    assert status == 400 and "needs a final message with text" in body["error"]["message"]
+
+
 # ---- scheduling fields, disconnects, concurrency -------------------------------------------------
 
 async def _live_request_fields(url: str, engine, body: dict, headers=None) -> list:

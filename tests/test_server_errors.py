@@ -218,7 +218,6 @@ UNSUPPORTED = [
     ("/v1/completions", "add_special_tokens", False, True),
     ("/v1/chat/completions", "add_special_tokens", True, False),
     ("/v1/chat/completions", "echo", True, False),
-    ("/v1/chat/completions", "continue_final_message", True, False),
     ("/v1/chat/completions", "chat_template", "{{ messages }}", None),
     ("/v1/chat/completions", "chat_template_kwargs", {"enable_thinking": False}, {}),
     ("/v1/chat/completions", "tool_choice", "auto", "none"),

@@ -24,6 +24,13 @@ MESSAGES = [
     [{"role": "user", "content": [{"type": "text", "text": "part one "},
                                   {"type": "text", "text": "part two"}]}],
 ]
+# Conversations to continue (continue_final_message): the spaces around a final message, which
+# a template may keep or trim.
+CONTINUED = [
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Sure, the answer is "}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "  Well,\n"}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hi"}],
+]
 # A template using what transformers' environment offers: the special tokens as variables,
 # tools (None when absent), loop controls, tojson, raise_exception and the generation tag.
 RICH_TEMPLATE = (
@@ -63,6 +70,17 @@ def _agree(ours: Tokenizer, hf, messages=MESSAGES) -> None:
             assert ours.apply_chat_template(conversation, tokenize=False,
                                             add_generation_prompt=gen) == \
                 hf.apply_chat_template(conversation, tokenize=False, add_generation_prompt=gen)
+    for conversation in [*messages, *CONTINUED]:
+        try:
+            want = hf.apply_chat_template(conversation, tokenize=False,
+                                          continue_final_message=True)
+        except ValueError:
+            with pytest.raises(ValueError, match="continue_final_message"):
+                ours.apply_chat_template(conversation, tokenize=False,
+                                         continue_final_message=True)
+            continue
+        assert ours.apply_chat_template(conversation, tokenize=False,
+                                        continue_final_message=True) == want, conversation
 
 
 def test_embedded_tokenizer_agrees_with_transformers(tokenizer_dir):
@@ -115,6 +133,12 @@ def test_template_errors_and_overrides(tokenizer_dir):
                                  tokenize=False)
     ids = ours.apply_chat_template(MESSAGES[0], chat_template="{{ messages[0]['content'] }}")
     assert ids == ours.encode("Hi", add_special_tokens=False)
+    with pytest.raises(ValueError, match="cannot both be set"):
+        ours.apply_chat_template(CONTINUED[0], add_generation_prompt=True,
+                                 continue_final_message=True)
+    with pytest.raises(ValueError, match="does not render the final message"):
+        ours.apply_chat_template(CONTINUED[0], chat_template="{{ messages[0]['content'] }}",
+                                 continue_final_message=True)
 
 
 def test_missing_tokenizer_directory_is_named(tmp_path):

@@ -124,11 +124,14 @@ class LLM:
         use_tqdm: bool = True,
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
         **generate_options: Any,
     ) -> list[RequestOutput]:
         """Reply to one conversation (a list of ``{"role", "content"}`` messages) or to several
         (a list of such lists): each is rendered with the tokenizer's chat template (or
         ``chat_template``) and generated from; ``priority``/``client_id`` as in ``generate``.
+        ``continue_final_message`` (with ``add_generation_prompt=False``) continues the final
+        message instead of starting a new one, as transformers renders it.
         Messages are checked as the server checks them (chat_messages.py): TypeError or
         ValueError naming the message and field, before anything runs; so is a conversation with
         tool calls for a chat template that would render it without them."""
@@ -139,7 +142,8 @@ class LLM:
             check_template_renders_tools(conversation, template, where)
             text = tokenizer.apply_chat_template(
                 conversation, chat_template=chat_template, tokenize=False,
-                add_generation_prompt=add_generation_prompt)
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message)
             # The template writes the special tokens itself.
             prompts.append(tokenizer.encode(text, add_special_tokens=False))
             texts.append(text)

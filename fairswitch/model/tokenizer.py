@@ -11,7 +11,8 @@ gives those with transformers' semantics (``tests/test_tokenizer.py`` compares b
   it and the model is not BPE (transformers skips it for BPE, which it would corrupt);
 - ``apply_chat_template``: the Jinja environment transformers renders templates in (sandboxed,
   ``trim_blocks``/``lstrip_blocks``, ``loopcontrols``, ``tojson``, ``raise_exception``,
-  ``strftime_now``, the ``{% generation %}`` tag), with the special tokens as variables.
+  ``strftime_now``, the ``{% generation %}`` tag), with the special tokens as variables, and
+  ``continue_final_message`` (the text cut after the final message, for the model to continue).
 
 A checkpoint without ``tokenizer.json`` (a SentencePiece model only) is loaded by transformers.
 """
@@ -135,7 +136,11 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict[str, Any]], chat_template: str | None = None,
                             tokenize: bool = True, add_generation_prompt: bool = False,
+                            continue_final_message: bool = False,
                             **kwargs: Any) -> str | list[int]:
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be "
+                             "set: one continues the final message, the other starts a new one")
         source = chat_template or self.chat_template
         if source is None:
             raise ValueError("this tokenizer has no chat template; pass chat_template")
@@ -146,7 +151,29 @@ class Tokenizer:
         variables.update(tools=None, documents=None, **kwargs)
         text = self._templates[source].render(
             messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+        if continue_final_message:
+            text = cut_after_final_message(text, messages)
         return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+def cut_after_final_message(text: str, messages: list[dict[str, Any]]) -> str:
+    """A rendered chat cut right after the final message's content, as transformers'
+    ``continue_final_message`` cuts it: whatever the template writes after it (the end of the
+    turn) goes, so that the model continues that message. The content is found by its last
+    occurrence, stripped of the spaces a template may trim; ValueError if it is not there."""
+    content = messages[-1].get("content") if messages else None
+    if isinstance(content, (list, tuple)):  # content parts: the last one with text
+        content = next((part["text"] for part in reversed(content)
+                        if isinstance(part, dict) and "text" in part), None)
+    if not isinstance(content, str) or not content.strip():
+        raise ValueError("continue_final_message needs a final message with text to continue")
+    at = text.rfind(content.strip())
+    if at < 0:
+        raise ValueError("continue_final_message: the chat template does not render the final "
+                         "message's content as it is, so there is no place to continue it from")
+    kept = content.lstrip()  # its trailing spaces too, where the template kept them
+    end = at + (len(kept) if text.startswith(kept, at) else len(content.strip()))
+    return text[:end]
 
 
 def _compile(source: str) -> Any:

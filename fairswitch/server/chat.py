@@ -12,6 +12,7 @@ from typing import Any
 import jinja2
 
 from fairswitch.chat_messages import MessageError, check_template_renders_tools
+from fairswitch.model.tokenizer import cut_after_final_message
 from fairswitch.server.errors import bad_request
 
 DEFAULT_CHAT_TEMPLATE = (
@@ -28,20 +29,27 @@ class ChatTemplate:
         self.template = template or getattr(tokenizer, "chat_template", None) \
             or DEFAULT_CHAT_TEMPLATE
 
-    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+               continue_final_message: bool = False) -> str:
         try:
             check_template_renders_tools(messages, self.template)
         except MessageError as e:
             raise bad_request(str(e), e.field) from e
         try:
-            return self.tokenizer.apply_chat_template(
+            text = self.tokenizer.apply_chat_template(
                 messages, chat_template=self.template, tokenize=False,
                 add_generation_prompt=add_generation_prompt)
         except jinja2.TemplateError as e:  # e.g. a template that insists roles alternate
             raise bad_request(f"the chat template rejected the messages: {e}", "messages") from e
+        if not continue_final_message:
+            return text
+        try:
+            return cut_after_final_message(text, messages)
+        except ValueError as e:
+            raise bad_request(str(e), "continue_final_message") from e
 
-    def encode(self, messages: list[dict[str, Any]],
-               add_generation_prompt: bool = True) -> tuple[str, list[int]]:
+    def encode(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+               continue_final_message: bool = False) -> tuple[str, list[int]]:
         """(prompt text, prompt token ids) of a conversation."""
-        text = self.render(messages, add_generation_prompt)
+        text = self.render(messages, add_generation_prompt, continue_final_message)
         return text, self.tokenizer.encode(text, add_special_tokens=False)

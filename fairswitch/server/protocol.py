@@ -135,7 +135,7 @@ _UNSUPPORTED_COMPLETION = (("suffix", ("",)), ("add_special_tokens", (True,)),
                            ("prompt_embeds", ()))
 _UNSUPPORTED_CHAT = (("tools", ([],)), ("tool_choice", ("none",)), ("functions", ([],)),
                      ("function_call", ("none",)), ("echo", (False,)),
-                     ("continue_final_message", (False,)), ("add_special_tokens", (False,)),
+                     ("add_special_tokens", (False,)),
                      ("chat_template", ()), ("chat_template_kwargs", ({},)), ("documents", ([],)))
 
 
@@ -147,7 +147,8 @@ _READ_COMMON = frozenset({
     "ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "priority", "user"})
 _KNOWN_COMPLETION = _READ_COMMON | {"prompt", "echo", "logprobs"} | {
     name for name, _ in _UNSUPPORTED_COMMON + _UNSUPPORTED_COMPLETION}
-_KNOWN_CHAT = _READ_COMMON | {"messages", "add_generation_prompt", "logprobs", "top_logprobs"} | {
+_KNOWN_CHAT = _READ_COMMON | {"messages", "add_generation_prompt", "continue_final_message",
+                              "logprobs", "top_logprobs"} | {
     name for name, _ in _UNSUPPORTED_COMMON + _UNSUPPORTED_CHAT}
 _MAX_LOGGED_FIELDS = 10
 
@@ -249,6 +250,7 @@ class CompletionRequest(GenerationRequest):
 class ChatRequest(GenerationRequest):
     messages: list[dict[str, Any]]
     add_generation_prompt: bool
+    continue_final_message: bool = False
 
 
 def _common(body: Any, unsupported: tuple, echo: bool = False) -> dict[str, Any]:
@@ -373,10 +375,22 @@ def parse_chat(body: Any) -> ChatRequest:
         raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     logprobs = (top or 0) if _bool(body, "logprobs", False) else None
     messages = parse_messages(body.get("messages"))
-    add_generation_prompt = _bool(body, "add_generation_prompt", True)
+    add_generation_prompt, continue_final = _template_controls(body)
     _log_ignored(body, _KNOWN_CHAT)
     return ChatRequest(messages=messages, add_generation_prompt=add_generation_prompt,
-                       logprobs=logprobs, **common)
+                       continue_final_message=continue_final, logprobs=logprobs, **common)
+
+
+def _template_controls(body: dict) -> tuple[bool, bool]:
+    """(add_generation_prompt, continue_final_message): vLLM's defaults and its refusal of both
+    (the first starts a new assistant turn, the second continues the final message)."""
+    continue_final = _bool(body, "continue_final_message", False)
+    add_generation_prompt = _bool(body, "add_generation_prompt", True)
+    if continue_final and add_generation_prompt:
+        raise bad_request("'continue_final_message' and 'add_generation_prompt' cannot both be "
+                          "true: set 'add_generation_prompt': false to continue the final "
+                          "message", "continue_final_message")
+    return add_generation_prompt, continue_final
 
 
 def resolve_max_tokens(requested: int | None, num_prompt_tokens: int, max_model_len: int,
@@ -462,6 +476,7 @@ class TokenizeRequest:
     prompt: str | None  # either a prompt...
     messages: list[dict[str, Any]] | None  # ...or a conversation rendered by the chat template
     add_generation_prompt: bool
+    continue_final_message: bool
     add_special_tokens: bool
     return_token_strs: bool
 
@@ -478,9 +493,10 @@ def parse_tokenize(body: Any) -> TokenizeRequest:
         if not isinstance(prompt, str):
             raise bad_request(f"'prompt' (a string) or 'messages' is required, got "
                               f"{_describe(prompt)}", "prompt")
+    add_generation_prompt, continue_final = _template_controls(body)
     return TokenizeRequest(
         model=_str(body, "model"), prompt=prompt, messages=messages,
-        add_generation_prompt=_bool(body, "add_generation_prompt", True),
+        add_generation_prompt=add_generation_prompt, continue_final_message=continue_final,
         # Chat templates write their own special tokens; a plain prompt gets the tokenizer's.
         add_special_tokens=_bool(body, "add_special_tokens", messages is None),
         return_token_strs=_bool(body, "return_token_strs", False))
