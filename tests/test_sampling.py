@@ -135,6 +135,15 @@ def test_a_stop_string_in_the_min_tokens_text_is_passed_over(cl100k_llm):
         assert (out.text, out.finish_reason) == ("\n\n", "stop")
 
 
+def test_a_stop_token_s_text_is_in_the_output_when_asked_for(cl100k_llm):
+    """vLLM's include_stop_str_in_output also keeps the text of a stop token id (was dropped)."""
+    for include, text in ((False, ""), (True, "\n")):
+        out = cl100k_llm.generate("Hello", SamplingParams(
+            max_tokens=4, temperature=0.0, stop_token_ids=[_NEWLINE], logit_bias={_NEWLINE: 100.0},
+            include_stop_str_in_output=include), use_tqdm=False)[0].outputs[0]
+        assert (out.text, out.token_ids, out.stop_reason) == (text, [_NEWLINE], _NEWLINE)
+
+
 def test_stop_token_ids(llm):
     base = llm.generate(PROMPTS[2], SamplingParams(max_tokens=10, temperature=0.0,
                                                    ignore_eos=True), use_tqdm=False)[0]

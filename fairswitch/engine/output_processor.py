@@ -3,8 +3,10 @@
 Stop conditions, checked after each appended token in this order: a stop token id, EOS (unless
 ``ignore_eos``), a stop string in the text (the text is cut there), ``max_tokens``, the model's
 ``max_model_len``; the first three only once ``min_tokens`` tokens are out (the sampler masks
-EOS and stop ids before that, so only a stop string can be passed over). While a request runs, the last ``len(longest stop string) - 1`` characters are
-held back from streaming so a stop string is never half-sent.
+EOS and stop ids before that, so only a stop string can be passed over). A stop token's text is
+in the output only with ``include_stop_str_in_output``, as a stop string is. While a request
+runs, the last ``len(longest stop string) - 1`` characters are held back from streaming so a
+stop string is never half-sent.
 """
 
 from __future__ import annotations
@@ -66,11 +68,15 @@ class OutputProcessor:
             if self.at_length_limit(request):
                 request.status = RequestStatus.FINISHED_LENGTH
             return
-        if token_id in params.stop_token_ids:
-            request.status, request.stop_reason = RequestStatus.FINISHED_STOPPED, token_id
-            return
-        if not params.ignore_eos and token_id in self.eos_token_ids:
+        if token_id in params.stop_token_ids or (not params.ignore_eos
+                                                 and token_id in self.eos_token_ids):
+            # The stop token's text (a special token's is none where skipped) only when asked
+            # for, as vLLM gives it.
+            if params.include_stop_str_in_output and state.detokenizer is not None:
+                state.text += state.detokenizer.add(token_id)
             request.status = RequestStatus.FINISHED_STOPPED
+            if token_id in params.stop_token_ids:
+                request.stop_reason = token_id
             return
         if state.detokenizer is not None:
             delta = state.detokenizer.add(token_id)
