@@ -227,6 +227,26 @@ def test_every_request_has_an_access_line_and_every_refusal_its_cause(server, ca
     assert f"client='{'z' * 64}...(5000 chars)' " in line and len(line) < 300, line
 
 
+def test_a_stream_whose_client_went_away_is_logged_as_499(server, caplog, monkeypatch):
+    """A write to a client that went away raises ConnectionResetError (when it comes before
+    aiohttp cancels the handler): the handler ends the stream quietly, and its 200 was logged."""
+    from fairswitch.server import streaming
+
+    send, sent = streaming.send, []
+
+    async def reset_after_one_chunk(resp, body) -> None:
+        if sent:
+            raise ConnectionResetError("the client went away")
+        sent.append(body)
+        await send(resp, body)
+    monkeypatch.setattr(streaming, "send", reset_after_one_chunk)
+    caplog.set_level(logging.INFO, logger="fairswitch")
+    assert asyncio.run(_post(server.url + COMPLETIONS, {
+        "prompt": "x", "max_tokens": 50, "ignore_eos": True, "stream": True})) == 200
+    (line,) = _records(caplog, "fairswitch.server.access")
+    assert line.startswith("POST /v1/completions 499 "), line
+
+
 def test_access_lines_can_be_turned_off(engine, caplog):
     caplog.set_level(logging.INFO, logger="fairswitch")
     settings = ServerSettings(log_requests=False)

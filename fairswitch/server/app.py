@@ -260,6 +260,7 @@ class OpenAIServer:
             await streaming.send_done(resp)
         except ConnectionResetError:
             logger.debug("client went away during %s", reply.response_id)
+            self.in_flight.record(request).client_closed = True
         return resp
 
     # ---- other routes -------------------------------------------------------------------------

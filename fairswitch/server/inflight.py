@@ -51,6 +51,7 @@ class AccessRecord:
     num_prompt_tokens: int | None = None
     tracker: RequestTracker | None = None
     error: str | None = None  # reported in-band: the stream had started
+    client_closed: bool = False  # a stream whose client went away: logged as 499
 
     def fields(self) -> str:
         if self.num_prompt_tokens is None:
@@ -92,7 +93,7 @@ class InFlight:
                 response = err.response()
             else:
                 response = await handler(request)
-            status = response.status
+            status = CLIENT_CLOSED if record.client_closed else response.status
             return response
         finally:
             del self._records[id(request)]
