@@ -207,3 +207,41 @@ def test_one_tier_class_serves_both_tiers():
     cpu.take(22)
     assert 22 not in cpu.evictable and [cpu.evict() for _ in range(3)] == [20, 21, 23]
     assert cpu.release(22) is False and cpu.evict() == 22 and cpu.num_blocks == 0
+
+
+def _history_blocks(tier: ReuseTier, first: int, last: int) -> int:
+    """Blocks of ``tier`` whose tokens start in [first, last)."""
+    return sum(first <= tier._key_of[b][1][0] < last for b in tier.blocks())
+
+
+def test_one_eviction_costs_the_next_turn_one_block_of_reuse():
+    """A finished request's blocks were released head first, so the first one evicted was its
+    prefix's head: the next turn reused nothing while the other 7 stayed cached for nothing."""
+    greedy = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    llm = LLM(num_gpu_blocks=16, block_size=4, max_model_len=64, swap_space=0,
+              async_scheduling=False)
+    kv = llm.engine.kv
+    turn1 = list(range(1000, 1032))  # 8 full blocks
+    answer = llm.generate([turn1], greedy, use_tqdm=False)[0].outputs[0].token_ids
+    free = kv.blocks.pool.num_free_blocks  # a request that needs one cached block more
+    llm.generate([list(range(5000, 5000 + 4 * (free + 1) - 1))], greedy, use_tqdm=False)
+    assert _history_blocks(kv.blocks.prefix_cache, 1000, 1032) == 7
+    out = llm.generate([turn1 + answer + [7, 8, 9]], greedy, use_tqdm=False)[0]
+    assert out.num_cached_tokens == 7 * 4
+
+
+def test_cpu_tier_evicts_a_prefix_from_its_end():
+    """Write-backs indexed a request's blocks head first: one eviction cut the history's head
+    off, and turn 2 could fetch none of the 7 blocks that stayed."""
+    block_bytes = 6 * 2 * 4 * 2 * 64 * 4  # the embedded model's, block_size 4, fp32
+    llm = LLM(num_gpu_blocks=16, block_size=4, max_model_len=64,
+              swap_space=10 * block_bytes / 2**30, async_scheduling=False)
+    tier = llm.engine.kv.swap.tier
+    greedy = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    turn1 = list(range(1000, 1032))  # 8 full blocks of 10
+    answer = llm.generate([turn1], greedy, use_tqdm=False)[0].outputs[0].token_ids
+    llm.generate([list(range(5000, 5012))], greedy, use_tqdm=False)  # its write-back evicts 1
+    assert _history_blocks(tier, 1000, 1032) == 7
+    turn2 = turn1 + answer + [7, 8, 9]
+    assert len(tier.match(turn2, len(turn2) - 1)) == 7
+    llm.engine.check_accounting()

@@ -86,7 +86,7 @@ def test_full_cpu_pool_falls_back_to_recompute(llama_dir, expected):
 def test_aborts_mid_copy_and_random_churn_keep_pools_whole(llama_dir, async_scheduling):
     llm = tight_llm(llama_dir, "swap", delay=2, async_scheduling=async_scheduling)
     engine = llm.engine
-    rng = random.Random(7)
+    rng = random.Random(1)  # a run with swaps and fetches to abort mid-copy
     ids = [engine.add_request(PROMPTS[i % 4] * rng.randint(1, 2),
                               SamplingParams(max_tokens=rng.randint(2, 12), ignore_eos=True))
            for i in range(10)]
@@ -557,3 +557,83 @@ def test_without_incremental_swap_a_request_out_again_before_its_swap_in_lands_k
     want = LLM(model=str(llama_dir), num_gpu_blocks=64, swap_space=0).generate(
         [PROMPTS[0]], params, use_tqdm=False)[0].outputs[0].token_ids
     assert got == want
+
+
+_BLOCK_BYTES = 6 * 2 * 4 * 2 * 64 * 4  # the embedded model's KV block at block_size 4, fp32
+
+
+def _greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+
+def test_a_request_swapped_out_while_its_early_fetch_is_in_flight_leaks_no_tier_block():
+    """With early landing a request runs before the host sees its CPU-tier fetch land; swapped
+    out and back in meanwhile, its swap-in's record replaced the fetch's, whose tier blocks
+    stayed referenced (never evictable) for good. check_accounting now compares the tier's
+    references with the fetches in flight."""
+    llm = LLM(num_gpu_blocks=16, block_size=4, max_model_len=60,
+              swap_space=64 * _BLOCK_BYTES / 2**30, early_swap_in=True, preemption_mode="swap",
+              policy="priority", preempt_threshold=0.0, min_run_steps=1, async_scheduling=False,
+              growth_headroom=0)
+    engine, swap = llm.engine, llm.engine.kv.swap
+    history = list(range(1000, 1016))
+    llm.generate([history], _greedy(2), use_tqdm=False)  # written back to the CPU tier
+    for i in range(4):  # and pushed out of the GPU's
+        llm.generate([list(range(2000 + 40 * i, 2030 + 40 * i))], _greedy(2), use_tqdm=False)
+    swap.set_backends(SyncCopyBackend(), DelayedCopyBackend(12), SyncCopyBackend())
+    rid = engine.add_request(prompt_token_ids=history + [7, 8, 9], params=_greedy(20),
+                             priority=5)
+    engine.step()
+    engine.step()
+    assert engine.requests[rid].num_cached_tokens == 16 and engine.requests[rid] in swap.incoming
+    engine.add_request(prompt_token_ids=list(range(3000, 3040)), params=_greedy(2), priority=0)
+    while engine.has_unfinished_requests():
+        engine.step()
+        engine.check_accounting()
+    assert engine.scheduler.preemptions_by_mode["swap"] >= 1
+    assert not swap.has_in_flight() and not swap.tier.refs
+
+
+def test_a_write_back_in_flight_does_not_turn_a_swap_into_a_recompute():
+    """A finished request's write-back to the CPU tier took every free CPU block, and while it
+    was in flight can_swap_out did not count them: a live victim was recomputed. It waits for
+    the write-back now and evicts what it cached (cached KV never keeps a live request out)."""
+    llm = LLM(num_gpu_blocks=16, block_size=4, max_model_len=64,
+              swap_space=8 * _BLOCK_BYTES / 2**30, preemption_mode="swap", policy="priority",
+              preempt_threshold=0.0, min_run_steps=1, async_scheduling=False)
+    engine, swap = llm.engine, llm.engine.kv.swap
+    swap.set_backends(SyncCopyBackend(), SyncCopyBackend(), DelayedCopyBackend(50))
+    live = engine.add_request(prompt_token_ids=list(range(2000, 2018)), params=_greedy(30),
+                              priority=5)
+    done = engine.add_request(prompt_token_ids=list(range(1000, 1028)), params=_greedy(1),
+                              priority=5)
+    while done in engine.requests:
+        engine.step()
+    victim = engine.requests[live]  # room for its KV only once the write-back has landed
+    assert swap.cpu_pool.num_free_blocks < swap.cpu_blocks_needed(victim) <= \
+        swap.cpu_pool.num_free_blocks + swap.num_cpu_blocks_in_flight()
+    engine.add_request(prompt_token_ids=list(range(3000, 3048)), params=_greedy(2), priority=0)
+    for _ in range(3):
+        engine.step()
+        engine.check_accounting()
+    assert engine.scheduler.preemptions_by_mode == {"swap": 1, "recompute": 0}
+    assert victim.request_id in engine.requests
+
+
+def test_a_finished_request_s_swap_copy_goes_to_the_cpu_tier_uncopied():
+    """The blocks its swap copy held were copied from the GPU again by the write-back, and the
+    copy freed: 18 blocks written back here, 10 of them already on the CPU."""
+    llm = LLM(num_gpu_blocks=16, block_size=4, max_model_len=64,
+              swap_space=64 * _BLOCK_BYTES / 2**30, preemption_mode="swap", policy="priority",
+              preempt_threshold=0.0, min_run_steps=1, async_scheduling=False)
+    engine, swap = llm.engine, llm.engine.kv.swap
+    engine.add_request(prompt_token_ids=list(range(2000, 2032)), params=_greedy(4), priority=5)
+    engine.step()
+    engine.add_request(prompt_token_ids=list(range(3000, 3040)), params=_greedy(1), priority=0)
+    while engine.has_unfinished_requests():
+        engine.step()
+        engine.check_accounting()
+    assert engine.scheduler.preemptions_by_mode == {"swap": 1, "recompute": 0}
+    swapped, _, written_back = (s.bytes_out // _BLOCK_BYTES for s in swap.copy_stats())
+    assert (swapped, written_back) == (8, 10)  # the second request's 10; the first's 8 reused
+    assert swap.tier.num_blocks == 18

@@ -117,11 +117,15 @@ class KVCacheManager:
             self._reclaim(request)
 
     def release_blocks(self, blocks: list[int]) -> None:
+        """Give back blocks in prefix order. The cache releases them last one first, so that
+        cached ones are evicted from the end of a prefix, never its head first: a lookup stops at
+        the first missing block, and the rest of the prefix would stay cached for nothing."""
         pc = self.prefix_cache
         if pc is None:
             self.pool.free(blocks)
             return
-        self.pool.free([b for b in blocks if pc.release(b)])
+        freed = [b for b in reversed(blocks) if pc.release(b)]
+        self.pool.free(freed[::-1])  # in prefix order: the pool keeps runs together
 
     def free(self, request: Request) -> None:
         """Drop the request's blocks; with prefix caching its computed full blocks stay cached."""

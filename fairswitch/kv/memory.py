@@ -189,6 +189,11 @@ class KVMemory:
                 raise AssertionError(f"requests own {owned} CPU blocks without a swap space")
             return
         cpu.check()
+        if swap.tier is not None:  # a CPU-tier block is read by the fetches in flight only
+            fetching = Counter(b for t in swap.fetches_in_flight() for b in t)
+            if fetching != Counter(swap.tier.refs):
+                raise AssertionError(f"CPU-tier references {dict(swap.tier.refs)} but fetches "
+                                     f"in flight read {dict(fetching)}")
         in_flight = swap.num_cpu_blocks_in_flight()
         tier = swap.tier.num_blocks if swap.tier is not None else 0
         if owned + in_flight + tier != cpu.num_used_blocks:

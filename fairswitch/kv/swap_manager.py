@@ -134,7 +134,12 @@ class SwapManager:
 
     def can_swap_out(self, req: Request) -> bool:
         return self.cpu_blocks_needed(req) <= self.cpu_pool.num_free_blocks + \
-            self._reclaimable_cpu_blocks(exclude=req) + self._evictable_tier_blocks()
+            self._reclaimable_cpu_blocks(exclude=req) + self._evictable_tier_blocks() + \
+            self._writeback_cpu_blocks()
+
+    def _writeback_cpu_blocks(self) -> int:
+        """CPU blocks write-backs in flight hold: cached KV once they land, so evictable."""
+        return sum(len(t.tier_entries) for t in self._writebacks)
 
     def _evictable_tier_blocks(self) -> int:
         return len(self.tier.evictable) if self.tier is not None else 0
@@ -159,6 +164,15 @@ class SwapManager:
             if self.cpu_pool.num_free_blocks >= n:
                 return
             self.drop_cpu_copy(r)
+        while self.cpu_pool.num_free_blocks < n and self._writebacks:
+            # KV on its way to the cache holds the rest: wait for the oldest write-back (its
+            # copy still writes those blocks), then evict what it cached
+            oldest = min(self._writebacks, key=lambda t: t.order)
+            t0 = time.perf_counter()
+            oldest.backend.wait(oldest.handle)
+            self.blocking_copy_s += time.perf_counter() - t0
+            self._writebacks = [t for t in self._writebacks if not self._land_write_back(t)]
+            self._evict_tier(n)
 
     def probe_link(self, max_bytes: int = 256 << 20) -> tuple[int, float]:
         """Time one extent copy GPU -> CPU through the real backend, at startup while every block
@@ -185,6 +199,9 @@ class SwapManager:
     @_stalls
     def swap_out(self, req: Request) -> None:
         """Start copying ``req``'s KV to the CPU; its GPU blocks drain until the copy lands."""
+        early = self.incoming.pop(req, None)
+        if early is not None:  # an early-landed swap-in or fetch the host has not seen land:
+            self._orphans.append(early)  # it unpins its CPU-tier blocks when it does
         total = self.gpu.blocks_needed(req.num_computed_tokens)
         need = self.cpu_blocks_needed(req)
         if need:
@@ -230,7 +247,7 @@ class SwapManager:
         self._incoming(req, t)
 
     def _unpin(self, cpu_blocks: list[int]) -> None:
-        for b in cpu_blocks:  # indexed blocks: released, they stay in the tier (evictable)
+        for b in reversed(cpu_blocks):  # indexed: released, they stay in the tier (evictable)
             self.tier.release(b)  # type: ignore[union-attr]
 
     def _incoming(self, req: Request, t: _Transfer) -> None:
@@ -246,6 +263,18 @@ class SwapManager:
         those waiting for their copy, and early-landed ones until ``poll`` hands them over
         (they hold a seat from their swap-in on)."""
         return sum(not t.landed_early for t in self.incoming.values()) + len(self._ready_now)
+
+    def _cache_cpu_copy(self, req: Request) -> None:
+        """A finished request's swap copy (a stale-but-valid one, kept since its swap-in) holds
+        full blocks of its KV already: they go to the CPU tier as they are, not copied again
+        from the GPU by the write-back. Last block first, so that the head is evicted last."""
+        tier, bs = self.tier, self.block_size
+        hashes = block_hashes(req.token_ids, req.num_cpu_tokens, bs, req.block_hashes)
+        kept = {i for i in reversed(range(len(hashes)))
+                if tier.add(hashes[i], tuple(req.token_ids[i * bs:(i + 1) * bs]),  # type: ignore[union-attr]
+                            req.cpu_block_table[i])}
+        if kept:
+            req.cpu_block_table = [c for i, c in enumerate(req.cpu_block_table) if i not in kept]
 
     def _write_back(self, req: Request) -> None:
         """Copy a finished request's full blocks that the CPU tier lacks to free CPU blocks.
@@ -356,7 +385,7 @@ class SwapManager:
         if not t.backend.done(t.handle):
             return False
         self.gpu.release_blocks(t.gpu_blocks_to_free)
-        for h, tokens, block in t.tier_entries:
+        for h, tokens, block in reversed(t.tier_entries):  # evicted last: the prefix's head
             if not self.tier.add(h, tokens, block):  # type: ignore[union-attr]
                 self.cpu_pool.free([block])  # another request's write-back got there first
         return True
@@ -402,6 +431,7 @@ class SwapManager:
         t = self.outgoing.pop(req, None) or self.incoming.pop(req, None)
         if t is None:
             if self.tier is not None and req.block_table:
+                self._cache_cpu_copy(req)
                 self._write_back(req)
             self.gpu.free(req)
             self.drop_cpu_copy(req)
@@ -433,6 +463,10 @@ class SwapManager:
         the scheduler asks every step)."""
         return sum(len(t.gpu_blocks_to_free)
                    for t in (*self.outgoing.values(), *self._orphans, *self._writebacks))
+
+    def fetches_in_flight(self) -> list[list[int]]:
+        """The CPU-tier blocks each fetch in flight reads (they are referenced until it lands)."""
+        return [t.cpu_blocks_to_unpin for t in (*self.incoming.values(), *self._orphans)]
 
     def num_cpu_blocks_in_flight(self) -> int:
         """CPU blocks owned by copies: aborted requests' and write-backs not yet in the tier."""
