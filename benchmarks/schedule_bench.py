@@ -27,7 +27,7 @@ from fairswitch.kv.memory import KVMemory
 from fairswitch.request import Request
 from fairswitch.sampling_params import SamplingParams
 from fairswitch.scheduler.scheduler import Scheduler
-from results_io import command_line, write_results
+from results_io import check_output, command_line, write_results
 
 PROMPT_LEN, BLOCK_SIZE = 32, 16
 
@@ -81,14 +81,23 @@ def bench(policy: str, num_running: int, num_waiting: int, warmup: int, steps: i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--running", type=int, nargs="+", default=[64, 256, 1024])
-    parser.add_argument("--waiting", type=int, default=10_000)
-    parser.add_argument("--policies", nargs="+", default=["fcfs", "priority", "vtc", "trace"])
-    parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"
-                                             / "schedule_bench.json"))
+    parser.add_argument("--running", type=int, nargs="+", default=[64, 256, 1024],
+                        help="running-set sizes to time (default: 64 256 1024)")
+    parser.add_argument("--waiting", type=int, default=10_000,
+                        help="requests waiting meanwhile (default: 10000)")
+    parser.add_argument("--policies", nargs="+", default=["fcfs", "priority", "vtc", "trace"],
+                        help="scheduling policies to time (default: all four)")
+    parser.add_argument("--warmup", type=int, default=20, help="untimed iterations (default: 20)")
+    parser.add_argument("--steps", type=int, default=100, help="timed iterations (default: 100)")
+    parser.add_argument("--output", type=Path,
+                        default=Path("benchmarks/results/schedule_bench.json"),
+                        help="result file (default: benchmarks/results/schedule_bench.json)")
+    parser.add_argument("--commit", default=None, help="commit to record (default: git HEAD)")
     args = parser.parse_args()
+    try:
+        check_output(args.output)
+    except OSError as e:
+        parser.error(str(e))
     rows = []
     print(f"{'policy':>9} {'running':>8} {'waiting':>8} {'mean ms':>8} {'p50 ms':>8} "
           f"{'max ms':>8} {'preempt/step':>12}")
@@ -104,7 +113,8 @@ def main() -> None:
     if claims:
         print(f"claim schedule_ms_256_running (vtc, {args.waiting} waiting): "
               f"{claims[0]['value']:.3f} ms (target < 1 ms)")
-    write_results(args.out, command=command_line(), figures={"rows": rows}, claims=claims)
+    write_results(args.output, command=command_line(), figures={"rows": rows}, claims=claims,
+                  commit=args.commit)
 
 
 if __name__ == "__main__":

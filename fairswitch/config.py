@@ -111,7 +111,8 @@ class CacheConfig:
         0.9, "fraction of GPU memory the engine may use (weights + activations + KV cache)"
     )
     kv_cache_memory_gib: float | None = _opt(
-        None, "KV cache size in GiB (default on CPU: 1; on CUDA: from --gpu-memory-utilization)"
+        None, "KV cache size in GiB, at most what --max-num-seqs requests of --max-model-len "
+        "tokens fill (default on CPU: 1; on CUDA: from --gpu-memory-utilization)"
     )
     kv_cache_dtype: str = _opt(
         "auto", "KV cache element type: auto (the model's dtype) or fp8 (e4m3 with a scale per "

@@ -174,6 +174,8 @@ BAD = [
      "messages[0].role"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400,
      ["'messages[0].content'"], "messages[0].content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": None}]}, 400,
+     ["may be none), got null"], "messages[0].content"),  # was "got null null"
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
      400, ["only text is supported"], "messages[0].content"),
     ("/v1/chat/completions", {"messages": CHAT, "logprobs": True, "top_logprobs": 21}, 400,

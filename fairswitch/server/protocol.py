@@ -32,6 +32,8 @@ DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's (and vLLM's) default for /v1/comp
 
 
 def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
     kind = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
             dict: "object", type(None): "null"}.get(type(value), type(value).__name__)
     text = json.dumps(value)
