@@ -9,10 +9,10 @@ import math
 from pathlib import Path
 
 import jinja2
-import jinja2.ext
 
 from fairswitch.cli.files import read_text
 from fairswitch.config import EngineConfig, add_engine_args
+from fairswitch.model.tokenizer import TEMPLATE_EXTENSIONS
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -69,21 +69,10 @@ def read_chat_template(value: str | None) -> str | None:
     return text
 
 
-class _Generation(jinja2.ext.Extension):
-    """transformers' ``{% generation %}...{% endgeneration %}`` (it marks the assistant's
-    tokens), parsed as a plain block."""
-    tags = {"generation"}
-
-    def parse(self, parser):
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.Scope(body, lineno=lineno)
-
-
 def _template_parser() -> jinja2.Environment:
-    """Jinja with the statements transformers' chat templates may use: loop controls and
-    ``generation``."""
-    return jinja2.Environment(extensions=[_Generation, jinja2.ext.loopcontrols])
+    """Jinja with the statements transformers' chat templates may use, as the tokenizer
+    renders them."""
+    return jinja2.Environment(extensions=list(TEMPLATE_EXTENSIONS))
 
 
 def run(args: argparse.Namespace) -> int:

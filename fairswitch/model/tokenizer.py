@@ -24,6 +24,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import jinja2
+import jinja2.ext
+
 from fairswitch.model.checkpoint_config import read_json
 
 _SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token",
@@ -176,20 +179,23 @@ def cut_after_final_message(text: str, messages: list[dict[str, Any]]) -> str:
     return text[:end]
 
 
+class GenerationTag(jinja2.ext.Extension):
+    """transformers' ``{% generation %}...{% endgeneration %}``: it marks assistant text (for
+    training masks); rendering for inference keeps its body as it is."""
+    tags = {"generation"}
+
+    def parse(self, parser: Any) -> Any:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.Scope(body, lineno=lineno)
+
+
+# The statements transformers' chat templates may use beyond plain Jinja.
+TEMPLATE_EXTENSIONS = (GenerationTag, jinja2.ext.loopcontrols)
+
+
 def _compile(source: str) -> Any:
-    import jinja2
-    from jinja2.ext import Extension, loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class GenerationTag(Extension):
-        # {% generation %}...{% endgeneration %} marks assistant text (for training masks);
-        # rendering for inference keeps its body as it is.
-        tags = {"generation"}
-
-        def parse(self, parser: Any) -> Any:
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.Scope(body, lineno=lineno)
 
     def raise_exception(message: str) -> None:
         raise jinja2.exceptions.TemplateError(message)
@@ -200,7 +206,7 @@ def _compile(source: str) -> Any:
                           sort_keys=sort_keys)
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[GenerationTag, loopcontrols])
+                                        extensions=list(TEMPLATE_EXTENSIONS))
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
