@@ -12,7 +12,6 @@ from typing import Any
 import jinja2
 
 from fairswitch.chat_messages import MessageError, check_template_renders_tools
-from fairswitch.model.tokenizer import cut_after_final_message
 from fairswitch.server.errors import bad_request
 
 DEFAULT_CHAT_TEMPLATE = (
@@ -36,16 +35,15 @@ class ChatTemplate:
         except MessageError as e:
             raise bad_request(str(e), e.field) from e
         try:
-            text = self.tokenizer.apply_chat_template(
+            return self.tokenizer.apply_chat_template(
                 messages, chat_template=self.template, tokenize=False,
-                add_generation_prompt=add_generation_prompt)
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message)
         except jinja2.TemplateError as e:  # e.g. a template that insists roles alternate
             raise bad_request(f"the chat template rejected the messages: {e}", "messages") from e
-        if not continue_final_message:
-            return text
-        try:
-            return cut_after_final_message(text, messages)
-        except ValueError as e:
+        except ValueError as e:  # no final message to continue (the template has one)
+            if not continue_final_message:
+                raise
             raise bad_request(str(e), "continue_final_message") from e
 
     def encode(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
