@@ -167,11 +167,7 @@ class SwapManager:
         while self.cpu_pool.num_free_blocks < n and self._writebacks:
             # KV on its way to the cache holds the rest: wait for the oldest write-back (its
             # copy still writes those blocks), then evict what it cached
-            oldest = min(self._writebacks, key=lambda t: t.order)
-            t0 = time.perf_counter()
-            oldest.backend.wait(oldest.handle)
-            self.blocking_copy_s += time.perf_counter() - t0
-            self._writebacks = [t for t in self._writebacks if not self._land_write_back(t)]
+            self._wait_oldest(self._writebacks)
             self._evict_tier(n)
 
     def probe_link(self, max_bytes: int = 256 << 20) -> tuple[int, float]:
@@ -374,12 +370,16 @@ class SwapManager:
                    if t.gpu_blocks_to_free]
         if not holders:
             return False
-        oldest = min(holders, key=lambda t: t.order)
+        self._wait_oldest(holders)
+        return True
+
+    def _wait_oldest(self, transfers: list[_Transfer]) -> None:
+        """Block until the oldest of ``transfers`` lands, then retire every landed copy."""
+        oldest = min(transfers, key=lambda t: t.order)
         t0 = time.perf_counter()
         oldest.backend.wait(oldest.handle)
         self.blocking_copy_s += time.perf_counter() - t0
         self._release_outgoing()
-        return True
 
     def _land_write_back(self, t: _Transfer) -> bool:
         if not t.backend.done(t.handle):
