@@ -229,11 +229,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.tbt_slo_ms is not None:
         parser.error("the targets here are P99 TTFT and P99 TPOT: give --tpot-slo-ms, not "
                      "--tbt-slo-ms")
-    try:  # what the probes' reports or the result file would refuse after a run
+    try:  # what the probes' reports would refuse after a run
         check_report_args(args)
-        check_output(args.output)
     except (ValueError, OSError) as e:
         parser.error(str(e))
+    check_output(parser, args.output)
     trace = load_trace(args)
     rate = trace_rate(trace)
 

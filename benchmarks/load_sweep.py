@@ -88,10 +88,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error("--sweep compares engine configurations at each point: give --compare")
     for value in values:  # every point's command line is checked (unknown option, bad value)
         point_args(parser, argv, option, value)
-    try:
-        check_output(args.output)
-    except OSError as e:
-        parser.error(str(e))
+    check_output(parser, args.output)
 
     points: dict[str, dict[str, Any]] = {}
     claims: list[dict[str, Any]] = []

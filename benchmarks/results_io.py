@@ -7,6 +7,7 @@ Every file written here says where it was measured (``device``), when (``date``,
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import re
@@ -77,12 +78,16 @@ def resolve_commit(commit: str | None) -> str:
     return commit
 
 
-def check_output(path: str | Path) -> None:
+def check_output(parser: argparse.ArgumentParser, path: str | Path) -> None:
     """Refuse, before a run, an ``--output`` that ``write_results`` could not write after it
-    (a directory, a read-only folder): a long run is not lost to a typo."""
+    (a directory, a read-only folder), as ``parser``'s usage error: a long run is not lost to a
+    typo."""
     from fairswitch.cli.files import check_writable
 
-    check_writable(Path(path), "--output")
+    try:
+        check_writable(Path(path), "--output")
+    except OSError as e:
+        parser.error(str(e))
 
 
 def write_results(path: str | Path, *, command: str, figures: dict[str, Any],

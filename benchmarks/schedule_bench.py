@@ -94,10 +94,7 @@ def main() -> None:
                         help="result file (default: benchmarks/results/schedule_bench.json)")
     parser.add_argument("--commit", default=None, help="commit to record (default: git HEAD)")
     args = parser.parse_args()
-    try:
-        check_output(args.output)
-    except OSError as e:
-        parser.error(str(e))
+    check_output(parser, args.output)
     rows = []
     print(f"{'policy':>9} {'running':>8} {'waiting':>8} {'mean ms':>8} {'p50 ms':>8} "
           f"{'max ms':>8} {'preempt/step':>12}")

@@ -93,10 +93,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="put before every claim's name, for a setting of its own (qwen32b_)")
     add_bench_args(p)
     args = p.parse_args(argv)
-    try:
-        check_output(args.output)
-    except OSError as e:
-        p.error(str(e))
+    check_output(p, args.output)
     report = bench(args)
     for other, ratios in full_against_others(report).items():
         print(f"full vs {other}: " + ", ".join(
