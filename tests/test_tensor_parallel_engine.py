@@ -250,7 +250,7 @@ def test_a_dead_worker_fails_the_step(llama_dir):
         os.kill(worker.pid, signal.SIGKILL)
         worker.join(10)
         with pytest.raises(RuntimeError, match=r"fairswitch-tp1 exit code -9 \(SIGKILL: out of "
-                           "memory\?\)"):
+                           r"memory\?\)"):
             llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False)
         assert not llm.engine.has_unfinished_requests()  # generate aborted what it added
         assert not llm.engine.workers.alive()  # the other ranks were stopped
