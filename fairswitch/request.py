@@ -77,7 +77,7 @@ class Request:
     finishing: bool = False
     # Chained hashes of its full blocks computed so far (reuse_index.block_hashes extends them;
     # tokens are only ever appended, so they stay valid).
-    block_hashes: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)
     # Owned by input_batch.py: (the block_table list it mirrors, that list as an int32 array).
     block_table_array: Any = None
     # Owned by the output processor (detokenizer state) and the sampler (torch.Generator).

@@ -91,6 +91,22 @@ def test_hash_collision_is_caught_by_token_check(monkeypatch):
     assert cache.match([7, 7, 3, 4], 4) == []
 
 
+def test_a_block_hash_is_a_sha256_chain_over_the_whole_prefix():
+    """The tokens check cannot see a block's parent, so the hash must resist collisions; Python's
+    hash of an int tuple does not (a crafted prompt could read another user's cached KV)."""
+    import hashlib
+    from array import array
+
+    tokens = [5, 6, 7, 8, 9, 10]
+    want, parent = [], b""
+    for i in range(3):
+        parent = hashlib.sha256(parent + array("q", tokens[2 * i:2 * i + 2]).tobytes()).digest()
+        want.append(parent)
+    assert pcmod.block_hashes(tokens, 6, 2) == want
+    # the same block after another parent: another name
+    assert pcmod.block_hashes([1, 2, 7, 8], 4, 2)[1] != want[1]
+
+
 def test_lru_eviction_order():
     pool = BlockPool(4)
     cache = ReuseTier(block_size=1)

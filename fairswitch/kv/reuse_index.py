@@ -1,7 +1,10 @@
 """Reuse of computed KV across requests (the turns of a conversation), keyed by token prefix.
 
-A full block is named by a chained hash: hash(parent block's hash, this block's tokens), so one
-hash names a whole prefix. Hits are confirmed by comparing the tokens, not just the hash.
+A full block is named by a chained hash: SHA-256(parent block's hash, this block's tokens), so
+one hash names a whole prefix. Hits are confirmed by comparing the block's tokens as well. The
+hash must resist collisions: the tokens check cannot see a different parent, and Python's
+``hash`` of an int tuple is not collision resistant, so a crafted prompt could have been served
+another user's cached KV (vLLM's CVE-2025-25183; vLLM hashes with SHA-256 too).
 
 One ``ReuseTier`` indexes the blocks of one pool, and the same class serves both tiers:
 
@@ -22,20 +25,24 @@ and is evicted only when its pool needs the memory: cached KV never keeps a live
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 
 
 def block_hashes(token_ids: list[int], num_tokens: int, block_size: int,
-                 known: list[int] | None = None) -> list[int]:
-    """Chained hashes of the full blocks among the first ``num_tokens`` tokens.
+                 known: list[bytes] | None = None) -> list[bytes]:
+    """Chained hashes (32-byte SHA-256 digests) of the full blocks among the first
+    ``num_tokens`` tokens.
 
     ``known``: hashes of the same token list computed before (a request's ``block_hashes``);
     only blocks past them are hashed, and they are appended to it."""
     hashes = known if known is not None else []
-    parent = hashes[-1] if hashes else 0
+    parent = hashes[-1] if hashes else b""
     num_blocks = max(0, num_tokens) // block_size
     for i in range(len(hashes), num_blocks):
-        parent = hash((parent, tuple(token_ids[i * block_size:(i + 1) * block_size])))
+        tokens = array("q", token_ids[i * block_size:(i + 1) * block_size])
+        parent = hashlib.sha256(parent + tokens.tobytes()).digest()
         hashes.append(parent)
     return hashes[:num_blocks]
 
@@ -44,8 +51,8 @@ class ReuseTier:
     def __init__(self, block_size: int) -> None:
         self.block_size = block_size
         self.refs: dict[int, int] = {}  # block -> references (absent: none)
-        self._block_of: dict[int, int] = {}  # prefix hash -> block
-        self._key_of: dict[int, tuple[int, tuple[int, ...]]] = {}  # block -> (hash, tokens)
+        self._block_of: dict[bytes, int] = {}  # prefix hash -> block
+        self._key_of: dict[int, tuple[bytes, tuple[int, ...]]] = {}  # block -> (hash, tokens)
         self.evictable: OrderedDict[int, None] = OrderedDict()  # unreferenced indexed, LRU first
         # Requests' lookups at their first admission (the cache manager's count_lookup).
         self.num_hit_blocks = 0
@@ -59,7 +66,7 @@ class ReuseTier:
     def blocks(self) -> list[int]:
         return list(self._key_of)
 
-    def __contains__(self, prefix_hash: int) -> bool:
+    def __contains__(self, prefix_hash: bytes) -> bool:
         return prefix_hash in self._block_of
 
     def take(self, block: int) -> None:
@@ -80,7 +87,7 @@ class ReuseTier:
             return False
         return True
 
-    def add(self, prefix_hash: int, tokens: tuple[int, ...], block: int) -> bool:
+    def add(self, prefix_hash: bytes, tokens: tuple[int, ...], block: int) -> bool:
         """Index ``block`` under ``prefix_hash``; False (the caller keeps the block) if the
         prefix or the block is indexed already."""
         if prefix_hash in self._block_of or block in self._key_of:
@@ -92,13 +99,13 @@ class ReuseTier:
         return True
 
     def register(self, token_ids: list[int], num_tokens: int, blocks: list[int],
-                 known: list[int] | None = None) -> None:
+                 known: list[bytes] | None = None) -> None:
         """Index a request's full blocks among its first ``num_tokens`` tokens."""
         bs = self.block_size
         for i, h in enumerate(block_hashes(token_ids, num_tokens, bs, known)):
             self.add(h, tuple(token_ids[i * bs:(i + 1) * bs]), blocks[i])
 
-    def match(self, token_ids: list[int], max_tokens: int, known: list[int] | None = None,
+    def match(self, token_ids: list[int], max_tokens: int, known: list[bytes] | None = None,
               first_block: int = 0) -> list[int]:
         """Indexed blocks holding blocks ``first_block``.. of ``token_ids[:max_tokens]``, as long
         as they continue without a gap."""
