@@ -73,8 +73,9 @@ def test_more_prompts_than_the_queue_holds_join_as_it_frees():
 
 
 def test_n_choices_are_admitted_together():
-    """The server's n choices: the first needs n places in the queue, the others none (they
-    were admitted with it), so a full queue refuses a request before any choice has begun."""
+    """The server's n choices: the first needs n places in the queue, held for the others until
+    they join (they take a held place) or the response ends, so a full queue refuses a request
+    before any choice has begun, and never holds more than max_waiting."""
     from fairswitch.scheduler.scheduler import QueueFullError
 
     engine = LLM(num_gpu_blocks=64, max_model_len=64, max_waiting=3).engine
@@ -84,13 +85,23 @@ def test_n_choices_are_admitted_together():
     with pytest.raises(QueueFullError):
         engine.add_request("b", PARAMS, queue_places=3)  # 2 places left
     engine.add_request("b", PARAMS, request_id="b", queue_places=2)
-    engine.add_request("b", PARAMS, request_id="b-1", queue_places=0)  # b's second choice
+    with pytest.raises(QueueFullError):  # the third place is b's second choice's
+        engine.add_request("c", PARAMS)
+    engine.add_request("b", PARAMS, request_id="b-1", held_by="b")
     with pytest.raises(QueueFullError):
         engine.add_request("c", PARAMS)
     assert sorted(engine.requests) == ["a", "b", "b-1"] and len(engine.scheduler.waiting) == 3
     while engine.has_unfinished_requests():
         engine.step()
     assert not engine.requests
+    # A response that ends before its choices join gives their places back.
+    engine.add_request("d", PARAMS, request_id="d", queue_places=3)
+    with pytest.raises(QueueFullError):
+        engine.add_request("e", PARAMS)
+    engine.abort_request("d")
+    engine.release_places("d")
+    for rid in "efg":
+        engine.add_request("e", PARAMS, request_id=rid)
 
 
 @pytest.mark.parametrize("max_waiting", [0, -1])

@@ -490,3 +490,42 @@ def test_n_choices_find_the_queue_full_before_their_stream_opens():
     assert ok == 200 and events[-1] == "data: [DONE]"
     chunks = [json.loads(e[len("data: "):]) for e in events[:-1]]
     assert sorted(c["choices"][0]["index"] for c in chunks) == [0, 0, 0, 1, 1, 1]
+
+
+def test_the_places_of_n_choices_are_held_until_they_join():
+    """While choice 0 of an n=2 request waits it fills one place of two, and the other is its
+    second choice's: a request arriving meanwhile was queued into it, and the queue then held 3."""
+    eng = AsyncEngine.from_config(EngineConfig.from_kwargs(
+        num_gpu_blocks=256, max_model_len=256, max_num_seqs=1, max_waiting=2))
+    long = {"prompt": "busy", "max_tokens": 200, "ignore_eos": True}
+    pair = {"prompt": "x", "max_tokens": 3, "n": 2, "ignore_eos": True}
+    waiting = lambda e: len(e.scheduler.waiting)  # noqa: E731
+
+    async def main(url: str) -> tuple:
+        async with aiohttp.ClientSession() as s:
+            running = await s.post(url, json={**long, "stream": True})
+            await running.content.readline()  # it runs: the one seat is taken
+            queued = asyncio.create_task(s.post(url, json=pair))  # both places are its
+            for _ in range(500):
+                await asyncio.sleep(0.01)
+                if await eng.run_in_engine(waiting) == 1:
+                    break
+            async with s.post(url, json={"prompt": "y", "max_tokens": 2}) as r:
+                refused = r.status
+            running.close()
+            async with await queued as r:
+                pair_status, pair_body = r.status, await r.json()
+            # The response is over: nothing is held, the two places take two requests.
+            asked = [asyncio.create_task(s.post(url, json={"prompt": "y", "max_tokens": 2}))
+                     for _ in range(3)]
+            statuses = sorted([(await t).status for t in asked])
+            return refused, pair_status, pair_body, statuses
+
+    try:
+        with BackgroundServer(build_app(eng, ServerSettings(), shutdown_engine=False)) as srv:
+            refused, pair_status, pair_body, statuses = asyncio.run(main(srv.url + COMPLETIONS))
+    finally:
+        eng.shutdown()
+    assert refused == 503
+    assert pair_status == 200 and len(pair_body["choices"]) == 2
+    assert statuses[:2] == [200, 200]  # (the third finds the seat or the queue free, or not)

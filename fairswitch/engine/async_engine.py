@@ -95,10 +95,11 @@ class AsyncEngine:
                        params: SamplingParams | None = None, *, request_id: str | None = None,
                        prompt_token_ids: list[int] | None = None, priority: int = 0,
                        client_id: str | None = None,
-                       queue_places: int = 1) -> AsyncIterator[RequestOutput]:
+                       queue_places: int = 1, held_by: str | None = None
+                       ) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs as they come; the last one has ``finished=True``.
         One sequence (``params.n == 1``): for n, generate each of ``params.copies()``.
-        ``queue_places``: Scheduler.add_request (n choices admitted together). A prompt of the
+        ``queue_places``, ``held_by``: Scheduler.add_request (n choices admitted together). A prompt of the
         wrong type raises TypeError (as in ``LLM.generate``), other bad input ValueError;
         ``shutdown()`` ends the stream with ``finish_reason="abort"``, a failed step
         with EngineDeadError, which every call after either raises."""
@@ -113,7 +114,8 @@ class AsyncEngine:
             try:
                 await self._call(lambda: self.engine.add_request(
                     prompt, params, request_id=request_id, prompt_token_ids=prompt_token_ids,
-                    priority=priority, client_id=client_id, queue_places=queue_places))
+                    priority=priority, client_id=client_id, queue_places=queue_places,
+                    held_by=held_by))
             except Exception:
                 # Not added: nothing to abort, and a request the engine holds under this id
                 # is another caller's. (Cancelled, the add may have run: it is aborted below.)
@@ -136,6 +138,10 @@ class AsyncEngine:
     async def abort(self, request_id: str) -> None:
         """Abort a request and wait until its blocks are free."""
         await self._call(lambda: self._abort_and_notify(str(request_id)))
+
+    def release_places(self, request_id: str) -> None:
+        """Scheduler.release_places, as the engine's next command (not waited for)."""
+        self._submit(lambda: self.engine.release_places(str(request_id)))
 
     async def sync(self) -> None:
         """Wait until every command submitted before this call has run (e.g. aborts)."""

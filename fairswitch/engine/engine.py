@@ -85,10 +85,10 @@ class Engine:
                     params: SamplingParams | None = None, *, request_id: str | None = None,
                     prompt_token_ids: list[int] | None = None, priority: int = 0,
                     client_id: str | None = None, arrival_time: float | None = None,
-                    queue_places: int = 1) -> str:
+                    queue_places: int = 1, held_by: str | None = None) -> str:
         """Validate and queue a request; return its id. Raises TypeError for a prompt of the
         wrong type, ValueError on other bad input, QueueFullError when the waiting queue has no
-        room (``queue_places``: Scheduler.add_request)."""
+        room (``queue_places``, ``held_by``: Scheduler.add_request)."""
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -112,7 +112,7 @@ class Engine:
                       prompt=text, priority=priority, client_id=client_id)
         self.output_processor.init_request(req)
         # May raise QueueFullError: nothing is registered yet.
-        self.scheduler.add_request(req, queue_places)
+        self.scheduler.add_request(req, queue_places, held_by)
         self.requests[request_id] = req
         return request_id
 
@@ -137,6 +137,10 @@ class Engine:
         """(text, token ids) of a prompt; TypeError if one is of the wrong type, ValueError if it
         is empty, too long or out of vocab."""
         return self.inputs.validate(prompt, prompt_token_ids)
+
+    def release_places(self, request_id: str) -> None:
+        """Scheduler.release_places: the waiting-queue places held for a request's choices."""
+        self.scheduler.release_places(request_id)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         req = self.requests.pop(request_id, None)

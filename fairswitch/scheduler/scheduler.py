@@ -122,6 +122,8 @@ class Scheduler:
         self.swapped = self.ranking.make_queue()
         self.running: list[Request] = []
         self._kept_out: deque[tuple[float, Request]] = deque()  # (since, request), oldest first
+        # Waiting-queue places held for the choices yet to join, by their first choice's id
+        self._held_places: dict[str, int] = {}
         self._seq = itertools.count()
         self.num_preemptions = 0
         self.num_rank_preemptions = 0  # of which: for a better-ranked request (not memory)
@@ -130,22 +132,35 @@ class Scheduler:
         self.num_reused_tokens = 0  # prompt tokens whose KV came from the prefix cache
         self.num_reused_tokens_cpu = 0  # ... from its CPU tier (fetched instead of recomputed)
 
-    def add_request(self, request: Request, queue_places: int = 1) -> None:
+    def add_request(self, request: Request, queue_places: int = 1,
+                    held_by: str | None = None) -> None:
         """Queue a request. ``queue_places``: how many free places in the waiting queue
-        (``max_waiting``) admitting it takes: 1; n for the first of n choices admitted together,
-        whose others then pass 0 (they were admitted with it, and join once its prompt is in
-        the prefix cache). QueueFullError if the queue has not that many; ValueError if it never
-        can (a group larger than the queue)."""
+        (``max_waiting``) admitting it takes: 1, or n for the first of n choices admitted
+        together. Its n - 1 other places are held for the others (they join once its prompt is
+        in the prefix cache), which pass ``held_by=`` its id and take a held place, until
+        ``release_places``. QueueFullError if the queue has not that many places; ValueError if
+        it never can (a group larger than the queue)."""
         cap = self.config.max_waiting
-        if cap is not None and queue_places:
+        if held_by is not None and self._held_places.get(held_by):
+            self._held_places[held_by] -= 1
+            if not self._held_places[held_by]:
+                del self._held_places[held_by]
+        elif cap is not None and queue_places:
             if queue_places > 1 and queue_places > cap:
                 raise ValueError(f"{queue_places} choices of one request need {queue_places} "
                                  f"places in the waiting queue, which holds {cap} (max_waiting)")
-            if len(self.waiting) + queue_places > cap:
+            if len(self.waiting) + sum(self._held_places.values()) + queue_places > cap:
                 raise QueueFullError(f"waiting queue is full ({cap} requests)")
+        if queue_places > 1 and held_by is None and cap is not None:
+            self._held_places[request.request_id] = queue_places - 1
         request.seq = next(self._seq)
         self.ranking.on_arrival(request)
         self._keep_out(request, self.waiting)
+
+    def release_places(self, request_id: str) -> None:
+        """Give up the waiting-queue places still held for the choices of ``request_id`` (its
+        response ended before they all joined)."""
+        self._held_places.pop(request_id, None)
 
     def has_unfinished(self) -> bool:
         # Copies still in flight count: their blocks return to the pools only when they land.

@@ -3,9 +3,9 @@
 Each choice is its own engine request (``SamplingParams.copies``: copy i seeded ``seed + i``).
 Choices 1.. are added once choice 0's first output is out: its prompt is computed by then and
 indexed in the prefix cache, so they share its KV instead of computing the prompt n times. The n
-choices are admitted together: choice 0 takes n places in the waiting queue (``max_waiting``) and
-the others none, so a full queue refuses the request before its response begins, never a choice
-in the middle of a stream. With ``n = 1`` the engine's stream is passed through as is.
+choices are admitted together: choice 0 takes n places in the waiting queue (``max_waiting``),
+held for the others until they join or the stream closes, so a full queue refuses the request
+before its response begins, never a choice in the middle of a stream. With ``n = 1`` the engine's stream is passed through as is.
 
 Closing the stream (the response is done, failed, or its client went away) closes every choice's
 engine stream, which aborts whatever has not finished.
@@ -42,8 +42,9 @@ async def choice_outputs(engine: AsyncEngine, text: str | None, ids: list[int],
     request_ids = choice_request_ids(request_id, len(copies))
 
     def start(j: int) -> AsyncIterator[RequestOutput]:
+        places = {"queue_places": len(copies)} if j == 0 else {"held_by": request_id}
         return engine.generate(text, copies[j], request_id=request_ids[j], prompt_token_ids=ids,
-                               queue_places=len(copies) if j == 0 else 0, **scheduling)
+                               **places, **scheduling)
 
     if len(copies) == 1:
         async with contextlib.aclosing(start(0)) as outputs:
@@ -78,6 +79,7 @@ async def choice_outputs(engine: AsyncEngine, text: str | None, ids: list[int],
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        engine.release_places(request_id)
 
 
 @dataclass
