@@ -60,10 +60,13 @@ def test_top_k_1_equals_greedy(llm):
     assert texts(greedy) == texts(topk)
 
 
-def test_tiny_top_p_equals_greedy(llm):
+@pytest.mark.parametrize("top_p", [1e-6, 1e-46])  # the second is 0.0 in float32
+def test_tiny_top_p_equals_greedy(llm, top_p):
+    """A top_p below float32's least value masked every token: the softmax gave NaN and token 0
+    (end of text) came out every time."""
     greedy = llm.generate(PROMPTS, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True),
                           use_tqdm=False)
-    nucleus = llm.generate(PROMPTS, SamplingParams(max_tokens=8, temperature=1.0, top_p=1e-6,
+    nucleus = llm.generate(PROMPTS, SamplingParams(max_tokens=8, temperature=1.0, top_p=top_p,
                                                    ignore_eos=True), use_tqdm=False)
     assert texts(greedy) == texts(nucleus)
 

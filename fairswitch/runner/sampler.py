@@ -99,7 +99,9 @@ class Sampler:
                 # (a row without top_p masks nothing, not even where rounding reaches 1.0)
                 ps = torch.tensor([tp if tp < 1.0 else 2.0 for tp in top_ps],
                                   dtype=torch.float32, device=dev)
-                ranked = ranked.masked_fill(before >= ps[:, None], float("-inf"))
+                cut = before >= ps[:, None]
+                cut[:, 0] = False  # the best token stays (a top_p below float32's least is 0)
+                ranked = ranked.masked_fill(cut, float("-inf"))
             # Back in token order: each request's noise below is drawn over token ids, so a
             # seeded request's draws do not depend on whether a batch-mate asked for top-k/p.
             logits = torch.empty_like(ranked).scatter_(1, order, ranked)
