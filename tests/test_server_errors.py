@@ -289,6 +289,13 @@ def test_bad_json_and_body_shapes(server):
     for body in ([], "text", 3, None):
         assert_error(call(server, "/v1/completions", data=json.dumps(body).encode()), 400,
                      "must be a JSON object")
+    # Deep enough for json.loads, too deep for what checks it: RecursionError, a 500.
+    for path, body in (("/v1/completions", '{"prompt": %s}'),
+                       ("/v1/chat/completions", '{"messages": [{"role": "user", "content": %s}]}'),
+                       ("/tokenize", '{"messages": [{"role": %s, "content": "x"}]}')):
+        for depth in (129, 984):
+            data = (body % ("[" * depth + "]" * depth)).encode()
+            assert_error(call(server, path, data=data), 400, "nests arrays and objects more")
 
 
 def test_lone_surrogates_are_refused(server):

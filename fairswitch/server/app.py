@@ -364,13 +364,35 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+MAX_JSON_DEPTH = 128  # arrays and objects within each other; a tool's JSON schema needs ~10
+
+
 def _loads(raw: bytes) -> Any:
     try:
         body = json.loads(raw, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as e:
         raise bad_request(f"the request body is not valid JSON: {e}") from None
+    if _depth(body) > MAX_JSON_DEPTH:
+        # json.loads takes ~1000 levels; the checks and templates behind it recurse, and a
+        # value that deep ended in RecursionError: a 500
+        raise bad_request(f"the request body nests arrays and objects more than "
+                          f"{MAX_JSON_DEPTH} deep")
     _check_text(body)
     return body
+
+
+def _depth(value: Any) -> int:
+    """How deep arrays and objects nest in ``value`` (a scalar: 0)."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item \
+            if isinstance(item, list) else None
+        if children is not None:
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def _check_text(body: Any) -> None:
