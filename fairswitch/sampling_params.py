@@ -47,6 +47,7 @@ class SamplingParams:
     # Derived once (the sampler and the engine ask every step, for every request).
     has_penalties: bool = field(init=False, repr=False, compare=False)
     shapes_logits: bool = field(init=False, repr=False, compare=False)
+    stop_token_set: frozenset[int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # vLLM's forms: None for none, one string or one id for a list of one
@@ -122,6 +123,8 @@ class SamplingParams:
         self.has_penalties = (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
                               or self.repetition_penalty != 1.0)
         self.shapes_logits = bool(self.logit_bias) or self.has_penalties or self.min_tokens > 0
+        # (every output token is looked up in it: a list of a million ids took ms a token)
+        self.stop_token_set = frozenset(self.stop_token_ids)
 
     @property
     def greedy(self) -> bool:
