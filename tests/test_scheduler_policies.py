@@ -97,6 +97,15 @@ def test_ordering_fcfs_priority_trace():
         assert [reqs.index(r) for r in h.admitted] == expect, policy
 
 
+def test_priorities_past_float_precision_keep_their_order():
+    """Priorities are 64-bit ints; ranked as floats, 2**60 + 1 tied with 2**60 and went by
+    arrival."""
+    h = Harness("priority", max_num_seqs=1, **NO_PREEMPT)
+    reqs = [h.add(priority=2**60 + 1), h.add(priority=2**60)]
+    h.run()
+    assert [reqs.index(r) for r in h.admitted] == [1, 0]
+
+
 def test_ordering_vtc_alternates_clients():
     h = Harness("vtc", max_num_seqs=1, **NO_PREEMPT)
     for client in "aaaabbbb":

@@ -188,6 +188,8 @@ BAD = [
      ["'max_tokens'", "at least 1"], "max_tokens"),  # (0 is for a completion's echo only)
     ("/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": -1}, 400,
      ["'max_completion_tokens'"], "max_completion_tokens"),
+    ("/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": 2, "max_tokens": "x"},
+     400, ["'max_tokens'"], "max_tokens"),  # (it was not read, so not checked)
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 300}]}, 400,
      ["tokens but max_model_len is 256"], "messages"),
     ("/tokenize", {"prompt": 5}, 400, ["'prompt'"], "prompt"),

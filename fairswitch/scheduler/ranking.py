@@ -84,7 +84,7 @@ class PriorityRanking(RankingPolicy):
     uses_priority = True
 
     def score(self, req: Request) -> float:
-        return float(req.priority)
+        return req.priority  # (an int: as a float, priorities past 2**53 could tie)
 
 
 class VTCRanking(RankingPolicy):

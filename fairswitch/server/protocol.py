@@ -287,9 +287,10 @@ def _common(body: Any, unsupported: tuple, echo: bool = False) -> dict[str, Any]
     top_k = _int(body, "top_k", 0)
     if top_k < -1:
         raise bad_request(f"'top_k' must be -1 or 0 (disabled) or positive, got {top_k}", "top_k")
-    max_tokens = _int(body, "max_completion_tokens", None, low=1)
-    if max_tokens is None:  # (0 only with a completion's echo: the prompt, nothing generated)
-        max_tokens = _int(body, "max_tokens", None, low=0 if echo else 1)
+    # (0 only with a completion's echo: the prompt, nothing generated; both are checked)
+    max_tokens = _int(body, "max_tokens", None, low=0 if echo else 1)
+    newer = _int(body, "max_completion_tokens", None, low=1)
+    max_tokens = newer if newer is not None else max_tokens
     min_tokens = _int(body, "min_tokens", 0, low=0)
     if max_tokens is not None and min_tokens > max_tokens:
         raise bad_request(f"'min_tokens' ({min_tokens}) must not exceed 'max_tokens' "
