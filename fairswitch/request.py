@@ -69,6 +69,7 @@ class Request:
     seq: int = 0
     kept_out_since: float | None = None
     num_run_steps: int = 0
+    num_seated_steps: int = 0  # steps in ``running`` since (re)admission, served or not
     starving: bool = False
     num_charged_prompt_tokens: int = 0
     num_charged_output_tokens: int = 0

@@ -167,6 +167,36 @@ def test_high_priority_arrival_preempts_lowest_ranked_when_batch_full():
     assert h.sched.num_rank_preemptions == 1
 
 
+def test_a_request_the_budget_left_out_is_no_shield_for_better_ranked_ones():
+    """Low-priority b sits in the batch but gets no token budget while a's long prompt (better
+    ranked) prefills, so it never ran min_run_steps steps: the urgent arrival preempted a."""
+    h = Harness("priority", max_num_seqs=2, max_num_batched_tokens=16, min_run_steps=4,
+                cpu_blocks=400, num_blocks=400)
+    b = h.add(prompt_len=4, max_tokens=200, priority=3)
+    h.step()
+    a = h.add(prompt_len=600, max_tokens=10, priority=1)
+    for _ in range(10):
+        h.step()
+    assert b.num_run_steps < 4 <= b.num_seated_steps  # (the budget went to a)
+    urgent = h.add(prompt_len=4, max_tokens=10, priority=0)
+    out = h.step()
+    assert out.preempted == [b]
+    h.run()  # (the seat is urgent's once a's prefill leaves it budget)
+    assert a.metrics.num_preemptions == 0 and urgent.metrics.num_preemptions == 0
+
+
+def test_priorities_past_float_precision_preempt():
+    """The threshold (a float) made the comparison a float one again: priority 2**62 did not
+    outrank 2**62 + 1."""
+    h = Harness("priority", max_num_seqs=1, min_run_steps=1, cpu_blocks=200)
+    low = h.add(priority=2**62 + 1, max_tokens=50)
+    h.step()
+    h.step()
+    urgent = h.add(priority=2**62, max_tokens=5)
+    out = h.step()
+    assert out.preempted == [low] and urgent in [r for r, _ in out.scheduled]
+
+
 def test_hysteresis_prevents_ping_pong():
     def preemptions(min_run_steps: int, threshold: float) -> tuple[int, int]:
         # Two levels, updated every iteration: the two requests swap ranks every step.
@@ -407,3 +437,24 @@ def test_outputs_unchanged_under_policy_preemption(llama_dir, expected, policy):
         engine.check_accounting()
     assert [got[i] for i in ids] == expected
     assert engine.scheduler.num_preemptions > 0
+
+
+def test_a_heap_queue_rebuilds_without_its_blanks():
+    """Re-ranking blanks a request's old entry; blanks below the head were never popped, so
+    under trace priorities a long queue's heap grew by the updates (200k entries for 1000
+    requests after 400 steps). Order is kept through the rebuilds."""
+    from fairswitch.scheduler.queues import HeapQueue
+
+    rng = random.Random(3)
+    keys: dict[Request, float] = {}
+    queue = HeapQueue(lambda r: keys[r])
+    reqs = [Request(str(i), [1], SamplingParams(), 0.0) for i in range(100)]
+    for r in reqs:
+        keys[r] = rng.random()
+        queue.push(r)
+    for _ in range(5000):
+        r = rng.choice(reqs)
+        keys[r] = rng.random()
+        queue.update(r)
+        assert len(queue._heap) <= 2 * len(queue) + 65
+    assert [queue.pop() for _ in range(100)] == sorted(reqs, key=keys.__getitem__)

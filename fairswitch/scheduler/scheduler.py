@@ -8,9 +8,11 @@ compares ranks. Each step:
    kept out longer than ``max_starvation_s`` become *starving* and rank first until they have run
    ``min_run_steps`` and sampled a token.
 2. Priority preemption: while the best queued request finds no room (batch at ``max_num_seqs`` or
-   too few KV blocks) and outranks the worst running request that has run ``min_run_steps`` by more
-   than ``preempt_threshold``, that running request is preempted (threshold + minimum run =
-   hysteresis: priorities flipping every step do not thrash).
+   too few KV blocks) and outranks the worst running request that has sat in the batch
+   ``min_run_steps`` steps by more than ``preempt_threshold``, that running request is preempted
+   (threshold + minimum run = hysteresis: priorities flipping every step do not thrash). Steps
+   count whether or not the token budget reached it: one left out by a long better-ranked prefill
+   would otherwise stay too new to preempt, and the better-ranked one would go in its place.
 3. Running requests, best first, ask for the tokens they have not computed (a prompt chunk or the
    token sampled last step) within ``max_num_batched_tokens``; when KV blocks run out, copies
    still holding blocks (swap-outs, write-backs) are waited for first, then the lowest-ranked
@@ -170,6 +172,8 @@ class Scheduler:
         """The next step (empty when nothing can run); its requests advance as it is decided:
         see the module's docstring."""
         out = SchedulerOutput()
+        for req in self.running:
+            req.num_seated_steps += 1
         self._land(self.swap.poll())
         self._update_ranks()
         self.running.sort(key=self.ranking.sort_key)
@@ -338,7 +342,8 @@ class Scheduler:
 
     def _outranks(self, a: Request, b: Request) -> bool:
         ra, rb = self.ranking.rank(a), self.ranking.rank(b)
-        return ra < rb - self.ranking.preempt_threshold or (ra == -math.inf and rb > ra)
+        # (the difference first: ints stay exact, 2**62 outranks 2**62 + 1)
+        return rb - ra > self.ranking.preempt_threshold or (ra == -math.inf and rb > ra)
 
     def _next_kept_out(self) -> Request | None:
         """Best queued request: the swapped head unless the waiting head outranks it."""
@@ -387,7 +392,7 @@ class Scheduler:
                 seats -= 1
                 free -= need
                 continue
-            victim = next((r for r in reversed(self.running) if r.num_run_steps >= min_run
+            victim = next((r for r in reversed(self.running) if r.num_seated_steps >= min_run
                            and not r.starving and not r.finishing), None)
             if victim is None or not self._outranks(cand, victim):
                 break
@@ -453,7 +458,7 @@ class Scheduler:
         """Swap-ins that landed rejoin the running set (ahead of new admissions)."""
         for req in ready:
             req.status = RequestStatus.RUNNING
-            req.num_run_steps = 0
+            req.num_run_steps = req.num_seated_steps = 0
             self.running.append(req)
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
@@ -529,7 +534,7 @@ class Scheduler:
             req.metrics.first_scheduled_time = now
         self.waiting.remove(req)
         req.kept_out_since = None
-        req.num_run_steps = 0
+        req.num_run_steps = req.num_seated_steps = 0
         if fetched:
             req.status = RequestStatus.SWAPPED
             return 0
