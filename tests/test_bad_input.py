@@ -214,6 +214,9 @@ def test_chat_continues_the_final_message(llm):
     ({"priority": 10**400}, "priority must be an int of 64 bits"),  # (was an OverflowError)
     ({"client_id": 5}, "client_id must be a str or None, got 5"),
     ({"client_id": ["a"]}, "client_id must be a str or None"),
+    ({"arrival_time": "now"}, "arrival_time must be a finite number or None, got 'now'"),
+    ({"arrival_time": float("nan")}, "arrival_time must be a finite number"),  # (broke FCFS)
+    ({"arrival_time": True}, "arrival_time must be a finite number"),
 ])
 def test_scheduling_arguments_of_the_wrong_type_are_named(policy, kwargs, match):
     """Engine.add_request checks them itself: the policies would fail on them mid-queue (a

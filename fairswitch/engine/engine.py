@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import time
 import weakref
 from dataclasses import dataclass
@@ -99,6 +100,11 @@ class Engine:
             raise ValueError(f"priority must be an int of 64 bits, got {priority!r:.40}")
         if client_id is not None and not isinstance(client_id, str):
             raise ValueError(f"client_id must be a str or None, got {client_id!r:.40}")
+        if arrival_time is not None and (isinstance(arrival_time, bool) or not isinstance(
+                arrival_time, (int, float)) or not math.isfinite(arrival_time)):
+            # (the queues compare it: a str failed the next request's add, after it was queued)
+            raise ValueError(f"arrival_time must be a finite number or None, "
+                             f"got {arrival_time!r:.40}")
         text, ids = self.inputs.validate(prompt, prompt_token_ids)
         self._say_if_priority_ignored(priority)
         if request_id is None:  # the next number no caller-chosen id holds
