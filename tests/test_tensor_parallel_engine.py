@@ -17,6 +17,7 @@ import time
 
 import openai
 import pytest
+import torch
 
 from fairswitch import LLM, SamplingParams
 from fairswitch.config import EngineConfig
@@ -336,11 +337,9 @@ def test_release_graphs_resets_every_graph_and_leaves_the_runner_eager():
 
 
 def test_without_shared_memory_plans_go_over_gloo(llama_dir, expected, monkeypatch):
-    def no_room(num_readers):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr("fairswitch.distributed.workers.PlanWriter", no_room)
+    monkeypatch.setattr("fairswitch.distributed.workers.PlanWriter", _no_room)
     timeout_s = 8.0  # (start-up must fit in it too)
+    threads = torch.get_num_threads()
     llm = LLM(model=str(llama_dir), tensor_parallel_size=2, num_gpu_blocks=256, swap_space=0,
               distributed_timeout_s=timeout_s)
     try:
@@ -351,12 +350,26 @@ def test_without_shared_memory_plans_go_over_gloo(llama_dir, expected, monkeypat
         time.sleep(timeout_s + 1)
         assert llm.engine.workers.alive()
         assert tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == expected
+        llm.shutdown()
+        # (it said "a tensor-parallel worker has died (... exit code 0)")
+        with pytest.raises(RuntimeError, match="the engine was shut down"):
+            llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)
+        assert torch.get_num_threads() == threads  # the driver's share of the cores ended
     finally:
         llm.shutdown()
 
 
-def test_a_hung_worker_fails_the_step_after_the_timeout(llama_dir, capfd):
-    """...and, half-way through the timeout, the driver says where it waits (stall_report)."""
+def _no_room(num_readers):
+    raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("plans", ["shared memory", "gloo"])
+def test_a_hung_worker_fails_the_step_after_the_timeout(llama_dir, capfd, monkeypatch, plans):
+    """...and, half-way through the timeout, the driver says where it waits (stall_report).
+    Plans over gloo (no room in /dev/shm, a plan past a slot, launched ranks) waited for a hung
+    worker as long as the plans group does, a year."""
+    if plans == "gloo":
+        monkeypatch.setattr("fairswitch.distributed.workers.PlanWriter", _no_room)
     llm = LLM(model=str(llama_dir), tensor_parallel_size=2, num_gpu_blocks=64, max_model_len=64,
               distributed_timeout_s=10.0)  # (start-up must fit in it too)
     worker = llm.engine.workers.procs[0]

@@ -33,6 +33,7 @@ import logging
 import multiprocessing as mp
 import multiprocessing.connection
 import os
+import pickle
 import signal
 import socket
 import sys
@@ -206,6 +207,7 @@ class WorkerGroup:
             raise RuntimeError("tensor parallelism starts its own process group: this process "
                                "already has one (one tensor-parallel engine per process)")
         backend = collective_backend(device, size)
+        self._threads = torch.get_num_threads()  # the driver's, given back when it ends
         share_cpu_threads(device, size)
         # Plans, failure and shutdown come from the engine's thread and from atexit's.
         self._lock = threading.RLock()
@@ -244,6 +246,7 @@ class WorkerGroup:
                 if p.pid is not None:
                     p.kill()
                     p.join(10)
+            torch.set_num_threads(self._threads)
             raise
         finally:
             if self.plans is not None:  # every worker mapped it before joining the group
@@ -261,6 +264,9 @@ class WorkerGroup:
     def send(self, plan: Any) -> None:
         """Hand a step's plan, with the swap copies logged since the last one, to the workers."""
         with self._lock:
+            if self._stopped and self.failure is None:  # (their exits are no death to report)
+                raise RanksStoppedError("the engine was shut down: its tensor-parallel workers "
+                                        "have exited")
             ops, self.copy_log[:] = list(self.copy_log), []
             self._broadcast((plan, ops))
 
@@ -280,7 +286,17 @@ class WorkerGroup:
                            self._broadcast_over_gloo)
 
     def _broadcast_over_gloo(self, message: Any) -> None:
-        dist.broadcast_object_list([message], src=0, group=self.plan_group)
+        """Send a message over the plans group, waiting for the workers at most ``timeout_s``
+        (``TimeoutError``): the group itself waits ``PLAN_WAIT``, for the workers' sake (an
+        idle server sends no plan), and a hung worker held the driver that long."""
+        for part in _plan_parts(message):
+            work = dist.broadcast(part, src=0, group=self.plan_group, async_op=True)
+            try:
+                work.wait(timeout=datetime.timedelta(seconds=self.timeout_s))
+            except RuntimeError as e:
+                self._check_alive()
+                raise TimeoutError(f"a tensor-parallel worker took no plan for "
+                                   f"{self.timeout_s:.0f} s ({e})") from e
 
     def _check_alive(self) -> None:
         if not self.alive():
@@ -366,6 +382,7 @@ class WorkerGroup:
                 p.join(timeout)
         self._release_graphs(wait=not abort)
         leave_group(abort)
+        torch.set_num_threads(self._threads)  # (an engine after this one runs on its own)
         atexit.unregister(self.shutdown)
 
     def _release_graphs(self, wait: bool) -> None:
@@ -399,14 +416,23 @@ def _min_over_ranks(n: int, group: Any) -> int:
     return int(t.item())
 
 
+def _plan_parts(message: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """A message as gloo broadcasts it: its pickled size, then the pickle (``over_gloo``)."""
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return (torch.tensor([len(data)], dtype=torch.int64),
+            torch.frombuffer(bytearray(data), dtype=torch.uint8))
+
+
 def _receive_plans(reader: PlanReader | None, group: Any) -> Callable[[], Any]:
     """The worker's source of the driver's messages: shared memory (spawned by the driver,
     which it outlives by no more than a look: it exits once its parent has gone) or gloo."""
 
     def over_gloo() -> Any:
-        box: list[Any] = [None]
-        dist.broadcast_object_list(box, src=0, group=group)
-        return box[0]
+        size = torch.empty(1, dtype=torch.int64)
+        dist.broadcast(size, src=0, group=group)
+        data = torch.empty(int(size.item()), dtype=torch.uint8)
+        dist.broadcast(data, src=0, group=group)
+        return pickle.loads(data.numpy().tobytes())
 
     if reader is None:
         return over_gloo
