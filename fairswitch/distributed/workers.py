@@ -220,7 +220,10 @@ class WorkerGroup:
         self.release_graphs: Callable[[bool], None] | None = None
         rendezvous: str | Any = "env://"
         if launched_rank(size) is None:
-            port = free_port()
+            # Bound before the workers start (port 0: the system picks one), so that no other
+            # process can take the port between a look for a free one and the bind.
+            rendezvous = spawned_store(0, size, timeout_s, rank=0)
+            port = rendezvous.port
             try:
                 self.plans = PlanWriter(num_readers=size - 1) if ORDERED_STORES else None
             except OSError as e:  # no room in shared memory: plans go over gloo instead
@@ -237,7 +240,6 @@ class WorkerGroup:
             for p in self.procs:
                 p.start()
             if self.procs:
-                rendezvous = spawned_store(port, size, timeout_s, rank=0)
                 wait_for_spawned(rendezvous, self.procs, timeout_s)
             ranks = Ranks(0, size, rendezvous, backend, timeout_s, rank_device(device, 0))
             self.tp, self.control, self.plan_group = ranks.tp, ranks.control, ranks.plans
