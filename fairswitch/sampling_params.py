@@ -126,6 +126,15 @@ class SamplingParams:
         # (every output token is looked up in it: a list of a million ids took ms a token)
         self.stop_token_set = frozenset(self.stop_token_ids)
 
+    def __setattr__(self, name: str, value: object) -> None:
+        """A field set after construction is checked, and what is derived from the fields
+        follows it, as at construction: vLLM's users set fields on params they made, and a
+        logit_bias or min_tokens set so was ignored (the derived flags said there was none)."""
+        if name in _INIT_FIELDS and "stop_token_set" in self.__dict__:  # (set last)
+            self.__dict__.update(dataclasses.replace(self, **{name: value}).__dict__)
+        else:
+            object.__setattr__(self, name, value)
+
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
@@ -138,7 +147,7 @@ class SamplingParams:
                 for i in range(self.n)]
 
 
-
+_INIT_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams) if f.init)
 MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit
 MAX_N = 64
 
