@@ -117,3 +117,10 @@ def test_stop_token_ids_take_one_value_and_leave_the_prompt(tmp_path):
     upper.write_text('{"prompt": "fine"}\n')
     args.prompts_file = upper
     assert _read_prompts(args) == ["Hello", "fine"]
+    # Lines end at newlines only: JSON writes U+2028 unescaped, a prompt may hold a form feed.
+    upper.write_text('{"prompt": "a\u2028b"}\r\n{"prompt": "c\x85d"}\n', newline="")
+    assert _read_prompts(args) == ["Hello", "a\u2028b", "c\x85d"]
+    text = tmp_path / "p.txt"
+    text.write_text("one\x0cpage\r\ntwo\n", newline="")
+    args.prompts_file = text
+    assert _read_prompts(args) == ["Hello", "one\x0cpage", "two"]

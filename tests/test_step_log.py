@@ -64,7 +64,7 @@ def _log(rows: list[dict], num_blocks: int | None = 100) -> dict:
 
 
 def test_step_summary_and_windows_by_hand():
-    from fairswitch.bench.step_report import step_windows, summarize_steps
+    from fairswitch.bench.step_report import format_windows, step_windows, summarize_steps
 
     log = _log([
         dict(t_s=0.0, step_s=0.010, sched_s=0.001, seqs=4, tokens=4, running=4, free=50),
@@ -89,6 +89,9 @@ def test_step_summary_and_windows_by_hand():
     assert [r["start_s"] for r in w] == [0.0, 1.0]
     assert w[0]["steps"] == 2 and w[0]["running"] == 3.5 and w[0]["tok_s"] == 7.0
     assert w[0]["step_ms"] == pytest.approx(20.0) and w[1]["preempted"] == 2
+    half = step_windows(log, window_s=0.5)  # (printed as 0, 0, 1: whole seconds)
+    assert [line.split()[0] for line in format_windows(half).splitlines()[2:]] == [
+        "0.00", "0.50", "1.00"]
     assert summarize_steps(_log([]))["num_steps"] == 0 and step_windows(_log([])) == []
     with pytest.raises(ValueError):
         step_windows(log, 0)

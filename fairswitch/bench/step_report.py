@@ -131,8 +131,10 @@ def format_windows(rows: list[dict[str, float]]) -> str:
     head = (f"{'t (s)':>7}{'running':>9}{'waiting':>9}{'swapped':>9}{'free':>8}"
             f"{'preempt':>9}{'steps':>7}{'ms/step':>9}{'tok/s':>8}")
     lines = [head, "-" * len(head)]
+    # (whole seconds unless windows are shorter: 0.5 s windows printed 0, 0, 1)
+    places = 0 if all(float(r["start_s"]).is_integer() for r in rows) else 2
     for r in rows:
-        lines.append(f"{r['start_s']:>7.0f}{r['running']:>9.1f}{r['waiting']:>9.1f}"
+        lines.append(f"{r['start_s']:>7.{places}f}{r['running']:>9.1f}{r['waiting']:>9.1f}"
                      f"{r['swapped']:>9.1f}{r['free']:>8.0f}{r['preempted']:>9d}{r['steps']:>7d}"
                      f"{r['step_ms']:>9.2f}{r['tok_s']:>8.0f}")
     return "\n".join(lines)

@@ -50,7 +50,11 @@ def _token_ids(text: str) -> list[int]:
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompts)
     if args.prompts_file is not None:
-        for n, line in enumerate(read_text(args.prompts_file, "prompts file").splitlines(), 1):
+        text = read_text(args.prompts_file, "prompts file")
+        # On newlines only: splitlines() also breaks at U+2028, form feeds and others, which
+        # JSON writes unescaped inside strings and a prompt may hold.
+        for n, line in enumerate(text.split("\n"), 1):
+            line = line.removesuffix("\r")
             if not line.strip():
                 continue
             if args.prompts_file.suffix.lower() == ".jsonl":
