@@ -27,6 +27,15 @@ from typing import Any
 
 from fairswitch.unicode_text import lone_surrogate, not_text_message
 
+# For a tokenizer without a chat template (the server, LLM.chat, generate --chat): ``Role:
+# content`` lines, then ``Assistant:``; it needs no special tokens, so it works with any vocabulary.
+PLAIN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['role'] | capitalize }}: {{ message['content'] }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
 
 class MessageError(Exception):
     def __init__(self, message: str, field: str) -> None:

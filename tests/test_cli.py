@@ -71,6 +71,37 @@ def test_generate_chat_replies_through_the_template(capsys):
     assert "France" in want.text  # the default model is trained: it answers in kind
 
 
+def test_generate_chat_without_a_template_and_with_one(capsys, tmp_path, write_checkpoint):
+    """A tokenizer without a chat template: generate --chat said "pass chat_template", which it
+    had no option for; now it renders the plain-text template, as the server and LLM.chat do,
+    and takes --chat-template."""
+    ckpt = write_checkpoint(tmp_path / "ckpt")
+    config = json.loads((ckpt / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (ckpt / "tokenizer_config.json").write_text(json.dumps(config))
+    common = ["generate", "--model", str(ckpt), "--chat", "--no-progress", "--max-tokens", "2"]
+    assert main([*common, "hi"]) == 0
+    assert capsys.readouterr().out.startswith("> hi\n")
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
+    from fairswitch import LLM, SamplingParams
+
+    llm = LLM(model=str(ckpt))
+    plain, own = (llm.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=1),
+                           use_tqdm=False, **kw)[0].prompt
+                  for kw in ({}, {"chat_template": template.read_text()}))
+    assert (plain, own) == ("User: hi\nAssistant:", "[hi]")
+    assert main([*common, "--json", "--chat-template", str(template), "hi"]) == 0
+    line = json.loads(capsys.readouterr().out)
+    want = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=2,
+                    temperature=0.0), chat_template=template.read_text(), use_tqdm=False)
+    assert line["token_ids"] == want[0].outputs[0].token_ids
+    assert main(["generate", "--chat-template", str(template), "hi"]) == 2
+    assert "--chat-template needs --chat" in capsys.readouterr().err
+    assert main([*common, "--chat-template", "{% if %}", "hi"]) == 2
+    assert "not a Jinja template" in capsys.readouterr().err
+
+
 def test_generate_errors_are_clear(capsys):
     assert main(["generate", "--no-progress", "--max-tokens", "0", "hi"]) == 2
     assert "max_tokens must be at least 1" in capsys.readouterr().err

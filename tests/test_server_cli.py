@@ -49,7 +49,7 @@ def test_serve_refuses_bad_server_options_before_building_the_engine(capsys, mon
 
 
 def test_templates_with_transformers_statements_are_taken():
-    from fairswitch.cli.serve import read_chat_template
+    from fairswitch.cli.files import read_chat_template
 
     template = ("{% for m in messages %}{% if loop.index > 9 %}{% break %}{% endif %}"
                 "{% generation %}{{ m.content }}{% endgeneration %}{% endfor %}")

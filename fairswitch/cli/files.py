@@ -7,6 +7,10 @@ import os
 import tempfile
 from pathlib import Path
 
+import jinja2
+
+from fairswitch.model.tokenizer import TEMPLATE_EXTENSIONS
+
 
 def check_input_file(path: Path, what: str) -> Path:
     """``path`` if it can be opened for reading as a file; ``what`` names it in the error."""
@@ -49,3 +53,23 @@ def check_writable(path: Path, option: str, *, directory: bool = False) -> None:
             pass
     except OSError as e:
         raise OSError(f"{option} {path} cannot be written: {e.strerror or e}") from e
+
+
+def read_chat_template(value: str | None) -> str | None:
+    """The --chat-template value: a file's text, or the template itself; refused here if it is
+    not Jinja (else every chat request would fail, each as if the client had erred)."""
+    if value is None:
+        return None
+    text = value if "{" in value else read_text(Path(value), "chat template file")
+    try:
+        _template_parser().parse(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"--chat-template is not a Jinja template: {e.message} (line "
+                         f"{e.lineno})") from None
+    return text
+
+
+def _template_parser() -> jinja2.Environment:
+    """Jinja with the statements transformers' chat templates may use, as the tokenizer
+    renders them."""
+    return jinja2.Environment(extensions=list(TEMPLATE_EXTENSIONS))

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from fairswitch.cli.files import read_text
+from fairswitch.cli.files import read_chat_template, read_text
 from fairswitch.config import EngineConfig, add_engine_args
 
 
@@ -33,6 +33,10 @@ def add_parser(subs: argparse._SubParsersAction) -> argparse.ArgumentParser:
     s.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
     p.add_argument("--chat", action="store_true",
                    help="each prompt is a user message: reply through the chat template")
+    p.add_argument("--chat-template", default=None,
+                   help="with --chat: Jinja chat template (a file, or the template itself) "
+                        "replacing the tokenizer's (default: the tokenizer's, else a plain-text "
+                        "one)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_engine_args(p)
@@ -86,6 +90,9 @@ def run(args: argparse.Namespace) -> int:
     from fairswitch.sampling_params import SamplingParams
 
     prompts = _read_prompts(args)
+    if args.chat_template is not None and not args.chat:
+        raise ValueError("--chat-template needs --chat (prompts are sent as they are otherwise)")
+    template = read_chat_template(args.chat_template)  # (checked before the model loads)
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, seed=args.sampling_seed, stop=args.stop, stop_token_ids=args.stop_token_ids,
@@ -97,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     llm = LLM.from_config(config)
     if args.chat:
         outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params,
-                           use_tqdm=not args.no_progress)
+                           use_tqdm=not args.no_progress, chat_template=template)
     else:
         outputs = llm.generate(prompts, params, use_tqdm=not args.no_progress)
     for prompt, out in zip(prompts, outputs):

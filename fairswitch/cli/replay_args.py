@@ -16,7 +16,7 @@ from fairswitch.bench.replay import ReplayOptions
 from fairswitch.bench.runner import RunResult, replay_engine, replay_http
 from fairswitch.bench.trace import Trace, read_trace
 from fairswitch.cli.files import check_input_file, check_writable
-from fairswitch.cli.serve import read_chat_template
+from fairswitch.cli.files import read_chat_template
 from fairswitch.config import EngineConfig, add_engine_args
 
 

@@ -6,13 +6,9 @@ import argparse
 import asyncio
 import logging
 import math
-from pathlib import Path
 
-import jinja2
-
-from fairswitch.cli.files import read_text
+from fairswitch.cli.files import read_chat_template
 from fairswitch.config import EngineConfig, add_engine_args
-from fairswitch.model.tokenizer import TEMPLATE_EXTENSIONS
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -53,26 +49,6 @@ def add_parser(subs: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add_engine_args(p)
     p.set_defaults(run=run)
     return p
-
-
-def read_chat_template(value: str | None) -> str | None:
-    """The --chat-template value: a file's text, or the template itself; refused here if it is
-    not Jinja (else every chat request would fail, each as if the client had erred)."""
-    if value is None:
-        return None
-    text = value if "{" in value else read_text(Path(value), "chat template file")
-    try:
-        _template_parser().parse(text)
-    except jinja2.TemplateSyntaxError as e:
-        raise ValueError(f"--chat-template is not a Jinja template: {e.message} (line "
-                         f"{e.lineno})") from None
-    return text
-
-
-def _template_parser() -> jinja2.Environment:
-    """Jinja with the statements transformers' chat templates may use, as the tokenizer
-    renders them."""
-    return jinja2.Environment(extensions=list(TEMPLATE_EXTENSIONS))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,7 +7,8 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-from fairswitch.chat_messages import check_template_renders_tools, parse_conversation
+from fairswitch.chat_messages import (PLAIN_CHAT_TEMPLATE, check_template_renders_tools,
+                                      parse_conversation)
 from fairswitch.config import EngineConfig
 from fairswitch.engine.engine import Engine, is_priority
 from fairswitch.outputs import RequestOutput
@@ -129,19 +130,21 @@ class LLM:
     ) -> list[RequestOutput]:
         """Reply to one conversation (a list of ``{"role", "content"}`` messages) or to several
         (a list of such lists): each is rendered with the tokenizer's chat template (or
-        ``chat_template``) and generated from; ``priority``/``client_id`` as in ``generate``.
+        ``chat_template``; neither: a plain-text one, as the server's) and generated from; ``priority``/``client_id`` as in ``generate``.
         ``continue_final_message`` (with ``add_generation_prompt=False``) continues the final
         message instead of starting a new one, as transformers renders it.
         Messages are checked as the server checks them (chat_messages.py): TypeError or
         ValueError naming the message and field, before anything runs; so is a conversation with
         tool calls for a chat template that would render it without them."""
         tokenizer = self.engine.tokenizer
-        template = chat_template or getattr(tokenizer, "chat_template", None)
+        # (as the server renders it: a tokenizer without a template gets a plain-text one)
+        template = chat_template or getattr(tokenizer, "chat_template", None) \
+            or PLAIN_CHAT_TEMPLATE
         prompts, texts = [], []
         for where, conversation in _conversations(messages):
             check_template_renders_tools(conversation, template, where)
             text = tokenizer.apply_chat_template(
-                conversation, chat_template=chat_template, tokenize=False,
+                conversation, chat_template=template, tokenize=False,
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message)
             # The template writes the special tokens itself.

@@ -1,8 +1,8 @@
 """Chat messages -> prompt text and token ids, through the tokenizer's chat template.
 
-A tokenizer without a template gets a plain-text one (``Role: content`` lines, then
-``Assistant:``) that needs no special tokens, so it works with any vocabulary. The rendered text is
-tokenized without adding special tokens: templates write their own BOS where the model wants one.
+A tokenizer without a template gets a plain-text one (chat_messages.py's ``PLAIN_CHAT_TEMPLATE``),
+as ``LLM.chat`` does. The rendered text is tokenized without adding special tokens: templates
+write their own BOS where the model wants one.
 """
 
 from __future__ import annotations
@@ -11,22 +11,15 @@ from typing import Any
 
 import jinja2
 
-from fairswitch.chat_messages import MessageError, check_template_renders_tools
+from fairswitch.chat_messages import (PLAIN_CHAT_TEMPLATE, MessageError,
+                                      check_template_renders_tools)
 from fairswitch.server.errors import bad_request
-
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ message['role'] | capitalize }}: {{ message['content'] }}\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}Assistant:{% endif %}"
-)
-
 
 class ChatTemplate:
     def __init__(self, tokenizer: Any, template: str | None = None) -> None:
         self.tokenizer = tokenizer
         self.template = template or getattr(tokenizer, "chat_template", None) \
-            or DEFAULT_CHAT_TEMPLATE
+            or PLAIN_CHAT_TEMPLATE
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                continue_final_message: bool = False) -> str:
