@@ -279,6 +279,8 @@ def test_checkpoint_config_windows_and_nulls_match_transformers(model_type, arch
     ({"hidden_size": None}, "lacks hidden_size"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
     ({"mlp_bias": True}, "mlp_bias is not supported"),
+    ({"quantization_config": {"quant_method": "awq", "bits": 4}},
+     "quantized checkpoints \\('awq'\\) are not supported"),
     ({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "num_hidden_layers": 4,
       "use_sliding_window": True, "max_window_layers": 2}, "2 of 4 layers"),
     # Values of the wrong type or range are named, not cast (int(64.5)) or left to fail later

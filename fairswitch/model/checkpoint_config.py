@@ -123,6 +123,11 @@ class CheckpointConfig:
                              f"(only {' / '.join(_ACTIVATIONS)})")
         if get("mlp_bias", False):
             raise ValueError(f"{where}: mlp_bias is not supported")
+        quant = raw.get("quantization_config")
+        if quant is not None:  # (else named only as a tensor the model has no parameter for)
+            method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
+            raise ValueError(f"{where}: quantized checkpoints ({method!r}) are not supported: "
+                             "fairswitch loads bfloat16, float16 or float32 weights")
         heads = int(raw["num_attention_heads"])
         # transformers 5 writes rope_parameters (with rope_theta inside), 4.x rope_scaling.
         rope = dict(get("rope_parameters") or get("rope_scaling") or {})
