@@ -74,6 +74,11 @@ class ModelConfig:
         600.0, "tensor parallelism: how long a rank may take to join a collective (start-up, "
         "first-step compiles and graph capture included); a rank that dies or does not answer "
         "in time fails the engine: the requests in flight get an error and every rank stops")
+    generation_config: str = _opt(
+        "auto", "sampling defaults of requests that leave them unset (temperature, top_p, top_k, "
+        "min_p, repetition_penalty; max_new_tokens bounds max_tokens), as vLLM: auto: from the "
+        "checkpoint's generation_config.json; vllm: the built-in ones; or a folder holding a "
+        "generation_config.json")
     freeze_gc: bool = _opt(
         True, "serving (server, bench): after start-up, move every live object to the garbage "
         "collector's permanent generation, so that full collections skip the hundreds of "
@@ -81,6 +86,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
+        if not self.generation_config.strip():
+            raise ValueError("generation_config must be 'auto', 'vllm' or a folder, got ''")
         if not self.model.strip():  # (Path("") is the working directory)
             raise ValueError("model must be a checkpoint directory or a model name, "
                              f"got {self.model!r}")

@@ -28,7 +28,8 @@ from fairswitch.engine.output_processor import OutputProcessor
 from fairswitch.kv.kv_cache import KVLayout, kv_cache_dtype
 from fairswitch.kv.memory import KVMemory, num_gpu_blocks
 from fairswitch.model import loader
-from fairswitch.model.checkpoint_config import CheckpointConfig, check_token_ids, read_json
+from fairswitch.model.checkpoint_config import CheckpointConfig
+from fairswitch.model.generation_config import GenerationConfig, read_generation_config
 from fairswitch.runner.attention import get_attention_backend
 from fairswitch.runner.jit_watch import JIT_CLOCK
 from fairswitch.runner.model_runner import GraphPlan, ModelRunner
@@ -79,6 +80,7 @@ class EngineParts:
     output_processor: OutputProcessor
     events: StepEvents
     workers: WorkerGroup | None  # the other tensor-parallel ranks
+    generation: GenerationConfig  # EOS ids and requests' sampling defaults
 
 
 @dataclass
@@ -96,6 +98,12 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     JIT_CLOCK.serving = False  # compiles while building (warm-up, graph capture) are expected
     device = resolve_device(config.model.device)
     checked = check_model(config)  # before any rank starts
+    # (a bad generation_config.json is named before any rank loads weights)
+    generation = read_generation_config(checked[0].checkpoint_dir,
+                                        config.model.generation_config)
+    if generation.sampling_defaults():
+        logger.info("sampling defaults from the model's %s (as vLLM; --generation-config vllm: "
+                    "none): %s", "generation_config.json", generation.sampling_defaults())
     # (and the tokenizer too: a bad one fails before the weights load and the workers start)
     tokenizer = loader.load_tokenizer(_tokenizer_path(config, checked[0]))
     workers = tp = None
@@ -121,13 +129,14 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
         raise
     if workers is not None:
         part.runner.send_plan = workers.send
-    eos_ids = _eos_ids(part.hf_config, tokenizer, part.source)
+    eos_ids = _eos_ids(part.hf_config, tokenizer, generation)
     part.runner.sampler.eos_token_ids = eos_ids  # masked before a request's min_tokens
     output_processor = OutputProcessor(tokenizer, eos_ids, part.max_model_len)
     scheduler = Scheduler(config.scheduler, part.kv, output_processor)
     JIT_CLOCK.serving = True
     return EngineParts(device, part.dtype, part.hf_config, tokenizer, part.max_model_len,
-                       part.runner, part.kv, scheduler, output_processor, events, workers)
+                       part.runner, part.kv, scheduler, output_processor, events, workers,
+                       generation)
 
 
 def check_model(config: EngineConfig) -> tuple[loader.ModelSource, CheckpointConfig]:
@@ -140,7 +149,6 @@ def check_model(config: EngineConfig) -> tuple[loader.ModelSource, CheckpointCon
         raise ValueError(f"{mc.model!r} is a shipped config without weights: use "
                          "load_format='dummy' (--load-format dummy) or a checkpoint directory")
     hf_config = loader.load_checkpoint_config(source)
-    _generation_eos(source)  # (a bad one named before any rank loads weights)
     ShardPlan.of(hf_config, mc.tensor_parallel_size)  # raises if the heads do not split
     if mc.load_format != "dummy":
         loader.check_weight_files(source.checkpoint_dir)  # (headers only)
@@ -221,22 +229,9 @@ def _max_model_len(hf_config: CheckpointConfig, wanted: int | None) -> int:
     return wanted
 
 
-def _eos_ids(hf_config: CheckpointConfig, tokenizer: Any, source: loader.ModelSource) -> set[int]:
+def _eos_ids(hf_config: CheckpointConfig, tokenizer: Any,
+             generation: GenerationConfig) -> set[int]:
     ids: set[int] = set()
-    for value in (hf_config.eos_token_id, tokenizer.eos_token_id):
+    for value in (hf_config.eos_token_id, tokenizer.eos_token_id, generation.eos_token_id):
         ids.update(value if isinstance(value, list) else [value] if value is not None else [])
-    value = _generation_eos(source)
-    ids.update(value if isinstance(value, list) else [value] if value is not None else [])
     return ids
-
-
-def _generation_eos(source: loader.ModelSource) -> int | list[int] | None:
-    """The checkpoint's generation_config.json's eos_token_id (None: no file, or none in it),
-    checked: ValueError naming the file if it is not JSON or not token ids."""
-    gen_cfg = source.checkpoint_dir / "generation_config.json" if source.checkpoint_dir else None
-    if gen_cfg is None or not gen_cfg.is_file():
-        return None
-    gen = read_json(gen_cfg)
-    value = gen.get("eos_token_id") if isinstance(gen, dict) else None
-    check_token_ids(value, "eos_token_id", str(gen_cfg), many=True)
-    return value

@@ -64,6 +64,7 @@ class Engine:
         self.runner, self.kv, self.scheduler = parts.runner, parts.kv, parts.scheduler
         self.output_processor, self.events = parts.output_processor, parts.events
         self.workers = parts.workers  # the other tensor-parallel ranks (None: one rank)
+        self.generation = parts.generation  # (model/generation_config.py)
         if self.workers is not None:
             # Dropped without shutdown(), the engine stops its workers as it is collected:
             # atexit's hold on them kept them, this rank's model and KV cache and the process
@@ -90,7 +91,7 @@ class Engine:
         """Validate and queue a request; return its id. Raises TypeError for a prompt of the
         wrong type, ValueError on other bad input, QueueFullError when the waiting queue has no
         room (``queue_places``, ``held_by``: Scheduler.add_request)."""
-        params = params if params is not None else SamplingParams()
+        params = params if params is not None else self.default_sampling_params()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         self.inputs.check_params(params)
@@ -121,6 +122,11 @@ class Engine:
         self.scheduler.add_request(req, queue_places, held_by)
         self.requests[request_id] = req
         return request_id
+
+    def default_sampling_params(self) -> SamplingParams:
+        """SamplingParams() with the model's recommended sampling (its generation_config.json,
+        ``--generation-config``), as vLLM's ``get_default_sampling_params``."""
+        return SamplingParams(**self.generation.sampling_defaults())
 
     def _say_if_priority_ignored(self, priority: int) -> None:
         """A priority the ranking policy does not use is accepted (a trace replayed under fcfs

@@ -34,6 +34,12 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams() with the model's recommended sampling (its generation_config.json's
+        temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens as max_tokens;
+        ``generation_config="vllm"``: none), as vLLM's."""
+        return self.engine.default_sampling_params()
+
     def generate(
         self,
         prompts: str | list[int] | dict | Sequence[str | list[int] | dict],
@@ -50,10 +56,11 @@ class LLM:
         service VTC evens out, with ``policy="vtc"``) go to the scheduler as the server's
         ``priority`` field and ``X-Client-Id`` header do: one value for every prompt, or one per
         prompt. Invalid input raises TypeError (a wrong type) or ValueError before anything runs.
+        No ``sampling_params``: ``get_default_sampling_params()``.
         """
         prompts = _prompt_list(prompts)
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         params = ([sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams)
                   else list(sampling_params))
         if not all(isinstance(p, SamplingParams) for p in params):

@@ -119,13 +119,14 @@ class OpenAIServer:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         req, text, ids = await self.prompts.run(self._completion_prompt, await self._body(request))
         max_tokens = protocol.resolve_max_tokens(req.max_tokens, len(ids), self.core.max_model_len,
-                                                 protocol.DEFAULT_COMPLETION_MAX_TOKENS)
+                                                 protocol.DEFAULT_COMPLETION_MAX_TOKENS,
+                                                 self.core.generation.max_new_tokens)
         return await self._generate(request, req, protocol.COMPLETION, text, ids, max_tokens)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         req, text, ids = await self.prompts.run(self._chat_prompt, await self._body(request))
         max_tokens = protocol.resolve_max_tokens(req.max_tokens, len(ids), self.core.max_model_len,
-                                                 None)
+                                                 None, self.core.generation.max_new_tokens)
         return await self._generate(request, req, protocol.CHAT, text, ids, max_tokens)
 
     def _completion_prompt(self, raw: bytes) -> tuple[protocol.CompletionRequest, str | None,
@@ -170,7 +171,8 @@ class OpenAIServer:
             if echo else None, echo and max_tokens == 0, self._token_text)
         # (echo without generation: the engine samples one token, which is not shown)
         outputs = choice_outputs(
-            self.engine, text, ids, req.sampling_params(max(max_tokens, 1)), response_id,
+            self.engine, text, ids,
+            req.sampling_params(max(max_tokens, 1), self.core.generation.sampling), response_id,
             priority=req.priority, client_id=client_id)
         tracker = record.tracker = self.metrics.track()
         reply = _Reply(response_id, int(time.time()), self.model_name, fmt, shaper, req.n)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from fairswitch.chat_messages import MessageError, parse_conversation
+from fairswitch.model.generation_config import SAMPLING_FIELDS
 from fairswitch.outputs import Logprob, PositionLogprobs
 from fairswitch.sampling_params import MAX_LOGPROBS, MAX_N, SamplingParams
 from fairswitch.server.errors import bad_request
@@ -54,7 +55,7 @@ def _int(body: dict, name: str, default: int | None = None, *,
     return value
 
 
-def _number(body: dict, name: str, default: float) -> float:
+def _number(body: dict, name: str, default: float | None) -> float | None:
     value = body.get(name)
     if value is None:
         return default
@@ -69,9 +70,10 @@ def _number(body: dict, name: str, default: float) -> float:
     return number
 
 
-def _ranged(body: dict, name: str, default: float, low: float, high: float) -> float:
+def _ranged(body: dict, name: str, default: float | None, low: float,
+            high: float) -> float | None:
     value = _number(body, name, default)
-    if not low <= value <= high:
+    if value is not None and not low <= value <= high:
         raise bad_request(f"'{name}' must be in [{low:g}, {high:g}], got {value:g}", name)
     return value
 
@@ -184,9 +186,10 @@ class GenerationRequest:
     stream: bool
     include_usage: bool
     max_tokens: int | None  # None: the endpoint's default
-    temperature: float
-    top_p: float
-    top_k: int
+    # None: unset, the model's default (``sampling_params``), as min_p and repetition_penalty
+    temperature: float | None
+    top_p: float | None
+    top_k: int | None
     seed: int | None
     stop: list[str]
     stop_token_ids: list[int]
@@ -197,26 +200,31 @@ class GenerationRequest:
     user: str | None
     n: int
     min_tokens: int
-    min_p: float
+    min_p: float | None
     presence_penalty: float
     frequency_penalty: float
-    repetition_penalty: float
+    repetition_penalty: float | None
     logit_bias: dict[int, float] | None
     logprobs: int | None  # top logprobs per token (None: no logprobs)
     prompt_logprobs: int | None  # vLLM's extension (completions: also set by echo + logprobs)
 
-    def sampling_params(self, max_tokens: int) -> SamplingParams:
-        """One choice's parameters (``n`` copies are separate engine requests: ``copies``)."""
+    def sampling_params(self, max_tokens: int,
+                        defaults: dict[str, Any] | None = None) -> SamplingParams:
+        """One choice's parameters (``n`` copies are separate engine requests: ``copies``).
+        ``defaults``: the model's, for the sampling fields the request left unset
+        (``GenerationConfig.sampling``)."""
+        given = {name: getattr(self, name) for name in SAMPLING_FIELDS
+                 if getattr(self, name) is not None}
         try:
             return SamplingParams(
-                max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
-                top_k=self.top_k, seed=self.seed, stop=self.stop,
+                **{**(defaults or {}), **given}, max_tokens=max_tokens, seed=self.seed,
+                stop=self.stop,
                 stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
                 include_stop_str_in_output=self.include_stop_str_in_output,
                 skip_special_tokens=self.skip_special_tokens, n=self.n,
-                min_tokens=self.min_tokens, min_p=self.min_p,
+                min_tokens=self.min_tokens,
                 presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-                repetition_penalty=self.repetition_penalty, logit_bias=self.logit_bias,
+                logit_bias=self.logit_bias,
                 logprobs=self.logprobs, prompt_logprobs=self.prompt_logprobs)
         except (TypeError, ValueError) as e:  # e.g. a logit bias not a number, or out of range
             raise bad_request(str(e), named_field(str(e))) from e
@@ -278,14 +286,15 @@ def _common(body: Any, unsupported: tuple, echo: bool = False) -> dict[str, Any]
     if stream and body.get("prompt_logprobs") is not None:  # (as vLLM: whole responses only)
         raise bad_request("'prompt_logprobs' is not available with stream=true",
                           "prompt_logprobs")
-    temperature = _number(body, "temperature", 1.0)
-    if temperature < 0:
+    # Sampling fields left unset (None) take the model's defaults (``sampling_params``).
+    temperature = _number(body, "temperature", None)
+    if temperature is not None and temperature < 0:
         raise bad_request(f"'temperature' must be >= 0, got {temperature}", "temperature")
-    top_p = _number(body, "top_p", 1.0)
-    if not 0.0 < top_p <= 1.0:
+    top_p = _number(body, "top_p", None)
+    if top_p is not None and not 0.0 < top_p <= 1.0:
         raise bad_request(f"'top_p' must be in (0, 1], got {top_p}", "top_p")
-    top_k = _int(body, "top_k", 0)
-    if top_k < -1:
+    top_k = _int(body, "top_k", None)
+    if top_k is not None and top_k < -1:
         raise bad_request(f"'top_k' must be -1 or 0 (disabled) or positive, got {top_k}", "top_k")
     # (0 only with a completion's echo: the prompt, nothing generated; both are checked)
     max_tokens = _int(body, "max_tokens", None, low=0 if echo else 1)
@@ -301,10 +310,10 @@ def _common(body: Any, unsupported: tuple, echo: bool = False) -> dict[str, Any]
                           f"{_describe(bias)}", "logit_bias")
     return dict(
         n=n, min_tokens=min_tokens,
-        min_p=_ranged(body, "min_p", 0.0, 0.0, 1.0),
+        min_p=_ranged(body, "min_p", None, 0.0, 1.0),
         presence_penalty=_ranged(body, "presence_penalty", 0.0, -2.0, 2.0),
         frequency_penalty=_ranged(body, "frequency_penalty", 0.0, -2.0, 2.0),
-        repetition_penalty=_ranged(body, "repetition_penalty", 1.0, 1e-6, 100.0),
+        repetition_penalty=_ranged(body, "repetition_penalty", None, 1e-6, 100.0),
         logit_bias=bias or None,
         prompt_logprobs=_logprob_count(body, "prompt_logprobs"),
         model=_str(body, "model"), stream=stream, include_usage=include_usage,
@@ -397,19 +406,21 @@ def _template_controls(body: dict) -> tuple[bool, bool]:
 
 
 def resolve_max_tokens(requested: int | None, num_prompt_tokens: int, max_model_len: int,
-                       default: int | None) -> int:
+                       default: int | None, cap: int | None = None) -> int:
     """The request's max_tokens: refused (with the numbers) when prompt + max_tokens does not fit;
-    absent: ``default``, or whatever room the context leaves when default is None."""
+    absent: ``default``, or whatever room the context leaves when default is None. ``cap``: the
+    model's max_new_tokens (generation_config.json), which bounds either, as in vLLM."""
     room = max_model_len - num_prompt_tokens
     if requested is None:
-        return room if default is None else min(default, room)
+        chosen = room if default is None else min(default, room)
+        return chosen if cap is None else min(chosen, cap)
     if requested > room:
         raise bad_request(
             f"This model's maximum context length is {max_model_len} tokens. However, you "
             f"requested {num_prompt_tokens + requested} tokens ({num_prompt_tokens} in the "
             f"prompt, {requested} for the completion). Please reduce the length of the prompt "
             "or the completion.", "max_tokens")
-    return requested
+    return requested if cap is None else min(requested, cap)
 
 
 # ---- response bodies --------------------------------------------------------------------------
