@@ -44,10 +44,6 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     n: int = 1
-    # Derived once (the sampler and the engine ask every step, for every request).
-    has_penalties: bool = field(init=False, repr=False, compare=False)
-    shapes_logits: bool = field(init=False, repr=False, compare=False)
-    stop_token_set: frozenset[int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # vLLM's forms: None for none, one string or one id for a list of one
@@ -118,22 +114,19 @@ class SamplingParams:
         if self.seed is not None and self.seed + self.n - 1 >= 2**64:  # copy i: seed + i
             raise ValueError(f"seed must fit in 64 bits for each of the n={self.n} copies "
                              f"(seed + {self.n - 1} at most {2**64 - 1}), got {self.seed}")
-        # Does sampling depend on the tokens so far (all of them known, none in flight)? Is
-        # anything done to the logits before temperature (bias, penalties, min_tokens)?
-        self.has_penalties = (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
-                              or self.repetition_penalty != 1.0)
-        self.shapes_logits = bool(self.logit_bias) or self.has_penalties or self.min_tokens > 0
-        # (every output token is looked up in it: a list of a million ids took ms a token)
-        self.stop_token_set = frozenset(self.stop_token_ids)
 
-    def __setattr__(self, name: str, value: object) -> None:
-        """A field set after construction is checked, and what is derived from the fields
-        follows it, as at construction: vLLM's users set fields on params they made, and a
-        logit_bias or min_tokens set so was ignored (the derived flags said there was none)."""
-        if name in _INIT_FIELDS and "stop_token_set" in self.__dict__:  # (set last)
-            self.__dict__.update(dataclasses.replace(self, **{name: value}).__dict__)
-        else:
-            object.__setattr__(self, name, value)
+    # Asked every step for every request; properties, not values derived at construction, so
+    # that fields set (or changed in place) afterwards count, as in vLLM.
+    @property
+    def has_penalties(self) -> bool:
+        """Does sampling depend on the tokens so far (all of them known, none in flight)?"""
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.repetition_penalty != 1.0)
+
+    @property
+    def shapes_logits(self) -> bool:
+        """Is anything done to the logits before temperature (bias, penalties, min_tokens)?"""
+        return bool(self.logit_bias) or self.has_penalties or self.min_tokens > 0
 
     @property
     def greedy(self) -> bool:
@@ -147,7 +140,6 @@ class SamplingParams:
                 for i in range(self.n)]
 
 
-_INIT_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams) if f.init)
 MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit
 MAX_N = 64
 

@@ -271,17 +271,19 @@ def test_logit_bias_outside_the_vocabulary_is_refused(llm):
         llm.engine.add_request(PROMPT, SamplingParams(logit_bias={10**6: 1.0}))
 
 
-def test_a_field_set_after_construction_counts_and_is_checked(llm):
-    """vLLM's users set fields on params they made: a logit_bias or min_tokens set so was
-    ignored (the flags derived at construction said there was none), and nothing was checked."""
+def test_a_field_set_after_construction_counts(llm):
+    """vLLM's users set fields on params they made, or change a list in place: a logit_bias or
+    min_tokens set so was ignored (flags derived at construction said there was none)."""
     later = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     later.logit_bias = {42: 100}
-    later.stop_token_ids = 42
+    later.stop_token_ids.append(42)
     made = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True,
                           logit_bias={42: 100}, stop_token_ids=[42])
-    assert later == made and later.shapes_logits and later.stop_token_set == {42}
+    assert later == made and later.shapes_logits
     outs = llm.generate(["Hello there", "Hello there"], [later, made], use_tqdm=False)
     assert outs[0].outputs[0].token_ids == outs[1].outputs[0].token_ids == [42]
-    with pytest.raises(ValueError, match="max_tokens must be at least 1"):
-        later.max_tokens = 0
-    assert later.max_tokens == 6  # a refused value leaves the params as they were
+    assert outs[0].outputs[0].finish_reason == "stop"
+    order = SamplingParams()
+    order.min_tokens = 32  # above the default max_tokens until the next line: not refused
+    order.max_tokens = 64
+    assert order.shapes_logits

@@ -94,6 +94,8 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "stop": ["a", ""]}, 400, ["'stop'", "empty"], "stop"),
     ("/v1/completions", {"prompt": "x", "stop": ["a"] * 257}, 400,
      ["'stop' holds 257 strings; at most 256"], "stop"),
+    ("/v1/completions", {"prompt": "x", "stop_token_ids": [5] * 1025}, 400,
+     ["'stop_token_ids' holds 1025 ids; at most 1024"], "stop_token_ids"),
     ("/v1/completions", {"prompt": "x", "ignore_eos": "yes"}, 400, ["'ignore_eos'", "boolean"],
      "ignore_eos"),
     ("/v1/completions", {"prompt": "x", "stream": 1}, 400, ["'stream'", "boolean"], "stream"),

@@ -68,14 +68,14 @@ class OutputProcessor:
             if self.at_length_limit(request):
                 request.status = RequestStatus.FINISHED_LENGTH
             return
-        if token_id in params.stop_token_set or (not params.ignore_eos
+        if token_id in params.stop_token_ids or (not params.ignore_eos
                                                  and token_id in self.eos_token_ids):
             # The stop token's text (a special token's is none where skipped) only when asked
             # for, as vLLM gives it.
             if params.include_stop_str_in_output and state.detokenizer is not None:
                 state.text += state.detokenizer.add(token_id)
             request.status = RequestStatus.FINISHED_STOPPED
-            if token_id in params.stop_token_set:
+            if token_id in params.stop_token_ids:
                 request.stop_reason = token_id
             return
         if state.detokenizer is not None:

@@ -129,7 +129,7 @@ class Sampler:
                 values.append(b)
             # The placeholder of the token sampled now counts: tokens before it = count - 1.
             if req.num_output_tokens - 1 < p.min_tokens:
-                stops = p.stop_token_set if p.ignore_eos else p.stop_token_set | self.eos_token_ids
+                stops = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
                 for t in stops:
                     if t < vocab:
                         masked_rows.append(i)
