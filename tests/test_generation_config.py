@@ -45,6 +45,9 @@ def test_the_file_gives_the_eos_ids_and_the_sampling(ckpt, tmp_path):
     other = read_generation_config(ckpt, str(_write(tmp_path / "other", top_p=0.5)))
     assert (other.eos_token_id, other.sampling_defaults()) == (100257, {"top_p": 0.5})
     assert read_generation_config(None).sampling_defaults() == {}  # a shipped config: none
+    # transformers' own default is no recommendation (vLLM reads the file's diff from them)
+    assert read_generation_config(_write(tmp_path / "tf", top_k=50, top_p=0.9)).sampling == {
+        "top_p": 0.9}
 
 
 @pytest.mark.parametrize("fields, match", [
@@ -54,8 +57,15 @@ def test_the_file_gives_the_eos_ids_and_the_sampling(ckpt, tmp_path):
     ({"eos_token_id": "x"}, "generation_config.json: eos_token_id must be a token id"),
 ])
 def test_a_bad_value_is_named_with_its_file(tmp_path, fields, match):
+    ckpt = _write(tmp_path / "ckpt", **fields)
     with pytest.raises(ValueError, match=match):
-        read_generation_config(_write(tmp_path / "ckpt", **fields))
+        read_generation_config(ckpt)
+    if "eos_token_id" not in fields:  # a sampling value not used is not read: vllm, a folder
+        assert read_generation_config(ckpt, "vllm").sampling_defaults() == {}
+        other = _write(tmp_path / "other", top_p=0.5)
+        assert read_generation_config(ckpt, str(other)).sampling == {"top_p": 0.5}
+        with pytest.raises(ValueError, match=match.replace("generation_config.json", "")):
+            read_generation_config(None, str(_write(tmp_path / "bad", **fields)))
     with pytest.raises(ValueError, match="neither 'auto', 'vllm' nor a folder"):
         read_generation_config(None, str(tmp_path / "nowhere"))
 

@@ -1,8 +1,9 @@
 """Replay client for an in-process ``AsyncEngine``: no HTTP, the same prompts as the server.
 
 A turn's messages go through the server's own chat-template code, prompt checks and max_tokens
-rule (``ChatTemplate``, ``Engine.validate_prompt``, ``protocol.resolve_max_tokens``), so an
-in-process run and an HTTP run of one trace send the engine identical token ids, and a request
+rule (``ChatTemplate``, ``Engine.validate_prompt``, ``protocol.resolve_max_tokens``) and take
+the model's sampling defaults as the server does for fields the HTTP client leaves unset, so an
+in-process run and an HTTP run of one trace send the engine identical requests, and a request
 the server would refuse fails here too. Token times are exact: every engine output says how many
 tokens it carries.
 """
@@ -31,15 +32,16 @@ class InProcClient:
         text, ids = self.chat_template.encode(conv.messages(turn))
         text, ids = self.core.validate_prompt(text, ids)
         max_tokens = protocol.resolve_max_tokens(conv.turns[turn].output_tokens, len(ids),
-                                                 self.core.max_model_len, None)
+                                                 self.core.max_model_len, None,
+                                                 self.core.generation.max_new_tokens)
         return text, ids, max_tokens
 
     async def send(self, conv: Conversation, turn: int, record: RequestRecord,
                    clock: Clock) -> None:
         text, ids, max_tokens = self.prompt(conv, turn)
         record.prompt_tokens = len(ids)
-        params = SamplingParams(max_tokens=max_tokens, temperature=self.temperature,
-                                ignore_eos=True)
+        params = SamplingParams(**{**self.core.generation.sampling, "max_tokens": max_tokens,
+                                   "temperature": self.temperature, "ignore_eos": True})
         async for out in self.engine.generate(text, params, request_id=record.request_id,
                                               prompt_token_ids=ids, priority=conv.priority,
                                               client_id=conv.client):

@@ -39,38 +39,49 @@ def read_generation_config(checkpoint_dir: Path | None, source: str = "auto"
                            ) -> GenerationConfig:
     """The EOS ids of ``checkpoint_dir``'s file, and the sampling of ``source``'s (``auto``: the
     same file; ``vllm``: none; else a folder's). ValueError naming the file for a value that is
-    not JSON or out of range, before any weights load."""
+    not JSON or out of range (only the EOS ids are read from a file whose sampling is not used),
+    before any weights load."""
     own = _read(checkpoint_dir / FILE) if checkpoint_dir is not None else None
+    eos = own.get("eos_token_id") if own is not None else None
     if source == "auto":
-        sampling = own
+        path, raw = (checkpoint_dir / FILE if checkpoint_dir else None), own
     elif source == "vllm":
-        sampling = None
+        path, raw = None, None
     else:
-        folder = Path(source)
-        if not (folder / FILE).is_file():
+        path = Path(source) / FILE
+        if not path.is_file():
             raise ValueError(f"generation_config {source!r} is neither 'auto', 'vllm' nor a "
                              f"folder holding {FILE}")
-        sampling = _read(folder / FILE)
-    eos = own.get("eos_token_id") if own is not None else None
-    if sampling is None:
+        raw = _read(path)
+    if raw is None:
         return GenerationConfig(eos)
-    return GenerationConfig(eos, {k: sampling[k] for k in SAMPLING_FIELDS
-                                  if sampling.get(k) is not None},
-                            sampling.get("max_new_tokens"))
+    return GenerationConfig(eos, *_sampling(raw, path))
 
 
 def _read(path: Path) -> dict[str, Any] | None:
-    """The file's fields, checked; None if there is no file."""
+    """The file's fields, its EOS ids checked; None if there is no file."""
     if not path.is_file():
         return None
     raw = read_json(path)
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}")
     check_token_ids(raw.get("eos_token_id"), "eos_token_id", str(path), many=True)
-    given = {k: raw[k] for k in SAMPLING_FIELDS if raw.get(k) is not None}
+    return raw
+
+
+# transformers' own defaults: vLLM reads the file as transformers' ``to_diff_dict``, which drops
+# a value equal to them (a file's "top_k": 50 is no recommendation); the other fields' defaults
+# are the built-in ones already.
+_TRANSFORMERS_DEFAULTS = {"top_k": 50}
+
+
+def _sampling(raw: dict[str, Any], path: Path | None) -> tuple[dict[str, Any], int | None]:
+    """(the sampling fields set, max_new_tokens), checked as SamplingParams checks them."""
+    given = {k: raw[k] for k in SAMPLING_FIELDS
+             if raw.get(k) is not None and raw[k] != _TRANSFORMERS_DEFAULTS.get(k)}
     max_new = raw.get("max_new_tokens")
     try:
         SamplingParams(**given, **({"max_tokens": max_new} if max_new is not None else {}))
     except (TypeError, ValueError) as e:  # (its message names the field first)
         raise ValueError(f"{path}: {str(e).replace('max_tokens', 'max_new_tokens', 1)}") from None
-    return raw
+    return given, max_new
