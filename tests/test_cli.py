@@ -152,6 +152,6 @@ def test_stop_token_ids_take_one_value_and_leave_the_prompt(tmp_path):
     upper.write_text('{"prompt": "a\u2028b"}\r\n{"prompt": "c\x85d"}\n', newline="")
     assert _read_prompts(args) == ["Hello", "a\u2028b", "c\x85d"]
     text = tmp_path / "p.txt"
-    text.write_text("one\x0cpage\r\ntwo\n", newline="")
+    text.write_text("one\x0cpage\r\ntwo\rthree\n", newline="")  # (\r: a classic Mac's)
     args.prompts_file = text
-    assert _read_prompts(args) == ["Hello", "one\x0cpage", "two"]
+    assert _read_prompts(args) == ["Hello", "one\x0cpage", "two", "three"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -55,10 +56,9 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompts)
     if args.prompts_file is not None:
         text = read_text(args.prompts_file, "prompts file")
-        # On newlines only: splitlines() also breaks at U+2028, form feeds and others, which
-        # JSON writes unescaped inside strings and a prompt may hold.
-        for n, line in enumerate(text.split("\n"), 1):
-            line = line.removesuffix("\r")
+        # At line ends only (\n, \r\n, \r): splitlines() also breaks at U+2028, form feeds and
+        # others, which JSON writes unescaped inside strings and a prompt may hold.
+        for n, line in enumerate(re.split(r"\r\n|\r|\n", text), 1):
             if not line.strip():
                 continue
             if args.prompts_file.suffix.lower() == ".jsonl":

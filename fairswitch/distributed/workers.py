@@ -104,7 +104,9 @@ PLAN_WAIT = datetime.timedelta(days=365)
 class Ranks:
     """What a rank has once it joined: the tensor-parallel group (the model's collectives), a gloo
     group that times out after ``distributed_timeout_s`` (start-up agreements) and a gloo group
-    for plans, which waits for the next one as long as it takes (``PLAN_WAIT``)."""
+    for plans, in which a worker waits for the next one as long as it takes (``PLAN_WAIT``) and
+    the driver, sending, at most ``distributed_timeout_s`` (gloo's timeouts are each process's
+    own: a send left waiting on a hung worker would hold the group's teardown a year)."""
 
     def __init__(self, rank: int, size: int, rendezvous: str | Any, backend: str,
                  timeout_s: float, device: torch.device) -> None:
@@ -123,7 +125,7 @@ class Ranks:
         self.tp = TPGroup(rank, size, dist.group.WORLD)
         self.control = (dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo"
                         else dist.group.WORLD)
-        self.plans = dist.new_group(backend="gloo", timeout=PLAN_WAIT)
+        self.plans = dist.new_group(backend="gloo", timeout=PLAN_WAIT if rank else timeout)
 
 
 def _started_key(rank: int) -> str:
@@ -289,8 +291,7 @@ class WorkerGroup:
 
     def _broadcast_over_gloo(self, message: Any) -> None:
         """Send a message over the plans group, waiting for the workers at most ``timeout_s``
-        (``TimeoutError``): the group itself waits ``PLAN_WAIT``, for the workers' sake (an
-        idle server sends no plan), and a hung worker held the driver that long."""
+        (``TimeoutError``; a hung worker used to hold the driver as long as the workers wait)."""
         for part in _plan_parts(message):
             work = dist.broadcast(part, src=0, group=self.plan_group, async_op=True)
             try:
