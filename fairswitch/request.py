@@ -68,6 +68,7 @@ class Request:
     # steps run since (re)admission, starvation, and the service already charged to its client.
     seq: int = 0
     kept_out_since: float | None = None
+    out_since: float | None = None  # kept_out_since before its current seat
     num_run_steps: int = 0
     num_seated_steps: int = 0  # steps in ``running`` since (re)admission, served or not
     starving: bool = False

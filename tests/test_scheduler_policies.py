@@ -181,8 +181,28 @@ def test_a_request_the_budget_left_out_is_no_shield_for_better_ranked_ones():
     urgent = h.add(prompt_len=4, max_tokens=10, priority=0)
     out = h.step()
     assert out.preempted == [b]
+    # Out of the batch, for the starvation bound, since its arrival: it never ran its
+    # min_run_steps, and admit-and-preempt cycles must not restart its clock.
+    assert b.kept_out_since == 0.0
     h.run()  # (the seat is urgent's once a's prefill leaves it budget)
     assert a.metrics.num_preemptions == 0 and urgent.metrics.num_preemptions == 0
+
+
+def test_the_starvation_bound_counts_from_before_a_seat_that_made_no_progress():
+    """The same scene with a starvation bound: b, preempted before it ran min_run_steps, is
+    kept out since its arrival, so it starves on time (its clock did not restart)."""
+    h = Harness("priority", max_num_seqs=2, max_num_batched_tokens=16, min_run_steps=4,
+                cpu_blocks=400, num_blocks=400, max_starvation_s=0.15)
+    b = h.add(prompt_len=4, max_tokens=200, priority=3)
+    h.step()
+    h.add(prompt_len=600, max_tokens=10, priority=1)
+    for _ in range(10):
+        h.step()
+    h.add(prompt_len=4, max_tokens=10, priority=0)
+    assert h.step().preempted == [b] and h.clock.t < 0.15
+    while h.clock.t < 0.2:  # (0.27 s had its clock restarted at its preemption, 0.12)
+        h.step()
+    assert b.starving or b in h.sched.running
 
 
 def test_priorities_past_float_precision_preempt():

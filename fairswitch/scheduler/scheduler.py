@@ -44,10 +44,10 @@ charge included. What is charged, and when, is decided in ``_charge``.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import math
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -123,7 +123,10 @@ class Scheduler:
         self.waiting = self.ranking.make_queue()
         self.swapped = self.ranking.make_queue()
         self.running: list[Request] = []
-        self._kept_out: deque[tuple[float, Request]] = deque()  # (since, request), oldest first
+        # (since, push order, request), oldest first: the starvation bound's watch (a heap:
+        # a request preempted before it ran min_run_steps goes back with its older time)
+        self._kept_out: list[tuple[float, int, Request]] = []
+        self._kept_out_order = itertools.count()
         # Waiting-queue places held for the choices yet to join, by their first choice's id
         self._held_places: dict[str, int] = {}
         self._seq = itertools.count()
@@ -315,10 +318,13 @@ class Scheduler:
 
     # ---- ranks ----------------------------------------------------------------------------
 
-    def _keep_out(self, req: Request, queue: HeapQueue | ClientQueue) -> None:
-        req.kept_out_since = self.clock()
+    def _keep_out(self, req: Request, queue: HeapQueue | ClientQueue,
+                  since: float | None = None) -> None:
+        """Queue ``req``, out of the batch since ``since`` (default: now)."""
+        req.kept_out_since = self.clock() if since is None else since
         if self.config.max_starvation_s:
-            self._kept_out.append((req.kept_out_since, req))
+            heapq.heappush(self._kept_out,
+                           (req.kept_out_since, next(self._kept_out_order), req))
         queue.push(req)
 
     def _requeue(self, req: Request) -> None:
@@ -335,7 +341,7 @@ class Scheduler:
         now = self.clock()
         kept_out = self._kept_out
         while kept_out and now - kept_out[0][0] > bound:
-            since, req = kept_out.popleft()
+            since, _, req = heapq.heappop(kept_out)
             if req.kept_out_since == since and not req.starving:  # still out since then
                 req.starving = True
                 self._requeue(req)
@@ -407,17 +413,21 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         mode = self.preemption.choose(req, self.swap)
+        # One that had not run min_run_steps since its admission (a seat the token budget did
+        # not reach, or memory ran out) has been out of the batch, for the starvation bound,
+        # since before that admission: else admit-and-preempt cycles would restart its clock.
+        since = req.out_since if req.num_run_steps < self.config.min_run_steps else None
         if mode == SWAP:
             self.swap.swap_out(req)
             req.status = RequestStatus.SWAPPED
-            self._keep_out(req, self.swapped)
+            self._keep_out(req, self.swapped, since)
         else:
             # Recompute: drop the KV; the prompt and the tokens generated so far prefill again.
             self.swap.drop_gpu(req)
             self.swap.drop_cpu_copy(req)
             req.num_computed_tokens = 0
             req.status = RequestStatus.WAITING
-            self._keep_out(req, self.waiting)
+            self._keep_out(req, self.waiting, since)
         req.metrics.num_preemptions += 1
         self.num_preemptions += 1
         self.preemptions_by_mode[mode] += 1
@@ -478,7 +488,7 @@ class Scheduler:
                         self.kv.num_free_blocks - next_token_blocks - self._batch_headroom()):
                     break
                 self.swapped.remove(req)
-                req.kept_out_since = None
+                req.out_since, req.kept_out_since = req.kept_out_since, None
                 swap.swap_in(req)
                 next_token_blocks += extra
                 resuming = True
@@ -533,7 +543,7 @@ class Scheduler:
                 self.kv.count_lookup(req, reused)
             req.metrics.first_scheduled_time = now
         self.waiting.remove(req)
-        req.kept_out_since = None
+        req.out_since, req.kept_out_since = req.kept_out_since, None
         req.num_run_steps = req.num_seated_steps = 0
         if fetched:
             req.status = RequestStatus.SWAPPED
