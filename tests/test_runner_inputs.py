@@ -178,3 +178,21 @@ def test_warm_up_batches_are_consistent_layouts():
     assert clamped.prefill_query_start_loc.tolist() == [0, 16]
     only = runner._warm_up_batch(3, 4, 0, 0)
     assert only.is_decode_only and only.prefill_query_start_loc.tolist() == [0]
+
+
+def test_an_fp8_cache_on_a_gpu_without_triton_e4m3_takes_the_torch_reference(monkeypatch,
+                                                                                 caplog):
+    """Below compute capability 8.9 (A100, V100) Triton has no e4m3: the engine built, then the
+    first forward failed with a Triton compile error."""
+    cuda = torch.device("cuda")
+    capability = (8, 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    with pytest.raises(ValueError, match="compute capability 8.9 or newer .* this GPU has 8.0: "
+                                         "pass --attention-backend torch"):
+        get_attention_backend("triton", cuda, "fp8")
+    with caplog.at_level("WARNING", logger="fairswitch.runner.attention"):
+        assert get_attention_backend("auto", cuda, "fp8").name == "torch"
+    assert "runs on the torch reference" in caplog.text
+    assert get_attention_backend("auto", cuda, "auto").name == "triton"  # bf16: any GPU
+    capability = (9, 0)
+    assert get_attention_backend("auto", cuda, "fp8").name == "triton"

@@ -167,7 +167,7 @@ def build_rank(config: EngineConfig, tp: TPGroup, device: torch.device,
     source, hf_config = checked if checked is not None else check_model(config)
     dtype = resolve_dtype(mc.dtype, device, hf_config.dtype)
     max_model_len = _max_model_len(hf_config, mc.max_model_len)
-    backend = get_attention_backend(mc.attention_backend, device)
+    backend = get_attention_backend(mc.attention_backend, device, cc.kv_cache_dtype)
     if backend.name == "triton":  # (the torch backend runs no Triton kernel to time)
         if cc.block_size < 8:
             raise ValueError(f"block_size={cc.block_size}: the Triton attention kernels need "

@@ -11,6 +11,7 @@ that layer's KV views. Requests are ordered decodes first (one query token each)
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,8 @@ import torch
 
 from fairswitch.kernels import reference
 from fairswitch.kv.kv_cache import KVLayer
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -119,8 +122,25 @@ class TritonAttentionBackend(AttentionBackend):
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 
 
-def get_attention_backend(name: str, device: torch.device) -> AttentionBackend:
-    """auto: Triton kernels on CUDA, the torch reference elsewhere."""
+FP8_TRITON_CAPABILITY = (8, 9)  # Triton's e4m3 (fp8e4nv) needs Ada or Hopper, or newer
+
+
+def get_attention_backend(name: str, device: torch.device,
+                          kv_cache_dtype: str = "auto") -> AttentionBackend:
+    """auto: Triton kernels on CUDA, the torch reference elsewhere. An fp8 KV cache on a GPU
+    older than compute capability 8.9 (A100, V100...) has no Triton e4m3: auto takes the torch
+    reference there (with a warning), triton is refused (it failed at the first forward, a
+    Triton compile error)."""
+    if name in ("auto", "triton") and device.type == "cuda" and kv_cache_dtype == "fp8":
+        capability = torch.cuda.get_device_capability(device)
+        if capability < FP8_TRITON_CAPABILITY:
+            why = (f"an fp8 KV cache needs compute capability 8.9 or newer for the Triton "
+                   f"kernels (e4m3); this GPU has {capability[0]}.{capability[1]}")
+            if name == "triton":
+                raise ValueError(f"{why}: pass --attention-backend torch, or "
+                                 "--kv-cache-dtype auto")
+            logger.warning("%s: attention runs on the torch reference (slower)", why)
+            name = "torch"
     if name == "auto":
         name = "triton" if device.type == "cuda" else "torch"
     if name == "torch":
