@@ -265,13 +265,28 @@ class AsyncEngine:
             self._deliver([e] * len(rids), rids)
         finally:
             self._closed = True  # (before the commands are failed: _call checks it after)
+            try:
+                self._stop_streams()
+            finally:  # whatever failed above, no caller may wait on a command for good
+                self._fail_pending_commands()
+
+    def _stop_streams(self) -> None:
+        """As the engine thread stops: the last outputs go out, and every request left is
+        aborted, its stream told (an abort that raises tells its stream the error)."""
+        engine = self.engine
+        try:
             self._flush()
+        finally:
             engine.events.on_gpu_busy.remove(self._flush)  # (no cycle keeps this object alive)
-            aborted = [out for rid in list(engine.requests)
-                       if (out := engine.abort_request(rid)) is not None]
-            if aborted and self._error is None:
-                self._deliver(aborted)
-            self._fail_pending_commands()
+        for rid in list(engine.requests):
+            try:
+                out = engine.abort_request(rid)
+            except Exception as e:  # noqa: BLE001 - e.g. its detokenizer: the others go on
+                logger.exception("aborting request %r as the engine stopped", rid)
+                self._deliver([e], [rid])
+                continue
+            if out is not None and self._error is None:
+                self._deliver([out])
 
     def _fail_pending_commands(self) -> None:
         """Fail the commands left queued (run by the engine thread as it stops, and by a

@@ -158,9 +158,12 @@ class Engine:
         req = self.requests.pop(request_id, None)
         if req is None:
             return None
-        req.status = RequestStatus.FINISHED_ABORTED
-        req.metrics.finished_time = time.monotonic()
-        self.scheduler.finish(req)
+        # One that a step finished, whose outputs then failed part way, is out of the scheduler
+        # already: finishing it again counted it twice (under vtc a KeyError, leaked blocks).
+        if not req.is_finished:
+            req.status = RequestStatus.FINISHED_ABORTED
+            req.metrics.finished_time = time.monotonic()
+            self.scheduler.finish(req)
         return self.output_processor.make_output(req)
 
     def has_unfinished_requests(self) -> bool:
@@ -242,10 +245,10 @@ class Engine:
         t2 = time.perf_counter()
         self._observe(prev, t2)
         updated = self.scheduler.update_from_output(prev.sched, sampled, logprobs)
-        for req in updated:
+        outputs = [self.output_processor.make_output(req) for req in updated]
+        for req in updated:  # (after the outputs: one that raises loses no finished request)
             if req.is_finished:
                 del self.requests[req.request_id]
-        outputs = [self.output_processor.make_output(req) for req in updated]
         t3 = time.perf_counter()
         self._account(prev.sched, clocks, t0, t1, t2, t3, ahead_s)
         return outputs

@@ -222,11 +222,18 @@ class SwapManager:
         """Start copying ``req``'s KV back; it may run once ``poll`` reports it ready."""
         assert self.can_swap_in(req) and not req.block_table
         total = self.gpu.blocks_needed(req.num_cpu_tokens)
-        req.block_table = self.gpu.allocate_blocks(total)  # one run where possible
-        extents = copy_extents(req.cpu_block_table[:total], req.block_table)
-        self._incoming(req, self._submit(self.cpu_tensor, self.gpu_tensor, extents,
-                                         self.in_backend))
+        blocks = self.gpu.allocate_blocks(total)  # one run where possible
+        extents = copy_extents(req.cpu_block_table[:total], blocks)
+        try:
+            t = self._submit(self.cpu_tensor, self.gpu_tensor, extents, self.in_backend)
+        except BaseException:
+            # Never written: freed, not left in its block table, where freeing the request
+            # would have cached them under its tokens (a later prompt read garbage).
+            self.gpu.release_blocks(blocks)
+            raise
+        req.block_table = blocks
         req.num_computed_tokens = req.num_cpu_tokens
+        self._incoming(req, t)
 
     @_stalls
     def fetch_cached(self, req: Request, cpu_blocks: list[int]) -> None:
@@ -236,8 +243,13 @@ class SwapManager:
         blocks = self.gpu.allocate_blocks(len(cpu_blocks), after=last)
         for b in cpu_blocks:  # read by the fetch: not evictable until it lands
             self.tier.take(b)  # type: ignore[union-attr]
-        t = self._submit(self.cpu_tensor, self.gpu_tensor, copy_extents(cpu_blocks, blocks),
-                         self.in_backend, cpu_blocks_to_unpin=list(cpu_blocks))
+        try:
+            t = self._submit(self.cpu_tensor, self.gpu_tensor, copy_extents(cpu_blocks, blocks),
+                             self.in_backend, cpu_blocks_to_unpin=list(cpu_blocks))
+        except BaseException:  # nothing landed: both ends go back (they leaked)
+            self._unpin(cpu_blocks)
+            self.gpu.release_blocks(blocks)
+            raise
         req.block_table.extend(blocks)
         req.num_computed_tokens = len(req.block_table) * self.block_size
         self._incoming(req, t)

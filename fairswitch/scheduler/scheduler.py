@@ -411,18 +411,19 @@ class Scheduler:
             queue.push(cand)
 
     def _preempt(self, req: Request) -> None:
-        self.running.remove(req)
         mode = self.preemption.choose(req, self.swap)
         # One that had not run min_run_steps since its admission (a seat the token budget did
         # not reach, or memory ran out) has been out of the batch, for the starvation bound,
         # since before that admission: else admit-and-preempt cycles would restart its clock.
         since = req.out_since if req.num_run_steps < self.config.min_run_steps else None
         if mode == SWAP:
-            self.swap.swap_out(req)
+            self.swap.swap_out(req)  # (raising, it leaves the request running, not lost)
+            self.running.remove(req)
             req.status = RequestStatus.SWAPPED
             self._keep_out(req, self.swapped, since)
         else:
             # Recompute: drop the KV; the prompt and the tokens generated so far prefill again.
+            self.running.remove(req)
             self.swap.drop_gpu(req)
             self.swap.drop_cpu_copy(req)
             req.num_computed_tokens = 0
@@ -487,9 +488,9 @@ class Scheduler:
                 if not swap.can_swap_in(req) or saved + extra > (
                         self.kv.num_free_blocks - next_token_blocks - self._batch_headroom()):
                     break
+                swap.swap_in(req)  # (raising, it leaves the request swapped, not lost)
                 self.swapped.remove(req)
                 req.out_since, req.kept_out_since = req.kept_out_since, None
-                swap.swap_in(req)
                 next_token_blocks += extra
                 resuming = True
                 continue
