@@ -428,3 +428,15 @@ def test_a_stream_whose_event_loop_closed_is_aborted(engine):
         assert await free_blocks(engine) == NUM_BLOCKS
     asyncio.run(main())
     del orphan
+
+
+def test_a_with_block_shuts_the_engine_down():
+    """The thread holds the engine, so a dropped one was never collected: its model, KV cache
+    and a thread waking twice a second stayed for good. A ``with`` block stops it."""
+    with AsyncEngine.from_config(EngineConfig.from_kwargs(num_gpu_blocks=64,
+                                                          max_model_len=64)) as eng:
+        async def main() -> int:
+            outs = [o async for o in eng.generate("hi", SamplingParams(max_tokens=2))]
+            return len(outs[-1].outputs[0].token_ids)
+        assert asyncio.run(main()) == 2
+    assert not eng.is_running and not eng._thread.is_alive()

@@ -10,6 +10,9 @@ its start are frozen out of the garbage collector's full collections (``freeze_g
 gc_control.py).
 Leaving ``generate()`` early (the consumer breaks, or its task is cancelled, e.g. the HTTP client
 went away) aborts the request, which frees its KV blocks before the next step.
+
+Its thread holds it: an AsyncEngine is never collected until ``shutdown()`` (or the end of a
+``with AsyncEngine...:`` block) stops the thread and frees the model and the KV cache.
 """
 
 from __future__ import annotations
@@ -71,6 +74,12 @@ class AsyncEngine:
     @classmethod
     def from_config(cls, config: EngineConfig) -> AsyncEngine:
         return cls(Engine(config))
+
+    def __enter__(self) -> AsyncEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
 
     # ---- caller side (event loop) ---------------------------------------------------------
 
