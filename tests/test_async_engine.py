@@ -440,3 +440,37 @@ def test_a_with_block_shuts_the_engine_down():
             return len(outs[-1].outputs[0].token_ids)
         assert asyncio.run(main()) == 2
     assert not eng.is_running and not eng._thread.is_alive()
+
+
+def test_a_request_id_stays_taken_until_its_abort_has_run():
+    """A stream left early gave its id up before its abort ran: a caller reusing the id meanwhile
+    had its own request aborted by that abort, and waited for good. Now the id is refused until
+    the abort has run, then free."""
+    import threading
+
+    with AsyncEngine.from_config(EngineConfig.from_kwargs(num_gpu_blocks=64,
+                                                          max_model_len=64)) as eng:
+        inside, gate = threading.Event(), threading.Event()
+
+        def hold(_engine) -> None:
+            inside.set()
+            gate.wait(30)
+
+        async def main() -> int:
+            first = eng.generate("hello", SamplingParams(max_tokens=50, ignore_eos=True),
+                                 request_id="x")
+            await first.__anext__()
+            held = asyncio.ensure_future(eng.run_in_engine(hold))  # the engine thread waits
+            await asyncio.to_thread(inside.wait, 30)
+            await first.aclose()  # its abort is queued behind ``hold``
+            with pytest.raises(ValueError, match="'x' is already in use"):
+                await eng.generate("again", SamplingParams(max_tokens=2),
+                                   request_id="x").__anext__()
+            gate.set()
+            await held
+            await eng.sync()  # the abort has run: the id is free
+            outs = [o async for o in eng.generate("again", SamplingParams(max_tokens=2),
+                                                  request_id="x")]
+            return len(outs[-1].outputs[0].token_ids)
+
+        assert asyncio.run(main()) == 2

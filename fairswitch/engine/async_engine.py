@@ -139,10 +139,16 @@ class AsyncEngine:
                 if finished:
                     return
         finally:
-            if self._streams.get(request_id) is stream:
-                del self._streams[request_id]
-            if not finished:
-                self._submit(lambda: self.engine.abort_request(request_id))
+            if finished:
+                self._forget(request_id, stream)
+            else:  # the id stays taken until the abort has run: a caller reusing it meanwhile
+                # got its own request aborted by this one's abort, and waited for good
+                self._submit(lambda: (self.engine.abort_request(request_id),
+                                      self._forget(request_id, stream)))
+
+    def _forget(self, request_id: str, stream: _Stream) -> None:
+        if self._streams.get(request_id) is stream:
+            del self._streams[request_id]
 
     async def abort(self, request_id: str) -> None:
         """Abort a request and wait until its blocks are free."""
