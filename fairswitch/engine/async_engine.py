@@ -108,8 +108,8 @@ class AsyncEngine:
                        ) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs as they come; the last one has ``finished=True``.
         One sequence (``params.n == 1``): for n, generate each of ``params.copies()``.
-        ``queue_places``, ``held_by``: Scheduler.add_request (n choices admitted together). A prompt of the
-        wrong type raises TypeError (as in ``LLM.generate``), other bad input ValueError;
+        ``queue_places``, ``held_by``: Scheduler.add_request (n choices admitted together). A
+        prompt of the wrong type raises TypeError (as in ``LLM.generate``), other bad input ValueError;
         ``shutdown()`` ends the stream with ``finish_reason="abort"``, a failed step
         with EngineDeadError, which every call after either raises."""
         # (as the engine keys it: a str; 0 is an id like any other)
@@ -293,15 +293,21 @@ class AsyncEngine:
             self._flush()
         finally:
             engine.events.on_gpu_busy.remove(self._flush)  # (no cycle keeps this object alive)
+        items: list[RequestOutput | BaseException] = []
+        rids: list[str] = []
         for rid in list(engine.requests):
             try:
                 out = engine.abort_request(rid)
             except Exception as e:  # noqa: BLE001 - e.g. its detokenizer: the others go on
                 logger.exception("aborting request %r as the engine stopped", rid)
-                self._deliver([e], [rid])
+                items.append(e)
+                rids.append(rid)
                 continue
             if out is not None and self._error is None:
-                self._deliver([out])
+                items.append(out)
+                rids.append(rid)
+        if items:  # (one callback per event loop, as a step's outputs)
+            self._deliver(items, rids)
 
     def _fail_pending_commands(self) -> None:
         """Fail the commands left queued (run by the engine thread as it stops, and by a

@@ -101,9 +101,9 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     # (a bad generation_config.json is named before any rank loads weights)
     generation = read_generation_config(checked[0].checkpoint_dir,
                                         config.model.generation_config)
-    if generation.sampling_defaults():
-        logger.info("sampling defaults from the model's %s (as vLLM; --generation-config vllm: "
-                    "none): %s", "generation_config.json", generation.sampling_defaults())
+    if defaults := generation.sampling_defaults():
+        logger.info("sampling defaults from the model's generation_config.json (as vLLM; "
+                    "--generation-config vllm: none): %s", defaults)
     # (and the tokenizer too: a bad one fails before the weights load and the workers start)
     tokenizer = loader.load_tokenizer(_tokenizer_path(config, checked[0]))
     workers = tp = None

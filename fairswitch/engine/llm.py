@@ -137,7 +137,8 @@ class LLM:
     ) -> list[RequestOutput]:
         """Reply to one conversation (a list of ``{"role", "content"}`` messages) or to several
         (a list of such lists): each is rendered with the tokenizer's chat template (or
-        ``chat_template``; neither: a plain-text one, as the server's) and generated from; ``priority``/``client_id`` as in ``generate``.
+        ``chat_template``; neither: a plain-text one, as the server's) and generated from;
+        ``priority``/``client_id`` as in ``generate``.
         ``continue_final_message`` (with ``add_generation_prompt=False``) continues the final
         message instead of starting a new one, as transformers renders it.
         Messages are checked as the server checks them (chat_messages.py): TypeError or

@@ -5,7 +5,8 @@ Choices 1.. are added once choice 0's first output is out: its prompt is compute
 indexed in the prefix cache, so they share its KV instead of computing the prompt n times. The n
 choices are admitted together: choice 0 takes n places in the waiting queue (``max_waiting``),
 held for the others until they join or the stream closes, so a full queue refuses the request
-before its response begins, never a choice in the middle of a stream. With ``n = 1`` the engine's stream is passed through as is.
+before its response begins, never a choice in the middle of a stream. With ``n = 1`` the
+engine's stream is passed through as is.
 
 Closing the stream (the response is done, failed, or its client went away) closes every choice's
 engine stream, which aborts whatever has not finished.

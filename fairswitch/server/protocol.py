@@ -36,7 +36,7 @@ def _describe(value: Any) -> str:
     if value is None:
         return "null"
     kind = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
-            dict: "object", type(None): "null"}.get(type(value), type(value).__name__)
+            dict: "object"}.get(type(value), type(value).__name__)
     text = json.dumps(value)
     return f"{kind} {text if len(text) <= 40 else text[:37] + '...'}"
 
