@@ -170,18 +170,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--k-head-major", action="store_true",
                    help="K stored [Hkv, block_size, D] in each block (the engine's pools: "
                    "[block_size, Hkv, D])")
-    p.add_argument("--fp8-decode-streams", action="store_true",
-                   help="fp8 decode by paged_attention.FP8_DECODE_STREAMS (a warp per stream)")
     p.add_argument("--output", default=None, help="default: benchmarks/results/"
-                   "attention_kernels[_fp8][_streams][_k_head_major].json")
+                   "attention_kernels[_fp8][_k_head_major].json")
     p.add_argument("--commit", default=None)
     args = p.parse_args(argv)
     fp8 = args.kv_cache_dtype == "fp8"
-    if args.fp8_decode_streams and not fp8:
-        p.error("--fp8-decode-streams needs --kv-cache-dtype fp8")
-    paged_attention.FP8_DECODE_STREAMS = args.fp8_decode_streams
     output = args.output or ("benchmarks/results/attention_kernels" + ("_fp8" if fp8 else "")
-                             + ("_streams" if args.fp8_decode_streams else "")
                              + ("_k_head_major" if args.k_head_major else "") + ".json")
     hq, hkv, d = (int(x) for x in args.heads.split(","))
     dtype = torch.bfloat16
@@ -218,8 +212,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "heads": {"q": hq, "kv": hkv, "dim": d},
                "block_size": args.block_size, "copy_bandwidth_bytes_s": copy_bw,
                "k_layout": "[Hkv, block_size, D]" if args.k_head_major else "[block_size, Hkv, D]",
-               "decode_launch": paged_attention.decode_launch(1 if fp8 else 2,
-                                                              args.fp8_decode_streams),
+               "decode_launch": paged_attention.decode_launch(1 if fp8 else 2),
                "decode": dec, "prefill": pre}
     return write_results(output, command=command_line(), figures=figures, claims=claims,
                            commit=args.commit)

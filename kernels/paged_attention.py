@@ -34,9 +34,6 @@ block_size; V_T is a constexpr). The product with P sums over tokens, so the MMA
 tokens contiguous: a 16-bit tile is transposed by ldmatrix on its way from shared memory, a 1-byte
 one cannot be and was staged through shared memory again as fp16. Transposed in the cache, V is
 loaded as V^T [D, BLOCK_N] in whole pages (16-byte copies) and takes K's path to the MMA.
-Decode over fp8 K and transposed V can run a tile as STREAMS smaller tiles, one per warp, each
-with its own online softmax (_attend_streams, FP8_DECODE_STREAMS), merged once at the end; with
-one stream the warps split a tile's tokens and exchange row maxima and sums through shared memory.
 """
 
 from __future__ import annotations
@@ -245,53 +242,6 @@ def _attend_tile(
     return acc, m_new, l_i
 
 
-@triton.jit
-def _attend_streams(
-    q3, acc, m_i, l_i,  # q3 [S, G, D] (q for each stream); acc [S, G, D] fp32; m_i, l_i [S, G]
-    k_cache_ptr, v_cache_ptr, block_table_ptr, n0, kv_end, kvh, qk_scale,
-    stride_kb, stride_ks, stride_kh, stride_vb, stride_vh,
-    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    STREAMS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """_attend_tile over fp8 K and transposed V for STREAMS tiles at once, tile s holding the
-    BLOCK_N positions from n0 + s * BLOCK_N (read as one tile by _tile_pages and _load_vt),
-    each with its own online softmax (_merge_streams joins them). Both products are one batched
-    tl.dot whose batch dimension the warps split, so a warp keeps its tile's row maxima, sums
-    and P in registers: nothing is exchanged between warps through shared memory and P is not
-    re-laid out for the second product."""
-    offs_d = tl.arange(0, HEAD_DIM)
-    # One tile of STREAMS * BLOCK_N positions (n0 a multiple of it), split into the streams.
-    row, kv_mask, page_mask, page = _tile_pages(block_table_ptr, n0, kv_end, BLOCK_SIZE,
-                                                STREAMS * BLOCK_N)
-    k_off = tl.reshape(page * stride_kb + row * stride_ks + kvh * stride_kh, [STREAMS, BLOCK_N])
-    kv_mask = tl.reshape(kv_mask, [STREAMS, BLOCK_N])
-    k = tl.load(k_cache_ptr + k_off[:, :, None] + offs_d[None, None, :],
-                mask=kv_mask[:, :, None], other=0.0).to(q3.dtype)
-    s = tl.dot(q3, tl.trans(k, 0, 2, 1), input_precision=DOT_PRECISION) * qk_scale
-    s = tl.where(kv_mask[:, None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 2))
-    # A stream may meet its first key a tile later than another, or never (a short sequence),
-    # so its maximum can still be -inf here: exp2 is taken against 0 then (every p and alpha 0).
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_use)
-    p = tl.exp2(s - m_use[:, :, None])
-    l_i = l_i * alpha + tl.sum(p, 2)
-    vt = _load_vt(v_cache_ptr, page, row, page_mask, kvh, stride_vb, stride_vh, HEAD_DIM,
-                  BLOCK_SIZE, STREAMS * BLOCK_N)
-    v = tl.permute(tl.reshape(vt, [HEAD_DIM, STREAMS, BLOCK_N]), (1, 2, 0)).to(q3.dtype)
-    acc = acc * alpha[:, :, None] + tl.dot(p.to(q3.dtype), v, input_precision=DOT_PRECISION)
-    return acc, m_new, l_i
-
-
-@triton.jit
-def _merge_streams(acc, m_i, l_i):
-    """The (acc [G, D], m [G], l [G]) of one online softmax from STREAMS of them ([S, ...], log2
-    domain); m is -inf where no stream saw a key."""
-    m = tl.max(m_i, 0)
-    w = tl.exp2(m_i - tl.where(m == float("-inf"), 0.0, m)[None, :])
-    return tl.sum(acc * w[:, :, None], 0), m, tl.sum(l_i * w, 0)
-
-
 # ---------------------------------------------------------------------------------------------
 # Decode
 
@@ -320,15 +270,13 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, WRITE_OUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr, V_T: tl.constexpr,
-    STREAMS: tl.constexpr,  # > 1: fp8 K and transposed V by _attend_streams
 ):
     # grid: (B, Hkv, num_splits); WRITE_OUT (num_splits == 1): normalize into out directly
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
-    TILE: tl.constexpr = STREAMS * BLOCK_N  # positions an iteration reads
-    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), TILE) * TILE
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
@@ -344,24 +292,12 @@ def _decode_split_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
-    if STREAMS > 1:
-        q3 = tl.broadcast_to(q[None, :, :], [STREAMS, BLOCK_G, HEAD_DIM])
-        acc3 = tl.zeros([STREAMS, BLOCK_G, HEAD_DIM], tl.float32)
-        m3 = tl.full([STREAMS, BLOCK_G], float("-inf"), tl.float32)
-        l3 = tl.zeros([STREAMS, BLOCK_G], tl.float32)
-        for n0 in range(start, end, TILE):
-            acc3, m3, l3 = _attend_streams(
-                q3, acc3, m3, l3, k_cache_ptr, v_cache_ptr, bt_row, n0, end, kvh, qk_scale,
-                stride_kb, stride_ks, stride_kh, stride_vb, stride_vh,
-                HEAD_DIM, BLOCK_SIZE, BLOCK_N, STREAMS, DOT_PRECISION)
-        acc, m_i, l_i = _merge_streams(acc3, m3, l3)
-    else:
-        acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
-        for n0 in range(start, end, BLOCK_N):
-            acc, m_i, l_i = _attend_tile(
-                q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_row, n0, end, kvh, offs_g,
-                qk_scale, one, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, KV_FP8, V_T)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(
+            q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_row, n0, end, kvh, offs_g,
+            qk_scale, one, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+            HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, KV_FP8, V_T)
 
     has_keys = l_i > 0  # false for an empty split (seq_len 0 or a short sequence's tail splits)
     o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
@@ -416,25 +352,20 @@ def _decode_reduce_kernel(
 # tile was read from shared memory bytewise until _attend_tile's STAGE_V. Swept after that fix
 # (H200, d2b9a3b, fraction of the copy bandwidth at B=64/16/256 x ctx 2k): 64/2/3 0.60/0.45/0.61,
 # 64/2/2 0.60/0.45/0.61, 64/4/3 0.59/0.45/0.61, 128/4/3 0.51/0.40/0.62, 128/4/2 0.51/0.41/0.65,
-# 64/8/x 0.35/0.31/0.45.
+# 64/8/x 0.35/0.31/0.45. A 64-token tile as two 32-token streams, one per warp with its own online
+# softmax (fewer instructions and barriers read offline), was timed at 0.37 against 0.63 (H200,
+# 4e29fd7) and removed.
 DECODE_LAUNCH = {
     1: dict(BLOCK_N=64, num_warps=2, num_stages=3),
     2: dict(BLOCK_N=64, num_warps=4, num_stages=3),
     4: dict(BLOCK_N=32, num_warps=4, num_stages=2),
 }
-# Decode over fp8 K and transposed V (the engine's fp8 pools) as two 32-token streams a 64-token
-# tile, one per warp (_attend_streams): off until timed on the GPU. Read offline (sm_90 SASS, Triton
-# 3.9, against the default 64/2/3): 593 instead of 682 instructions a warp per 64 tokens, 4 barriers
-# a tile instead of 10, no STSM, 17 instead of 23 KB of shared memory, 168 registers instead of 128.
-# (Operands swapped for wgmma, S^T = K Q^T, was timed and lost: docs/benchmarks.md.)
-FP8_DECODE_STREAMS = False
-DECODE_LAUNCH_STREAMS = dict(STREAMS=2, BLOCK_N=32, num_warps=2, num_stages=3)
 
 
-def decode_launch(element_size: int, streams: bool = False) -> dict:
-    """The decode kernel's launch (STREAMS, BLOCK_N, num_warps, num_stages) for a cache of
-    ``element_size``-byte elements, or for the streams path (fp8 K, transposed V)."""
-    return {"STREAMS": 1, **(DECODE_LAUNCH_STREAMS if streams else DECODE_LAUNCH[element_size])}
+def decode_launch(element_size: int) -> dict:
+    """The decode kernel's launch (BLOCK_N, num_warps, num_stages) for a cache of
+    ``element_size``-byte elements."""
+    return dict(DECODE_LAUNCH[element_size])
 
 
 @functools.lru_cache(maxsize=None)
@@ -484,10 +415,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if batch == 0:
         return out
     group = num_heads // num_kv_heads
-    launch = decode_launch(k_cache.element_size(), FP8_DECODE_STREAMS and kv_fp8 and v_t)
+    launch = decode_launch(k_cache.element_size())
     if num_splits is None:
         num_splits = default_num_splits(batch, num_kv_heads, block_tables.shape[1] * block_size,
-                                        _num_sms(q.device), launch["BLOCK_N"] * launch["STREAMS"])
+                                        _num_sms(q.device), launch["BLOCK_N"])
     assert num_splits >= 1, num_splits
     scale = head_dim ** -0.5 if scale is None else scale
     if num_splits > 1:

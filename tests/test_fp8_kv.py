@@ -172,13 +172,12 @@ def fp8_decode_case(seq_lens, max_blocks, spare_blocks, num_kv_heads, group, hea
     return q, k_cache, v_cache, block_tables, seq_lens_t, k_scale, v_scale, expected
 
 
-@pytest.mark.parametrize("v_transposed,streams", [(True, False), (True, True), (False, False)])
+@pytest.mark.parametrize("v_transposed", [True, False])
 @pytest.mark.parametrize("group,head_dim,block_size,num_splits,dtype", [
     (1, 64, 16, 1, torch.float32), (4, 128, 32, 3, torch.float32), (8, 64, 16, None, torch.float32),
     (7, 64, 16, 2, torch.float32), (4, 64, 16, 2, torch.float16)])
 def test_decode_fp8_matches_reference(group, head_dim, block_size, num_splits, dtype,
-                                      v_transposed, streams, monkeypatch):
-    monkeypatch.setattr(pa, "FP8_DECODE_STREAMS", streams)
+                                      v_transposed):
     torch.manual_seed(21)
     max_blocks = 10
     q, k_cache, v_cache, block_tables, seq_lens_t, k_scale, v_scale, expected = fp8_decode_case(
@@ -192,26 +191,6 @@ def test_decode_fp8_matches_reference(group, head_dim, block_size, num_splits, d
     own = ref.paged_decode_attention(q.float(), k_cache, v_cache, block_tables, seq_lens_t,
                                      k_scale=k_scale, v_scale=v_scale)
     assert_close(own[1:], expected[1:], torch.float32)
-
-
-@pytest.mark.parametrize("streams,block_n,block_size,group", [
-    (2, 16, 32, 17), (4, 32, 16, 3), (2, 64, 16, 4), (2, 16, 16, 1)])
-def test_decode_fp8_streams_tiles_and_pages(streams, block_n, block_size, group, monkeypatch):
-    """FP8_DECODE_STREAMS with tiles smaller and larger than a page, a group past 16 and odd,
-    sequences ending mid-page, mid-tile and inside the first stream (the others see no key),
-    splits on."""
-    monkeypatch.setattr(pa, "FP8_DECODE_STREAMS", True)
-    monkeypatch.setattr(pa, "DECODE_LAUNCH_STREAMS",
-                        {"STREAMS": streams, "BLOCK_N": block_n, "num_warps": 2, "num_stages": 2})
-    torch.manual_seed(23)
-    max_blocks = 9
-    q, k_cache, v_cache, block_tables, seq_lens_t, k_scale, v_scale, expected = fp8_decode_case(
-        [1, block_n - 1, block_size + 1, max_blocks * block_size - 5], max_blocks, 2, 1, group,
-        64, block_size, torch.float32)
-    for num_splits in (1, 3):
-        out = pa.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens_t,
-                                        num_splits=num_splits, k_scale=k_scale, v_scale=v_scale)
-        assert_close(out, expected, torch.float32)
 
 
 def one_head_fp8_cache(max_blocks: int):
@@ -404,9 +383,7 @@ def test_write_kv_fp8_gpu_bytes(dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("group,head_dim,block_size", [(1, 128, 16), (4, 128, 16), (8, 64, 32)])
 @pytest.mark.parametrize("num_splits", [None, 1, 8])
-@pytest.mark.parametrize("streams", [False, True])
-def test_decode_fp8_gpu_large(group, head_dim, block_size, num_splits, streams, monkeypatch):
-    monkeypatch.setattr(pa, "FP8_DECODE_STREAMS", streams)
+def test_decode_fp8_gpu_large(group, head_dim, block_size, num_splits):
     torch.manual_seed(31)
     pool, k_cache, v_cache, block_tables, seq_lens, q = large_decode_case(
         block_size, head_dim, group, FP8, torch.bfloat16)
