@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 
 import pytest
@@ -250,6 +251,25 @@ def test_checkpoint_config_reads_a_checkpoint_transformers_wrote(llama_dir):
     assert cfg.rope_scaling["rope_type"] == "llama3" and cfg.rope_theta == 500000.0
 
 
+@pytest.mark.parametrize("attention_bias", [False, True])
+@pytest.mark.parametrize("model_type, arch", [
+    ("llama", "LlamaForCausalLM"), ("mistral", "MistralForCausalLM"), ("qwen2", "Qwen2ForCausalLM"),
+])
+def test_attention_biases_are_those_of_transformers_model(model_type, arch, attention_bias):
+    """attention_bias is Llama's: Mistral's attention has no biases and Qwen2's o_proj none,
+    whatever it says (such a checkpoint was refused for lacking the tensors)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    raw = {"architectures": [arch], "model_type": model_type, "hidden_size": 64,
+           "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "vocab_size": 100, "attention_bias": attention_bias}
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**raw))
+    attn = hf.model.layers[0].self_attn
+    cfg = loader.CheckpointConfig.from_dict(raw)
+    assert (cfg.qkv_bias, cfg.o_proj_bias) == (attn.q_proj.bias is not None,
+                                               attn.o_proj.bias is not None)
+
+
 @pytest.mark.parametrize("model_type, arch, change", [
     ("mistral", "MistralForCausalLM", {"sliding_window": None}),  # Mistral-7B v0.2+: no window
     ("mistral", "MistralForCausalLM", {"sliding_window": 32}),
@@ -406,3 +426,20 @@ def test_a_bad_checkpoint_dtype_is_named(tmp_path, write_checkpoint, fields, mes
     _edit_config(ckpt, **fields)
     with pytest.raises(ValueError, match=f"{re.escape(str(ckpt / 'config.json'))}: {message}"):
         check_model(EngineConfig.from_kwargs(model=str(ckpt)))
+
+
+def test_a_sliding_window_caps_max_model_len_and_says_so(tmp_path, write_checkpoint, caplog):
+    """Sliding-window attention is not implemented: the context stays within the window, where
+    it equals full attention, and the cap is said (outputs stopped at 'length' early, unsaid)."""
+    path = write_checkpoint(tmp_path / "q", "qwen2", use_sliding_window=True, sliding_window=48,
+                            max_window_layers=0)
+    with caplog.at_level(logging.WARNING, logger="fairswitch.engine.builder"):
+        llm = LLM(model=str(path), num_gpu_blocks=16)
+    assert llm.engine.max_model_len == 48
+    assert "sliding window of 48 tokens" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fairswitch.engine.builder"):
+        LLM(model=str(path), num_gpu_blocks=16, max_model_len=32)  # asked for: nothing to say
+    assert "sliding window" not in caplog.text
+    with pytest.raises(ValueError, match="sliding_window"):
+        LLM(model=str(path), num_gpu_blocks=16, max_model_len=64)

@@ -222,6 +222,11 @@ def _max_model_len(hf_config: CheckpointConfig, wanted: int | None) -> int:
         # No sliding-window attention here: stay within the window, where it equals full.
         limit, field = hf_config.sliding_window, "sliding_window"
     if wanted is None:
+        if field == "sliding_window":
+            logger.warning("the model attends through a sliding window of %d tokens, which "
+                           "fairswitch does not implement: max_model_len is %d (its "
+                           "max_position_embeddings: %d)", limit, limit,
+                           hf_config.max_position_embeddings)
         return limit
     if wanted > limit:
         raise ValueError(f"max_model_len={wanted} exceeds the model's limit of {limit} tokens "

@@ -89,8 +89,8 @@ class CheckpointConfig:
     rope_theta: float
     rope_scaling: dict[str, Any] | None  # rope_type and its parameters; None: plain RoPE
     tie_word_embeddings: bool
-    qkv_bias: bool  # Qwen2 always; Llama-style models when attention_bias says so
-    o_proj_bias: bool  # attention_bias (Llama-style models only)
+    qkv_bias: bool  # Qwen2 always; Llama when attention_bias says so
+    o_proj_bias: bool  # Llama when attention_bias says so (Mistral and Qwen2 ignore it)
     sliding_window: int | None  # None: full attention
     eos_token_id: int | list[int] | None
     bos_token_id: int | None
@@ -145,6 +145,7 @@ class CheckpointConfig:
                 raise ValueError(f"{where}: the {rope_type} rope scaling's {key} must be a "
                                  f"positive number, got {rope[key]!r}")
         layers = int(raw["num_hidden_layers"])
+        llama_bias = archs[0] == "LlamaForCausalLM" and bool(get("attention_bias", False))
         config = cls(
             architecture=archs[0], model_type=model_type,
             hidden_size=int(raw["hidden_size"]), intermediate_size=int(raw["intermediate_size"]),
@@ -160,8 +161,10 @@ class CheckpointConfig:
             rms_norm_eps=float(get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
             rope_scaling=None if rope_type == "default" else rope,
             tie_word_embeddings=bool(get("tie_word_embeddings", False)),
-            qkv_bias=archs[0] == "Qwen2ForCausalLM" or bool(get("attention_bias", False)),
-            o_proj_bias=bool(get("attention_bias", False)),
+            # As transformers' models: Qwen2 has q/k/v biases, Mistral none, whatever
+            # attention_bias says (a checkpoint they wrote has no such tensors).
+            qkv_bias=archs[0] == "Qwen2ForCausalLM" or llama_bias,
+            o_proj_bias=llama_bias,
             sliding_window=_sliding_window(raw, defaults, layers, where),
             eos_token_id=get("eos_token_id"), bos_token_id=get("bos_token_id"),
             dtype=_weight_dtype(raw, where), raw=raw)
