@@ -4,7 +4,8 @@ Llama-3.1-8B), for each engine configuration, found by bisection on the trace's 
 
 Takes every option of ``fairswitch bench`` (trace, engine) plus ``--configs`` (names as for
 ``--compare``; default ``full,full-fp8,baseline``), ``--low``/``--high`` (a bracket in
-conversations per second) and ``--steps``. A load L replays the trace at ``--time-scale`` =
+conversations per second; ``--bracket CONFIG=LOW:HIGH`` gives one configuration its own) and
+``--steps``. A load L replays the trace at ``--time-scale`` =
 (the trace's own rate) / L, arrivals and think times alike, the trace's own rate being
 (conversations - 1) / (last arrival - first arrival). Each configuration is bisected on its own,
 one replay per probe: first at ``--high`` (while it passes, the bracket moves up by its width,
@@ -193,6 +194,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="lower end of the bracket, conversations/s (default: 2)")
     p.add_argument("--high", type=float, default=16.0,
                    help="upper end of the bracket, conversations/s (default: 16)")
+    p.add_argument("--bracket", action="append", default=[], metavar="CONFIG=LOW:HIGH",
+                   help="this configuration's own bracket instead of --low/--high (repeatable): "
+                        "configurations whose capacities lie far apart each probe near theirs")
     p.add_argument("--steps", type=int, default=5, help="bisection steps (default: 5)")
     p.add_argument("--grow", type=int, default=2,
                    help="while --high passes, move the bracket up by its width, at most this "
@@ -210,6 +214,30 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_brackets(specs: list[str], names: list[str], low: float, high: float
+                   ) -> dict[str, tuple[float, float]]:
+    """Each configuration's (low, high): --low/--high unless a ``CONFIG=LOW:HIGH`` names it."""
+    brackets = {name: (low, high) for name in names}
+    given: set[str] = set()
+    for spec in specs:
+        name, _, bounds = spec.partition("=")
+        lo, sep, hi = bounds.partition(":")
+        try:
+            bracket = (float(lo), float(hi)) if sep else None
+        except ValueError:
+            bracket = None
+        if bracket is None or not 0 < bracket[0] < bracket[1] < float("inf"):
+            raise ValueError(f"--bracket {spec!r}: expected CONFIG=LOW:HIGH with 0 < LOW < HIGH")
+        if name not in brackets:
+            raise ValueError(f"--bracket {spec!r}: {name!r} is not one of --configs "
+                             f"({', '.join(names)})")
+        if name in given:
+            raise ValueError(f"--bracket {spec!r}: {name!r} has a bracket already")
+        given.add(name)
+        brackets[name] = bracket
+    return brackets
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -224,6 +252,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "load does: the load scales the trace's own arrivals")
     if args.steps < 0 or args.grow < 0 or not 0 < args.low < args.high:
         parser.error("need --steps >= 0, --grow >= 0 and 0 < --low < --high")
+    try:
+        brackets = parse_brackets(args.bracket, names, args.low, args.high)
+    except ValueError as e:
+        parser.error(str(e))
     if not (args.ttft_slo_ms > 0 and args.tpot_slo_ms > 0):
         parser.error("need --ttft-slo-ms > 0 and --tpot-slo-ms > 0")
     if args.tbt_slo_ms is not None:
@@ -240,20 +272,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     configs: dict[str, dict[str, Any]] = {}
     with keep_pinned():  # one pinned swap space serves every engine
         for name in names:
+            low, high = brackets[name]
             cap, bracketed, probes = bisect_capacity(engine_probe(args, name, trace, rate),
-                                                     args.low, args.high, args.steps,
-                                                     args.grow)
+                                                     low, high, args.steps, args.grow)
             at_cap = next((p for p in probes if p["load_conv_s"] == cap and p["pass"]), None)
-            configs[name] = {"capacity_conv_s": cap, "bracketed": bracketed, "probes": probes,
+            configs[name] = {"capacity_conv_s": cap, "bracketed": bracketed,
+                             "bracket": [low, high],
+                             "resolution_conv_s": (high - low) / 2 ** args.steps,
+                             "probes": probes,
                              "by_priority_at_capacity": at_cap and at_cap["by_priority"]}
 
     print(f"\nCapacity at P99 TTFT <= {args.ttft_slo_ms:g} ms, P99 TPOT <= "
-          f"{args.tpot_slo_ms:g} ms (resolution "
-          f"{(args.high - args.low) / 2 ** args.steps:.3f} conv/s)")
+          f"{args.tpot_slo_ms:g} ms")
     for name, result in configs.items():
         cap = result["capacity_conv_s"]
-        note = "" if result["bracketed"] else " (at least: the bracket's top passed)"
-        print(f"{name:>12}: {'below --low' if cap is None else f'{cap:.3f} conv/s'}{note}")
+        note = (f" (resolution {result['resolution_conv_s']:.3f} conv/s)" if result["bracketed"]
+                else " (at least: the bracket's top passed)")
+        print(f"{name:>12}: {'below its low end' if cap is None else f'{cap:.3f} conv/s'}"
+              f"{note}")
         for cls, g in (result["by_priority_at_capacity"] or {}).items():
             print(f"{'priority ' + cls:>24}: P99 TTFT {g['ttft_p99_ms']} ms, "
                   f"P99 TPOT {g['tpot_p99_ms']} ms, {g['completed']} requests")

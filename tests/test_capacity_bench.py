@@ -136,3 +136,36 @@ def test_a_probe_that_misses_its_target_stops_early(capacity, tmp_path):
     assert [p["load_conv_s"] for p in run["probes"]] == [40.0, 22.0, 4.0]
     for p in run["probes"]:
         assert not p["pass"] and "over the TTFT target of 0.001 ms" in p["stopped"]
+
+
+def test_a_configuration_can_have_its_own_bracket(capacity, tmp_path):
+    """--bracket: fp8 and bf16 capacities lie ~2x apart, so one bracket for both spent most of
+    a GPU run on probes far from one of them."""
+    out = tmp_path / "capacity.json"
+    capacity.main([
+        "--trace", str(TINY_TRACE), "--device", "cpu", "--num-gpu-blocks", "64",
+        "--max-model-len", "256", "--swap-space", "0.05", "--no-progress",
+        "--warmup-requests", "0", "--configs", "full,baseline", "--low", "4", "--high", "40",
+        "--bracket", "baseline=2:8", "--steps", "1", "--grow", "0",
+        "--ttft-slo-ms", "60000", "--tpot-slo-ms", "10000", "--output", str(out)])
+    configs = json.loads(out.read_text())["figures"]["configs"]
+    assert [p["load_conv_s"] for p in configs["full"]["probes"]] == [40.0]
+    assert [p["load_conv_s"] for p in configs["baseline"]["probes"]] == [8.0]
+    assert configs["baseline"]["bracket"] == [2.0, 8.0]
+    assert configs["full"]["resolution_conv_s"] == 18.0
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("full=5", "expected CONFIG=LOW:HIGH"), ("full=6:5", "0 < LOW < HIGH"),
+    ("full=a:b", "expected CONFIG"), ("fp8=1:2", "'fp8' is not one of --configs"),
+    ("full=0:inf", "0 < LOW < HIGH")])
+def test_a_bad_bracket_is_refused_before_any_probe(capacity, spec, message, capsys):
+    with pytest.raises(SystemExit):
+        capacity.main(["--trace", "no-such-trace.jsonl", "--configs", "full,baseline",
+                       "--bracket", spec])
+    assert message in capsys.readouterr().err
+
+
+def test_a_configuration_has_one_bracket(capacity):
+    with pytest.raises(ValueError, match="has a bracket already"):
+        capacity.parse_brackets(["full=1:2", "full=3:4"], ["full"], 1.0, 2.0)
