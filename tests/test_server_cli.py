@@ -48,6 +48,35 @@ def test_serve_refuses_bad_server_options_before_building_the_engine(capsys, mon
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, model", [
+    (["serve", "llama-3-8b"], "llama-3-8b"), (["serve", "--model", "llama-3-8b"], "llama-3-8b"),
+    (["serve", "llama-3-8b", "--model", "llama-3-8b"], "llama-3-8b"),
+    (["serve"], "fairswitch-tiny")])
+def test_serve_takes_the_model_as_vllm_serve_does(monkeypatch, argv, model):
+    """`vllm serve MODEL`: launch scripts give the model first, without --model (it stopped
+    the server at 'unrecognized arguments')."""
+    from fairswitch.engine.async_engine import AsyncEngine
+
+    seen = []
+
+    def capture(config):
+        seen.append(config.model.model)
+        raise RuntimeError("captured")
+
+    monkeypatch.setattr(AsyncEngine, "from_config", capture)
+    with pytest.raises(RuntimeError, match="captured"):
+        main(argv)
+    assert seen == [model]
+
+
+def test_serve_refuses_two_different_models(capsys, monkeypatch):
+    from fairswitch.engine.async_engine import AsyncEngine
+
+    monkeypatch.setattr(AsyncEngine, "from_config", lambda config: 1 / 0)
+    assert main(["serve", "llama-3-8b", "--model", "qwen2.5-7b"]) == 2
+    assert "the model is given twice" in capsys.readouterr().err
+
+
 def test_templates_with_transformers_statements_are_taken():
     from fairswitch.cli.files import read_chat_template
 
@@ -64,7 +93,8 @@ def _lines(stream, out: queue.Queue) -> None:
 
 def test_serve_process_and_sigterm():
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fairswitch.cli.main", "serve", "--port", "0", "--api-key", "k",
+        [sys.executable, "-m", "fairswitch.cli.main", "serve", "fairswitch-tiny", "--port", "0",
+         "--api-key", "k",
          "--served-model-name", "tiny", "--num-gpu-blocks", "128", "--max-model-len", "256",
          "--shutdown-timeout", "0.2"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -8,7 +8,7 @@ import logging
 import math
 
 from fairswitch.cli.files import read_chat_template
-from fairswitch.config import EngineConfig, add_engine_args
+from fairswitch.config import EngineConfig, ModelConfig, add_engine_args
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -46,9 +46,21 @@ def add_parser(subs: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "per request, refusals with their cause)")
     s.add_argument("--disable-log-requests", action="store_true",
                    help="no access line per request (refusals are still logged)")
-    add_engine_args(p)
+    p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                   help="the model to serve, as in `vllm serve MODEL`: the same as --model")
+    # None: --model not given (the positional may give it; else the config's default)
+    add_engine_args(p)["model"].default = None
     p.set_defaults(run=run)
     return p
+
+
+def _model(args: argparse.Namespace) -> str:
+    if args.model_tag is None:
+        return args.model or ModelConfig.model
+    if args.model is not None and args.model != args.model_tag:
+        raise ValueError(f"the model is given twice: {args.model_tag!r} and --model "
+                         f"{args.model!r}")
+    return args.model_tag
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
     if not (math.isfinite(args.shutdown_timeout) and args.shutdown_timeout >= 0):
         raise ValueError(f"--shutdown-timeout must be a finite number of seconds >= 0, got "
                          f"{args.shutdown_timeout}")
+    args.model = _model(args)
     logging.getLogger("fairswitch").setLevel((args.log_level or "info").upper())
     settings = ServerSettings(
         served_model_names=args.served_model_name or [args.model], api_key=args.api_key,
