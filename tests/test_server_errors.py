@@ -154,9 +154,15 @@ BAD = [
     ("/v1/completions", {}, 400, ["'prompt' is required"], "prompt"),
     ("/v1/completions", {"prompt": ""}, 400, ["'prompt' must not be empty"], "prompt"),
     ("/v1/completions", {"prompt": []}, 400, ["'prompt' must not be empty"], "prompt"),
-    ("/v1/completions", {"prompt": ["a", "b"]}, 400, ["batched prompts (2", "one prompt"],
-     "prompt"),
-    ("/v1/completions", {"prompt": [[1, 2], [3]]}, 400, ["batched prompts"], "prompt"),
+    # A batch's choices are admitted together: more than --max-waiting never can be.
+    ("/v1/completions", {"prompt": ["a", "b"]}, 400,
+     ["2 prompts x n=1 choices need 2 places", "holds 1"], "prompt"),
+    ("/v1/completions", {"prompt": [[1, 2], [3]]}, 400, ["2 prompts x n=1"], "prompt"),
+    ("/v1/completions", {"prompt": ["a", ""]}, 400, ["'prompt' must not be empty"], "prompt"),
+    ("/v1/completions", {"prompt": ["a", []]}, 400, ["'prompt' must not be empty"], "prompt"),
+    ("/v1/completions", {"prompt": ["a"] * 257, "n": 4}, 400,
+     ["257 prompts x n=4 are 1028 choices", "at most 1024"], "prompt"),
+    ("/v1/completions", {"prompt": ["a", {"b": 1}]}, 400, ["or a list of those"], "prompt"),
     ("/v1/completions", {"prompt": {"text": "x"}}, 400, ["'prompt' must be a string"], "prompt"),
     ("/v1/completions", {"prompt": [1, "a"]}, 400, ["'prompt'"], "prompt"),
     ("/v1/completions", {"prompt": [1, 10**9]}, 400, ["token ids must be integers in [0,"],
@@ -457,7 +463,7 @@ def test_a_prompt_the_engine_finds_of_the_wrong_type_is_a_400(server, monkeypatc
     the server meets it, checking the prompt or adding the request, it is a 400, not a 500.
     (The protocol lets no such prompt through: one is forced past it here.)"""
     body = {"prompt": "x", "max_tokens": 1}
-    monkeypatch.setattr(protocol, "parse_prompt", lambda value, name="prompt": [1, "x"])
+    monkeypatch.setattr(protocol, "parse_prompts", lambda value, n, name="prompt": [[1, "x"]])
     assert_error(call(server, "/v1/completions", body=body), 400,
                  "prompt token ids must be ints, got 'x' at index 1", param="prompt")
     monkeypatch.setattr(server.app[SERVER_KEY].core, "validate_prompt", lambda text, ids:

@@ -455,13 +455,15 @@ def test_serve_log_options():
     assert args.log_level is None and not args.disable_log_requests  # serve then logs at info
 
 
-def test_n_choices_find_the_queue_full_before_their_stream_opens():
-    """The n choices are admitted together: a streamed n=2 request that the queue cannot take
-    is a 503 with Retry-After (this was a 200 whose second choice failed in the stream)."""
+@pytest.mark.parametrize("choices", [{"prompt": "x", "n": 2}, {"prompt": ["x", "z"]}])
+def test_n_choices_find_the_queue_full_before_their_stream_opens(choices):
+    """The n choices (or a batch's prompts) are admitted together: a streamed request for two
+    that the queue cannot take is a 503 with Retry-After (this was a 200 whose second choice
+    failed in the stream)."""
     eng = AsyncEngine.from_config(EngineConfig.from_kwargs(
         num_gpu_blocks=256, max_model_len=256, max_num_seqs=1, max_waiting=2))
     long = {"prompt": "busy", "max_tokens": 200, "ignore_eos": True}
-    pair = {"prompt": "x", "max_tokens": 3, "n": 2, "ignore_eos": True, "stream": True}
+    pair = {**choices, "max_tokens": 3, "ignore_eos": True, "stream": True}
 
     async def main(url: str) -> tuple:
         async with aiohttp.ClientSession() as s:

@@ -51,6 +51,32 @@ def test_n_choices_whole_and_streamed(client):
         assert mine[-1].finish_reason == "length"
 
 
+def test_a_batch_of_prompts_is_answered_as_vllm_numbers_it(client, llm):
+    """prompt: [a, b] (text or ids) with n choices: prompt i's choices are i * n + j, each as the
+    prompt alone gives it; usage counts each prompt once (lm-eval's local-completions batches
+    so, and was refused)."""
+    prompts = [PROMPT, "Once upon a time", [1000, 2000, 3000]]
+    greedy = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    want = [o.outputs[0].text for o in llm.generate(
+        [PROMPT, "Once upon a time", {"prompt_token_ids": [1000, 2000, 3000]}], greedy,
+        use_tqdm=False)]
+    out = client.completions.create(model=MODEL, prompt=prompts, n=2, max_tokens=4,
+                                    temperature=0.0, extra_body={"ignore_eos": True})
+    assert [c.index for c in sorted(out.choices, key=lambda c: c.index)] == list(range(6))
+    assert [c.text for c in sorted(out.choices, key=lambda c: c.index)] == [
+        w for w in want for _ in range(2)]
+    num_prompt = sum(len(llm.get_tokenizer().encode(p)) if isinstance(p, str) else len(p)
+                     for p in prompts)
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (num_prompt, 24)
+    streamed: dict[int, str] = {}
+    for chunk in client.completions.create(model=MODEL, prompt=prompts[:2], max_tokens=4,
+                                           temperature=0.0, stream=True, echo=True,
+                                           extra_body={"ignore_eos": True}):
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + c.text
+    assert streamed == {0: PROMPT + want[0], 1: "Once upon a time" + want[1]}
+
+
 def test_completion_logprobs_equal_the_engines(client, llm):
     out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0.0,
                                     logprobs=2, extra_body={"ignore_eos": True})

@@ -37,7 +37,8 @@ from fairswitch.outputs import RequestOutput
 from fairswitch.scheduler.scheduler import QueueFullError
 from fairswitch.server import protocol, streaming
 from fairswitch.server.chat import ChatTemplate
-from fairswitch.server.choices import ChoiceShaper, choice_outputs, choice_request_ids
+from fairswitch.server.choices import (ChoiceShaper, Prompt, choice_outputs,
+                                       choice_request_ids)
 from fairswitch.server.errors import (APIError, Handler, bad_request, error_middleware,
                                       log_refusal, quiet_protocol_errors)
 from fairswitch.server.inflight import InFlight
@@ -117,28 +118,33 @@ class OpenAIServer:
     # ---- generation ---------------------------------------------------------------------------
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        req, text, ids = await self.prompts.run(self._completion_prompt, await self._body(request))
-        max_tokens = protocol.resolve_max_tokens(req.max_tokens, len(ids), self.core.max_model_len,
-                                                 protocol.DEFAULT_COMPLETION_MAX_TOKENS,
-                                                 self.core.generation.max_new_tokens)
-        return await self._generate(request, req, protocol.COMPLETION, text, ids, max_tokens)
+        req, prompts = await self.prompts.run(self._completion_prompts, await self._body(request))
+        return await self._generate(request, req, protocol.COMPLETION, [
+            (text, ids, protocol.resolve_max_tokens(
+                req.max_tokens, len(ids), self.core.max_model_len,
+                protocol.DEFAULT_COMPLETION_MAX_TOKENS, self.core.generation.max_new_tokens))
+            for text, ids in prompts])
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         req, text, ids = await self.prompts.run(self._chat_prompt, await self._body(request))
         max_tokens = protocol.resolve_max_tokens(req.max_tokens, len(ids), self.core.max_model_len,
                                                  None, self.core.generation.max_new_tokens)
-        return await self._generate(request, req, protocol.CHAT, text, ids, max_tokens)
+        return await self._generate(request, req, protocol.CHAT, [(text, ids, max_tokens)])
 
-    def _completion_prompt(self, raw: bytes) -> tuple[protocol.CompletionRequest, str | None,
-                                                        list[int]]:
-        """(request, prompt text, prompt token ids); on a prompt worker thread."""
+    def _completion_prompts(self, raw: bytes) -> tuple[protocol.CompletionRequest,
+                                                         list[tuple[str | None, list[int]]]]:
+        """(request, [(prompt text, prompt token ids)]); on a prompt worker thread."""
         req = protocol.parse_completion(_loads(raw))
         self._check_model(req.model)
-        if not isinstance(req.prompt, str):  # token ids
-            return req, *self._validate_prompt(None, req.prompt, "prompt")
-        self.prompts.check_length(req.prompt, "prompt")
-        ids = self.prompts.encode(req.prompt, add_special_tokens=True)
-        return req, *self._validate_prompt(req.prompt, ids, "prompt")
+        prompts = []
+        for prompt in req.prompts:
+            if not isinstance(prompt, str):  # token ids
+                prompts.append(self._validate_prompt(None, prompt, "prompt"))
+                continue
+            self.prompts.check_length(prompt, "prompt")
+            ids = self.prompts.encode(prompt, add_special_tokens=True)
+            prompts.append(self._validate_prompt(prompt, ids, "prompt"))
+        return req, prompts
 
     def _chat_prompt(self, raw: bytes) -> tuple[protocol.ChatRequest, str | None, list[int]]:
         """(request, prompt text, prompt token ids); on a prompt worker thread."""
@@ -152,30 +158,36 @@ class OpenAIServer:
         return req, *self._validate_prompt(text, ids, "messages")
 
     async def _generate(self, request: web.Request, req: protocol.GenerationRequest,
-                        fmt: protocol.ResponseFormat, text: str | None, ids: list[int],
-                        max_tokens: int) -> web.StreamResponse:
+                        fmt: protocol.ResponseFormat,
+                        prompts: list[tuple[str | None, list[int], int]]) -> web.StreamResponse:
+        """``prompts``: (text, token ids, max_tokens) of each prompt, n choices each."""
         if self.in_flight.aborting:  # shutting down: requests still running are being aborted
             raise _aborted()
-        self._check_n(req.n)
-        req.check_min_tokens(max(max_tokens, 1))
+        self._check_n(req.n, len(prompts))
+        for _, _, max_tokens in prompts:
+            req.check_min_tokens(max(max_tokens, 1))
         response_id = fmt.id_prefix + uuid.uuid4().hex
         client_id = request.headers.get("X-Client-Id") or req.user
         record = self.in_flight.record(request)
         record.client_id, record.priority = client_id, req.priority
-        record.request_ids = choice_request_ids(response_id, req.n)
-        record.num_prompt_tokens = len(ids)
+        record.request_ids = choice_request_ids(response_id, req.n * len(prompts))
+        record.num_prompt_tokens = sum(len(ids) for _, ids, _ in prompts)
         echo = isinstance(req, protocol.CompletionRequest) and req.echo
-        shaper = ChoiceShaper(
-            fmt, req.logprobs,
-            (text if text is not None else await self.prompts.run(self.tokenizer.decode, ids))
-            if echo else None, echo and max_tokens == 0, self._token_text)
+        echo_texts = [text if text is not None else await self.prompts.run(self.tokenizer.decode,
+                                                                           ids)
+                      for text, ids, _ in prompts] if echo else None
         # (echo without generation: the engine samples one token, which is not shown)
+        shaper = ChoiceShaper(fmt, req.logprobs, echo_texts,
+                              echo and all(max_tokens == 0 for _, _, max_tokens in prompts),
+                              self._token_text, req.n)
         outputs = choice_outputs(
-            self.engine, text, ids,
-            req.sampling_params(max(max_tokens, 1), self.core.generation.sampling), response_id,
-            priority=req.priority, client_id=client_id)
+            self.engine, [Prompt(text, ids, req.sampling_params(
+                max(max_tokens, 1), self.core.generation.sampling))
+                for text, ids, max_tokens in prompts],
+            response_id, priority=req.priority, client_id=client_id)
         tracker = record.tracker = self.metrics.track()
-        reply = _Reply(response_id, int(time.time()), self.model_name, fmt, shaper, req.n)
+        reply = _Reply(response_id, int(time.time()), self.model_name, fmt, shaper,
+                       req.n * len(prompts), req.n)
         # Closing the iterator aborts the requests in the engine unless they finished: on
         # errors, on a client that went away, and when aiohttp cancels this handler.
         async with contextlib.aclosing(outputs):
@@ -194,13 +206,17 @@ class OpenAIServer:
                 tracker.close()
                 record.request_ids = []
 
-    def _check_n(self, n: int) -> None:
-        """The n choices are admitted together (choices.py): more than the waiting queue holds
-        could never be, so that is the request's error, not a retry-later."""
+    def _check_n(self, n: int, num_prompts: int) -> None:
+        """A request's choices are admitted together (choices.py): more than the waiting queue
+        holds could never be, so that is the request's error, not a retry-later."""
         cap = self.core.config.scheduler.max_waiting
-        if n > 1 and cap is not None and n > cap:
-            raise bad_request(f"n={n} choices need {n} places in the waiting queue, which holds "
-                              f"{cap} on this server (--max-waiting)", "n")
+        total = n * num_prompts
+        if total > 1 and cap is not None and total > cap:
+            what = f"n={n} choices" if num_prompts == 1 else \
+                f"{num_prompts} prompts x n={n} choices"
+            raise bad_request(f"{what} need {total} places in the waiting queue, which holds "
+                              f"{cap} on this server (--max-waiting)",
+                              "n" if num_prompts == 1 else "prompt")
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
@@ -211,7 +227,7 @@ class OpenAIServer:
         done: dict[int, RequestOutput] = {}
         while True:
             index, out = item
-            _observe(tracker, index, out)
+            _observe(tracker, reply, index, out)
             if out.finished:
                 if out.outputs[0].finish_reason == "abort":  # closing aborts the other choices
                     raise _aborted()
@@ -241,7 +257,7 @@ class OpenAIServer:
                     await streaming.send(resp, reply.body(opening, chunk=True, **extra))
                 while True:
                     index, out = item
-                    _observe(tracker, index, out)
+                    _observe(tracker, reply, index, out)
                     if out.outputs[0].finish_reason == "abort":
                         raise _aborted()
                     choice = reply.shaper.delta(index, out)
@@ -340,26 +356,29 @@ class _Reply:
     model: str
     fmt: protocol.ResponseFormat
     shaper: ChoiceShaper
-    n: int
+    n: int  # choices in all
+    per_prompt: int  # choices of each prompt (choice i is prompt i // per_prompt's)
 
     def body(self, choices: list[dict], chunk: bool = False, **extra: Any) -> dict[str, Any]:
         return self.fmt.envelope(self.response_id, self.created, self.model, choices, chunk,
                                  **extra)
 
 
-def _observe(tracker: RequestTracker, index: int, out: RequestOutput) -> None:
-    """Choice 0 times the request (TTFT, gaps, finish); the others add their tokens."""
+def _observe(tracker: RequestTracker, reply: _Reply, index: int, out: RequestOutput) -> None:
+    """Choice 0 times the request (TTFT, gaps, finish); the others add their tokens (and each
+    prompt's first choice its prompt's)."""
     if index == 0:
         tracker.observe(out)
     else:
-        tracker.count_tokens(out)
+        tracker.count_tokens(out, own_prompt=index % reply.per_prompt == 0)
 
 
 def _usage(reply: _Reply, done: dict[int, RequestOutput]) -> dict[str, Any]:
-    first = done[0]
-    return protocol.usage(len(first.prompt_token_ids),
+    """Each prompt counted once (its first choice's), every choice's tokens."""
+    firsts = [done[i] for i in range(0, reply.n, reply.per_prompt)]
+    return protocol.usage(sum(len(out.prompt_token_ids) for out in firsts),
                           sum(reply.shaper.num_shown_tokens(out) for out in done.values()),
-                          first.num_cached_tokens)
+                          sum(out.num_cached_tokens for out in firsts))
 
 
 def _reject_constant(name: str) -> Any:

@@ -1,12 +1,13 @@
-"""The ``n`` choices of one API request: one stream of ``(index, output)``, and their bodies.
+"""The choices of one API request: ``n`` for each of its prompts (completions take a batch), as
+one stream of ``(index, output)``, and their bodies. Prompt p's choice j has index p * n + j.
 
-Each choice is its own engine request (``SamplingParams.copies``: copy i seeded ``seed + i``).
-Choices 1.. are added once choice 0's first output is out: its prompt is computed by then and
-indexed in the prefix cache, so they share its KV instead of computing the prompt n times. The n
-choices are admitted together: choice 0 takes n places in the waiting queue (``max_waiting``),
-held for the others until they join or the stream closes, so a full queue refuses the request
-before its response begins, never a choice in the middle of a stream. With ``n = 1`` the
-engine's stream is passed through as is.
+Each choice is its own engine request (``SamplingParams.copies``: copy j seeded ``seed + j``). A
+prompt's choices 1.. are added once its choice 0's first output is out: its prompt is computed by
+then and indexed in the prefix cache, so they share its KV instead of computing the prompt n
+times. The choices are admitted together: the first takes a place in the waiting queue
+(``max_waiting``) for each, held for the others until they join or the stream closes, so a full
+queue refuses the request before its response begins, never a choice in the middle of a stream.
+With one choice the engine's stream is passed through as is.
 
 Closing the stream (the response is done, failed, or its client went away) closes every choice's
 engine stream, which aborts whatever has not finished.
@@ -34,48 +35,62 @@ def choice_request_ids(request_id: str, n: int) -> list[str]:
     return [request_id] + [f"{request_id}-{j}" for j in range(1, n)]
 
 
-async def choice_outputs(engine: AsyncEngine, text: str | None, ids: list[int],
-                         params: SamplingParams, request_id: str, **scheduling: Any
-                         ) -> AsyncIterator[tuple[int, RequestOutput]]:
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt of a request, and its choices' parameters (``params.n`` choices)."""
+
+    text: str | None
+    ids: list[int]
+    params: SamplingParams
+
+
+async def choice_outputs(engine: AsyncEngine, prompts: list[Prompt], request_id: str,
+                         **scheduling: Any) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Every choice's outputs as they come; each choice's last one has ``finished=True``.
     ``scheduling``: ``priority`` and ``client_id``, the same for every choice."""
-    copies = params.copies()
-    request_ids = choice_request_ids(request_id, len(copies))
+    copies = [prompt.params.copies() for prompt in prompts]
+    n = len(copies[0])
+    request_ids = choice_request_ids(request_id, n * len(prompts))
 
-    def start(j: int) -> AsyncIterator[RequestOutput]:
-        places = {"queue_places": len(copies)} if j == 0 else {"held_by": request_id}
-        return engine.generate(text, copies[j], request_id=request_ids[j], prompt_token_ids=ids,
-                               **places, **scheduling)
+    def start(k: int) -> AsyncIterator[RequestOutput]:
+        p, j = divmod(k, n)
+        places = {"queue_places": len(request_ids)} if k == 0 else {"held_by": request_id}
+        return engine.generate(prompts[p].text, copies[p][j], request_id=request_ids[k],
+                               prompt_token_ids=prompts[p].ids, **places, **scheduling)
 
-    if len(copies) == 1:
+    if len(request_ids) == 1:
         async with contextlib.aclosing(start(0)) as outputs:
             async for out in outputs:
                 yield 0, out
         return
     merged: asyncio.Queue = asyncio.Queue()
+    joined: set[int] = set()  # prompts whose choices 1.. are started
 
-    async def pump(j: int) -> None:
+    async def pump(k: int) -> None:
         try:
-            async with contextlib.aclosing(start(j)) as outputs:
+            async with contextlib.aclosing(start(k)) as outputs:
                 async for out in outputs:
-                    merged.put_nowait((j, out))
-                    if j == 0 and len(tasks) == 1:  # its prompt is computed: the rest join
-                        tasks.extend(asyncio.create_task(pump(k)) for k in range(1, len(copies)))
+                    merged.put_nowait((k, out))
+                    if k % n == 0 and k not in joined:  # its prompt is computed: the rest join
+                        joined.add(k)
+                        tasks.extend(asyncio.create_task(pump(k + j)) for j in range(1, n))
         except Exception as e:  # noqa: BLE001 - handed to the consumer, which raises it
-            merged.put_nowait((j, e))
-        merged.put_nowait((j, _END))
+            merged.put_nowait((k, e))
+        merged.put_nowait((k, _END))
 
-    tasks = [asyncio.create_task(pump(0))]
+    # Each prompt's choice 0 at once, in order: a task's first step submits its add, so the
+    # engine adds choice 0 of prompt 0, which takes every place, before those holding one.
+    tasks = [asyncio.create_task(pump(k)) for k in range(0, len(request_ids), n)]
     try:
-        running = len(copies)
+        running = len(request_ids)
         while running:
-            j, item = await merged.get()
+            k, item = await merged.get()
             if item is _END:
                 running -= 1
                 continue
             if isinstance(item, BaseException):
                 raise item
-            yield j, item
+            yield k, item
     finally:
         for task in tasks:
             task.cancel()
@@ -93,9 +108,10 @@ class ChoiceShaper:
 
     fmt: ResponseFormat
     logprobs: int | None  # top alternatives per token (None: no logprobs)
-    echo_text: str | None  # completions with echo: the prompt's text
+    echo_texts: list[str] | None  # completions with echo: each prompt's text
     echo_only: bool
     text_of: Callable[[int], str]  # a token's text
+    n: int = 1  # choices per prompt (choice i is prompt i // n's)
     _echoed: set[int] = field(default_factory=set)  # streamed choices whose prompt went out
     _offsets: dict[int, int] = field(default_factory=dict)  # completions: chars sent per choice
 
@@ -103,8 +119,8 @@ class ChoiceShaper:
         c = out.outputs[0]
         ids, entries = self._shown(c.token_ids, c.logprobs)
         text = "" if self.echo_only else c.text
-        if self.echo_text is not None:
-            text = self.echo_text + text
+        if self.echo_texts is not None:
+            text = self.echo_texts[index // self.n] + text
             ids, entries = out.prompt_token_ids + ids, self._prompt_entries(out) + entries
         choice = self.fmt.choice(text, c.finish_reason, c.stop_reason, index,
                                  self._logprobs(ids, entries, 0))
@@ -122,9 +138,9 @@ class ChoiceShaper:
         finish = c.finish_reason if out.finished else None
         ids, entries = self._shown(c.new_token_ids, c.new_logprobs)
         text = "" if self.echo_only else c.new_text
-        if self.echo_text is not None and index not in self._echoed:
+        if self.echo_texts is not None and index not in self._echoed:
             self._echoed.add(index)
-            text = self.echo_text + text
+            text = self.echo_texts[index // self.n] + text
             ids, entries = out.prompt_token_ids + ids, self._prompt_entries(out) + entries
         if not ids and finish is None:
             return None

@@ -237,9 +237,13 @@ class RequestTracker:
             if out.metrics is not None and out.metrics.finished_time is not None:
                 m.e2e.observe(out.metrics.finished_time - out.metrics.arrival_time)
 
-    def count_tokens(self, out: RequestOutput) -> None:
-        """Another choice of the same request (n > 1): its tokens count, its timing does not."""
+    def count_tokens(self, out: RequestOutput, own_prompt: bool = False) -> None:
+        """Another choice of the same request (n > 1, or a batch of prompts): its tokens count,
+        its timing does not; ``own_prompt``: the first choice of another prompt of the batch,
+        whose prompt tokens count too."""
         num_new = len(out.outputs[0].new_token_ids)
+        if own_prompt and num_new and num_new == len(out.outputs[0].token_ids):  # its first
+            self.metrics.num_prompt_tokens += len(out.prompt_token_ids)
         self.num_output_tokens += num_new
         self.metrics.num_generation_tokens += num_new
 

@@ -97,6 +97,7 @@ def _str(body: dict, name: str) -> str | None:
 
 
 MAX_STOP_STRINGS = 256
+MAX_CHOICES = 1024  # a completions request's prompts x n: each an engine request
 # Each output token is looked up in them, and under min_tokens each step masks them all: a list
 # of a million ids (a 7.5 MB body) slowed every other stream's tokens sevenfold.
 MAX_STOP_TOKEN_IDS = 1024
@@ -257,7 +258,7 @@ _FIELD_NAMES = frozenset(f.name for f in fields(GenerationRequest))
 
 @dataclass(kw_only=True)
 class CompletionRequest(GenerationRequest):
-    prompt: str | list[int]
+    prompts: list[str | list[int]]  # one, or a batch (each with n choices)
     echo: bool  # the prompt comes back before the completion (with its logprobs, if asked)
 
 
@@ -336,24 +337,23 @@ def _is_token_ids(value: Any) -> bool:
         isinstance(t, int) and not isinstance(t, bool) for t in value)
 
 
-def parse_prompt(value: Any, name: str = "prompt") -> str | list[int]:
-    """A string or a list of token ids; a list holding exactly one of those is unwrapped."""
-    if isinstance(value, list) and len(value) == 1 and (
-            isinstance(value[0], str) or _is_token_ids(value[0])):
-        value = value[0]
-    if isinstance(value, str) or _is_token_ids(value):
-        if not value:
-            raise bad_request(f"'{name}' must not be empty", name)
-        return value
+def parse_prompts(value: Any, n: int, name: str = "prompt") -> list[str | list[int]]:
+    """The prompts of a completions request: a string or a list of token ids, or a list of
+    those (a batch: prompt i's choices are numbered from i * n, as in vLLM)."""
     if value is None:
         raise bad_request(f"'{name}' is required", name)
-    if value == []:
+    if isinstance(value, str) or _is_token_ids(value):
+        value = [value]
+    if not isinstance(value, list) or not all(
+            isinstance(p, str) or _is_token_ids(p) or p == [] for p in value):
+        raise bad_request(f"'{name}' must be a string, a list of token ids, or a list of "
+                          f"those, got {_describe(value)}", name)
+    if not value or any(not p for p in value):
         raise bad_request(f"'{name}' must not be empty", name)
-    if isinstance(value, list) and all(isinstance(p, str) or _is_token_ids(p) for p in value):
-        raise bad_request(f"batched prompts ({len(value)} in one request) are not supported: "
-                          "send one prompt per request", name)
-    raise bad_request(f"'{name}' must be a string or a list of token ids, got {_describe(value)}",
-                      name)
+    if len(value) * n > MAX_CHOICES:
+        raise bad_request(f"{len(value)} prompts x n={n} are {len(value) * n} choices; a "
+                          f"request has at most {MAX_CHOICES}", name)
+    return value
 
 
 def _logprob_count(body: dict, name: str) -> int | None:
@@ -369,9 +369,9 @@ def parse_completion(body: Any) -> CompletionRequest:
     logprobs = _logprob_count(body, "logprobs")
     if echo and logprobs is not None and common["prompt_logprobs"] is None:
         common["prompt_logprobs"] = logprobs  # the echoed prompt comes with its logprobs
-    prompt = parse_prompt(body.get("prompt"))
+    prompts = parse_prompts(body.get("prompt"), common["n"])
     _log_ignored(body, _KNOWN_COMPLETION)
-    return CompletionRequest(prompt=prompt, echo=echo, logprobs=logprobs, **common)
+    return CompletionRequest(prompts=prompts, echo=echo, logprobs=logprobs, **common)
 
 
 def parse_messages(value: Any) -> list[dict[str, Any]]:
