@@ -227,8 +227,6 @@ UNSUPPORTED = [
     ("/v1/completions", "truncate_prompt_tokens", 8, None),
     ("/v1/chat/completions", "allowed_token_ids", [1, 2], None),
     ("/v1/completions", "bad_words", ["bad"], []),
-    ("/v1/completions", "add_special_tokens", False, True),
-    ("/v1/chat/completions", "add_special_tokens", True, False),
     ("/v1/chat/completions", "echo", True, False),
     ("/v1/chat/completions", "chat_template", "{{ messages }}", None),
     ("/v1/chat/completions", "chat_template_kwargs", {"enable_thinking": False}, {}),
@@ -534,3 +532,27 @@ def test_empty_stream_options_without_stream_are_no_options(parse, body):
     always send {} (or null) are served."""
     for options in ({}, None):
         assert parse({**body, "stream_options": options}).include_usage is False
+
+
+@pytest.mark.parametrize("path, body, want", [
+    ("/v1/completions", {"prompt": "x"}, True),
+    ("/v1/completions", {"prompt": "x", "add_special_tokens": False}, False),
+    ("/v1/chat/completions", {"messages": CHAT}, False),
+    ("/v1/chat/completions", {"messages": CHAT, "add_special_tokens": True}, True)])
+def test_add_special_tokens_reaches_the_tokenizer(server, monkeypatch, path, body, want):
+    """vLLM's add_special_tokens (completions: default true; chat: false, the template writes
+    them) was refused when not the default."""
+    prompts = server.app[SERVER_KEY].prompts
+    seen = []
+    encode = prompts.encode
+    monkeypatch.setattr(prompts, "encode", lambda text, add_special_tokens: (
+        seen.append(add_special_tokens), encode(text, add_special_tokens=add_special_tokens))[1])
+    status, _, reply = call(server, path, body={**body, "max_tokens": 1})
+    assert status == 200, reply
+    assert seen == [want]
+
+
+def test_top_logprobs_0_without_logprobs_is_taken(server):
+    status, _, reply = call(server, "/v1/chat/completions",
+                            body={"messages": CHAT, "top_logprobs": 0, "max_tokens": 1})
+    assert status == 200 and reply["choices"][0]["logprobs"] is None, reply

@@ -142,7 +142,7 @@ class OpenAIServer:
                 prompts.append(self._validate_prompt(None, prompt, "prompt"))
                 continue
             self.prompts.check_length(prompt, "prompt")
-            ids = self.prompts.encode(prompt, add_special_tokens=True)
+            ids = self.prompts.encode(prompt, add_special_tokens=req.add_special_tokens)
             prompts.append(self._validate_prompt(prompt, ids, "prompt"))
         return req, prompts
 
@@ -153,8 +153,8 @@ class OpenAIServer:
         text = self.chat_template.render(req.messages, req.add_generation_prompt,
                                          req.continue_final_message)
         self.prompts.check_length(text, "messages")
-        # Templates write their own special tokens (chat.py).
-        ids = self.prompts.encode(text, add_special_tokens=False)
+        # Templates write their own special tokens (chat.py), unless the request asks.
+        ids = self.prompts.encode(text, add_special_tokens=req.add_special_tokens)
         return req, *self._validate_prompt(text, ids, "messages")
 
     async def _generate(self, request: web.Request, req: protocol.GenerationRequest,

@@ -141,11 +141,9 @@ _UNSUPPORTED_COMMON = (
     ("structural_tag", ()), ("structured_outputs", ()), ("truncate_prompt_tokens", ()),
     ("allowed_token_ids", ()), ("bad_words", ([],)), ("logits_processors", ([],)),
     ("return_tokens_as_token_ids", (False,)))
-_UNSUPPORTED_COMPLETION = (("suffix", ("",)), ("add_special_tokens", (True,)),
-                           ("prompt_embeds", ()))
+_UNSUPPORTED_COMPLETION = (("suffix", ("",)), ("prompt_embeds", ()))
 _UNSUPPORTED_CHAT = (("tools", ([],)), ("tool_choice", ("none",)), ("functions", ([],)),
                      ("function_call", ("none",)), ("echo", (False,)),
-                     ("add_special_tokens", (False,)),
                      ("chat_template", ()), ("chat_template_kwargs", ({},)), ("documents", ([],)))
 
 
@@ -155,10 +153,10 @@ _READ_COMMON = frozenset({
     "max_completion_tokens", "min_tokens", "min_p", "presence_penalty", "frequency_penalty",
     "repetition_penalty", "logit_bias", "prompt_logprobs", "seed", "stop", "stop_token_ids",
     "ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "priority", "user"})
-_KNOWN_COMPLETION = _READ_COMMON | {"prompt", "echo", "logprobs"} | {
+_KNOWN_COMPLETION = _READ_COMMON | {"prompt", "echo", "logprobs", "add_special_tokens"} | {
     name for name, _ in _UNSUPPORTED_COMMON + _UNSUPPORTED_COMPLETION}
 _KNOWN_CHAT = _READ_COMMON | {"messages", "add_generation_prompt", "continue_final_message",
-                              "logprobs", "top_logprobs"} | {
+                              "logprobs", "top_logprobs", "add_special_tokens"} | {
     name for name, _ in _UNSUPPORTED_COMMON + _UNSUPPORTED_CHAT}
 _MAX_LOGGED_FIELDS = 10
 
@@ -260,6 +258,7 @@ _FIELD_NAMES = frozenset(f.name for f in fields(GenerationRequest))
 class CompletionRequest(GenerationRequest):
     prompts: list[str | list[int]]  # one, or a batch (each with n choices)
     echo: bool  # the prompt comes back before the completion (with its logprobs, if asked)
+    add_special_tokens: bool = True  # the tokenizer's BOS etc. around a text prompt
 
 
 @dataclass(kw_only=True)
@@ -267,6 +266,7 @@ class ChatRequest(GenerationRequest):
     messages: list[dict[str, Any]]
     add_generation_prompt: bool
     continue_final_message: bool = False
+    add_special_tokens: bool = False  # templates write their own (vLLM's default too)
 
 
 def _common(body: Any, unsupported: tuple, echo: bool = False) -> dict[str, Any]:
@@ -371,7 +371,8 @@ def parse_completion(body: Any) -> CompletionRequest:
         common["prompt_logprobs"] = logprobs  # the echoed prompt comes with its logprobs
     prompts = parse_prompts(body.get("prompt"), common["n"])
     _log_ignored(body, _KNOWN_COMPLETION)
-    return CompletionRequest(prompts=prompts, echo=echo, logprobs=logprobs, **common)
+    return CompletionRequest(prompts=prompts, echo=echo, logprobs=logprobs,
+                             add_special_tokens=_bool(body, "add_special_tokens", True), **common)
 
 
 def parse_messages(value: Any) -> list[dict[str, Any]]:
@@ -389,14 +390,15 @@ def parse_messages(value: Any) -> list[dict[str, Any]]:
 def parse_chat(body: Any) -> ChatRequest:
     common = _common(body, _UNSUPPORTED_CHAT)
     top = _logprob_count(body, "top_logprobs")
-    if top is not None and not body.get("logprobs"):
+    if top and not body.get("logprobs"):  # (0 asks for nothing: vLLM takes it too)
         raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     logprobs = (top or 0) if _bool(body, "logprobs", False) else None
     messages = parse_messages(body.get("messages"))
     add_generation_prompt, continue_final = _template_controls(body)
     _log_ignored(body, _KNOWN_CHAT)
     return ChatRequest(messages=messages, add_generation_prompt=add_generation_prompt,
-                       continue_final_message=continue_final, logprobs=logprobs, **common)
+                       continue_final_message=continue_final, logprobs=logprobs,
+                       add_special_tokens=_bool(body, "add_special_tokens", False), **common)
 
 
 def _template_controls(body: dict) -> tuple[bool, bool]:
