@@ -210,3 +210,35 @@ def test_named_templates_are_judged_by_the_default_one():
     check_template_renders_tools(conversation, {"default": TOOL_TEMPLATE, "rag": "{{ x }}"})
     with pytest.raises(ValueError, match=r"^'messages\[1\]\.tool_calls': "):
         check_template_renders_tools(conversation, {"default": "{{ x }}", "tool_calls": "y"})
+
+
+# Tool definitions and chat_template_kwargs, where a template uses them (Llama 3.1's lists the
+# tools in its system turn; Qwen3's reads enable_thinking).
+TOOLS_TEMPLATE = (
+    "{% if tools %}tools: {% for t in tools %}{{ t.function.name }} {% endfor %}\n{% endif %}"
+    "{% if enable_thinking is defined and not enable_thinking %}no thinking\n{% endif %}"
+    "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}")
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/tokenize"])
+def test_tools_with_tool_choice_none_and_template_kwargs_reach_the_template(engine, path):
+    """vLLM shows tools to the model with tool_choice 'none' and passes chat_template_kwargs to
+    the template; both were refused. No tool call is parsed from the reply (so 'auto' and the
+    others stay refused: test_server_errors.py)."""
+    app = build_app(engine, ServerSettings(chat_template=TOOLS_TEMPLATE), shutdown_engine=False)
+    tokenizer = engine.engine.tokenizer
+    body = {"messages": [CONVERSATION[0]], "max_tokens": 1, "tools": [WEATHER],
+            "tool_choice": "none", "chat_template_kwargs": {"enable_thinking": False}}
+    want = "tools: get_weather no thinking\nuser: Weather in Paris?\n"  # (trim_blocks)
+    with BackgroundServer(app) as srv:
+        status, reply = post(srv.url + path, body)
+        assert status == 200, reply
+        plain_status, plain = post(srv.url + path, {"messages": [CONVERSATION[0]],
+                                                    "max_tokens": 1})
+    num_prompt = reply["count"] if path == "/tokenize" else reply["usage"]["prompt_tokens"]
+    assert num_prompt == len(tokenizer.encode(want, add_special_tokens=False))
+    num_plain = plain["count"] if path == "/tokenize" else plain["usage"]["prompt_tokens"]
+    assert num_plain == len(tokenizer.encode("user: Weather in Paris?\n",
+                                             add_special_tokens=False))

@@ -21,6 +21,8 @@ KEY = "sk-errors"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 MAX_BODY = 64 * 1024
 CHAT = [{"role": "user", "content": "hi"}]
+TOOL = {"type": "function", "function": {"name": "weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +193,21 @@ BAD = [
     ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": 2}, 400,
      ["'top_logprobs' needs 'logprobs'"], "top_logprobs"),
     ("/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function"}]}, 400,
-     ["'tools'", "not supported"], "tools"),
+     ["'tools' without 'tool_choice' means 'auto'", "'none'"], "tool_choice"),
+    ("/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function"}],
+                              "tool_choice": "none"}, 400, ["'tools[0]' must be"], "tools[0]"),
+    ("/v1/chat/completions", {"messages": CHAT, "tools": {"f": 1}, "tool_choice": "none"}, 400,
+     ["'tools' must be an array"], "tools"),
+    ("/v1/chat/completions", {"messages": CHAT, "tool_choice": "required", "tools": [TOOL]},
+     400, ['\'tool_choice\' string "required" is not supported', "parses no tool calls"],
+     "tool_choice"),
+    ("/v1/chat/completions", {"messages": CHAT, "tool_choice": {
+        "type": "function", "function": {"name": "weather"}}, "tools": [TOOL]}, 400,
+     ["'tool_choice'"], "tool_choice"),
+    ("/v1/chat/completions", {"messages": CHAT, "chat_template_kwargs": [1]}, 400,
+     ["'chat_template_kwargs' must be an object"], "chat_template_kwargs"),
+    ("/v1/chat/completions", {"messages": CHAT, "chat_template_kwargs": {"messages": []}}, 400,
+     ["may not set messages"], "chat_template_kwargs"),
     ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 0}, 400,
      ["'max_tokens'", "at least 1"], "max_tokens"),  # (0 is for a completion's echo only)
     ("/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": -1}, 400,
@@ -229,8 +245,6 @@ UNSUPPORTED = [
     ("/v1/completions", "bad_words", ["bad"], []),
     ("/v1/chat/completions", "echo", True, False),
     ("/v1/chat/completions", "chat_template", "{{ messages }}", None),
-    ("/v1/chat/completions", "chat_template_kwargs", {"enable_thinking": False}, {}),
-    ("/v1/chat/completions", "tool_choice", "auto", "none"),
 ]
 
 

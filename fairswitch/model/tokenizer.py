@@ -151,7 +151,7 @@ class Tokenizer:
             self._templates[source] = _compile(source)
         variables = {name: text for name, text in self.special_tokens.items() if text is not None}
         # tools and documents are None, not undefined, when absent: templates test "is not none".
-        variables.update(tools=None, documents=None, **kwargs)
+        variables.update({"tools": None, "documents": None, **kwargs})
         text = self._templates[source].render(
             messages=messages, add_generation_prompt=add_generation_prompt, **variables)
         if continue_final_message:

@@ -150,8 +150,7 @@ class OpenAIServer:
         """(request, prompt text, prompt token ids); on a prompt worker thread."""
         req = protocol.parse_chat(_loads(raw))
         self._check_model(req.model)
-        text = self.chat_template.render(req.messages, req.add_generation_prompt,
-                                         req.continue_final_message)
+        text = self.chat_template.render(req.messages, req.template)
         self.prompts.check_length(text, "messages")
         # Templates write their own special tokens (chat.py), unless the request asks.
         ids = self.prompts.encode(text, add_special_tokens=req.add_special_tokens)
@@ -320,8 +319,7 @@ class OpenAIServer:
         req = protocol.parse_tokenize(_loads(raw))
         self._check_model(req.model)
         if req.messages is not None:
-            text = self.chat_template.render(req.messages, req.add_generation_prompt,
-                                             req.continue_final_message)
+            text = self.chat_template.render(req.messages, req.template)
         else:
             text = req.prompt
         ids = self.prompts.encode(text, add_special_tokens=req.add_special_tokens)

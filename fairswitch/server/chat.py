@@ -14,6 +14,7 @@ import jinja2
 from fairswitch.chat_messages import (PLAIN_CHAT_TEMPLATE, MessageError,
                                       check_template_renders_tools)
 from fairswitch.server.errors import bad_request
+from fairswitch.server.protocol import TemplateInputs
 
 class ChatTemplate:
     def __init__(self, tokenizer: Any, template: str | None = None) -> None:
@@ -21,8 +22,8 @@ class ChatTemplate:
         self.template = template or getattr(tokenizer, "chat_template", None) \
             or PLAIN_CHAT_TEMPLATE
 
-    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-               continue_final_message: bool = False) -> str:
+    def render(self, messages: list[dict[str, Any]],
+               inputs: TemplateInputs = TemplateInputs()) -> str:
         try:
             check_template_renders_tools(messages, self.template)
         except MessageError as e:
@@ -30,17 +31,18 @@ class ChatTemplate:
         try:
             return self.tokenizer.apply_chat_template(
                 messages, chat_template=self.template, tokenize=False,
-                add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message)
+                add_generation_prompt=inputs.add_generation_prompt,
+                continue_final_message=inputs.continue_final_message, tools=inputs.tools,
+                **inputs.kwargs)
         except jinja2.TemplateError as e:  # e.g. a template that insists roles alternate
             raise bad_request(f"the chat template rejected the messages: {e}", "messages") from e
         except ValueError as e:  # no final message to continue (the template has one)
-            if not continue_final_message:
+            if not inputs.continue_final_message:
                 raise
             raise bad_request(str(e), "continue_final_message") from e
 
-    def encode(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-               continue_final_message: bool = False) -> tuple[str, list[int]]:
+    def encode(self, messages: list[dict[str, Any]],
+               inputs: TemplateInputs = TemplateInputs()) -> tuple[str, list[int]]:
         """(prompt text, prompt token ids) of a conversation."""
-        text = self.render(messages, add_generation_prompt, continue_final_message)
+        text = self.render(messages, inputs)
         return text, self.tokenizer.encode(text, add_special_tokens=False)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from fairswitch.chat_messages import MessageError, parse_conversation
@@ -142,9 +142,8 @@ _UNSUPPORTED_COMMON = (
     ("allowed_token_ids", ()), ("bad_words", ([],)), ("logits_processors", ([],)),
     ("return_tokens_as_token_ids", (False,)))
 _UNSUPPORTED_COMPLETION = (("suffix", ("",)), ("prompt_embeds", ()))
-_UNSUPPORTED_CHAT = (("tools", ([],)), ("tool_choice", ("none",)), ("functions", ([],)),
-                     ("function_call", ("none",)), ("echo", (False,)),
-                     ("chat_template", ()), ("chat_template_kwargs", ({},)), ("documents", ([],)))
+_UNSUPPORTED_CHAT = (("functions", ([],)), ("function_call", ("none",)), ("echo", (False,)),
+                     ("chat_template", ()), ("documents", ([],)))
 
 
 # The fields the parsers read or refuse; any other is ignored, and logged.
@@ -156,7 +155,8 @@ _READ_COMMON = frozenset({
 _KNOWN_COMPLETION = _READ_COMMON | {"prompt", "echo", "logprobs", "add_special_tokens"} | {
     name for name, _ in _UNSUPPORTED_COMMON + _UNSUPPORTED_COMPLETION}
 _KNOWN_CHAT = _READ_COMMON | {"messages", "add_generation_prompt", "continue_final_message",
-                              "logprobs", "top_logprobs", "add_special_tokens"} | {
+                              "logprobs", "top_logprobs", "add_special_tokens", "tools",
+                              "tool_choice", "chat_template_kwargs"} | {
     name for name, _ in _UNSUPPORTED_COMMON + _UNSUPPORTED_CHAT}
 _MAX_LOGGED_FIELDS = 10
 
@@ -261,11 +261,20 @@ class CompletionRequest(GenerationRequest):
     add_special_tokens: bool = True  # the tokenizer's BOS etc. around a text prompt
 
 
+@dataclass(frozen=True)
+class TemplateInputs:
+    """What a chat template renders besides the messages."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    tools: list[dict[str, Any]] | None = None  # shown to the model; no call is parsed
+    kwargs: dict[str, Any] = field(default_factory=dict)  # chat_template_kwargs
+
+
 @dataclass(kw_only=True)
 class ChatRequest(GenerationRequest):
     messages: list[dict[str, Any]]
-    add_generation_prompt: bool
-    continue_final_message: bool = False
+    template: TemplateInputs
     add_special_tokens: bool = False  # templates write their own (vLLM's default too)
 
 
@@ -394,23 +403,80 @@ def parse_chat(body: Any) -> ChatRequest:
         raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     logprobs = (top or 0) if _bool(body, "logprobs", False) else None
     messages = parse_messages(body.get("messages"))
-    add_generation_prompt, continue_final = _template_controls(body)
+    template = _template_inputs(body)
     _log_ignored(body, _KNOWN_CHAT)
-    return ChatRequest(messages=messages, add_generation_prompt=add_generation_prompt,
-                       continue_final_message=continue_final, logprobs=logprobs,
+    return ChatRequest(messages=messages, template=template, logprobs=logprobs,
                        add_special_tokens=_bool(body, "add_special_tokens", False), **common)
 
 
-def _template_controls(body: dict) -> tuple[bool, bool]:
-    """(add_generation_prompt, continue_final_message): vLLM's defaults and its refusal of both
-    (the first starts a new assistant turn, the second continues the final message)."""
+def _template_inputs(body: dict) -> TemplateInputs:
+    """vLLM's template controls: add_generation_prompt and continue_final_message (not both:
+    the first starts a new assistant turn, the second continues the final message), the tools
+    (with tool_choice 'none') and chat_template_kwargs."""
     continue_final = _bool(body, "continue_final_message", False)
     add_generation_prompt = _bool(body, "add_generation_prompt", True)
     if continue_final and add_generation_prompt:
         raise bad_request("'continue_final_message' and 'add_generation_prompt' cannot both be "
                           "true: set 'add_generation_prompt': false to continue the final "
                           "message", "continue_final_message")
-    return add_generation_prompt, continue_final
+    return TemplateInputs(add_generation_prompt=add_generation_prompt,
+                          continue_final_message=continue_final, tools=_tools(body),
+                          kwargs=_template_kwargs(body))
+
+
+def _tools(body: dict) -> list[dict[str, Any]] | None:
+    """The tools to render, as vLLM takes them with tool_choice 'none' (shown to the model, no
+    call parsed from its reply); a choice that would call one is refused, since this server
+    parses no tool calls (vLLM: auto needs --tool-call-parser, a named one structured output)."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if tools is not None and not isinstance(tools, list):
+        raise bad_request(f"'tools' must be an array, got {_describe(tools)}", "tools")
+    if choice == "required" and not tools:  # nothing to call: none (as vLLM)
+        choice = "none"
+    if choice is not None and choice != "none":
+        raise bad_request(f"'tool_choice' {_describe(choice)} is not supported by this server, "
+                          "which parses no tool calls: 'none' shows the tools to the model",
+                          "tool_choice")
+    if not tools:
+        return None
+    if choice is None:  # OpenAI's default with tools is auto
+        raise bad_request("'tools' without 'tool_choice' means 'auto', which this server does "
+                          "not support (it parses no tool calls): give 'tool_choice': 'none' to "
+                          "show them to the model", "tool_choice")
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if (not isinstance(tool, dict) or tool.get("type") != "function"
+                or not isinstance(fn, dict) or not isinstance(fn.get("name"), str)
+                or not fn["name"]):
+            raise bad_request(f"'tools[{i}]' must be {{\"type\": \"function\", \"function\": "
+                              f"{{\"name\": ..., ...}}}}, got {_describe(tool)}", f"tools[{i}]")
+        if not isinstance(fn.get("parameters", {}), dict):
+            raise bad_request(f"'tools[{i}].function.parameters' must be a JSON schema object, "
+                              f"got {_describe(fn['parameters'])}", f"tools[{i}]")
+    return tools
+
+
+# apply_chat_template's own arguments and the names templates get from it: not for a request
+# to set through chat_template_kwargs.
+_TEMPLATE_RESERVED = frozenset({
+    "messages", "conversation", "tools", "documents", "add_generation_prompt",
+    "continue_final_message", "chat_template", "tokenize", "padding", "truncation",
+    "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask",
+    "tokenizer_kwargs", "raise_exception", "strftime_now"})
+
+
+def _template_kwargs(body: dict) -> dict[str, Any]:
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict):
+        raise bad_request(f"'chat_template_kwargs' must be an object, got {_describe(kwargs)}",
+                          "chat_template_kwargs")
+    if reserved := sorted(kwargs.keys() & _TEMPLATE_RESERVED):
+        raise bad_request(f"'chat_template_kwargs' may not set {', '.join(reserved)}: they are "
+                          "the request's own fields or the template's functions",
+                          "chat_template_kwargs")
+    return kwargs
 
 
 def resolve_max_tokens(requested: int | None, num_prompt_tokens: int, max_model_len: int,
@@ -497,8 +563,7 @@ class TokenizeRequest:
     model: str | None
     prompt: str | None  # either a prompt...
     messages: list[dict[str, Any]] | None  # ...or a conversation rendered by the chat template
-    add_generation_prompt: bool
-    continue_final_message: bool
+    template: TemplateInputs
     add_special_tokens: bool
     return_token_strs: bool
 
@@ -515,10 +580,9 @@ def parse_tokenize(body: Any) -> TokenizeRequest:
         if not isinstance(prompt, str):
             raise bad_request(f"'prompt' (a string) or 'messages' is required, got "
                               f"{_describe(prompt)}", "prompt")
-    add_generation_prompt, continue_final = _template_controls(body)
     return TokenizeRequest(
         model=_str(body, "model"), prompt=prompt, messages=messages,
-        add_generation_prompt=add_generation_prompt, continue_final_message=continue_final,
+        template=_template_inputs(body) if messages is not None else TemplateInputs(),
         # Chat templates write their own special tokens; a plain prompt gets the tokenizer's.
         add_special_tokens=_bool(body, "add_special_tokens", messages is None),
         return_token_strs=_bool(body, "return_token_strs", False))
