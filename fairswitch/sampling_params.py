@@ -24,7 +24,7 @@ class SamplingParams:
     log-probability under the model's raw logits (before penalties and temperature); None: no
     logprobs. ``n`` copies of a request are sampled independently (``LLM.generate``; a seed gives
     copy i the seed ``seed + i``)."""
-    max_tokens: int = 16
+    max_tokens: int | None = 16  # None: up to max_model_len (the prompt's room), as vLLM
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: disabled
@@ -60,9 +60,10 @@ class SamplingParams:
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids)
-        _check_int("max_tokens", self.max_tokens)
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.max_tokens is not None:  # None: as many as the context has room for
+            _check_int("max_tokens", self.max_tokens)
+            if self.max_tokens < 1:
+                raise ValueError(f"max_tokens must be at least 1 or None, got {self.max_tokens}")
         _check_is_number("temperature", self.temperature)
         if not (self.temperature >= 0.0 and math.isfinite(self.temperature)):
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
@@ -89,7 +90,7 @@ class SamplingParams:
             raise ValueError("stop strings need detokenize=True")
         _check_number("min_p", self.min_p, 0.0, 1.0)
         _check_int("min_tokens", self.min_tokens)
-        if not 0 <= self.min_tokens <= self.max_tokens:
+        if not 0 <= self.min_tokens <= (self.max_tokens or self.min_tokens):
             raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], "
                              f"got {self.min_tokens}")
         _check_number("presence_penalty", self.presence_penalty, -2.0, 2.0)

@@ -161,7 +161,7 @@ def test_stop_token_ids(llm):
 
 
 def test_eos_stops_unless_ignored(llm):
-    eos = next(iter(llm.engine.output_processor.eos_token_ids))
+    eos = llm.engine.output_processor.eos_token_ids
     tok_ids = llm.generate(PROMPTS[0], SamplingParams(max_tokens=6, temperature=0.0,
                                                       ignore_eos=True), use_tqdm=False)
     first = tok_ids[0].outputs[0].token_ids[0]
@@ -175,7 +175,7 @@ def test_eos_stops_unless_ignored(llm):
                                                       ignore_eos=True), use_tqdm=False)[0]
         assert len(out.outputs[0].token_ids) == 6
     finally:
-        llm.engine.output_processor.eos_token_ids = {eos}
+        llm.engine.output_processor.eos_token_ids = eos  # every one (it kept one of two)
 
 
 def test_streamed_text_concatenates_to_final_text(llm):
@@ -190,3 +190,31 @@ def test_streamed_text_concatenates_to_final_text(llm):
                 final = out
     assert final is not None and final.finished
     assert "".join(pieces) == final.outputs[0].text
+
+
+def test_an_eos_other_than_the_tokenizers_reports_itself_as_stop_reason(llm):
+    """As vLLM: the tokenizer's EOS ends a reply with stop_reason None; the model's other EOS
+    ids (generation_config.json's: the tiny model's <|im_end|>, Llama 3's <|eot_id|>) are stop
+    token ids, whose id is the stop_reason."""
+    tokenizer = llm.get_tokenizer()
+    others = llm.engine.output_processor.eos_token_ids - {tokenizer.eos_token_id}
+    assert others  # (the tiny model has one: its chat turns end on it)
+    for token, reason in ((tokenizer.eos_token_id, None), (min(others), min(others))):
+        out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=4, temperature=0.0,
+                                                      logit_bias={token: 100.0}),
+                           use_tqdm=False)[0].outputs[0]
+        assert out.token_ids == [token]
+        assert (out.finish_reason, out.stop_reason) == ("stop", reason)
+
+
+def test_max_tokens_none_runs_to_the_context_end(llm):
+    """vLLM's max_tokens=None: as many tokens as max_model_len leaves (it was a TypeError)."""
+    small = LLM(num_gpu_blocks=64, max_model_len=40)
+    prompt = [1000, 2000, 3000, 4000, 5000]
+    params = SamplingParams(max_tokens=None, temperature=0.0, ignore_eos=True)
+    out = small.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 35 and out.finish_reason == "length"
+    assert params.max_tokens is None  # the caller's parameters are left as they were
+    with pytest.raises(ValueError, match="min_tokens must be in"):
+        small.generate({"prompt_token_ids": prompt}, SamplingParams(
+            max_tokens=None, min_tokens=36), use_tqdm=False)

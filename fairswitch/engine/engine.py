@@ -9,6 +9,8 @@ wait for the tokens, hand them back.
 
 from __future__ import annotations
 
+import dataclasses
+
 import itertools
 import logging
 import math
@@ -107,6 +109,8 @@ class Engine:
             raise ValueError(f"arrival_time must be a finite number or None, "
                              f"got {arrival_time!r:.40}")
         text, ids = self.inputs.validate(prompt, prompt_token_ids)
+        if params.max_tokens is None:  # the room the prompt leaves (>= 1: validate checks)
+            params = dataclasses.replace(params, max_tokens=self.max_model_len - len(ids))
         self._say_if_priority_ignored(priority)
         if request_id is None:  # the next number no caller-chosen id holds
             while (request_id := str(next(self._ids))) in self.requests:

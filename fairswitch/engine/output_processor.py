@@ -37,6 +37,10 @@ class OutputProcessor:
         self._tokenizer = tokenizer
         self._vocab_size = len(tokenizer) if tokenizer is not None else 0
         self.eos_token_ids = eos_token_ids
+        # The tokenizer's EOS ends a reply with no stop_reason; the others (the model's and
+        # generation_config.json's, e.g. Llama 3's <|eot_id|>) report theirs, as vLLM's stop
+        # token ids do.
+        self.primary_eos = getattr(tokenizer, "eos_token_id", None)
         self.max_model_len = max_model_len
 
     def init_request(self, request: Request) -> None:
@@ -75,7 +79,7 @@ class OutputProcessor:
             if params.include_stop_str_in_output and state.detokenizer is not None:
                 state.text += state.detokenizer.add(token_id)
             request.status = RequestStatus.FINISHED_STOPPED
-            if token_id in params.stop_token_ids:
+            if token_id in params.stop_token_ids or token_id != self.primary_eos:
                 request.stop_reason = token_id
             return
         if state.detokenizer is not None:
