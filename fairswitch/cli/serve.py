@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import math
 
 from fairswitch.cli.files import read_chat_template
 from fairswitch.config import EngineConfig, ModelConfig, add_engine_args
+from fairswitch.server.cors import CorsPolicy
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -33,6 +35,16 @@ def add_parser(subs: argparse._SubParsersAction) -> argparse.ArgumentParser:
     s.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                    help=f"largest request body accepted; larger ones get 413 "
                         f"(default: {DEFAULT_MAX_BODY_BYTES})")
+    s.add_argument("--allowed-origins", type=_json_list, default=["*"], metavar="JSON",
+                   help="origins a browser may call the API from, as vLLM: a JSON list "
+                        "(default: [\"*\"], any; [] for none)")
+    s.add_argument("--allowed-methods", type=_json_list, default=["*"], metavar="JSON",
+                   help="methods a cross-origin request may use, a JSON list (default: [\"*\"])")
+    s.add_argument("--allowed-headers", type=_json_list, default=["*"], metavar="JSON",
+                   help="headers a cross-origin request may send, a JSON list (default: "
+                        "[\"*\"])")
+    s.add_argument("--allow-credentials", action="store_true",
+                   help="let cross-origin requests carry credentials (cookies, auth headers)")
     s.add_argument("--chat-template", default=None,
                    help="Jinja chat template (a file, or the template itself) replacing the "
                         "tokenizer's (default: the tokenizer's, else a plain-text one)")
@@ -52,6 +64,17 @@ def add_parser(subs: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add_engine_args(p)["model"].default = None
     p.set_defaults(run=run)
     return p
+
+
+def _json_list(text: str) -> list[str]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise argparse.ArgumentTypeError(f"expected a JSON list of strings, e.g. '[\"*\"]', "
+                                         f"got {text!r}")
+    return value
 
 
 def _model(args: argparse.Namespace) -> str:
@@ -77,7 +100,9 @@ def run(args: argparse.Namespace) -> int:
     settings = ServerSettings(
         served_model_names=args.served_model_name or [args.model], api_key=args.api_key,
         max_body_bytes=args.max_body_bytes, chat_template=read_chat_template(args.chat_template),
-        log_requests=not args.disable_log_requests)
+        log_requests=not args.disable_log_requests,
+        cors=CorsPolicy(tuple(args.allowed_origins), tuple(args.allowed_methods),
+                        tuple(args.allowed_headers), args.allow_credentials))
     engine = AsyncEngine.from_config(EngineConfig.from_cli_args(args))
     app = build_app(engine, settings)
 

@@ -39,6 +39,7 @@ from fairswitch.server import protocol, streaming
 from fairswitch.server.chat import ChatTemplate
 from fairswitch.server.choices import (ChoiceShaper, Prompt, choice_outputs,
                                        choice_request_ids)
+from fairswitch.server.cors import origin_hook, preflight_middleware
 from fairswitch.server.errors import (APIError, Handler, bad_request, error_middleware,
                                       log_refusal, quiet_protocol_errors)
 from fairswitch.server.inflight import InFlight
@@ -449,8 +450,12 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None, *,
     middlewares = [server.in_flight.middleware, error_middleware]
     if settings.api_key:
         middlewares.append(_auth_middleware(settings.api_key))
+    if settings.cors is not None:
+        middlewares.insert(0, preflight_middleware(settings.cors))
     # client_max_size: aiohttp refuses larger bodies (413) even when they come chunked.
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
+    if settings.cors is not None:
+        app.on_response_prepare.append(origin_hook(settings.cors))
     app[SERVER_KEY] = server
     app[DRAIN_KEY] = server.drain
     app.router.add_post("/v1/completions", server.completions)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fairswitch.model.default_model import DEFAULT_MODEL_NAME
+from fairswitch.server.cors import CorsPolicy
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 
@@ -16,6 +17,8 @@ class ServerSettings:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     chat_template: str | None = None  # default: the tokenizer's
     log_requests: bool = True  # one access line per request (INFO, fairswitch.server.access)
+    # Cross-origin requests from browsers (cors.py); None: no CORS headers at all.
+    cors: CorsPolicy | None = field(default_factory=CorsPolicy)
 
     def __post_init__(self) -> None:
         if not self.served_model_names:
