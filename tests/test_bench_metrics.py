@@ -334,11 +334,16 @@ def test_scraped_metrics_carry_the_engines_switch_metrics(monkeypatch):
     monkeypatch.setattr(JIT_CLOCK, "total_s", 2.5)
     snapshot = engine_snapshot(llm.engine)
     assert snapshot["gc_pause_s"] == 1.25 and snapshot["kernel_compile_s"] == 2.5
-    scraped = scrape.switch_metrics(ServerMetrics("m").render(snapshot))
     keys = set(scrape.COUNTERS.values()) | set(scrape.GAUGES.values())
-    assert keys <= scraped.keys()
-    for key in keys:
-        assert scraped[key] == pytest.approx(snapshot[key]), key
+    for prefix in ("fairswitch:", "vllm:"):  # (--metrics-prefix)
+        text = ServerMetrics("m", prefix).render(snapshot)
+        assert f"\n{prefix}num_requests_waiting{{" in text
+        assert all(line.startswith(prefix) for line in text.splitlines()
+                   if line and not line.startswith("#"))
+        scraped = scrape.switch_metrics(text)
+        assert keys <= scraped.keys()
+        for key in keys:
+            assert scraped[key] == pytest.approx(snapshot[key]), key
 
 
 def test_a_runs_copy_times_are_its_own():

@@ -165,3 +165,11 @@ def test_app_cleanup_cuts_streams_and_shuts_the_engine_down():
     finally:
         server.stop()
         engine.shutdown()
+
+
+def test_a_bad_metrics_prefix_is_refused(capsys, monkeypatch):
+    from fairswitch.engine.async_engine import AsyncEngine
+
+    monkeypatch.setattr(AsyncEngine, "from_config", lambda config: 1 / 0)
+    assert main(["serve", "--metrics-prefix", "vllm"]) == 2
+    assert "metrics_prefix must be a Prometheus name ending in ':'" in capsys.readouterr().err

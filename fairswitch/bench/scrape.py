@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import re
 
-PREFIX = "fairswitch:"
 _LABEL = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)="((?:[^"\\]|\\.)*)"')
 _LABEL_ESCAPE = re.compile(r"\\(.)")
 
@@ -69,9 +68,9 @@ def _parse_labels(body: str) -> dict[str, str]:
 def _select(samples, table) -> dict[str, float]:
     out: dict[str, float] = {}
     for name, labels, value in samples:
-        if not name.startswith(PREFIX):
+        _, colon, short = name.rpartition(":")  # under any server's --metrics-prefix
+        if not colon:
             continue
-        short = name[len(PREFIX):]
         for (metric, label), key in table.items():
             if metric == short and (label is None or labels.get(label[0]) == label[1]):
                 out[key] = out.get(key, 0.0) + value  # summed over model_name labels

@@ -35,6 +35,9 @@ def add_parser(subs: argparse._SubParsersAction) -> argparse.ArgumentParser:
     s.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                    help=f"largest request body accepted; larger ones get 413 "
                         f"(default: {DEFAULT_MAX_BODY_BYTES})")
+    s.add_argument("--metrics-prefix", default="fairswitch:",
+                   help="prefix of the /metrics names, which are vLLM's: 'vllm:' serves "
+                        "dashboards and autoscalers built for vLLM (default: fairswitch:)")
     s.add_argument("--allowed-origins", type=_json_list, default=["*"], metavar="JSON",
                    help="origins a browser may call the API from, as vLLM: a JSON list "
                         "(default: [\"*\"], any; [] for none)")
@@ -100,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     settings = ServerSettings(
         served_model_names=args.served_model_name or [args.model], api_key=args.api_key,
         max_body_bytes=args.max_body_bytes, chat_template=read_chat_template(args.chat_template),
-        log_requests=not args.disable_log_requests,
+        log_requests=not args.disable_log_requests, metrics_prefix=args.metrics_prefix,
         cors=CorsPolicy(tuple(args.allowed_origins), tuple(args.allowed_methods),
                         tuple(args.allowed_headers), args.allow_credentials))
     engine = AsyncEngine.from_config(EngineConfig.from_cli_args(args))

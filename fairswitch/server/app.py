@@ -90,7 +90,7 @@ class OpenAIServer:
         self.tokenizer = self.core.tokenizer
         self.chat_template = ChatTemplate(self.tokenizer, settings.chat_template)
         self.prompts = PromptWorker(self.tokenizer, self.core.max_model_len)
-        self.metrics = ServerMetrics(self.model_name)
+        self.metrics = ServerMetrics(self.model_name, settings.metrics_prefix)
         self.in_flight = InFlight(settings.log_requests)
         self.created = int(time.time())
 

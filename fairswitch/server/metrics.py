@@ -1,4 +1,5 @@
-"""/metrics: Prometheus text format (version 0.0.4) with vLLM-like names under ``fairswitch:``.
+"""/metrics: Prometheus text format (version 0.0.4) with vLLM's names under ``fairswitch:`` (or
+another prefix: ``--metrics-prefix vllm:`` for dashboards and autoscalers built for vLLM).
 
 Two sources. Engine-side gauges and counters (queue lengths, KV usage, preemptions) are read on
 the engine thread between steps when /metrics is scraped. Latency histograms and token counters
@@ -91,8 +92,9 @@ class Histogram:
 # ---- what the server records -------------------------------------------------------------------
 
 class ServerMetrics:
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, prefix: str = PREFIX) -> None:
         self.labels = {"model_name": model_name}
+        self.prefix = prefix
         self.ttft = Histogram(TTFT_BUCKETS)
         self.tbt = Histogram(TBT_BUCKETS)
         self.e2e = Histogram(E2E_BUCKETS)
@@ -109,7 +111,7 @@ class ServerMetrics:
         lab = self.labels
 
         def one(name: str, kind: str, help: str, value: float, **labels: str) -> str:
-            return format_family(PREFIX + name, kind, help, [("", {**lab, **labels}, value)])
+            return format_family(self.prefix + name, kind, help, [("", {**lab, **labels}, value)])
 
         parts = [
             one("num_requests_running", "gauge", "Requests in the running batch.",
@@ -129,26 +131,26 @@ class ServerMetrics:
                 engine["gpu_kv_reuse"]),
             one("cpu_cache_reuse_perc", "gauge", "Fraction of CPU KV blocks kept for reuse: the "
                 "CPU tier of the prefix cache (evicted when needed).", engine["cpu_kv_reuse"]),
-            format_family(PREFIX + "num_preemptions_total", "counter",
+            format_family(self.prefix + "num_preemptions_total", "counter",
                           "Preemptions, by how the victim's KV is restored (swap or recompute).",
                           [("", {**lab, "mode": mode}, engine[f"preemptions_{mode}"])
                            for mode in ("recompute", "swap")]),
             one("num_rank_preemptions_total", "counter", "Of the preemptions: those made for "
                 "a better-ranked queued request (the others: KV blocks ran out).",
                 engine["preemptions_rank"]),
-            format_family(PREFIX + "swap_bytes_total", "counter",
+            format_family(self.prefix + "swap_bytes_total", "counter",
                           "KV cache bytes copied between device and CPU (every "
                           "tensor-parallel rank's).",
                           [("", {**lab, "direction": d}, engine[f"swap_bytes_{d}"])
                            for d in ("out", "in")]),
             one("swap_copies_total", "counter", "Copies issued to move KV between device and "
                 "CPU (every tensor-parallel rank's).", engine["swap_copies"]),
-            format_family(PREFIX + "swap_busy_seconds_total", "counter",
+            format_family(self.prefix + "swap_busy_seconds_total", "counter",
                           "Device time spent copying KV, by direction (CUDA only; the two "
                           "directions overlap when swaps run full duplex).",
                           [("", {**lab, "direction": d}, engine[f"swap_busy_s_{d}"])
                            for d in ("out", "in")]),
-            format_family(PREFIX + "swap_queued_seconds_total", "counter",
+            format_family(self.prefix + "swap_queued_seconds_total", "counter",
                           "Device time copies were ready to start but waited behind earlier "
                           "copies on their stream, by direction (in: swap-ins and fetches).",
                           [("", {**lab, "direction": d}, engine[f"swap_queued_s_{d}"])
@@ -158,7 +160,7 @@ class ServerMetrics:
                 engine["switch_stall_s"]),
             one("switch_wait_seconds_total", "counter", "Of the stall: time blocked waiting "
                 "for copies to land.", engine["switch_wait_s"]),
-            format_family(PREFIX + "kv_reuse_hits_total", "counter",
+            format_family(self.prefix + "kv_reuse_hits_total", "counter",
                           "Prompt tokens whose KV was reused from an earlier request, by where "
                           "it was kept (GPU prefix cache, or its CPU tier: fetched back).",
                           [("", {**lab, "tier": "gpu"}, engine["reused_tokens"]),
@@ -174,18 +176,18 @@ class ServerMetrics:
                 self.num_prompt_tokens),
             one("generation_tokens_total", "counter", "Generated tokens.",
                 self.num_generation_tokens),
-            format_family(PREFIX + "request_success_total", "counter",
+            format_family(self.prefix + "request_success_total", "counter",
                           "Requests that finished, by finish reason.",
                           [("", {**lab, "finished_reason": r}, self.num_finished[r])
                            for r in ("stop", "length")]),
             one("request_aborted_total", "counter", "Requests aborted before they finished "
                 "(client went away, shutdown).", self.num_aborted),
-            format_family(PREFIX + "time_to_first_token_seconds", "histogram",
+            format_family(self.prefix + "time_to_first_token_seconds", "histogram",
                           "Time to first token.", self.ttft.samples(lab)),
-            format_family(PREFIX + "time_per_output_token_seconds", "histogram",
+            format_family(self.prefix + "time_per_output_token_seconds", "histogram",
                           "Time between consecutive tokens of a request (every gap).",
                           self.tbt.samples(lab)),
-            format_family(PREFIX + "e2e_request_latency_seconds", "histogram",
+            format_family(self.prefix + "e2e_request_latency_seconds", "histogram",
                           "Arrival to last token of finished requests.", self.e2e.samples(lab)),
         ]
         return "".join(parts)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from fairswitch.model.default_model import DEFAULT_MODEL_NAME
@@ -17,11 +18,15 @@ class ServerSettings:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     chat_template: str | None = None  # default: the tokenizer's
     log_requests: bool = True  # one access line per request (INFO, fairswitch.server.access)
+    metrics_prefix: str = "fairswitch:"  # /metrics names: vLLM's under this ("vllm:" for its)
     # Cross-origin requests from browsers (cors.py); None: no CORS headers at all.
     cors: CorsPolicy | None = field(default_factory=CorsPolicy)
 
     def __post_init__(self) -> None:
         if not self.served_model_names:
             raise ValueError("served_model_names must name at least one model")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*:", self.metrics_prefix):
+            raise ValueError(f"metrics_prefix must be a Prometheus name ending in ':' (e.g. "
+                             f"'vllm:'), got {self.metrics_prefix!r}")
         if self.max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
