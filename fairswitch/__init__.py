@@ -11,6 +11,7 @@ from __future__ import annotations
 from fairswitch.config import EngineConfig
 from fairswitch.outputs import CompletionOutput, RequestOutput
 from fairswitch.sampling_params import SamplingParams
+from fairswitch.structured_output import StructuredOutputsParams
 
 __version__ = "0.1.0"
 
@@ -34,6 +35,6 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "LLM", "AsyncEngine", "Engine", "EngineConfig", "SamplingParams", "RequestOutput",
-    "CompletionOutput", "__version__",
+    "LLM", "AsyncEngine", "Engine", "EngineConfig", "SamplingParams", "StructuredOutputsParams",
+    "RequestOutput", "CompletionOutput", "__version__",
 ]

@@ -85,6 +85,7 @@ class Request:
     # Owned by the output processor (detokenizer state) and the sampler (torch.Generator).
     detokenizer: Any = None
     generator: Any = None
+    grammar: Any = None  # structured output's matcher (structured_output.py), fed each token
     # Asked-for logprobs (SamplingParams.logprobs / prompt_logprobs): one entry per output
     # token, {token id: (logprob, rank)}, and per prompt position (None at 0; filled by the
     # runner as the prompt is computed).

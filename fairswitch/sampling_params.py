@@ -9,6 +9,8 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from fairswitch.structured_output import StructuredOutputsParams
+
 # Temperatures below this sample greedily, as in vLLM: the distribution is the argmax's to within
 # float32 rounding, and far smaller ones would overflow the scaled logits.
 GREEDY_TEMPERATURE = 1e-5
@@ -44,6 +46,8 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     n: int = 1
+    # The reply held to a JSON schema, a regex, a choice or a grammar (structured_output.py).
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         # vLLM's forms: None for none, one string or one id for a list of one
@@ -109,6 +113,10 @@ class SamplingParams:
                 _check_int(name, value)
                 if not 0 <= value <= MAX_LOGPROBS:
                     raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}], got {value}")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs,
+                                                                  StructuredOutputsParams):
+            raise TypeError(f"structured_outputs must be StructuredOutputsParams, got "
+                            f"{type(self.structured_outputs).__name__}")
         _check_int("n", self.n)
         if not 1 <= self.n <= MAX_N:
             raise ValueError(f"n must be in [1, {MAX_N}], got {self.n}")
@@ -120,14 +128,21 @@ class SamplingParams:
     # that fields set (or changed in place) afterwards count, as in vLLM.
     @property
     def has_penalties(self) -> bool:
-        """Does sampling depend on the tokens so far (all of them known, none in flight)?"""
         return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
                 or self.repetition_penalty != 1.0)
 
     @property
+    def needs_history(self) -> bool:
+        """Does sampling depend on the tokens so far (all of them known, none in flight):
+        penalties, or a grammar fed each token?"""
+        return self.has_penalties or self.structured_outputs is not None
+
+    @property
     def shapes_logits(self) -> bool:
-        """Is anything done to the logits before temperature (bias, penalties, min_tokens)?"""
-        return bool(self.logit_bias) or self.has_penalties or self.min_tokens > 0
+        """Is anything done to the logits before temperature (bias, penalties, min_tokens, a
+        grammar's mask)?"""
+        return (bool(self.logit_bias) or self.has_penalties or self.min_tokens > 0
+                or self.structured_outputs is not None)
 
     @property
     def greedy(self) -> bool:

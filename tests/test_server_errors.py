@@ -204,6 +204,21 @@ BAD = [
     ("/v1/chat/completions", {"messages": CHAT, "tool_choice": {
         "type": "function", "function": {"name": "weather"}}, "tools": [TOOL]}, 400,
      ["'tool_choice'"], "tool_choice"),
+    # Structured output (test_structured_output.py runs it).
+    ("/v1/completions", {"prompt": "x", "response_format": {"type": "xml"}}, 400,
+     ["'response_format' must be"], "response_format"),
+    ("/v1/completions", {"prompt": "x", "response_format": {"type": "json_schema"}}, 400,
+     ["'response_format.json_schema.schema' must be a JSON schema object"], "response_format"),
+    ("/v1/completions", {"prompt": "x", "guided_choice": []}, 400,
+     ["'guided_choice': choice must be a non-empty list"], "guided_choice"),
+    ("/v1/completions", {"prompt": "x", "guided_regex": 5}, 400,
+     ["'guided_regex': regex must be a non-empty string"], "guided_regex"),
+    ("/v1/completions", {"prompt": "x", "guided_regex": "a", "guided_choice": ["a"]}, 400,
+     ["give one structured-output field, got guided_regex, guided_choice"], "guided_regex"),
+    ("/v1/completions", {"prompt": "x", "structured_outputs": {"regex": "a", "choice": ["a"]}},
+     400, ["exactly one of"], "structured_outputs"),
+    ("/v1/completions", {"prompt": "x", "structured_outputs": {"structural_tag": "t"}}, 400,
+     ["'structured_outputs.structural_tag' is not supported"], "structured_outputs"),
     ("/v1/chat/completions", {"messages": CHAT, "chat_template_kwargs": [1]}, 400,
      ["'chat_template_kwargs' must be an object"], "chat_template_kwargs"),
     ("/v1/chat/completions", {"messages": CHAT, "chat_template_kwargs": {"messages": []}}, 400,
@@ -235,11 +250,7 @@ def test_bad_request(server, path, body, status, fragments, param):
 # vLLM's fields that change what is generated, which this server does not implement: refused,
 # never ignored. (path, field, a value it would honour, its default, which is accepted)
 UNSUPPORTED = [
-    ("/v1/completions", "response_format", {"type": "json_object"}, {"type": "text"}),
-    ("/v1/completions", "guided_json", {"type": "object"}, None),
-    ("/v1/chat/completions", "guided_choice", ["yes", "no"], None),
-    ("/v1/completions", "guided_regex", "[0-9]+", None),
-    ("/v1/chat/completions", "structured_outputs", {"json": {}}, None),
+    ("/v1/chat/completions", "structural_tag", {"type": "structural_tag"}, None),
     ("/v1/completions", "truncate_prompt_tokens", 8, None),
     ("/v1/chat/completions", "allowed_token_ids", [1, 2], None),
     ("/v1/completions", "bad_words", ["bad"], []),
@@ -289,7 +300,7 @@ def test_fields_the_server_reads_or_refuses_are_not_reported_ignored(caplog):
               "ignore_eos": False, "include_stop_str_in_output": False,
               "skip_special_tokens": True, "priority": 0, "user": "u", "best_of": 1,
               "use_beam_search": False, "response_format": {"type": "text"},
-              "guided_json": None, "bad_words": []}
+              "guided_json": None, "bad_words": [], "structured_outputs": None}
     caplog.set_level(logging.WARNING, logger=IGNORED_LOG)
     protocol.parse_completion({**common, "prompt": "x", "echo": False, "logprobs": 1,
                                "suffix": "", "add_special_tokens": True})

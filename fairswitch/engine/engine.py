@@ -28,6 +28,7 @@ from fairswitch.engine.step_log import StepLog, StepStats
 from fairswitch.outputs import RequestOutput
 from fairswitch.request import Request, RequestStatus
 from fairswitch.runner.jit_watch import JIT_CLOCK
+from fairswitch.structured_output import GrammarCompiler
 from fairswitch.runner.model_runner import PendingStep
 from fairswitch.sampling_params import SamplingParams
 from fairswitch.scheduler.scheduler import SchedulerOutput
@@ -82,6 +83,7 @@ class Engine:
         self._in_flight: LaunchedStep | None = None  # launched, tokens not collected yet
         self._last_collected_s = 0.0
         self._priority_ignored_said = False  # (warned once: see _say_if_priority_ignored)
+        self._grammar_compiler: GrammarCompiler | None = None  # (_grammars)
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -121,11 +123,22 @@ class Engine:
         req = Request(request_id, ids, params,
                       arrival_time if arrival_time is not None else time.monotonic(),
                       prompt=text, priority=priority, client_id=client_id)
+        if params.structured_outputs is not None:  # (a bad schema: this request's ValueError)
+            req.grammar = self._grammars().matcher(params.structured_outputs)
         self.output_processor.init_request(req)
         # May raise QueueFullError: nothing is registered yet.
         self.scheduler.add_request(req, queue_places, held_by)
         self.requests[request_id] = req
         return request_id
+
+    def _grammars(self) -> GrammarCompiler:
+        """The structured-output compiler, made at the first request that needs it (reading
+        the vocabulary takes a second or more)."""
+        if self._grammar_compiler is None:
+            self._grammar_compiler = GrammarCompiler(self.tokenizer, self.hf_config.vocab_size,
+                                                     self.output_processor.eos_token_ids)
+            self.runner.sampler.grammars = self._grammar_compiler
+        return self._grammar_compiler
 
     def default_sampling_params(self) -> SamplingParams:
         """SamplingParams() with the model's recommended sampling (its generation_config.json,
@@ -340,6 +353,7 @@ class Engine:
 
 
 def _samples_from_history(sched: SchedulerOutput) -> bool:
-    """Does a request of ``sched`` sample from all its tokens (penalties)? Then the next step
-    waits for this one's tokens instead of being launched behind it with a placeholder."""
-    return any(r.sampling_params.has_penalties for r, _ in sched.scheduled)
+    """Does a request of ``sched`` sample from all its tokens (penalties, a grammar)? Then the
+    next step waits for this one's tokens instead of being launched behind it with a
+    placeholder."""
+    return any(r.sampling_params.needs_history for r, _ in sched.scheduled)

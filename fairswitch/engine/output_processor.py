@@ -11,12 +11,15 @@ stop string is never half-sent.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from fairswitch.engine.detokenizer import IncrementalDetokenizer
 from fairswitch.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from fairswitch.request import PLACEHOLDER_TOKEN, Request, RequestStatus
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -60,6 +63,21 @@ class OutputProcessor:
         request.token_ids.append(token_id)
         params = request.sampling_params
         state: _TextState = request.detokenizer
+        if request.grammar is not None:
+            if not request.grammar.accept_token(token_id):
+                # Its mask allowed only what it accepts: only a mask with nothing left (a
+                # grammar no token can continue) gets here. This request ends, not the step.
+                logger.error("request %r: token %d was sampled outside its grammar; aborted",
+                             request.request_id, token_id)
+                request.status = RequestStatus.FINISHED_ABORTED
+                return
+            if request.grammar.is_terminated():
+                # It took an end-of-sequence token, the only one left once the reply is
+                # complete: the end, whatever min_tokens or ignore_eos say.
+                request.status = RequestStatus.FINISHED_STOPPED
+                if token_id in params.stop_token_ids or token_id != self.primary_eos:
+                    request.stop_reason = token_id
+                return
         if state.logprobs is not None:
             if logprobs is None:
                 raise RuntimeError(f"request {request.request_id!r} asked for logprobs but the "
@@ -88,6 +106,7 @@ class OutputProcessor:
                 return
         if self.at_length_limit(request):
             request.status = RequestStatus.FINISHED_LENGTH
+
 
     def _position(self, entry: dict[int, tuple[float, int]], k: int) -> PositionLogprobs:
         """The user-facing logprobs of one position: its token (the first key) and the k most

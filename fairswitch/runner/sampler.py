@@ -3,7 +3,8 @@
     raw logits --> logprobs (asked-for rows: the sampled token's, its rank, the top k)
         |
         +--> logit_bias, min_tokens (EOS and stop ids masked), penalties (repetition,
-             frequency, presence: from the request's tokens)
+             frequency, presence: from the request's tokens), a grammar's mask (structured
+             output: what may come next)
         +--> greedy rows: argmax
         +--> temperature, min_p, top-k, top-p --> random rows: exponential race
 
@@ -12,13 +13,15 @@ vector of noise per row: a request with a seed draws its noise from its own gene
 output does not depend on what else is in the batch. Every step is one set of batched tensor
 operations whatever the mix of parameters; a stage runs only when some row needs it.
 
-Penalties read the request's output tokens from the host, so they must all be known: the engine
-does not launch a step while one with such a request is in flight (engine.py).
+Penalties read the request's output tokens from the host, and a grammar has been fed them, so
+they must all be known: the engine does not launch a step while one with such a request is in
+flight (engine.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -49,6 +52,7 @@ class Sampler:
         self.device = device
         self._generator = torch.Generator(device=device).manual_seed(seed)
         self.eos_token_ids: set[int] = set()  # masked before min_tokens (set by the builder)
+        self.grammars: Any = None  # structured output's GrammarCompiler (set by the engine)
 
     def sample(self, logits: torch.Tensor, requests: list[Request]
                ) -> tuple[torch.Tensor, SampledLogprobs | None]:
@@ -114,7 +118,7 @@ class Sampler:
         return torch.where(is_greedy, greedy_ids, picked)
 
     def _shape(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        """Logit bias, min_tokens and penalties, in place on a copy of the logits."""
+        """Logit bias, min_tokens, penalties and grammars, in place on a copy of the logits."""
         vocab = logits.shape[-1]
         rows: list[int] = []  # (row, token, value) to add, then to mask
         ids: list[int] = []
@@ -128,7 +132,8 @@ class Sampler:
                 ids.append(t)
                 values.append(b)
             # The placeholder of the token sampled now counts: tokens before it = count - 1.
-            if req.num_output_tokens - 1 < p.min_tokens:
+            # (A grammar decides when it may end: masking EOS too could leave nothing.)
+            if req.num_output_tokens - 1 < p.min_tokens and req.grammar is None:
                 stops = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
                 for t in stops:
                     if t < vocab:
@@ -146,6 +151,9 @@ class Sampler:
         if penalized:
             logits[penalized] = self._penalize(logits[penalized],
                                                [requests[i] for i in penalized])
+        held = [i for i, r in enumerate(requests) if r.grammar is not None]
+        if held:  # last: only what the grammar allows is left, whatever the bias said
+            self.grammars.apply(logits, held, [requests[i].grammar for i in held])
         return logits
 
     def _penalize(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:

@@ -23,6 +23,8 @@ from fairswitch.chat_messages import MessageError, parse_conversation
 from fairswitch.model.generation_config import SAMPLING_FIELDS
 from fairswitch.outputs import Logprob, PositionLogprobs
 from fairswitch.sampling_params import MAX_LOGPROBS, MAX_N, SamplingParams
+from fairswitch.structured_output import KINDS as STRUCTURED_KINDS
+from fairswitch.structured_output import StructuredOutputsParams
 from fairswitch.server.errors import bad_request
 
 logger = logging.getLogger(__name__)
@@ -136,9 +138,8 @@ def _int_list(body: dict, name: str, most: int) -> list[int]:
 # OpenAI's, vLLM's own fields that change what is generated: structured output (guided_*),
 # prompt truncation, vocabulary restrictions, and the chat template's controls.
 _UNSUPPORTED_COMMON = (
-    ("best_of", (1,)), ("use_beam_search", (False,)), ("response_format", ({"type": "text"},)),
-    ("guided_json", ()), ("guided_regex", ()), ("guided_choice", ()), ("guided_grammar", ()),
-    ("structural_tag", ()), ("structured_outputs", ()), ("truncate_prompt_tokens", ()),
+    ("best_of", (1,)), ("use_beam_search", (False,)),
+    ("structural_tag", ()), ("truncate_prompt_tokens", ()),
     ("allowed_token_ids", ()), ("bad_words", ([],)), ("logits_processors", ([],)),
     ("return_tokens_as_token_ids", (False,)))
 _UNSUPPORTED_COMPLETION = (("suffix", ("",)), ("prompt_embeds", ()))
@@ -146,12 +147,65 @@ _UNSUPPORTED_CHAT = (("functions", ([],)), ("function_call", ("none",)), ("echo"
                      ("chat_template", ()), ("documents", ([],)))
 
 
+# Structured output's fields: OpenAI's response_format, vLLM's guided_* (older) and
+# structured_outputs (newer); one of them per request.
+_GUIDED = (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+           ("guided_grammar", "grammar"))
+_STRUCTURED_FIELDS = ("response_format", "structured_outputs", *(name for name, _ in _GUIDED))
+
+
+def _structured(body: dict) -> StructuredOutputsParams | None:
+    """What the reply is held to, from whichever structured-output field the request gives."""
+    given: dict[str, dict[str, Any]] = {}
+    form = body.get("response_format")
+    if form is not None:
+        kind = form.get("type") if isinstance(form, dict) else None
+        if kind not in ("text", "json_object", "json_schema"):
+            raise bad_request("'response_format' must be {\"type\": \"text\"}, {\"type\": "
+                              "\"json_object\"} or {\"type\": \"json_schema\", \"json_schema\": "
+                              f"{{\"schema\": ...}}}}, got {_describe(form)}", "response_format")
+        if kind == "json_object":
+            given["response_format"] = {"json_object": True}
+        elif kind == "json_schema":
+            spec = form.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            if not isinstance(schema, dict):
+                raise bad_request("'response_format.json_schema.schema' must be a JSON schema "
+                                  f"object, got {_describe(schema)}", "response_format")
+            given["response_format"] = {"json": schema}
+    for name, kind in _GUIDED:
+        if body.get(name) is not None:
+            given[name] = {kind: body[name]}
+    outputs = body.get("structured_outputs")
+    if outputs is not None:
+        if not isinstance(outputs, dict):
+            raise bad_request(f"'structured_outputs' must be an object, got "
+                              f"{_describe(outputs)}", "structured_outputs")
+        if other := sorted(k for k in outputs if k not in STRUCTURED_KINDS
+                           and outputs[k] not in (None, False)):
+            raise bad_request(f"'structured_outputs.{other[0]}' is not supported by this "
+                              f"server (got {_describe(outputs[other[0]])})",
+                              "structured_outputs")
+        given["structured_outputs"] = {k: v for k, v in outputs.items() if v is not None}
+    if len(given) > 1:
+        raise bad_request(f"give one structured-output field, got {', '.join(given)}",
+                          next(iter(given)))
+    if not given:
+        return None
+    (name, spec), = given.items()
+    try:
+        return StructuredOutputsParams(**spec)
+    except (TypeError, ValueError) as e:
+        raise bad_request(f"'{name}': {e}", name) from e
+
+
 # The fields the parsers read or refuse; any other is ignored, and logged.
 _READ_COMMON = frozenset({
     "model", "stream", "stream_options", "n", "temperature", "top_p", "top_k", "max_tokens",
     "max_completion_tokens", "min_tokens", "min_p", "presence_penalty", "frequency_penalty",
     "repetition_penalty", "logit_bias", "prompt_logprobs", "seed", "stop", "stop_token_ids",
-    "ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "priority", "user"})
+    "ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "priority", "user",
+    *_STRUCTURED_FIELDS})
 _KNOWN_COMPLETION = _READ_COMMON | {"prompt", "echo", "logprobs", "add_special_tokens"} | {
     name for name, _ in _UNSUPPORTED_COMMON + _UNSUPPORTED_COMPLETION}
 _KNOWN_CHAT = _READ_COMMON | {"messages", "add_generation_prompt", "continue_final_message",
@@ -211,6 +265,7 @@ class GenerationRequest:
     logit_bias: dict[int, float] | None
     logprobs: int | None  # top logprobs per token (None: no logprobs)
     prompt_logprobs: int | None  # vLLM's extension (completions: also set by echo + logprobs)
+    structured_outputs: StructuredOutputsParams | None = None  # (_structured)
 
     def sampling_params(self, max_tokens: int,
                         defaults: dict[str, Any] | None = None) -> SamplingParams:
@@ -229,7 +284,8 @@ class GenerationRequest:
                 min_tokens=self.min_tokens,
                 presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                 logit_bias=self.logit_bias,
-                logprobs=self.logprobs, prompt_logprobs=self.prompt_logprobs)
+                logprobs=self.logprobs, prompt_logprobs=self.prompt_logprobs,
+                structured_outputs=self.structured_outputs)
         except (TypeError, ValueError) as e:  # e.g. a logit bias not a number, or out of range
             raise bad_request(str(e), named_field(str(e))) from e
 
@@ -331,6 +387,7 @@ def _common(body: Any, unsupported: tuple, echo: bool = False) -> dict[str, Any]
         repetition_penalty=_ranged(body, "repetition_penalty", None, 1e-6, 100.0),
         logit_bias=bias or None,
         prompt_logprobs=_logprob_count(body, "prompt_logprobs"),
+        structured_outputs=_structured(body),
         model=_str(body, "model"), stream=stream, include_usage=include_usage,
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
         seed=_int(body, "seed"), stop=_stop(body),

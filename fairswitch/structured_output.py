@@ -1,0 +1,145 @@
+"""Structured output: a reply held to a JSON schema, to any JSON object, to a regular expression,
+to one of several strings, or to an EBNF grammar, as vLLM's ``StructuredOutputsParams`` (and the
+OpenAI API's ``response_format``) ask for.
+
+Each such request carries a grammar matcher (xgrammar, the library vLLM and SGLang use; the
+optional dependency ``fairswitch[structured]``): before each of its tokens is sampled, the
+matcher's bitmask leaves only the tokens that keep the text a prefix of the language (the
+sampler, ``runner/sampler.py``); each token sampled is fed back to it (``output_processor.py``),
+and once the grammar is complete only an end-of-sequence token is left. So the next token needs
+the previous one: the engine does not launch a step for such a request before the step before
+it has been collected (as for penalties).
+
+Grammars compile when a request is added (a bad schema or regex is the request's ValueError),
+once per distinct specification (cached).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """Exactly one of: ``json`` (a JSON schema, as a dict or its JSON text), ``json_object``
+    (any JSON object), ``regex``, ``choice`` (the reply is one of these strings) or ``grammar``
+    (EBNF, in xgrammar's GBNF dialect)."""
+
+    json: dict[str, Any] | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | tuple[str, ...] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [k for k in KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(f"structured outputs take exactly one of {', '.join(KINDS)}, got "
+                             f"{', '.join(given) or 'none'}")
+        if not isinstance(self.json_object, bool):
+            raise TypeError(f"json_object must be a bool, got {self.json_object!r:.40}")
+        if self.json is not None and not isinstance(self.json, (dict, str)):
+            raise TypeError(f"json must be a JSON schema (an object or its text), got "
+                            f"{type(self.json).__name__}")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise TypeError(f"{name} must be a non-empty string, got {value!r:.40}")
+        if self.choice is not None:
+            if (not isinstance(self.choice, (list, tuple)) or not self.choice
+                    or not all(isinstance(c, str) and c for c in self.choice)):
+                raise TypeError(f"choice must be a non-empty list of non-empty strings, got "
+                                f"{self.choice!r:.60}")
+            object.__setattr__(self, "choice", tuple(self.choice))
+
+    def spec(self) -> tuple[str, str]:
+        """(kind, text): what compiles, hashable."""
+        if self.json is not None:
+            text = self.json if isinstance(self.json, str) else json.dumps(self.json,
+                                                                           sort_keys=True)
+            return "json", text
+        if self.json_object:
+            return "json_object", ""
+        if self.regex is not None:
+            return "regex", self.regex
+        if self.choice is not None:
+            # A choice is a grammar of literal alternatives (JSON escapes are GBNF's too).
+            return "grammar", "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False)
+                                                       for c in self.choice)
+        return "grammar", self.grammar  # type: ignore[return-value]
+
+
+def _xgrammar() -> Any:
+    try:
+        import xgrammar
+    except ImportError as e:
+        raise ValueError("structured output needs xgrammar: pip install "
+                         "'fairswitch[structured]'") from e
+    return xgrammar
+
+
+class GrammarCompiler:
+    """Grammar matchers for one engine's tokenizer and vocabulary (the logits' width)."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: set[int]) -> None:
+        self._xgr = _xgrammar()
+        info = _tokenizer_info(self._xgr, tokenizer, vocab_size, sorted(eos_token_ids))
+        self._compiler = self._xgr.GrammarCompiler(info)
+        self._compile = functools.lru_cache(maxsize=256)(self._compile_spec)
+
+    def _compile_spec(self, kind: str, text: str) -> Any:
+        c = self._compiler
+        # JSON in one line, ", " and ": " between items: any whitespace lets a model pad the
+        # reply with blank lines up to max_tokens (and small models do).
+        if kind == "json":
+            return c.compile_json_schema(text, any_whitespace=False)
+        if kind == "json_object":  # an object, as OpenAI's json_object mode (vLLM likewise)
+            return c.compile_json_schema('{"type": "object"}', any_whitespace=False)
+        if kind == "regex":
+            return c.compile_regex(text)
+        return c.compile_grammar(text)
+
+    def matcher(self, params: StructuredOutputsParams) -> Any:
+        """A fresh matcher for one request; ValueError if its specification does not compile."""
+        kind, text = params.spec()
+        try:
+            compiled = self._compile(kind, text)
+        except (RuntimeError, ValueError, TypeError) as e:  # xgrammar's errors are these
+            what = {"json": "JSON schema", "regex": "regex", "grammar": "grammar"}.get(kind, kind)
+            # (the library's message starts with its time and source line)
+            why = re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", str(e).strip().splitlines()[-1])
+            raise ValueError(f"structured outputs: the {what} does not compile: "
+                             f"{why[:300]}") from None
+        return self._xgr.GrammarMatcher(compiled)
+
+    def apply(self, logits: Any, rows: list[int], matchers: list[Any]) -> None:
+        """Mask ``logits`` (in place) at ``rows`` to what each matcher allows next."""
+        xgr = self._xgr
+        bitmask = xgr.allocate_token_bitmask(logits.shape[0], logits.shape[-1])
+        for row, matcher in zip(rows, matchers):
+            matcher.fill_next_token_bitmask(bitmask, row)
+        xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)
+
+
+def _tokenizer_info(xgr: Any, tokenizer: Any, vocab_size: int, stop_ids: list[int]) -> Any:
+    """xgrammar's view of a tokenizer: transformers' tokenizers it reads itself; this package's
+    (model/tokenizer.py: the Rust tokenizer.json) as transformers' fast tokenizers are read."""
+    backend = getattr(tokenizer, "_tok", None)
+    if backend is None:
+        return xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
+                                                  stop_token_ids=stop_ids or None)
+    vocab = backend.get_vocab(with_added_tokens=True)
+    encoded = [""] * vocab_size
+    for token, idx in vocab.items():
+        if idx < vocab_size:
+            encoded[idx] = token
+    metadata = xgr.TokenizerInfo._detect_metadata_from_hf(backend.to_str())
+    return xgr.TokenizerInfo(encoded, vocab_type=metadata["vocab_type"], vocab_size=vocab_size,
+                             stop_token_ids=stop_ids or None,
+                             add_prefix_space=metadata["add_prefix_space"])

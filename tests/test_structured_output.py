@@ -1,0 +1,121 @@
+"""Structured output (structured_output.py): replies held to a JSON schema, any JSON object, a
+regex, a choice or a grammar, through LLM.generate and the server's response_format, guided_*
+and structured_outputs, as vLLM and the OpenAI API ask for them. The tiny model writes nonsense
+without them; with them every reply parses, whatever the sampling."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import openai
+import pytest
+
+from fairswitch import LLM, SamplingParams
+from fairswitch.config import EngineConfig
+from fairswitch.engine.async_engine import AsyncEngine
+from fairswitch.server import BackgroundServer, ServerSettings, build_app
+from fairswitch.structured_output import StructuredOutputsParams
+
+pytest.importorskip("xgrammar")
+
+PERSON = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 10},
+    "age": {"type": "integer", "minimum": 0, "maximum": 150}},
+    "required": ["name", "age"], "additionalProperties": False}
+OPTS = dict(num_gpu_blocks=256, max_model_len=256)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(**OPTS)
+
+
+def _replies(llm, so, n=4, **sampling):
+    params = SamplingParams(max_tokens=100, temperature=1.0, seed=5, n=n, structured_outputs=so,
+                            **sampling)
+    out = llm.generate(["Describe someone."], params, use_tqdm=False)[0]
+    return out.outputs
+
+
+def test_replies_follow_each_kind_of_structure(llm):
+    for c in _replies(llm, StructuredOutputsParams(json=PERSON)):
+        person = json.loads(c.text)
+        assert set(person) == {"name", "age"} and isinstance(person["age"], int), c.text
+        assert c.finish_reason == "stop"
+    for c in _replies(llm, StructuredOutputsParams(json_object=True)):
+        assert isinstance(json.loads(c.text), dict), c.text
+    for c in _replies(llm, StructuredOutputsParams(regex=r"[0-9]{3}-[a-z]{2}")):
+        assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", c.text), c.text
+    for c in _replies(llm, StructuredOutputsParams(choice=["Paris", "Lyon", "a \"quoted\" one"])):
+        assert c.text in ("Paris", "Lyon", 'a "quoted" one'), c.text
+    for c in _replies(llm, StructuredOutputsParams(grammar='root ::= "yes" | "no" | ("maybe" [0-9])')):
+        assert re.fullmatch(r"yes|no|maybe[0-9]", c.text), c.text
+
+
+def test_structure_holds_beside_other_requests_and_through_preemption():
+    """Grammar requests sample after their previous token is in (no step ahead of them), in a
+    batch with free ones, in a cache small enough to preempt them (recompute and swap)."""
+    for mode in ("recompute", "swap"):
+        small = LLM(num_gpu_blocks=16, block_size=4, max_model_len=64, preemption_mode=mode,
+                    swap_space=0.01, max_num_seqs=4)
+        free = SamplingParams(max_tokens=45, ignore_eos=True, temperature=1.0, seed=1)
+        held = SamplingParams(max_tokens=40, temperature=1.0, seed=2, structured_outputs=(
+            StructuredOutputsParams(json=PERSON)))
+        outs = small.generate(["a", "bb", "ccc", "dddd"], [free, held, free, held],
+                              use_tqdm=False)
+        for out in outs[1::2]:
+            text = out.outputs[0].text
+            if out.outputs[0].finish_reason == "stop":
+                assert set(json.loads(text)) == {"name", "age"}, text
+            else:  # cut at max_tokens: a prefix of a valid reply still
+                assert text.startswith('{"name": "'), text
+        assert small.engine.switch_metrics()[f"preemptions_{mode}"] > 0
+
+
+def test_a_schema_that_does_not_compile_is_the_requests_error(llm):
+    with pytest.raises(ValueError, match="the regex does not compile"):
+        _replies(llm, StructuredOutputsParams(regex="(("), n=1)
+    with pytest.raises(ValueError, match="the JSON schema does not compile"):
+        _replies(llm, StructuredOutputsParams(json={"type": "nonsense"}), n=1)
+    with pytest.raises(ValueError, match="exactly one of"):
+        StructuredOutputsParams(regex="a", choice=["a"])
+    assert _replies(llm, StructuredOutputsParams(choice=["ok"]), n=1)[0].text == "ok"  # alive
+
+
+def test_min_tokens_past_the_grammars_end_does_not_break_the_step(llm):
+    """min_tokens would mask the EOS the finished grammar leaves alone: the grammar decides."""
+    out = _replies(llm, StructuredOutputsParams(choice=["ok"]), n=1, min_tokens=5)[0]
+    assert (out.text, out.finish_reason) == ("ok", "stop")
+
+
+@pytest.fixture(scope="module")
+def client():
+    engine = AsyncEngine.from_config(EngineConfig.from_kwargs(**OPTS))
+    app = build_app(engine, ServerSettings(), shutdown_engine=False)
+    with BackgroundServer(app) as srv, openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x",
+                                                      max_retries=0, timeout=60) as c:
+        yield c
+    engine.shutdown()
+
+
+def test_the_server_takes_openais_and_vllms_fields(client):
+    chat = dict(model="fairswitch-tiny", messages=[{"role": "user", "content": "Who?"}],
+                max_tokens=100, temperature=1.0, seed=3)
+    out = client.chat.completions.create(**chat, response_format={
+        "type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}})
+    assert set(json.loads(out.choices[0].message.content)) == {"name", "age"}
+    out = client.chat.completions.create(**chat, response_format={"type": "json_object"})
+    assert out.choices[0].message.content.startswith("{")  # (any object: may run to the end)
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        **chat, stream=True, extra_body={"guided_choice": ["left", "right"]}) if c.choices)
+    assert streamed in ("left", "right")
+    out = client.completions.create(model="fairswitch-tiny", prompt="Code:", max_tokens=20,
+                                    extra_body={"guided_regex": "[A-Z]{4}"})
+    assert re.fullmatch("[A-Z]{4}", out.choices[0].text)
+    out = client.completions.create(model="fairswitch-tiny", prompt="Pick", max_tokens=20,
+                                    extra_body={"structured_outputs": {"choice": ["x", "y"]}})
+    assert out.choices[0].text in ("x", "y")
+    with pytest.raises(openai.BadRequestError, match="does not compile"):
+        client.completions.create(model="fairswitch-tiny", prompt="x", max_tokens=5,
+                                  extra_body={"guided_json": {"type": "nonsense"}})
