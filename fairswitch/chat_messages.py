@@ -203,3 +203,22 @@ def _text(part: Any, where: str, j: int, describe: Callable[[Any], str]) -> str:
     error = MessageValueError if isinstance(part, dict) else MessageTypeError
     raise error(f"'{where}[{j}]' must be a text part ({{\"type\": \"text\", \"text\": ...}}): "
                 f"only text is supported, got {describe(part)}", where)
+
+
+# apply_chat_template's own arguments and the names templates get from it: not for a caller to
+# set through chat_template_kwargs.
+_TEMPLATE_RESERVED = frozenset({
+    "messages", "conversation", "tools", "documents", "add_generation_prompt",
+    "continue_final_message", "chat_template", "tokenize", "padding", "truncation",
+    "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask",
+    "tokenizer_kwargs", "raise_exception", "strftime_now"})
+
+
+def check_template_kwargs(kwargs: dict[str, Any]) -> None:
+    """chat_template_kwargs: variables for the template; ValueError for names the call itself
+    sets (message after the field's name)."""
+    if not all(isinstance(k, str) for k in kwargs):
+        raise ValueError("must have string keys")
+    if reserved := sorted(kwargs.keys() & _TEMPLATE_RESERVED):
+        raise ValueError(f"may not set {', '.join(reserved)}: they are the call's own "
+                         "arguments or the template's functions")

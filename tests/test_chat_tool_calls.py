@@ -242,3 +242,12 @@ def test_tools_with_tool_choice_none_and_template_kwargs_reach_the_template(engi
     num_plain = plain["count"] if path == "/tokenize" else plain["usage"]["prompt_tokens"]
     assert num_plain == len(tokenizer.encode("user: Weather in Paris?\n",
                                              add_special_tokens=False))
+
+
+def test_llm_chat_takes_tools_and_template_kwargs(llm):
+    """vLLM's LLM.chat(tools=, chat_template_kwargs=)."""
+    out = llm.chat([CONVERSATION[0]], ONE, chat_template=TOOLS_TEMPLATE, tools=[WEATHER],
+                   chat_template_kwargs={"enable_thinking": False}, use_tqdm=False)[0]
+    assert out.prompt == "tools: get_weather no thinking\nuser: Weather in Paris?\n"
+    with pytest.raises(ValueError, match="chat_template_kwargs may not set tools"):
+        llm.chat([CONVERSATION[0]], ONE, chat_template_kwargs={"tools": []}, use_tqdm=False)

@@ -7,8 +7,8 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-from fairswitch.chat_messages import (PLAIN_CHAT_TEMPLATE, check_template_renders_tools,
-                                      parse_conversation)
+from fairswitch.chat_messages import (PLAIN_CHAT_TEMPLATE, check_template_kwargs,
+                                      check_template_renders_tools, parse_conversation)
 from fairswitch.config import EngineConfig
 from fairswitch.engine.engine import Engine, is_priority
 from fairswitch.outputs import RequestOutput
@@ -133,6 +133,8 @@ class LLM:
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
         **generate_options: Any,
     ) -> list[RequestOutput]:
         """Reply to one conversation (a list of ``{"role", "content"}`` messages) or to several
@@ -140,11 +142,17 @@ class LLM:
         ``chat_template``; neither: a plain-text one, as the server's) and generated from;
         ``priority``/``client_id`` as in ``generate``.
         ``continue_final_message`` (with ``add_generation_prompt=False``) continues the final
-        message instead of starting a new one, as transformers renders it.
+        message instead of starting a new one, as transformers renders it. ``tools`` (OpenAI's
+        function definitions) and ``chat_template_kwargs`` (e.g. ``{"enable_thinking": False}``)
+        go to the template, as in vLLM.
         Messages are checked as the server checks them (chat_messages.py): TypeError or
         ValueError naming the message and field, before anything runs; so is a conversation with
         tool calls for a chat template that would render it without them."""
         tokenizer = self.engine.tokenizer
+        try:
+            check_template_kwargs(chat_template_kwargs or {})
+        except ValueError as e:
+            raise ValueError(f"chat_template_kwargs {e}") from None
         # (as the server renders it: a tokenizer without a template gets a plain-text one)
         template = chat_template or getattr(tokenizer, "chat_template", None) \
             or PLAIN_CHAT_TEMPLATE
@@ -154,7 +162,8 @@ class LLM:
             text = tokenizer.apply_chat_template(
                 conversation, chat_template=template, tokenize=False,
                 add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message)
+                continue_final_message=continue_final_message, tools=tools,
+                **(chat_template_kwargs or {}))
             # The template writes the special tokens itself.
             prompts.append(tokenizer.encode(text, add_special_tokens=False))
             texts.append(text)

@@ -22,6 +22,7 @@ from typing import Any
 from fairswitch.chat_messages import MessageError, parse_conversation
 from fairswitch.model.generation_config import SAMPLING_FIELDS
 from fairswitch.outputs import Logprob, PositionLogprobs
+from fairswitch.chat_messages import check_template_kwargs
 from fairswitch.sampling_params import MAX_LOGPROBS, MAX_N, SamplingParams
 from fairswitch.structured_output import KINDS as STRUCTURED_KINDS
 from fairswitch.structured_output import StructuredOutputsParams
@@ -513,15 +514,6 @@ def _tools(body: dict) -> list[dict[str, Any]] | None:
     return tools
 
 
-# apply_chat_template's own arguments and the names templates get from it: not for a request
-# to set through chat_template_kwargs.
-_TEMPLATE_RESERVED = frozenset({
-    "messages", "conversation", "tools", "documents", "add_generation_prompt",
-    "continue_final_message", "chat_template", "tokenize", "padding", "truncation",
-    "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask",
-    "tokenizer_kwargs", "raise_exception", "strftime_now"})
-
-
 def _template_kwargs(body: dict) -> dict[str, Any]:
     kwargs = body.get("chat_template_kwargs")
     if kwargs is None:
@@ -529,10 +521,10 @@ def _template_kwargs(body: dict) -> dict[str, Any]:
     if not isinstance(kwargs, dict):
         raise bad_request(f"'chat_template_kwargs' must be an object, got {_describe(kwargs)}",
                           "chat_template_kwargs")
-    if reserved := sorted(kwargs.keys() & _TEMPLATE_RESERVED):
-        raise bad_request(f"'chat_template_kwargs' may not set {', '.join(reserved)}: they are "
-                          "the request's own fields or the template's functions",
-                          "chat_template_kwargs")
+    try:
+        check_template_kwargs(kwargs)
+    except ValueError as e:
+        raise bad_request(f"'chat_template_kwargs' {e}", "chat_template_kwargs") from e
     return kwargs
 
 
