@@ -171,3 +171,27 @@ def test_min_tokens_and_penalties_are_honoured(client, llm):
         frequency_penalty=0.5, extra_body={"min_tokens": 3, "repetition_penalty": 1.2,
                                            "stop_token_ids": [first]})
     assert held.usage.completion_tokens >= 3
+
+
+def test_return_token_ids_whole_and_streamed(client, llm):
+    """vLLM's return_token_ids: each choice's generated ids beside its text, and the prompt's
+    ids (a completion choice's own; a chat response's, or its first chunk's)."""
+    ids = llm.get_tokenizer().encode(PROMPT)
+    body = dict(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0.0,
+                extra_body={"ignore_eos": True, "return_token_ids": True})
+    want = llm.generate([PROMPT], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0].token_ids
+    choice = client.completions.create(**body).choices[0].model_dump()
+    assert (choice["token_ids"], choice["prompt_token_ids"]) == (list(want), ids)
+    chunks = [c.choices[0].model_dump() for c in client.completions.create(**body, stream=True)]
+    assert [t for c in chunks for t in c["token_ids"]] == list(want)
+    assert chunks[0]["prompt_token_ids"] == ids and "prompt_token_ids" not in chunks[1]
+    chat = dict(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                extra_body={"ignore_eos": True, "return_token_ids": True})
+    whole = client.chat.completions.create(**chat).model_dump()
+    assert len(whole["choices"][0]["token_ids"]) == 3 and whole["prompt_token_ids"]
+    stream = [c.model_dump() for c in client.chat.completions.create(**chat, stream=True)]
+    assert stream[0]["prompt_token_ids"] == whole["prompt_token_ids"]
+    assert sum(len(c["choices"][0].get("token_ids") or []) for c in stream if c["choices"]) == 3
+    plain = client.completions.create(**{**body, "extra_body": {"ignore_eos": True}})
+    assert "token_ids" not in plain.choices[0].model_dump()  # only when asked for

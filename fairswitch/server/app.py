@@ -179,7 +179,7 @@ class OpenAIServer:
         # (echo without generation: the engine samples one token, which is not shown)
         shaper = ChoiceShaper(fmt, req.logprobs, echo_texts,
                               echo and all(max_tokens == 0 for _, _, max_tokens in prompts),
-                              self._token_text, req.n)
+                              self._token_text, req.n, req.return_token_ids)
         outputs = choice_outputs(
             self.engine, [Prompt(text, ids, req.sampling_params(
                 max(max_tokens, 1), self.core.generation.sampling))
@@ -239,6 +239,8 @@ class OpenAIServer:
         extra = {}
         if reply.fmt.chat and done[0].prompt_logprobs is not None:  # vLLM's place for chat
             extra["prompt_logprobs"] = reply.shaper.prompt_logprobs(done[0])
+        if reply.fmt.chat and reply.shaper.token_ids:  # (completions: each choice's)
+            extra["prompt_token_ids"] = list(done[0].prompt_token_ids)
         return web.json_response(reply.body(choices, usage=_usage(reply, done), **extra),
                                  dumps=streaming.dumps)
 
@@ -254,7 +256,9 @@ class OpenAIServer:
             try:
                 opening = reply.fmt.opening_choices(reply.n)
                 if opening:
-                    await streaming.send(resp, reply.body(opening, chunk=True, **extra))
+                    ids = ({"prompt_token_ids": list(item[1].prompt_token_ids)}
+                           if reply.shaper.token_ids else {})  # (chat: the first chunk's)
+                    await streaming.send(resp, reply.body(opening, chunk=True, **extra, **ids))
                 while True:
                     index, out = item
                     _observe(tracker, reply, index, out)

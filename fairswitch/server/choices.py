@@ -112,7 +112,8 @@ class ChoiceShaper:
     echo_only: bool
     text_of: Callable[[int], str]  # a token's text
     n: int = 1  # choices per prompt (choice i is prompt i // n's)
-    _echoed: set[int] = field(default_factory=set)  # streamed choices whose prompt went out
+    token_ids: bool = False  # return_token_ids: each choice's ids (completions: its prompt's)
+    _started: set[int] = field(default_factory=set)  # streamed choices with a chunk out
     _offsets: dict[int, int] = field(default_factory=dict)  # completions: chars sent per choice
 
     def whole(self, index: int, out: RequestOutput) -> dict[str, Any]:
@@ -126,6 +127,10 @@ class ChoiceShaper:
                                  self._logprobs(ids, entries, 0))
         if not self.fmt.chat and out.prompt_logprobs is not None:  # (chat: the response's)
             choice["prompt_logprobs"] = self.prompt_logprobs(out)
+        if self.token_ids:
+            choice["token_ids"] = [] if self.echo_only else list(c.token_ids)
+            if not self.fmt.chat:  # (chat: the response's)
+                choice["prompt_token_ids"] = list(out.prompt_token_ids)
         return choice
 
     def prompt_logprobs(self, out: RequestOutput) -> list[dict[str, Any] | None]:
@@ -138,8 +143,9 @@ class ChoiceShaper:
         finish = c.finish_reason if out.finished else None
         ids, entries = self._shown(c.new_token_ids, c.new_logprobs)
         text = "" if self.echo_only else c.new_text
-        if self.echo_texts is not None and index not in self._echoed:
-            self._echoed.add(index)
+        first = index not in self._started
+        self._started.add(index)
+        if self.echo_texts is not None and first:
             text = self.echo_texts[index // self.n] + text
             ids, entries = out.prompt_token_ids + ids, self._prompt_entries(out) + entries
         if not ids and finish is None:
@@ -149,7 +155,12 @@ class ChoiceShaper:
             # Offsets count the tokens' own texts, as a whole response's do (and vLLM's): a
             # character split across tokens counts once per piece.
             self._offsets[index] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
-        return self.fmt.delta_choice(text, finish, c.stop_reason, index, logprobs, bool(ids))
+        choice = self.fmt.delta_choice(text, finish, c.stop_reason, index, logprobs, bool(ids))
+        if self.token_ids:  # this chunk's new ids; a completion's first also its prompt's
+            choice["token_ids"] = [] if self.echo_only else list(c.new_token_ids)
+            if first and not self.fmt.chat:
+                choice["prompt_token_ids"] = list(out.prompt_token_ids)
+        return choice
 
     def num_shown_tokens(self, out: RequestOutput) -> int:
         return 0 if self.echo_only else len(out.outputs[0].token_ids)

@@ -206,7 +206,7 @@ _READ_COMMON = frozenset({
     "max_completion_tokens", "min_tokens", "min_p", "presence_penalty", "frequency_penalty",
     "repetition_penalty", "logit_bias", "prompt_logprobs", "seed", "stop", "stop_token_ids",
     "ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "priority", "user",
-    *_STRUCTURED_FIELDS})
+    "return_token_ids", *_STRUCTURED_FIELDS})
 _KNOWN_COMPLETION = _READ_COMMON | {"prompt", "echo", "logprobs", "add_special_tokens"} | {
     name for name, _ in _UNSUPPORTED_COMMON + _UNSUPPORTED_COMPLETION}
 _KNOWN_CHAT = _READ_COMMON | {"messages", "add_generation_prompt", "continue_final_message",
@@ -267,6 +267,7 @@ class GenerationRequest:
     logprobs: int | None  # top logprobs per token (None: no logprobs)
     prompt_logprobs: int | None  # vLLM's extension (completions: also set by echo + logprobs)
     structured_outputs: StructuredOutputsParams | None = None  # (_structured)
+    return_token_ids: bool = False  # vLLM's: token ids beside the text (and the prompt's)
 
     def sampling_params(self, max_tokens: int,
                         defaults: dict[str, Any] | None = None) -> SamplingParams:
@@ -389,6 +390,7 @@ def _common(body: Any, unsupported: tuple, echo: bool = False) -> dict[str, Any]
         logit_bias=bias or None,
         prompt_logprobs=_logprob_count(body, "prompt_logprobs"),
         structured_outputs=_structured(body),
+        return_token_ids=_bool(body, "return_token_ids", False),
         model=_str(body, "model"), stream=stream, include_usage=include_usage,
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
         seed=_int(body, "seed"), stop=_stop(body),
