@@ -211,7 +211,9 @@ _TEMPLATE_RESERVED = frozenset({
     "messages", "conversation", "tools", "documents", "add_generation_prompt",
     "continue_final_message", "chat_template", "tokenize", "padding", "truncation",
     "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask",
-    "tokenizer_kwargs", "raise_exception", "strftime_now"})
+    "tokenizer_kwargs", "raise_exception", "strftime_now",
+    # Jinja's own globals, which templates call (Qwen's namespace(...), range(...))
+    "range", "dict", "lipsum", "cycler", "joiner", "namespace"})
 
 
 def check_template_kwargs(kwargs: dict[str, Any]) -> None:

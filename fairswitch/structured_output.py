@@ -11,18 +11,18 @@ the previous one: the engine does not launch a step for such a request before th
 it has been collected (as for penalties).
 
 Grammars compile when a request is added (a bad schema or regex is the request's ValueError),
-once per distinct specification (cached).
+once per distinct specification (cached, up to ``CACHE_LIMIT_BYTES``).
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
 KINDS = ("json", "json_object", "regex", "choice", "grammar")
+CACHE_LIMIT_BYTES = 512 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -61,8 +61,8 @@ class StructuredOutputsParams:
     def spec(self) -> tuple[str, str]:
         """(kind, text): what compiles, hashable."""
         if self.json is not None:
-            text = self.json if isinstance(self.json, str) else json.dumps(self.json,
-                                                                           sort_keys=True)
+            # (in the schema's order: fields come out in the order its properties list them)
+            text = self.json if isinstance(self.json, str) else json.dumps(self.json)
             return "json", text
         if self.json_object:
             return "json_object", ""
@@ -90,10 +90,11 @@ class GrammarCompiler:
     def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: set[int]) -> None:
         self._xgr = _xgrammar()
         info = _tokenizer_info(self._xgr, tokenizer, vocab_size, sorted(eos_token_ids))
-        self._compiler = self._xgr.GrammarCompiler(info)
-        self._compile = functools.lru_cache(maxsize=256)(self._compile_spec)
+        # Compiled grammars are cached by the library, within a bound: each client's distinct
+        # schema would otherwise be kept for good (vLLM bounds it alike).
+        self._compiler = self._xgr.GrammarCompiler(info, cache_limit_bytes=CACHE_LIMIT_BYTES)
 
-    def _compile_spec(self, kind: str, text: str) -> Any:
+    def _compile(self, kind: str, text: str) -> Any:
         c = self._compiler
         # JSON in one line, ", " and ": " between items: any whitespace lets a model pad the
         # reply with blank lines up to max_tokens (and small models do).

@@ -251,3 +251,10 @@ def test_llm_chat_takes_tools_and_template_kwargs(llm):
     assert out.prompt == "tools: get_weather no thinking\nuser: Weather in Paris?\n"
     with pytest.raises(ValueError, match="chat_template_kwargs may not set tools"):
         llm.chat([CONVERSATION[0]], ONE, chat_template_kwargs={"tools": []}, use_tqdm=False)
+
+
+def test_template_kwargs_cannot_shadow_what_templates_call(server):
+    """Qwen's templates call namespace(...): a kwarg of that name made the render a 500."""
+    status, body = post(server.url + "/v1/chat/completions", {
+        "messages": [CONVERSATION[0]], "max_tokens": 1, "chat_template_kwargs": {"namespace": 1}})
+    assert status == 400 and "may not set namespace" in body["error"]["message"], body

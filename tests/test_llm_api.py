@@ -100,6 +100,11 @@ def test_n_choices_are_admitted_together():
         engine.add_request("e", PARAMS)
     engine.abort_request("d")
     engine.release_places("d")
+    # A group's member whose first was refused, or whose places are given back, takes none of
+    # its own (a batch's second prompt was admitted on the last free place when its first was
+    # refused for a full queue).
+    with pytest.raises(QueueFullError, match="no place is held for 'd'"):
+        engine.add_request("d", PARAMS, request_id="d-1", held_by="d")
     for rid in "efg":
         engine.add_request("e", PARAMS, request_id=rid)
 

@@ -119,3 +119,30 @@ def test_the_server_takes_openais_and_vllms_fields(client):
     with pytest.raises(openai.BadRequestError, match="does not compile"):
         client.completions.create(model="fairswitch-tiny", prompt="x", max_tokens=5,
                                   extra_body={"guided_json": {"type": "nonsense"}})
+
+
+def test_fields_come_in_the_schemas_order_and_every_token_has_its_logprob(llm):
+    """A dict schema was serialized with sorted keys: 'answer' came before 'reasoning' (schemas
+    that put reasoning first rely on the order). The token that ended a grammar had no logprob."""
+    schema = {"type": "object", "properties": {"reasoning": {"type": "string", "maxLength": 8},
+                                               "answer": {"type": "integer", "maximum": 99}},
+              "required": ["reasoning", "answer"], "additionalProperties": False}
+    for c in _replies(llm, StructuredOutputsParams(json=schema), n=2, logprobs=0):
+        assert c.text.startswith('{"reasoning": '), c.text
+        if c.finish_reason == "stop":
+            assert len(c.logprobs) == len(c.token_ids)
+
+
+def test_compiled_grammars_are_cached_within_a_bound(llm):
+    from fairswitch.structured_output import CACHE_LIMIT_BYTES
+
+    _replies(llm, StructuredOutputsParams(choice=["a"]), n=1)
+    assert llm.engine._grammars()._compiler.cache_limit_bytes == CACHE_LIMIT_BYTES
+
+
+def test_vllms_other_structured_output_options_at_their_defaults_are_taken(client):
+    out = client.completions.create(model="fairswitch-tiny", prompt="Pick", max_tokens=20,
+                                    extra_body={"structured_outputs": {
+                                        "choice": ["x", "y"], "disable_fallback": False,
+                                        "disable_any_whitespace": True, "whitespace_pattern": None}})
+    assert out.choices[0].text in ("x", "y")

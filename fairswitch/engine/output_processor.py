@@ -63,7 +63,14 @@ class OutputProcessor:
         request.token_ids.append(token_id)
         params = request.sampling_params
         state: _TextState = request.detokenizer
+        if state.logprobs is not None:
+            if logprobs is None:
+                raise RuntimeError(f"request {request.request_id!r} asked for logprobs but the "
+                                   "step returned none")
+            state.logprobs.append(self._position(logprobs, params.logprobs))
+            state.cumulative_logprob += logprobs[token_id][0]
         if request.grammar is not None:
+            # (after its logprobs: a token ending the reply has them too)
             if not request.grammar.accept_token(token_id):
                 # Its mask allowed only what it accepts: only a mask with nothing left (a
                 # grammar no token can continue) gets here. This request ends, not the step.
@@ -78,12 +85,6 @@ class OutputProcessor:
                 if token_id in params.stop_token_ids or token_id != self.primary_eos:
                     request.stop_reason = token_id
                 return
-        if state.logprobs is not None:
-            if logprobs is None:
-                raise RuntimeError(f"request {request.request_id!r} asked for logprobs but the "
-                                   "step returned none")
-            state.logprobs.append(self._position(logprobs, params.logprobs))
-            state.cumulative_logprob += logprobs[token_id][0]
         if params.min_tokens and request.num_output_tokens < params.min_tokens:
             if state.detokenizer is not None:
                 state.text += state.detokenizer.add(token_id)

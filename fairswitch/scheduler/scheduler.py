@@ -150,6 +150,11 @@ class Scheduler:
             self._held_places[held_by] -= 1
             if not self._held_places[held_by]:
                 del self._held_places[held_by]
+        elif held_by is not None and cap is not None:
+            # Its group's first was refused (the queue was full), or the response ended: a
+            # place of its own would admit part of a group that was refused as a whole.
+            raise QueueFullError(f"no place is held for {held_by!r}: its group was not "
+                                 f"admitted ({cap} requests wait at most)")
         elif cap is not None and queue_places:
             if queue_places > 1 and queue_places > cap:
                 raise ValueError(f"{queue_places} choices of one request need {queue_places} "

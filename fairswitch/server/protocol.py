@@ -182,12 +182,17 @@ def _structured(body: dict) -> StructuredOutputsParams | None:
         if not isinstance(outputs, dict):
             raise bad_request(f"'structured_outputs' must be an object, got "
                               f"{_describe(outputs)}", "structured_outputs")
+        # vLLM's options beside the kind: these two are what this server does anyway (it never
+        # falls back to another grammar engine; JSON never has free whitespace here).
+        options = {k: v for k, v in outputs.items()
+                   if k in ("disable_fallback", "disable_any_whitespace") and isinstance(v, bool)}
         if other := sorted(k for k in outputs if k not in STRUCTURED_KINDS
-                           and outputs[k] not in (None, False)):
+                           and k not in options and outputs[k] not in (None, False)):
             raise bad_request(f"'structured_outputs.{other[0]}' is not supported by this "
                               f"server (got {_describe(outputs[other[0]])})",
                               "structured_outputs")
-        given["structured_outputs"] = {k: v for k, v in outputs.items() if v is not None}
+        given["structured_outputs"] = {k: v for k, v in outputs.items()
+                                       if k in STRUCTURED_KINDS and v not in (None, False)}
     if len(given) > 1:
         raise bad_request(f"give one structured-output field, got {', '.join(given)}",
                           next(iter(given)))
@@ -510,7 +515,7 @@ def _tools(body: dict) -> list[dict[str, Any]] | None:
                 or not fn["name"]):
             raise bad_request(f"'tools[{i}]' must be {{\"type\": \"function\", \"function\": "
                               f"{{\"name\": ..., ...}}}}, got {_describe(tool)}", f"tools[{i}]")
-        if not isinstance(fn.get("parameters", {}), dict):
+        if not isinstance(fn.get("parameters") or {}, dict):  # (null: none, as vLLM takes)
             raise bad_request(f"'tools[{i}].function.parameters' must be a JSON schema object, "
                               f"got {_describe(fn['parameters'])}", f"tools[{i}]")
     return tools
