@@ -38,6 +38,25 @@ def server(engine):
         yield srv
 
 
+@pytest.fixture(scope="module")
+def openai_client():
+    """The real ``openai`` client on a server over the default model (256 blocks, 256 tokens of
+    context), for the module."""
+    import openai
+
+    from fairswitch.config import EngineConfig
+    from fairswitch.engine.async_engine import AsyncEngine
+    from fairswitch.server import BackgroundServer, ServerSettings, build_app
+
+    engine = AsyncEngine.from_config(EngineConfig.from_kwargs(num_gpu_blocks=256,
+                                                              max_model_len=256))
+    app = build_app(engine, ServerSettings(), shutdown_engine=False)
+    with BackgroundServer(app) as srv, openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x",
+                                                      max_retries=0, timeout=60) as c:
+        yield c
+    engine.shutdown()
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir() -> Path:
     return ensure_cl100k_tokenizer()

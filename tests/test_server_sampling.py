@@ -4,13 +4,9 @@ what evaluation harnesses score), min_tokens and penalties; values equal the eng
 
 from __future__ import annotations
 
-import openai
 import pytest
 
 from fairswitch import LLM, SamplingParams
-from fairswitch.config import EngineConfig
-from fairswitch.engine.async_engine import AsyncEngine
-from fairswitch.server import BackgroundServer, ServerSettings, build_app
 
 MODEL = "fairswitch-tiny"
 PROMPT = "The capital of France is"
@@ -18,13 +14,8 @@ OPTS = dict(num_gpu_blocks=256, max_model_len=256)
 
 
 @pytest.fixture(scope="module")
-def client():
-    engine = AsyncEngine.from_config(EngineConfig.from_kwargs(**OPTS))
-    app = build_app(engine, ServerSettings(), shutdown_engine=False)
-    with BackgroundServer(app) as srv, openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x",
-                                                      max_retries=0, timeout=60) as c:
-        yield c
-    engine.shutdown()
+def client(openai_client):
+    return openai_client
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,6 @@ import openai
 import pytest
 
 from fairswitch import LLM, SamplingParams
-from fairswitch.config import EngineConfig
-from fairswitch.engine.async_engine import AsyncEngine
-from fairswitch.server import BackgroundServer, ServerSettings, build_app
 from fairswitch.structured_output import StructuredOutputsParams
 
 pytest.importorskip("xgrammar")
@@ -90,13 +87,8 @@ def test_min_tokens_past_the_grammars_end_does_not_break_the_step(llm):
 
 
 @pytest.fixture(scope="module")
-def client():
-    engine = AsyncEngine.from_config(EngineConfig.from_kwargs(**OPTS))
-    app = build_app(engine, ServerSettings(), shutdown_engine=False)
-    with BackgroundServer(app) as srv, openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x",
-                                                      max_retries=0, timeout=60) as c:
-        yield c
-    engine.shutdown()
+def client(openai_client):
+    return openai_client
 
 
 def test_the_server_takes_openais_and_vllms_fields(client):
