@@ -138,3 +138,38 @@ def test_vllms_other_structured_output_options_at_their_defaults_are_taken(clien
                                         "choice": ["x", "y"], "disable_fallback": False,
                                         "disable_any_whitespace": True, "whitespace_pattern": None}})
     assert out.choices[0].text in ("x", "y")
+
+
+def test_the_async_engine_compiles_off_its_engine_thread():
+    """A large schema, or the first one (the vocabulary is read then), paused every stream while
+    it compiled on the engine thread."""
+    import asyncio
+    import threading
+
+    from fairswitch.config import EngineConfig
+    from fairswitch.engine.async_engine import AsyncEngine
+
+    engine = AsyncEngine.from_config(EngineConfig.from_kwargs(**OPTS))
+    threads = []
+    compile_grammar = engine.engine.compile_grammar
+
+    def spy(spec):
+        threads.append(threading.current_thread())
+        return compile_grammar(spec)
+
+    engine.engine.compile_grammar = spy
+
+    async def run():
+        params = SamplingParams(max_tokens=10, structured_outputs=StructuredOutputsParams(
+            choice=["yes", "no"]))
+        return [out async for out in engine.generate("Well?", params)][-1]
+
+    try:
+        last = asyncio.run(run())
+        with pytest.raises(ValueError, match="does not compile"):
+            asyncio.run(anext(engine.generate("x", SamplingParams(
+                structured_outputs=StructuredOutputsParams(regex="((")))))
+    finally:
+        engine.shutdown()
+    assert last.outputs[0].text in ("yes", "no")
+    assert threads and engine._thread not in threads and threading.main_thread() not in threads

@@ -121,10 +121,15 @@ class AsyncEngine:
         finished = False
         try:
             try:
+                grammar = None
+                if params is not None and params.structured_outputs is not None:
+                    # Compiled here, off the engine thread: no step waits for it.
+                    grammar = await asyncio.to_thread(self.engine.compile_grammar,
+                                                      params.structured_outputs)
                 await self._call(lambda: self.engine.add_request(
                     prompt, params, request_id=request_id, prompt_token_ids=prompt_token_ids,
                     priority=priority, client_id=client_id, queue_places=queue_places,
-                    held_by=held_by))
+                    held_by=held_by, grammar=grammar))
             except Exception:
                 # Not added: nothing to abort, and a request the engine holds under this id
                 # is another caller's. (Cancelled, the add may have run: it is aborted below.)

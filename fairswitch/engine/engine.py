@@ -14,9 +14,11 @@ import dataclasses
 import itertools
 import logging
 import math
+import threading
 import time
 import weakref
 from dataclasses import dataclass
+from typing import Any
 
 from fairswitch.config import EngineConfig
 from fairswitch.distributed.stall_report import report_stall
@@ -28,7 +30,7 @@ from fairswitch.engine.step_log import StepLog, StepStats
 from fairswitch.outputs import RequestOutput
 from fairswitch.request import Request, RequestStatus
 from fairswitch.runner.jit_watch import JIT_CLOCK
-from fairswitch.structured_output import GrammarCompiler
+from fairswitch.structured_output import GrammarCompiler, StructuredOutputsParams
 from fairswitch.runner.model_runner import PendingStep
 from fairswitch.sampling_params import SamplingParams
 from fairswitch.scheduler.scheduler import SchedulerOutput
@@ -84,6 +86,7 @@ class Engine:
         self._last_collected_s = 0.0
         self._priority_ignored_said = False  # (warned once: see _say_if_priority_ignored)
         self._grammar_compiler: GrammarCompiler | None = None  # (_grammars)
+        self._grammar_lock = threading.Lock()
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -91,10 +94,12 @@ class Engine:
                     params: SamplingParams | None = None, *, request_id: str | None = None,
                     prompt_token_ids: list[int] | None = None, priority: int = 0,
                     client_id: str | None = None, arrival_time: float | None = None,
-                    queue_places: int = 1, held_by: str | None = None) -> str:
+                    queue_places: int = 1, held_by: str | None = None,
+                    grammar: Any = None) -> str:
         """Validate and queue a request; return its id. Raises TypeError for a prompt of the
         wrong type, ValueError on other bad input, QueueFullError when the waiting queue has no
-        room (``queue_places``, ``held_by``: Scheduler.add_request)."""
+        room (``queue_places``, ``held_by``: Scheduler.add_request). ``grammar``: the matcher
+        of its structured output, compiled beforehand (``compile_grammar``); else here."""
         params = params if params is not None else self.default_sampling_params()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -124,20 +129,29 @@ class Engine:
                       arrival_time if arrival_time is not None else time.monotonic(),
                       prompt=text, priority=priority, client_id=client_id)
         if params.structured_outputs is not None:  # (a bad schema: this request's ValueError)
-            req.grammar = self._grammars().matcher(params.structured_outputs)
+            req.grammar = grammar if grammar is not None else self.compile_grammar(
+                params.structured_outputs)
         self.output_processor.init_request(req)
         # May raise QueueFullError: nothing is registered yet.
         self.scheduler.add_request(req, queue_places, held_by)
         self.requests[request_id] = req
         return request_id
 
+    def compile_grammar(self, spec: StructuredOutputsParams) -> Any:
+        """A matcher for a request's structured output; ValueError if it does not compile. Any
+        thread may call it (AsyncEngine compiles off the engine thread, so that a large schema,
+        or the first one, which reads the vocabulary, pauses no step)."""
+        return self._grammars().matcher(spec)
+
     def _grammars(self) -> GrammarCompiler:
         """The structured-output compiler, made at the first request that needs it (reading
         the vocabulary takes a second or more)."""
-        if self._grammar_compiler is None:
-            self._grammar_compiler = GrammarCompiler(self.tokenizer, self.hf_config.vocab_size,
-                                                     self.output_processor.eos_token_ids)
-            self.runner.sampler.grammars = self._grammar_compiler
+        with self._grammar_lock:
+            if self._grammar_compiler is None:
+                self._grammar_compiler = GrammarCompiler(
+                    self.tokenizer, self.hf_config.vocab_size,
+                    self.output_processor.eos_token_ids)
+                self.runner.sampler.grammars = self._grammar_compiler
         return self._grammar_compiler
 
     def default_sampling_params(self) -> SamplingParams:
