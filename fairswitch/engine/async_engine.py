@@ -122,7 +122,8 @@ class AsyncEngine:
         try:
             try:
                 grammar = None
-                if params is not None and params.structured_outputs is not None:
+                # (a params of the wrong type is add_request's TypeError)
+                if getattr(params, "structured_outputs", None) is not None:
                     # Compiled here, off the engine thread: no step waits for it.
                     grammar = await asyncio.to_thread(self.engine.compile_grammar,
                                                       params.structured_outputs)
