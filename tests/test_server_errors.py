@@ -199,11 +199,16 @@ BAD = [
     ("/v1/chat/completions", {"messages": CHAT, "tools": {"f": 1}, "tool_choice": "none"}, 400,
      ["'tools' must be an array"], "tools"),
     ("/v1/chat/completions", {"messages": CHAT, "tool_choice": "required", "tools": [TOOL]},
-     400, ['\'tool_choice\' string "required" is not supported', "parses no tool calls"],
+     400, ['\'tool_choice\' string "required" is not supported', "no parser of tool calls"],
      "tool_choice"),
+    ("/v1/chat/completions", {"messages": CHAT, "tool_choice": {"type": "function"},
+                              "tools": [TOOL]}, 400, ["'tool_choice' must be"], "tool_choice"),
     ("/v1/chat/completions", {"messages": CHAT, "tool_choice": {
-        "type": "function", "function": {"name": "weather"}}, "tools": [TOOL]}, 400,
-     ["'tool_choice'"], "tool_choice"),
+        "type": "function", "function": {"name": "weather"}}}, 400,
+     ["names 'weather', but 'tools' lists no function"], "tool_choice"),
+    ("/v1/chat/completions", {"messages": CHAT, "tool_choice": {
+        "type": "function", "function": {"name": "weather"}}, "tools": [TOOL],
+        "guided_regex": "a"}, 400, ["give no other structured output"], "tool_choice"),
     # Structured output (test_structured_output.py runs it).
     ("/v1/completions", {"prompt": "x", "response_format": {"type": "xml"}}, 400,
      ["'response_format' must be"], "response_format"),

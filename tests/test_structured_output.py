@@ -173,3 +173,33 @@ def test_the_async_engine_compiles_off_its_engine_thread():
         engine.shutdown()
     assert last.outputs[0].text in ("yes", "no")
     assert threads and engine._thread not in threads and threading.main_thread() not in threads
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+    "required": ["city"], "additionalProperties": False}}}
+
+
+def test_a_named_tool_choice_makes_the_reply_its_call(client):
+    """vLLM's (and OpenAI's) forced function call: the reply is the function's arguments, held
+    to its parameters' schema, given as message.tool_calls (streamed: the call's id, type and
+    name first, then the arguments piece by piece). LangChain's with_structured_output(method=
+    "function_calling") sends this."""
+    chat = dict(model="fairswitch-tiny", messages=[{"role": "user", "content": "Weather?"}],
+                max_tokens=60, temperature=0.0, tools=[WEATHER],
+                tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    message = client.chat.completions.create(**chat).choices[0].message
+    assert message.content is None and len(message.tool_calls) == 1
+    call = message.tool_calls[0]
+    assert call.type == "function" and call.function.name == "get_weather" and call.id
+    arguments = json.loads(call.function.arguments)
+    assert set(arguments) == {"city"}
+    deltas = [tc for c in client.chat.completions.create(**chat, stream=True) if c.choices
+              for tc in c.choices[0].delta.tool_calls or []]
+    assert deltas[0].id and deltas[0].function.name == "get_weather"
+    assert all(d.id is None and d.function.name is None for d in deltas[1:])
+    assert json.loads("".join(d.function.arguments for d in deltas)) == arguments
+    for choice, message in (({"type": "function", "function": {"name": "nope"}}, "not list"),
+                            ("auto", "no parser of tool calls")):
+        with pytest.raises(openai.BadRequestError, match=message):
+            client.chat.completions.create(**{**chat, "tool_choice": choice})

@@ -339,6 +339,7 @@ class ChatRequest(GenerationRequest):
     messages: list[dict[str, Any]]
     template: TemplateInputs
     add_special_tokens: bool = False  # templates write their own (vLLM's default too)
+    tool_call: str | None = None  # tool_choice named this function: the reply is its call
 
 
 def _common(body: Any, unsupported: tuple, echo: bool = False) -> dict[str, Any]:
@@ -468,16 +469,26 @@ def parse_chat(body: Any) -> ChatRequest:
         raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     logprobs = (top or 0) if _bool(body, "logprobs", False) else None
     messages = parse_messages(body.get("messages"))
-    template = _template_inputs(body)
+    tools, named = _tools(body)
+    template = _template_inputs(body, tools)
+    if named is not None:  # the reply is that function's arguments, held to its schema
+        if common["structured_outputs"] is not None:
+            raise bad_request("'tool_choice' naming a function holds the reply to its "
+                              "parameters' schema: give no other structured output",
+                              "tool_choice")
+        schema = next(t["function"].get("parameters") for t in tools
+                      if t["function"]["name"] == named)
+        common["structured_outputs"] = StructuredOutputsParams(json=schema or {"type": "object"})
     _log_ignored(body, _KNOWN_CHAT)
     return ChatRequest(messages=messages, template=template, logprobs=logprobs,
-                       add_special_tokens=_bool(body, "add_special_tokens", False), **common)
+                       add_special_tokens=_bool(body, "add_special_tokens", False),
+                       tool_call=named, **common)
 
 
-def _template_inputs(body: dict) -> TemplateInputs:
+def _template_inputs(body: dict, tools: list[dict[str, Any]] | None) -> TemplateInputs:
     """vLLM's template controls: add_generation_prompt and continue_final_message (not both:
     the first starts a new assistant turn, the second continues the final message), the tools
-    (with tool_choice 'none') and chat_template_kwargs."""
+    (``_tools``) and chat_template_kwargs."""
     continue_final = _bool(body, "continue_final_message", False)
     add_generation_prompt = _bool(body, "add_generation_prompt", True)
     if continue_final and add_generation_prompt:
@@ -485,29 +496,45 @@ def _template_inputs(body: dict) -> TemplateInputs:
                           "true: set 'add_generation_prompt': false to continue the final "
                           "message", "continue_final_message")
     return TemplateInputs(add_generation_prompt=add_generation_prompt,
-                          continue_final_message=continue_final, tools=_tools(body),
+                          continue_final_message=continue_final, tools=tools,
                           kwargs=_template_kwargs(body))
 
 
-def _tools(body: dict) -> list[dict[str, Any]] | None:
-    """The tools to render, as vLLM takes them with tool_choice 'none' (shown to the model, no
-    call parsed from its reply); a choice that would call one is refused, since this server
-    parses no tool calls (vLLM: auto needs --tool-call-parser, a named one structured output)."""
+def _tools(body: dict) -> tuple[list[dict[str, Any]] | None, str | None]:
+    """(the tools to render, the function the reply must call). As vLLM: with tool_choice
+    'none' the tools are shown to the model and no call is made; a named function
+    (``{"type": "function", "function": {"name": ...}}``) makes the reply that function's
+    arguments, held to its parameters' schema (structured output). 'auto' and 'required' need
+    a parser of the model's tool-call syntax (vLLM's --tool-call-parser), which this server does
+    not have: refused."""
     tools, choice = body.get("tools"), body.get("tool_choice")
     if tools is not None and not isinstance(tools, list):
         raise bad_request(f"'tools' must be an array, got {_describe(tools)}", "tools")
     if choice == "required" and not tools:  # nothing to call: none (as vLLM)
         choice = "none"
-    if choice is not None and choice != "none":
+    named = None
+    if isinstance(choice, dict):
+        fn = choice.get("function")
+        if (choice.get("type") != "function" or not isinstance(fn, dict)
+                or not isinstance(fn.get("name"), str)):
+            raise bad_request("'tool_choice' must be \"none\" or {\"type\": \"function\", "
+                              f"\"function\": {{\"name\": ...}}}}, got {_describe(choice)}",
+                              "tool_choice")
+        named = fn["name"]
+    elif choice is not None and choice != "none":
         raise bad_request(f"'tool_choice' {_describe(choice)} is not supported by this server, "
-                          "which parses no tool calls: 'none' shows the tools to the model",
-                          "tool_choice")
+                          "which has no parser of tool calls: 'none' shows the tools to the "
+                          "model, a named function makes the reply its call", "tool_choice")
     if not tools:
-        return None
+        if named is not None:
+            raise bad_request(f"'tool_choice' names {named!r}, but 'tools' lists no function",
+                              "tool_choice")
+        return None, None
     if choice is None:  # OpenAI's default with tools is auto
         raise bad_request("'tools' without 'tool_choice' means 'auto', which this server does "
-                          "not support (it parses no tool calls): give 'tool_choice': 'none' to "
-                          "show them to the model", "tool_choice")
+                          "not support (it has no parser of tool calls): give 'tool_choice': "
+                          "'none' to show them to the model, or name the function to call",
+                          "tool_choice")
     for i, tool in enumerate(tools):
         fn = tool.get("function") if isinstance(tool, dict) else None
         if (not isinstance(tool, dict) or tool.get("type") != "function"
@@ -518,7 +545,10 @@ def _tools(body: dict) -> list[dict[str, Any]] | None:
         if not isinstance(fn.get("parameters") or {}, dict):  # (null: none, as vLLM takes)
             raise bad_request(f"'tools[{i}].function.parameters' must be a JSON schema object, "
                               f"got {_describe(fn['parameters'])}", f"tools[{i}]")
-    return tools
+    if named is not None and named not in {t["function"]["name"] for t in tools}:
+        raise bad_request(f"'tool_choice' names {named!r}, which 'tools' does not list",
+                          "tool_choice")
+    return tools, named
 
 
 def _template_kwargs(body: dict) -> dict[str, Any]:
@@ -638,7 +668,8 @@ def parse_tokenize(body: Any) -> TokenizeRequest:
                               f"{_describe(prompt)}", "prompt")
     return TokenizeRequest(
         model=_str(body, "model"), prompt=prompt, messages=messages,
-        template=_template_inputs(body) if messages is not None else TemplateInputs(),
+        template=(_template_inputs(body, _tools(body)[0]) if messages is not None
+                  else TemplateInputs()),
         # Chat templates write their own special tokens; a plain prompt gets the tokenizer's.
         add_special_tokens=_bool(body, "add_special_tokens", messages is None),
         return_token_strs=_bool(body, "return_token_strs", False))
