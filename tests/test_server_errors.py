@@ -586,3 +586,13 @@ def test_top_logprobs_0_without_logprobs_is_taken(server):
     status, _, reply = call(server, "/v1/chat/completions",
                             body={"messages": CHAT, "top_logprobs": 0, "max_tokens": 1})
     assert status == 200 and reply["choices"][0]["logprobs"] is None, reply
+
+
+def test_an_abort_outside_a_shutdown_is_not_called_one(server, monkeypatch):
+    """A request the engine itself aborted (a structured reply no token could continue) was
+    answered 503 'the server is shutting down'."""
+    app_server = server.app[SERVER_KEY]
+    assert app_server._aborted().status == 500
+    monkeypatch.setattr(app_server.in_flight, "aborting", True)
+    error = app_server._aborted()
+    assert error.status == 503 and "shutting down" in error.message

@@ -162,7 +162,7 @@ class OpenAIServer:
                         prompts: list[tuple[str | None, list[int], int]]) -> web.StreamResponse:
         """``prompts``: (text, token ids, max_tokens) of each prompt, n choices each."""
         if self.in_flight.aborting:  # shutting down: requests still running are being aborted
-            raise _aborted()
+            raise self._aborted()
         self._check_n(req.n, len(prompts))
         for _, _, max_tokens in prompts:
             req.check_min_tokens(max(max_tokens, 1))
@@ -199,13 +199,20 @@ class OpenAIServer:
                     tracker.refused()
                     raise
                 if first[1].outputs[0].finish_reason == "abort":  # before it began: a status
-                    raise _aborted()
+                    raise self._aborted()
                 if req.stream:
                     return await self._stream(request, req, reply, first, outputs, tracker)
                 return await self._whole(reply, first, outputs, tracker)
             finally:
                 tracker.close()
                 record.request_ids = []
+
+    def _aborted(self) -> APIError:
+        """The error of a request the engine aborted: the shutdown's, or the engine's own (a
+        structured-output reply that no token could continue)."""
+        if self.in_flight.aborting:
+            return APIError(503, "the request was aborted: the server is shutting down")
+        return APIError(500, "the engine aborted the request (see the server's log)")
 
     def _check_n(self, n: int, num_prompts: int) -> None:
         """A request's choices are admitted together (choices.py): more than the waiting queue
@@ -231,7 +238,7 @@ class OpenAIServer:
             _observe(tracker, reply, index, out)
             if out.finished:
                 if out.outputs[0].finish_reason == "abort":  # closing aborts the other choices
-                    raise _aborted()
+                    raise self._aborted()
                 done[index] = out
                 if len(done) == reply.n:
                     break
@@ -264,7 +271,7 @@ class OpenAIServer:
                     index, out = item
                     _observe(tracker, reply, index, out)
                     if out.outputs[0].finish_reason == "abort":
-                        raise _aborted()
+                        raise self._aborted()
                     choice = reply.shaper.delta(index, out)
                     if choice is not None:
                         await streaming.send(resp, reply.body([choice], chunk=True, **extra))
@@ -428,8 +435,6 @@ def _check_text(body: Any) -> None:
         raise bad_request(f"the request body holds {not_text_message(char)}")
 
 
-def _aborted() -> APIError:
-    return APIError(503, "the request was aborted: the server is shutting down")
 
 
 async def _next_output(outputs: AsyncIterator[Any]) -> Any:
