@@ -203,3 +203,48 @@ def test_a_named_tool_choice_makes_the_reply_its_call(client):
                             ("auto", "no parser of tool calls")):
         with pytest.raises(openai.BadRequestError, match=message):
             client.chat.completions.create(**{**chat, "tool_choice": choice})
+
+
+def test_tool_choice_required_makes_the_reply_one_call_or_more(client):
+    """'required': one call or more to any of the tools, finish_reason 'tool_calls', streamed
+    call by call (each call's id and name, then its arguments)."""
+    clock = {"type": "function", "function": {"name": "get_time", "parameters": None}}
+    chat = dict(model="fairswitch-tiny", messages=[{"role": "user", "content": "Weather?"}],
+                max_tokens=120, temperature=0.0, tools=[WEATHER, clock], tool_choice="required")
+    choice = client.chat.completions.create(**chat).choices[0]
+    if choice.finish_reason == "length":  # (a tiny model can run on; then the text is given)
+        pytest.skip("the reply ran past max_tokens")
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    calls = [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls]
+    assert calls and all(name in ("get_weather", "get_time") for name, _ in calls)
+    streamed: dict[int, list] = {}
+    for chunk in client.chat.completions.create(**chat, stream=True):
+        for d in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            if d.id is not None:
+                streamed[d.index] = [d.function.name, d.function.arguments]
+            else:
+                streamed[d.index][1] += d.function.arguments
+    assert [(name, json.loads(args)) for name, args in streamed.values()] == calls
+
+
+def test_the_stream_reader_gives_the_whole_replys_calls_however_the_text_is_cut():
+    import random
+
+    from fairswitch.server.tool_calls import ToolCalls
+
+    text = ('[{"name": "a", "parameters": {"x": "}{\\\\\\"]", "y": [1, {"z": []}]}}, '
+            '{"name": "b_2", "parameters": {}}]')
+    whole = [(c["function"]["name"], json.loads(c["function"]["arguments"]))
+             for c in ToolCalls(None).whole(text)]
+    assert [name for name, _ in whole] == ["a", "b_2"]
+    rng = random.Random(0)
+    for _ in range(50):
+        calls, cuts = ToolCalls(None), sorted(rng.sample(range(1, len(text)), 8))
+        got: dict[int, list] = {}
+        for a, b in zip([0, *cuts], [*cuts, len(text)]):
+            for d in calls.delta(0, text[a:b]):
+                if "id" in d:
+                    got[d["index"]] = [d["function"]["name"], d["function"]["arguments"]]
+                else:
+                    got[d["index"]][1] += d["function"]["arguments"]
+        assert [(name, json.loads(args)) for name, args in got.values()] == whole

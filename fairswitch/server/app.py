@@ -180,7 +180,7 @@ class OpenAIServer:
         shaper = ChoiceShaper(fmt, req.logprobs, echo_texts,
                               echo and all(max_tokens == 0 for _, _, max_tokens in prompts),
                               self._token_text, req.n, req.return_token_ids,
-                              getattr(req, "tool_call", None))
+                              getattr(req, "tool_calls", None))
         outputs = choice_outputs(
             self.engine, [Prompt(text, ids, req.sampling_params(
                 max(max_tokens, 1), self.core.generation.sampling))

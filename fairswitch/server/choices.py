@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 from fairswitch.engine.async_engine import AsyncEngine
 from fairswitch.outputs import RequestOutput
 from fairswitch.sampling_params import SamplingParams
+from fairswitch.server.tool_calls import ToolCalls
 from fairswitch.server.protocol import (ResponseFormat, chat_logprobs, completion_logprobs,
                                         prompt_logprobs)
 
@@ -114,8 +114,7 @@ class ChoiceShaper:
     text_of: Callable[[int], str]  # a token's text
     n: int = 1  # choices per prompt (choice i is prompt i // n's)
     token_ids: bool = False  # return_token_ids: each choice's ids (completions: its prompt's)
-    tool_name: str | None = None  # chat whose tool_choice named a function: replies are calls
-    _call_ids: dict[int, str] = field(default_factory=dict)  # each choice's tool call id
+    tools: ToolCalls | None = None  # chat whose tool_choice makes replies calls (tool_calls.py)
     _started: set[int] = field(default_factory=set)  # streamed choices with a chunk out
     _offsets: dict[int, int] = field(default_factory=dict)  # completions: chars sent per choice
 
@@ -134,19 +133,18 @@ class ChoiceShaper:
             choice["token_ids"] = [] if self.echo_only else list(c.token_ids)
             if not self.fmt.chat:  # (chat: the response's)
                 choice["prompt_token_ids"] = list(out.prompt_token_ids)
-        if self.tool_name is not None:  # the text is the call's arguments (OpenAI's shape)
+        if self.tools is not None:  # the text is the calls (OpenAI's shape)
             message = choice["message"]
-            message["tool_calls"] = [self._call(index, message.pop("content"), True)]
-            message["content"] = None
+            calls = self.tools.whole(message["content"])
+            if calls is not None:  # (else cut short by max_tokens: the text as it is)
+                message["tool_calls"], message["content"] = calls, None
+                choice["finish_reason"] = self._finish(choice["finish_reason"])
         return choice
 
-    def _call(self, index: int, arguments: str, first: bool) -> dict[str, Any]:
-        """A tool call (a stream's first delta of it: with its id, type and name)."""
-        if not first:
-            return {"index": 0, "function": {"arguments": arguments}}
-        call_id = self._call_ids.setdefault(index, f"chatcmpl-tool-{uuid.uuid4().hex}")
-        return {"index": 0, "id": call_id, "type": "function",
-                "function": {"name": self.tool_name, "arguments": arguments}}
+    def _finish(self, reason: str | None) -> str | None:
+        """Calls the model chose ("required") end as OpenAI's "tool_calls"; a forced one as
+        "stop"."""
+        return "tool_calls" if reason == "stop" and self.tools.named is None else reason
 
     def prompt_logprobs(self, out: RequestOutput) -> list[dict[str, Any] | None]:
         """vLLM's ``prompt_logprobs`` field, of an output that has them."""
@@ -176,9 +174,14 @@ class ChoiceShaper:
             if first and not self.fmt.chat:
                 choice["prompt_token_ids"] = list(out.prompt_token_ids)
         delta = choice.get("delta")
-        if self.tool_name is not None and delta and "content" in delta:
-            delta["tool_calls"] = [self._call(index, delta.pop("content"),
-                                              index not in self._call_ids)]
+        if self.tools is not None and delta is not None:
+            if "content" in delta:
+                calls = self.tools.delta(index, delta.pop("content"))
+                if calls:
+                    delta["tool_calls"] = calls
+            choice["finish_reason"] = self._finish(choice["finish_reason"])
+            if not delta and choice["finish_reason"] is None:
+                return None  # (a piece of the JSON around the calls: nothing to say yet)
         return choice
 
     def num_shown_tokens(self, out: RequestOutput) -> int:

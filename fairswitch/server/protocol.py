@@ -26,6 +26,7 @@ from fairswitch.chat_messages import check_template_kwargs
 from fairswitch.sampling_params import MAX_LOGPROBS, MAX_N, SamplingParams
 from fairswitch.structured_output import KINDS as STRUCTURED_KINDS
 from fairswitch.structured_output import StructuredOutputsParams
+from fairswitch.server.tool_calls import ToolCalls, required_schema
 from fairswitch.server.errors import bad_request
 
 logger = logging.getLogger(__name__)
@@ -339,7 +340,7 @@ class ChatRequest(GenerationRequest):
     messages: list[dict[str, Any]]
     template: TemplateInputs
     add_special_tokens: bool = False  # templates write their own (vLLM's default too)
-    tool_call: str | None = None  # tool_choice named this function: the reply is its call
+    tool_calls: ToolCalls | None = None  # tool_choice named or required: replies are calls
 
 
 def _common(body: Any, unsupported: tuple, echo: bool = False) -> dict[str, Any]:
@@ -469,20 +470,25 @@ def parse_chat(body: Any) -> ChatRequest:
         raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     logprobs = (top or 0) if _bool(body, "logprobs", False) else None
     messages = parse_messages(body.get("messages"))
-    tools, named = _tools(body)
+    tools, named, required = _tools(body)
     template = _template_inputs(body, tools)
-    if named is not None:  # the reply is that function's arguments, held to its schema
+    calls = None
+    if named is not None or required:  # the reply is calls: held to their schema
         if common["structured_outputs"] is not None:
-            raise bad_request("'tool_choice' naming a function holds the reply to its "
-                              "parameters' schema: give no other structured output",
+            raise bad_request(f"'tool_choice' {_describe(body['tool_choice'])} holds the reply "
+                              "to the calls' schema: give no other structured output",
                               "tool_choice")
-        schema = next(t["function"].get("parameters") for t in tools
-                      if t["function"]["name"] == named)
-        common["structured_outputs"] = StructuredOutputsParams(json=schema or {"type": "object"})
+        if required:
+            schema = required_schema(tools)
+        else:
+            schema = next(t["function"].get("parameters") for t in tools
+                          if t["function"]["name"] == named) or {"type": "object"}
+        calls = ToolCalls(named)
+        common["structured_outputs"] = StructuredOutputsParams(json=schema)
     _log_ignored(body, _KNOWN_CHAT)
     return ChatRequest(messages=messages, template=template, logprobs=logprobs,
                        add_special_tokens=_bool(body, "add_special_tokens", False),
-                       tool_call=named, **common)
+                       tool_calls=calls, **common)
 
 
 def _template_inputs(body: dict, tools: list[dict[str, Any]] | None) -> TemplateInputs:
@@ -500,13 +506,12 @@ def _template_inputs(body: dict, tools: list[dict[str, Any]] | None) -> Template
                           kwargs=_template_kwargs(body))
 
 
-def _tools(body: dict) -> tuple[list[dict[str, Any]] | None, str | None]:
-    """(the tools to render, the function the reply must call). As vLLM: with tool_choice
-    'none' the tools are shown to the model and no call is made; a named function
-    (``{"type": "function", "function": {"name": ...}}``) makes the reply that function's
-    arguments, held to its parameters' schema (structured output). 'auto' and 'required' need
-    a parser of the model's tool-call syntax (vLLM's --tool-call-parser), which this server does
-    not have: refused."""
+def _tools(body: dict) -> tuple[list[dict[str, Any]] | None, str | None, bool]:
+    """(the tools to render, the function the reply must call, whether it must call some). As vLLM: with tool_choice 'none' the tools are shown to the model and no call is
+    made; a named function (``{"type": "function", "function": {"name": ...}}``) makes the reply
+    that function's call and 'required' one call or more to any of them, held to their schema
+    (structured output, tool_calls.py). 'auto' needs a parser of the model's own tool-call
+    syntax (vLLM's --tool-call-parser), which this server does not have: refused."""
     tools, choice = body.get("tools"), body.get("tool_choice")
     if tools is not None and not isinstance(tools, list):
         raise bad_request(f"'tools' must be an array, got {_describe(tools)}", "tools")
@@ -521,15 +526,18 @@ def _tools(body: dict) -> tuple[list[dict[str, Any]] | None, str | None]:
                               f"\"function\": {{\"name\": ...}}}}, got {_describe(choice)}",
                               "tool_choice")
         named = fn["name"]
+    elif choice == "required":
+        pass
     elif choice is not None and choice != "none":
         raise bad_request(f"'tool_choice' {_describe(choice)} is not supported by this server, "
                           "which has no parser of tool calls: 'none' shows the tools to the "
-                          "model, a named function makes the reply its call", "tool_choice")
+                          "model, 'required' or a named function makes the reply calls",
+                          "tool_choice")
     if not tools:
         if named is not None:
             raise bad_request(f"'tool_choice' names {named!r}, but 'tools' lists no function",
                               "tool_choice")
-        return None, None
+        return None, None, False
     if choice is None:  # OpenAI's default with tools is auto
         raise bad_request("'tools' without 'tool_choice' means 'auto', which this server does "
                           "not support (it has no parser of tool calls): give 'tool_choice': "
@@ -548,7 +556,7 @@ def _tools(body: dict) -> tuple[list[dict[str, Any]] | None, str | None]:
     if named is not None and named not in {t["function"]["name"] for t in tools}:
         raise bad_request(f"'tool_choice' names {named!r}, which 'tools' does not list",
                           "tool_choice")
-    return tools, named
+    return tools, named, choice == "required"
 
 
 def _template_kwargs(body: dict) -> dict[str, Any]:
