@@ -248,3 +248,57 @@ def test_the_stream_reader_gives_the_whole_replys_calls_however_the_text_is_cut(
                 else:
                     got[d["index"]][1] += d["function"]["arguments"]
         assert [(name, json.loads(args)) for name, args in got.values()] == whole
+
+
+def test_the_stream_reader_on_odd_but_valid_replies():
+    """A name ending in a backslash (its closing quote was taken as escaped: the stream broke),
+    scalar parameters, a reply cut short (no calls whole; not "complete" streamed), and
+    parallel_tool_calls false (the first call only)."""
+    from fairswitch.server.tool_calls import ToolCalls
+
+    text = '[{"name": "f\\\\", "parameters": null}, {"name": "g", "parameters": "a}b"}]'
+    calls = ToolCalls(None).whole(text)
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == [
+        ("f\\", "null"), ("g", '"a}b"')]
+    assert "index" not in calls[0]  # (a delta's field only)
+    streamed = ToolCalls(None)
+    pieces = [d for ch in text for d in streamed.delta(0, ch)]
+    assert [d["function"]["name"] for d in pieces if "id" in d] == ["f\\", "g"]
+    assert streamed.complete(0)
+    cut = ToolCalls(None)
+    assert cut.whole(text[:30]) is None
+    cut.delta(0, text[:30])
+    assert not cut.complete(0)
+    first_only = ToolCalls(None, parallel=False)
+    assert len(first_only.whole(text)) == 1
+    assert {d["index"] for d in first_only.delta(1, text)} == {0}
+
+
+def test_required_hoists_each_tools_defs_and_an_empty_function_takes_nothing(client):
+    """pydantic and the openai library write parameters with $defs and $ref: nested in the
+    'required' list schema they pointed at nothing (a 400). A function without parameters took
+    any object; vLLM's empty schema takes {} only."""
+    from fairswitch.server.tool_calls import required_schema
+
+    unit = {"$defs": {"Unit": {"enum": ["C", "F"]}}, "type": "object",
+            "properties": {"unit": {"$ref": "#/$defs/Unit"}}, "required": ["unit"],
+            "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "temp", "parameters": unit}},
+             {"type": "function", "function": {"name": "now"}}]
+    schema = required_schema(tools)
+    assert schema["$defs"] == unit["$defs"]
+    chat = dict(model="fairswitch-tiny", messages=[{"role": "user", "content": "?"}],
+                max_tokens=80, temperature=0.0, tools=tools, tool_choice="required",
+                extra_body={"return_token_ids": True})
+    choice = client.chat.completions.create(**chat).choices[0]
+    for call in choice.message.tool_calls or []:
+        args = json.loads(call.function.arguments)
+        assert args == {} if call.function.name == "now" else args["unit"] in ("C", "F")
+    # Every streamed token's id comes back, those of the JSON around the calls too.
+    ids = [t for c in client.chat.completions.create(**chat, stream=True) if c.choices
+           for t in (c.choices[0].model_dump().get("token_ids") or [])]
+    assert len(ids) == len(choice.model_dump()["token_ids"])
+    with pytest.raises(ValueError, match="define \\$defs 'Unit' differently"):
+        other = {**unit, "$defs": {"Unit": {"enum": ["K"]}}}
+        required_schema([*tools, {"type": "function", "function": {"name": "k",
+                                                                   "parameters": other}}])

@@ -136,15 +136,17 @@ class ChoiceShaper:
         if self.tools is not None:  # the text is the calls (OpenAI's shape)
             message = choice["message"]
             calls = self.tools.whole(message["content"])
-            if calls is not None:  # (else cut short by max_tokens: the text as it is)
+            if calls is not None:  # (else cut short: the text as it is)
                 message["tool_calls"], message["content"] = calls, None
-                choice["finish_reason"] = self._finish(choice["finish_reason"])
+                choice["finish_reason"] = self._finish(choice["finish_reason"], True)
         return choice
 
-    def _finish(self, reason: str | None) -> str | None:
-        """Calls the model chose ("required") end as OpenAI's "tool_calls"; a forced one as
-        "stop"."""
-        return "tool_calls" if reason == "stop" and self.tools.named is None else reason
+    def _finish(self, reason: str | None, complete: bool) -> str | None:
+        """Whole calls the model chose ("required") end as OpenAI's "tool_calls"; a forced one,
+        or a reply cut short, keep their reason."""
+        if reason == "stop" and complete and self.tools.named is None:
+            return "tool_calls"
+        return reason
 
     def prompt_logprobs(self, out: RequestOutput) -> list[dict[str, Any] | None]:
         """vLLM's ``prompt_logprobs`` field, of an output that has them."""
@@ -179,8 +181,10 @@ class ChoiceShaper:
                 calls = self.tools.delta(index, delta.pop("content"))
                 if calls:
                     delta["tool_calls"] = calls
-            choice["finish_reason"] = self._finish(choice["finish_reason"])
-            if not delta and choice["finish_reason"] is None:
+            choice["finish_reason"] = self._finish(choice["finish_reason"],
+                                                   self.tools.complete(index))
+            if (not delta and choice["finish_reason"] is None and choice["logprobs"] is None
+                    and "token_ids" not in choice):
                 return None  # (a piece of the JSON around the calls: nothing to say yet)
         return choice
 

@@ -26,7 +26,7 @@ from fairswitch.chat_messages import check_template_kwargs
 from fairswitch.sampling_params import MAX_LOGPROBS, MAX_N, SamplingParams
 from fairswitch.structured_output import KINDS as STRUCTURED_KINDS
 from fairswitch.structured_output import StructuredOutputsParams
-from fairswitch.server.tool_calls import ToolCalls, required_schema
+from fairswitch.server.tool_calls import ToolCalls, call_schema, required_schema
 from fairswitch.server.errors import bad_request
 
 logger = logging.getLogger(__name__)
@@ -217,7 +217,7 @@ _KNOWN_COMPLETION = _READ_COMMON | {"prompt", "echo", "logprobs", "add_special_t
     name for name, _ in _UNSUPPORTED_COMMON + _UNSUPPORTED_COMPLETION}
 _KNOWN_CHAT = _READ_COMMON | {"messages", "add_generation_prompt", "continue_final_message",
                               "logprobs", "top_logprobs", "add_special_tokens", "tools",
-                              "tool_choice", "chat_template_kwargs"} | {
+                              "tool_choice", "parallel_tool_calls", "chat_template_kwargs"} | {
     name for name, _ in _UNSUPPORTED_COMMON + _UNSUPPORTED_CHAT}
 _MAX_LOGGED_FIELDS = 10
 
@@ -478,12 +478,13 @@ def parse_chat(body: Any) -> ChatRequest:
             raise bad_request(f"'tool_choice' {_describe(body['tool_choice'])} holds the reply "
                               "to the calls' schema: give no other structured output",
                               "tool_choice")
-        if required:
-            schema = required_schema(tools)
-        else:
-            schema = next(t["function"].get("parameters") for t in tools
-                          if t["function"]["name"] == named) or {"type": "object"}
-        calls = ToolCalls(named)
+        try:
+            schema = (required_schema(tools) if required else
+                      next(call_schema(t["function"]) for t in tools
+                           if t["function"]["name"] == named))
+        except ValueError as e:
+            raise bad_request(str(e), "tools") from e
+        calls = ToolCalls(named, _bool(body, "parallel_tool_calls", True))
         common["structured_outputs"] = StructuredOutputsParams(json=schema)
     _log_ignored(body, _KNOWN_CHAT)
     return ChatRequest(messages=messages, template=template, logprobs=logprobs,
