@@ -256,7 +256,6 @@ def test_bad_request(server, path, body, status, fragments, param):
 # never ignored. (path, field, a value it would honour, its default, which is accepted)
 UNSUPPORTED = [
     ("/v1/chat/completions", "structural_tag", {"type": "structural_tag"}, None),
-    ("/v1/completions", "truncate_prompt_tokens", 8, None),
     ("/v1/chat/completions", "allowed_token_ids", [1, 2], None),
     ("/v1/completions", "bad_words", ["bad"], []),
     ("/v1/chat/completions", "echo", True, False),

@@ -4,6 +4,7 @@ what evaluation harnesses score), min_tokens and penalties; values equal the eng
 
 from __future__ import annotations
 
+import openai
 import pytest
 
 from fairswitch import LLM, SamplingParams
@@ -186,3 +187,26 @@ def test_return_token_ids_whole_and_streamed(client, llm):
     assert sum(len(c["choices"][0].get("token_ids") or []) for c in stream if c["choices"]) == 3
     plain = client.completions.create(**{**body, "extra_body": {"ignore_eos": True}})
     assert "token_ids" not in plain.choices[0].model_dump()  # only when asked for
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_end(client, llm):
+    """vLLM's truncate_prompt_tokens: the prompt's last k tokens run (-1: max_model_len); it
+    was refused."""
+    ids = list(range(1000, 1300))  # longer than the context (256)
+    greedy = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    want = llm.generate({"prompt_token_ids": ids[-50:]}, greedy,
+                        use_tqdm=False)[0].outputs[0].text
+    out = client.completions.create(model=MODEL, prompt=ids, max_tokens=3, temperature=0.0,
+                                    echo=True, extra_body={"ignore_eos": True,
+                                                           "truncate_prompt_tokens": 50})
+    assert out.usage.prompt_tokens == 50
+    assert out.choices[0].text.endswith(want)
+    assert out.choices[0].text == llm.get_tokenizer().decode(ids[-50:]) + want
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi " * 400}], max_tokens=2,
+        extra_body={"truncate_prompt_tokens": 100})
+    assert chat.usage.prompt_tokens == 100
+    for k, message in ((0, r"-1 \(max_model_len\) or at least 1"), (300, "must not exceed")):
+        with pytest.raises(openai.BadRequestError, match=message):
+            client.completions.create(model=MODEL, prompt="x", max_tokens=1,
+                                      extra_body={"truncate_prompt_tokens": k})

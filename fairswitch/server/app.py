@@ -139,13 +139,23 @@ class OpenAIServer:
         self._check_model(req.model)
         prompts = []
         for prompt in req.prompts:
-            if not isinstance(prompt, str):  # token ids
-                prompts.append(self._validate_prompt(None, prompt, "prompt"))
-                continue
-            self.prompts.check_length(prompt, "prompt")
-            ids = self.prompts.encode(prompt, add_special_tokens=req.add_special_tokens)
-            prompts.append(self._validate_prompt(prompt, ids, "prompt"))
+            if isinstance(prompt, str):
+                self.prompts.check_length(prompt, "prompt")
+                text, ids = prompt, self.prompts.encode(
+                    prompt, add_special_tokens=req.add_special_tokens)
+            else:  # token ids
+                text, ids = None, prompt
+            prompts.append(self._checked(req, text, ids, "prompt"))
         return req, prompts
+
+    def _checked(self, req: protocol.GenerationRequest, text: str | None, ids: list[int],
+                 param: str) -> tuple[str | None, list[int]]:
+        """(text, ids) of a prompt as it will run: cut by truncate_prompt_tokens (its text is
+        then the ids' own), and checked."""
+        kept = req.truncated(ids, self.core.max_model_len)
+        if len(kept) < len(ids):
+            text = None
+        return self._validate_prompt(text, kept, param)
 
     def _chat_prompt(self, raw: bytes) -> tuple[protocol.ChatRequest, str | None, list[int]]:
         """(request, prompt text, prompt token ids); on a prompt worker thread."""
@@ -155,7 +165,7 @@ class OpenAIServer:
         self.prompts.check_length(text, "messages")
         # Templates write their own special tokens (chat.py), unless the request asks.
         ids = self.prompts.encode(text, add_special_tokens=req.add_special_tokens)
-        return req, *self._validate_prompt(text, ids, "messages")
+        return req, *self._checked(req, text, ids, "messages")
 
     async def _generate(self, request: web.Request, req: protocol.GenerationRequest,
                         fmt: protocol.ResponseFormat,

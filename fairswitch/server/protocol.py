@@ -141,7 +141,7 @@ def _int_list(body: dict, name: str, most: int) -> list[int]:
 # prompt truncation, vocabulary restrictions, and the chat template's controls.
 _UNSUPPORTED_COMMON = (
     ("best_of", (1,)), ("use_beam_search", (False,)),
-    ("structural_tag", ()), ("truncate_prompt_tokens", ()),
+    ("structural_tag", ()),
     ("allowed_token_ids", ()), ("bad_words", ([],)), ("logits_processors", ([],)),
     ("return_tokens_as_token_ids", (False,)))
 _UNSUPPORTED_COMPLETION = (("suffix", ("",)), ("prompt_embeds", ()))
@@ -154,6 +154,14 @@ _UNSUPPORTED_CHAT = (("functions", ([],)), ("function_call", ("none",)), ("echo"
 _GUIDED = (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
            ("guided_grammar", "grammar"))
 _STRUCTURED_FIELDS = ("response_format", "structured_outputs", *(name for name, _ in _GUIDED))
+
+
+def _truncation(body: dict) -> int | None:
+    k = _int(body, "truncate_prompt_tokens", None, low=-1)
+    if k == 0:
+        raise bad_request("'truncate_prompt_tokens' must be -1 (max_model_len) or at least 1, "
+                          "got 0", "truncate_prompt_tokens")
+    return k
 
 
 def _structured(body: dict) -> StructuredOutputsParams | None:
@@ -212,7 +220,7 @@ _READ_COMMON = frozenset({
     "max_completion_tokens", "min_tokens", "min_p", "presence_penalty", "frequency_penalty",
     "repetition_penalty", "logit_bias", "prompt_logprobs", "seed", "stop", "stop_token_ids",
     "ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "priority", "user",
-    "return_token_ids", *_STRUCTURED_FIELDS})
+    "return_token_ids", "truncate_prompt_tokens", *_STRUCTURED_FIELDS})
 _KNOWN_COMPLETION = _READ_COMMON | {"prompt", "echo", "logprobs", "add_special_tokens"} | {
     name for name, _ in _UNSUPPORTED_COMMON + _UNSUPPORTED_COMPLETION}
 _KNOWN_CHAT = _READ_COMMON | {"messages", "add_generation_prompt", "continue_final_message",
@@ -274,6 +282,18 @@ class GenerationRequest:
     prompt_logprobs: int | None  # vLLM's extension (completions: also set by echo + logprobs)
     structured_outputs: StructuredOutputsParams | None = None  # (_structured)
     return_token_ids: bool = False  # vLLM's: token ids beside the text (and the prompt's)
+    truncate_prompt_tokens: int | None = None  # vLLM's: keep the prompt's last k tokens
+
+    def truncated(self, ids: list[int], max_model_len: int) -> list[int]:
+        """The prompt's ids as ``truncate_prompt_tokens`` leaves them (-1: max_model_len)."""
+        k = self.truncate_prompt_tokens
+        if k is None:
+            return ids
+        k = max_model_len if k == -1 else k
+        if k > max_model_len:
+            raise bad_request(f"'truncate_prompt_tokens' ({k}) must not exceed max_model_len "
+                              f"({max_model_len})", "truncate_prompt_tokens")
+        return ids[-k:]
 
     def sampling_params(self, max_tokens: int,
                         defaults: dict[str, Any] | None = None) -> SamplingParams:
@@ -398,6 +418,7 @@ def _common(body: Any, unsupported: tuple, echo: bool = False) -> dict[str, Any]
         prompt_logprobs=_logprob_count(body, "prompt_logprobs"),
         structured_outputs=_structured(body),
         return_token_ids=_bool(body, "return_token_ids", False),
+        truncate_prompt_tokens=_truncation(body),
         model=_str(body, "model"), stream=stream, include_usage=include_usage,
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
         seed=_int(body, "seed"), stop=_stop(body),
