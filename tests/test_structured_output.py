@@ -46,7 +46,8 @@ def test_replies_follow_each_kind_of_structure(llm):
         assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", c.text), c.text
     for c in _replies(llm, StructuredOutputsParams(choice=["Paris", "Lyon", "a \"quoted\" one"])):
         assert c.text in ("Paris", "Lyon", 'a "quoted" one'), c.text
-    for c in _replies(llm, StructuredOutputsParams(grammar='root ::= "yes" | "no" | ("maybe" [0-9])')):
+    grammar = 'root ::= "yes" | "no" | ("maybe" [0-9])'
+    for c in _replies(llm, StructuredOutputsParams(grammar=grammar)):
         assert re.fullmatch(r"yes|no|maybe[0-9]", c.text), c.text
 
 
@@ -136,7 +137,8 @@ def test_vllms_other_structured_output_options_at_their_defaults_are_taken(clien
     out = client.completions.create(model="fairswitch-tiny", prompt="Pick", max_tokens=20,
                                     extra_body={"structured_outputs": {
                                         "choice": ["x", "y"], "disable_fallback": False,
-                                        "disable_any_whitespace": True, "whitespace_pattern": None}})
+                                        "disable_any_whitespace": True,
+                                        "whitespace_pattern": None}})
     assert out.choices[0].text in ("x", "y")
 
 

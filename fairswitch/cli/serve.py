@@ -16,7 +16,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def add_parser(subs: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from fairswitch.server.settings import DEFAULT_MAX_BODY_BYTES
+    from fairswitch.server.settings import DEFAULT_MAX_BODY_BYTES, DEFAULT_METRICS_PREFIX
 
     p = subs.add_parser("serve", help="serve the OpenAI-compatible HTTP API",
                         description="Serve /v1/completions, /v1/chat/completions and friends "
@@ -35,9 +35,10 @@ def add_parser(subs: argparse._SubParsersAction) -> argparse.ArgumentParser:
     s.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                    help=f"largest request body accepted; larger ones get 413 "
                         f"(default: {DEFAULT_MAX_BODY_BYTES})")
-    s.add_argument("--metrics-prefix", default="fairswitch:",
+    s.add_argument("--metrics-prefix", default=DEFAULT_METRICS_PREFIX,
                    help="prefix of the /metrics names, which are vLLM's: 'vllm:' serves "
-                        "dashboards and autoscalers built for vLLM (default: fairswitch:)")
+                        f"dashboards and autoscalers built for vLLM (default: "
+                        f"{DEFAULT_METRICS_PREFIX})")
     s.add_argument("--allowed-origins", type=_json_list, default=["*"], metavar="JSON",
                    help="origins a browser may call the API from, as vLLM: a JSON list "
                         "(default: [\"*\"], any; [] for none)")

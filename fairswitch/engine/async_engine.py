@@ -109,7 +109,8 @@ class AsyncEngine:
         """Yield the request's outputs as they come; the last one has ``finished=True``.
         One sequence (``params.n == 1``): for n, generate each of ``params.copies()``.
         ``queue_places``, ``held_by``: Scheduler.add_request (n choices admitted together). A
-        prompt of the wrong type raises TypeError (as in ``LLM.generate``), other bad input ValueError;
+        prompt of the wrong type raises TypeError (as in ``LLM.generate``), other bad input
+        ValueError;
         ``shutdown()`` ends the stream with ``finish_reason="abort"``, a failed step
         with EngineDeadError, which every call after either raises."""
         # (as the engine keys it: a str; 0 is an id like any other)

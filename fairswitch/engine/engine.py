@@ -10,7 +10,6 @@ wait for the tokens, hand them back.
 from __future__ import annotations
 
 import dataclasses
-
 import itertools
 import logging
 import math
@@ -30,10 +29,10 @@ from fairswitch.engine.step_log import StepLog, StepStats
 from fairswitch.outputs import RequestOutput
 from fairswitch.request import Request, RequestStatus
 from fairswitch.runner.jit_watch import JIT_CLOCK
-from fairswitch.structured_output import GrammarCompiler, StructuredOutputsParams
 from fairswitch.runner.model_runner import PendingStep
 from fairswitch.sampling_params import SamplingParams
 from fairswitch.scheduler.scheduler import SchedulerOutput
+from fairswitch.structured_output import GrammarCompiler, StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
 

@@ -81,9 +81,7 @@ class OutputProcessor:
             if request.grammar.is_terminated():
                 # It took an end-of-sequence token, the only one left once the reply is
                 # complete: the end, whatever min_tokens or ignore_eos say.
-                request.status = RequestStatus.FINISHED_STOPPED
-                if token_id in params.stop_token_ids or token_id != self.primary_eos:
-                    request.stop_reason = token_id
+                self._stopped_by(request, token_id)
                 return
         if params.min_tokens and request.num_output_tokens < params.min_tokens:
             if state.detokenizer is not None:
@@ -97,9 +95,7 @@ class OutputProcessor:
             # for, as vLLM gives it.
             if params.include_stop_str_in_output and state.detokenizer is not None:
                 state.text += state.detokenizer.add(token_id)
-            request.status = RequestStatus.FINISHED_STOPPED
-            if token_id in params.stop_token_ids or token_id != self.primary_eos:
-                request.stop_reason = token_id
+            self._stopped_by(request, token_id)
             return
         if state.detokenizer is not None:
             delta = state.detokenizer.add(token_id)
@@ -108,6 +104,12 @@ class OutputProcessor:
         if self.at_length_limit(request):
             request.status = RequestStatus.FINISHED_LENGTH
 
+    def _stopped_by(self, request: Request, token_id: int) -> None:
+        """Finished by a stop token id or an EOS: its id is the stop reason, but for the
+        tokenizer's own EOS's (as vLLM reports them)."""
+        request.status = RequestStatus.FINISHED_STOPPED
+        if token_id in request.sampling_params.stop_token_ids or token_id != self.primary_eos:
+            request.stop_reason = token_id
 
     def _position(self, entry: dict[int, tuple[float, int]], k: int) -> PositionLogprobs:
         """The user-facing logprobs of one position: its token (the first key) and the k most

@@ -198,7 +198,7 @@ class OpenAIServer:
             response_id, priority=req.priority, client_id=client_id)
         tracker = record.tracker = self.metrics.track()
         reply = _Reply(response_id, int(time.time()), self.model_name, fmt, shaper,
-                       req.n * len(prompts), req.n)
+                       req.n * len(prompts))
         # Closing the iterator aborts the requests in the engine unless they finished: on
         # errors, on a client that went away, and when aiohttp cancels this handler.
         async with contextlib.aclosing(outputs):
@@ -377,8 +377,7 @@ class _Reply:
     model: str
     fmt: protocol.ResponseFormat
     shaper: ChoiceShaper
-    n: int  # choices in all
-    per_prompt: int  # choices of each prompt (choice i is prompt i // per_prompt's)
+    n: int  # choices in all (each prompt's: shaper.n)
 
     def body(self, choices: list[dict], chunk: bool = False, **extra: Any) -> dict[str, Any]:
         return self.fmt.envelope(self.response_id, self.created, self.model, choices, chunk,
@@ -391,12 +390,12 @@ def _observe(tracker: RequestTracker, reply: _Reply, index: int, out: RequestOut
     if index == 0:
         tracker.observe(out)
     else:
-        tracker.count_tokens(out, own_prompt=index % reply.per_prompt == 0)
+        tracker.count_tokens(out, own_prompt=index % reply.shaper.n == 0)
 
 
 def _usage(reply: _Reply, done: dict[int, RequestOutput]) -> dict[str, Any]:
     """Each prompt counted once (its first choice's), every choice's tokens."""
-    firsts = [done[i] for i in range(0, reply.n, reply.per_prompt)]
+    firsts = [done[i] for i in range(0, reply.n, reply.shaper.n)]
     return protocol.usage(sum(len(out.prompt_token_ids) for out in firsts),
                           sum(reply.shaper.num_shown_tokens(out) for out in done.values()),
                           sum(out.num_cached_tokens for out in firsts))
@@ -443,8 +442,6 @@ def _check_text(body: Any) -> None:
     char = lone_surrogate(body)
     if char is not None:
         raise bad_request(f"the request body holds {not_text_message(char)}")
-
-
 
 
 async def _next_output(outputs: AsyncIterator[Any]) -> Any:

@@ -25,8 +25,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from fairswitch.outputs import RequestOutput
+from fairswitch.server.settings import DEFAULT_METRICS_PREFIX
 
-PREFIX = "fairswitch:"
+PREFIX = DEFAULT_METRICS_PREFIX
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,

@@ -19,15 +19,14 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from fairswitch.chat_messages import MessageError, parse_conversation
+from fairswitch.chat_messages import MessageError, check_template_kwargs, parse_conversation
 from fairswitch.model.generation_config import SAMPLING_FIELDS
 from fairswitch.outputs import Logprob, PositionLogprobs
-from fairswitch.chat_messages import check_template_kwargs
 from fairswitch.sampling_params import MAX_LOGPROBS, MAX_N, SamplingParams
+from fairswitch.server.errors import bad_request
+from fairswitch.server.tool_calls import ToolCalls, call_schema, required_schema
 from fairswitch.structured_output import KINDS as STRUCTURED_KINDS
 from fairswitch.structured_output import StructuredOutputsParams
-from fairswitch.server.tool_calls import ToolCalls, call_schema, required_schema
-from fairswitch.server.errors import bad_request
 
 logger = logging.getLogger(__name__)
 
@@ -529,8 +528,9 @@ def _template_inputs(body: dict, tools: list[dict[str, Any]] | None) -> Template
 
 
 def _tools(body: dict) -> tuple[list[dict[str, Any]] | None, str | None, bool]:
-    """(the tools to render, the function the reply must call, whether it must call some). As vLLM: with tool_choice 'none' the tools are shown to the model and no call is
-    made; a named function (``{"type": "function", "function": {"name": ...}}``) makes the reply
+    """(the tools to render, the function the reply must call, whether it must call some).
+    As vLLM: with tool_choice 'none' the tools are shown to the model and no call is made; a
+    named function (``{"type": "function", "function": {"name": ...}}``) makes the reply
     that function's call and 'required' one call or more to any of them, held to their schema
     (structured output, tool_calls.py). 'auto' needs a parser of the model's own tool-call
     syntax (vLLM's --tool-call-parser), which this server does not have: refused."""
@@ -548,9 +548,7 @@ def _tools(body: dict) -> tuple[list[dict[str, Any]] | None, str | None, bool]:
                               f"\"function\": {{\"name\": ...}}}}, got {_describe(choice)}",
                               "tool_choice")
         named = fn["name"]
-    elif choice == "required":
-        pass
-    elif choice is not None and choice != "none":
+    elif choice not in (None, "none", "required"):
         raise bad_request(f"'tool_choice' {_describe(choice)} is not supported by this server, "
                           "which has no parser of tool calls: 'none' shows the tools to the "
                           "model, 'required' or a named function makes the reply calls",

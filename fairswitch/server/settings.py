@@ -9,6 +9,7 @@ from fairswitch.model.default_model import DEFAULT_MODEL_NAME
 from fairswitch.server.cors import CorsPolicy
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+DEFAULT_METRICS_PREFIX = "fairswitch:"  # /metrics names: vLLM's under this ("vllm:" for its)
 
 
 @dataclass
@@ -18,7 +19,7 @@ class ServerSettings:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     chat_template: str | None = None  # default: the tokenizer's
     log_requests: bool = True  # one access line per request (INFO, fairswitch.server.access)
-    metrics_prefix: str = "fairswitch:"  # /metrics names: vLLM's under this ("vllm:" for its)
+    metrics_prefix: str = DEFAULT_METRICS_PREFIX
     # Cross-origin requests from browsers (cors.py); None: no CORS headers at all.
     cors: CorsPolicy | None = field(default_factory=CorsPolicy)
 
