@@ -202,7 +202,7 @@ def test_a_named_tool_choice_makes_the_reply_its_call(client):
     assert all(d.id is None and d.function.name is None for d in deltas[1:])
     assert json.loads("".join(d.function.arguments for d in deltas)) == arguments
     for choice, message in (({"type": "function", "function": {"name": "nope"}}, "not list"),
-                            ("auto", "no parser of tool calls")):
+                            ("auto", "needs a parser of the model.s tool calls")):
         with pytest.raises(openai.BadRequestError, match=message):
             client.chat.completions.create(**{**chat, "tool_choice": choice})
 
@@ -237,14 +237,14 @@ def test_the_stream_reader_gives_the_whole_replys_calls_however_the_text_is_cut(
     text = ('[{"name": "a", "parameters": {"x": "}{\\\\\\"]", "y": [1, {"z": []}]}}, '
             '{"name": "b_2", "parameters": {}}]')
     whole = [(c["function"]["name"], json.loads(c["function"]["arguments"]))
-             for c in ToolCalls(None).whole(text)]
+             for c in ToolCalls(None).whole(text)[1]]
     assert [name for name, _ in whole] == ["a", "b_2"]
     rng = random.Random(0)
     for _ in range(50):
         calls, cuts = ToolCalls(None), sorted(rng.sample(range(1, len(text)), 8))
         got: dict[int, list] = {}
         for a, b in zip([0, *cuts], [*cuts, len(text)]):
-            for d in calls.delta(0, text[a:b]):
+            for d in calls.delta(0, text[a:b])[1]:
                 if "id" in d:
                     got[d["index"]] = [d["function"]["name"], d["function"]["arguments"]]
                 else:
@@ -259,21 +259,22 @@ def test_the_stream_reader_on_odd_but_valid_replies():
     from fairswitch.server.tool_calls import ToolCalls
 
     text = '[{"name": "f\\\\", "parameters": null}, {"name": "g", "parameters": "a}b"}]'
-    calls = ToolCalls(None).whole(text)
+    content, calls = ToolCalls(None).whole(text)
+    assert content is None
     assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == [
         ("f\\", "null"), ("g", '"a}b"')]
     assert "index" not in calls[0]  # (a delta's field only)
     streamed = ToolCalls(None)
-    pieces = [d for ch in text for d in streamed.delta(0, ch)]
+    pieces = [d for ch in text for d in streamed.delta(0, ch)[1]]
     assert [d["function"]["name"] for d in pieces if "id" in d] == ["f\\", "g"]
-    assert streamed.complete(0)
+    assert streamed.called(0)
     cut = ToolCalls(None)
-    assert cut.whole(text[:30]) is None
+    assert cut.whole(text[:30]) == (text[:30], None)  # (the text is the content)
     cut.delta(0, text[:30])
-    assert not cut.complete(0)
+    assert not cut.called(0)
     first_only = ToolCalls(None, parallel=False)
-    assert len(first_only.whole(text)) == 1
-    assert {d["index"] for d in first_only.delta(1, text)} == {0}
+    assert len(first_only.whole(text)[1]) == 1
+    assert {d["index"] for d in first_only.delta(1, text)[1]} == {0}
 
 
 def test_required_hoists_each_tools_defs_and_an_empty_function_takes_nothing(client):

@@ -11,6 +11,7 @@ import math
 from fairswitch.cli.files import read_chat_template
 from fairswitch.config import EngineConfig, ModelConfig, add_engine_args
 from fairswitch.server.cors import CorsPolicy
+from fairswitch.server.tool_parsers import PARSERS
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -39,6 +40,12 @@ def add_parser(subs: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="prefix of the /metrics names, which are vLLM's: 'vllm:' serves "
                         f"dashboards and autoscalers built for vLLM (default: "
                         f"{DEFAULT_METRICS_PREFIX})")
+    s.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="tool_choice 'auto' (OpenAI's default with tools): the model may call "
+                        "the tools in its own syntax, read by --tool-call-parser, as vLLM")
+    s.add_argument("--tool-call-parser", choices=PARSERS, default=None,
+                   help="the model's tool-call syntax: hermes (<tool_call>{...}</tool_call>: "
+                        "Qwen2.5/3, Hermes), llama3_json (a JSON object: Llama 3.1-3.3)")
     s.add_argument("--allowed-origins", type=_json_list, default=["*"], metavar="JSON",
                    help="origins a browser may call the API from, as vLLM: a JSON list "
                         "(default: [\"*\"], any; [] for none)")
@@ -101,12 +108,20 @@ def run(args: argparse.Namespace) -> int:
                          f"{args.shutdown_timeout}")
     args.model = _model(args)
     logging.getLogger("fairswitch").setLevel((args.log_level or "info").upper())
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (one of "
+                         f"{', '.join(PARSERS)}): the syntax of the model's tool calls")
+    if args.tool_call_parser is not None and not args.enable_auto_tool_choice:
+        logging.getLogger("fairswitch").warning(
+            "--tool-call-parser without --enable-auto-tool-choice: tool_choice 'auto' stays "
+            "refused (as vLLM)")
     settings = ServerSettings(
         served_model_names=args.served_model_name or [args.model], api_key=args.api_key,
         max_body_bytes=args.max_body_bytes, chat_template=read_chat_template(args.chat_template),
         log_requests=not args.disable_log_requests, metrics_prefix=args.metrics_prefix,
         cors=CorsPolicy(tuple(args.allowed_origins), tuple(args.allowed_methods),
-                        tuple(args.allowed_headers), args.allow_credentials))
+                        tuple(args.allowed_headers), args.allow_credentials),
+        tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None)
     engine = AsyncEngine.from_config(EngineConfig.from_cli_args(args))
     app = build_app(engine, settings)
 

@@ -159,7 +159,7 @@ class OpenAIServer:
 
     def _chat_prompt(self, raw: bytes) -> tuple[protocol.ChatRequest, str | None, list[int]]:
         """(request, prompt text, prompt token ids); on a prompt worker thread."""
-        req = protocol.parse_chat(_loads(raw))
+        req = protocol.parse_chat(_loads(raw), self.settings.tool_call_parser)
         self._check_model(req.model)
         text = self.chat_template.render(req.messages, req.template)
         self.prompts.check_length(text, "messages")

@@ -25,6 +25,7 @@ from fairswitch.engine.async_engine import AsyncEngine
 from fairswitch.outputs import RequestOutput
 from fairswitch.sampling_params import SamplingParams
 from fairswitch.server.tool_calls import ToolCalls
+from fairswitch.server.tool_parsers import AutoToolCalls
 from fairswitch.server.protocol import (ResponseFormat, chat_logprobs, completion_logprobs,
                                         prompt_logprobs)
 
@@ -114,7 +115,9 @@ class ChoiceShaper:
     text_of: Callable[[int], str]  # a token's text
     n: int = 1  # choices per prompt (choice i is prompt i // n's)
     token_ids: bool = False  # return_token_ids: each choice's ids (completions: its prompt's)
-    tools: ToolCalls | None = None  # chat whose tool_choice makes replies calls (tool_calls.py)
+    # Chat whose replies hold tool calls: tool_choice named or "required" (tool_calls.py), or
+    # "auto" (tool_parsers.py).
+    tools: ToolCalls | AutoToolCalls | None = None
     _started: set[int] = field(default_factory=set)  # streamed choices with a chunk out
     _offsets: dict[int, int] = field(default_factory=dict)  # completions: chars sent per choice
 
@@ -133,18 +136,18 @@ class ChoiceShaper:
             choice["token_ids"] = [] if self.echo_only else list(c.token_ids)
             if not self.fmt.chat:  # (chat: the response's)
                 choice["prompt_token_ids"] = list(out.prompt_token_ids)
-        if self.tools is not None:  # the text is the calls (OpenAI's shape)
+        if self.tools is not None:  # the text holds calls (OpenAI's shape)
             message = choice["message"]
-            calls = self.tools.whole(message["content"])
-            if calls is not None:  # (else cut short: the text as it is)
-                message["tool_calls"], message["content"] = calls, None
+            content, calls = self.tools.whole(message["content"])
+            if calls is not None:  # (else none, or cut short: the text as it is)
+                message["tool_calls"], message["content"] = calls, content
                 choice["finish_reason"] = self._finish(choice["finish_reason"], True)
         return choice
 
-    def _finish(self, reason: str | None, complete: bool) -> str | None:
-        """Whole calls the model chose ("required") end as OpenAI's "tool_calls"; a forced one,
-        or a reply cut short, keep their reason."""
-        if reason == "stop" and complete and self.tools.named is None:
+    def _finish(self, reason: str | None, called: bool) -> str | None:
+        """Calls the model chose ("required", "auto") end as OpenAI's "tool_calls"; a forced
+        one, or a reply cut short, keep their reason."""
+        if reason == "stop" and called and self.tools.chooses:
             return "tool_calls"
         return reason
 
@@ -177,12 +180,13 @@ class ChoiceShaper:
                 choice["prompt_token_ids"] = list(out.prompt_token_ids)
         delta = choice.get("delta")
         if self.tools is not None and delta is not None:
-            if "content" in delta:
-                calls = self.tools.delta(index, delta.pop("content"))
-                if calls:
-                    delta["tool_calls"] = calls
+            content, calls = self.tools.delta(index, delta.pop("content", ""), finish is not None)
+            if content:
+                delta["content"] = content
+            if calls:
+                delta["tool_calls"] = calls
             choice["finish_reason"] = self._finish(choice["finish_reason"],
-                                                   self.tools.complete(index))
+                                                   self.tools.called(index))
             if (not delta and choice["finish_reason"] is None and choice["logprobs"] is None
                     and "token_ids" not in choice):
                 return None  # (a piece of the JSON around the calls: nothing to say yet)

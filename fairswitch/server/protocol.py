@@ -25,6 +25,7 @@ from fairswitch.outputs import Logprob, PositionLogprobs
 from fairswitch.sampling_params import MAX_LOGPROBS, MAX_N, SamplingParams
 from fairswitch.server.errors import bad_request
 from fairswitch.server.tool_calls import ToolCalls, call_schema, required_schema
+from fairswitch.server.tool_parsers import AutoToolCalls
 from fairswitch.structured_output import KINDS as STRUCTURED_KINDS
 from fairswitch.structured_output import StructuredOutputsParams
 
@@ -350,7 +351,7 @@ class TemplateInputs:
 
     add_generation_prompt: bool = True
     continue_final_message: bool = False
-    tools: list[dict[str, Any]] | None = None  # shown to the model; no call is parsed
+    tools: list[dict[str, Any]] | None = None  # shown to the model
     kwargs: dict[str, Any] = field(default_factory=dict)  # chat_template_kwargs
 
 
@@ -359,7 +360,8 @@ class ChatRequest(GenerationRequest):
     messages: list[dict[str, Any]]
     template: TemplateInputs
     add_special_tokens: bool = False  # templates write their own (vLLM's default too)
-    tool_calls: ToolCalls | None = None  # tool_choice named or required: replies are calls
+    # tool_choice named or "required": replies are calls; "auto": replies may hold calls
+    tool_calls: ToolCalls | AutoToolCalls | None = None
 
 
 def _common(body: Any, unsupported: tuple, echo: bool = False) -> dict[str, Any]:
@@ -483,17 +485,21 @@ def parse_messages(value: Any) -> list[dict[str, Any]]:
         raise bad_request(str(e), e.field) from e
 
 
-def parse_chat(body: Any) -> ChatRequest:
+def parse_chat(body: Any, tool_parser: str | None = None) -> ChatRequest:
+    """``tool_parser``: the parser of the model's own tool calls that tool_choice "auto" takes
+    (``ServerSettings.tool_call_parser``, with auto tool choice enabled); None refuses "auto"."""
     common = _common(body, _UNSUPPORTED_CHAT)
     top = _logprob_count(body, "top_logprobs")
     if top and not body.get("logprobs"):  # (0 asks for nothing: vLLM takes it too)
         raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     logprobs = (top or 0) if _bool(body, "logprobs", False) else None
     messages = parse_messages(body.get("messages"))
-    tools, named, required = _tools(body)
+    tools, named, required, auto = _tools(body, tool_parser is not None)
     template = _template_inputs(body, tools)
-    calls = None
-    if named is not None or required:  # the reply is calls: held to their schema
+    calls: ToolCalls | AutoToolCalls | None = None
+    if auto:  # the model may call, in its own syntax: read by the parser
+        calls = AutoToolCalls(tool_parser, _bool(body, "parallel_tool_calls", True))
+    elif named is not None or required:  # the reply is calls: held to their schema
         if common["structured_outputs"] is not None:
             raise bad_request(f"'tool_choice' {_describe(body['tool_choice'])} holds the reply "
                               "to the calls' schema: give no other structured output",
@@ -527,14 +533,18 @@ def _template_inputs(body: dict, tools: list[dict[str, Any]] | None) -> Template
                           kwargs=_template_kwargs(body))
 
 
-def _tools(body: dict) -> tuple[list[dict[str, Any]] | None, str | None, bool]:
-    """(the tools to render, the function the reply must call, whether it must call some).
-    As vLLM: with tool_choice 'none' the tools are shown to the model and no call is made; a
-    named function (``{"type": "function", "function": {"name": ...}}``) makes the reply
-    that function's call and 'required' one call or more to any of them, held to their schema
-    (structured output, tool_calls.py). 'auto' needs a parser of the model's own tool-call
-    syntax (vLLM's --tool-call-parser), which this server does not have: refused."""
+def _tools(body: dict, auto_tools: bool
+           ) -> tuple[list[dict[str, Any]] | None, str | None, bool, bool]:
+    """(the tools to render, the function the reply must call, whether it must call some,
+    whether the model may call them in its own syntax). As vLLM: with tool_choice 'none' the
+    tools are shown to the model and no call is made; a named function (``{"type":
+    "function", "function": {"name": ...}}``) makes the reply that function's call and
+    'required' one call or more to any of them, held to their schema (structured output,
+    tool_calls.py); 'auto', the default with tools, needs a parser of the model's own syntax
+    (``auto_tools``: ``--enable-auto-tool-choice --tool-call-parser``, tool_parsers.py)."""
     tools, choice = body.get("tools"), body.get("tool_choice")
+    if choice is None and tools:  # OpenAI's default with tools
+        choice = "auto"
     if tools is not None and not isinstance(tools, list):
         raise bad_request(f"'tools' must be an array, got {_describe(tools)}", "tools")
     if choice == "required" and not tools:  # nothing to call: none (as vLLM)
@@ -548,21 +558,15 @@ def _tools(body: dict) -> tuple[list[dict[str, Any]] | None, str | None, bool]:
                               f"\"function\": {{\"name\": ...}}}}, got {_describe(choice)}",
                               "tool_choice")
         named = fn["name"]
-    elif choice not in (None, "none", "required"):
-        raise bad_request(f"'tool_choice' {_describe(choice)} is not supported by this server, "
-                          "which has no parser of tool calls: 'none' shows the tools to the "
-                          "model, 'required' or a named function makes the reply calls",
-                          "tool_choice")
+    elif choice not in (None, "none", "required", "auto"):
+        raise bad_request("'tool_choice' must be \"none\", \"auto\", \"required\" or "
+                          "{\"type\": \"function\", \"function\": {\"name\": ...}}, got "
+                          f"{_describe(choice)}", "tool_choice")
     if not tools:
         if named is not None:
             raise bad_request(f"'tool_choice' names {named!r}, but 'tools' lists no function",
                               "tool_choice")
-        return None, None, False
-    if choice is None:  # OpenAI's default with tools is auto
-        raise bad_request("'tools' without 'tool_choice' means 'auto', which this server does "
-                          "not support (it has no parser of tool calls): give 'tool_choice': "
-                          "'none' to show them to the model, or name the function to call",
-                          "tool_choice")
+        return None, None, False, False
     for i, tool in enumerate(tools):
         fn = tool.get("function") if isinstance(tool, dict) else None
         if (not isinstance(tool, dict) or tool.get("type") != "function"
@@ -573,10 +577,17 @@ def _tools(body: dict) -> tuple[list[dict[str, Any]] | None, str | None, bool]:
         if not isinstance(fn.get("parameters") or {}, dict):  # (null: none, as vLLM takes)
             raise bad_request(f"'tools[{i}].function.parameters' must be a JSON schema object, "
                               f"got {_describe(fn['parameters'])}", f"tools[{i}]")
+    if choice == "auto" and not auto_tools:
+        said = "'tool_choice' 'auto'" if "tool_choice" in body else (
+            "'tools' without 'tool_choice' (OpenAI's default: 'auto')")
+        raise bad_request(f"{said} needs a parser of the model's tool calls: start the server "
+                          "with --enable-auto-tool-choice --tool-call-parser NAME, or give "
+                          "'tool_choice': 'none' to show the tools to the model, 'required' or "
+                          "a named function to make the reply calls", "tool_choice")
     if named is not None and named not in {t["function"]["name"] for t in tools}:
         raise bad_request(f"'tool_choice' names {named!r}, which 'tools' does not list",
                           "tool_choice")
-    return tools, named, choice == "required"
+    return tools, named, choice == "required", choice == "auto"
 
 
 def _template_kwargs(body: dict) -> dict[str, Any]:
@@ -696,7 +707,7 @@ def parse_tokenize(body: Any) -> TokenizeRequest:
                               f"{_describe(prompt)}", "prompt")
     return TokenizeRequest(
         model=_str(body, "model"), prompt=prompt, messages=messages,
-        template=(_template_inputs(body, _tools(body)[0]) if messages is not None
+        template=(_template_inputs(body, _tools(body, True)[0]) if messages is not None
                   else TemplateInputs()),
         # Chat templates write their own special tokens; a plain prompt gets the tokenizer's.
         add_special_tokens=_bool(body, "add_special_tokens", messages is None),

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from fairswitch.model.default_model import DEFAULT_MODEL_NAME
 from fairswitch.server.cors import CorsPolicy
+from fairswitch.server.tool_parsers import PARSERS
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 DEFAULT_METRICS_PREFIX = "fairswitch:"  # /metrics names: vLLM's under this ("vllm:" for its)
@@ -22,6 +23,9 @@ class ServerSettings:
     metrics_prefix: str = DEFAULT_METRICS_PREFIX
     # Cross-origin requests from browsers (cors.py); None: no CORS headers at all.
     cors: CorsPolicy | None = field(default_factory=CorsPolicy)
+    # tool_choice "auto" (the default with tools): the parser of the model's own tool calls
+    # (tool_parsers.py; vLLM's --enable-auto-tool-choice --tool-call-parser); None refuses it.
+    tool_call_parser: str | None = None
 
     def __post_init__(self) -> None:
         if not self.served_model_names:
@@ -29,5 +33,8 @@ class ServerSettings:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*:", self.metrics_prefix):
             raise ValueError(f"metrics_prefix must be a Prometheus name ending in ':' (e.g. "
                              f"'vllm:'), got {self.metrics_prefix!r}")
+        if self.tool_call_parser is not None and self.tool_call_parser not in PARSERS:
+            raise ValueError(f"tool_call_parser must be one of {', '.join(PARSERS)}, got "
+                             f"{self.tool_call_parser!r}")
         if self.max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")

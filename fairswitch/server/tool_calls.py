@@ -59,12 +59,18 @@ class ToolCalls:
         self.parallel = parallel
         self._streams: dict[int, _CallStream] = {}
 
-    def whole(self, text: str) -> list[dict[str, Any]] | None:
-        """The calls of a whole reply; None if it is not one (cut short, by max_tokens or a
-        stop string)."""
+    @property
+    def chooses(self) -> bool:
+        """Does the model choose the calls ("required": whole calls finish "tool_calls"; a
+        forced call keeps "stop", as vLLM)?"""
+        return self.named is None
+
+    def whole(self, text: str) -> tuple[str | None, list[dict[str, Any]] | None]:
+        """(content, calls) of a whole reply: no content; calls None if it is not one (cut short,
+        by max_tokens or a stop string), and then the text is the content."""
         if self.named is not None:
-            return [{"id": _new_id(), "type": "function",
-                     "function": {"name": self.named, "arguments": text}}]
+            return None, [{"id": _new_id(), "type": "function",
+                           "function": {"name": self.named, "arguments": text}}]
         reader = _CallStream(None)
         calls: dict[int, dict[str, Any]] = {}
         for d in reader.feed(text):
@@ -74,15 +80,16 @@ class ToolCalls:
             else:
                 calls[d["index"]]["function"]["arguments"] += d["function"]["arguments"]
         if not reader.complete or not calls:
-            return None
-        return list(calls.values())[:None if self.parallel else 1]
+            return text, None
+        return None, list(calls.values())[:None if self.parallel else 1]
 
-    def delta(self, choice: int, text: str) -> list[dict[str, Any]]:
-        """The call deltas of a stream chunk's new text, for one choice."""
+    def delta(self, choice: int, text: str, final: bool = False
+              ) -> tuple[str, list[dict[str, Any]]]:
+        """(content: none, call deltas) of a stream chunk's new text, for one choice."""
         stream = self._streams.setdefault(choice, _CallStream(self.named))
-        return [d for d in stream.feed(text) if self.parallel or d["index"] == 0]
+        return "", [d for d in stream.feed(text) if self.parallel or d["index"] == 0]
 
-    def complete(self, choice: int) -> bool:
+    def called(self, choice: int) -> bool:
         """Has this choice's stream read whole calls (a "required" list to its end)?"""
         stream = self._streams.get(choice)
         return stream is not None and stream.complete

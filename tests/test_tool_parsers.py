@@ -1,0 +1,191 @@
+"""tool_choice "auto": the model's own tool-call syntax read by a parser (tool_parsers.py), whole
+and streamed, and through the server with the openai client (the reply's text held by
+structured output to what a model trained on the syntax writes)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from fairswitch.server.tool_parsers import PARSERS, AutoToolCalls
+
+WEATHER_CALL = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+
+# (parser, reply, content, [(name, arguments)])
+REPLIES = [
+    ("hermes", f"I will check.\n<tool_call>\n{WEATHER_CALL}\n</tool_call>\n<tool_call>\n"
+               '{"name": "t", "arguments": {}}\n</tool_call>',
+     "I will check.\n", [("get_weather", '{"city": "Paris"}'), ("t", "{}")]),
+    ("hermes", "Just text, < and <tool, no call", "Just text, < and <tool, no call", []),
+    ("hermes", f"<tool_call>{WEATHER_CALL}</tool_call>\nAfter.", "\nAfter.",
+     [("get_weather", '{"city": "Paris"}')]),
+    ("hermes", f"<tool_call>{WEATHER_CALL}</tool_call>  \n ", None,
+     [("get_weather", '{"city": "Paris"}')]),  # (whitespace after the calls is not content)
+    ("hermes", '<tool_call>{"name": "x", "arguments": {"a": 1', '<tool_call>{"name": "x", '
+     '"arguments": {"a": 1', []),  # cut short: the text
+    ("hermes", "<tool_call>not json</tool_call>", "<tool_call>not json</tool_call>", []),
+    ("hermes", '<tool_call>{"name": "x", "arguments": "{\\"a\\": 1}"}</tool_call>', None,
+     [("x", '{"a": 1}')]),  # arguments written as a JSON string
+    ("llama3_json", '{"name": "get_weather", "parameters": {"city": "P}a\\"ris"}}; '
+                    '{"name": "b", "parameters": {}}', None,
+     [("get_weather", '{"city": "P}a\\"ris"}'), ("b", "{}")]),
+    ("llama3_json", '<|python_tag|>{"name": "a", "parameters": {"x": [1, "é"]}}', None,
+     [("a", '{"x": [1, "é"]}')]),
+    ("llama3_json", 'Hello {"name": "a"}', 'Hello {"name": "a"}', []),
+    ("llama3_json", '  {"name": "a", "parameters": {"x": ', '  {"name": "a", "parameters": '
+     '{"x": ', []),
+    ("llama3_json", ' <|python_tag|> {"nom": 1} rest', ' <|python_tag|> {"nom": 1} rest', []),
+    ("llama3_json", '{"name": "a", "parameters": {}}; {"name": "b", "parameters": {',
+     '{"name": "b", "parameters": {', [("a", "{}")]),
+    ("llama3_json", "<|python", "<|python", []),
+]
+
+
+def _streamed(parser: str, pieces: list[str], parallel: bool = True):
+    calls, content, deltas = AutoToolCalls(parser, parallel), "", []
+    for i, piece in enumerate(pieces):
+        text, new = calls.delta(3, piece, final=i == len(pieces) - 1)
+        content += text
+        deltas += new
+    return content, deltas, calls.called(3)
+
+
+@pytest.mark.parametrize("parser, reply, content, want", REPLIES)
+def test_a_reply_reads_the_same_whole_and_however_it_is_streamed(parser, reply, content, want):
+    got_content, calls = AutoToolCalls(parser).whole(reply)
+    assert got_content == (content if want else reply)
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls or []] == want
+    assert all(c["type"] == "function" and c["id"].startswith("chatcmpl-tool-")
+               for c in calls or [])
+    rng = random.Random(0)
+    for _ in range(200):
+        cuts = sorted(rng.sample(range(1, len(reply)), rng.randint(0, min(8, len(reply) - 1))))
+        pieces = [reply[a:b] for a, b in zip([0, *cuts], [*cuts, len(reply)])]
+        text, deltas, called = _streamed(parser, pieces)
+        assert (text or None) == (got_content or None), pieces
+        # A call is one delta: its index, id, type, name and whole arguments.
+        assert [(d["index"], d["function"]["name"], d["function"]["arguments"])
+                for d in deltas] == [(i, *c) for i, c in enumerate(want)], pieces
+        assert called == bool(want)
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call():
+    reply = REPLIES[0][1]
+    assert [c["function"]["name"] for c in AutoToolCalls("hermes", False).whole(reply)[1]] == [
+        "get_weather"]
+    _, deltas, _ = _streamed("hermes", list(reply), parallel=False)
+    assert [d["function"]["name"] for d in deltas] == ["get_weather"]
+
+
+def test_an_unknown_parser_is_refused():
+    from fairswitch.server import ServerSettings
+
+    with pytest.raises(ValueError, match="unknown tool call parser 'pythonic'"):
+        AutoToolCalls("pythonic")
+    with pytest.raises(ValueError, match="tool_call_parser must be one of hermes, llama3_json"):
+        ServerSettings(tool_call_parser="mistral")
+    assert PARSERS == ("hermes", "llama3_json")
+
+
+def test_the_cli_takes_vllms_flags_and_needs_the_parser_with_auto(capsys):
+    from fairswitch.cli.main import main
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--tool-call-parser", "nope"])
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
+    assert main(["serve", "--enable-auto-tool-choice"]) == 2  # (before loading anything)
+    assert "--enable-auto-tool-choice needs --tool-call-parser" in capsys.readouterr().err
+
+
+# ---- through the server ------------------------------------------------------------------------
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+@pytest.fixture(scope="module")
+def clients():
+    """openai clients on servers over the default model with each parser."""
+    pytest.importorskip("xgrammar")
+    import openai
+
+    from fairswitch.config import EngineConfig
+    from fairswitch.engine.async_engine import AsyncEngine
+    from fairswitch.server import BackgroundServer, ServerSettings, build_app
+
+    engine = AsyncEngine.from_config(EngineConfig.from_kwargs(num_gpu_blocks=256,
+                                                              max_model_len=256))
+    out = {}
+    try:
+        with (BackgroundServer(build_app(engine, ServerSettings(tool_call_parser="hermes"),
+                                         shutdown_engine=False)) as hermes,
+              BackgroundServer(build_app(engine, ServerSettings(tool_call_parser="llama3_json"),
+                                         shutdown_engine=False)) as llama):
+            for name, srv in (("hermes", hermes), ("llama3_json", llama)):
+                out[name] = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=0,
+                                          timeout=60)
+            yield out
+    finally:
+        for client in out.values():
+            client.close()
+        engine.shutdown()
+
+
+def _chat(client, reply_regex: str, stream: bool = False, **extra):
+    """A chat with tools and no tool_choice (OpenAI's default: auto), the model's reply held to
+    ``reply_regex``."""
+    return client.chat.completions.create(
+        model="fairswitch-tiny", messages=[{"role": "user", "content": "Weather in Paris?"}],
+        tools=[WEATHER], max_tokens=80, temperature=0.0, stream=stream,
+        extra_body={"structured_outputs": {"regex": reply_regex}, **extra})
+
+
+def _escape(text: str) -> str:
+    return "".join("\\" + ch if ch in "\\.^$|?*+()[]{}" else ch for ch in text)
+
+
+@pytest.mark.parametrize("parser, reply", [
+    ("hermes", f"Let me see.\n<tool_call>\n{WEATHER_CALL}\n</tool_call>"),
+    ("llama3_json", '{"name": "get_weather", "parameters": {"city": "Paris"}}'),
+])
+def test_auto_reads_the_models_calls_whole_and_streamed(clients, parser, reply):
+    client = clients[parser]
+    choice = _chat(client, _escape(reply)).choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content == ("Let me see.\n" if parser == "hermes" else None)
+    (call,) = choice.message.tool_calls
+    assert call.id and call.type == "function" and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    content, calls, finish = "", [], None
+    for chunk in _chat(client, _escape(reply), stream=True):
+        if chunk.choices:
+            delta = chunk.choices[0].delta
+            content += delta.content or ""
+            calls += delta.tool_calls or []
+            finish = chunk.choices[0].finish_reason or finish
+    assert (content or None, finish) == (choice.message.content, "tool_calls")
+    assert [(c.index, c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        (0, "get_weather", {"city": "Paris"})]
+
+
+def test_auto_with_a_reply_that_calls_nothing_is_text(clients):
+    for client in clients.values():
+        choice = _chat(client, "Sunny, 21 degrees\\.").choices[0]
+        assert (choice.message.content, choice.finish_reason) == ("Sunny, 21 degrees.", "stop")
+        assert not choice.message.tool_calls
+        chunks = [c.choices[0] for c in _chat(client, "Sunny\\.", stream=True) if c.choices]
+        assert "".join(c.delta.content or "" for c in chunks) == "Sunny."
+        assert not any(c.delta.tool_calls for c in chunks)
+        assert chunks[-1].finish_reason == "stop"
+
+
+def test_a_call_cut_short_by_max_tokens_is_given_as_text(clients):
+    reply = f"<tool_call>\n{WEATHER_CALL}\n</tool_call>"
+    out = clients["hermes"].chat.completions.create(
+        model="fairswitch-tiny", messages=[{"role": "user", "content": "Weather?"}],
+        tools=[WEATHER], tool_choice="auto", max_tokens=6, temperature=0.0,
+        extra_body={"structured_outputs": {"regex": _escape(reply)}}).choices[0]
+    assert out.finish_reason == "length" and not out.message.tool_calls
+    assert reply.startswith(out.message.content) and out.message.content
