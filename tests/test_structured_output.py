@@ -55,7 +55,7 @@ def test_structure_holds_beside_other_requests_and_through_preemption():
     """Grammar requests sample after their previous token is in (no step ahead of them), in a
     batch with free ones, in a cache small enough to preempt them (recompute and swap)."""
     for mode in ("recompute", "swap"):
-        small = LLM(num_gpu_blocks=16, block_size=4, max_model_len=64, preemption_mode=mode,
+        small = LLM(num_gpu_blocks=8, block_size=8, max_model_len=64, preemption_mode=mode,
                     swap_space=0.01, max_num_seqs=4)
         free = SamplingParams(max_tokens=45, ignore_eos=True, temperature=1.0, seed=1)
         held = SamplingParams(max_tokens=40, temperature=1.0, seed=2, structured_outputs=(
