@@ -35,7 +35,7 @@ from fairswitch import __version__
 from fairswitch.engine.async_engine import AsyncEngine, EngineDeadError
 from fairswitch.outputs import RequestOutput
 from fairswitch.scheduler.scheduler import QueueFullError
-from fairswitch.server import protocol, streaming
+from fairswitch.server import protocol, responses, streaming
 from fairswitch.server.chat import ChatTemplate
 from fairswitch.server.choices import (ChoiceShaper, Prompt, choice_outputs,
                                        choice_request_ids)
@@ -46,6 +46,7 @@ from fairswitch.server.inflight import InFlight
 from fairswitch.server.metrics import (CONTENT_TYPE, RequestTracker, ServerMetrics,
                                        engine_snapshot)
 from fairswitch.server.prompts import PromptWorker
+from fairswitch.server.responses import ResponseShape
 from fairswitch.server.serving import DRAIN_KEY
 from fairswitch.server.settings import ServerSettings
 from fairswitch.unicode_text import lone_surrogate, not_text_message
@@ -132,6 +133,15 @@ class OpenAIServer:
                                                  None, self.core.generation.max_new_tokens)
         return await self._generate(request, req, protocol.CHAT, [(text, ids, max_tokens)])
 
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        """The Responses API: a chat completion underneath (responses.py)."""
+        body, (req, text, ids) = await self.prompts.run(self._responses_prompt,
+                                                        await self._body(request))
+        max_tokens = protocol.resolve_max_tokens(req.max_tokens, len(ids), self.core.max_model_len,
+                                                 None, self.core.generation.max_new_tokens)
+        return await self._generate(request, req, protocol.CHAT, [(text, ids, max_tokens)],
+                                    ResponseShape(body, self.model_name))
+
     def _completion_prompts(self, raw: bytes) -> tuple[protocol.CompletionRequest,
                                                          list[tuple[str | None, list[int]]]]:
         """(request, [(prompt text, prompt token ids)]); on a prompt worker thread."""
@@ -157,9 +167,18 @@ class OpenAIServer:
             text = None
         return self._validate_prompt(text, kept, param)
 
-    def _chat_prompt(self, raw: bytes) -> tuple[protocol.ChatRequest, str | None, list[int]]:
-        """(request, prompt text, prompt token ids); on a prompt worker thread."""
-        req = protocol.parse_chat(_loads(raw), self.settings.tool_call_parser)
+    def _responses_prompt(self, raw: bytes) -> tuple[dict, tuple[protocol.ChatRequest,
+                                                                 str | None, list[int]]]:
+        """(the Responses request, its chat's ``_chat_prompt``); on a prompt worker thread."""
+        body = _loads(raw)
+        return body, self._chat_prompt(None, responses.chat_body(body))
+
+    def _chat_prompt(self, raw: bytes | None, body: dict | None = None
+                     ) -> tuple[protocol.ChatRequest, str | None, list[int]]:
+        """(request, prompt text, prompt token ids) of a body, raw or parsed; on a prompt worker
+        thread."""
+        req = protocol.parse_chat(_loads(raw) if body is None else body,
+                                  self.settings.tool_call_parser)
         self._check_model(req.model)
         text = self.chat_template.render(req.messages, req.template)
         self.prompts.check_length(text, "messages")
@@ -169,8 +188,10 @@ class OpenAIServer:
 
     async def _generate(self, request: web.Request, req: protocol.GenerationRequest,
                         fmt: protocol.ResponseFormat,
-                        prompts: list[tuple[str | None, list[int], int]]) -> web.StreamResponse:
-        """``prompts``: (text, token ids, max_tokens) of each prompt, n choices each."""
+                        prompts: list[tuple[str | None, list[int], int]],
+                        shape: ResponseShape | None = None) -> web.StreamResponse:
+        """``prompts``: (text, token ids, max_tokens) of each prompt, n choices each;
+        ``shape``: the reply goes out as a Responses API response (else as ``fmt``'s)."""
         if self.in_flight.aborting:  # shutting down: requests still running are being aborted
             raise self._aborted()
         self._check_n(req.n, len(prompts))
@@ -198,7 +219,7 @@ class OpenAIServer:
             response_id, priority=req.priority, client_id=client_id)
         tracker = record.tracker = self.metrics.track()
         reply = _Reply(response_id, int(time.time()), self.model_name, fmt, shaper,
-                       req.n * len(prompts))
+                       req.n * len(prompts), shape)
         # Closing the iterator aborts the requests in the engine unless they finished: on
         # errors, on a client that went away, and when aiohttp cancels this handler.
         async with contextlib.aclosing(outputs):
@@ -259,8 +280,10 @@ class OpenAIServer:
             extra["prompt_logprobs"] = reply.shaper.prompt_logprobs(done[0])
         if reply.fmt.chat and reply.shaper.token_ids:  # (completions: each choice's)
             extra["prompt_token_ids"] = list(done[0].prompt_token_ids)
-        return web.json_response(reply.body(choices, usage=_usage(reply, done), **extra),
-                                 dumps=streaming.dumps)
+        body = reply.body(choices, usage=_usage(reply, done), **extra)
+        if reply.shape is not None:
+            body = reply.shape.whole(body)
+        return web.json_response(body, dumps=streaming.dumps)
 
     async def _stream(self, request: web.Request, req: protocol.GenerationRequest, reply: _Reply,
                       item: tuple[int, RequestOutput],
@@ -270,13 +293,25 @@ class OpenAIServer:
         # With include_usage every chunk carries "usage": null until the final usage chunk.
         extra = {"usage": None} if req.include_usage else {}
         done: dict[int, RequestOutput] = {}
+        shape = reply.shape
+
+        async def send(data: dict[str, Any]) -> None:  # a chunk, or an error's body
+            if shape is None:
+                await streaming.send(resp, data)
+                return
+            for event in shape.chunk(data):
+                await streaming.send_event(resp, event)
+
         try:
             try:
                 opening = reply.fmt.opening_choices(reply.n)
-                if opening:
+                if shape is not None:
+                    for event in shape.opening():
+                        await streaming.send_event(resp, event)
+                elif opening:
                     ids = ({"prompt_token_ids": list(item[1].prompt_token_ids)}
                            if reply.shaper.token_ids else {})  # (chat: the first chunk's)
-                    await streaming.send(resp, reply.body(opening, chunk=True, **extra, **ids))
+                    await send(reply.body(opening, chunk=True, **extra, **ids))
                 while True:
                     index, out = item
                     _observe(tracker, reply, index, out)
@@ -284,20 +319,22 @@ class OpenAIServer:
                         raise self._aborted()
                     choice = reply.shaper.delta(index, out)
                     if choice is not None:
-                        await streaming.send(resp, reply.body([choice], chunk=True, **extra))
+                        await send(reply.body([choice], chunk=True, **extra))
                     if out.finished:
                         done[index] = out
                         if len(done) == reply.n:
                             break
                     item = await _next_output(outputs)
                 if req.include_usage:
-                    await streaming.send(resp, reply.body([], chunk=True,
-                                                          usage=_usage(reply, done)))
+                    await send(reply.body([], chunk=True, usage=_usage(reply, done)))
             except APIError as e:  # the status line is sent: report the error in-band
                 self.in_flight.record(request).error = e.message
                 log_refusal(request, e, in_band=True)
-                await streaming.send(resp, e.body())
-            await streaming.send_done(resp)
+                await send(e.body())
+            if shape is None:
+                await streaming.send_done(resp)
+            else:
+                await resp.write_eof()
         except ConnectionResetError:
             logger.debug("client went away during %s", reply.response_id)
             self.in_flight.record(request).client_closed = True
@@ -378,6 +415,7 @@ class _Reply:
     fmt: protocol.ResponseFormat
     shaper: ChoiceShaper
     n: int  # choices in all (each prompt's: shaper.n)
+    shape: ResponseShape | None = None  # the Responses API's reply (else fmt's)
 
     def body(self, choices: list[dict], chunk: bool = False, **extra: Any) -> dict[str, Any]:
         return self.fmt.envelope(self.response_id, self.created, self.model, choices, chunk,
@@ -477,6 +515,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None, *,
     app[DRAIN_KEY] = server.drain
     app.router.add_post("/v1/completions", server.completions)
     app.router.add_post("/v1/chat/completions", server.chat_completions)
+    app.router.add_post("/v1/responses", server.responses)
     app.router.add_get("/v1/models", server.models)
     app.router.add_get("/health", server.health)
     app.router.add_get("/version", server.version)

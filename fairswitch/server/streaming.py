@@ -1,5 +1,5 @@
 """Server-Sent Events as OpenAI streams them: ``data: {json}\\n\\n`` per chunk,
-``data: [DONE]\\n\\n`` last. A write to a client that went away raises ``ConnectionResetError``
+``data: [DONE]\\n\\n`` last (the Responses API: named events, no [DONE]). A write to a client that went away raises ``ConnectionResetError``
 (aiohttp's ``ClientConnectionResetError`` is one); callers treat it as the end of the stream.
 """
 
@@ -33,6 +33,11 @@ async def open_stream(request: web.Request) -> web.StreamResponse:
 
 async def send(resp: web.StreamResponse, data: Any) -> None:
     await resp.write(event(data))
+
+
+async def send_event(resp: web.StreamResponse, data: dict[str, Any]) -> None:
+    """A named event (the Responses API's): ``event: {type}`` before its data."""
+    await resp.write(f"event: {data['type']}\n".encode() + event(data))
 
 
 async def send_done(resp: web.StreamResponse) -> None:

@@ -1,0 +1,202 @@
+"""The Responses API (/v1/responses): its request as a chat request, its reply whole and as
+semantic events, and through the real openai client (``client.responses``)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fairswitch.server.errors import APIError
+from fairswitch.server.responses import ResponseShape, chat_body
+
+WEATHER = {"type": "function", "name": "get_weather", "description": "Weather of a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                          "required": ["city"]}}
+
+
+def test_a_request_becomes_the_chat_request_that_runs_it():
+    chat = chat_body({
+        "model": "m", "instructions": "Be brief.", "max_output_tokens": 30, "temperature": 0.5,
+        "seed": 3, "store": True, "metadata": {"k": "v"}, "stream": True,
+        "input": [
+            {"role": "developer", "content": "Use tools."},
+            {"type": "message", "role": "user",
+             "content": [{"type": "input_text", "text": "Weather in "},
+                         {"type": "input_text", "text": "Paris?"}]},
+            {"type": "function_call", "call_id": "c1", "name": "get_weather",
+             "arguments": '{"city": "Paris"}'},
+            {"type": "function_call", "call_id": "c2", "name": "get_weather",
+             "arguments": '{"city": "Lyon"}'},
+            {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+            {"role": "assistant", "content": [{"type": "output_text", "text": "Sunny."}]}],
+        "text": {"format": {"type": "json_schema", "name": "w", "schema": {"type": "object"},
+                            "strict": True}},
+        "tools": [WEATHER], "tool_choice": {"type": "function", "name": "get_weather"},
+        "parallel_tool_calls": False})
+    assert chat == {
+        "model": "m", "temperature": 0.5, "seed": 3, "stream": True,
+        "parallel_tool_calls": False, "max_tokens": 30,
+        "stream_options": {"include_usage": True},
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "system", "content": "Use tools."},
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [  # (calls made together)
+                {"id": "c1", "type": "function",
+                 "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+                {"id": "c2", "type": "function",
+                 "function": {"name": "get_weather", "arguments": '{"city": "Lyon"}'}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+            {"role": "assistant", "content": "Sunny."}],
+        "response_format": {"type": "json_schema", "json_schema": {
+            "name": "w", "schema": {"type": "object"}, "strict": True}},
+        "tools": [{"type": "function", "function": {
+            "name": "get_weather", "description": "Weather of a city",
+            "parameters": WEATHER["parameters"]}}],
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
+    assert chat_body({"input": "Hi"})["messages"] == [{"role": "user", "content": "Hi"}]
+    assert "response_format" not in chat_body({"input": "Hi", "text": {"format": {
+        "type": "text"}}})
+
+
+@pytest.mark.parametrize("body, fragment, param", [
+    ({"input": "x", "previous_response_id": "resp_1"}, "keeps no responses",
+     "previous_response_id"),
+    ({"input": "x", "conversation": "conv_1"}, "keeps no conversations", "conversation"),
+    ({"input": "x", "background": True}, "background responses are not supported",
+     "background"),
+    ({"input": "x", "truncation": "auto"}, "'truncation' must be \"disabled\"", "truncation"),
+    ({"input": "x", "max_tokens": 5}, "chat completions field", "max_tokens"),
+    ({"messages": []}, "(use 'input')", "messages"),
+    ({"input": []}, "'input' must be a string or a non-empty array", "input"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "u"}]}]},
+     "only text is supported", "input[0].content[0]"),
+    ({"input": [{"role": "tool", "content": "x"}]}, "'input[0].role' must be one of",
+     "input[0].role"),
+    ({"input": [{"type": "reasoning", "summary": []}]}, "'input[0].type' string \"reasoning\"",
+     "input[0].type"),
+    ({"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]},
+     "'input[0].call_id' must be a non-empty string", "input[0].call_id"),
+    ({"input": "x", "max_output_tokens": 0}, "'max_output_tokens' must be an integer >= 1",
+     "max_output_tokens"),
+    ({"input": "x", "tools": [{"type": "web_search"}]}, "only functions are supported",
+     "tools[0]"),
+    ({"input": "x", "tool_choice": {"type": "web_search"}}, "'tool_choice' must be",
+     "tool_choice"),
+    ({"input": "x", "text": {"format": {"type": "json_schema"}}}, "'text.format' must be",
+     "text.format"),
+])
+def test_what_a_request_cannot_say_is_a_400_naming_its_field(body, fragment, param):
+    with pytest.raises(APIError) as e:
+        chat_body(body)
+    assert e.value.status == 400 and fragment in e.value.message and e.value.param == param
+
+
+def _chunk(delta=None, finish=None, usage=None):
+    choices = [] if delta is None and finish is None else [
+        {"index": 0, "delta": delta or {}, "finish_reason": finish}]
+    return {"choices": choices, "usage": usage}
+
+
+USAGE = {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
+
+
+def test_a_streamed_reply_is_the_responses_events_in_order():
+    shape = ResponseShape({"input": "x", "tools": [WEATHER]}, "m")
+    events = shape.opening()
+    for chunk in [_chunk({"role": "assistant", "content": ""}), _chunk({"content": "Let "}),
+                  _chunk({"content": "me see."}),
+                  _chunk({"tool_calls": [{"index": 0, "id": "call_a", "type": "function",
+                                          "function": {"name": "get_weather",
+                                                       "arguments": '{"city": '}}]}),
+                  _chunk({"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]}),
+                  _chunk(finish="tool_calls"), _chunk(usage=USAGE)]:
+        events += shape.chunk(chunk)
+    assert [e["type"] for e in events] == [
+        "response.created", "response.in_progress",
+        "response.output_item.added", "response.content_part.added",
+        "response.output_text.delta", "response.output_text.delta",
+        "response.output_text.done", "response.content_part.done", "response.output_item.done",
+        "response.output_item.added", "response.function_call_arguments.delta",
+        "response.function_call_arguments.delta", "response.function_call_arguments.done",
+        "response.output_item.done", "response.completed"]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    final = events[-1]["response"]
+    assert final["status"] == "completed" and final["id"] == events[0]["response"]["id"]
+    message, call = final["output"]
+    assert message["content"][0]["text"] == "Let me see." and message["status"] == "completed"
+    assert (call["call_id"], call["name"], call["arguments"]) == (
+        "call_a", "get_weather", '{"city": "Paris"}')
+    assert final["usage"] == {"input_tokens": 7, "input_tokens_details": {"cached_tokens": 0},
+                              "output_tokens": 5, "output_tokens_details": {
+                                  "reasoning_tokens": 0}, "total_tokens": 12}
+    assert final["tools"] == [WEATHER] and final["tool_choice"] == "auto"
+
+
+def test_a_reply_cut_short_is_incomplete_and_an_empty_one_a_message():
+    shape = ResponseShape({"input": "x"}, "m")
+    events = shape.chunk(_chunk({"content": "abc"}, finish="length")) + shape.chunk(
+        _chunk(usage=USAGE))
+    final = events[-1]
+    assert final["type"] == "response.incomplete"
+    assert final["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert final["response"]["output"][0]["status"] == "incomplete"
+    empty = ResponseShape({"input": "x"}, "m")
+    events = empty.chunk(_chunk(finish="stop")) + empty.chunk(_chunk(usage=USAGE))
+    assert events[-1]["response"]["output"][0]["content"][0]["text"] == ""
+    failed = ResponseShape({"input": "x"}, "m").chunk({"error": {
+        "message": "boom", "type": "server_error", "param": None, "code": None}})
+    assert [e["type"] for e in failed] == ["error", "response.failed"]
+    assert failed[1]["response"]["error"] == {"code": "server_error", "message": "boom"}
+
+
+# ---- through the server, with the openai client ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def client(openai_client):
+    return openai_client
+
+
+def test_the_openai_client_creates_and_streams_responses(client):
+    ask = dict(model="fairswitch-tiny", input="Hello there", instructions="Be brief.",
+               max_output_tokens=100, temperature=0.0)
+    whole = client.responses.create(**ask)
+    assert whole.object == "response" and whole.status == "completed" and whole.output_text
+    assert whole.usage.output_tokens > 0 and whole.usage.total_tokens == (
+        whole.usage.input_tokens + whole.usage.output_tokens)
+    with client.responses.stream(**ask) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(deltas) == final.output_text == whole.output_text
+    short = client.responses.create(**{**ask, "max_output_tokens": 2})
+    assert short.status == "incomplete" and short.incomplete_details.reason == "max_output_tokens"
+
+
+def test_responses_take_function_tools_and_json_schemas(client):
+    pytest.importorskip("xgrammar")
+    out = client.responses.create(
+        model="fairswitch-tiny", input="Weather in Paris?", tools=[WEATHER],
+        tool_choice={"type": "function", "name": "get_weather"}, max_output_tokens=60,
+        temperature=0.0)
+    (call,) = [item for item in out.output if item.type == "function_call"]
+    assert call.name == "get_weather" and call.call_id
+    if out.status == "completed":
+        assert set(json.loads(call.arguments)) == {"city"}
+    person = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}},
+              "required": ["name"], "additionalProperties": False}
+    out = client.responses.create(model="fairswitch-tiny", input="Who?", max_output_tokens=40,
+                                  text={"format": {"type": "json_schema", "name": "person",
+                                                   "schema": person}})
+    assert set(json.loads(out.output_text)) == {"name"}
+
+
+def test_a_refused_request_is_the_clients_bad_request(client):
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match="keeps no responses"):
+        client.responses.create(model="fairswitch-tiny", input="x",
+                                previous_response_id="resp_1")
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model="nope", input="x")
