@@ -40,6 +40,23 @@ REPLIES = [
     ("llama3_json", '{"name": "a", "parameters": {}}; {"name": "b", "parameters": {',
      '{"name": "b", "parameters": {', [("a", "{}")]),
     ("llama3_json", "<|python", "<|python", []),
+    # A JSON answer with a "name" field is the answer, not a call (no arguments).
+    ("llama3_json", '{"name": "Alice", "age": 31}', '{"name": "Alice", "age": 31}', []),
+    ("hermes", '<tool_call>{"name": "Alice"}</tool_call>', '<tool_call>{"name": "Alice"}'
+     '</tool_call>', []),
+    # Arguments as a string: kept if it is a JSON object, else written as a JSON string.
+    ("hermes", '<tool_call>{"name": "f", "arguments": "city=Paris"}</tool_call>', None,
+     [("f", '"city=Paris"')]),
+    # Whitespace after a call is content once text has come after it (whole and streamed).
+    ("hermes", f"Sure.\n<tool_call>{WEATHER_CALL}</tool_call>\nDone. \n", "Sure.\n\nDone. \n",
+     [("get_weather", '{"city": "Paris"}')]),
+    ("hermes", f"<tool_call>{WEATHER_CALL}</tool_call> a <tool_call>{WEATHER_CALL}</tool_call>",
+     " a ", [("get_weather", '{"city": "Paris"}')] * 2),
+    # Nested past the JSON decoder's recursion limit: text, not a crash.
+    ("hermes", "<tool_call>" + "[" * 1200 + "</tool_call>", "<tool_call>" + "[" * 1200
+     + "</tool_call>", []),
+    ("llama3_json", '{"name": "f", "parameters": ' + "[" * 3000 + "]" * 3000 + "}",
+     '{"name": "f", "parameters": ' + "[" * 3000 + "]" * 3000 + "}", []),
 ]
 
 
@@ -69,6 +86,30 @@ def test_a_reply_reads_the_same_whole_and_however_it_is_streamed(parser, reply, 
         assert [(d["index"], d["function"]["name"], d["function"]["arguments"])
                 for d in deltas] == [(i, *c) for i, c in enumerate(want)], pieces
         assert called == bool(want)
+
+
+def test_a_lone_surrogate_escape_in_the_arguments_stays_escaped():
+    """``\\ud83d`` alone decodes to a lone surrogate, which no UTF-8 response can carry."""
+    reply = '<tool_call>{"name": "f", "arguments": {"city": "\\ud83d Paris"}}</tool_call>'
+    (call,) = AutoToolCalls("hermes").whole(reply)[1]
+    arguments = call["function"]["arguments"]
+    arguments.encode()  # (UTF-8 text)
+    assert json.loads(arguments) == {"city": "\ud83d Paris"}
+
+
+def test_a_long_call_streamed_is_read_once():
+    """Each piece of a llama3_json call is scanned once (the scan's place is kept between
+    pieces), not the whole held text again for every piece."""
+    from fairswitch.server.tool_parsers import _Llama3Json
+
+    reply = '{"name": "write", "parameters": {"text": "' + "ab{}[]\\\"" * 3000 + '"}}'
+    reader = _Llama3Json()
+    pieces = [reply[i:i + 4] for i in range(0, len(reply), 4)]
+    for piece in pieces[:-1]:
+        assert reader.feed(piece, final=False) == ("", [])
+        assert reader.scan.at == len(reader.buffer)
+    _, calls = reader.feed(pieces[-1], final=True)
+    assert [name for name, _ in calls] == ["write"]
 
 
 def test_parallel_tool_calls_false_keeps_the_first_call():
@@ -189,3 +230,24 @@ def test_a_call_cut_short_by_max_tokens_is_given_as_text(clients):
         extra_body={"structured_outputs": {"regex": _escape(reply)}}).choices[0]
     assert out.finish_reason == "length" and not out.message.tool_calls
     assert reply.startswith(out.message.content) and out.message.content
+
+
+def test_hermes_auto_keeps_special_tokens_in_the_text_unless_asked():
+    """vLLM's hermes parser reads <tool_call> that some tokenizers mark special: such requests
+    do not skip special tokens unless they say so."""
+    from fairswitch.server.protocol import parse_chat
+
+    body = {"messages": [{"role": "user", "content": "Hi"}], "tools": [WEATHER]}
+    assert parse_chat(body, "hermes").skip_special_tokens is False
+    assert parse_chat({**body, "skip_special_tokens": True}, "hermes").skip_special_tokens
+    assert parse_chat(body, "llama3_json").skip_special_tokens
+    assert parse_chat({**body, "tool_choice": "none"}, "hermes").skip_special_tokens
+
+
+def test_tools_with_a_null_tool_choice_are_refused_as_openais_default():
+    from fairswitch.server.errors import APIError
+    from fairswitch.server.protocol import parse_chat
+
+    with pytest.raises(APIError, match="'tools' without 'tool_choice'"):
+        parse_chat({"messages": [{"role": "user", "content": "Hi"}], "tools": [WEATHER],
+                    "tool_choice": None})

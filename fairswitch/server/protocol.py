@@ -499,6 +499,9 @@ def parse_chat(body: Any, tool_parser: str | None = None) -> ChatRequest:
     calls: ToolCalls | AutoToolCalls | None = None
     if auto:  # the model may call, in its own syntax: read by the parser
         calls = AutoToolCalls(tool_parser, _bool(body, "parallel_tool_calls", True))
+        if tool_parser == "hermes" and "skip_special_tokens" not in body:
+            # Some tokenizers mark <tool_call> special: the reply's text keeps it (as vLLM's).
+            common["skip_special_tokens"] = False
     elif named is not None or required:  # the reply is calls: held to their schema
         if common["structured_outputs"] is not None:
             raise bad_request(f"'tool_choice' {_describe(body['tool_choice'])} holds the reply "
@@ -533,6 +536,10 @@ def _template_inputs(body: dict, tools: list[dict[str, Any]] | None) -> Template
                           kwargs=_template_kwargs(body))
 
 
+_TOOL_CHOICE_FORMS = ("'tool_choice' must be \"none\", \"auto\", \"required\" or {\"type\": "
+                      "\"function\", \"function\": {\"name\": ...}}")
+
+
 def _tools(body: dict, auto_tools: bool
            ) -> tuple[list[dict[str, Any]] | None, str | None, bool, bool]:
     """(the tools to render, the function the reply must call, whether it must call some,
@@ -554,14 +561,10 @@ def _tools(body: dict, auto_tools: bool
         fn = choice.get("function")
         if (choice.get("type") != "function" or not isinstance(fn, dict)
                 or not isinstance(fn.get("name"), str)):
-            raise bad_request("'tool_choice' must be \"none\" or {\"type\": \"function\", "
-                              f"\"function\": {{\"name\": ...}}}}, got {_describe(choice)}",
-                              "tool_choice")
+            raise bad_request(_TOOL_CHOICE_FORMS + f", got {_describe(choice)}", "tool_choice")
         named = fn["name"]
     elif choice not in (None, "none", "required", "auto"):
-        raise bad_request("'tool_choice' must be \"none\", \"auto\", \"required\" or "
-                          "{\"type\": \"function\", \"function\": {\"name\": ...}}, got "
-                          f"{_describe(choice)}", "tool_choice")
+        raise bad_request(_TOOL_CHOICE_FORMS + f", got {_describe(choice)}", "tool_choice")
     if not tools:
         if named is not None:
             raise bad_request(f"'tool_choice' names {named!r}, but 'tools' lists no function",
@@ -578,7 +581,7 @@ def _tools(body: dict, auto_tools: bool
             raise bad_request(f"'tools[{i}].function.parameters' must be a JSON schema object, "
                               f"got {_describe(fn['parameters'])}", f"tools[{i}]")
     if choice == "auto" and not auto_tools:
-        said = "'tool_choice' 'auto'" if "tool_choice" in body else (
+        said = "'tool_choice' 'auto'" if body.get("tool_choice") is not None else (
             "'tools' without 'tool_choice' (OpenAI's default: 'auto')")
         raise bad_request(f"{said} needs a parser of the model's tool calls: start the server "
                           "with --enable-auto-tool-choice --tool-call-parser NAME, or give "

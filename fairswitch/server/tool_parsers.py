@@ -21,6 +21,8 @@ import json
 import uuid
 from typing import Any
 
+from fairswitch.unicode_text import lone_surrogate
+
 PARSERS = ("hermes", "llama3_json")
 
 _HERMES_OPEN, _HERMES_CLOSE = "<tool_call>", "</tool_call>"
@@ -32,37 +34,66 @@ def _new_id() -> str:
 
 
 def _call(obj: Any, arguments_keys: tuple[str, ...]) -> tuple[str, str] | None:
-    """(name, arguments as JSON) of a decoded call; None if it is not one."""
+    """(name, arguments as JSON text) of a decoded call; None if it is not one: a name and
+    the arguments (under one of ``arguments_keys``) both, so that a JSON answer with a "name"
+    field stays the answer (vLLM's parsers likewise)."""
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
         return None
-    arguments = next((obj[key] for key in arguments_keys if key in obj), {})
+    key = next((key for key in arguments_keys if key in obj), None)
+    if key is None:
+        return None
+    arguments = obj[key]
     if isinstance(arguments, str):  # (some models write the arguments as a JSON string)
-        return obj["name"], arguments
-    return obj["name"], json.dumps(arguments, ensure_ascii=False)
+        try:
+            if isinstance(json.loads(arguments), dict):
+                return obj["name"], arguments
+        except (ValueError, RecursionError):
+            pass
+    text = json.dumps(arguments, ensure_ascii=False)
+    if lone_surrogate(text) is not None:  # (a lone \ud800 escape: not UTF-8, keep it escaped)
+        text = json.dumps(arguments)
+    return obj["name"], text
 
 
-def _object_end(text: str, start: int) -> int | None:
-    """The index past the JSON object that opens at ``text[start]`` ("{"); None if it does not
-    close within ``text`` (strings and escapes in them are skipped)."""
-    depth, in_string, escaped = 0, False, False
-    for i in range(start, len(text)):
-        ch = text[i]
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
+def _decoded(text: str) -> Any:
+    """``text`` as JSON; None if it is not (or nests too deeply for the decoder)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
+class _ObjectEnd:
+    """Finds where the JSON object at the start of a growing text closes, reading each
+    character once however the text is fed (strings and their escapes are skipped)."""
+
+    def __init__(self) -> None:
+        self.at = 0  # characters read
+        self.depth = 0
+        self.in_string = self.escaped = False
+
+    def end(self, text: str) -> int | None:
+        """The index past the object that opens at ``text[0]``; None if it has not closed."""
+        for i in range(self.at, len(text)):
+            ch = text[i]
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif ch == "\\":
+                    self.escaped = True
+                elif ch == '"':
+                    self.in_string = False
             elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "{[":
-            depth += 1
-        elif ch in "}]":
-            depth -= 1
-            if depth == 0:
-                return i + 1
-    return None
+                self.in_string = True
+            elif ch in "{[":
+                self.depth += 1
+            elif ch in "}]":
+                self.depth -= 1
+                if self.depth == 0:
+                    self.at = i + 1
+                    return i + 1
+        self.at = len(text)
+        return None
 
 
 def _held_back(text: str, marker: str) -> int:
@@ -79,37 +110,41 @@ class _Reader:
     of the text is told."""
 
     def __init__(self) -> None:
-        self.buffer = ""
+        self.buffer = ""  # text not told yet
         self.calls = 0  # calls read so far
 
     def feed(self, text: str, final: bool) -> tuple[str, list[tuple[str, str]]]:
-        self.buffer += text
-        content, calls = self._read(final)
-        self.calls += len(calls)
-        return content, calls
-
-    def _read(self, final: bool) -> tuple[str, list[tuple[str, str]]]:
         raise NotImplementedError
 
 
 class _Hermes(_Reader):
-    def _read(self, final: bool) -> tuple[str, list[tuple[str, str]]]:
-        content, calls = "", []
+    def __init__(self) -> None:
+        super().__init__()
+        self.talking = False  # text (not whitespace alone) has come since the last call
 
-        def text(piece: str) -> str:  # after a call, whitespace alone is not content
-            return piece if self.calls + len(calls) == 0 or piece.strip() else ""
+    def _text(self, piece: str) -> str:
+        """What of ``piece`` is content: after a call, whitespace alone is not, until text
+        comes."""
+        if self.calls == 0 or self.talking or piece.strip():
+            self.talking = self.calls > 0
+            return piece
+        return ""
 
+    def feed(self, text: str, final: bool) -> tuple[str, list[tuple[str, str]]]:
+        self.buffer += text
+        content = ""
+        calls: list[tuple[str, str]] = []
         while self.buffer:
             start = self.buffer.find(_HERMES_OPEN)
             if start < 0:
                 keep = 0 if final else _held_back(self.buffer, _HERMES_OPEN)
                 piece = self.buffer[:len(self.buffer) - keep]
-                if not final and not text(piece):
-                    break  # (whitespace after a call: content only if text follows)
-                content += text(piece)
-                self.buffer = self.buffer[len(piece):]
-                break
-            content += text(self.buffer[:start])
+                said = self._text(piece)
+                if said or final:
+                    content += said
+                    self.buffer = self.buffer[len(piece):]
+                break  # (else whitespace after a call: content only if text follows)
+            content += self._text(self.buffer[:start])
             self.buffer = self.buffer[start:]
             end = self.buffer.find(_HERMES_CLOSE)
             if end < 0:
@@ -118,15 +153,14 @@ class _Hermes(_Reader):
                 break
             block = self.buffer[:end + len(_HERMES_CLOSE)]
             self.buffer = self.buffer[len(block):]
-            try:
-                call = _call(json.loads(block[len(_HERMES_OPEN):-len(_HERMES_CLOSE)]),
-                             ("arguments", "parameters"))
-            except ValueError:
-                call = None
+            call = _call(_decoded(block[len(_HERMES_OPEN):-len(_HERMES_CLOSE)]),
+                         ("arguments", "parameters"))
             if call is None:
                 content += block
             else:
                 calls.append(call)
+                self.calls += 1
+                self.talking = False
         return content, calls
 
 
@@ -135,8 +169,10 @@ class _Llama3Json(_Reader):
         super().__init__()
         self.mode = "start"  # start (nothing but whitespace or the tag yet), calls, text
         self.prefix = ""  # the whitespace and tag before the first "{"
+        self.scan = _ObjectEnd()  # of the object at the start of the buffer
 
-    def _read(self, final: bool) -> tuple[str, list[tuple[str, str]]]:
+    def feed(self, text: str, final: bool) -> tuple[str, list[tuple[str, str]]]:
+        self.buffer += text
         if self.mode == "start":
             head = self.buffer.lstrip()
             tagged = head.startswith(_PYTHON_TAG)
@@ -155,34 +191,28 @@ class _Llama3Json(_Reader):
         calls: list[tuple[str, str]] = []
         while True:
             rest = self.buffer.lstrip().lstrip(";").lstrip()
+            if len(rest) != len(self.buffer):
+                self.buffer, self.scan = rest, _ObjectEnd()  # (only between objects)
             if not rest:
-                if final:
-                    self.buffer = ""
                 return "", calls
-            end = _object_end(rest, 0) if rest.startswith("{") else -1
+            end = self.scan.end(rest) if rest.startswith("{") else -1
             if end is None:
                 if final:  # a call cut short
                     self.buffer = ""
                     return self._unread(rest, calls), calls
-                self.buffer = rest
                 return "", calls
-            call = None
-            if end > 0:
-                try:
-                    call = _call(json.loads(rest[:end]), ("parameters", "arguments"))
-                except ValueError:
-                    pass
+            call = _call(_decoded(rest[:end]), ("parameters", "arguments")) if end > 0 else None
             if call is None:  # not a call: the rest of the reply is text
                 self.mode, self.buffer = "text", ""
                 return self._unread(rest, calls), calls
             calls.append(call)
-            self.buffer = rest[end:]
-
+            self.calls += 1
+            self.buffer, self.scan = rest[end:], _ObjectEnd()
 
     def _unread(self, rest: str, calls: list) -> str:
         """The text that was not a call, as content: with what came before the first "{" if no
         call was read."""
-        return rest if self.calls + len(calls) else self.prefix + rest
+        return rest if self.calls else self.prefix + rest
 
 
 _READERS = {"hermes": _Hermes, "llama3_json": _Llama3Json}
