@@ -156,13 +156,19 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 
 
 @triton.jit
-def _fp8_compute_dtype(q):
-    """The queries in the dtype fp8 tiles widen to: fp16 for bf16 queries, since fp8 -> fp16 is
-    one instruction for two values and fp8 -> bf16 several. Exact for |q| in [2^-14, 65504],
-    where fp16 has more mantissa bits than bf16."""
+def _fp8_query(q, qk_scale):
+    """The queries in the dtype fp8 tiles widen to, and the logits' scale that goes with them:
+    fp16 for bf16 queries, since fp8 -> fp16 is one instruction for two values and fp8 -> bf16
+    several. fp16 has more mantissa bits than bf16 but ends at 65504, where bf16 goes on: a
+    tile holding a larger query is scaled down by a power of two, which the scale takes back
+    (exact but for fp16's subnormals, 2^-24 of the scaled tile's largest value)."""
     if q.dtype == tl.bfloat16:
-        q = q.to(tl.float16)
-    return q
+        qf = q.to(tl.float32)
+        amax = tl.max(tl.max(tl.abs(qf), 1), 0)
+        shift = tl.where(amax > 32768.0, tl.ceil(tl.log2(amax / 32768.0)), 0.0)
+        q = (qf * tl.exp2(-shift)).to(tl.float16)
+        qk_scale = qk_scale * tl.exp2(shift)
+    return q, qk_scale
 
 
 @triton.jit
@@ -287,8 +293,7 @@ def _decode_split_kernel(
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=g_mask[:, None], other=0.0)
     if KV_FP8:
-        q = _fp8_compute_dtype(q)
-        qk_scale = qk_scale * tl.load(k_scale_ptr)
+        q, qk_scale = _fp8_query(q, qk_scale * tl.load(k_scale_ptr))
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
@@ -514,8 +519,7 @@ def _prefill_kernel(
     q = tl.load(q_ptr + tok[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :])
     row_pos = prefix_len + t
     if KV_FP8:
-        q = _fp8_compute_dtype(q)
-        qk_scale = qk_scale * tl.load(k_scale_ptr)
+        q, qk_scale = _fp8_query(q, qk_scale * tl.load(k_scale_ptr))
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)

@@ -193,6 +193,28 @@ def test_decode_fp8_matches_reference(group, head_dim, block_size, num_splits, d
     assert_close(own[1:], expected[1:], torch.float32)
 
 
+def test_bf16_queries_past_fp16s_range_are_scaled_not_overflowed():
+    """fp8 tiles widen to fp16, which ends at 65504, where bf16 queries go on: the kernels scale
+    such a tile down by a power of two (it was inf, then NaN). The same logits as small queries
+    with the scale taken back: 2^17 times the queries, 2^-17 times the softmax scale."""
+    torch.manual_seed(29)
+    max_blocks, head_dim = 4, 64
+    q, k_cache, v_cache, block_tables, seq_lens_t, k_scale, v_scale, expected = fp8_decode_case(
+        [1, 17, 50], max_blocks, 2, 2, 4, head_dim, 16, torch.bfloat16, True)
+    big = q * 2.0 ** 17  # (exact in bf16)
+    assert big.abs().max() > 65504
+    scale = head_dim ** -0.5 / 2 ** 17
+    out = pa.paged_decode_attention(big, k_cache, v_cache, block_tables, seq_lens_t, scale=scale,
+                                    k_scale=k_scale, v_scale=v_scale)
+    assert torch.isfinite(out).all()
+    assert_close(out, expected, torch.bfloat16)
+    starts = torch.tensor([0, 1, 2, 3], dtype=torch.int32, device=DEVICE)  # a token each
+    out = pa.paged_prefill_attention(big, k_cache, v_cache, block_tables, starts, seq_lens_t, 1,
+                                     scale=scale, k_scale=k_scale, v_scale=v_scale)
+    assert torch.isfinite(out).all()
+    assert_close(out, expected, torch.bfloat16)
+
+
 def one_head_fp8_cache(max_blocks: int):
     """A 12-block fp8 pool (block 16, one KV head of 64) filled for two sequences of up to
     ``max_blocks`` blocks: (pool, K view, V view, block tables, K scale, V scale)."""
