@@ -86,11 +86,51 @@ def test_a_request_becomes_the_chat_request_that_runs_it():
      "tool_choice"),
     ({"input": "x", "text": {"format": {"type": "json_schema"}}}, "'text.format' must be",
      "text.format"),
+    # Values of any JSON type where a string is looked up: 400s, not a 500.
+    ({"input": [{"role": [], "content": "x"}]}, "'input[0].role' must be one of",
+     "input[0].role"),
+    ({"input": [{"role": "user", "content": [{"type": {}, "text": "a"}]}]},
+     "only text is supported", "input[0].content[0]"),
+    ({"input": [{"type": "function_call_output", "call_id": "c", "output": [{"type": []}]}]},
+     "only text is supported", "input[0].output[0]"),
+    ({"input": "x", "tool_choice": {"type": "function", "name": 3}}, "'tool_choice' must be",
+     "tool_choice"),
+    ({"input": "x", "tools": [{"type": "function", "function": {"name": "f"}}]},
+     "\"name\": ..., \"parameters\"", "tools[0]"),  # (chat's shape: Responses' is flat)
+    ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{no"}]},
+     "'input[0].arguments' must be JSON text", "input[0].arguments"),
+    ({"input": "x", "metadata": [1]}, "'metadata' must be an object of strings", "metadata"),
+    ({"input": "x", "parallel_tool_calls": "yes"}, "must be a boolean", "parallel_tool_calls"),
+    ({"input": "x", "reasoning": {"effort": "high"}}, "'reasoning' options are not supported",
+     "reasoning"),
+    ({"input": "x", "include": ["file_search_call.results"]}, "'include' may only list",
+     "include"),
+    ({"input": "x", "top_logprobs": 21}, "'top_logprobs' must be an integer in [0, 20]",
+     "top_logprobs"),
+    ({"input": "x", "return_token_ids": True}, "chat completions field", "return_token_ids"),
 ])
 def test_what_a_request_cannot_say_is_a_400_naming_its_field(body, fragment, param):
     with pytest.raises(APIError) as e:
         chat_body(body)
     assert e.value.status == 400 and fragment in e.value.message and e.value.param == param
+
+
+def test_calls_after_an_assistants_text_are_that_turns_and_options_that_say_nothing_pass():
+    """A response's output fed back as input (a message, then its function_call) is one
+    assistant turn; reasoning without options and stream_options' obfuscation are taken."""
+    chat = chat_body({"input": [
+        {"role": "user", "content": "Weather?"},
+        {"type": "message", "role": "assistant",
+         "content": [{"type": "output_text", "text": "Let me check."}]},
+        {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "sunny"}],
+        "reasoning": {"effort": None}, "stream_options": {"include_obfuscation": False},
+        "include": ["message.output_text.logprobs"], "top_logprobs": 2})
+    assert chat["messages"][1] == {"role": "assistant", "content": "Let me check.", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]}
+    assert len(chat["messages"]) == 3
+    assert (chat["logprobs"], chat["top_logprobs"]) == (True, 2)
+    assert "reasoning" not in chat and "stream_options" not in chat
 
 
 def _chunk(delta=None, finish=None, usage=None):
@@ -134,6 +174,27 @@ def test_a_streamed_reply_is_the_responses_events_in_order():
     assert final["tools"] == [WEATHER] and final["tool_choice"] == "auto"
 
 
+def test_calls_end_one_before_the_next_begins_and_a_failure_keeps_the_items_so_far():
+    shape = ResponseShape({"input": "x"}, "m")
+    events = []
+    for call in ("a", "b"):
+        events += shape.chunk(_chunk({"tool_calls": [{"index": ord(call) - 97, "id": call,
+                                                      "function": {"name": call,
+                                                                   "arguments": "{}"}}]}))
+    events += shape.chunk(_chunk(finish="tool_calls")) + shape.chunk(_chunk(usage=USAGE))
+    assert [(e["type"], e.get("output_index")) for e in events if "output_item" in e["type"]] == [
+        ("response.output_item.added", 0), ("response.output_item.done", 0),
+        ("response.output_item.added", 1), ("response.output_item.done", 1)]
+    shape = ResponseShape({"input": "x"}, "m")
+    events = shape.chunk(_chunk({"content": "half"})) + shape.chunk({"error": {
+        "message": "boom", "type": "server_error", "param": None, "code": "internal_error"}})
+    assert [e["type"] for e in events][-5:] == [
+        "error", "response.output_text.done", "response.content_part.done",
+        "response.output_item.done", "response.failed"]
+    (item,) = events[-1]["response"]["output"]
+    assert item["status"] == "incomplete" and item["content"][0]["text"] == "half"
+
+
 def test_a_reply_cut_short_is_incomplete_and_an_empty_one_a_message():
     shape = ResponseShape({"input": "x"}, "m")
     events = shape.chunk(_chunk({"content": "abc"}, finish="length")) + shape.chunk(
@@ -149,6 +210,7 @@ def test_a_reply_cut_short_is_incomplete_and_an_empty_one_a_message():
         "message": "boom", "type": "server_error", "param": None, "code": None}})
     assert [e["type"] for e in failed] == ["error", "response.failed"]
     assert failed[1]["response"]["error"] == {"code": "server_error", "message": "boom"}
+    assert failed[1]["response"]["output"] == []
 
 
 # ---- through the server, with the openai client ---------------------------------------------
@@ -190,6 +252,33 @@ def test_responses_take_function_tools_and_json_schemas(client):
                                   text={"format": {"type": "json_schema", "name": "person",
                                                    "schema": person}})
     assert set(json.loads(out.output_text)) == {"name"}
+
+
+def test_logprobs_come_with_the_text_whole_and_streamed(client):
+    ask = dict(model="fairswitch-tiny", input="Hi", max_output_tokens=8, temperature=0.0,
+               include=["message.output_text.logprobs"], top_logprobs=2)
+    whole = client.responses.create(**ask).output[0].content[0]
+    assert len(whole.logprobs) == 8 and all(len(lp.top_logprobs) == 2 for lp in whole.logprobs)
+    assert "".join(lp.token for lp in whole.logprobs) == whole.text
+    streamed = [lp for e in client.responses.create(**ask, stream=True)
+                if e.type == "response.output_text.delta" for lp in e.logprobs]
+    assert [lp.token for lp in streamed] == [lp.token for lp in whole.logprobs]
+
+
+def test_the_chat_paths_errors_name_the_responses_fields(client):
+    """The default model's template does not render tool calls: the 400 names the input item
+    (instructions make the chat's messages one more than the items)."""
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model="fairswitch-tiny", instructions="Be brief.", input=[
+            {"role": "user", "content": "Weather?"},
+            {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c1", "output": "sunny"}])
+    assert e.value.body["param"] == "input[1]" and "'input[1]'" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model="fairswitch-tiny", input="x", max_output_tokens=10 ** 6)
+    assert e.value.body["param"] == "max_output_tokens"
 
 
 def test_a_refused_request_is_the_clients_bad_request(client):

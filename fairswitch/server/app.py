@@ -135,10 +135,14 @@ class OpenAIServer:
 
     async def responses(self, request: web.Request) -> web.StreamResponse:
         """The Responses API: a chat completion underneath (responses.py)."""
-        body, (req, text, ids) = await self.prompts.run(self._responses_prompt,
-                                                        await self._body(request))
-        max_tokens = protocol.resolve_max_tokens(req.max_tokens, len(ids), self.core.max_model_len,
-                                                 None, self.core.generation.max_new_tokens)
+        body, translation, (req, text, ids) = await self.prompts.run(
+            self._responses_prompt, await self._body(request))
+        try:
+            max_tokens = protocol.resolve_max_tokens(
+                req.max_tokens, len(ids), self.core.max_model_len, None,
+                self.core.generation.max_new_tokens)
+        except APIError as e:
+            raise translation.renamed(e) from e
         return await self._generate(request, req, protocol.CHAT, [(text, ids, max_tokens)],
                                     ResponseShape(body, self.model_name))
 
@@ -167,11 +171,16 @@ class OpenAIServer:
             text = None
         return self._validate_prompt(text, kept, param)
 
-    def _responses_prompt(self, raw: bytes) -> tuple[dict, tuple[protocol.ChatRequest,
-                                                                 str | None, list[int]]]:
-        """(the Responses request, its chat's ``_chat_prompt``); on a prompt worker thread."""
+    def _responses_prompt(self, raw: bytes) -> tuple[
+            dict, responses.Translation, tuple[protocol.ChatRequest, str | None, list[int]]]:
+        """(the Responses request, its chat request, the chat's ``_chat_prompt``); on a prompt
+        worker thread. The chat path's errors name the Responses request's fields."""
         body = _loads(raw)
-        return body, self._chat_prompt(None, responses.chat_body(body))
+        translation = responses.Translation(body)
+        try:
+            return body, translation, self._chat_prompt(None, translation.chat)
+        except APIError as e:
+            raise translation.renamed(e) from e
 
     def _chat_prompt(self, raw: bytes | None, body: dict | None = None
                      ) -> tuple[protocol.ChatRequest, str | None, list[int]]:

@@ -474,7 +474,8 @@ def parse_completion(body: Any) -> CompletionRequest:
 
 
 def parse_messages(value: Any) -> list[dict[str, Any]]:
-    """Chat messages with string content (and tool calls), checked as ``LLM.chat`` checks them (chat_messages.py)."""
+    """Chat messages with string content (and tool calls), checked as ``LLM.chat`` checks them
+    (chat_messages.py)."""
     if value is None:
         raise bad_request("'messages' is required", "messages")
     if not isinstance(value, list):

@@ -13,37 +13,78 @@ are ``function_call`` items; ``function_call_output`` items carry results back i
 
 from __future__ import annotations
 
+import json
+import re
 import time
 import uuid
 from typing import Any
 
-from fairswitch.server.errors import bad_request
+from fairswitch.server.errors import APIError, bad_request
 from fairswitch.server.protocol import _describe
 
-# Fields with a meaning here, and the Responses request's own that are refused unless unset.
+# Fields of the Responses request refused unless unset (null, false or empty).
 _REFUSED = {
     "previous_response_id": "this server keeps no responses: send the whole input each time",
     "conversation": "this server keeps no conversations: send the whole input each time",
     "prompt": "stored prompts are not supported",
     "background": "background responses are not supported",
-    "include": "no extra output data is supported",
     "max_tool_calls": "not supported",
-    "reasoning": "reasoning options are not supported",
 }
-# Chat completion fields that a Responses request spells otherwise.
+_LOGPROBS = "message.output_text.logprobs"  # the one `include` this server gives
+# Chat completion fields that a Responses request spells otherwise, or cannot be answered in.
 _CHAT_ONLY = {"messages": "input", "max_tokens": "max_output_tokens",
               "max_completion_tokens": "max_output_tokens", "response_format": "text.format",
-              "n": None, "stream_options": None, "functions": "tools",
-              "function_call": "tool_choice", "logprobs": None, "top_logprobs": None,
-              "echo": None}
+              "functions": "tools", "function_call": "tool_choice",
+              "logprobs": f"include: [\"{_LOGPROBS}\"]", "n": None, "echo": None,
+              "prompt_logprobs": None, "return_token_ids": None}
+_OWN = {"input", "instructions", "max_output_tokens", "text", "tools", "tool_choice", "store",
+        "metadata", "truncation", "include", "top_logprobs", "stream_options", "reasoning",
+        *_REFUSED}
 _ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
-_TEXT_PARTS = {"input_text", "output_text", "text"}
+_TEXT_PARTS = ("input_text", "output_text", "text")
+
+
+class Translation:
+    """A Responses request as a chat request: ``chat``, its body, and where each of its
+    messages came from, so that the chat path's errors name the request's own fields."""
+
+    def __init__(self, body: Any) -> None:
+        if not isinstance(body, dict):
+            raise bad_request(f"the request body must be a JSON object, got {_describe(body)}")
+        self.origins: list[str] = []  # message j's: "instructions" or "input[i]"
+        self.call_origins: dict[int, list[str]] = {}  # message j's tool calls': "input[i]"
+        self.chat = _chat_body(body, self)
+
+    def renamed(self, e: APIError) -> APIError:
+        """``e`` with the chat request's field names as the Responses request's."""
+        def rename(text: str) -> str:
+            text = re.sub(r"messages\[(\d+)\]\.tool_calls(?:\[(\d+)\])?(?:\.function)?",
+                          lambda m: self._call_origin(int(m[1]), int(m[2] or 0)), text)
+            text = re.sub(r"(messages\[\d+\])\.tool_call_id", r"\1.call_id", text)
+            text = re.sub(r"messages\[(\d+)\]", lambda m: self._origin(int(m[1])), text)
+            text = re.sub(r"tools\[(\d+)\]\.function", r"tools[\1]", text)
+            for chat, own in (("max_tokens", "max_output_tokens"), ("response_format",
+                                                                    "text.format")):
+                text = re.sub(rf"\b{chat}\b", own, text)
+            return re.sub(r"'messages'|^messages$", lambda m: m[0].replace("messages", "input"),
+                          text)
+        return APIError(e.status, rename(e.message), param=e.param and rename(e.param),
+                        code=e.code, headers=e.headers)
+
+    def _origin(self, j: int) -> str:
+        return self.origins[j] if j < len(self.origins) else f"messages[{j}]"
+
+    def _call_origin(self, j: int, k: int) -> str:
+        calls = self.call_origins.get(j, [])
+        return calls[k] if k < len(calls) else f"{self._origin(j)}.tool_calls[{k}]"
 
 
 def chat_body(body: Any) -> dict[str, Any]:
     """The chat completion request that runs a Responses request; 400 for what it cannot say."""
-    if not isinstance(body, dict):
-        raise bad_request(f"the request body must be a JSON object, got {_describe(body)}")
+    return Translation(body).chat
+
+
+def _chat_body(body: dict, where: Translation) -> dict[str, Any]:
     for key, why in _REFUSED.items():
         if body.get(key) not in (None, [], False):
             raise bad_request(f"'{key}' is not supported: {why}", key)
@@ -55,11 +96,10 @@ def chat_body(body: Any) -> dict[str, Any]:
             use = f" (use '{instead}')" if instead else ""
             raise bad_request(f"'{key}' is a chat completions field, not one of the Responses "
                               f"API{use}", key)
-    chat = {k: v for k, v in body.items()
-            if k not in ("input", "instructions", "max_output_tokens", "text", "tools",
-                         "tool_choice", "store", "metadata", "truncation", *_REFUSED)}
-    chat["messages"] = _messages(body.get("instructions"), body.get("input"))
-    if "max_output_tokens" in body and body["max_output_tokens"] is not None:
+    _check_echoed(body)
+    chat = {k: v for k, v in body.items() if k not in _OWN}
+    chat["messages"] = _messages(body.get("instructions"), body.get("input"), where)
+    if body.get("max_output_tokens") is not None:
         value = body["max_output_tokens"]
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise bad_request(f"'max_output_tokens' must be an integer >= 1, got "
@@ -72,56 +112,111 @@ def chat_body(body: Any) -> dict[str, Any]:
         chat["tools"] = _tools(body["tools"])
     if body.get("tool_choice") is not None:
         chat["tool_choice"] = _tool_choice(body["tool_choice"])
+    chat.update(_logprobs(body))
     if body.get("stream"):
         chat["stream_options"] = {"include_usage": True}  # (the last event's usage)
     return chat
 
 
-def _messages(instructions: Any, items: Any) -> list[dict[str, Any]]:
+def _check_echoed(body: dict) -> None:
+    """The fields a response echoes, or that change nothing here, checked for their types."""
+    metadata = body.get("metadata")
+    if metadata is not None and not (isinstance(metadata, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+        raise bad_request(f"'metadata' must be an object of strings, got {_describe(metadata)}",
+                          "metadata")
+    for key in ("store", "parallel_tool_calls"):
+        if body.get(key) is not None and not isinstance(body[key], bool):
+            raise bad_request(f"'{key}' must be a boolean, got {_describe(body[key])}", key)
+    options = body.get("stream_options")
+    if options is not None and not (isinstance(options, dict) and set(options) <= {
+            "include_obfuscation"}):
+        raise bad_request("'stream_options' may only say 'include_obfuscation' (this server "
+                          f"pads no events), got {_describe(options)}", "stream_options")
+    reasoning = body.get("reasoning")
+    if reasoning is not None and not (isinstance(reasoning, dict) and all(
+            v is None for v in reasoning.values())):
+        raise bad_request("'reasoning' options are not supported (no reasoning items are "
+                          f"made), got {_describe(reasoning)}", "reasoning")
+
+
+def _logprobs(body: dict) -> dict[str, Any]:
+    """Chat's logprob fields for ``include: ["message.output_text.logprobs"]`` (with
+    ``top_logprobs`` alternatives)."""
+    include = body.get("include") or []
+    if not isinstance(include, list) or any(item != _LOGPROBS for item in include):
+        raise bad_request(f"'include' may only list \"{_LOGPROBS}\", got {_describe(include)}",
+                          "include")
+    top = body.get("top_logprobs")
+    if top is not None and (not isinstance(top, int) or isinstance(top, bool)
+                            or not 0 <= top <= 20):
+        raise bad_request(f"'top_logprobs' must be an integer in [0, 20], got {_describe(top)}",
+                          "top_logprobs")
+    if not include:
+        return {}
+    return {"logprobs": True, "top_logprobs": top or 0}
+
+
+def _messages(instructions: Any, items: Any, where: Translation) -> list[dict[str, Any]]:
     if instructions is not None and not isinstance(instructions, str):
         raise bad_request(f"'instructions' must be a string, got {_describe(instructions)}",
                           "instructions")
-    messages = [{"role": "system", "content": instructions}] if instructions else []
+    messages = []
+
+    def add(message: dict[str, Any], origin: str) -> None:
+        messages.append(message)
+        where.origins.append(origin)
+
+    if instructions:
+        add({"role": "system", "content": instructions}, "instructions")
     if isinstance(items, str):
-        return messages + [{"role": "user", "content": items}]
+        add({"role": "user", "content": items}, "input")
+        return messages
     if not isinstance(items, list) or not items:
         raise bad_request(f"'input' must be a string or a non-empty array of items, got "
                           f"{_describe(items)}", "input")
     for i, item in enumerate(items):
-        where = f"input[{i}]"
+        at = f"input[{i}]"
         if not isinstance(item, dict):
-            raise bad_request(f"'{where}' must be an object, got {_describe(item)}", where)
+            raise bad_request(f"'{at}' must be an object, got {_describe(item)}", at)
         kind = item.get("type", "message")
         if kind == "message":
-            messages.append(_message(item, where))
+            add(_message(item, at), at)
         elif kind == "function_call":
-            call = {"id": _string(item, "call_id", where), "type": "function", "function": {
-                "name": _string(item, "name", where),
-                "arguments": _string(item, "arguments", where, empty=True)}}
+            arguments = _string(item, "arguments", at, empty=True)
+            try:
+                json.loads(arguments or "{}")
+            except (ValueError, RecursionError):
+                raise bad_request(f"'{at}.arguments' must be JSON text, got "
+                                  f"{_describe(arguments)}", f"{at}.arguments") from None
+            call = {"id": _string(item, "call_id", at), "type": "function", "function": {
+                "name": _string(item, "name", at), "arguments": arguments}}
             last = messages[-1] if messages else None
-            if last is not None and last["role"] == "assistant" and "tool_calls" in last:
-                last["tool_calls"].append(call)  # (calls made together: one assistant turn)
+            if last is not None and last["role"] == "assistant":  # (one turn: text, calls)
+                last.setdefault("tool_calls", []).append(call)
+                where.call_origins.setdefault(len(messages) - 1, []).append(at)
             else:
-                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+                add({"role": "assistant", "content": None, "tool_calls": [call]}, at)
+                where.call_origins[len(messages) - 1] = [at]
         elif kind == "function_call_output":
             output = item.get("output")
             if isinstance(output, list):
-                output = "".join(_part_text(p, f"{where}.output", j) for j, p in enumerate(output))
+                output = "".join(_part_text(p, f"{at}.output", j) for j, p in enumerate(output))
             if not isinstance(output, str):
-                raise bad_request(f"'{where}.output' must be a string, got {_describe(output)}",
-                                  f"{where}.output")
-            messages.append({"role": "tool", "tool_call_id": _string(item, "call_id", where),
-                             "content": output})
+                raise bad_request(f"'{at}.output' must be a string, got {_describe(output)}",
+                                  f"{at}.output")
+            add({"role": "tool", "tool_call_id": _string(item, "call_id", at),
+                 "content": output}, at)
         else:
-            raise bad_request(f"'{where}.type' {_describe(kind)} is not supported: input items "
+            raise bad_request(f"'{at}.type' {_describe(kind)} is not supported: input items "
                               "are messages, function_call and function_call_output",
-                              f"{where}.type")
+                              f"{at}.type")
     return messages
 
 
 def _message(item: dict, where: str) -> dict[str, Any]:
     role = item.get("role")
-    if role not in _ROLES:
+    if not isinstance(role, str) or role not in _ROLES:
         raise bad_request(f"'{where}.role' must be one of {', '.join(_ROLES)}, got "
                           f"{_describe(role)}", f"{where}.role")
     content = item.get("content")
@@ -134,10 +229,9 @@ def _message(item: dict, where: str) -> dict[str, Any]:
 
 
 def _part_text(part: Any, where: str, j: int) -> str:
-    if (isinstance(part, dict) and part.get("type") in _TEXT_PARTS
-            and isinstance(part.get("text"), str)):
-        return part["text"]
     kind = part.get("type") if isinstance(part, dict) else None
+    if isinstance(kind, str) and kind in _TEXT_PARTS and isinstance(part.get("text"), str):
+        return part["text"]
     raise bad_request(f"'{where}[{j}]' must be a text part ({{\"type\": \"input_text\", "
                       f"\"text\": ...}}): only text is supported, got {_describe(kind or part)}",
                       f"{where}[{j}]")
@@ -175,20 +269,21 @@ def _tools(tools: Any) -> list[dict[str, Any]]:
         raise bad_request(f"'tools' must be an array, got {_describe(tools)}", "tools")
     out = []
     for i, tool in enumerate(tools):
-        if not isinstance(tool, dict) or tool.get("type") != "function":
-            kind = tool.get("type") if isinstance(tool, dict) else tool
+        if (not isinstance(tool, dict) or tool.get("type") != "function"
+                or not isinstance(tool.get("name"), str) or not tool["name"]):
             raise bad_request(f"'tools[{i}]' must be a function tool ({{\"type\": \"function\", "
                               f"\"name\": ..., \"parameters\": {{...}}}}): only functions are "
-                              f"supported, got {_describe(kind)}", f"tools[{i}]")
+                              f"supported, got {_describe(tool)}", f"tools[{i}]")
         out.append({"type": "function", "function": {
             k: tool[k] for k in ("name", "description", "parameters", "strict") if k in tool}})
     return out
 
 
 def _tool_choice(choice: Any) -> Any:
-    if choice in ("none", "auto", "required"):
+    if isinstance(choice, str) and choice in ("none", "auto", "required"):
         return choice
-    if isinstance(choice, dict) and choice.get("type") == "function" and "name" in choice:
+    if (isinstance(choice, dict) and choice.get("type") == "function"
+            and isinstance(choice.get("name"), str)):
         return {"type": "function", "function": {"name": choice["name"]}}
     raise bad_request("'tool_choice' must be \"none\", \"auto\", \"required\" or {\"type\": "
                       f"\"function\", \"name\": ...}}, got {_describe(choice)}", "tool_choice")
@@ -199,7 +294,10 @@ def _new_id(prefix: str) -> str:
 
 
 class ResponseShape:
-    """One response: the chat reply's body, whole or chunk by chunk, as the Responses API's."""
+    """One response: the chat reply's body, whole or chunk by chunk, as the Responses API's.
+    A reply's text is a message item and each call a ``function_call`` item after it, each
+    ended before the next begins. Text after a call (seldom written) is a message after it
+    when streamed; a whole reply has one message, first (the chat reply holds no order)."""
 
     def __init__(self, body: dict[str, Any], model: str) -> None:
         self.id = _new_id("resp_")
@@ -210,16 +308,18 @@ class ResponseShape:
             "max_output_tokens": body.get("max_output_tokens"), "model": model,
             "parallel_tool_calls": body.get("parallel_tool_calls", True),
             "temperature": body.get("temperature"), "top_p": body.get("top_p"),
-            "tool_choice": body.get("tool_choice") or ("auto" if body.get("tools") else "none"),
-            "tools": body.get("tools") or [],
+            "top_logprobs": body.get("top_logprobs"),
+            "tool_choice": body.get("tool_choice") or "auto", "tools": body.get("tools") or [],
             "text": body.get("text") or {"format": {"type": "text"}},
             "truncation": "disabled", "metadata": body.get("metadata") or {},
             "user": body.get("user"), "store": False, "previous_response_id": None,
             "reasoning": None}
         self.sequence = 0
         self.items: list[dict[str, Any]] = []  # the stream's output items, in order
-        self.text_item: dict[str, Any] | None = None  # the message being streamed
+        self.text_item: dict[str, Any] | None = None  # the message, once text has come
+        self.open_call: dict[str, Any] | None = None  # the call being streamed
         self.calls: dict[int, dict[str, Any]] = {}  # a chat tool call's index -> its item
+        self.logprobs: list[dict[str, Any]] = []  # of tokens whose text has not come yet
         self.finish: str | None = None
 
     def response(self, status: str, output: list[dict[str, Any]],
@@ -236,14 +336,17 @@ class ResponseShape:
     def whole(self, chat: dict[str, Any]) -> dict[str, Any]:
         """The Response of a whole chat completion body."""
         choice = chat["choices"][0]
-        message, done = choice["message"], _item_status(choice["finish_reason"])
+        message, status = choice["message"], _status(choice["finish_reason"])
+        calls = message.get("tool_calls") or []
         output = []
-        if message.get("content") or not message.get("tool_calls"):
-            output.append(_message_item(_new_id("msg_"), message.get("content") or "", done))
-        for call in message.get("tool_calls") or []:
+        if message.get("content") or not calls:
+            logprobs = [] if calls else (choice.get("logprobs") or {}).get("content") or []
+            output.append(_message_item(_new_id("msg_"), message.get("content") or "", status,
+                                        logprobs))
+        for call in calls:
             output.append(_call_item(call["id"], call["function"]["name"],
-                                     call["function"]["arguments"], done))
-        return self.response(_status(choice["finish_reason"]), output, chat.get("usage"))
+                                     call["function"]["arguments"], status))
+        return self.response(status, output, chat.get("usage"))
 
     # ---- streamed -----------------------------------------------------------------------------
 
@@ -258,35 +361,45 @@ class ResponseShape:
         events: list[dict[str, Any]] = []
         for choice in chat.get("choices") or []:
             delta = choice.get("delta") or {}
-            if delta.get("content"):
-                if self.text_item is None:
-                    events += self._open_text()
-                item = self.text_item
-                item["text"] += delta["content"]
-                events.append(self._event("response.output_text.delta", item_id=item["id"],
-                                          output_index=item["index"], content_index=0,
-                                          delta=delta["content"], logprobs=[]))
             for call in delta.get("tool_calls") or []:
                 events += self._call_delta(call)
+            self.logprobs += (choice.get("logprobs") or {}).get("content") or []
+            if delta.get("content"):
+                events += self._text_delta(delta["content"])
             self.finish = choice.get("finish_reason") or self.finish
         if chat.get("usage") and not chat.get("choices"):
-            events += self._close()
             status = _status(self.finish)
+            events += self._close(status)
             kind = "response.completed" if status == "completed" else "response.incomplete"
             events.append(self._event(kind, response=self.response(
-                status, [item["done"] for item in self.items], chat["usage"])))
+                status, self._output(), chat["usage"])))
         return events
 
     def failed(self, error: dict[str, Any]) -> list[dict[str, Any]]:
-        """A stream that fails after it began: the error, then the failed response."""
+        """A stream that fails after it began: the error, the items so far ended as
+        incomplete, then the failed response."""
         code = error.get("code") or error.get("type")
-        return [self._event("error", code=code, message=error.get("message", ""),
-                            param=error.get("param")),
+        message = error.get("message", "")
+        return [self._event("error", code=code, message=message, param=error.get("param")),
+                *self._close("incomplete", empty_message=False),
                 self._event("response.failed", response=self.response(
-                    "failed", [], error={"code": code, "message": error.get("message", "")}))]
+                    "failed", self._output(), error={"code": code, "message": message}))]
+
+    def _output(self) -> list[dict[str, Any]]:
+        return [item["done"] for item in self.items]
+
+    def _text_delta(self, text: str) -> list[dict[str, Any]]:
+        events = [] if self.text_item is not None else self._open_text()
+        item = self.text_item
+        item["text"] += text
+        logprobs, self.logprobs = self.logprobs, []
+        item["logprobs"] += logprobs
+        return events + [self._event("response.output_text.delta", item_id=item["id"],
+                                     output_index=item["index"], content_index=0, delta=text,
+                                     logprobs=logprobs)]
 
     def _open_text(self) -> list[dict[str, Any]]:
-        item = {"id": _new_id("msg_"), "index": len(self.items), "text": "", "kind": "text"}
+        item = {"id": _new_id("msg_"), "index": len(self.items), "text": "", "logprobs": []}
         self.items.append(item)
         self.text_item = item
         part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
@@ -298,12 +411,17 @@ class ResponseShape:
     def _call_delta(self, call: dict[str, Any]) -> list[dict[str, Any]]:
         events = []
         fn = call.get("function") or {}
-        if "id" in call:  # a new call: the message before it is done
-            events += self._close_text()
+        if "id" in call:  # a new call: the item before it is done
+            self.logprobs = []  # (the tokens of the calls: no text of theirs to go with)
+            if self.text_item is not None:
+                events += self._text_done(self.text_item, "completed")
+                self.text_item = None
+            if self.open_call is not None:
+                events += self._call_done(self.open_call, "completed")
             item = {"id": _new_id("fc_"), "index": len(self.items), "call_id": call["id"],
-                    "name": fn.get("name", ""), "arguments": "", "kind": "call"}
+                    "name": fn.get("name", ""), "arguments": ""}
             self.items.append(item)
-            self.calls[call["index"]] = item
+            self.calls[call["index"]] = self.open_call = item
             events.append(self._event("response.output_item.added", output_index=item["index"],
                                       item=_call_item(item["call_id"], item["name"], "",
                                                       "in_progress", item["id"])))
@@ -315,43 +433,42 @@ class ResponseShape:
                                       delta=fn["arguments"]))
         return events
 
-    def _close_text(self) -> list[dict[str, Any]]:
-        item, self.text_item = self.text_item, None
-        if item is None:
-            return []
-        status = "completed"  # (a message followed by a call ended before it)
-        return self._text_done(item, status)
+    def _call_done(self, item: dict[str, Any], status: str) -> list[dict[str, Any]]:
+        item["done"] = _call_item(item["call_id"], item["name"], item["arguments"], status,
+                                  item["id"])
+        return [self._event("response.function_call_arguments.done", item_id=item["id"],
+                            output_index=item["index"], name=item["name"],
+                            arguments=item["arguments"]),
+                self._event("response.output_item.done", output_index=item["index"],
+                            item=item["done"])]
 
     def _text_done(self, item: dict[str, Any], status: str) -> list[dict[str, Any]]:
-        part = {"type": "output_text", "text": item["text"], "annotations": [], "logprobs": []}
-        item["done"] = _message_item(item["id"], item["text"], status)
+        part = {"type": "output_text", "text": item["text"], "annotations": [],
+                "logprobs": item["logprobs"]}
+        item["done"] = _message_item(item["id"], item["text"], status, item["logprobs"])
         at = {"item_id": item["id"], "output_index": item["index"], "content_index": 0}
-        return [self._event("response.output_text.done", **at, text=item["text"], logprobs=[]),
+        return [self._event("response.output_text.done", **at, text=item["text"],
+                            logprobs=item["logprobs"]),
                 self._event("response.content_part.done", **at, part=part),
                 self._event("response.output_item.done", output_index=item["index"],
                             item=item["done"])]
 
-    def _close(self) -> list[dict[str, Any]]:
-        """The end of every item still open, at the end of the reply."""
-        status = _item_status(self.finish)
-        events = []
-        if self.text_item is not None:
-            events += self._text_done(self.text_item, status)
-            self.text_item = None
-        for item in self.calls.values():
+    def _close(self, status: str, empty_message: bool = True) -> list[dict[str, Any]]:
+        """The end of every item still open, in their order, at the end of the reply; a reply
+        that said nothing is an empty message, as a whole response's."""
+        if empty_message and not self.items:
+            events = self._open_text()
+        else:
+            events = []
+        for item in self.items:
             if "done" in item:
                 continue
-            item["done"] = _call_item(item["call_id"], item["name"], item["arguments"], status,
-                                      item["id"])
-            events += [self._event("response.function_call_arguments.done", item_id=item["id"],
-                                   output_index=item["index"], name=item["name"],
-                                   arguments=item["arguments"]),
-                       self._event("response.output_item.done", output_index=item["index"],
-                                   item=item["done"])]
-        if not self.items:  # nothing was said: an empty message, as a whole response has
-            events += self._open_text()
-            events += self._text_done(self.text_item, status)
-            self.text_item = None
+            if "call_id" not in item:  # (the message)
+                item["logprobs"] += self.logprobs
+                events += self._text_done(item, status)
+            else:
+                events += self._call_done(item, status)
+        self.text_item = self.open_call = None
         return events
 
     def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
@@ -364,13 +481,10 @@ def _status(finish_reason: str | None) -> str:
     return "incomplete" if finish_reason == "length" else "completed"
 
 
-def _item_status(finish_reason: str | None) -> str:
-    return "incomplete" if finish_reason == "length" else "completed"
-
-
-def _message_item(item_id: str, text: str | None, status: str) -> dict[str, Any]:
+def _message_item(item_id: str, text: str | None, status: str,
+                  logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     content = [] if text is None else [
-        {"type": "output_text", "text": text, "annotations": [], "logprobs": []}]
+        {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}]
     return {"type": "message", "id": item_id, "status": status, "role": "assistant",
             "content": content}
 

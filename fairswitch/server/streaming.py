@@ -1,6 +1,7 @@
 """Server-Sent Events as OpenAI streams them: ``data: {json}\\n\\n`` per chunk,
-``data: [DONE]\\n\\n`` last (the Responses API: named events, no [DONE]). A write to a client that went away raises ``ConnectionResetError``
-(aiohttp's ``ClientConnectionResetError`` is one); callers treat it as the end of the stream.
+``data: [DONE]\\n\\n`` last (the Responses API: named events, no [DONE]). A write to a client
+that went away raises ``ConnectionResetError`` (aiohttp's ``ClientConnectionResetError`` is one);
+callers treat it as the end of the stream.
 """
 
 from __future__ import annotations
