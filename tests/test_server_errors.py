@@ -510,18 +510,22 @@ def test_a_prompt_the_engine_finds_of_the_wrong_type_is_a_400(server, monkeypatc
 _VALUES = [None, True, False, 0, 1, -1, 2, 7, 2**63, -(2**63) - 1, 0.5, -0.5, 1e308, "", "x",
            "stop", [], [1], [1, 2, 3], ["a"], ["a", "b"], [[1]], [None], {}, {"a": 1},
            {"include_usage": True}, {"include_usage": "yes"}, [{"role": "user"}],
-           [{"role": "user", "content": "hi"}], [{"role": 1, "content": []}], "\u0000\ud7ff"]
+           [{"role": "user", "content": "hi"}], [{"role": 1, "content": []}], "\u0000\ud7ff",
+           [{"type": "function_call"}], [{"role": [], "content": [{"type": {}}]}],
+           [{"type": "function_call_output", "call_id": "c", "output": [{"type": []}]}]]
 _FIELDS = ["prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
            "top_k", "seed", "stop", "n", "stream", "stream_options", "logprobs", "user",
            "priority", "model", "ignore_eos", "echo", "tokens", "add_generation_prompt",
-           "stop_token_ids", "response_format"]
-_PATHS = ["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"]
+           "stop_token_ids", "response_format", "input", "instructions", "max_output_tokens",
+           "tools", "tool_choice", "text", "include", "metadata"]
+_PATHS = ["/v1/completions", "/v1/chat/completions", "/v1/responses", "/tokenize",
+          "/detokenize"]
 
 
 def _random_body(rng: random.Random) -> object:
     base: dict = rng.choice([{"prompt": "fuzz", "max_tokens": 2},
                              {"messages": [{"role": "user", "content": "f"}], "max_tokens": 2},
-                             {"tokens": [1, 2]}, {}])
+                             {"input": "f", "max_output_tokens": 2}, {"tokens": [1, 2]}, {}])
     for _ in range(rng.randint(0, 4)):
         base[rng.choice(_FIELDS)] = rng.choice(_VALUES)
     return rng.choice([base] * 8 + [rng.choice(_VALUES)])
