@@ -91,6 +91,16 @@ def _parse_message(m: Any, where: str, describe: Callable[[Any], str]) -> dict[s
                 raise MessageTypeError(f"'{where}.{key}' must be a string, got {describe(value)}",
                                        f"{where}.{key}")
             message[key] = value
+    # An assistant's thinking (vLLM's "reasoning", DeepSeek's "reasoning_content"), given to
+    # the template under both names: templates that render past thinking read one of them.
+    thought = next((m[k] for k in ("reasoning", "reasoning_content") if m.get(k) is not None),
+                   None)
+    if thought is not None:
+        if not isinstance(thought, str):
+            key = "reasoning" if m.get("reasoning") is not None else "reasoning_content"
+            raise MessageTypeError(f"'{where}.{key}' must be a string, got {describe(thought)}",
+                                   f"{where}.{key}")
+        message["reasoning"] = message["reasoning_content"] = thought
     if "tool_call_id" in message and role != "tool":
         raise MessageValueError(f"'{where}.tool_call_id': only a tool message (role 'tool') may "
                                 f"have one, this is a {role!r} message", f"{where}.tool_call_id")

@@ -74,8 +74,12 @@ def test_a_request_becomes_the_chat_request_that_runs_it():
      "only text is supported", "input[0].content[0]"),
     ({"input": [{"role": "tool", "content": "x"}]}, "'input[0].role' must be one of",
      "input[0].role"),
-    ({"input": [{"type": "reasoning", "summary": []}]}, "'input[0].type' string \"reasoning\"",
-     "input[0].type"),
+    ({"input": [{"type": "item_reference", "id": "x"}]},
+     "'input[0].type' string \"item_reference\"", "input[0].type"),
+    ({"input": [{"type": "reasoning", "encrypted_content": "gAAA"}]},
+     "'input[0].encrypted_content' is not supported", "input[0].encrypted_content"),
+    ({"input": [{"type": "reasoning", "content": [{"type": "summary_text", "text": "x"}]}]},
+     "'input[0].content' must be an array of", "input[0].content"),
     ({"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]},
      "'input[0].call_id' must be a non-empty string", "input[0].call_id"),
     ({"input": "x", "max_output_tokens": 0}, "'max_output_tokens' must be an integer >= 1",
@@ -131,6 +135,19 @@ def test_calls_after_an_assistants_text_are_that_turns_and_options_that_say_noth
     assert len(chat["messages"]) == 3
     assert (chat["logprobs"], chat["top_logprobs"]) == (True, 2)
     assert "reasoning" not in chat and "stream_options" not in chat
+
+
+def test_a_reasoning_item_is_the_thinking_of_the_assistant_turn_after_it():
+    messages = chat_body({"input": [
+        {"role": "user", "content": "2+2?"},
+        {"type": "reasoning", "id": "rs_1", "summary": [],
+         "content": [{"type": "reasoning_text", "text": "Two and two."}]},
+        {"role": "assistant", "content": "Four."},
+        {"role": "user", "content": "Weather?"},
+        {"type": "reasoning", "summary": [{"type": "summary_text", "text": "Call it."}]},
+        {"type": "function_call", "call_id": "c", "name": "w", "arguments": "{}"}]})["messages"]
+    assert messages[1] == {"role": "assistant", "content": "Four.", "reasoning": "Two and two."}
+    assert messages[3]["reasoning"] == "Call it." and messages[3]["tool_calls"][0]["id"] == "c"
 
 
 def _chunk(delta=None, finish=None, usage=None):
@@ -193,6 +210,30 @@ def test_calls_end_one_before_the_next_begins_and_a_failure_keeps_the_items_so_f
         "response.output_item.done", "response.failed"]
     (item,) = events[-1]["response"]["output"]
     assert item["status"] == "incomplete" and item["content"][0]["text"] == "half"
+
+
+def test_thinking_streams_as_a_reasoning_item_before_the_message():
+    shape = ResponseShape({"input": "x"}, "m")
+    events = []
+    for chunk in [_chunk({"reasoning": "Two and "}), _chunk({"reasoning": "two."}),
+                  _chunk({"content": "Four."}, finish="stop"), _chunk(usage=USAGE)]:
+        events += shape.chunk(chunk)
+    assert [e["type"] for e in events] == [
+        "response.output_item.added", "response.content_part.added",
+        "response.reasoning_text.delta", "response.reasoning_text.delta",
+        "response.reasoning_text.done", "response.content_part.done", "response.output_item.done",
+        "response.output_item.added", "response.content_part.added",
+        "response.output_text.delta", "response.output_text.done", "response.content_part.done",
+        "response.output_item.done", "response.completed"]
+    thought, message = events[-1]["response"]["output"]
+    assert thought["type"] == "reasoning" and thought["content"] == [
+        {"type": "reasoning_text", "text": "Two and two."}]
+    assert message["content"][0]["text"] == "Four."
+    whole = ResponseShape({"input": "x"}, "m").whole({"choices": [{
+        "message": {"role": "assistant", "content": "Four.", "reasoning": "Two and two."},
+        "finish_reason": "stop", "logprobs": None}], "usage": USAGE})
+    assert [item["type"] for item in whole["output"]] == ["reasoning", "message"]
+    assert whole["output"][0]["content"] == thought["content"]
 
 
 def test_a_reply_cut_short_is_incomplete_and_an_empty_one_a_message():

@@ -11,6 +11,7 @@ import math
 from fairswitch.cli.files import read_chat_template
 from fairswitch.config import EngineConfig, ModelConfig, add_engine_args
 from fairswitch.server.cors import CorsPolicy
+from fairswitch.server.reasoning import PARSERS as REASONING_PARSERS
 from fairswitch.server.tool_parsers import PARSERS
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -46,6 +47,10 @@ def add_parser(subs: argparse._SubParsersAction) -> argparse.ArgumentParser:
     s.add_argument("--tool-call-parser", choices=PARSERS, default=None,
                    help="the model's tool-call syntax: hermes (<tool_call>{...}</tool_call>: "
                         "Qwen2.5/3, Hermes), llama3_json (a JSON object: Llama 3.1-3.3)")
+    s.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
+                   help="chat replies' thinking as 'reasoning', apart from their content, as "
+                        "vLLM: deepseek_r1 (thinks from the start up to </think>), qwen3 "
+                        "(a reply that opens with <think>)")
     s.add_argument("--allowed-origins", type=_json_list, default=["*"], metavar="JSON",
                    help="origins a browser may call the API from, as vLLM: a JSON list "
                         "(default: [\"*\"], any; [] for none)")
@@ -121,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
         log_requests=not args.disable_log_requests, metrics_prefix=args.metrics_prefix,
         cors=CorsPolicy(tuple(args.allowed_origins), tuple(args.allowed_methods),
                         tuple(args.allowed_headers), args.allow_credentials),
-        tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None)
+        tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
+        reasoning_parser=args.reasoning_parser)
     engine = AsyncEngine.from_config(EngineConfig.from_cli_args(args))
     app = build_app(engine, settings)
 

@@ -187,7 +187,7 @@ class OpenAIServer:
         """(request, prompt text, prompt token ids) of a body, raw or parsed; on a prompt worker
         thread."""
         req = protocol.parse_chat(_loads(raw) if body is None else body,
-                                  self.settings.tool_call_parser)
+                                  self.settings.tool_call_parser, self.settings.reasoning_parser)
         self._check_model(req.model)
         text = self.chat_template.render(req.messages, req.template)
         self.prompts.check_length(text, "messages")
@@ -220,7 +220,7 @@ class OpenAIServer:
         shaper = ChoiceShaper(fmt, req.logprobs, echo_texts,
                               echo and all(max_tokens == 0 for _, _, max_tokens in prompts),
                               self._token_text, req.n, req.return_token_ids,
-                              getattr(req, "tool_calls", None))
+                              getattr(req, "tool_calls", None), getattr(req, "reasoning", None))
         outputs = choice_outputs(
             self.engine, [Prompt(text, ids, req.sampling_params(
                 max(max_tokens, 1), self.core.generation.sampling))

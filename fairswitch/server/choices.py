@@ -24,6 +24,7 @@ from typing import Any
 from fairswitch.engine.async_engine import AsyncEngine
 from fairswitch.outputs import RequestOutput
 from fairswitch.sampling_params import SamplingParams
+from fairswitch.server.reasoning import Reasoning
 from fairswitch.server.tool_calls import ToolCalls
 from fairswitch.server.tool_parsers import AutoToolCalls
 from fairswitch.server.protocol import (ResponseFormat, chat_logprobs, completion_logprobs,
@@ -118,6 +119,7 @@ class ChoiceShaper:
     # Chat whose replies hold tool calls: tool_choice named or "required" (tool_calls.py), or
     # "auto" (tool_parsers.py).
     tools: ToolCalls | AutoToolCalls | None = None
+    reasoning: Reasoning | None = None  # chat replies' thinking apart (reasoning.py)
     _started: set[int] = field(default_factory=set)  # streamed choices with a chunk out
     _offsets: dict[int, int] = field(default_factory=dict)  # completions: chars sent per choice
 
@@ -136,6 +138,11 @@ class ChoiceShaper:
             choice["token_ids"] = [] if self.echo_only else list(c.token_ids)
             if not self.fmt.chat:  # (chat: the response's)
                 choice["prompt_token_ids"] = list(out.prompt_token_ids)
+        if self.reasoning is not None:  # the thinking apart from the answer
+            message = choice["message"]
+            thought, message["content"] = self.reasoning.whole(message["content"])
+            if thought is not None and self.reasoning.include:
+                message["reasoning"] = message["reasoning_content"] = thought
         if self.tools is not None:  # the text holds calls (OpenAI's shape)
             message = choice["message"]
             content, calls = self.tools.whole(message["content"])
@@ -179,6 +186,14 @@ class ChoiceShaper:
             if first and not self.fmt.chat:
                 choice["prompt_token_ids"] = list(out.prompt_token_ids)
         delta = choice.get("delta")
+        if self.reasoning is not None and delta is not None and (
+                "content" in delta or finish is not None):
+            thought, answer = self.reasoning.delta(index, delta.pop("content", ""),
+                                                   finish is not None)
+            if thought and self.reasoning.include:
+                delta["reasoning"] = delta["reasoning_content"] = thought
+            if answer or "reasoning" not in delta:
+                delta["content"] = answer  # ("": a token's text held back, as without)
         if self.tools is not None and delta is not None:
             content, calls = self.tools.delta(index, delta.pop("content", ""), finish is not None)
             if content:

@@ -25,6 +25,7 @@ from fairswitch.outputs import Logprob, PositionLogprobs
 from fairswitch.sampling_params import MAX_LOGPROBS, MAX_N, SamplingParams
 from fairswitch.server.errors import bad_request
 from fairswitch.server.tool_calls import ToolCalls, call_schema, required_schema
+from fairswitch.server.reasoning import Reasoning
 from fairswitch.server.tool_parsers import AutoToolCalls
 from fairswitch.structured_output import KINDS as STRUCTURED_KINDS
 from fairswitch.structured_output import StructuredOutputsParams
@@ -225,7 +226,8 @@ _KNOWN_COMPLETION = _READ_COMMON | {"prompt", "echo", "logprobs", "add_special_t
     name for name, _ in _UNSUPPORTED_COMMON + _UNSUPPORTED_COMPLETION}
 _KNOWN_CHAT = _READ_COMMON | {"messages", "add_generation_prompt", "continue_final_message",
                               "logprobs", "top_logprobs", "add_special_tokens", "tools",
-                              "tool_choice", "parallel_tool_calls", "chat_template_kwargs"} | {
+                              "tool_choice", "parallel_tool_calls", "chat_template_kwargs",
+                              "include_reasoning"} | {
     name for name, _ in _UNSUPPORTED_COMMON + _UNSUPPORTED_CHAT}
 _MAX_LOGGED_FIELDS = 10
 
@@ -362,6 +364,7 @@ class ChatRequest(GenerationRequest):
     add_special_tokens: bool = False  # templates write their own (vLLM's default too)
     # tool_choice named or "required": replies are calls; "auto": replies may hold calls
     tool_calls: ToolCalls | AutoToolCalls | None = None
+    reasoning: Reasoning | None = None  # replies' thinking apart from their answer
 
 
 def _common(body: Any, unsupported: tuple, echo: bool = False) -> dict[str, Any]:
@@ -486,9 +489,12 @@ def parse_messages(value: Any) -> list[dict[str, Any]]:
         raise bad_request(str(e), e.field) from e
 
 
-def parse_chat(body: Any, tool_parser: str | None = None) -> ChatRequest:
+def parse_chat(body: Any, tool_parser: str | None = None,
+               reasoning_parser: str | None = None) -> ChatRequest:
     """``tool_parser``: the parser of the model's own tool calls that tool_choice "auto" takes
-    (``ServerSettings.tool_call_parser``, with auto tool choice enabled); None refuses "auto"."""
+    (``ServerSettings.tool_call_parser``, with auto tool choice enabled); None refuses "auto".
+    ``reasoning_parser``: replies' thinking apart from their answer (reasoning.py); vLLM's
+    ``include_reasoning: false`` leaves it out of the reply."""
     common = _common(body, _UNSUPPORTED_CHAT)
     top = _logprob_count(body, "top_logprobs")
     if top and not body.get("logprobs"):  # (0 asks for nothing: vLLM takes it too)
@@ -516,10 +522,13 @@ def parse_chat(body: Any, tool_parser: str | None = None) -> ChatRequest:
             raise bad_request(str(e), "tools") from e
         calls = ToolCalls(named, _bool(body, "parallel_tool_calls", True))
         common["structured_outputs"] = StructuredOutputsParams(json=schema)
+    include_reasoning = _bool(body, "include_reasoning", True)
     _log_ignored(body, _KNOWN_CHAT)
     return ChatRequest(messages=messages, template=template, logprobs=logprobs,
                        add_special_tokens=_bool(body, "add_special_tokens", False),
-                       tool_calls=calls, **common)
+                       tool_calls=calls, reasoning=Reasoning(
+                           reasoning_parser, include_reasoning) if reasoning_parser else None,
+                       **common)
 
 
 def _template_inputs(body: dict, tools: list[dict[str, Any]] | None) -> TemplateInputs:

@@ -175,13 +175,20 @@ def _messages(instructions: Any, items: Any, where: Translation) -> list[dict[st
     if not isinstance(items, list) or not items:
         raise bad_request(f"'input' must be a string or a non-empty array of items, got "
                           f"{_describe(items)}", "input")
+    thought: str | None = None  # a reasoning item's, for the assistant turn that follows it
     for i, item in enumerate(items):
         at = f"input[{i}]"
         if not isinstance(item, dict):
             raise bad_request(f"'{at}' must be an object, got {_describe(item)}", at)
         kind = item.get("type", "message")
+        if kind == "reasoning":
+            thought = _reasoning_text(item, at)
+            continue
         if kind == "message":
-            add(_message(item, at), at)
+            message = _message(item, at)
+            if message["role"] == "assistant" and thought is not None:
+                message["reasoning"] = thought
+            add(message, at)
         elif kind == "function_call":
             arguments = _string(item, "arguments", at, empty=True)
             try:
@@ -196,7 +203,8 @@ def _messages(instructions: Any, items: Any, where: Translation) -> list[dict[st
                 last.setdefault("tool_calls", []).append(call)
                 where.call_origins.setdefault(len(messages) - 1, []).append(at)
             else:
-                add({"role": "assistant", "content": None, "tool_calls": [call]}, at)
+                add({"role": "assistant", "content": None, "tool_calls": [call],
+                     **({"reasoning": thought} if thought is not None else {})}, at)
                 where.call_origins[len(messages) - 1] = [at]
         elif kind == "function_call_output":
             output = item.get("output")
@@ -209,9 +217,28 @@ def _messages(instructions: Any, items: Any, where: Translation) -> list[dict[st
                  "content": output}, at)
         else:
             raise bad_request(f"'{at}.type' {_describe(kind)} is not supported: input items "
-                              "are messages, function_call and function_call_output",
-                              f"{at}.type")
+                              "are messages, reasoning, function_call and "
+                              "function_call_output", f"{at}.type")
+        thought = None
     return messages
+
+
+def _reasoning_text(item: dict, where: str) -> str:
+    """A reasoning item's text (its content, else its summary), for the chat template."""
+    if item.get("encrypted_content") is not None:
+        raise bad_request(f"'{where}.encrypted_content' is not supported: this server makes no "
+                          "encrypted reasoning and reads none", f"{where}.encrypted_content")
+    for key, kind in (("content", "reasoning_text"), ("summary", "summary_text")):
+        parts = item.get(key)
+        if parts is None or parts == []:
+            continue
+        if not isinstance(parts, list) or not all(
+                isinstance(p, dict) and p.get("type") == kind and isinstance(p.get("text"), str)
+                for p in parts):
+            raise bad_request(f"'{where}.{key}' must be an array of {{\"type\": \"{kind}\", "
+                              f"\"text\": ...}}, got {_describe(parts)}", f"{where}.{key}")
+        return "".join(p["text"] for p in parts)
+    return ""
 
 
 def _message(item: dict, where: str) -> dict[str, Any]:
@@ -295,9 +322,10 @@ def _new_id(prefix: str) -> str:
 
 class ResponseShape:
     """One response: the chat reply's body, whole or chunk by chunk, as the Responses API's.
-    A reply's text is a message item and each call a ``function_call`` item after it, each
-    ended before the next begins. Text after a call (seldom written) is a message after it
-    when streamed; a whole reply has one message, first (the chat reply holds no order)."""
+    A reply's thinking (with a reasoning parser) is a ``reasoning`` item, its text a message
+    item and each call a ``function_call`` item, in that order, each ended before the next
+    begins. Text after a call (seldom written) is a message after it when streamed; a whole
+    reply has one message before its calls (the chat reply holds no order)."""
 
     def __init__(self, body: dict[str, Any], model: str) -> None:
         self.id = _new_id("resp_")
@@ -316,8 +344,7 @@ class ResponseShape:
             "reasoning": None}
         self.sequence = 0
         self.items: list[dict[str, Any]] = []  # the stream's output items, in order
-        self.text_item: dict[str, Any] | None = None  # the message, once text has come
-        self.open_call: dict[str, Any] | None = None  # the call being streamed
+        self.open: dict[str, Any] | None = None  # the item being streamed
         self.calls: dict[int, dict[str, Any]] = {}  # a chat tool call's index -> its item
         self.logprobs: list[dict[str, Any]] = []  # of tokens whose text has not come yet
         self.finish: str | None = None
@@ -339,6 +366,8 @@ class ResponseShape:
         message, status = choice["message"], _status(choice["finish_reason"])
         calls = message.get("tool_calls") or []
         output = []
+        if message.get("reasoning") is not None:
+            output.append(_reasoning_item(_new_id("rs_"), message["reasoning"], status))
         if message.get("content") or not calls:
             logprobs = [] if calls else (choice.get("logprobs") or {}).get("content") or []
             output.append(_message_item(_new_id("msg_"), message.get("content") or "", status,
@@ -361,67 +390,75 @@ class ResponseShape:
         events: list[dict[str, Any]] = []
         for choice in chat.get("choices") or []:
             delta = choice.get("delta") or {}
+            if delta.get("reasoning"):  # (before the answer)
+                events += self._piece("reasoning", delta["reasoning"])
             for call in delta.get("tool_calls") or []:
                 events += self._call_delta(call)
             self.logprobs += (choice.get("logprobs") or {}).get("content") or []
             if delta.get("content"):
-                events += self._text_delta(delta["content"])
+                events += self._piece("message", delta["content"])
             self.finish = choice.get("finish_reason") or self.finish
         if chat.get("usage") and not chat.get("choices"):
             status = _status(self.finish)
-            events += self._close(status)
+            events += self._end_open(status)
+            if not self.items:  # nothing was said: an empty message, as a whole response's
+                events += self._begin("message") + self._end_open(status)
             kind = "response.completed" if status == "completed" else "response.incomplete"
             events.append(self._event(kind, response=self.response(
                 status, self._output(), chat["usage"])))
         return events
 
     def failed(self, error: dict[str, Any]) -> list[dict[str, Any]]:
-        """A stream that fails after it began: the error, the items so far ended as
-        incomplete, then the failed response."""
+        """A stream that fails after it began: the error, the item being streamed ended as
+        incomplete, then the failed response with the items so far."""
         code = error.get("code") or error.get("type")
         message = error.get("message", "")
         return [self._event("error", code=code, message=message, param=error.get("param")),
-                *self._close("incomplete", empty_message=False),
+                *self._end_open("incomplete"),
                 self._event("response.failed", response=self.response(
                     "failed", self._output(), error={"code": code, "message": message}))]
 
     def _output(self) -> list[dict[str, Any]]:
         return [item["done"] for item in self.items]
 
-    def _text_delta(self, text: str) -> list[dict[str, Any]]:
-        events = [] if self.text_item is not None else self._open_text()
-        item = self.text_item
+    def _piece(self, kind: str, text: str) -> list[dict[str, Any]]:
+        """A piece of the thinking ("reasoning") or of the text ("message")."""
+        events = [] if self.open is not None and self.open["kind"] == kind else (
+            self._end_open("completed") + self._begin(kind))
+        item = self.open
         item["text"] += text
+        at = {"item_id": item["id"], "output_index": item["index"], "content_index": 0}
+        if kind == "reasoning":
+            return events + [self._event("response.reasoning_text.delta", **at, delta=text)]
         logprobs, self.logprobs = self.logprobs, []
         item["logprobs"] += logprobs
-        return events + [self._event("response.output_text.delta", item_id=item["id"],
-                                     output_index=item["index"], content_index=0, delta=text,
+        return events + [self._event("response.output_text.delta", **at, delta=text,
                                      logprobs=logprobs)]
 
-    def _open_text(self) -> list[dict[str, Any]]:
-        item = {"id": _new_id("msg_"), "index": len(self.items), "text": "", "logprobs": []}
+    def _begin(self, kind: str) -> list[dict[str, Any]]:
+        """A new reasoning or message item, open."""
+        item = {"kind": kind, "id": _new_id("rs_" if kind == "reasoning" else "msg_"),
+                "index": len(self.items), "text": "", "logprobs": []}
         self.items.append(item)
-        self.text_item = item
-        part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        self.open = item
+        shown = (_reasoning_item(item["id"], None, "in_progress") if kind == "reasoning" else
+                 _message_item(item["id"], None, "in_progress"))
         return [self._event("response.output_item.added", output_index=item["index"],
-                            item=_message_item(item["id"], None, "in_progress")),
+                            item=shown),
                 self._event("response.content_part.added", item_id=item["id"],
-                            output_index=item["index"], content_index=0, part=part)]
+                            output_index=item["index"], content_index=0,
+                            part=_part(kind, "", []))]
 
     def _call_delta(self, call: dict[str, Any]) -> list[dict[str, Any]]:
         events = []
         fn = call.get("function") or {}
         if "id" in call:  # a new call: the item before it is done
             self.logprobs = []  # (the tokens of the calls: no text of theirs to go with)
-            if self.text_item is not None:
-                events += self._text_done(self.text_item, "completed")
-                self.text_item = None
-            if self.open_call is not None:
-                events += self._call_done(self.open_call, "completed")
-            item = {"id": _new_id("fc_"), "index": len(self.items), "call_id": call["id"],
-                    "name": fn.get("name", ""), "arguments": ""}
+            events += self._end_open("completed")
+            item = {"kind": "call", "id": _new_id("fc_"), "index": len(self.items),
+                    "call_id": call["id"], "name": fn.get("name", ""), "arguments": ""}
             self.items.append(item)
-            self.calls[call["index"]] = self.open_call = item
+            self.calls[call["index"]] = self.open = item
             events.append(self._event("response.output_item.added", output_index=item["index"],
                                       item=_call_item(item["call_id"], item["name"], "",
                                                       "in_progress", item["id"])))
@@ -433,48 +470,48 @@ class ResponseShape:
                                       delta=fn["arguments"]))
         return events
 
-    def _call_done(self, item: dict[str, Any], status: str) -> list[dict[str, Any]]:
-        item["done"] = _call_item(item["call_id"], item["name"], item["arguments"], status,
-                                  item["id"])
-        return [self._event("response.function_call_arguments.done", item_id=item["id"],
-                            output_index=item["index"], name=item["name"],
-                            arguments=item["arguments"]),
-                self._event("response.output_item.done", output_index=item["index"],
-                            item=item["done"])]
-
-    def _text_done(self, item: dict[str, Any], status: str) -> list[dict[str, Any]]:
-        part = {"type": "output_text", "text": item["text"], "annotations": [],
-                "logprobs": item["logprobs"]}
-        item["done"] = _message_item(item["id"], item["text"], status, item["logprobs"])
-        at = {"item_id": item["id"], "output_index": item["index"], "content_index": 0}
-        return [self._event("response.output_text.done", **at, text=item["text"],
-                            logprobs=item["logprobs"]),
-                self._event("response.content_part.done", **at, part=part),
-                self._event("response.output_item.done", output_index=item["index"],
-                            item=item["done"])]
-
-    def _close(self, status: str, empty_message: bool = True) -> list[dict[str, Any]]:
-        """The end of every item still open, in their order, at the end of the reply; a reply
-        that said nothing is an empty message, as a whole response's."""
-        if empty_message and not self.items:
-            events = self._open_text()
+    def _end_open(self, status: str) -> list[dict[str, Any]]:
+        """The end of the item being streamed (none: nothing)."""
+        item, self.open = self.open, None
+        if item is None:
+            return []
+        at = {"output_index": item["index"]}
+        if item["kind"] == "call":
+            item["done"] = _call_item(item["call_id"], item["name"], item["arguments"], status,
+                                      item["id"])
+            return [self._event("response.function_call_arguments.done", item_id=item["id"],
+                                **at, name=item["name"], arguments=item["arguments"]),
+                    self._event("response.output_item.done", **at, item=item["done"])]
+        part_at = {"item_id": item["id"], **at, "content_index": 0}
+        if item["kind"] == "reasoning":
+            item["done"] = _reasoning_item(item["id"], item["text"], status)
+            text_done = self._event("response.reasoning_text.done", **part_at, text=item["text"])
         else:
-            events = []
-        for item in self.items:
-            if "done" in item:
-                continue
-            if "call_id" not in item:  # (the message)
-                item["logprobs"] += self.logprobs
-                events += self._text_done(item, status)
-            else:
-                events += self._call_done(item, status)
-        self.text_item = self.open_call = None
-        return events
+            item["logprobs"] += self.logprobs
+            self.logprobs = []
+            item["done"] = _message_item(item["id"], item["text"], status, item["logprobs"])
+            text_done = self._event("response.output_text.done", **part_at, text=item["text"],
+                                    logprobs=item["logprobs"])
+        return [text_done,
+                self._event("response.content_part.done", **part_at,
+                            part=_part(item["kind"], item["text"], item["logprobs"])),
+                self._event("response.output_item.done", **at, item=item["done"])]
 
     def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
         event = {"type": kind, "sequence_number": self.sequence, **fields}
         self.sequence += 1
         return event
+
+
+def _part(kind: str, text: str, logprobs: list[dict[str, Any]]) -> dict[str, Any]:
+    if kind == "reasoning":
+        return {"type": "reasoning_text", "text": text}
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs}
+
+
+def _reasoning_item(item_id: str, text: str | None, status: str) -> dict[str, Any]:
+    return {"type": "reasoning", "id": item_id, "summary": [], "status": status,
+            "content": [] if text is None else [{"type": "reasoning_text", "text": text}]}
 
 
 def _status(finish_reason: str | None) -> str:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from fairswitch.model.default_model import DEFAULT_MODEL_NAME
 from fairswitch.server.cors import CorsPolicy
-from fairswitch.server.tool_parsers import PARSERS
+from fairswitch.server import reasoning, tool_parsers
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 DEFAULT_METRICS_PREFIX = "fairswitch:"  # /metrics names: vLLM's under this ("vllm:" for its)
@@ -26,6 +26,8 @@ class ServerSettings:
     # tool_choice "auto" (the default with tools): the parser of the model's own tool calls
     # (tool_parsers.py; vLLM's --enable-auto-tool-choice --tool-call-parser); None refuses it.
     tool_call_parser: str | None = None
+    # Chat replies' thinking apart from their answer (reasoning.py; vLLM's --reasoning-parser).
+    reasoning_parser: str | None = None
 
     def __post_init__(self) -> None:
         if not self.served_model_names:
@@ -33,8 +35,10 @@ class ServerSettings:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*:", self.metrics_prefix):
             raise ValueError(f"metrics_prefix must be a Prometheus name ending in ':' (e.g. "
                              f"'vllm:'), got {self.metrics_prefix!r}")
-        if self.tool_call_parser is not None and self.tool_call_parser not in PARSERS:
-            raise ValueError(f"tool_call_parser must be one of {', '.join(PARSERS)}, got "
-                             f"{self.tool_call_parser!r}")
+        for name, known in (("tool_call_parser", tool_parsers.PARSERS),
+                            ("reasoning_parser", reasoning.PARSERS)):
+            value = getattr(self, name)
+            if value is not None and value not in known:
+                raise ValueError(f"{name} must be one of {', '.join(known)}, got {value!r}")
         if self.max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")

@@ -1,0 +1,86 @@
+"""Reasoning models' thinking apart from their answer (vLLM's ``--reasoning-parser NAME``): a chat
+reply's text before ``</think>`` is its ``reasoning``, the rest its ``content``, whole and, in a
+stream, delta by delta. Two parsers, as vLLM's:
+
+- ``deepseek_r1`` (DeepSeek-R1 and its distillations, whose template opens the thinking in the
+  prompt): the reply thinks from its start (a ``<think>`` it writes itself is dropped) up to
+  ``</think>``; a reply that never closes it is all reasoning (cut short while thinking).
+- ``qwen3`` (Qwen3, QwQ): a reply that begins with ``<think>`` thinks up to ``</think>``; one that
+  does not (thinking switched off, ``enable_thinking: false``) is all content. (Models whose
+  template opens the thinking in the prompt, Qwen3-2507's thinking ones, take ``deepseek_r1``.)
+
+One reader serves a whole reply and a stream, so the two agree however the text is cut; only
+what may be the start of a tag is held back. The answer keeps its text as written (the blank
+line after ``</think>`` included, as vLLM's).
+"""
+
+from __future__ import annotations
+
+PARSERS = ("deepseek_r1", "qwen3")
+
+_OPEN, _CLOSE = "<think>", "</think>"
+
+
+def _held_back(text: str, marker: str) -> int:
+    """How many characters at the end of ``text`` may begin ``marker``."""
+    for k in range(min(len(marker) - 1, len(text)), 0, -1):
+        if marker.startswith(text[-k:]):
+            return k
+    return 0
+
+
+class _Reader:
+    """One reply's text fed piece by piece: (reasoning, content) of what can be told so far."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.state = "start"  # start (nothing told yet), thinking, answering
+        self.thought = False  # has it thought (reasoning, if empty, is "" rather than none)
+        self.buffer = ""
+
+    def feed(self, text: str, final: bool) -> tuple[str, str]:
+        self.buffer += text
+        reasoning = ""
+        if self.state == "start":
+            head = self.buffer.lstrip()
+            if not final and _OPEN.startswith(head):
+                return "", ""  # (it may yet open with the tag)
+            if head.startswith(_OPEN):
+                self.buffer = head[len(_OPEN):]
+            thinking = head.startswith(_OPEN) or self.name == "deepseek_r1"
+            self.state = "thinking" if thinking else "answering"
+            self.thought = thinking
+        if self.state == "thinking":
+            end = self.buffer.find(_CLOSE)
+            if end < 0:
+                keep = 0 if final else _held_back(self.buffer, _CLOSE)
+                cut = len(self.buffer) - keep
+                reasoning, self.buffer = self.buffer[:cut], self.buffer[cut:]
+                return reasoning, ""
+            reasoning = self.buffer[:end]
+            self.state, self.buffer = "answering", self.buffer[end + len(_CLOSE):]
+        content, self.buffer = self.buffer, ""
+        return reasoning, content
+
+
+class Reasoning:
+    """One response's replies split by the parser ``name`` (one of ``PARSERS``); ``include``:
+    the reply shows the reasoning (vLLM's ``include_reasoning``), else leaves it out."""
+
+    def __init__(self, name: str, include: bool = True) -> None:
+        if name not in PARSERS:
+            raise ValueError(f"unknown reasoning parser {name!r} (known: {', '.join(PARSERS)})")
+        self.name = name
+        self.include = include
+        self._readers: dict[int, _Reader] = {}
+
+    def whole(self, text: str) -> tuple[str | None, str]:
+        """(reasoning, content) of a whole reply; reasoning None if it did not think."""
+        reader = _Reader(self.name)
+        reasoning, content = reader.feed(text, final=True)
+        return (reasoning if reader.thought else None), content
+
+    def delta(self, choice: int, text: str, final: bool) -> tuple[str, str]:
+        """(reasoning, content) of a stream chunk's new text, for one choice."""
+        reader = self._readers.setdefault(choice, _Reader(self.name))
+        return reader.feed(text, final)

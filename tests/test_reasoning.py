@@ -1,0 +1,167 @@
+"""Reasoning models' thinking apart from their answer (reasoning.py, ``--reasoning-parser``):
+whole and however streamed, and through the server with the openai client (the reply's text
+held by structured output to what a reasoning model writes)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from fairswitch.server.reasoning import Reasoning
+
+# (parser, reply, reasoning, content)
+REPLIES = [
+    ("deepseek_r1", "Let me think.\n</think>\n\nThe answer is 4.", "Let me think.\n",
+     "\n\nThe answer is 4."),
+    ("deepseek_r1", "<think>\nhmm</think>ok", "\nhmm", "ok"),  # (its own opening tag dropped)
+    ("deepseek_r1", "still thinking <", "still thinking <", ""),  # cut short while thinking
+    ("qwen3", "<think>\nPlan.\n</think>\n\nHi!", "\nPlan.\n", "\n\nHi!"),
+    ("qwen3", "  <think>a</think>b", "a", "b"),
+    ("qwen3", "Hi there </think> x", None, "Hi there </think> x"),  # (no thinking opened)
+    ("qwen3", "  <thi", None, "  <thi"),
+    ("qwen3", "<think>cut short </thi", "cut short </thi", ""),
+    ("qwen3", "<think></think>", "", ""),
+    ("qwen3", "", None, ""),
+]
+
+
+@pytest.mark.parametrize("parser, reply, thought, answer", REPLIES)
+def test_a_reply_splits_the_same_whole_and_however_it_is_streamed(parser, reply, thought,
+                                                                   answer):
+    assert Reasoning(parser).whole(reply) == (thought, answer)
+    rng = random.Random(0)
+    for _ in range(200):
+        cuts = sorted(rng.sample(range(1, len(reply)), rng.randint(0, min(6, len(reply) - 1)))
+                      ) if len(reply) > 1 else []
+        pieces = [reply[a:b] for a, b in zip([0, *cuts], [*cuts, len(reply)])] or [""]
+        split = Reasoning(parser)
+        told = [split.delta(2, piece, final=i == len(pieces) - 1)
+                for i, piece in enumerate(pieces)]
+        assert ("".join(r for r, _ in told), "".join(c for _, c in told)) == (
+            thought or "", answer), pieces
+
+
+def test_unknown_parsers_are_refused():
+    from fairswitch.server import ServerSettings
+
+    with pytest.raises(ValueError, match="unknown reasoning parser 'o1'"):
+        Reasoning("o1")
+    with pytest.raises(ValueError, match="reasoning_parser must be one of deepseek_r1, qwen3"):
+        ServerSettings(reasoning_parser="granite")
+
+
+def test_an_assistants_past_thinking_reaches_the_template_under_both_names():
+    from fairswitch.chat_messages import MessageTypeError, parse_conversation
+
+    (m,) = parse_conversation([{"role": "assistant", "content": "4", "reasoning_content": "2+2"}])
+    assert m["reasoning"] == m["reasoning_content"] == "2+2"
+    with pytest.raises(MessageTypeError, match="'messages\\[0\\].reasoning' must be a string"):
+        parse_conversation([{"role": "assistant", "content": "4", "reasoning": 1}])
+
+
+# ---- through the server ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def clients():
+    """openai clients on servers over the default model: one per reasoning parser, one with
+    qwen3 and the hermes tool parser."""
+    pytest.importorskip("xgrammar")
+    import openai
+
+    from fairswitch.config import EngineConfig
+    from fairswitch.engine.async_engine import AsyncEngine
+    from fairswitch.server import BackgroundServer, ServerSettings, build_app
+
+    engine = AsyncEngine.from_config(EngineConfig.from_kwargs(num_gpu_blocks=256,
+                                                              max_model_len=256))
+    settings = {"qwen3": ServerSettings(reasoning_parser="qwen3"),
+                "deepseek_r1": ServerSettings(reasoning_parser="deepseek_r1"),
+                "tools": ServerSettings(reasoning_parser="qwen3", tool_call_parser="hermes")}
+    out = {}
+    try:
+        with (BackgroundServer(build_app(engine, settings["qwen3"], shutdown_engine=False)) as a,
+              BackgroundServer(build_app(engine, settings["deepseek_r1"],
+                                         shutdown_engine=False)) as b,
+              BackgroundServer(build_app(engine, settings["tools"], shutdown_engine=False)) as c):
+            for name, srv in (("qwen3", a), ("deepseek_r1", b), ("tools", c)):
+                out[name] = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=0,
+                                          timeout=60)
+            yield out
+    finally:
+        for client in out.values():
+            client.close()
+        engine.shutdown()
+
+
+def _escape(text: str) -> str:
+    return "".join("\\" + ch if ch in "\\.^$|?*+()[]{}" else ch for ch in text)
+
+
+def _chat(client, reply: str, stream: bool = False, **extra):
+    return client.chat.completions.create(
+        model="fairswitch-tiny", messages=[{"role": "user", "content": "2+2?"}], max_tokens=160,
+        temperature=0.0, stream=stream, **extra.pop("top", {}),
+        extra_body={"structured_outputs": {"regex": _escape(reply)}, **extra})
+
+
+def _streamed(chunks) -> tuple[str, str, list]:
+    reasoning = content = ""
+    calls = []
+    for chunk in chunks:
+        if chunk.choices:
+            delta = chunk.choices[0].delta
+            reasoning += (delta.model_extra or {}).get("reasoning") or ""
+            content += delta.content or ""
+            calls += delta.tool_calls or []
+    return reasoning, content, calls
+
+
+@pytest.mark.parametrize("parser, reply, thought, answer", [
+    ("qwen3", "<think>\nTwo and two.\n</think>\n\nFour.", "\nTwo and two.\n", "\n\nFour."),
+    ("qwen3", "Four.", None, "Four."),
+    ("deepseek_r1", "Two and two.\n</think>\n\nFour.", "Two and two.\n", "\n\nFour."),
+])
+def test_the_reply_gives_its_thinking_as_reasoning(clients, parser, reply, thought, answer):
+    message = _chat(clients[parser], reply).choices[0].message
+    extra = message.model_extra or {}
+    assert message.content == answer
+    assert extra.get("reasoning") == extra.get("reasoning_content") == thought
+    reasoning, content, _ = _streamed(_chat(clients[parser], reply, stream=True))
+    assert (reasoning, content) == (thought or "", answer)
+    hidden = _chat(clients[parser], reply, include_reasoning=False).choices[0].message
+    assert hidden.content == answer and "reasoning" not in (hidden.model_extra or {})
+
+
+def test_calls_are_read_from_the_answer_not_the_thinking(clients):
+    call = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+    reply = f"<think>I could <tool_call> here.</think><tool_call>{call}</tool_call>"
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}
+    choice = _chat(clients["tools"], reply, top={"tools": [weather]}).choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert choice.message.model_extra["reasoning"] == "I could <tool_call> here."
+    (got,) = choice.message.tool_calls
+    assert json.loads(got.function.arguments) == {"city": "Paris"}
+    reasoning, content, calls = _streamed(_chat(clients["tools"], reply, stream=True,
+                                                top={"tools": [weather]}))
+    assert reasoning == "I could <tool_call> here." and content == ""
+    assert [c.function.name for c in calls] == ["get_weather"]
+
+
+def test_responses_give_the_thinking_as_a_reasoning_item(clients):
+    reply = "<think>\nTwo and two.\n</think>\n\nFour."
+    ask = dict(model="fairswitch-tiny", input="2+2?", max_output_tokens=160, temperature=0.0,
+               extra_body={"structured_outputs": {"regex": _escape(reply)}})
+    whole = clients["qwen3"].responses.create(**ask)
+    thought, message = whole.output
+    assert thought.type == "reasoning" and thought.content[0].text == "\nTwo and two.\n"
+    assert message.type == "message" and whole.output_text == "\n\nFour."
+    with clients["qwen3"].responses.stream(**ask) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.reasoning_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(deltas) == "\nTwo and two.\n"
+    assert [item.type for item in final.output] == ["reasoning", "message"]
+    assert final.output_text == whole.output_text
