@@ -234,6 +234,13 @@ def test_health_version_models(server):
     status, _, text = run(get(f"{server.url}/v1/models", AUTH))
     data = json.loads(text)["data"]
     assert status == 200 and data[0]["id"] == MODEL and data[0]["max_model_len"] == 256
+    status, _, text = run(get(f"{server.url}/v1/models/{MODEL}", AUTH))  # (models.retrieve)
+    assert status == 200 and json.loads(text) == data[0]
+    status, _, text = run(get(f"{server.url}/v1/models/org/other-model", AUTH))
+    error = json.loads(text)["error"]
+    assert status == 404 and error["code"] == "model_not_found" and "org/other-model" in error[
+        "message"]
+    assert run(get(f"{server.url}/v1/models/{MODEL}"))[0] == 401  # (the key, as the rest)
 
 
 def test_metrics_prometheus_text(server):

@@ -352,11 +352,19 @@ class OpenAIServer:
     # ---- other routes -------------------------------------------------------------------------
 
     async def models(self, request: web.Request) -> web.Response:
-        data = [{"id": name, "object": "model", "created": self.created, "owned_by": "fairswitch",
-                 "root": self.core.config.model.model, "parent": None,
-                 "max_model_len": self.core.max_model_len, "permission": []}
-                for name in self.settings.served_model_names]
+        data = [self._model_card(name) for name in self.settings.served_model_names]
         return web.json_response({"object": "list", "data": data})
+
+    async def model(self, request: web.Request) -> web.Response:
+        """OpenAI's ``GET /v1/models/{model}`` (``client.models.retrieve``)."""
+        name = request.match_info["model"]
+        self._check_model(name)
+        return web.json_response(self._model_card(name))
+
+    def _model_card(self, name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "fairswitch",
+                "root": self.core.config.model.model, "parent": None,
+                "max_model_len": self.core.max_model_len, "permission": []}
 
     async def health(self, request: web.Request) -> web.Response:
         if not self.engine.is_running:
@@ -526,6 +534,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None, *,
     app.router.add_post("/v1/chat/completions", server.chat_completions)
     app.router.add_post("/v1/responses", server.responses)
     app.router.add_get("/v1/models", server.models)
+    app.router.add_get("/v1/models/{model:.+}", server.model)  # (names may hold '/')
     app.router.add_get("/health", server.health)
     app.router.add_get("/version", server.version)
     app.router.add_get("/metrics", server.prometheus)
