@@ -130,6 +130,29 @@ def test_completion_stream_framing_and_usage(server, engine):
     assert "".join(c["choices"][0]["text"] for c in text_chunks) == whole["choices"][0]["text"]
 
 
+def test_continuous_usage_stats_puts_each_choices_usage_so_far_in_every_chunk(server):
+    """vLLM's stream_options.continuous_usage_stats (with include_usage)."""
+    chunks = run(post_sse(f"{server.url}/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "ignore_eos": True,
+        "n": 2, "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True}}))
+    *per_choice, last = chunks
+    prompt = last["usage"]["prompt_tokens"]
+    seen = {0: 0, 1: 0}
+    for chunk in per_choice:
+        (choice,) = chunk["choices"]
+        usage = chunk["usage"]
+        assert usage["prompt_tokens"] == prompt
+        assert usage["completion_tokens"] >= seen[choice["index"]]  # (its own, so far)
+        assert usage["total_tokens"] == prompt + usage["completion_tokens"]
+        seen[choice["index"]] = usage["completion_tokens"]
+    assert seen == {0: 4, 1: 4} and last["usage"]["completion_tokens"] == 8
+    plain = run(post_sse(f"{server.url}/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "stream": True,
+        "stream_options": {"continuous_usage_stats": True}}))  # (no include_usage: none)
+    assert all("usage" not in c for c in plain)
+
+
 def test_chat_stream_opens_with_role_and_counts_template_tokens(server, engine):
     messages = [{"role": "system", "content": "Be brief."},
                 {"role": "user", "content": [{"type": "text", "text": "Hi"}]}]

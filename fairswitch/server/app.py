@@ -320,7 +320,12 @@ class OpenAIServer:
                 elif opening:
                     ids = ({"prompt_token_ids": list(item[1].prompt_token_ids)}
                            if reply.shaper.token_ids else {})  # (chat: the first chunk's)
-                    await send(reply.body(opening, chunk=True, **extra, **ids))
+                    if req.continuous_usage:  # a chunk per choice, each with its usage
+                        usage = protocol.usage(len(item[1].prompt_token_ids), 0)
+                        for choice in opening:
+                            await send(reply.body([choice], chunk=True, usage=usage, **ids))
+                    else:
+                        await send(reply.body(opening, chunk=True, **extra, **ids))
                 while True:
                     index, out = item
                     _observe(tracker, reply, index, out)
@@ -328,7 +333,10 @@ class OpenAIServer:
                         raise self._aborted()
                     choice = reply.shaper.delta(index, out)
                     if choice is not None:
-                        await send(reply.body([choice], chunk=True, **extra))
+                        usage = {"usage": protocol.usage(
+                            len(out.prompt_token_ids), reply.shaper.num_shown_tokens(out),
+                            out.num_cached_tokens)} if req.continuous_usage else {}
+                        await send(reply.body([choice], chunk=True, **{**extra, **usage}))
                     if out.finished:
                         done[index] = out
                         if len(done) == reply.n:

@@ -260,6 +260,7 @@ class GenerationRequest:
     model: str | None
     stream: bool
     include_usage: bool
+    continuous_usage: bool  # every chunk carries its choice's usage so far
     max_tokens: int | None  # None: the endpoint's default
     # None: unset, the model's default (``sampling_params``), as min_p and repetition_penalty
     temperature: float | None
@@ -383,10 +384,9 @@ def _common(body: Any, unsupported: tuple, echo: bool = False) -> dict[str, Any]
         raise bad_request("'stream_options' is only allowed with stream=true", "stream_options")
     include_usage = _bool(options or {}, "include_usage", False,
                           field="stream_options.include_usage")
-    continuous = "stream_options.continuous_usage_stats"  # (vLLM's: usage in every chunk)
-    if _bool(options or {}, "continuous_usage_stats", False, field=continuous):
-        raise bad_request(f"'{continuous}' is not supported by this server: usage comes in the "
-                          "last chunk only ('include_usage')", continuous)
+    # vLLM's: with include_usage, every chunk's usage so far (its choice's), not only the last.
+    continuous_usage = _bool(options or {}, "continuous_usage_stats", False,
+                             field="stream_options.continuous_usage_stats") and include_usage
     if stream and body.get("prompt_logprobs") is not None:  # (as vLLM: whole responses only)
         raise bad_request("'prompt_logprobs' is not available with stream=true",
                           "prompt_logprobs")
@@ -424,6 +424,7 @@ def _common(body: Any, unsupported: tuple, echo: bool = False) -> dict[str, Any]
         return_token_ids=_bool(body, "return_token_ids", False),
         truncate_prompt_tokens=_truncation(body),
         model=_str(body, "model"), stream=stream, include_usage=include_usage,
+        continuous_usage=continuous_usage,
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
         seed=_int(body, "seed"), stop=_stop(body),
         stop_token_ids=_int_list(body, "stop_token_ids", MAX_STOP_TOKEN_IDS),
