@@ -16,6 +16,7 @@ from fairswitch.config import EngineConfig
 from fairswitch.engine.async_engine import AsyncEngine
 from fairswitch.server import BackgroundServer, ServerSettings, build_app, protocol
 from fairswitch.server.app import SERVER_KEY
+from fairswitch.server.errors import APIError
 
 KEY = "sk-errors"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -560,6 +561,15 @@ def test_fuzz_random_shapes_and_garbage_keep_the_server_up(server, engine):
     assert status == 200 and body["usage"]["completion_tokens"] == 3
     assert call(server, "/health", method="GET")[0] == 200
     assert asyncio.run(engine.run_in_engine(lambda e: len(e.requests))) == 0
+
+
+@pytest.mark.parametrize("parse, body", [
+    (protocol.parse_completion, {"prompt": "x"}), (protocol.parse_chat, {"messages": CHAT})])
+def test_an_integral_float_is_an_integer_as_in_vllm(parse, body):
+    """pydantic (so vLLM) takes 5.0 where an integer is asked; 5.5 stays a 400."""
+    assert parse({**body, "max_tokens": 5.0, "n": 2.0}).max_tokens == 5
+    with pytest.raises(APIError, match="'max_tokens' must be an integer, got 5.5"):
+        parse({**body, "max_tokens": 5.5})
 
 
 @pytest.mark.parametrize("parse, body", [

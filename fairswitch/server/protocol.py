@@ -51,6 +51,8 @@ def _int(body: dict, name: str, default: int | None = None, *,
     value = body.get(name)
     if value is None:
         return default
+    if isinstance(value, float) and value.is_integer():  # 5.0 is 5 (pydantic's, so vLLM's)
+        value = int(value)
     if not isinstance(value, int) or isinstance(value, bool):
         raise bad_request(f"'{name}' must be an integer, got {_describe(value)}", name)
     if not _INT64_MIN <= value <= _INT64_MAX:
