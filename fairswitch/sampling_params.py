@@ -43,6 +43,10 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit
+    allowed_token_ids: list[int] | None = None  # the only tokens it may sample (vLLM's)
+    # Words never to be written: each one's tokens (with and without a leading space), the
+    # last one masked where the output so far ends with the others (vLLM's).
+    bad_words: list[str] | None = None
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     n: int = 1
@@ -107,6 +111,24 @@ class SamplingParams:
                 raise TypeError(f"logit_bias must map token ids to numbers, got "
                                 f"{self.logit_bias!r}")
             self.logit_bias = {_token_id(t): _bias(b) for t, b in self.logit_bias.items()}
+        if self.allowed_token_ids is not None:
+            if not isinstance(self.allowed_token_ids, (list, tuple)) or not self.allowed_token_ids:
+                raise ValueError(f"allowed_token_ids must be a non-empty list of token ids, got "
+                                 f"{self.allowed_token_ids!r:.60}")
+            for t in self.allowed_token_ids:
+                _check_int("allowed_token_ids entry", t)
+                if t < 0:  # (the vocabulary's upper bound is checked against the model)
+                    raise ValueError(f"allowed_token_ids must be >= 0, got {t}")
+            self.allowed_token_ids = list(self.allowed_token_ids)
+        if self.bad_words is not None:
+            if not isinstance(self.bad_words, (list, tuple)):
+                raise TypeError(f"bad_words must be a list of strings, got {self.bad_words!r:.60}")
+            for word in self.bad_words:
+                if not isinstance(word, str):
+                    raise TypeError(f"bad_words must be strings, got {word!r:.40}")
+                if not word.strip():
+                    raise ValueError("bad_words must not be empty or only whitespace")
+            self.bad_words = list(self.bad_words)
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None:
@@ -134,15 +156,16 @@ class SamplingParams:
     @property
     def needs_history(self) -> bool:
         """Does sampling depend on the tokens so far (all of them known, none in flight):
-        penalties, or a grammar fed each token?"""
-        return self.has_penalties or self.structured_outputs is not None
+        penalties, bad words, or a grammar fed each token?"""
+        return self.has_penalties or bool(self.bad_words) or self.structured_outputs is not None
 
     @property
     def shapes_logits(self) -> bool:
-        """Is anything done to the logits before temperature (bias, penalties, min_tokens, a
-        grammar's mask)?"""
+        """Is anything done to the logits before temperature (bias, penalties, min_tokens,
+        allowed tokens, bad words, a grammar's mask)?"""
         return (bool(self.logit_bias) or self.has_penalties or self.min_tokens > 0
-                or self.structured_outputs is not None)
+                or self.structured_outputs is not None or self.allowed_token_ids is not None
+                or bool(self.bad_words))
 
     @property
     def greedy(self) -> bool:

@@ -287,3 +287,40 @@ def test_a_field_set_after_construction_counts(llm):
     order.min_tokens = 32  # above the default max_tokens until the next line: not refused
     order.max_tokens = 64
     assert order.shapes_logits
+
+
+def test_allowed_token_ids_are_the_only_tokens_sampled(llm):
+    """vLLM's allowed_token_ids, greedy and random, beside a request that has none."""
+    allowed = [7, 42, 99]
+    for temperature in (0.0, 1.0):
+        held = SamplingParams(max_tokens=12, temperature=temperature, seed=1, ignore_eos=True,
+                              allowed_token_ids=allowed)
+        free = SamplingParams(max_tokens=12, temperature=temperature, seed=1, ignore_eos=True)
+        outs = llm.generate([PROMPT, PROMPT], [held, free], use_tqdm=False)
+        assert set(outs[0].outputs[0].token_ids) <= set(allowed)
+        assert not set(outs[1].outputs[0].token_ids) <= set(allowed)
+    with pytest.raises(ValueError, match=r"allowed_token_ids must be in \[0, "):
+        llm.engine.add_request(PROMPT, SamplingParams(allowed_token_ids=[10 ** 6]))
+    with pytest.raises(ValueError, match="allowed_token_ids must be a non-empty list"):
+        SamplingParams(allowed_token_ids=[])
+
+
+def test_bad_words_are_never_written(llm):
+    """vLLM's bad_words: the word's tokens (each way the tokenizer writes it) never all come in
+    a row. The greedy reply's own words are banned, and the reply changes to avoid them."""
+    greedy = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    first = llm.generate([PROMPT], greedy, use_tqdm=False)[0].outputs[0]
+    text, decode = first.text, llm.engine.tokenizer.decode
+    # Words the reply wrote as one token after a space (" ventured"): banned as they came.
+    words = [decode([t]).strip() for t in first.token_ids
+             if decode([t]).startswith(" ") and decode([t]).strip().isalpha()][:3]
+    assert words, text
+    banned = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, bad_words=words)
+    out = llm.generate([PROMPT], banned, use_tqdm=False)[0].outputs[0]
+    sequences = llm.engine.inputs.bad_words_ids(banned)
+    ids = out.token_ids
+    for seq in sequences:
+        assert not any(ids[i:i + len(seq)] == seq for i in range(len(ids))), (seq, out.text)
+    assert out.text != text
+    with pytest.raises(ValueError, match="bad_words must not be empty"):
+        SamplingParams(bad_words=[" "])

@@ -248,6 +248,12 @@ BAD = [
                                                                 "tiny"], "model"),
     ("/v1/chat/completions", {"messages": CHAT, "model": "nope"}, 404, ["`nope`"], "model"),
     ("/tokenize", {"prompt": "x", "model": "nope"}, 404, ["`nope`"], "model"),
+    ("/v1/completions", {"prompt": "x", "allowed_token_ids": []}, 400,
+     ["'allowed_token_ids' must be a non-empty array of token ids"], "allowed_token_ids"),
+    ("/v1/completions", {"prompt": "x", "allowed_token_ids": [10 ** 9]}, 400,
+     ["allowed_token_ids must be in [0, "], "allowed_token_ids"),
+    ("/v1/chat/completions", {"messages": CHAT, "bad_words": ["ok", " "]}, 400,
+     ["'bad_words' must be an array of non-blank strings"], "bad_words"),
 ]
 
 
@@ -261,8 +267,7 @@ def test_bad_request(server, path, body, status, fragments, param):
 # never ignored. (path, field, a value it would honour, its default, which is accepted)
 UNSUPPORTED = [
     ("/v1/chat/completions", "structural_tag", {"type": "structural_tag"}, None),
-    ("/v1/chat/completions", "allowed_token_ids", [1, 2], None),
-    ("/v1/completions", "bad_words", ["bad"], []),
+    ("/v1/completions", "logits_processors", ["mod.Class"], []),
     ("/v1/chat/completions", "echo", True, False),
     ("/v1/chat/completions", "chat_template", "{{ messages }}", None),
 ]

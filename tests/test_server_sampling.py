@@ -165,6 +165,21 @@ def test_min_tokens_and_penalties_are_honoured(client, llm):
     assert held.usage.completion_tokens >= 3
 
 
+def test_allowed_token_ids_and_bad_words_are_honoured(client, llm):
+    """vLLM's vocabulary restrictions reach the sampler (test_sampling_fields.py tests them)."""
+    allowed = [11, 12, 13]
+    out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=1.0,
+                                    extra_body={"allowed_token_ids": allowed,
+                                                "return_token_ids": True})
+    assert set(out.choices[0].model_extra["token_ids"]) <= set(allowed)
+    first = llm.generate([PROMPT], SamplingParams(max_tokens=1, temperature=0.0),
+                         use_tqdm=False)[0].outputs[0].text.strip()
+    if first.isalpha():  # (a word to ban: the greedy reply's first)
+        out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=1,
+                                        temperature=0.0, extra_body={"bad_words": [first]})
+        assert out.choices[0].text.strip() != first
+
+
 def test_return_token_ids_whole_and_streamed(client, llm):
     """vLLM's return_token_ids: each choice's generated ids beside its text, and the prompt's
     ids (a completion choice's own; a chat response's, or its first chunk's)."""

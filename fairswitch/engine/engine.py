@@ -127,6 +127,7 @@ class Engine:
         req = Request(request_id, ids, params,
                       arrival_time if arrival_time is not None else time.monotonic(),
                       prompt=text, priority=priority, client_id=client_id)
+        req.bad_words_ids = self.inputs.bad_words_ids(params)
         if params.structured_outputs is not None:  # (a bad schema: this request's ValueError)
             req.grammar = grammar if grammar is not None else self.compile_grammar(
                 params.structured_outputs)

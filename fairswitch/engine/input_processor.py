@@ -27,6 +27,10 @@ class InputProcessor:
         if bad:
             raise ValueError(f"logit_bias token ids must be in [0, {self.vocab_size}), got "
                              f"{bad[:5]}")
+        bad = [t for t in (params.allowed_token_ids or []) if t >= self.vocab_size]
+        if bad:
+            raise ValueError(f"allowed_token_ids must be in [0, {self.vocab_size}), got "
+                             f"{bad[:5]}")
         if params.n != 1:
             raise ValueError(f"an engine request samples one sequence (n=1), got n={params.n}: "
                              "add one request per SamplingParams.copies() (LLM.generate and "
@@ -72,3 +76,18 @@ class InputProcessor:
                 f"prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}: "
                 f"at most {self.max_model_len - 1} prompt tokens leave room for one output token")
         return text, ids
+
+    def bad_words_ids(self, params: SamplingParams) -> list[list[int]]:
+        """The token sequences of ``params.bad_words``: each word as written (leading spaces
+        dropped), and after a space (a word within the text) unless that ends with the first
+        (a space token before it: banning the first bans it). vLLM keeps the second only where
+        it has as many tokens, so a word that a space makes one token (" ventured" against
+        "vent", "ured") could still be written after a space there."""
+        out: list[list[int]] = []
+        for word in params.bad_words or []:
+            alone = self.tokenizer.encode(word.lstrip(), add_special_tokens=False)
+            spaced = self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+            out.append(alone)
+            if spaced and spaced[-len(alone):] != alone:
+                out.append(spaced)
+        return [ids for ids in out if ids]

@@ -2,9 +2,9 @@
 
     raw logits --> logprobs (asked-for rows: the sampled token's, its rank, the top k)
         |
-        +--> logit_bias, min_tokens (EOS and stop ids masked), penalties (repetition,
-             frequency, presence: from the request's tokens), a grammar's mask (structured
-             output: what may come next)
+        +--> logit_bias, min_tokens (EOS and stop ids masked), bad words, allowed token ids,
+             penalties (repetition, frequency, presence: from the request's tokens), a
+             grammar's mask (structured output: what may come next)
         +--> greedy rows: argmax
         +--> temperature, min_p, top-k, top-p --> random rows: exponential race
 
@@ -131,6 +131,12 @@ class Sampler:
                 rows.append(i)
                 ids.append(t)
                 values.append(b)
+            out = [t for t in req.output_token_ids if t >= 0] if req.bad_words_ids else []
+            for word in req.bad_words_ids:  # its last token, where the output leads to it
+                *lead, last = word  # (the output: no placeholder, bad words need history)
+                if last < vocab and (not lead or out[-len(lead):] == lead):
+                    masked_rows.append(i)
+                    masked_ids.append(last)
             # The placeholder of the token sampled now counts: tokens before it = count - 1.
             # (A grammar decides when it may end: masking EOS too could leave nothing.)
             if req.num_output_tokens - 1 < p.min_tokens and req.grammar is None:
@@ -147,6 +153,13 @@ class Sampler:
         if masked_rows:
             logits[torch.tensor(masked_rows, device=dev),
                    torch.tensor(masked_ids, device=dev)] = float("-inf")
+        allowed = [i for i, r in enumerate(requests)
+                   if r.sampling_params.allowed_token_ids is not None]
+        if allowed:
+            keep = torch.zeros((len(allowed), vocab), dtype=torch.bool, device=dev)
+            for j, i in enumerate(allowed):
+                keep[j, requests[i].sampling_params.allowed_token_ids] = True
+            logits[allowed] = logits[allowed].masked_fill(~keep, float("-inf"))
         penalized = [i for i, r in enumerate(requests) if r.sampling_params.has_penalties]
         if penalized:
             logits[penalized] = self._penalize(logits[penalized],

@@ -145,7 +145,7 @@ def _int_list(body: dict, name: str, most: int) -> list[int]:
 _UNSUPPORTED_COMMON = (
     ("best_of", (1,)), ("use_beam_search", (False,)),
     ("structural_tag", ()),
-    ("allowed_token_ids", ()), ("bad_words", ([],)), ("logits_processors", ([],)),
+    ("logits_processors", ([],)),
     ("return_tokens_as_token_ids", (False,)))
 _UNSUPPORTED_COMPLETION = (("suffix", ("",)), ("prompt_embeds", ()))
 _UNSUPPORTED_CHAT = (("functions", ([],)), ("function_call", ("none",)), ("echo", (False,)),
@@ -221,7 +221,8 @@ def _structured(body: dict) -> StructuredOutputsParams | None:
 _READ_COMMON = frozenset({
     "model", "stream", "stream_options", "n", "temperature", "top_p", "top_k", "max_tokens",
     "max_completion_tokens", "min_tokens", "min_p", "presence_penalty", "frequency_penalty",
-    "repetition_penalty", "logit_bias", "prompt_logprobs", "seed", "stop", "stop_token_ids",
+    "repetition_penalty", "logit_bias", "allowed_token_ids", "bad_words", "prompt_logprobs",
+    "seed", "stop", "stop_token_ids",
     "ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "priority", "user",
     "return_token_ids", "truncate_prompt_tokens", *_STRUCTURED_FIELDS})
 _KNOWN_COMPLETION = _READ_COMMON | {"prompt", "echo", "logprobs", "add_special_tokens"} | {
@@ -283,6 +284,8 @@ class GenerationRequest:
     frequency_penalty: float
     repetition_penalty: float | None
     logit_bias: dict[int, float] | None
+    allowed_token_ids: list[int] | None
+    bad_words: list[str] | None
     logprobs: int | None  # top logprobs per token (None: no logprobs)
     prompt_logprobs: int | None  # vLLM's extension (completions: also set by echo + logprobs)
     structured_outputs: StructuredOutputsParams | None = None  # (_structured)
@@ -316,7 +319,8 @@ class GenerationRequest:
                 skip_special_tokens=self.skip_special_tokens, n=self.n,
                 min_tokens=self.min_tokens,
                 presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-                logit_bias=self.logit_bias,
+                logit_bias=self.logit_bias, allowed_token_ids=self.allowed_token_ids,
+                bad_words=self.bad_words,
                 logprobs=self.logprobs, prompt_logprobs=self.prompt_logprobs,
                 structured_outputs=self.structured_outputs)
         except (TypeError, ValueError) as e:  # e.g. a logit bias not a number, or out of range
@@ -421,6 +425,8 @@ def _common(body: Any, unsupported: tuple, echo: bool = False) -> dict[str, Any]
         frequency_penalty=_ranged(body, "frequency_penalty", 0.0, -2.0, 2.0),
         repetition_penalty=_ranged(body, "repetition_penalty", None, 1e-6, 100.0),
         logit_bias=bias or None,
+        allowed_token_ids=_allowed_token_ids(body),
+        bad_words=_bad_words(body),
         prompt_logprobs=_logprob_count(body, "prompt_logprobs"),
         structured_outputs=_structured(body),
         return_token_ids=_bool(body, "return_token_ids", False),
@@ -434,6 +440,26 @@ def _common(body: Any, unsupported: tuple, echo: bool = False) -> dict[str, Any]
         include_stop_str_in_output=_bool(body, "include_stop_str_in_output", False),
         skip_special_tokens=_bool(body, "skip_special_tokens", True),
         priority=_int(body, "priority", 0), user=_str(body, "user"))
+
+
+def _allowed_token_ids(body: dict) -> list[int] | None:
+    value = body.get("allowed_token_ids")
+    if value is None:
+        return None
+    if not _is_token_ids(value):
+        raise bad_request(f"'allowed_token_ids' must be a non-empty array of token ids, got "
+                          f"{_describe(value)}", "allowed_token_ids")
+    return value
+
+
+def _bad_words(body: dict) -> list[str] | None:
+    value = body.get("bad_words")
+    if value is None or value == []:
+        return None
+    if not isinstance(value, list) or not all(isinstance(w, str) and w.strip() for w in value):
+        raise bad_request(f"'bad_words' must be an array of non-blank strings, got "
+                          f"{_describe(value)}", "bad_words")
+    return value
 
 
 def _is_token_ids(value: Any) -> bool:
