@@ -93,14 +93,19 @@ def _parse_message(m: Any, where: str, describe: Callable[[Any], str]) -> dict[s
             message[key] = value
     # An assistant's thinking (vLLM's "reasoning", DeepSeek's "reasoning_content"), given to
     # the template under both names: templates that render past thinking read one of them.
-    thought = next((m[k] for k in ("reasoning", "reasoning_content") if m.get(k) is not None),
-                   None)
-    if thought is not None:
+    for key in ("reasoning", "reasoning_content"):
+        thought = m.get(key)
+        if thought is None:
+            continue
         if not isinstance(thought, str):
-            key = "reasoning" if m.get("reasoning") is not None else "reasoning_content"
             raise MessageTypeError(f"'{where}.{key}' must be a string, got {describe(thought)}",
                                    f"{where}.{key}")
-        message["reasoning"] = message["reasoning_content"] = thought
+        char = lone_surrogate(thought)
+        if char is not None:
+            raise MessageValueError(f"'{where}.{key}' holds {not_text_message(char)}",
+                                    f"{where}.{key}")
+        if thought or "reasoning" not in message:  # (the first that says something)
+            message["reasoning"] = message["reasoning_content"] = thought
     if "tool_call_id" in message and role != "tool":
         raise MessageValueError(f"'{where}.tool_call_id': only a tool message (role 'tool') may "
                                 f"have one, this is a {role!r} message", f"{where}.tool_call_id")

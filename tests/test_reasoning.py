@@ -59,6 +59,12 @@ def test_an_assistants_past_thinking_reaches_the_template_under_both_names():
     assert m["reasoning"] == m["reasoning_content"] == "2+2"
     with pytest.raises(MessageTypeError, match="'messages\\[0\\].reasoning' must be a string"):
         parse_conversation([{"role": "assistant", "content": "4", "reasoning": 1}])
+    (m,) = parse_conversation([{"role": "assistant", "content": "4", "reasoning": "",
+                                "reasoning_content": "2+2"}])  # (the one that says something)
+    assert m["reasoning"] == "2+2"
+    with pytest.raises(ValueError, match="'messages\\[0\\].reasoning_content' holds a lone"):
+        parse_conversation([{"role": "assistant", "content": "4",
+                             "reasoning_content": "\ud800"}])
 
 
 # ---- through the server ------------------------------------------------------------------------
@@ -122,7 +128,10 @@ def _streamed(chunks) -> tuple[str, str, list]:
 @pytest.mark.parametrize("parser, reply, thought, answer", [
     ("qwen3", "<think>\nTwo and two.\n</think>\n\nFour.", "\nTwo and two.\n", "\n\nFour."),
     ("qwen3", "Four.", None, "Four."),
-    ("deepseek_r1", "Two and two.\n</think>\n\nFour.", "Two and two.\n", "\n\nFour."),
+    # (held by a regex, a reply thinks only where it opens with <think>, deepseek_r1's too)
+    ("deepseek_r1", "<think>Two and two.\n</think>\n\nFour.", "Two and two.\n", "\n\nFour."),
+    ("deepseek_r1", "Two and two.\n</think>\n\nFour.", None,
+     "Two and two.\n</think>\n\nFour."),
 ])
 def test_the_reply_gives_its_thinking_as_reasoning(clients, parser, reply, thought, answer):
     message = _chat(clients[parser], reply).choices[0].message
@@ -165,3 +174,18 @@ def test_responses_give_the_thinking_as_a_reasoning_item(clients):
     assert "".join(deltas) == "\nTwo and two.\n"
     assert [item.type for item in final.output] == ["reasoning", "message"]
     assert final.output_text == whole.output_text
+
+
+def test_a_json_reply_of_a_reasoning_model_is_all_answer(clients):
+    """Held to a structure from its first token, a reply thinks only where the structure opens
+    it with <think>: with deepseek_r1 (which reads a reply as thinking from its start) a JSON
+    reply was all reasoning, and a named tool call's arguments were empty."""
+    schema = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0,
+                                                     "maximum": 9}}, "required": ["a"],
+              "additionalProperties": False}
+    out = clients["deepseek_r1"].chat.completions.create(
+        model="fairswitch-tiny", messages=[{"role": "user", "content": "a?"}], max_tokens=40,
+        response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}})
+    message = out.choices[0].message
+    assert set(json.loads(message.content)) == {"a"}
+    assert "reasoning" not in (message.model_extra or {})

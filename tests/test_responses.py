@@ -105,7 +105,7 @@ def test_a_request_becomes_the_chat_request_that_runs_it():
      "'input[0].arguments' must be JSON text", "input[0].arguments"),
     ({"input": "x", "metadata": [1]}, "'metadata' must be an object of strings", "metadata"),
     ({"input": "x", "parallel_tool_calls": "yes"}, "must be a boolean", "parallel_tool_calls"),
-    ({"input": "x", "reasoning": {"effort": "high"}}, "'reasoning' options are not supported",
+    ({"input": "x", "reasoning": {"effort": 3}}, "'reasoning' may say 'effort' and 'summary'",
      "reasoning"),
     ({"input": "x", "include": ["file_search_call.results"]}, "'include' may only list",
      "include"),
@@ -148,6 +148,38 @@ def test_a_reasoning_item_is_the_thinking_of_the_assistant_turn_after_it():
         {"type": "function_call", "call_id": "c", "name": "w", "arguments": "{}"}]})["messages"]
     assert messages[1] == {"role": "assistant", "content": "Four.", "reasoning": "Two and two."}
     assert messages[3]["reasoning"] == "Call it." and messages[3]["tool_calls"][0]["id"] == "c"
+
+
+def test_reasoning_effort_reaches_the_template_and_thinking_items_join():
+    """reasoning.effort is the template's reasoning_effort (gpt-oss's read it, as vLLM passes
+    it); reasoning items in a row are one thinking, and one between a message and its call is
+    that turn's."""
+    chat = chat_body({"input": [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Let me see."},
+        {"type": "reasoning", "content": [{"type": "reasoning_text", "text": "A"}]},
+        {"type": "reasoning", "content": [{"type": "reasoning_text", "text": "B"}]},
+        {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"}],
+        "reasoning": {"effort": "low", "summary": "auto"}})
+    assert chat["chat_template_kwargs"] == {"reasoning_effort": "low"}
+    assert chat["messages"][1]["reasoning"] == "AB" and len(chat["messages"]) == 2
+
+
+def test_the_answers_logprobs_leave_out_the_thinkings():
+    entries = [{"token": t, "logprob": -1.0, "bytes": [], "top_logprobs": []}
+               for t in ("<think>", "ab", "</", "think", ">", "Four", ".")]
+    whole = ResponseShape({"input": "x"}, "m").whole({"choices": [{
+        "message": {"role": "assistant", "content": "Four.", "reasoning": "ab"},
+        "finish_reason": "stop", "logprobs": {"content": entries}}], "usage": USAGE})
+    assert [lp["token"] for lp in whole["output"][1]["content"][0]["logprobs"]] == ["Four", "."]
+    shape = ResponseShape({"input": "x"}, "m")
+    events = []
+    for delta, lps in (({"reasoning": "ab"}, entries[:2]), ({}, entries[2:4]),
+                       ({"content": "Four."}, entries[4:])):
+        chunk = _chunk(delta)
+        chunk["choices"][0]["logprobs"] = {"content": lps}
+        events += shape.chunk(chunk)
+    deltas = [e for e in events if e["type"] == "response.output_text.delta"]
+    assert [lp["token"] for e in deltas for lp in e["logprobs"]] == ["Four", "."]
 
 
 def _chunk(delta=None, finish=None, usage=None):

@@ -141,7 +141,7 @@ class ChoiceShaper:
         if self.reasoning is not None:  # the thinking apart from the answer
             message = choice["message"]
             thought, message["content"] = self.reasoning.whole(message["content"])
-            if thought is not None and self.reasoning.include:
+            if thought and self.reasoning.include:  # (an empty thinking, as streamed: none)
                 message["reasoning"] = message["reasoning_content"] = thought
         if self.tools is not None:  # the text holds calls (OpenAI's shape)
             message = choice["message"]

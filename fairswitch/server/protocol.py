@@ -552,12 +552,15 @@ def parse_chat(body: Any, tool_parser: str | None = None,
         calls = ToolCalls(named, _bool(body, "parallel_tool_calls", True))
         common["structured_outputs"] = StructuredOutputsParams(json=schema)
     include_reasoning = _bool(body, "include_reasoning", True)
+    # A reply held to a structure (response_format, a named or required tool call) thinks
+    # only where the structure opens it with <think>: a JSON reply is all answer.
+    reasoning = (Reasoning(reasoning_parser, include_reasoning,
+                           opened_only=common["structured_outputs"] is not None)
+                 if reasoning_parser else None)
     _log_ignored(body, _KNOWN_CHAT)
     return ChatRequest(messages=messages, template=template, logprobs=logprobs,
                        add_special_tokens=_bool(body, "add_special_tokens", False),
-                       tool_calls=calls, reasoning=Reasoning(
-                           reasoning_parser, include_reasoning) if reasoning_parser else None,
-                       **common)
+                       tool_calls=calls, reasoning=reasoning, **common)
 
 
 def _template_inputs(body: dict, tools: list[dict[str, Any]] | None) -> TemplateInputs:

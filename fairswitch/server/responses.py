@@ -113,6 +113,10 @@ def _chat_body(body: dict, where: Translation) -> dict[str, Any]:
     if body.get("tool_choice") is not None:
         chat["tool_choice"] = _tool_choice(body["tool_choice"])
     chat.update(_logprobs(body))
+    effort = (body.get("reasoning") or {}).get("effort")
+    if effort is not None:  # (templates that take it read it: gpt-oss's, as vLLM passes it)
+        chat["chat_template_kwargs"] = {**(body.get("chat_template_kwargs") or {}),
+                                        "reasoning_effort": effort}
     if body.get("stream"):
         chat["stream_options"] = {"include_usage": True}  # (the last event's usage)
     return chat
@@ -134,10 +138,11 @@ def _check_echoed(body: dict) -> None:
         raise bad_request("'stream_options' may only say 'include_obfuscation' (this server "
                           f"pads no events), got {_describe(options)}", "stream_options")
     reasoning = body.get("reasoning")
-    if reasoning is not None and not (isinstance(reasoning, dict) and all(
-            v is None for v in reasoning.values())):
-        raise bad_request("'reasoning' options are not supported (no reasoning items are "
-                          f"made), got {_describe(reasoning)}", "reasoning")
+    if reasoning is not None and not (isinstance(reasoning, dict) and set(reasoning) <= {
+            "effort", "summary", "generate_summary"} and all(
+            v is None or isinstance(v, str) for v in reasoning.values())):
+        raise bad_request("'reasoning' may say 'effort' and 'summary' (strings), got "
+                          f"{_describe(reasoning)}", "reasoning")
 
 
 def _logprobs(body: dict) -> dict[str, Any]:
@@ -181,8 +186,8 @@ def _messages(instructions: Any, items: Any, where: Translation) -> list[dict[st
         if not isinstance(item, dict):
             raise bad_request(f"'{at}' must be an object, got {_describe(item)}", at)
         kind = item.get("type", "message")
-        if kind == "reasoning":
-            thought = _reasoning_text(item, at)
+        if kind == "reasoning":  # (several in a row: one thinking)
+            thought = (thought or "") + _reasoning_text(item, at)
             continue
         if kind == "message":
             message = _message(item, at)
@@ -201,6 +206,8 @@ def _messages(instructions: Any, items: Any, where: Translation) -> list[dict[st
             last = messages[-1] if messages else None
             if last is not None and last["role"] == "assistant":  # (one turn: text, calls)
                 last.setdefault("tool_calls", []).append(call)
+                if thought:  # (its thinking between the text and the call: the turn's too)
+                    last["reasoning"] = last.get("reasoning", "") + thought
                 where.call_origins.setdefault(len(messages) - 1, []).append(at)
             else:
                 add({"role": "assistant", "content": None, "tool_calls": [call],
@@ -324,8 +331,9 @@ class ResponseShape:
     """One response: the chat reply's body, whole or chunk by chunk, as the Responses API's.
     A reply's thinking (with a reasoning parser) is a ``reasoning`` item, its text a message
     item and each call a ``function_call`` item, in that order, each ended before the next
-    begins. Text after a call (seldom written) is a message after it when streamed; a whole
-    reply has one message before its calls (the chat reply holds no order)."""
+    begins. Text after a call (seldom written) is a message after it when streamed, unless it
+    comes in the call's chunk; a whole reply has one message before its calls (the chat reply
+    holds no order)."""
 
     def __init__(self, body: dict[str, Any], model: str) -> None:
         self.id = _new_id("resp_")
@@ -366,12 +374,13 @@ class ResponseShape:
         message, status = choice["message"], _status(choice["finish_reason"])
         calls = message.get("tool_calls") or []
         output = []
-        if message.get("reasoning") is not None:
-            output.append(_reasoning_item(_new_id("rs_"), message["reasoning"], status))
-        if message.get("content") or not calls:
+        thought = message.get("reasoning")
+        if thought:
+            output.append(_reasoning_item(_new_id("rs_"), thought, status))
+        if message.get("content") or not (calls or thought):
             logprobs = [] if calls else (choice.get("logprobs") or {}).get("content") or []
             output.append(_message_item(_new_id("msg_"), message.get("content") or "", status,
-                                        logprobs))
+                                        _after_think(logprobs) if thought else logprobs))
         for call in calls:
             output.append(_call_item(call["id"], call["function"]["name"],
                                      call["function"]["arguments"], status))
@@ -392,11 +401,13 @@ class ResponseShape:
             delta = choice.get("delta") or {}
             if delta.get("reasoning"):  # (before the answer)
                 events += self._piece("reasoning", delta["reasoning"])
-            for call in delta.get("tool_calls") or []:
-                events += self._call_delta(call)
+                self.logprobs = []  # (the thinking's tokens: no text of the answer's)
             self.logprobs += (choice.get("logprobs") or {}).get("content") or []
+            # A chunk's text before its calls: a whole reply's message comes first too.
             if delta.get("content"):
                 events += self._piece("message", delta["content"])
+            for call in delta.get("tool_calls") or []:
+                events += self._call_delta(call)
             self.finish = choice.get("finish_reason") or self.finish
         if chat.get("usage") and not chat.get("choices"):
             status = _status(self.finish)
@@ -431,6 +442,8 @@ class ResponseShape:
         if kind == "reasoning":
             return events + [self._event("response.reasoning_text.delta", **at, delta=text)]
         logprobs, self.logprobs = self.logprobs, []
+        if not item["logprobs"] and any(i["kind"] == "reasoning" for i in self.items):
+            logprobs = _after_think(logprobs)  # (the answer's first: past the closing tag)
         item["logprobs"] += logprobs
         return events + [self._event("response.output_text.delta", **at, delta=text,
                                      logprobs=logprobs)]
@@ -501,6 +514,17 @@ class ResponseShape:
         event = {"type": kind, "sequence_number": self.sequence, **fields}
         self.sequence += 1
         return event
+
+
+def _after_think(logprobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The entries of the tokens after the one that completes ``</think>`` (all of them if
+    none does): the answer's, of a reply that thought first."""
+    text = ""
+    for i, entry in enumerate(logprobs):
+        text += entry["token"]
+        if "</think>" in text:
+            return logprobs[i + 1:]
+    return logprobs
 
 
 def _part(kind: str, text: str, logprobs: list[dict[str, Any]]) -> dict[str, Any]:
