@@ -7,7 +7,7 @@ import logging
 import sys
 
 from fairswitch import __version__
-from fairswitch.cli import bench, generate, replay, serve, steps
+from fairswitch.cli import bench, generate, replay, run_batch, serve, steps
 
 
 class _FullHelp(argparse.Action):
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         "serve": serve.add_parser(subs),
         "bench": bench.add_parser(subs),
         "replay": replay.add_parser(subs),
+        "run-batch": run_batch.add_parser(subs),
         "steps": steps.add_parser(subs),
     }
     return parser

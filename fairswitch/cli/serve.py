@@ -31,9 +31,6 @@ def add_parser(subs: argparse._SubParsersAction) -> argparse.ArgumentParser:
     s.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every route but /health, "
                         "/version and /metrics (default: no key)")
-    s.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
-                   help="model name(s) clients send in 'model'; the first is reported in "
-                        "responses (default: the --model value)")
     s.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                    help=f"largest request body accepted; larger ones get 413 "
                         f"(default: {DEFAULT_MAX_BODY_BYTES})")
@@ -41,16 +38,7 @@ def add_parser(subs: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="prefix of the /metrics names, which are vLLM's: 'vllm:' serves "
                         f"dashboards and autoscalers built for vLLM (default: "
                         f"{DEFAULT_METRICS_PREFIX})")
-    s.add_argument("--enable-auto-tool-choice", action="store_true",
-                   help="tool_choice 'auto' (OpenAI's default with tools): the model may call "
-                        "the tools in its own syntax, read by --tool-call-parser, as vLLM")
-    s.add_argument("--tool-call-parser", choices=PARSERS, default=None,
-                   help="the model's tool-call syntax: hermes (<tool_call>{...}</tool_call>: "
-                        "Qwen2.5/3, Hermes), llama3_json (a JSON object: Llama 3.1-3.3)")
-    s.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
-                   help="chat replies' thinking as 'reasoning', apart from their content, as "
-                        "vLLM: deepseek_r1 (thinks from the start up to </think>), qwen3 "
-                        "(a reply that opens with <think>)")
+    add_reply_options(s)
     s.add_argument("--allowed-origins", type=_json_list, default=["*"], metavar="JSON",
                    help="origins a browser may call the API from, as vLLM: a JSON list "
                         "(default: [\"*\"], any; [] for none)")
@@ -61,9 +49,6 @@ def add_parser(subs: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "[\"*\"])")
     s.add_argument("--allow-credentials", action="store_true",
                    help="let cross-origin requests carry credentials (cookies, auth headers)")
-    s.add_argument("--chat-template", default=None,
-                   help="Jinja chat template (a file, or the template itself) replacing the "
-                        "tokenizer's (default: the tokenizer's, else a plain-text one)")
     s.add_argument("--shutdown-timeout", type=float, default=5.0,
                    help="seconds in total in-flight requests may keep running after "
                         "SIGTERM/SIGINT before they are aborted (streams end with an error "
@@ -80,6 +65,41 @@ def add_parser(subs: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add_engine_args(p)["model"].default = None
     p.set_defaults(run=run)
     return p
+
+
+def add_reply_options(g: argparse._ActionsContainer) -> None:
+    """How replies are made and read, for ``serve`` and ``run-batch`` alike."""
+    g.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="model name(s) clients send in 'model'; the first is reported in "
+                        "responses (default: the --model value)")
+    g.add_argument("--chat-template", default=None,
+                   help="Jinja chat template (a file, or the template itself) replacing the "
+                        "tokenizer's (default: the tokenizer's, else a plain-text one)")
+    g.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="tool_choice 'auto' (OpenAI's default with tools): the model may call "
+                        "the tools in its own syntax, read by --tool-call-parser, as vLLM")
+    g.add_argument("--tool-call-parser", choices=PARSERS, default=None,
+                   help="the model's tool-call syntax: hermes (<tool_call>{...}</tool_call>: "
+                        "Qwen2.5/3, Hermes), llama3_json (a JSON object: Llama 3.1-3.3)")
+    g.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
+                   help="chat replies' thinking as 'reasoning', apart from their content, as "
+                        "vLLM: deepseek_r1 (thinks from the start up to </think>), qwen3 "
+                        "(a reply that opens with <think>)")
+
+
+def reply_settings(args: argparse.Namespace) -> dict:
+    """``ServerSettings`` fields of ``add_reply_options``' flags; ValueError if they clash."""
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (one of "
+                         f"{', '.join(PARSERS)}): the syntax of the model's tool calls")
+    if args.tool_call_parser is not None and not args.enable_auto_tool_choice:
+        logging.getLogger("fairswitch").warning(
+            "--tool-call-parser without --enable-auto-tool-choice: tool_choice 'auto' stays "
+            "refused (as vLLM)")
+    return dict(served_model_names=args.served_model_name or [args.model],
+                chat_template=read_chat_template(args.chat_template),
+                tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
+                reasoning_parser=args.reasoning_parser)
 
 
 def _json_list(text: str) -> list[str]:
@@ -113,21 +133,12 @@ def run(args: argparse.Namespace) -> int:
                          f"{args.shutdown_timeout}")
     args.model = _model(args)
     logging.getLogger("fairswitch").setLevel((args.log_level or "info").upper())
-    if args.enable_auto_tool_choice and args.tool_call_parser is None:
-        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (one of "
-                         f"{', '.join(PARSERS)}): the syntax of the model's tool calls")
-    if args.tool_call_parser is not None and not args.enable_auto_tool_choice:
-        logging.getLogger("fairswitch").warning(
-            "--tool-call-parser without --enable-auto-tool-choice: tool_choice 'auto' stays "
-            "refused (as vLLM)")
     settings = ServerSettings(
-        served_model_names=args.served_model_name or [args.model], api_key=args.api_key,
-        max_body_bytes=args.max_body_bytes, chat_template=read_chat_template(args.chat_template),
+        api_key=args.api_key, max_body_bytes=args.max_body_bytes,
         log_requests=not args.disable_log_requests, metrics_prefix=args.metrics_prefix,
         cors=CorsPolicy(tuple(args.allowed_origins), tuple(args.allowed_methods),
                         tuple(args.allowed_headers), args.allow_credentials),
-        tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
-        reasoning_parser=args.reasoning_parser)
+        **reply_settings(args))
     engine = AsyncEngine.from_config(EngineConfig.from_cli_args(args))
     app = build_app(engine, settings)
 
