@@ -29,13 +29,16 @@ CACHE_LIMIT_BYTES = 512 * 1024 * 1024
 class StructuredOutputsParams:
     """Exactly one of: ``json`` (a JSON schema, as a dict or its JSON text), ``json_object``
     (any JSON object), ``regex``, ``choice`` (the reply is one of these strings) or ``grammar``
-    (EBNF, in xgrammar's GBNF dialect)."""
+    (EBNF, in xgrammar's GBNF dialect). ``after``: the reply is held only after it has written
+    this text (a reasoning model's ``"</think>"``: its thinking is free, its answer held, as
+    vLLM holds a reasoning model's); the token that completes it is free too."""
 
     json: dict[str, Any] | str | None = None
     json_object: bool = False
     regex: str | None = None
     choice: list[str] | tuple[str, ...] | None = None
     grammar: str | None = None
+    after: str | None = None
 
     def __post_init__(self) -> None:
         given = [k for k in KINDS if getattr(self, k) not in (None, False)]
@@ -51,6 +54,8 @@ class StructuredOutputsParams:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise TypeError(f"{name} must be a non-empty string, got {value!r:.40}")
+        if self.after is not None and (not isinstance(self.after, str) or not self.after):
+            raise TypeError(f"after must be a non-empty string, got {self.after!r:.40}")
         if self.choice is not None:
             if (not isinstance(self.choice, (list, tuple)) or not self.choice
                     or not all(isinstance(c, str) and c for c in self.choice)):
@@ -89,6 +94,7 @@ class GrammarCompiler:
 
     def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: set[int]) -> None:
         self._xgr = _xgrammar()
+        self._tokenizer = tokenizer
         info = _tokenizer_info(self._xgr, tokenizer, vocab_size, sorted(eos_token_ids))
         # Compiled grammars are cached by the library, within a bound: each client's distinct
         # schema would otherwise be kept for good (vLLM bounds it alike).
@@ -117,7 +123,10 @@ class GrammarCompiler:
             why = re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", str(e).strip().splitlines()[-1])
             raise ValueError(f"structured outputs: the {what} does not compile: "
                              f"{why[:300]}") from None
-        return self._xgr.GrammarMatcher(compiled)
+        matcher = self._xgr.GrammarMatcher(compiled)
+        if params.after is not None:
+            return HeldAfter(matcher, params.after, self._tokenizer.decode)
+        return matcher
 
     def apply(self, logits: Any, rows: list[int], matchers: list[Any]) -> None:
         """Mask ``logits`` (in place) at ``rows`` to what each matcher allows next."""
@@ -144,3 +153,36 @@ def _tokenizer_info(xgr: Any, tokenizer: Any, vocab_size: int, stop_ids: list[in
     return xgr.TokenizerInfo(encoded, vocab_type=metadata["vocab_type"], vocab_size=vocab_size,
                              stop_token_ids=stop_ids or None,
                              add_prefix_space=metadata["add_prefix_space"])
+
+
+class HeldAfter:
+    """A matcher that holds the reply only once it has written ``after``: until then every token
+    is allowed and none is fed to the grammar (a reasoning model thinks freely, then answers in
+    the structure). Tokens are read as text one at a time (``decode``), so ``after`` is found
+    whatever tokens write it."""
+
+    def __init__(self, matcher: Any, after: str, decode: Any) -> None:
+        self.matcher = matcher
+        self.after = after
+        self.decode = decode
+        self.text = ""  # written so far, while free (the tail that may begin ``after``)
+        self.free = True
+
+    def fill_next_token_bitmask(self, bitmask: Any, row: int) -> None:
+        if self.free:
+            bitmask[row].fill_(-1)  # (every bit set: every token allowed)
+        else:
+            self.matcher.fill_next_token_bitmask(bitmask, row)
+
+    def accept_token(self, token_id: int) -> bool:
+        if not self.free:
+            return self.matcher.accept_token(token_id)
+        self.text += self.decode([token_id])
+        if self.after in self.text:
+            self.free = False
+        else:
+            self.text = self.text[-len(self.after):]  # (only what may still complete it)
+        return True
+
+    def is_terminated(self) -> bool:
+        return not self.free and self.matcher.is_terminated()

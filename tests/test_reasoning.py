@@ -43,6 +43,20 @@ def test_a_reply_splits_the_same_whole_and_however_it_is_streamed(parser, reply,
             thought or "", answer), pieces
 
 
+def test_a_held_reply_thinks_first_under_deepseek_r1_and_not_under_qwen3():
+    """deepseek_r1's models always think: a structure holds the answer after </think> (vLLM's
+    way). Under qwen3 a reply need not think, so it is held from its first token."""
+    from fairswitch.server.protocol import parse_chat
+
+    body = {"messages": [{"role": "user", "content": "a?"}],
+            "response_format": {"type": "json_object"}}
+    r1 = parse_chat(body, None, "deepseek_r1")
+    assert r1.structured_outputs.after == "</think>" and not r1.reasoning.opened_only
+    qwen = parse_chat(body, None, "qwen3")
+    assert qwen.structured_outputs.after is None and qwen.reasoning.opened_only
+    assert parse_chat(body).structured_outputs.after is None
+
+
 def test_unknown_parsers_are_refused():
     from fairswitch.server import ServerSettings
 
@@ -128,10 +142,6 @@ def _streamed(chunks) -> tuple[str, str, list]:
 @pytest.mark.parametrize("parser, reply, thought, answer", [
     ("qwen3", "<think>\nTwo and two.\n</think>\n\nFour.", "\nTwo and two.\n", "\n\nFour."),
     ("qwen3", "Four.", None, "Four."),
-    # (held by a regex, a reply thinks only where it opens with <think>, deepseek_r1's too)
-    ("deepseek_r1", "<think>Two and two.\n</think>\n\nFour.", "Two and two.\n", "\n\nFour."),
-    ("deepseek_r1", "Two and two.\n</think>\n\nFour.", None,
-     "Two and two.\n</think>\n\nFour."),
 ])
 def test_the_reply_gives_its_thinking_as_reasoning(clients, parser, reply, thought, answer):
     message = _chat(clients[parser], reply).choices[0].message
@@ -176,16 +186,29 @@ def test_responses_give_the_thinking_as_a_reasoning_item(clients):
     assert final.output_text == whole.output_text
 
 
-def test_a_json_reply_of_a_reasoning_model_is_all_answer(clients):
-    """Held to a structure from its first token, a reply thinks only where the structure opens
-    it with <think>: with deepseek_r1 (which reads a reply as thinking from its start) a JSON
-    reply was all reasoning, and a named tool call's arguments were empty."""
+def test_a_json_reply_under_qwen3_is_all_answer(clients):
+    """Held to a structure from its first token (qwen3: a reply need not think), a reply thinks
+    only where the structure opens it with <think>: a JSON reply is all answer."""
     schema = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0,
                                                      "maximum": 9}}, "required": ["a"],
               "additionalProperties": False}
-    out = clients["deepseek_r1"].chat.completions.create(
+    out = clients["qwen3"].chat.completions.create(
         model="fairswitch-tiny", messages=[{"role": "user", "content": "a?"}], max_tokens=40,
         response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}})
     message = out.choices[0].message
     assert set(json.loads(message.content)) == {"a"}
     assert "reasoning" not in (message.model_extra or {})
+
+
+def test_under_deepseek_r1_a_held_reply_thinks_freely_first(clients):
+    """deepseek_r1: the structure holds only the answer, after </think>. The tiny model's free
+    thinking seldom closes within max_tokens: then all of it is reasoning, cut at the length;
+    if it does close, the answer is the structure's."""
+    out = clients["deepseek_r1"].chat.completions.create(
+        model="fairswitch-tiny", messages=[{"role": "user", "content": "2+2?"}], max_tokens=30,
+        temperature=1.0, seed=4, extra_body={"structured_outputs": {"regex": "Four\\."}})
+    choice = out.choices[0]
+    thought = (choice.message.model_extra or {}).get("reasoning")
+    assert thought and thought != "Four."
+    assert ((choice.finish_reason, choice.message.content) == ("length", "")
+            or choice.message.content.endswith("Four."))  # (after the token closing it)

@@ -71,6 +71,21 @@ def test_structure_holds_beside_other_requests_and_through_preemption():
         assert small.engine.switch_metrics()[f"preemptions_{mode}"] > 0
 
 
+def test_after_holds_the_reply_only_once_it_has_written_that_text(llm):
+    """StructuredOutputsParams(after=...): free until the text is written (a reasoning model's
+    thinking up to </think>), then held: here free up to the first space, then a choice."""
+    params = SamplingParams(max_tokens=60, temperature=1.0, seed=3, structured_outputs=(
+        StructuredOutputsParams(choice=["yes", "no"], after=" ")))
+    for out in llm.generate(["Well?"] * 4, params, use_tqdm=False):
+        c = out.outputs[0]
+        assert c.finish_reason == "stop", c.text
+        assert " " in c.text and c.text.endswith(("yes", "no")), c.text
+        free = c.text[:len(c.text) - (3 if c.text.endswith("yes") else 2)]
+        assert " " in free  # (the held part came after the space was written)
+    with pytest.raises(TypeError, match="after must be a non-empty string"):
+        StructuredOutputsParams(choice=["a"], after="")
+
+
 def test_a_schema_that_does_not_compile_is_the_requests_error(llm):
     with pytest.raises(ValueError, match="the regex does not compile"):
         _replies(llm, StructuredOutputsParams(regex="(("), n=1)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from fairswitch.chat_messages import MessageError, check_template_kwargs, parse_conversation
@@ -24,8 +24,8 @@ from fairswitch.model.generation_config import SAMPLING_FIELDS
 from fairswitch.outputs import Logprob, PositionLogprobs
 from fairswitch.sampling_params import MAX_LOGPROBS, MAX_N, SamplingParams
 from fairswitch.server.errors import bad_request
-from fairswitch.server.tool_calls import ToolCalls, call_schema, required_schema
 from fairswitch.server.reasoning import Reasoning
+from fairswitch.server.tool_calls import ToolCalls, call_schema, required_schema
 from fairswitch.server.tool_parsers import AutoToolCalls
 from fairswitch.structured_output import KINDS as STRUCTURED_KINDS
 from fairswitch.structured_output import StructuredOutputsParams
@@ -552,10 +552,15 @@ def parse_chat(body: Any, tool_parser: str | None = None,
         calls = ToolCalls(named, _bool(body, "parallel_tool_calls", True))
         common["structured_outputs"] = StructuredOutputsParams(json=schema)
     include_reasoning = _bool(body, "include_reasoning", True)
-    # A reply held to a structure (response_format, a named or required tool call) thinks
-    # only where the structure opens it with <think>: a JSON reply is all answer.
+    held = common["structured_outputs"]
+    if held is not None and reasoning_parser == "deepseek_r1":
+        # It always thinks first: the structure (response_format, a named or required tool
+        # call) holds the answer after </think>, as vLLM's.
+        common["structured_outputs"] = replace(held, after="</think>")
+    # Under qwen3 a held reply thinks only where the structure opens it with <think> (one that
+    # need not think is held from its first token): a JSON reply is all answer.
     reasoning = (Reasoning(reasoning_parser, include_reasoning,
-                           opened_only=common["structured_outputs"] is not None)
+                           opened_only=held is not None and reasoning_parser == "qwen3")
                  if reasoning_parser else None)
     _log_ignored(body, _KNOWN_CHAT)
     return ChatRequest(messages=messages, template=template, logprobs=logprobs,
