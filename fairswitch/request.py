@@ -87,6 +87,7 @@ class Request:
     generator: Any = None
     grammar: Any = None  # structured output's matcher (structured_output.py), fed each token
     bad_words_ids: list[list[int]] = field(default_factory=list)  # SamplingParams.bad_words'
+    allowed_ids: Any = None  # SamplingParams.allowed_token_ids on the device (the sampler's)
     # Asked-for logprobs (SamplingParams.logprobs / prompt_logprobs): one entry per output
     # token, {token id: (logprob, rank)}, and per prompt position (None at 0; filled by the
     # runner as the prompt is computed).

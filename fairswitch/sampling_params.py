@@ -119,15 +119,21 @@ class SamplingParams:
                 _check_int("allowed_token_ids entry", t)
                 if t < 0:  # (the vocabulary's upper bound is checked against the model)
                     raise ValueError(f"allowed_token_ids must be >= 0, got {t}")
-            self.allowed_token_ids = list(self.allowed_token_ids)
+            self.allowed_token_ids = sorted(set(self.allowed_token_ids))  # (at most the vocab)
         if self.bad_words is not None:
             if not isinstance(self.bad_words, (list, tuple)):
                 raise TypeError(f"bad_words must be a list of strings, got {self.bad_words!r:.60}")
+            if len(self.bad_words) > MAX_BAD_WORDS:
+                raise ValueError(f"bad_words holds {len(self.bad_words)} words; at most "
+                                 f"{MAX_BAD_WORDS} are allowed")
             for word in self.bad_words:
                 if not isinstance(word, str):
                     raise TypeError(f"bad_words must be strings, got {word!r:.40}")
                 if not word.strip():
                     raise ValueError("bad_words must not be empty or only whitespace")
+                if len(word) > MAX_BAD_WORD_CHARS:
+                    raise ValueError(f"bad_words must be at most {MAX_BAD_WORD_CHARS} "
+                                     f"characters each, got one of {len(word)}")
             self.bad_words = list(self.bad_words)
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
@@ -180,6 +186,10 @@ class SamplingParams:
 
 
 MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit
+# Each bad word is looked for in the output at every step of its request: a bounded list keeps
+# that (and its tokenization when the request is added) small beside the step.
+MAX_BAD_WORDS = 1024
+MAX_BAD_WORD_CHARS = 1024
 MAX_N = 64
 
 

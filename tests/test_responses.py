@@ -56,6 +56,9 @@ def test_a_request_becomes_the_chat_request_that_runs_it():
             "parameters": WEATHER["parameters"]}}],
         "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
     assert chat_body({"input": "Hi"})["messages"] == [{"role": "user", "content": "Hi"}]
+    lax = chat_body({"input": "Hi", "max_output_tokens": 5.0, "top_logprobs": 2.0,
+                     "include": ["message.output_text.logprobs"]})  # (pydantic's, vLLM's)
+    assert (lax["max_tokens"], lax["top_logprobs"]) == (5, 2)
     assert "response_format" not in chat_body({"input": "Hi", "text": {"format": {
         "type": "text"}}})
 

@@ -59,3 +59,23 @@ def test_what_is_not_a_request_says_why():
     assert parse_line("[1]", 3).error == "line 3 must be a JSON object"
     line = parse_line('{"custom_id": 7, "url": "/v1/completions", "body": {"prompt": "x"}}', 1)
     assert line.error is None and line.custom_id == 7
+
+
+def test_odd_text_a_full_queue_and_a_lone_surrogate_lose_no_request(tmp_path, capsys):
+    """A prompt holding U+2028 (a line break to str.splitlines, not to JSONL) is one request;
+    with --max-waiting below the default concurrency no request comes back 503; a custom_id
+    with a lone surrogate is written escaped (the whole file was lost)."""
+    body = {"prompt": "a\u2028b\u0085c", "max_tokens": 4, "ignore_eos": True}
+    lines = [{"custom_id": f"r{i}", "url": "/v1/completions", "body": body} for i in range(6)]
+    lines.append({"custom_id": "bad\ud800", "url": "/v1/completions", "body": body})
+    batch = tmp_path / "batch.jsonl"
+    batch.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines[:-1])
+                     + json.dumps(lines[-1]) + "\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    assert main(["run-batch", "-i", str(batch), "-o", str(out), "--log-level", "warning",
+                 "--max-num-seqs", "2", "--max-waiting", "1", *ENGINE]) == 0
+    results = [json.loads(line) for line in out.read_text(encoding="utf-8").split("\n")
+               if line]
+    assert [r["custom_id"] for r in results] == [f"r{i}" for i in range(6)] + ["bad\ud800"]
+    assert [r["response"]["status_code"] for r in results] == [200] * 7
+    assert "7 requests, 7 answered" in capsys.readouterr().err

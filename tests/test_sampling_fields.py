@@ -299,10 +299,39 @@ def test_allowed_token_ids_are_the_only_tokens_sampled(llm):
         outs = llm.generate([PROMPT, PROMPT], [held, free], use_tqdm=False)
         assert set(outs[0].outputs[0].token_ids) <= set(allowed)
         assert not set(outs[1].outputs[0].token_ids) <= set(allowed)
-    with pytest.raises(ValueError, match=r"allowed_token_ids must be in \[0, "):
+    with pytest.raises(ValueError, match=r"allowed_token_ids must be a non-empty list of ids"):
         llm.engine.add_request(PROMPT, SamplingParams(allowed_token_ids=[10 ** 6]))
     with pytest.raises(ValueError, match="allowed_token_ids must be a non-empty list"):
         SamplingParams(allowed_token_ids=[])
+    assert SamplingParams(allowed_token_ids=[9, 3, 9]).allowed_token_ids == [3, 9]
+    later = SamplingParams()
+    later.allowed_token_ids = [-1]  # (set after construction: checked when added)
+    with pytest.raises(ValueError, match="allowed_token_ids must be a non-empty list of ids"):
+        llm.engine.add_request(PROMPT, later)
+
+
+def test_allowed_token_ids_that_leave_nothing_to_sample_are_refused(llm):
+    """Every allowed token a bad word, or (before min_tokens) a stop token: the row had no
+    token left and sampled token 0, whatever it was."""
+    word = llm.engine.tokenizer.decode([42]).strip()
+    with pytest.raises(ValueError, match="allows only tokens that bad_words bans"):
+        llm.engine.add_request(PROMPT, SamplingParams(
+            allowed_token_ids=[42], bad_words=[word] if word else ["x"]))
+    with pytest.raises(ValueError, match="allows only stop tokens"):
+        llm.engine.add_request(PROMPT, SamplingParams(allowed_token_ids=[7], stop_token_ids=[7],
+                                                      min_tokens=2))
+    eos = sorted(llm.engine.output_processor.eos_token_ids)[0]
+    with pytest.raises(ValueError, match="allows only stop tokens"):
+        llm.engine.add_request(PROMPT, SamplingParams(allowed_token_ids=[eos], min_tokens=1))
+    assert llm.engine.add_request(PROMPT, SamplingParams(  # (ignore_eos: EOS is no stop)
+        allowed_token_ids=[eos], min_tokens=1, ignore_eos=True, max_tokens=2))
+
+
+def test_bad_words_are_bounded():
+    with pytest.raises(ValueError, match="at most 1024 are allowed"):
+        SamplingParams(bad_words=["w"] * 1025)
+    with pytest.raises(ValueError, match="at most 1024 characters each"):
+        SamplingParams(bad_words=["w" * 1025])
 
 
 def test_bad_words_are_never_written(llm):

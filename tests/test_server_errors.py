@@ -251,7 +251,9 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "allowed_token_ids": []}, 400,
      ["'allowed_token_ids' must be a non-empty array of token ids"], "allowed_token_ids"),
     ("/v1/completions", {"prompt": "x", "allowed_token_ids": [10 ** 9]}, 400,
-     ["allowed_token_ids must be in [0, "], "allowed_token_ids"),
+     ["allowed_token_ids must be a non-empty list of ids in [0, "], "allowed_token_ids"),
+    ("/v1/completions", {"prompt": "x", "allowed_token_ids": [7], "stop_token_ids": [7.0],
+                         "min_tokens": 1}, 400, ["allows only stop tokens"], None),
     ("/v1/chat/completions", {"messages": CHAT, "bad_words": ["ok", " "]}, 400,
      ["'bad_words' must be an array of non-blank strings"], "bad_words"),
 ]
@@ -573,6 +575,11 @@ def test_fuzz_random_shapes_and_garbage_keep_the_server_up(server, engine):
 def test_an_integral_float_is_an_integer_as_in_vllm(parse, body):
     """pydantic (so vLLM) takes 5.0 where an integer is asked; 5.5 stays a 400."""
     assert parse({**body, "max_tokens": 5.0, "n": 2.0}).max_tokens == 5
+    if parse is protocol.parse_completion:
+        assert parse({**body, "prompt": [1.0, 2]}).prompts == [[1, 2]]
+    got = parse({**body, "stop_token_ids": [5.0], "allowed_token_ids": [3.0, 4]})
+    assert (got.stop_token_ids, got.allowed_token_ids) == ([5], [3, 4])
+    assert all(type(t) is int for t in got.stop_token_ids + got.allowed_token_ids)
     with pytest.raises(APIError, match="'max_tokens' must be an integer, got number 5.5"):
         parse({**body, "max_tokens": 5.5})
 

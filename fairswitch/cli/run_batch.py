@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import sys
 import uuid
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from fairswitch.cli import serve
 from fairswitch.config import EngineConfig, add_engine_args
 
 URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
-_BUSY_RETRIES = 50  # a full waiting queue (503): tried again, 0.1 s apart
+MAX_LINE_BYTES = 1 << 30  # (the file is the caller's own: no body limit worth a refusal)
 
 
 def add_parser(subs: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -44,7 +45,11 @@ def add_parser(subs: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("-o", "--output-file", required=True,
                    help="the results, one JSON line per request ('-': standard output)")
     p.add_argument("--max-concurrency", type=int, default=None,
-                   help="requests in flight at once (default: twice --max-num-seqs)")
+                   help="requests in flight at once (default: twice --max-num-seqs, within "
+                        "what --max-waiting lets wait)")
+    # SUPPRESS: `fairswitch --log-level X run-batch` (main.py) is not overwritten here.
+    p.add_argument("--log-level", type=str.lower, choices=serve.LOG_LEVELS,
+                   default=argparse.SUPPRESS, help="verbosity of fairswitch's loggers")
     serve.add_reply_options(p.add_argument_group("replies"))
     add_engine_args(p)
     p.set_defaults(run=run)
@@ -93,8 +98,8 @@ def result_line(line: _Line, status: int | None = None, body: Any = None) -> dic
     return out
 
 
-async def _answer_all(base_url: str, lines: list[_Line], concurrency: int
-                      ) -> list[dict[str, Any]]:
+async def _answer_all(base_url: str, lines: list[_Line], concurrency: int,
+                      engine_alive: Any) -> list[dict[str, Any]]:
     import aiohttp
 
     gate = asyncio.Semaphore(concurrency)
@@ -104,12 +109,14 @@ async def _answer_all(base_url: str, lines: list[_Line], concurrency: int
         if line.error is not None:
             return result_line(line)
         async with gate:
-            for _ in range(_BUSY_RETRIES):
+            wait = 0.05
+            while True:  # a full waiting queue (503) is asked again while the engine runs
                 async with session.post(base_url + line.url, json=line.body) as r:
                     status, raw = r.status, await r.read()
-                if status != 503 or b"queue" not in raw:  # (full queue: again, else the answer)
+                if status != 503 or b"queue" not in raw or not engine_alive():
                     break
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(wait)
+                wait = min(2 * wait, 1.0)
         try:
             body = json.loads(raw)
         except ValueError:
@@ -117,15 +124,39 @@ async def _answer_all(base_url: str, lines: list[_Line], concurrency: int
                               "param": None, "code": None}}
         return result_line(line, status, body)
 
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        return await asyncio.gather(*(answer(session, line) for line in lines))
+    async def answered(session: aiohttp.ClientSession, line: _Line) -> dict[str, Any]:
+        try:
+            return await answer(session, line)
+        except aiohttp.ClientError as e:  # (the request's line says so; the others stand)
+            line.error = f"the request failed: {e}"
+            return result_line(line)
+
+    # (no connector limit: the gate is the limit; aiohttp's default would cap it at 100)
+    async with aiohttp.ClientSession(timeout=timeout,
+                                     connector=aiohttp.TCPConnector(limit=0)) as session:
+        return await asyncio.gather(*(answered(session, line) for line in lines))
 
 
 def _read_lines(path: str) -> list[str]:
+    """The file's lines, split at newlines only: a JSON string may hold U+2028 and the other
+    characters ``str.splitlines`` also splits at."""
     if path == "-":
-        return sys.stdin.read().splitlines()
-    with open(path, encoding="utf-8") as f:
-        return f.read().splitlines()
+        text = sys.stdin.read()
+    else:
+        with open(path, encoding="utf-8", newline="") as f:
+            text = f.read()
+    return text.split("\n")
+
+
+def _dumps(result: dict[str, Any]) -> str:
+    """One output line: UTF-8 JSON, or escaped where a value is not Unicode text (a lone
+    surrogate in a custom_id, which no UTF-8 file can hold)."""
+    text = json.dumps(result, ensure_ascii=False)
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        text = json.dumps(result)
+    return text + "\n"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -134,18 +165,25 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_concurrency is not None and args.max_concurrency < 1:
         raise ValueError(f"--max-concurrency must be >= 1, got {args.max_concurrency}")
+    if getattr(args, "log_level", None):
+        logging.getLogger("fairswitch").setLevel(args.log_level.upper())
     lines = [parse_line(text, i + 1) for i, text in enumerate(_read_lines(args.input_file))
              if text.strip()]
-    settings = ServerSettings(log_requests=False, **serve.reply_settings(args))
+    settings = ServerSettings(log_requests=False, max_body_bytes=MAX_LINE_BYTES,
+                              **serve.reply_settings(args))
     config = EngineConfig.from_cli_args(args)
     concurrency = args.max_concurrency or 2 * config.scheduler.max_num_seqs
+    if config.scheduler.max_waiting is not None:  # (more would wait for a place in the queue)
+        concurrency = min(concurrency,
+                          config.scheduler.max_num_seqs + config.scheduler.max_waiting)
     engine = AsyncEngine.from_config(config)
     try:
         with BackgroundServer(build_app(engine, settings, shutdown_engine=False)) as server:
-            results = asyncio.run(_answer_all(server.url, lines, concurrency))
+            results = asyncio.run(_answer_all(server.url, lines, concurrency,
+                                              lambda: engine.is_running))
     finally:
         engine.shutdown()
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
+    text = "".join(_dumps(r) for r in results)
     if args.output_file == "-":
         sys.stdout.write(text)
     else:

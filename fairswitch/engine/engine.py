@@ -74,7 +74,8 @@ class Engine:
             # atexit's hold on them kept them, this rank's model and KV cache and the process
             # group (no second tensor-parallel engine can start) to the end of the process.
             weakref.finalize(self, self.workers.shutdown)
-        self.inputs = InputProcessor(self.tokenizer, self.hf_config.vocab_size, self.max_model_len)
+        self.inputs = InputProcessor(self.tokenizer, self.hf_config.vocab_size, self.max_model_len,
+                                     self.output_processor.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self.stats = StepStats()

@@ -8,6 +8,7 @@ the problem and are raised before the request exists.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from fairswitch.sampling_params import SamplingParams
@@ -15,10 +16,12 @@ from fairswitch.unicode_text import lone_surrogate, not_text_message
 
 
 class InputProcessor:
-    def __init__(self, tokenizer: Any, vocab_size: int, max_model_len: int) -> None:
+    def __init__(self, tokenizer: Any, vocab_size: int, max_model_len: int,
+                 eos_token_ids: set[int] | frozenset[int] = frozenset()) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
+        self.eos_token_ids = eos_token_ids
 
     def check_params(self, params: SamplingParams) -> None:
         """What ``SamplingParams`` cannot check alone: token ids against this vocabulary, and
@@ -27,10 +30,13 @@ class InputProcessor:
         if bad:
             raise ValueError(f"logit_bias token ids must be in [0, {self.vocab_size}), got "
                              f"{bad[:5]}")
-        bad = [t for t in (params.allowed_token_ids or []) if t >= self.vocab_size]
-        if bad:
-            raise ValueError(f"allowed_token_ids must be in [0, {self.vocab_size}), got "
-                             f"{bad[:5]}")
+        allowed = params.allowed_token_ids
+        if allowed is not None:  # (again: a field set after construction is not checked)
+            bad = [t for t in allowed if not 0 <= t < self.vocab_size]
+            if bad or not allowed:
+                raise ValueError(f"allowed_token_ids must be a non-empty list of ids in [0, "
+                                 f"{self.vocab_size}), got {bad[:5] or allowed}")
+            self._check_something_allowed(params)
         if params.n != 1:
             raise ValueError(f"an engine request samples one sequence (n=1), got n={params.n}: "
                              "add one request per SamplingParams.copies() (LLM.generate and "
@@ -77,17 +83,36 @@ class InputProcessor:
                 f"at most {self.max_model_len - 1} prompt tokens leave room for one output token")
         return text, ids
 
+    def _check_something_allowed(self, params: SamplingParams) -> None:
+        """ValueError where allowed_token_ids leaves no token to sample: every one a bad word,
+        or (before min_tokens) a stop token, which min_tokens masks."""
+        allowed = set(params.allowed_token_ids)
+        banned = {ids[0] for ids in self.bad_words_ids(params) if len(ids) == 1}
+        if allowed <= banned:
+            raise ValueError("allowed_token_ids allows only tokens that bad_words bans")
+        if params.min_tokens:
+            stops = set(params.stop_token_ids) | (set() if params.ignore_eos
+                                                  else set(self.eos_token_ids))
+            if allowed <= stops:
+                raise ValueError("allowed_token_ids allows only stop tokens (EOS or "
+                                 "stop_token_ids), which min_tokens keeps from being sampled")
+
     def bad_words_ids(self, params: SamplingParams) -> list[list[int]]:
         """The token sequences of ``params.bad_words``: each word as written (leading spaces
         dropped), and after a space (a word within the text) unless that ends with the first
         (a space token before it: banning the first bans it). vLLM keeps the second only where
         it has as many tokens, so a word that a space makes one token (" ventured" against
         "vent", "ured") could still be written after a space there."""
-        out: list[list[int]] = []
-        for word in params.bad_words or []:
-            alone = self.tokenizer.encode(word.lstrip(), add_special_tokens=False)
-            spaced = self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
-            out.append(alone)
-            if spaced and spaced[-len(alone):] != alone:
+        return [list(ids) for ids in self._bad_words_ids(tuple(params.bad_words or ()))]
+
+    @functools.lru_cache(maxsize=64)  # (a request's n copies, a client's repeated list)
+    def _bad_words_ids(self, words: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
+        out: list[tuple[int, ...]] = []
+        for word in words:
+            alone = tuple(self.tokenizer.encode(word.lstrip(), add_special_tokens=False))
+            spaced = tuple(self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
+            if alone:
+                out.append(alone)
+            if spaced and (not alone or spaced[-len(alone):] != alone):
                 out.append(spaced)
-        return [ids for ids in out if ids]
+        return tuple(out)

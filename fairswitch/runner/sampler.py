@@ -158,7 +158,11 @@ class Sampler:
         if allowed:
             keep = torch.zeros((len(allowed), vocab), dtype=torch.bool, device=dev)
             for j, i in enumerate(allowed):
-                keep[j, requests[i].sampling_params.allowed_token_ids] = True
+                req = requests[i]
+                if req.allowed_ids is None:  # (made once: the list may be the vocabulary)
+                    req.allowed_ids = torch.tensor(req.sampling_params.allowed_token_ids,
+                                                   dtype=torch.long, device=dev)
+                keep[j].index_fill_(0, req.allowed_ids, True)
             logits[allowed] = logits[allowed].masked_fill(~keep, float("-inf"))
         penalized = [i for i, r in enumerate(requests) if r.sampling_params.has_penalties]
         if penalized:

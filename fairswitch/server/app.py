@@ -321,7 +321,8 @@ class OpenAIServer:
                     ids = ({"prompt_token_ids": list(item[1].prompt_token_ids)}
                            if reply.shaper.token_ids else {})  # (chat: the first chunk's)
                     if req.continuous_usage:  # a chunk per choice, each with its usage
-                        usage = protocol.usage(len(item[1].prompt_token_ids), 0)
+                        usage = protocol.usage(len(item[1].prompt_token_ids), 0,
+                                               item[1].num_cached_tokens)
                         for choice in opening:
                             await send(reply.body([choice], chunk=True, usage=usage, **ids))
                     else:

@@ -46,15 +46,24 @@ def _describe(value: Any) -> str:
     return f"{kind} {text if len(text) <= 40 else text[:37] + '...'}"
 
 
+def _integral(value: Any) -> int | None:
+    """``value`` as an int: an int, or a float with no fraction (pydantic's lax mode, so vLLM's,
+    takes 5.0 for 5); None for anything else."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return None
+
+
 def _int(body: dict, name: str, default: int | None = None, *,
          low: int | None = None) -> int | None:
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, float) and value.is_integer():  # 5.0 is 5 (pydantic's, so vLLM's)
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool):
+    if _integral(value) is None:
         raise bad_request(f"'{name}' must be an integer, got {_describe(value)}", name)
+    value = _integral(value)
     if not _INT64_MIN <= value <= _INT64_MAX:
         raise bad_request(f"'{name}' must fit in a signed 64-bit integer, got {value}", name)
     if low is not None and value < low:
@@ -130,10 +139,11 @@ def _int_list(body: dict, name: str, most: int) -> list[int]:
     value = body.get(name)
     if value is None:
         return []
-    if not isinstance(value, list) or not all(
-            isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= _INT64_MAX for t in value):
+    ids = [_integral(t) for t in value] if isinstance(value, list) else None
+    if ids is None or not all(t is not None and 0 <= t <= _INT64_MAX for t in ids):
         raise bad_request(f"'{name}' must be a list of non-negative integers, "
                           f"got {_describe(value)}", name)
+    value = ids
     if len(value) > most:
         raise bad_request(f"'{name}' holds {len(value)} ids; at most {most} are allowed", name)
     return value
@@ -446,10 +456,11 @@ def _allowed_token_ids(body: dict) -> list[int] | None:
     value = body.get("allowed_token_ids")
     if value is None:
         return None
-    if not _is_token_ids(value):
+    ids = _token_ids(value)
+    if ids is None:
         raise bad_request(f"'allowed_token_ids' must be a non-empty array of token ids, got "
                           f"{_describe(value)}", "allowed_token_ids")
-    return value
+    return ids
 
 
 def _bad_words(body: dict) -> list[str] | None:
@@ -462,9 +473,13 @@ def _bad_words(body: dict) -> list[str] | None:
     return value
 
 
-def _is_token_ids(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(
-        isinstance(t, int) and not isinstance(t, bool) for t in value)
+def _token_ids(value: Any) -> list[int] | None:
+    """``value`` as a non-empty list of token ids (integral floats taken); None if it is not
+    one."""
+    if not isinstance(value, list) or not value:
+        return None
+    ids = [_integral(t) for t in value]
+    return None if any(t is None for t in ids) else ids
 
 
 def parse_prompts(value: Any, n: int, name: str = "prompt") -> list[str | list[int]]:
@@ -472,12 +487,13 @@ def parse_prompts(value: Any, n: int, name: str = "prompt") -> list[str | list[i
     those (a batch: prompt i's choices are numbered from i * n, as in vLLM)."""
     if value is None:
         raise bad_request(f"'{name}' is required", name)
-    if isinstance(value, str) or _is_token_ids(value):
+    if isinstance(value, str) or _token_ids(value) is not None:
         value = [value]
     if not isinstance(value, list) or not all(
-            isinstance(p, str) or _is_token_ids(p) or p == [] for p in value):
+            isinstance(p, str) or _token_ids(p) is not None or p == [] for p in value):
         raise bad_request(f"'{name}' must be a string, a list of token ids, or a list of "
                           f"those, got {_describe(value)}", name)
+    value = [p if isinstance(p, str) or p == [] else _token_ids(p) for p in value]
     if not value or any(not p for p in value):
         raise bad_request(f"'{name}' must not be empty", name)
     if len(value) * n > MAX_CHOICES:

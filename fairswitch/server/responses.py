@@ -20,7 +20,7 @@ import uuid
 from typing import Any
 
 from fairswitch.server.errors import APIError, bad_request
-from fairswitch.server.protocol import _describe
+from fairswitch.server.protocol import _describe, _integral
 
 # Fields of the Responses request refused unless unset (null, false or empty).
 _REFUSED = {
@@ -100,10 +100,10 @@ def _chat_body(body: dict, where: Translation) -> dict[str, Any]:
     chat = {k: v for k, v in body.items() if k not in _OWN}
     chat["messages"] = _messages(body.get("instructions"), body.get("input"), where)
     if body.get("max_output_tokens") is not None:
-        value = body["max_output_tokens"]
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        value = _integral(body["max_output_tokens"])
+        if value is None or value < 1:
             raise bad_request(f"'max_output_tokens' must be an integer >= 1, got "
-                              f"{_describe(value)}", "max_output_tokens")
+                              f"{_describe(body['max_output_tokens'])}", "max_output_tokens")
         chat["max_tokens"] = value
     fmt = _text_format(body.get("text"))
     if fmt is not None:
@@ -153,10 +153,10 @@ def _logprobs(body: dict) -> dict[str, Any]:
         raise bad_request(f"'include' may only list \"{_LOGPROBS}\", got {_describe(include)}",
                           "include")
     top = body.get("top_logprobs")
-    if top is not None and (not isinstance(top, int) or isinstance(top, bool)
-                            or not 0 <= top <= 20):
+    if top is not None and (_integral(top) is None or not 0 <= _integral(top) <= 20):
         raise bad_request(f"'top_logprobs' must be an integer in [0, 20], got {_describe(top)}",
                           "top_logprobs")
+    top = _integral(top) if top is not None else None
     if not include:
         return {}
     return {"logprobs": True, "top_logprobs": top or 0}
