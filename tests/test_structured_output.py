@@ -74,8 +74,11 @@ def test_structure_holds_beside_other_requests_and_through_preemption():
 def test_after_holds_the_reply_only_once_it_has_written_that_text(llm):
     """StructuredOutputsParams(after=...): free until the text is written (a reasoning model's
     thinking up to </think>), then held: here free up to the first space, then a choice."""
-    params = SamplingParams(max_tokens=60, temperature=1.0, seed=3, structured_outputs=(
-        StructuredOutputsParams(choice=["yes", "no"], after=" ")))
+    params = SamplingParams(max_tokens=60, temperature=1.0, seed=3, ignore_eos=True,
+                            structured_outputs=StructuredOutputsParams(choice=["yes", "no"],
+                                                                       after=" "))
+    # (ignore_eos: an EOS while free would end the reply before any structure; the complete
+    # grammar ends it whatever ignore_eos says)
     for out in llm.generate(["Well?"] * 4, params, use_tqdm=False):
         c = out.outputs[0]
         assert c.finish_reason == "stop", c.text

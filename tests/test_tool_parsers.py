@@ -13,6 +13,18 @@ from fairswitch.server.tool_parsers import PARSERS, AutoToolCalls
 
 WEATHER_CALL = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
 
+DEEP = '{"name": "f", "parameters": ' + "[" * 3000 + "]" * 3000 + "}"
+
+
+def _deep_call() -> list[tuple[str, str]]:
+    try:
+        return [("f", json.dumps(json.loads(DEEP)["parameters"]))]
+    except RecursionError:
+        return []
+
+
+DEEP_CALL = _deep_call()
+
 # (parser, reply, content, [(name, arguments)])
 REPLIES = [
     ("hermes", f"I will check.\n<tool_call>\n{WEATHER_CALL}\n</tool_call>\n<tool_call>\n"
@@ -55,8 +67,8 @@ REPLIES = [
     # Nested past the JSON decoder's recursion limit: text, not a crash.
     ("hermes", "<tool_call>" + "[" * 1200 + "</tool_call>", "<tool_call>" + "[" * 1200
      + "</tool_call>", []),
-    ("llama3_json", '{"name": "f", "parameters": ' + "[" * 3000 + "]" * 3000 + "}",
-     '{"name": "f", "parameters": ' + "[" * 3000 + "]" * 3000 + "}", []),
+    # (Python 3.12's decoder reads it, 3.11's does not: a call, or text; never a crash)
+    ("llama3_json", DEEP, None if DEEP_CALL else DEEP, DEEP_CALL),
 ]
 
 
