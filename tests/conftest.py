@@ -42,19 +42,12 @@ def server(engine):
 def openai_client():
     """The real ``openai`` client on a server over the default model (256 blocks, 256 tokens of
     context), for the module."""
-    import openai
+    from helpers import openai_servers
 
-    from fairswitch.config import EngineConfig
-    from fairswitch.engine.async_engine import AsyncEngine
-    from fairswitch.server import BackgroundServer, ServerSettings, build_app
+    from fairswitch.server import ServerSettings
 
-    engine = AsyncEngine.from_config(EngineConfig.from_kwargs(num_gpu_blocks=256,
-                                                              max_model_len=256))
-    app = build_app(engine, ServerSettings(), shutdown_engine=False)
-    with BackgroundServer(app) as srv, openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x",
-                                                      max_retries=0, timeout=60) as c:
-        yield c
-    engine.shutdown()
+    with openai_servers({"default": ServerSettings()}) as clients:
+        yield clients["default"]
 
 
 @pytest.fixture(scope="session")

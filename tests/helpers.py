@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -70,3 +73,33 @@ def slow_link(swap, delay: int, duplex: bool = True) -> None:
     else:
         one = DelayedCopyBackend(delay)
         swap.set_backends(one, one, one)
+
+
+@contextlib.contextmanager
+def openai_servers(settings: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The real ``openai`` client on a server per ``ServerSettings`` (by name), all over one
+    engine of the default model (256 blocks, 256 tokens of context)."""
+    import openai
+
+    from fairswitch.config import EngineConfig
+    from fairswitch.engine.async_engine import AsyncEngine
+    from fairswitch.server import BackgroundServer, build_app
+
+    engine = AsyncEngine.from_config(EngineConfig.from_kwargs(num_gpu_blocks=256,
+                                                              max_model_len=256))
+    try:
+        with contextlib.ExitStack() as stack:
+            clients = {}
+            for name, each in settings.items():
+                srv = stack.enter_context(BackgroundServer(build_app(engine, each,
+                                                                     shutdown_engine=False)))
+                clients[name] = stack.enter_context(openai.OpenAI(
+                    base_url=f"{srv.url}/v1", api_key="x", max_retries=0, timeout=60))
+            yield clients
+    finally:
+        engine.shutdown()
+
+
+def literal_regex(text: str) -> str:
+    """A regex (structured output's) matching ``text`` alone: a reply held to be it."""
+    return "".join("\\" + ch if ch in "\\.^$|?*+()[]{}" else ch for ch in text)

@@ -9,6 +9,8 @@ import random
 
 import pytest
 
+from helpers import literal_regex, openai_servers
+
 from fairswitch.server.reasoning import Reasoning
 
 # (parser, reply, reasoning, content)
@@ -89,42 +91,20 @@ def clients():
     """openai clients on servers over the default model: one per reasoning parser, one with
     qwen3 and the hermes tool parser."""
     pytest.importorskip("xgrammar")
-    import openai
+    from fairswitch.server import ServerSettings
 
-    from fairswitch.config import EngineConfig
-    from fairswitch.engine.async_engine import AsyncEngine
-    from fairswitch.server import BackgroundServer, ServerSettings, build_app
-
-    engine = AsyncEngine.from_config(EngineConfig.from_kwargs(num_gpu_blocks=256,
-                                                              max_model_len=256))
-    settings = {"qwen3": ServerSettings(reasoning_parser="qwen3"),
-                "deepseek_r1": ServerSettings(reasoning_parser="deepseek_r1"),
-                "tools": ServerSettings(reasoning_parser="qwen3", tool_call_parser="hermes")}
-    out = {}
-    try:
-        with (BackgroundServer(build_app(engine, settings["qwen3"], shutdown_engine=False)) as a,
-              BackgroundServer(build_app(engine, settings["deepseek_r1"],
-                                         shutdown_engine=False)) as b,
-              BackgroundServer(build_app(engine, settings["tools"], shutdown_engine=False)) as c):
-            for name, srv in (("qwen3", a), ("deepseek_r1", b), ("tools", c)):
-                out[name] = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=0,
-                                          timeout=60)
-            yield out
-    finally:
-        for client in out.values():
-            client.close()
-        engine.shutdown()
-
-
-def _escape(text: str) -> str:
-    return "".join("\\" + ch if ch in "\\.^$|?*+()[]{}" else ch for ch in text)
+    with openai_servers({
+            "qwen3": ServerSettings(reasoning_parser="qwen3"),
+            "deepseek_r1": ServerSettings(reasoning_parser="deepseek_r1"),
+            "tools": ServerSettings(reasoning_parser="qwen3", tool_call_parser="hermes")}) as out:
+        yield out
 
 
 def _chat(client, reply: str, stream: bool = False, **extra):
     return client.chat.completions.create(
         model="fairswitch-tiny", messages=[{"role": "user", "content": "2+2?"}], max_tokens=160,
         temperature=0.0, stream=stream, **extra.pop("top", {}),
-        extra_body={"structured_outputs": {"regex": _escape(reply)}, **extra})
+        extra_body={"structured_outputs": {"regex": literal_regex(reply)}, **extra})
 
 
 def _streamed(chunks) -> tuple[str, str, list]:
@@ -173,7 +153,7 @@ def test_calls_are_read_from_the_answer_not_the_thinking(clients):
 def test_responses_give_the_thinking_as_a_reasoning_item(clients):
     reply = "<think>\nTwo and two.\n</think>\n\nFour."
     ask = dict(model="fairswitch-tiny", input="2+2?", max_output_tokens=160, temperature=0.0,
-               extra_body={"structured_outputs": {"regex": _escape(reply)}})
+               extra_body={"structured_outputs": {"regex": literal_regex(reply)}})
     whole = clients["qwen3"].responses.create(**ask)
     thought, message = whole.output
     assert thought.type == "reasoning" and thought.content[0].text == "\nTwo and two.\n"

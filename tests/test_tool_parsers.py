@@ -9,6 +9,8 @@ import random
 
 import pytest
 
+from helpers import literal_regex, openai_servers
+
 from fairswitch.server.tool_parsers import PARSERS, AutoToolCalls
 
 WEATHER_CALL = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
@@ -162,28 +164,11 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters":
 def clients():
     """openai clients on servers over the default model with each parser."""
     pytest.importorskip("xgrammar")
-    import openai
+    from fairswitch.server import ServerSettings
 
-    from fairswitch.config import EngineConfig
-    from fairswitch.engine.async_engine import AsyncEngine
-    from fairswitch.server import BackgroundServer, ServerSettings, build_app
-
-    engine = AsyncEngine.from_config(EngineConfig.from_kwargs(num_gpu_blocks=256,
-                                                              max_model_len=256))
-    out = {}
-    try:
-        with (BackgroundServer(build_app(engine, ServerSettings(tool_call_parser="hermes"),
-                                         shutdown_engine=False)) as hermes,
-              BackgroundServer(build_app(engine, ServerSettings(tool_call_parser="llama3_json"),
-                                         shutdown_engine=False)) as llama):
-            for name, srv in (("hermes", hermes), ("llama3_json", llama)):
-                out[name] = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=0,
-                                          timeout=60)
-            yield out
-    finally:
-        for client in out.values():
-            client.close()
-        engine.shutdown()
+    with openai_servers({name: ServerSettings(tool_call_parser=name)
+                         for name in ("hermes", "llama3_json")}) as out:
+        yield out
 
 
 def _chat(client, reply_regex: str, stream: bool = False, **extra):
@@ -195,24 +180,20 @@ def _chat(client, reply_regex: str, stream: bool = False, **extra):
         extra_body={"structured_outputs": {"regex": reply_regex}, **extra})
 
 
-def _escape(text: str) -> str:
-    return "".join("\\" + ch if ch in "\\.^$|?*+()[]{}" else ch for ch in text)
-
-
 @pytest.mark.parametrize("parser, reply", [
     ("hermes", f"Let me see.\n<tool_call>\n{WEATHER_CALL}\n</tool_call>"),
     ("llama3_json", '{"name": "get_weather", "parameters": {"city": "Paris"}}'),
 ])
 def test_auto_reads_the_models_calls_whole_and_streamed(clients, parser, reply):
     client = clients[parser]
-    choice = _chat(client, _escape(reply)).choices[0]
+    choice = _chat(client, literal_regex(reply)).choices[0]
     assert choice.finish_reason == "tool_calls"
     assert choice.message.content == ("Let me see.\n" if parser == "hermes" else None)
     (call,) = choice.message.tool_calls
     assert call.id and call.type == "function" and call.function.name == "get_weather"
     assert json.loads(call.function.arguments) == {"city": "Paris"}
     content, calls, finish = "", [], None
-    for chunk in _chat(client, _escape(reply), stream=True):
+    for chunk in _chat(client, literal_regex(reply), stream=True):
         if chunk.choices:
             delta = chunk.choices[0].delta
             content += delta.content or ""
@@ -239,7 +220,7 @@ def test_a_call_cut_short_by_max_tokens_is_given_as_text(clients):
     out = clients["hermes"].chat.completions.create(
         model="fairswitch-tiny", messages=[{"role": "user", "content": "Weather?"}],
         tools=[WEATHER], tool_choice="auto", max_tokens=6, temperature=0.0,
-        extra_body={"structured_outputs": {"regex": _escape(reply)}}).choices[0]
+        extra_body={"structured_outputs": {"regex": literal_regex(reply)}}).choices[0]
     assert out.finish_reason == "length" and not out.message.tool_calls
     assert reply.startswith(out.message.content) and out.message.content
 

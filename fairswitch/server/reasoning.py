@@ -17,17 +17,11 @@ line after ``</think>`` included, as vLLM's).
 
 from __future__ import annotations
 
+from fairswitch.server.text_scan import held_back
+
 PARSERS = ("deepseek_r1", "qwen3")
 
 _OPEN, _CLOSE = "<think>", "</think>"
-
-
-def _held_back(text: str, marker: str) -> int:
-    """How many characters at the end of ``text`` may begin ``marker``."""
-    for k in range(min(len(marker) - 1, len(text)), 0, -1):
-        if marker.startswith(text[-k:]):
-            return k
-    return 0
 
 
 class _Reader:
@@ -56,7 +50,7 @@ class _Reader:
         if self.state == "thinking":
             end = self.buffer.find(_CLOSE)
             if end < 0:
-                keep = 0 if final else _held_back(self.buffer, _CLOSE)
+                keep = 0 if final else held_back(self.buffer, _CLOSE)
                 cut = len(self.buffer) - keep
                 reasoning, self.buffer = self.buffer[:cut], self.buffer[cut:]
                 return reasoning, ""

@@ -16,6 +16,8 @@ import json
 import uuid
 from typing import Any
 
+from fairswitch.server.text_scan import JsonString
+
 _ITEM = '{"name": "'
 _PARAMETERS = ', "parameters": '
 _NO_PARAMETERS = {"type": "object", "properties": {}}  # a function without any: {} only
@@ -111,7 +113,8 @@ class _CallStream:
         self.name = ""
         self.depth = 0  # inside the arguments: open braces and brackets
         self.scalar = False  # the arguments are not an object or array
-        self.in_string = self.escaped = False
+        self.string = JsonString()  # where the arguments' text stands
+        self.escaped = False  # in the name: the last character was a backslash
 
     @property
     def complete(self) -> bool:
@@ -152,7 +155,7 @@ class _CallStream:
                 self.state = {"open": "item", "item": "name", "parameters": "arguments"}[
                     self.state]
                 self.expect = _ITEM if self.state == "item" else ""
-                self.depth, self.scalar, self.in_string = 0, False, False
+                self.depth, self.scalar, self.string = 0, False, JsonString()
         elif self.state == "name":
             if self.escaped:
                 self.escaped = False
@@ -185,17 +188,9 @@ class _CallStream:
         first = self.depth == 0 and not self.scalar
         if first and ch not in "{[":
             self.scalar = True  # a string, number, true/false/null: up to the item's "}"
-        if self.in_string:
-            if self.escaped:
-                self.escaped = False
-            elif ch == "\\":
-                self.escaped = True
-            elif ch == '"':
-                self.in_string = False
+        if not self.string.read(ch):  # (in a string, or its quotes)
             return False, True
-        if ch == '"':
-            self.in_string = True
-        elif self.scalar:
+        if self.scalar:
             if ch == "}" and self.depth == 0:
                 return True, False
         elif ch in "{[":

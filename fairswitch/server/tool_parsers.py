@@ -21,6 +21,7 @@ import json
 import uuid
 from typing import Any
 
+from fairswitch.server.text_scan import JsonString, held_back
 from fairswitch.unicode_text import lone_surrogate
 
 PARSERS = ("hermes", "llama3_json")
@@ -70,22 +71,15 @@ class _ObjectEnd:
     def __init__(self) -> None:
         self.at = 0  # characters read
         self.depth = 0
-        self.in_string = self.escaped = False
+        self.string = JsonString()
 
     def end(self, text: str) -> int | None:
         """The index past the object that opens at ``text[0]``; None if it has not closed."""
         for i in range(self.at, len(text)):
             ch = text[i]
-            if self.in_string:
-                if self.escaped:
-                    self.escaped = False
-                elif ch == "\\":
-                    self.escaped = True
-                elif ch == '"':
-                    self.in_string = False
-            elif ch == '"':
-                self.in_string = True
-            elif ch in "{[":
+            if not self.string.read(ch):
+                continue
+            if ch in "{[":
                 self.depth += 1
             elif ch in "}]":
                 self.depth -= 1
@@ -94,14 +88,6 @@ class _ObjectEnd:
                     return i + 1
         self.at = len(text)
         return None
-
-
-def _held_back(text: str, marker: str) -> int:
-    """How many characters at the end of ``text`` may begin ``marker``."""
-    for k in range(min(len(marker) - 1, len(text)), 0, -1):
-        if marker.startswith(text[-k:]):
-            return k
-    return 0
 
 
 class _Reader:
@@ -137,7 +123,7 @@ class _Hermes(_Reader):
         while self.buffer:
             start = self.buffer.find(_HERMES_OPEN)
             if start < 0:
-                keep = 0 if final else _held_back(self.buffer, _HERMES_OPEN)
+                keep = 0 if final else held_back(self.buffer, _HERMES_OPEN)
                 piece = self.buffer[:len(self.buffer) - keep]
                 said = self._text(piece)
                 if said or final:
