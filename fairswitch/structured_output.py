@@ -186,3 +186,8 @@ class HeldAfter:
 
     def is_terminated(self) -> bool:
         return not self.free and self.matcher.is_terminated()
+
+
+def holds(matcher: Any) -> bool:
+    """Does ``matcher`` hold the next token (a ``HeldAfter`` still free does not)?"""
+    return matcher is not None and not getattr(matcher, "free", False)

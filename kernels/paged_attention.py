@@ -160,8 +160,9 @@ def _fp8_query(q, qk_scale):
     """The queries in the dtype fp8 tiles widen to, and the logits' scale that goes with them:
     fp16 for bf16 queries, since fp8 -> fp16 is one instruction for two values and fp8 -> bf16
     several. fp16 has more mantissa bits than bf16 but ends at 65504, where bf16 goes on: a
-    tile holding a larger query is scaled down by a power of two, which the scale takes back
-    (exact but for fp16's subnormals, 2^-24 of the scaled tile's largest value)."""
+    tile whose largest |value| passes 32768 is scaled down by the power of two that brings it to
+    32768 or less, and the scale takes it back. Exact, but for values that the scaling takes
+    below fp16's normal range (2^-14): those keep fewer bits."""
     if q.dtype == tl.bfloat16:
         qf = q.to(tl.float32)
         amax = tl.max(tl.max(tl.abs(qf), 1), 0)

@@ -192,3 +192,28 @@ def test_under_deepseek_r1_a_held_reply_thinks_freely_first(clients):
     assert thought and thought != "Four."
     assert ((choice.finish_reason, choice.message.content) == ("length", "")
             or choice.message.content.endswith("Four."))  # (after the token closing it)
+
+
+def test_a_named_call_opens_with_the_answer_not_during_the_thinking():
+    """A named call's first delta (id, name) came with the first chunk, thinking included;
+    cut while thinking, a whole reply gave a call with no arguments."""
+    from fairswitch.server.tool_calls import ToolCalls
+
+    calls = ToolCalls("f")
+    assert calls.delta(0, "", final=False) == ("", [])  # (a chunk of thinking)
+    _, first = calls.delta(0, '{"a"', final=False)
+    assert first[0]["id"] and first[0]["function"] == {"name": "f", "arguments": '{"a"'}
+    assert calls.whole("") == ("", None)
+    assert ToolCalls("f").delta(0, "", final=True)[1][0]["function"]["name"] == "f"
+
+
+def test_min_tokens_holds_while_a_structured_reply_thinks(clients):
+    """deepseek_r1 with a structure: while free, the reply's EOS is masked before min_tokens
+    (it was not: a grammar was taken to decide the end even before it held anything)."""
+    eos = 2  # (the default model's EOS)
+    out = clients["deepseek_r1"].chat.completions.create(
+        model="fairswitch-tiny", messages=[{"role": "user", "content": "a?"}], max_tokens=8,
+        logit_bias={str(eos): 100}, response_format={"type": "json_object"},
+        extra_body={"min_tokens": 6, "return_token_ids": True})
+    ids = out.choices[0].model_extra["token_ids"]
+    assert len(ids) >= 6 and eos not in ids[:6]

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from fairswitch.server.errors import APIError
-from fairswitch.server.responses import ResponseShape, chat_body
+from fairswitch.server.responses import ResponseShape
+from fairswitch.server.responses_request import chat_body
 
 WEATHER = {"type": "function", "name": "get_weather", "description": "Weather of a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
@@ -170,11 +171,17 @@ def test_reasoning_effort_reaches_the_template_and_thinking_items_join():
 def test_the_answers_logprobs_leave_out_the_thinkings():
     entries = [{"token": t, "logprob": -1.0, "bytes": [], "top_logprobs": []}
                for t in ("<think>", "ab", "</", "think", ">", "Four", ".")]
-    whole = ResponseShape({"input": "x"}, "m").whole({"choices": [{
+    whole = ResponseShape({"input": "x"}, "m", thinks=True).whole({"choices": [{
         "message": {"role": "assistant", "content": "Four.", "reasoning": "ab"},
         "finish_reason": "stop", "logprobs": {"content": entries}}], "usage": USAGE})
     assert [lp["token"] for lp in whole["output"][1]["content"][0]["logprobs"]] == ["Four", "."]
-    shape = ResponseShape({"input": "x"}, "m")
+    # An empty thinking (no reasoning item) still leaves its tokens out.
+    empty = [e for e in entries if e["token"] != "ab"]
+    whole = ResponseShape({"input": "x"}, "m", thinks=True).whole({"choices": [{
+        "message": {"role": "assistant", "content": "Four."}, "finish_reason": "stop",
+        "logprobs": {"content": empty}}], "usage": USAGE})
+    assert [lp["token"] for lp in whole["output"][0]["content"][0]["logprobs"]] == ["Four", "."]
+    shape = ResponseShape({"input": "x"}, "m", thinks=True)
     events = []
     for delta, lps in (({"reasoning": "ab"}, entries[:2]), ({}, entries[2:4]),
                        ({"content": "Four."}, entries[4:])):
@@ -271,6 +278,22 @@ def test_thinking_streams_as_a_reasoning_item_before_the_message():
     assert whole["output"][0]["content"] == thought["content"]
 
 
+def test_a_whole_reply_ends_only_its_last_item_incomplete_and_its_text_keeps_its_logprobs():
+    """As streamed: a reply cut short leaves the items before the last completed; a message
+    before calls has its own tokens' logprobs."""
+    entries = [{"token": t, "logprob": -1.0, "bytes": [], "top_logprobs": []}
+               for t in ("Let", " me", ".", "<tool_call>", "{...}")]
+    whole = ResponseShape({"input": "x"}, "m").whole({"choices": [{
+        "message": {"role": "assistant", "content": "Let me.", "reasoning": "hm",
+                    "tool_calls": [{"id": "c", "type": "function",
+                                    "function": {"name": "f", "arguments": "{}"}}]},
+        "finish_reason": "length", "logprobs": {"content": entries}}], "usage": USAGE})
+    assert [item["status"] for item in whole["output"]] == ["completed", "completed",
+                                                            "incomplete"]
+    assert [lp["token"] for lp in whole["output"][1]["content"][0]["logprobs"]] == [
+        "Let", " me", "."]
+
+
 def test_a_reply_cut_short_is_incomplete_and_an_empty_one_a_message():
     shape = ResponseShape({"input": "x"}, "m")
     events = shape.chunk(_chunk({"content": "abc"}, finish="length")) + shape.chunk(
@@ -355,6 +378,10 @@ def test_the_chat_paths_errors_name_the_responses_fields(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.responses.create(model="fairswitch-tiny", input="x", max_output_tokens=10 ** 6)
     assert e.value.body["param"] == "max_output_tokens"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model="fairswitch-tiny", input="x",
+                                extra_body={"min_tokens": 500})
+    assert "max_output_tokens" in e.value.message and "'max_tokens'" not in e.value.message
 
 
 def test_a_refused_request_is_the_clients_bad_request(client):

@@ -113,7 +113,7 @@ async def _answer_all(base_url: str, lines: list[_Line], concurrency: int,
             while True:  # a full waiting queue (503) is asked again while the engine runs
                 async with session.post(base_url + line.url, json=line.body) as r:
                     status, raw = r.status, await r.read()
-                if status != 503 or b"queue" not in raw or not engine_alive():
+                if status != 503 or not _queue_full(raw) or not engine_alive():
                     break
                 await asyncio.sleep(wait)
                 wait = min(2 * wait, 1.0)
@@ -135,6 +135,14 @@ async def _answer_all(base_url: str, lines: list[_Line], concurrency: int,
     async with aiohttp.ClientSession(timeout=timeout,
                                      connector=aiohttp.TCPConnector(limit=0)) as session:
         return await asyncio.gather(*(answered(session, line) for line in lines))
+
+
+def _queue_full(raw: bytes) -> bool:
+    """Is this 503's body the full waiting queue's (which frees as requests finish)?"""
+    try:
+        return json.loads(raw)["error"]["code"] == "queue_full"
+    except (ValueError, KeyError, TypeError):
+        return False
 
 
 def _read_lines(path: str) -> list[str]:

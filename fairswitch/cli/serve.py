@@ -12,7 +12,7 @@ from fairswitch.cli.files import read_chat_template
 from fairswitch.config import EngineConfig, ModelConfig, add_engine_args
 from fairswitch.server.cors import CorsPolicy
 from fairswitch.server.reasoning import PARSERS as REASONING_PARSERS
-from fairswitch.server.tool_parsers import PARSERS
+from fairswitch.server.tool_parsers import PARSERS as TOOL_PARSERS
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -78,7 +78,7 @@ def add_reply_options(g: argparse._ActionsContainer) -> None:
     g.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="tool_choice 'auto' (OpenAI's default with tools): the model may call "
                         "the tools in its own syntax, read by --tool-call-parser, as vLLM")
-    g.add_argument("--tool-call-parser", choices=PARSERS, default=None,
+    g.add_argument("--tool-call-parser", choices=TOOL_PARSERS, default=None,
                    help="the model's tool-call syntax: hermes (<tool_call>{...}</tool_call>: "
                         "Qwen2.5/3, Hermes), llama3_json (a JSON object: Llama 3.1-3.3)")
     g.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
@@ -91,7 +91,7 @@ def reply_settings(args: argparse.Namespace) -> dict:
     """``ServerSettings`` fields of ``add_reply_options``' flags; ValueError if they clash."""
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (one of "
-                         f"{', '.join(PARSERS)}): the syntax of the model's tool calls")
+                         f"{', '.join(TOOL_PARSERS)}): the syntax of the model's tool calls")
     if args.tool_call_parser is not None and not args.enable_auto_tool_choice:
         logging.getLogger("fairswitch").warning(
             "--tool-call-parser without --enable-auto-tool-choice: tool_choice 'auto' stays "

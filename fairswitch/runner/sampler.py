@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from fairswitch.request import Request
+from fairswitch.structured_output import holds
 
 
 @dataclass
@@ -138,8 +139,9 @@ class Sampler:
                     masked_rows.append(i)
                     masked_ids.append(last)
             # The placeholder of the token sampled now counts: tokens before it = count - 1.
-            # (A grammar decides when it may end: masking EOS too could leave nothing.)
-            if req.num_output_tokens - 1 < p.min_tokens and req.grammar is None:
+            # (A grammar holding the reply decides when it may end: masking EOS too could leave
+            # nothing. One not holding yet, a reasoning model's thinking, does not.)
+            if req.num_output_tokens - 1 < p.min_tokens and not holds(req.grammar):
                 stops = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
                 for t in stops:
                     if t < vocab:

@@ -35,7 +35,7 @@ from fairswitch import __version__
 from fairswitch.engine.async_engine import AsyncEngine, EngineDeadError
 from fairswitch.outputs import RequestOutput
 from fairswitch.scheduler.scheduler import QueueFullError
-from fairswitch.server import protocol, responses, streaming
+from fairswitch.server import protocol, responses_request, streaming
 from fairswitch.server.chat import ChatTemplate
 from fairswitch.server.choices import (ChoiceShaper, Prompt, choice_outputs,
                                        choice_request_ids)
@@ -134,17 +134,20 @@ class OpenAIServer:
         return await self._generate(request, req, protocol.CHAT, [(text, ids, max_tokens)])
 
     async def responses(self, request: web.Request) -> web.StreamResponse:
-        """The Responses API: a chat completion underneath (responses.py)."""
+        """The Responses API: a chat completion underneath (responses_request.py, its reply
+        shaped by responses.py)."""
         body, translation, (req, text, ids) = await self.prompts.run(
             self._responses_prompt, await self._body(request))
         try:
             max_tokens = protocol.resolve_max_tokens(
                 req.max_tokens, len(ids), self.core.max_model_len, None,
                 self.core.generation.max_new_tokens)
+            req.check_min_tokens(max(max_tokens, 1))  # (again in _generate: named so here)
         except APIError as e:
             raise translation.renamed(e) from e
         return await self._generate(request, req, protocol.CHAT, [(text, ids, max_tokens)],
-                                    ResponseShape(body, self.model_name))
+                                    ResponseShape(body, self.model_name,
+                                                  thinks=req.reasoning is not None))
 
     def _completion_prompts(self, raw: bytes) -> tuple[protocol.CompletionRequest,
                                                          list[tuple[str | None, list[int]]]]:
@@ -172,22 +175,23 @@ class OpenAIServer:
         return self._validate_prompt(text, kept, param)
 
     def _responses_prompt(self, raw: bytes) -> tuple[
-            dict, responses.Translation, tuple[protocol.ChatRequest, str | None, list[int]]]:
+            dict, responses_request.Translation, tuple[protocol.ChatRequest, str | None, list[int]]]:
         """(the Responses request, its chat request, the chat's ``_chat_prompt``); on a prompt
         worker thread. The chat path's errors name the Responses request's fields."""
         body = _loads(raw)
-        translation = responses.Translation(body)
+        translation = responses_request.Translation(body)
         try:
-            return body, translation, self._chat_prompt(None, translation.chat)
+            return body, translation, self._chat_prompt_of(translation.chat)
         except APIError as e:
             raise translation.renamed(e) from e
 
-    def _chat_prompt(self, raw: bytes | None, body: dict | None = None
-                     ) -> tuple[protocol.ChatRequest, str | None, list[int]]:
-        """(request, prompt text, prompt token ids) of a body, raw or parsed; on a prompt worker
-        thread."""
-        req = protocol.parse_chat(_loads(raw) if body is None else body,
-                                  self.settings.tool_call_parser, self.settings.reasoning_parser)
+    def _chat_prompt(self, raw: bytes) -> tuple[protocol.ChatRequest, str | None, list[int]]:
+        """(request, prompt text, prompt token ids); on a prompt worker thread."""
+        return self._chat_prompt_of(_loads(raw))
+
+    def _chat_prompt_of(self, body: Any) -> tuple[protocol.ChatRequest, str | None, list[int]]:
+        req = protocol.parse_chat(body, self.settings.tool_call_parser,
+                                  self.settings.reasoning_parser)
         self._check_model(req.model)
         text = self.chat_template.render(req.messages, req.template)
         self.prompts.check_length(text, "messages")

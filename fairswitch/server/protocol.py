@@ -37,7 +37,7 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's (and vLLM's) default for /v1/completions
 
 
-def _describe(value: Any) -> str:
+def describe(value: Any) -> str:
     if value is None:
         return "null"
     kind = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
@@ -46,7 +46,7 @@ def _describe(value: Any) -> str:
     return f"{kind} {text if len(text) <= 40 else text[:37] + '...'}"
 
 
-def _integral(value: Any) -> int | None:
+def integral(value: Any) -> int | None:
     """``value`` as an int: an int, or a float with no fraction (pydantic's lax mode, so vLLM's,
     takes 5.0 for 5); None for anything else."""
     if isinstance(value, float) and value.is_integer():
@@ -61,9 +61,9 @@ def _int(body: dict, name: str, default: int | None = None, *,
     value = body.get(name)
     if value is None:
         return default
-    if _integral(value) is None:
-        raise bad_request(f"'{name}' must be an integer, got {_describe(value)}", name)
-    value = _integral(value)
+    if integral(value) is None:
+        raise bad_request(f"'{name}' must be an integer, got {describe(value)}", name)
+    value = integral(value)
     if not _INT64_MIN <= value <= _INT64_MAX:
         raise bad_request(f"'{name}' must fit in a signed 64-bit integer, got {value}", name)
     if low is not None and value < low:
@@ -76,13 +76,13 @@ def _number(body: dict, name: str, default: float | None) -> float | None:
     if value is None:
         return default
     if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise bad_request(f"'{name}' must be a number, got {_describe(value)}", name)
+        raise bad_request(f"'{name}' must be a number, got {describe(value)}", name)
     try:
         number = float(value)
     except OverflowError:  # an integer past float's range
         number = math.inf
     if not math.isfinite(number):  # JSON's 1e999 parses to inf
-        raise bad_request(f"'{name}' must be a finite number, got {_describe(value)}", name)
+        raise bad_request(f"'{name}' must be a finite number, got {describe(value)}", name)
     return number
 
 
@@ -101,14 +101,14 @@ def _bool(body: dict, name: str, default: bool, *, field: str | None = None) -> 
         return default
     if not isinstance(value, bool):
         field = field or name
-        raise bad_request(f"'{field}' must be a boolean, got {_describe(value)}", field)
+        raise bad_request(f"'{field}' must be a boolean, got {describe(value)}", field)
     return value
 
 
 def _str(body: dict, name: str) -> str | None:
     value = body.get(name)
     if value is not None and not isinstance(value, str):
-        raise bad_request(f"'{name}' must be a string, got {_describe(value)}", name)
+        raise bad_request(f"'{name}' must be a string, got {describe(value)}", name)
     return value
 
 
@@ -125,7 +125,7 @@ def _stop(body: dict) -> list[str]:
         return []
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
-        raise bad_request(f"'stop' must be a string or a list of strings, got {_describe(value)}",
+        raise bad_request(f"'stop' must be a string or a list of strings, got {describe(value)}",
                           "stop")
     if any(not s for s in items):
         raise bad_request("'stop' strings must not be empty", "stop")
@@ -139,10 +139,10 @@ def _int_list(body: dict, name: str, most: int) -> list[int]:
     value = body.get(name)
     if value is None:
         return []
-    ids = [_integral(t) for t in value] if isinstance(value, list) else None
+    ids = [integral(t) for t in value] if isinstance(value, list) else None
     if ids is None or not all(t is not None and 0 <= t <= _INT64_MAX for t in ids):
         raise bad_request(f"'{name}' must be a list of non-negative integers, "
-                          f"got {_describe(value)}", name)
+                          f"got {describe(value)}", name)
     value = ids
     if len(value) > most:
         raise bad_request(f"'{name}' holds {len(value)} ids; at most {most} are allowed", name)
@@ -186,7 +186,7 @@ def _structured(body: dict) -> StructuredOutputsParams | None:
         if kind not in ("text", "json_object", "json_schema"):
             raise bad_request("'response_format' must be {\"type\": \"text\"}, {\"type\": "
                               "\"json_object\"} or {\"type\": \"json_schema\", \"json_schema\": "
-                              f"{{\"schema\": ...}}}}, got {_describe(form)}", "response_format")
+                              f"{{\"schema\": ...}}}}, got {describe(form)}", "response_format")
         if kind == "json_object":
             given["response_format"] = {"json_object": True}
         elif kind == "json_schema":
@@ -194,7 +194,7 @@ def _structured(body: dict) -> StructuredOutputsParams | None:
             schema = spec.get("schema") if isinstance(spec, dict) else None
             if not isinstance(schema, dict):
                 raise bad_request("'response_format.json_schema.schema' must be a JSON schema "
-                                  f"object, got {_describe(schema)}", "response_format")
+                                  f"object, got {describe(schema)}", "response_format")
             given["response_format"] = {"json": schema}
     for name, kind in _GUIDED:
         if body.get(name) is not None:
@@ -203,7 +203,7 @@ def _structured(body: dict) -> StructuredOutputsParams | None:
     if outputs is not None:
         if not isinstance(outputs, dict):
             raise bad_request(f"'structured_outputs' must be an object, got "
-                              f"{_describe(outputs)}", "structured_outputs")
+                              f"{describe(outputs)}", "structured_outputs")
         # vLLM's options beside the kind: these two are what this server does anyway (it never
         # falls back to another grammar engine; JSON never has free whitespace here).
         options = {k: v for k, v in outputs.items()
@@ -211,7 +211,7 @@ def _structured(body: dict) -> StructuredOutputsParams | None:
         if other := sorted(k for k in outputs if k not in STRUCTURED_KINDS
                            and k not in options and outputs[k] not in (None, False)):
             raise bad_request(f"'structured_outputs.{other[0]}' is not supported by this "
-                              f"server (got {_describe(outputs[other[0]])})",
+                              f"server (got {describe(outputs[other[0]])})",
                               "structured_outputs")
         given["structured_outputs"] = {k: v for k, v in outputs.items()
                                        if k in STRUCTURED_KINDS and v not in (None, False)}
@@ -263,7 +263,7 @@ def _refuse_unsupported(body: dict, fields: tuple) -> None:
         if value is not None and not any(
                 value == o and isinstance(value, bool) == isinstance(o, bool) for o in off):
             raise bad_request(f"'{name}' is not supported by this server "
-                              f"(got {_describe(value)})", name)
+                              f"(got {describe(value)})", name)
 
 
 @dataclass(kw_only=True)
@@ -386,7 +386,7 @@ class ChatRequest(GenerationRequest):
 
 def _common(body: Any, unsupported: tuple, echo: bool = False) -> dict[str, Any]:
     if not isinstance(body, dict):
-        raise bad_request(f"the request body must be a JSON object, got {_describe(body)}")
+        raise bad_request(f"the request body must be a JSON object, got {describe(body)}")
     n = _int(body, "n", 1)
     if not 1 <= n <= MAX_N:
         raise bad_request(f"'n' must be in [1, {MAX_N}], got {n}", "n")
@@ -394,7 +394,7 @@ def _common(body: Any, unsupported: tuple, echo: bool = False) -> dict[str, Any]
     stream = _bool(body, "stream", False)
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
-        raise bad_request(f"'stream_options' must be an object, got {_describe(options)}",
+        raise bad_request(f"'stream_options' must be an object, got {describe(options)}",
                           "stream_options")
     if options and not stream:  # (an empty object or null is no option: vLLM accepts them)
         raise bad_request("'stream_options' is only allowed with stream=true", "stream_options")
@@ -427,7 +427,7 @@ def _common(body: Any, unsupported: tuple, echo: bool = False) -> dict[str, Any]
     bias = body.get("logit_bias")
     if bias is not None and not isinstance(bias, dict):
         raise bad_request(f"'logit_bias' must be an object mapping token ids to numbers, got "
-                          f"{_describe(bias)}", "logit_bias")
+                          f"{describe(bias)}", "logit_bias")
     return dict(
         n=n, min_tokens=min_tokens,
         min_p=_ranged(body, "min_p", None, 0.0, 1.0),
@@ -459,7 +459,7 @@ def _allowed_token_ids(body: dict) -> list[int] | None:
     ids = _token_ids(value)
     if ids is None:
         raise bad_request(f"'allowed_token_ids' must be a non-empty array of token ids, got "
-                          f"{_describe(value)}", "allowed_token_ids")
+                          f"{describe(value)}", "allowed_token_ids")
     return ids
 
 
@@ -469,7 +469,7 @@ def _bad_words(body: dict) -> list[str] | None:
         return None
     if not isinstance(value, list) or not all(isinstance(w, str) and w.strip() for w in value):
         raise bad_request(f"'bad_words' must be an array of non-blank strings, got "
-                          f"{_describe(value)}", "bad_words")
+                          f"{describe(value)}", "bad_words")
     return value
 
 
@@ -478,7 +478,7 @@ def _token_ids(value: Any) -> list[int] | None:
     one."""
     if not isinstance(value, list) or not value:
         return None
-    ids = [_integral(t) for t in value]
+    ids = [integral(t) for t in value]
     return None if any(t is None for t in ids) else ids
 
 
@@ -492,7 +492,7 @@ def parse_prompts(value: Any, n: int, name: str = "prompt") -> list[str | list[i
     if not isinstance(value, list) or not all(
             isinstance(p, str) or _token_ids(p) is not None or p == [] for p in value):
         raise bad_request(f"'{name}' must be a string, a list of token ids, or a list of "
-                          f"those, got {_describe(value)}", name)
+                          f"those, got {describe(value)}", name)
     value = [p if isinstance(p, str) or p == [] else _token_ids(p) for p in value]
     if not value or any(not p for p in value):
         raise bad_request(f"'{name}' must not be empty", name)
@@ -527,9 +527,9 @@ def parse_messages(value: Any) -> list[dict[str, Any]]:
     if value is None:
         raise bad_request("'messages' is required", "messages")
     if not isinstance(value, list):
-        raise bad_request(f"'messages' must be an array, got {_describe(value)}", "messages")
+        raise bad_request(f"'messages' must be an array, got {describe(value)}", "messages")
     try:
-        return parse_conversation(value, "messages", _describe)
+        return parse_conversation(value, "messages", describe)
     except MessageError as e:
         raise bad_request(str(e), e.field) from e
 
@@ -556,7 +556,7 @@ def parse_chat(body: Any, tool_parser: str | None = None,
             common["skip_special_tokens"] = False
     elif named is not None or required:  # the reply is calls: held to their schema
         if common["structured_outputs"] is not None:
-            raise bad_request(f"'tool_choice' {_describe(body['tool_choice'])} holds the reply "
+            raise bad_request(f"'tool_choice' {describe(body['tool_choice'])} holds the reply "
                               "to the calls' schema: give no other structured output",
                               "tool_choice")
         try:
@@ -616,7 +616,7 @@ def _tools(body: dict, auto_tools: bool
     if choice is None and tools:  # OpenAI's default with tools
         choice = "auto"
     if tools is not None and not isinstance(tools, list):
-        raise bad_request(f"'tools' must be an array, got {_describe(tools)}", "tools")
+        raise bad_request(f"'tools' must be an array, got {describe(tools)}", "tools")
     if choice == "required" and not tools:  # nothing to call: none (as vLLM)
         choice = "none"
     named = None
@@ -624,10 +624,10 @@ def _tools(body: dict, auto_tools: bool
         fn = choice.get("function")
         if (choice.get("type") != "function" or not isinstance(fn, dict)
                 or not isinstance(fn.get("name"), str)):
-            raise bad_request(_TOOL_CHOICE_FORMS + f", got {_describe(choice)}", "tool_choice")
+            raise bad_request(_TOOL_CHOICE_FORMS + f", got {describe(choice)}", "tool_choice")
         named = fn["name"]
     elif choice not in (None, "none", "required", "auto"):
-        raise bad_request(_TOOL_CHOICE_FORMS + f", got {_describe(choice)}", "tool_choice")
+        raise bad_request(_TOOL_CHOICE_FORMS + f", got {describe(choice)}", "tool_choice")
     if not tools:
         if named is not None:
             raise bad_request(f"'tool_choice' names {named!r}, but 'tools' lists no function",
@@ -639,10 +639,10 @@ def _tools(body: dict, auto_tools: bool
                 or not isinstance(fn, dict) or not isinstance(fn.get("name"), str)
                 or not fn["name"]):
             raise bad_request(f"'tools[{i}]' must be {{\"type\": \"function\", \"function\": "
-                              f"{{\"name\": ..., ...}}}}, got {_describe(tool)}", f"tools[{i}]")
+                              f"{{\"name\": ..., ...}}}}, got {describe(tool)}", f"tools[{i}]")
         if not isinstance(fn.get("parameters") or {}, dict):  # (null: none, as vLLM takes)
             raise bad_request(f"'tools[{i}].function.parameters' must be a JSON schema object, "
-                              f"got {_describe(fn['parameters'])}", f"tools[{i}]")
+                              f"got {describe(fn['parameters'])}", f"tools[{i}]")
     if choice == "auto" and not auto_tools:
         said = "'tool_choice' 'auto'" if body.get("tool_choice") is not None else (
             "'tools' without 'tool_choice' (OpenAI's default: 'auto')")
@@ -661,7 +661,7 @@ def _template_kwargs(body: dict) -> dict[str, Any]:
     if kwargs is None:
         return {}
     if not isinstance(kwargs, dict):
-        raise bad_request(f"'chat_template_kwargs' must be an object, got {_describe(kwargs)}",
+        raise bad_request(f"'chat_template_kwargs' must be an object, got {describe(kwargs)}",
                           "chat_template_kwargs")
     try:
         check_template_kwargs(kwargs)
@@ -761,7 +761,7 @@ class TokenizeRequest:
 
 def parse_tokenize(body: Any) -> TokenizeRequest:
     if not isinstance(body, dict):
-        raise bad_request(f"the request body must be a JSON object, got {_describe(body)}")
+        raise bad_request(f"the request body must be a JSON object, got {describe(body)}")
     messages = body.get("messages")
     prompt = None
     if messages is not None:
@@ -770,10 +770,10 @@ def parse_tokenize(body: Any) -> TokenizeRequest:
         prompt = body.get("prompt")
         if not isinstance(prompt, str):
             raise bad_request(f"'prompt' (a string) or 'messages' is required, got "
-                              f"{_describe(prompt)}", "prompt")
+                              f"{describe(prompt)}", "prompt")
     return TokenizeRequest(
         model=_str(body, "model"), prompt=prompt, messages=messages,
-        template=(_template_inputs(body, _tools(body, True)[0]) if messages is not None
+        template=(_template_inputs(body, _tools(body, auto_tools=True)[0]) if messages is not None
                   else TemplateInputs()),
         # Chat templates write their own special tokens; a plain prompt gets the tokenizer's.
         add_special_tokens=_bool(body, "add_special_tokens", messages is None),
@@ -783,13 +783,13 @@ def parse_tokenize(body: Any) -> TokenizeRequest:
 def parse_detokenize(body: Any, vocab_size: int) -> tuple[str | None, list[int]]:
     """(model, token ids)."""
     if not isinstance(body, dict):
-        raise bad_request(f"the request body must be a JSON object, got {_describe(body)}")
+        raise bad_request(f"the request body must be a JSON object, got {describe(body)}")
     tokens = body.get("tokens")
-    if not isinstance(tokens, list) or not all(
-            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in tokens):
+    ids = [integral(t) for t in tokens] if isinstance(tokens, list) else None
+    if ids is None or not all(t is not None and 0 <= t < vocab_size for t in ids):
         raise bad_request(f"'tokens' must be a list of token ids in [0, {vocab_size}), got "
-                          f"{_describe(tokens)}", "tokens")
-    return _str(body, "model"), tokens
+                          f"{describe(tokens)}", "tokens")
+    return _str(body, "model"), ids
 
 
 # ---- logprobs ---------------------------------------------------------------------------------

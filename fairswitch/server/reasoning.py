@@ -3,8 +3,9 @@ reply's text before ``</think>`` is its ``reasoning``, the rest its ``content``,
 stream, delta by delta. Two parsers, as vLLM's:
 
 - ``deepseek_r1`` (DeepSeek-R1 and its distillations, QwQ, Qwen3-2507's thinking models: their
-  templates open the thinking in the prompt): the reply thinks from its start (a ``<think>`` it writes itself is dropped) up to
-  ``</think>``; a reply that never closes it is all reasoning (cut short while thinking).
+  templates open the thinking in the prompt): the reply thinks from its start (a ``<think>`` it
+  writes itself is dropped) up to ``</think>``; a reply that never closes it is all reasoning
+  (cut short while thinking).
 - ``qwen3`` (Qwen3's hybrid models): a reply that begins with ``<think>`` thinks up to
   ``</think>``; one that does not (thinking switched off, ``enable_thinking: false``) is all
   content. (vLLM's also reads a reply with only ``</think>`` as thinking up to it; models that

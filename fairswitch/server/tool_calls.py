@@ -48,7 +48,7 @@ def required_schema(tools: list[dict[str, Any]]) -> dict[str, Any]:
             **{key: defs for key, defs in top.items() if defs}}
 
 
-def _new_id() -> str:
+def new_call_id() -> str:
     return f"chatcmpl-tool-{uuid.uuid4().hex}"
 
 
@@ -70,9 +70,10 @@ class ToolCalls:
     def whole(self, text: str) -> tuple[str | None, list[dict[str, Any]] | None]:
         """(content, calls) of a whole reply: no content; calls None if it is not one (cut short,
         by max_tokens or a stop string), and then the text is the content."""
-        if self.named is not None:
-            return None, [{"id": _new_id(), "type": "function",
-                           "function": {"name": self.named, "arguments": text}}]
+        if self.named is not None:  # (no text: it never answered, e.g. cut while thinking)
+            return (None, [{"id": new_call_id(), "type": "function",
+                            "function": {"name": self.named, "arguments": text}}]) if text \
+                else (text, None)
         reader = _CallStream(None)
         calls: dict[int, dict[str, Any]] = {}
         for d in reader.feed(text):
@@ -89,7 +90,7 @@ class ToolCalls:
               ) -> tuple[str, list[dict[str, Any]]]:
         """(content: none, call deltas) of a stream chunk's new text, for one choice."""
         stream = self._streams.setdefault(choice, _CallStream(self.named))
-        return "", [d for d in stream.feed(text) if self.parallel or d["index"] == 0]
+        return "", [d for d in stream.feed(text, final) if self.parallel or d["index"] == 0]
 
     def called(self, choice: int) -> bool:
         """Has this choice's stream read whole calls (a "required" list to its end)?"""
@@ -120,10 +121,12 @@ class _CallStream:
     def complete(self) -> bool:
         return self.named is not None or self.state == "done"
 
-    def feed(self, text: str) -> list[dict[str, Any]]:
+    def feed(self, text: str, final: bool = False) -> list[dict[str, Any]]:
         if self.named is not None:
             if self.id is None:
-                self.id = _new_id()
+                if not text and not final:  # (a chunk with no answer yet: a thinking's)
+                    return []
+                self.id = new_call_id()
                 return [{"index": 0, "id": self.id, "type": "function",
                          "function": {"name": self.named, "arguments": text}}]
             return [{"index": 0, "function": {"arguments": text}}] if text else []
@@ -167,7 +170,7 @@ class _CallStream:
                 except ValueError:
                     self.state = "broken"
                     return
-                out.append({"index": self.calls, "id": _new_id(), "type": "function",
+                out.append({"index": self.calls, "id": new_call_id(), "type": "function",
                             "function": {"name": name, "arguments": ""}})
                 self.calls += 1
                 self.name, self.state, self.expect = "", "parameters", _PARAMETERS

@@ -18,20 +18,16 @@ lost. Whitespace between calls is not content.
 from __future__ import annotations
 
 import json
-import uuid
 from typing import Any
 
 from fairswitch.server.text_scan import JsonString, held_back
+from fairswitch.server.tool_calls import new_call_id
 from fairswitch.unicode_text import lone_surrogate
 
 PARSERS = ("hermes", "llama3_json")
 
 _HERMES_OPEN, _HERMES_CLOSE = "<tool_call>", "</tool_call>"
 _PYTHON_TAG = "<|python_tag|>"
-
-
-def _new_id() -> str:
-    return f"chatcmpl-tool-{uuid.uuid4().hex}"
 
 
 def _call(obj: Any, arguments_keys: tuple[str, ...]) -> tuple[str, str] | None:
@@ -185,17 +181,17 @@ class _Llama3Json(_Reader):
             if end is None:
                 if final:  # a call cut short
                     self.buffer = ""
-                    return self._unread(rest, calls), calls
+                    return self._unread(rest), calls
                 return "", calls
             call = _call(_decoded(rest[:end]), ("parameters", "arguments")) if end > 0 else None
             if call is None:  # not a call: the rest of the reply is text
                 self.mode, self.buffer = "text", ""
-                return self._unread(rest, calls), calls
+                return self._unread(rest), calls
             calls.append(call)
             self.calls += 1
             self.buffer, self.scan = rest[end:], _ObjectEnd()
 
-    def _unread(self, rest: str, calls: list) -> str:
+    def _unread(self, rest: str) -> str:
         """The text that was not a call, as content: with what came before the first "{" if no
         call was read."""
         return rest if self.calls else self.prefix + rest
@@ -223,7 +219,7 @@ class AutoToolCalls:
         calls = calls[:None if self.parallel else 1]
         if not calls:
             return text, None
-        return content or None, [{"id": _new_id(), "type": "function",
+        return content or None, [{"id": new_call_id(), "type": "function",
                                   "function": {"name": name, "arguments": arguments}}
                                  for name, arguments in calls]
 
@@ -233,7 +229,7 @@ class AutoToolCalls:
         reader = self._readers.setdefault(choice, _READERS[self.name]())
         first = reader.calls
         content, calls = reader.feed(text, final)
-        deltas = [{"index": first + i, "id": _new_id(), "type": "function",
+        deltas = [{"index": first + i, "id": new_call_id(), "type": "function",
                    "function": {"name": name, "arguments": arguments}}
                   for i, (name, arguments) in enumerate(calls)]
         return content, [d for d in deltas if self.parallel or d["index"] == 0]
