@@ -31,7 +31,10 @@ class StructuredOutputsParams:
     (any JSON object), ``regex``, ``choice`` (the reply is one of these strings) or ``grammar``
     (EBNF, in xgrammar's GBNF dialect). ``after``: the reply is held only after it has written
     this text (a reasoning model's ``"</think>"``: its thinking is free, its answer held, as
-    vLLM holds a reasoning model's); the token that completes it is free too."""
+    vLLM holds a reasoning model's); the token that completes it is free too. ``opens``: with
+    ``after``, the reply is held from its first token unless that token is this text (a hybrid
+    model's ``"<think>"``, which it may or may not write): then it is free up to ``after``. A
+    text that is not one token of the vocabulary cannot open it: the reply is held throughout."""
 
     json: dict[str, Any] | str | None = None
     json_object: bool = False
@@ -39,6 +42,7 @@ class StructuredOutputsParams:
     choice: list[str] | tuple[str, ...] | None = None
     grammar: str | None = None
     after: str | None = None
+    opens: str | None = None
 
     def __post_init__(self) -> None:
         given = [k for k in KINDS if getattr(self, k) not in (None, False)]
@@ -54,8 +58,12 @@ class StructuredOutputsParams:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise TypeError(f"{name} must be a non-empty string, got {value!r:.40}")
-        if self.after is not None and (not isinstance(self.after, str) or not self.after):
-            raise TypeError(f"after must be a non-empty string, got {self.after!r:.40}")
+        for name in ("after", "opens"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise TypeError(f"{name} must be a non-empty string, got {value!r:.40}")
+        if self.opens is not None and self.after is None:
+            raise ValueError("opens needs after: the text that ends what it opens")
         if self.choice is not None:
             if (not isinstance(self.choice, (list, tuple)) or not self.choice
                     or not all(isinstance(c, str) and c for c in self.choice)):
@@ -125,7 +133,11 @@ class GrammarCompiler:
                              f"{why[:300]}") from None
         matcher = self._xgr.GrammarMatcher(compiled)
         if params.after is not None:
-            return HeldAfter(matcher, params.after, self._tokenizer.decode)
+            opener = None
+            if params.opens is not None:
+                ids = self._tokenizer.encode(params.opens, add_special_tokens=False)
+                opener = ids[0] if len(ids) == 1 else -1  # (-1: no token opens it)
+            return HeldAfter(matcher, params.after, self._tokenizer.decode, opener)
         return matcher
 
     def apply(self, logits: Any, rows: list[int], matchers: list[Any]) -> None:
@@ -159,33 +171,47 @@ class HeldAfter:
     """A matcher that holds the reply only once it has written ``after``: until then every token
     is allowed and none is fed to the grammar (a reasoning model thinks freely, then answers in
     the structure). Tokens are read as text one at a time (``decode``), so ``after`` is found
-    whatever tokens write it."""
+    whatever tokens write it. ``opener``: the reply is free only if its first token is this one
+    (the rest held from the start); -1: never free; None: free from the start."""
 
-    def __init__(self, matcher: Any, after: str, decode: Any) -> None:
+    def __init__(self, matcher: Any, after: str, decode: Any, opener: int | None = None) -> None:
         self.matcher = matcher
         self.after = after
         self.decode = decode
+        self.opener = opener
         self.text = ""  # written so far, while free (the tail that may begin ``after``)
-        self.free = True
+        # free, opening (its first token decides), held
+        self.state = "free" if opener is None else "held" if opener < 0 else "opening"
+
+    @property
+    def free(self) -> bool:
+        return self.state == "free"
 
     def fill_next_token_bitmask(self, bitmask: Any, row: int) -> None:
         if self.free:
             bitmask[row].fill_(-1)  # (every bit set: every token allowed)
-        else:
-            self.matcher.fill_next_token_bitmask(bitmask, row)
+            return
+        self.matcher.fill_next_token_bitmask(bitmask, row)
+        if self.state == "opening":  # the structure's first tokens, or the opener
+            word, bit = divmod(self.opener, 32)
+            bitmask[row, word] |= (1 << bit) if bit < 31 else -(1 << 31)  # (int32 words)
 
     def accept_token(self, token_id: int) -> bool:
+        if self.state == "opening":
+            self.state = "free" if token_id == self.opener else "held"
+            if self.free:
+                return True
         if not self.free:
             return self.matcher.accept_token(token_id)
         self.text += self.decode([token_id])
         if self.after in self.text:
-            self.free = False
+            self.state = "held"
         else:
             self.text = self.text[-len(self.after):]  # (only what may still complete it)
         return True
 
     def is_terminated(self) -> bool:
-        return not self.free and self.matcher.is_terminated()
+        return self.state == "held" and self.matcher.is_terminated()
 
 
 def holds(matcher: Any) -> bool:

@@ -45,18 +45,70 @@ def test_a_reply_splits_the_same_whole_and_however_it_is_streamed(parser, reply,
             thought or "", answer), pieces
 
 
-def test_a_held_reply_thinks_first_under_deepseek_r1_and_not_under_qwen3():
+def test_a_held_reply_thinks_first_under_deepseek_r1_and_where_it_opens_so_under_qwen3():
     """deepseek_r1's models always think: a structure holds the answer after </think> (vLLM's
-    way). Under qwen3 a reply need not think, so it is held from its first token."""
+    way). Under qwen3 a reply need not think: it is free only if its first token is <think>."""
     from fairswitch.server.protocol import parse_chat
 
     body = {"messages": [{"role": "user", "content": "a?"}],
             "response_format": {"type": "json_object"}}
     r1 = parse_chat(body, None, "deepseek_r1")
-    assert r1.structured_outputs.after == "</think>" and not r1.reasoning.opened_only
+    assert r1.structured_outputs.after == "</think>" and r1.structured_outputs.opens is None
+    assert not r1.reasoning.opened_only
     qwen = parse_chat(body, None, "qwen3")
-    assert qwen.structured_outputs.after is None and qwen.reasoning.opened_only
+    assert (qwen.structured_outputs.after, qwen.structured_outputs.opens) == ("</think>",
+                                                                              "<think>")
+    assert qwen.reasoning.opened_only
     assert parse_chat(body).structured_outputs.after is None
+
+
+class _Matcher:
+    """A grammar that allows token 0 only, and ends after two tokens."""
+
+    def __init__(self) -> None:
+        self.fed: list[int] = []
+
+    def fill_next_token_bitmask(self, bitmask, row: int) -> None:
+        bitmask[row].fill_(0)
+        bitmask[row, 0] = 1
+
+    def accept_token(self, token_id: int) -> bool:
+        self.fed.append(token_id)
+        return token_id == 0
+
+    def is_terminated(self) -> bool:
+        return len(self.fed) >= 2
+
+
+def _allowed(held, vocab: int = 64) -> set[int]:
+    import torch
+
+    bitmask = torch.zeros((1, vocab // 32), dtype=torch.int32)
+    held.fill_next_token_bitmask(bitmask, 0)
+    return {t for t in range(vocab) if int(bitmask[0, t // 32]) >> (t % 32) & 1}
+
+
+def test_a_reply_opens_free_only_with_its_opener_token():
+    """HeldAfter with an opener (a hybrid model's <think>): its first token is the structure's
+    or the opener; the opener frees it up to ``after``, anything else holds it from there."""
+    from fairswitch.structured_output import HeldAfter, holds
+
+    text = {40: "<think>", 7: "hm", 8: "</think>", 0: "{}"}
+    thinking = HeldAfter(_Matcher(), "</think>", lambda ids: text[ids[0]], opener=40)
+    assert _allowed(thinking) == {0, 40} and holds(thinking)
+    for token in (40, 7, 7):
+        assert thinking.accept_token(token) and not holds(thinking)
+        assert _allowed(thinking) == set(range(64))
+    assert thinking.accept_token(8) and holds(thinking) and _allowed(thinking) == {0}
+    assert thinking.accept_token(0) and thinking.accept_token(0) and thinking.is_terminated()
+    assert thinking.matcher.fed == [0, 0]  # (the grammar saw the answer only)
+    answering = HeldAfter(_Matcher(), "</think>", lambda ids: text[ids[0]], opener=40)
+    assert answering.accept_token(0) and holds(answering) and answering.matcher.fed == [0]
+    assert not answering.accept_token(7)  # (held: the grammar's refusal is the token's)
+    never = HeldAfter(_Matcher(), "</think>", lambda ids: text[ids[0]], opener=-1)
+    assert _allowed(never) == {0} and holds(never)
+    top = HeldAfter(_Matcher(), "</think>", lambda ids: text[ids[0]], opener=63)
+    assert _allowed(top) == {0, 63}  # (bit 31 of an int32 word: its sign)
 
 
 def test_unknown_parsers_are_refused():

@@ -87,6 +87,12 @@ def test_after_holds_the_reply_only_once_it_has_written_that_text(llm):
         assert " " in free  # (the held part came after the space was written)
     with pytest.raises(TypeError, match="after must be a non-empty string"):
         StructuredOutputsParams(choice=["a"], after="")
+    with pytest.raises(ValueError, match="opens needs after"):
+        StructuredOutputsParams(choice=["a"], opens="<think>")
+    # An opener that is not one token (here: 4) cannot open the reply: held throughout.
+    opened = SamplingParams(max_tokens=20, temperature=1.0, seed=3, structured_outputs=(
+        StructuredOutputsParams(choice=["yes", "no"], after="</think>", opens="<think>")))
+    assert llm.generate(["Well?"], opened, use_tqdm=False)[0].outputs[0].text in ("yes", "no")
 
 
 def test_a_schema_that_does_not_compile_is_the_requests_error(llm):

@@ -573,8 +573,12 @@ def parse_chat(body: Any, tool_parser: str | None = None,
         # It always thinks first: the structure (response_format, a named or required tool
         # call) holds the answer after </think>, as vLLM's.
         common["structured_outputs"] = replace(held, after="</think>")
-    # Under qwen3 a held reply thinks only where the structure opens it with <think> (one that
-    # need not think is held from its first token): a JSON reply is all answer.
+    elif held is not None and reasoning_parser == "qwen3":
+        # It may think first: a reply opening with a <think> token is free up to </think>,
+        # else held from its first token.
+        common["structured_outputs"] = replace(held, after="</think>", opens="<think>")
+    # Under qwen3 a held reply thinks only where it opens with <think> (by the structure, or by
+    # that token): a JSON reply is all answer.
     reasoning = (Reasoning(reasoning_parser, include_reasoning,
                            opened_only=held is not None and reasoning_parser == "qwen3")
                  if reasoning_parser else None)
