@@ -132,7 +132,11 @@ class Sampler:
                 rows.append(i)
                 ids.append(t)
                 values.append(b)
-            out = [t for t in req.output_token_ids if t >= 0] if req.bad_words_ids else []
+            out: list[int] = []
+            if req.bad_words_ids:  # the output's tail a word's lead may end (no placeholder)
+                start = max(len(req.prompt_token_ids),
+                            len(req.token_ids) - max(map(len, req.bad_words_ids)))
+                out = [t for t in req.token_ids[start:] if t >= 0]
             for word in req.bad_words_ids:  # its last token, where the output leads to it
                 *lead, last = word  # (the output: no placeholder, bad words need history)
                 if last < vocab and (not lead or out[-len(lead):] == lead):

@@ -61,9 +61,9 @@ def _int(body: dict, name: str, default: int | None = None, *,
     value = body.get(name)
     if value is None:
         return default
-    if integral(value) is None:
-        raise bad_request(f"'{name}' must be an integer, got {describe(value)}", name)
-    value = integral(value)
+    given, value = value, integral(value)
+    if value is None:
+        raise bad_request(f"'{name}' must be an integer, got {describe(given)}", name)
     if not _INT64_MIN <= value <= _INT64_MAX:
         raise bad_request(f"'{name}' must fit in a signed 64-bit integer, got {value}", name)
     if low is not None and value < low:
