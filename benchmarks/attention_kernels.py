@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 
 from fairswitch.kernels import paged_attention, reference
-from fairswitch.kv.kv_cache import transposed_v_view
+from fairswitch.config import CacheConfig
+from fairswitch.kv.kv_cache import fp8_layer_views
 from results_io import command_line, write_results
 from decode_step import copy_bandwidth
 
@@ -66,11 +67,10 @@ def num_copies(data_bytes: int, calls: int = 10) -> int:
 
 
 def paged_pool(batch: int, ctx: int, hkv: int, d: int, bs: int, dtype, gen: torch.Generator,
-               fp8: bool = False, k_head_major: bool = False):
-    """A one-layer pool holding batch x ctx tokens in shuffled blocks (in e4m3 if ``fp8``, V
-    stored transposed in each block as the engine's fp8 pools do), and the same K/V contiguous
-    in ``dtype``. ``k_head_major``: each block's K stored [Hkv, block_size, D] (a head's page
-    contiguous), which the kernels read through the K view's strides."""
+               fp8: bool = False):
+    """A one-layer pool holding batch x ctx tokens in shuffled blocks (in e4m3 if ``fp8``, each
+    block stored by head as the engine's fp8 pools are), and the same K/V contiguous
+    in ``dtype``."""
     blocks_per_seq = -(-ctx // bs)
     num_blocks = batch * blocks_per_seq
     pool = torch.randn((num_blocks, 1, 2, bs, hkv, d), dtype=dtype, device="cuda",
@@ -82,11 +82,9 @@ def paged_pool(batch: int, ctx: int, hkv: int, d: int, bs: int, dtype, gen: torc
     v = v_cache[tables.long()].flatten(1, 2)[:, :ctx].transpose(1, 2).contiguous()
     if fp8:
         q8 = reference.quantize_fp8(pool, 1.0)
-        k_cache, v_cache = q8[:, 0, 0], transposed_v_view(q8[:, 0, 1])
-        v_cache.copy_(reference.quantize_fp8(pool[:, 0, 1], 1.0))  # the same V, transposed
-    if k_head_major:
-        store = torch.empty((num_blocks, hkv, bs, d), dtype=k_cache.dtype, device="cuda")
-        k_cache = store.permute(0, 2, 1, 3).copy_(k_cache)
+        k_cache, v_cache = fp8_layer_views(q8[:, 0])  # stored by head, as the engine's
+        k_cache.copy_(reference.quantize_fp8(pool[:, 0, 0], 1.0))  # the same K and V
+        v_cache.copy_(reference.quantize_fp8(pool[:, 0, 1], 1.0))
     return k_cache, v_cache, tables, k, v
 
 
@@ -98,7 +96,7 @@ def kv_scales(fp8: bool) -> dict[str, torch.Tensor]:
     return {"k_scale": one, "v_scale": one}
 
 
-def decode_rows(batches, ctxs, hq, hkv, d, bs, dtype, copy_bw, fp8=False, k_head_major=False
+def decode_rows(batches, ctxs, hq, hkv, d, bs, dtype, copy_bw, fp8=False
                 ) -> list[dict[str, Any]]:
     gen = torch.Generator(device="cuda").manual_seed(0)
     scales = kv_scales(fp8)
@@ -107,11 +105,11 @@ def decode_rows(batches, ctxs, hq, hkv, d, bs, dtype, copy_bw, fp8=False, k_head
         for ctx in ctxs:
             if b * ctx * hkv * d * 2 * 2 * 2 > 40 << 30:  # pool + contiguous copy must fit
                 continue
-            first = paged_pool(b, ctx, hkv, d, bs, dtype, gen, fp8, k_head_major)
+            first = paged_pool(b, ctx, hkv, d, bs, dtype, gen, fp8)
             kv_bytes = paged_attention.decode_kv_bytes(first[0], b * ctx)
             # each copy: the paged pool and the contiguous K/V SDPA reads
             copies = num_copies(kv_bytes + first[3].nbytes + first[4].nbytes)
-            pools = [first, *(paged_pool(b, ctx, hkv, d, bs, dtype, gen, fp8, k_head_major)
+            pools = [first, *(paged_pool(b, ctx, hkv, d, bs, dtype, gen, fp8)
                               for _ in range(copies - 1))]
             q = torch.randn((b, hq, d), dtype=dtype, device="cuda", generator=gen)
             seq_lens = torch.full((b,), ctx, dtype=torch.int32, device="cuda")
@@ -129,16 +127,14 @@ def decode_rows(batches, ctxs, hq, hkv, d, bs, dtype, copy_bw, fp8=False, k_head
     return rows
 
 
-def prefill_rows(shapes, hq, hkv, d, bs, dtype, fp8=False, k_head_major=False
-                 ) -> list[dict[str, Any]]:
+def prefill_rows(shapes, hq, hkv, d, bs, dtype, fp8=False) -> list[dict[str, Any]]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     gen = torch.Generator(device="cuda").manual_seed(1)
     scales = kv_scales(fp8)
     rows = []
     for seqs, length in shapes:
-        k_cache, v_cache, tables, k, v = paged_pool(seqs, length, hkv, d, bs, dtype, gen, fp8,
-                                                    k_head_major)
+        k_cache, v_cache, tables, k, v = paged_pool(seqs, length, hkv, d, bs, dtype, gen, fp8)
         q = torch.randn((seqs * length, hq, d), dtype=dtype, device="cuda", generator=gen)
         qsl = torch.arange(0, (seqs + 1) * length, length, dtype=torch.int32, device="cuda")
         seq_lens = torch.full((seqs,), length, dtype=torch.int32, device="cuda")
@@ -164,27 +160,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--ctxs", default="512,2048,8192,32768")
     p.add_argument("--prefill-shapes", default="16x512,8x1024,4x2048,2x4096")
     p.add_argument("--heads", default="32,8,128", help="query heads, kv heads, head dim")
-    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--block-size", type=int, default=None,
+                   help="tokens per block (default: the engine's for the cache dtype)")
     p.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
                    help="the paged cache's dtype: auto (bf16, the queries') or fp8 (e4m3)")
-    p.add_argument("--k-head-major", action="store_true",
-                   help="K stored [Hkv, block_size, D] in each block (the engine's pools: "
-                   "[block_size, Hkv, D])")
     p.add_argument("--output", default=None, help="default: benchmarks/results/"
-                   "attention_kernels[_fp8][_k_head_major].json")
+                   "attention_kernels[_fp8].json")
     p.add_argument("--commit", default=None)
     args = p.parse_args(argv)
     fp8 = args.kv_cache_dtype == "fp8"
+    if args.block_size is None:
+        args.block_size = CacheConfig(kv_cache_dtype=args.kv_cache_dtype).tokens_per_block
     output = args.output or ("benchmarks/results/attention_kernels" + ("_fp8" if fp8 else "")
-                             + ("_k_head_major" if args.k_head_major else "") + ".json")
+                             + ".json")
     hq, hkv, d = (int(x) for x in args.heads.split(","))
     dtype = torch.bfloat16
     copy_bw = copy_bandwidth(torch.device("cuda"))
     dec = decode_rows([int(x) for x in args.batches.split(",")],
                       [int(x) for x in args.ctxs.split(",")], hq, hkv, d, args.block_size, dtype,
-                      copy_bw, fp8, args.k_head_major)
+                      copy_bw, fp8)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.prefill_shapes.split(",")]
-    pre = prefill_rows(shapes, hq, hkv, d, args.block_size, dtype, fp8, args.k_head_major)
+    pre = prefill_rows(shapes, hq, hkv, d, args.block_size, dtype, fp8)
     print(f"device copy bandwidth (read+write): {copy_bw / 1e12:.2f} TB/s")
     print(f"{'B':>5}{'ctx':>7}{'ours ms':>10}{'sdpa ms':>10}{'ours TB/s':>11}{'of copy':>9}"
           f"{'ours/sdpa':>11}")
@@ -211,7 +207,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     figures = {"dtype": "bfloat16", "kv_cache_dtype": "float8_e4m3fn" if fp8 else "bfloat16",
                "heads": {"q": hq, "kv": hkv, "dim": d},
                "block_size": args.block_size, "copy_bandwidth_bytes_s": copy_bw,
-               "k_layout": "[Hkv, block_size, D]" if args.k_head_major else "[block_size, Hkv, D]",
+               "block_layout": "[Hkv, 2, block_size * D] (K, V^T)" if fp8
+               else "[2, block_size, Hkv, D]",
                "decode_launch": paged_attention.decode_launch(1 if fp8 else 2),
                "decode": dec, "prefill": pre}
     return write_results(output, command=command_line(), figures=figures, claims=claims,

@@ -179,7 +179,7 @@ def step_roofline(traffic: dict[str, int], batch: int, kv_tokens: int, copy_bw: 
 
 def model_traffic(engine: Engine) -> dict[str, int]:
     return step_traffic(engine.runner.model,
-                        engine.kv.layout.block_bytes // engine.config.cache.block_size)
+                        engine.kv.layout.block_bytes // engine.kv.block_size)
 
 
 def time_batches(engine: Engine, batches: list[int], args: argparse.Namespace, bw: float,

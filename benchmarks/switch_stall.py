@@ -55,7 +55,7 @@ def run_mode(name: str, config: EngineConfig, args: argparse.Namespace,
     engine.check_accounting()
     row = {"mode": name, "wall_s": wall, "output_tokens": num_tokens, "tok_s": num_tokens / wall,
            "stall_fraction": m["switch_stall_s"] / wall, "wait_fraction": m["switch_wait_s"] / wall,
-           "block_size": engine.config.cache.block_size, **m}
+           "block_size": engine.kv.block_size, **m}
     del engine
     gc.collect()
     if torch.cuda.is_available():

@@ -110,7 +110,9 @@ class ModelConfig:
 
 @dataclass
 class CacheConfig:
-    block_size: int = _opt(16, "tokens per KV block")
+    block_size: int | None = _opt(
+        None, "tokens per KV block (default: 16; 32 with --kv-cache-dtype fp8, whose decode "
+        "kernel reads a 32-token page of a head faster than two 16-token ones)")
     num_gpu_blocks: int | None = _opt(
         None, "number of KV blocks on the device (overrides the memory-based sizing)"
     )
@@ -164,7 +166,8 @@ class CacheConfig:
             self.cpu_kv_reuse = False
             self.async_swap, self.incremental_swap, self.per_layer_swap = False, False, True
             self.duplex_swap = False
-        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+        if self.block_size is not None and (self.block_size < 1
+                                            or self.block_size & (self.block_size - 1)):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.num_gpu_blocks is not None and self.num_gpu_blocks < 1:
             raise ValueError(f"num_gpu_blocks must be >= 1, got {self.num_gpu_blocks}")
@@ -184,6 +187,15 @@ class CacheConfig:
         if self.cpu_kv_reuse and not (self.enable_prefix_caching and self.swap_space > 0):
             raise ValueError("cpu_kv_reuse is the prefix cache's tier in the swap space: it needs "
                              "enable_prefix_caching and swap_space > 0")
+
+    @property
+    def tokens_per_block(self) -> int:
+        """The block size in use: ``block_size``, or where that is None the default for the
+        cache's element type (a field left None is chosen again when the dtype changes:
+        ``with_options(kv_cache_dtype=...)``)."""
+        if self.block_size is not None:
+            return self.block_size
+        return 32 if self.kv_cache_dtype == "fp8" else 16
 
     @property
     def cpu_kv_reuse_on(self) -> bool:

@@ -28,7 +28,7 @@ scale, V's the normalized output. Scales are read through 1-element device tenso
 graph follows a recalibration. A bf16/fp16/fp32 cache compiles to the same code as without FP8
 (KV_FP8 is a constexpr).
 
-V may be stored transposed in each block, [Hkv, D, block_size] (fp8 pools are: see
+V may be stored transposed in each block, a head's page [D, block_size] (fp8 pools are: see
 fairswitch/kv/kv_cache.py), which the V view's strides say (stride over tokens 1, over D
 block_size; V_T is a constexpr). The product with P sums over tokens, so the MMA wants V with
 tokens contiguous: a 16-bit tile is transposed by ldmatrix on its way from shared memory, a 1-byte
@@ -99,7 +99,7 @@ def _write_kv_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_H: tl.constexpr,
     KV_FP8: tl.constexpr,
-    V_T: tl.constexpr,  # V stored [Hkv, D, block_size] per block (module docstring)
+    V_T: tl.constexpr,  # V stored [D, block_size] a head per block (module docstring)
 ):
     # grid: (T, cdiv(Hkv, BLOCK_H))
     t = tl.program_id(0)
@@ -656,13 +656,15 @@ def _check_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 
 def _v_transposed(v_cache: torch.Tensor, block_size: int) -> bool:
-    """Whether the V view is of blocks stored [Hkv, D, block_size] (else head_dim contiguous)."""
+    """Whether the V view is of pages stored [D, block_size] a head (else head_dim contiguous)."""
     if v_cache.stride(-1) == 1:
         return False
     head_dim = v_cache.shape[3]
-    assert v_cache.stride()[1:] == (1, head_dim * block_size, block_size), (
-        f"V must have head_dim contiguous or blocks stored [Hkv, D, block_size], got strides "
-        f"{v_cache.stride()}")
+    stride_h = v_cache.stride(2)
+    assert (v_cache.stride(1), v_cache.stride(3)) == (1, block_size) and (
+        stride_h >= head_dim * block_size), (
+        f"V must have head_dim contiguous or each head's page stored [D, block_size], got "
+        f"strides {v_cache.stride()}")
     return True
 
 

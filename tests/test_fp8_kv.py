@@ -15,7 +15,7 @@ from test_kernels import (DEVICE, assert_close, large_decode_case, make_cache,
 
 from fairswitch.kernels import paged_attention as pa
 from fairswitch.kernels import reference as ref
-from fairswitch.kv.kv_cache import transposed_v_view
+from fairswitch.kv.kv_cache import fp8_layer_views
 
 FP8 = torch.float8_e4m3fn
 
@@ -133,7 +133,7 @@ def test_write_kv_fp8_stores_reference_bytes(dtype):
     slots = slots.to(DEVICE)
     pa.write_kv(k_cache, v_cache, k, v, slots, k_scale=k_scale, v_scale=v_scale)
     assert v_cache.stride(-1) == block_size  # an fp8 pool stores V transposed (kv_cache.py)
-    ref.write_kv(expected[:, 1, 0], transposed_v_view(expected[:, 1, 1]), k, v, slots,
+    ref.write_kv(*fp8_layer_views(expected[:, 1]), k, v, slots,
                  k_scale=k_scale, v_scale=v_scale)
     assert torch.equal(as_bytes(pool), as_bytes(expected))  # layer 0 and other slots untouched
     kept = slots >= 0
@@ -312,6 +312,26 @@ def run_prefill_fp8(pairs, group, head_dim, block_size, dtype, flat_grid, num_kv
     assert_close(own, expected, torch.float32)
 
 
+def test_fp8_pool_stores_each_heads_k_and_v_pages_in_one_run():
+    """An fp8 block's layer region is [Hkv, 2, block_size * D]: head h's K page [block_size, D]
+    and then its V page transposed [D, block_size], one run of bytes (kv_cache.py); the views
+    index [block, token, head, d] into exactly those bytes."""
+    block_size, heads, head_dim = 4, 3, 8
+    pool, k_cache, v_cache = make_cache(5, block_size, heads, head_dim, FP8, num_layers=2,
+                                        layer=1)
+    page = block_size * head_dim
+    region = pool[2, 1].reshape(heads, 2, page)  # block 2, layer 1
+    codes = torch.arange(heads * 2 * page, dtype=torch.uint8).view(FP8).reshape(heads, 2, page)
+    region.copy_(codes)
+    for h in range(heads):
+        assert torch.equal(as_bytes(k_cache[2, :, h]), as_bytes(codes[h, 0].view(block_size,
+                                                                                 head_dim)))
+        assert torch.equal(as_bytes(v_cache[2, :, h]), as_bytes(codes[h, 1].view(
+            head_dim, block_size).t()))
+    assert v_cache.stride(-1) == block_size and k_cache.stride(2) == 2 * page
+    assert pool[[0, 1, 3, 4]].view(torch.uint8).eq(0).all()  # nothing else written
+
+
 def test_decode_kv_bytes_counts_the_cache_dtype():
     # As benchmarks/attention_kernels.py counts: 2 (K, V) x tokens x Hkv x D x element size.
     for dtype, elem in ((torch.bfloat16, 2), (FP8, 1)):
@@ -397,7 +417,7 @@ def test_write_kv_fp8_gpu_bytes(dtype):
     k_scale, v_scale = scales(0.05, 0.01)
     expected = pool.clone()
     pa.write_kv(k_cache, v_cache, k, v, slots, k_scale=k_scale, v_scale=v_scale)
-    ref.write_kv(expected[:, 1, 0], transposed_v_view(expected[:, 1, 1]), k, v, slots,
+    ref.write_kv(*fp8_layer_views(expected[:, 1]), k, v, slots,
                  k_scale=k_scale, v_scale=v_scale)
     assert torch.equal(as_bytes(pool), as_bytes(expected))
 

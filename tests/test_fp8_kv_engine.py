@@ -39,8 +39,10 @@ def test_an_fp8_pool_holds_four_times_the_fp32_tokens_in_the_same_memory():
                      max_model_len=64, swap_space=0) for d in ("auto", "fp8"))
     a, b = fp32.engine.kv.layout, fp8.engine.kv.layout
     assert a.dtype == torch.float32 and b.dtype == FP8_DTYPE
-    assert b.block_bytes * 4 == a.block_bytes
-    assert fp8.engine.kv.cache.num_blocks == 4 * fp32.engine.kv.cache.num_blocks
+    assert (a.block_size, b.block_size) == (16, 32)  # each dtype's default
+    assert b.block_bytes * 4 // 2 == a.block_bytes  # a quarter of the bytes a token
+    tokens = [m.engine.kv.cache.num_blocks * m.engine.kv.block_size for m in (fp32, fp8)]
+    assert tokens[1] == 4 * tokens[0]
     bf16 = KVLayout(2, 16, 2, 64, torch.bfloat16)
     assert KVLayout(2, 16, 2, 64, FP8_DTYPE).block_bytes * 2 == bf16.block_bytes
 

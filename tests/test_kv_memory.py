@@ -117,6 +117,19 @@ def test_with_options_replaces_and_validates_again():
         base.with_options(block_size=3)
 
 
+def test_block_size_defaults_by_cache_dtype():
+    """Left unset, blocks are 16 tokens, 32 in an fp8 cache (its decode kernel reads a 32-token
+    page of a head faster); unset stays unset through with_options, so a copy that changes the
+    dtype takes that dtype's default, and a size given is kept."""
+    base = EngineConfig.from_kwargs()
+    assert base.cache.block_size is None and base.cache.tokens_per_block == 16
+    fp8 = base.with_options(kv_cache_dtype="fp8")
+    assert fp8.cache.tokens_per_block == 32
+    assert fp8.with_options(kv_cache_dtype="auto").cache.tokens_per_block == 16
+    assert base.with_options(block_size=8, kv_cache_dtype="fp8").cache.tokens_per_block == 8
+    assert fp8.with_options(baseline=True).cache.tokens_per_block == 16  # vLLM 0.3.3's blocks
+
+
 def test_a_swap_space_past_the_hosts_memory_is_refused(monkeypatch):
     """It ended in the allocator's traceback (or the OOM killer) instead of naming the option."""
     import fairswitch.kv.memory as memory

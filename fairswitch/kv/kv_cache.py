@@ -11,11 +11,14 @@ An fp8 pool (``float8_e4m3fn``) stores each value divided by its layer's K or V 
 reference.py says how); the scales are 1-element float32 tensors on the pool's device, 1.0 (vLLM's
 default without calibrated scales), read by the kernels through their pointers.
 
-An fp8 pool also stores each block's V transposed, [num_kv_heads, head_dim, block_size] where
-the layout above says [block_size, num_kv_heads, head_dim] (same bytes, same place): the product
-of the attention weights with V sums over tokens, so the tensor cores want a page's tokens
-contiguous, and 1-byte elements cannot be transposed on the way (kernels/paged_attention.py).
-The V view keeps the [num_blocks, block_size, num_kv_heads, head_dim] indexing (its strides say
+An fp8 pool lays each block's layer region out by head instead, [num_kv_heads, 2, block_size *
+head_dim] where the layout above says [2, block_size, num_kv_heads, head_dim] (same bytes, same
+place): for each head its K page [block_size, head_dim] and then its V page transposed,
+[head_dim, block_size]. The product of the attention weights with V sums over tokens, so the
+tensor cores want a page's tokens contiguous, and 1-byte elements cannot be transposed on the way
+(kernels/paged_attention.py); and a head's K and V are one run of 2 x block_size x head_dim bytes,
+which the decode kernel reads faster than K rows strided across heads (docs/benchmarks.md).
+The views keep the [num_blocks, block_size, num_kv_heads, head_dim] indexing (their strides say
 where each element is), so nothing but the kernels' address arithmetic sees the difference.
 """
 
@@ -60,20 +63,26 @@ class KVLayout:
 
     @property
     def v_transposed(self) -> bool:
-        """Whether each block's V is stored [num_kv_heads, head_dim, block_size] (fp8 pools)."""
+        """Whether each block's V is stored transposed, [head_dim, block_size] a head (fp8 pools,
+        by head: ``fp8_layer_views``)."""
         return self.dtype == FP8_DTYPE
 
 
 FP8_DTYPE = torch.float8_e4m3fn
 
 
-def transposed_v_view(v: torch.Tensor) -> torch.Tensor:
-    """The [num_blocks, block_size, Hkv, D] view of V regions stored [Hkv, D, block_size] per
-    block: ``v`` is the same regions viewed untransposed (each block's region contiguous)."""
-    _, block_size, num_kv_heads, head_dim = v.shape
-    assert v.stride()[1:] == (num_kv_heads * head_dim, head_dim, 1), v.stride()
-    return v.as_strided(v.shape, (v.stride(0), 1, head_dim * block_size, block_size),
-                        v.storage_offset())
+def fp8_layer_views(region: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K and V views [num_blocks, block_size, Hkv, D] of one layer's regions of an fp8 pool,
+    ``region`` [num_blocks, 2, block_size, Hkv, D] (each block's region contiguous), stored by
+    head: [Hkv, 2, block_size * D], a head's K page then its V page transposed (above)."""
+    num_blocks, _, block_size, num_kv_heads, head_dim = region.shape
+    assert region.stride()[1:] == (block_size * num_kv_heads * head_dim,
+                                   num_kv_heads * head_dim, head_dim, 1), region.stride()
+    page, shape = block_size * head_dim, (num_blocks, block_size, num_kv_heads, head_dim)
+    offset = region.storage_offset()
+    k = region.as_strided(shape, (region.stride(0), head_dim, 2 * page, 1), offset)
+    v = region.as_strided(shape, (region.stride(0), 1, 2 * page, block_size), offset + page)
+    return k, v
 
 
 def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
@@ -102,9 +111,10 @@ class KVCache:
         self.layer_views = [self._layer(i) for i in range(layout.num_layers)]
 
     def _layer(self, i: int) -> KVLayer:
-        k, v = self.tensor[:, i, 0], self.tensor[:, i, 1]
         if self.layout.v_transposed:
-            v = transposed_v_view(v)
+            k, v = fp8_layer_views(self.tensor[:, i])
+        else:
+            k, v = self.tensor[:, i, 0], self.tensor[:, i, 1]
         if self.scales is None:
             return KVLayer(k, v)
         return KVLayer(k, v, self.scales[i, 0:1], self.scales[i, 1:2])
