@@ -26,7 +26,6 @@ TTFT, accumulated service per client. Claims: ``<policy>_max_backlogged_diff_vs_
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from fairswitch.bench.fairness_report import run_figures, weighted_ratio
 from fairswitch.bench.overload import TimedJob, capacity, timed_runs
 from fairswitch.bench.replay import ReplayOptions
 from fairswitch.bench.service_diff import vtc_bound
+from fairswitch.cli.replay_args import config_json
 from fairswitch.config import EngineConfig
 from fairswitch.kv.host_memory import keep_pinned
 from workloads.fairness import (
@@ -116,10 +116,14 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
-    """An engine configuration without what one run of the benchmark changes."""
+    """An engine configuration without what one run of the benchmark changes, its block size
+    the one in use (a file written before ``block_size`` could be left unset holds it there)."""
     scheduler = {k: v for k, v in config.get("scheduler", {}).items()
                  if k not in ("policy", "client_weights")}
-    return {**config, "scheduler": scheduler}
+    cache = dict(config.get("cache", {}))
+    if "tokens_per_block" in cache:
+        cache["block_size"] = cache.pop("tokens_per_block")
+    return {**config, "scheduler": scheduler, "cache": cache}
 
 
 def capacity_from(path: Path, base: EngineConfig, lengths: list[str]) -> dict[str, float]:
@@ -129,7 +133,7 @@ def capacity_from(path: Path, base: EngineConfig, lengths: list[str]) -> dict[st
         file = path / capacity_file(k) if path.is_dir() else path
         figures = json.loads(file.read_text())["figures"]
         recorded = _comparable(figures["engine_config"])
-        ours = _comparable(dataclasses.asdict(base))
+        ours = _comparable(config_json(base))
         differ = sorted(f"{section}.{name}" for section in ours for name in ours[section]
                         if name in recorded.get(section, {})
                         and recorded[section][name] != ours[section][name])
@@ -161,7 +165,7 @@ def measure_capacity(args: argparse.Namespace, base: EngineConfig, lengths: list
               f"{concurrency} in flight)")
         figures = {"capacity_rps": {k: detail["capacity_rps"]}, "capacity": detail,
                    "capacity_s": args.capacity_s, "capacity_concurrency": concurrency,
-                   "kv_tokens": facts.kv_tokens, "engine_config": dataclasses.asdict(base)}
+                   "kv_tokens": facts.kv_tokens, "engine_config": config_json(base)}
         claims = [{"name": f"capacity_rps_{k}", "value": detail["capacity_rps"],
                    "unit": "req/s"}]
         results.append(write_results(args.output_dir / capacity_file(k), command=command_line(),
@@ -212,7 +216,7 @@ def run_workload(args: argparse.Namespace, base: EngineConfig, workload: Workloa
                   "batch_tokens": facts.batch_tokens, "kv_tokens": facts.kv_tokens,
                   "max_num_seqs": facts.max_num_seqs, "max_model_len": facts.max_model_len,
                   "min_client_weight": min(workload.weights.values())},
-        "weighted_service_ratio": ratio, "engine_config": dataclasses.asdict(base),
+        "weighted_service_ratio": ratio, "engine_config": config_json(base),
         "policies": rows}
     result = write_results(args.output_dir / f"{name}.json", command=command_line(),
                            figures=figures, claims=claims, commit=args.commit)

@@ -438,6 +438,7 @@ def test_bench_compare(trace_file, tmp_path, capsys):
     full, base = (report["runs"][n] for n in ("full", "baseline"))
     assert full["summary"]["completed"] == base["summary"]["completed"] == 5
     assert base["engine_config"]["cache"]["per_layer_swap"] is True
+    assert base["engine_config"]["cache"]["tokens_per_block"] == 16  # (baseline's blocks)
     assert full["summary"]["engine"]["reused_tokens"] > 0
     assert base["summary"]["engine"]["reused_tokens"] == 0  # baseline has no prefix caching
     assert all(v == 1.0 for v in report["ratios"]["baseline"].values() if v is not None)

@@ -269,6 +269,22 @@ def test_capacity_is_output_tokens_per_second_over_the_mean_output():
         capacity(run, num_sent_max=1000, mean_output_tokens=4.0, warmup_s=7.0)
 
 
+def test_a_capacity_file_compares_the_block_size_in_use(monkeypatch):
+    """Files written before the block size could be left unset hold 16 in ``block_size``; an
+    engine that leaves it unset with a bf16 cache uses 16 too, with fp8 32."""
+    monkeypatch.syspath_prepend(str(BENCH_DIR))
+    import fairness_bench
+    from fairswitch.cli.replay_args import config_json
+    from fairswitch.config import EngineConfig
+
+    old = {"cache": {"block_size": 16}, "scheduler": {"policy": "vtc"}}
+    for dtype, size in (("auto", 16), ("fp8", 32)):
+        ours = fairness_bench._comparable(config_json(EngineConfig.from_kwargs(
+            kv_cache_dtype=dtype)))
+        assert ours["cache"]["block_size"] == size and "tokens_per_block" not in ours["cache"]
+    assert fairness_bench._comparable(old)["cache"] == {"block_size": 16}
+
+
 # ---- the script, end to end ------------------------------------------------------------
 
 def test_fairness_bench_end_to_end(tmp_path, monkeypatch, llama_dir, capsys):

@@ -146,4 +146,9 @@ def report_header(args: argparse.Namespace, trace: Trace) -> dict[str, Any]:
 
 
 def config_json(config: EngineConfig | None) -> dict[str, Any] | None:
-    return None if config is None else dataclasses.asdict(config)
+    """The config's fields, and the block size in use where ``block_size`` was left unset."""
+    if config is None:
+        return None
+    out = dataclasses.asdict(config)
+    out["cache"]["tokens_per_block"] = config.cache.tokens_per_block
+    return out
