@@ -161,8 +161,8 @@ class CacheConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
-        if self.baseline:
-            self.block_size, self.enable_prefix_caching, self.block_groups = 16, False, False
+        if self.baseline:  # (its 16-token blocks: tokens_per_block, the field left as given)
+            self.enable_prefix_caching, self.block_groups = False, False
             self.cpu_kv_reuse = False
             self.async_swap, self.incremental_swap, self.per_layer_swap = False, False, True
             self.duplex_swap = False
@@ -190,9 +190,12 @@ class CacheConfig:
 
     @property
     def tokens_per_block(self) -> int:
-        """The block size in use: ``block_size``, or where that is None the default for the
-        cache's element type (a field left None is chosen again when the dtype changes:
-        ``with_options(kv_cache_dtype=...)``)."""
+        """The block size in use: 16 under ``baseline``, else ``block_size``, or where that is
+        None the default for the cache's element type. The field is never overwritten, so a copy
+        that changes the dtype or drops ``baseline`` (``with_options``, an ablation) takes the
+        block size it implies."""
+        if self.baseline:
+            return 16
         if self.block_size is not None:
             return self.block_size
         return 32 if self.kv_cache_dtype == "fp8" else 16

@@ -297,13 +297,16 @@ def test_ablation_names_map_to_config_switches():
     assert ablation_config("no-async", base).cache.async_swap is False
     assert ablation_config("no-incremental", base).cache.incremental_swap is False
     b = ablation_config("baseline", base).cache
-    assert (b.block_size, b.per_layer_swap, b.block_groups, b.async_swap) == (16, True, False,
+    assert (b.tokens_per_block, b.per_layer_swap, b.block_groups, b.async_swap) == (16, True, False,
                                                                               False)
     base.scheduler.async_scheduling = False
     assert ablation_config("full", base).scheduler.async_scheduling is True
     off = ablation_config("no-async-sched", base)
     assert off.scheduler.async_scheduling is False and off.cache.async_swap is True
     assert base.cache.enable_prefix_caching is False and base.cache.block_size == 32  # untouched
+    # full-fp8 from a --baseline command line: fp8's blocks, not the baseline's 16
+    fp8 = ablation_config("full-fp8", EngineConfig.from_kwargs(baseline=True)).cache
+    assert (fp8.kv_cache_dtype, fp8.tokens_per_block) == ("fp8", 32)
     assert parse_names("full, baseline") == ["full", "baseline"]
     for bad in ("full,full", "full,turbo", ""):
         with pytest.raises(ValueError):

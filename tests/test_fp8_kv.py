@@ -39,7 +39,9 @@ def realistic(shape, num_outliers: int, gen: torch.Generator) -> torch.Tensor:
 
 def fill_fp8(pool: torch.Tensor, block_tables: torch.Tensor, k_scale: torch.Tensor,
              v_scale: torch.Tensor) -> None:
-    """N(0, 1) K and V, quantized, in the used blocks of layer 1 (pool [blocks, layers, 2, ...])."""
+    """N(0, 1) values, quantized, in the used blocks of layer 1 (pool [blocks, layers, 2, ...]:
+    an fp8 pool's layer region is by head, so each half holds K and V of half the heads; the
+    scales fit either)."""
     used = block_tables.flatten().long()
     for i, scale in enumerate((k_scale, v_scale)):
         pool[used, 1, i] = ref.quantize_fp8(torch.randn(pool[used, 1, i].shape, device=DEVICE),
@@ -149,8 +151,9 @@ def test_write_kv_fp8_stores_reference_bytes(dtype):
 
 
 def v_view(pool: torch.Tensor, v_cache: torch.Tensor, v_transposed: bool) -> torch.Tensor:
-    """The pool's V view (transposed blocks, as fp8 pools store V), or the same bytes read with
-    head_dim contiguous (the layout the kernels also take)."""
+    """The pool's V view (transposed pages, as fp8 pools store V), or the second half of each
+    layer region read as V with head_dim contiguous (the layout the kernels also take: its bytes
+    overlap some heads' K pages, which is no matter to a test that only reads)."""
     assert v_cache.stride(-1) != 1
     return v_cache if v_transposed else pool[:, 1, 1]
 

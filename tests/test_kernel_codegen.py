@@ -55,12 +55,14 @@ def _compile_decode_sass(kv_dtype: str, v_transposed: bool) -> str:
     except ImportError as e:
         print(f"this Triton has no ahead-of-time compile API: {e}", file=sys.stderr)
         sys.exit(3)
+    from fairswitch.config import CacheConfig
     from fairswitch.kernels import paged_attention as pa
 
     fn = pa._decode_split_kernel
     fp8 = kv_dtype == "fp8e4nv"
     launch = pa.decode_launch(1 if fp8 else 2)
-    constexprs = dict(GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_SIZE=16,
+    block_size = CacheConfig(kv_cache_dtype="fp8" if fp8 else "auto").tokens_per_block
+    constexprs = dict(GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_SIZE=block_size,
                       BLOCK_N=launch.pop("BLOCK_N"), WRITE_OUT=True, DOT_PRECISION="tf32",
                       KV_FP8=fp8, V_T=v_transposed)
     signature, attrs = {}, {}

@@ -109,8 +109,9 @@ def test_check_finds_a_block_nobody_owns_and_a_block_owned_twice():
 def test_with_options_replaces_and_validates_again():
     base = EngineConfig.from_kwargs(block_size=8, max_num_seqs=4)
     copy = base.with_options(max_num_seqs=2, baseline=True)
-    assert (copy.scheduler.max_num_seqs, copy.cache.block_size) == (2, 16)  # baseline's blocks
-    assert (base.scheduler.max_num_seqs, base.cache.block_size) == (4, 8)
+    assert (copy.scheduler.max_num_seqs, copy.cache.tokens_per_block) == (2, 16)  # baseline's
+    assert (base.scheduler.max_num_seqs, base.cache.tokens_per_block) == (4, 8)
+    assert copy.with_options(baseline=False).cache.tokens_per_block == 8  # as given
     with pytest.raises(TypeError, match="unknown engine option"):
         base.with_options(max_seqs=2)
     with pytest.raises(ValueError, match="block_size"):
@@ -128,6 +129,8 @@ def test_block_size_defaults_by_cache_dtype():
     assert fp8.with_options(kv_cache_dtype="auto").cache.tokens_per_block == 16
     assert base.with_options(block_size=8, kv_cache_dtype="fp8").cache.tokens_per_block == 8
     assert fp8.with_options(baseline=True).cache.tokens_per_block == 16  # vLLM 0.3.3's blocks
+    assert fp8.with_options(baseline=True).with_options(
+        baseline=False).cache.tokens_per_block == 32  # (an ablation's full-fp8 from --baseline)
 
 
 def test_a_swap_space_past_the_hosts_memory_is_refused(monkeypatch):

@@ -233,7 +233,7 @@ def test_baseline_overrides_switch_options():
     from fairswitch.config import EngineConfig
 
     cc = EngineConfig.from_kwargs(baseline=True, block_size=4).cache
-    assert (cc.block_size, cc.enable_prefix_caching, cc.async_swap, cc.incremental_swap,
+    assert (cc.tokens_per_block, cc.enable_prefix_caching, cc.async_swap, cc.incremental_swap,
             cc.per_layer_swap) == (16, False, False, False, True)
 
 

@@ -4,8 +4,9 @@ Each name sets every context-switch mechanism explicitly, so a comparison means 
 whatever switches the base command line carried: ``full`` has them all on, ``baseline`` is
 vLLM 0.3.3's switching (``CacheConfig.baseline``; its synchronous swaps also mean no async
 scheduling), and each ``no-*`` is ``full`` with one mechanism off (``early-swap-in``: ``full``
-with that option on; ``full-fp8``: ``full`` with an fp8 KV cache). Everything else (model, KV
-size and, but for ``full-fp8``, KV dtype, scheduler, policy) comes from the base configuration.
+with that option on; ``full-fp8``: ``full`` with an fp8 KV cache, and with it fp8's default block
+size where the base leaves it unset). Everything else (model, KV size and, but for ``full-fp8``,
+KV dtype, scheduler, policy) comes from the base configuration.
 """
 
 from __future__ import annotations

@@ -134,7 +134,7 @@ class KVMemory:
         cpu_tensor = pinned_empty(shape, dtype) if on_cuda else torch.empty(shape, dtype=dtype)
         logger.info("swap space: %.1f GiB in %.1fs", num_cpu_blocks * self.layout.block_bytes
                     / _GiB, time.perf_counter() - t0)
-        tier = ReuseTier(cc.tokens_per_block) if cc.cpu_kv_reuse_on else None
+        tier = ReuseTier(self.layout.block_size) if cc.cpu_kv_reuse_on else None
         def stream() -> Any:
             return make_copy_backend(cc.swap_copy_backend, device, cc.per_layer_swap)
 
