@@ -225,3 +225,53 @@ def test_truncate_prompt_tokens_keeps_the_prompts_end(client, llm):
         with pytest.raises(openai.BadRequestError, match=message):
             client.completions.create(model=MODEL, prompt="x", max_tokens=1,
                                       extra_body={"truncate_prompt_tokens": k})
+
+
+def _as_ids(ids) -> list[str]:
+    return [f"token_id:{t}" for t in ids]
+
+
+def test_return_tokens_as_token_ids_names_logprobs_tokens_by_id(client):
+    """vLLM's return_tokens_as_token_ids: every token in logprobs (chosen and alternatives,
+    completions and chat, whole and streamed) is "token_id:<id>"; the text is unchanged."""
+    body = dict(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0.0, logprobs=2,
+                extra_body={"ignore_eos": True, "return_token_ids": True,
+                            "return_tokens_as_token_ids": True})
+    plain = client.completions.create(**{**body, "extra_body": {"ignore_eos": True}})
+    choice = client.completions.create(**body).choices[0]
+    ids = choice.model_extra["token_ids"]
+    assert choice.text == plain.choices[0].text
+    assert choice.logprobs.tokens == _as_ids(ids) != plain.choices[0].logprobs.tokens
+    assert choice.logprobs.token_logprobs == plain.choices[0].logprobs.token_logprobs
+    for top, want in zip(choice.logprobs.top_logprobs, plain.choices[0].logprobs.top_logprobs):
+        assert len(top) == len(want) and all(k.startswith("token_id:") for k in top)
+        assert sorted(top.values()) == sorted(want.values())
+    streamed = [t for c in client.completions.create(**body, stream=True)
+                for t in c.choices[0].logprobs.tokens]
+    assert streamed == _as_ids(ids)
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3, logprobs=True,
+        top_logprobs=2, extra_body={"ignore_eos": True, "return_token_ids": True,
+                                    "return_tokens_as_token_ids": True}).choices[0]
+    content = chat.logprobs.content
+    assert [c.token for c in content] == _as_ids(chat.model_extra["token_ids"])
+    assert all(c.bytes == list(c.token.encode()) for c in content)
+    assert all(t.token.startswith("token_id:") for c in content for t in c.top_logprobs)
+    with pytest.raises(openai.BadRequestError, match="return_tokens_as_token_ids"):
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=1,
+                                  extra_body={"return_tokens_as_token_ids": "yes"})
+
+
+def test_the_server_flag_names_tokens_by_id_unless_a_request_says_not():
+    from helpers import openai_servers
+
+    from fairswitch.server import ServerSettings
+
+    with openai_servers({"ids": ServerSettings(return_tokens_as_token_ids=True)}) as clients:
+        ask = dict(model=MODEL, prompt=PROMPT, max_tokens=2, temperature=0.0, logprobs=0)
+        by_id = clients["ids"].completions.create(**ask, extra_body={"return_token_ids": True})
+        assert by_id.choices[0].logprobs.tokens == _as_ids(by_id.choices[0].model_extra[
+            "token_ids"])
+        text = clients["ids"].completions.create(
+            **ask, extra_body={"return_tokens_as_token_ids": False}).choices[0].logprobs.tokens
+        assert "".join(text) == by_id.choices[0].text

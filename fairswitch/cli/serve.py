@@ -85,6 +85,9 @@ def add_reply_options(g: argparse._ActionsContainer) -> None:
                    help="chat replies' thinking as 'reasoning', apart from their content, as "
                         "vLLM: deepseek_r1 (thinks from the start up to </think>), qwen3 "
                         "(a reply that opens with <think>)")
+    g.add_argument("--return-tokens-as-token-ids", action="store_true",
+                   help="logprobs name each token 'token_id:<id>' instead of by its text (a "
+                        "request's return_tokens_as_token_ids overrides it), as vLLM")
 
 
 def reply_settings(args: argparse.Namespace) -> dict:
@@ -99,7 +102,8 @@ def reply_settings(args: argparse.Namespace) -> dict:
     return dict(served_model_names=args.served_model_name or [args.model],
                 chat_template=read_chat_template(args.chat_template),
                 tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
-                reasoning_parser=args.reasoning_parser)
+                reasoning_parser=args.reasoning_parser,
+                return_tokens_as_token_ids=args.return_tokens_as_token_ids)
 
 
 def _json_list(text: str) -> list[str]:

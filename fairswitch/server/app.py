@@ -221,9 +221,13 @@ class OpenAIServer:
                                                                            ids)
                       for text, ids, _ in prompts] if echo else None
         # (echo without generation: the engine samples one token, which is not shown)
+        as_ids = req.return_tokens_as_token_ids
+        if as_ids is None:
+            as_ids = self.settings.return_tokens_as_token_ids
         shaper = ChoiceShaper(fmt, req.logprobs, echo_texts,
                               echo and all(max_tokens == 0 for _, _, max_tokens in prompts),
-                              self._token_text, req.n, req.return_token_ids,
+                              protocol.token_id_text if as_ids else self._token_text, req.n,
+                              req.return_token_ids,
                               getattr(req, "tool_calls", None), getattr(req, "reasoning", None))
         outputs = choice_outputs(
             self.engine, [Prompt(text, ids, req.sampling_params(

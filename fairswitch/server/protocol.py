@@ -155,8 +155,7 @@ def _int_list(body: dict, name: str, most: int) -> list[int]:
 _UNSUPPORTED_COMMON = (
     ("best_of", (1,)), ("use_beam_search", (False,)),
     ("structural_tag", ()),
-    ("logits_processors", ([],)),
-    ("return_tokens_as_token_ids", (False,)))
+    ("logits_processors", ([],)))
 _UNSUPPORTED_COMPLETION = (("suffix", ("",)), ("prompt_embeds", ()))
 _UNSUPPORTED_CHAT = (("functions", ([],)), ("function_call", ("none",)), ("echo", (False,)),
                      ("chat_template", ()), ("documents", ([],)))
@@ -234,7 +233,8 @@ _READ_COMMON = frozenset({
     "repetition_penalty", "logit_bias", "allowed_token_ids", "bad_words", "prompt_logprobs",
     "seed", "stop", "stop_token_ids",
     "ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "priority", "user",
-    "return_token_ids", "truncate_prompt_tokens", *_STRUCTURED_FIELDS})
+    "return_token_ids", "return_tokens_as_token_ids", "truncate_prompt_tokens",
+    *_STRUCTURED_FIELDS})
 _KNOWN_COMPLETION = _READ_COMMON | {"prompt", "echo", "logprobs", "add_special_tokens"} | {
     name for name, _ in _UNSUPPORTED_COMMON + _UNSUPPORTED_COMPLETION}
 _KNOWN_CHAT = _READ_COMMON | {"messages", "add_generation_prompt", "continue_final_message",
@@ -300,6 +300,9 @@ class GenerationRequest:
     prompt_logprobs: int | None  # vLLM's extension (completions: also set by echo + logprobs)
     structured_outputs: StructuredOutputsParams | None = None  # (_structured)
     return_token_ids: bool = False  # vLLM's: token ids beside the text (and the prompt's)
+    # vLLM's: logprobs name each token "token_id:<id>" rather than by its text (None: the
+    # server's --return-tokens-as-token-ids)
+    return_tokens_as_token_ids: bool | None = None
     truncate_prompt_tokens: int | None = None  # vLLM's: keep the prompt's last k tokens
 
     def truncated(self, ids: list[int], max_model_len: int) -> list[int]:
@@ -440,6 +443,7 @@ def _common(body: Any, unsupported: tuple, echo: bool = False) -> dict[str, Any]
         prompt_logprobs=_logprob_count(body, "prompt_logprobs"),
         structured_outputs=_structured(body),
         return_token_ids=_bool(body, "return_token_ids", False),
+        return_tokens_as_token_ids=_bool(body, "return_tokens_as_token_ids", None),
         truncate_prompt_tokens=_truncation(body),
         model=_str(body, "model"), stream=stream, include_usage=include_usage,
         continuous_usage=continuous_usage,
@@ -802,14 +806,19 @@ def _finite(logprob: float) -> float:
     return max(logprob, -9999.0)
 
 
+def token_id_text(token: int) -> str:
+    """A token named by its id (vLLM's ``return_tokens_as_token_ids``): a piece of a character
+    has no text of its own to show."""
+    return f"token_id:{token}"
+
+
 def completion_logprobs(token_ids: list[int], entries: list[PositionLogprobs | None],
                         text_of: Any, text_offset: int = 0) -> dict[str, Any]:
     """OpenAI's completions shape for tokens ``token_ids`` with their ``entries`` (None: the
     prompt's first token, which nothing predicts); ``text_of(id)``: a token's text."""
     tokens, token_lps, tops, offsets = [], [], [], []
     for token, entry in zip(token_ids, entries):
-        text = entry[token].decoded_token if entry and entry[token].decoded_token is not None \
-            else text_of(token)
+        text = _text(entry[token], token, text_of) if entry else text_of(token)
         tokens.append(text)
         offsets.append(text_offset)
         text_offset += len(text)
@@ -850,4 +859,6 @@ def chat_logprobs(token_ids: list[int], entries: list[PositionLogprobs], top: in
 
 
 def _text(lp: Logprob, token: int, text_of: Any) -> str:
-    return lp.decoded_token if lp.decoded_token is not None else text_of(token)
+    if text_of is token_id_text or lp.decoded_token is None:
+        return text_of(token)
+    return lp.decoded_token

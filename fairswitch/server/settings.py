@@ -28,6 +28,8 @@ class ServerSettings:
     tool_call_parser: str | None = None
     # Chat replies' thinking apart from their answer (reasoning.py; vLLM's --reasoning-parser).
     reasoning_parser: str | None = None
+    # Logprobs name tokens "token_id:<id>" unless a request says otherwise (vLLM's flag).
+    return_tokens_as_token_ids: bool = False
 
     def __post_init__(self) -> None:
         if not self.served_model_names:
