@@ -258,3 +258,37 @@ def test_template_kwargs_cannot_shadow_what_templates_call(server):
     status, body = post(server.url + "/v1/chat/completions", {
         "messages": [CONVERSATION[0]], "max_tokens": 1, "chat_template_kwargs": {"namespace": 1}})
     assert status == 400 and "may not set namespace" in body["error"]["message"], body
+
+
+DOCS_TEMPLATE = ("{% for d in documents or [] %}[{{ d.title }}] {{ d.text }}\n{% endfor %}"
+                 "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+DOCS = [{"title": "Paris", "text": "The capital of France."}, {"title": "Rome", "text": "Italy's."}]
+
+
+def test_documents_reach_a_template_that_renders_them(engine, server):
+    """vLLM's documents (RAG) go to the chat template; a template that never mentions them (the
+    default model's) would drop them, so they are a 400 there; [] is none."""
+    question = [{"role": "user", "content": "Which is French?"}]
+    app = build_app(engine, ServerSettings(chat_template=DOCS_TEMPLATE), shutdown_engine=False)
+    with BackgroundServer(app) as docs_server:
+        status, body = post(f"{docs_server.url}/tokenize", {"messages": question,
+                                                             "documents": DOCS})
+        assert status == 200, body
+        assert engine.engine.tokenizer.decode(body["tokens"]) == (
+            "[Paris] The capital of France.\n[Rome] Italy's.\nuser: Which is French?\nassistant:")
+        status, reply = post(f"{docs_server.url}/v1/chat/completions",
+                             {"messages": question, "documents": DOCS, "max_tokens": 1})
+        assert status == 200 and reply["usage"]["prompt_tokens"] == len(body["tokens"]), reply
+        for bad in ({"title": 1}, "Paris", [{}], {}):
+            status, error = post(f"{docs_server.url}/v1/chat/completions",
+                                 {"messages": question, "documents": [bad] if bad != {} else bad,
+                                  "max_tokens": 1})
+            assert status == 400 and error["error"]["param"] == "documents", error
+    status, error = post(f"{server.url}/v1/chat/completions",
+                         {"messages": question, "documents": DOCS, "max_tokens": 1})
+    assert status == 400 and "does not render documents" in error["error"]["message"], error
+    assert error["error"]["param"] == "documents"
+    status, reply = post(f"{server.url}/v1/chat/completions",
+                         {"messages": question, "documents": [], "max_tokens": 1})
+    assert status == 200, reply

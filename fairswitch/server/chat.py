@@ -28,12 +28,21 @@ class ChatTemplate:
             check_template_renders_tools(messages, self.template)
         except MessageError as e:
             raise bad_request(str(e), e.field) from e
+        documents = {}
+        if inputs.documents is not None:
+            sources = self.template.values() if isinstance(self.template, dict) \
+                else [self.template]
+            if not any("documents" in s for s in sources):  # (vLLM drops them unseen)
+                raise bad_request("'documents': this chat template does not render documents "
+                                  "(its source never mentions 'documents'), so the model would "
+                                  "not see them; use a chat template that does", "documents")
+            documents = {"documents": inputs.documents}
         try:
             return self.tokenizer.apply_chat_template(
                 messages, chat_template=self.template, tokenize=False,
                 add_generation_prompt=inputs.add_generation_prompt,
                 continue_final_message=inputs.continue_final_message, tools=inputs.tools,
-                **inputs.kwargs)
+                **documents, **inputs.kwargs)
         except jinja2.TemplateError as e:  # e.g. a template that insists roles alternate
             raise bad_request(f"the chat template rejected the messages: {e}", "messages") from e
         except ValueError as e:  # no final message to continue (the template has one)

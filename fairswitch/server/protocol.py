@@ -158,7 +158,7 @@ _UNSUPPORTED_COMMON = (
     ("logits_processors", ([],)))
 _UNSUPPORTED_COMPLETION = (("suffix", ("",)), ("prompt_embeds", ()))
 _UNSUPPORTED_CHAT = (("functions", ([],)), ("function_call", ("none",)), ("echo", (False,)),
-                     ("chat_template", ()), ("documents", ([],)))
+                     ("chat_template", ()))
 
 
 # Structured output's fields: OpenAI's response_format, vLLM's guided_* (older) and
@@ -240,7 +240,7 @@ _KNOWN_COMPLETION = _READ_COMMON | {"prompt", "echo", "logprobs", "add_special_t
 _KNOWN_CHAT = _READ_COMMON | {"messages", "add_generation_prompt", "continue_final_message",
                               "logprobs", "top_logprobs", "add_special_tokens", "tools",
                               "tool_choice", "parallel_tool_calls", "chat_template_kwargs",
-                              "include_reasoning"} | {
+                              "include_reasoning", "documents"} | {
     name for name, _ in _UNSUPPORTED_COMMON + _UNSUPPORTED_CHAT}
 _MAX_LOGGED_FIELDS = 10
 
@@ -374,6 +374,7 @@ class TemplateInputs:
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     tools: list[dict[str, Any]] | None = None  # shown to the model
+    documents: list[dict[str, str]] | None = None  # vLLM's, for templates that do RAG
     kwargs: dict[str, Any] = field(default_factory=dict)  # chat_template_kwargs
 
 
@@ -595,7 +596,7 @@ def parse_chat(body: Any, tool_parser: str | None = None,
 def _template_inputs(body: dict, tools: list[dict[str, Any]] | None) -> TemplateInputs:
     """vLLM's template controls: add_generation_prompt and continue_final_message (not both:
     the first starts a new assistant turn, the second continues the final message), the tools
-    (``_tools``) and chat_template_kwargs."""
+    (``_tools``), documents and chat_template_kwargs."""
     continue_final = _bool(body, "continue_final_message", False)
     add_generation_prompt = _bool(body, "add_generation_prompt", True)
     if continue_final and add_generation_prompt:
@@ -604,7 +605,22 @@ def _template_inputs(body: dict, tools: list[dict[str, Any]] | None) -> Template
                           "message", "continue_final_message")
     return TemplateInputs(add_generation_prompt=add_generation_prompt,
                           continue_final_message=continue_final, tools=tools,
-                          kwargs=_template_kwargs(body))
+                          documents=_documents(body), kwargs=_template_kwargs(body))
+
+
+def _documents(body: dict) -> list[dict[str, str]] | None:
+    """vLLM's ``documents``: objects of strings (``{"title", "text"}`` as templates that do
+    RAG read them); none or ``[]``: None."""
+    value = body.get("documents")
+    if value is None or value == []:
+        return None
+    if not isinstance(value, list) or not all(
+            isinstance(d, dict) and d and all(isinstance(k, str) and isinstance(v, str)
+                                              for k, v in d.items()) for d in value):
+        raise bad_request("'documents' must be an array of objects whose values are strings "
+                          f"(e.g. {{\"title\": ..., \"text\": ...}}), got {describe(value)}",
+                          "documents")
+    return value
 
 
 _TOOL_CHOICE_FORMS = ("'tool_choice' must be \"none\", \"auto\", \"required\" or {\"type\": "
