@@ -170,8 +170,8 @@ def build_rank(config: EngineConfig, tp: TPGroup, device: torch.device,
     backend = get_attention_backend(mc.attention_backend, device, cc.kv_cache_dtype)
     if backend.name == "triton":  # (the torch backend runs no Triton kernel to time)
         if cc.tokens_per_block < 8:
-            raise ValueError(f"block_size={cc.tokens_per_block}: the Triton attention kernels need "
-                             "block_size >= 8")
+            raise ValueError(f"block_size={cc.tokens_per_block}: the Triton attention kernels "
+                             "need block_size >= 8")
         JIT_CLOCK.install()
     t0 = time.perf_counter()
     model = loader.build_model(hf_config, backend, max_model_len, dtype, device, tp)
@@ -187,8 +187,8 @@ def build_rank(config: EngineConfig, tp: TPGroup, device: torch.device,
     runner = ModelRunner(model, backend, config.scheduler, max_model_len, device, dtype, mc.seed,
                          GraphPlan(decode=graphed, mixed=graphed and mc.mixed_cuda_graphs), events,
                          tp)
-    layout = KVLayout.of_model(hf_config, cc.tokens_per_block, kv_cache_dtype(cc.kv_cache_dtype, dtype),
-                               tp.size)
+    layout = KVLayout.of_model(hf_config, cc.tokens_per_block,
+                               kv_cache_dtype(cc.kv_cache_dtype, dtype), tp.size)
     profile = ((lambda: runner.profile_kv_bytes(layout, cc.gpu_memory_utilization))
                if device.type == "cuda" else None)
     num_blocks = num_gpu_blocks(cc, layout, config.scheduler.max_num_seqs, max_model_len, profile)

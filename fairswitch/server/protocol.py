@@ -875,6 +875,8 @@ def chat_logprobs(token_ids: list[int], entries: list[PositionLogprobs], top: in
 
 
 def _text(lp: Logprob, token: int, text_of: Any) -> str:
+    """A token's text in logprobs: as the engine decoded it, else ``text_of``'s; by id alone
+    where ``text_of`` is ``token_id_text``."""
     if text_of is token_id_text or lp.decoded_token is None:
         return text_of(token)
     return lp.decoded_token
