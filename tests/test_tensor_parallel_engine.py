@@ -147,6 +147,17 @@ def test_an_engine_dropped_without_shutdown_stops_its_workers(llama_dir):
         again.shutdown()
 
 
+def test_spawned_ranks_take_the_device_the_driver_resolved():
+    from fairswitch.config import EngineConfig
+    from fairswitch.distributed.workers import spawned_config
+
+    auto = EngineConfig.from_kwargs(tensor_parallel_size=2)
+    assert spawned_config(auto, torch.device("cuda")).model.device == "cuda"
+    assert spawned_config(auto, torch.device("cpu")).model.device == "cpu"
+    given = EngineConfig.from_kwargs(tensor_parallel_size=2, device="cpu")
+    assert spawned_config(given, torch.device("cpu")) is given
+
+
 def test_a_worker_whose_driver_is_gone_exits_and_removes_the_plan_file(tmp_path):
     """A driver killed while its ranks were starting left each worker waiting in the
     rendezvous for distributed_timeout_s (600 s by default), and the plan queue's file in

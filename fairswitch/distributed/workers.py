@@ -185,6 +185,14 @@ def serve_as_worker(config: Any, rank: int) -> None:
     raise SystemExit(0)
 
 
+def spawned_config(config: Any, device: torch.device) -> Any:
+    """The config the driver spawns its ranks with: a device left to "auto" as the driver
+    resolved it, so that no rank resolves it otherwise (every rank the same kind of device)."""
+    if config.model.device != "auto":
+        return config
+    return config.with_options(device=device.type)
+
+
 def resolve_base_device(config: Any) -> torch.device:
     from fairswitch.engine.builder import resolve_device
 
@@ -231,6 +239,7 @@ class WorkerGroup:
             except OSError as e:  # no room in shared memory: plans go over gloo instead
                 logger.warning("tensor parallelism: no shared-memory plan queue (%s); plans "
                                "go over gloo, about a millisecond a step", e)
+            config = spawned_config(config, device)
             ctx = mp.get_context("spawn")
             self.procs = [ctx.Process(target=_spawned_worker_main, name=f"fairswitch-tp{r}",
                                       daemon=True,
