@@ -275,3 +275,24 @@ def test_the_server_flag_names_tokens_by_id_unless_a_request_says_not():
         text = clients["ids"].completions.create(
             **ask, extra_body={"return_tokens_as_token_ids": False}).choices[0].logprobs.tokens
         assert "".join(text) == by_id.choices[0].text
+
+
+def test_chat_echo_repeats_the_assistant_message_it_continues(client):
+    """vLLM's chat echo: a reply to a conversation that ends with an assistant message starts
+    with that message (whole, and in a stream's opening chunk); after a user's, no echo."""
+    started = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Well, I"}]
+    ask = dict(model=MODEL, messages=started, max_tokens=3, temperature=0.0)
+    cont = {"continue_final_message": True, "add_generation_prompt": False, "ignore_eos": True}
+    plain = client.chat.completions.create(**ask, extra_body=cont).choices[0].message.content
+    echoed = client.chat.completions.create(**ask, extra_body={**cont, "echo": True})
+    assert echoed.choices[0].message.content == "Well, I" + plain
+    assert echoed.usage.completion_tokens == 3
+    chunks = list(client.chat.completions.create(**ask, stream=True,
+                                                 extra_body={**cont, "echo": True}))
+    assert chunks[0].choices[0].delta.content == "Well, I"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Well, I" + plain
+    user_last = dict(model=MODEL, messages=started[:1], max_tokens=3, temperature=0.0,
+                     extra_body={"ignore_eos": True})
+    assert client.chat.completions.create(**user_last).choices[0].message.content == \
+        client.chat.completions.create(**{**user_last, "extra_body": {
+            "ignore_eos": True, "echo": True}}).choices[0].message.content

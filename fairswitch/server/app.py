@@ -228,7 +228,8 @@ class OpenAIServer:
                               echo and all(max_tokens == 0 for _, _, max_tokens in prompts),
                               protocol.token_id_text if as_ids else self._token_text, req.n,
                               req.return_token_ids,
-                              getattr(req, "tool_calls", None), getattr(req, "reasoning", None))
+                              getattr(req, "tool_calls", None), getattr(req, "reasoning", None),
+                              req.echoed() if isinstance(req, protocol.ChatRequest) else "")
         outputs = choice_outputs(
             self.engine, [Prompt(text, ids, req.sampling_params(
                 max(max_tokens, 1), self.core.generation.sampling))
@@ -321,7 +322,7 @@ class OpenAIServer:
 
         try:
             try:
-                opening = reply.fmt.opening_choices(reply.n)
+                opening = reply.fmt.opening_choices(reply.n, reply.shaper.echoed)
                 if shape is not None:
                     for event in shape.opening():
                         await streaming.send_event(resp, event)

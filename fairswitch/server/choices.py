@@ -120,6 +120,7 @@ class ChoiceShaper:
     # "auto" (tool_parsers.py).
     tools: ToolCalls | AutoToolCalls | None = None
     reasoning: Reasoning | None = None  # chat replies' thinking apart (reasoning.py)
+    echoed: str = ""  # chat with echo: before each reply's content (streamed: the opening's)
     _started: set[int] = field(default_factory=set)  # streamed choices with a chunk out
     _offsets: dict[int, int] = field(default_factory=dict)  # completions: chars sent per choice
 
@@ -149,6 +150,8 @@ class ChoiceShaper:
             if calls is not None:  # (else none, or cut short: the text as it is)
                 message["tool_calls"], message["content"] = calls, content
                 choice["finish_reason"] = self._finish(choice["finish_reason"], True)
+        if self.echoed:  # (after the parsers, as vLLM: the echo is the message's own text)
+            choice["message"]["content"] = self.echoed + (choice["message"]["content"] or "")
         return choice
 
     def _finish(self, reason: str | None, called: bool) -> str | None:

@@ -157,7 +157,7 @@ _UNSUPPORTED_COMMON = (
     ("structural_tag", ()),
     ("logits_processors", ([],)))
 _UNSUPPORTED_COMPLETION = (("suffix", ("",)), ("prompt_embeds", ()))
-_UNSUPPORTED_CHAT = (("functions", ([],)), ("function_call", ("none",)), ("echo", (False,)),
+_UNSUPPORTED_CHAT = (("functions", ([],)), ("function_call", ("none",)),
                      ("chat_template", ()))
 
 
@@ -240,7 +240,7 @@ _KNOWN_COMPLETION = _READ_COMMON | {"prompt", "echo", "logprobs", "add_special_t
 _KNOWN_CHAT = _READ_COMMON | {"messages", "add_generation_prompt", "continue_final_message",
                               "logprobs", "top_logprobs", "add_special_tokens", "tools",
                               "tool_choice", "parallel_tool_calls", "chat_template_kwargs",
-                              "include_reasoning", "documents"} | {
+                              "include_reasoning", "documents", "echo"} | {
     name for name, _ in _UNSUPPORTED_COMMON + _UNSUPPORTED_CHAT}
 _MAX_LOGGED_FIELDS = 10
 
@@ -386,6 +386,13 @@ class ChatRequest(GenerationRequest):
     # tool_choice named or "required": replies are calls; "auto": replies may hold calls
     tool_calls: ToolCalls | AutoToolCalls | None = None
     reasoning: Reasoning | None = None  # replies' thinking apart from their answer
+    echo: bool = False  # vLLM's: a reply continuing an assistant message starts with it
+
+    def echoed(self) -> str:
+        """The text ``echo`` puts before each reply: the final message's content where that
+        message is the assistant's, whose role the reply has (vLLM's), else nothing."""
+        last = self.messages[-1] if self.echo and self.messages else {}
+        return (last.get("content") or "") if last.get("role") == "assistant" else ""
 
 
 def _common(body: Any, unsupported: tuple, echo: bool = False) -> dict[str, Any]:
@@ -590,7 +597,8 @@ def parse_chat(body: Any, tool_parser: str | None = None,
     _log_ignored(body, _KNOWN_CHAT)
     return ChatRequest(messages=messages, template=template, logprobs=logprobs,
                        add_special_tokens=_bool(body, "add_special_tokens", False),
-                       tool_calls=calls, reasoning=reasoning, **common)
+                       tool_calls=calls, reasoning=reasoning, echo=_bool(body, "echo", False),
+                       **common)
 
 
 def _template_inputs(body: dict, tools: list[dict[str, Any]] | None) -> TemplateInputs:
@@ -745,12 +753,13 @@ class ResponseFormat:
         return {"index": index, **body, "logprobs": logprobs, "finish_reason": finish_reason,
                 "stop_reason": stop_reason}
 
-    def opening_choices(self, n: int = 1) -> list[dict[str, Any]]:
-        """Chat streams open with a chunk per choice that only names the role."""
+    def opening_choices(self, n: int = 1, echoed: str = "") -> list[dict[str, Any]]:
+        """Chat streams open with a chunk per choice that names the role (and holds the
+        message a chat's ``echo`` repeats)."""
         if not self.chat:
             return []
-        return [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                 "finish_reason": None} for i in range(n)]
+        return [{"index": i, "delta": {"role": "assistant", "content": echoed},
+                 "logprobs": None, "finish_reason": None} for i in range(n)]
 
     def delta_choice(self, text: str, finish_reason: str | None, stop_reason: int | str | None,
                      index: int = 0, logprobs: dict[str, Any] | None = None,
