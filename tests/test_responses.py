@@ -116,6 +116,9 @@ def test_a_request_becomes_the_chat_request_that_runs_it():
     ({"input": "x", "top_logprobs": 21}, "'top_logprobs' must be an integer in [0, 20]",
      "top_logprobs"),
     ({"input": "x", "return_token_ids": True}, "chat completions field", "return_token_ids"),
+    ({"input": "x", "return_tokens_as_token_ids": True}, "chat completions field",
+     "return_tokens_as_token_ids"),
+    ({"input": "x", "documents": [{"text": "d"}]}, "chat completions field", "documents"),
 ])
 def test_what_a_request_cannot_say_is_a_400_naming_its_field(body, fragment, param):
     with pytest.raises(APIError) as e:

@@ -255,8 +255,15 @@ def test_return_tokens_as_token_ids_names_logprobs_tokens_by_id(client):
                                     "return_tokens_as_token_ids": True}).choices[0]
     content = chat.logprobs.content
     assert [c.token for c in content] == _as_ids(chat.model_extra["token_ids"])
-    assert all(c.bytes == list(c.token.encode()) for c in content)
+    texts = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3, logprobs=True,
+        top_logprobs=2, extra_body={"ignore_eos": True}).choices[0].logprobs.content
+    assert [c.bytes for c in content] == [c.bytes for c in texts]  # the text's, as vLLM's
     assert all(t.token.startswith("token_id:") for c in content for t in c.top_logprobs)
+    prompt = client.completions.create(**{**body, "extra_body": {
+        "return_tokens_as_token_ids": True, "prompt_logprobs": 0}}).choices[0].model_extra
+    assert not any(lp["decoded_token"].startswith("token_id:") for entry in
+                   prompt["prompt_logprobs"][1:] for lp in entry.values())
     with pytest.raises(openai.BadRequestError, match="return_tokens_as_token_ids"):
         client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=1,
                                   extra_body={"return_tokens_as_token_ids": "yes"})
@@ -275,6 +282,13 @@ def test_the_server_flag_names_tokens_by_id_unless_a_request_says_not():
         text = clients["ids"].completions.create(
             **ask, extra_body={"return_tokens_as_token_ids": False}).choices[0].logprobs.tokens
         assert "".join(text) == by_id.choices[0].text
+        # The Responses API finds the answer's logprobs by the tokens' text: named by text
+        reply = clients["ids"].responses.create(model=MODEL, input="Hi", max_output_tokens=2,
+                                                temperature=0.0,
+                                                include=["message.output_text.logprobs"])
+        tokens = [lp.token for lp in reply.output[0].content[0].logprobs]
+        assert tokens and not any(t.startswith("token_id:") for t in tokens)
+        assert "".join(tokens) == reply.output_text
 
 
 def test_chat_echo_repeats_the_assistant_message_it_continues(client):

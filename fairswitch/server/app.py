@@ -221,15 +221,15 @@ class OpenAIServer:
                                                                            ids)
                       for text, ids, _ in prompts] if echo else None
         # (echo without generation: the engine samples one token, which is not shown)
-        as_ids = req.return_tokens_as_token_ids
-        if as_ids is None:
-            as_ids = self.settings.return_tokens_as_token_ids
+        by_id = req.return_tokens_as_token_ids
+        if by_id is None:  # (not the Responses API's: it finds its parts by the tokens' text)
+            by_id = shape is None and self.settings.return_tokens_as_token_ids
         shaper = ChoiceShaper(fmt, req.logprobs, echo_texts,
                               echo and all(max_tokens == 0 for _, _, max_tokens in prompts),
-                              protocol.token_id_text if as_ids else self._token_text, req.n,
-                              req.return_token_ids,
+                              self._token_text, req.n, req.return_token_ids,
                               getattr(req, "tool_calls", None), getattr(req, "reasoning", None),
-                              req.echoed() if isinstance(req, protocol.ChatRequest) else "")
+                              req.echoed() if isinstance(req, protocol.ChatRequest) else "",
+                              by_id)
         outputs = choice_outputs(
             self.engine, [Prompt(text, ids, req.sampling_params(
                 max(max_tokens, 1), self.core.generation.sampling))

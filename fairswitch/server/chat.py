@@ -30,9 +30,7 @@ class ChatTemplate:
             raise bad_request(str(e), e.field) from e
         documents = {}
         if inputs.documents is not None:
-            sources = self.template.values() if isinstance(self.template, dict) \
-                else [self.template]
-            if not any("documents" in s for s in sources):  # (vLLM drops them unseen)
+            if "documents" not in self.template:  # (vLLM drops them unseen)
                 raise bad_request("'documents': this chat template does not render documents "
                                   "(its source never mentions 'documents'), so the model would "
                                   "not see them; use a chat template that does", "documents")

@@ -121,6 +121,7 @@ class ChoiceShaper:
     tools: ToolCalls | AutoToolCalls | None = None
     reasoning: Reasoning | None = None  # chat replies' thinking apart (reasoning.py)
     echoed: str = ""  # chat with echo: before each reply's content (streamed: the opening's)
+    by_id: bool = False  # logprobs name tokens "token_id:<id>" (return_tokens_as_token_ids)
     _started: set[int] = field(default_factory=set)  # streamed choices with a chunk out
     _offsets: dict[int, int] = field(default_factory=dict)  # completions: chars sent per choice
 
@@ -229,5 +230,5 @@ class ChoiceShaper:
         if self.logprobs is None:
             return None
         if self.fmt.chat:
-            return chat_logprobs(ids, entries, self.logprobs, self.text_of)
-        return completion_logprobs(ids, entries, self.text_of, offset)
+            return chat_logprobs(ids, entries, self.logprobs, self.text_of, self.by_id)
+        return completion_logprobs(ids, entries, self.text_of, offset, self.by_id)

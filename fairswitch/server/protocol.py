@@ -623,7 +623,7 @@ def _documents(body: dict) -> list[dict[str, str]] | None:
     if value is None or value == []:
         return None
     if not isinstance(value, list) or not all(
-            isinstance(d, dict) and d and all(isinstance(k, str) and isinstance(v, str)
+            isinstance(d, dict) and all(isinstance(k, str) and isinstance(v, str)
                                               for k, v in d.items()) for d in value):
         raise bad_request("'documents' must be an array of objects whose values are strings "
                           f"(e.g. {{\"title\": ..., \"text\": ...}}), got {describe(value)}",
@@ -838,9 +838,13 @@ def token_id_text(token: int) -> str:
 
 
 def completion_logprobs(token_ids: list[int], entries: list[PositionLogprobs | None],
-                        text_of: Any, text_offset: int = 0) -> dict[str, Any]:
+                        text_of: Any, text_offset: int = 0, by_id: bool = False
+                        ) -> dict[str, Any]:
     """OpenAI's completions shape for tokens ``token_ids`` with their ``entries`` (None: the
-    prompt's first token, which nothing predicts); ``text_of(id)``: a token's text."""
+    prompt's first token, which nothing predicts); ``text_of(id)``: a token's text; ``by_id``:
+    tokens named "token_id:<id>" instead (vLLM's ``return_tokens_as_token_ids``)."""
+    if by_id:
+        text_of = token_id_text
     tokens, token_lps, tops, offsets = [], [], [], []
     for token, entry in zip(token_ids, entries):
         text = _text(entry[token], token, text_of) if entry else text_of(token)
@@ -868,16 +872,19 @@ def prompt_logprobs(entries: list[PositionLogprobs | None], text_of: Any
 
 
 def chat_logprobs(token_ids: list[int], entries: list[PositionLogprobs], top: int,
-                  text_of: Any) -> dict[str, Any]:
-    """OpenAI's chat shape: per token its text, logprob, UTF-8 bytes and ``top`` alternatives."""
+                  text_of: Any, by_id: bool = False) -> dict[str, Any]:
+    """OpenAI's chat shape: per token its text, logprob, UTF-8 bytes and ``top`` alternatives.
+    ``by_id``: tokens named "token_id:<id>", the chosen one's bytes still its text's (vLLM's)."""
     content = []
+    name_of = token_id_text if by_id else text_of
     for token, entry in zip(token_ids, entries):
         text = _text(entry[token], token, text_of)
         ranked = sorted((lp.rank or 0, t, lp) for t, lp in entry.items() if lp.rank
                         and lp.rank <= top)
-        content.append({"token": text, "logprob": _finite(entry[token].logprob),
+        content.append({"token": _text(entry[token], token, name_of),
+                        "logprob": _finite(entry[token].logprob),
                         "bytes": list(text.encode()),
-                        "top_logprobs": [{"token": (s := _text(lp, t, text_of)),
+                        "top_logprobs": [{"token": (s := _text(lp, t, name_of)),
                                           "logprob": _finite(lp.logprob),
                                           "bytes": list(s.encode())} for _, t, lp in ranked]})
     return {"content": content}

@@ -29,7 +29,8 @@ _CHAT_ONLY = {"messages": "input", "max_tokens": "max_output_tokens",
               "max_completion_tokens": "max_output_tokens", "response_format": "text.format",
               "functions": "tools", "function_call": "tool_choice",
               "logprobs": f"include: [\"{_LOGPROBS}\"]", "n": None, "echo": None,
-              "prompt_logprobs": None, "return_token_ids": None}
+              "prompt_logprobs": None, "return_token_ids": None,
+              "return_tokens_as_token_ids": None, "documents": None}
 _OWN = {"input", "instructions", "max_output_tokens", "text", "tools", "tool_choice", "store",
         "metadata", "truncation", "include", "top_logprobs", "stream_options", "reasoning",
         *_REFUSED}
