@@ -103,6 +103,7 @@ class GrammarCompiler:
     def __init__(self, tokenizer: Any, vocab_size: int, eos_token_ids: set[int]) -> None:
         self._xgr = _xgrammar()
         self._tokenizer = tokenizer
+        self._vocab_size = vocab_size
         info = _tokenizer_info(self._xgr, tokenizer, vocab_size, sorted(eos_token_ids))
         # Compiled grammars are cached by the library, within a bound: each client's distinct
         # schema would otherwise be kept for good (vLLM bounds it alike).
@@ -139,6 +140,16 @@ class GrammarCompiler:
                 opener = ids[0] if len(ids) == 1 else -1  # (-1: no token opens it)
             return HeldAfter(matcher, params.after, self._tokenizer.decode, opener)
         return matcher
+
+    def allows_any(self, matcher: Any, token_ids: list[int]) -> bool:
+        """Whether a fresh ``matcher`` lets one of ``token_ids`` begin the reply (it is not
+        advanced: filling a bitmask reads its state)."""
+        import torch
+
+        bitmask = self._xgr.allocate_token_bitmask(1, self._vocab_size)
+        matcher.fill_next_token_bitmask(bitmask, 0)
+        ids = torch.tensor([t for t in token_ids if t < self._vocab_size], dtype=torch.long)
+        return bool(((bitmask[0, ids // 32] >> (ids % 32).to(torch.int32)) & 1).any())
 
     def apply(self, logits: Any, rows: list[int], matchers: list[Any]) -> None:
         """Mask ``logits`` (in place) at ``rows`` to what each matcher allows next."""

@@ -29,8 +29,8 @@ def llm():
 
 
 def _replies(llm, so, n=4, **sampling):
-    params = SamplingParams(max_tokens=100, temperature=1.0, seed=5, n=n, structured_outputs=so,
-                            **sampling)
+    params = SamplingParams(**{"max_tokens": 100, "temperature": 1.0, "seed": 5, **sampling},
+                            n=n, structured_outputs=so)
     out = llm.generate(["Describe someone."], params, use_tqdm=False)[0]
     return out.outputs
 
@@ -109,6 +109,23 @@ def test_min_tokens_past_the_grammars_end_does_not_break_the_step(llm):
     """min_tokens would mask the EOS the finished grammar leaves alone: the grammar decides."""
     out = _replies(llm, StructuredOutputsParams(choice=["ok"]), n=1, min_tokens=5)[0]
     assert (out.text, out.finish_reason) == ("ok", "stop")
+
+
+def test_allowed_token_ids_that_cannot_begin_the_structure_are_refused(llm, client):
+    """The reply could not start: refused when added (it was aborted at its first step, a 500
+    through the server); ids that may begin it are taken, and hold the reply with it."""
+    tok = llm.get_tokenizer()
+    a, b = (tok.encode(ch, add_special_tokens=False) for ch in "ab")
+    with pytest.raises(ValueError, match="none of them may begin the structured output"):
+        _replies(llm, StructuredOutputsParams(regex="a+"), n=1, allowed_token_ids=b)
+    out = _replies(llm, StructuredOutputsParams(regex="a+"), n=1, allowed_token_ids=a + b,
+                   max_tokens=4)[0]
+    assert out.text == "aaaa"
+    free = StructuredOutputsParams(regex="a+", after="</think>")  # free at first: any id
+    assert _replies(llm, free, n=1, allowed_token_ids=b, max_tokens=2)[0].text == "bb"
+    with pytest.raises(openai.BadRequestError, match="allowed_token_ids"):
+        client.completions.create(model="fairswitch-tiny", prompt="x", max_tokens=2,
+                                  extra_body={"guided_regex": "a+", "allowed_token_ids": b})
 
 
 @pytest.fixture(scope="module")

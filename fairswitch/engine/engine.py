@@ -132,6 +132,11 @@ class Engine:
         if params.structured_outputs is not None:  # (a bad schema: this request's ValueError)
             req.grammar = grammar if grammar is not None else self.compile_grammar(
                 params.structured_outputs)
+            allowed = params.allowed_token_ids
+            if allowed is not None and not self._grammars().allows_any(req.grammar, allowed):
+                raise ValueError("allowed_token_ids: none of them may begin the structured "
+                                 "output, so the reply could not start; allow its first "
+                                 "tokens too")
         self.output_processor.init_request(req)
         # May raise QueueFullError: nothing is registered yet.
         self.scheduler.add_request(req, queue_places, held_by)
