@@ -54,11 +54,7 @@ class StructuredOutputsParams:
         if self.json is not None and not isinstance(self.json, (dict, str)):
             raise TypeError(f"json must be a JSON schema (an object or its text), got "
                             f"{type(self.json).__name__}")
-        for name in ("regex", "grammar"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, str) or not value):
-                raise TypeError(f"{name} must be a non-empty string, got {value!r:.40}")
-        for name in ("after", "opens"):
+        for name in ("regex", "grammar", "after", "opens"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise TypeError(f"{name} must be a non-empty string, got {value!r:.40}")

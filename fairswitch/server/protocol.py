@@ -139,8 +139,8 @@ def _int_list(body: dict, name: str, most: int) -> list[int]:
     value = body.get(name)
     if value is None:
         return []
-    ids = [integral(t) for t in value] if isinstance(value, list) else None
-    if ids is None or not all(t is not None and 0 <= t <= _INT64_MAX for t in ids):
+    ids = _integers(value)
+    if ids is None or not all(0 <= t <= _INT64_MAX for t in ids):
         raise bad_request(f"'{name}' must be a list of non-negative integers, "
                           f"got {describe(value)}", name)
     value = ids
@@ -485,13 +485,17 @@ def _bad_words(body: dict) -> list[str] | None:
     return value
 
 
-def _token_ids(value: Any) -> list[int] | None:
-    """``value`` as a non-empty list of token ids (integral floats taken); None if it is not
-    one."""
-    if not isinstance(value, list) or not value:
+def _integers(value: Any) -> list[int] | None:
+    """``value`` as a list of ints (integral floats taken); None if it is not one."""
+    if not isinstance(value, list):
         return None
     ids = [integral(t) for t in value]
     return None if any(t is None for t in ids) else ids
+
+
+def _token_ids(value: Any) -> list[int] | None:
+    """``value`` as a non-empty list of token ids; None if it is not one."""
+    return _integers(value) if value else None
 
 
 def parse_prompts(value: Any, n: int, name: str = "prompt") -> list[str | list[int]]:
@@ -818,8 +822,8 @@ def parse_detokenize(body: Any, vocab_size: int) -> tuple[str | None, list[int]]
     if not isinstance(body, dict):
         raise bad_request(f"the request body must be a JSON object, got {describe(body)}")
     tokens = body.get("tokens")
-    ids = [integral(t) for t in tokens] if isinstance(tokens, list) else None
-    if ids is None or not all(t is not None and 0 <= t < vocab_size for t in ids):
+    ids = _integers(tokens)
+    if ids is None or not all(0 <= t < vocab_size for t in ids):
         raise bad_request(f"'tokens' must be a list of token ids in [0, {vocab_size}), got "
                           f"{describe(tokens)}", "tokens")
     return _str(body, "model"), ids
@@ -843,11 +847,9 @@ def completion_logprobs(token_ids: list[int], entries: list[PositionLogprobs | N
     """OpenAI's completions shape for tokens ``token_ids`` with their ``entries`` (None: the
     prompt's first token, which nothing predicts); ``text_of(id)``: a token's text; ``by_id``:
     tokens named "token_id:<id>" instead (vLLM's ``return_tokens_as_token_ids``)."""
-    if by_id:
-        text_of = token_id_text
     tokens, token_lps, tops, offsets = [], [], [], []
     for token, entry in zip(token_ids, entries):
-        text = _text(entry[token], token, text_of) if entry else text_of(token)
+        text = _text(entry[token] if entry else None, token, text_of, by_id)
         tokens.append(text)
         offsets.append(text_offset)
         text_offset += len(text)
@@ -856,7 +858,8 @@ def completion_logprobs(token_ids: list[int], entries: list[PositionLogprobs | N
             tops.append(None)
             continue
         token_lps.append(_finite(entry[token].logprob))
-        tops.append({_text(lp, t, text_of): _finite(lp.logprob) for t, lp in entry.items()})
+        tops.append({_text(lp, t, text_of, by_id): _finite(lp.logprob)
+                     for t, lp in entry.items()})
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
             "text_offset": offsets}
 
@@ -876,23 +879,24 @@ def chat_logprobs(token_ids: list[int], entries: list[PositionLogprobs], top: in
     """OpenAI's chat shape: per token its text, logprob, UTF-8 bytes and ``top`` alternatives.
     ``by_id``: tokens named "token_id:<id>", the chosen one's bytes still its text's (vLLM's)."""
     content = []
-    name_of = token_id_text if by_id else text_of
     for token, entry in zip(token_ids, entries):
         text = _text(entry[token], token, text_of)
         ranked = sorted((lp.rank or 0, t, lp) for t, lp in entry.items() if lp.rank
                         and lp.rank <= top)
-        content.append({"token": _text(entry[token], token, name_of),
+        content.append({"token": _text(entry[token], token, text_of, by_id),
                         "logprob": _finite(entry[token].logprob),
                         "bytes": list(text.encode()),
-                        "top_logprobs": [{"token": (s := _text(lp, t, name_of)),
+                        "top_logprobs": [{"token": (s := _text(lp, t, text_of, by_id)),
                                           "logprob": _finite(lp.logprob),
                                           "bytes": list(s.encode())} for _, t, lp in ranked]})
     return {"content": content}
 
 
-def _text(lp: Logprob, token: int, text_of: Any) -> str:
-    """A token's text in logprobs: as the engine decoded it, else ``text_of``'s; by id alone
-    where ``text_of`` is ``token_id_text``."""
-    if text_of is token_id_text or lp.decoded_token is None:
-        return text_of(token)
-    return lp.decoded_token
+def _text(lp: Logprob | None, token: int, text_of: Any, by_id: bool = False) -> str:
+    """A token's name in logprobs: "token_id:<id>" ``by_id``, else its text as the engine
+    decoded it (``lp``, None where nothing predicts the token), else ``text_of``'s."""
+    if by_id:
+        return token_id_text(token)
+    if lp is not None and lp.decoded_token is not None:
+        return lp.decoded_token
+    return text_of(token)

@@ -253,7 +253,7 @@ def _part(kind: str, text: str, logprobs: list[dict[str, Any]]) -> dict[str, Any
 
 def _reasoning_item(item_id: str, text: str | None, status: str) -> dict[str, Any]:
     return {"type": "reasoning", "id": item_id, "summary": [], "status": status,
-            "content": [] if text is None else [{"type": "reasoning_text", "text": text}]}
+            "content": [] if text is None else [_part("reasoning", text, [])]}
 
 
 def _status(finish_reason: str | None) -> str:
@@ -262,8 +262,7 @@ def _status(finish_reason: str | None) -> str:
 
 def _message_item(item_id: str, text: str | None, status: str,
                   logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    content = [] if text is None else [
-        {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}]
+    content = [] if text is None else [_part("message", text, logprobs or [])]
     return {"type": "message", "id": item_id, "status": status, "role": "assistant",
             "content": content}
 
