@@ -45,6 +45,22 @@ def test_a_reply_splits_the_same_whole_and_however_it_is_streamed(parser, reply,
             thought or "", answer), pieces
 
 
+@pytest.mark.parametrize("parser, pieces, thinking", [
+    ("qwen3", ["<think>", "\nTwo", " and two.\n", "</think>", "\n\nFour."], 4),
+    ("qwen3", ["<th", "ink>", "a", "</th", "ink>\n", "b"], 5),  # (tags across tokens)
+    ("qwen3", ["Four", "."], 0),
+    ("qwen3", ["<", "b>"], 0),  # (held back as a possible <think>, then not one)
+    ("qwen3", ["<think>", "cut"], 2),  # cut short while thinking
+    ("qwen3", [], 0),
+    ("deepseek_r1", ["Two", " and two", "</think>", "Four"], 3),
+    ("deepseek_r1", ["</think>", "Four"], 1),
+    ("deepseek_r1", ["Two", " and two"], 2),
+])
+def test_the_tokens_of_the_thinking_are_counted_up_to_the_one_closing_it(parser, pieces,
+                                                                         thinking):
+    assert Reasoning(parser).count(pieces) == thinking
+
+
 def test_a_held_reply_thinks_first_under_deepseek_r1_and_where_it_opens_so_under_qwen3():
     """deepseek_r1's models always think: a structure holds the answer after </think> (vLLM's
     way). Under qwen3 a reply need not think: it is free only if its first token is <think>."""
@@ -152,6 +168,14 @@ def clients():
         yield out
 
 
+def _tokenizer():
+    """The default model's, which the servers run."""
+    from fairswitch.model.default_model import default_model_dir
+    from fairswitch.model.tokenizer import load_tokenizer
+
+    return load_tokenizer(default_model_dir())
+
+
 def _chat(client, reply: str, stream: bool = False, **extra):
     return client.chat.completions.create(
         model="fairswitch-tiny", messages=[{"role": "user", "content": "2+2?"}], max_tokens=160,
@@ -182,6 +206,16 @@ def test_the_reply_gives_its_thinking_as_reasoning(clients, parser, reply, thoug
     assert extra.get("reasoning") == extra.get("reasoning_content") == thought
     reasoning, content, _ = _streamed(_chat(clients[parser], reply, stream=True))
     assert (reasoning, content) == (thought or "", answer)
+    # usage counts the thinking's tokens: those up to the one whose text closes it
+    whole = _chat(clients[parser], reply, return_token_ids=True)
+    ids, decode = whole.choices[0].model_extra["token_ids"], _tokenizer().decode
+    closed = [k for k in range(1, len(ids) + 1) if "</think>" in decode(ids[:k])]
+    thinking = closed[0] if thought is not None else 0
+    assert whole.usage.completion_tokens_details.reasoning_tokens == thinking
+    assert (thinking > 0) == (thought is not None) and whole.usage.completion_tokens == len(ids)
+    *_, last = _chat(clients[parser], reply, stream=True,
+                     top={"stream_options": {"include_usage": True}})
+    assert last.usage.completion_tokens_details.reasoning_tokens == thinking
     hidden = _chat(clients[parser], reply, include_reasoning=False).choices[0].message
     assert hidden.content == answer and "reasoning" not in (hidden.model_extra or {})
 
@@ -216,6 +250,9 @@ def test_responses_give_the_thinking_as_a_reasoning_item(clients):
     assert "".join(deltas) == "\nTwo and two.\n"
     assert [item.type for item in final.output] == ["reasoning", "message"]
     assert final.output_text == whole.output_text
+    thinking = whole.usage.output_tokens_details.reasoning_tokens
+    assert 0 < thinking < whole.usage.output_tokens
+    assert final.usage.output_tokens_details.reasoning_tokens == thinking
 
 
 def test_a_json_reply_under_qwen3_is_all_answer(clients):

@@ -469,9 +469,11 @@ def _observe(tracker: RequestTracker, reply: _Reply, index: int, out: RequestOut
 def _usage(reply: _Reply, done: dict[int, RequestOutput]) -> dict[str, Any]:
     """Each prompt counted once (its first choice's), every choice's tokens."""
     firsts = [done[i] for i in range(0, reply.n, reply.shaper.n)]
+    thinking = [reply.shaper.num_reasoning_tokens(out) for out in done.values()]
     return protocol.usage(sum(len(out.prompt_token_ids) for out in firsts),
                           sum(reply.shaper.num_shown_tokens(out) for out in done.values()),
-                          sum(out.num_cached_tokens for out in firsts))
+                          sum(out.num_cached_tokens for out in firsts),
+                          None if None in thinking else sum(thinking))
 
 
 def _reject_constant(name: str) -> Any:

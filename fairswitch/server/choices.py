@@ -214,6 +214,12 @@ class ChoiceShaper:
     def num_shown_tokens(self, out: RequestOutput) -> int:
         return 0 if self.echo_only else len(out.outputs[0].token_ids)
 
+    def num_reasoning_tokens(self, out: RequestOutput) -> int | None:
+        """Of a finished choice's tokens, those of its thinking (None: no reasoning parser)."""
+        if self.reasoning is None:
+            return None
+        return self.reasoning.count(map(self.text_of, out.outputs[0].token_ids))
+
     def _shown(self, ids: list[int], entries: list | None) -> tuple[list[int], list]:
         if self.echo_only:
             return [], []

@@ -727,12 +727,17 @@ def resolve_max_tokens(requested: int | None, num_prompt_tokens: int, max_model_
 # ---- response bodies --------------------------------------------------------------------------
 
 def usage(num_prompt_tokens: int, num_completion_tokens: int,
-          num_cached_tokens: int = 0) -> dict[str, Any]:
+          num_cached_tokens: int = 0, num_reasoning_tokens: int | None = None
+          ) -> dict[str, Any]:
+    """OpenAI's usage; ``num_reasoning_tokens`` (with a reasoning parser: the replies' tokens
+    that are thinking) as ``completion_tokens_details.reasoning_tokens``."""
     body: dict[str, Any] = {"prompt_tokens": num_prompt_tokens,
                             "completion_tokens": num_completion_tokens,
                             "total_tokens": num_prompt_tokens + num_completion_tokens}
     if num_cached_tokens:  # prompt tokens whose KV came from the prefix cache
         body["prompt_tokens_details"] = {"cached_tokens": num_cached_tokens}
+    if num_reasoning_tokens is not None:
+        body["completion_tokens_details"] = {"reasoning_tokens": num_reasoning_tokens}
     return body
 
 

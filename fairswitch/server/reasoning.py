@@ -13,10 +13,13 @@ stream, delta by delta. Two parsers, as vLLM's:
 
 One reader serves a whole reply and a stream, so the two agree however the text is cut; only
 what may be the start of a tag is held back. The answer keeps its text as written (the blank
-line after ``</think>`` included, as vLLM's).
+line after ``</think>`` included, as vLLM's). ``count`` tells how many of a reply's tokens are its
+thinking (usage's ``reasoning_tokens``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 from fairswitch.server.text_scan import held_back
 
@@ -85,3 +88,15 @@ class Reasoning:
         """(reasoning, content) of a stream chunk's new text, for one choice."""
         reader = self._readers.setdefault(choice, _Reader(self.name, self.opened_only))
         return reader.feed(text, final)
+
+    def count(self, pieces: Iterable[str]) -> int:
+        """How many of a reply's tokens (their texts ``pieces``, in order) are its thinking: up
+        to the one that closes it, that one included (all of them if it never closes); 0 if the
+        reply did not think."""
+        pieces = list(pieces)
+        reader = _Reader(self.name, self.opened_only)
+        for n, piece in enumerate(pieces, 1):
+            reader.feed(piece, final=n == len(pieces))
+            if reader.state == "answering":
+                return n if reader.thought else 0
+        return len(pieces) if reader.thought else 0

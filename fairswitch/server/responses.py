@@ -275,8 +275,9 @@ def _call_item(call_id: str, name: str, arguments: str, status: str,
 
 def _usage(chat: dict[str, Any]) -> dict[str, Any]:
     cached = (chat.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+    thinking = (chat.get("completion_tokens_details") or {}).get("reasoning_tokens", 0)
     return {"input_tokens": chat["prompt_tokens"],
             "input_tokens_details": {"cached_tokens": cached},
             "output_tokens": chat["completion_tokens"],
-            "output_tokens_details": {"reasoning_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": thinking},
             "total_tokens": chat["total_tokens"]}
