@@ -266,6 +266,36 @@ DOCS_TEMPLATE = ("{% for d in documents or [] %}[{{ d.title }}] {{ d.text }}\n{%
 DOCS = [{"title": "Paris", "text": "The capital of France."}, {"title": "Rome", "text": "Italy's."}]
 
 
+def test_a_requests_chat_template_renders_only_where_the_server_trusts_requests(engine, server):
+    """vLLM's --trust-request-chat-template: a request's chat_template replaces the server's;
+    untrusted (the default), or not Jinja, it is a 400 naming it."""
+    question = [{"role": "user", "content": "Which is French?"}]
+    mine = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<reply>"
+    status, error = post(f"{server.url}/v1/chat/completions",
+                         {"messages": question, "chat_template": mine, "max_tokens": 1})
+    assert status == 400 and "--trust-request-chat-template" in error["error"]["message"]
+    assert error["error"]["param"] == "chat_template"
+    app = build_app(engine, ServerSettings(trust_request_chat_template=True),
+                    shutdown_engine=False)
+    with BackgroundServer(app) as trusting:
+        status, body = post(f"{trusting.url}/tokenize", {"messages": question,
+                                                          "chat_template": mine})
+        assert status == 200, body
+        assert engine.engine.tokenizer.decode(body["tokens"]) == (
+            "<user>Which is French?<reply>")
+        status, reply = post(f"{trusting.url}/v1/chat/completions",
+                             {"messages": question, "chat_template": mine, "max_tokens": 1})
+        assert status == 200 and reply["usage"]["prompt_tokens"] == len(body["tokens"]), reply
+        status, plain = post(f"{trusting.url}/tokenize", {"messages": question})
+        assert plain["tokens"] != body["tokens"]  # (the server's own, for a request without)
+        for bad, fragment in (("{% for m in messages %}", "is not a Jinja template"),
+                              (7, "'chat_template' must be a string")):
+            status, error = post(f"{trusting.url}/v1/chat/completions",
+                                 {"messages": question, "chat_template": bad, "max_tokens": 1})
+            assert status == 400 and fragment in error["error"]["message"], error
+            assert error["error"]["param"] == "chat_template"
+
+
 def test_documents_reach_a_template_that_renders_them(engine, server):
     """vLLM's documents (RAG) go to the chat template; a template that never mentions them (the
     default model's) would drop them, so they are a 400 there; [] is none."""

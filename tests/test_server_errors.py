@@ -270,7 +270,6 @@ def test_bad_request(server, path, body, status, fragments, param):
 UNSUPPORTED = [
     ("/v1/chat/completions", "structural_tag", {"type": "structural_tag"}, None),
     ("/v1/completions", "logits_processors", ["mod.Class"], []),
-    ("/v1/chat/completions", "chat_template", "{{ messages }}", None),
 ]
 
 

@@ -7,9 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 
-import jinja2
 
-from fairswitch.model.tokenizer import TEMPLATE_EXTENSIONS
+from fairswitch.model.tokenizer import template_syntax_error
 
 
 def check_input_file(path: Path, what: str) -> Path:
@@ -61,15 +60,6 @@ def read_chat_template(value: str | None) -> str | None:
     if value is None:
         return None
     text = value if "{" in value else read_text(Path(value), "chat template file")
-    try:
-        _template_parser().parse(text)
-    except jinja2.TemplateSyntaxError as e:
-        raise ValueError(f"--chat-template is not a Jinja template: {e.message} (line "
-                         f"{e.lineno})") from None
+    if (error := template_syntax_error(text)) is not None:
+        raise ValueError(f"--chat-template is not a Jinja template: {error}")
     return text
-
-
-def _template_parser() -> jinja2.Environment:
-    """Jinja with the statements transformers' chat templates may use, as the tokenizer
-    renders them."""
-    return jinja2.Environment(extensions=list(TEMPLATE_EXTENSIONS))

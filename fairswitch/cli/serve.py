@@ -75,6 +75,9 @@ def add_reply_options(g: argparse._ActionsContainer) -> None:
     g.add_argument("--chat-template", default=None,
                    help="Jinja chat template (a file, or the template itself) replacing the "
                         "tokenizer's (default: the tokenizer's, else a plain-text one)")
+    g.add_argument("--trust-request-chat-template", action="store_true",
+                   help="render a request's own 'chat_template' (refused otherwise, as vLLM: "
+                        "the server would run the client's Jinja)")
     g.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="tool_choice 'auto' (OpenAI's default with tools): the model may call "
                         "the tools in its own syntax, read by --tool-call-parser, as vLLM")
@@ -101,6 +104,7 @@ def reply_settings(args: argparse.Namespace) -> dict:
             "refused (as vLLM)")
     return dict(served_model_names=args.served_model_name or [args.model],
                 chat_template=read_chat_template(args.chat_template),
+                trust_request_chat_template=args.trust_request_chat_template,
                 tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
                 reasoning_parser=args.reasoning_parser,
                 return_tokens_as_token_ids=args.return_tokens_as_token_ids)

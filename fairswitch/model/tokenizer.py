@@ -20,6 +20,8 @@ A checkpoint without ``tokenizer.json`` (a SentencePiece model only) is loaded b
 from __future__ import annotations
 
 import json
+import threading
+from collections import OrderedDict
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -83,6 +85,9 @@ def _chat_template(path: Path, config: dict[str, Any]) -> str | None:
     return template
 
 
+_MAX_COMPILED_TEMPLATES = 16
+
+
 class Tokenizer:
     def __init__(self, path: Path) -> None:
         from tokenizers import Tokenizer as RustTokenizer
@@ -99,7 +104,9 @@ class Tokenizer:
         self.chat_template = _chat_template(path, config)
         self._cleanup = bool(config.get("clean_up_tokenization_spaces", False)) and \
             type(self._tok.model).__name__ != "BPE"
-        self._templates: dict[str, Any] = {}
+        # Compiled templates by source, most recently used last (requests may bring their own).
+        self._templates: OrderedDict[str, Any] = OrderedDict()
+        self._templates_lock = threading.Lock()
 
     def __len__(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
@@ -147,12 +154,17 @@ class Tokenizer:
         source = chat_template or self.chat_template
         if source is None:
             raise ValueError("this tokenizer has no chat template; pass chat_template")
-        if source not in self._templates:
-            self._templates[source] = _compile(source)
+        with self._templates_lock:  # (prompt worker threads render at once)
+            if source not in self._templates:
+                self._templates[source] = _compile(source)
+                while len(self._templates) > _MAX_COMPILED_TEMPLATES:
+                    self._templates.popitem(last=False)
+            self._templates.move_to_end(source)
+            template = self._templates[source]
         variables = {name: text for name, text in self.special_tokens.items() if text is not None}
         # tools and documents are None, not undefined, when absent: templates test "is not none".
         variables.update({"tools": None, "documents": None, **kwargs})
-        text = self._templates[source].render(
+        text = template.render(
             messages=messages, add_generation_prompt=add_generation_prompt, **variables)
         if continue_final_message:
             text = cut_after_final_message(text, messages)
@@ -192,6 +204,16 @@ class GenerationTag(jinja2.ext.Extension):
 
 # The statements transformers' chat templates may use beyond plain Jinja.
 TEMPLATE_EXTENSIONS = (GenerationTag, jinja2.ext.loopcontrols)
+
+
+def template_syntax_error(source: str) -> str | None:
+    """Why ``source`` is not a chat template (Jinja with those statements) that parses; None
+    if it is one."""
+    try:
+        jinja2.Environment(extensions=list(TEMPLATE_EXTENSIONS)).parse(source)
+    except jinja2.TemplateSyntaxError as e:
+        return f"{e.message} (line {e.lineno})"
+    return None
 
 
 def _compile(source: str) -> Any:

@@ -89,7 +89,8 @@ class OpenAIServer:
         self.model_name = settings.served_model_names[0]
         self.core = engine.engine  # read-only use: tokenizer, limits, prompt validation
         self.tokenizer = self.core.tokenizer
-        self.chat_template = ChatTemplate(self.tokenizer, settings.chat_template)
+        self.chat_template = ChatTemplate(self.tokenizer, settings.chat_template,
+                                          settings.trust_request_chat_template)
         self.prompts = PromptWorker(self.tokenizer, self.core.max_model_len)
         self.metrics = ServerMetrics(self.model_name, settings.metrics_prefix)
         self.in_flight = InFlight(settings.log_requests)

@@ -2,7 +2,9 @@
 
 A tokenizer without a template gets a plain-text one (chat_messages.py's ``PLAIN_CHAT_TEMPLATE``),
 as ``LLM.chat`` does. The rendered text is tokenized without adding special tokens: templates
-write their own BOS where the model wants one.
+write their own BOS where the model wants one. A request's own ``chat_template`` replaces the
+server's only where the server trusts requests' templates (vLLM's
+``--trust-request-chat-template``).
 """
 
 from __future__ import annotations
@@ -13,31 +15,48 @@ import jinja2
 
 from fairswitch.chat_messages import (PLAIN_CHAT_TEMPLATE, MessageError,
                                       check_template_renders_tools)
+from fairswitch.model.tokenizer import template_syntax_error
 from fairswitch.server.errors import bad_request
 from fairswitch.server.protocol import TemplateInputs
 
 class ChatTemplate:
-    def __init__(self, tokenizer: Any, template: str | None = None) -> None:
+    def __init__(self, tokenizer: Any, template: str | None = None,
+                 trust_requests: bool = False) -> None:
         self.tokenizer = tokenizer
         self.template = template or getattr(tokenizer, "chat_template", None) \
             or PLAIN_CHAT_TEMPLATE
+        self.trust_requests = trust_requests
+
+    def _source(self, inputs: TemplateInputs) -> str:
+        """The template this request renders with: its own, where requests' are trusted."""
+        if inputs.source is None:
+            return self.template
+        if not self.trust_requests:
+            raise bad_request("'chat_template': this server renders only its own chat template "
+                              "(start it with --trust-request-chat-template to render "
+                              "requests' templates)", "chat_template")
+        if (error := template_syntax_error(inputs.source)) is not None:
+            raise bad_request(f"'chat_template' is not a Jinja template: {error}",
+                              "chat_template")
+        return inputs.source
 
     def render(self, messages: list[dict[str, Any]],
                inputs: TemplateInputs = TemplateInputs()) -> str:
+        source = self._source(inputs)
         try:
-            check_template_renders_tools(messages, self.template)
+            check_template_renders_tools(messages, source)
         except MessageError as e:
             raise bad_request(str(e), e.field) from e
         documents = {}
         if inputs.documents is not None:
-            if "documents" not in self.template:  # (vLLM drops them unseen)
+            if "documents" not in source:  # (vLLM drops them unseen)
                 raise bad_request("'documents': this chat template does not render documents "
                                   "(its source never mentions 'documents'), so the model would "
                                   "not see them; use a chat template that does", "documents")
             documents = {"documents": inputs.documents}
         try:
             return self.tokenizer.apply_chat_template(
-                messages, chat_template=self.template, tokenize=False,
+                messages, chat_template=source, tokenize=False,
                 add_generation_prompt=inputs.add_generation_prompt,
                 continue_final_message=inputs.continue_final_message, tools=inputs.tools,
                 **documents, **inputs.kwargs)

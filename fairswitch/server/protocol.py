@@ -157,8 +157,7 @@ _UNSUPPORTED_COMMON = (
     ("structural_tag", ()),
     ("logits_processors", ([],)))
 _UNSUPPORTED_COMPLETION = (("suffix", ("",)), ("prompt_embeds", ()))
-_UNSUPPORTED_CHAT = (("functions", ([],)), ("function_call", ("none",)),
-                     ("chat_template", ()))
+_UNSUPPORTED_CHAT = (("functions", ([],)), ("function_call", ("none",)))
 
 
 # Structured output's fields: OpenAI's response_format, vLLM's guided_* (older) and
@@ -240,7 +239,7 @@ _KNOWN_COMPLETION = _READ_COMMON | {"prompt", "echo", "logprobs", "add_special_t
 _KNOWN_CHAT = _READ_COMMON | {"messages", "add_generation_prompt", "continue_final_message",
                               "logprobs", "top_logprobs", "add_special_tokens", "tools",
                               "tool_choice", "parallel_tool_calls", "chat_template_kwargs",
-                              "include_reasoning", "documents", "echo"} | {
+                              "include_reasoning", "documents", "echo", "chat_template"} | {
     name for name, _ in _UNSUPPORTED_COMMON + _UNSUPPORTED_CHAT}
 _MAX_LOGGED_FIELDS = 10
 
@@ -376,6 +375,7 @@ class TemplateInputs:
     tools: list[dict[str, Any]] | None = None  # shown to the model
     documents: list[dict[str, str]] | None = None  # vLLM's, for templates that do RAG
     kwargs: dict[str, Any] = field(default_factory=dict)  # chat_template_kwargs
+    source: str | None = None  # the request's own chat_template (None: the server's)
 
 
 @dataclass(kw_only=True)
@@ -617,7 +617,8 @@ def _template_inputs(body: dict, tools: list[dict[str, Any]] | None) -> Template
                           "message", "continue_final_message")
     return TemplateInputs(add_generation_prompt=add_generation_prompt,
                           continue_final_message=continue_final, tools=tools,
-                          documents=_documents(body), kwargs=_template_kwargs(body))
+                          documents=_documents(body), kwargs=_template_kwargs(body),
+                          source=_str(body, "chat_template"))
 
 
 def _documents(body: dict) -> list[dict[str, str]] | None:

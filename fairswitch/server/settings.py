@@ -19,6 +19,9 @@ class ServerSettings:
     api_key: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     chat_template: str | None = None  # default: the tokenizer's
+    # A request's own chat_template is rendered (vLLM's --trust-request-chat-template), else
+    # refused: a template is code the server runs (sandboxed Jinja, but unbounded work).
+    trust_request_chat_template: bool = False
     log_requests: bool = True  # one access line per request (INFO, fairswitch.server.access)
     metrics_prefix: str = DEFAULT_METRICS_PREFIX
     # Cross-origin requests from browsers (cors.py); None: no CORS headers at all.
