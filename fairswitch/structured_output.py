@@ -1,6 +1,7 @@
 """Structured output: a reply held to a JSON schema, to any JSON object, to a regular expression,
-to one of several strings, or to an EBNF grammar, as vLLM's ``StructuredOutputsParams`` (and the
-OpenAI API's ``response_format``) ask for.
+to one of several strings, to an EBNF grammar, or to a structural tag (free text whose triggers
+open structures), as vLLM's ``StructuredOutputsParams`` (and the OpenAI API's
+``response_format``) ask for.
 
 Each such request carries a grammar matcher (xgrammar, the library vLLM and SGLang use; the
 optional dependency ``fairswitch[structured]``): before each of its tokens is sampled, the
@@ -21,15 +22,19 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-KINDS = ("json", "json_object", "regex", "choice", "grammar")
+KINDS = ("json", "json_object", "regex", "choice", "grammar", "structural_tag")
 CACHE_LIMIT_BYTES = 512 * 1024 * 1024
 
 
 @dataclass(frozen=True)
 class StructuredOutputsParams:
     """Exactly one of: ``json`` (a JSON schema, as a dict or its JSON text), ``json_object``
-    (any JSON object), ``regex``, ``choice`` (the reply is one of these strings) or ``grammar``
-    (EBNF, in xgrammar's GBNF dialect). ``after``: the reply is held only after it has written
+    (any JSON object), ``regex``, ``choice`` (the reply is one of these strings), ``grammar``
+    (EBNF, in xgrammar's GBNF dialect) or ``structural_tag`` (xgrammar's, as vLLM takes it: an
+    object or its JSON text, ``{"structures": [{"begin", "schema", "end"}, ...], "triggers":
+    [...]}``, where the reply is free text until it writes a trigger, the start of some
+    structure's ``begin``, then held to that begin, a JSON value of its schema and its end;
+    or xgrammar's newer ``{"type": "structural_tag", "format": {...}}``). ``after``: the reply is held only after it has written
     this text (a reasoning model's ``"</think>"``: its thinking is free, its answer held, as
     vLLM holds a reasoning model's); the token that completes it is free too. ``opens``: with
     ``after``, the reply is held from its first token unless that token is this text (a hybrid
@@ -41,6 +46,7 @@ class StructuredOutputsParams:
     regex: str | None = None
     choice: list[str] | tuple[str, ...] | None = None
     grammar: str | None = None
+    structural_tag: dict[str, Any] | str | None = None
     after: str | None = None
     opens: str | None = None
 
@@ -58,6 +64,8 @@ class StructuredOutputsParams:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise TypeError(f"{name} must be a non-empty string, got {value!r:.40}")
+        if self.structural_tag is not None:
+            _check_structural_tag(self.structural_tag)
         if self.opens is not None and self.after is None:
             raise ValueError("opens needs after: the text that ends what it opens")
         if self.choice is not None:
@@ -81,7 +89,55 @@ class StructuredOutputsParams:
             # A choice is a grammar of literal alternatives (JSON escapes are GBNF's too).
             return "grammar", "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False)
                                                        for c in self.choice)
+        if self.structural_tag is not None:
+            tag = self.structural_tag
+            return "structural_tag", tag if isinstance(tag, str) else json.dumps(tag)
         return "grammar", self.grammar  # type: ignore[return-value]
+
+
+def _newer_structural_tag(tag: dict[str, Any]) -> str:
+    """xgrammar's newer form of a structural tag (the JSON text it compiles). The first form's
+    JSON values take at most one whitespace character in a row (its own rule is any, which
+    lets a model pad a value with blank lines up to max_tokens, as plain JSON output would)."""
+    if "structures" not in tag:
+        return json.dumps(tag)
+    return json.dumps({"type": "structural_tag", "format": {
+        "type": "triggered_tags", "triggers": tag["triggers"],
+        "tags": [{"begin": s["begin"], "end": s["end"], "content": {
+            "type": "json_schema", "json_schema": s["schema"], "max_whitespace_cnt": 1}}
+            for s in tag["structures"]]}})
+
+
+def _check_structural_tag(tag: Any) -> None:
+    """TypeError/ValueError unless ``tag`` is an object (or its JSON text) of one of the two
+    forms; the newer form's inside is xgrammar's to check when it compiles."""
+    if isinstance(tag, str):
+        try:
+            tag = json.loads(tag)
+        except ValueError as e:
+            raise ValueError(f"structural_tag is not JSON: {e}") from None
+    if not isinstance(tag, dict):
+        raise TypeError(f"structural_tag must be an object (or its JSON text), got "
+                        f"{type(tag).__name__}")
+    if "structures" not in tag:
+        if tag.get("type") != "structural_tag" or "format" not in tag:
+            raise ValueError('structural_tag must have "structures" and "triggers", or be '
+                             '{"type": "structural_tag", "format": {...}}')
+        return
+    structures, triggers = tag["structures"], tag.get("triggers")
+    if not isinstance(structures, list) or not structures or not all(
+            isinstance(s, dict) and isinstance(s.get("begin"), str) and s["begin"]
+            and isinstance(s.get("end"), str) and isinstance(s.get("schema"), (dict, bool))
+            for s in structures):
+        raise TypeError('structural_tag.structures must be a non-empty list of {"begin": '
+                        'text, "schema": a JSON schema, "end": text}')
+    if not isinstance(triggers, list) or not triggers or not all(
+            isinstance(t, str) and t for t in triggers):
+        raise TypeError("structural_tag.triggers must be a non-empty list of non-empty strings")
+    if untriggered := [s["begin"] for s in structures
+                       if not any(s["begin"].startswith(t) for t in triggers)]:
+        raise ValueError(f"structural_tag: no trigger begins the structure {untriggered[0]!r} "
+                         "(each structure's begin starts with one of the triggers)")
 
 
 def _xgrammar() -> Any:
@@ -115,6 +171,8 @@ class GrammarCompiler:
             return c.compile_json_schema('{"type": "object"}', any_whitespace=False)
         if kind == "regex":
             return c.compile_regex(text)
+        if kind == "structural_tag":
+            return c.compile_structural_tag(_newer_structural_tag(json.loads(text)))
         return c.compile_grammar(text)
 
     def matcher(self, params: StructuredOutputsParams) -> Any:
@@ -123,7 +181,8 @@ class GrammarCompiler:
         try:
             compiled = self._compile(kind, text)
         except (RuntimeError, ValueError, TypeError) as e:  # xgrammar's errors are these
-            what = {"json": "JSON schema", "regex": "regex", "grammar": "grammar"}.get(kind, kind)
+            what = {"json": "JSON schema", "regex": "regex", "grammar": "grammar",
+                    "structural_tag": "structural tag"}.get(kind, kind)
             # (the library's message starts with its time and source line)
             why = re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", str(e).strip().splitlines()[-1])
             raise ValueError(f"structured outputs: the {what} does not compile: "

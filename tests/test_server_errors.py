@@ -228,7 +228,10 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "structured_outputs": {"regex": "a", "choice": ["a"]}},
      400, ["exactly one of"], "structured_outputs"),
     ("/v1/completions", {"prompt": "x", "structured_outputs": {"structural_tag": "t"}}, 400,
-     ["'structured_outputs.structural_tag' is not supported"], "structured_outputs"),
+     ["'structured_outputs': structural_tag is not JSON"], "structured_outputs"),
+    ("/v1/chat/completions", {"messages": CHAT, "response_format": {
+        "type": "structural_tag", "structures": [{"begin": "<a>", "schema": {}, "end": "</a>"}],
+        "triggers": ["<b"]}}, 400, ["no trigger begins the structure '<a>'"], "response_format"),
     ("/v1/chat/completions", {"messages": CHAT, "chat_template_kwargs": [1]}, 400,
      ["'chat_template_kwargs' must be an object"], "chat_template_kwargs"),
     ("/v1/chat/completions", {"messages": CHAT, "chat_template_kwargs": {"messages": []}}, 400,
@@ -268,7 +271,6 @@ def test_bad_request(server, path, body, status, fragments, param):
 # vLLM's fields that change what is generated, which this server does not implement: refused,
 # never ignored. (path, field, a value it would honour, its default, which is accepted)
 UNSUPPORTED = [
-    ("/v1/chat/completions", "structural_tag", {"type": "structural_tag"}, None),
     ("/v1/completions", "logits_processors", ["mod.Class"], []),
 ]
 

@@ -51,6 +51,45 @@ def test_replies_follow_each_kind_of_structure(llm):
         assert re.fullmatch(r"yes|no|maybe[0-9]", c.text), c.text
 
 
+AGE = {"type": "object", "properties": {"age": {"type": "integer", "minimum": 0, "maximum": 150}},
+       "required": ["age"], "additionalProperties": False}
+# A structure opened by "<" (pushed up by a logit bias, or the tiny model seldom writes it)
+AGE_TAG = {"structures": [{"begin": "<w>", "schema": AGE, "end": "</w>"}], "triggers": ["<"]}
+
+
+def _tagged(text: str) -> list[dict]:
+    """The structures in ``text``, each checked: outside them, no trigger; one cut short by
+    max_tokens may end it."""
+    found = re.findall(r"<w>(.*?)</w>", text, re.S)
+    rest = re.sub(r"<w>.*?</w>", "", text, flags=re.S)
+    assert "<" not in rest or (rest.count("<") == 1 and "<w>".startswith(
+        rest[rest.index("<"):][:3]) or rest[rest.index("<"):].startswith("<w>")), text
+    return [json.loads(f) for f in found]
+
+
+def test_a_structural_tag_holds_what_each_trigger_opens(llm):
+    """vLLM's structural tags (xgrammar's): free text, but a trigger opens one of the
+    structures, held to its begin, a JSON value of its schema and its end."""
+    (lt,) = llm.get_tokenizer().encode("<", add_special_tokens=False)
+    replies = _replies(llm, StructuredOutputsParams(structural_tag=AGE_TAG), max_tokens=60,
+                       logit_bias={lt: 6.0})
+    tagged = [_tagged(c.text) for c in replies]  # (a reply may hold none: free text)
+    assert sum(map(len, tagged)) >= 2, [c.text for c in replies]
+    assert all(set(t) == {"age"} and 0 <= t["age"] <= 150 for tags in tagged for t in tags)
+    same = _replies(llm, StructuredOutputsParams(structural_tag=json.dumps(AGE_TAG)),
+                    max_tokens=60, logit_bias={lt: 6.0})  # (its JSON text alike)
+    assert [c.text for c in same] == [c.text for c in replies]
+    newer = {"type": "structural_tag", "format": {"type": "triggered_tags", "triggers": ["<"],
+             "tags": [{"begin": "<w>", "content": {"type": "json_schema", "json_schema": AGE},
+                       "end": "</w>"}]}}
+    for c in _replies(llm, StructuredOutputsParams(structural_tag=newer), max_tokens=60,
+                      logit_bias={lt: 6.0}):
+        _tagged(c.text)
+    with pytest.raises(ValueError, match="structural tag does not compile"):
+        _replies(llm, StructuredOutputsParams(structural_tag={
+            "type": "structural_tag", "format": {"type": "nonsense"}}))
+
+
 def test_structure_holds_beside_other_requests_and_through_preemption():
     """Grammar requests sample after their previous token is in (no step ahead of them), in a
     batch with free ones, in a cache small enough to preempt them (recompute and swap)."""
@@ -153,6 +192,18 @@ def test_the_server_takes_openais_and_vllms_fields(client):
     with pytest.raises(openai.BadRequestError, match="does not compile"):
         client.completions.create(model="fairswitch-tiny", prompt="x", max_tokens=5,
                                   extra_body={"guided_json": {"type": "nonsense"}})
+    # structural tags: response_format (the whole object), structured_outputs and vLLM's
+    # older top-level field (the tag's JSON text)
+    bias = {"30": 100}  # ("<", the trigger: a reply of structures only)
+    out = client.chat.completions.create(**{**chat, "max_tokens": 60}, logit_bias=bias,
+                                         response_format={"type": "structural_tag", **AGE_TAG})
+    assert _tagged(out.choices[0].message.content)
+    for extra in ({"structured_outputs": {"structural_tag": json.dumps(AGE_TAG)}},
+                  {"structural_tag": json.dumps(AGE_TAG)}):
+        out = client.completions.create(model="fairswitch-tiny", prompt="Ages:", max_tokens=60,
+                                        temperature=1.0, seed=3, logit_bias=bias,
+                                        extra_body=extra)
+        assert _tagged(out.choices[0].text)
 
 
 def test_fields_come_in_the_schemas_order_and_every_token_has_its_logprob(llm):

@@ -154,7 +154,6 @@ def _int_list(body: dict, name: str, most: int) -> list[int]:
 # prompt truncation, vocabulary restrictions, and the chat template's controls.
 _UNSUPPORTED_COMMON = (
     ("best_of", (1,)), ("use_beam_search", (False,)),
-    ("structural_tag", ()),
     ("logits_processors", ([],)))
 _UNSUPPORTED_COMPLETION = (("suffix", ("",)), ("prompt_embeds", ()))
 _UNSUPPORTED_CHAT = (("functions", ([],)), ("function_call", ("none",)))
@@ -163,7 +162,7 @@ _UNSUPPORTED_CHAT = (("functions", ([],)), ("function_call", ("none",)))
 # Structured output's fields: OpenAI's response_format, vLLM's guided_* (older) and
 # structured_outputs (newer); one of them per request.
 _GUIDED = (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
-           ("guided_grammar", "grammar"))
+           ("guided_grammar", "grammar"), ("structural_tag", "structural_tag"))
 _STRUCTURED_FIELDS = ("response_format", "structured_outputs", *(name for name, _ in _GUIDED))
 
 
@@ -181,11 +180,14 @@ def _structured(body: dict) -> StructuredOutputsParams | None:
     form = body.get("response_format")
     if form is not None:
         kind = form.get("type") if isinstance(form, dict) else None
-        if kind not in ("text", "json_object", "json_schema"):
+        if kind not in ("text", "json_object", "json_schema", "structural_tag"):
             raise bad_request("'response_format' must be {\"type\": \"text\"}, {\"type\": "
-                              "\"json_object\"} or {\"type\": \"json_schema\", \"json_schema\": "
-                              f"{{\"schema\": ...}}}}, got {describe(form)}", "response_format")
-        if kind == "json_object":
+                              "\"json_object\"}, {\"type\": \"json_schema\", \"json_schema\": "
+                              "{\"schema\": ...}} or {\"type\": \"structural_tag\", ...}, got "
+                              f"{describe(form)}", "response_format")
+        if kind == "structural_tag":  # (vLLM's: the whole object is the tag)
+            given["response_format"] = {"structural_tag": form}
+        elif kind == "json_object":
             given["response_format"] = {"json_object": True}
         elif kind == "json_schema":
             spec = form.get("json_schema")
