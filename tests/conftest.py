@@ -14,9 +14,26 @@ if not torch.cuda.is_available():
     # kernels run in Triton's interpreter, so their tests run in CI too.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from fairswitch.engine.builder import resolve_device as _RESOLVE_DEVICE
 from fairswitch.model.cl100k import ensure_cl100k_tokenizer
 
 VOCAB = 100352  # cl100k_base's ids, padded to a multiple of 128 (model/cl100k.py)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """On a CUDA machine the unmarked tests stay the CPU's (4-token blocks, fp32 parity with
+    transformers): an engine they build (their module's fixtures included) with device "auto"
+    runs on the CPU. gpu-marked tests get CUDA."""
+    if not torch.cuda.is_available():
+        return
+    from fairswitch.engine import builder
+
+    builder.resolve_device = _RESOLVE_DEVICE if "gpu" in item.keywords else _cpu_for_auto
+
+
+def _cpu_for_auto(name: str) -> torch.device:
+    return torch.device("cpu") if name == "auto" else _RESOLVE_DEVICE(name)
 
 
 def pytest_collection_modifyitems(config, items):
