@@ -53,3 +53,6 @@ class RequestOutput:
     num_cached_tokens: int = 0
     # One per prompt token (None for the first, which nothing predicts), if asked.
     prompt_logprobs: list[PositionLogprobs | None] | None = None
+    # Finished "abort" by the engine for a cause in the request itself (its structure and its
+    # token restrictions leaving no token): why. None for an abort from outside.
+    error: str | None = None

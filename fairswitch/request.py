@@ -86,6 +86,8 @@ class Request:
     detokenizer: Any = None
     generator: Any = None
     grammar: Any = None  # structured output's matcher (structured_output.py), fed each token
+    # Why the engine aborted it, where the request itself is the cause (RequestOutput.error).
+    abort_error: str | None = None
     bad_words_ids: list[list[int]] = field(default_factory=list)  # SamplingParams.bad_words'
     allowed_ids: Any = None  # SamplingParams.allowed_token_ids on the device (the sampler's)
     # Asked-for logprobs (SamplingParams.logprobs / prompt_logprobs): one entry per output

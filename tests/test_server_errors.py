@@ -4,6 +4,7 @@ random bodies and garbage bytes never take the server down (nor produce a 500)."
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import logging
 import random
@@ -428,6 +429,18 @@ def test_oversized_body(server):
             async with s.post(server.url + "/v1/completions", data=gen()) as r:
                 return r.status, dict(r.headers), await r.json()
     assert_error(asyncio.run(chunked()), 413, "too large")
+
+
+def test_a_body_its_content_encoding_does_not_decode_is_a_400(server):
+    """A plain body sent as gzip (or deflate) was a 500; a real gzip body is read."""
+    body = json.dumps({"prompt": "x", "max_tokens": 1}).encode()
+    for encoding in ("gzip", "deflate"):
+        assert_error(call(server, "/v1/completions", data=body, headers={
+            "Content-Type": "application/json", "Content-Encoding": encoding}), 400,
+            "the request body cannot be read", f"content-encoding: {encoding}")
+    status, _, reply = call(server, "/v1/completions", data=gzip.compress(body), headers={
+        "Content-Type": "application/json", "Content-Encoding": "gzip"})
+    assert status == 200 and reply["usage"]["completion_tokens"] == 1, reply
 
 
 def test_unknown_route_and_method(server):

@@ -167,6 +167,26 @@ def test_allowed_token_ids_that_cannot_begin_the_structure_are_refused(llm, clie
                                   extra_body={"guided_regex": "a+", "allowed_token_ids": b})
 
 
+def test_restrictions_that_leave_a_structure_no_way_on_are_the_requests_error(llm, client):
+    """Past its first token (which is checked when it is added): the reply ends "abort" with
+    the reason in the output, a 400 through the server, whole or streamed (it was a 500)."""
+    (a,), (b,) = (llm.get_tokenizer().encode(ch, add_special_tokens=False) for ch in "ab")
+    out = llm.generate(["x"], SamplingParams(max_tokens=5, allowed_token_ids=[a],
+                                             structured_outputs=StructuredOutputsParams(
+                                                 regex="ab")), use_tqdm=False)[0]
+    assert out.outputs[0].finish_reason == "abort" and out.outputs[0].token_ids[:1] == [a]
+    assert "no token the request allows can continue its structure" in out.error
+    for extra in ({"allowed_token_ids": [a]}, {"bad_words": ["b"]}):
+        with pytest.raises(openai.BadRequestError, match="can continue its structure"):
+            client.completions.create(model="fairswitch-tiny", prompt="x", max_tokens=5,
+                                      extra_body={"guided_regex": "ab", **extra})
+        stream = client.completions.create(model="fairswitch-tiny", prompt="x", max_tokens=5,
+                                           stream=True,
+                                           extra_body={"guided_regex": "ab", **extra})
+        with pytest.raises(openai.APIError, match="can continue its structure"):
+            list(stream)
+
+
 @pytest.fixture(scope="module")
 def client(openai_client):
     return openai_client

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from fairswitch import __version__
 from fairswitch.engine.async_engine import AsyncEngine, EngineDeadError
@@ -103,7 +104,10 @@ class OpenAIServer:
         if request.content_length is not None and request.content_length > limit:
             raise APIError(413, f"request body is too large: {request.content_length} bytes; "
                            f"the limit is {limit} bytes")
-        return await request.read()  # aiohttp raises 413 itself past client_max_size (chunked)
+        try:
+            return await request.read()  # aiohttp raises 413 itself past client_max_size
+        except RequestPayloadError as e:  # (a body its Content-Encoding does not decode)
+            raise bad_request(f"the request body cannot be read: {_payload_error(e)}") from e
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model not in self.settings.served_model_names:
@@ -249,7 +253,7 @@ class OpenAIServer:
                     tracker.refused()
                     raise
                 if first[1].outputs[0].finish_reason == "abort":  # before it began: a status
-                    raise self._aborted()
+                    raise self._aborted(first[1])
                 if req.stream:
                     return await self._stream(request, req, reply, first, outputs, tracker)
                 return await self._whole(reply, first, outputs, tracker)
@@ -257,11 +261,14 @@ class OpenAIServer:
                 tracker.close()
                 record.request_ids = []
 
-    def _aborted(self) -> APIError:
-        """The error of a request the engine aborted: the shutdown's, or the engine's own (a
-        structured-output reply that no token could continue)."""
+    def _aborted(self, out: RequestOutput | None = None) -> APIError:
+        """The error of a request the engine aborted: the shutdown's, the request's own (a
+        structured output its token restrictions leave no way to continue: ``out.error``), or
+        the engine's."""
         if self.in_flight.aborting:
             return APIError(503, "the request was aborted: the server is shutting down")
+        if out is not None and out.error is not None:
+            return bad_request(out.error)
         return APIError(500, "the engine aborted the request (see the server's log)")
 
     def _check_n(self, n: int, num_prompts: int) -> None:
@@ -288,7 +295,7 @@ class OpenAIServer:
             _observe(tracker, reply, index, out)
             if out.finished:
                 if out.outputs[0].finish_reason == "abort":  # closing aborts the other choices
-                    raise self._aborted()
+                    raise self._aborted(out)
                 done[index] = out
                 if len(done) == reply.n:
                     break
@@ -341,7 +348,7 @@ class OpenAIServer:
                     index, out = item
                     _observe(tracker, reply, index, out)
                     if out.outputs[0].finish_reason == "abort":
-                        raise self._aborted()
+                        raise self._aborted(out)
                     choice = reply.shaper.delta(index, out)
                     if choice is not None:
                         usage = {"usage": protocol.usage(
@@ -456,6 +463,12 @@ class _Reply:
     def body(self, choices: list[dict], chunk: bool = False, **extra: Any) -> dict[str, Any]:
         return self.fmt.envelope(self.response_id, self.created, self.model, choices, chunk,
                                  **extra)
+
+
+def _payload_error(e: RequestPayloadError) -> str:
+    """aiohttp's reason, without its "400, message:" framing."""
+    text = " ".join(str(e).split())
+    return text.split("message:", 1)[-1].strip() or "malformed body"
 
 
 def _observe(tracker: RequestTracker, reply: _Reply, index: int, out: RequestOutput) -> None:

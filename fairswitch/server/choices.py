@@ -140,6 +140,7 @@ class ChoiceShaper:
             choice["token_ids"] = [] if self.echo_only else list(c.token_ids)
             if not self.fmt.chat:  # (chat: the response's)
                 choice["prompt_token_ids"] = list(out.prompt_token_ids)
+        thought = None
         if self.reasoning is not None:  # the thinking apart from the answer
             message = choice["message"]
             thought, message["content"] = self.reasoning.whole(message["content"])
@@ -153,6 +154,8 @@ class ChoiceShaper:
                 choice["finish_reason"] = self._finish(choice["finish_reason"], True)
         if self.echoed:  # (after the parsers, as vLLM: the echo is the message's own text)
             choice["message"]["content"] = self.echoed + (choice["message"]["content"] or "")
+        if thought is not None and choice["message"]["content"] == "":
+            choice["message"]["content"] = None  # all thinking: no answer (as vLLM's parsers)
         return choice
 
     def _finish(self, reason: str | None, called: bool) -> str | None:
