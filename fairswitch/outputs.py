@@ -30,6 +30,9 @@ class CompletionOutput:
     logprobs: list[PositionLogprobs] | None = None  # cumulative, one per token (if asked)
     cumulative_logprob: float | None = None
     new_logprobs: list[PositionLogprobs] = field(default_factory=list)  # this step's
+    # Finished "abort" by the engine for a cause in the request itself (its structure and its
+    # token restrictions leaving no token): why. None for an abort from outside.
+    error: str | None = None
 
 
 @dataclass
@@ -53,6 +56,3 @@ class RequestOutput:
     num_cached_tokens: int = 0
     # One per prompt token (None for the first, which nothing predicts), if asked.
     prompt_logprobs: list[PositionLogprobs | None] | None = None
-    # Finished "abort" by the engine for a cause in the request itself (its structure and its
-    # token restrictions leaving no token): why. None for an abort from outside.
-    error: str | None = None

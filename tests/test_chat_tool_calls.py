@@ -288,8 +288,14 @@ def test_a_requests_chat_template_renders_only_where_the_server_trusts_requests(
         assert status == 200 and reply["usage"]["prompt_tokens"] == len(body["tokens"]), reply
         status, plain = post(f"{trusting.url}/tokenize", {"messages": question})
         assert plain["tokens"] != body["tokens"]  # (the server's own, for a request without)
+        status, empty = post(f"{trusting.url}/tokenize", {"messages": question,
+                                                           "chat_template": ""})
+        assert empty["tokens"] == plain["tokens"]  # ("": the server's, as vLLM)
         for bad, fragment in (("{% for m in messages %}", "is not a Jinja template"),
-                              (7, "'chat_template' must be a string")):
+                              (7, "'chat_template' must be a string"),
+                              ("{{ 1 / 0 }}", "failed while rendering: ZeroDivisionError"),
+                              ("{{ 'abc'.index('z') }}", "failed while rendering: ValueError"),
+                              ("{{ messages | nosuch }}", "rejected the messages")):
             status, error = post(f"{trusting.url}/v1/chat/completions",
                                  {"messages": question, "chat_template": bad, "max_tokens": 1})
             assert status == 400 and fragment in error["error"]["message"], error

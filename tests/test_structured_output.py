@@ -175,7 +175,13 @@ def test_restrictions_that_leave_a_structure_no_way_on_are_the_requests_error(ll
                                              structured_outputs=StructuredOutputsParams(
                                                  regex="ab")), use_tqdm=False)[0]
     assert out.outputs[0].finish_reason == "abort" and out.outputs[0].token_ids[:1] == [a]
-    assert "no token the request allows can continue its structure" in out.error
+    assert "no token the request allows can continue its structure" in out.outputs[0].error
+    c, d = (llm.get_tokenizer().encode(ch, add_special_tokens=False)[0] for ch in "cd")
+    choices = llm.generate(["x"], SamplingParams(
+        n=8, seed=0, temperature=1.0, max_tokens=5, allowed_token_ids=[a, b, c],
+        structured_outputs=StructuredOutputsParams(regex="ab|cd")), use_tqdm=False)[0].outputs
+    assert {o.finish_reason for o in choices} == {"stop", "abort"}  # (each choice its own)
+    assert all((o.error is None) == (o.finish_reason == "stop") for o in choices)
     for extra in ({"allowed_token_ids": [a]}, {"bad_words": ["b"]}):
         with pytest.raises(openai.BadRequestError, match="can continue its structure"):
             client.completions.create(model="fairswitch-tiny", prompt="x", max_tokens=5,

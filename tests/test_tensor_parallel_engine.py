@@ -439,7 +439,7 @@ def _serve_two_ranks():
     proc = subprocess.Popen(
         [sys.executable, "-m", "fairswitch.cli.main", "serve", "--port", "0",
          "--served-model-name", "tiny", "--num-gpu-blocks", "128", "--max-model-len", "256",
-         "--tensor-parallel-size", "2", "--shutdown-timeout", "0.2"],
+         "--tensor-parallel-size", "2", "--shutdown-timeout", "0.2", "--device", "cpu"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True)  # its own process group, as a terminal or supervisor makes
     lines: queue.Queue = queue.Queue()
@@ -568,7 +568,7 @@ def test_ranks_started_by_a_launcher_meet_by_env(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     args = ["-m", "fairswitch.cli.main", "generate", "--num-gpu-blocks", "128",
-            "--max-model-len", "256", "--max-tokens", "12", "--ignore-eos", "--no-progress",
+            "--max-model-len", "256", "--device", "cpu", "--max-tokens", "12", "--ignore-eos", "--no-progress",
             "--json", "The capital of France is"]
     one = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",

@@ -73,13 +73,13 @@ class OutputProcessor:
             # (after its logprobs: a token ending the reply has them too)
             if not request.grammar.accept_token(token_id):
                 # Its mask allowed only what it accepts: only a mask with nothing left gets
-                # here, where the request's own restrictions (allowed_token_ids, bad_words,
-                # min_tokens' masked ends) leave none of the tokens its grammar accepts next.
+                # here, where the request's own restrictions (allowed_token_ids, bad_words)
+                # leave none of the tokens its grammar accepts next.
                 # This request ends, not the step.
                 request.abort_error = (
                     f"structured outputs: after {request.num_output_tokens - 1} tokens no token "
-                    "the request allows can continue its structure (allowed_token_ids, "
-                    "bad_words or min_tokens exclude every token the structure accepts next)")
+                    "the request allows can continue its structure (allowed_token_ids or "
+                    "bad_words exclude every token the structure accepts next)")
                 logger.info("request %r: %s; aborted", request.request_id, request.abort_error)
                 request.status = RequestStatus.FINISHED_ABORTED
                 return
@@ -183,6 +183,7 @@ class OutputProcessor:
             logprobs=logprobs,
             cumulative_logprob=state.cumulative_logprob if logprobs is not None else None,
             new_logprobs=logprobs[state.num_emitted_tokens:] if logprobs is not None else [],
+            error=request.abort_error,
         )
         state.num_emitted_tokens = len(out_ids)
         return RequestOutput(
@@ -194,7 +195,6 @@ class OutputProcessor:
             metrics=request.metrics,
             num_cached_tokens=request.num_cached_tokens,
             prompt_logprobs=self._prompt_logprobs(request, state),
-            error=request.abort_error,
         )
 
     def _prompt_logprobs(self, request: Request, state: _TextState

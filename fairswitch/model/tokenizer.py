@@ -155,12 +155,15 @@ class Tokenizer:
         if source is None:
             raise ValueError("this tokenizer has no chat template; pass chat_template")
         with self._templates_lock:  # (prompt worker threads render at once)
-            if source not in self._templates:
-                self._templates[source] = _compile(source)
+            template = self._templates.get(source)
+            if template is not None:
+                self._templates.move_to_end(source)
+        if template is None:  # (compiled outside the lock: a long one holds up no other)
+            template = _compile(source)
+            with self._templates_lock:
+                self._templates[source] = template
                 while len(self._templates) > _MAX_COMPILED_TEMPLATES:
                     self._templates.popitem(last=False)
-            self._templates.move_to_end(source)
-            template = self._templates[source]
         variables = {name: text for name, text in self.special_tokens.items() if text is not None}
         # tools and documents are None, not undefined, when absent: templates test "is not none".
         variables.update({"tools": None, "documents": None, **kwargs})

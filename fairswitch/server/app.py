@@ -263,12 +263,12 @@ class OpenAIServer:
 
     def _aborted(self, out: RequestOutput | None = None) -> APIError:
         """The error of a request the engine aborted: the shutdown's, the request's own (a
-        structured output its token restrictions leave no way to continue: ``out.error``), or
-        the engine's."""
+        structured output its token restrictions leave no way to continue: the output's
+        ``error``), or the engine's."""
         if self.in_flight.aborting:
             return APIError(503, "the request was aborted: the server is shutting down")
-        if out is not None and out.error is not None:
-            return bad_request(out.error)
+        if out is not None and out.outputs[0].error is not None:
+            return bad_request(out.outputs[0].error)
         return APIError(500, "the engine aborted the request (see the server's log)")
 
     def _check_n(self, n: int, num_prompts: int) -> None:

@@ -61,11 +61,16 @@ class ChatTemplate:
                 continue_final_message=inputs.continue_final_message, tools=inputs.tools,
                 **documents, **inputs.kwargs)
         except jinja2.TemplateError as e:  # e.g. a template that insists roles alternate
-            raise bad_request(f"the chat template rejected the messages: {e}", "messages") from e
-        except ValueError as e:  # no final message to continue (the template has one)
-            if not inputs.continue_final_message:
+            raise bad_request(f"the chat template rejected the messages: {e}",
+                              "messages" if inputs.source is None else "chat_template") from e
+        except Exception as e:
+            if isinstance(e, ValueError) and inputs.continue_final_message and str(
+                    e).startswith("continue_final_message"):  # no final message to continue
+                raise bad_request(str(e), "continue_final_message") from e
+            if inputs.source is None:  # (the server's own template: the server's failure)
                 raise
-            raise bad_request(str(e), "continue_final_message") from e
+            raise bad_request(f"'chat_template' failed while rendering: {type(e).__name__}: "
+                              f"{e}", "chat_template") from e
 
     def encode(self, messages: list[dict[str, Any]],
                inputs: TemplateInputs = TemplateInputs()) -> tuple[str, list[int]]:

@@ -620,7 +620,7 @@ def _template_inputs(body: dict, tools: list[dict[str, Any]] | None) -> Template
     return TemplateInputs(add_generation_prompt=add_generation_prompt,
                           continue_final_message=continue_final, tools=tools,
                           documents=_documents(body), kwargs=_template_kwargs(body),
-                          source=_str(body, "chat_template"))
+                          source=_str(body, "chat_template") or None)  # ("": the server's)
 
 
 def _documents(body: dict) -> list[dict[str, str]] | None:
