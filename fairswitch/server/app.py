@@ -90,6 +90,7 @@ class OpenAIServer:
         self.model_name = settings.served_model_names[0]
         self.core = engine.engine  # read-only use: tokenizer, limits, prompt validation
         self.tokenizer = self.core.tokenizer
+        self._token_texts: dict[int, str] = {}  # (at most the vocabulary's)
         self.chat_template = ChatTemplate(self.tokenizer, settings.chat_template,
                                           settings.trust_request_chat_template)
         self.prompts = PromptWorker(self.tokenizer, self.core.max_model_len)
@@ -284,7 +285,12 @@ class OpenAIServer:
                               "n" if num_prompts == 1 else "prompt")
 
     def _token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
+        """A token's own text (logprobs, reasoning_tokens), decoded once per id: these run on
+        the event loop, a reply's tokens at a time."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
+        return text
 
     async def _whole(self, reply: _Reply, item: tuple[int, RequestOutput],
                      outputs: AsyncIterator[tuple[int, RequestOutput]],
