@@ -9,6 +9,7 @@ Request lifecycle (one file per stage):
 from __future__ import annotations
 
 from fairswitch.config import EngineConfig
+from fairswitch.engine.beam_search import BeamSearchParams
 from fairswitch.outputs import CompletionOutput, RequestOutput
 from fairswitch.sampling_params import SamplingParams
 from fairswitch.structured_output import StructuredOutputsParams
@@ -36,5 +37,5 @@ def __getattr__(name: str):
 
 __all__ = [
     "LLM", "AsyncEngine", "Engine", "EngineConfig", "SamplingParams", "StructuredOutputsParams",
-    "RequestOutput", "CompletionOutput", "__version__",
+    "RequestOutput", "CompletionOutput", "BeamSearchParams", "__version__",
 ]

@@ -10,6 +10,7 @@ from typing import Any
 from fairswitch.chat_messages import (PLAIN_CHAT_TEMPLATE, check_template_kwargs,
                                       check_template_renders_tools, parse_conversation)
 from fairswitch.config import EngineConfig
+from fairswitch.engine.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams
 from fairswitch.engine.engine import Engine, is_priority
 from fairswitch.outputs import RequestOutput
 from fairswitch.sampling_params import SamplingParams
@@ -124,6 +125,39 @@ class LLM:
             if bar is not None:
                 bar.close()
         return [_merged(outs) for outs in done]  # type: ignore[arg-type]
+
+    def beam_search(self, prompts: str | list[int] | dict | Sequence[str | list[int] | dict],
+                    params: BeamSearchParams, use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """vLLM's: each prompt's ``params.beam_width`` best continuations by beam search
+        (beam_search.py), best first; a step of every prompt's beams runs as one batch. A
+        prompt whose beams could outgrow ``max_model_len`` is a ValueError before anything
+        runs."""
+        if not isinstance(params, BeamSearchParams):
+            raise TypeError(f"params must be a BeamSearchParams, got {type(params).__name__}")
+        engine = self.engine
+        checked = [engine.validate_prompt(*((None, p) if isinstance(p, list) else (p, None)))
+                   for p in _prompt_list(prompts)]
+        for i, (_, ids) in enumerate(checked):
+            if len(ids) + params.max_tokens > engine.max_model_len:
+                raise ValueError(f"prompt {i}: {len(ids)} tokens + max_tokens "
+                                 f"{params.max_tokens} exceed max_model_len "
+                                 f"{engine.max_model_len}")
+        eos = engine.output_processor.eos_token_ids
+        searches = [BeamSearch(ids, params, eos) for _, ids in checked]
+        step = params.step_params()
+        while live := [s for s in searches if not s.finished]:
+            beams = [beam.tokens for s in live for beam in s.live]
+            outs = iter(self.generate([{"prompt_token_ids": b} for b in beams], step, use_tqdm))
+            for s in live:
+                s.advance([{token: lp.logprob for token, lp in
+                            next(outs).outputs[0].logprobs[0].items()} for _ in s.live])
+        results = []
+        for s in searches:
+            best = s.best()
+            for beam in best:
+                beam.text = engine.tokenizer.decode(s.generated(beam), skip_special_tokens=True)
+            results.append(BeamSearchOutput(best))
+        return results
 
     def chat(
         self,

@@ -37,6 +37,7 @@ from fairswitch.engine.async_engine import AsyncEngine, EngineDeadError
 from fairswitch.outputs import RequestOutput
 from fairswitch.scheduler.scheduler import QueueFullError
 from fairswitch.server import protocol, responses_request, streaming
+from fairswitch.server.beam_choices import beam_outputs
 from fairswitch.server.chat import ChatTemplate
 from fairswitch.server.choices import (ChoiceShaper, Prompt, choice_outputs,
                                        choice_request_ids)
@@ -236,11 +237,16 @@ class OpenAIServer:
                               getattr(req, "tool_calls", None), getattr(req, "reasoning", None),
                               req.echoed() if isinstance(req, protocol.ChatRequest) else "",
                               by_id)
-        outputs = choice_outputs(
-            self.engine, [Prompt(text, ids, req.sampling_params(
-                max(max_tokens, 1), self.core.generation.sampling))
-                for text, ids, max_tokens in prompts],
-            response_id, priority=req.priority, client_id=client_id)
+        choices = [Prompt(text, ids, req.sampling_params(max(max_tokens, 1),
+                                                         self.core.generation.sampling))
+                   for text, ids, max_tokens in prompts]
+        if req.use_beam_search:  # (the n choices: the n best beams)
+            outputs = beam_outputs(self.engine, [
+                (choice, req.beam_params(choice.params.max_tokens)) for choice in choices],
+                response_id, priority=req.priority, client_id=client_id)
+        else:
+            outputs = choice_outputs(self.engine, choices, response_id, priority=req.priority,
+                                     client_id=client_id)
         tracker = record.tracker = self.metrics.track()
         reply = _Reply(response_id, int(time.time()), self.model_name, fmt, shaper,
                        req.n * len(prompts), shape)

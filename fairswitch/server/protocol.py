@@ -22,6 +22,7 @@ from typing import Any
 from fairswitch.chat_messages import MessageError, check_template_kwargs, parse_conversation
 from fairswitch.model.generation_config import SAMPLING_FIELDS
 from fairswitch.outputs import Logprob, PositionLogprobs
+from fairswitch.engine.beam_search import MAX_BEAM_WIDTH, BeamSearchParams
 from fairswitch.sampling_params import MAX_LOGPROBS, MAX_N, SamplingParams
 from fairswitch.server.errors import bad_request
 from fairswitch.server.reasoning import Reasoning
@@ -153,10 +154,20 @@ def _int_list(body: dict, name: str, most: int) -> list[int]:
 # OpenAI's, vLLM's own fields that change what is generated: structured output (guided_*),
 # prompt truncation, vocabulary restrictions, and the chat template's controls.
 _UNSUPPORTED_COMMON = (
-    ("best_of", (1,)), ("use_beam_search", (False,)),
+    ("best_of", (1,)),
     ("logits_processors", ([],)))
 _UNSUPPORTED_COMPLETION = (("suffix", ("",)), ("prompt_embeds", ()))
 _UNSUPPORTED_CHAT = (("functions", ([],)), ("function_call", ("none",)))
+
+
+# What beam search leaves out (each step takes the likeliest tokens, by the raw logprobs): these
+# fields, unless at their defaults, are refused with it. (field, values that mean "off")
+_NOT_WITH_BEAMS = (
+    ("stop", ([],)), ("stop_token_ids", ([],)), ("min_tokens", (0,)), ("logprobs", (None,)),
+    ("prompt_logprobs", (None,)), ("structured_outputs", (None,)), ("logit_bias", (None,)),
+    ("allowed_token_ids", (None,)), ("bad_words", (None,)), ("presence_penalty", (0.0,)),
+    ("frequency_penalty", (0.0,)), ("repetition_penalty", (None, 1.0)),
+    ("include_stop_str_in_output", (False,)))
 
 
 # Structured output's fields: OpenAI's response_format, vLLM's guided_* (older) and
@@ -235,7 +246,7 @@ _READ_COMMON = frozenset({
     "seed", "stop", "stop_token_ids",
     "ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "priority", "user",
     "return_token_ids", "return_tokens_as_token_ids", "truncate_prompt_tokens",
-    *_STRUCTURED_FIELDS})
+    "use_beam_search", "length_penalty", *_STRUCTURED_FIELDS})
 _KNOWN_COMPLETION = _READ_COMMON | {"prompt", "echo", "logprobs", "add_special_tokens"} | {
     name for name, _ in _UNSUPPORTED_COMMON + _UNSUPPORTED_COMPLETION}
 _KNOWN_CHAT = _READ_COMMON | {"messages", "add_generation_prompt", "continue_final_message",
@@ -305,6 +316,8 @@ class GenerationRequest:
     # server's --return-tokens-as-token-ids)
     return_tokens_as_token_ids: bool | None = None
     truncate_prompt_tokens: int | None = None  # vLLM's: keep the prompt's last k tokens
+    use_beam_search: bool = False  # vLLM's: the n choices are the n best beams
+    length_penalty: float = 1.0  # (beam search's: score = logprob / length ** this)
 
     def truncated(self, ids: list[int], max_model_len: int) -> list[int]:
         """The prompt's ids as ``truncate_prompt_tokens`` leaves them (-1: max_model_len)."""
@@ -339,6 +352,19 @@ class GenerationRequest:
                 structured_outputs=self.structured_outputs)
         except (TypeError, ValueError) as e:  # e.g. a logit bias not a number, or out of range
             raise bad_request(str(e), named_field(str(e))) from e
+
+    def beam_params(self, max_tokens: int) -> BeamSearchParams:
+        """vLLM's ``use_beam_search``: ``n`` beams (engine/beam_search.py). A field beam search
+        does not honour, set, is a 400 naming it rather than ignored."""
+        if self.n > MAX_BEAM_WIDTH:
+            raise bad_request(f"'n' (the beam width) must be at most {MAX_BEAM_WIDTH} with "
+                              f"use_beam_search, got {self.n}", "n")
+        for name, off in _NOT_WITH_BEAMS:
+            if getattr(self, name) not in off:
+                raise bad_request(f"'{name}' is not available with use_beam_search", name)
+        return BeamSearchParams(beam_width=self.n, max_tokens=max_tokens,
+                                ignore_eos=self.ignore_eos, temperature=self.temperature or 0.0,
+                                length_penalty=self.length_penalty)
 
     def check_min_tokens(self, max_tokens: int) -> None:
         """``min_tokens`` within the ``max_tokens`` the request gets: the one it gave (checked
@@ -463,7 +489,9 @@ def _common(body: Any, unsupported: tuple, echo: bool = False) -> dict[str, Any]
         ignore_eos=_bool(body, "ignore_eos", False),
         include_stop_str_in_output=_bool(body, "include_stop_str_in_output", False),
         skip_special_tokens=_bool(body, "skip_special_tokens", True),
-        priority=_int(body, "priority", 0), user=_str(body, "user"))
+        priority=_int(body, "priority", 0), user=_str(body, "user"),
+        use_beam_search=_bool(body, "use_beam_search", False),
+        length_penalty=_number(body, "length_penalty", 1.0))
 
 
 def _allowed_token_ids(body: dict) -> list[int] | None:

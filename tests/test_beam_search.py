@@ -1,0 +1,134 @@
+"""Beam search (engine/beam_search.py, ``LLM.beam_search``): the search's bookkeeping against
+hand-worked steps, and on the default model against an exhaustive search of a tiny space."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+
+from fairswitch import BeamSearchParams, LLM, SamplingParams
+from fairswitch.engine.beam_search import BeamSearch
+
+EOS = 9
+
+
+def test_each_step_keeps_the_best_continuations_and_sets_aside_those_that_end():
+    search = BeamSearch([1, 2], BeamSearchParams(beam_width=2, max_tokens=3), {EOS})
+    search.advance([{5: math.log(0.5), 6: math.log(0.3), EOS: math.log(0.2)}])
+    assert [b.tokens for b in search.live] == [[1, 2, 5], [1, 2, 6]]
+    assert [b.tokens for b in search.ended] == [[1, 2, EOS]]
+    search.advance([{EOS: math.log(0.9), 7: math.log(0.1)},  # (beam [1, 2, 5])
+                    {8: math.log(0.8), 7: math.log(0.2)}])  # (beam [1, 2, 6])
+    assert [b.tokens for b in search.live] == [[1, 2, 6, 8], [1, 2, 6, 7]]
+    assert not search.finished
+    search.advance([{EOS: 0.0}, {EOS: 0.0}])
+    assert search.finished and not search.live
+    best = search.best()
+    # scores: logprob / length, the length without a final EOS: [1, 2, 5, EOS] ln(0.45) / 3,
+    # [1, 2, 6, 8, EOS] ln(0.24) / 4, [1, 2, 6, 7, EOS] ln(0.06) / 4, [1, 2, EOS] ln(0.2) / 2
+    assert [b.tokens for b in best] == [[1, 2, 5, EOS], [1, 2, 6, 8, EOS]]
+    assert best[0].cum_logprob == pytest.approx(math.log(0.45))
+    assert [search.generated(b) for b in best] == [[5], [6, 8]]
+    assert {b.finish_reason for b in best} == {"stop"}
+
+
+def test_length_penalty_and_ignore_eos():
+    params = BeamSearchParams(beam_width=1, max_tokens=1, length_penalty=0.0)
+    search = BeamSearch([1], params, {EOS})
+    search.advance([{EOS: math.log(0.6), 4: math.log(0.4)}])
+    (best,) = search.best()
+    assert best.tokens == [1, EOS] and best.finish_reason == "stop"
+    ignoring = BeamSearch([1], BeamSearchParams(beam_width=1, max_tokens=1, ignore_eos=True),
+                          {EOS})
+    ignoring.advance([{EOS: math.log(0.6), 4: math.log(0.4)}])
+    (best,) = ignoring.best()
+    assert best.tokens == [1, EOS] and best.finish_reason == "length"
+    assert ignoring.generated(best) == [EOS]
+
+
+@pytest.mark.parametrize("bad, error", [
+    (dict(beam_width=0, max_tokens=4), ValueError), (dict(beam_width=11, max_tokens=4), ValueError),
+    (dict(beam_width=2, max_tokens=0), ValueError), (dict(beam_width=2.0, max_tokens=4), TypeError),
+    (dict(beam_width=2, max_tokens=4, length_penalty=float("nan")), TypeError),
+    (dict(beam_width=2, max_tokens=4, temperature=-1.0), ValueError),
+])
+def test_bad_params_are_refused(bad, error):
+    with pytest.raises(error):
+        BeamSearchParams(**bad)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(num_gpu_blocks=256, max_model_len=64)
+
+
+def test_the_best_beam_is_the_best_two_token_continuation_of_the_kept_first_tokens(llm):
+    """Two tokens, width 3: the first step keeps the 3 most likely first tokens, the second
+    ranks their 6 likeliest continuations each: the best beam is the best of those pairs,
+    scored here with the engine's own logprobs; and width 1 is greedy decoding."""
+    prompt = "The capital of France is"
+    (out,) = llm.beam_search([prompt], BeamSearchParams(beam_width=3, max_tokens=2,
+                                                        ignore_eos=True))
+    assert len(out.sequences) == 3
+    scores = [s.cum_logprob for s in out.sequences]
+    assert scores == sorted(scores, reverse=True)  # (same lengths: the penalty keeps the order)
+    ids = llm.get_tokenizer().encode(prompt, add_special_tokens=False)
+    first = llm.generate([ids], SamplingParams(max_tokens=1, logprobs=6), use_tqdm=False)[0]
+    kept = sorted(first.outputs[0].logprobs[0].items(), key=lambda kv: -kv[1].logprob)[:3]
+    best = -math.inf
+    for a, lp_a in kept:
+        second = llm.generate([ids + [a]], SamplingParams(max_tokens=1, logprobs=6),
+                              use_tqdm=False)[0].outputs[0].logprobs[0]
+        best = max(best, max(lp_a.logprob + lp.logprob for lp in second.values()))
+    assert out.sequences[0].cum_logprob == pytest.approx(best, abs=1e-4)
+    assert out.sequences[0].tokens[:len(ids)] == ids and len(out.sequences[0].tokens) == len(ids) + 2
+    (greedy,) = llm.beam_search([ids], BeamSearchParams(beam_width=1, max_tokens=6,
+                                                        ignore_eos=True))
+    want = llm.generate([ids], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0]
+    assert greedy.sequences[0].tokens[len(ids):] == want.token_ids
+    assert greedy.sequences[0].text == want.text
+
+
+def test_prompts_search_together_and_too_long_is_refused_up_front(llm):
+    outs = llm.beam_search(["Hello", [5, 6, 7]], BeamSearchParams(beam_width=2, max_tokens=3))
+    assert [len(o.sequences) for o in outs] == [2, 2]
+    assert all(s.finish_reason in ("stop", "length") for o in outs for s in o.sequences)
+    with pytest.raises(ValueError, match="exceed max_model_len 64"):
+        llm.beam_search([[5] * 60], BeamSearchParams(beam_width=2, max_tokens=8))
+    with pytest.raises(TypeError, match="BeamSearchParams"):
+        llm.beam_search(["x"], SamplingParams())
+    assert list(itertools.chain.from_iterable(o.sequences for o in outs))  # (nothing queued)
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_the_server_answers_use_beam_search_with_the_n_best_beams(llm, openai_client):
+    """vLLM's use_beam_search: the n choices are the n best beams, best first, whole or
+    streamed; what beam search does not honour is a 400 naming it."""
+    import openai
+
+    (want,) = llm.beam_search(["Once upon a time"], BeamSearchParams(beam_width=3, max_tokens=4))
+    ask = dict(model="fairswitch-tiny", prompt="Once upon a time", n=3, max_tokens=4,
+               extra_body={"use_beam_search": True})
+    out = openai_client.completions.create(**ask)
+    assert [c.text for c in out.choices] == [s.text for s in want.sequences]
+    assert [c.finish_reason for c in out.choices] == [s.finish_reason for s in want.sequences]
+    assert out.usage.completion_tokens == sum(
+        len(s.tokens) for s in want.sequences) - 3 * len(llm.get_tokenizer().encode(
+            "Once upon a time", add_special_tokens=False)) - sum(
+        s.finish_reason == "stop" for s in want.sequences)
+    streamed = {}
+    for chunk in openai_client.completions.create(**ask, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + c.text
+    assert [streamed[i] for i in range(3)] == [c.text for c in out.choices]
+    chat = openai_client.chat.completions.create(
+        model="fairswitch-tiny", messages=[{"role": "user", "content": "Hi"}], n=2,
+        max_tokens=3, extra_body={"use_beam_search": True, "length_penalty": 0.5})
+    assert len(chat.choices) == 2 and all(c.message.content is not None for c in chat.choices)
+    for extra, param in (({"stop": ["x"]}, "stop"), ({"logprobs": 2}, "logprobs"),
+                         ({"n": 11}, "n")):
+        with pytest.raises(openai.BadRequestError, match=param):
+            openai_client.completions.create(**{**ask, **extra})
