@@ -403,6 +403,38 @@ def test_disconnect_while_waiting_for_whole_response_frees_blocks(server, engine
     wait_idle(engine)
 
 
+def test_disconnect_mid_beam_search_ends_the_search(server, engine, monkeypatch):
+    """A beam search's steps end with its client: no step request is left, none starts."""
+    calls = []
+    generate = engine.generate
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("request_id"))
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "generate", counted)
+
+    async def main():
+        async with aiohttp.ClientSession(headers=AUTH) as s:
+            task = asyncio.create_task(s.post(f"{server.url}/v1/completions", json={
+                "prompt": "slow " * 20, "max_tokens": 200, "n": 4, "ignore_eos": True,
+                "use_beam_search": True}))
+            for _ in range(1000):
+                await asyncio.sleep(0.01)
+                if len(calls) >= 12:  # (three steps of four beams)
+                    break
+            else:
+                pytest.fail(f"the search never stepped ({len(calls)} requests)")
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+    run(main())
+    wait_idle(engine)
+    started = len(calls)
+    time.sleep(0.5)
+    assert len(calls) == started < 4 * 200
+
+
 def test_many_concurrent_streams(server, engine):
     async def one(s: aiohttp.ClientSession, i: int) -> int:
         body = {"prompt": f"request number {i}", "max_tokens": 3 + i % 5, "ignore_eos": True,

@@ -40,8 +40,15 @@ async def beam_outputs(engine: AsyncEngine, prompts: list[tuple[Prompt, BeamSear
         return {token: lp.logprob for token, lp in last.outputs[0].logprobs[0].items()}
 
     while live := [s for s in searches if not s.finished]:
-        found = iter(await asyncio.gather(*(step(beam.tokens, s.params)
-                                            for s in live for beam in s.live)))
+        tasks = [asyncio.ensure_future(step(beam.tokens, s.params))
+                 for s in live for beam in s.live]
+        try:
+            found = iter(await asyncio.gather(*tasks))
+        except BaseException:  # one failed, or this was cancelled: abort the step's others
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
         for s in live:
             s.advance([next(found) for _ in s.live])
     for p, ((prompt, params), s) in enumerate(zip(prompts, searches)):
