@@ -3,7 +3,6 @@ hand-worked steps, and on the default model against an exhaustive search of a ti
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import pytest
@@ -31,7 +30,7 @@ def test_each_step_keeps_the_best_continuations_and_sets_aside_those_that_end():
     assert [b.tokens for b in best] == [[1, 2, 5, EOS], [1, 2, 6, 8, EOS]]
     assert best[0].cum_logprob == pytest.approx(math.log(0.45))
     assert [search.generated(b) for b in best] == [[5], [6, 8]]
-    assert {b.finish_reason for b in best} == {"stop"}
+    assert {(b.finish_reason, b.stop_reason) for b in best} == {("stop", EOS)}
 
 
 def test_length_penalty_and_ignore_eos():
@@ -53,6 +52,7 @@ def test_length_penalty_and_ignore_eos():
     (dict(beam_width=2, max_tokens=0), ValueError), (dict(beam_width=2.0, max_tokens=4), TypeError),
     (dict(beam_width=2, max_tokens=4, length_penalty=float("nan")), TypeError),
     (dict(beam_width=2, max_tokens=4, temperature=-1.0), ValueError),
+    (dict(beam_width=2, max_tokens=4, length_penalty=51), ValueError),
 ])
 def test_bad_params_are_refused(bad, error):
     with pytest.raises(error):
@@ -100,8 +100,7 @@ def test_prompts_search_together_and_too_long_is_refused_up_front(llm):
         llm.beam_search([[5] * 60], BeamSearchParams(beam_width=2, max_tokens=8))
     with pytest.raises(TypeError, match="BeamSearchParams"):
         llm.beam_search(["x"], SamplingParams())
-    assert list(itertools.chain.from_iterable(o.sequences for o in outs))  # (nothing queued)
-    assert not llm.engine.has_unfinished_requests()
+    assert not llm.engine.has_unfinished_requests()  # (the refusals queued nothing)
 
 
 def test_the_server_answers_use_beam_search_with_the_n_best_beams(llm, openai_client):
@@ -129,6 +128,79 @@ def test_the_server_answers_use_beam_search_with_the_n_best_beams(llm, openai_cl
         max_tokens=3, extra_body={"use_beam_search": True, "length_penalty": 0.5})
     assert len(chat.choices) == 2 and all(c.message.content is not None for c in chat.choices)
     for extra, param in (({"stop": ["x"]}, "stop"), ({"logprobs": 2}, "logprobs"),
-                         ({"n": 11}, "n")):
-        with pytest.raises(openai.BadRequestError, match=param):
+                         ({"n": 11}, "n"), ({"extra_body": {"use_beam_search": True,
+                                                            "length_penalty": 1000}},
+                                            "length_penalty")):
+        with pytest.raises(openai.BadRequestError) as refused:
             openai_client.completions.create(**{**ask, **extra})
+        assert refused.value.body["param"] == param, refused.value.body
+
+
+def test_a_step_that_fails_ends_the_search_and_its_other_requests(monkeypatch):
+    """One step request failing (here: the engine refuses it) ends the response, and the step's
+    other requests are aborted with it, none left running."""
+    import asyncio
+
+    import aiohttp
+
+    from fairswitch.config import EngineConfig
+    from fairswitch.engine.async_engine import AsyncEngine
+    from fairswitch.server import BackgroundServer, ServerSettings, build_app
+
+    engine = AsyncEngine.from_config(EngineConfig.from_kwargs(num_gpu_blocks=128,
+                                                              max_model_len=256))
+    calls = []
+    generate = engine.generate
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 7:  # (steps: 1 beam, then 4: the 2nd of step 3's 4)
+            raise RuntimeError("refused")
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "generate", failing)
+
+    async def search(url: str) -> tuple[int, int]:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(url, json={"prompt": "Hello", "max_tokens": 50, "n": 4,
+                                         "ignore_eos": True, "use_beam_search": True}) as r:
+                await r.read()
+        live = await engine.run_in_engine(lambda e: len(e.requests))
+        return r.status, live
+
+    try:
+        with BackgroundServer(build_app(engine, ServerSettings(), shutdown_engine=False)) as srv:
+            status, live = asyncio.run(search(f"{srv.url}/v1/completions"))
+        assert status == 500 and live == 0 and len(calls) == 9  # (no step 4)
+    finally:
+        engine.shutdown()
+
+
+def test_shutdown_aborts_a_beam_search_with_a_503():
+    import asyncio
+
+    import aiohttp
+
+    from fairswitch.config import EngineConfig
+    from fairswitch.engine.async_engine import AsyncEngine
+    from fairswitch.server import BackgroundServer, build_app
+
+    engine = AsyncEngine.from_config(EngineConfig.from_kwargs(num_gpu_blocks=256,
+                                                              max_model_len=1024))
+    server = BackgroundServer(build_app(engine), shutdown_timeout=0.3).start()
+
+    async def search_then_stop() -> tuple[int, dict]:
+        async with aiohttp.ClientSession() as s:
+            task = asyncio.create_task(s.post(f"{server.url}/v1/completions", json={
+                "prompt": "long", "max_tokens": 1000, "n": 8, "ignore_eos": True,
+                "use_beam_search": True}))
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(server.stop)
+            r = await task
+            return r.status, await r.json()
+    try:
+        status, body = asyncio.run(search_then_stop())
+        assert status == 503 and "shutting down" in body["error"]["message"], body
+    finally:
+        server.stop()
+        engine.shutdown()

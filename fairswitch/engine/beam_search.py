@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from fairswitch.sampling_params import MAX_LOGPROBS, SamplingParams
 
 MAX_BEAM_WIDTH = MAX_LOGPROBS // 2  # (each step asks for 2 x beam_width alternatives)
+# length ** length_penalty stays a finite float, nonzero, for lengths up to 2^20 tokens
+MAX_LENGTH_PENALTY = 50
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,9 @@ class BeamSearchParams:
                 raise TypeError(f"{name} must be a finite number, got {value!r:.40}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not -MAX_LENGTH_PENALTY <= self.length_penalty <= MAX_LENGTH_PENALTY:
+            raise ValueError(f"length_penalty must be in [-{MAX_LENGTH_PENALTY}, "
+                             f"{MAX_LENGTH_PENALTY}], got {self.length_penalty}")
 
     def step_params(self) -> SamplingParams:
         """What each beam asks of the engine at a step: one token, its alternatives."""
@@ -57,12 +62,18 @@ class BeamSearchParams:
 @dataclass
 class BeamSearchSequence:
     """One beam: ``tokens`` are the prompt's and then the generated ones (as vLLM's);
-    ``text`` the generated text (a final end-of-sequence token left out), set at the end."""
+    ``text`` the generated text (a final end-of-sequence token left out; vLLM's offline
+    ``beam_search`` puts the prompt's text before it), set at the end."""
 
     tokens: list[int]
     cum_logprob: float = 0.0
     finish_reason: str | None = None  # "stop" (end of sequence) or "length", at the end
     text: str = ""
+
+    @property
+    def stop_reason(self) -> int | None:
+        """The end-of-sequence token a beam that stopped ended with (vLLM's stop_reason)."""
+        return self.tokens[-1] if self.finish_reason == "stop" else None
 
 
 @dataclass

@@ -241,9 +241,12 @@ class OpenAIServer:
                                                          self.core.generation.sampling))
                    for text, ids, max_tokens in prompts]
         if req.use_beam_search:  # (the n choices: the n best beams)
-            outputs = beam_outputs(self.engine, [
-                (choice, req.beam_params(choice.params.max_tokens)) for choice in choices],
-                response_id, priority=req.priority, client_id=client_id)
+            outputs = beam_outputs(
+                self.engine, [(choice, req.beam_params(choice.params.max_tokens))
+                              for choice in choices], response_id,
+                stopping=lambda: self.in_flight.aborting,
+                on_step=lambda ids: setattr(record, "request_ids", ids),
+                priority=req.priority, client_id=client_id)
         else:
             outputs = choice_outputs(self.engine, choices, response_id, priority=req.priority,
                                      client_id=client_id)

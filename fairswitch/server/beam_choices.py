@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fairswitch.engine.async_engine import AsyncEngine
@@ -19,38 +19,51 @@ from fairswitch.server.choices import Prompt
 
 
 async def beam_outputs(engine: AsyncEngine, prompts: list[tuple[Prompt, BeamSearchParams]],
-                       request_id: str, **scheduling: Any
-                       ) -> AsyncIterator[tuple[int, RequestOutput]]:
+                       request_id: str, *, stopping: Callable[[], bool] = lambda: False,
+                       on_step: Callable[[list[str]], None] = lambda ids: None,
+                       **scheduling: Any) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Each prompt's beams as finished outputs (``prompt.params``: how their text is
-    decoded); ``scheduling``: ``priority`` and ``client_id`` of every step's requests."""
+    decoded); ``scheduling``: ``priority`` and ``client_id`` of every step's requests.
+    ``on_step``: the engine request ids of each step, as it starts (the server's shutdown
+    aborts them); ``stopping()``: no further step starts. A step the engine aborts, or a search
+    stopped, ends the stream with an aborted output (finish_reason "abort")."""
     core = engine.engine
     searches = [BeamSearch(prompt.ids, params, core.output_processor.eos_token_ids)
                 for prompt, params in prompts]
-    ids = itertools.count()
+    counter = itertools.count()
 
-    async def step(tokens: list[int], params: BeamSearchParams) -> dict[int, float]:
+    async def step(tokens: list[int], params: BeamSearchParams, rid: str) -> RequestOutput:
         last = None
         async with contextlib.aclosing(engine.generate(
-                None, params.step_params(), request_id=f"{request_id}-beam{next(ids)}",
-                prompt_token_ids=tokens, **scheduling)) as outputs:
+                None, params.step_params(), request_id=rid, prompt_token_ids=tokens,
+                **scheduling)) as outputs:
             async for last in outputs:
                 pass
-        if last is None or last.outputs[0].finish_reason == "abort":
-            raise RuntimeError("a beam search step was aborted by the engine")
-        return {token: lp.logprob for token, lp in last.outputs[0].logprobs[0].items()}
+        return last
 
     while live := [s for s in searches if not s.finished]:
-        tasks = [asyncio.ensure_future(step(beam.tokens, s.params))
-                 for s in live for beam in s.live]
+        beams = [(s, beam) for s in live for beam in s.live]
+        rids = [f"{request_id}-beam{next(counter)}" for _ in beams]
+        if stopping():
+            yield 0, _aborted(request_id, prompts[0][0])
+            return
+        on_step(rids)
+        tasks = [asyncio.ensure_future(step(beam.tokens, s.params, rid))
+                 for (s, beam), rid in zip(beams, rids)]
         try:
-            found = iter(await asyncio.gather(*tasks))
+            outs = await asyncio.gather(*tasks)
         except BaseException:  # one failed, or this was cancelled: abort the step's others
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
+        if aborted := [out for out in outs if out.outputs[0].finish_reason == "abort"]:
+            yield 0, aborted[0]
+            return
+        found = iter(outs)
         for s in live:
-            s.advance([next(found) for _ in s.live])
+            s.advance([{token: lp.logprob for token, lp in
+                        next(found).outputs[0].logprobs[0].items()} for _ in s.live])
     for p, ((prompt, params), s) in enumerate(zip(prompts, searches)):
         best = s.best()
         if len(best) < params.beam_width:
@@ -63,5 +76,13 @@ async def beam_outputs(engine: AsyncEngine, prompts: list[tuple[Prompt, BeamSear
                 request_id=request_id, prompt=prompt.text, prompt_token_ids=prompt.ids,
                 outputs=[CompletionOutput(
                     index=0, text=text, token_ids=out_ids, finish_reason=beam.finish_reason,
-                    new_text=text, new_token_ids=out_ids, cumulative_logprob=beam.cum_logprob)],
+                    stop_reason=beam.stop_reason, new_text=text, new_token_ids=out_ids,
+                    cumulative_logprob=beam.cum_logprob)],
                 finished=True)
+
+
+def _aborted(request_id: str, prompt: Prompt) -> RequestOutput:
+    return RequestOutput(request_id=request_id, prompt=prompt.text, prompt_token_ids=prompt.ids,
+                         outputs=[CompletionOutput(index=0, text="", token_ids=[],
+                                                   finish_reason="abort")],
+                         finished=True)

@@ -22,7 +22,7 @@ from typing import Any
 from fairswitch.chat_messages import MessageError, check_template_kwargs, parse_conversation
 from fairswitch.model.generation_config import SAMPLING_FIELDS
 from fairswitch.outputs import Logprob, PositionLogprobs
-from fairswitch.engine.beam_search import MAX_BEAM_WIDTH, BeamSearchParams
+from fairswitch.engine.beam_search import MAX_BEAM_WIDTH, MAX_LENGTH_PENALTY, BeamSearchParams
 from fairswitch.sampling_params import MAX_LOGPROBS, MAX_N, SamplingParams
 from fairswitch.server.errors import bad_request
 from fairswitch.server.reasoning import Reasoning
@@ -491,7 +491,8 @@ def _common(body: Any, unsupported: tuple, echo: bool = False) -> dict[str, Any]
         skip_special_tokens=_bool(body, "skip_special_tokens", True),
         priority=_int(body, "priority", 0), user=_str(body, "user"),
         use_beam_search=_bool(body, "use_beam_search", False),
-        length_penalty=_number(body, "length_penalty", 1.0))
+        length_penalty=_ranged(body, "length_penalty", 1.0, -MAX_LENGTH_PENALTY,
+                               MAX_LENGTH_PENALTY))
 
 
 def _allowed_token_ids(body: dict) -> list[int] | None:
