@@ -266,6 +266,17 @@ DOCS_TEMPLATE = ("{% for d in documents or [] %}[{{ d.title }}] {{ d.text }}\n{%
 DOCS = [{"title": "Paris", "text": "The capital of France."}, {"title": "Rome", "text": "Italy's."}]
 
 
+def _rendered(url: str, engine, question: list[dict], **fields) -> str:
+    """The prompt a chat request renders (/tokenize's tokens, decoded), checked against the
+    prompt tokens its completion counts."""
+    status, body = post(f"{url}/tokenize", {"messages": question, **fields})
+    assert status == 200, body
+    status, reply = post(f"{url}/v1/chat/completions", {"messages": question, **fields,
+                                                         "max_tokens": 1})
+    assert status == 200 and reply["usage"]["prompt_tokens"] == len(body["tokens"]), reply
+    return engine.engine.tokenizer.decode(body["tokens"])
+
+
 def test_a_requests_chat_template_renders_only_where_the_server_trusts_requests(engine, server):
     """vLLM's --trust-request-chat-template: a request's chat_template replaces the server's;
     untrusted (the default), or not Jinja, it is a 400 naming it."""
@@ -278,19 +289,11 @@ def test_a_requests_chat_template_renders_only_where_the_server_trusts_requests(
     app = build_app(engine, ServerSettings(trust_request_chat_template=True),
                     shutdown_engine=False)
     with BackgroundServer(app) as trusting:
-        status, body = post(f"{trusting.url}/tokenize", {"messages": question,
-                                                          "chat_template": mine})
-        assert status == 200, body
-        assert engine.engine.tokenizer.decode(body["tokens"]) == (
+        assert _rendered(trusting.url, engine, question, chat_template=mine) == (
             "<user>Which is French?<reply>")
-        status, reply = post(f"{trusting.url}/v1/chat/completions",
-                             {"messages": question, "chat_template": mine, "max_tokens": 1})
-        assert status == 200 and reply["usage"]["prompt_tokens"] == len(body["tokens"]), reply
-        status, plain = post(f"{trusting.url}/tokenize", {"messages": question})
-        assert plain["tokens"] != body["tokens"]  # (the server's own, for a request without)
-        status, empty = post(f"{trusting.url}/tokenize", {"messages": question,
-                                                           "chat_template": ""})
-        assert empty["tokens"] == plain["tokens"]  # ("": the server's, as vLLM)
+        plain = _rendered(trusting.url, engine, question)  # (the server's own, without one)
+        assert plain != "<user>Which is French?<reply>"
+        assert _rendered(trusting.url, engine, question, chat_template="") == plain  # (vLLM's)
         for bad, fragment in (("{% for m in messages %}", "is not a Jinja template"),
                               (7, "'chat_template' must be a string"),
                               ("{{ 1 / 0 }}", "failed while rendering: ZeroDivisionError"),
@@ -308,14 +311,8 @@ def test_documents_reach_a_template_that_renders_them(engine, server):
     question = [{"role": "user", "content": "Which is French?"}]
     app = build_app(engine, ServerSettings(chat_template=DOCS_TEMPLATE), shutdown_engine=False)
     with BackgroundServer(app) as docs_server:
-        status, body = post(f"{docs_server.url}/tokenize", {"messages": question,
-                                                             "documents": DOCS})
-        assert status == 200, body
-        assert engine.engine.tokenizer.decode(body["tokens"]) == (
+        assert _rendered(docs_server.url, engine, question, documents=DOCS) == (
             "[Paris] The capital of France.\n[Rome] Italy's.\nuser: Which is French?\nassistant:")
-        status, reply = post(f"{docs_server.url}/v1/chat/completions",
-                             {"messages": question, "documents": DOCS, "max_tokens": 1})
-        assert status == 200 and reply["usage"]["prompt_tokens"] == len(body["tokens"]), reply
         for bad in ({"title": 1}, "Paris", [{}], {}):
             status, error = post(f"{docs_server.url}/v1/chat/completions",
                                  {"messages": question, "documents": [bad] if bad != {} else bad,
