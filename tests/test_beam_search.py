@@ -127,6 +127,14 @@ def test_the_server_answers_use_beam_search_with_the_n_best_beams(llm, openai_cl
         model="fairswitch-tiny", messages=[{"role": "user", "content": "Hi"}], n=2,
         max_tokens=3, extra_body={"use_beam_search": True, "length_penalty": 0.5})
     assert len(chat.choices) == 2 and all(c.message.content is not None for c in chat.choices)
+    weather = {"type": "function", "function": {"name": "w", "parameters": {"type": "object"}}}
+    for extra, param in (({"response_format": {"type": "json_object"}}, "response_format"),
+                         ({"tools": [weather], "tool_choice": "required"}, "tool_choice")):
+        with pytest.raises(openai.BadRequestError) as refused:  # (the field the request gave)
+            openai_client.chat.completions.create(
+                model="fairswitch-tiny", messages=[{"role": "user", "content": "Hi"}], n=2,
+                max_tokens=3, extra_body={"use_beam_search": True}, **extra)
+        assert refused.value.body["param"] == param, refused.value.body
     for extra, param in (({"stop": ["x"]}, "stop"), ({"logprobs": 2}, "logprobs"),
                          ({"n": 11}, "n"), ({"extra_body": {"use_beam_search": True,
                                                             "length_penalty": 1000}},

@@ -311,6 +311,7 @@ class GenerationRequest:
     logprobs: int | None  # top logprobs per token (None: no logprobs)
     prompt_logprobs: int | None  # vLLM's extension (completions: also set by echo + logprobs)
     structured_outputs: StructuredOutputsParams | None = None  # (_structured)
+    structured_field: str | None = None  # the request's field that gave it (errors name it)
     return_token_ids: bool = False  # vLLM's: token ids beside the text (and the prompt's)
     # vLLM's: logprobs name each token "token_id:<id>" rather than by its text (None: the
     # server's --return-tokens-as-token-ids)
@@ -361,6 +362,8 @@ class GenerationRequest:
                               f"use_beam_search, got {self.n}", "n")
         for name, off in _NOT_WITH_BEAMS:
             if getattr(self, name) not in off:
+                if name == "structured_outputs":  # (as the request said it)
+                    name = self.structured_field or name
                 raise bad_request(f"'{name}' is not available with use_beam_search", name)
         return BeamSearchParams(beam_width=self.n, max_tokens=max_tokens,
                                 ignore_eos=self.ignore_eos, temperature=self.temperature or 0.0,
@@ -478,6 +481,8 @@ def _common(body: Any, unsupported: tuple, echo: bool = False) -> dict[str, Any]
         bad_words=_bad_words(body),
         prompt_logprobs=_logprob_count(body, "prompt_logprobs"),
         structured_outputs=_structured(body),
+        structured_field=next((f for f in _STRUCTURED_FIELDS if body.get(f) is not None),
+                              None),
         return_token_ids=_bool(body, "return_token_ids", False),
         return_tokens_as_token_ids=_bool(body, "return_tokens_as_token_ids", None),
         truncate_prompt_tokens=_truncation(body),
@@ -614,6 +619,7 @@ def parse_chat(body: Any, tool_parser: str | None = None,
             raise bad_request(str(e), "tools") from e
         calls = ToolCalls(named, _bool(body, "parallel_tool_calls", True))
         common["structured_outputs"] = StructuredOutputsParams(json=schema)
+        common["structured_field"] = "tool_choice"
     include_reasoning = _bool(body, "include_reasoning", True)
     held = common["structured_outputs"]
     if held is not None and reasoning_parser == "deepseek_r1":
