@@ -86,7 +86,7 @@ class Request:
     detokenizer: Any = None
     generator: Any = None
     grammar: Any = None  # structured output's matcher (structured_output.py), fed each token
-    # Why the engine aborted it, where the request itself is the cause (RequestOutput.error).
+    # Why the engine aborted it, where the request itself is the cause (CompletionOutput.error).
     abort_error: str | None = None
     bad_words_ids: list[list[int]] = field(default_factory=list)  # SamplingParams.bad_words'
     allowed_ids: Any = None  # SamplingParams.allowed_token_ids on the device (the sampler's)

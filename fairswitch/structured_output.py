@@ -34,8 +34,8 @@ class StructuredOutputsParams:
     object or its JSON text, ``{"structures": [{"begin", "schema", "end"}, ...], "triggers":
     [...]}``, where the reply is free text until it writes a trigger, the start of some
     structure's ``begin``, then held to that begin, a JSON value of its schema and its end;
-    or xgrammar's newer ``{"type": "structural_tag", "format": {...}}``). ``after``: the reply is held only after it has written
-    this text (a reasoning model's ``"</think>"``: its thinking is free, its answer held, as
+    or xgrammar's newer ``{"type": "structural_tag", "format": {...}}``). ``after``: the reply
+    is held only after it has written this text (a reasoning model's ``"</think>"``: its thinking is free, its answer held, as
     vLLM holds a reasoning model's); the token that completes it is free too. ``opens``: with
     ``after``, the reply is held from its first token unless that token is this text (a hybrid
     model's ``"<think>"``, which it may or may not write): then it is free up to ``after``. A

@@ -7,7 +7,6 @@ import os
 import tempfile
 from pathlib import Path
 
-
 from fairswitch.model.tokenizer import template_syntax_error
 
 

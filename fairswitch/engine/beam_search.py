@@ -13,8 +13,10 @@ the search does not use.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from fairswitch.outputs import RequestOutput
 from fairswitch.sampling_params import MAX_LOGPROBS, SamplingParams
 
 MAX_BEAM_WIDTH = MAX_LOGPROBS // 2  # (each step asks for 2 x beam_width alternatives)
@@ -130,3 +132,12 @@ class BeamSearch:
         """A beam's generated tokens, a final end-of-sequence token left out (its text's)."""
         end = len(beam.tokens) - (beam.finish_reason == "stop")
         return beam.tokens[self.num_prompt_tokens:end]
+
+
+def advance_all(searches: list[BeamSearch], outputs: Iterable[RequestOutput]) -> None:
+    """One step of ``searches``: ``outputs`` are their live beams' one-token generations (with
+    ``step_params``' logprobs), search by search and beam by beam."""
+    found = iter(outputs)
+    for search in searches:
+        search.advance([{token: lp.logprob for token, lp in
+                         next(found).outputs[0].logprobs[0].items()} for _ in search.live])

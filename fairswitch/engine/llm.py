@@ -10,7 +10,8 @@ from typing import Any
 from fairswitch.chat_messages import (PLAIN_CHAT_TEMPLATE, check_template_kwargs,
                                       check_template_renders_tools, parse_conversation)
 from fairswitch.config import EngineConfig
-from fairswitch.engine.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams
+from fairswitch.engine.beam_search import (BeamSearch, BeamSearchOutput, BeamSearchParams,
+                                           advance_all)
 from fairswitch.engine.engine import Engine, is_priority
 from fairswitch.outputs import RequestOutput
 from fairswitch.sampling_params import SamplingParams
@@ -147,10 +148,8 @@ class LLM:
         step = params.step_params()
         while live := [s for s in searches if not s.finished]:
             beams = [beam.tokens for s in live for beam in s.live]
-            outs = iter(self.generate([{"prompt_token_ids": b} for b in beams], step, use_tqdm))
-            for s in live:
-                s.advance([{token: lp.logprob for token, lp in
-                            next(outs).outputs[0].logprobs[0].items()} for _ in s.live])
+            advance_all(live, self.generate([{"prompt_token_ids": b} for b in beams], step,
+                                            use_tqdm))
         results = []
         for s in searches:
             best = s.best()

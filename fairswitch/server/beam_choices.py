@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fairswitch.engine.async_engine import AsyncEngine
-from fairswitch.engine.beam_search import BeamSearch, BeamSearchParams
+from fairswitch.engine.beam_search import BeamSearch, BeamSearchParams, advance_all
 from fairswitch.outputs import CompletionOutput, RequestOutput
 from fairswitch.server.choices import Prompt
 
@@ -60,10 +60,7 @@ async def beam_outputs(engine: AsyncEngine, prompts: list[tuple[Prompt, BeamSear
         if aborted := [out for out in outs if out.outputs[0].finish_reason == "abort"]:
             yield 0, aborted[0]
             return
-        found = iter(outs)
-        for s in live:
-            s.advance([{token: lp.logprob for token, lp in
-                        next(found).outputs[0].logprobs[0].items()} for _ in s.live])
+        advance_all(live, outs)
     for p, ((prompt, params), s) in enumerate(zip(prompts, searches)):
         best = s.best()
         if len(best) < params.beam_width:

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from fairswitch.chat_messages import MessageError, check_template_kwargs, parse_conversation
+from fairswitch.engine.beam_search import MAX_BEAM_WIDTH, MAX_LENGTH_PENALTY, BeamSearchParams
 from fairswitch.model.generation_config import SAMPLING_FIELDS
 from fairswitch.outputs import Logprob, PositionLogprobs
-from fairswitch.engine.beam_search import MAX_BEAM_WIDTH, MAX_LENGTH_PENALTY, BeamSearchParams
 from fairswitch.sampling_params import MAX_LOGPROBS, MAX_N, SamplingParams
 from fairswitch.server.errors import bad_request
 from fairswitch.server.reasoning import Reasoning
@@ -185,8 +185,9 @@ def _truncation(body: dict) -> int | None:
     return k
 
 
-def _structured(body: dict) -> StructuredOutputsParams | None:
-    """What the reply is held to, from whichever structured-output field the request gives."""
+def _structured(body: dict) -> tuple[StructuredOutputsParams | None, str | None]:
+    """What the reply is held to, and the structured-output field of the request that says so
+    (None, None: none does)."""
     given: dict[str, dict[str, Any]] = {}
     form = body.get("response_format")
     if form is not None:
@@ -230,10 +231,10 @@ def _structured(body: dict) -> StructuredOutputsParams | None:
         raise bad_request(f"give one structured-output field, got {', '.join(given)}",
                           next(iter(given)))
     if not given:
-        return None
+        return None, None
     (name, spec), = given.items()
     try:
-        return StructuredOutputsParams(**spec)
+        return StructuredOutputsParams(**spec), name
     except (TypeError, ValueError) as e:
         raise bad_request(f"'{name}': {e}", name) from e
 
@@ -470,8 +471,10 @@ def _common(body: Any, unsupported: tuple, echo: bool = False) -> dict[str, Any]
     if bias is not None and not isinstance(bias, dict):
         raise bad_request(f"'logit_bias' must be an object mapping token ids to numbers, got "
                           f"{describe(bias)}", "logit_bias")
+    structured, structured_field = _structured(body)
     return dict(
-        n=n, min_tokens=min_tokens,
+        n=n, min_tokens=min_tokens, structured_outputs=structured,
+        structured_field=structured_field,
         min_p=_ranged(body, "min_p", None, 0.0, 1.0),
         presence_penalty=_ranged(body, "presence_penalty", 0.0, -2.0, 2.0),
         frequency_penalty=_ranged(body, "frequency_penalty", 0.0, -2.0, 2.0),
@@ -480,9 +483,6 @@ def _common(body: Any, unsupported: tuple, echo: bool = False) -> dict[str, Any]
         allowed_token_ids=_allowed_token_ids(body),
         bad_words=_bad_words(body),
         prompt_logprobs=_logprob_count(body, "prompt_logprobs"),
-        structured_outputs=_structured(body),
-        structured_field=next((f for f in _STRUCTURED_FIELDS if body.get(f) is not None),
-                              None),
         return_token_ids=_bool(body, "return_token_ids", False),
         return_tokens_as_token_ids=_bool(body, "return_tokens_as_token_ids", None),
         truncate_prompt_tokens=_truncation(body),
