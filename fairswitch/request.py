@@ -67,6 +67,7 @@ class Request:
     # Scheduler bookkeeping (scheduler.py): arrival order, when it was last kept out of the batch,
     # steps run since (re)admission, starvation, and the service already charged to its client.
     seq: int = 0
+    queue_hold: str | None = None  # the reserve_places hold whose place it takes while waiting
     kept_out_since: float | None = None
     out_since: float | None = None  # kept_out_since before its current seat
     num_run_steps: int = 0

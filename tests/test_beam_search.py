@@ -212,3 +212,44 @@ def test_shutdown_aborts_a_beam_search_with_a_503():
     finally:
         server.stop()
         engine.shutdown()
+
+
+def test_a_beam_search_keeps_its_queue_places_from_start_to_end():
+    """Under --max-waiting a search holds a waiting-queue place for each beam for its whole
+    life: a request arriving meanwhile that would leave its next step no room is the one
+    refused (503), and the search ends whole (its steps took places as they came, so such a
+    request could make a step meet a full queue partway: a 503 after the search had run)."""
+    import asyncio
+
+    import aiohttp
+
+    from fairswitch.config import EngineConfig
+    from fairswitch.engine.async_engine import AsyncEngine
+    from fairswitch.server import BackgroundServer, ServerSettings, build_app
+
+    engine = AsyncEngine.from_config(EngineConfig.from_kwargs(
+        num_gpu_blocks=256, max_model_len=256, max_num_seqs=1, max_waiting=2))
+
+    async def search_and_another(url: str) -> tuple[int, int, int, int]:
+        async with aiohttp.ClientSession() as s:
+            search = asyncio.create_task(s.post(url, json={
+                "prompt": "Hello", "max_tokens": 40, "n": 2, "ignore_eos": True,
+                "use_beam_search": True}))
+            for _ in range(500):  # (until its places are reserved: its first step is added)
+                if await engine.run_in_engine(lambda e: e.scheduler._reserved_places):
+                    break
+                await asyncio.sleep(0.01)
+            async with s.post(url, json={"prompt": "Hi", "max_tokens": 2}) as other:
+                other_status = other.status
+            r = await search
+            body = await r.json()
+            async with s.post(url, json={"prompt": "Hi", "max_tokens": 2}) as after:
+                return other_status, r.status, len(body.get("choices", [])), after.status
+    try:
+        with BackgroundServer(build_app(engine, ServerSettings(), shutdown_engine=False)) as srv:
+            other, status, choices, after = asyncio.run(
+                search_and_another(f"{srv.url}/v1/completions"))
+        assert (other, status, choices, after) == (503, 200, 2, 200)
+        assert not asyncio.run(engine.run_in_engine(lambda e: e.scheduler._reserved_places))
+    finally:
+        engine.shutdown()

@@ -109,6 +109,48 @@ def test_n_choices_are_admitted_together():
         engine.add_request("e", PARAMS, request_id=rid)
 
 
+def test_places_reserved_for_a_caller_are_kept_for_its_whole_life():
+    """A beam search's steps come one after another: its reserve_places hold keeps a place for
+    each of its requests from start to end, taken while one waits, free for it again once it
+    has left the queue, and nobody else's meanwhile."""
+    from fairswitch.scheduler.scheduler import QueueFullError
+
+    engine = LLM(num_gpu_blocks=64, max_model_len=64, max_waiting=3).engine
+    with pytest.raises(ValueError, match="4 requests at a time need 4 places .* holds 3"):
+        engine.reserve_places("s", 4)
+    engine.add_request("a", PARAMS, request_id="a")
+    with pytest.raises(QueueFullError):
+        engine.reserve_places("s", 3)
+    engine.reserve_places("s", 2)
+    with pytest.raises(ValueError, match="already held"):
+        engine.reserve_places("s", 1)
+    with pytest.raises(QueueFullError):  # a's place and s's two
+        engine.add_request("b", PARAMS)
+    engine.add_request("x", PARAMS, request_id="s-0", held_by="s")
+    engine.add_request("x", PARAMS, request_id="s-1", held_by="s")
+    with pytest.raises(QueueFullError, match="the 2 places reserved for 's' are all taken"):
+        engine.add_request("x", PARAMS, request_id="s-2", held_by="s")
+    with pytest.raises(QueueFullError):
+        engine.add_request("b", PARAMS)
+    while engine.has_unfinished_requests():
+        engine.step()
+    # The queue is empty, and s still holds two of its three places: its next step fits.
+    with pytest.raises(QueueFullError):
+        engine.add_request("b", PARAMS, queue_places=2)
+    engine.add_request("b", PARAMS, request_id="b")
+    engine.add_request("x", PARAMS, request_id="s-2", held_by="s")
+    engine.add_request("x", PARAMS, request_id="s-3", held_by="s")
+    engine.release_places("s")
+    engine.abort_request("b")  # (its place is free now, and s's are given back)
+    engine.add_request("c", PARAMS, request_id="c")
+    with pytest.raises(QueueFullError):
+        engine.add_request("d", PARAMS)
+    while engine.has_unfinished_requests():
+        engine.step()
+    for rid in "def":
+        engine.add_request("d", PARAMS, request_id=rid)
+
+
 @pytest.mark.parametrize("max_waiting", [0, -1])
 def test_a_queue_that_holds_nothing_is_refused(max_waiting):
     """max_waiting 0 was accepted, and then no request could ever be queued: generate raised

@@ -161,6 +161,10 @@ class AsyncEngine:
         """Abort a request and wait until its blocks are free."""
         await self._call(lambda: self._abort_and_notify(str(request_id)))
 
+    async def reserve_places(self, hold_id: str, n: int) -> None:
+        """Scheduler.reserve_places, on the engine thread (QueueFullError: no room now)."""
+        await self._call(lambda: self.engine.reserve_places(str(hold_id), n))
+
     def release_places(self, request_id: str) -> None:
         """Scheduler.release_places, as the engine's next command (not waited for)."""
         self._submit(lambda: self.engine.release_places(str(request_id)))

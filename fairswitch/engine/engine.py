@@ -187,8 +187,13 @@ class Engine:
         is empty, too long or out of vocab."""
         return self.inputs.validate(prompt, prompt_token_ids)
 
+    def reserve_places(self, hold_id: str, n: int) -> None:
+        """Scheduler.reserve_places: ``n`` waiting-queue places for requests ``held_by`` it."""
+        self.scheduler.reserve_places(hold_id, n)
+
     def release_places(self, request_id: str) -> None:
-        """Scheduler.release_places: the waiting-queue places held for a request's choices."""
+        """Scheduler.release_places: the waiting-queue places held for a request's choices, or
+        reserved under its id."""
         self.scheduler.release_places(request_id)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:

@@ -129,6 +129,9 @@ class Scheduler:
         self._kept_out_order = itertools.count()
         # Waiting-queue places held for the choices yet to join, by their first choice's id
         self._held_places: dict[str, int] = {}
+        # Places reserved for a caller's whole life (reserve_places), by its hold's id: those of
+        # its requests in the waiting queue use them, the rest stay free for it.
+        self._reserved_places: dict[str, int] = {}
         self._seq = itertools.count()
         self.num_preemptions = 0
         self.num_rank_preemptions = 0  # of which: for a better-ranked request (not memory)
@@ -143,10 +146,16 @@ class Scheduler:
         (``max_waiting``) admitting it takes: 1, or n for the first of n choices admitted
         together. Its n - 1 other places are held for the others (they join once its prompt is
         in the prefix cache), which pass ``held_by=`` its id and take a held place, until
-        ``release_places``. QueueFullError if the queue has not that many places; ValueError if
-        it never can (a group larger than the queue)."""
+        ``release_places``; ``held_by=`` a ``reserve_places`` hold takes one of its places.
+        QueueFullError if the queue has not that many places; ValueError if it never can (a
+        group larger than the queue)."""
         cap = self.config.max_waiting
-        if held_by is not None and self._held_places.get(held_by):
+        if held_by is not None and held_by in self._reserved_places:
+            if self._waiting_under(held_by) >= self._reserved_places[held_by]:
+                raise QueueFullError(f"the {self._reserved_places[held_by]} places reserved "
+                                     f"for {held_by!r} are all taken")
+            request.queue_hold = held_by
+        elif held_by is not None and self._held_places.get(held_by):
             self._held_places[held_by] -= 1
             if not self._held_places[held_by]:
                 del self._held_places[held_by]
@@ -159,7 +168,7 @@ class Scheduler:
             if queue_places > 1 and queue_places > cap:
                 raise ValueError(f"{queue_places} choices of one request need {queue_places} "
                                  f"places in the waiting queue, which holds {cap} (max_waiting)")
-            if len(self.waiting) + sum(self._held_places.values()) + queue_places > cap:
+            if self._places_taken() + queue_places > cap:
                 raise QueueFullError(f"waiting queue is full ({cap} requests)")
         if queue_places > 1 and held_by is None and cap is not None:
             self._held_places[request.request_id] = queue_places - 1
@@ -167,10 +176,38 @@ class Scheduler:
         self.ranking.on_arrival(request)
         self._keep_out(request, self.waiting)
 
+    def reserve_places(self, hold_id: str, n: int) -> None:
+        """Reserve ``n`` places in the waiting queue until ``release_places(hold_id)``: requests
+        added with ``held_by=hold_id`` take them, as many at a time as there are, and give them
+        back when they leave the queue (a beam search's steps, none of which may meet a full
+        queue partway). QueueFullError if the queue has not ``n`` free places; ValueError if it
+        never can. Nothing is kept without ``max_waiting``."""
+        cap = self.config.max_waiting
+        if hold_id in self._reserved_places or hold_id in self._held_places:
+            raise ValueError(f"places are already held for {hold_id!r}")
+        if cap is None:
+            return
+        if n > cap:
+            raise ValueError(f"{n} requests at a time need {n} places in the waiting queue, "
+                             f"which holds {cap} (max_waiting)")
+        if self._places_taken() + n > cap:
+            raise QueueFullError(f"waiting queue is full ({cap} requests)")
+        self._reserved_places[hold_id] = n
+
     def release_places(self, request_id: str) -> None:
         """Give up the waiting-queue places still held for the choices of ``request_id`` (its
-        response ended before they all joined)."""
+        response ended before they all joined), or reserved under that id."""
         self._held_places.pop(request_id, None)
+        self._reserved_places.pop(request_id, None)
+
+    def _places_taken(self) -> int:
+        """Places in the waiting queue: its requests, and those held or reserved for others."""
+        free_reserved = sum(max(0, n - self._waiting_under(hold))
+                            for hold, n in self._reserved_places.items())
+        return len(self.waiting) + sum(self._held_places.values()) + free_reserved
+
+    def _waiting_under(self, hold_id: str) -> int:
+        return sum(1 for req in self.waiting if req.queue_hold == hold_id)
 
     def has_unfinished(self) -> bool:
         # Copies still in flight count: their blocks return to the pools only when they land.

@@ -30,37 +30,43 @@ async def beam_outputs(engine: AsyncEngine, prompts: list[tuple[Prompt, BeamSear
     core = engine.engine
     searches = [BeamSearch(prompt.ids, params, core.output_processor.eos_token_ids)
                 for prompt, params in prompts]
-    counter = itertools.count()
 
     async def step(tokens: list[int], params: BeamSearchParams, rid: str) -> RequestOutput:
         last = None
         async with contextlib.aclosing(engine.generate(
                 None, params.step_params(), request_id=rid, prompt_token_ids=tokens,
-                **scheduling)) as outputs:
+                held_by=request_id, **scheduling)) as outputs:
             async for last in outputs:
                 pass
         return last
 
-    while live := [s for s in searches if not s.finished]:
-        beams = [(s, beam) for s in live for beam in s.live]
-        rids = [f"{request_id}-beam{next(counter)}" for _ in beams]
-        if stopping():
-            yield 0, _aborted(request_id, prompts[0][0])
-            return
-        on_step(rids)
-        tasks = [asyncio.ensure_future(step(beam.tokens, s.params, rid))
-                 for (s, beam), rid in zip(beams, rids)]
-        try:
-            outs = await asyncio.gather(*tasks)
-        except BaseException:  # one failed, or this was cancelled: abort the step's others
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
-        if aborted := [out for out in outs if out.outputs[0].finish_reason == "abort"]:
-            yield 0, aborted[0]
-            return
-        advance_all(live, outs)
+    # A place in the waiting queue for every beam for the whole search (QueueFullError now, if
+    # there is no room): no step meets a full queue partway.
+    await engine.reserve_places(request_id, sum(params.beam_width for _, params in prompts))
+    try:
+        counter = itertools.count()
+        while live := [s for s in searches if not s.finished]:
+            beams = [(s, beam) for s in live for beam in s.live]
+            rids = [f"{request_id}-beam{next(counter)}" for _ in beams]
+            if stopping():
+                yield 0, _aborted(request_id, prompts[0][0])
+                return
+            on_step(rids)
+            tasks = [asyncio.ensure_future(step(beam.tokens, s.params, rid))
+                     for (s, beam), rid in zip(beams, rids)]
+            try:
+                outs = await asyncio.gather(*tasks)
+            except BaseException:  # one failed, or this was cancelled: abort the step's others
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
+            if aborted := [out for out in outs if out.outputs[0].finish_reason == "abort"]:
+                yield 0, aborted[0]
+                return
+            advance_all(live, outs)
+    finally:
+        engine.release_places(request_id)
     for p, ((prompt, params), s) in enumerate(zip(prompts, searches)):
         best = s.best()
         if len(best) < params.beam_width:
