@@ -16,7 +16,7 @@ import pytest
 from fairswitch import LLM, SamplingParams
 from fairswitch.config import EngineConfig
 from fairswitch.engine.async_engine import AsyncEngine
-from fairswitch.server import BackgroundServer, ServerSettings, build_app
+from fairswitch.server import BackgroundServer, ServerSettings, build_app, chat
 
 # ChatML, plus the tool calls and the id of the call a tool message answers.
 TOOL_TEMPLATE = (
@@ -277,9 +277,13 @@ def _rendered(url: str, engine, question: list[dict], **fields) -> str:
     return engine.engine.tokenizer.decode(body["tokens"])
 
 
-def test_a_requests_chat_template_renders_only_where_the_server_trusts_requests(engine, server):
+def test_a_requests_chat_template_renders_only_where_the_server_trusts_requests(
+        engine, server, monkeypatch):
     """vLLM's --trust-request-chat-template: a request's chat_template replaces the server's;
-    untrusted (the default), or not Jinja, it is a 400 naming it."""
+    untrusted (the default), not Jinja, failing, or rendering for longer than its time bound
+    (a loop of 10^10 ran for minutes), it is a 400 naming it."""
+    monkeypatch.setattr(chat, "REQUEST_TEMPLATE_S", 0.3)
+    forever = "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}"
     question = [{"role": "user", "content": "Which is French?"}]
     mine = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<reply>"
     status, error = post(f"{server.url}/v1/chat/completions",
@@ -298,7 +302,8 @@ def test_a_requests_chat_template_renders_only_where_the_server_trusts_requests(
                               (7, "'chat_template' must be a string"),
                               ("{{ 1 / 0 }}", "failed while rendering: ZeroDivisionError"),
                               ("{{ 'abc'.index('z') }}", "failed while rendering: ValueError"),
-                              ("{{ messages | nosuch }}", "rejected the messages")):
+                              ("{{ messages | nosuch }}", "rejected the messages"),
+                              (forever, "did not render in time: it ran longer than 0.3 s")):
             status, error = post(f"{trusting.url}/v1/chat/completions",
                                  {"messages": question, "chat_template": bad, "max_tokens": 1})
             assert status == 400 and fragment in error["error"]["message"], error

@@ -77,7 +77,7 @@ def add_reply_options(g: argparse._ActionsContainer) -> None:
                         "tokenizer's (default: the tokenizer's, else a plain-text one)")
     g.add_argument("--trust-request-chat-template", action="store_true",
                    help="render a request's own 'chat_template' (refused otherwise, as vLLM: "
-                        "the server runs the client's Jinja, sandboxed but not time-bounded; "
+                        "the server runs the client's Jinja, sandboxed, cut off after 2 s; "
                         "for trusted clients only)")
     g.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="tool_choice 'auto' (OpenAI's default with tools): the model may call "

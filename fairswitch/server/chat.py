@@ -4,11 +4,15 @@ A tokenizer without a template gets a plain-text one (chat_messages.py's ``PLAIN
 as ``LLM.chat`` does. The rendered text is tokenized without adding special tokens: templates
 write their own BOS where the model wants one. A request's own ``chat_template`` replaces the
 server's only where the server trusts requests' templates (vLLM's
-``--trust-request-chat-template``).
+``--trust-request-chat-template``); its rendering is bounded in time (``REQUEST_TEMPLATE_S``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import sys
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import jinja2
@@ -18,6 +22,37 @@ from fairswitch.chat_messages import (PLAIN_CHAT_TEMPLATE, MessageError,
 from fairswitch.model.tokenizer import template_syntax_error
 from fairswitch.server.errors import bad_request
 from fairswitch.server.protocol import TemplateInputs
+
+# How long a request's own chat template may render: a template's loops are Python loops, which
+# would otherwise hold a prompt worker and the CPU for as long as they run.
+REQUEST_TEMPLATE_S = 2.0
+
+
+class TemplateTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _time_bound(seconds: float) -> Iterator[None]:
+    """Raise TemplateTimeout in this thread's Python code once it has run ``seconds`` (checked
+    every 256 lines it runs, through a trace function: renders run some times slower)."""
+    deadline = time.monotonic() + seconds
+    lines = 0
+
+    def trace(frame: Any, event: str, arg: Any) -> Any:
+        nonlocal lines
+        lines += 1
+        if not lines % 256 and time.monotonic() > deadline:
+            raise TemplateTimeout(f"it ran longer than {seconds:g} s")
+        return trace
+
+    previous = sys.gettrace()
+    sys.settrace(trace)
+    try:
+        yield
+    finally:
+        sys.settrace(previous)
+
 
 class ChatTemplate:
     def __init__(self, tokenizer: Any, template: str | None = None,
@@ -54,12 +89,18 @@ class ChatTemplate:
                                   "(its source never mentions 'documents'), so the model would "
                                   "not see them; use a chat template that does", "documents")
             documents = {"documents": inputs.documents}
+        bound = contextlib.nullcontext() if inputs.source is None else \
+            _time_bound(REQUEST_TEMPLATE_S)
         try:
-            return self.tokenizer.apply_chat_template(
-                messages, chat_template=source, tokenize=False,
-                add_generation_prompt=inputs.add_generation_prompt,
-                continue_final_message=inputs.continue_final_message, tools=inputs.tools,
-                **documents, **inputs.kwargs)
+            with bound:
+                return self.tokenizer.apply_chat_template(
+                    messages, chat_template=source, tokenize=False,
+                    add_generation_prompt=inputs.add_generation_prompt,
+                    continue_final_message=inputs.continue_final_message, tools=inputs.tools,
+                    **documents, **inputs.kwargs)
+        except TemplateTimeout as e:
+            raise bad_request(f"'chat_template' did not render in time: {e}",
+                              "chat_template") from e
         except jinja2.TemplateError as e:  # e.g. a template that insists roles alternate
             raise bad_request(f"the chat template rejected the messages: {e}",
                               "messages" if inputs.source is None else "chat_template") from e
