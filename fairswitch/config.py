@@ -46,10 +46,16 @@ def _check_types(config: Any) -> None:
 class ModelConfig:
     model: str = _opt(
         "fairswitch-tiny",
-        "HF checkpoint directory, the embedded default 'fairswitch-tiny', or a shipped config name "
-        "(llama-3-8b, llama-3.1-8b, llama-3-70b, qwen2.5-7b, qwen2.5-32b) with --load-format dummy",
+        "HF checkpoint directory, the embedded default 'fairswitch-tiny', a shipped config name "
+        "(llama-3-8b, llama-3.1-8b, llama-3-70b, qwen2.5-7b, qwen2.5-32b) with --load-format "
+        "dummy, or a Hugging Face Hub repository (owner/name, fetched into the Hub's cache; "
+        "HF_TOKEN for gated ones, HF_HUB_OFFLINE=1 for the cache alone)",
     )
     tokenizer: str | None = _opt(None, "tokenizer directory (default: the model's)")
+    revision: str | None = _opt(
+        None, "a Hub model's branch, tag or commit (default: its main branch)")
+    download_dir: str | None = _opt(
+        None, "where Hub models are fetched to (default: the Hugging Face cache, HF_HOME)")
     load_format: str = _opt(
         "auto", "auto: read *.safetensors; dummy: random weights from the config", _LOAD_FORMATS
     )

@@ -443,3 +443,55 @@ def test_a_sliding_window_caps_max_model_len_and_says_so(tmp_path, write_checkpo
     assert "sliding window" not in caplog.text
     with pytest.raises(ValueError, match="sliding_window"):
         LLM(model=str(path), num_gpu_blocks=16, max_model_len=64)
+
+
+def _hub_cache(cache, repo_id: str, checkpoint, commit: str = "a1" * 20):
+    """A Hugging Face Hub cache holding ``repo_id`` at ``commit`` (its main branch), laid out as
+    huggingface_hub writes it: what an earlier download left."""
+    import shutil
+
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(checkpoint, repo / "snapshots" / commit)
+    return repo / "snapshots" / commit
+
+
+def test_a_hub_repository_name_loads_from_the_hub_cache(tmp_path, llama_dir, monkeypatch):
+    """`LLM("owner/name")` / `fairswitch serve owner/name`, as vLLM: the repository's files
+    come through huggingface_hub (here from its cache, offline: nothing can be downloaded in
+    the tests), at --revision, from --download-dir; the weights are skipped for dummy ones."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    cache = tmp_path / "hub"
+    _hub_cache(cache, "tester/tiny-llama", llama_dir)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    small = dict(num_gpu_blocks=16, max_model_len=128)
+    want = LLM(model=str(llama_dir), **small).generate(["Hi"], params, use_tqdm=False)
+    got = LLM(model="tester/tiny-llama", download_dir=str(cache), **small).generate(
+        ["Hi"], params, use_tqdm=False)
+    assert got[0].outputs[0].token_ids == want[0].outputs[0].token_ids
+    asked = []
+    real = loader.hub.snapshot
+
+    def spy(*args, **kwargs):
+        asked.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loader.hub, "snapshot", spy)
+    LLM(model="tester/tiny-llama", download_dir=str(cache), revision="main",
+        load_format="dummy", **small)
+    assert asked == [("tester/tiny-llama", "main", str(cache), False)]
+    with pytest.raises(FileNotFoundError, match=r"'tester/tiny-llama' is no local directory .*"
+                       r"at revision 'v2' could not be fetched: \w+Error"):
+        LLM(model="tester/tiny-llama", download_dir=str(cache), revision="v2")
+    with pytest.raises(FileNotFoundError, match=r"'nobody/nothing' .*could not be fetched"):
+        LLM(model="nobody/nothing", download_dir=str(cache))
+
+
+@pytest.mark.parametrize("name", ["no-such-model", "a/b/c", "../x", "/abs/missing"])
+def test_a_name_that_is_no_repository_is_not_looked_up(name, monkeypatch):
+    monkeypatch.setattr(loader.hub, "snapshot", lambda *a: pytest.fail("looked up"))
+    with pytest.raises(FileNotFoundError, match="neither an existing directory nor a known"):
+        loader.resolve_model(name)

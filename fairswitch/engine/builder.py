@@ -144,7 +144,8 @@ def check_model(config: EngineConfig) -> tuple[loader.ModelSource, CheckpointCon
     ValueError for a model without weights asked to load them, weight files that are missing
     or unreadable, or a tensor-parallel size its heads do not divide."""
     mc = config.model
-    source = loader.resolve_model(mc.model)
+    source = loader.resolve_model(mc.model, mc.revision, mc.download_dir,
+                                  weights=mc.load_format != "dummy")
     if source.checkpoint_dir is None and mc.load_format != "dummy":
         raise ValueError(f"{mc.model!r} is a shipped config without weights: use "
                          "load_format='dummy' (--load-format dummy) or a checkpoint directory")

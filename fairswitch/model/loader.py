@@ -1,8 +1,9 @@
 """Find a model, read its config and tokenizer, build it on the device and fill its weights.
 
 ``model`` may be: a local HF checkpoint directory; the embedded default ``fairswitch-tiny`` (a
-checkpoint directory inside the package); or a shipped config name (``llama-3-8b`` ...) for dummy
-weights, with the cl100k_base tokenizer (model/cl100k.py).
+checkpoint directory inside the package); a shipped config name (``llama-3-8b`` ...) for dummy
+weights, with the cl100k_base tokenizer (model/cl100k.py); or a Hugging Face Hub repository
+(``owner/name``, hub.py), fetched into the Hub's cache.
 Weights come from ``*.safetensors`` (single file or sharded with an index), or are random
 (``load_format="dummy"``) with realistic scales, for benchmarks at real model shapes.
 
@@ -22,6 +23,7 @@ import torch
 
 from fairswitch.distributed.parallel_state import SINGLE, TPGroup
 from fairswitch.distributed.shard_plan import Shard
+from fairswitch.model import hub
 from fairswitch.model.checkpoint_config import CheckpointConfig, read_json
 from fairswitch.model.llama import LlamaForCausalLM
 from fairswitch.model.tokenizer import load_tokenizer  # noqa: F401  (the loader's API)
@@ -43,7 +45,11 @@ def shipped_config_names() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
 
 
-def resolve_model(model: str) -> ModelSource:
+def resolve_model(model: str, revision: str | None = None, download_dir: str | None = None,
+                  weights: bool = True) -> ModelSource:
+    """Where ``model`` is: the default model, a checkpoint directory, a shipped config, or a
+    Hugging Face Hub repository (hub.py: ``revision``, ``download_dir``; its weights are
+    fetched only where ``weights``)."""
     from fairswitch.model.default_model import default_model_dir, is_default_model_name
 
     if is_default_model_name(model):
@@ -56,6 +62,12 @@ def resolve_model(model: str) -> ModelSource:
         return ModelSource(model, path, path / "config.json")
     if (CONFIG_DIR / f"{model}.json").is_file():
         return ModelSource(model, None, CONFIG_DIR / f"{model}.json")
+    if hub.looks_like_repo_id(model):
+        path = hub.snapshot(model, revision, download_dir, weights)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"the Hugging Face Hub repository {model!r} has no "
+                                    "config.json: it holds no model fairswitch can load")
+        return ModelSource(model, path, path / "config.json")
     raise FileNotFoundError(
         f"model {model!r} is neither an existing directory nor a known name "
         f"(known: {', '.join(shipped_config_names())})"
