@@ -47,9 +47,9 @@ class ModelConfig:
     model: str = _opt(
         "fairswitch-tiny",
         "HF checkpoint directory, the embedded default 'fairswitch-tiny', a shipped config name "
-        "(llama-3-8b, llama-3.1-8b, llama-3-70b, qwen2.5-7b, qwen2.5-32b) with --load-format "
-        "dummy, or a Hugging Face Hub repository (owner/name, fetched into the Hub's cache; "
-        "HF_TOKEN for gated ones, HF_HUB_OFFLINE=1 for the cache alone)",
+        "(llama-3-8b, llama-3.1-8b, llama-3-70b, qwen2.5-7b, qwen2.5-32b, qwen3-8b) with "
+        "--load-format dummy, or a Hugging Face Hub repository (owner/name, fetched into the "
+        "Hub's cache; HF_TOKEN for gated ones, HF_HUB_OFFLINE=1 for the cache alone)",
     )
     tokenizer: str | None = _opt(None, "tokenizer directory (default: the model's)")
     revision: str | None = _opt(

@@ -74,7 +74,8 @@ def tokenizer_dir() -> Path:
 
 def _write_checkpoint(path: Path, arch: str, tokenizer_dir: Path, **overrides) -> Path:
     """A random small HF model saved as a real checkpoint dir (config + safetensors + tokenizer)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                              Qwen3Config, Qwen3ForCausalLM)
 
     common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
@@ -84,6 +85,8 @@ def _write_checkpoint(path: Path, arch: str, tokenizer_dir: Path, **overrides) -
     torch.manual_seed(1234)
     if arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common))
+    elif arch == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**common))
     else:
         model = Qwen2ForCausalLM(Qwen2Config(**common))
     model.save_pretrained(path, safe_serialization=True)
@@ -107,6 +110,13 @@ def qwen_dir(tmp_path_factory, tokenizer_dir) -> Path:
     # q/k/v biases, tied embeddings.
     return _write_checkpoint(tmp_path_factory.mktemp("qwen2"), "qwen2", tokenizer_dir,
                              tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def qwen3_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    # q/k norms, heads of 32 (not hidden_size // heads, 16), tied embeddings.
+    return _write_checkpoint(tmp_path_factory.mktemp("qwen3"), "qwen3", tokenizer_dir,
+                             head_dim=32, tie_word_embeddings=True)
 
 
 @pytest.fixture(scope="session")

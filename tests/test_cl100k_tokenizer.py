@@ -27,7 +27,8 @@ TEXTS = [
     "<|endoftext|> appears literally",
 ]
 
-CONFIG_NAMES = ["llama-3-8b", "llama-3.1-8b", "llama-3-70b", "qwen2.5-7b", "qwen2.5-32b"]
+CONFIG_NAMES = ["llama-3-8b", "llama-3.1-8b", "llama-3-70b", "qwen2.5-7b", "qwen2.5-32b",
+                "qwen3-8b"]
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,13 @@ def top1_agreement(a: list[int], b: list[int]) -> float:
     return sum(x == y for x, y in zip(a, b)) / max(len(a), 1)
 
 
-@pytest.mark.parametrize("arch, declared", [("llama", None), ("qwen2", None),
+@pytest.mark.parametrize("arch, declared", [("llama", None), ("qwen2", None), ("qwen3", None),
                                              ("llama", "float16")])
-def test_bf16_and_fp16_greedy_agree_with_transformers(arch, declared, llama_dir, qwen_dir, tmp_path):
+def test_bf16_and_fp16_greedy_agree_with_transformers(arch, declared, llama_dir, qwen_dir,
+                                                      qwen3_dir, tmp_path):
     """bf16, or (declared float16) --dtype auto on a checkpoint whose config.json says float16,
     which runs in float16 and is compared with transformers in float16."""
-    model_dir = llama_dir if arch == "llama" else qwen_dir
+    model_dir = {"llama": llama_dir, "qwen2": qwen_dir, "qwen3": qwen3_dir}[arch]
     dtype = torch.bfloat16
     if declared is not None:
         model_dir = Path(shutil.copytree(model_dir, tmp_path / "declared"))
@@ -96,11 +97,11 @@ def test_kv_cache_sized_from_gpu_memory(llama_dir):
     assert len(out[0].outputs[0].token_ids) == 4
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_triton_and_graphs_match_torch_reference(arch, llama_dir, qwen_dir):
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_triton_and_graphs_match_torch_reference(arch, llama_dir, qwen_dir, qwen3_dir):
     """fp32: Triton kernels + CUDA graphs give the same greedy tokens as the torch path, with
     chunked prefill, mixed steps and several graph buckets exercised."""
-    model_dir = llama_dir if arch == "llama" else qwen_dir
+    model_dir = {"llama": llama_dir, "qwen2": qwen_dir, "qwen3": qwen3_dir}[arch]
     prompts = [p * (i + 1) for i, p in enumerate(PROMPTS)] * 3
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
     runs = {}

@@ -146,7 +146,7 @@ def test_a_pytorch_bin_checkpoint_is_named(tmp_path, write_checkpoint):
 
 @pytest.mark.parametrize("name, params_b", [
     ("llama-3-8b", 8.03), ("llama-3.1-8b", 8.03), ("llama-3-70b", 70.55), ("qwen2.5-7b", 7.62),
-    ("qwen2.5-32b", 32.76),
+    ("qwen2.5-32b", 32.76), ("qwen3-8b", 8.19),
 ])
 def test_shipped_configs_build_real_shapes(name, params_b):
     source = loader.resolve_model(name)
@@ -235,6 +235,7 @@ def test_checkpoint_config_reads_shipped_configs_as_transformers_does(name):
 
 @pytest.mark.parametrize("model_type, arch", [
     ("llama", "LlamaForCausalLM"), ("mistral", "MistralForCausalLM"), ("qwen2", "Qwen2ForCausalLM"),
+    ("qwen3", "Qwen3ForCausalLM"),  # (its head_dim, 128, is not hidden_size // heads)
 ])
 def test_checkpoint_config_defaults_match_transformers(model_type, arch):
     """A config.json that leaves the optional fields out means what transformers' defaults say.
@@ -254,10 +255,12 @@ def test_checkpoint_config_reads_a_checkpoint_transformers_wrote(llama_dir):
 @pytest.mark.parametrize("attention_bias", [False, True])
 @pytest.mark.parametrize("model_type, arch", [
     ("llama", "LlamaForCausalLM"), ("mistral", "MistralForCausalLM"), ("qwen2", "Qwen2ForCausalLM"),
+    ("qwen3", "Qwen3ForCausalLM"),
 ])
 def test_attention_biases_are_those_of_transformers_model(model_type, arch, attention_bias):
-    """attention_bias is Llama's: Mistral's attention has no biases and Qwen2's o_proj none,
-    whatever it says (such a checkpoint was refused for lacking the tensors)."""
+    """attention_bias is Llama's and Qwen3's: Mistral's attention has no biases and Qwen2's
+    o_proj none, whatever it says (such a checkpoint was refused for lacking the tensors).
+    Qwen3's alone normalizes its query and key heads."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     raw = {"architectures": [arch], "model_type": model_type, "hidden_size": 64,
@@ -266,8 +269,8 @@ def test_attention_biases_are_those_of_transformers_model(model_type, arch, atte
     hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**raw))
     attn = hf.model.layers[0].self_attn
     cfg = loader.CheckpointConfig.from_dict(raw)
-    assert (cfg.qkv_bias, cfg.o_proj_bias) == (attn.q_proj.bias is not None,
-                                               attn.o_proj.bias is not None)
+    assert (cfg.qkv_bias, cfg.o_proj_bias, cfg.qk_norm) == (
+        attn.q_proj.bias is not None, attn.o_proj.bias is not None, hasattr(attn, "q_norm"))
 
 
 @pytest.mark.parametrize("model_type, arch, change", [
@@ -284,6 +287,9 @@ def test_attention_biases_are_those_of_transformers_model(model_type, arch, atte
     ("llama", "LlamaForCausalLM", {"sliding_window": 8, "use_sliding_window": True}),
     ("qwen2", "Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 32,
                                    "max_window_layers": 0, "layer_types": None}),  # derived
+    ("qwen3", "Qwen3ForCausalLM", {"use_sliding_window": True, "sliding_window": 32,
+                                   "max_window_layers": 0}),
+    ("qwen3", "Qwen3ForCausalLM", {"sliding_window": 32}),  # (not used: no window)
 ])
 def test_checkpoint_config_windows_and_nulls_match_transformers(model_type, arch, change):
     """An explicit null is not a missing key; Qwen2 slides only from max_window_layers on."""

@@ -91,7 +91,7 @@ def _logits(ckpt: Path, seed: int | None, tp: TPGroup) -> torch.Tensor:
     return torch.cat(out)
 
 
-CASES = [(name, seed) for name in ("llama", "qwen2") for seed in (None, 5)]
+CASES = [(name, seed) for name in ("llama", "qwen2") for seed in (None, 5)] + [("qwen3", None)]
 
 
 def _rank_main(rank: int, world: int, port: int, dirs: dict[str, Path], out: Path) -> None:
@@ -108,7 +108,8 @@ def _rank_main(rank: int, world: int, port: int, dirs: dict[str, Path], out: Pat
 
 
 def _randomize_biases(ckpt: Path) -> None:
-    """HF initializes biases to zero; random ones show the o_proj bias is added once."""
+    """HF initializes biases to zero and norms to one; random ones show the o_proj bias is added
+    once, and each rank's heads take the whole q/k norm."""
     from safetensors.torch import load_file, save_file
 
     (file,) = ckpt.glob("*.safetensors")
@@ -117,6 +118,8 @@ def _randomize_biases(ckpt: Path) -> None:
     for name, t in tensors.items():
         if name.endswith(".bias"):
             tensors[name] = torch.randn(t.shape, generator=gen, dtype=t.dtype) * 0.1
+        elif name.endswith(("q_norm.weight", "k_norm.weight")):
+            tensors[name] = 1 + torch.randn(t.shape, generator=gen, dtype=t.dtype) * 0.3
     save_file(tensors, file, metadata={"format": "pt"})
 
 
@@ -131,9 +134,12 @@ def dirs(tmp_path_factory, write_checkpoint) -> dict[str, Path]:
     # q/k/v biases, tied embeddings, 2 KV heads (replicated at 4 ranks).
     qwen = write_checkpoint(root / "qwen2", "qwen2", num_key_value_heads=2,
                             tie_word_embeddings=True, **shape)
-    for ckpt in (llama, qwen):
+    # q/k norms, heads of 16 (not 64 // 8), 2 KV heads.
+    qwen3 = write_checkpoint(root / "qwen3", "qwen3", num_key_value_heads=2, head_dim=16,
+                             **shape)
+    for ckpt in (llama, qwen, qwen3):
         _randomize_biases(ckpt)
-    return {"llama": llama, "qwen2": qwen}
+    return {"llama": llama, "qwen2": qwen, "qwen3": qwen3}
 
 
 @pytest.fixture(scope="module")

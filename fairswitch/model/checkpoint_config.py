@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                           "Qwen3ForCausalLM")
 
 # transformers' defaults that differ between the model types (LlamaConfig, MistralConfig,
-# Qwen2Config): KV heads (None: as many as query heads), context length, sliding window.
+# Qwen2Config, Qwen3Config): KV heads (None: as many as query heads), context length, sliding
+# window, head size (None: hidden_size // num_attention_heads).
 _TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": {"num_key_value_heads": None, "max_position_embeddings": 2048,
               "sliding_window": None},
@@ -24,7 +26,10 @@ _TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
                 "sliding_window": 4096},
     "qwen2": {"num_key_value_heads": 32, "max_position_embeddings": 32768,
               "sliding_window": 4096, "use_sliding_window": False},
+    "qwen3": {"num_key_value_heads": 32, "max_position_embeddings": 32768,
+              "sliding_window": 4096, "use_sliding_window": False, "head_dim": 128},
 }
+_QWEN_WINDOWS = ("qwen2", "qwen3")  # (use_sliding_window and max_window_layers read)
 _ACTIVATIONS = ("silu", "swish")  # the MLP's gate activation (the same function)
 _REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "vocab_size")
@@ -89,8 +94,9 @@ class CheckpointConfig:
     rope_theta: float
     rope_scaling: dict[str, Any] | None  # rope_type and its parameters; None: plain RoPE
     tie_word_embeddings: bool
-    qkv_bias: bool  # Qwen2 always; Llama when attention_bias says so
-    o_proj_bias: bool  # Llama when attention_bias says so (Mistral and Qwen2 ignore it)
+    qkv_bias: bool  # Qwen2 always; Llama and Qwen3 when attention_bias says so
+    o_proj_bias: bool  # Llama and Qwen3 when attention_bias says so (Mistral, Qwen2 ignore it)
+    qk_norm: bool  # Qwen3: an RMSNorm over each query and key head before RoPE
     sliding_window: int | None  # None: full attention
     eos_token_id: int | list[int] | None
     bos_token_id: int | None
@@ -145,7 +151,8 @@ class CheckpointConfig:
                 raise ValueError(f"{where}: the {rope_type} rope scaling's {key} must be a "
                                  f"positive number, got {rope[key]!r}")
         layers = int(raw["num_hidden_layers"])
-        llama_bias = archs[0] == "LlamaForCausalLM" and bool(get("attention_bias", False))
+        attention_bias = archs[0] in ("LlamaForCausalLM", "Qwen3ForCausalLM") and bool(
+            get("attention_bias", False))
         config = cls(
             architecture=archs[0], model_type=model_type,
             hidden_size=int(raw["hidden_size"]), intermediate_size=int(raw["intermediate_size"]),
@@ -154,7 +161,8 @@ class CheckpointConfig:
             num_key_value_heads=int(raw["num_key_value_heads"] or heads
                                     if "num_key_value_heads" in raw
                                     else defaults["num_key_value_heads"] or heads),
-            head_dim=int(get("head_dim", int(raw["hidden_size"]) // heads)),
+            head_dim=int(get("head_dim", defaults.get("head_dim")
+                             or int(raw["hidden_size"]) // heads)),
             vocab_size=int(raw["vocab_size"]),
             max_position_embeddings=int(get("max_position_embeddings",
                                             defaults["max_position_embeddings"])),
@@ -163,8 +171,8 @@ class CheckpointConfig:
             tie_word_embeddings=bool(get("tie_word_embeddings", False)),
             # As transformers' models: Qwen2 has q/k/v biases, Mistral none, whatever
             # attention_bias says (a checkpoint they wrote has no such tensors).
-            qkv_bias=archs[0] == "Qwen2ForCausalLM" or llama_bias,
-            o_proj_bias=llama_bias,
+            qkv_bias=archs[0] == "Qwen2ForCausalLM" or attention_bias,
+            o_proj_bias=attention_bias, qk_norm=archs[0] == "Qwen3ForCausalLM",
             sliding_window=_sliding_window(raw, defaults, layers, where),
             eos_token_id=get("eos_token_id"), bos_token_id=get("bos_token_id"),
             dtype=_weight_dtype(raw, where), raw=raw)
@@ -197,7 +205,7 @@ def _sliding_window(raw: dict[str, Any], defaults: dict[str, Any], num_layers: i
                     where: str) -> int | None:
     """The attention window every layer uses (None: full attention), as transformers' models
     do: Llama never slides; Mistral slides on ``sliding_window`` whatever
-    ``use_sliding_window`` says; Qwen2 only when ``use_sliding_window``, and only layers from
+    ``use_sliding_window`` says; Qwen2 and 3 only when ``use_sliding_window``, and only layers from
     ``max_window_layers`` on. ``layer_types`` says which layers, where present; an explicit null
     ``sliding_window`` is no window. One window for some layers and none for others is
     refused."""
@@ -206,7 +214,7 @@ def _sliding_window(raw: dict[str, Any], defaults: dict[str, Any], num_layers: i
         return None
     window = raw["sliding_window"] if "sliding_window" in raw else defaults["sliding_window"]
     use = raw.get("use_sliding_window")  # (only Qwen2 reads it: Mistral slides on the window)
-    if window is None or (model_type == "qwen2"
+    if window is None or (model_type in _QWEN_WINDOWS
                           and not (defaults["use_sliding_window"] if use is None else use)):
         return None
     if type(window) is not int or window < 1:
@@ -217,7 +225,7 @@ def _sliding_window(raw: dict[str, Any], defaults: dict[str, Any], num_layers: i
         if not isinstance(layer_types, list):
             raise ValueError(f"{where}: layer_types must be a list, got {layer_types!r}")
         sliding = sum(t == "sliding_attention" for t in layer_types)
-    elif model_type == "qwen2":
+    elif model_type in _QWEN_WINDOWS:
         first = raw.get("max_window_layers", 28)
         if type(first) is not int or first < 0:
             raise ValueError(f"{where}: max_window_layers must be an integer >= 0, got "

@@ -137,6 +137,10 @@ class Attention(nn.Module):
                                bias=config.qkv_bias, dtype=dtype, shard=plan.qkv())
         self.o_proj = row_parallel(self.q_size, config.hidden_size, config.o_proj_bias, dtype,
                                    plan.attn_out(), tp)
+        if config.qk_norm:  # (Qwen3; one weight for every head, whole on every rank)
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, ops, dtype)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, ops, dtype)
+        self.qk_norm = config.qk_norm
         self.backend = backend
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
@@ -146,6 +150,9 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:  # each head normalized on its own (new tensors: rope_ rotates those)
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
         self.ops.rope_(q, k, rope.cos, rope.sin, positions)  # rotates inside qkv
         out = self.backend.forward(q, k, v, kv_layer, meta)
         return self.o_proj(out.reshape(-1, self.q_size))

@@ -133,14 +133,19 @@ def _target(name: str, model: LlamaForCausalLM) -> _Target | None:
         "mlp.gate_proj": ("mlp.gate_up_proj", (0, inter)),
         "mlp.up_proj": ("mlp.gate_up_proj", (inter, inter)),
     }
-    plain = ("self_attn.o_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm")
+    plain = ("self_attn.o_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm",
+             "self_attn.q_norm", "self_attn.k_norm")
     if sub in fused:
         ours, part = fused[sub]
     elif sub in plain:
         ours, part = sub, None
     else:
         return None
-    param = getattr(model.layers[layer_idx].get_submodule(ours), kind, None)
+    try:
+        module = model.layers[layer_idx].get_submodule(ours)
+    except AttributeError:  # (q_norm of a model without: as a parameter it does not have)
+        module = None
+    param = getattr(module, kind, None)
     if param is None:  # e.g. a bias config.json does not declare: refused, not dropped
         raise ValueError(f"the checkpoint has {name}, for which the model that config.json "
                          f"describes has no parameter")
@@ -278,7 +283,7 @@ def fill_dummy_weights(model: LlamaForCausalLM, seed: int) -> None:
     the values match) and this rank keeps its slice; one full parameter at a time is transient."""
     gen = torch.Generator(device=model.embed_tokens.device).manual_seed(seed)
     for name, param in model.named_parameters():
-        if name.endswith("layernorm.weight") or name == "norm.weight":
+        if name.endswith(("layernorm.weight", "_norm.weight")) or name == "norm.weight":
             param.fill_(1.0)
         elif name.endswith(".bias"):
             param.zero_()
