@@ -173,3 +173,47 @@ def test_a_bad_metrics_prefix_is_refused(capsys, monkeypatch):
     monkeypatch.setattr(AsyncEngine, "from_config", lambda config: 1 / 0)
     assert main(["serve", "--metrics-prefix", "vllm"]) == 2
     assert "metrics_prefix must be a Prometheus name ending in ':'" in capsys.readouterr().err
+
+
+def test_the_stats_line_is_logged_while_there_is_work_and_once_when_it_stops(caplog):
+    """vLLM's periodic stats line: throughput, queues, KV usage, prefix cache hits; an idle
+    server says so once, then is quiet; ``--disable-log-stats`` (None) logs none."""
+    import logging
+    import re
+
+    from fairswitch.config import EngineConfig
+    from fairswitch.engine.async_engine import AsyncEngine
+    from fairswitch.server import BackgroundServer, ServerSettings, build_app
+
+    engine = AsyncEngine.from_config(EngineConfig.from_kwargs(num_gpu_blocks=256,
+                                                              max_model_len=256))
+
+    async def ask(url: str) -> None:
+        async with aiohttp.ClientSession() as s:
+            for _ in range(2):  # (the second reuses the first's prompt KV)
+                async with s.post(url, json={"prompt": "Hello there " * 8, "max_tokens": 40,
+                                             "ignore_eos": True}) as r:
+                    assert r.status == 200, await r.text()
+
+    caplog.set_level(logging.INFO, logger="fairswitch.server.stats")
+    try:
+        for interval in (0.1, None):
+            caplog.clear()
+            settings = ServerSettings(log_stats_interval_s=interval)
+            with BackgroundServer(build_app(engine, settings, shutdown_engine=False)) as srv:
+                asyncio.run(ask(f"{srv.url}/v1/completions"))
+                time.sleep(1.0)  # (ten intervals)
+            lines = [r.getMessage() for r in caplog.records
+                     if r.name == "fairswitch.server.stats"]
+            if interval is None:
+                assert not lines
+                continue
+            rates = [float(re.search(r"generation throughput: ([\d.]+)", line)[1])
+                     for line in lines]
+            assert any(rate > 0 for rate in rates), lines
+            last_busy = max(i for i, rate in enumerate(rates) if rate > 0)
+            assert len(lines) == last_busy + 2, lines  # one idle line after the work, no more
+            assert "Running: 0 reqs, Waiting: 0 reqs, Swapped: 0 reqs" in lines[-1]
+            assert all("Prefix cache hit rate: " in line for line in lines)
+    finally:
+        engine.shutdown()

@@ -18,7 +18,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 def add_parser(subs: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from fairswitch.server.settings import DEFAULT_MAX_BODY_BYTES, DEFAULT_METRICS_PREFIX
+    from fairswitch.server.settings import (DEFAULT_LOG_STATS_S, DEFAULT_MAX_BODY_BYTES,
+                                            DEFAULT_METRICS_PREFIX)
 
     p = subs.add_parser("serve", help="serve the OpenAI-compatible HTTP API",
                         description="Serve /v1/completions, /v1/chat/completions and friends "
@@ -59,6 +60,9 @@ def add_parser(subs: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "per request, refusals with their cause)")
     s.add_argument("--disable-log-requests", action="store_true",
                    help="no access line per request (refusals are still logged)")
+    s.add_argument("--disable-log-stats", action="store_true",
+                   help=f"no stats line every {DEFAULT_LOG_STATS_S:g} s (throughput, queues, KV usage, prefix cache "
+                        "hit rate, preemptions), as vLLM's flag")
     p.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
                    help="the model to serve, as in `vllm serve MODEL`: the same as --model")
     # None: --model not given (the positional may give it; else the config's default)
@@ -134,6 +138,7 @@ def _model(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
     from fairswitch.engine.async_engine import AsyncEngine
     from fairswitch.server import ServerSettings, build_app, serve_forever
+    from fairswitch.server.settings import DEFAULT_LOG_STATS_S
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
@@ -145,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
     settings = ServerSettings(
         api_key=args.api_key, max_body_bytes=args.max_body_bytes,
         log_requests=not args.disable_log_requests, metrics_prefix=args.metrics_prefix,
+        log_stats_interval_s=None if args.disable_log_stats else DEFAULT_LOG_STATS_S,
         cors=CorsPolicy(tuple(args.allowed_origins), tuple(args.allowed_methods),
                         tuple(args.allowed_headers), args.allow_credentials),
         **reply_settings(args))

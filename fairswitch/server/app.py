@@ -25,7 +25,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +51,7 @@ from fairswitch.server.prompts import PromptWorker
 from fairswitch.server.responses import ResponseShape
 from fairswitch.server.serving import DRAIN_KEY
 from fairswitch.server.settings import ServerSettings
+from fairswitch.server.stats_log import log_stats
 from fairswitch.unicode_text import lone_surrogate, not_text_message
 
 logger = logging.getLogger(__name__)
@@ -593,11 +594,26 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None, *,
     async def stop_prompt_workers(app: web.Application) -> None:
         server.prompts.close()
     app.on_cleanup.append(stop_prompt_workers)
+    if settings.log_stats_interval_s is not None:
+        app.cleanup_ctx.append(_stats_logging(engine, server.metrics,
+                                              settings.log_stats_interval_s))
     if shutdown_engine:
         async def stop_engine(app: web.Application) -> None:
             await asyncio.to_thread(engine.shutdown, ENGINE_STOP_S)
         app.on_cleanup.append(stop_engine)
     return app
+
+
+def _stats_logging(engine: AsyncEngine, metrics: ServerMetrics, interval_s: float
+                   ) -> Callable[[web.Application], AsyncIterator[None]]:
+    """The stats line's task, for the app's life (stats_log.py)."""
+    async def run(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(log_stats(engine, metrics, interval_s))
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    return run
 
 
 SERVER_KEY = web.AppKey("server", OpenAIServer)

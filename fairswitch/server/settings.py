@@ -11,6 +11,7 @@ from fairswitch.server import reasoning, tool_parsers
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 DEFAULT_METRICS_PREFIX = "fairswitch:"  # /metrics names: vLLM's under this ("vllm:" for its)
+DEFAULT_LOG_STATS_S = 10.0  # vLLM's interval
 
 
 @dataclass
@@ -23,6 +24,8 @@ class ServerSettings:
     # refused: a template is code the server runs (sandboxed Jinja, but unbounded work).
     trust_request_chat_template: bool = False
     log_requests: bool = True  # one access line per request (INFO, fairswitch.server.access)
+    # A stats line this often (stats_log.py; vLLM's, which --disable-log-stats turns off: None)
+    log_stats_interval_s: float | None = DEFAULT_LOG_STATS_S
     metrics_prefix: str = DEFAULT_METRICS_PREFIX
     # Cross-origin requests from browsers (cors.py); None: no CORS headers at all.
     cors: CorsPolicy | None = field(default_factory=CorsPolicy)
@@ -45,5 +48,8 @@ class ServerSettings:
             value = getattr(self, name)
             if value is not None and value not in known:
                 raise ValueError(f"{name} must be one of {', '.join(known)}, got {value!r}")
+        if self.log_stats_interval_s is not None and not self.log_stats_interval_s > 0:
+            raise ValueError(f"log_stats_interval_s must be > 0 or None, got "
+                             f"{self.log_stats_interval_s}")
         if self.max_body_bytes < 1:
             raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
