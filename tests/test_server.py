@@ -304,6 +304,24 @@ def test_metrics_prometheus_text(server):
     assert delta(f"fairswitch:time_per_output_token_seconds_count{lab}") == 4  # every gap
     inf = f'fairswitch:time_per_output_token_seconds_bucket{{model_name="{MODEL}",le="+Inf"}}'
     assert after[inf] == after[f"fairswitch:time_per_output_token_seconds_count{lab}"]
+    # vLLM V1's names: the same values, and a finished request's phases and lengths.
+    assert after[f"fairswitch:kv_cache_usage_perc{lab}"] == \
+        after[f"fairswitch:gpu_cache_usage_perc{lab}"]
+    assert delta(f"fairswitch:inter_token_latency_seconds_count{lab}") == 4
+    assert delta(f"fairswitch:prefix_cache_queries_total{lab}") == 2
+    assert delta(f"fairswitch:prefix_cache_hits_total{lab}") == \
+        delta(f'fairswitch:kv_reuse_hits_total{{model_name="{MODEL}",tier="gpu"}}') + \
+        delta(f'fairswitch:kv_reuse_hits_total{{model_name="{MODEL}",tier="cpu"}}')
+    for phase in ("queue", "prefill", "decode", "inference"):
+        assert delta(f"fairswitch:request_{phase}_time_seconds_count{lab}") == 1, phase
+    e2e = delta(f"fairswitch:e2e_request_latency_seconds_sum{lab}")
+    parts = sum(delta(f"fairswitch:request_{phase}_time_seconds_sum{lab}")
+                for phase in ("queue", "prefill", "decode"))
+    assert parts == pytest.approx(e2e, abs=1e-6)
+    assert delta(f"fairswitch:request_prompt_tokens_sum{lab}") == 2
+    assert delta(f"fairswitch:request_generation_tokens_sum{lab}") == 5
+    assert delta(f'fairswitch:request_generation_tokens_bucket{{model_name="{MODEL}",'
+                 'le="5.0"}') == 1
 
 
 def test_tokenize_detokenize(server, engine):

@@ -139,6 +139,7 @@ class Scheduler:
         self.switch_stall_s = 0.0  # time spent blocked on swap-ins with nothing else to run
         self.num_reused_tokens = 0  # prompt tokens whose KV came from the prefix cache
         self.num_reused_tokens_cpu = 0  # ... from its CPU tier (fetched instead of recomputed)
+        self.num_queried_tokens = 0  # prompt tokens looked up in the prefix cache (both tiers)
 
     def add_request(self, request: Request, queue_places: int = 1,
                     held_by: str | None = None) -> None:
@@ -331,6 +332,7 @@ class Scheduler:
             "num_swapped": len(self.swapped),
             "reused_tokens": self.num_reused_tokens,
             "reused_tokens_cpu": self.num_reused_tokens_cpu,
+            "queried_tokens": self.num_queried_tokens,
             "reuse_bytes_saved": (self.num_reused_tokens + self.num_reused_tokens_cpu)
             * self.kv_token_bytes,
         }
@@ -584,6 +586,7 @@ class Scheduler:
             self.num_reused_tokens_cpu += fetched
             if not computes_all:
                 self.kv.count_lookup(req, reused)
+                self.num_queried_tokens += req.num_tokens
             req.metrics.first_scheduled_time = now
         self.waiting.remove(req)
         req.out_since, req.kept_out_since = req.kept_out_since, None

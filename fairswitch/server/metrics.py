@@ -36,6 +36,14 @@ TBT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4,
                2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+TOKEN_BUCKETS = tuple(float(m * 10 ** e) for e in range(7) for m in (1, 2, 5))  # 1, 2, 5, 10...
+# A finished request's phases (vLLM's names): arrival -> first scheduled -> first token -> end.
+PHASES = (("queue", "arrival_time", "first_scheduled_time", "waiting before it first ran"),
+          ("prefill", "first_scheduled_time", "first_token_time",
+           "from first running to its first token"),
+          ("decode", "first_token_time", "finished_time", "from its first token to its last"),
+          ("inference", "first_scheduled_time", "finished_time",
+           "from first running to its last token"))
 
 Sample = tuple[str, dict[str, str], float]  # (name suffix, labels, value)
 
@@ -99,6 +107,9 @@ class ServerMetrics:
         self.ttft = Histogram(TTFT_BUCKETS)
         self.tbt = Histogram(TBT_BUCKETS)
         self.e2e = Histogram(E2E_BUCKETS)
+        self.phases = {name: Histogram(E2E_BUCKETS) for name, *_ in PHASES}
+        self.prompt_lengths = Histogram(TOKEN_BUCKETS)
+        self.generation_lengths = Histogram(TOKEN_BUCKETS)
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         self.num_finished: Counter[str] = Counter()
@@ -124,6 +135,8 @@ class ServerMetrics:
             one("gpu_cache_usage_perc", "gauge", "Fraction of device KV blocks holding live "
                 "requests' KV, or copies in flight (0 to 1; blocks kept for reuse excluded).",
                 engine["gpu_kv_usage"]),
+            one("kv_cache_usage_perc", "gauge", "The same as gpu_cache_usage_perc (vLLM V1's "
+                "name).", engine["gpu_kv_usage"]),
             one("cpu_cache_usage_perc", "gauge", "Fraction of CPU KV blocks holding live "
                 "requests' KV: swapped out, or kept for the next swap-out (0 to 1).",
                 engine["cpu_kv_usage"]),
@@ -166,6 +179,10 @@ class ServerMetrics:
                           "it was kept (GPU prefix cache, or its CPU tier: fetched back).",
                           [("", {**lab, "tier": "gpu"}, engine["reused_tokens"]),
                            ("", {**lab, "tier": "cpu"}, engine["reused_tokens_cpu"])]),
+            one("prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix "
+                "cache (at a request's first admission).", engine["queried_tokens"]),
+            one("prefix_cache_hits_total", "counter", "Of those, tokens whose KV was found (GPU "
+                "or CPU tier).", engine["reused_tokens"] + engine["reused_tokens_cpu"]),
             one("gc_pause_seconds_total", "counter", "Time the process spent in garbage "
                 "collections (they hold the GIL: the engine's step waits).",
                 engine["gc_pause_s"]),
@@ -188,8 +205,20 @@ class ServerMetrics:
             format_family(self.prefix + "time_per_output_token_seconds", "histogram",
                           "Time between consecutive tokens of a request (every gap).",
                           self.tbt.samples(lab)),
+            format_family(self.prefix + "inter_token_latency_seconds", "histogram",
+                          "The same as time_per_output_token_seconds (vLLM V1's name).",
+                          self.tbt.samples(lab)),
             format_family(self.prefix + "e2e_request_latency_seconds", "histogram",
                           "Arrival to last token of finished requests.", self.e2e.samples(lab)),
+            *(format_family(self.prefix + f"request_{name}_time_seconds", "histogram",
+                            f"Time a finished request spent {what}.",
+                            self.phases[name].samples(lab)) for name, _, _, what in PHASES),
+            format_family(self.prefix + "request_prompt_tokens", "histogram",
+                          "Prompt tokens of finished requests.",
+                          self.prompt_lengths.samples(lab)),
+            format_family(self.prefix + "request_generation_tokens", "histogram",
+                          "Generated tokens of finished requests.",
+                          self.generation_lengths.samples(lab)),
         ]
         return "".join(parts)
 
@@ -237,8 +266,14 @@ class RequestTracker:
                 m.num_aborted += 1
                 return
             m.num_finished[reason or "stop"] += 1
-            if out.metrics is not None and out.metrics.finished_time is not None:
-                m.e2e.observe(out.metrics.finished_time - out.metrics.arrival_time)
+            m.prompt_lengths.observe(len(out.prompt_token_ids))
+            m.generation_lengths.observe(len(out.outputs[0].token_ids))
+            times = out.metrics
+            if times is not None and times.finished_time is not None:
+                m.e2e.observe(times.finished_time - times.arrival_time)
+                for name, start, end, _ in PHASES:
+                    if getattr(times, start) is not None and getattr(times, end) is not None:
+                        m.phases[name].observe(getattr(times, end) - getattr(times, start))
 
     def count_tokens(self, out: RequestOutput, own_prompt: bool = False) -> None:
         """Another choice of the same request (n > 1, or a batch of prompts): its tokens count,

@@ -24,12 +24,14 @@ class _Totals:
     time: float
     prompt_tokens: int
     generation_tokens: int
+    queried_tokens: int
     reused_tokens: int
     preemptions: int
 
     @classmethod
     def now(cls, metrics: ServerMetrics, snapshot: dict[str, Any]) -> _Totals:
         return cls(time.monotonic(), metrics.num_prompt_tokens, metrics.num_generation_tokens,
+                   snapshot["queried_tokens"],
                    snapshot["reused_tokens"] + snapshot["reused_tokens_cpu"],
                    snapshot["preemptions_recompute"] + snapshot["preemptions_swap"])
 
@@ -37,8 +39,9 @@ class _Totals:
 def stats_line(before: _Totals, after: _Totals, snapshot: dict[str, Any]) -> str:
     seconds = max(after.time - before.time, 1e-9)
     prompt = after.prompt_tokens - before.prompt_tokens
+    queried = after.queried_tokens - before.queried_tokens
     reused = after.reused_tokens - before.reused_tokens
-    hit = f"{100 * reused / prompt:.1f}%" if prompt else "-"
+    hit = f"{100 * reused / queried:.1f}%" if queried else "-"
     return (f"Avg prompt throughput: {prompt / seconds:.1f} tokens/s, Avg generation "
             f"throughput: {(after.generation_tokens - before.generation_tokens) / seconds:.1f} "
             f"tokens/s, Running: {snapshot['num_running']} reqs, Waiting: "
