@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
+_DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # vLLM's spellings
+_KV_DTYPES = ("auto", "fp8")
+_KV_DTYPE_ALIASES = {"fp8_e4m3": "fp8"}  # vLLM's spelling of the same format
 _LOAD_FORMATS = ("auto", "safetensors", "dummy")
 _BACKENDS = ("auto", "torch", "triton")
 
@@ -62,7 +65,10 @@ class ModelConfig:
     dtype: str = _opt(
         "auto", "weight/activation dtype. auto: on CUDA the dtype the checkpoint's config.json "
         "declares (dtype or torch_dtype), bfloat16 where that is float32 or absent; float32 on "
-        "CPU", _DTYPES)
+        "CPU (vLLM's half and float: float16 and float32)", (*_DTYPES, *_DTYPE_ALIASES))
+    trust_remote_code: bool = _opt(
+        False, "taken for vLLM's command lines, and changes nothing: no code from a checkpoint "
+        "ever runs (only the built-in architectures load)")
     device: str = _opt("auto", "cuda, cuda:N or cpu (auto: cuda when available)")
     max_model_len: int | None = _opt(None, "max prompt+output tokens (default: the model's)")
     seed: int = _opt(0, "seed for dummy weights and for sampling without a per-request seed")
@@ -97,6 +103,7 @@ class ModelConfig:
         if not self.model.strip():  # (Path("") is the working directory)
             raise ValueError("model must be a checkpoint directory or a model name, "
                              f"got {self.model!r}")
+        self.dtype = _DTYPE_ALIASES.get(self.dtype, self.dtype)
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         if self.load_format not in _LOAD_FORMATS:
@@ -132,7 +139,7 @@ class CacheConfig:
     kv_cache_dtype: str = _opt(
         "auto", "KV cache element type: auto (the model's dtype) or fp8 (e4m3 with a scale per "
         "layer for K and for V: half the bytes of bf16, so twice the tokens, and every swap "
-        "moves half as much)", ("auto", "fp8"))
+        "moves half as much; vLLM's fp8_e4m3 is the same)", (*_KV_DTYPES, *_KV_DTYPE_ALIASES))
     block_groups: bool = _opt(
         True, "allocate runs of consecutive blocks sized to each request's expected length")
     enable_prefix_caching: bool = _opt(
@@ -188,8 +195,10 @@ class CacheConfig:
                              f"{self.swap_copy_backend!r}")
         if self.swap_space < 0:
             raise ValueError(f"swap_space must be >= 0 GiB, got {self.swap_space}")
-        if self.kv_cache_dtype not in ("auto", "fp8"):
-            raise ValueError(f"kv_cache_dtype must be one of auto, fp8, got {self.kv_cache_dtype!r}")
+        self.kv_cache_dtype = _KV_DTYPE_ALIASES.get(self.kv_cache_dtype, self.kv_cache_dtype)
+        if self.kv_cache_dtype not in _KV_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of auto, fp8 (e4m3; also fp8_e4m3), "
+                             f"got {self.kv_cache_dtype!r}")
         if self.cpu_kv_reuse and not (self.enable_prefix_caching and self.swap_space > 0):
             raise ValueError("cpu_kv_reuse is the prefix cache's tier in the swap space: it needs "
                              "enable_prefix_caching and swap_space > 0")
@@ -219,6 +228,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int = _opt(
         2048, "token budget of one step; longer prompts are prefilled in chunks"
     )
+    enable_chunked_prefill: bool = _opt(
+        True, "taken for vLLM's command lines: prompts are always split across steps by "
+        "max_num_batched_tokens, mixed with decodes (false is refused)")
     max_waiting: int | None = _opt(
         None, "max queued requests; more are refused (the server's 503; LLM.generate queues "
         "the rest as the queue frees) (default: no cap)")
@@ -276,6 +288,10 @@ class SchedulerConfig:
             )
         if self.growth_headroom < 0:
             raise ValueError(f"growth_headroom must be >= 0, got {self.growth_headroom}")
+        if not self.enable_chunked_prefill:
+            raise ValueError("enable_chunked_prefill cannot be turned off: prompts are always "
+                             "split across steps by max_num_batched_tokens (give that more "
+                             "tokens for fewer chunks)")
         if self.max_waiting is not None and self.max_waiting < 1:  # 0: nothing could ever run
             raise ValueError(f"max_waiting must be >= 1 (default: no cap), got {self.max_waiting}")
         if self.preemption_mode not in ("auto", "swap", "recompute"):

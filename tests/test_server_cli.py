@@ -69,6 +69,28 @@ def test_serve_takes_the_model_as_vllm_serve_does(monkeypatch, argv, model):
     assert seen == [model]
 
 
+def test_serve_takes_vllm_command_lines(monkeypatch, capsys):
+    """What launch scripts written for vLLM pass: --trust-remote-code, --enable-chunked-prefill,
+    --dtype half / float, --kv-cache-dtype fp8_e4m3 (each stopped the server at 'unrecognized
+    arguments' or 'invalid choice'); turning chunked prefill off is refused, saying why."""
+    from fairswitch.engine.async_engine import AsyncEngine
+
+    seen = []
+
+    def capture(config):
+        seen.append((config.model.dtype, config.cache.kv_cache_dtype))
+        raise RuntimeError("captured")
+
+    monkeypatch.setattr(AsyncEngine, "from_config", capture)
+    for dtype, want in (("half", "float16"), ("float", "float32"), ("bfloat16", "bfloat16")):
+        with pytest.raises(RuntimeError, match="captured"):
+            main(["serve", "llama-3-8b", "--trust-remote-code", "--enable-chunked-prefill",
+                  "--dtype", dtype, "--kv-cache-dtype", "fp8_e4m3", "--disable-log-stats"])
+        assert seen[-1] == (want, "fp8")
+    assert main(["serve", "--no-enable-chunked-prefill"]) == 2
+    assert "enable_chunked_prefill cannot be turned off" in capsys.readouterr().err
+
+
 def test_serve_refuses_two_different_models(capsys, monkeypatch):
     from fairswitch.engine.async_engine import AsyncEngine
 
