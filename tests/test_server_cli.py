@@ -33,6 +33,8 @@ def test_serve_help_lists_server_options(capsys):
     (["--shutdown-timeout", "nan"], "--shutdown-timeout must be a finite number of seconds >= 0"),
     (["--shutdown-timeout", "-1"], "--shutdown-timeout must be a finite number of seconds >= 0"),
     (["--chat-template", "{% for m in messages %}"], "--chat-template is not a Jinja template"),
+    (["--ssl-certfile", "/no/such.pem"], "--ssl-certfile '/no/such.pem': cannot load"),
+    (["--ssl-keyfile", "k.pem"], "--ssl-keyfile and --ssl-ca-certs need --ssl-certfile"),
 ])
 def test_serve_refuses_bad_server_options_before_building_the_engine(capsys, monkeypatch,
                                                                      options, message):
@@ -155,6 +157,66 @@ def test_serve_process_and_sigterm():
         while (line := lines.get(timeout=10)) is not None:
             rest.append(line)
         assert "fairswitch serve: stopped\n" in rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _self_signed(tmp_path):
+    """A certificate for localhost and its key (openssl), as PEM files."""
+    import shutil
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+                    "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+def test_serve_over_tls_on_a_unix_socket(tmp_path):
+    """vLLM's --ssl-certfile/--ssl-keyfile (HTTPS) and --uds (a Unix socket instead of a TCP
+    port), together: a client that trusts the certificate gets its reply through the socket,
+    plain HTTP on it is refused."""
+    import ssl
+
+    cert, key = _self_signed(tmp_path)
+    sock = tmp_path / "fs.sock"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fairswitch.cli.main", "serve", "--uds", str(sock),
+         "--ssl-certfile", str(cert), "--ssl-keyfile", str(key), "--num-gpu-blocks", "128",
+         "--max-model-len", "256", "--shutdown-timeout", "0.2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=_lines, args=(proc.stdout, lines), daemon=True).start()
+
+    async def ask(tls: ssl.SSLContext | None) -> tuple[int, str]:
+        """One request by hand (aiohttp's Unix connector speaks no TLS)."""
+        body = b'{"prompt": "Hi", "max_tokens": 3}'
+        reader, writer = await asyncio.open_unix_connection(
+            str(sock), ssl=tls, server_hostname="localhost" if tls else None)
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+                     b"application/json\r\nConnection: close\r\nContent-Length: "
+                     + str(len(body)).encode() + b"\r\n\r\n" + body)
+        try:
+            reply = (await reader.read()).decode()
+        except ConnectionResetError:  # (plain HTTP to the TLS socket)
+            reply = ""
+        writer.close()
+        return int(reply.split(" ", 2)[1]) if reply else 0, reply
+    try:
+        line = lines.get(timeout=180)
+        assert line == f"fairswitch serve: fairswitch-tiny on unix:{sock}\n", \
+            (line, proc.stderr.read() if line is None else "")
+        status, body = asyncio.run(ask(ssl.create_default_context(cafile=str(cert))))
+        assert status == 200 and '"completion_tokens":3' in body.replace(" ", ""), body
+        status, _ = asyncio.run(ask(None))  # (plain HTTP: no reply)
+        assert status == 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -32,6 +32,14 @@ def add_parser(subs: argparse._SubParsersAction) -> argparse.ArgumentParser:
     s.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every route but /health, "
                         "/version and /metrics (default: no key)")
+    s.add_argument("--ssl-certfile", default=None,
+                   help="serve HTTPS with this certificate (PEM; it may hold the key too)")
+    s.add_argument("--ssl-keyfile", default=None,
+                   help="the certificate's private key (PEM), if not in --ssl-certfile")
+    s.add_argument("--ssl-ca-certs", default=None,
+                   help="CA certificates (PEM): clients must present a certificate they signed")
+    s.add_argument("--uds", default=None, metavar="PATH",
+                   help="listen on this Unix domain socket instead of --host/--port")
     s.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                    help=f"largest request body accepted; larger ones get 413 "
                         f"(default: {DEFAULT_MAX_BODY_BYTES})")
@@ -138,6 +146,7 @@ def _model(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
     from fairswitch.engine.async_engine import AsyncEngine
     from fairswitch.server import ServerSettings, build_app, serve_forever
+    from fairswitch.server.serving import server_ssl_context
     from fairswitch.server.settings import DEFAULT_LOG_STATS_S
 
     if not 0 <= args.port <= 65535:
@@ -145,6 +154,10 @@ def run(args: argparse.Namespace) -> int:
     if not (math.isfinite(args.shutdown_timeout) and args.shutdown_timeout >= 0):
         raise ValueError(f"--shutdown-timeout must be a finite number of seconds >= 0, got "
                          f"{args.shutdown_timeout}")
+    if args.ssl_certfile is None and (args.ssl_keyfile or args.ssl_ca_certs):
+        raise ValueError("--ssl-keyfile and --ssl-ca-certs need --ssl-certfile")
+    tls = server_ssl_context(args.ssl_certfile, args.ssl_keyfile, args.ssl_ca_certs) \
+        if args.ssl_certfile is not None else None
     args.model = _model(args)
     logging.getLogger("fairswitch").setLevel((args.log_level or "info").upper())
     settings = ServerSettings(
@@ -164,7 +177,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         healthy = asyncio.run(serve_forever(
             app, args.host, args.port, shutdown_timeout=args.shutdown_timeout,
-            on_started=started, engine_alive=lambda: engine.is_running))
+            on_started=started, engine_alive=lambda: engine.is_running, ssl_context=tls,
+            uds=args.uds))
     finally:
         engine.shutdown()  # no-op when the app's cleanup already stopped it
     healthy = healthy and not engine.failed  # (also a step that broke off during the drain)

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 import threading
 from collections.abc import Awaitable, Callable
 
@@ -34,23 +35,50 @@ DRAIN_KEY = web.AppKey[Drain]("drain")
 BACKSTOP_S = 1.0  # aiohttp's wait for handlers that did not end when a drain aborted them
 
 
-async def start_site(app: web.Application, host: str, port: int,
-                     shutdown_timeout: float) -> tuple[web.AppRunner, str]:
-    """Listen on host:port (0: any free port); returns the runner and the base URL."""
+async def start_site(app: web.Application, host: str, port: int, shutdown_timeout: float, *,
+                     ssl_context: ssl.SSLContext | None = None, uds: str | None = None
+                     ) -> tuple[web.AppRunner, str]:
+    """Listen on host:port (0: any free port), over TLS with ``ssl_context``, or on the Unix
+    socket ``uds`` instead; returns the runner and the base URL (``unix:PATH`` for a socket)."""
     wait_s = BACKSTOP_S if DRAIN_KEY in app else shutdown_timeout
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=wait_s,
                            access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = (web.UnixSite(runner, uds, ssl_context=ssl_context) if uds is not None
+            else web.TCPSite(runner, host, port, ssl_context=ssl_context))
     try:
         await site.start()
     except BaseException:
         await runner.cleanup()
         raise
+    if uds is not None:
+        return runner, f"unix:{uds}"
     bound_host, bound_port = runner.addresses[0][:2]
     if ":" in bound_host:
         bound_host = f"[{bound_host}]"
-    return runner, f"http://{bound_host}:{bound_port}"
+    scheme = "https" if ssl_context is not None else "http"
+    return runner, f"{scheme}://{bound_host}:{bound_port}"
+
+
+def server_ssl_context(certfile: str, keyfile: str | None = None,
+                       ca_certs: str | None = None) -> ssl.SSLContext:
+    """TLS for the server (vLLM's --ssl-certfile, --ssl-keyfile, --ssl-ca-certs: with CA
+    certificates, clients must present a certificate they signed). ValueError naming the file
+    that cannot be read or used."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except (OSError, ssl.SSLError) as e:
+        raise ValueError(f"--ssl-certfile {certfile!r}"
+                         + (f" / --ssl-keyfile {keyfile!r}" if keyfile else "")
+                         + f": cannot load the certificate and key: {e}") from e
+    if ca_certs is not None:
+        try:
+            context.load_verify_locations(ca_certs)
+        except (OSError, ssl.SSLError) as e:
+            raise ValueError(f"--ssl-ca-certs {ca_certs!r}: cannot load it: {e}") from e
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
 
 
 async def stop_site(runner: web.AppRunner, shutdown_timeout: float) -> None:
@@ -69,15 +97,18 @@ async def stop_site(runner: web.AppRunner, shutdown_timeout: float) -> None:
 async def serve_forever(app: web.Application, host: str, port: int, *,
                         shutdown_timeout: float = 5.0,
                         on_started: Callable[[str], None] | None = None,
-                        engine_alive: Callable[[], bool] | None = None) -> bool:
+                        engine_alive: Callable[[], bool] | None = None,
+                        ssl_context: ssl.SSLContext | None = None,
+                        uds: str | None = None) -> bool:
     """Serve until SIGTERM or SIGINT, or until ``engine_alive()`` turns false (checked every
     0.5 s: the engine failed, its streams have their error), then shut down gracefully.
-    Returns False if the engine failed."""
+    Returns False if the engine failed. ``ssl_context``, ``uds``: start_site's."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    runner, url = await start_site(app, host, port, shutdown_timeout)
+    runner, url = await start_site(app, host, port, shutdown_timeout, ssl_context=ssl_context,
+                                   uds=uds)
     try:
         if on_started is not None:
             on_started(url)
