@@ -196,3 +196,26 @@ def test_a_priority_the_policy_ignores_is_named_once(policy, warned, caplog):
                         "reported"]
     else:
         assert said == []
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_end_offline():
+    """vLLM's SamplingParams.truncate_prompt_tokens (the server had it, LLM did not): only the
+    prompt's last k tokens are computed, so a prompt longer than the context can still run."""
+    llm = LLM(num_gpu_blocks=64, max_model_len=64)
+    tok = llm.get_tokenizer()
+    long = " ".join(f"word{i}" for i in range(200))
+    ids = tok.encode(long)
+    assert len(ids) > 64
+    greedy = dict(max_tokens=4, temperature=0.0, ignore_eos=True)
+    cut = llm.generate([long], SamplingParams(truncate_prompt_tokens=20, **greedy),
+                       use_tqdm=False)[0]
+    tail = llm.generate([ids[-20:]], SamplingParams(**greedy), use_tqdm=False)[0]
+    assert cut.prompt_token_ids == ids[-20:] and cut.prompt == long
+    assert cut.outputs[0].token_ids == tail.outputs[0].token_ids
+    with pytest.raises(ValueError, match="prompt has"):
+        llm.generate([long], SamplingParams(**greedy), use_tqdm=False)
+    with pytest.raises(ValueError, match=r"truncate_prompt_tokens \(65\) must not exceed"):
+        llm.generate([long], SamplingParams(truncate_prompt_tokens=65, **greedy), use_tqdm=False)
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match="truncate_prompt_tokens must be -1"):
+            SamplingParams(truncate_prompt_tokens=bad)

@@ -115,7 +115,7 @@ class Engine:
             # (the queues compare it: a str failed the next request's add, after it was queued)
             raise ValueError(f"arrival_time must be a finite number or None, "
                              f"got {arrival_time!r:.40}")
-        text, ids = self.inputs.validate(prompt, prompt_token_ids)
+        text, ids = self.inputs.validate(prompt, prompt_token_ids, params.truncate_prompt_tokens)
         if params.max_tokens is None:  # the room the prompt leaves (>= 1: validate checks)
             params = dataclasses.replace(params, max_tokens=self.max_model_len - len(ids))
         self._say_if_priority_ignored(priority)
@@ -181,11 +181,12 @@ class Engine:
         its vocabulary), as ``add_request`` checks it."""
         self.inputs.check_params(params)
 
-    def validate_prompt(self, prompt: str | list[int] | None,
-                        prompt_token_ids: list[int] | None) -> tuple[str | None, list[int]]:
-        """(text, token ids) of a prompt; TypeError if one is of the wrong type, ValueError if it
-        is empty, too long or out of vocab."""
-        return self.inputs.validate(prompt, prompt_token_ids)
+    def validate_prompt(self, prompt: str | list[int] | None, prompt_token_ids: list[int] | None,
+                        truncate: int | None = None) -> tuple[str | None, list[int]]:
+        """InputProcessor.validate: (text, token ids) of a prompt (its last ``truncate`` ids);
+        TypeError if one is of the wrong type, ValueError if it is empty, too long or out of
+        vocab."""
+        return self.inputs.validate(prompt, prompt_token_ids, truncate)
 
     def reserve_places(self, hold_id: str, n: int) -> None:
         """Scheduler.reserve_places: ``n`` waiting-queue places for requests ``held_by`` it."""

@@ -75,8 +75,9 @@ class LLM:
                               lambda c: c is None or isinstance(c, str))
         engine = self.engine
         # Tokenize and validate everything first so a bad prompt queues nothing.
-        checked = [engine.validate_prompt(*((None, p) if isinstance(p, list) else (p, None)))
-                   for p in prompts]
+        checked = [engine.validate_prompt(*((None, p) if isinstance(p, list) else (p, None)),
+                                          sp.truncate_prompt_tokens)
+                   for p, sp in zip(prompts, params)]
         copies = [p.copies() for p in params]
         for c in copies:
             engine.validate_params(c[0])  # (the copies differ in their seeds alone)
