@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from fairswitch.config import EngineConfig
 from fairswitch.engine.beam_search import BeamSearchParams
-from fairswitch.outputs import CompletionOutput, RequestOutput
+from fairswitch.outputs import (CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput,
+                                RequestOutput)
+from fairswitch.pooling_params import PoolingParams
 from fairswitch.sampling_params import SamplingParams
 from fairswitch.structured_output import StructuredOutputsParams
 
@@ -37,5 +39,6 @@ def __getattr__(name: str):
 
 __all__ = [
     "LLM", "AsyncEngine", "Engine", "EngineConfig", "SamplingParams", "StructuredOutputsParams",
-    "RequestOutput", "CompletionOutput", "BeamSearchParams", "__version__",
+    "RequestOutput", "CompletionOutput", "BeamSearchParams", "PoolingParams",
+    "EmbeddingRequestOutput", "EmbeddingOutput", "__version__",
 ]

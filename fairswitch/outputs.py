@@ -54,5 +54,21 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0
+    embedding: list[float] | None = None  # an embedding request's (PoolingParams), finished
     # One per prompt token (None for the first, which nothing predicts), if asked.
     prompt_logprobs: list[PositionLogprobs | None] | None = None
+
+
+@dataclass
+class EmbeddingOutput:
+    embedding: list[float]
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """``LLM.embed``'s result for one prompt, as vLLM's."""
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: EmbeddingOutput
+    finished: bool = True

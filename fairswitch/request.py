@@ -87,6 +87,8 @@ class Request:
     detokenizer: Any = None
     generator: Any = None
     grammar: Any = None  # structured output's matcher (structured_output.py), fed each token
+    pooling: Any = None  # PoolingParams of an embedding request: its last prompt token's state
+    embedding: list[float] | None = None  # ... once computed (model_runner.collect)
     # Why the engine aborted it, where the request itself is the cause (CompletionOutput.error).
     abort_error: str | None = None
     bad_words_ids: list[list[int]] = field(default_factory=list)  # SamplingParams.bad_words'

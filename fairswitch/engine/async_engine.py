@@ -32,6 +32,7 @@ from fairswitch.config import EngineConfig
 from fairswitch.engine.engine import Engine
 from fairswitch.engine.gc_control import GC_CLOCK, frozen_heap
 from fairswitch.outputs import RequestOutput
+from fairswitch.pooling_params import PoolingParams
 from fairswitch.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -104,11 +105,13 @@ class AsyncEngine:
                        params: SamplingParams | None = None, *, request_id: str | None = None,
                        prompt_token_ids: list[int] | None = None, priority: int = 0,
                        client_id: str | None = None,
-                       queue_places: int = 1, held_by: str | None = None
+                       queue_places: int = 1, held_by: str | None = None,
+                       pooling: PoolingParams | None = None
                        ) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs as they come; the last one has ``finished=True``.
         One sequence (``params.n == 1``): for n, generate each of ``params.copies()``.
-        ``queue_places``, ``held_by``: Scheduler.add_request (n choices admitted together). A
+        ``queue_places``, ``held_by``: Scheduler.add_request (n choices admitted together);
+        ``pooling``: an embedding request (Engine.add_request: its last output holds it). A
         prompt of the wrong type raises TypeError (as in ``LLM.generate``), other bad input
         ValueError;
         ``shutdown()`` ends the stream with ``finish_reason="abort"``, a failed step
@@ -131,7 +134,7 @@ class AsyncEngine:
                 await self._call(lambda: self.engine.add_request(
                     prompt, params, request_id=request_id, prompt_token_ids=prompt_token_ids,
                     priority=priority, client_id=client_id, queue_places=queue_places,
-                    held_by=held_by, grammar=grammar))
+                    held_by=held_by, grammar=grammar, pooling=pooling))
             except Exception:
                 # Not added: nothing to abort, and a request the engine holds under this id
                 # is another caller's. (Cancelled, the add may have run: it is aborted below.)

@@ -27,6 +27,7 @@ from fairswitch.engine.gc_control import GC_CLOCK
 from fairswitch.engine.input_processor import InputProcessor
 from fairswitch.engine.step_log import StepLog, StepStats
 from fairswitch.outputs import RequestOutput
+from fairswitch.pooling_params import PoolingParams
 from fairswitch.request import Request, RequestStatus
 from fairswitch.runner.jit_watch import JIT_CLOCK
 from fairswitch.runner.model_runner import PendingStep
@@ -95,11 +96,15 @@ class Engine:
                     prompt_token_ids: list[int] | None = None, priority: int = 0,
                     client_id: str | None = None, arrival_time: float | None = None,
                     queue_places: int = 1, held_by: str | None = None,
-                    grammar: Any = None) -> str:
+                    grammar: Any = None, pooling: PoolingParams | None = None) -> str:
         """Validate and queue a request; return its id. Raises TypeError for a prompt of the
         wrong type, ValueError on other bad input, QueueFullError when the waiting queue has no
         room (``queue_places``, ``held_by``: Scheduler.add_request). ``grammar``: the matcher
-        of its structured output, compiled beforehand (``compile_grammar``); else here."""
+        of its structured output, compiled beforehand (``compile_grammar``); else here.
+        ``pooling``: an embedding request (its prompt computed, no text generated); ``params``
+        may then only say ``truncate_prompt_tokens``."""
+        if pooling is not None:
+            params = self._pooling_params(pooling, params)
         params = params if params is not None else self.default_sampling_params()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -129,6 +134,7 @@ class Engine:
                       arrival_time if arrival_time is not None else time.monotonic(),
                       prompt=text, priority=priority, client_id=client_id)
         req.bad_words_ids = self.inputs.bad_words_ids(params)
+        req.pooling = pooling
         if params.structured_outputs is not None:  # (a bad schema: this request's ValueError)
             req.grammar = grammar if grammar is not None else self.compile_grammar(
                 params.structured_outputs)
@@ -142,6 +148,19 @@ class Engine:
         self.scheduler.add_request(req, queue_places, held_by)
         self.requests[request_id] = req
         return request_id
+
+    def _pooling_params(self, pooling: PoolingParams, params: SamplingParams | None
+                        ) -> SamplingParams:
+        """The sampling an embedding request runs with: its prompt, then one greedy token that
+        nobody sees (the step that computes the prompt's last position samples)."""
+        if not isinstance(pooling, PoolingParams):
+            raise TypeError(f"pooling must be PoolingParams, got {type(pooling).__name__}")
+        if pooling.dimensions is not None and pooling.dimensions > self.hf_config.hidden_size:
+            raise ValueError(f"dimensions must be at most the model's hidden size "
+                             f"({self.hf_config.hidden_size}), got {pooling.dimensions}")
+        truncate = params.truncate_prompt_tokens if params is not None else None
+        return SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, detokenize=False,
+                              truncate_prompt_tokens=truncate)
 
     def compile_grammar(self, spec: StructuredOutputsParams) -> Any:
         """A matcher for a request's structured output; ValueError if it does not compile. Any

@@ -13,7 +13,8 @@ from fairswitch.config import EngineConfig
 from fairswitch.engine.beam_search import (BeamSearch, BeamSearchOutput, BeamSearchParams,
                                            advance_all)
 from fairswitch.engine.engine import Engine, is_priority
-from fairswitch.outputs import RequestOutput
+from fairswitch.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
+from fairswitch.pooling_params import PoolingParams
 from fairswitch.sampling_params import SamplingParams
 from fairswitch.scheduler.scheduler import QueueFullError
 
@@ -60,6 +61,32 @@ class LLM:
         prompt. Invalid input raises TypeError (a wrong type) or ValueError before anything runs.
         No ``sampling_params``: ``get_default_sampling_params()``.
         """
+        return self._generate(prompts, sampling_params, use_tqdm, priority, client_id)
+
+    def embed(
+        self,
+        prompts: str | list[int] | dict | Sequence[str | list[int] | dict],
+        pooling_params: PoolingParams | None = None,
+        use_tqdm: bool = True,
+        truncate_prompt_tokens: int | None = None,
+        priority: int | Sequence[int] = 0,
+        client_id: str | None | Sequence[str | None] = None,
+    ) -> list[EmbeddingRequestOutput]:
+        """vLLM's: an embedding of every prompt (``outputs.embedding``): the state of its last
+        token after the model's final norm, unit length unless ``pooling_params`` says
+        otherwise (PoolingParams: ``normalize``, ``dimensions``). The prompts are scheduled as
+        any request is (``priority``, ``client_id``); ``truncate_prompt_tokens``: only the
+        prompt's last k tokens."""
+        params = SamplingParams(max_tokens=1, truncate_prompt_tokens=truncate_prompt_tokens)
+        outs = self._generate(prompts, params, use_tqdm, priority, client_id,
+                              pooling_params or PoolingParams())
+        return [EmbeddingRequestOutput(o.request_id, o.prompt, o.prompt_token_ids,
+                                       EmbeddingOutput(o.embedding)) for o in outs]
+
+    def _generate(self, prompts: Any, sampling_params: Any, use_tqdm: bool, priority: Any,
+                  client_id: Any, pooling: PoolingParams | None = None
+                  ) -> list[RequestOutput]:
+        """``generate``, or with ``pooling`` ``embed``: each prompt's request(s) to the end."""
         prompts = _prompt_list(prompts)
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
@@ -95,7 +122,7 @@ class LLM:
                 (text, toks), prio, client = checked[i], priorities[i], clients[i]
                 try:
                     rid = engine.add_request(text, seqs[j], prompt_token_ids=toks,
-                                             priority=prio, client_id=client)
+                                             priority=prio, client_id=client, pooling=pooling)
                 except QueueFullError:  # joins as the queue frees (max_waiting >= 1: it will)
                     return
                 pending.popleft()

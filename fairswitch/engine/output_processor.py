@@ -195,6 +195,7 @@ class OutputProcessor:
             metrics=request.metrics,
             num_cached_tokens=request.num_cached_tokens,
             prompt_logprobs=self._prompt_logprobs(request, state),
+            embedding=request.embedding if finished else None,
         )
 
     def _prompt_logprobs(self, request: Request, state: _TextState

@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,6 +52,8 @@ class PendingStep:
     returned: tuple[int, int] | None = None
     logprobs: SampledLogprobs | None = None
     prompt_logprobs: tuple[list[tuple[Request, int]], SampledLogprobs] | None = None
+    # Embedding requests whose prompt ended in this step, and their last positions' states.
+    pooled: tuple[list[Request], torch.Tensor] | None = None
 
 
 # Per sampled token of a request that asked: {token id: (logprob, rank)}, the sampled first.
@@ -283,7 +286,7 @@ class ModelRunner:
         if self.send_plan is not None:
             self.send_plan(plan.for_workers())
         hook = self.events.gpu_busy if batch.sample_requests else None
-        logits, prompt_logits = self._forward_plan(
+        logits, prompt_logits, pooled = self._forward_plan(
             plan, after.tokens if after is not None else None, t0, hook)
         prompt_lp = None
         if prompt_logits is not None:
@@ -296,23 +299,27 @@ class ModelRunner:
         tokens, logprobs = self.sampler.sample(logits, batch.sample_requests)
         self.tp.broadcast(tokens)
         returned = self._tokens.send(tokens) if self._tokens is not None else None
-        return PendingStep(batch.sample_requests, tokens, returned, logprobs, prompt_lp)
+        return PendingStep(batch.sample_requests, tokens, returned, logprobs, prompt_lp, pooled)
 
     @torch.inference_mode()
     def run_plan(self, plan: StepPlan, prev_tokens: torch.Tensor | None) -> torch.Tensor | None:
         """A tensor-parallel worker's step: run ``plan`` (its placeholders from
         ``prev_tokens``, the tokens of the plan before) and return the tokens the driver
         sampled and broadcast (None if nothing samples)."""
-        if self._forward_plan(plan, prev_tokens, time.perf_counter(), None)[0] is None:
+        if self._forward_plan(plan, prev_tokens, time.perf_counter(), None, pool=False)[0] \
+                is None:
             return None
         tokens = torch.empty(len(plan.batch.sample_rows), dtype=torch.long, device=self.device)
         return self.tp.broadcast(tokens)
 
     def _forward_plan(self, plan: StepPlan, prev_tokens: torch.Tensor | None, t0: float,
-                      hook: Callable[[], None] | None
-                      ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                      hook: Callable[[], None] | None, pool: bool = True
+                      ) -> tuple[torch.Tensor | None, torch.Tensor | None,
+                                 tuple[list[Request], torch.Tensor] | None]:
         """Logits of the plan's sampled rows and of its prompt-logprob rows (None where there
-        are none), the hook fired while the device computes."""
+        are none), the hook fired while the device computes; with ``pool``, the embedding
+        requests that sample and their rows' states (float32, a copy: a graph's output buffer
+        is overwritten by the next replay)."""
         batch = plan.batch
         feed = self._feeder(batch.feed_rows, plan.feed_src, prev_tokens)
         mixed = (self.mixed_graphs.bucket(batch) if self.mixed_graphs is not None
@@ -335,6 +342,18 @@ class ModelRunner:
             hidden = self.model(ids, pos, self.kv_cache.layer_views, meta)
         if hook is not None:
             hook()
+        pooled = None
+        if pool and any(r.pooling is not None for r in batch.sample_requests):
+            at = [(r, row) for r, row in zip(batch.sample_requests, batch.sample_rows)
+                  if r.pooling is not None]
+            rows = torch.tensor([row for _, row in at], dtype=torch.long, device=self.device)
+            pooled = ([r for r, _ in at], hidden.index_select(0, rows).float())
+        logits, prompt_logits = self._logits(batch, hidden)
+        return logits, prompt_logits, pooled
+
+    def _logits(self, batch: InputBatch, hidden: torch.Tensor
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Logits of ``batch``'s sampled rows and of its prompt-logprob rows."""
         lp_rows = batch.prompt_logprob_rows
         if lp_rows:  # (one LM-head pass: under tensor parallelism it is a collective)
             # A prompt's rows can outnumber the sample-rows buffer (max_num_seqs): a plain copy.
@@ -391,6 +410,9 @@ class ModelRunner:
             for (req, pos), entry in zip(at, _entries(lp, _prompt_targets(at))):
                 if req.prompt_logprobs is not None and req.prompt_logprobs[pos] is None:
                     req.prompt_logprobs[pos] = entry
+        if pending.pooled is not None:
+            for req, state in zip(pending.pooled[0], pending.pooled[1].cpu()):
+                req.embedding = pooled_embedding(state, req.pooling)
         if not pending.requests:
             return {}, {}
         if pending.returned is not None:
@@ -408,6 +430,16 @@ class ModelRunner:
         if self._rows is not None:
             return self._rows.send(rows)
         return torch.tensor(rows, dtype=torch.long, device=self.device)
+
+
+def pooled_embedding(state: torch.Tensor, pooling: Any) -> list[float]:
+    """An embedding from the last prompt token's state: its first ``dimensions`` values, at
+    unit length if ``normalize`` (PoolingParams)."""
+    if pooling.dimensions is not None:
+        state = state[:pooling.dimensions]
+    if pooling.normalize:
+        state = torch.nn.functional.normalize(state, dim=0)
+    return state.tolist()
 
 
 def _prompt_targets(at: list[tuple[Request, int]]) -> list[int]:

@@ -1,0 +1,69 @@
+"""Embeddings (``LLM.embed``, vLLM's): the last prompt token's state after the final norm, as
+transformers' model computes it, whatever the batch, the chunking or the prefix cache does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fairswitch import LLM, PoolingParams, SamplingParams
+
+TEXTS = ["Hello world", "The quick brown fox jumps over the lazy dog " * 3, "Hi"]
+
+
+def _hf_states(model_dir, ids: list[list[int]]) -> list[torch.Tensor]:
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return [model(torch.tensor([t])).last_hidden_state[0, -1] for t in ids]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_embeddings_are_transformers_last_token_states(arch, llama_dir, qwen3_dir):
+    model_dir = llama_dir if arch == "llama" else qwen3_dir
+    # Chunks of 7 tokens, and 4-token blocks: the long prompt ends in a later step than it
+    # starts, and its prefix is cached for the second pass.
+    llm = LLM(model=str(model_dir), num_gpu_blocks=128, max_model_len=256,
+              max_num_batched_tokens=7, block_size=4)
+    outs = llm.embed(TEXTS, use_tqdm=False)
+    want = _hf_states(model_dir, [o.prompt_token_ids for o in outs])
+    for out, state in zip(outs, want):
+        got = torch.tensor(out.outputs.embedding)
+        torch.testing.assert_close(got, torch.nn.functional.normalize(state, dim=0),
+                                   atol=1e-5, rtol=1e-4)
+    again = llm.embed(TEXTS[1], use_tqdm=False)[0]  # (its prefix from the cache)
+    assert llm.engine.scheduler.num_reused_tokens > 0
+    torch.testing.assert_close(torch.tensor(again.outputs.embedding),
+                               torch.tensor(outs[1].outputs.embedding), atol=1e-5, rtol=1e-4)
+    raw = llm.embed(TEXTS[0], PoolingParams(normalize=False, dimensions=16), use_tqdm=False)[0]
+    torch.testing.assert_close(torch.tensor(raw.outputs.embedding), want[0][:16],
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_embedding_requests_run_beside_generation_and_are_checked():
+    llm = LLM(num_gpu_blocks=64, max_model_len=64)
+    engine = llm.engine
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    alone = llm.generate(["Tell me"], greedy, use_tqdm=False)[0].outputs[0].token_ids
+    embedded = llm.embed(["Hello"], use_tqdm=False)[0].outputs.embedding
+    engine.add_request("Tell me", greedy, request_id="g")
+    engine.add_request("Hello", request_id="e", pooling=PoolingParams())
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    assert done["g"].outputs[0].token_ids == alone and done["g"].embedding is None
+    torch.testing.assert_close(torch.tensor(done["e"].embedding), torch.tensor(embedded))
+    assert done["e"].outputs[0].text == ""  # (its one token is nobody's)
+    long = "word " * 100
+    cut = llm.embed(long, truncate_prompt_tokens=10, use_tqdm=False)[0]
+    assert len(cut.prompt_token_ids) == 10
+    with pytest.raises(ValueError, match="dimensions must be at most the model's hidden size"):
+        llm.embed("Hi", PoolingParams(dimensions=10_000), use_tqdm=False)
+    with pytest.raises(ValueError, match="dimensions must be a positive integer"):
+        PoolingParams(dimensions=0)
+    with pytest.raises(TypeError, match="pooling must be PoolingParams"):
+        engine.add_request("Hi", pooling={"normalize": True})
+    assert not engine.requests
