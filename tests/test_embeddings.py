@@ -67,3 +67,49 @@ def test_embedding_requests_run_beside_generation_and_are_checked():
     with pytest.raises(TypeError, match="pooling must be PoolingParams"):
         engine.add_request("Hi", pooling={"normalize": True})
     assert not engine.requests
+
+
+def test_the_embeddings_route_answers_the_openai_client():
+    """/v1/embeddings through the real openai client (which asks for base64 and decodes it),
+    the same vectors as LLM.embed; inputs as text or token ids; errors name their field."""
+    import numpy as np
+    import openai
+
+    from fairswitch.config import EngineConfig
+    from fairswitch.engine.async_engine import AsyncEngine
+    from fairswitch.server import BackgroundServer, ServerSettings, build_app
+
+    engine = AsyncEngine.from_config(EngineConfig.from_kwargs(num_gpu_blocks=256,
+                                                              max_model_len=256, max_waiting=4))
+    try:
+        with BackgroundServer(build_app(engine, ServerSettings(), shutdown_engine=False)) as srv:
+            client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0)
+            got = client.embeddings.create(model="fairswitch-tiny", input=TEXTS)
+            tokens = engine.engine.tokenizer.encode(TEXTS[0])
+            by_ids = client.embeddings.create(model="fairswitch-tiny", input=[tokens],
+                                              encoding_format="float", dimensions=8,
+                                              extra_body={"normalize": False})
+            errors = {}
+            for fields, param in (({"input": []}, "input"), ({"input": ""}, "input"),
+                                  ({"input": "x", "encoding_format": "hex"}, "encoding_format"),
+                                  ({"input": "x", "dimensions": 100_000}, "dimensions"),
+                                  ({"input": ["x"] * 5}, "input"),  # (more than the queue holds)
+                                  ({"input": [[10 ** 9]]}, "input")):
+                with pytest.raises(openai.BadRequestError) as e:
+                    client.embeddings.create(model="fairswitch-tiny", **fields)
+                errors[str(fields)] = (param, e.value.body)
+            with pytest.raises(openai.NotFoundError):
+                client.embeddings.create(model="other", input="x")
+    finally:
+        engine.shutdown()
+    llm = LLM(num_gpu_blocks=256, max_model_len=256)
+    want = [o.outputs.embedding for o in llm.embed(TEXTS, use_tqdm=False)]
+    assert [d.index for d in got.data] == [0, 1, 2] and got.model == "fairswitch-tiny"
+    for d, w in zip(got.data, want):
+        np.testing.assert_allclose(d.embedding, w, atol=1e-5)
+    assert got.usage.prompt_tokens == sum(len(llm.get_tokenizer().encode(t)) for t in TEXTS)
+    raw = llm.embed([tokens], PoolingParams(normalize=False, dimensions=8), use_tqdm=False)[0]
+    np.testing.assert_allclose(by_ids.data[0].embedding, raw.outputs.embedding, atol=1e-5)
+    for param, body in errors.values():
+        assert body["param"] == param, body
+    assert "5 inputs need 5 places in the waiting queue" in str(errors[str({"input": ["x"] * 5})])

@@ -42,6 +42,7 @@ from fairswitch.server.chat import ChatTemplate
 from fairswitch.server.choices import (ChoiceShaper, Prompt, choice_outputs,
                                        choice_request_ids)
 from fairswitch.server.cors import origin_hook, preflight_middleware
+from fairswitch.server.embeddings import EmbeddingRequest, embedding_response, parse_embedding
 from fairswitch.server.errors import (APIError, Handler, bad_request, error_middleware,
                                       log_refusal, quiet_protocol_errors)
 from fairswitch.server.inflight import InFlight
@@ -156,6 +157,76 @@ class OpenAIServer:
         return await self._generate(request, req, protocol.CHAT, [(text, ids, max_tokens)],
                                     ResponseShape(body, self.model_name,
                                                   thinks=req.reasoning is not None))
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        """/v1/embeddings (embeddings.py): every input an embedding request, admitted
+        together (a place in the waiting queue for each, or a 503)."""
+        if self.in_flight.aborting:
+            raise self._aborted()
+        req, prompts = await self.prompts.run(self._embedding_prompts, await self._body(request))
+        response_id = "embd-" + uuid.uuid4().hex
+        record = self.in_flight.record(request)
+        record.client_id = request.headers.get("X-Client-Id") or req.user
+        record.priority = req.priority
+        record.request_ids = [f"{response_id}-{i}" for i in range(len(prompts))]
+
+        async def embed(rid: str, text: str | None, ids: list[int]) -> RequestOutput:
+            last = None
+            async with contextlib.aclosing(self.engine.generate(
+                    text, None, request_id=rid, prompt_token_ids=ids,
+                    priority=req.priority, client_id=record.client_id, held_by=response_id,
+                    pooling=req.pooling)) as outputs:
+                async for last in outputs:
+                    pass
+            return last
+
+        try:
+            await self.engine.reserve_places(response_id, len(prompts))
+            tasks = [asyncio.ensure_future(embed(rid, text, ids))
+                     for rid, (text, ids) in zip(record.request_ids, prompts)]
+            try:
+                outs = await asyncio.gather(*tasks)
+            except BaseException:  # one failed, or the client went away: abort the others
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
+        except Exception as e:
+            raise _engine_error(e) from e
+        finally:
+            self.engine.release_places(response_id)
+            record.request_ids = []
+        if aborted := [out for out in outs if out.outputs[0].finish_reason == "abort"]:
+            raise self._aborted(aborted[0])
+        return web.json_response(embedding_response(
+            response_id, int(time.time()), req.model or self.model_name,
+            [out.embedding for out in outs], sum(len(ids) for _, ids in prompts), req.base64))
+
+    def _embedding_prompts(self, raw: bytes) -> tuple[EmbeddingRequest,
+                                                        list[tuple[str | None, list[int]]]]:
+        """(request, [(input text, input token ids)]); on a prompt worker thread."""
+        req = parse_embedding(_loads(raw))
+        self._check_model(req.model)
+        if (req.pooling.dimensions or 0) > self.core.hf_config.hidden_size:
+            raise bad_request(f"'dimensions' must be at most the model's hidden size "
+                              f"({self.core.hf_config.hidden_size}), got "
+                              f"{req.pooling.dimensions}", "dimensions")
+        cap = self.core.config.scheduler.max_waiting
+        if cap is not None and len(req.inputs) > cap:
+            raise bad_request(f"{len(req.inputs)} inputs need {len(req.inputs)} places in the "
+                              f"waiting queue, which holds {cap} on this server (--max-waiting)",
+                              "input")
+        prompts = []
+        for value in req.inputs:
+            text, ids = None, value
+            if isinstance(value, str):
+                self.prompts.check_length(value, "input")
+                text, ids = value, self.prompts.encode(
+                    value, add_special_tokens=req.add_special_tokens)
+            kept = protocol.truncated(ids, req.truncate_prompt_tokens, self.core.max_model_len)
+            prompts.append(self._validate_prompt(text if len(kept) == len(ids) else None, kept,
+                                                 "input"))
+        return req, prompts
 
     def _completion_prompts(self, raw: bytes) -> tuple[protocol.CompletionRequest,
                                                          list[tuple[str | None, list[int]]]]:
@@ -553,13 +624,20 @@ async def _next_output(outputs: AsyncIterator[Any]) -> Any:
     """The next output; the engine's refusals become API errors."""
     try:
         return await outputs.__anext__()
-    except QueueFullError as e:
-        raise APIError(503, f"the server is at capacity ({e}); retry later",
-                       code="queue_full", headers={"Retry-After": "1"}) from e
-    except EngineDeadError as e:
-        raise APIError(503, f"the engine is not running: {e}") from e
-    except (TypeError, ValueError) as e:  # add_request's validation
-        raise bad_request(str(e), protocol.named_field(str(e))) from e
+    except Exception as e:
+        raise _engine_error(e) from e
+
+
+def _engine_error(e: Exception) -> Exception:
+    """The API error of an engine's refusal (as is, anything else)."""
+    if isinstance(e, QueueFullError):
+        return APIError(503, f"the server is at capacity ({e}); retry later",
+                        code="queue_full", headers={"Retry-After": "1"})
+    if isinstance(e, EngineDeadError):
+        return APIError(503, f"the engine is not running: {e}")
+    if isinstance(e, (TypeError, ValueError)):  # add_request's validation
+        return bad_request(str(e), protocol.named_field(str(e)))
+    return e
 
 
 def build_app(engine: AsyncEngine, settings: ServerSettings | None = None, *,
@@ -583,6 +661,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None, *,
     app.router.add_post("/v1/completions", server.completions)
     app.router.add_post("/v1/chat/completions", server.chat_completions)
     app.router.add_post("/v1/responses", server.responses)
+    app.router.add_post("/v1/embeddings", server.embeddings)
     app.router.add_get("/v1/models", server.models)
     app.router.add_get("/v1/models/{model:.+}", server.model)  # (names may hold '/')
     app.router.add_get("/health", server.health)

@@ -177,6 +177,17 @@ _GUIDED = (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice",
 _STRUCTURED_FIELDS = ("response_format", "structured_outputs", *(name for name, _ in _GUIDED))
 
 
+def truncated(ids: list[int], k: int | None, max_model_len: int) -> list[int]:
+    """A prompt's ids as ``truncate_prompt_tokens`` k leaves them (-1: max_model_len)."""
+    if k is None:
+        return ids
+    k = max_model_len if k == -1 else k
+    if k > max_model_len:
+        raise bad_request(f"'truncate_prompt_tokens' ({k}) must not exceed max_model_len "
+                          f"({max_model_len})", "truncate_prompt_tokens")
+    return ids[-k:]
+
+
 def _truncation(body: dict) -> int | None:
     k = _int(body, "truncate_prompt_tokens", None, low=-1)
     if k == 0:
@@ -322,15 +333,7 @@ class GenerationRequest:
     length_penalty: float = 1.0  # (beam search's: score = logprob / length ** this)
 
     def truncated(self, ids: list[int], max_model_len: int) -> list[int]:
-        """The prompt's ids as ``truncate_prompt_tokens`` leaves them (-1: max_model_len)."""
-        k = self.truncate_prompt_tokens
-        if k is None:
-            return ids
-        k = max_model_len if k == -1 else k
-        if k > max_model_len:
-            raise bad_request(f"'truncate_prompt_tokens' ({k}) must not exceed max_model_len "
-                              f"({max_model_len})", "truncate_prompt_tokens")
-        return ids[-k:]
+        return truncated(ids, self.truncate_prompt_tokens, max_model_len)
 
     def sampling_params(self, max_tokens: int,
                         defaults: dict[str, Any] | None = None) -> SamplingParams:
