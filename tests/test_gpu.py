@@ -328,3 +328,16 @@ def test_fp8_kv_on_gpu_with_graphs_and_preemption(mode, monkeypatch):
     assert got == want
     assert tight.engine.switch_metrics()[f"preemptions_{mode}"] > 0
     tight.engine.check_accounting()
+
+
+def test_embeddings_on_gpu_match_the_cpu(llama_dir):
+    """Embedding requests through the Triton kernels and the CUDA graphs (decode and mixed
+    steps, whose output buffer the next replay overwrites) give the CPU's vectors."""
+    texts = ["Hello world", "The quick brown fox " * 8, "Hi"]
+    opts = dict(model=str(llama_dir), dtype="float32", num_gpu_blocks=256, max_model_len=256)
+    cpu = LLM(device="cpu", **opts).embed(texts, use_tqdm=False)
+    gpu = LLM(device="cuda", **opts).embed(texts * 2, use_tqdm=False)
+    for i, out in enumerate(gpu):
+        torch.testing.assert_close(torch.tensor(out.outputs.embedding),
+                                   torch.tensor(cpu[i % 3].outputs.embedding),
+                                   atol=1e-4, rtol=1e-3)
