@@ -71,6 +71,19 @@ REPLIES = [
      + "</tool_call>", []),
     # (Python 3.12's decoder reads it, 3.11's does not: a call, or text; never a crash)
     ("llama3_json", DEEP, None if DEEP_CALL else DEEP, DEEP_CALL),
+    # Llama 3.2/4's Python list of calls, keyword arguments of literal values.
+    ("pythonic", '[get_weather(city="P]a\'ris", days=3), now()]', None,
+     [("get_weather", '{"city": "P]a\'ris", "days": 3}'), ("now", "{}")]),
+    ("pythonic", ' <|python_start|>[f(x=[1, (2, 3)], y={"a": None, "b": True})]<|python_end|>\n',
+     None, [("f", '{"x": [1, [2, 3]], "y": {"a": null, "b": true}}')]),
+    ("pythonic", "[mod.f(x='é')] Then text.", " Then text.", [("mod.f", '{"x": "é"}')]),
+    ("pythonic", "Hello [f(x=1)]", "Hello [f(x=1)]", []),
+    ("pythonic", "[1, 2]", "[1, 2]", []),  # (a list that is no calls: the answer)
+    ("pythonic", "[f(1)]", "[f(1)]", []),  # (positional arguments: no call)
+    ("pythonic", '[f(x=os.system("ls"))]', '[f(x=os.system("ls"))]', []),  # (not a literal)
+    ("pythonic", "[f(x={1, 2})]", "[f(x={1, 2})]", []),  # (a set: no JSON)
+    ("pythonic", "  [f(x=1), g(y='", "  [f(x=1), g(y='", []),  # (cut short: the text)
+    ("pythonic", "<|python", "<|python", []),
 ]
 
 
@@ -137,11 +150,12 @@ def test_parallel_tool_calls_false_keeps_the_first_call():
 def test_an_unknown_parser_is_refused():
     from fairswitch.server import ServerSettings
 
-    with pytest.raises(ValueError, match="unknown tool call parser 'pythonic'"):
-        AutoToolCalls("pythonic")
-    with pytest.raises(ValueError, match="tool_call_parser must be one of hermes, llama3_json"):
+    with pytest.raises(ValueError, match="unknown tool call parser 'mistral'"):
+        AutoToolCalls("mistral")
+    with pytest.raises(ValueError, match="tool_call_parser must be one of hermes, llama3_json, "
+                                         "pythonic"):
         ServerSettings(tool_call_parser="mistral")
-    assert PARSERS == ("hermes", "llama3_json")
+    assert PARSERS == ("hermes", "llama3_json", "pythonic")
 
 
 def test_the_cli_takes_vllms_flags_and_needs_the_parser_with_auto(capsys):

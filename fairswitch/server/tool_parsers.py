@@ -1,12 +1,16 @@
 """tool_choice "auto": the model decides whether to call a tool, in its own syntax, and a parser
 named at startup reads the calls out of its reply (vLLM's ``--enable-auto-tool-choice
---tool-call-parser NAME``). Two syntaxes, the most used:
+--tool-call-parser NAME``). Three syntaxes, the most used:
 
 - ``hermes`` (Qwen2.5/Qwen3, Hermes, and most models trained on its format): text, then calls
   each written ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``.
 - ``llama3_json`` (Llama 3.1-3.3): a reply that begins with a JSON object (after
   ``<|python_tag|>``, if the tokenizer keeps it) ``{"name": ..., "parameters": {...}}``, several
   separated by ``;``. A reply that begins otherwise is text.
+- ``pythonic`` (Llama 3.2 and 4, ToolACE...): a reply that begins with a Python list of calls
+  with keyword arguments of literal values, ``[get_weather(city="Paris"), now()]`` (inside
+  ``<|python_start|>`` ... ``<|python_end|>``, if the tokenizer keeps them). A reply that begins
+  otherwise, or a list that is not all such calls, is text.
 
 One reader serves a whole reply and a stream, so the two agree however the text is cut: text
 goes out as content as it comes, holding back only what may be the start of a call; a call goes
@@ -17,6 +21,7 @@ lost. Whitespace between calls is not content.
 
 from __future__ import annotations
 
+import ast
 import json
 from typing import Any
 
@@ -24,7 +29,7 @@ from fairswitch.server.text_scan import JsonString, held_back
 from fairswitch.server.tool_calls import new_call_id
 from fairswitch.unicode_text import lone_surrogate
 
-PARSERS = ("hermes", "llama3_json")
+PARSERS = ("hermes", "llama3_json", "pythonic")
 
 _HERMES_OPEN, _HERMES_CLOSE = "<tool_call>", "</tool_call>"
 _PYTHON_TAG = "<|python_tag|>"
@@ -197,7 +202,129 @@ class _Llama3Json(_Reader):
         return rest if self.calls else self.prefix + rest
 
 
-_READERS = {"hermes": _Hermes, "llama3_json": _Llama3Json}
+class _ListEnd:
+    """Finds where the Python list at the start of a growing text closes, reading each
+    character once (string literals, with their escapes, are skipped; so are nested brackets)."""
+
+    def __init__(self) -> None:
+        self.at = 0
+        self.depth = 0
+        self.quote = ""  # the open string literal's quote character, if inside one
+        self.escaped = False
+
+    def end(self, text: str) -> int | None:
+        for i in range(self.at, len(text)):
+            ch = text[i]
+            if self.quote:
+                if self.escaped:
+                    self.escaped = False
+                elif ch == "\\":
+                    self.escaped = True
+                elif ch == self.quote:
+                    self.quote = ""
+            elif ch in "'\"":
+                self.quote = ch
+            elif ch in "([{":
+                self.depth += 1
+            elif ch in ")]}":
+                self.depth -= 1
+                if self.depth == 0:
+                    self.at = i + 1
+                    return i + 1
+        self.at = len(text)
+        return None
+
+
+def _python_calls(text: str) -> list[tuple[str, str]] | None:
+    """The calls of a Python list ``[f(a=1), g()]``, arguments as JSON text; None if ``text``
+    is not such a list (positional arguments, values that are not literals...)."""
+    try:
+        tree = ast.parse(text, mode="eval").body
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+    if not isinstance(tree, ast.List) or not tree.elts:
+        return None
+    calls = []
+    for node in tree.elts:
+        if not (isinstance(node, ast.Call) and not node.args
+                and isinstance(node.func, (ast.Name, ast.Attribute))
+                and all(k.arg is not None for k in node.keywords)):
+            return None
+        try:
+            arguments = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+            text_args = json.dumps(arguments, ensure_ascii=False)
+        except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
+            return None  # (not literals, or not JSON: sets, bytes, complex numbers...)
+        if lone_surrogate(text_args) is not None:
+            text_args = json.dumps(arguments)
+        calls.append((ast.unparse(node.func), text_args))
+    return calls
+
+
+class _Pythonic(_Reader):
+    START, END = "<|python_start|>", "<|python_end|>"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mode = "start"  # start (whitespace or the tag so far), list, text, done
+        self.prefix = ""  # what came before the "["
+        self.scan = _ListEnd()
+        self.closed = False  # the closing tag after the calls has been read
+
+    def feed(self, text: str, final: bool) -> tuple[str, list[tuple[str, str]]]:
+        self.buffer += text
+        if self.mode == "start":
+            head = self.buffer.lstrip()
+            if head.startswith(self.START):
+                head = head[len(self.START):].lstrip()
+            elif not final and self.START.startswith(head):
+                return "", []  # (not told yet: the tag, or nothing but whitespace)
+            if not head and not final:
+                return "", []
+            if head.startswith("["):
+                self.prefix = self.buffer[:len(self.buffer) - len(head)]
+                self.mode, self.buffer = "list", head
+            else:
+                self.mode = "text"
+        if self.mode == "list":
+            end = self.scan.end(self.buffer)
+            if end is None:
+                if not final:
+                    return "", []
+                self.mode = "text"  # a list cut short: all of it is text
+                self.buffer = self.prefix + self.buffer
+            else:
+                calls = _python_calls(self.buffer[:end])
+                if calls is None:
+                    self.mode, self.buffer = "text", self.prefix + self.buffer
+                else:
+                    self.mode, self.buffer = "done", self.buffer[end:]
+                    self.calls = len(calls)
+                    return self._after(final), calls
+        if self.mode == "done":
+            return self._after(final), []
+        content, self.buffer = self.buffer, ""
+        return content, []
+
+    def _after(self, final: bool) -> str:
+        """Text after the calls (and their closing tag, which is not content): content once
+        it is more than whitespace."""
+        head = self.buffer.lstrip()
+        if not self.closed and head.startswith(self.END):
+            self.closed, self.buffer = True, head[len(self.END):]
+            head = self.buffer.lstrip()
+        elif not self.closed and not final and head and self.END.startswith(head):
+            return ""  # (maybe the closing tag: not told yet)
+        if head:
+            self.mode = "text"
+            content, self.buffer = self.buffer, ""
+            return content
+        if final:
+            self.buffer = ""
+        return ""
+
+
+_READERS = {"hermes": _Hermes, "llama3_json": _Llama3Json, "pythonic": _Pythonic}
 
 
 class AutoToolCalls:
