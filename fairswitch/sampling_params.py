@@ -52,7 +52,7 @@ class SamplingParams:
     n: int = 1
     # The reply held to a JSON schema, a regex, a choice or a grammar (structured_output.py).
     structured_outputs: StructuredOutputsParams | None = None
-    # Keep only the prompt's last k tokens (-1: max_model_len), as vLLM's.
+    # Keep only the prompt's last k tokens (-1: as many as leave room for one output token).
     truncate_prompt_tokens: int | None = None
 
     def __post_init__(self) -> None:
@@ -150,7 +150,7 @@ class SamplingParams:
         if self.truncate_prompt_tokens is not None:
             _check_int("truncate_prompt_tokens", self.truncate_prompt_tokens)
             if self.truncate_prompt_tokens < 1 and self.truncate_prompt_tokens != -1:
-                raise ValueError(f"truncate_prompt_tokens must be -1 (max_model_len) or at least "
+                raise ValueError(f"truncate_prompt_tokens must be -1 (all that fit) or at least "
                                  f"1, got {self.truncate_prompt_tokens}")
         _check_int("n", self.n)
         if not 1 <= self.n <= MAX_N:

@@ -214,6 +214,11 @@ def test_truncate_prompt_tokens_keeps_the_prompts_end_offline():
     assert cut.outputs[0].token_ids == tail.outputs[0].token_ids
     with pytest.raises(ValueError, match="prompt has"):
         llm.generate([long], SamplingParams(**greedy), use_tqdm=False)
+    fit = llm.generate([long], SamplingParams(truncate_prompt_tokens=-1, max_tokens=1),
+                       use_tqdm=False)[0]  # (all that leave room for one token)
+    assert fit.prompt_token_ids == ids[-63:] and len(fit.outputs[0].token_ids) == 1
+    assert len(llm.embed(long, truncate_prompt_tokens=-1, use_tqdm=False)[0]
+               .prompt_token_ids) == 63
     with pytest.raises(ValueError, match=r"truncate_prompt_tokens \(65\) must not exceed"):
         llm.generate([long], SamplingParams(truncate_prompt_tokens=65, **greedy), use_tqdm=False)
     for bad in (0, -2):

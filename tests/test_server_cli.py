@@ -34,7 +34,8 @@ def test_serve_help_lists_server_options(capsys):
     (["--shutdown-timeout", "-1"], "--shutdown-timeout must be a finite number of seconds >= 0"),
     (["--chat-template", "{% for m in messages %}"], "--chat-template is not a Jinja template"),
     (["--ssl-certfile", "/no/such.pem"], "--ssl-certfile '/no/such.pem': cannot load"),
-    (["--ssl-keyfile", "k.pem"], "--ssl-keyfile and --ssl-ca-certs need --ssl-certfile"),
+    (["--ssl-keyfile", "k.pem"], "--ssl-keyfile, --ssl-ca-certs and --ssl-cert-reqs need"),
+    (["--ssl-certfile", "c.pem", "--ssl-cert-reqs", "2"], "--ssl-cert-reqs 1 or 2 needs"),
 ])
 def test_serve_refuses_bad_server_options_before_building_the_engine(capsys, monkeypatch,
                                                                      options, message):
@@ -178,16 +179,18 @@ def _self_signed(tmp_path):
 
 
 def test_serve_over_tls_on_a_unix_socket(tmp_path):
-    """vLLM's --ssl-certfile/--ssl-keyfile (HTTPS) and --uds (a Unix socket instead of a TCP
-    port), together: a client that trusts the certificate gets its reply through the socket,
-    plain HTTP on it is refused."""
+    """vLLM's --ssl-certfile/--ssl-keyfile (HTTPS), --ssl-ca-certs with --ssl-cert-reqs 2
+    (client certificates required) and --uds (a Unix socket instead of a TCP port), together:
+    a client that trusts the certificate and shows its own gets its reply through the socket;
+    one without a certificate, or plain HTTP, is refused."""
     import ssl
 
     cert, key = _self_signed(tmp_path)
     sock = tmp_path / "fs.sock"
     proc = subprocess.Popen(
         [sys.executable, "-m", "fairswitch.cli.main", "serve", "--uds", str(sock),
-         "--ssl-certfile", str(cert), "--ssl-keyfile", str(key), "--num-gpu-blocks", "128",
+         "--ssl-certfile", str(cert), "--ssl-keyfile", str(key), "--ssl-ca-certs", str(cert),
+         "--ssl-cert-reqs", "2", "--num-gpu-blocks", "128",
          "--max-model-len", "256", "--shutdown-timeout", "0.2"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: queue.Queue = queue.Queue()
@@ -196,22 +199,26 @@ def test_serve_over_tls_on_a_unix_socket(tmp_path):
     async def ask(tls: ssl.SSLContext | None) -> tuple[int, str]:
         """One request by hand (aiohttp's Unix connector speaks no TLS)."""
         body = b'{"prompt": "Hi", "max_tokens": 3}'
-        reader, writer = await asyncio.open_unix_connection(
-            str(sock), ssl=tls, server_hostname="localhost" if tls else None)
-        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
-                     b"application/json\r\nConnection: close\r\nContent-Length: "
-                     + str(len(body)).encode() + b"\r\n\r\n" + body)
         try:
+            reader, writer = await asyncio.open_unix_connection(
+                str(sock), ssl=tls, server_hostname="localhost" if tls else None)
+            writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+                         b"application/json\r\nConnection: close\r\nContent-Length: "
+                         + str(len(body)).encode() + b"\r\n\r\n" + body)
             reply = (await reader.read()).decode()
-        except ConnectionResetError:  # (plain HTTP to the TLS socket)
+            writer.close()
+        except OSError:  # (refused: the handshake, or the connection reset; SSLError too)
             reply = ""
-        writer.close()
         return int(reply.split(" ", 2)[1]) if reply else 0, reply
     try:
         line = lines.get(timeout=180)
         assert line == f"fairswitch serve: fairswitch-tiny on unix:{sock}\n", \
             (line, proc.stderr.read() if line is None else "")
-        status, body = asyncio.run(ask(ssl.create_default_context(cafile=str(cert))))
+        trusting = ssl.create_default_context(cafile=str(cert))
+        status, _ = asyncio.run(ask(trusting))  # (no client certificate: refused)
+        assert status == 0
+        trusting.load_cert_chain(str(cert), str(key))  # (signed by the CA it was given)
+        status, body = asyncio.run(ask(trusting))
         assert status == 200 and '"completion_tokens":3' in body.replace(" ", ""), body
         status, _ = asyncio.run(ask(None))  # (plain HTTP: no reply)
         assert status == 0

@@ -205,8 +205,8 @@ def test_return_token_ids_whole_and_streamed(client, llm):
 
 
 def test_truncate_prompt_tokens_keeps_the_prompts_end(client, llm):
-    """vLLM's truncate_prompt_tokens: the prompt's last k tokens run (-1: max_model_len); it
-    was refused."""
+    """vLLM's truncate_prompt_tokens: the prompt's last k tokens run (-1: all that leave room
+    for an output token; max_model_len was refused as too long); it was refused."""
     ids = list(range(1000, 1300))  # longer than the context (256)
     greedy = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
     want = llm.generate({"prompt_token_ids": ids[-50:]}, greedy,
@@ -221,7 +221,10 @@ def test_truncate_prompt_tokens_keeps_the_prompts_end(client, llm):
         model=MODEL, messages=[{"role": "user", "content": "hi " * 400}], max_tokens=2,
         extra_body={"truncate_prompt_tokens": 100})
     assert chat.usage.prompt_tokens == 100
-    for k, message in ((0, r"-1 \(max_model_len\) or at least 1"), (300, "must not exceed")):
+    fit = client.completions.create(model=MODEL, prompt=ids, max_tokens=1,
+                                    extra_body={"truncate_prompt_tokens": -1})
+    assert fit.usage.prompt_tokens == 255 and fit.usage.completion_tokens == 1
+    for k, message in ((0, r"-1 \(all that fit\) or at least 1"), (300, "must not exceed")):
         with pytest.raises(openai.BadRequestError, match=message):
             client.completions.create(model=MODEL, prompt="x", max_tokens=1,
                                       extra_body={"truncate_prompt_tokens": k})
@@ -251,13 +254,15 @@ def test_return_tokens_as_token_ids_names_logprobs_tokens_by_id(client):
     assert streamed == _as_ids(ids)
     chat = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3, logprobs=True,
-        top_logprobs=2, extra_body={"ignore_eos": True, "return_token_ids": True,
-                                    "return_tokens_as_token_ids": True}).choices[0]
+        top_logprobs=2, temperature=0.0,
+        extra_body={"ignore_eos": True, "return_token_ids": True,
+                    "return_tokens_as_token_ids": True}).choices[0]
     content = chat.logprobs.content
     assert [c.token for c in content] == _as_ids(chat.model_extra["token_ids"])
     texts = client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3, logprobs=True,
-        top_logprobs=2, extra_body={"ignore_eos": True}).choices[0].logprobs.content
+        top_logprobs=2, temperature=0.0,  # (the same tokens as the one above)
+        extra_body={"ignore_eos": True}).choices[0].logprobs.content
     assert [c.bytes for c in content] == [c.bytes for c in texts]  # the text's, as vLLM's
     assert all(t.token.startswith("token_id:") for c in content for t in c.top_logprobs)
     prompt = client.completions.create(**{**body, "extra_body": {

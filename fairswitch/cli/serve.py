@@ -37,7 +37,10 @@ def add_parser(subs: argparse._SubParsersAction) -> argparse.ArgumentParser:
     s.add_argument("--ssl-keyfile", default=None,
                    help="the certificate's private key (PEM), if not in --ssl-certfile")
     s.add_argument("--ssl-ca-certs", default=None,
-                   help="CA certificates (PEM): clients must present a certificate they signed")
+                   help="CA certificates (PEM) that sign clients' certificates")
+    s.add_argument("--ssl-cert-reqs", type=int, default=0,
+                   help="client certificates, as vLLM: 0 not asked for, 1 checked if shown, "
+                        "2 required (both need --ssl-ca-certs) (default: 0)")
     s.add_argument("--uds", default=None, metavar="PATH",
                    help="listen on this Unix domain socket instead of --host/--port")
     s.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
@@ -89,8 +92,8 @@ def add_reply_options(g: argparse._ActionsContainer) -> None:
                         "tokenizer's (default: the tokenizer's, else a plain-text one)")
     g.add_argument("--trust-request-chat-template", action="store_true",
                    help="render a request's own 'chat_template' (refused otherwise, as vLLM: "
-                        "the server runs the client's Jinja, sandboxed, cut off after 2 s; "
-                        "for trusted clients only)")
+                        "the server runs the client's Jinja, sandboxed, its loops stopped after 2 s "
+                        "(best effort); for trusted clients only)")
     g.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="tool_choice 'auto' (OpenAI's default with tools): the model may call "
                         "the tools in its own syntax, read by --tool-call-parser, as vLLM")
@@ -155,10 +158,11 @@ def run(args: argparse.Namespace) -> int:
     if not (math.isfinite(args.shutdown_timeout) and args.shutdown_timeout >= 0):
         raise ValueError(f"--shutdown-timeout must be a finite number of seconds >= 0, got "
                          f"{args.shutdown_timeout}")
-    if args.ssl_certfile is None and (args.ssl_keyfile or args.ssl_ca_certs):
-        raise ValueError("--ssl-keyfile and --ssl-ca-certs need --ssl-certfile")
-    tls = server_ssl_context(args.ssl_certfile, args.ssl_keyfile, args.ssl_ca_certs) \
-        if args.ssl_certfile is not None else None
+    if args.ssl_certfile is None and (args.ssl_keyfile or args.ssl_ca_certs
+                                      or args.ssl_cert_reqs):
+        raise ValueError("--ssl-keyfile, --ssl-ca-certs and --ssl-cert-reqs need --ssl-certfile")
+    tls = server_ssl_context(args.ssl_certfile, args.ssl_keyfile, args.ssl_ca_certs,
+                             args.ssl_cert_reqs) if args.ssl_certfile is not None else None
     args.model = _model(args)
     logging.getLogger("fairswitch").setLevel((args.log_level or "info").upper())
     settings = ServerSettings(

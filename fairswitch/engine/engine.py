@@ -101,8 +101,8 @@ class Engine:
         wrong type, ValueError on other bad input, QueueFullError when the waiting queue has no
         room (``queue_places``, ``held_by``: Scheduler.add_request). ``grammar``: the matcher
         of its structured output, compiled beforehand (``compile_grammar``); else here.
-        ``pooling``: an embedding request (its prompt computed, no text generated); ``params``
-        may then only say ``truncate_prompt_tokens``."""
+        ``pooling``: an embedding request (its prompt computed, no text generated); of
+        ``params`` only ``truncate_prompt_tokens`` is then read."""
         if pooling is not None:
             params = self._pooling_params(pooling, params)
         params = params if params is not None else self.default_sampling_params()
@@ -155,6 +155,8 @@ class Engine:
         nobody sees (the step that computes the prompt's last position samples)."""
         if not isinstance(pooling, PoolingParams):
             raise TypeError(f"pooling must be PoolingParams, got {type(pooling).__name__}")
+        if params is not None and not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         if pooling.dimensions is not None and pooling.dimensions > self.hf_config.hidden_size:
             raise ValueError(f"dimensions must be at most the model's hidden size "
                              f"({self.hf_config.hidden_size}), got {pooling.dimensions}")

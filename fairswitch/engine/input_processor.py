@@ -44,8 +44,8 @@ class InputProcessor:
 
     def validate(self, prompt: str | list[int] | None, prompt_token_ids: list[int] | None,
                  truncate: int | None = None) -> tuple[str | None, list[int]]:
-        """(text, token ids) of a prompt, only its last ``truncate`` tokens if given (-1:
-        max_model_len; the text stays whole); TypeError if one is of the wrong type, ValueError
+        """(text, token ids) of a prompt, only its last ``truncate`` tokens if given (-1: as many
+        as leave room for one output token, max_model_len - 1; the text stays whole); TypeError if one is of the wrong type, ValueError
         if it is empty, too long or out of vocab."""
         if prompt_token_ids is None and isinstance(prompt, list):
             prompt, prompt_token_ids = None, prompt
@@ -82,7 +82,7 @@ class InputProcessor:
             if truncate > self.max_model_len:
                 raise ValueError(f"truncate_prompt_tokens ({truncate}) must not exceed "
                                  f"max_model_len ({self.max_model_len})")
-            ids = ids[-(self.max_model_len if truncate == -1 else truncate):]
+            ids = ids[-(self.max_model_len - 1 if truncate == -1 else truncate):]
         if len(ids) >= self.max_model_len:
             raise ValueError(
                 f"prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}: "

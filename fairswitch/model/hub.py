@@ -11,6 +11,9 @@ from pathlib import Path
 
 # What a checkpoint directory is read for: config, generation config, tokenizer, chat template.
 _CONFIG_FILES = ["*.json", "*.jinja", "tokenizer*", "*.model", "*.tiktoken", "*.txt"]
+# Files of the same names that are never read: subfolders (original/, onnx/...) and Mistral's
+# consolidated weights (a second copy of the model in its own format).
+_NOT_READ = ["*/*", "consolidated*"]
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -29,7 +32,7 @@ def snapshot(repo_id: str, revision: str | None = None, download_dir: str | None
     patterns = _CONFIG_FILES + (["*.safetensors", "*.safetensors.index.json"] if weights else [])
     try:
         path = snapshot_download(repo_id, revision=revision, cache_dir=download_dir,
-                                 allow_patterns=patterns)
+                                 allow_patterns=patterns, ignore_patterns=_NOT_READ)
     except Exception as e:  # noqa: BLE001 - the Hub's errors are many; each is this one
         at = f" at revision {revision!r}" if revision else ""
         raise FileNotFoundError(

@@ -198,9 +198,12 @@ class OpenAIServer:
             record.request_ids = []
         if aborted := [out for out in outs if out.outputs[0].finish_reason == "abort"]:
             raise self._aborted(aborted[0])
+        num_prompt_tokens = sum(len(ids) for _, ids in prompts)
+        record.num_prompt_tokens = num_prompt_tokens  # (the access line's)
+        self.metrics.num_prompt_tokens += num_prompt_tokens
         return web.json_response(embedding_response(
             response_id, int(time.time()), req.model or self.model_name,
-            [out.embedding for out in outs], sum(len(ids) for _, ids in prompts), req.base64))
+            [out.embedding for out in outs], num_prompt_tokens, req.base64))
 
     def _embedding_prompts(self, raw: bytes) -> tuple[EmbeddingRequest,
                                                         list[tuple[str | None, list[int]]]]:

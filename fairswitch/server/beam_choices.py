@@ -42,8 +42,8 @@ async def beam_outputs(engine: AsyncEngine, prompts: list[tuple[Prompt, BeamSear
 
     # A place in the waiting queue for every beam for the whole search (QueueFullError now, if
     # there is no room): no step meets a full queue partway.
-    await engine.reserve_places(request_id, sum(params.beam_width for _, params in prompts))
-    try:
+    try:  # (cancelled while reserving, the reservation may have been made: released too)
+        await engine.reserve_places(request_id, sum(params.beam_width for _, params in prompts))
         counter = itertools.count()
         while live := [s for s in searches if not s.finished]:
             beams = [(s, beam) for s in live for beam in s.live]

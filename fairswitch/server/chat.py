@@ -35,15 +35,18 @@ class TemplateTimeout(Exception):
 @contextlib.contextmanager
 def _time_bound(seconds: float) -> Iterator[None]:
     """Raise TemplateTimeout in this thread's Python code once it has run ``seconds`` (checked
-    every 256 lines it runs, through a trace function: renders run some times slower)."""
+    every 256 lines it runs, through a trace function: renders run some times slower), and at
+    the end if the time ran out (code that caught the error, which also ends the watch).
+    Best effort: one long C-level operation is not interrupted."""
     deadline = time.monotonic() + seconds
     lines = 0
+    message = f"it ran longer than {seconds:g} s"
 
     def trace(frame: Any, event: str, arg: Any) -> Any:
         nonlocal lines
         lines += 1
         if not lines % 256 and time.monotonic() > deadline:
-            raise TemplateTimeout(f"it ran longer than {seconds:g} s")
+            raise TemplateTimeout(message)
         return trace
 
     previous = sys.gettrace()
@@ -52,6 +55,8 @@ def _time_bound(seconds: float) -> Iterator[None]:
         yield
     finally:
         sys.settrace(previous)
+    if time.monotonic() > deadline:
+        raise TemplateTimeout(message)
 
 
 class ChatTemplate:

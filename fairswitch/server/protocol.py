@@ -178,10 +178,11 @@ _STRUCTURED_FIELDS = ("response_format", "structured_outputs", *(name for name, 
 
 
 def truncated(ids: list[int], k: int | None, max_model_len: int) -> list[int]:
-    """A prompt's ids as ``truncate_prompt_tokens`` k leaves them (-1: max_model_len)."""
+    """A prompt's ids as ``truncate_prompt_tokens`` k leaves them (-1: as many as leave room
+    for one output token, max_model_len - 1)."""
     if k is None:
         return ids
-    k = max_model_len if k == -1 else k
+    k = max_model_len - 1 if k == -1 else k
     if k > max_model_len:
         raise bad_request(f"'truncate_prompt_tokens' ({k}) must not exceed max_model_len "
                           f"({max_model_len})", "truncate_prompt_tokens")
@@ -191,7 +192,7 @@ def truncated(ids: list[int], k: int | None, max_model_len: int) -> list[int]:
 def _truncation(body: dict) -> int | None:
     k = _int(body, "truncate_prompt_tokens", None, low=-1)
     if k == 0:
-        raise bad_request("'truncate_prompt_tokens' must be -1 (max_model_len) or at least 1, "
+        raise bad_request("'truncate_prompt_tokens' must be -1 (all that fit) or at least 1, "
                           "got 0", "truncate_prompt_tokens")
     return k
 

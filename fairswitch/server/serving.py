@@ -60,11 +60,17 @@ async def start_site(app: web.Application, host: str, port: int, shutdown_timeou
     return runner, f"{scheme}://{bound_host}:{bound_port}"
 
 
-def server_ssl_context(certfile: str, keyfile: str | None = None,
-                       ca_certs: str | None = None) -> ssl.SSLContext:
-    """TLS for the server (vLLM's --ssl-certfile, --ssl-keyfile, --ssl-ca-certs: with CA
-    certificates, clients must present a certificate they signed). ValueError naming the file
-    that cannot be read or used."""
+def server_ssl_context(certfile: str, keyfile: str | None = None, ca_certs: str | None = None,
+                       cert_reqs: int = 0) -> ssl.SSLContext:
+    """TLS for the server, as vLLM's --ssl-certfile, --ssl-keyfile, --ssl-ca-certs and
+    --ssl-cert-reqs (0: no client certificate asked for, 1: checked if one is shown, 2: one
+    signed by the CA certificates required). ValueError naming the file that cannot be read or
+    used, or a client check without CA certificates."""
+    if cert_reqs not in (0, 1, 2):
+        raise ValueError(f"--ssl-cert-reqs must be 0, 1 or 2, got {cert_reqs}")
+    if cert_reqs and ca_certs is None:
+        raise ValueError("--ssl-cert-reqs 1 or 2 needs --ssl-ca-certs (the CAs that sign the "
+                         "clients' certificates)")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
         context.load_cert_chain(certfile, keyfile)
@@ -77,7 +83,7 @@ def server_ssl_context(certfile: str, keyfile: str | None = None,
             context.load_verify_locations(ca_certs)
         except (OSError, ssl.SSLError) as e:
             raise ValueError(f"--ssl-ca-certs {ca_certs!r}: cannot load it: {e}") from e
-        context.verify_mode = ssl.CERT_REQUIRED
+    context.verify_mode = ssl.VerifyMode(cert_reqs)
     return context
 
 
