@@ -71,6 +71,20 @@ REPLIES = [
      + "</tool_call>", []),
     # (Python 3.12's decoder reads it, 3.11's does not: a call, or text; never a crash)
     ("llama3_json", DEEP, None if DEEP_CALL else DEEP, DEEP_CALL),
+    # Mistral's: a JSON list after [TOOL_CALLS] (before v11), or name[ARGS]{...} each.
+    ("mistral", 'Sure. [TOOL_CALLS] [{"name": "w", "arguments": {"c": "P]a"}}, '
+                '{"name": "t", "arguments": {}}]', "Sure. ",
+     [("w", '{"c": "P]a"}'), ("t", "{}")]),
+    ("mistral", '[TOOL_CALLS]get_weather[ARGS]{"city": "[TOOL_CALLS]"}[TOOL_CALLS]now[ARGS]{}\n',
+     None, [("get_weather", '{"city": "[TOOL_CALLS]"}'), ("now", "{}")]),
+    ("mistral", '[TOOL_CALLS]f[ARGS]{"a": 1}\n\nThen text.', "\n\nThen text.",
+     [("f", '{"a": 1}')]),
+    ("mistral", "just text [TOOL", "just text [TOOL", []),
+    ("mistral", "[TOOL_CALLS]not a call at all", "[TOOL_CALLS]not a call at all", []),
+    ("mistral", '[TOOL_CALLS]f[ARGS]{"a": 1', '[TOOL_CALLS]f[ARGS]{"a": 1', []),  # cut short
+    ("mistral", '[TOOL_CALLS] [{"name": "Alice"}]', '[TOOL_CALLS] [{"name": "Alice"}]', []),
+    ("mistral", '[TOOL_CALLS]\n f[ARGS]{}', None, [("f", "{}")]),
+    ("mistral", '[TOOL_CALLS][TOOL_CALLS]f[ARGS]{"x": [1]}', "[TOOL_CALLS]", [("f", '{"x": [1]}')]),
     # Llama 3.2/4's Python list of calls, keyword arguments of literal values.
     ("pythonic", '[get_weather(city="P]a\'ris", days=3), now()]', None,
      [("get_weather", '{"city": "P]a\'ris", "days": 3}'), ("now", "{}")]),
@@ -150,12 +164,12 @@ def test_parallel_tool_calls_false_keeps_the_first_call():
 def test_an_unknown_parser_is_refused():
     from fairswitch.server import ServerSettings
 
-    with pytest.raises(ValueError, match="unknown tool call parser 'mistral'"):
-        AutoToolCalls("mistral")
+    with pytest.raises(ValueError, match="unknown tool call parser 'nope'"):
+        AutoToolCalls("nope")
     with pytest.raises(ValueError, match="tool_call_parser must be one of hermes, llama3_json, "
-                                         "pythonic"):
-        ServerSettings(tool_call_parser="mistral")
-    assert PARSERS == ("hermes", "llama3_json", "pythonic")
+                                         "mistral, pythonic"):
+        ServerSettings(tool_call_parser="nope")
+    assert PARSERS == ("hermes", "llama3_json", "mistral", "pythonic")
 
 
 def test_the_cli_takes_vllms_flags_and_needs_the_parser_with_auto(capsys):
@@ -181,7 +195,7 @@ def clients():
     from fairswitch.server import ServerSettings
 
     with openai_servers({name: ServerSettings(tool_call_parser=name)
-                         for name in ("hermes", "llama3_json")}) as out:
+                         for name in ("hermes", "llama3_json", "mistral", "pythonic")}) as out:
         yield out
 
 
@@ -197,12 +211,15 @@ def _chat(client, reply_regex: str, stream: bool = False, **extra):
 @pytest.mark.parametrize("parser, reply", [
     ("hermes", f"Let me see.\n<tool_call>\n{WEATHER_CALL}\n</tool_call>"),
     ("llama3_json", '{"name": "get_weather", "parameters": {"city": "Paris"}}'),
+    ("mistral", 'Let me see.\n[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}'),
+    ("pythonic", '[get_weather(city="Paris")]'),
 ])
 def test_auto_reads_the_models_calls_whole_and_streamed(clients, parser, reply):
     client = clients[parser]
     choice = _chat(client, literal_regex(reply)).choices[0]
     assert choice.finish_reason == "tool_calls"
-    assert choice.message.content == ("Let me see.\n" if parser == "hermes" else None)
+    assert choice.message.content == ("Let me see.\n" if parser in ("hermes", "mistral")
+                                      else None)
     (call,) = choice.message.tool_calls
     assert call.id and call.type == "function" and call.function.name == "get_weather"
     assert json.loads(call.function.arguments) == {"city": "Paris"}
@@ -246,6 +263,7 @@ def test_hermes_auto_keeps_special_tokens_in_the_text_unless_asked():
 
     body = {"messages": [{"role": "user", "content": "Hi"}], "tools": [WEATHER]}
     assert parse_chat(body, "hermes").skip_special_tokens is False
+    assert parse_chat(body, "mistral").skip_special_tokens is False  # ([TOOL_CALLS] is special)
     assert parse_chat({**body, "skip_special_tokens": True}, "hermes").skip_special_tokens
     assert parse_chat(body, "llama3_json").skip_special_tokens
     assert parse_chat({**body, "tool_choice": "none"}, "hermes").skip_special_tokens

@@ -100,7 +100,8 @@ def add_reply_options(g: argparse._ActionsContainer) -> None:
     g.add_argument("--tool-call-parser", choices=TOOL_PARSERS, default=None,
                    help="the model's tool-call syntax: hermes (<tool_call>{...}</tool_call>: "
                         "Qwen2.5/3, Hermes), llama3_json (a JSON object: Llama 3.1-3.3), "
-                        "pythonic ([f(x=1), g()]: Llama 3.2/4)")
+                        "mistral ([TOOL_CALLS]...: Mistral), pythonic ([f(x=1), g()]: Llama "
+                        "3.2/4)")
     g.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default=None,
                    help="chat replies' thinking as 'reasoning', apart from their content, as "
                         "vLLM: deepseek_r1 (thinks from the start up to </think>), qwen3 "

@@ -607,8 +607,9 @@ def parse_chat(body: Any, tool_parser: str | None = None,
     calls: ToolCalls | AutoToolCalls | None = None
     if auto:  # the model may call, in its own syntax: read by the parser
         calls = AutoToolCalls(tool_parser, _bool(body, "parallel_tool_calls", True))
-        if tool_parser == "hermes" and "skip_special_tokens" not in body:
-            # Some tokenizers mark <tool_call> special: the reply's text keeps it (as vLLM's).
+        if tool_parser in ("hermes", "mistral") and "skip_special_tokens" not in body:
+            # Tokenizers mark [TOOL_CALLS], some <tool_call>, special: the reply's text keeps
+            # them (as vLLM's).
             common["skip_special_tokens"] = False
     elif named is not None or required:  # the reply is calls: held to their schema
         if common["structured_outputs"] is not None:

@@ -1,12 +1,16 @@
 """tool_choice "auto": the model decides whether to call a tool, in its own syntax, and a parser
 named at startup reads the calls out of its reply (vLLM's ``--enable-auto-tool-choice
---tool-call-parser NAME``). Three syntaxes, the most used:
+--tool-call-parser NAME``). Four syntaxes, the most used:
 
 - ``hermes`` (Qwen2.5/Qwen3, Hermes, and most models trained on its format): text, then calls
   each written ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``.
 - ``llama3_json`` (Llama 3.1-3.3): a reply that begins with a JSON object (after
   ``<|python_tag|>``, if the tokenizer keeps it) ``{"name": ..., "parameters": {...}}``, several
   separated by ``;``. A reply that begins otherwise is text.
+- ``mistral`` (Mistral, Mixtral, Mistral Small, Magistral, Devstral): text, then ``[TOOL_CALLS]``
+  and either a JSON list ``[{"name": ..., "arguments": {...}}, ...]`` (tokenizers before v11)
+  or ``name[ARGS]{...}``, each call after its own ``[TOOL_CALLS]`` (v11 and later). The marker
+  is a special token: such requests keep special tokens in the text, as vLLM's.
 - ``pythonic`` (Llama 3.2 and 4, ToolACE...): a reply that begins with a Python list of calls
   with keyword arguments of literal values, ``[get_weather(city="Paris"), now()]`` (inside
   ``<|python_start|>`` ... ``<|python_end|>``, if the tokenizer keeps them). A reply that begins
@@ -29,7 +33,7 @@ from fairswitch.server.text_scan import JsonString, held_back
 from fairswitch.server.tool_calls import new_call_id
 from fairswitch.unicode_text import lone_surrogate
 
-PARSERS = ("hermes", "llama3_json", "pythonic")
+PARSERS = ("hermes", "llama3_json", "mistral", "pythonic")
 
 _HERMES_OPEN, _HERMES_CLOSE = "<tool_call>", "</tool_call>"
 _PYTHON_TAG = "<|python_tag|>"
@@ -324,7 +328,99 @@ class _Pythonic(_Reader):
         return ""
 
 
-_READERS = {"hermes": _Hermes, "llama3_json": _Llama3Json, "pythonic": _Pythonic}
+class _Mistral(_Reader):
+    """Text, then calls: after ``[TOOL_CALLS]``, a JSON list of calls, or ``name[ARGS]{...}``
+    (a ``[TOOL_CALLS]`` before each). What is not a well-formed call is text, from the marker
+    on; whitespace after the calls is not content until text follows."""
+
+    MARK, ARGS = "[TOOL_CALLS]", "[ARGS]"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scan = _ObjectEnd()  # of the JSON that starts the buffer, once in a call
+        self.in_call = False  # the buffer starts at a call's JSON list or name
+        self.talking = False  # text (not whitespace alone) has come since the last call
+
+    def _text(self, piece: str) -> str:
+        if self.calls == 0 or self.talking or piece.strip():
+            self.talking = self.calls > 0
+            return piece
+        return ""
+
+    def feed(self, text: str, final: bool) -> tuple[str, list[tuple[str, str]]]:
+        self.buffer += text
+        content, calls = "", []
+        while self.buffer:
+            if not self.in_call:
+                start = self.buffer.find(self.MARK)
+                if start < 0:
+                    keep = 0 if final else held_back(self.buffer, self.MARK)
+                    piece = self.buffer[:len(self.buffer) - keep]
+                    said = self._text(piece)
+                    if said or final:
+                        content += said
+                        self.buffer = self.buffer[len(piece):]
+                    break
+                content += self._text(self.buffer[:start])
+                self.buffer = self.buffer[start:]
+                self.in_call, self.scan = True, _ObjectEnd()
+            read = self._read_call(final)
+            if read is None:  # (the rest has not come)
+                break
+            if not read:  # not a call: the marker is text, and what follows is read on
+                self.in_call = False
+                content += self._text(self.MARK)
+                self.buffer = self.buffer[len(self.MARK):]
+                continue
+            calls += read
+            self.calls += len(read)
+            self.talking = False
+        return content, calls
+
+    def _read_call(self, final: bool) -> list[tuple[str, str]] | None:
+        """The calls after the marker at the start of the buffer, consumed; [] if they are not
+        well formed; None if more text is needed."""
+        body = self.buffer[len(self.MARK):]
+        head = body.lstrip()
+        if not head:
+            return [] if final else None
+        if head.startswith("["):  # (a JSON list of calls)
+            lead = len(self.MARK) + len(body) - len(head)
+            end = self.scan.end(head)
+            if end is None:
+                return [] if final else None
+            items = _decoded(head[:end])
+            calls = [_call(item, ("arguments", "parameters")) for item in items] \
+                if isinstance(items, list) and items else [None]
+            if any(c is None for c in calls):
+                return []
+            self.buffer, self.in_call = self.buffer[lead + end:], False
+            return calls  # type: ignore[return-value]
+        at = body.find(self.ARGS)
+        # (the name, or what there is of it: not the start of [ARGS] that may end it)
+        region = body[:len(body) - held_back(body, self.ARGS)] if at < 0 else body[:at]
+        name = region.strip()
+        if len(name) > 256 or any(ch.isspace() or ch in "[]{}" for ch in name):
+            return []  # (no name is like that: this is text)
+        if at < 0:
+            return [] if final else None
+        args = body[at + len(self.ARGS):]
+        if not name or not args.lstrip().startswith("{"):
+            return [] if args.lstrip() or final else None
+        lead = len(self.MARK) + at + len(self.ARGS) + len(args) - len(args.lstrip())
+        args = args.lstrip()
+        end = self.scan.end(args)
+        if end is None:
+            return [] if final else None
+        call = _call({"name": name, "arguments": _decoded(args[:end])}, ("arguments",))
+        if call is None or not isinstance(_decoded(args[:end]), dict):
+            return []
+        self.buffer, self.in_call = self.buffer[lead + end:], False
+        return [call]
+
+
+_READERS = {"hermes": _Hermes, "llama3_json": _Llama3Json, "mistral": _Mistral,
+            "pythonic": _Pythonic}
 
 
 class AutoToolCalls:
