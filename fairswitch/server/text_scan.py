@@ -33,3 +33,26 @@ class JsonString:
             self.inside = True
             return False
         return True
+
+
+class PythonString:
+    """As JsonString, for Python source: strings quoted by ' or " (their escapes too)."""
+
+    def __init__(self) -> None:
+        self.quote = ""  # the open string's quote character, if inside one
+        self.escaped = False
+
+    def read(self, ch: str) -> bool:
+        """Read ``ch``; True if it is outside every string."""
+        if self.quote:
+            if self.escaped:
+                self.escaped = False
+            elif ch == "\\":
+                self.escaped = True
+            elif ch == self.quote:
+                self.quote = ""
+            return False
+        if ch in "'\"":
+            self.quote = ch
+            return False
+        return True

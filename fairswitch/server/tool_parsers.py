@@ -29,7 +29,7 @@ import ast
 import json
 from typing import Any
 
-from fairswitch.server.text_scan import JsonString, held_back
+from fairswitch.server.text_scan import JsonString, PythonString, held_back
 from fairswitch.server.tool_calls import new_call_id
 from fairswitch.unicode_text import lone_surrogate
 
@@ -70,23 +70,25 @@ def _decoded(text: str) -> Any:
 
 
 class _ObjectEnd:
-    """Finds where the JSON object at the start of a growing text closes, reading each
+    """Finds where the bracketed value at the start of a growing text closes (a JSON object
+    or list; with ``python``, a Python list, its parentheses counted too), reading each
     character once however the text is fed (strings and their escapes are skipped)."""
 
-    def __init__(self) -> None:
+    def __init__(self, python: bool = False) -> None:
         self.at = 0  # characters read
         self.depth = 0
-        self.string = JsonString()
+        self.string = PythonString() if python else JsonString()
+        self.opening, self.closing = ("([{", ")]}") if python else ("{[", "}]")
 
     def end(self, text: str) -> int | None:
-        """The index past the object that opens at ``text[0]``; None if it has not closed."""
+        """The index past the value that opens at ``text[0]``; None if it has not closed."""
         for i in range(self.at, len(text)):
             ch = text[i]
             if not self.string.read(ch):
                 continue
-            if ch in "{[":
+            if ch in self.opening:
                 self.depth += 1
-            elif ch in "}]":
+            elif ch in self.closing:
                 self.depth -= 1
                 if self.depth == 0:
                     self.at = i + 1
@@ -108,7 +110,9 @@ class _Reader:
         raise NotImplementedError
 
 
-class _Hermes(_Reader):
+class _TextAndCalls(_Reader):
+    """A reader of text with calls among it (hermes, mistral)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.talking = False  # text (not whitespace alone) has come since the last call
@@ -120,6 +124,9 @@ class _Hermes(_Reader):
             self.talking = self.calls > 0
             return piece
         return ""
+
+
+class _Hermes(_TextAndCalls):
 
     def feed(self, text: str, final: bool) -> tuple[str, list[tuple[str, str]]]:
         self.buffer += text
@@ -206,39 +213,6 @@ class _Llama3Json(_Reader):
         return rest if self.calls else self.prefix + rest
 
 
-class _ListEnd:
-    """Finds where the Python list at the start of a growing text closes, reading each
-    character once (string literals, with their escapes, are skipped; so are nested brackets)."""
-
-    def __init__(self) -> None:
-        self.at = 0
-        self.depth = 0
-        self.quote = ""  # the open string literal's quote character, if inside one
-        self.escaped = False
-
-    def end(self, text: str) -> int | None:
-        for i in range(self.at, len(text)):
-            ch = text[i]
-            if self.quote:
-                if self.escaped:
-                    self.escaped = False
-                elif ch == "\\":
-                    self.escaped = True
-                elif ch == self.quote:
-                    self.quote = ""
-            elif ch in "'\"":
-                self.quote = ch
-            elif ch in "([{":
-                self.depth += 1
-            elif ch in ")]}":
-                self.depth -= 1
-                if self.depth == 0:
-                    self.at = i + 1
-                    return i + 1
-        self.at = len(text)
-        return None
-
-
 def _python_calls(text: str) -> list[tuple[str, str]] | None:
     """The calls of a Python list ``[f(a=1), g()]``, arguments as JSON text; None if ``text``
     is not such a list (positional arguments, values that are not literals...)."""
@@ -272,7 +246,7 @@ class _Pythonic(_Reader):
         super().__init__()
         self.mode = "start"  # start (whitespace or the tag so far), list, text, done
         self.prefix = ""  # what came before the "["
-        self.scan = _ListEnd()
+        self.scan = _ObjectEnd(python=True)
         self.closed = False  # the closing tag after the calls has been read
 
     def feed(self, text: str, final: bool) -> tuple[str, list[tuple[str, str]]]:
@@ -328,7 +302,7 @@ class _Pythonic(_Reader):
         return ""
 
 
-class _Mistral(_Reader):
+class _Mistral(_TextAndCalls):
     """Text, then calls: after ``[TOOL_CALLS]``, a JSON list of calls, or ``name[ARGS]{...}``
     (a ``[TOOL_CALLS]`` before each). What is not a well-formed call is text, from the marker
     on; whitespace after the calls is not content until text follows."""
@@ -339,13 +313,6 @@ class _Mistral(_Reader):
         super().__init__()
         self.scan = _ObjectEnd()  # of the JSON that starts the buffer, once in a call
         self.in_call = False  # the buffer starts at a call's JSON list or name
-        self.talking = False  # text (not whitespace alone) has come since the last call
-
-    def _text(self, piece: str) -> str:
-        if self.calls == 0 or self.talking or piece.strip():
-            self.talking = self.calls > 0
-            return piece
-        return ""
 
     def feed(self, text: str, final: bool) -> tuple[str, list[tuple[str, str]]]:
         self.buffer += text
