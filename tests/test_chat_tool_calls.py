@@ -281,7 +281,8 @@ def test_a_requests_chat_template_renders_only_where_the_server_trusts_requests(
         engine, server, monkeypatch):
     """vLLM's --trust-request-chat-template: a request's chat_template replaces the server's;
     untrusted (the default), not Jinja, failing, or rendering for longer than its time bound
-    (a loop of 10^10 ran for minutes), it is a 400 naming it."""
+    (a loop of 10^10 ran for minutes; one huge power held the interpreter), it is a 400 naming
+    it, and the server goes on."""
     monkeypatch.setattr(chat, "REQUEST_TEMPLATE_S", 0.3)
     forever = "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}"
     question = [{"role": "user", "content": "Which is French?"}]
@@ -303,7 +304,9 @@ def test_a_requests_chat_template_renders_only_where_the_server_trusts_requests(
                               ("{{ 1 / 0 }}", "failed while rendering: ZeroDivisionError"),
                               ("{{ 'abc'.index('z') }}", "failed while rendering: ValueError"),
                               ("{{ messages | nosuch }}", "rejected the messages"),
-                              (forever, "did not render in time: it ran longer than 0.3 s")):
+                              (forever, "did not render in time: it ran longer than 0.3 s"),
+                              ("{{ (9 ** 300000000) % 7 }}", "did not render in time"),
+                              ("{{ 'x' * 3000000000 }}", "failed while rendering: MemoryError")):
             status, error = post(f"{trusting.url}/v1/chat/completions",
                                  {"messages": question, "chat_template": bad, "max_tokens": 1})
             assert status == 400 and fragment in error["error"]["message"], error

@@ -92,8 +92,8 @@ def add_reply_options(g: argparse._ActionsContainer) -> None:
                         "tokenizer's (default: the tokenizer's, else a plain-text one)")
     g.add_argument("--trust-request-chat-template", action="store_true",
                    help="render a request's own 'chat_template' (refused otherwise, as vLLM: "
-                        "the server runs the client's Jinja, sandboxed, its loops stopped after 2 s "
-                        "(best effort); for trusted clients only)")
+                        "the client's Jinja runs sandboxed in a child process, killed after 2 s; "
+                        "for trusted clients only)")
     g.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="tool_choice 'auto' (OpenAI's default with tools): the model may call "
                         "the tools in its own syntax, read by --tool-call-parser, as vLLM")

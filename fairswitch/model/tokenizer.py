@@ -164,7 +164,7 @@ class Tokenizer:
                 self._templates[source] = template
                 while len(self._templates) > _MAX_COMPILED_TEMPLATES:
                     self._templates.popitem(last=False)
-        variables = {name: text for name, text in self.special_tokens.items() if text is not None}
+        variables = special_token_texts(self)
         # tools and documents are None, not undefined, when absent: templates test "is not none".
         variables.update({"tools": None, "documents": None, **kwargs})
         text = template.render(
@@ -172,6 +172,16 @@ class Tokenizer:
         if continue_final_message:
             text = cut_after_final_message(text, messages)
         return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+def special_token_texts(tokenizer: Any) -> dict[str, Any]:
+    """The special tokens a chat template sees as variables (``bos_token``...), of this class's
+    tokenizer or of a transformers one."""
+    own = getattr(tokenizer, "special_tokens", None)
+    if isinstance(own, dict):
+        return {name: text for name, text in own.items() if text is not None}
+    return {name: text for name in _SPECIAL
+            if isinstance(text := getattr(tokenizer, name, None), str)}
 
 
 def cut_after_final_message(text: str, messages: list[dict[str, Any]]) -> str:

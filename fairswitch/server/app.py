@@ -675,6 +675,7 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None, *,
 
     async def stop_prompt_workers(app: web.Application) -> None:
         server.prompts.close()
+        server.chat_template.close()  # (request templates' processes)
     app.on_cleanup.append(stop_prompt_workers)
     if settings.log_stats_interval_s is not None:
         app.cleanup_ctx.append(_stats_logging(engine, server.metrics,

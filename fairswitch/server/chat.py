@@ -4,59 +4,27 @@ A tokenizer without a template gets a plain-text one (chat_messages.py's ``PLAIN
 as ``LLM.chat`` does. The rendered text is tokenized without adding special tokens: templates
 write their own BOS where the model wants one. A request's own ``chat_template`` replaces the
 server's only where the server trusts requests' templates (vLLM's
-``--trust-request-chat-template``); its rendering is bounded in time (``REQUEST_TEMPLATE_S``).
+``--trust-request-chat-template``), rendered in a child process that is killed past
+``REQUEST_TEMPLATE_S`` (template_sandbox.py).
 """
 
 from __future__ import annotations
 
-import contextlib
-import sys
-import time
-from collections.abc import Iterator
 from typing import Any
 
 import jinja2
 
 from fairswitch.chat_messages import (PLAIN_CHAT_TEMPLATE, MessageError,
                                       check_template_renders_tools)
-from fairswitch.model.tokenizer import template_syntax_error
+from fairswitch.model.tokenizer import (cut_after_final_message, special_token_texts,
+                                        template_syntax_error)
 from fairswitch.server.errors import bad_request
 from fairswitch.server.protocol import TemplateInputs
+from fairswitch.server.template_sandbox import RenderError, TemplateSandbox, TemplateTimeout
 
-# How long a request's own chat template may render: a template's loops are Python loops, which
-# would otherwise hold a prompt worker and the CPU for as long as they run.
+# How long a request's own chat template may render (template_sandbox.py: in a child process,
+# killed past it).
 REQUEST_TEMPLATE_S = 2.0
-
-
-class TemplateTimeout(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def _time_bound(seconds: float) -> Iterator[None]:
-    """Raise TemplateTimeout in this thread's Python code once it has run ``seconds`` (checked
-    every 256 lines it runs, through a trace function: renders run some times slower), and at
-    the end if the time ran out (code that caught the error, which also ends the watch).
-    Best effort: one long C-level operation is not interrupted."""
-    deadline = time.monotonic() + seconds
-    lines = 0
-    message = f"it ran longer than {seconds:g} s"
-
-    def trace(frame: Any, event: str, arg: Any) -> Any:
-        nonlocal lines
-        lines += 1
-        if not lines % 256 and time.monotonic() > deadline:
-            raise TemplateTimeout(message)
-        return trace
-
-    previous = sys.gettrace()
-    sys.settrace(trace)
-    try:
-        yield
-    finally:
-        sys.settrace(previous)
-    if time.monotonic() > deadline:
-        raise TemplateTimeout(message)
 
 
 class ChatTemplate:
@@ -66,6 +34,11 @@ class ChatTemplate:
         self.template = template or getattr(tokenizer, "chat_template", None) \
             or PLAIN_CHAT_TEMPLATE
         self.trust_requests = trust_requests
+        self.sandbox = TemplateSandbox(REQUEST_TEMPLATE_S) if trust_requests else None
+
+    def close(self) -> None:
+        if self.sandbox is not None:
+            self.sandbox.close()
 
     def _source(self, inputs: TemplateInputs) -> str:
         """The template this request renders with: its own, where requests' are trusted."""
@@ -94,18 +67,14 @@ class ChatTemplate:
                                   "(its source never mentions 'documents'), so the model would "
                                   "not see them; use a chat template that does", "documents")
             documents = {"documents": inputs.documents}
-        bound = contextlib.nullcontext() if inputs.source is None else \
-            _time_bound(REQUEST_TEMPLATE_S)
+        if inputs.source is not None:
+            return self._render_requests(messages, inputs, documents)
         try:
-            with bound:
-                return self.tokenizer.apply_chat_template(
-                    messages, chat_template=source, tokenize=False,
-                    add_generation_prompt=inputs.add_generation_prompt,
-                    continue_final_message=inputs.continue_final_message, tools=inputs.tools,
-                    **documents, **inputs.kwargs)
-        except TemplateTimeout as e:
-            raise bad_request(f"'chat_template' did not render in time: {e}",
-                              "chat_template") from e
+            return self.tokenizer.apply_chat_template(
+                messages, chat_template=source, tokenize=False,
+                add_generation_prompt=inputs.add_generation_prompt,
+                continue_final_message=inputs.continue_final_message, tools=inputs.tools,
+                **documents, **inputs.kwargs)
         except jinja2.TemplateError as e:  # e.g. a template that insists roles alternate
             raise bad_request(f"the chat template rejected the messages: {e}",
                               "messages" if inputs.source is None else "chat_template") from e
@@ -117,6 +86,34 @@ class ChatTemplate:
                 raise
             raise bad_request(f"'chat_template' failed while rendering: {type(e).__name__}: "
                               f"{e}", "chat_template") from e
+
+    def _render_requests(self, messages: list[dict[str, Any]], inputs: TemplateInputs,
+                         documents: dict[str, Any]) -> str:
+        """A request's own template, rendered in the sandbox (as apply_chat_template would)."""
+        if inputs.continue_final_message and inputs.add_generation_prompt:
+            raise bad_request("continue_final_message and add_generation_prompt cannot both be "
+                              "set: one continues the final message, the other starts a new "
+                              "one", "continue_final_message")
+        variables = {**special_token_texts(self.tokenizer), "tools": inputs.tools,
+                     "documents": None, **documents, **inputs.kwargs, "messages": messages,
+                     "add_generation_prompt": inputs.add_generation_prompt}
+        try:
+            text = self.sandbox.render(inputs.source, variables)  # type: ignore[union-attr]
+        except TemplateTimeout as e:
+            raise bad_request(f"'chat_template' did not render in time: {e}",
+                              "chat_template") from e
+        except RenderError as e:
+            if e.jinja:  # e.g. a template that insists roles alternate
+                raise bad_request(f"the chat template rejected the messages: {e}",
+                                  "chat_template") from e
+            raise bad_request(f"'chat_template' failed while rendering: {e.type_name}: {e}",
+                              "chat_template") from e
+        if not inputs.continue_final_message:
+            return text
+        try:
+            return cut_after_final_message(text, messages)
+        except ValueError as e:  # no final message to continue
+            raise bad_request(str(e), "continue_final_message") from e
 
     def encode(self, messages: list[dict[str, Any]],
                inputs: TemplateInputs = TemplateInputs()) -> tuple[str, list[int]]:

@@ -21,7 +21,8 @@ class ServerSettings:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     chat_template: str | None = None  # default: the tokenizer's
     # A request's own chat_template is rendered (vLLM's --trust-request-chat-template), else
-    # refused: a template is code the server runs (sandboxed Jinja, but unbounded work).
+    # refused: a template is code the server runs (sandboxed Jinja in a child process, killed
+    # past 2 s: template_sandbox.py).
     trust_request_chat_template: bool = False
     log_requests: bool = True  # one access line per request (INFO, fairswitch.server.access)
     # A stats line this often (stats_log.py; vLLM's, which --disable-log-stats turns off: None)
