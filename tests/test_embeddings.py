@@ -66,6 +66,8 @@ def test_embedding_requests_run_beside_generation_and_are_checked():
         PoolingParams(dimensions=0)
     with pytest.raises(TypeError, match="pooling must be PoolingParams"):
         engine.add_request("Hi", pooling={"normalize": True})
+    with pytest.raises(TypeError, match="pooling_params must be a PoolingParams"):
+        llm.embed("Hi", {}, use_tqdm=False)  # (was taken as the defaults)
     assert not engine.requests
 
 

@@ -219,8 +219,8 @@ def test_truncate_prompt_tokens_keeps_the_prompts_end_offline():
     assert fit.prompt_token_ids == ids[-63:] and len(fit.outputs[0].token_ids) == 1
     assert len(llm.embed(long, truncate_prompt_tokens=-1, use_tqdm=False)[0]
                .prompt_token_ids) == 63
-    with pytest.raises(ValueError, match=r"truncate_prompt_tokens \(65\) must not exceed"):
-        llm.generate([long], SamplingParams(truncate_prompt_tokens=65, **greedy), use_tqdm=False)
+    with pytest.raises(ValueError, match=r"truncate_prompt_tokens \(64\) must be less than"):
+        llm.generate([long], SamplingParams(truncate_prompt_tokens=64, **greedy), use_tqdm=False)
     for bad in (0, -2):
         with pytest.raises(ValueError, match="truncate_prompt_tokens must be -1"):
             SamplingParams(truncate_prompt_tokens=bad)

@@ -638,3 +638,30 @@ def test_an_abort_outside_a_shutdown_is_not_called_one(server, monkeypatch):
     monkeypatch.setattr(app_server.in_flight, "aborting", True)
     error = app_server._aborted()
     assert error.status == 503 and "shutting down" in error.message
+
+
+def test_an_unexpected_error_mid_stream_ends_the_stream_in_band(server, monkeypatch, caplog):
+    """A bug met after the stream's status line (here: the shaper raising on a chunk) is logged
+    and sent as an error event then [DONE]; a 500 response written into the open body broke it
+    (the client read half an HTTP response)."""
+    from fairswitch.server.choices import ChoiceShaper
+
+    real = ChoiceShaper.delta
+    calls = []
+
+    def failing(self, index, out):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("a bug")
+        return real(self, index, out)
+
+    monkeypatch.setattr(ChoiceShaper, "delta", failing)
+    status, headers, text = asyncio.run(asyncio.wait_for(request(
+        server.url + "/v1/completions", body={"prompt": "Hi", "max_tokens": 8,
+                                              "ignore_eos": True, "stream": True}), 60))
+    assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
+    events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["type"] == "server_error" and "logged on the server" in error["message"]
+    assert any("unhandled error in the stream" in r.getMessage() for r in caplog.records)

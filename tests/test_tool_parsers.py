@@ -90,7 +90,12 @@ REPLIES = [
      [("get_weather", '{"city": "P]a\'ris", "days": 3}'), ("now", "{}")]),
     ("pythonic", ' <|python_start|>[f(x=[1, (2, 3)], y={"a": None, "b": True})]<|python_end|>\n',
      None, [("f", '{"x": [1, [2, 3]], "y": {"a": null, "b": true}}')]),
-    ("pythonic", "[mod.f(x='é')] Then text.", " Then text.", [("mod.f", '{"x": "é"}')]),
+    ("pythonic", "[f(x='é')] Then text.", " Then text.", [("f", '{"x": "é"}')]),
+    ("pythonic", "[mod.f(x=1)]", "[mod.f(x=1)]", []),  # (a plain name only, as vLLM's)
+    ("pythonic", "[a" + ".a" * 600 + "()]", "[a" + ".a" * 600 + "()]", []),  # (was a 500)
+    ("pythonic", "[f(x=1e999)]", "[f(x=1e999)]", []),  # (Infinity: no JSON)
+    ("mistral", '[TOOL_CALLS][{"name": "f", "arguments": {"a": NaN}}]',
+     '[TOOL_CALLS][{"name": "f", "arguments": {"a": NaN}}]', []),
     ("pythonic", "Hello [f(x=1)]", "Hello [f(x=1)]", []),
     ("pythonic", "[1, 2]", "[1, 2]", []),  # (a list that is no calls: the answer)
     ("pythonic", "[f(1)]", "[f(1)]", []),  # (positional arguments: no call)

@@ -79,9 +79,10 @@ class InputProcessor:
         if not ids or (text is not None and not text):
             raise ValueError("prompt is empty")
         if truncate is not None:
-            if truncate > self.max_model_len:
-                raise ValueError(f"truncate_prompt_tokens ({truncate}) must not exceed "
-                                 f"max_model_len ({self.max_model_len})")
+            if truncate >= self.max_model_len:
+                raise ValueError(f"truncate_prompt_tokens ({truncate}) must be less than "
+                                 f"max_model_len ({self.max_model_len}): a prompt leaves room "
+                                 f"for one token")
             ids = ids[-(self.max_model_len - 1 if truncate == -1 else truncate):]
         if len(ids) >= self.max_model_len:
             raise ValueError(

@@ -77,6 +77,9 @@ class LLM:
         otherwise (PoolingParams: ``normalize``, ``dimensions``). The prompts are scheduled as
         any request is (``priority``, ``client_id``); ``truncate_prompt_tokens``: only the
         prompt's last k tokens."""
+        if pooling_params is not None and not isinstance(pooling_params, PoolingParams):
+            raise TypeError(f"pooling_params must be a PoolingParams, got "
+                            f"{type(pooling_params).__name__}")
         params = SamplingParams(max_tokens=1, truncate_prompt_tokens=truncate_prompt_tokens)
         outs = self._generate(prompts, params, use_tqdm, priority, client_id,
                               pooling_params or PoolingParams())

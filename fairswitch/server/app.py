@@ -452,7 +452,12 @@ class OpenAIServer:
                     item = await _next_output(outputs)
                 if req.include_usage:
                     await send(reply.body([], chunk=True, usage=_usage(reply, done)))
-            except APIError as e:  # the status line is sent: report the error in-band
+            except ConnectionResetError:
+                raise
+            except Exception as e:  # the status line is sent: report the error in-band
+                if not isinstance(e, APIError):  # (writing a 500 response would break the body)
+                    logger.exception("unhandled error in the stream of %s", reply.response_id)
+                    e = APIError(500, "internal server error (logged on the server)")
                 self.in_flight.record(request).error = e.message
                 log_refusal(request, e, in_band=True)
                 await send(e.body())

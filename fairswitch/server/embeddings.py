@@ -39,7 +39,7 @@ def parse_embedding(body: Any) -> EmbeddingRequest:
     if not isinstance(body, dict):
         raise bad_request(f"the request body must be a JSON object, got {describe(body)}")
     value = body.get("input")
-    if isinstance(value, list) and len(value) > MAX_INPUTS and not isinstance(value[0], int):
+    if isinstance(value, list) and len(value) > MAX_INPUTS and isinstance(value[0], (str, list)):
         raise bad_request(f"'input' holds {len(value)} inputs; at most {MAX_INPUTS}", "input")
     inputs = parse_prompts(value, 1, "input")
     encoding = body.get("encoding_format", "float")

@@ -183,9 +183,10 @@ def truncated(ids: list[int], k: int | None, max_model_len: int) -> list[int]:
     if k is None:
         return ids
     k = max_model_len - 1 if k == -1 else k
-    if k > max_model_len:
-        raise bad_request(f"'truncate_prompt_tokens' ({k}) must not exceed max_model_len "
-                          f"({max_model_len})", "truncate_prompt_tokens")
+    if k >= max_model_len:
+        raise bad_request(f"'truncate_prompt_tokens' ({k}) must be less than max_model_len "
+                          f"({max_model_len}): a prompt leaves room for one token",
+                          "truncate_prompt_tokens")
     return ids[-k:]
 
 

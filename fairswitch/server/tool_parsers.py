@@ -55,18 +55,31 @@ def _call(obj: Any, arguments_keys: tuple[str, ...]) -> tuple[str, str] | None:
                 return obj["name"], arguments
         except (ValueError, RecursionError):
             pass
-    text = json.dumps(arguments, ensure_ascii=False)
-    if lone_surrogate(text) is not None:  # (a lone \ud800 escape: not UTF-8, keep it escaped)
-        text = json.dumps(arguments)
-    return obj["name"], text
+    text = _json_text(arguments)
+    return None if text is None else (obj["name"], text)
+
+
+def _json_text(value: Any) -> str | None:
+    """``value`` as strict JSON text (None if it holds NaN or an infinity, which no strict
+    parser reads); a lone \ud800 escape stays escaped (not UTF-8)."""
+    try:
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False)
+    except (ValueError, TypeError, RecursionError):
+        return None
+    return json.dumps(value, allow_nan=False) if lone_surrogate(text) is not None else text
 
 
 def _decoded(text: str) -> Any:
-    """``text`` as JSON; None if it is not (or nests too deeply for the decoder)."""
+    """``text`` as strict JSON; None if it is not (NaN, Infinity), or nests too deeply for
+    the decoder."""
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_no_constant)
     except (ValueError, RecursionError):
         return None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 class _ObjectEnd:
@@ -223,19 +236,18 @@ def _python_calls(text: str) -> list[tuple[str, str]] | None:
     if not isinstance(tree, ast.List) or not tree.elts:
         return None
     calls = []
-    for node in tree.elts:
-        if not (isinstance(node, ast.Call) and not node.args
-                and isinstance(node.func, (ast.Name, ast.Attribute))
+    for node in tree.elts:  # (a plain name called, as vLLM's parser takes them)
+        if not (isinstance(node, ast.Call) and not node.args and isinstance(node.func, ast.Name)
                 and all(k.arg is not None for k in node.keywords)):
             return None
         try:
             arguments = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
-            text_args = json.dumps(arguments, ensure_ascii=False)
         except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
-            return None  # (not literals, or not JSON: sets, bytes, complex numbers...)
-        if lone_surrogate(text_args) is not None:
-            text_args = json.dumps(arguments)
-        calls.append((ast.unparse(node.func), text_args))
+            return None  # (not literals)
+        text_args = _json_text(arguments)
+        if text_args is None:  # (not JSON: sets, bytes, complex numbers, NaN...)
+            return None
+        calls.append((node.func.id, text_args))
     return calls
 
 
