@@ -115,3 +115,61 @@ def test_the_embeddings_route_answers_the_openai_client():
     for param, body in errors.values():
         assert body["param"] == param, body
     assert "5 inputs need 5 places in the waiting queue" in str(errors[str({"input": ["x"] * 5})])
+
+
+def test_score_and_rerank_by_the_embeddings_cosine_similarity():
+    """vLLM's /score (one text_1 against each text_2, or pairwise) and /rerank (Jina's,
+    Cohere's: best first, top_n) for embedding models: the cosine similarity of LLM.embed's
+    vectors; malformed bodies are 400s naming the field."""
+    import asyncio
+
+    import aiohttp
+    import numpy as np
+
+    from fairswitch.config import EngineConfig
+    from fairswitch.engine.async_engine import AsyncEngine
+    from fairswitch.server import BackgroundServer, ServerSettings, build_app
+
+    query, docs = "capital of France", ["Bananas are yellow", "Paris", "France is big"]
+    engine = AsyncEngine.from_config(EngineConfig.from_kwargs(num_gpu_blocks=256,
+                                                              max_model_len=256, max_waiting=4))
+
+    async def ask(url: str, calls: list[tuple[str, dict]]) -> list[tuple[int, dict]]:
+        out = []
+        async with aiohttp.ClientSession() as s:
+            for path, body in calls:
+                async with s.post(url + path, json=body) as r:
+                    out.append((r.status, await r.json()))
+        return out
+
+    bad = [("/score", {"text_1": ["a", "b"], "text_2": ["c"]}, "text_1"),
+           ("/score", {"text_1": "a"}, "text_2"),
+           ("/rerank", {"query": ["a"], "documents": docs}, "query"),
+           ("/rerank", {"query": "a", "documents": []}, "documents"),
+           ("/rerank", {"query": "a", "documents": docs, "top_n": 0}, "top_n"),
+           ("/rerank", {"query": "a", "documents": ["d"] * 4}, "documents")]  # (5 > 4 places)
+    try:
+        with BackgroundServer(build_app(engine, ServerSettings(), shutdown_engine=False)) as srv:
+            replies = asyncio.run(ask(srv.url, [
+                ("/score", {"text_1": query, "text_2": docs}),
+                ("/v1/score", {"text_1": [query, docs[0]], "text_2": [docs[1], docs[2]]}),
+                ("/v1/rerank", {"query": query, "documents": [docs[0], {"text": docs[1]},
+                                                              docs[2]], "top_n": 2}),
+                *[(path, body) for path, body, _ in bad]]))
+    finally:
+        engine.shutdown()
+    vec = {t: np.array(o.outputs.embedding) for t, o in zip(
+        [query, *docs], LLM(num_gpu_blocks=256, max_model_len=256).embed(
+            [query, *docs], use_tqdm=False))}
+    (s1, one), (s2, pairwise), (s3, reranked) = replies[:3]
+    assert (s1, s2, s3) == (200, 200, 200)
+    np.testing.assert_allclose([d["score"] for d in one["data"]],
+                               [vec[query] @ vec[d] for d in docs], atol=1e-5)
+    np.testing.assert_allclose([d["score"] for d in pairwise["data"]],
+                               [vec[query] @ vec[docs[1]], vec[docs[0]] @ vec[docs[2]]],
+                               atol=1e-5)
+    order = sorted(range(3), key=lambda i: -(vec[query] @ vec[docs[i]]))[:2]
+    assert [r["index"] for r in reranked["results"]] == order
+    assert [r["document"]["text"] for r in reranked["results"]] == [docs[i] for i in order]
+    for (status, body), (_, _, param) in zip(replies[3:], bad):
+        assert status == 400 and body["error"]["param"] == param, body

@@ -42,7 +42,10 @@ from fairswitch.server.chat import ChatTemplate
 from fairswitch.server.choices import (ChoiceShaper, Prompt, choice_outputs,
                                        choice_request_ids)
 from fairswitch.server.cors import origin_hook, preflight_middleware
-from fairswitch.server.embeddings import EmbeddingRequest, embedding_response, parse_embedding
+from fairswitch.pooling_params import PoolingParams
+from fairswitch.server.embeddings import (EmbeddingRequest, PairRequest, embedding_response,
+                                          pair_scores, parse_embedding, parse_rerank,
+                                          parse_score, rerank_response, score_response)
 from fairswitch.server.errors import (APIError, Handler, bad_request, error_middleware,
                                       log_refusal, quiet_protocol_errors)
 from fairswitch.server.inflight import InFlight
@@ -159,23 +162,56 @@ class OpenAIServer:
                                                   thinks=req.reasoning is not None))
 
     async def embeddings(self, request: web.Request) -> web.Response:
-        """/v1/embeddings (embeddings.py): every input an embedding request, admitted
-        together (a place in the waiting queue for each, or a 503)."""
-        if self.in_flight.aborting:
-            raise self._aborted()
+        """/v1/embeddings (embeddings.py)."""
         req, prompts = await self.prompts.run(self._embedding_prompts, await self._body(request))
         response_id = "embd-" + uuid.uuid4().hex
+        vectors = await self._embed(request, response_id, prompts, req.pooling, req.priority,
+                                    req.user)
+        return web.json_response(embedding_response(
+            response_id, int(time.time()), req.model or self.model_name, vectors,
+            sum(len(ids) for _, ids in prompts), req.base64))
+
+    async def score(self, request: web.Request) -> web.Response:
+        """vLLM's /score: the cosine similarity of text_1's and text_2's embeddings, one text_1
+        against each text_2, or pairwise (embeddings.py)."""
+        req, prompts = await self.prompts.run(self._score_prompts, await self._body(request))
+        response_id = "score-" + uuid.uuid4().hex
+        vectors = await self._embed(request, response_id, prompts, PoolingParams(),
+                                    req.priority, req.user)
+        scores = pair_scores(vectors[:len(req.first)], vectors[len(req.first):])
+        return web.json_response(score_response(
+            response_id, int(time.time()), req.model or self.model_name, scores,
+            sum(len(ids) for _, ids in prompts)))
+
+    async def rerank(self, request: web.Request) -> web.Response:
+        """vLLM's (Jina's, Cohere's) /rerank: the documents by the cosine similarity of their
+        embeddings to the query's, best first, ``top_n`` of them (embeddings.py)."""
+        req, prompts = await self.prompts.run(self._rerank_prompts, await self._body(request))
+        response_id = "rerank-" + uuid.uuid4().hex
+        vectors = await self._embed(request, response_id, prompts, PoolingParams(),
+                                    req.priority, req.user)
+        return web.json_response(rerank_response(
+            response_id, req.model or self.model_name, req.second,
+            pair_scores(vectors[:1], vectors[1:]), req.top_n, sum(len(ids) for _, ids in prompts)))
+
+    async def _embed(self, request: web.Request, response_id: str,
+                     prompts: list[tuple[str | None, list[int]]], pooling: PoolingParams,
+                     priority: int, user: str | None) -> list[list[float]]:
+        """The embeddings of ``prompts``: every one an embedding request, admitted together
+        (a place in the waiting queue for each, or a 503)."""
+        if self.in_flight.aborting:
+            raise self._aborted()
         record = self.in_flight.record(request)
-        record.client_id = request.headers.get("X-Client-Id") or req.user
-        record.priority = req.priority
+        record.client_id = request.headers.get("X-Client-Id") or user
+        record.priority = priority
         record.request_ids = [f"{response_id}-{i}" for i in range(len(prompts))]
 
         async def embed(rid: str, text: str | None, ids: list[int]) -> RequestOutput:
             last = None
             async with contextlib.aclosing(self.engine.generate(
-                    text, None, request_id=rid, prompt_token_ids=ids,
-                    priority=req.priority, client_id=record.client_id, held_by=response_id,
-                    pooling=req.pooling)) as outputs:
+                    text, None, request_id=rid, prompt_token_ids=ids, priority=priority,
+                    client_id=record.client_id, held_by=response_id,
+                    pooling=pooling)) as outputs:
                 async for last in outputs:
                     pass
             return last
@@ -201,9 +237,39 @@ class OpenAIServer:
         num_prompt_tokens = sum(len(ids) for _, ids in prompts)
         record.num_prompt_tokens = num_prompt_tokens  # (the access line's)
         self.metrics.num_prompt_tokens += num_prompt_tokens
-        return web.json_response(embedding_response(
-            response_id, int(time.time()), req.model or self.model_name,
-            [out.embedding for out in outs], num_prompt_tokens, req.base64))
+        return [out.embedding for out in outs]
+
+    def _score_prompts(self, raw: bytes) -> tuple[PairRequest, list[tuple[str | None,
+                                                                         list[int]]]]:
+        req = parse_score(_loads(raw))
+        return req, self._pair_prompts(req, "text_1", "text_2")
+
+    def _rerank_prompts(self, raw: bytes) -> tuple[PairRequest, list[tuple[str | None,
+                                                                          list[int]]]]:
+        req = parse_rerank(_loads(raw))
+        return req, self._pair_prompts(req, "query", "documents")
+
+    def _pair_prompts(self, req: PairRequest, first: str, second: str
+                      ) -> list[tuple[str | None, list[int]]]:
+        """The token ids of a score or rerank request's texts, first's then second's."""
+        self._check_model(req.model)
+        self._check_places(len(req.first) + len(req.second), second)
+        prompts = []
+        for param, texts in ((first, req.first), (second, req.second)):
+            for text in texts:
+                self.prompts.check_length(text, param)
+                ids = self.prompts.encode(text, add_special_tokens=True)
+                kept = protocol.truncated(ids, req.truncate_prompt_tokens, self.core.max_model_len)
+                prompts.append(self._validate_prompt(text if len(kept) == len(ids) else None,
+                                                     kept, param))
+        return prompts
+
+    def _check_places(self, count: int, param: str) -> None:
+        """Texts embedded together: more than the waiting queue holds could never be."""
+        cap = self.core.config.scheduler.max_waiting
+        if cap is not None and count > cap:
+            raise bad_request(f"{count} inputs need {count} places in the waiting queue, which "
+                              f"holds {cap} on this server (--max-waiting)", param)
 
     def _embedding_prompts(self, raw: bytes) -> tuple[EmbeddingRequest,
                                                         list[tuple[str | None, list[int]]]]:
@@ -214,11 +280,7 @@ class OpenAIServer:
             raise bad_request(f"'dimensions' must be at most the model's hidden size "
                               f"({self.core.hf_config.hidden_size}), got "
                               f"{req.pooling.dimensions}", "dimensions")
-        cap = self.core.config.scheduler.max_waiting
-        if cap is not None and len(req.inputs) > cap:
-            raise bad_request(f"{len(req.inputs)} inputs need {len(req.inputs)} places in the "
-                              f"waiting queue, which holds {cap} on this server (--max-waiting)",
-                              "input")
+        self._check_places(len(req.inputs), "input")
         prompts = []
         for value in req.inputs:
             text, ids = None, value
@@ -670,6 +732,10 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None, *,
     app.router.add_post("/v1/chat/completions", server.chat_completions)
     app.router.add_post("/v1/responses", server.responses)
     app.router.add_post("/v1/embeddings", server.embeddings)
+    for path in ("/score", "/v1/score"):
+        app.router.add_post(path, server.score)
+    for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+        app.router.add_post(path, server.rerank)
     app.router.add_get("/v1/models", server.models)
     app.router.add_get("/v1/models/{model:.+}", server.model)  # (names may hold '/')
     app.router.add_get("/health", server.health)

@@ -1,9 +1,15 @@
-"""/v1/embeddings (OpenAI's, as vLLM serves it): ``input`` is a string, a list of token ids, or
-a list of either (at most ``MAX_INPUTS``); each is one embedding request to the engine
+"""The routes of embeddings, bodies in and out.
+
+/v1/embeddings (OpenAI's, as vLLM serves it): ``input`` is a string, a list of token ids, or a
+list of either (at most ``MAX_INPUTS``); each is one embedding request to the engine
 (PoolingParams: the last token's state, unit length), all of a request's admitted together.
 ``encoding_format`` "float" (default) or "base64" (little-endian float32, as OpenAI's clients
 decode it); ``dimensions`` keeps the first values (Matryoshka models) before normalizing; vLLM's
 ``normalize``, ``truncate_prompt_tokens``, ``priority`` and ``add_special_tokens`` too.
+
+vLLM's /score (``text_1``, ``text_2``: one against each, or pairwise) and /rerank (Jina's and
+Cohere's: ``query``, ``documents``, ``top_n``) score texts by the cosine similarity of their
+embeddings, as vLLM does for embedding models.
 """
 
 from __future__ import annotations
@@ -66,3 +72,84 @@ def embedding_response(response_id: str, created: int, model: str, vectors: list
             "data": [{"object": "embedding", "index": i, "embedding": encoded(v)}
                      for i, v in enumerate(vectors)],
             "usage": {"prompt_tokens": num_prompt_tokens, "total_tokens": num_prompt_tokens}}
+
+
+@dataclass
+class PairRequest:
+    """A /score or /rerank request: the texts on each side (/rerank: the query, alone, and
+    the documents)."""
+    first: list[str]
+    second: list[str]
+    model: str | None
+    top_n: int | None
+    truncate_prompt_tokens: int | None
+    priority: int
+    user: str | None
+
+
+def _texts(body: dict, name: str, one: bool = False) -> list[str]:
+    """A field holding a string, or with ``one`` False a non-empty list of them (Cohere's
+    ``{"text": ...}`` objects too), at most ``MAX_INPUTS``."""
+    value = body.get(name)
+    if value is None:
+        raise bad_request(f"'{name}' is required", name)
+    if isinstance(value, str) and value:
+        return [value]
+    if not one and isinstance(value, list) and value and len(value) <= MAX_INPUTS:
+        texts = [v.get("text") if isinstance(v, dict) else v for v in value]
+        if all(isinstance(t, str) and t for t in texts):
+            return texts
+    what = "a non-empty string" if one else \
+        f"a non-empty string or a list of 1 to {MAX_INPUTS} of them"
+    raise bad_request(f"'{name}' must be {what}, got {describe(value)}", name)
+
+
+def _pair_request(body: Any, first: list[str], second: list[str], known: frozenset[str],
+                  top_n: int | None = None) -> PairRequest:
+    _log_ignored(body, known)
+    return PairRequest(first, second, _str(body, "model"), top_n, _truncation(body),
+                       _int(body, "priority", 0), _str(body, "user"))
+
+
+def parse_score(body: Any) -> PairRequest:
+    if not isinstance(body, dict):
+        raise bad_request(f"the request body must be a JSON object, got {describe(body)}")
+    first, second = _texts(body, "text_1"), _texts(body, "text_2")
+    if len(first) > 1 and len(first) != len(second):
+        raise bad_request(f"'text_1' holds {len(first)} texts and 'text_2' {len(second)}: give "
+                          "one text_1, or as many as text_2 (pairwise)", "text_1")
+    return _pair_request(body, first, second, _KNOWN_SCORE)
+
+
+def parse_rerank(body: Any) -> PairRequest:
+    if not isinstance(body, dict):
+        raise bad_request(f"the request body must be a JSON object, got {describe(body)}")
+    query, documents = _texts(body, "query", one=True), _texts(body, "documents")
+    return _pair_request(body, query, documents, _KNOWN_RERANK, _int(body, "top_n", None, low=1))
+
+
+def pair_scores(first: list[list[float]], second: list[list[float]]) -> list[float]:
+    """The cosine similarity of each pair: one first against each second, or pairwise (the
+    vectors are at unit length)."""
+    pairs = zip(first * len(second) if len(first) == 1 else first, second)
+    return [sum(x * y for x, y in zip(a, b)) for a, b in pairs]
+
+
+def score_response(response_id: str, created: int, model: str, scores: list[float],
+                   num_prompt_tokens: int) -> dict[str, Any]:
+    return {"id": response_id, "object": "list", "created": created, "model": model,
+            "data": [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)],
+            "usage": {"prompt_tokens": num_prompt_tokens, "total_tokens": num_prompt_tokens}}
+
+
+def rerank_response(response_id: str, model: str, documents: list[str], scores: list[float],
+                    top_n: int | None, num_prompt_tokens: int) -> dict[str, Any]:
+    best = sorted(range(len(scores)), key=lambda i: -scores[i])[:top_n]
+    return {"id": response_id, "model": model, "usage": {"total_tokens": num_prompt_tokens},
+            "results": [{"index": i, "document": {"text": documents[i]},
+                         "relevance_score": scores[i]} for i in best]}
+
+
+_PAIR_COMMON = {"model", "truncate_prompt_tokens", "priority", "user"}
+_KNOWN_SCORE = frozenset({"text_1", "text_2", *_PAIR_COMMON})
+_KNOWN_RERANK = frozenset({"query", "documents", "top_n", "return_documents", *_PAIR_COMMON})
