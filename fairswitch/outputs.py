@@ -72,3 +72,17 @@ class EmbeddingRequestOutput:
     prompt_token_ids: list[int]
     outputs: EmbeddingOutput
     finished: bool = True
+
+
+@dataclass
+class ScoringOutput:
+    score: float
+
+
+@dataclass
+class ScoringRequestOutput:
+    """``LLM.score``'s result for one pair, as vLLM's."""
+    request_id: str
+    prompt_token_ids: list[int]  # the pair's two texts' ids, one after the other
+    outputs: ScoringOutput
+    finished: bool = True

@@ -173,3 +173,19 @@ def test_score_and_rerank_by_the_embeddings_cosine_similarity():
     assert [r["document"]["text"] for r in reranked["results"]] == [docs[i] for i in order]
     for (status, body), (_, _, param) in zip(replies[3:], bad):
         assert status == 400 and body["error"]["param"] == param, body
+
+
+def test_llm_score_is_the_embeddings_cosine_similarity():
+    import numpy as np
+
+    llm = LLM(num_gpu_blocks=256, max_model_len=256)
+    texts = ["capital of France", "Paris", "Bananas"]
+    vec = [np.array(o.outputs.embedding) for o in llm.embed(texts, use_tqdm=False)]
+    one = llm.score(texts[0], texts[1:], use_tqdm=False)
+    np.testing.assert_allclose([o.outputs.score for o in one],
+                               [vec[0] @ vec[1], vec[0] @ vec[2]], atol=1e-5)
+    pairwise = llm.score(texts[:2], texts[1:], use_tqdm=False)
+    np.testing.assert_allclose([o.outputs.score for o in pairwise],
+                               [vec[0] @ vec[1], vec[1] @ vec[2]], atol=1e-5)
+    with pytest.raises(ValueError, match="give one data_1, or as many as data_2"):
+        llm.score(texts, texts[:2], use_tqdm=False)

@@ -308,3 +308,38 @@ def test_the_stats_line_is_logged_while_there_is_work_and_once_when_it_stops(cap
             assert all("Prefix cache hit rate: " in line for line in lines)
     finally:
         engine.shutdown()
+
+
+def test_sagemaker_routes_ping_and_invocations():
+    """SageMaker's /ping (no API key, as /health) and /invocations, routed by the body's fields
+    as vLLM's: a chat, a completion, embeddings; a body of no known kind is a 400."""
+    from fairswitch.config import EngineConfig
+    from fairswitch.engine.async_engine import AsyncEngine
+    from fairswitch.server import BackgroundServer, ServerSettings, build_app
+
+    engine = AsyncEngine.from_config(EngineConfig.from_kwargs(num_gpu_blocks=128,
+                                                              max_model_len=256))
+
+    async def ask(url: str) -> list:
+        out = []
+        async with aiohttp.ClientSession(headers={"Authorization": "Bearer k"}) as s:
+            async with aiohttp.ClientSession() as anonymous:
+                for method in ("GET", "POST"):
+                    async with anonymous.request(method, url + "/ping") as r:
+                        out.append(r.status)
+            for body in ({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
+                         {"prompt": "Hi", "max_tokens": 2}, {"input": "Hi"}, {"other": 1}):
+                async with s.post(url + "/invocations", json=body) as r:
+                    out.append((r.status, await r.json()))
+        return out
+    try:
+        with BackgroundServer(build_app(engine, ServerSettings(api_key="k"),
+                                        shutdown_engine=False)) as srv:
+            (get, post, (s1, chat), (s2, completion), (s3, embedded), (s4, bad)) = \
+                asyncio.run(ask(srv.url))
+    finally:
+        engine.shutdown()
+    assert (get, post, s1, s2, s3, s4) == (200, 200, 200, 200, 200, 400)
+    assert chat["object"] == "chat.completion" and completion["object"] == "text_completion"
+    assert embedded["data"][0]["object"] == "embedding"
+    assert "/invocations takes a chat" in bad["error"]["message"]

@@ -13,7 +13,8 @@ from fairswitch.config import EngineConfig
 from fairswitch.engine.beam_search import (BeamSearch, BeamSearchOutput, BeamSearchParams,
                                            advance_all)
 from fairswitch.engine.engine import Engine, is_priority
-from fairswitch.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
+from fairswitch.outputs import (EmbeddingOutput, EmbeddingRequestOutput, RequestOutput,
+                                ScoringOutput, ScoringRequestOutput)
 from fairswitch.pooling_params import PoolingParams
 from fairswitch.sampling_params import SamplingParams
 from fairswitch.scheduler.scheduler import QueueFullError
@@ -85,6 +86,28 @@ class LLM:
                               pooling_params or PoolingParams())
         return [EmbeddingRequestOutput(o.request_id, o.prompt, o.prompt_token_ids,
                                        EmbeddingOutput(o.embedding)) for o in outs]
+
+    def score(
+        self,
+        data_1: str | list[int] | dict | Sequence[str | list[int] | dict],
+        data_2: str | list[int] | dict | Sequence[str | list[int] | dict],
+        use_tqdm: bool = True,
+        truncate_prompt_tokens: int | None = None,
+    ) -> list[ScoringRequestOutput]:
+        """vLLM's, for embedding models: the cosine similarity of each pair's embeddings, one
+        ``data_1`` against each ``data_2``, or pairwise (as many of each)."""
+        first, second = _prompt_list(data_1), _prompt_list(data_2)
+        if not second or (len(first) != 1 and len(first) != len(second)):
+            raise ValueError(f"data_1 holds {len(first)} prompts and data_2 {len(second)}: give "
+                             "one data_1, or as many as data_2 (pairwise)")
+        outs = self.embed(first + second, use_tqdm=use_tqdm,
+                          truncate_prompt_tokens=truncate_prompt_tokens)
+        a, b = outs[:len(first)], outs[len(first):]
+        a = a * len(b) if len(a) == 1 else a
+        return [ScoringRequestOutput(
+            f"{x.request_id}-{y.request_id}", x.prompt_token_ids + y.prompt_token_ids,
+            ScoringOutput(sum(p * q for p, q in zip(x.outputs.embedding, y.outputs.embedding))))
+            for x, y in zip(a, b)]
 
     def _generate(self, prompts: Any, sampling_params: Any, use_tqdm: bool, priority: Any,
                   client_id: Any, pooling: PoolingParams | None = None

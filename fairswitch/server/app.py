@@ -60,7 +60,7 @@ from fairswitch.unicode_text import lone_surrogate, not_text_message
 
 logger = logging.getLogger(__name__)
 
-PUBLIC_PATHS = frozenset({"/health", "/version", "/metrics"})  # no API key needed
+PUBLIC_PATHS = frozenset({"/health", "/ping", "/version", "/metrics"})  # no API key needed
 
 
 # The wait for the engine's last step once the drain has aborted the requests; a step still
@@ -170,6 +170,20 @@ class OpenAIServer:
         return web.json_response(embedding_response(
             response_id, int(time.time()), req.model or self.model_name, vectors,
             sum(len(ids) for _, ids in prompts), req.base64))
+
+    async def invocations(self, request: web.Request) -> web.StreamResponse:
+        """SageMaker's /invocations, as vLLM routes it: by the body's fields, a chat
+        (``messages``), a completion (``prompt``), embeddings (``input``), a score (``text_1``)
+        or a rerank (``query``)."""
+        body = await self.prompts.run(_loads, await self._body(request))  # (read once: cached)
+        route = next((handler for field, handler in (
+            ("messages", self.chat_completions), ("prompt", self.completions),
+            ("input", self.embeddings), ("text_1", self.score), ("query", self.rerank))
+            if isinstance(body, dict) and field in body), None)
+        if route is None:
+            raise bad_request("/invocations takes a chat (messages), completion (prompt), "
+                              "embeddings (input), score (text_1) or rerank (query) body")
+        return await route(request)
 
     async def score(self, request: web.Request) -> web.Response:
         """vLLM's /score: the cosine similarity of text_1's and text_2's embeddings, one text_1
@@ -739,6 +753,8 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None, *,
     app.router.add_get("/v1/models", server.models)
     app.router.add_get("/v1/models/{model:.+}", server.model)  # (names may hold '/')
     app.router.add_get("/health", server.health)
+    app.router.add_route("*", "/ping", server.health)  # (SageMaker's, GET or POST)
+    app.router.add_post("/invocations", server.invocations)
     app.router.add_get("/version", server.version)
     app.router.add_get("/metrics", server.prometheus)
     app.router.add_post("/tokenize", server.tokenize)
