@@ -146,7 +146,7 @@ def test_score_and_rerank_by_the_embeddings_cosine_similarity():
            ("/score", {"text_1": "a"}, "text_2"),
            ("/rerank", {"query": ["a"], "documents": docs}, "query"),
            ("/rerank", {"query": "a", "documents": []}, "documents"),
-           ("/rerank", {"query": "a", "documents": docs, "top_n": 0}, "top_n"),
+           ("/rerank", {"query": "a", "documents": docs, "top_n": -1}, "top_n"),
            ("/rerank", {"query": "a", "documents": ["d"] * 4}, "documents")]  # (5 > 4 places)
     try:
         with BackgroundServer(build_app(engine, ServerSettings(), shutdown_engine=False)) as srv:

@@ -271,7 +271,8 @@ class OpenAIServer:
         prompts = []
         for param, texts in ((first, req.first), (second, req.second)):
             for text in texts:
-                self.prompts.check_length(text, param)
+                if req.truncate_prompt_tokens is None:  # (else it is cut to fit)
+                    self.prompts.check_length(text, param)
                 ids = self.prompts.encode(text, add_special_tokens=True)
                 kept = protocol.truncated(ids, req.truncate_prompt_tokens, self.core.max_model_len)
                 prompts.append(self._validate_prompt(text if len(kept) == len(ids) else None,
@@ -299,7 +300,8 @@ class OpenAIServer:
         for value in req.inputs:
             text, ids = None, value
             if isinstance(value, str):
-                self.prompts.check_length(value, "input")
+                if req.truncate_prompt_tokens is None:  # (else it is cut to fit)
+                    self.prompts.check_length(value, "input")
                 text, ids = value, self.prompts.encode(
                     value, add_special_tokens=req.add_special_tokens)
             kept = protocol.truncated(ids, req.truncate_prompt_tokens, self.core.max_model_len)
@@ -753,7 +755,8 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None, *,
     app.router.add_get("/v1/models", server.models)
     app.router.add_get("/v1/models/{model:.+}", server.model)  # (names may hold '/')
     app.router.add_get("/health", server.health)
-    app.router.add_route("*", "/ping", server.health)  # (SageMaker's, GET or POST)
+    app.router.add_get("/ping", server.health)
+    app.router.add_post("/ping", server.health)  # (SageMaker's; GET: add_get's)
     app.router.add_post("/invocations", server.invocations)
     app.router.add_get("/version", server.version)
     app.router.add_get("/metrics", server.prometheus)

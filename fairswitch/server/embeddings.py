@@ -125,7 +125,8 @@ def parse_rerank(body: Any) -> PairRequest:
     if not isinstance(body, dict):
         raise bad_request(f"the request body must be a JSON object, got {describe(body)}")
     query, documents = _texts(body, "query", one=True), _texts(body, "documents")
-    return _pair_request(body, query, documents, _KNOWN_RERANK, _int(body, "top_n", None, low=1))
+    top_n = _int(body, "top_n", None, low=0)  # (0: all, as vLLM's)
+    return _pair_request(body, query, documents, _KNOWN_RERANK, top_n or None)
 
 
 def pair_scores(first: list[list[float]], second: list[list[float]]) -> list[float]:

@@ -1,7 +1,8 @@
 """A request's own chat template (``--trust-request-chat-template``) rendered in a child
 process: one that runs past ``seconds`` is killed there (a 400 for its request), whatever it
 does, loops, a huge power or a string too big for memory (the child's address space is
-capped); the server's own process never runs the client's template. A few children are kept
+capped, and it dies with the server); the server's own process never runs the client's
+template. Each render holds the prompt worker that asked for it while it runs. A few children are kept
 alive between renders (the first render starts one: a fraction of a second).
 
 The child renders in the Jinja environment transformers uses (model/tokenizer.py ``_compile``)
@@ -17,6 +18,7 @@ import threading
 from typing import Any
 
 CHILD_MEMORY_BYTES = 2 << 30  # a child's address space: a template that wants more fails
+MAX_CHARS = 16 << 20  # a rendered prompt longer than this is an error in the child (not sent)
 _START_S = 60.0
 
 
@@ -34,7 +36,7 @@ class RenderError(Exception):
 
 
 class TemplateSandbox:
-    def __init__(self, seconds: float, max_children: int = 2) -> None:
+    def __init__(self, seconds: float, max_children: int = 4) -> None:
         self.seconds = seconds
         self._context = multiprocessing.get_context("spawn")
         self._idle: list[_Child] = []
@@ -46,14 +48,24 @@ class TemplateSandbox:
         """The template's text; TemplateTimeout if it ran past ``seconds`` (its child is
         killed), RenderError if it failed."""
         with self._slots:
-            child = self._take()
-            try:
-                text = child.render(source, variables, self.seconds)
-            except BaseException:
-                child.kill()  # (a timeout, or a child that died: never reused)
-                raise
-            self._give(child)
-            return text
+            for attempt in (1, 2):
+                child = self._take()
+                try:
+                    text = child.render(source, variables, self.seconds)
+                except RenderError:  # (the template's error: the child is fine)
+                    self._give(child)
+                    raise
+                except (OSError, EOFError):  # (it died while idle: once more, a new one)
+                    child.kill()
+                    if attempt == 2:
+                        raise
+                    continue
+                except BaseException:
+                    child.kill()  # (a timeout: never reused)
+                    raise
+                self._give(child)
+                return text
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         with self._lock:
@@ -64,8 +76,11 @@ class TemplateSandbox:
 
     def _take(self) -> _Child:
         with self._lock:
-            if self._idle:
-                return self._idle.pop()
+            while self._idle:
+                child = self._idle.pop()
+                if child.process.is_alive():
+                    return child
+                child.kill()
         return _Child(self._context)
 
     def _give(self, child: _Child) -> None:
@@ -84,7 +99,11 @@ class _Child:
         self.process.start()
         theirs.close()
         # (its start-up, imports included, is not the template's time)
-        if not self.conn.poll(_START_S) or self.conn.recv() != "ready":
+        try:
+            ready = self.conn.poll(_START_S) and self.conn.recv() == "ready"
+        except (OSError, EOFError):
+            ready = False
+        if not ready:
             self.kill()
             raise RuntimeError("the chat template sandbox process did not start")
 
@@ -115,6 +134,11 @@ def _serve(conn: Any) -> None:
         import resource
 
         resource.setrlimit(resource.RLIMIT_AS, (CHILD_MEMORY_BYTES, CHILD_MEMORY_BYTES))
+    with contextlib.suppress(Exception):  # Linux: killed with the server, however it ends
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
     import jinja2
 
     from fairswitch.model.tokenizer import _compile
@@ -126,7 +150,10 @@ def _serve(conn: Any) -> None:
         except (EOFError, OSError):
             return
         try:
-            result: Any = (True, _compile(source).render(**variables))
+            text = _compile(source).render(**variables)
+            result: Any = (True, text) if len(text) <= MAX_CHARS else (False, (
+                "ValueError", f"the rendered prompt has {len(text)} characters, more than "
+                f"{MAX_CHARS}", False))
         except BaseException as e:  # noqa: BLE001 - each is the template's, told to the parent
             result = (False, (type(e).__name__, str(e)[:2000],
                               isinstance(e, jinja2.TemplateError)))
