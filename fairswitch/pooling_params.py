@@ -21,3 +21,10 @@ class PoolingParams:
                 or self.dimensions < 1):
             raise ValueError(f"dimensions must be a positive integer or None, got "
                              f"{self.dimensions!r}")
+
+
+def pair_scores(first: list[list[float]], second: list[list[float]]) -> list[float]:
+    """The cosine similarity of each pair of embeddings (at unit length): the one ``first``
+    against each ``second``, or pairwise (``LLM.score``, the server's /score and /rerank)."""
+    pairs = zip(first * len(second) if len(first) == 1 else first, second)
+    return [sum(x * y for x, y in zip(a, b)) for a, b in pairs]

@@ -15,7 +15,7 @@ from fairswitch.engine.beam_search import (BeamSearch, BeamSearchOutput, BeamSea
 from fairswitch.engine.engine import Engine, is_priority
 from fairswitch.outputs import (EmbeddingOutput, EmbeddingRequestOutput, RequestOutput,
                                 ScoringOutput, ScoringRequestOutput)
-from fairswitch.pooling_params import PoolingParams
+from fairswitch.pooling_params import PoolingParams, pair_scores
 from fairswitch.sampling_params import SamplingParams
 from fairswitch.scheduler.scheduler import QueueFullError
 
@@ -103,11 +103,11 @@ class LLM:
         outs = self.embed(first + second, use_tqdm=use_tqdm,
                           truncate_prompt_tokens=truncate_prompt_tokens)
         a, b = outs[:len(first)], outs[len(first):]
+        scores = pair_scores([x.outputs.embedding for x in a], [y.outputs.embedding for y in b])
         a = a * len(b) if len(a) == 1 else a
-        return [ScoringRequestOutput(
-            f"{x.request_id}-{y.request_id}", x.prompt_token_ids + y.prompt_token_ids,
-            ScoringOutput(sum(p * q for p, q in zip(x.outputs.embedding, y.outputs.embedding))))
-            for x, y in zip(a, b)]
+        return [ScoringRequestOutput(f"{x.request_id}-{y.request_id}",
+                                     x.prompt_token_ids + y.prompt_token_ids, ScoringOutput(score))
+                for x, y, score in zip(a, b, scores)]
 
     def _generate(self, prompts: Any, sampling_params: Any, use_tqdm: bool, priority: Any,
                   client_id: Any, pooling: PoolingParams | None = None

@@ -164,24 +164,27 @@ class Tokenizer:
                 self._templates[source] = template
                 while len(self._templates) > _MAX_COMPILED_TEMPLATES:
                     self._templates.popitem(last=False)
-        variables = special_token_texts(self)
-        # tools and documents are None, not undefined, when absent: templates test "is not none".
-        variables.update({"tools": None, "documents": None, **kwargs})
-        text = template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+        text = template.render(**template_variables(self, messages, add_generation_prompt,
+                                                    **kwargs))
         if continue_final_message:
             text = cut_after_final_message(text, messages)
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
 
-def special_token_texts(tokenizer: Any) -> dict[str, Any]:
-    """The special tokens a chat template sees as variables (``bos_token``...), of this class's
-    tokenizer or of a transformers one."""
+def template_variables(tokenizer: Any, messages: list[dict[str, Any]],
+                       add_generation_prompt: bool, **kwargs: Any) -> dict[str, Any]:
+    """What a chat template renders with: the messages, the tokenizer's special tokens
+    (``bos_token``...; of this class's tokenizer or of a transformers one), ``tools`` and
+    ``documents`` (None, not undefined, when absent: templates test "is not none"), and the
+    caller's other variables."""
     own = getattr(tokenizer, "special_tokens", None)
     if isinstance(own, dict):
-        return {name: text for name, text in own.items() if text is not None}
-    return {name: text for name in _SPECIAL
-            if isinstance(text := getattr(tokenizer, name, None), str)}
+        special = {name: text for name, text in own.items() if text is not None}
+    else:
+        special = {name: text for name in _SPECIAL
+                   if isinstance(text := getattr(tokenizer, name, None), str)}
+    return {**special, "tools": None, "documents": None, **kwargs, "messages": messages,
+            "add_generation_prompt": add_generation_prompt}
 
 
 def cut_after_final_message(text: str, messages: list[dict[str, Any]]) -> str:

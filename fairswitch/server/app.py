@@ -35,17 +35,17 @@ from aiohttp.web_protocol import RequestPayloadError
 from fairswitch import __version__
 from fairswitch.engine.async_engine import AsyncEngine, EngineDeadError
 from fairswitch.outputs import RequestOutput
+from fairswitch.pooling_params import PoolingParams, pair_scores
 from fairswitch.scheduler.scheduler import QueueFullError
 from fairswitch.server import protocol, responses_request, streaming
 from fairswitch.server.beam_choices import beam_outputs
 from fairswitch.server.chat import ChatTemplate
-from fairswitch.server.choices import (ChoiceShaper, Prompt, choice_outputs,
-                                       choice_request_ids)
+from fairswitch.server.choices import (ChoiceShaper, Prompt, all_or_none, choice_outputs,
+                                       choice_request_ids, last_output)
 from fairswitch.server.cors import origin_hook, preflight_middleware
-from fairswitch.pooling_params import PoolingParams
 from fairswitch.server.embeddings import (EmbeddingRequest, PairRequest, embedding_response,
-                                          pair_scores, parse_embedding, parse_rerank,
-                                          parse_score, rerank_response, score_response)
+                                          parse_embedding, parse_rerank, parse_score,
+                                          rerank_response, score_response)
 from fairswitch.server.errors import (APIError, Handler, bad_request, error_middleware,
                                       log_refusal, quiet_protocol_errors)
 from fairswitch.server.inflight import InFlight
@@ -165,11 +165,11 @@ class OpenAIServer:
         """/v1/embeddings (embeddings.py)."""
         req, prompts = await self.prompts.run(self._embedding_prompts, await self._body(request))
         response_id = "embd-" + uuid.uuid4().hex
-        vectors = await self._embed(request, response_id, prompts, req.pooling, req.priority,
-                                    req.user)
+        vectors, num_tokens = await self._embed(request, response_id, prompts, req.pooling,
+                                                req.priority, req.user)
         return web.json_response(embedding_response(
-            response_id, int(time.time()), req.model or self.model_name, vectors,
-            sum(len(ids) for _, ids in prompts), req.base64))
+            response_id, int(time.time()), req.model or self.model_name, vectors, num_tokens,
+            req.base64))
 
     async def invocations(self, request: web.Request) -> web.StreamResponse:
         """SageMaker's /invocations, as vLLM routes it: by the body's fields, a chat
@@ -190,29 +190,28 @@ class OpenAIServer:
         against each text_2, or pairwise (embeddings.py)."""
         req, prompts = await self.prompts.run(self._score_prompts, await self._body(request))
         response_id = "score-" + uuid.uuid4().hex
-        vectors = await self._embed(request, response_id, prompts, PoolingParams(),
-                                    req.priority, req.user)
+        vectors, num_tokens = await self._embed(request, response_id, prompts, PoolingParams(),
+                                                req.priority, req.user)
         scores = pair_scores(vectors[:len(req.first)], vectors[len(req.first):])
         return web.json_response(score_response(
-            response_id, int(time.time()), req.model or self.model_name, scores,
-            sum(len(ids) for _, ids in prompts)))
+            response_id, int(time.time()), req.model or self.model_name, scores, num_tokens))
 
     async def rerank(self, request: web.Request) -> web.Response:
         """vLLM's (Jina's, Cohere's) /rerank: the documents by the cosine similarity of their
         embeddings to the query's, best first, ``top_n`` of them (embeddings.py)."""
         req, prompts = await self.prompts.run(self._rerank_prompts, await self._body(request))
         response_id = "rerank-" + uuid.uuid4().hex
-        vectors = await self._embed(request, response_id, prompts, PoolingParams(),
-                                    req.priority, req.user)
+        vectors, num_tokens = await self._embed(request, response_id, prompts, PoolingParams(),
+                                                req.priority, req.user)
         return web.json_response(rerank_response(
             response_id, req.model or self.model_name, req.second,
-            pair_scores(vectors[:1], vectors[1:]), req.top_n, sum(len(ids) for _, ids in prompts)))
+            pair_scores(vectors[:1], vectors[1:]), req.top_n, num_tokens))
 
     async def _embed(self, request: web.Request, response_id: str,
                      prompts: list[tuple[str | None, list[int]]], pooling: PoolingParams,
-                     priority: int, user: str | None) -> list[list[float]]:
-        """The embeddings of ``prompts``: every one an embedding request, admitted together
-        (a place in the waiting queue for each, or a 503)."""
+                     priority: int, user: str | None) -> tuple[list[list[float]], int]:
+        """The embeddings of ``prompts``, and their tokens: every one an embedding request,
+        admitted together (a place in the waiting queue for each, or a 503)."""
         if self.in_flight.aborting:
             raise self._aborted()
         record = self.in_flight.record(request)
@@ -221,27 +220,15 @@ class OpenAIServer:
         record.request_ids = [f"{response_id}-{i}" for i in range(len(prompts))]
 
         async def embed(rid: str, text: str | None, ids: list[int]) -> RequestOutput:
-            last = None
-            async with contextlib.aclosing(self.engine.generate(
-                    text, None, request_id=rid, prompt_token_ids=ids, priority=priority,
-                    client_id=record.client_id, held_by=response_id,
-                    pooling=pooling)) as outputs:
-                async for last in outputs:
-                    pass
-            return last
+            return await last_output(self.engine.generate(
+                text, None, request_id=rid, prompt_token_ids=ids, priority=priority,
+                client_id=record.client_id, held_by=response_id, pooling=pooling))
 
         try:
             await self.engine.reserve_places(response_id, len(prompts))
-            tasks = [asyncio.ensure_future(embed(rid, text, ids))
-                     for rid, (text, ids) in zip(record.request_ids, prompts)]
-            try:
-                outs = await asyncio.gather(*tasks)
-            except BaseException:  # one failed, or the client went away: abort the others
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                raise
-        except Exception as e:
+            outs = await all_or_none(embed(rid, text, ids)
+                                     for rid, (text, ids) in zip(record.request_ids, prompts))
+        except (QueueFullError, EngineDeadError, TypeError, ValueError) as e:
             raise _engine_error(e) from e
         finally:
             self.engine.release_places(response_id)
@@ -251,7 +238,7 @@ class OpenAIServer:
         num_prompt_tokens = sum(len(ids) for _, ids in prompts)
         record.num_prompt_tokens = num_prompt_tokens  # (the access line's)
         self.metrics.num_prompt_tokens += num_prompt_tokens
-        return [out.embedding for out in outs]
+        return [out.embedding for out in outs], num_prompt_tokens
 
     def _score_prompts(self, raw: bytes) -> tuple[PairRequest, list[tuple[str | None,
                                                                          list[int]]]]:
@@ -268,16 +255,8 @@ class OpenAIServer:
         """The token ids of a score or rerank request's texts, first's then second's."""
         self._check_model(req.model)
         self._check_places(len(req.first) + len(req.second), second)
-        prompts = []
-        for param, texts in ((first, req.first), (second, req.second)):
-            for text in texts:
-                if req.truncate_prompt_tokens is None:  # (else it is cut to fit)
-                    self.prompts.check_length(text, param)
-                ids = self.prompts.encode(text, add_special_tokens=True)
-                kept = protocol.truncated(ids, req.truncate_prompt_tokens, self.core.max_model_len)
-                prompts.append(self._validate_prompt(text if len(kept) == len(ids) else None,
-                                                     kept, param))
-        return prompts
+        return [self._text_prompt(text, req.truncate_prompt_tokens, param)
+                for param, texts in ((first, req.first), (second, req.second)) for text in texts]
 
     def _check_places(self, count: int, param: str) -> None:
         """Texts embedded together: more than the waiting queue holds could never be."""
@@ -296,18 +275,10 @@ class OpenAIServer:
                               f"({self.core.hf_config.hidden_size}), got "
                               f"{req.pooling.dimensions}", "dimensions")
         self._check_places(len(req.inputs), "input")
-        prompts = []
-        for value in req.inputs:
-            text, ids = None, value
-            if isinstance(value, str):
-                if req.truncate_prompt_tokens is None:  # (else it is cut to fit)
-                    self.prompts.check_length(value, "input")
-                text, ids = value, self.prompts.encode(
-                    value, add_special_tokens=req.add_special_tokens)
-            kept = protocol.truncated(ids, req.truncate_prompt_tokens, self.core.max_model_len)
-            prompts.append(self._validate_prompt(text if len(kept) == len(ids) else None, kept,
-                                                 "input"))
-        return req, prompts
+        return req, [self._text_prompt(value, req.truncate_prompt_tokens, "input",
+                                       req.add_special_tokens) if isinstance(value, str)
+                     else self._checked(req.truncate_prompt_tokens, None, value, "input")
+                     for value in req.inputs]
 
     def _completion_prompts(self, raw: bytes) -> tuple[protocol.CompletionRequest,
                                                          list[tuple[str | None, list[int]]]]:
@@ -322,17 +293,26 @@ class OpenAIServer:
                     prompt, add_special_tokens=req.add_special_tokens)
             else:  # token ids
                 text, ids = None, prompt
-            prompts.append(self._checked(req, text, ids, "prompt"))
+            prompts.append(self._checked(req.truncate_prompt_tokens, text, ids, "prompt"))
         return req, prompts
 
-    def _checked(self, req: protocol.GenerationRequest, text: str | None, ids: list[int],
+    def _checked(self, truncate: int | None, text: str | None, ids: list[int],
                  param: str) -> tuple[str | None, list[int]]:
         """(text, ids) of a prompt as it will run: cut by truncate_prompt_tokens (its text is
         then the ids' own), and checked."""
-        kept = req.truncated(ids, self.core.max_model_len)
+        kept = protocol.truncated(ids, truncate, self.core.max_model_len)
         if len(kept) < len(ids):
             text = None
         return self._validate_prompt(text, kept, param)
+
+    def _text_prompt(self, text: str, truncate: int | None, param: str,
+                     add_special_tokens: bool = True) -> tuple[str | None, list[int]]:
+        """``_checked`` of a text: its length is checked before it is tokenized, unless it is
+        to be cut to fit."""
+        if truncate is None:
+            self.prompts.check_length(text, param)
+        return self._checked(truncate, text, self.prompts.encode(
+            text, add_special_tokens=add_special_tokens), param)
 
     def _responses_prompt(self, raw: bytes) -> tuple[
             dict, responses_request.Translation, tuple[protocol.ChatRequest, str | None, list[int]]]:
@@ -357,7 +337,7 @@ class OpenAIServer:
         self.prompts.check_length(text, "messages")
         # Templates write their own special tokens (chat.py), unless the request asks.
         ids = self.prompts.encode(text, add_special_tokens=req.add_special_tokens)
-        return req, *self._checked(req, text, ids, "messages")
+        return req, *self._checked(req.truncate_prompt_tokens, text, ids, "messages")
 
     async def _generate(self, request: web.Request, req: protocol.GenerationRequest,
                         fmt: protocol.ResponseFormat,
@@ -710,20 +690,18 @@ async def _next_output(outputs: AsyncIterator[Any]) -> Any:
     """The next output; the engine's refusals become API errors."""
     try:
         return await outputs.__anext__()
-    except Exception as e:
+    except (QueueFullError, EngineDeadError, TypeError, ValueError) as e:
         raise _engine_error(e) from e
 
 
-def _engine_error(e: Exception) -> Exception:
-    """The API error of an engine's refusal (as is, anything else)."""
+def _engine_error(e: QueueFullError | EngineDeadError | TypeError | ValueError) -> APIError:
+    """The API error of an engine's refusal."""
     if isinstance(e, QueueFullError):
         return APIError(503, f"the server is at capacity ({e}); retry later",
                         code="queue_full", headers={"Retry-After": "1"})
     if isinstance(e, EngineDeadError):
         return APIError(503, f"the engine is not running: {e}")
-    if isinstance(e, (TypeError, ValueError)):  # add_request's validation
-        return bad_request(str(e), protocol.named_field(str(e)))
-    return e
+    return bad_request(str(e), protocol.named_field(str(e)))  # add_request's validation
 
 
 def build_app(engine: AsyncEngine, settings: ServerSettings | None = None, *,

@@ -6,8 +6,6 @@ closing the stream (the response failed, or its client went away) aborts the ste
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import itertools
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -15,7 +13,7 @@ from typing import Any
 from fairswitch.engine.async_engine import AsyncEngine
 from fairswitch.engine.beam_search import BeamSearch, BeamSearchParams, advance_all
 from fairswitch.outputs import CompletionOutput, RequestOutput
-from fairswitch.server.choices import Prompt
+from fairswitch.server.choices import Prompt, all_or_none, last_output
 
 
 async def beam_outputs(engine: AsyncEngine, prompts: list[tuple[Prompt, BeamSearchParams]],
@@ -32,13 +30,9 @@ async def beam_outputs(engine: AsyncEngine, prompts: list[tuple[Prompt, BeamSear
                 for prompt, params in prompts]
 
     async def step(tokens: list[int], params: BeamSearchParams, rid: str) -> RequestOutput:
-        last = None
-        async with contextlib.aclosing(engine.generate(
-                None, params.step_params(), request_id=rid, prompt_token_ids=tokens,
-                held_by=request_id, **scheduling)) as outputs:
-            async for last in outputs:
-                pass
-        return last
+        return await last_output(engine.generate(
+            None, params.step_params(), request_id=rid, prompt_token_ids=tokens,
+            held_by=request_id, **scheduling))
 
     # A place in the waiting queue for every beam for the whole search (QueueFullError now, if
     # there is no room): no step meets a full queue partway.
@@ -52,15 +46,8 @@ async def beam_outputs(engine: AsyncEngine, prompts: list[tuple[Prompt, BeamSear
                 yield 0, _aborted(request_id, prompts[0][0])
                 return
             on_step(rids)
-            tasks = [asyncio.ensure_future(step(beam.tokens, s.params, rid))
-                     for (s, beam), rid in zip(beams, rids)]
-            try:
-                outs = await asyncio.gather(*tasks)
-            except BaseException:  # one failed, or this was cancelled: abort the step's others
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                raise
+            outs = await all_or_none(step(beam.tokens, s.params, rid)
+                                     for (s, beam), rid in zip(beams, rids))
             if aborted := [out for out in outs if out.outputs[0].finish_reason == "abort"]:
                 yield 0, aborted[0]
                 return

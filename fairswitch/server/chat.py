@@ -16,8 +16,8 @@ import jinja2
 
 from fairswitch.chat_messages import (PLAIN_CHAT_TEMPLATE, MessageError,
                                       check_template_renders_tools)
-from fairswitch.model.tokenizer import (cut_after_final_message, special_token_texts,
-                                        template_syntax_error)
+from fairswitch.model.tokenizer import (cut_after_final_message, template_syntax_error,
+                                        template_variables)
 from fairswitch.server.errors import bad_request
 from fairswitch.server.protocol import TemplateInputs
 from fairswitch.server.template_sandbox import RenderError, TemplateSandbox, TemplateTimeout
@@ -76,27 +76,19 @@ class ChatTemplate:
                 continue_final_message=inputs.continue_final_message, tools=inputs.tools,
                 **documents, **inputs.kwargs)
         except jinja2.TemplateError as e:  # e.g. a template that insists roles alternate
-            raise bad_request(f"the chat template rejected the messages: {e}",
-                              "messages" if inputs.source is None else "chat_template") from e
-        except Exception as e:
-            if isinstance(e, ValueError) and inputs.continue_final_message and str(
-                    e).startswith("continue_final_message"):  # no final message to continue
-                raise bad_request(str(e), "continue_final_message") from e
-            if inputs.source is None:  # (the server's own template: the server's failure)
-                raise
-            raise bad_request(f"'chat_template' failed while rendering: {type(e).__name__}: "
-                              f"{e}", "chat_template") from e
+            raise bad_request(f"the chat template rejected the messages: {e}", "messages") from e
+        except ValueError as e:  # (else the server's own template failed: the server's error)
+            if inputs.continue_final_message and str(e).startswith("continue_final_message"):
+                raise bad_request(str(e), "continue_final_message") from e  # nothing to continue
+            raise
 
     def _render_requests(self, messages: list[dict[str, Any]], inputs: TemplateInputs,
                          documents: dict[str, Any]) -> str:
-        """A request's own template, rendered in the sandbox (as apply_chat_template would)."""
-        if inputs.continue_final_message and inputs.add_generation_prompt:
-            raise bad_request("continue_final_message and add_generation_prompt cannot both be "
-                              "set: one continues the final message, the other starts a new "
-                              "one", "continue_final_message")
-        variables = {**special_token_texts(self.tokenizer), "tools": inputs.tools,
-                     "documents": None, **documents, **inputs.kwargs, "messages": messages,
-                     "add_generation_prompt": inputs.add_generation_prompt}
+        """A request's own template, rendered in the sandbox (as apply_chat_template would;
+        continue_final_message with add_generation_prompt is refused when it is parsed)."""
+        variables = template_variables(
+            self.tokenizer, messages, inputs.add_generation_prompt, tools=inputs.tools,
+            **documents, **inputs.kwargs)
         try:
             text = self.sandbox.render(inputs.source, variables)  # type: ignore[union-attr]
         except TemplateTimeout as e:

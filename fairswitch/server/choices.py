@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from fairswitch.engine.async_engine import AsyncEngine
 from fairswitch.outputs import RequestOutput
@@ -31,6 +31,30 @@ from fairswitch.server.protocol import (ResponseFormat, chat_logprobs, completio
                                         prompt_logprobs)
 
 _END = object()
+T = TypeVar("T")
+
+
+async def last_output(outputs: AsyncIterator[RequestOutput]) -> RequestOutput | None:
+    """A request's last output; its stream is closed on the way out (a request that did not
+    finish, because this was cancelled, is aborted)."""
+    last = None
+    async with contextlib.aclosing(outputs):
+        async for last in outputs:
+            pass
+    return last
+
+
+async def all_or_none(coroutines: Iterable[Awaitable[T]]) -> list[T]:
+    """Their results, in order. If one fails, or this is cancelled, the others are cancelled
+    (their requests aborted) before the error goes on."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def choice_request_ids(request_id: str, n: int) -> list[str]:

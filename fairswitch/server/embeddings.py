@@ -129,13 +129,6 @@ def parse_rerank(body: Any) -> PairRequest:
     return _pair_request(body, query, documents, _KNOWN_RERANK, top_n or None)
 
 
-def pair_scores(first: list[list[float]], second: list[list[float]]) -> list[float]:
-    """The cosine similarity of each pair: one first against each second, or pairwise (the
-    vectors are at unit length)."""
-    pairs = zip(first * len(second) if len(first) == 1 else first, second)
-    return [sum(x * y for x, y in zip(a, b)) for a, b in pairs]
-
-
 def score_response(response_id: str, created: int, model: str, scores: list[float],
                    num_prompt_tokens: int) -> dict[str, Any]:
     return {"id": response_id, "object": "list", "created": created, "model": model,

@@ -334,9 +334,6 @@ class GenerationRequest:
     use_beam_search: bool = False  # vLLM's: the n choices are the n best beams
     length_penalty: float = 1.0  # (beam search's: score = logprob / length ** this)
 
-    def truncated(self, ids: list[int], max_model_len: int) -> list[int]:
-        return truncated(ids, self.truncate_prompt_tokens, max_model_len)
-
     def sampling_params(self, max_tokens: int,
                         defaults: dict[str, Any] | None = None) -> SamplingParams:
         """One choice's parameters (``n`` copies are separate engine requests: ``copies``).

@@ -2,8 +2,8 @@
 process: one that runs past ``seconds`` is killed there (a 400 for its request), whatever it
 does, loops, a huge power or a string too big for memory (the child's address space is
 capped, and it dies with the server); the server's own process never runs the client's
-template. Each render holds the prompt worker that asked for it while it runs. A few children are kept
-alive between renders (the first render starts one: a fraction of a second).
+template. Each render holds the prompt worker that asked for it while it runs. A few children
+are kept alive between renders (the first render starts one: a fraction of a second).
 
 The child renders in the Jinja environment transformers uses (model/tokenizer.py ``_compile``)
 with the variables the server passes (messages, the tokenizer's special tokens, tools,

@@ -110,6 +110,18 @@ class _ObjectEnd:
         return None
 
 
+def _after_tag(reply: str, tag: str, final: bool) -> str | None:
+    """What follows the whitespace and ``tag`` (if there) a reply begins with; None while that
+    cannot be told yet (nothing but whitespace, or the start of the tag, so far)."""
+    head = reply.lstrip()
+    tagged = head.startswith(tag)
+    if tagged:
+        head = head[len(tag):].lstrip()
+    if not final and (not head or not tagged and tag.startswith(head)):
+        return None
+    return head
+
+
 class _Reader:
     """One reply's text, fed piece by piece: ``feed`` returns (content, calls) for what can be
     told so far, each call (name, arguments); ``final`` says the reply has ended, and then all
@@ -185,12 +197,9 @@ class _Llama3Json(_Reader):
     def feed(self, text: str, final: bool) -> tuple[str, list[tuple[str, str]]]:
         self.buffer += text
         if self.mode == "start":
-            head = self.buffer.lstrip()
-            tagged = head.startswith(_PYTHON_TAG)
-            if tagged:
-                head = head[len(_PYTHON_TAG):].lstrip()
-            if not final and (not head or not tagged and _PYTHON_TAG.startswith(head)):
-                return "", []  # (not told yet)
+            head = _after_tag(self.buffer, _PYTHON_TAG, final)
+            if head is None:
+                return "", []
             if head.startswith("{"):  # (what came before is told if no call follows)
                 self.prefix = self.buffer[:len(self.buffer) - len(head)]
                 self.mode, self.buffer = "calls", head
@@ -264,12 +273,8 @@ class _Pythonic(_Reader):
     def feed(self, text: str, final: bool) -> tuple[str, list[tuple[str, str]]]:
         self.buffer += text
         if self.mode == "start":
-            head = self.buffer.lstrip()
-            if head.startswith(self.START):
-                head = head[len(self.START):].lstrip()
-            elif not final and self.START.startswith(head):
-                return "", []  # (not told yet: the tag, or nothing but whitespace)
-            if not head and not final:
+            head = _after_tag(self.buffer, self.START, final)
+            if head is None:
                 return "", []
             if head.startswith("["):
                 self.prefix = self.buffer[:len(self.buffer) - len(head)]
