@@ -355,7 +355,32 @@ def parse_client_weights(spec: dict | str | None) -> dict[str, float]:
     return weights
 
 
-_SECTIONS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
+@dataclass
+class LoRAConfig:
+    enable_lora: bool = _opt(
+        False, "serve LoRA adapters beside the base model (a request names one: LoRARequest, "
+        "or the server's model name of one of --lora-modules)")
+    max_loras: int = _opt(
+        1, "adapters a step can mix (slots on the device; a request whose adapter finds no "
+        "free slot waits for one)")
+    max_lora_rank: int = _opt(16, "the largest adapter rank served (slots are this wide)")
+    max_cpu_loras: int | None = _opt(
+        None, "adapters kept read in host memory for requests to come (default: max_loras); "
+        "others are read from their folder again when next used")
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        if self.max_loras < 1:
+            raise ValueError(f"max_loras must be >= 1, got {self.max_loras}")
+        if self.max_lora_rank < 1:
+            raise ValueError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras "
+                             f"({self.max_loras})")
+
+
+_SECTIONS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
+             "lora": LoRAConfig}
 
 
 @dataclass
@@ -363,6 +388,7 @@ class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self) -> None:
         # What one section asks of another. (vLLM fails at the first preemption instead.)

@@ -87,6 +87,13 @@ class Request:
     detokenizer: Any = None
     generator: Any = None
     grammar: Any = None  # structured output's matcher (structured_output.py), fed each token
+    # LoRA (lora/): the adapter asked for, its weights as read (host), the device slot it holds
+    # while seated (-1: none; lora/slots.py)
+    lora_request: Any = None
+    lora_adapter: Any = None
+    lora_slot: int = -1
+    # Seeds its prefix-cache hashes: KV computed under one adapter (or salt) is never another's.
+    cache_salt: bytes = b""
     pooling: Any = None  # PoolingParams of an embedding request: its last prompt token's state
     embedding: list[float] | None = None  # ... once computed (model_runner.collect)
     # Why the engine aborted it, where the request itself is the cause (CompletionOutput.error).

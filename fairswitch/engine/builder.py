@@ -27,6 +27,9 @@ from fairswitch.distributed.workers import (RanksStoppedError, WorkerGroup, laun
 from fairswitch.engine.output_processor import OutputProcessor
 from fairswitch.kv.kv_cache import KVLayout, kv_cache_dtype
 from fairswitch.kv.memory import KVMemory, num_gpu_blocks
+from fairswitch.lora.slots import AdapterSlots
+from fairswitch.lora.store import AdapterStore
+from fairswitch.lora.weights import attach_lora
 from fairswitch.model import loader
 from fairswitch.model.checkpoint_config import CheckpointConfig
 from fairswitch.model.generation_config import GenerationConfig, read_generation_config
@@ -132,7 +135,8 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     eos_ids = _eos_ids(part.hf_config, tokenizer, generation)
     part.runner.sampler.eos_token_ids = eos_ids  # masked before a request's min_tokens
     output_processor = OutputProcessor(tokenizer, eos_ids, part.max_model_len)
-    scheduler = Scheduler(config.scheduler, part.kv, output_processor)
+    adapters = AdapterSlots(config.lora.max_loras) if config.lora.enable_lora else None
+    scheduler = Scheduler(config.scheduler, part.kv, output_processor, adapters=adapters)
     JIT_CLOCK.serving = True
     return EngineParts(device, part.dtype, part.hf_config, tokenizer, part.max_model_len,
                        part.runner, part.kv, scheduler, output_processor, events, workers,
@@ -181,6 +185,9 @@ def build_rank(config: EngineConfig, tp: TPGroup, device: torch.device,
     else:
         loader.load_weights(model, source.checkpoint_dir)
     logger.info("loaded %s (%s, %s) in %.1fs", mc.model, dtype, device, time.perf_counter() - t0)
+    lc = config.lora
+    if lc.enable_lora:  # (before the CUDA graphs: they capture the slots' matmuls)
+        attach_lora(model, lc.max_loras, lc.max_lora_rank)
     cuda_triton = device.type == "cuda" and backend.name == "triton"
     # A graph replays the collectives it captured: NCCL's can be, gloo's (host-side) cannot.
     graphed = cuda_triton and not mc.enforce_eager and (
@@ -188,6 +195,9 @@ def build_rank(config: EngineConfig, tp: TPGroup, device: torch.device,
     runner = ModelRunner(model, backend, config.scheduler, max_model_len, device, dtype, mc.seed,
                          GraphPlan(decode=graphed, mixed=graphed and mc.mixed_cuda_graphs), events,
                          tp)
+    if lc.enable_lora:
+        runner.lora_store = AdapterStore(hf_config, lc.max_lora_rank,
+                                         lc.max_cpu_loras or lc.max_loras, dtype)
     layout = KVLayout.of_model(hf_config, cc.tokens_per_block,
                                kv_cache_dtype(cc.kv_cache_dtype, dtype), tp.size)
     profile = ((lambda: runner.profile_kv_bytes(layout, cc.gpu_memory_utilization))

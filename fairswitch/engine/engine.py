@@ -26,6 +26,8 @@ from fairswitch.engine.builder import build_engine_parts
 from fairswitch.engine.gc_control import GC_CLOCK
 from fairswitch.engine.input_processor import InputProcessor
 from fairswitch.engine.step_log import StepLog, StepStats
+from fairswitch.lora.adapter import LoRAAdapter
+from fairswitch.lora.request import LoRARequest
 from fairswitch.outputs import RequestOutput
 from fairswitch.pooling_params import PoolingParams
 from fairswitch.request import Request, RequestStatus
@@ -96,13 +98,15 @@ class Engine:
                     prompt_token_ids: list[int] | None = None, priority: int = 0,
                     client_id: str | None = None, arrival_time: float | None = None,
                     queue_places: int = 1, held_by: str | None = None,
-                    grammar: Any = None, pooling: PoolingParams | None = None) -> str:
+                    grammar: Any = None, pooling: PoolingParams | None = None,
+                    lora_request: LoRARequest | None = None) -> str:
         """Validate and queue a request; return its id. Raises TypeError for a prompt of the
         wrong type, ValueError on other bad input, QueueFullError when the waiting queue has no
         room (``queue_places``, ``held_by``: Scheduler.add_request). ``grammar``: the matcher
         of its structured output, compiled beforehand (``compile_grammar``); else here.
         ``pooling``: an embedding request (its prompt computed, no text generated); of
-        ``params`` only ``truncate_prompt_tokens`` is then read."""
+        ``params`` only ``truncate_prompt_tokens`` is then read. ``lora_request``: the LoRA
+        adapter it runs with (read from its folder now, unless in memory)."""
         if pooling is not None:
             params = self._pooling_params(pooling, params)
         params = params if params is not None else self.default_sampling_params()
@@ -121,6 +125,7 @@ class Engine:
             raise ValueError(f"arrival_time must be a finite number or None, "
                              f"got {arrival_time!r:.40}")
         text, ids = self.inputs.validate(prompt, prompt_token_ids, params.truncate_prompt_tokens)
+        adapter = self.check_lora(lora_request) if lora_request is not None else None
         if params.max_tokens is None:  # the room the prompt leaves (>= 1: validate checks)
             params = dataclasses.replace(params, max_tokens=self.max_model_len - len(ids))
         self._say_if_priority_ignored(priority)
@@ -135,6 +140,9 @@ class Engine:
                       prompt=text, priority=priority, client_id=client_id)
         req.bad_words_ids = self.inputs.bad_words_ids(params)
         req.pooling = pooling
+        if adapter is not None:
+            req.lora_request, req.lora_adapter = lora_request, adapter
+            req.cache_salt = b"lora:%d" % adapter.int_id
         if params.structured_outputs is not None:  # (a bad schema: this request's ValueError)
             req.grammar = grammar if grammar is not None else self.compile_grammar(
                 params.structured_outputs)
@@ -148,6 +156,14 @@ class Engine:
         self.scheduler.add_request(req, queue_places, held_by)
         self.requests[request_id] = req
         return request_id
+
+    def check_lora(self, lora_request: LoRARequest) -> LoRAAdapter:
+        """The adapter ``lora_request`` names, read if not in memory; ValueError if adapters are
+        not served or it cannot be, TypeError if it is not a LoRARequest."""
+        if self.runner.lora_store is None:
+            raise ValueError("this engine serves no LoRA adapters: start it with "
+                             "enable_lora=True (--enable-lora)")
+        return self.runner.lora_store.get(lora_request)
 
     def _pooling_params(self, pooling: PoolingParams, params: SamplingParams | None
                         ) -> SamplingParams:

@@ -13,6 +13,7 @@ from fairswitch.config import EngineConfig
 from fairswitch.engine.beam_search import (BeamSearch, BeamSearchOutput, BeamSearchParams,
                                            advance_all)
 from fairswitch.engine.engine import Engine, is_priority
+from fairswitch.lora.request import LoRARequest
 from fairswitch.outputs import (EmbeddingOutput, EmbeddingRequestOutput, RequestOutput,
                                 ScoringOutput, ScoringRequestOutput)
 from fairswitch.pooling_params import PoolingParams, pair_scores
@@ -51,6 +52,7 @@ class LLM:
         use_tqdm: bool = True,
         priority: int | Sequence[int] = 0,
         client_id: str | None | Sequence[str | None] = None,
+        lora_request: LoRARequest | None | Sequence[LoRARequest | None] = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt (text, a list of token ids, or as vLLM ``{"prompt": text}``
         / ``{"prompt_token_ids": ids}``); block until all finish. ``prompts`` is one prompt or a
@@ -59,10 +61,13 @@ class LLM:
         ``priority`` (lower runs first, with ``policy="priority"``) and ``client_id`` (whose
         service VTC evens out, with ``policy="vtc"``) go to the scheduler as the server's
         ``priority`` field and ``X-Client-Id`` header do: one value for every prompt, or one per
-        prompt. Invalid input raises TypeError (a wrong type) or ValueError before anything runs.
-        No ``sampling_params``: ``get_default_sampling_params()``.
+        prompt. ``lora_request``: the LoRA adapter (``enable_lora=True``) each prompt runs with,
+        one for all or one per prompt (None: the base model). Invalid input raises TypeError (a
+        wrong type) or ValueError before anything runs. No ``sampling_params``:
+        ``get_default_sampling_params()``.
         """
-        return self._generate(prompts, sampling_params, use_tqdm, priority, client_id)
+        return self._generate(prompts, sampling_params, use_tqdm, priority, client_id,
+                              lora_request=lora_request)
 
     def embed(
         self,
@@ -72,6 +77,7 @@ class LLM:
         truncate_prompt_tokens: int | None = None,
         priority: int | Sequence[int] = 0,
         client_id: str | None | Sequence[str | None] = None,
+        lora_request: LoRARequest | None | Sequence[LoRARequest | None] = None,
     ) -> list[EmbeddingRequestOutput]:
         """vLLM's: an embedding of every prompt (``outputs.embedding``): the state of its last
         token after the model's final norm, unit length unless ``pooling_params`` says
@@ -83,7 +89,7 @@ class LLM:
                             f"{type(pooling_params).__name__}")
         params = SamplingParams(max_tokens=1, truncate_prompt_tokens=truncate_prompt_tokens)
         outs = self._generate(prompts, params, use_tqdm, priority, client_id,
-                              pooling_params or PoolingParams())
+                              pooling_params or PoolingParams(), lora_request)
         return [EmbeddingRequestOutput(o.request_id, o.prompt, o.prompt_token_ids,
                                        EmbeddingOutput(o.embedding)) for o in outs]
 
@@ -110,8 +116,8 @@ class LLM:
                 for x, y, score in zip(a, b, scores)]
 
     def _generate(self, prompts: Any, sampling_params: Any, use_tqdm: bool, priority: Any,
-                  client_id: Any, pooling: PoolingParams | None = None
-                  ) -> list[RequestOutput]:
+                  client_id: Any, pooling: PoolingParams | None = None,
+                  lora_request: Any = None) -> list[RequestOutput]:
         """``generate``, or with ``pooling`` ``embed``: each prompt's request(s) to the end."""
         prompts = _prompt_list(prompts)
         if sampling_params is None:
@@ -126,7 +132,12 @@ class LLM:
         priorities = _per_prompt(priority, len(prompts), "priority", is_priority)
         clients = _per_prompt(client_id, len(prompts), "client_id",
                               lambda c: c is None or isinstance(c, str))
+        loras = _per_prompt(lora_request, len(prompts), "lora_request",
+                            lambda r: r is None or isinstance(r, LoRARequest))
         engine = self.engine
+        for r in loras:  # (read now: a bad adapter queues nothing)
+            if r is not None:
+                engine.check_lora(r)
         # Tokenize and validate everything first so a bad prompt queues nothing.
         checked = [engine.validate_prompt(*((None, p) if isinstance(p, list) else (p, None)),
                                           sp.truncate_prompt_tokens)
@@ -148,7 +159,8 @@ class LLM:
                 (text, toks), prio, client = checked[i], priorities[i], clients[i]
                 try:
                     rid = engine.add_request(text, seqs[j], prompt_token_ids=toks,
-                                             priority=prio, client_id=client, pooling=pooling)
+                                             priority=prio, client_id=client, pooling=pooling,
+                                             lora_request=loras[i])
                 except QueueFullError:  # joins as the queue frees (max_waiting >= 1: it will)
                     return
                 pending.popleft()
@@ -182,11 +194,12 @@ class LLM:
         return [_merged(outs) for outs in done]  # type: ignore[arg-type]
 
     def beam_search(self, prompts: str | list[int] | dict | Sequence[str | list[int] | dict],
-                    params: BeamSearchParams, use_tqdm: bool = False) -> list[BeamSearchOutput]:
+                    params: BeamSearchParams, use_tqdm: bool = False,
+                    lora_request: LoRARequest | None = None) -> list[BeamSearchOutput]:
         """vLLM's: each prompt's ``params.beam_width`` best continuations by beam search
         (beam_search.py), best first; a step of every prompt's beams runs as one batch. A
         prompt whose beams could outgrow ``max_model_len`` is a ValueError before anything
-        runs."""
+        runs. ``lora_request``: the LoRA adapter every beam runs with."""
         if not isinstance(params, BeamSearchParams):
             raise TypeError(f"params must be a BeamSearchParams, got {type(params).__name__}")
         engine = self.engine
@@ -203,7 +216,7 @@ class LLM:
         while live := [s for s in searches if not s.finished]:
             beams = [beam.tokens for s in live for beam in s.live]
             advance_all(live, self.generate([{"prompt_token_ids": b} for b in beams], step,
-                                            use_tqdm))
+                                            use_tqdm, lora_request=lora_request))
         results = []
         for s in searches:
             best = s.best()
@@ -227,7 +240,7 @@ class LLM:
         """Reply to one conversation (a list of ``{"role", "content"}`` messages) or to several
         (a list of such lists): each is rendered with the tokenizer's chat template (or
         ``chat_template``; neither: a plain-text one, as the server's) and generated from;
-        ``priority``/``client_id`` as in ``generate``.
+        ``priority``, ``client_id``, ``lora_request`` as in ``generate``.
         ``continue_final_message`` (with ``add_generation_prompt=False``) continues the final
         message instead of starting a new one, as transformers renders it. ``tools`` (OpenAI's
         function definitions) and ``chat_template_kwargs`` (e.g. ``{"enable_thinking": False}``)

@@ -135,7 +135,8 @@ class KVCacheManager:
             return
         if self.prefix_cache is not None:
             self.prefix_cache.register(request.token_ids, request.num_computed_tokens,
-                                       request.block_table, request.block_hashes)
+                                       request.block_table, request.block_hashes,
+                                       request.cache_salt)
         self.release_blocks(request.block_table)
         request.block_table = []
 
@@ -147,7 +148,8 @@ class KVCacheManager:
         if self.prefix_cache is not None and resident and request.num_computed_tokens >= \
                 request.num_prompt_tokens:  # (not meanwhile preempted, nor coming back)
             self.prefix_cache.register(request.token_ids, request.num_prompt_tokens,
-                                       request.block_table, request.block_hashes)
+                                       request.block_table, request.block_hashes,
+                                       request.cache_salt)
 
     def attach_cached_prefix(self, request: Request) -> int:
         """Share cached blocks holding a prefix of a new request's tokens; return tokens reused.
@@ -157,7 +159,8 @@ class KVCacheManager:
         pc = self.prefix_cache
         if pc is None or request.num_computed_tokens or request.block_table:
             return 0
-        hits = pc.match(request.token_ids, request.num_tokens - 1, request.block_hashes)
+        hits = pc.match(request.token_ids, request.num_tokens - 1, request.block_hashes,
+                        salt=request.cache_salt)
         for b in hits:
             pc.take(b)
         request.block_table = hits

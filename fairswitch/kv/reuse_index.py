@@ -31,14 +31,16 @@ from collections import OrderedDict
 
 
 def block_hashes(token_ids: list[int], num_tokens: int, block_size: int,
-                 known: list[bytes] | None = None) -> list[bytes]:
+                 known: list[bytes] | None = None, salt: bytes = b"") -> list[bytes]:
     """Chained hashes (32-byte SHA-256 digests) of the full blocks among the first
     ``num_tokens`` tokens.
 
     ``known``: hashes of the same token list computed before (a request's ``block_hashes``);
-    only blocks past them are hashed, and they are appended to it."""
+    only blocks past them are hashed, and they are appended to it. ``salt``: the first block's
+    parent (a request's ``cache_salt``: its LoRA adapter), so equal tokens under another salt
+    never match."""
     hashes = known if known is not None else []
-    parent = hashes[-1] if hashes else b""
+    parent = hashes[-1] if hashes else salt
     num_blocks = max(0, num_tokens) // block_size
     for i in range(len(hashes), num_blocks):
         tokens = array("q", token_ids[i * block_size:(i + 1) * block_size])
@@ -99,19 +101,19 @@ class ReuseTier:
         return True
 
     def register(self, token_ids: list[int], num_tokens: int, blocks: list[int],
-                 known: list[bytes] | None = None) -> None:
+                 known: list[bytes] | None = None, salt: bytes = b"") -> None:
         """Index a request's full blocks among its first ``num_tokens`` tokens."""
         bs = self.block_size
-        for i, h in enumerate(block_hashes(token_ids, num_tokens, bs, known)):
+        for i, h in enumerate(block_hashes(token_ids, num_tokens, bs, known, salt)):
             self.add(h, tuple(token_ids[i * bs:(i + 1) * bs]), blocks[i])
 
     def match(self, token_ids: list[int], max_tokens: int, known: list[bytes] | None = None,
-              first_block: int = 0) -> list[int]:
+              first_block: int = 0, salt: bytes = b"") -> list[int]:
         """Indexed blocks holding blocks ``first_block``.. of ``token_ids[:max_tokens]``, as long
         as they continue without a gap."""
         hits = []
         bs = self.block_size
-        hashes = block_hashes(token_ids, max_tokens, bs, known)
+        hashes = block_hashes(token_ids, max_tokens, bs, known, salt)
         for i, h in enumerate(hashes[first_block:], first_block):
             b = self._block_of.get(h)
             if b is None or self._key_of[b][1] != tuple(token_ids[i * bs:(i + 1) * bs]):

@@ -277,7 +277,8 @@ class SwapManager:
         full blocks of its KV already: they go to the CPU tier as they are, not copied again
         from the GPU by the write-back. Last block first, so that the head is evicted last."""
         tier, bs = self.tier, self.block_size
-        hashes = block_hashes(req.token_ids, req.num_cpu_tokens, bs, req.block_hashes)
+        hashes = block_hashes(req.token_ids, req.num_cpu_tokens, bs, req.block_hashes,
+                              req.cache_salt)
         kept = {i for i in reversed(range(len(hashes)))
                 if tier.add(hashes[i], tuple(req.token_ids[i * bs:(i + 1) * bs]),  # type: ignore[union-attr]
                             req.cpu_block_table[i])}
@@ -291,7 +292,8 @@ class SwapManager:
         cache right after the request is gone); only free or cached CPU blocks are used.
         """
         tier, bs = self.tier, self.block_size
-        hashes = block_hashes(req.token_ids, req.num_computed_tokens, bs, req.block_hashes)
+        hashes = block_hashes(req.token_ids, req.num_computed_tokens, bs, req.block_hashes,
+                              req.cache_salt)
         missing = [i for i, h in enumerate(hashes) if h not in tier]  # type: ignore[operator]
         room = self.cpu_pool.num_free_blocks + self._evictable_tier_blocks()
         missing = missing[:room]

@@ -42,9 +42,13 @@ class Linear(nn.Module):
                                    requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype),
                                  requires_grad=False) if bias else None
+        self.lora: Any = None  # LoRA adapters' slots (lora/weights.py), when served
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias)
+        if self.lora is not None:
+            self.lora.add_to(x, y)
+        return y
 
 
 class RowParallelLinear(Linear):
@@ -58,7 +62,10 @@ class RowParallelLinear(Linear):
         self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.tp.all_reduce(F.linear(x, self.weight))
+        partial = F.linear(x, self.weight)
+        if self.lora is not None:  # (this rank's input columns: a partial sum as well)
+            self.lora.add_to(x, partial)
+        out = self.tp.all_reduce(partial)
         return out if self.bias is None else out.add_(self.bias)
 
 
@@ -227,6 +234,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None if self.tie_word_embeddings else Linear(
             config.hidden_size, rows, dtype=dtype, shard=self.vocab_shard)
         self.rope = RotaryEmbedding(config, max_positions)
+        self.lora: Any = None  # LoRA adapters' slots (lora/weights.attach_lora), when served
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Embeddings of ``input_ids``: with several ranks, each looks up the ids in its slice
@@ -239,7 +247,11 @@ class LlamaForCausalLM(nn.Module):
         return self.tp.all_reduce(h.masked_fill_(outside.unsqueeze(-1), 0))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_layers: list[KVLayer], meta: Any) -> torch.Tensor:
+                kv_layers: list[KVLayer], meta: Any,
+                lora_slots: torch.Tensor | None = None) -> torch.Tensor:
+        """``lora_slots``: each token's LoRA slot (-1: none); None: no token has one."""
+        if self.lora is not None:
+            self.lora.begin(lora_slots)
         h = self.embed(input_ids)
         residual = None
         for layer, kv_layer in zip(self.layers, kv_layers):

@@ -40,18 +40,23 @@ class DecodeGraphs:
         self.max_batch = self.buckets[-1]
         n, width = self.max_batch, max_blocks_per_seq
         # Layout, 8-byte aligned throughout:
-        #   [ input_ids i64 x n | positions i64 x n | slot_mapping i64 x n | seq_lens i32 x n
-        #     | block_tables i32 x n x width ]   (rows of block_tables last: copy only b of them)
-        self._header_bytes = 8 * 3 * n + 4 * n + (4 * n) % 8
+        #   [ input_ids i64 x n | positions i64 x n | slot_mapping i64 x n | lora_slots i64 x n
+        #     | seq_lens i32 x n | block_tables i32 x n x width ]
+        # (rows of block_tables last: copy only b of them)
+        self._header_bytes = 8 * 4 * n + 4 * n + (4 * n) % 8
         self._row_bytes = 4 * width
         self._staging = staging = StagingBuffer(self._header_bytes + n * self._row_bytes, device)
         self.input_ids, self._h_ids = staging.take(torch.int64, n)
         self.positions, self._h_pos = staging.take(torch.int64, n)
         self.slot_mapping, self._h_slots = staging.take(torch.int64, n)
+        # Each token's LoRA slot (-1: none), read only with adapters served (model.lora).
+        self.lora_slots, self._h_lora = staging.take(torch.int64, n)
+        self._lora = getattr(model, "lora", None) is not None
         self.seq_lens, self._h_lens = staging.take(torch.int32, n)
         staging.offset = self._header_bytes
         self.block_tables, self._h_tables = staging.take(torch.int32, n, width)
         self._h_slots.fill(-1)  # graph warm-up and padding rows write no KV
+        self._h_lora.fill(-1)
         staging.send()
         self._empty_i32 = torch.zeros(0, dtype=torch.int32, device=device)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -71,7 +76,8 @@ class DecodeGraphs:
         stream = torch.cuda.Stream(self.device)
         # Largest first: smaller graphs then reuse the memory of the larger ones in the pool.
         for b in reversed(self.buckets):
-            args = (self.input_ids[:b], self.positions[:b], self.kv_layers, self._meta(b))
+            args = (self.input_ids[:b], self.positions[:b], self.kv_layers, self._meta(b),
+                    self.lora_slots[:b] if self._lora else None)
             self._graphs[b] = capture_graph(self.model, args, pool, stream, self.device)
         torch.cuda.synchronize(self.device)
         logger.info("captured decode CUDA graphs for batch sizes %s", self.buckets)
@@ -94,6 +100,8 @@ class DecodeGraphs:
         _fill(self._h_pos, batch.positions, b, 0)
         _fill(self._h_slots, batch.slot_mapping, b, -1)
         _fill(self._h_lens, batch.decode_seq_lens, b, 0)
+        if self._lora:
+            fill_lora_slots(self._h_lora, batch, b)
         tables = batch.decode_block_tables
         self._h_tables[:n, : tables.shape[1]] = tables
         # Columns past this batch's widest table keep stale ids: they lie beyond every
@@ -128,6 +136,14 @@ def capture_graph(model: Any, args: tuple, pool: Any, stream: torch.cuda.Stream,
     with torch.cuda.graph(graph, pool=pool, stream=stream):
         out = model(*args)
     return graph, out
+
+
+def fill_lora_slots(dst: np.ndarray, batch: InputBatch, bucket: int) -> None:
+    """A graph's LoRA slot inputs: the batch's (none: -1), padding rows -1."""
+    if batch.lora_slots is None:
+        dst[:bucket] = -1
+    else:
+        _fill(dst, batch.lora_slots, bucket, -1)
 
 
 def _fill(dst: np.ndarray, src: np.ndarray, bucket: int, pad: int) -> None:

@@ -40,6 +40,8 @@ class InputBatch:
     # token, and (request, that token's position).
     prompt_logprob_rows: list[int] = field(default_factory=list)
     prompt_logprob_at: list[tuple[Request, int]] = field(default_factory=list)
+    # Each token's LoRA slot (-1: none), int64; None when no token of the step has an adapter.
+    lora_slots: np.ndarray | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -144,6 +146,12 @@ def build_input_batch(out: SchedulerOutput, block_size: int,
         positions = np.concatenate(chunk_pos)
         slot_mapping = np.concatenate(chunk_slots)
     query_lens = [n for _, _, n, _ in prefills]
+    lora_slots = None
+    if any(r.lora_slot >= 0 for r, _ in out.scheduled):
+        lora_slots = np.repeat(
+            np.array([r.lora_slot for r, _, _ in decodes] + [r.lora_slot for r, *_ in prefills],
+                     dtype=np.int64),
+            [1] * nd + query_lens)
     return InputBatch(
         input_ids=input_ids,
         positions=positions,
@@ -160,4 +168,5 @@ def build_input_batch(out: SchedulerOutput, block_size: int,
         feed_requests=feed_reqs,
         prompt_logprob_rows=lp_rows,
         prompt_logprob_at=lp_at,
+        lora_slots=lora_slots,
     )

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from fairswitch.runner.attention import AttentionMetadata
-from fairswitch.runner.cuda_graph import capture_graph, release_graphs
+from fairswitch.runner.cuda_graph import capture_graph, fill_lora_slots, release_graphs
 from fairswitch.runner.host_link import StagingBuffer
 from fairswitch.runner.input_batch import InputBatch
 
@@ -130,15 +130,18 @@ class MixedGraphs:
         self.width = max_blocks_per_seq
         T, S = self.token_buckets[-1], self.seq_buckets[-1]
         # Inputs in one staging buffer (as DecodeGraphs). Layout, 8-byte aligned where it matters:
-        #   [ input_ids i64 x T | positions i64 x T | slot_mapping i64 x T
+        #   [ input_ids i64 x T | positions i64 x T | slot_mapping i64 x T | lora_slots i64 x T
         #     | query_start_loc i32 x (S + 1) | seq_lens i32 x S | block_tables i32 x S x width ]
         # (block-table rows last: a step copies only the rows of its real sequences)
-        self._header_bytes = 8 * 3 * T + 4 * (2 * S + 1)
+        self._header_bytes = 8 * 4 * T + 4 * (2 * S + 1)
         self._row_bytes = 4 * self.width
         self._staging = staging = StagingBuffer(self._header_bytes + S * self._row_bytes, device)
         self.input_ids, h_ids = staging.take(torch.int64, T)
         self.positions, h_pos = staging.take(torch.int64, T)
         self.slot_mapping, h_slots = staging.take(torch.int64, T)
+        self.lora_slots, self._h_lora = staging.take(torch.int64, T)  # (as DecodeGraphs')
+        self._lora = getattr(model, "lora", None) is not None
+        self._h_lora.fill(-1)
         self.query_start_loc, h_qsl = staging.take(torch.int32, S + 1)
         self.seq_lens, h_lens = staging.take(torch.int32, S)
         self.block_tables, h_tables = staging.take(torch.int32, S, self.width)
@@ -166,7 +169,8 @@ class MixedGraphs:
         stream = torch.cuda.Stream(self.device)
         for t in reversed(self.token_buckets):  # largest first: the pool's memory is reused
             for s in reversed(self.seq_buckets):
-                args = (self.input_ids[:t], self.positions[:t], self.kv_layers, self._meta(t, s))
+                args = (self.input_ids[:t], self.positions[:t], self.kv_layers, self._meta(t, s),
+                        self.lora_slots[:t] if self._lora else None)
                 self._graphs[(t, s)] = capture_graph(self.model, args, pool, stream, self.device)
         torch.cuda.synchronize(self.device)
         self.capture_s = time.perf_counter() - t0
@@ -192,6 +196,8 @@ class MixedGraphs:
         t, s = bucket
         self._staging.wait_sent()
         nseq = fill_mixed_layout(batch, t, s, self._staged)
+        if self._lora:
+            fill_lora_slots(self._h_lora, batch, t)
         self._staging.send(self._header_bytes + nseq * self._row_bytes)
         if feed is not None:
             feed(self.input_ids)

@@ -19,6 +19,8 @@ import torch
 from fairswitch.config import SchedulerConfig
 from fairswitch.distributed.parallel_state import SINGLE, TPGroup
 from fairswitch.kv.kv_cache import KVCache, KVLayout
+from fairswitch.lora.request import LoRARequest
+from fairswitch.lora.store import AdapterStore
 from fairswitch.model.llama import LlamaForCausalLM
 from fairswitch.request import PLACEHOLDER_TOKEN, Request
 from fairswitch.runner.attention import AttentionBackend, AttentionMetadata
@@ -63,14 +65,19 @@ TokenLogprobs = dict[int, tuple[float, int]]
 @dataclass
 class StepPlan:
     """One step as every tensor-parallel rank runs it: its inputs and, for each placeholder
-    input (``batch.feed_rows``), the index of its token among the tokens of the step before."""
+    input (``batch.feed_rows``), the index of its token among the tokens of the step before;
+    the LoRA adapters to copy into slots first: (slot, LoRAAdapter), or on the workers (slot,
+    LoRARequest), which each rank reads itself."""
     batch: InputBatch
     feed_src: list[int]
+    lora_loads: list[tuple[int, Any]] = dataclasses.field(default_factory=list)
 
     def for_workers(self) -> StepPlan:
-        """The plan without the Request objects (the driver's alone: they sample there)."""
+        """The plan without the Request objects (the driver's alone: they sample there) and
+        with the adapters named, not sent."""
+        loads = [(slot, LoRARequest(a.name, a.int_id, a.path)) for slot, a in self.lora_loads]
         return StepPlan(dataclasses.replace(self.batch, sample_requests=[], feed_requests=[],
-                                            prompt_logprob_at=[]), self.feed_src)
+                                            prompt_logprob_at=[]), self.feed_src, loads)
 
 
 class ModelRunner:
@@ -102,6 +109,8 @@ class ModelRunner:
         self._feeds = SampleRowsBuffer(2 * sched.max_num_seqs, device) if on_cuda else None
         self._tokens = TokenReturn(sched.max_num_seqs) if on_cuda else None
         self.last_prepare_s = 0.0
+        # LoRA (model.lora set by lora/weights.attach_lora): where workers read adapters from.
+        self.lora_store: AdapterStore | None = None
 
     def bind_kv_cache(self, kv_cache: KVCache) -> None:
         """Run over ``kv_cache`` from now on; the CUDA graphs of the plan are captured over it."""
@@ -282,7 +291,7 @@ class ModelRunner:
         held up by less than they would hold it up."""
         t0 = time.perf_counter()
         batch = build_input_batch(out, self.block_size, PLACEHOLDER_TOKEN)
-        plan = StepPlan(batch, self._feed_sources(batch, after))
+        plan = StepPlan(batch, self._feed_sources(batch, after), out.lora_loads)
         if self.send_plan is not None:
             self.send_plan(plan.for_workers())
         hook = self.events.gpu_busy if batch.sample_requests else None
@@ -321,6 +330,10 @@ class ModelRunner:
         requests that sample and their rows' states (float32, a copy: a graph's output buffer
         is overwritten by the next replay)."""
         batch = plan.batch
+        for slot, adapter in plan.lora_loads:  # (in stream order: earlier steps read the old)
+            if isinstance(adapter, LoRARequest):
+                adapter = self.lora_store.get(adapter)  # type: ignore[union-attr]
+            self.model.lora.set_slot(slot, adapter)
         feed = self._feeder(batch.feed_rows, plan.feed_src, prev_tokens)
         mixed = (self.mixed_graphs.bucket(batch) if self.mixed_graphs is not None
                  and not batch.is_decode_only else None)
@@ -335,11 +348,12 @@ class ModelRunner:
             if feed is not None:
                 feed(ids)
             meta = self._metadata(batch)
+            lora = None if batch.lora_slots is None else self._to_device(batch.lora_slots)
             self.last_prepare_s = time.perf_counter() - t0
             if hook is not None:
                 hook()
                 hook = None
-            hidden = self.model(ids, pos, self.kv_cache.layer_views, meta)
+            hidden = self.model(ids, pos, self.kv_cache.layer_views, meta, lora)
         if hook is not None:
             hook()
         pooled = None

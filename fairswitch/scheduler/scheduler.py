@@ -54,6 +54,7 @@ from typing import Protocol
 
 from fairswitch.config import SchedulerConfig
 from fairswitch.kv.memory import KVMemory
+from fairswitch.lora.slots import AdapterSlots
 from fairswitch.request import PLACEHOLDER_TOKEN, Request, RequestStatus
 from fairswitch.scheduler.preemption import RECOMPUTE, SWAP, PreemptionPolicy
 from fairswitch.scheduler.queues import ClientQueue, HeapQueue
@@ -86,6 +87,8 @@ class SchedulerOutput:
     # Per scheduled request: prompt tokens the step charged to its client (``revert`` takes them
     # back; the output token a sampling step charged goes with its placeholder).
     prompt_charges: list[int] = field(default_factory=list)
+    # LoRA adapters to copy into device slots before the step: (slot, adapter) (lora/slots.py)
+    lora_loads: list = field(default_factory=list)
 
     @classmethod
     def planned(cls, scheduled: list[tuple[Request, int]]) -> SchedulerOutput:
@@ -108,8 +111,12 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVMemory, tokens: TokenSink,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 adapters: AdapterSlots | None = None) -> None:
+        """``adapters``: the LoRA slots a seated request's adapter needs (none: no request
+        has an adapter)."""
         self.config = config
+        self.adapters = adapters if adapters is not None else AdapterSlots(0)
         self.kv = kv.blocks
         self.swap = kv.swap
         self.tokens = tokens
@@ -235,6 +242,7 @@ class Scheduler:
             self._schedule_running(out, self.config.max_num_batched_tokens)
         out.plan()
         self._advance(out)
+        out.lora_loads = self.adapters.take_loads()
         return out
 
     def _advance(self, out: SchedulerOutput) -> None:
@@ -430,6 +438,8 @@ class Scheduler:
         min_run = self.config.min_run_steps
         held: list[tuple[Request, HeapQueue | ClientQueue]] = []  # room counted for them
         while (cand := self._next_kept_out()) is not None:
+            if not self.adapters.can_seat(cand):
+                break  # (its adapter needs a slot that no preemption here frees for sure)
             need = self._blocks_to_start(cand)
             headroom = self._headroom(self.config.max_num_seqs - seats)
             if seats > 0 and need + headroom <= free:
@@ -473,6 +483,7 @@ class Scheduler:
             req.num_computed_tokens = 0
             req.status = RequestStatus.WAITING
             self._keep_out(req, self.waiting, since)
+        self.adapters.unseat(req)
         req.metrics.num_preemptions += 1
         self.num_preemptions += 1
         self.preemptions_by_mode[mode] += 1
@@ -529,10 +540,12 @@ class Scheduler:
                 # Room for its saved KV plus the token it computes next (and theirs before it).
                 saved = self.kv.blocks_needed(req.num_cpu_tokens)
                 extra = self.kv.blocks_needed(req.num_cpu_tokens + 1) - saved
-                if not swap.can_swap_in(req) or saved + extra > (
-                        self.kv.num_free_blocks - next_token_blocks - self._batch_headroom()):
+                room = self.kv.num_free_blocks - next_token_blocks - self._batch_headroom()
+                if not swap.can_swap_in(req) or saved + extra > room \
+                        or not self.adapters.can_seat(req):
                     break
                 swap.swap_in(req)  # (raising, it leaves the request swapped, not lost)
+                self.adapters.seat(req)
                 self.swapped.remove(req)
                 req.out_since, req.kept_out_since = req.kept_out_since, None
                 next_token_blocks += extra
@@ -564,6 +577,8 @@ class Scheduler:
                        now: float) -> int | None:
         """Admit a waiting request: tokens scheduled, 0 if it waits for a CPU-tier fetch, None
         if it does not fit."""
+        if not self.adapters.can_seat(req):  # its adapter waits for a free slot
+            return None
         # Prompt logprobs need the logits of every prompt position: nothing reused.
         computes_all = req.prompt_logprobs is not None
         reused = 0 if computes_all else self.kv.attach_cached_prefix(req)
@@ -589,6 +604,7 @@ class Scheduler:
                 self.num_queried_tokens += req.num_tokens
             req.metrics.first_scheduled_time = now
         self.waiting.remove(req)
+        self.adapters.seat(req)
         req.out_since, req.kept_out_since = req.kept_out_since, None
         req.num_run_steps = req.num_seated_steps = 0
         if fetched:
@@ -605,7 +621,7 @@ class Scheduler:
         if tier is None:
             return 0
         hits = tier.match(req.token_ids, req.num_tokens - 1, req.block_hashes,
-                          first_block=len(req.block_table))
+                          first_block=len(req.block_table), salt=req.cache_salt)
         # Room for the fetched blocks and the rest of the prompt with its next token.
         need = self.kv.blocks_needed(req.num_tokens + 1) - len(req.block_table)
         if not hits or need + headroom > self.kv.num_free_blocks:
@@ -624,6 +640,7 @@ class Scheduler:
         self._charge(req, 0, -_drop_placeholders(req))  # tokens in flight for it: never served
         req.finishing = False
         req.kept_out_since = None
+        self.adapters.unseat(req)
         self.ranking.on_finish(req)
         self.swap.release(req)
 

@@ -1,0 +1,50 @@
+"""Adapters read from their folders, by ``lora_int_id``: the last ``capacity`` used stay in host
+memory (vLLM's max_cpu_loras). Each tensor-parallel rank keeps its own."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+
+from fairswitch.lora.adapter import LoRAAdapter, read_adapter
+from fairswitch.lora.request import LoRARequest
+from fairswitch.model.checkpoint_config import CheckpointConfig
+
+
+class AdapterStore:
+    def __init__(self, config: CheckpointConfig, max_rank: int, capacity: int,
+                 dtype: torch.dtype) -> None:
+        self.config = config
+        self.max_rank = max_rank
+        self.capacity = capacity
+        self.dtype = dtype
+        self._read: OrderedDict[int, LoRAAdapter] = OrderedDict()  # least recently used first
+        self._known: dict[int, tuple[str, str]] = {}  # id -> (name, path) ever given
+
+    def get(self, request: LoRARequest) -> LoRAAdapter:
+        """``request``'s adapter, read now unless in memory. ValueError if its id was given
+        before with another name or path, or the adapter cannot be served (adapter.py)."""
+        if not isinstance(request, LoRARequest):
+            raise TypeError(f"lora_request must be a LoRARequest, got "
+                            f"{type(request).__name__}")
+        rid, key = request.lora_int_id, (request.lora_name, request.lora_path)
+        known = self._known.get(rid)
+        if known is not None and known != key:
+            raise ValueError(f"lora_int_id {rid} is adapter {known[0]!r} from {known[1]!r}, "
+                             f"not {key[0]!r} from {key[1]!r}: give another id")
+        adapter = self._read.get(rid)
+        if adapter is None:
+            adapter = read_adapter(request.lora_name, rid, request.lora_path, self.config,
+                                   self.max_rank, self.dtype)
+            self._read[rid] = adapter
+            self._known[rid] = key
+            while len(self._read) > self.capacity:
+                self._read.popitem(last=False)
+        self._read.move_to_end(rid)
+        return adapter
+
+    def forget(self, lora_int_id: int) -> None:
+        """Drop an adapter (unloaded): its id may then name another."""
+        self._read.pop(lora_int_id, None)
+        self._known.pop(lora_int_id, None)

@@ -1,0 +1,186 @@
+"""LoRA adapters (fairswitch/lora/): adapters written by PEFT itself, served beside the base model
+and against PEFT's own outputs; several adapters in one batch, fewer slots than adapters, the
+prefix cache kept apart per adapter, and the refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from fairswitch import LLM, SamplingParams
+from fairswitch.lora.request import LoRARequest
+
+PROMPTS = [[9906, 1917, 11, 1268, 527, 499, 30], [791, 4062, 14198, 39935, 35308, 927, 279, 16053],
+           [40, 1093, 311, 3137]]
+MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def write_adapter(base_dir: Path, out: Path, seed: int, rank: int = 8, alpha: int = 16,
+                  modules: list[str] | None = None, **config) -> Path:
+    """A LoRA adapter saved by PEFT over the checkpoint ``base_dir``, B drawn at random (PEFT
+    starts it at zero, which would change nothing)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=modules or MODULES,
+                     lora_dropout=0.0, init_lora_weights=False, **config)
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0.0, 0.3)
+    peft_model.save_pretrained(out)
+    return out
+
+
+def peft_greedy(base_dir: Path, adapter_dir: Path | None, prompt: list[int], n: int) -> list[int]:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    model.eval()
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, max_new_tokens=n, do_sample=False,
+                             attention_mask=torch.ones_like(ids), pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def adapters(llama_dir, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        "all": write_adapter(llama_dir, root / "all", seed=1),
+        "qv": write_adapter(llama_dir, root / "qv", seed=2, rank=4, modules=["q_proj", "v_proj"]),
+        "mlp": write_adapter(llama_dir, root / "mlp", seed=3, rank=16, alpha=8,
+                             modules=["gate_proj", "down_proj"], use_rslora=True),
+    }
+
+
+def _llm(model_dir: Path, **kw) -> LLM:
+    opts = dict(enable_lora=True, max_loras=2, max_lora_rank=16, num_gpu_blocks=64,
+                max_model_len=128, swap_space=0.01)
+    opts.update(kw)
+    return LLM(str(model_dir), **opts)
+
+
+def test_adapters_match_peft_in_one_batch(llama_dir, adapters):
+    """Greedy tokens of requests with three adapters (two slots: one waits for a slot) and none,
+    all queued together, equal PEFT's for the same adapter."""
+    llm = _llm(llama_dir)
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    names = ["all", "qv", None, "mlp", "all"]
+    lora = {name: LoRARequest(name, i + 1, str(path)) for i, (name, path)
+            in enumerate(adapters.items())}
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(names))]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False,
+                        lora_request=[lora[n] if n else None for n in names])
+    for out, prompt, name in zip(outs, prompts, names):
+        want = peft_greedy(llama_dir, adapters[name] if name else None, prompt, 8)
+        assert list(out.outputs[0].token_ids) == want, name
+    base = [list(o.outputs[0].token_ids) for o in outs]
+    assert base[0] != peft_greedy(llama_dir, None, prompts[0], 8)  # the adapter matters
+    llm.shutdown()
+
+
+@pytest.fixture(scope="module")
+def expected(llama_dir, adapters) -> dict:
+    """PEFT's greedy tokens (10) for each prompt under each adapter and none."""
+    return {(name, i): peft_greedy(llama_dir, adapters.get(name), p, 10)
+            for name in ("all", "qv", "mlp", None) for i, p in enumerate(PROMPTS)}
+
+
+def _requests(adapters: dict[str, Path]) -> dict[str, LoRARequest]:
+    return {name: LoRARequest(name, i + 1, str(path))
+            for i, (name, path) in enumerate(adapters.items())}
+
+
+@pytest.mark.parametrize("tp,mode", [(1, "swap"), (1, "recompute"), (2, "swap")])
+def test_adapters_through_preemption_and_tensor_parallelism(llama_dir, adapters, expected,
+                                                           tp, mode):
+    """A cache too small for the batch: requests with adapters are swapped out (or recomputed)
+    and back, keeping their adapter; at TP=2 each rank holds its share of every slot."""
+    lora = _requests(adapters)
+    llm = _llm(llama_dir, num_gpu_blocks=10, block_size=4, max_model_len=32,
+               tensor_parallel_size=tp, preemption_mode=mode, swap_space=0.05, enable_prefix_caching=False)
+    names = ["all", "qv", "mlp", None, "all", "mlp"]
+    idx = [i % len(PROMPTS) for i in range(len(names))]
+    outs = llm.generate([{"prompt_token_ids": PROMPTS[i]} for i in idx],
+                        SamplingParams(max_tokens=10, temperature=0.0), use_tqdm=False,
+                        lora_request=[lora[n] if n else None for n in names])
+    assert llm.engine.scheduler.num_preemptions > 0
+    for out, name, i in zip(outs, names, idx):
+        assert list(out.outputs[0].token_ids) == expected[(name, i)], (name, i)
+    llm.shutdown()
+
+
+def test_prefix_cache_is_kept_apart_per_adapter(llama_dir, adapters, expected):
+    """Equal prompts share cached KV only under the same adapter (the KV differs)."""
+    lora = _requests(adapters)
+    llm = _llm(llama_dir, block_size=4)
+    params = SamplingParams(max_tokens=10, temperature=0.0)
+    prompt = {"prompt_token_ids": PROMPTS[1]}
+    cached = []
+    for name in ("all", "qv", None, "all", None):
+        out = llm.generate(prompt, params, use_tqdm=False,
+                           lora_request=lora[name] if name else None)[0]
+        assert list(out.outputs[0].token_ids) == expected[(name, 1)]
+        cached.append(out.num_cached_tokens)
+    assert cached[:3] == [0, 0, 0] and cached[3] > 0 and cached[4] > 0
+    llm.shutdown()
+
+
+def _edited(src: Path, dst: Path, **config) -> Path:
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "adapter_config.json").read_text())
+    cfg.update(config)
+    (dst / "adapter_config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+def test_bad_adapters_are_refused_before_anything_runs(llama_dir, adapters, tmp_path):
+    lora = _requests(adapters)
+    prompt = {"prompt_token_ids": PROMPTS[0]}
+    plain = LLM(str(llama_dir), num_gpu_blocks=32, max_model_len=64)
+    with pytest.raises(ValueError, match="enable_lora=True"):
+        plain.generate(prompt, use_tqdm=False, lora_request=lora["all"])
+    plain.shutdown()
+    llm = _llm(llama_dir, max_lora_rank=8)
+    head = write_adapter(llama_dir, tmp_path / "head", seed=4, modules=["q_proj", "lm_head"])
+    cases = [
+        (LoRARequest("mlp", 3, str(adapters["mlp"])), "rank 16, above max_lora_rank=8"),
+        (LoRARequest("x", 9, str(tmp_path / "nowhere")), "is not a folder"),
+        (LoRARequest("head", 10, str(head)), "does not adapt"),
+        (LoRARequest("dora", 11, str(_edited(adapters["qv"], tmp_path / "dora",
+                                             use_dora=True))), "DoRA"),
+        (LoRARequest("bias", 12, str(_edited(adapters["qv"], tmp_path / "bias",
+                                             bias="all"))), "biases"),
+        (LoRARequest("save", 13, str(_edited(adapters["qv"], tmp_path / "save",
+                                             modules_to_save=["lm_head"]))), "modules_to_save"),
+    ]
+    for request, message in cases:
+        with pytest.raises(ValueError, match=message):
+            llm.generate(prompt, use_tqdm=False, lora_request=request)
+    llm.generate(prompt, SamplingParams(max_tokens=2), use_tqdm=False, lora_request=lora["qv"])
+    with pytest.raises(ValueError, match="lora_int_id 2 is adapter 'qv'"):
+        llm.generate(prompt, use_tqdm=False,
+                     lora_request=LoRARequest("other", 2, str(adapters["all"])))
+    with pytest.raises(ValueError, match="1 prompts but 2 values of lora_request"):
+        llm.generate(prompt, use_tqdm=False, lora_request=[lora["qv"], None])
+    with pytest.raises(ValueError, match="lora_request has invalid values"):
+        llm.generate(prompt, use_tqdm=False, lora_request="qv")
+    for bad in (dict(lora_name="", lora_int_id=1, lora_path="x"),
+                dict(lora_name="a", lora_int_id=0, lora_path="x"),
+                dict(lora_name="a", lora_int_id=1)):
+        with pytest.raises(ValueError):
+            LoRARequest(**bad)
+    assert not llm.engine.has_unfinished_requests()
+    llm.shutdown()
