@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import urllib.error
+import urllib.request
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -17,6 +20,11 @@ from fairswitch.lora.request import LoRARequest
 PROMPTS = [[9906, 1917, 11, 1268, 527, 499, 30], [791, 4062, 14198, 39935, 35308, 927, 279, 16053],
            [40, 1093, 311, 3137]]
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class Reply(NamedTuple):
+    status_code: int
+    text: str
 
 
 def write_adapter(base_dir: Path, out: Path, seed: int, rank: int = 8, alpha: int = 16,
@@ -184,3 +192,113 @@ def test_bad_adapters_are_refused_before_anything_runs(llama_dir, adapters, tmp_
             LoRARequest(**bad)
     assert not llm.engine.has_unfinished_requests()
     llm.shutdown()
+
+
+def test_server_serves_adapters_by_model_name(llama_dir, adapters, expected, tmp_path):
+    """--lora-modules as vLLM's: /v1/models lists the adapters with the base as parent, a
+    request names one by 'model' (chat, completions, streams, embeddings), and with runtime
+    updating adapters are loaded and unloaded by name."""
+    import openai
+
+    from fairswitch.config import EngineConfig
+    from fairswitch.engine.async_engine import AsyncEngine
+    from fairswitch.server import BackgroundServer, ServerSettings, build_app
+
+    engine = AsyncEngine.from_config(EngineConfig.from_kwargs(
+        model=str(llama_dir), enable_lora=True, max_loras=2, num_gpu_blocks=64,
+        max_model_len=128))
+    settings = ServerSettings(served_model_names=["base"], lora_modules={
+        "all": str(adapters["all"]), "qv": str(adapters["qv"])}, allow_runtime_lora_updating=True)
+    try:
+        with BackgroundServer(build_app(engine, settings, shutdown_engine=False)) as srv:
+            client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=0)
+            models = {m.id: m for m in client.models.list().data}
+            assert list(models) == ["base", "all", "qv"]
+            assert models["qv"].parent == "base" and models["qv"].root == str(adapters["qv"])
+            assert client.models.retrieve("all").parent == "base"
+
+            def tokens(model: str, i: int, stream: bool = False) -> list[int]:
+                if stream:
+                    chunks = client.completions.create(
+                        model=model, prompt=PROMPTS[i], max_tokens=10, temperature=0.0,
+                        stream=True, extra_body={"return_token_ids": True})
+                    return [t for c in chunks for t in (c.choices[0].token_ids or [])]
+                out = client.completions.create(model=model, prompt=PROMPTS[i], max_tokens=10,
+                                                temperature=0.0,
+                                                extra_body={"return_token_ids": True})
+                assert out.model == model if model != "base" else out.model == "base"
+                return out.choices[0].token_ids
+
+            assert tokens("all", 0) == expected[("all", 0)]
+            assert tokens("qv", 2, stream=True) == expected[("qv", 2)]
+            assert tokens("base", 1) == expected[(None, 1)]
+            with pytest.raises(openai.NotFoundError, match="base, all, qv"):
+                tokens("mlp", 0)
+            emb = [client.embeddings.create(model=m, input=PROMPTS[0]).data[0].embedding
+                   for m in ("base", "all")]
+            assert emb[0] != emb[1]
+
+            def post(path: str, body: dict) -> Reply:
+                req = urllib.request.Request(f"{srv.url}{path}", json.dumps(body).encode(),
+                                             {"Content-Type": "application/json"})
+                try:
+                    with urllib.request.urlopen(req, timeout=60) as r:
+                        return Reply(r.status, r.read().decode())
+                except urllib.error.HTTPError as e:
+                    return Reply(e.code, e.read().decode())
+
+            r = post("/v1/load_lora_adapter", {"lora_name": "mlp",
+                                               "lora_path": str(adapters["mlp"])})
+            assert r.status_code == 200 and "added successfully" in r.text
+            assert tokens("mlp", 1) == expected[("mlp", 1)]
+            assert post("/v1/load_lora_adapter", {"lora_name": "mlp", "lora_path": "x"}
+                        ).status_code == 400
+            bad = post("/v1/load_lora_adapter", {"lora_name": "bad",
+                                                 "lora_path": str(tmp_path / "none")})
+            assert bad.status_code == 400 and "not a folder" in bad.text
+            assert post("/v1/load_lora_adapter", {"lora_name": "base",
+                                                  "lora_path": str(adapters["qv"])}
+                        ).status_code == 400
+            r = post("/v1/unload_lora_adapter", {"lora_name": "all"})
+            assert r.status_code == 200 and "removed successfully" in r.text
+            assert post("/v1/unload_lora_adapter", {"lora_name": "all"}).status_code == 404
+            with pytest.raises(openai.NotFoundError):
+                tokens("all", 0)
+            # Loaded again under the same name: a fresh id, its KV cached apart.
+            assert post("/v1/load_lora_adapter", {"lora_name": "all",
+                                                  "lora_path": str(adapters["qv"])}
+                        ).status_code == 200
+            assert tokens("all", 2) == expected[("qv", 2)]
+    finally:
+        engine.shutdown()
+
+
+def test_lora_modules_are_checked_at_start(llama_dir, adapters):
+    from fairswitch.cli.serve import lora_modules
+    from fairswitch.config import EngineConfig
+    from fairswitch.engine.async_engine import AsyncEngine
+    from fairswitch.server import ServerSettings, build_app
+
+    assert lora_modules(["a=/x/y", '{"name": "b", "path": "/z", "base_model_name": "m"}']) \
+        == {"a": "/x/y", "b": "/z"}
+    for bad, message in ((["a"], "not name=path"), (["a=/x", "a=/y"], "given twice"),
+                         (["{bad"], "not valid JSON"), (['{"name": "a"}'], "not name=path")):
+        with pytest.raises(ValueError, match=message):
+            lora_modules(bad)
+    plain = AsyncEngine.from_config(EngineConfig.from_kwargs(
+        model=str(llama_dir), num_gpu_blocks=64, max_model_len=64))
+    try:
+        with pytest.raises(ValueError, match="add --enable-lora"):
+            build_app(plain, ServerSettings(lora_modules={"a": str(adapters["qv"])}),
+                      shutdown_engine=False)
+    finally:
+        plain.shutdown()
+    engine = AsyncEngine.from_config(EngineConfig.from_kwargs(
+        model=str(llama_dir), enable_lora=True, max_lora_rank=8, num_gpu_blocks=64,
+        max_model_len=64))
+    try:
+        with pytest.raises(ValueError, match="above max_lora_rank=8"):
+            build_app(engine, ServerSettings(lora_modules={"m": str(adapters["mlp"])}),
+                      shutdown_engine=False)
+    finally:
+        engine.shutdown()

@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 
 from fairswitch.cli.files import read_chat_template
 from fairswitch.config import EngineConfig, ModelConfig, add_engine_args
@@ -69,6 +70,11 @@ def add_parser(subs: argparse._SubParsersAction) -> argparse.ArgumentParser:
     s.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default=argparse.SUPPRESS,
                    help="verbosity of fairswitch's loggers (default: info: one access line "
                         "per request, refusals with their cause)")
+    s.add_argument("--allow-runtime-lora-updating", action="store_true",
+                   help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter, which "
+                        "add and remove LoRA adapters by name while serving (vLLM's "
+                        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True does the same; any client may "
+                        "then have a folder of the server's read)")
     s.add_argument("--disable-log-requests", action="store_true",
                    help="no access line per request (refusals are still logged)")
     s.add_argument("--disable-log-stats", action="store_true",
@@ -109,6 +115,10 @@ def add_reply_options(g: argparse._ActionsContainer) -> None:
     g.add_argument("--return-tokens-as-token-ids", action="store_true",
                    help="logprobs name each token 'token_id:<id>' instead of by its text (a "
                         "request's return_tokens_as_token_ids overrides it), as vLLM")
+    g.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
+                   help="LoRA adapters (PEFT folders) served as models of their own, as vLLM: "
+                        "name=path, or JSON {\"name\": ..., \"path\": ...}; a request whose "
+                        "'model' is the name runs with the adapter (needs --enable-lora)")
 
 
 def reply_settings(args: argparse.Namespace) -> dict:
@@ -125,7 +135,31 @@ def reply_settings(args: argparse.Namespace) -> dict:
                 trust_request_chat_template=args.trust_request_chat_template,
                 tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None,
                 reasoning_parser=args.reasoning_parser,
-                return_tokens_as_token_ids=args.return_tokens_as_token_ids)
+                return_tokens_as_token_ids=args.return_tokens_as_token_ids,
+                lora_modules=lora_modules(args.lora_modules))
+
+
+def lora_modules(values: list[str]) -> dict[str, str]:
+    """``--lora-modules`` entries (``name=path`` or a JSON object with ``name`` and ``path``)
+    -> {name: path}; ValueError for a malformed entry or a name given twice."""
+    modules: dict[str, str] = {}
+    for value in values:
+        if value.lstrip().startswith("{"):
+            try:
+                spec = json.loads(value)
+            except ValueError as e:
+                raise ValueError(f"--lora-modules: {value!r} is not valid JSON ({e})") from None
+            name, path = (spec.get("name"), spec.get("path")) if isinstance(spec, dict) \
+                else (None, None)
+        else:
+            name, _, path = value.partition("=")
+        if not (isinstance(name, str) and name and isinstance(path, str) and path):
+            raise ValueError(f"--lora-modules: {value!r} is not name=path or "
+                             "{\"name\": ..., \"path\": ...}")
+        if name in modules:
+            raise ValueError(f"--lora-modules: {name!r} is given twice")
+        modules[name] = path
+    return modules
 
 
 def _json_list(text: str) -> list[str]:
@@ -172,9 +206,15 @@ def run(args: argparse.Namespace) -> int:
         log_stats_interval_s=None if args.disable_log_stats else DEFAULT_LOG_STATS_S,
         cors=CorsPolicy(tuple(args.allowed_origins), tuple(args.allowed_methods),
                         tuple(args.allowed_headers), args.allow_credentials),
+        allow_runtime_lora_updating=args.allow_runtime_lora_updating or os.environ.get(
+            "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower() in ("1", "true"),
         **reply_settings(args))
     engine = AsyncEngine.from_config(EngineConfig.from_cli_args(args))
-    app = build_app(engine, settings)
+    try:  # (a bad --lora-modules adapter is found here)
+        app = build_app(engine, settings)
+    except BaseException:
+        engine.shutdown()
+        raise
 
     def started(url: str) -> None:
         # Printed (not logged) so that scripts can wait for it; port 0 shows the chosen port.

@@ -106,12 +106,13 @@ class AsyncEngine:
                        prompt_token_ids: list[int] | None = None, priority: int = 0,
                        client_id: str | None = None,
                        queue_places: int = 1, held_by: str | None = None,
-                       pooling: PoolingParams | None = None
+                       pooling: PoolingParams | None = None, lora_request: Any = None
                        ) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs as they come; the last one has ``finished=True``.
         One sequence (``params.n == 1``): for n, generate each of ``params.copies()``.
         ``queue_places``, ``held_by``: Scheduler.add_request (n choices admitted together);
-        ``pooling``: an embedding request (Engine.add_request: its last output holds it). A
+        ``pooling``: an embedding request (Engine.add_request: its last output holds it);
+        ``lora_request``: its LoRA adapter (a LoRARequest, Engine.add_request). A
         prompt of the wrong type raises TypeError (as in ``LLM.generate``), other bad input
         ValueError;
         ``shutdown()`` ends the stream with ``finish_reason="abort"``, a failed step
@@ -134,7 +135,8 @@ class AsyncEngine:
                 await self._call(lambda: self.engine.add_request(
                     prompt, params, request_id=request_id, prompt_token_ids=prompt_token_ids,
                     priority=priority, client_id=client_id, queue_places=queue_places,
-                    held_by=held_by, grammar=grammar, pooling=pooling))
+                    held_by=held_by, grammar=grammar, pooling=pooling,
+                    lora_request=lora_request))
             except Exception:
                 # Not added: nothing to abort, and a request the engine holds under this id
                 # is another caller's. (Cancelled, the add may have run: it is aborted below.)

@@ -49,6 +49,7 @@ from fairswitch.server.embeddings import (EmbeddingRequest, PairRequest, embeddi
 from fairswitch.server.errors import (APIError, Handler, bad_request, error_middleware,
                                       log_refusal, quiet_protocol_errors)
 from fairswitch.server.inflight import InFlight
+from fairswitch.server.lora_routes import ServedAdapters
 from fairswitch.server.metrics import (CONTENT_TYPE, RequestTracker, ServerMetrics,
                                        engine_snapshot)
 from fairswitch.server.prompts import PromptWorker
@@ -94,6 +95,9 @@ class OpenAIServer:
         self.engine = engine
         self.settings = settings
         self.model_name = settings.served_model_names[0]
+        # (first: a bad --lora-modules adapter fails before any worker thread starts)
+        self.adapters = ServedAdapters(engine, settings.served_model_names,
+                                       settings.lora_modules)
         self.core = engine.engine  # read-only use: tokenizer, limits, prompt validation
         self.tokenizer = self.core.tokenizer
         self._token_texts: dict[int, str] = {}  # (at most the vocabulary's)
@@ -117,9 +121,10 @@ class OpenAIServer:
             raise bad_request(f"the request body cannot be read: {_payload_error(e)}") from e
 
     def _check_model(self, model: str | None) -> None:
-        if model is not None and model not in self.settings.served_model_names:
+        names = self.settings.served_model_names
+        if model is not None and model not in names and model not in self.adapters.by_name:
             raise APIError(404, f"The model `{model}` does not exist; this server serves "
-                           f"{', '.join(self.settings.served_model_names)}.", param="model",
+                           f"{', '.join(names + self.adapters.names())}.", param="model",
                            code="model_not_found")
 
     def _validate_prompt(self, text: str | None, ids: list[int] | None,
@@ -166,7 +171,7 @@ class OpenAIServer:
         req, prompts = await self.prompts.run(self._embedding_prompts, await self._body(request))
         response_id = "embd-" + uuid.uuid4().hex
         vectors, num_tokens = await self._embed(request, response_id, prompts, req.pooling,
-                                                req.priority, req.user)
+                                                req.priority, req.user, req.model)
         return web.json_response(embedding_response(
             response_id, int(time.time()), req.model or self.model_name, vectors, num_tokens,
             req.base64))
@@ -191,7 +196,7 @@ class OpenAIServer:
         req, prompts = await self.prompts.run(self._score_prompts, await self._body(request))
         response_id = "score-" + uuid.uuid4().hex
         vectors, num_tokens = await self._embed(request, response_id, prompts, PoolingParams(),
-                                                req.priority, req.user)
+                                                req.priority, req.user, req.model)
         scores = pair_scores(vectors[:len(req.first)], vectors[len(req.first):])
         return web.json_response(score_response(
             response_id, int(time.time()), req.model or self.model_name, scores, num_tokens))
@@ -202,18 +207,21 @@ class OpenAIServer:
         req, prompts = await self.prompts.run(self._rerank_prompts, await self._body(request))
         response_id = "rerank-" + uuid.uuid4().hex
         vectors, num_tokens = await self._embed(request, response_id, prompts, PoolingParams(),
-                                                req.priority, req.user)
+                                                req.priority, req.user, req.model)
         return web.json_response(rerank_response(
             response_id, req.model or self.model_name, req.second,
             pair_scores(vectors[:1], vectors[1:]), req.top_n, num_tokens))
 
     async def _embed(self, request: web.Request, response_id: str,
                      prompts: list[tuple[str | None, list[int]]], pooling: PoolingParams,
-                     priority: int, user: str | None) -> tuple[list[list[float]], int]:
+                     priority: int, user: str | None, model: str | None
+                     ) -> tuple[list[list[float]], int]:
         """The embeddings of ``prompts``, and their tokens: every one an embedding request,
-        admitted together (a place in the waiting queue for each, or a 503)."""
+        admitted together (a place in the waiting queue for each, or a 503); ``model``: the
+        request's (an adapter's name: with that LoRA adapter)."""
         if self.in_flight.aborting:
             raise self._aborted()
+        lora = await self.adapters.lookup(model)
         record = self.in_flight.record(request)
         record.client_id = request.headers.get("X-Client-Id") or user
         record.priority = priority
@@ -222,7 +230,8 @@ class OpenAIServer:
         async def embed(rid: str, text: str | None, ids: list[int]) -> RequestOutput:
             return await last_output(self.engine.generate(
                 text, None, request_id=rid, prompt_token_ids=ids, priority=priority,
-                client_id=record.client_id, held_by=response_id, pooling=pooling))
+                client_id=record.client_id, held_by=response_id, pooling=pooling,
+                lora_request=lora))
 
         try:
             await self.engine.reserve_places(response_id, len(prompts))
@@ -350,6 +359,7 @@ class OpenAIServer:
         self._check_n(req.n, len(prompts))
         for _, _, max_tokens in prompts:
             req.check_min_tokens(max(max_tokens, 1))
+        lora = await self.adapters.lookup(req.model)
         response_id = fmt.id_prefix + uuid.uuid4().hex
         client_id = request.headers.get("X-Client-Id") or req.user
         record = self.in_flight.record(request)
@@ -379,13 +389,14 @@ class OpenAIServer:
                               for choice in choices], response_id,
                 stopping=lambda: self.in_flight.aborting,
                 on_step=lambda ids: setattr(record, "request_ids", ids),
-                priority=req.priority, client_id=client_id)
+                priority=req.priority, client_id=client_id, lora_request=lora)
         else:
             outputs = choice_outputs(self.engine, choices, response_id, priority=req.priority,
-                                     client_id=client_id)
+                                     client_id=client_id, lora_request=lora)
         tracker = record.tracker = self.metrics.track()
-        reply = _Reply(response_id, int(time.time()), self.model_name, fmt, shaper,
-                       req.n * len(prompts), shape)
+        model = lora.lora_name if lora is not None else self.model_name
+        reply = _Reply(response_id, int(time.time()), model, fmt, shaper, req.n * len(prompts),
+                       shape)
         # Closing the iterator aborts the requests in the engine unless they finished: on
         # errors, on a client that went away, and when aiohttp cancels this handler.
         async with contextlib.aclosing(outputs):
@@ -532,13 +543,16 @@ class OpenAIServer:
 
     async def models(self, request: web.Request) -> web.Response:
         data = [self._model_card(name) for name in self.settings.served_model_names]
+        data += self.adapters.cards(self.created, self.model_name)
         return web.json_response({"object": "list", "data": data})
 
     async def model(self, request: web.Request) -> web.Response:
         """OpenAI's ``GET /v1/models/{model}`` (``client.models.retrieve``)."""
         name = request.match_info["model"]
         self._check_model(name)
-        return web.json_response(self._model_card(name))
+        card = next((c for c in self.adapters.cards(self.created, self.model_name)
+                     if c["id"] == name), None)
+        return web.json_response(card or self._model_card(name))
 
     def _model_card(self, name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": self.created, "owned_by": "fairswitch",
@@ -740,6 +754,9 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None, *,
     app.router.add_get("/metrics", server.prometheus)
     app.router.add_post("/tokenize", server.tokenize)
     app.router.add_post("/detokenize", server.detokenize)
+    if settings.allow_runtime_lora_updating:
+        app.router.add_post("/v1/load_lora_adapter", server.adapters.load)
+        app.router.add_post("/v1/unload_lora_adapter", server.adapters.unload)
 
     async def stop_prompt_workers(app: web.Application) -> None:
         server.prompts.close()

@@ -37,6 +37,11 @@ class ServerSettings:
     reasoning_parser: str | None = None
     # Logprobs name tokens "token_id:<id>" unless a request says otherwise (vLLM's flag).
     return_tokens_as_token_ids: bool = False
+    # LoRA adapters served as models of their own: name -> PEFT folder (vLLM's --lora-modules;
+    # the engine needs enable_lora), and whether /v1/load_lora_adapter and
+    # /v1/unload_lora_adapter change them while serving (vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING).
+    lora_modules: dict[str, str] = field(default_factory=dict)
+    allow_runtime_lora_updating: bool = False
 
     def __post_init__(self) -> None:
         if not self.served_model_names:
