@@ -341,3 +341,30 @@ def test_embeddings_on_gpu_match_the_cpu(llama_dir):
         torch.testing.assert_close(torch.tensor(out.outputs.embedding),
                                    torch.tensor(cpu[i % 3].outputs.embedding),
                                    atol=1e-4, rtol=1e-3)
+
+
+def test_lora_adapters_on_gpu_with_graphs_match_peft(llama_dir, tmp_path):
+    """fp32: adapters mixed in decode and mixed-step CUDA graphs (the slots' matmuls captured,
+    a slot reloaded between replays) give PEFT's greedy tokens on the GPU."""
+    from test_lora import PROMPTS, peft_greedy, write_adapter
+
+    from fairswitch.lora.request import LoRARequest
+
+    dirs = {"all": write_adapter(llama_dir, tmp_path / "all", seed=1),
+            "qv": write_adapter(llama_dir, tmp_path / "qv", seed=2, rank=4,
+                                modules=["q_proj", "v_proj"]),
+            "mlp": write_adapter(llama_dir, tmp_path / "mlp", seed=3, rank=16,
+                                 modules=["gate_proj", "down_proj"])}
+    lora = {name: LoRARequest(name, i + 1, str(d)) for i, (name, d) in enumerate(dirs.items())}
+    llm = LLM(model=str(llama_dir), device="cuda", dtype="float32", num_gpu_blocks=512,
+              max_num_batched_tokens=32, max_num_seqs=16, enable_lora=True, max_loras=2)
+    assert llm.engine.runner.graphs is not None and llm.engine.runner.mixed_graphs is not None
+    names = ["all", "qv", None, "mlp", "all", "qv", "mlp", None]
+    prompts = [PROMPTS[i % len(PROMPTS)] * (1 + i % 3) for i in range(len(names))]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(max_tokens=12, temperature=0.0), use_tqdm=False,
+                        lora_request=[lora[n] if n else None for n in names])
+    for out, prompt, name in zip(outs, prompts, names):
+        want = peft_greedy(llama_dir, dirs[name] if name else None, prompt, 12, "cuda")
+        assert list(out.outputs[0].token_ids) == want, name
+    llm.engine.check_accounting()

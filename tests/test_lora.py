@@ -47,15 +47,16 @@ def write_adapter(base_dir: Path, out: Path, seed: int, rank: int = 8, alpha: in
     return out
 
 
-def peft_greedy(base_dir: Path, adapter_dir: Path | None, prompt: list[int], n: int) -> list[int]:
+def peft_greedy(base_dir: Path, adapter_dir: Path | None, prompt: list[int], n: int,
+                device: str = "cpu") -> list[int]:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(device)
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, adapter_dir)
     model.eval()
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=device)
     with torch.no_grad():
         out = model.generate(input_ids=ids, max_new_tokens=n, do_sample=False,
                              attention_mask=torch.ones_like(ids), pad_token_id=0)
