@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from fairswitch.config import EngineConfig
 from fairswitch.engine.beam_search import BeamSearchParams
+from fairswitch.lora.request import LoRARequest
 from fairswitch.outputs import (CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput,
                                 RequestOutput)
 from fairswitch.pooling_params import PoolingParams
@@ -40,5 +41,5 @@ def __getattr__(name: str):
 __all__ = [
     "LLM", "AsyncEngine", "Engine", "EngineConfig", "SamplingParams", "StructuredOutputsParams",
     "RequestOutput", "CompletionOutput", "BeamSearchParams", "PoolingParams",
-    "EmbeddingRequestOutput", "EmbeddingOutput", "__version__",
+    "EmbeddingRequestOutput", "EmbeddingOutput", "LoRARequest", "__version__",
 ]
