@@ -1,7 +1,10 @@
-"""FP8 KV accuracy on the trained default model: greedy agreement and next-token KL, fp8 vs the
-model's own dtype (bf16 on CUDA, fp32 on the CPU), in one run.
+"""FP8 KV (or, with ``--quantize weights``, FP8 weights) accuracy on the trained default model:
+greedy agreement and next-token KL, fp8 vs the model's own dtype (bf16 on CUDA, fp32 on the CPU),
+in one run.
 
     python3 benchmarks/fp8_kv_accuracy.py --output benchmarks/results/fp8_kv_accuracy.json
+    python3 benchmarks/fp8_kv_accuracy.py --quantize weights \
+        --output benchmarks/results/fp8_weights_accuracy.json
 
 Two engines, one per KV dtype, same weights, in one process: each takes a fixed KV cache
 (``--kv-cache-memory-gib``, 2 GiB here), since sizing from free memory would leave the second
@@ -84,8 +87,11 @@ def compare(reference: LLM, fp8: LLM, prompts: list[str], max_tokens: int) -> di
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_engine_options(p, fixed={"kv_cache_dtype": "auto, then fp8"}, model="fairswitch-tiny",
-                       max_model_len=1024, kv_cache_memory_gib=2.0)
+    add_engine_options(p, fixed={"kv_cache_dtype": "auto, then fp8 (--quantize kv)",
+                                 "quantization": "none, then fp8 (--quantize weights)"},
+                       model="fairswitch-tiny", max_model_len=1024, kv_cache_memory_gib=2.0)
+    p.add_argument("--quantize", choices=("kv", "weights"), default="kv",
+                   help="what is fp8 in the second engine: the KV cache or the weights")
     p.add_argument("--max-tokens", type=int, default=64, help="reply length (default: 64)")
     p.add_argument("--num-prompts", type=int, default=len(PROMPTS),
                    help=f"the first N of the built-in prompts (default: {len(PROMPTS)})")
@@ -93,20 +99,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--commit", default=None, help="commit to record (default: git HEAD)")
     args = p.parse_args(argv)
     base = engine_config(p, args)
-    reference = LLM.from_config(base.with_options(kv_cache_dtype="auto"))
-    fp8 = LLM.from_config(base.with_options(kv_cache_dtype="fp8"))
+    reference = LLM.from_config(base.with_options(kv_cache_dtype="auto", quantization=None))
+    fp8 = LLM.from_config(base.with_options(kv_cache_dtype="fp8") if args.quantize == "kv"
+                          else base.with_options(kv_cache_dtype="auto", quantization="fp8"))
     figures = compare(reference, fp8, PROMPTS[:args.num_prompts], args.max_tokens)
     figures["reference_kv_dtype"] = str(reference.engine.kv.cache.tensor.dtype)
-    figures["model"] = args.model
-    print(f"fp8 KV vs {figures['reference_kv_dtype']} KV on {args.model}: "
+    figures["reference_dtype"] = str(reference.engine.dtype)
+    figures["model"], figures["quantized"] = args.model, args.quantize
+    what = "KV" if args.quantize == "kv" else "weights"
+    ref_dtype = figures["reference_kv_dtype" if args.quantize == "kv" else "reference_dtype"]
+    print(f"fp8 {what} vs {ref_dtype} {what} on {args.model}: "
           f"{figures['identical_replies']}/{len(figures['replies'])} greedy replies identical; "
           f"over {figures['positions']} reply positions: top-1 agreement "
           f"{figures['top1_agreement']:.4f}, KL mean {figures['kl_mean']:.2e} "
           f"(P99 {figures['kl_p99']:.2e}, max {figures['kl_max']:.2e}) nats")
-    claims = [{"name": "fp8_kv_top1_agreement", "value": figures["top1_agreement"],
+    prefix = f"fp8_{args.quantize}"
+    claims = [{"name": f"{prefix}_top1_agreement", "value": figures["top1_agreement"],
                "unit": "fraction"},
-              {"name": "fp8_kv_next_token_kl_mean", "value": figures["kl_mean"], "unit": "nats"},
-              {"name": "fp8_kv_identical_greedy_replies",
+              {"name": f"{prefix}_next_token_kl_mean", "value": figures["kl_mean"],
+               "unit": "nats"},
+              {"name": f"{prefix}_identical_greedy_replies",
                "value": figures["identical_replies"] / len(figures["replies"]),
                "unit": "fraction"}]
     if args.output:

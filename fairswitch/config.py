@@ -66,6 +66,10 @@ class ModelConfig:
         "auto", "weight/activation dtype. auto: on CUDA the dtype the checkpoint's config.json "
         "declares (dtype or torch_dtype), bfloat16 where that is float32 or absent; float32 on "
         "CPU (vLLM's half and float: float16 and float32)", (*_DTYPES, *_DTYPE_ALIASES))
+    quantization: str | None = _opt(
+        None, "fp8: the decoder's projections quantized to float8_e4m3fn on load (a scale per "
+        "output row; each token's input quantized per step), as vLLM's --quantization fp8 on a "
+        "bf16 checkpoint: half the weight bytes (default: none)", ("fp8",))
     trust_remote_code: bool = _opt(
         False, "taken for vLLM's command lines, and changes nothing: no code from a checkpoint "
         "ever runs (only the built-in architectures load)")
@@ -106,6 +110,8 @@ class ModelConfig:
         self.dtype = _DTYPE_ALIASES.get(self.dtype, self.dtype)
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.quantization is not None and self.quantization not in ("fp8",):
+            raise ValueError(f"quantization must be fp8 or None, got {self.quantization!r}")
         if self.load_format not in _LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {_LOAD_FORMATS}, got {self.load_format!r}")
         if self.max_model_len is not None and self.max_model_len < 1:

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fairswitch.kernels.paged_attention import _quantize_e4m3  # (the fp8 KV write's rounding)
+
 
 @triton.jit
 def _add_rmsnorm_kernel(
@@ -147,3 +149,42 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     _silu_mul_kernel[(T, triton.cdiv(inter, block))](gate_up, out, inter, gate_up.stride(0),
                                                      out.stride(0), BLOCK=block)
     return out
+
+
+@triton.jit
+def _quantize_fp8_rows_kernel(
+    x_ptr,  # [T, K] input
+    q_ptr,  # [T, K] float8_e4m3fn output
+    scale_ptr,  # [T] float32 output
+    K, stride_x, stride_q,
+    FP8_MAX: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # grid: (T,): the row's max |x| in a first pass, then x / scale in a second
+    row = tl.program_id(0).to(tl.int64)
+    amax = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(0, K, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    m = tl.max(amax, axis=0)
+    scale = tl.where(m > 0, m / FP8_MAX, 1.0)
+    tl.store(scale_ptr + row, scale)
+    for start in range(0, K, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < K
+        x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+        tl.store(q_ptr + row * stride_q + offs, _quantize_e4m3(x, scale), mask=mask)
+
+
+def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """reference.quantize_fp8_rows in one launch: (float8_e4m3fn [T, K], float32 scales [T, 1])."""
+    assert x.dim() == 2 and x.stride(-1) == 1
+    T, K = x.shape
+    q = torch.empty((T, K), dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty((T, 1), dtype=torch.float32, device=x.device)
+    if T == 0:
+        return q, scale
+    _quantize_fp8_rows_kernel[(T,)](x, q, scale, K, x.stride(0), q.stride(0), FP8_MAX=448.0,
+                                    BLOCK=min(4096, triton.next_power_of_2(K)))
+    return q, scale

@@ -35,6 +35,15 @@ def dequantize_fp8(x: torch.Tensor, scale: torch.Tensor | float,
     return (x.float() * scale).to(dtype)
 
 
+def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of ``x`` [T, K] in float8_e4m3fn at its own scale (FP8 weights' dynamic
+    per-token activation scales): scale = max |row| / FP8_MAX (1 for a zero row), in float32
+    [T, 1]; the row stored as x / scale rounded to nearest."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float()
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return quantize_fp8(x, scale), scale
+
+
 def check_kv_scales(cache_dtype: torch.dtype, k_scale: torch.Tensor | None,
                     v_scale: torch.Tensor | None) -> bool:
     """Whether the cache is fp8; asserts its scales are given (1-element float32) or absent."""

@@ -87,3 +87,19 @@ def test_engine_with_fused_ops_matches_transformers_fp32(monkeypatch, llama_dir)
     out = llm.generate([ids], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True),
                        use_tqdm=False)
     assert out[0].outputs[0].token_ids == hf_greedy(llama_dir, ids, 8, device=str(DEVICE))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [64, 200, 4096 + 32 if DEVICE.type == "cuda" else 4128])
+def test_quantize_fp8_rows(dtype, k):
+    """Per-row fp8 quantization (FP8 weights' activations), a zero row included: the
+    reference's scales and codes, bit for bit."""
+    g = torch.Generator(device=DEVICE).manual_seed(k)
+    x = torch.randn((5, k), dtype=dtype, device=DEVICE, generator=g) * torch.tensor(
+        [1.0, 1e-3, 300.0, 0.0, 5.0], dtype=dtype, device=DEVICE)[:, None]
+    q, scale = fused.quantize_fp8_rows(x)
+    q_ref, scale_ref = ref.quantize_fp8_rows(x)
+    torch.testing.assert_close(scale, scale_ref, rtol=1e-6, atol=0)
+    assert scale[3].item() == 1.0 and not q[3].float().any()
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    torch.testing.assert_close(q.float() * scale, x.float(), rtol=0.07, atol=1e-30)

@@ -368,3 +368,28 @@ def test_lora_adapters_on_gpu_with_graphs_match_peft(llama_dir, tmp_path):
         want = peft_greedy(llama_dir, dirs[name] if name else None, prompt, 12, "cuda")
         assert list(out.outputs[0].token_ids) == want, name
     llm.engine.check_accounting()
+
+
+def test_fp8_weights_on_gpu_with_graphs(monkeypatch):
+    """--quantization fp8 on the GPU (torch._scaled_mm, rowwise scales; the per-token
+    quantization kernel in the CUDA graphs): the trained model's replies stay close to bf16's,
+    as benchmarks/fp8_kv_accuracy.py --quantize weights measures, and an engine with LoRA slots
+    runs over the quantized projections."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import fp8_kv_accuracy
+    from workloads.chat_prompts import CHAT_PROMPTS
+
+    base = EngineConfig.from_kwargs(device="cuda", max_model_len=512, kv_cache_memory_gib=1.0)
+    fp8 = LLM.from_config(base.with_options(quantization="fp8"))
+    assert fp8.engine.runner.graphs is not None
+    layer = fp8.engine.runner.model.layers[0]
+    assert layer.self_attn.qkv_proj.weight.dtype == torch.float8_e4m3fn
+    figures = fp8_kv_accuracy.compare(LLM.from_config(base), fp8, CHAT_PROMPTS[:8],
+                                      max_tokens=32)
+    assert figures["top1_agreement"] >= 0.9, figures
+    assert figures["kl_mean"] < 0.05, figures
+    del fp8
+    gc.collect()
+    lora = LLM.from_config(base.with_options(quantization="fp8", enable_lora=True))
+    out = lora.generate("Hello", SamplingParams(max_tokens=8, temperature=0.0), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 8

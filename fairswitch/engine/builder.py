@@ -32,6 +32,7 @@ from fairswitch.lora.store import AdapterStore
 from fairswitch.lora.weights import attach_lora
 from fairswitch.model import loader
 from fairswitch.model.checkpoint_config import CheckpointConfig
+from fairswitch.model.quantization import quantize_weights_fp8_
 from fairswitch.model.generation_config import GenerationConfig, read_generation_config
 from fairswitch.runner.attention import get_attention_backend
 from fairswitch.runner.jit_watch import JIT_CLOCK
@@ -185,6 +186,8 @@ def build_rank(config: EngineConfig, tp: TPGroup, device: torch.device,
     else:
         loader.load_weights(model, source.checkpoint_dir)
     logger.info("loaded %s (%s, %s) in %.1fs", mc.model, dtype, device, time.perf_counter() - t0)
+    if mc.quantization == "fp8":
+        quantize_weights_fp8_(model, backend.ops)
     lc = config.lora
     if lc.enable_lora:  # (before the CUDA graphs: they capture the slots' matmuls)
         attach_lora(model, lc.max_loras, lc.max_lora_rank)

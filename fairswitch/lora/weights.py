@@ -39,8 +39,9 @@ class LoRALayer:
         self.shard = shard
         out_local, in_local = weight.shape
         width = len(parts) * state.max_loras * state.max_rank
-        self.a = torch.zeros(width, in_local, dtype=weight.dtype, device=weight.device)
-        self.b = torch.zeros(out_local, width, dtype=weight.dtype, device=weight.device)
+        # (the model's dtype: a quantized projection's weight is fp8)
+        self.a = torch.zeros(width, in_local, dtype=state.dtype, device=weight.device)
+        self.b = torch.zeros(out_local, width, dtype=state.dtype, device=weight.device)
 
     def _cols(self, part: int, slot: int) -> slice:
         start = (part * self.state.max_loras + slot) * self.state.max_rank

@@ -26,6 +26,7 @@ from fairswitch.distributed.parallel_state import SINGLE, TPGroup
 from fairswitch.distributed.shard_plan import Shard, ShardPlan, split_intermediate
 from fairswitch.kv.kv_cache import KVLayer
 from fairswitch.model.checkpoint_config import CheckpointConfig
+from fairswitch.model.quantization import fp8_linear
 
 
 class Linear(nn.Module):
@@ -43,9 +44,23 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype),
                                  requires_grad=False) if bias else None
         self.lora: Any = None  # LoRA adapters' slots (lora/weights.py), when served
+        # FP8 weights (model/quantization.py): the weight in float8_e4m3fn, its row scales
+        self.weight_scale: torch.Tensor | None = None
+        self.quant_ops: Any = None
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ weight.T`` (no bias), in fp8 for quantized weights."""
+        if self.weight_scale is not None:
+            return fp8_linear(x, self.weight, self.weight_scale, self.quant_ops)
+        return F.linear(x, self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        if self.weight_scale is None:
+            y = F.linear(x, self.weight, self.bias)
+        else:
+            y = self.matmul(x)
+            if self.bias is not None:
+                y.add_(self.bias)
         if self.lora is not None:
             self.lora.add_to(x, y)
         return y
@@ -62,7 +77,7 @@ class RowParallelLinear(Linear):
         self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        partial = F.linear(x, self.weight)
+        partial = self.matmul(x)
         if self.lora is not None:  # (this rank's input columns: a partial sum as well)
             self.lora.add_to(x, partial)
         out = self.tp.all_reduce(partial)
