@@ -1,6 +1,6 @@
-"""FP8 weights (``quantization="fp8"``, model/quantization.py): the projections in e4m3 with a
-scale per output row, each token's input quantized per step; on the CPU the same path runs
-(torch's fp8 matmul) so the engine's logic is tested here."""
+"""FP8 weights (``quantization="fp8"``, model/quantization.py): the projections in e4m3 at one
+scale each, their inputs quantized at a dynamic scale every step; on the CPU the same product
+runs in float32, so the engine's logic is tested here."""
 
 from __future__ import annotations
 
@@ -23,11 +23,11 @@ def test_fp8_linear_is_the_dequantized_product():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(5, 64, generator=g)
     w = torch.randn(32, 64, generator=g)
-    scale = w.abs().amax(dim=1) / 448
-    wq = (w / scale[:, None]).to(torch.float8_e4m3fn)
-    y = fp8_linear(x, wq, scale[None, :].contiguous(), ref)
-    xq, xs = ref.quantize_fp8_rows(x)
-    want = (xq.float() * xs) @ (wq.float() * scale[:, None]).t()
+    scale = w.abs().amax() / 448
+    wq = (w / scale).to(torch.float8_e4m3fn)
+    y = fp8_linear(x, wq, scale, ref)
+    xq, xs = ref.quantize_fp8_tensor(x)
+    want = (xq.float() * xs) @ (wq.float() * scale).t()
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
     exact = x @ w.t()  # and close to the unquantized: e4m3 keeps 3 mantissa bits
     assert (y - exact).norm() / exact.norm() < 0.05
@@ -52,8 +52,9 @@ def test_the_trained_model_replies_nearly_as_unquantized(monkeypatch):
 
 
 def test_fp8_weights_under_preemption_and_with_two_ranks():
-    """Quantized weights under swap preemption, and at TP=2, give TP=1's greedy replies, but
-    where a near tie goes the other way."""
+    """Quantized weights under swap preemption, and at TP=2, reply as TP=1 does, near enough:
+    the activations' scale is the step's (vLLM's dynamic per-tensor scale), so a reply's tokens
+    depend a little on the batch it ran in, and at TP=2 each rank scales its own share."""
     prompts = [[{"role": "user", "content": p}] for p in CHAT_PROMPTS[:6]]
     params = SamplingParams(max_tokens=32, temperature=0.0)
     one = LLM(quantization="fp8", dtype="float32", num_gpu_blocks=256, max_model_len=256)
@@ -63,20 +64,16 @@ def test_fp8_weights_under_preemption_and_with_two_ranks():
                 max_model_len=160, swap_space=0.05, preemption_mode="swap")
     swapped = [o.outputs[0].token_ids for o in tight.chat(prompts, params, use_tqdm=False)]
     assert tight.engine.scheduler.num_preemptions > 0
+    tight.engine.check_accounting()
     tight.shutdown()
-    # (the fp8 matmul's sums run in an order that depends on the batch's rows: a near tie may
-    # go the other way in another batch, so replies agree, not all to the end)
-    assert sum(a == b for a, b in zip(swapped, want)) >= 4, (swapped, want)
-    assert all(a[:8] == b[:8] for a, b in zip(swapped, want))
-    # At TP=2 each rank scales its own share of a row-parallel projection's rows and of its
-    # input's tokens: a finer quantization than TP=1's, near it, not equal.
     two = LLM(quantization="fp8", dtype="float32", num_gpu_blocks=256, max_model_len=256,
               tensor_parallel_size=2)
     got = [o.outputs[0].token_ids
            for o in two.chat(prompts[:4], SamplingParams(max_tokens=8, temperature=0.0),
                              use_tqdm=False)]
     two.shutdown()
-    assert sum(a == b[:8] for a, b in zip(got, want)) >= 3, (got, want)
+    for replies in (swapped, got):
+        assert sum(a[:4] == b[:4] for a, b in zip(replies, want)) >= 3, (replies, want)
 
 
 def test_bad_quantization_is_refused():

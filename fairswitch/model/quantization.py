@@ -1,12 +1,14 @@
-"""FP8 weights (vLLM's ``--quantization fp8`` on a bf16 checkpoint): each projection of the
-decoder layers (q|k|v, o, gate|up, down) is quantized once, after loading, to float8_e4m3fn with
-one scale per output row (max |row| / 448); each step quantizes the projection's input per token
-the same way (kernels: ``quantize_fp8_rows``) and multiplies in fp8 with both scales applied in
-the matmul's epilogue (``torch._scaled_mm``, rowwise). The embeddings, the LM head and the norms
-stay in the model's dtype.
+"""FP8 weights (vLLM's ``--quantization fp8`` on a bf16 checkpoint, as vLLM does it): each
+projection of the decoder layers (q|k|v, o, gate|up, down) is quantized once, after loading, to
+float8_e4m3fn at one scale (max |W| / 448); each step quantizes the projection's input at one
+dynamic scale the same way (kernels: ``quantize_fp8_tensor``) and multiplies in fp8, both scales
+applied in the matmul's epilogue (``torch._scaled_mm``, tensorwise). The embeddings, the LM head
+and the norms stay in the model's dtype.
 
-Decode steps read the weights, so half the bytes is close to half the time where they dominate
-(small batches); each projection gains one launch (its input's quantization).
+Why per tensor, not a scale per weight row and per token (finer): on an H100, cuBLAS's fp8
+matmuls with row scales took 1.2-1.7x the time of the tensorwise ones at M = 1-64 for Llama-3-8B's
+shapes (down_proj at M=16: 44 against 26 us; bf16: 45 us), which left fp8 weights 1.06-1.10x
+faster than bf16 per decode step instead of the bytes' 2x (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -38,26 +40,24 @@ def quantize_weights_fp8_(model: Any, ops: Any) -> None:
                                  f"multiples of 16; {name} is {out_features} x {in_features} "
                                  "on this rank")
             w = linear.weight.data
-            amax = w.abs().amax(dim=1).float()
+            amax = w.abs().amax().float()
             scale = torch.where(amax > 0, amax / _MAX, torch.ones_like(amax))
-            q = (w.float() / scale[:, None]).clamp(-_MAX, _MAX).to(FP8)
+            q = (w.float() / scale).clamp(-_MAX, _MAX).to(FP8)
             linear.weight = torch.nn.Parameter(q, requires_grad=False)
-            linear.weight_scale = scale[None, :].contiguous()  # [1, out] float32
+            linear.weight_scale = scale  # float32, 0-dim
             linear.quant_ops = ops
             del w
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, ops: Any
                ) -> torch.Tensor:
-    """``x @ dequantized(weight).T``, in fp8: ``x`` quantized per row, both scales applied in
-    the matmul (bias, if any, is the caller's)."""
+    """``x @ dequantized(weight).T``, in fp8: ``x`` quantized at one scale, both scales applied
+    in the matmul (bias, if any, is the caller's)."""
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    xq, x_scale = ops.quantize_fp8_rows(x2)
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    xq, x_scale = ops.quantize_fp8_tensor(x2)
     if x.is_cuda:
         y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=scale, out_dtype=x.dtype)
     else:  # the same product in float32 (torch's CPU fp8 matmul is ~15x slower than this)
-        y = ((xq.float() * x_scale) @ (weight.float() * scale.t()).t()).to(x.dtype)
+        y = ((xq.float() @ weight.float().t()) * (x_scale * scale)).to(x.dtype)
     return y.view(*lead, weight.shape[0])
