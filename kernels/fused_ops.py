@@ -152,58 +152,39 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _absmax_blocks_kernel(
-    x_ptr,  # [n] input, contiguous
-    partial_ptr,  # [num_blocks] float32: each block's max |x|
-    n,
-    BLOCK: tl.constexpr,
-):
-    # grid: (num_blocks,)
-    b = tl.program_id(0)
-    offs = b.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
-    tl.store(partial_ptr + b, tl.max(tl.abs(x), axis=0))
-
-
-@triton.jit
-def _quantize_fp8_tensor_kernel(
-    x_ptr,  # [n] input, contiguous
-    q_ptr,  # [n] float8_e4m3fn output
-    partial_ptr,  # [num_blocks] float32: the blocks' max |x| (_absmax_blocks_kernel)
-    scale_ptr,  # [1] float32 output
-    n, num_blocks,
+def _quantize_fp8_rows_kernel(
+    x_ptr,  # [T, K] input
+    q_ptr,  # [T, K] float8_e4m3fn output
+    scale_ptr,  # [T] float32 output
+    K, stride_x, stride_q,
     FP8_MAX: tl.constexpr,
     BLOCK: tl.constexpr,
-    PARTIALS: tl.constexpr,
 ):
-    # grid: (num_blocks,): every program reduces the partial maxima (a few KB), then
-    # quantizes its block; program 0 stores the scale
-    b = tl.program_id(0)
-    p = tl.arange(0, PARTIALS)
-    m = tl.max(tl.load(partial_ptr + p, mask=p < num_blocks, other=0.0), axis=0)
+    # grid: (T,): the row's max |x| in a first pass, then x / scale in a second
+    row = tl.program_id(0).to(tl.int64)
+    amax = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(0, K, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    m = tl.max(amax, axis=0)
     scale = tl.where(m > 0, m / FP8_MAX, 1.0)
-    if b == 0:
-        tl.store(scale_ptr, scale)
-    offs = b.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    tl.store(q_ptr + offs, _quantize_e4m3(x, scale), mask=mask)
+    tl.store(scale_ptr + row, scale)
+    for start in range(0, K, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < K
+        x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+        tl.store(q_ptr + row * stride_q + offs, _quantize_e4m3(x, scale), mask=mask)
 
 
-def quantize_fp8_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """reference.quantize_fp8_tensor in two launches (the blocks' maxima, then the quantized
-    values and the scale): (float8_e4m3fn like ``x``, float32 0-dim scale)."""
-    assert x.is_contiguous()
-    n = x.numel()
-    q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
-    scale = torch.ones((), dtype=torch.float32, device=x.device)
-    if n == 0:
+def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """reference.quantize_fp8_rows in one launch: (float8_e4m3fn [T, K], float32 scales [T, 1])."""
+    assert x.dim() == 2 and x.stride(-1) == 1
+    T, K = x.shape
+    q = torch.empty((T, K), dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty((T, 1), dtype=torch.float32, device=x.device)
+    if T == 0:
         return q, scale
-    block = 4096
-    num_blocks = triton.cdiv(n, block)
-    partial = torch.empty(num_blocks, dtype=torch.float32, device=x.device)
-    _absmax_blocks_kernel[(num_blocks,)](x, partial, n, BLOCK=block)
-    _quantize_fp8_tensor_kernel[(num_blocks,)](
-        x, q, partial, scale, n, num_blocks, FP8_MAX=448.0, BLOCK=block,
-        PARTIALS=max(16, triton.next_power_of_2(num_blocks)))
+    _quantize_fp8_rows_kernel[(T,)](x, q, scale, K, x.stride(0), q.stride(0), FP8_MAX=448.0,
+                                    BLOCK=min(4096, triton.next_power_of_2(K)))
     return q, scale

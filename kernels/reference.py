@@ -35,11 +35,11 @@ def dequantize_fp8(x: torch.Tensor, scale: torch.Tensor | float,
     return (x.float() * scale).to(dtype)
 
 
-def quantize_fp8_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x`` in float8_e4m3fn at one scale (FP8 weights' dynamic activation scale): scale =
-    max |x| / FP8_MAX (1 for all zeros), a float32 0-dim tensor; x stored as x / scale rounded
-    to nearest."""
-    amax = x.abs().amax().float() if x.numel() else torch.zeros((), device=x.device)
+def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of ``x`` [T, K] in float8_e4m3fn at its own scale (FP8 weights' dynamic
+    per-token activation scales): scale = max |row| / FP8_MAX (1 for a zero row), in float32
+    [T, 1]; the row stored as x / scale rounded to nearest."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float()
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
     return quantize_fp8(x, scale), scale
 

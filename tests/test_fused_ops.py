@@ -90,20 +90,18 @@ def test_engine_with_fused_ops_matches_transformers_fp32(monkeypatch, llama_dir)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 64), (5, 200), (7, 4128), (3, 0)])
-def test_quantize_fp8_tensor(dtype, shape):
-    """fp8 quantization at one dynamic scale (FP8 weights' activations), over several blocks
-    and one: the reference's scale and codes, bit for bit; all zeros keep scale 1."""
-    g = torch.Generator(device=DEVICE).manual_seed(shape[1])
-    x = torch.randn(shape, dtype=dtype, device=DEVICE, generator=g) * 3
-    if x.numel():
-        x.view(-1)[x.numel() // 2] = 300.0  # one outlier sets the scale
-    q, scale = fused.quantize_fp8_tensor(x)
-    q_ref, scale_ref = ref.quantize_fp8_tensor(x)
-    assert scale.shape == () and torch.equal(scale, scale_ref)
+@pytest.mark.parametrize("k", [64, 200, 4096 + 32 if DEVICE.type == "cuda" else 4128])
+def test_quantize_fp8_rows(dtype, k):
+    """Per-row fp8 quantization (FP8 weights' activations), a zero row included: the
+    reference's scales and codes, bit for bit."""
+    g = torch.Generator(device=DEVICE).manual_seed(k)
+    x = torch.randn((5, k), dtype=dtype, device=DEVICE, generator=g) * torch.tensor(
+        [1.0, 1e-3, 300.0, 0.0, 5.0], dtype=dtype, device=DEVICE)[:, None]
+    q, scale = fused.quantize_fp8_rows(x)
+    q_ref, scale_ref = ref.quantize_fp8_rows(x)
+    torch.testing.assert_close(scale, scale_ref, rtol=1e-6, atol=0)
+    assert scale[3].item() == 1.0 and not q[3].float().any()
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
     # Within half a step of e4m3 (3 mantissa bits), or of its subnormals' spacing 2^-9.
     err = (q.float() * scale - x.float()).abs()
     assert (err <= x.float().abs() / 16 + scale * 2.0 ** -10 * 1.001).all()
-    zeros, one = fused.quantize_fp8_tensor(torch.zeros(4, 8, dtype=dtype, device=DEVICE))
-    assert one.item() == 1.0 and not zeros.float().any()

@@ -384,10 +384,10 @@ def test_fp8_weights_on_gpu_with_graphs(monkeypatch):
     assert fp8.engine.runner.graphs is not None
     layer = fp8.engine.runner.model.layers[0]
     assert layer.self_attn.qkv_proj.weight.dtype == torch.float8_e4m3fn
-    figures = fp8_kv_accuracy.compare(LLM.from_config(base), fp8, CHAT_PROMPTS[:8],
-                                      max_tokens=32)
-    assert figures["top1_agreement"] >= 0.9, figures
-    assert figures["kl_mean"] < 0.05, figures
+    # (as the benchmark measures it: a scale per step instead of per token gave 0.34 here)
+    figures = fp8_kv_accuracy.compare(LLM.from_config(base), fp8, CHAT_PROMPTS, max_tokens=64)
+    assert figures["top1_agreement"] >= 0.95, figures
+    assert figures["kl_mean"] < 0.02, figures
     del fp8
     gc.collect()
     lora = LLM.from_config(base.with_options(quantization="fp8", enable_lora=True))

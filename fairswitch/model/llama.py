@@ -46,12 +46,13 @@ class Linear(nn.Module):
         self.lora: Any = None  # LoRA adapters' slots (lora/weights.py), when served
         # FP8 weights (model/quantization.py): the weight in float8_e4m3fn, its row scales
         self.weight_scale: torch.Tensor | None = None
+        self.one: torch.Tensor | None = None
         self.quant_ops: Any = None
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ weight.T`` (no bias), in fp8 for quantized weights."""
         if self.weight_scale is not None:
-            return fp8_linear(x, self.weight, self.weight_scale, self.quant_ops)
+            return fp8_linear(x, self.weight, self.weight_scale, self.one, self.quant_ops)
         return F.linear(x, self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,14 +1,19 @@
-"""FP8 weights (vLLM's ``--quantization fp8`` on a bf16 checkpoint, as vLLM does it): each
-projection of the decoder layers (q|k|v, o, gate|up, down) is quantized once, after loading, to
-float8_e4m3fn at one scale (max |W| / 448); each step quantizes the projection's input at one
-dynamic scale the same way (kernels: ``quantize_fp8_tensor``) and multiplies in fp8, both scales
-applied in the matmul's epilogue (``torch._scaled_mm``, tensorwise). The embeddings, the LM head
-and the norms stay in the model's dtype.
+"""FP8 weights (vLLM's ``--quantization fp8`` on a bf16 checkpoint): each projection of the
+decoder layers (q|k|v, o, gate|up, down) is quantized once, after loading, to float8_e4m3fn at one
+scale (max |W| / 448); each step quantizes the projection's input with a scale per token (one
+Triton launch: kernels' ``quantize_fp8_rows``), multiplies in fp8 with the weight's scale in the
+matmul's epilogue (``torch._scaled_mm``, tensorwise), and scales each output row by its token's
+scale. The embeddings, the LM head and the norms stay in the model's dtype.
 
-Why per tensor, not a scale per weight row and per token (finer): on an H100, cuBLAS's fp8
-matmuls with row scales took 1.2-1.7x the time of the tensorwise ones at M = 1-64 for Llama-3-8B's
-shapes (down_proj at M=16: 44 against 26 us; bf16: 45 us), which left fp8 weights 1.06-1.10x
-faster than bf16 per decode step instead of the bytes' 2x (docs/benchmarks.md).
+Why this split (H100 measurements, docs/benchmarks.md):
+- a scale per token, not one per step (vLLM's dynamic per-tensor scale): one step's scale is set
+  by its largest activation, and the first positions' (attention sinks: a prompt's first token,
+  the padding rows of a CUDA graph) are orders of magnitude above the rest, so every other token
+  lost its precision (top-1 agreement with bf16 0.34 on the trained model); a token's own scale
+  also keeps its output independent of the batch it runs in.
+- the row scales applied after the matmul, not inside it: cuBLAS's fp8 matmuls with row scales
+  took 1.2-1.7x the time of tensorwise ones at M = 1-64 (down_proj at M=16: 44 against 26 us;
+  bf16 45 us).
 """
 
 from __future__ import annotations
@@ -45,19 +50,21 @@ def quantize_weights_fp8_(model: Any, ops: Any) -> None:
             q = (w.float() / scale).clamp(-_MAX, _MAX).to(FP8)
             linear.weight = torch.nn.Parameter(q, requires_grad=False)
             linear.weight_scale = scale  # float32, 0-dim
+            linear.one = torch.ones((), device=scale.device)  # (the matmul's other scale)
             linear.quant_ops = ops
             del w
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, ops: Any
-               ) -> torch.Tensor:
-    """``x @ dequantized(weight).T``, in fp8: ``x`` quantized at one scale, both scales applied
-    in the matmul (bias, if any, is the caller's)."""
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, one: torch.Tensor,
+               ops: Any) -> torch.Tensor:
+    """``x @ dequantized(weight).T``, in fp8: ``x`` quantized per row, the weight's scale applied
+    in the matmul and the rows' after it (bias, if any, is the caller's)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    xq, x_scale = ops.quantize_fp8_tensor(x2)
+    xq, x_scale = ops.quantize_fp8_rows(x2)
     if x.is_cuda:
-        y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=scale, out_dtype=x.dtype)
+        y = torch._scaled_mm(xq, weight.t(), scale_a=scale, scale_b=one, out_dtype=x.dtype)
+        y.mul_(x_scale)
     else:  # the same product in float32 (torch's CPU fp8 matmul is ~15x slower than this)
         y = ((xq.float() @ weight.float().t()) * (x_scale * scale)).to(x.dtype)
     return y.view(*lead, weight.shape[0])
