@@ -232,6 +232,8 @@ def test_server_serves_adapters_by_model_name(llama_dir, adapters, expected, tmp
 
             assert tokens("all", 0) == expected[("all", 0)]
             assert tokens("qv", 2, stream=True) == expected[("qv", 2)]
+            assert client.responses.create(model="qv", input="Hi", max_output_tokens=4
+                                           ).model == "qv"
             assert tokens("base", 1) == expected[(None, 1)]
             with pytest.raises(openai.NotFoundError, match="base, all, qv"):
                 tokens("mlp", 0)
@@ -303,3 +305,68 @@ def test_lora_modules_are_checked_at_start(llama_dir, adapters):
                       shutdown_engine=False)
     finally:
         engine.shutdown()
+
+
+def test_a_request_waiting_for_a_slot_lets_base_requests_pass(llama_dir, adapters):
+    """One slot, held by a long request on one adapter: a request on another adapter waits for
+    it, requests without an adapter run at once, and those on the busy slot's adapter wait
+    behind the waiting one (so its slot frees: it cannot starve)."""
+    lora = _requests(adapters)
+    llm = _llm(llama_dir, max_loras=1)
+    engine = llm.engine
+    greedy = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    short = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    engine.add_request(prompt_token_ids=PROMPTS[0], params=greedy, request_id="long",
+                       lora_request=lora["all"])
+    engine.step()
+    for rid, name in (("other", "qv"), ("base", None), ("same", "all")):
+        engine.add_request(prompt_token_ids=PROMPTS[1], params=short, request_id=rid,
+                           lora_request=lora[name] if name else None)
+    first: dict[str, int] = {}
+    finished: dict[str, int] = {}
+    for step in range(1, 200):
+        for out in engine.step():
+            first.setdefault(out.request_id, step)
+            if out.finished:
+                finished[out.request_id] = step
+        if not engine.has_unfinished_requests():
+            break
+    assert first["base"] <= 3  # passed the one waiting for a slot
+    assert finished["long"] < first["other"] < first["same"]
+    assert engine.scheduler.adapters.users == [0]
+    llm.shutdown()
+
+
+def test_non_finite_adapters_are_refused(llama_dir, adapters, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    bad = shutil.copytree(adapters["qv"], tmp_path / "nan")
+    tensors = load_file(bad / "adapter_model.safetensors")
+    key = next(k for k in tensors if "lora_B" in k)
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, bad / "adapter_model.safetensors")
+    llm = _llm(llama_dir)
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        llm.generate({"prompt_token_ids": PROMPTS[0]}, use_tqdm=False,
+                     lora_request=LoRARequest("nan", 7, str(bad)))
+    llm.shutdown()
+
+
+def test_ranks_take_the_drivers_adapter_not_its_folder(llama_dir, adapters, expected, tmp_path):
+    """At TP=2 the workers copy into their slots the weights the driver read: folders removed
+    after their requests were added change nothing (a worker reading them would fail)."""
+    copies = {name: shutil.copytree(adapters[name], tmp_path / name) for name in ("all", "qv")}
+    lora = {name: LoRARequest(name, i + 1, str(d)) for i, (name, d) in enumerate(copies.items())}
+    llm = _llm(llama_dir, max_loras=1, max_cpu_loras=2, tensor_parallel_size=2,
+               max_model_len=64)
+    params = SamplingParams(max_tokens=10, temperature=0.0)
+    for name in ("all", "qv"):
+        llm.engine.check_lora(lora[name])  # (read while the folders exist)
+    for d in copies.values():
+        shutil.rmtree(d)
+    names = ["all", "qv", "all", "qv"]  # one slot: reloaded for each
+    for name in names:
+        out = llm.generate({"prompt_token_ids": PROMPTS[0]}, params, use_tqdm=False,
+                           lora_request=lora[name])[0]
+        assert list(out.outputs[0].token_ids) == expected[(name, 0)]
+    llm.shutdown()

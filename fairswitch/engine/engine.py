@@ -99,14 +99,15 @@ class Engine:
                     client_id: str | None = None, arrival_time: float | None = None,
                     queue_places: int = 1, held_by: str | None = None,
                     grammar: Any = None, pooling: PoolingParams | None = None,
-                    lora_request: LoRARequest | None = None) -> str:
+                    lora_request: LoRARequest | LoRAAdapter | None = None) -> str:
         """Validate and queue a request; return its id. Raises TypeError for a prompt of the
         wrong type, ValueError on other bad input, QueueFullError when the waiting queue has no
         room (``queue_places``, ``held_by``: Scheduler.add_request). ``grammar``: the matcher
         of its structured output, compiled beforehand (``compile_grammar``); else here.
         ``pooling``: an embedding request (its prompt computed, no text generated); of
         ``params`` only ``truncate_prompt_tokens`` is then read. ``lora_request``: the LoRA
-        adapter it runs with (read from its folder now, unless in memory)."""
+        adapter it runs with (read from its folder now, unless in memory), or the adapter
+        ``check_lora`` returned (the server reads adapters off this thread)."""
         if pooling is not None:
             params = self._pooling_params(pooling, params)
         params = params if params is not None else self.default_sampling_params()
@@ -125,7 +126,8 @@ class Engine:
             raise ValueError(f"arrival_time must be a finite number or None, "
                              f"got {arrival_time!r:.40}")
         text, ids = self.inputs.validate(prompt, prompt_token_ids, params.truncate_prompt_tokens)
-        adapter = self.check_lora(lora_request) if lora_request is not None else None
+        adapter = lora_request if isinstance(lora_request, LoRAAdapter) else (
+            self.check_lora(lora_request) if lora_request is not None else None)
         if params.max_tokens is None:  # the room the prompt leaves (>= 1: validate checks)
             params = dataclasses.replace(params, max_tokens=self.max_model_len - len(ids))
         self._say_if_priority_ignored(priority)
@@ -141,7 +143,8 @@ class Engine:
         req.bad_words_ids = self.inputs.bad_words_ids(params)
         req.pooling = pooling
         if adapter is not None:
-            req.lora_request, req.lora_adapter = lora_request, adapter
+            req.lora_request = LoRARequest(adapter.name, adapter.int_id, adapter.path)
+            req.lora_adapter = adapter
             req.cache_salt = b"lora:%d" % adapter.int_id
         if params.structured_outputs is not None:  # (a bad schema: this request's ValueError)
             req.grammar = grammar if grammar is not None else self.compile_grammar(

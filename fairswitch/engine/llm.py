@@ -99,15 +99,17 @@ class LLM:
         data_2: str | list[int] | dict | Sequence[str | list[int] | dict],
         use_tqdm: bool = True,
         truncate_prompt_tokens: int | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> list[ScoringRequestOutput]:
         """vLLM's, for embedding models: the cosine similarity of each pair's embeddings, one
-        ``data_1`` against each ``data_2``, or pairwise (as many of each)."""
+        ``data_1`` against each ``data_2``, or pairwise (as many of each); ``lora_request``: the
+        adapter every embedding is computed with."""
         first, second = _prompt_list(data_1), _prompt_list(data_2)
         if not second or (len(first) != 1 and len(first) != len(second)):
             raise ValueError(f"data_1 holds {len(first)} prompts and data_2 {len(second)}: give "
                              "one data_1, or as many as data_2 (pairwise)")
         outs = self.embed(first + second, use_tqdm=use_tqdm,
-                          truncate_prompt_tokens=truncate_prompt_tokens)
+                          truncate_prompt_tokens=truncate_prompt_tokens, lora_request=lora_request)
         a, b = outs[:len(first)], outs[len(first):]
         scores = pair_scores([x.outputs.embedding for x in a], [y.outputs.embedding for y in b])
         a = a * len(b) if len(a) == 1 else a
@@ -202,6 +204,9 @@ class LLM:
         runs. ``lora_request``: the LoRA adapter every beam runs with."""
         if not isinstance(params, BeamSearchParams):
             raise TypeError(f"params must be a BeamSearchParams, got {type(params).__name__}")
+        if lora_request is not None and not isinstance(lora_request, LoRARequest):
+            raise TypeError(f"lora_request must be a LoRARequest or None, got "
+                            f"{type(lora_request).__name__}")
         engine = self.engine
         checked = [engine.validate_prompt(*((None, p) if isinstance(p, list) else (p, None)))
                    for p in _prompt_list(prompts)]

@@ -111,6 +111,8 @@ def _rank_and_scale(cfg: dict[str, Any], where: Path) -> tuple[int, float]:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise ValueError(f"{where}: lora_alpha must be a number, got {alpha!r:.40}")
     rs = cfg.get("use_rslora", False)
+    if not isinstance(rs, bool):
+        raise ValueError(f"{where}: use_rslora must be true or false, got {rs!r:.40}")
     return rank, float(alpha) / (math.sqrt(rank) if rs else rank)
 
 
@@ -174,6 +176,10 @@ def _module_weights(tensors: dict[str, torch.Tensor], rank: int, scale: float,
                              f"{(outs[part], rank)} at rank {rank})")
         if not (a.is_floating_point() and b.is_floating_point()):
             raise ValueError(f"{where}: the weights are {a.dtype}, not floating point")
-        weights[(layer, module, part)] = (a.to(dtype).contiguous(),
-                                          (b.float() * scale).to(dtype).contiguous())
+        a, b = a.to(dtype).contiguous(), (b.float() * scale).to(dtype).contiguous()
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            # (NaN or inf in a slot would reach every token of a step: 0 x inf is NaN)
+            raise ValueError(f"{where}: the weights hold NaN or infinity (in {dtype}, "
+                             f"scaled by {scale:g})")
+        weights[(layer, module, part)] = (a, b)
     return weights

@@ -1,6 +1,7 @@
 """Which adapter each of the ``max_loras`` device slots holds, and which seated requests use it:
 the scheduler seats a request with an adapter only where a slot holds that adapter or one is
-free (no seated request uses it).
+free (no seated request uses it). A queued request whose adapter finds none waits; requests
+without an adapter pass it, those with one wait behind it until a slot frees for it.
 
 A request holds its slot from admission (or the start of its swap-in) until it leaves the batch
 (preempted, finished, aborted). A free slot keeps its adapter until another needs the slot,
@@ -54,6 +55,11 @@ class AdapterSlots:
         self.users[slot] -= 1
         if not self.users[slot]:
             self._free[slot] = None  # most recently freed: reused last
+
+    def requeue(self, loads: list[tuple[int, Any]]) -> None:
+        """Copies a step was to make, whose step did not run (reverted): made before the next
+        (again, if they were made: the same weights)."""
+        self._loads[:0] = loads
 
     def take_loads(self) -> list[tuple[int, Any]]:
         """(slot, adapter) copies to make before the next step."""

@@ -7,7 +7,7 @@ slots at the largest rank R, zero-padded:
     a  [parts * slots * R, in]      rows (part p, slot k) at (p * slots + k) * R
     b  [out, parts * slots * R]     the same columns; a part's columns are zero outside its rows
 
-and a step adds ``((x @ a.T) * mask) @ b.T`` to the projection's output, where ``mask`` keeps,
+and a step adds ``(mask ? x @ a.T : 0) @ b.T`` to the projection's output, where ``mask`` keeps,
 for each token, the columns of its own slot: two small matmuls whose shapes never depend on
 which adapters a step mixes (so CUDA graphs capture them), exact for every token (a token
 without an adapter has a zero mask row). Under tensor parallelism a rank's slots hold its share:
@@ -18,6 +18,7 @@ projection's own.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -80,8 +81,9 @@ class LoRALayer:
         mask = self.state.mask
         if mask is None:
             return
-        xa = x @ self.a.t()
-        xa = (xa.view(len(x), len(self.parts), -1) * mask.unsqueeze(1)).view(len(x), -1)
+        xa = (x @ self.a.t()).view(len(x), len(self.parts), -1)
+        # (where, not a product: another slot's inf times 0 would be NaN in this token's row)
+        xa = torch.where(mask.unsqueeze(1), xa, 0.0).view(len(x), -1)
         y.addmm_(xa, self.b.t())
 
 
@@ -97,14 +99,20 @@ class LoRAState:
         # The slot of each of a part's columns.
         self.col_slot = torch.arange(max_loras * max_rank, device=device) // max_rank
         self.layers: list[LoRALayer] = []
-        self.mask: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None  # [tokens, slots * R] bool
         self.slot_ids: list[int | None] = [None] * max_loras  # adapter id per slot (weights)
 
     def begin(self, token_slots: torch.Tensor | None) -> None:
-        self.mask = None if token_slots is None else (
-            token_slots.unsqueeze(1) == self.col_slot).to(self.dtype)
+        self.mask = None if token_slots is None else token_slots.unsqueeze(1) == self.col_slot
 
     def set_slot(self, slot: int, adapter: LoRAAdapter | None) -> None:
+        """Copy ``adapter`` into slot ``slot`` of every projection, in stream order: on CUDA its
+        weights go over once from pinned memory without the host waiting, then are placed by
+        device copies (a pageable copy per piece would wait for the steps in flight)."""
+        if adapter is not None and self.col_slot.is_cuda:
+            adapter = dataclasses.replace(adapter, weights={
+                key: tuple(t.pin_memory().to(self.col_slot.device, non_blocking=True)
+                           for t in ab) for key, ab in adapter.weights.items()})
         for layer in self.layers:
             layer.set_slot(slot, adapter)
         self.slot_ids[slot] = adapter.int_id if adapter is not None else None

@@ -19,7 +19,6 @@ import torch
 from fairswitch.config import SchedulerConfig
 from fairswitch.distributed.parallel_state import SINGLE, TPGroup
 from fairswitch.kv.kv_cache import KVCache, KVLayout
-from fairswitch.lora.request import LoRARequest
 from fairswitch.lora.store import AdapterStore
 from fairswitch.model.llama import LlamaForCausalLM
 from fairswitch.request import PLACEHOLDER_TOKEN, Request
@@ -66,18 +65,18 @@ TokenLogprobs = dict[int, tuple[float, int]]
 class StepPlan:
     """One step as every tensor-parallel rank runs it: its inputs and, for each placeholder
     input (``batch.feed_rows``), the index of its token among the tokens of the step before;
-    the LoRA adapters to copy into slots first: (slot, LoRAAdapter), or on the workers (slot,
-    LoRARequest), which each rank reads itself."""
+    the LoRA adapters to copy into slots first, (slot, LoRAAdapter): their weights as the
+    driver read them go to every rank (a rank reading the folder itself could find it gone or
+    changed)."""
     batch: InputBatch
     feed_src: list[int]
     lora_loads: list[tuple[int, Any]] = dataclasses.field(default_factory=list)
 
     def for_workers(self) -> StepPlan:
-        """The plan without the Request objects (the driver's alone: they sample there) and
-        with the adapters named, not sent."""
-        loads = [(slot, LoRARequest(a.name, a.int_id, a.path)) for slot, a in self.lora_loads]
+        """The plan without the Request objects (the driver's alone: they sample there)."""
         return StepPlan(dataclasses.replace(self.batch, sample_requests=[], feed_requests=[],
-                                            prompt_logprob_at=[]), self.feed_src, loads)
+                                            prompt_logprob_at=[]), self.feed_src,
+                        self.lora_loads)
 
 
 class ModelRunner:
@@ -109,7 +108,7 @@ class ModelRunner:
         self._feeds = SampleRowsBuffer(2 * sched.max_num_seqs, device) if on_cuda else None
         self._tokens = TokenReturn(sched.max_num_seqs) if on_cuda else None
         self.last_prepare_s = 0.0
-        # LoRA (model.lora set by lora/weights.attach_lora): where workers read adapters from.
+        # LoRA (model.lora set by lora/weights.attach_lora): adapters read for requests.
         self.lora_store: AdapterStore | None = None
 
     def bind_kv_cache(self, kv_cache: KVCache) -> None:
@@ -331,8 +330,6 @@ class ModelRunner:
         is overwritten by the next replay)."""
         batch = plan.batch
         for slot, adapter in plan.lora_loads:  # (in stream order: earlier steps read the old)
-            if isinstance(adapter, LoRARequest):
-                adapter = self.lora_store.get(adapter)  # type: ignore[union-attr]
             self.model.lora.set_slot(slot, adapter)
         feed = self._feeder(batch.feed_rows, plan.feed_src, prev_tokens)
         mixed = (self.mixed_graphs.bucket(batch) if self.mixed_graphs is not None

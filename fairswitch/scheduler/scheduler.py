@@ -19,10 +19,11 @@ compares ranks. Each step:
    running request is preempted.
 4. If step 3 preempted nobody: queued requests in rank order, swapped ones first unless a new one
    outranks them by more than the threshold; resumed requests are scheduled before new prefills;
-   the first that does not fit stops admission (no overtaking). A queued request fits when the
-   blocks it needs leave ``growth_headroom`` free blocks per running request (steps 2 and 4
-   alike): without that room the batch's next block would preempt someone again at once, and a
-   full cache would swap the same requests in and out every few steps.
+   the first that does not fit stops admission (no overtaking; but a request whose LoRA adapter
+   finds no slot is passed by those without an adapter, lora/slots.py). A queued request fits
+   when the blocks it needs leave ``growth_headroom`` free blocks per running request (steps 2
+   and 4 alike): without that room the batch's next block would preempt someone again at once,
+   and a full cache would swap the same requests in and out every few steps.
 
 Preempted requests swap out or are recomputed per victim (preemption.py). Queues: ``waiting`` (new,
 or preempted by recompute), ``swapped`` (KV on the CPU), both ranked (queues.py); ``running`` (a
@@ -310,6 +311,7 @@ class Scheduler:
         """The step's tokens are lost (an error while it ran): its requests go back to where they
         were before it (the KV it wrote is computed again) and its charge is taken back. Revert
         newest step first."""
+        self.adapters.requeue(out.lora_loads)  # (they may not have been made)
         for (req, start, _, samples), num_prompt in zip(out.chunks(), out.prompt_charges,
                                                         strict=True):
             num_output = 0  # its placeholder is gone already if the request finished since
@@ -437,9 +439,10 @@ class Scheduler:
         free = self.kv.num_free_blocks + swap.num_gpu_blocks_in_flight()
         min_run = self.config.min_run_steps
         held: list[tuple[Request, HeapQueue | ClientQueue]] = []  # room counted for them
+        no_slot: list[tuple[Request, HeapQueue | ClientQueue]] = []
         while (cand := self._next_kept_out()) is not None:
-            if not self.adapters.can_seat(cand):
-                break  # (its adapter needs a slot that no preemption here frees for sure)
+            if self._waits_for_slot(cand, no_slot):
+                continue  # (no preemption here frees a slot for sure)
             need = self._blocks_to_start(cand)
             headroom = self._headroom(self.config.max_num_seqs - seats)
             if seats > 0 and need + headroom <= free:
@@ -461,8 +464,21 @@ class Scheduler:
             self._preempt(victim)
             out.preempted.append(victim)
             self.num_rank_preemptions += 1
-        for cand, queue in held:
+        for cand, queue in held + no_slot:
             queue.push(cand)
+
+    def _waits_for_slot(self, req: Request,
+                        aside: list[tuple[Request, HeapQueue | ClientQueue]]) -> bool:
+        """Whether queued ``req`` waits for a LoRA slot (then it is taken out of its queue into
+        ``aside``, to go back after this pass): its adapter finds no free slot, or a request
+        ranked before it did. Requests without an adapter pass it; those with one wait behind
+        it, so that the slots drain until one frees for it (it cannot starve)."""
+        if req.lora_adapter is None or (not aside and self.adapters.can_seat(req)):
+            return False
+        queue = self.swapped if req in self.swapped else self.waiting
+        queue.remove(req)
+        aside.append((req, queue))
+        return True
 
     def _preempt(self, req: Request) -> None:
         mode = self.preemption.choose(req, self.swap)
@@ -528,6 +544,15 @@ class Scheduler:
             self.running.append(req)
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
+        no_slot: list[tuple[Request, HeapQueue | ClientQueue]] = []
+        try:
+            self._admit_in_order(out, budget, no_slot)
+        finally:
+            for req, queue in no_slot:
+                queue.push(req)
+
+    def _admit_in_order(self, out: SchedulerOutput, budget: int,
+                        no_slot: list[tuple[Request, HeapQueue | ClientQueue]]) -> None:
         swap, max_seqs = self.swap, self.config.max_num_seqs
         now = self.clock()
         resuming = False  # swap-ins started here: scheduled before any new prefill
@@ -536,13 +561,14 @@ class Scheduler:
             req = self._next_kept_out()
             if req is None or self._num_seated() >= max_seqs:
                 break
+            if self._waits_for_slot(req, no_slot):
+                continue
             if req in self.swapped:
                 # Room for its saved KV plus the token it computes next (and theirs before it).
                 saved = self.kv.blocks_needed(req.num_cpu_tokens)
                 extra = self.kv.blocks_needed(req.num_cpu_tokens + 1) - saved
                 room = self.kv.num_free_blocks - next_token_blocks - self._batch_headroom()
-                if not swap.can_swap_in(req) or saved + extra > room \
-                        or not self.adapters.can_seat(req):
+                if not swap.can_swap_in(req) or saved + extra > room:
                     break
                 swap.swap_in(req)  # (raising, it leaves the request swapped, not lost)
                 self.adapters.seat(req)
@@ -577,8 +603,6 @@ class Scheduler:
                        now: float) -> int | None:
         """Admit a waiting request: tokens scheduled, 0 if it waits for a CPU-tier fetch, None
         if it does not fit."""
-        if not self.adapters.can_seat(req):  # its adapter waits for a free slot
-            return None
         # Prompt logprobs need the logits of every prompt position: nothing reused.
         computes_all = req.prompt_logprobs is not None
         reused = 0 if computes_all else self.kv.attach_cached_prefix(req)

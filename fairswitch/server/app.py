@@ -162,9 +162,9 @@ class OpenAIServer:
             req.check_min_tokens(max(max_tokens, 1))  # (again in _generate: named so here)
         except APIError as e:
             raise translation.renamed(e) from e
+        model = req.model if req.model in self.adapters.by_name else self.model_name
         return await self._generate(request, req, protocol.CHAT, [(text, ids, max_tokens)],
-                                    ResponseShape(body, self.model_name,
-                                                  thinks=req.reasoning is not None))
+                                    ResponseShape(body, model, thinks=req.reasoning is not None))
 
     async def embeddings(self, request: web.Request) -> web.Response:
         """/v1/embeddings (embeddings.py)."""
@@ -221,7 +221,7 @@ class OpenAIServer:
         request's (an adapter's name: with that LoRA adapter)."""
         if self.in_flight.aborting:
             raise self._aborted()
-        lora = await self.adapters.lookup(model)
+        lora = self.adapters.lookup(model)
         record = self.in_flight.record(request)
         record.client_id = request.headers.get("X-Client-Id") or user
         record.priority = priority
@@ -359,7 +359,7 @@ class OpenAIServer:
         self._check_n(req.n, len(prompts))
         for _, _, max_tokens in prompts:
             req.check_min_tokens(max(max_tokens, 1))
-        lora = await self.adapters.lookup(req.model)
+        lora = self.adapters.lookup(req.model)
         response_id = fmt.id_prefix + uuid.uuid4().hex
         client_id = request.headers.get("X-Client-Id") or req.user
         record = self.in_flight.record(request)
@@ -394,7 +394,7 @@ class OpenAIServer:
             outputs = choice_outputs(self.engine, choices, response_id, priority=req.priority,
                                      client_id=client_id, lora_request=lora)
         tracker = record.tracker = self.metrics.track()
-        model = lora.lora_name if lora is not None else self.model_name
+        model = lora.name if lora is not None else self.model_name
         reply = _Reply(response_id, int(time.time()), model, fmt, shaper, req.n * len(prompts),
                        shape)
         # Closing the iterator aborts the requests in the engine unless they finished: on
