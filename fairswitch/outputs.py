@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -57,6 +58,7 @@ class RequestOutput:
     embedding: list[float] | None = None  # an embedding request's (PoolingParams), finished
     # One per prompt token (None for the first, which nothing predicts), if asked.
     prompt_logprobs: list[PositionLogprobs | None] | None = None
+    lora_request: Any = None  # the LoRARequest it ran with (lora/request.py), if any
 
 
 @dataclass

@@ -95,6 +95,7 @@ def test_adapters_match_peft_in_one_batch(llama_dir, adapters):
     for out, prompt, name in zip(outs, prompts, names):
         want = peft_greedy(llama_dir, adapters[name] if name else None, prompt, 8)
         assert list(out.outputs[0].token_ids) == want, name
+        assert out.lora_request == (lora[name] if name else None)
     base = [list(o.outputs[0].token_ids) for o in outs]
     assert base[0] != peft_greedy(llama_dir, None, prompts[0], 8)  # the adapter matters
     llm.shutdown()

@@ -196,6 +196,7 @@ class OutputProcessor:
             num_cached_tokens=request.num_cached_tokens,
             prompt_logprobs=self._prompt_logprobs(request, state),
             embedding=request.embedding if finished else None,
+            lora_request=request.lora_request,
         )
 
     def _prompt_logprobs(self, request: Request, state: _TextState
