@@ -85,7 +85,8 @@ def test_a_recomputed_request_finding_its_own_blocks_reuses_nothing():
 
 def test_hash_collision_is_caught_by_token_check(monkeypatch):
     cache = ReuseTier(block_size=2)
-    monkeypatch.setattr(pcmod, "block_hashes", lambda t, n, bs, known=None: [42] * (n // bs))
+    monkeypatch.setattr(pcmod, "block_hashes",
+                        lambda t, n, bs, known=None, salt=b"": [42] * (n // bs))
     cache.register([1, 2, 3, 4], 4, [5, 6])
     assert cache.match([1, 2, 9, 9, 0], 4) == [5]  # second block's hash matches, tokens do not
     assert cache.match([7, 7, 3, 4], 4) == []
@@ -105,6 +106,10 @@ def test_a_block_hash_is_a_sha256_chain_over_the_whole_prefix():
     assert pcmod.block_hashes(tokens, 6, 2) == want
     # the same block after another parent: another name
     assert pcmod.block_hashes([1, 2, 7, 8], 4, 2)[1] != want[1]
+    # a salt (a request's LoRA adapter) is the first block's parent: the whole chain differs
+    salted = pcmod.block_hashes(tokens, 6, 2, salt=b"lora:1")
+    assert salted[0] == hashlib.sha256(b"lora:1" + array("q", tokens[:2]).tobytes()).digest()
+    assert not set(salted) & set(want)
 
 
 def test_lru_eviction_order():
