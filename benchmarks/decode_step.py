@@ -70,15 +70,19 @@ def copy_bandwidth(device: torch.device, nbytes: int = 4 << 30) -> float:
     return 2 * nbytes / device_seconds(device, lambda: dst.copy_(src), reps=10)
 
 
-def prefill_batch(engine: Engine, batch: int, ctx: int, steps: int, seed: int) -> list[str]:
-    """Add ``batch`` requests of ``ctx`` random prompt tokens and run until all are decoding."""
+def prefill_batch(engine: Engine, batch: int, ctx: int, steps: int, seed: int,
+                  adapters: list[Any] | None = None) -> list[str]:
+    """Add ``batch`` requests of ``ctx`` random prompt tokens (request i with LoRA adapter
+    ``adapters[i % len(adapters)]``, if given) and run until all are decoding."""
     gen = torch.Generator().manual_seed(seed + batch)
     vocab = min(engine.hf_config.vocab_size, 100_000)
     # Generous max_tokens: early-admitted requests decode while later ones still prefill.
     params = SamplingParams(max_tokens=steps + 200, temperature=0.0, ignore_eos=True,
                             detokenize=False)
+    adapters = adapters or [None]
     ids = [engine.add_request(prompt_token_ids=torch.randint(0, vocab, (ctx,), generator=gen)
-                              .tolist(), params=params) for _ in range(batch)]
+                              .tolist(), params=params,
+                              lora_request=adapters[i % len(adapters)]) for i in range(batch)]
     while any(engine.requests[r].num_output_tokens < 2 for r in ids):
         engine.step()
     running = len(engine.scheduler.running)
@@ -109,6 +113,17 @@ def time_steps(engine: Engine, ids: list[str], steps: int) -> dict[str, Any]:
             "output_ms": st.output_s / st.num_steps * 1e3,
             "host_fraction": (st.schedule_s + st.prepare_s) / (wall * st.num_steps),
             "tok_s": batch / wall}
+
+
+def step_times(engine: Engine, batches: list[int], args: argparse.Namespace,
+               adapters: list[Any] | None = None) -> dict[int, float]:
+    """Decode step milliseconds of each batch size (``prefill_batch``, ``time_steps``)."""
+    steps = {}
+    for b in batches:
+        ids = prefill_batch(engine, b, args.ctx, args.steps + 1, args.seed, adapters)
+        steps[b] = time_steps(engine, ids, args.steps)["step_ms"]
+        abort_all(engine, ids)
+    return steps
 
 
 def abort_all(engine: Engine, ids: list[str]) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from decode_step import abort_all, prefill_batch, time_steps
+from decode_step import step_times
 from engine_options import add_engine_options, engine_config
 from fairswitch.engine.engine import Engine
 from results_io import command_line, write_results
@@ -25,15 +25,6 @@ from results_io import command_line, write_results
 
 def weight_bytes(engine: Engine) -> int:
     return sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
-
-
-def time_engine(engine: Engine, batches: list[int], args: argparse.Namespace) -> dict[int, float]:
-    steps = {}
-    for b in batches:
-        ids = prefill_batch(engine, b, args.ctx, args.steps + 1, args.seed)
-        steps[b] = time_steps(engine, ids, args.steps)["step_ms"]
-        abort_all(engine, ids)
-    return steps
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -58,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         figures[f"{name}_dtype"] = str(engine.dtype)
         figures[f"{name}_weight_bytes"] = weight_bytes(engine)
         figures[f"{name}_kv_blocks"] = engine.kv.cache.num_blocks
-        steps[name] = time_engine(engine, batches, args)
+        steps[name] = step_times(engine, batches, args)
         del engine
         gc.collect()
         torch.cuda.empty_cache()

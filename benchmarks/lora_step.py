@@ -19,12 +19,11 @@ from typing import Any
 
 import torch
 
-from decode_step import abort_all, time_steps
+from decode_step import step_times
 from engine_options import add_engine_options, engine_config
 from fairswitch.engine.engine import Engine
 from fairswitch.lora.adapter import TARGETS, part_shapes
 from fairswitch.lora.request import LoRARequest
-from fairswitch.sampling_params import SamplingParams
 from results_io import command_line, write_results
 
 
@@ -52,33 +51,6 @@ def write_random_adapter(folder: Path, config: Any, rank: int, seed: int) -> Pat
     return folder
 
 
-def prefill_batch(engine: Engine, batch: int, ctx: int, steps: int, seed: int,
-                  adapters: list[LoRARequest | None]) -> list[str]:
-    """``batch`` requests of ``ctx`` random tokens, request i on ``adapters[i % n]``, run until
-    all decode."""
-    gen = torch.Generator().manual_seed(seed + batch)
-    vocab = min(engine.hf_config.vocab_size, 100_000)
-    params = SamplingParams(max_tokens=steps + 200, temperature=0.0, ignore_eos=True,
-                            detokenize=False)
-    ids = [engine.add_request(prompt_token_ids=torch.randint(0, vocab, (ctx,), generator=gen)
-                              .tolist(), params=params,
-                              lora_request=adapters[i % len(adapters)]) for i in range(batch)]
-    while any(engine.requests[r].num_output_tokens < 2 for r in ids):
-        engine.step()
-    assert len(engine.scheduler.running) == batch, "the batch does not fit the KV cache"
-    return ids
-
-
-def time_engine(engine: Engine, batches: list[int], args: argparse.Namespace,
-                adapters: list[LoRARequest | None]) -> dict[int, float]:
-    steps = {}
-    for b in batches:
-        ids = prefill_batch(engine, b, args.ctx, args.steps + 1, args.seed, adapters)
-        steps[b] = time_steps(engine, ids, args.steps)["step_ms"]
-        abort_all(engine, ids)
-    return steps
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_engine_options(p, fixed={"max_num_seqs": "the largest of --batches",
@@ -99,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          max_model_len=args.ctx + args.steps + 256)
     engine = Engine(base)
     config = engine.hf_config
-    plain = time_engine(engine, batches, args, [None])
+    plain = step_times(engine, batches, args)
     del engine
     gc.collect()
     torch.cuda.empty_cache()
@@ -109,8 +81,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for i in range(args.adapters)]
         engine = Engine(base.with_options(enable_lora=True, max_loras=args.adapters,
                                           max_lora_rank=args.rank))
-        with_lora = time_engine(engine, batches, args, loras)
-        enabled_only = time_engine(engine, batches, args, [None])
+        with_lora = step_times(engine, batches, args, loras)
+        enabled_only = step_times(engine, batches, args)
         graphs = engine.runner.graphs is not None
     rows = [{"batch": b, "no_lora_step_ms": plain[b], "lora_step_ms": with_lora[b],
              "lora_enabled_unused_step_ms": enabled_only[b],
