@@ -266,3 +266,47 @@ def test_cpu_tier_evicts_a_prefix_from_its_end():
     turn2 = turn1 + answer + [7, 8, 9]
     assert len(tier.match(turn2, len(turn2) - 1)) == 7
     llm.engine.check_accounting()
+
+
+def test_cache_salt_keeps_cached_kv_to_its_own_requests():
+    """vLLM's cache_salt: a prompt reuses cached KV only from requests of the same salt (no
+    salt is a salt of its own); over HTTP the field does the same."""
+    from fairswitch import LLM, SamplingParams
+    from fairswitch.engine.async_engine import AsyncEngine
+    from fairswitch.server import BackgroundServer, ServerSettings, build_app
+
+    llm = LLM(num_gpu_blocks=128, max_model_len=256, block_size=4)
+    prompt = list(range(100, 140))
+    greedy = SamplingParams(max_tokens=2, temperature=0.0)
+
+    def cached(salt: str | None) -> int:
+        p = {"prompt_token_ids": prompt} | ({"cache_salt": salt} if salt else {})
+        return llm.generate(p, greedy, use_tqdm=False)[0].num_cached_tokens
+
+    assert [cached(s) for s in ("a", "a", "b", None, None, "a")] == [0, 36, 0, 0, 36, 36]
+    with pytest.raises(ValueError, match="cache_salt must be a non-empty string"):
+        llm.generate({"prompt": "x", "cache_salt": ""}, use_tqdm=False)
+    with pytest.raises(ValueError, match="may hold 'cache_salt'"):
+        llm.generate({"prompt": "x", "salt": "a"}, use_tqdm=False)
+    llm.shutdown()
+
+    import openai
+
+    engine = AsyncEngine.from_config(llm.engine.config)
+    try:
+        with BackgroundServer(build_app(engine, ServerSettings(), shutdown_engine=False)) as srv:
+            client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=0)
+
+            def served(salt: str | None) -> int:
+                out = client.completions.create(
+                    model="fairswitch-tiny", prompt=prompt, max_tokens=2,
+                    extra_body={"cache_salt": salt} if salt else None)
+                details = out.usage.prompt_tokens_details
+                return details.cached_tokens if details else 0
+
+            assert [served(s) for s in ("t1", "t1", "t2")] == [0, 36, 0]
+            with pytest.raises(openai.BadRequestError, match="cache_salt"):
+                client.completions.create(model="fairswitch-tiny", prompt="x", max_tokens=1,
+                                          extra_body={"cache_salt": ""})
+    finally:
+        engine.shutdown()

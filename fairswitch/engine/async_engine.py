@@ -106,13 +106,14 @@ class AsyncEngine:
                        prompt_token_ids: list[int] | None = None, priority: int = 0,
                        client_id: str | None = None,
                        queue_places: int = 1, held_by: str | None = None,
-                       pooling: PoolingParams | None = None, lora_request: Any = None
-                       ) -> AsyncIterator[RequestOutput]:
+                       pooling: PoolingParams | None = None, lora_request: Any = None,
+                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs as they come; the last one has ``finished=True``.
         One sequence (``params.n == 1``): for n, generate each of ``params.copies()``.
         ``queue_places``, ``held_by``: Scheduler.add_request (n choices admitted together);
         ``pooling``: an embedding request (Engine.add_request: its last output holds it);
-        ``lora_request``: its LoRA adapter (a LoRARequest, Engine.add_request). A
+        ``lora_request``: its LoRA adapter (a LoRARequest, Engine.add_request); ``cache_salt``:
+        Engine.add_request's. A
         prompt of the wrong type raises TypeError (as in ``LLM.generate``), other bad input
         ValueError;
         ``shutdown()`` ends the stream with ``finish_reason="abort"``, a failed step
@@ -136,7 +137,7 @@ class AsyncEngine:
                     prompt, params, request_id=request_id, prompt_token_ids=prompt_token_ids,
                     priority=priority, client_id=client_id, queue_places=queue_places,
                     held_by=held_by, grammar=grammar, pooling=pooling,
-                    lora_request=lora_request))
+                    lora_request=lora_request, cache_salt=cache_salt))
             except Exception:
                 # Not added: nothing to abort, and a request the engine holds under this id
                 # is another caller's. (Cancelled, the add may have run: it is aborted below.)

@@ -10,6 +10,7 @@ wait for the tokens, hand them back.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import logging
 import math
@@ -50,6 +51,15 @@ def is_priority(value: object) -> bool:
     larger one raised OverflowError inside the scheduler)."""
     return (isinstance(value, int) and not isinstance(value, bool)
             and -(2**63) <= value < 2**63)
+
+
+def hash_salt(adapter: LoRAAdapter | None, cache_salt: str | None) -> bytes:
+    """A request's prefix-cache salt (reuse_index.block_hashes): its adapter's id and the
+    digest of its ``cache_salt``; empty for neither, so those share with each other only."""
+    salt = b"lora:%d" % adapter.int_id if adapter is not None else b""
+    if cache_salt is not None:
+        salt += b"|salt:" + hashlib.sha256(cache_salt.encode("utf-8", "surrogatepass")).digest()
+    return salt
 
 
 @dataclass(slots=True)
@@ -99,7 +109,8 @@ class Engine:
                     client_id: str | None = None, arrival_time: float | None = None,
                     queue_places: int = 1, held_by: str | None = None,
                     grammar: Any = None, pooling: PoolingParams | None = None,
-                    lora_request: LoRARequest | LoRAAdapter | None = None) -> str:
+                    lora_request: LoRARequest | LoRAAdapter | None = None,
+                    cache_salt: str | None = None) -> str:
         """Validate and queue a request; return its id. Raises TypeError for a prompt of the
         wrong type, ValueError on other bad input, QueueFullError when the waiting queue has no
         room (``queue_places``, ``held_by``: Scheduler.add_request). ``grammar``: the matcher
@@ -107,7 +118,9 @@ class Engine:
         ``pooling``: an embedding request (its prompt computed, no text generated); of
         ``params`` only ``truncate_prompt_tokens`` is then read. ``lora_request``: the LoRA
         adapter it runs with (read from its folder now, unless in memory), or the adapter
-        ``check_lora`` returned (the server reads adapters off this thread)."""
+        ``check_lora`` returned (the server reads adapters off this thread). ``cache_salt``
+        (vLLM's): its prompt shares cached KV only with requests of the same salt (a tenant's
+        secret: others cannot time its prefixes)."""
         if pooling is not None:
             params = self._pooling_params(pooling, params)
         params = params if params is not None else self.default_sampling_params()
@@ -126,6 +139,9 @@ class Engine:
             raise ValueError(f"arrival_time must be a finite number or None, "
                              f"got {arrival_time!r:.40}")
         text, ids = self.inputs.validate(prompt, prompt_token_ids, params.truncate_prompt_tokens)
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise ValueError(f"cache_salt must be a non-empty string or None, got "
+                             f"{cache_salt!r:.40}")
         adapter = lora_request if isinstance(lora_request, LoRAAdapter) else (
             self.check_lora(lora_request) if lora_request is not None else None)
         if params.max_tokens is None:  # the room the prompt leaves (>= 1: validate checks)
@@ -145,7 +161,7 @@ class Engine:
         if adapter is not None:
             req.lora_request = LoRARequest(adapter.name, adapter.int_id, adapter.path)
             req.lora_adapter = adapter
-            req.cache_salt = b"lora:%d" % adapter.int_id
+        req.cache_salt = hash_salt(adapter, cache_salt)
         if params.structured_outputs is not None:  # (a bad schema: this request's ValueError)
             req.grammar = grammar if grammar is not None else self.compile_grammar(
                 params.structured_outputs)

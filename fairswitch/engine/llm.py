@@ -55,8 +55,9 @@ class LLM:
         lora_request: LoRARequest | None | Sequence[LoRARequest | None] = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt (text, a list of token ids, or as vLLM ``{"prompt": text}``
-        / ``{"prompt_token_ids": ids}``); block until all finish. ``prompts`` is one prompt or a
-        list of them.
+        / ``{"prompt_token_ids": ids}``, which may hold a ``"cache_salt"``: only prompts with the
+        same salt share cached KV); block until all finish. ``prompts`` is one prompt or a list
+        of them.
 
         ``priority`` (lower runs first, with ``policy="priority"``) and ``client_id`` (whose
         service VTC evens out, with ``policy="vtc"``) go to the scheduler as the server's
@@ -121,6 +122,7 @@ class LLM:
                   client_id: Any, pooling: PoolingParams | None = None,
                   lora_request: Any = None) -> list[RequestOutput]:
         """``generate``, or with ``pooling`` ``embed``: each prompt's request(s) to the end."""
+        salts = _cache_salts(prompts)
         prompts = _prompt_list(prompts)
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
@@ -162,7 +164,7 @@ class LLM:
                 try:
                     rid = engine.add_request(text, seqs[j], prompt_token_ids=toks,
                                              priority=prio, client_id=client, pooling=pooling,
-                                             lora_request=loras[i])
+                                             lora_request=loras[i], cache_salt=salts[i])
                 except QueueFullError:  # joins as the queue frees (max_waiting >= 1: it will)
                     return
                 pending.popleft()
@@ -303,6 +305,16 @@ def _prompt_list(prompts: Any) -> list[str | list[int]]:
     return [_one_prompt(prompt, f"prompts[{i}]") for i, prompt in enumerate(prompts)]
 
 
+def _cache_salts(prompts: Any) -> list[str | None]:
+    """Each prompt's ``cache_salt`` (vLLM's prompt dicts may hold one; None elsewhere), in
+    ``_prompt_list``'s order."""
+    if isinstance(prompts, dict):
+        return [prompts.get("cache_salt")]
+    if isinstance(prompts, (list, tuple)) and not (prompts and _is_int(prompts[0])):
+        return [p.get("cache_salt") if isinstance(p, dict) else None for p in prompts]
+    return [None]
+
+
 def _one_prompt(prompt: Any, name: str) -> str | list[int]:
     if isinstance(prompt, str):
         return prompt
@@ -311,10 +323,11 @@ def _one_prompt(prompt: Any, name: str) -> str | list[int]:
     if not isinstance(prompt, dict):
         raise TypeError(f"{name} must be a str, a list of token ids or a prompt dict, got "
                         f"{type(prompt).__name__}")
-    keys = set(prompt)
+    keys = set(prompt) - {"cache_salt"}  # (read by _cache_salts)
     if len(keys) != 1 or not keys <= {"prompt", "prompt_token_ids"}:
         raise ValueError(f"{name} must hold exactly one of 'prompt' (a text) or "
-                         f"'prompt_token_ids' (a list of ids), got the keys {sorted(keys)}")
+                         f"'prompt_token_ids' (a list of ids), and may hold 'cache_salt'; got "
+                         f"the keys {sorted(prompt)}")
     if "prompt" in prompt:
         if not isinstance(prompt["prompt"], str):
             raise TypeError(f"{name}['prompt'] must be a str, got "

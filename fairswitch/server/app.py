@@ -389,10 +389,12 @@ class OpenAIServer:
                               for choice in choices], response_id,
                 stopping=lambda: self.in_flight.aborting,
                 on_step=lambda ids: setattr(record, "request_ids", ids),
-                priority=req.priority, client_id=client_id, lora_request=lora)
+                priority=req.priority, client_id=client_id, lora_request=lora,
+                cache_salt=req.cache_salt)
         else:
             outputs = choice_outputs(self.engine, choices, response_id, priority=req.priority,
-                                     client_id=client_id, lora_request=lora)
+                                     client_id=client_id, lora_request=lora,
+                                     cache_salt=req.cache_salt)
         tracker = record.tracker = self.metrics.track()
         model = lora.name if lora is not None else self.model_name
         reply = _Reply(response_id, int(time.time()), model, fmt, shaper, req.n * len(prompts),

@@ -260,7 +260,7 @@ _READ_COMMON = frozenset({
     "seed", "stop", "stop_token_ids",
     "ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "priority", "user",
     "return_token_ids", "return_tokens_as_token_ids", "truncate_prompt_tokens",
-    "use_beam_search", "length_penalty", *_STRUCTURED_FIELDS})
+    "use_beam_search", "length_penalty", "cache_salt", *_STRUCTURED_FIELDS})
 _KNOWN_COMPLETION = _READ_COMMON | {"prompt", "echo", "logprobs", "add_special_tokens"} | {
     name for name, _ in _UNSUPPORTED_COMMON + _UNSUPPORTED_COMPLETION}
 _KNOWN_CHAT = _READ_COMMON | {"messages", "add_generation_prompt", "continue_final_message",
@@ -331,6 +331,8 @@ class GenerationRequest:
     # server's --return-tokens-as-token-ids)
     return_tokens_as_token_ids: bool | None = None
     truncate_prompt_tokens: int | None = None  # vLLM's: keep the prompt's last k tokens
+    # vLLM's: only requests with the same salt share cached KV (Engine.add_request)
+    cache_salt: str | None = None
     use_beam_search: bool = False  # vLLM's: the n choices are the n best beams
     length_penalty: float = 1.0  # (beam search's: score = logprob / length ** this)
 
@@ -487,7 +489,7 @@ def _common(body: Any, unsupported: tuple, echo: bool = False) -> dict[str, Any]
         prompt_logprobs=_logprob_count(body, "prompt_logprobs"),
         return_token_ids=_bool(body, "return_token_ids", False),
         return_tokens_as_token_ids=_bool(body, "return_tokens_as_token_ids", None),
-        truncate_prompt_tokens=_truncation(body),
+        truncate_prompt_tokens=_truncation(body), cache_salt=_cache_salt(body),
         model=_str(body, "model"), stream=stream, include_usage=include_usage,
         continuous_usage=continuous_usage,
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -500,6 +502,13 @@ def _common(body: Any, unsupported: tuple, echo: bool = False) -> dict[str, Any]
         use_beam_search=_bool(body, "use_beam_search", False),
         length_penalty=_ranged(body, "length_penalty", 1.0, -MAX_LENGTH_PENALTY,
                                MAX_LENGTH_PENALTY))
+
+
+def _cache_salt(body: dict) -> str | None:
+    salt = _str(body, "cache_salt")
+    if salt == "":
+        raise bad_request("'cache_salt' must be a non-empty string", "cache_salt")
+    return salt
 
 
 def _allowed_token_ids(body: dict) -> list[int] | None:
