@@ -68,8 +68,8 @@ class ModelConfig:
         "CPU (vLLM's half and float: float16 and float32)", (*_DTYPES, *_DTYPE_ALIASES))
     quantization: str | None = _opt(
         None, "fp8: the decoder's projections quantized to float8_e4m3fn on load (a scale per "
-        "output row; each token's input quantized per step), as vLLM's --quantization fp8 on a "
-        "bf16 checkpoint: half the weight bytes (default: none)", ("fp8",))
+        "projection; each token's input quantized per step at its own), as vLLM's "
+        "--quantization fp8 on a bf16 checkpoint: half their bytes (default: none)", ("fp8",))
     trust_remote_code: bool = _opt(
         False, "taken for vLLM's command lines, and changes nothing: no code from a checkpoint "
         "ever runs (only the built-in architectures load)")

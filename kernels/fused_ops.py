@@ -166,9 +166,9 @@ def _quantize_fp8_rows_kernel(
     for start in range(0, K, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(x))
+        amax = tl.maximum(amax, tl.abs(tl.where(x == x, x, 0.0)))  # (NaN counts as 0)
     m = tl.max(amax, axis=0)
-    scale = tl.where(m > 0, m / FP8_MAX, 1.0)
+    scale = tl.where(m > 0, tl.div_rn(m, FP8_MAX), 1.0)  # (IEEE division, as torch's)
     tl.store(scale_ptr + row, scale)
     for start in range(0, K, BLOCK):
         offs = start + tl.arange(0, BLOCK)

@@ -102,6 +102,12 @@ def test_quantize_fp8_rows(dtype, k):
     torch.testing.assert_close(scale, scale_ref, rtol=1e-6, atol=0)
     assert scale[3].item() == 1.0 and not q[3].float().any()
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    x[4, 7] = float("nan")  # a NaN counts as 0 for the scale and is stored as 0, in both
+    q, scale = fused.quantize_fp8_rows(x)
+    q_ref, scale_ref = ref.quantize_fp8_rows(x)
+    assert torch.equal(scale, scale_ref) and q[4, 7].float().item() == 0.0
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    x[4, 7] = 0.0
     # Within half a step of e4m3 (3 mantissa bits), or of its subnormals' spacing 2^-9.
     err = (q.float() * scale - x.float()).abs()
     assert (err <= x.float().abs() / 16 + scale * 2.0 ** -10 * 1.001).all()

@@ -284,8 +284,21 @@ def test_cache_salt_keeps_cached_kv_to_its_own_requests():
         return llm.generate(p, greedy, use_tqdm=False)[0].num_cached_tokens
 
     assert [cached(s) for s in ("a", "a", "b", None, None, "a")] == [0, 36, 0, 0, 36, 36]
-    with pytest.raises(ValueError, match="cache_salt must be a non-empty string"):
+    with pytest.raises(ValueError, match=r"\['cache_salt'\] must be a non-empty string"):
         llm.generate({"prompt": "x", "cache_salt": ""}, use_tqdm=False)
+    with pytest.raises(TypeError, match=r"\['cache_salt'\] must be a str"):
+        llm.generate([{"prompt": "x"}, {"prompt": "y", "cache_salt": 3}], use_tqdm=False)
+    # Beam search and score keep a prompt's salt for every request they make.
+    from fairswitch import BeamSearchParams
+
+    seen = []
+    add = llm.engine.add_request
+    llm.engine.add_request = lambda *a, **kw: (seen.append(kw.get("cache_salt")), add(*a, **kw))[1]
+    llm.beam_search([{"prompt_token_ids": prompt, "cache_salt": "s"}],
+                    BeamSearchParams(beam_width=2, max_tokens=2))
+    llm.score({"prompt": "a", "cache_salt": "t"}, ["b", {"prompt": "c", "cache_salt": "u"}])
+    llm.engine.add_request = add
+    assert set(seen[:-3]) == {"s"} and seen[-3:] == ["t", None, "u"]
     with pytest.raises(ValueError, match="may hold 'cache_salt'"):
         llm.generate({"prompt": "x", "salt": "a"}, use_tqdm=False)
     llm.shutdown()

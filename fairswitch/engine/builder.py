@@ -32,7 +32,7 @@ from fairswitch.lora.store import AdapterStore
 from fairswitch.lora.weights import attach_lora
 from fairswitch.model import loader
 from fairswitch.model.checkpoint_config import CheckpointConfig
-from fairswitch.model.quantization import quantize_weights_fp8_
+from fairswitch.model.quantization import check_fp8_weights, quantize_weights_fp8_
 from fairswitch.model.generation_config import GenerationConfig, read_generation_config
 from fairswitch.runner.attention import get_attention_backend
 from fairswitch.runner.jit_watch import JIT_CLOCK
@@ -179,6 +179,8 @@ def build_rank(config: EngineConfig, tp: TPGroup, device: torch.device,
             raise ValueError(f"block_size={cc.tokens_per_block}: the Triton attention kernels "
                              "need block_size >= 8")
         JIT_CLOCK.install()
+    if mc.quantization == "fp8":  # (before the weights load)
+        check_fp8_weights(device, dtype)
     t0 = time.perf_counter()
     model = loader.build_model(hf_config, backend, max_model_len, dtype, device, tp)
     if mc.load_format == "dummy":

@@ -109,7 +109,9 @@ class LLM:
         if not second or (len(first) != 1 and len(first) != len(second)):
             raise ValueError(f"data_1 holds {len(first)} prompts and data_2 {len(second)}: give "
                              "one data_1, or as many as data_2 (pairwise)")
-        outs = self.embed(first + second, use_tqdm=use_tqdm,
+        salts = _cache_salts(data_1) + _cache_salts(data_2)
+        outs = self.embed([_prompt_dict(p, salt) for p, salt in zip(first + second, salts)],
+                          use_tqdm=use_tqdm,
                           truncate_prompt_tokens=truncate_prompt_tokens, lora_request=lora_request)
         a, b = outs[:len(first)], outs[len(first):]
         scores = pair_scores([x.outputs.embedding for x in a], [y.outputs.embedding for y in b])
@@ -122,7 +124,7 @@ class LLM:
                   client_id: Any, pooling: PoolingParams | None = None,
                   lora_request: Any = None) -> list[RequestOutput]:
         """``generate``, or with ``pooling`` ``embed``: each prompt's request(s) to the end."""
-        salts = _cache_salts(prompts)
+        salts = _checked_salts(_cache_salts(prompts))
         prompts = _prompt_list(prompts)
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
@@ -210,6 +212,7 @@ class LLM:
             raise TypeError(f"lora_request must be a LoRARequest or None, got "
                             f"{type(lora_request).__name__}")
         engine = self.engine
+        salts = _checked_salts(_cache_salts(prompts))
         checked = [engine.validate_prompt(*((None, p) if isinstance(p, list) else (p, None)))
                    for p in _prompt_list(prompts)]
         for i, (_, ids) in enumerate(checked):
@@ -220,10 +223,10 @@ class LLM:
         eos = engine.output_processor.eos_token_ids
         searches = [BeamSearch(ids, params, eos) for _, ids in checked]
         step = params.step_params()
+        salt_of = {id(s): salt for s, salt in zip(searches, salts)}
         while live := [s for s in searches if not s.finished]:
-            beams = [beam.tokens for s in live for beam in s.live]
-            advance_all(live, self.generate([{"prompt_token_ids": b} for b in beams], step,
-                                            use_tqdm, lora_request=lora_request))
+            beams = [_prompt_dict(beam.tokens, salt_of[id(s)]) for s in live for beam in s.live]
+            advance_all(live, self.generate(beams, step, use_tqdm, lora_request=lora_request))
         results = []
         for s in searches:
             best = s.best()
@@ -313,6 +316,25 @@ def _cache_salts(prompts: Any) -> list[str | None]:
     if isinstance(prompts, (list, tuple)) and not (prompts and _is_int(prompts[0])):
         return [p.get("cache_salt") if isinstance(p, dict) else None for p in prompts]
     return [None]
+
+
+def _checked_salts(salts: list[Any]) -> list[str | None]:
+    """TypeError for a cache_salt that is not a str, ValueError for an empty one (before
+    anything is queued)."""
+    for i, salt in enumerate(salts):
+        if salt is not None and not isinstance(salt, str):
+            raise TypeError(f"prompts[{i}]['cache_salt'] must be a str, got "
+                            f"{type(salt).__name__}")
+        if salt == "":
+            raise ValueError(f"prompts[{i}]['cache_salt'] must be a non-empty string")
+    return salts
+
+
+def _prompt_dict(prompt: str | list[int], salt: str | None) -> dict[str, Any]:
+    """vLLM's prompt dict of a text or token ids, with its cache_salt if any."""
+    d: dict[str, Any] = {"prompt": prompt} if isinstance(prompt, str) else {
+        "prompt_token_ids": prompt}
+    return d | ({"cache_salt": salt} if salt is not None else {})
 
 
 def _one_prompt(prompt: Any, name: str) -> str | list[int]:

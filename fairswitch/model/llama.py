@@ -44,7 +44,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype),
                                  requires_grad=False) if bias else None
         self.lora: Any = None  # LoRA adapters' slots (lora/weights.py), when served
-        # FP8 weights (model/quantization.py): the weight in float8_e4m3fn, its row scales
+        # FP8 weights (model/quantization.py): the weight in float8_e4m3fn, its scale
         self.weight_scale: torch.Tensor | None = None
         self.one: torch.Tensor | None = None
         self.quant_ops: Any = None

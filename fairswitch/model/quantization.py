@@ -28,14 +28,25 @@ PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "ml
 METHODS = ("fp8",)
 
 
+def check_fp8_weights(device: torch.device, dtype: torch.dtype) -> None:
+    """ValueError, before the weights load, where fp8 weights cannot run: a dtype other than
+    bfloat16 (float32 on the CPU), a GPU without fp8 (compute capability below 8.9: Ada,
+    Hopper and newer have it)."""
+    if dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"quantization='fp8' runs bfloat16 models (float32 on the CPU), not "
+                         f"{dtype}: use --dtype bfloat16")
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        name = torch.cuda.get_device_name(device)
+        raise ValueError(f"quantization='fp8' needs a GPU with fp8 matmuls (compute "
+                         f"capability 8.9 or newer: Ada, Hopper); {name} has "
+                         f"{torch.cuda.get_device_capability(device)}")
+
+
 def quantize_weights_fp8_(model: Any, ops: Any) -> None:
     """Quantize ``model``'s projections in place (its share under tensor parallelism: a
     row-parallel rank's scales cover its input columns, and the partial outputs sum after each
     is scaled). ValueError for a dtype or shape the fp8 matmul does not take."""
-    dtype = model.embed_tokens.dtype
-    if dtype not in (torch.bfloat16, torch.float32):
-        raise ValueError(f"quantization='fp8' runs bfloat16 models (float32 on the CPU), not "
-                         f"{dtype}: use --dtype bfloat16")
+    check_fp8_weights(model.embed_tokens.device, model.embed_tokens.dtype)
     for layer in model.layers:
         for name in PROJECTIONS:
             linear = layer.get_submodule(name)
@@ -47,7 +58,9 @@ def quantize_weights_fp8_(model: Any, ops: Any) -> None:
             w = linear.weight.data
             amax = w.abs().amax().float()
             scale = torch.where(amax > 0, amax / _MAX, torch.ones_like(amax))
-            q = (w.float() / scale).clamp(-_MAX, _MAX).to(FP8)
+            q = torch.empty(w.shape, dtype=FP8, device=w.device)
+            for i in range(0, out_features, 4096):  # (a float32 copy of 4096 rows at a time)
+                q[i:i + 4096] = (w[i:i + 4096].float() / scale).clamp(-_MAX, _MAX).to(FP8)
             linear.weight = torch.nn.Parameter(q, requires_grad=False)
             linear.weight_scale = scale  # float32, 0-dim
             linear.one = torch.ones((), device=scale.device)  # (the matmul's other scale)
@@ -61,6 +74,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, one: 
     in the matmul and the rows' after it (bias, if any, is the caller's)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    if not len(x2):
+        return x.new_empty(*lead, weight.shape[0])
     xq, x_scale = ops.quantize_fp8_rows(x2)
     if x.is_cuda:
         y = torch._scaled_mm(xq, weight.t(), scale_a=scale, scale_b=one, out_dtype=x.dtype)
