@@ -241,6 +241,9 @@ def test_server_serves_adapters_by_model_name(llama_dir, adapters, expected, tmp
             emb = [client.embeddings.create(model=m, input=PROMPTS[0]).data[0].embedding
                    for m in ("base", "all")]
             assert emb[0] != emb[1]
+            with urllib.request.urlopen(f"{srv.url}/metrics", timeout=60) as r:
+                metrics = r.read().decode()
+            assert 'lora_requests_info{model_name="base",max_lora="2",' in metrics
 
             def post(path: str, body: dict) -> Reply:
                 req = urllib.request.Request(f"{srv.url}{path}", json.dumps(body).encode(),

@@ -220,6 +220,10 @@ class ServerMetrics:
                           "Generated tokens of finished requests.",
                           self.generation_lengths.samples(lab)),
         ]
+        if engine.get("lora") is not None:
+            parts.append(one("lora_requests_info", "gauge", "LoRA adapters of running and "
+                             "waiting requests, in its labels (vLLM's); the value is the time "
+                             "of the snapshot.", time.time(), **engine["lora"]))
         return "".join(parts)
 
 
@@ -227,8 +231,15 @@ def engine_snapshot(engine: Any) -> dict[str, Any]:
     """Queue lengths and ``Engine.switch_metrics()``; run on the engine thread
     (``AsyncEngine.run_in_engine``)."""
     sched = engine.scheduler
+    lora = None
+    if engine.config.lora.enable_lora:  # (vLLM's lora_requests_info: adapters' names)
+        def names(reqs: Any) -> str:
+            return ",".join(sorted({r.lora_adapter.name for r in reqs if r.lora_adapter}))
+        lora = {"max_lora": str(engine.config.lora.max_loras),
+                "running_lora_adapters": names(sched.running),
+                "waiting_lora_adapters": names([*sched.waiting, *sched.swapped])}
     return {"num_running": len(sched.running), "num_waiting": len(sched.waiting),
-            **engine.switch_metrics()}
+            "lora": lora, **engine.switch_metrics()}
 
 
 class RequestTracker:
