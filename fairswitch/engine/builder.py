@@ -85,6 +85,7 @@ class EngineParts:
     events: StepEvents
     workers: WorkerGroup | None  # the other tensor-parallel ranks
     generation: GenerationConfig  # EOS ids and requests' sampling defaults
+    lora_store: AdapterStore | None  # LoRA adapters read for requests (enable_lora)
 
 
 @dataclass
@@ -136,12 +137,15 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     eos_ids = _eos_ids(part.hf_config, tokenizer, generation)
     part.runner.sampler.eos_token_ids = eos_ids  # masked before a request's min_tokens
     output_processor = OutputProcessor(tokenizer, eos_ids, part.max_model_len)
-    adapters = AdapterSlots(config.lora.max_loras) if config.lora.enable_lora else None
+    lc = config.lora
+    adapters = AdapterSlots(lc.max_loras) if lc.enable_lora else None
     scheduler = Scheduler(config.scheduler, part.kv, output_processor, adapters=adapters)
+    store = AdapterStore(part.hf_config, lc.max_lora_rank, lc.max_cpu_loras or lc.max_loras,
+                         part.dtype) if lc.enable_lora else None
     JIT_CLOCK.serving = True
     return EngineParts(device, part.dtype, part.hf_config, tokenizer, part.max_model_len,
                        part.runner, part.kv, scheduler, output_processor, events, workers,
-                       generation)
+                       generation, store)
 
 
 def check_model(config: EngineConfig) -> tuple[loader.ModelSource, CheckpointConfig]:
@@ -200,9 +204,6 @@ def build_rank(config: EngineConfig, tp: TPGroup, device: torch.device,
     runner = ModelRunner(model, backend, config.scheduler, max_model_len, device, dtype, mc.seed,
                          GraphPlan(decode=graphed, mixed=graphed and mc.mixed_cuda_graphs), events,
                          tp)
-    if lc.enable_lora:
-        runner.lora_store = AdapterStore(hf_config, lc.max_lora_rank,
-                                         lc.max_cpu_loras or lc.max_loras, dtype)
     layout = KVLayout.of_model(hf_config, cc.tokens_per_block,
                                kv_cache_dtype(cc.kv_cache_dtype, dtype), tp.size)
     profile = ((lambda: runner.profile_kv_bytes(layout, cc.gpu_memory_utilization))

@@ -82,6 +82,7 @@ class Engine:
         self.output_processor, self.events = parts.output_processor, parts.events
         self.workers = parts.workers  # the other tensor-parallel ranks (None: one rank)
         self.generation = parts.generation  # (model/generation_config.py)
+        self.lora_store = parts.lora_store  # LoRA adapters read (None: LoRA not enabled)
         if self.workers is not None:
             # Dropped without shutdown(), the engine stops its workers as it is collected:
             # atexit's hold on them kept them, this rank's model and KV cache and the process
@@ -179,10 +180,10 @@ class Engine:
     def check_lora(self, lora_request: LoRARequest) -> LoRAAdapter:
         """The adapter ``lora_request`` names, read if not in memory; ValueError if adapters are
         not served or it cannot be, TypeError if it is not a LoRARequest."""
-        if self.runner.lora_store is None:
+        if self.lora_store is None:
             raise ValueError("this engine serves no LoRA adapters: start it with "
                              "enable_lora=True (--enable-lora)")
-        return self.runner.lora_store.get(lora_request)
+        return self.lora_store.get(lora_request)
 
     def _pooling_params(self, pooling: PoolingParams, params: SamplingParams | None
                         ) -> SamplingParams:

@@ -100,7 +100,6 @@ class LoRAState:
         self.col_slot = torch.arange(max_loras * max_rank, device=device) // max_rank
         self.layers: list[LoRALayer] = []
         self.mask: torch.Tensor | None = None  # [tokens, slots * R] bool
-        self.slot_ids: list[int | None] = [None] * max_loras  # adapter id per slot (weights)
 
     def begin(self, token_slots: torch.Tensor | None) -> None:
         self.mask = None if token_slots is None else token_slots.unsqueeze(1) == self.col_slot
@@ -115,7 +114,6 @@ class LoRAState:
                            for t in ab) for key, ab in adapter.weights.items()})
         for layer in self.layers:
             layer.set_slot(slot, adapter)
-        self.slot_ids[slot] = adapter.int_id if adapter is not None else None
 
 
 def attach_lora(model: Any, max_loras: int, max_rank: int) -> LoRAState:

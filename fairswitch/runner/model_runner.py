@@ -19,7 +19,6 @@ import torch
 from fairswitch.config import SchedulerConfig
 from fairswitch.distributed.parallel_state import SINGLE, TPGroup
 from fairswitch.kv.kv_cache import KVCache, KVLayout
-from fairswitch.lora.store import AdapterStore
 from fairswitch.model.llama import LlamaForCausalLM
 from fairswitch.request import PLACEHOLDER_TOKEN, Request
 from fairswitch.runner.attention import AttentionBackend, AttentionMetadata
@@ -108,8 +107,6 @@ class ModelRunner:
         self._feeds = SampleRowsBuffer(2 * sched.max_num_seqs, device) if on_cuda else None
         self._tokens = TokenReturn(sched.max_num_seqs) if on_cuda else None
         self.last_prepare_s = 0.0
-        # LoRA (model.lora set by lora/weights.attach_lora): adapters read for requests.
-        self.lora_store: AdapterStore | None = None
 
     def bind_kv_cache(self, kv_cache: KVCache) -> None:
         """Run over ``kv_cache`` from now on; the CUDA graphs of the plan are captured over it."""

@@ -32,7 +32,7 @@ class ServedAdapters:
         self.base_names = base_names
         self.by_name: dict[str, LoRAAdapter] = {}
         self._ids = itertools.count(1)
-        if modules and engine.engine.runner.lora_store is None:
+        if modules and engine.engine.lora_store is None:
             raise ValueError("LoRA modules need LoRA enabled: add --enable-lora")
         for name, path in modules.items():
             self._check_name(name)
@@ -78,7 +78,7 @@ class ServedAdapters:
         except ValueError as e:
             raise bad_request(str(e), "lora_path") from e
         if name in self.by_name:  # (loaded meanwhile by a request of its own)
-            self.engine.engine.runner.lora_store.forget(lora.lora_int_id)  # type: ignore
+            self.engine.engine.lora_store.forget(lora.lora_int_id)  # type: ignore
             raise bad_request(f"The lora adapter '{name}' has already been loaded.",
                               "lora_name")
         self.by_name[name] = adapter
@@ -95,7 +95,7 @@ class ServedAdapters:
         if adapter is None:
             raise APIError(404, f"The lora adapter '{name}' cannot be found.",
                            param="lora_name", code="model_not_found")
-        self.engine.engine.runner.lora_store.forget(adapter.int_id)  # type: ignore[union-attr]
+        self.engine.engine.lora_store.forget(adapter.int_id)  # type: ignore[union-attr]
         return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
 
 
