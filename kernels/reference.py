@@ -35,13 +35,17 @@ def dequantize_fp8(x: torch.Tensor, scale: torch.Tensor | float,
     return (x.float() * scale).to(dtype)
 
 
+def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
+    """The scale that maps a max |x| onto FP8_MAX (1 where it is 0: zeros stay zeros)."""
+    return torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+
+
 def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row of ``x`` [T, K] in float8_e4m3fn at its own scale (FP8 weights' dynamic
     per-token activation scales): scale = max |row| / FP8_MAX (1 for a zero row; NaN counts as
     0, and stores 0, as in an fp8 KV cache), in float32 [T, 1]; the row stored as x / scale
     rounded to nearest."""
-    amax = x.float().nan_to_num(nan=0.0).abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    scale = fp8_scale(x.float().nan_to_num(nan=0.0).abs().amax(dim=-1, keepdim=True))
     return quantize_fp8(x, scale), scale
 
 

@@ -124,7 +124,7 @@ class LLM:
                   client_id: Any, pooling: PoolingParams | None = None,
                   lora_request: Any = None) -> list[RequestOutput]:
         """``generate``, or with ``pooling`` ``embed``: each prompt's request(s) to the end."""
-        salts = _checked_salts(_cache_salts(prompts))
+        salts = _cache_salts(prompts)
         prompts = _prompt_list(prompts)
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
@@ -212,7 +212,7 @@ class LLM:
             raise TypeError(f"lora_request must be a LoRARequest or None, got "
                             f"{type(lora_request).__name__}")
         engine = self.engine
-        salts = _checked_salts(_cache_salts(prompts))
+        salts = _cache_salts(prompts)
         checked = [engine.validate_prompt(*((None, p) if isinstance(p, list) else (p, None)))
                    for p in _prompt_list(prompts)]
         for i, (_, ids) in enumerate(checked):
@@ -310,17 +310,14 @@ def _prompt_list(prompts: Any) -> list[str | list[int]]:
 
 def _cache_salts(prompts: Any) -> list[str | None]:
     """Each prompt's ``cache_salt`` (vLLM's prompt dicts may hold one; None elsewhere), in
-    ``_prompt_list``'s order."""
+    ``_prompt_list``'s order: TypeError for one that is not a str, ValueError for an empty one
+    (before anything is queued)."""
     if isinstance(prompts, dict):
-        return [prompts.get("cache_salt")]
-    if isinstance(prompts, (list, tuple)) and not (prompts and _is_int(prompts[0])):
-        return [p.get("cache_salt") if isinstance(p, dict) else None for p in prompts]
-    return [None]
-
-
-def _checked_salts(salts: list[Any]) -> list[str | None]:
-    """TypeError for a cache_salt that is not a str, ValueError for an empty one (before
-    anything is queued)."""
+        salts = [prompts.get("cache_salt")]
+    elif isinstance(prompts, (list, tuple)) and not (prompts and _is_int(prompts[0])):
+        salts = [p.get("cache_salt") if isinstance(p, dict) else None for p in prompts]
+    else:
+        salts = [None]
     for i, salt in enumerate(salts):
         if salt is not None and not isinstance(salt, str):
             raise TypeError(f"prompts[{i}]['cache_salt'] must be a str, got "

@@ -1,6 +1,7 @@
 """Adapters read from their folders, by ``lora_int_id``: the last ``capacity`` used stay in host
-memory (vLLM's max_cpu_loras). Each tensor-parallel rank keeps its own. Thread-safe: the server
-reads an adapter it is asked to load off the engine's thread, which may be reading another."""
+memory (vLLM's max_cpu_loras). The engine's (the driver's): the other tensor-parallel ranks get
+a slot's weights in the step plan. Thread-safe: the server reads an adapter it is asked to load
+off the engine's thread, which may be reading another."""
 
 from __future__ import annotations
 

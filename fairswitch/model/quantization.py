@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-FP8 = torch.float8_e4m3fn
-_MAX = 448.0
+from fairswitch.kernels import reference
+
 PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 METHODS = ("fp8",)
 
@@ -56,16 +56,14 @@ def quantize_weights_fp8_(model: Any, ops: Any) -> None:
                                  f"multiples of 16; {name} is {out_features} x {in_features} "
                                  "on this rank")
             w = linear.weight.data
-            amax = w.abs().amax().float()
-            scale = torch.where(amax > 0, amax / _MAX, torch.ones_like(amax))
-            q = torch.empty(w.shape, dtype=FP8, device=w.device)
+            scale = reference.fp8_scale(w.abs().amax().float())  # float32, 0-dim
+            q = torch.empty(w.shape, dtype=reference.FP8_DTYPE, device=w.device)
             for i in range(0, out_features, 4096):  # (a float32 copy of 4096 rows at a time)
-                q[i:i + 4096] = (w[i:i + 4096].float() / scale).clamp(-_MAX, _MAX).to(FP8)
+                q[i:i + 4096] = reference.quantize_fp8(w[i:i + 4096], scale)
             linear.weight = torch.nn.Parameter(q, requires_grad=False)
-            linear.weight_scale = scale  # float32, 0-dim
+            linear.weight_scale = scale
             linear.one = torch.ones((), device=scale.device)  # (the matmul's other scale)
             linear.quant_ops = ops
-            del w
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, one: torch.Tensor,
