@@ -13,18 +13,33 @@ import torch
 import triton
 import triton.language as tl
 
-from fairswitch.kernels.paged_attention import _quantize_e4m3  # (the fp8 KV write's rounding)
+from fairswitch.kernels.paged_attention import _FP8_MAX, _quantize_e4m3  # (the fp8 KV write's)
+
+
+@triton.jit
+def _row_to_fp8(out, mask, scale_ptr, row):
+    """One row's e4m3 codes at its own scale, which is stored (max |row| / FP8_MAX, 1 for a
+    zero row, NaN counting as 0): ``reference.quantize_fp8_rows`` of a row held in registers."""
+    of = tl.where(mask, out.to(tl.float32), 0.0)
+    m = tl.max(tl.abs(tl.where(of == of, of, 0.0)), axis=0)
+    scale = tl.where(m > 0, tl.div_rn(m, _FP8_MAX), 1.0)  # (IEEE division, as torch's)
+    tl.store(scale_ptr + row, scale)
+    return _quantize_e4m3(out, scale)
 
 
 @triton.jit
 def _add_rmsnorm_kernel(
     x_ptr,  # [T, N] input (the sublayer output)
+    x_scale_ptr,  # [T] float32: x's rows times these (if HAS_SCALE: an fp8 matmul's output)
     res_ptr,  # [T, N] residual stream, updated in place to res + x (if HAS_RESIDUAL)
     w_ptr,  # [N] norm weight
-    out_ptr,  # [T, N] normalized output
+    out_ptr,  # [T, N] normalized output (float8_e4m3fn if QUANT)
+    out_scale_ptr,  # [T] float32: the output rows' fp8 scales (if QUANT)
     N, eps,
     stride_x, stride_r, stride_o,
+    HAS_SCALE: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    QUANT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     # grid: (T,)
@@ -32,6 +47,8 @@ def _add_rmsnorm_kernel(
     offs = tl.arange(0, BLOCK)
     mask = offs < N
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    if HAS_SCALE:  # rounded to x's dtype, as reference.scale_rows
+        x = (x.to(tl.float32) * tl.load(x_scale_ptr + row)).to(x.dtype)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(r.dtype)
@@ -41,23 +58,44 @@ def _add_rmsnorm_kernel(
     normed = (xf * tl.rsqrt(var + eps)).to(x.dtype)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0)
     out = (normed.to(tl.float32) * w.to(tl.float32)).to(x.dtype)
+    if QUANT:
+        out = _row_to_fp8(out, mask, out_scale_ptr, row)
     tl.store(out_ptr + row * stride_o + offs, out, mask=mask)
 
 
-def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                eps: float) -> torch.Tensor:
-    """rmsnorm(residual + x) * weight; ``residual`` (if given) becomes residual + x in place."""
+def _add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float, x_scale: torch.Tensor | None, quant: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     assert x.dim() == 2 and x.stride(-1) == 1 and weight.is_contiguous()
     T, N = x.shape
-    out = torch.empty((T, N), dtype=x.dtype, device=x.device)
+    out = torch.empty((T, N), dtype=torch.float8_e4m3fn if quant else x.dtype, device=x.device)
+    out_scale = torch.empty((T, 1), dtype=torch.float32, device=x.device) if quant else None
     if T == 0:
-        return out
+        return out, out_scale
     res = residual if residual is not None else x
     assert res.shape == x.shape and res.stride(-1) == 1 and res.dtype == x.dtype
-    _add_rmsnorm_kernel[(T,)](x, res, weight, out, N, eps, x.stride(0), res.stride(0),
-                              out.stride(0), HAS_RESIDUAL=residual is not None,
+    if x_scale is not None:
+        assert x_scale.shape == (T, 1) and x_scale.dtype == torch.float32
+        assert x_scale.is_contiguous()
+    _add_rmsnorm_kernel[(T,)](x, x_scale, res, weight, out, out_scale, N, eps, x.stride(0),
+                              res.stride(0), out.stride(0), HAS_SCALE=x_scale is not None,
+                              HAS_RESIDUAL=residual is not None, QUANT=quant,
                               BLOCK=triton.next_power_of_2(N))
-    return out
+    return out, out_scale
+
+
+def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                eps: float, x_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """rmsnorm(residual + x) * weight; ``residual`` (if given) becomes residual + x in place;
+    ``x_scale`` [T, 1]: x's rows times it first (reference.scale_rows)."""
+    return _add_rmsnorm(x, residual, weight, eps, x_scale, quant=False)[0]
+
+
+def add_rmsnorm_fp8(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                    eps: float, x_scale: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """reference.add_rmsnorm_fp8 in one launch: (float8_e4m3fn [T, N], float32 scales [T, 1])."""
+    return _add_rmsnorm(x, residual, weight, eps, x_scale, quant=True)
 
 
 @triton.jit
@@ -119,10 +157,24 @@ def rope_(q: torch.Tensor, k: torch.Tensor, cos_cache: torch.Tensor, sin_cache: 
 
 
 @triton.jit
+def _silu(g, u, t, scale_ptr, HAS_SCALE: tl.constexpr):
+    """silu(g) * u of a token's rows (times its scale first, rounded: reference.scale_rows)."""
+    if HAS_SCALE:
+        s = tl.load(scale_ptr + t)
+        g = (g.to(tl.float32) * s).to(g.dtype)
+        u = (u.to(tl.float32) * s).to(u.dtype)
+    gf = g.to(tl.float32)
+    act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)  # rounded like the reference's silu output
+    return (act.to(tl.float32) * u.to(tl.float32)).to(g.dtype)
+
+
+@triton.jit
 def _silu_mul_kernel(
     gate_up_ptr,  # [T, 2 * I]: gate | up
+    scale_ptr,  # [T] float32: gate_up's rows times these (if HAS_SCALE)
     out_ptr,  # [T, I]
     inter, stride_g, stride_o,
+    HAS_SCALE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     # grid: (T, cdiv(I, BLOCK))
@@ -131,24 +183,77 @@ def _silu_mul_kernel(
     mask = offs < inter
     g = tl.load(gate_up_ptr + t * stride_g + offs, mask=mask, other=0.0)
     u = tl.load(gate_up_ptr + t * stride_g + inter + offs, mask=mask, other=0.0)
-    gf = g.to(tl.float32)
-    act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)  # rounded like the reference's silu output
-    out = act.to(tl.float32) * u.to(tl.float32)
-    tl.store(out_ptr + t * stride_o + offs, out.to(g.dtype), mask=mask)
+    tl.store(out_ptr + t * stride_o + offs, _silu(g, u, t, scale_ptr, HAS_SCALE), mask=mask)
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up for gate_up = [gate | up] along the last dim."""
+@triton.jit
+def _silu_mul_fp8_kernel(
+    gate_up_ptr,  # [T, 2 * I]: gate | up
+    scale_ptr,  # [T] float32: gate_up's rows times these (if HAS_SCALE)
+    q_ptr,  # [T, I] float8_e4m3fn output
+    q_scale_ptr,  # [T] float32 output
+    inter, stride_g, stride_q,
+    HAS_SCALE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # grid: (T,): the row's max |silu(gate) * up| in a first pass, the codes in a second (the
+    # activation computed again: cheaper than a round trip through memory)
+    t = tl.program_id(0).to(tl.int64)
+    base = gate_up_ptr + t * stride_g
+    amax = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(0, inter, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < inter
+        g = tl.load(base + offs, mask=mask, other=0.0)
+        u = tl.load(base + inter + offs, mask=mask, other=0.0)
+        a = _silu(g, u, t, scale_ptr, HAS_SCALE).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(tl.where(a == a, a, 0.0)))  # (NaN counts as 0)
+    m = tl.max(amax, axis=0)
+    scale = tl.where(m > 0, tl.div_rn(m, _FP8_MAX), 1.0)
+    tl.store(q_scale_ptr + t, scale)
+    for start in range(0, inter, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < inter
+        g = tl.load(base + offs, mask=mask, other=0.0)
+        u = tl.load(base + inter + offs, mask=mask, other=0.0)
+        a = _silu(g, u, t, scale_ptr, HAS_SCALE)
+        tl.store(q_ptr + t * stride_q + offs, _quantize_e4m3(a, scale), mask=mask)
+
+
+def _check_gate_up(gate_up: torch.Tensor, scale: torch.Tensor | None) -> tuple[int, int]:
     assert gate_up.dim() == 2 and gate_up.stride(-1) == 1 and gate_up.shape[1] % 2 == 0
     T, two_i = gate_up.shape
-    inter = two_i // 2
+    if scale is not None:
+        assert scale.shape == (T, 1) and scale.dtype == torch.float32 and scale.is_contiguous()
+    return T, two_i // 2
+
+
+def silu_mul(gate_up: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(gate) * up for gate_up = [gate | up] along the last dim (its rows times ``scale``
+    [T, 1] first, if given)."""
+    T, inter = _check_gate_up(gate_up, scale)
     out = torch.empty((T, inter), dtype=gate_up.dtype, device=gate_up.device)
     if T == 0:
         return out
     block = 1024
-    _silu_mul_kernel[(T, triton.cdiv(inter, block))](gate_up, out, inter, gate_up.stride(0),
-                                                     out.stride(0), BLOCK=block)
+    _silu_mul_kernel[(T, triton.cdiv(inter, block))](gate_up, scale, out, inter,
+                                                     gate_up.stride(0), out.stride(0),
+                                                     HAS_SCALE=scale is not None, BLOCK=block)
     return out
+
+
+def silu_mul_fp8(gate_up: torch.Tensor, scale: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """reference.silu_mul_fp8 in one launch: (float8_e4m3fn [T, I], float32 scales [T, 1])."""
+    T, inter = _check_gate_up(gate_up, scale)
+    q = torch.empty((T, inter), dtype=torch.float8_e4m3fn, device=gate_up.device)
+    q_scale = torch.empty((T, 1), dtype=torch.float32, device=gate_up.device)
+    if T == 0:
+        return q, q_scale
+    _silu_mul_fp8_kernel[(T,)](gate_up, scale, q, q_scale, inter, gate_up.stride(0),
+                               q.stride(0), HAS_SCALE=scale is not None,
+                               BLOCK=min(2048, triton.next_power_of_2(inter)))
+    return q, q_scale
 
 
 @triton.jit
@@ -157,7 +262,6 @@ def _quantize_fp8_rows_kernel(
     q_ptr,  # [T, K] float8_e4m3fn output
     scale_ptr,  # [T] float32 output
     K, stride_x, stride_q,
-    FP8_MAX: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     # grid: (T,): the row's max |x| in a first pass, then x / scale in a second
@@ -168,7 +272,7 @@ def _quantize_fp8_rows_kernel(
         x = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(tl.where(x == x, x, 0.0)))  # (NaN counts as 0)
     m = tl.max(amax, axis=0)
-    scale = tl.where(m > 0, tl.div_rn(m, FP8_MAX), 1.0)  # (IEEE division, as torch's)
+    scale = tl.where(m > 0, tl.div_rn(m, _FP8_MAX), 1.0)  # (IEEE division, as torch's)
     tl.store(scale_ptr + row, scale)
     for start in range(0, K, BLOCK):
         offs = start + tl.arange(0, BLOCK)
@@ -185,6 +289,6 @@ def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = torch.empty((T, 1), dtype=torch.float32, device=x.device)
     if T == 0:
         return q, scale
-    _quantize_fp8_rows_kernel[(T,)](x, q, scale, K, x.stride(0), q.stride(0), FP8_MAX=448.0,
+    _quantize_fp8_rows_kernel[(T,)](x, q, scale, K, x.stride(0), q.stride(0),
                                     BLOCK=min(4096, triton.next_power_of_2(K)))
     return q, scale

@@ -25,12 +25,63 @@ def test_fp8_linear_is_the_dequantized_product():
     w = torch.randn(32, 64, generator=g)
     scale = w.abs().amax() / 448
     wq = (w / scale).to(torch.float8_e4m3fn)
-    y = fp8_linear(x, wq, scale, torch.ones(()), ref)
+    y = fp8_linear(x, wq, scale, torch.ones(()), ref, torch.float32)
     xq, xs = ref.quantize_fp8_rows(x)
     want = (xq.float() * xs) @ (wq.float() * scale).t()
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
     exact = x @ w.t()  # and close to the unquantized: e4m3 keeps 3 mantissa bits
     assert (y - exact).norm() / exact.norm() < 0.05
+
+
+def test_fused_quantization_computes_what_the_unfused_does(monkeypatch):
+    """The norms and the SiLU quantizing for the projection after them, and o_proj, gate|up and
+    down_proj leaving their row scales to the op after them (``Scaled``), give the logits of
+    quantizing and scaling around each matmul, bit for bit (each op rounds where it did)."""
+    from fairswitch.model.llama import Linear
+    from fairswitch.model.quantization import Scaled
+
+    llm = LLM(quantization="fp8", dtype="float32", num_gpu_blocks=64, max_model_len=128)
+    model = llm.engine.runner.model
+    seen = []
+    real = ref.add_rmsnorm_fp8
+    monkeypatch.setattr(ref, "add_rmsnorm_fp8", lambda *a: seen.append(a[-1]) or real(*a))
+    params = SamplingParams(max_tokens=6, temperature=0.0, logprobs=5, ignore_eos=True)
+
+    def reply():
+        out = llm.generate(["The quick brown fox", "Paged attention"], params, use_tqdm=False)
+        return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in out]
+
+    fused = reply()
+    steps = 1 + 5  # a prefill and five decode steps (the two prompts batched together)
+    assert len(seen) == steps * 2 * len(model.layers)  # two norms a layer quantized ...
+    assert sum(s is None for s in seen) == steps  # ... and all but the first scaled rows
+    x = Scaled(*ref.quantize_fp8_rows(torch.randn(3, model.config.hidden_size)))
+    assert isinstance(model.layers[0].mlp(x), Scaled)
+    monkeypatch.setattr(Linear, "takes_fp8", property(lambda self: False))
+    seen.clear()
+    unfused = reply()
+    assert not seen and not isinstance(model.layers[0].mlp(x.data.float() * x.scale), Scaled)
+    assert fused == unfused
+    llm.shutdown()
+
+
+def test_fp8_weights_on_the_fused_kernels(monkeypatch):
+    """The Triton kernels (interpreted on the CPU) that quantize and scale around the fp8
+    matmuls give the torch reference's greedy tokens."""
+    from fairswitch.kernels import fused_ops
+    from fairswitch.runner.attention import TorchAttentionBackend
+
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    replies = []
+    for ops in (ref, fused_ops):
+        monkeypatch.setattr(TorchAttentionBackend, "ops", ops)
+        llm = LLM(quantization="fp8", dtype="float32", num_gpu_blocks=64, max_model_len=128,
+                  enforce_eager=True)
+        assert llm.engine.runner.model.layers[0].mlp.down_proj.quant_ops is ops
+        out = llm.generate(["The quick brown fox", "Paged attention"], params, use_tqdm=False)
+        replies.append([o.outputs[0].token_ids for o in out])
+        llm.shutdown()
+    assert replies[0] == replies[1]
 
 
 def test_the_trained_model_replies_nearly_as_unquantized(monkeypatch):

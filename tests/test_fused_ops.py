@@ -67,10 +67,60 @@ def test_silu_mul(dtype, inter):
     _close(fused.silu_mul(gate_up), ref.silu_mul(gate_up), dtype)
 
 
+def _close_fp8(got, want):
+    """Two per-row fp8 quantizations of nearly equal rows: the same scales, and codes equal
+    but where a rounding boundary lies between the rows' values (then one e4m3 step apart)."""
+    (q, scale), (q_ref, scale_ref) = got, want
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (q.shape[0], 1)
+    torch.testing.assert_close(scale, scale_ref, rtol=1e-2, atol=0)
+    x, x_ref = q.float() * scale, q_ref.float() * scale_ref
+    assert (x - x_ref).abs().le(x_ref.abs() / 8 + scale_ref * 2.0 ** -9).all()
+    assert (q.view(torch.uint8) == q_ref.view(torch.uint8)).float().mean() > 0.97
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_add_rmsnorm_of_scaled_rows_and_to_fp8(dtype, with_residual):
+    """FP8 weights' fusions (model/quantization.py): the rows times their pending scales first,
+    the output in fp8 at a scale per row; the residual stream updated as the reference does."""
+    g = torch.Generator(device=DEVICE).manual_seed(3)
+    n = 4096 if DEVICE.type == "cuda" else 160
+    x = torch.randn((6, n), dtype=dtype, device=DEVICE, generator=g) * 50
+    x_scale = torch.rand((6, 1), device=DEVICE, generator=g) / 10
+    w = torch.rand((n,), dtype=dtype, device=DEVICE, generator=g) + 0.5
+    res = torch.randn((6, n), dtype=dtype, device=DEVICE, generator=g) if with_residual else None
+    copies = [None if res is None else res.clone() for _ in range(3)]
+    _close(fused.add_rmsnorm(x, copies[0], w, 1e-5, x_scale),
+           ref.add_rmsnorm(x, copies[1], w, 1e-5, x_scale), dtype)
+    _close_fp8(fused.add_rmsnorm_fp8(x, copies[2], w, 1e-5, x_scale),
+               ref.add_rmsnorm_fp8(x, res, w, 1e-5, x_scale))
+    if with_residual:
+        for c in copies:
+            _close(c, res, dtype)
+    _close_fp8(fused.add_rmsnorm_fp8(x, None, w, 1e-5), ref.add_rmsnorm_fp8(x, None, w, 1e-5))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("inter", [32, 1500, 5000])
+def test_silu_mul_of_scaled_rows_and_to_fp8(dtype, inter):
+    g = torch.Generator(device=DEVICE).manual_seed(inter)
+    gate_up = torch.randn((4, 2 * inter), dtype=dtype, device=DEVICE, generator=g) * 8
+    scale = torch.tensor([[0.1], [1e-3], [0.0], [1.5]], device=DEVICE)
+    _close(fused.silu_mul(gate_up, scale), ref.silu_mul(gate_up, scale), dtype)
+    got = fused.silu_mul_fp8(gate_up, scale)
+    _close_fp8(got, ref.silu_mul_fp8(gate_up, scale))
+    assert got[1][2].item() == 1.0 and not got[0][2].float().any()  # a zero row: scale 1
+    _close_fp8(fused.silu_mul_fp8(gate_up), ref.silu_mul_fp8(gate_up))
+
+
 def test_empty_batches():
     x = torch.zeros((0, 64), device=DEVICE)
     assert fused.add_rmsnorm(x, None, torch.ones(64, device=DEVICE), 1e-5).shape == (0, 64)
     assert fused.silu_mul(torch.zeros((0, 64), device=DEVICE)).shape == (0, 32)
+    q, scale = fused.silu_mul_fp8(torch.zeros((0, 64), device=DEVICE))
+    assert q.shape == (0, 32) and scale.shape == (0, 1)
+    q, scale = fused.add_rmsnorm_fp8(x, None, torch.ones(64, device=DEVICE), 1e-5)
+    assert q.shape == (0, 64) and q.dtype == torch.float8_e4m3fn
 
 
 def test_engine_with_fused_ops_matches_transformers_fp32(monkeypatch, llama_dir):

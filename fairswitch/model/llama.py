@@ -26,7 +26,7 @@ from fairswitch.distributed.parallel_state import SINGLE, TPGroup
 from fairswitch.distributed.shard_plan import Shard, ShardPlan, split_intermediate
 from fairswitch.kv.kv_cache import KVLayer
 from fairswitch.model.checkpoint_config import CheckpointConfig
-from fairswitch.model.quantization import fp8_linear
+from fairswitch.model.quantization import Scaled, fp8_linear, unscaled
 
 
 class Linear(nn.Module):
@@ -47,19 +47,29 @@ class Linear(nn.Module):
         # FP8 weights (model/quantization.py): the weight in float8_e4m3fn, its scale
         self.weight_scale: torch.Tensor | None = None
         self.one: torch.Tensor | None = None
+        self.out_dtype: torch.dtype | None = None
         self.quant_ops: Any = None
 
-    def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ weight.T`` (no bias), in fp8 for quantized weights."""
+    @property
+    def takes_fp8(self) -> bool:
+        """Whether a ``Scaled`` fp8 input saves this projection its quantization: fp8 weights
+        without LoRA (whose adapters read the input in the model's dtype)."""
+        return self.weight_scale is not None and self.lora is None
+
+    def matmul(self, x: torch.Tensor | Scaled, defer: bool = False) -> torch.Tensor | Scaled:
+        """``x @ weight.T`` (no bias), in fp8 for quantized weights (``fp8_linear``)."""
         if self.weight_scale is not None:
-            return fp8_linear(x, self.weight, self.weight_scale, self.one, self.quant_ops)
+            return fp8_linear(x, self.weight, self.weight_scale, self.one, self.quant_ops,
+                              self.out_dtype, defer)
         return F.linear(x, self.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Scaled, defer: bool = False) -> torch.Tensor | Scaled:
+        """``defer``: the caller's next op can scale the rows (``Scaled``), so an fp8
+        projection without bias or LoRA leaves them to it."""
         if self.weight_scale is None:
             y = F.linear(x, self.weight, self.bias)
         else:
-            y = self.matmul(x)
+            y = self.matmul(x, defer and self.takes_fp8 and self.bias is None)
             if self.bias is not None:
                 y.add_(self.bias)
         if self.lora is not None:
@@ -77,7 +87,8 @@ class RowParallelLinear(Linear):
         super().__init__(in_features, out_features, bias, dtype, shard)
         self.tp = tp
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Scaled, defer: bool = False) -> torch.Tensor:
+        """(``defer`` does not apply: each rank's partial has its own row scales.)"""
         partial = self.matmul(x)
         if self.lora is not None:  # (this rank's input columns: a partial sum as well)
             self.lora.add_to(x, partial)
@@ -102,9 +113,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.ops = ops
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """rmsnorm(residual + x); residual, if given, becomes residual + x in place."""
-        return self.ops.add_rmsnorm(x, residual, self.weight, self.eps)
+    def forward(self, x: torch.Tensor | Scaled, residual: torch.Tensor | None = None,
+                fp8: bool = False) -> torch.Tensor | Scaled:
+        """rmsnorm(residual + x); residual, if given, becomes residual + x in place. ``x`` may
+        be a ``Scaled`` matmul output; ``fp8``: return the result quantized (``Scaled``)."""
+        x, x_scale = unscaled(x)
+        if fp8:
+            return Scaled(*self.ops.add_rmsnorm_fp8(x, residual, self.weight, self.eps, x_scale))
+        return self.ops.add_rmsnorm(x, residual, self.weight, self.eps, x_scale)
 
 
 def rope_inv_freq(theta: float, scaling: dict[str, Any] | None, head_dim: int) -> torch.Tensor:
@@ -166,8 +182,8 @@ class Attention(nn.Module):
         self.qk_norm = config.qk_norm
         self.backend = backend
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
-                kv_layer: KVLayer, meta: Any) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Scaled, positions: torch.Tensor, rope: RotaryEmbedding,
+                kv_layer: KVLayer, meta: Any) -> torch.Tensor | Scaled:
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
@@ -178,7 +194,7 @@ class Attention(nn.Module):
             k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
         self.ops.rope_(q, k, rope.cos, rope.sin, positions)  # rotates inside qkv
         out = self.backend.forward(q, k, v, kv_layer, meta)
-        return self.o_proj(out.reshape(-1, self.q_size))
+        return self.o_proj(out.reshape(-1, self.q_size), defer=True)  # (the norm scales)
 
 
 class MLP(nn.Module):
@@ -193,8 +209,15 @@ class MLP(nn.Module):
         self.down_proj = row_parallel(local, hidden, False, dtype, down, tp)
         self.ops = ops
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ops.silu_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor | Scaled) -> torch.Tensor | Scaled:
+        """(``Scaled`` in and out with fp8 weights: the SiLU scales gate|up's rows and
+        quantizes down_proj's input, the next layer's norm scales down_proj's rows.)"""
+        gate_up, scale = unscaled(self.gate_up_proj(x, defer=True))
+        if self.down_proj.takes_fp8:
+            act = Scaled(*self.ops.silu_mul_fp8(gate_up, scale))
+        else:
+            act = self.ops.silu_mul(gate_up, scale)
+        return self.down_proj(act, defer=True)
 
 
 class DecoderLayer(nn.Module):
@@ -213,16 +236,18 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, ops, dtype)
         self.mlp = MLP(config.hidden_size, config.intermediate_size, ops, dtype, tp)
 
-    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
-                rope: RotaryEmbedding, kv_layer: KVLayer, meta: Any
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, h: torch.Tensor | Scaled, residual: torch.Tensor | None,
+                positions: torch.Tensor, rope: RotaryEmbedding, kv_layer: KVLayer, meta: Any
+                ) -> tuple[torch.Tensor | Scaled, torch.Tensor]:
+        """(``h`` and the returned output may be ``Scaled``: fp8 weights, model/quantization.py.)"""
+        fp8 = self.self_attn.qkv_proj.takes_fp8
         if residual is None:  # first layer: the embeddings are the residual stream
             residual = h
-            x = self.input_layernorm(h)
+            x = self.input_layernorm(h, fp8=fp8)
         else:
-            x = self.input_layernorm(h, residual)
+            x = self.input_layernorm(h, residual, fp8=fp8)
         a = self.self_attn(x, positions, rope, kv_layer, meta)
-        x = self.post_attention_layernorm(a, residual)
+        x = self.post_attention_layernorm(a, residual, fp8=self.mlp.gate_up_proj.takes_fp8)
         return self.mlp(x), residual
 
 

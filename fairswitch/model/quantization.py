@@ -14,11 +14,17 @@ Why this split (H100 measurements, docs/benchmarks.md):
 - the row scales applied after the matmul, not inside it: cuBLAS's fp8 matmuls with row scales
   took 1.2-1.7x the time of tensorwise ones at M = 1-64 (down_proj at M=16: 44 against 26 us;
   bf16 45 us).
+
+Fused (one rank, no LoRA): the norms and the SiLU quantize their own output for the projection
+after them (``ops.add_rmsnorm_fp8``, ``ops.silu_mul_fp8``), and o_proj, gate|up and down_proj
+leave their rows' scales to the op after them (``Scaled``: the add+RMSNorm, the SiLU), which
+applies them where it reads the rows: six launches a layer fewer than quantizing and scaling
+around each matmul, the same numbers (each kernel rounds where the unfused path rounds).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -61,23 +67,45 @@ def quantize_weights_fp8_(model: Any, ops: Any) -> None:
             for i in range(0, out_features, 4096):  # (a float32 copy of 4096 rows at a time)
                 q[i:i + 4096] = reference.quantize_fp8(w[i:i + 4096], scale)
             linear.weight = torch.nn.Parameter(q, requires_grad=False)
+            linear.out_dtype = w.dtype
             linear.weight_scale = scale
             linear.one = torch.ones((), device=scale.device)  # (the matmul's other scale)
             linear.quant_ops = ops
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, one: torch.Tensor,
-               ops: Any) -> torch.Tensor:
-    """``x @ dequantized(weight).T``, in fp8: ``x`` quantized per row, the weight's scale applied
-    in the matmul and the rows' after it (bias, if any, is the caller's)."""
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    if not len(x2):
-        return x.new_empty(*lead, weight.shape[0])
-    xq, x_scale = ops.quantize_fp8_rows(x2)
-    if x.is_cuda:
-        y = torch._scaled_mm(xq, weight.t(), scale_a=scale, scale_b=one, out_dtype=x.dtype)
-        y.mul_(x_scale)
+class Scaled(NamedTuple):
+    """The rows ``data * scale`` not yet multiplied out: an fp8 matmul's input (``data`` in
+    float8_e4m3fn) or its output left for the next op to scale (``data`` in the model's dtype).
+    ``scale``: float32 [T, 1]."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+
+
+def unscaled(x: torch.Tensor | Scaled) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(rows, their pending scale or None)."""
+    return (x.data, x.scale) if isinstance(x, Scaled) else (x, None)
+
+
+def fp8_linear(x: torch.Tensor | Scaled, weight: torch.Tensor, scale: torch.Tensor,
+               one: torch.Tensor, ops: Any, dtype: torch.dtype,
+               defer: bool = False) -> torch.Tensor | Scaled:
+    """``x @ dequantized(weight).T`` in ``dtype``, in fp8: ``x`` quantized per row (or already:
+    a ``Scaled`` fp8 input), the weight's scale applied in the matmul and the rows' after it
+    (in ``dtype``, as ``reference.scale_rows``) or, with ``defer``, left to the op after it (a
+    ``Scaled`` output). Bias, if any, is the caller's."""
+    if isinstance(x, Scaled):
+        assert x.data.dtype == reference.FP8_DTYPE and x.data.dim() == 2, x.data.shape
+        (xq, x_scale), lead = x, x.data.shape[:-1]
+    else:
+        lead = x.shape[:-1]
+        xq, x_scale = ops.quantize_fp8_rows(x.reshape(-1, x.shape[-1]).contiguous())
+    if not len(xq):
+        y = torch.empty(len(xq), weight.shape[0], dtype=dtype, device=xq.device)
+    elif xq.is_cuda:
+        y = torch._scaled_mm(xq, weight.t(), scale_a=scale, scale_b=one, out_dtype=dtype)
     else:  # the same product in float32 (torch's CPU fp8 matmul is ~15x slower than this)
-        y = ((xq.float() @ weight.float().t()) * (x_scale * scale)).to(x.dtype)
-    return y.view(*lead, weight.shape[0])
+        y = ((xq.float() @ weight.float().t()) * scale).to(dtype)
+    if defer:
+        return Scaled(y, x_scale)
+    return y.mul_(x_scale).view(*lead, weight.shape[0])
