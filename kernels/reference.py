@@ -36,8 +36,10 @@ def dequantize_fp8(x: torch.Tensor, scale: torch.Tensor | float,
 
 
 def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
-    """The scale that maps a max |x| onto FP8_MAX (1 where it is 0: zeros stay zeros)."""
-    return torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    """The scale that maps a max |x| onto FP8_MAX (1 where it is 0: zeros stay zeros), divided
+    IEEE-exactly as the kernels do (on CUDA, torch divides by a Python number as a product with
+    its reciprocal: an ulp off for some values)."""
+    return torch.where(amax > 0, amax / amax.new_full((), FP8_MAX), torch.ones_like(amax))
 
 
 def quantize_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

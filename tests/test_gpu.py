@@ -393,3 +393,26 @@ def test_fp8_weights_on_gpu_with_graphs(monkeypatch):
     lora = LLM.from_config(base.with_options(quantization="fp8", enable_lora=True))
     out = lora.generate("Hello", SamplingParams(max_tokens=8, temperature=0.0), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 8
+
+
+def test_fp8_weights_fused_kernels_compute_the_unfused_numbers(monkeypatch):
+    """On the GPU, in CUDA graphs, the norms and the SiLU quantizing for the fp8 projections
+    and scaling their rows (model/quantization.py's fusions) give the logprobs of quantizing
+    and scaling around each matmul, bit for bit."""
+    from fairswitch.model.llama import Linear
+
+    base = EngineConfig.from_kwargs(device="cuda", max_model_len=256, kv_cache_memory_gib=0.5,
+                                    quantization="fp8")
+    params = SamplingParams(max_tokens=16, temperature=0.0, logprobs=3, ignore_eos=True)
+    prompts = ["The quick brown fox", "Paged attention", "Once upon a time"]
+    replies = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(Linear, "takes_fp8", property(lambda self: False))
+        llm = LLM.from_config(base)
+        assert llm.engine.runner.graphs is not None
+        out = llm.generate(prompts, params, use_tqdm=False)
+        replies.append([(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in out])
+        del llm
+        gc.collect()
+    assert replies[0] == replies[1]
