@@ -69,7 +69,8 @@ class ModelConfig:
     quantization: str | None = _opt(
         None, "fp8: the decoder's projections quantized to float8_e4m3fn on load (a scale per "
         "projection; each token's input quantized per step at its own), as vLLM's "
-        "--quantization fp8 on a bf16 checkpoint: half their bytes (default: none)", ("fp8",))
+        "--quantization fp8 on a bf16 checkpoint: half their bytes (default: none; an FP8 "
+        "checkpoint, per tensor, channel or block, is served so without it)", ("fp8",))
     trust_remote_code: bool = _opt(
         False, "taken for vLLM's command lines, and changes nothing: no code from a checkpoint "
         "ever runs (only the built-in architectures load)")

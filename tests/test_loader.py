@@ -306,7 +306,11 @@ def test_checkpoint_config_windows_and_nulls_match_transformers(model_type, arch
     ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
     ({"mlp_bias": True}, "mlp_bias is not supported"),
     ({"quantization_config": {"quant_method": "awq", "bits": 4}},
-     "quantized checkpoints \\('awq'\\) are not supported"),
+     "quant_method 'awq' are not supported"),
+    ({"quantization_config": {"quant_method": "fp8", "fmt": "e5m2"}}, "only e4m3"),
+    ({"quantization_config": {"quant_method": "compressed-tensors", "config_groups": {
+        "g": {"weights": {"num_bits": 4, "type": "int", "strategy": "group"}}}}},
+     "only 8-bit float"),
     ({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "num_hidden_layers": 4,
       "use_sliding_window": True, "max_window_layers": 2}, "2 of 4 layers"),
     # Values of the wrong type or range are named, not cast (int(64.5)) or left to fail later

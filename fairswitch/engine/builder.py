@@ -32,7 +32,8 @@ from fairswitch.lora.store import AdapterStore
 from fairswitch.lora.weights import attach_lora
 from fairswitch.model import loader
 from fairswitch.model.checkpoint_config import CheckpointConfig
-from fairswitch.model.quantization import check_fp8_weights, quantize_weights_fp8_
+from fairswitch.model.quantization import (check_fp8_weights, fp8_checkpoint_in_fp8,
+                                           quantize_weights_fp8_)
 from fairswitch.model.generation_config import GenerationConfig, read_generation_config
 from fairswitch.runner.attention import get_attention_backend
 from fairswitch.runner.jit_watch import JIT_CLOCK
@@ -183,8 +184,11 @@ def build_rank(config: EngineConfig, tp: TPGroup, device: torch.device,
             raise ValueError(f"block_size={cc.tokens_per_block}: the Triton attention kernels "
                              "need block_size >= 8")
         JIT_CLOCK.install()
-    if mc.quantization == "fp8":  # (before the weights load)
+    fp8_weights = mc.quantization == "fp8"
+    if fp8_weights:  # (before the weights load)
         check_fp8_weights(device, dtype)
+    elif hf_config.fp8 is not None:  # an FP8 checkpoint: in fp8 where the device can
+        fp8_weights = fp8_checkpoint_in_fp8(device, dtype)
     t0 = time.perf_counter()
     model = loader.build_model(hf_config, backend, max_model_len, dtype, device, tp)
     if mc.load_format == "dummy":
@@ -192,7 +196,7 @@ def build_rank(config: EngineConfig, tp: TPGroup, device: torch.device,
     else:
         loader.load_weights(model, source.checkpoint_dir)
     logger.info("loaded %s (%s, %s) in %.1fs", mc.model, dtype, device, time.perf_counter() - t0)
-    if mc.quantization == "fp8":
+    if fp8_weights:
         quantize_weights_fp8_(model, backend.ops)
     lc = config.lora
     if lc.enable_lora:  # (before the CUDA graphs: they capture the slots' matmuls)

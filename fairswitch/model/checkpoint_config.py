@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fairswitch.model.fp8_checkpoint import Fp8Checkpoint, read_quantization_config
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                            "Qwen3ForCausalLM")
 
@@ -102,6 +104,7 @@ class CheckpointConfig:
     bos_token_id: int | None
     dtype: str | None  # one of WEIGHT_DTYPES, as the checkpoint declares it; None: it does not
     raw: dict[str, Any] = field(repr=False, compare=False)  # config.json as read
+    fp8: Fp8Checkpoint | None = None  # an FP8 checkpoint's format (model/fp8_checkpoint.py)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str = "config.json") -> CheckpointConfig:
@@ -129,11 +132,8 @@ class CheckpointConfig:
                              f"(only {' / '.join(_ACTIVATIONS)})")
         if get("mlp_bias", False):
             raise ValueError(f"{where}: mlp_bias is not supported")
-        quant = raw.get("quantization_config")
-        if quant is not None:  # (else named only as a tensor the model has no parameter for)
-            method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
-            raise ValueError(f"{where}: quantized checkpoints ({method!r}) are not supported: "
-                             "fairswitch loads bfloat16, float16 or float32 weights")
+        quant = raw.get("quantization_config")  # (fp8 weights; any other: refused here)
+        fp8 = None if quant is None else read_quantization_config(quant, where)
         heads = int(raw["num_attention_heads"])
         # transformers 5 writes rope_parameters (with rope_theta inside), 4.x rope_scaling.
         rope = dict(get("rope_parameters") or get("rope_scaling") or {})
@@ -175,7 +175,7 @@ class CheckpointConfig:
             o_proj_bias=attention_bias, qk_norm=archs[0] == "Qwen3ForCausalLM",
             sliding_window=_sliding_window(raw, defaults, layers, where),
             eos_token_id=get("eos_token_id"), bos_token_id=get("bos_token_id"),
-            dtype=_weight_dtype(raw, where), raw=raw)
+            dtype=_weight_dtype(raw, where), raw=raw, fp8=fp8)
         if config.num_attention_heads % config.num_key_value_heads:
             raise ValueError(f"{where}: num_attention_heads={config.num_attention_heads} is not a "
                              f"multiple of num_key_value_heads={config.num_key_value_heads}")

@@ -4,8 +4,9 @@
 checkpoint directory inside the package); a shipped config name (``llama-3-8b`` ...) for dummy
 weights, with the cl100k_base tokenizer (model/cl100k.py); or a Hugging Face Hub repository
 (``owner/name``, hub.py), fetched into the Hub's cache.
-Weights come from ``*.safetensors`` (single file or sharded with an index), or are random
-(``load_format="dummy"``) with realistic scales, for benchmarks at real model shapes.
+Weights come from ``*.safetensors`` (single file or sharded with an index; FP8 checkpoints'
+dequantized with their scales, model/fp8_checkpoint.py), or are random (``load_format="dummy"``)
+with realistic scales, for benchmarks at real model shapes.
 
 Under tensor parallelism a rank reads only its slice of each checkpoint tensor (lazily, through
 ``get_slice``), and its dummy weights are its slice of the TP=1 dummy weights: every parameter is
@@ -23,8 +24,9 @@ import torch
 
 from fairswitch.distributed.parallel_state import SINGLE, TPGroup
 from fairswitch.distributed.shard_plan import Shard
-from fairswitch.model import hub
+from fairswitch.model import fp8_checkpoint, hub
 from fairswitch.model.checkpoint_config import CheckpointConfig, read_json
+from fairswitch.model.fp8_checkpoint import Fp8Checkpoint
 from fairswitch.model.llama import LlamaForCausalLM
 from fairswitch.model.tokenizer import load_tokenizer  # noqa: F401  (the loader's API)
 
@@ -226,32 +228,91 @@ def _read_into(target: _Target, tensor: Any, name: str, file: Path) -> None:
     _copy_shard(param, shard, span, lambda offset, n: tensor[lead + (slice(offset, offset + n),)])
 
 
+class _InMemory:
+    """A tensor already read (a dequantized fp8 one) in the lazy slice's interface."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+    def get_shape(self) -> list[int]:
+        return list(self.tensor.shape)
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        return self.tensor[index]
+
+
+def _weight_scales(files: list[Path]) -> dict[str, torch.Tensor]:
+    """An FP8 checkpoint's weight scales by the name of the weight they scale (scales are
+    small: one a tensor, a row or a 128 x 128 block)."""
+    scales = {}
+    for file in files:
+        with _open(file) as f:
+            for name in f.keys():
+                owner, _, suffix = name.rpartition(".")
+                if suffix in fp8_checkpoint.WEIGHT_SCALES:
+                    if f"{owner}.weight" in scales:
+                        raise ValueError(f"{file.name}: {owner}.weight has two scales")
+                    scales[f"{owner}.weight"] = f.get_tensor(name)
+    return scales
+
+
+def _checkpoint_tensor(f: Any, name: str, file: Path, fmt: Fp8Checkpoint | None,
+                       scales: dict[str, torch.Tensor]) -> Any:
+    """The tensor ``name`` of the open file ``f``: a lazy slice, or an fp8 one dequantized with
+    its scale (float32). ValueError for fp8 where config.json declares no fp8 quantization, or
+    without its scale."""
+    tensor = f.get_slice(name)
+    dtype = tensor.get_dtype()
+    if not dtype.startswith("F8"):
+        return tensor
+    if fmt is None or dtype != "F8_E4M3":
+        why = ("config.json declares no quantization_config" if fmt is None
+               else "only float8_e4m3fn weights are supported")
+        raise ValueError(f"{file.name}: {name} is {dtype}, but {why}")
+    if name not in scales:
+        raise ValueError(f"{file.name}: {name} is fp8 but the checkpoint has no "
+                         f"{name}_scale (or _scale_inv) for it")
+    return _InMemory(fp8_checkpoint.dequantize(f.get_tensor(name), scales[name], fmt, name))
+
+
 def load_weights(model: LlamaForCausalLM, ckpt: Path) -> None:
     """Fill ``model`` from the checkpoint; ValueError for a tensor it lacks, one it has no
-    parameter for (dropping it would serve a different model), or one found twice."""
+    parameter for (dropping it would serve a different model), or one found twice. An FP8
+    checkpoint's weights are dequantized with their scales (model/fp8_checkpoint.py); its
+    activation and KV-cache scales are not used."""
+    fmt = model.config.fp8
+    files = _checkpoint_files(ckpt)
+    scales = _weight_scales(files) if fmt is not None else {}
+    skipped = fp8_checkpoint.WEIGHT_SCALES + fp8_checkpoint.UNUSED_SCALES
     expected = {id(p): n for n, p in model.named_parameters()}
     filled: set[int] = set()
     partial: dict[int, int] = {}  # fused params filled shard by shard
     seen: dict[str, str] = {}  # checkpoint tensor -> the file it came from
     unknown: list[str] = []
     tied_head: torch.Tensor | None = None  # a tied model's lm_head.weight, if the file has one
-    for file in _checkpoint_files(ckpt):
+    for file in files:
         with _open(file) as f:
             for name in f.keys():
                 if name in seen:
                     raise ValueError(f"{ckpt}: {name} is in both {seen[name]} and {file.name}")
                 seen[name] = file.name
+                if name.rpartition(".")[2] in skipped:  # (a scale: read with its weight)
+                    if fmt is None:
+                        raise ValueError(f"{file.name}: {name} is an fp8 checkpoint's scale, "
+                                         "but config.json declares no quantization_config")
+                    continue
                 target = _target(name, model)
                 if target is None and name == "lm_head.weight":  # tied: must be the embedding
                     tied_head = torch.empty_like(model.embed_tokens)
                     target = _Target(tied_head, model.vocab_shard, None)
-                    _read_into(target, f.get_slice(name), name, file)
+                    _read_into(target, _checkpoint_tensor(f, name, file, fmt, scales), name,
+                               file)
                     continue
                 if target is None:
                     if not name.endswith(_IGNORED):
                         unknown.append(name)
                     continue
-                _read_into(target, f.get_slice(name), name, file)
+                _read_into(target, _checkpoint_tensor(f, name, file, fmt, scales), name, file)
                 param = target.param
                 if target.part is None:
                     filled.add(id(param))

@@ -24,11 +24,14 @@ around each matmul, the same numbers (each kernel rounds where the unfused path 
 
 from __future__ import annotations
 
+import logging
 from typing import Any, NamedTuple
 
 import torch
 
 from fairswitch.kernels import reference
+
+logger = logging.getLogger(__name__)
 
 PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 METHODS = ("fp8",)
@@ -46,6 +49,18 @@ def check_fp8_weights(device: torch.device, dtype: torch.dtype) -> None:
         raise ValueError(f"quantization='fp8' needs a GPU with fp8 matmuls (compute "
                          f"capability 8.9 or newer: Ada, Hopper); {name} has "
                          f"{torch.cuda.get_device_capability(device)}")
+
+
+def fp8_checkpoint_in_fp8(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether an FP8 checkpoint's weights (model/fp8_checkpoint.py, dequantized on load) are
+    served in fp8 (where ``check_fp8_weights`` allows), else in ``dtype`` (logged, not refused:
+    the checkpoint's values serve on any device)."""
+    try:
+        check_fp8_weights(device, dtype)
+    except ValueError as e:
+        logger.warning("serving the FP8 checkpoint's weights in %s: %s", dtype, e)
+        return False
+    return True
 
 
 def quantize_weights_fp8_(model: Any, ops: Any) -> None:
