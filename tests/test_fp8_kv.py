@@ -324,7 +324,8 @@ def test_fp8_pool_stores_each_heads_k_and_v_pages_in_one_run():
                                         layer=1)
     page = block_size * head_dim
     region = pool[2, 1].reshape(heads, 2, page)  # block 2, layer 1
-    codes = torch.arange(heads * 2 * page, dtype=torch.uint8).view(FP8).reshape(heads, 2, page)
+    codes = torch.arange(heads * 2 * page, dtype=torch.uint8, device=pool.device).view(FP8)
+    codes = codes.reshape(heads, 2, page)
     region.copy_(codes)
     for h in range(heads):
         assert torch.equal(as_bytes(k_cache[2, :, h]), as_bytes(codes[h, 0].view(block_size,
