@@ -74,8 +74,8 @@ def tokenizer_dir() -> Path:
 
 def _write_checkpoint(path: Path, arch: str, tokenizer_dir: Path, **overrides) -> Path:
     """A random small HF model saved as a real checkpoint dir (config + safetensors + tokenizer)."""
-    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM,
-                              Qwen3Config, Qwen3ForCausalLM)
+    from transformers import (LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM,
+                              Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
     common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
@@ -87,6 +87,8 @@ def _write_checkpoint(path: Path, arch: str, tokenizer_dir: Path, **overrides) -
         model = LlamaForCausalLM(LlamaConfig(**common))
     elif arch == "qwen3":
         model = Qwen3ForCausalLM(Qwen3Config(**common))
+    elif arch == "phi3":
+        model = Phi3ForCausalLM(Phi3Config(**common))
     else:
         model = Qwen2ForCausalLM(Qwen2Config(**common))
     model.save_pretrained(path, safe_serialization=True)
@@ -110,6 +112,19 @@ def qwen_dir(tmp_path_factory, tokenizer_dir) -> Path:
     # q/k/v biases, tied embeddings.
     return _write_checkpoint(tmp_path_factory.mktemp("qwen2"), "qwen2", tokenizer_dir,
                              tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def phi3_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    # q|k|v and gate|up stored fused; LongRoPE (short factors within the original 256 tokens,
+    # cos and sin scaled by its attention factor: a context extended 4x).
+    g = torch.Generator().manual_seed(3)
+    factors = [(1.0 + torch.rand(8, generator=g) * 3).tolist() for _ in range(2)]
+    rope = {"rope_type": "longrope", "short_factor": factors[0], "long_factor": factors[1],
+            "rope_theta": 10000.0}
+    return _write_checkpoint(tmp_path_factory.mktemp("phi3"), "phi3", tokenizer_dir,
+                             rope_scaling=rope, original_max_position_embeddings=256,
+                             tie_word_embeddings=False, pad_token_id=None)
 
 
 @pytest.fixture(scope="session")

@@ -236,6 +236,7 @@ def test_checkpoint_config_reads_shipped_configs_as_transformers_does(name):
 @pytest.mark.parametrize("model_type, arch", [
     ("llama", "LlamaForCausalLM"), ("mistral", "MistralForCausalLM"), ("qwen2", "Qwen2ForCausalLM"),
     ("qwen3", "Qwen3ForCausalLM"),  # (its head_dim, 128, is not hidden_size // heads)
+    ("phi3", "Phi3ForCausalLM"),
 ])
 def test_checkpoint_config_defaults_match_transformers(model_type, arch):
     """A config.json that leaves the optional fields out means what transformers' defaults say.
@@ -276,6 +277,7 @@ def test_attention_biases_are_those_of_transformers_model(model_type, arch, atte
 @pytest.mark.parametrize("model_type, arch, change", [
     ("mistral", "MistralForCausalLM", {"sliding_window": None}),  # Mistral-7B v0.2+: no window
     ("mistral", "MistralForCausalLM", {"sliding_window": 32}),
+    ("phi3", "Phi3ForCausalLM", {"sliding_window": 32}),  # (Phi-3-mini-4k: 2047)
     ("qwen2", "Qwen2ForCausalLM", {"use_sliding_window": True, "max_window_layers": 0}),
     ("qwen2", "Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 32,
                                    "max_window_layers": 2}),  # no layer past the 2 slides
@@ -329,6 +331,15 @@ def test_checkpoint_config_windows_and_nulls_match_transformers(model_type, arch
     ({"num_attention_heads": 2, "num_key_value_heads": 2, "hidden_size": 66},
      "head_dim=33 .* is not a positive even number"),
     ({"rope_scaling": "yarn"}, "rope_scaling must be an object"),
+    ({"architectures": ["Phi3ForCausalLM"], "model_type": "phi3",
+      "partial_rotary_factor": 0.75}, "partial_rotary_factor=0.75 .* is not supported"),
+    ({"architectures": ["Phi3ForCausalLM"], "model_type": "phi3",
+      "original_max_position_embeddings": 64,
+      "rope_scaling": {"type": "su", "short_factor": [1.0], "long_factor": [1.0]}},
+     "longrope's short_factor must be a list of 8 positive numbers"),
+    ({"architectures": ["Phi3ForCausalLM"], "model_type": "phi3",
+      "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [1.0] * 8}},
+     "original_max_position_embeddings must be a positive number, got None"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope type 'yarn' is not supported"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
      "llama3 rope scaling lacks low_freq_factor"),
@@ -505,3 +516,17 @@ def test_a_name_that_is_no_repository_is_not_looked_up(name, monkeypatch):
     monkeypatch.setattr(loader.hub, "snapshot", lambda *a: pytest.fail("looked up"))
     with pytest.raises(FileNotFoundError, match="neither an existing directory nor a known"):
         loader.resolve_model(name)
+
+
+def test_longrope_context_stays_within_its_original_length(phi3_dir):
+    """Past original_max_position_embeddings LongRoPE switches every position to its long
+    factors (transformers recomputes the whole sequence then): not implemented, so the context
+    is capped there, and a longer max_model_len refused by name."""
+    from fairswitch import LLM
+
+    llm = LLM(model=str(phi3_dir), num_gpu_blocks=64)
+    assert llm.engine.config.model.max_model_len is None
+    assert llm.engine.max_model_len == 256
+    llm.shutdown()
+    with pytest.raises(ValueError, match="original_max_position_embeddings: longrope's long"):
+        LLM(model=str(phi3_dir), num_gpu_blocks=64, max_model_len=512)

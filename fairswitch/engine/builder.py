@@ -239,11 +239,20 @@ def _tokenizer_path(config: EngineConfig, source: loader.ModelSource) -> Any:
 
 def _max_model_len(hf_config: CheckpointConfig, wanted: int | None) -> int:
     limit, field = hf_config.max_position_embeddings, "max_position_embeddings"
+    rope = hf_config.rope_scaling or {}
+    if rope.get("rope_type") == "longrope" and rope["original_max_position_embeddings"] < limit:
+        # Past it LongRoPE switches to its long factors for the whole sequence: not implemented.
+        limit = rope["original_max_position_embeddings"]
+        field = "original_max_position_embeddings: longrope's long factors are not implemented"
     if hf_config.sliding_window and hf_config.sliding_window < limit:
         # No sliding-window attention here: stay within the window, where it equals full.
         limit, field = hf_config.sliding_window, "sliding_window"
     if wanted is None:
-        if field == "sliding_window":
+        if field.startswith("original"):
+            logger.warning("max_model_len is %d tokens (%s; the model's "
+                           "max_position_embeddings: %d)", limit, field,
+                           hf_config.max_position_embeddings)
+        elif field == "sliding_window":
             logger.warning("the model attends through a sliding window of %d tokens, which "
                            "fairswitch does not implement: max_model_len is %d (its "
                            "max_position_embeddings: %d)", limit, limit,

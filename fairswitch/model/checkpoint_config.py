@@ -16,11 +16,11 @@ from typing import Any
 from fairswitch.model.fp8_checkpoint import Fp8Checkpoint, read_quantization_config
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                           "Qwen3ForCausalLM")
+                           "Qwen3ForCausalLM", "Phi3ForCausalLM")
 
 # transformers' defaults that differ between the model types (LlamaConfig, MistralConfig,
-# Qwen2Config, Qwen3Config): KV heads (None: as many as query heads), context length, sliding
-# window, head size (None: hidden_size // num_attention_heads).
+# Qwen2Config, Qwen3Config, Phi3Config): KV heads (None: as many as query heads), context length,
+# sliding window, head size (None: hidden_size // num_attention_heads), norm epsilon (1e-6).
 _TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": {"num_key_value_heads": None, "max_position_embeddings": 2048,
               "sliding_window": None},
@@ -30,16 +30,20 @@ _TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
               "sliding_window": 4096, "use_sliding_window": False},
     "qwen3": {"num_key_value_heads": 32, "max_position_embeddings": 32768,
               "sliding_window": 4096, "use_sliding_window": False, "head_dim": 128},
+    "phi3": {"num_key_value_heads": None, "max_position_embeddings": 4096,
+             "sliding_window": None, "rms_norm_eps": 1e-5},
 }
 _QWEN_WINDOWS = ("qwen2", "qwen3")  # (use_sliding_window and max_window_layers read)
 _ACTIVATIONS = ("silu", "swish")  # the MLP's gate activation (the same function)
 _REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "vocab_size")
 _COUNTS = (*_REQUIRED, "num_key_value_heads", "head_dim", "max_position_embeddings")
-# The RoPE variants llama.py implements, and the parameters each one reads.
+# The RoPE variants llama.py implements, and the numbers each one reads (longrope: Phi-3's, its
+# per-dimension factors checked apart, in _check_longrope).
 _ROPE_PARAMS = {"default": (), "linear": ("factor",),
                 "llama3": ("factor", "low_freq_factor", "high_freq_factor",
-                           "original_max_position_embeddings")}
+                           "original_max_position_embeddings"),
+                "longrope": ("original_max_position_embeddings",)}
 WEIGHT_DTYPES = ("float32", "float64", "float16", "bfloat16")  # the dtypes a checkpoint may declare
 
 
@@ -141,6 +145,16 @@ class CheckpointConfig:
         if type(theta) not in (int, float) or not theta > 0:
             raise ValueError(f"{where}: rope_theta must be a positive number, got {theta!r}")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
+        rope_type = "longrope" if rope_type == "su" else rope_type  # (Phi-3's first name for it)
+        if rope_type == "longrope":  # (Phi-3 keeps the original context length beside it)
+            rope["rope_type"] = rope_type
+            rope.setdefault("original_max_position_embeddings",
+                            get("original_max_position_embeddings"))
+        partial = rope.get("partial_rotary_factor", get("partial_rotary_factor", 1.0))
+        if partial != 1.0:
+            raise ValueError(f"{where}: partial_rotary_factor={partial!r} (RoPE on part of each "
+                             "head) is not supported")
+        rope.pop("partial_rotary_factor", None)
         if rope_type not in _ROPE_PARAMS:
             raise ValueError(f"{where}: rope type {rope_type!r} is not supported "
                              f"(supported: {', '.join(_ROPE_PARAMS)})")
@@ -166,7 +180,8 @@ class CheckpointConfig:
             vocab_size=int(raw["vocab_size"]),
             max_position_embeddings=int(get("max_position_embeddings",
                                             defaults["max_position_embeddings"])),
-            rms_norm_eps=float(get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
+            rms_norm_eps=float(get("rms_norm_eps", defaults.get("rms_norm_eps", 1e-6))),
+            rope_theta=float(theta),
             rope_scaling=None if rope_type == "default" else rope,
             tie_word_embeddings=bool(get("tie_word_embeddings", False)),
             # As transformers' models: Qwen2 has q/k/v biases, Mistral none, whatever
@@ -183,11 +198,29 @@ class CheckpointConfig:
             implied = "" if "head_dim" in raw else " (hidden_size // num_attention_heads)"
             raise ValueError(f"{where}: head_dim={config.head_dim}{implied} is not a positive "
                              "even number")
+        if rope_type == "longrope":
+            _check_longrope(rope, config.head_dim, where)
         return config
 
     @classmethod
     def from_file(cls, path: Path) -> CheckpointConfig:
         return cls.from_dict(read_json(path), str(path))
+
+
+def _check_longrope(rope: dict[str, Any], head_dim: int, where: str) -> None:
+    """Phi-3's LongRoPE: a factor per pair of dimensions for contexts up to
+    ``original_max_position_embeddings`` (short) and past it (long)."""
+    for key in ("short_factor", "long_factor"):
+        factors = rope.get(key)
+        if (not isinstance(factors, list) or len(factors) != head_dim // 2 or not all(
+                type(f) in (int, float) and 0 < f < float("inf") for f in factors)):
+            raise ValueError(f"{where}: longrope's {key} must be a list of {head_dim // 2} "
+                             f"positive numbers (one per pair of a head's dimensions)")
+    for key in ("factor", "attention_factor"):
+        value = rope.get(key)
+        if value is not None and (type(value) not in (int, float) or not value > 0):
+            raise ValueError(f"{where}: longrope's {key} must be a positive number, got "
+                             f"{value!r}")
 
 
 def _weight_dtype(raw: dict[str, Any], where: str) -> str | None:

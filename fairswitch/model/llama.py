@@ -141,8 +141,24 @@ def rope_inv_freq(theta: float, scaling: dict[str, Any] | None, head_dim: int) -
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
         return torch.where(medium, smoothed, scaled)
+    if rope_type == "longrope":  # (the short factors: contexts within the original length)
+        return inv_freq / torch.tensor(params["short_factor"], dtype=torch.float32)
     raise ValueError(f"rope scaling type {rope_type!r} is not supported "
-                     "(supported: default, linear, llama3)")
+                     "(supported: default, linear, llama3, longrope)")
+
+
+def rope_attention_factor(scaling: dict[str, Any] | None, max_positions: int) -> float:
+    """What cos and sin are multiplied by: LongRoPE's attention factor (as transformers
+    computes it: from the context's extension, max_position_embeddings over the original
+    length, unless the config gives it), 1 for the other RoPE types."""
+    params = scaling or {}
+    if params.get("rope_type") != "longrope":
+        return 1.0
+    if params.get("attention_factor") is not None:
+        return float(params["attention_factor"])
+    original = params["original_max_position_embeddings"]
+    factor = params.get("factor") or max_positions / original
+    return math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0
 
 
 class RotaryEmbedding(nn.Module):
@@ -151,10 +167,11 @@ class RotaryEmbedding(nn.Module):
         inv_freq = rope_inv_freq(config.rope_theta, config.rope_scaling, config.head_dim)
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
+        scale = rope_attention_factor(config.rope_scaling, config.max_position_embeddings)
         # float32 caches [max_positions, head_dim], created on the model's device. Plain
         # attributes, not buffers: a cast of the model (.to(dtype)) leaves them in fp32.
-        self.cos = emb.cos()
-        self.sin = emb.sin()
+        self.cos = emb.cos() * scale
+        self.sin = emb.sin() * scale
 
 
 class Attention(nn.Module):

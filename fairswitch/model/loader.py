@@ -136,7 +136,8 @@ def _target(name: str, model: LlamaForCausalLM) -> _Target | None:
         "mlp.up_proj": ("mlp.gate_up_proj", (inter, inter)),
     }
     plain = ("self_attn.o_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm",
-             "self_attn.q_norm", "self_attn.k_norm")
+             "self_attn.q_norm", "self_attn.k_norm",
+             "self_attn.qkv_proj", "mlp.gate_up_proj")  # (Phi-3 stores these two fused)
     if sub in fused:
         ours, part = fused[sub]
     elif sub in plain:
