@@ -374,3 +374,19 @@ def test_ranks_take_the_drivers_adapter_not_its_folder(llama_dir, adapters, expe
                            lora_request=lora[name])[0]
         assert list(out.outputs[0].token_ids) == expected[(name, 0)]
     llm.shutdown()
+
+
+def test_phi3_adapters_on_its_fused_modules_match_peft(phi3_dir, tmp_path):
+    """Phi-3 adapters target its fused qkv_proj and gate_up_proj (one A, B's rows for every
+    part): PEFT's greedy tokens, at TP=1 and with each rank holding its share at TP=2."""
+    path = write_adapter(phi3_dir, tmp_path / "phi3", seed=5,
+                         modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"])
+    want = [peft_greedy(phi3_dir, path, p, 8) for p in PROMPTS]
+    assert want[0] != peft_greedy(phi3_dir, None, PROMPTS[0], 8)  # the adapter matters
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    for tp in (1, 2):
+        llm = _llm(phi3_dir, tensor_parallel_size=tp)
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params, use_tqdm=False,
+                            lora_request=LoRARequest("phi3", 1, str(path)))
+        assert [list(o.outputs[0].token_ids) for o in outs] == want, tp
+        llm.shutdown()

@@ -11,6 +11,7 @@ that module's output rows:
     o_proj                ->  self_attn.o_proj
     gate_proj up_proj     ->  mlp.gate_up_proj, parts 0 1
     down_proj             ->  mlp.down_proj
+    qkv_proj, gate_up_proj (Phi-3's fused modules): every part, one A, B's rows split
 
 What the engine cannot serve as the adapter means it is refused, naming it: adapted embeddings or
 LM head, extra trained modules (``modules_to_save``), biases, DoRA, per-module ranks.
@@ -34,6 +35,7 @@ TARGETS = {
     "v_proj": ("self_attn.qkv_proj", 2), "o_proj": ("self_attn.o_proj", 0),
     "gate_proj": ("mlp.gate_up_proj", 0), "up_proj": ("mlp.gate_up_proj", 1),
     "down_proj": ("mlp.down_proj", 0),
+    "qkv_proj": ("self_attn.qkv_proj", None), "gate_up_proj": ("mlp.gate_up_proj", None),
 }
 # our module -> how many parts its output rows are made of
 NUM_PARTS = {"self_attn.qkv_proj": 3, "self_attn.o_proj": 1, "mlp.gate_up_proj": 2,
@@ -170,10 +172,11 @@ def _module_weights(tensors: dict[str, torch.Tensor], rank: int, scale: float,
                              f"{'B' if 'A' in ab else 'A'}")
         fan_in, outs = shapes[module]
         a, b = ab["A"], ab["B"]
-        if tuple(a.shape) != (rank, fan_in) or tuple(b.shape) != (outs[part], rank):
+        rows = sum(outs) if part is None else outs[part]
+        if tuple(a.shape) != (rank, fan_in) or tuple(b.shape) != (rows, rank):
             raise ValueError(f"{where}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
                              f"do not fit the model (expected {(rank, fan_in)} and "
-                             f"{(outs[part], rank)} at rank {rank})")
+                             f"{(rows, rank)} at rank {rank})")
         if not (a.is_floating_point() and b.is_floating_point()):
             raise ValueError(f"{where}: the weights are {a.dtype}, not floating point")
         a, b = a.to(dtype).contiguous(), (b.float() * scale).to(dtype).contiguous()
@@ -181,5 +184,10 @@ def _module_weights(tensors: dict[str, torch.Tensor], rank: int, scale: float,
             # (NaN or inf in a slot would reach every token of a step: 0 x inf is NaN)
             raise ValueError(f"{where}: the weights hold NaN or infinity (in {dtype}, "
                              f"scaled by {scale:g})")
-        weights[(layer, module, part)] = (a, b)
+        parts = [part] if part is not None else range(len(outs))
+        for p, rows_b in zip(parts, [b] if part is not None else b.split(outs)):
+            if (layer, module, p) in weights:
+                raise ValueError(f"{where}: the adapter adapts {module} part {p} twice (a "
+                                 "fused module and one of its parts)")
+            weights[(layer, module, p)] = (a, rows_b.contiguous())
     return weights
