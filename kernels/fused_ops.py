@@ -77,10 +77,12 @@ def _add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     if x_scale is not None:
         assert x_scale.shape == (T, 1) and x_scale.dtype == torch.float32
         assert x_scale.is_contiguous()
+    # (no fused multiply-add: x * scale + residual rounds the product first, as the unfused
+    # path's separate scaling does, also where x is float32 and the cast rounds nothing)
     _add_rmsnorm_kernel[(T,)](x, x_scale, res, weight, out, out_scale, N, eps, x.stride(0),
                               res.stride(0), out.stride(0), HAS_SCALE=x_scale is not None,
                               HAS_RESIDUAL=residual is not None, QUANT=quant,
-                              BLOCK=triton.next_power_of_2(N))
+                              BLOCK=triton.next_power_of_2(N), enable_fp_fusion=False)
     return out, out_scale
 
 

@@ -82,21 +82,27 @@ def _close_fp8(got, want):
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_add_rmsnorm_of_scaled_rows_and_to_fp8(dtype, with_residual):
     """FP8 weights' fusions (model/quantization.py): the rows times their pending scales first,
-    the output in fp8 at a scale per row; the residual stream updated as the reference does."""
+    the output in fp8 at a scale per row; the residual stream updated as the reference does;
+    and, on the same kernels, the codes of the unfused path (scale, add+norm, quantize)."""
     g = torch.Generator(device=DEVICE).manual_seed(3)
     n = 4096 if DEVICE.type == "cuda" else 160
     x = torch.randn((6, n), dtype=dtype, device=DEVICE, generator=g) * 50
     x_scale = torch.rand((6, 1), device=DEVICE, generator=g) / 10
     w = torch.rand((n,), dtype=dtype, device=DEVICE, generator=g) + 0.5
     res = torch.randn((6, n), dtype=dtype, device=DEVICE, generator=g) if with_residual else None
-    copies = [None if res is None else res.clone() for _ in range(3)]
+    copies = [None if res is None else res.clone() for _ in range(5)]
     _close(fused.add_rmsnorm(x, copies[0], w, 1e-5, x_scale),
            ref.add_rmsnorm(x, copies[1], w, 1e-5, x_scale), dtype)
-    _close_fp8(fused.add_rmsnorm_fp8(x, copies[2], w, 1e-5, x_scale),
-               ref.add_rmsnorm_fp8(x, res, w, 1e-5, x_scale))
+    got = fused.add_rmsnorm_fp8(x, copies[2], w, 1e-5, x_scale)
+    _close_fp8(got, ref.add_rmsnorm_fp8(x, copies[3], w, 1e-5, x_scale))
+    want = fused.quantize_fp8_rows(fused.add_rmsnorm(ref.scale_rows(x, x_scale), copies[4], w,
+                                                     1e-5))
+    assert torch.equal(got[1], want[1])
+    assert torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8))
     if with_residual:
-        for c in copies:
-            _close(c, res, dtype)
+        for c in copies[:4]:
+            _close(c, copies[4], dtype)
+        assert torch.equal(copies[2], copies[4])
     _close_fp8(fused.add_rmsnorm_fp8(x, None, w, 1e-5), ref.add_rmsnorm_fp8(x, None, w, 1e-5))
 
 
@@ -107,9 +113,14 @@ def test_silu_mul_of_scaled_rows_and_to_fp8(dtype, inter):
     gate_up = torch.randn((4, 2 * inter), dtype=dtype, device=DEVICE, generator=g) * 8
     scale = torch.tensor([[0.1], [1e-3], [0.0], [1.5]], device=DEVICE)
     _close(fused.silu_mul(gate_up, scale), ref.silu_mul(gate_up, scale), dtype)
+    gate_up[3, 5] = float("nan")  # (counts as 0 for the scale, stored as 0)
     got = fused.silu_mul_fp8(gate_up, scale)
     _close_fp8(got, ref.silu_mul_fp8(gate_up, scale))
     assert got[1][2].item() == 1.0 and not got[0][2].float().any()  # a zero row: scale 1
+    # The unfused path on the same kernels, to the bit.
+    want = fused.quantize_fp8_rows(fused.silu_mul(ref.scale_rows(gate_up, scale)))
+    assert torch.equal(got[1], want[1])
+    assert torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8))
     _close_fp8(fused.silu_mul_fp8(gate_up), ref.silu_mul_fp8(gate_up))
 
 

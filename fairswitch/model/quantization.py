@@ -19,7 +19,9 @@ Fused (one rank, no LoRA): the norms and the SiLU quantize their own output for 
 after them (``ops.add_rmsnorm_fp8``, ``ops.silu_mul_fp8``), and o_proj, gate|up and down_proj
 leave their rows' scales to the op after them (``Scaled``: the add+RMSNorm, the SiLU), which
 applies them where it reads the rows: six launches a layer fewer than quantizing and scaling
-around each matmul, the same numbers (each kernel rounds where the unfused path rounds).
+around each matmul, with the same rounding steps (each kernel rounds where the unfused path
+does; on the GPU the norm's sum may run in another order in the fused kernel, which moves a few
+fp8 codes in a million by one step).
 """
 
 from __future__ import annotations
@@ -89,17 +91,17 @@ def quantize_weights_fp8_(model: Any, ops: Any) -> None:
 
 
 class Scaled(NamedTuple):
-    """The rows ``data * scale`` not yet multiplied out: an fp8 matmul's input (``data`` in
-    float8_e4m3fn) or its output left for the next op to scale (``data`` in the model's dtype).
-    ``scale``: float32 [T, 1]."""
+    """The rows ``rows * scale`` not yet multiplied out: an fp8 matmul's input (``rows`` in
+    float8_e4m3fn) or its output left for the next op to scale (``rows`` in the model's dtype).
+    ``rows``: [T, N]; ``scale``: float32 [T, 1]."""
 
-    data: torch.Tensor
+    rows: torch.Tensor
     scale: torch.Tensor
 
 
 def unscaled(x: torch.Tensor | Scaled) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(rows, their pending scale or None)."""
-    return (x.data, x.scale) if isinstance(x, Scaled) else (x, None)
+    return (x.rows, x.scale) if isinstance(x, Scaled) else (x, None)
 
 
 def fp8_linear(x: torch.Tensor | Scaled, weight: torch.Tensor, scale: torch.Tensor,
@@ -108,10 +110,11 @@ def fp8_linear(x: torch.Tensor | Scaled, weight: torch.Tensor, scale: torch.Tens
     """``x @ dequantized(weight).T`` in ``dtype``, in fp8: ``x`` quantized per row (or already:
     a ``Scaled`` fp8 input), the weight's scale applied in the matmul and the rows' after it
     (in ``dtype``, as ``reference.scale_rows``) or, with ``defer``, left to the op after it (a
-    ``Scaled`` output). Bias, if any, is the caller's."""
+    ``Scaled`` output, its rows 2-D whatever ``x``'s leading dims). Bias, if any, is the
+    caller's."""
     if isinstance(x, Scaled):
-        assert x.data.dtype == reference.FP8_DTYPE and x.data.dim() == 2, x.data.shape
-        (xq, x_scale), lead = x, x.data.shape[:-1]
+        assert x.rows.dtype == reference.FP8_DTYPE and x.rows.dim() == 2, x.rows.shape
+        (xq, x_scale), lead = x, x.rows.shape[:-1]
     else:
         lead = x.shape[:-1]
         xq, x_scale = ops.quantize_fp8_rows(x.reshape(-1, x.shape[-1]).contiguous())
