@@ -68,7 +68,7 @@ class ModelConfig:
         "CPU (vLLM's half and float: float16 and float32)", (*_DTYPES, *_DTYPE_ALIASES))
     quantization: str | None = _opt(
         None, "fp8: the decoder's projections quantized to float8_e4m3fn on load (a scale per "
-        "output channel; each token's input quantized per step at its own), as vLLM's "
+        "projection; each token's input quantized per step at its own), as vLLM's "
         "--quantization fp8 on a bf16 checkpoint: half their bytes (default: none; an FP8 "
         "checkpoint, per tensor, channel or block, is served so without it)", ("fp8",))
     trust_remote_code: bool = _opt(

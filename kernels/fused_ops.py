@@ -28,20 +28,9 @@ def _row_to_fp8(out, mask, scale_ptr, row):
 
 
 @triton.jit
-def _scaled(x, row, cols, mask, x_scale_ptr, col_scale_ptr, HAS_COL_SCALE: tl.constexpr):
-    """x times its row's scale and then its columns' (in float32), rounded to x's dtype:
-    reference.scale_rows."""
-    y = x.to(tl.float32) * tl.load(x_scale_ptr + row)
-    if HAS_COL_SCALE:
-        y = y * tl.load(col_scale_ptr + cols, mask=mask, other=0.0)
-    return y.to(x.dtype)
-
-
-@triton.jit
 def _add_rmsnorm_kernel(
     x_ptr,  # [T, N] input (the sublayer output)
     x_scale_ptr,  # [T] float32: x's rows times these (if HAS_SCALE: an fp8 matmul's output)
-    col_scale_ptr,  # [N] float32: and its columns times these (if HAS_COL_SCALE)
     res_ptr,  # [T, N] residual stream, updated in place to res + x (if HAS_RESIDUAL)
     w_ptr,  # [N] norm weight
     out_ptr,  # [T, N] normalized output (float8_e4m3fn if QUANT)
@@ -49,7 +38,6 @@ def _add_rmsnorm_kernel(
     N, eps,
     stride_x, stride_r, stride_o,
     HAS_SCALE: tl.constexpr,
-    HAS_COL_SCALE: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     QUANT: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -59,8 +47,8 @@ def _add_rmsnorm_kernel(
     offs = tl.arange(0, BLOCK)
     mask = offs < N
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
-    if HAS_SCALE:
-        x = _scaled(x, row, offs, mask, x_scale_ptr, col_scale_ptr, HAS_COL_SCALE)
+    if HAS_SCALE:  # rounded to x's dtype, as reference.scale_rows
+        x = (x.to(tl.float32) * tl.load(x_scale_ptr + row)).to(x.dtype)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(r.dtype)
@@ -75,20 +63,9 @@ def _add_rmsnorm_kernel(
     tl.store(out_ptr + row * stride_o + offs, out, mask=mask)
 
 
-def _check_scales(T: int, N: int, x_scale: torch.Tensor | None,
-                  col_scale: torch.Tensor | None) -> None:
-    if x_scale is not None:
-        assert x_scale.shape == (T, 1) and x_scale.dtype == torch.float32
-        assert x_scale.is_contiguous()
-    if col_scale is not None:
-        assert x_scale is not None, "column scales come with row scales"
-        assert col_scale.shape == (N,) and col_scale.dtype == torch.float32
-        assert col_scale.is_contiguous()
-
-
 def _add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                 eps: float, x_scale: torch.Tensor | None, col_scale: torch.Tensor | None,
-                 quant: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 eps: float, x_scale: torch.Tensor | None, quant: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     assert x.dim() == 2 and x.stride(-1) == 1 and weight.is_contiguous()
     T, N = x.shape
     out = torch.empty((T, N), dtype=torch.float8_e4m3fn if quant else x.dtype, device=x.device)
@@ -97,65 +74,30 @@ def _add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
         return out, out_scale
     res = residual if residual is not None else x
     assert res.shape == x.shape and res.stride(-1) == 1 and res.dtype == x.dtype
-    _check_scales(T, N, x_scale, col_scale)
+    if x_scale is not None:
+        assert x_scale.shape == (T, 1) and x_scale.dtype == torch.float32
+        assert x_scale.is_contiguous()
     # (no fused multiply-add: x * scale + residual rounds the product first, as the unfused
     # path's separate scaling does, also where x is float32 and the cast rounds nothing)
-    _add_rmsnorm_kernel[(T,)](x, x_scale, col_scale, res, weight, out, out_scale, N, eps,
-                              x.stride(0), res.stride(0), out.stride(0),
-                              HAS_SCALE=x_scale is not None,
-                              HAS_COL_SCALE=col_scale is not None,
+    _add_rmsnorm_kernel[(T,)](x, x_scale, res, weight, out, out_scale, N, eps, x.stride(0),
+                              res.stride(0), out.stride(0), HAS_SCALE=x_scale is not None,
                               HAS_RESIDUAL=residual is not None, QUANT=quant,
                               BLOCK=triton.next_power_of_2(N), enable_fp_fusion=False)
     return out, out_scale
 
 
 def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                eps: float, x_scale: torch.Tensor | None = None,
-                col_scale: torch.Tensor | None = None) -> torch.Tensor:
+                eps: float, x_scale: torch.Tensor | None = None) -> torch.Tensor:
     """rmsnorm(residual + x) * weight; ``residual`` (if given) becomes residual + x in place;
-    ``x_scale`` [T, 1], ``col_scale`` [N]: x's rows and columns times them first
-    (reference.scale_rows)."""
-    return _add_rmsnorm(x, residual, weight, eps, x_scale, col_scale, quant=False)[0]
+    ``x_scale`` [T, 1]: x's rows times it first (reference.scale_rows)."""
+    return _add_rmsnorm(x, residual, weight, eps, x_scale, quant=False)[0]
 
 
 def add_rmsnorm_fp8(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                    eps: float, x_scale: torch.Tensor | None = None,
-                    col_scale: torch.Tensor | None = None
+                    eps: float, x_scale: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """reference.add_rmsnorm_fp8 in one launch: (float8_e4m3fn [T, N], float32 scales [T, 1])."""
-    return _add_rmsnorm(x, residual, weight, eps, x_scale, col_scale, quant=True)
-
-
-@triton.jit
-def _scale_rows_kernel(
-    y_ptr,  # [T, N], scaled in place
-    x_scale_ptr,  # [T] float32
-    col_scale_ptr,  # [N] float32 (if HAS_COL_SCALE)
-    N, stride_y,
-    HAS_COL_SCALE: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    # grid: (T, cdiv(N, BLOCK))
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    y = tl.load(y_ptr + row * stride_y + offs, mask=mask, other=0.0)
-    y = _scaled(y, row, offs, mask, x_scale_ptr, col_scale_ptr, HAS_COL_SCALE)
-    tl.store(y_ptr + row * stride_y + offs, y, mask=mask)
-
-
-def scale_rows_(y: torch.Tensor, x_scale: torch.Tensor,
-                col_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """reference.scale_rows_ in one launch (in place; returns ``y``)."""
-    assert y.dim() == 2 and y.stride(-1) == 1
-    T, N = y.shape
-    _check_scales(T, N, x_scale, col_scale)
-    if T:
-        block = 1024
-        _scale_rows_kernel[(T, triton.cdiv(N, block))](y, x_scale, col_scale, N, y.stride(0),
-                                                       HAS_COL_SCALE=col_scale is not None,
-                                                       BLOCK=block)
-    return y
+    return _add_rmsnorm(x, residual, weight, eps, x_scale, quant=True)
 
 
 @triton.jit
@@ -217,13 +159,12 @@ def rope_(q: torch.Tensor, k: torch.Tensor, cos_cache: torch.Tensor, sin_cache: 
 
 
 @triton.jit
-def _silu(g, u, t, offs, mask, inter, scale_ptr, col_scale_ptr, HAS_SCALE: tl.constexpr,
-          HAS_COL_SCALE: tl.constexpr):
-    """silu(g) * u of a token's columns ``offs`` of gate and up (times their scales first,
-    rounded: reference.scale_rows)."""
+def _silu(g, u, t, scale_ptr, HAS_SCALE: tl.constexpr):
+    """silu(g) * u of a token's rows (times its scale first, rounded: reference.scale_rows)."""
     if HAS_SCALE:
-        g = _scaled(g, t, offs, mask, scale_ptr, col_scale_ptr, HAS_COL_SCALE)
-        u = _scaled(u, t, inter + offs, mask, scale_ptr, col_scale_ptr, HAS_COL_SCALE)
+        s = tl.load(scale_ptr + t)
+        g = (g.to(tl.float32) * s).to(g.dtype)
+        u = (u.to(tl.float32) * s).to(u.dtype)
     gf = g.to(tl.float32)
     act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)  # rounded like the reference's silu output
     return (act.to(tl.float32) * u.to(tl.float32)).to(g.dtype)
@@ -233,11 +174,9 @@ def _silu(g, u, t, offs, mask, inter, scale_ptr, col_scale_ptr, HAS_SCALE: tl.co
 def _silu_mul_kernel(
     gate_up_ptr,  # [T, 2 * I]: gate | up
     scale_ptr,  # [T] float32: gate_up's rows times these (if HAS_SCALE)
-    col_scale_ptr,  # [2 * I] float32: and its columns times these (if HAS_COL_SCALE)
     out_ptr,  # [T, I]
     inter, stride_g, stride_o,
     HAS_SCALE: tl.constexpr,
-    HAS_COL_SCALE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     # grid: (T, cdiv(I, BLOCK))
@@ -246,20 +185,17 @@ def _silu_mul_kernel(
     mask = offs < inter
     g = tl.load(gate_up_ptr + t * stride_g + offs, mask=mask, other=0.0)
     u = tl.load(gate_up_ptr + t * stride_g + inter + offs, mask=mask, other=0.0)
-    out = _silu(g, u, t, offs, mask, inter, scale_ptr, col_scale_ptr, HAS_SCALE, HAS_COL_SCALE)
-    tl.store(out_ptr + t * stride_o + offs, out, mask=mask)
+    tl.store(out_ptr + t * stride_o + offs, _silu(g, u, t, scale_ptr, HAS_SCALE), mask=mask)
 
 
 @triton.jit
 def _silu_mul_fp8_kernel(
     gate_up_ptr,  # [T, 2 * I]: gate | up
     scale_ptr,  # [T] float32: gate_up's rows times these (if HAS_SCALE)
-    col_scale_ptr,  # [2 * I] float32: and its columns times these (if HAS_COL_SCALE)
     q_ptr,  # [T, I] float8_e4m3fn output
     q_scale_ptr,  # [T] float32 output
     inter, stride_g, stride_q,
     HAS_SCALE: tl.constexpr,
-    HAS_COL_SCALE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     # grid: (T,): the row's max |silu(gate) * up| in a first pass, the codes in a second (the
@@ -272,8 +208,7 @@ def _silu_mul_fp8_kernel(
         mask = offs < inter
         g = tl.load(base + offs, mask=mask, other=0.0)
         u = tl.load(base + inter + offs, mask=mask, other=0.0)
-        a = _silu(g, u, t, offs, mask, inter, scale_ptr, col_scale_ptr, HAS_SCALE,
-                  HAS_COL_SCALE).to(tl.float32)
+        a = _silu(g, u, t, scale_ptr, HAS_SCALE).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(tl.where(a == a, a, 0.0)))  # (NaN counts as 0)
     m = tl.max(amax, axis=0)
     scale = tl.where(m > 0, tl.div_rn(m, _FP8_MAX), 1.0)
@@ -283,45 +218,42 @@ def _silu_mul_fp8_kernel(
         mask = offs < inter
         g = tl.load(base + offs, mask=mask, other=0.0)
         u = tl.load(base + inter + offs, mask=mask, other=0.0)
-        a = _silu(g, u, t, offs, mask, inter, scale_ptr, col_scale_ptr, HAS_SCALE,
-                  HAS_COL_SCALE)
+        a = _silu(g, u, t, scale_ptr, HAS_SCALE)
         tl.store(q_ptr + t * stride_q + offs, _quantize_e4m3(a, scale), mask=mask)
 
 
-def _check_gate_up(gate_up: torch.Tensor, scale: torch.Tensor | None,
-                   col_scale: torch.Tensor | None) -> tuple[int, int]:
+def _check_gate_up(gate_up: torch.Tensor, scale: torch.Tensor | None) -> tuple[int, int]:
     assert gate_up.dim() == 2 and gate_up.stride(-1) == 1 and gate_up.shape[1] % 2 == 0
     T, two_i = gate_up.shape
-    _check_scales(T, two_i, scale, col_scale)
+    if scale is not None:
+        assert scale.shape == (T, 1) and scale.dtype == torch.float32 and scale.is_contiguous()
     return T, two_i // 2
 
 
-def silu_mul(gate_up: torch.Tensor, scale: torch.Tensor | None = None,
-             col_scale: torch.Tensor | None = None) -> torch.Tensor:
+def silu_mul(gate_up: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """silu(gate) * up for gate_up = [gate | up] along the last dim (its rows times ``scale``
-    [T, 1] and its columns times ``col_scale`` [2 I] first, if given)."""
-    T, inter = _check_gate_up(gate_up, scale, col_scale)
+    [T, 1] first, if given)."""
+    T, inter = _check_gate_up(gate_up, scale)
     out = torch.empty((T, inter), dtype=gate_up.dtype, device=gate_up.device)
     if T == 0:
         return out
     block = 1024
-    _silu_mul_kernel[(T, triton.cdiv(inter, block))](
-        gate_up, scale, col_scale, out, inter, gate_up.stride(0), out.stride(0),
-        HAS_SCALE=scale is not None, HAS_COL_SCALE=col_scale is not None, BLOCK=block)
+    _silu_mul_kernel[(T, triton.cdiv(inter, block))](gate_up, scale, out, inter,
+                                                     gate_up.stride(0), out.stride(0),
+                                                     HAS_SCALE=scale is not None, BLOCK=block)
     return out
 
 
-def silu_mul_fp8(gate_up: torch.Tensor, scale: torch.Tensor | None = None,
-                 col_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def silu_mul_fp8(gate_up: torch.Tensor, scale: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """reference.silu_mul_fp8 in one launch: (float8_e4m3fn [T, I], float32 scales [T, 1])."""
-    T, inter = _check_gate_up(gate_up, scale, col_scale)
+    T, inter = _check_gate_up(gate_up, scale)
     q = torch.empty((T, inter), dtype=torch.float8_e4m3fn, device=gate_up.device)
     q_scale = torch.empty((T, 1), dtype=torch.float32, device=gate_up.device)
     if T == 0:
         return q, q_scale
-    _silu_mul_fp8_kernel[(T,)](gate_up, scale, col_scale, q, q_scale, inter, gate_up.stride(0),
+    _silu_mul_fp8_kernel[(T,)](gate_up, scale, q, q_scale, inter, gate_up.stride(0),
                                q.stride(0), HAS_SCALE=scale is not None,
-                               HAS_COL_SCALE=col_scale is not None,
                                BLOCK=min(2048, triton.next_power_of_2(inter)))
     return q, q_scale
 

@@ -144,31 +144,19 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     return out
 
 
-def scale_rows(x: torch.Tensor, x_scale: torch.Tensor | None,
-               col_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """``x`` [T, N] times its rows' scales ``x_scale`` ([T, 1] float32) and then its columns'
-    ``col_scale`` ([N] float32, if given), in float32, rounded once to x's dtype (an fp8
-    matmul's output: the tokens' and the weight rows' scales); ``x`` itself without scales."""
-    if x_scale is None:
-        return x
-    y = x.float() * x_scale
-    return (y if col_scale is None else y * col_scale).to(x.dtype)
-
-
-def scale_rows_(y: torch.Tensor, x_scale: torch.Tensor,
-                col_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """``scale_rows`` in place: returns ``y``."""
-    return y.copy_(scale_rows(y, x_scale, col_scale))
+def scale_rows(x: torch.Tensor, x_scale: torch.Tensor | None) -> torch.Tensor:
+    """The rows ``x * x_scale`` ([T, 1] float32) in x's dtype, rounded once (as the unfused fp8
+    matmul's ``y.mul_(x_scale)``); ``x`` itself without a scale."""
+    return x if x_scale is None else (x.float() * x_scale).to(x.dtype)
 
 
 def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                eps: float, x_scale: torch.Tensor | None = None,
-                col_scale: torch.Tensor | None = None) -> torch.Tensor:
+                eps: float, x_scale: torch.Tensor | None = None) -> torch.Tensor:
     """rmsnorm(residual + x) * weight; ``residual`` (if given) becomes residual + x in place.
-    ``x_scale``, ``col_scale``: x still needs these (an fp8 matmul's output, ``scale_rows``).
+    ``x_scale``: x's rows still need this scale (an fp8 matmul's output, ``scale_rows``).
 
     Normalize in fp32, round, then scale by the weight in the activation dtype (as HF Llama)."""
-    x = scale_rows(x, x_scale, col_scale)
+    x = scale_rows(x, x_scale)
     if residual is not None:
         residual.add_(x)
         x = residual
@@ -178,11 +166,10 @@ def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Te
 
 
 def add_rmsnorm_fp8(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                    eps: float, x_scale: torch.Tensor | None = None,
-                    col_scale: torch.Tensor | None = None
+                    eps: float, x_scale: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """``add_rmsnorm``'s output quantized per row (``quantize_fp8_rows``): an fp8 matmul's input."""
-    return quantize_fp8_rows(add_rmsnorm(x, residual, weight, eps, x_scale, col_scale))
+    return quantize_fp8_rows(add_rmsnorm(x, residual, weight, eps, x_scale))
 
 
 def rope_(q: torch.Tensor, k: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,
@@ -196,17 +183,16 @@ def rope_(q: torch.Tensor, k: torch.Tensor, cos_cache: torch.Tensor, sin_cache: 
         x.copy_(x * cos + rotated * sin)
 
 
-def silu_mul(gate_up: torch.Tensor, scale: torch.Tensor | None = None,
-             col_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """silu(gate) * up for gate_up = [gate | up] (times its pending scales, ``scale_rows``)."""
-    gate, up = scale_rows(gate_up, scale, col_scale).chunk(2, dim=-1)
+def silu_mul(gate_up: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(gate) * up for gate_up = [gate | up] (its rows times ``scale``, ``scale_rows``)."""
+    gate, up = scale_rows(gate_up, scale).chunk(2, dim=-1)
     return torch.nn.functional.silu(gate) * up
 
 
-def silu_mul_fp8(gate_up: torch.Tensor, scale: torch.Tensor | None = None,
-                 col_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def silu_mul_fp8(gate_up: torch.Tensor, scale: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``silu_mul``'s output quantized per row (``quantize_fp8_rows``): an fp8 matmul's input."""
-    return quantize_fp8_rows(silu_mul(gate_up, scale, col_scale))
+    return quantize_fp8_rows(silu_mul(gate_up, scale))
 
 
 def copy_words(src: torch.Tensor, dst: torch.Tensor, n: int) -> None:

@@ -8,11 +8,11 @@ are (what vLLM serves from their ``quantization_config``):
   FP8_BLOCK schemes: per tensor, channel or block).
 
 Each quantized tensor is read with its scale and dequantized on load (``dequantize``); the
-engine then serves it through its own fp8 path (model/quantization.py: a scale per output
-channel, a scale per token for the activations) where the device has fp8 matmuls, or in the
-model's dtype where it has not. So a per-channel checkpoint keeps its codes and scales (each
-row's largest code is 448); per-tensor and per-block ones are requantized a channel at a time
-(within half an e4m3 step of their values). The checkpoints' static activation scales
+engine then serves it through its own fp8 path (model/quantization.py: one scale per
+projection, a scale per token for the activations) where the device has fp8 matmuls, or in the
+model's dtype where it has not. So a per-tensor checkpoint whose fused parts (q|k|v, gate|up)
+share a scale loads to the same codes; other scales are folded into the projection's one scale
+(the largest part's values keep their codes). The checkpoints' static activation scales
 (``input_scale``) and KV-cache scales are not used: activations are scaled per token, and an fp8
 KV cache calibrates its own (kv/kv_cache.py).
 """

@@ -117,11 +117,10 @@ class RMSNorm(nn.Module):
                 fp8: bool = False) -> torch.Tensor | Scaled:
         """rmsnorm(residual + x); residual, if given, becomes residual + x in place. ``x`` may
         be a ``Scaled`` matmul output; ``fp8``: return the result quantized (``Scaled``)."""
-        x, x_scale, col_scale = unscaled(x)
+        x, x_scale = unscaled(x)
         if fp8:
-            return Scaled(*self.ops.add_rmsnorm_fp8(x, residual, self.weight, self.eps, x_scale,
-                                                    col_scale))
-        return self.ops.add_rmsnorm(x, residual, self.weight, self.eps, x_scale, col_scale)
+            return Scaled(*self.ops.add_rmsnorm_fp8(x, residual, self.weight, self.eps, x_scale))
+        return self.ops.add_rmsnorm(x, residual, self.weight, self.eps, x_scale)
 
 
 def rope_inv_freq(theta: float, scaling: dict[str, Any] | None, head_dim: int) -> torch.Tensor:
@@ -230,11 +229,11 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor | Scaled) -> torch.Tensor | Scaled:
         """(``Scaled`` in and out with fp8 weights: the SiLU scales gate|up's rows and
         quantizes down_proj's input, the next layer's norm scales down_proj's rows.)"""
-        gate_up, scale, col_scale = unscaled(self.gate_up_proj(x, defer=True))
+        gate_up, scale = unscaled(self.gate_up_proj(x, defer=True))
         if self.down_proj.takes_fp8:
-            act = Scaled(*self.ops.silu_mul_fp8(gate_up, scale, col_scale))
+            act = Scaled(*self.ops.silu_mul_fp8(gate_up, scale))
         else:
-            act = self.ops.silu_mul(gate_up, scale, col_scale)
+            act = self.ops.silu_mul(gate_up, scale)
         return self.down_proj(act, defer=True)
 
 

@@ -1,10 +1,9 @@
 """FP8 weights (vLLM's ``--quantization fp8`` on a bf16 checkpoint): each projection of the
-decoder layers (q|k|v, o, gate|up, down) is quantized once, after loading, to float8_e4m3fn with
-a scale per output channel (max |row of W| / 448); each step quantizes the projection's input
-with a scale per token (one Triton launch: kernels' ``quantize_fp8_rows``), multiplies in fp8
-(``torch._scaled_mm``, tensorwise at unit scales) and scales the output by its tokens' and its
-channels' scales (``ops.scale_rows_``). The embeddings, the LM head and the norms stay in the
-model's dtype.
+decoder layers (q|k|v, o, gate|up, down) is quantized once, after loading, to float8_e4m3fn at one
+scale (max |W| / 448); each step quantizes the projection's input with a scale per token (one
+Triton launch: kernels' ``quantize_fp8_rows``), multiplies in fp8 with the weight's scale in the
+matmul's epilogue (``torch._scaled_mm``, tensorwise), and scales each output row by its token's
+scale. The embeddings, the LM head and the norms stay in the model's dtype.
 
 Why this split (H100 measurements, docs/benchmarks.md):
 - a scale per token, not one per step (vLLM's dynamic per-tensor scale): one step's scale is set
@@ -12,16 +11,14 @@ Why this split (H100 measurements, docs/benchmarks.md):
   the padding rows of a CUDA graph) are orders of magnitude above the rest, so every other token
   lost its precision (top-1 agreement with bf16 0.34 on the trained model); a token's own scale
   also keeps its output independent of the batch it runs in.
-- the scales applied after the matmul, not inside it: cuBLAS's fp8 matmuls with row scales
+- the row scales applied after the matmul, not inside it: cuBLAS's fp8 matmuls with row scales
   took 1.2-1.7x the time of tensorwise ones at M = 1-64 (down_proj at M=16: 44 against 26 us;
-  bf16 45 us); applied by the op after the matmul, which reads the rows anyway (below), the
-  channels' scales cost nothing, and keep what one scale per projection lost (the small rows'
-  precision; an FP8 checkpoint's channel scales as they are).
+  bf16 45 us).
 
 Fused (one rank, no LoRA): the norms and the SiLU quantize their own output for the projection
 after them (``ops.add_rmsnorm_fp8``, ``ops.silu_mul_fp8``), and o_proj, gate|up and down_proj
-leave their scales to the op after them (``Scaled``: the add+RMSNorm, the SiLU), which applies
-them where it reads the rows: six launches a layer fewer than quantizing and scaling
+leave their rows' scales to the op after them (``Scaled``: the add+RMSNorm, the SiLU), which
+applies them where it reads the rows: six launches a layer fewer than quantizing and scaling
 around each matmul, with the same rounding steps (each kernel rounds where the unfused path
 does; on the GPU the norm's sum may run in another order in the fused kernel, which moves a few
 fp8 codes in a million by one step).
@@ -82,54 +79,51 @@ def quantize_weights_fp8_(model: Any, ops: Any) -> None:
                                  f"multiples of 16; {name} is {out_features} x {in_features} "
                                  "on this rank")
             w = linear.weight.data
-            scale = reference.fp8_scale(w.abs().amax(dim=1).float())  # float32 [out]
+            scale = reference.fp8_scale(w.abs().amax().float())  # float32, 0-dim
             q = torch.empty(w.shape, dtype=reference.FP8_DTYPE, device=w.device)
             for i in range(0, out_features, 4096):  # (a float32 copy of 4096 rows at a time)
-                q[i:i + 4096] = reference.quantize_fp8(w[i:i + 4096], scale[i:i + 4096, None])
+                q[i:i + 4096] = reference.quantize_fp8(w[i:i + 4096], scale)
             linear.weight = torch.nn.Parameter(q, requires_grad=False)
             linear.out_dtype = w.dtype
             linear.weight_scale = scale
-            linear.one = torch.ones((), device=scale.device)  # (the matmul's unit scales)
+            linear.one = torch.ones((), device=scale.device)  # (the matmul's other scale)
             linear.quant_ops = ops
 
 
 class Scaled(NamedTuple):
-    """``rows * scale * col_scale`` not yet multiplied out (``reference.scale_rows``): an fp8
-    matmul's input (``rows`` in float8_e4m3fn, no ``col_scale``) or its output left for the next
-    op to scale (``rows`` in the model's dtype, ``col_scale`` the weight's channel scales).
-    ``rows``: [T, N]; ``scale``: float32 [T, 1]; ``col_scale``: float32 [N] or None."""
+    """The rows ``rows * scale`` not yet multiplied out: an fp8 matmul's input (``rows`` in
+    float8_e4m3fn) or its output left for the next op to scale (``rows`` in the model's dtype).
+    ``rows``: [T, N]; ``scale``: float32 [T, 1]."""
 
     rows: torch.Tensor
     scale: torch.Tensor
-    col_scale: torch.Tensor | None = None
 
 
-def unscaled(x: torch.Tensor | Scaled
-             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(rows, their pending row scales or None, column scales or None)."""
-    return (x.rows, x.scale, x.col_scale) if isinstance(x, Scaled) else (x, None, None)
+def unscaled(x: torch.Tensor | Scaled) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(rows, their pending scale or None)."""
+    return (x.rows, x.scale) if isinstance(x, Scaled) else (x, None)
 
 
 def fp8_linear(x: torch.Tensor | Scaled, weight: torch.Tensor, scale: torch.Tensor,
                one: torch.Tensor, ops: Any, dtype: torch.dtype,
                defer: bool = False) -> torch.Tensor | Scaled:
     """``x @ dequantized(weight).T`` in ``dtype``, in fp8: ``x`` quantized per row (or already:
-    a ``Scaled`` fp8 input), the product's rows and channels scaled by ``x``'s and the weight's
-    ``scale`` [out] after it (``ops.scale_rows_``) or, with ``defer``, by the op after it (a
+    a ``Scaled`` fp8 input), the weight's scale applied in the matmul and the rows' after it
+    (in ``dtype``, as ``reference.scale_rows``) or, with ``defer``, left to the op after it (a
     ``Scaled`` output, its rows 2-D whatever ``x``'s leading dims). Bias, if any, is the
     caller's."""
     if isinstance(x, Scaled):
         assert x.rows.dtype == reference.FP8_DTYPE and x.rows.dim() == 2, x.rows.shape
-        xq, x_scale, lead = x.rows, x.scale, x.rows.shape[:-1]
+        (xq, x_scale), lead = x, x.rows.shape[:-1]
     else:
         lead = x.shape[:-1]
         xq, x_scale = ops.quantize_fp8_rows(x.reshape(-1, x.shape[-1]).contiguous())
     if not len(xq):
         y = torch.empty(len(xq), weight.shape[0], dtype=dtype, device=xq.device)
     elif xq.is_cuda:
-        y = torch._scaled_mm(xq, weight.t(), scale_a=one, scale_b=one, out_dtype=dtype)
+        y = torch._scaled_mm(xq, weight.t(), scale_a=scale, scale_b=one, out_dtype=dtype)
     else:  # the same product in float32 (torch's CPU fp8 matmul is ~15x slower than this)
-        y = (xq.float() @ weight.float().t()).to(dtype)
+        y = ((xq.float() @ weight.float().t()) * scale).to(dtype)
     if defer:
-        return Scaled(y, x_scale, scale)
-    return ops.scale_rows_(y, x_scale, scale).view(*lead, weight.shape[0])
+        return Scaled(y, x_scale)
+    return y.mul_(x_scale).view(*lead, weight.shape[0])
