@@ -75,6 +75,9 @@ def add_parser(subs: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "add and remove LoRA adapters by name while serving (vLLM's "
                         "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True does the same; any client may "
                         "then have a folder of the server's read)")
+    s.add_argument("--enable-request-id-headers", action="store_true",
+                   help="every response carries an X-Request-Id header: the request's own, "
+                        "else a new one, as vLLM's flag")
     s.add_argument("--disable-log-requests", action="store_true",
                    help="no access line per request (refusals are still logged)")
     s.add_argument("--disable-log-stats", action="store_true",
@@ -208,6 +211,7 @@ def run(args: argparse.Namespace) -> int:
                         tuple(args.allowed_headers), args.allow_credentials),
         allow_runtime_lora_updating=args.allow_runtime_lora_updating or os.environ.get(
             "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower() in ("1", "true"),
+        request_id_headers=args.enable_request_id_headers,
         **reply_settings(args))
     engine = AsyncEngine.from_config(EngineConfig.from_cli_args(args))
     try:  # (a bad --lora-modules adapter is found here)

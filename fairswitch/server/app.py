@@ -69,6 +69,29 @@ PUBLIC_PATHS = frozenset({"/health", "/ping", "/version", "/metrics"})  # no API
 ENGINE_STOP_S = 5.0
 
 
+MAX_REQUEST_ID = 256  # characters of a client's X-Request-Id
+
+
+def _reply_ids(request: web.Request, prefix: str) -> tuple[str, str]:
+    """(the reply's id, the base of its engine requests' ids): ``prefix`` and the request's
+    X-Request-Id (vLLM's), else a new one. A client's id need not be unique (two requests may
+    send the same): its engine requests' ids add one of their own."""
+    given = request.headers.get("X-Request-Id")
+    if not given:
+        rid = prefix + uuid.uuid4().hex
+        return rid, rid
+    if len(given) > MAX_REQUEST_ID:
+        raise bad_request(f"X-Request-Id is {len(given)} characters long; at most "
+                          f"{MAX_REQUEST_ID} are taken")
+    return prefix + given, f"{prefix}{given}-{uuid.uuid4().hex[:12]}"
+
+
+async def _request_id_header(request: web.Request, response: web.StreamResponse) -> None:
+    """``app.on_response_prepare`` with --enable-request-id-headers: X-Request-Id on every
+    response (streams and errors too), the request's own or a new one, as vLLM's middleware."""
+    response.headers["X-Request-Id"] = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+
+
 def _auth_middleware(api_key: str) -> Any:
     expected = api_key.encode()
 
@@ -169,8 +192,8 @@ class OpenAIServer:
     async def embeddings(self, request: web.Request) -> web.Response:
         """/v1/embeddings (embeddings.py)."""
         req, prompts = await self.prompts.run(self._embedding_prompts, await self._body(request))
-        response_id = "embd-" + uuid.uuid4().hex
-        vectors, num_tokens = await self._embed(request, response_id, prompts, req.pooling,
+        response_id, engine_id = _reply_ids(request, "embd-")
+        vectors, num_tokens = await self._embed(request, engine_id, prompts, req.pooling,
                                                 req.priority, req.user, req.model)
         return web.json_response(embedding_response(
             response_id, int(time.time()), req.model or self.model_name, vectors, num_tokens,
@@ -194,8 +217,8 @@ class OpenAIServer:
         """vLLM's /score: the cosine similarity of text_1's and text_2's embeddings, one text_1
         against each text_2, or pairwise (embeddings.py)."""
         req, prompts = await self.prompts.run(self._score_prompts, await self._body(request))
-        response_id = "score-" + uuid.uuid4().hex
-        vectors, num_tokens = await self._embed(request, response_id, prompts, PoolingParams(),
+        response_id, engine_id = _reply_ids(request, "score-")
+        vectors, num_tokens = await self._embed(request, engine_id, prompts, PoolingParams(),
                                                 req.priority, req.user, req.model)
         scores = pair_scores(vectors[:len(req.first)], vectors[len(req.first):])
         return web.json_response(score_response(
@@ -205,14 +228,14 @@ class OpenAIServer:
         """vLLM's (Jina's, Cohere's) /rerank: the documents by the cosine similarity of their
         embeddings to the query's, best first, ``top_n`` of them (embeddings.py)."""
         req, prompts = await self.prompts.run(self._rerank_prompts, await self._body(request))
-        response_id = "rerank-" + uuid.uuid4().hex
-        vectors, num_tokens = await self._embed(request, response_id, prompts, PoolingParams(),
+        response_id, engine_id = _reply_ids(request, "rerank-")
+        vectors, num_tokens = await self._embed(request, engine_id, prompts, PoolingParams(),
                                                 req.priority, req.user, req.model)
         return web.json_response(rerank_response(
             response_id, req.model or self.model_name, req.second,
             pair_scores(vectors[:1], vectors[1:]), req.top_n, num_tokens))
 
-    async def _embed(self, request: web.Request, response_id: str,
+    async def _embed(self, request: web.Request, engine_id: str,
                      prompts: list[tuple[str | None, list[int]]], pooling: PoolingParams,
                      priority: int, user: str | None, model: str | None
                      ) -> tuple[list[list[float]], int]:
@@ -225,22 +248,22 @@ class OpenAIServer:
         record = self.in_flight.record(request)
         record.client_id = request.headers.get("X-Client-Id") or user
         record.priority = priority
-        record.request_ids = [f"{response_id}-{i}" for i in range(len(prompts))]
+        record.request_ids = [f"{engine_id}-{i}" for i in range(len(prompts))]
 
         async def embed(rid: str, text: str | None, ids: list[int]) -> RequestOutput:
             return await last_output(self.engine.generate(
                 text, None, request_id=rid, prompt_token_ids=ids, priority=priority,
-                client_id=record.client_id, held_by=response_id, pooling=pooling,
+                client_id=record.client_id, held_by=engine_id, pooling=pooling,
                 lora_request=lora))
 
         try:
-            await self.engine.reserve_places(response_id, len(prompts))
+            await self.engine.reserve_places(engine_id, len(prompts))
             outs = await all_or_none(embed(rid, text, ids)
                                      for rid, (text, ids) in zip(record.request_ids, prompts))
         except (QueueFullError, EngineDeadError, TypeError, ValueError) as e:
             raise _engine_error(e) from e
         finally:
-            self.engine.release_places(response_id)
+            self.engine.release_places(engine_id)
             record.request_ids = []
         if aborted := [out for out in outs if out.outputs[0].finish_reason == "abort"]:
             raise self._aborted(aborted[0])
@@ -360,11 +383,11 @@ class OpenAIServer:
         for _, _, max_tokens in prompts:
             req.check_min_tokens(max(max_tokens, 1))
         lora = self.adapters.lookup(req.model)
-        response_id = fmt.id_prefix + uuid.uuid4().hex
+        response_id, engine_id = _reply_ids(request, fmt.id_prefix)
         client_id = request.headers.get("X-Client-Id") or req.user
         record = self.in_flight.record(request)
         record.client_id, record.priority = client_id, req.priority
-        record.request_ids = choice_request_ids(response_id, req.n * len(prompts))
+        record.request_ids = choice_request_ids(engine_id, req.n * len(prompts))
         record.num_prompt_tokens = sum(len(ids) for _, ids, _ in prompts)
         echo = isinstance(req, protocol.CompletionRequest) and req.echo
         echo_texts = [text if text is not None else await self.prompts.run(self.tokenizer.decode,
@@ -386,13 +409,13 @@ class OpenAIServer:
         if req.use_beam_search:  # (the n choices: the n best beams)
             outputs = beam_outputs(
                 self.engine, [(choice, req.beam_params(choice.params.max_tokens))
-                              for choice in choices], response_id,
+                              for choice in choices], engine_id,
                 stopping=lambda: self.in_flight.aborting,
                 on_step=lambda ids: setattr(record, "request_ids", ids),
                 priority=req.priority, client_id=client_id, lora_request=lora,
                 cache_salt=req.cache_salt)
         else:
-            outputs = choice_outputs(self.engine, choices, response_id, priority=req.priority,
+            outputs = choice_outputs(self.engine, choices, engine_id, priority=req.priority,
                                      client_id=client_id, lora_request=lora,
                                      cache_salt=req.cache_salt)
         tracker = record.tracker = self.metrics.track()
@@ -736,6 +759,8 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None, *,
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
     if settings.cors is not None:
         app.on_response_prepare.append(origin_hook(settings.cors))
+    if settings.request_id_headers:
+        app.on_response_prepare.append(_request_id_header)
     app[SERVER_KEY] = server
     app[DRAIN_KEY] = server.drain
     app.router.add_post("/v1/completions", server.completions)

@@ -42,6 +42,9 @@ class ServerSettings:
     # /v1/unload_lora_adapter change them while serving (vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING).
     lora_modules: dict[str, str] = field(default_factory=dict)
     allow_runtime_lora_updating: bool = False
+    # Every response carries X-Request-Id: the request's own, else a new one (vLLM's
+    # --enable-request-id-headers). A request's X-Request-Id names its reply either way.
+    request_id_headers: bool = False
 
     def __post_init__(self) -> None:
         if not self.served_model_names:

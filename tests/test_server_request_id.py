@@ -1,0 +1,76 @@
+"""X-Request-Id, as vLLM's server takes it: a request's header names its reply (the id's
+prefix and it), two requests may send the same one at once, and --enable-request-id-headers
+puts the header on every response (streams and errors too)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import pytest
+
+from fairswitch.config import EngineConfig
+from fairswitch.engine.async_engine import AsyncEngine
+from fairswitch.server import BackgroundServer, ServerSettings, build_app
+
+
+@pytest.fixture(scope="module")
+def engine():
+    eng = AsyncEngine.from_config(EngineConfig.from_kwargs(num_gpu_blocks=64, max_model_len=128))
+    yield eng
+    eng.shutdown()
+
+
+def serve(engine, **settings):
+    return BackgroundServer(build_app(engine, ServerSettings(**settings), shutdown_engine=False))
+
+
+async def _post(session, url, path, headers, body):
+    async with session.post(url + path, headers=headers, json=body) as r:
+        return r.status, r.headers.copy(), await r.text()  # (case-insensitive)
+
+
+def ask(url: str, calls: list[tuple[str, dict, dict]]):
+    """The calls (path, headers, body) at once: [(status, headers, text)]."""
+    async def go():
+        async with aiohttp.ClientSession() as s:
+            return await asyncio.gather(*(_post(s, url, *call) for call in calls))
+    return asyncio.run(go())
+
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+def test_a_requests_id_names_its_reply_and_comes_back_with_the_flag(engine):
+    with serve(engine, request_id_headers=True) as srv:
+        mine = {"X-Request-Id": "trace-42"}
+        (status, headers, text), (status2, headers2, text2) = ask(srv.url, [
+            ("/v1/chat/completions", mine, {**CHAT, "n": 2}),
+            ("/v1/chat/completions", mine, CHAT)])  # the same id, at once: both answered
+        assert (status, status2) == (200, 200)
+        assert json.loads(text)["id"] == json.loads(text2)["id"] == "chatcmpl-trace-42"
+        assert len(json.loads(text)["choices"]) == 2
+        assert headers["X-Request-Id"] == headers2["X-Request-Id"] == "trace-42"
+        [(status, headers, text)] = ask(srv.url, [("/v1/completions", mine, {
+            "prompt": "Hello", "max_tokens": 3, "stream": True})])
+        assert status == 200 and headers["X-Request-Id"] == "trace-42"
+        assert '"id": "cmpl-trace-42"' in text or '"id":"cmpl-trace-42"' in text
+        [(status, headers, text)] = ask(srv.url, [("/v1/embeddings", mine, {"input": "hi"})])
+        assert status == 200 and json.loads(text)["id"] == "embd-trace-42"
+        # Without one: a new id each time, and on errors too.
+        [(status, headers, text)] = ask(srv.url, [("/v1/chat/completions", {}, {"x": 1})])
+        assert status == 400 and len(headers["X-Request-Id"]) == 32
+        [(status, headers, text)] = ask(srv.url, [("/v1/chat/completions",
+                                                   {"X-Request-Id": "x" * 257}, CHAT)])
+        assert status == 400 and "at most 256" in text
+
+
+def test_without_the_flag_no_header_but_the_id_still_names_the_reply(engine):
+    with serve(engine) as srv:
+        [(status, headers, text)] = ask(srv.url, [("/v1/chat/completions",
+                                                   {"X-Request-Id": "abc"}, CHAT)])
+        assert status == 200 and "X-Request-Id" not in headers
+        assert json.loads(text)["id"] == "chatcmpl-abc"
+        [(status, headers, text)] = ask(srv.url, [("/v1/chat/completions", {}, CHAT)])
+        assert json.loads(text)["id"].startswith("chatcmpl-")
