@@ -323,3 +323,35 @@ def test_cache_salt_keeps_cached_kv_to_its_own_requests():
                                           extra_body={"cache_salt": ""})
     finally:
         engine.shutdown()
+
+
+def test_reset_prefix_cache_forgets_both_tiers_and_loses_no_block(llama_dir):
+    """vLLM's LLM.reset_prefix_cache: after it no request reuses KV cached before it, on the GPU
+    or in the CPU tier; blocks a request still holds are forgotten and freed with it, so the
+    pools stay whole."""
+    llm = LLM(model=str(llama_dir), num_gpu_blocks=40, block_size=4, max_model_len=160,
+              swap_space=0.01)
+    tok = llm.get_tokenizer()
+    prompt = tok.encode("User: explain how a CPU tier keeps KV for the next turn, briefly.")
+    first = llm.generate([prompt], GREEDY, use_tqdm=False)[0]
+    again = llm.generate([prompt], GREEDY, use_tqdm=False)[0]
+    assert again.num_cached_tokens > 0
+    kv = llm.engine.kv
+    evict_gpu_cache(llm)  # the prompt's KV now lives in the CPU tier too
+    assert kv.swap.tier.num_blocks > 0
+    assert llm.reset_prefix_cache() is True
+    assert kv.blocks.prefix_cache.num_blocks == 0 and kv.swap.tier.num_blocks == 0
+    assert kv.blocks.num_free_blocks == kv.num_blocks
+    llm.engine.check_accounting()
+    after = llm.generate([prompt], GREEDY, use_tqdm=False)[0]
+    assert after.num_cached_tokens == 0
+    assert after.outputs[0].token_ids == first.outputs[0].token_ids
+    # While a request runs: its blocks are forgotten, not taken; it finishes, they are freed.
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    llm.engine.add_request("r", prompt_token_ids=prompt, params=params)
+    llm.engine.step()
+    llm.reset_prefix_cache()
+    while llm.engine.has_unfinished_requests():
+        llm.engine.step()
+    llm.engine.check_accounting()
+    assert llm.generate([prompt], GREEDY, use_tqdm=False)[0].num_cached_tokens > 0

@@ -1,4 +1,4 @@
-"""X-Request-Id, as vLLM's server takes it: a request's header names its reply (the id's
+"""X-Request-Id and the dev-mode /reset_prefix_cache route, as vLLM's server: a request's header names its reply (the id's
 prefix and it), two requests may send the same one at once, and --enable-request-id-headers
 puts the header on every response (streams and errors too)."""
 
@@ -74,3 +74,18 @@ def test_without_the_flag_no_header_but_the_id_still_names_the_reply(engine):
         assert json.loads(text)["id"] == "chatcmpl-abc"
         [(status, headers, text)] = ask(srv.url, [("/v1/chat/completions", {}, CHAT)])
         assert json.loads(text)["id"].startswith("chatcmpl-")
+
+
+def test_reset_prefix_cache_route_in_dev_mode_only(engine):
+    """vLLM's POST /reset_prefix_cache, served with VLLM_SERVER_DEV_MODE=1 (dev_mode)."""
+    kv = engine.engine.kv
+    with serve(engine) as srv:
+        [(status, _, _)] = ask(srv.url, [("/reset_prefix_cache", {}, {})])
+        assert status == 404
+    with serve(engine, dev_mode=True) as srv:
+        ask(srv.url, [("/v1/completions", {}, {"prompt": "a cached prompt " * 8,
+                                              "max_tokens": 2})])
+        assert kv.blocks.prefix_cache.num_blocks > 0
+        [(status, _, text)] = ask(srv.url, [("/reset_prefix_cache", {}, {})])
+        assert status == 200 and text == ""
+        assert kv.blocks.prefix_cache.num_blocks == 0

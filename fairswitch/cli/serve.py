@@ -212,6 +212,7 @@ def run(args: argparse.Namespace) -> int:
         allow_runtime_lora_updating=args.allow_runtime_lora_updating or os.environ.get(
             "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower() in ("1", "true"),
         request_id_headers=args.enable_request_id_headers,
+        dev_mode=os.environ.get("VLLM_SERVER_DEV_MODE", "").lower() in ("1", "true"),
         **reply_settings(args))
     engine = AsyncEngine.from_config(EngineConfig.from_cli_args(args))
     try:  # (a bad --lora-modules adapter is found here)

@@ -430,6 +430,13 @@ class Engine:
         if self.workers is not None:
             self.workers.shutdown()
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix (``KVMemory.reset_prefix_cache``), as vLLM's: True (it
+        cannot fail here; vLLM's returns False while requests hold cached blocks)."""
+        freed = self.kv.reset_prefix_cache()
+        logger.info("prefix cache reset: %d cached blocks freed", freed)
+        return True
+
     def check_accounting(self) -> None:
         """Raise if KV blocks leaked: every block is free or owned by a live request, once."""
         self.kv.check(self.requests.values())

@@ -39,6 +39,11 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix (GPU and CPU tiers), as vLLM's ``LLM.reset_prefix_cache``:
+        e.g. between benchmark runs, so none reuses the last one's KV."""
+        return self.engine.reset_prefix_cache()
+
     def get_default_sampling_params(self) -> SamplingParams:
         """SamplingParams() with the model's recommended sampling (its generation_config.json's
         temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens as max_tokens;

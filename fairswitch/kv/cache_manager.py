@@ -116,6 +116,14 @@ class KVCacheManager:
         if request in self.reserved:
             self._reclaim(request)
 
+    def reset_prefix_cache(self) -> int:
+        """Forget the GPU tier's cached prefixes (``ReuseTier.clear``); the blocks freed now."""
+        if self.prefix_cache is None:
+            return 0
+        freed = self.prefix_cache.clear()
+        self.pool.free(freed)
+        return len(freed)
+
     def release_blocks(self, blocks: list[int]) -> None:
         """Give back blocks in prefix order. The cache releases them last one first, so that
         cached ones are evicted from the end of a prefix, never its head first: a lookup stops at

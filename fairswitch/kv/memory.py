@@ -112,6 +112,16 @@ class KVMemory:
     def num_blocks(self) -> int:
         return self.cache.num_blocks
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix, on the GPU and in the CPU tier, so that no request after
+        this reuses KV computed before it (but a write-back still in flight, which lands into
+        the CPU tier). Blocks requests still hold are forgotten, not taken: their release frees
+        them. Returns the blocks freed now."""
+        freed = self.blocks.reset_prefix_cache()
+        if isinstance(self.swap, SwapManager):
+            freed += self.swap.reset_tier()
+        return freed
+
     def _per_rank(self, what: str) -> str:
         return what if self._ranks == 1 else f"{what} on each of this host's {self._ranks} ranks"
 

@@ -121,6 +121,16 @@ class ReuseTier:
             hits.append(b)
         return hits
 
+    def clear(self) -> list[int]:
+        """Forget every indexed block: the unreferenced ones are returned (the caller frees
+        them); those still read stay with their readers, and their last release frees them (no
+        longer indexed)."""
+        evicted = list(self.evictable)
+        self.evictable.clear()
+        self._block_of.clear()
+        self._key_of.clear()
+        return evicted
+
     def evict(self) -> int:
         """Forget the least recently used unreferenced block and return it to the caller."""
         block, _ = self.evictable.popitem(last=False)

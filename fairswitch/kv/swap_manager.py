@@ -255,8 +255,19 @@ class SwapManager:
         self._incoming(req, t)
 
     def _unpin(self, cpu_blocks: list[int]) -> None:
-        for b in reversed(cpu_blocks):  # indexed: released, they stay in the tier (evictable)
-            self.tier.release(b)  # type: ignore[union-attr]
+        # Indexed, released blocks stay in the tier (evictable); those the tier forgot while
+        # they were read (reset_tier) go back to the pool.
+        freed = [b for b in reversed(cpu_blocks) if self.tier.release(b)]  # type: ignore[union-attr]
+        self.cpu_pool.free(freed[::-1])
+
+    def reset_tier(self) -> int:
+        """Forget the CPU tier's cached prefixes (``ReuseTier.clear``; write-backs still in
+        flight index theirs when they land); the blocks freed now."""
+        if self.tier is None:
+            return 0
+        freed = self.tier.clear()
+        self.cpu_pool.free(freed)
+        return len(freed)
 
     def _incoming(self, req: Request, t: _Transfer) -> None:
         self.incoming[req] = t

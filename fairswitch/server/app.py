@@ -199,6 +199,12 @@ class OpenAIServer:
             response_id, int(time.time()), req.model or self.model_name, vectors, num_tokens,
             req.base64))
 
+    async def reset_prefix_cache(self, request: web.Request) -> web.Response:
+        """vLLM's dev-mode POST /reset_prefix_cache: every cached prefix forgotten (between
+        benchmark runs); 200 with an empty body, as vLLM."""
+        await self.engine.run_in_engine(lambda engine: engine.reset_prefix_cache())
+        return web.Response()
+
     async def invocations(self, request: web.Request) -> web.StreamResponse:
         """SageMaker's /invocations, as vLLM routes it: by the body's fields, a chat
         (``messages``), a completion (``prompt``), embeddings (``input``), a score (``text_1``)
@@ -781,6 +787,8 @@ def build_app(engine: AsyncEngine, settings: ServerSettings | None = None, *,
     app.router.add_get("/metrics", server.prometheus)
     app.router.add_post("/tokenize", server.tokenize)
     app.router.add_post("/detokenize", server.detokenize)
+    if settings.dev_mode:  # (vLLM's VLLM_SERVER_DEV_MODE routes)
+        app.router.add_post("/reset_prefix_cache", server.reset_prefix_cache)
     if settings.allow_runtime_lora_updating:
         app.router.add_post("/v1/load_lora_adapter", server.adapters.load)
         app.router.add_post("/v1/unload_lora_adapter", server.adapters.unload)

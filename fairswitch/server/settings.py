@@ -45,6 +45,8 @@ class ServerSettings:
     # Every response carries X-Request-Id: the request's own, else a new one (vLLM's
     # --enable-request-id-headers). A request's X-Request-Id names its reply either way.
     request_id_headers: bool = False
+    # Development routes (vLLM's VLLM_SERVER_DEV_MODE=1): POST /reset_prefix_cache.
+    dev_mode: bool = False
 
     def __post_init__(self) -> None:
         if not self.served_model_names:
