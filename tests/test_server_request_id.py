@@ -1,6 +1,7 @@
-"""X-Request-Id and the dev-mode /reset_prefix_cache route, as vLLM's server: a request's header names its reply (the id's
+"""X-Request-Id, as vLLM's server takes it: a request's header names its reply (the id's
 prefix and it), two requests may send the same one at once, and --enable-request-id-headers
-puts the header on every response (streams and errors too)."""
+puts the header on every response (streams and errors too); and vLLM's dev-mode route
+POST /reset_prefix_cache."""
 
 from __future__ import annotations
 
