@@ -348,10 +348,55 @@ def test_reset_prefix_cache_forgets_both_tiers_and_loses_no_block(llama_dir):
     assert after.outputs[0].token_ids == first.outputs[0].token_ids
     # While a request runs: its blocks are forgotten, not taken; it finishes, they are freed.
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
-    llm.engine.add_request("r", prompt_token_ids=prompt, params=params)
+    llm.engine.add_request(request_id="r", prompt_token_ids=prompt, params=params)
     llm.engine.step()
     llm.reset_prefix_cache()
     while llm.engine.has_unfinished_requests():
         llm.engine.step()
     llm.engine.check_accounting()
     assert llm.generate([prompt], GREEDY, use_tqdm=False)[0].num_cached_tokens > 0
+
+
+def test_reset_prefix_cache_with_copies_in_flight(llama_dir):
+    """A reset while a CPU-tier fetch reads blocks (they stay held until it lands, then return
+    to the pool: the accounting holds throughout) and while a write-back is on its way to the
+    tier (it lands forgotten: no later request reuses its KV)."""
+    from helpers import slow_link
+
+    opts = dict(num_gpu_blocks=40, block_size=4, max_model_len=160, swap_space=0.01)
+    llm = LLM(model=str(llama_dir), **opts)
+    engine = llm.engine
+    slow_link(engine.kv.swap, 4)
+    prompt = list(range(600, 650))  # (apart from evict_gpu_cache's fillers)
+    llm.generate([prompt], GREEDY, use_tqdm=False)
+    evict_gpu_cache(llm)  # the prompt's KV survives in the CPU tier only
+    # (something else running, so the engine does not wait for the fetch to land)
+    engine.add_request(prompt_token_ids=[5, 6, 7], params=SamplingParams(max_tokens=8,
+                                                                         ignore_eos=True))
+    engine.step()
+    rid = engine.add_request(prompt_token_ids=prompt + [7, 8, 9], params=GREEDY)
+    engine.step()
+    assert engine.requests[rid] in engine.kv.swap.incoming  # fetching from the tier
+    llm.reset_prefix_cache()
+    engine.check_accounting()
+    while engine.has_unfinished_requests():
+        engine.step()
+        engine.check_accounting()
+    llm.shutdown()
+
+    llm = LLM(model=str(llama_dir), **opts)
+    engine = llm.engine
+    slow_link(engine.kv.swap, 6)
+    prompt = list(range(700, 750))
+    engine.add_request(request_id="w", prompt_token_ids=prompt, params=GREEDY)
+    while "w" in engine.requests:
+        engine.step()
+    assert engine.kv.swap._writebacks  # its KV on its way to the CPU tier
+    llm.reset_prefix_cache()
+    for i in range(3):  # unrelated work: the write-back lands meanwhile
+        llm.generate([list(range(100 + i * 10, 105 + i * 10))],
+                     SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)
+    assert not engine.kv.swap._writebacks
+    engine.check_accounting()
+    assert llm.generate([prompt + [1, 2]], GREEDY, use_tqdm=False)[0].num_cached_tokens == 0
+    llm.shutdown()

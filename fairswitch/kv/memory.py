@@ -113,10 +113,10 @@ class KVMemory:
         return self.cache.num_blocks
 
     def reset_prefix_cache(self) -> int:
-        """Forget every cached prefix, on the GPU and in the CPU tier, so that no request after
-        this reuses KV computed before it (but a write-back still in flight, which lands into
-        the CPU tier). Blocks requests still hold are forgotten, not taken: their release frees
-        them. Returns the blocks freed now."""
+        """Forget every cached prefix, on the GPU and in the CPU tier (write-backs still in
+        flight included), so that no request after this reuses KV computed before it. Blocks
+        requests or fetches still hold are forgotten, not taken: their release frees them.
+        Returns the blocks freed now."""
         freed = self.blocks.reset_prefix_cache()
         if isinstance(self.swap, SwapManager):
             freed += self.swap.reset_tier()
@@ -205,7 +205,7 @@ class KVMemory:
                 raise AssertionError(f"CPU-tier references {dict(swap.tier.refs)} but fetches "
                                      f"in flight read {dict(fetching)}")
         in_flight = swap.num_cpu_blocks_in_flight()
-        tier = swap.tier.num_blocks if swap.tier is not None else 0
+        tier = swap.tier.num_held_blocks if swap.tier is not None else 0
         if owned + in_flight + tier != cpu.num_used_blocks:
             raise AssertionError(f"{cpu.num_used_blocks} CPU blocks in use but live requests "
                                  f"own {owned}, copies hold {in_flight}, the tier {tier}")
@@ -219,7 +219,8 @@ class KVMemory:
         tier_blocks = swap.tier.num_blocks if swap.tier else 0
         # CPU blocks that live requests own (as ``check`` counts them): neither the reuse tier
         # nor blocks held by copies (aborted requests', write-backs on their way to the tier).
-        live_cpu_blocks = (cpu_pool.num_used_blocks - tier_blocks - swap.num_cpu_blocks_in_flight()
+        tier_held = swap.tier.num_held_blocks if swap.tier else 0
+        live_cpu_blocks = (cpu_pool.num_used_blocks - tier_held - swap.num_cpu_blocks_in_flight()
                            if cpu_pool else 0)
         running = [r for r in running if r.block_table]
         return {

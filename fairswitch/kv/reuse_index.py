@@ -65,6 +65,12 @@ class ReuseTier:
         """Blocks indexed (referenced or evictable)."""
         return len(self._key_of)
 
+    @property
+    def num_held_blocks(self) -> int:
+        """Blocks indexed or still read (one ``clear`` forgot while a reader had it stays held
+        until its release)."""
+        return len(self._key_of.keys() | self.refs.keys())
+
     def blocks(self) -> list[int]:
         return list(self._key_of)
 

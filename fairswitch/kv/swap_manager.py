@@ -77,6 +77,7 @@ class _Transfer:
     # Write-back to the CPU tier: (prefix hash, tokens, CPU block), registered once landed.
     tier_entries: list[tuple[int, tuple[int, ...], int]] = field(default_factory=list)
     landed_early: bool = False  # its request already runs (compute ordered after the copy)
+    stale: bool = False  # a write-back whose KV the prefix cache forgot (reset_tier): freed
     order: int = field(default_factory=lambda: next(_submission_order))  # oldest lands first
 
 
@@ -262,9 +263,12 @@ class SwapManager:
 
     def reset_tier(self) -> int:
         """Forget the CPU tier's cached prefixes (``ReuseTier.clear``; write-backs still in
-        flight index theirs when they land); the blocks freed now."""
+        flight free their blocks when they land, instead of indexing them); the blocks freed
+        now."""
         if self.tier is None:
             return 0
+        for t in self._writebacks:  # (they land forgotten: their blocks go back to the pool)
+            t.stale = True
         freed = self.tier.clear()
         self.cpu_pool.free(freed)
         return len(freed)
@@ -411,8 +415,10 @@ class SwapManager:
             return False
         self.gpu.release_blocks(t.gpu_blocks_to_free)
         for h, tokens, block in reversed(t.tier_entries):  # evicted last: the prefix's head
-            if not self.tier.add(h, tokens, block):  # type: ignore[union-attr]
-                self.cpu_pool.free([block])  # another request's write-back got there first
+            # (a stale one's blocks are freed; another request's write-back may have got there
+            # first)
+            if t.stale or not self.tier.add(h, tokens, block):  # type: ignore[union-attr]
+                self.cpu_pool.free([block])
         return True
 
     @_stalls
