@@ -38,9 +38,11 @@ def _scale_of(w: torch.Tensor, strategy: str, block: int) -> torch.Tensor:
 
 
 def write_fp8_checkpoint(src: Path, dst: Path, strategy: str, quant: dict,
-                         scale_name: str = "weight_scale", block: int = 128) -> Path:
+                         scale_name: str = "weight_scale", block: int = 128,
+                         keep: tuple[str, ...] = ()) -> Path:
     """``src`` (a bf16/fp32 checkpoint) with its projections in fp8, one scale per tensor
-    (shared by the parts the engine fuses), per output channel or per ``block`` square."""
+    (shared by the parts the engine fuses), per output channel or per ``block`` square; the
+    modules ``keep`` names as they were."""
     tensors = load_file(src / "model.safetensors")
     shared = {}
     if strategy == "tensor":
@@ -53,7 +55,8 @@ def write_fp8_checkpoint(src: Path, dst: Path, strategy: str, quant: dict,
     out = {}
     for name, w in tensors.items():
         parts = name.rsplit(".", 2)
-        if not name.endswith(".weight") or parts[-2] not in PROJECTIONS:
+        if (not name.endswith(".weight") or parts[-2] not in PROJECTIONS
+                or name.startswith(keep) and keep):
             out[name] = w  # (as it was)
             continue
         w = w.float()
@@ -133,6 +136,27 @@ def test_channel_and_block_scaled_checkpoints_of_the_trained_model(tmp_path, mon
     assert figures["positions"] >= 100
     assert figures["top1_agreement"] >= 0.9, figures
     assert figures["kl_mean"] < 0.05, figures
+
+
+def test_an_fp8_checkpoints_unquantized_layers_stay_so(llama_dir, tmp_path):
+    """compressed-tensors' ``ignore`` (vLLM's): a projection the checkpoint keeps in its dtype
+    is served in it, not quantized on load; the others in fp8."""
+    keep = "model.layers.0.mlp.down_proj"
+    quant = {"quant_method": "compressed-tensors", "format": "float-quantized",
+             "config_groups": {"g": {"targets": ["Linear"], "weights": {
+                 "num_bits": 8, "type": "float", "strategy": "channel"}}},
+             "ignore": ["lm_head", keep]}
+    ckpt = write_fp8_checkpoint(llama_dir, tmp_path / "ignore", "channel", quant, keep=(keep,))
+    llm = LLM(model=str(ckpt), dtype="float32", num_gpu_blocks=32, max_model_len=64)
+    layers = llm.engine.runner.model.layers
+    assert layers[0].mlp.down_proj.weight.dtype == torch.float32
+    assert torch.equal(layers[0].mlp.down_proj.weight,
+                       load_file(ckpt / "model.safetensors")[keep + ".weight"])
+    assert layers[0].mlp.gate_up_proj.weight.dtype == torch.float8_e4m3fn
+    assert layers[1].mlp.down_proj.weight.dtype == torch.float8_e4m3fn
+    out = llm.generate(["Hello"], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
+    llm.shutdown()
 
 
 def test_dequantize_per_tensor_channel_and_block():

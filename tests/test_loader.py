@@ -338,8 +338,9 @@ def test_checkpoint_config_windows_and_nulls_match_transformers(model_type, arch
       "rope_scaling": {"type": "su", "short_factor": [1.0], "long_factor": [1.0]}},
      "longrope's short_factor must be a list of 8 positive numbers"),
     ({"architectures": ["Phi3ForCausalLM"], "model_type": "phi3",
+      "original_max_position_embeddings": "4k",
       "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [1.0] * 8}},
-     "original_max_position_embeddings must be a positive number, got None"),
+     "original_max_position_embeddings must be a positive number, got '4k'"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope type 'yarn' is not supported"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
      "llama3 rope scaling lacks low_freq_factor"),
@@ -530,3 +531,31 @@ def test_longrope_context_stays_within_its_original_length(phi3_dir):
     llm.shutdown()
     with pytest.raises(ValueError, match="original_max_position_embeddings: longrope's long"):
         LLM(model=str(phi3_dir), num_gpu_blocks=64, max_model_len=512)
+
+
+@pytest.mark.parametrize("top, inside, want", [(None, 256, 4096), (512, 256, 512),
+                                               (None, None, 4096), (2048, None, 2048)])
+def test_phi3_longrope_original_length_as_transformers_reads_it(top, inside, want):
+    """Phi3Config's own original_max_position_embeddings (4096 by default) wins over one inside
+    rope_scaling, and the attention factor follows from it, as transformers computes them."""
+    from transformers import Phi3Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from fairswitch.model.llama import rope_attention_factor, rope_inv_freq
+
+    rope = {"rope_type": "longrope", "short_factor": [1.5] * 8, "long_factor": [2.0] * 8}
+    if inside is not None:
+        rope["original_max_position_embeddings"] = inside
+    raw = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "hidden_size": 64,
+           "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4,
+           "vocab_size": 100, "max_position_embeddings": 8192, "rope_scaling": dict(rope)}
+    if top is not None:
+        raw["original_max_position_embeddings"] = top
+    cfg = loader.CheckpointConfig.from_dict(raw)
+    assert cfg.rope_scaling["original_max_position_embeddings"] == want
+    hf = Phi3Config(**{k: v for k, v in raw.items() if k != "architectures"})
+    inv_freq, factor = ROPE_INIT_FUNCTIONS["longrope"](hf)
+    assert rope_attention_factor(cfg.rope_scaling, cfg.max_position_embeddings) == \
+        pytest.approx(factor, rel=1e-6)
+    torch.testing.assert_close(rope_inv_freq(cfg.rope_theta, cfg.rope_scaling, cfg.head_dim),
+                               inv_freq.float(), rtol=1e-6, atol=0)

@@ -191,13 +191,15 @@ def build_rank(config: EngineConfig, tp: TPGroup, device: torch.device,
         fp8_weights = fp8_checkpoint_in_fp8(device, dtype)
     t0 = time.perf_counter()
     model = loader.build_model(hf_config, backend, max_model_len, dtype, device, tp)
+    not_fp8: set[int] = set()  # (an FP8 checkpoint's projections it keeps unquantized)
     if mc.load_format == "dummy":
         loader.fill_dummy_weights(model, mc.seed)
     else:
-        loader.load_weights(model, source.checkpoint_dir)
+        not_fp8 = loader.load_weights(model, source.checkpoint_dir)
     logger.info("loaded %s (%s, %s) in %.1fs", mc.model, dtype, device, time.perf_counter() - t0)
     if fp8_weights:
-        quantize_weights_fp8_(model, backend.ops)
+        quantize_weights_fp8_(model, backend.ops,
+                              keep=not_fp8 if hf_config.fp8 is not None else set())
     lc = config.lora
     if lc.enable_lora:  # (before the CUDA graphs: they capture the slots' matmuls)
         attach_lora(model, lc.max_loras, lc.max_lora_rank)

@@ -146,10 +146,11 @@ class CheckpointConfig:
             raise ValueError(f"{where}: rope_theta must be a positive number, got {theta!r}")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         rope_type = "longrope" if rope_type == "su" else rope_type  # (Phi-3's first name for it)
-        if rope_type == "longrope":  # (Phi-3 keeps the original context length beside it)
+        if rope_type == "longrope":
             rope["rope_type"] = rope_type
-            rope.setdefault("original_max_position_embeddings",
-                            get("original_max_position_embeddings"))
+            if model_type == "phi3":  # (as Phi3Config: its own field wins, 4096 by default)
+                rope["original_max_position_embeddings"] = get(
+                    "original_max_position_embeddings", 4096)
         partial = rope.get("partial_rotary_factor", get("partial_rotary_factor", 1.0))
         if partial != 1.0:
             raise ValueError(f"{where}: partial_rotary_factor={partial!r} (RoPE on part of each "

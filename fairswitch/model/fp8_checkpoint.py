@@ -11,8 +11,9 @@ Each quantized tensor is read with its scale and dequantized on load (``dequanti
 engine then serves it through its own fp8 path (model/quantization.py: one scale per
 projection, a scale per token for the activations) where the device has fp8 matmuls, or in the
 model's dtype where it has not. So a per-tensor checkpoint whose fused parts (q|k|v, gate|up)
-share a scale loads to the same codes; other scales are folded into the projection's one scale
-(the largest part's values keep their codes). The checkpoints' static activation scales
+share a scale loads to the same codes (at TP=1: each rank scales its own share); other scales
+are folded into the projection's one scale (the largest part's values keep their codes).
+Projections the checkpoint keeps unquantized (compressed-tensors' ``ignore``) stay so. The checkpoints' static activation scales
 (``input_scale``) and KV-cache scales are not used: activations are scaled per token, and an fp8
 KV cache calibrates its own (kv/kv_cache.py).
 """

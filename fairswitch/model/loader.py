@@ -276,11 +276,13 @@ def _checkpoint_tensor(f: Any, name: str, file: Path, fmt: Fp8Checkpoint | None,
     return _InMemory(fp8_checkpoint.dequantize(f.get_tensor(name), scales[name], fmt, name))
 
 
-def load_weights(model: LlamaForCausalLM, ckpt: Path) -> None:
+def load_weights(model: LlamaForCausalLM, ckpt: Path) -> set[int]:
     """Fill ``model`` from the checkpoint; ValueError for a tensor it lacks, one it has no
     parameter for (dropping it would serve a different model), or one found twice. An FP8
     checkpoint's weights are dequantized with their scales (model/fp8_checkpoint.py); its
-    activation and KV-cache scales are not used."""
+    activation and KV-cache scales are not used. Returns the ids of the parameters a tensor
+    not in fp8 filled (all of them in a checkpoint without fp8: an FP8 checkpoint's layers it
+    keeps unquantized, its ``ignore`` list, stay so)."""
     fmt = model.config.fp8
     files = _checkpoint_files(ckpt)
     scales = _weight_scales(files) if fmt is not None else {}
@@ -291,6 +293,7 @@ def load_weights(model: LlamaForCausalLM, ckpt: Path) -> None:
     seen: dict[str, str] = {}  # checkpoint tensor -> the file it came from
     unknown: list[str] = []
     tied_head: torch.Tensor | None = None  # a tied model's lm_head.weight, if the file has one
+    not_fp8: set[int] = set()
     for file in files:
         with _open(file) as f:
             for name in f.keys():
@@ -313,8 +316,11 @@ def load_weights(model: LlamaForCausalLM, ckpt: Path) -> None:
                     if not name.endswith(_IGNORED):
                         unknown.append(name)
                     continue
-                _read_into(target, _checkpoint_tensor(f, name, file, fmt, scales), name, file)
+                tensor = _checkpoint_tensor(f, name, file, fmt, scales)
+                _read_into(target, tensor, name, file)
                 param = target.param
+                if not isinstance(tensor, _InMemory):  # (a dequantized fp8 tensor is)
+                    not_fp8.add(id(param))
                 if target.part is None:
                     filled.add(id(param))
                 else:
@@ -337,6 +343,7 @@ def load_weights(model: LlamaForCausalLM, ckpt: Path) -> None:
                          "embeddings (tie_word_embeddings), but its lm_head.weight differs from "
                          "model.embed_tokens.weight (transformers 5 serves that lm_head, untied): "
                          "set tie_word_embeddings to false in config.json to serve it")
+    return not_fp8
 
 
 def fill_dummy_weights(model: LlamaForCausalLM, seed: int) -> None:

@@ -65,14 +65,17 @@ def fp8_checkpoint_in_fp8(device: torch.device, dtype: torch.dtype) -> bool:
     return True
 
 
-def quantize_weights_fp8_(model: Any, ops: Any) -> None:
+def quantize_weights_fp8_(model: Any, ops: Any, keep: set[int] = frozenset()) -> None:
     """Quantize ``model``'s projections in place (its share under tensor parallelism: a
     row-parallel rank's scales cover its input columns, and the partial outputs sum after each
-    is scaled). ValueError for a dtype or shape the fp8 matmul does not take."""
+    is scaled), but those whose weight's id is in ``keep`` (an FP8 checkpoint's unquantized
+    layers). ValueError for a dtype or shape the fp8 matmul does not take."""
     check_fp8_weights(model.embed_tokens.device, model.embed_tokens.dtype)
     for layer in model.layers:
         for name in PROJECTIONS:
             linear = layer.get_submodule(name)
+            if id(linear.weight) in keep:
+                continue
             out_features, in_features = linear.weight.shape
             if out_features % 16 or in_features % 16:
                 raise ValueError(f"quantization='fp8' needs projections whose sizes are "
