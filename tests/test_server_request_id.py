@@ -67,6 +67,19 @@ def test_a_requests_id_names_its_reply_and_comes_back_with_the_flag(engine):
         assert status == 400 and "at most 256" in text
 
 
+def test_a_bodys_request_id_names_the_reply_where_no_header_does(engine):
+    """vLLM's request_id field (completions, chat): the header wins over it."""
+    with serve(engine) as srv:
+        replies = ask(srv.url, [
+            ("/v1/chat/completions", {}, {**CHAT, "request_id": "body-1"}),
+            ("/v1/completions", {"X-Request-Id": "head"}, {"prompt": "Hi", "max_tokens": 2,
+                                                          "request_id": "body-2"}),
+            ("/v1/chat/completions", {}, {**CHAT, "request_id": ""})])
+        assert json.loads(replies[0][2])["id"] == "chatcmpl-body-1"
+        assert json.loads(replies[1][2])["id"] == "cmpl-head"
+        assert replies[2][0] == 400 and "request_id" in replies[2][2]
+
+
 def test_without_the_flag_no_header_but_the_id_still_names_the_reply(engine):
     with serve(engine) as srv:
         [(status, headers, text)] = ask(srv.url, [("/v1/chat/completions",

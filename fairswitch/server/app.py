@@ -69,20 +69,19 @@ PUBLIC_PATHS = frozenset({"/health", "/ping", "/version", "/metrics"})  # no API
 ENGINE_STOP_S = 5.0
 
 
-MAX_REQUEST_ID = 256  # characters of a client's X-Request-Id
-
-
-def _reply_ids(request: web.Request, prefix: str) -> tuple[str, str]:
+def _reply_ids(request: web.Request, prefix: str,
+               body_id: str | None = None) -> tuple[str, str]:
     """(the reply's id, the base of its engine requests' ids): ``prefix`` and the request's
-    X-Request-Id (vLLM's), else a new one. A client's id need not be unique (two requests may
-    send the same): its engine requests' ids add one of their own."""
-    given = request.headers.get("X-Request-Id")
+    X-Request-Id, else its body's ``request_id`` (vLLM's, in that order), else a new one. A
+    client's id need not be unique (two requests may send the same): its engine requests' ids
+    add one of their own."""
+    given = request.headers.get("X-Request-Id") or body_id
     if not given:
         rid = prefix + uuid.uuid4().hex
         return rid, rid
-    if len(given) > MAX_REQUEST_ID:
+    if len(given) > protocol.MAX_REQUEST_ID:
         raise bad_request(f"X-Request-Id is {len(given)} characters long; at most "
-                          f"{MAX_REQUEST_ID} are taken")
+                          f"{protocol.MAX_REQUEST_ID} are taken")
     return prefix + given, f"{prefix}{given}-{uuid.uuid4().hex[:12]}"
 
 
@@ -389,7 +388,7 @@ class OpenAIServer:
         for _, _, max_tokens in prompts:
             req.check_min_tokens(max(max_tokens, 1))
         lora = self.adapters.lookup(req.model)
-        response_id, engine_id = _reply_ids(request, fmt.id_prefix)
+        response_id, engine_id = _reply_ids(request, fmt.id_prefix, req.request_id)
         client_id = request.headers.get("X-Client-Id") or req.user
         record = self.in_flight.record(request)
         record.client_id, record.priority = client_id, req.priority

@@ -260,7 +260,7 @@ _READ_COMMON = frozenset({
     "seed", "stop", "stop_token_ids",
     "ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "priority", "user",
     "return_token_ids", "return_tokens_as_token_ids", "truncate_prompt_tokens",
-    "use_beam_search", "length_penalty", "cache_salt", *_STRUCTURED_FIELDS})
+    "use_beam_search", "length_penalty", "cache_salt", "request_id", *_STRUCTURED_FIELDS})
 _KNOWN_COMPLETION = _READ_COMMON | {"prompt", "echo", "logprobs", "add_special_tokens"} | {
     name for name, _ in _UNSUPPORTED_COMMON + _UNSUPPORTED_COMPLETION}
 _KNOWN_CHAT = _READ_COMMON | {"messages", "add_generation_prompt", "continue_final_message",
@@ -333,6 +333,8 @@ class GenerationRequest:
     truncate_prompt_tokens: int | None = None  # vLLM's: keep the prompt's last k tokens
     # vLLM's: only requests with the same salt share cached KV (Engine.add_request)
     cache_salt: str | None = None
+    # vLLM's: the reply's id (after its prefix) where no X-Request-Id header gives one
+    request_id: str | None = None
     use_beam_search: bool = False  # vLLM's: the n choices are the n best beams
     length_penalty: float = 1.0  # (beam search's: score = logprob / length ** this)
 
@@ -490,6 +492,7 @@ def _common(body: Any, unsupported: tuple, echo: bool = False) -> dict[str, Any]
         return_token_ids=_bool(body, "return_token_ids", False),
         return_tokens_as_token_ids=_bool(body, "return_tokens_as_token_ids", None),
         truncate_prompt_tokens=_truncation(body), cache_salt=_cache_salt(body),
+        request_id=_request_id(body),
         model=_str(body, "model"), stream=stream, include_usage=include_usage,
         continuous_usage=continuous_usage,
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -502,6 +505,17 @@ def _common(body: Any, unsupported: tuple, echo: bool = False) -> dict[str, Any]
         use_beam_search=_bool(body, "use_beam_search", False),
         length_penalty=_ranged(body, "length_penalty", 1.0, -MAX_LENGTH_PENALTY,
                                MAX_LENGTH_PENALTY))
+
+
+MAX_REQUEST_ID = 256  # characters of a client's request id (X-Request-Id or request_id)
+
+
+def _request_id(body: dict) -> str | None:
+    rid = _str(body, "request_id")
+    if rid is not None and not 0 < len(rid) <= MAX_REQUEST_ID:
+        raise bad_request(f"'request_id' must be 1 to {MAX_REQUEST_ID} characters",
+                          "request_id")
+    return rid
 
 
 def _cache_salt(body: dict) -> str | None:
