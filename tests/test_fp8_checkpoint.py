@@ -130,7 +130,7 @@ def test_channel_and_block_scaled_checkpoints_of_the_trained_model(tmp_path, mon
     ckpt = write_fp8_checkpoint(default_model_dir(), tmp_path / strategy, strategy, quant,
                                 scale_name)
     kwargs = dict(dtype="float32", num_gpu_blocks=256, max_model_len=512)
-    fp8 = LLM(model=str(ckpt), **kwargs)
+    fp8 = LLM(model=str(ckpt), quantization=quant["quant_method"], **kwargs)  # (as vLLM takes)
     assert fp8.engine.runner.model.layers[0].mlp.down_proj.weight.dtype == torch.float8_e4m3fn
     figures = fp8_kv_accuracy.compare(LLM(**kwargs), fp8, CHAT_PROMPTS[:6], max_tokens=32)
     assert figures["positions"] >= 100

@@ -129,7 +129,10 @@ def test_fp8_weights_under_preemption_and_with_two_ranks():
 
 
 def test_bad_quantization_is_refused():
-    with pytest.raises(ValueError, match="quantization must be fp8"):
+    with pytest.raises(ValueError, match="quantization must be one of fp8, fbgemm_fp8, "):
         LLM(quantization="int4")
+    # vLLM's names of FP8 checkpoints' methods: only for a checkpoint quantized so
+    with pytest.raises(ValueError, match="declares no quantization"):
+        LLM(quantization="fbgemm_fp8", num_gpu_blocks=32)
     with pytest.raises(ValueError, match="runs bfloat16 models"):
         LLM(quantization="fp8", dtype="float16", num_gpu_blocks=32)

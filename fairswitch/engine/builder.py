@@ -184,7 +184,12 @@ def build_rank(config: EngineConfig, tp: TPGroup, device: torch.device,
             raise ValueError(f"block_size={cc.tokens_per_block}: the Triton attention kernels "
                              "need block_size >= 8")
         JIT_CLOCK.install()
-    fp8_weights = mc.quantization == "fp8"
+    if mc.quantization not in (None, "fp8") and (
+            hf_config.fp8 is None or hf_config.fp8.method != mc.quantization):
+        raise ValueError(f"quantization={mc.quantization!r} names an FP8 checkpoint's method, "
+                         f"but {mc.model}'s config.json declares "
+                         f"{hf_config.fp8.method if hf_config.fp8 else 'no quantization'}")
+    fp8_weights = mc.quantization is not None
     if fp8_weights:  # (before the weights load)
         check_fp8_weights(device, dtype)
     elif hf_config.fp8 is not None:  # an FP8 checkpoint: in fp8 where the device can
