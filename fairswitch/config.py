@@ -18,8 +18,9 @@ _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # vLLM's spellings
 _KV_DTYPES = ("auto", "fp8")
 _KV_DTYPE_ALIASES = {"fp8_e4m3": "fp8"}  # vLLM's spelling of the same format
-# fp8: FP8 weights; the others name an FP8 checkpoint's method (vLLM takes them), the same path
-_QUANTIZATIONS = ("fp8", "fbgemm_fp8", "compressed-tensors")
+# --quantization: fp8 (FP8 weights); each is also the quant_method of FP8 checkpoints the loader
+# reads (model/fp8_checkpoint.py), as vLLM names them
+QUANTIZATIONS = ("fp8", "fbgemm_fp8", "compressed-tensors")
 _LOAD_FORMATS = ("auto", "safetensors", "dummy")
 _BACKENDS = ("auto", "torch", "triton")
 
@@ -73,7 +74,7 @@ class ModelConfig:
         "projection; each token's input quantized per step at its own), as vLLM's "
         "--quantization fp8 on a bf16 checkpoint: half their bytes (default: none; an FP8 "
         "checkpoint, per tensor, channel or block, is served so without it; its method's "
-        "name, fbgemm_fp8 or compressed-tensors, is taken for it as by vLLM)", _QUANTIZATIONS)
+        "name, fbgemm_fp8 or compressed-tensors, is taken for it as by vLLM)", QUANTIZATIONS)
     trust_remote_code: bool = _opt(
         False, "taken for vLLM's command lines, and changes nothing: no code from a checkpoint "
         "ever runs (only the built-in architectures load)")
@@ -114,8 +115,8 @@ class ModelConfig:
         self.dtype = _DTYPE_ALIASES.get(self.dtype, self.dtype)
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
-        if self.quantization is not None and self.quantization not in _QUANTIZATIONS:
-            raise ValueError(f"quantization must be one of {', '.join(_QUANTIZATIONS)} or "
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)} or "
                              f"None, got {self.quantization!r}")
         if self.load_format not in _LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {_LOAD_FORMATS}, got {self.load_format!r}")

@@ -17,14 +17,27 @@ from fairswitch.kernels.paged_attention import _FP8_MAX, _quantize_e4m3  # (the 
 
 
 @triton.jit
-def _row_to_fp8(out, mask, scale_ptr, row):
-    """One row's e4m3 codes at its own scale, which is stored (max |row| / FP8_MAX, 1 for a
-    zero row, NaN counting as 0): ``reference.quantize_fp8_rows`` of a row held in registers."""
-    of = tl.where(mask, out.to(tl.float32), 0.0)
-    m = tl.max(tl.abs(tl.where(of == of, of, 0.0)), axis=0)
-    scale = tl.where(m > 0, tl.div_rn(m, _FP8_MAX), 1.0)  # (IEEE division, as torch's)
+def _abs_or_0(x):
+    """|x| in float32, NaN counting as 0 (for a row's fp8 scale)."""
+    xf = x.to(tl.float32)
+    return tl.abs(tl.where(xf == xf, xf, 0.0))
+
+
+@triton.jit
+def _store_fp8_scale(amax, scale_ptr, row):
+    """Row ``row``'s fp8 scale from its max |x| (``reference.fp8_scale``: amax / FP8_MAX, 1 for
+    a zero row), stored and returned."""
+    scale = tl.where(amax > 0, tl.div_rn(amax, _FP8_MAX), 1.0)  # (IEEE division, as torch's)
     tl.store(scale_ptr + row, scale)
-    return _quantize_e4m3(out, scale)
+    return scale
+
+
+@triton.jit
+def _row_to_fp8(out, mask, scale_ptr, row):
+    """One row's e4m3 codes at its own scale, which is stored: ``reference.quantize_fp8_rows``
+    of a row held in registers."""
+    amax = tl.max(tl.where(mask, _abs_or_0(out), 0.0), axis=0)
+    return _quantize_e4m3(out, _store_fp8_scale(amax, scale_ptr, row))
 
 
 @triton.jit
@@ -208,11 +221,8 @@ def _silu_mul_fp8_kernel(
         mask = offs < inter
         g = tl.load(base + offs, mask=mask, other=0.0)
         u = tl.load(base + inter + offs, mask=mask, other=0.0)
-        a = _silu(g, u, t, scale_ptr, HAS_SCALE).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(tl.where(a == a, a, 0.0)))  # (NaN counts as 0)
-    m = tl.max(amax, axis=0)
-    scale = tl.where(m > 0, tl.div_rn(m, _FP8_MAX), 1.0)
-    tl.store(q_scale_ptr + t, scale)
+        amax = tl.maximum(amax, _abs_or_0(_silu(g, u, t, scale_ptr, HAS_SCALE)))
+    scale = _store_fp8_scale(tl.max(amax, axis=0), q_scale_ptr, t)
     for start in range(0, inter, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < inter
@@ -271,11 +281,9 @@ def _quantize_fp8_rows_kernel(
     amax = tl.zeros((BLOCK,), dtype=tl.float32)
     for start in range(0, K, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        x = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(tl.where(x == x, x, 0.0)))  # (NaN counts as 0)
-    m = tl.max(amax, axis=0)
-    scale = tl.where(m > 0, tl.div_rn(m, _FP8_MAX), 1.0)  # (IEEE division, as torch's)
-    tl.store(scale_ptr + row, scale)
+        x = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0)
+        amax = tl.maximum(amax, _abs_or_0(x))
+    scale = _store_fp8_scale(tl.max(amax, axis=0), scale_ptr, row)
     for start in range(0, K, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < K

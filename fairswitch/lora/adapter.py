@@ -184,8 +184,8 @@ def _module_weights(tensors: dict[str, torch.Tensor], rank: int, scale: float,
             # (NaN or inf in a slot would reach every token of a step: 0 x inf is NaN)
             raise ValueError(f"{where}: the weights hold NaN or infinity (in {dtype}, "
                              f"scaled by {scale:g})")
-        parts = [part] if part is not None else range(len(outs))
-        for p, rows_b in zip(parts, [b] if part is not None else b.split(outs)):
+        pieces = {part: b} if part is not None else dict(enumerate(b.split(outs)))
+        for p, rows_b in pieces.items():
             if (layer, module, p) in weights:
                 raise ValueError(f"{where}: the adapter adapts {module} part {p} twice (a "
                                  "fused module and one of its parts)")

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-METHODS = ("fp8", "fbgemm_fp8", "compressed-tensors")
+from fairswitch.config import QUANTIZATIONS as METHODS
 # Checkpoint tensors that are scales, not weights (``<module>.<suffix>``).
 WEIGHT_SCALES = ("weight_scale_inv", "weight_scale")
 UNUSED_SCALES = ("input_scale", "k_scale", "v_scale", "kv_scale", "output_scale")

@@ -36,7 +36,6 @@ from fairswitch.kernels import reference
 logger = logging.getLogger(__name__)
 
 PROJECTIONS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
-METHODS = ("fp8",)
 
 
 def check_fp8_weights(device: torch.device, dtype: torch.dtype) -> None:
