@@ -203,8 +203,7 @@ def build_rank(config: EngineConfig, tp: TPGroup, device: torch.device,
         not_fp8 = loader.load_weights(model, source.checkpoint_dir)
     logger.info("loaded %s (%s, %s) in %.1fs", mc.model, dtype, device, time.perf_counter() - t0)
     if fp8_weights:
-        quantize_weights_fp8_(model, backend.ops,
-                              keep=not_fp8 if hf_config.fp8 is not None else set())
+        quantize_weights_fp8_(model, backend.ops, keep=not_fp8)
     lc = config.lora
     if lc.enable_lora:  # (before the CUDA graphs: they capture the slots' matmuls)
         attach_lora(model, lc.max_loras, lc.max_lora_rank)

@@ -280,9 +280,8 @@ def load_weights(model: LlamaForCausalLM, ckpt: Path) -> set[int]:
     """Fill ``model`` from the checkpoint; ValueError for a tensor it lacks, one it has no
     parameter for (dropping it would serve a different model), or one found twice. An FP8
     checkpoint's weights are dequantized with their scales (model/fp8_checkpoint.py); its
-    activation and KV-cache scales are not used. Returns the ids of the parameters a tensor
-    not in fp8 filled (all of them in a checkpoint without fp8: an FP8 checkpoint's layers it
-    keeps unquantized, its ``ignore`` list, stay so)."""
+    activation and KV-cache scales are not used. Returns the ids of the parameters an FP8
+    checkpoint keeps unquantized (its ``ignore`` list: they stay so), none for another."""
     fmt = model.config.fp8
     files = _checkpoint_files(ckpt)
     scales = _weight_scales(files) if fmt is not None else {}
@@ -319,7 +318,7 @@ def load_weights(model: LlamaForCausalLM, ckpt: Path) -> set[int]:
                 tensor = _checkpoint_tensor(f, name, file, fmt, scales)
                 _read_into(target, tensor, name, file)
                 param = target.param
-                if not isinstance(tensor, _InMemory):  # (a dequantized fp8 tensor is)
+                if fmt is not None and not isinstance(tensor, _InMemory):  # (not fp8)
                     not_fp8.add(id(param))
                 if target.part is None:
                     filled.add(id(param))
