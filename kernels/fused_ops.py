@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from fairswitch.kernels.paged_attention import _FP8_MAX, _quantize_e4m3  # (the fp8 KV write's)
+from fairswitch.kernels.fused_moe import fused_moe  # noqa: F401  (the experts' op, its own module)
 
 
 @triton.jit

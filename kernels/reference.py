@@ -198,3 +198,18 @@ def silu_mul_fp8(gate_up: torch.Tensor, scale: torch.Tensor | None = None
 def copy_words(src: torch.Tensor, dst: torch.Tensor, n: int) -> None:
     """``dst[:n] = src[:n]`` (host_copy.py does it by a kernel, past the copy engines)."""
     dst[:n].copy_(src[:n])
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor) -> torch.Tensor:
+    """A mixture of SwiGLU experts: token t's output is the sum over j of topk_weights[t, j]
+    (float32) times expert e = topk_ids[t, j] applied to x[t], down_e(silu(gate_e x) * up_e x),
+    summed in float32 and rounded to x's dtype once. x [T, H], w13 [E, 2I, H] (each expert's
+    gate | up rows), w2 [E, H, I]. (One expert at a time over its tokens: reads the routing
+    back to the host, so it runs eagerly, never in a CUDA graph.)"""
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in topk_ids.unique().tolist():
+        tokens, slot = (topk_ids == e).nonzero(as_tuple=True)
+        y = F.linear(silu_mul(F.linear(x[tokens], w13[e])), w2[e])
+        out.index_add_(0, tokens, y.float() * topk_weights[tokens, slot, None])
+    return out.to(x.dtype)

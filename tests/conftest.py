@@ -74,8 +74,10 @@ def tokenizer_dir() -> Path:
 
 def _write_checkpoint(path: Path, arch: str, tokenizer_dir: Path, **overrides) -> Path:
     """A random small HF model saved as a real checkpoint dir (config + safetensors + tokenizer)."""
-    from transformers import (LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM,
-                              Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+    from transformers import (LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM,
+                              Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                              Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig,
+                              Qwen3MoeForCausalLM)
 
     common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
@@ -89,6 +91,10 @@ def _write_checkpoint(path: Path, arch: str, tokenizer_dir: Path, **overrides) -
         model = Qwen3ForCausalLM(Qwen3Config(**common))
     elif arch == "phi3":
         model = Phi3ForCausalLM(Phi3Config(**common))
+    elif arch == "mixtral":
+        model = MixtralForCausalLM(MixtralConfig(**common))
+    elif arch == "qwen3_moe":
+        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**common))
     else:
         model = Qwen2ForCausalLM(Qwen2Config(**common))
     model.save_pretrained(path, safe_serialization=True)
@@ -132,6 +138,22 @@ def qwen3_dir(tmp_path_factory, tokenizer_dir) -> Path:
     # q/k norms, heads of 32 (not hidden_size // heads, 16), tied embeddings.
     return _write_checkpoint(tmp_path_factory.mktemp("qwen3"), "qwen3", tokenizer_dir,
                              head_dim=32, tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def mixtral_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    # 4 experts, 2 a token (renormalized), in every layer; stored as Mixtral's w1/w2/w3.
+    return _write_checkpoint(tmp_path_factory.mktemp("mixtral"), "mixtral", tokenizer_dir,
+                             num_local_experts=4, num_experts_per_tok=2,
+                             tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="session")
+def qwen3_moe_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    # 8 experts of 32, 3 a token (not renormalized); layer 1 a dense MLP (mlp_only_layers).
+    return _write_checkpoint(tmp_path_factory.mktemp("qwen3_moe"), "qwen3_moe", tokenizer_dir,
+                             num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32,
+                             mlp_only_layers=[1], head_dim=16, tie_word_embeddings=False)
 
 
 @pytest.fixture(scope="session")

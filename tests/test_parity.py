@@ -21,10 +21,11 @@ def greedy(n: int = N_OUT) -> SamplingParams:
     return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3", "phi3"])
-def model_dir(request, llama_dir, qwen_dir, qwen3_dir, phi3_dir):
-    return {"llama": llama_dir, "qwen2": qwen_dir, "qwen3": qwen3_dir,
-            "phi3": phi3_dir}[request.param]
+@pytest.fixture(scope="module",
+                params=["llama", "qwen2", "qwen3", "phi3", "mixtral", "qwen3_moe"])
+def model_dir(request):
+    return request.getfixturevalue(f"{request.param}_dir" if request.param != "qwen2"
+                                   else "qwen_dir")
 
 
 @pytest.fixture(scope="module")

@@ -98,6 +98,8 @@ class ShardPlan:
             raise ValueError(f"tensor_parallel_size={n} is larger than num_key_value_heads="
                              f"{kv_heads} but not a multiple of it (KV heads are replicated)")
         split_intermediate(config.intermediate_size, rank, n)  # raises if it does not divide
+        if getattr(config, "moe", None) is not None:  # (each expert splits as the MLP)
+            split_intermediate(config.moe.intermediate_size, rank, n, "the experts' intermediate")
         return cls(rank=rank, size=n, head_dim=config.head_dim, total_heads=heads,
                    total_kv_heads=kv_heads, num_heads=heads // n,
                    num_kv_heads=max(1, kv_heads // n), vocab_size=config.vocab_size,
@@ -132,11 +134,12 @@ class ShardPlan:
         return Shard(0, self.vocab_size, ((self.vocab_start, real),), self.vocab_per_rank)
 
 
-def split_intermediate(intermediate: int, rank: int, size: int) -> tuple[Shard, Shard]:
+def split_intermediate(intermediate: int, rank: int, size: int,
+                       name: str = "intermediate_size") -> tuple[Shard, Shard]:
     """The MLP's ``(gate_up_proj, down_proj)`` shards: the rank's slice of the intermediate dim,
     taken from the gate half and from the up half of the fused projection alike."""
     if intermediate % size:
-        raise ValueError(f"intermediate_size={intermediate} is not divisible by "
+        raise ValueError(f"{name}={intermediate} is not divisible by "
                          f"tensor_parallel_size={size}")
     local = intermediate // size
     start = rank * local

@@ -152,7 +152,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
 def check_model(config: EngineConfig) -> tuple[loader.ModelSource, CheckpointConfig]:
     """The model's source and checkpoint config, checked against the engine's: raises
     ValueError for a model without weights asked to load them, weight files that are missing
-    or unreadable, or a tensor-parallel size its heads do not divide."""
+    or unreadable, a tensor-parallel size its heads do not divide, or LoRA with experts."""
     mc = config.model
     source = loader.resolve_model(mc.model, mc.revision, mc.download_dir,
                                   weights=mc.load_format != "dummy")
@@ -161,6 +161,9 @@ def check_model(config: EngineConfig) -> tuple[loader.ModelSource, CheckpointCon
                          "load_format='dummy' (--load-format dummy) or a checkpoint directory")
     hf_config = loader.load_checkpoint_config(source)
     ShardPlan.of(hf_config, mc.tensor_parallel_size)  # raises if the heads do not split
+    if config.lora.enable_lora and hf_config.moe is not None:
+        raise ValueError(f"LoRA adapters (enable_lora) are not supported for mixture-of-experts "
+                         f"models ({hf_config.architecture})")
     if mc.load_format != "dummy":
         loader.check_weight_files(source.checkpoint_dir)  # (headers only)
     return source, hf_config

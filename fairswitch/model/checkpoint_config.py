@@ -16,10 +16,13 @@ from typing import Any
 from fairswitch.model.fp8_checkpoint import Fp8Checkpoint, read_quantization_config
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                           "Qwen3ForCausalLM", "Phi3ForCausalLM")
+                           "Qwen3ForCausalLM", "Phi3ForCausalLM", "MixtralForCausalLM",
+                           "Qwen3MoeForCausalLM")
+_QK_NORM = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")  # an RMSNorm over each q and k head
+_ATTENTION_BIAS = ("LlamaForCausalLM", *_QK_NORM)  # (the ones that read attention_bias)
 
 # transformers' defaults that differ between the model types (LlamaConfig, MistralConfig,
-# Qwen2Config, Qwen3Config, Phi3Config): KV heads (None: as many as query heads), context length,
+# Qwen2Config, Qwen3Config, Phi3Config, MixtralConfig, Qwen3MoeConfig): KV heads (None: as many as query heads), context length,
 # sliding window, head size (None: hidden_size // num_attention_heads), norm epsilon (1e-6).
 _TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": {"num_key_value_heads": None, "max_position_embeddings": 2048,
@@ -32,8 +35,13 @@ _TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
               "sliding_window": 4096, "use_sliding_window": False, "head_dim": 128},
     "phi3": {"num_key_value_heads": None, "max_position_embeddings": 4096,
              "sliding_window": None, "rms_norm_eps": 1e-5},
+    "mixtral": {"num_key_value_heads": 8, "max_position_embeddings": 4096 * 32,
+                "sliding_window": None, "rms_norm_eps": 1e-5},
+    "qwen3_moe": {"num_key_value_heads": 4, "max_position_embeddings": 32768,
+                  "sliding_window": 4096, "use_sliding_window": False},
 }
-_QWEN_WINDOWS = ("qwen2", "qwen3")  # (use_sliding_window and max_window_layers read)
+_QWEN_WINDOWS = ("qwen2", "qwen3", "qwen3_moe")  # (use_sliding_window read)
+_MAX_WINDOW_LAYERS = ("qwen2", "qwen3")  # (and max_window_layers: Qwen3-MoE slides on all)
 _ACTIVATIONS = ("silu", "swish")  # the MLP's gate activation (the same function)
 _REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
              "vocab_size")
@@ -85,6 +93,73 @@ def check_token_ids(value: Any, key: str, where: str, many: bool) -> None:
 
 
 @dataclass(frozen=True)
+class MoeConfig:
+    """The sparse MLP blocks of a mixture-of-experts model: each token's MLP output is the sum
+    of ``top_k`` of ``num_experts`` SwiGLU experts (``intermediate_size`` each), weighted by the
+    router's softmax over them (renormalized over the top k where ``norm_topk_prob``).
+    ``sparse_layers``: the layers with experts; the others have the dense MLP."""
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    norm_topk_prob: bool
+    sparse_layers: frozenset[int]
+
+    @classmethod
+    def read(cls, raw: dict[str, Any], model_type: str, num_layers: int,
+             where: str) -> MoeConfig | None:
+        """As MixtralConfig (every layer sparse, always renormalized, experts of
+        ``intermediate_size``) and Qwen3MoeConfig (``moe_intermediate_size``, layers by
+        ``decoder_sparse_step`` but ``mlp_only_layers``, ``norm_topk_prob``) read them; None
+        for a dense model type."""
+        if model_type not in _MOE_DEFAULTS:
+            return None
+        defaults = _MOE_DEFAULTS[model_type]
+        fixed = defaults.get("fixed", ())
+        get = lambda key: (raw[key] if key not in fixed and raw.get(key) is not None  # noqa: E731
+                           else defaults[key])
+        # (transformers maps num_experts to num_local_experts for both)
+        experts = raw.get("num_experts", raw.get("num_local_experts"))
+        experts = defaults["num_experts"] if experts is None else experts
+        counts = {"num_experts": experts, "num_experts_per_tok": get("num_experts_per_tok"),
+                  "decoder_sparse_step": get("decoder_sparse_step")}
+        counts["moe_intermediate_size"] = (raw["intermediate_size"] if model_type == "mixtral"
+                                           else get("moe_intermediate_size"))
+        for key, value in counts.items():
+            if type(value) is not int or value < 1:
+                raise ValueError(f"{where}: {key} must be a positive integer, got {value!r}")
+        if counts["num_experts_per_tok"] > experts:
+            raise ValueError(f"{where}: num_experts_per_tok={counts['num_experts_per_tok']} is "
+                             f"more than the {experts} experts")
+        dense = get("mlp_only_layers")
+        if not isinstance(dense, list) or not all(
+                type(i) is int and 0 <= i < num_layers for i in dense):
+            raise ValueError(f"{where}: mlp_only_layers must be a list of layer indices "
+                             f"(0 to {num_layers - 1}), got {dense!r}")
+        norm = get("norm_topk_prob")
+        if type(norm) is not bool:
+            raise ValueError(f"{where}: norm_topk_prob must be true or false, got {norm!r}")
+        step = counts["decoder_sparse_step"]
+        return cls(num_experts=experts, top_k=counts["num_experts_per_tok"],
+                   intermediate_size=counts["moe_intermediate_size"], norm_topk_prob=norm,
+                   sparse_layers=frozenset(i for i in range(num_layers)
+                                           if i not in dense and (i + 1) % step == 0))
+
+    def is_sparse(self, layer_idx: int) -> bool:
+        return layer_idx in self.sparse_layers
+
+
+# transformers' defaults for the experts; "fixed": what the model type does whatever the file
+# says (Mixtral has no such fields: every layer sparse, always renormalized).
+_MOE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mixtral": {"num_experts": 8, "num_experts_per_tok": 2, "decoder_sparse_step": 1,
+                "mlp_only_layers": [], "norm_topk_prob": True,
+                "fixed": ("decoder_sparse_step", "mlp_only_layers", "norm_topk_prob")},
+    "qwen3_moe": {"num_experts": 128, "num_experts_per_tok": 8, "decoder_sparse_step": 1,
+                  "mlp_only_layers": [], "norm_topk_prob": False, "moe_intermediate_size": 768},
+}
+
+
+@dataclass(frozen=True)
 class CheckpointConfig:
     architecture: str
     model_type: str
@@ -109,6 +184,7 @@ class CheckpointConfig:
     dtype: str | None  # one of WEIGHT_DTYPES, as the checkpoint declares it; None: it does not
     raw: dict[str, Any] = field(repr=False, compare=False)  # config.json as read
     fp8: Fp8Checkpoint | None = None  # an FP8 checkpoint's format (model/fp8_checkpoint.py)
+    moe: MoeConfig | None = None  # a mixture-of-experts model's experts (Mixtral, Qwen3-MoE)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str = "config.json") -> CheckpointConfig:
@@ -166,7 +242,7 @@ class CheckpointConfig:
                 raise ValueError(f"{where}: the {rope_type} rope scaling's {key} must be a "
                                  f"positive number, got {rope[key]!r}")
         layers = int(raw["num_hidden_layers"])
-        attention_bias = archs[0] in ("LlamaForCausalLM", "Qwen3ForCausalLM") and bool(
+        attention_bias = archs[0] in _ATTENTION_BIAS and bool(
             get("attention_bias", False))
         config = cls(
             architecture=archs[0], model_type=model_type,
@@ -188,10 +264,11 @@ class CheckpointConfig:
             # As transformers' models: Qwen2 has q/k/v biases, Mistral none, whatever
             # attention_bias says (a checkpoint they wrote has no such tensors).
             qkv_bias=archs[0] == "Qwen2ForCausalLM" or attention_bias,
-            o_proj_bias=attention_bias, qk_norm=archs[0] == "Qwen3ForCausalLM",
+            o_proj_bias=attention_bias, qk_norm=archs[0] in _QK_NORM,
             sliding_window=_sliding_window(raw, defaults, layers, where),
             eos_token_id=get("eos_token_id"), bos_token_id=get("bos_token_id"),
-            dtype=_weight_dtype(raw, where), raw=raw, fp8=fp8)
+            dtype=_weight_dtype(raw, where), raw=raw, fp8=fp8,
+            moe=MoeConfig.read(raw, model_type, layers, where))
         if config.num_attention_heads % config.num_key_value_heads:
             raise ValueError(f"{where}: num_attention_heads={config.num_attention_heads} is not a "
                              f"multiple of num_key_value_heads={config.num_key_value_heads}")
@@ -259,7 +336,7 @@ def _sliding_window(raw: dict[str, Any], defaults: dict[str, Any], num_layers: i
         if not isinstance(layer_types, list):
             raise ValueError(f"{where}: layer_types must be a list, got {layer_types!r}")
         sliding = sum(t == "sliding_attention" for t in layer_types)
-    elif model_type in _QWEN_WINDOWS:
+    elif model_type in _MAX_WINDOW_LAYERS:
         first = raw.get("max_window_layers", 28)
         if type(first) is not int or first < 0:
             raise ValueError(f"{where}: max_window_layers must be an integer >= 0, got "

@@ -1,4 +1,5 @@
-"""Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2/2.5) over a flat token batch and paged KV.
+"""Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2/2.5/3, Phi-3; Mixtral and Qwen3-MoE with
+their experts, model/moe.py) over a flat token batch and paged KV.
 
 The batch is the concatenation of every scheduled request's new tokens (``[num_tokens, hidden]``),
 no padding; attention is the only place that needs per-request structure, and it gets it from the
@@ -26,6 +27,7 @@ from fairswitch.distributed.parallel_state import SINGLE, TPGroup
 from fairswitch.distributed.shard_plan import Shard, ShardPlan, split_intermediate
 from fairswitch.kv.kv_cache import KVLayer
 from fairswitch.model.checkpoint_config import CheckpointConfig
+from fairswitch.model.moe import SparseMoE
 from fairswitch.model.quantization import Scaled, fp8_linear, unscaled
 
 
@@ -226,6 +228,11 @@ class MLP(nn.Module):
         self.down_proj = row_parallel(local, hidden, False, dtype, down, tp)
         self.ops = ops
 
+    @property
+    def takes_fp8(self) -> bool:
+        """Whether the norm before it should hand it fp8 rows (``Linear.takes_fp8``)."""
+        return self.gate_up_proj.takes_fp8
+
     def forward(self, x: torch.Tensor | Scaled) -> torch.Tensor | Scaled:
         """(``Scaled`` in and out with fp8 weights: the SiLU scales gate|up's rows and
         quantizes down_proj's input, the next layer's norm scales down_proj's rows.)"""
@@ -251,7 +258,10 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, eps, ops, dtype)
         self.self_attn = Attention(config, layer_idx, backend, ops, dtype, tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, ops, dtype)
-        self.mlp = MLP(config.hidden_size, config.intermediate_size, ops, dtype, tp)
+        if config.moe is not None and config.moe.is_sparse(layer_idx):
+            self.mlp: MLP | SparseMoE = SparseMoE(config.hidden_size, config.moe, ops, dtype, tp)
+        else:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size, ops, dtype, tp)
 
     def forward(self, h: torch.Tensor | Scaled, residual: torch.Tensor | None,
                 positions: torch.Tensor, rope: RotaryEmbedding, kv_layer: KVLayer, meta: Any
@@ -264,7 +274,7 @@ class DecoderLayer(nn.Module):
         else:
             x = self.input_layernorm(h, residual, fp8=fp8)
         a = self.self_attn(x, positions, rope, kv_layer, meta)
-        x = self.post_attention_layernorm(a, residual, fp8=self.mlp.gate_up_proj.takes_fp8)
+        x = self.post_attention_layernorm(a, residual, fp8=self.mlp.takes_fp8)
         return self.mlp(x), residual
 
 

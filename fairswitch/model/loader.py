@@ -93,10 +93,13 @@ def build_model(config: CheckpointConfig, backend: Any, max_positions: int, dtyp
 class _Target:
     """Where a checkpoint tensor goes: ``param`` (this rank's), ``shard`` (its slice of the TP=1
     parameter; None: whole), ``part``: the (start, length) rows of the TP=1 fused parameter
-    (q|k|v, gate|up) the tensor is; None: all of it."""
+    (q|k|v, gate|up) the tensor is; None: all of it. ``owner``: for one expert's tensor, the
+    stacked parameter (``param`` is the expert's slice of it), which is filled when every
+    expert's parts are."""
     param: torch.Tensor
     shard: Shard | None
     part: tuple[int, int] | None
+    owner: torch.Tensor | None = None  # the stacked experts' parameter ``param`` is a slice of
 
 
 def _shard_of(model: LlamaForCausalLM, name: str) -> Shard | None:
@@ -104,7 +107,8 @@ def _shard_of(model: LlamaForCausalLM, name: str) -> Shard | None:
     if name in ("embed_tokens", "lm_head.weight"):
         return model.vocab_shard
     owner, _, kind = name.rpartition(".")
-    shard = getattr(model.get_submodule(owner), "shard", None)
+    module = model.get_submodule(owner)
+    shard = getattr(module, "shard", None) or getattr(module, f"{kind}_shard", None)  # (experts)
     # A bias follows the output rows; a row-parallel layer's bias is whole (added once).
     return None if shard is None or (kind == "bias" and shard.dim != 0) else shard
 
@@ -125,6 +129,8 @@ def _target(name: str, model: LlamaForCausalLM) -> _Target | None:
         return None  # (a layer config.json does not have)
     layer_idx = int(parts[2])
     sub, kind = ".".join(parts[3:-1]), parts[-1]
+    if sub.startswith(("mlp.experts", "block_sparse_moe.")) or sub == "mlp.gate":
+        return _expert_target(model.layers[layer_idx].mlp, sub, kind)
     cfg = model.config
     q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     inter = cfg.intermediate_size
@@ -153,6 +159,55 @@ def _target(name: str, model: LlamaForCausalLM) -> _Target | None:
         raise ValueError(f"the checkpoint has {name}, for which the model that config.json "
                          f"describes has no parameter")
     return _Target(param, _shard_of(model, f"layers.{layer_idx}.{ours}.{kind}"), part)
+
+
+# One expert's tensors (Mixtral's w1/w3/w2, Qwen3-MoE's gate/up/down_proj) -> the stacked
+# parameter, and the part of w13 (gate | up) it is
+_EXPERT_PARTS = {"w1": ("w13", 0), "gate_proj": ("w13", 0), "w3": ("w13", 1),
+                 "up_proj": ("w13", 1), "w2": ("w2", None), "down_proj": ("w2", None)}
+
+
+def _expert_target(mlp: Any, sub: str, kind: str) -> _Target | None:
+    """A sparse block's tensor: the router (``mlp.gate.weight``), one expert's projection
+    (``mlp.experts.<e>.gate_proj.weight``; Mixtral's ``block_sparse_moe.experts.<e>.w1.weight``)
+    or all experts' stacked (transformers 5's ``mlp.experts.gate_up_proj`` / ``down_proj``);
+    None where the model has no parameter for it (a dense layer, an expert past the last)."""
+    from fairswitch.model.moe import SparseMoE, expert_shard
+
+    if not isinstance(mlp, SparseMoE):  # (a dense layer: no parameter for it)
+        return None
+    path = sub.replace("block_sparse_moe", "mlp", 1).split(".")
+    if path == ["mlp", "gate"] and kind == "weight":
+        return _Target(mlp.gate, None, None)
+    if path == ["mlp", "experts"] and kind in ("gate_up_proj", "down_proj"):
+        stacked = kind == "gate_up_proj"
+        return _Target(mlp.w13 if stacked else mlp.w2,
+                       mlp.w13_shard if stacked else mlp.w2_shard, None)
+    if (len(path) == 4 and path[:2] == ["mlp", "experts"] and path[2].isdigit()
+            and path[3] in _EXPERT_PARTS and kind == "weight"
+            and int(path[2]) < mlp.w13.shape[0]):
+        stacked, part = _EXPERT_PARTS[path[3]]
+        owner = getattr(mlp, stacked)
+        inter = mlp.w13_shard.full_size // 2
+        return _Target(owner[int(path[2])], expert_shard(getattr(mlp, f"{stacked}_shard")),
+                       None if part is None else (part * inter, inter), owner)
+    return None  # (an expert past num_experts, or no expert tensor at all)
+
+
+def _parts_needed(model: LlamaForCausalLM) -> dict[int, int]:
+    """How many checkpoint tensors fill each parameter that several do: q|k|v (weight and
+    bias), gate|up, and the stacked experts (gate and up of each expert, down of each)."""
+    from fairswitch.model.moe import SparseMoE
+
+    needed = {}
+    for layer in model.layers:
+        needed.update((id(p), 3) for p in layer.self_attn.qkv_proj.parameters())
+        if isinstance(layer.mlp, SparseMoE):
+            needed[id(layer.mlp.w13)] = 2 * layer.mlp.w13.shape[0]
+            needed[id(layer.mlp.w2)] = layer.mlp.w2.shape[0]
+        else:
+            needed[id(layer.mlp.gate_up_proj.weight)] = 2
+    return needed
 
 
 def _checkpoint_files(ckpt: Path) -> list[Path]:
@@ -317,17 +372,15 @@ def load_weights(model: LlamaForCausalLM, ckpt: Path) -> set[int]:
                     continue
                 tensor = _checkpoint_tensor(f, name, file, fmt, scales)
                 _read_into(target, tensor, name, file)
-                param = target.param
+                key = id(target.param if target.owner is None else target.owner)
                 if fmt is not None and not isinstance(tensor, _InMemory):  # (not fp8)
-                    not_fp8.add(id(param))
-                if target.part is None:
-                    filled.add(id(param))
+                    not_fp8.add(key)
+                if target.part is None and target.owner is None:
+                    filled.add(key)
                 else:
-                    partial[id(param)] = partial.get(id(param), 0) + 1
-    qkv_ids = {id(p) for layer in model.layers for p in layer.self_attn.qkv_proj.parameters()}
-    for pid, count in partial.items():
-        if count == (3 if pid in qkv_ids else 2):  # q|k|v or gate|up all present
-            filled.add(pid)
+                    partial[key] = partial.get(key, 0) + 1
+    needed = _parts_needed(model)
+    filled.update(pid for pid, count in partial.items() if count == needed[pid])
     if unknown:
         cfg = model.config
         raise ValueError(f"checkpoint {ckpt} has tensors the model that config.json describes "

@@ -72,8 +72,8 @@ def quantize_weights_fp8_(model: Any, ops: Any, keep: set[int] = frozenset()) ->
     check_fp8_weights(model.embed_tokens.device, model.embed_tokens.dtype)
     for layer in model.layers:
         for name in PROJECTIONS:
-            linear = layer.get_submodule(name)
-            if id(linear.weight) in keep:
+            linear = _submodule(layer, name)
+            if linear is None or id(linear.weight) in keep:  # (None: a layer's experts)
                 continue
             out_features, in_features = linear.weight.shape
             if out_features % 16 or in_features % 16:
@@ -90,6 +90,13 @@ def quantize_weights_fp8_(model: Any, ops: Any, keep: set[int] = frozenset()) ->
             linear.weight_scale = scale
             linear.one = torch.ones((), device=scale.device)  # (the matmul's other scale)
             linear.quant_ops = ops
+
+
+def _submodule(layer: torch.nn.Module, name: str) -> torch.nn.Module | None:
+    try:
+        return layer.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 class Scaled(NamedTuple):
