@@ -46,6 +46,18 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="module")
+def engine():
+    """An AsyncEngine over the default model (64 blocks, 128 tokens of context), one per module;
+    a module that needs another engine defines its own ``engine`` fixture, which wins."""
+    from fairswitch.config import EngineConfig
+    from fairswitch.engine.async_engine import AsyncEngine
+
+    eng = AsyncEngine.from_config(EngineConfig.from_kwargs(num_gpu_blocks=64, max_model_len=128))
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
 def server(engine):
     """The OpenAI server in a background thread over the module's ``engine`` fixture (the engine
     outlives it: modules share one engine across their tests)."""

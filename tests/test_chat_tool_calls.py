@@ -14,8 +14,6 @@ import openai
 import pytest
 
 from fairswitch import LLM, SamplingParams
-from fairswitch.config import EngineConfig
-from fairswitch.engine.async_engine import AsyncEngine
 from fairswitch.server import BackgroundServer, ServerSettings, build_app, chat
 
 # ChatML, plus the tool calls and the id of the call a tool message answers.
@@ -122,13 +120,6 @@ def test_bad_tool_call_fields_are_named(llm, messages, error, match):
 
 
 # ---- the server -------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def engine():
-    eng = AsyncEngine.from_config(EngineConfig.from_kwargs(num_gpu_blocks=64, max_model_len=128))
-    yield eng
-    eng.shutdown()
-
 
 @pytest.fixture(scope="module")
 def tool_server(engine):

@@ -152,11 +152,7 @@ def test_stacked_expert_tensors_load_as_per_expert_ones(mixtral_dir, mixtral_tok
     """transformers 5's in-memory layout (mlp.experts.gate_up_proj [E, 2I, H], down_proj
     [E, H, I]) as a checkpoint: the same model as Mixtral's w1/w3/w2 per expert."""
     tensors = load_file(mixtral_dir / "model.safetensors")
-    stacked = {}
-    for name, t in tensors.items():
-        if ".experts." not in name:
-            stacked[name] = t
-            continue
+    stacked = {name: t for name, t in tensors.items() if ".experts." not in name}
     layers = {n.split(".")[2] for n in tensors if ".experts." in n}
     experts = json.loads((mixtral_dir / "config.json").read_text())["num_local_experts"]
     for i in layers:

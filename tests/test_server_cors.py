@@ -9,21 +9,12 @@ import asyncio
 import aiohttp
 import pytest
 
-from fairswitch.config import EngineConfig
-from fairswitch.engine.async_engine import AsyncEngine
 from fairswitch.server import BackgroundServer, ServerSettings, build_app
 from fairswitch.server.cors import CorsPolicy
 
 PAGE = "https://app.example"
 PREFLIGHT = {"Origin": PAGE, "Access-Control-Request-Method": "POST",
              "Access-Control-Request-Headers": "authorization, content-type"}
-
-
-@pytest.fixture(scope="module")
-def engine():
-    eng = AsyncEngine.from_config(EngineConfig.from_kwargs(num_gpu_blocks=64, max_model_len=128))
-    yield eng
-    eng.shutdown()
 
 
 def serve(engine, **settings):

@@ -9,18 +9,8 @@ import asyncio
 import json
 
 import aiohttp
-import pytest
 
-from fairswitch.config import EngineConfig
-from fairswitch.engine.async_engine import AsyncEngine
 from fairswitch.server import BackgroundServer, ServerSettings, build_app
-
-
-@pytest.fixture(scope="module")
-def engine():
-    eng = AsyncEngine.from_config(EngineConfig.from_kwargs(num_gpu_blocks=64, max_model_len=128))
-    yield eng
-    eng.shutdown()
 
 
 def serve(engine, **settings):

@@ -22,8 +22,9 @@ _QK_NORM = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")  # an RMSNorm over each q
 _ATTENTION_BIAS = ("LlamaForCausalLM", *_QK_NORM)  # (the ones that read attention_bias)
 
 # transformers' defaults that differ between the model types (LlamaConfig, MistralConfig,
-# Qwen2Config, Qwen3Config, Phi3Config, MixtralConfig, Qwen3MoeConfig): KV heads (None: as many as query heads), context length,
-# sliding window, head size (None: hidden_size // num_attention_heads), norm epsilon (1e-6).
+# Qwen2Config, Qwen3Config, Phi3Config, MixtralConfig, Qwen3MoeConfig): KV heads (None: as many
+# as query heads), context length, sliding window, head size (None: hidden_size //
+# num_attention_heads), norm epsilon (1e-6).
 _TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": {"num_key_value_heads": None, "max_position_embeddings": 2048,
               "sliding_window": None},

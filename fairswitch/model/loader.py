@@ -28,6 +28,7 @@ from fairswitch.model import fp8_checkpoint, hub
 from fairswitch.model.checkpoint_config import CheckpointConfig, read_json
 from fairswitch.model.fp8_checkpoint import Fp8Checkpoint
 from fairswitch.model.llama import LlamaForCausalLM
+from fairswitch.model.moe import SparseMoE, expert_shard
 from fairswitch.model.tokenizer import load_tokenizer  # noqa: F401  (the loader's API)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -172,8 +173,6 @@ def _expert_target(mlp: Any, sub: str, kind: str) -> _Target | None:
     (``mlp.experts.<e>.gate_proj.weight``; Mixtral's ``block_sparse_moe.experts.<e>.w1.weight``)
     or all experts' stacked (transformers 5's ``mlp.experts.gate_up_proj`` / ``down_proj``);
     None where the model has no parameter for it (a dense layer, an expert past the last)."""
-    from fairswitch.model.moe import SparseMoE, expert_shard
-
     if not isinstance(mlp, SparseMoE):  # (a dense layer: no parameter for it)
         return None
     path = sub.replace("block_sparse_moe", "mlp", 1).split(".")
@@ -197,8 +196,6 @@ def _expert_target(mlp: Any, sub: str, kind: str) -> _Target | None:
 def _parts_needed(model: LlamaForCausalLM) -> dict[int, int]:
     """How many checkpoint tensors fill each parameter that several do: q|k|v (weight and
     bias), gate|up, and the stacked experts (gate and up of each expert, down of each)."""
-    from fairswitch.model.moe import SparseMoE
-
     needed = {}
     for layer in model.layers:
         needed.update((id(p), 3) for p in layer.self_attn.qkv_proj.parameters())

@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from fairswitch.distributed.parallel_state import SINGLE, TPGroup
 from fairswitch.distributed.shard_plan import Shard, split_intermediate
 from fairswitch.model.checkpoint_config import MoeConfig
-from fairswitch.model.quantization import Scaled, unscaled
 
 
 def route(logits: torch.Tensor, top_k: int, renormalize: bool
@@ -62,9 +61,8 @@ class SparseMoE(nn.Module):
         self.ops = ops
         self.tp = tp
 
-    def forward(self, x: torch.Tensor | Scaled) -> torch.Tensor:
-        x, scale = unscaled(x)
-        assert scale is None, "the norm before the experts hands them unscaled rows"
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(``x``: the norm's rows in the model's dtype: ``takes_fp8`` is False.)"""
         weights, ids = route(F.linear(x, self.gate), self.top_k, self.renormalize)
         out = self.ops.fused_moe(x, self.w13, self.w2, weights, ids)
         return out if self.tp.size == 1 else self.tp.all_reduce(out)
